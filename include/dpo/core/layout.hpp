@@ -1,0 +1,133 @@
+// Copyright 2026 The dpo Authors. SPDX-License-Identifier: Apache-2.0
+//
+// Where sequences live in a logits buffer: plain structs of pointers, int64 sizes and
+// strides, shared by the CPU and CUDA APIs (the CUDA ones take device pointers).
+#pragma once
+
+#include <cstdint>
+
+#include "dpo/core/math.hpp"
+
+namespace dpo {
+
+/// A set of sequences inside a row-major logits buffer [rows, row_stride] (row_stride >= vocab;
+/// columns [vocab, row_stride) are never read or written) with one label per row.
+///
+/// Sequence s (0 <= s < num_seqs) owns the rows
+///   padded: [(first_seq + s) * seq_len, (first_seq + s + 1) * seq_len)
+///   packed: [cu_seqlens[first_seq + s], cu_seqlens[first_seq + s + 1])   (cu_seqlens != null)
+/// A row is a completion token when its label != ignore_index and (mask == null or
+/// mask[row] != 0). Completion labels must lie in [0, vocab).
+/// Logits are already shifted: row t scores label t.
+template <class T, class L>
+struct token_view {
+  const T* logits = nullptr;
+  const L* labels = nullptr;
+  const std::uint8_t* mask = nullptr;
+  const std::int64_t* cu_seqlens = nullptr;
+  std::int64_t vocab = 0;
+  std::int64_t row_stride = 0;
+  std::int64_t num_seqs = 0;
+  std::int64_t seq_len = 0;
+  std::int64_t first_seq = 0;
+  std::int64_t ignore_index = -100;
+
+  DPO_HOST_DEVICE std::int64_t row_begin(std::int64_t s) const {
+    return cu_seqlens ? cu_seqlens[first_seq + s] : (first_seq + s) * seq_len;
+  }
+  DPO_HOST_DEVICE std::int64_t row_end(std::int64_t s) const {
+    return cu_seqlens ? cu_seqlens[first_seq + s + 1] : (first_seq + s + 1) * seq_len;
+  }
+  /// The label of a row if it is a completion token, else -1.
+  DPO_HOST_DEVICE std::int64_t target(std::int64_t row) const {
+    const std::int64_t y = static_cast<std::int64_t>(labels[row]);
+    if (y == ignore_index) return -1;
+    if (mask != nullptr && mask[row] == 0) return -1;
+    return y;
+  }
+};
+
+/// Preference pairs: sequence i of `chosen` is paired with sequence i of `rejected`.
+/// Both views may point into one buffer (TRL's concatenated layout) or into two.
+template <class T, class L>
+struct pair_view {
+  token_view<T, L> chosen;
+  token_view<T, L> rejected;
+  /// 2P for the concatenated layouts (the count the caller gave, checked to be even), 0 for
+  /// separate buffers.
+  std::int64_t concatenated_seqs = 0;
+  DPO_HOST_DEVICE std::int64_t num_pairs() const { return chosen.num_seqs; }
+};
+
+/// TRL's padded layout: logits [2P * seq_len, row_stride], rows of sequences [0, P) chosen,
+/// [P, 2P) rejected. num_seqs = 2P.
+template <class T, class L>
+pair_view<T, L> padded_pairs(const T* logits, const L* labels, std::int64_t num_seqs,
+                             std::int64_t seq_len, std::int64_t vocab, std::int64_t row_stride,
+                             const std::uint8_t* mask = nullptr,
+                             std::int64_t ignore_index = -100) {
+  token_view<T, L> v;
+  v.logits = logits;
+  v.labels = labels;
+  v.mask = mask;
+  v.vocab = vocab;
+  v.row_stride = row_stride;
+  v.seq_len = seq_len;
+  v.ignore_index = ignore_index;
+  v.num_seqs = num_seqs / 2;
+  pair_view<T, L> p{v, v, num_seqs};
+  p.rejected.first_seq = num_seqs / 2;
+  return p;
+}
+
+/// Packed layout: logits [cu_seqlens[2P], row_stride] holding 2P sequences back to back,
+/// cu_seqlens [2P + 1] their row offsets; sequences [0, P) chosen, [P, 2P) rejected.
+template <class T, class L>
+pair_view<T, L> packed_pairs(const T* logits, const L* labels, const std::int64_t* cu_seqlens,
+                             std::int64_t num_seqs, std::int64_t vocab, std::int64_t row_stride,
+                             const std::uint8_t* mask = nullptr,
+                             std::int64_t ignore_index = -100) {
+  pair_view<T, L> p = padded_pairs(logits, labels, num_seqs, 0, vocab, row_stride, mask,
+                                   ignore_index);
+  p.chosen.cu_seqlens = cu_seqlens;
+  p.rejected.cu_seqlens = cu_seqlens;
+  return p;
+}
+
+/// Separate buffers: chosen logits [P * seq_len, row_stride] and rejected logits of the same
+/// shape, each with its own labels (and mask).
+template <class T, class L>
+pair_view<T, L> separate_pairs(const T* chosen_logits, const L* chosen_labels,
+                               const T* rejected_logits, const L* rejected_labels,
+                               std::int64_t num_pairs, std::int64_t seq_len, std::int64_t vocab,
+                               std::int64_t row_stride, const std::uint8_t* chosen_mask = nullptr,
+                               const std::uint8_t* rejected_mask = nullptr,
+                               std::int64_t ignore_index = -100) {
+  token_view<T, L> c;
+  c.logits = chosen_logits;
+  c.labels = chosen_labels;
+  c.mask = chosen_mask;
+  c.vocab = vocab;
+  c.row_stride = row_stride;
+  c.seq_len = seq_len;
+  c.num_seqs = num_pairs;
+  c.ignore_index = ignore_index;
+  token_view<T, L> r = c;
+  r.logits = rejected_logits;
+  r.labels = rejected_labels;
+  r.mask = rejected_mask;
+  return {c, r, 0};
+}
+
+/// Where the gradient of a pair_view goes: one buffer per side, indexed by the same rows as
+/// the side's logits. For the concatenated layouts both pointers are the same buffer.
+/// grad == logits (same pointer and stride) is the in-place mode.
+template <class T>
+struct pair_grad_view {
+  T* chosen = nullptr;
+  std::int64_t chosen_stride = 0;
+  T* rejected = nullptr;
+  std::int64_t rejected_stride = 0;
+};
+
+}  // namespace dpo

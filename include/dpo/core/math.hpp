@@ -1,0 +1,174 @@
+// Copyright 2026 The dpo Authors. SPDX-License-Identifier: Apache-2.0
+//
+// The scalar math core shared by the CPU path and the CUDA kernels. Every function here is
+// DPO_HOST_DEVICE, so both backends evaluate the same expressions in the same order and
+// cannot drift apart. Nothing here allocates, throws or depends on Eigen.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define DPO_HOST_DEVICE __host__ __device__
+#define DPO_FORCEINLINE __forceinline__
+#else
+#define DPO_HOST_DEVICE
+#define DPO_FORCEINLINE inline
+#endif
+
+namespace dpo {
+namespace detail {
+
+// Unqualified calls after `using std::x` pick the CUDA device overloads under nvcc and the
+// standard ones on the host (the pattern Eigen uses for EIGEN_USING_STD).
+
+/// log(sigmoid(x)) without overflow: x - softplus(x) for x < 0, -log1p(exp(-x)) otherwise.
+/// NaN in, NaN out.
+template <class A>
+DPO_HOST_DEVICE DPO_FORCEINLINE A log_sigmoid(A x) {
+  using std::exp;
+  using std::log1p;
+  return x >= A(0) ? -log1p(exp(-x)) : x - log1p(exp(x));
+}
+
+/// softplus(x) = log(1 + exp(x)) = -log_sigmoid(-x), stable for any finite x.
+template <class A>
+DPO_HOST_DEVICE DPO_FORCEINLINE A softplus(A x) {
+  return -log_sigmoid(-x);
+}
+
+/// sigmoid(x), stable for any finite x (never exp of a large positive number).
+template <class A>
+DPO_HOST_DEVICE DPO_FORCEINLINE A sigmoid(A x) {
+  using std::exp;
+  if (x >= A(0)) return A(1) / (A(1) + exp(-x));
+  const A e = exp(x);
+  return e / (A(1) + e);
+}
+
+/// log(1 - exp(a)) for a < 0 (Maechler's split: log1p(-exp(a)) far from 0, log(-expm1(a))
+/// near it). a >= 0 gives NaN or -inf, as the exact value does.
+template <class A>
+DPO_HOST_DEVICE DPO_FORCEINLINE A log1mexp(A a) {
+  using std::exp;
+  using std::expm1;
+  using std::log;
+  using std::log1p;
+  return a < A(-0.6931471805599453) ? log1p(-exp(a)) : log(-expm1(a));
+}
+
+/// exp(d) * d with the limit 0 at d = -inf (a -inf logit has probability 0 and adds 0 to
+/// the entropy sum instead of 0 * inf = NaN).
+template <class A>
+DPO_HOST_DEVICE DPO_FORCEINLINE A exp_times(A e, A d) {
+  return e == A(0) ? A(0) : e * d;
+}
+
+/// Per-row statistics of a logits row, accumulated online (one read of the row).
+///
+/// With m the running max: s = sum exp(z - m), t = sum exp(z - m) * (z - m),
+/// s2 = sum exp(2 (z - m)), zsum = sum z. From them:
+///   logsumexp(z)    = m + log(s)
+///   entropy         = log(s) - t / s
+///   logsumexp(2 z)  = 2 m + log(s2)
+///   mean logit      = zsum / V
+/// argmax is the first index of the maximum (ties go to the lower index, as torch.argmax).
+/// A NaN anywhere in the row makes s NaN, so it propagates to every derived quantity.
+template <class A>
+struct row_stats {
+  A m;
+  A s;
+  A t;
+  A s2;
+  A zsum;
+  std::int64_t argmax;
+
+  DPO_HOST_DEVICE static row_stats empty() {
+    row_stats r;
+    r.m = -INFINITY;
+    r.s = A(0);
+    r.t = A(0);
+    r.s2 = A(0);
+    r.zsum = A(0);
+    r.argmax = -1;
+    return r;
+  }
+
+  DPO_HOST_DEVICE A logsumexp() const {
+    using std::log;
+    return m + log(s);
+  }
+  DPO_HOST_DEVICE A entropy() const {
+    using std::log;
+    return log(s) - t / s;
+  }
+  DPO_HOST_DEVICE A logsumexp2() const {
+    using std::log;
+    return A(2) * m + log(s2);
+  }
+};
+
+/// Folds the statistics of a later chunk `b` (column indices above those of `a`) into `a`.
+/// The result depends only on the order of the merges, never on timing: callers fix that
+/// order (left to right over a row) so results are bitwise reproducible.
+template <class A>
+DPO_HOST_DEVICE DPO_FORCEINLINE void merge_row_stats(row_stats<A>& a, const row_stats<A>& b) {
+  using std::exp;
+  if (b.argmax < 0) return;
+  if (a.argmax < 0) {
+    a = b;
+    return;
+  }
+  const bool b_wins = b.m > a.m;
+  const A m = b_wins ? b.m : a.m;
+  // Each side's terms were taken relative to its own max; shift them to the common one.
+  const A da = a.m - m;  // <= 0
+  const A db = b.m - m;  // <= 0
+  const A fa = exp(da);
+  const A fb = exp(db);
+  const A s = a.s * fa + b.s * fb;
+  const A t = fa * a.t + exp_times(fa, da) * a.s + fb * b.t + exp_times(fb, db) * b.s;
+  const A s2 = a.s2 * fa * fa + b.s2 * fb * fb;
+  a.m = m;
+  a.s = s;
+  a.t = t;
+  a.s2 = s2;
+  a.zsum = a.zsum + b.zsum;
+  if (b_wins) a.argmax = b.argmax;
+}
+
+/// Folds one logit z at column v (greater than every column seen so far) into `a`.
+/// NaN propagates: a NaN z lands in s through exp(NaN).
+template <class A>
+DPO_HOST_DEVICE DPO_FORCEINLINE void push_logit(row_stats<A>& a, A z, std::int64_t v) {
+  using std::exp;
+  if (a.argmax < 0) {
+    a.m = z;
+    a.s = A(1);
+    a.t = A(0);
+    a.s2 = A(1);
+    a.zsum = z;
+    a.argmax = v;
+    if (z != z) a.s = z;
+    return;
+  }
+  if (z > a.m) {
+    const A d = a.m - z;  // < 0
+    const A f = exp(d);
+    a.t = f * a.t + exp_times(f, d) * a.s;
+    a.s = a.s * f + A(1);
+    a.s2 = a.s2 * f * f + A(1);
+    a.m = z;
+    a.argmax = v;
+  } else {
+    const A d = z - a.m;
+    const A e = exp(d);
+    a.s += e;
+    a.t += exp_times(e, d);
+    a.s2 += e * e;
+  }
+  a.zsum += z;
+}
+
+}  // namespace detail
+}  // namespace dpo

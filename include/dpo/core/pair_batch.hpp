@@ -1,0 +1,133 @@
+// Copyright 2026 The dpo Authors. SPDX-License-Identifier: Apache-2.0
+//
+// The batch loss L = sum_k w_k * mean_i(loss_k,i * W_i) and its gradient with respect to each
+// pair's policy log-probs, written per pair so a CPU loop and a CUDA thread per pair run the
+// same code. The batch-level pieces (NLL over the batch, mean WPO weight, the sorts of aot)
+// are computed first and passed in.
+#pragma once
+
+#include <cstdint>
+
+#include "dpo/core/loss.hpp"
+
+namespace dpo {
+namespace detail {
+
+struct pair_batch_in {
+  std::int64_t num_pairs = 0;
+  const double* pi_c = nullptr;  // policy sequence log-probs (LD-DPO weighted when enabled)
+  const double* pi_r = nullptr;
+  const double* rho_c = nullptr;  // reference sequence log-probs; null means 0
+  const double* rho_r = nullptr;
+  const double* len_c = nullptr;  // completion-token counts, not clamped
+  const double* len_r = nullptr;
+  const double* weights = nullptr;  // WPO weight W_i of each pair; null means 1
+  double nll = 0.0;                 // NLL(chosen): mean token cross-entropy, chosen tokens
+  double mean_weight = 1.0;         // mean_i W_i
+  // For aot / aot_unpaired: a_i and b_i sorted ascending (stable) and each pair's rank in
+  // the sort. Null when the configuration has no batch term.
+  const double* sorted_a = nullptr;
+  const double* sorted_b = nullptr;
+  const std::int64_t* rank_a = nullptr;
+  const std::int64_t* rank_b = nullptr;
+};
+
+DPO_HOST_DEVICE inline double clamp_len(double n) { return n < 1.0 ? 1.0 : n; }
+
+DPO_HOST_DEVICE inline pair_values pair_at(const pair_batch_in& in, std::int64_t i) {
+  pair_values v;
+  v.pi_c = in.pi_c[i];
+  v.pi_r = in.pi_r[i];
+  v.rho_c = in.rho_c ? in.rho_c[i] : 0.0;
+  v.rho_r = in.rho_r ? in.rho_r[i] : 0.0;
+  v.len_c = clamp_len(in.len_c[i]);
+  v.len_r = clamp_len(in.len_r[i]);
+  return v;
+}
+
+/// a_i and b_i that aot (paired log-ratio differences) or aot_unpaired (log-ratios) sort.
+DPO_HOST_DEVICE inline void aot_keys(const loss_config& c, const pair_values& v, bool unpaired,
+                                     double* a, double* b) {
+  const double rc = c.reference_free ? 0.0 : v.rho_c;
+  const double rr = c.reference_free ? 0.0 : v.rho_r;
+  if (unpaired) {
+    *a = v.pi_c - rc;
+    *b = v.pi_r - rr;
+  } else {
+    *a = v.pi_c - v.pi_r;
+    *b = rc - rr;
+  }
+}
+
+/// Whether any term of the configuration is a batch (sorted) type.
+DPO_HOST_DEVICE inline bool has_batch_term(const loss_config& c, bool* unpaired) {
+  for (int k = 0; k < c.num_terms; ++k) {
+    if (is_batch_type(c.terms[k].type)) {
+      *unpaired = c.terms[k].type == loss_type::aot_unpaired;
+      return true;
+    }
+  }
+  return false;
+}
+
+/// Sum over terms of w_k * nll_multiplier_k: the weight of NLL(chosen) in every pair's loss.
+DPO_HOST_DEVICE inline double nll_weight(const loss_config& c) {
+  double w = 0.0;
+  for (int k = 0; k < c.num_terms; ++k) w += c.terms[k].weight * nll_multiplier(c.terms[k].type, c);
+  return w;
+}
+
+struct pair_contribution {
+  double loss;  // sum_k w_k * loss_k,i * W_i (the batch loss is the mean of these)
+  double g_c;   // dL/dpi_c,i of the batch loss L (1/P included)
+  double g_r;   // dL/dpi_r,i
+};
+
+/// Pair i's share of the batch loss and gradient. For batch types the loss at sorted
+/// position i is reported as pair i's, as TRL does.
+DPO_HOST_DEVICE inline pair_contribution contribution(const loss_config& c,
+                                                      const pair_batch_in& in, std::int64_t i) {
+  const pair_values v = pair_at(in, i);
+  const double inv_p = 1.0 / static_cast<double>(in.num_pairs);
+  const double W = in.weights ? in.weights[i] : 1.0;
+  pair_contribution out{0.0, 0.0, 0.0};
+  for (int k = 0; k < c.num_terms; ++k) {
+    const loss_type t = c.terms[k].type;
+    const double w = c.terms[k].weight;
+    out.loss += w * nll_multiplier(t, c) * in.nll * W;
+    if (is_batch_type(t)) {
+      const scalar_grad here = batch_term(c, in.sorted_a[i] - in.sorted_b[i]);
+      out.loss += w * here.value * W;
+      // Pair i's a and b sit at their own ranks; the weight is that of the sorted position.
+      const std::int64_t ka = in.rank_a[i];
+      const double Wa = in.weights ? in.weights[ka] : 1.0;
+      const double ga = w * Wa * batch_term(c, in.sorted_a[ka] - in.sorted_b[ka]).d * inv_p;
+      if (t == loss_type::aot) {
+        out.g_c += ga;
+        out.g_r -= ga;
+      } else {
+        const std::int64_t kb = in.rank_b[i];
+        const double Wb = in.weights ? in.weights[kb] : 1.0;
+        const double gb = w * Wb * batch_term(c, in.sorted_a[kb] - in.sorted_b[kb]).d * inv_p;
+        out.g_c += ga;
+        out.g_r -= gb;
+      }
+      continue;
+    }
+    const pair_grad g = pair_loss(t, c, v);
+    out.loss += w * g.loss * W;
+    out.g_c += w * W * g.d_c * inv_p;
+    out.g_r += w * W * g.d_r * inv_p;
+  }
+  return out;
+}
+
+/// dL/d(sum of plain chosen token log-probs) for every chosen sequence: the NLL terms'
+/// share, -nll_weight * mean(W) / max(total chosen tokens, 1).
+DPO_HOST_DEVICE inline double nll_token_grad(const loss_config& c, double mean_weight,
+                                             double total_chosen_tokens) {
+  return -nll_weight(c) * mean_weight / clamp_len(total_chosen_tokens);
+}
+
+}  // namespace detail
+}  // namespace dpo

@@ -1,0 +1,216 @@
+// Copyright 2026 The dpo Authors. SPDX-License-Identifier: Apache-2.0
+//
+// Host-side checks of a loss_config, shared by the CPU API (which throws dpo::error with
+// the message) and the CUDA API (which returns it with a status). An empty string means
+// the configuration is valid.
+#pragma once
+
+#include <cmath>
+#include <sstream>
+#include <string>
+
+#include "dpo/core/loss.hpp"
+
+namespace dpo {
+
+/// TRL's name of a loss type ("sigmoid", "aot_unpaired", ...).
+inline const char* to_string(loss_type t) {
+  switch (t) {
+    case loss_type::sigmoid: return "sigmoid";
+    case loss_type::hinge: return "hinge";
+    case loss_type::ipo: return "ipo";
+    case loss_type::exo_pair: return "exo_pair";
+    case loss_type::nca_pair: return "nca_pair";
+    case loss_type::robust: return "robust";
+    case loss_type::bco_pair: return "bco_pair";
+    case loss_type::sppo_hard: return "sppo_hard";
+    case loss_type::aot: return "aot";
+    case loss_type::aot_unpaired: return "aot_unpaired";
+    case loss_type::apo_zero: return "apo_zero";
+    case loss_type::apo_down: return "apo_down";
+    case loss_type::discopop: return "discopop";
+    case loss_type::sigmoid_norm: return "sigmoid_norm";
+    case loss_type::sft: return "sft";
+    case loss_type::simpo: return "simpo";
+    case loss_type::cpo: return "cpo";
+    case loss_type::orpo: return "orpo";
+  }
+  return "unknown";
+}
+
+/// TRL's name of an f-divergence ("reverse_kl", ...).
+inline const char* to_string(f_divergence f) {
+  switch (f) {
+    case f_divergence::reverse_kl: return "reverse_kl";
+    case f_divergence::forward_kl: return "forward_kl";
+    case f_divergence::js_divergence: return "js_divergence";
+    case f_divergence::alpha_divergence: return "alpha_divergence";
+  }
+  return "unknown";
+}
+
+/// Parses TRL's name of a loss type ("aot_pair", the name before TRL 0.28, is accepted for
+/// aot_unpaired). Returns false for an unknown name.
+inline bool parse_loss_type(const std::string& name, loss_type* out) {
+  for (int i = 0; i < num_loss_types; ++i) {
+    const auto t = static_cast<loss_type>(i);
+    if (name == to_string(t)) {
+      *out = t;
+      return true;
+    }
+  }
+  if (name == "aot_pair") {
+    *out = loss_type::aot_unpaired;
+    return true;
+  }
+  return false;
+}
+
+/// Parses TRL's name of an f-divergence. Returns false for an unknown name.
+inline bool parse_f_divergence(const std::string& name, f_divergence* out) {
+  for (int i = 0; i < 4; ++i) {
+    const auto f = static_cast<f_divergence>(i);
+    if (name == to_string(f)) {
+      *out = f;
+      return true;
+    }
+  }
+  return false;
+}
+
+namespace detail {
+
+/// Whether a term of this type reads label_smoothing under this configuration.
+inline bool uses_label_smoothing(loss_type t, const loss_config& c) {
+  switch (t) {
+    case loss_type::sigmoid: return c.cdpo_smoothing;
+    case loss_type::exo_pair:
+    case loss_type::robust:
+    case loss_type::aot:
+    case loss_type::aot_unpaired:
+    case loss_type::simpo:
+      return true;
+    case loss_type::cpo: return c.cpo_base == loss_type::sigmoid;
+    default: return false;
+  }
+}
+
+/// Whether TRL defines the loss type for an f-divergence other than reverse_kl.
+inline bool supports_f_divergence(loss_type t) {
+  switch (t) {
+    case loss_type::sigmoid:
+    case loss_type::sigmoid_norm:
+    case loss_type::hinge:
+    case loss_type::ipo:
+    case loss_type::exo_pair:
+    case loss_type::robust:
+    case loss_type::discopop:
+    case loss_type::sft:
+      return true;
+    default:
+      return false;
+  }
+}
+
+}  // namespace detail
+
+/// Checks every field of a loss_config; returns "" when valid, else a message naming the
+/// argument and its value.
+inline std::string validate_config(const loss_config& c) {
+  std::ostringstream os;
+  os.precision(17);
+  auto bad = [&](const char* name, double v, const char* rule) {
+    os << name << " = " << v << " is invalid: " << rule;
+    return os.str();
+  };
+  if (!std::isfinite(c.beta) || c.beta <= 0.0) return bad("beta", c.beta, "must be finite and > 0");
+  if (c.num_terms < 1 || c.num_terms > max_loss_terms) {
+    os << "loss_type: " << c.num_terms << " terms given, expected 1 to " << max_loss_terms;
+    return os.str();
+  }
+  bool any_ref_free = false, any_ref_based = false, any_eps = false;
+  for (int k = 0; k < c.num_terms; ++k) {
+    const int raw = static_cast<int>(c.terms[k].type);
+    if (raw < 0 || raw >= num_loss_types) {
+      os << "loss_type[" << k << "] = " << raw << " is not a loss type";
+      return os.str();
+    }
+    if (!std::isfinite(c.terms[k].weight)) {
+      os << "loss_weights[" << k << "] = " << c.terms[k].weight << " is invalid: must be finite";
+      return os.str();
+    }
+    const loss_type t = c.terms[k].type;
+    if (detail::is_reference_free_type(t)) {
+      any_ref_free = true;
+    } else if (t != loss_type::sft) {
+      any_ref_based = true;
+    }
+    any_eps = any_eps || detail::uses_label_smoothing(t, c);
+  }
+  if (any_ref_free && (any_ref_based || c.num_terms > 1)) {
+    return "loss_type: simpo, cpo and orpo (reference-free) cannot be combined with other loss "
+           "types";
+  }
+  const double eps = c.label_smoothing;
+  if (!std::isfinite(eps) || eps < 0.0 || eps > 1.0)
+    return bad("label_smoothing", eps, "must be in [0, 1]");
+  if (eps != 0.0 && !any_eps) {
+    os << "label_smoothing = " << eps << " has no effect with loss_type " << to_string(c.terms[0].type)
+       << (c.terms[0].type == loss_type::sigmoid
+               ? " (TRL >= 1.0 ignores it; set cdpo_smoothing for TRL <= 0.28's cDPO)"
+               : "");
+    return os.str();
+  }
+  for (int k = 0; k < c.num_terms; ++k) {
+    const loss_type t = c.terms[k].type;
+    if (t == loss_type::exo_pair && !(eps > 0.0 && eps < 1.0))
+      return bad("label_smoothing", eps, "exo_pair needs 0 < label_smoothing < 1");
+    if (t == loss_type::robust && !(eps >= 0.0 && eps < 0.5))
+      return bad("label_smoothing", eps, "robust needs 0 <= label_smoothing < 0.5");
+  }
+  if (!std::isfinite(c.alpha_divergence_coef))
+    return bad("alpha_divergence_coef", c.alpha_divergence_coef, "must be finite");
+  if (!(c.alpha_exponent_clamp > 0.0) || !std::isfinite(c.alpha_exponent_clamp))
+    return bad("alpha_exponent_clamp", c.alpha_exponent_clamp, "must be finite and > 0");
+  const int div = static_cast<int>(c.divergence);
+  if (div < 0 || div > 3) {
+    os << "f_divergence_type = " << div << " is not an f-divergence";
+    return os.str();
+  }
+  if (c.divergence != f_divergence::reverse_kl) {
+    // The f-DPO reparameterisation only cancels log Z(x) in the chosen-rejected difference.
+    for (int k = 0; k < c.num_terms; ++k) {
+      if (!detail::supports_f_divergence(c.terms[k].type)) {
+        os << "f_divergence_type = " << to_string(c.divergence) << " is not supported with loss_type "
+           << to_string(c.terms[k].type)
+           << " (only sigmoid, sigmoid_norm, hinge, ipo, exo_pair, robust, discopop, sft)";
+        return os.str();
+      }
+    }
+  }
+  if (c.use_weighting) {
+    for (int k = 0; k < c.num_terms; ++k) {
+      if (detail::is_batch_type(c.terms[k].type)) {
+        os << "use_weighting = true is not supported with loss_type " << to_string(c.terms[k].type)
+           << ": it sorts pairs, which would misalign the per-pair weights";
+        return os.str();
+      }
+    }
+  }
+  if (!std::isfinite(c.discopop_tau) || c.discopop_tau <= 0.0)
+    return bad("discopop_tau", c.discopop_tau, "must be finite and > 0");
+  if (!std::isfinite(c.simpo_gamma)) return bad("simpo_gamma", c.simpo_gamma, "must be finite");
+  if (!std::isfinite(c.cpo_alpha) || c.cpo_alpha < 0.0)
+    return bad("cpo_alpha", c.cpo_alpha, "must be finite and >= 0");
+  if (c.cpo_base != loss_type::sigmoid && c.cpo_base != loss_type::hinge &&
+      c.cpo_base != loss_type::ipo) {
+    os << "cpo_base = " << static_cast<int>(c.cpo_base)
+       << " is invalid: must be sigmoid, hinge or ipo";
+    return os.str();
+  }
+  if (!std::isfinite(c.ld_alpha) || c.ld_alpha < 0.0 || c.ld_alpha > 1.0)
+    return bad("ld_alpha", c.ld_alpha, "must be in [0, 1]");
+  return {};
+}
+
+}  // namespace dpo
