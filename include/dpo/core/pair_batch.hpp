@@ -94,7 +94,10 @@ DPO_HOST_DEVICE inline pair_contribution contribution(const loss_config& c,
   for (int k = 0; k < c.num_terms; ++k) {
     const loss_type t = c.terms[k].type;
     const double w = c.terms[k].weight;
-    out.loss += w * nll_multiplier(t, c) * in.nll * W;
+    // Only NLL terms read the batch NLL, so a NaN in another pair's chosen rows (which
+    // makes in.nll NaN) stays out of the per-pair losses: 0 * NaN would be NaN.
+    const double m = nll_multiplier(t, c);
+    if (m != 0.0) out.loss += w * m * in.nll * W;
     if (is_batch_type(t)) {
       const scalar_grad here = batch_term(c, in.sorted_a[i] - in.sorted_b[i]);
       out.loss += w * here.value * W;
