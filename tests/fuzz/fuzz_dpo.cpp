@@ -1,0 +1,588 @@
+// Copyright 2026 The dpo Authors. SPDX-License-Identifier: Apache-2.0
+//
+// libFuzzer target for the CPU fused path: dpo::cpu::dpo_forward + dpo_backward (and
+// sequence_logps) on shapes, values, masks, labels and configurations decoded from the
+// input, checking properties that hold for every input:
+//   - bad input (config, shapes, labels, null reference, aliasing, grad_output) is rejected
+//     with dpo::error exactly when it is bad, and nothing is written then;
+//   - masked rows get exactly 0 gradient; nothing outside [0, vocab) of a sequence row is
+//     written; padding columns (NaN here) are never read;
+//   - pairs with moderate finite logits and reference log-probs get finite losses, rewards
+//     and dL/dpi (the whole batch must be moderate for batch-coupled terms);
+//   - every gradient row sums to ~0 (softmax gradient: sum_v coef * (1[v == y] - p_v) = 0);
+//   - results are bitwise identical for 1 and 2 threads, and in place equals out of place.
+// A violated property traps, so libFuzzer keeps the input.
+//
+// Input layout (bytes past the end read as 0, so short inputs are valid and give defaults):
+//   [0] flags: bits 0-1 dtype (float/int64, float/int32, double/int64, double/int32),
+//       bits 2-3 layout (padded, packed, separate, padded), bit 4 mask, bit 5 reference
+//       logits instead of reference log-probs, bit 6 metrics off
+//   [1] pairs - 1 (mod 4)   [2] seq_len - 1 (mod 8)   [3-4] vocab - 1 (u16 mod 300)
+//   [5] row_stride - vocab (mod 3)   [6] logit scale   [7-10] PRNG seed   [11] label mode
+//   [12..] loss config (see read_config), then one knob byte (a deliberate bad argument),
+//   one gradient byte, one byte per reference log-prob, then 5-byte edits that put special
+//   values (NaN, inf, huge, denormal) into logits, labels and the mask.
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <initializer_list>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include <dpo/dpo.hpp>
+
+namespace {
+
+#define FUZZ_CHECK(cond)                                                               \
+  do {                                                                                 \
+    if (!(cond)) {                                                                     \
+      std::fprintf(stderr, "fuzz_dpo.cpp:%d: property violated: %s\n", __LINE__, #cond); \
+      __builtin_trap();                                                                \
+    }                                                                                  \
+  } while (0)
+
+const double nan_v = std::numeric_limits<double>::quiet_NaN();
+const double inf_v = std::numeric_limits<double>::infinity();
+
+/// Reads the input front to back; past its end every read is 0.
+struct reader {
+  const std::uint8_t* p;
+  std::size_t n;
+  std::uint8_t u8() {
+    if (n == 0) return 0;
+    --n;
+    return *p++;
+  }
+  std::uint16_t u16() { return static_cast<std::uint16_t>(u8() | (u8() << 8)); }
+  std::uint32_t u32() { return static_cast<std::uint32_t>(u16()) | (std::uint32_t{u16()} << 16); }
+};
+
+/// splitmix64: fills the bulk of the logits so that short inputs still give big shapes.
+struct rng {
+  std::uint64_t s;
+  std::uint64_t next() {
+    std::uint64_t z = (s += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+  }
+  double uniform() { return static_cast<double>(next() >> 11) * 0x1.0p-53; }
+};
+
+template <std::size_t N>
+double pick(const double (&table)[N], unsigned i) {
+  return table[i % N];
+}
+
+/// Bitwise equality, treating any two NaNs as equal.
+template <class T>
+bool same(T a, T b) {
+  return std::memcmp(&a, &b, sizeof(T)) == 0 || (a != a && b != b);
+}
+
+bool same(const Eigen::VectorXd& a, const Eigen::VectorXd& b) {
+  if (a.size() != b.size()) return false;
+  for (Eigen::Index i = 0; i < a.size(); ++i)
+    if (!same(a[i], b[i])) return false;
+  return true;
+}
+
+bool same(const dpo::cpu::side_rows& a, const dpo::cpu::side_rows& b) {
+  if (a.row0 != b.row0 || a.coef.size() != b.coef.size()) return false;
+  for (std::size_t i = 0; i < a.coef.size(); ++i)
+    if (!same(a.lse[i], b.lse[i]) || !same(a.logp[i], b.logp[i]) || !same(a.coef[i], b.coef[i]))
+      return false;
+  return true;
+}
+
+bool same(const dpo::cpu::forward_result& a, const dpo::cpu::forward_result& b) {
+  const dpo::cpu::metrics& m = a.metrics;
+  const dpo::cpu::metrics& n = b.metrics;
+  return same(a.loss, b.loss) && same(a.losses, b.losses) &&
+         same(a.chosen_rewards, b.chosen_rewards) && same(a.rejected_rewards, b.rejected_rewards) &&
+         same(a.chosen_logps, b.chosen_logps) && same(a.rejected_logps, b.rejected_logps) &&
+         same(a.chosen_tokens, b.chosen_tokens) && same(a.rejected_tokens, b.rejected_tokens) &&
+         same(a.weights, b.weights) && same(a.grad_chosen, b.grad_chosen) &&
+         same(a.grad_rejected, b.grad_rejected) && same(a.nll_token_grad, b.nll_token_grad) &&
+         same(a.chosen_rows, b.chosen_rows) && same(a.rejected_rows, b.rejected_rows) &&
+         same(m.rewards_chosen, n.rewards_chosen) && same(m.rewards_rejected, n.rewards_rejected) &&
+         same(m.rewards_margins, n.rewards_margins) &&
+         same(m.rewards_accuracies, n.rewards_accuracies) &&
+         same(m.logps_chosen, n.logps_chosen) && same(m.logps_rejected, n.logps_rejected) &&
+         same(m.logits_chosen, n.logits_chosen) && same(m.logits_rejected, n.logits_rejected) &&
+         same(m.entropy, n.entropy) && same(m.mean_token_accuracy, n.mean_token_accuracy) &&
+         same(m.nll_loss, n.nll_loss);
+}
+
+/// Decodes a loss_config; some table entries are invalid on purpose.
+dpo::loss_config read_config(reader& in) {
+  using dpo::loss_type;
+  static const double num_terms[] = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 3, 0, 9};
+  static const double weights[] = {1, 0.8, 0.2, 1, 2, -0.5, nan_v, 0};
+  static const double betas[] = {0.1, 0.1, 0.5, 1, 0.01, 2, 10, 1e-3,
+                                 0.1, 0.25, 5, 0, -0.1, nan_v, inf_v, 1e-6};
+  static const double eps[] = {0, 0, 0.1, 0.3, 0.49, 0.5, 0.999, 1, -0.1, nan_v, 1.5, 0.2};
+  static const double alpha_coef[] = {0.5, 2, 1, -1, 0.9999999, 0.1, 3, nan_v};
+  static const double clamps[] = {80, 11, 1, 0};
+  static const double taus[] = {0.05, 1, 0.001, 0};
+  static const double gammas[] = {0.5, 0, -1, nan_v};
+  static const double cpo_alphas[] = {1, 0, 0.5, -1};
+  static const double ld_alphas[] = {1, 0.5, 0, 0.9, 1, 1.5, nan_v, 1};
+  static const loss_type cpo_bases[] = {loss_type::sigmoid, loss_type::hinge, loss_type::ipo,
+                                        loss_type::sigmoid_norm};
+
+  dpo::loss_config c;
+  c.num_terms = static_cast<int>(pick(num_terms, in.u8()));
+  for (int k = 0; k < c.num_terms && k < dpo::max_loss_terms; ++k) {
+    const unsigned b = in.u8();
+    const int t = static_cast<int>(b % 20);
+    c.terms[k].type = static_cast<loss_type>(t < 18 ? t : (t == 18 ? 18 : -1));
+    c.terms[k].weight = pick(weights, b / 20);
+  }
+  c.beta = pick(betas, in.u8());
+  c.label_smoothing = pick(eps, in.u8());
+  unsigned b = in.u8();
+  c.divergence = static_cast<dpo::f_divergence>(b % 5 == 4 ? 7 : b % 5);
+  c.alpha_divergence_coef = pick(alpha_coef, b / 5);
+  b = in.u8();
+  c.alpha_exponent_clamp = pick(clamps, b);
+  c.discopop_tau = pick(taus, b / 4);
+  c.simpo_gamma = pick(gammas, b / 16);
+  c.cpo_alpha = pick(cpo_alphas, b / 64);
+  b = in.u8();
+  c.cdpo_smoothing = (b & 1) != 0;
+  c.reference_free = (b & 2) != 0;
+  c.use_weighting = (b & 4) != 0;
+  c.cpo_base = cpo_bases[(b >> 3) & 3];
+  c.ld_alpha = pick(ld_alphas, b >> 5);
+  return c;
+}
+
+/// A deliberately bad argument, decoded from one byte (most values: none).
+enum class knob {
+  none,
+  bad_stride,       // row_stride < vocab
+  bad_count,        // odd concatenated count, or chosen/rejected counts differ
+  null_reference,   // reference log-probs null (bad only when the loss needs them)
+  aliased_grad,     // grad.chosen over the logits with another stride
+  nan_grad_output,  // grad_output = NaN
+  zero_vocab,       // vocab = 0
+  vocab_mismatch,   // rejected.vocab != chosen.vocab
+  decreasing_cu,    // packed: cu_seqlens not non-decreasing
+  negative_seq_len  // padded / separate: seq_len < 0
+};
+
+knob read_knob(std::uint8_t b) {
+  const int k = b % 32;
+  return k < 20 || k > 28 ? knob::none : static_cast<knob>(k - 19);
+}
+
+enum class layout { padded, packed, separate };
+
+/// One fuzz case: buffers, views and expectations for logits type T and labels type L.
+template <class T, class L>
+struct fuzz_case {
+  layout lay = layout::padded;
+  std::int64_t P = 1, seq_len = 1, V = 1, stride = 1, gstride = 1;
+  std::int64_t ignore_index = -100;
+  bool has_mask = false, ref_logits = false, metrics = true;
+  knob bad = knob::none;
+  double grad_output = 1.0;
+  dpo::loss_config cfg;
+  // Buffer 0 holds both sides except for the separate layout (buffer 1: rejected).
+  int nbuf = 1;
+  std::int64_t rows[2] = {0, 0};
+  std::vector<T> logits[2], ref[2];
+  std::vector<L> labels[2];
+  std::vector<std::uint8_t> mask[2];
+  std::vector<std::int64_t> cu;
+  std::vector<double> ref_c, ref_r;
+
+  int buf_of(bool rejected) const { return rejected && nbuf == 2 ? 1 : 0; }
+
+  /// The pair_view over logits buffers l0 (and l1), with the knob's bad shape applied.
+  dpo::pair_view<T, L> view(const T* l0, const T* l1) const {
+    const std::uint8_t* m0 = has_mask ? mask[0].data() : nullptr;
+    dpo::pair_view<T, L> v;
+    if (lay == layout::separate) {
+      const std::uint8_t* m1 = has_mask ? mask[1].data() : nullptr;
+      v = dpo::separate_pairs(l0, labels[0].data(), l1, labels[1].data(), P, seq_len, V, stride,
+                              m0, m1, ignore_index);
+      if (bad == knob::bad_count) v.rejected.num_seqs = P - 1;
+    } else {
+      const std::int64_t n = bad == knob::bad_count ? 2 * P + 1 : 2 * P;
+      v = lay == layout::packed
+              ? dpo::packed_pairs(l0, labels[0].data(), cu.data(), n, V, stride, m0, ignore_index)
+              : dpo::padded_pairs(l0, labels[0].data(), n, seq_len, V, stride, m0, ignore_index);
+    }
+    for (dpo::token_view<T, L>* s : {&v.chosen, &v.rejected}) {
+      if (bad == knob::bad_stride) s->row_stride = V - 1;
+      if (bad == knob::zero_vocab) s->vocab = 0;
+      if (bad == knob::negative_seq_len && lay != layout::packed) s->seq_len = -1;
+    }
+    if (bad == knob::vocab_mismatch) v.rejected.vocab = V + 1;
+    return v;
+  }
+
+  bool shape_bad() const {
+    switch (bad) {
+      case knob::bad_stride:
+      case knob::bad_count:
+      case knob::zero_vocab:
+      case knob::vocab_mismatch:
+        return true;
+      case knob::decreasing_cu: return lay == layout::packed;
+      case knob::negative_seq_len: return lay != layout::packed;
+      default: return false;
+    }
+  }
+};
+
+double special_value(unsigned i) {
+  static const double table[] = {nan_v,  inf_v, -inf_v,  1e30,   -1e30,  3.0e38, -3.0e38, 1e300,
+                                 0.0,    -0.0,  1e-40,   5e-324, 88.7,   -88.7,  1e4,     -1e4,
+                                 16,     -16,   100,     -100,   709.8,  -745,   1e7,     -1e7,
+                                 1e-3,   -1e-3, 2.5,     -2.5,   3.4e38, 1e-30,  -1e300,  1e15};
+  return table[i % 32];
+}
+
+template <class T, class L>
+void build(fuzz_case<T, L>& fc, reader& in, std::uint8_t flags) {
+  static const double scales[] = {1, 4, 16, 2, 30, 1e3, 1e-3, 0};
+  fc.lay = ((flags >> 2) & 3) == 1 ? layout::packed
+           : ((flags >> 2) & 3) == 2 ? layout::separate
+                                     : layout::padded;
+  fc.has_mask = (flags & 16) != 0;
+  fc.ref_logits = (flags & 32) != 0;
+  fc.metrics = (flags & 64) == 0;
+  fc.P = 1 + in.u8() % 4;
+  fc.seq_len = 1 + in.u8() % 8;
+  fc.V = 1 + in.u16() % 300;
+  fc.stride = fc.V + in.u8() % 3;
+  const double scale = pick(scales, in.u8());
+  rng r{in.u32()};
+  const unsigned label_mode = in.u8();
+  static const double ignore_share[] = {0.25, 0.0, 0.5, 0.9, 1.0};
+  const double p_ignore = pick(ignore_share, label_mode);
+  static const double ignore_indices[] = {-100, -1, 0};
+  fc.ignore_index = static_cast<std::int64_t>(pick(ignore_indices, label_mode / 5));
+  fc.cfg = read_config(in);
+  fc.bad = read_knob(in.u8());
+  const unsigned g = in.u8();
+  static const double grad_outputs[] = {1, 1, 0.5, -2, 0, 1e-3, 1e3, 1};
+  fc.gstride = fc.V + (g & 3);
+  fc.grad_output = fc.bad == knob::nan_grad_output ? nan_v : pick(grad_outputs, g >> 2);
+
+  // Row counts of each buffer.
+  if (fc.lay == layout::packed) {
+    fc.cu.resize(2 * fc.P + 1);
+    fc.cu[0] = static_cast<std::int64_t>(r.next() % 3);  // leading rows no sequence owns
+    for (std::int64_t s = 0; s < 2 * fc.P; ++s)
+      fc.cu[s + 1] = fc.cu[s] + static_cast<std::int64_t>(r.next() % (fc.seq_len + 1));
+    if (fc.bad == knob::decreasing_cu) fc.cu[1] = fc.cu[2] + 1;
+    // Cover every row a view may read: the chosen side alone is valid even when cu[1] is bad.
+    const std::int64_t last = std::max(fc.cu[1], fc.cu[2 * fc.P]);
+    fc.rows[0] = last + static_cast<std::int64_t>(r.next() % 2);
+  } else if (fc.lay == layout::separate) {
+    fc.nbuf = 2;
+    fc.rows[0] = fc.rows[1] = fc.P * fc.seq_len;
+  } else {
+    fc.rows[0] = 2 * fc.P * fc.seq_len;
+  }
+
+  // Logits uniform in [-scale, scale]; padding columns NaN, so reading them shows.
+  for (int b = 0; b < fc.nbuf; ++b) {
+    const std::int64_t n = fc.rows[b];
+    for (std::vector<T>* buf : {&fc.logits[b], &fc.ref[b]}) {
+      buf->assign(static_cast<std::size_t>(n * fc.stride), static_cast<T>(nan_v));
+      for (std::int64_t i = 0; i < n; ++i)
+        for (std::int64_t c = 0; c < fc.V; ++c)
+          (*buf)[i * fc.stride + c] = static_cast<T>(scale * (2.0 * r.uniform() - 1.0));
+    }
+    fc.labels[b].resize(static_cast<std::size_t>(n));
+    fc.mask[b].resize(static_cast<std::size_t>(n));
+    for (std::int64_t i = 0; i < n; ++i) {
+      fc.labels[b][i] = r.uniform() < p_ignore ? static_cast<L>(fc.ignore_index)
+                                               : static_cast<L>(r.next() % fc.V);
+      fc.mask[b][i] = r.uniform() < 0.8 ? 1 : 0;
+    }
+  }
+
+  for (std::int64_t i = 0; i < fc.P; ++i) {
+    for (std::vector<double>* v : {&fc.ref_c, &fc.ref_r}) {
+      const unsigned b = in.u8();
+      v->push_back(b < 200 ? -40.0 * r.uniform() : special_value(b));
+    }
+  }
+
+  // Edits: [code][row u16][col u16]; code >> 6: 0, 1 logit, 2 label, 3 mask toggle.
+  const std::int64_t total = fc.rows[0] + fc.rows[1];
+  while (in.n >= 5 && total > 0) {
+    const unsigned code = in.u8();
+    const std::int64_t row = in.u16() % total;
+    const std::int64_t col = in.u16() % fc.stride;
+    const int b = row < fc.rows[0] ? 0 : 1;
+    const std::int64_t i = b == 0 ? row : row - fc.rows[0];
+    if (code < 128) {
+      fc.logits[b][i * fc.stride + col] = static_cast<T>(special_value(code));
+    } else if (code < 192) {
+      fc.labels[b][i] = static_cast<L>(static_cast<int>(code & 63) - 8);
+    } else {
+      fc.mask[b][i] ^= 1;
+    }
+  }
+}
+
+/// Whether row `row` of a view is a completion token, and whether its label is invalid.
+template <class T, class L>
+bool label_bad(const dpo::token_view<T, L>& v, std::int64_t row) {
+  const std::int64_t y = v.target(row);
+  return y != -1 && (y < 0 || y >= v.vocab);
+}
+
+template <class T>
+bool row_moderate(const T* z, std::int64_t V, double bound) {
+  for (std::int64_t c = 0; c < V; ++c) {
+    const double x = static_cast<double>(z[c]);
+    if (!(std::fabs(x) <= bound)) return false;
+  }
+  return true;
+}
+
+bool is_term(const dpo::loss_config& c, std::initializer_list<dpo::loss_type> types) {
+  for (int k = 0; k < c.num_terms; ++k)
+    for (dpo::loss_type t : types)
+      if (c.terms[k].type == t) return true;
+  return false;
+}
+
+template <class T, class L>
+void run(reader& in, std::uint8_t flags) {
+  using dpo::loss_type;
+  fuzz_case<T, L> fc;
+  build(fc, in, flags);
+  const T sentinel = static_cast<T>(-12345.25);
+  const T* l1 = fc.nbuf == 2 ? fc.logits[1].data() : fc.logits[0].data();
+  const auto pv = fc.view(fc.logits[0].data(), l1);
+  const auto rv = fc.view(fc.ref[0].data(), fc.nbuf == 2 ? fc.ref[1].data() : fc.ref[0].data());
+  const std::int64_t P = fc.P;
+
+  // What the library must reject.
+  const dpo::loss_config& cfg = fc.cfg;
+  const bool cfg_bad = !dpo::validate_config(cfg).empty();
+  const bool needs_ref = !cfg.reference_free && !dpo::detail::is_reference_free_type(cfg.terms[0].type);
+  const bool null_ref = fc.bad == knob::null_reference && !fc.ref_logits;
+  bool labels_bad = false;
+  if (!fc.shape_bad()) {
+    for (const auto* s : {&pv.chosen, &pv.rejected})
+      for (std::int64_t q = 0; q < s->num_seqs; ++q)
+        for (std::int64_t row = s->row_begin(q); row < s->row_end(q); ++row)
+          labels_bad = labels_bad || label_bad(*s, row);
+  }
+  const bool fwd_bad = cfg_bad || fc.shape_bad() || labels_bad || (null_ref && needs_ref);
+
+  // sequence_logps writes nothing when it throws.
+  std::vector<double> sums(static_cast<std::size_t>(P), -7.5);
+  std::vector<std::int64_t> counts(static_cast<std::size_t>(P), -7);
+  bool seq_ok = true;
+  try {
+    dpo::cpu::sequence_logps(pv.chosen, sums.data(), counts.data());
+  } catch (const dpo::error&) {
+    seq_ok = false;
+    for (std::int64_t i = 0; i < P; ++i) FUZZ_CHECK(sums[i] == -7.5 && counts[i] == -7);
+  }
+
+  dpo::cpu::options o1, o2;
+  o1.num_threads = 1;
+  o2.num_threads = 2;
+  o1.metrics = o2.metrics = fc.metrics;
+  const double* rc = null_ref ? nullptr : fc.ref_c.data();
+  const double* rr = null_ref ? nullptr : fc.ref_r.data();
+  auto forward = [&](const dpo::cpu::options& o) {
+    return fc.ref_logits ? dpo::cpu::dpo_forward(pv, rv, cfg, o)
+                         : dpo::cpu::dpo_forward(pv, rc, rr, cfg, o);
+  };
+  dpo::cpu::forward_result f1;
+  try {
+    f1 = forward(o1);
+  } catch (const dpo::error&) {
+    FUZZ_CHECK(fwd_bad);
+    return;
+  }
+  FUZZ_CHECK(!fwd_bad);
+  FUZZ_CHECK(f1.losses.size() == P && f1.grad_chosen.size() == P && f1.vocab == fc.V);
+  FUZZ_CHECK(same(f1, forward(o2)));
+  FUZZ_CHECK(seq_ok);
+  for (std::int64_t i = 0; i < P; ++i)
+    FUZZ_CHECK(static_cast<double>(counts[i]) == f1.chosen_tokens[i]);
+
+  // Out of place, 1 and 2 threads, into sentinel-filled buffers.
+  std::vector<T> g1[2], g2[2];
+  for (int b = 0; b < fc.nbuf; ++b) {
+    g1[b].assign(static_cast<std::size_t>(fc.rows[b] * fc.gstride), sentinel);
+    g2[b] = g1[b];
+  }
+  // The aliasing knob points grad.chosen at the logits with stride + 1, used only when that
+  // overlaps logits rows (element ranges as check_grad computes them); otherwise it would
+  // be a valid argument that writes past the buffer.
+  bool aliased = false;
+  if (fc.bad == knob::aliased_grad) {
+    const std::int64_t s = fc.stride, c0 = pv.chosen.row_begin(0), c1 = pv.chosen.row_end(P - 1);
+    if (c1 > c0) {
+      const std::int64_t lo = c0 * (s + 1), hi = (c1 - 1) * (s + 1) + fc.V;
+      auto hits = [&](const dpo::token_view<T, L>& v) {
+        const std::int64_t r0 = v.row_begin(0), r1 = v.row_end(P - 1);
+        return r1 > r0 && lo < (r1 - 1) * s + fc.V && r0 * s < hi;
+      };
+      aliased = hits(pv.chosen) || (fc.nbuf == 1 && hits(pv.rejected));
+    }
+  }
+  auto grad_view = [&](std::vector<T>* g) {
+    dpo::pair_grad_view<T> v{g[0].data(), fc.gstride, g[fc.buf_of(true)].data(), fc.gstride};
+    if (aliased) {
+      v.chosen = const_cast<T*>(pv.chosen.logits);
+      v.chosen_stride = fc.stride + 1;
+    }
+    return v;
+  };
+  const bool bwd_bad = fc.bad == knob::nan_grad_output || aliased;
+  try {
+    dpo::cpu::dpo_backward(pv, f1, grad_view(g1), fc.grad_output, o1);
+  } catch (const dpo::error&) {
+    FUZZ_CHECK(bwd_bad);
+    for (int b = 0; b < fc.nbuf; ++b)
+      for (T x : g1[b]) FUZZ_CHECK(same(x, sentinel));
+    return;
+  }
+  FUZZ_CHECK(!bwd_bad);
+  dpo::cpu::dpo_backward(pv, f1, grad_view(g2), fc.grad_output, o2);
+  for (int b = 0; b < fc.nbuf; ++b)
+    for (std::size_t i = 0; i < g1[b].size(); ++i) FUZZ_CHECK(same(g1[b][i], g2[b][i]));
+
+  // In place on a copy of the logits: equal to out of place on [0, V), the rest untouched.
+  std::vector<T> w[2] = {fc.logits[0], fc.logits[1]};
+  const auto wv = fc.view(w[0].data(), fc.nbuf == 2 ? w[1].data() : w[0].data());
+  dpo::cpu::dpo_backward(wv, f1,
+                         dpo::pair_grad_view<T>{w[0].data(), fc.stride,
+                                                w[fc.buf_of(true)].data(), fc.stride},
+                         fc.grad_output, o1);
+
+  // Which pairs must be finite: moderate logits rows (|z| <= 16, so |pi| <= 8 * (32 + log 300)
+  // ~ 302) and reference log-probs (|rho| <= 40, or rows as above), so |D| <= 342 and even
+  // squares of exp(|D|) (ipo, sppo_hard with forward_kl) stay finite. Batch-coupled terms mix
+  // every pair, so they need the whole batch moderate.
+  const bool coupled = cfg.use_weighting || is_term(cfg, {loss_type::sft, loss_type::cpo,
+                                                          loss_type::orpo, loss_type::aot,
+                                                          loss_type::aot_unpaired});
+  std::vector<char> pair_ok(static_cast<std::size_t>(P), 1);
+  for (int side = 0; side < 2; ++side) {
+    const auto& v = side == 0 ? pv.chosen : pv.rejected;
+    const auto& refv = side == 0 ? rv.chosen : rv.rejected;
+    for (std::int64_t i = 0; i < P; ++i) {
+      for (std::int64_t row = v.row_begin(i); row < v.row_end(i); ++row) {
+        if (v.target(row) < 0) continue;
+        pair_ok[i] &= row_moderate(v.logits + row * v.row_stride, fc.V, 16.0);
+        if (fc.ref_logits) pair_ok[i] &= row_moderate(refv.logits + row * refv.row_stride, fc.V, 16.0);
+      }
+      if (!fc.ref_logits && rc != nullptr) {
+        const double x = side == 0 ? rc[i] : rr[i];
+        pair_ok[i] &= std::fabs(x) <= 40.0;
+      }
+      // ORPO's log(1 - exp(a)) is -inf at an average log-prob of exactly 0, as in TRL.
+      if (is_term(cfg, {loss_type::orpo})) {
+        const double pi = side == 0 ? f1.chosen_logps[i] : f1.rejected_logps[i];
+        if (pi == 0.0) pair_ok[i] = 0;
+      }
+    }
+  }
+  bool all_ok = true;
+  for (char ok : pair_ok) all_ok = all_ok && ok;
+  for (std::int64_t i = 0; i < P; ++i) {
+    if (!(coupled ? all_ok : pair_ok[i])) continue;
+    FUZZ_CHECK(std::isfinite(f1.losses[i]));
+    FUZZ_CHECK(std::isfinite(f1.chosen_rewards[i]) && std::isfinite(f1.rejected_rewards[i]));
+    FUZZ_CHECK(std::isfinite(f1.chosen_logps[i]) && std::isfinite(f1.rejected_logps[i]));
+    FUZZ_CHECK(std::isfinite(f1.grad_chosen[i]) && std::isfinite(f1.grad_rejected[i]));
+    FUZZ_CHECK(std::isfinite(f1.weights[i]));
+  }
+  if (all_ok) {
+    FUZZ_CHECK(std::isfinite(f1.loss) && std::isfinite(f1.nll_token_grad));
+    const dpo::cpu::metrics& m = f1.metrics;
+    for (double x : {m.rewards_chosen, m.rewards_rejected, m.rewards_margins, m.rewards_accuracies,
+                     m.logps_chosen, m.logps_rejected, m.logits_chosen, m.logits_rejected,
+                     m.entropy, m.mean_token_accuracy, m.nll_loss})
+      FUZZ_CHECK(std::isfinite(x));
+  }
+
+  // Row by row: ownership, masked zeros, finiteness and the zero-sum property.
+  const double eps = std::numeric_limits<dpo::cpu::acc_t<T>>::epsilon();
+  const double coef_limit = std::is_same_v<T, double> ? 1e300 : 1e30;
+  std::vector<char> owned[2];
+  for (int b = 0; b < fc.nbuf; ++b) owned[b].assign(static_cast<std::size_t>(fc.rows[b]), 0);
+  for (int side = 0; side < 2; ++side) {
+    const auto& v = side == 0 ? pv.chosen : pv.rejected;
+    const dpo::cpu::side_rows& sr = side == 0 ? f1.chosen_rows : f1.rejected_rows;
+    const int b = fc.buf_of(side == 1);
+    for (std::int64_t i = 0; i < P; ++i) {
+      const bool finite_pair = coupled ? all_ok : pair_ok[i] != 0;
+      for (std::int64_t row = v.row_begin(i); row < v.row_end(i); ++row) {
+        owned[b][row] = 1;
+        const T* z = v.logits + row * fc.stride;
+        const T* g = g1[b].data() + row * fc.gstride;
+        for (std::int64_t c = 0; c < fc.V; ++c) FUZZ_CHECK(same(w[b][row * fc.stride + c], g[c]));
+        for (std::int64_t c = fc.V; c < fc.gstride; ++c) FUZZ_CHECK(same(g[c], sentinel));
+        for (std::int64_t c = fc.V; c < fc.stride; ++c)
+          FUZZ_CHECK(same(w[b][row * fc.stride + c], z[c]));
+        if (v.target(row) < 0) {
+          for (std::int64_t c = 0; c < fc.V; ++c) FUZZ_CHECK(g[c] == T(0));
+          continue;
+        }
+        const double coef = static_cast<double>(
+            static_cast<dpo::cpu::acc_t<T>>(sr.coef[row - sr.row0] * fc.grad_output));
+        bool g_finite = true;
+        long double sum = 0;
+        for (std::int64_t c = 0; c < fc.V; ++c) {
+          g_finite = g_finite && std::isfinite(static_cast<double>(g[c]));
+          sum += static_cast<long double>(g[c]);
+        }
+        if (finite_pair && row_moderate(z, fc.V, 16.0) && std::fabs(coef) <= coef_limit)
+          FUZZ_CHECK(g_finite);
+        double zmax = 0;
+        const bool z_small = row_moderate(z, fc.V, 1e3);
+        for (std::int64_t c = 0; c < fc.V && z_small; ++c)
+          zmax = std::fmax(zmax, std::fabs(static_cast<double>(z[c])));
+        if (g_finite && z_small) {
+          const double tol = 64 * eps * std::fabs(coef) * (static_cast<double>(fc.V) + zmax + 8);
+          FUZZ_CHECK(std::fabs(static_cast<double>(sum)) <= tol);
+        }
+      }
+    }
+  }
+  for (int b = 0; b < fc.nbuf; ++b) {
+    for (std::int64_t row = 0; row < fc.rows[b]; ++row) {
+      if (owned[b][row]) continue;
+      for (std::int64_t c = 0; c < fc.gstride; ++c)
+        FUZZ_CHECK(same(g1[b][row * fc.gstride + c], sentinel));
+      for (std::int64_t c = 0; c < fc.stride; ++c)
+        FUZZ_CHECK(same(w[b][row * fc.stride + c], fc.logits[b][row * fc.stride + c]));
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
+  reader in{data, size};
+  const std::uint8_t flags = in.u8();
+  switch (flags & 3) {
+    case 0: run<float, std::int64_t>(in, flags); break;
+    case 1: run<float, std::int32_t>(in, flags); break;
+    case 2: run<double, std::int64_t>(in, flags); break;
+    default: run<double, std::int32_t>(in, flags); break;
+  }
+  return 0;
+}

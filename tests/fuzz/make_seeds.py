@@ -1,0 +1,58 @@
+#!/usr/bin/env python3
+"""Writes the seed corpus of fuzz_dpo (tests/fuzz/corpus/): one valid case per loss type
+over the layouts and dtypes, the TRL combinations (MPO, WPO, LD-DPO, f-divergences), special
+values, and one case per deliberately bad argument. The byte layout is documented at the
+top of fuzz_dpo.cpp. Rerun after changing that layout: python3 tests/fuzz/make_seeds.py"""
+import pathlib
+import struct
+
+OUT = pathlib.Path(__file__).resolve().parent / "corpus"
+SIGMOID, EXO_PAIR, BCO_PAIR, SFT, ORPO = 0, 3, 6, 14, 17
+PACKED, PADDED = 1 << 2, 0
+
+
+def case(flags=0, pairs=2, seq_len=4, vocab=37, extra_stride=1, scale=0, seed=1, labels=0,
+         num_terms=0, terms=(0,), beta=0, eps=0, div=0, misc=0, cfg_flags=0, knob=0, grad=0,
+         refs=None, edits=()):
+    b = bytes([flags, pairs - 1, seq_len - 1]) + struct.pack("<H", vocab - 1)
+    b += bytes([extra_stride, scale]) + struct.pack("<I", seed) + bytes([labels, num_terms])
+    b += bytes(terms) + bytes([beta, eps, div, misc, cfg_flags, knob, grad])
+    b += bytes(refs if refs is not None else [0] * (2 * pairs))
+    for code, row, col in edits:
+        b += bytes([code]) + struct.pack("<HH", row, col)
+    return b
+
+
+def main():
+    OUT.mkdir(exist_ok=True)
+    seeds = {}
+    for t in range(18):
+        flags = (t % 4) | ((t // 4) % 3) << 2 | (16 if t % 2 else 0) | (32 if t % 5 == 0 else 0)
+        # ORPO's loss is infinite for a sequence without completion tokens: use them all.
+        if t == ORPO:
+            flags &= ~16
+        seeds[f"loss_{t:02d}"] = case(flags=flags, pairs=1 + t % 4, seq_len=1 + (t * 3) % 8,
+                                      vocab=1 + (t * 37) % 300, scale=t % 4, seed=t,
+                                      labels=1 if t == ORPO else 0, terms=(t,),
+                                      eps=2 if t == EXO_PAIR else 0)
+    seeds["mpo"] = case(num_terms=13, terms=(SIGMOID + 20, BCO_PAIR + 40, SFT))
+    seeds["wpo"] = case(flags=4, cfg_flags=4)
+    seeds["ld_dpo"] = case(flags=8, cfg_flags=32)
+    for d in (1, 2, 3):
+        seeds[f"f_divergence_{d}"] = case(flags=d, div=d, beta=3)
+    seeds["specials"] = case(flags=2, scale=4, edits=[(0, 0, 0), (1, 3, 5), (2, 9, 1), (3, 12, 2),
+                                                      (7, 1, 1), (10, 2, 0), (141, 4, 0),
+                                                      (200, 5, 0)])
+    seeds["bad_label"] = case(flags=1, edits=[(136 + 37, 3, 0)])
+    seeds["big_vocab"] = case(flags=1, pairs=4, seq_len=8, vocab=300, extra_stride=2)
+    for k in range(20, 29):
+        layout = PACKED if k == 27 else PADDED if k == 28 else (k % 3) << 2
+        seeds[f"bad_arg_{k}"] = case(flags=k % 4 | layout, knob=k)
+    seeds["bad_config"] = case(beta=11)
+    for name, data in seeds.items():
+        (OUT / name).write_bytes(data)
+    print(f"wrote {len(seeds)} seeds to {OUT}")
+
+
+if __name__ == "__main__":
+    main()
