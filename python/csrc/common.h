@@ -1,0 +1,100 @@
+// Copyright 2026 The dpo Authors. SPDX-License-Identifier: Apache-2.0
+//
+// What the CPU and CUDA kernels of the dpo_kernels ops share: building a dpo::loss_config
+// from the ops' arguments (TRL's names), and lowering a logits tensor to the row layout of
+// dpo::token_view (rows of `vocab` contiguous values `row_stride` apart).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+
+#include "dpo/core/validate.hpp"
+
+namespace dpo_kernels {
+
+/// The loss configuration arguments every loss op takes, in schema order.
+#define DPO_CONFIG_SCHEMA                                                                     \
+  "str loss_type, float[] loss_weights, float beta, float label_smoothing, "                \
+  "str f_divergence_type, float f_alpha_divergence_coef, float discopop_tau, "              \
+  "bool use_weighting, float ld_alpha, bool reference_free, bool cdpo_smoothing, "          \
+  "float simpo_gamma, float cpo_alpha, str cpo_base"
+
+#define DPO_CONFIG_PARAMS                                                                      \
+  c10::string_view loss_type, c10::ArrayRef<double> loss_weights, double beta,               \
+      double label_smoothing, c10::string_view f_divergence_type,                           \
+      double f_alpha_divergence_coef, double discopop_tau, bool use_weighting, double ld_alpha, \
+      bool reference_free, bool cdpo_smoothing, double simpo_gamma, double cpo_alpha,        \
+      c10::string_view cpo_base
+
+#define DPO_CONFIG_ARGS                                                                     \
+  loss_type, loss_weights, beta, label_smoothing, f_divergence_type, f_alpha_divergence_coef, \
+      discopop_tau, use_weighting, ld_alpha, reference_free, cdpo_smoothing, simpo_gamma,    \
+      cpo_alpha, cpo_base
+
+/// A validated dpo::loss_config. `loss_type` is a comma-separated list of TRL names with one
+/// weight each in `loss_weights` (empty means 1 each). `exponent_clamp` is TRL's clamp of the
+/// alpha-divergence exponent for the log-probs' dtype (11 for fp16, 80 otherwise). Throws
+/// c10::ValueError (Python ValueError) naming the bad argument.
+dpo::loss_config make_config(DPO_CONFIG_PARAMS, double exponent_clamp = 80.0);
+
+/// Rethrows dpo::error (std::invalid_argument) as c10::ValueError so Python sees a
+/// ValueError with the library's message.
+template <class Fn>
+auto rethrow_as_value_error(Fn&& fn) -> decltype(fn()) {
+  try {
+    return fn();
+  } catch (const c10::Error&) {
+    throw;
+  } catch (const std::invalid_argument& e) {
+    TORCH_CHECK_VALUE(false, e.what());
+  }
+}
+
+/// A logits tensor lowered to dpo::token_view rows. Sequences are either padded (logits
+/// [B, T, V], sequence b owns rows [b * seq_len, b * seq_len + T)) or packed (logits [N, V]
+/// with cu_seqlens). A padded batch whose rows are evenly strided but whose sequences sit
+/// further apart than T rows (e.g. logits[:, :-1] of a contiguous [B, T + 1, V] tensor) is
+/// read in place: seq_len > T and the extra rows get ignore_index labels, so they are never
+/// read.
+struct row_layout {
+  at::Tensor logits;      // the tensor read (the input itself, or a contiguous copy)
+  at::Tensor labels;      // contiguous labels, one per row of the view ([B, seq_len] or [N])
+  at::Tensor cu_seqlens;  // contiguous int64 [S + 1] when packed, else undefined
+  bool copied = false;    // logits is a copy (the input's rows were not usable in place)
+  bool packed = false;
+  std::int64_t num_seqs = 0;
+  std::int64_t seq_len = 0;   // rows per sequence in the view (padded)
+  std::int64_t tokens = 0;    // T, the sequence length of the input (padded)
+  std::int64_t rows = 0;      // rows of the input: B * T (padded) or N (packed)
+  std::int64_t vocab = 0;
+  std::int64_t row_stride = 0;
+
+  /// The row of the input (0 <= r < rows) that view row v maps to, or -1 for a padding row.
+  std::int64_t input_row(std::int64_t v) const {
+    if (packed) return v;
+    const std::int64_t b = v / seq_len, t = v % seq_len;
+    return t < tokens ? b * tokens + t : -1;
+  }
+  /// Rows of the view: B * seq_len (padded) or N (packed).
+  std::int64_t view_rows() const { return packed ? rows : num_seqs * seq_len; }
+};
+
+/// Lowers logits ([B, T, V] with labels [B, T], or [N, V] with labels [N] and optional
+/// cu_seqlens [S + 1]; without cu_seqlens [N, V] is one sequence). Checks dtypes, devices
+/// and shapes (TypeError / ValueError naming `name`).
+row_layout make_layout(const at::Tensor& logits, const at::Tensor& labels,
+                       const std::optional<at::Tensor>& cu_seqlens, std::int64_t ignore_index,
+                       const char* name);
+
+/// Checks a per-pair vector argument: floating, 1-D with `n` entries, on `device`.
+void check_pair_vector(const at::Tensor& t, std::int64_t n, const at::Device& device,
+                       const char* name);
+
+/// Metrics in the order of the `metrics` output of dpo_forward.
+inline constexpr int num_metrics = 11;
+
+}  // namespace dpo_kernels

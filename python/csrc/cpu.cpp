@@ -1,0 +1,471 @@
+// Copyright 2026 The dpo Authors. SPDX-License-Identifier: Apache-2.0
+//
+// CPU kernels of the dpo_kernels operators: thin adapters from tensors to the dpo::cpu API
+// (include/dpo/cpu/dpo.hpp). Every check of the library runs before anything is written,
+// and its dpo::error reaches Python as ValueError.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <Eigen/Core>
+#include <cmath>
+#include <vector>
+
+#include "common.h"
+#include "dpo/cpu/dpo.hpp"
+
+namespace dpo_kernels {
+namespace {
+
+/// Calls fn with a null pointer of the dpo element type of a floating tensor.
+template <class Fn>
+void dispatch_float(at::ScalarType t, Fn&& fn) {
+  switch (t) {
+    case at::kFloat: return fn(static_cast<float*>(nullptr));
+    case at::kDouble: return fn(static_cast<double*>(nullptr));
+    case at::kBFloat16: return fn(static_cast<Eigen::bfloat16*>(nullptr));
+    case at::kHalf: return fn(static_cast<Eigen::half*>(nullptr));
+    default: TORCH_CHECK_TYPE(false, "unsupported logits dtype ", t);
+  }
+}
+
+template <class Fn>
+void dispatch_label(at::ScalarType t, Fn&& fn) {
+  if (t == at::kInt) return fn(static_cast<std::int32_t*>(nullptr));
+  return fn(static_cast<std::int64_t*>(nullptr));
+}
+
+/// The dtype of per-sequence results: fp64 for fp64 logits, fp32 otherwise (never the
+/// logits' bf16/fp16, whose spacing near typical sequence sums exceeds DPO margins).
+at::ScalarType result_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+dpo::cpu::options cpu_options(bool metrics = true) {
+  dpo::cpu::options o;
+  o.num_threads = at::get_num_threads();
+  o.metrics = metrics;
+  return o;
+}
+
+void check_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be a CPU tensor here, got ", t.device());
+}
+
+template <class T, class L>
+dpo::token_view<T, L> token_view_of(const row_layout& l, std::int64_t ignore_index) {
+  dpo::token_view<T, L> v;
+  v.logits = reinterpret_cast<const T*>(l.logits.data_ptr());
+  v.labels = l.labels.data_ptr<L>();
+  v.cu_seqlens = l.packed ? l.cu_seqlens.data_ptr<std::int64_t>() : nullptr;
+  v.vocab = l.vocab;
+  v.row_stride = l.row_stride;
+  v.num_seqs = l.num_seqs;
+  v.seq_len = l.seq_len;
+  v.ignore_index = ignore_index;
+  return v;
+}
+
+/// The pair view of TRL's concatenated layout: sequences [0, P) chosen, [P, 2P) rejected.
+template <class T, class L>
+dpo::pair_view<T, L> pair_view_of(const row_layout& l, std::int64_t ignore_index) {
+  const T* z = reinterpret_cast<const T*>(l.logits.data_ptr());
+  const L* y = l.labels.data_ptr<L>();
+  if (l.packed)
+    return dpo::packed_pairs(z, y, l.cu_seqlens.data_ptr<std::int64_t>(), l.num_seqs, l.vocab,
+                             l.row_stride, nullptr, ignore_index);
+  return dpo::padded_pairs(z, y, l.num_seqs, l.seq_len, l.vocab, l.row_stride, nullptr,
+                           ignore_index);
+}
+
+at::Tensor to_double(const at::Tensor& t) {
+  return t.to(at::TensorOptions().dtype(at::kDouble).device(at::kCPU)).contiguous();
+}
+
+const double* ptr_or_null(const std::optional<at::Tensor>& t, at::Tensor& keep) {
+  if (!t.has_value()) return nullptr;
+  keep = to_double(*t);
+  return keep.data_ptr<double>();
+}
+
+// ---- sequence_logps ----------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor> sequence_logps_cpu(const at::Tensor& logits,
+                                                      const at::Tensor& labels,
+                                                      const std::optional<at::Tensor>& cu_seqlens,
+                                                      std::int64_t ignore_index, bool average) {
+  check_cpu(logits, "logits");
+  const row_layout l = make_layout(logits, labels, cu_seqlens, ignore_index, "logits");
+  const auto out_dtype = result_dtype(logits.scalar_type());
+  at::Tensor logps = at::empty({l.num_seqs}, logits.options().dtype(out_dtype));
+  std::vector<std::int64_t> lse_shape(logits.sizes().begin(), logits.sizes().end() - 1);
+  at::Tensor row_lse = at::zeros(lse_shape, logits.options().dtype(out_dtype));
+  if (l.num_seqs == 0) return {logps, row_lse};
+  std::vector<double> sums(l.num_seqs);
+  std::vector<std::int64_t> counts(l.num_seqs);
+  dispatch_float(logits.scalar_type(), [&](auto* tp) {
+    using T = std::remove_pointer_t<decltype(tp)>;
+    dispatch_label(l.labels.scalar_type(), [&](auto* lp) {
+      using L = std::remove_pointer_t<decltype(lp)>;
+      const dpo::token_view<T, L> v = token_view_of<T, L>(l, ignore_index);
+      const std::int64_t r0 = v.row_begin(0), r1 = v.row_end(v.num_seqs - 1);
+      std::vector<double> token_logps(static_cast<std::size_t>(std::max<std::int64_t>(r1 - r0, 0)));
+      rethrow_as_value_error([&] {
+        dpo::cpu::sequence_logps(v, sums.data(), counts.data(), token_logps.data(), cpu_options(false));
+      });
+      // The row log-sum-exp for the backward pass: lse = z[y] - logp, in the accumulation type.
+      using A = dpo::cpu::acc_t<T>;
+      AT_DISPATCH_FLOATING_TYPES(row_lse.scalar_type(), "row_lse", [&] {
+        scalar_t* out = row_lse.data_ptr<scalar_t>();
+        for (std::int64_t r = r0; r < r1; ++r) {
+          const std::int64_t y = v.target(r);
+          const std::int64_t in = l.input_row(r);
+          if (y < 0 || in < 0) continue;
+          const A zy = static_cast<A>(v.logits[r * v.row_stride + y]);
+          out[in] = static_cast<scalar_t>(zy - static_cast<A>(token_logps[r - r0]));
+        }
+      });
+    });
+  });
+  AT_DISPATCH_FLOATING_TYPES(out_dtype, "logps", [&] {
+    scalar_t* out = logps.data_ptr<scalar_t>();
+    for (std::int64_t s = 0; s < l.num_seqs; ++s) {
+      const double n = counts[s] < 1 ? 1.0 : static_cast<double>(counts[s]);
+      out[s] = static_cast<scalar_t>(average ? sums[s] / n : sums[s]);
+    }
+  });
+  return {logps, row_lse};
+}
+
+at::Tensor sequence_logps_backward_cpu(const at::Tensor& grad, const at::Tensor& logits,
+                                       const at::Tensor& labels,
+                                       const std::optional<at::Tensor>& cu_seqlens,
+                                       const at::Tensor& row_lse, std::int64_t ignore_index,
+                                       bool average) {
+  check_cpu(logits, "logits");
+  const row_layout l = make_layout(logits, labels, cu_seqlens, ignore_index, "logits");
+  TORCH_CHECK_VALUE(grad.dim() == 1 && grad.size(0) == l.num_seqs, "grad must have shape [",
+                    l.num_seqs, "], got ", grad.sizes());
+  at::Tensor out = at::empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
+  const at::Tensor g = to_double(grad);
+  const at::Tensor lse = to_double(row_lse).reshape({-1});
+  TORCH_CHECK_VALUE(lse.numel() == l.rows, "row_lse has ", lse.numel(), " entries, expected ", l.rows);
+  dispatch_float(logits.scalar_type(), [&](auto* tp) {
+    using T = std::remove_pointer_t<decltype(tp)>;
+    using A = dpo::cpu::acc_t<T>;
+    dispatch_label(l.labels.scalar_type(), [&](auto* lp) {
+      using L = std::remove_pointer_t<decltype(lp)>;
+      const dpo::token_view<T, L> v = token_view_of<T, L>(l, ignore_index);
+      // Per input row: its sequence's coefficient (0 outside every sequence or when masked).
+      std::vector<double> coef(static_cast<std::size_t>(l.rows), 0.0);
+      std::vector<std::int64_t> target(static_cast<std::size_t>(l.rows), -1);
+      std::vector<std::int64_t> view_row(static_cast<std::size_t>(l.rows), -1);
+      const double* gs = g.data_ptr<double>();
+      for (std::int64_t s = 0; s < v.num_seqs; ++s) {
+        std::int64_t n = 0;
+        for (std::int64_t r = v.row_begin(s); r < v.row_end(s); ++r) n += v.target(r) >= 0 ? 1 : 0;
+        const double c = average ? gs[s] / (n < 1 ? 1.0 : static_cast<double>(n)) : gs[s];
+        for (std::int64_t r = v.row_begin(s); r < v.row_end(s); ++r) {
+          const std::int64_t in = l.input_row(r);
+          if (in < 0) continue;
+          view_row[in] = r;
+          target[in] = v.target(r);
+          coef[in] = target[in] >= 0 ? c : 0.0;
+        }
+      }
+      T* o = reinterpret_cast<T*>(out.data_ptr());
+      const double* lse_p = lse.data_ptr<double>();
+      dpo::cpu::detail::parallel_for(l.rows, at::get_num_threads(), [&](std::int64_t b, std::int64_t e) {
+        dpo::cpu::detail::row_scratch<A> scratch;
+        for (std::int64_t i = b; i < e; ++i) {
+          const std::int64_t r = view_row[i];
+          const T* z = r >= 0 ? v.logits + r * v.row_stride : nullptr;
+          const A c = static_cast<A>(coef[i]);
+          if (r < 0 || c == A(0)) {
+            std::fill(o + i * l.vocab, o + (i + 1) * l.vocab, T(0));
+            continue;
+          }
+          dpo::cpu::detail::row_backward<T, A>(z, o + i * l.vocab, l.vocab, static_cast<A>(lse_p[i]), c,
+                                               target[i], scratch);
+        }
+      });
+    });
+  });
+  return out;
+}
+
+// ---- pair-level loss ---------------------------------------------------------------------
+
+struct pair_inputs {
+  at::Tensor pc, pr, rc, rr, lc, lr, w;
+  dpo::cpu::pair_logps_in in;
+};
+
+pair_inputs lower_pairs(const at::Tensor& policy_chosen_logps, const at::Tensor& policy_rejected_logps,
+                        const std::optional<at::Tensor>& reference_chosen_logps,
+                        const std::optional<at::Tensor>& reference_rejected_logps,
+                        const std::optional<at::Tensor>& chosen_lengths,
+                        const std::optional<at::Tensor>& rejected_lengths,
+                        const std::optional<at::Tensor>& weights) {
+  check_cpu(policy_chosen_logps, "policy_chosen_logps");
+  const auto dev = policy_chosen_logps.device();
+  TORCH_CHECK_VALUE(policy_chosen_logps.dim() == 1, "policy_chosen_logps must be 1-D [P], got shape ",
+                    policy_chosen_logps.sizes());
+  const std::int64_t P = policy_chosen_logps.size(0);
+  TORCH_CHECK_VALUE(P >= 1, "policy_chosen_logps is empty: need at least one pair");
+  check_pair_vector(policy_chosen_logps, P, dev, "policy_chosen_logps");
+  check_pair_vector(policy_rejected_logps, P, dev, "policy_rejected_logps");
+  const std::pair<const std::optional<at::Tensor>*, const char*> optional_inputs[] = {
+      {&reference_chosen_logps, "reference_chosen_logps"},
+      {&reference_rejected_logps, "reference_rejected_logps"},
+      {&chosen_lengths, "chosen_lengths"},
+      {&rejected_lengths, "rejected_lengths"},
+      {&weights, "weights"}};
+  for (const auto& [t, name] : optional_inputs) {
+    if (!t->has_value()) continue;
+    const at::Tensor& x = **t;
+    TORCH_CHECK_VALUE(x.dim() == 1 && x.size(0) == P, name, " must have shape [", P, "], got ", x.sizes());
+    TORCH_CHECK_VALUE(x.device() == dev, name, " is on ", x.device(), " but policy_chosen_logps is on ", dev);
+  }
+  pair_inputs p;
+  p.pc = to_double(policy_chosen_logps);
+  p.pr = to_double(policy_rejected_logps);
+  p.in.num_pairs = P;
+  p.in.chosen_logps = p.pc.data_ptr<double>();
+  p.in.rejected_logps = p.pr.data_ptr<double>();
+  p.in.ref_chosen_logps = ptr_or_null(reference_chosen_logps, p.rc);
+  p.in.ref_rejected_logps = ptr_or_null(reference_rejected_logps, p.rr);
+  p.in.chosen_tokens = ptr_or_null(chosen_lengths, p.lc);
+  p.in.rejected_tokens = ptr_or_null(rejected_lengths, p.lr);
+  p.in.weights = ptr_or_null(weights, p.w);
+  return p;
+}
+
+double clamp_for(at::ScalarType t) { return t == at::kHalf ? 11.0 : 80.0; }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_loss_cpu(
+    const at::Tensor& policy_chosen_logps, const at::Tensor& policy_rejected_logps,
+    const std::optional<at::Tensor>& reference_chosen_logps,
+    const std::optional<at::Tensor>& reference_rejected_logps,
+    const std::optional<at::Tensor>& chosen_lengths, const std::optional<at::Tensor>& rejected_lengths,
+    const std::optional<at::Tensor>& weights, DPO_CONFIG_PARAMS) {
+  const dpo::loss_config cfg = make_config(DPO_CONFIG_ARGS, clamp_for(policy_chosen_logps.scalar_type()));
+  pair_inputs p = lower_pairs(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                              reference_rejected_logps, chosen_lengths, rejected_lengths, weights);
+  const dpo::cpu::forward_result r = rethrow_as_value_error([&] { return dpo::cpu::dpo_loss(p.in, cfg); });
+  const auto opts = policy_chosen_logps.options().dtype(result_dtype(policy_chosen_logps.scalar_type()));
+  const std::int64_t P = p.in.num_pairs;
+  const auto out = [&](const Eigen::VectorXd& x) {
+    return at::from_blob(const_cast<double*>(x.data()), {P}, at::kDouble).to(opts, false, true);
+  };
+  // losses_i = sum_k w_k loss_k,i W_i, whose mean is the batch loss.
+  return {out(r.losses), out(r.chosen_rewards), out(r.rejected_rewards)};
+}
+
+std::tuple<at::Tensor, at::Tensor> pair_loss_backward_cpu(
+    const at::Tensor& grad_losses, const at::Tensor& policy_chosen_logps,
+    const at::Tensor& policy_rejected_logps, const std::optional<at::Tensor>& reference_chosen_logps,
+    const std::optional<at::Tensor>& reference_rejected_logps,
+    const std::optional<at::Tensor>& chosen_lengths, const std::optional<at::Tensor>& rejected_lengths,
+    const std::optional<at::Tensor>& weights, DPO_CONFIG_PARAMS) {
+  const dpo::loss_config cfg = make_config(DPO_CONFIG_ARGS, clamp_for(policy_chosen_logps.scalar_type()));
+  pair_inputs p = lower_pairs(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                              reference_rejected_logps, chosen_lengths, rejected_lengths, weights);
+  const std::int64_t P = p.in.num_pairs;
+  TORCH_CHECK_VALUE(grad_losses.dim() == 1 && grad_losses.size(0) == P, "grad_losses must have shape [",
+                    P, "], got ", grad_losses.sizes());
+  // Every per-pair loss is linear in its weight W_i (the NLL and aot terms included), so the
+  // vector-Jacobian product for upstream gradients u is P * dL/dpi of the batch loss with
+  // weights W_i * u_i.
+  at::Tensor wu = to_double(grad_losses);
+  if (p.in.weights != nullptr) wu = wu * p.w;
+  wu = wu.contiguous();
+  p.in.weights = wu.data_ptr<double>();
+  const dpo::cpu::forward_result r = rethrow_as_value_error([&] { return dpo::cpu::dpo_loss(p.in, cfg); });
+  const double scale = static_cast<double>(P);
+  at::Tensor gc = at::empty({P}, at::kDouble), gr = at::empty({P}, at::kDouble);
+  for (std::int64_t i = 0; i < P; ++i) {
+    gc.data_ptr<double>()[i] = scale * (r.grad_chosen[i] + r.nll_token_grad);
+    gr.data_ptr<double>()[i] = scale * r.grad_rejected[i];
+  }
+  return {gc.to(policy_chosen_logps.options()), gr.to(policy_rejected_logps.options())};
+}
+
+// ---- fused forward / backward --------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dpo_forward_cpu(
+    const at::Tensor& logits, const at::Tensor& labels, const std::optional<at::Tensor>& cu_seqlens,
+    const std::optional<at::Tensor>& reference_chosen_logps,
+    const std::optional<at::Tensor>& reference_rejected_logps,
+    const std::optional<at::Tensor>& ref_logits, std::int64_t ignore_index, DPO_CONFIG_PARAMS,
+    bool compute_metrics, bool /*inplace_backward: read by the autograd formula only*/) {
+  check_cpu(logits, "logits");
+  const dpo::loss_config cfg = make_config(DPO_CONFIG_ARGS);
+  const row_layout l = make_layout(logits, labels, cu_seqlens, ignore_index, "logits");
+  TORCH_CHECK_VALUE(l.num_seqs % 2 == 0 && l.num_seqs >= 2, "logits holds ", l.num_seqs,
+                    " sequences: the concatenated layout needs an even number 2P >= 2 ",
+                    "(rows [0, P) chosen, [P, 2P) rejected)");
+  const std::int64_t P = l.num_seqs / 2;
+  row_layout rl;
+  if (ref_logits.has_value()) {
+    TORCH_CHECK_VALUE(!reference_chosen_logps.has_value() && !reference_rejected_logps.has_value(),
+                      "give either ref_logits or reference_chosen_logps/reference_rejected_logps, not both");
+    TORCH_CHECK_VALUE(ref_logits->sizes() == logits.sizes(), "ref_logits must have the shape of logits ",
+                      logits.sizes(), ", got ", ref_logits->sizes());
+    check_cpu(*ref_logits, "ref_logits");
+    rl = make_layout(ref_logits->to(logits.scalar_type()), labels, cu_seqlens, ignore_index, "ref_logits");
+  } else {
+    if (reference_chosen_logps.has_value())
+      check_pair_vector(*reference_chosen_logps, P, logits.device(), "reference_chosen_logps");
+    if (reference_rejected_logps.has_value())
+      check_pair_vector(*reference_rejected_logps, P, logits.device(), "reference_rejected_logps");
+  }
+  at::Tensor keep_c, keep_r;
+  const double* ref_c = ptr_or_null(reference_chosen_logps, keep_c);
+  const double* ref_r = ptr_or_null(reference_rejected_logps, keep_r);
+
+  dpo::cpu::forward_result r;
+  dispatch_float(logits.scalar_type(), [&](auto* tp) {
+    using T = std::remove_pointer_t<decltype(tp)>;
+    dispatch_label(l.labels.scalar_type(), [&](auto* lp) {
+      using L = std::remove_pointer_t<decltype(lp)>;
+      const dpo::pair_view<T, L> policy = pair_view_of<T, L>(l, ignore_index);
+      r = rethrow_as_value_error([&] {
+        if (ref_logits.has_value())
+          return dpo::cpu::dpo_forward(policy, pair_view_of<T, L>(rl, ignore_index), cfg,
+                                       cpu_options(compute_metrics));
+        return dpo::cpu::dpo_forward(policy, ref_c, ref_r, cfg, cpu_options(compute_metrics));
+      });
+    });
+  });
+
+  const auto out_dtype = result_dtype(logits.scalar_type());
+  const auto opts = logits.options().dtype(out_dtype);
+  at::Tensor loss = at::scalar_tensor(r.loss, at::kDouble).to(opts);
+  const dpo::cpu::metrics& m = r.metrics;
+  const double mv[num_metrics] = {m.rewards_chosen,  m.rewards_rejected, m.rewards_accuracies,
+                                  m.rewards_margins, m.logps_chosen,     m.logps_rejected,
+                                  m.logits_chosen,   m.logits_rejected,  m.entropy,
+                                  m.mean_token_accuracy, m.nll_loss};
+  at::Tensor metrics = at::from_blob(const_cast<double*>(mv), {num_metrics}, at::kDouble).to(opts, false, true);
+  at::Tensor pv = at::empty({6, P}, at::kDouble);
+  const Eigen::VectorXd* rowsv[6] = {&r.chosen_logps, &r.rejected_logps, &r.chosen_rewards,
+                                     &r.rejected_rewards, &r.losses, &r.weights};
+  for (int k = 0; k < 6; ++k)
+    std::copy(rowsv[k]->data(), rowsv[k]->data() + P, pv.data_ptr<double>() + k * P);
+  pv = pv.to(opts);
+
+  std::vector<std::int64_t> row_shape(logits.sizes().begin(), logits.sizes().end() - 1);
+  at::Tensor row_lse = at::zeros(row_shape, at::kDouble);
+  at::Tensor row_coef = at::zeros(row_shape, at::kDouble);
+  double* lse_p = row_lse.data_ptr<double>();
+  double* coef_p = row_coef.data_ptr<double>();
+  for (const dpo::cpu::side_rows* side : {&r.chosen_rows, &r.rejected_rows}) {
+    for (std::size_t i = 0; i < side->coef.size(); ++i) {
+      const std::int64_t in = l.input_row(side->row0 + static_cast<std::int64_t>(i));
+      if (in < 0) continue;
+      lse_p[in] = side->lse[i];
+      coef_p[in] = side->coef[i];
+    }
+  }
+  return {loss, metrics, pv, row_lse, row_coef};
+}
+
+/// Rebuilds the per-row state dpo::cpu::dpo_backward reads from the saved row tensors.
+template <class T, class L>
+dpo::cpu::forward_result saved_forward(const dpo::pair_view<T, L>& policy, const row_layout& l,
+                                       const at::Tensor& row_lse, const at::Tensor& row_coef) {
+  dpo::cpu::forward_result f;
+  f.vocab = l.vocab;
+  f.grad_chosen = Eigen::VectorXd::Zero(policy.num_pairs());
+  const at::Tensor lse = to_double(row_lse).reshape({-1});
+  const at::Tensor coef = to_double(row_coef).reshape({-1});
+  TORCH_CHECK_VALUE(lse.numel() == l.rows && coef.numel() == l.rows, "row_lse / row_coef have ",
+                    lse.numel(), " / ", coef.numel(), " entries, expected ", l.rows);
+  const auto fill = [&](const dpo::token_view<T, L>& v, dpo::cpu::side_rows& s) {
+    s.row0 = v.row_begin(0);
+    const std::int64_t n = v.row_end(v.num_seqs - 1) - s.row0;
+    s.lse.assign(static_cast<std::size_t>(n), 0.0);
+    s.coef.assign(static_cast<std::size_t>(n), 0.0);
+    for (std::int64_t i = 0; i < n; ++i) {
+      const std::int64_t in = l.input_row(s.row0 + i);
+      if (in < 0) continue;
+      s.lse[i] = lse.data_ptr<double>()[in];
+      s.coef[i] = coef.data_ptr<double>()[in];
+    }
+  };
+  fill(policy.chosen, f.chosen_rows);
+  fill(policy.rejected, f.rejected_rows);
+  return f;
+}
+
+/// Zeroes gradient rows of packed logits that lie outside every sequence (the library leaves
+/// them untouched).
+void zero_rows_outside(at::Tensor grad2d, const row_layout& l) {
+  if (!l.packed) return;
+  const std::int64_t first = l.cu_seqlens.data_ptr<std::int64_t>()[0];
+  const std::int64_t last = l.cu_seqlens.data_ptr<std::int64_t>()[l.num_seqs];
+  if (first > 0) grad2d.narrow(0, 0, std::min(first, l.rows)).zero_();
+  if (last < l.rows && last >= 0) grad2d.narrow(0, last, l.rows - last).zero_();
+}
+
+void run_backward(const at::Tensor& grad_loss, const row_layout& l, const at::Tensor& row_lse,
+                  const at::Tensor& row_coef, std::int64_t ignore_index, void* grad_ptr,
+                  std::int64_t grad_stride) {
+  TORCH_CHECK_VALUE(grad_loss.numel() == 1, "grad_loss must hold one value, got shape ", grad_loss.sizes());
+  const double go = grad_loss.to(at::kCPU).to(at::kDouble).item<double>();
+  TORCH_CHECK_VALUE(l.num_seqs % 2 == 0 && l.num_seqs >= 2, "logits holds ", l.num_seqs,
+                    " sequences: the concatenated layout needs an even number 2P >= 2");
+  dispatch_float(l.logits.scalar_type(), [&](auto* tp) {
+    using T = std::remove_pointer_t<decltype(tp)>;
+    dispatch_label(l.labels.scalar_type(), [&](auto* lp) {
+      using L = std::remove_pointer_t<decltype(lp)>;
+      const dpo::pair_view<T, L> policy = pair_view_of<T, L>(l, ignore_index);
+      const dpo::cpu::forward_result f = saved_forward(policy, l, row_lse, row_coef);
+      T* g = reinterpret_cast<T*>(grad_ptr);
+      const dpo::pair_grad_view<T> gv{g, grad_stride, g, grad_stride};
+      rethrow_as_value_error([&] { dpo::cpu::dpo_backward(policy, f, gv, go, cpu_options()); });
+    });
+  });
+}
+
+at::Tensor dpo_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& labels,
+                            const std::optional<at::Tensor>& cu_seqlens, const at::Tensor& row_lse,
+                            const at::Tensor& row_coef, std::int64_t ignore_index) {
+  check_cpu(logits, "logits");
+  const row_layout l = make_layout(logits, labels, cu_seqlens, ignore_index, "logits");
+  // The gradient buffer has the view's row indexing: [B, seq_len, V] (seq_len >= T) or [N, V].
+  at::Tensor grad = at::empty({l.view_rows(), l.vocab}, logits.options().memory_format(at::MemoryFormat::Contiguous));
+  run_backward(grad_loss, l, row_lse, row_coef, ignore_index, grad.data_ptr(), l.vocab);
+  zero_rows_outside(grad, l);
+  if (l.packed || logits.dim() == 2) return grad;
+  return grad.view({l.num_seqs, l.seq_len, l.vocab}).narrow(1, 0, l.tokens);
+}
+
+void dpo_backward_inplace_cpu(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& labels,
+                              const std::optional<at::Tensor>& cu_seqlens, const at::Tensor& row_lse,
+                              const at::Tensor& row_coef, std::int64_t ignore_index) {
+  check_cpu(logits, "logits");
+  const row_layout l = make_layout(logits, labels, cu_seqlens, ignore_index, "logits");
+  TORCH_CHECK_VALUE(!l.copied && l.seq_len == l.tokens,
+                    "inplace_backward needs logits whose rows are evenly strided with unit stride over ",
+                    "the vocabulary and no gap between sequences (e.g. a contiguous tensor); got strides ",
+                    logits.strides(), " for shape ", logits.sizes(),
+                    ". Pass a contiguous tensor or use inplace_backward=False.");
+  run_backward(grad_loss, l, row_lse, row_coef, ignore_index, logits.data_ptr(), l.row_stride);
+  if (l.packed) {
+    at::Tensor rows2d = logits;
+    zero_rows_outside(rows2d, l);
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dpo_kernels, CPU, m) {
+  m.impl("sequence_logps", &sequence_logps_cpu);
+  m.impl("sequence_logps_backward", &sequence_logps_backward_cpu);
+  m.impl("pair_loss", &pair_loss_cpu);
+  m.impl("pair_loss_backward", &pair_loss_backward_cpu);
+  m.impl("dpo_forward", &dpo_forward_cpu);
+  m.impl("dpo_backward", &dpo_backward_cpu);
+  m.impl("dpo_backward_", &dpo_backward_inplace_cpu);
+}
+
+}  // namespace dpo_kernels

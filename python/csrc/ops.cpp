@@ -1,0 +1,255 @@
+// Copyright 2026 The dpo Authors. SPDX-License-Identifier: Apache-2.0
+//
+// The dpo_kernels operator schemas (torch.library, namespace dpo_kernels), the argument
+// lowering shared by the backends, and the small Python module dpo_kernels._C. Kernels are
+// registered per backend in cpu.cpp and cuda.cu; autograd and fake (meta) kernels are
+// registered from Python (dpo_kernels/_ops.py).
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include <sstream>
+
+#include "common.h"
+
+namespace dpo_kernels {
+
+namespace {
+
+std::string trim(const std::string& s) {
+  const auto b = s.find_first_not_of(" \t");
+  if (b == std::string::npos) return "";
+  const auto e = s.find_last_not_of(" \t");
+  return s.substr(b, e - b + 1);
+}
+
+}  // namespace
+
+dpo::loss_config make_config(DPO_CONFIG_PARAMS, double exponent_clamp) {
+  dpo::loss_config c;
+  std::vector<std::string> names;
+  {
+    std::stringstream ss{std::string(loss_type)};
+    std::string item;
+    while (std::getline(ss, item, ',')) names.push_back(trim(item));
+  }
+  TORCH_CHECK_VALUE(!names.empty() && !(names.size() == 1 && names[0].empty()),
+                    "loss_type is empty: give at least one loss type");
+  TORCH_CHECK_VALUE(names.size() <= static_cast<std::size_t>(dpo::max_loss_terms), "loss_type: ",
+                    names.size(), " loss types given, at most ", dpo::max_loss_terms,
+                    " are supported");
+  TORCH_CHECK_VALUE(loss_weights.empty() || loss_weights.size() == names.size(),
+                    "loss_weights has ", loss_weights.size(), " entries but loss_type has ",
+                    names.size(), ": give one weight per loss type");
+  c.num_terms = static_cast<int>(names.size());
+  for (std::size_t k = 0; k < names.size(); ++k) {
+    dpo::loss_type t;
+    TORCH_CHECK_VALUE(dpo::parse_loss_type(names[k], &t), "loss_type '", names[k],
+                      "' is not a known loss type (TRL's names: sigmoid, hinge, ipo, exo_pair, ",
+                      "nca_pair, robust, bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, ",
+                      "apo_down, discopop, sft, sigmoid_norm; and simpo, cpo, orpo)");
+    c.terms[k] = {t, loss_weights.empty() ? 1.0 : loss_weights[k]};
+  }
+  dpo::f_divergence f;
+  TORCH_CHECK_VALUE(dpo::parse_f_divergence(std::string(f_divergence_type), &f),
+                    "f_divergence_type '", std::string(f_divergence_type),
+                    "' is not one of reverse_kl, forward_kl, js_divergence, alpha_divergence");
+  dpo::loss_type base;
+  const std::string base_name(cpo_base);
+  TORCH_CHECK_VALUE(dpo::parse_loss_type(base_name, &base) &&
+                        (base == dpo::loss_type::sigmoid || base == dpo::loss_type::hinge ||
+                         base == dpo::loss_type::ipo),
+                    "cpo_base '", base_name, "' is not one of sigmoid, hinge, ipo");
+  c.beta = beta;
+  c.label_smoothing = label_smoothing;
+  c.cdpo_smoothing = cdpo_smoothing;
+  c.divergence = f;
+  c.alpha_divergence_coef = f_alpha_divergence_coef;
+  c.alpha_exponent_clamp = exponent_clamp;
+  c.discopop_tau = discopop_tau;
+  c.simpo_gamma = simpo_gamma;
+  c.cpo_alpha = cpo_alpha;
+  c.cpo_base = base;
+  c.reference_free = reference_free;
+  c.use_weighting = use_weighting;
+  c.ld_alpha = ld_alpha;
+  const std::string msg = dpo::validate_config(c);
+  TORCH_CHECK_VALUE(msg.empty(), "dpo: ", msg);
+  return c;
+}
+
+namespace {
+
+bool is_floating(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
+}
+
+}  // namespace
+
+void check_pair_vector(const at::Tensor& t, std::int64_t n, const at::Device& device,
+                       const char* name) {
+  TORCH_CHECK_TYPE(is_floating(t.scalar_type()), name, " must be float32, float64, bfloat16 or ",
+                   "float16, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == n, name, " must have shape [", n, "], got ",
+                    t.sizes());
+  TORCH_CHECK_VALUE(t.device() == device, name, " is on ", t.device(), " but the other inputs are on ",
+                    device);
+}
+
+row_layout make_layout(const at::Tensor& logits, const at::Tensor& labels,
+                       const std::optional<at::Tensor>& cu_seqlens, std::int64_t ignore_index,
+                       const char* name) {
+  TORCH_CHECK_TYPE(is_floating(logits.scalar_type()), name,
+                   " must be float32, float64, bfloat16 or float16, got ", logits.scalar_type());
+  TORCH_CHECK_TYPE(labels.scalar_type() == at::kLong || labels.scalar_type() == at::kInt,
+                   "labels must be int64 or int32, got ", labels.scalar_type());
+  TORCH_CHECK_VALUE(labels.device() == logits.device(), "labels is on ", labels.device(), " but ",
+                    name, " is on ", logits.device());
+  TORCH_CHECK_VALUE(logits.dim() == 3 || logits.dim() == 2, name,
+                    " must be [B, T, V] (padded sequences) or [N, V] (packed rows), got shape ",
+                    logits.sizes());
+  row_layout l;
+  l.vocab = logits.size(-1);
+  TORCH_CHECK_VALUE(l.vocab >= 1, name, " has an empty vocabulary dimension: shape ", logits.sizes());
+  at::Tensor z = logits;
+  if (z.stride(-1) != 1) {
+    z = z.contiguous();
+    l.copied = true;
+  }
+  if (logits.dim() == 3) {
+    TORCH_CHECK_VALUE(!cu_seqlens.has_value(), "cu_seqlens is only valid with packed ", name,
+                      " of shape [N, V]; got ", name, " of shape ", logits.sizes());
+    const std::int64_t B = z.size(0), T = z.size(1);
+    TORCH_CHECK_VALUE(labels.dim() == 2 && labels.size(0) == B && labels.size(1) == T,
+                      "labels must have shape [", B, ", ", T, "] to match ", name, " ",
+                      logits.sizes(), ", got ", labels.sizes());
+    std::int64_t k = T;
+    if (T > 0 && B > 0) {
+      const std::int64_t s0 = z.stride(0), s1 = z.stride(1);
+      const bool rows_ok = s1 >= l.vocab || T == 1;
+      const bool seqs_ok = B == 1 || (T == 1 ? s0 >= l.vocab : (s1 > 0 && s0 % s1 == 0 && s0 / s1 >= T));
+      if (!rows_ok || !seqs_ok) {
+        z = z.contiguous();
+        l.copied = true;
+      }
+      if (T == 1) {
+        l.row_stride = B == 1 ? l.vocab : z.stride(0);
+        k = 1;
+      } else {
+        l.row_stride = z.stride(1);
+        k = B == 1 ? T : z.stride(0) / z.stride(1);
+      }
+    } else {
+      l.row_stride = l.vocab;
+    }
+    l.num_seqs = B;
+    l.tokens = T;
+    l.seq_len = k;
+    l.rows = B * T;
+    at::Tensor y = labels.contiguous();
+    if (k > T) {
+      at::Tensor padded = at::full({B, k}, ignore_index, y.options());
+      padded.narrow(1, 0, T).copy_(y);
+      y = padded;
+    }
+    l.labels = y;
+  } else {
+    const std::int64_t N = z.size(0);
+    TORCH_CHECK_VALUE(labels.dim() == 1 && labels.size(0) == N, "labels must have shape [", N,
+                      "] to match ", name, " ", logits.sizes(), ", got ", labels.sizes());
+    if (N > 1 && z.stride(0) < l.vocab) {
+      z = z.contiguous();
+      l.copied = true;
+    }
+    l.row_stride = N > 1 ? z.stride(0) : l.vocab;
+    l.rows = N;
+    l.labels = labels.contiguous();
+    if (cu_seqlens.has_value()) {
+      const at::Tensor& cu = *cu_seqlens;
+      TORCH_CHECK_TYPE(cu.scalar_type() == at::kLong || cu.scalar_type() == at::kInt,
+                       "cu_seqlens must be int64 or int32, got ", cu.scalar_type());
+      TORCH_CHECK_VALUE(cu.dim() == 1 && cu.size(0) >= 2, "cu_seqlens must be 1-D with S + 1 >= 2 ",
+                        "entries, got shape ", cu.sizes());
+      TORCH_CHECK_VALUE(cu.device() == logits.device(), "cu_seqlens is on ", cu.device(), " but ", name,
+                        " is on ", logits.device());
+      l.cu_seqlens = cu.to(at::kLong).contiguous();
+      l.packed = true;
+      l.num_seqs = cu.size(0) - 1;
+    } else {
+      // One sequence over all N rows.
+      l.num_seqs = 1;
+      l.seq_len = N;
+      l.tokens = N;
+    }
+  }
+  l.logits = z;
+  return l;
+}
+
+}  // namespace dpo_kernels
+
+TORCH_LIBRARY(dpo_kernels, m) {
+  const std::vector<at::Tag> tags{at::Tag::pt2_compliant_tag};
+  m.def(
+      "sequence_logps(Tensor logits, Tensor labels, Tensor? cu_seqlens, int ignore_index, "
+      "bool average) -> (Tensor logps, Tensor row_lse)",
+      tags);
+  m.def(
+      "sequence_logps_backward(Tensor grad, Tensor logits, Tensor labels, Tensor? cu_seqlens, "
+      "Tensor row_lse, int ignore_index, bool average) -> Tensor",
+      tags);
+  m.def(
+      "pair_loss(Tensor policy_chosen_logps, Tensor policy_rejected_logps, "
+      "Tensor? reference_chosen_logps, Tensor? reference_rejected_logps, Tensor? chosen_lengths, "
+      "Tensor? rejected_lengths, Tensor? weights, " DPO_CONFIG_SCHEMA
+      ") -> (Tensor losses, Tensor chosen_rewards, Tensor rejected_rewards)",
+      tags);
+  m.def(
+      "pair_loss_backward(Tensor grad_losses, Tensor policy_chosen_logps, "
+      "Tensor policy_rejected_logps, Tensor? reference_chosen_logps, "
+      "Tensor? reference_rejected_logps, Tensor? chosen_lengths, Tensor? rejected_lengths, "
+      "Tensor? weights, " DPO_CONFIG_SCHEMA ") -> (Tensor grad_chosen, Tensor grad_rejected)",
+      tags);
+  m.def(
+      "dpo_forward(Tensor logits, Tensor labels, Tensor? cu_seqlens, "
+      "Tensor? reference_chosen_logps, Tensor? reference_rejected_logps, Tensor? ref_logits, "
+      "int ignore_index, " DPO_CONFIG_SCHEMA
+      ", bool compute_metrics, bool inplace_backward) -> (Tensor loss, Tensor metrics, Tensor pair_values, "
+      "Tensor row_lse, Tensor row_coef)",
+      tags);
+  m.def(
+      "dpo_backward(Tensor grad_loss, Tensor logits, Tensor labels, Tensor? cu_seqlens, "
+      "Tensor row_lse, Tensor row_coef, int ignore_index) -> Tensor",
+      tags);
+  m.def(
+      "dpo_backward_(Tensor grad_loss, Tensor(a!) logits, Tensor labels, Tensor? cu_seqlens, "
+      "Tensor row_lse, Tensor row_coef, int ignore_index) -> ()",
+      tags);
+}
+
+namespace {
+
+// Called by the fake (meta) kernels so a bad configuration fails at trace time too.
+void check_config(const std::string& loss_type, const std::vector<double>& loss_weights,
+                  double beta, double label_smoothing, const std::string& f_divergence_type,
+                  double f_alpha_divergence_coef, double discopop_tau, bool use_weighting,
+                  double ld_alpha, bool reference_free, bool cdpo_smoothing, double simpo_gamma,
+                  double cpo_alpha, const std::string& cpo_base) {
+  dpo_kernels::make_config(loss_type, loss_weights, beta, label_smoothing, f_divergence_type,
+                           f_alpha_divergence_coef, discopop_tau, use_weighting, ld_alpha,
+                           reference_free, cdpo_smoothing, simpo_gamma, cpo_alpha, cpo_base);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "dpo_kernels native module: registers the torch.ops.dpo_kernels operators";
+  m.def("check_config", &check_config, "Raises ValueError if the loss configuration is invalid");
+  m.def("cuda_built", []() {
+#ifdef DPO_KERNELS_WITH_CUDA
+    return true;
+#else
+    return false;
+#endif
+  });
+  m.attr("num_metrics") = dpo_kernels::num_metrics;
+}

@@ -1,0 +1,224 @@
+# Copyright 2026 The dpo Authors. SPDX-License-Identifier: Apache-2.0
+"""Fused Direct Preference Optimization kernels as PyTorch operators.
+
+Three differentiable ops, registered with torch.library (namespace ``dpo_kernels``), with
+fake kernels so they run under ``torch.compile(fullgraph=True)`` and CUDA graphs:
+
+- :func:`sequence_logps` -- per-sequence sums (or means) of label log-probs, fused backward.
+- :func:`dpo_loss` -- TRL's classic pair-level ``dpo_loss`` from sequence log-probs.
+- :func:`dpo_loss_from_logits` -- the whole DPO loss and TRL's logged metrics from the
+  policy logits of the concatenated ``[chosen; rejected]`` batch, in one read of the logits
+  (plus one read and one write for the gradient, optionally in place).
+
+Losses follow TRL 1.x's DPOTrainer (docs: /docs/losses.md of the repository), with TRL's
+argument names. Invalid arguments raise ``ValueError`` (bad values, shapes, devices) or
+``TypeError`` (dtypes) with a message naming the argument.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from . import _C
+from ._ops import METRIC_NAMES, PAIR_VALUE_NAMES, ops
+
+__all__ = [
+    "sequence_logps",
+    "dpo_loss",
+    "dpo_loss_from_logits",
+    "METRIC_NAMES",
+    "PAIR_VALUE_NAMES",
+    "cuda_built",
+]
+
+__version__ = "0.1.0"
+
+
+def cuda_built() -> bool:
+    """Whether the extension was compiled with the CUDA kernels."""
+    return bool(_C.cuda_built())
+
+
+def sequence_logps(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int = -100,
+    average: bool = False,
+    *,
+    cu_seqlens: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-sequence log-probabilities of the labels under softmax(logits).
+
+    Args:
+        logits: ``[B, T, V]`` (B padded sequences) or ``[N, V]`` (packed rows; one sequence
+            unless ``cu_seqlens`` is given), float32/float64/bfloat16/float16, already shifted
+            (row t scores label t). Any strides with a unit vocabulary stride are read in place,
+            including ``logits[:, :-1]`` of a contiguous tensor; others are copied.
+        labels: ``[B, T]`` or ``[N]``, int64 or int32; ``ignore_index`` marks tokens that
+            count 0 (prompt, padding). Other labels must lie in ``[0, V)``.
+        ignore_index: the masked label value (TRL: -100).
+        average: divide each sum by its number of completion tokens (clamped to >= 1).
+        cu_seqlens: for ``[N, V]`` logits, ``[S + 1]`` row offsets of S packed sequences.
+
+    Returns:
+        ``[S]`` log-probs, accumulated in fp32 per row and fp64 across rows, returned as
+        float32 (float64 for float64 logits), never in the logits' half precision.
+        Differentiable w.r.t. ``logits``: the backward writes
+        ``g_s * (onehot(y) - softmax(z))`` per completion row and exact zeros elsewhere, in
+        one read of the logits. Deterministic.
+    """
+    logps, _ = ops.sequence_logps(logits, labels, cu_seqlens, ignore_index, average)
+    return logps
+
+
+def _loss_types(loss_type: str | Sequence[str]) -> str:
+    if isinstance(loss_type, str):
+        return loss_type
+    names = list(loss_type)
+    for n in names:
+        if not isinstance(n, str) or "," in n:
+            raise ValueError(f"loss_type entries must be loss type names, got {n!r}")
+    return ",".join(names)
+
+
+def _config(
+    loss_type, loss_weights, beta, label_smoothing, f_divergence_type, f_alpha_divergence_coef, discopop_tau,
+    use_weighting, ld_alpha, reference_free, cdpo_smoothing, simpo_gamma, cpo_alpha, cpo_base,
+):
+    weights = [] if loss_weights is None else [float(w) for w in loss_weights]
+    return (
+        _loss_types(loss_type), weights, float(beta), float(label_smoothing), str(f_divergence_type),
+        float(f_alpha_divergence_coef), float(discopop_tau), bool(use_weighting),
+        1.0 if ld_alpha is None else float(ld_alpha), bool(reference_free), bool(cdpo_smoothing),
+        float(simpo_gamma), float(cpo_alpha), str(cpo_base),
+    )
+
+
+def dpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    reference_chosen_logps: torch.Tensor | None,
+    reference_rejected_logps: torch.Tensor | None,
+    loss_type: str | Sequence[str] = "sigmoid",
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+    *,
+    loss_weights: Sequence[float] | None = None,
+    chosen_lengths: torch.Tensor | None = None,
+    rejected_lengths: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
+    f_divergence_type: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 0.5,
+    discopop_tau: float = 0.05,
+    reference_free: bool = False,
+    cdpo_smoothing: bool = False,
+    simpo_gamma: float = 0.5,
+    cpo_alpha: float = 1.0,
+    cpo_base: str = "sigmoid",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """TRL's pair-level DPO loss from sequence log-probs: ``(losses, chosen_rewards, rejected_rewards)``.
+
+    Args:
+        policy_chosen_logps, policy_rejected_logps: ``[P]`` policy sequence log-probs (any
+            float dtype; the math runs in float64).
+        reference_chosen_logps, reference_rejected_logps: ``[P]`` reference log-probs (None
+            for the reference-free losses simpo, cpo, orpo, or with ``reference_free``). They
+            get no gradient.
+        loss_type: a TRL loss name or a list of them, combined as ``sum_k w_k mean(loss_k)``
+            with ``loss_weights`` (default 1 each): sigmoid, hinge, ipo, exo_pair, nca_pair,
+            robust, bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop,
+            sft, sigmoid_norm; and the reference-free simpo, cpo, orpo.
+        chosen_lengths, rejected_lengths: ``[P]`` completion-token counts, needed by ipo,
+            sigmoid_norm, simpo, orpo and by sft's NLL (None counts 1 token each).
+        weights: ``[P]`` per-pair weights W_i (e.g. WPO), treated as constants.
+        Other arguments: TRL's DPOConfig fields of the same names; ``cdpo_smoothing`` applies
+            ``label_smoothing`` to sigmoid as TRL <= 0.28 did.
+
+    Returns:
+        ``losses [P]`` (``losses.mean()`` is the batch loss; for aot / aot_unpaired entry i
+        is sorted position i, as in TRL; sft adds the batch NLL to every entry),
+        ``chosen_rewards``, ``rejected_rewards`` (``beta * (pi - rho)``, detached, as TRL
+        logs them). float32, or float64 for float64 inputs. ``losses`` is differentiable
+        w.r.t. the policy log-probs for any upstream gradient.
+    """
+    config = _config(
+        loss_type, loss_weights, beta, label_smoothing, f_divergence_type, f_alpha_divergence_coef, discopop_tau,
+        False, None, reference_free, cdpo_smoothing, simpo_gamma, cpo_alpha, cpo_base,
+    )
+    return ops.pair_loss(
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+        chosen_lengths, rejected_lengths, weights, *config,
+    )
+
+
+def dpo_loss_from_logits(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    reference_chosen_logps: torch.Tensor | None = None,
+    reference_rejected_logps: torch.Tensor | None = None,
+    *,
+    ref_logits: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    loss_type: str | Sequence[str] = "sigmoid",
+    loss_weights: Sequence[float] | None = None,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+    f_divergence_type: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 0.5,
+    discopop_tau: float = 0.05,
+    use_weighting: bool = False,
+    ld_alpha: float | None = None,
+    reference_free: bool = False,
+    cdpo_smoothing: bool = False,
+    simpo_gamma: float = 0.5,
+    cpo_alpha: float = 1.0,
+    cpo_base: str = "sigmoid",
+    compute_metrics: bool = True,
+    inplace_backward: bool = False,
+    return_pair_values: bool = False,
+):
+    """The DPO loss and TRL's logged metrics, fused, from the policy logits.
+
+    Args:
+        logits: policy logits of TRL's concatenated batch, already shifted:
+            ``[2P, T, V]`` (sequences ``[0, P)`` chosen, ``[P, 2P)`` rejected) or packed
+            ``[N, V]`` with ``cu_seqlens [2P + 1]``. float32/float64/bfloat16/float16, any
+            strides with a unit vocabulary stride (``logits[:, :-1]`` is read in place).
+        labels: ``[2P, T]`` / ``[N]`` int64 or int32, ``ignore_index`` on prompt and padding.
+        reference_chosen_logps, reference_rejected_logps: ``[P]`` reference sequence
+            log-probs (summed; LD-DPO weighted like the policy when ``ld_alpha`` is set).
+        ref_logits: instead of reference log-probs, the reference model's logits (same
+            shape and labels); read once, forward only.
+        loss_type, loss_weights, beta, label_smoothing, f_divergence_type,
+            f_alpha_divergence_coef, discopop_tau, use_weighting (WPO), ld_alpha (LD-DPO;
+            None disables it): TRL DPOConfig's fields and defaults. The sft term is the mean
+            cross-entropy over all chosen completion tokens.
+        compute_metrics: also compute entropy, mean logits and token accuracy (same pass,
+            a little more arithmetic). Without it those metrics are 0.
+        inplace_backward: the backward pass overwrites ``logits`` with its gradient instead
+            of allocating one (saves a logits-sized buffer). The logits' values are then lost,
+            so nothing else may read them after backward (autograd raises if a saved use of
+            them was recorded). Needs logits without gaps between sequences (e.g.
+            contiguous, not ``logits[:, :-1]``).
+        return_pair_values: also return a dict of per-pair tensors (PAIR_VALUE_NAMES).
+
+    Returns:
+        ``(loss, metrics)``: the scalar loss (float32; float64 for float64 logits),
+        differentiable w.r.t. ``logits``, and a dict of detached 0-d tensors keyed by TRL's
+        metric names (METRIC_NAMES). With ``return_pair_values``, a third dict.
+        Deterministic; no host synchronisation.
+    """
+    config = _config(
+        loss_type, loss_weights, beta, label_smoothing, f_divergence_type, f_alpha_divergence_coef, discopop_tau,
+        use_weighting, ld_alpha, reference_free, cdpo_smoothing, simpo_gamma, cpo_alpha, cpo_base,
+    )
+    loss, metrics, pair_values, _, _ = ops.dpo_forward(
+        logits, labels, cu_seqlens, reference_chosen_logps, reference_rejected_logps, ref_logits, ignore_index,
+        *config, compute_metrics, inplace_backward,
+    )
+    named = {name: metrics[i] for i, name in enumerate(METRIC_NAMES)}
+    if return_pair_values:
+        return loss, named, {name: pair_values[i] for i, name in enumerate(PAIR_VALUE_NAMES)}
+    return loss, named

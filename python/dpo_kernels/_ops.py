@@ -1,0 +1,203 @@
+# Copyright 2026 The dpo Authors. SPDX-License-Identifier: Apache-2.0
+"""Autograd formulas and fake (meta) kernels of the torch.ops.dpo_kernels operators.
+
+The operators themselves are defined in C++ (TORCH_LIBRARY in csrc/ops.cpp) with CPU (and,
+when built, CUDA) kernels. Registering the autograd formulas and fake kernels here makes
+them differentiable and traceable by torch.compile(fullgraph=True): the fake kernels compute
+output shapes, dtypes and strides without touching data, so no op forces a host sync.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _C
+
+ops = torch.ops.dpo_kernels
+
+#: Names of the entries of the `metrics` output of dpo_forward, TRL's logging keys.
+METRIC_NAMES = (
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+    "logits/chosen",
+    "logits/rejected",
+    "entropy",
+    "mean_token_accuracy",
+    "nll_loss",
+)
+assert len(METRIC_NAMES) == _C.num_metrics
+
+#: Rows of the `pair_values` output of dpo_forward.
+PAIR_VALUE_NAMES = ("chosen_logps", "rejected_logps", "chosen_rewards", "rejected_rewards", "losses", "weights")
+
+_FLOATING = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _result_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_logits(logits: torch.Tensor, name: str = "logits") -> None:
+    if logits.dtype not in _FLOATING:
+        raise TypeError(f"{name} must be float32, float64, bfloat16 or float16, got {logits.dtype}")
+    if logits.dim() not in (2, 3):
+        raise ValueError(f"{name} must be [B, T, V] or [N, V], got shape {tuple(logits.shape)}")
+
+
+def _num_seqs(logits: torch.Tensor, cu_seqlens: torch.Tensor | None) -> int:
+    if logits.dim() == 3:
+        return logits.shape[0]
+    return cu_seqlens.shape[0] - 1 if cu_seqlens is not None else 1
+
+
+def _view_seq_len(logits: torch.Tensor) -> int:
+    """Rows per sequence of the C++ view of padded logits (csrc/ops.cpp make_layout): T, or
+    more when the sequences of an evenly row-strided tensor sit further apart (logits[:, :-1])."""
+    B, T, V = logits.shape
+    if T == 0 or B == 0:
+        return T
+    s0, s1, s2 = logits.stride()
+    if s2 != 1:
+        return T
+    rows_ok = s1 >= V or T == 1
+    if T == 1:
+        seqs_ok = B == 1 or s0 >= V
+    else:
+        seqs_ok = B == 1 or (s1 > 0 and s0 % s1 == 0 and s0 // s1 >= T)
+    if not (rows_ok and seqs_ok) or T == 1 or B == 1:
+        return T
+    return s0 // s1
+
+
+# ---- sequence_logps -----------------------------------------------------------------------
+
+
+@torch.library.register_fake("dpo_kernels::sequence_logps")
+def _sequence_logps_fake(logits, labels, cu_seqlens, ignore_index, average):
+    _check_logits(logits)
+    out = _result_dtype(logits.dtype)
+    S = _num_seqs(logits, cu_seqlens)
+    return logits.new_empty((S,), dtype=out), logits.new_empty(logits.shape[:-1], dtype=out)
+
+
+@torch.library.register_fake("dpo_kernels::sequence_logps_backward")
+def _sequence_logps_backward_fake(grad, logits, labels, cu_seqlens, row_lse, ignore_index, average):
+    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+
+
+def _sequence_logps_setup(ctx, inputs, output):
+    logits, labels, cu_seqlens, ignore_index, average = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(logits, labels, cu_seqlens, output[1])
+    ctx.ignore_index = ignore_index
+    ctx.average = average
+
+
+def _sequence_logps_backward(ctx, grad_logps, _grad_lse):
+    logits, labels, cu_seqlens, row_lse = ctx.saved_tensors
+    grad = None
+    if ctx.needs_input_grad[0]:
+        grad = ops.sequence_logps_backward(
+            grad_logps, logits, labels, cu_seqlens, row_lse, ctx.ignore_index, ctx.average
+        )
+    return grad, None, None, None, None
+
+
+torch.library.register_autograd(
+    "dpo_kernels::sequence_logps", _sequence_logps_backward, setup_context=_sequence_logps_setup
+)
+
+# ---- pair-level loss ------------------------------------------------------------------------
+
+_CONFIG_ARGS = 14  # see DPO_CONFIG_SCHEMA in csrc/common.h
+
+
+@torch.library.register_fake("dpo_kernels::pair_loss")
+def _pair_loss_fake(pc, pr, rc, rr, lc, lr, w, *config):
+    _C.check_config(*config)
+    P = pc.shape[0]
+    out = _result_dtype(pc.dtype)
+    return tuple(pc.new_empty((P,), dtype=out) for _ in range(3))
+
+
+@torch.library.register_fake("dpo_kernels::pair_loss_backward")
+def _pair_loss_backward_fake(g, pc, pr, rc, rr, lc, lr, w, *config):
+    _C.check_config(*config)
+    P = pc.shape[0]
+    return pc.new_empty((P,)), pr.new_empty((P,))
+
+
+def _pair_loss_setup(ctx, inputs, output):
+    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.save_for_backward(*inputs[:7])
+    ctx.config = inputs[7:]
+
+
+def _pair_loss_backward(ctx, grad_losses, _gc, _gr):
+    tensors = ctx.saved_tensors
+    gc, gr = ops.pair_loss_backward(grad_losses, *tensors, *ctx.config)
+    return (gc, gr) + (None,) * (5 + _CONFIG_ARGS)
+
+
+torch.library.register_autograd("dpo_kernels::pair_loss", _pair_loss_backward, setup_context=_pair_loss_setup)
+
+# ---- fused loss from logits -------------------------------------------------------------------
+
+
+@torch.library.register_fake("dpo_kernels::dpo_forward")
+def _dpo_forward_fake(logits, labels, cu_seqlens, rc, rr, ref_logits, ignore_index, *rest):
+    _check_logits(logits)
+    _C.check_config(*rest[:_CONFIG_ARGS])
+    S = _num_seqs(logits, cu_seqlens)
+    if S % 2 != 0 or S < 2:
+        raise ValueError(f"logits holds {S} sequences: the concatenated layout needs an even number 2P >= 2")
+    P = S // 2
+    out = _result_dtype(logits.dtype)
+    return (
+        logits.new_empty((), dtype=out),
+        logits.new_empty((len(METRIC_NAMES),), dtype=out),
+        logits.new_empty((len(PAIR_VALUE_NAMES), P), dtype=out),
+        logits.new_empty(logits.shape[:-1], dtype=torch.float64),
+        logits.new_empty(logits.shape[:-1], dtype=torch.float64),
+    )
+
+
+@torch.library.register_fake("dpo_kernels::dpo_backward")
+def _dpo_backward_fake(grad_loss, logits, labels, cu_seqlens, row_lse, row_coef, ignore_index):
+    if logits.dim() == 2:
+        return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    B, T, V = logits.shape
+    k = _view_seq_len(logits)
+    return torch.empty_strided((B, T, V), (k * V, V, 1), dtype=logits.dtype, device=logits.device)
+
+
+@torch.library.register_fake("dpo_kernels::dpo_backward_")
+def _dpo_backward_inplace_fake(grad_loss, logits, labels, cu_seqlens, row_lse, row_coef, ignore_index):
+    return None
+
+
+def _dpo_forward_setup(ctx, inputs, output):
+    logits, labels, cu_seqlens = inputs[:3]
+    ignore_index = inputs[6]
+    ctx.inplace = inputs[-1]
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.save_for_backward(logits, labels, cu_seqlens, output[3], output[4])
+    ctx.ignore_index = ignore_index
+
+
+def _dpo_forward_backward(ctx, grad_loss, *_):
+    logits, labels, cu_seqlens, row_lse, row_coef = ctx.saved_tensors
+    if not ctx.needs_input_grad[0]:
+        return (None,) * (9 + _CONFIG_ARGS)
+    if ctx.inplace:
+        ops.dpo_backward_(grad_loss, logits, labels, cu_seqlens, row_lse, row_coef, ctx.ignore_index)
+        grad = logits
+    else:
+        grad = ops.dpo_backward(grad_loss, logits, labels, cu_seqlens, row_lse, row_coef, ctx.ignore_index)
+    return (grad,) + (None,) * (8 + _CONFIG_ARGS)
+
+
+torch.library.register_autograd("dpo_kernels::dpo_forward", _dpo_forward_backward, setup_context=_dpo_forward_setup)

@@ -1,0 +1,74 @@
+# Copyright 2026 The dpo Authors. SPDX-License-Identifier: Apache-2.0
+"""Builds dpo_kernels._C, the PyTorch C++ extension, from the repository's headers.
+
+The extension is built against the torch installed in the running interpreter (install
+with `pip install --no-build-isolation ./python`). CUDA kernels are compiled when torch was
+built with CUDA, nvcc is found (CUDA_HOME) and the CUDA API (kernels/dpo/cuda/dpo.cuh) is
+present; otherwise the build is CPU-only. Environment:
+  DPO_KERNELS_CUDA=0|1   force the CUDA build off / on (on fails if it is impossible)
+  EIGEN3_INCLUDE_DIR     Eigen headers (default /usr/include/eigen3, Debian's libeigen3-dev)
+  MAX_JOBS               parallel compile jobs (torch's variable)
+"""
+import os
+import re
+from pathlib import Path
+
+from setuptools import setup
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+
+
+def _version() -> str:
+    text = (REPO / "include" / "dpo" / "version.hpp").read_text()
+    parts = [re.search(rf"#define DPO_VERSION_{p} (\d+)", text).group(1) for p in ("MAJOR", "MINOR", "PATCH")]
+    return ".".join(parts)
+
+
+def _eigen_dir() -> str:
+    candidates = [os.environ.get("EIGEN3_INCLUDE_DIR"), "/usr/include/eigen3", "/usr/local/include/eigen3"]
+    for c in candidates:
+        if c and (Path(c) / "Eigen" / "Core").exists():
+            return c
+    raise RuntimeError("Eigen 3 headers not found: install Debian's libeigen3-dev or set EIGEN3_INCLUDE_DIR")
+
+
+def _want_cuda(torch_cuda: bool, cuda_home) -> bool:
+    forced = os.environ.get("DPO_KERNELS_CUDA")
+    has_api = (REPO / "kernels" / "dpo" / "cuda" / "dpo.cuh").exists()
+    possible = torch_cuda and cuda_home is not None and has_api
+    if forced == "0":
+        return False
+    if forced == "1" and not possible:
+        raise RuntimeError(
+            f"DPO_KERNELS_CUDA=1 but the CUDA build is impossible: torch CUDA={torch_cuda}, "
+            f"CUDA_HOME={cuda_home}, kernels/dpo/cuda/dpo.cuh present={has_api}"
+        )
+    return possible
+
+
+def _extensions():
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, CppExtension, CUDAExtension
+
+    if not (REPO / "include" / "dpo" / "dpo.hpp").exists():
+        raise RuntimeError(f"{REPO / 'include'} not found: build from a checkout of the dpo repository")
+    include_dirs = [str(REPO / "include"), str(REPO / "kernels"), str(HERE / "csrc"), _eigen_dir()]
+    sources = ["csrc/ops.cpp", "csrc/cpu.cpp"]
+    cxx = ["-O3", "-DNDEBUG", "-Wno-unused-parameter"]
+    if _want_cuda(torch.version.cuda is not None, CUDA_HOME):
+        nvcc = ["-O3", "-DNDEBUG", "--expt-relaxed-constexpr", "-std=c++17",
+                "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
+        return [CUDAExtension("dpo_kernels._C", sources + ["csrc/cuda.cu"], include_dirs=include_dirs,
+                              define_macros=[("DPO_KERNELS_WITH_CUDA", None)],
+                              extra_compile_args={"cxx": cxx + ["-DDPO_KERNELS_WITH_CUDA"], "nvcc": nvcc})]
+    return [CppExtension("dpo_kernels._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx})]
+
+
+def _cmdclass():
+    from torch.utils.cpp_extension import BuildExtension
+
+    return {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+setup(version=_version(), ext_modules=_extensions(), cmdclass=_cmdclass())
