@@ -1,0 +1,381 @@
+// Copyright 2026 The dpo Authors. SPDX-License-Identifier: Apache-2.0
+//
+// Test fixtures: random preference batches (as oracle::batch), the same batch laid out in
+// the library's buffers (padded, separate or packed; any dtype, label type, row stride,
+// ignore_index or explicit mask), the loss configurations under test, and the tolerances.
+#pragma once
+
+#include <dpo/dpo.hpp>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <random>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "oracle.hpp"
+
+namespace fixture {
+
+using ld = oracle::ld;
+
+/// A logit rounded to T and back: the oracle must see exactly what the library reads.
+template <class T>
+double rounded(double x) {
+  if constexpr (std::is_same_v<T, double>) {
+    return x;
+  } else {
+    return static_cast<double>(static_cast<float>(T(static_cast<float>(x))));
+  }
+}
+
+template <class T>
+void round_batch(oracle::batch& b) {
+  for (auto* side : {&b.chosen, &b.rejected})
+    for (oracle::sequence& s : *side)
+      for (auto& row : s.z)
+        for (double& x : row) x = rounded<T>(x);
+}
+
+struct batch_spec {
+  std::int64_t pairs = 3;
+  std::int64_t vocab = 11;
+  std::int64_t rows = 6;      // rows per sequence (padded); packed draws 1..rows
+  bool varying_rows = false;  // packed: sequences of different row counts
+  double scale = 2.0;         // logits ~ scale * N(0, 1)
+  std::uint64_t seed = 1;
+};
+
+/// TRL-like sequences: 1-2 prompt rows (masked), completion, then padding (masked); every
+/// sequence keeps at least one completion token.
+inline oracle::batch random_batch(const batch_spec& sp) {
+  std::mt19937_64 rng(sp.seed);
+  std::normal_distribution<double> nrm(0.0, sp.scale);
+  oracle::batch b;
+  auto make = [&]() {
+    oracle::sequence s;
+    std::int64_t n = sp.rows;
+    if (sp.varying_rows) n = 1 + static_cast<std::int64_t>(rng() % static_cast<std::uint64_t>(sp.rows));
+    const std::int64_t prompt = n >= 3 ? 1 + static_cast<std::int64_t>(rng() % 2) : 0;
+    const std::int64_t room = n - prompt;
+    const std::int64_t comp = 1 + static_cast<std::int64_t>(rng() % static_cast<std::uint64_t>(room));
+    for (std::int64_t t = 0; t < n; ++t) {
+      std::vector<double> z(static_cast<std::size_t>(sp.vocab));
+      for (double& x : z) x = nrm(rng);
+      s.z.push_back(z);
+      const bool active = t >= prompt && t < prompt + comp;
+      s.y.push_back(active ? static_cast<std::int64_t>(rng() % static_cast<std::uint64_t>(sp.vocab)) : -1);
+    }
+    return s;
+  };
+  for (std::int64_t i = 0; i < sp.pairs; ++i) b.chosen.push_back(make());
+  for (std::int64_t i = 0; i < sp.pairs; ++i) b.rejected.push_back(make());
+  return b;
+}
+
+/// Reference log-probs near the policy's (log-ratios of a few units), as a trained policy
+/// has: random numbers in [-spread, spread] added to the oracle's policy log-probs.
+inline void random_reference(const oracle::batch& b, double ld_alpha, std::uint64_t seed,
+                             std::vector<double>& rc, std::vector<double>& rr, double spread = 3.0) {
+  std::vector<ld> pc, pr;
+  oracle::pair_logps(b, ld_alpha, pc, pr);
+  std::mt19937_64 rng(seed);
+  std::uniform_real_distribution<double> u(-spread, spread);
+  rc.clear();
+  rr.clear();
+  for (std::size_t i = 0; i < pc.size(); ++i) {
+    rc.push_back(static_cast<double>(pc[i]) + u(rng));
+    rr.push_back(static_cast<double>(pr[i]) + u(rng));
+  }
+}
+
+inline std::vector<ld> to_ld(const std::vector<double>& x) { return std::vector<ld>(x.begin(), x.end()); }
+
+enum class layout { padded, separate, packed };
+
+inline const char* name_of(layout l) {
+  return l == layout::padded ? "padded" : l == layout::separate ? "separate" : "packed";
+}
+
+/// The batch in the library's memory. Columns [vocab, stride) of the logits hold NaN, so a
+/// read of them would show in every result; the gradient buffers start as a sentinel.
+template <class T, class L>
+struct buffers {
+  layout kind = layout::padded;
+  std::int64_t P = 0, V = 0, stride = 0, seq_len = 0, ignore_index = -100;
+  bool use_mask = false;
+  std::vector<T> logits, logits_r;  // logits_r only for separate
+  std::vector<L> labels, labels_r;
+  std::vector<std::uint8_t> mask, mask_r;
+  std::vector<std::int64_t> cu;
+  std::vector<T> grad, grad_r;
+  // Where sequence (side, i) starts: buffer 0 (logits) or 1 (logits_r), first row.
+  std::vector<std::vector<std::int64_t>> start;
+  std::vector<std::vector<int>> buf;
+
+  static T sentinel() { return T(static_cast<float>(-12345.0)); }
+
+  buffers(const oracle::batch& b, layout k, std::int64_t stride_extra = 0, bool explicit_mask = false,
+          std::int64_t ignore = -100, std::int64_t packed_offset = 0)
+      : kind(k), P(b.pairs()), V(static_cast<std::int64_t>(b.chosen[0].z[0].size())),
+        stride(V + stride_extra), ignore_index(ignore), use_mask(explicit_mask) {
+    start.assign(2, std::vector<std::int64_t>(static_cast<std::size_t>(P)));
+    buf.assign(2, std::vector<int>(static_cast<std::size_t>(P), 0));
+    std::int64_t rows0 = 0, rows1 = 0;
+    seq_len = b.chosen[0].rows();
+    if (k == layout::packed) {
+      cu.push_back(packed_offset);
+      rows0 = packed_offset;
+      for (int s = 0; s < 2; ++s)
+        for (std::int64_t i = 0; i < P; ++i) {
+          start[s][i] = rows0;
+          rows0 += (s == 0 ? b.chosen : b.rejected)[i].rows();
+          cu.push_back(rows0);
+        }
+    } else {
+      for (int s = 0; s < 2; ++s)
+        for (std::int64_t i = 0; i < P; ++i) {
+          if (k == layout::padded) {
+            start[s][i] = (s * P + i) * seq_len;
+          } else {
+            start[s][i] = i * seq_len;
+            buf[s][i] = s;
+          }
+        }
+      rows0 = k == layout::padded ? 2 * P * seq_len : P * seq_len;
+      rows1 = k == layout::separate ? P * seq_len : 0;
+    }
+    alloc(logits, labels, mask, rows0);
+    alloc(logits_r, labels_r, mask_r, rows1);
+    for (int s = 0; s < 2; ++s)
+      for (std::int64_t i = 0; i < P; ++i) {
+        const oracle::sequence& q = (s == 0 ? b.chosen : b.rejected)[i];
+        std::vector<T>& lg = buf[s][i] == 0 ? logits : logits_r;
+        std::vector<L>& lb = buf[s][i] == 0 ? labels : labels_r;
+        std::vector<std::uint8_t>& mk = buf[s][i] == 0 ? mask : mask_r;
+        for (std::int64_t t = 0; t < q.rows(); ++t) {
+          const std::int64_t r = start[s][i] + t;
+          for (std::int64_t v = 0; v < V; ++v) lg[r * stride + v] = T(static_cast<float>(q.z[t][v]));
+          if constexpr (std::is_same_v<T, double>)
+            for (std::int64_t v = 0; v < V; ++v) lg[r * stride + v] = q.z[t][v];
+          const bool active = q.y[t] >= 0;
+          if (explicit_mask) {
+            // A masked row's label is never looked at, even when it is out of range.
+            lb[r] = static_cast<L>(active ? q.y[t] : (t % 2 == 0 ? V + 7 : -3));
+            mk[r] = active ? 1 : 0;
+          } else {
+            lb[r] = static_cast<L>(active ? q.y[t] : ignore);
+          }
+        }
+      }
+    reset_grad();
+  }
+
+  void alloc(std::vector<T>& lg, std::vector<L>& lb, std::vector<std::uint8_t>& mk, std::int64_t rows) {
+    lg.assign(static_cast<std::size_t>(rows * stride), T(std::nanf("")));
+    lb.assign(static_cast<std::size_t>(rows), static_cast<L>(ignore_index));
+    mk.assign(static_cast<std::size_t>(rows), 0);
+  }
+
+  void reset_grad() {
+    grad.assign(logits.size(), sentinel());
+    grad_r.assign(logits_r.size(), sentinel());
+  }
+
+  const std::uint8_t* mask_ptr(const std::vector<std::uint8_t>& m) const {
+    return use_mask ? m.data() : nullptr;
+  }
+
+  dpo::pair_view<T, L> view() const {
+    switch (kind) {
+      case layout::padded:
+        return dpo::padded_pairs(logits.data(), labels.data(), 2 * P, seq_len, V, stride, mask_ptr(mask),
+                                 ignore_index);
+      case layout::packed:
+        return dpo::packed_pairs(logits.data(), labels.data(), cu.data(), 2 * P, V, stride, mask_ptr(mask),
+                                 ignore_index);
+      case layout::separate:
+      default:
+        return dpo::separate_pairs(logits.data(), labels.data(), logits_r.data(), labels_r.data(), P, seq_len, V,
+                                   stride, mask_ptr(mask), mask_ptr(mask_r), ignore_index);
+    }
+  }
+
+  /// Gradient buffers of the same shape and stride as the logits (out of place).
+  dpo::pair_grad_view<T> grad_view() {
+    if (kind == layout::separate) return {grad.data(), stride, grad_r.data(), stride};
+    return {grad.data(), stride, grad.data(), stride};
+  }
+
+  /// The logits themselves (in place).
+  dpo::pair_grad_view<T> inplace_view() {
+    if (kind == layout::separate) return {logits.data(), stride, logits_r.data(), stride};
+    return {logits.data(), stride, logits.data(), stride};
+  }
+
+  /// g[v] of sequence (side, i), row t, read from `which` (grad or, in place, logits).
+  double at(bool in_place, int side, std::int64_t i, std::int64_t t, std::int64_t v) const {
+    const int bi = buf[side][i];
+    const std::vector<T>& g = in_place ? (bi == 0 ? logits : logits_r) : (bi == 0 ? grad : grad_r);
+    return static_cast<double>(static_cast<std::conditional_t<std::is_same_v<T, double>, double, float>>(
+        g[static_cast<std::size_t>((start[side][i] + t) * stride + v)]));
+  }
+};
+
+/// A loss configuration under test and the name it is reported under.
+struct named_config {
+  std::string name;
+  dpo::loss_config cfg;
+};
+
+inline dpo::loss_config of(dpo::loss_type t, double beta = 0.1, double eps = 0.0) {
+  dpo::loss_config c = dpo::loss_config::of(t);
+  c.beta = beta;
+  c.label_smoothing = eps;
+  return c;
+}
+
+/// Every loss type once (the 18 types, cDPO smoothing and the three CPO bases). Hinge and
+/// CPO-hinge use beta = 1 so that both sides of the kink occur in random batches.
+inline std::vector<named_config> every_loss_type() {
+  using dpo::loss_type;
+  std::vector<named_config> v;
+  v.push_back({"sigmoid", of(loss_type::sigmoid)});
+  dpo::loss_config cdpo = of(loss_type::sigmoid, 0.1, 0.2);
+  cdpo.cdpo_smoothing = true;
+  v.push_back({"sigmoid+cdpo", cdpo});
+  v.push_back({"hinge", of(loss_type::hinge, 1.0)});
+  v.push_back({"ipo", of(loss_type::ipo, 0.5)});
+  v.push_back({"exo_pair", of(loss_type::exo_pair, 0.1, 0.1)});
+  v.push_back({"nca_pair", of(loss_type::nca_pair)});
+  v.push_back({"robust", of(loss_type::robust, 0.1, 0.2)});
+  v.push_back({"bco_pair", of(loss_type::bco_pair)});
+  v.push_back({"sppo_hard", of(loss_type::sppo_hard)});
+  v.push_back({"aot", of(loss_type::aot, 0.1, 0.1)});
+  v.push_back({"aot_unpaired", of(loss_type::aot_unpaired, 0.1, 0.1)});
+  v.push_back({"apo_zero", of(loss_type::apo_zero)});
+  v.push_back({"apo_down", of(loss_type::apo_down)});
+  v.push_back({"discopop", of(loss_type::discopop)});
+  v.push_back({"sigmoid_norm", of(loss_type::sigmoid_norm, 0.5)});
+  v.push_back({"sft", of(loss_type::sft)});
+  v.push_back({"simpo", of(loss_type::simpo, 2.0, 0.1)});
+  dpo::loss_config cpo = of(loss_type::cpo, 0.1, 0.1);
+  v.push_back({"cpo/sigmoid", cpo});
+  cpo = of(loss_type::cpo, 1.0);
+  cpo.cpo_base = loss_type::hinge;
+  v.push_back({"cpo/hinge", cpo});
+  cpo = of(loss_type::cpo, 0.5);
+  cpo.cpo_base = loss_type::ipo;
+  cpo.cpo_alpha = 0.7;
+  v.push_back({"cpo/ipo", cpo});
+  v.push_back({"orpo", of(loss_type::orpo, 0.2)});
+  return v;
+}
+
+/// Every f-divergence with every loss type TRL allows it for.
+inline std::vector<named_config> every_f_divergence() {
+  using dpo::f_divergence;
+  using dpo::loss_type;
+  std::vector<named_config> v;
+  const std::pair<const char*, f_divergence> divs[] = {{"forward_kl", f_divergence::forward_kl},
+                                                       {"js", f_divergence::js_divergence},
+                                                       {"alpha0.5", f_divergence::alpha_divergence},
+                                                       {"alpha1.3", f_divergence::alpha_divergence}};
+  const std::pair<const char*, dpo::loss_config> types[] = {
+      {"sigmoid", of(loss_type::sigmoid)},     {"sigmoid_norm", of(loss_type::sigmoid_norm, 0.5)},
+      {"hinge", of(loss_type::hinge, 1.0)},    {"ipo", of(loss_type::ipo, 0.5)},
+      {"exo_pair", of(loss_type::exo_pair, 0.1, 0.1)}, {"robust", of(loss_type::robust, 0.1, 0.2)},
+      {"discopop", of(loss_type::discopop)},   {"sft", of(loss_type::sft)}};
+  for (const auto& d : divs)
+    for (const auto& t : types) {
+      dpo::loss_config c = t.second;
+      c.divergence = d.second;
+      c.alpha_divergence_coef = std::string(d.first) == "alpha1.3" ? 1.3 : 0.5;
+      v.push_back({std::string(t.first) + "/" + d.first, c});
+    }
+  return v;
+}
+
+/// Combinations and options: MPO, WPO, LD-DPO, reference_free.
+inline std::vector<named_config> combinations_and_options() {
+  using dpo::loss_type;
+  std::vector<named_config> v;
+  dpo::loss_config mpo = dpo::loss_config::combination(
+      {{loss_type::sigmoid, 0.8}, {loss_type::bco_pair, 0.2}, {loss_type::sft, 1.0}});
+  v.push_back({"mpo", mpo});
+  dpo::loss_config three = dpo::loss_config::combination(
+      {{loss_type::ipo, 0.5}, {loss_type::aot, 0.3}, {loss_type::apo_zero, 1.5}, {loss_type::hinge, 0.25}});
+  three.beta = 0.3;
+  v.push_back({"ipo+aot+apo_zero+hinge", three});
+  dpo::loss_config w = of(loss_type::sigmoid);
+  w.use_weighting = true;
+  v.push_back({"sigmoid+wpo", w});
+  mpo.use_weighting = true;
+  v.push_back({"mpo+wpo", mpo});
+  dpo::loss_config ldd = of(loss_type::sigmoid);
+  ldd.ld_alpha = 0.4;
+  v.push_back({"sigmoid+ld_alpha", ldd});
+  dpo::loss_config ldi = of(loss_type::ipo, 0.5);
+  ldi.ld_alpha = 0.0;
+  ldi.use_weighting = true;
+  v.push_back({"ipo+ld_alpha0+wpo", ldi});
+  dpo::loss_config rf = of(loss_type::sigmoid);
+  rf.reference_free = true;
+  v.push_back({"sigmoid+reference_free", rf});
+  dpo::loss_config rfa = of(loss_type::aot_unpaired, 0.1, 0.05);
+  rfa.reference_free = true;
+  v.push_back({"aot_unpaired+reference_free", rfa});
+  return v;
+}
+
+inline std::vector<named_config> all_configs() {
+  std::vector<named_config> v = every_loss_type();
+  for (auto& c : every_f_divergence()) v.push_back(c);
+  for (auto& c : combinations_and_options()) v.push_back(c);
+  return v;
+}
+
+inline bool needs_reference(const dpo::loss_config& c) {
+  const dpo::loss_type t = c.terms[0].type;
+  return !c.reference_free && t != dpo::loss_type::simpo && t != dpo::loss_type::cpo &&
+         t != dpo::loss_type::orpo;
+}
+
+/// Round-off bounds of one token's log-prob computed in accumulation type A from logits
+/// with max |z| = zmax over V entries: unit roundoff u of A times (exp's ~2 ulp, the
+/// rounding of z - max, the lane sums' log2 V, and the roundings of lse and z[y] - lse,
+/// each <= 2 zmax + log V). The oracle reads the same (already rounded) inputs, so input
+/// rounding is not part of the error.
+template <class A>
+double token_tol(double zmax, std::int64_t V) {
+  const double u = std::is_same_v<A, double> ? 0x1p-53 : 0x1p-24;
+  return 4.0 * u * (8.0 + 6.0 * zmax + std::log2(static_cast<double>(V)));
+}
+
+inline double max_abs_logit(const oracle::batch& b) {
+  double m = 0;
+  for (auto* side : {&b.chosen, &b.rejected})
+    for (const oracle::sequence& s : *side)
+      for (const auto& row : s.z)
+        for (double x : row)
+          if (std::isfinite(x)) m = std::max(m, std::fabs(x));
+  return m;
+}
+
+inline std::int64_t max_rows(const oracle::batch& b) {
+  std::int64_t m = 0;
+  for (auto* side : {&b.chosen, &b.rejected})
+    for (const oracle::sequence& s : *side) m = std::max(m, s.rows());
+  return m;
+}
+
+/// |a - b| <= tol, with a readable failure.
+inline bool near(double a, double b, double tol) {
+  if (std::isnan(a) || std::isnan(b)) return std::isnan(a) && std::isnan(b);
+  if (std::isinf(a) || std::isinf(b)) return a == b;
+  return std::fabs(a - b) <= tol;
+}
+
+}  // namespace fixture

@@ -1,0 +1,228 @@
+// Copyright 2026 The dpo Authors. SPDX-License-Identifier: Apache-2.0
+//
+// The pair-level API (dpo::cpu::dpo_loss, i.e. dpo/core/loss.hpp and pair_batch.hpp) against
+// the float64 oracle: every loss type, f-divergence and combination; dL/dpi against central
+// differences; extreme margins.
+#include <cmath>
+#include <random>
+#include <vector>
+
+#include "catch.hpp"
+#include "fixtures.hpp"
+#include "oracle.hpp"
+
+namespace {
+
+using fixture::ld;
+
+/// Sequence-level inputs of a random batch: log-probs of a few tokens each, log-ratios of a
+/// few units, token counts 3..20 (so the per-token averages ORPO reads are < 0).
+struct pair_data {
+  std::vector<double> pc, pr, rc, rr, lc, lr, w;
+};
+
+pair_data random_pairs(std::int64_t P, std::uint64_t seed, double spread = 3.0) {
+  std::mt19937_64 rng(seed);
+  std::uniform_real_distribution<double> lp(-40.0, -5.0), d(-spread, spread), w(0.2, 1.5);
+  std::uniform_int_distribution<int> len(3, 20);
+  pair_data x;
+  for (std::int64_t i = 0; i < P; ++i) {
+    x.pc.push_back(lp(rng));
+    x.pr.push_back(lp(rng));
+    x.rc.push_back(x.pc.back() + d(rng));
+    x.rr.push_back(x.pr.back() + d(rng));
+    x.lc.push_back(len(rng));
+    x.lr.push_back(len(rng));
+    x.w.push_back(w(rng));
+  }
+  return x;
+}
+
+dpo::cpu::pair_logps_in api_input(const pair_data& x, bool weights) {
+  dpo::cpu::pair_logps_in in;
+  in.num_pairs = static_cast<std::int64_t>(x.pc.size());
+  in.chosen_logps = x.pc.data();
+  in.rejected_logps = x.pr.data();
+  in.ref_chosen_logps = x.rc.data();
+  in.ref_rejected_logps = x.rr.data();
+  in.chosen_tokens = x.lc.data();
+  in.rejected_tokens = x.lr.data();
+  in.weights = weights ? x.w.data() : nullptr;
+  return in;
+}
+
+/// The oracle's pair stage for dpo_loss's contract: NLL(chosen) = -sum(pi_c) / sum(L_c).
+oracle::result oracle_pairs(const dpo::loss_config& c, const pair_data& x, bool weights) {
+  oracle::pair_inputs in;
+  in.pi_c = fixture::to_ld(x.pc);
+  in.pi_r = fixture::to_ld(x.pr);
+  in.rho_c = fixture::to_ld(x.rc);
+  in.rho_r = fixture::to_ld(x.rr);
+  in.len_c = fixture::to_ld(x.lc);
+  in.len_r = fixture::to_ld(x.lr);
+  if (weights) in.weights = fixture::to_ld(x.w);
+  ld sum = 0, n = 0;
+  for (std::size_t i = 0; i < x.pc.size(); ++i) {
+    sum += x.pc[i];
+    n += x.lc[i];
+  }
+  in.nll = -sum / std::max<ld>(n, 1);
+  return oracle::pair_stage(c, in);
+}
+
+void check_against_oracle(const fixture::named_config& nc, const pair_data& x, bool weights) {
+  INFO(nc.name << (weights ? " (weighted)" : ""));
+  const dpo::loss_config& c = nc.cfg;
+  const dpo::cpu::forward_result r = dpo::cpu::dpo_loss(api_input(x, weights), c);
+  const oracle::result o = oracle_pairs(c, x, weights);
+  const std::size_t P = x.pc.size();
+  // Pair-level math is double throughout: a few ulp of the values involved.
+  const double tol = 1e-12;
+  CHECK(fixture::near(r.loss, static_cast<double>(o.loss), tol * (1 + std::fabs(double(o.loss)))));
+  for (std::size_t i = 0; i < P; ++i) {
+    CHECK(fixture::near(r.losses[i], double(o.losses[i]), tol * (1 + std::fabs(double(o.losses[i])))));
+    CHECK(fixture::near(r.chosen_rewards[i], double(o.chosen_rewards[i]), tol * 10));
+    CHECK(fixture::near(r.rejected_rewards[i], double(o.rejected_rewards[i]), tol * 10));
+  }
+  CHECK(fixture::near(r.metrics.rewards_chosen, double(o.rewards_chosen), tol * 10));
+  CHECK(fixture::near(r.metrics.rewards_rejected, double(o.rewards_rejected), tol * 10));
+  CHECK(fixture::near(r.metrics.rewards_margins, double(o.rewards_margins), tol * 10));
+  CHECK(r.metrics.rewards_accuracies == double(o.rewards_accuracies));
+  CHECK(fixture::near(r.metrics.logps_chosen, double(o.logps_chosen), tol * 100));
+  CHECK(fixture::near(r.metrics.logps_rejected, double(o.logps_rejected), tol * 100));
+  CHECK(fixture::near(r.metrics.nll_loss, double(o.nll_loss), tol * 10));
+
+  // dL/dpi by central differences of the oracle. grad_chosen excludes the NLL terms'
+  // share, which dpo_loss reports once as nll_token_grad (dL/dlogp of each chosen token;
+  // NLL reads the plain sum pi_c, so d NLL-part / d pi_c,i = nll_token_grad).
+  const double h = 1e-5;
+  for (std::size_t i = 0; i < P; ++i) {
+    for (int side = 0; side < 2; ++side) {
+      pair_data up = x, dn = x;
+      (side == 0 ? up.pc : up.pr)[i] += h;
+      (side == 0 ? dn.pc : dn.pr)[i] -= h;
+      const double fd = static_cast<double>((oracle_pairs(c, up, weights).loss - oracle_pairs(c, dn, weights).loss) /
+                                            (2 * ld(h)));
+      const double g = side == 0 ? r.grad_chosen[i] + r.nll_token_grad : r.grad_rejected[i];
+      INFO("pair " << i << (side == 0 ? " chosen" : " rejected") << ": fd " << fd << " api " << g);
+      CHECK(fixture::near(g, fd, 1e-8 + 1e-6 * std::fabs(fd)));
+    }
+  }
+}
+
+}  // namespace
+
+TEST_CASE("dpo_loss matches the oracle and finite differences for every loss type", "[loss]") {
+  const pair_data x = random_pairs(6, 11);
+  for (const auto& nc : fixture::every_loss_type()) check_against_oracle(nc, x, false);
+}
+
+TEST_CASE("dpo_loss: every f-divergence", "[loss]") {
+  const pair_data x = random_pairs(5, 12, 1.5);
+  for (const auto& nc : fixture::every_f_divergence()) check_against_oracle(nc, x, false);
+}
+
+TEST_CASE("dpo_loss: combinations, WPO weights, reference_free", "[loss]") {
+  const pair_data x = random_pairs(5, 13);
+  for (const auto& nc : fixture::combinations_and_options()) {
+    if (nc.cfg.ld_alpha != 1.0) continue;  // LD-DPO lives in the token-level API
+    check_against_oracle(nc, x, false);
+    if (nc.cfg.use_weighting || nc.cfg.terms[0].type == dpo::loss_type::sigmoid)
+      check_against_oracle(nc, x, true);
+  }
+  // Weights given to a non-WPO configuration still scale each pair (the API's contract).
+  check_against_oracle({"sigmoid, weights given", fixture::of(dpo::loss_type::sigmoid)}, x, true);
+}
+
+TEST_CASE("dpo_loss: the alpha-divergence exponent clamp", "[loss]") {
+  // (a - 1) D past the clamp: the score is constant, its derivative 0 (torch.clamp). A
+  // clamp of 3 keeps the loss moderate, so the oracle's differences stay accurate (at the
+  // default 80 the score is 1e35).
+  pair_data x = random_pairs(3, 14);
+  x.rc[0] = x.pc[0] + 10.0;  // D_c = -10, (0.5 - 1) * -10 = 5 > 3
+  dpo::loss_config c = fixture::of(dpo::loss_type::sigmoid);
+  c.divergence = dpo::f_divergence::alpha_divergence;
+  c.alpha_divergence_coef = 0.5;
+  c.alpha_exponent_clamp = 3.0;
+  check_against_oracle({"alpha clamp", c}, x, false);
+  const dpo::cpu::forward_result r = dpo::cpu::dpo_loss(api_input(x, false), c);
+  CHECK(r.grad_chosen[0] == 0.0);
+  // |a - 1| < 1e-6 falls back to reverse KL.
+  c.alpha_divergence_coef = 1.0 + 1e-7;
+  dpo::loss_config rk = fixture::of(dpo::loss_type::sigmoid);
+  const pair_data y = random_pairs(3, 15);
+  CHECK(dpo::cpu::dpo_loss(api_input(y, false), c).loss == dpo::cpu::dpo_loss(api_input(y, false), rk).loss);
+}
+
+TEST_CASE("dpo_loss: extreme margins stay finite for every loss type", "[loss][edge]") {
+  // beta * (D_c - D_r) = m with D_c = m / (2 beta), D_r = -m / (2 beta). Every loss of the
+  // family is finite there mathematically (ORPO and the CPO family read pi, kept moderate).
+  for (double m : {1e4, -1e4, 88.0, -88.0, 0.0, 700.0, -700.0}) {
+    for (const auto& nc : fixture::every_loss_type()) {
+      const dpo::loss_config& c = nc.cfg;
+      INFO(nc.name << " margin " << m);
+      pair_data x = random_pairs(3, 16);
+      for (std::size_t i = 0; i < x.pc.size(); ++i) {
+        x.rc[i] = x.pc[i] - m / (2 * c.beta);
+        x.rr[i] = x.pr[i] + m / (2 * c.beta);
+        if (c.terms[0].type == dpo::loss_type::orpo) {
+          // ORPO needs average log-probs < 0: -1e-3 against -30 gives log-odds of +-37.
+          const double hi = -1e-3, lo = m == 0.0 ? hi : -30.0;
+          x.pc[i] = (m >= 0 ? hi : lo) * x.lc[i];
+          x.pr[i] = (m >= 0 ? lo : hi) * x.lr[i];
+        } else if (!fixture::needs_reference(c)) {
+          // simpo / cpo: the margin is on the policy log-probs (per token for simpo).
+          x.pc[i] = -1.0;
+          x.pr[i] = -1.0 - m / c.beta * x.lr[i];
+        }
+      }
+      const dpo::cpu::forward_result r = dpo::cpu::dpo_loss(api_input(x, false), c);
+      CHECK(std::isfinite(r.loss));
+      const oracle::result o = oracle_pairs(c, x, false);
+      CHECK(fixture::near(r.loss, double(o.loss), 1e-9 * (1 + std::fabs(double(o.loss)))));
+      for (Eigen::Index i = 0; i < r.losses.size(); ++i) {
+        CHECK(std::isfinite(r.losses[i]));
+        CHECK(std::isfinite(r.grad_chosen[i]));
+        CHECK(std::isfinite(r.grad_rejected[i]));
+      }
+    }
+  }
+}
+
+TEST_CASE("dpo_loss: NaN in one pair stays in that pair for per-pair losses", "[loss][edge]") {
+  pair_data x = random_pairs(4, 17);
+  x.pc[2] = std::nan("");
+  for (const auto& nc : fixture::every_loss_type()) {
+    const dpo::loss_type t = nc.cfg.terms[0].type;
+    // Batch-coupled losses (sorts, NLL over the batch) spread NaN by their formula.
+    if (t == dpo::loss_type::aot || t == dpo::loss_type::aot_unpaired || t == dpo::loss_type::sft ||
+        t == dpo::loss_type::cpo || t == dpo::loss_type::orpo)
+      continue;
+    INFO(nc.name);
+    const dpo::cpu::forward_result r = dpo::cpu::dpo_loss(api_input(x, false), nc.cfg);
+    CHECK(std::isnan(r.loss));
+    CHECK(std::isnan(r.losses[2]));
+    for (int i : {0, 1, 3}) {
+      CHECK(std::isfinite(r.losses[i]));
+      CHECK(std::isfinite(r.grad_chosen[i]));
+      CHECK(std::isfinite(r.grad_rejected[i]));
+    }
+  }
+}
+
+TEST_CASE("loss type and f-divergence names round-trip (aot_pair is aot_unpaired)", "[loss]") {
+  for (int i = 0; i < dpo::num_loss_types; ++i) {
+    dpo::loss_type t{};
+    REQUIRE(dpo::parse_loss_type(dpo::to_string(static_cast<dpo::loss_type>(i)), &t));
+    CHECK(static_cast<int>(t) == i);
+  }
+  dpo::loss_type t{};
+  CHECK(dpo::parse_loss_type("aot_pair", &t));
+  CHECK(t == dpo::loss_type::aot_unpaired);
+  CHECK_FALSE(dpo::parse_loss_type("kto", &t));
+  for (int i = 0; i < 4; ++i) {
+    dpo::f_divergence f{};
+    REQUIRE(dpo::parse_f_divergence(dpo::to_string(static_cast<dpo::f_divergence>(i)), &f));
+    CHECK(static_cast<int>(f) == i);
+  }
+}
