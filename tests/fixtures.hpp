@@ -15,6 +15,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "catch.hpp"
 #include "oracle.hpp"
 
 namespace fixture {
@@ -376,6 +377,106 @@ inline bool near(double a, double b, double tol) {
   if (std::isnan(a) || std::isnan(b)) return std::isnan(a) && std::isnan(b);
   if (std::isinf(a) || std::isinf(b)) return a == b;
   return std::fabs(a - b) <= tol;
+}
+
+
+/// What one forward check runs: the layout and memory options of the buffers.
+struct run_options {
+  layout kind = layout::padded;
+  std::int64_t stride_extra = 0;
+  bool explicit_mask = false;
+  std::int64_t ignore_index = -100;
+  int threads = 1;
+  bool metrics = true;
+};
+
+/// Reference log-probs for a configuration: random ones near the policy's, or none
+/// (reference-free losses take null).
+struct reference {
+  std::vector<double> c, r;
+  const double* pc() const { return c.empty() ? nullptr : c.data(); }
+  const double* pr() const { return r.empty() ? nullptr : r.data(); }
+};
+
+inline reference make_reference(const dpo::loss_config& cfg, const oracle::batch& b, std::uint64_t seed) {
+  reference ref;
+  if (needs_reference(cfg) || cfg.reference_free) random_reference(b, cfg.ld_alpha, seed, ref.c, ref.r);
+  return ref;
+}
+
+/// The tolerances of a forward result computed from batch b in accumulation type A.
+struct forward_tol {
+  double tok;  // one token's log-prob (and entropy, mean logit, WPO term)
+  double seq;  // a sequence sum
+};
+
+template <class A>
+forward_tol tolerances(const oracle::batch& b) {
+  const double tok = token_tol<A>(max_abs_logit(b), static_cast<std::int64_t>(b.chosen[0].z[0].size()));
+  return {tok, tok * static_cast<double>(max_rows(b))};
+}
+
+/// Compares a forward_result with the oracle's. Loss tolerances follow from the sequence
+/// tolerance through the loss's sensitivity |dL/dpi| (the library's own gradients, which
+/// the backward tests check against finite differences) plus the WPO weights' relative
+/// error.
+inline void compare_forward(const dpo::cpu::forward_result& r, const oracle::result& o, const forward_tol& t,
+                            const dpo::loss_config& cfg, bool metrics) {
+  const std::size_t P = o.pi_c.size();
+  REQUIRE(static_cast<std::size_t>(r.losses.size()) == P);
+  double sens = 0, sens_max = 0, nc = 0;
+  for (std::size_t i = 0; i < P; ++i) {
+    sens += std::fabs(r.grad_chosen[i]) + std::fabs(r.grad_rejected[i]);
+    sens_max = std::max(sens_max, std::fabs(r.grad_chosen[i]) + std::fabs(r.grad_rejected[i]));
+    nc += r.chosen_tokens[i];
+  }
+  sens += std::fabs(r.nll_token_grad) * nc;
+  const double wrel = cfg.use_weighting ? 4 * t.tok : 0.0;
+  const double loss_tol = t.seq * sens + wrel * std::fabs(double(o.loss)) + 1e-14 * (1 + std::fabs(double(o.loss)));
+  CHECK(near(r.loss, double(o.loss), loss_tol));
+  for (std::size_t i = 0; i < P; ++i) {
+    INFO("pair " << i);
+    const double pt = t.seq * (P * sens_max + std::fabs(r.nll_token_grad) * nc * P) +
+                      wrel * std::fabs(double(o.losses[i])) + 1e-14 * (1 + std::fabs(double(o.losses[i])));
+    CHECK(near(r.losses[i], double(o.losses[i]), pt));
+    CHECK(near(r.chosen_logps[i], double(o.pi_c[i]), t.seq));
+    CHECK(near(r.rejected_logps[i], double(o.pi_r[i]), t.seq));
+    CHECK(r.chosen_tokens[i] == double(o.len_c[i]));
+    CHECK(r.rejected_tokens[i] == double(o.len_r[i]));
+    CHECK(near(r.weights[i], double(o.weights[i]), wrel * double(o.weights[i]) + 1e-15));
+    CHECK(near(r.chosen_rewards[i], double(o.chosen_rewards[i]), cfg.beta * t.seq + 1e-14));
+    CHECK(near(r.rejected_rewards[i], double(o.rejected_rewards[i]), cfg.beta * t.seq + 1e-14));
+  }
+  CHECK(near(r.metrics.rewards_chosen, double(o.rewards_chosen), cfg.beta * t.seq + 1e-14));
+  CHECK(near(r.metrics.rewards_rejected, double(o.rewards_rejected), cfg.beta * t.seq + 1e-14));
+  CHECK(near(r.metrics.rewards_margins, double(o.rewards_margins), 2 * cfg.beta * t.seq + 1e-14));
+  CHECK(r.metrics.rewards_accuracies == double(o.rewards_accuracies));
+  CHECK(near(r.metrics.logps_chosen, double(o.logps_chosen), t.seq));
+  CHECK(near(r.metrics.logps_rejected, double(o.logps_rejected), t.seq));
+  CHECK(near(r.metrics.nll_loss, double(o.nll_loss), t.tok));
+  if (metrics) {
+    CHECK(near(r.metrics.logits_chosen, double(o.logits_chosen), t.tok));
+    CHECK(near(r.metrics.logits_rejected, double(o.logits_rejected), t.tok));
+    CHECK(near(r.metrics.entropy, double(o.entropy), t.tok));
+    CHECK(r.metrics.mean_token_accuracy == double(o.mean_token_accuracy));
+  }
+}
+
+/// Lays out b (already rounded to T) as `opt` says, runs dpo_forward and compares.
+template <class T, class L>
+dpo::cpu::forward_result check_forward(const named_config& nc, const oracle::batch& b, const run_options& opt,
+                                       std::uint64_t seed = 7) {
+  INFO(nc.name << " layout " << name_of(opt.kind) << " stride+" << opt.stride_extra
+               << (opt.explicit_mask ? " mask" : "") << " ignore " << opt.ignore_index);
+  buffers<T, L> buf(b, opt.kind, opt.stride_extra, opt.explicit_mask, opt.ignore_index);
+  const reference ref = make_reference(nc.cfg, b, seed);
+  dpo::cpu::options o;
+  o.num_threads = opt.threads;
+  o.metrics = opt.metrics;
+  const dpo::cpu::forward_result r = dpo::cpu::dpo_forward(buf.view(), ref.pc(), ref.pr(), nc.cfg, o);
+  const oracle::result want = oracle::forward(nc.cfg, b, to_ld(ref.c), to_ld(ref.r));
+  compare_forward(r, want, tolerances<dpo::cpu::acc_t<T>>(b), nc.cfg, opt.metrics || nc.cfg.use_weighting);
+  return r;
 }
 
 }  // namespace fixture
