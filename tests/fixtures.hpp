@@ -479,4 +479,86 @@ dpo::cpu::forward_result check_forward(const named_config& nc, const oracle::bat
   return r;
 }
 
+/// Relative rounding of a gradient written as T, and the absolute floor of its subnormals.
+template <class T>
+double output_rel() {
+  if constexpr (std::is_same_v<T, Eigen::bfloat16>) return 0x1p-8;
+  if constexpr (std::is_same_v<T, Eigen::half>) return 0x1p-11;
+  if constexpr (std::is_same_v<T, float>) return 0x1p-24;
+  return 0.0;
+}
+template <class T>
+double output_floor() {
+  return std::is_same_v<T, Eigen::half> ? 0x1p-24 : 0.0;
+}
+
+/// Compares the gradient in `buf` (grad buffers, or the logits when in place) with the
+/// oracle's finite differences `want`. An element's error is the rounding to T, plus the
+/// row coefficient dL/dlogp_t times the relative error of the softmax (one token's
+/// tolerance) and of the coefficient itself (a sequence's), plus the differences' own error.
+/// Masked rows must be exactly 0; columns [V, stride) untouched.
+template <class T, class L>
+void compare_grad(const buffers<T, L>& buf, const dpo::cpu::forward_result& r, const oracle::batch& b,
+                  const oracle::grads& want, bool in_place, double scale = 1.0) {
+  using A = dpo::cpu::acc_t<T>;
+  const forward_tol t = tolerances<A>(b);
+  const double fd_rel = 1e-7, fd_abs = 1e-9;
+  for (int side = 0; side < 2; ++side) {
+    const std::vector<oracle::sequence>& seqs = side == 0 ? b.chosen : b.rejected;
+    const dpo::cpu::side_rows& rows = side == 0 ? r.chosen_rows : r.rejected_rows;
+    for (std::int64_t i = 0; i < buf.P; ++i) {
+      for (std::int64_t k = 0; k < seqs[i].rows(); ++k) {
+        const std::int64_t row = buf.start[side][i] + k;
+        const double coef = std::fabs(rows.coef[static_cast<std::size_t>(row - rows.row0)] * scale);
+        INFO("side " << side << " pair " << i << " row " << k << " coef " << coef);
+        for (std::int64_t v = 0; v < buf.V; ++v) {
+          const double got = buf.at(in_place, side, i, k, v);
+          if (seqs[i].y[k] < 0) {
+            CHECK(got == 0.0);
+            continue;
+          }
+          const double e = want[side][i][k][v] * scale;
+          const double tol = (output_rel<T>() + fd_rel) * std::fabs(e) + coef * (t.tok + t.seq) +
+                             output_floor<T>() + fd_abs;
+          if (!near(got, e, tol)) {
+            FAIL_CHECK("v " << v << ": got " << got << " want " << e << " tol " << tol);
+          }
+        }
+        const int bi = buf.buf[side][i];
+        const std::vector<T>& g = in_place ? (bi == 0 ? buf.logits : buf.logits_r) : (bi == 0 ? buf.grad : buf.grad_r);
+        for (std::int64_t v = buf.V; v < buf.stride; ++v) {
+          const double x = static_cast<double>(static_cast<A>(g[static_cast<std::size_t>(row * buf.stride + v)]));
+          // Untouched: the NaN the logits' padding holds, or the grad buffer's sentinel.
+          if (in_place) {
+            CHECK(std::isnan(x));
+          } else {
+            CHECK(x == static_cast<double>(static_cast<A>(buffers<T, L>::sentinel())));
+          }
+        }
+      }
+    }
+  }
+}
+
+/// dpo_forward + dpo_backward (out of place or in place) against the oracle's gradient:
+/// differences over every logit, or (`via_tokens`, for a large vocabulary) over every
+/// token's log-prob times the log-softmax Jacobian.
+template <class T, class L>
+void check_backward(const named_config& nc, const oracle::batch& b, const run_options& opt, bool in_place,
+                    bool via_tokens = false, double grad_output = 1.0) {
+  INFO(nc.name << " layout " << name_of(opt.kind) << " stride+" << opt.stride_extra
+               << (opt.explicit_mask ? " mask" : "") << (in_place ? " in place" : " out of place"));
+  buffers<T, L> buf(b, opt.kind, opt.stride_extra, opt.explicit_mask, opt.ignore_index);
+  const reference ref = make_reference(nc.cfg, b, 7);
+  dpo::cpu::options o;
+  o.num_threads = opt.threads;
+  o.metrics = opt.metrics;
+  const auto view = buf.view();
+  const dpo::cpu::forward_result r = dpo::cpu::dpo_forward(view, ref.pc(), ref.pr(), nc.cfg, o);
+  dpo::cpu::dpo_backward(view, r, in_place ? buf.inplace_view() : buf.grad_view(), grad_output, o);
+  const oracle::grads want = via_tokens ? oracle::fd_via_tokens(nc.cfg, b, to_ld(ref.c), to_ld(ref.r))
+                                        : oracle::fd_logits(nc.cfg, b, to_ld(ref.c), to_ld(ref.r));
+  compare_grad(buf, r, b, want, in_place, grad_output);
+}
+
 }  // namespace fixture

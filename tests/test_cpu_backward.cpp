@@ -1,0 +1,129 @@
+// Copyright 2026 The dpo Authors. SPDX-License-Identifier: Apache-2.0
+//
+// dpo::cpu::dpo_backward (and dpo_forward_backward) against finite differences of the
+// float64 oracle, for every loss configuration, dtype, label type and layout; out of place
+// and in place; masked rows exactly 0; columns [V, stride) untouched.
+#include <Eigen/Core>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "catch.hpp"
+#include "fixtures.hpp"
+#include "oracle.hpp"
+
+using fixture::layout;
+using fixture::run_options;
+
+namespace {
+
+template <class T>
+oracle::batch rounded_batch(fixture::batch_spec sp) {
+  oracle::batch b = fixture::random_batch(sp);
+  fixture::round_batch<T>(b);
+  return b;
+}
+
+fixture::batch_spec small() {
+  fixture::batch_spec sp;
+  sp.pairs = 3;
+  sp.rows = 5;
+  sp.vocab = 7;
+  return sp;
+}
+
+template <class T, class L>
+void dtype_layout_matrix() {
+  fixture::batch_spec sp = small();
+  sp.seed = 31;
+  const oracle::batch padded = rounded_batch<T>(sp);
+  sp.varying_rows = true;
+  const oracle::batch packed = rounded_batch<T>(sp);
+  for (const auto& nc : fixture::all_configs()) {
+    if (nc.name != "sigmoid" && nc.name != "mpo+wpo" && nc.name != "ipo+ld_alpha0+wpo" && nc.name != "aot_unpaired" &&
+        nc.name != "orpo" && nc.name != "cpo/ipo" && nc.name != "discopop/alpha0.5")
+      continue;
+    for (layout k : {layout::padded, layout::separate, layout::packed}) {
+      run_options o;
+      o.kind = k;
+      o.stride_extra = k == layout::separate ? 0 : 3;
+      o.explicit_mask = k == layout::packed;
+      for (bool in_place : {false, true})
+        fixture::check_backward<T, L>(nc, k == layout::packed ? packed : padded, o, in_place);
+    }
+  }
+}
+
+}  // namespace
+
+TEST_CASE("dpo_backward matches finite differences of the oracle for every configuration", "[backward]") {
+  fixture::batch_spec sp = small();
+  sp.seed = 30;
+  const oracle::batch b = rounded_batch<double>(sp);
+  run_options o;
+  o.stride_extra = 2;
+  for (const auto& nc : fixture::all_configs()) fixture::check_backward<double, std::int64_t>(nc, b, o, false);
+}
+
+TEST_CASE("dpo_backward: dtypes x label types x layouts, in and out of place", "[backward]") {
+  SECTION("double / int32") { dtype_layout_matrix<double, std::int32_t>(); }
+  SECTION("float / int64") { dtype_layout_matrix<float, std::int64_t>(); }
+  SECTION("bfloat16 / int32") { dtype_layout_matrix<Eigen::bfloat16, std::int32_t>(); }
+  SECTION("half / int64") { dtype_layout_matrix<Eigen::half, std::int64_t>(); }
+}
+
+TEST_CASE("dpo_backward: grad_output scales the gradient", "[backward]") {
+  fixture::batch_spec sp = small();
+  sp.seed = 32;
+  const oracle::batch b = rounded_batch<float>(sp);
+  fixture::check_backward<float, std::int64_t>(fixture::all_configs()[0], b, {}, false, false, -2.5);
+}
+
+template <class T>
+void in_place_equals_out_of_place() {
+  fixture::batch_spec sp = small();
+  sp.seed = 33;
+  sp.vocab = 37;
+  const oracle::batch b = rounded_batch<T>(sp);
+  for (const auto& nc : fixture::every_loss_type()) {
+    INFO(nc.name);
+    for (layout k : {layout::padded, layout::separate}) {
+      fixture::buffers<T, std::int64_t> buf(b, k, 4);
+      const fixture::reference ref = fixture::make_reference(nc.cfg, b, 7);
+      const auto view = buf.view();
+      const dpo::cpu::forward_result r = dpo::cpu::dpo_forward(view, ref.pc(), ref.pr(), nc.cfg);
+      dpo::cpu::dpo_backward(view, r, buf.grad_view());
+      dpo::cpu::dpo_backward(view, r, buf.inplace_view());
+      // Bitwise equal on [0, V) of every row; the padding columns keep their own contents.
+      for (const auto* pair : {&buf.grad, &buf.grad_r}) {
+        const std::vector<T>& out = *pair;
+        const std::vector<T>& in = pair == &buf.grad ? buf.logits : buf.logits_r;
+        for (std::size_t row = 0; row * buf.stride < out.size(); ++row)
+          for (std::int64_t v = 0; v < buf.V; ++v)
+            REQUIRE(std::memcmp(&out[row * buf.stride + v], &in[row * buf.stride + v], sizeof(T)) == 0);
+      }
+    }
+  }
+}
+
+TEST_CASE("dpo_backward in place gives bitwise the out-of-place gradient", "[backward]") {
+  in_place_equals_out_of_place<float>();
+  in_place_equals_out_of_place<double>();
+  in_place_equals_out_of_place<Eigen::bfloat16>();
+  in_place_equals_out_of_place<Eigen::half>();
+}
+
+TEST_CASE("dpo_forward_backward equals dpo_forward then dpo_backward", "[backward]") {
+  fixture::batch_spec sp = small();
+  sp.seed = 34;
+  const oracle::batch b = rounded_batch<float>(sp);
+  const auto nc = fixture::combinations_and_options()[0];  // MPO
+  fixture::buffers<float, std::int32_t> one(b, layout::padded, 1), two(b, layout::padded, 1);
+  const fixture::reference ref = fixture::make_reference(nc.cfg, b, 7);
+  const dpo::cpu::forward_result r1 =
+      dpo::cpu::dpo_forward_backward(one.view(), ref.pc(), ref.pr(), nc.cfg, one.grad_view());
+  const dpo::cpu::forward_result r2 = dpo::cpu::dpo_forward(two.view(), ref.pc(), ref.pr(), nc.cfg);
+  dpo::cpu::dpo_backward(two.view(), r2, two.grad_view());
+  CHECK(r1.loss == r2.loss);
+  CHECK(std::memcmp(one.grad.data(), two.grad.data(), one.grad.size() * sizeof(float)) == 0);
+}
