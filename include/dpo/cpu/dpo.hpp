@@ -513,11 +513,17 @@ void dpo_backward(const pair_view<T, L>& policy, const forward_result& fwd,
   if (fwd.vocab != policy.chosen.vocab || fwd.grad_chosen.size() != policy.num_pairs())
     dpo::detail::fail("forward_result does not match logits: it was computed for ",
                       fwd.grad_chosen.size(), " pairs and vocab ", fwd.vocab);
+  // Both sides are checked before either is written, so a mismatch writes nothing.
+  const auto check_rows = [](const token_view<T, L>& v, const side_rows& rows) {
+    if (v.row_end(v.num_seqs - 1) - v.row_begin(0) != static_cast<std::int64_t>(rows.coef.size()) ||
+        rows.row0 != v.row_begin(0))
+      dpo::detail::fail("forward_result does not match logits: row ranges differ");
+  };
+  check_rows(policy.chosen, fwd.chosen_rows);
+  check_rows(policy.rejected, fwd.rejected_rows);
   const auto side = [&](const token_view<T, L>& v, const side_rows& rows, T* g,
                         std::int64_t g_stride) {
     const std::int64_t n = static_cast<std::int64_t>(rows.coef.size());
-    if (v.row_end(v.num_seqs - 1) - v.row_begin(0) != n || rows.row0 != v.row_begin(0))
-      dpo::detail::fail("forward_result does not match logits: row ranges differ");
     detail::parallel_for(n, opt.num_threads, [&](std::int64_t b, std::int64_t e) {
       detail::row_scratch<A> scratch;
       for (std::int64_t i = b; i < e; ++i) {
