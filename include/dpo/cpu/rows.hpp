@@ -1,16 +1,34 @@
 // Copyright 2026 The dpo Authors. SPDX-License-Identifier: Apache-2.0
 //
 // The CPU row kernels: one logits row in, its statistics out (forward), or its gradient
-// written (backward). Rows are processed in fixed chunks that stay in L1, vectorised by
-// Eigen, and folded left to right with the shared merge of dpo/core/math.hpp, so the
-// result of a row never depends on threads.
+// written (backward). Rows are processed in fixed chunks that stay in L1 and folded left to
+// right with the shared merge of dpo/core/math.hpp, so the result of a row never depends on
+// threads.
+//
+// Inside a chunk every loop works on `lanes` independent accumulators, written as plain
+// loops over a fixed lane count that the compiler turns into SIMD code (one AVX-512 register,
+// two AVX2 ones...). The lane structure is in the source, not chosen by the compiler, so the
+// summation order is fixed and the results are reproducible. exp() is a branch-free
+// polynomial (below) because std::exp does not vectorise and Eigen's one cannot be fused with
+// the other per-element terms.
 #pragma once
 
 #include <Eigen/Core>
+#include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "dpo/core/math.hpp"
+
+// GCC fully unrolls a lane loop whose body is small and then fails to vectorise the unrolled
+// statements (one scalar register per lane); kept as a loop, its loop vectoriser maps the
+// lanes onto vector registers.
+#if defined(__GNUC__) && !defined(__clang__)
+#define DPO_LANE_LOOP _Pragma("GCC unroll 1")
+#else
+#define DPO_LANE_LOOP
+#endif
 
 namespace dpo {
 namespace cpu {
@@ -21,93 +39,270 @@ using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 namespace detail {
 
-/// Columns per chunk: 2048 floats = 8 KiB, so a chunk and its exp() stay in L1.
+/// Columns per chunk: 2048 floats = 8 KiB, so a chunk (and its bf16 source) stays in L1
+/// between the max pass and the exp pass.
 inline constexpr std::int64_t row_chunk = 2048;
 
-template <class A>
-using chunk_array = Eigen::Array<A, Eigen::Dynamic, 1>;
+/// Independent accumulators per loop: one 512-bit register of floats.
+inline constexpr int lanes = 16;
 
-/// Scratch for one thread: the converted chunk and its exponentials.
+/// Scratch for one thread: the chunk converted to the accumulation type (unused when the
+/// logits already have that type).
 template <class A>
 struct row_scratch {
-  chunk_array<A> x{row_chunk};
-  chunk_array<A> e{row_chunk};
+  alignas(64) A x[row_chunk];
 };
 
-/// The chunk [c0, c0 + n) of row z as accumulation-type values: a view when T == A, else a
-/// converted copy in scratch.
-template <class T, class A>
-Eigen::Map<const chunk_array<A>> load_chunk(const T* z, std::int64_t c0, std::int64_t n,
-                                            row_scratch<A>& s) {
-  if constexpr (std::is_same_v<T, A>) {
-    return Eigen::Map<const chunk_array<A>>(z + c0, n);
+template <class To, class From>
+inline To bits_as(From v) {
+  static_assert(sizeof(To) == sizeof(From), "bit cast between types of different sizes");
+  To out;
+  std::memcpy(&out, &v, sizeof(To));
+  return out;
+}
+
+/// A logit as the accumulation type. bf16 -> float is exact: the bf16 bits are the top half
+/// of the float's, and the shift vectorises where Eigen's scalar conversion does not.
+template <class A, class T>
+inline A to_acc(T v) {
+  if constexpr (std::is_same_v<T, Eigen::bfloat16>) {
+    return bits_as<float>(static_cast<std::uint32_t>(v.value) << 16);
   } else {
-    s.x.head(n) = Eigen::Map<const Eigen::Array<T, Eigen::Dynamic, 1>>(z + c0, n).template cast<A>();
-    return Eigen::Map<const chunk_array<A>>(s.x.data(), n);
+    return static_cast<A>(v);
   }
 }
 
+/// An accumulation-type value rounded to T. For bf16: round to nearest even, NaN -> quiet
+/// NaN of the same sign, the same bits as Eigen's conversion.
+template <class T, class A>
+inline T from_acc(A v) {
+  if constexpr (std::is_same_v<T, Eigen::bfloat16>) {
+    const std::uint32_t u = bits_as<std::uint32_t>(v);
+    const std::uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    const std::uint32_t nan = (u >> 16 & 0x8000u) | 0x7fc0u;
+    T out;
+    out.value = static_cast<std::uint16_t>(v != v ? nan : rounded);
+    return out;
+  } else {
+    return static_cast<T>(v);
+  }
+}
+
+/// Lower clamp of exp() arguments, where exp is exactly 0 (for float: x <= -88 gives k = -127
+/// below, whose scale 2^k is built as +0, so no select is needed).
+template <class A>
+inline constexpr A exp_lo = A(-88);
+template <>
+inline constexpr double exp_lo<double> = -746.0;
+
+/// exp(x) for float, branch-free so a loop of it vectorises, for x already clamped to
+/// [exp_lo, 88] (or NaN, which gives NaN). Range reduction x = k ln2 + r, |r| <= ln2/2, with
+/// ln2 in two parts (Cody-Waite), then a degree-6 polynomial fitted for relative error on
+/// that interval: about 1 ulp over the whole range. The exact value is subnormal below
+/// -87.3; it is returned as a subnormal down to about -87.7 and as 0 below.
+inline float exp_clamped(float x) {
+  // Round x / ln2 to an integer k with the 1.5 * 2^23 trick: k sits in t's low mantissa bits.
+  const float magic = 12582912.0f;
+  const float t = x * 1.44269504088896341f + magic;
+  const float k = t - magic;
+  const std::int32_t biased = bits_as<std::int32_t>(t) - (bits_as<std::int32_t>(magic) - 127);
+  float r = x - k * 0.693359375f;
+  r = r + k * 2.12194440e-4f;
+  float q = 1.381459878757596e-3f;
+  q = q * r + 8.368716575205326e-3f;
+  q = q * r + 4.166838899254799e-2f;
+  q = q * r + 1.666652113199234e-1f;
+  q = q * r + 4.999999403953552e-1f;
+  const float y = q * (r * r) + r + 1.0f;
+  // 2^k from its exponent bits: k in [-127, 127], and k = -127 gives the bits of +0.
+  return y * bits_as<float>(static_cast<std::uint32_t>(biased) << 23);
+}
+
+inline double exp_clamped(double x) { return std::exp(x); }
+
+/// c ? a : b as a bitwise blend. A plain ?: here lets GCC's jump threading specialise the
+/// exp() that follows for the constant branch, which turns the vector loop into masked code
+/// about a third slower; the blend has no branch to thread.
+inline float blend(bool c, float a, float b) {
+  const std::uint32_t m = 0u - static_cast<std::uint32_t>(c);
+  return bits_as<float>((bits_as<std::uint32_t>(a) & m) | (bits_as<std::uint32_t>(b) & ~m));
+}
+inline double blend(bool c, double a, double b) { return c ? a : b; }
+inline std::int32_t blend_index(bool c, std::int32_t a, std::int32_t b) {
+  const std::int32_t m = -static_cast<std::int32_t>(c);
+  return (a & m) | (b & ~m);
+}
+
+/// max(x, lo) and min(x, hi) that keep NaN: the comparison is false for NaN, so x passes.
+template <class A>
+inline A clamp_lo(A x, A lo) {
+  return blend(x < lo, lo, x);
+}
+template <class A>
+inline A clamp_hi(A x, A hi) {
+  return blend(x > hi, hi, x);
+}
+
+/// exp(x) for any x: 0 for -inf, NaN for NaN; float saturates at exp(88) above 88.
+template <class A>
+inline A exp_lane(A x) {
+  return exp_clamped(clamp_hi(clamp_lo(x, exp_lo<A>), A(88)));
+}
+
+/// Sum of the lanes in a fixed pairwise order.
+template <class A>
+inline A lane_sum(const A* v) {
+  A h[lanes / 2];
+  for (int l = 0; l < lanes / 2; ++l) h[l] = v[l] + v[l + lanes / 2];
+  for (int w = lanes / 4; w >= 1; w /= 2)
+    for (int l = 0; l < w; ++l) h[l] = h[l] + h[l + w];
+  return h[0];
+}
+
+/// Statistics of one chunk x[0, n) at column c0: max, and with Metrics the entropy, lse(2z),
+/// logit-sum and argmax terms. Pass 1 (the only read of memory) converts, takes the max and
+/// the logit sum; pass 2 reads the chunk again from L1 for the exponentials.
+template <bool Metrics, class T, class A>
+dpo::detail::row_stats<A> chunk_forward(const T* z, std::int64_t n, std::int64_t c0,
+                                        row_scratch<A>& scratch) {
+  constexpr bool convert = !std::is_same_v<T, A>;
+  const std::int64_t full = n - n % lanes;
+  A mx[lanes], zs[lanes];
+  std::int32_t ix[lanes];
+  for (int l = 0; l < lanes; ++l) {
+    mx[l] = -INFINITY;
+    zs[l] = A(0);
+    ix[l] = l;
+  }
+  // Each lane keeps its first maximum (strict >), so the smallest index among the lanes
+  // holding the overall max is the first maximum of the chunk. NaN never compares greater:
+  // it reaches s through exp() in pass 2 instead.
+  const auto pass1 = [&](std::int32_t i, int l) {
+    const A v = to_acc<A>(z[i]);
+    if constexpr (convert) scratch.x[i] = v;
+    const bool up = v > mx[l];
+    if constexpr (Metrics) {
+      ix[l] = blend_index(up, i, ix[l]);
+      zs[l] += v;
+    }
+    mx[l] = blend(up, v, mx[l]);
+  };
+  for (std::int32_t i = 0; i < full; i += lanes)
+    DPO_LANE_LOOP
+    for (int l = 0; l < lanes; ++l) pass1(i + l, l);
+  for (std::int32_t i = static_cast<std::int32_t>(full); i < n; ++i) pass1(i, static_cast<int>(i - full));
+
+  dpo::detail::row_stats<A> c = dpo::detail::row_stats<A>::empty();
+  c.m = mx[0];
+  for (int l = 1; l < lanes; ++l) c.m = mx[l] > c.m ? mx[l] : c.m;
+  c.argmax = c0;
+  if constexpr (Metrics) {
+    std::int32_t first = static_cast<std::int32_t>(n);
+    for (int l = 0; l < lanes; ++l)
+      if (mx[l] == c.m && ix[l] < first) first = ix[l];
+    c.argmax = c0 + (first < n ? first : 0);
+    c.zsum = lane_sum(zs);
+  }
+  if (c.m == -INFINITY) {
+    // No finite logit: the chunk holds no probability mass (exp(-inf - -inf) would make it
+    // NaN), unless it holds a NaN, which the max skipped and which must still reach s.
+    for (std::int64_t i = 0; i < n; ++i) {
+      const A v = to_acc<A>(z[i]);
+      if (v != v) c.s = v;
+    }
+    return c;
+  }
+
+  const A* x = nullptr;
+  if constexpr (convert) {
+    x = scratch.x;
+  } else {
+    x = z;
+  }
+  const A m = c.m;
+  A s[lanes], t[lanes], s2[lanes];
+  for (int l = 0; l < lanes; ++l) s[l] = t[l] = s2[l] = A(0);
+  const auto pass2 = [&](std::int64_t i, int l) {
+    // d <= 0 (or NaN), so only the lower clamp is needed. The entropy term uses the clamped
+    // d: where it differs from d, e = 0 exactly, so a -inf logit adds 0, not 0 * -inf.
+    const A d = clamp_lo(x[i] - m, exp_lo<A>);
+    const A e = exp_clamped(d);
+    s[l] += e;
+    if constexpr (Metrics) {
+      t[l] += e * d;
+      s2[l] += e * e;
+    }
+  };
+  for (std::int64_t i = 0; i < full; i += lanes)
+    DPO_LANE_LOOP
+    for (int l = 0; l < lanes; ++l) pass2(i + l, l);
+  for (std::int64_t i = full; i < n; ++i) pass2(i, static_cast<int>(i - full));
+  c.s = lane_sum(s);
+  if constexpr (Metrics) {
+    c.t = lane_sum(t);
+    c.s2 = lane_sum(s2);
+  }
+  return c;
+}
+
 /// Statistics of one row (see dpo::detail::row_stats). With Metrics = false only m and s
-/// (the log-sum-exp) are filled; the rest stay 0 and argmax is -1 or the chunk origin.
+/// (the log-sum-exp) are filled; the rest stay 0 and argmax is -1 or a chunk origin.
+/// A NaN anywhere in the row makes s NaN. Chunks of only -inf add no mass (the row's s
+/// stays finite when any logit is finite).
 template <bool Metrics, class T, class A>
 dpo::detail::row_stats<A> row_forward(const T* z, std::int64_t V, row_scratch<A>& scratch) {
   using dpo::detail::row_stats;
   row_stats<A> acc = row_stats<A>::empty();
   for (std::int64_t c0 = 0; c0 < V; c0 += row_chunk) {
     const std::int64_t n = V - c0 < row_chunk ? V - c0 : row_chunk;
-    const auto x = load_chunk<T, A>(z, c0, n, scratch);
-    row_stats<A> c;
-    if constexpr (Metrics) {
-      Eigen::Index idx = 0;
-      c.m = x.maxCoeff(&idx);
-      auto e = scratch.e.head(n);
-      e = (x - c.m).exp();
-      c.s = e.sum();
-      // A -inf logit has e = 0 and adds 0, not 0 * -inf.
-      c.t = (e > A(0)).select(e * (x - c.m), A(0)).sum();
-      c.s2 = e.square().sum();
-      c.zsum = x.sum();
-      c.argmax = c0 + static_cast<std::int64_t>(idx);
-    } else {
-      c.m = x.maxCoeff();
-      c.s = (x - c.m).exp().sum();
-      c.t = A(0);
-      c.s2 = A(0);
-      c.zsum = A(0);
-      c.argmax = c0;
+    const row_stats<A> c = chunk_forward<Metrics>(z + c0, n, c0, scratch);
+    if (c.m == -INFINITY && c.s == A(0) && acc.argmax >= 0) {
+      // Merging would shift by -inf - m (NaN when m = -inf too); the chunk adds only its
+      // logit sum and cannot move the first argmax.
+      acc.zsum += c.zsum;
+      continue;
     }
-    // A NaN max makes every comparison false; force it into s so it propagates.
-    if (c.m != c.m) c.s = c.m;
     dpo::detail::merge_row_stats(acc, c);
   }
   return acc;
 }
 
+/// g[i] = round(exp(z[i] - lse) * neg) over [0, V). The two pointers do not overlap: the
+/// in-place case goes through backward_span_inplace, so the compiler needs no alias checks.
+template <class T, class A>
+void backward_span(const T* __restrict z, T* __restrict g, std::int64_t V, A lse, A neg) {
+  for (std::int64_t i = 0; i < V; ++i) g[i] = from_acc<T>(exp_lane(to_acc<A>(z[i]) - lse) * neg);
+}
+
+template <class T, class A>
+void backward_span_inplace(T* p, std::int64_t V, A lse, A neg) {
+  for (std::int64_t i = 0; i < V; ++i) p[i] = from_acc<T>(exp_lane(to_acc<A>(p[i]) - lse) * neg);
+}
+
 /// Writes the gradient of one row: g[v] = coef * (1[v == y] - exp(z[v] - lse)). coef == 0
-/// (a masked row) writes exact zeros without reading z. g may equal z (in place): each chunk
-/// is read before it is written.
+/// (a masked row) writes exact zeros without reading z. g may equal z (in place); any other
+/// overlap of the two rows is not allowed (dpo_backward rejects it).
 template <class T, class A>
 void row_backward(const T* z, T* g, std::int64_t V, A lse, A coef, std::int64_t y,
                   row_scratch<A>& scratch) {
-  for (std::int64_t c0 = 0; c0 < V; c0 += row_chunk) {
-    const std::int64_t n = V - c0 < row_chunk ? V - c0 : row_chunk;
-    Eigen::Map<Eigen::Array<T, Eigen::Dynamic, 1>> out(g + c0, n);
-    if (coef == A(0)) {
-      out.setZero();
-      continue;
-    }
-    const auto x = load_chunk<T, A>(z, c0, n, scratch);
-    auto e = scratch.e.head(n);
-    e = (x - lse).exp() * (-coef);
-    if (y >= c0 && y < c0 + n) e(y - c0) += coef;
-    if constexpr (std::is_same_v<T, A>) {
-      out = e;
-    } else {
-      out = e.template cast<T>();
-    }
+  static_cast<void>(scratch);  // the backward pass converts on the fly
+  if (coef == A(0)) {
+    for (std::int64_t i = 0; i < V; ++i) g[i] = from_acc<T>(A(0));
+    return;
   }
+  const bool has_label = y >= 0 && y < V;
+  const A zy = has_label ? to_acc<A>(z[y]) : A(0);  // read before an in-place write
+  const A neg = -coef;
+  if (static_cast<const T*>(g) == z) {
+    backward_span_inplace(g, V, lse, neg);
+  } else {
+    backward_span(z, g, V, lse, neg);
+  }
+  if (has_label) g[y] = from_acc<T>(exp_lane(zy - lse) * neg + coef);
 }
 
 }  // namespace detail
 }  // namespace cpu
 }  // namespace dpo
+
+#undef DPO_LANE_LOOP

@@ -1,0 +1,446 @@
+// Copyright 2026 The dpo Authors. SPDX-License-Identifier: Apache-2.0
+//
+// CPU benchmarks: the fused path (dpo::cpu::dpo_forward, + dpo_backward in and out of place)
+// against a naive materializing one written here (full log-softmax to a float buffer, gather,
+// sigmoid pair loss, then softmax - onehot materialized and scaled into the gradient), and a
+// large memcpy as this machine's memory-bandwidth floor. All in one run, so the ratios in the
+// summary printed at the end compare numbers taken under the same load.
+//
+// Bytes are the logical traffic of docs/performance.md: N*V*sizeof(T) for a forward pass,
+// 3*N*V*sizeof(T) for forward + backward, read + written bytes for the copy.
+//
+// Defaults: 5 repetitions, aggregates only; every --benchmark_* flag overrides them.
+// --dpo_threads=N sets the worker threads of every path (default 2).
+
+#include <benchmark/benchmark.h>
+
+#include <Eigen/Core>
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <new>
+#include <string>
+#include <vector>
+
+#include "dpo/cpu/dpo.hpp"
+
+namespace {
+
+using label_t = std::int64_t;
+
+struct shape {
+  std::int64_t pairs, tokens, vocab;
+  const char* name;
+  std::int64_t rows() const { return 2 * pairs * tokens; }
+};
+const shape shapes[] = {{2, 256, 32000, "2x256xV32000"}, {1, 512, 128256, "1x512xV128256"}};
+
+int g_threads = 2;
+constexpr std::size_t copy_bytes = std::size_t{512} << 20;
+
+template <class T>
+const char* dtype_name();
+template <>
+const char* dtype_name<float>() {
+  return "f32";
+}
+template <>
+const char* dtype_name<Eigen::bfloat16>() {
+  return "bf16";
+}
+
+std::uint64_t splitmix(std::uint64_t x) {
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+
+/// Uniform in [-1, 1), a pure function of i so inputs do not depend on the thread count.
+float uniform(std::uint64_t i) {
+  return static_cast<float>(splitmix(i) >> 40) * (2.0f / 16777216.0f) - 1.0f;
+}
+
+void parallel_copy(void* dst, const void* src, std::size_t bytes) {
+  const std::int64_t blocks = 64;
+  dpo::cpu::detail::parallel_for(blocks, g_threads, [&](std::int64_t b, std::int64_t e) {
+    const std::size_t lo = bytes * static_cast<std::size_t>(b) / blocks;
+    const std::size_t hi = bytes * static_cast<std::size_t>(e) / blocks;
+    std::memcpy(static_cast<char*>(dst) + lo, static_cast<const char*>(src) + lo, hi - lo);
+  });
+}
+
+/// 64-byte aligned storage, as torch gives tensors (malloc's 16 bytes would split every
+/// 512-bit load across two cache lines).
+template <class T>
+struct aligned64 {
+  using value_type = T;
+  aligned64() = default;
+  template <class U>
+  aligned64(const aligned64<U>&) {}
+  T* allocate(std::size_t n) {
+    return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t{64}));
+  }
+  void deallocate(T* p, std::size_t) { ::operator delete(p, std::align_val_t{64}); }
+  template <class U>
+  bool operator==(const aligned64<U>&) const {
+    return true;
+  }
+  template <class U>
+  bool operator!=(const aligned64<U>&) const {
+    return false;
+  }
+};
+template <class T>
+using buffer = std::vector<T, aligned64<T>>;
+
+/// The buffers of one shape x dtype group, built once and shared by its benchmarks.
+template <class T>
+struct dataset {
+  shape s{};
+  buffer<T> logits;  // never written
+  buffer<T> work;    // in-place runs: restored from logits before each iteration
+  buffer<T> grad;    // out-of-place gradient (ours and naive)
+  std::vector<label_t> labels;
+  std::vector<double> ref_c, ref_r;
+  buffer<float> logp, dsoft;  // the naive path's materialized [N, V] tensors
+  std::vector<double> coef;        // the naive path's dL/dlogp per row
+};
+
+// Only one group's buffers live at a time (the large fp32 group needs ~2.6 GB).
+std::shared_ptr<void> g_current;
+std::string g_current_key;
+
+dpo::loss_config bench_config() { return dpo::loss_config::of(dpo::loss_type::sigmoid); }
+
+template <class T>
+dpo::pair_view<T, label_t> view_of(const dataset<T>& d, const T* logits) {
+  return dpo::padded_pairs(logits, d.labels.data(), 2 * d.s.pairs, d.s.tokens, d.s.vocab,
+                           d.s.vocab);
+}
+
+/// The naive forward: log_softmax(x.float()) materialized, gather, sigmoid loss and dL/dlogp.
+template <class T>
+double naive_forward(dataset<T>& d) {
+  const std::int64_t N = d.s.rows(), V = d.s.vocab, P = d.s.pairs, L = d.s.tokens;
+  dpo::cpu::detail::parallel_for(N, g_threads, [&](std::int64_t b, std::int64_t e) {
+    for (std::int64_t r = b; r < e; ++r) {
+      const auto x = Eigen::Map<const Eigen::Array<T, Eigen::Dynamic, 1>>(d.logits.data() + r * V, V)
+                         .template cast<float>();
+      const float m = x.maxCoeff();
+      const float lse = m + std::log((x - m).exp().sum());
+      Eigen::Map<Eigen::ArrayXf>(d.logp.data() + r * V, V) = x - lse;
+    }
+  });
+  std::vector<double> seq(static_cast<std::size_t>(2 * P), 0.0);
+  for (std::int64_t r = 0; r < N; ++r) {
+    const label_t y = d.labels[r];
+    if (y != -100) seq[r / L] += d.logp[r * V + y];
+  }
+  const double beta = bench_config().beta;
+  double loss = 0;
+  for (std::int64_t i = 0; i < P; ++i) {
+    const double h = beta * ((seq[i] - d.ref_c[i]) - (seq[P + i] - d.ref_r[i]));
+    loss += -dpo::detail::log_sigmoid(h);
+    const double g = -beta * dpo::detail::sigmoid(-h) / static_cast<double>(P);
+    for (std::int64_t t = 0; t < L; ++t) {
+      d.coef[i * L + t] = g;
+      d.coef[(P + i) * L + t] = -g;
+    }
+  }
+  return loss / static_cast<double>(P);
+}
+
+/// The naive backward: dsoft = exp(logp) - onehot materialized, then grad = -coef * dsoft.
+template <class T>
+void naive_backward(dataset<T>& d) {
+  const std::int64_t N = d.s.rows(), V = d.s.vocab;
+  dpo::cpu::detail::parallel_for(N, g_threads, [&](std::int64_t b, std::int64_t e) {
+    for (std::int64_t r = b; r < e; ++r) {
+      Eigen::Map<Eigen::ArrayXf> p(d.dsoft.data() + r * V, V);
+      p = Eigen::Map<const Eigen::ArrayXf>(d.logp.data() + r * V, V).exp();
+      if (d.labels[r] != -100) p(d.labels[r]) -= 1.0f;
+    }
+  });
+  dpo::cpu::detail::parallel_for(N, g_threads, [&](std::int64_t b, std::int64_t e) {
+    for (std::int64_t r = b; r < e; ++r) {
+      const float c = static_cast<float>(-d.coef[r]);
+      Eigen::Map<Eigen::Array<T, Eigen::Dynamic, 1>>(d.grad.data() + r * V, V) =
+          (Eigen::Map<const Eigen::ArrayXf>(d.dsoft.data() + r * V, V) * c).template cast<T>();
+    }
+  });
+}
+
+/// Compares ours with the naive path once per group, so a fast wrong kernel shows up.
+template <class T>
+void check_against_naive(dataset<T>& d) {
+  const std::int64_t V = d.s.vocab, N = d.s.rows();
+  dpo::cpu::options opt;
+  opt.num_threads = g_threads;
+  const auto view = view_of(d, d.logits.data());
+  const dpo::pair_grad_view<T> gv{d.grad.data(), V, d.grad.data(), V};
+  const double ours = dpo::cpu::dpo_forward_backward(view, d.ref_c.data(), d.ref_r.data(),
+                                                     bench_config(), gv, opt)
+                          .loss;
+  std::vector<float> sample;
+  const std::int64_t rows[] = {0, N / 2 - 1, N / 2, N - 1};
+  for (std::int64_t r : rows)
+    for (std::int64_t v = 0; v < V; ++v) sample.push_back(static_cast<float>(d.grad[r * V + v]));
+  const double naive = naive_forward(d);
+  naive_backward(d);
+  double max_diff = 0, max_abs = 0;
+  std::size_t k = 0;
+  for (std::int64_t r : rows)
+    for (std::int64_t v = 0; v < V; ++v, ++k) {
+      const double g = static_cast<float>(d.grad[r * V + v]);
+      max_diff = std::max(max_diff, std::abs(g - sample[k]));
+      max_abs = std::max(max_abs, std::abs(g));
+    }
+  std::fprintf(stderr, "check %s/%s: loss ours %.9g naive %.9g; grad max |diff| %.3g (max |g| %.3g)\n",
+               dtype_name<T>(), d.s.name, ours, naive, max_diff, max_abs);
+}
+
+template <class T>
+dataset<T>& get_dataset(int si) {
+  const std::string key = std::string(dtype_name<T>()) + shapes[si].name;
+  if (key != g_current_key) {
+    g_current.reset();
+    g_current_key.clear();
+    auto d = std::make_shared<dataset<T>>();
+    d->s = shapes[si];
+    const std::int64_t N = d->s.rows(), V = d->s.vocab, P = d->s.pairs;
+    const std::size_t n = static_cast<std::size_t>(N * V);
+    d->logits.resize(n);
+    dpo::cpu::detail::parallel_for(N, g_threads, [&](std::int64_t b, std::int64_t e) {
+      for (std::int64_t i = b * V; i < e * V; ++i)
+        d->logits[i] = T(6.0f * uniform(static_cast<std::uint64_t>(i)));
+    });
+    d->work = d->logits;
+    d->grad.assign(n, T(0.0f));
+    d->logp.assign(n, 0.0f);
+    d->dsoft.assign(n, 0.0f);
+    d->coef.assign(static_cast<std::size_t>(N), 0.0);
+    d->labels.resize(static_cast<std::size_t>(N));
+    for (std::int64_t r = 0; r < N; ++r)
+      d->labels[r] = static_cast<label_t>(splitmix(~static_cast<std::uint64_t>(r)) % V);
+    // References near the policy log-probs keep the pair loss away from saturation, so every
+    // row has a non-zero gradient scale and the backward pass does its full work.
+    std::vector<double> pc(static_cast<std::size_t>(P)), pr(pc.size());
+    dpo::cpu::pair_logps(view_of(*d, d->logits.data()), 1.0, pc.data(), pr.data());
+    d->ref_c.resize(pc.size());
+    d->ref_r.resize(pc.size());
+    for (std::int64_t i = 0; i < P; ++i) {
+      d->ref_c[i] = pc[i] - 1.0 - 0.5 * i;
+      d->ref_r[i] = pr[i] + 1.0;
+    }
+    check_against_naive(*d);
+    g_current = d;
+    g_current_key = key;
+  }
+  return *static_cast<dataset<T>*>(g_current.get());
+}
+
+// What the summary needs to know about each registered benchmark.
+struct entry {
+  std::string group, name, baseline;  // baseline: the naive benchmark of the same pass
+  double bytes = 0;                   // logical bytes per iteration
+  double floor_factor = 0;            // time floor = floor_factor * bytes / copy bandwidth
+};
+std::vector<entry> g_entries;
+
+double stat_min(const std::vector<double>& v) { return *std::min_element(v.begin(), v.end()); }
+double stat_max(const std::vector<double>& v) { return *std::max_element(v.begin(), v.end()); }
+
+benchmark::internal::Benchmark* configure(benchmark::internal::Benchmark* b) {
+  return b->UseRealTime()
+      ->Unit(benchmark::kMillisecond)
+      ->ComputeStatistics("min", stat_min)
+      ->ComputeStatistics("max", stat_max);
+}
+
+void register_copy(const std::string& group) {
+  const std::string name = group + "/copy_512MiB";
+  g_entries.push_back({group, name, "", 2.0 * copy_bytes, 0});
+  configure(benchmark::RegisterBenchmark(name.c_str(), [](benchmark::State& state) {
+    static buffer<char> src(copy_bytes, 1), dst(copy_bytes, 0);
+    for (auto _ : state) {
+      parallel_copy(dst.data(), src.data(), copy_bytes);
+      benchmark::ClobberMemory();
+    }
+    state.SetBytesProcessed(state.iterations() * static_cast<std::int64_t>(2 * copy_bytes));
+  }));
+}
+
+enum class path { naive, ours_out, ours_in };
+
+template <class T>
+void register_group(int si) {
+  const shape& s = shapes[si];
+  const std::string group = std::string(dtype_name<T>()) + "/" + s.name;
+  const double nv = static_cast<double>(s.rows() * s.vocab * static_cast<std::int64_t>(sizeof(T)));
+  register_copy(group);
+
+  const std::string naive_fwd = group + "/fwd/naive";
+  g_entries.push_back({group, naive_fwd, "", nv, 0});
+  configure(benchmark::RegisterBenchmark(naive_fwd.c_str(), [si, nv](benchmark::State& state) {
+    dataset<T>& d = get_dataset<T>(si);
+    for (auto _ : state) benchmark::DoNotOptimize(naive_forward(d));
+    state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations() * nv));
+  }));
+  for (bool metrics : {false, true}) {
+    const std::string name = group + "/fwd/ours/metrics:" + (metrics ? "1" : "0");
+    g_entries.push_back({group, name, naive_fwd, nv, 1});
+    configure(benchmark::RegisterBenchmark(name.c_str(), [si, nv, metrics](benchmark::State& state) {
+      dataset<T>& d = get_dataset<T>(si);
+      dpo::cpu::options opt;
+      opt.num_threads = g_threads;
+      opt.metrics = metrics;
+      const auto view = view_of(d, d.logits.data());
+      for (auto _ : state) {
+        const auto r = dpo::cpu::dpo_forward(view, d.ref_c.data(), d.ref_r.data(), bench_config(), opt);
+        benchmark::DoNotOptimize(r.loss);
+      }
+      state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations() * nv));
+    }));
+  }
+
+  const std::string naive_fb = group + "/fwdbwd/naive";
+  g_entries.push_back({group, naive_fb, "", 3 * nv, 0});
+  configure(benchmark::RegisterBenchmark(naive_fb.c_str(), [si, nv](benchmark::State& state) {
+    dataset<T>& d = get_dataset<T>(si);
+    for (auto _ : state) {
+      benchmark::DoNotOptimize(naive_forward(d));
+      naive_backward(d);
+      benchmark::ClobberMemory();
+    }
+    state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations() * 3 * nv));
+  }));
+  for (path p : {path::ours_out, path::ours_in})
+    for (bool metrics : {false, true}) {
+      const std::string name = group + "/fwdbwd/ours/" + (p == path::ours_in ? "inplace" : "out") +
+                               "/metrics:" + (metrics ? "1" : "0");
+      g_entries.push_back({group, name, naive_fb, 3 * nv, 3});
+      configure(benchmark::RegisterBenchmark(name.c_str(), [si, nv, metrics, p](benchmark::State& state) {
+        dataset<T>& d = get_dataset<T>(si);
+        dpo::cpu::options opt;
+        opt.num_threads = g_threads;
+        opt.metrics = metrics;
+        const std::int64_t V = d.s.vocab;
+        T* x = p == path::ours_in ? d.work.data() : d.logits.data();
+        T* g = p == path::ours_in ? d.work.data() : d.grad.data();
+        const auto view = view_of(d, x);
+        const dpo::pair_grad_view<T> gv{g, V, g, V};
+        for (auto _ : state) {
+          if (p == path::ours_in) {
+            state.PauseTiming();
+            parallel_copy(d.work.data(), d.logits.data(), d.logits.size() * sizeof(T));
+            state.ResumeTiming();
+          }
+          const auto r = dpo::cpu::dpo_forward_backward(view, d.ref_c.data(), d.ref_r.data(),
+                                                        bench_config(), gv, opt);
+          benchmark::DoNotOptimize(r.loss);
+          benchmark::ClobberMemory();
+        }
+        state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations() * 3 * nv));
+      }));
+    }
+}
+
+/// The console output, plus a summary of the medians (ratios within this run) at the end.
+class summary_reporter : public benchmark::ConsoleReporter {
+ public:
+  void ReportRuns(const std::vector<Run>& runs) override {
+    ConsoleReporter::ReportRuns(runs);
+    for (const Run& r : runs) {
+      if (r.error_occurred) continue;
+      const double sec = r.GetAdjustedRealTime() / benchmark::GetTimeUnitMultiplier(r.time_unit);
+      stat& st = stats_[r.run_name.function_name];
+      if (r.run_type == Run::RT_Iteration) {
+        if (st.median == 0) st.median = sec;  // no repetitions: the single run
+      } else if (r.aggregate_name == "median") {
+        st.median = sec;
+      } else if (r.aggregate_name == "min") {
+        st.min = sec;
+      } else if (r.aggregate_name == "max") {
+        st.max = sec;
+      }
+    }
+  }
+
+  void Finalize() override {
+    ConsoleReporter::Finalize();
+    std::printf("\nSummary (medians; threads = %d; spread = (max - min) / median over the "
+                "repetitions;\nGB/s of logical bytes; share = GB/s / copy GB/s; floor = time / "
+                "(bytes / copy bandwidth))\n",
+                g_threads);
+    std::string group;
+    double copy_bw = 0;
+    for (const entry& e : g_entries) {
+      const auto it = stats_.find(e.name);
+      if (it == stats_.end() || it->second.median <= 0) continue;
+      const stat& st = it->second;
+      if (e.group != group) {
+        group = e.group;
+        copy_bw = 0;
+        std::printf("\n%-48s %9s %7s %8s %11s %7s %7s\n", e.group.c_str(), "ms", "spread",
+                    "GB/s", "naive/ours", "share", "floor");
+      }
+      const double gbs = e.bytes / st.median / 1e9;
+      if (e.floor_factor == 0 && e.baseline.empty() && e.name.find("copy") != std::string::npos)
+        copy_bw = gbs;
+      char ratio[32] = "-", share[32] = "-", floor[32] = "-";
+      const auto base = e.baseline.empty() ? stats_.end() : stats_.find(e.baseline);
+      if (base != stats_.end() && base->second.median > 0)
+        std::snprintf(ratio, sizeof ratio, "%.2fx", base->second.median / st.median);
+      if (e.floor_factor > 0 && copy_bw > 0) {
+        std::snprintf(share, sizeof share, "%.0f%%", 100.0 * gbs / copy_bw);
+        std::snprintf(floor, sizeof floor, "%.2fx", copy_bw / gbs);
+      }
+      char spread[32] = "-";
+      if (st.max > 0) std::snprintf(spread, sizeof spread, "%.0f%%", 100.0 * (st.max - st.min) / st.median);
+      std::printf("  %-46s %9.2f %7s %8.2f %11s %7s %7s\n",
+                  e.name.substr(e.group.size() + 1).c_str(), st.median * 1e3, spread, gbs, ratio,
+                  share, floor);
+    }
+    std::fflush(stdout);
+  }
+
+ private:
+  struct stat {
+    double median = 0, min = 0, max = 0;
+  };
+  std::map<std::string, stat> stats_;
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::vector<char*> args{argv[0]};
+  std::string reps = "--benchmark_repetitions=5";
+  std::string aggr = "--benchmark_report_aggregates_only=true";
+  args.push_back(reps.data());
+  args.push_back(aggr.data());
+  const std::string threads_flag = "--dpo_threads=";
+  for (int i = 1; i < argc; ++i) {
+    if (std::strncmp(argv[i], threads_flag.c_str(), threads_flag.size()) == 0) {
+      g_threads = std::max(1, std::atoi(argv[i] + threads_flag.size()));
+    } else {
+      args.push_back(argv[i]);  // later flags override the defaults above
+    }
+  }
+  int n = static_cast<int>(args.size());
+  benchmark::Initialize(&n, args.data());
+  if (benchmark::ReportUnrecognizedArguments(n, args.data())) return 1;
+  for (int si = 0; si < 2; ++si) {
+    register_group<float>(si);
+    register_group<Eigen::bfloat16>(si);
+  }
+  summary_reporter reporter;
+  benchmark::RunSpecifiedBenchmarks(&reporter);
+  benchmark::Shutdown();
+  return 0;
+}
