@@ -1,0 +1,459 @@
+// Copyright 2026 The dpo Authors. SPDX-License-Identifier: Apache-2.0
+//
+// Block-level building blocks over one logits row, for the library's kernels and for custom
+// kernels: block_row_stats (one read of the row: log-sum-exp, entropy, lse(2z), logit sum,
+// argmax) and block_row_grad (one read and one write: coef * (onehot(y) - softmax)).
+//
+// Each thread reads 16-byte vectors (a scalar head up to the first 16-byte boundary, then a
+// scalar tail), so any vocab and any row alignment work. Threads accumulate their columns in
+// increasing order with the online update of dpo/core/math.hpp's row_stats, then the block
+// merges the threads in a fixed tree: the result depends only on the row and BLOCK, never
+// on timing, so it is bitwise reproducible.
+#pragma once
+
+#if !defined(__CUDACC__)
+#error "dpo/cuda/*.cuh need a CUDA compiler; a g++-only program includes <dpo/dpo.hpp>"
+#endif
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "dpo/core/math.hpp"
+
+namespace dpo {
+namespace cuda {
+
+/// Accumulation type of a logits type: double for double, float otherwise (as the CPU path).
+template <class T>
+using acc_t = std::conditional_t<std::is_same<T, double>::value, double, float>;
+
+namespace detail {
+
+using dpo::detail::row_stats;
+
+template <class T>
+__device__ __forceinline__ acc_t<T> to_acc(T v) {
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    return __bfloat162float(v);
+  } else if constexpr (std::is_same<T, __half>::value) {
+    return __half2float(v);
+  } else {
+    return v;
+  }
+}
+
+/// Round to nearest even, as the CPU path.
+template <class T>
+__device__ __forceinline__ T from_acc(acc_t<T> v) {
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    return __float2bfloat16_rn(v);
+  } else if constexpr (std::is_same<T, __half>::value) {
+    return __float2half_rn(v);
+  } else {
+    return v;
+  }
+}
+
+/// Elements of T per 16-byte vector.
+template <class T>
+inline constexpr int vec_width = static_cast<int>(16 / sizeof(T));
+
+/// The W = vec_width<T> values of a 16-byte vector, in column order.
+template <class T>
+__device__ __forceinline__ void unpack(const uint4& u, acc_t<T>* x) {
+  const unsigned w[4] = {u.x, u.y, u.z, u.w};
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    // bf16 -> float is exact: the bf16 bits are the float's top half.
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      x[2 * k] = __uint_as_float(w[k] << 16);
+      x[2 * k + 1] = __uint_as_float(w[k] & 0xffff0000u);
+    }
+  } else if constexpr (std::is_same<T, __half>::value) {
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      __half2 h;
+      static_assert(sizeof(h) == sizeof(unsigned), "half2 is 32 bits");
+      memcpy(&h, &w[k], sizeof(h));
+      const float2 f = __half22float2(h);
+      x[2 * k] = f.x;
+      x[2 * k + 1] = f.y;
+    }
+  } else if constexpr (std::is_same<T, float>::value) {
+#pragma unroll
+    for (int k = 0; k < 4; ++k) x[k] = __uint_as_float(w[k]);
+  } else {
+    static_assert(std::is_same<T, double>::value, "logits must be bf16, fp16, fp32 or fp64");
+    x[0] = __hiloint2double(static_cast<int>(w[1]), static_cast<int>(w[0]));
+    x[1] = __hiloint2double(static_cast<int>(w[3]), static_cast<int>(w[2]));
+  }
+}
+
+/// W accumulation-type values rounded to T and packed in a 16-byte vector.
+template <class T>
+__device__ __forceinline__ uint4 pack(const acc_t<T>* x) {
+  unsigned w[4];
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const __nv_bfloat162 b = __floats2bfloat162_rn(x[2 * k], x[2 * k + 1]);
+      memcpy(&w[k], &b, sizeof(unsigned));
+    }
+  } else if constexpr (std::is_same<T, __half>::value) {
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const __half2 h = __floats2half2_rn(x[2 * k], x[2 * k + 1]);
+      memcpy(&w[k], &h, sizeof(unsigned));
+    }
+  } else if constexpr (std::is_same<T, float>::value) {
+#pragma unroll
+    for (int k = 0; k < 4; ++k) w[k] = __float_as_uint(x[k]);
+  } else {
+#pragma unroll
+    for (int k = 0; k < 2; ++k) {
+      w[2 * k] = static_cast<unsigned>(__double2loint(x[k]));
+      w[2 * k + 1] = static_cast<unsigned>(__double2hiint(x[k]));
+    }
+  }
+  return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+/// 2^x: one MUFU.EX2 for float (relative error about 2^-22; results below 2^-126 flush to
+/// 0, which no sum here can see), the accurate exp2 for double.
+__device__ __forceinline__ float exp2_fast(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+__device__ __forceinline__ double exp2_fast(double x) { return exp2(x); }
+
+template <class A>
+struct log2e {
+  static constexpr A value = A(1.4426950408889634);
+};
+template <class A>
+struct ln2 {
+  static constexpr A value = A(0.6931471805599453);
+};
+
+/// A thread's running statistics. Same meaning as row_stats, except that t is kept in base-2
+/// units (sum e * log2(e)) so every element costs one FFMA + EX2 for its exponential; it is
+/// converted to row_stats' natural units once per thread.
+template <class A>
+struct thread_stats {
+  A m2;    // running max times log2(e)
+  A m;     // running max
+  A s;
+  A t2;
+  A s2;
+  A zsum;
+  std::int64_t argmax;
+};
+
+template <class A>
+__device__ __forceinline__ thread_stats<A> thread_empty() {
+  return {-INFINITY, -INFINITY, A(0), A(0), A(0), A(0), -1};
+}
+
+/// Folds N values at columns col0, col0 + 1, ... (all above the thread's earlier columns).
+/// Same result, up to rounding, as N calls of dpo::detail::push_logit.
+template <bool Metrics, int N, class A>
+__device__ __forceinline__ void push_values(thread_stats<A>& st, const A* x, std::int64_t col0) {
+  // The vector's max ignores NaN (it reaches s through exp below).
+  A vm = x[0] > -INFINITY ? x[0] : -INFINITY;
+#pragma unroll
+  for (int k = 1; k < N; ++k) vm = x[k] > vm ? x[k] : vm;
+  if (vm > st.m) {
+    if (st.m > -INFINITY) {
+      // Rescale the terms taken relative to the old max (t2 shifts by d2 * s).
+      const A d2 = st.m2 - vm * log2e<A>::value;
+      const A f = exp2_fast(d2);
+      if (Metrics) {
+        st.t2 = f * (st.t2 + d2 * st.s);
+        st.s2 = st.s2 * f * f;
+      }
+      st.s = st.s * f;
+    }
+    st.m = vm;
+    st.m2 = vm * log2e<A>::value;
+    if (Metrics) {
+      int first = 0;
+#pragma unroll
+      for (int k = N - 1; k >= 0; --k) first = x[k] == vm ? k : first;
+      st.argmax = col0 + first;
+    }
+  }
+  if (Metrics && st.argmax < 0) st.argmax = col0;  // only -inf or NaN so far: first column
+  if (st.m == -INFINITY) {
+    // No finite value yet: no probability mass (exp(-inf - -inf) would be NaN), except
+    // that a NaN must still reach s.
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      if (x[k] != x[k]) st.s = x[k];
+      if (Metrics) st.zsum += x[k];
+    }
+    return;
+  }
+  const A m2 = st.m2;
+#pragma unroll
+  for (int k = 0; k < N; ++k) {
+    const A d2 = fma(x[k], log2e<A>::value, -m2);
+    const A e = exp2_fast(d2);
+    st.s += e;
+    if (Metrics) {
+      // A -inf logit has e = 0: clamp d2 so it adds 0 * finite, not 0 * -inf.
+      st.t2 = fma(e, fmax(d2, A(-1e30)), st.t2);
+      st.s2 = fma(e, e, st.s2);
+      st.zsum += x[k];
+    }
+  }
+}
+
+template <class A>
+__device__ __forceinline__ row_stats<A> to_row_stats(const thread_stats<A>& t) {
+  row_stats<A> r;
+  r.m = t.m;
+  r.s = t.s;
+  r.t = t.t2 * ln2<A>::value;
+  r.s2 = t.s2;
+  r.zsum = t.zsum;
+  r.argmax = t.argmax;
+  return r;
+}
+
+/// Merges the statistics of two disjoint column sets in any order (unlike
+/// dpo::detail::merge_row_stats, which needs b's columns above a's): ties of the max go to
+/// the lower column, chunks with no finite value add no mass.
+template <bool Metrics, class A>
+__device__ __forceinline__ row_stats<A> merge_unordered(const row_stats<A>& a,
+                                                        const row_stats<A>& b) {
+  row_stats<A> r;
+  const bool b_wins = b.m > a.m;
+  r.m = b_wins ? b.m : a.m;
+  if (Metrics) {
+    if (b_wins) {
+      r.argmax = b.argmax;
+    } else if (b.m == a.m) {
+      r.argmax = a.argmax < 0 ? b.argmax
+                              : (b.argmax < 0 ? a.argmax : (b.argmax < a.argmax ? b.argmax : a.argmax));
+    } else {
+      r.argmax = a.argmax;
+    }
+    r.zsum = a.zsum + b.zsum;
+  } else {
+    r.argmax = -1;
+    r.zsum = A(0);
+  }
+  if (r.m == -INFINITY) {
+    r.s = a.s + b.s;  // 0, or NaN when either side saw a NaN
+    r.t = A(0);
+    r.s2 = A(0);
+    return r;
+  }
+  const A da = a.m - r.m;
+  const A db = b.m - r.m;
+  const A fa = exp(da);
+  const A fb = exp(db);
+  r.s = a.s * fa + b.s * fb;
+  if (Metrics) {
+    r.t = fa * a.t + dpo::detail::exp_times(fa, da) * a.s + fb * b.t +
+          dpo::detail::exp_times(fb, db) * b.s;
+    r.s2 = a.s2 * fa * fa + b.s2 * fb * fb;
+  } else {
+    r.t = A(0);
+    r.s2 = A(0);
+  }
+  return r;
+}
+
+template <bool Metrics, class A>
+__device__ __forceinline__ row_stats<A> warp_reduce_stats(row_stats<A> st) {
+  constexpr unsigned full = 0xffffffffu;
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    row_stats<A> o;
+    o.m = __shfl_down_sync(full, st.m, off);
+    o.s = __shfl_down_sync(full, st.s, off);
+    if (Metrics) {
+      o.t = __shfl_down_sync(full, st.t, off);
+      o.s2 = __shfl_down_sync(full, st.s2, off);
+      o.zsum = __shfl_down_sync(full, st.zsum, off);
+      o.argmax = static_cast<std::int64_t>(
+          __shfl_down_sync(full, static_cast<long long>(st.argmax), off));
+    } else {
+      o.t = o.s2 = o.zsum = A(0);
+      o.argmax = -1;
+    }
+    st = merge_unordered<Metrics>(st, o);
+  }
+  return st;
+}
+
+/// Reduces one row_stats per thread over a block of BLOCK threads in a fixed tree; every
+/// thread gets the result. Uses static shared memory; safe to call repeatedly.
+template <int BLOCK, bool Metrics, class A>
+__device__ __forceinline__ row_stats<A> block_reduce_stats(row_stats<A> st) {
+  static_assert(BLOCK % 32 == 0 && BLOCK >= 32 && BLOCK <= 1024, "BLOCK: a multiple of 32, <= 1024");
+  constexpr int warps = BLOCK / 32;
+  __shared__ row_stats<A> partial[warps];
+  __shared__ row_stats<A> result;
+  const int lane = static_cast<int>(threadIdx.x) & 31;
+  const int warp = static_cast<int>(threadIdx.x) >> 5;
+  st = warp_reduce_stats<Metrics>(st);
+  if (warps == 1) {
+    if (lane == 0) result = st;
+    __syncthreads();
+    const row_stats<A> r = result;
+    __syncthreads();
+    return r;
+  }
+  if (lane == 0) partial[warp] = st;
+  __syncthreads();
+  if (warp == 0) {
+    row_stats<A> w = row_stats<A>::empty();
+    if (lane < warps) w = partial[lane];
+    w = warp_reduce_stats<Metrics>(w);
+    if (lane == 0) result = w;
+  }
+  __syncthreads();
+  // A later call writes `partial` only after every thread passed the barrier above, and
+  // `result` only after its own first barrier, which every thread reaches after this read.
+  return result;
+}
+
+/// Vectors loaded before the first is used: enough bytes in flight to cover DRAM latency.
+inline constexpr int unroll = 4;
+
+}  // namespace detail
+
+/// Statistics of one logits row (see dpo::detail::row_stats): log-sum-exp, and with Metrics
+/// the entropy, lse(2z), logit sum and argmax (first index of the max, as torch.argmax).
+///
+/// Call from every thread of a 1-D block of BLOCK threads (block-uniform control flow: it
+/// synchronizes the block); every thread gets the result. `row` points at vocab values of
+/// type T (bf16, fp16, fp32, fp64), any alignment of T; it is read once, with 16-byte loads
+/// where aligned. Accumulates in acc_t<T>. Deterministic: the result depends only on the row
+/// and BLOCK. With Metrics = false only m and s are set (t, s2, zsum = 0, argmax = -1).
+/// Requires vocab < 2^31.
+template <int BLOCK, bool Metrics = true, class T>
+__device__ dpo::detail::row_stats<acc_t<T>> block_row_stats(const T* row, std::int64_t vocab) {
+  using A = acc_t<T>;
+  constexpr int W = detail::vec_width<T>;
+  constexpr int U = detail::unroll;
+  const int V = static_cast<int>(vocab);
+  const int tid = static_cast<int>(threadIdx.x);
+  detail::thread_stats<A> st = detail::thread_empty<A>();
+  // Scalar head up to the first 16-byte boundary (rows of a strided buffer need not be
+  // aligned), one element per thread.
+  const int mis = static_cast<int>((reinterpret_cast<std::uintptr_t>(row) & 15u) / sizeof(T));
+  int head = mis == 0 ? 0 : W - mis;
+  head = head < V ? head : V;
+  if (tid < head) {
+    const A x = detail::to_acc(row[tid]);
+    detail::push_values<Metrics, 1>(st, &x, tid);
+  }
+  const int nvec = (V - head) / W;
+  const uint4* vp = reinterpret_cast<const uint4*>(row + head);
+  for (int k0 = tid; k0 < nvec; k0 += BLOCK * U) {
+    uint4 buf[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int k = k0 + u * BLOCK;
+      if (k < nvec) buf[u] = vp[k];
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int k = k0 + u * BLOCK;
+      if (k < nvec) {
+        A x[W];
+        detail::unpack<T>(buf[u], x);
+        detail::push_values<Metrics, W>(st, x, head + static_cast<std::int64_t>(k) * W);
+      }
+    }
+  }
+  const int tail = head + nvec * W + tid;  // fewer than W tail elements, W <= BLOCK
+  if (tail < V) {
+    const A x = detail::to_acc(row[tail]);
+    detail::push_values<Metrics, 1>(st, &x, tail);
+  }
+  return detail::block_reduce_stats<BLOCK, Metrics>(detail::to_row_stats(st));
+}
+
+/// Writes the gradient of one row: g[v] = coef * (1[v == y] - exp(z[v] - lse)), rounded to T;
+/// coef == 0 writes zeros without reading z. y outside [0, vocab) adds no one-hot term.
+///
+/// Call from every thread of a 1-D block of BLOCK threads (no synchronization inside). g may
+/// equal z (in place: each element is read before the same thread writes it); any other
+/// overlap of the two rows is not allowed. 16-byte loads and stores when z and g have the
+/// same alignment modulo 16 bytes, scalar ones otherwise. Deterministic.
+template <int BLOCK, class T>
+__device__ void block_row_grad(const T* z, T* g, std::int64_t vocab, acc_t<T> lse, acc_t<T> coef,
+                               std::int64_t y) {
+  using A = acc_t<T>;
+  constexpr int W = detail::vec_width<T>;
+  constexpr int U = detail::unroll;
+  const int V = static_cast<int>(vocab);
+  const int tid = static_cast<int>(threadIdx.x);
+  const A lse2 = lse * detail::log2e<A>::value;
+  const A neg = -coef;
+  const bool zero = coef == A(0);
+  const auto value = [&](A x, std::int64_t col) {
+    if (zero) return A(0);
+    const A v = neg * detail::exp2_fast(fma(x, detail::log2e<A>::value, -lse2));
+    return col == y ? v + coef : v;
+  };
+  const std::uintptr_t gmis = reinterpret_cast<std::uintptr_t>(g) & 15u;
+  if (!zero && (reinterpret_cast<std::uintptr_t>(z) & 15u) != gmis) {
+    for (int c = tid; c < V; c += BLOCK) g[c] = detail::from_acc<T>(value(detail::to_acc(z[c]), c));
+    return;
+  }
+  int head = gmis == 0 ? 0 : W - static_cast<int>(gmis / sizeof(T));
+  head = head < V ? head : V;
+  if (tid < head) g[tid] = detail::from_acc<T>(zero ? A(0) : value(detail::to_acc(z[tid]), tid));
+  const int nvec = (V - head) / W;
+  const uint4* zp = reinterpret_cast<const uint4*>(z + head);
+  uint4* gp = reinterpret_cast<uint4*>(g + head);
+  for (int k0 = tid; k0 < nvec; k0 += BLOCK * U) {
+    uint4 buf[U];
+    if (!zero) {
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int k = k0 + u * BLOCK;
+        if (k < nvec) buf[u] = zp[k];
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int k = k0 + u * BLOCK;
+      if (k < nvec) {
+        A x[W];
+        if (zero) {
+#pragma unroll
+          for (int j = 0; j < W; ++j) x[j] = A(0);
+        } else {
+          detail::unpack<T>(buf[u], x);
+          const std::int64_t col0 = head + static_cast<std::int64_t>(k) * W;
+          const A lse2_ = lse2;
+#pragma unroll
+          for (int j = 0; j < W; ++j)
+            x[j] = neg * detail::exp2_fast(fma(x[j], detail::log2e<A>::value, -lse2_));
+          const std::int64_t o = y - col0;
+          if (o >= 0 && o < W) {
+#pragma unroll
+            for (int j = 0; j < W; ++j) x[j] = j == o ? x[j] + coef : x[j];
+          }
+        }
+        gp[k] = detail::pack<T>(x);
+      }
+    }
+  }
+  const int tail = head + nvec * W + tid;
+  if (tail < V) g[tail] = detail::from_acc<T>(zero ? A(0) : value(detail::to_acc(z[tail]), tail));
+}
+
+}  // namespace cuda
+}  // namespace dpo

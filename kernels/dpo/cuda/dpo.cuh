@@ -1,0 +1,484 @@
+// Copyright 2026 The dpo Authors. SPDX-License-Identifier: Apache-2.0
+//
+// The CUDA API: the functions of dpo::cpu (include/dpo/cpu/dpo.hpp) over device memory.
+//
+//   status f(void* workspace, std::size_t& workspace_bytes, <arguments>, options, stream)
+//
+// * Two-phase workspace, as CUB: with workspace == nullptr the call only checks the
+//   arguments' shapes and sets workspace_bytes; it launches nothing. Then call again with
+//   a device buffer of at least that many bytes (16-byte aligned; cudaMalloc's are).
+// * Every pointer in the views, outputs and gradients is a device pointer; sizes and strides
+//   are int64 host values (rows x vocab beyond 2^31 elements are fine; vocab < 2^31).
+// * No allocation, copy or synchronization: every call only enqueues kernels on `stream`,
+//   so it can be captured in a CUDA graph.
+// * Argument errors are returned as a status (cudaErrorInvalidValue and a message naming
+//   the argument) before anything is enqueued. Errors in device data (a label outside
+//   [0, vocab), cu_seqlens decreasing, negative or past options::num_rows) are found by the
+//   first kernels, recorded in the workspace's error word (dpo/cuda/status.cuh) and turn
+//   every later kernel into a no-op, so no output is written; read them with
+//   read_device_error(workspace, stream) (copies the word back and synchronizes) or copy
+//   sizeof(device_error) bytes from the workspace yourself.
+// * Deterministic: fixed reduction trees, no float atomics; results are bitwise identical
+//   run to run (for a given GPU architecture and block configuration). They match the CPU
+//   path to rounding (different exponential and summation order), not bitwise.
+//
+// Dtypes: logits T = __nv_bfloat16, __half, float, double (accumulated in fp32; fp64 for
+// double); labels L = int32_t or int64_t.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <climits>
+#include <cstdint>
+#include <string>
+
+#include "dpo/core/layout.hpp"
+#include "dpo/core/validate.hpp"
+#include "dpo/cuda/block.cuh"
+#include "dpo/cuda/kernels.cuh"
+#include "dpo/cuda/status.cuh"
+
+namespace dpo {
+namespace cuda {
+
+/// Run-time options of the CUDA entry points.
+struct options {
+  /// Compute the logged metrics (entropy, logits mean, token accuracy) in the forward pass:
+  /// extra arithmetic per logit, no extra memory traffic.
+  bool metrics = true;
+  /// For packed views (cu_seqlens != null): the number of rows of the logits buffer. The
+  /// host cannot read cu_seqlens, so this bounds the rows of a view (and sizes the
+  /// workspace); the kernels check cu_seqlens against it. Ignored for padded views.
+  std::int64_t num_rows = -1;
+};
+
+namespace detail {
+
+inline status invalid(const char* fmt, ...) {
+  status s;
+  s.code = cudaErrorInvalidValue;
+  std::va_list args;
+  va_start(args, fmt);
+  std::vsnprintf(s.message, sizeof(s.message), fmt, args);
+  va_end(args);
+  return s;
+}
+
+using ll = long long;
+
+/// Host checks of one view (nothing on the device is read). Sets *cap to the rows the
+/// workspace holds for it.
+template <class T, class L>
+status check_view(const token_view<T, L>& v, const char* name, const options& opt,
+                  std::int64_t* cap) {
+  *cap = 0;
+  if (v.num_seqs < 0 || v.num_seqs >= INT_MAX)
+    return invalid("dpo: %s.num_seqs = %lld is invalid: must be in [0, 2^31)", name, ll(v.num_seqs));
+  if (v.vocab < 1 || v.vocab >= INT_MAX)
+    return invalid("dpo: %s.vocab = %lld is invalid: must be in [1, 2^31)", name, ll(v.vocab));
+  if (v.row_stride < v.vocab)
+    return invalid("dpo: %s.row_stride = %lld is invalid: must be >= vocab = %lld", name,
+                   ll(v.row_stride), ll(v.vocab));
+  if (v.first_seq < 0)
+    return invalid("dpo: %s.first_seq = %lld is invalid: must be >= 0", name, ll(v.first_seq));
+  if (v.cu_seqlens == nullptr) {
+    if (v.seq_len < 0)
+      return invalid("dpo: %s.seq_len = %lld is invalid: must be >= 0", name, ll(v.seq_len));
+    const std::int64_t end_seq = v.first_seq + v.num_seqs;
+    if (v.seq_len > 0 && (end_seq > LLONG_MAX / v.seq_len ||
+                          end_seq * v.seq_len > LLONG_MAX / v.row_stride))
+      return invalid("dpo: %s: rows x row_stride overflows int64", name);
+    *cap = v.num_seqs * v.seq_len;
+  } else {
+    if (opt.num_rows < 0)
+      return invalid("dpo: options.num_rows = %lld is invalid for the packed view %s: give the "
+                     "rows of the logits buffer (>= 0)", ll(opt.num_rows), name);
+    if (opt.num_rows > LLONG_MAX / v.row_stride)
+      return invalid("dpo: %s: num_rows x row_stride overflows int64", name);
+    *cap = v.num_seqs > 0 ? opt.num_rows : 0;
+  }
+  if (*cap > 0) {
+    if (v.logits == nullptr) return invalid("dpo: %s.logits is null", name);
+    if (v.labels == nullptr) return invalid("dpo: %s.labels is null", name);
+  }
+  return {};
+}
+
+template <class T, class L>
+status check_pairs(const pair_view<T, L>& p, const char* name, const options& opt,
+                   std::int64_t cap[2]) {
+  if (p.concatenated_seqs % 2 != 0)
+    return invalid("dpo: %s.num_seqs = %lld is odd: the paired layout needs rows [0, P) chosen "
+                   "and [P, 2P) rejected", name, ll(p.concatenated_seqs));
+  if (p.chosen.num_seqs != p.rejected.num_seqs)
+    return invalid("dpo: %s: chosen.num_seqs = %lld != rejected.num_seqs = %lld", name,
+                   ll(p.chosen.num_seqs), ll(p.rejected.num_seqs));
+  if (p.chosen.num_seqs < 1)
+    return invalid("dpo: %s.num_pairs = %lld is invalid: must be >= 1", name, ll(p.chosen.num_seqs));
+  if (p.chosen.vocab != p.rejected.vocab)
+    return invalid("dpo: %s: chosen.vocab = %lld != rejected.vocab = %lld", name,
+                   ll(p.chosen.vocab), ll(p.rejected.vocab));
+  const std::string c = std::string(name) + ".chosen", r = std::string(name) + ".rejected";
+  status s = check_view(p.chosen, c.c_str(), opt, &cap[0]);
+  if (!s) return s;
+  return check_view(p.rejected, r.c_str(), opt, &cap[1]);
+}
+
+/// Bytes [lo, hi) that a view's rows may occupy in a buffer (base, stride): exact for
+/// padded views, the whole num_rows buffer for packed ones (the host cannot read cu_seqlens).
+template <class T, class L>
+void row_bytes(const void* base, std::int64_t stride, const token_view<T, L>& v,
+               const options& opt, std::uintptr_t* lo, std::uintptr_t* hi) {
+  std::int64_t r0 = 0, r1 = 0;
+  if (v.cu_seqlens == nullptr) {
+    r0 = v.row_begin(0);
+    r1 = v.row_end(v.num_seqs - 1);
+  } else {
+    r1 = opt.num_rows;
+  }
+  const std::uintptr_t b = reinterpret_cast<std::uintptr_t>(base);
+  if (r1 <= r0 || base == nullptr) {
+    *lo = *hi = 0;
+    return;
+  }
+  *lo = b + static_cast<std::uintptr_t>(r0 * stride) * sizeof(T);
+  *hi = b + static_cast<std::uintptr_t>((r1 - 1) * stride + v.vocab) * sizeof(T);
+}
+
+/// Whether rows of `a` in buffer (pa, sa) and rows of `b` in buffer (pb, sb) can overlap.
+/// Two views of one packed buffer with the same cu_seqlens and disjoint sequence ranges have
+/// disjoint rows (cu_seqlens is checked to be non-decreasing on the device).
+template <class T, class L>
+bool may_overlap(const T* pa, std::int64_t sa, const token_view<T, L>& a, const T* pb,
+                 std::int64_t sb, const token_view<T, L>& b, const options& opt) {
+  if (pa == pb && sa == sb && a.cu_seqlens != nullptr && a.cu_seqlens == b.cu_seqlens &&
+      (a.first_seq + a.num_seqs <= b.first_seq || b.first_seq + b.num_seqs <= a.first_seq))
+    return false;
+  std::uintptr_t alo, ahi, blo, bhi;
+  row_bytes(pa, sa, a, opt, &alo, &ahi);
+  row_bytes(pb, sb, b, opt, &blo, &bhi);
+  return alo != 0 && blo != 0 && alo < bhi && blo < ahi;
+}
+
+/// The gradient buffers: non-null, stride >= vocab, and either exactly the side's logits
+/// (in place: same pointer and stride) or disjoint from every logits row that is read.
+template <class T, class L>
+status check_grad(const pair_view<T, L>& p, const pair_grad_view<T>& g, const options& opt) {
+  T* ptr[2] = {g.chosen, g.rejected};
+  const std::int64_t stride[2] = {g.chosen_stride, g.rejected_stride};
+  const token_view<T, L>* v[2] = {&p.chosen, &p.rejected};
+  const char* name[2] = {"grad.chosen", "grad.rejected"};
+  for (int s = 0; s < 2; ++s) {
+    if (ptr[s] == nullptr) return invalid("dpo: %s is null", name[s]);
+    if (stride[s] < v[s]->vocab)
+      return invalid("dpo: %s_stride = %lld is invalid: must be >= vocab = %lld", name[s],
+                     ll(stride[s]), ll(v[s]->vocab));
+  }
+  for (int s = 0; s < 2; ++s) {
+    const bool in_place = ptr[s] == v[s]->logits && stride[s] == v[s]->row_stride;
+    for (int o = 0; o < 2; ++o) {
+      if (o == s && in_place) continue;
+      if (may_overlap<T, L>(ptr[s], stride[s], *v[s], v[o]->logits, v[o]->row_stride, *v[o], opt))
+        return invalid("dpo: %s overlaps the logits without being the logits buffer itself "
+                       "(same pointer and stride): unsupported aliasing", name[s]);
+    }
+  }
+  if (may_overlap<T, L>(ptr[0], stride[0], *v[0], ptr[1], stride[1], *v[1], opt))
+    return invalid("dpo: grad.chosen and grad.rejected overlap: unsupported aliasing");
+  return {};
+}
+
+inline status check_workspace(void* workspace, std::size_t workspace_bytes, std::size_t needed) {
+  if (workspace_bytes < needed)
+    return invalid("dpo: workspace_bytes = %llu is too small: %llu needed", (unsigned long long)workspace_bytes,
+                   (unsigned long long)needed);
+  if (reinterpret_cast<std::uintptr_t>(workspace) % 16 != 0)
+    return invalid("dpo: workspace is not 16-byte aligned");
+  return {};
+}
+
+inline status launched(const char* what) {
+  const cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess)
+    return make_status(e, "dpo: launch of %s failed: %s", what, cudaGetErrorString(e));
+  return {};
+}
+
+/// Blocks of a persistent row kernel: enough to fill the device, at most one per row.
+template <class Kernel>
+status row_grid(Kernel kernel, int block, std::int64_t rows, int* grid) {
+  int dev = 0, sms = 0, per_sm = 0;
+  cudaError_t e = cudaGetDevice(&dev);
+  if (e == cudaSuccess) e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  if (e == cudaSuccess) e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, block, 0);
+  if (e != cudaSuccess) return make_status(e, "dpo: device query failed: %s", cudaGetErrorString(e));
+  const std::int64_t full = static_cast<std::int64_t>(sms) * (per_sm > 0 ? per_sm : 1);
+  *grid = static_cast<int>(rows < full ? (rows > 0 ? rows : 1) : full);
+  return {};
+}
+
+template <class T, class L>
+views<T, L> make_views(const token_view<T, L>& a, const token_view<T, L>* b, const options& opt) {
+  views<T, L> vs;
+  vs.v[0] = a;
+  vs.v[1] = b ? *b : a;
+  if (!b) vs.v[1].num_seqs = 0;
+  vs.num_sides = b ? 2 : 1;
+  vs.num_rows = opt.num_rows;
+  return vs;
+}
+
+/// check_kernel then rows_kernel: the one read of the logits of a forward pass.
+template <bool Metrics, class T, class L>
+status run_rows(const views<T, L>& vs, const ws_ptrs& w, const std::int64_t cap[2],
+                cudaStream_t stream) {
+  check_kernel<T, L><<<1, 256, 0, stream>>>(vs, w.h);
+  status s = launched("check_kernel");
+  if (!s) return s;
+  const auto kernel = rows_kernel<rows_block, Metrics, T, L>;
+  int grid = 1;
+  s = row_grid(kernel, rows_block, cap[0] + cap[1], &grid);
+  if (!s) return s;
+  kernel<<<grid, rows_block, 0, stream>>>(vs, w);
+  return launched("rows_kernel");
+}
+
+template <class T, class L>
+status run_sequences(const views<T, L>& vs, const ws_ptrs& w, const sequence_params& p,
+                     cudaStream_t stream) {
+  const std::int64_t blocks = p.seqs * vs.num_sides;
+  sequence_kernel<seq_block, T, L><<<static_cast<unsigned>(blocks), seq_block, 0, stream>>>(vs, w, p);
+  return launched("sequence_kernel");
+}
+
+template <class T, class L>
+status run_backward(const views<T, L>& vs, const ws_ptrs& w, const std::int64_t cap[2],
+                    const pair_grad_view<T>& grad, const double* grad_output, std::int64_t pairs,
+                    cudaStream_t stream) {
+  backward_params<T> bp;
+  bp.grad[0] = grad.chosen;
+  bp.grad[1] = grad.rejected;
+  bp.grad_stride[0] = grad.chosen_stride;
+  bp.grad_stride[1] = grad.rejected_stride;
+  bp.grad_output = grad_output;
+  bp.pairs = pairs;
+  const auto kernel = backward_kernel<rows_block, T, L>;
+  int grid = 1;
+  status s = row_grid(kernel, rows_block, cap[0] + cap[1], &grid);
+  if (!s) return s;
+  kernel<<<grid, rows_block, 0, stream>>>(vs, w, bp);
+  return launched("backward_kernel");
+}
+
+inline bool needs_reference(const loss_config& cfg) {
+  return !cfg.reference_free && !dpo::detail::is_reference_free_type(cfg.terms[0].type);
+}
+
+/// Checks of dpo_forward's arguments shared with dpo_forward_backward.
+template <class T, class L>
+status check_forward(const pair_view<T, L>& policy, const double* ref_chosen,
+                     const double* ref_rejected, const loss_config& cfg, const options& opt,
+                     std::int64_t cap[2]) {
+  const std::string msg = validate_config(cfg);
+  if (!msg.empty()) return invalid("dpo: %s", msg.c_str());
+  status s = check_pairs(policy, "logits", opt, cap);
+  if (!s) return s;
+  if (needs_reference(cfg) && (ref_chosen == nullptr || ref_rejected == nullptr))
+    return invalid("dpo: %s is null (needed unless reference_free)",
+                   ref_chosen == nullptr ? "ref_chosen_logps" : "ref_rejected_logps");
+  return {};
+}
+
+template <class T, class L>
+status enqueue_forward(const pair_view<T, L>& policy, const double* ref_chosen,
+                       const double* ref_rejected, const loss_config& cfg,
+                       const forward_outputs& out, const options& opt, const ws_ptrs& w,
+                       const std::int64_t cap[2], cudaStream_t stream) {
+  const views<T, L> vs = make_views(policy.chosen, &policy.rejected, opt);
+  const bool metrics = opt.metrics || cfg.use_weighting;
+  status s = metrics ? run_rows<true>(vs, w, cap, stream)
+                     : run_rows<false>(vs, w, cap, stream);
+  if (!s) return s;
+  sequence_params sp{};
+  sp.seqs = policy.num_pairs();
+  sp.ld = cfg.ld_alpha != 1.0;
+  sp.ld_alpha = cfg.ld_alpha;
+  s = run_sequences(vs, w, sp, stream);
+  if (!s) return s;
+  pair_params pp;
+  pp.cfg = cfg;
+  pp.pairs = policy.num_pairs();
+  pp.vocab = policy.chosen.vocab;
+  pp.metrics = metrics;
+  const bool ref = needs_reference(cfg);
+  pp.ref_chosen = ref ? ref_chosen : nullptr;
+  pp.ref_rejected = ref ? ref_rejected : nullptr;
+  pp.out = out;
+  pair_kernel<pair_block><<<1, pair_block, 0, stream>>>(w, pp);
+  return launched("pair_kernel");
+}
+
+}  // namespace detail
+
+/// Per-sequence log-probs (forward only, e.g. the reference model): one read of the logits.
+///
+/// `in`: a token_view of device pointers (padded or packed; for packed set
+/// options::num_rows). Writes sums[s] (double, [num_seqs]) = sum of the completion-token
+/// log-probs of sequence s (fp32 per row, fp64 for double logits, summed in fp64),
+/// counts[s] (int64, [num_seqs]) its completion-token count and, when token_logps is not
+/// null, the log-prob of every row of the view's sequences (0 for masked rows), indexed from
+/// the first sequence's first row (its size: num_seqs * seq_len, or options::num_rows for
+/// packed views). Deterministic. Does not write the logits.
+template <class T, class L>
+status sequence_logps(void* workspace, std::size_t& workspace_bytes, const token_view<T, L>& in,
+                      double* sums, std::int64_t* counts, double* token_logps = nullptr,
+                      const options& opt = {}, cudaStream_t stream = 0) {
+  std::int64_t cap[2] = {0, 0};
+  status s = detail::check_view(in, "logits", opt, &cap[0]);
+  if (!s) return s;
+  detail::ws_ptrs w;
+  const std::size_t needed = detail::carve(0, cap, in.num_seqs, 0, &w);
+  if (workspace == nullptr) {
+    workspace_bytes = needed;
+    return {};
+  }
+  s = detail::check_workspace(workspace, workspace_bytes, needed);
+  if (!s) return s;
+  if (in.num_seqs > 0 && (sums == nullptr || counts == nullptr))
+    return detail::invalid("dpo: %s is null", sums == nullptr ? "sums" : "counts");
+  if (in.num_seqs == 0) return {};
+  detail::carve(reinterpret_cast<std::uintptr_t>(workspace), cap, in.num_seqs, 0, &w);
+  const detail::views<T, L> vs = detail::make_views<T, L>(in, nullptr, opt);
+  s = detail::run_rows<false>(vs, w, cap, stream);
+  if (!s) return s;
+  detail::sequence_params sp{};
+  sp.seqs = in.num_seqs;
+  sp.ld = false;
+  sp.ld_alpha = 1.0;
+  sp.out_logp[0] = sums;
+  sp.out_count = counts;
+  sp.token_logps = token_logps;
+  return detail::run_sequences(vs, w, sp, stream);
+}
+
+/// Sequence log-probs of both sides of a batch of pairs, LD-DPO weighted when ld_alpha < 1
+/// (use it for the reference model so policy and reference are weighted alike). Writes
+/// chosen[i], rejected[i] (device, [P]). One read of the logits; deterministic.
+template <class T, class L>
+status pair_logps(void* workspace, std::size_t& workspace_bytes, const pair_view<T, L>& in,
+                  double ld_alpha, double* chosen, double* rejected, const options& opt = {},
+                  cudaStream_t stream = 0) {
+  std::int64_t cap[2] = {0, 0};
+  status s = detail::check_pairs(in, "logits", opt, cap);
+  if (!s) return s;
+  if (!(ld_alpha >= 0.0 && ld_alpha <= 1.0))
+    return detail::invalid("dpo: ld_alpha = %g is invalid: must be in [0, 1]", ld_alpha);
+  detail::ws_ptrs w;
+  const std::size_t needed = detail::carve(0, cap, in.num_pairs(), in.num_pairs(), &w);
+  if (workspace == nullptr) {
+    workspace_bytes = needed;
+    return {};
+  }
+  s = detail::check_workspace(workspace, workspace_bytes, needed);
+  if (!s) return s;
+  if (chosen == nullptr || rejected == nullptr)
+    return detail::invalid("dpo: %s is null", chosen == nullptr ? "chosen" : "rejected");
+  detail::carve(reinterpret_cast<std::uintptr_t>(workspace), cap, in.num_pairs(), in.num_pairs(), &w);
+  const detail::views<T, L> vs = detail::make_views(in.chosen, &in.rejected, opt);
+  s = detail::run_rows<false>(vs, w, cap, stream);
+  if (!s) return s;
+  detail::sequence_params sp{};
+  sp.seqs = in.num_pairs();
+  sp.ld = ld_alpha != 1.0;
+  sp.ld_alpha = ld_alpha;
+  sp.out_logp[0] = chosen;
+  sp.out_logp[1] = rejected;
+  return detail::run_sequences(vs, w, sp, stream);
+}
+
+/// The fused forward pass: per-token log-probs of the policy logits, their sequence sums,
+/// the pair losses against the reference log-probs (device [P] each; null for
+/// reference-free losses) and every metric, with one read of the logits. Results go to
+/// `out` (device pointers, each optional); the workspace keeps what dpo_backward needs, so
+/// pass the same workspace, views and options to dpo_backward. Deterministic.
+template <class T, class L>
+status dpo_forward(void* workspace, std::size_t& workspace_bytes, const pair_view<T, L>& policy,
+                   const double* ref_chosen, const double* ref_rejected, const loss_config& cfg,
+                   const forward_outputs& out, const options& opt = {}, cudaStream_t stream = 0) {
+  std::int64_t cap[2] = {0, 0};
+  status s = detail::check_forward(policy, ref_chosen, ref_rejected, cfg, opt, cap);
+  if (!s) return s;
+  detail::ws_ptrs w;
+  const std::int64_t P = policy.num_pairs();
+  const std::size_t needed = detail::carve(0, cap, P, P, &w);
+  if (workspace == nullptr) {
+    workspace_bytes = needed;
+    return {};
+  }
+  s = detail::check_workspace(workspace, workspace_bytes, needed);
+  if (!s) return s;
+  detail::carve(reinterpret_cast<std::uintptr_t>(workspace), cap, P, P, &w);
+  return detail::enqueue_forward(policy, ref_chosen, ref_rejected, cfg, out, opt, w, cap, stream);
+}
+
+/// The gradient of grad_output * loss with respect to the policy logits, from the state a
+/// dpo_forward with the same views, options and workspace left there. grad_output is a
+/// device scalar (null means 1), so autograd needs no sync. Writes `grad` (dtype T, one
+/// buffer per side, rows indexed as the side's logits; columns [vocab, stride) untouched).
+/// In place when grad points at the logits with the same stride (the logits are then
+/// overwritten); any other overlap is rejected. One read of the logits, one write. Masked
+/// rows get exact zeros. If the workspace holds no matching forward state, nothing is
+/// written and the error word says so. Deterministic.
+template <class T, class L>
+status dpo_backward(void* workspace, std::size_t& workspace_bytes, const pair_view<T, L>& policy,
+                    const pair_grad_view<T>& grad, const double* grad_output = nullptr,
+                    const options& opt = {}, cudaStream_t stream = 0) {
+  std::int64_t cap[2] = {0, 0};
+  status s = detail::check_pairs(policy, "logits", opt, cap);
+  if (!s) return s;
+  s = detail::check_grad(policy, grad, opt);
+  if (!s) return s;
+  detail::ws_ptrs w;
+  const std::int64_t P = policy.num_pairs();
+  const std::size_t needed = detail::carve(0, cap, P, P, &w);
+  if (workspace == nullptr) {
+    workspace_bytes = needed;
+    return {};
+  }
+  s = detail::check_workspace(workspace, workspace_bytes, needed);
+  if (!s) return s;
+  detail::carve(reinterpret_cast<std::uintptr_t>(workspace), cap, P, P, &w);
+  const detail::views<T, L> vs = detail::make_views(policy.chosen, &policy.rejected, opt);
+  return detail::run_backward(vs, w, cap, grad, grad_output, P, stream);
+}
+
+/// dpo_forward then dpo_backward (grad_output 1): two reads and one write of the logits.
+template <class T, class L>
+status dpo_forward_backward(void* workspace, std::size_t& workspace_bytes,
+                            const pair_view<T, L>& policy, const double* ref_chosen,
+                            const double* ref_rejected, const loss_config& cfg,
+                            const forward_outputs& out, const pair_grad_view<T>& grad,
+                            const options& opt = {}, cudaStream_t stream = 0) {
+  std::int64_t cap[2] = {0, 0};
+  status s = detail::check_forward(policy, ref_chosen, ref_rejected, cfg, opt, cap);
+  if (!s) return s;
+  s = detail::check_grad(policy, grad, opt);
+  if (!s) return s;
+  detail::ws_ptrs w;
+  const std::int64_t P = policy.num_pairs();
+  const std::size_t needed = detail::carve(0, cap, P, P, &w);
+  if (workspace == nullptr) {
+    workspace_bytes = needed;
+    return {};
+  }
+  s = detail::check_workspace(workspace, workspace_bytes, needed);
+  if (!s) return s;
+  detail::carve(reinterpret_cast<std::uintptr_t>(workspace), cap, P, P, &w);
+  s = detail::enqueue_forward(policy, ref_chosen, ref_rejected, cfg, out, opt, w, cap, stream);
+  if (!s) return s;
+  const detail::views<T, L> vs = detail::make_views(policy.chosen, &policy.rejected, opt);
+  return detail::run_backward(vs, w, cap, grad, nullptr, P, stream);
+}
+
+}  // namespace cuda
+}  // namespace dpo

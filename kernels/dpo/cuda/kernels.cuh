@@ -1,0 +1,607 @@
+// Copyright 2026 The dpo Authors. SPDX-License-Identifier: Apache-2.0
+//
+// The kernels of the CUDA pipeline (internal; the API is dpo/cuda/dpo.cuh). One call runs
+//   check_kernel     1 block: resets the error word, checks cu_seqlens (device data)
+//   rows_kernel      a row per block iteration: one read of the row -> lse, label log-prob,
+//                    metric terms; checks the label
+//   sequence_kernel  a block per sequence: completion-token counts, LD-DPO weights (block
+//                    scan of the completion flags), fixed-order sums
+//   pair_kernel      1 block: WPO weights, aot ranks, dpo::detail::contribution per pair,
+//                    loss and metrics
+//   backward_kernel  a row per block iteration: one more read and one write
+// A kernel that finds the error word set returns at once, so invalid data writes nothing.
+// No float atomics anywhere: every sum is a fixed tree, so results are bitwise reproducible.
+#pragma once
+
+#include <cub/block/block_reduce.cuh>
+#include <cub/block/block_scan.cuh>
+
+#include <climits>
+#include <cstdint>
+
+#include "dpo/core/layout.hpp"
+#include "dpo/core/pair_batch.hpp"
+#include "dpo/cuda/block.cuh"
+#include "dpo/cuda/status.cuh"
+
+namespace dpo {
+namespace cuda {
+
+/// The metrics TRL's DPOTrainer logs; the same fields, in the same order, as
+/// dpo::cpu::metrics.
+struct metrics {
+  double rewards_chosen;
+  double rewards_rejected;
+  double rewards_margins;
+  double rewards_accuracies;
+  double logps_chosen;
+  double logps_rejected;
+  double logits_chosen;
+  double logits_rejected;
+  double entropy;
+  double mean_token_accuracy;
+  double nll_loss;
+};
+
+/// Where dpo_forward writes its results: device pointers, each may be null (not written).
+/// Per-pair arrays have P entries; the meaning of each is that of dpo::cpu::forward_result.
+struct forward_outputs {
+  double* loss = nullptr;              // [1] the batch loss
+  cuda::metrics* metrics = nullptr;    // [1]
+  double* losses = nullptr;            // per-pair loss; the batch loss is their mean
+  double* chosen_rewards = nullptr;    // beta * (pi_c - rho_c)
+  double* rejected_rewards = nullptr;  // beta * (pi_r - rho_r)
+  double* chosen_logps = nullptr;      // pi_c (LD-DPO weighted when ld_alpha < 1)
+  double* rejected_logps = nullptr;    // pi_r
+  double* chosen_tokens = nullptr;     // completion-token counts L_c
+  double* rejected_tokens = nullptr;   // L_r
+  double* weights = nullptr;           // WPO weight W_i (1 without use_weighting)
+  double* grad_chosen = nullptr;       // dL/dpi_c per pair
+  double* grad_rejected = nullptr;     // dL/dpi_r per pair
+  double* nll_token_grad = nullptr;    // [1] dL/dlogp of each chosen completion token (NLL terms)
+};
+
+namespace detail {
+
+inline constexpr int rows_block = 256;
+inline constexpr int seq_block = 256;
+inline constexpr int pair_block = 256;
+inline constexpr std::int32_t state_magic = 0x44504f31;  // "DPO1": dpo_forward finished
+inline constexpr unsigned long long no_label_error = ~0ull;
+
+/// The workspace header. device_error first: its offset (0) is public.
+struct ws_header {
+  device_error err;
+  unsigned long long label_key;  // min over out-of-range labels of (side << 62 | row)
+  std::int32_t magic;            // state_magic once dpo_forward's pair stage has run
+  std::int32_t reserved;
+  std::int64_t sig_pairs;        // what that dpo_forward was called with
+  std::int64_t sig_vocab;
+  std::int64_t sig_rows[2];     // rows per side, written by sequence_kernel
+  double nll_token_grad;
+};
+
+/// Per-row values of one side, indexed from the side's first row.
+struct row_arrays {
+  double* lse;
+  double* logp;  // 0 for masked rows
+  double* ent;
+  double* zmean;
+  double* wpo;
+  double* hit;
+  double* ldw;         // LD-DPO weight of the row (0 for masked rows)
+  std::int32_t* seq;   // sequence of the row, -1 for masked rows
+};
+
+/// Per-sequence sums of one side.
+struct seq_arrays {
+  double* logp;   // LD-weighted
+  double* plain;  // unweighted
+  double* ent;
+  double* zmean;
+  double* wpo;
+  double* hit;
+  double* count;
+};
+
+struct pair_arrays {
+  double* weights;
+  double* a;
+  double* b;
+  double* sa;
+  double* sb;
+  std::int64_t* ra;
+  std::int64_t* rb;
+  double* gc;
+  double* gr;
+};
+
+struct ws_ptrs {
+  ws_header* h;
+  row_arrays rows[2];
+  seq_arrays seqs[2];
+  pair_arrays pairs;
+};
+
+/// Lays the workspace out from `base` (0 to only measure it) and returns its size. The same
+/// sizes give the same layout, which is how dpo_backward finds dpo_forward's state.
+inline std::size_t carve(std::uintptr_t base, const std::int64_t cap[2], std::int64_t seqs,
+                         std::int64_t pairs, ws_ptrs* out) {
+  std::size_t off = 0;
+  const auto take = [&](std::size_t bytes) {
+    const std::uintptr_t p = base + off;
+    off += (bytes + 255) / 256 * 256;
+    return p;
+  };
+  out->h = reinterpret_cast<ws_header*>(take(sizeof(ws_header)));
+  for (int s = 0; s < 2; ++s) {
+    const std::size_t n = static_cast<std::size_t>(cap[s]);
+    row_arrays& r = out->rows[s];
+    r.lse = reinterpret_cast<double*>(take(n * sizeof(double)));
+    r.logp = reinterpret_cast<double*>(take(n * sizeof(double)));
+    r.ent = reinterpret_cast<double*>(take(n * sizeof(double)));
+    r.zmean = reinterpret_cast<double*>(take(n * sizeof(double)));
+    r.wpo = reinterpret_cast<double*>(take(n * sizeof(double)));
+    r.hit = reinterpret_cast<double*>(take(n * sizeof(double)));
+    r.ldw = reinterpret_cast<double*>(take(n * sizeof(double)));
+    r.seq = reinterpret_cast<std::int32_t*>(take(n * sizeof(std::int32_t)));
+    const std::size_t m = static_cast<std::size_t>(seqs);
+    seq_arrays& q = out->seqs[s];
+    q.logp = reinterpret_cast<double*>(take(m * sizeof(double)));
+    q.plain = reinterpret_cast<double*>(take(m * sizeof(double)));
+    q.ent = reinterpret_cast<double*>(take(m * sizeof(double)));
+    q.zmean = reinterpret_cast<double*>(take(m * sizeof(double)));
+    q.wpo = reinterpret_cast<double*>(take(m * sizeof(double)));
+    q.hit = reinterpret_cast<double*>(take(m * sizeof(double)));
+    q.count = reinterpret_cast<double*>(take(m * sizeof(double)));
+  }
+  const std::size_t p = static_cast<std::size_t>(pairs);
+  pair_arrays& a = out->pairs;
+  a.weights = reinterpret_cast<double*>(take(p * sizeof(double)));
+  a.a = reinterpret_cast<double*>(take(p * sizeof(double)));
+  a.b = reinterpret_cast<double*>(take(p * sizeof(double)));
+  a.sa = reinterpret_cast<double*>(take(p * sizeof(double)));
+  a.sb = reinterpret_cast<double*>(take(p * sizeof(double)));
+  a.ra = reinterpret_cast<std::int64_t*>(take(p * sizeof(std::int64_t)));
+  a.rb = reinterpret_cast<std::int64_t*>(take(p * sizeof(std::int64_t)));
+  a.gc = reinterpret_cast<double*>(take(p * sizeof(double)));
+  a.gr = reinterpret_cast<double*>(take(p * sizeof(double)));
+  return off;
+}
+
+/// The views of one call: one side (sequence_logps) or two (chosen, rejected).
+template <class T, class L>
+struct views {
+  token_view<T, L> v[2];
+  int num_sides;
+  std::int64_t num_rows;  // packed views: rows of the buffer (cu_seqlens must stay within)
+};
+
+/// Rows [row_begin(0), row_end(last)) of a view, read on the device.
+template <class T, class L>
+__device__ __forceinline__ std::int64_t side_rows(const token_view<T, L>& v) {
+  return v.num_seqs > 0 ? v.row_end(v.num_seqs - 1) - v.row_begin(0) : 0;
+}
+
+__device__ __forceinline__ bool has_error(const ws_header* h) {
+  return h->err.code != 0 || h->label_key != no_label_error;
+}
+
+/// Resets the error word and the forward state (the rows arrays are about to be rewritten)
+/// and checks cu_seqlens.
+template <class T, class L>
+__global__ void check_kernel(views<T, L> vs, ws_header* h) {
+  __shared__ long long first_bad;
+  const int tid = static_cast<int>(threadIdx.x);
+  if (tid == 0) {
+    h->err = device_error{0, 0, 0, 0, 0};
+    h->label_key = no_label_error;
+    h->magic = 0;
+  }
+  for (int side = 0; side < vs.num_sides; ++side) {
+    const token_view<T, L>& v = vs.v[side];
+    if (v.cu_seqlens == nullptr || v.num_seqs == 0) continue;
+    if (tid == 0) first_bad = LLONG_MAX;
+    __syncthreads();
+    const std::int64_t* cu = v.cu_seqlens + v.first_seq;
+    for (std::int64_t s = tid; s <= v.num_seqs; s += blockDim.x) {
+      const bool bad = cu[s] < 0 || (s > 0 && cu[s] < cu[s - 1]) || cu[s] > vs.num_rows;
+      if (bad) atomicMin(&first_bad, static_cast<long long>(s));
+    }
+    __syncthreads();
+    const long long s = first_bad;
+    if (s != LLONG_MAX) {
+      if (tid == 0) {
+        device_error e{0, side, v.first_seq + s, cu[s], 0};
+        if (cu[s] < 0) {
+          e.code = static_cast<std::int32_t>(device_error_code::cu_seqlens_negative);
+        } else if (s > 0 && cu[s] < cu[s - 1]) {
+          e.code = static_cast<std::int32_t>(device_error_code::cu_seqlens_decreasing);
+          e.bound = cu[s - 1];
+        } else {
+          e.code = static_cast<std::int32_t>(device_error_code::cu_seqlens_past_rows);
+          e.bound = vs.num_rows;
+        }
+        h->err = e;
+      }
+      return;
+    }
+    __syncthreads();  // first_bad is reset for the next side
+  }
+}
+
+/// Forward over the rows of every side: one read of each completion row.
+template <int BLOCK, bool Metrics, class T, class L>
+__global__ void __launch_bounds__(BLOCK) rows_kernel(views<T, L> vs, ws_ptrs w) {
+  using A = acc_t<T>;
+  ws_header* h = w.h;
+  if (h->err.code != 0) return;
+  const std::int64_t n0 = side_rows(vs.v[0]);
+  const std::int64_t n = n0 + (vs.num_sides > 1 ? side_rows(vs.v[1]) : 0);
+  for (std::int64_t i = blockIdx.x; i < n; i += gridDim.x) {
+    const int side = i >= n0 ? 1 : 0;
+    const std::int64_t local = side ? i - n0 : i;
+    const token_view<T, L>& v = vs.v[side];
+    const row_arrays& ra = w.rows[side];
+    const std::int64_t r = v.row_begin(0) + local;
+    const std::int64_t y = v.target(r);
+    if (y < 0 || y >= v.vocab) {  // block-uniform: y is the same in every thread
+      if (threadIdx.x == 0) {
+        ra.lse[local] = 0.0;
+        ra.logp[local] = 0.0;
+        ra.ent[local] = 0.0;
+        ra.zmean[local] = 0.0;
+        ra.wpo[local] = 0.0;
+        ra.hit[local] = 0.0;
+        // As the CPU check: -1 is how target() reports a masked row.
+        if (y != -1)
+          atomicMin(&h->label_key, (static_cast<unsigned long long>(side) << 62) |
+                                       static_cast<unsigned long long>(r));
+      }
+      continue;
+    }
+    const T* row = v.logits + r * v.row_stride;
+    const dpo::detail::row_stats<A> st = block_row_stats<BLOCK, Metrics>(row, v.vocab);
+    if (threadIdx.x == 0) {
+      const A lse = st.logsumexp();
+      const A lp = to_acc(row[y]) - lse;
+      ra.lse[local] = static_cast<double>(lse);
+      ra.logp[local] = static_cast<double>(lp);
+      if (Metrics) {
+        ra.ent[local] = static_cast<double>(st.entropy());
+        ra.zmean[local] = static_cast<double>(st.zsum / static_cast<A>(v.vocab));
+        // WPO's per-token term: logp - log sum_v p_v^2 = logp - (lse(2z) - 2 lse(z)).
+        ra.wpo[local] = static_cast<double>(lp - (st.logsumexp2() - A(2) * lse));
+        ra.hit[local] = st.argmax == y ? 1.0 : 0.0;
+      }
+    }
+  }
+}
+
+/// Sums of one sequence's row values.
+struct seq_acc {
+  double logp, plain, ent, zmean, wpo, hit;
+};
+
+struct seq_acc_sum {
+  __device__ seq_acc operator()(const seq_acc& a, const seq_acc& b) const {
+    return {a.logp + b.logp, a.plain + b.plain, a.ent + b.ent,
+            a.zmean + b.zmean, a.wpo + b.wpo, a.hit + b.hit};
+  }
+};
+
+struct sequence_params {
+  std::int64_t seqs;             // sequences per side
+  bool ld;                       // LD-DPO: the pair's shared length needs the partner's count
+  double ld_alpha;
+  double* out_logp[2];           // optional: LD-weighted sums per side
+  std::int64_t* out_count;       // optional: side 0's completion-token counts
+  double* token_logps;           // optional: side 0's row log-probs
+};
+
+/// Completion tokens of sequence s of v, summed in a fixed tree.
+template <int BLOCK, class T, class L, class Storage>
+__device__ std::int64_t count_tokens(const token_view<T, L>& v, std::int64_t s, Storage& tmp) {
+  std::int64_t c = 0;
+  const std::int64_t e = v.row_end(s);
+  for (std::int64_t r = v.row_begin(s) + threadIdx.x; r < e; r += BLOCK) c += v.target(r) >= 0 ? 1 : 0;
+  __syncthreads();
+  c = cub::BlockReduce<std::int64_t, BLOCK>(tmp).Sum(c);
+  __shared__ std::int64_t total;
+  if (threadIdx.x == 0) total = c;
+  __syncthreads();
+  const std::int64_t out = total;
+  __syncthreads();
+  return out;
+}
+
+/// Per-sequence sums and LD-DPO row weights; block b handles sequence b % seqs of side
+/// b / seqs. Also turns a recorded label error into the error word.
+template <int BLOCK, class T, class L>
+__global__ void __launch_bounds__(BLOCK) sequence_kernel(views<T, L> vs, ws_ptrs w,
+                                                         sequence_params p) {
+  ws_header* h = w.h;
+  if (h->label_key != no_label_error) {
+    if (blockIdx.x == 0 && threadIdx.x == 0 && h->err.code == 0) {
+      const unsigned long long key = h->label_key;
+      const int side = static_cast<int>(key >> 62);
+      const std::int64_t row = static_cast<std::int64_t>(key & ((1ull << 62) - 1));
+      h->err = device_error{static_cast<std::int32_t>(device_error_code::label_out_of_range), side,
+                            row, static_cast<std::int64_t>(vs.v[side].labels[row]),
+                            vs.v[side].vocab};
+    }
+    return;
+  }
+  if (h->err.code != 0) return;
+  using scan_t = cub::BlockScan<int, BLOCK>;
+  using reduce_t = cub::BlockReduce<seq_acc, BLOCK>;
+  using count_t = cub::BlockReduce<std::int64_t, BLOCK>;
+  __shared__ union {
+    typename scan_t::TempStorage scan;
+    typename reduce_t::TempStorage reduce;
+    typename count_t::TempStorage count;
+  } tmp;
+  const int side = static_cast<int>(blockIdx.x / p.seqs);
+  const std::int64_t s = static_cast<std::int64_t>(blockIdx.x % p.seqs);
+  const token_view<T, L>& v = vs.v[side];
+  const row_arrays& ra = w.rows[side];
+  double shared_len = INFINITY;
+  if (p.ld) {
+    const double own = static_cast<double>(count_tokens<BLOCK>(v, s, tmp.count));
+    const double other = static_cast<double>(count_tokens<BLOCK>(vs.v[1 - side], s, tmp.count));
+    shared_len = own < other ? own : other;
+  }
+  const std::int64_t row0 = v.row_begin(0);
+  const std::int64_t rb = v.row_begin(s), re = v.row_end(s);
+  seq_acc acc{0, 0, 0, 0, 0, 0};
+  std::int64_t running = 0;
+  for (std::int64_t t0 = rb; t0 < re; t0 += BLOCK) {
+    const std::int64_t r = t0 + threadIdx.x;
+    const bool in = r < re;
+    const int flag = in && v.target(r) >= 0 ? 1 : 0;
+    int j = 0, tile = 0;
+    scan_t(tmp.scan).ExclusiveSum(flag, j, tile);
+    __syncthreads();
+    if (in) {
+      const std::int64_t idx = r - row0;
+      if (flag) {
+        // LD-DPO: the j-th completion token counts fully inside the pair's shared length.
+        const double wt = static_cast<double>(running + j) < shared_len ? 1.0 : p.ld_alpha;
+        const double lp = ra.logp[idx];
+        acc.logp += wt * lp;
+        acc.plain += lp;
+        acc.ent += ra.ent[idx];
+        acc.zmean += ra.zmean[idx];
+        acc.wpo += ra.wpo[idx];
+        acc.hit += ra.hit[idx];
+        ra.ldw[idx] = wt;
+        ra.seq[idx] = static_cast<std::int32_t>(s);
+      } else {
+        ra.ldw[idx] = 0.0;
+        ra.seq[idx] = -1;
+      }
+      if (side == 0 && p.token_logps != nullptr) p.token_logps[idx] = ra.logp[idx];
+    }
+    running += tile;
+  }
+  acc = reduce_t(tmp.reduce).Reduce(acc, seq_acc_sum());
+  if (threadIdx.x == 0) {
+    if (s == 0) h->sig_rows[side] = side_rows(v);  // for dpo_backward's state check
+    const seq_arrays& q = w.seqs[side];
+    q.logp[s] = acc.logp;
+    q.plain[s] = acc.plain;
+    q.ent[s] = acc.ent;
+    q.zmean[s] = acc.zmean;
+    q.wpo[s] = acc.wpo;
+    q.hit[s] = acc.hit;
+    q.count[s] = static_cast<double>(running);
+    if (p.out_logp[side] != nullptr) p.out_logp[side][s] = acc.logp;
+    if (side == 0 && p.out_count != nullptr) p.out_count[s] = running;
+  }
+}
+
+struct pair_params {
+  loss_config cfg;
+  std::int64_t pairs;
+  std::int64_t vocab;
+  bool metrics;
+  const double* ref_chosen;  // null for reference-free losses
+  const double* ref_rejected;
+  forward_outputs out;
+};
+
+/// Batch-level sums of the pair stage.
+struct batch_acc {
+  double v[8];
+};
+
+struct batch_acc_sum {
+  __device__ batch_acc operator()(const batch_acc& a, const batch_acc& b) const {
+    batch_acc r;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) r.v[k] = a.v[k] + b.v[k];
+    return r;
+  }
+};
+
+/// The pair stage in one block: the same dpo::detail::contribution() as the CPU path.
+/// Independent of the logits type, so one instantiation serves every dtype.
+template <int BLOCK>
+__global__ void __launch_bounds__(BLOCK) pair_kernel(ws_ptrs w, pair_params p) {
+  ws_header* h = w.h;
+  if (has_error(h)) return;
+  using reduce_t = cub::BlockReduce<batch_acc, BLOCK>;
+  __shared__ typename reduce_t::TempStorage tmp;
+  __shared__ batch_acc totals;
+  const loss_config& c = p.cfg;
+  const std::int64_t P = p.pairs;
+  const seq_arrays& sc = w.seqs[0];
+  const seq_arrays& sr = w.seqs[1];
+  const pair_arrays& pa = w.pairs;
+  const int tid = static_cast<int>(threadIdx.x);
+
+  // Token totals, the NLL, WPO weights and the metric sums, in a fixed order.
+  batch_acc acc{};
+  for (std::int64_t i = tid; i < P; i += BLOCK) {
+    double W = 1.0;
+    if (c.use_weighting) {
+      using std::exp;
+      W = exp(sc.wpo[i] / dpo::detail::clamp_len(sc.count[i]) +
+              sr.wpo[i] / dpo::detail::clamp_len(sr.count[i]));
+    }
+    pa.weights[i] = W;
+    acc.v[0] += sc.count[i];
+    acc.v[1] += sc.plain[i];
+    acc.v[2] += W;
+    acc.v[3] += sr.count[i];
+    acc.v[4] += sc.zmean[i];
+    acc.v[5] += sr.zmean[i];
+    acc.v[6] += sc.ent[i] + sr.ent[i];
+    acc.v[7] += sc.hit[i];
+  }
+  acc = reduce_t(tmp).Reduce(acc, batch_acc_sum());
+  if (tid == 0) totals = acc;
+  __syncthreads();
+  const batch_acc tot = totals;
+  const double chosen_tokens = tot.v[0];
+  const double rejected_tokens = tot.v[3];
+
+  dpo::detail::pair_batch_in in;
+  in.num_pairs = P;
+  in.pi_c = sc.logp;
+  in.pi_r = sr.logp;
+  in.rho_c = p.ref_chosen;
+  in.rho_r = p.ref_rejected;
+  in.len_c = sc.count;
+  in.len_r = sr.count;
+  in.weights = c.use_weighting ? pa.weights : nullptr;
+  in.nll = -tot.v[1] / dpo::detail::clamp_len(chosen_tokens);
+  in.mean_weight = tot.v[2] / static_cast<double>(P);
+
+  bool unpaired = false;
+  if (dpo::detail::has_batch_term(c, &unpaired)) {
+    // aot: a stable ascending sort of a and b, as ranks (O(P^2 / BLOCK) per thread).
+    for (std::int64_t i = tid; i < P; i += BLOCK)
+      dpo::detail::aot_keys(c, dpo::detail::pair_at(in, i), unpaired, &pa.a[i], &pa.b[i]);
+    __syncthreads();
+    for (std::int64_t i = tid; i < P; i += BLOCK) {
+      const std::int64_t ka = dpo::detail::stable_rank(pa.a, P, i);
+      const std::int64_t kb = dpo::detail::stable_rank(pa.b, P, i);
+      pa.ra[i] = ka;
+      pa.rb[i] = kb;
+      pa.sa[ka] = pa.a[i];
+      pa.sb[kb] = pa.b[i];
+    }
+    __syncthreads();
+    in.sorted_a = pa.sa;
+    in.sorted_b = pa.sb;
+    in.rank_a = pa.ra;
+    in.rank_b = pa.rb;
+  }
+
+  const forward_outputs& o = p.out;
+  batch_acc sums{};
+  for (std::int64_t i = tid; i < P; i += BLOCK) {
+    const dpo::detail::pair_contribution pc = dpo::detail::contribution(c, in, i);
+    double rc = 0.0, rr = 0.0;
+    dpo::detail::pair_rewards(c, dpo::detail::pair_at(in, i), &rc, &rr);
+    pa.gc[i] = pc.g_c;
+    pa.gr[i] = pc.g_r;
+    if (o.losses) o.losses[i] = pc.loss;
+    if (o.chosen_rewards) o.chosen_rewards[i] = rc;
+    if (o.rejected_rewards) o.rejected_rewards[i] = rr;
+    if (o.chosen_logps) o.chosen_logps[i] = sc.logp[i];
+    if (o.rejected_logps) o.rejected_logps[i] = sr.logp[i];
+    if (o.chosen_tokens) o.chosen_tokens[i] = sc.count[i];
+    if (o.rejected_tokens) o.rejected_tokens[i] = sr.count[i];
+    if (o.weights) o.weights[i] = pa.weights[i];
+    if (o.grad_chosen) o.grad_chosen[i] = pc.g_c;
+    if (o.grad_rejected) o.grad_rejected[i] = pc.g_r;
+    sums.v[0] += pc.loss;
+    sums.v[1] += rc;
+    sums.v[2] += rr;
+    sums.v[3] += rc > rr ? 1.0 : 0.0;
+    sums.v[4] += sc.logp[i];
+    sums.v[5] += sr.logp[i];
+  }
+  __syncthreads();
+  sums = reduce_t(tmp).Reduce(sums, batch_acc_sum());
+  if (tid == 0) {
+    const double inv_p = 1.0 / static_cast<double>(P);
+    const double nll_grad = dpo::detail::nll_token_grad(c, in.mean_weight, chosen_tokens);
+    const auto ratio = [](double num, double den) { return den > 0 ? num / den : 0.0; };
+    if (o.loss) *o.loss = sums.v[0] * inv_p;
+    if (o.nll_token_grad) *o.nll_token_grad = nll_grad;
+    if (o.metrics) {
+      metrics m{};
+      m.rewards_chosen = sums.v[1] * inv_p;
+      m.rewards_rejected = sums.v[2] * inv_p;
+      m.rewards_margins = (sums.v[1] - sums.v[2]) * inv_p;
+      m.rewards_accuracies = sums.v[3] * inv_p;
+      m.logps_chosen = sums.v[4] * inv_p;
+      m.logps_rejected = sums.v[5] * inv_p;
+      m.nll_loss = in.nll;
+      if (p.metrics) {
+        m.logits_chosen = ratio(tot.v[4], chosen_tokens);
+        m.logits_rejected = ratio(tot.v[5], rejected_tokens);
+        m.entropy = ratio(tot.v[6], chosen_tokens + rejected_tokens);
+        m.mean_token_accuracy = ratio(tot.v[7], chosen_tokens);
+      }
+      *o.metrics = m;
+    }
+    h->nll_token_grad = nll_grad;
+    h->sig_pairs = P;
+    h->sig_vocab = p.vocab;
+    h->magic = state_magic;
+  }
+}
+
+template <class T>
+struct backward_params {
+  T* grad[2];
+  std::int64_t grad_stride[2];
+  const double* grad_output;  // device scalar, null means 1
+  std::int64_t pairs;
+};
+
+/// Backward into the logits: coef * (onehot - softmax) per row, from the forward state.
+template <int BLOCK, class T, class L>
+__global__ void __launch_bounds__(BLOCK) backward_kernel(views<T, L> vs, ws_ptrs w,
+                                                         backward_params<T> p) {
+  using A = acc_t<T>;
+  ws_header* h = w.h;
+  // A forward that found invalid data leaves magic 0 and its error word: keep that report.
+  if (h->magic == 0 && has_error(h)) return;
+  const std::int64_t n0 = side_rows(vs.v[0]);
+  const std::int64_t n1 = side_rows(vs.v[1]);
+  if (h->magic != state_magic || h->sig_pairs != p.pairs || h->sig_vocab != vs.v[0].vocab ||
+      h->sig_rows[0] != n0 || h->sig_rows[1] != n1) {
+    // Also a workspace that never saw a dpo_forward (its header is garbage).
+    if (blockIdx.x == 0 && threadIdx.x == 0)
+      h->err = device_error{static_cast<std::int32_t>(device_error_code::no_forward_state), 0, 0,
+                            p.pairs, vs.v[0].vocab};
+    return;
+  }
+  const double go = p.grad_output != nullptr ? *p.grad_output : 1.0;
+  const double nll = h->nll_token_grad;
+  for (std::int64_t i = blockIdx.x; i < n0 + n1; i += gridDim.x) {
+    const int side = i >= n0 ? 1 : 0;
+    const std::int64_t local = side ? i - n0 : i;
+    const token_view<T, L>& v = vs.v[side];
+    const row_arrays& ra = w.rows[side];
+    const std::int64_t r = v.row_begin(0) + local;
+    const std::int32_t s = ra.seq[local];
+    double coef = 0.0;
+    if (s >= 0) {
+      const double g = side == 0 ? w.pairs.gc[s] : w.pairs.gr[s];
+      coef = g * ra.ldw[local] + (side == 0 ? nll : 0.0);
+    }
+    block_row_grad<BLOCK>(v.logits + r * v.row_stride, p.grad[side] + r * p.grad_stride[side],
+                          v.vocab, static_cast<A>(ra.lse[local]), static_cast<A>(coef * go),
+                          s >= 0 ? v.target(r) : -1);
+  }
+}
+
+}  // namespace detail
+}  // namespace cuda
+}  // namespace dpo

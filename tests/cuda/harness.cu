@@ -1,0 +1,380 @@
+// Copyright 2026 The dpo Authors. SPDX-License-Identifier: Apache-2.0
+//
+// The CUDA side of the tests: uploads a case, runs the dpo::cuda API on it and copies every
+// result back. The Catch2 tests (g++) compare the results with dpo::cpu.
+#include <cstring>
+#include <limits>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include <dpo/cuda/dpo.cuh>
+
+#include "harness.hpp"
+
+namespace dpo_cuda_test {
+namespace {
+
+void ck(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(e));
+}
+#define DPO_CK(x) ck((x), #x)
+
+/// A device buffer freed on scope exit.
+struct dev_buf {
+  void* p = nullptr;
+  explicit dev_buf(std::size_t bytes) {
+    if (bytes > 0) DPO_CK(cudaMalloc(&p, bytes));
+  }
+  ~dev_buf() {
+    if (p) cudaFree(p);
+  }
+  dev_buf(const dev_buf&) = delete;
+  dev_buf& operator=(const dev_buf&) = delete;
+  template <class U>
+  U* as() const {
+    return static_cast<U*>(p);
+  }
+};
+
+template <class U>
+void upload(dev_buf& d, const std::vector<U>& h) {
+  if (!h.empty()) DPO_CK(cudaMemcpy(d.p, h.data(), h.size() * sizeof(U), cudaMemcpyHostToDevice));
+}
+
+template <class U>
+std::vector<U> download(const U* d, std::size_t n) {
+  std::vector<U> h(n);
+  if (n > 0) DPO_CK(cudaMemcpy(h.data(), d, n * sizeof(U), cudaMemcpyDeviceToHost));
+  return h;
+}
+
+bool all_nan(const std::vector<double>& v) {
+  for (double x : v)
+    if (x == x) return false;
+  return true;
+}
+
+/// Per-pair double outputs, poisoned with NaN.
+struct pair_outputs {
+  std::int64_t P;
+  dev_buf buf;
+  explicit pair_outputs(std::int64_t pairs) : P(pairs), buf(sizeof(double) * (10 * pairs + 2 + 11)) {
+    const std::vector<double> nan(static_cast<std::size_t>(10 * P + 2 + 11),
+                                  std::numeric_limits<double>::quiet_NaN());
+    upload(buf, nan);
+  }
+  double* at(int k) const { return buf.as<double>() + k * P; }
+  dpo::cuda::forward_outputs outputs() const {
+    dpo::cuda::forward_outputs o;
+    o.losses = at(0);
+    o.chosen_rewards = at(1);
+    o.rejected_rewards = at(2);
+    o.chosen_logps = at(3);
+    o.rejected_logps = at(4);
+    o.chosen_tokens = at(5);
+    o.rejected_tokens = at(6);
+    o.weights = at(7);
+    o.grad_chosen = at(8);
+    o.grad_rejected = at(9);
+    o.loss = at(10);
+    o.nll_token_grad = at(10) + 1;
+    o.metrics = reinterpret_cast<dpo::cuda::metrics*>(at(10) + 2);
+    return o;
+  }
+  bool read(case_out& out) const {
+    const std::vector<double> h = download(buf.as<double>(), static_cast<std::size_t>(10 * P + 13));
+    const auto part = [&](int k) {
+      return std::vector<double>(h.begin() + k * P, h.begin() + (k + 1) * P);
+    };
+    out.losses = part(0);
+    out.chosen_rewards = part(1);
+    out.rejected_rewards = part(2);
+    out.chosen_logps = part(3);
+    out.rejected_logps = part(4);
+    out.chosen_tokens = part(5);
+    out.rejected_tokens = part(6);
+    out.weights = part(7);
+    out.grad_chosen = part(8);
+    out.grad_rejected = part(9);
+    out.loss = h[10 * P];
+    out.nll_token_grad = h[10 * P + 1];
+    out.metrics.assign(h.begin() + 10 * P + 2, h.end());
+    return all_nan(h);
+  }
+};
+
+template <class T, class L>
+case_out run_typed(const case_in& in) {
+  case_out out;
+  const std::size_t esize = sizeof(T);
+  const std::int64_t P = in.num_seqs / 2;
+  const std::size_t logits_elems = static_cast<std::size_t>(in.rows * in.row_stride);
+  if (in.logits.size() != logits_elems * esize) throw std::runtime_error("case: logits size");
+  dev_buf logits(in.logits.size());
+  upload(logits, in.logits);
+  std::vector<L> labels_h(in.labels.begin(), in.labels.end());
+  dev_buf labels(labels_h.size() * sizeof(L));
+  upload(labels, labels_h);
+  dev_buf mask(in.mask.size());
+  upload(mask, in.mask);
+  dev_buf cu(in.cu_seqlens.size() * sizeof(std::int64_t));
+  upload(cu, in.cu_seqlens);
+  dev_buf refs(sizeof(double) * (in.ref_chosen.size() + in.ref_rejected.size()));
+  upload(refs, in.ref_chosen);
+  if (!in.ref_rejected.empty())
+    DPO_CK(cudaMemcpy(refs.as<double>() + in.ref_chosen.size(), in.ref_rejected.data(),
+                      in.ref_rejected.size() * sizeof(double), cudaMemcpyHostToDevice));
+  const double* ref_c = in.ref_chosen.empty() || in.null_ref ? nullptr : refs.as<double>();
+  const double* ref_r =
+      in.ref_rejected.empty() || in.null_ref ? nullptr : refs.as<double>() + in.ref_chosen.size();
+
+  // Out of place: a separate buffer poisoned with 0xff bytes (NaN in every float type).
+  const std::int64_t gstride = in.in_place ? in.row_stride : in.grad_stride;
+  const std::size_t grad_elems =
+      in.in_place ? 0 : static_cast<std::size_t>(in.grad_offset + in.rows * gstride);
+  dev_buf gbuf(grad_elems * esize);
+  if (grad_elems) DPO_CK(cudaMemset(gbuf.p, 0xff, grad_elems * esize));
+  T* gptr = in.in_place ? logits.as<T>() : gbuf.as<T>() + in.grad_offset;
+  if (in.grad_overlaps) gptr = logits.as<T>() + in.row_stride;
+
+  const T* lp = logits.as<T>();
+  const L* lab = in.null_labels ? nullptr : labels.as<L>();
+  const std::uint8_t* mk = in.mask.empty() ? nullptr : mask.as<std::uint8_t>();
+  dpo::pair_view<T, L> pv;
+  if (in.cu_seqlens.empty()) {
+    pv = dpo::padded_pairs(lp, lab, in.num_seqs, in.seq_len, in.vocab, in.row_stride, mk,
+                           in.ignore_index);
+  } else {
+    pv = dpo::packed_pairs(lp, lab, cu.as<std::int64_t>(), in.num_seqs, in.vocab, in.row_stride,
+                           mk, in.ignore_index);
+  }
+  dpo::token_view<T, L> all = pv.chosen;
+  all.num_seqs = in.num_seqs;
+  const dpo::pair_grad_view<T> grad{gptr, gstride, gptr, gstride};
+  dpo::cuda::options opt;
+  opt.metrics = in.metrics;
+  opt.num_rows = in.give_num_rows ? in.rows : -1;
+
+  pair_outputs po(P > 0 ? P : 1);
+  const dpo::cuda::forward_outputs fo = po.outputs();
+  const std::int64_t S = in.num_seqs;
+  dev_buf seq_out(sizeof(double) * (S + 2 + static_cast<std::size_t>(in.rows)) +
+                  sizeof(std::int64_t) * S);
+  {
+    const std::vector<double> nan(static_cast<std::size_t>(S + 2 + in.rows),
+                                  std::numeric_limits<double>::quiet_NaN());
+    upload(seq_out, nan);
+  }
+  double* sums = seq_out.as<double>();
+  double* token_logps = sums + S + 2;
+  auto* counts = reinterpret_cast<std::int64_t*>(token_logps + in.rows);
+  double* go = sums + S;
+  DPO_CK(cudaMemcpy(go, &in.grad_output, sizeof(double), cudaMemcpyHostToDevice));
+
+  const auto call = [&](void* ws, std::size_t& bytes) -> dpo::cuda::status {
+    switch (in.run) {
+      case mode::forward_backward:
+        return dpo::cuda::dpo_forward_backward(ws, bytes, pv, ref_c, ref_r, in.cfg, fo, grad, opt);
+      case mode::forward_then_backward: {
+        dpo::cuda::status s = dpo::cuda::dpo_forward(ws, bytes, pv, ref_c, ref_r, in.cfg, fo, opt);
+        if (!s || ws == nullptr) return s;
+        return dpo::cuda::dpo_backward(ws, bytes, pv, grad, go, opt);
+      }
+      case mode::forward_only:
+        return dpo::cuda::dpo_forward(ws, bytes, pv, ref_c, ref_r, in.cfg, fo, opt);
+      case mode::sequence_logps:
+        return dpo::cuda::sequence_logps(ws, bytes, all, sums, counts, token_logps, opt);
+      case mode::pair_logps:
+        return dpo::cuda::pair_logps(ws, bytes, pv, in.ld_alpha, sums, sums + P, opt);
+      case mode::backward_only:
+        return dpo::cuda::dpo_backward(ws, bytes, pv, grad, go, opt);
+    }
+    return {};
+  };
+
+  std::size_t bytes = 0;
+  dpo::cuda::status st = call(nullptr, bytes);
+  if (st) {
+    dev_buf ws(bytes + 16);
+    // Garbage in the workspace must not matter: the kernels initialize what they read.
+    DPO_CK(cudaMemset(ws.p, 0xa5, bytes + 16));
+    std::size_t given = in.small_workspace ? bytes - 8 : bytes;
+    st = call(ws.p, given);
+    DPO_CK(cudaDeviceSynchronize());
+    if (st) {
+      const dpo::cuda::status de = dpo::cuda::read_device_error(ws.p);
+      dpo::cuda::device_error e{};
+      DPO_CK(cudaMemcpy(&e, ws.p, sizeof(e), cudaMemcpyDeviceToHost));
+      out.device_error = e.code;
+      out.device_message = de.message;
+    }
+  }
+  out.status_code = static_cast<int>(st.code);
+  out.message = st.message;
+  DPO_CK(cudaGetLastError());
+
+  bool untouched = po.read(out);
+  const std::vector<double> so = download(seq_out.as<double>(), static_cast<std::size_t>(S + 2 + in.rows));
+  out.sums.assign(so.begin(), so.begin() + S);
+  out.token_logps.assign(so.begin() + S + 2, so.end());
+  out.counts = download(counts, static_cast<std::size_t>(S));
+  untouched = untouched && all_nan(out.sums) && all_nan(out.token_logps);
+  if (in.in_place) {
+    out.grad = download(logits.as<unsigned char>(), in.logits.size());
+    untouched = untouched && out.grad == in.logits;
+  } else {
+    out.grad = download(gbuf.as<unsigned char>(), grad_elems * esize);
+    for (unsigned char b : out.grad) untouched = untouched && b == 0xff;
+  }
+  out.outputs_untouched = untouched;
+  return out;
+}
+
+template <class T>
+case_out run_labels(const case_in& in) {
+  return in.labels64 ? run_typed<T, std::int64_t>(in) : run_typed<T, std::int32_t>(in);
+}
+
+__global__ void fill_kernel(__nv_bfloat16* x, std::int64_t n, unsigned seed) {
+  for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
+    unsigned long long h = static_cast<unsigned long long>(i) * 0x9e3779b97f4a7c15ull + seed;
+    h ^= h >> 29;
+    h *= 0xbf58476d1ce4e5b9ull;
+    h ^= h >> 32;
+    const float u = static_cast<float>(h & 0xffffff) / 16777216.0f;
+    x[i] = __float2bfloat16_rn(u * 12.0f - 6.0f);
+  }
+}
+
+}  // namespace
+
+int device_count() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  return n;
+}
+
+std::string device_name() {
+  cudaDeviceProp p{};
+  if (cudaGetDeviceProperties(&p, 0) != cudaSuccess) return "?";
+  return p.name;
+}
+
+std::size_t free_device_memory() {
+  std::size_t free_b = 0, total = 0;
+  if (cudaMemGetInfo(&free_b, &total) != cudaSuccess) return 0;
+  return free_b;
+}
+
+case_out run_case(const case_in& in) {
+  switch (in.type) {
+    case dtype::bf16: return run_labels<__nv_bfloat16>(in);
+    case dtype::f16: return run_typed<__half, std::int64_t>(in);
+    case dtype::f32: return run_labels<float>(in);
+    case dtype::f64: return run_typed<double, std::int64_t>(in);
+  }
+  throw std::runtime_error("case: unknown dtype");
+}
+
+bool run_large(large_out* out) {
+  const std::int64_t S = 16, T = 1040, V = 129280, N = S * T, P = S / 2;
+  const std::size_t elems = static_cast<std::size_t>(N * V);
+  std::size_t ws_bytes = 0;
+  {
+    dpo::pair_view<__nv_bfloat16, std::int64_t> pv =
+        dpo::padded_pairs<__nv_bfloat16, std::int64_t>(nullptr, nullptr, S, T, V, V);
+    dpo::cuda::dpo_forward_backward(nullptr, ws_bytes, pv, nullptr, nullptr, dpo::loss_config{},
+                                    {}, {}, {});
+  }
+  if (free_device_memory() < elems * 2 + ws_bytes + (256u << 20)) return false;
+  out->rows = N;
+  out->vocab = V;
+  out->seq_len = T;
+  out->num_seqs = S;
+  dev_buf logits(elems * 2);
+  fill_kernel<<<4096, 256>>>(logits.as<__nv_bfloat16>(), static_cast<std::int64_t>(elems), 7u);
+  DPO_CK(cudaGetLastError());
+  // Labels: a prompt of 40 ignored rows per sequence, then tokens.
+  std::vector<std::int64_t> labels(static_cast<std::size_t>(N));
+  for (std::int64_t r = 0; r < N; ++r)
+    labels[r] = r % T < 40 ? -100 : (r * 2654435761ll) % V;
+  out->labels = labels;
+  dev_buf lab(labels.size() * sizeof(std::int64_t));
+  upload(lab, labels);
+  dev_buf res(sizeof(double) * (S + 4 * P + 2) + sizeof(std::int64_t) * S);
+  double* sums = res.as<double>();
+  double* logps = sums + S;  // chosen, rejected, grad_chosen, grad_rejected
+  double* loss = logps + 4 * P;
+  auto* counts = reinterpret_cast<std::int64_t*>(sums + S + 4 * P + 2);
+  const auto* lp = logits.as<__nv_bfloat16>();
+  const auto* lb = lab.as<std::int64_t>();
+  dpo::token_view<__nv_bfloat16, std::int64_t> all =
+      dpo::padded_pairs(lp, lb, S, T, V, V).chosen;
+  all.num_seqs = S;
+  std::size_t bytes = 0;
+  dpo::cuda::sequence_logps(nullptr, bytes, all, sums, counts);
+  {
+    dev_buf ws(bytes);
+    const dpo::cuda::status st = dpo::cuda::sequence_logps(ws.p, bytes, all, sums, counts);
+    if (!st) throw std::runtime_error(st.message);
+    const dpo::cuda::status de = dpo::cuda::read_device_error(ws.p);
+    if (!de) throw std::runtime_error(de.message);
+  }
+  out->sums = download(sums, static_cast<std::size_t>(S));
+  // The last sequence ends past 2^31 elements: copy it back before the in-place backward.
+  out->seq_checked = {S - 1};
+  out->seq_logits = download(reinterpret_cast<const std::uint16_t*>(lp) + (S - 1) * T * V,
+                             static_cast<std::size_t>(T * V));
+  out->checked_rows = {N - 1, N - 2, N - T + 40, N / 2 + 100};
+  for (std::int64_t r : out->checked_rows) {
+    const std::vector<std::uint16_t> row =
+        download(reinterpret_cast<const std::uint16_t*>(lp) + r * V, static_cast<std::size_t>(V));
+    out->logits_rows.insert(out->logits_rows.end(), row.begin(), row.end());
+  }
+  // Reference log-probs: the policy's own minus a per-pair offset, so the loss is not trivial.
+  std::vector<double> refs(static_cast<std::size_t>(2 * P));
+  for (std::int64_t i = 0; i < P; ++i) {
+    refs[i] = out->sums[i] - 0.5 * static_cast<double>(i);
+    refs[P + i] = out->sums[P + i] + 0.25 * static_cast<double>(i);
+  }
+  dev_buf rbuf(refs.size() * sizeof(double));
+  upload(rbuf, refs);
+  out->ref_chosen.assign(refs.begin(), refs.begin() + P);
+  out->ref_rejected.assign(refs.begin() + P, refs.end());
+  dpo::pair_view<__nv_bfloat16, std::int64_t> pv = dpo::padded_pairs(lp, lb, S, T, V, V);
+  __nv_bfloat16* g = logits.as<__nv_bfloat16>();
+  const dpo::pair_grad_view<__nv_bfloat16> grad{g, V, g, V};
+  dpo::cuda::forward_outputs fo;
+  fo.chosen_logps = logps;
+  fo.rejected_logps = logps + P;
+  fo.grad_chosen = logps + 2 * P;
+  fo.grad_rejected = logps + 3 * P;
+  fo.loss = loss;
+  {
+    dev_buf ws(ws_bytes);
+    const dpo::cuda::status st = dpo::cuda::dpo_forward_backward(
+        ws.p, ws_bytes, pv, rbuf.as<double>(), rbuf.as<double>() + P, dpo::loss_config{}, fo, grad);
+    if (!st) throw std::runtime_error(st.message);
+    const dpo::cuda::status de = dpo::cuda::read_device_error(ws.p);
+    if (!de) throw std::runtime_error(de.message);
+  }
+  const std::vector<double> l = download(logps, static_cast<std::size_t>(4 * P + 1));
+  out->chosen_logps.assign(l.begin(), l.begin() + P);
+  out->rejected_logps.assign(l.begin() + P, l.begin() + 2 * P);
+  out->grad_chosen.assign(l.begin() + 2 * P, l.begin() + 3 * P);
+  out->grad_rejected.assign(l.begin() + 3 * P, l.begin() + 4 * P);
+  out->loss = l[4 * P];
+  for (std::int64_t r : out->checked_rows) {
+    const std::vector<std::uint16_t> row =
+        download(reinterpret_cast<const std::uint16_t*>(g) + r * V, static_cast<std::size_t>(V));
+    out->grad_rows.insert(out->grad_rows.end(), row.begin(), row.end());
+  }
+  return true;
+}
+
+}  // namespace dpo_cuda_test

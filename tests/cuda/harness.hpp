@@ -1,0 +1,103 @@
+// Copyright 2026 The dpo Authors. SPDX-License-Identifier: Apache-2.0
+//
+// Host-side interface of the CUDA test harness (harness.cu, compiled by nvcc), so the
+// Catch2 tests compile with g++ and never include CUDA headers. Logits travel as raw bytes
+// of the element type; the tests decode them with Eigen's half / bfloat16.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "dpo/core/loss.hpp"
+
+namespace dpo_cuda_test {
+
+/// Number of CUDA devices; 0 when there is none or the driver cannot be used.
+int device_count();
+/// Name of device 0 and its free / total memory in bytes.
+std::string device_name();
+std::size_t free_device_memory();
+
+enum class dtype { bf16, f16, f32, f64 };
+inline std::size_t dtype_size(dtype t) { return t == dtype::f64 ? 8 : t == dtype::f32 ? 4 : 2; }
+
+enum class mode {
+  forward_backward,   // dpo_forward_backward (grad_output 1)
+  forward_then_backward,  // dpo_forward, then dpo_backward with a device grad_output
+  forward_only,       // dpo_forward
+  sequence_logps,     // over all 2P sequences as one view
+  pair_logps,
+  backward_only,      // dpo_backward on a fresh workspace (no forward state)
+};
+
+/// One call of the CUDA API on host data. The layout is TRL's concatenated one (2P sequences,
+/// chosen first): padded when cu_seqlens is empty, packed otherwise.
+struct case_in {
+  dtype type = dtype::bf16;
+  bool labels64 = true;
+  mode run = mode::forward_backward;
+  std::int64_t num_seqs = 2;  // 2P (an odd value tests the check)
+  std::int64_t seq_len = 0;
+  std::int64_t vocab = 0;
+  std::int64_t row_stride = 0;
+  std::int64_t rows = 0;                  // rows of the logits buffer
+  std::vector<std::int64_t> cu_seqlens;   // empty: padded
+  std::vector<unsigned char> logits;      // rows * row_stride elements of `type`
+  std::vector<std::int64_t> labels;       // rows
+  std::vector<std::uint8_t> mask;         // empty: no mask
+  std::int64_t ignore_index = -100;
+  std::vector<double> ref_chosen, ref_rejected;  // P each (empty: null pointers)
+  dpo::loss_config cfg;
+  bool metrics = true;
+  bool in_place = false;
+  std::int64_t grad_stride = 0;           // out of place: the gradient's row stride
+  std::int64_t grad_offset = 0;           // out of place: elements before the first grad row
+  double grad_output = 1.0;
+  double ld_alpha = 1.0;                  // pair_logps
+  // Argument-error injection.
+  bool null_labels = false;
+  bool null_ref = false;
+  bool small_workspace = false;
+  bool grad_overlaps = false;             // grad = logits shifted by one row
+  bool give_num_rows = true;              // packed: set options.num_rows
+};
+
+struct case_out {
+  int status_code = 0;  // cudaError_t of the call (0: success)
+  std::string message;
+  int device_error = 0;  // device_error_code read back from the workspace
+  std::string device_message;
+  double loss = 0;
+  std::vector<double> metrics;  // 11, dpo::cpu::metrics order
+  std::vector<double> losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps,
+      chosen_tokens, rejected_tokens, weights, grad_chosen, grad_rejected;
+  double nll_token_grad = 0;
+  std::vector<double> sums;             // sequence_logps / pair_logps (chosen then rejected)
+  std::vector<std::int64_t> counts;     // sequence_logps
+  std::vector<double> token_logps;      // sequence_logps
+  std::vector<unsigned char> grad;      // the gradient buffer (or the logits, in place)
+  bool outputs_untouched = false;       // every output still holds its poison value
+};
+
+/// Runs one case. Outputs are poisoned with NaN before the call.
+case_out run_case(const case_in& in);
+
+/// The rows x vocab > 2^31 case (bf16, 16640 rows x 129280): padded, 8 pairs x 1040 rows,
+/// logits filled on the device. Returns false when the device lacks the memory.
+struct large_out {
+  std::int64_t rows = 0, vocab = 0, seq_len = 0, num_seqs = 0;
+  std::vector<std::int64_t> labels;
+  std::vector<double> sums;                   // sequence_logps of all sequences
+  std::vector<double> ref_chosen, ref_rejected;  // what the fused call was given
+  std::vector<double> chosen_logps, rejected_logps, grad_chosen, grad_rejected;
+  double loss = 0;
+  std::vector<std::int64_t> checked_rows;     // rows copied back
+  std::vector<std::uint16_t> logits_rows;     // their logits before the backward (bf16 bits)
+  std::vector<std::uint16_t> grad_rows;       // their gradient (in place)
+  std::vector<std::int64_t> seq_checked;      // sequences whose rows are all copied back
+  std::vector<std::uint16_t> seq_logits;      // logits of those sequences
+};
+bool run_large(large_out* out);
+
+}  // namespace dpo_cuda_test

@@ -1,0 +1,614 @@
+// Copyright 2026 The dpo Authors. SPDX-License-Identifier: Apache-2.0
+//
+// dpo::cuda against dpo::cpu on random inputs: every loss type, every dtype, odd vocab,
+// misaligned strides, packed and padded layouts, in place and out of place, determinism,
+// the error paths, and rows x vocab beyond 2^31. Tagged [small] cases are what the
+// sanitizers run; [large] needs about 4.5 GB of device memory.
+#include <Eigen/Core>
+#include <cmath>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "catch.hpp"
+#include "dpo/core/validate.hpp"
+#include "dpo/cpu/dpo.hpp"
+#include "harness.hpp"
+
+namespace {
+
+using dpo_cuda_test::case_in;
+using dpo_cuda_test::case_out;
+using dpo_cuda_test::dtype;
+using dpo_cuda_test::mode;
+
+/// Shape of a random case.
+struct shape {
+  std::int64_t pairs = 3;
+  std::int64_t seq_len = 9;  // padded rows per sequence; packed: the longest sequence
+  std::int64_t vocab = 131;
+  std::int64_t pad = 0;      // row_stride = vocab + pad
+  bool packed = false;
+  bool with_mask = false;
+  bool fully_masked = true;  // make one sequence all prompt / padding
+  bool neg_inf = false;      // some -inf logits (in the upper half of the vocab, never a label)
+};
+
+template <class E>
+E from_float(float x) {
+  return static_cast<E>(x);
+}
+
+/// Random logits (normal, sd 2, some rows with a few -inf), labels with an ignored prompt and
+/// padding, optional mask.
+case_in make_case(dtype t, const shape& sh, unsigned seed) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> nd(0.0f, 2.0f);
+  case_in c;
+  c.type = t;
+  c.num_seqs = 2 * sh.pairs;
+  c.vocab = sh.vocab;
+  c.row_stride = sh.vocab + sh.pad;
+  std::vector<std::int64_t> lens(static_cast<std::size_t>(c.num_seqs), sh.seq_len);
+  if (sh.packed) {
+    c.cu_seqlens.push_back(0);
+    for (auto& n : lens) {
+      n = 1 + static_cast<std::int64_t>(rng() % static_cast<unsigned long long>(sh.seq_len));
+      c.cu_seqlens.push_back(c.cu_seqlens.back() + n);
+    }
+    c.rows = c.cu_seqlens.back() + 2;  // spare rows at the end are never touched
+  } else {
+    c.seq_len = sh.seq_len;
+    c.rows = c.num_seqs * sh.seq_len;
+  }
+  const std::size_t n = static_cast<std::size_t>(c.rows * c.row_stride);
+  const std::size_t es = dpo_cuda_test::dtype_size(t);
+  c.logits.resize(n * es);
+  for (std::size_t i = 0; i < n; ++i) {
+    float x = nd(rng);
+    const std::int64_t col = static_cast<std::int64_t>(i) % c.row_stride;
+    if (sh.neg_inf && col >= sh.vocab / 2 && rng() % 7 == 0) x = -INFINITY;
+    unsigned char* p = c.logits.data() + i * es;
+    switch (t) {
+      case dtype::bf16: {
+        const Eigen::bfloat16 v(x);
+        std::memcpy(p, &v, 2);
+        break;
+      }
+      case dtype::f16: {
+        const Eigen::half v(x);
+        std::memcpy(p, &v, 2);
+        break;
+      }
+      case dtype::f32:
+        std::memcpy(p, &x, 4);
+        break;
+      case dtype::f64: {
+        const double v = static_cast<double>(x) + 1e-3 * static_cast<double>(nd(rng));
+        std::memcpy(p, &v, 8);
+        break;
+      }
+    }
+  }
+  c.labels.assign(static_cast<std::size_t>(c.rows), -100);
+  std::int64_t row = 0;
+  for (std::int64_t s = 0; s < c.num_seqs; ++s) {
+    const std::int64_t len = lens[s];
+    const std::int64_t prompt = static_cast<std::int64_t>(rng() % 3);
+    const std::int64_t padding = static_cast<std::int64_t>(rng() % 2);
+    const bool masked = sh.fully_masked && s == 1;
+    for (std::int64_t k = 0; k < len; ++k) {
+      if (!masked && k >= prompt && k < len - padding)
+        c.labels[row + k] = static_cast<std::int64_t>(
+            rng() % static_cast<unsigned long long>(sh.neg_inf ? sh.vocab / 2 : sh.vocab));
+    }
+    row += len;
+  }
+  if (sh.with_mask) {
+    c.mask.resize(static_cast<std::size_t>(c.rows));
+    for (auto& m : c.mask) m = rng() % 5 == 0 ? 0 : 1;
+  }
+  std::normal_distribution<double> rd(-20.0, 5.0);
+  for (std::int64_t i = 0; i < sh.pairs; ++i) {
+    c.ref_chosen.push_back(rd(rng));
+    c.ref_rejected.push_back(rd(rng));
+  }
+  c.grad_stride = c.row_stride + 1;
+  c.grad_offset = 1;  // misaligns the gradient rows against the logits rows
+  return c;
+}
+
+/// The CPU path on the same bytes: forward result and the gradient buffer (zeros elsewhere).
+struct cpu_run {
+  dpo::cpu::forward_result fwd;
+  std::vector<double> grad;  // rows * row_stride, decoded
+  std::vector<double> sums;
+  std::vector<std::int64_t> counts;
+  std::vector<double> token_logps;
+};
+
+template <class E>
+double to_double(const unsigned char* p) {
+  E v;
+  std::memcpy(&v, p, sizeof(E));
+  return static_cast<double>(v);
+}
+
+/// A bf16 value from its bits (exact: they are a float's top half).
+double bf16_bits(std::uint16_t b) {
+  const std::uint32_t u = static_cast<std::uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+double decode(dtype t, const unsigned char* p) {
+  switch (t) {
+    case dtype::bf16: return to_double<Eigen::bfloat16>(p);
+    case dtype::f16: return to_double<Eigen::half>(p);
+    case dtype::f32: return to_double<float>(p);
+    case dtype::f64: return to_double<double>(p);
+  }
+  return 0;
+}
+
+template <class E>
+cpu_run run_cpu_typed(const case_in& c) {
+  cpu_run out;
+  const E* lp = reinterpret_cast<const E*>(c.logits.data());
+  const std::uint8_t* mk = c.mask.empty() ? nullptr : c.mask.data();
+  dpo::pair_view<E, std::int64_t> pv =
+      c.cu_seqlens.empty()
+          ? dpo::padded_pairs(lp, c.labels.data(), c.num_seqs, c.seq_len, c.vocab, c.row_stride, mk,
+                              c.ignore_index)
+          : dpo::packed_pairs(lp, c.labels.data(), c.cu_seqlens.data(), c.num_seqs, c.vocab,
+                              c.row_stride, mk, c.ignore_index);
+  dpo::cpu::options opt;
+  opt.metrics = c.metrics;
+  opt.num_threads = 1;
+  if (c.run == mode::sequence_logps) {
+    dpo::token_view<E, std::int64_t> all = pv.chosen;
+    all.num_seqs = c.num_seqs;
+    out.sums.resize(static_cast<std::size_t>(c.num_seqs));
+    out.counts.resize(out.sums.size());
+    out.token_logps.assign(static_cast<std::size_t>(c.rows), 0.0);
+    dpo::cpu::sequence_logps(all, out.sums.data(), out.counts.data(), out.token_logps.data(), opt);
+    return out;
+  }
+  if (c.run == mode::pair_logps) {
+    const std::int64_t P = c.num_seqs / 2;
+    out.sums.resize(static_cast<std::size_t>(2 * P));
+    dpo::cpu::pair_logps(pv, c.ld_alpha, out.sums.data(), out.sums.data() + P, opt);
+    return out;
+  }
+  const double* rc = c.ref_chosen.empty() ? nullptr : c.ref_chosen.data();
+  const double* rr = c.ref_rejected.empty() ? nullptr : c.ref_rejected.data();
+  out.fwd = dpo::cpu::dpo_forward(pv, rc, rr, c.cfg, opt);
+  std::vector<E> g(static_cast<std::size_t>(c.rows * c.row_stride), E(0.0f));
+  dpo::cpu::dpo_backward(pv, out.fwd, dpo::pair_grad_view<E>{g.data(), c.row_stride, g.data(), c.row_stride},
+                         c.run == mode::forward_then_backward ? c.grad_output : 1.0, opt);
+  out.grad.resize(g.size());
+  for (std::size_t i = 0; i < g.size(); ++i) out.grad[i] = static_cast<double>(g[i]);
+  return out;
+}
+
+cpu_run run_cpu(const case_in& c) {
+  switch (c.type) {
+    case dtype::bf16: return run_cpu_typed<Eigen::bfloat16>(c);
+    case dtype::f16: return run_cpu_typed<Eigen::half>(c);
+    case dtype::f32: return run_cpu_typed<float>(c);
+    case dtype::f64: return run_cpu_typed<double>(c);
+  }
+  return {};
+}
+
+/// Relative tolerance of sequence and pair values (fp32 accumulation of the same bits).
+double value_tol(dtype t) { return t == dtype::f64 ? 1e-9 : 2e-5; }
+/// Relative tolerance of the gradient buffer in norm (a rounding step of the dtype).
+double grad_tol(dtype t) {
+  switch (t) {
+    case dtype::bf16: return 1e-2;
+    case dtype::f16: return 2e-3;
+    case dtype::f32: return 1e-4;
+    case dtype::f64: return 1e-9;
+  }
+  return 0;
+}
+
+void check_close(const std::vector<double>& gpu, const Eigen::VectorXd& cpu, double tol, const char* what) {
+  INFO(what);
+  REQUIRE(gpu.size() == static_cast<std::size_t>(cpu.size()));
+  for (std::size_t i = 0; i < gpu.size(); ++i) {
+    INFO("index " << i);
+    CHECK(gpu[i] == Approx(cpu[static_cast<Eigen::Index>(i)]).epsilon(tol).margin(tol));
+  }
+}
+
+/// Rows of the case that belong to a sequence.
+std::int64_t used_rows(const case_in& c) {
+  return c.cu_seqlens.empty() ? c.rows : c.cu_seqlens.back();
+}
+
+/// Compares the GPU gradient buffer with the CPU one, and checks that nothing outside the
+/// rows' [0, vocab) columns was written.
+void check_grad(const case_in& c, const case_out& g, const cpu_run& cpu) {
+  const std::size_t es = dpo_cuda_test::dtype_size(c.type);
+  const std::int64_t stride = c.in_place ? c.row_stride : c.grad_stride;
+  const std::int64_t offset = c.in_place ? 0 : c.grad_offset;
+  double num = 0, den = 0;
+  std::int64_t stray = 0, nonfinite = 0;
+  const std::int64_t used = used_rows(c);
+  for (std::int64_t r = 0; r < c.rows; ++r) {
+    for (std::int64_t v = 0; v < stride; ++v) {
+      const std::size_t at = static_cast<std::size_t>(offset + r * stride + v) * es;
+      const bool inside = r < used && v < c.vocab;
+      if (!inside) {
+        // Untouched: the logits in place, the 0xff poison out of place.
+        bool same = true;
+        for (std::size_t b = 0; b < es; ++b) {
+          const unsigned char expect =
+              c.in_place ? c.logits[static_cast<std::size_t>(r * c.row_stride + v) * es + b] : 0xff;
+          same = same && g.grad[at + b] == expect;
+        }
+        stray += same ? 0 : 1;
+        continue;
+      }
+      const double x = decode(c.type, g.grad.data() + at);
+      const double y = cpu.grad[static_cast<std::size_t>(r * c.row_stride + v)];
+      if (!std::isfinite(x)) ++nonfinite;
+      num += (x - y) * (x - y);
+      den += y * y;
+    }
+  }
+  CHECK(stray == 0);
+  CHECK(nonfinite == 0);
+  INFO("gradient relative error " << std::sqrt(num / (den > 0 ? den : 1.0)));
+  CHECK(std::sqrt(num) <= grad_tol(c.type) * std::sqrt(den) + 1e-12);
+}
+
+/// Runs a case on both backends and compares everything the mode produces. With -inf logits
+/// the mean-logit metrics are -inf on both sides and are not compared.
+case_out compare(const case_in& c, bool neg_inf = false) {
+  const case_out g = dpo_cuda_test::run_case(c);
+  INFO(g.message << g.device_message);
+  REQUIRE(g.status_code == 0);
+  REQUIRE(g.device_error == 0);
+  const cpu_run cpu = run_cpu(c);
+  const double tol = value_tol(c.type);
+  if (c.run == mode::sequence_logps) {
+    for (std::size_t s = 0; s < cpu.sums.size(); ++s) {
+      CHECK(g.sums[s] == Approx(cpu.sums[s]).epsilon(tol).margin(tol));
+      CHECK(g.counts[s] == cpu.counts[s]);
+    }
+    for (std::int64_t r = 0; r < used_rows(c); ++r)
+      CHECK(g.token_logps[r] == Approx(cpu.token_logps[r]).epsilon(tol).margin(tol));
+    return g;
+  }
+  if (c.run == mode::pair_logps) {
+    for (std::size_t s = 0; s < cpu.sums.size(); ++s)
+      CHECK(g.sums[s] == Approx(cpu.sums[s]).epsilon(tol).margin(tol));
+    return g;
+  }
+  const dpo::cpu::forward_result& f = cpu.fwd;
+  CHECK(g.loss == Approx(f.loss).epsilon(tol).margin(tol));
+  check_close(g.losses, f.losses, tol, "losses");
+  check_close(g.chosen_rewards, f.chosen_rewards, tol, "chosen_rewards");
+  check_close(g.rejected_rewards, f.rejected_rewards, tol, "rejected_rewards");
+  check_close(g.chosen_logps, f.chosen_logps, tol, "chosen_logps");
+  check_close(g.rejected_logps, f.rejected_logps, tol, "rejected_logps");
+  check_close(g.chosen_tokens, f.chosen_tokens, 0.0, "chosen_tokens");
+  check_close(g.rejected_tokens, f.rejected_tokens, 0.0, "rejected_tokens");
+  check_close(g.weights, f.weights, tol, "weights");
+  check_close(g.grad_chosen, f.grad_chosen, tol, "grad_chosen");
+  check_close(g.grad_rejected, f.grad_rejected, tol, "grad_rejected");
+  CHECK(g.nll_token_grad == Approx(f.nll_token_grad).epsilon(tol).margin(tol));
+  const dpo::cpu::metrics& m = f.metrics;
+  const double expect[11] = {m.rewards_chosen, m.rewards_rejected, m.rewards_margins,
+                             m.rewards_accuracies, m.logps_chosen, m.logps_rejected,
+                             m.logits_chosen, m.logits_rejected, m.entropy,
+                             m.mean_token_accuracy, m.nll_loss};
+  for (int k = 0; k < 11; ++k) {
+    if (neg_inf && (k == 6 || k == 7)) continue;
+    INFO("metric " << k);
+    CHECK(g.metrics[k] == Approx(expect[k]).epsilon(tol).margin(tol));
+  }
+  if (c.run != mode::forward_only) check_grad(c, g, cpu);
+  return g;
+}
+
+struct named_config {
+  std::string name;
+  dpo::loss_config cfg;
+};
+
+std::vector<named_config> every_loss() {
+  std::vector<named_config> out;
+  for (int i = 0; i < dpo::num_loss_types; ++i) {
+    const auto t = static_cast<dpo::loss_type>(i);
+    dpo::loss_config c = dpo::loss_config::of(t);
+    if (t == dpo::loss_type::exo_pair) c.label_smoothing = 0.1;
+    if (t == dpo::loss_type::robust) c.label_smoothing = 0.2;
+    if (t == dpo::loss_type::aot || t == dpo::loss_type::aot_unpaired) c.label_smoothing = 0.05;
+    if (t == dpo::loss_type::ipo || t == dpo::loss_type::sppo_hard) c.beta = 0.5;
+    out.push_back({dpo::to_string(t), c});
+  }
+  dpo::loss_config mpo = dpo::loss_config::combination(
+      {{dpo::loss_type::sigmoid, 0.8}, {dpo::loss_type::bco_pair, 0.2}, {dpo::loss_type::sft, 1.0}});
+  out.push_back({"mpo", mpo});
+  dpo::loss_config wpo;
+  wpo.use_weighting = true;
+  out.push_back({"sigmoid+wpo", wpo});
+  dpo::loss_config ld;
+  ld.ld_alpha = 0.4;
+  out.push_back({"sigmoid+ld", ld});
+  dpo::loss_config cpo_ipo = dpo::loss_config::of(dpo::loss_type::cpo);
+  cpo_ipo.cpo_base = dpo::loss_type::ipo;
+  out.push_back({"cpo-ipo", cpo_ipo});
+  for (int f = 1; f < 4; ++f) {
+    dpo::loss_config c;
+    c.divergence = static_cast<dpo::f_divergence>(f);
+    out.push_back({std::string("sigmoid+") + dpo::to_string(c.divergence), c});
+  }
+  dpo::loss_config rf = dpo::loss_config::of(dpo::loss_type::hinge);
+  rf.reference_free = true;
+  out.push_back({"hinge+reference_free", rf});
+  dpo::loss_config cdpo;
+  cdpo.cdpo_smoothing = true;
+  cdpo.label_smoothing = 0.1;
+  out.push_back({"cdpo", cdpo});
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("cuda: every loss type matches the CPU path", "[cuda][small]") {
+  unsigned seed = 1;
+  for (const named_config& nc : every_loss()) {
+    for (mode m : {mode::forward_backward, mode::forward_then_backward}) {
+      INFO("config " << nc.name << " mode " << static_cast<int>(m));
+      REQUIRE(dpo::validate_config(nc.cfg).empty());
+      shape sh;
+      sh.pairs = 5;
+      case_in c = make_case(dtype::f32, sh, seed++);
+      c.cfg = nc.cfg;
+      c.run = m;
+      c.grad_output = 0.75;
+      compare(c);
+    }
+  }
+}
+
+TEST_CASE("cuda: dtypes, odd vocab, misaligned rows, layouts, in place", "[cuda][small]") {
+  unsigned seed = 100;
+  for (dtype t : {dtype::bf16, dtype::f16, dtype::f32, dtype::f64}) {
+    for (std::int64_t V : {1, 7, 61, 1031, 4099}) {
+      for (std::int64_t pad : {0, 1, 3}) {
+        for (int variant = 0; variant < 4; ++variant) {
+          shape sh;
+          sh.vocab = V;
+          sh.pad = pad;
+          sh.packed = variant & 1;
+          sh.with_mask = variant == 3;
+          case_in c = make_case(t, sh, seed++);
+          c.in_place = variant & 2;
+          c.labels64 = !(variant == 2 && (t == dtype::bf16 || t == dtype::f32));
+          c.metrics = variant != 1;
+          c.cfg.ld_alpha = variant == 3 ? 0.5 : 1.0;
+          INFO("dtype " << static_cast<int>(t) << " V " << V << " pad " << pad << " variant " << variant);
+          compare(c);
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("cuda: -inf logits add no probability mass", "[cuda][small]") {
+  unsigned seed = 300;
+  for (dtype t : {dtype::bf16, dtype::f32}) {
+    for (std::int64_t V : {64, 1031}) {
+      shape sh;
+      sh.vocab = V;
+      sh.neg_inf = true;
+      case_in c = make_case(t, sh, seed++);
+      compare(c, true);
+    }
+  }
+}
+
+TEST_CASE("cuda: sequence_logps and pair_logps match the CPU path", "[cuda][small]") {
+  unsigned seed = 500;
+  for (dtype t : {dtype::bf16, dtype::f32}) {
+    for (bool packed : {false, true}) {
+      shape sh;
+      sh.vocab = 1031;
+      sh.pad = 5;
+      sh.packed = packed;
+      case_in c = make_case(t, sh, seed++);
+      c.run = mode::sequence_logps;
+      compare(c);
+      c.run = mode::pair_logps;
+      c.ld_alpha = 0.3;
+      compare(c);
+      c.ld_alpha = 1.0;
+      compare(c);
+    }
+  }
+}
+
+TEST_CASE("cuda: results are bitwise identical run to run", "[cuda][small]") {
+  shape sh;
+  sh.pairs = 4;
+  sh.seq_len = 33;
+  sh.vocab = 32003;
+  sh.pad = 1;
+  case_in c = make_case(dtype::bf16, sh, 7);
+  c.cfg.use_weighting = true;
+  const case_out a = dpo_cuda_test::run_case(c);
+  const case_out b = dpo_cuda_test::run_case(c);
+  REQUIRE(a.status_code == 0);
+  CHECK(std::memcmp(&a.loss, &b.loss, sizeof(double)) == 0);
+  CHECK(a.grad == b.grad);
+  CHECK(a.metrics == b.metrics);
+  CHECK(a.losses == b.losses);
+  CHECK(a.grad_chosen == b.grad_chosen);
+  CHECK(a.weights == b.weights);
+}
+
+TEST_CASE("cuda: bad arguments are rejected before any launch", "[cuda][small]") {
+  const auto expect_rejected = [](case_in c, const char* needle) {
+    const case_out g = dpo_cuda_test::run_case(c);
+    INFO(g.message);
+    CHECK(g.status_code != 0);
+    CHECK(g.message.find(needle) != std::string::npos);
+    CHECK(g.outputs_untouched);
+  };
+  shape sh;
+  const case_in base = make_case(dtype::bf16, sh, 11);
+  {
+    case_in c = base;
+    c.num_seqs = 5;
+    c.seq_len = base.seq_len;
+    expect_rejected(c, "odd");
+  }
+  {
+    case_in c = base;
+    c.null_labels = true;
+    expect_rejected(c, "labels is null");
+  }
+  {
+    case_in c = base;
+    c.null_ref = true;
+    expect_rejected(c, "ref_chosen_logps is null");
+  }
+  {
+    case_in c = base;
+    c.cfg.beta = -1.0;
+    expect_rejected(c, "beta");
+  }
+  {
+    case_in c = base;
+    c.small_workspace = true;
+    expect_rejected(c, "workspace_bytes");
+  }
+  {
+    case_in c = base;
+    c.grad_overlaps = true;
+    expect_rejected(c, "aliasing");
+  }
+  {
+    case_in c = base;
+    c.grad_stride = c.vocab - 1;
+    expect_rejected(c, "grad.chosen_stride");
+  }
+  {
+    shape p = sh;
+    p.packed = true;
+    case_in c = make_case(dtype::bf16, p, 12);
+    c.give_num_rows = false;
+    expect_rejected(c, "num_rows");
+  }
+}
+
+TEST_CASE("cuda: invalid device data is reported and nothing is written", "[cuda][small]") {
+  shape sh;
+  {
+    case_in c = make_case(dtype::bf16, sh, 21);
+    c.labels[5] = c.vocab;  // out of range
+    c.labels[9] = -7;
+    for (mode m : {mode::forward_backward, mode::sequence_logps, mode::pair_logps}) {
+      for (bool in_place : {false, true}) {
+        c.run = m;
+        c.in_place = in_place;
+        const case_out g = dpo_cuda_test::run_case(c);
+        INFO(g.device_message);
+        CHECK(g.status_code == 0);
+        CHECK(g.device_error == 1);
+        CHECK(g.device_message.find("labels[5]") != std::string::npos);
+        CHECK(g.outputs_untouched);
+      }
+    }
+  }
+  {
+    shape p = sh;
+    p.packed = true;
+    case_in c = make_case(dtype::f32, p, 22);
+    std::swap(c.cu_seqlens[2], c.cu_seqlens[3]);
+    const case_out g = dpo_cuda_test::run_case(c);
+    CHECK(g.device_error == 3);
+    CHECK(g.outputs_untouched);
+    case_in d = make_case(dtype::f32, p, 23);
+    d.cu_seqlens.back() = d.rows + 1;
+    const case_out h = dpo_cuda_test::run_case(d);
+    CHECK(h.device_error == 4);
+    CHECK(h.outputs_untouched);
+  }
+  {
+    case_in c = make_case(dtype::bf16, sh, 24);
+    c.run = mode::backward_only;
+    const case_out g = dpo_cuda_test::run_case(c);
+    CHECK(g.device_error == 5);
+    CHECK(g.outputs_untouched);
+  }
+}
+
+TEST_CASE("cuda: rows x vocab beyond 2^31 elements", "[cuda][large]") {
+  dpo_cuda_test::large_out o;
+  if (!dpo_cuda_test::run_large(&o)) {
+    WARN("SKIPPED: not enough free device memory for the 2^31 case");
+    return;
+  }
+  const std::int64_t V = o.vocab, T = o.seq_len, P = o.num_seqs / 2;
+  // The last sequence (rows past 2^31 elements) on the CPU.
+  const auto* z = reinterpret_cast<const Eigen::bfloat16*>(o.seq_logits.data());
+  const std::int64_t s = o.num_seqs - 1;
+  dpo::token_view<Eigen::bfloat16, std::int64_t> v;
+  v.logits = z;
+  v.labels = o.labels.data() + s * T;
+  v.vocab = V;
+  v.row_stride = V;
+  v.num_seqs = 1;
+  v.seq_len = T;
+  double sum = 0;
+  std::int64_t count = 0;
+  dpo::cpu::sequence_logps(v, &sum, &count);
+  CHECK(o.sums[s] == Approx(sum).epsilon(2e-5));
+  CHECK(o.rejected_logps[P - 1] == Approx(sum).epsilon(2e-5));
+  // Pair stage on the GPU's log-probs.
+  dpo::cpu::pair_logps_in pin;
+  pin.num_pairs = P;
+  pin.chosen_logps = o.chosen_logps.data();
+  pin.rejected_logps = o.rejected_logps.data();
+  pin.ref_chosen_logps = o.ref_chosen.data();
+  pin.ref_rejected_logps = o.ref_rejected.data();
+  const dpo::cpu::forward_result f = dpo::cpu::dpo_loss(pin, dpo::loss_config{});
+  CHECK(o.loss == Approx(f.loss).epsilon(1e-9));
+  for (std::int64_t i = 0; i < P; ++i) {
+    CHECK(o.grad_chosen[i] == Approx(f.grad_chosen[i]).epsilon(1e-9));
+    CHECK(o.grad_rejected[i] == Approx(f.grad_rejected[i]).epsilon(1e-9));
+  }
+  // Gradient rows, in place: coef * (onehot - softmax) from the logits copied before.
+  for (std::size_t k = 0; k < o.checked_rows.size(); ++k) {
+    const std::int64_t r = o.checked_rows[k];
+    const std::int64_t seq = r / T;
+    const double coef = seq < P ? o.grad_chosen[seq] : o.grad_rejected[seq - P];
+    const std::int64_t y = o.labels[r];
+    double m = -INFINITY, se = 0;
+    std::vector<double> x(static_cast<std::size_t>(V));
+    for (std::int64_t c = 0; c < V; ++c) {
+      x[c] = bf16_bits(o.logits_rows[k * V + c]);
+      m = std::max(m, x[c]);
+    }
+    for (double xi : x) se += std::exp(xi - m);
+    const double lse = m + std::log(se);
+    double num = 0, den = 0;
+    for (std::int64_t c = 0; c < V; ++c) {
+      const double expect = y < 0 ? 0.0 : coef * ((c == y ? 1.0 : 0.0) - std::exp(x[c] - lse));
+      const double got = bf16_bits(o.grad_rows[k * V + c]);
+      num += (got - expect) * (got - expect);
+      den += expect * expect;
+    }
+    INFO("row " << r);
+    CHECK(std::sqrt(num) <= 1e-2 * std::sqrt(den) + 1e-30);
+  }
+}

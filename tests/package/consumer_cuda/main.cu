@@ -1,0 +1,27 @@
+// Copyright 2026 The dpo Authors. SPDX-License-Identifier: Apache-2.0
+//
+// The smallest use of the installed CUDA API: the workspace-size query of the fused DPO
+// forward (it launches nothing and needs no device). The package test only compiles and
+// links this; run by hand it prints the size.
+#include <dpo/cuda/dpo.cuh>
+
+#include <cstdint>
+#include <cstdio>
+
+int main() {
+  constexpr std::int64_t pairs = 8, seq_len = 1024, vocab = 128256;
+  const auto batch = dpo::padded_pairs<__nv_bfloat16, std::int64_t>(nullptr, nullptr, 2 * pairs,
+                                                                   seq_len, vocab, vocab);
+  std::size_t bytes = 0;
+  const dpo::cuda::status s = dpo::cuda::dpo_forward(nullptr, bytes, batch, nullptr, nullptr,
+                                                     dpo::loss_config::of(dpo::loss_type::simpo),
+                                                     dpo::cuda::forward_outputs{});
+  if (!s) {
+    std::printf("%s\n", s.message);
+    return 1;
+  }
+  std::printf("dpo_forward workspace for %lld pairs x %lld tokens, vocab %lld: %zu bytes\n",
+              static_cast<long long>(pairs), static_cast<long long>(seq_len),
+              static_cast<long long>(vocab), bytes);
+  return 0;
+}
