@@ -298,7 +298,9 @@ void build(fuzz_case<T, L>& fc, reader& in, std::uint8_t flags) {
   for (int b = 0; b < fc.nbuf; ++b) {
     const std::int64_t n = fc.rows[b];
     for (std::vector<T>* buf : {&fc.logits[b], &fc.ref[b]}) {
-      buf->assign(static_cast<std::size_t>(n * fc.stride), static_cast<T>(nan_v));
+      // Never empty, so in place (grad == logits) has a non-null pointer even with no rows.
+      buf->assign(static_cast<std::size_t>(std::max<std::int64_t>(1, n * fc.stride)),
+                  static_cast<T>(nan_v));
       for (std::int64_t i = 0; i < n; ++i)
         for (std::int64_t c = 0; c < fc.V; ++c)
           (*buf)[i * fc.stride + c] = static_cast<T>(scale * (2.0 * r.uniform() - 1.0));
@@ -337,11 +339,13 @@ void build(fuzz_case<T, L>& fc, reader& in, std::uint8_t flags) {
   }
 }
 
-/// Whether row `row` of a view is a completion token, and whether its label is invalid.
+/// Whether row `row` of a view is a completion token (label not ignore_index, mask not 0)
+/// whose label is outside [0, vocab): the raw label, as -1 is not a masked row.
 template <class T, class L>
 bool label_bad(const dpo::token_view<T, L>& v, std::int64_t row) {
-  const std::int64_t y = v.target(row);
-  return y != -1 && (y < 0 || y >= v.vocab);
+  const std::int64_t y = static_cast<std::int64_t>(v.labels[row]);
+  const bool masked = y == v.ignore_index || (v.mask != nullptr && v.mask[row] == 0);
+  return !masked && (y < 0 || y >= v.vocab);
 }
 
 template <class T>
@@ -423,7 +427,9 @@ void run(reader& in, std::uint8_t flags) {
   // Out of place, 1 and 2 threads, into sentinel-filled buffers.
   std::vector<T> g1[2], g2[2];
   for (int b = 0; b < fc.nbuf; ++b) {
-    g1[b].assign(static_cast<std::size_t>(fc.rows[b] * fc.gstride), sentinel);
+    // Never empty: the API rejects a null gradient pointer even when there are no rows.
+    g1[b].assign(static_cast<std::size_t>(std::max<std::int64_t>(1, fc.rows[b] * fc.gstride)),
+                 sentinel);
     g2[b] = g1[b];
   }
   // The aliasing knob points grad.chosen at the logits with stride + 1, used only when that
@@ -520,6 +526,7 @@ void run(reader& in, std::uint8_t flags) {
 
   // Row by row: ownership, masked zeros, finiteness and the zero-sum property.
   const double eps = std::numeric_limits<dpo::cpu::acc_t<T>>::epsilon();
+  const double tiny = std::numeric_limits<T>::denorm_min();
   const double coef_limit = std::is_same_v<T, double> ? 1e300 : 1e30;
   std::vector<char> owned[2];
   for (int b = 0; b < fc.nbuf; ++b) owned[b].assign(static_cast<std::size_t>(fc.rows[b]), 0);
@@ -556,7 +563,10 @@ void run(reader& in, std::uint8_t flags) {
         for (std::int64_t c = 0; c < fc.V && z_small; ++c)
           zmax = std::fmax(zmax, std::fabs(static_cast<double>(z[c])));
         if (g_finite && z_small) {
-          const double tol = 64 * eps * std::fabs(coef) * (static_cast<double>(fc.V) + zmax + 8);
+          // Relative rounding of p_v and of the log-sum-exp, plus one subnormal step per
+          // element where coef * p_v underflows.
+          const double tol = 64 * eps * std::fabs(coef) * (static_cast<double>(fc.V) + zmax + 8) +
+                             2 * static_cast<double>(fc.V + 1) * tiny;
           FUZZ_CHECK(std::fabs(static_cast<double>(sum)) <= tol);
         }
       }
