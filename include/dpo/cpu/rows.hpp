@@ -21,6 +21,10 @@
 
 #include "dpo/core/math.hpp"
 
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
+
 // GCC fully unrolls a lane loop whose body is small and then fails to vectorise the unrolled
 // statements (one scalar register per lane); kept as a loop, its loop vectoriser maps the
 // lanes onto vector registers.
@@ -267,16 +271,37 @@ dpo::detail::row_stats<A> row_forward(const T* z, std::int64_t V, row_scratch<A>
   return acc;
 }
 
-/// g[i] = round(exp(z[i] - lse) * neg) over [0, V). The two pointers do not overlap: the
-/// in-place case goes through backward_span_inplace, so the compiler needs no alias checks.
+/// g[i] = round(exp(z[i] - lse) * neg) over [0, V); g may equal z. z - lse <= 0 up to
+/// rounding (lse >= max z), so only the lower clamp of exp is needed.
+template <class T, class A>
+inline void backward_block(const T* z, T* g, std::int64_t V, A lse, A neg) {
+  std::int64_t i = 0;
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<T, Eigen::bfloat16> && std::is_same_v<A, float>) {
+    // One vcvtneps2bf16 rounds 16 floats to nearest even, where the portable rounding takes
+    // about nine vector operations: a quarter of the bf16 backward. It differs from it only
+    // below the float normal range (|g| < 1.2e-38 gives 0) and in NaN payloads.
+    for (const std::int64_t full = V - V % 16; i < full; i += 16) {
+      alignas(64) float e[16];
+      for (int l = 0; l < 16; ++l) e[l] = exp_clamped(clamp_lo(to_acc<A>(z[i + l]) - lse, exp_lo<A>)) * neg;
+      const __m256bh b = _mm512_cvtneps_pbh(_mm512_load_ps(e));
+      std::memcpy(static_cast<void*>(g + i), &b, sizeof b);
+    }
+  }
+#endif
+  for (; i < V; ++i) g[i] = from_acc<T>(exp_clamped(clamp_lo(to_acc<A>(z[i]) - lse, exp_lo<A>)) * neg);
+}
+
+/// backward_block for rows that do not overlap: with __restrict the compiler needs no
+/// run-time alias check (which would fail for the in-place case and fall back to scalar code).
 template <class T, class A>
 void backward_span(const T* __restrict z, T* __restrict g, std::int64_t V, A lse, A neg) {
-  for (std::int64_t i = 0; i < V; ++i) g[i] = from_acc<T>(exp_lane(to_acc<A>(z[i]) - lse) * neg);
+  backward_block(z, g, V, lse, neg);
 }
 
 template <class T, class A>
 void backward_span_inplace(T* p, std::int64_t V, A lse, A neg) {
-  for (std::int64_t i = 0; i < V; ++i) p[i] = from_acc<T>(exp_lane(to_acc<A>(p[i]) - lse) * neg);
+  backward_block<T, A>(p, p, V, lse, neg);
 }
 
 /// Writes the gradient of one row: g[v] = coef * (1[v == y] - exp(z[v] - lse)). coef == 0
