@@ -127,3 +127,39 @@ TEST_CASE("dpo_forward_backward equals dpo_forward then dpo_backward", "[backwar
   CHECK(r1.loss == r2.loss);
   CHECK(std::memcmp(one.grad.data(), two.grad.data(), one.grad.size() * sizeof(float)) == 0);
 }
+
+template <class T>
+void same_as_float_rounded() {
+  // bf16 / fp16 -> float is exact and the accumulation is fp32 either way, so on the same
+  // values the forward pass equals the float one bitwise and the gradient is the float
+  // gradient rounded to nearest-even (Eigen's conversion).
+  fixture::batch_spec sp = small();
+  sp.seed = 35;
+  sp.vocab = 50;
+  const oracle::batch b = rounded_batch<T>(sp);
+  for (const auto& nc : fixture::all_configs()) {
+    INFO(nc.name);
+    fixture::buffers<T, std::int64_t> low(b, layout::padded, 3);
+    fixture::buffers<float, std::int64_t> full(b, layout::padded, 3);
+    const fixture::reference ref = fixture::make_reference(nc.cfg, b, 7);
+    const dpo::cpu::forward_result rl = dpo::cpu::dpo_forward(low.view(), ref.pc(), ref.pr(), nc.cfg);
+    const dpo::cpu::forward_result rf = dpo::cpu::dpo_forward(full.view(), ref.pc(), ref.pr(), nc.cfg);
+    CHECK(std::memcmp(&rl.loss, &rf.loss, sizeof(double)) == 0);
+    CHECK(std::memcmp(&rl.metrics, &rf.metrics, sizeof(rl.metrics)) == 0);
+    CHECK(std::memcmp(rl.losses.data(), rf.losses.data(), sizeof(double) * low.P) == 0);
+    dpo::cpu::dpo_backward(low.view(), rl, low.grad_view());
+    dpo::cpu::dpo_backward(full.view(), rf, full.grad_view());
+    for (std::size_t k = 0; k < low.grad.size(); ++k) {
+      if (static_cast<std::int64_t>(k) % low.stride >= low.V) continue;
+      const T want = T(full.grad[k]);
+      if (std::memcmp(&low.grad[k], &want, sizeof(T)) != 0)
+        FAIL_CHECK("element " << k << ": float grad " << full.grad[k] << " rounds to " << float(want) << ", got "
+                              << float(low.grad[k]));
+    }
+  }
+}
+
+TEST_CASE("bf16 and fp16 logits: the float path's results, gradient rounded to nearest-even", "[backward]") {
+  same_as_float_rounded<Eigen::bfloat16>();
+  same_as_float_rounded<Eigen::half>();
+}
