@@ -612,3 +612,43 @@ TEST_CASE("cuda: rows x vocab beyond 2^31 elements", "[cuda][large]") {
     CHECK(std::sqrt(num) <= 1e-2 * std::sqrt(den) + 1e-30);
   }
 }
+
+TEST_CASE("cuda: sanitizer subset", "[cuda][sanitize]") {
+  // Few, small launches covering every kernel and access pattern: what scripts/gpu_check.sh
+  // runs under compute-sanitizer memcheck and racecheck.
+  shape a;
+  a.vocab = 1031;
+  a.pad = 3;
+  a.packed = true;
+  a.with_mask = true;
+  case_in c = make_case(dtype::bf16, a, 901);
+  c.in_place = true;
+  c.cfg.ld_alpha = 0.5;
+  compare(c);
+  shape b;
+  b.vocab = 7;
+  b.pad = 1;
+  case_in d = make_case(dtype::f32, b, 902);
+  d.labels64 = false;
+  d.cfg = dpo::loss_config::of(dpo::loss_type::aot);
+  d.cfg.label_smoothing = 0.1;
+  d.run = mode::forward_then_backward;
+  compare(d);
+  case_in e = make_case(dtype::f64, b, 903);
+  e.cfg.use_weighting = true;
+  compare(e);
+  case_in f = make_case(dtype::f16, a, 904);
+  f.run = mode::sequence_logps;
+  compare(f);
+  f.run = mode::pair_logps;
+  f.ld_alpha = 0.25;
+  compare(f);
+  case_in g = make_case(dtype::bf16, b, 905);
+  g.labels[3] = g.vocab + 5;
+  const case_out bad = dpo_cuda_test::run_case(g);
+  CHECK(bad.device_error == 1);
+  CHECK(bad.outputs_untouched);
+  g.run = mode::backward_only;
+  g.labels[3] = 0;
+  CHECK(dpo_cuda_test::run_case(g).device_error == 5);
+}

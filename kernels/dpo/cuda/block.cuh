@@ -19,7 +19,9 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "dpo/core/math.hpp"
@@ -35,8 +37,21 @@ namespace detail {
 
 using dpo::detail::row_stats;
 
+// The per-thread parts are __host__ __device__ so tests can run them on the host, one
+// emulated thread at a time, without a GPU.
+#define DPO_CUDA_HD __host__ __device__ __forceinline__
+
+/// Bit cast between same-size types (memcpy: valid on host and device, free in registers).
+template <class To, class From>
+DPO_CUDA_HD To bit_cast(const From& v) {
+  static_assert(sizeof(To) == sizeof(From), "bit cast between types of different sizes");
+  To out;
+  memcpy(&out, &v, sizeof(To));
+  return out;
+}
+
 template <class T>
-__device__ __forceinline__ acc_t<T> to_acc(T v) {
+DPO_CUDA_HD acc_t<T> to_acc(T v) {
   if constexpr (std::is_same<T, __nv_bfloat16>::value) {
     return __bfloat162float(v);
   } else if constexpr (std::is_same<T, __half>::value) {
@@ -48,7 +63,7 @@ __device__ __forceinline__ acc_t<T> to_acc(T v) {
 
 /// Round to nearest even, as the CPU path.
 template <class T>
-__device__ __forceinline__ T from_acc(acc_t<T> v) {
+DPO_CUDA_HD T from_acc(acc_t<T> v) {
   if constexpr (std::is_same<T, __nv_bfloat16>::value) {
     return __float2bfloat16_rn(v);
   } else if constexpr (std::is_same<T, __half>::value) {
@@ -64,59 +79,55 @@ inline constexpr int vec_width = static_cast<int>(16 / sizeof(T));
 
 /// The W = vec_width<T> values of a 16-byte vector, in column order.
 template <class T>
-__device__ __forceinline__ void unpack(const uint4& u, acc_t<T>* x) {
+DPO_CUDA_HD void unpack(const uint4& u, acc_t<T>* x) {
   const unsigned w[4] = {u.x, u.y, u.z, u.w};
   if constexpr (std::is_same<T, __nv_bfloat16>::value) {
     // bf16 -> float is exact: the bf16 bits are the float's top half.
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
-      x[2 * k] = __uint_as_float(w[k] << 16);
-      x[2 * k + 1] = __uint_as_float(w[k] & 0xffff0000u);
+      x[2 * k] = bit_cast<float>(w[k] << 16);
+      x[2 * k + 1] = bit_cast<float>(w[k] & 0xffff0000u);
     }
   } else if constexpr (std::is_same<T, __half>::value) {
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
-      __half2 h;
-      static_assert(sizeof(h) == sizeof(unsigned), "half2 is 32 bits");
-      memcpy(&h, &w[k], sizeof(h));
-      const float2 f = __half22float2(h);
+      const float2 f = __half22float2(bit_cast<__half2>(w[k]));
       x[2 * k] = f.x;
       x[2 * k + 1] = f.y;
     }
   } else if constexpr (std::is_same<T, float>::value) {
 #pragma unroll
-    for (int k = 0; k < 4; ++k) x[k] = __uint_as_float(w[k]);
+    for (int k = 0; k < 4; ++k) x[k] = bit_cast<float>(w[k]);
   } else {
     static_assert(std::is_same<T, double>::value, "logits must be bf16, fp16, fp32 or fp64");
-    x[0] = __hiloint2double(static_cast<int>(w[1]), static_cast<int>(w[0]));
-    x[1] = __hiloint2double(static_cast<int>(w[3]), static_cast<int>(w[2]));
+    x[0] = bit_cast<double>(make_uint2(w[0], w[1]));
+    x[1] = bit_cast<double>(make_uint2(w[2], w[3]));
   }
 }
 
 /// W accumulation-type values rounded to T and packed in a 16-byte vector.
 template <class T>
-__device__ __forceinline__ uint4 pack(const acc_t<T>* x) {
+DPO_CUDA_HD uint4 pack(const acc_t<T>* x) {
   unsigned w[4];
   if constexpr (std::is_same<T, __nv_bfloat16>::value) {
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
-      const __nv_bfloat162 b = __floats2bfloat162_rn(x[2 * k], x[2 * k + 1]);
-      memcpy(&w[k], &b, sizeof(unsigned));
+      w[k] = bit_cast<unsigned>(__floats2bfloat162_rn(x[2 * k], x[2 * k + 1]));
     }
   } else if constexpr (std::is_same<T, __half>::value) {
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
-      const __half2 h = __floats2half2_rn(x[2 * k], x[2 * k + 1]);
-      memcpy(&w[k], &h, sizeof(unsigned));
+      w[k] = bit_cast<unsigned>(__floats2half2_rn(x[2 * k], x[2 * k + 1]));
     }
   } else if constexpr (std::is_same<T, float>::value) {
 #pragma unroll
-    for (int k = 0; k < 4; ++k) w[k] = __float_as_uint(x[k]);
+    for (int k = 0; k < 4; ++k) w[k] = bit_cast<unsigned>(x[k]);
   } else {
 #pragma unroll
     for (int k = 0; k < 2; ++k) {
-      w[2 * k] = static_cast<unsigned>(__double2loint(x[k]));
-      w[2 * k + 1] = static_cast<unsigned>(__double2hiint(x[k]));
+      const uint2 b = bit_cast<uint2>(x[k]);
+      w[2 * k] = b.x;
+      w[2 * k + 1] = b.y;
     }
   }
   return make_uint4(w[0], w[1], w[2], w[3]);
@@ -124,12 +135,16 @@ __device__ __forceinline__ uint4 pack(const acc_t<T>* x) {
 
 /// 2^x: one MUFU.EX2 for float (relative error about 2^-22; results below 2^-126 flush to
 /// 0, which no sum here can see), the accurate exp2 for double.
-__device__ __forceinline__ float exp2_fast(float x) {
+DPO_CUDA_HD float exp2_fast(float x) {
+#if defined(__CUDA_ARCH__)
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
+#else
+  return std::exp2(x);
+#endif
 }
-__device__ __forceinline__ double exp2_fast(double x) { return exp2(x); }
+DPO_CUDA_HD double exp2_fast(double x) { return exp2(x); }
 
 template <class A>
 struct log2e {
@@ -155,14 +170,14 @@ struct thread_stats {
 };
 
 template <class A>
-__device__ __forceinline__ thread_stats<A> thread_empty() {
+DPO_CUDA_HD thread_stats<A> thread_empty() {
   return {-INFINITY, -INFINITY, A(0), A(0), A(0), A(0), -1};
 }
 
 /// Folds N values at columns col0, col0 + 1, ... (all above the thread's earlier columns).
 /// Same result, up to rounding, as N calls of dpo::detail::push_logit.
 template <bool Metrics, int N, class A>
-__device__ __forceinline__ void push_values(thread_stats<A>& st, const A* x, std::int64_t col0) {
+DPO_CUDA_HD void push_values(thread_stats<A>& st, const A* x, std::int64_t col0) {
   // The vector's max ignores NaN (it reaches s through exp below).
   A vm = x[0] > -INFINITY ? x[0] : -INFINITY;
 #pragma unroll
@@ -214,7 +229,7 @@ __device__ __forceinline__ void push_values(thread_stats<A>& st, const A* x, std
 }
 
 template <class A>
-__device__ __forceinline__ row_stats<A> to_row_stats(const thread_stats<A>& t) {
+DPO_CUDA_HD row_stats<A> to_row_stats(const thread_stats<A>& t) {
   row_stats<A> r;
   r.m = t.m;
   r.s = t.s;
@@ -229,7 +244,7 @@ __device__ __forceinline__ row_stats<A> to_row_stats(const thread_stats<A>& t) {
 /// dpo::detail::merge_row_stats, which needs b's columns above a's): ties of the max go to
 /// the lower column, chunks with no finite value add no mass.
 template <bool Metrics, class A>
-__device__ __forceinline__ row_stats<A> merge_unordered(const row_stats<A>& a,
+DPO_CUDA_HD row_stats<A> merge_unordered(const row_stats<A>& a,
                                                         const row_stats<A>& b) {
   row_stats<A> r;
   const bool b_wins = b.m > a.m;
@@ -330,31 +345,24 @@ inline constexpr int unroll = 4;
 
 }  // namespace detail
 
-/// Statistics of one logits row (see dpo::detail::row_stats): log-sum-exp, and with Metrics
-/// the entropy, lse(2z), logit sum and argmax (first index of the max, as torch.argmax).
-///
-/// Call from every thread of a 1-D block of BLOCK threads (block-uniform control flow: it
-/// synchronizes the block); every thread gets the result. `row` points at vocab values of
-/// type T (bf16, fp16, fp32, fp64), any alignment of T; it is read once, with 16-byte loads
-/// where aligned. Accumulates in acc_t<T>. Deterministic: the result depends only on the row
-/// and BLOCK. With Metrics = false only m and s are set (t, s2, zsum = 0, argmax = -1).
-/// Requires vocab < 2^31.
-template <int BLOCK, bool Metrics = true, class T>
-__device__ dpo::detail::row_stats<acc_t<T>> block_row_stats(const T* row, std::int64_t vocab) {
+namespace detail {
+
+/// Thread `tid`'s share of block_row_stats: its columns, in increasing order.
+template <int BLOCK, bool Metrics, class T>
+DPO_CUDA_HD thread_stats<acc_t<T>> thread_row_stats(const T* row, std::int64_t vocab, int tid) {
   using A = acc_t<T>;
-  constexpr int W = detail::vec_width<T>;
-  constexpr int U = detail::unroll;
+  constexpr int W = vec_width<T>;
+  constexpr int U = unroll;
   const int V = static_cast<int>(vocab);
-  const int tid = static_cast<int>(threadIdx.x);
-  detail::thread_stats<A> st = detail::thread_empty<A>();
+  thread_stats<A> st = thread_empty<A>();
   // Scalar head up to the first 16-byte boundary (rows of a strided buffer need not be
   // aligned), one element per thread.
   const int mis = static_cast<int>((reinterpret_cast<std::uintptr_t>(row) & 15u) / sizeof(T));
   int head = mis == 0 ? 0 : W - mis;
   head = head < V ? head : V;
   if (tid < head) {
-    const A x = detail::to_acc(row[tid]);
-    detail::push_values<Metrics, 1>(st, &x, tid);
+    const A x = to_acc(row[tid]);
+    push_values<Metrics, 1>(st, &x, tid);
   }
   const int nvec = (V - head) / W;
   const uint4* vp = reinterpret_cast<const uint4*>(row + head);
@@ -370,50 +378,62 @@ __device__ dpo::detail::row_stats<acc_t<T>> block_row_stats(const T* row, std::i
       const int k = k0 + u * BLOCK;
       if (k < nvec) {
         A x[W];
-        detail::unpack<T>(buf[u], x);
-        detail::push_values<Metrics, W>(st, x, head + static_cast<std::int64_t>(k) * W);
+        unpack<T>(buf[u], x);
+        push_values<Metrics, W>(st, x, head + static_cast<std::int64_t>(k) * W);
       }
     }
   }
   const int tail = head + nvec * W + tid;  // fewer than W tail elements, W <= BLOCK
   if (tail < V) {
-    const A x = detail::to_acc(row[tail]);
-    detail::push_values<Metrics, 1>(st, &x, tail);
+    const A x = to_acc(row[tail]);
+    push_values<Metrics, 1>(st, &x, tail);
   }
+  return st;
+}
+
+}  // namespace detail
+
+/// Statistics of one logits row (see dpo::detail::row_stats): log-sum-exp, and with Metrics
+/// the entropy, lse(2z), logit sum and argmax (first index of the max, as torch.argmax).
+///
+/// Call from every thread of a 1-D block of BLOCK threads (block-uniform control flow: it
+/// synchronizes the block); every thread gets the result. `row` points at vocab values of
+/// type T (bf16, fp16, fp32, fp64), any alignment of T; it is read once, with 16-byte loads
+/// where aligned. Accumulates in acc_t<T>. Deterministic: the result depends only on the row
+/// and BLOCK. With Metrics = false only m and s are set (t, s2, zsum = 0, argmax = -1).
+/// Requires vocab < 2^31.
+template <int BLOCK, bool Metrics = true, class T>
+__device__ dpo::detail::row_stats<acc_t<T>> block_row_stats(const T* row, std::int64_t vocab) {
+  const auto st = detail::thread_row_stats<BLOCK, Metrics>(row, vocab, static_cast<int>(threadIdx.x));
   return detail::block_reduce_stats<BLOCK, Metrics>(detail::to_row_stats(st));
 }
 
-/// Writes the gradient of one row: g[v] = coef * (1[v == y] - exp(z[v] - lse)), rounded to T;
-/// coef == 0 writes zeros without reading z. y outside [0, vocab) adds no one-hot term.
-///
-/// Call from every thread of a 1-D block of BLOCK threads (no synchronization inside). g may
-/// equal z (in place: each element is read before the same thread writes it); any other
-/// overlap of the two rows is not allowed. 16-byte loads and stores when z and g have the
-/// same alignment modulo 16 bytes, scalar ones otherwise. Deterministic.
+namespace detail {
+
+/// Thread `tid`'s share of block_row_grad.
 template <int BLOCK, class T>
-__device__ void block_row_grad(const T* z, T* g, std::int64_t vocab, acc_t<T> lse, acc_t<T> coef,
-                               std::int64_t y) {
+DPO_CUDA_HD void thread_row_grad(const T* z, T* g, std::int64_t vocab, acc_t<T> lse, acc_t<T> coef,
+                                 std::int64_t y, int tid) {
   using A = acc_t<T>;
-  constexpr int W = detail::vec_width<T>;
-  constexpr int U = detail::unroll;
+  constexpr int W = vec_width<T>;
+  constexpr int U = unroll;
   const int V = static_cast<int>(vocab);
-  const int tid = static_cast<int>(threadIdx.x);
-  const A lse2 = lse * detail::log2e<A>::value;
+  const A lse2 = lse * log2e<A>::value;
   const A neg = -coef;
   const bool zero = coef == A(0);
   const auto value = [&](A x, std::int64_t col) {
     if (zero) return A(0);
-    const A v = neg * detail::exp2_fast(fma(x, detail::log2e<A>::value, -lse2));
+    const A v = neg * exp2_fast(fma(x, log2e<A>::value, -lse2));
     return col == y ? v + coef : v;
   };
   const std::uintptr_t gmis = reinterpret_cast<std::uintptr_t>(g) & 15u;
   if (!zero && (reinterpret_cast<std::uintptr_t>(z) & 15u) != gmis) {
-    for (int c = tid; c < V; c += BLOCK) g[c] = detail::from_acc<T>(value(detail::to_acc(z[c]), c));
+    for (int c = tid; c < V; c += BLOCK) g[c] = from_acc<T>(value(to_acc(z[c]), c));
     return;
   }
   int head = gmis == 0 ? 0 : W - static_cast<int>(gmis / sizeof(T));
   head = head < V ? head : V;
-  if (tid < head) g[tid] = detail::from_acc<T>(zero ? A(0) : value(detail::to_acc(z[tid]), tid));
+  if (tid < head) g[tid] = from_acc<T>(zero ? A(0) : value(to_acc(z[tid]), tid));
   const int nvec = (V - head) / W;
   const uint4* zp = reinterpret_cast<const uint4*>(z + head);
   uint4* gp = reinterpret_cast<uint4*>(g + head);
@@ -435,24 +455,39 @@ __device__ void block_row_grad(const T* z, T* g, std::int64_t vocab, acc_t<T> ls
 #pragma unroll
           for (int j = 0; j < W; ++j) x[j] = A(0);
         } else {
-          detail::unpack<T>(buf[u], x);
+          unpack<T>(buf[u], x);
           const std::int64_t col0 = head + static_cast<std::int64_t>(k) * W;
           const A lse2_ = lse2;
 #pragma unroll
           for (int j = 0; j < W; ++j)
-            x[j] = neg * detail::exp2_fast(fma(x[j], detail::log2e<A>::value, -lse2_));
+            x[j] = neg * exp2_fast(fma(x[j], log2e<A>::value, -lse2_));
           const std::int64_t o = y - col0;
           if (o >= 0 && o < W) {
 #pragma unroll
             for (int j = 0; j < W; ++j) x[j] = j == o ? x[j] + coef : x[j];
           }
         }
-        gp[k] = detail::pack<T>(x);
+        gp[k] = pack<T>(x);
       }
     }
   }
   const int tail = head + nvec * W + tid;
-  if (tail < V) g[tail] = detail::from_acc<T>(zero ? A(0) : value(detail::to_acc(z[tail]), tail));
+  if (tail < V) g[tail] = from_acc<T>(zero ? A(0) : value(to_acc(z[tail]), tail));
+}
+
+}  // namespace detail
+
+/// Writes the gradient of one row: g[v] = coef * (1[v == y] - exp(z[v] - lse)), rounded to T;
+/// coef == 0 writes zeros without reading z. y outside [0, vocab) adds no one-hot term.
+///
+/// Call from every thread of a 1-D block of BLOCK threads (no synchronization inside). g may
+/// equal z (in place: each element is read before the same thread writes it); any other
+/// overlap of the two rows is not allowed. 16-byte loads and stores when z and g have the
+/// same alignment modulo 16 bytes, scalar ones otherwise. Deterministic.
+template <int BLOCK, class T>
+__device__ void block_row_grad(const T* z, T* g, std::int64_t vocab, acc_t<T> lse, acc_t<T> coef,
+                               std::int64_t y) {
+  detail::thread_row_grad<BLOCK>(z, g, vocab, lse, coef, y, static_cast<int>(threadIdx.x));
 }
 
 }  // namespace cuda
