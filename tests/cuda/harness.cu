@@ -2,6 +2,7 @@
 //
 // The CUDA side of the tests: uploads a case, runs the dpo::cuda API on it and copies every
 // result back. The Catch2 tests (g++) compare the results with dpo::cpu.
+#include <algorithm>
 #include <cstring>
 #include <limits>
 #include <stdexcept>
@@ -375,6 +376,75 @@ bool run_large(large_out* out) {
     out->grad_rows.insert(out->grad_rows.end(), row.begin(), row.end());
   }
   return true;
+}
+
+std::string graph_capture_check() {
+  const std::int64_t S = 4, T = 37, V = 5003, N = S * T, P = S / 2;
+  dev_buf logits(static_cast<std::size_t>(N * V) * 2);
+  fill_kernel<<<256, 256>>>(logits.as<__nv_bfloat16>(), N * V, 3u);
+  DPO_CK(cudaGetLastError());
+  std::vector<std::int64_t> labels(static_cast<std::size_t>(N));
+  for (std::int64_t r = 0; r < N; ++r) labels[r] = r % T < 3 ? -100 : (r * 7919) % V;
+  dev_buf lab(labels.size() * sizeof(std::int64_t));
+  upload(lab, labels);
+  const std::vector<double> refs = {-30.0, -31.0, -29.5, -32.0};
+  dev_buf rbuf(refs.size() * sizeof(double));
+  upload(rbuf, refs);
+  dev_buf grads(2 * static_cast<std::size_t>(N * V) * 2);  // direct, then graph
+  dev_buf outs(sizeof(double) * 2 * (1 + S));
+  const auto* lp = logits.as<__nv_bfloat16>();
+  const auto pv = dpo::padded_pairs(lp, lab.as<std::int64_t>(), S, T, V, V);
+  dpo::token_view<__nv_bfloat16, std::int64_t> all = pv.chosen;
+  all.num_seqs = S;
+  std::size_t bytes = 0, seq_bytes = 0;
+  dpo::cuda::forward_outputs fo;
+  dpo::cuda::dpo_forward_backward(nullptr, bytes, pv, rbuf.as<double>(), rbuf.as<double>() + P,
+                                  dpo::loss_config{}, fo, {}, {});
+  std::int64_t* counts = nullptr;
+  dpo::cuda::sequence_logps(nullptr, seq_bytes, all, outs.as<double>(), counts);
+  dev_buf ws(bytes), ws2(seq_bytes), cnt(sizeof(std::int64_t) * S);
+  cudaStream_t stream;
+  DPO_CK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  const auto enqueue = [&](int k) {
+    __nv_bfloat16* g = grads.as<__nv_bfloat16>() + k * N * V;
+    dpo::cuda::forward_outputs o;
+    o.loss = outs.as<double>() + k * (1 + S);
+    const dpo::cuda::status a = dpo::cuda::dpo_forward_backward(
+        ws.p, bytes, pv, rbuf.as<double>(), rbuf.as<double>() + P, dpo::loss_config{}, o,
+        dpo::pair_grad_view<__nv_bfloat16>{g, V, g, V}, {}, stream);
+    if (!a) return std::string(a.message);
+    const dpo::cuda::status b = dpo::cuda::sequence_logps(
+        ws2.p, seq_bytes, all, outs.as<double>() + k * (1 + S) + 1, cnt.as<std::int64_t>(), nullptr, {},
+        stream);
+    return b ? std::string() : std::string(b.message);
+  };
+  std::string err = enqueue(0);
+  if (!err.empty()) return "direct call: " + err;
+  DPO_CK(cudaStreamSynchronize(stream));
+  cudaGraph_t graph;
+  DPO_CK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
+  err = enqueue(1);
+  const cudaError_t end = cudaStreamEndCapture(stream, &graph);
+  if (!err.empty()) return "captured call: " + err;
+  if (end != cudaSuccess) return std::string("capture failed: ") + cudaGetErrorString(end);
+  cudaGraphExec_t exec;
+  DPO_CK(cudaGraphInstantiate(&exec, graph, 0));
+  for (int rep = 0; rep < 2; ++rep) DPO_CK(cudaGraphLaunch(exec, stream));
+  DPO_CK(cudaStreamSynchronize(stream));
+  const dpo::cuda::status de = dpo::cuda::read_device_error(ws.p, stream);
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+  cudaStreamDestroy(stream);
+  if (!de) return std::string("device error: ") + de.message;
+  const std::vector<double> o = download(outs.as<double>(), static_cast<std::size_t>(2 * (1 + S)));
+  if (std::memcmp(o.data(), o.data() + 1 + S, sizeof(double) * (1 + S)) != 0)
+    return "graph replay results differ from the direct call";
+  if (!(o[0] == o[0])) return "loss is NaN";
+  const std::vector<std::uint16_t> g =
+      download(grads.as<std::uint16_t>(), 2 * static_cast<std::size_t>(N * V));
+  if (!std::equal(g.begin(), g.begin() + N * V, g.begin() + N * V))
+    return "graph replay gradient differs from the direct call";
+  return "";
 }
 
 }  // namespace dpo_cuda_test

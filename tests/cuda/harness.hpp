@@ -100,4 +100,8 @@ struct large_out {
 };
 bool run_large(large_out* out);
 
+/// Captures dpo_forward_backward (and sequence_logps) on a stream into a CUDA graph, replays
+/// it twice and compares with a direct call, bitwise. Returns "" on success, else what failed.
+std::string graph_capture_check();
+
 }  // namespace dpo_cuda_test

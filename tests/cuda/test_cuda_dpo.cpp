@@ -455,6 +455,10 @@ TEST_CASE("cuda: results are bitwise identical run to run", "[cuda][small]") {
   CHECK(a.weights == b.weights);
 }
 
+TEST_CASE("cuda: the API runs inside CUDA graph capture", "[cuda][small]") {
+  CHECK(dpo_cuda_test::graph_capture_check() == "");
+}
+
 TEST_CASE("cuda: bad arguments are rejected before any launch", "[cuda][small]") {
   const auto expect_rejected = [](case_in c, const char* needle) {
     const case_out g = dpo_cuda_test::run_case(c);
