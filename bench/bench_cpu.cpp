@@ -9,7 +9,9 @@
 // Bytes are the logical traffic of docs/performance.md: N*V*sizeof(T) for a forward pass,
 // 3*N*V*sizeof(T) for forward + backward, read + written bytes for the copy.
 //
-// Defaults: 5 repetitions, aggregates only; every --benchmark_* flag overrides them.
+// Defaults: 5 repetitions, aggregates only, repetitions randomly interleaved across all
+// benchmarks (so a burst of load from other processes spreads over every path instead of
+// hitting one); every --benchmark_* flag overrides them.
 // --dpo_threads=N sets the worker threads of every path (default 2).
 
 #include <benchmark/benchmark.h>
@@ -111,9 +113,9 @@ struct dataset {
   std::vector<double> coef;        // the naive path's dL/dlogp per row
 };
 
-// Only one group's buffers live at a time (the large fp32 group needs ~2.6 GB).
-std::shared_ptr<void> g_current;
-std::string g_current_key;
+// Every group's buffers, built on first use and kept (about 5.5 GB in all) so that
+// repetitions can be interleaved across groups without rebuilding them.
+std::map<std::string, std::shared_ptr<void>> g_datasets;
 
 dpo::loss_config bench_config() { return dpo::loss_config::of(dpo::loss_type::sigmoid); }
 
@@ -207,9 +209,8 @@ void check_against_naive(dataset<T>& d) {
 template <class T>
 dataset<T>& get_dataset(int si) {
   const std::string key = std::string(dtype_name<T>()) + shapes[si].name;
-  if (key != g_current_key) {
-    g_current.reset();
-    g_current_key.clear();
+  std::shared_ptr<void>& slot = g_datasets[key];
+  if (!slot) {
     auto d = std::make_shared<dataset<T>>();
     d->s = shapes[si];
     const std::int64_t N = d->s.rows(), V = d->s.vocab, P = d->s.pairs;
@@ -238,10 +239,9 @@ dataset<T>& get_dataset(int si) {
       d->ref_r[i] = pr[i] + 1.0;
     }
     check_against_naive(*d);
-    g_current = d;
-    g_current_key = key;
+    slot = d;
   }
-  return *static_cast<dataset<T>*>(g_current.get());
+  return *static_cast<dataset<T>*>(slot.get());
 }
 
 // What the summary needs to know about each registered benchmark.
@@ -422,8 +422,10 @@ int main(int argc, char** argv) {
   std::vector<char*> args{argv[0]};
   std::string reps = "--benchmark_repetitions=5";
   std::string aggr = "--benchmark_report_aggregates_only=true";
+  std::string interleave = "--benchmark_enable_random_interleaving=true";
   args.push_back(reps.data());
   args.push_back(aggr.data());
+  args.push_back(interleave.data());
   const std::string threads_flag = "--dpo_threads=";
   for (int i = 1; i < argc; ++i) {
     if (std::strncmp(argv[i], threads_flag.c_str(), threads_flag.size()) == 0) {
