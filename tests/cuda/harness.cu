@@ -378,6 +378,48 @@ bool run_large(large_out* out) {
   return true;
 }
 
+case_out run_dpo_loss(const loss_case& in) {
+  const std::int64_t P = static_cast<std::int64_t>(in.chosen.size());
+  const std::vector<double>* arrays[7] = {&in.chosen, &in.rejected, &in.ref_chosen, &in.ref_rejected,
+                                          &in.chosen_tokens, &in.rejected_tokens, &in.weights};
+  dev_buf buf(sizeof(double) * 7 * static_cast<std::size_t>(P));
+  const double* ptr[7];
+  for (int k = 0; k < 7; ++k) {
+    double* d = buf.as<double>() + k * P;
+    if (!arrays[k]->empty())
+      DPO_CK(cudaMemcpy(d, arrays[k]->data(), sizeof(double) * P, cudaMemcpyHostToDevice));
+    ptr[k] = arrays[k]->empty() ? nullptr : d;
+  }
+  dpo::cuda::pair_logps_in li;
+  li.num_pairs = P;
+  li.chosen_logps = ptr[0];
+  li.rejected_logps = ptr[1];
+  li.ref_chosen_logps = ptr[2];
+  li.ref_rejected_logps = ptr[3];
+  li.chosen_tokens = ptr[4];
+  li.rejected_tokens = ptr[5];
+  li.weights = ptr[6];
+  pair_outputs po(P);
+  case_out out;
+  std::size_t bytes = 0;
+  dpo::cuda::status st = dpo::cuda::dpo_loss(nullptr, bytes, li, in.cfg, po.outputs());
+  if (st) {
+    dev_buf ws(bytes);
+    DPO_CK(cudaMemset(ws.p, 0xa5, bytes));
+    st = dpo::cuda::dpo_loss(ws.p, bytes, li, in.cfg, po.outputs());
+    DPO_CK(cudaDeviceSynchronize());
+    if (st) {
+      dpo::cuda::device_error e{};
+      DPO_CK(cudaMemcpy(&e, ws.p, sizeof(e), cudaMemcpyDeviceToHost));
+      out.device_error = e.code;
+    }
+  }
+  out.status_code = static_cast<int>(st.code);
+  out.message = st.message;
+  out.outputs_untouched = po.read(out);
+  return out;
+}
+
 std::string graph_capture_check() {
   const std::int64_t S = 4, T = 37, V = 5003, N = S * T, P = S / 2;
   dev_buf logits(static_cast<std::size_t>(N * V) * 2);

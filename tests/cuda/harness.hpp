@@ -100,6 +100,15 @@ struct large_out {
 };
 bool run_large(large_out* out);
 
+/// dpo::cuda::dpo_loss on host arrays (empty vector: null pointer). Fills loss, metrics,
+/// the per-pair vectors and nll_token_grad of case_out.
+struct loss_case {
+  dpo::loss_config cfg;
+  std::vector<double> chosen, rejected, ref_chosen, ref_rejected, chosen_tokens,
+      rejected_tokens, weights;
+};
+case_out run_dpo_loss(const loss_case& in);
+
 /// Captures dpo_forward_backward (and sequence_logps) on a stream into a CUDA graph, replays
 /// it twice and compares with a direct call, bitwise. Returns "" on success, else what failed.
 std::string graph_capture_check();

@@ -455,6 +455,60 @@ TEST_CASE("cuda: results are bitwise identical run to run", "[cuda][small]") {
   CHECK(a.weights == b.weights);
 }
 
+TEST_CASE("cuda: dpo_loss from sequence log-probs matches the CPU path", "[cuda][small]") {
+  std::mt19937_64 rng(77);
+  std::normal_distribution<double> nd(-40.0, 8.0);
+  std::uniform_real_distribution<double> ud(1.0, 30.0);
+  int k = 0;
+  for (const named_config& nc : every_loss()) {
+    INFO("config " << nc.name);
+    dpo_cuda_test::loss_case lc;
+    lc.cfg = nc.cfg;
+    const std::int64_t P = 7;
+    for (std::int64_t i = 0; i < P; ++i) {
+      lc.chosen.push_back(nd(rng));
+      lc.rejected.push_back(nd(rng));
+      lc.ref_chosen.push_back(nd(rng));
+      lc.ref_rejected.push_back(nd(rng));
+      lc.chosen_tokens.push_back(std::round(ud(rng)));
+      lc.rejected_tokens.push_back(std::round(ud(rng)));
+      lc.weights.push_back(ud(rng) / 30.0);
+    }
+    if (k % 3 == 1) lc.weights.clear();
+    if (k % 3 == 2) lc.chosen_tokens.clear();
+    if (nc.name == "sigmoid+wpo" || nc.name == "aot" || nc.name == "aot_unpaired") lc.weights.clear();
+    ++k;
+    dpo::cpu::pair_logps_in in;
+    in.num_pairs = P;
+    in.chosen_logps = lc.chosen.data();
+    in.rejected_logps = lc.rejected.data();
+    in.ref_chosen_logps = lc.ref_chosen.data();
+    in.ref_rejected_logps = lc.ref_rejected.data();
+    in.chosen_tokens = lc.chosen_tokens.empty() ? nullptr : lc.chosen_tokens.data();
+    in.rejected_tokens = lc.rejected_tokens.data();
+    in.weights = lc.weights.empty() ? nullptr : lc.weights.data();
+    const dpo::cpu::forward_result f = dpo::cpu::dpo_loss(in, nc.cfg);
+    const case_out g = dpo_cuda_test::run_dpo_loss(lc);
+    INFO(g.message);
+    REQUIRE(g.status_code == 0);
+    CHECK(g.device_error == 0);
+    const double tol = 1e-12;
+    CHECK(g.loss == Approx(f.loss).epsilon(tol).margin(tol));
+    check_close(g.losses, f.losses, tol, "losses");
+    check_close(g.chosen_rewards, f.chosen_rewards, tol, "chosen_rewards");
+    check_close(g.rejected_rewards, f.rejected_rewards, tol, "rejected_rewards");
+    check_close(g.grad_chosen, f.grad_chosen, tol, "grad_chosen");
+    check_close(g.grad_rejected, f.grad_rejected, tol, "grad_rejected");
+    check_close(g.weights, f.weights, tol, "weights");
+    CHECK(g.nll_token_grad == Approx(f.nll_token_grad).epsilon(tol).margin(tol));
+    const dpo::cpu::metrics& m = f.metrics;
+    const double expect[11] = {m.rewards_chosen, m.rewards_rejected, m.rewards_margins,
+                               m.rewards_accuracies, m.logps_chosen, m.logps_rejected, 0, 0, 0, 0,
+                               m.nll_loss};
+    for (int j = 0; j < 11; ++j) CHECK(g.metrics[j] == Approx(expect[j]).epsilon(tol).margin(tol));
+  }
+}
+
 TEST_CASE("cuda: the API runs inside CUDA graph capture", "[cuda][small]") {
   CHECK(dpo_cuda_test::graph_capture_check() == "");
 }
@@ -655,4 +709,13 @@ TEST_CASE("cuda: sanitizer subset", "[cuda][sanitize]") {
   g.run = mode::backward_only;
   g.labels[3] = 0;
   CHECK(dpo_cuda_test::run_case(g).device_error == 5);
+  dpo_cuda_test::loss_case lc;
+  lc.cfg = dpo::loss_config::of(dpo::loss_type::aot_unpaired);
+  lc.chosen = {-10, -12, -9};
+  lc.rejected = {-11, -10, -13};
+  lc.ref_chosen = {-10.5, -11, -9};
+  lc.ref_rejected = {-10, -12, -12};
+  const case_out l = dpo_cuda_test::run_dpo_loss(lc);
+  CHECK(l.status_code == 0);
+  CHECK(std::isfinite(l.loss));
 }

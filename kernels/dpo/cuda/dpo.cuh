@@ -310,6 +310,7 @@ status enqueue_forward(const pair_view<T, L>& policy, const double* ref_chosen,
   pp.pairs = policy.num_pairs();
   pp.vocab = policy.chosen.vocab;
   pp.metrics = metrics;
+  pp.weights = weights_from::wpo_sums;
   const bool ref = needs_reference(cfg);
   pp.ref_chosen = ref ? ref_chosen : nullptr;
   pp.ref_rejected = ref ? ref_rejected : nullptr;
@@ -419,6 +420,68 @@ status dpo_forward(void* workspace, std::size_t& workspace_bytes, const pair_vie
   if (!s) return s;
   detail::carve(reinterpret_cast<std::uintptr_t>(workspace), cap, P, P, &w);
   return detail::enqueue_forward(policy, ref_chosen, ref_rejected, cfg, out, opt, w, cap, stream);
+}
+
+/// Sequence-level inputs of the pair loss (TRL's dpo_loss), device arrays of P doubles.
+/// Token counts are needed by ipo, sigmoid_norm, simpo, orpo and cpo-ipo (null means 1 token
+/// each); weights by WPO (null means 1). Reference arrays may be null for reference-free
+/// losses. As dpo::cpu::pair_logps_in.
+struct pair_logps_in {
+  std::int64_t num_pairs = 0;
+  const double* chosen_logps = nullptr;
+  const double* rejected_logps = nullptr;
+  const double* ref_chosen_logps = nullptr;
+  const double* ref_rejected_logps = nullptr;
+  const double* chosen_tokens = nullptr;
+  const double* rejected_tokens = nullptr;
+  const double* weights = nullptr;
+};
+
+/// The pair-level loss from sequence log-probs, on the device: loss, per-pair losses,
+/// rewards and dL/dpi in `out` (the logits metrics stay 0), as dpo::cpu::dpo_loss. NLL
+/// terms (sft, cpo, orpo) take NLL(chosen) = -sum(chosen_logps) / sum(chosen_tokens).
+/// Deterministic; O(P) work (O(P^2 / 256) per thread for aot's ranks), one block.
+inline status dpo_loss(void* workspace, std::size_t& workspace_bytes, const pair_logps_in& in,
+                       const loss_config& cfg, const forward_outputs& out,
+                       cudaStream_t stream = 0) {
+  const std::string msg = validate_config(cfg);
+  if (!msg.empty()) return detail::invalid("dpo: %s", msg.c_str());
+  const std::int64_t P = in.num_pairs;
+  if (P < 1 || P >= INT_MAX)
+    return detail::invalid("dpo: num_pairs = %lld is invalid: must be in [1, 2^31)", detail::ll(P));
+  const std::int64_t cap[2] = {0, 0};
+  detail::ws_ptrs w;
+  const std::size_t needed = detail::carve(0, cap, P, P, &w);
+  if (workspace == nullptr) {
+    workspace_bytes = needed;
+    return {};
+  }
+  status s = detail::check_workspace(workspace, workspace_bytes, needed);
+  if (!s) return s;
+  if (in.chosen_logps == nullptr) return detail::invalid("dpo: chosen_logps is null");
+  if (in.rejected_logps == nullptr) return detail::invalid("dpo: rejected_logps is null");
+  if (detail::needs_reference(cfg) &&
+      (in.ref_chosen_logps == nullptr || in.ref_rejected_logps == nullptr))
+    return detail::invalid("dpo: %s is null (needed unless reference_free)",
+                           in.ref_chosen_logps == nullptr ? "ref_chosen_logps" : "ref_rejected_logps");
+  detail::carve(reinterpret_cast<std::uintptr_t>(workspace), cap, P, P, &w);
+  const detail::loss_inputs li{in.chosen_logps, in.rejected_logps, in.chosen_tokens,
+                               in.rejected_tokens, in.weights};
+  const int blocks = static_cast<int>(P / 256 + 1 < 1024 ? P / 256 + 1 : 1024);
+  detail::loss_inputs_kernel<256><<<blocks, 256, 0, stream>>>(w, li, P);
+  s = detail::launched("loss_inputs_kernel");
+  if (!s) return s;
+  detail::pair_params pp;
+  pp.cfg = cfg;
+  pp.pairs = P;
+  pp.vocab = 0;
+  pp.metrics = false;
+  pp.weights = in.weights != nullptr ? detail::weights_from::workspace : detail::weights_from::ones;
+  pp.ref_chosen = in.ref_chosen_logps;
+  pp.ref_rejected = in.ref_rejected_logps;
+  pp.out = out;
+  detail::pair_kernel<detail::pair_block><<<1, detail::pair_block, 0, stream>>>(w, pp);
+  return detail::launched("pair_kernel");
 }
 
 /// The gradient of grad_output * loss with respect to the policy logits, from the state a

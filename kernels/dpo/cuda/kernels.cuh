@@ -400,11 +400,19 @@ __global__ void __launch_bounds__(BLOCK) sequence_kernel(views<T, L> vs, ws_ptrs
   }
 }
 
+/// Where the pair stage's WPO weights come from.
+enum class weights_from : int {
+  wpo_sums,   // dpo_forward: exp of the mean WPO terms when use_weighting, else 1
+  workspace,  // dpo_loss: the caller's weights, copied to pairs.weights
+  ones,       // dpo_loss without weights
+};
+
 struct pair_params {
   loss_config cfg;
   std::int64_t pairs;
   std::int64_t vocab;
   bool metrics;
+  weights_from weights;
   const double* ref_chosen;  // null for reference-free losses
   const double* ref_rejected;
   forward_outputs out;
@@ -444,7 +452,9 @@ __global__ void __launch_bounds__(BLOCK) pair_kernel(ws_ptrs w, pair_params p) {
   batch_acc acc{};
   for (std::int64_t i = tid; i < P; i += BLOCK) {
     double W = 1.0;
-    if (c.use_weighting) {
+    if (p.weights == weights_from::workspace) {
+      W = pa.weights[i];
+    } else if (p.weights == weights_from::wpo_sums && c.use_weighting) {
       using std::exp;
       W = exp(sc.wpo[i] / dpo::detail::clamp_len(sc.count[i]) +
               sr.wpo[i] / dpo::detail::clamp_len(sr.count[i]));
@@ -474,7 +484,10 @@ __global__ void __launch_bounds__(BLOCK) pair_kernel(ws_ptrs w, pair_params p) {
   in.rho_r = p.ref_rejected;
   in.len_c = sc.count;
   in.len_r = sr.count;
-  in.weights = c.use_weighting ? pa.weights : nullptr;
+  in.weights = p.weights == weights_from::workspace ||
+                       (p.weights == weights_from::wpo_sums && c.use_weighting)
+                   ? pa.weights
+                   : nullptr;
   in.nll = -tot.v[1] / dpo::detail::clamp_len(chosen_tokens);
   in.mean_weight = tot.v[2] / static_cast<double>(P);
 
@@ -549,10 +562,45 @@ __global__ void __launch_bounds__(BLOCK) pair_kernel(ws_ptrs w, pair_params p) {
       }
       *o.metrics = m;
     }
-    h->nll_token_grad = nll_grad;
-    h->sig_pairs = P;
-    h->sig_vocab = p.vocab;
-    h->magic = state_magic;
+    if (p.weights == weights_from::wpo_sums) {  // a dpo_forward: dpo_backward may follow
+      h->nll_token_grad = nll_grad;
+      h->sig_pairs = P;
+      h->sig_vocab = p.vocab;
+      h->magic = state_magic;
+    }
+  }
+}
+
+/// Sequence-level inputs of dpo_loss (device pointers; null tokens mean 1, null weights 1).
+struct loss_inputs {
+  const double* chosen_logps;
+  const double* rejected_logps;
+  const double* chosen_tokens;
+  const double* rejected_tokens;
+  const double* weights;
+};
+
+/// dpo_loss's first kernel: resets the header and lays the caller's per-pair arrays out as
+/// the sequence stage would have, so pair_kernel runs unchanged.
+template <int BLOCK>
+__global__ void __launch_bounds__(BLOCK) loss_inputs_kernel(ws_ptrs w, loss_inputs in, std::int64_t P) {
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    w.h->err = device_error{0, 0, 0, 0, 0};
+    w.h->label_key = no_label_error;
+    w.h->magic = 0;
+  }
+  for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(BLOCK) + threadIdx.x; i < P;
+       i += static_cast<std::int64_t>(gridDim.x) * BLOCK) {
+    for (int side = 0; side < 2; ++side) {
+      const seq_arrays& q = w.seqs[side];
+      const double* lp = side == 0 ? in.chosen_logps : in.rejected_logps;
+      const double* n = side == 0 ? in.chosen_tokens : in.rejected_tokens;
+      q.logp[i] = lp[i];
+      q.plain[i] = lp[i];
+      q.count[i] = n != nullptr ? n[i] : 1.0;
+      q.ent[i] = q.zmean[i] = q.wpo[i] = q.hit[i] = 0.0;
+    }
+    w.pairs.weights[i] = in.weights != nullptr ? in.weights[i] : 1.0;
   }
 }
 
