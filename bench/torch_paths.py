@@ -96,6 +96,7 @@ def run_shape(name, pairs, seq_len, vocab, dtype, repeat, paths):
     def record(path, mode, ms, mem, moved):
         results.append({"shape": name, "path": path, "mode": mode, "ms": ms,
                         "extra_GiB": mem / 2**30, "TB_s": moved / (ms * 1e-3) / 1e12 if moved else None})
+        print(f"  {name} {path} {mode}: {ms:.3f} ms, extra {mem / 2**30:.2f} GiB", flush=True)
 
     dst = torch.empty_like(base)
     ms, _ = timed(lambda: dst.copy_(base), repeat)
@@ -158,19 +159,26 @@ def main():
     ap.add_argument("--repeat", type=int, default=10)
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--paths", default="eager,trl_loop,compiled,ours")
-    ap.add_argument("--small-only", action="store_true", help="only the small shape (quick check)")
+    ap.add_argument("--shapes", choices=["all", "large", "small"], default="all",
+                    help="large: 8x1024, V=128256; small: 4x512, V=32000 (both bf16)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("SKIPPED: no CUDA device")
         return 0
     paths = args.paths.split(",")
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
-    shapes = [("4x512_v32000_bf16", 4, 512, 32000, torch.bfloat16)]
-    if not args.small_only:
-        shapes.insert(0, ("8x1024_v128256_bf16", 8, 1024, 128256, torch.bfloat16))
+    shapes = []
+    if args.shapes in ("all", "large"):
+        shapes.append(("8x1024_v128256_bf16", 8, 1024, 128256, torch.bfloat16))
+    if args.shapes in ("all", "small"):
+        shapes.append(("4x512_v32000_bf16", 4, 512, 32000, torch.bfloat16))
     results = []
     for shape in shapes:
         results += run_shape(*shape, args.repeat, paths)
+        if args.json:  # after every shape, so a timeout keeps what was measured
+            with open(args.json, "w") as f:
+                json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                           "results": results}, f, indent=1)
     copy = {r["shape"]: r["TB_s"] for r in results if r["path"] == "copy"}
     print(f"{'shape':<22} {'path':<9} {'mode':<8} {'ms':>9} {'extra GiB':>10} {'TB/s':>7} {'of copy':>8}")
     for r in results:
@@ -178,10 +186,6 @@ def main():
         share = f"{tb / copy[r['shape']]:.0%}" if tb and r["path"] != "copy" else ""
         print(f"{r['shape']:<22} {r['path']:<9} {r['mode']:<8} {r['ms']:>9.3f} {r['extra_GiB']:>10.2f} "
               f"{tb if tb else 0:>7.2f} {share:>8}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": results}, f,
-                      indent=1)
     return 0
 
 
