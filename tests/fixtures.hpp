@@ -118,6 +118,15 @@ struct buffers {
 
   static T sentinel() { return T(static_cast<float>(-12345.0)); }
 
+  /// A double as T (exact for values already rounded to T).
+  static T to_t(double x) {
+    if constexpr (std::is_same_v<T, double>) {
+      return x;
+    } else {
+      return T(static_cast<float>(x));
+    }
+  }
+
   buffers(const oracle::batch& b, layout k, std::int64_t stride_extra = 0, bool explicit_mask = false,
           std::int64_t ignore = -100, std::int64_t packed_offset = 0)
       : kind(k), P(b.pairs()), V(static_cast<std::int64_t>(b.chosen[0].z[0].size())),
@@ -158,9 +167,7 @@ struct buffers {
         std::vector<std::uint8_t>& mk = buf[s][i] == 0 ? mask : mask_r;
         for (std::int64_t t = 0; t < q.rows(); ++t) {
           const std::int64_t r = start[s][i] + t;
-          for (std::int64_t v = 0; v < V; ++v) lg[r * stride + v] = T(static_cast<float>(q.z[t][v]));
-          if constexpr (std::is_same_v<T, double>)
-            for (std::int64_t v = 0; v < V; ++v) lg[r * stride + v] = q.z[t][v];
+          for (std::int64_t v = 0; v < V; ++v) lg[r * stride + v] = to_t(q.z[t][v]);
           const bool active = q.y[t] >= 0;
           if (explicit_mask) {
             // A masked row's label is never looked at, even when it is out of range.
@@ -344,32 +351,17 @@ inline bool needs_reference(const dpo::loss_config& c) {
          t != dpo::loss_type::orpo;
 }
 
-/// Round-off bounds of one token's log-prob computed in accumulation type A from logits
-/// with max |z| = zmax over V entries: unit roundoff u of A times (exp's ~2 ulp, the
-/// rounding of z - max, the lane sums' log2 V, and the roundings of lse and z[y] - lse,
-/// each <= 2 zmax + log V). The oracle reads the same (already rounded) inputs, so input
-/// rounding is not part of the error.
+/// Round-off bound of one token's log-prob computed in accumulation type A (unit roundoff
+/// u): the exponentials (~2 ulp each, plus the rounding of z - max, which weighs at most
+/// u * entropy <= u log2 V on the sum), the lane sums (V / 16 sequential adds per lane, then
+/// the pairwise fold), log(s), and the roundings of lse and of z[y] - lse; times 2 for
+/// safety. The oracle reads the same (already rounded) inputs, so the input rounding of
+/// bf16 / fp16 logits is not part of the error: what is left is the accumulation's.
 template <class A>
-double token_tol(double zmax, std::int64_t V) {
+double token_tol(std::int64_t V, double lse, double logp) {
   const double u = std::is_same_v<A, double> ? 0x1p-53 : 0x1p-24;
-  return 4.0 * u * (8.0 + 6.0 * zmax + std::log2(static_cast<double>(V)));
-}
-
-inline double max_abs_logit(const oracle::batch& b) {
-  double m = 0;
-  for (auto* side : {&b.chosen, &b.rejected})
-    for (const oracle::sequence& s : *side)
-      for (const auto& row : s.z)
-        for (double x : row)
-          if (std::isfinite(x)) m = std::max(m, std::fabs(x));
-  return m;
-}
-
-inline std::int64_t max_rows(const oracle::batch& b) {
-  std::int64_t m = 0;
-  for (auto* side : {&b.chosen, &b.rejected})
-    for (const oracle::sequence& s : *side) m = std::max(m, s.rows());
-  return m;
+  const double v = static_cast<double>(V);
+  return 2.0 * u * (8.0 + v / 16.0 + 3.0 * std::log2(v) + std::fabs(lse) + std::fabs(logp));
 }
 
 /// |a - b| <= tol, with a readable failure.
@@ -412,8 +404,20 @@ struct forward_tol {
 
 template <class A>
 forward_tol tolerances(const oracle::batch& b) {
-  const double tok = token_tol<A>(max_abs_logit(b), static_cast<std::int64_t>(b.chosen[0].z[0].size()));
-  return {tok, tok * static_cast<double>(max_rows(b))};
+  const std::int64_t V = static_cast<std::int64_t>(b.chosen[0].z[0].size());
+  forward_tol t{0, 0};
+  for (auto* side : {&b.chosen, &b.rejected})
+    for (const oracle::sequence& s : *side) {
+      double seq = 0;
+      for (const oracle::token& k : oracle::tokens_of(s)) {
+        if (!k.active || !std::isfinite(double(k.logp))) continue;
+        const double tok = token_tol<A>(V, double(k.lse), double(k.logp));
+        t.tok = std::max(t.tok, tok);
+        seq += tok;
+      }
+      t.seq = std::max(t.seq, seq);
+    }
+  return t;
 }
 
 /// Compares a forward_result with the oracle's. Loss tolerances follow from the sequence
