@@ -226,6 +226,26 @@ TORCH_LIBRARY(dpo_kernels, m) {
       tags);
 }
 
+#ifndef DPO_KERNELS_WITH_CUDA
+namespace {
+
+// Without the CUDA kernels, CUDA tensors get a clear error instead of the dispatcher's
+// "could not run ... with arguments from the 'CUDA' backend".
+void no_cuda_kernel(const c10::OperatorHandle& op, torch::jit::Stack*) {
+  TORCH_CHECK_VALUE(false, op.schema().name(), ": this dpo_kernels build has no CUDA kernels ",
+                    "(built CPU-only: torch or nvcc without CUDA, or DPO_KERNELS_CUDA=0); ",
+                    "pass CPU tensors or rebuild with CUDA");
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dpo_kernels, CUDA, m) {
+  for (const char* name : {"sequence_logps", "sequence_logps_backward", "pair_loss", "pair_loss_backward",
+                           "dpo_forward", "dpo_backward", "dpo_backward_"})
+    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&no_cuda_kernel>());
+}
+#endif
+
 namespace {
 
 // Called by the fake (meta) kernels so a bad configuration fails at trace time too.
