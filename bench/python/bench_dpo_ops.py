@@ -94,6 +94,8 @@ def main():
     passthrough = [f"--{k}={v}" for k, v in (("pairs", a.pairs), ("tokens", a.tokens), ("vocab", a.vocab),
                                                ("dtype", a.dtype)) if v is not None]
     cuda = a.device == "cuda"
+    if cuda and not dk.cuda_built():
+        raise SystemExit("dpo_kernels was built without CUDA kernels: nothing of ours to time on the GPU")
     P = a.pairs or (8 if cuda else 2)
     T = a.tokens or (1024 if cuda else 256)
     V = a.vocab or (128256 if cuda else 32000)
