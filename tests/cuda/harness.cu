@@ -173,6 +173,7 @@ case_out run_typed(const case_in& in) {
   double* go = sums + S;
   DPO_CK(cudaMemcpy(go, &in.grad_output, sizeof(double), cudaMemcpyHostToDevice));
 
+  dev_buf row_state(sizeof(double) * 2 * static_cast<std::size_t>(in.rows));
   const auto call = [&](void* ws, std::size_t& bytes) -> dpo::cuda::status {
     switch (in.run) {
       case mode::forward_backward:
@@ -190,6 +191,18 @@ case_out run_typed(const case_in& in) {
         return dpo::cuda::pair_logps(ws, bytes, pv, in.ld_alpha, sums, sums + P, opt);
       case mode::backward_only:
         return dpo::cuda::dpo_backward(ws, bytes, pv, grad, go, opt);
+      case mode::backward_rows: {
+        dpo::cuda::forward_outputs fr = fo;
+        fr.row_lse = row_state.as<double>();
+        fr.row_coef = row_state.as<double>() + in.rows;
+        dpo::cuda::status s = dpo::cuda::dpo_forward(ws, bytes, pv, ref_c, ref_r, in.cfg, fr, opt);
+        if (!s || ws == nullptr) return s;
+        std::size_t small = 0;
+        s = dpo::cuda::dpo_backward_rows(nullptr, small, pv, fr.row_lse, fr.row_coef, grad, go, opt);
+        if (!s) return s;
+        if (small > bytes) return dpo::cuda::detail::invalid("harness: backward_rows workspace");
+        return dpo::cuda::dpo_backward_rows(ws, bytes, pv, fr.row_lse, fr.row_coef, grad, go, opt);
+      }
     }
     return {};
   };

@@ -29,6 +29,7 @@ enum class mode {
   sequence_logps,     // over all 2P sequences as one view
   pair_logps,
   backward_only,      // dpo_backward on a fresh workspace (no forward state)
+  backward_rows,      // dpo_forward with row_lse / row_coef outputs, then dpo_backward_rows
 };
 
 /// One call of the CUDA API on host data. The layout is TRL's concatenated one (2P sequences,

@@ -316,7 +316,12 @@ status enqueue_forward(const pair_view<T, L>& policy, const double* ref_chosen,
   pp.ref_rejected = ref ? ref_rejected : nullptr;
   pp.out = out;
   pair_kernel<pair_block><<<1, pair_block, 0, stream>>>(w, pp);
-  return launched("pair_kernel");
+  status s2 = launched("pair_kernel");
+  if (!s2 || (out.row_lse == nullptr && out.row_coef == nullptr)) return s2;
+  const std::int64_t rows = cap[0] + cap[1];
+  const int blocks = static_cast<int>(rows / 256 + 1 < 4096 ? rows / 256 + 1 : 4096);
+  row_state_kernel<256, T, L><<<blocks, 256, 0, stream>>>(vs, w, out.row_lse, out.row_coef);
+  return launched("row_state_kernel");
 }
 
 }  // namespace detail
@@ -513,6 +518,53 @@ status dpo_backward(void* workspace, std::size_t& workspace_bytes, const pair_vi
   detail::carve(reinterpret_cast<std::uintptr_t>(workspace), cap, P, P, &w);
   const detail::views<T, L> vs = detail::make_views(policy.chosen, &policy.rejected, opt);
   return detail::run_backward(vs, w, cap, grad, grad_output, P, stream);
+}
+
+/// The gradient of grad_output * loss from per-row state the caller kept
+/// (forward_outputs::row_lse and row_coef of a dpo_forward: device arrays indexed by the
+/// logits' row), so nothing has to stay in a workspace between forward and backward. Same
+/// writes, aliasing rules and determinism as dpo_backward; rows whose label is masked get
+/// zeros. The workspace only holds the error word (cu_seqlens is checked again).
+template <class T, class L>
+status dpo_backward_rows(void* workspace, std::size_t& workspace_bytes,
+                         const pair_view<T, L>& policy, const double* row_lse,
+                         const double* row_coef, const pair_grad_view<T>& grad,
+                         const double* grad_output = nullptr, const options& opt = {},
+                         cudaStream_t stream = 0) {
+  std::int64_t cap[2] = {0, 0};
+  status s = detail::check_pairs(policy, "logits", opt, cap);
+  if (!s) return s;
+  s = detail::check_grad(policy, grad, opt);
+  if (!s) return s;
+  const std::int64_t none[2] = {0, 0};
+  detail::ws_ptrs w;
+  const std::size_t needed = detail::carve(0, none, 0, 0, &w);
+  if (workspace == nullptr) {
+    workspace_bytes = needed;
+    return {};
+  }
+  s = detail::check_workspace(workspace, workspace_bytes, needed);
+  if (!s) return s;
+  if (row_lse == nullptr || row_coef == nullptr)
+    return detail::invalid("dpo: %s is null", row_lse == nullptr ? "row_lse" : "row_coef");
+  detail::carve(reinterpret_cast<std::uintptr_t>(workspace), none, 0, 0, &w);
+  const detail::views<T, L> vs = detail::make_views(policy.chosen, &policy.rejected, opt);
+  detail::check_kernel<T, L><<<1, 256, 0, stream>>>(vs, w.h);
+  s = detail::launched("check_kernel");
+  if (!s) return s;
+  detail::backward_params<T> bp;
+  bp.grad[0] = grad.chosen;
+  bp.grad[1] = grad.rejected;
+  bp.grad_stride[0] = grad.chosen_stride;
+  bp.grad_stride[1] = grad.rejected_stride;
+  bp.grad_output = grad_output;
+  bp.pairs = policy.num_pairs();
+  const auto kernel = detail::backward_rows_kernel<detail::rows_block, T, L>;
+  int grid = 1;
+  s = detail::row_grid(kernel, detail::rows_block, cap[0] + cap[1], &grid);
+  if (!s) return s;
+  kernel<<<grid, detail::rows_block, 0, stream>>>(vs, w, bp, row_lse, row_coef);
+  return detail::launched("backward_rows_kernel");
 }
 
 /// dpo_forward then dpo_backward (grad_output 1): two reads and one write of the logits.

@@ -59,6 +59,11 @@ struct forward_outputs {
   double* grad_chosen = nullptr;       // dL/dpi_c per pair
   double* grad_rejected = nullptr;     // dL/dpi_r per pair
   double* nll_token_grad = nullptr;    // [1] dL/dlogp of each chosen completion token (NLL terms)
+  /// Per-row backward state, indexed by the logits' row (the buffer's rows; entries of rows
+  /// outside every sequence are not written): log-sum-exp and dL/dlogp of the row (0 for
+  /// masked rows). With these, dpo_backward_rows needs no workspace state.
+  double* row_lse = nullptr;
+  double* row_coef = nullptr;
 };
 
 namespace detail {
@@ -604,6 +609,33 @@ __global__ void __launch_bounds__(BLOCK) loss_inputs_kernel(ws_ptrs w, loss_inpu
   }
 }
 
+/// dL/dlogp of row `local` of a side, from the pair stage's per-sequence gradients.
+__device__ __forceinline__ double row_coefficient(const ws_ptrs& w, const ws_header* h, int side,
+                                                  std::int64_t local) {
+  const std::int32_t s = w.rows[side].seq[local];
+  if (s < 0) return 0.0;
+  const double g = side == 0 ? w.pairs.gc[s] : w.pairs.gr[s];
+  return g * w.rows[side].ldw[local] + (side == 0 ? h->nll_token_grad : 0.0);
+}
+
+/// Copies the per-row backward state to forward_outputs::row_lse / row_coef.
+template <int BLOCK, class T, class L>
+__global__ void __launch_bounds__(BLOCK) row_state_kernel(views<T, L> vs, ws_ptrs w, double* lse,
+                                                          double* coef) {
+  const ws_header* h = w.h;
+  if (has_error(h) || h->magic != state_magic) return;
+  const std::int64_t n0 = side_rows(vs.v[0]);
+  const std::int64_t n = n0 + side_rows(vs.v[1]);
+  for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(BLOCK) + threadIdx.x; i < n;
+       i += static_cast<std::int64_t>(gridDim.x) * BLOCK) {
+    const int side = i >= n0 ? 1 : 0;
+    const std::int64_t local = side ? i - n0 : i;
+    const std::int64_t r = vs.v[side].row_begin(0) + local;
+    if (lse) lse[r] = w.rows[side].lse[local];
+    if (coef) coef[r] = row_coefficient(w, h, side, local);
+  }
+}
+
 template <class T>
 struct backward_params {
   T* grad[2];
@@ -631,7 +663,6 @@ __global__ void __launch_bounds__(BLOCK) backward_kernel(views<T, L> vs, ws_ptrs
     return;
   }
   const double go = p.grad_output != nullptr ? *p.grad_output : 1.0;
-  const double nll = h->nll_token_grad;
   for (std::int64_t i = blockIdx.x; i < n0 + n1; i += gridDim.x) {
     const int side = i >= n0 ? 1 : 0;
     const std::int64_t local = side ? i - n0 : i;
@@ -639,14 +670,33 @@ __global__ void __launch_bounds__(BLOCK) backward_kernel(views<T, L> vs, ws_ptrs
     const row_arrays& ra = w.rows[side];
     const std::int64_t r = v.row_begin(0) + local;
     const std::int32_t s = ra.seq[local];
-    double coef = 0.0;
-    if (s >= 0) {
-      const double g = side == 0 ? w.pairs.gc[s] : w.pairs.gr[s];
-      coef = g * ra.ldw[local] + (side == 0 ? nll : 0.0);
-    }
+    const double coef = row_coefficient(w, h, side, local);
     block_row_grad<BLOCK>(v.logits + r * v.row_stride, p.grad[side] + r * p.grad_stride[side],
                           v.vocab, static_cast<A>(ra.lse[local]), static_cast<A>(coef * go),
                           s >= 0 ? v.target(r) : -1);
+  }
+}
+
+/// Backward from caller-held per-row state (forward_outputs::row_lse / row_coef, indexed by
+/// the logits' row): coef * grad_output * (onehot - softmax) per row, zeros where coef is 0.
+template <int BLOCK, class T, class L>
+__global__ void __launch_bounds__(BLOCK) backward_rows_kernel(views<T, L> vs, ws_ptrs w,
+                                                              backward_params<T> p,
+                                                              const double* row_lse,
+                                                              const double* row_coef) {
+  using A = acc_t<T>;
+  if (w.h->err.code != 0) return;
+  const double go = p.grad_output != nullptr ? *p.grad_output : 1.0;
+  const std::int64_t n0 = side_rows(vs.v[0]);
+  const std::int64_t n = n0 + side_rows(vs.v[1]);
+  for (std::int64_t i = blockIdx.x; i < n; i += gridDim.x) {
+    const int side = i >= n0 ? 1 : 0;
+    const token_view<T, L>& v = vs.v[side];
+    const std::int64_t r = v.row_begin(0) + (side ? i - n0 : i);
+    const std::int64_t y = v.target(r);
+    const double coef = y >= 0 ? row_coef[r] : 0.0;
+    block_row_grad<BLOCK>(v.logits + r * v.row_stride, p.grad[side] + r * p.grad_stride[side],
+                          v.vocab, static_cast<A>(row_lse[r]), static_cast<A>(coef * go), y);
   }
 }
 
