@@ -5,7 +5,8 @@
 //   status f(void* workspace, std::size_t& workspace_bytes, <arguments>, options, stream)
 //
 // * Two-phase workspace, as CUB: with workspace == nullptr the call only checks the
-//   arguments' shapes and sets workspace_bytes; it launches nothing. Then call again with
+//   arguments' shapes and values (not the pointers, which may not exist yet) and sets
+//   workspace_bytes; it launches nothing. Then call again with
 //   a device buffer of at least that many bytes (16-byte aligned; cudaMalloc's are).
 // * Every pointer in the views, outputs and gradients is a device pointer; sizes and strides
 //   are int64 host values (rows x vocab beyond 2^31 elements are fine; vocab < 2^31).
@@ -67,10 +68,10 @@ inline status invalid(const char* fmt, ...) {
 using ll = long long;
 
 /// Host checks of one view (nothing on the device is read). Sets *cap to the rows the
-/// workspace holds for it.
+/// workspace holds for it. Pointers are checked only when `pointers` (not in a size query).
 template <class T, class L>
 status check_view(const token_view<T, L>& v, const char* name, const options& opt,
-                  std::int64_t* cap) {
+                  std::int64_t* cap, bool pointers) {
   *cap = 0;
   if (v.num_seqs < 0 || v.num_seqs >= INT_MAX)
     return invalid("dpo: %s.num_seqs = %lld is invalid: must be in [0, 2^31)", name, ll(v.num_seqs));
@@ -97,7 +98,7 @@ status check_view(const token_view<T, L>& v, const char* name, const options& op
       return invalid("dpo: %s: num_rows x row_stride overflows int64", name);
     *cap = v.num_seqs > 0 ? opt.num_rows : 0;
   }
-  if (*cap > 0) {
+  if (*cap > 0 && pointers) {
     if (v.logits == nullptr) return invalid("dpo: %s.logits is null", name);
     if (v.labels == nullptr) return invalid("dpo: %s.labels is null", name);
   }
@@ -106,7 +107,7 @@ status check_view(const token_view<T, L>& v, const char* name, const options& op
 
 template <class T, class L>
 status check_pairs(const pair_view<T, L>& p, const char* name, const options& opt,
-                   std::int64_t cap[2]) {
+                   std::int64_t cap[2], bool pointers) {
   if (p.concatenated_seqs % 2 != 0)
     return invalid("dpo: %s.num_seqs = %lld is odd: the paired layout needs rows [0, P) chosen "
                    "and [P, 2P) rejected", name, ll(p.concatenated_seqs));
@@ -119,9 +120,9 @@ status check_pairs(const pair_view<T, L>& p, const char* name, const options& op
     return invalid("dpo: %s: chosen.vocab = %lld != rejected.vocab = %lld", name,
                    ll(p.chosen.vocab), ll(p.rejected.vocab));
   const std::string c = std::string(name) + ".chosen", r = std::string(name) + ".rejected";
-  status s = check_view(p.chosen, c.c_str(), opt, &cap[0]);
+  status s = check_view(p.chosen, c.c_str(), opt, &cap[0], pointers);
   if (!s) return s;
-  return check_view(p.rejected, r.c_str(), opt, &cap[1]);
+  return check_view(p.rejected, r.c_str(), opt, &cap[1], pointers);
 }
 
 /// Bytes [lo, hi) that a view's rows may occupy in a buffer (base, stride): exact for
@@ -278,12 +279,12 @@ inline bool needs_reference(const loss_config& cfg) {
 template <class T, class L>
 status check_forward(const pair_view<T, L>& policy, const double* ref_chosen,
                      const double* ref_rejected, const loss_config& cfg, const options& opt,
-                     std::int64_t cap[2]) {
+                     std::int64_t cap[2], bool pointers) {
   const std::string msg = validate_config(cfg);
   if (!msg.empty()) return invalid("dpo: %s", msg.c_str());
-  status s = check_pairs(policy, "logits", opt, cap);
+  status s = check_pairs(policy, "logits", opt, cap, pointers);
   if (!s) return s;
-  if (needs_reference(cfg) && (ref_chosen == nullptr || ref_rejected == nullptr))
+  if (pointers && needs_reference(cfg) && (ref_chosen == nullptr || ref_rejected == nullptr))
     return invalid("dpo: %s is null (needed unless reference_free)",
                    ref_chosen == nullptr ? "ref_chosen_logps" : "ref_rejected_logps");
   return {};
@@ -340,7 +341,7 @@ status sequence_logps(void* workspace, std::size_t& workspace_bytes, const token
                       double* sums, std::int64_t* counts, double* token_logps = nullptr,
                       const options& opt = {}, cudaStream_t stream = 0) {
   std::int64_t cap[2] = {0, 0};
-  status s = detail::check_view(in, "logits", opt, &cap[0]);
+  status s = detail::check_view(in, "logits", opt, &cap[0], workspace != nullptr);
   if (!s) return s;
   detail::ws_ptrs w;
   const std::size_t needed = detail::carve(0, cap, in.num_seqs, 0, &w);
@@ -375,7 +376,7 @@ status pair_logps(void* workspace, std::size_t& workspace_bytes, const pair_view
                   double ld_alpha, double* chosen, double* rejected, const options& opt = {},
                   cudaStream_t stream = 0) {
   std::int64_t cap[2] = {0, 0};
-  status s = detail::check_pairs(in, "logits", opt, cap);
+  status s = detail::check_pairs(in, "logits", opt, cap, workspace != nullptr);
   if (!s) return s;
   if (!(ld_alpha >= 0.0 && ld_alpha <= 1.0))
     return detail::invalid("dpo: ld_alpha = %g is invalid: must be in [0, 1]", ld_alpha);
@@ -412,7 +413,8 @@ status dpo_forward(void* workspace, std::size_t& workspace_bytes, const pair_vie
                    const double* ref_chosen, const double* ref_rejected, const loss_config& cfg,
                    const forward_outputs& out, const options& opt = {}, cudaStream_t stream = 0) {
   std::int64_t cap[2] = {0, 0};
-  status s = detail::check_forward(policy, ref_chosen, ref_rejected, cfg, opt, cap);
+  status s = detail::check_forward(policy, ref_chosen, ref_rejected, cfg, opt, cap,
+                                   workspace != nullptr);
   if (!s) return s;
   detail::ws_ptrs w;
   const std::int64_t P = policy.num_pairs();
@@ -502,9 +504,7 @@ status dpo_backward(void* workspace, std::size_t& workspace_bytes, const pair_vi
                     const pair_grad_view<T>& grad, const double* grad_output = nullptr,
                     const options& opt = {}, cudaStream_t stream = 0) {
   std::int64_t cap[2] = {0, 0};
-  status s = detail::check_pairs(policy, "logits", opt, cap);
-  if (!s) return s;
-  s = detail::check_grad(policy, grad, opt);
+  status s = detail::check_pairs(policy, "logits", opt, cap, workspace != nullptr);
   if (!s) return s;
   detail::ws_ptrs w;
   const std::int64_t P = policy.num_pairs();
@@ -513,6 +513,8 @@ status dpo_backward(void* workspace, std::size_t& workspace_bytes, const pair_vi
     workspace_bytes = needed;
     return {};
   }
+  s = detail::check_grad(policy, grad, opt);
+  if (!s) return s;
   s = detail::check_workspace(workspace, workspace_bytes, needed);
   if (!s) return s;
   detail::carve(reinterpret_cast<std::uintptr_t>(workspace), cap, P, P, &w);
@@ -532,9 +534,7 @@ status dpo_backward_rows(void* workspace, std::size_t& workspace_bytes,
                          const double* grad_output = nullptr, const options& opt = {},
                          cudaStream_t stream = 0) {
   std::int64_t cap[2] = {0, 0};
-  status s = detail::check_pairs(policy, "logits", opt, cap);
-  if (!s) return s;
-  s = detail::check_grad(policy, grad, opt);
+  status s = detail::check_pairs(policy, "logits", opt, cap, workspace != nullptr);
   if (!s) return s;
   const std::int64_t none[2] = {0, 0};
   detail::ws_ptrs w;
@@ -543,6 +543,8 @@ status dpo_backward_rows(void* workspace, std::size_t& workspace_bytes,
     workspace_bytes = needed;
     return {};
   }
+  s = detail::check_grad(policy, grad, opt);
+  if (!s) return s;
   s = detail::check_workspace(workspace, workspace_bytes, needed);
   if (!s) return s;
   if (row_lse == nullptr || row_coef == nullptr)
@@ -575,9 +577,8 @@ status dpo_forward_backward(void* workspace, std::size_t& workspace_bytes,
                             const forward_outputs& out, const pair_grad_view<T>& grad,
                             const options& opt = {}, cudaStream_t stream = 0) {
   std::int64_t cap[2] = {0, 0};
-  status s = detail::check_forward(policy, ref_chosen, ref_rejected, cfg, opt, cap);
-  if (!s) return s;
-  s = detail::check_grad(policy, grad, opt);
+  status s = detail::check_forward(policy, ref_chosen, ref_rejected, cfg, opt, cap,
+                                   workspace != nullptr);
   if (!s) return s;
   detail::ws_ptrs w;
   const std::int64_t P = policy.num_pairs();
@@ -586,6 +587,8 @@ status dpo_forward_backward(void* workspace, std::size_t& workspace_bytes,
     workspace_bytes = needed;
     return {};
   }
+  s = detail::check_grad(policy, grad, opt);
+  if (!s) return s;
   s = detail::check_workspace(workspace, workspace_bytes, needed);
   if (!s) return s;
   detail::carve(reinterpret_cast<std::uintptr_t>(workspace), cap, P, P, &w);
