@@ -181,37 +181,41 @@ TEST_CASE("NaN in one logits row stays in its pair for per-pair losses", "[edge]
   sp.vocab = 10;
   sp.seed = 64;
   const oracle::batch clean = rounded_batch<float>(sp);
-  // A completion row of pair 1's rejected sequence gets one NaN logit.
-  oracle::batch b = clean;
-  std::int64_t row = -1;
-  for (std::int64_t t = 0; t < b.rejected[1].rows(); ++t)
-    if (b.rejected[1].y[t] >= 0) row = t;
-  REQUIRE(row >= 0);
-  b.rejected[1].z[row][3] = std::numeric_limits<double>::quiet_NaN();
-  for (const auto& nc : fixture::every_loss_type()) {
-    const dpo::loss_type t = nc.cfg.terms[0].type;
-    // Only chosen rows feed NLL, so rejected NaN stays in the pair even for cpo, orpo and
-    // sft; the sorts of aot / aot_unpaired move it to a sorted position instead.
-    if (t == dpo::loss_type::aot || t == dpo::loss_type::aot_unpaired) continue;
-    INFO(nc.name);
-    fixture::buffers<float, std::int64_t> buf(b, layout::padded, 2);
-    const fixture::reference ref = fixture::make_reference(nc.cfg, clean, 7);
-    const auto view = buf.view();
-    const dpo::cpu::forward_result r = dpo::cpu::dpo_forward(view, ref.pc(), ref.pr(), nc.cfg);
-    if (t == dpo::loss_type::sft) {
-      CHECK(std::isfinite(r.loss));  // sft reads chosen rows only
-    } else {
-      CHECK(std::isnan(r.loss));
-      CHECK(std::isnan(r.losses[1]));
-    }
-    dpo::cpu::dpo_backward(view, r, buf.grad_view());
-    for (int i : {0, 2, 3}) {
-      CHECK(std::isfinite(r.losses[i]));
-      CHECK(std::isfinite(r.grad_chosen[i]));
-      CHECK(std::isfinite(r.grad_rejected[i]));
-      for (int side = 0; side < 2; ++side)
-        for (std::int64_t k = 0; k < buf.seq_len; ++k)
-          for (std::int64_t v = 0; v < buf.V; ++v) REQUIRE(std::isfinite(buf.at(false, side, i, k, v)));
+  for (int nan_side = 0; nan_side < 2; ++nan_side) {
+    // A completion row of pair 1's chosen or rejected sequence gets one NaN logit.
+    oracle::batch b = clean;
+    oracle::sequence& q = nan_side == 0 ? b.chosen[1] : b.rejected[1];
+    std::int64_t row = -1;
+    for (std::int64_t t = 0; t < q.rows(); ++t)
+      if (q.y[t] >= 0) row = t;
+    REQUIRE(row >= 0);
+    q.z[row][3] = std::numeric_limits<double>::quiet_NaN();
+    for (const auto& nc : fixture::every_loss_type()) {
+      const dpo::loss_type t = nc.cfg.terms[0].type;
+      // The sorts of aot / aot_unpaired move NaN to a sorted position, and NLL(chosen) over
+      // the batch (sft, cpo, orpo) spreads a chosen NaN to every pair, by their formulas.
+      const bool nll = t == dpo::loss_type::sft || t == dpo::loss_type::cpo || t == dpo::loss_type::orpo;
+      if (t == dpo::loss_type::aot || t == dpo::loss_type::aot_unpaired || (nan_side == 0 && nll)) continue;
+      INFO(nc.name << (nan_side == 0 ? ", NaN in a chosen row" : ", NaN in a rejected row"));
+      fixture::buffers<float, std::int64_t> buf(b, layout::padded, 2);
+      const fixture::reference ref = fixture::make_reference(nc.cfg, clean, 7);
+      const auto view = buf.view();
+      const dpo::cpu::forward_result r = dpo::cpu::dpo_forward(view, ref.pc(), ref.pr(), nc.cfg);
+      if (t == dpo::loss_type::sft) {
+        CHECK(std::isfinite(r.loss));  // sft reads chosen rows only
+      } else {
+        CHECK(std::isnan(r.loss));
+        CHECK(std::isnan(r.losses[1]));
+      }
+      dpo::cpu::dpo_backward(view, r, buf.grad_view());
+      for (int i : {0, 2, 3}) {
+        CHECK(std::isfinite(r.losses[i]));
+        CHECK(std::isfinite(r.grad_chosen[i]));
+        CHECK(std::isfinite(r.grad_rejected[i]));
+        for (int side = 0; side < 2; ++side)
+          for (std::int64_t k = 0; k < buf.seq_len; ++k)
+            for (std::int64_t v = 0; v < buf.V; ++v) REQUIRE(std::isfinite(buf.at(false, side, i, k, v)));
+      }
     }
   }
   SECTION("a NaN in a masked row or a padding column is never read") {
