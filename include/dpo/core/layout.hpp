@@ -38,11 +38,15 @@ struct token_view {
   DPO_HOST_DEVICE std::int64_t row_end(std::int64_t s) const {
     return cu_seqlens ? cu_seqlens[first_seq + s + 1] : (first_seq + s + 1) * seq_len;
   }
-  /// The label of a row if it is a completion token, else -1.
+  /// What target() returns for a masked row: negative, and no label's value, so a label of
+  /// -1 (not ignore_index) still reaches the range check instead of passing as masked.
+  static constexpr std::int64_t masked = INT64_MIN;
+  /// The raw label of a row if it is a completion token, else `masked`. Callers test
+  /// `target(r) >= 0` for "completion token" once the labels have been checked.
   DPO_HOST_DEVICE std::int64_t target(std::int64_t row) const {
     const std::int64_t y = static_cast<std::int64_t>(labels[row]);
-    if (y == ignore_index) return -1;
-    if (mask != nullptr && mask[row] == 0) return -1;
+    if (y == ignore_index) return masked;
+    if (mask != nullptr && mask[row] == 0) return masked;
     return y;
   }
 };

@@ -6,6 +6,8 @@
 #pragma once
 
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <sstream>
 #include <string>
 
@@ -112,15 +114,25 @@ inline bool supports_f_divergence(loss_type t) {
   }
 }
 
+/// The shortest decimal that reads back as v ("0.1", not "0.10000000000000001"), so a
+/// message shows the value the caller typed.
+inline std::string shortest(double v) {
+  char buf[32];
+  for (int p = 1; p <= 17; ++p) {
+    std::snprintf(buf, sizeof buf, "%.*g", p, v);
+    if (std::strtod(buf, nullptr) == v || v != v) break;
+  }
+  return buf;
+}
+
 }  // namespace detail
 
 /// Checks every field of a loss_config; returns "" when valid, else a message naming the
 /// argument and its value.
 inline std::string validate_config(const loss_config& c) {
   std::ostringstream os;
-  os.precision(17);
   auto bad = [&](const char* name, double v, const char* rule) {
-    os << name << " = " << v << " is invalid: " << rule;
+    os << name << " = " << detail::shortest(v) << " is invalid: " << rule;
     return os.str();
   };
   if (!std::isfinite(c.beta) || c.beta <= 0.0) return bad("beta", c.beta, "must be finite and > 0");

@@ -49,11 +49,8 @@ void check_view(const token_view<T, L>& v, const char* name) {
     if (v.labels == nullptr) fail(name, ".labels is null");
   }
   for (std::int64_t r = r0; r < r1; ++r) {
-    // The raw label, not target(): target() returns -1 for masked rows, so a label of -1
-    // that is not ignore_index would pass as masked.
-    const std::int64_t y = static_cast<std::int64_t>(v.labels[r]);
-    const bool masked = y == v.ignore_index || (v.mask != nullptr && v.mask[r] == 0);
-    if (!masked && (y < 0 || y >= v.vocab)) {
+    const std::int64_t y = v.target(r);
+    if (y != token_view<T, L>::masked && (y < 0 || y >= v.vocab)) {
       fail(name, ".labels[", r, "] = ", static_cast<std::int64_t>(v.labels[r]),
            " is outside [0, vocab = ", v.vocab, ") and is not ignore_index = ", v.ignore_index);
     }

@@ -348,8 +348,8 @@ void pair_logps(const pair_view<T, L>& in, double ld_alpha, double* chosen, doub
 
 /// Sequence-level inputs of the pair loss (TRL's dpo_loss): P entries each. Lengths are
 /// needed by ipo, sigmoid_norm, simpo, orpo and cpo-ipo (null means 1 token each);
-/// nll_chosen (the plain chosen sums) by sft, cpo and orpo (null means chosen_logps);
-/// weights by WPO (null means 1). Reference arrays may be null for reference-free losses.
+/// weights by WPO (null means 1). The NLL terms (sft, cpo, orpo) read NLL(chosen) =
+/// -sum(chosen_logps) / sum(chosen_tokens), so pass plain (not LD-DPO weighted) sums with them. Reference arrays may be null for reference-free losses.
 struct pair_logps_in {
   std::int64_t num_pairs = 0;
   const double* chosen_logps = nullptr;

@@ -258,8 +258,7 @@ __global__ void __launch_bounds__(BLOCK) rows_kernel(views<T, L> vs, ws_ptrs w) 
         ra.zmean[local] = 0.0;
         ra.wpo[local] = 0.0;
         ra.hit[local] = 0.0;
-        // As the CPU check: -1 is how target() reports a masked row.
-        if (y != -1)
+        if (y != token_view<T, L>::masked)
           atomicMin(&h->label_key, (static_cast<unsigned long long>(side) << 62) |
                                        static_cast<unsigned long long>(r));
       }
