@@ -276,6 +276,18 @@ inline bool needs_reference(const loss_config& cfg) {
 }
 
 /// Checks of dpo_forward's arguments shared with dpo_forward_backward.
+/// forward_outputs::row_lse / row_coef are indexed by the logits buffer's row, so both sides
+/// must live in one buffer: with separate buffers their row indices would collide.
+template <class T, class L>
+status check_row_state(const pair_view<T, L>& policy, const forward_outputs& out) {
+  if ((out.row_lse != nullptr || out.row_coef != nullptr) &&
+      policy.chosen.logits != policy.rejected.logits)
+    return invalid(
+        "out.row_lse / out.row_coef need one logits buffer for both sides (padded or packed "
+        "pairs); with separate buffers keep the state in the workspace and use dpo_backward");
+  return {};
+}
+
 template <class T, class L>
 status check_forward(const pair_view<T, L>& policy, const double* ref_chosen,
                      const double* ref_rejected, const loss_config& cfg, const options& opt,
@@ -415,6 +427,8 @@ status dpo_forward(void* workspace, std::size_t& workspace_bytes, const pair_vie
   std::int64_t cap[2] = {0, 0};
   status s = detail::check_forward(policy, ref_chosen, ref_rejected, cfg, opt, cap,
                                    workspace != nullptr);
+  if (!s) return s;
+  s = detail::check_row_state(policy, out);
   if (!s) return s;
   detail::ws_ptrs w;
   const std::int64_t P = policy.num_pairs();
@@ -579,6 +593,8 @@ status dpo_forward_backward(void* workspace, std::size_t& workspace_bytes,
   std::int64_t cap[2] = {0, 0};
   status s = detail::check_forward(policy, ref_chosen, ref_rejected, cfg, opt, cap,
                                    workspace != nullptr);
+  if (!s) return s;
+  s = detail::check_row_state(policy, out);
   if (!s) return s;
   detail::ws_ptrs w;
   const std::int64_t P = policy.num_pairs();
