@@ -80,7 +80,7 @@ struct byte_range {
 
 template <class T, class L>
 byte_range rows_range(const T* base, std::int64_t stride, const token_view<T, L>& v) {
-  if (v.num_seqs == 0) return {nullptr, nullptr};
+  if (v.num_seqs == 0 || base == nullptr) return {nullptr, nullptr};
   const std::int64_t r0 = v.row_begin(0), r1 = v.row_end(v.num_seqs - 1);
   if (r1 <= r0) return {nullptr, nullptr};
   const char* lo = reinterpret_cast<const char*>(base + r0 * stride);
@@ -104,7 +104,9 @@ void check_grad(const pair_view<T, L>& p, const pair_grad_view<T>& g) {
   } sides[2] = {{"grad.chosen", g.chosen, g.chosen_stride, &p.chosen},
                 {"grad.rejected", g.rejected, g.rejected_stride, &p.rejected}};
   for (const side& s : sides) {
-    if (s.ptr == nullptr) fail(s.name, " is null");
+    // As for the logits, a side with no rows may pass null (an empty tensor's pointer).
+    const bool has_rows = s.v->num_seqs > 0 && s.v->row_end(s.v->num_seqs - 1) > s.v->row_begin(0);
+    if (s.ptr == nullptr && has_rows) fail(s.name, " is null");
     if (s.stride < s.v->vocab)
       fail(s.name, "_stride = ", s.stride, " is invalid: must be >= vocab = ", s.v->vocab);
   }
