@@ -134,4 +134,21 @@ struct pair_grad_view {
   std::int64_t rejected_stride = 0;
 };
 
+/// Sequence-level inputs of the pair loss (TRL's dpo_loss): P doubles each (host arrays for
+/// dpo::cpu::dpo_loss, device arrays for dpo::cuda::dpo_loss). Token counts are needed by
+/// ipo, sigmoid_norm, simpo, orpo and cpo-ipo (null means 1 token each); weights by WPO
+/// (null means 1). Reference arrays may be null for reference-free losses. The NLL terms
+/// (sft, cpo, orpo) read NLL(chosen) = -sum(chosen_logps) / sum(chosen_tokens), so pass plain
+/// (not LD-DPO weighted) sums with them.
+struct pair_logps_in {
+  std::int64_t num_pairs = 0;
+  const double* chosen_logps = nullptr;
+  const double* rejected_logps = nullptr;
+  const double* ref_chosen_logps = nullptr;
+  const double* ref_rejected_logps = nullptr;
+  const double* chosen_tokens = nullptr;
+  const double* rejected_tokens = nullptr;
+  const double* weights = nullptr;
+};
+
 }  // namespace dpo

@@ -346,20 +346,9 @@ void pair_logps(const pair_view<T, L>& in, double ld_alpha, double* chosen, doub
   std::copy(sr.logp.begin(), sr.logp.end(), rejected);
 }
 
-/// Sequence-level inputs of the pair loss (TRL's dpo_loss): P entries each. Lengths are
-/// needed by ipo, sigmoid_norm, simpo, orpo and cpo-ipo (null means 1 token each);
-/// weights by WPO (null means 1). The NLL terms (sft, cpo, orpo) read NLL(chosen) =
-/// -sum(chosen_logps) / sum(chosen_tokens), so pass plain (not LD-DPO weighted) sums with them. Reference arrays may be null for reference-free losses.
-struct pair_logps_in {
-  std::int64_t num_pairs = 0;
-  const double* chosen_logps = nullptr;
-  const double* rejected_logps = nullptr;
-  const double* ref_chosen_logps = nullptr;
-  const double* ref_rejected_logps = nullptr;
-  const double* chosen_tokens = nullptr;
-  const double* rejected_tokens = nullptr;
-  const double* weights = nullptr;
-};
+/// The pair loss's sequence-level inputs (see dpo/core/layout.hpp).
+using dpo::pair_logps_in;
+
 
 /// The pair-level loss from sequence log-probs: loss, per-pair losses, rewards and dL/dpi.
 /// NLL terms (sft, cpo, orpo) take NLL(chosen) = -sum(chosen_logps) / sum(chosen_tokens).

@@ -443,20 +443,9 @@ status dpo_forward(void* workspace, std::size_t& workspace_bytes, const pair_vie
   return detail::enqueue_forward(policy, ref_chosen, ref_rejected, cfg, out, opt, w, cap, stream);
 }
 
-/// Sequence-level inputs of the pair loss (TRL's dpo_loss), device arrays of P doubles.
-/// Token counts are needed by ipo, sigmoid_norm, simpo, orpo and cpo-ipo (null means 1 token
-/// each); weights by WPO (null means 1). Reference arrays may be null for reference-free
-/// losses. As dpo::cpu::pair_logps_in.
-struct pair_logps_in {
-  std::int64_t num_pairs = 0;
-  const double* chosen_logps = nullptr;
-  const double* rejected_logps = nullptr;
-  const double* ref_chosen_logps = nullptr;
-  const double* ref_rejected_logps = nullptr;
-  const double* chosen_tokens = nullptr;
-  const double* rejected_tokens = nullptr;
-  const double* weights = nullptr;
-};
+/// The pair loss's sequence-level inputs (see dpo/core/layout.hpp).
+using dpo::pair_logps_in;
+
 
 /// The pair-level loss from sequence log-probs, on the device: loss, per-pair losses,
 /// rewards and dL/dpi in `out` (the logits metrics stay 0), as dpo::cpu::dpo_loss. NLL
@@ -590,26 +579,21 @@ status dpo_forward_backward(void* workspace, std::size_t& workspace_bytes,
                             const double* ref_rejected, const loss_config& cfg,
                             const forward_outputs& out, const pair_grad_view<T>& grad,
                             const options& opt = {}, cudaStream_t stream = 0) {
+  // Check the gradient views before dpo_forward launches anything.
   std::int64_t cap[2] = {0, 0};
   status s = detail::check_forward(policy, ref_chosen, ref_rejected, cfg, opt, cap,
                                    workspace != nullptr);
   if (!s) return s;
-  s = detail::check_row_state(policy, out);
-  if (!s) return s;
+  if (workspace != nullptr) {
+    s = detail::check_grad(policy, grad, opt);
+    if (!s) return s;
+  }
+  s = dpo_forward(workspace, workspace_bytes, policy, ref_chosen, ref_rejected, cfg, out, opt,
+                  stream);
+  if (!s || workspace == nullptr) return s;
   detail::ws_ptrs w;
   const std::int64_t P = policy.num_pairs();
-  const std::size_t needed = detail::carve(0, cap, P, P, &w);
-  if (workspace == nullptr) {
-    workspace_bytes = needed;
-    return {};
-  }
-  s = detail::check_grad(policy, grad, opt);
-  if (!s) return s;
-  s = detail::check_workspace(workspace, workspace_bytes, needed);
-  if (!s) return s;
   detail::carve(reinterpret_cast<std::uintptr_t>(workspace), cap, P, P, &w);
-  s = detail::enqueue_forward(policy, ref_chosen, ref_rejected, cfg, out, opt, w, cap, stream);
-  if (!s) return s;
   const detail::views<T, L> vs = detail::make_views(policy.chosen, &policy.rejected, opt);
   return detail::run_backward(vs, w, cap, grad, nullptr, P, stream);
 }
