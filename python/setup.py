@@ -65,7 +65,8 @@ def _extensions():
     if os.environ.get("DPO_KERNELS_NATIVE", "1") != "0":
         cxx.append("-march=native")
     if _want_cuda(torch.version.cuda is not None, CUDA_HOME):
-        nvcc = ["-O3", "-DNDEBUG", "--expt-relaxed-constexpr", "-std=c++17",
+        # C++20: the headers of recent torch (2.15 here) refuse older standards in ATen.h.
+        nvcc = ["-O3", "-DNDEBUG", "--expt-relaxed-constexpr", "-std=c++20",
                 "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
         return [CUDAExtension("dpo_kernels._C", sources + ["csrc/cuda.cu"], include_dirs=include_dirs,
                               define_macros=[("DPO_KERNELS_WITH_CUDA", None)],

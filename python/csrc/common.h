@@ -12,6 +12,7 @@
 #include <optional>
 #include <string>
 
+#include "dpo/core/layout.hpp"
 #include "dpo/core/validate.hpp"
 
 namespace dpo_kernels {
@@ -93,6 +94,58 @@ row_layout make_layout(const at::Tensor& logits, const at::Tensor& labels,
 /// Checks a per-pair vector argument: floating, 1-D with `n` entries, on `device`.
 void check_pair_vector(const at::Tensor& t, std::int64_t n, const at::Device& device,
                        const char* name);
+
+/// Checks the pair-level inputs of pair_loss / pair_loss_backward: 1-D floating [P >= 1]
+/// vectors on one device (optional ones may be absent). Returns P.
+std::int64_t check_pair_inputs(const at::Tensor& policy_chosen_logps,
+                               const at::Tensor& policy_rejected_logps,
+                               const std::optional<at::Tensor>& reference_chosen_logps,
+                               const std::optional<at::Tensor>& reference_rejected_logps,
+                               const std::optional<at::Tensor>& chosen_lengths,
+                               const std::optional<at::Tensor>& rejected_lengths,
+                               const std::optional<at::Tensor>& weights);
+
+/// The dtype of per-sequence results: fp64 for fp64 logits, fp32 otherwise (never the
+/// logits' bf16/fp16, whose spacing near typical sequence sums exceeds DPO margins).
+inline at::ScalarType result_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+/// TRL's clamp of the alpha-divergence exponent for the log-probs' dtype.
+inline double clamp_for(at::ScalarType t) { return t == at::kHalf ? 11.0 : 80.0; }
+
+/// Calls fn with a null pointer of the label type of a (checked) int32 / int64 tensor.
+template <class Fn>
+void dispatch_label(at::ScalarType t, Fn&& fn) {
+  if (t == at::kInt) return fn(static_cast<std::int32_t*>(nullptr));
+  return fn(static_cast<std::int64_t*>(nullptr));
+}
+
+/// The dpo::token_view of a layout (all its sequences); T is the backend's element type of
+/// the logits' dtype. Pointers are the tensors' (host or device).
+template <class T, class L>
+dpo::token_view<T, L> token_view_of(const row_layout& l, std::int64_t ignore_index) {
+  dpo::token_view<T, L> v;
+  v.logits = reinterpret_cast<const T*>(l.logits.data_ptr());
+  v.labels = l.labels.data_ptr<L>();
+  v.cu_seqlens = l.packed ? l.cu_seqlens.data_ptr<std::int64_t>() : nullptr;
+  v.vocab = l.vocab;
+  v.row_stride = l.row_stride;
+  v.num_seqs = l.num_seqs;
+  v.seq_len = l.seq_len;
+  v.ignore_index = ignore_index;
+  return v;
+}
+
+/// The pair view of TRL's concatenated layout: sequences [0, P) chosen, [P, 2P) rejected.
+template <class T, class L>
+dpo::pair_view<T, L> pair_view_of(const row_layout& l, std::int64_t ignore_index) {
+  const T* z = reinterpret_cast<const T*>(l.logits.data_ptr());
+  const L* y = l.labels.data_ptr<L>();
+  if (l.packed)
+    return dpo::packed_pairs(z, y, l.cu_seqlens.data_ptr<std::int64_t>(), l.num_seqs, l.vocab,
+                             l.row_stride, nullptr, ignore_index);
+  return dpo::padded_pairs(z, y, l.num_seqs, l.seq_len, l.vocab, l.row_stride, nullptr,
+                           ignore_index);
+}
 
 /// Metrics in the order of the `metrics` output of dpo_forward.
 inline constexpr int num_metrics = 11;

@@ -28,16 +28,6 @@ void dispatch_float(at::ScalarType t, Fn&& fn) {
   }
 }
 
-template <class Fn>
-void dispatch_label(at::ScalarType t, Fn&& fn) {
-  if (t == at::kInt) return fn(static_cast<std::int32_t*>(nullptr));
-  return fn(static_cast<std::int64_t*>(nullptr));
-}
-
-/// The dtype of per-sequence results: fp64 for fp64 logits, fp32 otherwise (never the
-/// logits' bf16/fp16, whose spacing near typical sequence sums exceeds DPO margins).
-at::ScalarType result_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
 dpo::cpu::options cpu_options(bool metrics = true) {
   dpo::cpu::options o;
   o.num_threads = at::get_num_threads();
@@ -47,32 +37,6 @@ dpo::cpu::options cpu_options(bool metrics = true) {
 
 void check_cpu(const at::Tensor& t, const char* name) {
   TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be a CPU tensor here, got ", t.device());
-}
-
-template <class T, class L>
-dpo::token_view<T, L> token_view_of(const row_layout& l, std::int64_t ignore_index) {
-  dpo::token_view<T, L> v;
-  v.logits = reinterpret_cast<const T*>(l.logits.data_ptr());
-  v.labels = l.labels.data_ptr<L>();
-  v.cu_seqlens = l.packed ? l.cu_seqlens.data_ptr<std::int64_t>() : nullptr;
-  v.vocab = l.vocab;
-  v.row_stride = l.row_stride;
-  v.num_seqs = l.num_seqs;
-  v.seq_len = l.seq_len;
-  v.ignore_index = ignore_index;
-  return v;
-}
-
-/// The pair view of TRL's concatenated layout: sequences [0, P) chosen, [P, 2P) rejected.
-template <class T, class L>
-dpo::pair_view<T, L> pair_view_of(const row_layout& l, std::int64_t ignore_index) {
-  const T* z = reinterpret_cast<const T*>(l.logits.data_ptr());
-  const L* y = l.labels.data_ptr<L>();
-  if (l.packed)
-    return dpo::packed_pairs(z, y, l.cu_seqlens.data_ptr<std::int64_t>(), l.num_seqs, l.vocab,
-                             l.row_stride, nullptr, ignore_index);
-  return dpo::padded_pairs(z, y, l.num_seqs, l.seq_len, l.vocab, l.row_stride, nullptr,
-                           ignore_index);
 }
 
 at::Tensor to_double(const at::Tensor& t) {
@@ -205,25 +169,9 @@ pair_inputs lower_pairs(const at::Tensor& policy_chosen_logps, const at::Tensor&
                         const std::optional<at::Tensor>& rejected_lengths,
                         const std::optional<at::Tensor>& weights) {
   check_cpu(policy_chosen_logps, "policy_chosen_logps");
-  const auto dev = policy_chosen_logps.device();
-  TORCH_CHECK_VALUE(policy_chosen_logps.dim() == 1, "policy_chosen_logps must be 1-D [P], got shape ",
-                    policy_chosen_logps.sizes());
-  const std::int64_t P = policy_chosen_logps.size(0);
-  TORCH_CHECK_VALUE(P >= 1, "policy_chosen_logps is empty: need at least one pair");
-  check_pair_vector(policy_chosen_logps, P, dev, "policy_chosen_logps");
-  check_pair_vector(policy_rejected_logps, P, dev, "policy_rejected_logps");
-  const std::pair<const std::optional<at::Tensor>*, const char*> optional_inputs[] = {
-      {&reference_chosen_logps, "reference_chosen_logps"},
-      {&reference_rejected_logps, "reference_rejected_logps"},
-      {&chosen_lengths, "chosen_lengths"},
-      {&rejected_lengths, "rejected_lengths"},
-      {&weights, "weights"}};
-  for (const auto& [t, name] : optional_inputs) {
-    if (!t->has_value()) continue;
-    const at::Tensor& x = **t;
-    TORCH_CHECK_VALUE(x.dim() == 1 && x.size(0) == P, name, " must have shape [", P, "], got ", x.sizes());
-    TORCH_CHECK_VALUE(x.device() == dev, name, " is on ", x.device(), " but policy_chosen_logps is on ", dev);
-  }
+  const std::int64_t P =
+      check_pair_inputs(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                        reference_rejected_logps, chosen_lengths, rejected_lengths, weights);
   pair_inputs p;
   p.pc = to_double(policy_chosen_logps);
   p.pr = to_double(policy_rejected_logps);
@@ -237,8 +185,6 @@ pair_inputs lower_pairs(const at::Tensor& policy_chosen_logps, const at::Tensor&
   p.in.weights = ptr_or_null(weights, p.w);
   return p;
 }
-
-double clamp_for(at::ScalarType t) { return t == at::kHalf ? 11.0 : 80.0; }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_loss_cpu(
     const at::Tensor& policy_chosen_logps, const at::Tensor& policy_rejected_logps,

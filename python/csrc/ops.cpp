@@ -95,6 +95,35 @@ void check_pair_vector(const at::Tensor& t, std::int64_t n, const at::Device& de
                     device);
 }
 
+std::int64_t check_pair_inputs(const at::Tensor& policy_chosen_logps,
+                               const at::Tensor& policy_rejected_logps,
+                               const std::optional<at::Tensor>& reference_chosen_logps,
+                               const std::optional<at::Tensor>& reference_rejected_logps,
+                               const std::optional<at::Tensor>& chosen_lengths,
+                               const std::optional<at::Tensor>& rejected_lengths,
+                               const std::optional<at::Tensor>& weights) {
+  const auto dev = policy_chosen_logps.device();
+  TORCH_CHECK_VALUE(policy_chosen_logps.dim() == 1, "policy_chosen_logps must be 1-D [P], got shape ",
+                    policy_chosen_logps.sizes());
+  const std::int64_t P = policy_chosen_logps.size(0);
+  TORCH_CHECK_VALUE(P >= 1, "policy_chosen_logps is empty: need at least one pair");
+  check_pair_vector(policy_chosen_logps, P, dev, "policy_chosen_logps");
+  check_pair_vector(policy_rejected_logps, P, dev, "policy_rejected_logps");
+  const std::pair<const std::optional<at::Tensor>*, const char*> optional_inputs[] = {
+      {&reference_chosen_logps, "reference_chosen_logps"},
+      {&reference_rejected_logps, "reference_rejected_logps"},
+      {&chosen_lengths, "chosen_lengths"},
+      {&rejected_lengths, "rejected_lengths"},
+      {&weights, "weights"}};
+  for (const auto& [t, name] : optional_inputs) {
+    if (!t->has_value()) continue;
+    const at::Tensor& x = **t;
+    TORCH_CHECK_VALUE(x.dim() == 1 && x.size(0) == P, name, " must have shape [", P, "], got ", x.sizes());
+    TORCH_CHECK_VALUE(x.device() == dev, name, " is on ", x.device(), " but policy_chosen_logps is on ", dev);
+  }
+  return P;
+}
+
 row_layout make_layout(const at::Tensor& logits, const at::Tensor& labels,
                        const std::optional<at::Tensor>& cu_seqlens, std::int64_t ignore_index,
                        const char* name) {

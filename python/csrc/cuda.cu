@@ -1,0 +1,487 @@
+// Copyright 2026 The dpo Authors. SPDX-License-Identifier: Apache-2.0
+//
+// CUDA kernels of the dpo_kernels operators: thin adapters from tensors to the dpo::cuda API
+// (kernels/dpo/cuda/dpo.cuh). Each op enqueues work on the current stream with a workspace
+// from the caching allocator and never synchronizes, so the ops can be captured in CUDA
+// graphs. Argument errors (shapes, dtypes, config) raise ValueError before anything runs.
+// Errors in device data (a label outside [0, vocab) that is not ignore_index, a bad
+// cu_seqlens) are found by the kernels and recorded in the workspace's error word; the
+// kernels then write nothing, so the forward ops return NaN loss / metrics / pair values /
+// log-probs and zero row state (gradients are then meaningless). They are NOT raised
+// synchronously: set DPO_KERNELS_CHECK_DEVICE_ERRORS=1 to copy the error word back after
+// every call (a host sync) and raise ValueError.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstddef>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "common.h"
+#include "dpo/cuda/dpo.cuh"
+
+namespace dpo_kernels {
+namespace {
+
+/// Calls fn with a null pointer of the dpo::cuda element type of a floating tensor.
+template <class Fn>
+void dispatch_float(at::ScalarType t, Fn&& fn) {
+  switch (t) {
+    case at::kFloat: return fn(static_cast<float*>(nullptr));
+    case at::kDouble: return fn(static_cast<double*>(nullptr));
+    case at::kBFloat16: return fn(static_cast<__nv_bfloat16*>(nullptr));
+    case at::kHalf: return fn(static_cast<__half*>(nullptr));
+    default: TORCH_CHECK_TYPE(false, "unsupported logits dtype ", t);
+  }
+}
+
+void check_cuda(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.device().is_cuda(), name, " must be a CUDA tensor here, got ", t.device());
+}
+
+/// Opt-in synchronous check of the device error word (DPO_KERNELS_CHECK_DEVICE_ERRORS=1).
+bool check_device_errors() {
+  static const bool on = [] {
+    const char* e = std::getenv("DPO_KERNELS_CHECK_DEVICE_ERRORS");
+    return e != nullptr && std::strcmp(e, "0") != 0 && e[0] != '\0';
+  }();
+  return on;
+}
+
+void check_status(const dpo::cuda::status& s) { TORCH_CHECK_VALUE(s.ok(), s.message); }
+
+/// Runs a two-phase API call: the size query, a workspace from the caching allocator on
+/// `device`, then the call on the current stream. Returns the workspace (its byte 0 holds
+/// the error word); with DPO_KERNELS_CHECK_DEVICE_ERRORS set, reads the word back (syncs).
+template <class Call>
+at::Tensor run_with_workspace(const at::Device& device, Call&& call) {
+  std::size_t bytes = 0;
+  check_status(call(nullptr, bytes));
+  at::Tensor ws = at::empty({static_cast<std::int64_t>(std::max<std::size_t>(bytes, 16))},
+                            at::TensorOptions().dtype(at::kByte).device(device));
+  check_status(call(ws.data_ptr(), bytes));
+  if (check_device_errors())
+    check_status(dpo::cuda::read_device_error(ws.data_ptr(), at::cuda::getCurrentCUDAStream()));
+  return ws;
+}
+
+dpo::cuda::options cuda_options(const row_layout& l, bool metrics = true) {
+  dpo::cuda::options o;
+  o.metrics = metrics;
+  o.num_rows = l.packed ? l.rows : -1;
+  return o;
+}
+
+at::Tensor to_double(const at::Tensor& t) { return t.to(at::kDouble).contiguous(); }
+
+const double* ptr_or_null(const std::optional<at::Tensor>& t, at::Tensor& keep) {
+  if (!t.has_value()) return nullptr;
+  keep = to_double(*t);
+  return keep.data_ptr<double>();
+}
+
+/// Per-row values of the view (view_rows entries) as a tensor shaped like the input's rows
+/// (logits.shape[:-1]): drops the padding rows of a padded view with seq_len > T.
+at::Tensor view_rows_to_input(const at::Tensor& v, const row_layout& l, const at::Tensor& logits) {
+  std::vector<std::int64_t> shape(logits.sizes().begin(), logits.sizes().end() - 1);
+  if (!l.packed && logits.dim() == 3 && l.seq_len != l.tokens)
+    return v.view({l.num_seqs, l.seq_len}).narrow(1, 0, l.tokens).contiguous();
+  return v.view(shape);
+}
+
+/// The inverse: input-row values as a contiguous double tensor of view_rows entries, 0 on
+/// padding rows.
+at::Tensor input_rows_to_view(const at::Tensor& t, const row_layout& l, const char* name) {
+  TORCH_CHECK_VALUE(t.numel() == l.rows, name, " has ", t.numel(), " entries, expected ", l.rows);
+  at::Tensor d = to_double(t).reshape({-1});
+  if (!l.packed && l.seq_len != l.tokens) {
+    at::Tensor v = at::zeros({l.num_seqs, l.seq_len}, d.options());
+    v.narrow(1, 0, l.tokens).copy_(d.view({l.num_seqs, l.tokens}));
+    return v.view({-1});
+  }
+  return d;
+}
+
+/// Packed layouts: whether each of the N rows lies in a sequence ([cu[0], cu[S])), on the
+/// device (no host read of cu_seqlens).
+at::Tensor rows_inside(const row_layout& l) {
+  const at::Tensor r = at::arange(l.rows, l.cu_seqlens.options());
+  return r.ge(l.cu_seqlens.narrow(0, 0, 1)).logical_and_(r.lt(l.cu_seqlens.narrow(0, l.num_seqs, 1)));
+}
+
+// ---- sequence_logps ----------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor> sequence_logps_cuda(const at::Tensor& logits, const at::Tensor& labels,
+                                                       const std::optional<at::Tensor>& cu_seqlens,
+                                                       std::int64_t ignore_index, bool average) {
+  check_cuda(logits, "logits");
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const row_layout l = make_layout(logits, labels, cu_seqlens, ignore_index, "logits");
+  const auto out_dtype = result_dtype(logits.scalar_type());
+  const auto dopts = logits.options().dtype(at::kDouble);
+  std::vector<std::int64_t> row_shape(logits.sizes().begin(), logits.sizes().end() - 1);
+  if (l.num_seqs == 0)
+    return {at::empty({0}, logits.options().dtype(out_dtype)), at::zeros(row_shape, logits.options().dtype(out_dtype))};
+  // NaN until written (invalid labels / cu_seqlens: the kernels write nothing).
+  at::Tensor sums = at::full({l.num_seqs}, std::numeric_limits<double>::quiet_NaN(), dopts);
+  at::Tensor counts = at::ones({l.num_seqs}, dopts.dtype(at::kLong));
+  // Row log-probs indexed from the first sequence's first row (cu_seqlens[0] when packed).
+  at::Tensor token_logps = at::zeros({std::max<std::int64_t>(l.view_rows(), 1)}, dopts);
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  dispatch_float(logits.scalar_type(), [&](auto* tp) {
+    using T = std::remove_pointer_t<decltype(tp)>;
+    dispatch_label(l.labels.scalar_type(), [&](auto* lp) {
+      using L = std::remove_pointer_t<decltype(lp)>;
+      const dpo::token_view<T, L> v = token_view_of<T, L>(l, ignore_index);
+      run_with_workspace(logits.device(), [&](void* ws, std::size_t& bytes) {
+        return dpo::cuda::sequence_logps(ws, bytes, v, sums.data_ptr<double>(), counts.data_ptr<std::int64_t>(),
+                                         token_logps.data_ptr<double>(), cuda_options(l, false), stream);
+      });
+    });
+  });
+  at::Tensor logps = average ? sums / counts.clamp_min(1).to(at::kDouble) : sums;
+  // row_lse = z[y] - logp on completion rows (0 elsewhere), as the CPU kernel: z[y] in the
+  // accumulation type (fp64 for fp64 logits, else fp32).
+  at::Tensor tl;
+  at::Tensor inside;
+  if (l.packed) {
+    at::Tensor shift = (at::arange(l.rows, l.cu_seqlens.options()) - l.cu_seqlens.narrow(0, 0, 1))
+                           .clamp_(0, std::max<std::int64_t>(l.rows - 1, 0));
+    tl = token_logps.index_select(0, shift);
+    inside = rows_inside(l);
+  } else {
+    tl = view_rows_to_input(token_logps.narrow(0, 0, l.view_rows()), l, logits).reshape({-1});
+  }
+  const at::Tensor y = labels.reshape({-1}).to(at::kLong);
+  at::Tensor valid = y.ne(ignore_index);
+  if (l.packed) valid = valid.logical_and(inside);
+  const at::Tensor z2 = l.logits.reshape({l.rows, l.vocab});
+  const at::Tensor zy = z2.gather(1, y.clamp(0, l.vocab - 1).unsqueeze(1)).squeeze(1).to(out_dtype);
+  at::Tensor row_lse = at::where(valid, zy - tl.to(out_dtype), at::zeros({}, zy.options()));
+  return {logps.to(out_dtype), row_lse.view(row_shape)};
+}
+
+/// Per input row (flattened): the sequence coefficient g_s (/ n_s when averaging) on
+/// completion rows, 0 elsewhere. Device ops only.
+at::Tensor sequence_row_coef(const at::Tensor& grad, const row_layout& l, const at::Tensor& labels,
+                             std::int64_t ignore_index, bool average) {
+  const at::Tensor g = to_double(grad);
+  const at::Tensor y = labels.reshape({-1});
+  at::Tensor valid = y.ne(ignore_index);
+  if (l.packed) {
+    valid = valid.logical_and(rows_inside(l));
+    // Sequence s owns rows [cu[s], cu[s + 1]); n_s from a prefix sum of the completion flags.
+    const at::Tensor r = at::arange(l.rows, l.cu_seqlens.options());
+    const at::Tensor seq = (at::searchsorted(l.cu_seqlens, r, false, true) - 1).clamp_(0, l.num_seqs - 1);
+    at::Tensor c = g;
+    if (average) {
+      const at::Tensor cs = at::cat({at::zeros({1}, l.cu_seqlens.options()), valid.to(at::kLong).cumsum(0)});
+      const at::Tensor cu = l.cu_seqlens.clamp(0, l.rows);
+      const at::Tensor n = cs.index_select(0, cu.narrow(0, 1, l.num_seqs)) - cs.index_select(0, cu.narrow(0, 0, l.num_seqs));
+      c = g / n.clamp_min(1).to(at::kDouble);
+    }
+    return c.index_select(0, seq) * valid.to(at::kDouble);
+  }
+  const std::int64_t S = l.num_seqs, T = l.rows / std::max<std::int64_t>(S, 1);
+  const at::Tensor v2 = valid.view({S, T}).to(at::kDouble);
+  at::Tensor c = g;
+  if (average) c = g / v2.sum(1).clamp_min(1);
+  return (c.unsqueeze(1) * v2).reshape({-1});
+}
+
+at::Tensor sequence_logps_backward_cuda(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& labels,
+                                        const std::optional<at::Tensor>& cu_seqlens, const at::Tensor& row_lse,
+                                        std::int64_t ignore_index, bool average) {
+  check_cuda(logits, "logits");
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const row_layout l = make_layout(logits, labels, cu_seqlens, ignore_index, "logits");
+  TORCH_CHECK_VALUE(grad.dim() == 1 && grad.size(0) == l.num_seqs, "grad must have shape [", l.num_seqs,
+                    "], got ", grad.sizes());
+  TORCH_CHECK_VALUE(row_lse.numel() == l.rows, "row_lse has ", row_lse.numel(), " entries, expected ", l.rows);
+  if (l.rows == 0 || l.num_seqs == 0) return at::zeros(logits.sizes(), logits.options());
+  // Not the fused path: d logp_row / dz = onehot(y) - softmax(z), in the accumulation type,
+  // with ATen ops (a row-local formula; no library kernel takes per-sequence coefficients).
+  const auto acc = result_dtype(logits.scalar_type());
+  const at::Tensor coef = sequence_row_coef(grad, l, labels, ignore_index, average).to(acc).unsqueeze(1);
+  const at::Tensor z = l.logits.reshape({l.rows, l.vocab}).to(acc);
+  const at::Tensor lse = row_lse.reshape({-1, 1}).to(acc);
+  at::Tensor g = (z - lse).exp_().mul_(-coef);
+  const at::Tensor y = labels.reshape({-1, 1}).to(at::kLong).clamp(0, l.vocab - 1);
+  g.scatter_add_(1, y, coef);
+  // Masked rows: exact zeros (their saved lse is 0, so exp(z - lse) may overflow to inf * 0).
+  g.masked_fill_(coef.eq(0), 0);
+  return g.to(logits.scalar_type()).view(logits.sizes());
+}
+
+// ---- pair-level loss ---------------------------------------------------------------------
+
+struct pair_inputs {
+  at::Tensor pc, pr, rc, rr, lc, lr, w;
+  dpo::cuda::pair_logps_in in;
+};
+
+pair_inputs lower_pairs(const at::Tensor& policy_chosen_logps, const at::Tensor& policy_rejected_logps,
+                        const std::optional<at::Tensor>& reference_chosen_logps,
+                        const std::optional<at::Tensor>& reference_rejected_logps,
+                        const std::optional<at::Tensor>& chosen_lengths,
+                        const std::optional<at::Tensor>& rejected_lengths,
+                        const std::optional<at::Tensor>& weights) {
+  check_cuda(policy_chosen_logps, "policy_chosen_logps");
+  const std::int64_t P =
+      check_pair_inputs(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                        reference_rejected_logps, chosen_lengths, rejected_lengths, weights);
+  pair_inputs p;
+  p.pc = to_double(policy_chosen_logps);
+  p.pr = to_double(policy_rejected_logps);
+  p.in.num_pairs = P;
+  p.in.chosen_logps = p.pc.data_ptr<double>();
+  p.in.rejected_logps = p.pr.data_ptr<double>();
+  p.in.ref_chosen_logps = ptr_or_null(reference_chosen_logps, p.rc);
+  p.in.ref_rejected_logps = ptr_or_null(reference_rejected_logps, p.rr);
+  p.in.chosen_tokens = ptr_or_null(chosen_lengths, p.lc);
+  p.in.rejected_tokens = ptr_or_null(rejected_lengths, p.lr);
+  p.in.weights = ptr_or_null(weights, p.w);
+  return p;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_loss_cuda(
+    const at::Tensor& policy_chosen_logps, const at::Tensor& policy_rejected_logps,
+    const std::optional<at::Tensor>& reference_chosen_logps,
+    const std::optional<at::Tensor>& reference_rejected_logps,
+    const std::optional<at::Tensor>& chosen_lengths, const std::optional<at::Tensor>& rejected_lengths,
+    const std::optional<at::Tensor>& weights, DPO_CONFIG_PARAMS) {
+  const dpo::loss_config cfg = make_config(DPO_CONFIG_ARGS, clamp_for(policy_chosen_logps.scalar_type()));
+  const c10::cuda::CUDAGuard guard(policy_chosen_logps.device());
+  pair_inputs p = lower_pairs(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                              reference_rejected_logps, chosen_lengths, rejected_lengths, weights);
+  const std::int64_t P = p.in.num_pairs;
+  at::Tensor out = at::empty({3, P}, p.pc.options());
+  dpo::cuda::forward_outputs o;
+  o.losses = out[0].data_ptr<double>();
+  o.chosen_rewards = out[1].data_ptr<double>();
+  o.rejected_rewards = out[2].data_ptr<double>();
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  run_with_workspace(policy_chosen_logps.device(), [&](void* ws, std::size_t& bytes) {
+    return dpo::cuda::dpo_loss(ws, bytes, p.in, cfg, o, stream);
+  });
+  out = out.to(result_dtype(policy_chosen_logps.scalar_type()));
+  // losses_i = sum_k w_k loss_k,i W_i, whose mean is the batch loss.
+  return {out[0], out[1], out[2]};
+}
+
+std::tuple<at::Tensor, at::Tensor> pair_loss_backward_cuda(
+    const at::Tensor& grad_losses, const at::Tensor& policy_chosen_logps,
+    const at::Tensor& policy_rejected_logps, const std::optional<at::Tensor>& reference_chosen_logps,
+    const std::optional<at::Tensor>& reference_rejected_logps,
+    const std::optional<at::Tensor>& chosen_lengths, const std::optional<at::Tensor>& rejected_lengths,
+    const std::optional<at::Tensor>& weights, DPO_CONFIG_PARAMS) {
+  const dpo::loss_config cfg = make_config(DPO_CONFIG_ARGS, clamp_for(policy_chosen_logps.scalar_type()));
+  const c10::cuda::CUDAGuard guard(policy_chosen_logps.device());
+  pair_inputs p = lower_pairs(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                              reference_rejected_logps, chosen_lengths, rejected_lengths, weights);
+  const std::int64_t P = p.in.num_pairs;
+  TORCH_CHECK_VALUE(grad_losses.dim() == 1 && grad_losses.size(0) == P, "grad_losses must have shape [", P,
+                    "], got ", grad_losses.sizes());
+  TORCH_CHECK_VALUE(grad_losses.device() == policy_chosen_logps.device(), "grad_losses is on ",
+                    grad_losses.device(), " but policy_chosen_logps is on ", policy_chosen_logps.device());
+  // As the CPU kernel: every per-pair loss is linear in its weight W_i, so the
+  // vector-Jacobian product for upstream u is P * dL/dpi of the batch loss with weights W_i u_i.
+  at::Tensor wu = to_double(grad_losses);
+  if (p.in.weights != nullptr) wu = wu * p.w;
+  wu = wu.contiguous();
+  p.in.weights = wu.data_ptr<double>();
+  at::Tensor g = at::empty({2 * P + 1}, p.pc.options());
+  dpo::cuda::forward_outputs o;
+  o.grad_chosen = g.data_ptr<double>();
+  o.grad_rejected = o.grad_chosen + P;
+  o.nll_token_grad = o.grad_chosen + 2 * P;
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  run_with_workspace(policy_chosen_logps.device(), [&](void* ws, std::size_t& bytes) {
+    return dpo::cuda::dpo_loss(ws, bytes, p.in, cfg, o, stream);
+  });
+  const double scale = static_cast<double>(P);
+  const at::Tensor gc = (g.narrow(0, 0, P) + g.narrow(0, 2 * P, 1)) * scale;
+  const at::Tensor gr = g.narrow(0, P, P) * scale;
+  return {gc.to(policy_chosen_logps.scalar_type()), gr.to(policy_rejected_logps.scalar_type())};
+}
+
+// ---- fused forward / backward --------------------------------------------------------------
+
+/// The metrics struct as a tensor in the order of the `metrics` output (by field name: the
+/// device struct orders margins before accuracies).
+at::Tensor metrics_tensor(const at::Tensor& buf) {
+  using M = dpo::cuda::metrics;
+  const std::size_t offsets[num_metrics] = {
+      offsetof(M, rewards_chosen),  offsetof(M, rewards_rejected), offsetof(M, rewards_accuracies),
+      offsetof(M, rewards_margins), offsetof(M, logps_chosen),     offsetof(M, logps_rejected),
+      offsetof(M, logits_chosen),   offsetof(M, logits_rejected),  offsetof(M, entropy),
+      offsetof(M, mean_token_accuracy), offsetof(M, nll_loss)};
+  std::vector<at::Tensor> parts;
+  for (std::size_t off : offsets) parts.push_back(buf.narrow(0, static_cast<std::int64_t>(off / sizeof(double)), 1));
+  return at::cat(parts);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dpo_forward_cuda(
+    const at::Tensor& logits, const at::Tensor& labels, const std::optional<at::Tensor>& cu_seqlens,
+    const std::optional<at::Tensor>& reference_chosen_logps,
+    const std::optional<at::Tensor>& reference_rejected_logps,
+    const std::optional<at::Tensor>& ref_logits, std::int64_t ignore_index, DPO_CONFIG_PARAMS,
+    bool compute_metrics, bool /*inplace_backward: read by the autograd formula only*/) {
+  check_cuda(logits, "logits");
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const dpo::loss_config cfg = make_config(DPO_CONFIG_ARGS);
+  const row_layout l = make_layout(logits, labels, cu_seqlens, ignore_index, "logits");
+  TORCH_CHECK_VALUE(l.num_seqs % 2 == 0 && l.num_seqs >= 2, "logits holds ", l.num_seqs,
+                    " sequences: the concatenated layout needs an even number 2P >= 2 ",
+                    "(rows [0, P) chosen, [P, 2P) rejected)");
+  const std::int64_t P = l.num_seqs / 2;
+  const auto dopts = logits.options().dtype(at::kDouble);
+  row_layout rl;
+  at::Tensor ref;  // [2, P] reference log-probs (chosen, rejected) from ref_logits
+  if (ref_logits.has_value()) {
+    TORCH_CHECK_VALUE(!reference_chosen_logps.has_value() && !reference_rejected_logps.has_value(),
+                      "give either ref_logits or reference_chosen_logps/reference_rejected_logps, not both");
+    TORCH_CHECK_VALUE(ref_logits->sizes() == logits.sizes(), "ref_logits must have the shape of logits ",
+                      logits.sizes(), ", got ", ref_logits->sizes());
+    TORCH_CHECK_VALUE(ref_logits->device() == logits.device(), "ref_logits is on ", ref_logits->device(),
+                      " but logits is on ", logits.device());
+    rl = make_layout(ref_logits->to(logits.scalar_type()), labels, cu_seqlens, ignore_index, "ref_logits");
+    ref = at::empty({2, P}, dopts);
+  } else {
+    if (reference_chosen_logps.has_value())
+      check_pair_vector(*reference_chosen_logps, P, logits.device(), "reference_chosen_logps");
+    if (reference_rejected_logps.has_value())
+      check_pair_vector(*reference_rejected_logps, P, logits.device(), "reference_rejected_logps");
+  }
+  at::Tensor keep_c, keep_r;
+  const double* ref_c = ptr_or_null(reference_chosen_logps, keep_c);
+  const double* ref_r = ptr_or_null(reference_rejected_logps, keep_r);
+  if (ref.defined()) {
+    ref_c = ref[0].data_ptr<double>();
+    ref_r = ref[1].data_ptr<double>();
+  }
+
+  constexpr std::int64_t metric_slots = sizeof(dpo::cuda::metrics) / sizeof(double);
+  static_assert(metric_slots == num_metrics, "dpo::cuda::metrics and the metrics output differ");
+  // NaN until written: when the device finds invalid labels / cu_seqlens it writes nothing.
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  at::Tensor scalars = at::full({1 + metric_slots}, nan, dopts);  // loss, metrics struct
+  at::Tensor pv = at::full({6, P}, nan, dopts);
+  at::Tensor row_lse = at::zeros({l.view_rows()}, dopts);
+  at::Tensor row_coef = at::zeros({l.view_rows()}, dopts);
+  dpo::cuda::forward_outputs o;
+  o.loss = scalars.data_ptr<double>();
+  o.metrics = reinterpret_cast<dpo::cuda::metrics*>(o.loss + 1);
+  double* pvp = pv.data_ptr<double>();
+  o.chosen_logps = pvp;
+  o.rejected_logps = pvp + P;
+  o.chosen_rewards = pvp + 2 * P;
+  o.rejected_rewards = pvp + 3 * P;
+  o.losses = pvp + 4 * P;
+  o.weights = pvp + 5 * P;
+  o.row_lse = row_lse.data_ptr<double>();
+  o.row_coef = row_coef.data_ptr<double>();
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  dispatch_float(logits.scalar_type(), [&](auto* tp) {
+    using T = std::remove_pointer_t<decltype(tp)>;
+    dispatch_label(l.labels.scalar_type(), [&](auto* lp) {
+      using L = std::remove_pointer_t<decltype(lp)>;
+      const dpo::pair_view<T, L> policy = pair_view_of<T, L>(l, ignore_index);
+      if (ref.defined()) {
+        const dpo::pair_view<T, L> reference = pair_view_of<T, L>(rl, ignore_index);
+        run_with_workspace(logits.device(), [&](void* ws, std::size_t& bytes) {
+          return dpo::cuda::pair_logps(ws, bytes, reference, cfg.ld_alpha, ref[0].data_ptr<double>(),
+                                       ref[1].data_ptr<double>(), cuda_options(rl, false), stream);
+        });
+      }
+      run_with_workspace(logits.device(), [&](void* ws, std::size_t& bytes) {
+        return dpo::cuda::dpo_forward(ws, bytes, policy, ref_c, ref_r, cfg, o,
+                                      cuda_options(l, compute_metrics), stream);
+      });
+    });
+  });
+  const auto out_dtype = result_dtype(logits.scalar_type());
+  at::Tensor metrics = metrics_tensor(scalars.narrow(0, 1, metric_slots));
+  return {scalars[0].to(out_dtype), metrics.to(out_dtype), pv.to(out_dtype),
+          view_rows_to_input(row_lse, l, logits), view_rows_to_input(row_coef, l, logits)};
+}
+
+void run_backward(const at::Tensor& grad_loss, const row_layout& l, const at::Tensor& row_lse,
+                  const at::Tensor& row_coef, std::int64_t ignore_index, void* grad_ptr,
+                  std::int64_t grad_stride, const at::Device& device) {
+  TORCH_CHECK_VALUE(grad_loss.numel() == 1, "grad_loss must hold one value, got shape ", grad_loss.sizes());
+  TORCH_CHECK_VALUE(grad_loss.device() == device, "grad_loss is on ", grad_loss.device(), " but logits is on ",
+                    device);
+  TORCH_CHECK_VALUE(l.num_seqs % 2 == 0 && l.num_seqs >= 2, "logits holds ", l.num_seqs,
+                    " sequences: the concatenated layout needs an even number 2P >= 2");
+  const at::Tensor go = to_double(grad_loss).reshape({1});  // read on the device: no sync
+  const at::Tensor lse = input_rows_to_view(row_lse, l, "row_lse");
+  const at::Tensor coef = input_rows_to_view(row_coef, l, "row_coef");
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  dispatch_float(l.logits.scalar_type(), [&](auto* tp) {
+    using T = std::remove_pointer_t<decltype(tp)>;
+    dispatch_label(l.labels.scalar_type(), [&](auto* lp) {
+      using L = std::remove_pointer_t<decltype(lp)>;
+      const dpo::pair_view<T, L> policy = pair_view_of<T, L>(l, ignore_index);
+      T* g = reinterpret_cast<T*>(grad_ptr);
+      const dpo::pair_grad_view<T> gv{g, grad_stride, g, grad_stride};
+      run_with_workspace(device, [&](void* ws, std::size_t& bytes) {
+        return dpo::cuda::dpo_backward_rows(ws, bytes, policy, lse.data_ptr<double>(), coef.data_ptr<double>(), gv,
+                                            go.data_ptr<double>(), cuda_options(l), stream);
+      });
+    });
+  });
+}
+
+at::Tensor dpo_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& labels,
+                             const std::optional<at::Tensor>& cu_seqlens, const at::Tensor& row_lse,
+                             const at::Tensor& row_coef, std::int64_t ignore_index) {
+  check_cuda(logits, "logits");
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const row_layout l = make_layout(logits, labels, cu_seqlens, ignore_index, "logits");
+  // The gradient buffer has the view's row indexing: [B, seq_len, V] (seq_len >= T) or [N, V].
+  // Packed rows outside every sequence are not written by the library: start from zeros.
+  const auto opts = logits.options().memory_format(at::MemoryFormat::Contiguous);
+  at::Tensor grad = l.packed ? at::zeros({l.view_rows(), l.vocab}, opts) : at::empty({l.view_rows(), l.vocab}, opts);
+  run_backward(grad_loss, l, row_lse, row_coef, ignore_index, grad.data_ptr(), l.vocab, logits.device());
+  if (l.packed || logits.dim() == 2) return grad;
+  return grad.view({l.num_seqs, l.seq_len, l.vocab}).narrow(1, 0, l.tokens);
+}
+
+void dpo_backward_inplace_cuda(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& labels,
+                               const std::optional<at::Tensor>& cu_seqlens, const at::Tensor& row_lse,
+                               const at::Tensor& row_coef, std::int64_t ignore_index) {
+  check_cuda(logits, "logits");
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const row_layout l = make_layout(logits, labels, cu_seqlens, ignore_index, "logits");
+  TORCH_CHECK_VALUE(!l.copied && l.seq_len == l.tokens,
+                    "inplace_backward needs logits whose rows are evenly strided with unit stride over ",
+                    "the vocabulary and no gap between sequences (e.g. a contiguous tensor); got strides ",
+                    logits.strides(), " for shape ", logits.sizes(),
+                    ". Pass a contiguous tensor or use inplace_backward=False.");
+  run_backward(grad_loss, l, row_lse, row_coef, ignore_index, logits.data_ptr(), l.row_stride, logits.device());
+  // Packed rows outside every sequence keep their logits in the library; the gradient there
+  // is 0 (a masked fill on the device, since cu_seqlens is not read on the host).
+  if (l.packed) logits.masked_fill_(rows_inside(l).logical_not().unsqueeze(1), 0);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dpo_kernels, CUDA, m) {
+  m.impl("sequence_logps", &sequence_logps_cuda);
+  m.impl("sequence_logps_backward", &sequence_logps_backward_cuda);
+  m.impl("pair_loss", &pair_loss_cuda);
+  m.impl("pair_loss_backward", &pair_loss_backward_cuda);
+  m.impl("dpo_forward", &dpo_forward_cuda);
+  m.impl("dpo_backward", &dpo_backward_cuda);
+  m.impl("dpo_backward_", &dpo_backward_inplace_cuda);
+}
+
+}  // namespace dpo_kernels

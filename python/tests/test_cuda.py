@@ -1,0 +1,235 @@
+# Copyright 2026 The dpo Authors. SPDX-License-Identifier: Apache-2.0
+"""The CUDA kernels of the dpo_kernels ops against the CPU kernels on random inputs: every
+dtype, loss type, layout (padded with a gap between sequences, contiguous, packed) and the
+in-place backward; device-side label errors; CUDA-graph capture. Skipped without a GPU."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import dpo_kernels as dk
+from dpo_kernels._ops import ops
+
+pytestmark = pytest.mark.skipif(
+    not (torch.cuda.is_available() and dk.cuda_built()), reason="needs a GPU and a CUDA build of dpo_kernels"
+)
+
+P, T, V = 3, 7, 37
+LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm", "simpo", "cpo", "orpo")
+DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+#: (rtol, atol) of CUDA vs CPU: same inputs, different exp / summation order; results in the
+#: logits' dtype (gradients) round differently near half-ulps.
+TOL = {torch.float64: (1e-9, 1e-11), torch.float32: (2e-4, 1e-5), torch.bfloat16: (2e-2, 2e-3),
+       torch.float16: (4e-3, 5e-4)}
+
+
+def config(loss_type="sigmoid", **kw):
+    c = dict(loss_type=loss_type, loss_weights=[], beta=0.1, label_smoothing=0.0, f_divergence_type="reverse_kl",
+             f_alpha_divergence_coef=0.5, discopop_tau=0.05, use_weighting=False, ld_alpha=1.0,
+             reference_free=False, cdpo_smoothing=False, simpo_gamma=0.5, cpo_alpha=1.0, cpo_base="sigmoid")
+    if loss_type == "exo_pair":
+        c["label_smoothing"] = 1e-3  # exo_pair needs 0 < label_smoothing < 1
+    c.update(kw)
+    return tuple(c.values())
+
+
+def make(dtype, seed=0, P=P, T=T, V=V):
+    g = torch.Generator().manual_seed(seed)
+    full = (3 * torch.randn(2 * P, T + 1, V, generator=g, dtype=torch.float64)).to(dtype)
+    labels = torch.randint(0, V, (2 * P, T), generator=g)
+    for i in range(2 * P):
+        labels[i, : 1 + i % 2] = -100
+        labels[i, T - (i % 3):] = -100
+    rc = -torch.rand(P, generator=g, dtype=torch.float64) * 10 - 5
+    rr = -torch.rand(P, generator=g, dtype=torch.float64) * 10 - 5
+    return full, labels, rc, rr
+
+
+def layouts(full, labels):
+    """(name, logits, labels, cu_seqlens) of one batch in each layout."""
+    gap = full[:, :-1]
+    cont = gap.contiguous()
+    N = 2 * P * T
+    # Packed with rows before the first and after the last sequence (never read, zero gradient).
+    packed = torch.cat([torch.randn(2, V, dtype=full.dtype), cont.reshape(N, V), torch.randn(3, V, dtype=full.dtype)])
+    plab = torch.cat([torch.zeros(2, dtype=labels.dtype), labels.reshape(N), torch.zeros(3, dtype=labels.dtype)])
+    cu = torch.arange(2, N + 3, T)
+    return [("gap", gap, labels, None), ("contiguous", cont, labels, None), ("packed", packed, plab, cu)]
+
+
+def cuda(x):
+    return None if x is None else x.cuda()
+
+
+def close(actual, expected, dtype, msg=""):
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(actual.cpu(), expected.cpu(), rtol=rtol, atol=atol, msg=lambda m: f"{msg}: {m}")
+
+
+def forward_both(z, y, cu, rc, rr, ref_logits, cfg, metrics=True):
+    args = (-100,) + cfg + (metrics, False)
+    cpu = ops.dpo_forward(z, y, cu, rc, rr, ref_logits, *args)
+    dev = ops.dpo_forward(cuda(z), cuda(y), cuda(cu), cuda(rc), cuda(rr), cuda(ref_logits), *args)
+    return cpu, dev
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_dpo_forward_backward_match_cpu(dtype, loss_type):
+    full, labels, rc, rr = make(dtype)
+    cfg = config(loss_type)
+    for name, z, y, cu in layouts(full, labels):
+        cpu, dev = forward_both(z, y, cu, rc, rr, None, cfg)
+        for k, what in enumerate(("loss", "metrics", "pair_values", "row_lse", "row_coef")):
+            assert dev[k].dtype == cpu[k].dtype and dev[k].shape == cpu[k].shape, (name, what)
+            assert dev[k].device.type == "cuda", f"{what} not on cuda"
+            close(dev[k], cpu[k], torch.float64 if dtype == torch.float64 else torch.float32,
+                  f"{loss_type} {name} {what}")
+        go = torch.tensor(0.7, dtype=cpu[0].dtype)
+        g_cpu = ops.dpo_backward(go, z, y, cu, cpu[3], cpu[4], -100)
+        g_dev = ops.dpo_backward(go.cuda(), z.cuda(), y.cuda(), cuda(cu), dev[3], dev[4], -100)
+        assert g_dev.shape == g_cpu.shape and g_dev.stride() == g_cpu.stride() and g_dev.dtype == g_cpu.dtype
+        close(g_dev.double(), g_cpu.double(), dtype, f"{loss_type} {name} grad")
+        if name != "gap":  # in place: the logits buffer becomes the gradient
+            zc, zd = z.clone(), z.cuda().clone()
+            ops.dpo_backward_(go, zc, y, cu, cpu[3], cpu[4], -100)
+            ops.dpo_backward_(go.cuda(), zd, y.cuda(), cuda(cu), dev[3], dev[4], -100)
+            close(zd.double(), zc.double(), dtype, f"{loss_type} {name} in-place grad")
+            torch.testing.assert_close(zd, g_dev.reshape(zd.shape), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cfg", [config("sigmoid", ld_alpha=0.5), config("ipo,sft", loss_weights=[0.5, 1.0]),
+                                 config("sigmoid", use_weighting=True), config("apo_zero", reference_free=True)])
+def test_dpo_forward_options_and_ref_logits_match_cpu(dtype, cfg):
+    full, labels, rc, rr = make(dtype, seed=1)
+    for name, z, y, cu in layouts(full, labels):
+        ref_logits = (z.double() + 0.3 * torch.randn(z.shape, dtype=torch.float64)).to(dtype)
+        for refs in ((rc, rr, None), (None, None, ref_logits)):
+            cpu, dev = forward_both(z, y, cu, *refs, cfg)
+            tol = torch.float64 if dtype == torch.float64 else torch.float32
+            for k in range(5):
+                close(dev[k], cpu[k], tol, f"{name} ref_logits={refs[2] is not None} output {k}")
+
+
+def test_metrics_off_matches_cpu():
+    full, labels, rc, rr = make(torch.float32, seed=2)
+    z, y = full[:, :-1], labels
+    cpu, dev = forward_both(z, y, None, rc, rr, None, config(), metrics=False)
+    for k in range(5):
+        close(dev[k], cpu[k], torch.float32, f"output {k}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("label_dtype", [torch.int64, torch.int32])
+@pytest.mark.parametrize("average", [False, True])
+def test_sequence_logps_and_backward_match_cpu(dtype, label_dtype, average):
+    full, labels, _, _ = make(dtype, seed=3)
+    for name, z, y, cu in layouts(full, labels.to(label_dtype)):
+        lp_c, lse_c = ops.sequence_logps(z, y, cu, -100, average)
+        lp_d, lse_d = ops.sequence_logps(z.cuda(), y.cuda(), cuda(cu), -100, average)
+        assert lp_d.dtype == lp_c.dtype and lse_d.shape == lse_c.shape
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        close(lp_d, lp_c, acc, f"{name} logps")
+        close(lse_d, lse_c, acc, f"{name} row_lse")
+        g = torch.randn(lp_c.shape, dtype=lp_c.dtype)
+        gz_c = ops.sequence_logps_backward(g, z, y, cu, lse_c, -100, average)
+        gz_d = ops.sequence_logps_backward(g.cuda(), z.cuda(), y.cuda(), cuda(cu), lse_d, -100, average)
+        assert gz_d.shape == gz_c.shape and gz_d.dtype == gz_c.dtype
+        close(gz_d.double(), gz_c.double(), dtype, f"{name} grad")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_pair_loss_and_backward_match_cpu(dtype, loss_type):
+    g = torch.Generator().manual_seed(4)
+    n = 9
+    pc, pr, rc, rr = (-(torch.rand(n, generator=g, dtype=torch.float64) * 20 + 1).to(dtype) for _ in range(4))
+    lc, lr = (torch.randint(1, 30, (n,), generator=g).to(dtype) for _ in range(2))
+    w = torch.rand(n, generator=g, dtype=torch.float64).to(dtype)
+    cfg = config(loss_type)
+    for weights in (None, w):
+        args = (pc, pr, rc, rr, lc, lr, weights)
+        out_c = ops.pair_loss(*args, *cfg)
+        out_d = ops.pair_loss(*(cuda(a) for a in args), *cfg)
+        for a, b in zip(out_d, out_c):
+            close(a, b, dtype, f"{loss_type} pair_loss")
+        u = torch.randn(n, dtype=out_c[0].dtype)
+        gc = ops.pair_loss_backward(u, *args, *cfg)
+        gd = ops.pair_loss_backward(u.cuda(), *(cuda(a) for a in args), *cfg)
+        for a, b in zip(gd, gc):
+            assert a.dtype == b.dtype
+            close(a, b, dtype, f"{loss_type} pair_loss_backward")
+
+
+def test_autograd_api_matches_cpu():
+    full, labels, rc, rr = make(torch.float32, seed=5)
+    z = full[:, :-1].contiguous()
+    zc = z.clone().requires_grad_()
+    zd = z.cuda().requires_grad_()
+    lc, mc = dk.dpo_loss_from_logits(zc, labels, rc, rr)
+    ld, md = dk.dpo_loss_from_logits(zd, labels.cuda(), rc.cuda(), rr.cuda())
+    lc.backward()
+    ld.backward()
+    close(ld, lc, torch.float32, "loss")
+    close(zd.grad, zc.grad, torch.float32, "grad")
+
+
+def test_cuda_graph_capture():
+    full, labels, rc, rr = make(torch.float32, seed=6)
+    z, y, rc, rr = full[:, :-1].contiguous().cuda(), labels.cuda(), rc.cuda(), rr.cuda()
+    args = (-100,) + config() + (True, False)
+    go = torch.ones((), device="cuda")
+    eager = ops.dpo_forward(z, y, None, rc, rr, None, *args)
+    eager_g = ops.dpo_backward(go, z, y, None, eager[3], eager[4], -100)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm up the allocator pools off the capture
+        ops.dpo_forward(z, y, None, rc, rr, None, *args)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = ops.dpo_forward(z, y, None, rc, rr, None, *args)
+        grad = ops.dpo_backward(go, z, y, None, out[3], out[4], -100)
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out[0], eager[0], rtol=0, atol=0)  # deterministic kernels
+    torch.testing.assert_close(grad, eager_g, rtol=0, atol=0)
+
+
+def test_bad_label_is_reported_on_the_device_not_raised():
+    full, labels, rc, rr = make(torch.float32, seed=7)
+    labels[0, 3] = V + 5
+    out = ops.dpo_forward(full[:, :-1].cuda(), labels.cuda(), None, rc.cuda(), rr.cuda(), None, -100, *config(),
+                          True, False)
+    assert torch.isnan(out[0]).item()  # nothing written: NaN loss, zero row state
+    assert not out[4].any().item()
+
+
+def test_bad_label_raises_with_opt_in_check():
+    code = (
+        "import torch, dpo_kernels\n"
+        "from dpo_kernels._ops import ops\n"
+        "z = torch.randn(2, 4, 5, device='cuda'); y = torch.full((2, 4), 9, device='cuda')\n"
+        "r = torch.zeros(1, device='cuda', dtype=torch.float64)\n"
+        "try:\n"
+        "    ops.dpo_forward(z, y, None, r, r, None, -100, 'sigmoid', [], 0.1, 0.0, 'reverse_kl', 0.5, 0.05,"
+        " False, 1.0, False, False, 0.5, 1.0, 'sigmoid', True, False)\n"
+        "except ValueError as e:\n"
+        "    print('ValueError', e)\n"
+    )
+    env = dict(os.environ, DPO_KERNELS_CHECK_DEVICE_ERRORS="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert "ValueError" in out.stdout and "labels" in out.stdout and "outside" in out.stdout, out.stdout + out.stderr
+
+
+def test_argument_errors_raise_value_error():
+    z = torch.randn(3, 4, 5, device="cuda")
+    y = torch.zeros(3, 4, dtype=torch.long, device="cuda")
+    with pytest.raises(ValueError, match="even number"):
+        ops.dpo_forward(z, y, None, None, None, None, -100, *config(reference_free=True), True, False)
+    with pytest.raises(ValueError, match="loss_type"):
+        ops.pair_loss(*(torch.randn(2, device="cuda") for _ in range(4)), None, None, None, *config("nope"))
