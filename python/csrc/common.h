@@ -105,6 +105,20 @@ std::int64_t check_pair_inputs(const at::Tensor& policy_chosen_logps,
                                const std::optional<at::Tensor>& rejected_lengths,
                                const std::optional<at::Tensor>& weights);
 
+/// Pair-level inputs lowered to the library's dpo::pair_logps_in: fp64 contiguous copies on
+/// the inputs' device (kept alive here) and pointers into them. Call after check_pair_inputs
+/// and the backend's device check.
+struct pair_inputs {
+  at::Tensor pc, pr, rc, rr, lc, lr, w;
+  dpo::pair_logps_in in;
+};
+pair_inputs lower_pairs(const at::Tensor& policy_chosen_logps, const at::Tensor& policy_rejected_logps,
+                        const std::optional<at::Tensor>& reference_chosen_logps,
+                        const std::optional<at::Tensor>& reference_rejected_logps,
+                        const std::optional<at::Tensor>& chosen_lengths,
+                        const std::optional<at::Tensor>& rejected_lengths,
+                        const std::optional<at::Tensor>& weights);
+
 /// The dtype of per-sequence results: fp64 for fp64 logits, fp32 otherwise (never the
 /// logits' bf16/fp16, whose spacing near typical sequence sums exceeds DPO margins).
 inline at::ScalarType result_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }

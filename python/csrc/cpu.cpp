@@ -157,34 +157,6 @@ at::Tensor sequence_logps_backward_cpu(const at::Tensor& grad, const at::Tensor&
 
 // ---- pair-level loss ---------------------------------------------------------------------
 
-struct pair_inputs {
-  at::Tensor pc, pr, rc, rr, lc, lr, w;
-  dpo::cpu::pair_logps_in in;
-};
-
-pair_inputs lower_pairs(const at::Tensor& policy_chosen_logps, const at::Tensor& policy_rejected_logps,
-                        const std::optional<at::Tensor>& reference_chosen_logps,
-                        const std::optional<at::Tensor>& reference_rejected_logps,
-                        const std::optional<at::Tensor>& chosen_lengths,
-                        const std::optional<at::Tensor>& rejected_lengths,
-                        const std::optional<at::Tensor>& weights) {
-  check_cpu(policy_chosen_logps, "policy_chosen_logps");
-  const std::int64_t P =
-      check_pair_inputs(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
-                        reference_rejected_logps, chosen_lengths, rejected_lengths, weights);
-  pair_inputs p;
-  p.pc = to_double(policy_chosen_logps);
-  p.pr = to_double(policy_rejected_logps);
-  p.in.num_pairs = P;
-  p.in.chosen_logps = p.pc.data_ptr<double>();
-  p.in.rejected_logps = p.pr.data_ptr<double>();
-  p.in.ref_chosen_logps = ptr_or_null(reference_chosen_logps, p.rc);
-  p.in.ref_rejected_logps = ptr_or_null(reference_rejected_logps, p.rr);
-  p.in.chosen_tokens = ptr_or_null(chosen_lengths, p.lc);
-  p.in.rejected_tokens = ptr_or_null(rejected_lengths, p.lr);
-  p.in.weights = ptr_or_null(weights, p.w);
-  return p;
-}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_loss_cpu(
     const at::Tensor& policy_chosen_logps, const at::Tensor& policy_rejected_logps,
@@ -193,6 +165,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_loss_cpu(
     const std::optional<at::Tensor>& chosen_lengths, const std::optional<at::Tensor>& rejected_lengths,
     const std::optional<at::Tensor>& weights, DPO_CONFIG_PARAMS) {
   const dpo::loss_config cfg = make_config(DPO_CONFIG_ARGS, clamp_for(policy_chosen_logps.scalar_type()));
+  check_cpu(policy_chosen_logps, "policy_chosen_logps");
   pair_inputs p = lower_pairs(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
                               reference_rejected_logps, chosen_lengths, rejected_lengths, weights);
   const dpo::cpu::forward_result r = rethrow_as_value_error([&] { return dpo::cpu::dpo_loss(p.in, cfg); });
@@ -212,6 +185,7 @@ std::tuple<at::Tensor, at::Tensor> pair_loss_backward_cpu(
     const std::optional<at::Tensor>& chosen_lengths, const std::optional<at::Tensor>& rejected_lengths,
     const std::optional<at::Tensor>& weights, DPO_CONFIG_PARAMS) {
   const dpo::loss_config cfg = make_config(DPO_CONFIG_ARGS, clamp_for(policy_chosen_logps.scalar_type()));
+  check_cpu(policy_chosen_logps, "policy_chosen_logps");
   pair_inputs p = lower_pairs(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
                               reference_rejected_logps, chosen_lengths, rejected_lengths, weights);
   const std::int64_t P = p.in.num_pairs;

@@ -124,6 +124,35 @@ std::int64_t check_pair_inputs(const at::Tensor& policy_chosen_logps,
   return P;
 }
 
+pair_inputs lower_pairs(const at::Tensor& policy_chosen_logps, const at::Tensor& policy_rejected_logps,
+                        const std::optional<at::Tensor>& reference_chosen_logps,
+                        const std::optional<at::Tensor>& reference_rejected_logps,
+                        const std::optional<at::Tensor>& chosen_lengths,
+                        const std::optional<at::Tensor>& rejected_lengths,
+                        const std::optional<at::Tensor>& weights) {
+  const std::int64_t P =
+      check_pair_inputs(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                        reference_rejected_logps, chosen_lengths, rejected_lengths, weights);
+  const auto to_double = [](const at::Tensor& t) { return t.to(at::kDouble).contiguous(); };
+  const auto ptr_or_null = [&](const std::optional<at::Tensor>& t, at::Tensor& keep) -> const double* {
+    if (!t.has_value()) return nullptr;
+    keep = to_double(*t);
+    return keep.data_ptr<double>();
+  };
+  pair_inputs p;
+  p.pc = to_double(policy_chosen_logps);
+  p.pr = to_double(policy_rejected_logps);
+  p.in.num_pairs = P;
+  p.in.chosen_logps = p.pc.data_ptr<double>();
+  p.in.rejected_logps = p.pr.data_ptr<double>();
+  p.in.ref_chosen_logps = ptr_or_null(reference_chosen_logps, p.rc);
+  p.in.ref_rejected_logps = ptr_or_null(reference_rejected_logps, p.rr);
+  p.in.chosen_tokens = ptr_or_null(chosen_lengths, p.lc);
+  p.in.rejected_tokens = ptr_or_null(rejected_lengths, p.lr);
+  p.in.weights = ptr_or_null(weights, p.w);
+  return p;
+}
+
 row_layout make_layout(const at::Tensor& logits, const at::Tensor& labels,
                        const std::optional<at::Tensor>& cu_seqlens, std::int64_t ignore_index,
                        const char* name) {
