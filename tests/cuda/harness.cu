@@ -262,6 +262,13 @@ __global__ void fill_kernel(__nv_bfloat16* x, std::int64_t n, unsigned seed) {
   }
 }
 
+/// Fills x[0, n) with pseudo-random bf16 values in [-6, 6) on the default stream.
+void fill(__nv_bfloat16* x, std::int64_t n, unsigned seed, unsigned grid) {
+  const dpo::cuda::status s =
+      dpo::cuda::detail::launch("fill_kernel", fill_kernel, grid, 256, cudaStream_t{}, x, n, seed);
+  if (!s) throw std::runtime_error(s.message);
+}
+
 }  // namespace
 
 int device_count() {
@@ -311,8 +318,7 @@ bool run_large(large_out* out) {
   out->seq_len = T;
   out->num_seqs = S;
   dev_buf logits(elems * 2);
-  fill_kernel<<<4096, 256>>>(logits.as<__nv_bfloat16>(), static_cast<std::int64_t>(elems), 7u);
-  DPO_CK(cudaGetLastError());
+  fill(logits.as<__nv_bfloat16>(), static_cast<std::int64_t>(elems), 7u, 4096);
   // Labels: a prompt of 40 ignored rows per sequence, then tokens.
   std::vector<std::int64_t> labels(static_cast<std::size_t>(N));
   for (std::int64_t r = 0; r < N; ++r)
@@ -436,8 +442,7 @@ case_out run_dpo_loss(const loss_case& in) {
 std::string graph_capture_check() {
   const std::int64_t S = 4, T = 37, V = 5003, N = S * T, P = S / 2;
   dev_buf logits(static_cast<std::size_t>(N * V) * 2);
-  fill_kernel<<<256, 256>>>(logits.as<__nv_bfloat16>(), N * V, 3u);
-  DPO_CK(cudaGetLastError());
+  fill(logits.as<__nv_bfloat16>(), N * V, 3u, 256);
   std::vector<std::int64_t> labels(static_cast<std::size_t>(N));
   for (std::int64_t r = 0; r < N; ++r) labels[r] = r % T < 3 ? -100 : (r * 7919) % V;
   dev_buf lab(labels.size() * sizeof(std::int64_t));

@@ -32,6 +32,7 @@
 #include <climits>
 #include <cstdint>
 #include <string>
+#include <utility>
 
 #include "dpo/core/layout.hpp"
 #include "dpo/core/validate.hpp"
@@ -198,8 +199,19 @@ inline status check_workspace(void* workspace, std::size_t workspace_bytes, std:
   return {};
 }
 
-inline status launched(const char* what) {
-  const cudaError_t e = cudaGetLastError();
+/// Enqueues kernel<<<grid, block, 0, stream>>>(args...). Written as a call of the runtime's
+/// cudaLaunchKernelEx (the same launch) so the test emulator (tests/cuda/emu) can run the
+/// pipeline on a machine without a GPU.
+template <class... Params, class... Args>
+status launch(const char* what, void (*kernel)(Params...), unsigned grid, unsigned block,
+              cudaStream_t stream, Args&&... args) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(grid);
+  config.blockDim = dim3(block);
+  config.dynamicSmemBytes = 0;
+  config.stream = stream;
+  cudaError_t e = cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
+  if (e == cudaSuccess) e = cudaGetLastError();
   if (e != cudaSuccess)
     return make_status(e, "dpo: launch of %s failed: %s", what, cudaGetErrorString(e));
   return {};
@@ -233,23 +245,21 @@ views<T, L> make_views(const token_view<T, L>& a, const token_view<T, L>* b, con
 template <bool Metrics, class T, class L>
 status run_rows(const views<T, L>& vs, const ws_ptrs& w, const std::int64_t cap[2],
                 cudaStream_t stream) {
-  check_kernel<T, L><<<1, 256, 0, stream>>>(vs, w.h);
-  status s = launched("check_kernel");
+  status s = launch("check_kernel", check_kernel<T, L>, 1, 256, stream, vs, w.h);
   if (!s) return s;
   const auto kernel = rows_kernel<rows_block, Metrics, T, L>;
   int grid = 1;
   s = row_grid(kernel, rows_block, cap[0] + cap[1], &grid);
   if (!s) return s;
-  kernel<<<grid, rows_block, 0, stream>>>(vs, w);
-  return launched("rows_kernel");
+  return launch("rows_kernel", kernel, grid, rows_block, stream, vs, w);
 }
 
 template <class T, class L>
 status run_sequences(const views<T, L>& vs, const ws_ptrs& w, const sequence_params& p,
                      cudaStream_t stream) {
   const std::int64_t blocks = p.seqs * vs.num_sides;
-  sequence_kernel<seq_block, T, L><<<static_cast<unsigned>(blocks), seq_block, 0, stream>>>(vs, w, p);
-  return launched("sequence_kernel");
+  return launch("sequence_kernel", sequence_kernel<seq_block, T, L>, static_cast<unsigned>(blocks),
+                seq_block, stream, vs, w, p);
 }
 
 template <class T, class L>
@@ -267,8 +277,7 @@ status run_backward(const views<T, L>& vs, const ws_ptrs& w, const std::int64_t 
   int grid = 1;
   status s = row_grid(kernel, rows_block, cap[0] + cap[1], &grid);
   if (!s) return s;
-  kernel<<<grid, rows_block, 0, stream>>>(vs, w, bp);
-  return launched("backward_kernel");
+  return launch("backward_kernel", kernel, grid, rows_block, stream, vs, w, bp);
 }
 
 inline bool needs_reference(const loss_config& cfg) {
@@ -328,13 +337,12 @@ status enqueue_forward(const pair_view<T, L>& policy, const double* ref_chosen,
   pp.ref_chosen = ref ? ref_chosen : nullptr;
   pp.ref_rejected = ref ? ref_rejected : nullptr;
   pp.out = out;
-  pair_kernel<pair_block><<<1, pair_block, 0, stream>>>(w, pp);
-  status s2 = launched("pair_kernel");
+  status s2 = launch("pair_kernel", pair_kernel<pair_block>, 1, pair_block, stream, w, pp);
   if (!s2 || (out.row_lse == nullptr && out.row_coef == nullptr)) return s2;
   const std::int64_t rows = cap[0] + cap[1];
   const int blocks = static_cast<int>(rows / 256 + 1 < 4096 ? rows / 256 + 1 : 4096);
-  row_state_kernel<256, T, L><<<blocks, 256, 0, stream>>>(vs, w, out.row_lse, out.row_coef);
-  return launched("row_state_kernel");
+  return launch("row_state_kernel", row_state_kernel<256, T, L>, blocks, 256, stream, vs, w,
+                out.row_lse, out.row_coef);
 }
 
 }  // namespace detail
@@ -478,8 +486,8 @@ inline status dpo_loss(void* workspace, std::size_t& workspace_bytes, const pair
   const detail::loss_inputs li{in.chosen_logps, in.rejected_logps, in.chosen_tokens,
                                in.rejected_tokens, in.weights};
   const int blocks = static_cast<int>(P / 256 + 1 < 1024 ? P / 256 + 1 : 1024);
-  detail::loss_inputs_kernel<256><<<blocks, 256, 0, stream>>>(w, li, P);
-  s = detail::launched("loss_inputs_kernel");
+  s = detail::launch("loss_inputs_kernel", detail::loss_inputs_kernel<256>, blocks, 256, stream, w,
+                     li, P);
   if (!s) return s;
   detail::pair_params pp;
   pp.cfg = cfg;
@@ -490,8 +498,8 @@ inline status dpo_loss(void* workspace, std::size_t& workspace_bytes, const pair
   pp.ref_chosen = in.ref_chosen_logps;
   pp.ref_rejected = in.ref_rejected_logps;
   pp.out = out;
-  detail::pair_kernel<detail::pair_block><<<1, detail::pair_block, 0, stream>>>(w, pp);
-  return detail::launched("pair_kernel");
+  return detail::launch("pair_kernel", detail::pair_kernel<detail::pair_block>, 1,
+                        detail::pair_block, stream, w, pp);
 }
 
 /// The gradient of grad_output * loss with respect to the policy logits, from the state a
@@ -554,8 +562,7 @@ status dpo_backward_rows(void* workspace, std::size_t& workspace_bytes,
     return detail::invalid("dpo: %s is null", row_lse == nullptr ? "row_lse" : "row_coef");
   detail::carve(reinterpret_cast<std::uintptr_t>(workspace), none, 0, 0, &w);
   const detail::views<T, L> vs = detail::make_views(policy.chosen, &policy.rejected, opt);
-  detail::check_kernel<T, L><<<1, 256, 0, stream>>>(vs, w.h);
-  s = detail::launched("check_kernel");
+  s = detail::launch("check_kernel", detail::check_kernel<T, L>, 1, 256, stream, vs, w.h);
   if (!s) return s;
   detail::backward_params<T> bp;
   bp.grad[0] = grad.chosen;
@@ -568,8 +575,8 @@ status dpo_backward_rows(void* workspace, std::size_t& workspace_bytes,
   int grid = 1;
   s = detail::row_grid(kernel, detail::rows_block, cap[0] + cap[1], &grid);
   if (!s) return s;
-  kernel<<<grid, detail::rows_block, 0, stream>>>(vs, w, bp, row_lse, row_coef);
-  return detail::launched("backward_rows_kernel");
+  return detail::launch("backward_rows_kernel", kernel, grid, detail::rows_block, stream, vs, w,
+                        bp, row_lse, row_coef);
 }
 
 /// dpo_forward then dpo_backward (grad_output 1): two reads and one write of the logits.
