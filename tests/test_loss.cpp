@@ -189,6 +189,36 @@ TEST_CASE("dpo_loss: extreme margins stay finite for every loss type", "[loss][e
   }
 }
 
+TEST_CASE("dpo_loss: orpo with an empty chosen sequence has a finite gradient", "[loss][edge]") {
+  // A chosen sequence with no completion token has logp 0 and log-odds +inf: the loss is 0
+  // and d loss / d pi_c tends to -beta e^ar / (1 - e^ar) / len_c (ar = pi_r / len_r), which
+  // the product form sigmoid(-lo) * (-1 / expm1(ac)) evaluates as 0 * inf = NaN.
+  dpo::loss_config c;
+  c.terms[0].type = dpo::loss_type::orpo;
+  c.beta = 0.2;
+  pair_data x = random_pairs(2, 18);
+  x.pc[0] = 0.0;
+  x.lc[0] = 0.0;  // counted as 1 token
+  const dpo::cpu::forward_result r = dpo::cpu::dpo_loss(api_input(x, false), c);
+  const double ar = x.pr[0] / x.lr[0];
+  const double limit = -c.beta * std::exp(ar) / (1.0 - std::exp(ar)) / 2.0;  // mean over 2 pairs
+  CHECK(r.loss == Approx(double(oracle_pairs(c, x, false).loss)).epsilon(1e-12));
+  // grad_chosen is the pair term's share; ORPO's NLL term reaches pi_c through nll_token_grad.
+  CHECK(r.grad_chosen[0] == Approx(limit).epsilon(1e-12));
+  CHECK(std::isfinite(r.grad_rejected[0]));
+  // Just inside the domain: a central difference of the oracle's loss, and near the limit.
+  x.lc[0] = 1.0;
+  const double pc = -1e-4, h = 1e-7;
+  x.pc[0] = pc;
+  const dpo::cpu::forward_result r2 = dpo::cpu::dpo_loss(api_input(x, false), c);
+  x.pc[0] = pc + h;
+  const double up = double(oracle_pairs(c, x, false).loss);
+  x.pc[0] = pc - h;
+  const double down = double(oracle_pairs(c, x, false).loss);
+  CHECK(r2.grad_chosen[0] + r2.nll_token_grad == Approx((up - down) / (2 * h)).epsilon(1e-5));
+  CHECK(r2.grad_chosen[0] == Approx(limit).epsilon(1e-3));
+}
+
 TEST_CASE("dpo_loss: NaN in one pair stays in that pair for per-pair losses", "[loss][edge]") {
   pair_data x = random_pairs(4, 17);
   x.pc[2] = std::nan("");

@@ -321,10 +321,14 @@ DPO_HOST_DEVICE inline pair_grad pair_loss(loss_type t, const loss_config& c,
       const double ar = v.pi_r / v.len_r;
       const double lo = (ac - ar) - (log1mexp(ac) - log1mexp(ar));
       // d lo / d a = 1 + e^a / (1 - e^a) = -1 / expm1(a).
-      const double dlo_c = -1.0 / expm1(ac);
       const double dlo_r = 1.0 / expm1(ar);
       const double dl = -beta * sigmoid(-lo);
-      return {-beta * log_sigmoid(lo), dl * dlo_c / v.len_c, dl * dlo_r / v.len_r};
+      // The chosen side as one fraction: sigmoid(-lo) / (1 - e^ac) =
+      // 1 / ((1 - e^ac) + e^(ac - ar) (1 - e^ar)), a sum of non-negative terms. It stays finite
+      // at ac = 0 (a chosen sequence with no completion token), where the product form is
+      // 0 * inf = NaN while the gradient's limit is finite.
+      const double dl_c = -beta / (-expm1(ac) - exp(ac - ar) * expm1(ar));
+      return {-beta * log_sigmoid(lo), dl_c / v.len_c, dl * dlo_r / v.len_r};
     }
     case loss_type::sft:
     case loss_type::aot:
