@@ -459,6 +459,39 @@ TEST_CASE("cuda: results are bitwise identical run to run", "[cuda][small]") {
   CHECK(a.weights == b.weights);
 }
 
+TEST_CASE("cuda: sequences longer than a block, batches wider than a block", "[cuda][small]") {
+  // sequence_kernel walks a sequence in tiles of seq_block rows (the completion count and
+  // LD-DPO's running position carry across tiles); pair_kernel strides over pairs by
+  // pair_block. Both past one tile here.
+  unsigned seed = 900;
+  for (bool packed : {false, true}) {
+    for (mode m : {mode::forward_backward, mode::backward_rows, mode::sequence_logps, mode::pair_logps}) {
+      shape sh;
+      sh.pairs = 3;
+      sh.seq_len = 700;
+      sh.vocab = 61;
+      sh.packed = packed;
+      case_in c = make_case(dtype::f32, sh, seed++);
+      c.run = m;
+      c.cfg.ld_alpha = 0.5;
+      c.ld_alpha = 0.5;
+      INFO("long sequences, packed " << packed << " mode " << static_cast<int>(m));
+      compare(c);
+    }
+  }
+  for (const char* type : {"sigmoid", "apo_zero", "aot", "aot_unpaired"}) {
+    shape sh;
+    sh.pairs = 300;
+    sh.seq_len = 3;
+    sh.vocab = 7;
+    case_in c = make_case(dtype::f32, sh, seed++);
+    REQUIRE(dpo::parse_loss_type(type, &c.cfg.terms[0].type));
+    c.cfg.use_weighting = std::string(type) == "sigmoid";  // WPO weights: not with aot
+    INFO("300 pairs, " << type);
+    compare(c);
+  }
+}
+
 TEST_CASE("cuda: dpo_loss from sequence log-probs matches the CPU path", "[cuda][small]") {
   std::mt19937_64 rng(77);
   std::normal_distribution<double> nd(-40.0, 8.0);

@@ -11,7 +11,8 @@
 // on timing, so it is bitwise reproducible.
 #pragma once
 
-#if !defined(__CUDACC__)
+// DPO_CUDA_EMULATION: the test suite's host emulation of the CUDA runtime (tests/cuda/emu).
+#if !defined(__CUDACC__) && !defined(DPO_CUDA_EMULATION)
 #error "dpo/cuda/*.cuh need a CUDA compiler; a g++-only program includes <dpo/dpo.hpp>"
 #endif
 
@@ -156,11 +157,12 @@ struct ln2 {
 };
 
 /// A thread's running statistics. Same meaning as row_stats, except that t is kept in base-2
-/// units (sum e * log2(e)) so every element costs one FFMA + EX2 for its exponential; it is
-/// converted to row_stats' natural units once per thread.
+/// units (sum e * log2(e)) so every element's exponential is one EX2 of (z - m) log2(e); it
+/// is converted to row_stats' natural units once per thread. The difference comes first so
+/// that z == m gives exactly 1: a row whose mass is all on one logit (or a one-column row)
+/// gets lse == that logit and a gradient of exactly 0, as on the CPU.
 template <class A>
 struct thread_stats {
-  A m2;    // running max times log2(e)
   A m;     // running max
   A s;
   A t2;
@@ -171,7 +173,7 @@ struct thread_stats {
 
 template <class A>
 DPO_CUDA_HD thread_stats<A> thread_empty() {
-  return {-INFINITY, -INFINITY, A(0), A(0), A(0), A(0), -1};
+  return {-INFINITY, A(0), A(0), A(0), A(0), -1};
 }
 
 /// Folds N values at columns col0, col0 + 1, ... (all above the thread's earlier columns).
@@ -185,7 +187,7 @@ DPO_CUDA_HD void push_values(thread_stats<A>& st, const A* x, std::int64_t col0)
   if (vm > st.m) {
     if (st.m > -INFINITY) {
       // Rescale the terms taken relative to the old max (t2 shifts by d2 * s).
-      const A d2 = st.m2 - vm * log2e<A>::value;
+      const A d2 = (st.m - vm) * log2e<A>::value;
       const A f = exp2_fast(d2);
       if (Metrics) {
         st.t2 = f * (st.t2 + d2 * st.s);
@@ -194,7 +196,6 @@ DPO_CUDA_HD void push_values(thread_stats<A>& st, const A* x, std::int64_t col0)
       st.s = st.s * f;
     }
     st.m = vm;
-    st.m2 = vm * log2e<A>::value;
     if (Metrics) {
       int first = 0;
 #pragma unroll
@@ -213,10 +214,10 @@ DPO_CUDA_HD void push_values(thread_stats<A>& st, const A* x, std::int64_t col0)
     }
     return;
   }
-  const A m2 = st.m2;
+  const A m = st.m;
 #pragma unroll
   for (int k = 0; k < N; ++k) {
-    const A d2 = fma(x[k], log2e<A>::value, -m2);
+    const A d2 = (x[k] - m) * log2e<A>::value;
     const A e = exp2_fast(d2);
     st.s += e;
     if (Metrics) {
@@ -418,12 +419,14 @@ DPO_CUDA_HD void thread_row_grad(const T* z, T* g, std::int64_t vocab, acc_t<T> 
   constexpr int W = vec_width<T>;
   constexpr int U = unroll;
   const int V = static_cast<int>(vocab);
-  const A lse2 = lse * log2e<A>::value;
+  // exp(z - lse) as 2^((z - lse) log2 e): the difference first, so that z == lse (the only
+  // column of a one-column row, or a row whose mass is all on one logit) gives exactly 1 and a
+  // gradient of exactly 0, as the CPU path; z * log2 e - lse * log2 e would leave a residue.
   const A neg = -coef;
   const bool zero = coef == A(0);
   const auto value = [&](A x, std::int64_t col) {
     if (zero) return A(0);
-    const A v = neg * exp2_fast(fma(x, log2e<A>::value, -lse2));
+    const A v = neg * exp2_fast((x - lse) * log2e<A>::value);
     return col == y ? v + coef : v;
   };
   const std::uintptr_t gmis = reinterpret_cast<std::uintptr_t>(g) & 15u;
@@ -457,10 +460,8 @@ DPO_CUDA_HD void thread_row_grad(const T* z, T* g, std::int64_t vocab, acc_t<T> 
         } else {
           unpack<T>(buf[u], x);
           const std::int64_t col0 = head + static_cast<std::int64_t>(k) * W;
-          const A lse2_ = lse2;
 #pragma unroll
-          for (int j = 0; j < W; ++j)
-            x[j] = neg * exp2_fast(fma(x[j], log2e<A>::value, -lse2_));
+          for (int j = 0; j < W; ++j) x[j] = neg * exp2_fast((x[j] - lse) * log2e<A>::value);
           const std::int64_t o = y - col0;
           if (o >= 0 && o < W) {
 #pragma unroll

@@ -5,7 +5,8 @@
 // device can see (labels outside [0, vocab), bad cu_seqlens) without a host sync.
 #pragma once
 
-#if !defined(__CUDACC__)
+// DPO_CUDA_EMULATION: the test suite's host emulation of the CUDA runtime (tests/cuda/emu).
+#if !defined(__CUDACC__) && !defined(DPO_CUDA_EMULATION)
 #error "dpo/cuda/*.cuh need a CUDA compiler; a g++-only program includes <dpo/dpo.hpp>"
 #endif
 
