@@ -14,11 +14,18 @@ namespace dpo {
 /// columns [vocab, row_stride) are never read or written) with one label per row.
 ///
 /// Sequence s (0 <= s < num_seqs) owns the rows
-///   padded: [(first_seq + s) * seq_len, (first_seq + s + 1) * seq_len)
+///   padded: [(first_seq + s) * P, (first_seq + s) * P + seq_len), P = seq_pitch()
 ///   packed: [cu_seqlens[first_seq + s], cu_seqlens[first_seq + s + 1])   (cu_seqlens != null)
 /// A row is a completion token when its label != ignore_index and (mask == null or
 /// mask[row] != 0). Completion labels must lie in [0, vocab).
 /// Logits are already shifted: row t scores label t.
+///
+/// Padded views may leave gaps between sequences (seq_stride > seq_len), e.g. TRL's shifted
+/// slice logits[:, :-1, :] of a contiguous [B, T, V] tensor without a copy: seq_len = T - 1,
+/// seq_stride = T, row_stride = V, labels = labels_base + 1 (labels[:, 1:] of a contiguous
+/// [B, T] tensor; labels and mask are indexed by the same row numbers as the logits). Rows in
+/// a gap belong to no sequence: their logits, labels and mask are never read, and no output
+/// indexed by row (gradients, row_lse, row_coef) is written there.
 template <class T, class L>
 struct token_view {
   const T* logits = nullptr;
@@ -31,12 +38,37 @@ struct token_view {
   std::int64_t seq_len = 0;
   std::int64_t first_seq = 0;
   std::int64_t ignore_index = -100;
+  /// Padded views: rows between the first rows of consecutive sequences, >= seq_len; 0 means
+  /// seq_len (no gaps). Ignored for packed views.
+  std::int64_t seq_stride = 0;
 
+  /// Rows from one padded sequence's first row to the next one's.
+  DPO_HOST_DEVICE std::int64_t seq_pitch() const { return seq_stride != 0 ? seq_stride : seq_len; }
   DPO_HOST_DEVICE std::int64_t row_begin(std::int64_t s) const {
-    return cu_seqlens ? cu_seqlens[first_seq + s] : (first_seq + s) * seq_len;
+    return cu_seqlens ? cu_seqlens[first_seq + s] : (first_seq + s) * seq_pitch();
   }
   DPO_HOST_DEVICE std::int64_t row_end(std::int64_t s) const {
-    return cu_seqlens ? cu_seqlens[first_seq + s + 1] : (first_seq + s + 1) * seq_len;
+    return cu_seqlens ? cu_seqlens[first_seq + s + 1] : (first_seq + s) * seq_pitch() + seq_len;
+  }
+  /// Whether a row of [row_begin(0), row_end(num_seqs - 1)) belongs to a sequence: always for
+  /// packed views (their sequences are back to back), not in the gaps of a padded view.
+  DPO_HOST_DEVICE bool in_sequence(std::int64_t row) const {
+    return cu_seqlens != nullptr || (seq_len > 0 && row % seq_pitch() < seq_len);
+  }
+  /// The sequence s (0 <= s < num_seqs) owning `row`, for a row where in_sequence() holds.
+  /// Packed views: a binary search of cu_seqlens (empty sequences own no row).
+  DPO_HOST_DEVICE std::int64_t seq_of_row(std::int64_t row) const {
+    if (cu_seqlens == nullptr) return row / seq_pitch() - first_seq;
+    std::int64_t lo = 0, hi = num_seqs - 1;  // the last s with cu_seqlens[first_seq + s] <= row
+    while (lo < hi) {
+      const std::int64_t mid = lo + (hi - lo + 1) / 2;
+      if (cu_seqlens[first_seq + mid] <= row) {
+        lo = mid;
+      } else {
+        hi = mid - 1;
+      }
+    }
+    return lo;
   }
   /// What target() returns for a masked row: negative, and no label's value, so a label of
   /// -1 (not ignore_index) still reaches the range check instead of passing as masked.

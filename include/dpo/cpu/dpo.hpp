@@ -105,6 +105,7 @@ void forward_rows_impl(const token_view<T, L>& v, row_values& out, int threads) 
     row_scratch<A> scratch;
     for (std::int64_t i = b; i < e; ++i) {
       const std::int64_t r = r0 + i;
+      if (!v.in_sequence(r)) continue;  // a gap row: target stays -1, nothing is read
       const std::int64_t y = v.target(r);
       out.target[i] = y;
       if (y < 0) continue;  // masked rows are never read
@@ -297,17 +298,25 @@ void row_coefficients(const token_view<T, L>& v, const row_values& rows,
 
 }  // namespace detail
 
-/// Per-sequence log-probs (forward only, e.g. the reference model).
+/// Per-sequence log-probs (forward only, e.g. the reference model), with the per-row
+/// log-sum-exp that sequence_logps_backward reads.
 ///
-/// `in`: any token_view (padded or packed, T = float, double, Eigen::half, Eigen::bfloat16,
-/// L = int32 or int64). Writes sums[s] = sum of completion-token log-probs of sequence s
-/// (accumulated in fp32 per row, fp64 for double input, summed in fp64), counts[s] = its
-/// completion-token count, and, when token_logps is not null, the log-prob of every row of
-/// the view's sequences (0 for masked rows), indexed from the first sequence's first row.
-/// Deterministic; throws dpo::error (writing nothing) on bad input.
+/// `in`: any token_view (padded, with or without gaps, or packed; T = float, double,
+/// Eigen::half, Eigen::bfloat16; L = int32 or int64). Writes sums[s] = sum of
+/// completion-token log-probs of sequence s (accumulated in fp32 per row, fp64 for double
+/// input, summed in fp64) and counts[s] = its completion-token count ([num_seqs] each).
+/// Optional outputs (null: not written), [row_end(num_seqs - 1) - row_begin(0)] doubles
+/// for token_logps, and for row_lse an array indexed by the logits buffer's row (as the
+/// gradient), so at least row_end(num_seqs - 1) doubles:
+///   token_logps[r - row_begin(0)]  the log-prob of row r (0 for non-completion rows);
+///   row_lse[r]                     the row's log-sum-exp as computed in the accumulation
+///                                  type (exact in double), 0 for non-completion rows.
+/// Only rows of the view's sequences are written (not the gaps of a padded view with
+/// seq_stride > seq_len, nor packed rows outside every sequence). Deterministic and
+/// independent of options::num_threads; throws dpo::error (writing nothing) on bad input.
 template <class T, class L>
 void sequence_logps(const token_view<T, L>& in, double* sums, std::int64_t* counts,
-                    double* token_logps = nullptr, const options& opt = {}) {
+                    double* token_logps, double* row_lse, const options& opt = {}) {
   detail::check_view(in, "logits");
   if (in.num_seqs > 0 && (sums == nullptr || counts == nullptr))
     dpo::detail::fail(sums == nullptr ? "sums" : "counts", " is null");
@@ -321,7 +330,62 @@ void sequence_logps(const token_view<T, L>& in, double* sums, std::int64_t* coun
     sums[i] = s.logp[i];
     counts[i] = static_cast<std::int64_t>(n[i]);
   }
-  if (token_logps != nullptr) std::copy(rows.logp.begin(), rows.logp.end(), token_logps);
+  if (token_logps == nullptr && row_lse == nullptr) return;
+  const std::int64_t r0 = in.row_begin(0);
+  for (std::int64_t q = 0; q < in.num_seqs; ++q) {
+    for (std::int64_t r = in.row_begin(q); r < in.row_end(q); ++r) {
+      const std::size_t i = static_cast<std::size_t>(r - r0);
+      if (token_logps != nullptr) token_logps[i] = rows.logp[i];
+      if (row_lse != nullptr) row_lse[r] = rows.lse[i];
+    }
+  }
+}
+
+/// sequence_logps without row_lse.
+template <class T, class L>
+void sequence_logps(const token_view<T, L>& in, double* sums, std::int64_t* counts,
+                    double* token_logps = nullptr, const options& opt = {}) {
+  sequence_logps(in, sums, counts, token_logps, static_cast<double*>(nullptr), opt);
+}
+
+/// The gradient of sum_s seq_grad[s] * sums[s] (sums of sequence_logps) with respect to the
+/// logits: row r of sequence s gets seq_grad[s] * (onehot(y_r) - softmax(z_r)) on completion
+/// rows and exact zeros on the sequence's other rows, rounded to T. Averaged log-probs
+/// (sums[s] / counts[s]) are the caller's: pass seq_grad[s] / max(counts[s], 1).
+///
+/// `in` as given to sequence_logps; row_lse: its row_lse output (indexed by the buffer's
+/// row; only completion rows are read); seq_grad: [num_seqs] doubles; grad: rows indexed as
+/// the logits, `grad_stride` >= vocab elements apart (columns [vocab, grad_stride) are not
+/// touched). Only rows of the view's sequences are written: gap rows of a padded view and
+/// packed rows outside every sequence keep their contents. In place when grad == in.logits
+/// and grad_stride == in.row_stride (the logits are overwritten); any other overlap of grad
+/// and the logits rows is rejected. One read of the logits rows, one write of the gradient.
+/// A row whose seq_grad is 0 gets zeros without being read (NaN logits there give 0).
+/// Deterministic and independent of options::num_threads; throws dpo::error (writing
+/// nothing) on bad input.
+template <class T, class L>
+void sequence_logps_backward(const token_view<T, L>& in, const double* row_lse,
+                             const double* seq_grad, T* grad, std::int64_t grad_stride,
+                             const options& opt = {}) {
+  using A = acc_t<T>;
+  detail::check_view(in, "logits");
+  if (in.num_seqs > 0 && seq_grad == nullptr) dpo::detail::fail("seq_grad is null");
+  detail::check_seq_grad(in, row_lse, grad, grad_stride);
+  if (!detail::has_rows(in)) return;
+  const std::int64_t r0 = in.row_begin(0);
+  const std::int64_t n = in.row_end(in.num_seqs - 1) - r0;
+  detail::parallel_for(n, opt.num_threads, [&](std::int64_t b, std::int64_t e) {
+    detail::row_scratch<A> scratch;
+    for (std::int64_t i = b; i < e; ++i) {
+      const std::int64_t r = r0 + i;
+      if (!in.in_sequence(r)) continue;
+      const std::int64_t y = in.target(r);
+      const A coef = y >= 0 ? static_cast<A>(seq_grad[in.seq_of_row(r)]) : A(0);
+      const A lse = y >= 0 ? static_cast<A>(row_lse[r]) : A(0);
+      detail::row_backward<T, A>(in.logits + r * in.row_stride, grad + r * grad_stride, in.vocab,
+                                 lse, coef, y, scratch);
+    }
+  });
 }
 
 /// Sequence log-probs of both sides of a batch of pairs, with LD-DPO weighting when
@@ -490,7 +554,7 @@ forward_result dpo_forward(const pair_view<T, L>& policy, const pair_view<T, L>&
 /// (dtype T, one buffer per side, rows indexed as the side's logits; columns [vocab, stride)
 /// untouched). In place when grad points at the logits with the same stride: the logits are
 /// then overwritten. One read of the logits and one write of the gradient. Masked rows get
-/// exact zeros. Throws dpo::error (writing nothing) on bad input or unsupported aliasing.
+/// exact zeros; gap rows of a padded view (seq_stride > seq_len) are not written. Throws dpo::error (writing nothing) on bad input or unsupported aliasing.
 template <class T, class L>
 void dpo_backward(const pair_view<T, L>& policy, const forward_result& fwd,
                   const pair_grad_view<T>& grad, double grad_output = 1.0,
@@ -517,6 +581,7 @@ void dpo_backward(const pair_view<T, L>& policy, const forward_result& fwd,
       detail::row_scratch<A> scratch;
       for (std::int64_t i = b; i < e; ++i) {
         const std::int64_t r = rows.row0 + i;
+        if (!v.in_sequence(r)) continue;  // gap rows of a padded view are not written
         const A coef = static_cast<A>(rows.coef[i] * grad_output);
         detail::row_backward<T, A>(v.logits + r * v.row_stride, g + r * g_stride, v.vocab,
                                    static_cast<A>(rows.lse[i]), coef, v.target(r), scratch);
