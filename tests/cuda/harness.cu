@@ -212,7 +212,7 @@ case_out run_typed(const case_in& in) {
   if (st) {
     dev_buf ws(bytes + 16);
     // Garbage in the workspace must not matter: the kernels initialize what they read.
-    DPO_CK(cudaMemset(ws.p, 0xa5, bytes + 16));
+    DPO_CK(cudaMemset(ws.p, in.workspace_fill, bytes + 16));
     std::size_t given = in.small_workspace ? bytes - 8 : bytes;
     st = call(ws.p, given);
     DPO_CK(cudaDeviceSynchronize());

@@ -62,6 +62,7 @@ struct case_in {
   bool small_workspace = false;
   bool grad_overlaps = false;             // grad = logits shifted by one row
   bool give_num_rows = true;              // packed: set options.num_rows
+  int workspace_fill = 0xa5;              // the workspace's bytes before the call
 };
 
 struct case_out {

@@ -638,9 +638,12 @@ TEST_CASE("cuda: invalid device data is reported and nothing is written", "[cuda
     CHECK(h.device_error == 4);
     CHECK(h.outputs_untouched);
   }
-  {
+  for (int fill : {0xa5, 0x00, 0xff}) {
+    // A workspace that never saw dpo_forward, whatever it holds (torch.zeros, cudaMemset 0).
+    INFO("workspace filled with " << fill);
     case_in c = make_case(dtype::bf16, sh, 24);
     c.run = mode::backward_only;
+    c.workspace_fill = fill;
     const case_out g = dpo_cuda_test::run_case(c);
     CHECK(g.device_error == 5);
     CHECK(g.outputs_untouched);

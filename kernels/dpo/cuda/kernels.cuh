@@ -650,7 +650,9 @@ __global__ void __launch_bounds__(BLOCK) backward_kernel(views<T, L> vs, ws_ptrs
   using A = acc_t<T>;
   ws_header* h = w.h;
   // A forward that found invalid data leaves magic 0 and its error word: keep that report.
-  if (h->magic == 0 && has_error(h)) return;
+  // (The error word, not label_key: a zero-filled workspace has label_key 0, which is not
+  // no_label_error, and must still be reported as holding no forward state.)
+  if (h->magic == 0 && h->err.code != 0) return;
   const std::int64_t n0 = side_rows(vs.v[0]);
   const std::int64_t n1 = side_rows(vs.v[1]);
   if (h->magic != state_magic || h->sig_pairs != p.pairs || h->sig_vocab != vs.v[0].vocab ||
