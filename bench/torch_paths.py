@@ -159,6 +159,8 @@ def main():
     ap.add_argument("--repeat", type=int, default=10)
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--paths", default="eager,trl_loop,compiled,ours")
+    ap.add_argument("--require-ours", action="store_true",
+                    help="exit 2 when 'ours' was asked for but dpo_kernels (with CUDA) is missing")
     ap.add_argument("--shapes", choices=["all", "large", "small"], default="all",
                     help="large: 8x1024, V=128256; small: 4x512, V=32000 (both bf16)")
     args = ap.parse_args()
@@ -186,6 +188,9 @@ def main():
         share = f"{tb / copy[r['shape']]:.0%}" if tb and r["path"] != "copy" else ""
         print(f"{r['shape']:<22} {r['path']:<9} {r['mode']:<8} {r['ms']:>9.3f} {r['extra_GiB']:>10.2f} "
               f"{tb if tb else 0:>7.2f} {share:>8}")
+    if args.require_ours and "ours" in paths and not any(r["path"] == "ours" for r in results):
+        print("FAILED: 'ours' was required but dpo_kernels with CUDA could not be used", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -11,6 +11,8 @@ present; otherwise the build is CPU-only. Environment:
                          (-march=native, default 1: pip builds on the machine it installs to;
                          set 0 for a portable wheel). Vectorised exp over the vocabulary is
                          most of the CPU time, and AVX2/AVX-512 do 2-4x the work of SSE2.
+  DPO_KERNELS_CUDA_ARCHS compute capabilities of the CUDA kernels, as numbers joined by ';'
+                         (default "80;90": A100 and H100/H200)
   MAX_JOBS               parallel compile jobs (torch's variable)
 """
 import os
@@ -66,8 +68,11 @@ def _extensions():
         cxx.append("-march=native")
     if _want_cuda(torch.version.cuda is not None, CUDA_HOME):
         # C++20: the headers of recent torch (2.15 here) refuse older standards in ATen.h.
-        nvcc = ["-O3", "-DNDEBUG", "--expt-relaxed-constexpr", "-std=c++20",
-                "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
+        archs = [a for a in os.environ.get("DPO_KERNELS_CUDA_ARCHS", "80;90").split(";") if a]
+        if not archs or not all(a.isdigit() for a in archs):
+            raise RuntimeError(f"DPO_KERNELS_CUDA_ARCHS must be numbers joined by ';', got {archs!r}")
+        nvcc = ["-O3", "-DNDEBUG", "--expt-relaxed-constexpr", "-std=c++20"]
+        nvcc += [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
         return [CUDAExtension("dpo_kernels._C", sources + ["csrc/cuda.cu"], include_dirs=include_dirs,
                               define_macros=[("DPO_KERNELS_WITH_CUDA", None)],
                               extra_compile_args={"cxx": cxx + ["-DDPO_KERNELS_WITH_CUDA"], "nvcc": nvcc})]
