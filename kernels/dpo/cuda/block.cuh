@@ -462,8 +462,9 @@ DPO_CUDA_HD void thread_row_grad(const T* z, T* g, std::int64_t vocab, acc_t<T> 
           const std::int64_t col0 = head + static_cast<std::int64_t>(k) * W;
 #pragma unroll
           for (int j = 0; j < W; ++j) x[j] = neg * exp2_fast((x[j] - lse) * log2e<A>::value);
-          const std::int64_t o = y - col0;
-          if (o >= 0 && o < W) {
+          // y may be token_view::masked (INT64_MIN): compare, never subtract first.
+          if (y >= col0 && y < col0 + W) {
+            const std::int64_t o = y - col0;
 #pragma unroll
             for (int j = 0; j < W; ++j) x[j] = j == o ? x[j] + coef : x[j];
           }

@@ -117,6 +117,10 @@ status check_pairs(const pair_view<T, L>& p, const char* name, const options& op
                    ll(p.chosen.num_seqs), ll(p.rejected.num_seqs));
   if (p.chosen.num_seqs < 1)
     return invalid("dpo: %s.num_pairs = %lld is invalid: must be >= 1", name, ll(p.chosen.num_seqs));
+  // sequence_kernel runs one block per sequence of both sides: 2P blocks in gridDim.x.
+  if (p.chosen.num_seqs > INT_MAX / 2)
+    return invalid("dpo: %s.num_pairs = %lld is invalid: must be <= %d", name, ll(p.chosen.num_seqs),
+                   INT_MAX / 2);
   if (p.chosen.vocab != p.rejected.vocab)
     return invalid("dpo: %s: chosen.vocab = %lld != rejected.vocab = %lld", name,
                    ll(p.chosen.vocab), ll(p.rejected.vocab));
@@ -171,7 +175,10 @@ status check_grad(const pair_view<T, L>& p, const pair_grad_view<T>& g, const op
   const token_view<T, L>* v[2] = {&p.chosen, &p.rejected};
   const char* name[2] = {"grad.chosen", "grad.rejected"};
   for (int s = 0; s < 2; ++s) {
-    if (ptr[s] == nullptr) return invalid("dpo: %s is null", name[s]);
+    // As for the logits, a side with no rows may pass null (an empty tensor's pointer).
+    const bool has_rows = v[s]->num_seqs > 0 &&
+                          (v[s]->cu_seqlens != nullptr ? opt.num_rows > 0 : v[s]->seq_len > 0);
+    if (ptr[s] == nullptr && has_rows) return invalid("dpo: %s is null", name[s]);
     if (stride[s] < v[s]->vocab)
       return invalid("dpo: %s_stride = %lld is invalid: must be >= vocab = %lld", name[s],
                      ll(stride[s]), ll(v[s]->vocab));
@@ -245,11 +252,12 @@ views<T, L> make_views(const token_view<T, L>& a, const token_view<T, L>* b, con
 template <bool Metrics, class T, class L>
 status run_rows(const views<T, L>& vs, const ws_ptrs& w, const std::int64_t cap[2],
                 cudaStream_t stream) {
-  status s = launch("check_kernel", check_kernel<T, L>, 1, 256, stream, vs, w.h);
-  if (!s) return s;
+  // The device query first: a failure must leave nothing enqueued.
   const auto kernel = rows_kernel<rows_block, Metrics, T, L>;
   int grid = 1;
-  s = row_grid(kernel, rows_block, cap[0] + cap[1], &grid);
+  status s = row_grid(kernel, rows_block, cap[0] + cap[1], &grid);
+  if (!s) return s;
+  s = launch("check_kernel", check_kernel<T, L>, 1, 256, stream, vs, w.h);
   if (!s) return s;
   return launch("rows_kernel", kernel, grid, rows_block, stream, vs, w);
 }
@@ -562,6 +570,10 @@ status dpo_backward_rows(void* workspace, std::size_t& workspace_bytes,
     return detail::invalid("dpo: %s is null", row_lse == nullptr ? "row_lse" : "row_coef");
   detail::carve(reinterpret_cast<std::uintptr_t>(workspace), none, 0, 0, &w);
   const detail::views<T, L> vs = detail::make_views(policy.chosen, &policy.rejected, opt);
+  const auto kernel = detail::backward_rows_kernel<detail::rows_block, T, L>;
+  int grid = 1;
+  s = detail::row_grid(kernel, detail::rows_block, cap[0] + cap[1], &grid);
+  if (!s) return s;
   s = detail::launch("check_kernel", detail::check_kernel<T, L>, 1, 256, stream, vs, w.h);
   if (!s) return s;
   detail::backward_params<T> bp;
@@ -571,10 +583,6 @@ status dpo_backward_rows(void* workspace, std::size_t& workspace_bytes,
   bp.grad_stride[1] = grad.rejected_stride;
   bp.grad_output = grad_output;
   bp.pairs = policy.num_pairs();
-  const auto kernel = detail::backward_rows_kernel<detail::rows_block, T, L>;
-  int grid = 1;
-  s = detail::row_grid(kernel, detail::rows_block, cap[0] + cap[1], &grid);
-  if (!s) return s;
   return detail::launch("backward_rows_kernel", kernel, grid, detail::rows_block, stream, vs, w,
                         bp, row_lse, row_coef);
 }

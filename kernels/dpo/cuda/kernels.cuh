@@ -265,10 +265,14 @@ __global__ void __launch_bounds__(BLOCK) rows_kernel(views<T, L> vs, ws_ptrs w) 
       continue;
     }
     const T* row = v.logits + r * v.row_stride;
+    // The label's logit, loaded before the row is streamed so the load's latency hides
+    // behind it instead of following the block reduction.
+    T zy{};
+    if (threadIdx.x == 0) zy = row[y];
     const dpo::detail::row_stats<A> st = block_row_stats<BLOCK, Metrics>(row, v.vocab);
     if (threadIdx.x == 0) {
       const A lse = st.logsumexp();
-      const A lp = to_acc(row[y]) - lse;
+      const A lp = to_acc(zy) - lse;
       ra.lse[local] = static_cast<double>(lse);
       ra.logp[local] = static_cast<double>(lp);
       if (Metrics) {
@@ -277,6 +281,9 @@ __global__ void __launch_bounds__(BLOCK) rows_kernel(views<T, L> vs, ws_ptrs w) 
         // WPO's per-token term: logp - log sum_v p_v^2 = logp - (lse(2z) - 2 lse(z)).
         ra.wpo[local] = static_cast<double>(lp - (st.logsumexp2() - A(2) * lse));
         ra.hit[local] = st.argmax == y ? 1.0 : 0.0;
+      } else {
+        // sequence_kernel sums these whatever the mode: never let it read unwritten memory.
+        ra.ent[local] = ra.zmean[local] = ra.wpo[local] = ra.hit[local] = 0.0;
       }
     }
   }
@@ -641,6 +648,12 @@ struct backward_params {
   std::int64_t grad_stride[2];
   const double* grad_output;  // device scalar, null means 1
   std::int64_t pairs;
+
+  /// Row r of a side's gradient. Selects with a branch: indexing the arrays by a run-time
+  /// side would copy the kernel parameters to local memory.
+  __device__ __forceinline__ T* row(int side, std::int64_t r) const {
+    return side ? grad[1] + r * grad_stride[1] : grad[0] + r * grad_stride[0];
+  }
 };
 
 /// Backward into the logits: coef * (onehot - softmax) per row, from the forward state.
@@ -672,7 +685,7 @@ __global__ void __launch_bounds__(BLOCK) backward_kernel(views<T, L> vs, ws_ptrs
     const std::int64_t r = v.row_begin(0) + local;
     const std::int32_t s = ra.seq[local];
     const double coef = row_coefficient(w, h, side, local);
-    block_row_grad<BLOCK>(v.logits + r * v.row_stride, p.grad[side] + r * p.grad_stride[side],
+    block_row_grad<BLOCK>(v.logits + r * v.row_stride, p.row(side, r),
                           v.vocab, static_cast<A>(ra.lse[local]), static_cast<A>(coef * go),
                           s >= 0 ? v.target(r) : -1);
   }
@@ -696,7 +709,7 @@ __global__ void __launch_bounds__(BLOCK) backward_rows_kernel(views<T, L> vs, ws
     const std::int64_t r = v.row_begin(0) + (side ? i - n0 : i);
     const std::int64_t y = v.target(r);
     const double coef = y >= 0 ? row_coef[r] : 0.0;
-    block_row_grad<BLOCK>(v.logits + r * v.row_stride, p.grad[side] + r * p.grad_stride[side],
+    block_row_grad<BLOCK>(v.logits + r * v.row_stride, p.row(side, r),
                           v.vocab, static_cast<A>(row_lse[r]), static_cast<A>(coef * go), y);
   }
 }
