@@ -507,4 +507,119 @@ std::string graph_capture_check() {
   return "";
 }
 
+namespace {
+
+template <class T, class L>
+sequence_out run_sequence_typed(const case_in& in, std::int64_t seq_stride,
+                                const std::vector<double>& seq_grad) {
+  sequence_out out;
+  const std::size_t esize = sizeof(T);
+  const std::int64_t S = in.num_seqs;
+  const std::size_t rows = static_cast<std::size_t>(in.rows);
+  if (in.logits.size() != rows * static_cast<std::size_t>(in.row_stride) * esize)
+    throw std::runtime_error("sequence case: logits size");
+  if (seq_grad.size() != static_cast<std::size_t>(S)) throw std::runtime_error("sequence case: seq_grad size");
+  dev_buf logits(in.logits.size());
+  upload(logits, in.logits);
+  std::vector<L> labels_h(in.labels.begin(), in.labels.end());
+  dev_buf labels(labels_h.size() * sizeof(L));
+  upload(labels, labels_h);
+  dev_buf mask(in.mask.size());
+  upload(mask, in.mask);
+  dev_buf cu(in.cu_seqlens.size() * sizeof(std::int64_t));
+  upload(cu, in.cu_seqlens);
+  dev_buf sg(seq_grad.size() * sizeof(double));
+  upload(sg, seq_grad);
+
+  const std::int64_t gstride = in.in_place ? in.row_stride : in.grad_stride;
+  const std::size_t grad_elems =
+      in.in_place ? 0 : static_cast<std::size_t>(in.grad_offset + in.rows * gstride);
+  dev_buf gbuf(grad_elems * esize);
+  if (grad_elems) DPO_CK(cudaMemset(gbuf.p, 0xff, grad_elems * esize));
+  T* gptr = in.in_place ? logits.as<T>() : gbuf.as<T>() + in.grad_offset;
+
+  dpo::token_view<T, L> v;
+  v.logits = logits.as<T>();
+  v.labels = labels.as<L>();
+  v.mask = in.mask.empty() ? nullptr : mask.as<std::uint8_t>();
+  v.cu_seqlens = in.cu_seqlens.empty() ? nullptr : cu.as<std::int64_t>();
+  v.vocab = in.vocab;
+  v.row_stride = in.row_stride;
+  v.num_seqs = S;
+  v.seq_len = in.seq_len;
+  v.seq_stride = seq_stride;
+  v.ignore_index = in.ignore_index;
+  dpo::cuda::options opt;
+  opt.num_rows = in.give_num_rows ? in.rows : -1;
+
+  // sums [S], counts [S], token_logps [rows], row_lse [rows], all NaN at first.
+  const std::size_t nd = static_cast<std::size_t>(S) + 2 * rows;
+  dev_buf res(sizeof(double) * nd + sizeof(std::int64_t) * static_cast<std::size_t>(S));
+  upload(res, std::vector<double>(nd, std::numeric_limits<double>::quiet_NaN()));
+  double* sums = res.as<double>();
+  double* token_logps = sums + S;
+  double* row_lse = token_logps + rows;
+  auto* counts = reinterpret_cast<std::int64_t*>(row_lse + rows);
+
+  const auto run = [&](const auto& call) {
+    std::size_t bytes = 0;
+    dpo::cuda::status st = call(nullptr, bytes);
+    if (st) {
+      dev_buf ws(bytes + 16);
+      DPO_CK(cudaMemset(ws.p, 0xa5, bytes + 16));
+      std::size_t given = in.small_workspace ? bytes - 8 : bytes;
+      st = call(ws.p, given);
+      DPO_CK(cudaDeviceSynchronize());
+      if (st) {
+        const dpo::cuda::status de = dpo::cuda::read_device_error(ws.p);
+        dpo::cuda::device_error e{};
+        DPO_CK(cudaMemcpy(&e, ws.p, sizeof(e), cudaMemcpyDeviceToHost));
+        out.device_error = e.code;
+        out.device_message = de.message;
+      }
+    }
+    out.status_code = static_cast<int>(st.code);
+    out.message = st.message;
+    return st.ok() && out.device_error == 0;
+  };
+  const bool forward_ok = run([&](void* ws, std::size_t& bytes) {
+    return dpo::cuda::sequence_logps(ws, bytes, v, sums, counts, token_logps, row_lse, opt);
+  });
+  if (forward_ok) {
+    run([&](void* ws, std::size_t& bytes) {
+      return dpo::cuda::sequence_logps_backward(ws, bytes, v, row_lse, sg.as<double>(), gptr, gstride,
+                                                opt);
+    });
+  }
+  DPO_CK(cudaGetLastError());
+  const std::vector<double> h = download(res.as<double>(), nd);
+  out.sums.assign(h.begin(), h.begin() + S);
+  out.token_logps.assign(h.begin() + S, h.begin() + S + static_cast<std::ptrdiff_t>(rows));
+  out.row_lse.assign(h.begin() + S + static_cast<std::ptrdiff_t>(rows), h.end());
+  out.counts = download(counts, static_cast<std::size_t>(S));
+  out.grad = in.in_place ? download(logits.as<unsigned char>(), in.logits.size())
+                         : download(gbuf.as<unsigned char>(), grad_elems * esize);
+  return out;
+}
+
+template <class T>
+sequence_out run_sequence_labels(const case_in& in, std::int64_t seq_stride,
+                                 const std::vector<double>& seq_grad) {
+  return in.labels64 ? run_sequence_typed<T, std::int64_t>(in, seq_stride, seq_grad)
+                     : run_sequence_typed<T, std::int32_t>(in, seq_stride, seq_grad);
+}
+
+}  // namespace
+
+sequence_out run_sequence_case(const case_in& in, std::int64_t seq_stride,
+                               const std::vector<double>& seq_grad) {
+  switch (in.type) {
+    case dtype::bf16: return run_sequence_labels<__nv_bfloat16>(in, seq_stride, seq_grad);
+    case dtype::f16: return run_sequence_labels<__half>(in, seq_stride, seq_grad);
+    case dtype::f32: return run_sequence_labels<float>(in, seq_stride, seq_grad);
+    case dtype::f64: return run_sequence_labels<double>(in, seq_stride, seq_grad);
+  }
+  throw std::runtime_error("sequence case: unknown dtype");
+}
+
 }  // namespace dpo_cuda_test

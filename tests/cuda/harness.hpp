@@ -115,4 +115,17 @@ case_out run_dpo_loss(const loss_case& in);
 /// it twice and compares with a direct call, bitwise. Returns "" on success, else what failed.
 std::string graph_capture_check();
 
+/// dpo::cuda::sequence_logps with its row_lse output over all num_seqs sequences of `in` as
+/// one view (padded when cu_seqlens is empty, then sequence s starts at row s * seq_stride,
+/// seq_stride 0 meaning seq_len; packed otherwise), then sequence_logps_backward with
+/// seq_grad (num_seqs entries) into the gradient buffer of `in`: the logits when in_place,
+/// else a buffer of grad_offset + rows * grad_stride elements poisoned with 0xff bytes.
+/// status_code / message / device_error are the first failure's; sums, counts, token_logps
+/// (rows entries) and row_lse (rows entries) start as NaN; grad is the gradient buffer.
+struct sequence_out : case_out {
+  std::vector<double> row_lse;
+};
+sequence_out run_sequence_case(const case_in& in, std::int64_t seq_stride,
+                               const std::vector<double>& seq_grad);
+
 }  // namespace dpo_cuda_test

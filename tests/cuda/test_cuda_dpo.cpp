@@ -759,3 +759,196 @@ TEST_CASE("cuda: sanitizer subset", "[cuda][sanitize]") {
   CHECK(l.status_code == 0);
   CHECK(std::isfinite(l.loss));
 }
+
+namespace {
+
+/// make_case's sequences laid out for run_sequence_case with poison around them: padded
+/// sequences `gap` rows apart (seq_stride = seq_len + gap), packed ones from row `gap` on.
+/// Rows outside every sequence hold NaN logits (0xff bytes) and labels outside [0, vocab).
+case_in make_sequence_case(dtype t, bool packed, std::int64_t gap, unsigned seed, std::int64_t* seq_stride) {
+  shape sh;
+  sh.packed = packed;
+  sh.vocab = 67;
+  sh.pad = 2;
+  sh.with_mask = seed % 2 == 0;
+  case_in c = make_case(t, sh, seed);
+  const std::size_t es = dpo_cuda_test::dtype_size(t);
+  const std::size_t row_bytes = static_cast<std::size_t>(c.row_stride) * es;
+  std::vector<std::int64_t> src_row, dst_row;  // sequence rows: where from, where to
+  std::int64_t rows = 0;
+  if (packed) {
+    for (std::int64_t r = c.cu_seqlens.front(); r < c.cu_seqlens.back(); ++r) {
+      src_row.push_back(r);
+      dst_row.push_back(r + gap);
+    }
+    for (auto& x : c.cu_seqlens) x += gap;
+    rows = c.cu_seqlens.back() + gap;
+    *seq_stride = 0;
+  } else {
+    *seq_stride = c.seq_len + gap;
+    for (std::int64_t s = 0; s < c.num_seqs; ++s)
+      for (std::int64_t k = 0; k < c.seq_len; ++k) {
+        src_row.push_back(s * c.seq_len + k);
+        dst_row.push_back(s * *seq_stride + k);
+      }
+    rows = c.num_seqs * *seq_stride;
+  }
+  std::vector<unsigned char> logits(static_cast<std::size_t>(rows) * row_bytes, 0xff);
+  std::vector<std::int64_t> labels(static_cast<std::size_t>(rows), c.vocab + 50);
+  std::vector<std::uint8_t> mask(c.mask.empty() ? 0 : static_cast<std::size_t>(rows), 1);
+  for (std::size_t i = 0; i < src_row.size(); ++i) {
+    std::memcpy(&logits[static_cast<std::size_t>(dst_row[i]) * row_bytes],
+                &c.logits[static_cast<std::size_t>(src_row[i]) * row_bytes], row_bytes);
+    labels[dst_row[i]] = c.labels[src_row[i]];
+    if (!mask.empty()) mask[dst_row[i]] = c.mask[src_row[i]];
+  }
+  c.logits = logits;
+  c.labels = labels;
+  c.mask = mask;
+  c.rows = rows;
+  return c;
+}
+
+struct cpu_sequence_run {
+  std::vector<double> sums, row_lse, grad;  // grad: rows * row_stride, decoded
+  std::vector<std::int64_t> counts;
+  std::vector<bool> in_seq;                 // per row: owned by a sequence
+};
+
+template <class E>
+cpu_sequence_run run_cpu_sequence_typed(const case_in& c, std::int64_t seq_stride, const std::vector<double>& g) {
+  cpu_sequence_run out;
+  dpo::token_view<E, std::int64_t> v;
+  v.logits = reinterpret_cast<const E*>(c.logits.data());
+  v.labels = c.labels.data();
+  v.mask = c.mask.empty() ? nullptr : c.mask.data();
+  v.cu_seqlens = c.cu_seqlens.empty() ? nullptr : c.cu_seqlens.data();
+  v.vocab = c.vocab;
+  v.row_stride = c.row_stride;
+  v.num_seqs = c.num_seqs;
+  v.seq_len = c.seq_len;
+  v.seq_stride = seq_stride;
+  v.ignore_index = c.ignore_index;
+  out.sums.resize(static_cast<std::size_t>(c.num_seqs));
+  out.counts.resize(out.sums.size());
+  out.row_lse.assign(static_cast<std::size_t>(c.rows), 0.0);
+  dpo::cpu::sequence_logps(v, out.sums.data(), out.counts.data(), nullptr, out.row_lse.data());
+  std::vector<E> grad(static_cast<std::size_t>(c.rows * c.row_stride), E(0.0f));
+  dpo::cpu::sequence_logps_backward(v, out.row_lse.data(), g.data(), grad.data(), c.row_stride);
+  for (const E& x : grad) out.grad.push_back(static_cast<double>(x));
+  out.in_seq.assign(static_cast<std::size_t>(c.rows), false);
+  for (std::int64_t s = 0; s < v.num_seqs; ++s)
+    for (std::int64_t r = v.row_begin(s); r < v.row_end(s); ++r) out.in_seq[r] = true;
+  return out;
+}
+
+cpu_sequence_run run_cpu_sequence(const case_in& c, std::int64_t seq_stride, const std::vector<double>& g) {
+  switch (c.type) {
+    case dtype::bf16: return run_cpu_sequence_typed<Eigen::bfloat16>(c, seq_stride, g);
+    case dtype::f16: return run_cpu_sequence_typed<Eigen::half>(c, seq_stride, g);
+    case dtype::f32: return run_cpu_sequence_typed<float>(c, seq_stride, g);
+    case dtype::f64: return run_cpu_sequence_typed<double>(c, seq_stride, g);
+  }
+  return {};
+}
+
+void compare_sequence(const case_in& c, std::int64_t seq_stride) {
+  std::vector<double> g;
+  for (std::int64_t s = 0; s < c.num_seqs; ++s) g.push_back(s == 2 ? 0.0 : (s % 2 ? -0.6 : 1.3) / (1.0 + s));
+  const dpo_cuda_test::sequence_out d = dpo_cuda_test::run_sequence_case(c, seq_stride, g);
+  INFO(d.message << d.device_message);
+  REQUIRE(d.status_code == 0);
+  REQUIRE(d.device_error == 0);
+  const cpu_sequence_run h = run_cpu_sequence(c, seq_stride, g);
+  const double tol = value_tol(c.type);
+  for (std::size_t s = 0; s < h.sums.size(); ++s) {
+    CHECK(d.sums[s] == Approx(h.sums[s]).epsilon(tol).margin(tol));
+    CHECK(d.counts[s] == h.counts[s]);
+  }
+  const std::size_t es = dpo_cuda_test::dtype_size(c.type);
+  const std::int64_t stride = c.in_place ? c.row_stride : c.grad_stride;
+  const std::int64_t offset = c.in_place ? 0 : c.grad_offset;
+  double num = 0, den = 0;
+  std::int64_t stray = 0, nonfinite = 0;
+  for (std::int64_t r = 0; r < c.rows; ++r) {
+    if (h.in_seq[r]) {
+      CHECK(d.row_lse[r] == Approx(h.row_lse[r]).epsilon(tol).margin(tol));
+    } else {
+      CHECK(std::isnan(d.row_lse[r]));  // not written
+    }
+    for (std::int64_t v = 0; v < stride; ++v) {
+      const std::size_t at = static_cast<std::size_t>(offset + r * stride + v) * es;
+      if (!h.in_seq[r] || v >= c.vocab) {
+        bool same = true;
+        for (std::size_t b = 0; b < es; ++b) {
+          const unsigned char expect =
+              c.in_place ? c.logits[static_cast<std::size_t>(r * c.row_stride + v) * es + b] : 0xff;
+          same = same && d.grad[at + b] == expect;
+        }
+        stray += same ? 0 : 1;
+        continue;
+      }
+      const double x = decode(c.type, d.grad.data() + at);
+      const double y = h.grad[static_cast<std::size_t>(r * c.row_stride + v)];
+      if (!std::isfinite(x)) ++nonfinite;
+      num += (x - y) * (x - y);
+      den += y * y;
+    }
+  }
+  CHECK(stray == 0);
+  CHECK(nonfinite == 0);
+  INFO("gradient relative error " << std::sqrt(num / (den > 0 ? den : 1.0)));
+  CHECK(std::sqrt(num) <= grad_tol(c.type) * std::sqrt(den) + 1e-12);
+}
+
+}  // namespace
+
+TEST_CASE("cuda: sequence_logps row_lse and sequence_logps_backward match the CPU path", "[cuda][small]") {
+  unsigned seed = 1200;
+  for (dtype t : {dtype::bf16, dtype::f16, dtype::f32, dtype::f64}) {
+    for (bool packed : {false, true}) {
+      for (std::int64_t gap : {0, 2}) {
+        for (bool in_place : {false, true}) {
+          std::int64_t seq_stride = 0;
+          case_in c = make_sequence_case(t, packed, gap, ++seed, &seq_stride);
+          c.in_place = in_place;
+          c.labels64 = seed % 3 != 0;
+          INFO("dtype " << static_cast<int>(t) << (packed ? " packed" : " padded") << " gap " << gap
+                        << (in_place ? " in place" : "") << " labels" << (c.labels64 ? 64 : 32));
+          compare_sequence(c, seq_stride);
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("cuda: sequence_logps_backward argument and data errors", "[cuda][small]") {
+  std::int64_t seq_stride = 0;
+  case_in c = make_sequence_case(dtype::f32, false, 1, 1300, &seq_stride);
+  const std::vector<double> g(static_cast<std::size_t>(c.num_seqs), 1.0);
+  {
+    const dpo_cuda_test::sequence_out d = dpo_cuda_test::run_sequence_case(c, c.seq_len - 1, g);
+    CHECK(d.status_code != 0);
+    CHECK(d.message.find("seq_stride") != std::string::npos);
+  }
+  {
+    case_in e = c;
+    e.grad_stride = e.vocab - 1;
+    const dpo_cuda_test::sequence_out d = dpo_cuda_test::run_sequence_case(e, seq_stride, g);
+    CHECK(d.status_code != 0);
+    CHECK(d.message.find("grad_stride") != std::string::npos);
+  }
+  {
+    case_in e = c;
+    e.small_workspace = true;
+    CHECK(dpo_cuda_test::run_sequence_case(e, seq_stride, g).status_code != 0);
+  }
+  {
+    // A bad label inside a sequence is found (the gap rows' labels are all out of range).
+    case_in e = c;
+    e.labels[static_cast<std::size_t>(seq_stride + 1)] = e.vocab + 5;
+    const dpo_cuda_test::sequence_out d = dpo_cuda_test::run_sequence_case(e, seq_stride, g);
+    CHECK(d.device_error == 1);
+    for (unsigned char b : d.grad) CHECK(b == 0xff);
+  }
+}

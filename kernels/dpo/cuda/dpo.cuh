@@ -86,11 +86,16 @@ status check_view(const token_view<T, L>& v, const char* name, const options& op
   if (v.cu_seqlens == nullptr) {
     if (v.seq_len < 0)
       return invalid("dpo: %s.seq_len = %lld is invalid: must be >= 0", name, ll(v.seq_len));
+    if (v.seq_stride != 0 && v.seq_stride < v.seq_len)
+      return invalid("dpo: %s.seq_stride = %lld is invalid: must be 0 (= seq_len) or >= seq_len "
+                     "= %lld", name, ll(v.seq_stride), ll(v.seq_len));
     const std::int64_t end_seq = v.first_seq + v.num_seqs;
-    if (v.seq_len > 0 && (end_seq > LLONG_MAX / v.seq_len ||
-                          end_seq * v.seq_len > LLONG_MAX / v.row_stride))
+    const std::int64_t pitch = v.seq_pitch();
+    if (pitch > 0 && (end_seq > LLONG_MAX / pitch || end_seq * pitch > LLONG_MAX / v.row_stride))
       return invalid("dpo: %s: rows x row_stride overflows int64", name);
-    *cap = v.num_seqs * v.seq_len;
+    // Rows from the first sequence's first row to the last one's end, gaps included: the
+    // workspace's per-row arrays are indexed by row - row_begin(0).
+    *cap = v.num_seqs > 0 && v.seq_len > 0 ? (v.num_seqs - 1) * pitch + v.seq_len : 0;
   } else {
     if (opt.num_rows < 0)
       return invalid("dpo: options.num_rows = %lld is invalid for the packed view %s: give the "
@@ -355,18 +360,26 @@ status enqueue_forward(const pair_view<T, L>& policy, const double* ref_chosen,
 
 }  // namespace detail
 
-/// Per-sequence log-probs (forward only, e.g. the reference model): one read of the logits.
+/// Per-sequence log-probs (forward only, e.g. the reference model): one read of the logits,
+/// with the per-row log-sum-exp that sequence_logps_backward reads.
 ///
-/// `in`: a token_view of device pointers (padded or packed; for packed set
-/// options::num_rows). Writes sums[s] (double, [num_seqs]) = sum of the completion-token
-/// log-probs of sequence s (fp32 per row, fp64 for double logits, summed in fp64),
-/// counts[s] (int64, [num_seqs]) its completion-token count and, when token_logps is not
-/// null, the log-prob of every row of the view's sequences (0 for masked rows), indexed from
-/// the first sequence's first row (its size: num_seqs * seq_len, or options::num_rows for
-/// packed views). Deterministic. Does not write the logits.
+/// `in`: a token_view of device pointers (padded, with or without gaps, or packed; for
+/// packed set options::num_rows). Writes sums[s] (double, [num_seqs]) = sum of the
+/// completion-token log-probs of sequence s (fp32 per row, fp64 for double logits, summed in
+/// fp64) and counts[s] (int64, [num_seqs]) its completion-token count. Optional outputs
+/// (null: not written), as dpo::cpu::sequence_logps:
+///   token_logps[r - row_begin(0)]  the log-prob of row r (0 for non-completion rows); size
+///                                  (num_seqs - 1) * seq_pitch() + seq_len, or
+///                                  options::num_rows for packed views;
+///   row_lse[r]                     the row's log-sum-exp (accumulation type, exact in
+///                                  double; 0 for non-completion rows), indexed by the
+///                                  logits buffer's row: row_end(num_seqs - 1) entries, or
+///                                  options::num_rows for packed views.
+/// Only rows of the view's sequences are written (not the gaps of a padded view, nor packed
+/// rows outside every sequence). Deterministic. Does not write the logits.
 template <class T, class L>
 status sequence_logps(void* workspace, std::size_t& workspace_bytes, const token_view<T, L>& in,
-                      double* sums, std::int64_t* counts, double* token_logps = nullptr,
+                      double* sums, std::int64_t* counts, double* token_logps, double* row_lse,
                       const options& opt = {}, cudaStream_t stream = 0) {
   std::int64_t cap[2] = {0, 0};
   status s = detail::check_view(in, "logits", opt, &cap[0], workspace != nullptr);
@@ -393,7 +406,79 @@ status sequence_logps(void* workspace, std::size_t& workspace_bytes, const token
   sp.out_logp[0] = sums;
   sp.out_count = counts;
   sp.token_logps = token_logps;
+  sp.row_lse = row_lse;
   return detail::run_sequences(vs, w, sp, stream);
+}
+
+/// sequence_logps without row_lse.
+template <class T, class L>
+status sequence_logps(void* workspace, std::size_t& workspace_bytes, const token_view<T, L>& in,
+                      double* sums, std::int64_t* counts, double* token_logps = nullptr,
+                      const options& opt = {}, cudaStream_t stream = 0) {
+  return sequence_logps(workspace, workspace_bytes, in, sums, counts, token_logps,
+                        static_cast<double*>(nullptr), opt, stream);
+}
+
+/// The gradient of sum_s seq_grad[s] * sums[s] (sums of sequence_logps) with respect to the
+/// logits, as dpo::cpu::sequence_logps_backward: row r of sequence s gets
+/// seq_grad[s] * (onehot(y_r) - softmax(z_r)) on completion rows and exact zeros on the
+/// sequence's other rows, rounded to T. Averaged log-probs are the caller's: pass
+/// seq_grad[s] / max(counts[s], 1).
+///
+/// Device pointers: row_lse is sequence_logps's row_lse output (by buffer row; only
+/// completion rows are read), seq_grad [num_seqs] doubles (so autograd needs no sync), grad
+/// rows indexed as the logits, grad_stride >= vocab apart (columns [vocab, grad_stride) not
+/// touched). Only rows of the view's sequences are written: gap rows of a padded view and
+/// packed rows outside every sequence keep their contents. In place when grad == in.logits
+/// and grad_stride == in.row_stride; any other overlap with the logits rows is rejected.
+/// One read of the logits rows and one write. A label outside [0, vocab) or a bad
+/// cu_seqlens is reported in the error word and nothing is written. The workspace only holds
+/// the error word. Deterministic.
+template <class T, class L>
+status sequence_logps_backward(void* workspace, std::size_t& workspace_bytes,
+                               const token_view<T, L>& in, const double* row_lse,
+                               const double* seq_grad, T* grad, std::int64_t grad_stride,
+                               const options& opt = {}, cudaStream_t stream = 0) {
+  std::int64_t cap = 0;
+  status s = detail::check_view(in, "logits", opt, &cap, workspace != nullptr);
+  if (!s) return s;
+  if (grad_stride < in.vocab)
+    return detail::invalid("dpo: grad_stride = %lld is invalid: must be >= vocab = %lld",
+                           detail::ll(grad_stride), detail::ll(in.vocab));
+  const std::int64_t none[2] = {0, 0};
+  detail::ws_ptrs w;
+  const std::size_t needed = detail::carve(0, none, 0, 0, &w);
+  if (workspace == nullptr) {
+    workspace_bytes = needed;
+    return {};
+  }
+  s = detail::check_workspace(workspace, workspace_bytes, needed);
+  if (!s) return s;
+  if (cap > 0) {
+    if (row_lse == nullptr) return detail::invalid("dpo: row_lse is null");
+    if (seq_grad == nullptr) return detail::invalid("dpo: seq_grad is null");
+    if (grad == nullptr) return detail::invalid("dpo: grad is null");
+    const bool in_place = grad == in.logits && grad_stride == in.row_stride;
+    if (!in_place && detail::may_overlap<T, L>(grad, grad_stride, in, in.logits, in.row_stride, in, opt))
+      return detail::invalid("dpo: grad overlaps the logits without being the logits buffer "
+                             "itself (same pointer and stride): unsupported aliasing");
+  }
+  if (cap == 0) return {};
+  detail::carve(reinterpret_cast<std::uintptr_t>(workspace), none, 0, 0, &w);
+  const detail::views<T, L> vs = detail::make_views<T, L>(in, nullptr, opt);
+  // The device query first: a failure must leave nothing enqueued.
+  const auto kernel = detail::backward_sequences_kernel<detail::rows_block, T, L>;
+  int grid = 1;
+  s = detail::row_grid(kernel, detail::rows_block, cap, &grid);
+  if (!s) return s;
+  s = detail::launch("check_kernel", detail::check_kernel<T, L>, 1, 256, stream, vs, w.h);
+  if (!s) return s;
+  const int label_blocks = static_cast<int>(cap / 256 + 1 < 4096 ? cap / 256 + 1 : 4096);
+  s = detail::launch("label_check_kernel", detail::label_check_kernel<256, T, L>, label_blocks,
+                     256, stream, vs, w.h);
+  if (!s) return s;
+  return detail::launch("backward_sequences_kernel", kernel, grid, detail::rows_block, stream, vs,
+                        w.h, row_lse, seq_grad, grad, grad_stride);
 }
 
 /// Sequence log-probs of both sides of a batch of pairs, LD-DPO weighted when ld_alpha < 1

@@ -249,6 +249,7 @@ __global__ void __launch_bounds__(BLOCK) rows_kernel(views<T, L> vs, ws_ptrs w) 
     const token_view<T, L>& v = vs.v[side];
     const row_arrays& ra = w.rows[side];
     const std::int64_t r = v.row_begin(0) + local;
+    if (!v.in_sequence(r)) continue;  // a gap row (block-uniform): never read, never used
     const std::int64_t y = v.target(r);
     if (y < 0 || y >= v.vocab) {  // block-uniform: y is the same in every thread
       if (threadIdx.x == 0) {
@@ -308,6 +309,7 @@ struct sequence_params {
   double* out_logp[2];           // optional: LD-weighted sums per side
   std::int64_t* out_count;       // optional: side 0's completion-token counts
   double* token_logps;           // optional: side 0's row log-probs
+  double* row_lse;               // optional: side 0's row log-sum-exp, by buffer row
 };
 
 /// Completion tokens of sequence s of v, summed in a fixed tree.
@@ -392,6 +394,7 @@ __global__ void __launch_bounds__(BLOCK) sequence_kernel(views<T, L> vs, ws_ptrs
         ra.seq[idx] = -1;
       }
       if (side == 0 && p.token_logps != nullptr) p.token_logps[idx] = ra.logp[idx];
+      if (side == 0 && p.row_lse != nullptr) p.row_lse[r] = ra.lse[idx];
     }
     running += tile;
   }
@@ -637,6 +640,7 @@ __global__ void __launch_bounds__(BLOCK) row_state_kernel(views<T, L> vs, ws_ptr
     const int side = i >= n0 ? 1 : 0;
     const std::int64_t local = side ? i - n0 : i;
     const std::int64_t r = vs.v[side].row_begin(0) + local;
+    if (!vs.v[side].in_sequence(r)) continue;
     if (lse) lse[r] = w.rows[side].lse[local];
     if (coef) coef[r] = row_coefficient(w, h, side, local);
   }
@@ -683,6 +687,7 @@ __global__ void __launch_bounds__(BLOCK) backward_kernel(views<T, L> vs, ws_ptrs
     const token_view<T, L>& v = vs.v[side];
     const row_arrays& ra = w.rows[side];
     const std::int64_t r = v.row_begin(0) + local;
+    if (!v.in_sequence(r)) continue;  // gap rows are not written (block-uniform)
     const std::int32_t s = ra.seq[local];
     const double coef = row_coefficient(w, h, side, local);
     block_row_grad<BLOCK>(v.logits + r * v.row_stride, p.row(side, r),
@@ -707,10 +712,59 @@ __global__ void __launch_bounds__(BLOCK) backward_rows_kernel(views<T, L> vs, ws
     const int side = i >= n0 ? 1 : 0;
     const token_view<T, L>& v = vs.v[side];
     const std::int64_t r = v.row_begin(0) + (side ? i - n0 : i);
+    if (!v.in_sequence(r)) continue;  // gap rows are not written (block-uniform)
     const std::int64_t y = v.target(r);
     const double coef = y >= 0 ? row_coef[r] : 0.0;
     block_row_grad<BLOCK>(v.logits + r * v.row_stride, p.row(side, r),
                           v.vocab, static_cast<A>(row_lse[r]), static_cast<A>(coef * go), y);
+  }
+}
+
+/// sequence_logps_backward's check of the labels of every sequence row (the error word's
+/// label_key, as rows_kernel), before backward_sequences_kernel writes anything.
+template <int BLOCK, class T, class L>
+__global__ void __launch_bounds__(BLOCK) label_check_kernel(views<T, L> vs, ws_header* h) {
+  if (h->err.code != 0) return;
+  const token_view<T, L>& v = vs.v[0];
+  const std::int64_t n = side_rows(v);
+  const std::int64_t r0 = n > 0 ? v.row_begin(0) : 0;
+  for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(BLOCK) + threadIdx.x; i < n;
+       i += static_cast<std::int64_t>(gridDim.x) * BLOCK) {
+    const std::int64_t r = r0 + i;
+    if (!v.in_sequence(r)) continue;
+    const std::int64_t y = v.target(r);
+    if (y != token_view<T, L>::masked && (y < 0 || y >= v.vocab))
+      atomicMin(&h->label_key, static_cast<unsigned long long>(r));
+  }
+}
+
+/// sequence_logps_backward: seq_grad[s] * (onehot - softmax) on the completion rows of
+/// sequence s, zeros on its other rows, gap rows untouched. Block-per-row, as backward_kernel.
+template <int BLOCK, class T, class L>
+__global__ void __launch_bounds__(BLOCK) backward_sequences_kernel(views<T, L> vs, ws_header* h,
+                                                                   const double* row_lse,
+                                                                   const double* seq_grad, T* grad,
+                                                                   std::int64_t grad_stride) {
+  using A = acc_t<T>;
+  if (h->err.code != 0) return;
+  if (h->label_key != no_label_error) {
+    // Every block returns here, so nothing is written; the first reports the lowest row.
+    if (blockIdx.x == 0 && threadIdx.x == 0) {
+      const std::int64_t row = static_cast<std::int64_t>(h->label_key);
+      h->err = device_error{static_cast<std::int32_t>(device_error_code::label_out_of_range), 0,
+                            row, static_cast<std::int64_t>(vs.v[0].labels[row]), vs.v[0].vocab};
+    }
+    return;
+  }
+  const token_view<T, L>& v = vs.v[0];
+  const std::int64_t n = side_rows(v);
+  for (std::int64_t i = blockIdx.x; i < n; i += gridDim.x) {
+    const std::int64_t r = v.row_begin(0) + i;
+    if (!v.in_sequence(r)) continue;  // block-uniform
+    const std::int64_t y = v.target(r);
+    const double coef = y >= 0 ? seq_grad[v.seq_of_row(r)] : 0.0;
+    block_row_grad<BLOCK>(v.logits + r * v.row_stride, grad + r * grad_stride, v.vocab,
+                          static_cast<A>(y >= 0 ? row_lse[r] : 0.0), static_cast<A>(coef), y);
   }
 }
 
