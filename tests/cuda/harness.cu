@@ -146,6 +146,7 @@ case_out run_typed(const case_in& in) {
   if (in.cu_seqlens.empty()) {
     pv = dpo::padded_pairs(lp, lab, in.num_seqs, in.seq_len, in.vocab, in.row_stride, mk,
                            in.ignore_index);
+    pv.chosen.seq_stride = pv.rejected.seq_stride = in.seq_stride;
   } else {
     pv = dpo::packed_pairs(lp, lab, cu.as<std::int64_t>(), in.num_seqs, in.vocab, in.row_stride,
                            mk, in.ignore_index);

@@ -40,6 +40,7 @@ struct case_in {
   mode run = mode::forward_backward;
   std::int64_t num_seqs = 2;  // 2P (an odd value tests the check)
   std::int64_t seq_len = 0;
+  std::int64_t seq_stride = 0;            // padded: token_view::seq_stride of both sides
   std::int64_t vocab = 0;
   std::int64_t row_stride = 0;
   std::int64_t rows = 0;                  // rows of the logits buffer

@@ -164,6 +164,7 @@ cpu_run run_cpu_typed(const case_in& c) {
                               c.ignore_index)
           : dpo::packed_pairs(lp, c.labels.data(), c.cu_seqlens.data(), c.num_seqs, c.vocab,
                               c.row_stride, mk, c.ignore_index);
+  if (c.cu_seqlens.empty()) pv.chosen.seq_stride = pv.rejected.seq_stride = c.seq_stride;
   dpo::cpu::options opt;
   opt.metrics = c.metrics;
   opt.num_threads = 1;
@@ -764,7 +765,9 @@ namespace {
 
 /// make_case's sequences laid out for run_sequence_case with poison around them: padded
 /// sequences `gap` rows apart (seq_stride = seq_len + gap), packed ones from row `gap` on.
-/// Rows outside every sequence hold NaN logits (0xff bytes) and labels outside [0, vocab).
+/// Rows outside every sequence hold NaN logits (0xff bytes) and labels outside [0, vocab) or
+/// ignore_index, alternately (a kernel reading the first reports a label error, one treating
+/// the second as a masked row of a sequence writes zeros there).
 case_in make_sequence_case(dtype t, bool packed, std::int64_t gap, unsigned seed, std::int64_t* seq_stride) {
   shape sh;
   sh.packed = packed;
@@ -794,7 +797,8 @@ case_in make_sequence_case(dtype t, bool packed, std::int64_t gap, unsigned seed
     rows = c.num_seqs * *seq_stride;
   }
   std::vector<unsigned char> logits(static_cast<std::size_t>(rows) * row_bytes, 0xff);
-  std::vector<std::int64_t> labels(static_cast<std::size_t>(rows), c.vocab + 50);
+  std::vector<std::int64_t> labels(static_cast<std::size_t>(rows));
+  for (std::int64_t r = 0; r < rows; ++r) labels[r] = r % 2 ? c.vocab + 50 : c.ignore_index;
   std::vector<std::uint8_t> mask(c.mask.empty() ? 0 : static_cast<std::size_t>(rows), 1);
   for (std::size_t i = 0; i < src_row.size(); ++i) {
     std::memcpy(&logits[static_cast<std::size_t>(dst_row[i]) * row_bytes],
@@ -950,5 +954,64 @@ TEST_CASE("cuda: sequence_logps_backward argument and data errors", "[cuda][smal
     const dpo_cuda_test::sequence_out d = dpo_cuda_test::run_sequence_case(e, seq_stride, g);
     CHECK(d.device_error == 1);
     for (unsigned char b : d.grad) CHECK(b == 0xff);
+  }
+}
+
+TEST_CASE("cuda: the pair entry points on padded views with gaps match the CPU path", "[cuda][small]") {
+  // Row kernels (rows, row state, both backward kernels) must skip the gap rows, which hold
+  // NaN logits and out-of-range labels, and leave the gradient there untouched.
+  unsigned seed = 1400;
+  for (dtype t : {dtype::bf16, dtype::f32}) {
+    for (mode m : {mode::forward_backward, mode::forward_then_backward, mode::backward_rows}) {
+      for (bool in_place : {false, true}) {
+        std::int64_t seq_stride = 0;
+        case_in c = make_sequence_case(t, false, 2, ++seed, &seq_stride);
+        c.seq_stride = seq_stride;
+        c.run = m;
+        c.in_place = in_place;
+        c.grad_output = 0.75;
+        c.cfg.ld_alpha = 0.5;
+        INFO("dtype " << static_cast<int>(t) << " mode " << static_cast<int>(m) << (in_place ? " in place" : ""));
+        const case_out g = dpo_cuda_test::run_case(c);
+        INFO(g.message << g.device_message);
+        REQUIRE(g.status_code == 0);
+        REQUIRE(g.device_error == 0);
+        const cpu_run cpu = run_cpu(c);
+        const double tol = value_tol(c.type);
+        CHECK(g.loss == Approx(cpu.fwd.loss).epsilon(tol).margin(tol));
+        check_close(g.chosen_logps, cpu.fwd.chosen_logps, tol, "chosen_logps");
+        check_close(g.rejected_logps, cpu.fwd.rejected_logps, tol, "rejected_logps");
+        check_close(g.grad_chosen, cpu.fwd.grad_chosen, tol, "grad_chosen");
+        const std::size_t es = dpo_cuda_test::dtype_size(c.type);
+        const std::int64_t stride = c.in_place ? c.row_stride : c.grad_stride;
+        const std::int64_t offset = c.in_place ? 0 : c.grad_offset;
+        double num = 0, den = 0;
+        std::int64_t stray = 0, nonfinite = 0;
+        for (std::int64_t r = 0; r < c.rows; ++r) {
+          const bool in_seq = r % seq_stride < c.seq_len;
+          for (std::int64_t v = 0; v < stride; ++v) {
+            const std::size_t at = static_cast<std::size_t>(offset + r * stride + v) * es;
+            if (!in_seq || v >= c.vocab) {
+              bool same = true;
+              for (std::size_t b = 0; b < es; ++b) {
+                const unsigned char expect =
+                    c.in_place ? c.logits[static_cast<std::size_t>(r * c.row_stride + v) * es + b] : 0xff;
+                same = same && g.grad[at + b] == expect;
+              }
+              stray += same ? 0 : 1;
+              continue;
+            }
+            const double x = decode(c.type, g.grad.data() + at);
+            const double y = cpu.grad[static_cast<std::size_t>(r * c.row_stride + v)];
+            if (!std::isfinite(x)) ++nonfinite;
+            num += (x - y) * (x - y);
+            den += y * y;
+          }
+        }
+        CHECK(stray == 0);
+        CHECK(nonfinite == 0);
+        CHECK(std::sqrt(num) <= grad_tol(c.type) * std::sqrt(den) + 1e-12);
+      }
+    }
   }
 }
