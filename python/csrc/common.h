@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "dpo/core/layout.hpp"
 #include "dpo/core/validate.hpp"
@@ -59,8 +60,8 @@ auto rethrow_as_value_error(Fn&& fn) -> decltype(fn()) {
 /// [B, T, V], sequence b owns rows [b * seq_len, b * seq_len + T)) or packed (logits [N, V]
 /// with cu_seqlens). A padded batch whose rows are evenly strided but whose sequences sit
 /// further apart than T rows (e.g. logits[:, :-1] of a contiguous [B, T + 1, V] tensor) is
-/// read in place: seq_len > T and the extra rows get ignore_index labels, so they are never
-/// read.
+/// read in place: seq_len > T, and the views have seq_stride = seq_len, so the rows between
+/// sequences are never read (their labels are padded with ignore_index all the same).
 struct row_layout {
   at::Tensor logits;      // the tensor read (the input itself, or a contiguous copy)
   at::Tensor labels;      // contiguous labels, one per row of the view ([B, seq_len] or [N])
@@ -144,7 +145,8 @@ dpo::token_view<T, L> token_view_of(const row_layout& l, std::int64_t ignore_ind
   v.vocab = l.vocab;
   v.row_stride = l.row_stride;
   v.num_seqs = l.num_seqs;
-  v.seq_len = l.seq_len;
+  v.seq_len = l.tokens;
+  v.seq_stride = l.seq_len;
   v.ignore_index = ignore_index;
   return v;
 }
@@ -157,8 +159,67 @@ dpo::pair_view<T, L> pair_view_of(const row_layout& l, std::int64_t ignore_index
   if (l.packed)
     return dpo::packed_pairs(z, y, l.cu_seqlens.data_ptr<std::int64_t>(), l.num_seqs, l.vocab,
                              l.row_stride, nullptr, ignore_index);
-  return dpo::padded_pairs(z, y, l.num_seqs, l.seq_len, l.vocab, l.row_stride, nullptr,
-                           ignore_index);
+  dpo::pair_view<T, L> p = dpo::padded_pairs(z, y, l.num_seqs, l.tokens, l.vocab, l.row_stride,
+                                             nullptr, ignore_index);
+  p.chosen.seq_stride = p.rejected.seq_stride = l.seq_len;
+  return p;
+}
+
+/// Per-row values indexed by the view's rows (view_rows() entries, as the library's row_lse /
+/// row_coef) as a tensor shaped like the input's rows (logits.shape[:-1]): drops the rows
+/// between the sequences of a padded view with seq_len > T.
+inline at::Tensor view_rows_to_input(const at::Tensor& v, const row_layout& l, const at::Tensor& logits) {
+  std::vector<std::int64_t> shape(logits.sizes().begin(), logits.sizes().end() - 1);
+  if (!l.packed && logits.dim() == 3 && l.seq_len != l.tokens)
+    return v.view({l.num_seqs, l.seq_len}).narrow(1, 0, l.tokens).contiguous();
+  return v.view(shape);
+}
+
+/// The inverse: input-row values as a contiguous double tensor of view_rows() entries, 0 on
+/// the rows between sequences.
+inline at::Tensor input_rows_to_view(const at::Tensor& t, const row_layout& l, const char* name) {
+  TORCH_CHECK_VALUE(t.numel() == l.rows, name, " has ", t.numel(), " entries, expected ", l.rows);
+  TORCH_CHECK_VALUE(t.device() == l.logits.device(), name, " is on ", t.device(), " but logits is on ",
+                    l.logits.device());
+  at::Tensor d = t.to(at::kDouble).contiguous().reshape({-1});
+  if (!l.packed && l.seq_len != l.tokens) {
+    at::Tensor v = at::zeros({l.num_seqs, l.seq_len}, d.options());
+    v.narrow(1, 0, l.tokens).copy_(d.view({l.num_seqs, l.tokens}));
+    return v.view({-1});
+  }
+  return d;
+}
+
+/// A gradient buffer with the view's row indexing ([view_rows(), V]) as a tensor shaped like
+/// the logits: [B, T, V] (a strided view when seq_len > T) or [N, V].
+inline at::Tensor grad_as_logits(const at::Tensor& grad, const row_layout& l, const at::Tensor& logits) {
+  if (l.packed || logits.dim() == 2) return grad;
+  return grad.view({l.num_seqs, l.seq_len, l.vocab}).narrow(1, 0, l.tokens);
+}
+
+/// Completion tokens (label != ignore_index) of each sequence, int64 [num_seqs], with
+/// tensor ops on the labels' device (no host read of cu_seqlens). Needs num_seqs >= 1.
+inline at::Tensor completion_counts(const row_layout& l, std::int64_t ignore_index) {
+  if (!l.packed)
+    return l.labels.view({l.num_seqs, l.seq_len}).narrow(1, 0, l.tokens).ne(ignore_index).sum(1);
+  // Sequence s owns rows [cu[s], cu[s + 1]): differences of a prefix sum of the flags.
+  const at::Tensor flags = l.labels.ne(ignore_index).to(at::kLong);
+  const at::Tensor prefix = at::cat({at::zeros({1}, flags.options()), flags.cumsum(0)});
+  const at::Tensor cu = l.cu_seqlens.clamp(0, l.rows);
+  return prefix.index_select(0, cu.narrow(0, 1, l.num_seqs)) - prefix.index_select(0, cu.narrow(0, 0, l.num_seqs));
+}
+
+/// d sum_s grad[s] * logps[s] / d sums[s] as the library's per-sequence doubles: grad, divided
+/// by max(count, 1) when the op averaged. Contiguous, on grad's device.
+inline at::Tensor sequence_grad(const at::Tensor& grad, const row_layout& l, std::int64_t ignore_index,
+                                bool average) {
+  TORCH_CHECK_VALUE(grad.dim() == 1 && grad.size(0) == l.num_seqs, "grad must have shape [", l.num_seqs,
+                    "], got ", grad.sizes());
+  TORCH_CHECK_VALUE(grad.device() == l.logits.device(), "grad is on ", grad.device(), " but logits is on ",
+                    l.logits.device());
+  at::Tensor g = grad.to(at::kDouble);
+  if (average) g = g / completion_counts(l, ignore_index).clamp_min(1).to(at::kDouble);
+  return g.contiguous();
 }
 
 /// Metrics in the order of the `metrics` output of dpo_forward.

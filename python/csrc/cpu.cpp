@@ -49,6 +49,24 @@ const double* ptr_or_null(const std::optional<at::Tensor>& t, at::Tensor& keep) 
   return keep.data_ptr<double>();
 }
 
+/// Zeroes gradient rows of packed logits that lie outside every sequence (the library leaves
+/// them untouched).
+void zero_rows_outside(at::Tensor grad2d, const row_layout& l) {
+  if (!l.packed) return;
+  const std::int64_t first = l.cu_seqlens.data_ptr<std::int64_t>()[0];
+  const std::int64_t last = l.cu_seqlens.data_ptr<std::int64_t>()[l.num_seqs];
+  if (first > 0) grad2d.narrow(0, 0, std::min(first, l.rows)).zero_();
+  if (last < l.rows && last >= 0) grad2d.narrow(0, last, l.rows - last).zero_();
+}
+
+/// cu_seqlens[S] <= N for packed logits [N, V]: the library reads the rows cu_seqlens names.
+void check_packed_rows(const row_layout& l) {
+  if (!l.packed) return;
+  const std::int64_t last = l.cu_seqlens.data_ptr<std::int64_t>()[l.num_seqs];
+  TORCH_CHECK_VALUE(last <= l.rows, "cu_seqlens[", l.num_seqs, "] = ", last, " is past the ", l.rows,
+                    " rows of logits");
+}
+
 // ---- sequence_logps ----------------------------------------------------------------------
 
 std::tuple<at::Tensor, at::Tensor> sequence_logps_cpu(const at::Tensor& logits,
@@ -57,45 +75,28 @@ std::tuple<at::Tensor, at::Tensor> sequence_logps_cpu(const at::Tensor& logits,
                                                       std::int64_t ignore_index, bool average) {
   check_cpu(logits, "logits");
   const row_layout l = make_layout(logits, labels, cu_seqlens, ignore_index, "logits");
+  check_packed_rows(l);
   const auto out_dtype = result_dtype(logits.scalar_type());
-  at::Tensor logps = at::empty({l.num_seqs}, logits.options().dtype(out_dtype));
-  std::vector<std::int64_t> lse_shape(logits.sizes().begin(), logits.sizes().end() - 1);
-  at::Tensor row_lse = at::zeros(lse_shape, logits.options().dtype(out_dtype));
-  if (l.num_seqs == 0) return {logps, row_lse};
-  std::vector<double> sums(l.num_seqs);
-  std::vector<std::int64_t> counts(l.num_seqs);
+  std::vector<std::int64_t> row_shape(logits.sizes().begin(), logits.sizes().end() - 1);
+  if (l.num_seqs == 0)
+    return {at::empty({0}, logits.options().dtype(out_dtype)), at::zeros(row_shape, logits.options().dtype(out_dtype))};
+  at::Tensor sums = at::empty({l.num_seqs}, at::kDouble);
+  at::Tensor counts = at::empty({l.num_seqs}, at::kLong);
+  // The library's row log-sum-exp by view row (what the backward reads), 0 off completion rows.
+  at::Tensor lse = at::zeros({l.view_rows()}, at::kDouble);
   dispatch_float(logits.scalar_type(), [&](auto* tp) {
     using T = std::remove_pointer_t<decltype(tp)>;
     dispatch_label(l.labels.scalar_type(), [&](auto* lp) {
       using L = std::remove_pointer_t<decltype(lp)>;
-      const dpo::token_view<T, L> v = token_view_of<T, L>(l, ignore_index);
-      const std::int64_t r0 = v.row_begin(0), r1 = v.row_end(v.num_seqs - 1);
-      std::vector<double> token_logps(static_cast<std::size_t>(std::max<std::int64_t>(r1 - r0, 0)));
       rethrow_as_value_error([&] {
-        dpo::cpu::sequence_logps(v, sums.data(), counts.data(), token_logps.data(), cpu_options(false));
-      });
-      // The row log-sum-exp for the backward pass: lse = z[y] - logp, in the accumulation type.
-      using A = dpo::cpu::acc_t<T>;
-      AT_DISPATCH_FLOATING_TYPES(row_lse.scalar_type(), "row_lse", [&] {
-        scalar_t* out = row_lse.data_ptr<scalar_t>();
-        for (std::int64_t r = r0; r < r1; ++r) {
-          const std::int64_t y = v.target(r);
-          const std::int64_t in = l.input_row(r);
-          if (y < 0 || in < 0) continue;
-          const A zy = static_cast<A>(v.logits[r * v.row_stride + y]);
-          out[in] = static_cast<scalar_t>(zy - static_cast<A>(token_logps[r - r0]));
-        }
+        dpo::cpu::sequence_logps(token_view_of<T, L>(l, ignore_index), sums.data_ptr<double>(),
+                                 counts.data_ptr<std::int64_t>(), nullptr, lse.data_ptr<double>(),
+                                 cpu_options(false));
       });
     });
   });
-  AT_DISPATCH_FLOATING_TYPES(out_dtype, "logps", [&] {
-    scalar_t* out = logps.data_ptr<scalar_t>();
-    for (std::int64_t s = 0; s < l.num_seqs; ++s) {
-      const double n = counts[s] < 1 ? 1.0 : static_cast<double>(counts[s]);
-      out[s] = static_cast<scalar_t>(average ? sums[s] / n : sums[s]);
-    }
-  });
-  return {logps, row_lse};
+  const at::Tensor logps = average ? sums / counts.clamp_min(1).to(at::kDouble) : sums;
+  return {logps.to(out_dtype), view_rows_to_input(lse, l, logits).to(out_dtype)};
 }
 
 at::Tensor sequence_logps_backward_cpu(const at::Tensor& grad, const at::Tensor& logits,
@@ -105,54 +106,24 @@ at::Tensor sequence_logps_backward_cpu(const at::Tensor& grad, const at::Tensor&
                                        bool average) {
   check_cpu(logits, "logits");
   const row_layout l = make_layout(logits, labels, cu_seqlens, ignore_index, "logits");
-  TORCH_CHECK_VALUE(grad.dim() == 1 && grad.size(0) == l.num_seqs, "grad must have shape [",
-                    l.num_seqs, "], got ", grad.sizes());
-  at::Tensor out = at::empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
-  const at::Tensor g = to_double(grad);
-  const at::Tensor lse = to_double(row_lse).reshape({-1});
-  TORCH_CHECK_VALUE(lse.numel() == l.rows, "row_lse has ", lse.numel(), " entries, expected ", l.rows);
+  check_packed_rows(l);
+  const at::Tensor lse = input_rows_to_view(row_lse, l, "row_lse");
+  if (l.num_seqs == 0) return at::zeros(logits.sizes(), logits.options());
+  const at::Tensor g = sequence_grad(grad, l, ignore_index, average);
+  at::Tensor out = at::empty({l.view_rows(), l.vocab}, logits.options().memory_format(at::MemoryFormat::Contiguous));
   dispatch_float(logits.scalar_type(), [&](auto* tp) {
     using T = std::remove_pointer_t<decltype(tp)>;
-    using A = dpo::cpu::acc_t<T>;
     dispatch_label(l.labels.scalar_type(), [&](auto* lp) {
       using L = std::remove_pointer_t<decltype(lp)>;
-      const dpo::token_view<T, L> v = token_view_of<T, L>(l, ignore_index);
-      // Per input row: its sequence's coefficient (0 outside every sequence or when masked).
-      std::vector<double> coef(static_cast<std::size_t>(l.rows), 0.0);
-      std::vector<std::int64_t> target(static_cast<std::size_t>(l.rows), -1);
-      std::vector<std::int64_t> view_row(static_cast<std::size_t>(l.rows), -1);
-      const double* gs = g.data_ptr<double>();
-      for (std::int64_t s = 0; s < v.num_seqs; ++s) {
-        std::int64_t n = 0;
-        for (std::int64_t r = v.row_begin(s); r < v.row_end(s); ++r) n += v.target(r) >= 0 ? 1 : 0;
-        const double c = average ? gs[s] / (n < 1 ? 1.0 : static_cast<double>(n)) : gs[s];
-        for (std::int64_t r = v.row_begin(s); r < v.row_end(s); ++r) {
-          const std::int64_t in = l.input_row(r);
-          if (in < 0) continue;
-          view_row[in] = r;
-          target[in] = v.target(r);
-          coef[in] = target[in] >= 0 ? c : 0.0;
-        }
-      }
-      T* o = reinterpret_cast<T*>(out.data_ptr());
-      const double* lse_p = lse.data_ptr<double>();
-      dpo::cpu::detail::parallel_for(l.rows, at::get_num_threads(), [&](std::int64_t b, std::int64_t e) {
-        dpo::cpu::detail::row_scratch<A> scratch;
-        for (std::int64_t i = b; i < e; ++i) {
-          const std::int64_t r = view_row[i];
-          const T* z = r >= 0 ? v.logits + r * v.row_stride : nullptr;
-          const A c = static_cast<A>(coef[i]);
-          if (r < 0 || c == A(0)) {
-            std::fill(o + i * l.vocab, o + (i + 1) * l.vocab, T(0));
-            continue;
-          }
-          dpo::cpu::detail::row_backward<T, A>(z, o + i * l.vocab, l.vocab, static_cast<A>(lse_p[i]), c,
-                                               target[i], scratch);
-        }
+      rethrow_as_value_error([&] {
+        dpo::cpu::sequence_logps_backward(token_view_of<T, L>(l, ignore_index), lse.data_ptr<double>(),
+                                          g.data_ptr<double>(), reinterpret_cast<T*>(out.data_ptr()), l.vocab,
+                                          cpu_options());
       });
     });
   });
-  return out;
+  zero_rows_outside(out, l);
+  return grad_as_logits(out, l, logits);
 }
 
 // ---- pair-level loss ---------------------------------------------------------------------
@@ -219,6 +190,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dpo_forwa
   check_cpu(logits, "logits");
   const dpo::loss_config cfg = make_config(DPO_CONFIG_ARGS);
   const row_layout l = make_layout(logits, labels, cu_seqlens, ignore_index, "logits");
+  check_packed_rows(l);
   TORCH_CHECK_VALUE(l.num_seqs % 2 == 0 && l.num_seqs >= 2, "logits holds ", l.num_seqs,
                     " sequences: the concatenated layout needs an even number 2P >= 2 ",
                     "(rows [0, P) chosen, [P, 2P) rejected)");
@@ -316,16 +288,6 @@ dpo::cpu::forward_result saved_forward(const dpo::pair_view<T, L>& policy, const
   return f;
 }
 
-/// Zeroes gradient rows of packed logits that lie outside every sequence (the library leaves
-/// them untouched).
-void zero_rows_outside(at::Tensor grad2d, const row_layout& l) {
-  if (!l.packed) return;
-  const std::int64_t first = l.cu_seqlens.data_ptr<std::int64_t>()[0];
-  const std::int64_t last = l.cu_seqlens.data_ptr<std::int64_t>()[l.num_seqs];
-  if (first > 0) grad2d.narrow(0, 0, std::min(first, l.rows)).zero_();
-  if (last < l.rows && last >= 0) grad2d.narrow(0, last, l.rows - last).zero_();
-}
-
 void run_backward(const at::Tensor& grad_loss, const row_layout& l, const at::Tensor& row_lse,
                   const at::Tensor& row_coef, std::int64_t ignore_index, void* grad_ptr,
                   std::int64_t grad_stride) {
@@ -351,12 +313,12 @@ at::Tensor dpo_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& logit
                             const at::Tensor& row_coef, std::int64_t ignore_index) {
   check_cpu(logits, "logits");
   const row_layout l = make_layout(logits, labels, cu_seqlens, ignore_index, "logits");
+  check_packed_rows(l);
   // The gradient buffer has the view's row indexing: [B, seq_len, V] (seq_len >= T) or [N, V].
   at::Tensor grad = at::empty({l.view_rows(), l.vocab}, logits.options().memory_format(at::MemoryFormat::Contiguous));
   run_backward(grad_loss, l, row_lse, row_coef, ignore_index, grad.data_ptr(), l.vocab);
   zero_rows_outside(grad, l);
-  if (l.packed || logits.dim() == 2) return grad;
-  return grad.view({l.num_seqs, l.seq_len, l.vocab}).narrow(1, 0, l.tokens);
+  return grad_as_logits(grad, l, logits);
 }
 
 void dpo_backward_inplace_cpu(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& labels,
@@ -364,6 +326,7 @@ void dpo_backward_inplace_cpu(const at::Tensor& grad_loss, const at::Tensor& log
                               const at::Tensor& row_coef, std::int64_t ignore_index) {
   check_cpu(logits, "logits");
   const row_layout l = make_layout(logits, labels, cu_seqlens, ignore_index, "logits");
+  check_packed_rows(l);
   TORCH_CHECK_VALUE(!l.copied && l.seq_len == l.tokens,
                     "inplace_backward needs logits whose rows are evenly strided with unit stride over ",
                     "the vocabulary and no gap between sequences (e.g. a contiguous tensor); got strides ",

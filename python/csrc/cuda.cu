@@ -87,28 +87,6 @@ const double* ptr_or_null(const std::optional<at::Tensor>& t, at::Tensor& keep) 
   return keep.data_ptr<double>();
 }
 
-/// Per-row values of the view (view_rows entries) as a tensor shaped like the input's rows
-/// (logits.shape[:-1]): drops the padding rows of a padded view with seq_len > T.
-at::Tensor view_rows_to_input(const at::Tensor& v, const row_layout& l, const at::Tensor& logits) {
-  std::vector<std::int64_t> shape(logits.sizes().begin(), logits.sizes().end() - 1);
-  if (!l.packed && logits.dim() == 3 && l.seq_len != l.tokens)
-    return v.view({l.num_seqs, l.seq_len}).narrow(1, 0, l.tokens).contiguous();
-  return v.view(shape);
-}
-
-/// The inverse: input-row values as a contiguous double tensor of view_rows entries, 0 on
-/// padding rows.
-at::Tensor input_rows_to_view(const at::Tensor& t, const row_layout& l, const char* name) {
-  TORCH_CHECK_VALUE(t.numel() == l.rows, name, " has ", t.numel(), " entries, expected ", l.rows);
-  at::Tensor d = to_double(t).reshape({-1});
-  if (!l.packed && l.seq_len != l.tokens) {
-    at::Tensor v = at::zeros({l.num_seqs, l.seq_len}, d.options());
-    v.narrow(1, 0, l.tokens).copy_(d.view({l.num_seqs, l.tokens}));
-    return v.view({-1});
-  }
-  return d;
-}
-
 /// Packed layouts: whether each of the N rows lies in a sequence ([cu[0], cu[S])), on the
 /// device (no host read of cu_seqlens).
 at::Tensor rows_inside(const row_layout& l) {
@@ -132,8 +110,8 @@ std::tuple<at::Tensor, at::Tensor> sequence_logps_cuda(const at::Tensor& logits,
   // NaN until written (invalid labels / cu_seqlens: the kernels write nothing).
   at::Tensor sums = at::full({l.num_seqs}, std::numeric_limits<double>::quiet_NaN(), dopts);
   at::Tensor counts = at::ones({l.num_seqs}, dopts.dtype(at::kLong));
-  // Row log-probs indexed from the first sequence's first row (cu_seqlens[0] when packed).
-  at::Tensor token_logps = at::zeros({std::max<std::int64_t>(l.view_rows(), 1)}, dopts);
+  // The library's row log-sum-exp by view row (what the backward reads), 0 off completion rows.
+  at::Tensor lse = at::zeros({l.view_rows()}, dopts);
   const auto stream = at::cuda::getCurrentCUDAStream();
   dispatch_float(logits.scalar_type(), [&](auto* tp) {
     using T = std::remove_pointer_t<decltype(tp)>;
@@ -142,58 +120,12 @@ std::tuple<at::Tensor, at::Tensor> sequence_logps_cuda(const at::Tensor& logits,
       const dpo::token_view<T, L> v = token_view_of<T, L>(l, ignore_index);
       run_with_workspace(logits.device(), [&](void* ws, std::size_t& bytes) {
         return dpo::cuda::sequence_logps(ws, bytes, v, sums.data_ptr<double>(), counts.data_ptr<std::int64_t>(),
-                                         token_logps.data_ptr<double>(), cuda_options(l, false), stream);
+                                         nullptr, lse.data_ptr<double>(), cuda_options(l, false), stream);
       });
     });
   });
-  at::Tensor logps = average ? sums / counts.clamp_min(1).to(at::kDouble) : sums;
-  // row_lse = z[y] - logp on completion rows (0 elsewhere), as the CPU kernel: z[y] in the
-  // accumulation type (fp64 for fp64 logits, else fp32).
-  at::Tensor tl;
-  at::Tensor inside;
-  if (l.packed) {
-    at::Tensor shift = (at::arange(l.rows, l.cu_seqlens.options()) - l.cu_seqlens.narrow(0, 0, 1))
-                           .clamp_(0, std::max<std::int64_t>(l.rows - 1, 0));
-    tl = token_logps.index_select(0, shift);
-    inside = rows_inside(l);
-  } else {
-    tl = view_rows_to_input(token_logps.narrow(0, 0, l.view_rows()), l, logits).reshape({-1});
-  }
-  const at::Tensor y = labels.reshape({-1}).to(at::kLong);
-  at::Tensor valid = y.ne(ignore_index);
-  if (l.packed) valid = valid.logical_and(inside);
-  const at::Tensor z2 = l.logits.reshape({l.rows, l.vocab});
-  const at::Tensor zy = z2.gather(1, y.clamp(0, l.vocab - 1).unsqueeze(1)).squeeze(1).to(out_dtype);
-  at::Tensor row_lse = at::where(valid, zy - tl.to(out_dtype), at::zeros({}, zy.options()));
-  return {logps.to(out_dtype), row_lse.view(row_shape)};
-}
-
-/// Per input row (flattened): the sequence coefficient g_s (/ n_s when averaging) on
-/// completion rows, 0 elsewhere. Device ops only.
-at::Tensor sequence_row_coef(const at::Tensor& grad, const row_layout& l, const at::Tensor& labels,
-                             std::int64_t ignore_index, bool average) {
-  const at::Tensor g = to_double(grad);
-  const at::Tensor y = labels.reshape({-1});
-  at::Tensor valid = y.ne(ignore_index);
-  if (l.packed) {
-    valid = valid.logical_and(rows_inside(l));
-    // Sequence s owns rows [cu[s], cu[s + 1]); n_s from a prefix sum of the completion flags.
-    const at::Tensor r = at::arange(l.rows, l.cu_seqlens.options());
-    const at::Tensor seq = (at::searchsorted(l.cu_seqlens, r, false, true) - 1).clamp_(0, l.num_seqs - 1);
-    at::Tensor c = g;
-    if (average) {
-      const at::Tensor cs = at::cat({at::zeros({1}, l.cu_seqlens.options()), valid.to(at::kLong).cumsum(0)});
-      const at::Tensor cu = l.cu_seqlens.clamp(0, l.rows);
-      const at::Tensor n = cs.index_select(0, cu.narrow(0, 1, l.num_seqs)) - cs.index_select(0, cu.narrow(0, 0, l.num_seqs));
-      c = g / n.clamp_min(1).to(at::kDouble);
-    }
-    return c.index_select(0, seq) * valid.to(at::kDouble);
-  }
-  const std::int64_t S = l.num_seqs, T = l.rows / std::max<std::int64_t>(S, 1);
-  const at::Tensor v2 = valid.view({S, T}).to(at::kDouble);
-  at::Tensor c = g;
-  if (average) c = g / v2.sum(1).clamp_min(1);
-  return (c.unsqueeze(1) * v2).reshape({-1});
+  const at::Tensor logps = average ? sums / counts.clamp_min(1).to(at::kDouble) : sums;
+  return {logps.to(out_dtype), view_rows_to_input(lse, l, logits).to(out_dtype)};
 }
 
 at::Tensor sequence_logps_backward_cuda(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& labels,
@@ -202,22 +134,26 @@ at::Tensor sequence_logps_backward_cuda(const at::Tensor& grad, const at::Tensor
   check_cuda(logits, "logits");
   const c10::cuda::CUDAGuard guard(logits.device());
   const row_layout l = make_layout(logits, labels, cu_seqlens, ignore_index, "logits");
-  TORCH_CHECK_VALUE(grad.dim() == 1 && grad.size(0) == l.num_seqs, "grad must have shape [", l.num_seqs,
-                    "], got ", grad.sizes());
-  TORCH_CHECK_VALUE(row_lse.numel() == l.rows, "row_lse has ", row_lse.numel(), " entries, expected ", l.rows);
-  if (l.rows == 0 || l.num_seqs == 0) return at::zeros(logits.sizes(), logits.options());
-  // Not the fused path: d logp_row / dz = onehot(y) - softmax(z), in the accumulation type,
-  // with ATen ops (a row-local formula; no library kernel takes per-sequence coefficients).
-  const auto acc = result_dtype(logits.scalar_type());
-  const at::Tensor coef = sequence_row_coef(grad, l, labels, ignore_index, average).to(acc).unsqueeze(1);
-  const at::Tensor z = l.logits.reshape({l.rows, l.vocab}).to(acc);
-  const at::Tensor lse = row_lse.reshape({-1, 1}).to(acc);
-  at::Tensor g = (z - lse).exp_().mul_(-coef);
-  const at::Tensor y = labels.reshape({-1, 1}).to(at::kLong).clamp(0, l.vocab - 1);
-  g.scatter_add_(1, y, coef);
-  // Masked rows: exact zeros (their saved lse is 0, so exp(z - lse) may overflow to inf * 0).
-  g.masked_fill_(coef.eq(0), 0);
-  return g.to(logits.scalar_type()).view(logits.sizes());
+  const at::Tensor lse = input_rows_to_view(row_lse, l, "row_lse");
+  if (l.num_seqs == 0) return at::zeros(logits.sizes(), logits.options());
+  const at::Tensor g = sequence_grad(grad, l, ignore_index, average);
+  // Packed rows outside every sequence are not written by the library: start from zeros.
+  const auto opts = logits.options().memory_format(at::MemoryFormat::Contiguous);
+  at::Tensor out = l.packed ? at::zeros({l.view_rows(), l.vocab}, opts) : at::empty({l.view_rows(), l.vocab}, opts);
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  dispatch_float(logits.scalar_type(), [&](auto* tp) {
+    using T = std::remove_pointer_t<decltype(tp)>;
+    dispatch_label(l.labels.scalar_type(), [&](auto* lp) {
+      using L = std::remove_pointer_t<decltype(lp)>;
+      const dpo::token_view<T, L> v = token_view_of<T, L>(l, ignore_index);
+      run_with_workspace(logits.device(), [&](void* ws, std::size_t& bytes) {
+        return dpo::cuda::sequence_logps_backward(ws, bytes, v, lse.data_ptr<double>(), g.data_ptr<double>(),
+                                                  reinterpret_cast<T*>(out.data_ptr()), l.vocab,
+                                                  cuda_options(l), stream);
+      });
+    });
+  });
+  return grad_as_logits(out, l, logits);
 }
 
 // ---- pair-level loss ---------------------------------------------------------------------
@@ -425,8 +361,7 @@ at::Tensor dpo_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& logi
   const auto opts = logits.options().memory_format(at::MemoryFormat::Contiguous);
   at::Tensor grad = l.packed ? at::zeros({l.view_rows(), l.vocab}, opts) : at::empty({l.view_rows(), l.vocab}, opts);
   run_backward(grad_loss, l, row_lse, row_coef, ignore_index, grad.data_ptr(), l.vocab, logits.device());
-  if (l.packed || logits.dim() == 2) return grad;
-  return grad.view({l.num_seqs, l.seq_len, l.vocab}).narrow(1, 0, l.tokens);
+  return grad_as_logits(grad, l, logits);
 }
 
 void dpo_backward_inplace_cuda(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& labels,

@@ -85,7 +85,13 @@ def _sequence_logps_fake(logits, labels, cu_seqlens, ignore_index, average):
 
 @torch.library.register_fake("dpo_kernels::sequence_logps_backward")
 def _sequence_logps_backward_fake(grad, logits, labels, cu_seqlens, row_lse, ignore_index, average):
-    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    # As dpo_backward: the gradient has the C++ view's row indexing, a strided [B, T, V] view
+    # of [B, k, V] when the input's sequences sit k > T rows apart.
+    if logits.dim() == 2:
+        return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    B, T, V = logits.shape
+    k = _view_seq_len(logits)
+    return torch.empty_strided((B, T, V), (k * V, V, 1), dtype=logits.dtype, device=logits.device)
 
 
 def _sequence_logps_setup(ctx, inputs, output):
