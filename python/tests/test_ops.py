@@ -42,6 +42,25 @@ def test_opcheck_sequence_logps():
     torch.library.opcheck(ops.sequence_logps, (logits.detach().contiguous().float(), labels.int(), None, -100, True))
 
 
+def test_opcheck_sequence_logps_backward():
+    # The gradient of logits[:, :-1] is a strided view (the fake kernel must say so), of a
+    # contiguous tensor a plain one; packed rows outside every sequence get zeros.
+    for gap in (True, False):
+        logits, labels, _, _ = make(gap=gap)
+        for average in (False, True):
+            _, lse = ops.sequence_logps(logits, labels, None, -100, average)
+            g = torch.randn(2 * P, dtype=torch.float64)
+            torch.library.opcheck(ops.sequence_logps_backward, (g, logits, labels, None, lse, -100, average))
+    logits, labels, _, _ = make(gap=False)
+    z = torch.cat([torch.randn(2, V, dtype=logits.dtype), logits.reshape(-1, V), torch.randn(1, V, dtype=logits.dtype)])
+    y = torch.cat([torch.zeros(2, dtype=labels.dtype), labels.reshape(-1), torch.zeros(1, dtype=labels.dtype)])
+    cu = torch.arange(2, 2 + 2 * P * T + 1, T)
+    _, lse = ops.sequence_logps(z, y, cu, -100, True)
+    grad = ops.sequence_logps_backward(torch.ones(2 * P, dtype=torch.float64), z, y, cu, lse, -100, True)
+    assert grad[:2].eq(0).all() and grad[-1:].eq(0).all()
+    torch.library.opcheck(ops.sequence_logps_backward, (torch.ones(2 * P, dtype=torch.float64), z, y, cu, lse, -100, True))
+
+
 def test_opcheck_pair_loss():
     pc = torch.randn(P, dtype=torch.float64, requires_grad=True)
     pr = torch.randn(P, dtype=torch.float64, requires_grad=True)
