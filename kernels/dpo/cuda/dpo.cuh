@@ -211,6 +211,23 @@ inline status check_workspace(void* workspace, std::size_t workspace_bytes, std:
   return {};
 }
 
+/// The two-phase workspace of a call whose arrays cover `cap` rows per side, `seqs`
+/// sequences and `pairs` pairs. With workspace == nullptr: stores the size in
+/// workspace_bytes, sets *size_only and carves nothing (the caller returns). Otherwise checks
+/// the buffer's size and alignment and lays the arrays out in it (w).
+inline status reserve(void* workspace, std::size_t& workspace_bytes, const std::int64_t cap[2],
+                      std::int64_t seqs, std::int64_t pairs, ws_ptrs* w, bool* size_only) {
+  const std::size_t needed = carve(0, cap, seqs, pairs, w);
+  *size_only = workspace == nullptr;
+  if (*size_only) {
+    workspace_bytes = needed;
+    return {};
+  }
+  const status s = check_workspace(workspace, workspace_bytes, needed);
+  if (s) carve(reinterpret_cast<std::uintptr_t>(workspace), cap, seqs, pairs, w);
+  return s;
+}
+
 /// Enqueues kernel<<<grid, block, 0, stream>>>(args...). Written as a call of the runtime's
 /// cudaLaunchKernelEx (the same launch) so the test emulator (tests/cuda/emu) can run the
 /// pipeline on a machine without a GPU.
@@ -385,17 +402,12 @@ status sequence_logps(void* workspace, std::size_t& workspace_bytes, const token
   status s = detail::check_view(in, "logits", opt, &cap[0], workspace != nullptr);
   if (!s) return s;
   detail::ws_ptrs w;
-  const std::size_t needed = detail::carve(0, cap, in.num_seqs, 0, &w);
-  if (workspace == nullptr) {
-    workspace_bytes = needed;
-    return {};
-  }
-  s = detail::check_workspace(workspace, workspace_bytes, needed);
-  if (!s) return s;
+  bool size_only = false;
+  s = detail::reserve(workspace, workspace_bytes, cap, in.num_seqs, 0, &w, &size_only);
+  if (!s || size_only) return s;
   if (in.num_seqs > 0 && (sums == nullptr || counts == nullptr))
     return detail::invalid("dpo: %s is null", sums == nullptr ? "sums" : "counts");
   if (in.num_seqs == 0) return {};
-  detail::carve(reinterpret_cast<std::uintptr_t>(workspace), cap, in.num_seqs, 0, &w);
   const detail::views<T, L> vs = detail::make_views<T, L>(in, nullptr, opt);
   s = detail::run_rows<false>(vs, w, cap, stream);
   if (!s) return s;
@@ -447,13 +459,9 @@ status sequence_logps_backward(void* workspace, std::size_t& workspace_bytes,
                            detail::ll(grad_stride), detail::ll(in.vocab));
   const std::int64_t none[2] = {0, 0};
   detail::ws_ptrs w;
-  const std::size_t needed = detail::carve(0, none, 0, 0, &w);
-  if (workspace == nullptr) {
-    workspace_bytes = needed;
-    return {};
-  }
-  s = detail::check_workspace(workspace, workspace_bytes, needed);
-  if (!s) return s;
+  bool size_only = false;
+  s = detail::reserve(workspace, workspace_bytes, none, 0, 0, &w, &size_only);
+  if (!s || size_only) return s;
   if (cap > 0) {
     if (row_lse == nullptr) return detail::invalid("dpo: row_lse is null");
     if (seq_grad == nullptr) return detail::invalid("dpo: seq_grad is null");
@@ -464,7 +472,6 @@ status sequence_logps_backward(void* workspace, std::size_t& workspace_bytes,
                              "itself (same pointer and stride): unsupported aliasing");
   }
   if (cap == 0) return {};
-  detail::carve(reinterpret_cast<std::uintptr_t>(workspace), none, 0, 0, &w);
   const detail::views<T, L> vs = detail::make_views<T, L>(in, nullptr, opt);
   // The device query first: a failure must leave nothing enqueued.
   const auto kernel = detail::backward_sequences_kernel<detail::rows_block, T, L>;
@@ -494,16 +501,12 @@ status pair_logps(void* workspace, std::size_t& workspace_bytes, const pair_view
   if (!(ld_alpha >= 0.0 && ld_alpha <= 1.0))
     return detail::invalid("dpo: ld_alpha = %g is invalid: must be in [0, 1]", ld_alpha);
   detail::ws_ptrs w;
-  const std::size_t needed = detail::carve(0, cap, in.num_pairs(), in.num_pairs(), &w);
-  if (workspace == nullptr) {
-    workspace_bytes = needed;
-    return {};
-  }
-  s = detail::check_workspace(workspace, workspace_bytes, needed);
-  if (!s) return s;
+  bool size_only = false;
+  s = detail::reserve(workspace, workspace_bytes, cap, in.num_pairs(), in.num_pairs(), &w,
+                      &size_only);
+  if (!s || size_only) return s;
   if (chosen == nullptr || rejected == nullptr)
     return detail::invalid("dpo: %s is null", chosen == nullptr ? "chosen" : "rejected");
-  detail::carve(reinterpret_cast<std::uintptr_t>(workspace), cap, in.num_pairs(), in.num_pairs(), &w);
   const detail::views<T, L> vs = detail::make_views(in.chosen, &in.rejected, opt);
   s = detail::run_rows<false>(vs, w, cap, stream);
   if (!s) return s;
@@ -533,14 +536,9 @@ status dpo_forward(void* workspace, std::size_t& workspace_bytes, const pair_vie
   if (!s) return s;
   detail::ws_ptrs w;
   const std::int64_t P = policy.num_pairs();
-  const std::size_t needed = detail::carve(0, cap, P, P, &w);
-  if (workspace == nullptr) {
-    workspace_bytes = needed;
-    return {};
-  }
-  s = detail::check_workspace(workspace, workspace_bytes, needed);
-  if (!s) return s;
-  detail::carve(reinterpret_cast<std::uintptr_t>(workspace), cap, P, P, &w);
+  bool size_only = false;
+  s = detail::reserve(workspace, workspace_bytes, cap, P, P, &w, &size_only);
+  if (!s || size_only) return s;
   return detail::enqueue_forward(policy, ref_chosen, ref_rejected, cfg, out, opt, w, cap, stream);
 }
 
@@ -562,20 +560,15 @@ inline status dpo_loss(void* workspace, std::size_t& workspace_bytes, const pair
     return detail::invalid("dpo: num_pairs = %lld is invalid: must be in [1, 2^31)", detail::ll(P));
   const std::int64_t cap[2] = {0, 0};
   detail::ws_ptrs w;
-  const std::size_t needed = detail::carve(0, cap, P, P, &w);
-  if (workspace == nullptr) {
-    workspace_bytes = needed;
-    return {};
-  }
-  status s = detail::check_workspace(workspace, workspace_bytes, needed);
-  if (!s) return s;
+  bool size_only = false;
+  status s = detail::reserve(workspace, workspace_bytes, cap, P, P, &w, &size_only);
+  if (!s || size_only) return s;
   if (in.chosen_logps == nullptr) return detail::invalid("dpo: chosen_logps is null");
   if (in.rejected_logps == nullptr) return detail::invalid("dpo: rejected_logps is null");
   if (detail::needs_reference(cfg) &&
       (in.ref_chosen_logps == nullptr || in.ref_rejected_logps == nullptr))
     return detail::invalid("dpo: %s is null (needed unless reference_free)",
                            in.ref_chosen_logps == nullptr ? "ref_chosen_logps" : "ref_rejected_logps");
-  detail::carve(reinterpret_cast<std::uintptr_t>(workspace), cap, P, P, &w);
   const detail::loss_inputs li{in.chosen_logps, in.rejected_logps, in.chosen_tokens,
                                in.rejected_tokens, in.weights};
   const int blocks = static_cast<int>(P / 256 + 1 < 1024 ? P / 256 + 1 : 1024);
@@ -612,16 +605,11 @@ status dpo_backward(void* workspace, std::size_t& workspace_bytes, const pair_vi
   if (!s) return s;
   detail::ws_ptrs w;
   const std::int64_t P = policy.num_pairs();
-  const std::size_t needed = detail::carve(0, cap, P, P, &w);
-  if (workspace == nullptr) {
-    workspace_bytes = needed;
-    return {};
-  }
+  bool size_only = false;
+  s = detail::reserve(workspace, workspace_bytes, cap, P, P, &w, &size_only);
+  if (!s || size_only) return s;
   s = detail::check_grad(policy, grad, opt);
   if (!s) return s;
-  s = detail::check_workspace(workspace, workspace_bytes, needed);
-  if (!s) return s;
-  detail::carve(reinterpret_cast<std::uintptr_t>(workspace), cap, P, P, &w);
   const detail::views<T, L> vs = detail::make_views(policy.chosen, &policy.rejected, opt);
   return detail::run_backward(vs, w, cap, grad, grad_output, P, stream);
 }
@@ -642,18 +630,13 @@ status dpo_backward_rows(void* workspace, std::size_t& workspace_bytes,
   if (!s) return s;
   const std::int64_t none[2] = {0, 0};
   detail::ws_ptrs w;
-  const std::size_t needed = detail::carve(0, none, 0, 0, &w);
-  if (workspace == nullptr) {
-    workspace_bytes = needed;
-    return {};
-  }
+  bool size_only = false;
+  s = detail::reserve(workspace, workspace_bytes, none, 0, 0, &w, &size_only);
+  if (!s || size_only) return s;
   s = detail::check_grad(policy, grad, opt);
-  if (!s) return s;
-  s = detail::check_workspace(workspace, workspace_bytes, needed);
   if (!s) return s;
   if (row_lse == nullptr || row_coef == nullptr)
     return detail::invalid("dpo: %s is null", row_lse == nullptr ? "row_lse" : "row_coef");
-  detail::carve(reinterpret_cast<std::uintptr_t>(workspace), none, 0, 0, &w);
   const detail::views<T, L> vs = detail::make_views(policy.chosen, &policy.rejected, opt);
   const auto kernel = detail::backward_rows_kernel<detail::rows_block, T, L>;
   int grid = 1;
@@ -691,6 +674,7 @@ status dpo_forward_backward(void* workspace, std::size_t& workspace_bytes,
   s = dpo_forward(workspace, workspace_bytes, policy, ref_chosen, ref_rejected, cfg, out, opt,
                   stream);
   if (!s || workspace == nullptr) return s;
+  // dpo_forward checked the workspace and left its state there: the same layout.
   detail::ws_ptrs w;
   const std::int64_t P = policy.num_pairs();
   detail::carve(reinterpret_cast<std::uintptr_t>(workspace), cap, P, P, &w);
