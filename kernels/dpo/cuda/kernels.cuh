@@ -409,7 +409,8 @@ __global__ void __launch_bounds__(BLOCK) sequence_kernel(views<T, L> vs, ws_ptrs
     q.wpo[s] = acc.wpo;
     q.hit[s] = acc.hit;
     q.count[s] = static_cast<double>(running);
-    if (p.out_logp[side] != nullptr) p.out_logp[side][s] = acc.logp;
+    double* const out_logp = side ? p.out_logp[1] : p.out_logp[0];  // no local copy of p
+    if (out_logp != nullptr) out_logp[s] = acc.logp;
     if (side == 0 && p.out_count != nullptr) p.out_count[s] = running;
   }
 }
