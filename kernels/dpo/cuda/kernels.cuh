@@ -192,6 +192,25 @@ __device__ __forceinline__ bool has_error(const ws_header* h) {
   return h->err.code != 0 || h->label_key != no_label_error;
 }
 
+/// Records an out-of-range label at `row` of `side`: the lowest (side, row) wins, so the
+/// report does not depend on timing.
+__device__ __forceinline__ void record_label_error(ws_header* h, int side, std::int64_t row) {
+  atomicMin(&h->label_key,
+            (static_cast<unsigned long long>(side) << 62) | static_cast<unsigned long long>(row));
+}
+
+/// Turns a recorded label error into the error word, unless an earlier error is there.
+/// One thread calls it.
+template <class T, class L>
+__device__ void report_label_error(const views<T, L>& vs, ws_header* h) {
+  if (h->err.code != 0) return;
+  const unsigned long long key = h->label_key;
+  const int side = static_cast<int>(key >> 62);
+  const std::int64_t row = static_cast<std::int64_t>(key & ((1ull << 62) - 1));
+  h->err = device_error{static_cast<std::int32_t>(device_error_code::label_out_of_range), side, row,
+                        static_cast<std::int64_t>(vs.v[side].labels[row]), vs.v[side].vocab};
+}
+
 /// Resets the error word and the forward state (the rows arrays are about to be rewritten)
 /// and checks cu_seqlens.
 template <class T, class L>
@@ -259,9 +278,7 @@ __global__ void __launch_bounds__(BLOCK) rows_kernel(views<T, L> vs, ws_ptrs w) 
         ra.zmean[local] = 0.0;
         ra.wpo[local] = 0.0;
         ra.hit[local] = 0.0;
-        if (y != token_view<T, L>::masked)
-          atomicMin(&h->label_key, (static_cast<unsigned long long>(side) << 62) |
-                                       static_cast<unsigned long long>(r));
+        if (y != token_view<T, L>::masked) record_label_error(h, side, r);
       }
       continue;
     }
@@ -335,14 +352,7 @@ __global__ void __launch_bounds__(BLOCK) sequence_kernel(views<T, L> vs, ws_ptrs
                                                          sequence_params p) {
   ws_header* h = w.h;
   if (h->label_key != no_label_error) {
-    if (blockIdx.x == 0 && threadIdx.x == 0 && h->err.code == 0) {
-      const unsigned long long key = h->label_key;
-      const int side = static_cast<int>(key >> 62);
-      const std::int64_t row = static_cast<std::int64_t>(key & ((1ull << 62) - 1));
-      h->err = device_error{static_cast<std::int32_t>(device_error_code::label_out_of_range), side,
-                            row, static_cast<std::int64_t>(vs.v[side].labels[row]),
-                            vs.v[side].vocab};
-    }
+    if (blockIdx.x == 0 && threadIdx.x == 0) report_label_error(vs, h);
     return;
   }
   if (h->err.code != 0) return;
@@ -734,8 +744,7 @@ __global__ void __launch_bounds__(BLOCK) label_check_kernel(views<T, L> vs, ws_h
     const std::int64_t r = r0 + i;
     if (!v.in_sequence(r)) continue;
     const std::int64_t y = v.target(r);
-    if (y != token_view<T, L>::masked && (y < 0 || y >= v.vocab))
-      atomicMin(&h->label_key, static_cast<unsigned long long>(r));
+    if (y != token_view<T, L>::masked && (y < 0 || y >= v.vocab)) record_label_error(h, 0, r);
   }
 }
 
@@ -750,11 +759,7 @@ __global__ void __launch_bounds__(BLOCK) backward_sequences_kernel(views<T, L> v
   if (h->err.code != 0) return;
   if (h->label_key != no_label_error) {
     // Every block returns here, so nothing is written; the first reports the lowest row.
-    if (blockIdx.x == 0 && threadIdx.x == 0) {
-      const std::int64_t row = static_cast<std::int64_t>(h->label_key);
-      h->err = device_error{static_cast<std::int32_t>(device_error_code::label_out_of_range), 0,
-                            row, static_cast<std::int64_t>(vs.v[0].labels[row]), vs.v[0].vocab};
-    }
+    if (blockIdx.x == 0 && threadIdx.x == 0) report_label_error(vs, h);
     return;
   }
   const token_view<T, L>& v = vs.v[0];
