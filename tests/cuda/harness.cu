@@ -56,6 +56,33 @@ bool all_nan(const std::vector<double>& v) {
   return true;
 }
 
+/// Calls `call` the two-phase way: the size query, then a workspace filled with
+/// in.workspace_fill (garbage must not matter: the kernels initialize what they read), 8 bytes
+/// short when in.small_workspace. Synchronizes, then records the status and the device error
+/// word in `out`. Returns the call's status.
+template <class Call>
+dpo::cuda::status call_two_phase(const case_in& in, const Call& call, case_out& out) {
+  std::size_t bytes = 0;
+  dpo::cuda::status st = call(nullptr, bytes);
+  if (st) {
+    dev_buf ws(bytes + 16);
+    DPO_CK(cudaMemset(ws.p, in.workspace_fill, bytes + 16));
+    std::size_t given = in.small_workspace ? bytes - 8 : bytes;
+    st = call(ws.p, given);
+    DPO_CK(cudaDeviceSynchronize());
+    if (st) {
+      const dpo::cuda::status de = dpo::cuda::read_device_error(ws.p);
+      dpo::cuda::device_error e{};
+      DPO_CK(cudaMemcpy(&e, ws.p, sizeof(e), cudaMemcpyDeviceToHost));
+      out.device_error = e.code;
+      out.device_message = de.message;
+    }
+  }
+  out.status_code = static_cast<int>(st.code);
+  out.message = st.message;
+  return st;
+}
+
 /// Per-pair double outputs, poisoned with NaN.
 struct pair_outputs {
   std::int64_t P;
@@ -208,25 +235,7 @@ case_out run_typed(const case_in& in) {
     return {};
   };
 
-  std::size_t bytes = 0;
-  dpo::cuda::status st = call(nullptr, bytes);
-  if (st) {
-    dev_buf ws(bytes + 16);
-    // Garbage in the workspace must not matter: the kernels initialize what they read.
-    DPO_CK(cudaMemset(ws.p, in.workspace_fill, bytes + 16));
-    std::size_t given = in.small_workspace ? bytes - 8 : bytes;
-    st = call(ws.p, given);
-    DPO_CK(cudaDeviceSynchronize());
-    if (st) {
-      const dpo::cuda::status de = dpo::cuda::read_device_error(ws.p);
-      dpo::cuda::device_error e{};
-      DPO_CK(cudaMemcpy(&e, ws.p, sizeof(e), cudaMemcpyDeviceToHost));
-      out.device_error = e.code;
-      out.device_message = de.message;
-    }
-  }
-  out.status_code = static_cast<int>(st.code);
-  out.message = st.message;
+  call_two_phase(in, call, out);
   DPO_CK(cudaGetLastError());
 
   bool untouched = po.read(out);
@@ -563,25 +572,7 @@ sequence_out run_sequence_typed(const case_in& in, std::int64_t seq_stride,
   auto* counts = reinterpret_cast<std::int64_t*>(row_lse + rows);
 
   const auto run = [&](const auto& call) {
-    std::size_t bytes = 0;
-    dpo::cuda::status st = call(nullptr, bytes);
-    if (st) {
-      dev_buf ws(bytes + 16);
-      DPO_CK(cudaMemset(ws.p, 0xa5, bytes + 16));
-      std::size_t given = in.small_workspace ? bytes - 8 : bytes;
-      st = call(ws.p, given);
-      DPO_CK(cudaDeviceSynchronize());
-      if (st) {
-        const dpo::cuda::status de = dpo::cuda::read_device_error(ws.p);
-        dpo::cuda::device_error e{};
-        DPO_CK(cudaMemcpy(&e, ws.p, sizeof(e), cudaMemcpyDeviceToHost));
-        out.device_error = e.code;
-        out.device_message = de.message;
-      }
-    }
-    out.status_code = static_cast<int>(st.code);
-    out.message = st.message;
-    return st.ok() && out.device_error == 0;
+    return call_two_phase(in, call, out).ok() && out.device_error == 0;
   };
   const bool forward_ok = run([&](void* ws, std::size_t& bytes) {
     return dpo::cuda::sequence_logps(ws, bytes, v, sums, counts, token_logps, row_lse, opt);

@@ -234,32 +234,32 @@ std::int64_t used_rows(const case_in& c) {
   return c.cu_seqlens.empty() ? c.rows : c.cu_seqlens.back();
 }
 
-/// Compares the GPU gradient buffer with the CPU one, and checks that nothing outside the
-/// rows' [0, vocab) columns was written.
-void check_grad(const case_in& c, const case_out& g, const cpu_run& cpu) {
+/// Compares a GPU gradient buffer (raw bytes of c.type) with the CPU gradient (decoded,
+/// rows x row_stride) on the rows where inside(r), columns [0, vocab), and checks that
+/// nothing else was written: the logits in place, the 0xff poison out of place.
+template <class Inside>
+void check_grad_buffer(const case_in& c, const std::vector<unsigned char>& gpu,
+                       const std::vector<double>& cpu, const Inside& inside) {
   const std::size_t es = dpo_cuda_test::dtype_size(c.type);
   const std::int64_t stride = c.in_place ? c.row_stride : c.grad_stride;
   const std::int64_t offset = c.in_place ? 0 : c.grad_offset;
   double num = 0, den = 0;
   std::int64_t stray = 0, nonfinite = 0;
-  const std::int64_t used = used_rows(c);
   for (std::int64_t r = 0; r < c.rows; ++r) {
     for (std::int64_t v = 0; v < stride; ++v) {
       const std::size_t at = static_cast<std::size_t>(offset + r * stride + v) * es;
-      const bool inside = r < used && v < c.vocab;
-      if (!inside) {
-        // Untouched: the logits in place, the 0xff poison out of place.
+      if (!inside(r) || v >= c.vocab) {
         bool same = true;
         for (std::size_t b = 0; b < es; ++b) {
           const unsigned char expect =
               c.in_place ? c.logits[static_cast<std::size_t>(r * c.row_stride + v) * es + b] : 0xff;
-          same = same && g.grad[at + b] == expect;
+          same = same && gpu[at + b] == expect;
         }
         stray += same ? 0 : 1;
         continue;
       }
-      const double x = decode(c.type, g.grad.data() + at);
-      const double y = cpu.grad[static_cast<std::size_t>(r * c.row_stride + v)];
+      const double x = decode(c.type, gpu.data() + at);
+      const double y = cpu[static_cast<std::size_t>(r * c.row_stride + v)];
       if (!std::isfinite(x)) ++nonfinite;
       num += (x - y) * (x - y);
       den += y * y;
@@ -269,6 +269,12 @@ void check_grad(const case_in& c, const case_out& g, const cpu_run& cpu) {
   CHECK(nonfinite == 0);
   INFO("gradient relative error " << std::sqrt(num / (den > 0 ? den : 1.0)));
   CHECK(std::sqrt(num) <= grad_tol(c.type) * std::sqrt(den) + 1e-12);
+}
+
+/// The gradient of a pair-level case: every row of a sequence is inside.
+void check_grad(const case_in& c, const case_out& g, const cpu_run& cpu) {
+  const std::int64_t used = used_rows(c);
+  check_grad_buffer(c, g.grad, cpu.grad, [&](std::int64_t r) { return r < used; });
 }
 
 /// Runs a case on both backends and compares everything the mode produces. With -inf logits
@@ -869,40 +875,14 @@ void compare_sequence(const case_in& c, std::int64_t seq_stride) {
     CHECK(d.sums[s] == Approx(h.sums[s]).epsilon(tol).margin(tol));
     CHECK(d.counts[s] == h.counts[s]);
   }
-  const std::size_t es = dpo_cuda_test::dtype_size(c.type);
-  const std::int64_t stride = c.in_place ? c.row_stride : c.grad_stride;
-  const std::int64_t offset = c.in_place ? 0 : c.grad_offset;
-  double num = 0, den = 0;
-  std::int64_t stray = 0, nonfinite = 0;
   for (std::int64_t r = 0; r < c.rows; ++r) {
     if (h.in_seq[r]) {
       CHECK(d.row_lse[r] == Approx(h.row_lse[r]).epsilon(tol).margin(tol));
     } else {
       CHECK(std::isnan(d.row_lse[r]));  // not written
     }
-    for (std::int64_t v = 0; v < stride; ++v) {
-      const std::size_t at = static_cast<std::size_t>(offset + r * stride + v) * es;
-      if (!h.in_seq[r] || v >= c.vocab) {
-        bool same = true;
-        for (std::size_t b = 0; b < es; ++b) {
-          const unsigned char expect =
-              c.in_place ? c.logits[static_cast<std::size_t>(r * c.row_stride + v) * es + b] : 0xff;
-          same = same && d.grad[at + b] == expect;
-        }
-        stray += same ? 0 : 1;
-        continue;
-      }
-      const double x = decode(c.type, d.grad.data() + at);
-      const double y = h.grad[static_cast<std::size_t>(r * c.row_stride + v)];
-      if (!std::isfinite(x)) ++nonfinite;
-      num += (x - y) * (x - y);
-      den += y * y;
-    }
   }
-  CHECK(stray == 0);
-  CHECK(nonfinite == 0);
-  INFO("gradient relative error " << std::sqrt(num / (den > 0 ? den : 1.0)));
-  CHECK(std::sqrt(num) <= grad_tol(c.type) * std::sqrt(den) + 1e-12);
+  check_grad_buffer(c, d.grad, h.grad, [&](std::int64_t r) { return h.in_seq[r]; });
 }
 
 }  // namespace
@@ -982,35 +962,8 @@ TEST_CASE("cuda: the pair entry points on padded views with gaps match the CPU p
         check_close(g.chosen_logps, cpu.fwd.chosen_logps, tol, "chosen_logps");
         check_close(g.rejected_logps, cpu.fwd.rejected_logps, tol, "rejected_logps");
         check_close(g.grad_chosen, cpu.fwd.grad_chosen, tol, "grad_chosen");
-        const std::size_t es = dpo_cuda_test::dtype_size(c.type);
-        const std::int64_t stride = c.in_place ? c.row_stride : c.grad_stride;
-        const std::int64_t offset = c.in_place ? 0 : c.grad_offset;
-        double num = 0, den = 0;
-        std::int64_t stray = 0, nonfinite = 0;
-        for (std::int64_t r = 0; r < c.rows; ++r) {
-          const bool in_seq = r % seq_stride < c.seq_len;
-          for (std::int64_t v = 0; v < stride; ++v) {
-            const std::size_t at = static_cast<std::size_t>(offset + r * stride + v) * es;
-            if (!in_seq || v >= c.vocab) {
-              bool same = true;
-              for (std::size_t b = 0; b < es; ++b) {
-                const unsigned char expect =
-                    c.in_place ? c.logits[static_cast<std::size_t>(r * c.row_stride + v) * es + b] : 0xff;
-                same = same && g.grad[at + b] == expect;
-              }
-              stray += same ? 0 : 1;
-              continue;
-            }
-            const double x = decode(c.type, g.grad.data() + at);
-            const double y = cpu.grad[static_cast<std::size_t>(r * c.row_stride + v)];
-            if (!std::isfinite(x)) ++nonfinite;
-            num += (x - y) * (x - y);
-            den += y * y;
-          }
-        }
-        CHECK(stray == 0);
-        CHECK(nonfinite == 0);
-        CHECK(std::sqrt(num) <= grad_tol(c.type) * std::sqrt(den) + 1e-12);
+        check_grad_buffer(c, g.grad, cpu.grad,
+                          [&](std::int64_t r) { return r % seq_stride < c.seq_len; });
       }
     }
   }
