@@ -103,11 +103,6 @@ struct thread_slot {
   int line = 0;
 };
 
-struct launch_info {
-  std::string name;
-  dim3 grid, block;
-};
-
 struct scheduler {
   std::vector<thread_slot> threads;
   std::vector<unsigned char> slots;  // per warp: 32 lanes x 16 bytes
@@ -118,7 +113,6 @@ struct scheduler {
 #endif
   thread_slot* running = nullptr;
   std::function<void()>* body = nullptr;
-  launch_info info;
   bool reverse = false;
   thread_ctx host_ctx{{0, 0, 0}, {0, 0, 0}, {1, 1, 1}, {1, 1, 1}, 0};  // outside kernels
 };
@@ -407,13 +401,13 @@ void fail(const char* what) {
   if (s.running != nullptr) {
     const thread_ctx& c = s.running->ctx;
     std::fprintf(stderr,
-                 "cuda emulator: %s\n  in %s, grid (%u,%u,%u) x block (%u,%u,%u), block (%u,%u,%u), "
+                 "cuda emulator: %s\n  in grid (%u,%u,%u) x block (%u,%u,%u), block (%u,%u,%u), "
                  "thread (%u,%u,%u)\n",
-                 what, s.info.name.c_str(), c.grid_dim.x, c.grid_dim.y, c.grid_dim.z, c.block_dim.x,
+                 what, c.grid_dim.x, c.grid_dim.y, c.grid_dim.z, c.block_dim.x,
                  c.block_dim.y, c.block_dim.z, c.block_idx.x, c.block_idx.y, c.block_idx.z,
                  c.thread_idx.x, c.thread_idx.y, c.thread_idx.z);
   } else {
-    std::fprintf(stderr, "cuda emulator: %s (in %s)\n", what, s.info.name.c_str());
+    std::fprintf(stderr, "cuda emulator: %s\n", what);
   }
   std::fflush(stderr);
   std::abort();
@@ -449,16 +443,14 @@ cudaError_t set_last_error(cudaError_t e) {
   return e;
 }
 
-cudaError_t launch(const char* name, dim3 grid, dim3 block, cudaStream_t s, std::function<void()> body) {
+cudaError_t launch(dim3 grid, dim3 block, cudaStream_t s, std::function<void()> body) {
   const unsigned long long threads = 1ull * block.x * block.y * block.z;
   if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.y > 65535 || grid.z > 65535 ||
       grid.x > 2147483647u || threads == 0 || threads > max_threads || block.z > 64)
     return set_last_error(cudaErrorInvalidConfiguration);
-  const std::string label = name;
   return set_last_error(enqueue(s, [=]() mutable {
     scheduler& sc = sched();
     if (sc.running != nullptr) fail("a kernel launched from a kernel");
-    sc.info = {label, grid, block};
     const char* order = std::getenv("DPO_EMU_ORDER");
     sc.reverse = order != nullptr && std::string(order) == "reverse";
     sc.body = &body;

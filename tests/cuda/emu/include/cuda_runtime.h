@@ -41,7 +41,6 @@
 #define __launch_bounds__(...)
 // One block's threads share one host thread, and blocks run one at a time.
 #define __shared__ static
-#define __constant__ static const
 
 struct alignas(8) uint2 {
   unsigned x, y;
@@ -55,12 +54,8 @@ struct alignas(16) uint4 {
 struct alignas(8) float2 {
   float x, y;
 };
-struct alignas(16) float4 {
-  float x, y, z, w;
-};
 inline uint2 make_uint2(unsigned x, unsigned y) { return {x, y}; }
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
-inline float2 make_float2(float x, float y) { return {x, y}; }
 
 struct dim3 {
   unsigned x = 1, y = 1, z = 1;
@@ -187,7 +182,7 @@ void warp_barrier(unsigned mask);
 /// 32 lanes x 16 bytes of the calling warp, for shuffles.
 unsigned char* warp_slots();
 /// Runs `body` as every thread of a grid (or records it, when `s` is capturing).
-cudaError_t launch(const char* name, dim3 grid, dim3 block, cudaStream_t s,
+cudaError_t launch(dim3 grid, dim3 block, cudaStream_t s,
                    std::function<void()> body);
 /// Records the last error, as a failed launch does.
 cudaError_t set_last_error(cudaError_t e);
@@ -286,7 +281,7 @@ cudaError_t cudaLaunchKernelEx(const cudaLaunchConfig_t* config, void (*kernel)(
   static_assert(sizeof...(Params) == sizeof...(Args), "kernel arity");
   // Kernel parameters are copied at launch, as CUDA does.
   auto params = std::make_shared<std::tuple<std::decay_t<Params>...>>(std::forward<Args>(args)...);
-  return dpo_emu::launch("kernel", config->gridDim, config->blockDim, config->stream,
+  return dpo_emu::launch(config->gridDim, config->blockDim, config->stream,
                          [kernel, params] { std::apply(kernel, *params); });
 }
 
