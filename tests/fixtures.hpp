@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <random>
 #include <string>
 #include <type_traits>
@@ -565,6 +566,21 @@ void check_backward(const named_config& nc, const oracle::batch& b, const run_op
   const oracle::grads want = via_tokens ? oracle::fd_via_tokens(nc.cfg, b, to_ld(ref.c), to_ld(ref.r))
                                         : oracle::fd_logits(nc.cfg, b, to_ld(ref.c), to_ld(ref.r));
   compare_grad(buf, r, b, want, in_place, grad_output);
+}
+
+/// Runs f and checks that it throws a dpo::error whose message contains `needle` (the
+/// argument's name, say).
+inline void expect_error(const std::function<void()>& f, const std::string& needle) {
+  INFO("expected a dpo::error naming '" << needle << "'");
+  bool thrown = false;
+  try {
+    f();
+  } catch (const dpo::error& e) {
+    thrown = true;
+    INFO("message: " << e.what());
+    CHECK(std::string(e.what()).find(needle) != std::string::npos);
+  }
+  CHECK(thrown);
 }
 
 }  // namespace fixture

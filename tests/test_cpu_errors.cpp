@@ -19,19 +19,6 @@ namespace {
 
 using buf_t = fixture::buffers<float, std::int64_t>;
 
-void expect_error(const std::function<void()>& f, const std::string& needle) {
-  INFO("expected a dpo::error naming '" << needle << "'");
-  bool thrown = false;
-  try {
-    f();
-  } catch (const dpo::error& e) {
-    thrown = true;
-    INFO("message: " << e.what());
-    CHECK(std::string(e.what()).find(needle) != std::string::npos);
-  }
-  CHECK(thrown);
-}
-
 oracle::batch small_batch(bool varying = false) {
   fixture::batch_spec sp;
   sp.pairs = 2;
@@ -58,26 +45,26 @@ void expect_rejected(buf_t& buf, const scenario& s, const std::string& needle, b
   auto unchanged = [&](const std::vector<float>& a, const std::vector<float>& b) {
     return a.size() == b.size() && (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0);
   };
-  expect_error([&] { dpo::cpu::dpo_forward(s.view, s.rc, s.rr, s.cfg); }, needle);
+  fixture::expect_error([&] { dpo::cpu::dpo_forward(s.view, s.rc, s.rr, s.cfg); }, needle);
 
   buf.reset_grad();
   const std::vector<float> g0 = buf.grad, gr0 = buf.grad_r;
-  expect_error([&] { dpo::cpu::dpo_forward_backward(s.view, s.rc, s.rr, s.cfg, buf.grad_view()); }, needle);
+  fixture::expect_error([&] { dpo::cpu::dpo_forward_backward(s.view, s.rc, s.rr, s.cfg, buf.grad_view()); }, needle);
   CHECK(unchanged(buf.grad, g0));
   CHECK(unchanged(buf.grad_r, gr0));
   // In place: the logits are the output.
-  expect_error([&] { dpo::cpu::dpo_forward_backward(s.view, s.rc, s.rr, s.cfg, buf.inplace_view()); }, needle);
+  fixture::expect_error([&] { dpo::cpu::dpo_forward_backward(s.view, s.rc, s.rr, s.cfg, buf.inplace_view()); }, needle);
   CHECK(unchanged(buf.logits, logits0));
   CHECK(unchanged(buf.logits_r, logits_r0));
 
   if (check_sequence_logps) {
     std::vector<double> c(4, -7.0), r(4, -7.0);
-    expect_error([&] { dpo::cpu::pair_logps(s.view, 1.0, c.data(), r.data()); }, needle);
+    fixture::expect_error([&] { dpo::cpu::pair_logps(s.view, 1.0, c.data(), r.data()); }, needle);
     CHECK(c == std::vector<double>(4, -7.0));
     CHECK(r == std::vector<double>(4, -7.0));
     std::vector<double> sums(8, -7.0), toks(64, -7.0);
     std::vector<std::int64_t> counts(8, -7);
-    expect_error([&] { dpo::cpu::sequence_logps(s.view.chosen, sums.data(), counts.data(), toks.data()); }, needle);
+    fixture::expect_error([&] { dpo::cpu::sequence_logps(s.view.chosen, sums.data(), counts.data(), toks.data()); }, needle);
     CHECK(sums == std::vector<double>(8, -7.0));
     CHECK(counts == std::vector<std::int64_t>(8, -7));
     CHECK(toks == std::vector<double>(64, -7.0));
@@ -251,7 +238,7 @@ TEST_CASE("configuration errors name the field and value", "[errors]") {
   expect_rejected(s.buf, with(c), "alpha_divergence_coef", false);
 
   std::vector<double> cl(2, -7.0), rl(2, -7.0);
-  expect_error([&] { dpo::cpu::pair_logps(s.buf.view(), -0.5, cl.data(), rl.data()); }, "ld_alpha = -0.5");
+  fixture::expect_error([&] { dpo::cpu::pair_logps(s.buf.view(), -0.5, cl.data(), rl.data()); }, "ld_alpha = -0.5");
   CHECK(cl == std::vector<double>(2, -7.0));
 }
 
@@ -273,35 +260,35 @@ TEST_CASE("null pointers are named", "[errors]") {
   const scenario ok = s.ok();
   std::vector<std::int64_t> counts(2, -7);
   std::vector<double> sums(2, -7.0);
-  expect_error([&] { dpo::cpu::sequence_logps(ok.view.chosen, static_cast<double*>(nullptr), counts.data()); },
+  fixture::expect_error([&] { dpo::cpu::sequence_logps(ok.view.chosen, static_cast<double*>(nullptr), counts.data()); },
                "sums is null");
-  expect_error([&] { dpo::cpu::sequence_logps(ok.view.chosen, sums.data(), nullptr); }, "counts is null");
+  fixture::expect_error([&] { dpo::cpu::sequence_logps(ok.view.chosen, sums.data(), nullptr); }, "counts is null");
   CHECK(counts == std::vector<std::int64_t>(2, -7));
   CHECK(sums == std::vector<double>(2, -7.0));
-  expect_error([&] { dpo::cpu::pair_logps(ok.view, 1.0, nullptr, sums.data()); }, "chosen is null");
+  fixture::expect_error([&] { dpo::cpu::pair_logps(ok.view, 1.0, nullptr, sums.data()); }, "chosen is null");
 
   const dpo::cpu::forward_result r = dpo::cpu::dpo_forward(ok.view, ok.rc, ok.rr, ok.cfg);
   s.buf.reset_grad();
   const std::vector<float> g0 = s.buf.grad;
   dpo::pair_grad_view<float> g = s.buf.grad_view();
   g.chosen = nullptr;
-  expect_error([&] { dpo::cpu::dpo_backward(ok.view, r, g); }, "grad.chosen is null");
+  fixture::expect_error([&] { dpo::cpu::dpo_backward(ok.view, r, g); }, "grad.chosen is null");
   g = s.buf.grad_view();
   g.rejected = nullptr;
-  expect_error([&] { dpo::cpu::dpo_backward(ok.view, r, g); }, "grad.rejected is null");
+  fixture::expect_error([&] { dpo::cpu::dpo_backward(ok.view, r, g); }, "grad.rejected is null");
   CHECK(std::memcmp(s.buf.grad.data(), g0.data(), g0.size() * sizeof(float)) == 0);
 
   dpo::cpu::pair_logps_in in;
   in.num_pairs = 2;
-  expect_error([&] { dpo::cpu::dpo_loss(in, dpo::loss_config{}); }, "chosen_logps is null");
+  fixture::expect_error([&] { dpo::cpu::dpo_loss(in, dpo::loss_config{}); }, "chosen_logps is null");
   in.chosen_logps = s.rc.data();
-  expect_error([&] { dpo::cpu::dpo_loss(in, dpo::loss_config{}); }, "rejected_logps is null");
+  fixture::expect_error([&] { dpo::cpu::dpo_loss(in, dpo::loss_config{}); }, "rejected_logps is null");
   in.rejected_logps = s.rr.data();
-  expect_error([&] { dpo::cpu::dpo_loss(in, dpo::loss_config{}); }, "ref_chosen_logps is null");
+  fixture::expect_error([&] { dpo::cpu::dpo_loss(in, dpo::loss_config{}); }, "ref_chosen_logps is null");
   in.num_pairs = 0;
-  expect_error([&] { dpo::cpu::dpo_loss(in, dpo::loss_config{}); }, "num_pairs = 0");
+  fixture::expect_error([&] { dpo::cpu::dpo_loss(in, dpo::loss_config{}); }, "num_pairs = 0");
   in.num_pairs = 2;
-  expect_error([&] { dpo::cpu::dpo_loss(in, fixture::of(dpo::loss_type::exo_pair)); }, "label_smoothing");
+  fixture::expect_error([&] { dpo::cpu::dpo_loss(in, fixture::of(dpo::loss_type::exo_pair)); }, "label_smoothing");
 }
 
 TEST_CASE("backward: unsupported aliasing, bad grad_output, mismatched forward_result", "[errors]") {
@@ -317,18 +304,18 @@ TEST_CASE("backward: unsupported aliasing, bad grad_output, mismatched forward_r
   };
   SECTION("grad overlaps the logits, shifted by one element") {
     dpo::pair_grad_view<float> g{s.buf.logits.data() + 1, s.buf.stride, s.buf.logits.data() + 1, s.buf.stride};
-    expect_error([&] { dpo::cpu::dpo_backward(ok.view, r, g); }, "unsupported aliasing");
+    fixture::expect_error([&] { dpo::cpu::dpo_backward(ok.view, r, g); }, "unsupported aliasing");
     untouched();
   }
   SECTION("grad is the logits pointer with another stride") {
     dpo::pair_grad_view<float> g{s.buf.logits.data(), s.buf.V, s.buf.logits.data(), s.buf.V};
-    expect_error([&] { dpo::cpu::dpo_backward(ok.view, r, g); }, "grad.chosen overlaps the logits");
+    fixture::expect_error([&] { dpo::cpu::dpo_backward(ok.view, r, g); }, "grad.chosen overlaps the logits");
     untouched();
   }
   SECTION("grad.chosen is the logits shifted by one row") {
     dpo::pair_grad_view<float> g = s.buf.grad_view();
     g.chosen = s.buf.logits.data() + s.buf.stride;
-    expect_error([&] { dpo::cpu::dpo_backward(ok.view, r, g); }, "grad.chosen overlaps the logits");
+    fixture::expect_error([&] { dpo::cpu::dpo_backward(ok.view, r, g); }, "grad.chosen overlaps the logits");
     untouched();
   }
   SECTION("grad.chosen and grad.rejected overlap each other (separate layout)") {
@@ -338,18 +325,18 @@ TEST_CASE("backward: unsupported aliasing, bad grad_output, mismatched forward_r
     sep.reset_grad();
     const std::vector<float> sg0 = sep.grad;
     dpo::pair_grad_view<float> g{sep.grad.data(), sep.stride, sep.grad.data(), sep.stride};
-    expect_error([&] { dpo::cpu::dpo_backward(v, rs, g); }, "grad.chosen and grad.rejected overlap");
+    fixture::expect_error([&] { dpo::cpu::dpo_backward(v, rs, g); }, "grad.chosen and grad.rejected overlap");
     CHECK(std::memcmp(sep.grad.data(), sg0.data(), sg0.size() * sizeof(float)) == 0);
   }
   SECTION("grad stride < vocab") {
     dpo::pair_grad_view<float> g = s.buf.grad_view();
     g.chosen_stride = 3;
-    expect_error([&] { dpo::cpu::dpo_backward(ok.view, r, g); }, "grad.chosen_stride = 3");
+    fixture::expect_error([&] { dpo::cpu::dpo_backward(ok.view, r, g); }, "grad.chosen_stride = 3");
     untouched();
   }
   SECTION("grad_output not finite") {
-    expect_error([&] { dpo::cpu::dpo_backward(ok.view, r, s.buf.grad_view(), std::nan("")); }, "grad_output");
-    expect_error([&] { dpo::cpu::dpo_backward(ok.view, r, s.buf.inplace_view(), INFINITY); }, "grad_output");
+    fixture::expect_error([&] { dpo::cpu::dpo_backward(ok.view, r, s.buf.grad_view(), std::nan("")); }, "grad_output");
+    fixture::expect_error([&] { dpo::cpu::dpo_backward(ok.view, r, s.buf.inplace_view(), INFINITY); }, "grad_output");
     untouched();
   }
   SECTION("forward_result of another batch") {
@@ -361,7 +348,7 @@ TEST_CASE("backward: unsupported aliasing, bad grad_output, mismatched forward_r
     buf_t ob(other, layout::padded, 2);
     std::vector<double> rc(3, -5.0), rr(3, -6.0);
     const dpo::cpu::forward_result ro = dpo::cpu::dpo_forward(ob.view(), rc.data(), rr.data(), ok.cfg);
-    expect_error([&] { dpo::cpu::dpo_backward(ok.view, ro, s.buf.grad_view()); }, "forward_result does not match");
+    fixture::expect_error([&] { dpo::cpu::dpo_backward(ok.view, ro, s.buf.grad_view()); }, "forward_result does not match");
     untouched();
   }
   SECTION("forward_result whose rejected rows differ (chosen rows match)") {
@@ -373,7 +360,7 @@ TEST_CASE("backward: unsupported aliasing, bad grad_output, mismatched forward_r
     const dpo::cpu::forward_result rs = dpo::cpu::dpo_forward(shorter, ok.rc, ok.rr, ok.cfg);
     sep.reset_grad();
     const std::vector<float> sg0 = sep.grad, sgr0 = sep.grad_r;
-    expect_error([&] { dpo::cpu::dpo_backward(v, rs, sep.grad_view()); }, "forward_result does not match");
+    fixture::expect_error([&] { dpo::cpu::dpo_backward(v, rs, sep.grad_view()); }, "forward_result does not match");
     CHECK(std::memcmp(sep.grad.data(), sg0.data(), sg0.size() * sizeof(float)) == 0);
     CHECK(std::memcmp(sep.grad_r.data(), sgr0.data(), sgr0.size() * sizeof(float)) == 0);
   }
@@ -381,7 +368,7 @@ TEST_CASE("backward: unsupported aliasing, bad grad_output, mismatched forward_r
     scenario shifted = ok;
     shifted.view.chosen.seq_len = shifted.view.rejected.seq_len = s.buf.seq_len - 1;
     const dpo::cpu::forward_result rr = dpo::cpu::dpo_forward(shifted.view, ok.rc, ok.rr, ok.cfg);
-    expect_error([&] { dpo::cpu::dpo_backward(ok.view, rr, s.buf.grad_view()); }, "forward_result does not match");
+    fixture::expect_error([&] { dpo::cpu::dpo_backward(ok.view, rr, s.buf.grad_view()); }, "forward_result does not match");
     untouched();
   }
 }
@@ -395,10 +382,10 @@ TEST_CASE("dpo_forward with reference logits: the reference is checked too", "[e
   sp.vocab = 5;
   const oracle::batch other = fixture::random_batch(sp);
   buf_t ob(other, layout::padded, 0);
-  expect_error([&] { dpo::cpu::dpo_forward(ok.view, ob.view(), ok.cfg); },
+  fixture::expect_error([&] { dpo::cpu::dpo_forward(ok.view, ob.view(), ok.cfg); },
                "ref_logits.num_pairs = 3 != logits.num_pairs = 2");
   buf_t rb(s.b, layout::padded, 0);
   rb.labels[1] = 17;
   rb.labels[0] = 17;
-  expect_error([&] { dpo::cpu::dpo_forward(ok.view, rb.view(), ok.cfg); }, "ref_logits.chosen.labels[");
+  fixture::expect_error([&] { dpo::cpu::dpo_forward(ok.view, rb.view(), ok.cfg); }, "ref_logits.chosen.labels[");
 }

@@ -232,19 +232,6 @@ void check_layouts(std::uint64_t seed) {
   }
 }
 
-void expect_error(const std::function<void()>& f, const std::string& needle) {
-  INFO("expected a dpo::error naming '" << needle << "'");
-  bool thrown = false;
-  try {
-    f();
-  } catch (const dpo::error& e) {
-    thrown = true;
-    INFO("message: " << e.what());
-    CHECK(std::string(e.what()).find(needle) != std::string::npos);
-  }
-  CHECK(thrown);
-}
-
 }  // namespace
 
 TEST_CASE("sequence_logps_backward: oracle, bf16 / f32 / f64, int32 / int64 labels", "[sequence]") {
@@ -338,10 +325,10 @@ TEST_CASE("sequence_logps / sequence_logps_backward: bad arguments", "[sequence]
   const std::vector<float> untouched = grad;
   const auto both = [&](const dpo::token_view<float, std::int64_t>& v, const std::string& needle) {
     std::vector<double> s2(S, -1.0), l2(lse.size(), -1.0);
-    expect_error([&] { dpo::cpu::sequence_logps(v, s2.data(), counts.data(), nullptr, l2.data()); }, needle);
+    fixture::expect_error([&] { dpo::cpu::sequence_logps(v, s2.data(), counts.data(), nullptr, l2.data()); }, needle);
     CHECK(s2 == std::vector<double>(S, -1.0));
     CHECK(l2 == std::vector<double>(lse.size(), -1.0));
-    expect_error([&] { dpo::cpu::sequence_logps_backward(v, lse.data(), g.data(), grad.data(), buf.stride); },
+    fixture::expect_error([&] { dpo::cpu::sequence_logps_backward(v, lse.data(), g.data(), grad.data(), buf.stride); },
                  needle);
     CHECK(grad == untouched);
   };
@@ -355,20 +342,20 @@ TEST_CASE("sequence_logps / sequence_logps_backward: bad arguments", "[sequence]
   both(ok, "labels[" + std::to_string(ok.row_begin(1)) + "] = 99");
   buf.labels[static_cast<std::size_t>(ok.row_begin(1))] = -100;
 
-  expect_error([&] { dpo::cpu::sequence_logps_backward(ok, nullptr, g.data(), grad.data(), buf.stride); },
+  fixture::expect_error([&] { dpo::cpu::sequence_logps_backward(ok, nullptr, g.data(), grad.data(), buf.stride); },
                "row_lse is null");
-  expect_error([&] { dpo::cpu::sequence_logps_backward(ok, lse.data(), nullptr, grad.data(), buf.stride); },
+  fixture::expect_error([&] { dpo::cpu::sequence_logps_backward(ok, lse.data(), nullptr, grad.data(), buf.stride); },
                "seq_grad is null");
-  expect_error([&] { dpo::cpu::sequence_logps_backward<float, std::int64_t>(ok, lse.data(), g.data(), nullptr,
+  fixture::expect_error([&] { dpo::cpu::sequence_logps_backward<float, std::int64_t>(ok, lse.data(), g.data(), nullptr,
                                                                             buf.stride); },
                "grad is null");
-  expect_error([&] { dpo::cpu::sequence_logps_backward(ok, lse.data(), g.data(), grad.data(), buf.V - 1); },
+  fixture::expect_error([&] { dpo::cpu::sequence_logps_backward(ok, lse.data(), g.data(), grad.data(), buf.V - 1); },
                "grad_stride = " + std::to_string(buf.V - 1));
   // The logits shifted by a row, or with another stride, are not "in place".
-  expect_error([&] {
+  fixture::expect_error([&] {
     dpo::cpu::sequence_logps_backward(ok, lse.data(), g.data(), buf.logits.data() + buf.stride, buf.stride);
   }, "overlaps the logits");
-  expect_error([&] {
+  fixture::expect_error([&] {
     dpo::cpu::sequence_logps_backward(ok, lse.data(), g.data(), buf.logits.data(), buf.V);
   }, "overlaps the logits");
   CHECK(grad == untouched);
