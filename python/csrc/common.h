@@ -120,6 +120,13 @@ pair_inputs lower_pairs(const at::Tensor& policy_chosen_logps, const at::Tensor&
                         const std::optional<at::Tensor>& rejected_lengths,
                         const std::optional<at::Tensor>& weights);
 
+/// pair_loss_backward's weights. Every per-pair loss is linear in its weight W_i (the NLL and
+/// aot terms included), so the vector-Jacobian product for upstream gradients u is
+/// P * dL/dpi of the batch loss with weights W_i * u_i. Checks grad_losses' shape ([P]),
+/// points p.in.weights at W_i * u_i (fp64, on the inputs' device) and returns the tensor
+/// that holds them.
+at::Tensor weigh_by_upstream(const at::Tensor& grad_losses, pair_inputs& p);
+
 /// The dtype of per-sequence results: fp64 for fp64 logits, fp32 otherwise (never the
 /// logits' bf16/fp16, whose spacing near typical sequence sums exceeds DPO margins).
 inline at::ScalarType result_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }

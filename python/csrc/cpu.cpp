@@ -160,15 +160,7 @@ std::tuple<at::Tensor, at::Tensor> pair_loss_backward_cpu(
   pair_inputs p = lower_pairs(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
                               reference_rejected_logps, chosen_lengths, rejected_lengths, weights);
   const std::int64_t P = p.in.num_pairs;
-  TORCH_CHECK_VALUE(grad_losses.dim() == 1 && grad_losses.size(0) == P, "grad_losses must have shape [",
-                    P, "], got ", grad_losses.sizes());
-  // Every per-pair loss is linear in its weight W_i (the NLL and aot terms included), so the
-  // vector-Jacobian product for upstream gradients u is P * dL/dpi of the batch loss with
-  // weights W_i * u_i.
-  at::Tensor wu = to_double(grad_losses);
-  if (p.in.weights != nullptr) wu = wu * p.w;
-  wu = wu.contiguous();
-  p.in.weights = wu.data_ptr<double>();
+  const at::Tensor wu = weigh_by_upstream(grad_losses, p);
   const dpo::cpu::forward_result r = rethrow_as_value_error([&] { return dpo::cpu::dpo_loss(p.in, cfg); });
   const double scale = static_cast<double>(P);
   at::Tensor gc = at::empty({P}, at::kDouble), gr = at::empty({P}, at::kDouble);

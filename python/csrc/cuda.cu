@@ -197,16 +197,9 @@ std::tuple<at::Tensor, at::Tensor> pair_loss_backward_cuda(
   pair_inputs p = lower_pairs(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
                               reference_rejected_logps, chosen_lengths, rejected_lengths, weights);
   const std::int64_t P = p.in.num_pairs;
-  TORCH_CHECK_VALUE(grad_losses.dim() == 1 && grad_losses.size(0) == P, "grad_losses must have shape [", P,
-                    "], got ", grad_losses.sizes());
   TORCH_CHECK_VALUE(grad_losses.device() == policy_chosen_logps.device(), "grad_losses is on ",
                     grad_losses.device(), " but policy_chosen_logps is on ", policy_chosen_logps.device());
-  // As the CPU kernel: every per-pair loss is linear in its weight W_i, so the
-  // vector-Jacobian product for upstream u is P * dL/dpi of the batch loss with weights W_i u_i.
-  at::Tensor wu = to_double(grad_losses);
-  if (p.in.weights != nullptr) wu = wu * p.w;
-  wu = wu.contiguous();
-  p.in.weights = wu.data_ptr<double>();
+  const at::Tensor wu = weigh_by_upstream(grad_losses, p);
   at::Tensor g = at::empty({2 * P + 1}, p.pc.options());
   dpo::cuda::forward_outputs o;
   o.grad_chosen = g.data_ptr<double>();

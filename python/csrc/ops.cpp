@@ -153,6 +153,17 @@ pair_inputs lower_pairs(const at::Tensor& policy_chosen_logps, const at::Tensor&
   return p;
 }
 
+at::Tensor weigh_by_upstream(const at::Tensor& grad_losses, pair_inputs& p) {
+  const std::int64_t P = p.in.num_pairs;
+  TORCH_CHECK_VALUE(grad_losses.dim() == 1 && grad_losses.size(0) == P, "grad_losses must have shape [",
+                    P, "], got ", grad_losses.sizes());
+  at::Tensor wu = grad_losses.to(p.pc.options());
+  if (p.in.weights != nullptr) wu = wu * p.w;
+  wu = wu.contiguous();
+  p.in.weights = wu.data_ptr<double>();
+  return wu;
+}
+
 row_layout make_layout(const at::Tensor& logits, const at::Tensor& labels,
                        const std::optional<at::Tensor>& cu_seqlens, std::int64_t ignore_index,
                        const char* name) {
