@@ -94,10 +94,12 @@ rm -f "$root"/python/dpo_kernels/_C*.so
 ) &
 py_pid=$!
 
+# CMAKE_POLICY_VERSION_MINIMUM: CMake 4 refuses package configs written for CMake < 3.5.
 gen=()
 command -v make > /dev/null || gen=(-G Ninja)
 stage configure 90 cmake -S "$root" -B "$build" "${gen[@]}" -DCMAKE_BUILD_TYPE=Release \
-  -DCMAKE_CUDA_ARCHITECTURES="$arch" -DDPO_BUILD_FUZZERS=OFF
+  -DCMAKE_CUDA_ARCHITECTURES="$arch" -DDPO_BUILD_FUZZERS=OFF \
+  -DCMAKE_POLICY_VERSION_MINIMUM=3.5
 if ! grep -q "dpo: CUDA enabled" "$logs/configure.log"; then
   echo "configure did not enable CUDA: nothing below can run"; failed=1
 fi
