@@ -55,6 +55,53 @@ def _want_cuda(torch_cuda: bool, cuda_home) -> bool:
     return possible
 
 
+def _link_cxx() -> list:
+    """The command that links the extension: $CXX when set (setuptools and torch use it), else
+    the interpreter's configured C++ compiler."""
+    import shlex
+    import sysconfig
+
+    return shlex.split(os.environ.get("CXX") or sysconfig.get_config_var("CXX") or "c++")
+
+
+def _shared_libstdcxx_args(torch_module) -> list:
+    """Link flags that make the extension use the libstdc++ that torch runs with, or [].
+
+    Some toolchains' g++ (a wrapper on one CUDA image, whose libstdc++ exists only as a static
+    archive) link libstdc++ statically into shared objects. The extension then carries its own
+    copy beside torch's shared one, and the two share data symbols: the process crashed the
+    first time the extension formatted a number (any error message). A probe library tells:
+    when its stream code is defined inside it, link the extension against the libstdc++.so.6
+    this process (with torch) has loaded instead; the static archive then adds nothing.
+    """
+    import subprocess
+    import tempfile
+
+    probe = "#include <sstream>\n#include <string>\nstd::string f(long x) { std::ostringstream s; s << x; return s.str(); }\n"
+    with tempfile.TemporaryDirectory() as d:
+        src, lib = Path(d) / "probe.cpp", Path(d) / "probe.so"
+        src.write_text(probe)
+        try:
+            subprocess.run(_link_cxx() + ["-shared", "-fPIC", "-O1", str(src), "-o", str(lib)], check=True,
+                           capture_output=True)
+            nm = subprocess.run(["nm", "-D", "--defined-only", str(lib)], check=True, capture_output=True,
+                                text=True).stdout
+        except (OSError, subprocess.CalledProcessError):
+            return []  # no probe possible: the build itself reports a broken compiler
+    if "_ZNSo9_M_insertIlEERSoT_" not in nm:  # std::ostream::_M_insert<long>: libstdc++.so's
+        return []
+    loaded = [line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines()
+              if line.rstrip().endswith("/libstdc++.so.6") or "/libstdc++.so.6." in line]
+    if not loaded:
+        raise RuntimeError(f"{' '.join(_link_cxx())} links libstdc++ statically into shared libraries, and the "
+                           f"libstdc++.so.6 that torch {torch_module.__version__} uses was not found to link "
+                           "against instead: set CXX to a compiler that links it dynamically (e.g. /usr/bin/g++)")
+    lib_dir = str(Path(loaded[0]).parent)
+    print(f"dpo_kernels: {' '.join(_link_cxx())} links libstdc++ statically; linking the extension against "
+          f"{loaded[0]} (torch's) instead")
+    return [f"-L{lib_dir}", "-l:libstdc++.so.6"]
+
+
 def _extensions():
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, CppExtension, CUDAExtension
@@ -63,20 +110,24 @@ def _extensions():
         raise RuntimeError(f"{REPO / 'include'} not found: build from a checkout of the dpo repository")
     include_dirs = [str(REPO / "include"), str(REPO / "kernels"), str(HERE / "csrc"), _eigen_dir()]
     sources = ["csrc/ops.cpp", "csrc/cpu.cpp"]
+    link = _shared_libstdcxx_args(torch)
     cxx = ["-O3", "-DNDEBUG", "-Wno-unused-parameter"]
     if os.environ.get("DPO_KERNELS_NATIVE", "1") != "0":
         cxx.append("-march=native")
     if _want_cuda(torch.version.cuda is not None, CUDA_HOME):
-        # C++20: the headers of recent torch (2.15 here) refuse older standards in ATen.h.
+        # No -std: torch passes its own standard to g++ and nvcc alike (C++17 in torch 2.11,
+        # C++20 in 2.15), and every translation unit of the extension must use the same one.
         archs = [a for a in os.environ.get("DPO_KERNELS_CUDA_ARCHS", "80;90").split(";") if a]
         if not archs or not all(a.isdigit() for a in archs):
             raise RuntimeError(f"DPO_KERNELS_CUDA_ARCHS must be numbers joined by ';', got {archs!r}")
-        nvcc = ["-O3", "-DNDEBUG", "--expt-relaxed-constexpr", "-std=c++20"]
+        nvcc = ["-O3", "-DNDEBUG", "--expt-relaxed-constexpr"]
         nvcc += [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
         return [CUDAExtension("dpo_kernels._C", sources + ["csrc/cuda.cu"], include_dirs=include_dirs,
                               define_macros=[("DPO_KERNELS_WITH_CUDA", None)],
-                              extra_compile_args={"cxx": cxx + ["-DDPO_KERNELS_WITH_CUDA"], "nvcc": nvcc})]
-    return [CppExtension("dpo_kernels._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx})]
+                              extra_compile_args={"cxx": cxx + ["-DDPO_KERNELS_WITH_CUDA"], "nvcc": nvcc},
+                              extra_link_args=link)]
+    return [CppExtension("dpo_kernels._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx},
+                         extra_link_args=link)]
 
 
 def _cmdclass():
