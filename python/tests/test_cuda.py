@@ -48,16 +48,29 @@ def make(dtype, seed=0, P=P, T=T, V=V):
     return full, labels, rc, rr
 
 
-def layouts(full, labels):
-    """(name, logits, labels, cu_seqlens) of one batch in each layout."""
+def layouts(full, labels, device="cpu"):
+    """(name, logits, labels, cu_seqlens) of one batch in each layout, on `device`, from the
+    same values on every device. Built there, not moved: .cuda() of the strided "gap" view
+    would be a contiguous copy, and the CUDA kernels would never see a gap."""
+    g = torch.Generator().manual_seed(99)
+    full, labels = full.to(device), labels.to(device)
     gap = full[:, :-1]
     cont = gap.contiguous()
     N = 2 * P * T
     # Packed with rows before the first and after the last sequence (never read, zero gradient).
-    packed = torch.cat([torch.randn(2, V, dtype=full.dtype), cont.reshape(N, V), torch.randn(3, V, dtype=full.dtype)])
-    plab = torch.cat([torch.zeros(2, dtype=labels.dtype), labels.reshape(N), torch.zeros(3, dtype=labels.dtype)])
-    cu = torch.arange(2, N + 3, T)
+    before, after = (torch.randn(n, V, generator=g, dtype=torch.float64).to(full.dtype).to(device) for n in (2, 3))
+    packed = torch.cat([before, cont.reshape(N, V), after])
+    zeros = torch.zeros(2, dtype=labels.dtype, device=device)
+    plab = torch.cat([zeros, labels.reshape(N), zeros, zeros[:1]])
+    cu = torch.arange(2, N + 3, T, device=device)
     return [("gap", gap, labels, None), ("contiguous", cont, labels, None), ("packed", packed, plab, cu)]
+
+
+def both_layouts(full, labels):
+    """Pairs of (CPU, CUDA) layouts of the same batch; the CUDA gap view is strided too."""
+    cpu, dev = layouts(full, labels), layouts(full, labels, "cuda")
+    assert not dev[0][1].is_contiguous() and dev[0][1].stride() == cpu[0][1].stride()
+    return zip(cpu, dev)
 
 
 def cuda(x):
@@ -69,11 +82,12 @@ def close(actual, expected, dtype, msg=""):
     torch.testing.assert_close(actual.cpu(), expected.cpu(), rtol=rtol, atol=atol, msg=lambda m: f"{msg}: {m}")
 
 
-def forward_both(z, y, cu, rc, rr, ref_logits, cfg, metrics=True):
+def forward_both(host, dev, rc, rr, ref_logits, cfg, metrics=True):
+    """dpo_forward of one layout on the CPU and on CUDA: host and dev are (z, y, cu)."""
     args = (-100,) + cfg + (metrics, False)
-    cpu = ops.dpo_forward(z, y, cu, rc, rr, ref_logits, *args)
-    dev = ops.dpo_forward(cuda(z), cuda(y), cuda(cu), cuda(rc), cuda(rr), cuda(ref_logits), *args)
-    return cpu, dev
+    out_c = ops.dpo_forward(*host, rc, rr, ref_logits, *args)
+    out_d = ops.dpo_forward(*dev, cuda(rc), cuda(rr), cuda(ref_logits), *args)
+    return out_c, out_d
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -81,8 +95,8 @@ def forward_both(z, y, cu, rc, rr, ref_logits, cfg, metrics=True):
 def test_dpo_forward_backward_match_cpu(dtype, loss_type):
     full, labels, rc, rr = make(dtype)
     cfg = config(loss_type)
-    for name, z, y, cu in layouts(full, labels):
-        cpu, dev = forward_both(z, y, cu, rc, rr, None, cfg)
+    for (name, z, y, cu), (_, z_d, y_d, cu_d) in both_layouts(full, labels):
+        cpu, dev = forward_both((z, y, cu), (z_d, y_d, cu_d), rc, rr, None, cfg)
         for k, what in enumerate(("loss", "metrics", "pair_values", "row_lse", "row_coef")):
             assert dev[k].dtype == cpu[k].dtype and dev[k].shape == cpu[k].shape, (name, what)
             assert dev[k].device.type == "cuda", f"{what} not on cuda"
@@ -90,13 +104,13 @@ def test_dpo_forward_backward_match_cpu(dtype, loss_type):
                   f"{loss_type} {name} {what}")
         go = torch.tensor(0.7, dtype=cpu[0].dtype)
         g_cpu = ops.dpo_backward(go, z, y, cu, cpu[3], cpu[4], -100)
-        g_dev = ops.dpo_backward(go.cuda(), z.cuda(), y.cuda(), cuda(cu), dev[3], dev[4], -100)
+        g_dev = ops.dpo_backward(go.cuda(), z_d, y_d, cu_d, dev[3], dev[4], -100)
         assert g_dev.shape == g_cpu.shape and g_dev.stride() == g_cpu.stride() and g_dev.dtype == g_cpu.dtype
         close(g_dev.double(), g_cpu.double(), dtype, f"{loss_type} {name} grad")
         if name != "gap":  # in place: the logits buffer becomes the gradient
-            zc, zd = z.clone(), z.cuda().clone()
+            zc, zd = z.clone(), z_d.clone()
             ops.dpo_backward_(go, zc, y, cu, cpu[3], cpu[4], -100)
-            ops.dpo_backward_(go.cuda(), zd, y.cuda(), cuda(cu), dev[3], dev[4], -100)
+            ops.dpo_backward_(go.cuda(), zd, y_d, cu_d, dev[3], dev[4], -100)
             close(zd.double(), zc.double(), dtype, f"{loss_type} {name} in-place grad")
             torch.testing.assert_close(zd, g_dev.reshape(zd.shape), rtol=0, atol=0)
 
@@ -106,10 +120,10 @@ def test_dpo_forward_backward_match_cpu(dtype, loss_type):
                                  config("sigmoid", use_weighting=True), config("apo_zero", reference_free=True)])
 def test_dpo_forward_options_and_ref_logits_match_cpu(dtype, cfg):
     full, labels, rc, rr = make(dtype, seed=1)
-    for name, z, y, cu in layouts(full, labels):
+    for (name, z, y, cu), dev_layout in both_layouts(full, labels):
         ref_logits = (z.double() + 0.3 * torch.randn(z.shape, dtype=torch.float64)).to(dtype)
         for refs in ((rc, rr, None), (None, None, ref_logits)):
-            cpu, dev = forward_both(z, y, cu, *refs, cfg)
+            cpu, dev = forward_both((z, y, cu), dev_layout[1:], *refs, cfg)
             tol = torch.float64 if dtype == torch.float64 else torch.float32
             for k in range(5):
                 close(dev[k], cpu[k], tol, f"{name} ref_logits={refs[2] is not None} output {k}")
@@ -118,7 +132,8 @@ def test_dpo_forward_options_and_ref_logits_match_cpu(dtype, cfg):
 def test_metrics_off_matches_cpu():
     full, labels, rc, rr = make(torch.float32, seed=2)
     z, y = full[:, :-1], labels
-    cpu, dev = forward_both(z, y, None, rc, rr, None, config(), metrics=False)
+    cpu, dev = forward_both((z, y, None), (full.cuda()[:, :-1], y.cuda(), None), rc, rr, None, config(),
+                            metrics=False)
     for k in range(5):
         close(dev[k], cpu[k], torch.float32, f"output {k}")
 
@@ -128,17 +143,17 @@ def test_metrics_off_matches_cpu():
 @pytest.mark.parametrize("average", [False, True])
 def test_sequence_logps_and_backward_match_cpu(dtype, label_dtype, average):
     full, labels, _, _ = make(dtype, seed=3)
-    for name, z, y, cu in layouts(full, labels.to(label_dtype)):
+    for (name, z, y, cu), (_, z_d, y_d, cu_d) in both_layouts(full, labels.to(label_dtype)):
         lp_c, lse_c = ops.sequence_logps(z, y, cu, -100, average)
-        lp_d, lse_d = ops.sequence_logps(z.cuda(), y.cuda(), cuda(cu), -100, average)
+        lp_d, lse_d = ops.sequence_logps(z_d, y_d, cu_d, -100, average)
         assert lp_d.dtype == lp_c.dtype and lse_d.shape == lse_c.shape
         acc = torch.float64 if dtype == torch.float64 else torch.float32
         close(lp_d, lp_c, acc, f"{name} logps")
         close(lse_d, lse_c, acc, f"{name} row_lse")
         g = torch.randn(lp_c.shape, dtype=lp_c.dtype)
         gz_c = ops.sequence_logps_backward(g, z, y, cu, lse_c, -100, average)
-        gz_d = ops.sequence_logps_backward(g.cuda(), z.cuda(), y.cuda(), cuda(cu), lse_d, -100, average)
-        assert gz_d.shape == gz_c.shape and gz_d.dtype == gz_c.dtype
+        gz_d = ops.sequence_logps_backward(g.cuda(), z_d, y_d, cu_d, lse_d, -100, average)
+        assert gz_d.shape == gz_c.shape and gz_d.stride() == gz_c.stride() and gz_d.dtype == gz_c.dtype
         close(gz_d.double(), gz_c.double(), dtype, f"{name} grad")
 
 
