@@ -12,6 +12,11 @@ forward only (the reference pass, no grad):
             dpo_kernels.sequence_logps, when the package is importable with CUDA
   copy      a device-to-device copy of the logits (the bandwidth reference)
 
+Forward+backward is torch.autograd.grad(loss, logits) for every path: the gradient as the
+layer below the logits gets it. (.backward() into a leaf would make AccumulateGrad clone an
+in-place gradient, which aliases the leaf: a copy of the logits no trainer pays, since its
+logits are never a leaf.)
+
 Times: CUDA events, median of --repeat runs after warm-up. Extra memory: peak
 torch.cuda.max_memory_allocated minus what was allocated before the call (inputs excluded).
 Prints a table; --json writes the numbers. Without CUDA it prints SKIPPED and exits 0.
@@ -113,8 +118,7 @@ def run_shape(name, pairs, seq_len, vocab, dtype, repeat, paths):
             x = base.clone().requires_grad_(True)
 
             def fwd_bwd():
-                x.grad = None
-                fns[path](x, labels, ref_c, ref_r).backward()
+                torch.autograd.grad(fns[path](x, labels, ref_c, ref_r), x)
 
             ms, mem = timed(fwd_bwd, repeat)
             record(path, "fwd+bwd", ms, mem, 3 * nbytes)
@@ -140,7 +144,7 @@ def run_shape(name, pairs, seq_len, vocab, dtype, repeat, paths):
                 # would cost a copy, so the logits drift toward gradients between runs.
                 xx = x.detach().requires_grad_(True)
                 loss, _ = dpo_kernels.dpo_loss_from_logits(xx, labels, ref_c, ref_r, inplace_backward=True)
-                loss.backward()
+                torch.autograd.grad(loss, xx)
 
             ms, mem = timed(ours_fwd_bwd, repeat)
             record("ours", "fwd+bwd", ms, mem, 3 * nbytes)
