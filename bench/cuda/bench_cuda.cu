@@ -2,9 +2,17 @@
 //
 // The CUDA path against the memory-bandwidth limit (docs/performance.md), Google Benchmark
 // with manual time from CUDA events. For each shape, in one run on one device:
-//   copy      cudaMemcpyAsync device to device of the logits' bytes (1 read + 1 write)
-//   forward   sequence_logps (the reference pass): 1 read          bytes = N*V*b
-//   fused     dpo_forward_backward in place: 2 reads + 1 write    bytes = 3*N*V*b
+//   copy          cudaMemcpyAsync device to device of the logits' bytes (1 read + 1 write)
+//   forward       sequence_logps (the reference pass): 1 read          bytes = N*V*b
+//   dpo_forward   dpo_forward with metrics (the policy pass): 1 read   bytes = N*V*b
+//   backward      dpo_backward in place after a dpo_forward: 1 read + 1 write
+//   fused_inplace dpo_forward_backward in place: 2 reads + 1 write    bytes = 3*N*V*b
+// and, at the first shape only, what bounds each pass (same grid, same row loop):
+//   rw_floor      an in-place 16-byte read-modify-write of every row (no arithmetic)
+//   grad_U<u>_<hint>  block_row_grad's loop with u vectors in flight and the cache hint
+//   stats_lse     block_row_stats without metrics (the reference pass's row work)
+//   stats_metrics block_row_stats with metrics (the policy pass's row work)
+//   stats_metrics_loop  its per-thread loop alone, without the block reduction
 // Counters: TB_s (bytes / median time) and copy_share (TB_s over the copy's TB/s, measured
 // first for the same shape). The logits are refilled with random values (outside the
 // timed region) before every fused run, so in-place gradients never become the input.
@@ -145,6 +153,83 @@ struct setup {
   }
 };
 
+/// rw_floor: every row read and rewritten in place in 16-byte vectors, UNROLL in flight, by
+/// the backward's grid (one block per row at a time); the floor of any in-place backward.
+template <int BLOCK, int UNROLL>
+__global__ void __launch_bounds__(BLOCK) rw_floor_kernel(uint4* z, std::int64_t rows, int row_vecs) {
+  for (std::int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    uint4* row = z + r * row_vecs;
+    for (int k0 = threadIdx.x; k0 < row_vecs; k0 += BLOCK * UNROLL) {
+      uint4 b[UNROLL];
+#pragma unroll
+      for (int u = 0; u < UNROLL; ++u)
+        if (k0 + u * BLOCK < row_vecs) b[u] = row[k0 + u * BLOCK];
+#pragma unroll
+      for (int u = 0; u < UNROLL; ++u)
+        if (k0 + u * BLOCK < row_vecs) row[k0 + u * BLOCK] = make_uint4(b[u].x ^ 1u, b[u].y, b[u].z, b[u].w);
+    }
+  }
+}
+
+/// block_row_grad's loop (thread_row_grad) with U vectors in flight and cache hint H, in place
+/// over every row (lse and coef fixed: the arithmetic per element is the backward's).
+template <int BLOCK, int U, dpo::cuda::detail::cache_hint H, class T>
+__global__ void __launch_bounds__(BLOCK) grad_variant_kernel(T* z, const std::int64_t* labels,
+                                                             std::int64_t rows, std::int64_t V) {
+  for (std::int64_t r = blockIdx.x; r < rows; r += gridDim.x)
+    dpo::cuda::detail::thread_row_grad<BLOCK, T, U, H>(z + r * V, z + r * V, V, 10.0f, 1e-3f, labels[r],
+                                                       static_cast<int>(threadIdx.x));
+}
+
+/// block_row_stats over every row, as the forward's rows_kernel reads them, with or without
+/// the metrics' statistics; Reduce = false times the per-thread loop alone (no block
+/// reduction). The never-taken store keeps the compiler from dropping the work.
+template <int BLOCK, bool Metrics, bool Reduce, class T>
+__global__ void __launch_bounds__(BLOCK) stats_variant_kernel(const T* z, std::int64_t rows, std::int64_t V,
+                                                              float* sink) {
+  for (std::int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    if constexpr (Reduce) {
+      const auto st = dpo::cuda::block_row_stats<BLOCK, Metrics>(z + r * V, V);
+      if (threadIdx.x == 0 && st.s == -1.0f) sink[0] = st.m + st.t + st.s2 + st.zsum + float(st.argmax);
+    } else {
+      const auto st = dpo::cuda::detail::thread_row_stats<BLOCK, Metrics>(z + r * V, V, static_cast<int>(threadIdx.x));
+      if (st.s == -1.0f) sink[0] = st.m + st.t2 + st.s2 + st.zsum + float(st.argmax);
+    }
+  }
+}
+
+/// Blocks of a persistent grid for `kernel`: SMs x resident blocks per SM.
+template <class K>
+int full_grid(K kernel, int block) {
+  int dev = 0, sms = 0, per_sm = 0;
+  DPO_BENCH_CK(cudaGetDevice(&dev));
+  DPO_BENCH_CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  DPO_BENCH_CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, block, 0));
+  return sms * std::max(per_sm, 1);
+}
+
+enum what_t { w_copy, w_forward, w_dpo_forward, w_backward, w_fused, w_rw_floor, w_grad_u4,
+              w_grad_u4_stream, w_grad_u8, w_grad_u8_stream, w_stats, w_stats_metrics,
+              w_stats_metrics_loop, w_count };
+const char* what_name[w_count] = {"copy", "forward", "dpo_forward", "backward", "fused_inplace",
+                                  "rw_floor", "grad_U4_normal", "grad_U4_streaming",
+                                  "grad_U8_normal", "grad_U8_streaming", "stats_lse",
+                                  "stats_metrics", "stats_metrics_loop"};
+
+template <bool Metrics, bool Reduce, class T>
+void launch_stats_variant(const setup<T>& d) {
+  const auto k = stats_variant_kernel<256, Metrics, Reduce, T>;
+  k<<<full_grid(k, 256), 256>>>(d.logits, d.N, d.V, reinterpret_cast<float*>(d.scratch));
+  DPO_BENCH_CK(cudaGetLastError());
+}
+
+template <int U, dpo::cuda::detail::cache_hint H, class T>
+void launch_grad_variant(const setup<T>& d) {
+  const auto k = grad_variant_kernel<256, U, H, T>;
+  k<<<full_grid(k, 256), 256>>>(d.logits, d.labels, d.N, d.V);
+  DPO_BENCH_CK(cudaGetLastError());
+}
+
 void check(const dpo::cuda::status& s) {
   if (!s) {
     std::fprintf(stderr, "%s\n", s.message);
@@ -154,32 +239,75 @@ void check(const dpo::cuda::status& s) {
 
 template <class T>
 void run(benchmark::State& state, const shape& sh, int what) {
-  setup<T> d(sh, what == 0);
+  setup<T> d(sh, what == w_copy);
   std::vector<double> times;
   double moved = 0;
+  using dpo::cuda::detail::cache_hint;
+  const double b = static_cast<double>(d.bytes);
+  dpo::cuda::forward_outputs out;
+  out.loss = d.scratch + 2 * d.S;
+  const auto forward = [&] {
+    check(dpo::cuda::dpo_forward(d.ws, d.ws_bytes, d.pairs(), d.scratch, d.scratch + d.S / 2,
+                                 dpo::loss_config{}, out));
+  };
   const auto one = [&]() -> float {
     switch (what) {
-      case 0:
-        moved = 2.0 * static_cast<double>(d.bytes);
+      case w_copy:
+        moved = 2 * b;
         return d.time([&] {
           DPO_BENCH_CK(cudaMemcpyAsync(d.copy_dst, d.logits, d.bytes, cudaMemcpyDeviceToDevice));
         });
-      case 1:
-        moved = static_cast<double>(d.bytes);
+      case w_forward:
+        moved = b;
         return d.time([&] {
           check(dpo::cuda::sequence_logps(d.ws, d.ws_bytes, d.all(), d.scratch, d.counts));
         });
-      default: {
-        moved = 3.0 * static_cast<double>(d.bytes);
+      case w_dpo_forward:
+        moved = b;
+        return d.time(forward);
+      case w_backward:
+        moved = 2 * b;
         d.refill(static_cast<unsigned>(times.size()) + 2);
-        dpo::cuda::forward_outputs out;
-        out.loss = d.scratch + 2 * d.S;
+        forward();
+        return d.time([&] { check(dpo::cuda::dpo_backward(d.ws, d.ws_bytes, d.pairs(), d.grad())); });
+      case w_fused:
+        moved = 3 * b;
+        d.refill(static_cast<unsigned>(times.size()) + 2);
         return d.time([&] {
           check(dpo::cuda::dpo_forward_backward(d.ws, d.ws_bytes, d.pairs(), d.scratch,
                                                 d.scratch + d.S / 2, dpo::loss_config{}, out,
                                                 d.grad()));
         });
+      case w_rw_floor: {
+        moved = 2 * b;
+        const int row_vecs = static_cast<int>(d.V * sizeof(T) / 16);
+        const auto k = rw_floor_kernel<256, 4>;
+        return d.time([&] {
+          k<<<full_grid(k, 256), 256>>>(reinterpret_cast<uint4*>(d.logits), d.N, row_vecs);
+          DPO_BENCH_CK(cudaGetLastError());
+        });
       }
+      case w_grad_u4:
+        moved = 2 * b;
+        return d.time([&] { launch_grad_variant<4, cache_hint::normal>(d); });
+      case w_grad_u4_stream:
+        moved = 2 * b;
+        return d.time([&] { launch_grad_variant<4, cache_hint::streaming>(d); });
+      case w_grad_u8:
+        moved = 2 * b;
+        return d.time([&] { launch_grad_variant<8, cache_hint::normal>(d); });
+      case w_grad_u8_stream:
+        moved = 2 * b;
+        return d.time([&] { launch_grad_variant<8, cache_hint::streaming>(d); });
+      case w_stats:
+        moved = b;
+        return d.time([&] { launch_stats_variant<false, true>(d); });
+      case w_stats_metrics:
+        moved = b;
+        return d.time([&] { launch_stats_variant<true, true>(d); });
+      default:
+        moved = b;
+        return d.time([&] { launch_stats_variant<true, false>(d); });
     }
   };
   for (int i = 0; i < 3; ++i) one();  // warm-up: module load, clocks
@@ -193,7 +321,7 @@ void run(benchmark::State& state, const shape& sh, int what) {
   const double tbs = moved / median_s / 1e12;
   state.counters["median_ms"] = median_s * 1000.0;
   state.counters["TB_s"] = tbs;
-  if (what == 0) {
+  if (what == w_copy) {
     copy_tbs[sh.name] = tbs;
   } else if (copy_tbs.count(sh.name)) {
     state.counters["copy_share"] = tbs / copy_tbs[sh.name];
@@ -211,9 +339,9 @@ int main(int argc, char** argv) {
   cudaDeviceProp p{};
   DPO_BENCH_CK(cudaGetDeviceProperties(&p, 0));
   std::printf("device: %s\n", p.name);
-  const char* what_name[3] = {"copy", "forward", "fused_inplace"};
   for (const shape& sh : shapes) {
-    for (int what = 0; what < 3; ++what) {
+    const int whats = &sh == &shapes[0] ? w_count : w_rw_floor;
+    for (int what = 0; what < whats; ++what) {
       const std::string name = std::string(what_name[what]) + "/" + sh.name;
       benchmark::RegisterBenchmark(name.c_str(), [sh, what](benchmark::State& st) {
         if (sh.dtype == 0) {

@@ -344,6 +344,29 @@ __device__ __forceinline__ row_stats<A> block_reduce_stats(row_stats<A> st) {
 /// Vectors loaded before the first is used: enough bytes in flight to cover DRAM latency.
 inline constexpr int unroll = 4;
 
+/// Cache policy of block_row_grad's 16-byte loads and stores: `normal`, or `streaming`
+/// (ld/st.global.cs, evict first: the logits and the gradient are touched once).
+enum class cache_hint { normal, streaming };
+
+template <cache_hint H>
+DPO_CUDA_HD uint4 load_vec(const uint4* p) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (H == cache_hint::streaming) return __ldcs(p);
+#endif
+  return *p;
+}
+
+template <cache_hint H>
+DPO_CUDA_HD void store_vec(uint4* p, const uint4& v) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (H == cache_hint::streaming) {
+    __stcs(p, v);
+    return;
+  }
+#endif
+  *p = v;
+}
+
 }  // namespace detail
 
 namespace detail {
@@ -412,12 +435,13 @@ __device__ dpo::detail::row_stats<acc_t<T>> block_row_stats(const T* row, std::i
 namespace detail {
 
 /// Thread `tid`'s share of block_row_grad.
-template <int BLOCK, class T>
+/// U vectors in flight per thread and the cache hint H are tuning knobs (bench/cuda times
+/// them); block_row_grad uses the defaults.
+template <int BLOCK, class T, int U = unroll, cache_hint H = cache_hint::normal>
 DPO_CUDA_HD void thread_row_grad(const T* z, T* g, std::int64_t vocab, acc_t<T> lse, acc_t<T> coef,
                                  std::int64_t y, int tid) {
   using A = acc_t<T>;
   constexpr int W = vec_width<T>;
-  constexpr int U = unroll;
   const int V = static_cast<int>(vocab);
   // exp(z - lse) as 2^((z - lse) log2 e): the difference first, so that z == lse (the only
   // column of a one-column row, or a row whose mass is all on one logit) gives exactly 1 and a
@@ -446,7 +470,7 @@ DPO_CUDA_HD void thread_row_grad(const T* z, T* g, std::int64_t vocab, acc_t<T> 
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         const int k = k0 + u * BLOCK;
-        if (k < nvec) buf[u] = zp[k];
+        if (k < nvec) buf[u] = load_vec<H>(zp + k);
       }
     }
 #pragma unroll
@@ -469,7 +493,7 @@ DPO_CUDA_HD void thread_row_grad(const T* z, T* g, std::int64_t vocab, acc_t<T> 
             for (int j = 0; j < W; ++j) x[j] = j == o ? x[j] + coef : x[j];
           }
         }
-        gp[k] = pack<T>(x);
+        store_vec<H>(gp + k, pack<T>(x));
       }
     }
   }
