@@ -127,7 +127,7 @@ if ! timeout $(( left > 0 ? left : 1 )) tail --pid="$py_pid" -f /dev/null; then 
 tail -n 5 "$logs/python_build.log"
 if [[ "$(cat "$logs/python_build.rc" 2> /dev/null)" == 0 ]]; then
   export PYTHONPATH=$root/python${PYTHONPATH:+:$PYTHONPATH}
-  stage python_tests 100 python3 -m pytest -q -p no:cacheprovider "$root/python/tests/test_cuda.py"
+  stage python_tests 100 python3 -m pytest -q -p no:cacheprovider -rf --tb=line "$root/python/tests/test_cuda.py"
   stage torch_paths 150 python3 "$root/bench/torch_paths.py" --shapes large --repeat 5 --require-ours \
     --json "$logs/torch_paths.json"
 else
