@@ -11,7 +11,8 @@
 //   rw_floor      an in-place 16-byte read-modify-write of every row (no arithmetic)
 //   grad_U<u>_<hint>  block_row_grad's loop with u vectors in flight and the cache hint
 //   stats_lse     block_row_stats without metrics (the reference pass's row work)
-//   stats_metrics block_row_stats with metrics (the policy pass's row work)
+//   stats_metrics block_row_stats with metrics and lse(2z) (the policy pass's row work with
+//                 WPO weights; without them dpo_forward skips lse(2z))
 //   stats_metrics_loop  its per-thread loop alone, without the block reduction
 // Counters: TB_s (bytes / median time) and copy_share (TB_s over the copy's TB/s, measured
 // first for the same shape). The logits are refilled with random values (outside the

@@ -25,13 +25,13 @@ row_stats<A> warp_tree(row_stats<A>* v) {
   return v[0];
 }
 
-template <bool M, class T>
+template <bool M, bool L2, class T>
 row_result stats(const T* row, std::int64_t vocab) {
   using A = dpo::cuda::acc_t<T>;
   std::vector<row_stats<A>> t(block);
   for (int tid = 0; tid < block; ++tid)
     t[tid] = dpo::cuda::detail::to_row_stats(
-        dpo::cuda::detail::thread_row_stats<block, M>(row, vocab, tid));
+        dpo::cuda::detail::thread_row_stats<block, M, T, L2>(row, vocab, tid));
   constexpr int warps = block / 32;
   row_stats<A> partial[32];
   for (int w = 0; w < warps; ++w) partial[w] = warp_tree<M>(t.data() + 32 * w);
@@ -43,9 +43,10 @@ row_result stats(const T* row, std::int64_t vocab) {
 }
 
 template <class T>
-row_result stats_any(const void* row, std::int64_t vocab, bool metrics) {
+row_result stats_any(const void* row, std::int64_t vocab, bool metrics, bool lse2) {
   const T* p = static_cast<const T*>(row);
-  return metrics ? stats<true>(p, vocab) : stats<false>(p, vocab);
+  if (!metrics) return stats<false, false>(p, vocab);
+  return lse2 ? stats<true, true>(p, vocab) : stats<true, false>(p, vocab);
 }
 
 template <class T>
@@ -58,12 +59,12 @@ void grad(const void* z, void* g, std::int64_t vocab, double lse, double coef, s
 
 }  // namespace
 
-row_result block_row_stats(dtype type, const void* row, std::int64_t vocab, bool metrics) {
+row_result block_row_stats(dtype type, const void* row, std::int64_t vocab, bool metrics, bool lse2) {
   switch (type) {
-    case dtype::bf16: return stats_any<__nv_bfloat16>(row, vocab, metrics);
-    case dtype::f16: return stats_any<__half>(row, vocab, metrics);
-    case dtype::f32: return stats_any<float>(row, vocab, metrics);
-    case dtype::f64: return stats_any<double>(row, vocab, metrics);
+    case dtype::bf16: return stats_any<__nv_bfloat16>(row, vocab, metrics, lse2);
+    case dtype::f16: return stats_any<__half>(row, vocab, metrics, lse2);
+    case dtype::f32: return stats_any<float>(row, vocab, metrics, lse2);
+    case dtype::f64: return stats_any<double>(row, vocab, metrics, lse2);
   }
   return {};
 }

@@ -20,8 +20,10 @@ struct row_result {
   double s;
 };
 
-/// block_row_stats<256, metrics> over vocab values at `row` (host memory of `type`).
-row_result block_row_stats(dtype type, const void* row, std::int64_t vocab, bool metrics);
+/// block_row_stats<256, metrics, T, lse2> over vocab values at `row` (host memory of `type`);
+/// lse2 = false skips lse(2z), as rows_kernel does for losses without WPO weights.
+row_result block_row_stats(dtype type, const void* row, std::int64_t vocab, bool metrics,
+                           bool lse2 = true);
 
 /// block_row_grad<256> of one row, z and g host memory of `type` (g == z: in place).
 void block_row_grad(dtype type, const void* z, void* g, std::int64_t vocab, double lse,

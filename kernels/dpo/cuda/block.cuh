@@ -177,22 +177,23 @@ DPO_CUDA_HD thread_stats<A> thread_empty() {
 }
 
 /// Folds N values at columns col0, col0 + 1, ... (all above the thread's earlier columns).
-/// Same result, up to rounding, as N calls of dpo::detail::push_logit.
-template <bool Metrics, int N, class A>
+/// Same result, up to rounding, as N calls of dpo::detail::push_logit, except that a thread
+/// that has seen only -inf and NaN keeps argmax -1 (thread_row_stats then sets its first
+/// column, outside the per-vector path). Lse2 = false leaves s2 at 0 (no lse(2z)).
+template <bool Metrics, int N, class A, bool Lse2 = Metrics>
 DPO_CUDA_HD void push_values(thread_stats<A>& st, const A* x, std::int64_t col0) {
-  // The vector's max ignores NaN (it reaches s through exp below).
-  A vm = x[0] > -INFINITY ? x[0] : -INFINITY;
+  // The vector's max ignores NaN (fmax returns the other operand; NaN reaches s through exp
+  // below): one FMNMX per value.
+  A vm = -INFINITY;
 #pragma unroll
-  for (int k = 1; k < N; ++k) vm = x[k] > vm ? x[k] : vm;
+  for (int k = 0; k < N; ++k) vm = fmax(vm, x[k]);
   if (vm > st.m) {
     if (st.m > -INFINITY) {
       // Rescale the terms taken relative to the old max (t2 shifts by d2 * s).
       const A d2 = (st.m - vm) * log2e<A>::value;
       const A f = exp2_fast(d2);
-      if (Metrics) {
-        st.t2 = f * (st.t2 + d2 * st.s);
-        st.s2 = st.s2 * f * f;
-      }
+      if (Metrics) st.t2 = f * (st.t2 + d2 * st.s);
+      if (Metrics && Lse2) st.s2 = st.s2 * f * f;
       st.s = st.s * f;
     }
     st.m = vm;
@@ -203,7 +204,6 @@ DPO_CUDA_HD void push_values(thread_stats<A>& st, const A* x, std::int64_t col0)
       st.argmax = col0 + first;
     }
   }
-  if (Metrics && st.argmax < 0) st.argmax = col0;  // only -inf or NaN so far: first column
   if (st.m == -INFINITY) {
     // No finite value yet: no probability mass (exp(-inf - -inf) would be NaN), except
     // that a NaN must still reach s.
@@ -223,7 +223,7 @@ DPO_CUDA_HD void push_values(thread_stats<A>& st, const A* x, std::int64_t col0)
     if (Metrics) {
       // A -inf logit has e = 0: clamp d2 so it adds 0 * finite, not 0 * -inf.
       st.t2 = fma(e, fmax(d2, A(-1e30)), st.t2);
-      st.s2 = fma(e, e, st.s2);
+      if (Lse2) st.s2 = fma(e, e, st.s2);
       st.zsum += x[k];
     }
   }
@@ -372,7 +372,7 @@ DPO_CUDA_HD void store_vec(uint4* p, const uint4& v) {
 namespace detail {
 
 /// Thread `tid`'s share of block_row_stats: its columns, in increasing order.
-template <int BLOCK, bool Metrics, class T>
+template <int BLOCK, bool Metrics, class T, bool Lse2 = Metrics>
 DPO_CUDA_HD thread_stats<acc_t<T>> thread_row_stats(const T* row, std::int64_t vocab, int tid) {
   using A = acc_t<T>;
   constexpr int W = vec_width<T>;
@@ -386,12 +386,17 @@ DPO_CUDA_HD thread_stats<acc_t<T>> thread_row_stats(const T* row, std::int64_t v
   head = head < V ? head : V;
   if (tid < head) {
     const A x = to_acc(row[tid]);
-    push_values<Metrics, 1>(st, &x, tid);
+    push_values<Metrics, 1, A, Lse2>(st, &x, tid);
   }
   const int nvec = (V - head) / W;
   const uint4* vp = reinterpret_cast<const uint4*>(row + head);
   for (int k0 = tid; k0 < nvec; k0 += BLOCK * U) {
     uint4 buf[U];
+#if !defined(__CUDA_ARCH__)
+    // Host builds (the test emulator) only: g++ cannot pair the two `k < nvec` tests and
+    // warns that buf may be used uninitialized. The device code is left without the stores.
+    for (int u = 0; u < U; ++u) buf[u] = uint4{};
+#endif
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int k = k0 + u * BLOCK;
@@ -403,15 +408,18 @@ DPO_CUDA_HD thread_stats<acc_t<T>> thread_row_stats(const T* row, std::int64_t v
       if (k < nvec) {
         A x[W];
         unpack<T>(buf[u], x);
-        push_values<Metrics, W>(st, x, head + static_cast<std::int64_t>(k) * W);
+        push_values<Metrics, W, A, Lse2>(st, x, head + static_cast<std::int64_t>(k) * W);
       }
     }
   }
   const int tail = head + nvec * W + tid;  // fewer than W tail elements, W <= BLOCK
   if (tail < V) {
     const A x = to_acc(row[tail]);
-    push_values<Metrics, 1>(st, &x, tail);
+    push_values<Metrics, 1, A, Lse2>(st, &x, tail);
   }
+  // Only -inf or NaN seen: the argmax is the thread's first column (as torch.argmax).
+  if (Metrics && st.argmax < 0)
+    st.argmax = tid < head ? tid : (tid < nvec ? head + static_cast<std::int64_t>(tid) * W : (tail < V ? tail : -1));
   return st;
 }
 
@@ -424,11 +432,12 @@ DPO_CUDA_HD thread_stats<acc_t<T>> thread_row_stats(const T* row, std::int64_t v
 /// synchronizes the block); every thread gets the result. `row` points at vocab values of
 /// type T (bf16, fp16, fp32, fp64), any alignment of T; it is read once, with 16-byte loads
 /// where aligned. Accumulates in acc_t<T>. Deterministic: the result depends only on the row
-/// and BLOCK. With Metrics = false only m and s are set (t, s2, zsum = 0, argmax = -1).
-/// Requires vocab < 2^31.
-template <int BLOCK, bool Metrics = true, class T>
+/// and BLOCK. With Metrics = false only m and s are set (t, s2, zsum = 0, argmax = -1);
+/// Lse2 = false skips lse(2z) (s2 = 0: one multiply-add less per logit). Requires
+/// vocab < 2^31.
+template <int BLOCK, bool Metrics = true, class T, bool Lse2 = Metrics>
 __device__ dpo::detail::row_stats<acc_t<T>> block_row_stats(const T* row, std::int64_t vocab) {
-  const auto st = detail::thread_row_stats<BLOCK, Metrics>(row, vocab, static_cast<int>(threadIdx.x));
+  const auto st = detail::thread_row_stats<BLOCK, Metrics, T, Lse2>(row, vocab, static_cast<int>(threadIdx.x));
   return detail::block_reduce_stats<BLOCK, Metrics>(detail::to_row_stats(st));
 }
 

@@ -271,11 +271,11 @@ views<T, L> make_views(const token_view<T, L>& a, const token_view<T, L>* b, con
 }
 
 /// check_kernel then rows_kernel: the one read of the logits of a forward pass.
-template <bool Metrics, class T, class L>
+template <bool Metrics, bool Lse2 = false, class T, class L>
 status run_rows(const views<T, L>& vs, const ws_ptrs& w, const std::int64_t cap[2],
                 cudaStream_t stream) {
   // The device query first: a failure must leave nothing enqueued.
-  const auto kernel = rows_kernel<rows_block, Metrics, T, L>;
+  const auto kernel = rows_kernel<rows_block, Metrics, Lse2, T, L>;
   int grid = 1;
   status s = row_grid(kernel, rows_block, cap[0] + cap[1], &grid);
   if (!s) return s;
@@ -348,8 +348,10 @@ status enqueue_forward(const pair_view<T, L>& policy, const double* ref_chosen,
                        const std::int64_t cap[2], cudaStream_t stream) {
   const views<T, L> vs = make_views(policy.chosen, &policy.rejected, opt);
   const bool metrics = opt.metrics || cfg.use_weighting;
-  status s = metrics ? run_rows<true>(vs, w, cap, stream)
-                     : run_rows<false>(vs, w, cap, stream);
+  // lse(2z) costs a multiply-add per logit: only for WPO, whose weights need it.
+  status s = !metrics ? run_rows<false>(vs, w, cap, stream)
+             : cfg.use_weighting ? run_rows<true, true>(vs, w, cap, stream)
+                                 : run_rows<true, false>(vs, w, cap, stream);
   if (!s) return s;
   sequence_params sp{};
   sp.seqs = policy.num_pairs();

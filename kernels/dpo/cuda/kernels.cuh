@@ -254,8 +254,10 @@ __global__ void check_kernel(views<T, L> vs, ws_header* h) {
   }
 }
 
-/// Forward over the rows of every side: one read of each completion row.
-template <int BLOCK, bool Metrics, class T, class L>
+/// Forward over the rows of every side: one read of each completion row. Metrics: entropy,
+/// logit mean and argmax hits; Lse2 (with Metrics): WPO's per-token term, which needs
+/// lse(2z), only when the loss uses WPO weights.
+template <int BLOCK, bool Metrics, bool Lse2, class T, class L>
 __global__ void __launch_bounds__(BLOCK) rows_kernel(views<T, L> vs, ws_ptrs w) {
   using A = acc_t<T>;
   ws_header* h = w.h;
@@ -287,7 +289,7 @@ __global__ void __launch_bounds__(BLOCK) rows_kernel(views<T, L> vs, ws_ptrs w) 
     // behind it instead of following the block reduction.
     T zy{};
     if (threadIdx.x == 0) zy = row[y];
-    const dpo::detail::row_stats<A> st = block_row_stats<BLOCK, Metrics>(row, v.vocab);
+    const dpo::detail::row_stats<A> st = block_row_stats<BLOCK, Metrics, T, Lse2>(row, v.vocab);
     if (threadIdx.x == 0) {
       const A lse = st.logsumexp();
       const A lp = to_acc(zy) - lse;
@@ -297,7 +299,7 @@ __global__ void __launch_bounds__(BLOCK) rows_kernel(views<T, L> vs, ws_ptrs w) 
         ra.ent[local] = static_cast<double>(st.entropy());
         ra.zmean[local] = static_cast<double>(st.zsum / static_cast<A>(v.vocab));
         // WPO's per-token term: logp - log sum_v p_v^2 = logp - (lse(2z) - 2 lse(z)).
-        ra.wpo[local] = static_cast<double>(lp - (st.logsumexp2() - A(2) * lse));
+        ra.wpo[local] = Lse2 ? static_cast<double>(lp - (st.logsumexp2() - A(2) * lse)) : 0.0;
         ra.hit[local] = st.argmax == y ? 1.0 : 0.0;
       } else {
         // sequence_kernel sums these whatever the mode: never let it read unwritten memory.
