@@ -248,3 +248,34 @@ def test_argument_errors_raise_value_error():
         ops.dpo_forward(z, y, None, None, None, None, -100, *config(reference_free=True), True, False)
     with pytest.raises(ValueError, match="loss_type"):
         ops.pair_loss(*(torch.randn(2, device="cuda") for _ in range(4)), None, None, None, *config("nope"))
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_compile_fullgraph_on_cuda_matches_eager(inplace):
+    """torch.compile(fullgraph=True) of the ops on CUDA tensors: the fake kernels' shapes and
+    strides must match the CUDA kernels' (the gap layout's strided gradient included)."""
+    torch._dynamo.reset()
+    full, labels, rc, rr = make(torch.float32, seed=8)
+    base = full.cuda()
+    y, rc, rr = labels.cuda(), rc.cuda(), rr.cuda()
+
+    def step(z):
+        loss, metrics = dk.dpo_loss_from_logits(z, y, rc, rr, inplace_backward=inplace)
+        lp = dk.sequence_logps(z.detach(), y)
+        return loss, metrics["rewards/margins"], lp
+
+    def leaf():
+        # The gap layout (TRL's logits[:, :-1]) where it is allowed: not with inplace_backward.
+        x = base.clone() if not inplace else base[:, :-1].contiguous()
+        x.requires_grad_(True)
+        return x, (x[:, :-1] if not inplace else x)
+
+    x1, z1 = leaf()
+    eager = step(z1)
+    (g1,) = torch.autograd.grad(eager[0], x1)
+    x2, z2 = leaf()
+    compiled = torch.compile(step, fullgraph=True)(z2)
+    (g2,) = torch.autograd.grad(compiled[0], x2)
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(g2, g1)
