@@ -7,6 +7,9 @@
 //   dpo_forward   dpo_forward with metrics (the policy pass): 1 read   bytes = N*V*b
 //   backward      dpo_backward in place after a dpo_forward: 1 read + 1 write
 //   fused_inplace dpo_forward_backward in place: 2 reads + 1 write    bytes = 3*N*V*b
+//                 (its token metrics come from the backward's read)
+//   fwd_then_bwd  dpo_forward then dpo_backward in place (the PyTorch op's path: metrics in
+//                 the forward's read)                                bytes = 3*N*V*b
 // and, at the first shape only, what bounds each pass (same grid, same row loop):
 //   rw_floor      an in-place 16-byte read-modify-write of every row (no arithmetic)
 //   grad_U<u>_<hint>  block_row_grad's loop with u vectors in flight and the cache hint
@@ -209,11 +212,11 @@ int full_grid(K kernel, int block) {
   return sms * std::max(per_sm, 1);
 }
 
-enum what_t { w_copy, w_forward, w_dpo_forward, w_backward, w_fused, w_rw_floor, w_grad_u4,
+enum what_t { w_copy, w_forward, w_dpo_forward, w_backward, w_fused, w_fwd_bwd, w_rw_floor, w_grad_u4,
               w_grad_u4_stream, w_grad_u8, w_grad_u8_stream, w_stats, w_stats_metrics,
               w_stats_metrics_loop, w_count };
 const char* what_name[w_count] = {"copy", "forward", "dpo_forward", "backward", "fused_inplace",
-                                  "rw_floor", "grad_U4_normal", "grad_U4_streaming",
+                                  "fwd_then_bwd", "rw_floor", "grad_U4_normal", "grad_U4_streaming",
                                   "grad_U8_normal", "grad_U8_streaming", "stats_lse",
                                   "stats_metrics", "stats_metrics_loop"};
 
@@ -247,6 +250,8 @@ void run(benchmark::State& state, const shape& sh, int what) {
   const double b = static_cast<double>(d.bytes);
   dpo::cuda::forward_outputs out;
   out.loss = d.scratch + 2 * d.S;
+  // TRL's metrics requested, as a trainer that logs them would.
+  out.metrics = reinterpret_cast<dpo::cuda::metrics*>(d.scratch + 2 * d.S + 2);
   const auto forward = [&] {
     check(dpo::cuda::dpo_forward(d.ws, d.ws_bytes, d.pairs(), d.scratch, d.scratch + d.S / 2,
                                  dpo::loss_config{}, out));
@@ -278,6 +283,13 @@ void run(benchmark::State& state, const shape& sh, int what) {
           check(dpo::cuda::dpo_forward_backward(d.ws, d.ws_bytes, d.pairs(), d.scratch,
                                                 d.scratch + d.S / 2, dpo::loss_config{}, out,
                                                 d.grad()));
+        });
+      case w_fwd_bwd:
+        moved = 3 * b;
+        d.refill(static_cast<unsigned>(times.size()) + 2);
+        return d.time([&] {
+          forward();
+          check(dpo::cuda::dpo_backward(d.ws, d.ws_bytes, d.pairs(), d.grad()));
         });
       case w_rw_floor: {
         moved = 2 * b;

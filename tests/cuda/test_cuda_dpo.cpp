@@ -464,6 +464,51 @@ TEST_CASE("cuda: results are bitwise identical run to run", "[cuda][small]") {
   CHECK(a.losses == b.losses);
   CHECK(a.grad_chosen == b.grad_chosen);
   CHECK(a.weights == b.weights);
+  // Without WPO weights the metrics come from the backward's read: as reproducible.
+  c.cfg.use_weighting = false;
+  const case_out d = dpo_cuda_test::run_case(c);
+  const case_out e = dpo_cuda_test::run_case(c);
+  REQUIRE(d.status_code == 0);
+  CHECK(std::memcmp(&d.loss, &e.loss, sizeof(double)) == 0);
+  CHECK(d.grad == e.grad);
+  CHECK(d.metrics == e.metrics);
+}
+
+TEST_CASE("cuda: dpo_forward_backward's metrics from the backward's read agree with dpo_forward's",
+          "[cuda][small]") {
+  // Without WPO weights dpo_forward_backward leaves the token metrics to its backward
+  // (block_row_grad_metrics): the same values as dpo_forward's one-read metrics, bitwise
+  // except the entropy (summed from p * (z - lse) instead of online), whatever the dtype,
+  // layout, or rows whose gradient is 0 (sft: the rejected side; masked labels).
+  unsigned seed = 1200;
+  for (dtype t : {dtype::bf16, dtype::f16, dtype::f32, dtype::f64}) {
+    for (int variant = 0; variant < 3; ++variant) {
+      shape sh;
+      sh.pairs = 3;
+      sh.vocab = variant == 1 ? 32003 : 1031;
+      sh.pad = variant;
+      sh.packed = variant == 2;
+      sh.with_mask = variant == 2;
+      case_in c = make_case(t, sh, seed++);
+      c.in_place = true;  // the same alignment of logits and gradient rows
+      if (variant == 1) c.cfg = dpo::loss_config::of(dpo::loss_type::sft);
+      INFO("dtype " << static_cast<int>(t) << " variant " << variant);
+      const case_out fused = compare(c);
+      c.run = mode::forward_only;
+      const case_out fwd = compare(c);
+      REQUIRE(fused.metrics.size() == 11);
+      REQUIRE(fwd.metrics.size() == 11);
+      for (int k = 0; k < 11; ++k) {
+        INFO("metric " << k);
+        if (k == 8) {
+          CHECK(fused.metrics[k] == Approx(fwd.metrics[k]).epsilon(value_tol(t)));
+        } else {
+          CHECK(std::memcmp(&fused.metrics[k], &fwd.metrics[k], sizeof(double)) == 0);
+        }
+      }
+      CHECK(std::memcmp(&fused.loss, &fwd.loss, sizeof(double)) == 0);
+    }
+  }
 }
 
 TEST_CASE("cuda: sequences longer than a block, batches wider than a block", "[cuda][small]") {

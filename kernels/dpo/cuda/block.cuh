@@ -2,7 +2,9 @@
 //
 // Block-level building blocks over one logits row, for the library's kernels and for custom
 // kernels: block_row_stats (one read of the row: log-sum-exp, entropy, lse(2z), logit sum,
-// argmax) and block_row_grad (one read and one write: coef * (onehot(y) - softmax)).
+// argmax), block_row_grad (one read and one write: coef * (onehot(y) - softmax)) and
+// block_row_grad_metrics (block_row_grad that also returns the entropy, logit sum and argmax,
+// so a fused forward + backward can leave the metrics to its second read).
 //
 // Each thread reads 16-byte vectors (a scalar head up to the first 16-byte boundary, then a
 // scalar tail), so any vocab and any row alignment work. Threads accumulate their columns in
@@ -443,12 +445,48 @@ __device__ dpo::detail::row_stats<acc_t<T>> block_row_stats(const T* row, std::i
 
 namespace detail {
 
-/// Thread `tid`'s share of block_row_grad.
+/// A thread's share of the metric terms block_row_grad_metrics gathers on the way: the max
+/// and its first column (argmax), sum of p * (z - lse) in base-2 units (t2), and the sum of z.
+template <class A>
+struct thread_grad_stats {
+  A m;
+  A t2;
+  A zsum;
+  std::int64_t argmax;
+};
+
+/// Folds N values at columns col0, col0 + 1, ... (above the thread's earlier columns) whose
+/// d2 = (z - lse) log2 e and e = 2^d2 the gradient computed anyway. The max and argmax as
+/// push_values (fmax ignores NaN, ties keep the first column); a -inf logit has e = 0 and its
+/// clamped d2 adds 0 * finite, as in push_values.
+template <int N, class A>
+DPO_CUDA_HD void push_grad_stats(thread_grad_stats<A>& st, const A* x, const A* d2, const A* e,
+                                 std::int64_t col0) {
+  A vm = -INFINITY;
+#pragma unroll
+  for (int k = 0; k < N; ++k) vm = fmax(vm, x[k]);
+  if (vm > st.m) {
+    st.m = vm;
+    int first = 0;
+#pragma unroll
+    for (int k = N - 1; k >= 0; --k) first = x[k] == vm ? k : first;
+    st.argmax = col0 + first;
+  }
+#pragma unroll
+  for (int k = 0; k < N; ++k) {
+    st.t2 = fma(e[k], fmax(d2[k], A(-1e30)), st.t2);
+    st.zsum += x[k];
+  }
+}
+
+/// Thread `tid`'s share of block_row_grad (Stats = false) or block_row_grad_metrics
+/// (Stats = true: `st` gets the thread's metric terms, and z is read even when coef is 0).
 /// U vectors in flight per thread and the cache hint H are tuning knobs (bench/cuda times
 /// them); block_row_grad uses the defaults.
-template <int BLOCK, class T, int U = unroll, cache_hint H = cache_hint::normal>
+template <int BLOCK, class T, int U = unroll, cache_hint H = cache_hint::normal, bool Stats = false>
 DPO_CUDA_HD void thread_row_grad(const T* z, T* g, std::int64_t vocab, acc_t<T> lse, acc_t<T> coef,
-                                 std::int64_t y, int tid) {
+                                 std::int64_t y, int tid,
+                                 thread_grad_stats<acc_t<T>>* st = nullptr) {
   using A = acc_t<T>;
   constexpr int W = vec_width<T>;
   const int V = static_cast<int>(vocab);
@@ -457,25 +495,37 @@ DPO_CUDA_HD void thread_row_grad(const T* z, T* g, std::int64_t vocab, acc_t<T> 
   // gradient of exactly 0, as the CPU path; z * log2 e - lse * log2 e would leave a residue.
   const A neg = -coef;
   const bool zero = coef == A(0);
+  // coef == 0 without Stats writes zeros and reads nothing.
+  const bool skip = zero && !Stats;
+  thread_grad_stats<A> acc{-INFINITY, A(0), A(0), -1};
+  // One column: its gradient value, folding it into the metric terms with Stats.
   const auto value = [&](A x, std::int64_t col) {
+    if (skip) return A(0);
+    const A d2 = (x - lse) * log2e<A>::value;
+    const A e = exp2_fast(d2);
+    if (Stats) push_grad_stats<1>(acc, &x, &d2, &e, col);
     if (zero) return A(0);
-    const A v = neg * exp2_fast((x - lse) * log2e<A>::value);
+    const A v = neg * e;
     return col == y ? v + coef : v;
   };
   const std::uintptr_t gmis = reinterpret_cast<std::uintptr_t>(g) & 15u;
-  if (!zero && (reinterpret_cast<std::uintptr_t>(z) & 15u) != gmis) {
+  if (!skip && (reinterpret_cast<std::uintptr_t>(z) & 15u) != gmis) {
     for (int c = tid; c < V; c += BLOCK) g[c] = from_acc<T>(value(to_acc(z[c]), c));
+    if (Stats) {
+      if (acc.argmax < 0) acc.argmax = tid < V ? tid : -1;
+      *st = acc;
+    }
     return;
   }
   int head = gmis == 0 ? 0 : W - static_cast<int>(gmis / sizeof(T));
   head = head < V ? head : V;
-  if (tid < head) g[tid] = from_acc<T>(zero ? A(0) : value(to_acc(z[tid]), tid));
+  if (tid < head) g[tid] = from_acc<T>(skip ? A(0) : value(to_acc(z[tid]), tid));
   const int nvec = (V - head) / W;
   const uint4* zp = reinterpret_cast<const uint4*>(z + head);
   uint4* gp = reinterpret_cast<uint4*>(g + head);
   for (int k0 = tid; k0 < nvec; k0 += BLOCK * U) {
     uint4 buf[U];
-    if (!zero) {
+    if (!skip) {
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         const int k = k0 + u * BLOCK;
@@ -487,16 +537,29 @@ DPO_CUDA_HD void thread_row_grad(const T* z, T* g, std::int64_t vocab, acc_t<T> 
       const int k = k0 + u * BLOCK;
       if (k < nvec) {
         A x[W];
-        if (zero) {
+        if (skip) {
 #pragma unroll
           for (int j = 0; j < W; ++j) x[j] = A(0);
         } else {
           unpack<T>(buf[u], x);
           const std::int64_t col0 = head + static_cast<std::int64_t>(k) * W;
+          if (Stats) {
+            A d2[W], e[W];
 #pragma unroll
-          for (int j = 0; j < W; ++j) x[j] = neg * exp2_fast((x[j] - lse) * log2e<A>::value);
+            for (int j = 0; j < W; ++j) {
+              d2[j] = (x[j] - lse) * log2e<A>::value;
+              e[j] = exp2_fast(d2[j]);
+            }
+            push_grad_stats<W>(acc, x, d2, e, col0);
+#pragma unroll
+            for (int j = 0; j < W; ++j) x[j] = zero ? A(0) : neg * e[j];
+          } else {
+#pragma unroll
+            for (int j = 0; j < W; ++j) x[j] = neg * exp2_fast((x[j] - lse) * log2e<A>::value);
+          }
           // y may be token_view::masked (INT64_MIN): compare, never subtract first.
-          if (y >= col0 && y < col0 + W) {
+          // (Stats only: coef == 0 reaches here and adds no one-hot term.)
+          if ((!Stats || !zero) && y >= col0 && y < col0 + W) {
             const std::int64_t o = y - col0;
 #pragma unroll
             for (int j = 0; j < W; ++j) x[j] = j == o ? x[j] + coef : x[j];
@@ -507,7 +570,83 @@ DPO_CUDA_HD void thread_row_grad(const T* z, T* g, std::int64_t vocab, acc_t<T> 
     }
   }
   const int tail = head + nvec * W + tid;
-  if (tail < V) g[tail] = from_acc<T>(zero ? A(0) : value(to_acc(z[tail]), tail));
+  if (tail < V) g[tail] = from_acc<T>(skip ? A(0) : value(to_acc(z[tail]), tail));
+  if (Stats) {
+    // Only -inf or NaN seen: the argmax is the thread's first column (as thread_row_stats).
+    if (acc.argmax < 0)
+      acc.argmax = tid < head ? tid : (tid < nvec ? head + static_cast<std::int64_t>(tid) * W : (tail < V ? tail : -1));
+    *st = acc;
+  }
+}
+
+/// Merges the metric terms of two disjoint column sets: ties of the max go to the lower
+/// column, as merge_unordered.
+template <class A>
+DPO_CUDA_HD thread_grad_stats<A> merge_grad_stats(const thread_grad_stats<A>& a,
+                                                  const thread_grad_stats<A>& b) {
+  thread_grad_stats<A> r;
+  const bool b_wins = b.m > a.m;
+  r.m = b_wins ? b.m : a.m;
+  if (b_wins) {
+    r.argmax = b.argmax;
+  } else if (b.m == a.m) {
+    r.argmax = a.argmax < 0 ? b.argmax
+                            : (b.argmax < 0 ? a.argmax : (b.argmax < a.argmax ? b.argmax : a.argmax));
+  } else {
+    r.argmax = a.argmax;
+  }
+  r.t2 = a.t2 + b.t2;
+  r.zsum = a.zsum + b.zsum;
+  return r;
+}
+
+template <class A>
+__device__ __forceinline__ thread_grad_stats<A> warp_reduce_grad_stats(thread_grad_stats<A> st) {
+  constexpr unsigned full = 0xffffffffu;
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    thread_grad_stats<A> o;
+    o.m = __shfl_down_sync(full, st.m, off);
+    o.t2 = __shfl_down_sync(full, st.t2, off);
+    o.zsum = __shfl_down_sync(full, st.zsum, off);
+    o.argmax = static_cast<std::int64_t>(
+        __shfl_down_sync(full, static_cast<long long>(st.argmax), off));
+    st = merge_grad_stats(st, o);
+  }
+  return st;
+}
+
+/// block_reduce_stats' fixed tree for thread_grad_stats; every thread gets the result.
+template <int BLOCK, class A>
+__device__ __forceinline__ thread_grad_stats<A> block_reduce_grad_stats(thread_grad_stats<A> st) {
+  static_assert(BLOCK % 32 == 0 && BLOCK >= 32 && BLOCK <= 1024, "BLOCK: a multiple of 32, <= 1024");
+  constexpr int warps = BLOCK / 32;
+  __shared__ thread_grad_stats<A> partial[warps];
+  __shared__ thread_grad_stats<A> result;
+  const int lane = static_cast<int>(threadIdx.x) & 31;
+  const int warp = static_cast<int>(threadIdx.x) >> 5;
+  st = warp_reduce_grad_stats(st);
+  if (warps == 1) {
+    if (lane == 0) result = st;
+    __syncthreads();
+    const thread_grad_stats<A> r = result;
+    __syncthreads();
+    return r;
+  }
+  if (lane == 0) partial[warp] = st;
+  __syncthreads();
+  if (warp == 0) {
+    thread_grad_stats<A> w{-INFINITY, A(0), A(0), -1};
+    if (lane < warps) w = partial[lane];
+    w = warp_reduce_grad_stats(w);
+    if (lane == 0) result = w;
+  }
+  __syncthreads();
+  // As block_reduce_stats: the next call writes `partial` and `result` only after barriers
+  // every thread reaches after this read.
+  const thread_grad_stats<A> r = result;
+  __syncthreads();
+  return r;
 }
 
 }  // namespace detail
@@ -523,6 +662,35 @@ template <int BLOCK, class T>
 __device__ void block_row_grad(const T* z, T* g, std::int64_t vocab, acc_t<T> lse, acc_t<T> coef,
                                std::int64_t y) {
   detail::thread_row_grad<BLOCK>(z, g, vocab, lse, coef, y, static_cast<int>(threadIdx.x));
+}
+
+/// The per-token metrics of a row, from the backward's read (block_row_grad_metrics).
+template <class A>
+struct row_metrics {
+  A entropy;             // -sum_v p_v log p_v, with p = exp(z - lse)
+  A zsum;                // sum_v z_v
+  std::int64_t argmax;   // first index of the max (as torch.argmax; -inf / NaN as block_row_stats)
+};
+
+/// block_row_grad plus, from the same read, the row's entropy, logit sum and argmax: the
+/// metrics of block_row_stats without a second pass, given the row's lse (from a forward
+/// block_row_stats<BLOCK, false>, say). Reads z even when coef is 0 (then writes zeros).
+/// Call from every thread of a 1-D block of BLOCK threads (block-uniform control flow: it
+/// synchronizes the block); every thread gets the result. Same aliasing rules as
+/// block_row_grad. Deterministic: depends only on the row, lse and BLOCK. The logit sum and
+/// argmax are bitwise those of block_row_stats when z and g have the same alignment; the
+/// entropy agrees with it to rounding (it sums p (z - lse) with the given lse instead of
+/// rescaling online).
+template <int BLOCK, class T>
+__device__ row_metrics<acc_t<T>> block_row_grad_metrics(const T* z, T* g, std::int64_t vocab,
+                                                        acc_t<T> lse, acc_t<T> coef,
+                                                        std::int64_t y) {
+  using A = acc_t<T>;
+  detail::thread_grad_stats<A> st;
+  detail::thread_row_grad<BLOCK, T, detail::unroll, detail::cache_hint::normal, true>(
+      z, g, vocab, lse, coef, y, static_cast<int>(threadIdx.x), &st);
+  st = detail::block_reduce_grad_stats<BLOCK>(st);
+  return {-(st.t2 * detail::ln2<A>::value), st.zsum, st.argmax};
 }
 
 }  // namespace cuda

@@ -292,7 +292,7 @@ status run_sequences(const views<T, L>& vs, const ws_ptrs& w, const sequence_par
                 seq_block, stream, vs, w, p);
 }
 
-template <class T, class L>
+template <bool Metrics = false, class T, class L>
 status run_backward(const views<T, L>& vs, const ws_ptrs& w, const std::int64_t cap[2],
                     const pair_grad_view<T>& grad, const double* grad_output, std::int64_t pairs,
                     cudaStream_t stream) {
@@ -303,11 +303,13 @@ status run_backward(const views<T, L>& vs, const ws_ptrs& w, const std::int64_t 
   bp.grad_stride[1] = grad.rejected_stride;
   bp.grad_output = grad_output;
   bp.pairs = pairs;
-  const auto kernel = backward_kernel<rows_block, T, L>;
+  const auto kernel = Metrics ? backward_metrics_kernel<rows_block, T, L>
+                              : backward_kernel<rows_block, T, L>;
   int grid = 1;
   status s = row_grid(kernel, rows_block, cap[0] + cap[1], &grid);
   if (!s) return s;
-  return launch("backward_kernel", kernel, grid, rows_block, stream, vs, w, bp);
+  return launch(Metrics ? "backward_metrics_kernel" : "backward_kernel", kernel, grid,
+                rows_block, stream, vs, w, bp);
 }
 
 inline bool needs_reference(const loss_config& cfg) {
@@ -341,13 +343,15 @@ status check_forward(const pair_view<T, L>& policy, const double* ref_chosen,
   return {};
 }
 
+/// `late_metrics` (dpo_forward_backward, never with WPO weights): skip the token metrics,
+/// which the backward's read computes instead; pair_kernel leaves them 0.
 template <class T, class L>
 status enqueue_forward(const pair_view<T, L>& policy, const double* ref_chosen,
                        const double* ref_rejected, const loss_config& cfg,
                        const forward_outputs& out, const options& opt, const ws_ptrs& w,
-                       const std::int64_t cap[2], cudaStream_t stream) {
+                       const std::int64_t cap[2], cudaStream_t stream, bool late_metrics = false) {
   const views<T, L> vs = make_views(policy.chosen, &policy.rejected, opt);
-  const bool metrics = opt.metrics || cfg.use_weighting;
+  const bool metrics = !late_metrics && (opt.metrics || cfg.use_weighting);
   // lse(2z) costs a multiply-add per logit: only for WPO, whose weights need it.
   status s = !metrics ? run_rows<false>(vs, w, cap, stream)
              : cfg.use_weighting ? run_rows<true, true>(vs, w, cap, stream)
@@ -657,31 +661,50 @@ status dpo_backward_rows(void* workspace, std::size_t& workspace_bytes,
                         bp, row_lse, row_coef);
 }
 
-/// dpo_forward then dpo_backward (grad_output 1): two reads and one write of the logits.
+/// dpo_forward then dpo_backward (grad_output 1): two reads and one write of the logits,
+/// with the same results. One difference in where the work happens: without WPO weights
+/// the token metrics (entropy, logit means, token accuracy) come from the backward's read
+/// (block_row_grad_metrics) instead of the forward's, which leaves the forward the
+/// reference pass's cheap row loop; they are computed only when out.metrics is set and
+/// options::metrics is on. The entropy then agrees with dpo_forward's to rounding, the other
+/// metrics bitwise (same alignment of logits and gradient rows).
 template <class T, class L>
 status dpo_forward_backward(void* workspace, std::size_t& workspace_bytes,
                             const pair_view<T, L>& policy, const double* ref_chosen,
                             const double* ref_rejected, const loss_config& cfg,
                             const forward_outputs& out, const pair_grad_view<T>& grad,
                             const options& opt = {}, cudaStream_t stream = 0) {
-  // Check the gradient views before dpo_forward launches anything.
+  // Every check before anything is launched.
   std::int64_t cap[2] = {0, 0};
   status s = detail::check_forward(policy, ref_chosen, ref_rejected, cfg, opt, cap,
                                    workspace != nullptr);
   if (!s) return s;
-  if (workspace != nullptr) {
-    s = detail::check_grad(policy, grad, opt);
-    if (!s) return s;
-  }
-  s = dpo_forward(workspace, workspace_bytes, policy, ref_chosen, ref_rejected, cfg, out, opt,
-                  stream);
-  if (!s || workspace == nullptr) return s;
-  // dpo_forward checked the workspace and left its state there: the same layout.
+  s = detail::check_row_state(policy, out);
+  if (!s) return s;
   detail::ws_ptrs w;
   const std::int64_t P = policy.num_pairs();
-  detail::carve(reinterpret_cast<std::uintptr_t>(workspace), cap, P, P, &w);
+  bool size_only = false;
+  s = detail::reserve(workspace, workspace_bytes, cap, P, P, &w, &size_only);
+  if (!s || size_only) return s;
+  s = detail::check_grad(policy, grad, opt);
+  if (!s) return s;
+  // WPO weights need the row terms in the forward (they scale the loss): keep them there.
+  const bool late = !cfg.use_weighting;
+  const bool late_metrics = late && opt.metrics && out.metrics != nullptr;
+  s = detail::enqueue_forward(policy, ref_chosen, ref_rejected, cfg, out, opt, w, cap, stream,
+                              late);
+  if (!s) return s;
   const detail::views<T, L> vs = detail::make_views(policy.chosen, &policy.rejected, opt);
-  return detail::run_backward(vs, w, cap, grad, nullptr, P, stream);
+  if (!late_metrics) return detail::run_backward(vs, w, cap, grad, nullptr, P, stream);
+  s = detail::run_backward<true>(vs, w, cap, grad, nullptr, P, stream);
+  if (!s) return s;
+  detail::sequence_params sp{};
+  sp.seqs = P;
+  sp.metrics_only = true;
+  s = detail::run_sequences(vs, w, sp, stream);
+  if (!s) return s;
+  return detail::launch("metrics_kernel", detail::metrics_kernel<detail::pair_block>, 1,
+                        detail::pair_block, stream, w, P, out.metrics);
 }
 
 }  // namespace cuda

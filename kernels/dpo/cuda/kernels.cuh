@@ -8,7 +8,10 @@
 //                    scan of the completion flags), fixed-order sums
 //   pair_kernel      1 block: WPO weights, aot ranks, dpo::detail::contribution per pair,
 //                    loss and metrics
-//   backward_kernel  a row per block iteration: one more read and one write
+//   backward_kernel  a row per block iteration: one more read and one write; in
+//                    dpo_forward_backward also the token metrics' row terms (the forward
+//                    then skips them), summed after it by sequence_kernel (metrics_only)
+//                    and metrics_kernel
 // A kernel that finds the error word set returns at once, so invalid data writes nothing.
 // No float atomics anywhere: every sum is a fixed tree, so results are bitwise reproducible.
 #pragma once
@@ -18,6 +21,7 @@
 
 #include <climits>
 #include <cstdint>
+#include <type_traits>
 
 #include "dpo/core/layout.hpp"
 #include "dpo/core/pair_batch.hpp"
@@ -329,6 +333,8 @@ struct sequence_params {
   std::int64_t* out_count;       // optional: side 0's completion-token counts
   double* token_logps;           // optional: side 0's row log-probs
   double* row_lse;               // optional: side 0's row log-sum-exp, by buffer row
+  bool metrics_only;             // after backward_kernel<Metrics>: re-sum only the metric
+                                 // terms (ent, zmean, hit), writing nothing else
 };
 
 /// Completion tokens of sequence s of v, summed in a fixed tree.
@@ -371,7 +377,7 @@ __global__ void __launch_bounds__(BLOCK) sequence_kernel(views<T, L> vs, ws_ptrs
   const token_view<T, L>& v = vs.v[side];
   const row_arrays& ra = w.rows[side];
   double shared_len = INFINITY;
-  if (p.ld) {
+  if (p.ld && !p.metrics_only) {
     const double own = static_cast<double>(count_tokens<BLOCK>(v, s, tmp.count));
     const double other = static_cast<double>(count_tokens<BLOCK>(vs.v[1 - side], s, tmp.count));
     shared_len = own < other ? own : other;
@@ -387,7 +393,14 @@ __global__ void __launch_bounds__(BLOCK) sequence_kernel(views<T, L> vs, ws_ptrs
     int j = 0, tile = 0;
     scan_t(tmp.scan).ExclusiveSum(flag, j, tile);
     __syncthreads();
-    if (in) {
+    if (in && p.metrics_only) {
+      const std::int64_t idx = r - row0;
+      if (flag) {  // the same terms in the same order as the full pass
+        acc.ent += ra.ent[idx];
+        acc.zmean += ra.zmean[idx];
+        acc.hit += ra.hit[idx];
+      }
+    } else if (in) {
       const std::int64_t idx = r - row0;
       if (flag) {
         // LD-DPO: the j-th completion token counts fully inside the pair's shared length.
@@ -411,7 +424,12 @@ __global__ void __launch_bounds__(BLOCK) sequence_kernel(views<T, L> vs, ws_ptrs
     running += tile;
   }
   acc = reduce_t(tmp.reduce).Reduce(acc, seq_acc_sum());
-  if (threadIdx.x == 0) {
+  if (threadIdx.x == 0 && p.metrics_only) {
+    const seq_arrays& q = w.seqs[side];
+    q.ent[s] = acc.ent;
+    q.zmean[s] = acc.zmean;
+    q.hit[s] = acc.hit;
+  } else if (threadIdx.x == 0) {
     if (s == 0) h->sig_rows[side] = side_rows(v);  // for dpo_backward's state check
     const seq_arrays& q = w.seqs[side];
     q.logp[s] = acc.logp;
@@ -459,6 +477,28 @@ struct batch_acc_sum {
   }
 };
 
+/// Pair i's terms of the batch sums that pair_kernel and metrics_kernel share: token counts
+/// (v[0], v[3]) and the token metrics (v[4..7]).
+__device__ __forceinline__ void add_token_terms(batch_acc& acc, const seq_arrays& sc,
+                                                const seq_arrays& sr, std::int64_t i) {
+  acc.v[0] += sc.count[i];
+  acc.v[3] += sr.count[i];
+  acc.v[4] += sc.zmean[i];
+  acc.v[5] += sr.zmean[i];
+  acc.v[6] += sc.ent[i] + sr.ent[i];
+  acc.v[7] += sc.hit[i];
+}
+
+/// The token metrics from the batch sums of add_token_terms: TRL's means over completion
+/// tokens (0 where a side has none).
+__device__ __forceinline__ void set_token_metrics(metrics& m, const batch_acc& tot) {
+  const auto ratio = [](double num, double den) { return den > 0 ? num / den : 0.0; };
+  m.logits_chosen = ratio(tot.v[4], tot.v[0]);
+  m.logits_rejected = ratio(tot.v[5], tot.v[3]);
+  m.entropy = ratio(tot.v[6], tot.v[0] + tot.v[3]);
+  m.mean_token_accuracy = ratio(tot.v[7], tot.v[0]);
+}
+
 /// The pair stage in one block: the same dpo::detail::contribution() as the CPU path.
 /// Independent of the logits type, so one instantiation serves every dtype.
 template <int BLOCK>
@@ -487,21 +527,15 @@ __global__ void __launch_bounds__(BLOCK) pair_kernel(ws_ptrs w, pair_params p) {
               sr.wpo[i] / dpo::detail::clamp_len(sr.count[i]));
     }
     pa.weights[i] = W;
-    acc.v[0] += sc.count[i];
     acc.v[1] += sc.plain[i];
     acc.v[2] += W;
-    acc.v[3] += sr.count[i];
-    acc.v[4] += sc.zmean[i];
-    acc.v[5] += sr.zmean[i];
-    acc.v[6] += sc.ent[i] + sr.ent[i];
-    acc.v[7] += sc.hit[i];
+    add_token_terms(acc, sc, sr, i);
   }
   acc = reduce_t(tmp).Reduce(acc, batch_acc_sum());
   if (tid == 0) totals = acc;
   __syncthreads();
   const batch_acc tot = totals;
   const double chosen_tokens = tot.v[0];
-  const double rejected_tokens = tot.v[3];
 
   dpo::detail::pair_batch_in in;
   in.num_pairs = P;
@@ -569,7 +603,6 @@ __global__ void __launch_bounds__(BLOCK) pair_kernel(ws_ptrs w, pair_params p) {
   if (tid == 0) {
     const double inv_p = 1.0 / static_cast<double>(P);
     const double nll_grad = dpo::detail::nll_token_grad(c, in.mean_weight, chosen_tokens);
-    const auto ratio = [](double num, double den) { return den > 0 ? num / den : 0.0; };
     if (o.loss) *o.loss = sums.v[0] * inv_p;
     if (o.nll_token_grad) *o.nll_token_grad = nll_grad;
     if (o.metrics) {
@@ -581,12 +614,7 @@ __global__ void __launch_bounds__(BLOCK) pair_kernel(ws_ptrs w, pair_params p) {
       m.logps_chosen = sums.v[4] * inv_p;
       m.logps_rejected = sums.v[5] * inv_p;
       m.nll_loss = in.nll;
-      if (p.metrics) {
-        m.logits_chosen = ratio(tot.v[4], chosen_tokens);
-        m.logits_rejected = ratio(tot.v[5], rejected_tokens);
-        m.entropy = ratio(tot.v[6], chosen_tokens + rejected_tokens);
-        m.mean_token_accuracy = ratio(tot.v[7], chosen_tokens);
-      }
+      if (p.metrics) set_token_metrics(m, tot);
       *o.metrics = m;
     }
     if (p.weights == weights_from::wpo_sums) {  // a dpo_forward: dpo_backward may follow
@@ -596,6 +624,20 @@ __global__ void __launch_bounds__(BLOCK) pair_kernel(ws_ptrs w, pair_params p) {
       h->magic = state_magic;
     }
   }
+}
+
+/// dpo_forward_backward's token metrics, after backward_kernel<Metrics> wrote the row terms
+/// and sequence_kernel (metrics_only) summed them: pair_kernel's sums, in its order, into
+/// the metrics it wrote without them.
+template <int BLOCK>
+__global__ void __launch_bounds__(BLOCK) metrics_kernel(ws_ptrs w, std::int64_t P, metrics* out) {
+  if (has_error(w.h)) return;
+  using reduce_t = cub::BlockReduce<batch_acc, BLOCK>;
+  __shared__ typename reduce_t::TempStorage tmp;
+  batch_acc acc{};
+  for (std::int64_t i = threadIdx.x; i < P; i += BLOCK) add_token_terms(acc, w.seqs[0], w.seqs[1], i);
+  acc = reduce_t(tmp).Reduce(acc, batch_acc_sum());
+  if (threadIdx.x == 0) set_token_metrics(*out, acc);
 }
 
 /// Sequence-level inputs of dpo_loss (device pointers; null tokens mean 1, null weights 1).
@@ -674,9 +716,12 @@ struct backward_params {
 };
 
 /// Backward into the logits: coef * (onehot - softmax) per row, from the forward state.
-template <int BLOCK, class T, class L>
-__global__ void __launch_bounds__(BLOCK) backward_kernel(views<T, L> vs, ws_ptrs w,
-                                                         backward_params<T> p) {
+/// Metrics (dpo_forward_backward after a forward without them): each completion row's
+/// entropy, logit mean and argmax hit from the same read, into the row arrays, for
+/// sequence_kernel (metrics_only) and metrics_kernel to sum.
+template <int BLOCK, bool Metrics, class T, class L>
+__device__ __forceinline__ void backward_body(const views<T, L>& vs, const ws_ptrs& w,
+                                              const backward_params<T>& p) {
   using A = acc_t<T>;
   ws_header* h = w.h;
   // A forward that found invalid data leaves magic 0 and its error word: keep that report.
@@ -703,10 +748,38 @@ __global__ void __launch_bounds__(BLOCK) backward_kernel(views<T, L> vs, ws_ptrs
     if (!v.in_sequence(r)) continue;  // gap rows are not written (block-uniform)
     const std::int32_t s = ra.seq[local];
     const double coef = row_coefficient(w, h, side, local);
+    if (Metrics && s >= 0) {  // block-uniform
+      const std::int64_t y = v.target(r);
+      const row_metrics<A> rm = block_row_grad_metrics<BLOCK>(
+          v.logits + r * v.row_stride, p.row(side, r), v.vocab, static_cast<A>(ra.lse[local]),
+          static_cast<A>(coef * go), y);
+      if (threadIdx.x == 0) {
+        ra.ent[local] = static_cast<double>(rm.entropy);
+        ra.zmean[local] = static_cast<double>(rm.zsum / static_cast<A>(v.vocab));
+        ra.hit[local] = rm.argmax == y ? 1.0 : 0.0;
+      }
+      continue;
+    }
     block_row_grad<BLOCK>(v.logits + r * v.row_stride, p.row(side, r),
                           v.vocab, static_cast<A>(ra.lse[local]), static_cast<A>(coef * go),
                           s >= 0 ? v.target(r) : -1);
   }
+}
+
+template <int BLOCK, class T, class L>
+__global__ void __launch_bounds__(BLOCK) backward_kernel(views<T, L> vs, ws_ptrs w,
+                                                         backward_params<T> p) {
+  backward_body<BLOCK, false>(vs, w, p);
+}
+
+/// backward_kernel with the metrics' row terms. At most 64 registers (4 blocks of 256 per
+/// SM, as backward_kernel): left alone, ptxas takes 76 for bf16 and only 3 blocks fit.
+/// Not for double, which would spill at 64 (fp64 logits are for tests, not speed).
+template <int BLOCK, class T, class L>
+__global__ void __launch_bounds__(BLOCK, std::is_same<T, double>::value ? 2 : 4)
+    backward_metrics_kernel(views<T, L> vs, ws_ptrs w,
+                                                                    backward_params<T> p) {
+  backward_body<BLOCK, true>(vs, w, p);
 }
 
 /// Backward from caller-held per-row state (forward_outputs::row_lse / row_coef, indexed by
