@@ -454,24 +454,21 @@ TEST_CASE("cuda: results are bitwise identical run to run", "[cuda][small]") {
   sh.vocab = 32003;
   sh.pad = 1;
   case_in c = make_case(dtype::bf16, sh, 7);
-  c.cfg.use_weighting = true;
-  const case_out a = dpo_cuda_test::run_case(c);
-  const case_out b = dpo_cuda_test::run_case(c);
-  REQUIRE(a.status_code == 0);
-  CHECK(std::memcmp(&a.loss, &b.loss, sizeof(double)) == 0);
-  CHECK(a.grad == b.grad);
-  CHECK(a.metrics == b.metrics);
-  CHECK(a.losses == b.losses);
-  CHECK(a.grad_chosen == b.grad_chosen);
-  CHECK(a.weights == b.weights);
-  // Without WPO weights the metrics come from the backward's read: as reproducible.
-  c.cfg.use_weighting = false;
-  const case_out d = dpo_cuda_test::run_case(c);
-  const case_out e = dpo_cuda_test::run_case(c);
-  REQUIRE(d.status_code == 0);
-  CHECK(std::memcmp(&d.loss, &e.loss, sizeof(double)) == 0);
-  CHECK(d.grad == e.grad);
-  CHECK(d.metrics == e.metrics);
+  // With WPO weights the metrics come from the forward's read, without them from the
+  // backward's: both reproducible.
+  for (bool wpo : {true, false}) {
+    INFO("use_weighting " << wpo);
+    c.cfg.use_weighting = wpo;
+    const case_out a = dpo_cuda_test::run_case(c);
+    const case_out b = dpo_cuda_test::run_case(c);
+    REQUIRE(a.status_code == 0);
+    CHECK(std::memcmp(&a.loss, &b.loss, sizeof(double)) == 0);
+    CHECK(a.grad == b.grad);
+    CHECK(a.metrics == b.metrics);
+    CHECK(a.losses == b.losses);
+    CHECK(a.grad_chosen == b.grad_chosen);
+    CHECK(a.weights == b.weights);
+  }
 }
 
 TEST_CASE("cuda: dpo_forward_backward's metrics from the backward's read agree with dpo_forward's",

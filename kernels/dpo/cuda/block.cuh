@@ -178,17 +178,50 @@ DPO_CUDA_HD thread_stats<A> thread_empty() {
   return {-INFINITY, A(0), A(0), A(0), A(0), -1};
 }
 
+/// The max of N values ignoring NaN (fmax returns the other operand): one FMNMX per value;
+/// -inf when every value is -inf or NaN.
+template <int N, class A>
+DPO_CUDA_HD A vector_max(const A* x) {
+  A vm = -INFINITY;
+#pragma unroll
+  for (int k = 0; k < N; ++k) vm = fmax(vm, x[k]);
+  return vm;
+}
+
+/// The first k with x[k] == vm (vm one of the N values).
+template <int N, class A>
+DPO_CUDA_HD int first_index(const A* x, A vm) {
+  int first = 0;
+#pragma unroll
+  for (int k = N - 1; k >= 0; --k) first = x[k] == vm ? k : first;
+  return first;
+}
+
+/// The argmax of a thread that has seen only -inf and NaN: its first column (as
+/// torch.argmax), -1 if it has none. The columns as thread_row_stats / thread_row_grad lay
+/// them out: `head` scalar columns, `nvec` W-wide vectors, then the tail column `tail`.
+DPO_CUDA_HD std::int64_t first_column(int tid, int head, int nvec, int W, int tail, int V) {
+  return tid < head ? tid
+                    : (tid < nvec ? head + static_cast<std::int64_t>(tid) * W : (tail < V ? tail : -1));
+}
+
+/// The argmax of two disjoint column sets with maxima ma, mb and argmaxes ia, ib (-1: none):
+/// the larger max wins, ties go to the lower column.
+template <class A>
+DPO_CUDA_HD std::int64_t merged_argmax(A ma, std::int64_t ia, A mb, std::int64_t ib) {
+  if (mb > ma) return ib;
+  if (mb == ma) return ia < 0 ? ib : (ib < 0 ? ia : (ib < ia ? ib : ia));
+  return ia;
+}
+
 /// Folds N values at columns col0, col0 + 1, ... (all above the thread's earlier columns).
 /// Same result, up to rounding, as N calls of dpo::detail::push_logit, except that a thread
 /// that has seen only -inf and NaN keeps argmax -1 (thread_row_stats then sets its first
 /// column, outside the per-vector path). Lse2 = false leaves s2 at 0 (no lse(2z)).
 template <bool Metrics, int N, class A, bool Lse2 = Metrics>
 DPO_CUDA_HD void push_values(thread_stats<A>& st, const A* x, std::int64_t col0) {
-  // The vector's max ignores NaN (fmax returns the other operand; NaN reaches s through exp
-  // below): one FMNMX per value.
-  A vm = -INFINITY;
-#pragma unroll
-  for (int k = 0; k < N; ++k) vm = fmax(vm, x[k]);
+  // The vector's max ignores NaN (NaN reaches s through exp below).
+  const A vm = vector_max<N>(x);
   if (vm > st.m) {
     if (st.m > -INFINITY) {
       // Rescale the terms taken relative to the old max (t2 shifts by d2 * s).
@@ -199,12 +232,7 @@ DPO_CUDA_HD void push_values(thread_stats<A>& st, const A* x, std::int64_t col0)
       st.s = st.s * f;
     }
     st.m = vm;
-    if (Metrics) {
-      int first = 0;
-#pragma unroll
-      for (int k = N - 1; k >= 0; --k) first = x[k] == vm ? k : first;
-      st.argmax = col0 + first;
-    }
+    if (Metrics) st.argmax = col0 + first_index<N>(x, vm);
   }
   if (st.m == -INFINITY) {
     // No finite value yet: no probability mass (exp(-inf - -inf) would be NaN), except
@@ -253,14 +281,7 @@ DPO_CUDA_HD row_stats<A> merge_unordered(const row_stats<A>& a,
   const bool b_wins = b.m > a.m;
   r.m = b_wins ? b.m : a.m;
   if (Metrics) {
-    if (b_wins) {
-      r.argmax = b.argmax;
-    } else if (b.m == a.m) {
-      r.argmax = a.argmax < 0 ? b.argmax
-                              : (b.argmax < 0 ? a.argmax : (b.argmax < a.argmax ? b.argmax : a.argmax));
-    } else {
-      r.argmax = a.argmax;
-    }
+    r.argmax = merged_argmax(a.m, a.argmax, b.m, b.argmax);
     r.zsum = a.zsum + b.zsum;
   } else {
     r.argmax = -1;
@@ -311,36 +332,46 @@ __device__ __forceinline__ row_stats<A> warp_reduce_stats(row_stats<A> st) {
   return st;
 }
 
-/// Reduces one row_stats per thread over a block of BLOCK threads in a fixed tree; every
-/// thread gets the result. Uses static shared memory; safe to call repeatedly.
-template <int BLOCK, bool Metrics, class A>
-__device__ __forceinline__ row_stats<A> block_reduce_stats(row_stats<A> st) {
+/// Reduces one S per thread over a block of BLOCK threads in a fixed tree: warp_reduce within
+/// each warp, then over the warps' results in warp 0 (`empty` for the missing lanes); every
+/// thread gets the result. Uses static shared memory (one set per S and warp_reduce); safe
+/// to call repeatedly.
+template <int BLOCK, class S, class WarpReduce>
+__device__ __forceinline__ S block_reduce_tree(S st, const S& empty, WarpReduce warp_reduce) {
   static_assert(BLOCK % 32 == 0 && BLOCK >= 32 && BLOCK <= 1024, "BLOCK: a multiple of 32, <= 1024");
   constexpr int warps = BLOCK / 32;
-  __shared__ row_stats<A> partial[warps];
-  __shared__ row_stats<A> result;
+  __shared__ S partial[warps];
+  __shared__ S result;
   const int lane = static_cast<int>(threadIdx.x) & 31;
   const int warp = static_cast<int>(threadIdx.x) >> 5;
-  st = warp_reduce_stats<Metrics>(st);
+  st = warp_reduce(st);
   if (warps == 1) {
     if (lane == 0) result = st;
     __syncthreads();
-    const row_stats<A> r = result;
+    const S r = result;
     __syncthreads();
     return r;
   }
   if (lane == 0) partial[warp] = st;
   __syncthreads();
   if (warp == 0) {
-    row_stats<A> w = row_stats<A>::empty();
+    S w = empty;
     if (lane < warps) w = partial[lane];
-    w = warp_reduce_stats<Metrics>(w);
+    w = warp_reduce(w);
     if (lane == 0) result = w;
   }
   __syncthreads();
   // A later call writes `partial` only after every thread passed the barrier above, and
   // `result` only after its own first barrier, which every thread reaches after this read.
   return result;
+}
+
+/// Reduces one row_stats per thread over a block of BLOCK threads in a fixed tree; every
+/// thread gets the result. Safe to call repeatedly.
+template <int BLOCK, bool Metrics, class A>
+__device__ __forceinline__ row_stats<A> block_reduce_stats(row_stats<A> st) {
+  return block_reduce_tree<BLOCK>(st, row_stats<A>::empty(),
+                                  [](row_stats<A> v) { return warp_reduce_stats<Metrics>(v); });
 }
 
 /// Vectors loaded before the first is used: enough bytes in flight to cover DRAM latency.
@@ -420,8 +451,7 @@ DPO_CUDA_HD thread_stats<acc_t<T>> thread_row_stats(const T* row, std::int64_t v
     push_values<Metrics, 1, A, Lse2>(st, &x, tail);
   }
   // Only -inf or NaN seen: the argmax is the thread's first column (as torch.argmax).
-  if (Metrics && st.argmax < 0)
-    st.argmax = tid < head ? tid : (tid < nvec ? head + static_cast<std::int64_t>(tid) * W : (tail < V ? tail : -1));
+  if (Metrics && st.argmax < 0) st.argmax = first_column(tid, head, nvec, W, tail, V);
   return st;
 }
 
@@ -462,15 +492,10 @@ struct thread_grad_stats {
 template <int N, class A>
 DPO_CUDA_HD void push_grad_stats(thread_grad_stats<A>& st, const A* x, const A* d2, const A* e,
                                  std::int64_t col0) {
-  A vm = -INFINITY;
-#pragma unroll
-  for (int k = 0; k < N; ++k) vm = fmax(vm, x[k]);
+  const A vm = vector_max<N>(x);
   if (vm > st.m) {
     st.m = vm;
-    int first = 0;
-#pragma unroll
-    for (int k = N - 1; k >= 0; --k) first = x[k] == vm ? k : first;
-    st.argmax = col0 + first;
+    st.argmax = col0 + first_index<N>(x, vm);
   }
 #pragma unroll
   for (int k = 0; k < N; ++k) {
@@ -499,8 +524,7 @@ DPO_CUDA_HD void thread_row_grad(const T* z, T* g, std::int64_t vocab, acc_t<T> 
   const bool skip = zero && !Stats;
   thread_grad_stats<A> acc{-INFINITY, A(0), A(0), -1};
   // One column: its gradient value, folding it into the metric terms with Stats.
-  const auto value = [&](A x, std::int64_t col) {
-    if (skip) return A(0);
+  const auto value = [&](A x, std::int64_t col) {  // (never called when skip)
     const A d2 = (x - lse) * log2e<A>::value;
     const A e = exp2_fast(d2);
     if (Stats) push_grad_stats<1>(acc, &x, &d2, &e, col);
@@ -573,8 +597,7 @@ DPO_CUDA_HD void thread_row_grad(const T* z, T* g, std::int64_t vocab, acc_t<T> 
   if (tail < V) g[tail] = from_acc<T>(skip ? A(0) : value(to_acc(z[tail]), tail));
   if (Stats) {
     // Only -inf or NaN seen: the argmax is the thread's first column (as thread_row_stats).
-    if (acc.argmax < 0)
-      acc.argmax = tid < head ? tid : (tid < nvec ? head + static_cast<std::int64_t>(tid) * W : (tail < V ? tail : -1));
+    if (acc.argmax < 0) acc.argmax = first_column(tid, head, nvec, W, tail, V);
     *st = acc;
   }
 }
@@ -585,16 +608,8 @@ template <class A>
 DPO_CUDA_HD thread_grad_stats<A> merge_grad_stats(const thread_grad_stats<A>& a,
                                                   const thread_grad_stats<A>& b) {
   thread_grad_stats<A> r;
-  const bool b_wins = b.m > a.m;
-  r.m = b_wins ? b.m : a.m;
-  if (b_wins) {
-    r.argmax = b.argmax;
-  } else if (b.m == a.m) {
-    r.argmax = a.argmax < 0 ? b.argmax
-                            : (b.argmax < 0 ? a.argmax : (b.argmax < a.argmax ? b.argmax : a.argmax));
-  } else {
-    r.argmax = a.argmax;
-  }
+  r.m = b.m > a.m ? b.m : a.m;
+  r.argmax = merged_argmax(a.m, a.argmax, b.m, b.argmax);
   r.t2 = a.t2 + b.t2;
   r.zsum = a.zsum + b.zsum;
   return r;
@@ -619,34 +634,8 @@ __device__ __forceinline__ thread_grad_stats<A> warp_reduce_grad_stats(thread_gr
 /// block_reduce_stats' fixed tree for thread_grad_stats; every thread gets the result.
 template <int BLOCK, class A>
 __device__ __forceinline__ thread_grad_stats<A> block_reduce_grad_stats(thread_grad_stats<A> st) {
-  static_assert(BLOCK % 32 == 0 && BLOCK >= 32 && BLOCK <= 1024, "BLOCK: a multiple of 32, <= 1024");
-  constexpr int warps = BLOCK / 32;
-  __shared__ thread_grad_stats<A> partial[warps];
-  __shared__ thread_grad_stats<A> result;
-  const int lane = static_cast<int>(threadIdx.x) & 31;
-  const int warp = static_cast<int>(threadIdx.x) >> 5;
-  st = warp_reduce_grad_stats(st);
-  if (warps == 1) {
-    if (lane == 0) result = st;
-    __syncthreads();
-    const thread_grad_stats<A> r = result;
-    __syncthreads();
-    return r;
-  }
-  if (lane == 0) partial[warp] = st;
-  __syncthreads();
-  if (warp == 0) {
-    thread_grad_stats<A> w{-INFINITY, A(0), A(0), -1};
-    if (lane < warps) w = partial[lane];
-    w = warp_reduce_grad_stats(w);
-    if (lane == 0) result = w;
-  }
-  __syncthreads();
-  // As block_reduce_stats: the next call writes `partial` and `result` only after barriers
-  // every thread reaches after this read.
-  const thread_grad_stats<A> r = result;
-  __syncthreads();
-  return r;
+  return block_reduce_tree<BLOCK>(st, thread_grad_stats<A>{-INFINITY, A(0), A(0), -1},
+                                  [](thread_grad_stats<A> v) { return warp_reduce_grad_stats(v); });
 }
 
 }  // namespace detail

@@ -391,8 +391,10 @@ __global__ void __launch_bounds__(BLOCK) sequence_kernel(views<T, L> vs, ws_ptrs
     const bool in = r < re;
     const int flag = in && v.target(r) >= 0 ? 1 : 0;
     int j = 0, tile = 0;
-    scan_t(tmp.scan).ExclusiveSum(flag, j, tile);
-    __syncthreads();
+    if (!p.metrics_only) {  // the count and LD positions (block-uniform)
+      scan_t(tmp.scan).ExclusiveSum(flag, j, tile);
+      __syncthreads();
+    }
     if (in && p.metrics_only) {
       const std::int64_t idx = r - row0;
       if (flag) {  // the same terms in the same order as the full pass
