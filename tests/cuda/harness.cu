@@ -169,15 +169,32 @@ case_out run_typed(const case_in& in) {
   const T* lp = logits.as<T>();
   const L* lab = in.null_labels ? nullptr : labels.as<L>();
   const std::uint8_t* mk = in.mask.empty() ? nullptr : mask.as<std::uint8_t>();
-  dpo::pair_view<T, L> pv;
-  if (in.cu_seqlens.empty()) {
-    pv = dpo::padded_pairs(lp, lab, in.num_seqs, in.seq_len, in.vocab, in.row_stride, mk,
-                           in.ignore_index);
-    pv.chosen.seq_stride = pv.rejected.seq_stride = in.seq_stride;
-  } else {
-    pv = dpo::packed_pairs(lp, lab, cu.as<std::int64_t>(), in.num_seqs, in.vocab, in.row_stride,
-                           mk, in.ignore_index);
-  }
+  const auto view_of = [&](const T* x, const L* y, std::int64_t seqs) {
+    dpo::pair_view<T, L> v;
+    if (in.cu_seqlens.empty()) {
+      v = dpo::padded_pairs(x, y, seqs, in.seq_len, in.vocab, in.row_stride, mk,
+                            in.ignore_index);
+      v.chosen.seq_stride = v.rejected.seq_stride = in.seq_stride;
+    } else {
+      v = dpo::packed_pairs(x, y, cu.as<std::int64_t>(), seqs, in.vocab, in.row_stride, mk,
+                            in.ignore_index);
+    }
+    return v;
+  };
+  const dpo::pair_view<T, L> pv = view_of(lp, lab, in.num_seqs);
+  // The reference logits and, when given, their own labels.
+  const bool with_ref_logits = !in.ref_logits.empty();
+  if (with_ref_logits && in.ref_logits.size() != in.logits.size())
+    throw std::runtime_error("case: ref_logits size");
+  dev_buf ref_logits(in.ref_logits.size());
+  upload(ref_logits, in.ref_logits);
+  std::vector<L> ref_labels_h(in.ref_labels.begin(), in.ref_labels.end());
+  dev_buf ref_labels(ref_labels_h.size() * sizeof(L));
+  upload(ref_labels, ref_labels_h);
+  const dpo::pair_view<T, L> rv =
+      view_of(in.null_ref ? nullptr : ref_logits.as<T>(),
+              in.ref_labels.empty() ? lab : ref_labels.as<L>(),
+              in.ref_num_seqs > 0 ? in.ref_num_seqs : in.num_seqs);
   dpo::token_view<T, L> all = pv.chosen;
   all.num_seqs = in.num_seqs;
   const dpo::pair_grad_view<T> grad{gptr, gstride, gptr, gstride};
@@ -205,13 +222,18 @@ case_out run_typed(const case_in& in) {
   const auto call = [&](void* ws, std::size_t& bytes) -> dpo::cuda::status {
     switch (in.run) {
       case mode::forward_backward:
+        if (with_ref_logits)
+          return dpo::cuda::dpo_forward_backward(ws, bytes, pv, rv, in.cfg, fo, grad, opt);
         return dpo::cuda::dpo_forward_backward(ws, bytes, pv, ref_c, ref_r, in.cfg, fo, grad, opt);
       case mode::forward_then_backward: {
-        dpo::cuda::status s = dpo::cuda::dpo_forward(ws, bytes, pv, ref_c, ref_r, in.cfg, fo, opt);
+        dpo::cuda::status s =
+            with_ref_logits ? dpo::cuda::dpo_forward(ws, bytes, pv, rv, in.cfg, fo, opt)
+                            : dpo::cuda::dpo_forward(ws, bytes, pv, ref_c, ref_r, in.cfg, fo, opt);
         if (!s || ws == nullptr) return s;
         return dpo::cuda::dpo_backward(ws, bytes, pv, grad, go, opt);
       }
       case mode::forward_only:
+        if (with_ref_logits) return dpo::cuda::dpo_forward(ws, bytes, pv, rv, in.cfg, fo, opt);
         return dpo::cuda::dpo_forward(ws, bytes, pv, ref_c, ref_r, in.cfg, fo, opt);
       case mode::sequence_logps:
         return dpo::cuda::sequence_logps(ws, bytes, all, sums, counts, token_logps, opt);

@@ -50,6 +50,12 @@ struct case_in {
   std::vector<std::uint8_t> mask;         // empty: no mask
   std::int64_t ignore_index = -100;
   std::vector<double> ref_chosen, ref_rejected;  // P each (empty: null pointers)
+  // Reference logits (the reference-logits overloads, in the modes forward_backward,
+  // forward_then_backward and forward_only): empty for none, else the layout of `logits`,
+  // with ref_labels when given (rows entries) and the policy's labels otherwise.
+  std::vector<unsigned char> ref_logits;
+  std::vector<std::int64_t> ref_labels;
+  std::int64_t ref_num_seqs = 0;          // the reference view's 2P (0: num_seqs)
   dpo::loss_config cfg;
   bool metrics = true;
   bool in_place = false;
@@ -59,7 +65,7 @@ struct case_in {
   double ld_alpha = 1.0;                  // pair_logps
   // Argument-error injection.
   bool null_labels = false;
-  bool null_ref = false;
+  bool null_ref = false;                  // also nulls the reference logits pointer
   bool small_workspace = false;
   bool grad_overlaps = false;             // grad = logits shifted by one row
   bool give_num_rows = true;              // packed: set options.num_rows

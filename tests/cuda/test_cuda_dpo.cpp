@@ -119,6 +119,39 @@ case_in make_case(dtype t, const shape& sh, unsigned seed) {
   return c;
 }
 
+/// Reference logits for a case: its logits' layout, other random values (normal, sd 2).
+std::vector<unsigned char> random_logits(const case_in& c, unsigned seed) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> nd(0.0f, 2.0f);
+  const std::size_t es = dpo_cuda_test::dtype_size(c.type);
+  std::vector<unsigned char> out(c.logits.size());
+  for (std::size_t i = 0; i < out.size() / es; ++i) {
+    const float x = nd(rng);
+    unsigned char* p = out.data() + i * es;
+    switch (c.type) {
+      case dtype::bf16: {
+        const Eigen::bfloat16 v(x);
+        std::memcpy(p, &v, 2);
+        break;
+      }
+      case dtype::f16: {
+        const Eigen::half v(x);
+        std::memcpy(p, &v, 2);
+        break;
+      }
+      case dtype::f32:
+        std::memcpy(p, &x, 4);
+        break;
+      case dtype::f64: {
+        const double v = x;
+        std::memcpy(p, &v, 8);
+        break;
+      }
+    }
+  }
+  return out;
+}
+
 /// The CPU path on the same bytes: forward result and the gradient buffer (zeros elsewhere).
 struct cpu_run {
   dpo::cpu::forward_result fwd;
@@ -185,7 +218,19 @@ cpu_run run_cpu_typed(const case_in& c) {
   }
   const double* rc = c.ref_chosen.empty() ? nullptr : c.ref_chosen.data();
   const double* rr = c.ref_rejected.empty() ? nullptr : c.ref_rejected.data();
-  out.fwd = dpo::cpu::dpo_forward(pv, rc, rr, c.cfg, opt);
+  if (c.ref_logits.empty()) {
+    out.fwd = dpo::cpu::dpo_forward(pv, rc, rr, c.cfg, opt);
+  } else {
+    // The CPU's reference-logits overload, on the same bytes and labels.
+    dpo::pair_view<E, std::int64_t> rv = pv;
+    const E* rp = reinterpret_cast<const E*>(c.ref_logits.data());
+    const std::int64_t* rl = c.ref_labels.empty() ? c.labels.data() : c.ref_labels.data();
+    for (dpo::token_view<E, std::int64_t>* v : {&rv.chosen, &rv.rejected}) {
+      v->logits = rp;
+      v->labels = rl;
+    }
+    out.fwd = dpo::cpu::dpo_forward(pv, rv, c.cfg, opt);
+  }
   std::vector<E> g(static_cast<std::size_t>(c.rows * c.row_stride), E(0.0f));
   dpo::cpu::dpo_backward(pv, out.fwd, dpo::pair_grad_view<E>{g.data(), c.row_stride, g.data(), c.row_stride},
                          c.run == mode::forward_then_backward || c.run == mode::backward_rows
@@ -699,6 +744,133 @@ TEST_CASE("cuda: invalid device data is reported and nothing is written", "[cuda
   }
 }
 
+TEST_CASE("cuda: the reference-logits overloads match the CPU path", "[cuda][small]") {
+  dpo::loss_config ld;
+  ld.ld_alpha = 0.4;
+  dpo::loss_config wpo;
+  wpo.use_weighting = true;
+  dpo::loss_config rf = dpo::loss_config::of(dpo::loss_type::hinge);
+  rf.reference_free = true;
+  const named_config configs[] = {{"sigmoid", dpo::loss_config{}},
+                                  {"sigmoid+ld", ld},
+                                  {"sigmoid+wpo", wpo},
+                                  {"hinge+reference_free", rf},
+                                  {"simpo", dpo::loss_config::of(dpo::loss_type::simpo)}};
+  unsigned seed = 800;
+  for (const named_config& nc : configs) {
+    for (dtype t : {dtype::bf16, dtype::f32}) {
+      for (bool packed : {false, true}) {
+        for (mode m : {mode::forward_backward, mode::forward_then_backward, mode::forward_only}) {
+          INFO("config " << nc.name << " dtype " << static_cast<int>(t) << " packed " << packed
+                         << " mode " << static_cast<int>(m));
+          shape sh;
+          sh.vocab = 1031;
+          sh.pad = packed ? 0 : 3;
+          sh.packed = packed;
+          sh.with_mask = packed;
+          case_in c = make_case(t, sh, seed++);
+          c.cfg = nc.cfg;
+          c.run = m;
+          c.in_place = m == mode::forward_backward;
+          c.ref_logits = random_logits(c, seed++);
+          c.ref_chosen.clear();  // only the reference logits
+          c.ref_rejected.clear();
+          compare(c);
+        }
+      }
+    }
+  }
+  {
+    // The reference may be the policy's own buffer (then every reward is 0), and may have
+    // labels of its own.
+    shape sh;
+    sh.vocab = 257;
+    case_in c = make_case(dtype::bf16, sh, seed++);
+    c.ref_logits = c.logits;
+    const case_out g = compare(c);
+    for (double r : g.chosen_rewards) CHECK(r == 0.0);
+    c.ref_labels = make_case(dtype::bf16, sh, seed++).labels;
+    compare(c);
+  }
+}
+
+TEST_CASE("cuda: the reference-logits overloads' argument and data errors", "[cuda][small]") {
+  shape sh;
+  case_in base = make_case(dtype::bf16, sh, 31);
+  base.ref_logits = random_logits(base, 32);
+  for (mode m : {mode::forward_backward, mode::forward_only}) {
+    INFO("mode " << static_cast<int>(m));
+    base.run = m;
+    const auto expect_rejected = [](const case_in& c, const char* needle) {
+      const case_out g = dpo_cuda_test::run_case(c);
+      INFO(g.message);
+      CHECK(g.status_code != 0);
+      CHECK(g.message.find(needle) != std::string::npos);
+      CHECK(g.outputs_untouched);
+    };
+    {
+      case_in c = base;
+      c.ref_num_seqs = base.num_seqs - 2;
+      expect_rejected(c, "ref_logits.num_pairs = 2 != logits.num_pairs = 3");
+    }
+    {
+      case_in c = base;
+      c.ref_num_seqs = 5;
+      expect_rejected(c, "ref_logits.num_seqs = 5 is odd");
+    }
+    {
+      case_in c = base;
+      c.null_ref = true;
+      expect_rejected(c, "ref_logits.chosen.logits is null");
+    }
+    {
+      case_in c = base;
+      c.cfg.beta = std::nan("");
+      expect_rejected(c, "beta");
+    }
+    {
+      case_in c = base;
+      c.small_workspace = true;
+      expect_rejected(c, "workspace_bytes");
+    }
+    if (m == mode::forward_backward) {
+      case_in c = base;
+      c.grad_overlaps = true;
+      expect_rejected(c, "aliasing");
+    }
+    for (bool policy_too : {false, true}) {
+      // A label of the reference's rejected side out of range: reported as the reference's
+      // (before any error of the policy), and nothing is written.
+      case_in c = base;
+      c.ref_labels = c.labels;
+      const std::int64_t row = c.seq_len * (c.num_seqs / 2) + 4;  // rejected side
+      c.ref_labels[row] = c.vocab + 3;
+      if (policy_too) c.labels[2] = -5;
+      for (bool in_place : {false, true}) {
+        c.in_place = in_place;
+        const case_out g = dpo_cuda_test::run_case(c);
+        INFO(g.device_message);
+        CHECK(g.status_code == 0);
+        CHECK(g.device_error == 1);
+        CHECK(g.device_message.find("ref_logits.rejected.labels[" + std::to_string(row) + "]") !=
+              std::string::npos);
+        CHECK(g.outputs_untouched);
+      }
+    }
+    {
+      // Valid reference, invalid policy: the policy's error, as without reference logits.
+      case_in c = base;
+      c.labels[5] = c.vocab;
+      c.ref_labels = base.labels;
+      const case_out g = dpo_cuda_test::run_case(c);
+      INFO(g.device_message);
+      CHECK(g.device_error == 1);
+      CHECK(g.device_message.find("dpo: chosen.labels[5]") != std::string::npos);
+      CHECK(g.outputs_untouched);
+    }
+  }
+}
+
 TEST_CASE("cuda: rows x vocab beyond 2^31 elements", "[cuda][large]") {
   dpo_cuda_test::large_out o;
   if (!dpo_cuda_test::run_large(&o)) {
@@ -790,11 +962,25 @@ TEST_CASE("cuda: sanitizer subset", "[cuda][sanitize]") {
   f.run = mode::pair_logps;
   f.ld_alpha = 0.25;
   compare(f);
+  case_in r = make_case(dtype::bf16, a, 906);  // the reference-logits overload, fused
+  r.in_place = true;
+  r.cfg.ld_alpha = 0.5;
+  r.ref_logits = random_logits(r, 907);
+  compare(r);
   case_in g = make_case(dtype::bf16, b, 905);
   g.labels[3] = g.vocab + 5;
   const case_out bad = dpo_cuda_test::run_case(g);
   CHECK(bad.device_error == 1);
   CHECK(bad.outputs_untouched);
+  g.ref_logits = random_logits(g, 908);  // the same error in the reference's labels
+  g.ref_labels = g.labels;
+  g.labels[3] = 0;
+  const case_out bad_ref = dpo_cuda_test::run_case(g);
+  CHECK(bad_ref.device_error == 1);
+  CHECK(bad_ref.device_message.find("ref_logits.chosen.labels[3]") != std::string::npos);
+  CHECK(bad_ref.outputs_untouched);
+  g.ref_logits.clear();
+  g.ref_labels.clear();
   g.run = mode::backward_only;
   g.labels[3] = 0;
   CHECK(dpo_cuda_test::run_case(g).device_error == 5);

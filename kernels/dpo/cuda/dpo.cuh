@@ -271,15 +271,16 @@ views<T, L> make_views(const token_view<T, L>& a, const token_view<T, L>* b, con
 }
 
 /// check_kernel then rows_kernel: the one read of the logits of a forward pass.
+/// after_reference: see check_kernel.
 template <bool Metrics, bool Lse2 = false, class T, class L>
 status run_rows(const views<T, L>& vs, const ws_ptrs& w, const std::int64_t cap[2],
-                cudaStream_t stream) {
+                cudaStream_t stream, bool after_reference = false) {
   // The device query first: a failure must leave nothing enqueued.
   const auto kernel = rows_kernel<rows_block, Metrics, Lse2, T, L>;
   int grid = 1;
   status s = row_grid(kernel, rows_block, cap[0] + cap[1], &grid);
   if (!s) return s;
-  s = launch("check_kernel", check_kernel<T, L>, 1, 256, stream, vs, w.h);
+  s = launch("check_kernel", check_kernel<T, L>, 1, 256, stream, vs, w.h, after_reference);
   if (!s) return s;
   return launch("rows_kernel", kernel, grid, rows_block, stream, vs, w);
 }
@@ -345,17 +346,20 @@ status check_forward(const pair_view<T, L>& policy, const double* ref_chosen,
 
 /// `late_metrics` (dpo_forward_backward, never with WPO weights): skip the token metrics,
 /// which the backward's read computes instead; pair_kernel leaves them 0.
+/// `after_reference`: enqueue_reference ran on this workspace just before (see check_kernel).
 template <class T, class L>
 status enqueue_forward(const pair_view<T, L>& policy, const double* ref_chosen,
                        const double* ref_rejected, const loss_config& cfg,
                        const forward_outputs& out, const options& opt, const ws_ptrs& w,
-                       const std::int64_t cap[2], cudaStream_t stream, bool late_metrics = false) {
+                       const std::int64_t cap[2], cudaStream_t stream, bool late_metrics = false,
+                       bool after_reference = false) {
   const views<T, L> vs = make_views(policy.chosen, &policy.rejected, opt);
   const bool metrics = !late_metrics && (opt.metrics || cfg.use_weighting);
+  const bool ar = after_reference;
   // lse(2z) costs a multiply-add per logit: only for WPO, whose weights need it.
-  status s = !metrics ? run_rows<false>(vs, w, cap, stream)
-             : cfg.use_weighting ? run_rows<true, true>(vs, w, cap, stream)
-                                 : run_rows<true, false>(vs, w, cap, stream);
+  status s = !metrics ? run_rows<false>(vs, w, cap, stream, ar)
+             : cfg.use_weighting ? run_rows<true, true>(vs, w, cap, stream, ar)
+                                 : run_rows<true, false>(vs, w, cap, stream, ar);
   if (!s) return s;
   sequence_params sp{};
   sp.seqs = policy.num_pairs();
@@ -379,6 +383,92 @@ status enqueue_forward(const pair_view<T, L>& policy, const double* ref_chosen,
   const int blocks = static_cast<int>(rows / 256 + 1 < 4096 ? rows / 256 + 1 : 4096);
   return launch("row_state_kernel", row_state_kernel<256, T, L>, blocks, 256, stream, vs, w,
                 out.row_lse, out.row_coef);
+}
+
+/// dpo_forward_backward's launches after its checks (after_reference: see enqueue_forward).
+template <class T, class L>
+status enqueue_forward_backward(const pair_view<T, L>& policy, const double* ref_chosen,
+                                const double* ref_rejected, const loss_config& cfg,
+                                const forward_outputs& out, const pair_grad_view<T>& grad,
+                                const options& opt, const ws_ptrs& w, const std::int64_t cap[2],
+                                cudaStream_t stream, bool after_reference = false) {
+  const std::int64_t P = policy.num_pairs();
+  // WPO weights need the row terms in the forward (they scale the loss): keep them there.
+  const bool late = !cfg.use_weighting;
+  const bool late_metrics = late && opt.metrics && out.metrics != nullptr;
+  status s = enqueue_forward(policy, ref_chosen, ref_rejected, cfg, out, opt, w, cap, stream,
+                             late, after_reference);
+  if (!s) return s;
+  const views<T, L> vs = make_views(policy.chosen, &policy.rejected, opt);
+  if (!late_metrics) return run_backward(vs, w, cap, grad, nullptr, P, stream);
+  s = run_backward<true>(vs, w, cap, grad, nullptr, P, stream);
+  if (!s) return s;
+  sequence_params sp{};
+  sp.seqs = P;
+  sp.metrics_only = true;
+  s = run_sequences(vs, w, sp, stream);
+  if (!s) return s;
+  return launch("metrics_kernel", metrics_kernel<pair_block>, 1, pair_block, stream, w, P,
+                out.metrics);
+}
+
+/// The workspace of the reference-logits overloads: the larger of the reference pass's and
+/// the policy pass's arrays at offset 0 (the reference pass runs first, the policy pass then
+/// reuses the memory, and dpo_backward finds the forward state where dpo_forward leaves it),
+/// then the 2P reference log-probs. The checks of check_forward (but for the reference
+/// pointers) and those of the reference happen here, before anything is launched.
+template <class T, class L>
+status reserve_reference(void* workspace, std::size_t& workspace_bytes,
+                         const pair_view<T, L>& policy, const pair_view<T, L>& reference,
+                         const loss_config& cfg, const options& opt, std::int64_t cap[2],
+                         std::int64_t ref_cap[2], ws_ptrs* w, ws_ptrs* ref_w, double** ref_logps,
+                         bool* size_only) {
+  const bool pointers = workspace != nullptr;
+  const std::string msg = validate_config(cfg);
+  if (!msg.empty()) return invalid("dpo: %s", msg.c_str());
+  status s = check_pairs(policy, "logits", opt, cap, pointers);
+  if (!s) return s;
+  s = check_pairs(reference, "ref_logits", opt, ref_cap, pointers);
+  if (!s) return s;
+  if (reference.num_pairs() != policy.num_pairs())
+    return invalid("dpo: ref_logits.num_pairs = %lld != logits.num_pairs = %lld",
+                   ll(reference.num_pairs()), ll(policy.num_pairs()));
+  const std::int64_t P = policy.num_pairs();
+  const std::size_t a = carve(0, cap, P, P, w);
+  const std::size_t b = carve(0, ref_cap, P, P, ref_w);
+  const std::size_t head = a > b ? a : b;  // a multiple of 256
+  const std::size_t needed = head + static_cast<std::size_t>(2 * P) * sizeof(double);
+  *size_only = !pointers;
+  if (*size_only) {
+    workspace_bytes = needed;
+    return {};
+  }
+  s = check_workspace(workspace, workspace_bytes, needed);
+  if (!s) return s;
+  const auto base = reinterpret_cast<std::uintptr_t>(workspace);
+  carve(base, cap, P, P, w);
+  carve(base, ref_cap, P, P, ref_w);
+  *ref_logps = reinterpret_cast<double*>(base + head);
+  return {};
+}
+
+/// The reference pass of the reference-logits overloads: pair_logps over `reference` (LD-DPO
+/// weighted as the policy) into ref_logps[0, P) chosen and [P, 2P) rejected. Its errors stay
+/// in the error word for the policy pass's check_kernel (after_reference).
+template <class T, class L>
+status enqueue_reference(const pair_view<T, L>& reference, const loss_config& cfg,
+                         const options& opt, const ws_ptrs& w, const std::int64_t cap[2],
+                         double* ref_logps, cudaStream_t stream) {
+  const views<T, L> vs = make_views(reference.chosen, &reference.rejected, opt);
+  status s = run_rows<false>(vs, w, cap, stream);
+  if (!s) return s;
+  sequence_params sp{};
+  sp.seqs = reference.num_pairs();
+  sp.ld = cfg.ld_alpha != 1.0;
+  sp.ld_alpha = cfg.ld_alpha;
+  sp.out_logp[0] = ref_logps;
+  sp.out_logp[1] = ref_logps + reference.num_pairs();
+  return run_sequences(vs, w, sp, stream);
 }
 
 }  // namespace detail
@@ -484,7 +574,7 @@ status sequence_logps_backward(void* workspace, std::size_t& workspace_bytes,
   int grid = 1;
   s = detail::row_grid(kernel, detail::rows_block, cap, &grid);
   if (!s) return s;
-  s = detail::launch("check_kernel", detail::check_kernel<T, L>, 1, 256, stream, vs, w.h);
+  s = detail::launch("check_kernel", detail::check_kernel<T, L>, 1, 256, stream, vs, w.h, false);
   if (!s) return s;
   const int label_blocks = static_cast<int>(cap / 256 + 1 < 4096 ? cap / 256 + 1 : 4096);
   s = detail::launch("label_check_kernel", detail::label_check_kernel<256, T, L>, label_blocks,
@@ -648,7 +738,7 @@ status dpo_backward_rows(void* workspace, std::size_t& workspace_bytes,
   int grid = 1;
   s = detail::row_grid(kernel, detail::rows_block, cap[0] + cap[1], &grid);
   if (!s) return s;
-  s = detail::launch("check_kernel", detail::check_kernel<T, L>, 1, 256, stream, vs, w.h);
+  s = detail::launch("check_kernel", detail::check_kernel<T, L>, 1, 256, stream, vs, w.h, false);
   if (!s) return s;
   detail::backward_params<T> bp;
   bp.grad[0] = grad.chosen;
@@ -688,23 +778,64 @@ status dpo_forward_backward(void* workspace, std::size_t& workspace_bytes,
   if (!s || size_only) return s;
   s = detail::check_grad(policy, grad, opt);
   if (!s) return s;
-  // WPO weights need the row terms in the forward (they scale the loss): keep them there.
-  const bool late = !cfg.use_weighting;
-  const bool late_metrics = late && opt.metrics && out.metrics != nullptr;
-  s = detail::enqueue_forward(policy, ref_chosen, ref_rejected, cfg, out, opt, w, cap, stream,
-                              late);
+  return detail::enqueue_forward_backward(policy, ref_chosen, ref_rejected, cfg, out, grad, opt,
+                                          w, cap, stream);
+}
+
+/// dpo_forward with reference logits instead of reference log-probs, as the CPU overload:
+/// pair_logps over `reference` (device pointers; same pair layout as `policy`, LD-DPO
+/// weighted alike with cfg.ld_alpha) into the workspace, then dpo_forward. One read of each
+/// logits buffer; nothing else to allocate or synchronize. The workspace is larger than
+/// dpo_forward's (it also holds the reference log-probs) and keeps the same forward state:
+/// pass it to dpo_backward as for dpo_forward. The reference logits may be any buffer, the
+/// policy's included. Device-data errors of the reference (a label outside [0, vocab), a bad
+/// cu_seqlens) are reported in the error word with sides 2 (ref_logits.chosen) and
+/// 3 (ref_logits.rejected), and then nothing is written.
+template <class T, class L>
+status dpo_forward(void* workspace, std::size_t& workspace_bytes, const pair_view<T, L>& policy,
+                   const pair_view<T, L>& reference, const loss_config& cfg,
+                   const forward_outputs& out, const options& opt = {}, cudaStream_t stream = 0) {
+  std::int64_t cap[2] = {0, 0}, ref_cap[2] = {0, 0};
+  detail::ws_ptrs w, ref_w;
+  double* ref = nullptr;
+  bool size_only = false;
+  status s = detail::reserve_reference(workspace, workspace_bytes, policy, reference, cfg, opt,
+                                       cap, ref_cap, &w, &ref_w, &ref, &size_only);
+  if (!s || size_only) return s;
+  s = detail::check_row_state(policy, out);
   if (!s) return s;
-  const detail::views<T, L> vs = detail::make_views(policy.chosen, &policy.rejected, opt);
-  if (!late_metrics) return detail::run_backward(vs, w, cap, grad, nullptr, P, stream);
-  s = detail::run_backward<true>(vs, w, cap, grad, nullptr, P, stream);
+  const std::int64_t P = policy.num_pairs();
+  s = detail::enqueue_reference(reference, cfg, opt, ref_w, ref_cap, ref, stream);
   if (!s) return s;
-  detail::sequence_params sp{};
-  sp.seqs = P;
-  sp.metrics_only = true;
-  s = detail::run_sequences(vs, w, sp, stream);
+  return detail::enqueue_forward(policy, ref, ref + P, cfg, out, opt, w, cap, stream, false,
+                                 true);
+}
+
+/// dpo_forward_backward with reference logits instead of reference log-probs: the reference
+/// pass of the reference-logits dpo_forward, then dpo_forward_backward. Same workspace,
+/// results and error reporting as that dpo_forward followed by dpo_backward.
+template <class T, class L>
+status dpo_forward_backward(void* workspace, std::size_t& workspace_bytes,
+                            const pair_view<T, L>& policy, const pair_view<T, L>& reference,
+                            const loss_config& cfg, const forward_outputs& out,
+                            const pair_grad_view<T>& grad, const options& opt = {},
+                            cudaStream_t stream = 0) {
+  std::int64_t cap[2] = {0, 0}, ref_cap[2] = {0, 0};
+  detail::ws_ptrs w, ref_w;
+  double* ref = nullptr;
+  bool size_only = false;
+  status s = detail::reserve_reference(workspace, workspace_bytes, policy, reference, cfg, opt,
+                                       cap, ref_cap, &w, &ref_w, &ref, &size_only);
+  if (!s || size_only) return s;
+  s = detail::check_row_state(policy, out);
   if (!s) return s;
-  return detail::launch("metrics_kernel", detail::metrics_kernel<detail::pair_block>, 1,
-                        detail::pair_block, stream, w, P, out.metrics);
+  s = detail::check_grad(policy, grad, opt);
+  if (!s) return s;
+  const std::int64_t P = policy.num_pairs();
+  s = detail::enqueue_reference(reference, cfg, opt, ref_w, ref_cap, ref, stream);
+  if (!s) return s;
+  return detail::enqueue_forward_backward(policy, ref, ref + P, cfg, out, grad, opt, w, cap,
+                                          stream, true);
 }
 
 }  // namespace cuda

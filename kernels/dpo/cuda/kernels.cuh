@@ -216,11 +216,24 @@ __device__ void report_label_error(const views<T, L>& vs, ws_header* h) {
 }
 
 /// Resets the error word and the forward state (the rows arrays are about to be rewritten)
-/// and checks cu_seqlens.
+/// and checks cu_seqlens. `after_reference`: the reference pass of the same call (the
+/// reference-logits overloads) ran on this workspace just before and left a valid error
+/// word; an error there is kept, as the reference's (sides 2 and 3), and stops the call.
 template <class T, class L>
-__global__ void check_kernel(views<T, L> vs, ws_header* h) {
+__global__ void check_kernel(views<T, L> vs, ws_header* h, bool after_reference) {
   __shared__ long long first_bad;
   const int tid = static_cast<int>(threadIdx.x);
+  if (after_reference) {
+    const bool stop = h->err.code != 0;  // read by every thread before thread 0 writes
+    __syncthreads();
+    if (stop) {
+      if (tid == 0) {
+        h->err.side += 2;
+        h->magic = 0;
+      }
+      return;
+    }
+  }
   if (tid == 0) {
     h->err = device_error{0, 0, 0, 0, 0};
     h->label_key = no_label_error;

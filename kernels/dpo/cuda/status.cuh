@@ -54,7 +54,8 @@ enum class device_error_code : std::int32_t {
 /// call read_device_error(), which does that and synchronizes the stream.
 struct device_error {
   std::int32_t code;  // a device_error_code
-  std::int32_t side;  // 0 chosen (or the only view), 1 rejected
+  std::int32_t side;  // 0 chosen (or the only view), 1 rejected; 2 / 3 the reference's
+                      // chosen / rejected (the reference-logits overloads)
   std::int64_t index;
   std::int64_t value;
   std::int64_t bound;
@@ -79,7 +80,9 @@ inline status make_status(cudaError_t code, const char* fmt, ...) {
 
 /// Describes a device_error as a status (cudaSuccess when e.code == none).
 inline status describe(const device_error& e) {
-  const char* side = e.side == 0 ? "chosen" : "rejected";
+  static const char* const sides[4] = {"chosen", "rejected", "ref_logits.chosen",
+                                       "ref_logits.rejected"};
+  const char* side = e.side >= 0 && e.side < 4 ? sides[e.side] : "?";
   const long long i = static_cast<long long>(e.index), v = static_cast<long long>(e.value),
                   b = static_cast<long long>(e.bound);
   switch (static_cast<device_error_code>(e.code)) {
