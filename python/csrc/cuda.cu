@@ -246,8 +246,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dpo_forwa
                     "(rows [0, P) chosen, [P, 2P) rejected)");
   const std::int64_t P = l.num_seqs / 2;
   const auto dopts = logits.options().dtype(at::kDouble);
-  row_layout rl;
-  at::Tensor ref;  // [2, P] reference log-probs (chosen, rejected) from ref_logits
+  row_layout rl;  // the reference logits' layout, when given
   if (ref_logits.has_value()) {
     TORCH_CHECK_VALUE(!reference_chosen_logps.has_value() && !reference_rejected_logps.has_value(),
                       "give either ref_logits or reference_chosen_logps/reference_rejected_logps, not both");
@@ -256,7 +255,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dpo_forwa
     TORCH_CHECK_VALUE(ref_logits->device() == logits.device(), "ref_logits is on ", ref_logits->device(),
                       " but logits is on ", logits.device());
     rl = make_layout(ref_logits->to(logits.scalar_type()), labels, cu_seqlens, ignore_index, "ref_logits");
-    ref = at::empty({2, P}, dopts);
   } else {
     if (reference_chosen_logps.has_value())
       check_pair_vector(*reference_chosen_logps, P, logits.device(), "reference_chosen_logps");
@@ -266,10 +264,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dpo_forwa
   at::Tensor keep_c, keep_r;
   const double* ref_c = ptr_or_null(reference_chosen_logps, keep_c);
   const double* ref_r = ptr_or_null(reference_rejected_logps, keep_r);
-  if (ref.defined()) {
-    ref_c = ref[0].data_ptr<double>();
-    ref_r = ref[1].data_ptr<double>();
-  }
 
   constexpr std::int64_t metric_slots = sizeof(dpo::cuda::metrics) / sizeof(double);
   static_assert(metric_slots == num_metrics, "dpo::cuda::metrics and the metrics output differ");
@@ -297,16 +291,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dpo_forwa
     dispatch_label(l.labels.scalar_type(), [&](auto* lp) {
       using L = std::remove_pointer_t<decltype(lp)>;
       const dpo::pair_view<T, L> policy = pair_view_of<T, L>(l, ignore_index);
-      if (ref.defined()) {
-        const dpo::pair_view<T, L> reference = pair_view_of<T, L>(rl, ignore_index);
-        run_with_workspace(logits.device(), [&](void* ws, std::size_t& bytes) {
-          return dpo::cuda::pair_logps(ws, bytes, reference, cfg.ld_alpha, ref[0].data_ptr<double>(),
-                                       ref[1].data_ptr<double>(), cuda_options(rl, false), stream);
-        });
-      }
+      // With reference logits, one call: the reference pass, then the policy's.
       run_with_workspace(logits.device(), [&](void* ws, std::size_t& bytes) {
-        return dpo::cuda::dpo_forward(ws, bytes, policy, ref_c, ref_r, cfg, o,
-                                      cuda_options(l, compute_metrics), stream);
+        const dpo::cuda::options opt = cuda_options(l, compute_metrics);
+        if (ref_logits.has_value())
+          return dpo::cuda::dpo_forward(ws, bytes, policy, pair_view_of<T, L>(rl, ignore_index), cfg, o, opt,
+                                        stream);
+        return dpo::cuda::dpo_forward(ws, bytes, policy, ref_c, ref_r, cfg, o, opt, stream);
       });
     });
   });
