@@ -13,9 +13,12 @@
 // and, at the first shape only, what bounds each pass (same grid, same row loop):
 //   rw_floor      an in-place 16-byte read-modify-write of every row (no arithmetic)
 //   grad_U<u>_<hint>  block_row_grad's loop with u vectors in flight and the cache hint
+//   grad_metrics_U<u> the fused call's metrics backward loop (block_row_grad_metrics'
+//                 per-thread part) with u vectors in flight, in place
 //   stats_lse     block_row_stats without metrics (the reference pass's row work)
 //   stats_metrics block_row_stats with metrics and lse(2z) (the policy pass's row work with
-//                 WPO weights; without them dpo_forward skips lse(2z))
+//                 WPO weights)
+//   stats_metrics_nolse2  the same without lse(2z): dpo_forward's row work without WPO
 //   stats_metrics_loop  its per-thread loop alone, without the block reduction
 // Counters: TB_s (bytes / median time) and copy_share (TB_s over the copy's TB/s, measured
 // first for the same shape). The logits are refilled with random values (outside the
@@ -185,18 +188,35 @@ __global__ void __launch_bounds__(BLOCK) grad_variant_kernel(T* z, const std::in
                                                        static_cast<int>(threadIdx.x));
 }
 
+/// block_row_grad_metrics' per-thread loop (thread_row_grad with Stats) with U vectors in
+/// flight, in place over every row: the fused call's metrics backward without its block
+/// reduction. The never-taken store keeps the compiler from dropping the terms.
+template <int BLOCK, int U, class T>
+__global__ void __launch_bounds__(BLOCK, 4) grad_metrics_variant_kernel(T* z, const std::int64_t* labels,
+                                                                        std::int64_t rows, std::int64_t V,
+                                                                        float* sink) {
+  using dpo::cuda::detail::cache_hint;
+  for (std::int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    dpo::cuda::detail::thread_grad_stats<float> st;
+    dpo::cuda::detail::thread_row_grad<BLOCK, T, U, cache_hint::normal, true>(
+        z + r * V, z + r * V, V, 10.0f, 1e-3f, labels[r], static_cast<int>(threadIdx.x), &st);
+    if (st.t2 == -1.0f) sink[0] = st.m + st.zsum + float(st.argmax);
+  }
+}
+
 /// block_row_stats over every row, as the forward's rows_kernel reads them, with or without
 /// the metrics' statistics; Reduce = false times the per-thread loop alone (no block
 /// reduction). The never-taken store keeps the compiler from dropping the work.
-template <int BLOCK, bool Metrics, bool Reduce, class T>
+template <int BLOCK, bool Metrics, bool Reduce, class T, bool Lse2 = Metrics>
 __global__ void __launch_bounds__(BLOCK) stats_variant_kernel(const T* z, std::int64_t rows, std::int64_t V,
                                                               float* sink) {
   for (std::int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
     if constexpr (Reduce) {
-      const auto st = dpo::cuda::block_row_stats<BLOCK, Metrics>(z + r * V, V);
+      const auto st = dpo::cuda::block_row_stats<BLOCK, Metrics, T, Lse2>(z + r * V, V);
       if (threadIdx.x == 0 && st.s == -1.0f) sink[0] = st.m + st.t + st.s2 + st.zsum + float(st.argmax);
     } else {
-      const auto st = dpo::cuda::detail::thread_row_stats<BLOCK, Metrics>(z + r * V, V, static_cast<int>(threadIdx.x));
+      const auto st =
+          dpo::cuda::detail::thread_row_stats<BLOCK, Metrics, T, Lse2>(z + r * V, V, static_cast<int>(threadIdx.x));
       if (st.s == -1.0f) sink[0] = st.m + st.t2 + st.s2 + st.zsum + float(st.argmax);
     }
   }
@@ -213,16 +233,17 @@ int full_grid(K kernel, int block) {
 }
 
 enum what_t { w_copy, w_forward, w_dpo_forward, w_backward, w_fused, w_fwd_bwd, w_rw_floor, w_grad_u4,
-              w_grad_u4_stream, w_grad_u8, w_grad_u8_stream, w_stats, w_stats_metrics,
-              w_stats_metrics_loop, w_count };
+              w_grad_u4_stream, w_grad_u8, w_grad_u8_stream, w_grad_metrics_u4, w_grad_metrics_u2,
+              w_stats, w_stats_metrics, w_stats_metrics_nolse2, w_stats_metrics_loop, w_count };
 const char* what_name[w_count] = {"copy", "forward", "dpo_forward", "backward", "fused_inplace",
                                   "fwd_then_bwd", "rw_floor", "grad_U4_normal", "grad_U4_streaming",
-                                  "grad_U8_normal", "grad_U8_streaming", "stats_lse",
-                                  "stats_metrics", "stats_metrics_loop"};
+                                  "grad_U8_normal", "grad_U8_streaming", "grad_metrics_U4",
+                                  "grad_metrics_U2", "stats_lse", "stats_metrics",
+                                  "stats_metrics_nolse2", "stats_metrics_loop"};
 
-template <bool Metrics, bool Reduce, class T>
+template <bool Metrics, bool Reduce, class T, bool Lse2 = Metrics>
 void launch_stats_variant(const setup<T>& d) {
-  const auto k = stats_variant_kernel<256, Metrics, Reduce, T>;
+  const auto k = stats_variant_kernel<256, Metrics, Reduce, T, Lse2>;
   k<<<full_grid(k, 256), 256>>>(d.logits, d.N, d.V, reinterpret_cast<float*>(d.scratch));
   DPO_BENCH_CK(cudaGetLastError());
 }
@@ -231,6 +252,13 @@ template <int U, dpo::cuda::detail::cache_hint H, class T>
 void launch_grad_variant(const setup<T>& d) {
   const auto k = grad_variant_kernel<256, U, H, T>;
   k<<<full_grid(k, 256), 256>>>(d.logits, d.labels, d.N, d.V);
+  DPO_BENCH_CK(cudaGetLastError());
+}
+
+template <int U, class T>
+void launch_grad_metrics_variant(const setup<T>& d) {
+  const auto k = grad_metrics_variant_kernel<256, U, T>;
+  k<<<full_grid(k, 256), 256>>>(d.logits, d.labels, d.N, d.V, reinterpret_cast<float*>(d.scratch));
   DPO_BENCH_CK(cudaGetLastError());
 }
 
@@ -312,12 +340,21 @@ void run(benchmark::State& state, const shape& sh, int what) {
       case w_grad_u8_stream:
         moved = 2 * b;
         return d.time([&] { launch_grad_variant<8, cache_hint::streaming>(d); });
+      case w_grad_metrics_u4:
+        moved = 2 * b;
+        return d.time([&] { launch_grad_metrics_variant<4>(d); });
+      case w_grad_metrics_u2:
+        moved = 2 * b;
+        return d.time([&] { launch_grad_metrics_variant<2>(d); });
       case w_stats:
         moved = b;
         return d.time([&] { launch_stats_variant<false, true>(d); });
       case w_stats_metrics:
         moved = b;
         return d.time([&] { launch_stats_variant<true, true>(d); });
+      case w_stats_metrics_nolse2:
+        moved = b;
+        return d.time([&] { launch_stats_variant<true, true, T, false>(d); });
       default:
         moved = b;
         return d.time([&] { launch_stats_variant<true, false>(d); });
