@@ -92,6 +92,29 @@ row_layout make_layout(const at::Tensor& logits, const at::Tensor& labels,
                        const std::optional<at::Tensor>& cu_seqlens, std::int64_t ignore_index,
                        const char* name);
 
+/// The pair count P of TRL's concatenated layout (sequences [0, P) chosen, [P, 2P) rejected):
+/// ValueError unless the layout holds an even number 2P >= 2 of sequences.
+std::int64_t concatenated_pairs(const row_layout& l);
+
+/// dpo_forward's reference arguments, checked: either `ref_logits` (the shape and device of
+/// `logits`; lowered, in the logits' dtype, with their labels and cu_seqlens) or the two
+/// [P] log-prob vectors (each optional, on the logits' device), never both. Returns the
+/// reference logits' layout, or nullopt when there are none.
+std::optional<row_layout> reference_layout(const at::Tensor& logits, const at::Tensor& labels,
+                                           const std::optional<at::Tensor>& cu_seqlens,
+                                           const std::optional<at::Tensor>& reference_chosen_logps,
+                                           const std::optional<at::Tensor>& reference_rejected_logps,
+                                           const std::optional<at::Tensor>& ref_logits,
+                                           std::int64_t ignore_index, std::int64_t P);
+
+/// inplace_backward's requirement: logits rows usable in place (not copied), evenly strided,
+/// with no gap between sequences. ValueError naming the strides otherwise.
+void check_inplace(const row_layout& l, const at::Tensor& logits);
+
+/// The backward's checks shared by the backends: grad_loss holds one value on `device`, and
+/// the layout is the concatenated one.
+void check_backward(const at::Tensor& grad_loss, const row_layout& l, const at::Device& device);
+
 /// Checks a per-pair vector argument: floating, 1-D with `n` entries, on `device`.
 void check_pair_vector(const at::Tensor& t, std::int64_t n, const at::Device& device,
                        const char* name);

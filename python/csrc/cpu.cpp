@@ -183,24 +183,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dpo_forwa
   const dpo::loss_config cfg = make_config(DPO_CONFIG_ARGS);
   const row_layout l = make_layout(logits, labels, cu_seqlens, ignore_index, "logits");
   check_packed_rows(l);
-  TORCH_CHECK_VALUE(l.num_seqs % 2 == 0 && l.num_seqs >= 2, "logits holds ", l.num_seqs,
-                    " sequences: the concatenated layout needs an even number 2P >= 2 ",
-                    "(rows [0, P) chosen, [P, 2P) rejected)");
-  const std::int64_t P = l.num_seqs / 2;
-  row_layout rl;
-  if (ref_logits.has_value()) {
-    TORCH_CHECK_VALUE(!reference_chosen_logps.has_value() && !reference_rejected_logps.has_value(),
-                      "give either ref_logits or reference_chosen_logps/reference_rejected_logps, not both");
-    TORCH_CHECK_VALUE(ref_logits->sizes() == logits.sizes(), "ref_logits must have the shape of logits ",
-                      logits.sizes(), ", got ", ref_logits->sizes());
-    check_cpu(*ref_logits, "ref_logits");
-    rl = make_layout(ref_logits->to(logits.scalar_type()), labels, cu_seqlens, ignore_index, "ref_logits");
-  } else {
-    if (reference_chosen_logps.has_value())
-      check_pair_vector(*reference_chosen_logps, P, logits.device(), "reference_chosen_logps");
-    if (reference_rejected_logps.has_value())
-      check_pair_vector(*reference_rejected_logps, P, logits.device(), "reference_rejected_logps");
-  }
+  const std::int64_t P = concatenated_pairs(l);
+  const std::optional<row_layout> rl = reference_layout(logits, labels, cu_seqlens, reference_chosen_logps,
+                                                        reference_rejected_logps, ref_logits, ignore_index, P);
   at::Tensor keep_c, keep_r;
   const double* ref_c = ptr_or_null(reference_chosen_logps, keep_c);
   const double* ref_r = ptr_or_null(reference_rejected_logps, keep_r);
@@ -212,8 +197,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dpo_forwa
       using L = std::remove_pointer_t<decltype(lp)>;
       const dpo::pair_view<T, L> policy = pair_view_of<T, L>(l, ignore_index);
       r = rethrow_as_value_error([&] {
-        if (ref_logits.has_value())
-          return dpo::cpu::dpo_forward(policy, pair_view_of<T, L>(rl, ignore_index), cfg,
+        if (rl.has_value())
+          return dpo::cpu::dpo_forward(policy, pair_view_of<T, L>(*rl, ignore_index), cfg,
                                        cpu_options(compute_metrics));
         return dpo::cpu::dpo_forward(policy, ref_c, ref_r, cfg, cpu_options(compute_metrics));
       });
@@ -283,10 +268,8 @@ dpo::cpu::forward_result saved_forward(const dpo::pair_view<T, L>& policy, const
 void run_backward(const at::Tensor& grad_loss, const row_layout& l, const at::Tensor& row_lse,
                   const at::Tensor& row_coef, std::int64_t ignore_index, void* grad_ptr,
                   std::int64_t grad_stride) {
-  TORCH_CHECK_VALUE(grad_loss.numel() == 1, "grad_loss must hold one value, got shape ", grad_loss.sizes());
-  const double go = grad_loss.to(at::kCPU).to(at::kDouble).item<double>();
-  TORCH_CHECK_VALUE(l.num_seqs % 2 == 0 && l.num_seqs >= 2, "logits holds ", l.num_seqs,
-                    " sequences: the concatenated layout needs an even number 2P >= 2");
+  check_backward(grad_loss, l, l.logits.device());
+  const double go = grad_loss.to(at::kDouble).item<double>();
   dispatch_float(l.logits.scalar_type(), [&](auto* tp) {
     using T = std::remove_pointer_t<decltype(tp)>;
     dispatch_label(l.labels.scalar_type(), [&](auto* lp) {
@@ -319,11 +302,7 @@ void dpo_backward_inplace_cpu(const at::Tensor& grad_loss, const at::Tensor& log
   check_cpu(logits, "logits");
   const row_layout l = make_layout(logits, labels, cu_seqlens, ignore_index, "logits");
   check_packed_rows(l);
-  TORCH_CHECK_VALUE(!l.copied && l.seq_len == l.tokens,
-                    "inplace_backward needs logits whose rows are evenly strided with unit stride over ",
-                    "the vocabulary and no gap between sequences (e.g. a contiguous tensor); got strides ",
-                    logits.strides(), " for shape ", logits.sizes(),
-                    ". Pass a contiguous tensor or use inplace_backward=False.");
+  check_inplace(l, logits);
   run_backward(grad_loss, l, row_lse, row_coef, ignore_index, logits.data_ptr(), l.row_stride);
   if (l.packed) {
     at::Tensor rows2d = logits;

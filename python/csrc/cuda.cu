@@ -241,26 +241,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dpo_forwa
   const c10::cuda::CUDAGuard guard(logits.device());
   const dpo::loss_config cfg = make_config(DPO_CONFIG_ARGS);
   const row_layout l = make_layout(logits, labels, cu_seqlens, ignore_index, "logits");
-  TORCH_CHECK_VALUE(l.num_seqs % 2 == 0 && l.num_seqs >= 2, "logits holds ", l.num_seqs,
-                    " sequences: the concatenated layout needs an even number 2P >= 2 ",
-                    "(rows [0, P) chosen, [P, 2P) rejected)");
-  const std::int64_t P = l.num_seqs / 2;
+  const std::int64_t P = concatenated_pairs(l);
   const auto dopts = logits.options().dtype(at::kDouble);
-  row_layout rl;  // the reference logits' layout, when given
-  if (ref_logits.has_value()) {
-    TORCH_CHECK_VALUE(!reference_chosen_logps.has_value() && !reference_rejected_logps.has_value(),
-                      "give either ref_logits or reference_chosen_logps/reference_rejected_logps, not both");
-    TORCH_CHECK_VALUE(ref_logits->sizes() == logits.sizes(), "ref_logits must have the shape of logits ",
-                      logits.sizes(), ", got ", ref_logits->sizes());
-    TORCH_CHECK_VALUE(ref_logits->device() == logits.device(), "ref_logits is on ", ref_logits->device(),
-                      " but logits is on ", logits.device());
-    rl = make_layout(ref_logits->to(logits.scalar_type()), labels, cu_seqlens, ignore_index, "ref_logits");
-  } else {
-    if (reference_chosen_logps.has_value())
-      check_pair_vector(*reference_chosen_logps, P, logits.device(), "reference_chosen_logps");
-    if (reference_rejected_logps.has_value())
-      check_pair_vector(*reference_rejected_logps, P, logits.device(), "reference_rejected_logps");
-  }
+  const std::optional<row_layout> rl = reference_layout(logits, labels, cu_seqlens, reference_chosen_logps,
+                                                        reference_rejected_logps, ref_logits, ignore_index, P);
   at::Tensor keep_c, keep_r;
   const double* ref_c = ptr_or_null(reference_chosen_logps, keep_c);
   const double* ref_r = ptr_or_null(reference_rejected_logps, keep_r);
@@ -294,8 +278,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dpo_forwa
       // With reference logits, one call: the reference pass, then the policy's.
       run_with_workspace(logits.device(), [&](void* ws, std::size_t& bytes) {
         const dpo::cuda::options opt = cuda_options(l, compute_metrics);
-        if (ref_logits.has_value())
-          return dpo::cuda::dpo_forward(ws, bytes, policy, pair_view_of<T, L>(rl, ignore_index), cfg, o, opt,
+        if (rl.has_value())
+          return dpo::cuda::dpo_forward(ws, bytes, policy, pair_view_of<T, L>(*rl, ignore_index), cfg, o, opt,
                                         stream);
         return dpo::cuda::dpo_forward(ws, bytes, policy, ref_c, ref_r, cfg, o, opt, stream);
       });
@@ -310,11 +294,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dpo_forwa
 void run_backward(const at::Tensor& grad_loss, const row_layout& l, const at::Tensor& row_lse,
                   const at::Tensor& row_coef, std::int64_t ignore_index, void* grad_ptr,
                   std::int64_t grad_stride, const at::Device& device) {
-  TORCH_CHECK_VALUE(grad_loss.numel() == 1, "grad_loss must hold one value, got shape ", grad_loss.sizes());
-  TORCH_CHECK_VALUE(grad_loss.device() == device, "grad_loss is on ", grad_loss.device(), " but logits is on ",
-                    device);
-  TORCH_CHECK_VALUE(l.num_seqs % 2 == 0 && l.num_seqs >= 2, "logits holds ", l.num_seqs,
-                    " sequences: the concatenated layout needs an even number 2P >= 2");
+  check_backward(grad_loss, l, device);
   const at::Tensor go = to_double(grad_loss).reshape({1});  // read on the device: no sync
   const at::Tensor lse = input_rows_to_view(row_lse, l, "row_lse");
   const at::Tensor coef = input_rows_to_view(row_coef, l, "row_coef");
@@ -354,11 +334,7 @@ void dpo_backward_inplace_cuda(const at::Tensor& grad_loss, const at::Tensor& lo
   check_cuda(logits, "logits");
   const c10::cuda::CUDAGuard guard(logits.device());
   const row_layout l = make_layout(logits, labels, cu_seqlens, ignore_index, "logits");
-  TORCH_CHECK_VALUE(!l.copied && l.seq_len == l.tokens,
-                    "inplace_backward needs logits whose rows are evenly strided with unit stride over ",
-                    "the vocabulary and no gap between sequences (e.g. a contiguous tensor); got strides ",
-                    logits.strides(), " for shape ", logits.sizes(),
-                    ". Pass a contiguous tensor or use inplace_backward=False.");
+  check_inplace(l, logits);
   run_backward(grad_loss, l, row_lse, row_coef, ignore_index, logits.data_ptr(), l.row_stride, logits.device());
   // Packed rows outside every sequence keep their logits in the library; the gradient there
   // is 0 (a masked fill on the device, since cu_seqlens is not read on the host).

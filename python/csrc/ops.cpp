@@ -254,6 +254,50 @@ row_layout make_layout(const at::Tensor& logits, const at::Tensor& labels,
   return l;
 }
 
+std::int64_t concatenated_pairs(const row_layout& l) {
+  TORCH_CHECK_VALUE(l.num_seqs % 2 == 0 && l.num_seqs >= 2, "logits holds ", l.num_seqs,
+                    " sequences: the concatenated layout needs an even number 2P >= 2 ",
+                    "(rows [0, P) chosen, [P, 2P) rejected)");
+  return l.num_seqs / 2;
+}
+
+std::optional<row_layout> reference_layout(const at::Tensor& logits, const at::Tensor& labels,
+                                           const std::optional<at::Tensor>& cu_seqlens,
+                                           const std::optional<at::Tensor>& reference_chosen_logps,
+                                           const std::optional<at::Tensor>& reference_rejected_logps,
+                                           const std::optional<at::Tensor>& ref_logits,
+                                           std::int64_t ignore_index, std::int64_t P) {
+  if (!ref_logits.has_value()) {
+    if (reference_chosen_logps.has_value())
+      check_pair_vector(*reference_chosen_logps, P, logits.device(), "reference_chosen_logps");
+    if (reference_rejected_logps.has_value())
+      check_pair_vector(*reference_rejected_logps, P, logits.device(), "reference_rejected_logps");
+    return std::nullopt;
+  }
+  TORCH_CHECK_VALUE(!reference_chosen_logps.has_value() && !reference_rejected_logps.has_value(),
+                    "give either ref_logits or reference_chosen_logps/reference_rejected_logps, not both");
+  TORCH_CHECK_VALUE(ref_logits->sizes() == logits.sizes(), "ref_logits must have the shape of logits ",
+                    logits.sizes(), ", got ", ref_logits->sizes());
+  TORCH_CHECK_VALUE(ref_logits->device() == logits.device(), "ref_logits is on ", ref_logits->device(),
+                    " but logits is on ", logits.device());
+  return make_layout(ref_logits->to(logits.scalar_type()), labels, cu_seqlens, ignore_index, "ref_logits");
+}
+
+void check_inplace(const row_layout& l, const at::Tensor& logits) {
+  TORCH_CHECK_VALUE(!l.copied && l.seq_len == l.tokens,
+                    "inplace_backward needs logits whose rows are evenly strided with unit stride over ",
+                    "the vocabulary and no gap between sequences (e.g. a contiguous tensor); got strides ",
+                    logits.strides(), " for shape ", logits.sizes(),
+                    ". Pass a contiguous tensor or use inplace_backward=False.");
+}
+
+void check_backward(const at::Tensor& grad_loss, const row_layout& l, const at::Device& device) {
+  TORCH_CHECK_VALUE(grad_loss.numel() == 1, "grad_loss must hold one value, got shape ", grad_loss.sizes());
+  TORCH_CHECK_VALUE(grad_loss.device() == device, "grad_loss is on ", grad_loss.device(), " but logits is on ",
+                    device);
+  concatenated_pairs(l);
+}
+
 }  // namespace dpo_kernels
 
 TORCH_LIBRARY(dpo_kernels, m) {

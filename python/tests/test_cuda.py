@@ -248,6 +248,12 @@ def test_argument_errors_raise_value_error():
         ops.dpo_forward(z, y, None, None, None, None, -100, *config(reference_free=True), True, False)
     with pytest.raises(ValueError, match="loss_type"):
         ops.pair_loss(*(torch.randn(2, device="cuda") for _ in range(4)), None, None, None, *config("nope"))
+    z2, y2 = z[:2], y[:2]
+    with pytest.raises(ValueError, match="ref_logits is on cpu but logits is on cuda"):
+        ops.dpo_forward(z2, y2, None, None, None, z2.cpu(), -100, *config(), True, False)
+    with pytest.raises(ValueError, match="not both"):
+        r = torch.zeros(1, device="cuda")
+        ops.dpo_forward(z2, y2, None, r, r, z2, -100, *config(), True, False)
 
 
 @pytest.mark.parametrize("inplace", [False, True])

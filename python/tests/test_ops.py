@@ -320,3 +320,10 @@ def test_bad_inputs():
         dk.sequence_logps(logits[0, 0], labels[0, 0])
     with pytest.raises(ValueError, match="grad|shape"):
         dk.dpo_loss(rc, rr[:2], rc, rr)
+    with pytest.raises(ValueError, match="not both"):
+        dk.dpo_loss_from_logits(logits, labels, rc, rr, ref_logits=logits.detach())
+    with pytest.raises(ValueError, match="ref_logits must have the shape of logits"):
+        dk.dpo_loss_from_logits(logits, labels, ref_logits=logits.detach()[:, :-1])
+    with pytest.raises(ValueError, match="grad_loss must hold one value"):
+        ops.dpo_backward(torch.ones(2), logits.detach(), labels, None, torch.zeros(labels.shape),
+                         torch.zeros(labels.shape), -100)
