@@ -126,6 +126,18 @@ TEST_CASE("dpo_forward_backward equals dpo_forward then dpo_backward", "[backwar
   dpo::cpu::dpo_backward(two.view(), r2, two.grad_view());
   CHECK(r1.loss == r2.loss);
   CHECK(std::memcmp(one.grad.data(), two.grad.data(), one.grad.size() * sizeof(float)) == 0);
+  // With reference logits: the same as the reference-logits dpo_forward then dpo_backward.
+  sp.seed = 36;
+  const oracle::batch rb = rounded_batch<float>(sp);
+  fixture::buffers<float, std::int32_t> ref_logits(rb, layout::padded, 1);
+  fixture::buffers<float, std::int32_t> three(b, layout::padded, 1), four(b, layout::padded, 1);
+  const dpo::cpu::forward_result r3 =
+      dpo::cpu::dpo_forward_backward(three.view(), ref_logits.view(), nc.cfg, three.grad_view());
+  const dpo::cpu::forward_result r4 = dpo::cpu::dpo_forward(four.view(), ref_logits.view(), nc.cfg);
+  dpo::cpu::dpo_backward(four.view(), r4, four.grad_view());
+  CHECK(r3.loss == r4.loss);
+  CHECK(r3.loss != r1.loss);
+  CHECK(std::memcmp(three.grad.data(), four.grad.data(), three.grad.size() * sizeof(float)) == 0);
 }
 
 template <class T>

@@ -388,4 +388,13 @@ TEST_CASE("dpo_forward with reference logits: the reference is checked too", "[e
   rb.labels[1] = 17;
   rb.labels[0] = 17;
   fixture::expect_error([&] { dpo::cpu::dpo_forward(ok.view, rb.view(), ok.cfg); }, "ref_logits.chosen.labels[");
+  // dpo_forward_backward: the reference's errors too, with the gradient buffer untouched.
+  s.buf.reset_grad();
+  const std::vector<float> g0 = s.buf.grad, gr0 = s.buf.grad_r;
+  fixture::expect_error([&] { dpo::cpu::dpo_forward_backward(ok.view, ob.view(), ok.cfg, s.buf.grad_view()); },
+                        "ref_logits.num_pairs = 3 != logits.num_pairs = 2");
+  fixture::expect_error([&] { dpo::cpu::dpo_forward_backward(ok.view, rb.view(), ok.cfg, s.buf.grad_view()); },
+                        "ref_logits.chosen.labels[");
+  CHECK(s.buf.grad == g0);  // the sentinel (-12345) everywhere
+  CHECK(s.buf.grad_r == gr0);
 }

@@ -604,5 +604,18 @@ forward_result dpo_forward_backward(const pair_view<T, L>& policy, const double*
   return r;
 }
 
+/// dpo_forward_backward with reference logits instead of reference log-probs (as the
+/// reference-logits dpo_forward): the gradient arguments are checked before either pass.
+template <class T, class L>
+forward_result dpo_forward_backward(const pair_view<T, L>& policy,
+                                    const pair_view<T, L>& reference, const loss_config& cfg,
+                                    const pair_grad_view<T>& grad, const options& opt = {}) {
+  detail::check_pairs(policy, "logits");
+  detail::check_grad(policy, grad);
+  forward_result r = dpo_forward(policy, reference, cfg, opt);
+  dpo_backward(policy, r, grad, 1.0, opt);
+  return r;
+}
+
 }  // namespace cpu
 }  // namespace dpo
