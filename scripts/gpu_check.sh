@@ -12,6 +12,8 @@
 #   example       examples/cuda/custom_kernel.cu
 #   python_tests  python/tests/test_cuda.py (the ops on CUDA tensors against the CPU ops)
 #   torch_paths   eager / TRL's loop / torch.compile / ours, time and extra memory
+#   ncu           (optional, never fails the run) DRAM vs issue utilization of the row
+#                 kernels of dpo_forward and dpo_forward_backward at the large shape
 # and prints a short table LAST. Every stage has a time limit and the whole run a deadline
 # (DEADLINE_S, default 470 s: the issue's 8 minutes, less margin); a stage that fails does
 # not stop the others, but the exit code is non-zero if any failed, skipped itself (exit 77:
@@ -136,6 +138,29 @@ else
     --paths eager,trl_loop,compiled --json "$logs/torch_paths.json"
 fi
 
+# Optional, after everything else: hardware counters (Nsight Compute) of the policy pass's row
+# kernels at the large shape, to say whether each is bound by DRAM or by instruction issue.
+# Never fails the run: skipped without ncu, without 80 s left, or when ncu cannot read the
+# counters (gVisor); --clock-control none leaves the clocks as the benchmarks saw them.
+ncu_bin=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
+ncu_metrics=gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed
+ncu_metrics+=,sm__throughput.avg.pct_of_peak_sustained_elapsed,sm__inst_issued.avg.pct_of_peak_sustained_active
+ncu_metrics+=,sm__warps_active.avg.pct_of_peak_sustained_active,smsp__inst_executed.sum
+ncu_metrics+=,launch__registers_per_thread
+if [[ -x "$ncu_bin" && -x "$build/bench/cuda/dpo_bench_cuda" ]] && (( deadline - $(date +%s) > 80 )); then
+  for what in dpo_forward fused_inplace; do
+    echo "== ncu $what (optional)"
+    DPO_BENCH_MIN_TIME=0.01 timeout --kill-after=5 35 "$ncu_bin" --clock-control none --csv --print-kernel-base function \
+      --metrics "$ncu_metrics" --kernel-name regex:'rows_kernel|backward_kernel|backward_metrics_kernel' \
+      --launch-skip 2 --launch-count 2 "$build/bench/cuda/dpo_bench_cuda" \
+      --benchmark_filter="^$what/8x1024" > "$logs/ncu_$what.log" 2>&1
+    echo "ncu rc=$?" >> "$logs/ncu_$what.log"
+    tail -n 3 "$logs/ncu_$what.log"
+  done
+else
+  echo "== ncu: skipped (optional: no ncu, no benchmark binary, or under 80 s left)"
+fi
+
 # The table, last.
 {
   echo
@@ -173,6 +198,7 @@ print(f"{'shape':<22} {'path':<26} {'ms':>9} {'TB/s':>6} {'of copy':>7} {'extra 
 for s, path, ms, tb, share, mem in rows:
     print(f"{s:<22} {path:<26} {ms:>9.3f} {tb:>6.2f} {share:>7} {mem:>9}")
 PY
+  python3 "$root/scripts/ncu_table.py" "$logs"/ncu_*.log 2> /dev/null
   echo "wall: $(( $(date +%s) - t_start )) s"
   if (( failed )); then echo "RESULT: FAILED (logs in $logs)"; else echo "RESULT: all stages passed"; fi
 } | tee "$logs/table.txt"

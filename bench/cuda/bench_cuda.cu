@@ -23,11 +23,13 @@
 // Counters: TB_s (bytes / median time) and copy_share (TB_s over the copy's TB/s, measured
 // first for the same shape). The logits are refilled with random values (outside the
 // timed region) before every fused run, so in-place gradients never become the input.
-// Without a device it prints "SKIPPED: no CUDA device" and exits 0.
+// Without a device it prints "SKIPPED: no CUDA device" and exits 0. DPO_BENCH_MIN_TIME
+// (seconds, default 0.3) sets every benchmark's minimum time (shorter under a profiler).
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 #include <map>
 #include <string>
 #include <vector>
@@ -389,6 +391,9 @@ int main(int argc, char** argv) {
   cudaDeviceProp p{};
   DPO_BENCH_CK(cudaGetDeviceProperties(&p, 0));
   std::printf("device: %s\n", p.name);
+  // DPO_BENCH_MIN_TIME (seconds, default 0.3): shorter runs under a profiler.
+  const char* mt = std::getenv("DPO_BENCH_MIN_TIME");
+  const double min_time = mt != nullptr && std::atof(mt) > 0 ? std::atof(mt) : 0.3;
   for (const shape& sh : shapes) {
     const int whats = &sh == &shapes[0] ? w_count : w_rw_floor;
     for (int what = 0; what < whats; ++what) {
@@ -399,7 +404,7 @@ int main(int argc, char** argv) {
         } else {
           run<float>(st, sh, what);
         }
-      })->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(0.3);
+      })->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(min_time);
     }
   }
   benchmark::Initialize(&argc, argv);
