@@ -799,11 +799,11 @@ status dpo_forward(void* workspace, std::size_t& workspace_bytes, const pair_vie
   detail::ws_ptrs w, ref_w;
   double* ref = nullptr;
   bool size_only = false;
-  status s = detail::reserve_reference(workspace, workspace_bytes, policy, reference, cfg, opt,
-                                       cap, ref_cap, &w, &ref_w, &ref, &size_only);
-  if (!s || size_only) return s;
-  s = detail::check_row_state(policy, out);
+  status s = detail::check_row_state(policy, out);
   if (!s) return s;
+  s = detail::reserve_reference(workspace, workspace_bytes, policy, reference, cfg, opt, cap,
+                                ref_cap, &w, &ref_w, &ref, &size_only);
+  if (!s || size_only) return s;
   const std::int64_t P = policy.num_pairs();
   s = detail::enqueue_reference(reference, cfg, opt, ref_w, ref_cap, ref, stream);
   if (!s) return s;
@@ -824,11 +824,11 @@ status dpo_forward_backward(void* workspace, std::size_t& workspace_bytes,
   detail::ws_ptrs w, ref_w;
   double* ref = nullptr;
   bool size_only = false;
-  status s = detail::reserve_reference(workspace, workspace_bytes, policy, reference, cfg, opt,
-                                       cap, ref_cap, &w, &ref_w, &ref, &size_only);
-  if (!s || size_only) return s;
-  s = detail::check_row_state(policy, out);
+  status s = detail::check_row_state(policy, out);
   if (!s) return s;
+  s = detail::reserve_reference(workspace, workspace_bytes, policy, reference, cfg, opt, cap,
+                                ref_cap, &w, &ref_w, &ref, &size_only);
+  if (!s || size_only) return s;
   s = detail::check_grad(policy, grad, opt);
   if (!s) return s;
   const std::int64_t P = policy.num_pairs();
