@@ -10,6 +10,7 @@
 #   cuda_large    rows x vocab beyond 2^31 elements
 #   memcheck, racecheck   compute-sanitizer on the [sanitize] subset
 #   example       examples/cuda/custom_kernel.cu
+#   example_step  examples/cuda/training_step.cu (its three ways agree, bitwise)
 #   python_tests  python/tests/test_cuda.py (the ops on CUDA tensors against the CPU ops)
 #   torch_paths   eager / TRL's loop / torch.compile / ours, time and extra memory
 #   ncu           (optional, never fails the run) DRAM vs issue utilization of the row
@@ -106,7 +107,7 @@ if ! grep -q "dpo: CUDA enabled" "$logs/configure.log"; then
   echo "configure did not enable CUDA: nothing below can run"; failed=1
 fi
 stage build 240 cmake --build "$build" -j "$(( jobs > 6 ? jobs - 6 : jobs ))" --target test_cuda_dpo \
-  dpo_bench_cuda dpo_example_custom_kernel
+  dpo_bench_cuda dpo_example_custom_kernel dpo_example_training_step
 
 tbin=$build/tests/cuda/test_cuda_dpo
 stage cuda_tests 120 "$tbin" "~[large]" --durations yes
@@ -123,6 +124,7 @@ else
   not_run memcheck "$why"; not_run racecheck "$why"
 fi
 stage example 30 "$build/examples/cuda/dpo_example_custom_kernel"
+stage example_step 30 "$build/examples/cuda/dpo_example_training_step"
 
 left=$(( deadline - $(date +%s) ))
 if ! timeout $(( left > 0 ? left : 1 )) tail --pid="$py_pid" -f /dev/null; then kill "$py_pid" 2> /dev/null; fi
