@@ -10,6 +10,8 @@
 //                 (its token metrics come from the backward's read)
 //   fwd_then_bwd  dpo_forward then dpo_backward in place (the PyTorch op's path: metrics in
 //                 the forward's read)                                bytes = 3*N*V*b
+//   fused_outofplace  dpo_forward_backward into a second buffer (a read-modify-write in
+//                 place is slower than a copy: rw_floor)             bytes = 3*N*V*b
 // and, at the first shape only, what bounds each pass (same grid, same row loop):
 //   rw_floor      an in-place 16-byte read-modify-write of every row (no arithmetic)
 //   grad_U<u>_<hint>  block_row_grad's loop with u vectors in flight and the cache hint
@@ -144,6 +146,8 @@ struct setup {
     return v;
   }
   dpo::pair_grad_view<T> grad() const { return {logits, V, logits, V}; }
+  /// Out of place: the gradient into the second buffer (copy_dst).
+  dpo::pair_grad_view<T> grad_out() const { return {copy_dst, V, copy_dst, V}; }
 
   /// Times fn with events; returns milliseconds. A 100 us spin kernel goes first, so the GPU
   /// is busy while the host enqueues fn's work (argument checks, occupancy query, launches):
@@ -234,11 +238,11 @@ int full_grid(K kernel, int block) {
   return sms * std::max(per_sm, 1);
 }
 
-enum what_t { w_copy, w_forward, w_dpo_forward, w_backward, w_fused, w_fwd_bwd, w_rw_floor, w_grad_u4,
+enum what_t { w_copy, w_forward, w_dpo_forward, w_backward, w_fused, w_fwd_bwd, w_fused_out, w_rw_floor, w_grad_u4,
               w_grad_u4_stream, w_grad_u8, w_grad_u8_stream, w_grad_metrics_u4, w_grad_metrics_u2,
               w_stats, w_stats_metrics, w_stats_metrics_nolse2, w_stats_metrics_loop, w_count };
 const char* what_name[w_count] = {"copy", "forward", "dpo_forward", "backward", "fused_inplace",
-                                  "fwd_then_bwd", "rw_floor", "grad_U4_normal", "grad_U4_streaming",
+                                  "fwd_then_bwd", "fused_outofplace", "rw_floor", "grad_U4_normal", "grad_U4_streaming",
                                   "grad_U8_normal", "grad_U8_streaming", "grad_metrics_U4",
                                   "grad_metrics_U2", "stats_lse", "stats_metrics",
                                   "stats_metrics_nolse2", "stats_metrics_loop"};
@@ -273,7 +277,7 @@ void check(const dpo::cuda::status& s) {
 
 template <class T>
 void run(benchmark::State& state, const shape& sh, int what) {
-  setup<T> d(sh, what == w_copy);
+  setup<T> d(sh, what == w_copy || what == w_fused_out);
   std::vector<double> times;
   double moved = 0;
   using dpo::cuda::detail::cache_hint;
@@ -313,6 +317,13 @@ void run(benchmark::State& state, const shape& sh, int what) {
           check(dpo::cuda::dpo_forward_backward(d.ws, d.ws_bytes, d.pairs(), d.scratch,
                                                 d.scratch + d.S / 2, dpo::loss_config{}, out,
                                                 d.grad()));
+        });
+      case w_fused_out:
+        moved = 3 * b;
+        return d.time([&] {
+          check(dpo::cuda::dpo_forward_backward(d.ws, d.ws_bytes, d.pairs(), d.scratch,
+                                                d.scratch + d.S / 2, dpo::loss_config{}, out,
+                                                d.grad_out()));
         });
       case w_fwd_bwd:
         moved = 3 * b;
