@@ -788,7 +788,8 @@ status dpo_forward_backward(void* workspace, std::size_t& workspace_bytes,
 /// logits buffer; nothing else to allocate or synchronize. The workspace is larger than
 /// dpo_forward's (it also holds the reference log-probs) and keeps the same forward state:
 /// pass it to dpo_backward as for dpo_forward. The reference logits may be any buffer, the
-/// policy's included. Device-data errors of the reference (a label outside [0, vocab), a bad
+/// policy's included; `opt` applies to both views (packed views: options::num_rows bounds
+/// both buffers). Device-data errors of the reference (a label outside [0, vocab), a bad
 /// cu_seqlens) are reported in the error word with sides 2 (ref_logits.chosen) and
 /// 3 (ref_logits.rejected), and then nothing is written.
 template <class T, class L>
