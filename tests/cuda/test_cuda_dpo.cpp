@@ -1,9 +1,9 @@
 // Copyright 2026 The dpo Authors. SPDX-License-Identifier: Apache-2.0
 //
 // dpo::cuda against dpo::cpu on random inputs: every loss type, every dtype, odd vocab,
-// misaligned strides, packed and padded layouts, in place and out of place, determinism,
-// the error paths, and rows x vocab beyond 2^31. Tagged [small] cases are what the
-// sanitizers run; [large] needs about 4.5 GB of device memory.
+// misaligned strides, packed and padded layouts, in place and out of place, reference logits
+// instead of log-probs, determinism, the error paths, and rows x vocab beyond 2^31. The
+// sanitizers run the [sanitize] case; [large] needs about 4.5 GB of device memory.
 #include <Eigen/Core>
 #include <cmath>
 #include <cstring>
