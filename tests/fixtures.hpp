@@ -330,6 +330,10 @@ inline std::vector<named_config> combinations_and_options() {
   ldi.ld_alpha = 0.0;
   ldi.use_weighting = true;
   v.push_back({"ipo+ld_alpha0+wpo", ldi});
+  // aot and aot_unpaired sort different keys: one configuration holding both (issue 16).
+  dpo::loss_config both = dpo::loss_config::combination({{loss_type::aot, 0.7}, {loss_type::aot_unpaired, 0.4}});
+  both.label_smoothing = 0.1;
+  v.push_back({"aot+aot_unpaired", both});
   dpo::loss_config rf = of(loss_type::sigmoid);
   rf.reference_free = true;
   v.push_back({"sigmoid+reference_free", rf});

@@ -40,6 +40,9 @@ struct token {
   bool active = false;
   ld logp = 0;     // z[y] - logsumexp(z)
   ld lse = 0;      // logsumexp(z)
+  ld m = 0;        // max z, and log sum exp(z - m): z - lse is formed as (z - m) - log_s,
+  ld log_s = 0;    // exact for the logits near the max whatever the magnitude of m
+  ld log_s2 = 0;   // log sum exp(2 (z - m))
   ld lse2 = 0;     // logsumexp(2 z)
   ld entropy = 0;  // -sum p log p
   ld zmean = 0;    // sum z / V
@@ -68,14 +71,18 @@ inline token token_of(const std::vector<double>& z, std::int64_t y) {
     s += std::exp(ld(x) - m);
     s2 += std::exp(2 * (ld(x) - m));
   }
-  t.lse = m + std::log(s);
-  t.lse2 = 2 * m + std::log(s2);
+  t.m = m;
+  t.log_s = std::log(s);
+  t.lse = m + t.log_s;
+  t.log_s2 = std::log(s2);
+  t.lse2 = 2 * m + t.log_s2;
   for (double x : z) {
-    const ld p = std::exp(ld(x) - t.lse);
-    if (p > 0) t.entropy -= p * (ld(x) - t.lse);
+    const ld d = (ld(x) - m) - t.log_s;
+    const ld p = std::exp(d);
+    if (p > 0) t.entropy -= p * d;
   }
   t.zmean = zsum / ld(z.size());
-  t.logp = ld(z[static_cast<std::size_t>(y)]) - t.lse;
+  t.logp = (ld(z[static_cast<std::size_t>(y)]) - m) - t.log_s;
   t.hit = static_cast<std::int64_t>(arg) == y;
   if (nan) t.logp = t.lse = t.entropy = std::numeric_limits<ld>::quiet_NaN();
   return t;
@@ -107,7 +114,11 @@ inline ld seq_logp(const std::vector<token>& ts, ld shared, ld ld_alpha) {
 
 inline ld log_sigmoid(ld x) { return x >= 0 ? -std::log1p(std::exp(-x)) : x - std::log1p(std::exp(x)); }
 inline ld sigmoid(ld x) { return 1 / (1 + std::exp(-x)); }
-inline ld smoothed(ld x, ld eps) { return -(1 - eps) * log_sigmoid(x) - eps * log_sigmoid(-x); }
+/// A term whose weight is 0 is absent (TRL forms 0 * -inf = NaN there at |x| = inf; the
+/// limit, which the library gives, is 0).
+inline ld smoothed(ld x, ld eps) {
+  return (eps == 1 ? 0 : -(1 - eps) * log_sigmoid(x)) - (eps == 0 ? 0 : eps * log_sigmoid(-x));
+}
 
 /// TRL 1.16's chosen_scores / rejected_scores.
 inline ld score(const dpo::loss_config& c, ld D) {
@@ -331,7 +342,7 @@ inline std::vector<ld> wpo_weights(const batch_tokens& t) {
     for (int s = 0; s < 2; ++s) {
       ld sum = 0;
       for (const token& k : t[s][i])
-        if (k.active) sum += k.logp - (k.lse2 - 2 * k.lse);
+        if (k.active) sum += k.logp - (k.log_s2 - 2 * k.log_s);  // lse2 - 2 lse, m cancelled
       w *= std::exp(sum / std::max<ld>(count(t[s][i]), 1));
     }
     W.push_back(w);
@@ -444,7 +455,7 @@ inline grads fd_via_tokens(const dpo::loss_config& c, const batch& b, const std:
         tk.logp = l0;
         const ld coef = (up - dn) / (2 * ld(h));
         for (std::size_t v = 0; v < z.size(); ++v) {
-          const ld p = std::exp(ld(z[v]) - tk.lse);
+          const ld p = std::exp((ld(z[v]) - tk.m) - tk.log_s);
           g[s].back()[k][v] =
               static_cast<double>(coef * ((static_cast<std::int64_t>(v) == side[i].y[k] ? 1 : 0) - p));
         }

@@ -323,3 +323,207 @@ TEST_CASE("results are bitwise identical for 1, 2, 3 and 7 threads", "[edge][thr
   bitwise_across_threads<double>(config_named("sigmoid"), layout::separate);
   bitwise_across_threads<Eigen::half>(config_named("sigmoid"), layout::padded);
 }
+
+namespace {
+
+/// Four tied maxima at `big` (columns 0, 2, 3, 5 of 7; the others |big| lower, probability
+/// 0): softmax 0.25 on each maximum whatever the magnitude, as torch.log_softmax gives.
+template <class T>
+std::vector<double> tied_maxima_row(double big) {
+  std::vector<double> z(7, fixture::rounded<T>(big - std::fabs(big) * (big > 0 ? 2 : 1)));
+  for (int c : {0, 2, 3, 5}) z[static_cast<std::size_t>(c)] = fixture::rounded<T>(big);
+  return z;
+}
+
+/// Tolerance of a gradient element of T (its rounding and the accumulation's).
+template <class T>
+double tied_tol() {
+  if constexpr (std::is_same_v<T, double>) {
+    return 1e-14;
+  } else if constexpr (std::is_same_v<T, float>) {
+    return 2e-6;
+  } else {
+    return 4e-3;
+  }
+}
+
+/// One batch of one pair whose every completion row is a tied-maxima row: chosen labelled
+/// at a maximum (column 2), rejected at column 0.
+template <class T>
+oracle::batch tied_maxima_batch(double big) {
+  oracle::batch b;
+  oracle::sequence s;
+  s.z = {tied_maxima_row<T>(big)};
+  s.y = {2};
+  b.chosen.push_back(s);
+  s.y = {0};
+  b.rejected.push_back(s);
+  return b;
+}
+
+/// The row of a loss whose gradient there is coef * (onehot(label) - softmax): -coef * 0.75
+/// at the label, coef * 0.25... with the sign of coef * (onehot - p): label coef * 0.75,
+/// other maxima -coef * 0.25, the rest 0, summing to 0.
+template <class T, class Get>
+void check_tied_row(const Get& g, std::int64_t label, double coef) {
+  const double tol = tied_tol<T>() * std::fabs(coef);
+  double sum = 0;
+  for (std::int64_t v = 0; v < 7; ++v) {
+    const bool max = v == 0 || v == 2 || v == 3 || v == 5;
+    const double want = coef * ((v == label ? 1.0 : 0.0) - (max ? 0.25 : 0.0));
+    INFO("column " << v << ": got " << g(v) << " want " << want);
+    CHECK(std::fabs(g(v) - want) <= tol);
+    sum += g(v);
+  }
+  INFO("row sum " << sum);
+  CHECK(std::fabs(sum) <= 4 * tol);
+}
+
+template <class T>
+void check_tied_maxima(double big) {
+  INFO("dtype size " << sizeof(T) << ", maxima at " << big);
+  using A = dpo::cpu::acc_t<T>;
+  const oracle::batch b = tied_maxima_batch<T>(big);
+  const double log_quarter = std::log(0.25);
+  const double lp_tol = std::is_same_v<A, double> ? 1e-15 : 1e-6;
+  fixture::buffers<T, std::int64_t> buf(b, layout::padded);
+  const auto view = buf.view();
+  // sequence_logps and its backward, seq_grad -1 (the loss -logp): label -0.75, others 0.25.
+  {
+    double sum = 0;
+    std::int64_t count = 0;
+    std::vector<double> row_lse(2, 0.0);
+    dpo::cpu::sequence_logps(view.chosen, &sum, &count, nullptr, row_lse.data());
+    CHECK(count == 1);
+    CHECK(std::fabs(sum - log_quarter) <= lp_tol);
+    const double seq_grad = -1.0;
+    dpo::cpu::sequence_logps_backward(view.chosen, row_lse.data(), &seq_grad, buf.grad.data(), buf.stride);
+    check_tied_row<T>([&](std::int64_t v) { return buf.at(false, 0, 0, 0, v); }, 2, -1.0);
+  }
+  // The fused path with sft (the loss is NLL(chosen) = -logp): the same row, rejected 0.
+  {
+    buf.reset_grad();
+    const dpo::loss_config c = fixture::of(dpo::loss_type::sft);
+    const double ref = 0.0;
+    const dpo::cpu::forward_result r = dpo::cpu::dpo_forward(view, &ref, &ref, c);
+    CHECK(std::fabs(r.chosen_logps[0] - log_quarter) <= lp_tol);
+    CHECK(std::fabs(r.rejected_logps[0] - log_quarter) <= lp_tol);
+    CHECK(std::fabs(r.loss + log_quarter) <= lp_tol);
+    dpo::cpu::dpo_backward(view, r, buf.grad_view());
+    check_tied_row<T>([&](std::int64_t v) { return buf.at(false, 0, 0, 0, v); }, 2, -1.0);
+    for (std::int64_t v = 0; v < 7; ++v) CHECK(buf.at(false, 1, 0, 0, v) == 0.0);
+    // In place, with a pair loss whose rejected coefficient is not 0 either.
+    const dpo::loss_config s = fixture::of(dpo::loss_type::sigmoid);
+    const dpo::cpu::forward_result q = dpo::cpu::dpo_forward(view, &ref, &ref, s);
+    CHECK(std::fabs(q.chosen_logps[0] - log_quarter) <= lp_tol);
+    fixture::buffers<T, std::int64_t> ip(b, layout::padded);
+    dpo::cpu::dpo_backward(ip.view(), q, ip.inplace_view());
+    check_tied_row<T>([&](std::int64_t v) { return ip.at(true, 0, 0, 0, v); }, 2, q.grad_chosen[0]);
+    check_tied_row<T>([&](std::int64_t v) { return ip.at(true, 1, 0, 0, v); }, 0, q.grad_rejected[0]);
+  }
+}
+
+}  // namespace
+
+TEST_CASE("tied maxima at large magnitudes: exact log-probs and gradients in every dtype",
+          "[edge][issue16]") {
+  // (z - m) - log(s) in the forward, (z - hi) - lo in the backward (and the row's statistics
+  // recomputed where a double lse is too coarse): torch.log_softmax's answers. z - (m + log s)
+  // gave -0.749 / -0.632 at the label for fp32 at 1e5 / 1e7, 0 (row sum 3) for fp64 at 1e17.
+  for (double big : {1e5, 1e7, -1e7, 3e9, 1e30, -1e30}) check_tied_maxima<float>(big);
+  for (double big : {1e5, 1e17, -1e17, 1e300}) check_tied_maxima<double>(big);
+  for (double big : {1e4, 1e6, 1e30}) check_tied_maxima<Eigen::bfloat16>(big);
+  for (double big : {1e4, 3e4, -3e4}) check_tied_maxima<Eigen::half>(big);
+}
+
+TEST_CASE("a -inf rejected label logit: the loss is the limit and the gradient finite",
+          "[edge][issue16]") {
+  // The rejected completion's label logit is -inf, so pi_r = -inf: sigmoid's loss is
+  // -log_sigmoid(+inf) = 0 with a zero gradient for that pair (TRL's answer), not
+  // 0 * inf = NaN, and every other pair keeps its value.
+  fixture::batch_spec sp;
+  sp.pairs = 3;
+  sp.rows = 4;
+  sp.vocab = 9;
+  sp.seed = 1616;
+  oracle::batch b = rounded_batch<float>(sp);
+  oracle::sequence& s = b.rejected[1];
+  std::int64_t row = -1;
+  for (std::int64_t t = 0; t < s.rows() && row < 0; ++t)
+    if (s.y[t] >= 0) row = t;
+  REQUIRE(row >= 0);
+  s.z[row][static_cast<std::size_t>(s.y[row])] = -INFINITY;
+  std::vector<fixture::named_config> configs = {{"sigmoid", fixture::of(dpo::loss_type::sigmoid)},
+                                                config_named("mpo"), config_named("sigmoid+wpo"),
+                                                config_named("sigmoid_norm/forward_kl")};
+  // Both batch terms, eps = 0: with eps > 0 aot's loss at a +inf key is +inf, as the formula.
+  dpo::loss_config both = config_named("aot+aot_unpaired").cfg;
+  both.label_smoothing = 0.0;
+  configs.push_back({"aot+aot_unpaired, eps 0", both});
+  for (const auto& nc : configs) {
+    for (bool in_place : {false, true}) {
+      INFO(nc.name << (in_place ? " in place" : ""));
+      fixture::buffers<float, std::int64_t> buf(b, layout::padded);
+      fixture::reference ref = fixture::make_reference(nc.cfg, b, 7);
+      ref.r[1] = -20.0;  // drawn near the policy's -inf otherwise
+      const auto view = buf.view();
+      const dpo::cpu::forward_result r = dpo::cpu::dpo_forward(view, ref.pc(), ref.pr(), nc.cfg);
+      CHECK(r.rejected_logps[1] == -INFINITY);
+      CHECK(std::isfinite(r.loss));
+      for (Eigen::Index i = 0; i < r.losses.size(); ++i) {
+        CHECK(std::isfinite(r.losses[i]));
+        CHECK(std::isfinite(r.grad_chosen[i]));
+        CHECK(std::isfinite(r.grad_rejected[i]));
+      }
+      const oracle::result o = oracle::forward(nc.cfg, b, fixture::to_ld(ref.c), fixture::to_ld(ref.r));
+      CHECK(r.loss == Approx(double(o.loss)).epsilon(1e-5).margin(1e-6));
+      if (nc.name == "sigmoid") {
+        CHECK(r.losses[1] == 0.0);
+        CHECK(r.grad_rejected[1] == 0.0);
+      }
+      dpo::cpu::dpo_backward(view, r, in_place ? buf.inplace_view() : buf.grad_view());
+      std::int64_t nonfinite = 0;
+      for (int side = 0; side < 2; ++side)
+        for (std::int64_t i = 0; i < buf.P; ++i)
+          for (std::int64_t t = 0; t < buf.seq_len; ++t)
+            for (std::int64_t v = 0; v < buf.V; ++v) nonfinite += std::isfinite(buf.at(in_place, side, i, t, v)) ? 0 : 1;
+      CHECK(nonfinite == 0);
+    }
+  }
+}
+
+TEST_CASE("aot and aot_unpaired from logits: the combination is the weighted sum of the terms",
+          "[edge][issue16]") {
+  // The report's shape: 4 pairs, 3 rows, vocab 5, float64, loss_type ["aot", "aot_unpaired"]
+  // in either order.
+  fixture::batch_spec sp;
+  sp.pairs = 4;
+  sp.rows = 3;
+  sp.vocab = 5;
+  sp.seed = 1617;
+  const oracle::batch b = fixture::random_batch(sp);
+  fixture::buffers<double, std::int64_t> buf(b, layout::padded);
+  const dpo::loss_config one = fixture::of(dpo::loss_type::aot);
+  const fixture::reference ref = fixture::make_reference(one, b, 9);
+  const auto view = buf.view();
+  const auto run = [&](std::initializer_list<dpo::loss_term> terms) {
+    return dpo::cpu::dpo_forward(view, ref.pc(), ref.pr(), dpo::loss_config::combination(terms));
+  };
+  const dpo::cpu::forward_result ra = run({{dpo::loss_type::aot, 1.0}});
+  const dpo::cpu::forward_result ru = run({{dpo::loss_type::aot_unpaired, 1.0}});
+  for (bool swapped : {false, true}) {
+    INFO((swapped ? "aot_unpaired first" : "aot first"));
+    const dpo::cpu::forward_result r =
+        swapped ? run({{dpo::loss_type::aot_unpaired, 1.0}, {dpo::loss_type::aot, 1.0}})
+                : run({{dpo::loss_type::aot, 1.0}, {dpo::loss_type::aot_unpaired, 1.0}});
+    CHECK(r.loss == Approx(ra.loss + ru.loss).epsilon(1e-14));
+    const oracle::result o = oracle::forward(
+        dpo::loss_config::combination({{dpo::loss_type::aot, 1.0}, {dpo::loss_type::aot_unpaired, 1.0}}), b,
+        fixture::to_ld(ref.c), fixture::to_ld(ref.r));
+    CHECK(r.loss == Approx(double(o.loss)).epsilon(1e-12));
+    for (Eigen::Index i = 0; i < r.losses.size(); ++i) {
+      CHECK(r.grad_chosen[i] == Approx(ra.grad_chosen[i] + ru.grad_chosen[i]).epsilon(1e-14));
+      CHECK(r.grad_rejected[i] == Approx(ra.grad_rejected[i] + ru.grad_rejected[i]).epsilon(1e-14));
+    }
+  }
+}

@@ -4,6 +4,7 @@
 // the float64 oracle: every loss type, f-divergence and combination; dL/dpi against central
 // differences; extreme margins.
 #include <cmath>
+#include <limits>
 #include <random>
 #include <vector>
 
@@ -254,5 +255,151 @@ TEST_CASE("loss type and f-divergence names round-trip (aot_pair is aot_unpaired
     dpo::f_divergence f{};
     REQUIRE(dpo::parse_f_divergence(dpo::to_string(static_cast<dpo::f_divergence>(i)), &f));
     CHECK(static_cast<int>(f) == i);
+  }
+}
+
+TEST_CASE("dpo_loss: aot and aot_unpaired together each sort their own keys, in either order",
+          "[loss][issue16]") {
+  // aot sorts pi_c - pi_r and rho_c - rho_r, aot_unpaired D_c and D_r: a combination of the
+  // two is the weighted sum of the terms computed alone, whatever the order of the list.
+  const pair_data x = random_pairs(7, 19);
+  for (bool weights : {false, true}) {
+    for (bool swapped : {false, true}) {
+      INFO((swapped ? "aot_unpaired first" : "aot first") << (weights ? ", weighted" : ""));
+      const dpo::loss_term a{dpo::loss_type::aot, 0.7}, u{dpo::loss_type::aot_unpaired, 0.4};
+      dpo::loss_config c = swapped ? dpo::loss_config::combination({u, a}) : dpo::loss_config::combination({a, u});
+      c.label_smoothing = 0.1;
+      dpo::loss_config ca = c, cu = c;
+      ca.num_terms = cu.num_terms = 1;
+      ca.terms[0] = {dpo::loss_type::aot, 1.0};
+      cu.terms[0] = {dpo::loss_type::aot_unpaired, 1.0};
+      const dpo::cpu::forward_result r = dpo::cpu::dpo_loss(api_input(x, weights), c);
+      const dpo::cpu::forward_result ra = dpo::cpu::dpo_loss(api_input(x, weights), ca);
+      const dpo::cpu::forward_result ru = dpo::cpu::dpo_loss(api_input(x, weights), cu);
+      const auto sum = [](double p, double q) { return 0.7 * p + 0.4 * q; };
+      CHECK(r.loss == Approx(sum(ra.loss, ru.loss)).epsilon(1e-13));
+      for (Eigen::Index i = 0; i < r.losses.size(); ++i) {
+        CHECK(r.losses[i] == Approx(sum(ra.losses[i], ru.losses[i])).epsilon(1e-13));
+        CHECK(r.grad_chosen[i] == Approx(sum(ra.grad_chosen[i], ru.grad_chosen[i])).epsilon(1e-13));
+        CHECK(r.grad_rejected[i] == Approx(sum(ra.grad_rejected[i], ru.grad_rejected[i])).epsilon(1e-13));
+      }
+      check_against_oracle({"aot+aot_unpaired", c}, x, weights);
+    }
+  }
+}
+
+namespace {
+
+/// Whether every per-pair value and derivative of r is finite or an infinity, never NaN.
+void check_no_nan(const dpo::cpu::forward_result& r) {
+  CHECK_FALSE(std::isnan(r.loss));
+  for (Eigen::Index i = 0; i < r.losses.size(); ++i) {
+    INFO("pair " << i);
+    CHECK_FALSE(std::isnan(r.losses[i]));
+    CHECK_FALSE(std::isnan(r.grad_chosen[i]));
+    CHECK_FALSE(std::isnan(r.grad_rejected[i]));
+  }
+}
+
+/// x at the limit against x far along the way to it: equal where the limit is finite (and
+/// reached in double), the same infinity where the loss diverges, which shows as a far value
+/// that grows with the distance (about 1e13 at 1e15).
+void check_limit(double at_limit, double far, const char* what) {
+  INFO(what << ": at the limit " << at_limit << ", far along " << far);
+  if (std::isinf(at_limit)) {
+    CHECK(std::fabs(far) >= 1e6);
+    CHECK(std::signbit(at_limit) == std::signbit(far));
+  } else {
+    CHECK(at_limit == Approx(far).epsilon(1e-12).margin(1e-300));
+  }
+}
+
+}  // namespace
+
+TEST_CASE("dpo_loss: a -inf rejected log-prob gives the limit for every loss type, never 0 * inf",
+          "[loss][edge][issue16]") {
+  // A rejected completion whose label logit is -inf has pi_r = -inf. The limit of every loss
+  // and derivative is its value at a finite pi_r far enough that every sigmoid has saturated
+  // (pi_r = -1e15); the -inf case must give the same number (0 for sigmoid, where
+  // eps * log_sigmoid(-x) with eps = 0 was 0 * inf = NaN), or the same infinity where the
+  // loss diverges (ipo, sppo_hard, robust and aot with eps > 0).
+  std::vector<fixture::named_config> configs = fixture::every_loss_type();
+  for (const auto& nc : fixture::every_f_divergence()) configs.push_back(nc);
+  for (const auto& nc : configs) {
+    for (bool ref_side : {false, true}) {
+      INFO(nc.name << (ref_side ? ", rho_r = +inf" : ", pi_r = -inf"));
+      if (ref_side && !fixture::needs_reference(nc.cfg)) continue;
+      pair_data inf = random_pairs(3, 20);
+      pair_data far = inf;
+      // The same log-ratio D_r = -inf reached through the policy or the reference side.
+      (ref_side ? inf.rr : inf.pr)[1] = ref_side ? INFINITY : -INFINITY;
+      (ref_side ? far.rr : far.pr)[1] = ref_side ? 1e15 : -1e15;
+      const dpo::cpu::forward_result r = dpo::cpu::dpo_loss(api_input(inf, false), nc.cfg);
+      const dpo::cpu::forward_result f = dpo::cpu::dpo_loss(api_input(far, false), nc.cfg);
+      check_no_nan(r);
+      check_limit(r.loss, f.loss, "loss");
+      for (Eigen::Index i = 0; i < r.losses.size(); ++i) {
+        INFO("pair " << i);
+        check_limit(r.losses[i], f.losses[i], "losses");
+        check_limit(r.grad_chosen[i], f.grad_chosen[i], "grad_chosen");
+        check_limit(r.grad_rejected[i], f.grad_rejected[i], "grad_rejected");
+      }
+    }
+  }
+}
+
+TEST_CASE("dpo_loss: the default sigmoid loss at pi_r = -inf is 0 with a zero gradient, as TRL",
+          "[loss][edge][issue16]") {
+  pair_data x = random_pairs(2, 21);
+  x.pr[0] = -INFINITY;
+  const dpo::loss_config c = fixture::of(dpo::loss_type::sigmoid);
+  const dpo::cpu::forward_result r = dpo::cpu::dpo_loss(api_input(x, false), c);
+  CHECK(r.losses[0] == 0.0);
+  CHECK(r.grad_chosen[0] == 0.0);
+  CHECK(r.grad_rejected[0] == 0.0);
+  // The oracle (long double, -log_sigmoid(beta d)) has the same value.
+  const oracle::result o = oracle_pairs(c, x, false);
+  CHECK(r.loss == Approx(double(o.loss)).epsilon(1e-12));
+  CHECK(std::isfinite(r.grad_chosen[1]));
+}
+
+TEST_CASE("dpo_loss: infinite margins through the f-divergence scores give the limit",
+          "[loss][edge][issue16]") {
+  // Log-ratios 1999 and -4999: forward_kl's score of the rejected side is 1 - e^4999 = -inf
+  // in double and its derivative e^4999 = inf, while the loss has saturated (dL/dd = 0): the
+  // product through_d formed was 0 * inf = NaN. The long double oracle holds e^4999 (it is
+  // below LDBL_MAX), so it evaluates the formulas without overflow: our values must match it
+  // where it is within double range, and be the same infinity where it is not.
+  for (const auto& nc : fixture::every_f_divergence()) {
+    INFO(nc.name);
+    pair_data x = random_pairs(3, 22);
+    x.rc[0] = x.pc[0] - 1999.0;
+    x.rr[0] = x.pr[0] + 4999.0;
+    const dpo::loss_config& c = nc.cfg;
+    const dpo::cpu::forward_result r = dpo::cpu::dpo_loss(api_input(x, false), c);
+    check_no_nan(r);
+    const oracle::result o = oracle_pairs(c, x, false);
+    for (Eigen::Index i = 0; i < r.losses.size(); ++i) {
+      const ld want = o.losses[static_cast<std::size_t>(i)];
+      INFO("pair " << i << ": oracle " << double(want) << " api " << r.losses[i]);
+      if (std::fabs(want) <= std::numeric_limits<double>::max()) {
+        CHECK(fixture::near(r.losses[i], double(want), 1e-12 * (1 + std::fabs(double(want)))));
+      } else {
+        CHECK(std::isinf(r.losses[i]));
+      }
+    }
+    // dL/dpi of pair 0 against central differences of the oracle where the loss is finite.
+    if (std::fabs(o.losses[0]) <= 1e100) {
+      const double h = 1e-5;
+      for (int side = 0; side < 2; ++side) {
+        pair_data up = x, dn = x;
+        (side == 0 ? up.pc : up.pr)[0] += h;
+        (side == 0 ? dn.pc : dn.pr)[0] -= h;
+        const ld fd = (oracle_pairs(c, up, false).loss - oracle_pairs(c, dn, false).loss) / (2 * ld(h));
+        const double g = side == 0 ? r.grad_chosen[0] + r.nll_token_grad : r.grad_rejected[0];
+        INFO((side == 0 ? "chosen" : "rejected") << ": fd " << double(fd) << " api " << g);
+        if (std::fabs(fd) < 1e100) CHECK(fixture::near(g, double(fd), 1e-8 + 1e-6 * std::fabs(double(fd))));
+      }
+    }
   }
 }

@@ -1196,3 +1196,239 @@ TEST_CASE("cuda: the pair entry points on padded views with gaps match the CPU p
     }
   }
 }
+
+namespace {
+
+/// x stored as `t` at p (rounded to the type).
+void put(dtype t, unsigned char* p, double x) {
+  switch (t) {
+    case dtype::bf16: {
+      const Eigen::bfloat16 v(static_cast<float>(x));
+      std::memcpy(p, &v, 2);
+      break;
+    }
+    case dtype::f16: {
+      const Eigen::half v(static_cast<float>(x));
+      std::memcpy(p, &v, 2);
+      break;
+    }
+    case dtype::f32: {
+      const float v = static_cast<float>(x);
+      std::memcpy(p, &v, 4);
+      break;
+    }
+    case dtype::f64:
+      std::memcpy(p, &x, 8);
+      break;
+  }
+}
+
+/// One pair of one-row sequences whose rows hold four tied maxima at `big` (columns 0, 2, 3,
+/// 5 of 7, the others |big| lower): chosen labelled at column 2, rejected at 0.
+case_in tied_maxima_case(dtype t, double big) {
+  case_in c;
+  c.type = t;
+  c.num_seqs = 2;
+  c.seq_len = 1;
+  c.vocab = 7;
+  c.row_stride = 8;
+  c.rows = 2;
+  const std::size_t es = dpo_cuda_test::dtype_size(t);
+  c.logits.assign(static_cast<std::size_t>(c.rows * c.row_stride) * es, 0);
+  for (std::int64_t r = 0; r < 2; ++r)
+    for (std::int64_t v = 0; v < c.row_stride; ++v) {
+      const bool max = v == 0 || v == 2 || v == 3 || v == 5;
+      const double x = v >= c.vocab ? 0.0 : max ? big : big - std::fabs(big) * (big > 0 ? 2 : 1);
+      put(t, c.logits.data() + static_cast<std::size_t>(r * c.row_stride + v) * es, x);
+    }
+  c.labels = {2, 0};
+  c.ref_chosen = {0.0};
+  c.ref_rejected = {0.0};
+  c.cfg = dpo::loss_config::of(dpo::loss_type::sft);
+  c.grad_stride = c.row_stride + 1;
+  c.grad_offset = 1;
+  return c;
+}
+
+double tied_tol(dtype t) {
+  switch (t) {
+    case dtype::f64: return 1e-14;
+    case dtype::f32: return 2e-6;
+    default: return 4e-3;
+  }
+}
+
+/// Row r of a gradient buffer as the harness returns it: coef * (onehot(label) - softmax),
+/// i.e. coef * 0.75 at the label, -coef * 0.25 at the other maxima, 0 elsewhere, sum 0.
+void check_tied_grad(const case_in& c, const std::vector<unsigned char>& grad, std::int64_t r,
+                     std::int64_t label, double coef) {
+  const std::size_t es = dpo_cuda_test::dtype_size(c.type);
+  const std::int64_t stride = c.in_place ? c.row_stride : c.grad_stride;
+  const std::int64_t offset = c.in_place ? 0 : c.grad_offset;
+  const double tol = tied_tol(c.type) * std::fabs(coef);
+  double sum = 0;
+  for (std::int64_t v = 0; v < c.vocab; ++v) {
+    const double g = decode(c.type, grad.data() + static_cast<std::size_t>(offset + r * stride + v) * es);
+    const bool max = v == 0 || v == 2 || v == 3 || v == 5;
+    const double want = coef * ((v == label ? 1.0 : 0.0) - (max ? 0.25 : 0.0));
+    INFO("row " << r << " column " << v << ": got " << g << " want " << want);
+    CHECK(std::fabs(g - want) <= tol);
+    sum += g;
+  }
+  INFO("row " << r << " sum " << sum);
+  CHECK(std::fabs(sum) <= 4 * tol);
+}
+
+}  // namespace
+
+TEST_CASE("cuda: tied maxima at large magnitudes give exact log-probs and gradients", "[cuda][small][issue16]") {
+  // The label log-prob is log 0.25 and the gradient of -logp is -0.75 at the label, 0.25 at
+  // the other maxima, at any magnitude (torch.log_softmax's answers): the forward forms
+  // (z - m) - log(s), the backward (z - hi) - lo from the stored double lse, recomputing the
+  // row's statistics where a double lse is too coarse (fp64 at 1e17, fp32 at 1e30).
+  const std::pair<dtype, std::vector<double>> cases[] = {
+      {dtype::f32, {1e5, 1e7, -1e7, 1e30}},
+      {dtype::f64, {1e5, 1e17, -1e17, 1e300}},
+      {dtype::bf16, {1e4, 1e6, 1e30}},
+      {dtype::f16, {1e4, 3e4, -3e4}}};
+  const double log_quarter = std::log(0.25);
+  for (const auto& tc : cases) {
+    const double lp_tol = tc.first == dtype::f64 ? 1e-15 : 1e-6;
+    for (double big : tc.second) {
+      for (mode m : {mode::forward_backward, mode::forward_then_backward, mode::backward_rows}) {
+        for (bool in_place : {false, true}) {
+          INFO("dtype " << static_cast<int>(tc.first) << " maxima at " << big << " mode " << static_cast<int>(m)
+                        << (in_place ? " in place" : ""));
+          case_in c = tied_maxima_case(tc.first, big);
+          c.run = m;
+          c.in_place = in_place;
+          const case_out g = dpo_cuda_test::run_case(c);
+          INFO(g.message << g.device_message);
+          REQUIRE(g.status_code == 0);
+          REQUIRE(g.device_error == 0);
+          CHECK(std::fabs(g.chosen_logps[0] - log_quarter) <= lp_tol);
+          CHECK(std::fabs(g.rejected_logps[0] - log_quarter) <= lp_tol);
+          CHECK(std::fabs(g.loss + log_quarter) <= lp_tol);
+          // sft: dL/dlogp of the chosen token is -1 (grad_output 1 by default), rejected 0.
+          check_tied_grad(c, g.grad, 0, 2, -1.0);
+          check_tied_grad(c, g.grad, 1, 0, 0.0);
+        }
+      }
+      INFO("dtype " << static_cast<int>(tc.first) << " maxima at " << big << " sequence_logps");
+      case_in c = tied_maxima_case(tc.first, big);
+      const dpo_cuda_test::sequence_out d = dpo_cuda_test::run_sequence_case(c, 0, {-1.0, 0.5});
+      INFO(d.message << d.device_message);
+      REQUIRE(d.status_code == 0);
+      REQUIRE(d.device_error == 0);
+      CHECK(std::fabs(d.sums[0] - log_quarter) <= lp_tol);
+      CHECK(std::fabs(d.sums[1] - log_quarter) <= lp_tol);
+      check_tied_grad(c, d.grad, 0, 2, -1.0);
+      check_tied_grad(c, d.grad, 1, 0, 0.5);
+    }
+  }
+}
+
+TEST_CASE("cuda: a -inf rejected label logit gives the limit loss and a finite gradient", "[cuda][small][issue16]") {
+  // pi_r = -inf: sigmoid's loss is -log_sigmoid(+inf) = 0 for that pair, with a zero
+  // gradient, not 0 * inf = NaN; the CPU path gives the same.
+  std::vector<named_config> configs = {{"sigmoid", dpo::loss_config{}}};
+  dpo::loss_config wpo;
+  wpo.use_weighting = true;
+  configs.push_back({"sigmoid+wpo", wpo});
+  dpo::loss_config fkl = dpo::loss_config::of(dpo::loss_type::sigmoid_norm);
+  fkl.divergence = dpo::f_divergence::forward_kl;
+  configs.push_back({"sigmoid_norm+forward_kl", fkl});
+  configs.push_back({"aot+aot_unpaired", dpo::loss_config::combination(
+                                             {{dpo::loss_type::aot, 0.5}, {dpo::loss_type::aot_unpaired, 1.0}})});
+  unsigned seed = 1616;
+  for (const named_config& nc : configs) {
+    for (mode m : {mode::forward_backward, mode::backward_rows}) {
+      INFO(nc.name << " mode " << static_cast<int>(m));
+      shape sh;
+      sh.pairs = 3;
+      sh.vocab = 61;
+      sh.fully_masked = false;
+      case_in c = make_case(dtype::f32, sh, seed++);
+      c.cfg = nc.cfg;
+      c.run = m;
+      // The first completion row of rejected sequence 1 (sequence P + 1): its label's logit.
+      const std::int64_t s = sh.pairs + 1;
+      std::int64_t row = -1;
+      for (std::int64_t r = s * sh.seq_len; r < (s + 1) * sh.seq_len && row < 0; ++r)
+        if (c.labels[r] >= 0) row = r;
+      REQUIRE(row >= 0);
+      put(c.type, c.logits.data() + static_cast<std::size_t>(row * c.row_stride + c.labels[row]) * 4, -INFINITY);
+      const case_out g = compare(c, true);
+      CHECK(g.rejected_logps[1] == -INFINITY);
+      CHECK(std::isfinite(g.loss));
+      for (std::size_t i = 0; i < g.losses.size(); ++i) {
+        CHECK(std::isfinite(g.losses[i]));
+        CHECK(std::isfinite(g.grad_chosen[i]));
+        CHECK(std::isfinite(g.grad_rejected[i]));
+      }
+      if (nc.name == "sigmoid") {
+        CHECK(g.losses[1] == 0.0);
+        CHECK(g.grad_rejected[1] == 0.0);
+      }
+    }
+  }
+}
+
+TEST_CASE("cuda: aot and aot_unpaired together match the CPU path and the sum of the terms, in either order",
+          "[cuda][small][issue16]") {
+  unsigned seed = 1617;
+  const auto cfg = [](std::initializer_list<dpo::loss_term> terms) {
+    dpo::loss_config c = dpo::loss_config::combination(terms);
+    c.label_smoothing = 0.05;
+    return c;
+  };
+  shape sh;
+  sh.pairs = 4;
+  sh.seq_len = 3;
+  sh.vocab = 5;
+  sh.fully_masked = false;
+  for (dtype t : {dtype::f64, dtype::f32}) {
+    case_in c = make_case(t, sh, seed++);
+    c.cfg = cfg({{dpo::loss_type::aot, 1.0}});
+    const double la = dpo_cuda_test::run_case(c).loss;
+    c.cfg = cfg({{dpo::loss_type::aot_unpaired, 1.0}});
+    const double lu = dpo_cuda_test::run_case(c).loss;
+    for (bool swapped : {false, true}) {
+      INFO("dtype " << static_cast<int>(t) << (swapped ? " aot_unpaired first" : " aot first"));
+      c.cfg = swapped ? cfg({{dpo::loss_type::aot_unpaired, 0.4}, {dpo::loss_type::aot, 0.7}})
+                      : cfg({{dpo::loss_type::aot, 0.7}, {dpo::loss_type::aot_unpaired, 0.4}});
+      const case_out g = compare(c);
+      CHECK(g.loss == Approx(0.7 * la + 0.4 * lu).epsilon(1e-12));
+    }
+  }
+  // dpo_loss from sequence log-probs, weights given.
+  dpo_cuda_test::loss_case lc;
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<double> nd(-40.0, 8.0);
+  for (int i = 0; i < 9; ++i) {
+    lc.chosen.push_back(nd(rng));
+    lc.rejected.push_back(nd(rng));
+    lc.ref_chosen.push_back(nd(rng));
+    lc.ref_rejected.push_back(nd(rng));
+    lc.weights.push_back(0.5 + 0.1 * i);
+  }
+  for (bool swapped : {false, true}) {
+    INFO((swapped ? "dpo_loss, aot_unpaired first" : "dpo_loss, aot first"));
+    lc.cfg = swapped ? cfg({{dpo::loss_type::aot_unpaired, 0.4}, {dpo::loss_type::aot, 0.7}})
+                     : cfg({{dpo::loss_type::aot, 0.7}, {dpo::loss_type::aot_unpaired, 0.4}});
+    dpo::cpu::pair_logps_in in;
+    in.num_pairs = static_cast<std::int64_t>(lc.chosen.size());
+    in.chosen_logps = lc.chosen.data();
+    in.rejected_logps = lc.rejected.data();
+    in.ref_chosen_logps = lc.ref_chosen.data();
+    in.ref_rejected_logps = lc.ref_rejected.data();
+    in.weights = lc.weights.data();
+    const dpo::cpu::forward_result f = dpo::cpu::dpo_loss(in, lc.cfg);
+    const case_out g = dpo_cuda_test::run_dpo_loss(lc);
+    REQUIRE(g.status_code == 0);
+    CHECK(g.loss == Approx(f.loss).epsilon(1e-12));
+    check_close(g.losses, f.losses, 1e-12, "losses");
+    check_close(g.grad_chosen, f.grad_chosen, 1e-12, "grad_chosen");
+    check_close(g.grad_rejected, f.grad_rejected, 1e-12, "grad_rejected");
+  }
+}

@@ -170,7 +170,8 @@ struct scalar_grad {
 };
 
 DPO_HOST_DEVICE inline scalar_grad smoothed_logistic(double x, double eps) {
-  const double v = -(1.0 - eps) * log_sigmoid(x) - eps * log_sigmoid(-x);
+  // eps = 0 at x = +inf (or 1 - eps = 0 at -inf) is 0 * inf: the term is absent, so 0.
+  const double v = -times(1.0 - eps, log_sigmoid(x)) - times(eps, log_sigmoid(-x));
   const double d = -(1.0 - eps) * sigmoid(-x) + eps * sigmoid(x);
   return {v, d};
 }
@@ -208,9 +209,11 @@ DPO_HOST_DEVICE inline pair_grad pair_loss(loss_type t, const loss_config& c,
   const score sc = f_score(c, Dc);
   const score sr = f_score(c, Dr);
   const double d = sc.f - sr.f;
-  // dL/d(d) -> (dL/dpi_c, dL/dpi_r) through s_c = f(D_c), s_r = f(D_r).
+  // dL/d(d) -> (dL/dpi_c, dL/dpi_r) through s_c = f(D_c), s_r = f(D_r). A saturated loss
+  // (dd = 0) passes no gradient even through an infinite f' (forward_kl at D = -4999): dd
+  // falls like exp(-beta e^-D) where f' grows like e^-D.
   auto through_d = [&](double loss, double dd) -> pair_grad {
-    return {loss, dd * sc.df, -dd * sr.df};
+    return {loss, times(dd, sc.df), -times(dd, sr.df)};
   };
   switch (t) {
     case loss_type::sigmoid: {
@@ -224,7 +227,7 @@ DPO_HOST_DEVICE inline pair_grad pair_loss(loss_type t, const loss_config& c,
     }
     case loss_type::ipo: {
       const double u = sc.f / v.len_c - sr.f / v.len_r - 1.0 / (2.0 * beta);
-      return {u * u, 2.0 * u * sc.df / v.len_c, -2.0 * u * sr.df / v.len_r};
+      return {u * u, times(2.0 * u, sc.df) / v.len_c, -times(2.0 * u, sr.df) / v.len_r};
     }
     case loss_type::exo_pair: {
       const double x = beta * d;
@@ -234,8 +237,9 @@ DPO_HOST_DEVICE inline pair_grad pair_loss(loss_type t, const loss_config& c,
       using std::log1p;
       const double l1e = log1p(-eps);
       const double le = log(eps);
-      const double loss = p * (log_sigmoid(x) - l1e) + q * (log_sigmoid(-x) - le);
-      return through_d(loss, beta * p * q * (x - l1e + le));
+      // At |x| = inf a saturated sigmoid times an infinite log-sigmoid: the limit is 0.
+      const double loss = times(p, log_sigmoid(x) - l1e) + times(q, log_sigmoid(-x) - le);
+      return through_d(loss, beta * times(p * q, x - l1e + le));
     }
     case loss_type::nca_pair: {
       const double xc = beta * sc.f;
@@ -243,12 +247,12 @@ DPO_HOST_DEVICE inline pair_grad pair_loss(loss_type t, const loss_config& c,
       const double loss = -log_sigmoid(xc) - 0.5 * log_sigmoid(-xc) - 0.5 * log_sigmoid(-xr);
       const double dxc = -sigmoid(-xc) + 0.5 * sigmoid(xc);
       const double dxr = 0.5 * sigmoid(xr);
-      return {loss, beta * dxc * sc.df, beta * dxr * sr.df};
+      return {loss, times(beta * dxc, sc.df), times(beta * dxr, sr.df)};
     }
     case loss_type::robust: {
       const double x = beta * d;
       const double k = 1.0 / (1.0 - 2.0 * eps);
-      const double loss = (-(1.0 - eps) * log_sigmoid(x) + eps * log_sigmoid(-x)) * k;
+      const double loss = (-times(1.0 - eps, log_sigmoid(x)) + times(eps, log_sigmoid(-x))) * k;
       const double dx = (-(1.0 - eps) * sigmoid(-x) - eps * sigmoid(x)) * k;
       return through_d(loss, beta * dx);
     }
@@ -256,13 +260,13 @@ DPO_HOST_DEVICE inline pair_grad pair_loss(loss_type t, const loss_config& c,
       const double xc = beta * sc.f;
       const double xr = beta * sr.f;
       const double loss = -log_sigmoid(xc) - log_sigmoid(-xr);
-      return {loss, -beta * sigmoid(-xc) * sc.df, beta * sigmoid(xr) * sr.df};
+      return {loss, times(-beta * sigmoid(-xc), sc.df), times(beta * sigmoid(xr), sr.df)};
     }
     case loss_type::sppo_hard: {
       const double h = 1.0 / (2.0 * beta);
       const double a = sc.f - h;
       const double b = sr.f + h;
-      return {a * a + b * b, 2.0 * a * sc.df, 2.0 * b * sr.df};
+      return {a * a + b * b, times(2.0 * a, sc.df), times(2.0 * b, sr.df)};
     }
     case loss_type::apo_zero: {
       const double pc = sigmoid(beta * Dc);
@@ -275,7 +279,7 @@ DPO_HOST_DEVICE inline pair_grad pair_loss(loss_type t, const loss_config& c,
       const double pd = sigmoid(beta * d);
       const double loss = pc + (1.0 - pd);
       const double dd = -beta * pd * (1.0 - pd);
-      return {loss, beta * pc * (1.0 - pc) + dd * sc.df, -dd * sr.df};
+      return {loss, beta * pc * (1.0 - pc) + times(dd, sc.df), -times(dd, sr.df)};
     }
     case loss_type::discopop: {
       const double tau = c.discopop_tau;
@@ -285,17 +289,24 @@ DPO_HOST_DEVICE inline pair_grad pair_loss(loss_type t, const loss_config& c,
       const double ls_g = log_sigmoid(x / tau);
       const double ls_ng = log_sigmoid(-x / tau);
       // m * exp(-x) and m' * exp(-x) in log space: exp(-x) overflows where m underflows.
-      const double m_expx = exp(ls_g - x);
-      const double dm_expx = exp(ls_g + ls_ng - x) / tau;
+      // log(m) - x for x < 0 as x (1/tau - 1) - log1p(exp(x / tau)), which has the limit
+      // -inf, 0 or +inf at x = -inf (tau <, =, > 1) where ls_g - x is -inf + inf.
+      using std::log1p;
+      const double lg_x = x < 0.0 ? times(x, 1.0 / tau - 1.0) - log1p(exp(x / tau)) : ls_g - x;
+      const double m_expx = exp(lg_x);
+      const double dm_expx = exp(lg_x + ls_ng) / tau;
       const double dm = m * (1.0 - m) / tau;
-      const double loss = (1.0 - m) * (-ls_x) + m_expx;
-      const double dx = dm * ls_x - (1.0 - m) * sigmoid(-x) + dm_expx - m_expx;
+      const double loss = times(1.0 - m, -ls_x) + m_expx;
+      // (m exp(-x))' = m exp(-x) ((1 - m) / tau - 1): as one product where m exp(-x) is
+      // infinite (tau > 1, x -> -inf), where the difference would be inf - inf.
+      const double dmx = m_expx < INFINITY ? dm_expx - m_expx : m_expx * (sigmoid(-x / tau) / tau - 1.0);
+      const double dx = times(dm, ls_x) - times(1.0 - m, sigmoid(-x)) + dmx;
       return through_d(loss, beta * dx);
     }
     case loss_type::sigmoid_norm: {
       const double x = beta * (sc.f / v.len_c - sr.f / v.len_r);
       const double dx = -sigmoid(-x);
-      return {-log_sigmoid(x), beta * dx * sc.df / v.len_c, -beta * dx * sr.df / v.len_r};
+      return {-log_sigmoid(x), times(beta * dx, sc.df) / v.len_c, -times(beta * dx, sr.df) / v.len_r};
     }
     case loss_type::simpo: {
       const double x = beta * (v.pi_c / v.len_c - v.pi_r / v.len_r) - c.simpo_gamma;

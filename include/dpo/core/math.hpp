@@ -64,6 +64,15 @@ DPO_HOST_DEVICE DPO_FORCEINLINE A exp_times(A e, A d) {
   return e == A(0) ? A(0) : e * d;
 }
 
+/// a * b with 0 * inf = 0: the limit where the zero factor vanishes faster than the other
+/// diverges (a weight exp(-inf), a saturated sigmoid or score derivative, a label-smoothing
+/// eps of 0, an LD-DPO weight of 0), where IEEE gives NaN. A NaN factor still gives NaN.
+template <class A>
+DPO_HOST_DEVICE DPO_FORCEINLINE A times(A a, A b) {
+  const A r = a * b;
+  return r != r && a == a && b == b ? A(0) : r;
+}
+
 /// Per-row statistics of a logits row, accumulated online (one read of the row).
 ///
 /// With m the running max: s = sum exp(z - m), t = sum exp(z - m) * (z - m),
@@ -98,6 +107,27 @@ struct row_stats {
     using std::log;
     return m + log(s);
   }
+  /// logsumexp(z) in double: double(m) + log(s), what the backends store for the backward.
+  /// Rounded once at the scale of m in double instead of in A (at |m| = 1e7 a float lse has
+  /// spacing 1, larger than log(s) itself).
+  DPO_HOST_DEVICE double logsumexp_double() const {
+    using std::log;
+    return static_cast<double>(m) + log(static_cast<double>(s));
+  }
+  /// z - logsumexp(z) for a logit z of the row, as (z - m) - log(s): z - m is exact for the
+  /// logits near the max (the ones with probability that matters), so the result is not
+  /// rounded at the scale of m (z - (m + log s) gives 0 for four tied maxima at 1e17 in
+  /// double). In double, for every A.
+  DPO_HOST_DEVICE double log_softmax(A z) const {
+    using std::log;
+    return (static_cast<double>(z) - static_cast<double>(m)) - log(static_cast<double>(s));
+  }
+  /// logsumexp(2 z) - 2 logsumexp(z) = log(s2) - 2 log(s): WPO's log sum_v p_v^2, with m
+  /// cancelled exactly.
+  DPO_HOST_DEVICE double log_sum_p2() const {
+    using std::log;
+    return log(static_cast<double>(s2)) - 2.0 * log(static_cast<double>(s));
+  }
   DPO_HOST_DEVICE A entropy() const {
     using std::log;
     return log(s) - t / s;
@@ -107,6 +137,53 @@ struct row_stats {
     return A(2) * m + log(s2);
   }
 };
+
+/// A row's log-sum-exp as an unevaluated sum hi + lo in the accumulation type A, for the
+/// backward's exp((z - hi) - lo): z - hi is exact for the logits near the max, so the
+/// probabilities that matter are not rounded at the scale of the lse (one subtraction more
+/// per element than exp(z - lse)). From a single A, lo = 0 (the plain exp(z - lse)).
+template <class A>
+struct lse_parts {
+  A hi;
+  A lo;
+  DPO_HOST_DEVICE lse_parts(A lse) : hi(lse), lo(A(0)) {}  // NOLINT: implicit on purpose
+  DPO_HOST_DEVICE lse_parts(A h, A l) : hi(h), lo(l) {}
+};
+
+/// |lse| from which a stored double lse is too coarse for a row's backward in A: a double
+/// lse is rounded by up to |lse| 2^-53, which shifts every exp(z - lse) by that much
+/// relatively. For A = double that error passes 2^-43 (about 500 ulp) at |lse| = 2^10; for
+/// A = float it stays under 2^-27 (below float's own rounding) up to 2^26. Rows at or past
+/// the limit recompute their max and sum in the backward (one more read of such rows only).
+template <class A>
+DPO_HOST_DEVICE DPO_FORCEINLINE double lse_recompute_limit() {
+  return sizeof(A) >= sizeof(double) ? 1024.0 : 67108864.0;
+}
+
+/// Whether a row whose stored lse is `lse` must recompute its statistics in the backward.
+/// NaN and infinities never do (they have nothing to recover).
+template <class A>
+DPO_HOST_DEVICE DPO_FORCEINLINE bool lse_needs_recompute(double lse) {
+  using std::fabs;
+  return fabs(lse) >= lse_recompute_limit<A>() && fabs(lse) < INFINITY;
+}
+
+/// A stored double lse as hi = A(lse), lo = A(lse - hi): together they carry about twice
+/// A's precision, exact enough below lse_recompute_limit<A>().
+template <class A>
+DPO_HOST_DEVICE DPO_FORCEINLINE lse_parts<A> split_lse(double lse) {
+  const A hi = static_cast<A>(lse);
+  // An infinite or NaN lse has no low part (inf - inf would be NaN).
+  const double rest = lse - static_cast<double>(hi);
+  return lse_parts<A>(hi, rest == rest ? static_cast<A>(rest) : A(0));
+}
+
+/// The parts of a row's exact lse from recomputed statistics: hi = m, lo = log(s).
+template <class A>
+DPO_HOST_DEVICE DPO_FORCEINLINE lse_parts<A> lse_parts_of(A m, A s) {
+  using std::log;
+  return lse_parts<A>(m, log(s));
+}
 
 /// Folds the statistics of a later chunk `b` (column indices above those of `a`) into `a`.
 /// The result depends only on the order of the merges, never on timing: callers fix that

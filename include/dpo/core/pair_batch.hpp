@@ -13,6 +13,15 @@
 namespace dpo {
 namespace detail {
 
+/// One batch term's keys a_i and b_i sorted ascending (stable, NaN last) and each pair's
+/// rank in the sort.
+struct batch_sort {
+  const double* sorted_a = nullptr;
+  const double* sorted_b = nullptr;
+  const std::int64_t* rank_a = nullptr;
+  const std::int64_t* rank_b = nullptr;
+};
+
 struct pair_batch_in {
   std::int64_t num_pairs = 0;
   const double* pi_c = nullptr;  // policy sequence log-probs (LD-DPO weighted when enabled)
@@ -24,12 +33,9 @@ struct pair_batch_in {
   const double* weights = nullptr;  // WPO weight W_i of each pair; null means 1
   double nll = 0.0;                 // NLL(chosen): mean token cross-entropy, chosen tokens
   double mean_weight = 1.0;         // mean_i W_i
-  // For aot / aot_unpaired: a_i and b_i sorted ascending (stable) and each pair's rank in
-  // the sort. Null when the configuration has no batch term.
-  const double* sorted_a = nullptr;
-  const double* sorted_b = nullptr;
-  const std::int64_t* rank_a = nullptr;
-  const std::int64_t* rank_b = nullptr;
+  // For aot (sorts[0]) and aot_unpaired (sorts[1]): each term's own keys sorted. Null
+  // pointers where the configuration has no term of that type.
+  batch_sort sorts[2];
 };
 
 DPO_HOST_DEVICE inline double clamp_len(double n) { return n < 1.0 ? 1.0 : n; }
@@ -46,8 +52,9 @@ DPO_HOST_DEVICE inline pair_values pair_at(const pair_batch_in& in, std::int64_t
 }
 
 /// a_i and b_i that aot (paired log-ratio differences) or aot_unpaired (log-ratios) sort.
-DPO_HOST_DEVICE inline void aot_keys(const loss_config& c, const pair_values& v, bool unpaired,
+DPO_HOST_DEVICE inline void aot_keys(const loss_config& c, const pair_values& v, loss_type t,
                                      double* a, double* b) {
+  const bool unpaired = t == loss_type::aot_unpaired;
   const double rc = c.reference_free ? 0.0 : v.rho_c;
   const double rr = c.reference_free ? 0.0 : v.rho_r;
   if (unpaired) {
@@ -59,14 +66,16 @@ DPO_HOST_DEVICE inline void aot_keys(const loss_config& c, const pair_values& v,
   }
 }
 
-/// Whether any term of the configuration is a batch (sorted) type.
-DPO_HOST_DEVICE inline bool has_batch_term(const loss_config& c, bool* unpaired) {
-  for (int k = 0; k < c.num_terms; ++k) {
-    if (is_batch_type(c.terms[k].type)) {
-      *unpaired = c.terms[k].type == loss_type::aot_unpaired;
-      return true;
-    }
-  }
+/// Index into pair_batch_in::sorts of a batch type: 0 for aot, 1 for aot_unpaired.
+DPO_HOST_DEVICE inline int batch_sort_index(loss_type t) {
+  return t == loss_type::aot_unpaired ? 1 : 0;
+}
+
+/// Whether the configuration has a term of batch type t (each such type sorts its own keys,
+/// whatever the order of the terms).
+DPO_HOST_DEVICE inline bool has_term(const loss_config& c, loss_type t) {
+  for (int k = 0; k < c.num_terms; ++k)
+    if (c.terms[k].type == t) return true;
   return false;
 }
 
@@ -97,30 +106,33 @@ DPO_HOST_DEVICE inline pair_contribution contribution(const loss_config& c,
     // Only NLL terms read the batch NLL, so a NaN in another pair's chosen rows (which
     // makes in.nll NaN) stays out of the per-pair losses: 0 * NaN would be NaN.
     const double m = nll_multiplier(t, c);
-    if (m != 0.0) out.loss += w * m * in.nll * W;
+    // A WPO weight of 0 (a -inf token log-prob) zeroes the pair's share even of an infinite
+    // NLL: W falls exponentially where the NLL grows linearly.
+    if (m != 0.0) out.loss += times(w * m, times(W, in.nll));
     if (is_batch_type(t)) {
-      const scalar_grad here = batch_term(c, in.sorted_a[i] - in.sorted_b[i]);
-      out.loss += w * here.value * W;
+      const batch_sort& so = in.sorts[batch_sort_index(t)];
+      const scalar_grad here = batch_term(c, so.sorted_a[i] - so.sorted_b[i]);
+      out.loss += times(w, times(W, here.value));
       // Pair i's a and b sit at their own ranks; the weight is that of the sorted position.
-      const std::int64_t ka = in.rank_a[i];
+      const std::int64_t ka = so.rank_a[i];
       const double Wa = in.weights ? in.weights[ka] : 1.0;
-      const double ga = w * Wa * batch_term(c, in.sorted_a[ka] - in.sorted_b[ka]).d * inv_p;
+      const double ga = w * Wa * batch_term(c, so.sorted_a[ka] - so.sorted_b[ka]).d * inv_p;
       if (t == loss_type::aot) {
         out.g_c += ga;
         out.g_r -= ga;
       } else {
-        const std::int64_t kb = in.rank_b[i];
+        const std::int64_t kb = so.rank_b[i];
         const double Wb = in.weights ? in.weights[kb] : 1.0;
-        const double gb = w * Wb * batch_term(c, in.sorted_a[kb] - in.sorted_b[kb]).d * inv_p;
+        const double gb = w * Wb * batch_term(c, so.sorted_a[kb] - so.sorted_b[kb]).d * inv_p;
         out.g_c += ga;
         out.g_r -= gb;
       }
       continue;
     }
     const pair_grad g = pair_loss(t, c, v);
-    out.loss += w * g.loss * W;
-    out.g_c += w * W * g.d_c * inv_p;
-    out.g_r += w * W * g.d_r * inv_p;
+    out.loss += times(w, times(W, g.loss));
+    out.g_c += times(w, times(W, g.d_c)) * inv_p;
+    out.g_r += times(w, times(W, g.d_r)) * inv_p;
   }
   return out;
 }

@@ -111,15 +111,15 @@ void forward_rows_impl(const token_view<T, L>& v, row_values& out, int threads) 
       if (y < 0) continue;  // masked rows are never read
       const T* z = v.logits + r * v.row_stride;
       const row_stats<A> st = row_forward<Metrics>(z, v.vocab, scratch);
-      const A lse = st.logsumexp();
-      const A lp = static_cast<A>(z[y]) - lse;
-      out.lse[i] = lse;
+      // Both from m and log(s) apart, never z - lse: lse rounds at the scale of m.
+      const double lp = st.log_softmax(to_acc<A>(z[y]));
+      out.lse[i] = st.logsumexp_double();
       out.logp[i] = lp;
       if (Metrics) {
         out.entropy[i] = st.entropy();
         out.zmean[i] = st.zsum / static_cast<A>(v.vocab);
         // WPO's per-token term: logp - log sum_v p_v^2 = logp - (lse(2z) - 2 lse(z)).
-        out.wpo[i] = lp - (st.logsumexp2() - A(2) * lse);
+        out.wpo[i] = lp - st.log_sum_p2();
         out.hit[i] = st.argmax == y ? 1 : 0;
       }
     }
@@ -181,7 +181,7 @@ seq_sums sum_sequences(const token_view<T, L>& v, const row_values& rows,
     for (std::int64_t r = v.row_begin(s); r < v.row_end(s); ++r) {
       const std::size_t i = static_cast<std::size_t>(r - r0);
       if (rows.target[i] < 0) continue;
-      out.logp[s] += ld_weight(j, shared[s], ld_alpha) * rows.logp[i];
+      out.logp[s] += dpo::detail::times(ld_weight(j, shared[s], ld_alpha), rows.logp[i]);
       out.logp_plain[s] += rows.logp[i];
       if (metrics) {
         out.entropy[s] += rows.entropy[i];
@@ -204,7 +204,7 @@ inline std::vector<double> shared_lengths(const std::vector<double>& nc,
   return s;
 }
 
-/// Sorted keys and ranks for aot / aot_unpaired (stable ascending, NaN last).
+/// One batch term's keys, sorted, and ranks (stable ascending, NaN last).
 struct aot_scratch {
   std::vector<double> a, b, sa, sb;
   std::vector<std::int64_t> ra, rb;
@@ -233,19 +233,22 @@ inline void sort_with_ranks(const std::vector<double>& x, std::vector<double>& s
 /// per-pair pointer and the batch scalars set except the aot fields, which this fills.
 inline void run_pairs(const loss_config& c, dpo::detail::pair_batch_in in, forward_result& r) {
   const std::int64_t P = in.num_pairs;
-  aot_scratch aot;
-  bool unpaired = false;
-  if (dpo::detail::has_batch_term(c, &unpaired)) {
-    aot.a.resize(P);
-    aot.b.resize(P);
+  // aot and aot_unpaired sort different keys: each present type gets its own sort.
+  aot_scratch aot[2];
+  for (const loss_type t : {loss_type::aot, loss_type::aot_unpaired}) {
+    if (!dpo::detail::has_term(c, t)) continue;
+    aot_scratch& s = aot[dpo::detail::batch_sort_index(t)];
+    s.a.resize(P);
+    s.b.resize(P);
     for (std::int64_t i = 0; i < P; ++i)
-      dpo::detail::aot_keys(c, dpo::detail::pair_at(in, i), unpaired, &aot.a[i], &aot.b[i]);
-    sort_with_ranks(aot.a, aot.sa, aot.ra);
-    sort_with_ranks(aot.b, aot.sb, aot.rb);
-    in.sorted_a = aot.sa.data();
-    in.sorted_b = aot.sb.data();
-    in.rank_a = aot.ra.data();
-    in.rank_b = aot.rb.data();
+      dpo::detail::aot_keys(c, dpo::detail::pair_at(in, i), t, &s.a[i], &s.b[i]);
+    sort_with_ranks(s.a, s.sa, s.ra);
+    sort_with_ranks(s.b, s.sb, s.rb);
+    dpo::detail::batch_sort& so = in.sorts[dpo::detail::batch_sort_index(t)];
+    so.sorted_a = s.sa.data();
+    so.sorted_b = s.sb.data();
+    so.rank_a = s.ra.data();
+    so.rank_b = s.rb.data();
   }
   r.losses.resize(P);
   r.chosen_rewards.resize(P);
@@ -290,7 +293,8 @@ void row_coefficients(const token_view<T, L>& v, const row_values& rows,
     for (std::int64_t r = v.row_begin(s); r < v.row_end(s); ++r) {
       const std::size_t i = static_cast<std::size_t>(r - out.row0);
       if (rows.target[i] < 0) continue;
-      out.coef[i] = g_seq[s] * ld_weight(j, shared[s], ld_alpha) + nll_grad;
+      // An LD-DPO weight of 0 drops the token even where g_seq is infinite.
+      out.coef[i] = dpo::detail::times(ld_weight(j, shared[s], ld_alpha), g_seq[s]) + nll_grad;
       ++j;
     }
   }
@@ -309,8 +313,9 @@ void row_coefficients(const token_view<T, L>& v, const row_values& rows,
 /// for token_logps, and for row_lse an array indexed by the logits buffer's row (as the
 /// gradient), so at least row_end(num_seqs - 1) doubles:
 ///   token_logps[r - row_begin(0)]  the log-prob of row r (0 for non-completion rows);
-///   row_lse[r]                     the row's log-sum-exp as computed in the accumulation
-///                                  type (exact in double), 0 for non-completion rows.
+///   row_lse[r]                     the row's log-sum-exp, max + log(sum), formed in double
+///                                  from the accumulation type's max and sum; 0 for
+///                                  non-completion rows.
 /// Only rows of the view's sequences are written (not the gaps of a padded view with
 /// seq_stride > seq_len, nor packed rows outside every sequence). Deterministic and
 /// independent of options::num_threads; throws dpo::error (writing nothing) on bad input.
@@ -381,9 +386,8 @@ void sequence_logps_backward(const token_view<T, L>& in, const double* row_lse,
       if (!in.in_sequence(r)) continue;
       const std::int64_t y = in.target(r);
       const A coef = y >= 0 ? static_cast<A>(seq_grad[in.seq_of_row(r)]) : A(0);
-      const A lse = y >= 0 ? static_cast<A>(row_lse[r]) : A(0);
       detail::row_backward<T, A>(in.logits + r * in.row_stride, grad + r * grad_stride, in.vocab,
-                                 lse, coef, y, scratch);
+                                 y >= 0 ? row_lse[r] : 0.0, coef, y, scratch);
     }
   });
 }
@@ -584,7 +588,7 @@ void dpo_backward(const pair_view<T, L>& policy, const forward_result& fwd,
         if (!v.in_sequence(r)) continue;  // gap rows of a padded view are not written
         const A coef = static_cast<A>(rows.coef[i] * grad_output);
         detail::row_backward<T, A>(v.logits + r * v.row_stride, g + r * g_stride, v.vocab,
-                                   static_cast<A>(rows.lse[i]), coef, v.target(r), scratch);
+                                   rows.lse[i], coef, v.target(r), scratch);
       }
     });
   };

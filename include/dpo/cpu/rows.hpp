@@ -271,10 +271,11 @@ dpo::detail::row_stats<A> row_forward(const T* z, std::int64_t V, row_scratch<A>
   return acc;
 }
 
-/// g[i] = round(exp(z[i] - lse) * neg) over [0, V); g may equal z. z - lse <= 0 up to
-/// rounding (lse >= max z), so only the lower clamp of exp is needed.
+/// g[i] = round(exp((z[i] - lse.hi) - lse.lo) * neg) over [0, V); g may equal z. The
+/// exponent is <= 0 up to rounding (lse >= max z), so only the lower clamp of exp is needed.
 template <class T, class A>
-inline void backward_block(const T* z, T* g, std::int64_t V, A lse, A neg) {
+inline void backward_block(const T* z, T* g, std::int64_t V, dpo::detail::lse_parts<A> lse, A neg) {
+  const A hi = lse.hi, lo = lse.lo;
   std::int64_t i = 0;
 #if defined(__AVX512BF16__)
   if constexpr (std::is_same_v<T, Eigen::bfloat16> && std::is_same_v<A, float>) {
@@ -283,38 +284,53 @@ inline void backward_block(const T* z, T* g, std::int64_t V, A lse, A neg) {
     // below the float normal range (|g| < 1.2e-38 gives 0) and in NaN payloads.
     for (const std::int64_t full = V - V % 16; i < full; i += 16) {
       alignas(64) float e[16];
-      for (int l = 0; l < 16; ++l) e[l] = exp_clamped(clamp_lo(to_acc<A>(z[i + l]) - lse, exp_lo<A>)) * neg;
+      for (int l = 0; l < 16; ++l)
+        e[l] = exp_clamped(clamp_lo((to_acc<A>(z[i + l]) - hi) - lo, exp_lo<A>)) * neg;
       const __m256bh b = _mm512_cvtneps_pbh(_mm512_load_ps(e));
       std::memcpy(static_cast<void*>(g + i), &b, sizeof b);
     }
   }
 #endif
-  for (; i < V; ++i) g[i] = from_acc<T>(exp_clamped(clamp_lo(to_acc<A>(z[i]) - lse, exp_lo<A>)) * neg);
+  for (; i < V; ++i) g[i] = from_acc<T>(exp_clamped(clamp_lo((to_acc<A>(z[i]) - hi) - lo, exp_lo<A>)) * neg);
 }
 
 /// backward_block for rows that do not overlap: with __restrict the compiler needs no
 /// run-time alias check (which would fail for the in-place case and fall back to scalar code).
 template <class T, class A>
-void backward_span(const T* __restrict z, T* __restrict g, std::int64_t V, A lse, A neg) {
+void backward_span(const T* __restrict z, T* __restrict g, std::int64_t V, dpo::detail::lse_parts<A> lse, A neg) {
   backward_block(z, g, V, lse, neg);
 }
 
 template <class T, class A>
-void backward_span_inplace(T* p, std::int64_t V, A lse, A neg) {
+void backward_span_inplace(T* p, std::int64_t V, dpo::detail::lse_parts<A> lse, A neg) {
   backward_block<T, A>(p, p, V, lse, neg);
 }
 
-/// Writes the gradient of one row: g[v] = coef * (1[v == y] - exp(z[v] - lse)). coef == 0
-/// (a masked row) writes exact zeros without reading z. g may equal z (in place); any other
-/// overlap of the two rows is not allowed (dpo_backward rejects it).
+/// The parts of a row's lse for the backward, from the stored double `lse`: split in two
+/// (dpo::detail::split_lse), or, where the stored double is too coarse
+/// (dpo::detail::lse_needs_recompute), from the row's max and sum recomputed (one more read).
 template <class T, class A>
-void row_backward(const T* z, T* g, std::int64_t V, A lse, A coef, std::int64_t y,
+dpo::detail::lse_parts<A> backward_lse(const T* z, std::int64_t V, double lse,
+                                       row_scratch<A>& scratch) {
+  if (dpo::detail::lse_needs_recompute<A>(lse)) {
+    const dpo::detail::row_stats<A> st = row_forward<false>(z, V, scratch);
+    return dpo::detail::lse_parts_of(st.m, st.s);
+  }
+  return dpo::detail::split_lse<A>(lse);
+}
+
+/// Writes the gradient of one row: g[v] = coef * (1[v == y] - exp(z[v] - lse)), with lse the
+/// row's stored double log-sum-exp (see backward_lse). coef == 0 (a masked row) writes exact
+/// zeros without reading z. g may equal z (in place); any other overlap of the two rows is not
+/// allowed (dpo_backward rejects it).
+template <class T, class A>
+void row_backward(const T* z, T* g, std::int64_t V, double row_lse, A coef, std::int64_t y,
                   row_scratch<A>& scratch) {
-  static_cast<void>(scratch);  // the backward pass converts on the fly
   if (coef == A(0)) {
     for (std::int64_t i = 0; i < V; ++i) g[i] = from_acc<T>(A(0));
     return;
   }
+  const dpo::detail::lse_parts<A> lse = backward_lse(z, V, row_lse, scratch);
   const bool has_label = y >= 0 && y < V;
   const A zy = has_label ? to_acc<A>(z[y]) : A(0);  // read before an in-place write
   const A neg = -coef;
@@ -323,7 +339,7 @@ void row_backward(const T* z, T* g, std::int64_t V, A lse, A coef, std::int64_t 
   } else {
     backward_span(z, g, V, lse, neg);
   }
-  if (has_label) g[y] = from_acc<T>(exp_lane(zy - lse) * neg + coef);
+  if (has_label) g[y] = from_acc<T>(exp_lane((zy - lse.hi) - lse.lo) * neg + coef);
 }
 
 }  // namespace detail

@@ -509,10 +509,14 @@ DPO_CUDA_HD void push_grad_stats(thread_grad_stats<A>& st, const A* x, const A* 
 /// U vectors in flight per thread and the cache hint H are tuning knobs (bench/cuda times
 /// them); block_row_grad uses the defaults.
 template <int BLOCK, class T, int U = unroll, cache_hint H = cache_hint::normal, bool Stats = false>
-DPO_CUDA_HD void thread_row_grad(const T* z, T* g, std::int64_t vocab, acc_t<T> lse, acc_t<T> coef,
+DPO_CUDA_HD void thread_row_grad(const T* z, T* g, std::int64_t vocab,
+                                 dpo::detail::lse_parts<acc_t<T>> lse, acc_t<T> coef,
                                  std::int64_t y, int tid,
                                  thread_grad_stats<acc_t<T>>* st = nullptr) {
   using A = acc_t<T>;
+  // (z - hi) - lo: z - hi is exact for the logits near the max, so a lse far from 0 (given
+  // as hi + lo) does not round their probabilities at its own scale.
+  const A lse_hi = lse.hi, lse_lo = lse.lo;
   constexpr int W = vec_width<T>;
   const int V = static_cast<int>(vocab);
   // exp(z - lse) as 2^((z - lse) log2 e): the difference first, so that z == lse (the only
@@ -525,7 +529,7 @@ DPO_CUDA_HD void thread_row_grad(const T* z, T* g, std::int64_t vocab, acc_t<T> 
   thread_grad_stats<A> acc{-INFINITY, A(0), A(0), -1};
   // One column: its gradient value, folding it into the metric terms with Stats.
   const auto value = [&](A x, std::int64_t col) {  // (never called when skip)
-    const A d2 = (x - lse) * log2e<A>::value;
+    const A d2 = ((x - lse_hi) - lse_lo) * log2e<A>::value;
     const A e = exp2_fast(d2);
     if (Stats) push_grad_stats<1>(acc, &x, &d2, &e, col);
     if (zero) return A(0);
@@ -571,7 +575,7 @@ DPO_CUDA_HD void thread_row_grad(const T* z, T* g, std::int64_t vocab, acc_t<T> 
             A d2[W], e[W];
 #pragma unroll
             for (int j = 0; j < W; ++j) {
-              d2[j] = (x[j] - lse) * log2e<A>::value;
+              d2[j] = ((x[j] - lse_hi) - lse_lo) * log2e<A>::value;
               e[j] = exp2_fast(d2[j]);
             }
             push_grad_stats<W>(acc, x, d2, e, col0);
@@ -579,7 +583,7 @@ DPO_CUDA_HD void thread_row_grad(const T* z, T* g, std::int64_t vocab, acc_t<T> 
             for (int j = 0; j < W; ++j) x[j] = zero ? A(0) : neg * e[j];
           } else {
 #pragma unroll
-            for (int j = 0; j < W; ++j) x[j] = neg * exp2_fast((x[j] - lse) * log2e<A>::value);
+            for (int j = 0; j < W; ++j) x[j] = neg * exp2_fast(((x[j] - lse_hi) - lse_lo) * log2e<A>::value);
           }
           // y may be token_view::masked (INT64_MIN): compare, never subtract first.
           // (Stats only: coef == 0 reaches here and adds no one-hot term.)
@@ -642,15 +646,35 @@ __device__ __forceinline__ thread_grad_stats<A> block_reduce_grad_stats(thread_g
 
 /// Writes the gradient of one row: g[v] = coef * (1[v == y] - exp(z[v] - lse)), rounded to T;
 /// coef == 0 writes zeros without reading z. y outside [0, vocab) adds no one-hot term.
+/// `lse` is a value of acc_t<T> or, for a lse far from 0, the parts hi + lo of one (see
+/// block_backward_lse): the exponent is formed as (z - hi) - lo.
 ///
 /// Call from every thread of a 1-D block of BLOCK threads (no synchronization inside). g may
 /// equal z (in place: each element is read before the same thread writes it); any other
 /// overlap of the two rows is not allowed. 16-byte loads and stores when z and g have the
 /// same alignment modulo 16 bytes, scalar ones otherwise. Deterministic.
 template <int BLOCK, class T>
-__device__ void block_row_grad(const T* z, T* g, std::int64_t vocab, acc_t<T> lse, acc_t<T> coef,
-                               std::int64_t y) {
+__device__ void block_row_grad(const T* z, T* g, std::int64_t vocab,
+                               dpo::detail::lse_parts<acc_t<T>> lse, acc_t<T> coef, std::int64_t y) {
   detail::thread_row_grad<BLOCK>(z, g, vocab, lse, coef, y, static_cast<int>(threadIdx.x));
+}
+
+/// The lse of one row for block_row_grad, from the row's stored double log-sum-exp `lse`
+/// (forward_outputs::row_lse, sequence_logps' row_lse): split into hi + lo
+/// (dpo::detail::split_lse), or, where a double is too coarse to hold it
+/// (dpo::detail::lse_needs_recompute: |lse| >= 2^10 for fp64 rows, 2^26 for the others),
+/// from the row's max and sum recomputed with block_row_stats (one more read of such rows
+/// only). Call from every thread of the block with the same `lse` (block-uniform: it may
+/// synchronize the block); every thread gets the result. Deterministic.
+template <int BLOCK, class T>
+__device__ dpo::detail::lse_parts<acc_t<T>> block_backward_lse(const T* row, std::int64_t vocab,
+                                                               double lse) {
+  using A = acc_t<T>;
+  if (dpo::detail::lse_needs_recompute<A>(lse)) {
+    const dpo::detail::row_stats<A> st = block_row_stats<BLOCK, false>(row, vocab);
+    return dpo::detail::lse_parts_of(st.m, st.s);
+  }
+  return dpo::detail::split_lse<A>(lse);
 }
 
 /// The per-token metrics of a row, from the backward's read (block_row_grad_metrics).
@@ -672,8 +696,8 @@ struct row_metrics {
 /// rescaling online).
 template <int BLOCK, class T>
 __device__ row_metrics<acc_t<T>> block_row_grad_metrics(const T* z, T* g, std::int64_t vocab,
-                                                        acc_t<T> lse, acc_t<T> coef,
-                                                        std::int64_t y) {
+                                                        dpo::detail::lse_parts<acc_t<T>> lse,
+                                                        acc_t<T> coef, std::int64_t y) {
   using A = acc_t<T>;
   detail::thread_grad_stats<A> st;
   detail::thread_row_grad<BLOCK, T, detail::unroll, detail::cache_hint::normal, true>(

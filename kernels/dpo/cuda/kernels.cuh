@@ -113,14 +113,19 @@ struct seq_arrays {
   double* count;
 };
 
-struct pair_arrays {
-  double* weights;
+/// One batch term's sort (aot or aot_unpaired): keys, sorted keys, ranks.
+struct sort_arrays {
   double* a;
   double* b;
   double* sa;
   double* sb;
   std::int64_t* ra;
   std::int64_t* rb;
+};
+
+struct pair_arrays {
+  double* weights;
+  sort_arrays sorts[2];  // aot, aot_unpaired (dpo::detail::batch_sort_index)
   double* gc;
   double* gr;
 };
@@ -167,12 +172,14 @@ inline std::size_t carve(std::uintptr_t base, const std::int64_t cap[2], std::in
   const std::size_t p = static_cast<std::size_t>(pairs);
   pair_arrays& a = out->pairs;
   a.weights = reinterpret_cast<double*>(take(p * sizeof(double)));
-  a.a = reinterpret_cast<double*>(take(p * sizeof(double)));
-  a.b = reinterpret_cast<double*>(take(p * sizeof(double)));
-  a.sa = reinterpret_cast<double*>(take(p * sizeof(double)));
-  a.sb = reinterpret_cast<double*>(take(p * sizeof(double)));
-  a.ra = reinterpret_cast<std::int64_t*>(take(p * sizeof(std::int64_t)));
-  a.rb = reinterpret_cast<std::int64_t*>(take(p * sizeof(std::int64_t)));
+  for (sort_arrays& q : a.sorts) {
+    q.a = reinterpret_cast<double*>(take(p * sizeof(double)));
+    q.b = reinterpret_cast<double*>(take(p * sizeof(double)));
+    q.sa = reinterpret_cast<double*>(take(p * sizeof(double)));
+    q.sb = reinterpret_cast<double*>(take(p * sizeof(double)));
+    q.ra = reinterpret_cast<std::int64_t*>(take(p * sizeof(std::int64_t)));
+    q.rb = reinterpret_cast<std::int64_t*>(take(p * sizeof(std::int64_t)));
+  }
   a.gc = reinterpret_cast<double*>(take(p * sizeof(double)));
   a.gr = reinterpret_cast<double*>(take(p * sizeof(double)));
   return off;
@@ -308,15 +315,15 @@ __global__ void __launch_bounds__(BLOCK) rows_kernel(views<T, L> vs, ws_ptrs w) 
     if (threadIdx.x == 0) zy = row[y];
     const dpo::detail::row_stats<A> st = block_row_stats<BLOCK, Metrics, T, Lse2>(row, v.vocab);
     if (threadIdx.x == 0) {
-      const A lse = st.logsumexp();
-      const A lp = to_acc(zy) - lse;
-      ra.lse[local] = static_cast<double>(lse);
-      ra.logp[local] = static_cast<double>(lp);
+      // Both from m and log(s) apart, never z - lse: lse rounds at the scale of m.
+      const double lp = st.log_softmax(to_acc(zy));
+      ra.lse[local] = st.logsumexp_double();
+      ra.logp[local] = lp;
       if (Metrics) {
         ra.ent[local] = static_cast<double>(st.entropy());
         ra.zmean[local] = static_cast<double>(st.zsum / static_cast<A>(v.vocab));
         // WPO's per-token term: logp - log sum_v p_v^2 = logp - (lse(2z) - 2 lse(z)).
-        ra.wpo[local] = Lse2 ? static_cast<double>(lp - (st.logsumexp2() - A(2) * lse)) : 0.0;
+        ra.wpo[local] = Lse2 ? lp - st.log_sum_p2() : 0.0;
         ra.hit[local] = st.argmax == y ? 1.0 : 0.0;
       } else {
         // sequence_kernel sums these whatever the mode: never let it read unwritten memory.
@@ -421,7 +428,7 @@ __global__ void __launch_bounds__(BLOCK) sequence_kernel(views<T, L> vs, ws_ptrs
         // LD-DPO: the j-th completion token counts fully inside the pair's shared length.
         const double wt = static_cast<double>(running + j) < shared_len ? 1.0 : p.ld_alpha;
         const double lp = ra.logp[idx];
-        acc.logp += wt * lp;
+        acc.logp += dpo::detail::times(wt, lp);  // ld_alpha = 0 drops even a -inf log-prob
         acc.plain += lp;
         acc.ent += ra.ent[idx];
         acc.zmean += ra.zmean[idx];
@@ -567,25 +574,30 @@ __global__ void __launch_bounds__(BLOCK) pair_kernel(ws_ptrs w, pair_params p) {
   in.nll = -tot.v[1] / dpo::detail::clamp_len(chosen_tokens);
   in.mean_weight = tot.v[2] / static_cast<double>(P);
 
-  bool unpaired = false;
-  if (dpo::detail::has_batch_term(c, &unpaired)) {
-    // aot: a stable ascending sort of a and b, as ranks (O(P^2 / BLOCK) per thread).
+  // aot and aot_unpaired sort different keys: each present type gets its own sort, a stable
+  // ascending sort of a and b as ranks (O(P^2 / BLOCK) per thread). The condition is
+  // block-uniform (c is a kernel parameter).
+  for (int q = 0; q < 2; ++q) {
+    const dpo::loss_type t = q == 0 ? dpo::loss_type::aot : dpo::loss_type::aot_unpaired;
+    if (!dpo::detail::has_term(c, t)) continue;
+    const sort_arrays& so = pa.sorts[q];
     for (std::int64_t i = tid; i < P; i += BLOCK)
-      dpo::detail::aot_keys(c, dpo::detail::pair_at(in, i), unpaired, &pa.a[i], &pa.b[i]);
+      dpo::detail::aot_keys(c, dpo::detail::pair_at(in, i), t, &so.a[i], &so.b[i]);
     __syncthreads();
     for (std::int64_t i = tid; i < P; i += BLOCK) {
-      const std::int64_t ka = dpo::detail::stable_rank(pa.a, P, i);
-      const std::int64_t kb = dpo::detail::stable_rank(pa.b, P, i);
-      pa.ra[i] = ka;
-      pa.rb[i] = kb;
-      pa.sa[ka] = pa.a[i];
-      pa.sb[kb] = pa.b[i];
+      const std::int64_t ka = dpo::detail::stable_rank(so.a, P, i);
+      const std::int64_t kb = dpo::detail::stable_rank(so.b, P, i);
+      so.ra[i] = ka;
+      so.rb[i] = kb;
+      so.sa[ka] = so.a[i];
+      so.sb[kb] = so.b[i];
     }
     __syncthreads();
-    in.sorted_a = pa.sa;
-    in.sorted_b = pa.sb;
-    in.rank_a = pa.ra;
-    in.rank_b = pa.rb;
+    dpo::detail::batch_sort& bs = in.sorts[dpo::detail::batch_sort_index(t)];
+    bs.sorted_a = so.sa;
+    bs.sorted_b = so.sb;
+    bs.rank_a = so.ra;
+    bs.rank_b = so.rb;
   }
 
   const forward_outputs& o = p.out;
@@ -694,7 +706,8 @@ __device__ __forceinline__ double row_coefficient(const ws_ptrs& w, const ws_hea
   const std::int32_t s = w.rows[side].seq[local];
   if (s < 0) return 0.0;
   const double g = side == 0 ? w.pairs.gc[s] : w.pairs.gr[s];
-  return g * w.rows[side].ldw[local] + (side == 0 ? h->nll_token_grad : 0.0);
+  // An LD-DPO weight of 0 drops the token even where g is infinite.
+  return dpo::detail::times(w.rows[side].ldw[local], g) + (side == 0 ? h->nll_token_grad : 0.0);
 }
 
 /// Copies the per-row backward state to forward_outputs::row_lse / row_coef.
@@ -765,8 +778,9 @@ __device__ __forceinline__ void backward_body(const views<T, L>& vs, const ws_pt
     const double coef = row_coefficient(w, h, side, local);
     if (Metrics && s >= 0) {  // block-uniform
       const std::int64_t y = v.target(r);
+      const T* row = v.logits + r * v.row_stride;
       const row_metrics<A> rm = block_row_grad_metrics<BLOCK>(
-          v.logits + r * v.row_stride, p.row(side, r), v.vocab, static_cast<A>(ra.lse[local]),
+          row, p.row(side, r), v.vocab, block_backward_lse<BLOCK>(row, v.vocab, ra.lse[local]),
           static_cast<A>(coef * go), y);
       if (threadIdx.x == 0) {
         ra.ent[local] = static_cast<double>(rm.entropy);
@@ -775,9 +789,12 @@ __device__ __forceinline__ void backward_body(const views<T, L>& vs, const ws_pt
       }
       continue;
     }
-    block_row_grad<BLOCK>(v.logits + r * v.row_stride, p.row(side, r),
-                          v.vocab, static_cast<A>(ra.lse[local]), static_cast<A>(coef * go),
-                          s >= 0 ? v.target(r) : -1);
+    const T* row = v.logits + r * v.row_stride;
+    const double go_coef = coef * go;
+    block_row_grad<BLOCK>(row, p.row(side, r), v.vocab,
+                          go_coef != 0.0 ? block_backward_lse<BLOCK>(row, v.vocab, ra.lse[local])
+                                         : dpo::detail::lse_parts<A>(A(0)),
+                          static_cast<A>(go_coef), s >= 0 ? v.target(r) : -1);
   }
 }
 
@@ -815,9 +832,12 @@ __global__ void __launch_bounds__(BLOCK) backward_rows_kernel(views<T, L> vs, ws
     const std::int64_t r = v.row_begin(0) + (side ? i - n0 : i);
     if (!v.in_sequence(r)) continue;  // gap rows are not written (block-uniform)
     const std::int64_t y = v.target(r);
-    const double coef = y >= 0 ? row_coef[r] : 0.0;
-    block_row_grad<BLOCK>(v.logits + r * v.row_stride, p.row(side, r),
-                          v.vocab, static_cast<A>(row_lse[r]), static_cast<A>(coef * go), y);
+    const double coef = y >= 0 ? row_coef[r] * go : 0.0;
+    const T* row = v.logits + r * v.row_stride;
+    block_row_grad<BLOCK>(row, p.row(side, r), v.vocab,
+                          coef != 0.0 ? block_backward_lse<BLOCK>(row, v.vocab, row_lse[r])
+                                      : dpo::detail::lse_parts<A>(A(0)),
+                          static_cast<A>(coef), y);
   }
 }
 
@@ -859,8 +879,11 @@ __global__ void __launch_bounds__(BLOCK) backward_sequences_kernel(views<T, L> v
     if (!v.in_sequence(r)) continue;  // block-uniform
     const std::int64_t y = v.target(r);
     const double coef = y >= 0 ? seq_grad[v.seq_of_row(r)] : 0.0;
-    block_row_grad<BLOCK>(v.logits + r * v.row_stride, grad + r * grad_stride, v.vocab,
-                          static_cast<A>(y >= 0 ? row_lse[r] : 0.0), static_cast<A>(coef), y);
+    const T* row = v.logits + r * v.row_stride;
+    block_row_grad<BLOCK>(row, grad + r * grad_stride, v.vocab,
+                          coef != 0.0 ? block_backward_lse<BLOCK>(row, v.vocab, row_lse[r])
+                                      : dpo::detail::lse_parts<A>(A(0)),
+                          static_cast<A>(coef), y);
   }
 }
 
