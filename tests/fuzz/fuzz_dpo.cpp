@@ -10,7 +10,15 @@
 //   - pairs with moderate finite logits and reference log-probs get finite losses, rewards
 //     and dL/dpi (the whole batch must be moderate for batch-coupled terms);
 //   - every gradient row sums to ~0 (softmax gradient: sum_v coef * (1[v == y] - p_v) = 0);
-//   - results are bitwise identical for 1 and 2 threads, and in place equals out of place.
+//   - results are bitwise identical for 1 and 2 threads, and in place equals out of place;
+//   - (issue 16) every completion row's log-prob and gradient match a long double
+//     log-softmax formed as (z - m) - log(s) to a tolerance that does not grow with the
+//     logits' magnitude (tied maxima at 1e7, rows shifted by 1e17 or 1e30), gradient rows
+//     sum to 0 at any magnitude;
+//   - (issue 16) -inf label logits on the rejected side and huge finite reference log-probs
+//     (infinite margins) give no NaN for any single loss type: the limit, finite or inf;
+//   - (issue 16) a combination of several terms (aot with aot_unpaired, MPO, ...) equals the
+//     weighted sum of its terms computed one at a time, in the order given.
 // A violated property traps, so libFuzzer keeps the input.
 //
 // Input layout (bytes past the end read as 0, so short inputs are valid and give defaults):
@@ -20,8 +28,10 @@
 //   [1] pairs - 1 (mod 4)   [2] seq_len - 1 (mod 8)   [3-4] vocab - 1 (u16 mod 300)
 //   [5] row_stride - vocab (mod 3)   [6] logit scale   [7-10] PRNG seed   [11] label mode
 //   [12..] loss config (see read_config), then one knob byte (a deliberate bad argument),
-//   one gradient byte, one byte per reference log-prob, then 5-byte edits that put special
-//   values (NaN, inf, huge, denormal) into logits, labels and the mask.
+//   one gradient byte, one byte per reference log-prob, then 5-byte edits [code][row][col]:
+//   code 0-95 a special value (NaN, inf, huge, denormal) into a logit, 96-103 -inf into the
+//   row's label logit, 104-111 the row's current max copied into a column (ties), 112-127
+//   the whole row shifted by a large offset, 128-191 a label, 192-255 a mask toggle.
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
@@ -329,8 +339,21 @@ void build(fuzz_case<T, L>& fc, reader& in, std::uint8_t flags) {
     const std::int64_t col = in.u16() % fc.stride;
     const int b = row < fc.rows[0] ? 0 : 1;
     const std::int64_t i = b == 0 ? row : row - fc.rows[0];
-    if (code < 128) {
-      fc.logits[b][i * fc.stride + col] = static_cast<T>(special_value(code));
+    T* z = fc.logits[b].data() + i * fc.stride;
+    if (code < 96) {
+      z[col] = static_cast<T>(special_value(code));
+    } else if (code < 104) {
+      const std::int64_t y = static_cast<std::int64_t>(fc.labels[b][i]);
+      if (y >= 0 && y < fc.V) z[y] = static_cast<T>(-inf_v);
+    } else if (code < 112) {
+      T mx = z[0];
+      for (std::int64_t c = 1; c < fc.V; ++c) mx = z[c] > mx ? z[c] : mx;
+      if (col < fc.V) z[col] = mx;
+    } else if (code < 128) {
+      static const double shifts[] = {1e4, 3e4, 1e5, 1e7, -1e7, 1e17, -1e17, 1e30,
+                                      -3e4, 1e9, 3e9, -1e30, 2e5, 1e12, -1e5, 1e20};
+      const double d = pick(shifts, code);
+      for (std::int64_t c = 0; c < fc.V; ++c) z[c] = static_cast<T>(static_cast<double>(z[c]) + d);
     } else if (code < 192) {
       fc.labels[b][i] = static_cast<L>(static_cast<int>(code & 63) - 8);
     } else {
@@ -362,6 +385,184 @@ bool is_term(const dpo::loss_config& c, std::initializer_list<dpo::loss_type> ty
     for (dpo::loss_type t : types)
       if (c.terms[k].type == t) return true;
   return false;
+}
+
+/// Whether a row holds no NaN and no +inf, and at least one finite logit: its softmax is
+/// defined (-inf logits have probability 0).
+template <class T>
+bool row_defined(const T* z, std::int64_t V) {
+  bool any = false;
+  for (std::int64_t c = 0; c < V; ++c) {
+    const double x = static_cast<double>(z[c]);
+    if (x != x || x == inf_v) return false;
+    any = any || x > -inf_v;
+  }
+  return any;
+}
+
+/// Issue 16, large magnitudes: each completion row's log-prob and gradient against a long
+/// double log-softmax formed as (z - m) - log(s), with a tolerance that depends on the
+/// vocabulary and the accumulation type, never on the magnitude of the logits (z - (m +
+/// log s) in the accumulation type was off by 0.4 at tied maxima of 1e7 in fp32).
+template <class T, class L>
+void check_rows_exact(const fuzz_case<T, L>& fc, const dpo::pair_view<T, L>& pv,
+                      const dpo::cpu::forward_result& f, const std::vector<T>* g) {
+  using A = dpo::cpu::acc_t<T>;
+  const double eps = std::numeric_limits<A>::epsilon();
+  const double tiny = std::numeric_limits<T>::denorm_min();
+  const double rel = 64 * eps * (static_cast<double>(fc.V) + 8);
+  for (int side = 0; side < 2; ++side) {
+    const auto& v = side == 0 ? pv.chosen : pv.rejected;
+    const dpo::cpu::side_rows& sr = side == 0 ? f.chosen_rows : f.rejected_rows;
+    const int b = fc.buf_of(side == 1);
+    for (std::int64_t i = 0; i < fc.P; ++i) {
+      for (std::int64_t row = v.row_begin(i); row < v.row_end(i); ++row) {
+        const std::int64_t y = v.target(row);
+        if (y < 0) continue;
+        const T* z = v.logits + row * fc.stride;
+        if (!row_defined(z, fc.V)) continue;
+        long double m = -INFINITY, s = 0;
+        for (std::int64_t c = 0; c < fc.V; ++c) m = std::max<long double>(m, static_cast<long double>(z[c]));
+        for (std::int64_t c = 0; c < fc.V; ++c) s += std::exp(static_cast<long double>(z[c]) - m);
+        const long double log_s = std::log(s);
+        const long double want = (static_cast<long double>(z[y]) - m) - log_s;
+        const double got = sr.logp[static_cast<std::size_t>(row - sr.row0)];
+        if (std::isinf(static_cast<double>(want))) {
+          FUZZ_CHECK(got == static_cast<double>(want));
+        } else {
+          // Plus the double rounding of z_y - m, relative to it (the label far below the max).
+          const double w = static_cast<double>(want);
+          FUZZ_CHECK(std::fabs(got - w) <= rel + 4 * std::numeric_limits<double>::epsilon() * std::fabs(w));
+        }
+        const double coef = static_cast<double>(
+            static_cast<A>(sr.coef[static_cast<std::size_t>(row - sr.row0)] * fc.grad_output));
+        if (!std::isfinite(coef) || std::fabs(coef) > 1e30) continue;
+        const T* gr = g[b].data() + row * fc.gstride;
+        long double sum = 0;
+        for (std::int64_t c = 0; c < fc.V; ++c) {
+          const long double p = std::exp((static_cast<long double>(z[c]) - m) - log_s);
+          const double e = static_cast<double>(coef * ((c == y ? 1.0L : 0.0L) - p));
+          const double x = static_cast<double>(gr[c]);
+          FUZZ_CHECK(std::fabs(x - e) <= rel * std::fabs(coef) + 2 * eps * std::fabs(e) + 2 * tiny);
+          sum += static_cast<long double>(gr[c]);
+        }
+        FUZZ_CHECK(std::fabs(static_cast<double>(sum)) <=
+                   rel * std::fabs(coef) * 4 + 2 * static_cast<double>(fc.V + 1) * tiny);
+      }
+    }
+  }
+}
+
+/// Issue 16, 0 * inf: with one loss term, moderate chosen rows and reference log-probs (as
+/// the finiteness property above), and on the rejected side any defined rows (-inf label
+/// logits included) with any finite reference log-probs (infinite margins through the
+/// scores), no per-pair loss or derivative is NaN, nor a gradient element of a row with a
+/// finite coefficient: the limits are finite or infinite, never NaN. (Both scores of a pair
+/// overflowing, e.g. forward_kl at D_c and D_r both below -709, is inf - inf: left out.)
+template <class T, class L>
+void check_no_nan_at_limits(const fuzz_case<T, L>& fc, const dpo::pair_view<T, L>& pv,
+                            const dpo::pair_view<T, L>& rv, const dpo::cpu::forward_result& f,
+                            const std::vector<T>* g) {
+  const dpo::loss_config& c = fc.cfg;
+  if (c.num_terms != 1 || !(c.terms[0].weight > 0)) return;
+  // ORPO is -inf - -inf at an average log-prob of exactly 0 on both sides, as in TRL.
+  if (c.terms[0].type == dpo::loss_type::orpo) return;
+  for (int side = 0; side < 2; ++side) {
+    const auto& v = side == 0 ? pv.chosen : pv.rejected;
+    const auto& r = side == 0 ? rv.chosen : rv.rejected;
+    for (std::int64_t i = 0; i < fc.P; ++i) {
+      for (std::int64_t row = v.row_begin(i); row < v.row_end(i); ++row) {
+        if (v.target(row) < 0) continue;
+        const T* z = v.logits + row * fc.stride;
+        if (side == 0 ? !row_moderate(z, fc.V, 16.0) : !row_defined(z, fc.V)) return;
+        if (fc.ref_logits && !row_moderate(r.logits + row * r.row_stride, fc.V, side == 0 ? 16.0 : 1e300))
+          return;
+      }
+    }
+  }
+  if (!fc.ref_logits && fc.bad != knob::null_reference)
+    for (std::int64_t i = 0; i < fc.P; ++i)
+      if (!(std::fabs(fc.ref_c[i]) <= 40.0) || !std::isfinite(fc.ref_r[i])) return;
+  for (std::int64_t i = 0; i < fc.P; ++i) {
+    FUZZ_CHECK(!std::isnan(f.losses[i]));
+    FUZZ_CHECK(!std::isnan(f.grad_chosen[i]) && !std::isnan(f.grad_rejected[i]));
+    FUZZ_CHECK(!std::isnan(f.weights[i]));
+  }
+  FUZZ_CHECK(!std::isnan(f.nll_token_grad));
+  for (int side = 0; side < 2; ++side) {
+    const auto& v = side == 0 ? pv.chosen : pv.rejected;
+    const dpo::cpu::side_rows& sr = side == 0 ? f.chosen_rows : f.rejected_rows;
+    const int b = fc.buf_of(side == 1);
+    for (std::int64_t i = 0; i < fc.P; ++i)
+      for (std::int64_t row = v.row_begin(i); row < v.row_end(i); ++row) {
+        const double coef = sr.coef[static_cast<std::size_t>(row - sr.row0)] * fc.grad_output;
+        FUZZ_CHECK(!std::isnan(coef));
+        if (!(std::fabs(coef) <= 1e30)) continue;
+        for (std::int64_t col = 0; col < fc.V; ++col)
+          FUZZ_CHECK(!std::isnan(static_cast<double>(g[b][row * fc.gstride + col])));
+      }
+  }
+}
+
+/// Issue 16, combinations: a configuration of several terms equals the weighted sum of its
+/// terms computed one at a time (aot and aot_unpaired each sort their own keys, whatever
+/// the order), at the pair level from the fused pass's own sequence log-probs; and the fused
+/// pass equals the pair-level one. LD-DPO is left out (the fused NLL reads the unweighted
+/// sums, dpo_loss the given ones), and terms whose own configuration is invalid.
+template <class T, class L>
+void check_combination(const fuzz_case<T, L>& fc, const dpo::pair_view<T, L>& pv,
+                       const dpo::pair_view<T, L>& rv, const dpo::cpu::forward_result& f,
+                       const double* rc, const double* rr) {
+  const dpo::loss_config& c = fc.cfg;
+  if (c.num_terms < 2 || c.ld_alpha != 1.0) return;
+  std::vector<double> ref_c(static_cast<std::size_t>(fc.P)), ref_r(ref_c.size());
+  if (fc.ref_logits) {
+    dpo::cpu::pair_logps(rv, 1.0, ref_c.data(), ref_r.data());
+    rc = ref_c.data();
+    rr = ref_r.data();
+  }
+  static_cast<void>(pv);
+  dpo::cpu::pair_logps_in in;
+  in.num_pairs = fc.P;
+  in.chosen_logps = f.chosen_logps.data();
+  in.rejected_logps = f.rejected_logps.data();
+  in.ref_chosen_logps = rc;
+  in.ref_rejected_logps = rr;
+  in.chosen_tokens = f.chosen_tokens.data();
+  in.rejected_tokens = f.rejected_tokens.data();
+  in.weights = c.use_weighting ? f.weights.data() : nullptr;
+  double loss = 0, scale = 0;  // scale: the sum of |w_k loss_k,i| / P, for cancellation
+  Eigen::VectorXd gc = Eigen::VectorXd::Zero(fc.P), gr = gc, mag = gc;
+  double nll_grad = 0;
+  for (int k = 0; k < c.num_terms; ++k) {
+    dpo::loss_config one = c;
+    one.num_terms = 1;
+    one.terms[0] = {c.terms[k].type, 1.0};
+    one.use_weighting = false;  // the weights are given (in.weights), as the fused pass's
+    if (!dpo::validate_config(one).empty()) return;
+    dpo::cpu::forward_result r;
+    try {
+      r = dpo::cpu::dpo_loss(in, one);
+    } catch (const dpo::error&) {
+      return;
+    }
+    const double w = c.terms[k].weight;
+    loss += w * r.loss;
+    scale += std::fabs(w) * r.losses.cwiseAbs().mean();
+    gc += w * r.grad_chosen;
+    gr += w * r.grad_rejected;
+    mag += (w * r.grad_chosen).cwiseAbs() + (w * r.grad_rejected).cwiseAbs();
+    nll_grad += w * r.nll_token_grad;
+  }
+  if (!std::isfinite(loss) || !std::isfinite(f.loss)) return;
+  const double tol = 1e-9;
+  FUZZ_CHECK(std::fabs(f.loss - loss) <= tol * (1 + scale));
+  FUZZ_CHECK(std::fabs(f.nll_token_grad - nll_grad) <= tol * (1 + std::fabs(nll_grad)));
+  for (std::int64_t i = 0; i < fc.P; ++i) {
+    if (!std::isfinite(mag[i])) continue;
+    FUZZ_CHECK(std::fabs(f.grad_chosen[i] - gc[i]) <= tol * (1 + mag[i]));
+    FUZZ_CHECK(std::fabs(f.grad_rejected[i] - gr[i]) <= tol * (1 + mag[i]));
+  }
 }
 
 template <class T, class L>
@@ -581,6 +782,10 @@ void run(reader& in, std::uint8_t flags) {
         FUZZ_CHECK(same(w[b][row * fc.stride + c], fc.logits[b][row * fc.stride + c]));
     }
   }
+
+  check_rows_exact(fc, pv, f1, g1);
+  check_no_nan_at_limits(fc, pv, rv, f1, g1);
+  check_combination(fc, pv, rv, f1, rc, rr);
 }
 
 }  // namespace

@@ -7,7 +7,13 @@ import pathlib
 import struct
 
 OUT = pathlib.Path(__file__).resolve().parent / "corpus"
-SIGMOID, EXO_PAIR, BCO_PAIR, SFT, ORPO = 0, 3, 6, 14, 17
+SIGMOID, IPO, EXO_PAIR, BCO_PAIR, SPPO_HARD, AOT, AOT_UNPAIRED, DISCOPOP, SFT, ORPO = (
+    0, 2, 3, 6, 7, 8, 9, 12, 14, 17)
+# Edit codes (fuzz_dpo.cpp): a special value, the label logit to -inf, a tie with the row
+# max, a shift of the whole row.
+NEG_INF_LABEL, TIE, SHIFT = 96, 104, 112
+SPECIAL_1E7, SHIFT_1E5, SHIFT_1E7, SHIFT_1E17, SHIFT_1E30 = 22, 2, 3, 5, 7
+REF_1E300, REF_1E15 = 224 + 7, 192 + 31  # special_value(b) for a reference byte b >= 200
 PACKED, PADDED = 1 << 2, 0
 
 
@@ -49,6 +55,30 @@ def main():
         layout = PACKED if k == 27 else PADDED if k == 28 else (k % 3) << 2
         seeds[f"bad_arg_{k}"] = case(flags=k % 4 | layout, knob=k)
     seeds["bad_config"] = case(beta=11)
+    # Issue 16. Tied large maxima: a 1e7 logit copied into three more columns of row 0,
+    # whole rows shifted by 1e5 / 1e7 (fp32) and 1e17 / 1e30 (fp64).
+    seeds["tied_maxima_f32"] = case(flags=0, edits=[(SPECIAL_1E7, 0, 3), (TIE, 0, 5), (TIE, 0, 7),
+                                                    (TIE, 0, 9), (SHIFT + SHIFT_1E5, 1, 0),
+                                                    (SHIFT + SHIFT_1E7, 2, 0), (SHIFT + SHIFT_1E7, 9, 0)])
+    seeds["tied_maxima_f64"] = case(flags=2, cfg_flags=4, edits=[
+        (SHIFT + SHIFT_1E17, 1, 0), (SHIFT + SHIFT_1E17, 2, 0), (SHIFT + SHIFT_1E30, 9, 0),
+        (SHIFT + SHIFT_1E30, 10, 0)])
+    # -inf label logits on the rejected side (rows 8-15 of 2 pairs x 4 rows), per loss type.
+    for t in (SIGMOID, IPO, EXO_PAIR, SPPO_HARD, AOT, AOT_UNPAIRED, DISCOPOP):
+        seeds[f"neg_inf_label_{t:02d}"] = case(
+            flags=t % 4, labels=1, terms=(t,), eps=2 if t in (EXO_PAIR, AOT, AOT_UNPAIRED) else 0,
+            edits=[(NEG_INF_LABEL, 8, 0), (NEG_INF_LABEL, 12, 0), (NEG_INF_LABEL + 3, 13, 0)])
+    seeds["neg_inf_label_wpo"] = case(flags=2, labels=1, cfg_flags=4, edits=[(NEG_INF_LABEL, 9, 0)])
+    # Infinite margins: rejected reference log-probs 1e300 and 1e15 under each f-divergence.
+    for d in (0, 1, 2, 3):
+        seeds[f"inf_margin_{d}"] = case(flags=2, div=d, refs=[10, REF_1E300, 20, REF_1E15])
+    # Several batch-coupled terms: aot with aot_unpaired in both orders (eps 0.1), MPO.
+    seeds["aot_combo"] = case(flags=2, num_terms=10, terms=(AOT, AOT_UNPAIRED + 20), eps=2)
+    seeds["aot_combo_swapped"] = case(flags=2, num_terms=10, terms=(AOT_UNPAIRED + 20, AOT), eps=2)
+    seeds["aot_combo_inf"] = case(flags=0, num_terms=10, terms=(AOT + 40, AOT_UNPAIRED), labels=1,
+                                  edits=[(NEG_INF_LABEL, 8, 0)])
+    seeds["mpo_wpo_inf"] = case(flags=2, num_terms=13, terms=(SIGMOID + 20, BCO_PAIR + 40, SFT),
+                                cfg_flags=4, labels=1, edits=[(NEG_INF_LABEL, 10, 0)])
     for name, data in seeds.items():
         (OUT / name).write_bytes(data)
     print(f"wrote {len(seeds)} seeds to {OUT}")
