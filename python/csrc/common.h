@@ -43,6 +43,11 @@ namespace dpo_kernels {
 /// c10::ValueError (Python ValueError) naming the bad argument.
 dpo::loss_config make_config(DPO_CONFIG_PARAMS, double exponent_clamp = 80.0);
 
+/// ValueError naming the missing Python argument (reference_chosen_logps /
+/// reference_rejected_logps) when the configuration needs reference log-probs (not
+/// reference_free, not a reference-free loss type) and one is absent.
+void check_references(const dpo::loss_config& c, bool has_chosen, bool has_rejected);
+
 /// Rethrows dpo::error (std::invalid_argument) as c10::ValueError so Python sees a
 /// ValueError with the library's message.
 template <class Fn>

@@ -59,9 +59,12 @@ void zero_rows_outside(at::Tensor grad2d, const row_layout& l) {
   if (last < l.rows && last >= 0) grad2d.narrow(0, last, l.rows - last).zero_();
 }
 
-/// cu_seqlens[S] <= N for packed logits [N, V]: the library reads the rows cu_seqlens names.
+/// 0 <= cu_seqlens[0] and cu_seqlens[S] <= N for packed logits [N, V]: the library reads
+/// the rows cu_seqlens names (and checks the rest when S > 0; with S = 0 it reads nothing).
 void check_packed_rows(const row_layout& l) {
   if (!l.packed) return;
+  const std::int64_t first = l.cu_seqlens.data_ptr<std::int64_t>()[0];
+  TORCH_CHECK_VALUE(first >= 0, "cu_seqlens[0] = ", first, " is invalid: must be >= 0");
   const std::int64_t last = l.cu_seqlens.data_ptr<std::int64_t>()[l.num_seqs];
   TORCH_CHECK_VALUE(last <= l.rows, "cu_seqlens[", l.num_seqs, "] = ", last, " is past the ", l.rows,
                     " rows of logits");
@@ -136,6 +139,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_loss_cpu(
     const std::optional<at::Tensor>& chosen_lengths, const std::optional<at::Tensor>& rejected_lengths,
     const std::optional<at::Tensor>& weights, DPO_CONFIG_PARAMS) {
   const dpo::loss_config cfg = make_config(DPO_CONFIG_ARGS, clamp_for(policy_chosen_logps.scalar_type()));
+  check_references(cfg, reference_chosen_logps.has_value(), reference_rejected_logps.has_value());
   check_cpu(policy_chosen_logps, "policy_chosen_logps");
   pair_inputs p = lower_pairs(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
                               reference_rejected_logps, chosen_lengths, rejected_lengths, weights);
@@ -156,6 +160,7 @@ std::tuple<at::Tensor, at::Tensor> pair_loss_backward_cpu(
     const std::optional<at::Tensor>& chosen_lengths, const std::optional<at::Tensor>& rejected_lengths,
     const std::optional<at::Tensor>& weights, DPO_CONFIG_PARAMS) {
   const dpo::loss_config cfg = make_config(DPO_CONFIG_ARGS, clamp_for(policy_chosen_logps.scalar_type()));
+  check_references(cfg, reference_chosen_logps.has_value(), reference_rejected_logps.has_value());
   check_cpu(policy_chosen_logps, "policy_chosen_logps");
   pair_inputs p = lower_pairs(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
                               reference_rejected_logps, chosen_lengths, rejected_lengths, weights);
@@ -181,6 +186,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dpo_forwa
     bool compute_metrics, bool /*inplace_backward: read by the autograd formula only*/) {
   check_cpu(logits, "logits");
   const dpo::loss_config cfg = make_config(DPO_CONFIG_ARGS);
+  check_references(cfg, reference_chosen_logps.has_value() || ref_logits.has_value(),
+                   reference_rejected_logps.has_value() || ref_logits.has_value());
   const row_layout l = make_layout(logits, labels, cu_seqlens, ignore_index, "logits");
   check_packed_rows(l);
   const std::int64_t P = concatenated_pairs(l);

@@ -166,6 +166,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_loss_cuda(
     const std::optional<at::Tensor>& chosen_lengths, const std::optional<at::Tensor>& rejected_lengths,
     const std::optional<at::Tensor>& weights, DPO_CONFIG_PARAMS) {
   const dpo::loss_config cfg = make_config(DPO_CONFIG_ARGS, clamp_for(policy_chosen_logps.scalar_type()));
+  check_references(cfg, reference_chosen_logps.has_value(), reference_rejected_logps.has_value());
   const c10::cuda::CUDAGuard guard(policy_chosen_logps.device());
   check_cuda(policy_chosen_logps, "policy_chosen_logps");
   pair_inputs p = lower_pairs(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
@@ -192,6 +193,7 @@ std::tuple<at::Tensor, at::Tensor> pair_loss_backward_cuda(
     const std::optional<at::Tensor>& chosen_lengths, const std::optional<at::Tensor>& rejected_lengths,
     const std::optional<at::Tensor>& weights, DPO_CONFIG_PARAMS) {
   const dpo::loss_config cfg = make_config(DPO_CONFIG_ARGS, clamp_for(policy_chosen_logps.scalar_type()));
+  check_references(cfg, reference_chosen_logps.has_value(), reference_rejected_logps.has_value());
   const c10::cuda::CUDAGuard guard(policy_chosen_logps.device());
   check_cuda(policy_chosen_logps, "policy_chosen_logps");
   pair_inputs p = lower_pairs(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
@@ -240,6 +242,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dpo_forwa
   check_cuda(logits, "logits");
   const c10::cuda::CUDAGuard guard(logits.device());
   const dpo::loss_config cfg = make_config(DPO_CONFIG_ARGS);
+  check_references(cfg, reference_chosen_logps.has_value() || ref_logits.has_value(),
+                   reference_rejected_logps.has_value() || ref_logits.has_value());
   const row_layout l = make_layout(logits, labels, cu_seqlens, ignore_index, "logits");
   const std::int64_t P = concatenated_pairs(l);
   const auto dopts = logits.options().dtype(at::kDouble);

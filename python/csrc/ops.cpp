@@ -7,6 +7,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <limits>
 #include <sstream>
 
 #include "common.h"
@@ -24,16 +25,35 @@ std::string trim(const std::string& s) {
 
 }  // namespace
 
+std::string loss_type_names() {
+  std::string out;
+  for (int i = 0; i < dpo::num_loss_types; ++i) {
+    if (i > 0) out += ", ";
+    out += dpo::to_string(static_cast<dpo::loss_type>(i));
+  }
+  return out;
+}
+
 dpo::loss_config make_config(DPO_CONFIG_PARAMS, double exponent_clamp) {
   dpo::loss_config c;
   std::vector<std::string> names;
   {
-    std::stringstream ss{std::string(loss_type)};
-    std::string item;
-    while (std::getline(ss, item, ',')) names.push_back(trim(item));
+    // Split by hand: std::getline drops a trailing empty item, which must be rejected
+    // ("sigmoid," is a typo, not one loss type).
+    const std::string all(loss_type);
+    std::size_t begin = 0;
+    while (true) {
+      const std::size_t comma = all.find(',', begin);
+      names.push_back(trim(all.substr(begin, comma == std::string::npos ? std::string::npos : comma - begin)));
+      if (comma == std::string::npos) break;
+      begin = comma + 1;
+    }
   }
-  TORCH_CHECK_VALUE(!names.empty() && !(names.size() == 1 && names[0].empty()),
-                    "loss_type is empty: give at least one loss type");
+  TORCH_CHECK_VALUE(!(names.size() == 1 && names[0].empty()),
+                    "loss_type is empty: give at least one of ", loss_type_names());
+  for (std::size_t k = 0; k < names.size(); ++k)
+    TORCH_CHECK_VALUE(!names[k].empty(), "loss_type '", std::string(loss_type), "' has an empty name at position ",
+                      k, ": give comma-separated names, each one of ", loss_type_names());
   TORCH_CHECK_VALUE(names.size() <= static_cast<std::size_t>(dpo::max_loss_terms), "loss_type: ",
                     names.size(), " loss types given, at most ", dpo::max_loss_terms,
                     " are supported");
@@ -44,9 +64,7 @@ dpo::loss_config make_config(DPO_CONFIG_PARAMS, double exponent_clamp) {
   for (std::size_t k = 0; k < names.size(); ++k) {
     dpo::loss_type t;
     TORCH_CHECK_VALUE(dpo::parse_loss_type(names[k], &t), "loss_type '", names[k],
-                      "' is not a known loss type (TRL's names: sigmoid, hinge, ipo, exo_pair, ",
-                      "nca_pair, robust, bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, ",
-                      "apo_down, discopop, sft, sigmoid_norm; and simpo, cpo, orpo)");
+                      "' is not a known loss type (TRL's names: ", loss_type_names(), ")");
     c.terms[k] = {t, loss_weights.empty() ? 1.0 : loss_weights[k]};
   }
   dpo::f_divergence f;
@@ -75,6 +93,15 @@ dpo::loss_config make_config(DPO_CONFIG_PARAMS, double exponent_clamp) {
   const std::string msg = dpo::validate_config(c);
   TORCH_CHECK_VALUE(msg.empty(), "dpo: ", msg);
   return c;
+}
+
+void check_references(const dpo::loss_config& c, bool has_chosen, bool has_rejected) {
+  if (c.reference_free || dpo::detail::is_reference_free_type(c.terms[0].type)) return;
+  const char* missing = !has_chosen ? "reference_chosen_logps" : !has_rejected ? "reference_rejected_logps" : nullptr;
+  TORCH_CHECK_VALUE(missing == nullptr, missing, " is None but loss_type ", dpo::to_string(c.terms[0].type),
+                    " needs the reference log-probs: pass reference_chosen_logps and ",
+                    "reference_rejected_logps (or ref_logits to dpo_loss_from_logits), or set ",
+                    "reference_free=True");
 }
 
 namespace {
@@ -173,6 +200,13 @@ row_layout make_layout(const at::Tensor& logits, const at::Tensor& labels,
                    "labels must be int64 or int32, got ", labels.scalar_type());
   TORCH_CHECK_VALUE(labels.device() == logits.device(), "labels is on ", labels.device(), " but ",
                     name, " is on ", logits.device());
+  // Padding labels are filled with ignore_index, and a value int32 labels cannot hold
+  // could never match one: a mistake either way.
+  TORCH_CHECK_VALUE(labels.scalar_type() != at::kInt ||
+                        (ignore_index >= std::numeric_limits<std::int32_t>::min() &&
+                         ignore_index <= std::numeric_limits<std::int32_t>::max()),
+                    "ignore_index = ", ignore_index, " is outside the range of int32 labels [",
+                    std::numeric_limits<std::int32_t>::min(), ", ", std::numeric_limits<std::int32_t>::max(), "]");
   TORCH_CHECK_VALUE(logits.dim() == 3 || logits.dim() == 2, name,
                     " must be [B, T, V] (padded sequences) or [N, V] (packed rows), got shape ",
                     logits.sizes());
@@ -236,7 +270,8 @@ row_layout make_layout(const at::Tensor& logits, const at::Tensor& labels,
       const at::Tensor& cu = *cu_seqlens;
       TORCH_CHECK_TYPE(cu.scalar_type() == at::kLong || cu.scalar_type() == at::kInt,
                        "cu_seqlens must be int64 or int32, got ", cu.scalar_type());
-      TORCH_CHECK_VALUE(cu.dim() == 1 && cu.size(0) >= 2, "cu_seqlens must be 1-D with S + 1 >= 2 ",
+      // S = 0 (cu_seqlens = [c]) is an empty batch, as padded logits with B = 0.
+      TORCH_CHECK_VALUE(cu.dim() == 1 && cu.size(0) >= 1, "cu_seqlens must be 1-D with S + 1 >= 1 ",
                         "entries, got shape ", cu.sizes());
       TORCH_CHECK_VALUE(cu.device() == logits.device(), "cu_seqlens is on ", cu.device(), " but ", name,
                         " is on ", logits.device());
@@ -372,11 +407,31 @@ void check_config(const std::string& loss_type, const std::vector<double>& loss_
                            reference_free, cdpo_smoothing, simpo_gamma, cpo_alpha, cpo_base);
 }
 
+// The fake (meta) kernels' check of the reference log-probs a configuration needs.
+void check_references(const std::string& loss_type, const std::vector<double>& loss_weights, double beta,
+                      double label_smoothing, const std::string& f_divergence_type,
+                      double f_alpha_divergence_coef, double discopop_tau, bool use_weighting,
+                      double ld_alpha, bool reference_free, bool cdpo_smoothing, double simpo_gamma,
+                      double cpo_alpha, const std::string& cpo_base, bool has_chosen, bool has_rejected) {
+  dpo_kernels::check_references(
+      dpo_kernels::make_config(loss_type, loss_weights, beta, label_smoothing, f_divergence_type,
+                               f_alpha_divergence_coef, discopop_tau, use_weighting, ld_alpha,
+                               reference_free, cdpo_smoothing, simpo_gamma, cpo_alpha, cpo_base),
+      has_chosen, has_rejected);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "dpo_kernels native module: registers the torch.ops.dpo_kernels operators";
   m.def("check_config", &check_config, "Raises ValueError if the loss configuration is invalid");
+  m.def("check_references", &check_references,
+        "Raises ValueError if the configuration needs reference log-probs that are missing");
+  {
+    std::vector<std::string> names;
+    for (int i = 0; i < dpo::num_loss_types; ++i) names.push_back(dpo::to_string(static_cast<dpo::loss_type>(i)));
+    m.attr("loss_types") = pybind11::tuple(pybind11::cast(names));
+  }
   m.def("cuda_built", []() {
 #ifdef DPO_KERNELS_WITH_CUDA
     return true;

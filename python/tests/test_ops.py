@@ -310,7 +310,7 @@ def test_bad_inputs():
         dk.dpo_loss_from_logits(logits, labels, rc[:2], rr)
     with pytest.raises(ValueError, match="even number"):
         dk.dpo_loss_from_logits(logits[:5], labels[:5], rc, rr)
-    with pytest.raises(ValueError, match="ref_chosen_logps is null"):
+    with pytest.raises(ValueError, match="reference_chosen_logps is None"):
         dk.dpo_loss_from_logits(logits, labels)
     bad = labels.clone()
     bad[1, 3] = V + 2
