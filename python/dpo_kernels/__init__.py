@@ -12,16 +12,19 @@ fake kernels so they run under ``torch.compile(fullgraph=True)`` and CUDA graphs
 
 Losses follow TRL 1.x's DPOTrainer (docs: /docs/losses.md of the repository), with TRL's
 argument names. Invalid arguments raise ``ValueError`` (bad values, shapes, devices) or
-``TypeError`` (dtypes) with a message naming the argument.
+``TypeError`` (dtypes, argument types) with a message naming the argument, before anything
+is written. The gradients are first order only: differentiating one again (after
+``create_graph=True``) raises a ``RuntimeError``.
 """
 from __future__ import annotations
 
+import numbers
 from typing import Sequence
 
 import torch
 
 from . import _C
-from ._ops import METRIC_NAMES, PAIR_VALUE_NAMES, ops
+from ._ops import LOSS_TYPES, METRIC_NAMES, PAIR_VALUE_NAMES, check_devices, check_inplace_target, ops
 
 __all__ = [
     "sequence_logps",
@@ -29,6 +32,7 @@ __all__ = [
     "dpo_loss_from_logits",
     "METRIC_NAMES",
     "PAIR_VALUE_NAMES",
+    "LOSS_TYPES",
     "cuda_built",
 ]
 
@@ -59,7 +63,8 @@ def sequence_logps(
             count 0 (prompt, padding). Other labels must lie in ``[0, V)``.
         ignore_index: the masked label value (TRL: -100).
         average: divide each sum by its number of completion tokens (clamped to >= 1).
-        cu_seqlens: for ``[N, V]`` logits, ``[S + 1]`` row offsets of S packed sequences.
+        cu_seqlens: for ``[N, V]`` logits, ``[S + 1]`` row offsets of S packed sequences
+            (S = 0 gives an empty result, as padded logits with B = 0).
 
     Returns:
         ``[S]`` log-probs, accumulated in fp32 per row and fp64 across rows, returned as
@@ -68,30 +73,91 @@ def sequence_logps(
         ``g_s * (onehot(y) - softmax(z))`` per completion row and exact zeros elsewhere, in
         one read of the logits. Deterministic.
     """
-    logps, _ = ops.sequence_logps(logits, labels, cu_seqlens, ignore_index, average)
+    check_devices(("logits", logits), ("labels", labels), ("cu_seqlens", cu_seqlens))
+    ignore_index = _ignore_index(ignore_index, labels)
+    logps, _ = ops.sequence_logps(logits, labels, cu_seqlens, ignore_index, _flag("average", average))
     return logps
 
 
+# Python-side argument checks: each raises TypeError / ValueError naming the argument before
+# anything reaches the ops (whose schema conversions would otherwise produce torch's own
+# messages, or accept a str or None through float() / bool() / str()).
+
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+_INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
+
+
+def _real(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    v = float(value)
+    if v != v or v in (float("inf"), float("-inf")):
+        raise ValueError(f"{name} = {v} is invalid: must be finite")
+    return v
+
+
+def _flag(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _name(name: str, value) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _ignore_index(value, labels) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int, got {type(value).__name__} {value!r}")
+    v = int(value)
+    lo, hi, kind = _INT64_MIN, _INT64_MAX, "int64"
+    if isinstance(labels, torch.Tensor) and labels.dtype == torch.int32:
+        lo, hi, kind = _INT32_MIN, _INT32_MAX, "int32 labels"
+    if not lo <= v <= hi:
+        raise ValueError(f"ignore_index = {v} is outside the range of {kind} [{lo}, {hi}]")
+    return v
+
+
 def _loss_types(loss_type: str | Sequence[str]) -> str:
+    allowed = ", ".join(LOSS_TYPES)
     if isinstance(loss_type, str):
-        return loss_type
-    names = list(loss_type)
+        names = loss_type.split(",")
+    elif isinstance(loss_type, (list, tuple)):
+        names = list(loss_type)
+    else:
+        raise TypeError(
+            f"loss_type must be a loss type name or a list of them, got {type(loss_type).__name__} "
+            f"{loss_type!r}; allowed: {allowed}"
+        )
+    if not names:
+        raise ValueError(f"loss_type is empty: give at least one of {allowed}")
     for n in names:
-        if not isinstance(n, str) or "," in n:
-            raise ValueError(f"loss_type entries must be loss type names, got {n!r}")
-    return ",".join(names)
+        if not isinstance(n, str):
+            raise TypeError(f"loss_type entries must be str, got {type(n).__name__} {n!r}; allowed: {allowed}")
+        if not n.strip() or "," in n:
+            raise ValueError(f"loss_type {loss_type!r} has an empty or comma-separated entry {n!r}; allowed: {allowed}")
+    return ",".join(n.strip() for n in names)
 
 
 def _config(
     loss_type, loss_weights, beta, label_smoothing, f_divergence_type, f_alpha_divergence_coef, discopop_tau,
     use_weighting, ld_alpha, reference_free, cdpo_smoothing, simpo_gamma, cpo_alpha, cpo_base,
 ):
-    weights = [] if loss_weights is None else [float(w) for w in loss_weights]
+    if loss_weights is None:
+        weights = []
+    elif isinstance(loss_weights, (list, tuple)):
+        weights = [_real(f"loss_weights[{k}]", w) for k, w in enumerate(loss_weights)]
+    else:
+        raise TypeError(f"loss_weights must be None or a list of numbers, got {type(loss_weights).__name__}")
     return (
-        _loss_types(loss_type), weights, float(beta), float(label_smoothing), str(f_divergence_type),
-        float(f_alpha_divergence_coef), float(discopop_tau), bool(use_weighting),
-        1.0 if ld_alpha is None else float(ld_alpha), bool(reference_free), bool(cdpo_smoothing),
-        float(simpo_gamma), float(cpo_alpha), str(cpo_base),
+        _loss_types(loss_type), weights, _real("beta", beta), _real("label_smoothing", label_smoothing),
+        _name("f_divergence_type", f_divergence_type), _real("f_alpha_divergence_coef", f_alpha_divergence_coef),
+        _real("discopop_tau", discopop_tau), _flag("use_weighting", use_weighting),
+        1.0 if ld_alpha is None else _real("ld_alpha", ld_alpha), _flag("reference_free", reference_free),
+        _flag("cdpo_smoothing", cdpo_smoothing), _real("simpo_gamma", simpo_gamma), _real("cpo_alpha", cpo_alpha),
+        _name("cpo_base", cpo_base),
     )
 
 
@@ -142,6 +208,11 @@ def dpo_loss(
         logs them). float32, or float64 for float64 inputs. ``losses`` is differentiable
         w.r.t. the policy log-probs for any upstream gradient.
     """
+    check_devices(
+        ("policy_chosen_logps", policy_chosen_logps), ("policy_rejected_logps", policy_rejected_logps),
+        ("reference_chosen_logps", reference_chosen_logps), ("reference_rejected_logps", reference_rejected_logps),
+        ("chosen_lengths", chosen_lengths), ("rejected_lengths", rejected_lengths), ("weights", weights),
+    )
     config = _config(
         loss_type, loss_weights, beta, label_smoothing, f_divergence_type, f_alpha_divergence_coef, discopop_tau,
         False, None, reference_free, cdpo_smoothing, simpo_gamma, cpo_alpha, cpo_base,
@@ -199,9 +270,11 @@ def dpo_loss_from_logits(
             a little more arithmetic). Without it those metrics are 0.
         inplace_backward: the backward pass overwrites ``logits`` with its gradient instead
             of allocating one (saves a logits-sized buffer). The logits' values are then lost,
-            so nothing else may read them after backward (autograd raises if a saved use of
-            them was recorded). Needs logits without gaps between sequences (e.g.
-            contiguous, not ``logits[:, :-1]``).
+            so nothing else may read them after backward: the backward bumps their version
+            counter, so autograd raises if another op saved them for its own backward; a
+            second backward through the loss (``retain_graph=True``) raises; a leaf tensor
+            that requires grad is refused (ValueError). Needs logits without gaps between
+            sequences (e.g. contiguous, not ``logits[:, :-1]``).
         return_pair_values: also return a dict of per-pair tensors (PAIR_VALUE_NAMES).
 
     Returns:
@@ -210,10 +283,19 @@ def dpo_loss_from_logits(
         metric names (METRIC_NAMES). With ``return_pair_values``, a third dict.
         Deterministic; no host synchronisation.
     """
+    check_devices(
+        ("logits", logits), ("labels", labels), ("reference_chosen_logps", reference_chosen_logps),
+        ("reference_rejected_logps", reference_rejected_logps), ("ref_logits", ref_logits), ("cu_seqlens", cu_seqlens),
+    )
+    ignore_index = _ignore_index(ignore_index, labels)
     config = _config(
         loss_type, loss_weights, beta, label_smoothing, f_divergence_type, f_alpha_divergence_coef, discopop_tau,
         use_weighting, ld_alpha, reference_free, cdpo_smoothing, simpo_gamma, cpo_alpha, cpo_base,
     )
+    compute_metrics = _flag("compute_metrics", compute_metrics)
+    if _flag("inplace_backward", inplace_backward):
+        check_inplace_target(logits)
+    return_pair_values = _flag("return_pair_values", return_pair_values)
     loss, metrics, pair_values, _, _ = ops.dpo_forward(
         logits, labels, cu_seqlens, reference_chosen_logps, reference_rejected_logps, ref_logits, ignore_index,
         *config, compute_metrics, inplace_backward,

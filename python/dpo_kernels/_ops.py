@@ -35,6 +35,29 @@ PAIR_VALUE_NAMES = ("chosen_logps", "rejected_logps", "chosen_rewards", "rejecte
 
 _FLOATING = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
+#: TRL's loss type names the ops accept (the library's table, read from the extension).
+LOSS_TYPES = tuple(_C.loss_types)
+
+
+def check_devices(*named) -> None:
+    """Raises unless every tensor of the ``(name, tensor or None)`` pairs is a tensor on the
+    device of the first one. The dispatcher picks one kernel for a call with mixed devices:
+    a ``meta`` tensor among CPU ones routes it to the fake kernel (uninitialised outputs), a
+    CUDA one among CPU ones to the CUDA kernel, whose error names the wrong argument."""
+    first = None
+    for name, t in named:
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if first is None:
+            first = (name, t)
+        elif t.device != first[1].device:
+            raise ValueError(
+                f"{name} is on {t.device} but {first[0]} is on {first[1].device}: "
+                "all tensor arguments must be on one device"
+            )
+
 
 def _result_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -72,11 +95,46 @@ def _view_seq_len(logits: torch.Tensor) -> int:
     return s0 // s1
 
 
+# ---- no double backward ---------------------------------------------------------------------
+
+
+class _NoDoubleBackward(torch.autograd.Function):
+    """The identity on a gradient computed under ``create_graph=True``, whose own backward
+    raises. The backward kernels have no derivative: without this node autograd would treat
+    their results as constants and a second-order gradient would silently be None or miss
+    terms. The node's inputs include the op's differentiable inputs, so any later backward
+    that needs a derivative through this gradient reaches it."""
+
+    @staticmethod
+    def forward(ctx, op, grad, *inputs):
+        ctx.op = op
+        return grad.view_as(grad)
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(
+            f"dpo_kernels.{ctx.op}: double backward is not supported: the gradient computed with "
+            "create_graph=True cannot be differentiated again (its backward kernel has no derivative)"
+        )
+
+
+def _first_order_only(op, grads, inputs):
+    """``grads`` unchanged unless the backward runs with ``create_graph=True`` and some of
+    ``inputs`` requires grad; then each gradient goes through :class:`_NoDoubleBackward`."""
+    if not torch.is_grad_enabled():
+        return grads
+    tracked = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    if not tracked:
+        return grads
+    return tuple(g if g is None else _NoDoubleBackward.apply(op, g, *tracked) for g in grads)
+
+
 # ---- sequence_logps -----------------------------------------------------------------------
 
 
 @torch.library.register_fake("dpo_kernels::sequence_logps")
 def _sequence_logps_fake(logits, labels, cu_seqlens, ignore_index, average):
+    check_devices(("logits", logits), ("labels", labels), ("cu_seqlens", cu_seqlens))
     _check_logits(logits)
     out = _result_dtype(logits.dtype)
     S = _num_seqs(logits, cu_seqlens)
@@ -106,9 +164,11 @@ def _sequence_logps_backward(ctx, grad_logps, _grad_lse):
     logits, labels, cu_seqlens, row_lse = ctx.saved_tensors
     grad = None
     if ctx.needs_input_grad[0]:
-        grad = ops.sequence_logps_backward(
-            grad_logps, logits, labels, cu_seqlens, row_lse, ctx.ignore_index, ctx.average
-        )
+        with torch.no_grad():
+            grad = ops.sequence_logps_backward(
+                grad_logps, logits, labels, cu_seqlens, row_lse, ctx.ignore_index, ctx.average
+            )
+        (grad,) = _first_order_only("sequence_logps", (grad,), (logits, grad_logps))
     return grad, None, None, None, None
 
 
@@ -120,10 +180,17 @@ torch.library.register_autograd(
 
 _CONFIG_ARGS = 14  # see DPO_CONFIG_SCHEMA in csrc/common.h
 
+_PAIR_ARG_NAMES = (
+    "policy_chosen_logps", "policy_rejected_logps", "reference_chosen_logps", "reference_rejected_logps",
+    "chosen_lengths", "rejected_lengths", "weights",
+)
+
 
 @torch.library.register_fake("dpo_kernels::pair_loss")
 def _pair_loss_fake(pc, pr, rc, rr, lc, lr, w, *config):
+    check_devices(*zip(_PAIR_ARG_NAMES, (pc, pr, rc, rr, lc, lr, w)))
     _C.check_config(*config)
+    _C.check_references(*config, rc is not None, rr is not None)
     P = pc.shape[0]
     out = _result_dtype(pc.dtype)
     return tuple(pc.new_empty((P,), dtype=out) for _ in range(3))
@@ -144,7 +211,9 @@ def _pair_loss_setup(ctx, inputs, output):
 
 def _pair_loss_backward(ctx, grad_losses, _gc, _gr):
     tensors = ctx.saved_tensors
-    gc, gr = ops.pair_loss_backward(grad_losses, *tensors, *ctx.config)
+    with torch.no_grad():
+        gc, gr = ops.pair_loss_backward(grad_losses, *tensors, *ctx.config)
+    gc, gr = _first_order_only("dpo_loss", (gc, gr), (tensors[0], tensors[1], grad_losses))
     return (gc, gr) + (None,) * (5 + _CONFIG_ARGS)
 
 
@@ -155,8 +224,12 @@ torch.library.register_autograd("dpo_kernels::pair_loss", _pair_loss_backward, s
 
 @torch.library.register_fake("dpo_kernels::dpo_forward")
 def _dpo_forward_fake(logits, labels, cu_seqlens, rc, rr, ref_logits, ignore_index, *rest):
+    check_devices(("logits", logits), ("labels", labels), ("cu_seqlens", cu_seqlens),
+                  ("reference_chosen_logps", rc), ("reference_rejected_logps", rr), ("ref_logits", ref_logits))
     _check_logits(logits)
     _C.check_config(*rest[:_CONFIG_ARGS])
+    _C.check_references(*rest[:_CONFIG_ARGS], rc is not None or ref_logits is not None,
+                        rr is not None or ref_logits is not None)
     S = _num_seqs(logits, cu_seqlens)
     if S % 2 != 0 or S < 2:
         raise ValueError(f"logits holds {S} sequences: the concatenated layout needs an even number 2P >= 2")
@@ -189,20 +262,55 @@ def _dpo_forward_setup(ctx, inputs, output):
     logits, labels, cu_seqlens = inputs[:3]
     ignore_index = inputs[6]
     ctx.inplace = inputs[-1]
+    if ctx.inplace:
+        check_inplace_target(logits, tracing_ok=True)
+    ctx.overwritten = False
     ctx.mark_non_differentiable(*output[1:])
     ctx.save_for_backward(logits, labels, cu_seqlens, output[3], output[4])
     ctx.ignore_index = ignore_index
 
 
+def check_inplace_target(logits: torch.Tensor, tracing_ok: bool = False) -> None:
+    """inplace_backward=True writes the gradient into the logits: refuse a leaf that requires
+    grad, or a view of one (its data would become its own gradient). With ``tracing_ok`` (the
+    autograd formula) it is skipped while torch.compile traces the forward, where every graph
+    input looks like a leaf; the public function has checked the caller's tensor by then."""
+    compiling = torch.compiler.is_compiling()
+    if tracing_ok and compiling:
+        return
+    leaf = logits.is_leaf and logits.requires_grad
+    if not leaf and not compiling:
+        base = logits._base
+        leaf = base is not None and base.is_leaf and base.requires_grad
+    if leaf:
+        raise ValueError(
+            "inplace_backward=True needs logits computed by an op (e.g. the LM head's output), not a "
+            "leaf tensor that requires grad or a view of one: the backward would overwrite the leaf's "
+            "data with its gradient. Use inplace_backward=False."
+        )
+
+
 def _dpo_forward_backward(ctx, grad_loss, *_):
-    logits, labels, cu_seqlens, row_lse, row_coef = ctx.saved_tensors
     if not ctx.needs_input_grad[0]:
         return (None,) * (9 + _CONFIG_ARGS)
-    if ctx.inplace:
-        ops.dpo_backward_(grad_loss, logits, labels, cu_seqlens, row_lse, row_coef, ctx.ignore_index)
-        grad = logits
-    else:
-        grad = ops.dpo_backward(grad_loss, logits, labels, cu_seqlens, row_lse, row_coef, ctx.ignore_index)
+    if ctx.inplace and ctx.overwritten:
+        raise RuntimeError(
+            "dpo_loss_from_logits(inplace_backward=True): a backward pass already overwrote the logits "
+            "with their gradient, so a second backward through this loss (retain_graph=True) cannot run. "
+            "Use inplace_backward=False to backpropagate more than once."
+        )
+    logits, labels, cu_seqlens, row_lse, row_coef = ctx.saved_tensors
+    with torch.no_grad():
+        if ctx.inplace:
+            ops.dpo_backward_(grad_loss, logits, labels, cu_seqlens, row_lse, row_coef, ctx.ignore_index)
+            ctx.overwritten = True
+            # A new version of the logits: autograd now raises if another node saved them for
+            # its own backward (it would read the gradient instead of the logits).
+            torch.autograd.graph.increment_version(logits)
+            grad = logits
+        else:
+            grad = ops.dpo_backward(grad_loss, logits, labels, cu_seqlens, row_lse, row_coef, ctx.ignore_index)
+    (grad,) = _first_order_only("dpo_loss_from_logits", (grad,), (logits, grad_loss))
     return (grad,) + (None,) * (8 + _CONFIG_ARGS)
 
 

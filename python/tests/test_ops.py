@@ -215,7 +215,8 @@ def test_inplace_backward_overwrites_logits_with_gradient():
 
 def test_inplace_backward_rejects_gapped_logits():
     logits, labels, rc, rr = make(gap=True)
-    z = logits.detach().requires_grad_()
+    # A gapped non-leaf (the shifted slice of an LM head's output); a leaf is refused earlier.
+    z = (logits._base.detach().requires_grad_() * 1.0)[:, :-1]
     loss, _ = dk.dpo_loss_from_logits(z, labels, rc, rr, inplace_backward=True)
     with pytest.raises(ValueError, match="inplace_backward"):
         loss.backward()
