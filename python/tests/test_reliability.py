@@ -76,6 +76,17 @@ def test_inplace_backward_refuses_leaf():
     dk.dpo_loss_from_logits(logits.clone(), labels, rc, rr, inplace_backward=True)
 
 
+def test_inplace_backward_refuses_leaf_under_compile():
+    torch._dynamo.reset()
+    logits, labels, rc, rr = make()
+    leaf = logits.clone().requires_grad_()
+    fn = torch.compile(lambda z: dk.dpo_loss_from_logits(z, labels, rc, rr, inplace_backward=True)[0],
+                       backend="aot_eager")
+    with pytest.raises(ValueError, match="inplace_backward.*leaf"):
+        fn(leaf)
+    torch.testing.assert_close(leaf.detach(), logits, rtol=0, atol=0)
+
+
 def test_inplace_backward_legitimate_use_unchanged():
     logits, labels, rc, rr = make()
     base = logits.clone().requires_grad_()
@@ -306,6 +317,9 @@ def test_packed_zero_sequences_like_padded_zero_batch(N):
     assert lse.shape == (N,)
     grad = ops.sequence_logps_backward(torch.zeros(0, dtype=torch.float64), z.detach(), y, cu, lse, -100, False)
     assert grad.shape == (N, V) and grad.eq(0).all()
+    torch.library.opcheck(ops.sequence_logps, (z, y, cu, -100, True))
+    torch.library.opcheck(ops.sequence_logps_backward,
+                          (torch.zeros(0, dtype=torch.float64), z.detach(), y, cu, lse, -100, False))
     with pytest.raises(ValueError, match="cu_seqlens"):
         dk.sequence_logps(z, y, cu_seqlens=torch.tensor([N + 1]))
     with pytest.raises(ValueError, match="cu_seqlens"):
