@@ -258,6 +258,18 @@ def _dpo_backward_inplace_fake(grad_loss, logits, labels, cu_seqlens, row_lse, r
     return None
 
 
+def _dpo_backward_inplace_version(keyset, grad_loss, logits, *rest):
+    # What PyTorch's own in-place ops (and torch.library.custom_op) do: a new version of the
+    # mutated tensor, so autograd raises if some node saved the old one for its backward.
+    # After the call: a rejected call writes nothing and leaves the version alone.
+    ops.dpo_backward_.default.redispatch(keyset & torch._C._after_ADInplaceOrView_keyset, grad_loss, logits, *rest)
+    torch.autograd.graph.increment_version(logits)
+
+
+_lib = torch.library.Library("dpo_kernels", "IMPL")
+_lib.impl("dpo_backward_", _dpo_backward_inplace_version, "ADInplaceOrView", with_keyset=True)
+
+
 def _dpo_forward_setup(ctx, inputs, output):
     logits, labels, cu_seqlens = inputs[:3]
     ignore_index = inputs[6]
@@ -302,11 +314,10 @@ def _dpo_forward_backward(ctx, grad_loss, *_):
     logits, labels, cu_seqlens, row_lse, row_coef = ctx.saved_tensors
     with torch.no_grad():
         if ctx.inplace:
+            # Bumps the logits' version (its ADInplaceOrView kernel): autograd then raises if
+            # another node saved them for its own backward (it would read the gradient).
             ops.dpo_backward_(grad_loss, logits, labels, cu_seqlens, row_lse, row_coef, ctx.ignore_index)
             ctx.overwritten = True
-            # A new version of the logits: autograd now raises if another node saved them for
-            # its own backward (it would read the gradient instead of the logits).
-            torch.autograd.graph.increment_version(logits)
             grad = logits
         else:
             grad = ops.dpo_backward(grad_loss, logits, labels, cu_seqlens, row_lse, row_coef, ctx.ignore_index)

@@ -45,6 +45,20 @@ def test_inplace_backward_version_counter_changes():
     assert x._version > v0
 
 
+def test_inplace_op_bumps_version_and_rejected_call_does_not():
+    logits, labels, rc, rr = make()
+    z = logits.clone()
+    _, _, _, lse, coef = ops.dpo_forward(z, labels, None, rc, rr, None, -100, *CONFIG, True, False)
+    g = torch.tensor(1.0, dtype=torch.float64)
+    v0 = z._version
+    with pytest.raises(ValueError, match="grad_loss"):
+        ops.dpo_backward_(torch.ones(2, dtype=torch.float64), z, labels, None, lse, coef, -100)
+    assert z._version == v0
+    torch.testing.assert_close(z, logits, rtol=0, atol=0)
+    ops.dpo_backward_(g, z, labels, None, lse, coef, -100)
+    assert z._version > v0
+
+
 def test_inplace_backward_second_backward_raises():
     logits, labels, rc, rr = make()
     base = logits.clone().requires_grad_()
