@@ -82,7 +82,7 @@ std::tuple<at::Tensor, at::Tensor> sequence_logps_cpu(const at::Tensor& logits,
   const auto out_dtype = result_dtype(logits.scalar_type());
   std::vector<std::int64_t> row_shape(logits.sizes().begin(), logits.sizes().end() - 1);
   if (l.num_seqs == 0)
-    return {at::empty({0}, logits.options().dtype(out_dtype)), at::zeros(row_shape, logits.options().dtype(out_dtype))};
+    return {at::empty({0}, logits.options().dtype(out_dtype)), at::zeros(row_shape, logits.options().dtype(at::kDouble))};
   at::Tensor sums = at::empty({l.num_seqs}, at::kDouble);
   at::Tensor counts = at::empty({l.num_seqs}, at::kLong);
   // The library's row log-sum-exp by view row (what the backward reads), 0 off completion rows.
@@ -99,7 +99,9 @@ std::tuple<at::Tensor, at::Tensor> sequence_logps_cpu(const at::Tensor& logits,
     });
   });
   const at::Tensor logps = average ? sums / counts.clamp_min(1).to(at::kDouble) : sums;
-  return {logps.to(out_dtype), view_rows_to_input(lse, l, logits).to(out_dtype)};
+  // row_lse stays double: the backward splits it into a high and a low part (issue 16), which a
+  // float32 copy would lose.
+  return {logps.to(out_dtype), view_rows_to_input(lse, l, logits)};
 }
 
 at::Tensor sequence_logps_backward_cpu(const at::Tensor& grad, const at::Tensor& logits,

@@ -106,7 +106,7 @@ std::tuple<at::Tensor, at::Tensor> sequence_logps_cuda(const at::Tensor& logits,
   const auto dopts = logits.options().dtype(at::kDouble);
   std::vector<std::int64_t> row_shape(logits.sizes().begin(), logits.sizes().end() - 1);
   if (l.num_seqs == 0)
-    return {at::empty({0}, logits.options().dtype(out_dtype)), at::zeros(row_shape, logits.options().dtype(out_dtype))};
+    return {at::empty({0}, logits.options().dtype(out_dtype)), at::zeros(row_shape, logits.options().dtype(at::kDouble))};
   // NaN until written (invalid labels / cu_seqlens: the kernels write nothing).
   at::Tensor sums = at::full({l.num_seqs}, std::numeric_limits<double>::quiet_NaN(), dopts);
   at::Tensor counts = at::ones({l.num_seqs}, dopts.dtype(at::kLong));
@@ -125,7 +125,9 @@ std::tuple<at::Tensor, at::Tensor> sequence_logps_cuda(const at::Tensor& logits,
     });
   });
   const at::Tensor logps = average ? sums / counts.clamp_min(1).to(at::kDouble) : sums;
-  return {logps.to(out_dtype), view_rows_to_input(lse, l, logits).to(out_dtype)};
+  // row_lse stays double: the backward splits it into a high and a low part (issue 16), which a
+  // float32 copy would lose.
+  return {logps.to(out_dtype), view_rows_to_input(lse, l, logits)};
 }
 
 at::Tensor sequence_logps_backward_cuda(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& labels,

@@ -138,7 +138,8 @@ def _sequence_logps_fake(logits, labels, cu_seqlens, ignore_index, average):
     _check_logits(logits)
     out = _result_dtype(logits.dtype)
     S = _num_seqs(logits, cu_seqlens)
-    return logits.new_empty((S,), dtype=out), logits.new_empty(logits.shape[:-1], dtype=out)
+    # row_lse is float64 whatever the logits' dtype: the backward reads its low part.
+    return logits.new_empty((S,), dtype=out), logits.new_empty(logits.shape[:-1], dtype=torch.float64)
 
 
 @torch.library.register_fake("dpo_kernels::sequence_logps_backward")

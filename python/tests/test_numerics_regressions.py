@@ -122,6 +122,21 @@ def test_tied_maxima_sequence_logps_forward_and_backward_match_log_softmax(big):
     assert abs(float(z.grad[0, 0].sum())) <= 1e-15
 
 
+@pytest.mark.parametrize("dtype,big", [(torch.float32, 1e5), (torch.float32, 1e7), (torch.float32, -1e7),
+                                       (torch.bfloat16, 1e6), (torch.float16, 3e4)])
+def test_tied_maxima_sequence_logps_low_precision_backward_is_exact(dtype, big):
+    """The saved row_lse stays float64 for every logits dtype: a float32 copy loses the low
+    part the backward adds back (-0.632 instead of -0.75 at fp32 1e7 before the fix)."""
+    logits, labels = tied_maxima(big, dtype)
+    z = logits.clone().requires_grad_()
+    got = dk.sequence_logps(z, labels)
+    (got * torch.tensor([-1.0, 0.5])).sum().backward()
+    torch.testing.assert_close(got.detach().double(), torch.full((2,), math.log(0.25), dtype=torch.float64),
+                               rtol=0, atol=1e-6)
+    want = torch.tensor([0.25, 0, -0.75, 0.25, 0, 0.25, 0], dtype=torch.float64)
+    torch.testing.assert_close(z.grad[0, 0].double(), want, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("big", [1e5, 1e7, 1e17, -1e17, 1e300])
 def test_tied_maxima_dpo_loss_from_logits_match_log_softmax(big):
     logits, labels = tied_maxima(big)
