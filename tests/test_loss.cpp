@@ -403,3 +403,44 @@ TEST_CASE("dpo_loss: infinite margins through the f-divergence scores give the l
     }
   }
 }
+
+TEST_CASE("the loss registry's traits are those TRL defines for each type", "[loss]") {
+  using dpo::loss_type;
+  namespace d = dpo::detail;
+  dpo::loss_config c;
+  for (int i = 0; i < dpo::num_loss_types; ++i) {
+    const auto t = static_cast<loss_type>(i);
+    INFO(dpo::to_string(t));
+    CHECK(d::is_reference_free_type(t) ==
+          (t == loss_type::simpo || t == loss_type::cpo || t == loss_type::orpo));
+    CHECK(d::is_batch_type(t) == (t == loss_type::aot || t == loss_type::aot_unpaired));
+    const bool fdiv = t == loss_type::sigmoid || t == loss_type::sigmoid_norm ||
+                      t == loss_type::hinge || t == loss_type::ipo || t == loss_type::exo_pair ||
+                      t == loss_type::robust || t == loss_type::discopop || t == loss_type::sft;
+    CHECK(d::supports_f_divergence(t) == fdiv);
+    const bool eps = t == loss_type::exo_pair || t == loss_type::robust || t == loss_type::aot ||
+                     t == loss_type::aot_unpaired || t == loss_type::simpo ||
+                     t == loss_type::cpo;  // cpo with its default sigmoid base
+    CHECK(d::uses_label_smoothing(t, c) == eps);
+    const double nll = t == loss_type::sft || t == loss_type::orpo ? 1.0
+                       : t == loss_type::cpo                       ? c.cpo_alpha
+                                                                   : 0.0;
+    CHECK(d::nll_multiplier(t, c) == nll);
+    CHECK(d::rewards_use_average(t, c) == (t == loss_type::simpo || t == loss_type::orpo));
+  }
+  // The configuration-dependent columns.
+  c.cdpo_smoothing = true;
+  CHECK(d::uses_label_smoothing(loss_type::sigmoid, c));
+  c.cpo_base = loss_type::ipo;
+  c.cpo_alpha = 0.25;
+  CHECK_FALSE(d::uses_label_smoothing(loss_type::cpo, c));
+  CHECK(d::rewards_use_average(loss_type::cpo, c));
+  CHECK(d::nll_multiplier(loss_type::cpo, c) == 0.25);
+  // Generated lists: every name once, in enum order, and the messages built from them.
+  CHECK(dpo::loss_type_names() ==
+        "sigmoid, hinge, ipo, exo_pair, nca_pair, robust, bco_pair, sppo_hard, aot, "
+        "aot_unpaired, apo_zero, apo_down, discopop, sigmoid_norm, sft, simpo, cpo, orpo");
+  CHECK(dpo::loss_type_names(d::is_reference_free_type) == "simpo, cpo and orpo");
+  CHECK(dpo::f_divergence_names() == "reverse_kl, forward_kl, js_divergence, alpha_divergence");
+  CHECK(dpo::num_f_divergences == 4);
+}

@@ -579,7 +579,7 @@ void run(reader& in, std::uint8_t flags) {
   // What the library must reject.
   const dpo::loss_config& cfg = fc.cfg;
   const bool cfg_bad = !dpo::validate_config(cfg).empty();
-  const bool needs_ref = !cfg.reference_free && !dpo::detail::is_reference_free_type(cfg.terms[0].type);
+  const bool needs_ref = dpo::detail::needs_reference(cfg);
   const bool null_ref = fc.bad == knob::null_reference && !fc.ref_logits;
   bool labels_bad = false;
   if (!fc.shape_bad()) {

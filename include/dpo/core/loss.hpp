@@ -13,36 +13,82 @@
 
 namespace dpo {
 
-/// The loss families of TRL's DPOTrainer (plus the reference-free CPO/SimPO/ORPO losses).
+/// The loss registry: one row per loss type, the single place a type is declared. Everything
+/// else that lists loss types is generated from it: the enum, num_loss_types, to_string and
+/// parse_loss_type (core/validate.hpp), the trait predicates below, the error messages that
+/// list the allowed types, and the Python binding's names. Adding a loss type is one row
+/// here plus its formula and derivative in pair_loss() (and its tests and docs).
+///
+/// Columns:
+///   id     the enumerator, and TRL's `loss_type` string
+///   ref    `based`: reads the reference log-probs; `free`: TRL's CPO-trainer losses (simpo,
+///          cpo, orpo), which are never combined with other types; `none`: reads neither
+///          (sft)
+///   batch  `pair`: a loss per pair; `sorted`: defined over the batch's sorted keys (aot),
+///          coupled across pairs, and incompatible with per-pair WPO weights
+///   eps    when the term reads label_smoothing: `never`, `always`, `cdpo` (only with
+///          cdpo_smoothing), `cpo_sigmoid` (only when cpo_base is sigmoid)
+///   fdiv   whether TRL defines the type for an f-divergence other than reverse_kl
+///   nll    the weight of NLL(chosen) the term adds to every pair: `none`, `one`, `cpo_alpha`
+///   avg    whether its rewards use length-averaged log-probs: `no`, `yes`, `cpo_ipo` (cpo
+///          with cpo_base ipo)
+// clang-format off
+#define DPO_LOSS_TYPES(X)                                                   \
+  /* id,          ref,   batch,  eps,         fdiv,  nll,       avg */     \
+  X(sigmoid,      based, pair,   cdpo,        true,  none,      no)        \
+  X(hinge,        based, pair,   never,       true,  none,      no)        \
+  X(ipo,          based, pair,   never,       true,  none,      no)        \
+  X(exo_pair,     based, pair,   always,      true,  none,      no)        \
+  X(nca_pair,     based, pair,   never,       false, none,      no)        \
+  X(robust,       based, pair,   always,      true,  none,      no)        \
+  X(bco_pair,     based, pair,   never,       false, none,      no)        \
+  X(sppo_hard,    based, pair,   never,       false, none,      no)        \
+  X(aot,          based, sorted, always,      false, none,      no)        \
+  X(aot_unpaired, based, sorted, always,      false, none,      no)        \
+  X(apo_zero,     based, pair,   never,       false, none,      no)        \
+  X(apo_down,     based, pair,   never,       false, none,      no)        \
+  X(discopop,     based, pair,   never,       true,  none,      no)        \
+  X(sigmoid_norm, based, pair,   never,       true,  none,      no)        \
+  X(sft,          none,  pair,   never,       true,  one,       no)        \
+  X(simpo,        free,  pair,   always,      false, none,      yes)       \
+  X(cpo,          free,  pair,   cpo_sigmoid, false, cpo_alpha, cpo_ipo)   \
+  X(orpo,         free,  pair,   never,       false, one,       yes)
+// clang-format on
+
+/// The loss families of TRL's DPOTrainer (plus the reference-free CPO/SimPO/ORPO losses),
+/// in registry order. The values are the row numbers (they cross the Python boundary).
 enum class loss_type : std::int32_t {
-  sigmoid = 0,
-  hinge,
-  ipo,
-  exo_pair,
-  nca_pair,
-  robust,
-  bco_pair,
-  sppo_hard,
-  aot,
-  aot_unpaired,
-  apo_zero,
-  apo_down,
-  discopop,
-  sigmoid_norm,
-  sft,
-  simpo,
-  cpo,
-  orpo,
+#define DPO_X(id, ...) id,
+  DPO_LOSS_TYPES(DPO_X)
+#undef DPO_X
 };
-inline constexpr int num_loss_types = 18;
+
+/// The number of rows of the registry.
+inline constexpr int num_loss_types = 0
+#define DPO_X(id, ...) +1
+    DPO_LOSS_TYPES(DPO_X)
+#undef DPO_X
+    ;
+
+/// The f-divergences of TRL's `f_divergence_type`, one row each (id = TRL's string).
+#define DPO_F_DIVERGENCES(X) \
+  X(reverse_kl)              \
+  X(forward_kl)              \
+  X(js_divergence)           \
+  X(alpha_divergence)
 
 /// The score f applied to each log-ratio D = pi - rho before the pair loss.
 enum class f_divergence : std::int32_t {
-  reverse_kl = 0,
-  forward_kl,
-  js_divergence,
-  alpha_divergence,
+#define DPO_X(id) id,
+  DPO_F_DIVERGENCES(DPO_X)
+#undef DPO_X
 };
+
+inline constexpr int num_f_divergences = 0
+#define DPO_X(id) +1
+    DPO_F_DIVERGENCES(DPO_X)
+#undef DPO_X
+    ;
 
 inline constexpr int max_loss_terms = 8;
 
@@ -101,32 +147,86 @@ struct loss_config {
 
 namespace detail {
 
+/// The registry's trait columns as values (see DPO_LOSS_TYPES).
+enum class ref_kind { based, free, none };
+enum class batch_kind { pair, sorted };
+enum class eps_kind { never, always, cdpo, cpo_sigmoid };
+enum class nll_kind { none, one, cpo_alpha };
+enum class avg_kind { no, yes, cpo_ipo };
+
+/// One row of the registry.
+struct loss_traits {
+  ref_kind ref;
+  batch_kind batch;
+  eps_kind eps;
+  bool f_divergence;
+  nll_kind nll;
+  avg_kind avg;
+};
+
+/// The registry row of a loss type (a switch, so device code can use it too). An out-of-range
+/// value (rejected by validate_config) reads as a plain reference-based pair loss.
+DPO_HOST_DEVICE inline loss_traits traits(loss_type t) {
+  switch (t) {
+#define DPO_X(id, ref, batch, eps, fdiv, nll, avg) \
+  case loss_type::id:                              \
+    return {ref_kind::ref, batch_kind::batch, eps_kind::eps, fdiv, nll_kind::nll, avg_kind::avg};
+    DPO_LOSS_TYPES(DPO_X)
+#undef DPO_X
+  }
+  return {ref_kind::based, batch_kind::pair, eps_kind::never, false, nll_kind::none, avg_kind::no};
+}
+
 /// Whether a loss type is one of the reference-free CPO-trainer losses.
 DPO_HOST_DEVICE inline bool is_reference_free_type(loss_type t) {
-  return t == loss_type::simpo || t == loss_type::cpo || t == loss_type::orpo;
+  return traits(t).ref == ref_kind::free;
 }
 
 /// Whether a loss type is defined over the whole batch rather than pair by pair.
 DPO_HOST_DEVICE inline bool is_batch_type(loss_type t) {
-  return t == loss_type::aot || t == loss_type::aot_unpaired;
+  return traits(t).batch == batch_kind::sorted;
 }
 
 /// The weight of NLL(chosen) (mean token cross-entropy over the batch's chosen completion
 /// tokens) that a term adds to every pair's loss.
 DPO_HOST_DEVICE inline double nll_multiplier(loss_type t, const loss_config& c) {
-  switch (t) {
-    case loss_type::sft: return 1.0;
-    case loss_type::orpo: return 1.0;
-    case loss_type::cpo: return c.cpo_alpha;
-    default: return 0.0;
+  switch (traits(t).nll) {
+    case nll_kind::one: return 1.0;
+    case nll_kind::cpo_alpha: return c.cpo_alpha;
+    case nll_kind::none: break;
   }
+  return 0.0;
 }
 
-/// Whether a loss type reads from or needs policy log-probs averaged over tokens in its
-/// rewards (TRL's CPO trainer computes averaged log-probs for these).
+/// Whether a loss type's rewards use policy log-probs averaged over tokens (TRL's CPO
+/// trainer computes averaged log-probs for these).
 DPO_HOST_DEVICE inline bool rewards_use_average(loss_type t, const loss_config& c) {
-  return t == loss_type::simpo || t == loss_type::orpo ||
-         (t == loss_type::cpo && c.cpo_base == loss_type::ipo);
+  switch (traits(t).avg) {
+    case avg_kind::yes: return true;
+    case avg_kind::cpo_ipo: return c.cpo_base == loss_type::ipo;
+    case avg_kind::no: break;
+  }
+  return false;
+}
+
+/// Whether a term of this type reads label_smoothing under this configuration.
+DPO_HOST_DEVICE inline bool uses_label_smoothing(loss_type t, const loss_config& c) {
+  switch (traits(t).eps) {
+    case eps_kind::always: return true;
+    case eps_kind::cdpo: return c.cdpo_smoothing;
+    case eps_kind::cpo_sigmoid: return c.cpo_base == loss_type::sigmoid;
+    case eps_kind::never: break;
+  }
+  return false;
+}
+
+/// Whether TRL defines the loss type for an f-divergence other than reverse_kl.
+DPO_HOST_DEVICE inline bool supports_f_divergence(loss_type t) { return traits(t).f_divergence; }
+
+/// Whether the configuration reads reference log-probs: not for the reference-free types nor
+/// with reference_free (rho = 0).
+DPO_HOST_DEVICE inline bool needs_reference(const loss_config& c) {
+  return !c.reference_free && !is_reference_free_type(c.terms[0].type);
 }
 
 /// f(D) and f'(D) of the configured f-divergence.

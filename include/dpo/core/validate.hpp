@@ -15,38 +15,26 @@
 
 namespace dpo {
 
-/// TRL's name of a loss type ("sigmoid", "aot_unpaired", ...).
+/// TRL's name of a loss type ("sigmoid", "aot_unpaired", ...), from the registry.
 inline const char* to_string(loss_type t) {
   switch (t) {
-    case loss_type::sigmoid: return "sigmoid";
-    case loss_type::hinge: return "hinge";
-    case loss_type::ipo: return "ipo";
-    case loss_type::exo_pair: return "exo_pair";
-    case loss_type::nca_pair: return "nca_pair";
-    case loss_type::robust: return "robust";
-    case loss_type::bco_pair: return "bco_pair";
-    case loss_type::sppo_hard: return "sppo_hard";
-    case loss_type::aot: return "aot";
-    case loss_type::aot_unpaired: return "aot_unpaired";
-    case loss_type::apo_zero: return "apo_zero";
-    case loss_type::apo_down: return "apo_down";
-    case loss_type::discopop: return "discopop";
-    case loss_type::sigmoid_norm: return "sigmoid_norm";
-    case loss_type::sft: return "sft";
-    case loss_type::simpo: return "simpo";
-    case loss_type::cpo: return "cpo";
-    case loss_type::orpo: return "orpo";
+#define DPO_X(id, ...) \
+  case loss_type::id:  \
+    return #id;
+    DPO_LOSS_TYPES(DPO_X)
+#undef DPO_X
   }
   return "unknown";
 }
 
-/// TRL's name of an f-divergence ("reverse_kl", ...).
+/// TRL's name of an f-divergence ("reverse_kl", ...), from the registry.
 inline const char* to_string(f_divergence f) {
   switch (f) {
-    case f_divergence::reverse_kl: return "reverse_kl";
-    case f_divergence::forward_kl: return "forward_kl";
-    case f_divergence::js_divergence: return "js_divergence";
-    case f_divergence::alpha_divergence: return "alpha_divergence";
+#define DPO_X(id)          \
+  case f_divergence::id: \
+    return #id;
+    DPO_F_DIVERGENCES(DPO_X)
+#undef DPO_X
   }
   return "unknown";
 }
@@ -70,7 +58,7 @@ inline bool parse_loss_type(const std::string& name, loss_type* out) {
 
 /// Parses TRL's name of an f-divergence. Returns false for an unknown name.
 inline bool parse_f_divergence(const std::string& name, f_divergence* out) {
-  for (int i = 0; i < 4; ++i) {
+  for (int i = 0; i < num_f_divergences; ++i) {
     const auto f = static_cast<f_divergence>(i);
     if (name == to_string(f)) {
       *out = f;
@@ -80,39 +68,37 @@ inline bool parse_f_divergence(const std::string& name, f_divergence* out) {
   return false;
 }
 
+/// The names of the loss types whose registry row satisfies `pred`, in registry order, as
+/// error messages list them: "a, b and c" (`last` joins the last two; ", " gives "a, b, c").
+template <class Pred>
+std::string loss_type_names(Pred pred, const char* last = " and ") {
+  std::string out, pending;
+  for (int i = 0; i < num_loss_types; ++i) {
+    const auto t = static_cast<loss_type>(i);
+    if (!pred(t)) continue;
+    if (!pending.empty()) out += (out.empty() ? "" : ", ") + pending;
+    pending = to_string(t);
+  }
+  if (!pending.empty()) out += (out.empty() ? "" : last) + pending;
+  return out;
+}
+
+/// Every loss type name, in registry order.
+inline std::string loss_type_names() {
+  return loss_type_names([](loss_type) { return true; }, ", ");
+}
+
+/// Every f-divergence name, in registry order.
+inline std::string f_divergence_names() {
+  std::string out;
+  for (int i = 0; i < num_f_divergences; ++i) {
+    if (i > 0) out += ", ";
+    out += to_string(static_cast<f_divergence>(i));
+  }
+  return out;
+}
+
 namespace detail {
-
-/// Whether a term of this type reads label_smoothing under this configuration.
-inline bool uses_label_smoothing(loss_type t, const loss_config& c) {
-  switch (t) {
-    case loss_type::sigmoid: return c.cdpo_smoothing;
-    case loss_type::exo_pair:
-    case loss_type::robust:
-    case loss_type::aot:
-    case loss_type::aot_unpaired:
-    case loss_type::simpo:
-      return true;
-    case loss_type::cpo: return c.cpo_base == loss_type::sigmoid;
-    default: return false;
-  }
-}
-
-/// Whether TRL defines the loss type for an f-divergence other than reverse_kl.
-inline bool supports_f_divergence(loss_type t) {
-  switch (t) {
-    case loss_type::sigmoid:
-    case loss_type::sigmoid_norm:
-    case loss_type::hinge:
-    case loss_type::ipo:
-    case loss_type::exo_pair:
-    case loss_type::robust:
-    case loss_type::discopop:
-    case loss_type::sft:
-      return true;
-    default:
-      return false;
-  }
-}
 
 /// The shortest decimal that reads back as v ("0.1", not "0.10000000000000001"), so a
 /// message shows the value the caller typed.
@@ -144,7 +130,8 @@ inline std::string validate_config(const loss_config& c) {
   for (int k = 0; k < c.num_terms; ++k) {
     const int raw = static_cast<int>(c.terms[k].type);
     if (raw < 0 || raw >= num_loss_types) {
-      os << "loss_type[" << k << "] = " << raw << " is not a loss type";
+      os << "loss_type[" << k << "] = " << raw << " is not a loss type (expected one of "
+         << loss_type_names() << ")";
       return os.str();
     }
     if (!std::isfinite(c.terms[k].weight)) {
@@ -160,8 +147,8 @@ inline std::string validate_config(const loss_config& c) {
     any_eps = any_eps || detail::uses_label_smoothing(t, c);
   }
   if (any_ref_free && (any_ref_based || c.num_terms > 1)) {
-    return "loss_type: simpo, cpo and orpo (reference-free) cannot be combined with other loss "
-           "types";
+    return "loss_type: " + loss_type_names(detail::is_reference_free_type) +
+           " (reference-free) cannot be combined with other loss types";
   }
   const double eps = c.label_smoothing;
   if (!std::isfinite(eps) || eps < 0.0 || eps > 1.0)
@@ -185,8 +172,9 @@ inline std::string validate_config(const loss_config& c) {
   if (!(c.alpha_exponent_clamp > 0.0) || !std::isfinite(c.alpha_exponent_clamp))
     return bad("alpha_exponent_clamp", c.alpha_exponent_clamp, "must be finite and > 0");
   const int div = static_cast<int>(c.divergence);
-  if (div < 0 || div > 3) {
-    os << "f_divergence_type = " << div << " is not an f-divergence";
+  if (div < 0 || div >= num_f_divergences) {
+    os << "f_divergence_type = " << div << " is not an f-divergence (expected one of "
+       << f_divergence_names() << ")";
     return os.str();
   }
   if (c.divergence != f_divergence::reverse_kl) {
@@ -195,7 +183,7 @@ inline std::string validate_config(const loss_config& c) {
       if (!detail::supports_f_divergence(c.terms[k].type)) {
         os << "f_divergence_type = " << to_string(c.divergence) << " is not supported with loss_type "
            << to_string(c.terms[k].type)
-           << " (only sigmoid, sigmoid_norm, hinge, ipo, exo_pair, robust, discopop, sft)";
+           << " (only " << loss_type_names(detail::supports_f_divergence) << ")";
         return os.str();
       }
     }

@@ -427,7 +427,7 @@ inline forward_result dpo_loss(const pair_logps_in& in, const loss_config& cfg) 
   if (P < 1) dpo::detail::fail("num_pairs = ", P, " is invalid: must be >= 1");
   if (in.chosen_logps == nullptr) dpo::detail::fail("chosen_logps is null");
   if (in.rejected_logps == nullptr) dpo::detail::fail("rejected_logps is null");
-  bool needs_ref = !cfg.reference_free && !dpo::detail::is_reference_free_type(cfg.terms[0].type);
+  bool needs_ref = dpo::detail::needs_reference(cfg);
   if (needs_ref && (in.ref_chosen_logps == nullptr || in.ref_rejected_logps == nullptr))
     dpo::detail::fail(in.ref_chosen_logps == nullptr ? "ref_chosen_logps" : "ref_rejected_logps",
                       " is null (needed unless reference_free)");
@@ -471,7 +471,7 @@ forward_result dpo_forward(const pair_view<T, L>& policy, const double* ref_chos
                            const options& opt = {}) {
   detail::check_config(cfg);
   detail::check_pairs(policy, "logits");
-  const bool needs_ref = !cfg.reference_free && !dpo::detail::is_reference_free_type(cfg.terms[0].type);
+  const bool needs_ref = dpo::detail::needs_reference(cfg);
   if (needs_ref && (ref_chosen == nullptr || ref_rejected == nullptr))
     dpo::detail::fail(ref_chosen == nullptr ? "ref_chosen_logps" : "ref_rejected_logps",
                       " is null (needed unless reference_free)");

@@ -313,10 +313,6 @@ status run_backward(const views<T, L>& vs, const ws_ptrs& w, const std::int64_t 
                 rows_block, stream, vs, w, bp);
 }
 
-inline bool needs_reference(const loss_config& cfg) {
-  return !cfg.reference_free && !dpo::detail::is_reference_free_type(cfg.terms[0].type);
-}
-
 /// Checks of dpo_forward's arguments shared with dpo_forward_backward.
 /// forward_outputs::row_lse / row_coef are indexed by the logits buffer's row, so both sides
 /// must live in one buffer: with separate buffers their row indices would collide.
@@ -338,7 +334,7 @@ status check_forward(const pair_view<T, L>& policy, const double* ref_chosen,
   if (!msg.empty()) return invalid("dpo: %s", msg.c_str());
   status s = check_pairs(policy, "logits", opt, cap, pointers);
   if (!s) return s;
-  if (pointers && needs_reference(cfg) && (ref_chosen == nullptr || ref_rejected == nullptr))
+  if (pointers && dpo::detail::needs_reference(cfg) && (ref_chosen == nullptr || ref_rejected == nullptr))
     return invalid("dpo: %s is null (needed unless reference_free)",
                    ref_chosen == nullptr ? "ref_chosen_logps" : "ref_rejected_logps");
   return {};
@@ -373,7 +369,7 @@ status enqueue_forward(const pair_view<T, L>& policy, const double* ref_chosen,
   pp.vocab = policy.chosen.vocab;
   pp.metrics = metrics;
   pp.weights = weights_from::wpo_sums;
-  const bool ref = needs_reference(cfg);
+  const bool ref = dpo::detail::needs_reference(cfg);
   pp.ref_chosen = ref ? ref_chosen : nullptr;
   pp.ref_rejected = ref ? ref_rejected : nullptr;
   pp.out = out;
@@ -661,7 +657,7 @@ inline status dpo_loss(void* workspace, std::size_t& workspace_bytes, const pair
   if (!s || size_only) return s;
   if (in.chosen_logps == nullptr) return detail::invalid("dpo: chosen_logps is null");
   if (in.rejected_logps == nullptr) return detail::invalid("dpo: rejected_logps is null");
-  if (detail::needs_reference(cfg) &&
+  if (dpo::detail::needs_reference(cfg) &&
       (in.ref_chosen_logps == nullptr || in.ref_rejected_logps == nullptr))
     return detail::invalid("dpo: %s is null (needed unless reference_free)",
                            in.ref_chosen_logps == nullptr ? "ref_chosen_logps" : "ref_rejected_logps");
