@@ -25,15 +25,6 @@ std::string trim(const std::string& s) {
 
 }  // namespace
 
-std::string loss_type_names() {
-  std::string out;
-  for (int i = 0; i < dpo::num_loss_types; ++i) {
-    if (i > 0) out += ", ";
-    out += dpo::to_string(static_cast<dpo::loss_type>(i));
-  }
-  return out;
-}
-
 dpo::loss_config make_config(DPO_CONFIG_PARAMS, double exponent_clamp) {
   dpo::loss_config c;
   std::vector<std::string> names;
@@ -50,10 +41,10 @@ dpo::loss_config make_config(DPO_CONFIG_PARAMS, double exponent_clamp) {
     }
   }
   TORCH_CHECK_VALUE(!(names.size() == 1 && names[0].empty()),
-                    "loss_type is empty: give at least one of ", loss_type_names());
+                    "loss_type is empty: give at least one of ", dpo::loss_type_names());
   for (std::size_t k = 0; k < names.size(); ++k)
     TORCH_CHECK_VALUE(!names[k].empty(), "loss_type '", std::string(loss_type), "' has an empty name at position ",
-                      k, ": give comma-separated names, each one of ", loss_type_names());
+                      k, ": give comma-separated names, each one of ", dpo::loss_type_names());
   TORCH_CHECK_VALUE(names.size() <= static_cast<std::size_t>(dpo::max_loss_terms), "loss_type: ",
                     names.size(), " loss types given, at most ", dpo::max_loss_terms,
                     " are supported");
@@ -64,7 +55,7 @@ dpo::loss_config make_config(DPO_CONFIG_PARAMS, double exponent_clamp) {
   for (std::size_t k = 0; k < names.size(); ++k) {
     dpo::loss_type t;
     TORCH_CHECK_VALUE(dpo::parse_loss_type(names[k], &t), "loss_type '", names[k],
-                      "' is not a known loss type (TRL's names: ", loss_type_names(), ")");
+                      "' is not a known loss type (TRL's names: ", dpo::loss_type_names(), ")");
     c.terms[k] = {t, loss_weights.empty() ? 1.0 : loss_weights[k]};
   }
   dpo::f_divergence f;
