@@ -375,7 +375,7 @@ void sequence_logps_backward(const token_view<T, L>& in, const double* row_lse,
   using A = acc_t<T>;
   detail::check_view(in, "logits");
   if (in.num_seqs > 0 && seq_grad == nullptr) dpo::detail::fail("seq_grad is null");
-  detail::check_seq_grad(in, row_lse, grad, grad_stride);
+  detail::check_seq_grad(in, row_lse, seq_grad, grad, grad_stride);
   if (!detail::has_rows(in)) return;
   const std::int64_t r0 = in.row_begin(0);
   const std::int64_t n = in.row_end(in.num_seqs - 1) - r0;
@@ -399,8 +399,7 @@ template <class T, class L>
 void pair_logps(const pair_view<T, L>& in, double ld_alpha, double* chosen, double* rejected,
                 const options& opt = {}) {
   detail::check_pairs(in, "logits");
-  if (!std::isfinite(ld_alpha) || ld_alpha < 0.0 || ld_alpha > 1.0)
-    dpo::detail::fail("ld_alpha = ", ld_alpha, " is invalid: must be in [0, 1]");
+  detail::check_unit(ld_alpha, "ld_alpha");
   if (chosen == nullptr || rejected == nullptr)
     dpo::detail::fail(chosen == nullptr ? "chosen" : "rejected", " is null");
   detail::row_values rc, rr;
@@ -423,14 +422,8 @@ using dpo::pair_logps_in;
 /// Throws dpo::error on a bad configuration or null input. Deterministic.
 inline forward_result dpo_loss(const pair_logps_in& in, const loss_config& cfg) {
   detail::check_config(cfg);
+  detail::check_logps_in(in, cfg);
   const std::int64_t P = in.num_pairs;
-  if (P < 1) dpo::detail::fail("num_pairs = ", P, " is invalid: must be >= 1");
-  if (in.chosen_logps == nullptr) dpo::detail::fail("chosen_logps is null");
-  if (in.rejected_logps == nullptr) dpo::detail::fail("rejected_logps is null");
-  bool needs_ref = dpo::detail::needs_reference(cfg);
-  if (needs_ref && (in.ref_chosen_logps == nullptr || in.ref_rejected_logps == nullptr))
-    dpo::detail::fail(in.ref_chosen_logps == nullptr ? "ref_chosen_logps" : "ref_rejected_logps",
-                      " is null (needed unless reference_free)");
   forward_result r;
   const std::vector<double> ones(static_cast<std::size_t>(P), 1.0);
   r.chosen_logps = Eigen::Map<const Eigen::VectorXd>(in.chosen_logps, P);
@@ -471,10 +464,8 @@ forward_result dpo_forward(const pair_view<T, L>& policy, const double* ref_chos
                            const options& opt = {}) {
   detail::check_config(cfg);
   detail::check_pairs(policy, "logits");
+  detail::check_reference(cfg, ref_chosen, ref_rejected);
   const bool needs_ref = dpo::detail::needs_reference(cfg);
-  if (needs_ref && (ref_chosen == nullptr || ref_rejected == nullptr))
-    dpo::detail::fail(ref_chosen == nullptr ? "ref_chosen_logps" : "ref_rejected_logps",
-                      " is null (needed unless reference_free)");
   const std::int64_t P = policy.num_pairs();
   const bool metrics = opt.metrics || cfg.use_weighting;
   detail::row_values rc, rr;
@@ -545,9 +536,7 @@ forward_result dpo_forward(const pair_view<T, L>& policy, const pair_view<T, L>&
                            const loss_config& cfg, const options& opt = {}) {
   detail::check_config(cfg);
   detail::check_pairs(reference, "ref_logits");
-  if (reference.num_pairs() != policy.num_pairs())
-    dpo::detail::fail("ref_logits.num_pairs = ", reference.num_pairs(),
-                      " != logits.num_pairs = ", policy.num_pairs());
+  detail::check_reference_pairs(policy, reference);
   std::vector<double> rc(static_cast<std::size_t>(reference.num_pairs()));
   std::vector<double> rr(rc.size());
   pair_logps(reference, cfg.ld_alpha, rc.data(), rr.data(), opt);
