@@ -636,4 +636,14 @@ sequence_out run_sequence_case(const case_in& in, std::int64_t seq_stride,
   throw std::runtime_error("sequence case: unknown dtype");
 }
 
+std::string check_message(const dpo::pair_view<float, std::int64_t>& view,
+                          const dpo::pair_grad_view<float>* grad, std::int64_t num_rows) {
+  dpo::cuda::options opt;
+  opt.num_rows = num_rows;
+  std::int64_t cap[2] = {0, 0};
+  dpo::cuda::status s = dpo::cuda::detail::check_pairs(view, "logits", opt, cap, true);
+  if (s && grad != nullptr) s = dpo::cuda::detail::check_grad(view, *grad, opt);
+  return s.message;
+}
+
 }  // namespace dpo_cuda_test

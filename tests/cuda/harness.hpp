@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "dpo/core/layout.hpp"
 #include "dpo/core/loss.hpp"
 
 namespace dpo_cuda_test {
@@ -134,5 +135,11 @@ struct sequence_out : case_out {
 };
 sequence_out run_sequence_case(const case_in& in, std::int64_t seq_stride,
                                const std::vector<double>& seq_grad);
+
+/// The status message of dpo::cuda's host argument checks, which read no memory: so the
+/// views may hold host pointers. check_pairs(view, "logits") then, when grad != null,
+/// check_grad, with options::num_rows = num_rows; "" when both pass.
+std::string check_message(const dpo::pair_view<float, std::int64_t>& view,
+                          const dpo::pair_grad_view<float>* grad, std::int64_t num_rows);
 
 }  // namespace dpo_cuda_test

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "catch.hpp"
+#include "dpo/core/check.hpp"
 #include "dpo/core/validate.hpp"
 #include "dpo/cpu/dpo.hpp"
 #include "harness.hpp"
@@ -696,6 +697,67 @@ TEST_CASE("cuda: bad arguments are rejected before any launch", "[cuda][small]")
     case_in c = make_case(dtype::bf16, p, 12);
     c.give_num_rows = false;
     expect_rejected(c, "num_rows");
+  }
+}
+
+TEST_CASE("cuda: the argument checks return the core's messages", "[cuda][small]") {
+  // dpo/core/check.hpp words every check once: the status is "dpo: " + the core's message
+  // under the CUDA policy, the same words the CPU throws (tests/test_core_check.cpp).
+  const std::int64_t P = 2, T = 3, V = 4, S = 5, rows = 2 * P * T;
+  std::vector<float> logits(rows * S, 0.5f), grad(rows * S, 0.0f);
+  std::vector<std::int64_t> labels(rows, 1), cu = {0, 2, 5, 6, 9};
+  using view_t = dpo::pair_view<float, std::int64_t>;
+  const view_t padded = dpo::padded_pairs(logits.data(), labels.data(), 2 * P, T, V, S);
+  const view_t packed = dpo::packed_pairs(logits.data(), labels.data(), cu.data(), 2 * P, V, S);
+  const dpo::detail::check_policy cuda = dpo::detail::cuda_policy(rows, true);
+  const auto expect_core = [&](const view_t& v, const dpo::pair_grad_view<float>* g,
+                               const std::string& core, const char* needle) {
+    INFO("core: " << core);
+    CHECK(core.find(needle) != std::string::npos);
+    const std::string status = dpo_cuda_test::check_message(v, g, rows);
+    INFO("status: " << status);
+    CHECK(status == "dpo: " + core);
+  };
+  {
+    view_t v = padded;
+    v.concatenated_seqs = 3;
+    expect_core(v, nullptr, dpo::detail::check_pairs(v, "logits", cuda), "num_seqs = 3 is odd");
+  }
+  {
+    view_t v = padded;
+    v.rejected.vocab = 3;
+    expect_core(v, nullptr, dpo::detail::check_pairs(v, "logits", cuda),
+                "chosen.vocab = 4 != rejected.vocab = 3");
+  }
+  {
+    view_t v = padded;
+    v.chosen.row_stride = 3;
+    expect_core(v, nullptr, dpo::detail::check_pairs(v, "logits", cuda), "row_stride = 3");
+  }
+  {
+    view_t v = padded;
+    v.rejected.seq_stride = 2;
+    expect_core(v, nullptr, dpo::detail::check_pairs(v, "logits", cuda), "seq_stride = 2");
+  }
+  {
+    view_t v = packed;
+    v.rejected.labels = nullptr;
+    expect_core(v, nullptr, dpo::detail::check_pairs(v, "logits", cuda),
+                "logits.rejected.labels is null");
+  }
+  {
+    dpo::pair_grad_view<float> g{grad.data(), 3, grad.data(), S};
+    expect_core(padded, &g, dpo::detail::check_grad(padded, g, cuda), "grad.chosen_stride = 3");
+  }
+  {
+    dpo::pair_grad_view<float> g{logits.data() + 1, S, logits.data() + 1, S};
+    expect_core(padded, &g, dpo::detail::check_grad(padded, g, cuda), "unsupported aliasing");
+  }
+  {
+    // One packed buffer, in place: the sides' sequence ranges are disjoint.
+    dpo::pair_grad_view<float> g{logits.data(), S, logits.data(), S};
+    CHECK(dpo_cuda_test::check_message(packed, &g, rows) == "");
+    CHECK(dpo::detail::check_grad(packed, g, cuda) == "");
   }
 }
 

@@ -29,11 +29,11 @@
 
 #include <cuda_runtime.h>
 
-#include <climits>
 #include <cstdint>
 #include <string>
 #include <utility>
 
+#include "dpo/core/check.hpp"
 #include "dpo/core/layout.hpp"
 #include "dpo/core/validate.hpp"
 #include "dpo/cuda/block.cuh"
@@ -66,140 +66,46 @@ inline status invalid(const char* fmt, ...) {
   return s;
 }
 
-using ll = long long;
+/// The argument checks are the core's (dpo/core/check.hpp), returned as a status. The host
+/// cannot read device data: packed views are bounded by options::num_rows, and the kernels
+/// check labels and cu_seqlens. `pointers`: false in a size query (no pointers yet).
+inline dpo::detail::check_policy policy(const options& opt, bool pointers) {
+  return dpo::detail::cuda_policy(opt.num_rows, pointers);
+}
 
-/// Host checks of one view (nothing on the device is read). Sets *cap to the rows the
-/// workspace holds for it. Pointers are checked only when `pointers` (not in a size query).
+/// cudaErrorInvalidValue with "dpo: " + msg, or success when msg is empty.
+inline status to_status(const std::string& msg) {
+  if (msg.empty()) return {};
+  return invalid("dpo: %s", msg.c_str());
+}
+
+/// One view. Sets *cap to the rows the workspace holds for it: from the first sequence's
+/// first row to the last one's end, gaps included (the per-row arrays are indexed by
+/// row - row_begin(0)), or num_rows for a packed view.
 template <class T, class L>
 status check_view(const token_view<T, L>& v, const char* name, const options& opt,
                   std::int64_t* cap, bool pointers) {
-  *cap = 0;
-  if (v.num_seqs < 0 || v.num_seqs >= INT_MAX)
-    return invalid("dpo: %s.num_seqs = %lld is invalid: must be in [0, 2^31)", name, ll(v.num_seqs));
-  if (v.vocab < 1 || v.vocab >= INT_MAX)
-    return invalid("dpo: %s.vocab = %lld is invalid: must be in [1, 2^31)", name, ll(v.vocab));
-  if (v.row_stride < v.vocab)
-    return invalid("dpo: %s.row_stride = %lld is invalid: must be >= vocab = %lld", name,
-                   ll(v.row_stride), ll(v.vocab));
-  if (v.first_seq < 0)
-    return invalid("dpo: %s.first_seq = %lld is invalid: must be >= 0", name, ll(v.first_seq));
-  if (v.cu_seqlens == nullptr) {
-    if (v.seq_len < 0)
-      return invalid("dpo: %s.seq_len = %lld is invalid: must be >= 0", name, ll(v.seq_len));
-    if (v.seq_stride != 0 && v.seq_stride < v.seq_len)
-      return invalid("dpo: %s.seq_stride = %lld is invalid: must be 0 (= seq_len) or >= seq_len "
-                     "= %lld", name, ll(v.seq_stride), ll(v.seq_len));
-    const std::int64_t end_seq = v.first_seq + v.num_seqs;
-    const std::int64_t pitch = v.seq_pitch();
-    if (pitch > 0 && (end_seq > LLONG_MAX / pitch || end_seq * pitch > LLONG_MAX / v.row_stride))
-      return invalid("dpo: %s: rows x row_stride overflows int64", name);
-    // Rows from the first sequence's first row to the last one's end, gaps included: the
-    // workspace's per-row arrays are indexed by row - row_begin(0).
-    *cap = v.num_seqs > 0 && v.seq_len > 0 ? (v.num_seqs - 1) * pitch + v.seq_len : 0;
-  } else {
-    if (opt.num_rows < 0)
-      return invalid("dpo: options.num_rows = %lld is invalid for the packed view %s: give the "
-                     "rows of the logits buffer (>= 0)", ll(opt.num_rows), name);
-    if (opt.num_rows > LLONG_MAX / v.row_stride)
-      return invalid("dpo: %s: num_rows x row_stride overflows int64", name);
-    *cap = v.num_seqs > 0 ? opt.num_rows : 0;
-  }
-  if (*cap > 0 && pointers) {
-    if (v.logits == nullptr) return invalid("dpo: %s.logits is null", name);
-    if (v.labels == nullptr) return invalid("dpo: %s.labels is null", name);
-  }
-  return {};
+  const dpo::detail::check_policy p = policy(opt, pointers);
+  const status s = to_status(dpo::detail::check_view(v, name, p));
+  *cap = s ? dpo::detail::rows_of(v, p).size() : 0;
+  return s;
 }
 
 template <class T, class L>
-status check_pairs(const pair_view<T, L>& p, const char* name, const options& opt,
+status check_pairs(const pair_view<T, L>& v, const char* name, const options& opt,
                    std::int64_t cap[2], bool pointers) {
-  if (p.concatenated_seqs % 2 != 0)
-    return invalid("dpo: %s.num_seqs = %lld is odd: the paired layout needs rows [0, P) chosen "
-                   "and [P, 2P) rejected", name, ll(p.concatenated_seqs));
-  if (p.chosen.num_seqs != p.rejected.num_seqs)
-    return invalid("dpo: %s: chosen.num_seqs = %lld != rejected.num_seqs = %lld", name,
-                   ll(p.chosen.num_seqs), ll(p.rejected.num_seqs));
-  if (p.chosen.num_seqs < 1)
-    return invalid("dpo: %s.num_pairs = %lld is invalid: must be >= 1", name, ll(p.chosen.num_seqs));
-  // sequence_kernel runs one block per sequence of both sides: 2P blocks in gridDim.x.
-  if (p.chosen.num_seqs > INT_MAX / 2)
-    return invalid("dpo: %s.num_pairs = %lld is invalid: must be <= %d", name, ll(p.chosen.num_seqs),
-                   INT_MAX / 2);
-  if (p.chosen.vocab != p.rejected.vocab)
-    return invalid("dpo: %s: chosen.vocab = %lld != rejected.vocab = %lld", name,
-                   ll(p.chosen.vocab), ll(p.rejected.vocab));
-  const std::string c = std::string(name) + ".chosen", r = std::string(name) + ".rejected";
-  status s = check_view(p.chosen, c.c_str(), opt, &cap[0], pointers);
-  if (!s) return s;
-  return check_view(p.rejected, r.c_str(), opt, &cap[1], pointers);
-}
-
-/// Bytes [lo, hi) that a view's rows may occupy in a buffer (base, stride): exact for
-/// padded views, the whole num_rows buffer for packed ones (the host cannot read cu_seqlens).
-template <class T, class L>
-void row_bytes(const void* base, std::int64_t stride, const token_view<T, L>& v,
-               const options& opt, std::uintptr_t* lo, std::uintptr_t* hi) {
-  std::int64_t r0 = 0, r1 = 0;
-  if (v.cu_seqlens == nullptr) {
-    r0 = v.row_begin(0);
-    r1 = v.row_end(v.num_seqs - 1);
-  } else {
-    r1 = opt.num_rows;
-  }
-  const std::uintptr_t b = reinterpret_cast<std::uintptr_t>(base);
-  if (r1 <= r0 || base == nullptr) {
-    *lo = *hi = 0;
-    return;
-  }
-  *lo = b + static_cast<std::uintptr_t>(r0 * stride) * sizeof(T);
-  *hi = b + static_cast<std::uintptr_t>((r1 - 1) * stride + v.vocab) * sizeof(T);
-}
-
-/// Whether rows of `a` in buffer (pa, sa) and rows of `b` in buffer (pb, sb) can overlap.
-/// Two views of one packed buffer with the same cu_seqlens and disjoint sequence ranges have
-/// disjoint rows (cu_seqlens is checked to be non-decreasing on the device).
-template <class T, class L>
-bool may_overlap(const T* pa, std::int64_t sa, const token_view<T, L>& a, const T* pb,
-                 std::int64_t sb, const token_view<T, L>& b, const options& opt) {
-  if (pa == pb && sa == sb && a.cu_seqlens != nullptr && a.cu_seqlens == b.cu_seqlens &&
-      (a.first_seq + a.num_seqs <= b.first_seq || b.first_seq + b.num_seqs <= a.first_seq))
-    return false;
-  std::uintptr_t alo, ahi, blo, bhi;
-  row_bytes(pa, sa, a, opt, &alo, &ahi);
-  row_bytes(pb, sb, b, opt, &blo, &bhi);
-  return alo != 0 && blo != 0 && alo < bhi && blo < ahi;
+  const dpo::detail::check_policy p = policy(opt, pointers);
+  const status s = to_status(dpo::detail::check_pairs(v, name, p));
+  cap[0] = s ? dpo::detail::rows_of(v.chosen, p).size() : 0;
+  cap[1] = s ? dpo::detail::rows_of(v.rejected, p).size() : 0;
+  return s;
 }
 
 /// The gradient buffers: non-null, stride >= vocab, and either exactly the side's logits
-/// (in place: same pointer and stride) or disjoint from every logits row that is read.
+/// (in place: same pointer and stride) or disjoint from every logits row that may be read.
 template <class T, class L>
 status check_grad(const pair_view<T, L>& p, const pair_grad_view<T>& g, const options& opt) {
-  T* ptr[2] = {g.chosen, g.rejected};
-  const std::int64_t stride[2] = {g.chosen_stride, g.rejected_stride};
-  const token_view<T, L>* v[2] = {&p.chosen, &p.rejected};
-  const char* name[2] = {"grad.chosen", "grad.rejected"};
-  for (int s = 0; s < 2; ++s) {
-    // As for the logits, a side with no rows may pass null (an empty tensor's pointer).
-    const bool has_rows = v[s]->num_seqs > 0 &&
-                          (v[s]->cu_seqlens != nullptr ? opt.num_rows > 0 : v[s]->seq_len > 0);
-    if (ptr[s] == nullptr && has_rows) return invalid("dpo: %s is null", name[s]);
-    if (stride[s] < v[s]->vocab)
-      return invalid("dpo: %s_stride = %lld is invalid: must be >= vocab = %lld", name[s],
-                     ll(stride[s]), ll(v[s]->vocab));
-  }
-  for (int s = 0; s < 2; ++s) {
-    const bool in_place = ptr[s] == v[s]->logits && stride[s] == v[s]->row_stride;
-    for (int o = 0; o < 2; ++o) {
-      if (o == s && in_place) continue;
-      if (may_overlap<T, L>(ptr[s], stride[s], *v[s], v[o]->logits, v[o]->row_stride, *v[o], opt))
-        return invalid("dpo: %s overlaps the logits without being the logits buffer itself "
-                       "(same pointer and stride): unsupported aliasing", name[s]);
-    }
-  }
-  if (may_overlap<T, L>(ptr[0], stride[0], *v[0], ptr[1], stride[1], *v[1], opt))
-    return invalid("dpo: grad.chosen and grad.rejected overlap: unsupported aliasing");
-  return {};
+  return to_status(dpo::detail::check_grad(p, g, policy(opt, true)));
 }
 
 inline status check_workspace(void* workspace, std::size_t workspace_bytes, std::size_t needed) {
@@ -330,14 +236,12 @@ template <class T, class L>
 status check_forward(const pair_view<T, L>& policy, const double* ref_chosen,
                      const double* ref_rejected, const loss_config& cfg, const options& opt,
                      std::int64_t cap[2], bool pointers) {
-  const std::string msg = validate_config(cfg);
-  if (!msg.empty()) return invalid("dpo: %s", msg.c_str());
-  status s = check_pairs(policy, "logits", opt, cap, pointers);
+  status s = to_status(validate_config(cfg));
   if (!s) return s;
-  if (pointers && dpo::detail::needs_reference(cfg) && (ref_chosen == nullptr || ref_rejected == nullptr))
-    return invalid("dpo: %s is null (needed unless reference_free)",
-                   ref_chosen == nullptr ? "ref_chosen_logps" : "ref_rejected_logps");
-  return {};
+  s = check_pairs(policy, "logits", opt, cap, pointers);
+  if (!s) return s;
+  return to_status(dpo::detail::check_reference(cfg, ref_chosen, ref_rejected,
+                                                detail::policy(opt, pointers)));
 }
 
 /// `late_metrics` (dpo_forward_backward, never with WPO weights): skip the token metrics,
@@ -420,15 +324,14 @@ status reserve_reference(void* workspace, std::size_t& workspace_bytes,
                          std::int64_t ref_cap[2], ws_ptrs* w, ws_ptrs* ref_w, double** ref_logps,
                          bool* size_only) {
   const bool pointers = workspace != nullptr;
-  const std::string msg = validate_config(cfg);
-  if (!msg.empty()) return invalid("dpo: %s", msg.c_str());
-  status s = check_pairs(policy, "logits", opt, cap, pointers);
+  status s = to_status(validate_config(cfg));
+  if (!s) return s;
+  s = check_pairs(policy, "logits", opt, cap, pointers);
   if (!s) return s;
   s = check_pairs(reference, "ref_logits", opt, ref_cap, pointers);
   if (!s) return s;
-  if (reference.num_pairs() != policy.num_pairs())
-    return invalid("dpo: ref_logits.num_pairs = %lld != logits.num_pairs = %lld",
-                   ll(reference.num_pairs()), ll(policy.num_pairs()));
+  s = to_status(dpo::detail::check_reference_pairs(policy, reference));
+  if (!s) return s;
   const std::int64_t P = policy.num_pairs();
   const std::size_t a = carve(0, cap, P, P, w);
   const std::size_t b = carve(0, ref_cap, P, P, ref_w);
@@ -544,26 +447,17 @@ status sequence_logps_backward(void* workspace, std::size_t& workspace_bytes,
                                const double* seq_grad, T* grad, std::int64_t grad_stride,
                                const options& opt = {}, cudaStream_t stream = 0) {
   std::int64_t cap = 0;
-  status s = detail::check_view(in, "logits", opt, &cap, workspace != nullptr);
+  const bool pointers = workspace != nullptr;
+  status s = detail::check_view(in, "logits", opt, &cap, pointers);
   if (!s) return s;
-  if (grad_stride < in.vocab)
-    return detail::invalid("dpo: grad_stride = %lld is invalid: must be >= vocab = %lld",
-                           detail::ll(grad_stride), detail::ll(in.vocab));
+  s = detail::to_status(dpo::detail::check_seq_grad(in, row_lse, seq_grad, grad, grad_stride,
+                                                    detail::policy(opt, pointers)));
+  if (!s) return s;
   const std::int64_t none[2] = {0, 0};
   detail::ws_ptrs w;
   bool size_only = false;
   s = detail::reserve(workspace, workspace_bytes, none, 0, 0, &w, &size_only);
-  if (!s || size_only) return s;
-  if (cap > 0) {
-    if (row_lse == nullptr) return detail::invalid("dpo: row_lse is null");
-    if (seq_grad == nullptr) return detail::invalid("dpo: seq_grad is null");
-    if (grad == nullptr) return detail::invalid("dpo: grad is null");
-    const bool in_place = grad == in.logits && grad_stride == in.row_stride;
-    if (!in_place && detail::may_overlap<T, L>(grad, grad_stride, in, in.logits, in.row_stride, in, opt))
-      return detail::invalid("dpo: grad overlaps the logits without being the logits buffer "
-                             "itself (same pointer and stride): unsupported aliasing");
-  }
-  if (cap == 0) return {};
+  if (!s || size_only || cap == 0) return s;
   const detail::views<T, L> vs = detail::make_views<T, L>(in, nullptr, opt);
   // The device query first: a failure must leave nothing enqueued.
   const auto kernel = detail::backward_sequences_kernel<detail::rows_block, T, L>;
@@ -590,8 +484,8 @@ status pair_logps(void* workspace, std::size_t& workspace_bytes, const pair_view
   std::int64_t cap[2] = {0, 0};
   status s = detail::check_pairs(in, "logits", opt, cap, workspace != nullptr);
   if (!s) return s;
-  if (!(ld_alpha >= 0.0 && ld_alpha <= 1.0))
-    return detail::invalid("dpo: ld_alpha = %g is invalid: must be in [0, 1]", ld_alpha);
+  s = detail::to_status(dpo::detail::check_unit(ld_alpha, "ld_alpha"));
+  if (!s) return s;
   detail::ws_ptrs w;
   bool size_only = false;
   s = detail::reserve(workspace, workspace_bytes, cap, in.num_pairs(), in.num_pairs(), &w,
@@ -645,22 +539,17 @@ using dpo::pair_logps_in;
 inline status dpo_loss(void* workspace, std::size_t& workspace_bytes, const pair_logps_in& in,
                        const loss_config& cfg, const forward_outputs& out,
                        cudaStream_t stream = 0) {
-  const std::string msg = validate_config(cfg);
-  if (!msg.empty()) return detail::invalid("dpo: %s", msg.c_str());
+  status s = detail::to_status(validate_config(cfg));
+  if (!s) return s;
+  s = detail::to_status(dpo::detail::check_logps_in(
+      in, cfg, dpo::detail::cuda_policy(-1, workspace != nullptr)));
+  if (!s) return s;
   const std::int64_t P = in.num_pairs;
-  if (P < 1 || P >= INT_MAX)
-    return detail::invalid("dpo: num_pairs = %lld is invalid: must be in [1, 2^31)", detail::ll(P));
   const std::int64_t cap[2] = {0, 0};
   detail::ws_ptrs w;
   bool size_only = false;
-  status s = detail::reserve(workspace, workspace_bytes, cap, P, P, &w, &size_only);
+  s = detail::reserve(workspace, workspace_bytes, cap, P, P, &w, &size_only);
   if (!s || size_only) return s;
-  if (in.chosen_logps == nullptr) return detail::invalid("dpo: chosen_logps is null");
-  if (in.rejected_logps == nullptr) return detail::invalid("dpo: rejected_logps is null");
-  if (dpo::detail::needs_reference(cfg) &&
-      (in.ref_chosen_logps == nullptr || in.ref_rejected_logps == nullptr))
-    return detail::invalid("dpo: %s is null (needed unless reference_free)",
-                           in.ref_chosen_logps == nullptr ? "ref_chosen_logps" : "ref_rejected_logps");
   const detail::loss_inputs li{in.chosen_logps, in.rejected_logps, in.chosen_tokens,
                                in.rejected_tokens, in.weights};
   const int blocks = static_cast<int>(P / 256 + 1 < 1024 ? P / 256 + 1 : 1024);
