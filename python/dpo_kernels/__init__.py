@@ -10,11 +10,11 @@ fake kernels so they run under ``torch.compile(fullgraph=True)`` and CUDA graphs
   policy logits of the concatenated ``[chosen; rejected]`` batch, in one read of the logits
   (plus one read and one write for the gradient, optionally in place).
 
-Losses follow TRL 1.x's DPOTrainer (docs: /docs/losses.md of the repository), with TRL's
-argument names. Invalid arguments raise ``ValueError`` (bad values, shapes, devices) or
-``TypeError`` (dtypes, argument types) with a message naming the argument, before anything
-is written. The gradients are first order only: differentiating one again (after
-``create_graph=True``) raises a ``RuntimeError``.
+Losses follow TRL 1.x's DPOTrainer (semantics: `docs/losses.md <../../docs/losses.md>`_, a
+path relative to this file), with TRL's argument names. Invalid arguments raise
+``ValueError`` (bad values, shapes, devices) or ``TypeError`` (dtypes, argument types) with a
+message naming the argument, before anything is written. The gradients are first order
+only: differentiating one again (after ``create_graph=True``) raises a ``RuntimeError``.
 """
 from __future__ import annotations
 
