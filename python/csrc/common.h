@@ -18,24 +18,47 @@
 
 namespace dpo_kernels {
 
-/// The loss configuration arguments every loss op takes, in schema order.
-#define DPO_CONFIG_SCHEMA                                                                     \
-  "str loss_type, float[] loss_weights, float beta, float label_smoothing, "                \
-  "str f_divergence_type, float f_alpha_divergence_coef, float discopop_tau, "              \
-  "bool use_weighting, float ld_alpha, bool reference_free, bool cdpo_smoothing, "          \
-  "float simpo_gamma, float cpo_alpha, str cpo_base"
+/// The loss configuration arguments of pair_loss, pair_loss_backward and dpo_forward, one row
+/// per field in schema order: X(name, schema type, kernel parameter type, value type, default).
+/// The op schemas (DPO_CONFIG_SCHEMA), the kernels' parameters (DPO_CONFIG_PARAMS), the calls
+/// that forward them (DPO_CONFIG_ARGS) and the Python package's list of fields and defaults
+/// (dpo_kernels._C.config_fields, from which Python builds and unpacks the arguments) all come
+/// from this table. The defaults are TRL DPOConfig's; ld_alpha = 1 disables LD-DPO, an empty
+/// loss_weights means weight 1 for each loss type.
+#define DPO_CONFIG_FIELDS(X)                                                                 \
+  X(loss_type, "str", c10::string_view, std::string, "sigmoid")                            \
+  X(loss_weights, "float[]", c10::ArrayRef<double>, std::vector<double>, /* none */)       \
+  X(beta, "float", double, double, 0.1)                                                      \
+  X(label_smoothing, "float", double, double, 0.0)                                           \
+  X(f_divergence_type, "str", c10::string_view, std::string, "reverse_kl")                 \
+  X(f_alpha_divergence_coef, "float", double, double, 0.5)                                   \
+  X(discopop_tau, "float", double, double, 0.05)                                             \
+  X(use_weighting, "bool", bool, bool, false)                                                \
+  X(ld_alpha, "float", double, double, 1.0)                                                  \
+  X(reference_free, "bool", bool, bool, false)                                               \
+  X(cdpo_smoothing, "bool", bool, bool, false)                                               \
+  X(simpo_gamma, "float", double, double, 0.5)                                               \
+  X(cpo_alpha, "float", double, double, 1.0)                                                 \
+  X(cpo_base, "str", c10::string_view, std::string, "sigmoid")
 
-#define DPO_CONFIG_PARAMS                                                                      \
-  c10::string_view loss_type, c10::ArrayRef<double> loss_weights, double beta,               \
-      double label_smoothing, c10::string_view f_divergence_type,                           \
-      double f_alpha_divergence_coef, double discopop_tau, bool use_weighting, double ld_alpha, \
-      bool reference_free, bool cdpo_smoothing, double simpo_gamma, double cpo_alpha,        \
-      c10::string_view cpo_base
+// A comma-separated list from rows that each expand to ", item": drops the first comma.
+#define DPO_DROP_FIRST_(first, ...) __VA_ARGS__
+#define DPO_DROP_FIRST(...) DPO_DROP_FIRST_(__VA_ARGS__)
 
-#define DPO_CONFIG_ARGS                                                                     \
-  loss_type, loss_weights, beta, label_smoothing, f_divergence_type, f_alpha_divergence_coef, \
-      discopop_tau, use_weighting, ld_alpha, reference_free, cdpo_smoothing, simpo_gamma,    \
-      cpo_alpha, cpo_base
+#define DPO_CONFIG_SCHEMA_ITEM_(name, schema, param, value, def) ", " schema " " #name
+#define DPO_CONFIG_PARAM_ITEM_(name, schema, param, value, def) , param name
+#define DPO_CONFIG_VALUE_PARAM_ITEM_(name, schema, param, value, def) , const value& name
+#define DPO_CONFIG_ARG_ITEM_(name, schema, param, value, def) , name
+
+/// The config arguments of an op schema, each preceded by ", ": "Tensor? weights"
+/// DPO_CONFIG_SCHEMA ") -> ...".
+#define DPO_CONFIG_SCHEMA DPO_CONFIG_FIELDS(DPO_CONFIG_SCHEMA_ITEM_)
+/// The kernels' parameters for the config arguments (the dispatcher's types).
+#define DPO_CONFIG_PARAMS DPO_DROP_FIRST(DPO_CONFIG_FIELDS(DPO_CONFIG_PARAM_ITEM_))
+/// The same fields as owning values (std::string, std::vector<double>), for pybind11.
+#define DPO_CONFIG_VALUE_PARAMS DPO_DROP_FIRST(DPO_CONFIG_FIELDS(DPO_CONFIG_VALUE_PARAM_ITEM_))
+/// The config parameters forwarded, in order, to a function taking DPO_CONFIG_PARAMS.
+#define DPO_CONFIG_ARGS DPO_DROP_FIRST(DPO_CONFIG_FIELDS(DPO_CONFIG_ARG_ITEM_))
 
 /// A validated dpo::loss_config. `loss_type` is a comma-separated list of TRL names with one
 /// weight each in `loss_weights` (empty means 1 each). `exponent_clamp` is TRL's clamp of the

@@ -339,19 +339,19 @@ TORCH_LIBRARY(dpo_kernels, m) {
   m.def(
       "pair_loss(Tensor policy_chosen_logps, Tensor policy_rejected_logps, "
       "Tensor? reference_chosen_logps, Tensor? reference_rejected_logps, Tensor? chosen_lengths, "
-      "Tensor? rejected_lengths, Tensor? weights, " DPO_CONFIG_SCHEMA
+      "Tensor? rejected_lengths, Tensor? weights" DPO_CONFIG_SCHEMA
       ") -> (Tensor losses, Tensor chosen_rewards, Tensor rejected_rewards)",
       tags);
   m.def(
       "pair_loss_backward(Tensor grad_losses, Tensor policy_chosen_logps, "
       "Tensor policy_rejected_logps, Tensor? reference_chosen_logps, "
       "Tensor? reference_rejected_logps, Tensor? chosen_lengths, Tensor? rejected_lengths, "
-      "Tensor? weights, " DPO_CONFIG_SCHEMA ") -> (Tensor grad_chosen, Tensor grad_rejected)",
+      "Tensor? weights" DPO_CONFIG_SCHEMA ") -> (Tensor grad_chosen, Tensor grad_rejected)",
       tags);
   m.def(
       "dpo_forward(Tensor logits, Tensor labels, Tensor? cu_seqlens, "
       "Tensor? reference_chosen_logps, Tensor? reference_rejected_logps, Tensor? ref_logits, "
-      "int ignore_index, " DPO_CONFIG_SCHEMA
+      "int ignore_index" DPO_CONFIG_SCHEMA
       ", bool compute_metrics, bool inplace_backward) -> (Tensor loss, Tensor metrics, Tensor pair_values, "
       "Tensor row_lse, Tensor row_coef)",
       tags);
@@ -388,27 +388,11 @@ TORCH_LIBRARY_IMPL(dpo_kernels, CUDA, m) {
 namespace {
 
 // Called by the fake (meta) kernels so a bad configuration fails at trace time too.
-void check_config(const std::string& loss_type, const std::vector<double>& loss_weights,
-                  double beta, double label_smoothing, const std::string& f_divergence_type,
-                  double f_alpha_divergence_coef, double discopop_tau, bool use_weighting,
-                  double ld_alpha, bool reference_free, bool cdpo_smoothing, double simpo_gamma,
-                  double cpo_alpha, const std::string& cpo_base) {
-  dpo_kernels::make_config(loss_type, loss_weights, beta, label_smoothing, f_divergence_type,
-                           f_alpha_divergence_coef, discopop_tau, use_weighting, ld_alpha,
-                           reference_free, cdpo_smoothing, simpo_gamma, cpo_alpha, cpo_base);
-}
+void check_config(DPO_CONFIG_VALUE_PARAMS) { dpo_kernels::make_config(DPO_CONFIG_ARGS); }
 
 // The fake (meta) kernels' check of the reference log-probs a configuration needs.
-void check_references(const std::string& loss_type, const std::vector<double>& loss_weights, double beta,
-                      double label_smoothing, const std::string& f_divergence_type,
-                      double f_alpha_divergence_coef, double discopop_tau, bool use_weighting,
-                      double ld_alpha, bool reference_free, bool cdpo_smoothing, double simpo_gamma,
-                      double cpo_alpha, const std::string& cpo_base, bool has_chosen, bool has_rejected) {
-  dpo_kernels::check_references(
-      dpo_kernels::make_config(loss_type, loss_weights, beta, label_smoothing, f_divergence_type,
-                               f_alpha_divergence_coef, discopop_tau, use_weighting, ld_alpha,
-                               reference_free, cdpo_smoothing, simpo_gamma, cpo_alpha, cpo_base),
-      has_chosen, has_rejected);
+void check_references(DPO_CONFIG_VALUE_PARAMS, bool has_chosen, bool has_rejected) {
+  dpo_kernels::check_references(dpo_kernels::make_config(DPO_CONFIG_ARGS), has_chosen, has_rejected);
 }
 
 }  // namespace
@@ -418,6 +402,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("check_config", &check_config, "Raises ValueError if the loss configuration is invalid");
   m.def("check_references", &check_references,
         "Raises ValueError if the configuration needs reference log-probs that are missing");
+  {
+    // (name, schema type, default) of each config argument, in schema order.
+    pybind11::list fields;
+#define DPO_CONFIG_FIELD_ENTRY_(name, schema, param, value, def) \
+  fields.append(pybind11::make_tuple(#name, schema, pybind11::cast(value{def})));
+    DPO_CONFIG_FIELDS(DPO_CONFIG_FIELD_ENTRY_)
+#undef DPO_CONFIG_FIELD_ENTRY_
+    m.attr("config_fields") = pybind11::tuple(fields);
+  }
   {
     std::vector<std::string> names;
     for (int i = 0; i < dpo::num_loss_types; ++i) names.push_back(dpo::to_string(static_cast<dpo::loss_type>(i)));

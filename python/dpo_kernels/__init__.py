@@ -24,7 +24,7 @@ from typing import Sequence
 import torch
 
 from . import _C
-from ._ops import LOSS_TYPES, METRIC_NAMES, PAIR_VALUE_NAMES, check_devices, check_inplace_target, ops
+from ._ops import CONFIG_FIELDS, LOSS_TYPES, METRIC_NAMES, PAIR_VALUE_NAMES, check_devices, check_inplace_target, ops
 
 __all__ = [
     "sequence_logps",
@@ -141,24 +141,34 @@ def _loss_types(loss_type: str | Sequence[str]) -> str:
     return ",".join(n.strip() for n in names)
 
 
-def _config(
-    loss_type, loss_weights, beta, label_smoothing, f_divergence_type, f_alpha_divergence_coef, discopop_tau,
-    use_weighting, ld_alpha, reference_free, cdpo_smoothing, simpo_gamma, cpo_alpha, cpo_base,
-):
-    if loss_weights is None:
-        weights = []
-    elif isinstance(loss_weights, (list, tuple)):
-        weights = [_real(f"loss_weights[{k}]", w) for k, w in enumerate(loss_weights)]
-    else:
-        raise TypeError(f"loss_weights must be None or a list of numbers, got {type(loss_weights).__name__}")
-    return (
-        _loss_types(loss_type), weights, _real("beta", beta), _real("label_smoothing", label_smoothing),
-        _name("f_divergence_type", f_divergence_type), _real("f_alpha_divergence_coef", f_alpha_divergence_coef),
-        _real("discopop_tau", discopop_tau), _flag("use_weighting", use_weighting),
-        1.0 if ld_alpha is None else _real("ld_alpha", ld_alpha), _flag("reference_free", reference_free),
-        _flag("cdpo_smoothing", cdpo_smoothing), _real("simpo_gamma", simpo_gamma), _real("cpo_alpha", cpo_alpha),
-        _name("cpo_base", cpo_base),
-    )
+def _real_list(name: str, value) -> list:
+    if isinstance(value, (list, tuple)):
+        return [_real(f"{name}[{k}]", v) for k, v in enumerate(value)]
+    raise TypeError(f"{name} must be None or a list of numbers, got {type(value).__name__}")
+
+
+#: Checks of a config argument, by its schema type (CONFIG_FIELDS); loss_type also takes a list.
+_CONFIG_CHECKS = {"str": _name, "float": _real, "bool": _flag, "float[]": _real_list}
+_CONFIG_SPECIAL = {"loss_type": lambda _, value: _loss_types(value)}
+#: Config arguments whose None (the public functions' default) means the table's default:
+#: no loss weights (1 each), ld_alpha = 1 (LD-DPO off).
+_NONE_MEANS_DEFAULT = ("loss_weights", "ld_alpha")
+assert set(_NONE_MEANS_DEFAULT) | set(_CONFIG_SPECIAL) <= {name for name, _, _ in CONFIG_FIELDS}
+
+
+def _config(**given) -> tuple:
+    """The ops' config arguments, checked, in schema order, from keyword arguments named as in
+    CONFIG_FIELDS; a field not given takes the table's default."""
+    unknown = set(given) - {name for name, _, _ in CONFIG_FIELDS}
+    if unknown:
+        raise AssertionError(f"not config fields: {sorted(unknown)}")
+    out = []
+    for name, kind, default in CONFIG_FIELDS:
+        value = given.get(name, default)
+        if value is None and name in _NONE_MEANS_DEFAULT:
+            value = default
+        out.append(_CONFIG_SPECIAL.get(name, _CONFIG_CHECKS[kind])(name, value))
+    return tuple(out)
 
 
 def dpo_loss(
@@ -214,8 +224,10 @@ def dpo_loss(
         ("chosen_lengths", chosen_lengths), ("rejected_lengths", rejected_lengths), ("weights", weights),
     )
     config = _config(
-        loss_type, loss_weights, beta, label_smoothing, f_divergence_type, f_alpha_divergence_coef, discopop_tau,
-        False, None, reference_free, cdpo_smoothing, simpo_gamma, cpo_alpha, cpo_base,
+        loss_type=loss_type, loss_weights=loss_weights, beta=beta, label_smoothing=label_smoothing,
+        f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha_divergence_coef,
+        discopop_tau=discopop_tau, reference_free=reference_free, cdpo_smoothing=cdpo_smoothing,
+        simpo_gamma=simpo_gamma, cpo_alpha=cpo_alpha, cpo_base=cpo_base,
     )
     return ops.pair_loss(
         policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
@@ -289,8 +301,10 @@ def dpo_loss_from_logits(
     )
     ignore_index = _ignore_index(ignore_index, labels)
     config = _config(
-        loss_type, loss_weights, beta, label_smoothing, f_divergence_type, f_alpha_divergence_coef, discopop_tau,
-        use_weighting, ld_alpha, reference_free, cdpo_smoothing, simpo_gamma, cpo_alpha, cpo_base,
+        loss_type=loss_type, loss_weights=loss_weights, beta=beta, label_smoothing=label_smoothing,
+        f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha_divergence_coef,
+        discopop_tau=discopop_tau, use_weighting=use_weighting, ld_alpha=ld_alpha, reference_free=reference_free,
+        cdpo_smoothing=cdpo_smoothing, simpo_gamma=simpo_gamma, cpo_alpha=cpo_alpha, cpo_base=cpo_base,
     )
     compute_metrics = _flag("compute_metrics", compute_metrics)
     if _flag("inplace_backward", inplace_backward):

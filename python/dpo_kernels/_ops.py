@@ -38,6 +38,26 @@ _FLOATING = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 #: TRL's loss type names the ops accept (the library's table, read from the extension).
 LOSS_TYPES = tuple(_C.loss_types)
 
+#: The loss configuration arguments of pair_loss, pair_loss_backward and dpo_forward, in schema
+#: order, as ``(name, schema type, default)``: the extension's table (DPO_CONFIG_FIELDS in
+#: csrc/common.h), from which the op schemas are generated too.
+CONFIG_FIELDS = tuple(_C.config_fields)
+CONFIG_NAMES = tuple(name for name, _, _ in CONFIG_FIELDS)
+
+
+def _arg_positions(op) -> dict:
+    """Argument name -> position in ``op``'s schema."""
+    return {a.name: i for i, a in enumerate(op.default._schema.arguments)}
+
+
+def _config_slice(op) -> slice:
+    """Where the config arguments sit among ``op``'s (checked against CONFIG_NAMES)."""
+    names = [a.name for a in op.default._schema.arguments]
+    start = names.index(CONFIG_NAMES[0])
+    if tuple(names[start:start + len(CONFIG_NAMES)]) != CONFIG_NAMES:
+        raise ImportError(f"dpo_kernels: the schema of {op} does not hold the config fields {CONFIG_NAMES} in order")
+    return slice(start, start + len(CONFIG_NAMES))
+
 
 def check_devices(*named) -> None:
     """Raises unless every tensor of the ``(name, tensor or None)`` pairs is a tensor on the
@@ -179,7 +199,8 @@ torch.library.register_autograd(
 
 # ---- pair-level loss ------------------------------------------------------------------------
 
-_CONFIG_ARGS = 14  # see DPO_CONFIG_SCHEMA in csrc/common.h
+_PAIR_LOSS_ARGS = len(_arg_positions(ops.pair_loss))
+_PAIR_LOSS_CONFIG = _config_slice(ops.pair_loss)  # the last arguments, as in pair_loss_backward
 
 _PAIR_ARG_NAMES = (
     "policy_chosen_logps", "policy_rejected_logps", "reference_chosen_logps", "reference_rejected_logps",
@@ -206,8 +227,8 @@ def _pair_loss_backward_fake(g, pc, pr, rc, rr, lc, lr, w, *config):
 
 def _pair_loss_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(output[1], output[2])
-    ctx.save_for_backward(*inputs[:7])
-    ctx.config = inputs[7:]
+    ctx.save_for_backward(*inputs[:_PAIR_LOSS_CONFIG.start])
+    ctx.config = inputs[_PAIR_LOSS_CONFIG]
 
 
 def _pair_loss_backward(ctx, grad_losses, _gc, _gr):
@@ -215,21 +236,26 @@ def _pair_loss_backward(ctx, grad_losses, _gc, _gr):
     with torch.no_grad():
         gc, gr = ops.pair_loss_backward(grad_losses, *tensors, *ctx.config)
     gc, gr = _first_order_only("dpo_loss", (gc, gr), (tensors[0], tensors[1], grad_losses))
-    return (gc, gr) + (None,) * (5 + _CONFIG_ARGS)
+    return (gc, gr) + (None,) * (_PAIR_LOSS_ARGS - 2)
 
 
 torch.library.register_autograd("dpo_kernels::pair_loss", _pair_loss_backward, setup_context=_pair_loss_setup)
 
 # ---- fused loss from logits -------------------------------------------------------------------
 
+_DPO_FORWARD_ARG = _arg_positions(ops.dpo_forward)
+_DPO_FORWARD_CONFIG = _config_slice(ops.dpo_forward)
+
 
 @torch.library.register_fake("dpo_kernels::dpo_forward")
-def _dpo_forward_fake(logits, labels, cu_seqlens, rc, rr, ref_logits, ignore_index, *rest):
+def _dpo_forward_fake(*args):
+    logits, labels, cu_seqlens, rc, rr, ref_logits = args[:6]
+    config = args[_DPO_FORWARD_CONFIG]
     check_devices(("logits", logits), ("labels", labels), ("cu_seqlens", cu_seqlens),
                   ("reference_chosen_logps", rc), ("reference_rejected_logps", rr), ("ref_logits", ref_logits))
     _check_logits(logits)
-    _C.check_config(*rest[:_CONFIG_ARGS])
-    _C.check_references(*rest[:_CONFIG_ARGS], rc is not None or ref_logits is not None,
+    _C.check_config(*config)
+    _C.check_references(*config, rc is not None or ref_logits is not None,
                         rr is not None or ref_logits is not None)
     S = _num_seqs(logits, cu_seqlens)
     if S % 2 != 0 or S < 2:
@@ -273,8 +299,8 @@ _lib.impl("dpo_backward_", _dpo_backward_inplace_version, "ADInplaceOrView", wit
 
 def _dpo_forward_setup(ctx, inputs, output):
     logits, labels, cu_seqlens = inputs[:3]
-    ignore_index = inputs[6]
-    ctx.inplace = inputs[-1]
+    ignore_index = inputs[_DPO_FORWARD_ARG["ignore_index"]]
+    ctx.inplace = inputs[_DPO_FORWARD_ARG["inplace_backward"]]
     if ctx.inplace:
         check_inplace_target(logits, tracing_ok=True)
     ctx.overwritten = False
@@ -305,7 +331,7 @@ def check_inplace_target(logits: torch.Tensor, tracing_ok: bool = False) -> None
 
 def _dpo_forward_backward(ctx, grad_loss, *_):
     if not ctx.needs_input_grad[0]:
-        return (None,) * (9 + _CONFIG_ARGS)
+        return (None,) * len(_DPO_FORWARD_ARG)
     if ctx.inplace and ctx.overwritten:
         raise RuntimeError(
             "dpo_loss_from_logits(inplace_backward=True): a backward pass already overwrote the logits "
@@ -323,7 +349,7 @@ def _dpo_forward_backward(ctx, grad_loss, *_):
         else:
             grad = ops.dpo_backward(grad_loss, logits, labels, cu_seqlens, row_lse, row_coef, ctx.ignore_index)
     (grad,) = _first_order_only("dpo_loss_from_logits", (grad,), (logits, grad_loss))
-    return (grad,) + (None,) * (8 + _CONFIG_ARGS)
+    return (grad,) + (None,) * (len(_DPO_FORWARD_ARG) - 1)
 
 
 torch.library.register_autograd("dpo_kernels::dpo_forward", _dpo_forward_backward, setup_context=_dpo_forward_setup)
