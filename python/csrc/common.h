@@ -113,6 +113,28 @@ struct row_layout {
   std::int64_t view_rows() const { return packed ? rows : num_seqs * seq_len; }
 };
 
+/// Whether padded logits [B, T, V] with strides (s0, s1, s2), B, T >= 1, are read in place:
+/// unit vocabulary stride, rows at least V apart and evenly strided, and each sequence's first
+/// row a whole number of rows after the previous one's (at least T). Others are copied to a
+/// contiguous tensor. A template so the fake kernels evaluate the same rule on symbolic sizes
+/// (c10::SymInt, through dpo_kernels._C.view_seq_len); make_layout uses std::int64_t.
+template <class Int>
+bool padded_in_place(const Int& B, const Int& T, const Int& V, const Int& s0, const Int& s1, const Int& s2) {
+  if (s2 != 1) return false;
+  if (T == 1) return B == 1 || s0 >= V;
+  return s1 >= V && (B == 1 || (s1 > 0 && s0 % s1 == 0 && s0 / s1 >= T));
+}
+
+/// Rows per sequence of the view of padded logits [B, T, V] with strides (s0, s1, s2)
+/// (row_layout::seq_len): T, or s0 / s1 > T when the sequences of logits read in place sit
+/// further apart (logits[:, :-1] of a contiguous [B, T + 1, V] tensor). The gradient outputs
+/// have this row indexing: strides (seq_len * V, V, 1).
+template <class Int>
+Int view_seq_len(const Int& B, const Int& T, const Int& V, const Int& s0, const Int& s1, const Int& s2) {
+  if (B <= 1 || T <= 1 || !padded_in_place(B, T, V, s0, s1, s2)) return T;
+  return s0 / s1;
+}
+
 /// Lowers logits ([B, T, V] with labels [B, T], or [N, V] with labels [N] and optional
 /// cu_seqlens [S + 1]; without cu_seqlens [N, V] is one sequence). Checks dtypes, devices
 /// and shapes (TypeError / ValueError naming `name`).

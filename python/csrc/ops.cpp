@@ -218,20 +218,12 @@ row_layout make_layout(const at::Tensor& logits, const at::Tensor& labels,
                       logits.sizes(), ", got ", labels.sizes());
     std::int64_t k = T;
     if (T > 0 && B > 0) {
-      const std::int64_t s0 = z.stride(0), s1 = z.stride(1);
-      const bool rows_ok = s1 >= l.vocab || T == 1;
-      const bool seqs_ok = B == 1 || (T == 1 ? s0 >= l.vocab : (s1 > 0 && s0 % s1 == 0 && s0 / s1 >= T));
-      if (!rows_ok || !seqs_ok) {
+      if (!padded_in_place<std::int64_t>(B, T, l.vocab, z.stride(0), z.stride(1), z.stride(2))) {
         z = z.contiguous();
         l.copied = true;
       }
-      if (T == 1) {
-        l.row_stride = B == 1 ? l.vocab : z.stride(0);
-        k = 1;
-      } else {
-        l.row_stride = z.stride(1);
-        k = B == 1 ? T : z.stride(0) / z.stride(1);
-      }
+      l.row_stride = T > 1 ? z.stride(1) : B == 1 ? l.vocab : z.stride(0);
+      k = view_seq_len<std::int64_t>(B, T, l.vocab, z.stride(0), z.stride(1), z.stride(2));
     } else {
       l.row_stride = l.vocab;
     }
@@ -395,6 +387,15 @@ void check_references(DPO_CONFIG_VALUE_PARAMS, bool has_chosen, bool has_rejecte
   dpo_kernels::check_references(dpo_kernels::make_config(DPO_CONFIG_ARGS), has_chosen, has_rejected);
 }
 
+// make_layout's rows per sequence for the fake kernels, on the sizes and strides they see:
+// ints, or SymInts under dynamic shapes (the rule's comparisons then become guards).
+c10::SymInt view_seq_len(const std::vector<c10::SymInt>& sizes, const std::vector<c10::SymInt>& strides) {
+  TORCH_CHECK_VALUE(sizes.size() == 3 && strides.size() == 3,
+                    "view_seq_len takes the sizes and strides of padded logits [B, T, V], got ", sizes.size(),
+                    " sizes and ", strides.size(), " strides");
+  return dpo_kernels::view_seq_len(sizes[0], sizes[1], sizes[2], strides[0], strides[1], strides[2]);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -411,6 +412,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #undef DPO_CONFIG_FIELD_ENTRY_
     m.attr("config_fields") = pybind11::tuple(fields);
   }
+  m.def("view_seq_len", &view_seq_len, pybind11::arg("sizes"), pybind11::arg("strides"),
+        "Rows per sequence of the kernels' view of padded logits [B, T, V] with these sizes and strides");
   {
     std::vector<std::string> names;
     for (int i = 0; i < dpo::num_loss_types; ++i) names.push_back(dpo::to_string(static_cast<dpo::loss_type>(i)));

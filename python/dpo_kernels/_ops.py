@@ -96,23 +96,11 @@ def _num_seqs(logits: torch.Tensor, cu_seqlens: torch.Tensor | None) -> int:
     return cu_seqlens.shape[0] - 1 if cu_seqlens is not None else 1
 
 
-def _view_seq_len(logits: torch.Tensor) -> int:
-    """Rows per sequence of the C++ view of padded logits (csrc/ops.cpp make_layout): T, or
-    more when the sequences of an evenly row-strided tensor sit further apart (logits[:, :-1])."""
-    B, T, V = logits.shape
-    if T == 0 or B == 0:
-        return T
-    s0, s1, s2 = logits.stride()
-    if s2 != 1:
-        return T
-    rows_ok = s1 >= V or T == 1
-    if T == 1:
-        seqs_ok = B == 1 or s0 >= V
-    else:
-        seqs_ok = B == 1 or (s1 > 0 and s0 % s1 == 0 and s0 // s1 >= T)
-    if not (rows_ok and seqs_ok) or T == 1 or B == 1:
-        return T
-    return s0 // s1
+def _view_seq_len(logits: torch.Tensor):
+    """Rows per sequence of the kernels' view of padded logits: make_layout's rule (csrc/common.h
+    view_seq_len), evaluated by the extension on the fake tensor's sizes and strides (ints, or
+    SymInts under dynamic shapes)."""
+    return _C.view_seq_len(logits.shape, logits.stride())
 
 
 # ---- no double backward ---------------------------------------------------------------------
