@@ -11,6 +11,7 @@
 #include <sstream>
 
 #include "common.h"
+#include "dpo/version.hpp"
 
 namespace dpo_kernels {
 
@@ -414,6 +415,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   }
   m.def("view_seq_len", &view_seq_len, pybind11::arg("sizes"), pybind11::arg("strides"),
         "Rows per sequence of the kernels' view of padded logits [B, T, V] with these sizes and strides");
+  m.attr("__version__") = DPO_VERSION_STRING;
   {
     std::vector<std::string> names;
     for (int i = 0; i < dpo::num_loss_types; ++i) names.push_back(dpo::to_string(static_cast<dpo::loss_type>(i)));

@@ -36,7 +36,8 @@ __all__ = [
     "cuda_built",
 ]
 
-__version__ = "0.1.0"
+#: The library's version (include/dpo/version.hpp, compiled into the extension).
+__version__ = _C.__version__
 
 
 def cuda_built() -> bool:
