@@ -1,0 +1,662 @@
+// Copyright 2026 The dpo Authors. SPDX-License-Identifier: Apache-2.0
+//
+// Per-token log-probs straight from hidden states and an LM head (issue 12, item 1): the
+// logits z = hidden . weight^T + bias, transformed per logit (dpo/core/transforms.hpp), are
+// computed one chunk [chunk rows, chunk vocab] at a time in the accumulation type and folded
+// into each row's statistics with the row kernels of dpo/cpu/rows.hpp and the online merge
+// of dpo/core/math.hpp, so no [rows, vocab] buffer ever exists. The backward recomputes every
+// chunk (four GEMM passes in all: logits, recompute, dHidden, dWeight).
+//
+// Threads: inside a chunk the units of work are fixed tiles (linear_vocab_tile columns for
+// the logits and dWeight products, linear_row_tile rows for the dHidden product), each
+// computed by one Eigen product of a fixed shape on one thread, and written to memory that
+// tile alone owns. Chunks run in a fixed order. So every output element is formed in an
+// order that depends on the chunk shape only: results are bitwise identical run to run and
+// for every thread count. Eigen's own GEMM threading must be off (it is unless Eigen is built
+// with OpenMP; then define EIGEN_DONT_PARALLELIZE or call Eigen::setNbThreads(1)): its
+// products split work by its thread count, which would make the rounding depend on it.
+//
+// Math and memory model: docs/linear.md.
+#pragma once
+
+#include <Eigen/Core>
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <memory>
+#include <type_traits>
+#include <vector>
+
+#include "dpo/core/math.hpp"
+#include "dpo/core/transforms.hpp"
+#include "dpo/cpu/parallel.hpp"
+#include "dpo/cpu/rows.hpp"
+#include "dpo/error.hpp"
+
+namespace dpo {
+namespace cpu {
+
+/// The default workspace budget of the linear head: 256 MiB.
+inline constexpr std::int64_t default_linear_workspace_bytes = std::int64_t{256} << 20;
+
+/// An LM head applied to hidden states: plain pointers, int64 sizes and strides (elements),
+/// nothing owned. Row r of `hidden` scores label r (already shifted, as token_view's logits).
+///
+/// | field | shape / meaning |
+/// |---|---|
+/// | hidden, hidden_stride | [rows, hidden_stride], columns [0, hidden_cols) read |
+/// | weight, weight_stride | [vocab, weight_stride], row-major nn.Linear layout, columns [0, weight_cols) read |
+/// | bias, bias_size | [vocab] or null; bias_size must be vocab with a bias, 0 without |
+/// | labels, mask | [rows]; a row counts when label != ignore_index and (no mask or mask[r] != 0) |
+/// | transforms | scale, soft cap, temperature (dpo/core/transforms.hpp) |
+template <class T, class L>
+struct linear_view {
+  const T* hidden = nullptr;
+  std::int64_t rows = 0;         // N >= 0
+  std::int64_t hidden_cols = 0;  // H >= 1
+  std::int64_t hidden_stride = 0;
+  const T* weight = nullptr;
+  std::int64_t vocab = 0;        // V >= 1
+  std::int64_t weight_cols = 0;  // must equal hidden_cols
+  std::int64_t weight_stride = 0;
+  const T* bias = nullptr;
+  std::int64_t bias_size = 0;
+  const L* labels = nullptr;
+  const std::uint8_t* mask = nullptr;
+  std::int64_t ignore_index = -100;
+  logit_transforms transforms;
+
+  /// The label of row r if it counts, else -1 (after the labels were checked).
+  std::int64_t target(std::int64_t r) const {
+    const std::int64_t y = static_cast<std::int64_t>(labels[r]);
+    if (y == ignore_index || (mask != nullptr && mask[r] == 0)) return -1;
+    return y;
+  }
+};
+
+/// Run-time options of the linear head.
+struct linear_options {
+  /// Worker threads; 0 uses every hardware thread. Results are bitwise identical for every
+  /// value.
+  int num_threads = 0;
+  /// Bytes the call may allocate for its workspace (the logits chunk and its companions,
+  /// docs/linear.md); the chunk shape follows from it.
+  std::int64_t workspace_bytes = default_linear_workspace_bytes;
+  /// Fix the chunk shape instead (0 = from the budget); it must still fit the budget. Results
+  /// depend on the chunk shape only through the rounding of the products.
+  std::int64_t chunk_rows = 0;
+  std::int64_t chunk_vocab = 0;
+};
+
+/// The chunk shape of a call and the workspace it allocates (bytes, every buffer included).
+struct linear_chunking {
+  std::int64_t rows = 0;
+  std::int64_t vocab = 0;
+  std::int64_t workspace_bytes = 0;
+};
+
+/// Where the backward writes. Null pointers skip that gradient (a frozen head, say).
+/// - hidden: [rows, hidden_stride] of T; written (accumulate_hidden = false: rows that do not
+///   count get zeros) or added to (true: such rows are untouched).
+/// - weight: [vocab, weight_stride] and bias: [vocab], of G, always added to. G is T or the
+///   accumulation type (float for bf16/half): with G = float the sums stay in fp32 across
+///   calls (the recommended accumulation buffer for bf16/half heads); with G = bf16/half each
+///   call rounds once per row chunk.
+template <class T, class G = T>
+struct linear_grads {
+  T* hidden = nullptr;
+  std::int64_t hidden_stride = 0;
+  bool accumulate_hidden = false;
+  G* weight = nullptr;
+  std::int64_t weight_stride = 0;
+  G* bias = nullptr;
+};
+
+namespace detail {
+
+/// Vocab columns per unit of work of the logits and dWeight products.
+inline constexpr std::int64_t linear_vocab_tile = 256;
+/// Rows per unit of work of the dHidden product.
+inline constexpr std::int64_t linear_row_tile = 32;
+/// Vocab columns of a chunk when the budget allows (the chunk then grows in rows).
+inline constexpr std::int64_t linear_default_chunk_vocab = 8192;
+
+using dpo::detail::fail;
+
+/// Workspace bytes of a [rows, vocab] chunk: the gathered hidden rows, the logits chunk, the
+/// weight chunk converted to A (bf16/half only), and the larger of the forward's row
+/// statistics and the backward's dHidden accumulator; plus the list of counted rows.
+template <class T>
+std::int64_t linear_workspace(std::int64_t rows, std::int64_t vocab, std::int64_t H,
+                              std::int64_t N) {
+  using A = acc_t<T>;
+  const std::int64_t a = sizeof(A);
+  const std::int64_t tiles = (vocab + linear_vocab_tile - 1) / linear_vocab_tile;
+  const std::int64_t stats = sizeof(dpo::detail::row_stats<A>);
+  const std::int64_t fwd = rows * (tiles + 1) * stats + rows * a;
+  const std::int64_t bwd = rows * H * a;
+  const std::int64_t convert = std::is_same_v<T, A> ? 0 : vocab * H * a;
+  return rows * H * a + rows * vocab * a + convert + std::max(fwd, bwd) +
+         N * static_cast<std::int64_t>(sizeof(std::int64_t));
+}
+
+/// The chunk shape: opt.chunk_vocab or up to linear_default_chunk_vocab columns, then as many
+/// rows as the budget allows (opt.chunk_rows if given); narrower chunks only when one row of
+/// the default width does not fit. Fails when not even one row fits.
+template <class T>
+linear_chunking linear_chunks(std::int64_t N, std::int64_t H, std::int64_t V,
+                              const linear_options& opt) {
+  if (opt.workspace_bytes < 0)
+    fail("options.workspace_bytes = ", opt.workspace_bytes, " is invalid: must be >= 0");
+  if (opt.chunk_rows < 0)
+    fail("options.chunk_rows = ", opt.chunk_rows, " is invalid: must be >= 0 (0 = from the budget)");
+  if (opt.chunk_vocab < 0)
+    fail("options.chunk_vocab = ", opt.chunk_vocab, " is invalid: must be >= 0 (0 = from the budget)");
+  const std::int64_t B = opt.workspace_bytes;
+  const std::int64_t max_rows = std::max<std::int64_t>(N, 1);
+  linear_chunking c;
+  c.vocab = std::min(V, opt.chunk_vocab > 0 ? opt.chunk_vocab : linear_default_chunk_vocab);
+  if (opt.chunk_vocab == 0) {
+    while (c.vocab > 1 && linear_workspace<T>(1, c.vocab, H, N) > B) c.vocab = (c.vocab + 1) / 2;
+  }
+  if (opt.chunk_rows > 0) {
+    c.rows = std::min(opt.chunk_rows, max_rows);
+  } else {
+    // The workspace is affine in the rows: fixed + rows * per_row.
+    const std::int64_t fixed = linear_workspace<T>(0, c.vocab, H, N);
+    const std::int64_t per_row = linear_workspace<T>(1, c.vocab, H, N) - fixed;
+    c.rows = B > fixed ? std::min((B - fixed) / per_row, max_rows) : 0;
+    c.rows = std::max<std::int64_t>(c.rows, 1);
+  }
+  c.workspace_bytes = linear_workspace<T>(c.rows, c.vocab, H, N);
+  if (c.workspace_bytes > B)
+    fail("options.workspace_bytes = ", B, " is too small for one row: a chunk of ", c.rows, " x ",
+         c.vocab, " needs ", c.workspace_bytes, " bytes");
+  return c;
+}
+
+/// The byte range [lo, hi) of `n` rows of `cols` elements, `stride` apart.
+struct linear_range {
+  const char* lo = nullptr;
+  const char* hi = nullptr;
+  const char* name = "";
+};
+
+template <class U>
+linear_range range_of(const U* p, std::int64_t n, std::int64_t cols, std::int64_t stride,
+                      const char* name) {
+  if (p == nullptr || n <= 0 || cols <= 0) return {nullptr, nullptr, name};
+  const char* lo = reinterpret_cast<const char*>(p);
+  return {lo, reinterpret_cast<const char*>(p + (n - 1) * stride + cols), name};
+}
+
+inline void check_no_overlap(const linear_range* outs, int n_out, const linear_range* ins,
+                             int n_in) {
+  const auto hit = [](const linear_range& a, const linear_range& b) {
+    return a.lo != nullptr && b.lo != nullptr && a.lo < b.hi && b.lo < a.hi;
+  };
+  for (int i = 0; i < n_out; ++i) {
+    for (int j = 0; j < n_in; ++j)
+      if (hit(outs[i], ins[j]))
+        fail(outs[i].name, " overlaps ", ins[j].name, ": outputs may not alias inputs");
+    for (int j = i + 1; j < n_out; ++j)
+      if (hit(outs[i], outs[j])) fail(outs[i].name, " overlaps ", outs[j].name, ": unsupported aliasing");
+  }
+}
+
+template <class T, class L>
+void check_linear_view(const linear_view<T, L>& v) {
+  if (v.rows < 0) fail("rows = ", v.rows, " is invalid: must be >= 0");
+  if (v.hidden_cols < 1) fail("hidden_cols = ", v.hidden_cols, " is invalid: must be >= 1");
+  if (v.weight_cols != v.hidden_cols)
+    fail("weight_cols = ", v.weight_cols, " != hidden_cols = ", v.hidden_cols,
+         ": hidden and weight must have the same hidden size");
+  if (v.vocab < 1) fail("vocab = ", v.vocab, " is invalid: must be >= 1");
+  if (v.hidden_stride < v.hidden_cols)
+    fail("hidden_stride = ", v.hidden_stride, " is invalid: must be >= hidden_cols = ", v.hidden_cols);
+  if (v.weight_stride < v.weight_cols)
+    fail("weight_stride = ", v.weight_stride, " is invalid: must be >= weight_cols = ", v.weight_cols);
+  if (v.weight == nullptr) fail("weight is null");
+  if (v.bias != nullptr && v.bias_size != v.vocab)
+    fail("bias_size = ", v.bias_size, " != vocab = ", v.vocab, ": the bias must have one entry per vocab row");
+  if (v.bias == nullptr && v.bias_size != 0)
+    fail("bias is null but bias_size = ", v.bias_size, " (0 means no bias)");
+  double value = 0;
+  if (const char* field = dpo::detail::invalid_transform(v.transforms, &value))
+    fail("transforms.", field, " = ", value, " is invalid: must be finite and > 0",
+         field[1] == 'o' ? " (or 0 for no cap)" : "");
+  if (v.rows == 0) return;
+  if (v.hidden == nullptr) fail("hidden is null");
+  if (v.labels == nullptr) fail("labels is null");
+  for (std::int64_t r = 0; r < v.rows; ++r) {
+    const std::int64_t y = static_cast<std::int64_t>(v.labels[r]);
+    if (y == v.ignore_index || (v.mask != nullptr && v.mask[r] == 0)) continue;
+    if (y < 0 || y >= v.vocab)
+      fail("labels[", r, "] = ", y, " is outside [0, vocab = ", v.vocab,
+           ") and is not ignore_index = ", v.ignore_index);
+  }
+}
+
+/// The byte ranges of every input of a view, for the aliasing checks.
+template <class T, class L>
+void input_ranges(const linear_view<T, L>& v, linear_range* out) {
+  out[0] = range_of(v.hidden, v.rows, v.hidden_cols, v.hidden_stride, "hidden");
+  out[1] = range_of(v.weight, v.vocab, v.weight_cols, v.weight_stride, "weight");
+  out[2] = range_of(v.bias, 1, v.bias_size, v.bias_size, "bias");
+  out[3] = range_of(v.labels, 1, v.rows, v.rows, "labels");
+  out[4] = range_of(v.mask, 1, v.rows, v.rows, "mask");
+}
+
+template <class A>
+using linear_matrix = Eigen::Matrix<A, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+template <class A>
+using linear_map = Eigen::Map<linear_matrix<A>, 0, Eigen::OuterStride<>>;
+template <class A>
+using linear_cmap = Eigen::Map<const linear_matrix<A>, 0, Eigen::OuterStride<>>;
+
+/// An uninitialised buffer of n values (the workspace is written before it is read).
+template <class A>
+std::unique_ptr<A[]> linear_buffer(std::int64_t n) {
+  return std::unique_ptr<A[]>(new A[static_cast<std::size_t>(std::max<std::int64_t>(n, 1))]);
+}
+
+/// The state shared by the forward and backward loops: the counted rows, the hidden rows of
+/// the current chunk gathered in A, and the weight chunk (converted to A for bf16/half).
+template <class T, class L>
+struct linear_pass {
+  using A = acc_t<T>;
+  static constexpr bool convert = !std::is_same_v<T, A>;
+
+  const linear_view<T, L>& in;
+  linear_chunking ch;
+  int threads;
+  std::int64_t H;
+  std::vector<std::int64_t> active;  // counted rows, ascending
+  std::unique_ptr<A[]> hb;           // [ch.rows, H]
+  std::unique_ptr<A[]> z;            // [ch.rows, ch.vocab], row stride = the chunk's width
+  std::unique_ptr<A[]> wc;           // [ch.vocab, H] when convert
+  std::int64_t nb = 0;               // rows of the current chunk
+  std::int64_t v0 = 0, nv = 0;       // columns of the current chunk
+
+  linear_pass(const linear_view<T, L>& v, const linear_chunking& c, int t)
+      : in(v), ch(c), threads(t), H(v.hidden_cols) {
+    hb = linear_buffer<A>(ch.rows * H);
+    z = linear_buffer<A>(ch.rows * ch.vocab);
+    if (convert) wc = linear_buffer<A>(ch.vocab * H);
+  }
+
+  /// Loads rows active[b0, b0 + n) of hidden into hb (converted to A).
+  void gather(std::int64_t b0, std::int64_t n) {
+    nb = n;
+    parallel_for(n, threads, [&](std::int64_t i0, std::int64_t i1) {
+      for (std::int64_t i = i0; i < i1; ++i) {
+        const T* src = in.hidden + active[b0 + i] * in.hidden_stride;
+        A* dst = hb.get() + i * H;
+        for (std::int64_t c = 0; c < H; ++c) dst[c] = to_acc<A>(src[c]);
+      }
+    });
+  }
+
+  /// Selects vocab rows [c0, c0 + n) as the current chunk (converting them for bf16/half).
+  void select_vocab(std::int64_t c0, std::int64_t n) {
+    v0 = c0;
+    nv = n;
+    if constexpr (convert) {
+      parallel_for(n, threads, [&](std::int64_t j0, std::int64_t j1) {
+        for (std::int64_t j = j0; j < j1; ++j) {
+          const T* src = in.weight + (v0 + j) * in.weight_stride;
+          A* dst = wc.get() + j * H;
+          for (std::int64_t c = 0; c < H; ++c) dst[c] = to_acc<A>(src[c]);
+        }
+      });
+    }
+  }
+
+  std::int64_t tiles() const { return (nv + linear_vocab_tile - 1) / linear_vocab_tile; }
+
+  linear_cmap<A> hidden_block() const { return linear_cmap<A>(hb.get(), nb, H, Eigen::OuterStride<>(H)); }
+  linear_cmap<A> weight_chunk() const {
+    if constexpr (convert) {
+      return linear_cmap<A>(wc.get(), nv, H, Eigen::OuterStride<>(H));
+    } else {
+      return linear_cmap<A>(in.weight + v0 * in.weight_stride, nv, H, Eigen::OuterStride<>(in.weight_stride));
+    }
+  }
+  linear_map<A> logits() { return linear_map<A>(z.get(), nb, nv, Eigen::OuterStride<>(nv)); }
+
+  /// Raw logits of tile k: z[:, j0 : j0 + w) = hb . weight[v0 + j0, v0 + j0 + w)^T, one
+  /// product of shape [nb, H] x [H, w] (fixed by the chunk, never by the threads).
+  void tile_logits(std::int64_t k, std::int64_t* j0, std::int64_t* w) {
+    *j0 = k * linear_vocab_tile;
+    *w = std::min(linear_vocab_tile, nv - *j0);
+    logits().middleCols(*j0, *w).noalias() = hidden_block() * weight_chunk().middleRows(*j0, *w).transpose();
+  }
+
+  /// The raw logit u of column j of the chunk from the product's value: + bias.
+  A raw(A prod, std::int64_t j) const {
+    return in.bias != nullptr ? prod + to_acc<A>(in.bias[v0 + j]) : prod;
+  }
+};
+
+/// Folds the statistics of a later column range into `acc`, as row_forward does between its
+/// chunks: a range of only -inf logits adds its logit sum and no mass (merging would shift
+/// by -inf - m).
+template <class A>
+void merge_linear_stats(dpo::detail::row_stats<A>& acc, const dpo::detail::row_stats<A>& c) {
+  if (c.m == -INFINITY && c.s == A(0) && acc.argmax >= 0) {
+    acc.zsum += c.zsum;
+    return;
+  }
+  dpo::detail::merge_row_stats(acc, c);
+}
+
+template <bool Entropy, class T, class L>
+void linear_forward_impl(const linear_view<T, L>& in, const linear_chunking& ch, double* logps,
+                         double* entropy, double* row_lse, int threads) {
+  using A = acc_t<T>;
+  using stats = dpo::detail::row_stats<A>;
+  const dpo::detail::transform_params<A> tp(in.transforms);
+  linear_pass<T, L> p(in, ch, threads);
+  for (std::int64_t r = 0; r < in.rows; ++r) {
+    if (in.target(r) >= 0) {
+      p.active.push_back(r);
+    } else {
+      logps[r] = 0;
+      row_lse[r] = 0;
+      if (Entropy) entropy[r] = 0;
+    }
+  }
+  const std::int64_t max_tiles = (ch.vocab + linear_vocab_tile - 1) / linear_vocab_tile;
+  std::vector<stats> part(static_cast<std::size_t>(ch.rows * max_tiles));
+  std::vector<stats> acc(static_cast<std::size_t>(ch.rows));
+  std::vector<A> zy(static_cast<std::size_t>(ch.rows));
+  const std::int64_t n_act = static_cast<std::int64_t>(p.active.size());
+  for (std::int64_t b0 = 0; b0 < n_act; b0 += ch.rows) {
+    p.gather(b0, std::min(ch.rows, n_act - b0));
+    std::fill(acc.begin(), acc.end(), stats::empty());
+    for (std::int64_t c0 = 0; c0 < in.vocab; c0 += ch.vocab) {
+      p.select_vocab(c0, std::min(ch.vocab, in.vocab - c0));
+      const std::int64_t tiles = p.tiles();
+      parallel_for(tiles, threads, [&](std::int64_t k0, std::int64_t k1) {
+        row_scratch<A> scratch;
+        for (std::int64_t k = k0; k < k1; ++k) {
+          std::int64_t j0 = 0, w = 0;
+          p.tile_logits(k, &j0, &w);
+          for (std::int64_t i = 0; i < p.nb; ++i) {
+            A* zr = p.z.get() + i * p.nv + j0;
+            if (in.bias != nullptr || !tp.identity)
+              for (std::int64_t j = 0; j < w; ++j)
+                zr[j] = dpo::detail::transform_logit(tp, p.raw(zr[j], j0 + j));
+            part[i * tiles + k] = row_forward<Entropy>(zr, w, scratch);
+          }
+        }
+      });
+      parallel_for(p.nb, threads, [&](std::int64_t i0, std::int64_t i1) {
+        for (std::int64_t i = i0; i < i1; ++i) {
+          for (std::int64_t k = 0; k < tiles; ++k) merge_linear_stats(acc[i], part[i * tiles + k]);
+          const std::int64_t y = in.target(p.active[b0 + i]) - p.v0;
+          if (y >= 0 && y < p.nv) zy[i] = p.z[i * p.nv + y];
+        }
+      });
+    }
+    parallel_for(p.nb, threads, [&](std::int64_t i0, std::int64_t i1) {
+      for (std::int64_t i = i0; i < i1; ++i) {
+        const std::int64_t r = p.active[b0 + i];
+        // (z_y - m) - log s, never z_y - lse: lse rounds at the scale of m (docs/math.md §1).
+        logps[r] = acc[i].log_softmax(zy[i]);
+        row_lse[r] = acc[i].logsumexp_double();
+        if (Entropy) entropy[r] = static_cast<double>(acc[i].entropy());
+      }
+    });
+  }
+}
+
+/// dst += v, rounded once to G.
+template <class G, class A>
+inline void add_to(G& dst, A v) {
+  dst = from_acc<G>(to_acc<A>(dst) + v);
+}
+
+template <bool Entropy, class T, class L, class G>
+void linear_backward_impl(const linear_view<T, L>& in, const linear_chunking& ch,
+                          const double* row_lse, const double* grad_logps, const double* entropy,
+                          const double* grad_entropy, const linear_grads<T, G>& g, int threads) {
+  using A = acc_t<T>;
+  const dpo::detail::transform_params<A> tp(in.transforms);
+  const std::int64_t H = in.hidden_cols;
+  linear_pass<T, L> p(in, ch, threads);
+  for (std::int64_t r = 0; r < in.rows; ++r) {
+    // A row with zero upstream gradients contributes exact zeros: it is skipped, so a NaN in
+    // its hidden state cannot reach dWeight through 0 * NaN.
+    const bool wanted = grad_logps[r] != 0.0 || (Entropy && grad_entropy[r] != 0.0);
+    if (in.target(r) >= 0 && wanted) {
+      p.active.push_back(r);
+    } else if (g.hidden != nullptr && !g.accumulate_hidden) {
+      T* dst = g.hidden + r * g.hidden_stride;
+      for (std::int64_t c = 0; c < H; ++c) dst[c] = from_acc<T>(A(0));
+    }
+  }
+  // Per-row scalars of the current row chunk.
+  struct row_coef {
+    dpo::detail::lse_parts<A> lse{A(0)};
+    A gl, ge, ent;
+    std::int64_t y;
+  };
+  std::vector<row_coef> rc(static_cast<std::size_t>(ch.rows));
+  std::unique_ptr<A[]> dh = linear_buffer<A>(g.hidden != nullptr ? ch.rows * H : 0);
+  const std::int64_t n_act = static_cast<std::int64_t>(p.active.size());
+  for (std::int64_t b0 = 0; b0 < n_act; b0 += ch.rows) {
+    p.gather(b0, std::min(ch.rows, n_act - b0));
+    for (std::int64_t i = 0; i < p.nb; ++i) {
+      const std::int64_t r = p.active[b0 + i];
+      rc[i].lse = dpo::detail::split_lse<A>(row_lse[r]);
+      rc[i].gl = static_cast<A>(grad_logps[r]);
+      rc[i].ge = Entropy ? static_cast<A>(grad_entropy[r]) : A(0);
+      rc[i].ent = Entropy ? static_cast<A>(entropy[r]) : A(0);
+      rc[i].y = in.target(r);
+    }
+    linear_map<A> dhm(dh.get(), p.nb, H, Eigen::OuterStride<>(H));
+    if (g.hidden != nullptr) dhm.setZero();
+    for (std::int64_t c0 = 0; c0 < in.vocab; c0 += ch.vocab) {
+      p.select_vocab(c0, std::min(ch.vocab, in.vocab - c0));
+      // Tiles: recompute the logits, turn them into dZ in place, then dWeight and dBias of
+      // the tile's vocab rows (owned by this tile: summed over the chunk's rows in order).
+      parallel_for(p.tiles(), threads, [&](std::int64_t k0, std::int64_t k1) {
+        for (std::int64_t k = k0; k < k1; ++k) {
+          std::int64_t j0 = 0, w = 0;
+          p.tile_logits(k, &j0, &w);
+          for (std::int64_t i = 0; i < p.nb; ++i) {
+            A* zr = p.z.get() + i * p.nv + j0;
+            const row_coef& q = rc[i];
+            // dlogp/do_v = 1[v = y] - p_v;  dH/do_v = -p_v (log p_v + H)  (docs/linear.md)
+            const auto grad_o = [&](A o) {
+              const A d = clamp_lo((o - q.lse.hi) - q.lse.lo, exp_lo<A>);
+              const A pv = exp_clamped(d);
+              return Entropy ? -pv * (q.gl + q.ge * (d + q.ent)) : -pv * q.gl;
+            };
+            // The label column's product, kept for its one-hot term below.
+            const std::int64_t y = q.y - p.v0 - j0;
+            const bool has_y = y >= 0 && y < w;
+            const A prod_y = has_y ? zr[y] : A(0);
+            if (in.bias == nullptr && tp.identity) {
+              for (std::int64_t j = 0; j < w; ++j) zr[j] = grad_o(zr[j]);
+            } else {
+              for (std::int64_t j = 0; j < w; ++j) {
+                const A u = p.raw(zr[j], j0 + j);
+                zr[j] = tp.identity ? grad_o(u)
+                                    : grad_o(dpo::detail::transform_logit(tp, u)) *
+                                          dpo::detail::transform_logit_grad(tp, u);
+              }
+            }
+            if (has_y) {
+              const A u = p.raw(prod_y, j0 + y);
+              const A o = dpo::detail::transform_logit(tp, u);
+              zr[y] = (q.gl + grad_o(o)) * dpo::detail::transform_logit_grad(tp, u);
+            }
+          }
+          if (g.bias != nullptr) {
+            for (std::int64_t j = 0; j < w; ++j) {
+              A s = A(0);
+              for (std::int64_t i = 0; i < p.nb; ++i) s += p.z[i * p.nv + j0 + j];
+              add_to(g.bias[p.v0 + j0 + j], s);
+            }
+          }
+          if constexpr (std::is_same_v<G, A>) {
+            if (g.weight != nullptr) {
+              linear_map<A> dw(g.weight + (p.v0 + j0) * g.weight_stride, w, H,
+                               Eigen::OuterStride<>(g.weight_stride));
+              dw.noalias() += p.logits().middleCols(j0, w).transpose() * p.hidden_block();
+            }
+          }
+        }
+      });
+      if (g.hidden != nullptr) {
+        const std::int64_t rt = (p.nb + linear_row_tile - 1) / linear_row_tile;
+        parallel_for(rt, threads, [&](std::int64_t t0, std::int64_t t1) {
+          for (std::int64_t t = t0; t < t1; ++t) {
+            const std::int64_t i0 = t * linear_row_tile, h = std::min(linear_row_tile, p.nb - i0);
+            dhm.middleRows(i0, h).noalias() += p.logits().middleRows(i0, h) * p.weight_chunk();
+          }
+        });
+      }
+      if constexpr (!std::is_same_v<G, A>) {
+        // dWeight into bf16/half: the product in A into the converted weight chunk (no longer
+        // needed by this chunk), then one rounding per element.
+        if (g.weight != nullptr) {
+          parallel_for(p.tiles(), threads, [&](std::int64_t k0, std::int64_t k1) {
+            for (std::int64_t k = k0; k < k1; ++k) {
+              const std::int64_t j0 = k * linear_vocab_tile, w = std::min(linear_vocab_tile, p.nv - j0);
+              linear_map<A> tmp(p.wc.get() + j0 * H, w, H, Eigen::OuterStride<>(H));
+              tmp.noalias() = p.logits().middleCols(j0, w).transpose() * p.hidden_block();
+              for (std::int64_t j = 0; j < w; ++j) {
+                G* dst = g.weight + (p.v0 + j0 + j) * g.weight_stride;
+                for (std::int64_t c = 0; c < H; ++c) add_to(dst[c], tmp(j, c));
+              }
+            }
+          });
+        }
+      }
+    }
+    if (g.hidden != nullptr) {
+      parallel_for(p.nb, threads, [&](std::int64_t i0, std::int64_t i1) {
+        for (std::int64_t i = i0; i < i1; ++i) {
+          T* dst = g.hidden + p.active[b0 + i] * g.hidden_stride;
+          const A* src = dh.get() + i * H;
+          if (g.accumulate_hidden) {
+            for (std::int64_t c = 0; c < H; ++c) add_to(dst[c], src[c]);
+          } else {
+            for (std::int64_t c = 0; c < H; ++c) dst[c] = from_acc<T>(src[c]);
+          }
+        }
+      });
+    }
+  }
+}
+
+}  // namespace detail
+
+/// The chunk shape and workspace bytes that linear_logps / linear_logps_backward use for
+/// `in` under `opt` (both use the same). Throws dpo::error when the budget is too small for
+/// one row, or when the view's sizes are invalid.
+template <class T, class L>
+linear_chunking linear_workspace_size(const linear_view<T, L>& in, const linear_options& opt = {}) {
+  detail::check_linear_view(in);
+  return detail::linear_chunks<T>(in.rows, in.hidden_cols, in.vocab, opt);
+}
+
+/// Per-token log-probs of an LM head: logp_r = log softmax(o(hidden_r . weight^T + bias))[y_r],
+/// with o the transforms (scale, soft cap, temperature).
+///
+/// - logps: [rows], 0 on rows that do not count (ignore_index or masked).
+/// - entropy: [rows] or null: -sum_v p_v log p_v of each counted row, 0 elsewhere.
+/// - row_lse: [rows], each counted row's log-sum-exp of the transformed logits in double
+///   (0 elsewhere): what linear_logps_backward reads.
+/// T: float, double, Eigen::bfloat16, Eigen::half; L: an integer type. Products accumulate
+/// in float (double for double) and the logits are kept in that type, never rounded to T.
+/// Outputs may not overlap each other or any input. Allocates linear_workspace_size(in,
+/// opt).workspace_bytes, never a [rows, vocab] buffer. Deterministic and independent of
+/// opt.num_threads. Throws dpo::error naming the argument before writing anything.
+///
+///   dpo::cpu::linear_view<float, std::int64_t> v;
+///   v.hidden = h; v.rows = N; v.hidden_cols = H; v.hidden_stride = H;
+///   v.weight = w; v.vocab = V; v.weight_cols = H; v.weight_stride = H; v.labels = y;
+///   dpo::cpu::linear_logps(v, logps, nullptr, lse);
+template <class T, class L>
+void linear_logps(const linear_view<T, L>& in, double* logps, double* entropy, double* row_lse,
+                  const linear_options& opt = {}) {
+  detail::check_linear_view(in);
+  const linear_chunking ch = detail::linear_chunks<T>(in.rows, in.hidden_cols, in.vocab, opt);
+  if (in.rows > 0 && logps == nullptr) detail::fail("logps is null");
+  if (in.rows > 0 && row_lse == nullptr) detail::fail("row_lse is null");
+  detail::linear_range ins[5];
+  detail::input_ranges(in, ins);
+  const detail::linear_range outs[3] = {detail::range_of(logps, 1, in.rows, in.rows, "logps"),
+                                        detail::range_of(entropy, 1, in.rows, in.rows, "entropy"),
+                                        detail::range_of(row_lse, 1, in.rows, in.rows, "row_lse")};
+  detail::check_no_overlap(outs, 3, ins, 5);
+  if (in.rows == 0) return;
+  const int threads = detail::resolve_threads(opt.num_threads);
+  if (entropy != nullptr) {
+    detail::linear_forward_impl<true>(in, ch, logps, entropy, row_lse, threads);
+  } else {
+    detail::linear_forward_impl<false>(in, ch, logps, nullptr, row_lse, threads);
+  }
+}
+
+/// The gradient of sum_r grad_logps[r] * logps[r] (+ sum_r grad_entropy[r] * entropy[r]) of
+/// linear_logps with respect to hidden, weight and bias.
+///
+/// - row_lse: linear_logps' row_lse on the same view (and transforms).
+/// - grad_logps: [rows]; entries of rows that do not count are ignored.
+/// - entropy, grad_entropy: [rows] each, or both null; entropy is linear_logps' output.
+/// - g: where the gradients go (see linear_grads: dHidden written or added, dWeight and dBias
+///   added; null members are skipped). g.bias needs a view with a bias.
+/// Recomputes every logits chunk (one product), then two products per chunk: dHidden by
+/// row tiles, dWeight by vocab tiles, so each output element is summed by one thread in a
+/// fixed order: deterministic and independent of opt.num_threads. Rows whose upstream
+/// gradients are both 0 are skipped (exact zeros; their hidden states are not read).
+/// Outputs may not overlap each other or any input. Throws dpo::error naming the argument
+/// before writing anything.
+template <class T, class L, class G>
+void linear_logps_backward(const linear_view<T, L>& in, const double* row_lse,
+                           const double* grad_logps, const double* entropy,
+                           const double* grad_entropy, const linear_grads<T, G>& g,
+                           const linear_options& opt = {}) {
+  static_assert(std::is_same_v<G, T> || std::is_same_v<G, acc_t<T>>,
+                "dWeight and dBias must have the head's dtype or its accumulation type");
+  detail::check_linear_view(in);
+  const linear_chunking ch = detail::linear_chunks<T>(in.rows, in.hidden_cols, in.vocab, opt);
+  const std::int64_t N = in.rows, H = in.hidden_cols, V = in.vocab;
+  if (N > 0 && row_lse == nullptr) detail::fail("row_lse is null");
+  if (N > 0 && grad_logps == nullptr) detail::fail("grad_logps is null");
+  if ((entropy == nullptr) != (grad_entropy == nullptr))
+    detail::fail(entropy == nullptr ? "entropy is null but grad_entropy is given"
+                                    : "grad_entropy is null but entropy is given");
+  if (g.hidden != nullptr && g.hidden_stride < H)
+    detail::fail("grads.hidden_stride = ", g.hidden_stride, " is invalid: must be >= hidden_cols = ", H);
+  if (g.weight != nullptr && g.weight_stride < H)
+    detail::fail("grads.weight_stride = ", g.weight_stride, " is invalid: must be >= hidden_cols = ", H);
+  if (g.bias != nullptr && in.bias == nullptr)
+    detail::fail("grads.bias is given but the view has no bias");
+  detail::linear_range ins[9];
+  detail::input_ranges(in, ins);
+  ins[5] = detail::range_of(row_lse, 1, N, N, "row_lse");
+  ins[6] = detail::range_of(grad_logps, 1, N, N, "grad_logps");
+  ins[7] = detail::range_of(entropy, 1, N, N, "entropy");
+  ins[8] = detail::range_of(grad_entropy, 1, N, N, "grad_entropy");
+  const detail::linear_range outs[3] = {
+      detail::range_of(g.hidden, N, H, g.hidden_stride, "grads.hidden"),
+      detail::range_of(g.weight, V, H, g.weight_stride, "grads.weight"),
+      detail::range_of(g.bias, 1, V, V, "grads.bias")};
+  detail::check_no_overlap(outs, 3, ins, 9);
+  if (N == 0) return;
+  const int threads = detail::resolve_threads(opt.num_threads);
+  if (grad_entropy != nullptr) {
+    detail::linear_backward_impl<true>(in, ch, row_lse, grad_logps, entropy, grad_entropy, g, threads);
+  } else {
+    detail::linear_backward_impl<false>(in, ch, row_lse, grad_logps, nullptr, nullptr, g, threads);
+  }
+}
+
+}  // namespace cpu
+}  // namespace dpo
