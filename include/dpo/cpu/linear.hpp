@@ -116,8 +116,10 @@ namespace detail {
 
 /// Vocab columns per unit of work of the logits and dWeight products.
 inline constexpr std::int64_t linear_vocab_tile = 256;
-/// Rows per unit of work of the dHidden product.
-inline constexpr std::int64_t linear_row_tile = 32;
+/// Rows per unit of work of the dHidden product. Each unit's product repacks the whole weight
+/// chunk ([chunk vocab, H]), so units are tall enough for the packing to stay small against
+/// the multiply (2 x 128 flops per packed element).
+inline constexpr std::int64_t linear_row_tile = 128;
 /// Vocab columns of a chunk when the budget allows (the chunk then grows in rows).
 inline constexpr std::int64_t linear_default_chunk_vocab = 8192;
 
