@@ -21,6 +21,7 @@
 
 #include <Eigen/Core>
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <memory>
@@ -340,6 +341,19 @@ struct linear_pass {
   }
 };
 
+/// Runs fn(k0, k1) over [0, n) in fixed tiles [k, k + 1), claimed one at a time by
+/// min(threads, n) threads: a thread that the machine's other load slows down takes fewer
+/// tiles instead of holding up the rest at the end of the call. fn(k, k + 1)'s work depends on
+/// k only and writes memory that tile k alone owns, so which thread runs it changes nothing.
+template <class Fn>
+void parallel_tiles(std::int64_t n, int threads, Fn&& fn) {
+  std::atomic<std::int64_t> next{0};
+  parallel_for(std::min<std::int64_t>(n, resolve_threads(threads)), threads,
+               [&](std::int64_t, std::int64_t) {
+                 for (std::int64_t k = next.fetch_add(1); k < n; k = next.fetch_add(1)) fn(k, k + 1);
+               });
+}
+
 /// Folds the statistics of a later column range into `acc`, as row_forward does between its
 /// chunks: a range of only -inf logits adds its logit sum and no mass (merging would shift
 /// by -inf - m).
@@ -379,7 +393,7 @@ void linear_forward_impl(const linear_view<T, L>& in, const linear_chunking& ch,
     for (std::int64_t c0 = 0; c0 < in.vocab; c0 += ch.vocab) {
       p.select_vocab(c0, std::min(ch.vocab, in.vocab - c0));
       const std::int64_t tiles = p.tiles();
-      parallel_for(tiles, threads, [&](std::int64_t k0, std::int64_t k1) {
+      parallel_tiles(tiles, threads, [&](std::int64_t k0, std::int64_t k1) {
         row_scratch<A> scratch;
         for (std::int64_t k = k0; k < k1; ++k) {
           std::int64_t j0 = 0, w = 0;
@@ -463,7 +477,7 @@ void linear_backward_impl(const linear_view<T, L>& in, const linear_chunking& ch
       p.select_vocab(c0, std::min(ch.vocab, in.vocab - c0));
       // Tiles: recompute the logits, turn them into dZ in place, then dWeight and dBias of
       // the tile's vocab rows (owned by this tile: summed over the chunk's rows in order).
-      parallel_for(p.tiles(), threads, [&](std::int64_t k0, std::int64_t k1) {
+      parallel_tiles(p.tiles(), threads, [&](std::int64_t k0, std::int64_t k1) {
         for (std::int64_t k = k0; k < k1; ++k) {
           std::int64_t j0 = 0, w = 0;
           p.tile_logits(k, &j0, &w);
@@ -514,7 +528,7 @@ void linear_backward_impl(const linear_view<T, L>& in, const linear_chunking& ch
       });
       if (g.hidden != nullptr) {
         const std::int64_t rt = (p.nb + linear_row_tile - 1) / linear_row_tile;
-        parallel_for(rt, threads, [&](std::int64_t t0, std::int64_t t1) {
+        parallel_tiles(rt, threads, [&](std::int64_t t0, std::int64_t t1) {
           for (std::int64_t t = t0; t < t1; ++t) {
             const std::int64_t i0 = t * linear_row_tile, h = std::min(linear_row_tile, p.nb - i0);
             dhm.middleRows(i0, h).noalias() += p.logits().middleRows(i0, h) * p.weight_chunk();
@@ -525,7 +539,7 @@ void linear_backward_impl(const linear_view<T, L>& in, const linear_chunking& ch
         // dWeight into bf16/half: the product in A into the converted weight chunk (no longer
         // needed by this chunk), then one rounding per element.
         if (g.weight != nullptr) {
-          parallel_for(p.tiles(), threads, [&](std::int64_t k0, std::int64_t k1) {
+          parallel_tiles(p.tiles(), threads, [&](std::int64_t k0, std::int64_t k1) {
             for (std::int64_t k = k0; k < k1; ++k) {
               const std::int64_t j0 = k * linear_vocab_tile, w = std::min(linear_vocab_tile, p.nv - j0);
               linear_map<A> tmp(p.wc.get() + j0 * H, w, H, Eigen::OuterStride<>(H));
