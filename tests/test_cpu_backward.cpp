@@ -175,3 +175,66 @@ TEST_CASE("bf16 and fp16 logits: the float path's results, gradient rounded to n
   same_as_float_rounded<Eigen::bfloat16>();
   same_as_float_rounded<Eigen::half>();
 }
+
+namespace {
+
+/// dpo_backward_rows from a caller-owned forward's row_lse / row_coef against dpo_backward
+/// from the owned result: bitwise the same gradient, the same untouched rows and columns.
+template <class T, class L>
+void check_backward_rows(const fixture::named_config& nc, const oracle::batch& b, layout k, bool in_place,
+                         double grad_output) {
+  INFO(nc.name << " layout " << fixture::name_of(k) << " in_place " << in_place << " grad_output "
+               << grad_output);
+  const std::int64_t offset = k == layout::packed ? 2 : 0;
+  fixture::buffers<T, L> a(b, k, 3, k == layout::packed, -100, offset);
+  fixture::buffers<T, L> c(b, k, 3, k == layout::packed, -100, offset);
+  const fixture::reference ref = fixture::make_reference(nc.cfg, b, 7);
+  dpo::cpu::options opt;
+  opt.num_threads = 3;
+  const dpo::cpu::forward_result f = dpo::cpu::dpo_forward(a.view(), ref.pc(), ref.pr(), nc.cfg, opt);
+  dpo::cpu::dpo_backward(a.view(), f, in_place ? a.inplace_view() : a.grad_view(), grad_output, opt);
+  const std::size_t rows = c.logits.size() / static_cast<std::size_t>(c.stride);
+  std::vector<double> lse(rows, 0.0), coef(rows, 0.0);
+  dpo::forward_outputs out;
+  out.row_lse = lse.data();
+  out.row_coef = coef.data();
+  dpo::cpu::dpo_forward(c.view(), ref.pc(), ref.pr(), nc.cfg, out, opt);
+  dpo::cpu::dpo_backward_rows(c.view(), lse.data(), coef.data(), in_place ? c.inplace_view() : c.grad_view(),
+                              grad_output, opt);
+  const std::vector<T>& ga = in_place ? a.logits : a.grad;
+  const std::vector<T>& gc = in_place ? c.logits : c.grad;
+  REQUIRE(ga.size() == gc.size());
+  CHECK(std::memcmp(ga.data(), gc.data(), ga.size() * sizeof(T)) == 0);
+}
+
+}  // namespace
+
+TEST_CASE("dpo_backward_rows from caller-owned row state equals dpo_backward bitwise", "[backward][outputs]") {
+  fixture::batch_spec sp = small();
+  sp.seed = 41;
+  const oracle::batch padded = rounded_batch<float>(sp);
+  sp.varying_rows = true;
+  const oracle::batch packed = rounded_batch<float>(sp);
+  for (const auto& nc : fixture::all_configs())
+    for (layout k : {layout::padded, layout::packed})
+      for (bool in_place : {false, true})
+        check_backward_rows<float, std::int64_t>(nc, k == layout::packed ? packed : padded, k, in_place,
+                                                 in_place ? 1.0 : -0.37);
+  sp.varying_rows = false;
+  const oracle::batch bf = rounded_batch<Eigen::bfloat16>(sp);
+  for (const auto& nc : fixture::all_configs())
+    check_backward_rows<Eigen::bfloat16, std::int32_t>(nc, bf, layout::padded, false, 2.0);
+}
+
+TEST_CASE("dpo_backward_rows: bad arguments write nothing", "[backward][outputs]") {
+  const oracle::batch b = rounded_batch<float>(small());
+  fixture::buffers<float, std::int64_t> sep(b, layout::separate);
+  fixture::buffers<float, std::int64_t> pad(b, layout::padded);
+  std::vector<double> rows(pad.logits.size(), 0.0);
+  fixture::expect_error(
+      [&] { dpo::cpu::dpo_backward_rows(pad.view(), nullptr, rows.data(), pad.grad_view()); }, "row_lse is null");
+  fixture::expect_error(
+      [&] { dpo::cpu::dpo_backward_rows(sep.view(), rows.data(), rows.data(), sep.grad_view()); },
+      "one logits buffer");
+  for (float g : pad.grad) CHECK(g == fixture::buffers<float, std::int64_t>::sentinel());
+}

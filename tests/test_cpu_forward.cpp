@@ -5,6 +5,7 @@
 // ignore_index and explicit masks, reference logits.
 #include <Eigen/Core>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "catch.hpp"
@@ -189,5 +190,182 @@ TEST_CASE("pair_logps: LD-DPO weighting of both sides", "[forward]") {
       CHECK(fixture::near(c[i], double(oc[i]), 1e-12));
       CHECK(fixture::near(r[i], double(orr[i]), 1e-12));
     }
+  }
+}
+
+namespace {
+
+bool same_bits(double a, double b) { return std::memcmp(&a, &b, sizeof a) == 0; }
+
+void check_same(const double* got, const Eigen::VectorXd& want, const char* what) {
+  INFO(what);
+  for (Eigen::Index i = 0; i < want.size(); ++i) CHECK(same_bits(got[i], want[i]));
+}
+
+/// The caller-owned dpo_forward against the owned-result one: bitwise the same values, and
+/// the row state at the buffer's rows (entries outside every sequence untouched).
+template <class T, class L>
+void check_caller_owned(const fixture::named_config& nc, const oracle::batch& b, layout k, bool metrics,
+                        bool reference_logits) {
+  INFO(nc.name << " layout " << fixture::name_of(k) << " metrics " << metrics << " ref_logits "
+               << reference_logits);
+  fixture::buffers<T, L> buf(b, k, 3, k == layout::padded, -100, k == layout::packed ? 2 : 0);
+  const fixture::reference ref = fixture::make_reference(nc.cfg, b, 7);
+  dpo::cpu::options opt;
+  opt.num_threads = 2;
+  opt.metrics = metrics;
+  fixture::buffers<T, L> rbuf(b, k, 3, k == layout::padded, -100, k == layout::packed ? 2 : 0);
+  const dpo::cpu::forward_result want = reference_logits
+                                            ? dpo::cpu::dpo_forward(buf.view(), rbuf.view(), nc.cfg, opt)
+                                            : dpo::cpu::dpo_forward(buf.view(), ref.pc(), ref.pr(), nc.cfg, opt);
+  const std::int64_t P = buf.P;
+  const double canary = -777.0;
+  std::vector<double> pv(10 * P, canary), scalars(2, canary);
+  dpo::metrics m;
+  m.entropy = canary;
+  const std::int64_t rows = static_cast<std::int64_t>(buf.logits.size()) / buf.stride;
+  std::vector<double> lse(rows, canary), coef(rows, canary);
+  dpo::forward_outputs out;
+  out.loss = &scalars[0];
+  out.nll_token_grad = &scalars[1];
+  out.metrics = &m;
+  out.losses = pv.data();
+  out.chosen_rewards = pv.data() + P;
+  out.rejected_rewards = pv.data() + 2 * P;
+  out.chosen_logps = pv.data() + 3 * P;
+  out.rejected_logps = pv.data() + 4 * P;
+  out.chosen_tokens = pv.data() + 5 * P;
+  out.rejected_tokens = pv.data() + 6 * P;
+  out.weights = pv.data() + 7 * P;
+  out.grad_chosen = pv.data() + 8 * P;
+  out.grad_rejected = pv.data() + 9 * P;
+  const bool one_buffer = k != layout::separate;
+  if (one_buffer) {
+    out.row_lse = lse.data();
+    out.row_coef = coef.data();
+  }
+  if (reference_logits) {
+    dpo::cpu::dpo_forward(buf.view(), rbuf.view(), nc.cfg, out, opt);
+  } else {
+    dpo::cpu::dpo_forward(buf.view(), ref.pc(), ref.pr(), nc.cfg, out, opt);
+  }
+  CHECK(same_bits(scalars[0], want.loss));
+  CHECK(same_bits(scalars[1], want.nll_token_grad));
+  CHECK(std::memcmp(&m, &want.metrics, sizeof m) == 0);
+  check_same(out.losses, want.losses, "losses");
+  check_same(out.chosen_rewards, want.chosen_rewards, "chosen_rewards");
+  check_same(out.rejected_rewards, want.rejected_rewards, "rejected_rewards");
+  check_same(out.chosen_logps, want.chosen_logps, "chosen_logps");
+  check_same(out.rejected_logps, want.rejected_logps, "rejected_logps");
+  check_same(out.chosen_tokens, want.chosen_tokens, "chosen_tokens");
+  check_same(out.rejected_tokens, want.rejected_tokens, "rejected_tokens");
+  check_same(out.weights, want.weights, "weights");
+  check_same(out.grad_chosen, want.grad_chosen, "grad_chosen");
+  check_same(out.grad_rejected, want.grad_rejected, "grad_rejected");
+  if (!one_buffer) return;
+  const auto view = buf.view();
+  std::vector<bool> inside(static_cast<std::size_t>(rows), false);
+  for (const auto* side : {&want.chosen_rows, &want.rejected_rows}) {
+    const auto& v = side == &want.chosen_rows ? view.chosen : view.rejected;
+    for (std::size_t i = 0; i < side->coef.size(); ++i) {
+      const std::int64_t r = side->row0 + static_cast<std::int64_t>(i);
+      if (!v.in_sequence(r)) continue;
+      inside[static_cast<std::size_t>(r)] = true;
+      INFO("row " << r);
+      CHECK(same_bits(lse[r], side->lse[i]));
+      CHECK(same_bits(coef[r], side->coef[i]));
+    }
+  }
+  for (std::int64_t r = 0; r < rows; ++r)
+    if (!inside[static_cast<std::size_t>(r)]) CHECK((lse[r] == canary && coef[r] == canary));
+}
+
+}  // namespace
+
+TEST_CASE("caller-owned dpo_forward equals the owned result bitwise (every layout and configuration)",
+          "[forward][outputs]") {
+  fixture::batch_spec sp;
+  sp.pairs = 3;
+  sp.rows = 5;
+  sp.vocab = 13;
+  sp.seed = 33;
+  const oracle::batch padded = rounded_batch<float>(sp);
+  sp.varying_rows = true;
+  sp.rows = 7;
+  const oracle::batch packed = rounded_batch<float>(sp);
+  for (const auto& nc : fixture::all_configs())
+    for (layout k : {layout::padded, layout::separate, layout::packed})
+      for (bool metrics : {true, false})
+        check_caller_owned<float, std::int64_t>(nc, k == layout::packed ? packed : padded, k, metrics, false);
+  for (const auto& nc : representative())
+    for (layout k : {layout::padded, layout::packed})
+      check_caller_owned<float, std::int32_t>(nc, k == layout::packed ? packed : padded, k, true, true);
+}
+
+TEST_CASE("caller-owned dpo_forward: null outputs are skipped, separate buffers refuse row state",
+          "[forward][outputs]") {
+  fixture::batch_spec sp;
+  const oracle::batch b = rounded_batch<float>(sp);
+  fixture::buffers<float, std::int64_t> sep(b, layout::separate);
+  const dpo::loss_config cfg = fixture::of(dpo::loss_type::sigmoid);
+  const fixture::reference ref = fixture::make_reference(cfg, b, 7);
+  double loss = 0;
+  dpo::forward_outputs out;
+  out.loss = &loss;
+  dpo::cpu::dpo_forward(sep.view(), ref.pc(), ref.pr(), cfg, out);
+  CHECK(loss == dpo::cpu::dpo_forward(sep.view(), ref.pc(), ref.pr(), cfg).loss);
+  std::vector<double> rows(static_cast<std::size_t>(sep.logits.size()), 0.0);
+  out.row_lse = rows.data();
+  fixture::expect_error([&] { dpo::cpu::dpo_forward(sep.view(), ref.pc(), ref.pr(), cfg, out); },
+                        "one logits buffer");
+}
+
+TEST_CASE("caller-owned dpo_loss equals the owned result bitwise", "[forward][outputs]") {
+  for (const auto& nc : fixture::all_configs()) {
+    INFO(nc.name);
+    const std::int64_t P = 5;
+    std::vector<double> lc(P), lr(P), rc(P), rr(P), nc_(P), nr(P), w(P);
+    for (std::int64_t i = 0; i < P; ++i) {
+      lc[i] = -10.0 - 1.7 * i;
+      lr[i] = -11.0 - 0.9 * i;
+      rc[i] = -10.5 - 1.1 * i;
+      rr[i] = -10.2 - 1.3 * i;
+      nc_[i] = 3 + i;
+      nr[i] = 4 + (i % 2);
+      w[i] = 0.5 + 0.1 * i;
+    }
+    dpo::pair_logps_in in;
+    in.num_pairs = P;
+    in.chosen_logps = lc.data();
+    in.rejected_logps = lr.data();
+    in.ref_chosen_logps = rc.data();
+    in.ref_rejected_logps = rr.data();
+    in.chosen_tokens = nc_.data();
+    in.rejected_tokens = nr.data();
+    in.weights = nc.cfg.use_weighting ? w.data() : nullptr;
+    const dpo::cpu::forward_result want = dpo::cpu::dpo_loss(in, nc.cfg);
+    std::vector<double> pv(10 * P, -1.0);
+    double loss = 0, nllg = 0;
+    dpo::metrics m;
+    dpo::forward_outputs out;
+    out.loss = &loss;
+    out.nll_token_grad = &nllg;
+    out.metrics = &m;
+    out.losses = pv.data();
+    out.chosen_rewards = pv.data() + P;
+    out.rejected_rewards = pv.data() + 2 * P;
+    out.weights = pv.data() + 3 * P;
+    out.grad_chosen = pv.data() + 4 * P;
+    out.grad_rejected = pv.data() + 5 * P;
+    dpo::cpu::dpo_loss(in, nc.cfg, out);
+    CHECK(same_bits(loss, want.loss));
+    CHECK(same_bits(nllg, want.nll_token_grad));
+    CHECK(std::memcmp(&m, &want.metrics, sizeof m) == 0);
+    check_same(out.losses, want.losses, "losses");
+    check_same(out.chosen_rewards, want.chosen_rewards, "chosen_rewards");
+    check_same(out.rejected_rewards, want.rejected_rewards, "rejected_rewards");
+    check_same(out.weights, want.weights, "weights");
+    check_same(out.grad_chosen, want.grad_chosen, "grad_chosen");
+    check_same(out.grad_rejected, want.grad_rejected, "grad_rejected");
   }
 }

@@ -7,6 +7,8 @@
 #include "dpo/core/layout.hpp"
 #include "dpo/core/loss.hpp"
 #include "dpo/core/math.hpp"
+#include "dpo/core/metrics.hpp"
+#include "dpo/core/outputs.hpp"
 #include "dpo/core/pair_batch.hpp"
 #include "dpo/core/transforms.hpp"
 #include "dpo/core/validate.hpp"

@@ -127,7 +127,13 @@ struct pair_outputs {
     out.grad_rejected = part(9);
     out.loss = h[10 * P];
     out.nll_token_grad = h[10 * P + 1];
-    out.metrics.assign(h.begin() + 10 * P + 2, h.end());
+    // The order the tests index (the pre-issue-11 field order), by name: the struct is in
+    // the output order now.
+    dpo::metrics m;
+    std::memcpy(&m, h.data() + 10 * P + 2, sizeof m);
+    out.metrics = {m.rewards_chosen, m.rewards_rejected, m.rewards_margins, m.rewards_accuracies,
+                   m.logps_chosen,   m.logps_rejected,   m.logits_chosen,   m.logits_rejected,
+                   m.entropy,        m.mean_token_accuracy, m.nll_loss};
     return all_nan(h);
   }
 };

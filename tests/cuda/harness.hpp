@@ -79,7 +79,7 @@ struct case_out {
   int device_error = 0;  // device_error_code read back from the workspace
   std::string device_message;
   double loss = 0;
-  std::vector<double> metrics;  // 11, dpo::cpu::metrics order
+  std::vector<double> metrics;  // 11: rewards chosen, rejected, margins, accuracies, then as dpo::metrics
   std::vector<double> losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps,
       chosen_tokens, rejected_tokens, weights, grad_chosen, grad_rejected;
   double nll_token_grad = 0;

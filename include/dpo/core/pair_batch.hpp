@@ -6,9 +6,11 @@
 // are computed first and passed in.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #include "dpo/core/loss.hpp"
+#include "dpo/core/metrics.hpp"
 
 namespace dpo {
 namespace detail {
@@ -39,6 +41,37 @@ struct pair_batch_in {
 };
 
 DPO_HOST_DEVICE inline double clamp_len(double n) { return n < 1.0 ? 1.0 : n; }
+
+/// WPO weight W_i of a pair from its sequences' sums of WPO token terms and token counts:
+/// exp of the two sides' mean terms.
+DPO_HOST_DEVICE inline double wpo_weight(double wpo_c, double tokens_c, double wpo_r,
+                                         double tokens_r) {
+  using std::exp;
+  return exp(wpo_c / clamp_len(tokens_c) + wpo_r / clamp_len(tokens_r));
+}
+
+/// The pair stage's input of a batch of P pairs: per-pair arrays (rho null for no reference,
+/// weights null for W = 1) and the batch scalars from the token totals (the NLL) and the sum
+/// of the weights (P where weights is null). The sorts are the pair stage's to fill.
+DPO_HOST_DEVICE inline pair_batch_in make_pair_batch(std::int64_t P, const double* pi_c,
+                                                     const double* pi_r, const double* rho_c,
+                                                     const double* rho_r, const double* len_c,
+                                                     const double* len_r, const double* weights,
+                                                     const token_totals& tokens,
+                                                     double weight_sum) {
+  pair_batch_in in;
+  in.num_pairs = P;
+  in.pi_c = pi_c;
+  in.pi_r = pi_r;
+  in.rho_c = rho_c;
+  in.rho_r = rho_r;
+  in.len_c = len_c;
+  in.len_r = len_r;
+  in.weights = weights;
+  in.nll = batch_nll(tokens);
+  in.mean_weight = weight_sum / static_cast<double>(P);
+  return in;
+}
 
 DPO_HOST_DEVICE inline pair_values pair_at(const pair_batch_in& in, std::int64_t i) {
   pair_values v;

@@ -4,17 +4,24 @@
 // and gradient backward over the logits. Pipeline (mirrored by the CUDA backend):
 //   rows:      one read of each logits row -> log-sum-exp, label log-prob, metric terms
 //   sequences: ordered sums of the row values (LD-DPO weights applied here)
-//   pairs:     losses, rewards, dL/dpi from dpo/core/pair_batch.hpp
+//   pairs:     WPO weights, the pair batch, losses, rewards, dL/dpi from
+//              dpo/core/pair_batch.hpp; metrics from dpo/core/metrics.hpp (named totals,
+//              dpo::finalize)
 //   rows:      backward, one more read and one write: coef * (onehot - softmax)
-// Every stage is deterministic and independent of the thread count.
+// Every stage is deterministic and independent of the thread count. The entry points write
+// caller-owned outputs (dpo::forward_outputs, as the CUDA backend) or, as a convenience, an
+// owned forward_result filled by the same code.
 #pragma once
 
 #include <Eigen/Core>
 #include <algorithm>
 #include <cstdint>
 #include <numeric>
+#include <utility>
 #include <vector>
 
+#include "dpo/core/metrics.hpp"
+#include "dpo/core/outputs.hpp"
 #include "dpo/core/pair_batch.hpp"
 #include "dpo/cpu/check.hpp"
 #include "dpo/cpu/parallel.hpp"
@@ -33,20 +40,12 @@ struct options {
   bool metrics = true;
 };
 
-/// The metrics TRL's DPOTrainer logs (docs/losses.md), from one pass over the logits.
-struct metrics {
-  double rewards_chosen = 0;      // mean beta * D_c
-  double rewards_rejected = 0;    // mean beta * D_r
-  double rewards_margins = 0;     // mean (beta * D_c - beta * D_r)
-  double rewards_accuracies = 0;  // mean 1[beta * D_c > beta * D_r]
-  double logps_chosen = 0;        // mean pi_c
-  double logps_rejected = 0;      // mean pi_r
-  double logits_chosen = 0;       // mean over chosen completion tokens of the row's mean logit
-  double logits_rejected = 0;
-  double entropy = 0;              // mean entropy over all completion tokens
-  double mean_token_accuracy = 0;  // share of chosen completion tokens whose argmax is the label
-  double nll_loss = 0;             // mean token cross-entropy over chosen completion tokens
-};
+/// The metrics TRL's DPOTrainer logs (docs/losses.md), from one pass over the logits: the
+/// core's unit (dpo/core/metrics.hpp), shared with the CUDA backend.
+using metrics = dpo::metrics;
+
+/// Where the caller-owned dpo_forward / dpo_loss write (host pointers, each may be null).
+using dpo::forward_outputs;
 
 /// Per-row values of one side, kept from the forward pass for the backward pass.
 struct side_rows {
@@ -229,9 +228,12 @@ inline void sort_with_ranks(const std::vector<double>& x, std::vector<double>& s
   }
 }
 
-/// Runs the pair stage over a batch: per-pair losses, rewards, dL/dpi. `in` has every
-/// per-pair pointer and the batch scalars set except the aot fields, which this fills.
-inline void run_pairs(const loss_config& c, dpo::detail::pair_batch_in in, forward_result& r) {
+/// Runs the pair stage over a batch: per-pair losses, rewards and dL/dpi (gc, gr: always
+/// written; the other per-pair outputs of `o` where set). `in` has every per-pair pointer
+/// and the batch scalars set except the aot fields, which this fills. Returns the pair
+/// totals of the losses, rewards and accuracies (the log-prob sums are the caller's).
+inline pair_totals run_pairs(const loss_config& c, dpo::detail::pair_batch_in in,
+                             const forward_outputs& o, double* gc, double* gr) {
   const std::int64_t P = in.num_pairs;
   // aot and aot_unpaired sort different keys: each present type gets its own sort.
   aot_scratch aot[2];
@@ -250,54 +252,152 @@ inline void run_pairs(const loss_config& c, dpo::detail::pair_batch_in in, forwa
     so.rank_a = s.ra.data();
     so.rank_b = s.rb.data();
   }
-  r.losses.resize(P);
-  r.chosen_rewards.resize(P);
-  r.rejected_rewards.resize(P);
-  r.grad_chosen.resize(P);
-  r.grad_rejected.resize(P);
-  double total = 0.0;
+  pair_totals t{};
   for (std::int64_t i = 0; i < P; ++i) {
     const dpo::detail::pair_contribution pc = dpo::detail::contribution(c, in, i);
-    r.losses[i] = pc.loss;
-    r.grad_chosen[i] = pc.g_c;
-    r.grad_rejected[i] = pc.g_r;
-    dpo::detail::pair_rewards(c, dpo::detail::pair_at(in, i), &r.chosen_rewards[i],
-                              &r.rejected_rewards[i]);
-    total += pc.loss;
+    double rc = 0.0, rr = 0.0;
+    dpo::detail::pair_rewards(c, dpo::detail::pair_at(in, i), &rc, &rr);
+    gc[i] = pc.g_c;
+    gr[i] = pc.g_r;
+    if (o.losses) o.losses[i] = pc.loss;
+    if (o.chosen_rewards) o.chosen_rewards[i] = rc;
+    if (o.rejected_rewards) o.rejected_rewards[i] = rr;
+    if (o.grad_chosen) o.grad_chosen[i] = pc.g_c;
+    if (o.grad_rejected) o.grad_rejected[i] = pc.g_r;
+    t.add_pair(pc.loss, rc, rr, 0.0, 0.0);
   }
-  r.loss = total / static_cast<double>(P);
-  double sc = 0, sr = 0, acc = 0;
-  for (std::int64_t i = 0; i < P; ++i) {
-    sc += r.chosen_rewards[i];
-    sr += r.rejected_rewards[i];
-    acc += r.chosen_rewards[i] > r.rejected_rewards[i] ? 1.0 : 0.0;
-  }
-  r.metrics.rewards_chosen = sc / P;
-  r.metrics.rewards_rejected = sr / P;
-  r.metrics.rewards_margins = (sc - sr) / P;
-  r.metrics.rewards_accuracies = acc / P;
+  return t;
 }
 
-/// dL/dlogp_t of each row of one side: g_seq * LD weight + NLL share (chosen side only);
-/// exactly 0 on masked rows.
+/// Sum of a per-pair array in Eigen's (vectorised) order over an aligned copy, the CPU's
+/// order for these sums whatever the alignment of x.
+inline double pair_sum(const double* x, std::int64_t P) {
+  return Eigen::VectorXd(Eigen::Map<const Eigen::VectorXd>(x, P)).sum();
+}
+
+inline double total(const std::vector<double>& x) { return std::accumulate(x.begin(), x.end(), 0.0); }
+
+/// The batch outputs every forward writes: loss, metrics, NLL token gradient.
+inline void write_batch(const forward_outputs& o, pair_totals pt, const token_totals& tt,
+                        const dpo::detail::pair_batch_in& b, const loss_config& cfg,
+                        bool token_metrics) {
+  const std::int64_t P = b.num_pairs;
+  pt.logps_chosen = pair_sum(b.pi_c, P);
+  pt.logps_rejected = pair_sum(b.pi_r, P);
+  if (o.loss) *o.loss = pt.loss / static_cast<double>(P);
+  if (o.metrics) *o.metrics = dpo::finalize(pt, tt, P, token_metrics);
+  if (o.nll_token_grad)
+    *o.nll_token_grad = dpo::detail::nll_token_grad(cfg, b.mean_weight, tt.chosen_tokens);
+}
+
+inline void copy_out(double* dst, const double* src, std::int64_t n) {
+  if (dst != nullptr) std::copy(src, src + n, dst);
+}
+
+/// dpo_forward's pipeline: rows, sequences, the pair stage, the row coefficients. Writes
+/// `out` (caller-owned) and, where rows is set, each side's per-row state in the owned
+/// result's form (rows[0] chosen, rows[1] rejected). The arguments are checked.
 template <class T, class L>
-void row_coefficients(const token_view<T, L>& v, const row_values& rows,
-                      const Eigen::VectorXd& g_seq, const std::vector<double>& shared,
-                      double ld_alpha, double nll_grad, side_rows& out) {
-  out.row0 = v.row_begin(0);
-  out.lse = rows.lse;
-  out.logp = rows.logp;
-  out.coef.assign(rows.target.size(), 0.0);
-  for (std::int64_t s = 0; s < v.num_seqs; ++s) {
-    std::int64_t j = 0;
-    for (std::int64_t r = v.row_begin(s); r < v.row_end(s); ++r) {
-      const std::size_t i = static_cast<std::size_t>(r - out.row0);
-      if (rows.target[i] < 0) continue;
-      // An LD-DPO weight of 0 drops the token even where g_seq is infinite.
-      out.coef[i] = dpo::detail::times(ld_weight(j, shared[s], ld_alpha), g_seq[s]) + nll_grad;
-      ++j;
-    }
+void forward_pipeline(const pair_view<T, L>& policy, const double* ref_chosen,
+                      const double* ref_rejected, const loss_config& cfg,
+                      const forward_outputs& out, const options& opt, side_rows* rows) {
+  const bool needs_ref = dpo::detail::needs_reference(cfg);
+  const std::int64_t P = policy.num_pairs();
+  const bool metrics = opt.metrics || cfg.use_weighting;
+  row_values rc, rr;
+  forward_rows(policy.chosen, rc, metrics, opt.num_threads);
+  forward_rows(policy.rejected, rr, metrics, opt.num_threads);
+  const std::vector<double> nc = token_counts(policy.chosen);
+  const std::vector<double> nr = token_counts(policy.rejected);
+  const std::vector<double> shared = shared_lengths(nc, nr, cfg.ld_alpha);
+  const seq_sums sc = sum_sequences(policy.chosen, rc, shared, cfg.ld_alpha, metrics);
+  const seq_sums sr = sum_sequences(policy.rejected, rr, shared, cfg.ld_alpha, metrics);
+
+  std::vector<double> W(static_cast<std::size_t>(P), 1.0);
+  if (cfg.use_weighting)
+    for (std::int64_t i = 0; i < P; ++i) W[i] = dpo::detail::wpo_weight(sc.wpo[i], nc[i], sr.wpo[i], nr[i]);
+  token_totals tt{};
+  tt.chosen_tokens = total(nc);
+  tt.rejected_tokens = total(nr);
+  tt.chosen_logps = total(sc.logp_plain);
+  if (metrics) {
+    tt.logits_chosen = total(sc.zmean);
+    tt.logits_rejected = total(sr.zmean);
+    tt.entropy = total(sc.entropy) + total(sr.entropy);
+    tt.chosen_hits = total(sc.hit);
   }
+  const dpo::detail::pair_batch_in b = dpo::detail::make_pair_batch(
+      P, sc.logp.data(), sr.logp.data(), needs_ref ? ref_chosen : nullptr,
+      needs_ref ? ref_rejected : nullptr, nc.data(), nr.data(),
+      cfg.use_weighting ? W.data() : nullptr, tt, pair_sum(W.data(), P));
+  std::vector<double> gc(static_cast<std::size_t>(P)), gr(gc.size());
+  const pair_totals pt = run_pairs(cfg, b, out, gc.data(), gr.data());
+  write_batch(out, pt, tt, b, cfg, metrics);
+  copy_out(out.chosen_logps, sc.logp.data(), P);
+  copy_out(out.rejected_logps, sr.logp.data(), P);
+  copy_out(out.chosen_tokens, nc.data(), P);
+  copy_out(out.rejected_tokens, nr.data(), P);
+  copy_out(out.weights, W.data(), P);
+
+  const double nll_grad = dpo::detail::nll_token_grad(cfg, b.mean_weight, tt.chosen_tokens);
+  const auto side = [&](const token_view<T, L>& v, const row_values& rv, const std::vector<double>& g,
+                        double nll, side_rows* keep) {
+    const std::int64_t row0 = v.row_begin(0);
+    if (keep != nullptr) {
+      keep->row0 = row0;
+      keep->lse = rv.lse;
+      keep->logp = rv.logp;
+      keep->coef.assign(rv.target.size(), 0.0);
+    }
+    for (std::int64_t s = 0; s < v.num_seqs; ++s) {
+      std::int64_t j = 0;
+      for (std::int64_t r = v.row_begin(s); r < v.row_end(s); ++r) {
+        const std::size_t i = static_cast<std::size_t>(r - row0);
+        double coef = 0.0;
+        if (rv.target[i] >= 0) {
+          // An LD-DPO weight of 0 drops the token even where g is infinite.
+          coef = dpo::detail::times(ld_weight(j, shared[s], cfg.ld_alpha), g[s]) + nll;
+          ++j;
+        }
+        if (keep != nullptr) keep->coef[i] = coef;
+        if (out.row_lse != nullptr) out.row_lse[r] = rv.lse[i];
+        if (out.row_coef != nullptr) out.row_coef[r] = coef;
+      }
+    }
+  };
+  side(policy.chosen, rc, gc, nll_grad, rows != nullptr ? &rows[0] : nullptr);
+  side(policy.rejected, rr, gr, 0.0, rows != nullptr ? &rows[1] : nullptr);
+}
+
+/// The backward of one side: coef * (onehot - softmax) per row of its sequences, rounded to
+/// T; lse_at(r, i) and coef_at(r, i) give the row's state (r: buffer row, i: r - row0).
+/// Gap rows (outside every sequence) are not written.
+template <class T, class L, class Lse, class Coef>
+void backward_side(const token_view<T, L>& v, Lse lse_at, Coef coef_at, double grad_output,
+                   T* g, std::int64_t g_stride, int threads) {
+  using A = acc_t<T>;
+  if (v.num_seqs == 0) return;
+  const std::int64_t row0 = v.row_begin(0);
+  const std::int64_t n = v.row_end(v.num_seqs - 1) - row0;
+  parallel_for(n, threads, [&](std::int64_t b, std::int64_t e) {
+    row_scratch<A> scratch;
+    for (std::int64_t i = b; i < e; ++i) {
+      const std::int64_t r = row0 + i;
+      if (!v.in_sequence(r)) continue;
+      const A coef = static_cast<A>(coef_at(r, i) * grad_output);
+      row_backward<T, A>(v.logits + r * v.row_stride, g + r * g_stride, v.vocab, lse_at(r, i), coef,
+                         v.target(r), scratch);
+    }
+  });
+}
+
+/// Row state indexed by the buffer's row (forward_outputs::row_lse / row_coef) needs one
+/// logits buffer for both sides: with separate buffers the row indices would collide.
+template <class T, class L>
+void check_one_buffer(const pair_view<T, L>& policy, const char* what) {
+  if (policy.chosen.logits != policy.rejected.logits)
+    dpo::detail::fail(what, " need one logits buffer for both sides (padded or packed pairs); "
+                            "with separate buffers use the owned forward_result and dpo_backward");
 }
 
 }  // namespace detail
@@ -417,39 +517,135 @@ void pair_logps(const pair_view<T, L>& in, double ld_alpha, double* chosen, doub
 using dpo::pair_logps_in;
 
 
-/// The pair-level loss from sequence log-probs: loss, per-pair losses, rewards and dL/dpi.
-/// NLL terms (sft, cpo, orpo) take NLL(chosen) = -sum(chosen_logps) / sum(chosen_tokens).
-/// Throws dpo::error on a bad configuration or null input. Deterministic.
-inline forward_result dpo_loss(const pair_logps_in& in, const loss_config& cfg) {
+/// The pair-level loss from sequence log-probs into caller-owned outputs (host pointers,
+/// each may be null; the token metrics and row state are not written: the metrics' token
+/// fields are 0). Per-pair outputs have P entries: losses, rewards and dL/dpi; chosen_logps
+/// etc. are copies of the inputs (tokens and weights: 1 where null). NLL terms (sft, cpo,
+/// orpo) take NLL(chosen) = -sum(chosen_logps) / sum(chosen_tokens). Throws dpo::error (writing
+/// nothing) on a bad configuration or null input. Deterministic. Mirrors dpo::cuda::dpo_loss.
+inline void dpo_loss(const pair_logps_in& in, const loss_config& cfg, const forward_outputs& out) {
   detail::check_config(cfg);
   detail::check_logps_in(in, cfg);
   const std::int64_t P = in.num_pairs;
+  // Aligned copies: the sums then take Eigen's order whatever the caller's alignment.
+  const auto vec = [P](const double* x) {
+    return x != nullptr ? Eigen::VectorXd(Eigen::Map<const Eigen::VectorXd>(x, P))
+                        : Eigen::VectorXd(Eigen::VectorXd::Ones(P));
+  };
+  const Eigen::VectorXd lc = vec(in.chosen_logps), lr = vec(in.rejected_logps);
+  const Eigen::VectorXd nc = vec(in.chosen_tokens), nr = vec(in.rejected_tokens);
+  const Eigen::VectorXd W = vec(in.weights);
+  token_totals tt{};
+  tt.chosen_tokens = nc.sum();
+  tt.rejected_tokens = nr.sum();
+  tt.chosen_logps = lc.sum();
+  const dpo::detail::pair_batch_in b = dpo::detail::make_pair_batch(
+      P, lc.data(), lr.data(), in.ref_chosen_logps, in.ref_rejected_logps, nc.data(), nr.data(),
+      in.weights != nullptr ? W.data() : nullptr, tt, W.sum());
+  std::vector<double> gc(static_cast<std::size_t>(P)), gr(gc.size());
+  const pair_totals pt = detail::run_pairs(cfg, b, out, gc.data(), gr.data());
+  detail::write_batch(out, pt, tt, b, cfg, false);
+  detail::copy_out(out.chosen_logps, lc.data(), P);
+  detail::copy_out(out.rejected_logps, lr.data(), P);
+  detail::copy_out(out.chosen_tokens, nc.data(), P);
+  detail::copy_out(out.rejected_tokens, nr.data(), P);
+  detail::copy_out(out.weights, W.data(), P);
+}
+
+namespace detail {
+
+/// The owned result's per-pair vectors, sized for P pairs, as caller-owned outputs.
+inline forward_outputs owned_outputs(forward_result& r, std::int64_t P) {
+  for (Eigen::VectorXd* v : {&r.losses, &r.chosen_rewards, &r.rejected_rewards, &r.chosen_logps,
+                             &r.rejected_logps, &r.chosen_tokens, &r.rejected_tokens, &r.weights,
+                             &r.grad_chosen, &r.grad_rejected})
+    v->resize(P);
+  forward_outputs o;
+  o.loss = &r.loss;
+  o.metrics = &r.metrics;
+  o.losses = r.losses.data();
+  o.chosen_rewards = r.chosen_rewards.data();
+  o.rejected_rewards = r.rejected_rewards.data();
+  o.chosen_logps = r.chosen_logps.data();
+  o.rejected_logps = r.rejected_logps.data();
+  o.chosen_tokens = r.chosen_tokens.data();
+  o.rejected_tokens = r.rejected_tokens.data();
+  o.weights = r.weights.data();
+  o.grad_chosen = r.grad_chosen.data();
+  o.grad_rejected = r.grad_rejected.data();
+  o.nll_token_grad = &r.nll_token_grad;
+  return o;
+}
+
+}  // namespace detail
+
+/// The pair-level loss from sequence log-probs: loss, per-pair losses, rewards and dL/dpi,
+/// as an owned result (the caller-owned dpo_loss above, into its vectors).
+/// Throws dpo::error on a bad configuration or null input. Deterministic.
+inline forward_result dpo_loss(const pair_logps_in& in, const loss_config& cfg) {
   forward_result r;
-  const std::vector<double> ones(static_cast<std::size_t>(P), 1.0);
-  r.chosen_logps = Eigen::Map<const Eigen::VectorXd>(in.chosen_logps, P);
-  r.rejected_logps = Eigen::Map<const Eigen::VectorXd>(in.rejected_logps, P);
-  r.chosen_tokens = Eigen::Map<const Eigen::VectorXd>(in.chosen_tokens ? in.chosen_tokens : ones.data(), P);
-  r.rejected_tokens =
-      Eigen::Map<const Eigen::VectorXd>(in.rejected_tokens ? in.rejected_tokens : ones.data(), P);
-  r.weights = Eigen::Map<const Eigen::VectorXd>(in.weights ? in.weights : ones.data(), P);
-  dpo::detail::pair_batch_in b;
-  b.num_pairs = P;
-  b.pi_c = in.chosen_logps;
-  b.pi_r = in.rejected_logps;
-  b.rho_c = in.ref_chosen_logps;
-  b.rho_r = in.ref_rejected_logps;
-  b.len_c = r.chosen_tokens.data();
-  b.len_r = r.rejected_tokens.data();
-  b.weights = in.weights;
-  const double tokens = r.chosen_tokens.sum();
-  b.nll = -r.chosen_logps.sum() / dpo::detail::clamp_len(tokens);
-  b.mean_weight = r.weights.mean();
-  detail::run_pairs(cfg, b, r);
-  r.nll_token_grad = dpo::detail::nll_token_grad(cfg, b.mean_weight, tokens);
-  r.metrics.logps_chosen = r.chosen_logps.mean();
-  r.metrics.logps_rejected = r.rejected_logps.mean();
-  r.metrics.nll_loss = b.nll;
+  const std::int64_t P = in.num_pairs > 0 ? in.num_pairs : 0;
+  dpo_loss(in, cfg, detail::owned_outputs(r, P));
   return r;
+}
+
+namespace detail {
+
+template <class T, class L>
+void check_forward_args(const pair_view<T, L>& policy, const double* ref_chosen,
+                   const double* ref_rejected, const loss_config& cfg) {
+  check_config(cfg);
+  check_pairs(policy, "logits");
+  check_reference(cfg, ref_chosen, ref_rejected);
+}
+
+/// The reference-logits overloads' forward-only pass over `reference`: its pair log-probs,
+/// LD-DPO weighted as the policy's.
+template <class T, class L>
+void reference_logps(const pair_view<T, L>& policy, const pair_view<T, L>& reference,
+                     const loss_config& cfg, const options& opt, std::vector<double>& rc,
+                     std::vector<double>& rr) {
+  check_config(cfg);
+  check_pairs(reference, "ref_logits");
+  check_reference_pairs(policy, reference);
+  rc.resize(static_cast<std::size_t>(reference.num_pairs()));
+  rr.resize(rc.size());
+  pair_logps(reference, cfg.ld_alpha, rc.data(), rr.data(), opt);
+}
+
+}  // namespace detail
+
+/// The fused forward pass into caller-owned outputs (host pointers, each may be null: not
+/// written), mirroring dpo::cuda::dpo_forward minus workspace and stream: per-token
+/// log-probs of the policy logits, their sequence sums, the pair losses against the
+/// reference log-probs (P each; null for reference-free losses) and every metric, with one
+/// read of the logits. out.row_lse / out.row_coef (at least row_end(last) doubles, indexed
+/// by the logits buffer's row; entries of rows outside every sequence are not written) hold
+/// what dpo_backward_rows needs; they need one logits buffer for both sides (padded or
+/// packed pairs). Bitwise the same values as the owned-result dpo_forward. Throws dpo::error
+/// (nothing written) on bad input. Deterministic and independent of options::num_threads.
+template <class T, class L>
+void dpo_forward(const pair_view<T, L>& policy, const double* ref_chosen,
+                 const double* ref_rejected, const loss_config& cfg, const forward_outputs& out,
+                 const options& opt = {}) {
+  detail::check_forward_args(policy, ref_chosen, ref_rejected, cfg);
+  if (out.row_lse != nullptr || out.row_coef != nullptr)
+    detail::check_one_buffer(policy, "out.row_lse / out.row_coef");
+  detail::forward_pipeline(policy, ref_chosen, ref_rejected, cfg, out, opt, nullptr);
+}
+
+/// The caller-owned dpo_forward with reference logits instead of reference log-probs: a
+/// forward-only pass over `reference` (same layout and labels as `policy`, LD-DPO weighted
+/// alike), then dpo_forward.
+template <class T, class L>
+void dpo_forward(const pair_view<T, L>& policy, const pair_view<T, L>& reference,
+                 const loss_config& cfg, const forward_outputs& out, const options& opt = {}) {
+  std::vector<double> rc, rr;
+  detail::check_pairs(policy, "logits");
+  if (out.row_lse != nullptr || out.row_coef != nullptr)
+    detail::check_one_buffer(policy, "out.row_lse / out.row_coef");
+  detail::reference_logps(policy, reference, cfg, opt, rc, rr);
+  dpo_forward(policy, rc.data(), rr.data(), cfg, out, opt);
 }
 
 /// The fused forward pass: per-token log-probs of the policy logits, their sequence sums,
@@ -462,69 +658,14 @@ template <class T, class L>
 forward_result dpo_forward(const pair_view<T, L>& policy, const double* ref_chosen,
                            const double* ref_rejected, const loss_config& cfg,
                            const options& opt = {}) {
-  detail::check_config(cfg);
-  detail::check_pairs(policy, "logits");
-  detail::check_reference(cfg, ref_chosen, ref_rejected);
-  const bool needs_ref = dpo::detail::needs_reference(cfg);
-  const std::int64_t P = policy.num_pairs();
-  const bool metrics = opt.metrics || cfg.use_weighting;
-  detail::row_values rc, rr;
-  detail::forward_rows(policy.chosen, rc, metrics, opt.num_threads);
-  detail::forward_rows(policy.rejected, rr, metrics, opt.num_threads);
-  const std::vector<double> nc = detail::token_counts(policy.chosen);
-  const std::vector<double> nr = detail::token_counts(policy.rejected);
-  const std::vector<double> shared = detail::shared_lengths(nc, nr, cfg.ld_alpha);
-  const detail::seq_sums sc = detail::sum_sequences(policy.chosen, rc, shared, cfg.ld_alpha, metrics);
-  const detail::seq_sums sr = detail::sum_sequences(policy.rejected, rr, shared, cfg.ld_alpha, metrics);
-
+  detail::check_forward_args(policy, ref_chosen, ref_rejected, cfg);
   forward_result r;
   r.vocab = policy.chosen.vocab;
-  r.chosen_logps = Eigen::Map<const Eigen::VectorXd>(sc.logp.data(), P);
-  r.rejected_logps = Eigen::Map<const Eigen::VectorXd>(sr.logp.data(), P);
-  r.chosen_tokens = Eigen::Map<const Eigen::VectorXd>(nc.data(), P);
-  r.rejected_tokens = Eigen::Map<const Eigen::VectorXd>(nr.data(), P);
-  r.weights = Eigen::VectorXd::Ones(P);
-  if (cfg.use_weighting) {
-    for (std::int64_t i = 0; i < P; ++i) {
-      const double wc = sc.wpo[i] / dpo::detail::clamp_len(nc[i]);
-      const double wr = sr.wpo[i] / dpo::detail::clamp_len(nr[i]);
-      r.weights[i] = std::exp(wc + wr);
-    }
-  }
-  const double chosen_tokens = r.chosen_tokens.sum();
-  const double plain_chosen = std::accumulate(sc.logp_plain.begin(), sc.logp_plain.end(), 0.0);
-  dpo::detail::pair_batch_in b;
-  b.num_pairs = P;
-  b.pi_c = sc.logp.data();
-  b.pi_r = sr.logp.data();
-  b.rho_c = needs_ref ? ref_chosen : nullptr;
-  b.rho_r = needs_ref ? ref_rejected : nullptr;
-  b.len_c = nc.data();
-  b.len_r = nr.data();
-  b.weights = cfg.use_weighting ? r.weights.data() : nullptr;
-  b.nll = -plain_chosen / dpo::detail::clamp_len(chosen_tokens);
-  b.mean_weight = r.weights.mean();
-  detail::run_pairs(cfg, b, r);
-  r.nll_token_grad = dpo::detail::nll_token_grad(cfg, b.mean_weight, chosen_tokens);
-
-  r.metrics.logps_chosen = r.chosen_logps.mean();
-  r.metrics.logps_rejected = r.rejected_logps.mean();
-  r.metrics.nll_loss = b.nll;
-  if (metrics) {
-    const double rejected_tokens = r.rejected_tokens.sum();
-    const auto total = [](const std::vector<double>& x) {
-      return std::accumulate(x.begin(), x.end(), 0.0);
-    };
-    const auto ratio = [](double num, double den) { return den > 0 ? num / den : 0.0; };
-    r.metrics.logits_chosen = ratio(total(sc.zmean), chosen_tokens);
-    r.metrics.logits_rejected = ratio(total(sr.zmean), rejected_tokens);
-    r.metrics.entropy = ratio(total(sc.entropy) + total(sr.entropy), chosen_tokens + rejected_tokens);
-    r.metrics.mean_token_accuracy = ratio(total(sc.hit), chosen_tokens);
-  }
-  detail::row_coefficients(policy.chosen, rc, r.grad_chosen, shared, cfg.ld_alpha,
-                           r.nll_token_grad, r.chosen_rows);
-  detail::row_coefficients(policy.rejected, rr, r.grad_rejected, shared, cfg.ld_alpha, 0.0,
-                           r.rejected_rows);
+  side_rows rows[2];
+  detail::forward_pipeline(policy, ref_chosen, ref_rejected, cfg,
+                           detail::owned_outputs(r, policy.num_pairs()), opt, rows);
+  r.chosen_rows = std::move(rows[0]);
+  r.rejected_rows = std::move(rows[1]);
   return r;
 }
 
@@ -534,12 +675,8 @@ forward_result dpo_forward(const pair_view<T, L>& policy, const double* ref_chos
 template <class T, class L>
 forward_result dpo_forward(const pair_view<T, L>& policy, const pair_view<T, L>& reference,
                            const loss_config& cfg, const options& opt = {}) {
-  detail::check_config(cfg);
-  detail::check_pairs(reference, "ref_logits");
-  detail::check_reference_pairs(policy, reference);
-  std::vector<double> rc(static_cast<std::size_t>(reference.num_pairs()));
-  std::vector<double> rr(rc.size());
-  pair_logps(reference, cfg.ld_alpha, rc.data(), rr.data(), opt);
+  std::vector<double> rc, rr;
+  detail::reference_logps(policy, reference, cfg, opt, rc, rr);
   return dpo_forward(policy, rc.data(), rr.data(), cfg, opt);
 }
 
@@ -552,7 +689,6 @@ template <class T, class L>
 void dpo_backward(const pair_view<T, L>& policy, const forward_result& fwd,
                   const pair_grad_view<T>& grad, double grad_output = 1.0,
                   const options& opt = {}) {
-  using A = acc_t<T>;
   detail::check_pairs(policy, "logits");
   detail::check_grad(policy, grad);
   detail::check_finite(grad_output, "grad_output");
@@ -569,20 +705,39 @@ void dpo_backward(const pair_view<T, L>& policy, const forward_result& fwd,
   check_rows(policy.rejected, fwd.rejected_rows);
   const auto side = [&](const token_view<T, L>& v, const side_rows& rows, T* g,
                         std::int64_t g_stride) {
-    const std::int64_t n = static_cast<std::int64_t>(rows.coef.size());
-    detail::parallel_for(n, opt.num_threads, [&](std::int64_t b, std::int64_t e) {
-      detail::row_scratch<A> scratch;
-      for (std::int64_t i = b; i < e; ++i) {
-        const std::int64_t r = rows.row0 + i;
-        if (!v.in_sequence(r)) continue;  // gap rows of a padded view are not written
-        const A coef = static_cast<A>(rows.coef[i] * grad_output);
-        detail::row_backward<T, A>(v.logits + r * v.row_stride, g + r * g_stride, v.vocab,
-                                   rows.lse[i], coef, v.target(r), scratch);
-      }
-    });
+    detail::backward_side(
+        v, [&](std::int64_t, std::int64_t i) { return rows.lse[i]; },
+        [&](std::int64_t, std::int64_t i) { return rows.coef[i]; }, grad_output, g, g_stride,
+        opt.num_threads);
   };
   side(policy.chosen, fwd.chosen_rows, grad.chosen, grad.chosen_stride);
   side(policy.rejected, fwd.rejected_rows, grad.rejected, grad.rejected_stride);
+}
+
+/// The gradient of grad_output * loss from per-row state the caller kept (out.row_lse and
+/// out.row_coef of a caller-owned dpo_forward, indexed by the logits buffer's row), as
+/// dpo::cuda::dpo_backward_rows: nothing else has to stay between forward and backward.
+/// Same writes, aliasing rules and determinism as dpo_backward (bitwise the same gradient
+/// from the same forward); rows whose label is masked get zeros without reading their
+/// state. Throws dpo::error (writing nothing) on bad input.
+template <class T, class L>
+void dpo_backward_rows(const pair_view<T, L>& policy, const double* row_lse,
+                       const double* row_coef, const pair_grad_view<T>& grad,
+                       double grad_output = 1.0, const options& opt = {}) {
+  detail::check_pairs(policy, "logits");
+  detail::check_grad(policy, grad);
+  detail::check_finite(grad_output, "grad_output");
+  if (row_lse == nullptr || row_coef == nullptr)
+    dpo::detail::fail(row_lse == nullptr ? "row_lse" : "row_coef", " is null");
+  detail::check_one_buffer(policy, "row_lse / row_coef");
+  const auto side = [&](const token_view<T, L>& v, T* g, std::int64_t g_stride) {
+    detail::backward_side(
+        v, [&](std::int64_t r, std::int64_t) { return v.target(r) >= 0 ? row_lse[r] : 0.0; },
+        [&](std::int64_t r, std::int64_t) { return v.target(r) >= 0 ? row_coef[r] : 0.0; },
+        grad_output, g, g_stride, opt.num_threads);
+  };
+  side(policy.chosen, grad.chosen, grad.chosen_stride);
+  side(policy.rejected, grad.rejected, grad.rejected_stride);
 }
 
 /// dpo_forward then dpo_backward: two reads and one write of the logits in all.

@@ -6,8 +6,8 @@
 //                    metric terms; checks the label
 //   sequence_kernel  a block per sequence: completion-token counts, LD-DPO weights (block
 //                    scan of the completion flags), fixed-order sums
-//   pair_kernel      1 block: WPO weights, aot ranks, dpo::detail::contribution per pair,
-//                    loss and metrics
+//   pair_kernel      1 block, one device function per phase: WPO weights and batch totals,
+//                    the aot sorts, dpo::detail::contribution per pair, dpo::finalize
 //   backward_kernel  a row per block iteration: one more read and one write; in
 //                    dpo_forward_backward also the token metrics' row terms (the forward
 //                    then skips them), summed after it by sequence_kernel (metrics_only)
@@ -24,6 +24,8 @@
 #include <type_traits>
 
 #include "dpo/core/layout.hpp"
+#include "dpo/core/metrics.hpp"
+#include "dpo/core/outputs.hpp"
 #include "dpo/core/pair_batch.hpp"
 #include "dpo/cuda/block.cuh"
 #include "dpo/cuda/status.cuh"
@@ -31,44 +33,11 @@
 namespace dpo {
 namespace cuda {
 
-/// The metrics TRL's DPOTrainer logs; the same fields, in the same order, as
-/// dpo::cpu::metrics.
-struct metrics {
-  double rewards_chosen;
-  double rewards_rejected;
-  double rewards_margins;
-  double rewards_accuracies;
-  double logps_chosen;
-  double logps_rejected;
-  double logits_chosen;
-  double logits_rejected;
-  double entropy;
-  double mean_token_accuracy;
-  double nll_loss;
-};
+/// The metrics TRL's DPOTrainer logs: the core's unit, as on the CPU.
+using metrics = dpo::metrics;
 
-/// Where dpo_forward writes its results: device pointers, each may be null (not written).
-/// Per-pair arrays have P entries; the meaning of each is that of dpo::cpu::forward_result.
-struct forward_outputs {
-  double* loss = nullptr;              // [1] the batch loss
-  cuda::metrics* metrics = nullptr;    // [1]
-  double* losses = nullptr;            // per-pair loss; the batch loss is their mean
-  double* chosen_rewards = nullptr;    // beta * (pi_c - rho_c)
-  double* rejected_rewards = nullptr;  // beta * (pi_r - rho_r)
-  double* chosen_logps = nullptr;      // pi_c (LD-DPO weighted when ld_alpha < 1)
-  double* rejected_logps = nullptr;    // pi_r
-  double* chosen_tokens = nullptr;     // completion-token counts L_c
-  double* rejected_tokens = nullptr;   // L_r
-  double* weights = nullptr;           // WPO weight W_i (1 without use_weighting)
-  double* grad_chosen = nullptr;       // dL/dpi_c per pair
-  double* grad_rejected = nullptr;     // dL/dpi_r per pair
-  double* nll_token_grad = nullptr;    // [1] dL/dlogp of each chosen completion token (NLL terms)
-  /// Per-row backward state, indexed by the logits' row (the buffer's rows; entries of rows
-  /// outside every sequence are not written): log-sum-exp and dL/dlogp of the row (0 for
-  /// masked rows). With these, dpo_backward_rows needs no workspace state.
-  double* row_lse = nullptr;
-  double* row_coef = nullptr;
-};
+/// Where dpo_forward writes its results (device pointers): the core's struct, as on the CPU.
+using forward_outputs = dpo::forward_outputs;
 
 namespace detail {
 
@@ -485,106 +454,77 @@ struct pair_params {
   forward_outputs out;
 };
 
-/// Batch-level sums of the pair stage.
-struct batch_acc {
-  double v[8];
-};
+/// The pair stage's first sums: the token totals and the sum of the WPO weights.
+struct batch_totals {
+  token_totals tokens;
+  double weights;
 
-struct batch_acc_sum {
-  __device__ batch_acc operator()(const batch_acc& a, const batch_acc& b) const {
-    batch_acc r;
-#pragma unroll
-    for (int k = 0; k < 8; ++k) r.v[k] = a.v[k] + b.v[k];
-    return r;
+  DPO_HOST_DEVICE batch_totals operator+(const batch_totals& o) const {
+    return {tokens + o.tokens, weights + o.weights};
   }
 };
 
-/// Pair i's terms of the batch sums that pair_kernel and metrics_kernel share: token counts
-/// (v[0], v[3]) and the token metrics (v[4..7]).
-__device__ __forceinline__ void add_token_terms(batch_acc& acc, const seq_arrays& sc,
-                                                const seq_arrays& sr, std::int64_t i) {
-  acc.v[0] += sc.count[i];
-  acc.v[3] += sr.count[i];
-  acc.v[4] += sc.zmean[i];
-  acc.v[5] += sr.zmean[i];
-  acc.v[6] += sc.ent[i] + sr.ent[i];
-  acc.v[7] += sc.hit[i];
+/// Pair i's terms of the token totals (pair_kernel and metrics_kernel).
+__device__ __forceinline__ token_totals token_terms(const seq_arrays& sc, const seq_arrays& sr,
+                                                    std::int64_t i) {
+  token_totals t;
+  t.chosen_tokens = sc.count[i];
+  t.rejected_tokens = sr.count[i];
+  t.chosen_logps = sc.plain[i];
+  t.logits_chosen = sc.zmean[i];
+  t.logits_rejected = sr.zmean[i];
+  t.entropy = sc.ent[i] + sr.ent[i];
+  t.chosen_hits = sc.hit[i];
+  return t;
 }
 
-/// The token metrics from the batch sums of add_token_terms: TRL's means over completion
-/// tokens (0 where a side has none).
-__device__ __forceinline__ void set_token_metrics(metrics& m, const batch_acc& tot) {
-  const auto ratio = [](double num, double den) { return den > 0 ? num / den : 0.0; };
-  m.logits_chosen = ratio(tot.v[4], tot.v[0]);
-  m.logits_rejected = ratio(tot.v[5], tot.v[3]);
-  m.entropy = ratio(tot.v[6], tot.v[0] + tot.v[3]);
-  m.mean_token_accuracy = ratio(tot.v[7], tot.v[0]);
+/// Whether the pair stage's weights are per-pair values (else every W_i is 1).
+__device__ __forceinline__ bool has_weights(const pair_params& p) {
+  return p.weights == weights_from::workspace ||
+         (p.weights == weights_from::wpo_sums && p.cfg.use_weighting);
 }
 
-/// The pair stage in one block: the same dpo::detail::contribution() as the CPU path.
-/// Independent of the logits type, so one instantiation serves every dtype.
-template <int BLOCK>
-__global__ void __launch_bounds__(BLOCK) pair_kernel(ws_ptrs w, pair_params p) {
-  ws_header* h = w.h;
-  if (has_error(h)) return;
-  using reduce_t = cub::BlockReduce<batch_acc, BLOCK>;
-  __shared__ typename reduce_t::TempStorage tmp;
-  __shared__ batch_acc totals;
-  const loss_config& c = p.cfg;
-  const std::int64_t P = p.pairs;
+/// Phase 1: each pair's WPO weight (into pairs.weights) and the batch totals, the same in
+/// every thread on return.
+template <int BLOCK, class Storage>
+__device__ batch_totals pair_weights_and_totals(const ws_ptrs& w, const pair_params& p,
+                                                Storage& tmp) {
+  __shared__ batch_totals totals;
   const seq_arrays& sc = w.seqs[0];
   const seq_arrays& sr = w.seqs[1];
-  const pair_arrays& pa = w.pairs;
-  const int tid = static_cast<int>(threadIdx.x);
-
-  // Token totals, the NLL, WPO weights and the metric sums, in a fixed order.
-  batch_acc acc{};
-  for (std::int64_t i = tid; i < P; i += BLOCK) {
+  batch_totals acc{};
+  for (std::int64_t i = threadIdx.x; i < p.pairs; i += BLOCK) {
     double W = 1.0;
     if (p.weights == weights_from::workspace) {
-      W = pa.weights[i];
-    } else if (p.weights == weights_from::wpo_sums && c.use_weighting) {
-      using std::exp;
-      W = exp(sc.wpo[i] / dpo::detail::clamp_len(sc.count[i]) +
-              sr.wpo[i] / dpo::detail::clamp_len(sr.count[i]));
+      W = w.pairs.weights[i];
+    } else if (p.weights == weights_from::wpo_sums && p.cfg.use_weighting) {
+      W = dpo::detail::wpo_weight(sc.wpo[i], sc.count[i], sr.wpo[i], sr.count[i]);
     }
-    pa.weights[i] = W;
-    acc.v[1] += sc.plain[i];
-    acc.v[2] += W;
-    add_token_terms(acc, sc, sr, i);
+    w.pairs.weights[i] = W;
+    acc.tokens += token_terms(sc, sr, i);
+    acc.weights += W;
   }
-  acc = reduce_t(tmp).Reduce(acc, batch_acc_sum());
-  if (tid == 0) totals = acc;
+  acc = cub::BlockReduce<batch_totals, BLOCK>(tmp).Reduce(acc, totals_sum());
+  if (threadIdx.x == 0) totals = acc;
   __syncthreads();
-  const batch_acc tot = totals;
-  const double chosen_tokens = tot.v[0];
+  return totals;
+}
 
-  dpo::detail::pair_batch_in in;
-  in.num_pairs = P;
-  in.pi_c = sc.logp;
-  in.pi_r = sr.logp;
-  in.rho_c = p.ref_chosen;
-  in.rho_r = p.ref_rejected;
-  in.len_c = sc.count;
-  in.len_r = sr.count;
-  in.weights = p.weights == weights_from::workspace ||
-                       (p.weights == weights_from::wpo_sums && c.use_weighting)
-                   ? pa.weights
-                   : nullptr;
-  in.nll = -tot.v[1] / dpo::detail::clamp_len(chosen_tokens);
-  in.mean_weight = tot.v[2] / static_cast<double>(P);
-
-  // aot and aot_unpaired sort different keys: each present type gets its own sort, a stable
-  // ascending sort of a and b as ranks (O(P^2 / BLOCK) per thread). The condition is
-  // block-uniform (c is a kernel parameter).
+/// Phase 2: each batch term type present (aot, aot_unpaired) sorts its own keys, a stable
+/// ascending sort of a and b as ranks (O(P^2 / BLOCK) per thread), into in.sorts. The
+/// condition is block-uniform (c is a kernel parameter).
+template <int BLOCK>
+__device__ void sort_batch_terms(const loss_config& c, const pair_arrays& pa,
+                                 dpo::detail::pair_batch_in& in) {
+  const std::int64_t P = in.num_pairs;
   for (int q = 0; q < 2; ++q) {
     const dpo::loss_type t = q == 0 ? dpo::loss_type::aot : dpo::loss_type::aot_unpaired;
     if (!dpo::detail::has_term(c, t)) continue;
     const sort_arrays& so = pa.sorts[q];
-    for (std::int64_t i = tid; i < P; i += BLOCK)
+    for (std::int64_t i = threadIdx.x; i < P; i += BLOCK)
       dpo::detail::aot_keys(c, dpo::detail::pair_at(in, i), t, &so.a[i], &so.b[i]);
     __syncthreads();
-    for (std::int64_t i = tid; i < P; i += BLOCK) {
+    for (std::int64_t i = threadIdx.x; i < P; i += BLOCK) {
       const std::int64_t ka = dpo::detail::stable_rank(so.a, P, i);
       const std::int64_t kb = dpo::detail::stable_rank(so.b, P, i);
       so.ra[i] = ka;
@@ -599,10 +539,20 @@ __global__ void __launch_bounds__(BLOCK) pair_kernel(ws_ptrs w, pair_params p) {
     bs.rank_a = so.ra;
     bs.rank_b = so.rb;
   }
+}
 
-  const forward_outputs& o = p.out;
-  batch_acc sums{};
-  for (std::int64_t i = tid; i < P; i += BLOCK) {
+/// Phase 3: every pair's contribution (dpo::detail::contribution, as the CPU) and outputs;
+/// returns the pair totals, valid in thread 0.
+template <int BLOCK, class Storage>
+__device__ pair_totals pair_contributions(const loss_config& c,
+                                          const dpo::detail::pair_batch_in& in,
+                                          const ws_ptrs& w, const forward_outputs& o,
+                                          Storage& tmp) {
+  const seq_arrays& sc = w.seqs[0];
+  const seq_arrays& sr = w.seqs[1];
+  const pair_arrays& pa = w.pairs;
+  pair_totals sums{};
+  for (std::int64_t i = threadIdx.x; i < in.num_pairs; i += BLOCK) {
     const dpo::detail::pair_contribution pc = dpo::detail::contribution(c, in, i);
     double rc = 0.0, rr = 0.0;
     dpo::detail::pair_rewards(c, dpo::detail::pair_at(in, i), &rc, &rr);
@@ -618,53 +568,64 @@ __global__ void __launch_bounds__(BLOCK) pair_kernel(ws_ptrs w, pair_params p) {
     if (o.weights) o.weights[i] = pa.weights[i];
     if (o.grad_chosen) o.grad_chosen[i] = pc.g_c;
     if (o.grad_rejected) o.grad_rejected[i] = pc.g_r;
-    sums.v[0] += pc.loss;
-    sums.v[1] += rc;
-    sums.v[2] += rr;
-    sums.v[3] += rc > rr ? 1.0 : 0.0;
-    sums.v[4] += sc.logp[i];
-    sums.v[5] += sr.logp[i];
+    sums.add_pair(pc.loss, rc, rr, sc.logp[i], sr.logp[i]);
   }
-  __syncthreads();
-  sums = reduce_t(tmp).Reduce(sums, batch_acc_sum());
-  if (tid == 0) {
-    const double inv_p = 1.0 / static_cast<double>(P);
-    const double nll_grad = dpo::detail::nll_token_grad(c, in.mean_weight, chosen_tokens);
-    if (o.loss) *o.loss = sums.v[0] * inv_p;
-    if (o.nll_token_grad) *o.nll_token_grad = nll_grad;
-    if (o.metrics) {
-      metrics m{};
-      m.rewards_chosen = sums.v[1] * inv_p;
-      m.rewards_rejected = sums.v[2] * inv_p;
-      m.rewards_margins = (sums.v[1] - sums.v[2]) * inv_p;
-      m.rewards_accuracies = sums.v[3] * inv_p;
-      m.logps_chosen = sums.v[4] * inv_p;
-      m.logps_rejected = sums.v[5] * inv_p;
-      m.nll_loss = in.nll;
-      if (p.metrics) set_token_metrics(m, tot);
-      *o.metrics = m;
-    }
-    if (p.weights == weights_from::wpo_sums) {  // a dpo_forward: dpo_backward may follow
-      h->nll_token_grad = nll_grad;
-      h->sig_pairs = P;
-      h->sig_vocab = p.vocab;
-      h->magic = state_magic;
-    }
+  __syncthreads();  // tmp was phase 1's
+  return cub::BlockReduce<pair_totals, BLOCK>(tmp).Reduce(sums, totals_sum());
+}
+
+/// Phase 4, one thread: the batch loss, the NLL's token gradient, the metrics
+/// (dpo::finalize, as the CPU) and, after a dpo_forward, the state dpo_backward checks.
+__device__ __forceinline__ void finalize_pairs(const pair_params& p, ws_header* h,
+                                               const dpo::detail::pair_batch_in& in,
+                                               const pair_totals& pt, const token_totals& tt) {
+  const double inv_p = 1.0 / static_cast<double>(p.pairs);
+  const double nll_grad = dpo::detail::nll_token_grad(p.cfg, in.mean_weight, tt.chosen_tokens);
+  const forward_outputs& o = p.out;
+  if (o.loss) *o.loss = pt.loss * inv_p;
+  if (o.nll_token_grad) *o.nll_token_grad = nll_grad;
+  if (o.metrics) *o.metrics = dpo::finalize(pt, tt, p.pairs, p.metrics);
+  if (p.weights == weights_from::wpo_sums) {  // a dpo_forward: dpo_backward may follow
+    h->nll_token_grad = nll_grad;
+    h->sig_pairs = p.pairs;
+    h->sig_vocab = p.vocab;
+    h->magic = state_magic;
   }
 }
 
+/// The pair stage in one block: the same core pipeline (weights, pair_batch_in,
+/// contribution, finalize) as the CPU path. Independent of the logits type, so one
+/// instantiation serves every dtype.
+template <int BLOCK>
+__global__ void __launch_bounds__(BLOCK) pair_kernel(ws_ptrs w, pair_params p) {
+  if (has_error(w.h)) return;
+  __shared__ union {
+    typename cub::BlockReduce<batch_totals, BLOCK>::TempStorage batch;
+    typename cub::BlockReduce<pair_totals, BLOCK>::TempStorage pairs;
+  } tmp;
+  const batch_totals tot = pair_weights_and_totals<BLOCK>(w, p, tmp.batch);
+  const seq_arrays& sc = w.seqs[0];
+  const seq_arrays& sr = w.seqs[1];
+  dpo::detail::pair_batch_in in = dpo::detail::make_pair_batch(
+      p.pairs, sc.logp, sr.logp, p.ref_chosen, p.ref_rejected, sc.count, sr.count,
+      has_weights(p) ? w.pairs.weights : nullptr, tot.tokens, tot.weights);
+  sort_batch_terms<BLOCK>(p.cfg, w.pairs, in);
+  const pair_totals pt = pair_contributions<BLOCK>(p.cfg, in, w, p.out, tmp.pairs);
+  if (threadIdx.x == 0) finalize_pairs(p, w.h, in, pt, tot.tokens);
+}
+
 /// dpo_forward_backward's token metrics, after backward_kernel<Metrics> wrote the row terms
-/// and sequence_kernel (metrics_only) summed them: pair_kernel's sums, in its order, into
-/// the metrics it wrote without them.
+/// and sequence_kernel (metrics_only) summed them: pair_kernel's token totals, in its order,
+/// into the metrics it wrote without them.
 template <int BLOCK>
 __global__ void __launch_bounds__(BLOCK) metrics_kernel(ws_ptrs w, std::int64_t P, metrics* out) {
   if (has_error(w.h)) return;
-  using reduce_t = cub::BlockReduce<batch_acc, BLOCK>;
+  using reduce_t = cub::BlockReduce<token_totals, BLOCK>;
   __shared__ typename reduce_t::TempStorage tmp;
-  batch_acc acc{};
-  for (std::int64_t i = threadIdx.x; i < P; i += BLOCK) add_token_terms(acc, w.seqs[0], w.seqs[1], i);
-  acc = reduce_t(tmp).Reduce(acc, batch_acc_sum());
-  if (threadIdx.x == 0) set_token_metrics(*out, acc);
+  token_totals acc{};
+  for (std::int64_t i = threadIdx.x; i < P; i += BLOCK) acc += token_terms(w.seqs[0], w.seqs[1], i);
+  acc = reduce_t(tmp).Reduce(acc, totals_sum());
+  if (threadIdx.x == 0) dpo::set_token_metrics(*out, acc);
 }
 
 /// Sequence-level inputs of dpo_loss (device pointers; null tokens mean 1, null weights 1).
