@@ -302,7 +302,4 @@ inline at::Tensor sequence_grad(const at::Tensor& grad, const row_layout& l, std
   return g.contiguous();
 }
 
-/// Metrics in the order of the `metrics` output of dpo_forward.
-inline constexpr int num_metrics = 11;
-
 }  // namespace dpo_kernels

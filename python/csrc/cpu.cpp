@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "common.h"
+#include "forward_outputs.h"
 #include "dpo/cpu/dpo.hpp"
 
 namespace dpo_kernels {
@@ -199,79 +200,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dpo_forwa
   const double* ref_c = ptr_or_null(reference_chosen_logps, keep_c);
   const double* ref_r = ptr_or_null(reference_rejected_logps, keep_r);
 
-  dpo::cpu::forward_result r;
+  forward_tensors t(l, P, at::TensorOptions().dtype(at::kDouble));
   dispatch_float(logits.scalar_type(), [&](auto* tp) {
     using T = std::remove_pointer_t<decltype(tp)>;
     dispatch_label(l.labels.scalar_type(), [&](auto* lp) {
       using L = std::remove_pointer_t<decltype(lp)>;
       const dpo::pair_view<T, L> policy = pair_view_of<T, L>(l, ignore_index);
-      r = rethrow_as_value_error([&] {
+      rethrow_as_value_error([&] {
+        const dpo::cpu::options opt = cpu_options(compute_metrics);
         if (rl.has_value())
-          return dpo::cpu::dpo_forward(policy, pair_view_of<T, L>(*rl, ignore_index), cfg,
-                                       cpu_options(compute_metrics));
-        return dpo::cpu::dpo_forward(policy, ref_c, ref_r, cfg, cpu_options(compute_metrics));
+          return dpo::cpu::dpo_forward(policy, pair_view_of<T, L>(*rl, ignore_index), cfg, t.out, opt);
+        return dpo::cpu::dpo_forward(policy, ref_c, ref_r, cfg, t.out, opt);
       });
     });
   });
-
-  const auto out_dtype = result_dtype(logits.scalar_type());
-  const auto opts = logits.options().dtype(out_dtype);
-  at::Tensor loss = at::scalar_tensor(r.loss, at::kDouble).to(opts);
-  const dpo::cpu::metrics& m = r.metrics;
-  const double mv[num_metrics] = {m.rewards_chosen,  m.rewards_rejected, m.rewards_accuracies,
-                                  m.rewards_margins, m.logps_chosen,     m.logps_rejected,
-                                  m.logits_chosen,   m.logits_rejected,  m.entropy,
-                                  m.mean_token_accuracy, m.nll_loss};
-  at::Tensor metrics = at::from_blob(const_cast<double*>(mv), {num_metrics}, at::kDouble).to(opts, false, true);
-  at::Tensor pv = at::empty({6, P}, at::kDouble);
-  const Eigen::VectorXd* rowsv[6] = {&r.chosen_logps, &r.rejected_logps, &r.chosen_rewards,
-                                     &r.rejected_rewards, &r.losses, &r.weights};
-  for (int k = 0; k < 6; ++k)
-    std::copy(rowsv[k]->data(), rowsv[k]->data() + P, pv.data_ptr<double>() + k * P);
-  pv = pv.to(opts);
-
-  std::vector<std::int64_t> row_shape(logits.sizes().begin(), logits.sizes().end() - 1);
-  at::Tensor row_lse = at::zeros(row_shape, at::kDouble);
-  at::Tensor row_coef = at::zeros(row_shape, at::kDouble);
-  double* lse_p = row_lse.data_ptr<double>();
-  double* coef_p = row_coef.data_ptr<double>();
-  for (const dpo::cpu::side_rows* side : {&r.chosen_rows, &r.rejected_rows}) {
-    for (std::size_t i = 0; i < side->coef.size(); ++i) {
-      const std::int64_t in = l.input_row(side->row0 + static_cast<std::int64_t>(i));
-      if (in < 0) continue;
-      lse_p[in] = side->lse[i];
-      coef_p[in] = side->coef[i];
-    }
-  }
-  return {loss, metrics, pv, row_lse, row_coef};
-}
-
-/// Rebuilds the per-row state dpo::cpu::dpo_backward reads from the saved row tensors.
-template <class T, class L>
-dpo::cpu::forward_result saved_forward(const dpo::pair_view<T, L>& policy, const row_layout& l,
-                                       const at::Tensor& row_lse, const at::Tensor& row_coef) {
-  dpo::cpu::forward_result f;
-  f.vocab = l.vocab;
-  f.grad_chosen = Eigen::VectorXd::Zero(policy.num_pairs());
-  const at::Tensor lse = to_double(row_lse).reshape({-1});
-  const at::Tensor coef = to_double(row_coef).reshape({-1});
-  TORCH_CHECK_VALUE(lse.numel() == l.rows && coef.numel() == l.rows, "row_lse / row_coef have ",
-                    lse.numel(), " / ", coef.numel(), " entries, expected ", l.rows);
-  const auto fill = [&](const dpo::token_view<T, L>& v, dpo::cpu::side_rows& s) {
-    s.row0 = v.row_begin(0);
-    const std::int64_t n = v.row_end(v.num_seqs - 1) - s.row0;
-    s.lse.assign(static_cast<std::size_t>(n), 0.0);
-    s.coef.assign(static_cast<std::size_t>(n), 0.0);
-    for (std::int64_t i = 0; i < n; ++i) {
-      const std::int64_t in = l.input_row(s.row0 + i);
-      if (in < 0) continue;
-      s.lse[i] = lse.data_ptr<double>()[in];
-      s.coef[i] = coef.data_ptr<double>()[in];
-    }
-  };
-  fill(policy.chosen, f.chosen_rows);
-  fill(policy.rejected, f.rejected_rows);
-  return f;
+  return t.results(l, logits);
 }
 
 void run_backward(const at::Tensor& grad_loss, const row_layout& l, const at::Tensor& row_lse,
@@ -279,15 +222,18 @@ void run_backward(const at::Tensor& grad_loss, const row_layout& l, const at::Te
                   std::int64_t grad_stride) {
   check_backward(grad_loss, l, l.logits.device());
   const double go = grad_loss.to(at::kDouble).item<double>();
+  const at::Tensor lse = input_rows_to_view(row_lse, l, "row_lse");
+  const at::Tensor coef = input_rows_to_view(row_coef, l, "row_coef");
   dispatch_float(l.logits.scalar_type(), [&](auto* tp) {
     using T = std::remove_pointer_t<decltype(tp)>;
     dispatch_label(l.labels.scalar_type(), [&](auto* lp) {
       using L = std::remove_pointer_t<decltype(lp)>;
       const dpo::pair_view<T, L> policy = pair_view_of<T, L>(l, ignore_index);
-      const dpo::cpu::forward_result f = saved_forward(policy, l, row_lse, row_coef);
       T* g = reinterpret_cast<T*>(grad_ptr);
       const dpo::pair_grad_view<T> gv{g, grad_stride, g, grad_stride};
-      rethrow_as_value_error([&] { dpo::cpu::dpo_backward(policy, f, gv, go, cpu_options()); });
+      rethrow_as_value_error([&] {
+        dpo::cpu::dpo_backward_rows(policy, lse.data_ptr<double>(), coef.data_ptr<double>(), gv, go, cpu_options());
+      });
     });
   });
 }

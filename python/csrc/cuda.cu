@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "common.h"
+#include "forward_outputs.h"
 #include "dpo/cuda/dpo.cuh"
 
 namespace dpo_kernels {
@@ -221,20 +222,6 @@ std::tuple<at::Tensor, at::Tensor> pair_loss_backward_cuda(
 
 // ---- fused forward / backward --------------------------------------------------------------
 
-/// The metrics struct as a tensor in the order of the `metrics` output (by field name: the
-/// device struct orders margins before accuracies).
-at::Tensor metrics_tensor(const at::Tensor& buf) {
-  using M = dpo::cuda::metrics;
-  const std::size_t offsets[num_metrics] = {
-      offsetof(M, rewards_chosen),  offsetof(M, rewards_rejected), offsetof(M, rewards_accuracies),
-      offsetof(M, rewards_margins), offsetof(M, logps_chosen),     offsetof(M, logps_rejected),
-      offsetof(M, logits_chosen),   offsetof(M, logits_rejected),  offsetof(M, entropy),
-      offsetof(M, mean_token_accuracy), offsetof(M, nll_loss)};
-  std::vector<at::Tensor> parts;
-  for (std::size_t off : offsets) parts.push_back(buf.narrow(0, static_cast<std::int64_t>(off / sizeof(double)), 1));
-  return at::cat(parts);
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dpo_forward_cuda(
     const at::Tensor& logits, const at::Tensor& labels, const std::optional<at::Tensor>& cu_seqlens,
     const std::optional<at::Tensor>& reference_chosen_logps,
@@ -255,26 +242,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dpo_forwa
   const double* ref_c = ptr_or_null(reference_chosen_logps, keep_c);
   const double* ref_r = ptr_or_null(reference_rejected_logps, keep_r);
 
-  constexpr std::int64_t metric_slots = sizeof(dpo::cuda::metrics) / sizeof(double);
-  static_assert(metric_slots == num_metrics, "dpo::cuda::metrics and the metrics output differ");
-  // NaN until written: when the device finds invalid labels / cu_seqlens it writes nothing.
-  const double nan = std::numeric_limits<double>::quiet_NaN();
-  at::Tensor scalars = at::full({1 + metric_slots}, nan, dopts);  // loss, metrics struct
-  at::Tensor pv = at::full({6, P}, nan, dopts);
-  at::Tensor row_lse = at::zeros({l.view_rows()}, dopts);
-  at::Tensor row_coef = at::zeros({l.view_rows()}, dopts);
-  dpo::cuda::forward_outputs o;
-  o.loss = scalars.data_ptr<double>();
-  o.metrics = reinterpret_cast<dpo::cuda::metrics*>(o.loss + 1);
-  double* pvp = pv.data_ptr<double>();
-  o.chosen_logps = pvp;
-  o.rejected_logps = pvp + P;
-  o.chosen_rewards = pvp + 2 * P;
-  o.rejected_rewards = pvp + 3 * P;
-  o.losses = pvp + 4 * P;
-  o.weights = pvp + 5 * P;
-  o.row_lse = row_lse.data_ptr<double>();
-  o.row_coef = row_coef.data_ptr<double>();
+  forward_tensors t(l, P, dopts);
   const auto stream = at::cuda::getCurrentCUDAStream();
   dispatch_float(logits.scalar_type(), [&](auto* tp) {
     using T = std::remove_pointer_t<decltype(tp)>;
@@ -285,16 +253,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dpo_forwa
       run_with_workspace(logits.device(), [&](void* ws, std::size_t& bytes) {
         const dpo::cuda::options opt = cuda_options(l, compute_metrics);
         if (rl.has_value())
-          return dpo::cuda::dpo_forward(ws, bytes, policy, pair_view_of<T, L>(*rl, ignore_index), cfg, o, opt,
+          return dpo::cuda::dpo_forward(ws, bytes, policy, pair_view_of<T, L>(*rl, ignore_index), cfg, t.out, opt,
                                         stream);
-        return dpo::cuda::dpo_forward(ws, bytes, policy, ref_c, ref_r, cfg, o, opt, stream);
+        return dpo::cuda::dpo_forward(ws, bytes, policy, ref_c, ref_r, cfg, t.out, opt, stream);
       });
     });
   });
-  const auto out_dtype = result_dtype(logits.scalar_type());
-  at::Tensor metrics = metrics_tensor(scalars.narrow(0, 1, metric_slots));
-  return {scalars[0].to(out_dtype), metrics.to(out_dtype), pv.to(out_dtype),
-          view_rows_to_input(row_lse, l, logits), view_rows_to_input(row_coef, l, logits)};
+  return t.results(l, logits);
 }
 
 void run_backward(const at::Tensor& grad_loss, const row_layout& l, const at::Tensor& row_lse,

@@ -21,7 +21,8 @@ namespace dpo_kernels {
 /// them. The metrics struct is in output order (DPO_METRICS), so it is written straight into
 /// the `metrics` output.
 struct forward_tensors {
-  at::Tensor scalars;  // [1 + num_metrics]: loss, then the metrics struct
+  at::Tensor loss;     // []
+  at::Tensor metrics;  // [num_metrics]: the metrics struct (outputs must not alias: not one buffer with loss)
   at::Tensor pairs;    // [6, P]: chosen_logps, rejected_logps, chosen_rewards, rejected_rewards, losses, weights
   at::Tensor row_lse;  // [view_rows()]: indexed by the view's row, 0 between sequences
   at::Tensor row_coef;
@@ -30,12 +31,13 @@ struct forward_tensors {
   forward_tensors(const row_layout& l, std::int64_t P, const at::TensorOptions& dopts) {
     // NaN until written: the CUDA backend writes nothing when the device finds invalid data.
     const double nan = std::numeric_limits<double>::quiet_NaN();
-    scalars = at::full({1 + dpo::num_metrics}, nan, dopts);
+    loss = at::full({}, nan, dopts);
+    metrics = at::full({dpo::num_metrics}, nan, dopts);
     pairs = at::full({6, P}, nan, dopts);
     row_lse = at::zeros({l.view_rows()}, dopts);
     row_coef = at::zeros({l.view_rows()}, dopts);
-    out.loss = scalars.data_ptr<double>();
-    out.metrics = reinterpret_cast<dpo::metrics*>(out.loss + 1);
+    out.loss = loss.data_ptr<double>();
+    out.metrics = reinterpret_cast<dpo::metrics*>(metrics.data_ptr<double>());
     double* p = pairs.data_ptr<double>();
     out.chosen_logps = p;
     out.rejected_logps = p + P;
@@ -51,7 +53,7 @@ struct forward_tensors {
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> results(const row_layout& l,
                                                                                  const at::Tensor& logits) const {
     const auto out_dtype = result_dtype(logits.scalar_type());
-    return {scalars[0].to(out_dtype), scalars.narrow(0, 1, dpo::num_metrics).to(out_dtype), pairs.to(out_dtype),
+    return {loss.to(out_dtype), metrics.to(out_dtype), pairs.to(out_dtype),
             view_rows_to_input(row_lse, l, logits), view_rows_to_input(row_coef, l, logits)};
   }
 };

@@ -9,8 +9,11 @@
 
 #include <limits>
 #include <sstream>
+#include <string>
+#include <vector>
 
 #include "common.h"
+#include "dpo/core/metrics.hpp"
 #include "dpo/version.hpp"
 
 namespace dpo_kernels {
@@ -428,5 +431,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return false;
 #endif
   });
-  m.attr("num_metrics") = dpo_kernels::num_metrics;
+  // The metrics' order and TRL names come from the library's table (DPO_METRICS): the
+  // `metrics` output of dpo_forward is the dpo::metrics struct.
+  m.attr("num_metrics") = dpo::num_metrics;
+  m.attr("metric_names") = pybind11::tuple(pybind11::cast(
+      std::vector<std::string>(std::begin(dpo::metric_names), std::end(dpo::metric_names))));
 }

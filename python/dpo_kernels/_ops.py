@@ -14,20 +14,9 @@ from . import _C
 
 ops = torch.ops.dpo_kernels
 
-#: Names of the entries of the `metrics` output of dpo_forward, TRL's logging keys.
-METRIC_NAMES = (
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/accuracies",
-    "rewards/margins",
-    "logps/chosen",
-    "logps/rejected",
-    "logits/chosen",
-    "logits/rejected",
-    "entropy",
-    "mean_token_accuracy",
-    "nll_loss",
-)
+#: Names of the entries of the `metrics` output of dpo_forward, TRL's logging keys: the
+#: library's metrics table (DPO_METRICS in include/dpo/core/metrics.hpp), read from the extension.
+METRIC_NAMES = tuple(_C.metric_names)
 assert len(METRIC_NAMES) == _C.num_metrics
 
 #: Rows of the `pair_values` output of dpo_forward.
