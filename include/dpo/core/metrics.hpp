@@ -54,39 +54,46 @@ inline constexpr const char* metric_names[num_metrics] = {
 #undef DPO_METRIC_NAME
 };
 
-/// Sums over the batch's completion tokens (per-sequence sums added over the pairs). Trivial
-/// (no initializers), so it can sit in CUDA shared memory: value-initialize it, `{}`.
+/// The fields of token_totals: sums over the batch's completion tokens (per-sequence sums
+/// added over the pairs). X(field, meaning).
+#define DPO_TOKEN_TOTALS(X)                                                      \
+  X(chosen_tokens, "completion-token count, chosen side")                       \
+  X(rejected_tokens, "completion-token count, rejected side")                   \
+  X(chosen_logps, "plain (not LD-weighted) chosen token log-probs: the NLL's sum") \
+  X(logits_chosen, "row mean logits, chosen completion tokens")                 \
+  X(logits_rejected, "row mean logits, rejected completion tokens")             \
+  X(entropy, "row entropies, both sides")                                       \
+  X(chosen_hits, "chosen completion tokens whose argmax is the label")
+
+/// The fields of pair_totals: sums over the batch's pairs. X(field, meaning).
+#define DPO_PAIR_TOTALS(X)                                   \
+  X(loss, "per-pair losses")                                \
+  X(rewards_chosen, "beta * D_c")                           \
+  X(rewards_rejected, "beta * D_r")                         \
+  X(accuracies, "pairs with beta * D_c > beta * D_r")       \
+  X(logps_chosen, "pi_c")                                   \
+  X(logps_rejected, "pi_r")
+
+#define DPO_TOTALS_FIELD(field, doc) double field;
+#define DPO_TOTALS_ADD(field, doc) field += o.field;
+
+/// Sums over the batch's completion tokens (DPO_TOKEN_TOTALS). Trivial (no initializers),
+/// so it can sit in CUDA shared memory: value-initialize it, `{}`.
 struct token_totals {
-  double chosen_tokens;    // completion-token count, chosen side
-  double rejected_tokens;  // rejected side
-  double chosen_logps;     // plain (not LD-weighted) chosen token log-probs: the NLL's sum
-  double logits_chosen;    // row mean logits, chosen completion tokens
-  double logits_rejected;  // rejected completion tokens
-  double entropy;          // row entropies, both sides
-  double chosen_hits;      // chosen completion tokens whose argmax is the label
+  DPO_TOKEN_TOTALS(DPO_TOTALS_FIELD)
 
   DPO_HOST_DEVICE token_totals& operator+=(const token_totals& o) {
-    chosen_tokens += o.chosen_tokens;
-    rejected_tokens += o.rejected_tokens;
-    chosen_logps += o.chosen_logps;
-    logits_chosen += o.logits_chosen;
-    logits_rejected += o.logits_rejected;
-    entropy += o.entropy;
-    chosen_hits += o.chosen_hits;
+    DPO_TOKEN_TOTALS(DPO_TOTALS_ADD)
     return *this;
   }
 };
 
 DPO_HOST_DEVICE inline token_totals operator+(token_totals a, const token_totals& b) { return a += b; }
 
-/// Sums over the batch's pairs. Trivial, as token_totals: value-initialize it, `{}`.
+/// Sums over the batch's pairs (DPO_PAIR_TOTALS). Trivial, as token_totals: value-initialize
+/// it, `{}`.
 struct pair_totals {
-  double loss;              // per-pair losses
-  double rewards_chosen;    // beta * D_c
-  double rewards_rejected;  // beta * D_r
-  double accuracies;        // pairs with beta * D_c > beta * D_r
-  double logps_chosen;      // pi_c
-  double logps_rejected;    // pi_r
+  DPO_PAIR_TOTALS(DPO_TOTALS_FIELD)
 
   /// Adds pair i's values.
   DPO_HOST_DEVICE void add_pair(double pair_loss, double reward_c, double reward_r,
@@ -100,15 +107,13 @@ struct pair_totals {
   }
 
   DPO_HOST_DEVICE pair_totals& operator+=(const pair_totals& o) {
-    loss += o.loss;
-    rewards_chosen += o.rewards_chosen;
-    rewards_rejected += o.rewards_rejected;
-    accuracies += o.accuracies;
-    logps_chosen += o.logps_chosen;
-    logps_rejected += o.logps_rejected;
+    DPO_PAIR_TOTALS(DPO_TOTALS_ADD)
     return *this;
   }
 };
+
+#undef DPO_TOTALS_ADD
+#undef DPO_TOTALS_FIELD
 
 DPO_HOST_DEVICE inline pair_totals operator+(pair_totals a, const pair_totals& b) { return a += b; }
 
