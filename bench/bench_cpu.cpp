@@ -28,6 +28,7 @@
 #include <string>
 #include <vector>
 
+#include "bench_common.hpp"
 #include "dpo/cpu/dpo.hpp"
 
 namespace {
@@ -55,17 +56,8 @@ const char* dtype_name<Eigen::bfloat16>() {
   return "bf16";
 }
 
-std::uint64_t splitmix(std::uint64_t x) {
-  x += 0x9e3779b97f4a7c15ull;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-  return x ^ (x >> 31);
-}
-
-/// Uniform in [-1, 1), a pure function of i so inputs do not depend on the thread count.
-float uniform(std::uint64_t i) {
-  return static_cast<float>(splitmix(i) >> 40) * (2.0f / 16777216.0f) - 1.0f;
-}
+using dpo_bench::splitmix;
+using dpo_bench::uniform;
 
 void parallel_copy(void* dst, const void* src, std::size_t bytes) {
   const std::int64_t blocks = 64;
@@ -419,24 +411,7 @@ class summary_reporter : public benchmark::ConsoleReporter {
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::vector<char*> args{argv[0]};
-  std::string reps = "--benchmark_repetitions=5";
-  std::string aggr = "--benchmark_report_aggregates_only=true";
-  std::string interleave = "--benchmark_enable_random_interleaving=true";
-  args.push_back(reps.data());
-  args.push_back(aggr.data());
-  args.push_back(interleave.data());
-  const std::string threads_flag = "--dpo_threads=";
-  for (int i = 1; i < argc; ++i) {
-    if (std::strncmp(argv[i], threads_flag.c_str(), threads_flag.size()) == 0) {
-      g_threads = std::max(1, std::atoi(argv[i] + threads_flag.size()));
-    } else {
-      args.push_back(argv[i]);  // later flags override the defaults above
-    }
-  }
-  int n = static_cast<int>(args.size());
-  benchmark::Initialize(&n, args.data());
-  if (benchmark::ReportUnrecognizedArguments(n, args.data())) return 1;
+  if (!dpo_bench::initialize(argc, argv, 5, &g_threads)) return 1;
   for (int si = 0; si < 2; ++si) {
     register_group<float>(si);
     register_group<Eigen::bfloat16>(si);

@@ -27,6 +27,7 @@
 #include <string>
 #include <vector>
 
+#include "bench_common.hpp"
 #include "dpo/cpu/dpo.hpp"
 #include "dpo/cpu/linear.hpp"
 
@@ -37,15 +38,8 @@ int g_threads = 2;
 
 using mat = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 
-std::uint64_t splitmix(std::uint64_t x) {
-  x += 0x9e3779b97f4a7c15ull;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-  return x ^ (x >> 31);
-}
-float uniform(std::uint64_t i) {
-  return static_cast<float>(splitmix(i) >> 40) * (2.0f / 16777216.0f) - 1.0f;
-}
+using dpo_bench::splitmix;
+using dpo_bench::uniform;
 
 struct data {
   mat hidden{N, H}, weight{V, H}, dhidden{N, H}, dweight{V, H};
@@ -244,24 +238,7 @@ class ratio_reporter : public benchmark::ConsoleReporter {
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::vector<char*> args{argv[0]};
-  std::string reps = "--benchmark_repetitions=3";
-  std::string aggr = "--benchmark_report_aggregates_only=true";
-  std::string interleave = "--benchmark_enable_random_interleaving=true";
-  args.push_back(reps.data());
-  args.push_back(aggr.data());
-  args.push_back(interleave.data());
-  const std::string threads_flag = "--dpo_threads=";
-  for (int i = 1; i < argc; ++i) {
-    if (std::strncmp(argv[i], threads_flag.c_str(), threads_flag.size()) == 0) {
-      g_threads = std::max(1, std::atoi(argv[i] + threads_flag.size()));
-    } else {
-      args.push_back(argv[i]);
-    }
-  }
-  int n = static_cast<int>(args.size());
-  benchmark::Initialize(&n, args.data());
-  if (benchmark::ReportUnrecognizedArguments(n, args.data())) return 1;
+  if (!dpo_bench::initialize(argc, argv, 3, &g_threads)) return 1;
   const auto cfg = [](benchmark::internal::Benchmark* b) {
     b->UseRealTime()->Unit(benchmark::kMillisecond)->Iterations(1);
   };
