@@ -50,6 +50,16 @@ struct batch_spec {
   std::uint64_t seed = 1;
 };
 
+/// A batch_spec of `pairs` pairs of `rows` rows over `vocab`, drawn from `seed`; the rest default.
+inline batch_spec spec(std::int64_t pairs, std::int64_t rows, std::int64_t vocab, std::uint64_t seed = 1) {
+  batch_spec sp;
+  sp.pairs = pairs;
+  sp.rows = rows;
+  sp.vocab = vocab;
+  sp.seed = seed;
+  return sp;
+}
+
 /// TRL-like sequences: 1-2 prompt rows (masked), completion, then padding (masked); every
 /// sequence keeps at least one completion token.
 inline oracle::batch random_batch(const batch_spec& sp) {
@@ -74,6 +84,14 @@ inline oracle::batch random_batch(const batch_spec& sp) {
   };
   for (std::int64_t i = 0; i < sp.pairs; ++i) b.chosen.push_back(make());
   for (std::int64_t i = 0; i < sp.pairs; ++i) b.rejected.push_back(make());
+  return b;
+}
+
+/// random_batch with its logits rounded to T: what a T buffer of it holds.
+template <class T>
+oracle::batch rounded_random_batch(const batch_spec& sp) {
+  oracle::batch b = random_batch(sp);
+  round_batch<T>(b);
   return b;
 }
 
@@ -348,6 +366,15 @@ inline std::vector<named_config> all_configs() {
   for (auto& c : every_f_divergence()) v.push_back(c);
   for (auto& c : combinations_and_options()) v.push_back(c);
   return v;
+}
+
+/// The configuration of all_configs() called `name` (a test failure when there is none).
+inline const named_config& config_named(const std::string& name) {
+  static const std::vector<named_config> all = all_configs();
+  for (const auto& c : all)
+    if (c.name == name) return c;
+  FAIL("no configuration " << name);
+  return all[0];
 }
 
 inline bool needs_reference(const dpo::loss_config& c) {

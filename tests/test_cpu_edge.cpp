@@ -15,25 +15,11 @@
 #include "fixtures.hpp"
 #include "oracle.hpp"
 
+using fixture::config_named;
 using fixture::layout;
 using fixture::run_options;
 
 namespace {
-
-template <class T>
-oracle::batch rounded_batch(fixture::batch_spec sp) {
-  oracle::batch b = fixture::random_batch(sp);
-  fixture::round_batch<T>(b);
-  return b;
-}
-
-const fixture::named_config& config_named(const std::string& name) {
-  static const std::vector<fixture::named_config> all = fixture::all_configs();
-  for (const auto& c : all)
-    if (c.name == name) return c;
-  FAIL("no configuration " << name);
-  return all[0];
-}
 
 /// Sets every label of a sequence: `active(t)` says whether row t is a completion token.
 template <class F>
@@ -46,13 +32,9 @@ void relabel(oracle::sequence& s, std::int64_t V, F active) {
 TEST_CASE("vocabulary sizes: 1, around the vector width and the chunk, prime, multi-chunk", "[edge]") {
   for (std::int64_t V : {1, 2, 15, 16, 17, 2047, 2048, 2049, 4099}) {
     INFO("V = " << V);
-    fixture::batch_spec sp;
-    sp.pairs = 2;
-    sp.rows = V > 100 ? 3 : 5;
-    sp.vocab = V;
-    sp.seed = 50 + static_cast<std::uint64_t>(V);
-    const oracle::batch bf = rounded_batch<float>(sp);
-    const oracle::batch bb = rounded_batch<Eigen::bfloat16>(sp);
+    fixture::batch_spec sp = fixture::spec(2, V > 100 ? 3 : 5, V, 50 + static_cast<std::uint64_t>(V));
+    const oracle::batch bf = fixture::rounded_random_batch<float>(sp);
+    const oracle::batch bb = fixture::rounded_random_batch<Eigen::bfloat16>(sp);
     run_options o;
     o.stride_extra = V % 3;
     for (const char* name : {"sigmoid", "mpo+wpo"}) {
@@ -66,14 +48,10 @@ TEST_CASE("vocabulary sizes: 1, around the vector width and the chunk, prime, mu
 }
 
 TEST_CASE("completion tokens at the first and last rows, or masked there", "[edge]") {
-  fixture::batch_spec sp;
-  sp.pairs = 2;
-  sp.rows = 5;
-  sp.vocab = 9;
-  sp.seed = 61;
+  fixture::batch_spec sp = fixture::spec(2, 5, 9, 61);
   for (int pattern = 0; pattern < 3; ++pattern) {
     INFO("pattern " << pattern);
-    oracle::batch b = rounded_batch<float>(sp);
+    oracle::batch b = fixture::rounded_random_batch<float>(sp);
     for (auto* side : {&b.chosen, &b.rejected})
       for (oracle::sequence& s : *side)
         relabel(s, sp.vocab, [&](std::int64_t t) {
@@ -96,12 +74,8 @@ TEST_CASE("completion tokens at the first and last rows, or masked there", "[edg
 }
 
 TEST_CASE("fully masked sequences: sum 0, count 0, lengths divide as max(count, 1)", "[edge]") {
-  fixture::batch_spec sp;
-  sp.pairs = 3;
-  sp.rows = 4;
-  sp.vocab = 6;
-  sp.seed = 62;
-  oracle::batch b = rounded_batch<double>(sp);
+  fixture::batch_spec sp = fixture::spec(3, 4, 6, 62);
+  oracle::batch b = fixture::rounded_random_batch<double>(sp);
   relabel(b.chosen[1], sp.vocab, [](std::int64_t) { return false; });
   relabel(b.rejected[2], sp.vocab, [](std::int64_t) { return false; });
   for (const auto& nc : fixture::all_configs()) {
@@ -134,12 +108,8 @@ TEST_CASE("fully masked sequences: sum 0, count 0, lengths divide as max(count, 
 }
 
 TEST_CASE("extreme margins stay finite for every loss type (token level)", "[edge]") {
-  fixture::batch_spec sp;
-  sp.pairs = 3;
-  sp.rows = 4;
-  sp.vocab = 8;
-  sp.seed = 63;
-  const oracle::batch b = rounded_batch<float>(sp);
+  fixture::batch_spec sp = fixture::spec(3, 4, 8, 63);
+  const oracle::batch b = fixture::rounded_random_batch<float>(sp);
   std::vector<oracle::ld> pc, pr;
   oracle::pair_logps(b, 1.0, pc, pr);
   for (double m : {1e4, -1e4, 88.0, -88.0, 0.0}) {
@@ -175,12 +145,8 @@ TEST_CASE("extreme margins stay finite for every loss type (token level)", "[edg
 }
 
 TEST_CASE("NaN in one logits row stays in its pair for per-pair losses", "[edge]") {
-  fixture::batch_spec sp;
-  sp.pairs = 4;
-  sp.rows = 4;
-  sp.vocab = 10;
-  sp.seed = 64;
-  const oracle::batch clean = rounded_batch<float>(sp);
+  fixture::batch_spec sp = fixture::spec(4, 4, 10, 64);
+  const oracle::batch clean = fixture::rounded_random_batch<float>(sp);
   for (int nan_side = 0; nan_side < 2; ++nan_side) {
     // A completion row of pair 1's chosen or rejected sequence gets one NaN logit.
     oracle::batch b = clean;
@@ -232,12 +198,9 @@ TEST_CASE("NaN in one logits row stays in its pair for per-pair losses", "[edge]
 }
 
 TEST_CASE("-inf logits: zero probability, finite loss and gradient", "[edge]") {
-  fixture::batch_spec sp;
-  sp.pairs = 2;
-  sp.rows = 4;
-  sp.vocab = 2100;  // two chunks; one row has its whole first chunk at -inf
-  sp.seed = 65;
-  oracle::batch b = rounded_batch<float>(sp);
+  // Vocab 2100: two chunks; one row has its whole first chunk at -inf.
+  fixture::batch_spec sp = fixture::spec(2, 4, 2100, 65);
+  oracle::batch b = fixture::rounded_random_batch<float>(sp);
   const double ninf = -std::numeric_limits<double>::infinity();
   for (auto* side : {&b.chosen, &b.rejected})
     for (oracle::sequence& s : *side)
@@ -267,13 +230,9 @@ namespace {
 template <class T>
 void bitwise_across_threads(const fixture::named_config& nc, layout k) {
   INFO(nc.name << " " << fixture::name_of(k));
-  fixture::batch_spec sp;
-  sp.pairs = 5;
-  sp.rows = 7;
-  sp.vocab = 2500;
-  sp.seed = 70;
+  fixture::batch_spec sp = fixture::spec(5, 7, 2500, 70);
   sp.varying_rows = k == layout::packed;
-  const oracle::batch b = rounded_batch<T>(sp);
+  const oracle::batch b = fixture::rounded_random_batch<T>(sp);
   const fixture::reference ref = fixture::make_reference(nc.cfg, b, 7);
   dpo::cpu::forward_result first;
   std::vector<T> first_grad, first_grad_r;
@@ -441,12 +400,8 @@ TEST_CASE("a -inf rejected label logit: the loss is the limit and the gradient f
   // The rejected completion's label logit is -inf, so pi_r = -inf: sigmoid's loss is
   // -log_sigmoid(+inf) = 0 with a zero gradient for that pair (TRL's answer), not
   // 0 * inf = NaN, and every other pair keeps its value.
-  fixture::batch_spec sp;
-  sp.pairs = 3;
-  sp.rows = 4;
-  sp.vocab = 9;
-  sp.seed = 1616;
-  oracle::batch b = rounded_batch<float>(sp);
+  fixture::batch_spec sp = fixture::spec(3, 4, 9, 1616);
+  oracle::batch b = fixture::rounded_random_batch<float>(sp);
   oracle::sequence& s = b.rejected[1];
   std::int64_t row = -1;
   for (std::int64_t t = 0; t < s.rows() && row < 0; ++t)
@@ -496,11 +451,7 @@ TEST_CASE("aot and aot_unpaired from logits: the combination is the weighted sum
           "[edge][issue16]") {
   // The report's shape: 4 pairs, 3 rows, vocab 5, float64, loss_type ["aot", "aot_unpaired"]
   // in either order.
-  fixture::batch_spec sp;
-  sp.pairs = 4;
-  sp.rows = 3;
-  sp.vocab = 5;
-  sp.seed = 1617;
+  fixture::batch_spec sp = fixture::spec(4, 3, 5, 1617);
   const oracle::batch b = fixture::random_batch(sp);
   fixture::buffers<double, std::int64_t> buf(b, layout::padded);
   const dpo::loss_config one = fixture::of(dpo::loss_type::aot);

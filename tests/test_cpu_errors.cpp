@@ -20,15 +20,9 @@ namespace {
 using buf_t = fixture::buffers<float, std::int64_t>;
 
 oracle::batch small_batch(bool varying = false) {
-  fixture::batch_spec sp;
-  sp.pairs = 2;
-  sp.rows = 4;
-  sp.vocab = 5;
-  sp.seed = 41;
+  fixture::batch_spec sp = fixture::spec(2, 4, 5, 41);
   sp.varying_rows = varying;
-  oracle::batch b = fixture::random_batch(sp);
-  fixture::round_batch<float>(b);
-  return b;
+  return fixture::rounded_random_batch<float>(sp);
 }
 
 /// One call of every output-writing entry point with the given arguments; each must throw
@@ -76,6 +70,10 @@ struct setup {
   buf_t buf{b, layout::padded, 2};
   std::vector<double> rc{-5.0, -6.0}, rr{-7.0, -8.0};
   scenario ok() const { return {buf.view(), dpo::loss_config{}, rc.data(), rr.data()}; }
+  /// buf's padded view, but with `num_seqs` sequences.
+  dpo::pair_view<float, std::int64_t> padded_view(std::int64_t num_seqs) {
+    return dpo::padded_pairs(buf.logits.data(), buf.labels.data(), num_seqs, buf.seq_len, buf.V, buf.stride);
+  }
 };
 
 }  // namespace
@@ -90,7 +88,7 @@ TEST_CASE("shape errors name the argument", "[errors]") {
   setup s;
   SECTION("odd sequence count in the paired layout") {
     scenario sc = s.ok();
-    sc.view = dpo::padded_pairs(s.buf.logits.data(), s.buf.labels.data(), 3, s.buf.seq_len, s.buf.V, s.buf.stride);
+    sc.view = s.padded_view(3);
     expect_rejected(s.buf, sc, "num_seqs = 3 is odd", false);
   }
   SECTION("chosen and rejected sequence counts differ") {
@@ -100,7 +98,7 @@ TEST_CASE("shape errors name the argument", "[errors]") {
   }
   SECTION("no pairs") {
     scenario sc = s.ok();
-    sc.view = dpo::padded_pairs(s.buf.logits.data(), s.buf.labels.data(), 0, s.buf.seq_len, s.buf.V, s.buf.stride);
+    sc.view = s.padded_view(0);
     expect_rejected(s.buf, sc, "num_pairs = 0", false);
   }
   SECTION("row_stride < vocab") {
@@ -340,10 +338,7 @@ TEST_CASE("backward: unsupported aliasing, bad grad_output, mismatched forward_r
     untouched();
   }
   SECTION("forward_result of another batch") {
-    fixture::batch_spec sp;
-    sp.pairs = 3;
-    sp.rows = 4;
-    sp.vocab = 5;
+    fixture::batch_spec sp = fixture::spec(3, 4, 5);
     const oracle::batch other = fixture::random_batch(sp);
     buf_t ob(other, layout::padded, 2);
     std::vector<double> rc(3, -5.0), rr(3, -6.0);
@@ -376,10 +371,7 @@ TEST_CASE("backward: unsupported aliasing, bad grad_output, mismatched forward_r
 TEST_CASE("dpo_forward with reference logits: the reference is checked too", "[errors]") {
   setup s;
   const scenario ok = s.ok();
-  fixture::batch_spec sp;
-  sp.pairs = 3;
-  sp.rows = 4;
-  sp.vocab = 5;
+  fixture::batch_spec sp = fixture::spec(3, 4, 5);
   const oracle::batch other = fixture::random_batch(sp);
   buf_t ob(other, layout::padded, 0);
   fixture::expect_error([&] { dpo::cpu::dpo_forward(ok.view, ob.view(), ok.cfg); },

@@ -33,6 +33,7 @@
 
 using dpo::cpu::detail::parallel_for;
 using dpo::cpu::detail::thread_pool;
+using fixture::config_named;
 using fixture::layout;
 
 namespace {
@@ -50,14 +51,6 @@ const bool limit_set = [] {
 }();
 
 int limit() { return dpo::cpu::detail::thread_limit(); }
-
-const fixture::named_config& config_named(const std::string& name) {
-  static const std::vector<fixture::named_config> all = fixture::all_configs();
-  for (const auto& c : all)
-    if (c.name == name) return c;
-  FAIL("no configuration " << name);
-  return all[0];
-}
 
 /// Everything one run of forward, backward and sequence_logps writes.
 template <class T>
@@ -109,11 +102,7 @@ bool same(const outputs<T>& a, const outputs<T>& b) {
 /// A batch with more than 256 rows per side, so that 256 threads get 256 slices.
 template <class T>
 oracle::batch big_batch(std::uint64_t seed) {
-  fixture::batch_spec sp;
-  sp.pairs = 4;
-  sp.rows = 70;
-  sp.vocab = 131;
-  sp.seed = seed;
+  fixture::batch_spec sp = fixture::spec(4, 70, 131, seed);
   oracle::batch b = fixture::random_batch(sp);
   fixture::round_batch<T>(b);
   return b;
