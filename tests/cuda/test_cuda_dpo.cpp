@@ -9,6 +9,7 @@
 #include <cstring>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "catch.hpp"
@@ -36,9 +37,28 @@ struct shape {
   bool neg_inf = false;      // some -inf logits (in the upper half of the vocab, never a label)
 };
 
-template <class E>
-E from_float(float x) {
-  return static_cast<E>(x);
+/// x stored as `t` at p (rounded to the type).
+void put(dtype t, unsigned char* p, double x) {
+  switch (t) {
+    case dtype::bf16: {
+      const Eigen::bfloat16 v(static_cast<float>(x));
+      std::memcpy(p, &v, 2);
+      break;
+    }
+    case dtype::f16: {
+      const Eigen::half v(static_cast<float>(x));
+      std::memcpy(p, &v, 2);
+      break;
+    }
+    case dtype::f32: {
+      const float v = static_cast<float>(x);
+      std::memcpy(p, &v, 4);
+      break;
+    }
+    case dtype::f64:
+      std::memcpy(p, &x, 8);
+      break;
+  }
 }
 
 /// Random logits (normal, sd 2, some rows with a few -inf), labels with an ignored prompt and
@@ -70,27 +90,9 @@ case_in make_case(dtype t, const shape& sh, unsigned seed) {
     float x = nd(rng);
     const std::int64_t col = static_cast<std::int64_t>(i) % c.row_stride;
     if (sh.neg_inf && col >= sh.vocab / 2 && rng() % 7 == 0) x = -INFINITY;
-    unsigned char* p = c.logits.data() + i * es;
-    switch (t) {
-      case dtype::bf16: {
-        const Eigen::bfloat16 v(x);
-        std::memcpy(p, &v, 2);
-        break;
-      }
-      case dtype::f16: {
-        const Eigen::half v(x);
-        std::memcpy(p, &v, 2);
-        break;
-      }
-      case dtype::f32:
-        std::memcpy(p, &x, 4);
-        break;
-      case dtype::f64: {
-        const double v = static_cast<double>(x) + 1e-3 * static_cast<double>(nd(rng));
-        std::memcpy(p, &v, 8);
-        break;
-      }
-    }
+    // f64 cases carry digits below float's, drawn only for them
+    put(t, c.logits.data() + i * es,
+        t == dtype::f64 ? static_cast<double>(x) + 1e-3 * static_cast<double>(nd(rng)) : x);
   }
   c.labels.assign(static_cast<std::size_t>(c.rows), -100);
   std::int64_t row = 0;
@@ -127,28 +129,7 @@ std::vector<unsigned char> random_logits(const case_in& c, unsigned seed) {
   const std::size_t es = dpo_cuda_test::dtype_size(c.type);
   std::vector<unsigned char> out(c.logits.size());
   for (std::size_t i = 0; i < out.size() / es; ++i) {
-    const float x = nd(rng);
-    unsigned char* p = out.data() + i * es;
-    switch (c.type) {
-      case dtype::bf16: {
-        const Eigen::bfloat16 v(x);
-        std::memcpy(p, &v, 2);
-        break;
-      }
-      case dtype::f16: {
-        const Eigen::half v(x);
-        std::memcpy(p, &v, 2);
-        break;
-      }
-      case dtype::f32:
-        std::memcpy(p, &x, 4);
-        break;
-      case dtype::f64: {
-        const double v = x;
-        std::memcpy(p, &v, 8);
-        break;
-      }
-    }
+    put(c.type, out.data() + i * es, nd(rng));
   }
   return out;
 }
@@ -655,41 +636,20 @@ TEST_CASE("cuda: bad arguments are rejected before any launch", "[cuda][small]")
   };
   shape sh;
   const case_in base = make_case(dtype::bf16, sh, 11);
-  {
+  // Each row: one argument broken on a copy of `base`, and what the message must name.
+  const std::pair<void (*)(case_in&), const char*> broken[] = {
+      {[](case_in& c) { c.num_seqs = 5; }, "odd"},
+      {[](case_in& c) { c.null_labels = true; }, "labels is null"},
+      {[](case_in& c) { c.null_ref = true; }, "ref_chosen_logps is null"},
+      {[](case_in& c) { c.cfg.beta = -1.0; }, "beta"},
+      {[](case_in& c) { c.small_workspace = true; }, "workspace_bytes"},
+      {[](case_in& c) { c.grad_overlaps = true; }, "aliasing"},
+      {[](case_in& c) { c.grad_stride = c.vocab - 1; }, "grad.chosen_stride"},
+  };
+  for (const auto& b : broken) {
     case_in c = base;
-    c.num_seqs = 5;
-    c.seq_len = base.seq_len;
-    expect_rejected(c, "odd");
-  }
-  {
-    case_in c = base;
-    c.null_labels = true;
-    expect_rejected(c, "labels is null");
-  }
-  {
-    case_in c = base;
-    c.null_ref = true;
-    expect_rejected(c, "ref_chosen_logps is null");
-  }
-  {
-    case_in c = base;
-    c.cfg.beta = -1.0;
-    expect_rejected(c, "beta");
-  }
-  {
-    case_in c = base;
-    c.small_workspace = true;
-    expect_rejected(c, "workspace_bytes");
-  }
-  {
-    case_in c = base;
-    c.grad_overlaps = true;
-    expect_rejected(c, "aliasing");
-  }
-  {
-    case_in c = base;
-    c.grad_stride = c.vocab - 1;
-    expect_rejected(c, "grad.chosen_stride");
+    b.first(c);
+    expect_rejected(c, b.second);
   }
   {
     shape p = sh;
@@ -1260,30 +1220,6 @@ TEST_CASE("cuda: the pair entry points on padded views with gaps match the CPU p
 }
 
 namespace {
-
-/// x stored as `t` at p (rounded to the type).
-void put(dtype t, unsigned char* p, double x) {
-  switch (t) {
-    case dtype::bf16: {
-      const Eigen::bfloat16 v(static_cast<float>(x));
-      std::memcpy(p, &v, 2);
-      break;
-    }
-    case dtype::f16: {
-      const Eigen::half v(static_cast<float>(x));
-      std::memcpy(p, &v, 2);
-      break;
-    }
-    case dtype::f32: {
-      const float v = static_cast<float>(x);
-      std::memcpy(p, &v, 4);
-      break;
-    }
-    case dtype::f64:
-      std::memcpy(p, &x, 8);
-      break;
-  }
-}
 
 /// One pair of one-row sequences whose rows hold four tied maxima at `big` (columns 0, 2, 3,
 /// 5 of 7, the others |big| lower): chosen labelled at column 2, rejected at 0.
