@@ -50,6 +50,46 @@ std::vector<U> download(const U* d, std::size_t n) {
   return h;
 }
 
+template <class L>
+struct label_type {};
+
+/// A case's logits, labels (as L), mask and cu_seqlens, uploaded.
+struct device_case {
+  dev_buf logits, labels, mask, cu;
+  template <class L>
+  device_case(const case_in& in, label_type<L>)
+      : logits(in.logits.size()),
+        labels(in.labels.size() * sizeof(L)),
+        mask(in.mask.size()),
+        cu(in.cu_seqlens.size() * sizeof(std::int64_t)) {
+    upload(logits, in.logits);
+    upload(labels, std::vector<L>(in.labels.begin(), in.labels.end()));
+    upload(mask, in.mask);
+    upload(cu, in.cu_seqlens);
+  }
+};
+
+/// Where a case's gradient goes: in place the logits; out of place a separate buffer
+/// (in.grad_offset elements in) poisoned with 0xff bytes (NaN in every float type).
+template <class T>
+struct grad_buf {
+  std::int64_t stride;
+  std::size_t elems;  // of the separate buffer; 0 in place
+  dev_buf buf;
+  T* ptr;
+  grad_buf(const case_in& in, const dev_buf& logits)
+      : stride(in.in_place ? in.row_stride : in.grad_stride),
+        elems(in.in_place ? 0 : static_cast<std::size_t>(in.grad_offset + in.rows * stride)),
+        buf(elems * sizeof(T)),
+        ptr(in.in_place ? logits.as<T>() : buf.as<T>() + in.grad_offset) {
+    if (elems) DPO_CK(cudaMemset(buf.p, 0xff, elems * sizeof(T)));
+  }
+  /// The separate buffer's bytes, as the case's output holds them.
+  std::vector<unsigned char> download_bytes() const {
+    return download(buf.as<unsigned char>(), elems * sizeof(T));
+  }
+};
+
 bool all_nan(const std::vector<double>& v) {
   for (double x : v)
     if (x == x) return false;
@@ -145,15 +185,7 @@ case_out run_typed(const case_in& in) {
   const std::int64_t P = in.num_seqs / 2;
   const std::size_t logits_elems = static_cast<std::size_t>(in.rows * in.row_stride);
   if (in.logits.size() != logits_elems * esize) throw std::runtime_error("case: logits size");
-  dev_buf logits(in.logits.size());
-  upload(logits, in.logits);
-  std::vector<L> labels_h(in.labels.begin(), in.labels.end());
-  dev_buf labels(labels_h.size() * sizeof(L));
-  upload(labels, labels_h);
-  dev_buf mask(in.mask.size());
-  upload(mask, in.mask);
-  dev_buf cu(in.cu_seqlens.size() * sizeof(std::int64_t));
-  upload(cu, in.cu_seqlens);
+  const device_case d(in, label_type<L>{});
   dev_buf refs(sizeof(double) * (in.ref_chosen.size() + in.ref_rejected.size()));
   upload(refs, in.ref_chosen);
   if (!in.ref_rejected.empty())
@@ -163,18 +195,13 @@ case_out run_typed(const case_in& in) {
   const double* ref_r =
       in.ref_rejected.empty() || in.null_ref ? nullptr : refs.as<double>() + in.ref_chosen.size();
 
-  // Out of place: a separate buffer poisoned with 0xff bytes (NaN in every float type).
-  const std::int64_t gstride = in.in_place ? in.row_stride : in.grad_stride;
-  const std::size_t grad_elems =
-      in.in_place ? 0 : static_cast<std::size_t>(in.grad_offset + in.rows * gstride);
-  dev_buf gbuf(grad_elems * esize);
-  if (grad_elems) DPO_CK(cudaMemset(gbuf.p, 0xff, grad_elems * esize));
-  T* gptr = in.in_place ? logits.as<T>() : gbuf.as<T>() + in.grad_offset;
-  if (in.grad_overlaps) gptr = logits.as<T>() + in.row_stride;
+  const grad_buf<T> gb(in, d.logits);
+  T* gptr = gb.ptr;
+  if (in.grad_overlaps) gptr = d.logits.as<T>() + in.row_stride;
 
-  const T* lp = logits.as<T>();
-  const L* lab = in.null_labels ? nullptr : labels.as<L>();
-  const std::uint8_t* mk = in.mask.empty() ? nullptr : mask.as<std::uint8_t>();
+  const T* lp = d.logits.as<T>();
+  const L* lab = in.null_labels ? nullptr : d.labels.as<L>();
+  const std::uint8_t* mk = in.mask.empty() ? nullptr : d.mask.as<std::uint8_t>();
   const auto view_of = [&](const T* x, const L* y, std::int64_t seqs) {
     dpo::pair_view<T, L> v;
     if (in.cu_seqlens.empty()) {
@@ -182,7 +209,7 @@ case_out run_typed(const case_in& in) {
                             in.ignore_index);
       v.chosen.seq_stride = v.rejected.seq_stride = in.seq_stride;
     } else {
-      v = dpo::packed_pairs(x, y, cu.as<std::int64_t>(), seqs, in.vocab, in.row_stride, mk,
+      v = dpo::packed_pairs(x, y, d.cu.as<std::int64_t>(), seqs, in.vocab, in.row_stride, mk,
                             in.ignore_index);
     }
     return v;
@@ -203,7 +230,7 @@ case_out run_typed(const case_in& in) {
               in.ref_num_seqs > 0 ? in.ref_num_seqs : in.num_seqs);
   dpo::token_view<T, L> all = pv.chosen;
   all.num_seqs = in.num_seqs;
-  const dpo::pair_grad_view<T> grad{gptr, gstride, gptr, gstride};
+  const dpo::pair_grad_view<T> grad{gptr, gb.stride, gptr, gb.stride};
   dpo::cuda::options opt;
   opt.metrics = in.metrics;
   opt.num_rows = in.give_num_rows ? in.rows : -1;
@@ -273,10 +300,10 @@ case_out run_typed(const case_in& in) {
   out.counts = download(counts, static_cast<std::size_t>(S));
   untouched = untouched && all_nan(out.sums) && all_nan(out.token_logps);
   if (in.in_place) {
-    out.grad = download(logits.as<unsigned char>(), in.logits.size());
+    out.grad = download(d.logits.as<unsigned char>(), in.logits.size());
     untouched = untouched && out.grad == in.logits;
   } else {
-    out.grad = download(gbuf.as<unsigned char>(), grad_elems * esize);
+    out.grad = gb.download_bytes();
     for (unsigned char b : out.grad) untouched = untouched && b == 0xff;
   }
   out.outputs_untouched = untouched;
@@ -557,30 +584,18 @@ sequence_out run_sequence_typed(const case_in& in, std::int64_t seq_stride,
   if (in.logits.size() != rows * static_cast<std::size_t>(in.row_stride) * esize)
     throw std::runtime_error("sequence case: logits size");
   if (seq_grad.size() != static_cast<std::size_t>(S)) throw std::runtime_error("sequence case: seq_grad size");
-  dev_buf logits(in.logits.size());
-  upload(logits, in.logits);
-  std::vector<L> labels_h(in.labels.begin(), in.labels.end());
-  dev_buf labels(labels_h.size() * sizeof(L));
-  upload(labels, labels_h);
-  dev_buf mask(in.mask.size());
-  upload(mask, in.mask);
-  dev_buf cu(in.cu_seqlens.size() * sizeof(std::int64_t));
-  upload(cu, in.cu_seqlens);
+  const device_case d(in, label_type<L>{});
   dev_buf sg(seq_grad.size() * sizeof(double));
   upload(sg, seq_grad);
 
-  const std::int64_t gstride = in.in_place ? in.row_stride : in.grad_stride;
-  const std::size_t grad_elems =
-      in.in_place ? 0 : static_cast<std::size_t>(in.grad_offset + in.rows * gstride);
-  dev_buf gbuf(grad_elems * esize);
-  if (grad_elems) DPO_CK(cudaMemset(gbuf.p, 0xff, grad_elems * esize));
-  T* gptr = in.in_place ? logits.as<T>() : gbuf.as<T>() + in.grad_offset;
+  const grad_buf<T> gb(in, d.logits);
+  T* gptr = gb.ptr;
 
   dpo::token_view<T, L> v;
-  v.logits = logits.as<T>();
-  v.labels = labels.as<L>();
-  v.mask = in.mask.empty() ? nullptr : mask.as<std::uint8_t>();
-  v.cu_seqlens = in.cu_seqlens.empty() ? nullptr : cu.as<std::int64_t>();
+  v.logits = d.logits.as<T>();
+  v.labels = d.labels.as<L>();
+  v.mask = in.mask.empty() ? nullptr : d.mask.as<std::uint8_t>();
+  v.cu_seqlens = in.cu_seqlens.empty() ? nullptr : d.cu.as<std::int64_t>();
   v.vocab = in.vocab;
   v.row_stride = in.row_stride;
   v.num_seqs = S;
@@ -607,7 +622,7 @@ sequence_out run_sequence_typed(const case_in& in, std::int64_t seq_stride,
   });
   if (forward_ok) {
     run([&](void* ws, std::size_t& bytes) {
-      return dpo::cuda::sequence_logps_backward(ws, bytes, v, row_lse, sg.as<double>(), gptr, gstride,
+      return dpo::cuda::sequence_logps_backward(ws, bytes, v, row_lse, sg.as<double>(), gptr, gb.stride,
                                                 opt);
     });
   }
@@ -617,8 +632,8 @@ sequence_out run_sequence_typed(const case_in& in, std::int64_t seq_stride,
   out.token_logps.assign(h.begin() + S, h.begin() + S + static_cast<std::ptrdiff_t>(rows));
   out.row_lse.assign(h.begin() + S + static_cast<std::ptrdiff_t>(rows), h.end());
   out.counts = download(counts, static_cast<std::size_t>(S));
-  out.grad = in.in_place ? download(logits.as<unsigned char>(), in.logits.size())
-                         : download(gbuf.as<unsigned char>(), grad_elems * esize);
+  out.grad = in.in_place ? download(d.logits.as<unsigned char>(), in.logits.size())
+                         : gb.download_bytes();
   return out;
 }
 
