@@ -83,6 +83,28 @@ struct token_view {
   }
 };
 
+namespace detail {
+
+/// A padded token_view of `num_seqs` sequences from sequence 0: what every layout builder
+/// starts from.
+template <class T, class L>
+token_view<T, L> make_token_view(const T* logits, const L* labels, const std::uint8_t* mask,
+                                 std::int64_t num_seqs, std::int64_t seq_len, std::int64_t vocab,
+                                 std::int64_t row_stride, std::int64_t ignore_index) {
+  token_view<T, L> v;
+  v.logits = logits;
+  v.labels = labels;
+  v.mask = mask;
+  v.vocab = vocab;
+  v.row_stride = row_stride;
+  v.seq_len = seq_len;
+  v.num_seqs = num_seqs;
+  v.ignore_index = ignore_index;
+  return v;
+}
+
+}  // namespace detail
+
 /// Preference pairs: sequence i of `chosen` is paired with sequence i of `rejected`.
 /// Both views may point into one buffer (TRL's concatenated layout) or into two.
 template <class T, class L>
@@ -102,15 +124,8 @@ pair_view<T, L> padded_pairs(const T* logits, const L* labels, std::int64_t num_
                              std::int64_t seq_len, std::int64_t vocab, std::int64_t row_stride,
                              const std::uint8_t* mask = nullptr,
                              std::int64_t ignore_index = -100) {
-  token_view<T, L> v;
-  v.logits = logits;
-  v.labels = labels;
-  v.mask = mask;
-  v.vocab = vocab;
-  v.row_stride = row_stride;
-  v.seq_len = seq_len;
-  v.ignore_index = ignore_index;
-  v.num_seqs = num_seqs / 2;
+  const token_view<T, L> v = detail::make_token_view(logits, labels, mask, num_seqs / 2, seq_len,
+                                                     vocab, row_stride, ignore_index);
   pair_view<T, L> p{v, v, num_seqs};
   p.rejected.first_seq = num_seqs / 2;
   return p;
@@ -139,20 +154,11 @@ pair_view<T, L> separate_pairs(const T* chosen_logits, const L* chosen_labels,
                                std::int64_t row_stride, const std::uint8_t* chosen_mask = nullptr,
                                const std::uint8_t* rejected_mask = nullptr,
                                std::int64_t ignore_index = -100) {
-  token_view<T, L> c;
-  c.logits = chosen_logits;
-  c.labels = chosen_labels;
-  c.mask = chosen_mask;
-  c.vocab = vocab;
-  c.row_stride = row_stride;
-  c.seq_len = seq_len;
-  c.num_seqs = num_pairs;
-  c.ignore_index = ignore_index;
-  token_view<T, L> r = c;
-  r.logits = rejected_logits;
-  r.labels = rejected_labels;
-  r.mask = rejected_mask;
-  return {c, r, 0};
+  return {detail::make_token_view(chosen_logits, chosen_labels, chosen_mask, num_pairs, seq_len,
+                                  vocab, row_stride, ignore_index),
+          detail::make_token_view(rejected_logits, rejected_labels, rejected_mask, num_pairs,
+                                  seq_len, vocab, row_stride, ignore_index),
+          0};
 }
 
 /// Where the gradient of a pair_view goes: one buffer per side, indexed by the same rows as
