@@ -41,6 +41,20 @@ using bf16 = __nv_bfloat16;
     }                                                                   \
   } while (0)
 
+/// The two-phase pattern of every dpo::cuda call, as dpo_step below spells it out: `call(ws,
+/// bytes)` with a null workspace (the size query), then on a workspace of that size, then the
+/// device-error check; frees the workspace.
+template <class Call>
+cudaError_t with_workspace(const Call& call, cudaStream_t stream) {
+  std::size_t bytes = 0;
+  DPO_TRY(call(nullptr, bytes));
+  void* d_ws = nullptr;
+  CUDA_TRY(cudaMalloc(&d_ws, bytes));
+  DPO_TRY(call(d_ws, bytes));
+  DPO_TRY(dpo::cuda::read_device_error(d_ws, stream));
+  return cudaFree(d_ws);
+}
+
 /// One step, TRL's concatenated layout ([2P, T, V] bf16 logits: P chosen then P rejected
 /// sequences; labels [2P, T] with -100 on prompt and padding), the gradient written over the
 /// logits. d_* are device pointers the trainer owns.
@@ -89,26 +103,21 @@ cudaError_t dpo_step_rows(bf16* d_logits, const std::int64_t* d_labels, std::int
   out.row_coef = d_row_coef;
   const dpo::cuda::options opt;
 
-  std::size_t bytes = 0;
-  DPO_TRY(dpo::cuda::dpo_forward(nullptr, bytes, policy, d_ref_chosen, d_ref_rejected, cfg, out, opt,
-                                 stream));
-  void* d_ws = nullptr;
-  CUDA_TRY(cudaMalloc(&d_ws, bytes));
-  DPO_TRY(dpo::cuda::dpo_forward(d_ws, bytes, policy, d_ref_chosen, d_ref_rejected, cfg, out, opt,
-                                 stream));
-  DPO_TRY(dpo::cuda::read_device_error(d_ws, stream));  // the forward's data errors
-  CUDA_TRY(cudaFree(d_ws));
-
+  // The forward's workspace is freed here, before the backward's is allocated.
+  const cudaError_t e = with_workspace(
+      [&](void* ws, std::size_t& bytes) {
+        return dpo::cuda::dpo_forward(ws, bytes, policy, d_ref_chosen, d_ref_rejected, cfg, out, opt,
+                                      stream);
+      },
+      stream);
+  if (e != cudaSuccess) return e;
   const dpo::pair_grad_view<bf16> grad{d_logits, V, d_logits, V};
-  std::size_t small = 0;
-  DPO_TRY(dpo::cuda::dpo_backward_rows(nullptr, small, policy, d_row_lse, d_row_coef, grad, nullptr,
-                                       opt, stream));
-  void* d_small = nullptr;
-  CUDA_TRY(cudaMalloc(&d_small, small));
-  DPO_TRY(dpo::cuda::dpo_backward_rows(d_small, small, policy, d_row_lse, d_row_coef, grad, nullptr,
-                                       opt, stream));
-  DPO_TRY(dpo::cuda::read_device_error(d_small, stream));
-  return cudaFree(d_small);
+  return with_workspace(
+      [&](void* ws, std::size_t& bytes) {
+        return dpo::cuda::dpo_backward_rows(ws, bytes, policy, d_row_lse, d_row_coef, grad, nullptr,
+                                            opt, stream);
+      },
+      stream);
 }
 
 /// The step with the reference model's logits (same layout and labels) instead of its
@@ -126,15 +135,12 @@ cudaError_t dpo_step_ref(bf16* d_logits, const bf16* d_ref_logits, const std::in
   const dpo::pair_grad_view<bf16> grad{d_logits, V, d_logits, V};
   const dpo::cuda::options opt;
 
-  std::size_t bytes = 0;
-  DPO_TRY(dpo::cuda::dpo_forward_backward(nullptr, bytes, policy, reference, cfg, out, grad, opt,
-                                          stream));
-  void* d_ws = nullptr;
-  CUDA_TRY(cudaMalloc(&d_ws, bytes));
-  DPO_TRY(dpo::cuda::dpo_forward_backward(d_ws, bytes, policy, reference, cfg, out, grad, opt,
-                                          stream));
-  DPO_TRY(dpo::cuda::read_device_error(d_ws, stream));
-  return cudaFree(d_ws);
+  return with_workspace(
+      [&](void* ws, std::size_t& bytes) {
+        return dpo::cuda::dpo_forward_backward(ws, bytes, policy, reference, cfg, out, grad, opt,
+                                               stream);
+      },
+      stream);
 }
 
 // ---- the demonstration ---------------------------------------------------------------------
@@ -203,13 +209,11 @@ int run() {
   {
     const auto reference = dpo::padded_pairs(static_cast<const bf16*>(b.d_ref_logits), b.d_labels,
                                              2 * b.P, b.T, b.V, b.V);
-    std::size_t bytes = 0;
-    DPO_TRY(dpo::cuda::pair_logps(nullptr, bytes, reference, 1.0, d_ref, d_ref + b.P));
-    void* d_ws = nullptr;
-    CUDA_TRY(cudaMalloc(&d_ws, bytes));
-    DPO_TRY(dpo::cuda::pair_logps(d_ws, bytes, reference, 1.0, d_ref, d_ref + b.P));
-    DPO_TRY(dpo::cuda::read_device_error(d_ws));
-    CUDA_TRY(cudaFree(d_ws));
+    CUDA_TRY(with_workspace(
+        [&](void* ws, std::size_t& bytes) {
+          return dpo::cuda::pair_logps(ws, bytes, reference, 1.0, d_ref, d_ref + b.P);
+        },
+        0));
   }
 
   CUDA_TRY(b.upload());
