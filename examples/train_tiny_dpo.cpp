@@ -499,21 +499,31 @@ class adam {
   model m1_, m2_;
 };
 
-// Reference sequence log-probs of every pair, computed once (TRL's precompute_ref_log_probs).
-void precompute_reference(const settings& s, const model& ref, std::vector<pair_example>& pairs,
-                          const dpo::cpu::options& opt) {
+// Runs `m` on every pair, in batches of up to 256 in order: fn(b, first, count) with batch b
+// holding pairs [first, first + count) and m's logits.
+template <class Fn>
+void for_batches(const settings& s, const model& m, const std::vector<pair_example>& pairs,
+                 int threads, const Fn& fn) {
   batch b;
   const std::size_t chunk = 256;
   for (std::size_t first = 0; first < pairs.size(); first += chunk) {
     const std::size_t count = std::min(chunk, pairs.size() - first);
     fill_batch(s, pairs, {}, first, count, b);
-    model_forward(ref, b, opt.num_threads);
+    model_forward(m, b, threads);
+    fn(b, first, count);
+  }
+}
+
+// Reference sequence log-probs of every pair, computed once (TRL's precompute_ref_log_probs).
+void precompute_reference(const settings& s, const model& ref, std::vector<pair_example>& pairs,
+                          const dpo::cpu::options& opt) {
+  for_batches(s, ref, pairs, opt.num_threads, [&](batch& b, std::size_t first, std::size_t count) {
     dpo::cpu::pair_logps(b.view(), 1.0, b.ref_chosen.data(), b.ref_rejected.data(), opt);
     for (std::size_t i = 0; i < count; ++i) {
       pairs[first + i].ref_chosen = b.ref_chosen[i];
       pairs[first + i].ref_rejected = b.ref_rejected[i];
     }
-  }
+  });
 }
 
 struct heldout_stats {
@@ -525,12 +535,7 @@ heldout_stats evaluate(const settings& s, const model& policy,
                        const std::vector<pair_example>& pairs, const dpo::loss_config& cfg,
                        const dpo::cpu::options& opt) {
   heldout_stats h;
-  batch b;
-  const std::size_t chunk = 256;
-  for (std::size_t first = 0; first < pairs.size(); first += chunk) {
-    const std::size_t count = std::min(chunk, pairs.size() - first);
-    fill_batch(s, pairs, {}, first, count, b);
-    model_forward(policy, b, opt.num_threads);
+  for_batches(s, policy, pairs, opt.num_threads, [&](batch& b, std::size_t, std::size_t count) {
     const dpo::cpu::forward_result r =
         dpo::cpu::dpo_forward(b.view(), b.ref_chosen.data(), b.ref_rejected.data(), cfg, opt);
     h.loss += r.loss * static_cast<double>(count);
@@ -539,7 +544,7 @@ heldout_stats evaluate(const settings& s, const model& policy,
       h.margin += m;
       h.accuracy += m > 0 ? 1.0 : m == 0 ? 0.5 : 0.0;
     }
-  }
+  });
   const double n = static_cast<double>(pairs.size());
   h.loss /= n;
   h.margin /= n;
