@@ -10,9 +10,11 @@
 
 #include <cstdint>
 
+#include "dtype.hpp"
+
 namespace dpo_cuda_emulate {
 
-enum class dtype { bf16, f16, f32, f64 };
+using dpo_cuda_test::dtype;
 
 struct row_result {
   double lse, entropy, lse2, zsum;

@@ -11,6 +11,7 @@
 
 #include "dpo/core/layout.hpp"
 #include "dpo/core/loss.hpp"
+#include "dtype.hpp"
 
 namespace dpo_cuda_test {
 
@@ -20,8 +21,6 @@ int device_count();
 std::string device_name();
 std::size_t free_device_memory();
 
-enum class dtype { bf16, f16, f32, f64 };
-inline std::size_t dtype_size(dtype t) { return t == dtype::f64 ? 8 : t == dtype::f32 ? 4 : 2; }
 
 enum class mode {
   forward_backward,   // dpo_forward_backward (grad_output 1)

@@ -16,6 +16,7 @@
 #include "dpo/core/check.hpp"
 #include "dpo/core/validate.hpp"
 #include "dpo/cpu/dpo.hpp"
+#include "dtype_bytes.hpp"
 #include "harness.hpp"
 
 namespace {
@@ -23,7 +24,9 @@ namespace {
 using dpo_cuda_test::case_in;
 using dpo_cuda_test::case_out;
 using dpo_cuda_test::dtype;
+using dpo_cuda_test::get;
 using dpo_cuda_test::mode;
+using dpo_cuda_test::put;
 
 /// Shape of a random case.
 struct shape {
@@ -36,30 +39,6 @@ struct shape {
   bool fully_masked = true;  // make one sequence all prompt / padding
   bool neg_inf = false;      // some -inf logits (in the upper half of the vocab, never a label)
 };
-
-/// x stored as `t` at p (rounded to the type).
-void put(dtype t, unsigned char* p, double x) {
-  switch (t) {
-    case dtype::bf16: {
-      const Eigen::bfloat16 v(static_cast<float>(x));
-      std::memcpy(p, &v, 2);
-      break;
-    }
-    case dtype::f16: {
-      const Eigen::half v(static_cast<float>(x));
-      std::memcpy(p, &v, 2);
-      break;
-    }
-    case dtype::f32: {
-      const float v = static_cast<float>(x);
-      std::memcpy(p, &v, 4);
-      break;
-    }
-    case dtype::f64:
-      std::memcpy(p, &x, 8);
-      break;
-  }
-}
 
 /// Random logits (normal, sd 2, some rows with a few -inf), labels with an ignored prompt and
 /// padding, optional mask.
@@ -143,29 +122,12 @@ struct cpu_run {
   std::vector<double> token_logps;
 };
 
-template <class E>
-double to_double(const unsigned char* p) {
-  E v;
-  std::memcpy(&v, p, sizeof(E));
-  return static_cast<double>(v);
-}
-
 /// A bf16 value from its bits (exact: they are a float's top half).
 double bf16_bits(std::uint16_t b) {
   const std::uint32_t u = static_cast<std::uint32_t>(b) << 16;
   float f;
   std::memcpy(&f, &u, 4);
   return f;
-}
-
-double decode(dtype t, const unsigned char* p) {
-  switch (t) {
-    case dtype::bf16: return to_double<Eigen::bfloat16>(p);
-    case dtype::f16: return to_double<Eigen::half>(p);
-    case dtype::f32: return to_double<float>(p);
-    case dtype::f64: return to_double<double>(p);
-  }
-  return 0;
 }
 
 template <class E>
@@ -285,7 +247,7 @@ void check_grad_buffer(const case_in& c, const std::vector<unsigned char>& gpu,
         stray += same ? 0 : 1;
         continue;
       }
-      const double x = decode(c.type, gpu.data() + at);
+      const double x = get(c.type, gpu.data() + at);
       const double y = cpu[static_cast<std::size_t>(r * c.row_stride + v)];
       if (!std::isfinite(x)) ++nonfinite;
       num += (x - y) * (x - y);
@@ -1266,7 +1228,7 @@ void check_tied_grad(const case_in& c, const std::vector<unsigned char>& grad, s
   const double tol = tied_tol(c.type) * std::fabs(coef);
   double sum = 0;
   for (std::int64_t v = 0; v < c.vocab; ++v) {
-    const double g = decode(c.type, grad.data() + static_cast<std::size_t>(offset + r * stride + v) * es);
+    const double g = get(c.type, grad.data() + static_cast<std::size_t>(offset + r * stride + v) * es);
     const bool max = v == 0 || v == 2 || v == 3 || v == 5;
     const double want = coef * ((v == label ? 1.0 : 0.0) - (max ? 0.25 : 0.0));
     INFO("row " << r << " column " << v << ": got " << g << " want " << want);

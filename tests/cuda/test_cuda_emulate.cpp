@@ -12,13 +12,15 @@
 
 #include "catch.hpp"
 #include "dpo/cpu/rows.hpp"
+#include "dtype_bytes.hpp"
 #include "emulate.hpp"
 
 namespace {
 
 using dpo_cuda_emulate::dtype;
-
-std::size_t size_of(dtype t) { return t == dtype::f64 ? 8 : t == dtype::f32 ? 4 : 2; }
+using dpo_cuda_test::dtype_size;
+using dpo_cuda_test::get;
+using dpo_cuda_test::put;
 
 /// A byte buffer whose element `offset` sits `offset` elements past a 64-byte boundary.
 struct row_buf {
@@ -30,41 +32,6 @@ struct row_buf {
     p = reinterpret_cast<unsigned char*>(a);
   }
 };
-
-template <class E>
-void put(unsigned char* p, double x) {
-  const E v = static_cast<E>(static_cast<float>(x));
-  std::memcpy(static_cast<void*>(p), static_cast<const void*>(&v), sizeof(E));
-}
-template <>
-void put<double>(unsigned char* p, double x) {
-  std::memcpy(p, &x, 8);
-}
-
-template <class E>
-double get(const unsigned char* p) {
-  E v;
-  std::memcpy(static_cast<void*>(&v), static_cast<const void*>(p), sizeof(E));
-  return static_cast<double>(v);
-}
-
-void put_any(dtype t, unsigned char* p, double x) {
-  switch (t) {
-    case dtype::bf16: return put<Eigen::bfloat16>(p, x);
-    case dtype::f16: return put<Eigen::half>(p, x);
-    case dtype::f32: return put<float>(p, x);
-    case dtype::f64: return put<double>(p, x);
-  }
-}
-double get_any(dtype t, const unsigned char* p) {
-  switch (t) {
-    case dtype::bf16: return get<Eigen::bfloat16>(p);
-    case dtype::f16: return get<Eigen::half>(p);
-    case dtype::f32: return get<float>(p);
-    case dtype::f64: return get<double>(p);
-  }
-  return 0;
-}
 
 struct cpu_stats {
   double lse, entropy, lse2, zsum;
@@ -129,7 +96,7 @@ TEST_CASE("cuda emulated: block_row_stats matches the CPU row kernel", "[cuda_em
   std::mt19937_64 rng(42);
   std::normal_distribution<double> nd(0.0, 3.0);
   for (dtype t : all_types) {
-    const std::size_t es = size_of(t);
+    const std::size_t es = dtype_size(t);
     for (std::int64_t V : vocabs) {
       for (std::size_t off = 0; off < 16 / es; ++off) {
         for (int pattern = 0; pattern < 5; ++pattern) {
@@ -139,9 +106,9 @@ TEST_CASE("cuda emulated: block_row_stats matches the CPU row kernel", "[cuda_em
             if (pattern == 1) x = std::round(x / 3.0);  // many ties of the max
             if (pattern == 2 && i % 5 == 1) x = -INFINITY;
             if (pattern == 3) x = -INFINITY;
-            put_any(t, b.p + i * es, x);
+            put(t, b.p + i * es, x);
           }
-          if (pattern == 4) put_any(t, b.p + (V / 2) * es, NAN);
+          if (pattern == 4) put(t, b.p + (V / 2) * es, NAN);
           INFO("dtype " << static_cast<int>(t) << " V " << V << " offset " << off << " pattern "
                         << pattern);
           for (bool metrics : {true, false}) {
@@ -183,14 +150,14 @@ TEST_CASE("cuda emulated: block_row_grad matches the CPU row kernel", "[cuda_emu
   std::mt19937_64 rng(7);
   std::normal_distribution<double> nd(0.0, 3.0);
   for (dtype t : all_types) {
-    const std::size_t es = size_of(t);
+    const std::size_t es = dtype_size(t);
     for (std::int64_t V : vocabs) {
       for (int variant = 0; variant < 4; ++variant) {
         // 0: aligned, out of place; 1: both misaligned alike; 2: misaligned differently
         // (scalar path); 3: in place, misaligned.
         const std::size_t zoff = variant == 0 ? 0 : 1, goff = variant == 2 ? 0 : zoff;
         row_buf z(static_cast<std::size_t>(V) * es, zoff * es);
-        for (std::int64_t i = 0; i < V; ++i) put_any(t, z.p + i * es, nd(rng));
+        for (std::int64_t i = 0; i < V; ++i) put(t, z.p + i * es, nd(rng));
         const cpu_stats st = cpu_any<false>(t, z.p, V);
         for (double coef : {0.0, -0.37}) {
           for (std::int64_t y : {std::int64_t{-1}, std::int64_t{0}, V / 2, V - 1}) {
@@ -208,7 +175,7 @@ TEST_CASE("cuda emulated: block_row_grad matches the CPU row kernel", "[cuda_emu
             const double abs_tol = 4.0 * std::fabs(coef) * (t == dtype::f64 ? 2.3e-16 : 1.2e-7);
             int bad = 0;
             for (std::int64_t i = 0; i < V; ++i) {
-              const double a = get_any(t, out + i * es), c = get_any(t, expect.p + i * es);
+              const double a = get(t, out + i * es), c = get(t, expect.p + i * es);
               const double scale = std::max(std::fabs(a), std::fabs(c));
               if (!(std::fabs(a - c) <= rel_tol(t) * scale + abs_tol)) ++bad;
             }
