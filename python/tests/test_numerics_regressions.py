@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import dpo_kernels as dk
+from eager import eager_logps
 
 
 def batch(P=4, T=3, V=5, seed=16, dtype=torch.float64):
@@ -23,11 +24,6 @@ def batch(P=4, T=3, V=5, seed=16, dtype=torch.float64):
     rc = -torch.rand(P, generator=g, dtype=torch.float64) * 6 - 2
     rr = -torch.rand(P, generator=g, dtype=torch.float64) * 6 - 2
     return logits, labels, rc, rr
-
-
-def eager_logps(logits, labels):
-    lp = torch.log_softmax(logits.double(), -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (lp * (labels != -100)).sum(-1)
 
 
 def trl_aot(pc, pr, rc, rr, unpaired, beta=0.1, eps=0.0):

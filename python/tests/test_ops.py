@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 import dpo_kernels as dk
 from dpo_kernels._ops import ops
+from eager import eager_logps
 
 torch.manual_seed(0)
 P, T, V = 3, 6, 11
@@ -23,11 +24,6 @@ def make(dtype=torch.float64, P=P, T=T, V=V, gap=True, seed=0):
     rc = -torch.rand(P, generator=g, dtype=torch.float64) * 10 - 5
     rr = -torch.rand(P, generator=g, dtype=torch.float64) * 10 - 5
     return logits, labels, rc, rr
-
-
-def eager_logps(logits, labels):
-    lp = torch.log_softmax(logits.double(), -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (lp * (labels != -100)).sum(-1)
 
 
 CONFIG = ("sigmoid", [], 0.1, 0.0, "reverse_kl", 0.5, 0.05, False, 1.0, False, False, 0.5, 1.0, "sigmoid")
