@@ -447,6 +447,37 @@ TEST_CASE("a -inf rejected label logit: the loss is the limit and the gradient f
   }
 }
 
+TEST_CASE("an infinite row coefficient under a zero upstream gradient gives a zero gradient",
+          "[edge][issue16]") {
+  // ipo's loss is +inf at pi_r = -inf and so are its pair gradients (the limit is infinite).
+  // With grad_output = 0 the loss does not count: its rows get exact zeros, not
+  // 0 * inf = NaN (found by the fuzzer's no-NaN-at-the-limits property).
+  fixture::batch_spec sp = fixture::spec(2, 3, 7, 1717);
+  oracle::batch b = fixture::rounded_random_batch<double>(sp);
+  oracle::sequence& s = b.rejected[0];
+  std::int64_t row = -1;
+  for (std::int64_t t = 0; t < s.rows() && row < 0; ++t)
+    if (s.y[t] >= 0) row = t;
+  REQUIRE(row >= 0);
+  s.z[row][static_cast<std::size_t>(s.y[row])] = -INFINITY;
+  const dpo::loss_config cfg = fixture::of(dpo::loss_type::ipo);
+  fixture::buffers<double, std::int64_t> buf(b, layout::padded);
+  fixture::reference ref = fixture::make_reference(cfg, b, 7);
+  ref.r[0] = -20.0;  // drawn near the policy's -inf otherwise
+  const auto view = buf.view();
+  const dpo::cpu::forward_result r = dpo::cpu::dpo_forward(view, ref.pc(), ref.pr(), cfg);
+  REQUIRE(std::isinf(r.losses[0]));
+  REQUIRE(std::isinf(r.grad_rejected[0]));
+  dpo::cpu::dpo_backward(view, r, buf.grad_view(), 0.0);
+  for (int side = 0; side < 2; ++side)
+    for (std::int64_t i = 0; i < buf.P; ++i)
+      for (std::int64_t t = 0; t < buf.seq_len; ++t)
+        for (std::int64_t v = 0; v < buf.V; ++v) {
+          INFO("side " << side << " pair " << i << " row " << t << " col " << v);
+          CHECK(buf.at(false, side, i, t, v) == 0.0);
+        }
+}
+
 TEST_CASE("aot and aot_unpaired from logits: the combination is the weighted sum of the terms",
           "[edge][issue16]") {
   // The report's shape: 4 pairs, 3 rows, vocab 5, float64, loss_type ["aot", "aot_unpaired"]

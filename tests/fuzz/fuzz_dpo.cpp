@@ -495,7 +495,7 @@ void check_no_nan_at_limits(const fuzz_case<T, L>& fc, const dpo::pair_view<T, L
     const int b = fc.buf_of(side == 1);
     for (std::int64_t i = 0; i < fc.P; ++i)
       for (std::int64_t row = v.row_begin(i); row < v.row_end(i); ++row) {
-        const double coef = sr.coef[static_cast<std::size_t>(row - sr.row0)] * fc.grad_output;
+        const double coef = dpo::detail::times(sr.coef[static_cast<std::size_t>(row - sr.row0)], fc.grad_output);
         FUZZ_CHECK(!std::isnan(coef));
         if (!(std::fabs(coef) <= 1e30)) continue;
         for (std::int64_t col = 0; col < fc.V; ++col)

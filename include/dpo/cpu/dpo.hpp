@@ -384,7 +384,7 @@ void backward_side(const token_view<T, L>& v, Lse lse_at, Coef coef_at, double g
     for (std::int64_t i = b; i < e; ++i) {
       const std::int64_t r = row0 + i;
       if (!v.in_sequence(r)) continue;
-      const A coef = static_cast<A>(coef_at(r, i) * grad_output);
+      const A coef = static_cast<A>(dpo::detail::times(coef_at(r, i), grad_output));
       row_backward<T, A>(v.logits + r * v.row_stride, g + r * g_stride, v.vocab, lse_at(r, i), coef,
                          v.target(r), scratch);
     }

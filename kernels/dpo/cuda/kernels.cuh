@@ -742,7 +742,7 @@ __device__ __forceinline__ void backward_body(const views<T, L>& vs, const ws_pt
       const T* row = v.logits + r * v.row_stride;
       const row_metrics<A> rm = block_row_grad_metrics<BLOCK>(
           row, p.row(side, r), v.vocab, block_backward_lse<BLOCK>(row, v.vocab, ra.lse[local]),
-          static_cast<A>(coef * go), y);
+          static_cast<A>(dpo::detail::times(coef, go)), y);
       if (threadIdx.x == 0) {
         ra.ent[local] = static_cast<double>(rm.entropy);
         ra.zmean[local] = static_cast<double>(rm.zsum / static_cast<A>(v.vocab));
@@ -751,7 +751,7 @@ __device__ __forceinline__ void backward_body(const views<T, L>& vs, const ws_pt
       continue;
     }
     const T* row = v.logits + r * v.row_stride;
-    const double go_coef = coef * go;
+    const double go_coef = dpo::detail::times(coef, go);
     block_row_grad<BLOCK>(row, p.row(side, r), v.vocab,
                           go_coef != 0.0 ? block_backward_lse<BLOCK>(row, v.vocab, ra.lse[local])
                                          : dpo::detail::lse_parts<A>(A(0)),
@@ -793,7 +793,7 @@ __global__ void __launch_bounds__(BLOCK) backward_rows_kernel(views<T, L> vs, ws
     const std::int64_t r = v.row_begin(0) + (side ? i - n0 : i);
     if (!v.in_sequence(r)) continue;  // gap rows are not written (block-uniform)
     const std::int64_t y = v.target(r);
-    const double coef = y >= 0 ? row_coef[r] * go : 0.0;
+    const double coef = y >= 0 ? dpo::detail::times(row_coef[r], go) : 0.0;
     const T* row = v.logits + r * v.row_stride;
     block_row_grad<BLOCK>(row, p.row(side, r), v.vocab,
                           coef != 0.0 ? block_backward_lse<BLOCK>(row, v.vocab, row_lse[r])
