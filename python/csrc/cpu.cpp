@@ -134,26 +134,21 @@ at::Tensor sequence_logps_backward_cpu(const at::Tensor& grad, const at::Tensor&
 
 // ---- pair-level loss ---------------------------------------------------------------------
 
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_loss_cpu(
     const at::Tensor& policy_chosen_logps, const at::Tensor& policy_rejected_logps,
     const std::optional<at::Tensor>& reference_chosen_logps,
     const std::optional<at::Tensor>& reference_rejected_logps,
     const std::optional<at::Tensor>& chosen_lengths, const std::optional<at::Tensor>& rejected_lengths,
     const std::optional<at::Tensor>& weights, DPO_CONFIG_PARAMS) {
-  const dpo::loss_config cfg = make_config(DPO_CONFIG_ARGS, clamp_for(policy_chosen_logps.scalar_type()));
-  check_references(cfg, reference_chosen_logps.has_value(), reference_rejected_logps.has_value());
+  const dpo::loss_config cfg =
+      pair_config(policy_chosen_logps, reference_chosen_logps, reference_rejected_logps, DPO_CONFIG_ARGS);
   check_cpu(policy_chosen_logps, "policy_chosen_logps");
   pair_inputs p = lower_pairs(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
                               reference_rejected_logps, chosen_lengths, rejected_lengths, weights);
-  const dpo::cpu::forward_result r = rethrow_as_value_error([&] { return dpo::cpu::dpo_loss(p.in, cfg); });
-  const auto opts = policy_chosen_logps.options().dtype(result_dtype(policy_chosen_logps.scalar_type()));
-  const std::int64_t P = p.in.num_pairs;
-  const auto out = [&](const Eigen::VectorXd& x) {
-    return at::from_blob(const_cast<double*>(x.data()), {P}, at::kDouble).to(opts, false, true);
+  const auto run = [&](const dpo::pair_logps_in& in, const dpo::forward_outputs& o) {
+    rethrow_as_value_error([&] { dpo::cpu::dpo_loss(in, cfg, o); });
   };
-  // losses_i = sum_k w_k loss_k,i W_i, whose mean is the batch loss.
-  return {out(r.losses), out(r.chosen_rewards), out(r.rejected_rewards)};
+  return pair_loss_op(p, policy_chosen_logps.scalar_type(), run);
 }
 
 std::tuple<at::Tensor, at::Tensor> pair_loss_backward_cpu(
@@ -162,21 +157,15 @@ std::tuple<at::Tensor, at::Tensor> pair_loss_backward_cpu(
     const std::optional<at::Tensor>& reference_rejected_logps,
     const std::optional<at::Tensor>& chosen_lengths, const std::optional<at::Tensor>& rejected_lengths,
     const std::optional<at::Tensor>& weights, DPO_CONFIG_PARAMS) {
-  const dpo::loss_config cfg = make_config(DPO_CONFIG_ARGS, clamp_for(policy_chosen_logps.scalar_type()));
-  check_references(cfg, reference_chosen_logps.has_value(), reference_rejected_logps.has_value());
+  const dpo::loss_config cfg =
+      pair_config(policy_chosen_logps, reference_chosen_logps, reference_rejected_logps, DPO_CONFIG_ARGS);
   check_cpu(policy_chosen_logps, "policy_chosen_logps");
   pair_inputs p = lower_pairs(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
                               reference_rejected_logps, chosen_lengths, rejected_lengths, weights);
-  const std::int64_t P = p.in.num_pairs;
-  const at::Tensor wu = weigh_by_upstream(grad_losses, p);
-  const dpo::cpu::forward_result r = rethrow_as_value_error([&] { return dpo::cpu::dpo_loss(p.in, cfg); });
-  const double scale = static_cast<double>(P);
-  at::Tensor gc = at::empty({P}, at::kDouble), gr = at::empty({P}, at::kDouble);
-  for (std::int64_t i = 0; i < P; ++i) {
-    gc.data_ptr<double>()[i] = scale * (r.grad_chosen[i] + r.nll_token_grad);
-    gr.data_ptr<double>()[i] = scale * r.grad_rejected[i];
-  }
-  return {gc.to(policy_chosen_logps.options()), gr.to(policy_rejected_logps.options())};
+  const auto run = [&](const dpo::pair_logps_in& in, const dpo::forward_outputs& o) {
+    rethrow_as_value_error([&] { dpo::cpu::dpo_loss(in, cfg, o); });
+  };
+  return pair_loss_backward_op(grad_losses, p, policy_chosen_logps, policy_rejected_logps, run);
 }
 
 // ---- fused forward / backward --------------------------------------------------------------

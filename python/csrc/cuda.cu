@@ -161,32 +161,25 @@ at::Tensor sequence_logps_backward_cuda(const at::Tensor& grad, const at::Tensor
 
 // ---- pair-level loss ---------------------------------------------------------------------
 
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_loss_cuda(
     const at::Tensor& policy_chosen_logps, const at::Tensor& policy_rejected_logps,
     const std::optional<at::Tensor>& reference_chosen_logps,
     const std::optional<at::Tensor>& reference_rejected_logps,
     const std::optional<at::Tensor>& chosen_lengths, const std::optional<at::Tensor>& rejected_lengths,
     const std::optional<at::Tensor>& weights, DPO_CONFIG_PARAMS) {
-  const dpo::loss_config cfg = make_config(DPO_CONFIG_ARGS, clamp_for(policy_chosen_logps.scalar_type()));
-  check_references(cfg, reference_chosen_logps.has_value(), reference_rejected_logps.has_value());
+  const dpo::loss_config cfg =
+      pair_config(policy_chosen_logps, reference_chosen_logps, reference_rejected_logps, DPO_CONFIG_ARGS);
   const c10::cuda::CUDAGuard guard(policy_chosen_logps.device());
   check_cuda(policy_chosen_logps, "policy_chosen_logps");
   pair_inputs p = lower_pairs(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
                               reference_rejected_logps, chosen_lengths, rejected_lengths, weights);
-  const std::int64_t P = p.in.num_pairs;
-  at::Tensor out = at::empty({3, P}, p.pc.options());
-  dpo::cuda::forward_outputs o;
-  o.losses = out[0].data_ptr<double>();
-  o.chosen_rewards = out[1].data_ptr<double>();
-  o.rejected_rewards = out[2].data_ptr<double>();
-  const auto stream = at::cuda::getCurrentCUDAStream();
-  run_with_workspace(policy_chosen_logps.device(), [&](void* ws, std::size_t& bytes) {
-    return dpo::cuda::dpo_loss(ws, bytes, p.in, cfg, o, stream);
-  });
-  out = out.to(result_dtype(policy_chosen_logps.scalar_type()));
-  // losses_i = sum_k w_k loss_k,i W_i, whose mean is the batch loss.
-  return {out[0], out[1], out[2]};
+  const auto run = [&](const dpo::pair_logps_in& in, const dpo::forward_outputs& o) {
+    const auto stream = at::cuda::getCurrentCUDAStream();
+    run_with_workspace(policy_chosen_logps.device(), [&](void* ws, std::size_t& bytes) {
+      return dpo::cuda::dpo_loss(ws, bytes, in, cfg, o, stream);
+    });
+  };
+  return pair_loss_op(p, policy_chosen_logps.scalar_type(), run);
 }
 
 std::tuple<at::Tensor, at::Tensor> pair_loss_backward_cuda(
@@ -195,29 +188,19 @@ std::tuple<at::Tensor, at::Tensor> pair_loss_backward_cuda(
     const std::optional<at::Tensor>& reference_rejected_logps,
     const std::optional<at::Tensor>& chosen_lengths, const std::optional<at::Tensor>& rejected_lengths,
     const std::optional<at::Tensor>& weights, DPO_CONFIG_PARAMS) {
-  const dpo::loss_config cfg = make_config(DPO_CONFIG_ARGS, clamp_for(policy_chosen_logps.scalar_type()));
-  check_references(cfg, reference_chosen_logps.has_value(), reference_rejected_logps.has_value());
+  const dpo::loss_config cfg =
+      pair_config(policy_chosen_logps, reference_chosen_logps, reference_rejected_logps, DPO_CONFIG_ARGS);
   const c10::cuda::CUDAGuard guard(policy_chosen_logps.device());
   check_cuda(policy_chosen_logps, "policy_chosen_logps");
   pair_inputs p = lower_pairs(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
                               reference_rejected_logps, chosen_lengths, rejected_lengths, weights);
-  const std::int64_t P = p.in.num_pairs;
-  TORCH_CHECK_VALUE(grad_losses.device() == policy_chosen_logps.device(), "grad_losses is on ",
-                    grad_losses.device(), " but policy_chosen_logps is on ", policy_chosen_logps.device());
-  const at::Tensor wu = weigh_by_upstream(grad_losses, p);
-  at::Tensor g = at::empty({2 * P + 1}, p.pc.options());
-  dpo::cuda::forward_outputs o;
-  o.grad_chosen = g.data_ptr<double>();
-  o.grad_rejected = o.grad_chosen + P;
-  o.nll_token_grad = o.grad_chosen + 2 * P;
-  const auto stream = at::cuda::getCurrentCUDAStream();
-  run_with_workspace(policy_chosen_logps.device(), [&](void* ws, std::size_t& bytes) {
-    return dpo::cuda::dpo_loss(ws, bytes, p.in, cfg, o, stream);
-  });
-  const double scale = static_cast<double>(P);
-  const at::Tensor gc = (g.narrow(0, 0, P) + g.narrow(0, 2 * P, 1)) * scale;
-  const at::Tensor gr = g.narrow(0, P, P) * scale;
-  return {gc.to(policy_chosen_logps.scalar_type()), gr.to(policy_rejected_logps.scalar_type())};
+  const auto run = [&](const dpo::pair_logps_in& in, const dpo::forward_outputs& o) {
+    const auto stream = at::cuda::getCurrentCUDAStream();
+    run_with_workspace(policy_chosen_logps.device(), [&](void* ws, std::size_t& bytes) {
+      return dpo::cuda::dpo_loss(ws, bytes, in, cfg, o, stream);
+    });
+  };
+  return pair_loss_backward_op(grad_losses, p, policy_chosen_logps, policy_rejected_logps, run);
 }
 
 // ---- fused forward / backward --------------------------------------------------------------
