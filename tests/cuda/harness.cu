@@ -170,7 +170,7 @@ struct pair_outputs {
     // The order the tests index (the pre-issue-11 field order), by name: the struct is in
     // the output order now.
     dpo::metrics m;
-    std::memcpy(&m, h.data() + 10 * P + 2, sizeof m);
+    std::memcpy(static_cast<void*>(&m), h.data() + 10 * P + 2, sizeof m);  // plain doubles, in order
     out.metrics = {m.rewards_chosen, m.rewards_rejected, m.rewards_margins, m.rewards_accuracies,
                    m.logps_chosen,   m.logps_rejected,   m.logits_chosen,   m.logits_rejected,
                    m.entropy,        m.mean_token_accuracy, m.nll_loss};

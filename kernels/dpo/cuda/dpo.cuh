@@ -370,6 +370,42 @@ status enqueue_reference(const pair_view<T, L>& reference, const loss_config& cf
   return run_sequences(vs, w, sp, stream);
 }
 
+/// What the dpo_forward / dpo_forward_backward entry points lay out before they enqueue
+/// anything: rows per side, the workspace arrays and, for the reference-logits overloads,
+/// the reference pass's arrays and where it leaves the reference log-probs ([2P]).
+struct forward_plan {
+  std::int64_t cap[2] = {0, 0};
+  std::int64_t ref_cap[2] = {0, 0};
+  ws_ptrs w;
+  ws_ptrs ref_w;
+  double* ref = nullptr;
+  bool size_only = false;
+};
+
+/// The entry points' prologue, as CUB's dispatch layer has one: every argument check (with
+/// out's row state), then the two-phase workspace (size query, size and alignment check,
+/// carve). `reference` null: reference log-probs (ref_chosen / ref_rejected); else reference
+/// logits. Sets plan->size_only for a size query, which the caller then returns.
+template <class T, class L>
+status plan_forward(void* workspace, std::size_t& workspace_bytes, const pair_view<T, L>& policy,
+                    const double* ref_chosen, const double* ref_rejected,
+                    const pair_view<T, L>* reference, const loss_config& cfg,
+                    const forward_outputs& out, const options& opt, forward_plan* plan) {
+  if (reference != nullptr) {
+    const status s = check_row_state(policy, out);
+    if (!s) return s;
+    return reserve_reference(workspace, workspace_bytes, policy, *reference, cfg, opt, plan->cap,
+                             plan->ref_cap, &plan->w, &plan->ref_w, &plan->ref, &plan->size_only);
+  }
+  status s = check_forward(policy, ref_chosen, ref_rejected, cfg, opt, plan->cap,
+                           workspace != nullptr);
+  if (!s) return s;
+  s = check_row_state(policy, out);
+  if (!s) return s;
+  const std::int64_t P = policy.num_pairs();
+  return reserve(workspace, workspace_bytes, plan->cap, P, P, &plan->w, &plan->size_only);
+}
+
 }  // namespace detail
 
 /// Per-sequence log-probs (forward only, e.g. the reference model): one read of the logits,
@@ -514,18 +550,12 @@ template <class T, class L>
 status dpo_forward(void* workspace, std::size_t& workspace_bytes, const pair_view<T, L>& policy,
                    const double* ref_chosen, const double* ref_rejected, const loss_config& cfg,
                    const forward_outputs& out, const options& opt = {}, cudaStream_t stream = 0) {
-  std::int64_t cap[2] = {0, 0};
-  status s = detail::check_forward(policy, ref_chosen, ref_rejected, cfg, opt, cap,
-                                   workspace != nullptr);
-  if (!s) return s;
-  s = detail::check_row_state(policy, out);
-  if (!s) return s;
-  detail::ws_ptrs w;
-  const std::int64_t P = policy.num_pairs();
-  bool size_only = false;
-  s = detail::reserve(workspace, workspace_bytes, cap, P, P, &w, &size_only);
-  if (!s || size_only) return s;
-  return detail::enqueue_forward(policy, ref_chosen, ref_rejected, cfg, out, opt, w, cap, stream);
+  detail::forward_plan plan;
+  const status s = detail::plan_forward<T, L>(workspace, workspace_bytes, policy, ref_chosen,
+                                              ref_rejected, nullptr, cfg, out, opt, &plan);
+  if (!s || plan.size_only) return s;
+  return detail::enqueue_forward(policy, ref_chosen, ref_rejected, cfg, out, opt, plan.w, plan.cap,
+                                 stream);
 }
 
 /// The pair loss's sequence-level inputs (see dpo/core/layout.hpp).
@@ -650,21 +680,14 @@ status dpo_forward_backward(void* workspace, std::size_t& workspace_bytes,
                             const forward_outputs& out, const pair_grad_view<T>& grad,
                             const options& opt = {}, cudaStream_t stream = 0) {
   // Every check before anything is launched.
-  std::int64_t cap[2] = {0, 0};
-  status s = detail::check_forward(policy, ref_chosen, ref_rejected, cfg, opt, cap,
-                                   workspace != nullptr);
-  if (!s) return s;
-  s = detail::check_row_state(policy, out);
-  if (!s) return s;
-  detail::ws_ptrs w;
-  const std::int64_t P = policy.num_pairs();
-  bool size_only = false;
-  s = detail::reserve(workspace, workspace_bytes, cap, P, P, &w, &size_only);
-  if (!s || size_only) return s;
+  detail::forward_plan plan;
+  status s = detail::plan_forward<T, L>(workspace, workspace_bytes, policy, ref_chosen,
+                                        ref_rejected, nullptr, cfg, out, opt, &plan);
+  if (!s || plan.size_only) return s;
   s = detail::check_grad(policy, grad, opt);
   if (!s) return s;
   return detail::enqueue_forward_backward(policy, ref_chosen, ref_rejected, cfg, out, grad, opt,
-                                          w, cap, stream);
+                                          plan.w, plan.cap, stream);
 }
 
 /// dpo_forward with reference logits instead of reference log-probs, as the CPU overload:
@@ -681,20 +704,14 @@ template <class T, class L>
 status dpo_forward(void* workspace, std::size_t& workspace_bytes, const pair_view<T, L>& policy,
                    const pair_view<T, L>& reference, const loss_config& cfg,
                    const forward_outputs& out, const options& opt = {}, cudaStream_t stream = 0) {
-  std::int64_t cap[2] = {0, 0}, ref_cap[2] = {0, 0};
-  detail::ws_ptrs w, ref_w;
-  double* ref = nullptr;
-  bool size_only = false;
-  status s = detail::check_row_state(policy, out);
+  detail::forward_plan plan;
+  status s = detail::plan_forward(workspace, workspace_bytes, policy, nullptr, nullptr, &reference,
+                                  cfg, out, opt, &plan);
+  if (!s || plan.size_only) return s;
+  s = detail::enqueue_reference(reference, cfg, opt, plan.ref_w, plan.ref_cap, plan.ref, stream);
   if (!s) return s;
-  s = detail::reserve_reference(workspace, workspace_bytes, policy, reference, cfg, opt, cap,
-                                ref_cap, &w, &ref_w, &ref, &size_only);
-  if (!s || size_only) return s;
-  const std::int64_t P = policy.num_pairs();
-  s = detail::enqueue_reference(reference, cfg, opt, ref_w, ref_cap, ref, stream);
-  if (!s) return s;
-  return detail::enqueue_forward(policy, ref, ref + P, cfg, out, opt, w, cap, stream, false,
-                                 true);
+  return detail::enqueue_forward(policy, plan.ref, plan.ref + policy.num_pairs(), cfg, out, opt,
+                                 plan.w, plan.cap, stream, false, true);
 }
 
 /// dpo_forward_backward with reference logits instead of reference log-probs: the reference
@@ -706,22 +723,16 @@ status dpo_forward_backward(void* workspace, std::size_t& workspace_bytes,
                             const loss_config& cfg, const forward_outputs& out,
                             const pair_grad_view<T>& grad, const options& opt = {},
                             cudaStream_t stream = 0) {
-  std::int64_t cap[2] = {0, 0}, ref_cap[2] = {0, 0};
-  detail::ws_ptrs w, ref_w;
-  double* ref = nullptr;
-  bool size_only = false;
-  status s = detail::check_row_state(policy, out);
-  if (!s) return s;
-  s = detail::reserve_reference(workspace, workspace_bytes, policy, reference, cfg, opt, cap,
-                                ref_cap, &w, &ref_w, &ref, &size_only);
-  if (!s || size_only) return s;
+  detail::forward_plan plan;
+  status s = detail::plan_forward(workspace, workspace_bytes, policy, nullptr, nullptr, &reference,
+                                  cfg, out, opt, &plan);
+  if (!s || plan.size_only) return s;
   s = detail::check_grad(policy, grad, opt);
   if (!s) return s;
-  const std::int64_t P = policy.num_pairs();
-  s = detail::enqueue_reference(reference, cfg, opt, ref_w, ref_cap, ref, stream);
+  s = detail::enqueue_reference(reference, cfg, opt, plan.ref_w, plan.ref_cap, plan.ref, stream);
   if (!s) return s;
-  return detail::enqueue_forward_backward(policy, ref, ref + P, cfg, out, grad, opt, w, cap,
-                                          stream, true);
+  return detail::enqueue_forward_backward(policy, plan.ref, plan.ref + policy.num_pairs(), cfg, out,
+                                          grad, opt, plan.w, plan.cap, stream, true);
 }
 
 }  // namespace cuda
