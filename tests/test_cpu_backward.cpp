@@ -17,13 +17,6 @@ using fixture::run_options;
 
 namespace {
 
-template <class T>
-oracle::batch rounded_batch(fixture::batch_spec sp) {
-  oracle::batch b = fixture::random_batch(sp);
-  fixture::round_batch<T>(b);
-  return b;
-}
-
 fixture::batch_spec small() {
   fixture::batch_spec sp;
   sp.pairs = 3;
@@ -36,9 +29,9 @@ template <class T, class L>
 void dtype_layout_matrix() {
   fixture::batch_spec sp = small();
   sp.seed = 31;
-  const oracle::batch padded = rounded_batch<T>(sp);
+  const oracle::batch padded = fixture::rounded_random_batch<T>(sp);
   sp.varying_rows = true;
-  const oracle::batch packed = rounded_batch<T>(sp);
+  const oracle::batch packed = fixture::rounded_random_batch<T>(sp);
   for (const auto& nc : fixture::all_configs()) {
     if (nc.name != "sigmoid" && nc.name != "mpo+wpo" && nc.name != "ipo+ld_alpha0+wpo" && nc.name != "aot_unpaired" &&
         nc.name != "orpo" && nc.name != "cpo/ipo" && nc.name != "discopop/alpha0.5")
@@ -59,7 +52,7 @@ void dtype_layout_matrix() {
 TEST_CASE("dpo_backward matches finite differences of the oracle for every configuration", "[backward]") {
   fixture::batch_spec sp = small();
   sp.seed = 30;
-  const oracle::batch b = rounded_batch<double>(sp);
+  const oracle::batch b = fixture::rounded_random_batch<double>(sp);
   run_options o;
   o.stride_extra = 2;
   for (const auto& nc : fixture::all_configs()) fixture::check_backward<double, std::int64_t>(nc, b, o, false);
@@ -75,7 +68,7 @@ TEST_CASE("dpo_backward: dtypes x label types x layouts, in and out of place", "
 TEST_CASE("dpo_backward: grad_output scales the gradient", "[backward]") {
   fixture::batch_spec sp = small();
   sp.seed = 32;
-  const oracle::batch b = rounded_batch<float>(sp);
+  const oracle::batch b = fixture::rounded_random_batch<float>(sp);
   fixture::check_backward<float, std::int64_t>(fixture::all_configs()[0], b, {}, false, false, -2.5);
 }
 
@@ -84,7 +77,7 @@ void in_place_equals_out_of_place() {
   fixture::batch_spec sp = small();
   sp.seed = 33;
   sp.vocab = 37;
-  const oracle::batch b = rounded_batch<T>(sp);
+  const oracle::batch b = fixture::rounded_random_batch<T>(sp);
   for (const auto& nc : fixture::every_loss_type()) {
     INFO(nc.name);
     for (layout k : {layout::padded, layout::separate}) {
@@ -116,7 +109,7 @@ TEST_CASE("dpo_backward in place gives bitwise the out-of-place gradient", "[bac
 TEST_CASE("dpo_forward_backward equals dpo_forward then dpo_backward", "[backward]") {
   fixture::batch_spec sp = small();
   sp.seed = 34;
-  const oracle::batch b = rounded_batch<float>(sp);
+  const oracle::batch b = fixture::rounded_random_batch<float>(sp);
   const auto nc = fixture::combinations_and_options()[0];  // MPO
   fixture::buffers<float, std::int32_t> one(b, layout::padded, 1), two(b, layout::padded, 1);
   const fixture::reference ref = fixture::make_reference(nc.cfg, b, 7);
@@ -128,7 +121,7 @@ TEST_CASE("dpo_forward_backward equals dpo_forward then dpo_backward", "[backwar
   CHECK(std::memcmp(one.grad.data(), two.grad.data(), one.grad.size() * sizeof(float)) == 0);
   // With reference logits: the same as the reference-logits dpo_forward then dpo_backward.
   sp.seed = 36;
-  const oracle::batch rb = rounded_batch<float>(sp);
+  const oracle::batch rb = fixture::rounded_random_batch<float>(sp);
   fixture::buffers<float, std::int32_t> ref_logits(rb, layout::padded, 1);
   fixture::buffers<float, std::int32_t> three(b, layout::padded, 1), four(b, layout::padded, 1);
   const dpo::cpu::forward_result r3 =
@@ -148,7 +141,7 @@ void same_as_float_rounded() {
   fixture::batch_spec sp = small();
   sp.seed = 35;
   sp.vocab = 50;
-  const oracle::batch b = rounded_batch<T>(sp);
+  const oracle::batch b = fixture::rounded_random_batch<T>(sp);
   for (const auto& nc : fixture::all_configs()) {
     INFO(nc.name);
     fixture::buffers<T, std::int64_t> low(b, layout::padded, 3);
@@ -212,22 +205,22 @@ void check_backward_rows(const fixture::named_config& nc, const oracle::batch& b
 TEST_CASE("dpo_backward_rows from caller-owned row state equals dpo_backward bitwise", "[backward][outputs]") {
   fixture::batch_spec sp = small();
   sp.seed = 41;
-  const oracle::batch padded = rounded_batch<float>(sp);
+  const oracle::batch padded = fixture::rounded_random_batch<float>(sp);
   sp.varying_rows = true;
-  const oracle::batch packed = rounded_batch<float>(sp);
+  const oracle::batch packed = fixture::rounded_random_batch<float>(sp);
   for (const auto& nc : fixture::all_configs())
     for (layout k : {layout::padded, layout::packed})
       for (bool in_place : {false, true})
         check_backward_rows<float, std::int64_t>(nc, k == layout::packed ? packed : padded, k, in_place,
                                                  in_place ? 1.0 : -0.37);
   sp.varying_rows = false;
-  const oracle::batch bf = rounded_batch<Eigen::bfloat16>(sp);
+  const oracle::batch bf = fixture::rounded_random_batch<Eigen::bfloat16>(sp);
   for (const auto& nc : fixture::all_configs())
     check_backward_rows<Eigen::bfloat16, std::int32_t>(nc, bf, layout::padded, false, 2.0);
 }
 
 TEST_CASE("dpo_backward_rows: bad arguments write nothing", "[backward][outputs]") {
-  const oracle::batch b = rounded_batch<float>(small());
+  const oracle::batch b = fixture::rounded_random_batch<float>(small());
   fixture::buffers<float, std::int64_t> sep(b, layout::separate);
   fixture::buffers<float, std::int64_t> pad(b, layout::padded);
   std::vector<double> rows(pad.logits.size(), 0.0);

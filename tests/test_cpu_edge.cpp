@@ -395,6 +395,20 @@ TEST_CASE("tied maxima at large magnitudes: exact log-probs and gradients in eve
   for (double big : {1e4, 3e4, -3e4}) check_tied_maxima<Eigen::half>(big);
 }
 
+namespace {
+
+/// Sets the label logit of a sequence's first completion row to -inf, so its log-prob is
+/// -inf (a token the policy gives probability 0).
+void set_first_label_logit_neg_inf(oracle::sequence& s) {
+  std::int64_t row = -1;
+  for (std::int64_t t = 0; t < s.rows() && row < 0; ++t)
+    if (s.y[t] >= 0) row = t;
+  REQUIRE(row >= 0);
+  s.z[row][static_cast<std::size_t>(s.y[row])] = -INFINITY;
+}
+
+}  // namespace
+
 TEST_CASE("a -inf rejected label logit: the loss is the limit and the gradient finite",
           "[edge][issue16]") {
   // The rejected completion's label logit is -inf, so pi_r = -inf: sigmoid's loss is
@@ -402,12 +416,7 @@ TEST_CASE("a -inf rejected label logit: the loss is the limit and the gradient f
   // 0 * inf = NaN, and every other pair keeps its value.
   fixture::batch_spec sp = fixture::spec(3, 4, 9, 1616);
   oracle::batch b = fixture::rounded_random_batch<float>(sp);
-  oracle::sequence& s = b.rejected[1];
-  std::int64_t row = -1;
-  for (std::int64_t t = 0; t < s.rows() && row < 0; ++t)
-    if (s.y[t] >= 0) row = t;
-  REQUIRE(row >= 0);
-  s.z[row][static_cast<std::size_t>(s.y[row])] = -INFINITY;
+  set_first_label_logit_neg_inf(b.rejected[1]);
   std::vector<fixture::named_config> configs = {{"sigmoid", fixture::of(dpo::loss_type::sigmoid)},
                                                 config_named("mpo"), config_named("sigmoid+wpo"),
                                                 config_named("sigmoid_norm/forward_kl")};
@@ -454,12 +463,7 @@ TEST_CASE("an infinite row coefficient under a zero upstream gradient gives a ze
   // 0 * inf = NaN (found by the fuzzer's no-NaN-at-the-limits property).
   fixture::batch_spec sp = fixture::spec(2, 3, 7, 1717);
   oracle::batch b = fixture::rounded_random_batch<double>(sp);
-  oracle::sequence& s = b.rejected[0];
-  std::int64_t row = -1;
-  for (std::int64_t t = 0; t < s.rows() && row < 0; ++t)
-    if (s.y[t] >= 0) row = t;
-  REQUIRE(row >= 0);
-  s.z[row][static_cast<std::size_t>(s.y[row])] = -INFINITY;
+  set_first_label_logit_neg_inf(b.rejected[0]);
   const dpo::loss_config cfg = fixture::of(dpo::loss_type::ipo);
   fixture::buffers<double, std::int64_t> buf(b, layout::padded);
   fixture::reference ref = fixture::make_reference(cfg, b, 7);

@@ -17,13 +17,6 @@ using fixture::run_options;
 
 namespace {
 
-template <class T>
-oracle::batch rounded_batch(fixture::batch_spec sp) {
-  oracle::batch b = fixture::random_batch(sp);
-  fixture::round_batch<T>(b);
-  return b;
-}
-
 /// A few configurations that between them reach every stage: per-pair, batch (aot), NLL,
 /// WPO, LD-DPO, length-normalised, reference-free.
 std::vector<fixture::named_config> representative() {
@@ -42,10 +35,10 @@ void dtype_layout_matrix() {
   sp.rows = 5;
   sp.vocab = 13;
   sp.seed = 21;
-  const oracle::batch padded = rounded_batch<T>(sp);
+  const oracle::batch padded = fixture::rounded_random_batch<T>(sp);
   sp.varying_rows = true;
   sp.rows = 7;
-  const oracle::batch packed = rounded_batch<T>(sp);
+  const oracle::batch packed = fixture::rounded_random_batch<T>(sp);
   for (const auto& nc : representative()) {
     for (layout k : {layout::padded, layout::separate, layout::packed}) {
       run_options o;
@@ -63,7 +56,7 @@ void dtype_layout_matrix() {
 TEST_CASE("dpo_forward matches the oracle for every configuration (float, padded)", "[forward]") {
   fixture::batch_spec sp;
   sp.seed = 3;
-  const oracle::batch b = rounded_batch<float>(sp);
+  const oracle::batch b = fixture::rounded_random_batch<float>(sp);
   for (const auto& nc : fixture::all_configs()) fixture::check_forward<float, std::int64_t>(nc, b, {});
 }
 
@@ -72,7 +65,7 @@ TEST_CASE("dpo_forward matches the oracle for every configuration (double, packe
   sp.seed = 4;
   sp.varying_rows = true;
   sp.rows = 8;
-  const oracle::batch b = rounded_batch<double>(sp);
+  const oracle::batch b = fixture::rounded_random_batch<double>(sp);
   run_options o;
   o.kind = layout::packed;
   for (const auto& nc : fixture::all_configs()) fixture::check_forward<double, std::int32_t>(nc, b, o);
@@ -92,7 +85,7 @@ TEST_CASE("dpo_forward: dtypes x label types x layouts x strides x masks", "[for
 TEST_CASE("dpo_forward: custom ignore_index, packed offset, metrics off", "[forward]") {
   fixture::batch_spec sp;
   sp.seed = 5;
-  const oracle::batch b = rounded_batch<float>(sp);
+  const oracle::batch b = fixture::rounded_random_batch<float>(sp);
   const auto nc = fixture::all_configs()[0];
   run_options o;
   o.ignore_index = -1;
@@ -115,9 +108,9 @@ TEST_CASE("dpo_forward: custom ignore_index, packed offset, metrics off", "[forw
 TEST_CASE("dpo_forward with reference logits equals the oracle on the reference's log-probs", "[forward]") {
   fixture::batch_spec sp;
   sp.seed = 6;
-  const oracle::batch policy = rounded_batch<float>(sp);
+  const oracle::batch policy = fixture::rounded_random_batch<float>(sp);
   sp.seed = 60;
-  oracle::batch reference = rounded_batch<float>(sp);
+  oracle::batch reference = fixture::rounded_random_batch<float>(sp);
   // Same labels as the policy: the reference scores the same completions.
   for (int s = 0; s < 2; ++s)
     for (std::size_t i = 0; i < policy.chosen.size(); ++i)
@@ -144,9 +137,9 @@ TEST_CASE("sequence_logps: sums, counts and per-token log-probs", "[forward]") {
   sp.seed = 8;
   sp.varying_rows = true;
   sp.rows = 6;
-  const oracle::batch packed = rounded_batch<Eigen::bfloat16>(sp);
+  const oracle::batch packed = fixture::rounded_random_batch<Eigen::bfloat16>(sp);
   sp.varying_rows = false;
-  const oracle::batch padded = rounded_batch<Eigen::bfloat16>(sp);
+  const oracle::batch padded = fixture::rounded_random_batch<Eigen::bfloat16>(sp);
   for (layout k : {layout::padded, layout::packed}) {
     const oracle::batch& bb = k == layout::packed ? packed : padded;
     const fixture::forward_tol t = fixture::tolerances<float>(bb);
@@ -179,7 +172,7 @@ TEST_CASE("pair_logps: LD-DPO weighting of both sides", "[forward]") {
   fixture::batch_spec sp;
   sp.seed = 9;
   sp.rows = 8;
-  const oracle::batch b = rounded_batch<double>(sp);
+  const oracle::batch b = fixture::rounded_random_batch<double>(sp);
   for (double a : {1.0, 0.5, 0.0}) {
     fixture::buffers<double, std::int64_t> buf(b, layout::separate, 1);
     std::vector<double> c(buf.P), r(buf.P);
@@ -289,10 +282,10 @@ TEST_CASE("caller-owned dpo_forward equals the owned result bitwise (every layou
   sp.rows = 5;
   sp.vocab = 13;
   sp.seed = 33;
-  const oracle::batch padded = rounded_batch<float>(sp);
+  const oracle::batch padded = fixture::rounded_random_batch<float>(sp);
   sp.varying_rows = true;
   sp.rows = 7;
-  const oracle::batch packed = rounded_batch<float>(sp);
+  const oracle::batch packed = fixture::rounded_random_batch<float>(sp);
   for (const auto& nc : fixture::all_configs())
     for (layout k : {layout::padded, layout::separate, layout::packed})
       for (bool metrics : {true, false})
@@ -305,7 +298,7 @@ TEST_CASE("caller-owned dpo_forward equals the owned result bitwise (every layou
 TEST_CASE("caller-owned dpo_forward: null outputs are skipped, separate buffers refuse row state",
           "[forward][outputs]") {
   fixture::batch_spec sp;
-  const oracle::batch b = rounded_batch<float>(sp);
+  const oracle::batch b = fixture::rounded_random_batch<float>(sp);
   fixture::buffers<float, std::int64_t> sep(b, layout::separate);
   const dpo::loss_config cfg = fixture::of(dpo::loss_type::sigmoid);
   const fixture::reference ref = fixture::make_reference(cfg, b, 7);
