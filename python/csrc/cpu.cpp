@@ -134,39 +134,15 @@ at::Tensor sequence_logps_backward_cpu(const at::Tensor& grad, const at::Tensor&
 
 // ---- pair-level loss ---------------------------------------------------------------------
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_loss_cpu(
-    const at::Tensor& policy_chosen_logps, const at::Tensor& policy_rejected_logps,
-    const std::optional<at::Tensor>& reference_chosen_logps,
-    const std::optional<at::Tensor>& reference_rejected_logps,
-    const std::optional<at::Tensor>& chosen_lengths, const std::optional<at::Tensor>& rejected_lengths,
-    const std::optional<at::Tensor>& weights, DPO_CONFIG_PARAMS) {
-  const dpo::loss_config cfg =
-      pair_config(policy_chosen_logps, reference_chosen_logps, reference_rejected_logps, DPO_CONFIG_ARGS);
-  check_cpu(policy_chosen_logps, "policy_chosen_logps");
-  pair_inputs p = lower_pairs(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
-                              reference_rejected_logps, chosen_lengths, rejected_lengths, weights);
-  const auto run = [&](const dpo::pair_logps_in& in, const dpo::forward_outputs& o) {
+/// The CPU backend of the pair-level ops (pair_loss_op, pair_loss_backward_op).
+struct cpu_pairs {
+  explicit cpu_pairs(const at::Tensor& policy_chosen_logps) {
+    check_cpu(policy_chosen_logps, "policy_chosen_logps");
+  }
+  void dpo_loss(const dpo::pair_logps_in& in, const dpo::loss_config& cfg, const dpo::forward_outputs& o) const {
     rethrow_as_value_error([&] { dpo::cpu::dpo_loss(in, cfg, o); });
-  };
-  return pair_loss_op(p, policy_chosen_logps.scalar_type(), run);
-}
-
-std::tuple<at::Tensor, at::Tensor> pair_loss_backward_cpu(
-    const at::Tensor& grad_losses, const at::Tensor& policy_chosen_logps,
-    const at::Tensor& policy_rejected_logps, const std::optional<at::Tensor>& reference_chosen_logps,
-    const std::optional<at::Tensor>& reference_rejected_logps,
-    const std::optional<at::Tensor>& chosen_lengths, const std::optional<at::Tensor>& rejected_lengths,
-    const std::optional<at::Tensor>& weights, DPO_CONFIG_PARAMS) {
-  const dpo::loss_config cfg =
-      pair_config(policy_chosen_logps, reference_chosen_logps, reference_rejected_logps, DPO_CONFIG_ARGS);
-  check_cpu(policy_chosen_logps, "policy_chosen_logps");
-  pair_inputs p = lower_pairs(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
-                              reference_rejected_logps, chosen_lengths, rejected_lengths, weights);
-  const auto run = [&](const dpo::pair_logps_in& in, const dpo::forward_outputs& o) {
-    rethrow_as_value_error([&] { dpo::cpu::dpo_loss(in, cfg, o); });
-  };
-  return pair_loss_backward_op(grad_losses, p, policy_chosen_logps, policy_rejected_logps, run);
-}
+  }
+};
 
 // ---- fused forward / backward --------------------------------------------------------------
 
@@ -259,8 +235,8 @@ void dpo_backward_inplace_cpu(const at::Tensor& grad_loss, const at::Tensor& log
 TORCH_LIBRARY_IMPL(dpo_kernels, CPU, m) {
   m.impl("sequence_logps", &sequence_logps_cpu);
   m.impl("sequence_logps_backward", &sequence_logps_backward_cpu);
-  m.impl("pair_loss", &pair_loss_cpu);
-  m.impl("pair_loss_backward", &pair_loss_backward_cpu);
+  m.impl("pair_loss", &pair_loss_op<cpu_pairs>);
+  m.impl("pair_loss_backward", &pair_loss_backward_op<cpu_pairs>);
   m.impl("dpo_forward", &dpo_forward_cpu);
   m.impl("dpo_backward", &dpo_backward_cpu);
   m.impl("dpo_backward_", &dpo_backward_inplace_cpu);

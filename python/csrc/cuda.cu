@@ -161,47 +161,22 @@ at::Tensor sequence_logps_backward_cuda(const at::Tensor& grad, const at::Tensor
 
 // ---- pair-level loss ---------------------------------------------------------------------
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_loss_cuda(
-    const at::Tensor& policy_chosen_logps, const at::Tensor& policy_rejected_logps,
-    const std::optional<at::Tensor>& reference_chosen_logps,
-    const std::optional<at::Tensor>& reference_rejected_logps,
-    const std::optional<at::Tensor>& chosen_lengths, const std::optional<at::Tensor>& rejected_lengths,
-    const std::optional<at::Tensor>& weights, DPO_CONFIG_PARAMS) {
-  const dpo::loss_config cfg =
-      pair_config(policy_chosen_logps, reference_chosen_logps, reference_rejected_logps, DPO_CONFIG_ARGS);
-  const c10::cuda::CUDAGuard guard(policy_chosen_logps.device());
-  check_cuda(policy_chosen_logps, "policy_chosen_logps");
-  pair_inputs p = lower_pairs(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
-                              reference_rejected_logps, chosen_lengths, rejected_lengths, weights);
-  const auto run = [&](const dpo::pair_logps_in& in, const dpo::forward_outputs& o) {
+/// The CUDA backend of the pair-level ops (pair_loss_op, pair_loss_backward_op): the device
+/// guard lives as long as the op.
+struct cuda_pairs {
+  at::Device device;
+  c10::cuda::CUDAGuard guard;
+  explicit cuda_pairs(const at::Tensor& policy_chosen_logps)
+      : device(policy_chosen_logps.device()), guard(device) {
+    check_cuda(policy_chosen_logps, "policy_chosen_logps");
+  }
+  void dpo_loss(const dpo::pair_logps_in& in, const dpo::loss_config& cfg, const dpo::forward_outputs& o) const {
     const auto stream = at::cuda::getCurrentCUDAStream();
-    run_with_workspace(policy_chosen_logps.device(), [&](void* ws, std::size_t& bytes) {
+    run_with_workspace(device, [&](void* ws, std::size_t& bytes) {
       return dpo::cuda::dpo_loss(ws, bytes, in, cfg, o, stream);
     });
-  };
-  return pair_loss_op(p, policy_chosen_logps.scalar_type(), run);
-}
-
-std::tuple<at::Tensor, at::Tensor> pair_loss_backward_cuda(
-    const at::Tensor& grad_losses, const at::Tensor& policy_chosen_logps,
-    const at::Tensor& policy_rejected_logps, const std::optional<at::Tensor>& reference_chosen_logps,
-    const std::optional<at::Tensor>& reference_rejected_logps,
-    const std::optional<at::Tensor>& chosen_lengths, const std::optional<at::Tensor>& rejected_lengths,
-    const std::optional<at::Tensor>& weights, DPO_CONFIG_PARAMS) {
-  const dpo::loss_config cfg =
-      pair_config(policy_chosen_logps, reference_chosen_logps, reference_rejected_logps, DPO_CONFIG_ARGS);
-  const c10::cuda::CUDAGuard guard(policy_chosen_logps.device());
-  check_cuda(policy_chosen_logps, "policy_chosen_logps");
-  pair_inputs p = lower_pairs(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
-                              reference_rejected_logps, chosen_lengths, rejected_lengths, weights);
-  const auto run = [&](const dpo::pair_logps_in& in, const dpo::forward_outputs& o) {
-    const auto stream = at::cuda::getCurrentCUDAStream();
-    run_with_workspace(policy_chosen_logps.device(), [&](void* ws, std::size_t& bytes) {
-      return dpo::cuda::dpo_loss(ws, bytes, in, cfg, o, stream);
-    });
-  };
-  return pair_loss_backward_op(grad_losses, p, policy_chosen_logps, policy_rejected_logps, run);
-}
+  }
+};
 
 // ---- fused forward / backward --------------------------------------------------------------
 
@@ -300,8 +275,8 @@ void dpo_backward_inplace_cuda(const at::Tensor& grad_loss, const at::Tensor& lo
 TORCH_LIBRARY_IMPL(dpo_kernels, CUDA, m) {
   m.impl("sequence_logps", &sequence_logps_cuda);
   m.impl("sequence_logps_backward", &sequence_logps_backward_cuda);
-  m.impl("pair_loss", &pair_loss_cuda);
-  m.impl("pair_loss_backward", &pair_loss_backward_cuda);
+  m.impl("pair_loss", &pair_loss_op<cuda_pairs>);
+  m.impl("pair_loss_backward", &pair_loss_backward_op<cuda_pairs>);
   m.impl("dpo_forward", &dpo_forward_cuda);
   m.impl("dpo_backward", &dpo_backward_cuda);
   m.impl("dpo_backward_", &dpo_backward_inplace_cuda);

@@ -59,54 +59,81 @@ struct forward_tensors {
   }
 };
 
-/// The checked configuration of a pair-level op (pair_loss, pair_loss_backward): the
-/// alpha-divergence clamp follows the log-probs' dtype, and a missing reference log-prob
-/// is named as the Python argument.
-inline dpo::loss_config pair_config(const at::Tensor& policy_chosen_logps,
-                                    const std::optional<at::Tensor>& reference_chosen_logps,
-                                    const std::optional<at::Tensor>& reference_rejected_logps,
-                                    DPO_CONFIG_PARAMS) {
-  const dpo::loss_config cfg = make_config(DPO_CONFIG_ARGS, clamp_for(policy_chosen_logps.scalar_type()));
-  check_references(cfg, reference_chosen_logps.has_value(), reference_rejected_logps.has_value());
-  return cfg;
-}
+/// The pair-level ops' tensor parameters (pair_loss, and pair_loss_backward after its
+/// grad_losses), in schema order, and the same names as arguments.
+#define DPO_PAIR_LOGPS_PARAMS                                                                     \
+  const at::Tensor& policy_chosen_logps, const at::Tensor& policy_rejected_logps,                \
+      const std::optional<at::Tensor>& reference_chosen_logps,                                    \
+      const std::optional<at::Tensor>& reference_rejected_logps,                                  \
+      const std::optional<at::Tensor>& chosen_lengths,                                            \
+      const std::optional<at::Tensor>& rejected_lengths, const std::optional<at::Tensor>& weights
+#define DPO_PAIR_LOGPS_ARGS                                                                       \
+  policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, \
+      chosen_lengths, rejected_lengths, weights
 
-/// pair_loss on either backend, after its device check: `run(in, out)` calls the backend's
-/// dpo_loss with caller-owned outputs on the inputs' device. Returns (losses, chosen_rewards,
-/// rejected_rewards) in the result dtype; losses_i = sum_k w_k loss_k,i W_i, whose mean is the
-/// batch loss.
-template <class Run>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_loss_op(pair_inputs& p, at::ScalarType dtype, Run&& run) {
-  const std::int64_t P = p.in.num_pairs;
-  at::Tensor losses = at::empty({P}, p.pc.options());
-  at::Tensor chosen = at::empty({P}, p.pc.options());
-  at::Tensor rejected = at::empty({P}, p.pc.options());
+/// The pair-level ops' prologue on either backend: the checked configuration (the
+/// alpha-divergence clamp follows the log-probs' dtype; a missing reference log-prob is named
+/// as the Python argument), then the backend's device check (Backend's constructor, which for
+/// CUDA also holds the device guard), then the inputs lowered to dpo::pair_logps_in.
+template <class Backend>
+struct pair_call {
+  dpo::loss_config cfg;
+  Backend backend;
+  pair_inputs p;
+
+  pair_call(DPO_PAIR_LOGPS_PARAMS, DPO_CONFIG_PARAMS)
+      : cfg(config(policy_chosen_logps, reference_chosen_logps, reference_rejected_logps, DPO_CONFIG_ARGS)),
+        backend(policy_chosen_logps),
+        p(lower_pairs(DPO_PAIR_LOGPS_ARGS)) {}
+
+  static dpo::loss_config config(const at::Tensor& policy_chosen_logps,
+                                 const std::optional<at::Tensor>& reference_chosen_logps,
+                                 const std::optional<at::Tensor>& reference_rejected_logps, DPO_CONFIG_PARAMS) {
+    const dpo::loss_config c = make_config(DPO_CONFIG_ARGS, clamp_for(policy_chosen_logps.scalar_type()));
+    check_references(c, reference_chosen_logps.has_value(), reference_rejected_logps.has_value());
+    return c;
+  }
+
+  /// The backend's dpo_loss into caller-owned outputs on the inputs' device.
+  void run(const dpo::forward_outputs& o) const { backend.dpo_loss(p.in, cfg, o); }
+};
+
+/// The pair_loss op of a backend (Backend: constructed from policy_chosen_logps, it checks
+/// the device; its dpo_loss(in, cfg, out) calls the library). Returns (losses,
+/// chosen_rewards, rejected_rewards) in the result dtype; losses_i = sum_k w_k loss_k,i W_i,
+/// whose mean is the batch loss.
+template <class Backend>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_loss_op(DPO_PAIR_LOGPS_PARAMS, DPO_CONFIG_PARAMS) {
+  const pair_call<Backend> call(DPO_PAIR_LOGPS_ARGS, DPO_CONFIG_ARGS);
+  const std::int64_t P = call.p.in.num_pairs;
+  const auto opts = call.p.pc.options();
+  at::Tensor losses = at::empty({P}, opts), chosen = at::empty({P}, opts), rejected = at::empty({P}, opts);
   dpo::forward_outputs o;
   o.losses = losses.data_ptr<double>();
   o.chosen_rewards = chosen.data_ptr<double>();
   o.rejected_rewards = rejected.data_ptr<double>();
-  run(p.in, o);
-  const auto out = result_dtype(dtype);
+  call.run(o);
+  const auto out = result_dtype(policy_chosen_logps.scalar_type());
   return {losses.to(out), chosen.to(out), rejected.to(out)};
 }
 
-/// pair_loss_backward on either backend (as pair_loss_op): the vector-Jacobian product for
+/// The pair_loss_backward op of a backend (as pair_loss_op): the vector-Jacobian product for
 /// upstream gradients u is P * dL/dpi of the batch loss with weights W_i * u_i
 /// (weigh_by_upstream), the NLL share added on the chosen side. In the inputs' dtypes.
-template <class Run>
-std::tuple<at::Tensor, at::Tensor> pair_loss_backward_op(const at::Tensor& grad_losses, pair_inputs& p,
-                                                         const at::Tensor& policy_chosen_logps,
-                                                         const at::Tensor& policy_rejected_logps, Run&& run) {
-  const std::int64_t P = p.in.num_pairs;
+template <class Backend>
+std::tuple<at::Tensor, at::Tensor> pair_loss_backward_op(const at::Tensor& grad_losses, DPO_PAIR_LOGPS_PARAMS,
+                                                         DPO_CONFIG_PARAMS) {
+  pair_call<Backend> call(DPO_PAIR_LOGPS_ARGS, DPO_CONFIG_ARGS);
+  const std::int64_t P = call.p.in.num_pairs;
   TORCH_CHECK_VALUE(grad_losses.device() == policy_chosen_logps.device(), "grad_losses is on ",
                     grad_losses.device(), " but policy_chosen_logps is on ", policy_chosen_logps.device());
-  const at::Tensor wu = weigh_by_upstream(grad_losses, p);
-  at::Tensor g = at::empty({2 * P + 1}, p.pc.options());
+  const at::Tensor wu = weigh_by_upstream(grad_losses, call.p);
+  at::Tensor g = at::empty({2 * P + 1}, call.p.pc.options());
   dpo::forward_outputs o;
   o.grad_chosen = g.data_ptr<double>();
   o.grad_rejected = o.grad_chosen + P;
   o.nll_token_grad = o.grad_chosen + 2 * P;
-  run(p.in, o);
+  call.run(o);
   const double scale = static_cast<double>(P);
   const at::Tensor gc = (g.narrow(0, 0, P) + g.narrow(0, 2 * P, 1)) * scale;
   const at::Tensor gr = g.narrow(0, P, P) * scale;
