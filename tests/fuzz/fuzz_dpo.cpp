@@ -434,8 +434,8 @@ void check_rows_exact(const fuzz_case<T, L>& fc, const dpo::pair_view<T, L>& pv,
           const double w = static_cast<double>(want);
           FUZZ_CHECK(std::fabs(got - w) <= rel + 4 * std::numeric_limits<double>::epsilon() * std::fabs(w));
         }
-        const double coef = static_cast<double>(
-            static_cast<A>(sr.coef[static_cast<std::size_t>(row - sr.row0)] * fc.grad_output));
+        const double coef = static_cast<double>(static_cast<A>(
+            dpo::detail::times(sr.coef[static_cast<std::size_t>(row - sr.row0)], fc.grad_output)));
         if (!std::isfinite(coef) || std::fabs(coef) > 1e30) continue;
         const T* gr = g[b].data() + row * fc.gstride;
         long double sum = 0;
@@ -749,8 +749,9 @@ void run(reader& in, std::uint8_t flags) {
           for (std::int64_t c = 0; c < fc.V; ++c) FUZZ_CHECK(g[c] == T(0));
           continue;
         }
-        const double coef = static_cast<double>(
-            static_cast<dpo::cpu::acc_t<T>>(sr.coef[row - sr.row0] * fc.grad_output));
+        // As the backward scales it: 0 * inf = 0 (a zero grad_output zeroes the row).
+        const double coef = static_cast<double>(static_cast<dpo::cpu::acc_t<T>>(
+            dpo::detail::times(sr.coef[row - sr.row0], fc.grad_output)));
         bool g_finite = true;
         long double sum = 0;
         for (std::int64_t c = 0; c < fc.V; ++c) {
