@@ -32,8 +32,9 @@ namespace cpu {
 
 /// Run-time options of the CPU entry points.
 struct options {
-  /// Worker threads over rows; 0 uses every hardware thread. Results are bitwise identical
-  /// for every value.
+  /// Worker threads over rows, from the library's persistent pool; 0 uses every hardware
+  /// thread, and more than the hardware's are capped at it unless the environment variable
+  /// DPO_THREAD_LIMIT allows more (docs/api.md). Results are bitwise identical for every value.
   int num_threads = 0;
   /// Compute the logged metrics (entropy, logits mean, token accuracy) in the forward pass.
   /// They cost extra arithmetic per logit but no extra memory traffic.
