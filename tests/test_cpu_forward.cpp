@@ -195,6 +195,13 @@ void check_same(const double* got, const Eigen::VectorXd& want, const char* what
   for (Eigen::Index i = 0; i < want.size(); ++i) CHECK(same_bits(got[i], want[i]));
 }
 
+/// Every per-pair output written to `out` against the owned result's, bitwise.
+void check_same_pair_outputs(const dpo::forward_outputs& out, const dpo::cpu::forward_result& want) {
+#define DPO_TEST_CHECK_SAME(name) check_same(out.name, want.name, #name);
+  DPO_PAIR_OUTPUTS(DPO_TEST_CHECK_SAME)
+#undef DPO_TEST_CHECK_SAME
+}
+
 /// The caller-owned dpo_forward against the owned-result one: bitwise the same values, and
 /// the row state at the buffer's rows (entries outside every sequence untouched).
 template <class T, class L>
@@ -213,7 +220,7 @@ void check_caller_owned(const fixture::named_config& nc, const oracle::batch& b,
                                             : dpo::cpu::dpo_forward(buf.view(), ref.pc(), ref.pr(), nc.cfg, opt);
   const std::int64_t P = buf.P;
   const double canary = -777.0;
-  std::vector<double> pv(10 * P, canary), scalars(2, canary);
+  std::vector<double> pv(dpo::num_pair_outputs * P, canary), scalars(2, canary);
   dpo::metrics m;
   m.entropy = canary;
   const std::int64_t rows = static_cast<std::int64_t>(buf.logits.size()) / buf.stride;
@@ -222,16 +229,7 @@ void check_caller_owned(const fixture::named_config& nc, const oracle::batch& b,
   out.loss = &scalars[0];
   out.nll_token_grad = &scalars[1];
   out.metrics = &m;
-  out.losses = pv.data();
-  out.chosen_rewards = pv.data() + P;
-  out.rejected_rewards = pv.data() + 2 * P;
-  out.chosen_logps = pv.data() + 3 * P;
-  out.rejected_logps = pv.data() + 4 * P;
-  out.chosen_tokens = pv.data() + 5 * P;
-  out.rejected_tokens = pv.data() + 6 * P;
-  out.weights = pv.data() + 7 * P;
-  out.grad_chosen = pv.data() + 8 * P;
-  out.grad_rejected = pv.data() + 9 * P;
+  out.set_pair_outputs(pv.data(), P);
   const bool one_buffer = k != layout::separate;
   if (one_buffer) {
     out.row_lse = lse.data();
@@ -245,16 +243,7 @@ void check_caller_owned(const fixture::named_config& nc, const oracle::batch& b,
   CHECK(same_bits(scalars[0], want.loss));
   CHECK(same_bits(scalars[1], want.nll_token_grad));
   CHECK(std::memcmp(&m, &want.metrics, sizeof m) == 0);
-  check_same(out.losses, want.losses, "losses");
-  check_same(out.chosen_rewards, want.chosen_rewards, "chosen_rewards");
-  check_same(out.rejected_rewards, want.rejected_rewards, "rejected_rewards");
-  check_same(out.chosen_logps, want.chosen_logps, "chosen_logps");
-  check_same(out.rejected_logps, want.rejected_logps, "rejected_logps");
-  check_same(out.chosen_tokens, want.chosen_tokens, "chosen_tokens");
-  check_same(out.rejected_tokens, want.rejected_tokens, "rejected_tokens");
-  check_same(out.weights, want.weights, "weights");
-  check_same(out.grad_chosen, want.grad_chosen, "grad_chosen");
-  check_same(out.grad_rejected, want.grad_rejected, "grad_rejected");
+  check_same_pair_outputs(out, want);
   if (!one_buffer) return;
   const auto view = buf.view();
   std::vector<bool> inside(static_cast<std::size_t>(rows), false);
@@ -337,28 +326,18 @@ TEST_CASE("caller-owned dpo_loss equals the owned result bitwise", "[forward][ou
     in.rejected_tokens = nr.data();
     in.weights = nc.cfg.use_weighting ? w.data() : nullptr;
     const dpo::cpu::forward_result want = dpo::cpu::dpo_loss(in, nc.cfg);
-    std::vector<double> pv(10 * P, -1.0);
+    std::vector<double> pv(dpo::num_pair_outputs * P, -1.0);
     double loss = 0, nllg = 0;
     dpo::metrics m;
     dpo::forward_outputs out;
     out.loss = &loss;
     out.nll_token_grad = &nllg;
     out.metrics = &m;
-    out.losses = pv.data();
-    out.chosen_rewards = pv.data() + P;
-    out.rejected_rewards = pv.data() + 2 * P;
-    out.weights = pv.data() + 3 * P;
-    out.grad_chosen = pv.data() + 4 * P;
-    out.grad_rejected = pv.data() + 5 * P;
+    out.set_pair_outputs(pv.data(), P);
     dpo::cpu::dpo_loss(in, nc.cfg, out);
     CHECK(same_bits(loss, want.loss));
     CHECK(same_bits(nllg, want.nll_token_grad));
     CHECK(std::memcmp(&m, &want.metrics, sizeof m) == 0);
-    check_same(out.losses, want.losses, "losses");
-    check_same(out.chosen_rewards, want.chosen_rewards, "chosen_rewards");
-    check_same(out.rejected_rewards, want.rejected_rewards, "rejected_rewards");
-    check_same(out.weights, want.weights, "weights");
-    check_same(out.grad_chosen, want.grad_chosen, "grad_chosen");
-    check_same(out.grad_rejected, want.grad_rejected, "grad_rejected");
+    check_same_pair_outputs(out, want);
   }
 }

@@ -4,9 +4,28 @@
 // (host pointers for dpo::cpu, device pointers for dpo::cuda).
 #pragma once
 
+#include <cstdint>
+
 #include "dpo/core/metrics.hpp"
 
 namespace dpo {
+
+/// The per-pair outputs of dpo_forward and dpo_loss, by field name, in the order of
+/// forward_outputs (and of the CPU's owned forward_result): X(name) once each. Code that
+/// handles every per-pair output (binds it, sizes it, compares it) expands this list
+/// instead of naming the ten fields again.
+#define DPO_PAIR_OUTPUTS(X)                                                                       \
+  X(losses) X(chosen_rewards) X(rejected_rewards) X(chosen_logps) X(rejected_logps)            \
+  X(chosen_tokens) X(rejected_tokens) X(weights) X(grad_chosen) X(grad_rejected)
+
+namespace detail {
+#define DPO_DETAIL_COUNT(name) +1
+inline constexpr int num_pair_outputs = 0 DPO_PAIR_OUTPUTS(DPO_DETAIL_COUNT);
+#undef DPO_DETAIL_COUNT
+}  // namespace detail
+
+/// How many per-pair outputs DPO_PAIR_OUTPUTS lists.
+inline constexpr int num_pair_outputs = detail::num_pair_outputs;
 
 /// Where dpo_forward and dpo_loss write their results; each pointer may be null (not
 /// written). Per-pair arrays have P entries.
@@ -30,6 +49,15 @@ struct forward_outputs {
   /// live in one logits buffer (padded or packed pairs).
   double* row_lse = nullptr;
   double* row_coef = nullptr;
+
+  /// Points every per-pair output at its own [P] slice of `base`, which holds
+  /// num_pair_outputs * P doubles, in DPO_PAIR_OUTPUTS order (losses first).
+  void set_pair_outputs(double* base, std::int64_t P) {
+    std::int64_t k = 0;
+#define DPO_DETAIL_SET(name) name = base + (k++) * P;
+    DPO_PAIR_OUTPUTS(DPO_DETAIL_SET)
+#undef DPO_DETAIL_SET
+  }
 };
 
 }  // namespace dpo

@@ -557,24 +557,15 @@ namespace detail {
 
 /// The owned result's per-pair vectors, sized for P pairs, as caller-owned outputs.
 inline forward_outputs owned_outputs(forward_result& r, std::int64_t P) {
-  for (Eigen::VectorXd* v : {&r.losses, &r.chosen_rewards, &r.rejected_rewards, &r.chosen_logps,
-                             &r.rejected_logps, &r.chosen_tokens, &r.rejected_tokens, &r.weights,
-                             &r.grad_chosen, &r.grad_rejected})
-    v->resize(P);
   forward_outputs o;
   o.loss = &r.loss;
   o.metrics = &r.metrics;
-  o.losses = r.losses.data();
-  o.chosen_rewards = r.chosen_rewards.data();
-  o.rejected_rewards = r.rejected_rewards.data();
-  o.chosen_logps = r.chosen_logps.data();
-  o.rejected_logps = r.rejected_logps.data();
-  o.chosen_tokens = r.chosen_tokens.data();
-  o.rejected_tokens = r.rejected_tokens.data();
-  o.weights = r.weights.data();
-  o.grad_chosen = r.grad_chosen.data();
-  o.grad_rejected = r.grad_rejected.data();
   o.nll_token_grad = &r.nll_token_grad;
+#define DPO_DETAIL_BIND(name) \
+  r.name.resize(P);           \
+  o.name = r.name.data();
+  DPO_PAIR_OUTPUTS(DPO_DETAIL_BIND)
+#undef DPO_DETAIL_BIND
   return o;
 }
 
