@@ -115,6 +115,23 @@ inline std::vector<ld> to_ld(const std::vector<double>& x) { return std::vector<
 
 enum class layout { padded, separate, packed };
 
+/// The two batches of a layout sweep, from one spec: `padded` (equal lengths) and then
+/// `packed` (varying lengths, with packed_rows rows when that is > 0).
+struct batch_pair {
+  oracle::batch padded, packed;
+  const oracle::batch& of(layout k) const { return k == layout::packed ? packed : padded; }
+};
+
+template <class T>
+batch_pair rounded_batch_pair(batch_spec sp, std::int64_t packed_rows = 0) {
+  batch_pair p;
+  p.padded = rounded_random_batch<T>(sp);
+  sp.varying_rows = true;
+  if (packed_rows > 0) sp.rows = packed_rows;
+  p.packed = rounded_random_batch<T>(sp);
+  return p;
+}
+
 inline const char* name_of(layout l) {
   return l == layout::padded ? "padded" : l == layout::separate ? "separate" : "packed";
 }

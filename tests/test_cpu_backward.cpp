@@ -29,9 +29,7 @@ template <class T, class L>
 void dtype_layout_matrix() {
   fixture::batch_spec sp = small();
   sp.seed = 31;
-  const oracle::batch padded = fixture::rounded_random_batch<T>(sp);
-  sp.varying_rows = true;
-  const oracle::batch packed = fixture::rounded_random_batch<T>(sp);
+  const fixture::batch_pair batches = fixture::rounded_batch_pair<T>(sp);
   for (const auto& nc : fixture::all_configs()) {
     if (nc.name != "sigmoid" && nc.name != "mpo+wpo" && nc.name != "ipo+ld_alpha0+wpo" && nc.name != "aot_unpaired" &&
         nc.name != "orpo" && nc.name != "cpo/ipo" && nc.name != "discopop/alpha0.5")
@@ -42,7 +40,7 @@ void dtype_layout_matrix() {
       o.stride_extra = k == layout::separate ? 0 : 3;
       o.explicit_mask = k == layout::packed;
       for (bool in_place : {false, true})
-        fixture::check_backward<T, L>(nc, k == layout::packed ? packed : padded, o, in_place);
+        fixture::check_backward<T, L>(nc, batches.of(k), o, in_place);
     }
   }
 }
@@ -205,13 +203,11 @@ void check_backward_rows(const fixture::named_config& nc, const oracle::batch& b
 TEST_CASE("dpo_backward_rows from caller-owned row state equals dpo_backward bitwise", "[backward][outputs]") {
   fixture::batch_spec sp = small();
   sp.seed = 41;
-  const oracle::batch padded = fixture::rounded_random_batch<float>(sp);
-  sp.varying_rows = true;
-  const oracle::batch packed = fixture::rounded_random_batch<float>(sp);
+  const fixture::batch_pair batches = fixture::rounded_batch_pair<float>(sp);
   for (const auto& nc : fixture::all_configs())
     for (layout k : {layout::padded, layout::packed})
       for (bool in_place : {false, true})
-        check_backward_rows<float, std::int64_t>(nc, k == layout::packed ? packed : padded, k, in_place,
+        check_backward_rows<float, std::int64_t>(nc, batches.of(k), k, in_place,
                                                  in_place ? 1.0 : -0.37);
   sp.varying_rows = false;
   const oracle::batch bf = fixture::rounded_random_batch<Eigen::bfloat16>(sp);

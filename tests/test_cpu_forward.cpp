@@ -35,18 +35,15 @@ void dtype_layout_matrix() {
   sp.rows = 5;
   sp.vocab = 13;
   sp.seed = 21;
-  const oracle::batch padded = fixture::rounded_random_batch<T>(sp);
-  sp.varying_rows = true;
-  sp.rows = 7;
-  const oracle::batch packed = fixture::rounded_random_batch<T>(sp);
+  const fixture::batch_pair batches = fixture::rounded_batch_pair<T>(sp, 7);
   for (const auto& nc : representative()) {
     for (layout k : {layout::padded, layout::separate, layout::packed}) {
       run_options o;
       o.kind = k;
-      fixture::check_forward<T, L>(nc, k == layout::packed ? packed : padded, o);
+      fixture::check_forward<T, L>(nc, batches.of(k), o);
       o.stride_extra = 5;
       o.explicit_mask = true;
-      fixture::check_forward<T, L>(nc, k == layout::packed ? packed : padded, o);
+      fixture::check_forward<T, L>(nc, batches.of(k), o);
     }
   }
 }
@@ -271,17 +268,14 @@ TEST_CASE("caller-owned dpo_forward equals the owned result bitwise (every layou
   sp.rows = 5;
   sp.vocab = 13;
   sp.seed = 33;
-  const oracle::batch padded = fixture::rounded_random_batch<float>(sp);
-  sp.varying_rows = true;
-  sp.rows = 7;
-  const oracle::batch packed = fixture::rounded_random_batch<float>(sp);
+  const fixture::batch_pair batches = fixture::rounded_batch_pair<float>(sp, 7);
   for (const auto& nc : fixture::all_configs())
     for (layout k : {layout::padded, layout::separate, layout::packed})
       for (bool metrics : {true, false})
-        check_caller_owned<float, std::int64_t>(nc, k == layout::packed ? packed : padded, k, metrics, false);
+        check_caller_owned<float, std::int64_t>(nc, batches.of(k), k, metrics, false);
   for (const auto& nc : representative())
     for (layout k : {layout::padded, layout::packed})
-      check_caller_owned<float, std::int32_t>(nc, k == layout::packed ? packed : padded, k, true, true);
+      check_caller_owned<float, std::int32_t>(nc, batches.of(k), k, true, true);
 }
 
 TEST_CASE("caller-owned dpo_forward: null outputs are skipped, separate buffers refuse row state",

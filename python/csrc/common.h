@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "dpo/core/layout.hpp"
@@ -243,6 +244,41 @@ dpo::pair_view<T, L> pair_view_of(const row_layout& l, std::int64_t ignore_index
                                              nullptr, ignore_index);
   p.chosen.seq_stride = p.rejected.seq_stride = l.seq_len;
   return p;
+}
+
+/// A layout's views for one element type T (the backend's type of the logits' dtype) and
+/// label type L; what dispatch_views hands to its callback.
+template <class T, class L>
+struct layout_views {
+  using value_type = T;
+  const row_layout& layout;
+  std::int64_t ignore_index;
+  dpo::token_view<T, L> tokens() const { return token_view_of<T, L>(layout, ignore_index); }
+  dpo::pair_view<T, L> pairs() const { return pair_view_of<T, L>(layout, ignore_index); }
+  /// Another layout of the same dtypes (the reference logits), as pairs.
+  dpo::pair_view<T, L> pairs(const row_layout& other) const { return pair_view_of<T, L>(other, ignore_index); }
+  /// A buffer of the logits' dtype (a gradient) as the backend's element type.
+  static T* elements(void* p) { return reinterpret_cast<T*>(p); }
+};
+
+/// Calls fn(layout_views<T, L>) for the dtype of the layout's logits and of its labels. T is
+/// float, double, Types::bf16 or Types::f16: each backend names its own 16-bit types
+/// (Eigen's on the CPU, CUDA's on the device).
+template <class Types, class Fn>
+void dispatch_views(const row_layout& l, std::int64_t ignore_index, Fn&& fn) {
+  const auto with = [&](auto* tp) {
+    using T = std::remove_pointer_t<decltype(tp)>;
+    dispatch_label(l.labels.scalar_type(), [&](auto* lp) {
+      fn(layout_views<T, std::remove_pointer_t<decltype(lp)>>{l, ignore_index});
+    });
+  };
+  switch (l.logits.scalar_type()) {
+    case at::kFloat: return with(static_cast<float*>(nullptr));
+    case at::kDouble: return with(static_cast<double*>(nullptr));
+    case at::kBFloat16: return with(static_cast<typename Types::bf16*>(nullptr));
+    case at::kHalf: return with(static_cast<typename Types::f16*>(nullptr));
+    default: TORCH_CHECK_TYPE(false, "unsupported logits dtype ", l.logits.scalar_type());
+  }
 }
 
 /// Per-row values indexed by the view's rows (view_rows() entries, as the library's row_lse /

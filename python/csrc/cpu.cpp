@@ -17,17 +17,11 @@
 namespace dpo_kernels {
 namespace {
 
-/// Calls fn with a null pointer of the dpo element type of a floating tensor.
-template <class Fn>
-void dispatch_float(at::ScalarType t, Fn&& fn) {
-  switch (t) {
-    case at::kFloat: return fn(static_cast<float*>(nullptr));
-    case at::kDouble: return fn(static_cast<double*>(nullptr));
-    case at::kBFloat16: return fn(static_cast<Eigen::bfloat16*>(nullptr));
-    case at::kHalf: return fn(static_cast<Eigen::half*>(nullptr));
-    default: TORCH_CHECK_TYPE(false, "unsupported logits dtype ", t);
-  }
-}
+/// The dpo::cpu element types of bfloat16 and float16 tensors (dispatch_views).
+struct cpu_types {
+  using bf16 = Eigen::bfloat16;
+  using f16 = Eigen::half;
+};
 
 dpo::cpu::options cpu_options(bool metrics = true) {
   dpo::cpu::options o;
@@ -88,15 +82,10 @@ std::tuple<at::Tensor, at::Tensor> sequence_logps_cpu(const at::Tensor& logits,
   at::Tensor counts = at::empty({l.num_seqs}, at::kLong);
   // The library's row log-sum-exp by view row (what the backward reads), 0 off completion rows.
   at::Tensor lse = at::zeros({l.view_rows()}, at::kDouble);
-  dispatch_float(logits.scalar_type(), [&](auto* tp) {
-    using T = std::remove_pointer_t<decltype(tp)>;
-    dispatch_label(l.labels.scalar_type(), [&](auto* lp) {
-      using L = std::remove_pointer_t<decltype(lp)>;
-      rethrow_as_value_error([&] {
-        dpo::cpu::sequence_logps(token_view_of<T, L>(l, ignore_index), sums.data_ptr<double>(),
-                                 counts.data_ptr<std::int64_t>(), nullptr, lse.data_ptr<double>(),
-                                 cpu_options(false));
-      });
+  dispatch_views<cpu_types>(l, ignore_index, [&](auto v) {
+    rethrow_as_value_error([&] {
+      dpo::cpu::sequence_logps(v.tokens(), sums.data_ptr<double>(), counts.data_ptr<std::int64_t>(), nullptr,
+                               lse.data_ptr<double>(), cpu_options(false));
     });
   });
   const at::Tensor logps = average ? sums / counts.clamp_min(1).to(at::kDouble) : sums;
@@ -117,15 +106,10 @@ at::Tensor sequence_logps_backward_cpu(const at::Tensor& grad, const at::Tensor&
   if (l.num_seqs == 0) return at::zeros(logits.sizes(), logits.options());
   const at::Tensor g = sequence_grad(grad, l, ignore_index, average);
   at::Tensor out = at::empty({l.view_rows(), l.vocab}, logits.options().memory_format(at::MemoryFormat::Contiguous));
-  dispatch_float(logits.scalar_type(), [&](auto* tp) {
-    using T = std::remove_pointer_t<decltype(tp)>;
-    dispatch_label(l.labels.scalar_type(), [&](auto* lp) {
-      using L = std::remove_pointer_t<decltype(lp)>;
-      rethrow_as_value_error([&] {
-        dpo::cpu::sequence_logps_backward(token_view_of<T, L>(l, ignore_index), lse.data_ptr<double>(),
-                                          g.data_ptr<double>(), reinterpret_cast<T*>(out.data_ptr()), l.vocab,
-                                          cpu_options());
-      });
+  dispatch_views<cpu_types>(l, ignore_index, [&](auto v) {
+    rethrow_as_value_error([&] {
+      dpo::cpu::sequence_logps_backward(v.tokens(), lse.data_ptr<double>(), g.data_ptr<double>(),
+                                        v.elements(out.data_ptr()), l.vocab, cpu_options());
     });
   });
   zero_rows_outside(out, l);
@@ -166,17 +150,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dpo_forwa
   const double* ref_r = ptr_or_null(reference_rejected_logps, keep_r);
 
   forward_tensors t(l, P, at::TensorOptions().dtype(at::kDouble));
-  dispatch_float(logits.scalar_type(), [&](auto* tp) {
-    using T = std::remove_pointer_t<decltype(tp)>;
-    dispatch_label(l.labels.scalar_type(), [&](auto* lp) {
-      using L = std::remove_pointer_t<decltype(lp)>;
-      const dpo::pair_view<T, L> policy = pair_view_of<T, L>(l, ignore_index);
-      rethrow_as_value_error([&] {
-        const dpo::cpu::options opt = cpu_options(compute_metrics);
-        if (rl.has_value())
-          return dpo::cpu::dpo_forward(policy, pair_view_of<T, L>(*rl, ignore_index), cfg, t.out, opt);
-        return dpo::cpu::dpo_forward(policy, ref_c, ref_r, cfg, t.out, opt);
-      });
+  dispatch_views<cpu_types>(l, ignore_index, [&](auto v) {
+    rethrow_as_value_error([&] {
+      const dpo::cpu::options opt = cpu_options(compute_metrics);
+      if (rl.has_value()) return dpo::cpu::dpo_forward(v.pairs(), v.pairs(*rl), cfg, t.out, opt);
+      return dpo::cpu::dpo_forward(v.pairs(), ref_c, ref_r, cfg, t.out, opt);
     });
   });
   return t.results(l, logits);
@@ -189,16 +167,11 @@ void run_backward(const at::Tensor& grad_loss, const row_layout& l, const at::Te
   const double go = grad_loss.to(at::kDouble).item<double>();
   const at::Tensor lse = input_rows_to_view(row_lse, l, "row_lse");
   const at::Tensor coef = input_rows_to_view(row_coef, l, "row_coef");
-  dispatch_float(l.logits.scalar_type(), [&](auto* tp) {
-    using T = std::remove_pointer_t<decltype(tp)>;
-    dispatch_label(l.labels.scalar_type(), [&](auto* lp) {
-      using L = std::remove_pointer_t<decltype(lp)>;
-      const dpo::pair_view<T, L> policy = pair_view_of<T, L>(l, ignore_index);
-      T* g = reinterpret_cast<T*>(grad_ptr);
-      const dpo::pair_grad_view<T> gv{g, grad_stride, g, grad_stride};
-      rethrow_as_value_error([&] {
-        dpo::cpu::dpo_backward_rows(policy, lse.data_ptr<double>(), coef.data_ptr<double>(), gv, go, cpu_options());
-      });
+  dispatch_views<cpu_types>(l, ignore_index, [&](auto v) {
+    const auto g = v.elements(grad_ptr);
+    const dpo::pair_grad_view<typename decltype(v)::value_type> gv{g, grad_stride, g, grad_stride};
+    rethrow_as_value_error([&] {
+      dpo::cpu::dpo_backward_rows(v.pairs(), lse.data_ptr<double>(), coef.data_ptr<double>(), gv, go, cpu_options());
     });
   });
 }
@@ -232,14 +205,6 @@ void dpo_backward_inplace_cpu(const at::Tensor& grad_loss, const at::Tensor& log
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(dpo_kernels, CPU, m) {
-  m.impl("sequence_logps", &sequence_logps_cpu);
-  m.impl("sequence_logps_backward", &sequence_logps_backward_cpu);
-  m.impl("pair_loss", &pair_loss_op<cpu_pairs>);
-  m.impl("pair_loss_backward", &pair_loss_backward_op<cpu_pairs>);
-  m.impl("dpo_forward", &dpo_forward_cpu);
-  m.impl("dpo_backward", &dpo_backward_cpu);
-  m.impl("dpo_backward_", &dpo_backward_inplace_cpu);
-}
+DPO_KERNELS_IMPL(CPU, cpu)
 
 }  // namespace dpo_kernels

@@ -31,17 +31,11 @@
 namespace dpo_kernels {
 namespace {
 
-/// Calls fn with a null pointer of the dpo::cuda element type of a floating tensor.
-template <class Fn>
-void dispatch_float(at::ScalarType t, Fn&& fn) {
-  switch (t) {
-    case at::kFloat: return fn(static_cast<float*>(nullptr));
-    case at::kDouble: return fn(static_cast<double*>(nullptr));
-    case at::kBFloat16: return fn(static_cast<__nv_bfloat16*>(nullptr));
-    case at::kHalf: return fn(static_cast<__half*>(nullptr));
-    default: TORCH_CHECK_TYPE(false, "unsupported logits dtype ", t);
-  }
-}
+/// The dpo::cuda element types of bfloat16 and float16 tensors (dispatch_views).
+struct cuda_types {
+  using bf16 = __nv_bfloat16;
+  using f16 = __half;
+};
 
 void check_cuda(const at::Tensor& t, const char* name) {
   TORCH_CHECK_VALUE(t.device().is_cuda(), name, " must be a CUDA tensor here, got ", t.device());
@@ -114,15 +108,11 @@ std::tuple<at::Tensor, at::Tensor> sequence_logps_cuda(const at::Tensor& logits,
   // The library's row log-sum-exp by view row (what the backward reads), 0 off completion rows.
   at::Tensor lse = at::zeros({l.view_rows()}, dopts);
   const auto stream = at::cuda::getCurrentCUDAStream();
-  dispatch_float(logits.scalar_type(), [&](auto* tp) {
-    using T = std::remove_pointer_t<decltype(tp)>;
-    dispatch_label(l.labels.scalar_type(), [&](auto* lp) {
-      using L = std::remove_pointer_t<decltype(lp)>;
-      const dpo::token_view<T, L> v = token_view_of<T, L>(l, ignore_index);
-      run_with_workspace(logits.device(), [&](void* ws, std::size_t& bytes) {
-        return dpo::cuda::sequence_logps(ws, bytes, v, sums.data_ptr<double>(), counts.data_ptr<std::int64_t>(),
-                                         nullptr, lse.data_ptr<double>(), cuda_options(l, false), stream);
-      });
+  dispatch_views<cuda_types>(l, ignore_index, [&](auto v) {
+    run_with_workspace(logits.device(), [&](void* ws, std::size_t& bytes) {
+      return dpo::cuda::sequence_logps(ws, bytes, v.tokens(), sums.data_ptr<double>(),
+                                       counts.data_ptr<std::int64_t>(), nullptr, lse.data_ptr<double>(),
+                                       cuda_options(l, false), stream);
     });
   });
   const at::Tensor logps = average ? sums / counts.clamp_min(1).to(at::kDouble) : sums;
@@ -144,16 +134,10 @@ at::Tensor sequence_logps_backward_cuda(const at::Tensor& grad, const at::Tensor
   const auto opts = logits.options().memory_format(at::MemoryFormat::Contiguous);
   at::Tensor out = l.packed ? at::zeros({l.view_rows(), l.vocab}, opts) : at::empty({l.view_rows(), l.vocab}, opts);
   const auto stream = at::cuda::getCurrentCUDAStream();
-  dispatch_float(logits.scalar_type(), [&](auto* tp) {
-    using T = std::remove_pointer_t<decltype(tp)>;
-    dispatch_label(l.labels.scalar_type(), [&](auto* lp) {
-      using L = std::remove_pointer_t<decltype(lp)>;
-      const dpo::token_view<T, L> v = token_view_of<T, L>(l, ignore_index);
-      run_with_workspace(logits.device(), [&](void* ws, std::size_t& bytes) {
-        return dpo::cuda::sequence_logps_backward(ws, bytes, v, lse.data_ptr<double>(), g.data_ptr<double>(),
-                                                  reinterpret_cast<T*>(out.data_ptr()), l.vocab,
-                                                  cuda_options(l), stream);
-      });
+  dispatch_views<cuda_types>(l, ignore_index, [&](auto v) {
+    run_with_workspace(logits.device(), [&](void* ws, std::size_t& bytes) {
+      return dpo::cuda::sequence_logps_backward(ws, bytes, v.tokens(), lse.data_ptr<double>(), g.data_ptr<double>(),
+                                                v.elements(out.data_ptr()), l.vocab, cuda_options(l), stream);
     });
   });
   return grad_as_logits(out, l, logits);
@@ -202,19 +186,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dpo_forwa
 
   forward_tensors t(l, P, dopts);
   const auto stream = at::cuda::getCurrentCUDAStream();
-  dispatch_float(logits.scalar_type(), [&](auto* tp) {
-    using T = std::remove_pointer_t<decltype(tp)>;
-    dispatch_label(l.labels.scalar_type(), [&](auto* lp) {
-      using L = std::remove_pointer_t<decltype(lp)>;
-      const dpo::pair_view<T, L> policy = pair_view_of<T, L>(l, ignore_index);
-      // With reference logits, one call: the reference pass, then the policy's.
-      run_with_workspace(logits.device(), [&](void* ws, std::size_t& bytes) {
-        const dpo::cuda::options opt = cuda_options(l, compute_metrics);
-        if (rl.has_value())
-          return dpo::cuda::dpo_forward(ws, bytes, policy, pair_view_of<T, L>(*rl, ignore_index), cfg, t.out, opt,
-                                        stream);
-        return dpo::cuda::dpo_forward(ws, bytes, policy, ref_c, ref_r, cfg, t.out, opt, stream);
-      });
+  dispatch_views<cuda_types>(l, ignore_index, [&](auto v) {
+    // With reference logits, one call: the reference pass, then the policy's.
+    run_with_workspace(logits.device(), [&](void* ws, std::size_t& bytes) {
+      const dpo::cuda::options opt = cuda_options(l, compute_metrics);
+      if (rl.has_value()) return dpo::cuda::dpo_forward(ws, bytes, v.pairs(), v.pairs(*rl), cfg, t.out, opt, stream);
+      return dpo::cuda::dpo_forward(ws, bytes, v.pairs(), ref_c, ref_r, cfg, t.out, opt, stream);
     });
   });
   return t.results(l, logits);
@@ -228,17 +205,12 @@ void run_backward(const at::Tensor& grad_loss, const row_layout& l, const at::Te
   const at::Tensor lse = input_rows_to_view(row_lse, l, "row_lse");
   const at::Tensor coef = input_rows_to_view(row_coef, l, "row_coef");
   const auto stream = at::cuda::getCurrentCUDAStream();
-  dispatch_float(l.logits.scalar_type(), [&](auto* tp) {
-    using T = std::remove_pointer_t<decltype(tp)>;
-    dispatch_label(l.labels.scalar_type(), [&](auto* lp) {
-      using L = std::remove_pointer_t<decltype(lp)>;
-      const dpo::pair_view<T, L> policy = pair_view_of<T, L>(l, ignore_index);
-      T* g = reinterpret_cast<T*>(grad_ptr);
-      const dpo::pair_grad_view<T> gv{g, grad_stride, g, grad_stride};
-      run_with_workspace(device, [&](void* ws, std::size_t& bytes) {
-        return dpo::cuda::dpo_backward_rows(ws, bytes, policy, lse.data_ptr<double>(), coef.data_ptr<double>(), gv,
-                                            go.data_ptr<double>(), cuda_options(l), stream);
-      });
+  dispatch_views<cuda_types>(l, ignore_index, [&](auto v) {
+    const auto g = v.elements(grad_ptr);
+    const dpo::pair_grad_view<typename decltype(v)::value_type> gv{g, grad_stride, g, grad_stride};
+    run_with_workspace(device, [&](void* ws, std::size_t& bytes) {
+      return dpo::cuda::dpo_backward_rows(ws, bytes, v.pairs(), lse.data_ptr<double>(), coef.data_ptr<double>(), gv,
+                                          go.data_ptr<double>(), cuda_options(l), stream);
     });
   });
 }
@@ -272,14 +244,6 @@ void dpo_backward_inplace_cuda(const at::Tensor& grad_loss, const at::Tensor& lo
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(dpo_kernels, CUDA, m) {
-  m.impl("sequence_logps", &sequence_logps_cuda);
-  m.impl("sequence_logps_backward", &sequence_logps_backward_cuda);
-  m.impl("pair_loss", &pair_loss_op<cuda_pairs>);
-  m.impl("pair_loss_backward", &pair_loss_backward_op<cuda_pairs>);
-  m.impl("dpo_forward", &dpo_forward_cuda);
-  m.impl("dpo_backward", &dpo_backward_cuda);
-  m.impl("dpo_backward_", &dpo_backward_inplace_cuda);
-}
+DPO_KERNELS_IMPL(CUDA, cuda)
 
 }  // namespace dpo_kernels

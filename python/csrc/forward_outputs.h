@@ -6,6 +6,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <cstdint>
 #include <limits>
@@ -139,5 +140,19 @@ std::tuple<at::Tensor, at::Tensor> pair_loss_backward_op(const at::Tensor& grad_
   const at::Tensor gr = g.narrow(0, P, P) * scale;
   return {gc.to(policy_chosen_logps.scalar_type()), gr.to(policy_rejected_logps.scalar_type())};
 }
+
+/// Registers one backend's kernel of every operator (the list of operators with a kernel per
+/// backend lives here once). KEY: the dispatch key (CPU, CUDA); SFX: the suffix of that
+/// backend's functions (sequence_logps_SFX, ...) and of its pair-level backend (SFX_pairs).
+#define DPO_KERNELS_IMPL(KEY, SFX)                                              \
+  TORCH_LIBRARY_IMPL(dpo_kernels, KEY, m) {                                     \
+    m.impl("sequence_logps", &sequence_logps_##SFX);                            \
+    m.impl("sequence_logps_backward", &sequence_logps_backward_##SFX);          \
+    m.impl("pair_loss", &pair_loss_op<SFX##_pairs>);                            \
+    m.impl("pair_loss_backward", &pair_loss_backward_op<SFX##_pairs>);          \
+    m.impl("dpo_forward", &dpo_forward_##SFX);                                  \
+    m.impl("dpo_backward", &dpo_backward_##SFX);                                \
+    m.impl("dpo_backward_", &dpo_backward_inplace_##SFX);                       \
+  }
 
 }  // namespace dpo_kernels

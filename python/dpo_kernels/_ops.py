@@ -139,15 +139,20 @@ def _sequence_logps_fake(logits, labels, cu_seqlens, ignore_index, average):
     return logits.new_empty((S,), dtype=out), logits.new_empty(logits.shape[:-1], dtype=torch.float64)
 
 
-@torch.library.register_fake("dpo_kernels::sequence_logps_backward")
-def _sequence_logps_backward_fake(grad, logits, labels, cu_seqlens, row_lse, ignore_index, average):
-    # As dpo_backward: the gradient has the C++ view's row indexing, a strided [B, T, V] view
-    # of [B, k, V] when the input's sequences sit k > T rows apart.
+def _logits_grad_fake(logits):
+    """The gradient the C++ backwards return for ``logits``: it has the C++ view's row
+    indexing, a strided [B, T, V] view of [B, k, V] when the input's sequences sit k > T rows
+    apart (``_view_seq_len``); [N, V] as the input for packed rows."""
     if logits.dim() == 2:
         return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     B, T, V = logits.shape
     k = _view_seq_len(logits)
     return torch.empty_strided((B, T, V), (k * V, V, 1), dtype=logits.dtype, device=logits.device)
+
+
+@torch.library.register_fake("dpo_kernels::sequence_logps_backward")
+def _sequence_logps_backward_fake(grad, logits, labels, cu_seqlens, row_lse, ignore_index, average):
+    return _logits_grad_fake(logits)
 
 
 def _sequence_logps_setup(ctx, inputs, output):
@@ -250,11 +255,7 @@ def _dpo_forward_fake(*args):
 
 @torch.library.register_fake("dpo_kernels::dpo_backward")
 def _dpo_backward_fake(grad_loss, logits, labels, cu_seqlens, row_lse, row_coef, ignore_index):
-    if logits.dim() == 2:
-        return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    B, T, V = logits.shape
-    k = _view_seq_len(logits)
-    return torch.empty_strided((B, T, V), (k * V, V, 1), dtype=logits.dtype, device=logits.device)
+    return _logits_grad_fake(logits)
 
 
 @torch.library.register_fake("dpo_kernels::dpo_backward_")

@@ -266,15 +266,32 @@ void check_grad(const case_in& c, const case_out& g, const cpu_run& cpu) {
   check_grad_buffer(c, g.grad, cpu.grad, [&](std::int64_t r) { return r < used; });
 }
 
+/// A case run on the CUDA path (emulated without a GPU) and on the CPU path, with the
+/// tolerance of its dtype.
+struct both_runs {
+  case_out gpu;
+  cpu_run cpu;
+  double tol;
+};
+
+/// Runs a case on both backends; the CUDA run must have succeeded (status and device error).
+both_runs run_both(const case_in& c) {
+  both_runs r{dpo_cuda_test::run_case(c), {}, value_tol(c.type)};
+  INFO(r.gpu.message << r.gpu.device_message);
+  REQUIRE(r.gpu.status_code == 0);
+  REQUIRE(r.gpu.device_error == 0);
+  r.cpu = run_cpu(c);
+  return r;
+}
+
 /// Runs a case on both backends and compares everything the mode produces. With -inf logits
 /// the mean-logit metrics are -inf on both sides and are not compared.
 case_out compare(const case_in& c, bool neg_inf = false) {
-  const case_out g = dpo_cuda_test::run_case(c);
+  const both_runs both = run_both(c);
+  const case_out& g = both.gpu;
+  const cpu_run& cpu = both.cpu;
+  const double tol = both.tol;
   INFO(g.message << g.device_message);
-  REQUIRE(g.status_code == 0);
-  REQUIRE(g.device_error == 0);
-  const cpu_run cpu = run_cpu(c);
-  const double tol = value_tol(c.type);
   if (c.run == mode::sequence_logps) {
     for (std::size_t s = 0; s < cpu.sums.size(); ++s) {
       CHECK(g.sums[s] == Approx(cpu.sums[s]).epsilon(tol).margin(tol));
@@ -1164,12 +1181,11 @@ TEST_CASE("cuda: the pair entry points on padded views with gaps match the CPU p
         c.grad_output = 0.75;
         c.cfg.ld_alpha = 0.5;
         INFO("dtype " << static_cast<int>(t) << " mode " << static_cast<int>(m) << (in_place ? " in place" : ""));
-        const case_out g = dpo_cuda_test::run_case(c);
+        const both_runs both = run_both(c);
+        const case_out& g = both.gpu;
+        const cpu_run& cpu = both.cpu;
+        const double tol = both.tol;
         INFO(g.message << g.device_message);
-        REQUIRE(g.status_code == 0);
-        REQUIRE(g.device_error == 0);
-        const cpu_run cpu = run_cpu(c);
-        const double tol = value_tol(c.type);
         CHECK(g.loss == Approx(cpu.fwd.loss).epsilon(tol).margin(tol));
         check_close(g.chosen_logps, cpu.fwd.chosen_logps, tol, "chosen_logps");
         check_close(g.rejected_logps, cpu.fwd.rejected_logps, tol, "rejected_logps");

@@ -13,10 +13,7 @@
 // on timing, so it is bitwise reproducible.
 #pragma once
 
-// DPO_CUDA_EMULATION: the test suite's host emulation of the CUDA runtime (tests/cuda/emu).
-#if !defined(__CUDACC__) && !defined(DPO_CUDA_EMULATION)
-#error "dpo/cuda/*.cuh need a CUDA compiler; a g++-only program includes <dpo/dpo.hpp>"
-#endif
+#include "dpo/cuda/compiler.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>

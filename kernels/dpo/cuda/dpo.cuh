@@ -56,14 +56,10 @@ struct options {
 
 namespace detail {
 
-inline status invalid(const char* fmt, ...) {
-  status s;
-  s.code = cudaErrorInvalidValue;
-  std::va_list args;
-  va_start(args, fmt);
-  std::vsnprintf(s.message, sizeof(s.message), fmt, args);
-  va_end(args);
-  return s;
+/// An argument error (cudaErrorInvalidValue) with a printf-style message.
+template <class... Args>
+status invalid(const char* fmt, Args... args) {
+  return make_status(cudaErrorInvalidValue, fmt, args...);
 }
 
 /// The argument checks are the core's (dpo/core/check.hpp), returned as a status. The host

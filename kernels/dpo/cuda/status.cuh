@@ -5,10 +5,7 @@
 // device can see (labels outside [0, vocab), bad cu_seqlens) without a host sync.
 #pragma once
 
-// DPO_CUDA_EMULATION: the test suite's host emulation of the CUDA runtime (tests/cuda/emu).
-#if !defined(__CUDACC__) && !defined(DPO_CUDA_EMULATION)
-#error "dpo/cuda/*.cuh need a CUDA compiler; a g++-only program includes <dpo/dpo.hpp>"
-#endif
+#include "dpo/cuda/compiler.cuh"
 
 #include <cuda_runtime.h>
 
