@@ -5,6 +5,7 @@
 #pragma once
 
 #include "dpo/core/layout.hpp"
+#include "dpo/core/linear_plan.hpp"
 #include "dpo/core/loss.hpp"
 #include "dpo/core/math.hpp"
 #include "dpo/core/metrics.hpp"
@@ -14,5 +15,6 @@
 #include "dpo/core/validate.hpp"
 #include "dpo/cpu/dpo.hpp"
 #include "dpo/cpu/linear.hpp"
+#include "dpo/cpu/linear_dpo.hpp"
 #include "dpo/error.hpp"
 #include "dpo/version.hpp"

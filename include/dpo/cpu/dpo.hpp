@@ -295,6 +295,88 @@ inline void copy_out(double* dst, const double* src, std::int64_t n) {
   if (dst != nullptr) std::copy(src, src + n, dst);
 }
 
+/// The sequence stage of a batch: completion-token counts, LD-DPO shared lengths and the
+/// sums of each side's sequences. Reads only labels and row values (never the logits), so
+/// the fused head (dpo/cpu/linear_dpo.hpp) runs it on its own row values.
+struct batch_sequences {
+  std::vector<double> nc, nr, shared;
+  seq_sums sc, sr;
+};
+
+template <class T, class L>
+batch_sequences sequence_stage(const pair_view<T, L>& policy, const row_values& rc,
+                               const row_values& rr, double ld_alpha, bool metrics) {
+  batch_sequences b;
+  b.nc = token_counts(policy.chosen);
+  b.nr = token_counts(policy.rejected);
+  b.shared = shared_lengths(b.nc, b.nr, ld_alpha);
+  b.sc = sum_sequences(policy.chosen, rc, b.shared, ld_alpha, metrics);
+  b.sr = sum_sequences(policy.rejected, rr, b.shared, ld_alpha, metrics);
+  return b;
+}
+
+/// The pair stage of a batch from its sequence stage: WPO weights, token totals, the pair
+/// losses and dL/dpi (gc, gr: P each), and every batch output of `out`. Returns the NLL
+/// terms' dL/dlogp of each chosen completion token.
+inline double pair_stage(const batch_sequences& s, const double* ref_chosen,
+                         const double* ref_rejected, const loss_config& cfg,
+                         const forward_outputs& out, bool metrics, std::vector<double>& gc,
+                         std::vector<double>& gr) {
+  const bool needs_ref = dpo::detail::needs_reference(cfg);
+  const std::int64_t P = static_cast<std::int64_t>(s.nc.size());
+  std::vector<double> W(static_cast<std::size_t>(P), 1.0);
+  if (cfg.use_weighting)
+    for (std::int64_t i = 0; i < P; ++i)
+      W[i] = dpo::detail::wpo_weight(s.sc.wpo[i], s.nc[i], s.sr.wpo[i], s.nr[i]);
+  token_totals tt{};
+  tt.chosen_tokens = total(s.nc);
+  tt.rejected_tokens = total(s.nr);
+  tt.chosen_logps = total(s.sc.logp_plain);
+  if (metrics) {
+    tt.logits_chosen = total(s.sc.zmean);
+    tt.logits_rejected = total(s.sr.zmean);
+    tt.entropy = total(s.sc.entropy) + total(s.sr.entropy);
+    tt.chosen_hits = total(s.sc.hit);
+  }
+  const dpo::detail::pair_batch_in b = dpo::detail::make_pair_batch(
+      P, s.sc.logp.data(), s.sr.logp.data(), needs_ref ? ref_chosen : nullptr,
+      needs_ref ? ref_rejected : nullptr, s.nc.data(), s.nr.data(),
+      cfg.use_weighting ? W.data() : nullptr, tt, pair_sum(W.data(), P));
+  gc.resize(static_cast<std::size_t>(P));
+  gr.resize(gc.size());
+  const pair_totals pt = run_pairs(cfg, b, out, gc.data(), gr.data());
+  write_batch(out, pt, tt, b, cfg, metrics);
+  copy_out(out.chosen_logps, s.sc.logp.data(), P);
+  copy_out(out.rejected_logps, s.sr.logp.data(), P);
+  copy_out(out.chosen_tokens, s.nc.data(), P);
+  copy_out(out.rejected_tokens, s.nr.data(), P);
+  copy_out(out.weights, W.data(), P);
+  return dpo::detail::nll_token_grad(cfg, b.mean_weight, tt.chosen_tokens);
+}
+
+/// dL/dlogp of every row of a side's sequences: ld_weight(j) * g[s] + nll on the j-th
+/// completion row of sequence s, 0 on other rows; fn(r, i, coef) with r the view's row and
+/// i = r - row_begin(0). `target` and `shared` as the side's row values and shared lengths.
+template <class T, class L, class Fn>
+void side_coefs(const token_view<T, L>& v, const std::vector<std::int64_t>& target,
+                const std::vector<double>& shared, double ld_alpha, const double* g, double nll,
+                Fn&& fn) {
+  const std::int64_t row0 = v.row_begin(0);
+  for (std::int64_t s = 0; s < v.num_seqs; ++s) {
+    std::int64_t j = 0;
+    for (std::int64_t r = v.row_begin(s); r < v.row_end(s); ++r) {
+      const std::size_t i = static_cast<std::size_t>(r - row0);
+      double coef = 0.0;
+      if (target[i] >= 0) {
+        // An LD-DPO weight of 0 drops the token even where g is infinite.
+        coef = dpo::detail::times(ld_weight(j, shared[s], ld_alpha), g[s]) + nll;
+        ++j;
+      }
+      fn(r, i, coef);
+    }
+  }
+}
+
 /// dpo_forward's pipeline: rows, sequences, the pair stage, the row coefficients. Writes
 /// `out` (caller-owned) and, where rows is set, each side's per-row state in the owned
 /// result's form (rows[0] chosen, rows[1] rejected). The arguments are checked.
@@ -302,69 +384,27 @@ template <class T, class L>
 void forward_pipeline(const pair_view<T, L>& policy, const double* ref_chosen,
                       const double* ref_rejected, const loss_config& cfg,
                       const forward_outputs& out, const options& opt, side_rows* rows) {
-  const bool needs_ref = dpo::detail::needs_reference(cfg);
-  const std::int64_t P = policy.num_pairs();
   const bool metrics = opt.metrics || cfg.use_weighting;
   row_values rc, rr;
   forward_rows(policy.chosen, rc, metrics, opt.num_threads);
   forward_rows(policy.rejected, rr, metrics, opt.num_threads);
-  const std::vector<double> nc = token_counts(policy.chosen);
-  const std::vector<double> nr = token_counts(policy.rejected);
-  const std::vector<double> shared = shared_lengths(nc, nr, cfg.ld_alpha);
-  const seq_sums sc = sum_sequences(policy.chosen, rc, shared, cfg.ld_alpha, metrics);
-  const seq_sums sr = sum_sequences(policy.rejected, rr, shared, cfg.ld_alpha, metrics);
-
-  std::vector<double> W(static_cast<std::size_t>(P), 1.0);
-  if (cfg.use_weighting)
-    for (std::int64_t i = 0; i < P; ++i) W[i] = dpo::detail::wpo_weight(sc.wpo[i], nc[i], sr.wpo[i], nr[i]);
-  token_totals tt{};
-  tt.chosen_tokens = total(nc);
-  tt.rejected_tokens = total(nr);
-  tt.chosen_logps = total(sc.logp_plain);
-  if (metrics) {
-    tt.logits_chosen = total(sc.zmean);
-    tt.logits_rejected = total(sr.zmean);
-    tt.entropy = total(sc.entropy) + total(sr.entropy);
-    tt.chosen_hits = total(sc.hit);
-  }
-  const dpo::detail::pair_batch_in b = dpo::detail::make_pair_batch(
-      P, sc.logp.data(), sr.logp.data(), needs_ref ? ref_chosen : nullptr,
-      needs_ref ? ref_rejected : nullptr, nc.data(), nr.data(),
-      cfg.use_weighting ? W.data() : nullptr, tt, pair_sum(W.data(), P));
-  std::vector<double> gc(static_cast<std::size_t>(P)), gr(gc.size());
-  const pair_totals pt = run_pairs(cfg, b, out, gc.data(), gr.data());
-  write_batch(out, pt, tt, b, cfg, metrics);
-  copy_out(out.chosen_logps, sc.logp.data(), P);
-  copy_out(out.rejected_logps, sr.logp.data(), P);
-  copy_out(out.chosen_tokens, nc.data(), P);
-  copy_out(out.rejected_tokens, nr.data(), P);
-  copy_out(out.weights, W.data(), P);
-
-  const double nll_grad = dpo::detail::nll_token_grad(cfg, b.mean_weight, tt.chosen_tokens);
+  const batch_sequences s = sequence_stage(policy, rc, rr, cfg.ld_alpha, metrics);
+  std::vector<double> gc, gr;
+  const double nll_grad = pair_stage(s, ref_chosen, ref_rejected, cfg, out, metrics, gc, gr);
   const auto side = [&](const token_view<T, L>& v, const row_values& rv, const std::vector<double>& g,
                         double nll, side_rows* keep) {
-    const std::int64_t row0 = v.row_begin(0);
     if (keep != nullptr) {
-      keep->row0 = row0;
+      keep->row0 = v.row_begin(0);
       keep->lse = rv.lse;
       keep->logp = rv.logp;
       keep->coef.assign(rv.target.size(), 0.0);
     }
-    for (std::int64_t s = 0; s < v.num_seqs; ++s) {
-      std::int64_t j = 0;
-      for (std::int64_t r = v.row_begin(s); r < v.row_end(s); ++r) {
-        const std::size_t i = static_cast<std::size_t>(r - row0);
-        double coef = 0.0;
-        if (rv.target[i] >= 0) {
-          // An LD-DPO weight of 0 drops the token even where g is infinite.
-          coef = dpo::detail::times(ld_weight(j, shared[s], cfg.ld_alpha), g[s]) + nll;
-          ++j;
-        }
-        if (keep != nullptr) keep->coef[i] = coef;
-        if (out.row_lse != nullptr) out.row_lse[r] = rv.lse[i];
-        if (out.row_coef != nullptr) out.row_coef[r] = coef;
-      }
-    }
+    side_coefs(v, rv.target, s.shared, cfg.ld_alpha, g.data(), nll,
+               [&](std::int64_t r, std::size_t i, double coef) {
+                 if (keep != nullptr) keep->coef[i] = coef;
+                 if (out.row_lse != nullptr) out.row_lse[r] = rv.lse[i];
+                 if (out.row_coef != nullptr) out.row_coef[r] = coef;
+               });
   };
   side(policy.chosen, rc, gc, nll_grad, rows != nullptr ? &rows[0] : nullptr);
   side(policy.rejected, rr, gr, 0.0, rows != nullptr ? &rows[1] : nullptr);
