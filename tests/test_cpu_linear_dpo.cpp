@@ -551,3 +551,431 @@ TEST_CASE("linear DPO: every dtype, bias and transforms, both reference modes", 
   SECTION("bf16") { each(Eigen::bfloat16{}, 2e-5, 1.5e-2); }
   SECTION("half") { each(Eigen::half{}, 2e-5, 3e-3); }
 }
+
+TEST_CASE("linear DPO: the plan picks three passes for separable losses whose pairs fit", "[linear_dpo]") {
+  const problem p = make_problem<float>(3, 5, 6, 13, 5);
+  const laid_out<float> lay(p, layout::padded);
+  const auto plan = [&](const char* name, dpo::cpu::linear_dpo_options o = {}) {
+    return dpo::cpu::linear_dpo_workspace_size(lay.pairs(p), lay.head(p), fixture::config_named(name).cfg, o);
+  };
+  CHECK(plan("sigmoid").mode == dpo::linear_mode::three_pass);
+  CHECK(plan("sigmoid+wpo").mode == dpo::linear_mode::three_pass);  // WPO without an NLL term
+  CHECK(plan("sft").mode == dpo::linear_mode::three_pass);
+  CHECK(plan("aot").mode == dpo::linear_mode::four_pass);
+  CHECK(plan("aot_unpaired").mode == dpo::linear_mode::four_pass);
+  CHECK(plan("mpo+wpo").mode == dpo::linear_mode::four_pass);  // an NLL term under WPO
+  CHECK(plan("sigmoid", mode(dpo::linear_mode::automatic, 1)).mode == dpo::linear_mode::four_pass);
+  const auto whole = plan("sigmoid", mode(dpo::linear_mode::automatic, 8));
+  CHECK(whole.mode == dpo::linear_mode::three_pass);
+  CHECK(whole.chunk_rows == 8);
+  // The default budget keeps the extra memory under 1 GiB at N = 8192, H = 4096, V = 128256,
+  // and one 2 x 1024-row pair does not fit it: four passes there.
+  dpo::linear_plan_in big;
+  big.vocab = 128256;
+  big.hidden = 4096;
+  big.acc_bytes = 4;
+  big.convert_weight = true;
+  big.budget = dpo::cpu::default_linear_dpo_workspace_bytes;
+  const std::int64_t rows = dpo::detail::linear_max_chunk_rows(big);
+  CHECK(rows > 1000);
+  CHECK(dpo::detail::linear_chunk_bytes(big, rows) <= big.budget);
+  CHECK(big.budget + 8192 * 200 < (std::int64_t{1} << 30));
+  const std::int64_t pair[1] = {2048};
+  CHECK(!dpo::detail::linear_pairs_fit(pair, 1, rows));
+}
+
+TEST_CASE("linear DPO: finite differences of the library in double", "[linear_dpo]") {
+  for (const char* name : {"sigmoid", "mpo", "sigmoid+ld_alpha", "ipo"}) {
+    for (dpo::linear_mode m : {dpo::linear_mode::three_pass, dpo::linear_mode::four_pass}) {
+      problem p = make_problem<double>(2, 4, 3, 5, 21, false, 3.0);
+      p.tr = {2.5, 1.2, 0.7};
+      const dpo::loss_config& cfg = fixture::config_named(name).cfg;
+      INFO(name << ", mode " << static_cast<int>(m));
+      const fixture::reference ref = ref_logps(p, cfg, 4);
+      const result got = run<double>(p, layout::padded, cfg, ref, mode(m));
+      const auto loss = [&](const problem& q) { return run<double>(q, layout::padded, cfg, ref, mode(m)).loss; };
+      const double h = 1e-6;
+      std::vector<double> dh, dw, db;
+      for (int s = 0; s < 2; ++s)
+        for (std::int64_t i = 0; i < p.P; ++i)
+          for (std::int64_t t = 0; t < p.rows(s, i); ++t)
+            for (std::int64_t k = 0; k < p.H; ++k) {
+              problem a = p, b = p;
+              a.hid[s][i][t][k] += h;
+              b.hid[s][i][t][k] -= h;
+              dh.push_back((loss(a) - loss(b)) / (2 * h));
+            }
+      for (std::size_t j = 0; j < p.weight.size(); ++j) {
+        problem a = p, b = p;
+        a.weight[j] += h;
+        b.weight[j] -= h;
+        dw.push_back((loss(a) - loss(b)) / (2 * h));
+      }
+      for (std::size_t j = 0; j < p.bias.size(); ++j) {
+        problem a = p, b = p;
+        a.bias[j] += h;
+        b.bias[j] -= h;
+        db.push_back((loss(a) - loss(b)) / (2 * h));
+      }
+      check_close(flat(got.dh), dh, 0, "dhidden", 1e-8);
+      check_close(got.dw, dw, 0, "dweight", 1e-8);
+      check_close(got.db, db, 0, "dbias", 1e-8);
+    }
+  }
+}
+
+TEST_CASE("linear DPO: equals the logits path fed with the same fp32 logits", "[linear_dpo]") {
+  // Dyadic inputs: every product and sum of the GEMM is exact in float, so the logits the
+  // head forms are exactly the ones given to the logits path.
+  problem p = make_problem<float>(3, 6, 4, 11, 31);
+  std::mt19937 rng(5);
+  std::uniform_int_distribution<int> small(-4, 4);
+  for (auto& side : p.hid)
+    for (auto& seq : side)
+      for (auto& row : seq)
+        for (double& x : row) x = small(rng) / 4.0;
+  for (double& x : p.weight) x = small(rng) / 8.0;
+  for (double& x : p.bias) x = small(rng) / 8.0;
+  for (const dpo::logit_transforms& tr : {dpo::logit_transforms{}, dpo::logit_transforms{2.0, 1.5, 0.5}}) {
+    p.tr = tr;
+    const dpo::detail::transform_params<float> tp(tr);
+    const std::int64_t T = p.max_rows(), V = p.V, P = p.P;
+    std::vector<float> z(2 * P * T * V), dodu(z.size());
+    std::vector<label_t> labels(2 * P * T);
+    for (int s = 0; s < 2; ++s)
+      for (std::int64_t i = 0; i < P; ++i)
+        for (std::int64_t t = 0; t < T; ++t) {
+          const std::int64_t r = (s * P + i) * T + t;
+          labels[r] = p.lab[s][i][t];
+          for (std::int64_t v = 0; v < V; ++v) {
+            double u = p.bias[v];
+            for (std::int64_t k = 0; k < p.H; ++k) u += p.hid[s][i][t][k] * p.weight[v * p.H + k];
+            z[r * V + v] = dpo::detail::transform_logit(tp, static_cast<float>(u));
+            dodu[r * V + v] = dpo::detail::transform_logit_grad(tp, static_cast<float>(u));
+          }
+        }
+    for (const char* name : {"sigmoid", "mpo", "sigmoid+wpo", "ipo+ld_alpha0+wpo", "aot", "orpo"}) {
+      const dpo::loss_config& cfg = fixture::config_named(name).cfg;
+      const fixture::reference ref = ref_logps(p, cfg, 8);
+      const auto view = dpo::padded_pairs(z.data(), labels.data(), 2 * P, T, V, V);
+      const dpo::cpu::forward_result want = dpo::cpu::dpo_forward(view, ref.pc(), ref.pr(), cfg);
+      std::vector<float> dz(z.size(), 0.0f);
+      dpo::cpu::dpo_backward(view, want, dpo::pair_grad_view<float>{dz.data(), V, dz.data(), V});
+      for (dpo::linear_mode m : {dpo::linear_mode::automatic, dpo::linear_mode::four_pass}) {
+        INFO(name << ", mode " << static_cast<int>(m) << ", cap " << tr.softcap);
+        const result got = run<float>(p, layout::padded, cfg, ref, mode(m));
+        CHECK(same_bits({got.loss}, {want.loss}));
+        CHECK(same_bits(metric_vec(got.m), metric_vec(want.metrics)));
+        const auto vec = [](const Eigen::VectorXd& x) { return std::vector<double>(x.data(), x.data() + x.size()); };
+        CHECK(same_bits(got.losses, vec(want.losses)));
+        CHECK(same_bits(got.cr, vec(want.chosen_rewards)));
+        CHECK(same_bits(got.lc, vec(want.chosen_logps)));
+        CHECK(same_bits(got.lr, vec(want.rejected_logps)));
+        CHECK(same_bits(got.gc, vec(want.grad_chosen)));
+        CHECK(same_bits(got.gr, vec(want.grad_rejected)));
+        // The gradients: the logits path's dZ through do/du and the products, in double.
+        std::vector<double> dh, dw(V * p.H, 0.0), db(V, 0.0);
+        for (int s = 0; s < 2; ++s)
+          for (std::int64_t i = 0; i < P; ++i)
+            for (std::int64_t t = 0; t < T; ++t) {
+              const std::int64_t r = (s * P + i) * T + t;
+              std::vector<double> row(p.H, 0.0);
+              for (std::int64_t v = 0; v < V; ++v) {
+                const double du = double(dz[r * V + v]) * double(dodu[r * V + v]);
+                db[v] += du;
+                for (std::int64_t k = 0; k < p.H; ++k) {
+                  row[k] += du * p.weight[v * p.H + k];
+                  dw[v * p.H + k] += du * p.hid[s][i][t][k];
+                }
+              }
+              for (double x : row) dh.push_back(x);
+            }
+        check_close(flat(got.dh), dh, 1e-6, "dhidden", 1e-9);
+        check_close(got.dw, dw, 1e-6, "dweight", 1e-9);
+        check_close(got.db, db, 1e-6, "dbias", 1e-9);
+      }
+    }
+  }
+}
+
+TEST_CASE("linear DPO: chunk sweeps, thread counts, modes; bitwise repeatable", "[linear_dpo]") {
+  REQUIRE(thread_limit_set);
+  problem p = make_problem<float>(4, 7, 8, 37, 41, true, 3.0);
+  p.tr = {1.3, 2.0, 0.8};
+  for (const char* name : {"sigmoid", "aot", "sigmoid+ld_alpha"}) {
+    const dpo::loss_config& cfg = fixture::config_named(name).cfg;
+    const fixture::reference ref = ref_logps(p, cfg, 2);
+    const result want = reference_of(p, cfg, ref.c, ref.r);
+    for (layout k : {layout::padded, layout::packed, layout::separate}) {
+      // 1 row, part of a pair, whole pairs, more rows than the batch.
+      for (std::int64_t rows : {1, 3, 12, 20, 1000}) {
+        INFO(name << ", " << fixture::name_of(k) << ", chunk rows " << rows);
+        const result a = run<float>(p, k, cfg, ref, mode(dpo::linear_mode::automatic, rows));
+        check_result(a, want, 2e-5, 2e-5);
+        check_bitwise(a, run<float>(p, k, cfg, ref, mode(dpo::linear_mode::automatic, rows)));
+        for (int t : {2, 7}) check_bitwise(a, run<float>(p, k, cfg, ref, mode(dpo::linear_mode::automatic, rows, t)));
+      }
+    }
+    // Three and four passes agree to rounding (double: to 1e-12).
+    problem q = make_problem<double>(4, 7, 8, 37, 41, true, 3.0);
+    q.tr = p.tr;
+    const fixture::reference qref = ref_logps(q, cfg, 2);
+    if (dpo::detail::linear_pairs_separable(cfg)) {
+      const result three = run<double>(q, layout::padded, cfg, qref, mode(dpo::linear_mode::three_pass));
+      const result four = run<double>(q, layout::padded, cfg, qref, mode(dpo::linear_mode::four_pass));
+      check_result(three, four, 1e-12, 1e-12);
+    }
+  }
+  // bf16 with the weight gradient in float, over threads.
+  problem b = make_problem<Eigen::bfloat16>(3, 9, 16, 600, 43, false, 3.0);
+  const dpo::loss_config& cfg = fixture::config_named("sigmoid").cfg;
+  const fixture::reference ref = ref_logps(b, cfg, 2);
+  for (dpo::linear_mode m : {dpo::linear_mode::three_pass, dpo::linear_mode::four_pass}) {
+    const result a = run<Eigen::bfloat16, float>(b, layout::padded, cfg, ref, mode(m, 0, 1));
+    for (int t : {2, 7}) check_bitwise(a, run<Eigen::bfloat16, float>(b, layout::padded, cfg, ref, mode(m, 0, t)));
+  }
+}
+
+TEST_CASE("linear DPO: V = 1, prime V, H = 1", "[linear_dpo]") {
+  const std::int64_t shapes[][2] = {{1, 1}, {5, 1}, {1, 7}, {3, 31}, {2, 257}};
+  for (const auto& sh : shapes) {
+    problem p = make_problem<double>(2, 5, sh[0], sh[1], 51);
+    for (const char* name : {"sigmoid", "aot"}) {
+      const dpo::loss_config& cfg = fixture::config_named(name).cfg;
+      const fixture::reference ref = ref_logps(p, cfg, 2);
+      const result want = reference_of(p, cfg, ref.c, ref.r);
+      for (dpo::linear_mode m : {dpo::linear_mode::automatic, dpo::linear_mode::four_pass}) {
+        INFO("H " << sh[0] << ", V " << sh[1] << ", " << name);
+        check_result(run<double>(p, layout::padded, cfg, ref, mode(m)), want, 1e-9, 1e-8);
+      }
+    }
+  }
+}
+
+TEST_CASE("linear DPO: masked and gap rows; written and accumulated dHidden", "[linear_dpo]") {
+  const problem p = make_problem<float>(3, 6, 5, 17, 61, true);
+  const dpo::loss_config& cfg = fixture::config_named("sigmoid").cfg;
+  const fixture::reference ref = ref_logps(p, cfg, 2);
+  for (dpo::linear_mode m : {dpo::linear_mode::three_pass, dpo::linear_mode::four_pass}) {
+    const laid_out<float> lay(p, layout::padded, /*gaps=*/true);
+    outputs<float, float> w(p, lay), a(p, lay);
+    dpo::cpu::linear_dpo(lay.pairs(p), lay.head(p), ref.pc(), ref.pr(), cfg, w.fwd(), w.grads(lay, true), mode(m));
+    dpo::cpu::linear_dpo(lay.pairs(p), lay.head(p), ref.pc(), ref.pr(), cfg, a.fwd(), a.grads(lay, true, true), mode(m));
+    INFO("mode " << static_cast<int>(m));
+    for (int s = 0; s < 2; ++s)
+      for (std::int64_t i = 0; i < p.P; ++i)
+        for (std::int64_t t = 0; t < lay.pitch; ++t) {
+          const std::int64_t r = lay.start[s][i] + t;
+          const bool in_seq = t < p.max_rows();
+          const bool counts = t < p.rows(s, i) && p.lab[s][i][t] >= 0;
+          for (std::int64_t c = 0; c < p.H; ++c) {
+            const float wv = w.dh[0][r * lay.hs + c], av = a.dh[0][r * lay.hs + c];
+            if (!in_seq) {
+              CHECK(wv == float(sentinel));  // gap rows: never written
+              CHECK(av == float(sentinel));
+            } else if (!counts) {
+              CHECK(wv == 0.0f);  // masked rows: zeros when written, untouched when accumulated
+              CHECK(av == float(sentinel));
+            } else {
+              CHECK(av == Approx(sentinel + wv).epsilon(1e-6));
+            }
+          }
+        }
+  }
+}
+
+TEST_CASE("linear DPO: NaN in one hidden row stays in its pair", "[linear_dpo]") {
+  problem p = make_problem<float>(3, 5, 6, 13, 71);
+  const dpo::loss_config& cfg = fixture::config_named("sigmoid").cfg;
+  const fixture::reference ref = ref_logps(p, cfg, 2);
+  for (dpo::linear_mode m : {dpo::linear_mode::three_pass, dpo::linear_mode::four_pass}) {
+    for (layout k : {layout::padded, layout::separate}) {
+      INFO("mode " << static_cast<int>(m) << ", " << fixture::name_of(k));
+      const result clean = run<float>(p, k, cfg, ref, mode(m));
+      problem q = p;
+      q.hid[0][1][2][3] = std::numeric_limits<double>::quiet_NaN();  // a completion row of pair 1
+      REQUIRE(q.lab[0][1][2] >= 0);
+      const result dirty = run<float>(q, k, cfg, ref, mode(m));
+      CHECK(std::isnan(dirty.loss));
+      CHECK(std::isnan(dirty.losses[1]));
+      for (std::int64_t i : {0, 2}) {
+        CHECK(same_bits({dirty.losses[i]}, {clean.losses[i]}));
+        CHECK(same_bits({dirty.gc[i]}, {clean.gc[i]}));
+        for (int s = 0; s < 2; ++s) CHECK(same_bits(flat({{dirty.dh[s][i]}}), flat({{clean.dh[s][i]}})));
+      }
+      // A NaN in a prompt row is never read.
+      problem r = p;
+      r.hid[1][2][0][0] = std::numeric_limits<double>::quiet_NaN();
+      REQUIRE(r.lab[1][2][0] < 0);
+      check_bitwise(run<float>(r, k, cfg, ref, mode(m)), clean);
+    }
+  }
+}
+
+TEST_CASE("linear DPO: forward alone then backward equals the fused four-pass call", "[linear_dpo]") {
+  problem p = make_problem<float>(3, 6, 7, 19, 81, true, 3.0);
+  p.tr = {1.0, 3.0, 1.0};
+  for (const char* name : {"sigmoid", "aot", "mpo+wpo"}) {
+    const dpo::loss_config& cfg = fixture::config_named(name).cfg;
+    const fixture::reference ref = ref_logps(p, cfg, 2);
+    for (layout k : {layout::padded, layout::packed}) {
+      INFO(name << ", " << fixture::name_of(k));
+      const laid_out<float> lay(p, k);
+      outputs<float, float> f(p, lay), s(p, lay);
+      dpo::cpu::linear_dpo(lay.pairs(p), lay.head(p), ref.pc(), ref.pr(), cfg, f.fwd(true), f.grads(lay, true),
+                           mode(dpo::linear_mode::four_pass));
+      dpo::cpu::linear_dpo_forward(lay.pairs(p), lay.head(p), ref.pc(), ref.pr(), cfg, s.fwd(true));
+      CHECK(s.dh[0][lay.hs] == float(sentinel));  // the forward writes no gradient
+      dpo::cpu::linear_dpo_backward(lay.pairs(p), lay.head(p), s.row_lse.data(), s.row_coef.data(),
+                                    s.grads(lay, true));
+      check_bitwise(f.gather(p, lay), s.gather(p, lay));
+      CHECK(same_bits(f.row_lse, s.row_lse));
+      CHECK(same_bits(f.row_coef, s.row_coef));
+      // The three-pass call writes the same row state up to rounding.
+      outputs<float, float> t(p, lay);
+      dpo::cpu::linear_dpo(lay.pairs(p), lay.head(p), ref.pc(), ref.pr(), cfg, t.fwd(true), t.grads(lay, true));
+      check_close(t.row_lse, f.row_lse, 1e-6, "row_lse", 1e-6);
+      check_close(t.row_coef, f.row_coef, 1e-6, "row_coef", 1e-9);
+      // grad_output scales the gradient.
+      outputs<float, float> h(p, lay);
+      dpo::cpu::linear_dpo_backward(lay.pairs(p), lay.head(p), s.row_lse.data(), s.row_coef.data(),
+                                    h.grads(lay, true), 0.5);
+      const result full = s.gather(p, lay), half = h.gather(p, lay);
+      std::vector<double> twice = half.dw;
+      for (double& x : twice) x *= 2;
+      check_close(twice, full.dw, 1e-6, "dweight at grad_output 0.5");
+    }
+  }
+}
+
+TEST_CASE("linear head: the backward is exact for rows past the lse recompute limit", "[linear_dpo]") {
+  // |lse| >= 2^10 in double: the stored double lse is rounded by up to 2^-43 relative to
+  // the probabilities; the backward recomputes those rows' max and sum (as the logits path).
+  // H = 1 and dyadic values: the logits are exact, so the long double reference is too.
+  const std::int64_t V = 9;
+  std::vector<double> hidden = {1.0, 1.0}, weight(V), bias(V);
+  for (std::int64_t v = 0; v < V; ++v) {
+    weight[v] = 1536.0 + 0.375 * static_cast<double>((v * 5) % V);
+    bias[v] = 0.0;
+  }
+  const std::vector<label_t> labels = {2, 7};
+  dpo::cpu::linear_view<double, label_t> in;
+  in.hidden = hidden.data();
+  in.rows = 2;
+  in.hidden_cols = in.hidden_stride = 1;
+  in.weight = weight.data();
+  in.vocab = V;
+  in.weight_cols = in.weight_stride = 1;
+  in.bias = bias.data();
+  in.bias_size = V;
+  in.labels = labels.data();
+  std::vector<double> logp(2), lse(2), gl = {1.0, -0.7};
+  dpo::cpu::linear_logps(in, logp.data(), nullptr, lse.data());
+  REQUIRE(std::fabs(lse[0]) >= 1024.0);
+  std::vector<double> db(V, 0.0);
+  dpo::cpu::linear_grads<double> g;
+  g.bias = db.data();
+  dpo::cpu::linear_logps_backward(in, lse.data(), gl.data(), nullptr, nullptr, g);
+  ld m = -INFINITY;
+  for (double w : weight) m = std::max<ld>(m, w);
+  ld s = 0;
+  for (double w : weight) s += std::exp(ld(w) - m);
+  for (std::int64_t v = 0; v < V; ++v) {
+    const ld pv = std::exp((ld(weight[v]) - m) - std::log(s));
+    ld want = 0;
+    for (int r = 0; r < 2; ++r) want += gl[r] * ((labels[r] == v ? 1 : 0) - pv);
+    INFO("v = " << v << ": got " << db[v] << ", want " << double(want));
+    CHECK(std::fabs(db[v] - double(want)) <= 1e-15 * std::max<double>(std::fabs(double(want)), 1e-3));
+  }
+}
+
+TEST_CASE("linear DPO: bad input names the argument and writes nothing", "[linear_dpo]") {
+  problem p = make_problem<float>(2, 4, 5, 11, 91);
+  const dpo::loss_config& cfg = fixture::config_named("sigmoid").cfg;
+  const fixture::reference ref = ref_logps(p, cfg, 2);
+  const laid_out<float> lay(p, layout::padded);
+  outputs<float, float> o(p, lay);
+  const auto fused = [&](const dpo::cpu::hidden_pairs<float, label_t>& in, const dpo::cpu::linear_head<float>& h,
+                         const dpo::cpu::linear_dpo_grads<float, float>& g, dpo::cpu::linear_dpo_options opt = {},
+                         const dpo::loss_config& c = fixture::config_named("sigmoid").cfg) {
+    return [=, &o, &ref] { dpo::cpu::linear_dpo(in, h, ref.pc(), ref.pr(), c, o.fwd(), g, opt); };
+  };
+  const auto in = lay.pairs(p);
+  const auto head = lay.head(p);
+  const auto g = o.grads(lay, true);
+  auto bad_in = in;
+  bad_in.hidden_size = p.H + 1;
+  expect_error("hidden_size", fused(bad_in, head, g));
+  auto bad_head = head;
+  bad_head.bias_size = p.V - 1;
+  expect_error("bias_size", fused(in, bad_head, g));
+  bad_head = head;
+  bad_head.transforms.temperature = 0.0;
+  expect_error("temperature", fused(in, bad_head, g));
+  bad_head = head;
+  bad_head.transforms.softcap = -1.0;
+  expect_error("softcap", fused(in, bad_head, g));
+  bad_head = head;
+  bad_head.weight_stride = p.H - 1;
+  expect_error("weight_stride", fused(in, bad_head, g));
+  bad_head = head;
+  bad_head.bias = nullptr;
+  bad_head.bias_size = 0;
+  expect_error("grads.bias", fused(in, bad_head, g));
+  std::vector<label_t> labels = lay.labels[0];
+  labels[1] = p.V;
+  auto bad_labels = in;
+  bad_labels.pairs.chosen.labels = bad_labels.pairs.rejected.labels = labels.data();
+  expect_error("labels[1]", fused(bad_labels, head, g));
+  labels[1] = -1;
+  expect_error("labels[1]", fused(bad_labels, head, g));
+  auto small = mode(dpo::linear_mode::automatic);
+  small.workspace_bytes = 100;
+  expect_error("workspace_bytes", fused(in, head, g, small));
+  expect_error("three_pass", fused(in, head, g, mode(dpo::linear_mode::three_pass), fixture::config_named("aot").cfg));
+  expect_error("three_pass", fused(in, head, g, mode(dpo::linear_mode::three_pass, 2)));
+  auto alias = g;
+  alias.weight = const_cast<float*>(lay.weight.data());
+  alias.weight_stride = p.H + 2;
+  expect_error("grads.weight overlaps weight", fused(in, head, alias));
+  alias = g;
+  alias.chosen_hidden = alias.rejected_hidden = const_cast<float*>(lay.hidden[0].data());
+  expect_error("overlaps hidden", fused(in, head, alias));
+  alias = g;
+  alias.weight = reinterpret_cast<float*>(o.dh[0].data());
+  alias.weight_stride = p.H;
+  expect_error("unsupported aliasing", fused(in, head, alias));
+  auto bad_stride = g;
+  bad_stride.chosen_hidden_stride = p.H - 1;
+  expect_error("chosen_hidden_stride", fused(in, head, bad_stride));
+  auto bad_rows = in;
+  bad_rows.pairs.chosen.row_stride = bad_rows.pairs.rejected.row_stride = p.H - 1;
+  expect_error("row_stride", fused(bad_rows, head, g));
+  expect_error("ref_chosen_logps", [&] {
+    dpo::cpu::linear_dpo(in, head, nullptr, nullptr, cfg, o.fwd(), g);
+  });
+  expect_error("grad_output", [&] {
+    dpo::cpu::linear_dpo(in, head, ref.pc(), ref.pr(), cfg, o.fwd(), g, {}, NAN);
+  });
+  // The reference from hidden states: its head must match.
+  auto ref_head = head;
+  ref_head.vocab = p.V - 1;
+  ref_head.bias_size = p.V - 1;
+  expect_error("ref_head.vocab", [&] { dpo::cpu::linear_dpo(in, head, in, ref_head, cfg, o.fwd(), g); });
+  // Row state needs one hidden buffer.
+  const laid_out<float> sep(p, layout::separate);
+  outputs<float, float> so(p, sep);
+  expect_error("one hidden buffer", [&] {
+    dpo::cpu::linear_dpo_forward(sep.pairs(p), sep.head(p), ref.pc(), ref.pr(), cfg, so.fwd(true));
+  });
+  expect_error("row_lse", [&] {
+    dpo::cpu::linear_dpo_backward(in, head, nullptr, o.row_coef.data(), g);
+  });
+  // Nothing was written by any of the rejected calls.
+  CHECK(o.loss == -1.0);
+  for (float x : o.dh[0]) CHECK(x == float(sentinel));
+  for (float x : o.dw) CHECK(x == 0.0f);
+  for (float x : o.db) CHECK(x == 0.0f);
+  for (double x : o.losses) CHECK(x == -9.0);
+  for (double x : o.row_coef) CHECK(x == -9.0);
+}

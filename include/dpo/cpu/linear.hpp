@@ -433,6 +433,55 @@ inline void add_to(G& dst, A v) {
   dst = from_acc<G>(to_acc<A>(dst) + v);
 }
 
+/// The exact lse parts (max, log sum) of rows `rows` of a view, recomputed from the logits:
+/// for rows whose stored double lse is too coarse for A (dpo::detail::lse_needs_recompute:
+/// |lse| >= 2^10 in double, 2^26 in float), as the logits path's row backward recomputes
+/// them. One more logits product over those rows only, in the pass's workspace (free then).
+template <class T, class L>
+std::vector<dpo::detail::lse_parts<acc_t<T>>> linear_exact_lse(linear_pass<T, L>& p,
+                                                               const std::vector<std::int64_t>& rows,
+                                                               int threads) {
+  using A = acc_t<T>;
+  using stats = dpo::detail::row_stats<A>;
+  const linear_view<T, L>& in = p.in;
+  const linear_chunking& ch = p.ch;
+  const dpo::detail::transform_params<A> tp(in.transforms);
+  std::vector<dpo::detail::lse_parts<A>> out;
+  if (rows.empty()) return out;
+  std::vector<std::int64_t> counted = std::move(p.active);
+  p.active = rows;
+  const std::int64_t max_tiles = (ch.vocab + linear_vocab_tile - 1) / linear_vocab_tile;
+  std::vector<stats> part(static_cast<std::size_t>(ch.rows * max_tiles));
+  std::vector<stats> acc(static_cast<std::size_t>(ch.rows));
+  const std::int64_t n = static_cast<std::int64_t>(rows.size());
+  for (std::int64_t b0 = 0; b0 < n; b0 += ch.rows) {
+    p.gather(b0, std::min(ch.rows, n - b0));
+    std::fill(acc.begin(), acc.end(), stats::empty());
+    for (std::int64_t c0 = 0; c0 < in.vocab; c0 += ch.vocab) {
+      p.select_vocab(c0, std::min(ch.vocab, in.vocab - c0));
+      const std::int64_t tiles = p.tiles();
+      parallel_tiles(tiles, threads, [&](std::int64_t k0, std::int64_t k1) {
+        row_scratch<A> scratch;
+        for (std::int64_t k = k0; k < k1; ++k) {
+          std::int64_t j0 = 0, w = 0;
+          p.tile_logits(k, &j0, &w);
+          for (std::int64_t i = 0; i < p.nb; ++i) {
+            A* zr = p.z.get() + i * p.nv + j0;
+            for (std::int64_t j = 0; j < w; ++j)
+              zr[j] = dpo::detail::transform_logit(tp, p.raw(zr[j], j0 + j));
+            part[i * tiles + k] = row_forward<false>(zr, w, scratch);
+          }
+        }
+      });
+      for (std::int64_t i = 0; i < p.nb; ++i)
+        for (std::int64_t k = 0; k < tiles; ++k) merge_linear_stats(acc[i], part[i * tiles + k]);
+    }
+    for (std::int64_t i = 0; i < p.nb; ++i) out.push_back(dpo::detail::lse_parts_of(acc[i].m, acc[i].s));
+  }
+  p.active = std::move(counted);
+  return out;
+}
+
 template <bool Entropy, class T, class L, class G>
 void linear_backward_impl(const linear_view<T, L>& in, const linear_chunking& ch,
                           const double* row_lse, const double* grad_logps, const double* entropy,
@@ -461,11 +510,17 @@ void linear_backward_impl(const linear_view<T, L>& in, const linear_chunking& ch
   std::vector<row_coef> rc(static_cast<std::size_t>(ch.rows));
   std::unique_ptr<A[]> dh = linear_buffer<A>(g.hidden != nullptr ? ch.rows * H : 0);
   const std::int64_t n_act = static_cast<std::int64_t>(p.active.size());
+  std::vector<std::int64_t> coarse;  // rows whose stored lse is too coarse for A
+  for (const std::int64_t r : p.active)
+    if (dpo::detail::lse_needs_recompute<A>(row_lse[r])) coarse.push_back(r);
+  const std::vector<dpo::detail::lse_parts<A>> exact = linear_exact_lse(p, coarse, threads);
+  std::size_t next_coarse = 0;
   for (std::int64_t b0 = 0; b0 < n_act; b0 += ch.rows) {
     p.gather(b0, std::min(ch.rows, n_act - b0));
     for (std::int64_t i = 0; i < p.nb; ++i) {
       const std::int64_t r = p.active[b0 + i];
-      rc[i].lse = dpo::detail::split_lse<A>(row_lse[r]);
+      const bool is_coarse = next_coarse < coarse.size() && coarse[next_coarse] == r;
+      rc[i].lse = is_coarse ? exact[next_coarse++] : dpo::detail::split_lse<A>(row_lse[r]);
       rc[i].gl = static_cast<A>(grad_logps[r]);
       rc[i].ge = Entropy ? static_cast<A>(grad_entropy[r]) : A(0);
       rc[i].ent = Entropy ? static_cast<A>(entropy[r]) : A(0);
@@ -629,7 +684,10 @@ void linear_logps(const linear_view<T, L>& in, double* logps, double* entropy, d
 ///   added; null members are skipped). g.bias needs a view with a bias.
 /// Recomputes every logits chunk (one product), then two products per chunk: dHidden by
 /// row tiles, dWeight by vocab tiles, so each output element is summed by one thread in a
-/// fixed order: deterministic and independent of opt.num_threads. Rows whose upstream
+/// fixed order: deterministic and independent of opt.num_threads. Rows whose row_lse is at or
+/// past the recompute limit (|lse| >= 2^10 for double, 2^26 for the others, where the double
+/// lse is too coarse for the accumulation type) first recompute their max and sum, one more
+/// product over those rows only, as the logits path does. Rows whose upstream
 /// gradients are both 0 are skipped (exact zeros; their hidden states are not read).
 /// Outputs may not overlap each other or any input. Throws dpo::error naming the argument
 /// before writing anything.

@@ -859,11 +859,11 @@ template <class T, class L>
 void check_reference_call(const hidden_pairs<T, L>& policy, const hidden_pairs<T, L>& ref,
                           const linear_head<T>& ref_head, const linear_head<T>& head) {
   check_head(ref_head, "ref_head");
+  if (ref_head.vocab != head.vocab)
+    fail("ref_head.vocab = ", ref_head.vocab, " != head.vocab = ", head.vocab);
   check_hidden_pairs(ref, ref_head, "ref_hidden", "ref_head");
   if (ref.num_pairs() != policy.num_pairs())
     fail("ref_hidden.num_pairs = ", ref.num_pairs(), " != hidden.num_pairs = ", policy.num_pairs());
-  if (ref_head.vocab != head.vocab)
-    fail("ref_head.vocab = ", ref_head.vocab, " != head.vocab = ", head.vocab);
 }
 
 /// The rows of a layout's sequences (the size of the largest side's span).
