@@ -3,20 +3,22 @@
 // The demo: trains a tiny softmax language model with DPO through dpo::cpu, on a synthetic
 // preference task whose true preference is known, against a frozen reference copy.
 //
-// Model (Eigen, float): the logits row that predicts token t+1 is
-//     z_t = (E[x_t] + Q[instruction]) W + b
-// a bigram model conditioned on the prompt's first token, one of a few "instructions".
+// Model (Eigen, float): the hidden state of the row that predicts token t+1 and its logits are
+//     h_t = E[x_t] + Q[instruction],     z_t = h_t W^T + b
+// a bigram model conditioned on the prompt's first token, one of a few "instructions", whose
+// LM head W [vocab, dim] (nn.Linear's layout) and b go through the library's fused head.
 // Task: each instruction has a hidden utility per vocabulary token; the true score of a
 // completion is the sum of its tokens' utilities under the prompt's instruction. A pair is
 // two completions sampled from the reference for the same prompt, the higher-scoring one
 // chosen. DPO never sees the utilities, only which completion won.
 //
-// Per training step: the model writes the policy logits of a batch in TRL's padded layout
+// Per training step: the model writes the hidden states of a batch in TRL's padded layout
 // (rows of the P chosen sequences, then of the P rejected ones; prompt and padding rows
-// labelled -100), dpo::cpu::dpo_forward computes the sigmoid DPO loss against reference
-// log-probs precomputed once with dpo::cpu::pair_logps, dpo::cpu::dpo_backward writes
-// dLoss/dlogits over the logits (in place), and the model backpropagates that by hand into
-// E, Q, W, b for an Adam step.
+// labelled -100), and one call of dpo::cpu::linear_dpo (dpo/cpu/linear_dpo.hpp) forms the
+// logits chunk by chunk, computes the sigmoid DPO loss against reference log-probs
+// precomputed once with dpo::cpu::linear_pair_logps, and returns dLoss/dhidden, dLoss/dW and
+// dLoss/db: the [rows, vocab] logits of the batch never exist. The model backpropagates
+// dLoss/dhidden by hand into E and Q for an Adam step.
 //
 // Reported every --eval-every steps: the training loss and reward margin (mean over the
 // steps since the last row), the held-out loss and preference accuracy (share of held-out
@@ -226,7 +228,7 @@ std::int64_t chunk_begin(std::int64_t n, int c) { return n * c / num_chunks; }
 struct model {
   matrix embed;     // E [vocab, dim]: the context token
   matrix instruct;  // Q [instructions, dim]: the prompt's instruction
-  matrix out;       // W [dim, vocab]
+  matrix out;       // W [vocab, dim]: the LM head, nn.Linear's layout
   row_vector bias;  // b [vocab]
 
   void zeros_like(const model& m) {
@@ -252,7 +254,7 @@ model reference_model(const settings& s) {
   };
   fill(m.embed, s.vocab, s.dim, 1.0, 1);
   fill(m.instruct, s.instructions, s.dim, 1.0, 2);
-  fill(m.out, s.dim, s.vocab, 2.0 / std::sqrt(2.0 * s.dim), 3);
+  fill(m.out, s.vocab, s.dim, 2.0 / std::sqrt(2.0 * s.dim), 3);
   matrix b;
   fill(b, 1, s.vocab, 0.5, 4);
   m.bias = b.row(0);
@@ -288,7 +290,7 @@ struct pair_example {
 // Next-token CDFs of `m` for every (instruction, context token) pair, the only inputs of the
 // model, as a [instructions * vocab, vocab] table in double, so sampling is a lookup.
 std::vector<double> next_token_cdfs(const model& m, int threads) {
-  const std::int64_t instructions = m.instruct.rows(), vocab = m.out.cols();
+  const std::int64_t instructions = m.instruct.rows(), vocab = m.out.rows();
   const std::int64_t rows = instructions * vocab;
   matrix hidden(rows, m.embed.cols());
   for (std::int64_t r = 0; r < rows; ++r)
@@ -296,7 +298,7 @@ std::vector<double> next_token_cdfs(const model& m, int threads) {
   std::vector<double> cdf(static_cast<std::size_t>(rows * vocab));
   for_chunks(threads, [&](int c) {
     const std::int64_t r0 = chunk_begin(rows, c), n = chunk_begin(rows, c + 1) - r0;
-    matrix z = hidden.middleRows(r0, n) * m.out;
+    matrix z = hidden.middleRows(r0, n) * m.out.transpose();
     for (std::int64_t i = 0; i < n; ++i) {
       z.row(i) += m.bias;
       const double zmax = z.row(i).maxCoeff();
@@ -315,7 +317,7 @@ std::vector<double> next_token_cdfs(const model& m, int threads) {
 // so identical models give identical samples.
 std::vector<std::vector<int>> sample(const model& m, const std::vector<std::vector<int>>& prompts,
                                      int length, std::uint64_t stream_key, int threads) {
-  const std::int64_t vocab = m.out.cols();
+  const std::int64_t vocab = m.out.rows();
   const std::vector<double> cdf = next_token_cdfs(m, threads);
   const std::int64_t n = static_cast<std::int64_t>(prompts.size());
   std::vector<std::vector<int>> out(prompts.size());
@@ -386,14 +388,26 @@ struct batch {
   std::vector<int> instruction;      // per sequence
   std::vector<std::int64_t> labels;  // per row: the next token, or -100 (prompt, padding)
   std::vector<double> ref_chosen, ref_rejected;
-  matrix hidden;  // [rows, dim]
-  matrix logits;  // [rows, vocab]; dLoss/dlogits after the backward pass (in place)
+  matrix hidden;    // [rows, dim]
+  matrix d_hidden;  // [rows, dim]: dLoss/dhidden from the fused head
 
-  dpo::pair_view<float, std::int64_t> view() const {
-    return dpo::padded_pairs(logits.data(), labels.data(), 2 * pairs, seq_len, logits.cols(),
-                             logits.cols());
+  dpo::cpu::hidden_pairs<float, std::int64_t> pairs_view() const {
+    return dpo::cpu::linear_padded_pairs(hidden.data(), hidden.cols(), hidden.cols(),
+                                         labels.data(), 2 * pairs, seq_len);
   }
 };
+
+// The model's LM head as the library sees it: W [vocab, dim] and b, no logit transforms.
+dpo::cpu::linear_head<float> head_of(const model& m) {
+  dpo::cpu::linear_head<float> h;
+  h.weight = m.out.data();
+  h.vocab = m.out.rows();
+  h.hidden = m.out.cols();
+  h.weight_stride = m.out.cols();
+  h.bias = m.bias.data();
+  h.bias_size = m.bias.size();
+  return h;
+}
 
 // Fills the token rows of the pairs [first, first + count) of `order` (or of `pairs` in
 // order when `order` is empty): sequences [0, P) are chosen, [P, 2P) rejected. Row t of a
@@ -427,46 +441,26 @@ void fill_batch(const settings& s, const std::vector<pair_example>& pairs,
   }
 }
 
-// logits = (E[context] + Q[instruction]) W + b. Padding rows get logits too; the library
-// never reads rows labelled -100.
+// hidden = E[context] + Q[instruction]; the logits are the fused head's business. Padding
+// rows get hidden states too; the library never reads rows labelled -100.
 void model_forward(const model& m, batch& b, int threads) {
   const std::int64_t rows = static_cast<std::int64_t>(b.context.size());
   b.hidden.resize(rows, m.embed.cols());
-  b.logits.resize(rows, m.out.cols());
   for_chunks(threads, [&](int c) {
-    const std::int64_t r0 = chunk_begin(rows, c), n = chunk_begin(rows, c + 1) - r0;
-    for (std::int64_t r = r0; r < r0 + n; ++r)
+    for (std::int64_t r = chunk_begin(rows, c); r < chunk_begin(rows, c + 1); ++r)
       b.hidden.row(r) = m.embed.row(b.context[r]) + m.instruct.row(b.instruction[r / b.seq_len]);
-    b.logits.middleRows(r0, n).noalias() = b.hidden.middleRows(r0, n) * m.out;
-    b.logits.middleRows(r0, n).rowwise() += m.bias;
   });
 }
 
-// Backpropagates dLoss/dlogits (in b.logits) into `g`.
-void model_backward(const model& m, const batch& b, model& g, int threads) {
-  const std::int64_t rows = b.logits.rows();
-  std::vector<matrix> d_out(num_chunks);
-  std::vector<row_vector> d_bias(num_chunks);
-  matrix d_hidden(rows, m.embed.cols());
-  for_chunks(threads, [&](int c) {
-    const std::int64_t r0 = chunk_begin(rows, c), n = chunk_begin(rows, c + 1) - r0;
-    const auto dz = b.logits.middleRows(r0, n);
-    d_out[c].noalias() = b.hidden.middleRows(r0, n).transpose() * dz;
-    d_bias[c] = dz.colwise().sum();
-    d_hidden.middleRows(r0, n).noalias() = dz * m.out.transpose();
-  });
-  g.out = d_out[0];
-  g.bias = d_bias[0];
-  for (int c = 1; c < num_chunks; ++c) {
-    g.out += d_out[c];
-    g.bias += d_bias[c];
-  }
+// Backpropagates dLoss/dhidden (b.d_hidden) into the embeddings of `g` (the head's gradients
+// g.out and g.bias come from the library).
+void model_backward(const batch& b, model& g) {
   g.embed.setZero();
   g.instruct.setZero();
-  for (std::int64_t r = 0; r < rows; ++r) {
+  for (std::int64_t r = 0; r < b.hidden.rows(); ++r) {
     if (b.labels[r] == -100) continue;  // the library wrote exact zeros there
-    g.embed.row(b.context[r]) += d_hidden.row(r);
-    g.instruct.row(b.instruction[r / b.seq_len]) += d_hidden.row(r);
+    g.embed.row(b.context[r]) += b.d_hidden.row(r);
+    g.instruct.row(b.instruction[r / b.seq_len]) += b.d_hidden.row(r);
   }
 }
 
@@ -500,7 +494,7 @@ class adam {
 };
 
 // Runs `m` on every pair, in batches of up to 256 in order: fn(b, first, count) with batch b
-// holding pairs [first, first + count) and m's logits.
+// holding pairs [first, first + count) and m's hidden states.
 template <class Fn>
 void for_batches(const settings& s, const model& m, const std::vector<pair_example>& pairs,
                  int threads, const Fn& fn) {
@@ -516,9 +510,10 @@ void for_batches(const settings& s, const model& m, const std::vector<pair_examp
 
 // Reference sequence log-probs of every pair, computed once (TRL's precompute_ref_log_probs).
 void precompute_reference(const settings& s, const model& ref, std::vector<pair_example>& pairs,
-                          const dpo::cpu::options& opt) {
+                          const dpo::cpu::linear_dpo_options& opt) {
   for_batches(s, ref, pairs, opt.num_threads, [&](batch& b, std::size_t first, std::size_t count) {
-    dpo::cpu::pair_logps(b.view(), 1.0, b.ref_chosen.data(), b.ref_rejected.data(), opt);
+    dpo::cpu::linear_pair_logps(b.pairs_view(), head_of(ref), 1.0, b.ref_chosen.data(),
+                                b.ref_rejected.data(), opt);
     for (std::size_t i = 0; i < count; ++i) {
       pairs[first + i].ref_chosen = b.ref_chosen[i];
       pairs[first + i].ref_rejected = b.ref_rejected[i];
@@ -533,14 +528,21 @@ struct heldout_stats {
 
 heldout_stats evaluate(const settings& s, const model& policy,
                        const std::vector<pair_example>& pairs, const dpo::loss_config& cfg,
-                       const dpo::cpu::options& opt) {
+                       const dpo::cpu::linear_dpo_options& opt) {
   heldout_stats h;
   for_batches(s, policy, pairs, opt.num_threads, [&](batch& b, std::size_t, std::size_t count) {
-    const dpo::cpu::forward_result r =
-        dpo::cpu::dpo_forward(b.view(), b.ref_chosen.data(), b.ref_rejected.data(), cfg, opt);
-    h.loss += r.loss * static_cast<double>(count);
+    // Forward only: the loss and the rewards, no gradient.
+    double loss = 0;
+    std::vector<double> rc(count), rr(count);
+    dpo::forward_outputs out;
+    out.loss = &loss;
+    out.chosen_rewards = rc.data();
+    out.rejected_rewards = rr.data();
+    dpo::cpu::linear_dpo_forward(b.pairs_view(), head_of(policy), b.ref_chosen.data(),
+                                 b.ref_rejected.data(), cfg, out, opt);
+    h.loss += loss * static_cast<double>(count);
     for (std::size_t i = 0; i < count; ++i) {
-      const double m = r.chosen_rewards[i] - r.rejected_rewards[i];
+      const double m = rc[i] - rr[i];
       h.margin += m;
       h.accuracy += m > 0 ? 1.0 : m == 0 ? 0.5 : 0.0;
     }
@@ -604,7 +606,7 @@ int run(const settings& s) {
     return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   };
   const int threads = resolve_threads(s.threads);
-  dpo::cpu::options opt;
+  dpo::cpu::linear_dpo_options opt;
   opt.num_threads = threads;
   opt.metrics = false;  // loss, rewards and margins are always computed; TRL's extras are not needed
   dpo::loss_config cfg;  // sigmoid loss
@@ -626,8 +628,8 @@ int run(const settings& s) {
 
   std::printf("train_tiny_dpo: DPO through dpo %s (dpo::cpu) on a tiny softmax LM\n",
               DPO_VERSION_STRING);
-  std::printf("  model  z_t = (E[x_t] + Q[instruction]) W + b: vocab %d, dim %d, %d instructions,"
-              " %lld parameters\n",
+  std::printf("  model  h_t = E[x_t] + Q[instruction], z_t = h_t W^T + b: vocab %d, dim %d,"
+              " %d instructions, %lld parameters\n",
               s.vocab, s.dim, s.instructions, static_cast<long long>(reference.parameters()));
   std::printf("  task   hidden per-instruction token utilities; true score = sum over the"
               " completion;\n         chosen = the higher-scoring of two %d-token reference"
@@ -637,8 +639,25 @@ int run(const settings& s) {
               " (%.1f s)\n",
               s.train_pairs, s.heldout_pairs, seconds());
   std::printf("  train  sigmoid loss, beta %g, Adam lr %g, %d pairs/step, %d steps, %d threads,"
-              " seed %llu\n\n",
+              " seed %llu\n",
               s.beta, s.lr, s.batch, s.steps, threads, static_cast<unsigned long long>(s.seed));
+  {
+    // What the fused head does with a training batch: its mode and workspace.
+    batch probe;
+    std::vector<int> first(static_cast<std::size_t>(std::min<int>(s.batch, s.train_pairs)));
+    for (std::size_t i = 0; i < first.size(); ++i) first[i] = static_cast<int>(i);
+    fill_batch(s, train, first, 0, first.size(), probe);
+    model_forward(reference, probe, threads);
+    const dpo::cpu::linear_dpo_plan plan =
+        dpo::cpu::linear_dpo_workspace_size(probe.pairs_view(), head_of(reference), cfg, opt);
+    std::printf("  head   fused LM head (dpo::cpu::linear_dpo), %s GEMM passes over W: logits"
+                " of up to %lld\n         completion rows x %d vocab at a time in a %.1f MiB"
+                " workspace (of %lld rows per batch)\n\n",
+                plan.mode == dpo::linear_mode::three_pass ? "three" : "four",
+                static_cast<long long>(plan.chunk_rows), s.vocab,
+                static_cast<double>(plan.workspace_bytes) / (1 << 20),
+                static_cast<long long>(probe.hidden.rows()));
+  }
 
   progress bar(s.steps, DPO_DEMO_ISATTY(1) != 0);
   char line[160];
@@ -676,20 +695,30 @@ int run(const settings& s) {
     cursor += count;
 
     model_forward(policy, b, threads);
-    const dpo::pair_view<float, std::int64_t> view = b.view();
-    const dpo::cpu::forward_result r =
-        dpo::cpu::dpo_forward(view, b.ref_chosen.data(), b.ref_rejected.data(), cfg, opt);
-    // In place: the gradient overwrites the logits, which are not needed any more.
-    const dpo::pair_grad_view<float> g{b.logits.data(), b.logits.cols(), b.logits.data(),
-                                       b.logits.cols()};
-    dpo::cpu::dpo_backward(view, r, g, 1.0, opt);
-    model_backward(policy, b, grad, threads);
+    // One call: loss, metrics, dLoss/dhidden (written), dLoss/dW and dLoss/db (added to).
+    double loss = 0;
+    dpo::metrics metrics;
+    dpo::forward_outputs out;
+    out.loss = &loss;
+    out.metrics = &metrics;
+    b.d_hidden.resize(b.hidden.rows(), b.hidden.cols());
+    grad.out.setZero();
+    grad.bias.setZero();
+    dpo::cpu::linear_dpo_grads<float> g;
+    g.chosen_hidden = g.rejected_hidden = b.d_hidden.data();
+    g.chosen_hidden_stride = g.rejected_hidden_stride = b.d_hidden.cols();
+    g.weight = grad.out.data();
+    g.weight_stride = grad.out.cols();
+    g.bias = grad.bias.data();
+    dpo::cpu::linear_dpo(b.pairs_view(), head_of(policy), b.ref_chosen.data(),
+                         b.ref_rejected.data(), cfg, out, g, opt);
+    model_backward(b, grad);
     opt_state.step(policy, grad);
 
-    sum_loss += r.loss;
-    sum_margin += r.metrics.rewards_margins;
+    sum_loss += loss;
+    sum_margin += metrics.rewards_margins;
     ++since;
-    bar.bar(step, r.loss, seconds());
+    bar.bar(step, loss, seconds());
     if (step % s.eval_every == 0 || step == s.steps) {
       last = report(step, sum_loss / since, sum_margin / since, policy);
       sum_loss = sum_margin = 0;

@@ -567,7 +567,8 @@ TEST_CASE("linear DPO: the plan picks three passes for separable losses whose pa
   CHECK(plan("sigmoid", mode(dpo::linear_mode::automatic, 1)).mode == dpo::linear_mode::four_pass);
   const auto whole = plan("sigmoid", mode(dpo::linear_mode::automatic, 8));
   CHECK(whole.mode == dpo::linear_mode::three_pass);
-  CHECK(whole.chunk_rows == 8);
+  CHECK(whole.chunk_rows == 6);  // one pair (3 + 3 completion rows) per chunk
+  CHECK(plan("sigmoid").chunk_rows == 18);  // the whole batch: the workspace holds no more
   // The default budget keeps the extra memory under 1 GiB at N = 8192, H = 4096, V = 128256,
   // and one 2 x 1024-row pair does not fit it: four passes there.
   dpo::linear_plan_in big;

@@ -91,6 +91,22 @@ DPO_HOST_DEVICE inline std::int64_t linear_next_chunk(const std::int64_t* pair_r
   return p;
 }
 
+/// The rows of the largest three-pass chunk when chunks of at most max_rows rows are cut
+/// greedily (linear_next_chunk): what the workspace must hold. Every pair must fit.
+DPO_HOST_DEVICE inline std::int64_t linear_largest_chunk(const std::int64_t* pair_rows,
+                                                         std::int64_t num_pairs,
+                                                         std::int64_t max_rows) {
+  std::int64_t largest = 0;
+  for (std::int64_t p0 = 0; p0 < num_pairs;) {
+    const std::int64_t p1 = linear_next_chunk(pair_rows, num_pairs, p0, max_rows);
+    std::int64_t rows = 0;
+    for (std::int64_t p = p0; p < p1; ++p) rows += pair_rows[p];
+    largest = rows > largest ? rows : largest;
+    p0 = p1 > p0 ? p1 : p0 + 1;
+  }
+  return largest;
+}
+
 /// Whether every pair fits a chunk of max_rows rows (the three-pass condition on memory).
 DPO_HOST_DEVICE inline bool linear_pairs_fit(const std::int64_t* pair_rows, std::int64_t num_pairs,
                                              std::int64_t max_rows) {

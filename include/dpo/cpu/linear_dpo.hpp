@@ -146,8 +146,8 @@ struct linear_dpo_options {
   linear_mode mode = linear_mode::automatic;
 };
 
-/// What a call will do: its mode, the rows of its logits chunks and the bytes it allocates
-/// (the largest of its phases' workspaces).
+/// What a call will do: its mode, the rows of its largest logits chunk and the bytes it
+/// allocates for it (four passes: the larger of the forward's and the backward's workspace).
 struct linear_dpo_plan {
   linear_mode mode = linear_mode::four_pass;
   std::int64_t chunk_rows = 0;
@@ -397,6 +397,7 @@ void forward_all_rows(const hidden_pairs<T, L>& in, const linear_head<T>& head,
                       const side_map* maps, std::int64_t rows, bool metrics, int threads,
                       row_values* out) {
   using A = acc_t<T>;
+  rows = std::max<std::int64_t>(1, std::min(rows, std::max(maps[0].rows(), maps[1].rows())));
   linear_chunk<T> ch(head, rows, false, false, threads);
   const token_view<T, L>* sides[2] = {&in.pairs.chosen, &in.pairs.rejected};
   for (int s = 0; s < 2; ++s) {
@@ -781,7 +782,10 @@ void fused_three(const hidden_pairs<T, L>& policy, const linear_head<T>& head,
   const token_view<T, L>* sides[2] = {&policy.pairs.chosen, &policy.pairs.rejected};
   T* gh[2] = {g.chosen_hidden, g.rejected_hidden};
   const std::int64_t gs[2] = {g.chosen_hidden_stride, g.rejected_hidden_stride};
-  linear_chunk<T> ch(head, max_rows, true, gh[0] != nullptr || gh[1] != nullptr, threads);
+  // The workspace holds the largest chunk actually cut, not the most the budget allows.
+  const std::int64_t largest = std::max<std::int64_t>(
+      1, dpo::detail::linear_largest_chunk(rows_of_pair.data(), P, max_rows));
+  linear_chunk<T> ch(head, largest, true, gh[0] != nullptr || gh[1] != nullptr, threads);
   zero_row_state(policy, out);
   if (!g.accumulate_hidden) zero_hidden_rows(policy, g, false);
   for (std::int64_t p0 = 0, p1 = 0; p0 < P; p0 = p1) {
@@ -927,13 +931,15 @@ linear_dpo_plan linear_dpo_workspace_size(const hidden_pairs<T, L>& policy,
   const detail::plan_rows<T> plan = detail::plan_chunks(head, detail::layout_rows(policy), hidden_grad, true, opt);
   const detail::side_map maps[2] = {detail::map_side(policy.pairs.chosen), detail::map_side(policy.pairs.rejected)};
   linear_dpo_plan r;
-  r.mode = detail::choose_mode(cfg, detail::pair_rows(maps), plan, opt);
+  const std::vector<std::int64_t> rows = detail::pair_rows(maps);
+  r.mode = detail::choose_mode(cfg, rows, plan, opt);
   if (r.mode == linear_mode::three_pass) {
-    r.chunk_rows = plan.three;
-    r.workspace_bytes = dpo::detail::linear_chunk_bytes(detail::plan_in(head, opt, true, hidden_grad), plan.three);
+    r.chunk_rows = std::max<std::int64_t>(
+        1, dpo::detail::linear_largest_chunk(rows.data(), policy.num_pairs(), plan.three));
+    r.workspace_bytes = dpo::detail::linear_chunk_bytes(detail::plan_in(head, opt, true, hidden_grad), r.chunk_rows);
   } else {
-    r.chunk_rows = plan.four;
-    r.workspace_bytes = std::max(dpo::detail::linear_chunk_bytes(detail::plan_in(head, opt, false, false), plan.four),
+    r.chunk_rows = std::max<std::int64_t>(1, std::min(plan.four, std::max(maps[0].rows(), maps[1].rows())));
+    r.workspace_bytes = std::max(dpo::detail::linear_chunk_bytes(detail::plan_in(head, opt, false, false), r.chunk_rows),
                                  plan.backward.workspace_bytes);
   }
   return r;
