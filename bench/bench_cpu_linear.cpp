@@ -11,6 +11,15 @@
 // counter extra_bytes is the memory each path needs beyond the inputs and the gradients:
 // the [N, V] logits for the other two, the workspace for ours.
 //
+// DPO from hidden states (dpo/cpu/linear_dpo.hpp), same sizes as 4 pairs x 2 x 128 rows in
+// TRL's padded layout (every row a completion token, so every path multiplies all N rows),
+// sigmoid loss against reference log-probs, loss + dHidden + dWeight, against:
+// - floor: the same three GEMMs alone (dpo_floor_3gemm);
+// - materialize: the logits GEMM to a full [N, V] buffer, the logits path's dpo_forward and
+//   dpo_backward (in place), the two backward GEMMs (dpo_materialize);
+// ours in three-pass mode (whole pairs per chunk: the default budget holds the batch, 64 MiB
+// one pair) and four-pass mode (log-probs first, then the recomputing backward).
+//
 // Defaults: 3 repetitions, aggregates only, interleaved; every --benchmark_* flag overrides
 // them. --dpo_threads=N sets the threads of every path (default 2).
 #define EIGEN_DONT_PARALLELIZE
@@ -30,6 +39,7 @@
 #include "bench_common.hpp"
 #include "dpo/cpu/dpo.hpp"
 #include "dpo/cpu/linear.hpp"
+#include "dpo/cpu/linear_dpo.hpp"
 
 namespace {
 
@@ -160,6 +170,129 @@ void bm_ours(benchmark::State& state) {
   state.counters["chunk_vocab"] = static_cast<double>(ch.vocab);
 }
 
+// ---------------------------------------------------------------------------------------
+// DPO from hidden states
+
+constexpr std::int64_t pairs = 4, seq_len = N / (2 * pairs);
+
+std::vector<double>& ref_logps(int side) {
+  static std::vector<double> r[2] = {std::vector<double>(pairs), std::vector<double>(pairs)};
+  static const bool filled = [] {
+    for (std::int64_t i = 0; i < pairs; ++i) {
+      r[0][i] = -10.0 * seq_len * (1.0 + 0.1 * uniform(i + (1ll << 52)));
+      r[1][i] = -10.0 * seq_len * (1.0 + 0.1 * uniform(i + (1ll << 53)));
+    }
+    return true;
+  }();
+  (void)filled;
+  return r[side];
+}
+
+dpo::cpu::hidden_pairs<float, std::int64_t> hidden_view(const data& d) {
+  return dpo::cpu::linear_padded_pairs(d.hidden.data(), H, H, d.labels.data(), 2 * pairs, seq_len);
+}
+
+dpo::cpu::linear_head<float> head_view(const data& d) {
+  dpo::cpu::linear_head<float> h;
+  h.weight = d.weight.data();
+  h.vocab = V;
+  h.hidden = H;
+  h.weight_stride = H;
+  return h;
+}
+
+void bm_dpo_materialize(benchmark::State& state) {
+  data& d = get();
+  d.logits.resize(N, V);
+  const dpo::loss_config cfg;
+  dpo::cpu::options opt;
+  opt.num_threads = g_threads;
+  double loss = 0;
+  dpo::metrics m;
+  dpo::forward_outputs out;
+  out.loss = &loss;
+  out.metrics = &m;
+  for (auto _ : state) {
+    gemm_rows_abt(d.hidden, d.weight, d.logits);
+    const auto view = dpo::padded_pairs(d.logits.data(), d.labels.data(), 2 * pairs, seq_len, V, V);
+    const dpo::cpu::forward_result r = dpo::cpu::dpo_forward(view, ref_logps(0).data(), ref_logps(1).data(), cfg, opt);
+    dpo::cpu::dpo_backward(view, r, dpo::pair_grad_view<float>{d.logits.data(), V, d.logits.data(), V}, 1.0, opt);
+    backward_gemms(d);
+    benchmark::ClobberMemory();
+  }
+  state.counters["extra_bytes"] = static_cast<double>(N * V * sizeof(float) + 3 * N * sizeof(double));
+}
+
+void bm_dpo_ours(benchmark::State& state) {
+  data& d = get();
+  d.logits.resize(0, 0);
+  const dpo::loss_config cfg;
+  dpo::cpu::linear_dpo_options opt;
+  opt.num_threads = g_threads;
+  opt.mode = state.range(0) == 3 ? dpo::linear_mode::three_pass : dpo::linear_mode::four_pass;
+  opt.workspace_bytes = state.range(1) << 20;
+  double loss = 0;
+  dpo::metrics m;
+  dpo::forward_outputs out;
+  out.loss = &loss;
+  out.metrics = &m;
+  dpo::cpu::linear_dpo_grads<float> g;
+  g.chosen_hidden = g.rejected_hidden = d.dhidden.data();
+  g.chosen_hidden_stride = g.rejected_hidden_stride = H;
+  g.weight = d.dweight.data();
+  g.weight_stride = H;
+  for (auto _ : state) {
+    dpo::cpu::linear_dpo(hidden_view(d), head_view(d), ref_logps(0).data(), ref_logps(1).data(), cfg, out, g, opt);
+    benchmark::ClobberMemory();
+  }
+  const dpo::cpu::linear_dpo_plan plan = dpo::cpu::linear_dpo_workspace_size(hidden_view(d), head_view(d), cfg, opt);
+  // The workspace plus the per-row bookkeeping (row maps, values, coefficients).
+  state.counters["extra_bytes"] = static_cast<double>(plan.workspace_bytes + N * 120);
+  state.counters["chunk_rows"] = static_cast<double>(plan.chunk_rows);
+}
+
+/// Checks ours (three- and four-pass) against materialize once (loss, dHidden, dWeight).
+void check_dpo_once() {
+  data& d = get();
+  const dpo::loss_config cfg;
+  double loss[3] = {0, 0, 0};
+  mat dh[3], dw[3];
+  for (int k = 0; k < 2; ++k) {
+    dpo::cpu::linear_dpo_options opt;
+    opt.num_threads = g_threads;
+    opt.mode = k == 0 ? dpo::linear_mode::three_pass : dpo::linear_mode::four_pass;
+    dpo::forward_outputs out;
+    out.loss = &loss[k];
+    d.dweight.setZero();
+    dpo::cpu::linear_dpo_grads<float> g;
+    g.chosen_hidden = g.rejected_hidden = d.dhidden.data();
+    g.chosen_hidden_stride = g.rejected_hidden_stride = H;
+    g.weight = d.dweight.data();
+    g.weight_stride = H;
+    dpo::cpu::linear_dpo(hidden_view(d), head_view(d), ref_logps(0).data(), ref_logps(1).data(), cfg, out, g, opt);
+    dh[k] = d.dhidden;
+    dw[k] = d.dweight;
+  }
+  d.dweight.setZero();
+  d.logits.resize(N, V);
+  gemm_rows_abt(d.hidden, d.weight, d.logits);
+  dpo::cpu::options o;
+  o.num_threads = g_threads;
+  const auto view = dpo::padded_pairs(d.logits.data(), d.labels.data(), 2 * pairs, seq_len, V, V);
+  const dpo::cpu::forward_result r = dpo::cpu::dpo_forward(view, ref_logps(0).data(), ref_logps(1).data(), cfg, o);
+  dpo::cpu::dpo_backward(view, r, dpo::pair_grad_view<float>{d.logits.data(), V, d.logits.data(), V}, 1.0, o);
+  backward_gemms(d);
+  loss[2] = r.loss;
+  for (int k = 0; k < 2; ++k)
+    std::fprintf(stderr,
+                 "check dpo (%s): loss %.9g vs %.9g; max |dhidden diff| %.3g (max %.3g); max "
+                 "|dweight diff| %.3g (max %.3g)\n",
+                 k == 0 ? "three-pass" : "four-pass", loss[k], loss[2],
+                 (dh[k] - d.dhidden).cwiseAbs().maxCoeff(), d.dhidden.cwiseAbs().maxCoeff(),
+                 (dw[k] - d.dweight).cwiseAbs().maxCoeff(), d.dweight.cwiseAbs().maxCoeff());
+  d.logits.resize(0, 0);
+}
+
 /// Checks ours against materialize once (dHidden, log-probs), so a fast wrong head shows.
 void check_once() {
   data& d = get();
@@ -219,11 +352,14 @@ class ratio_reporter : public benchmark::ConsoleReporter {
   }
   void Finalize() override {
     ConsoleReporter::Finalize();
-    const double floor = med_["linear/floor_3gemm"], mat = med_["linear/materialize"];
     std::printf("\nSummary (medians of one run, threads = %d, N = %lld, H = %lld, V = %lld, fp32)\n",
                 g_threads, static_cast<long long>(N), static_cast<long long>(H), static_cast<long long>(V));
     std::printf("%-32s %10s %10s %14s %12s\n", "path", "ms", "x floor", "materialize/x", "extra MiB");
     for (const auto& kv : med_) {
+      // Each path against the floor and the materializing path of its own group.
+      const bool is_dpo = kv.first.rfind("dpo/", 0) == 0;
+      const double floor = med_[is_dpo ? "dpo/floor_3gemm" : "linear/floor_3gemm"];
+      const double mat = med_[is_dpo ? "dpo/materialize" : "linear/materialize"];
       std::printf("%-32s %10.1f %10.2f %14.2f %12.1f\n", kv.first.c_str(), kv.second * 1e3,
                   floor > 0 ? kv.second / floor : 0.0, kv.second > 0 ? mat / kv.second : 0.0,
                   bytes_[kv.first] / 1048576.0);
@@ -246,7 +382,13 @@ int main(int argc, char** argv) {
   cfg(benchmark::RegisterBenchmark("linear/materialize", bm_materialize));
   // Budgets in MiB: the default (256), and 16 MiB (narrower chunks).
   cfg(benchmark::RegisterBenchmark("linear/ours", bm_ours)->Arg(256)->Arg(16));
+  cfg(benchmark::RegisterBenchmark("dpo/floor_3gemm", bm_floor));
+  cfg(benchmark::RegisterBenchmark("dpo/materialize", bm_dpo_materialize));
+  // {passes, budget MiB}: three-pass with the default budget (the whole batch in one chunk)
+  // and with 64 MiB (one pair per chunk); four-pass with the default budget.
+  cfg(benchmark::RegisterBenchmark("dpo/ours", bm_dpo_ours)->Args({3, 768})->Args({3, 64})->Args({4, 768}));
   check_once();
+  check_dpo_once();
   ratio_reporter reporter;
   benchmark::RunSpecifiedBenchmarks(&reporter);
   benchmark::Shutdown();
