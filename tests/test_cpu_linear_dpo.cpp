@@ -980,3 +980,28 @@ TEST_CASE("linear DPO: bad input names the argument and writes nothing", "[linea
   for (double x : o.losses) CHECK(x == -9.0);
   for (double x : o.row_coef) CHECK(x == -9.0);
 }
+
+TEST_CASE("linear DPO: pairs without completion rows and a fully masked batch", "[linear_dpo]") {
+  for (const char* name : {"sigmoid", "sft", "aot"}) {
+    problem p = make_problem<double>(3, 5, 4, 11, 101);
+    for (int s = 0; s < 2; ++s)
+      for (auto& y : p.lab[s][1]) y = -100;  // pair 1 has no completion token
+    const dpo::loss_config& cfg = fixture::config_named(name).cfg;
+    const fixture::reference ref = ref_logps(p, cfg, 2);
+    const result want = reference_of(p, cfg, ref.c, ref.r);
+    for (dpo::linear_mode m : {dpo::linear_mode::automatic, dpo::linear_mode::four_pass}) {
+      INFO(name << ", mode " << static_cast<int>(m));
+      check_result(run<double>(p, layout::padded, cfg, ref, mode(m)), want, 1e-9, 1e-8);
+      check_result(run<double>(p, layout::packed, cfg, ref, mode(m, 1)), want, 1e-9, 1e-8);
+    }
+    for (auto& side : p.lab)
+      for (auto& seq : side)
+        for (auto& y : seq) y = -100;
+    const result none = reference_of(p, cfg, ref.c, ref.r);
+    for (dpo::linear_mode m : {dpo::linear_mode::automatic, dpo::linear_mode::four_pass}) {
+      const result got = run<double>(p, layout::padded, cfg, ref, mode(m));
+      check_result(got, none, 1e-9, 1e-8);
+      for (double x : flat(got.dh)) CHECK(x == 0.0);
+    }
+  }
+}
