@@ -1005,3 +1005,38 @@ TEST_CASE("linear DPO: pairs without completion rows and a fully masked batch", 
     }
   }
 }
+
+TEST_CASE("linear DPO: the header's example; null gradient members are skipped", "[linear_dpo]") {
+  const std::int64_t P = 2, T = 4, H = 3, V = 7;
+  std::vector<float> h(2 * P * T * H), w(V * H), dh(h.size()), dw(w.size(), 0.0f);
+  for (std::size_t i = 0; i < h.size(); ++i) h[i] = std::sin(0.7f * static_cast<float>(i));
+  for (std::size_t i = 0; i < w.size(); ++i) w[i] = std::cos(1.3f * static_cast<float>(i));
+  std::vector<std::int64_t> labels(2 * P * T);
+  for (std::size_t r = 0; r < labels.size(); ++r) labels[r] = r % T == 0 ? -100 : static_cast<std::int64_t>(r % V);
+  const double ref_c[P] = {-5.0, -6.0}, ref_r[P] = {-6.5, -5.5};
+  dpo::loss_config cfg;
+  // The example of linear_dpo's doc comment, verbatim but for the names.
+  auto policy = dpo::cpu::linear_padded_pairs(h.data(), H, H, labels.data(), 2 * P, T);
+  dpo::cpu::linear_head<float> head{w.data(), V, H, H};
+  dpo::cpu::linear_dpo_grads<float> g{dh.data(), H, dh.data(), H, false, dw.data(), H};
+  double loss;
+  dpo::forward_outputs out;
+  out.loss = &loss;
+  dpo::cpu::linear_dpo(policy, head, ref_c, ref_r, cfg, out, g);
+  CHECK(std::isfinite(loss));
+  // Only dHidden, then only dWeight: the same values as together.
+  for (dpo::linear_mode m : {dpo::linear_mode::three_pass, dpo::linear_mode::four_pass}) {
+    std::vector<float> dh2(h.size(), 9.0f), dw2(w.size(), 0.0f);
+    dpo::cpu::linear_dpo_grads<float> only_h{dh2.data(), H, dh2.data(), H};
+    dpo::cpu::linear_dpo_grads<float> only_w;
+    only_w.weight = dw2.data();
+    only_w.weight_stride = H;
+    double l2 = 0;
+    out.loss = &l2;
+    dpo::cpu::linear_dpo(policy, head, ref_c, ref_r, cfg, out, only_h, mode(m));
+    dpo::cpu::linear_dpo(policy, head, ref_c, ref_r, cfg, out, only_w, mode(m));
+    CHECK(l2 == loss);
+    for (std::size_t i = 0; i < dh.size(); ++i) CHECK(dh2[i] == Approx(dh[i]).margin(1e-6));
+    for (std::size_t i = 0; i < dw.size(); ++i) CHECK(dw2[i] == Approx(dw[i]).margin(1e-6));
+  }
+}
