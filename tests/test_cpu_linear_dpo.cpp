@@ -1017,8 +1017,11 @@ TEST_CASE("linear DPO: the header's example; null gradient members are skipped",
   dpo::loss_config cfg;
   // The example of linear_dpo's doc comment, verbatim but for the names.
   auto policy = dpo::cpu::linear_padded_pairs(h.data(), H, H, labels.data(), 2 * P, T);
-  dpo::cpu::linear_head<float> head{w.data(), V, H, H};
-  dpo::cpu::linear_dpo_grads<float> g{dh.data(), H, dh.data(), H, false, dw.data(), H};
+  dpo::cpu::linear_head<float> head;
+  head.weight = w.data(); head.vocab = V; head.hidden = H; head.weight_stride = H;
+  dpo::cpu::linear_dpo_grads<float> g;
+  g.chosen_hidden = g.rejected_hidden = dh.data(); g.chosen_hidden_stride = g.rejected_hidden_stride = H;
+  g.weight = dw.data(); g.weight_stride = H;
   double loss;
   dpo::forward_outputs out;
   out.loss = &loss;
@@ -1027,7 +1030,9 @@ TEST_CASE("linear DPO: the header's example; null gradient members are skipped",
   // Only dHidden, then only dWeight: the same values as together.
   for (dpo::linear_mode m : {dpo::linear_mode::three_pass, dpo::linear_mode::four_pass}) {
     std::vector<float> dh2(h.size(), 9.0f), dw2(w.size(), 0.0f);
-    dpo::cpu::linear_dpo_grads<float> only_h{dh2.data(), H, dh2.data(), H};
+    dpo::cpu::linear_dpo_grads<float> only_h;
+    only_h.chosen_hidden = only_h.rejected_hidden = dh2.data();
+    only_h.chosen_hidden_stride = only_h.rejected_hidden_stride = H;
     dpo::cpu::linear_dpo_grads<float> only_w;
     only_w.weight = dw2.data();
     only_w.weight_stride = H;

@@ -434,10 +434,6 @@ void forward_all_rows(const hidden_pairs<T, L>& in, const linear_head<T>& head,
   }
 }
 
-}  // namespace detail
-
-namespace detail {
-
 template <class T>
 void check_head(const linear_head<T>& h, const char* name) {
   if (h.vocab < 1) fail(name, ".vocab = ", h.vocab, " is invalid: must be >= 1");
@@ -963,8 +959,11 @@ linear_dpo_plan linear_dpo_workspace_size(const hidden_pairs<T, L>& policy,
 /// before writing anything.
 ///
 ///   auto policy = dpo::cpu::linear_padded_pairs(h, H, H, labels, 2 * P, T);
-///   dpo::cpu::linear_head<float> head{w, V, H, H};
-///   dpo::cpu::linear_dpo_grads<float> g{dh, H, dh, H, false, dw, H};
+///   dpo::cpu::linear_head<float> head;
+///   head.weight = w; head.vocab = V; head.hidden = H; head.weight_stride = H;
+///   dpo::cpu::linear_dpo_grads<float> g;
+///   g.chosen_hidden = g.rejected_hidden = dh; g.chosen_hidden_stride = g.rejected_hidden_stride = H;
+///   g.weight = dw; g.weight_stride = H;
 ///   double loss; dpo::forward_outputs out; out.loss = &loss;
 ///   dpo::cpu::linear_dpo(policy, head, ref_c, ref_r, cfg, out, g);
 template <class T, class L, class G>
