@@ -20,8 +20,17 @@
 #include <type_traits>
 
 #include "dpo/core/math.hpp"
+#include "dpo/cpu/isa.hpp"
 
-#if defined(__AVX512BF16__)
+// The float kernels in explicit vectors (rows_simd.inl) need GCC/Clang vector extensions;
+// other compilers get the plain loops below, auto-vectorised for their flags.
+#if defined(__GNUC__) && !defined(DPO_CPU_NO_SIMD)
+#define DPO_CPU_SIMD 1
+#else
+#define DPO_CPU_SIMD 0
+#endif
+
+#if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #endif
 
@@ -249,6 +258,105 @@ dpo::detail::row_stats<A> chunk_forward(const T* z, std::int64_t n, std::int64_t
   return c;
 }
 
+#if DPO_CPU_SIMD
+// One copy of rows_simd.inl per level, each in its own namespace and target region. No
+// multiply-add is contracted in any of them, whatever the including file's flags, so every
+// level rounds the same operations.
+#if !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+#endif
+#define DPO_ISA_NS isa_baseline
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
+#define DPO_ISA_BYTES 64  // the including file's flags (-march=native, say) allow more than SSE2
+#elif defined(__AVX2__)
+#define DPO_ISA_BYTES 32
+#else
+#define DPO_ISA_BYTES 16
+#endif
+#if defined(__F16C__) && (defined(__x86_64__) || defined(__i386__))
+#define DPO_ISA_F16C 1
+#else
+#define DPO_ISA_F16C 0
+#endif
+#if defined(__FMA__) && (defined(__x86_64__) || defined(__i386__))
+#define DPO_ISA_FMA 1
+#else
+#define DPO_ISA_FMA 0
+#endif
+#include "dpo/cpu/rows_simd.inl"
+#undef DPO_ISA_F16C
+#undef DPO_ISA_FMA
+#undef DPO_ISA_BYTES
+#undef DPO_ISA_NS
+
+#if DPO_CPU_X86_DISPATCH
+#define DPO_ISA_F16C 1
+#define DPO_ISA_FMA 1
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#endif
+#define DPO_ISA_NS isa_avx2
+#define DPO_ISA_BYTES 32
+#include "dpo/cpu/rows_simd.inl"
+#undef DPO_ISA_BYTES
+#undef DPO_ISA_NS
+#if defined(__clang__)
+#pragma clang attribute pop
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c"))), \
+                             apply_to = function)
+#else
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c")
+#endif
+#define DPO_ISA_NS isa_avx512
+#define DPO_ISA_BYTES 64
+#include "dpo/cpu/rows_simd.inl"
+#undef DPO_ISA_BYTES
+#undef DPO_ISA_NS
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+#undef DPO_ISA_F16C
+#undef DPO_ISA_FMA
+#endif  // DPO_CPU_X86_DISPATCH
+
+#if !defined(__clang__)
+#pragma GCC pop_options
+#endif
+#endif  // DPO_CPU_SIMD
+
+/// chunk_forward at the active instruction-set level (float accumulation), else the plain
+/// loops above.
+template <bool Metrics, class T, class A>
+dpo::detail::row_stats<A> chunk_stats(const T* z, std::int64_t n, std::int64_t c0, row_scratch<A>& scratch) {
+#if DPO_CPU_SIMD
+  if constexpr (std::is_same_v<A, float>) {
+#if DPO_CPU_X86_DISPATCH
+    switch (active_isa()) {
+      case isa::avx512:
+        return isa_avx512::chunk_forward<Metrics>(z, n, c0, scratch);
+      case isa::avx2:
+        return isa_avx2::chunk_forward<Metrics>(z, n, c0, scratch);
+      default:
+        break;
+    }
+#endif
+    return isa_baseline::chunk_forward<Metrics>(z, n, c0, scratch);
+  } else {
+    return chunk_forward<Metrics>(z, n, c0, scratch);
+  }
+#else
+  return chunk_forward<Metrics>(z, n, c0, scratch);
+#endif
+}
+
 /// Statistics of one row (see dpo::detail::row_stats). With Metrics = false only m and s
 /// (the log-sum-exp) are filled; the rest stay 0 and argmax is -1 or a chunk origin.
 /// A NaN anywhere in the row makes s NaN. Chunks of only -inf add no mass (the row's s
@@ -259,7 +367,7 @@ dpo::detail::row_stats<A> row_forward(const T* z, std::int64_t V, row_scratch<A>
   row_stats<A> acc = row_stats<A>::empty();
   for (std::int64_t c0 = 0; c0 < V; c0 += row_chunk) {
     const std::int64_t n = V - c0 < row_chunk ? V - c0 : row_chunk;
-    const row_stats<A> c = chunk_forward<Metrics>(z + c0, n, c0, scratch);
+    const row_stats<A> c = chunk_stats<Metrics>(z + c0, n, c0, scratch);
     if (c.m == -INFINITY && c.s == A(0) && acc.argmax >= 0) {
       // Merging would shift by -inf - m (NaN when m = -inf too); the chunk adds only its
       // logit sum and cannot move the first argmax.
@@ -277,20 +385,6 @@ template <class T, class A>
 inline void backward_block(const T* z, T* g, std::int64_t V, dpo::detail::lse_parts<A> lse, A neg) {
   const A hi = lse.hi, lo = lse.lo;
   std::int64_t i = 0;
-#if defined(__AVX512BF16__)
-  if constexpr (std::is_same_v<T, Eigen::bfloat16> && std::is_same_v<A, float>) {
-    // One vcvtneps2bf16 rounds 16 floats to nearest even, where the portable rounding takes
-    // about nine vector operations: a quarter of the bf16 backward. It differs from it only
-    // below the float normal range (|g| < 1.2e-38 gives 0) and in NaN payloads.
-    for (const std::int64_t full = V - V % 16; i < full; i += 16) {
-      alignas(64) float e[16];
-      for (int l = 0; l < 16; ++l)
-        e[l] = exp_clamped(clamp_lo((to_acc<A>(z[i + l]) - hi) - lo, exp_lo<A>)) * neg;
-      const __m256bh b = _mm512_cvtneps_pbh(_mm512_load_ps(e));
-      std::memcpy(static_cast<void*>(g + i), &b, sizeof b);
-    }
-  }
-#endif
   for (; i < V; ++i) g[i] = from_acc<T>(exp_clamped(clamp_lo((to_acc<A>(z[i]) - hi) - lo, exp_lo<A>)) * neg);
 }
 
@@ -304,6 +398,32 @@ void backward_span(const T* __restrict z, T* __restrict g, std::int64_t V, dpo::
 template <class T, class A>
 void backward_span_inplace(T* p, std::int64_t V, dpo::detail::lse_parts<A> lse, A neg) {
   backward_block<T, A>(p, p, V, lse, neg);
+}
+
+/// backward_block at the active instruction-set level (float accumulation), else the plain
+/// loops above; g may equal z.
+template <class T, class A>
+void backward_row(const T* z, T* g, std::int64_t V, dpo::detail::lse_parts<A> lse, A neg) {
+#if DPO_CPU_SIMD
+  if constexpr (std::is_same_v<A, float>) {
+#if DPO_CPU_X86_DISPATCH
+    switch (active_isa()) {
+      case isa::avx512:
+        return isa_avx512::backward_block(z, g, V, lse.hi, lse.lo, neg);
+      case isa::avx2:
+        return isa_avx2::backward_block(z, g, V, lse.hi, lse.lo, neg);
+      default:
+        break;
+    }
+#endif
+    return isa_baseline::backward_block(z, g, V, lse.hi, lse.lo, neg);
+  }
+#endif
+  if (static_cast<const T*>(g) == z) {
+    backward_span_inplace(g, V, lse, neg);
+  } else {
+    backward_span(z, g, V, lse, neg);
+  }
 }
 
 /// The parts of a row's lse for the backward, from the stored double `lse`: split in two
@@ -334,11 +454,7 @@ void row_backward(const T* z, T* g, std::int64_t V, double row_lse, A coef, std:
   const bool has_label = y >= 0 && y < V;
   const A zy = has_label ? to_acc<A>(z[y]) : A(0);  // read before an in-place write
   const A neg = -coef;
-  if (static_cast<const T*>(g) == z) {
-    backward_span_inplace(g, V, lse, neg);
-  } else {
-    backward_span(z, g, V, lse, neg);
-  }
+  backward_row(z, g, V, lse, neg);
   if (has_label) g[y] = from_acc<T>(exp_lane((zy - lse.hi) - lse.lo) * neg + coef);
 }
 

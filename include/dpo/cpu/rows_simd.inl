@@ -1,0 +1,324 @@
+// Copyright 2026 The dpo Authors. SPDX-License-Identifier: Apache-2.0
+//
+// The float row kernels of dpo/cpu/rows.hpp in explicit vectors (GCC/Clang vector
+// extensions). Not a header of its own: rows.hpp includes it once per instruction-set level,
+// each time inside a target region and namespace DPO_ISA_NS, with DPO_ISA_BYTES the level's
+// register width (16, 32 or 64) and DPO_ISA_F16C set when it has the F16C conversions, so
+// the same source becomes SSE2, AVX2 and AVX-512 code. The 16 lanes of the row kernels are
+// 64 / DPO_ISA_BYTES registers of the level's width (never wider vectors, which GCC would
+// lower lane by lane).
+//
+// Every level computes the same 16 lanes with the same IEEE operations in the same order and
+// contracts no multiply-add (GCC: fp-contract=off on the region; Clang: the pragma in each
+// function body, and no a * b + c in one expression), so results are bitwise identical across
+// levels. Only NaN payloads may differ (F16C conversions quiet them).
+//
+// NOLINT(build/header_guard): included several times on purpose.
+
+namespace DPO_ISA_NS {
+
+#if defined(__clang__)
+#define DPO_NO_CONTRACT _Pragma("clang fp contract(off)")
+#else
+#define DPO_NO_CONTRACT
+#endif
+#define DPO_SIMD_INLINE inline __attribute__((always_inline))
+#define DPO_PARTS _Pragma("GCC unroll 8")
+
+/// One register of the level: w floats; `parts` of them hold the 16 lanes.
+inline constexpr int w = DPO_ISA_BYTES / 4;
+inline constexpr int parts = lanes / w;
+typedef float vf __attribute__((vector_size(DPO_ISA_BYTES)));
+typedef std::int32_t vi __attribute__((vector_size(DPO_ISA_BYTES)));
+typedef std::uint32_t vu __attribute__((vector_size(DPO_ISA_BYTES)));
+typedef std::uint16_t vh __attribute__((vector_size(DPO_ISA_BYTES / 2)));
+
+DPO_SIMD_INLINE vf splat(float v) { return vf{} + v; }
+DPO_SIMD_INLINE vu splat_u(std::uint32_t v) { return vu{} + v; }
+
+/// m ? a : b lane by lane, m a comparison's result (all ones or all zeros per lane): a
+/// blend (AVX-512: under a mask register), not a branch.
+DPO_SIMD_INLINE vu select(vi m, vu a, vu b) { return m ? a : b; }
+DPO_SIMD_INLINE vi select(vi m, vi a, vi b) { return m ? a : b; }
+DPO_SIMD_INLINE vf select(vi m, vf a, vf b) { return m ? a : b; }
+
+/// max(x, lo) keeping NaN.
+DPO_SIMD_INLINE vf clamp_lo(vf x, float lo) { return select((vi)(x < lo), splat(lo), x); }
+
+/// a * b + c: one rounding (FMA) where the level has FMA, else two.
+DPO_SIMD_INLINE vf fmadd(vf a, vf b, vf c) {
+#if DPO_ISA_FMA && DPO_ISA_BYTES == 64
+  return (vf)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+#elif DPO_ISA_FMA && DPO_ISA_BYTES == 32
+  return (vf)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+#elif DPO_ISA_FMA && DPO_ISA_BYTES == 16
+  return (vf)_mm_fmadd_ps((__m128)a, (__m128)b, (__m128)c);
+#else
+  DPO_NO_CONTRACT
+  const vf p = a * b;
+  return p + c;
+#endif
+}
+
+/// w logits from p, converted to float exactly.
+DPO_SIMD_INLINE vf load(const float* p) {
+  vf v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+DPO_SIMD_INLINE vf load(const Eigen::bfloat16* p) {
+  vh h;
+  std::memcpy(&h, p, sizeof h);
+  return (vf)(__builtin_convertvector(h, vu) << 16);  // bf16 = a float's top half
+}
+
+DPO_SIMD_INLINE vf load(const Eigen::half* p) {
+#if DPO_ISA_F16C && DPO_ISA_BYTES == 64
+  __m256i h;
+  std::memcpy(&h, p, sizeof h);
+  return (vf)_mm512_maskz_cvtph_ps(0xffff, h);  // (the unmasked form warns in GCC 12)
+#elif DPO_ISA_F16C && DPO_ISA_BYTES == 32
+  __m128i h;
+  std::memcpy(&h, p, sizeof h);
+  return (vf)_mm256_cvtph_ps(h);
+#else
+  // Exact: the exponent rebiased, infinities and NaNs to the float's top exponent, zeros and
+  // subnormals (exponent 0) rebuilt as (1 + m/1024) * 2^-14 - 2^-14 = m * 2^-24.
+  vh raw;
+  std::memcpy(&raw, p, sizeof raw);
+  const vu h = __builtin_convertvector(raw, vu);
+  const vu sign = (h & 0x8000u) << 16;
+  vu o = (h & 0x7fffu) << 13;
+  const vu e = o & (0x7c00u << 13);
+  o += (127u - 15u) << 23;
+  o += (vu)(e == (0x7c00u << 13)) & ((128u - 16u) << 23);
+  const vf small = (vf)(o + (1u << 23)) - 6.103515625e-05f;
+  o = select((vi)(e == 0u), (vu)small, o);
+  return (vf)(o | sign);
+#endif
+}
+
+/// w float values rounded to nearest even into p (as the scalar from_acc).
+DPO_SIMD_INLINE void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+
+DPO_SIMD_INLINE void store(Eigen::bfloat16* p, vf v) {
+  const vu u = (vu)v;
+  const vu rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const vu nan = ((u >> 16) & 0x8000u) | 0x7fc0u;
+  const vh h = __builtin_convertvector(select((vi)(v != v), nan, rounded), vh);
+  std::memcpy(static_cast<void*>(p), &h, sizeof h);
+}
+
+DPO_SIMD_INLINE void store(Eigen::half* p, vf v) {
+#if DPO_ISA_F16C && DPO_ISA_BYTES == 64
+  const __m256i h = _mm512_cvtps_ph((__m512)v, _MM_FROUND_TO_NEAREST_INT);
+  std::memcpy(static_cast<void*>(p), &h, sizeof h);
+#elif DPO_ISA_F16C && DPO_ISA_BYTES == 32
+  const __m128i h = _mm256_cvtps_ph((__m256)v, _MM_FROUND_TO_NEAREST_INT);
+  std::memcpy(static_cast<void*>(p), &h, sizeof h);
+#else
+  // Round to nearest even: overflow to infinity, NaN to a quiet NaN, results below the half
+  // normal range by aligning the mantissa with a float addition (itself rounded to nearest
+  // even), the others by integer rounding of the mantissa.
+  const vu u = (vu)v;
+  const vu sign = u & 0x80000000u;
+  const vu a = u ^ sign;
+  const vu special = select((vi)(a > 0x7f800000u), splat_u(0x7e00u), splat_u(0x7c00u));
+  const vu sub = (vu)((vf)a + 0.5f) - (126u << 23);
+  const vu normal = (a + ((15u - 127u) << 23) + 0xfffu + ((a >> 13) & 1u)) >> 13;
+  vu r = select((vi)(a < (113u << 23)), sub, normal);
+  r = select((vi)(a >= (143u << 23)), special, r) | (sign >> 16);
+  const vh h = __builtin_convertvector(r, vh);
+  std::memcpy(static_cast<void*>(p), &h, sizeof h);
+#endif
+}
+
+/// The 16 lanes of p[0, n), n < 16, padded with `pad` (given as T's bits), as a buffer.
+template <class T>
+DPO_SIMD_INLINE void pad_tail(const T* p, std::int64_t n, std::uint32_t pad_bits, T* buf) {
+  for (int l = 0; l < lanes; ++l) std::memcpy(static_cast<void*>(buf + l), &pad_bits, sizeof(T));
+  std::memcpy(static_cast<void*>(buf), p, static_cast<std::size_t>(n) * sizeof(T));
+}
+
+/// -inf as T's bits (little-endian: the low bytes of the word).
+template <class T>
+constexpr std::uint32_t neg_inf_bits() {
+  return std::is_same_v<T, float> ? 0xff800000u : std::is_same_v<T, Eigen::bfloat16> ? 0xff80u : 0xfc00u;
+}
+
+/// exp(x) for x in [exp_lo, 88] or NaN: the scalar exp_clamped of rows.hpp, lane by lane,
+/// with its multiply-adds fused where the level has FMA (the same operations otherwise).
+DPO_SIMD_INLINE vf exp_v(vf x) {
+  DPO_NO_CONTRACT
+  const float magic = 12582912.0f;
+  const vf t = fmadd(x, splat(1.44269504088896341f), splat(magic));
+  const vf k = t - magic;
+  const vi biased = (vi)t - (bits_as<std::int32_t>(magic) - 127);
+  vf r = fmadd(k, splat(-0.693359375f), x);
+  r = fmadd(k, splat(2.12194440e-4f), r);
+  vf q = splat(1.381459878757596e-3f);
+  q = fmadd(q, r, splat(8.368716575205326e-3f));
+  q = fmadd(q, r, splat(4.166838899254799e-2f));
+  q = fmadd(q, r, splat(1.666652113199234e-1f));
+  q = fmadd(q, r, splat(4.999999403953552e-1f));
+  const vf r2 = r * r;
+  vf y = fmadd(q, r2, r);
+  y = y + 1.0f;
+  return y * (vf)((vu)biased << 23);
+}
+
+/// chunk_forward of rows.hpp for float accumulation: the same lanes, in registers. Lane l of
+/// the 16 is element l of register l / w.
+template <bool Metrics, class T>
+dpo::detail::row_stats<float> chunk_forward(const T* z, std::int64_t n, std::int64_t c0,
+                                            row_scratch<float>& scratch) {
+  DPO_NO_CONTRACT
+  constexpr bool convert = !std::is_same_v<T, float>;
+  const std::int64_t full = n - n % lanes;
+  vf mx[parts], zs[parts];
+  vi ix[parts], idx[parts];
+  DPO_PARTS
+  for (int j = 0; j < parts; ++j) {
+    mx[j] = splat(-INFINITY);
+    zs[j] = splat(0.0f);
+    for (int l = 0; l < w; ++l) idx[j][l] = j * w + l;
+    ix[j] = idx[j];
+  }
+  // Each lane keeps its first maximum (strict >); NaN never compares greater. The tail is
+  // padded with -inf: never a max, and kept out of the sum.
+  const auto pass1 = [&](const T* src, std::int64_t i, bool tail) {
+    DPO_PARTS
+    for (int j = 0; j < parts; ++j) {
+      const vf v = load(src + j * w);
+      if constexpr (convert) store(scratch.x + i + j * w, v);
+      const vi up = (vi)(v > mx[j]);
+      if constexpr (Metrics) {
+        ix[j] = select(up, idx[j], ix[j]);
+        zs[j] = zs[j] + (tail ? select((vi)(idx[j] < static_cast<std::int32_t>(n)), v, splat(-0.0f)) : v);
+      }
+      mx[j] = select(up, v, mx[j]);
+      idx[j] += lanes;
+    }
+  };
+  for (std::int64_t i = 0; i < full; i += lanes) pass1(z + i, i, false);
+  alignas(64) T tail[lanes];
+  if (full < n) {
+    pad_tail(z + full, n - full, neg_inf_bits<T>(), tail);
+    pass1(tail, full, true);
+  }
+  alignas(64) float mxl[lanes], zsl[lanes];
+  alignas(64) std::int32_t ixl[lanes];
+  DPO_PARTS
+  for (int j = 0; j < parts; ++j) {
+    std::memcpy(mxl + j * w, &mx[j], sizeof mx[j]);
+    std::memcpy(zsl + j * w, &zs[j], sizeof zs[j]);
+    std::memcpy(ixl + j * w, &ix[j], sizeof ix[j]);
+  }
+
+  dpo::detail::row_stats<float> c = dpo::detail::row_stats<float>::empty();
+  c.m = mxl[0];
+  for (int l = 1; l < lanes; ++l) c.m = mxl[l] > c.m ? mxl[l] : c.m;
+  c.argmax = c0;
+  if constexpr (Metrics) {
+    std::int32_t first = static_cast<std::int32_t>(n);
+    for (int l = 0; l < lanes; ++l)
+      if (mxl[l] == c.m && ixl[l] < first) first = ixl[l];
+    c.argmax = c0 + (first < n ? first : 0);
+    c.zsum = lane_sum(zsl);
+  }
+  if (c.m == -INFINITY) {
+    // No finite logit: no probability mass, unless a NaN (skipped by the max) must reach s.
+    for (std::int64_t i = 0; i < n; ++i) {
+      const float v = to_acc<float>(z[i]);
+      if (v != v) c.s = v;
+    }
+    return c;
+  }
+
+  // The chunk again, from L1 (converted: the scratch, whose tail holds the padding). d <= 0
+  // (or NaN): only the lower clamp. Padding gives d = exp_lo and e = +0 exactly, which adds
+  // nothing to any sum.
+  const float* x = nullptr;
+  const float* xtail = nullptr;  // the padded tail
+  if constexpr (convert) {
+    x = scratch.x;
+    xtail = scratch.x + full;
+  } else {
+    x = z;
+    xtail = tail;
+  }
+  const vf m = splat(c.m);
+  vf s[parts], t[parts], s2[parts];
+  DPO_PARTS
+  for (int j = 0; j < parts; ++j) s[j] = t[j] = s2[j] = splat(0.0f);
+  const auto pass2 = [&](const float* src) {
+    DPO_NO_CONTRACT
+    DPO_PARTS
+    for (int j = 0; j < parts; ++j) {
+      const vf d = clamp_lo(load(src + j * w) - m, exp_lo<float>);
+      const vf e = exp_v(d);
+      s[j] = s[j] + e;
+      if constexpr (Metrics) {
+        t[j] = fmadd(e, d, t[j]);
+        s2[j] = fmadd(e, e, s2[j]);
+      }
+    }
+  };
+  // Two blocks per iteration: their exponentials are independent, so the two dependency
+  // chains overlap; the sums still take the blocks in order.
+  std::int64_t i2 = 0;
+  for (; i2 + 2 * lanes <= full; i2 += 2 * lanes) {
+    pass2(x + i2);
+    pass2(x + i2 + lanes);
+  }
+  if (i2 < full) pass2(x + i2);
+  if (full < n) pass2(xtail);
+  alignas(64) float sl[lanes], tl[lanes], s2l[lanes];
+  DPO_PARTS
+  for (int j = 0; j < parts; ++j) {
+    std::memcpy(sl + j * w, &s[j], sizeof s[j]);
+    std::memcpy(tl + j * w, &t[j], sizeof t[j]);
+    std::memcpy(s2l + j * w, &s2[j], sizeof s2[j]);
+  }
+  c.s = lane_sum(sl);
+  if constexpr (Metrics) {
+    c.t = lane_sum(tl);
+    c.s2 = lane_sum(s2l);
+  }
+  return c;
+}
+
+/// backward_block of rows.hpp for float accumulation: g[i] = round(exp((z[i] - hi) - lo) *
+/// neg) over [0, V); g may equal z (each register is read before it is written).
+template <class T>
+void backward_block(const T* z, T* g, std::int64_t V, float hi, float lo, float neg) {
+  DPO_NO_CONTRACT
+  const auto grad = [hi, lo, neg](vf x) {
+    DPO_NO_CONTRACT
+    const vf d = clamp_lo((x - hi) - lo, exp_lo<float>);
+    return exp_v(d) * neg;
+  };
+  std::int64_t i = 0;
+  for (; i + 2 * lanes <= V; i += 2 * lanes) {  // two blocks per iteration, as chunk_forward
+    DPO_PARTS
+    for (int j = 0; j < 2 * parts; ++j) store(g + i + j * w, grad(load(z + i + j * w)));
+  }
+  for (; i + lanes <= V; i += lanes) {
+    DPO_PARTS
+    for (int j = 0; j < parts; ++j) store(g + i + j * w, grad(load(z + i + j * w)));
+  }
+  if (i < V) {
+    alignas(64) T in[lanes], out[lanes];
+    pad_tail(z + i, V - i, 0u, in);
+    DPO_PARTS
+    for (int j = 0; j < parts; ++j) store(out + j * w, grad(load(in + j * w)));
+    std::memcpy(static_cast<void*>(g + i), out, static_cast<std::size_t>(V - i) * sizeof(T));
+  }
+}
+
+#undef DPO_NO_CONTRACT
+#undef DPO_SIMD_INLINE
+#undef DPO_PARTS
+
+}  // namespace DPO_ISA_NS
