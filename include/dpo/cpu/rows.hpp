@@ -285,6 +285,9 @@ dpo::detail::row_stats<A> chunk_forward(const T* z, std::int64_t n, std::int64_t
 #define DPO_ISA_FMA 0
 #endif
 #include "dpo/cpu/rows_simd.inl"
+/// Whether the baseline level fuses multiply-adds (the including file's flags allow FMA), as
+/// the AVX2 and AVX-512 levels always do: levels that agree here give bitwise equal results.
+inline constexpr bool baseline_fma = DPO_ISA_FMA != 0;
 #undef DPO_ISA_F16C
 #undef DPO_ISA_FMA
 #undef DPO_ISA_BYTES
@@ -330,6 +333,8 @@ dpo::detail::row_stats<A> chunk_forward(const T* z, std::int64_t n, std::int64_t
 #if !defined(__clang__)
 #pragma GCC pop_options
 #endif
+#else
+inline constexpr bool baseline_fma = false;
 #endif  // DPO_CPU_SIMD
 
 /// chunk_forward at the active instruction-set level (float accumulation), else the plain

@@ -112,7 +112,7 @@ DPO_SIMD_INLINE void store(Eigen::bfloat16* p, vf v) {
 
 DPO_SIMD_INLINE void store(Eigen::half* p, vf v) {
 #if DPO_ISA_F16C && DPO_ISA_BYTES == 64
-  const __m256i h = _mm512_cvtps_ph((__m512)v, _MM_FROUND_TO_NEAREST_INT);
+  const __m256i h = _mm512_maskz_cvtps_ph(0xffff, (__m512)v, _MM_FROUND_TO_NEAREST_INT);
   std::memcpy(static_cast<void*>(p), &h, sizeof h);
 #elif DPO_ISA_F16C && DPO_ISA_BYTES == 32
   const __m128i h = _mm256_cvtps_ph((__m256)v, _MM_FROUND_TO_NEAREST_INT);
@@ -174,7 +174,7 @@ template <bool Metrics, class T>
 dpo::detail::row_stats<float> chunk_forward(const T* z, std::int64_t n, std::int64_t c0,
                                             row_scratch<float>& scratch) {
   DPO_NO_CONTRACT
-  constexpr bool convert = !std::is_same_v<T, float>;
+  (void)scratch;  // the plain loops' conversion buffer: not needed here
   const std::int64_t full = n - n % lanes;
   vf mx[parts], zs[parts];
   vi ix[parts], idx[parts];
@@ -187,11 +187,10 @@ dpo::detail::row_stats<float> chunk_forward(const T* z, std::int64_t n, std::int
   }
   // Each lane keeps its first maximum (strict >); NaN never compares greater. The tail is
   // padded with -inf: never a max, and kept out of the sum.
-  const auto pass1 = [&](const T* src, std::int64_t i, bool tail) {
+  const auto pass1 = [&](const T* src, bool tail) {
     DPO_PARTS
     for (int j = 0; j < parts; ++j) {
       const vf v = load(src + j * w);
-      if constexpr (convert) store(scratch.x + i + j * w, v);
       const vi up = (vi)(v > mx[j]);
       if constexpr (Metrics) {
         ix[j] = select(up, idx[j], ix[j]);
@@ -201,11 +200,11 @@ dpo::detail::row_stats<float> chunk_forward(const T* z, std::int64_t n, std::int
       idx[j] += lanes;
     }
   };
-  for (std::int64_t i = 0; i < full; i += lanes) pass1(z + i, i, false);
+  for (std::int64_t i = 0; i < full; i += lanes) pass1(z + i, false);
   alignas(64) T tail[lanes];
   if (full < n) {
     pad_tail(z + full, n - full, neg_inf_bits<T>(), tail);
-    pass1(tail, full, true);
+    pass1(tail, true);
   }
   alignas(64) float mxl[lanes], zsl[lanes];
   alignas(64) std::int32_t ixl[lanes];
@@ -236,23 +235,15 @@ dpo::detail::row_stats<float> chunk_forward(const T* z, std::int64_t n, std::int
     return c;
   }
 
-  // The chunk again, from L1 (converted: the scratch, whose tail holds the padding). d <= 0
-  // (or NaN): only the lower clamp. Padding gives d = exp_lo and e = +0 exactly, which adds
-  // nothing to any sum.
-  const float* x = nullptr;
-  const float* xtail = nullptr;  // the padded tail
-  if constexpr (convert) {
-    x = scratch.x;
-    xtail = scratch.x + full;
-  } else {
-    x = z;
-    xtail = tail;
-  }
+  // The chunk again, from L1, converted again: two instructions per register, cheaper than
+  // storing the converted chunk and loading it back. d <= 0 (or NaN): only the lower clamp.
+  // The tail's padding gives d = exp_lo and e = +0 exactly, which adds nothing to any sum.
+  const T* x = z;
   const vf m = splat(c.m);
   vf s[parts], t[parts], s2[parts];
   DPO_PARTS
   for (int j = 0; j < parts; ++j) s[j] = t[j] = s2[j] = splat(0.0f);
-  const auto pass2 = [&](const float* src) {
+  const auto pass2 = [&](const T* src) {
     DPO_NO_CONTRACT
     DPO_PARTS
     for (int j = 0; j < parts; ++j) {
@@ -273,7 +264,7 @@ dpo::detail::row_stats<float> chunk_forward(const T* z, std::int64_t n, std::int
     pass2(x + i2 + lanes);
   }
   if (i2 < full) pass2(x + i2);
-  if (full < n) pass2(xtail);
+  if (full < n) pass2(tail);
   alignas(64) float sl[lanes], tl[lanes], s2l[lanes];
   DPO_PARTS
   for (int j = 0; j < parts; ++j) {

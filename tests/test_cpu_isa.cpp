@@ -1,0 +1,319 @@
+// Copyright 2026 The dpo Authors. SPDX-License-Identifier: Apache-2.0
+//
+// The instruction-set levels of the CPU row kernels (dpo/cpu/isa.hpp, issue 17): every level
+// this CPU supports gives bitwise the same forward, backward and sequence log-probs for every
+// dtype and loss type, except what docs/performance.md says differs (a baseline compiled
+// without FMA rounds the fused multiply-adds of the other levels twice: it must then agree
+// to a few ulp). The level's vector exp stays within 2 ulp of exp, and the DPO_CPU_ISA /
+// set_cpu_isa errors name what is wrong.
+#include <Eigen/Core>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "catch.hpp"
+#include "fixtures.hpp"
+
+using dpo::cpu::isa;
+using fixture::layout;
+
+namespace {
+
+std::vector<isa> supported_levels() {
+  std::vector<isa> v;
+  for (isa l : {isa::baseline, isa::avx2, isa::avx512})
+    if (static_cast<int>(l) <= static_cast<int>(dpo::cpu::cpu_isa_supported())) v.push_back(l);
+  return v;
+}
+
+/// Whether `level` fuses the multiply-adds of the kernels (FMA). Levels that do agree bitwise.
+bool fuses(isa level) { return level != isa::baseline || dpo::cpu::detail::baseline_fma; }
+
+/// Sets a level for one scope, then goes back to the best one.
+struct with_level {
+  explicit with_level(isa l) { dpo::cpu::set_cpu_isa(l); }
+  ~with_level() { dpo::cpu::set_cpu_isa(dpo::cpu::cpu_isa_supported()); }
+};
+
+template <class T>
+struct outputs {
+  dpo::cpu::forward_result r;
+  std::vector<T> grad, grad_r;
+  std::vector<double> sums, tok;
+};
+
+template <class T>
+outputs<T> run_all(const fixture::named_config& nc, const oracle::batch& b, const fixture::reference& ref,
+                   layout k, bool metrics) {
+  fixture::buffers<T, std::int64_t> buf(b, k, 3);
+  dpo::cpu::options o;
+  o.num_threads = 2;
+  o.metrics = metrics;
+  const auto view = buf.view();
+  outputs<T> out;
+  out.r = dpo::cpu::dpo_forward(view, ref.pc(), ref.pr(), nc.cfg, o);
+  dpo::cpu::dpo_backward(view, out.r, buf.grad_view(), 1.0, o);
+  out.grad = buf.grad;
+  out.grad_r = buf.grad_r;
+  auto v = view.chosen;
+  if (k != layout::separate) v.num_seqs = 2 * buf.P;
+  out.sums.resize(static_cast<std::size_t>(v.num_seqs));
+  out.tok.resize(static_cast<std::size_t>(v.row_end(v.num_seqs - 1) - v.row_begin(0)));
+  std::vector<std::int64_t> counts(out.sums.size());
+  dpo::cpu::sequence_logps(v, out.sums.data(), counts.data(), out.tok.data(), o);
+  return out;
+}
+
+/// The doubles a run produced, in a fixed order (metrics included).
+template <class T>
+std::vector<double> doubles_of(const outputs<T>& a) {
+  std::vector<double> d{a.r.loss, a.r.nll_token_grad};
+  const auto add = [&](const auto& x) {
+    for (Eigen::Index i = 0; i < static_cast<Eigen::Index>(x.size()); ++i) d.push_back(x[i]);
+  };
+  add(a.r.losses);
+  add(a.r.chosen_rewards);
+  add(a.r.rejected_rewards);
+  add(a.r.chosen_logps);
+  add(a.r.rejected_logps);
+  add(a.r.weights);
+  add(a.r.grad_chosen);
+  add(a.r.grad_rejected);
+  add(a.sums);
+  add(a.tok);
+  for (const auto* rows : {&a.r.chosen_rows, &a.r.rejected_rows}) {
+    add(rows->lse);
+    add(rows->logp);
+    add(rows->coef);
+  }
+  const std::size_t n = sizeof(a.r.metrics) / sizeof(double);
+  static_assert(sizeof(a.r.metrics) % sizeof(double) == 0, "metrics are doubles");
+  std::vector<double> m(n);
+  std::memcpy(m.data(), &a.r.metrics, sizeof(a.r.metrics));
+  d.insert(d.end(), m.begin(), m.end());
+  return d;
+}
+
+template <class T>
+double to_double(T x) {
+  return static_cast<double>(static_cast<float>(x));
+}
+template <>
+double to_double<double>(double x) {
+  return x;
+}
+
+/// Bitwise equality of everything two runs wrote (NaN payloads aside: none occur here).
+template <class T>
+void check_same(const outputs<T>& a, const outputs<T>& b) {
+  const std::vector<double> da = doubles_of(a), db = doubles_of(b);
+  REQUIRE(da.size() == db.size());
+  for (std::size_t i = 0; i < da.size(); ++i) {
+    INFO("double output " << i << ": " << da[i] << " vs " << db[i]);
+    CHECK(std::memcmp(&da[i], &db[i], sizeof(double)) == 0);
+  }
+  for (const auto* g : {&a.grad, &a.grad_r}) {
+    const auto* h = g == &a.grad ? &b.grad : &b.grad_r;
+    REQUIRE(g->size() == h->size());
+    std::size_t diff = 0;
+    for (std::size_t i = 0; i < g->size(); ++i) diff += std::memcmp(&(*g)[i], &(*h)[i], sizeof(T)) != 0;
+    CHECK(diff == 0);
+  }
+}
+
+/// The baseline without FMA against a fused level: the same up to the rounding of the fused
+/// products (relative 1e-5 for the doubles, 2 units of T's precision for the gradients).
+template <class T>
+void check_close(const outputs<T>& a, const outputs<T>& b) {
+  const std::vector<double> da = doubles_of(a), db = doubles_of(b);
+  REQUIRE(da.size() == db.size());
+  for (std::size_t i = 0; i < da.size(); ++i) {
+    INFO("double output " << i << ": " << da[i] << " vs " << db[i]);
+    CHECK((da[i] == db[i] || std::fabs(da[i] - db[i]) <= 1e-5 * std::max(1.0, std::fabs(db[i]))));
+  }
+  const double eps = std::is_same_v<T, double>          ? 1e-12
+                     : std::is_same_v<T, float>         ? 1e-5
+                     : std::is_same_v<T, Eigen::half>   ? std::ldexp(1.0, -9)
+                                                        : std::ldexp(1.0, -6);
+  for (const auto* g : {&a.grad, &a.grad_r}) {
+    const auto* h = g == &a.grad ? &b.grad : &b.grad_r;
+    REQUIRE(g->size() == h->size());
+    std::size_t far = 0;
+    for (std::size_t i = 0; i < g->size(); ++i) {
+      const double x = to_double((*g)[i]), y = to_double((*h)[i]);
+      if (!(x == y || std::fabs(x - y) <= eps * std::fabs(y) + 1e-30)) {
+        if (far++ == 0) UNSCOPED_INFO("first far gradient " << i << ": " << x << " vs " << y);
+      }
+    }
+    CHECK(far == 0);
+  }
+}
+
+/// A batch over several row chunks with a tail (V = 2 * 2048 + 37), with logits the clamps
+/// and the -inf handling see: -inf, very negative and very large values.
+template <class T>
+oracle::batch isa_batch(std::uint64_t seed) {
+  fixture::batch_spec sp = fixture::spec(2, 4, 2 * 2048 + 37, seed);
+  sp.scale = 4.0;
+  oracle::batch b = fixture::random_batch(sp);
+  for (auto* side : {&b.chosen, &b.rejected})
+    for (auto& s : *side)
+      for (std::size_t t = 0; t < s.z.size(); ++t) {
+        auto& row = s.z[t];
+        const auto set = [&](std::size_t at, double x) {
+          if (static_cast<std::int64_t>(at % row.size()) != s.y[t]) row[at % row.size()] = x;  // never the label
+        };
+        set(7 * t + 3, -std::numeric_limits<double>::infinity());
+        set(11 * t + 5, -200.0);
+        set(13 * t + 1, 60.0 + static_cast<double>(t));
+      }
+  fixture::round_batch<T>(b);
+  return b;
+}
+
+template <class T>
+void levels_agree(const char* dtype) {
+  const std::vector<isa> levels = supported_levels();
+  for (const fixture::named_config& nc : fixture::every_loss_type()) {
+    for (layout k : {layout::padded, layout::packed}) {
+      for (bool metrics : {true, false}) {
+        INFO(dtype << " " << nc.name << " " << fixture::name_of(k) << " metrics " << metrics);
+        const oracle::batch b = isa_batch<T>(17);
+        const fixture::reference ref = fixture::make_reference(nc.cfg, b, 5);
+        outputs<T> best;
+        {
+          with_level w(levels.back());
+          best = run_all<T>(nc, b, ref, k, metrics);
+        }
+        for (isa l : levels) {
+          if (l == levels.back()) continue;
+          INFO("level " << dpo::cpu::isa_name(l) << " against " << dpo::cpu::isa_name(levels.back()));
+          with_level w(l);
+          const outputs<T> got = run_all<T>(nc, b, ref, k, metrics);
+          if (fuses(l) == fuses(levels.back()) || std::is_same_v<T, double>) {
+            check_same(got, best);
+          } else {
+            check_close(got, best);
+          }
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+TEST_CASE("isa: every supported level gives the same results, every dtype and loss type", "[isa]") {
+  INFO("best level here: " << dpo::cpu::isa_name(dpo::cpu::cpu_isa_supported())
+                           << ", baseline FMA: " << dpo::cpu::detail::baseline_fma);
+  levels_agree<float>("float");
+  levels_agree<Eigen::bfloat16>("bf16");
+  levels_agree<Eigen::half>("half");
+  levels_agree<double>("double");
+}
+
+TEST_CASE("isa: every level's exp (through the backward kernel) is within 2 ulp of exp", "[isa]") {
+  const int n = 200003;
+  std::vector<float> z(static_cast<std::size_t>(n)), g(z.size());
+  for (int i = 0; i < n; ++i) z[i] = static_cast<float>(-87.0 + 175.0 * i / (n - 1));
+  for (isa l : supported_levels()) {
+    INFO("level " << dpo::cpu::isa_name(l));
+    with_level w(l);
+    dpo::cpu::detail::backward_row<float, float>(z.data(), g.data(), n, dpo::detail::lse_parts<float>(0.0f, 0.0f),
+                                                 -1.0f);
+    double worst = 0;
+    for (int i = 0; i < n; ++i) {
+      const double want = std::exp(static_cast<double>(z[i]));
+      const float wf = static_cast<float>(want);
+      const double spacing = std::nextafter(std::fabs(wf), INFINITY) - std::fabs(wf);
+      worst = std::max(worst, std::fabs(-static_cast<double>(g[i]) - want) / spacing);
+    }
+    CHECK(worst <= 2.0);
+    // -inf gives 0, NaN gives NaN, at every position of a register and in the tail.
+    for (int V : {16, 37}) {
+      std::vector<float> x(static_cast<std::size_t>(V), -INFINITY), y(x.size(), 1.0f);
+      x[3] = std::numeric_limits<float>::quiet_NaN();
+      dpo::cpu::detail::backward_row<float, float>(x.data(), y.data(), V, dpo::detail::lse_parts<float>(0.0f, 0.0f),
+                                                   -1.0f);
+      for (int i = 0; i < V; ++i) {
+        if (i == 3) {
+          CHECK(std::isnan(y[i]));
+        } else {
+          CHECK(std::memcmp(&y[i], "\0\0\0\x80", 4) == 0);  // -0: exp = +0 times -1
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("isa: half and bf16 rounding of the gradient match the scalar conversions at every level", "[isa]") {
+  // Values across the half range, its subnormals, overflow and bf16 ties: g = -exp(z) * -c
+  // with coef = 1 gives round(exp(z)); compare with Eigen's conversion of the same float.
+  const int n = 4099;
+  std::vector<float> zf(static_cast<std::size_t>(n));
+  for (int i = 0; i < n; ++i) zf[i] = static_cast<float>(-20.0 + 32.0 * i / (n - 1));
+  for (isa l : supported_levels()) {
+    INFO("level " << dpo::cpu::isa_name(l));
+    with_level w(l);
+    std::vector<float> ef(zf.size());
+    dpo::cpu::detail::backward_row<float, float>(zf.data(), ef.data(), n, dpo::detail::lse_parts<float>(0.0f, 0.0f),
+                                                 1.0f);
+    // The same exponentials rounded to half and bf16 by the kernels: from logits that are
+    // exactly representable in each type, so compare each with its own float run.
+    std::vector<Eigen::half> zh(zf.size()), gh(zf.size());
+    std::vector<Eigen::bfloat16> zb(zf.size()), gb(zf.size());
+    for (int i = 0; i < n; ++i) {
+      zh[i] = Eigen::half(zf[i]);
+      zb[i] = Eigen::bfloat16(zf[i]);
+    }
+    std::vector<float> zhf(zf.size()), zbf(zf.size()), eh(zf.size()), eb(zf.size());
+    for (int i = 0; i < n; ++i) {
+      zhf[i] = static_cast<float>(zh[i]);
+      zbf[i] = static_cast<float>(zb[i]);
+    }
+    dpo::cpu::detail::backward_row<float, float>(zhf.data(), eh.data(), n, dpo::detail::lse_parts<float>(0.0f, 0.0f),
+                                                 1.0f);
+    dpo::cpu::detail::backward_row<float, float>(zbf.data(), eb.data(), n, dpo::detail::lse_parts<float>(0.0f, 0.0f),
+                                                 1.0f);
+    dpo::cpu::detail::backward_row<Eigen::half, float>(zh.data(), gh.data(), n,
+                                                       dpo::detail::lse_parts<float>(0.0f, 0.0f), 1.0f);
+    dpo::cpu::detail::backward_row<Eigen::bfloat16, float>(zb.data(), gb.data(), n,
+                                                           dpo::detail::lse_parts<float>(0.0f, 0.0f), 1.0f);
+    std::size_t bad_h = 0, bad_b = 0;
+    for (int i = 0; i < n; ++i) {
+      bad_h += Eigen::numext::bit_cast<std::uint16_t>(gh[i]) != Eigen::numext::bit_cast<std::uint16_t>(Eigen::half(eh[i]));
+      bad_b += Eigen::numext::bit_cast<std::uint16_t>(gb[i]) !=
+               Eigen::numext::bit_cast<std::uint16_t>(Eigen::bfloat16(eb[i]));
+    }
+    CHECK(bad_h == 0);
+    CHECK(bad_b == 0);
+  }
+}
+
+TEST_CASE("isa: set_cpu_isa rejects levels this CPU lacks, naming them; cpu_isa reports the choice", "[isa]") {
+  const isa best = dpo::cpu::cpu_isa_supported();
+  CHECK(dpo::cpu::cpu_isa() == best);  // DPO_CPU_ISA is not set for this test
+  if (best != isa::avx512) {
+    try {
+      dpo::cpu::set_cpu_isa(isa::avx512);
+      FAIL("no error");
+    } catch (const dpo::error& e) {
+      CHECK(std::string(e.what()).find("avx512 is not supported by this CPU") != std::string::npos);
+    }
+    CHECK(dpo::cpu::cpu_isa() == best);
+  }
+  try {
+    dpo::cpu::set_cpu_isa(static_cast<isa>(7));
+    FAIL("no error");
+  } catch (const dpo::error& e) {
+    CHECK(std::string(e.what()).find("set_cpu_isa: level = 7 is invalid") != std::string::npos);
+  }
+  for (isa l : supported_levels()) {
+    with_level w(l);
+    CHECK(dpo::cpu::cpu_isa() == l);
+  }
+  CHECK(dpo::cpu::cpu_isa() == best);
+}
