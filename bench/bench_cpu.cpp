@@ -9,6 +9,12 @@
 // Bytes are the logical traffic of docs/performance.md: N*V*sizeof(T) for a forward pass,
 // 3*N*V*sizeof(T) for forward + backward, read + written bytes for the copy.
 //
+// Instruction sets (docs/performance.md, "Instruction sets"): the fused paths run at the best
+// level this CPU has (what a build without -march flags gets at run time: the "native"
+// speed), and the forward and the in-place forward + backward with metrics also at every
+// lower level ("/isa:baseline" = the portable SSE2 code, "/isa:avx2"), all in the same run:
+// their "base/ours" column is time(best level) / time(this level).
+//
 // Defaults: 5 repetitions, aggregates only, repetitions randomly interleaved across all
 // benchmarks (so a burst of load from other processes spreads over every path instead of
 // hitting one); every --benchmark_* flag overrides them.
@@ -54,6 +60,18 @@ const char* dtype_name<float>() {
 template <>
 const char* dtype_name<Eigen::bfloat16>() {
   return "bf16";
+}
+template <>
+const char* dtype_name<Eigen::half>() {
+  return "f16";
+}
+
+/// The instruction-set levels this CPU supports, best last.
+std::vector<dpo::cpu::isa> levels() {
+  std::vector<dpo::cpu::isa> v;
+  for (dpo::cpu::isa l : {dpo::cpu::isa::baseline, dpo::cpu::isa::avx2, dpo::cpu::isa::avx512})
+    if (static_cast<int>(l) <= static_cast<int>(dpo::cpu::cpu_isa_supported())) v.push_back(l);
+  return v;
 }
 
 using dpo_bench::splitmix;
@@ -283,11 +301,18 @@ void register_group(int si) {
     for (auto _ : state) benchmark::DoNotOptimize(naive_forward(d));
     state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations() * nv));
   }));
-  for (bool metrics : {false, true}) {
-    const std::string name = group + "/fwd/ours/metrics:" + (metrics ? "1" : "0");
-    g_entries.push_back({group, name, naive_fwd, nv, 1});
-    configure(benchmark::RegisterBenchmark(name.c_str(), [si, nv, metrics](benchmark::State& state) {
+  const dpo::cpu::isa best = dpo::cpu::cpu_isa_supported();
+  // (level, metrics): every level with metrics, the best one without too.
+  std::vector<std::pair<dpo::cpu::isa, bool>> fwd_runs{{best, false}, {best, true}};
+  for (dpo::cpu::isa l : levels())
+    if (l != best) fwd_runs.push_back({l, true});
+  for (const auto& [level, metrics] : fwd_runs) {
+    const std::string best_name = group + "/fwd/ours/metrics:" + (metrics ? "1" : "0");
+    const std::string name = best_name + (level == best ? "" : std::string("/isa:") + dpo::cpu::isa_name(level));
+    g_entries.push_back({group, name, level == best ? naive_fwd : best_name, nv, 1});
+    configure(benchmark::RegisterBenchmark(name.c_str(), [si, nv, metrics, level = level](benchmark::State& state) {
       dataset<T>& d = get_dataset<T>(si);
+      dpo::cpu::set_cpu_isa(level);
       dpo::cpu::options opt;
       opt.num_threads = g_threads;
       opt.metrics = metrics;
@@ -311,13 +336,29 @@ void register_group(int si) {
     }
     state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations() * 3 * nv));
   }));
+  struct fb_run {
+    path p;
+    bool metrics;
+    dpo::cpu::isa level;
+  };
+  std::vector<fb_run> fb_runs;
   for (path p : {path::ours_out, path::ours_in})
-    for (bool metrics : {false, true}) {
-      const std::string name = group + "/fwdbwd/ours/" + (p == path::ours_in ? "inplace" : "out") +
-                               "/metrics:" + (metrics ? "1" : "0");
-      g_entries.push_back({group, name, naive_fb, 3 * nv, 3});
-      configure(benchmark::RegisterBenchmark(name.c_str(), [si, nv, metrics, p](benchmark::State& state) {
+    for (bool metrics : {false, true}) fb_runs.push_back({p, metrics, best});
+  for (dpo::cpu::isa l : levels())
+    if (l != best) fb_runs.push_back({path::ours_in, true, l});
+  for (const fb_run& run : fb_runs) {
+    {
+      const path p = run.p;
+      const bool metrics = run.metrics;
+      const dpo::cpu::isa level = run.level;
+      const std::string best_name = group + "/fwdbwd/ours/" + (p == path::ours_in ? "inplace" : "out") +
+                                    "/metrics:" + (metrics ? "1" : "0");
+      const std::string name =
+          best_name + (level == best ? "" : std::string("/isa:") + dpo::cpu::isa_name(level));
+      g_entries.push_back({group, name, level == best ? naive_fb : best_name, 3 * nv, 3});
+      configure(benchmark::RegisterBenchmark(name.c_str(), [si, nv, metrics, p, level](benchmark::State& state) {
         dataset<T>& d = get_dataset<T>(si);
+        dpo::cpu::set_cpu_isa(level);
         dpo::cpu::options opt;
         opt.num_threads = g_threads;
         opt.metrics = metrics;
@@ -340,6 +381,7 @@ void register_group(int si) {
         state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations() * 3 * nv));
       }));
     }
+  }
 }
 
 /// The console output, plus a summary of the medians (ratios within this run) at the end.
@@ -365,10 +407,11 @@ class summary_reporter : public benchmark::ConsoleReporter {
 
   void Finalize() override {
     ConsoleReporter::Finalize();
-    std::printf("\nSummary (medians; threads = %d; spread = (max - min) / median over the "
-                "repetitions;\nGB/s of logical bytes; share = GB/s / copy GB/s; floor = time / "
-                "(bytes / copy bandwidth))\n",
-                g_threads);
+    std::printf("\nSummary (medians; threads = %d; best instruction set here: %s; spread = (max - min) / "
+                "median over the repetitions;\nGB/s of logical bytes; share = GB/s / copy GB/s; floor = time / "
+                "(bytes / copy bandwidth);\nbase/ours = time of the naive path, or for /isa: rows of the best "
+                "level, / time of this one)\n",
+                g_threads, dpo::cpu::isa_name(dpo::cpu::cpu_isa_supported()));
     std::string group;
     double copy_bw = 0;
     for (const entry& e : g_entries) {
@@ -379,7 +422,7 @@ class summary_reporter : public benchmark::ConsoleReporter {
         group = e.group;
         copy_bw = 0;
         std::printf("\n%-48s %9s %7s %8s %11s %7s %7s\n", e.group.c_str(), "ms", "spread",
-                    "GB/s", "naive/ours", "share", "floor");
+                    "GB/s", "base/ours", "share", "floor");
       }
       const double gbs = e.bytes / st.median / 1e9;
       if (e.floor_factor == 0 && e.baseline.empty() && e.name.find("copy") != std::string::npos)
@@ -415,6 +458,7 @@ int main(int argc, char** argv) {
   for (int si = 0; si < 2; ++si) {
     register_group<float>(si);
     register_group<Eigen::bfloat16>(si);
+    if (si == 0) register_group<Eigen::half>(si);  // fp16 at the first shape only (memory)
   }
   summary_reporter reporter;
   benchmark::RunSpecifiedBenchmarks(&reporter);
