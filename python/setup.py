@@ -7,10 +7,11 @@ built with CUDA, nvcc is found (CUDA_HOME) and the CUDA API (kernels/dpo/cuda/dp
 present; otherwise the build is CPU-only. Environment:
   DPO_KERNELS_CUDA=0|1   force the CUDA build off / on (on fails if it is impossible)
   EIGEN3_INCLUDE_DIR     Eigen headers (default /usr/include/eigen3, Debian's libeigen3-dev)
-  DPO_KERNELS_NATIVE=0|1 compile the CPU kernels for the build machine's instruction set
-                         (-march=native, default 1: pip builds on the machine it installs to;
-                         set 0 for a portable wheel). Vectorised exp over the vocabulary is
-                         most of the CPU time, and AVX2/AVX-512 do 2-4x the work of SSE2.
+  DPO_KERNELS_NATIVE=0|1 add -march=native (default 0). Not needed for speed: the CPU row
+                         kernels are compiled for SSE2, AVX2 and AVX-512 and pick the best one
+                         the running CPU has (docs/performance.md, "Instruction sets"), so the
+                         default build is a portable x86-64 wheel at native speed. 1 ties the
+                         extension to CPUs like the build machine's.
   DPO_KERNELS_CUDA_ARCHS compute capabilities of the CUDA kernels, as numbers joined by ';'
                          (default "80;90": A100 and H100/H200)
   MAX_JOBS               parallel compile jobs (torch's variable)
@@ -112,7 +113,7 @@ def _extensions():
     sources = ["csrc/ops.cpp", "csrc/cpu.cpp"]
     link = _shared_libstdcxx_args(torch)
     cxx = ["-O3", "-DNDEBUG", "-Wno-unused-parameter"]
-    if os.environ.get("DPO_KERNELS_NATIVE", "1") != "0":
+    if os.environ.get("DPO_KERNELS_NATIVE", "0") == "1":
         cxx.append("-march=native")
     if _want_cuda(torch.version.cuda is not None, CUDA_HOME):
         # No -std: torch passes its own standard to g++ and nvcc alike (C++17 in torch 2.11,
