@@ -259,6 +259,11 @@ dpo::detail::row_stats<A> chunk_forward(const T* z, std::int64_t n, std::int64_t
 }
 
 #if DPO_CPU_SIMD
+#if defined(__x86_64__) || defined(__i386__)
+#define DPO_ISA_X86 1
+#else
+#define DPO_ISA_X86 0
+#endif
 // One copy of rows_simd.inl per level, each in its own namespace and target region. No
 // multiply-add is contracted in any of them, whatever the including file's flags, so every
 // level rounds the same operations.
@@ -333,6 +338,7 @@ inline constexpr bool baseline_fma = DPO_ISA_FMA != 0;
 #if !defined(__clang__)
 #pragma GCC pop_options
 #endif
+#undef DPO_ISA_X86
 #else
 inline constexpr bool baseline_fma = false;
 #endif  // DPO_CPU_SIMD
