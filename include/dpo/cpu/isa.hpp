@@ -22,6 +22,10 @@
 #define DPO_CPU_X86_DISPATCH 0
 #endif
 
+#if DPO_CPU_X86_DISPATCH
+#include <cpuid.h>
+#endif
+
 namespace dpo {
 namespace cpu {
 
@@ -51,16 +55,22 @@ inline const char* isa_name(isa level) {
 namespace detail {
 
 /// The best level this CPU (and its operating system, which must save the wide registers)
-/// supports, from cpuid. Always baseline without x86 dispatch.
+/// supports, from cpuid and xgetbv. Always baseline without x86 dispatch.
 inline isa detect_isa() {
 #if DPO_CPU_X86_DISPATCH
   static const isa best = [] {
-    __builtin_cpu_init();
-    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                      __builtin_cpu_supports("f16c");
-    const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
-    return avx512 ? isa::avx512 : avx2 ? isa::avx2 : isa::baseline;
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (__get_cpuid_max(0, nullptr) < 7 || !__get_cpuid(1, &a, &b, &c, &d)) return isa::baseline;
+    const bool fma = (c >> 12) & 1u, osxsave = (c >> 27) & 1u, avx = (c >> 28) & 1u, f16c = (c >> 29) & 1u;
+    if (!(osxsave && avx && fma && f16c)) return isa::baseline;
+    unsigned xcr0 = 0, xcr0_hi = 0;
+    __asm__ volatile("xgetbv" : "=a"(xcr0), "=d"(xcr0_hi) : "c"(0));
+    if ((xcr0 & 0x6u) != 0x6u) return isa::baseline;  // the OS saves no YMM state
+    __cpuid_count(7, 0, a, b, c, d);
+    const bool avx2 = (b >> 5) & 1u;
+    const bool avx512 = ((b >> 16) & 1u) && ((b >> 17) & 1u) && ((b >> 30) & 1u) && ((b >> 31) & 1u) &&
+                        (xcr0 & 0xe0u) == 0xe0u;  // F, DQ, BW, VL; opmask and ZMM state saved
+    return !avx2 ? isa::baseline : avx512 ? isa::avx512 : isa::avx2;
   }();
   return best;
 #else

@@ -5,12 +5,17 @@
 // right with the shared merge of dpo/core/math.hpp, so the result of a row never depends on
 // threads.
 //
-// Inside a chunk every loop works on `lanes` independent accumulators, written as plain
-// loops over a fixed lane count that the compiler turns into SIMD code (one AVX-512 register,
-// two AVX2 ones...). The lane structure is in the source, not chosen by the compiler, so the
-// summation order is fixed and the results are reproducible. exp() is a branch-free
-// polynomial (below) because std::exp does not vectorise and Eigen's one cannot be fused with
-// the other per-element terms.
+// Inside a chunk every loop works on `lanes` (16) independent accumulators. The lane
+// structure is in the source, not chosen by the compiler, so the summation order is fixed
+// and the results are reproducible. exp() is a branch-free polynomial (below) because
+// std::exp does not vectorise and Eigen's one cannot be fused with the other per-element
+// terms.
+//
+// Float accumulation (float, bf16 and fp16 logits) runs the explicit-vector kernels of
+// rows_simd.inl, compiled here once per instruction-set level (SSE2 or the including file's
+// flags, AVX2 + FMA, AVX-512) and chosen per chunk at run time (dpo/cpu/isa.hpp), so a build
+// without -march flags runs at native speed on any x86-64. The plain loops below serve double
+// logits, compilers without GCC vector extensions, and the scalar reference of the exp.
 #pragma once
 
 #include <Eigen/Core>
