@@ -9,6 +9,7 @@
 #include <Eigen/Core>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <string>
@@ -316,4 +317,42 @@ TEST_CASE("isa: set_cpu_isa rejects levels this CPU lacks, naming them; cpu_isa 
     CHECK(dpo::cpu::cpu_isa() == l);
   }
   CHECK(dpo::cpu::cpu_isa() == best);
+}
+
+TEST_CASE("isa: DPO_CPU_ISA names a level; unknown names and missing levels are errors naming it", "[isa]") {
+#ifdef _WIN32
+  SUCCEED("setenv is POSIX");
+#else
+  const char* old = std::getenv("DPO_CPU_ISA");
+  const std::string saved = old != nullptr ? old : "";
+  const auto env = [](const char* v) { REQUIRE(setenv("DPO_CPU_ISA", v, 1) == 0); };
+  env("baseline");
+  CHECK(dpo::cpu::detail::isa_from_env() == isa::baseline);
+  env("auto");
+  CHECK(dpo::cpu::detail::isa_from_env() == dpo::cpu::cpu_isa_supported());
+  env("");
+  CHECK(dpo::cpu::detail::isa_from_env() == dpo::cpu::cpu_isa_supported());
+  env("avx9");
+  try {
+    dpo::cpu::detail::isa_from_env();
+    FAIL("no error");
+  } catch (const dpo::error& e) {
+    CHECK(std::string(e.what()).find("DPO_CPU_ISA=avx9 is invalid: must be auto, baseline, avx2 or avx512") !=
+          std::string::npos);
+  }
+  if (dpo::cpu::cpu_isa_supported() != isa::avx512) {
+    env("avx512");
+    try {
+      dpo::cpu::detail::isa_from_env();
+      FAIL("no error");
+    } catch (const dpo::error& e) {
+      CHECK(std::string(e.what()).find("DPO_CPU_ISA=avx512 is not supported by this CPU") != std::string::npos);
+    }
+  }
+  if (old != nullptr) {
+    env(saved.c_str());
+  } else {
+    unsetenv("DPO_CPU_ISA");
+  }
+#endif
 }
