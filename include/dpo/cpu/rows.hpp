@@ -264,7 +264,7 @@ dpo::detail::row_stats<A> chunk_forward(const T* z, std::int64_t n, std::int64_t
 }
 
 #if DPO_CPU_SIMD
-#if defined(__x86_64__) || defined(__i386__)
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__SSE2__)
 #define DPO_ISA_X86 1
 #else
 #define DPO_ISA_X86 0
