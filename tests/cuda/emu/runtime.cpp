@@ -443,6 +443,10 @@ cudaError_t set_last_error(cudaError_t e) {
   return e;
 }
 
+bool is_device_range(const void* p, std::size_t bytes) {
+  return find_allocation(p, bytes) != nullptr;
+}
+
 cudaError_t launch(dim3 grid, dim3 block, cudaStream_t s, std::function<void()> body) {
   const unsigned long long threads = 1ull * block.x * block.y * block.z;
   if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.y > 65535 || grid.z > 65535 ||
@@ -569,6 +573,8 @@ const char* cudaGetErrorName(cudaError_t e) {
     case cudaErrorStreamCaptureUnsupported: return "cudaErrorStreamCaptureUnsupported";
     case cudaErrorStreamCaptureInvalidated: return "cudaErrorStreamCaptureInvalidated";
     case cudaErrorStreamCaptureWrongThread: return "cudaErrorStreamCaptureWrongThread";
+    case cudaErrorNotSupported: return "cudaErrorNotSupported";
+    case cudaErrorUnknown: return "cudaErrorUnknown";
   }
   return "cudaErrorUnknown";
 }

@@ -72,9 +72,11 @@ enum cudaError {
   cudaErrorNoDevice = 100,
   cudaErrorInvalidResourceHandle = 400,
   cudaErrorLaunchFailure = 719,
+  cudaErrorNotSupported = 801,
   cudaErrorStreamCaptureUnsupported = 900,
   cudaErrorStreamCaptureInvalidated = 901,
   cudaErrorStreamCaptureWrongThread = 908,
+  cudaErrorUnknown = 999,
 };
 typedef enum cudaError cudaError_t;
 
@@ -186,6 +188,9 @@ cudaError_t launch(dim3 grid, dim3 block, cudaStream_t s,
                    std::function<void()> body);
 /// Records the last error, as a failed launch does.
 cudaError_t set_last_error(cudaError_t e);
+/// Whether [p, p + bytes) lies inside one cudaMalloc'd buffer (the emulated cuBLASLt
+/// rejects host pointers, which a device would fault on).
+bool is_device_range(const void* p, std::size_t bytes);
 
 }  // namespace dpo_emu
 
