@@ -52,7 +52,8 @@ enum class device_error_code : std::int32_t {
 struct device_error {
   std::int32_t code;  // a device_error_code
   std::int32_t side;  // 0 chosen (or the only view), 1 rejected; 2 / 3 the reference's
-                      // chosen / rejected (the reference-logits overloads)
+                      // chosen / rejected (the reference-logits overloads); 4 the labels of
+                      // a linear head call (dpo/cuda/linear.cuh)
   std::int64_t index;
   std::int64_t value;
   std::int64_t bound;
@@ -86,6 +87,11 @@ inline status describe(const device_error& e) {
     case device_error_code::none:
       return {};
     case device_error_code::label_out_of_range:
+      if (e.side == 4)  // the linear head's labels (dpo/cuda/linear.cuh)
+        return detail::make_status(cudaErrorInvalidValue,
+                                   "dpo: labels[%lld] = %lld is outside [0, vocab = %lld) and is "
+                                   "not ignore_index",
+                                   i, v, b);
       return detail::make_status(cudaErrorInvalidValue,
                                  "dpo: %s.labels[%lld] = %lld is outside [0, vocab = %lld) and is "
                                  "not ignore_index",

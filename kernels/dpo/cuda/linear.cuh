@@ -1,0 +1,857 @@
+// Copyright 2026 The dpo Authors. SPDX-License-Identifier: Apache-2.0
+//
+// The fused LM head on CUDA (issue 12, item 1): per-token log-probs (and entropy) straight
+// from hidden states and an LM head, and their backward to dHidden, dWeight and dBias, with
+// the logits computed one chunk [chunk rows, chunk vocab] at a time by cuBLASLt into the
+// caller's workspace: no [rows, vocab] buffer ever exists. The same API shape as
+// dpo::cpu::linear_logps / linear_logps_backward (include/dpo/cpu/linear.hpp), over device
+// memory, with the contract of dpo/cuda/dpo.cuh:
+//
+//   status f(void* workspace, std::size_t& workspace_bytes, cublasLtHandle_t handle,
+//            <arguments>, const linear_options& opt, cudaStream_t stream)
+//
+// * Two-phase workspace: workspace == nullptr checks the arguments' shapes and values and
+//   sets workspace_bytes (linear_workspace_size gives the chunk shape too); nothing is
+//   enqueued. The logits chunk, the gathered hidden rows, the dHidden accumulator and
+//   cuBLASLt's own workspace all live in it. The forward and the backward of one view and
+//   options need the same size, so one buffer serves both.
+// * The caller's cuBLASLt handle (cublasLtCreate; link CUDA::cublasLt) and stream: every
+//   GEMM and kernel is enqueued on `stream`; no allocation (descriptors live on the host
+//   stack), no copy, no synchronization, so a call can be captured in a CUDA graph.
+// * GEMMs: bf16 / fp16 inputs with fp32 accumulation and an fp32 logits chunk (fp32: fp32,
+//   no TF32; fp64: fp64). The logits are never rounded to T. The bias and the transforms
+//   (dpo/core/transforms.hpp) are applied by the row kernels between the GEMMs, with the row
+//   math of dpo/core/math.hpp and the block primitives of dpo/cuda/block.cuh.
+// * Argument errors come back as a status naming the argument before anything is enqueued.
+//   Labels are device data: the first kernel checks them and records the lowest bad row in
+//   the workspace's error word (dpo/cuda/status.cuh, read_device_error); every later kernel
+//   then writes nothing outside the workspace, and the dWeight GEMM adds exact zeros.
+// * Deterministic for a fixed chunk shape and device: fixed reduction trees, no atomics in
+//   any sum; cuBLASLt's heuristic picks the same algorithm for the same shapes and handle.
+//
+// Math and memory model: docs/linear.md (the CPU path), docs/cuda.md (this one).
+#pragma once
+
+#include <cublasLt.h>
+#include <cuda_runtime.h>
+
+#include <climits>
+#include <cstdarg>
+#include <cstdint>
+#include <cstdio>
+#include <type_traits>
+
+#include "dpo/core/math.hpp"
+#include "dpo/core/transforms.hpp"
+#include "dpo/cuda/block.cuh"
+#include "dpo/cuda/status.cuh"
+
+namespace dpo {
+namespace cuda {
+
+/// The default workspace budget of the CUDA linear head: 512 MiB (the GEMM workspace
+/// included). At N = 8192, H = 4096, V = 128256 (bf16) every row fits one chunk of 4096
+/// vocab columns.
+inline constexpr std::int64_t default_linear_workspace_bytes = std::int64_t{512} << 20;
+
+/// An LM head applied to hidden states (device pointers; int64 sizes and strides in
+/// elements), as dpo::cpu::linear_view. Row r of `hidden` scores label r.
+///
+/// | field | shape / meaning |
+/// |---|---|
+/// | hidden, hidden_stride | [rows, hidden_stride], columns [0, hidden_cols) read |
+/// | weight, weight_stride | [vocab, weight_stride], row-major nn.Linear layout |
+/// | bias, bias_size | [vocab] or null; bias_size must be vocab with a bias, 0 without |
+/// | labels, mask | [rows]; a row counts when label != ignore_index and (no mask or mask[r] != 0) |
+/// | transforms | scale, soft cap, temperature (dpo/core/transforms.hpp) |
+/// T: __nv_bfloat16, __half, float, double; L: int32_t or int64_t.
+template <class T, class L>
+struct linear_view {
+  const T* hidden = nullptr;
+  std::int64_t rows = 0;         // N >= 0
+  std::int64_t hidden_cols = 0;  // H >= 1
+  std::int64_t hidden_stride = 0;
+  const T* weight = nullptr;
+  std::int64_t vocab = 0;        // V >= 1, < 2^31
+  std::int64_t weight_cols = 0;  // must equal hidden_cols
+  std::int64_t weight_stride = 0;
+  const T* bias = nullptr;
+  std::int64_t bias_size = 0;
+  const L* labels = nullptr;
+  const std::uint8_t* mask = nullptr;
+  std::int64_t ignore_index = -100;
+  logit_transforms transforms;
+};
+
+/// Run-time options of the CUDA linear head.
+struct linear_options {
+  /// Bytes of the caller's workspace the call may use, the GEMM workspace included; the
+  /// chunk shape follows from it.
+  std::int64_t workspace_bytes = default_linear_workspace_bytes;
+  /// Fix the chunk shape instead (0 = from the budget); it must still fit the budget.
+  std::int64_t chunk_rows = 0;
+  std::int64_t chunk_vocab = 0;
+  /// cuBLASLt's own workspace, carved from the budget (32 MiB: NVIDIA's recommendation for
+  /// Hopper; 0 restricts cuBLASLt to algorithms that need none).
+  std::int64_t gemm_workspace_bytes = std::int64_t{32} << 20;
+};
+
+/// The chunk shape of a call and the workspace bytes it needs (everything included).
+struct linear_chunking {
+  std::int64_t rows = 0;
+  std::int64_t vocab = 0;
+  std::int64_t workspace_bytes = 0;
+};
+
+/// Where linear_logps_backward writes (device pointers; null skips that gradient), as
+/// dpo::cpu::linear_grads:
+/// - hidden: [rows, hidden_stride] of T; written (rows that do not count, or whose upstream
+///   gradients are 0, get zeros) or, with accumulate_hidden, added to (such rows untouched).
+/// - weight: [vocab, weight_stride] and bias: [vocab], of G, always added to. G is T or
+///   float (bf16 / half heads): with G = float the sums stay in fp32 across calls (the
+///   recommended accumulation buffer); with G = T each row chunk's sum is rounded once.
+template <class T, class G = T>
+struct linear_grads {
+  T* hidden = nullptr;
+  std::int64_t hidden_stride = 0;
+  bool accumulate_hidden = false;
+  G* weight = nullptr;
+  std::int64_t weight_stride = 0;
+  G* bias = nullptr;
+};
+
+namespace detail {
+
+/// Vocab columns of a chunk when the budget allows (rows then grow to fill it).
+inline constexpr std::int64_t linear_default_chunk_vocab = 4096;
+inline constexpr int linear_block = 256;
+
+inline status linear_invalid(const char* fmt, ...) {
+  status s;
+  s.code = cudaErrorInvalidValue;
+  std::va_list args;
+  va_start(args, fmt);
+  std::vsnprintf(s.message, sizeof(s.message), fmt, args);
+  va_end(args);
+  return s;
+}
+
+template <class T>
+inline constexpr cudaDataType_t cuda_type() {
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) return CUDA_R_16BF;
+  if constexpr (std::is_same<T, __half>::value) return CUDA_R_16F;
+  if constexpr (std::is_same<T, float>::value) return CUDA_R_32F;
+  return CUDA_R_64F;
+}
+
+inline constexpr std::int64_t round_up(std::int64_t x, std::int64_t m) { return (x + m - 1) / m * m; }
+
+/// Leading dimensions of the workspace matrices: 16-element multiples (32-byte rows at
+/// least, so every row of every matrix is 16-byte aligned for the vector loads and for
+/// cuBLASLt's fast paths).
+inline std::int64_t ld_of(std::int64_t cols) { return round_up(cols > 0 ? cols : 1, 16); }
+
+/// The workspace header: device_error first (its offset, 0, is public).
+struct linear_header {
+  device_error err;
+  unsigned long long label_key;  // lowest row with an out-of-range label
+};
+
+/// Per-row state of the current row chunk.
+template <class A>
+struct linear_row {
+  dpo::detail::row_stats<A> acc;  // forward: the statistics so far
+  A zy;                           // forward: the label's transformed logit
+  A lse_hi, lse_lo;               // backward: the stored lse, split
+  A gl, ge, ent;                  // backward: upstream gradients, entropy
+  std::int64_t y;                 // the label, or -1 when the row is skipped
+};
+
+/// The workspace of a chunk shape, laid out from `base` (0 to measure).
+template <class T>
+struct linear_ws {
+  using A = acc_t<T>;
+  linear_header* h = nullptr;
+  linear_row<A>* rows = nullptr;  // [chunk rows]
+  T* hb = nullptr;                // [chunk rows, ldh]: the chunk's hidden rows, zeros where skipped
+  A* z = nullptr;                 // [chunk rows, ldz]: logits, then dZ in place
+  T* dz = nullptr;                // [chunk rows, ldz] in T (bf16 / half: the GEMMs' input); == z otherwise
+  A* dh = nullptr;                // [chunk rows, ldh]: dHidden accumulator
+  void* gemm = nullptr;
+  std::int64_t ldh = 0, ldz = 0, gemm_bytes = 0, bytes = 0;
+
+  linear_ws(std::uintptr_t base, std::int64_t rows_, std::int64_t vocab, std::int64_t H,
+            std::int64_t gemm_bytes_) {
+    std::int64_t off = 0;
+    const auto take = [&](std::int64_t n) {
+      const std::uintptr_t p = base + static_cast<std::uintptr_t>(off);
+      off += round_up(n, 256);
+      return p;
+    };
+    ldh = ld_of(H);
+    ldz = ld_of(vocab);
+    gemm_bytes = gemm_bytes_;
+    h = reinterpret_cast<linear_header*>(take(sizeof(linear_header)));
+    rows = reinterpret_cast<linear_row<A>*>(take(rows_ * static_cast<std::int64_t>(sizeof(linear_row<A>))));
+    hb = reinterpret_cast<T*>(take(rows_ * ldh * static_cast<std::int64_t>(sizeof(T))));
+    z = reinterpret_cast<A*>(take(rows_ * ldz * static_cast<std::int64_t>(sizeof(A))));
+    dz = std::is_same<T, A>::value
+             ? reinterpret_cast<T*>(z)
+             : reinterpret_cast<T*>(take(rows_ * ldz * static_cast<std::int64_t>(sizeof(T))));
+    dh = reinterpret_cast<A*>(take(rows_ * ldh * static_cast<std::int64_t>(sizeof(A))));
+    gemm = reinterpret_cast<void*>(take(gemm_bytes));
+    bytes = off;
+  }
+};
+
+/// The chunk shape (as dpo::cpu's: opt.chunk_vocab or up to linear_default_chunk_vocab
+/// columns, narrower only when one row does not fit, then as many rows as the budget allows).
+template <class T>
+status linear_chunks(std::int64_t N, std::int64_t H, std::int64_t V, const linear_options& opt,
+                     linear_chunking* out) {
+  if (opt.workspace_bytes < 0)
+    return linear_invalid("dpo: options.workspace_bytes = %lld is invalid: must be >= 0",
+                          (long long)opt.workspace_bytes);
+  if (opt.chunk_rows < 0)
+    return linear_invalid("dpo: options.chunk_rows = %lld is invalid: must be >= 0 (0 = from the budget)",
+                          (long long)opt.chunk_rows);
+  if (opt.chunk_vocab < 0)
+    return linear_invalid("dpo: options.chunk_vocab = %lld is invalid: must be >= 0 (0 = from the budget)",
+                          (long long)opt.chunk_vocab);
+  if (opt.gemm_workspace_bytes < 0)
+    return linear_invalid("dpo: options.gemm_workspace_bytes = %lld is invalid: must be >= 0",
+                          (long long)opt.gemm_workspace_bytes);
+  const std::int64_t B = opt.workspace_bytes, G = opt.gemm_workspace_bytes;
+  const auto need = [&](std::int64_t r, std::int64_t v) { return linear_ws<T>(0, r, v, H, G).bytes; };
+  const std::int64_t max_rows = N > 1 ? N : 1;
+  linear_chunking c;
+  c.vocab = V < (opt.chunk_vocab > 0 ? opt.chunk_vocab : linear_default_chunk_vocab)
+                ? V
+                : (opt.chunk_vocab > 0 ? opt.chunk_vocab : linear_default_chunk_vocab);
+  if (opt.chunk_vocab == 0)
+    while (c.vocab > 1 && need(1, c.vocab) > B) c.vocab = (c.vocab + 1) / 2;
+  if (opt.chunk_rows > 0) {
+    c.rows = opt.chunk_rows < max_rows ? opt.chunk_rows : max_rows;
+  } else {
+    // Largest row count that fits (the size is affine in the rows up to the 256-byte
+    // rounding of each buffer): bisection.
+    std::int64_t lo = 1, hi = max_rows;
+    if (need(hi, c.vocab) <= B) {
+      lo = hi;
+    } else {
+      while (lo < hi) {
+        const std::int64_t mid = lo + (hi - lo + 1) / 2;
+        if (need(mid, c.vocab) <= B) lo = mid; else hi = mid - 1;
+      }
+    }
+    c.rows = lo;
+  }
+  c.workspace_bytes = need(c.rows, c.vocab);
+  if (c.workspace_bytes > B)
+    return linear_invalid(
+        "dpo: options.workspace_bytes = %lld is too small for one row: a chunk of %lld x %lld needs "
+        "%lld bytes (options.gemm_workspace_bytes = %lld included)",
+        (long long)B, (long long)c.rows, (long long)c.vocab, (long long)c.workspace_bytes, (long long)G);
+  *out = c;
+  return {};
+}
+
+/// The byte range [lo, hi) of n rows of `cols` elements, `stride` apart (device addresses,
+/// compared, never read).
+struct linear_range {
+  std::uintptr_t lo = 0, hi = 0;
+  const char* name = "";
+};
+
+template <class U>
+linear_range range_of(const U* p, std::int64_t n, std::int64_t cols, std::int64_t stride, const char* name) {
+  if (p == nullptr || n <= 0 || cols <= 0) return {0, 0, name};
+  const auto lo = reinterpret_cast<std::uintptr_t>(p);
+  return {lo, lo + static_cast<std::uintptr_t>(((n - 1) * stride + cols) * static_cast<std::int64_t>(sizeof(U))), name};
+}
+
+inline status check_no_overlap(const linear_range* outs, int n_out, const linear_range* ins, int n_in) {
+  const auto hit = [](const linear_range& a, const linear_range& b) {
+    return a.lo != 0 && b.lo != 0 && a.lo < b.hi && b.lo < a.hi;
+  };
+  for (int i = 0; i < n_out; ++i) {
+    for (int j = 0; j < n_in; ++j)
+      if (hit(outs[i], ins[j]))
+        return linear_invalid("dpo: %s overlaps %s: outputs may not alias inputs", outs[i].name, ins[j].name);
+    for (int j = i + 1; j < n_out; ++j)
+      if (hit(outs[i], outs[j]))
+        return linear_invalid("dpo: %s overlaps %s: unsupported aliasing", outs[i].name, outs[j].name);
+  }
+  return {};
+}
+
+/// The view's sizes and values (as dpo::cpu's check_linear_view; the labels are device data,
+/// checked by linear_check_kernel). `pointers`: false in a size query.
+template <class T, class L>
+status check_linear_view(const linear_view<T, L>& v, bool pointers) {
+  if (v.rows < 0) return linear_invalid("dpo: rows = %lld is invalid: must be >= 0", (long long)v.rows);
+  if (v.hidden_cols < 1)
+    return linear_invalid("dpo: hidden_cols = %lld is invalid: must be >= 1", (long long)v.hidden_cols);
+  if (v.weight_cols != v.hidden_cols)
+    return linear_invalid("dpo: weight_cols = %lld != hidden_cols = %lld: hidden and weight must have the "
+                          "same hidden size", (long long)v.weight_cols, (long long)v.hidden_cols);
+  if (v.vocab < 1 || v.vocab > INT_MAX)
+    return linear_invalid("dpo: vocab = %lld is invalid: must be in [1, 2^31)", (long long)v.vocab);
+  if (v.hidden_stride < v.hidden_cols)
+    return linear_invalid("dpo: hidden_stride = %lld is invalid: must be >= hidden_cols = %lld",
+                          (long long)v.hidden_stride, (long long)v.hidden_cols);
+  if (v.weight_stride < v.weight_cols)
+    return linear_invalid("dpo: weight_stride = %lld is invalid: must be >= weight_cols = %lld",
+                          (long long)v.weight_stride, (long long)v.weight_cols);
+  if (pointers && v.weight == nullptr) return linear_invalid("dpo: weight is null");
+  if (v.bias_size != 0 && v.bias_size != v.vocab)
+    return linear_invalid("dpo: bias_size = %lld != vocab = %lld: the bias must have one entry per vocab row",
+                          (long long)v.bias_size, (long long)v.vocab);
+  if (pointers && v.bias == nullptr && v.bias_size != 0)
+    return linear_invalid("dpo: bias is null but bias_size = %lld (0 means no bias)", (long long)v.bias_size);
+  if (pointers && v.bias != nullptr && v.bias_size == 0)
+    return linear_invalid("dpo: bias_size = 0 != vocab = %lld: the bias must have one entry per vocab row",
+                          (long long)v.vocab);
+  double value = 0;
+  if (const char* field = dpo::detail::invalid_transform(v.transforms, &value))
+    return linear_invalid("dpo: transforms.%s = %g is invalid: must be finite and > 0%s", field, value,
+                          field[1] == 'o' ? " (or 0 for no cap)" : "");
+  if (pointers && v.rows > 0 && v.hidden == nullptr) return linear_invalid("dpo: hidden is null");
+  if (pointers && v.rows > 0 && v.labels == nullptr) return linear_invalid("dpo: labels is null");
+  return {};
+}
+
+template <class T, class L>
+void input_ranges(const linear_view<T, L>& v, linear_range* out) {
+  out[0] = range_of(v.hidden, v.rows, v.hidden_cols, v.hidden_stride, "hidden");
+  out[1] = range_of(v.weight, v.vocab, v.weight_cols, v.weight_stride, "weight");
+  out[2] = range_of(v.bias, 1, v.bias_size, v.bias_size, "bias");
+  out[3] = range_of(v.labels, 1, v.rows, v.rows, "labels");
+  out[4] = range_of(v.mask, 1, v.rows, v.rows, "mask");
+}
+
+inline status check_linear_workspace(void* workspace, std::size_t workspace_bytes, std::int64_t needed) {
+  if (workspace_bytes < static_cast<std::size_t>(needed))
+    return linear_invalid("dpo: workspace_bytes = %llu is too small: %llu needed",
+                          (unsigned long long)workspace_bytes, (unsigned long long)needed);
+  if (reinterpret_cast<std::uintptr_t>(workspace) % 256 != 0)
+    return linear_invalid("dpo: workspace is not 256-byte aligned (cudaMalloc's are)");
+  return {};
+}
+
+template <class... Params, class... Args>
+status linear_launch(const char* what, void (*kernel)(Params...), unsigned grid, unsigned block,
+                     cudaStream_t stream, Args&&... args) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(grid);
+  config.blockDim = dim3(block);
+  config.dynamicSmemBytes = 0;
+  config.stream = stream;
+  cudaError_t e = cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
+  if (e == cudaSuccess) e = cudaGetLastError();
+  if (e != cudaSuccess) return make_status(e, "dpo: launch of %s failed: %s", what, cudaGetErrorString(e));
+  return {};
+}
+
+/// Blocks of a row kernel: one per row, at most 65535 x 16 (they loop).
+inline unsigned row_blocks(std::int64_t rows) {
+  return static_cast<unsigned>(rows < 1 ? 1 : (rows < (1 << 20) ? rows : (1 << 20)));
+}
+
+// ---- the GEMMs -------------------------------------------------------------------------
+
+/// One column-major cuBLASLt GEMM D = alpha op(A) op(B) + beta C with C = D:
+/// op(A) m x k, op(B) k x n, D m x n. Descriptors live on the host stack (no allocation).
+struct linear_gemm {
+  cublasLtHandle_t handle;
+  cudaStream_t stream;
+  void* workspace;
+  std::size_t workspace_bytes;
+};
+
+inline status cublas_status(cublasStatus_t s, const char* what) {
+  if (s == CUBLAS_STATUS_SUCCESS) return {};
+  const cudaError_t code = s == CUBLAS_STATUS_INVALID_VALUE ? cudaErrorInvalidValue
+                           : (s == CUBLAS_STATUS_NOT_SUPPORTED || s == CUBLAS_STATUS_ARCH_MISMATCH)
+                               ? cudaErrorNotSupported
+                               : cudaErrorUnknown;
+  return make_status(code, "dpo: cuBLASLt %s failed: %s (%d)", what, cublasLtGetStatusString(s), static_cast<int>(s));
+}
+
+template <class S>
+status gemm(const linear_gemm& g, const char* what, bool ta, bool tb, std::int64_t m, std::int64_t n,
+            std::int64_t k, const void* A, cudaDataType_t at, std::int64_t lda, const void* B,
+            cudaDataType_t bt, std::int64_t ldb, S beta, void* D, cudaDataType_t dt, std::int64_t ldd) {
+  constexpr bool dbl = std::is_same<S, double>::value;
+  cublasLtMatmulDescOpaque_t desc_storage;
+  cublasLtMatrixLayoutOpaque_t la, lb, ld;
+  cublasLtMatmulDesc_t desc = &desc_storage;
+  cublasStatus_t s = cublasLtMatmulDescInit(desc, dbl ? CUBLAS_COMPUTE_64F : CUBLAS_COMPUTE_32F,
+                                            dbl ? CUDA_R_64F : CUDA_R_32F);
+  const std::int32_t opa = ta ? CUBLAS_OP_T : CUBLAS_OP_N, opb = tb ? CUBLAS_OP_T : CUBLAS_OP_N;
+  if (s == CUBLAS_STATUS_SUCCESS)
+    s = cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSA, &opa, sizeof(opa));
+  if (s == CUBLAS_STATUS_SUCCESS)
+    s = cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSB, &opb, sizeof(opb));
+  if (s == CUBLAS_STATUS_SUCCESS)
+    s = cublasLtMatrixLayoutInit(&la, at, static_cast<std::uint64_t>(ta ? k : m),
+                                 static_cast<std::uint64_t>(ta ? m : k), lda);
+  if (s == CUBLAS_STATUS_SUCCESS)
+    s = cublasLtMatrixLayoutInit(&lb, bt, static_cast<std::uint64_t>(tb ? n : k),
+                                 static_cast<std::uint64_t>(tb ? k : n), ldb);
+  if (s == CUBLAS_STATUS_SUCCESS)
+    s = cublasLtMatrixLayoutInit(&ld, dt, static_cast<std::uint64_t>(m), static_cast<std::uint64_t>(n), ldd);
+  const S alpha = S(1);
+  if (s == CUBLAS_STATUS_SUCCESS)
+    s = cublasLtMatmul(g.handle, desc, &alpha, A, &la, B, &lb, &beta, D, &ld, D, &ld, nullptr,
+                       g.workspace, g.workspace_bytes, g.stream);
+  return cublas_status(s, what);
+}
+
+// ---- the kernels -------------------------------------------------------------------------
+
+template <class T>
+DPO_CUDA_HD acc_t<T> bias_value(const T* bias, std::int64_t v) {
+  return bias != nullptr ? to_acc(bias[v]) : acc_t<T>(0);
+}
+
+template <class L>
+__device__ __forceinline__ std::int64_t linear_target(const L* labels, const std::uint8_t* mask,
+                                                      std::int64_t ignore_index, std::int64_t r) {
+  const std::int64_t y = static_cast<std::int64_t>(labels[r]);
+  if (y == ignore_index || (mask != nullptr && mask[r] == 0)) return -1;
+  return y;
+}
+
+/// One block: resets the error word, then records the lowest row whose counted label is
+/// outside [0, vocab).
+template <class L>
+__global__ void linear_check_kernel(const L* labels, const std::uint8_t* mask, std::int64_t rows,
+                                    std::int64_t vocab, std::int64_t ignore_index, linear_header* h) {
+  __shared__ unsigned long long first;
+  if (threadIdx.x == 0) first = ~0ull;
+  __syncthreads();
+  for (std::int64_t r = threadIdx.x; r < rows; r += blockDim.x) {
+    const std::int64_t y = static_cast<std::int64_t>(labels[r]);
+    if (y == ignore_index || (mask != nullptr && mask[r] == 0)) continue;
+    if (y < 0 || y >= vocab) atomicMin(&first, static_cast<unsigned long long>(r));
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    h->label_key = first;
+    h->err = device_error{0, 0, 0, 0, 0};
+    if (first != ~0ull) {
+      const auto r = static_cast<std::int64_t>(first);
+      // side 4: the linear head's labels (describe() names them "labels").
+      h->err = device_error{static_cast<std::int32_t>(device_error_code::label_out_of_range), 4, r,
+                            static_cast<std::int64_t>(labels[r]), vocab};
+    }
+  }
+}
+
+/// Per-row arguments of the backward (null in the forward).
+struct linear_bwd_in {
+  const double* row_lse;
+  const double* grad_logps;
+  const double* entropy;
+  const double* grad_entropy;
+};
+
+/// Rows [r0, r0 + nb): the row state, and the hidden rows gathered into hb (zeros for rows
+/// that are skipped, so a NaN there cannot reach dWeight through 0 * NaN). Forward: a row
+/// counts; backward: it counts and has a nonzero upstream gradient.
+template <int BLOCK, bool Backward, class T, class L>
+__global__ void __launch_bounds__(BLOCK) linear_gather_kernel(linear_view<T, L> in, std::int64_t r0, std::int64_t nb,
+                                                              linear_bwd_in b, linear_ws<T> w) {
+  using A = acc_t<T>;
+  const bool error = w.h->err.code != 0;
+  for (std::int64_t i = blockIdx.x; i < nb; i += gridDim.x) {
+    const std::int64_t r = r0 + i;
+    std::int64_t y = error ? -1 : linear_target(in.labels, in.mask, in.ignore_index, r);
+    linear_row<A> st;
+    st.acc = dpo::detail::row_stats<A>::empty();
+    st.zy = A(0);
+    st.lse_hi = st.lse_lo = st.gl = st.ge = st.ent = A(0);
+    if (Backward && y >= 0) {
+      const double gl = b.grad_logps[r];
+      const double ge = b.grad_entropy != nullptr ? b.grad_entropy[r] : 0.0;
+      if (gl == 0.0 && ge == 0.0) {
+        y = -1;
+      } else {
+        const dpo::detail::lse_parts<A> p = dpo::detail::split_lse<A>(b.row_lse[r]);
+        st.lse_hi = p.hi;
+        st.lse_lo = p.lo;
+        st.gl = static_cast<A>(gl);
+        st.ge = static_cast<A>(ge);
+        st.ent = b.entropy != nullptr ? static_cast<A>(b.entropy[r]) : A(0);
+      }
+    }
+    st.y = y;
+    if (threadIdx.x == 0) w.rows[i] = st;
+    const T* src = in.hidden + r * in.hidden_stride;
+    T* dst = w.hb + i * w.ldh;
+    for (std::int64_t c = threadIdx.x; c < in.hidden_cols; c += BLOCK)
+      dst[c] = y >= 0 ? src[c] : from_acc<T>(A(0));
+  }
+}
+
+/// Forward, one vocab chunk [v0, v0 + nv) of rows [r0, r0 + nb): each counted row's
+/// statistics of its transformed logits, merged into the row state; at the last chunk the
+/// outputs (zeros for rows that do not count).
+template <int BLOCK, bool Entropy, class T, class L>
+__global__ void __launch_bounds__(BLOCK) linear_stats_kernel(linear_view<T, L> in, std::int64_t r0, std::int64_t nb,
+                                                             std::int64_t v0, std::int64_t nv, bool last,
+                                                             linear_ws<T> w, double* logps, double* entropy,
+                                                             double* row_lse) {
+  using A = acc_t<T>;
+  if (w.h->err.code != 0) return;
+  const dpo::detail::transform_params<A> tp(in.transforms);
+  const bool plain = tp.identity && in.bias == nullptr;
+  constexpr int W = vec_width<A>;
+  const int tid = static_cast<int>(threadIdx.x);
+  const int n = static_cast<int>(nv);
+  for (std::int64_t i = blockIdx.x; i < nb; i += gridDim.x) {
+    linear_row<A>* rs = w.rows + i;
+    const std::int64_t y = rs->y;  // block-uniform
+    const std::int64_t r = r0 + i;
+    if (y >= 0) {
+      const A* z = w.z + i * w.ldz;
+      const std::int64_t yl = y - v0;  // the label's column in this chunk, if in [0, nv)
+      thread_stats<A> st = thread_empty<A>();
+      const auto logit = [&](A x, std::int64_t j) {
+        return plain ? x : dpo::detail::transform_logit(tp, x + bias_value(in.bias, v0 + j));
+      };
+      const int nvec = n / W;
+      for (int k = tid; k < nvec; k += BLOCK) {
+        A x[W];
+        unpack<A>(reinterpret_cast<const uint4*>(z)[k], x);
+#pragma unroll
+        for (int j = 0; j < W; ++j) {
+          const std::int64_t col = static_cast<std::int64_t>(k) * W + j;
+          x[j] = logit(x[j], col);
+          if (col == yl) rs->zy = x[j];
+        }
+        push_values<Entropy, W, A, false>(st, x, static_cast<std::int64_t>(k) * W);
+      }
+      const int tail = nvec * W + tid;
+      if (tail < n) {
+        const A x = logit(z[tail], tail);
+        if (tail == yl) rs->zy = x;
+        push_values<Entropy, 1, A, false>(st, &x, tail);
+      }
+      const dpo::detail::row_stats<A> c = block_reduce_stats<BLOCK, Entropy>(to_row_stats(st));
+      if (tid == 0) {
+        const dpo::detail::row_stats<A> acc = v0 == 0 ? c : merge_unordered<Entropy>(rs->acc, c);
+        rs->acc = acc;
+        if (last) {
+          // (z_y - m) - log s, never z_y - lse: lse rounds at the scale of m (docs/math.md §1).
+          logps[r] = acc.log_softmax(rs->zy);
+          row_lse[r] = acc.logsumexp_double();
+          if (Entropy) entropy[r] = static_cast<double>(acc.entropy());
+        }
+      }
+    } else if (last && tid == 0) {
+      logps[r] = 0.0;
+      row_lse[r] = 0.0;
+      if (Entropy) entropy[r] = 0.0;
+    }
+  }
+}
+
+/// Backward, one vocab chunk: the recomputed logits of each row become dZ (in T for the GEMMs;
+/// in place in the fp32 chunk too when `keep_fp32`, for dBias): dlogp/do_v = 1[v = y] - p_v,
+/// dH/do_v = -p_v (log p_v + H), times do/du (docs/linear.md). Skipped rows get zeros.
+template <int BLOCK, bool Entropy, class T, class L>
+__global__ void __launch_bounds__(BLOCK) linear_grad_kernel(linear_view<T, L> in, std::int64_t nb, std::int64_t v0,
+                                                            std::int64_t nv, linear_ws<T> w, bool keep_fp32) {
+  using A = acc_t<T>;
+  const dpo::detail::transform_params<A> tp(in.transforms);
+  const bool plain = tp.identity && in.bias == nullptr;
+  const int n = static_cast<int>(nv);
+  for (std::int64_t i = blockIdx.x; i < nb; i += gridDim.x) {
+    const linear_row<A> q = w.rows[i];
+    A* z = w.z + i * w.ldz;
+    T* dz = w.dz + i * w.ldz;
+    const std::int64_t yl = q.y >= 0 ? q.y - v0 : -1;
+    for (int j = static_cast<int>(threadIdx.x); j < n; j += BLOCK) {
+      A g = A(0);
+      if (q.y >= 0) {
+        const A u = plain ? z[j] : z[j] + bias_value(in.bias, v0 + j);
+        const A o = plain ? u : dpo::detail::transform_logit(tp, u);
+        // (o - hi) - lo: exact for the logits near the max; clamped below so a -inf logit
+        // adds 0 * finite to the entropy term (as the CPU's exp_lo clamp).
+        const A d = fmax((o - q.lse_hi) - q.lse_lo, std::is_same<A, double>::value ? A(-746) : A(-88));
+        const A p = exp2_fast(d * log2e<A>::value);
+        g = Entropy ? -p * (q.gl + q.ge * (d + q.ent)) : -p * q.gl;
+        if (j == yl) g = q.gl + g;
+        if (!plain && !tp.identity) g = g * dpo::detail::transform_logit_grad(tp, u);
+      }
+      if (std::is_same<T, A>::value) {
+        z[j] = g;  // dz == z
+      } else {
+        if (keep_fp32) z[j] = g;
+        dz[j] = from_acc<T>(g);
+      }
+    }
+  }
+}
+
+/// dst += v, rounded once to G.
+template <class G, class A>
+DPO_CUDA_HD void add_to(G& dst, A v) {
+  using GA = acc_t<G>;
+  dst = from_acc<G>(static_cast<GA>(to_acc(dst) + static_cast<GA>(v)));
+}
+
+/// dBias of one vocab chunk: each column's dZ summed over the chunk's rows in a fixed order
+/// (8 row slices per column, then slice 0..7), added to bias[v0 + j] once.
+template <class T, class G>
+__global__ void __launch_bounds__(256) linear_dbias_kernel(std::int64_t nb, std::int64_t v0, std::int64_t nv,
+                                                           linear_ws<T> w, G* dbias) {
+  using A = acc_t<T>;
+  __shared__ A part[8][32];
+  if (w.h->err.code != 0) return;
+  const int tx = static_cast<int>(threadIdx.x) & 31, ty = static_cast<int>(threadIdx.x) >> 5;
+  const std::int64_t j = static_cast<std::int64_t>(blockIdx.x) * 32 + tx;
+  A s = A(0);
+  if (j < nv)
+    for (std::int64_t i = ty; i < nb; i += 8) s += w.z[i * w.ldz + j];
+  part[ty][tx] = s;
+  __syncthreads();
+  if (ty == 0 && j < nv) {
+    A t = part[0][tx];
+    for (int k = 1; k < 8; ++k) t += part[k][tx];
+    add_to(dbias[v0 + j], t);
+  }
+}
+
+/// dHidden of rows [r0, r0 + nb) from the accumulator: written or added for the rows that
+/// took part, zeros written (not accumulating) or untouched (accumulating) for the others.
+template <int BLOCK, class T, class L>
+__global__ void __launch_bounds__(BLOCK) linear_dhidden_kernel(std::int64_t H, std::int64_t r0, std::int64_t nb,
+                                                               linear_ws<T> w, T* dh, std::int64_t stride,
+                                                               bool accumulate) {
+  using A = acc_t<T>;
+  if (w.h->err.code != 0) return;
+  for (std::int64_t i = blockIdx.x; i < nb; i += gridDim.x) {
+    const bool active = w.rows[i].y >= 0;
+    if (!active && accumulate) continue;
+    T* dst = dh + (r0 + i) * stride;
+    const A* src = w.dh + i * w.ldh;
+    for (std::int64_t c = threadIdx.x; c < H; c += BLOCK) {
+      if (!active) {
+        dst[c] = from_acc<T>(A(0));
+      } else if (accumulate) {
+        add_to(dst[c], src[c]);
+      } else {
+        dst[c] = from_acc<T>(src[c]);
+      }
+    }
+  }
+}
+
+/// The checks and workspace of a call. Returns the chunking in *ch and the carved workspace
+/// in *w; *size_only when only the size was asked for.
+template <class T, class L>
+status linear_prologue(void* workspace, std::size_t& workspace_bytes, cublasLtHandle_t handle,
+                       const linear_view<T, L>& in, const linear_options& opt, linear_chunking* ch,
+                       linear_ws<T>* w, bool* size_only) {
+  const bool pointers = workspace != nullptr;
+  status s = check_linear_view(in, pointers);
+  if (!s) return s;
+  s = linear_chunks<T>(in.rows, in.hidden_cols, in.vocab, opt, ch);
+  if (!s) return s;
+  *size_only = !pointers;
+  if (!pointers) {
+    workspace_bytes = static_cast<std::size_t>(ch->workspace_bytes);
+    return {};
+  }
+  if (handle == nullptr) return linear_invalid("dpo: handle is null (create one with cublasLtCreate)");
+  s = check_linear_workspace(workspace, workspace_bytes, ch->workspace_bytes);
+  if (!s) return s;
+  *w = linear_ws<T>(reinterpret_cast<std::uintptr_t>(workspace), ch->rows, ch->vocab, in.hidden_cols,
+                    opt.gemm_workspace_bytes);
+  return {};
+}
+
+/// z [nb, nv] (row-major, ldz) = hb [nb, H] . weight[v0 : v0 + nv]^T: column-major
+/// z^T = op_T(weight chunk) . hb^T.
+template <class T, class L>
+status logits_gemm(const linear_gemm& g, const linear_view<T, L>& in, const linear_ws<T>& w, std::int64_t nb,
+                   std::int64_t v0, std::int64_t nv) {
+  using A = acc_t<T>;
+  return gemm<A>(g, "logits GEMM", true, false, nv, nb, in.hidden_cols, in.weight + v0 * in.weight_stride,
+                 cuda_type<T>(), in.weight_stride, w.hb, cuda_type<T>(), w.ldh, A(0), w.z, cuda_type<A>(), w.ldz);
+}
+
+}  // namespace detail
+
+/// The chunk shape and workspace bytes of linear_logps / linear_logps_backward for `in`
+/// under `opt` (both use the same). Fails (a status naming the argument) when the budget is
+/// too small for one row or the view's sizes are invalid.
+template <class T, class L>
+status linear_workspace_size(const linear_view<T, L>& in, const linear_options& opt, linear_chunking* out) {
+  if (out == nullptr) return detail::linear_invalid("dpo: linear_workspace_size: out is null");
+  const status s = detail::check_linear_view(in, false);
+  if (!s) return s;
+  return detail::linear_chunks<T>(in.rows, in.hidden_cols, in.vocab, opt, out);
+}
+
+/// Per-token log-probs of an LM head on the device, as dpo::cpu::linear_logps:
+/// logp_r = log softmax(o(hidden_r . weight^T + bias))[y_r], o the transforms.
+///
+/// - logps: [rows] doubles, 0 on rows that do not count.
+/// - entropy: [rows] or null: -sum_v p_v log p_v of each counted row, 0 elsewhere.
+/// - row_lse: [rows]: each counted row's log-sum-exp (0 elsewhere), for the backward.
+/// Two-phase workspace (see the top of this file); one GEMM per chunk (the hidden rows of a
+/// row chunk times a vocab chunk of the weight) and one read of the fp32 logits chunk.
+/// Outputs may not overlap each other or any input. A label outside [0, vocab) is reported
+/// in the error word (read_device_error) and nothing is written.
+template <class T, class L>
+status linear_logps(void* workspace, std::size_t& workspace_bytes, cublasLtHandle_t handle,
+                    const linear_view<T, L>& in, double* logps, double* entropy, double* row_lse,
+                    const linear_options& opt = {}, cudaStream_t stream = 0) {
+  linear_chunking ch;
+  detail::linear_ws<T> w(0, 0, 1, 1, 0);
+  bool size_only = false;
+  status s = detail::linear_prologue(workspace, workspace_bytes, handle, in, opt, &ch, &w, &size_only);
+  if (!s || size_only) return s;
+  const std::int64_t N = in.rows;
+  if (N > 0 && logps == nullptr) return detail::linear_invalid("dpo: logps is null");
+  if (N > 0 && row_lse == nullptr) return detail::linear_invalid("dpo: row_lse is null");
+  detail::linear_range ins[6];
+  detail::input_ranges(in, ins);
+  ins[5] = {reinterpret_cast<std::uintptr_t>(workspace),
+            reinterpret_cast<std::uintptr_t>(workspace) + static_cast<std::uintptr_t>(ch.workspace_bytes),
+            "workspace"};
+  const detail::linear_range outs[3] = {detail::range_of(logps, 1, N, N, "logps"),
+                                        detail::range_of(entropy, 1, N, N, "entropy"),
+                                        detail::range_of(row_lse, 1, N, N, "row_lse")};
+  s = detail::check_no_overlap(outs, 3, ins, 6);
+  if (!s || N == 0) return s;
+  constexpr int B = detail::linear_block;
+  const detail::linear_gemm g{handle, stream, w.gemm, static_cast<std::size_t>(w.gemm_bytes)};
+  s = detail::linear_launch("linear_check_kernel", detail::linear_check_kernel<L>, 1, 256, stream, in.labels,
+                            in.mask, N, in.vocab, in.ignore_index, w.h);
+  for (std::int64_t r0 = 0; s && r0 < N; r0 += ch.rows) {
+    const std::int64_t nb = ch.rows < N - r0 ? ch.rows : N - r0;
+    s = detail::linear_launch("linear_gather_kernel", detail::linear_gather_kernel<B, false, T, L>,
+                              detail::row_blocks(nb), B, stream, in, r0, nb, detail::linear_bwd_in{}, w);
+    for (std::int64_t v0 = 0; s && v0 < in.vocab; v0 += ch.vocab) {
+      const std::int64_t nv = ch.vocab < in.vocab - v0 ? ch.vocab : in.vocab - v0;
+      s = detail::logits_gemm(g, in, w, nb, v0, nv);
+      if (!s) break;
+      const bool last = v0 + nv == in.vocab;
+      if (entropy != nullptr) {
+        s = detail::linear_launch("linear_stats_kernel", detail::linear_stats_kernel<B, true, T, L>,
+                                  detail::row_blocks(nb), B, stream, in, r0, nb, v0, nv, last, w, logps,
+                                  entropy, row_lse);
+      } else {
+        s = detail::linear_launch("linear_stats_kernel", detail::linear_stats_kernel<B, false, T, L>,
+                                  detail::row_blocks(nb), B, stream, in, r0, nb, v0, nv, last, w, logps,
+                                  entropy, row_lse);
+      }
+    }
+  }
+  return s;
+}
+
+/// The gradient of sum_r grad_logps[r] * logps[r] (+ sum_r grad_entropy[r] * entropy[r]) of
+/// linear_logps with respect to hidden, weight and bias, as dpo::cpu::linear_logps_backward.
+///
+/// - row_lse: linear_logps' row_lse on the same view; grad_logps: [rows] (entries of rows
+///   that do not count are ignored); entropy, grad_entropy: [rows] each, or both null.
+/// - g: device pointers (see linear_grads). g.bias needs a view with a bias.
+/// Per chunk: the logits GEMM again (recompute), the row kernel turning them into dZ, then
+/// dHidden += dZ . weight chunk (fp32 accumulator in the workspace) and dWeight += dZ^T .
+/// hidden rows straight into g.weight (cuBLASLt, beta = 1). For bf16 / half heads dZ enters
+/// those two GEMMs rounded to T (tensor-core inputs; fp32 accumulation); dBias sums the fp32
+/// dZ. Rows whose upstream gradients are both 0 are skipped (exact zeros; their hidden
+/// states are not read). Outputs may not overlap each other or any input. A label outside
+/// [0, vocab) is reported in the error word and nothing is written (the dWeight GEMMs then
+/// add exact zeros).
+template <class T, class L, class G>
+status linear_logps_backward(void* workspace, std::size_t& workspace_bytes, cublasLtHandle_t handle,
+                             const linear_view<T, L>& in, const double* row_lse, const double* grad_logps,
+                             const double* entropy, const double* grad_entropy, const linear_grads<T, G>& g,
+                             const linear_options& opt = {}, cudaStream_t stream = 0) {
+  static_assert(std::is_same<G, T>::value || std::is_same<G, acc_t<T>>::value,
+                "dWeight and dBias must have the head's dtype or its accumulation type");
+  using A = acc_t<T>;
+  linear_chunking ch;
+  detail::linear_ws<T> w(0, 0, 1, 1, 0);
+  bool size_only = false;
+  status s = detail::linear_prologue(workspace, workspace_bytes, handle, in, opt, &ch, &w, &size_only);
+  if (!s || size_only) return s;
+  const std::int64_t N = in.rows, H = in.hidden_cols, V = in.vocab;
+  if (N > 0 && row_lse == nullptr) return detail::linear_invalid("dpo: row_lse is null");
+  if (N > 0 && grad_logps == nullptr) return detail::linear_invalid("dpo: grad_logps is null");
+  if ((entropy == nullptr) != (grad_entropy == nullptr))
+    return detail::linear_invalid(entropy == nullptr ? "dpo: entropy is null but grad_entropy is given"
+                                                     : "dpo: grad_entropy is null but entropy is given");
+  if (g.hidden != nullptr && g.hidden_stride < H)
+    return detail::linear_invalid("dpo: grads.hidden_stride = %lld is invalid: must be >= hidden_cols = %lld",
+                                  (long long)g.hidden_stride, (long long)H);
+  if (g.weight != nullptr && g.weight_stride < H)
+    return detail::linear_invalid("dpo: grads.weight_stride = %lld is invalid: must be >= hidden_cols = %lld",
+                                  (long long)g.weight_stride, (long long)H);
+  if (g.bias != nullptr && in.bias == nullptr)
+    return detail::linear_invalid("dpo: grads.bias is given but the view has no bias");
+  detail::linear_range ins[10];
+  detail::input_ranges(in, ins);
+  ins[5] = detail::range_of(row_lse, 1, N, N, "row_lse");
+  ins[6] = detail::range_of(grad_logps, 1, N, N, "grad_logps");
+  ins[7] = detail::range_of(entropy, 1, N, N, "entropy");
+  ins[8] = detail::range_of(grad_entropy, 1, N, N, "grad_entropy");
+  ins[9] = {reinterpret_cast<std::uintptr_t>(workspace),
+            reinterpret_cast<std::uintptr_t>(workspace) + static_cast<std::uintptr_t>(ch.workspace_bytes),
+            "workspace"};
+  const detail::linear_range outs[3] = {detail::range_of(g.hidden, N, H, g.hidden_stride, "grads.hidden"),
+                                        detail::range_of(g.weight, V, H, g.weight_stride, "grads.weight"),
+                                        detail::range_of(g.bias, 1, V, V, "grads.bias")};
+  s = detail::check_no_overlap(outs, 3, ins, 10);
+  if (!s || N == 0) return s;
+  constexpr int B = detail::linear_block;
+  const detail::linear_gemm gm{handle, stream, w.gemm, static_cast<std::size_t>(w.gemm_bytes)};
+  const detail::linear_bwd_in bin{row_lse, grad_logps, entropy, grad_entropy};
+  s = detail::linear_launch("linear_check_kernel", detail::linear_check_kernel<L>, 1, 256, stream, in.labels,
+                            in.mask, N, V, in.ignore_index, w.h);
+  for (std::int64_t r0 = 0; s && r0 < N; r0 += ch.rows) {
+    const std::int64_t nb = ch.rows < N - r0 ? ch.rows : N - r0;
+    s = detail::linear_launch("linear_gather_kernel", detail::linear_gather_kernel<B, true, T, L>,
+                              detail::row_blocks(nb), B, stream, in, r0, nb, bin, w);
+    for (std::int64_t v0 = 0; s && v0 < V; v0 += ch.vocab) {
+      const std::int64_t nv = ch.vocab < V - v0 ? ch.vocab : V - v0;
+      s = detail::logits_gemm(gm, in, w, nb, v0, nv);
+      if (!s) break;
+      if (grad_entropy != nullptr) {
+        s = detail::linear_launch("linear_grad_kernel", detail::linear_grad_kernel<B, true, T, L>,
+                                  detail::row_blocks(nb), B, stream, in, nb, v0, nv, w, g.bias != nullptr);
+      } else {
+        s = detail::linear_launch("linear_grad_kernel", detail::linear_grad_kernel<B, false, T, L>,
+                                  detail::row_blocks(nb), B, stream, in, nb, v0, nv, w, g.bias != nullptr);
+      }
+      if (s && g.bias != nullptr)
+        s = detail::linear_launch("linear_dbias_kernel", detail::linear_dbias_kernel<T, G>,
+                                  static_cast<unsigned>((nv + 31) / 32), 256, stream, nb, v0, nv, w, g.bias);
+      // dh^T [H, nb] (+)= weight chunk^T [H, nv] . dZ^T [nv, nb] (column-major).
+      if (s && g.hidden != nullptr)
+        s = detail::gemm<A>(gm, "dHidden GEMM", false, false, H, nb, nv, in.weight + v0 * in.weight_stride,
+                            detail::cuda_type<T>(), in.weight_stride, w.dz, detail::cuda_type<T>(), w.ldz,
+                            v0 == 0 ? A(0) : A(1), w.dh, detail::cuda_type<A>(), w.ldh);
+      // dWeight^T [H, nv] += hb^T [H, nb] . dZ [nb, nv] (column-major), into g.weight.
+      if (s && g.weight != nullptr)
+        s = detail::gemm<A>(gm, "dWeight GEMM", false, true, H, nv, nb, w.hb, detail::cuda_type<T>(), w.ldh,
+                            w.dz, detail::cuda_type<T>(), w.ldz, A(1), g.weight + v0 * g.weight_stride,
+                            detail::cuda_type<G>(), g.weight_stride);
+    }
+    if (s && g.hidden != nullptr)
+      s = detail::linear_launch("linear_dhidden_kernel", detail::linear_dhidden_kernel<B, T, L>,
+                                detail::row_blocks(nb), B, stream, H, r0, nb, w, g.hidden, g.hidden_stride,
+                                g.accumulate_hidden);
+  }
+  return s;
+}
+
+}  // namespace cuda
+}  // namespace dpo
