@@ -1,0 +1,212 @@
+// Copyright 2026 The dpo Authors. SPDX-License-Identifier: Apache-2.0
+//
+// The CUDA side of the linear head's tests: uploads a case, runs dpo::cuda::linear_logps (and
+// linear_logps_backward) with a cuBLASLt handle and copies every result back. The Catch2
+// tests (g++) compare the results with dpo::cpu's linear head.
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include <dpo/cuda/linear.cuh>
+
+#include "linear_harness.hpp"
+
+namespace dpo_cuda_test {
+namespace {
+
+void lck(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(e));
+}
+#define DPO_LCK(x) lck((x), #x)
+
+struct lbuf {
+  void* p = nullptr;
+  std::size_t n = 0;
+  explicit lbuf(std::size_t bytes) : n(bytes) {
+    if (bytes > 0) DPO_LCK(cudaMalloc(&p, bytes));
+  }
+  ~lbuf() {
+    if (p) cudaFree(p);
+  }
+  lbuf(const lbuf&) = delete;
+  lbuf& operator=(const lbuf&) = delete;
+  template <class U>
+  U* as() const {
+    return static_cast<U*>(p);
+  }
+  void put(const void* src, std::size_t bytes) {
+    if (bytes > 0) DPO_LCK(cudaMemcpy(p, src, bytes, cudaMemcpyHostToDevice));
+  }
+  void fill(int byte) {
+    if (n > 0) DPO_LCK(cudaMemset(p, byte, n));
+  }
+  template <class U>
+  std::vector<U> get(std::size_t count) const {
+    std::vector<U> out(count);
+    if (count > 0) DPO_LCK(cudaMemcpy(out.data(), p, count * sizeof(U), cudaMemcpyDeviceToHost));
+    return out;
+  }
+};
+
+template <class T, class L, class G>
+linear_out run_typed(const linear_case& c) {
+  linear_out out;
+  const std::int64_t N = c.rows, H = c.hidden_cols, V = c.vocab;
+  const std::int64_t hs = c.hidden_stride > 0 ? c.hidden_stride : H;
+  const std::int64_t ws = c.weight_stride > 0 ? c.weight_stride : H;
+  const std::int64_t ghs = c.grad_hidden_stride > 0 ? c.grad_hidden_stride : H;
+  lbuf hidden(c.hidden.size()), weight(c.weight.size()), bias(c.bias.size());
+  hidden.put(c.hidden.data(), c.hidden.size());
+  weight.put(c.weight.data(), c.weight.size());
+  bias.put(c.bias.data(), c.bias.size());
+  std::vector<L> labels(c.labels.begin(), c.labels.end());
+  lbuf dlabels(labels.size() * sizeof(L)), dmask(c.mask.size());
+  dlabels.put(labels.data(), labels.size() * sizeof(L));
+  dmask.put(c.mask.data(), c.mask.size());
+  const std::size_t n = static_cast<std::size_t>(N);
+  const std::vector<double> poison(n, 12345.0);
+  lbuf logps(n * 8), entropy(c.entropy ? n * 8 : 0), lse(n * 8);
+  logps.put(poison.data(), n * 8);
+  lse.put(poison.data(), n * 8);
+  if (c.entropy) entropy.put(poison.data(), n * 8);
+
+  dpo::cuda::linear_view<T, L> v;
+  v.hidden = hidden.as<const T>();
+  v.rows = N;
+  v.hidden_cols = H;
+  v.hidden_stride = hs;
+  v.weight = weight.as<const T>();
+  v.vocab = V;
+  v.weight_cols = c.weight_cols >= 0 ? c.weight_cols : H;
+  v.weight_stride = ws;
+  v.bias = c.bias.empty() ? nullptr : bias.as<const T>();
+  v.bias_size = c.bias_size >= 0 ? c.bias_size : (c.bias.empty() ? 0 : V);
+  v.labels = dlabels.as<const L>();
+  v.mask = c.mask.empty() ? nullptr : dmask.as<const std::uint8_t>();
+  v.ignore_index = c.ignore_index;
+  v.transforms = c.transforms;
+  dpo::cuda::linear_options opt;
+  if (c.workspace_budget > 0) opt.workspace_bytes = c.workspace_budget;
+  opt.chunk_rows = c.chunk_rows;
+  opt.chunk_vocab = c.chunk_vocab;
+  opt.gemm_workspace_bytes = c.gemm_workspace;
+
+  double* out_logps = c.logps_on_labels ? reinterpret_cast<double*>(dlabels.p) : logps.as<double>();
+  const auto finish = [&](const dpo::cuda::status& s) {
+    out.code = static_cast<int>(s.code);
+    out.message = s.message;
+    return s.ok();
+  };
+
+  // Gradient buffers, set up before any call so a failing call can be checked for writes.
+  const std::size_t gsz = sizeof(G);
+  lbuf dh(c.backward && c.want_hidden ? n * ghs * sizeof(T) : 0);
+  lbuf dw(c.backward && c.want_weight ? static_cast<std::size_t>(V * ws) * gsz : 0);
+  lbuf db(c.backward && c.want_bias && !c.bias.empty() ? static_cast<std::size_t>(V) * gsz : 0);
+  const auto init = [](lbuf& b, const std::vector<unsigned char>& v0) {
+    if (b.n == 0) return;
+    if (v0.empty()) {
+      b.fill(0x7f);
+    } else {
+      if (v0.size() != b.n) throw std::runtime_error("linear_case: initial gradient of the wrong size");
+      b.put(v0.data(), v0.size());
+    }
+  };
+  init(dh, c.dhidden0);
+  init(dw, c.dweight0);
+  init(db, c.dbias0);
+
+  cublasLtHandle_t handle = nullptr;
+  if (cublasLtCreate(&handle) != CUBLAS_STATUS_SUCCESS) throw std::runtime_error("cublasLtCreate failed");
+  cudaStream_t stream = nullptr;
+  DPO_LCK(cudaStreamCreate(&stream));
+  std::size_t bytes = 0;
+  dpo::cuda::linear_chunking ch;
+  bool ok = finish(dpo::cuda::linear_workspace_size(v, opt, &ch));
+  if (ok) ok = finish(dpo::cuda::linear_logps(nullptr, bytes, handle, v, out_logps,
+                                              c.entropy ? entropy.as<double>() : nullptr, lse.as<double>(),
+                                              opt, stream));
+  out.chunk_rows = ch.rows;
+  out.chunk_vocab = ch.vocab;
+  out.workspace_bytes = static_cast<std::int64_t>(bytes);
+  if (ok && static_cast<std::int64_t>(bytes) != ch.workspace_bytes)
+    throw std::runtime_error("the size query and linear_workspace_size disagree");
+  lbuf work(ok ? bytes + 256 : 0);
+  if (ok) work.fill(0xa5);
+  std::size_t given = c.short_workspace ? bytes - 1 : bytes;
+  cublasLtHandle_t h = c.null_handle ? nullptr : handle;
+  if (ok)
+    ok = finish(dpo::cuda::linear_logps(work.p, given, h, v, out_logps,
+                                        c.entropy ? entropy.as<double>() : nullptr, lse.as<double>(), opt,
+                                        stream));
+  if (ok && c.backward) {
+    lbuf gl(n * 8), ge(c.entropy ? n * 8 : 0);
+    gl.put(c.grad_logps.data(), n * 8);
+    if (c.entropy) ge.put(c.grad_entropy.data(), n * 8);
+    dpo::cuda::linear_grads<T, G> g;
+    g.hidden = dh.n ? dh.as<T>() : nullptr;
+    g.hidden_stride = ghs;
+    g.accumulate_hidden = c.accumulate_hidden;
+    g.weight = c.dweight_on_weight ? reinterpret_cast<G*>(weight.p) : (dw.n ? dw.as<G>() : nullptr);
+    g.weight_stride = ws;
+    g.bias = db.n ? db.as<G>() : nullptr;
+    std::size_t b2 = 0;
+    ok = finish(dpo::cuda::linear_logps_backward(nullptr, b2, handle, v, lse.as<double>(), gl.as<double>(),
+                                                 c.entropy ? entropy.as<double>() : nullptr,
+                                                 c.entropy ? ge.as<double>() : nullptr, g, opt, stream));
+    if (ok && b2 != bytes) throw std::runtime_error("forward and backward workspace sizes differ");
+    if (ok)
+      ok = finish(dpo::cuda::linear_logps_backward(work.p, b2, handle, v, lse.as<double>(), gl.as<double>(),
+                                                   c.entropy ? entropy.as<double>() : nullptr,
+                                                   c.entropy ? ge.as<double>() : nullptr, g, opt, stream));
+    DPO_LCK(cudaStreamSynchronize(stream));
+  }
+  DPO_LCK(cudaStreamSynchronize(stream));
+  DPO_LCK(cudaGetLastError());
+  if (work.n > 0 && out.code == 0) {
+    const dpo::cuda::status de = dpo::cuda::read_device_error(work.p, stream);
+    dpo::cuda::device_error e{};
+    DPO_LCK(cudaMemcpy(&e, work.p, sizeof(e), cudaMemcpyDeviceToHost));
+    out.device_error = e.code;
+    out.device_message = de.message;
+  }
+  out.logps = logps.get<double>(n);
+  out.row_lse = lse.get<double>(n);
+  if (c.entropy) out.entropy = entropy.get<double>(n);
+  if (dh.n) out.dhidden = dh.get<unsigned char>(dh.n);
+  if (dw.n) out.dweight = dw.get<unsigned char>(dw.n);
+  if (db.n) out.dbias = db.get<unsigned char>(db.n);
+  cudaStreamDestroy(stream);
+  cublasLtDestroy(handle);
+  return out;
+}
+
+template <class T, class G>
+linear_out run_labels(const linear_case& c) {
+  return c.labels64 ? run_typed<T, std::int64_t, G>(c) : run_typed<T, std::int32_t, G>(c);
+}
+
+}  // namespace
+
+linear_out run_linear(const linear_case& c) {
+  switch (c.type) {
+    case dtype::bf16:
+      return c.fp32_grads ? run_labels<__nv_bfloat16, float>(c) : run_labels<__nv_bfloat16, __nv_bfloat16>(c);
+    case dtype::f16:
+      return c.fp32_grads ? run_labels<__half, float>(c) : run_labels<__half, __half>(c);
+    case dtype::f32: return run_labels<float, float>(c);
+    case dtype::f64: return run_labels<double, double>(c);
+  }
+  return {};
+}
+
+long long emulated_gemms() {
+#if defined(DPO_CUDA_EMULATION)
+  return dpo_emu::cublaslt_matmul_count();
+#else
+  return -1;
+#endif
+}
+
+}  // namespace dpo_cuda_test
