@@ -22,10 +22,14 @@ namespace {
 constexpr std::uint64_t handle_magic = 0x43424c54454d5531ull;  // "CBLTEMU1"
 constexpr std::uint64_t layout_magic = 0x4c41594f55543031ull;
 constexpr std::uint64_t desc_magic = 0x4d4d444553433031ull;
+constexpr std::uint64_t pref_magic = 0x50524546454d5531ull;
+constexpr std::uint64_t algo_magic = 0x414c474f454d5531ull;
 long long matmul_count = 0;
 
 // Layout: data[0] magic, [1] type, [2] rows, [3] cols, [4] ld.
 // Desc: data[0] magic, [1] compute, [2] scale, [3] transa, [4] transb, [5] pointer mode.
+// Preference: data[0] magic, [1] max workspace, [2..5] min alignment of A, B, C, D.
+// Algo: data[0] magic, [1..4] the preference's min alignments of A, B, C, D.
 
 bool known_type(cudaDataType t) {
   return t == CUDA_R_16F || t == CUDA_R_16BF || t == CUDA_R_32F || t == CUDA_R_64F;
@@ -102,6 +106,41 @@ bool supported(cublasComputeType_t compute, cudaDataType scale, cudaDataType a, 
   if (a == CUDA_R_32F) return c == CUDA_R_32F;
   if (a == CUDA_R_16BF || a == CUDA_R_16F) return c == CUDA_R_32F || c == a;
   return false;
+}
+
+/// The problem of a matmul: shapes and types, as cuBLASLt validates them.
+struct problem {
+  layout a, b, c, d;
+  bool ta, tb, dbl;
+  std::uint64_t m, n, k;
+};
+
+cublasStatus_t validate(cublasLtHandle_t handle, cublasLtMatmulDesc_t desc, cublasLtMatrixLayout_t Adesc,
+                        cublasLtMatrixLayout_t Bdesc, cublasLtMatrixLayout_t Cdesc, cublasLtMatrixLayout_t Ddesc,
+                        problem* p) {
+  if (handle == nullptr || handle->magic != handle_magic) return CUBLAS_STATUS_NOT_INITIALIZED;
+  if (desc == nullptr || desc->data[0] != desc_magic) return CUBLAS_STATUS_INVALID_VALUE;
+  if (!read_layout(Adesc, &p->a) || !read_layout(Bdesc, &p->b) || !read_layout(Cdesc, &p->c) ||
+      !read_layout(Ddesc, &p->d))
+    return CUBLAS_STATUS_INVALID_VALUE;
+  const auto compute = static_cast<cublasComputeType_t>(desc->data[1]);
+  const auto scale = static_cast<cudaDataType>(desc->data[2]);
+  p->ta = desc->data[3] == CUBLAS_OP_T;
+  p->tb = desc->data[4] == CUBLAS_OP_T;
+  p->dbl = scale == CUDA_R_64F;
+  if (!supported(compute, scale, p->a.type, p->b.type, p->c.type, p->d.type)) return CUBLAS_STATUS_NOT_SUPPORTED;
+  // op(A) is m x k, op(B) is k x n, C and D are m x n.
+  p->m = p->ta ? p->a.cols : p->a.rows;
+  p->k = p->ta ? p->a.rows : p->a.cols;
+  const std::uint64_t kb = p->tb ? p->b.cols : p->b.rows;
+  p->n = p->tb ? p->b.rows : p->b.cols;
+  if (p->k != kb || p->c.rows != p->m || p->c.cols != p->n || p->d.rows != p->m || p->d.cols != p->n)
+    return CUBLAS_STATUS_INVALID_VALUE;
+  return CUBLAS_STATUS_SUCCESS;
+}
+
+bool aligned(const void* p, std::uint64_t bytes) {
+  return bytes <= 1 || reinterpret_cast<std::uintptr_t>(p) % bytes == 0;
 }
 
 }  // namespace
@@ -233,6 +272,61 @@ cublasStatus_t cublasLtMatmulDescSetAttribute(cublasLtMatmulDesc_t d,
   return CUBLAS_STATUS_INVALID_VALUE;
 }
 
+cublasStatus_t cublasLtMatmulPreferenceInit_internal(cublasLtMatmulPreference_t pref, std::size_t size) {
+  if (pref == nullptr || size != sizeof(*pref)) return CUBLAS_STATUS_INVALID_VALUE;
+  std::memset(pref, 0, sizeof(*pref));
+  pref->data[0] = dpo_emu::pref_magic;
+  for (int i = 2; i < 6; ++i) pref->data[i] = 256;  // cuBLASLt's default minimum alignment
+  return CUBLAS_STATUS_SUCCESS;
+}
+
+cublasStatus_t cublasLtMatmulPreferenceSetAttribute(cublasLtMatmulPreference_t pref,
+                                                    cublasLtMatmulPreferenceAttributes_t attr,
+                                                    const void* buf, std::size_t size) {
+  if (pref == nullptr || pref->data[0] != dpo_emu::pref_magic || buf == nullptr) return CUBLAS_STATUS_INVALID_VALUE;
+  switch (attr) {
+    case CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES:
+      if (size != sizeof(std::uint64_t)) return CUBLAS_STATUS_INVALID_VALUE;
+      std::memcpy(&pref->data[1], buf, sizeof(std::uint64_t));
+      return CUBLAS_STATUS_SUCCESS;
+    case CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES:
+    case CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES:
+    case CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES:
+    case CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES: {
+      std::uint32_t v = 0;
+      if (size != sizeof(v)) return CUBLAS_STATUS_INVALID_VALUE;
+      std::memcpy(&v, buf, sizeof(v));
+      pref->data[2 + (attr - CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES)] = v;
+      return CUBLAS_STATUS_SUCCESS;
+    }
+    case CUBLASLT_MATMUL_PREF_SEARCH_MODE:
+      return CUBLAS_STATUS_SUCCESS;
+  }
+  return CUBLAS_STATUS_INVALID_VALUE;
+}
+
+cublasStatus_t cublasLtMatmulAlgoGetHeuristic(cublasLtHandle_t handle, cublasLtMatmulDesc_t desc,
+                                              cublasLtMatrixLayout_t Adesc, cublasLtMatrixLayout_t Bdesc,
+                                              cublasLtMatrixLayout_t Cdesc, cublasLtMatrixLayout_t Ddesc,
+                                              cublasLtMatmulPreference_t pref, int requested,
+                                              cublasLtMatmulHeuristicResult_t results[], int* returned) {
+  if (returned != nullptr) *returned = 0;
+  if (pref == nullptr || pref->data[0] != dpo_emu::pref_magic || requested < 1 || results == nullptr ||
+      returned == nullptr)
+    return CUBLAS_STATUS_INVALID_VALUE;
+  dpo_emu::problem p;
+  const cublasStatus_t s = dpo_emu::validate(handle, desc, Adesc, Bdesc, Cdesc, Ddesc, &p);
+  if (s != CUBLAS_STATUS_SUCCESS) return s;
+  std::memset(&results[0], 0, sizeof(results[0]));
+  results[0].algo.data[0] = dpo_emu::algo_magic;
+  for (int i = 0; i < 4; ++i) results[0].algo.data[1 + i] = pref->data[2 + i];
+  results[0].workspaceSize = 0;
+  results[0].state = CUBLAS_STATUS_SUCCESS;
+  results[0].wavesCount = 1.0f;
+  *returned = 1;
+  return CUBLAS_STATUS_SUCCESS;
+}
+
 cublasStatus_t cublasLtMatmul(cublasLtHandle_t handle, cublasLtMatmulDesc_t desc, const void* alpha,
                               const void* A, cublasLtMatrixLayout_t Adesc, const void* B,
                               cublasLtMatrixLayout_t Bdesc, const void* beta, const void* C,
@@ -240,23 +334,21 @@ cublasStatus_t cublasLtMatmul(cublasLtHandle_t handle, cublasLtMatmulDesc_t desc
                               const cublasLtMatmulAlgo_t* algo, void* workspace,
                               std::size_t workspace_bytes, cudaStream_t stream) {
   using namespace dpo_emu;
-  if (handle == nullptr || handle->magic != handle_magic) return CUBLAS_STATUS_NOT_INITIALIZED;
-  if (desc == nullptr || desc->data[0] != desc_magic || alpha == nullptr || beta == nullptr)
-    return CUBLAS_STATUS_INVALID_VALUE;
-  if (algo != nullptr) return CUBLAS_STATUS_NOT_SUPPORTED;  // not modelled: the library passes null
-  layout a, b, c, d;
-  if (!read_layout(Adesc, &a) || !read_layout(Bdesc, &b) || !read_layout(Cdesc, &c) ||
-      !read_layout(Ddesc, &d))
-    return CUBLAS_STATUS_INVALID_VALUE;
-  const auto compute = static_cast<cublasComputeType_t>(desc->data[1]);
-  const auto scale = static_cast<cudaDataType>(desc->data[2]);
-  const bool ta = desc->data[3] == CUBLAS_OP_T, tb = desc->data[4] == CUBLAS_OP_T;
-  if (!supported(compute, scale, a.type, b.type, c.type, d.type)) return CUBLAS_STATUS_NOT_SUPPORTED;
-  // op(A) is m x k, op(B) is k x n, C and D are m x n.
-  const std::uint64_t m = ta ? a.cols : a.rows, k = ta ? a.rows : a.cols;
-  const std::uint64_t kb = tb ? b.cols : b.rows, n = tb ? b.rows : b.cols;
-  if (k != kb || c.rows != m || c.cols != n || d.rows != m || d.cols != n) return CUBLAS_STATUS_INVALID_VALUE;
-  const bool dbl = scale == CUDA_R_64F;
+  problem pr;
+  const cublasStatus_t vs = validate(handle, desc, Adesc, Bdesc, Cdesc, Ddesc, &pr);
+  if (vs != CUBLAS_STATUS_SUCCESS) return vs;
+  if (alpha == nullptr || beta == nullptr) return CUBLAS_STATUS_INVALID_VALUE;
+  if (algo != nullptr) {
+    if (algo->data[0] != algo_magic) return CUBLAS_STATUS_INVALID_VALUE;
+    // The algorithm was chosen for buffers at least this aligned.
+    if (!aligned(A, algo->data[1]) || !aligned(B, algo->data[2]) || !aligned(C, algo->data[3]) ||
+        !aligned(D, algo->data[4]))
+      return CUBLAS_STATUS_INVALID_VALUE;
+  }
+  const layout a = pr.a, b = pr.b, c = pr.c, d = pr.d;
+  const bool ta = pr.ta, tb = pr.tb;
+  const std::uint64_t m = pr.m, n = pr.n, k = pr.k;
+  const bool dbl = pr.dbl;
   const double al = dbl ? *static_cast<const double*>(alpha) : *static_cast<const float*>(alpha);
   const double be = dbl ? *static_cast<const double*>(beta) : *static_cast<const float*>(beta);
   // In place (C == D) needs the same layout; otherwise D may not overlap C.
