@@ -26,6 +26,9 @@
 //   Labels are device data: the first kernel checks them and records the lowest bad row in
 //   the workspace's error word (dpo/cuda/status.cuh, read_device_error); every later kernel
 //   then writes nothing outside the workspace, and the dWeight GEMM adds exact zeros.
+// * GEMM algorithms: cuBLASLt's heuristic (its first choice for each GEMM's shapes, types, the
+//   matrices' actual alignment and the GEMM workspace), asked for every GEMM of the call
+//   before anything is enqueued, so an unsupported one fails with nothing enqueued.
 // * Deterministic for a fixed chunk shape and device: fixed reduction trees, no atomics in
 //   any sum; cuBLASLt's heuristic picks the same algorithm for the same shapes and handle.
 //
@@ -360,14 +363,24 @@ inline unsigned row_blocks(std::int64_t rows) {
 
 // ---- the GEMMs -------------------------------------------------------------------------
 
-/// One column-major cuBLASLt GEMM D = alpha op(A) op(B) + beta C with C = D:
-/// op(A) m x k, op(B) k x n, D m x n. Descriptors live on the host stack (no allocation).
+/// Where and how the GEMMs of a call run. dry: only choose each GEMM's algorithm (a first
+/// pass over the call's GEMMs, so an unsupported one fails before anything is enqueued).
 struct linear_gemm {
   cublasLtHandle_t handle;
   cudaStream_t stream;
   void* workspace;
   std::size_t workspace_bytes;
+  bool dry;
 };
+
+/// The largest power of two up to 256 that divides the address (cuBLASLt's heuristic assumes
+/// 256-byte aligned matrices unless told otherwise).
+inline std::uint32_t alignment_of(const void* p) {
+  const auto a = reinterpret_cast<std::uintptr_t>(p);
+  std::uint32_t al = 256;
+  while (al > 1 && a % al != 0) al /= 2;
+  return al;
+}
 
 inline status cublas_status(cublasStatus_t s, const char* what) {
   if (s == CUBLAS_STATUS_SUCCESS) return {};
@@ -378,6 +391,9 @@ inline status cublas_status(cublasStatus_t s, const char* what) {
   return make_status(code, "dpo: cuBLASLt %s failed: %s (%d)", what, cublasLtGetStatusString(s), static_cast<int>(s));
 }
 
+/// One column-major cuBLASLt GEMM D = op(A) op(B) + beta D: op(A) m x k, op(B) k x n, D m x n.
+/// Descriptors live on the host stack (no allocation); the algorithm is the heuristic's first
+/// for the actual alignments and the workspace given.
 template <class S>
 status gemm(const linear_gemm& g, const char* what, bool ta, bool tb, std::int64_t m, std::int64_t n,
             std::int64_t k, const void* A, cudaDataType_t at, std::int64_t lda, const void* B,
@@ -401,10 +417,27 @@ status gemm(const linear_gemm& g, const char* what, bool ta, bool tb, std::int64
                                  static_cast<std::uint64_t>(tb ? k : n), ldb);
   if (s == CUBLAS_STATUS_SUCCESS)
     s = cublasLtMatrixLayoutInit(&ld, dt, static_cast<std::uint64_t>(m), static_cast<std::uint64_t>(n), ldd);
-  const S alpha = S(1);
+  cublasLtMatmulPreferenceOpaque_t pref_storage;
+  cublasLtMatmulPreference_t pref = &pref_storage;
+  if (s == CUBLAS_STATUS_SUCCESS) s = cublasLtMatmulPreferenceInit(pref);
+  const std::uint64_t ws = g.workspace_bytes;
   if (s == CUBLAS_STATUS_SUCCESS)
-    s = cublasLtMatmul(g.handle, desc, &alpha, A, &la, B, &lb, &beta, D, &ld, D, &ld, nullptr,
-                       g.workspace, g.workspace_bytes, g.stream);
+    s = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws));
+  const std::uint32_t al[4] = {alignment_of(A), alignment_of(B), alignment_of(D), alignment_of(D)};
+  const cublasLtMatmulPreferenceAttributes_t al_attr[4] = {
+      CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+      CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES};
+  for (int i = 0; i < 4 && s == CUBLAS_STATUS_SUCCESS; ++i)
+    s = cublasLtMatmulPreferenceSetAttribute(pref, al_attr[i], &al[i], sizeof(al[i]));
+  cublasLtMatmulHeuristicResult_t best;
+  int found = 0;
+  if (s == CUBLAS_STATUS_SUCCESS)
+    s = cublasLtMatmulAlgoGetHeuristic(g.handle, desc, &la, &lb, &ld, &ld, pref, 1, &best, &found);
+  if (s == CUBLAS_STATUS_SUCCESS && found < 1) s = CUBLAS_STATUS_NOT_SUPPORTED;
+  if (s != CUBLAS_STATUS_SUCCESS || g.dry) return cublas_status(s, what);
+  const S alpha = S(1);
+  s = cublasLtMatmul(g.handle, desc, &alpha, A, &la, B, &lb, &beta, D, &ld, D, &ld, &best.algo, g.workspace,
+                     g.workspace_bytes, g.stream);
   return cublas_status(s, what);
 }
 
@@ -730,30 +763,38 @@ status linear_logps(void* workspace, std::size_t& workspace_bytes, cublasLtHandl
   s = detail::check_no_overlap(outs, 3, ins, 6);
   if (!s || N == 0) return s;
   constexpr int B = detail::linear_block;
-  const detail::linear_gemm g{handle, stream, w.gemm, static_cast<std::size_t>(w.gemm_bytes)};
-  s = detail::linear_launch("linear_check_kernel", detail::linear_check_kernel<L>, 1, 256, stream, in.labels,
-                            in.mask, N, in.vocab, in.ignore_index, w.h);
-  for (std::int64_t r0 = 0; s && r0 < N; r0 += ch.rows) {
-    const std::int64_t nb = ch.rows < N - r0 ? ch.rows : N - r0;
-    s = detail::linear_launch("linear_gather_kernel", detail::linear_gather_kernel<B, false, T, L>,
-                              detail::row_blocks(nb), B, stream, in, r0, nb, detail::linear_bwd_in{}, w);
-    for (std::int64_t v0 = 0; s && v0 < in.vocab; v0 += ch.vocab) {
-      const std::int64_t nv = ch.vocab < in.vocab - v0 ? ch.vocab : in.vocab - v0;
-      s = detail::logits_gemm(g, in, w, nb, v0, nv);
-      if (!s) break;
-      const bool last = v0 + nv == in.vocab;
-      if (entropy != nullptr) {
-        s = detail::linear_launch("linear_stats_kernel", detail::linear_stats_kernel<B, true, T, L>,
-                                  detail::row_blocks(nb), B, stream, in, r0, nb, v0, nv, last, w, logps,
-                                  entropy, row_lse);
-      } else {
-        s = detail::linear_launch("linear_stats_kernel", detail::linear_stats_kernel<B, false, T, L>,
-                                  detail::row_blocks(nb), B, stream, in, r0, nb, v0, nv, last, w, logps,
-                                  entropy, row_lse);
+  // Twice over the same loop: first only choosing every GEMM's algorithm (dry), then enqueuing.
+  const auto pass = [&](bool dry) {
+    const detail::linear_gemm g{handle, stream, w.gemm, static_cast<std::size_t>(w.gemm_bytes), dry};
+    status s;
+    if (!dry)
+      s = detail::linear_launch("linear_check_kernel", detail::linear_check_kernel<L>, 1, 256, stream, in.labels,
+                                in.mask, N, in.vocab, in.ignore_index, w.h);
+    for (std::int64_t r0 = 0; s && r0 < N; r0 += ch.rows) {
+      const std::int64_t nb = ch.rows < N - r0 ? ch.rows : N - r0;
+      if (!dry)
+        s = detail::linear_launch("linear_gather_kernel", detail::linear_gather_kernel<B, false, T, L>,
+                                  detail::row_blocks(nb), B, stream, in, r0, nb, detail::linear_bwd_in{}, w);
+      for (std::int64_t v0 = 0; s && v0 < in.vocab; v0 += ch.vocab) {
+        const std::int64_t nv = ch.vocab < in.vocab - v0 ? ch.vocab : in.vocab - v0;
+        s = detail::logits_gemm(g, in, w, nb, v0, nv);
+        if (!s || dry) continue;
+        const bool last = v0 + nv == in.vocab;
+        if (entropy != nullptr) {
+          s = detail::linear_launch("linear_stats_kernel", detail::linear_stats_kernel<B, true, T, L>,
+                                    detail::row_blocks(nb), B, stream, in, r0, nb, v0, nv, last, w, logps,
+                                    entropy, row_lse);
+        } else {
+          s = detail::linear_launch("linear_stats_kernel", detail::linear_stats_kernel<B, false, T, L>,
+                                    detail::row_blocks(nb), B, stream, in, r0, nb, v0, nv, last, w, logps,
+                                    entropy, row_lse);
+        }
       }
     }
-  }
-  return s;
+    return s;
+  };
+  s = pass(true);
+  return s ? pass(false) : s;
 }
 
 /// The gradient of sum_r grad_logps[r] * logps[r] (+ sum_r grad_entropy[r] * entropy[r]) of
@@ -812,45 +853,54 @@ status linear_logps_backward(void* workspace, std::size_t& workspace_bytes, cubl
   s = detail::check_no_overlap(outs, 3, ins, 10);
   if (!s || N == 0) return s;
   constexpr int B = detail::linear_block;
-  const detail::linear_gemm gm{handle, stream, w.gemm, static_cast<std::size_t>(w.gemm_bytes)};
   const detail::linear_bwd_in bin{row_lse, grad_logps, entropy, grad_entropy};
-  s = detail::linear_launch("linear_check_kernel", detail::linear_check_kernel<L>, 1, 256, stream, in.labels,
-                            in.mask, N, V, in.ignore_index, w.h);
-  for (std::int64_t r0 = 0; s && r0 < N; r0 += ch.rows) {
-    const std::int64_t nb = ch.rows < N - r0 ? ch.rows : N - r0;
-    s = detail::linear_launch("linear_gather_kernel", detail::linear_gather_kernel<B, true, T, L>,
-                              detail::row_blocks(nb), B, stream, in, r0, nb, bin, w);
-    for (std::int64_t v0 = 0; s && v0 < V; v0 += ch.vocab) {
-      const std::int64_t nv = ch.vocab < V - v0 ? ch.vocab : V - v0;
-      s = detail::logits_gemm(gm, in, w, nb, v0, nv);
-      if (!s) break;
-      if (grad_entropy != nullptr) {
-        s = detail::linear_launch("linear_grad_kernel", detail::linear_grad_kernel<B, true, T, L>,
-                                  detail::row_blocks(nb), B, stream, in, nb, v0, nv, w, g.bias != nullptr);
-      } else {
-        s = detail::linear_launch("linear_grad_kernel", detail::linear_grad_kernel<B, false, T, L>,
-                                  detail::row_blocks(nb), B, stream, in, nb, v0, nv, w, g.bias != nullptr);
+  // Twice over the same loop: first only choosing every GEMM's algorithm (dry), then enqueuing.
+  const auto pass = [&](bool dry) {
+    const detail::linear_gemm gm{handle, stream, w.gemm, static_cast<std::size_t>(w.gemm_bytes), dry};
+    status s;
+    if (!dry)
+      s = detail::linear_launch("linear_check_kernel", detail::linear_check_kernel<L>, 1, 256, stream, in.labels,
+                                in.mask, N, V, in.ignore_index, w.h);
+    for (std::int64_t r0 = 0; s && r0 < N; r0 += ch.rows) {
+      const std::int64_t nb = ch.rows < N - r0 ? ch.rows : N - r0;
+      if (!dry)
+        s = detail::linear_launch("linear_gather_kernel", detail::linear_gather_kernel<B, true, T, L>,
+                                  detail::row_blocks(nb), B, stream, in, r0, nb, bin, w);
+      for (std::int64_t v0 = 0; s && v0 < V; v0 += ch.vocab) {
+        const std::int64_t nv = ch.vocab < V - v0 ? ch.vocab : V - v0;
+        s = detail::logits_gemm(gm, in, w, nb, v0, nv);
+        if (s && !dry) {
+          if (grad_entropy != nullptr) {
+            s = detail::linear_launch("linear_grad_kernel", detail::linear_grad_kernel<B, true, T, L>,
+                                      detail::row_blocks(nb), B, stream, in, nb, v0, nv, w, g.bias != nullptr);
+          } else {
+            s = detail::linear_launch("linear_grad_kernel", detail::linear_grad_kernel<B, false, T, L>,
+                                      detail::row_blocks(nb), B, stream, in, nb, v0, nv, w, g.bias != nullptr);
+          }
+        }
+        if (s && !dry && g.bias != nullptr)
+          s = detail::linear_launch("linear_dbias_kernel", detail::linear_dbias_kernel<T, G>,
+                                    static_cast<unsigned>((nv + 31) / 32), 256, stream, nb, v0, nv, w, g.bias);
+        // dh^T [H, nb] (+)= weight chunk^T [H, nv] . dZ^T [nv, nb] (column-major).
+        if (s && g.hidden != nullptr)
+          s = detail::gemm<A>(gm, "dHidden GEMM", false, false, H, nb, nv, in.weight + v0 * in.weight_stride,
+                              detail::cuda_type<T>(), in.weight_stride, w.dz, detail::cuda_type<T>(), w.ldz,
+                              v0 == 0 ? A(0) : A(1), w.dh, detail::cuda_type<A>(), w.ldh);
+        // dWeight^T [H, nv] += hb^T [H, nb] . dZ [nb, nv] (column-major), into g.weight.
+        if (s && g.weight != nullptr)
+          s = detail::gemm<A>(gm, "dWeight GEMM", false, true, H, nv, nb, w.hb, detail::cuda_type<T>(), w.ldh,
+                              w.dz, detail::cuda_type<T>(), w.ldz, A(1), g.weight + v0 * g.weight_stride,
+                              detail::cuda_type<G>(), g.weight_stride);
       }
-      if (s && g.bias != nullptr)
-        s = detail::linear_launch("linear_dbias_kernel", detail::linear_dbias_kernel<T, G>,
-                                  static_cast<unsigned>((nv + 31) / 32), 256, stream, nb, v0, nv, w, g.bias);
-      // dh^T [H, nb] (+)= weight chunk^T [H, nv] . dZ^T [nv, nb] (column-major).
-      if (s && g.hidden != nullptr)
-        s = detail::gemm<A>(gm, "dHidden GEMM", false, false, H, nb, nv, in.weight + v0 * in.weight_stride,
-                            detail::cuda_type<T>(), in.weight_stride, w.dz, detail::cuda_type<T>(), w.ldz,
-                            v0 == 0 ? A(0) : A(1), w.dh, detail::cuda_type<A>(), w.ldh);
-      // dWeight^T [H, nv] += hb^T [H, nb] . dZ [nb, nv] (column-major), into g.weight.
-      if (s && g.weight != nullptr)
-        s = detail::gemm<A>(gm, "dWeight GEMM", false, true, H, nv, nb, w.hb, detail::cuda_type<T>(), w.ldh,
-                            w.dz, detail::cuda_type<T>(), w.ldz, A(1), g.weight + v0 * g.weight_stride,
-                            detail::cuda_type<G>(), g.weight_stride);
+      if (s && !dry && g.hidden != nullptr)
+        s = detail::linear_launch("linear_dhidden_kernel", detail::linear_dhidden_kernel<B, T, L>,
+                                  detail::row_blocks(nb), B, stream, H, r0, nb, w, g.hidden, g.hidden_stride,
+                                  g.accumulate_hidden);
     }
-    if (s && g.hidden != nullptr)
-      s = detail::linear_launch("linear_dhidden_kernel", detail::linear_dhidden_kernel<B, T, L>,
-                                detail::row_blocks(nb), B, stream, H, r0, nb, w, g.hidden, g.hidden_stride,
-                                g.accumulate_hidden);
-  }
-  return s;
+    return s;
+  };
+  s = pass(true);
+  return s ? pass(false) : s;
 }
 
 }  // namespace cuda
