@@ -201,6 +201,101 @@ linear_out run_linear(const linear_case& c) {
   return {};
 }
 
+std::string linear_graph_check() {
+  using T = float;
+  const std::int64_t N = 9, H = 12, V = 50;
+  std::vector<float> h(N * H), w(V * H), b(V);
+  std::vector<std::int64_t> y(N);
+  for (std::int64_t i = 0; i < N * H; ++i) h[i] = static_cast<float>((i * 37 % 17) - 8) / 8.0f;
+  for (std::int64_t i = 0; i < V * H; ++i) w[i] = static_cast<float>((i * 53 % 23) - 11) / 30.0f;
+  for (std::int64_t i = 0; i < V; ++i) b[i] = static_cast<float>(i % 7) / 10.0f;
+  for (std::int64_t r = 0; r < N; ++r) y[r] = r == 4 ? -100 : (r * 13) % V;
+  lbuf dh_(N * H * 4), dw_(V * H * 4), db_(V * 4), dy(N * 8);
+  dh_.put(h.data(), h.size() * 4);
+  dw_.put(w.data(), w.size() * 4);
+  db_.put(b.data(), b.size() * 4);
+  dy.put(y.data(), y.size() * 8);
+  std::vector<double> ones(N, 0.5);
+  lbuf gl(N * 8), ge(N * 8);
+  gl.put(ones.data(), N * 8);
+  ge.put(ones.data(), N * 8);
+  dpo::cuda::linear_view<T, std::int64_t> v;
+  v.hidden = dh_.as<const T>();
+  v.rows = N;
+  v.hidden_cols = v.hidden_stride = v.weight_cols = v.weight_stride = H;
+  v.weight = dw_.as<const T>();
+  v.vocab = V;
+  v.bias = db_.as<const T>();
+  v.bias_size = V;
+  v.labels = dy.as<const std::int64_t>();
+  v.transforms.softcap = 3.0;
+  dpo::cuda::linear_options opt;
+  opt.chunk_rows = 4;
+  opt.chunk_vocab = 16;
+  opt.gemm_workspace_bytes = 1 << 16;
+  cublasLtHandle_t handle = nullptr;
+  if (cublasLtCreate(&handle) != CUBLAS_STATUS_SUCCESS) return "cublasLtCreate failed";
+  cudaStream_t stream = nullptr;
+  DPO_LCK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  std::size_t bytes = 0;
+  std::string err;
+  const auto fail = [&](const dpo::cuda::status& st, const char* what) {
+    if (!st && err.empty()) err = std::string(what) + ": " + st.message;
+  };
+  fail(dpo::cuda::linear_logps(nullptr, bytes, handle, v, nullptr, nullptr, nullptr, opt), "size query");
+  lbuf ws(bytes), logps(N * 8), ent(N * 8), lse(N * 8), gh(N * H * 4), gw(V * H * 4), gb(V * 4);
+  dpo::cuda::linear_grads<T, T> g;
+  g.hidden = gh.as<T>();
+  g.hidden_stride = H;
+  g.weight = gw.as<T>();
+  g.weight_stride = H;
+  g.bias = gb.as<T>();
+  const auto step = [&] {
+    fail(dpo::cuda::linear_logps(ws.p, bytes, handle, v, logps.as<double>(), ent.as<double>(), lse.as<double>(), opt,
+                                 stream),
+         "linear_logps");
+    fail(dpo::cuda::linear_logps_backward(ws.p, bytes, handle, v, lse.as<double>(), gl.as<double>(), ent.as<double>(),
+                                          ge.as<double>(), g, opt, stream),
+         "linear_logps_backward");
+  };
+  const auto results = [&] {
+    DPO_LCK(cudaStreamSynchronize(stream));
+    std::vector<unsigned char> all;
+    for (const lbuf* b : {&logps, &ent, &lse, &gh, &gw, &gb}) {
+      const std::vector<unsigned char> x = b->get<unsigned char>(b->n);
+      all.insert(all.end(), x.begin(), x.end());
+    }
+    return all;
+  };
+  const auto reset = [&] {
+    DPO_LCK(cudaMemsetAsync(gw.p, 0, gw.n, stream));
+    DPO_LCK(cudaMemsetAsync(gb.p, 0, gb.n, stream));
+  };
+  reset();
+  step();
+  const std::vector<unsigned char> direct = results();
+  cudaGraph_t graph = nullptr;
+  cudaGraphExec_t exec = nullptr;
+  DPO_LCK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
+  step();
+  const cudaError_t ce = cudaStreamEndCapture(stream, &graph);
+  if (ce != cudaSuccess && err.empty()) err = std::string("capture: ") + cudaGetErrorString(ce);
+  if (err.empty()) {
+    DPO_LCK(cudaGraphInstantiate(&exec, graph, 0));
+    for (int k = 0; k < 2 && err.empty(); ++k) {
+      reset();
+      DPO_LCK(cudaMemsetAsync(logps.p, 0, logps.n, stream));
+      DPO_LCK(cudaGraphLaunch(exec, stream));
+      if (results() != direct) err = "graph replay " + std::to_string(k) + " differs from the direct calls";
+    }
+    cudaGraphExecDestroy(exec);
+  }
+  if (graph) cudaGraphDestroy(graph);
+  cudaStreamDestroy(stream);
+  cublasLtDestroy(handle);
+  return err;
+}
+
 long long emulated_gemms() {
 #if defined(DPO_CUDA_EMULATION)
   return dpo_emu::cublaslt_matmul_count();

@@ -63,6 +63,11 @@ struct linear_out {
 
 linear_out run_linear(const linear_case& in);
 
+/// Captures linear_logps + linear_logps_backward (f32, bias, entropy, several chunks) on a
+/// stream into a CUDA graph, replays it twice and compares with direct calls, bitwise.
+/// Returns "" on success, else what failed.
+std::string linear_graph_check();
+
 /// cuBLASLt GEMMs run so far by the emulator (-1 on a real device: not counted).
 long long emulated_gemms();
 
