@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstring>
 #include <cstdio>
 #include <cstdlib>
@@ -706,5 +707,32 @@ cudaError_t cudaGraphExecDestroy(cudaGraphExec_t exec) {
 }
 cudaError_t cudaGraphDestroy(cudaGraph_t g) {
   delete g;
+  return cudaSuccess;
+}
+
+struct dpo_emu::event {
+  double ms = -1.0;  // host clock when recorded; -1 before
+};
+
+cudaError_t cudaEventCreate(cudaEvent_t* e) {
+  if (e == nullptr) return cudaErrorInvalidValue;
+  *e = new dpo_emu::event;
+  return cudaSuccess;
+}
+cudaError_t cudaEventDestroy(cudaEvent_t e) {
+  delete e;
+  return cudaSuccess;
+}
+cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s) {
+  if (e == nullptr) return cudaErrorInvalidResourceHandle;
+  return dpo_emu::enqueue(s, [e] {
+    e->ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch()).count();
+  });
+}
+cudaError_t cudaEventSynchronize(cudaEvent_t e) { return e == nullptr ? cudaErrorInvalidResourceHandle : cudaSuccess; }
+cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t start, cudaEvent_t stop) {
+  if (ms == nullptr || start == nullptr || stop == nullptr || start->ms < 0 || stop->ms < 0)
+    return cudaErrorInvalidResourceHandle;
+  *ms = static_cast<float>(stop->ms - start->ms);
   return cudaSuccess;
 }

@@ -106,8 +106,10 @@ namespace dpo_emu {
 struct stream;
 struct graph;
 struct graph_exec;
+struct event;
 }  // namespace dpo_emu
 typedef dpo_emu::stream* cudaStream_t;
+typedef dpo_emu::event* cudaEvent_t;
 typedef dpo_emu::graph* cudaGraph_t;
 typedef dpo_emu::graph_exec* cudaGraphExec_t;
 
@@ -162,6 +164,12 @@ cudaError_t cudaGraphInstantiate(cudaGraphExec_t* exec, cudaGraph_t g, unsigned 
 cudaError_t cudaGraphLaunch(cudaGraphExec_t exec, cudaStream_t s);
 cudaError_t cudaGraphExecDestroy(cudaGraphExec_t exec);
 cudaError_t cudaGraphDestroy(cudaGraph_t g);
+// Events hold the host clock at the moment the (synchronous) stream reached them.
+cudaError_t cudaEventCreate(cudaEvent_t* e);
+cudaError_t cudaEventDestroy(cudaEvent_t e);
+cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s = nullptr);
+cudaError_t cudaEventSynchronize(cudaEvent_t e);
+cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t start, cudaEvent_t stop);
 
 namespace dpo_emu {
 

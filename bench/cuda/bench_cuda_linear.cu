@@ -1,0 +1,313 @@
+// Copyright 2026 The dpo Authors. SPDX-License-Identifier: Apache-2.0
+//
+// The CUDA fused LM head (dpo/cuda/linear.cuh) against its GEMM floor and the materializing
+// path, Google Benchmark with manual time from CUDA events, all in one run on one device, at
+// N = 8192 (4 pairs x 2 x 1024 tokens), H = 4096, V = 128256, bf16 (issue 12):
+//   gemm_floor_fwd      the forward's cuBLASLt GEMMs alone (same chunks, same calls): 1 pass
+//   linear_fwd          linear_logps (with entropy)
+//   gemm_floor_4pass    the GEMMs of forward + backward alone: logits, recompute, dHidden,
+//                       dWeight (4 passes over the weight)
+//   linear_fwd_bwd      linear_logps then linear_logps_backward (dWeight / dBias in fp32)
+//   materializing       one GEMM to the full bf16 logits [N, V], the logits path's
+//                       sequence_logps + sequence_logps_backward in place, two GEMMs
+//                       (dHidden, dWeight): 2.1 GB of logits
+// Counters: median_ms, floor_ratio (ms over its floor's ms, measured first in the same run),
+// extra_GiB (device memory beyond inputs and gradient buffers: the workspace, or the full
+// logits plus the logits path's workspace). Without a device it prints "SKIPPED: no CUDA
+// device" and exits 0. DPO_BENCH_LINEAR_N / _H / _V override the shape (smaller runs); the
+// emulator builds and runs it at a tiny shape in ctest (bench_cuda_linear_emulated), so every
+// path's calls are checked before a device sees them.
+#include <benchmark/benchmark.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <map>
+#include <string>
+#include <vector>
+
+#include <dpo/cuda/dpo.cuh>
+#include <dpo/cuda/linear.cuh>
+
+namespace {
+
+#define DPO_LB_CK(x)                                                                      \
+  do {                                                                                    \
+    const cudaError_t e_ = (x);                                                           \
+    if (e_ != cudaSuccess) {                                                              \
+      std::fprintf(stderr, "%s failed: %s\n", #x, cudaGetErrorString(e_));                \
+      std::exit(1);                                                                       \
+    }                                                                                     \
+  } while (0)
+
+using T = __nv_bfloat16;
+using L = std::int64_t;
+
+std::int64_t env_or(const char* name, std::int64_t dflt) {
+  const char* v = std::getenv(name);
+  return v != nullptr && std::atoll(v) > 0 ? std::atoll(v) : dflt;
+}
+
+__global__ void fill_kernel(T* x, std::int64_t n, unsigned seed, float amp) {
+  for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
+    unsigned long long h = (static_cast<unsigned long long>(i) + seed) * 0x9e3779b97f4a7c15ull;
+    h ^= h >> 31;
+    h *= 0xbf58476d1ce4e5b9ull;
+    h ^= h >> 29;
+    x[i] = __float2bfloat16_rn((static_cast<float>(h & 0xffffff) / 16777216.0f * 2.0f - 1.0f) * amp);
+  }
+}
+
+/// fill_kernel through cudaLaunchKernelEx (the emulator has no <<<>>>).
+void fill(T* x, std::int64_t n, unsigned seed, float amp) {
+  cudaLaunchConfig_t c = {};
+  const std::int64_t blocks = (n + 255) / 256;
+  c.gridDim = dim3(static_cast<unsigned>(blocks < 4096 ? blocks : 4096));
+  c.blockDim = dim3(256);
+  c.stream = 0;
+  DPO_LB_CK(cudaLaunchKernelEx(&c, fill_kernel, x, n, seed, amp));
+}
+
+void check(const dpo::cuda::status& s) {
+  if (!s) {
+    std::fprintf(stderr, "%s\n", s.message);
+    std::exit(1);
+  }
+}
+
+struct head {
+  std::int64_t N, H, V, seq_len = 1024;
+  T *hidden = nullptr, *weight = nullptr, *dhidden = nullptr;
+  float* dweight = nullptr;
+  L* labels = nullptr;
+  double *logps = nullptr, *entropy = nullptr, *lse = nullptr, *gl = nullptr, *ge = nullptr;
+  void* ws = nullptr;
+  std::size_t ws_bytes = 0;
+  cublasLtHandle_t handle = nullptr;
+  dpo::cuda::linear_options opt;
+  dpo::cuda::linear_chunking ch;
+  cudaEvent_t start, stop;
+
+  head() {
+    N = env_or("DPO_BENCH_LINEAR_N", 8192);
+    H = env_or("DPO_BENCH_LINEAR_H", 4096);
+    V = env_or("DPO_BENCH_LINEAR_V", 128256);
+    seq_len = std::min<std::int64_t>(seq_len, std::max<std::int64_t>(N / 2, 1));  // 2 sequences at least
+    DPO_LB_CK(cudaMalloc(&hidden, N * H * sizeof(T)));
+    DPO_LB_CK(cudaMalloc(&weight, V * H * sizeof(T)));
+    DPO_LB_CK(cudaMalloc(&dhidden, N * H * sizeof(T)));
+    DPO_LB_CK(cudaMalloc(&dweight, V * H * sizeof(float)));
+    DPO_LB_CK(cudaMemset(dweight, 0, V * H * sizeof(float)));
+    fill(hidden, N * H, 1, 2.0f);
+    fill(weight, V * H, 2, 2.0f / 64.0f);
+    DPO_LB_CK(cudaGetLastError());
+    std::vector<L> h(static_cast<std::size_t>(N));
+    for (std::int64_t r = 0; r < N; ++r) h[r] = r % seq_len < 16 ? -100 : (r * 2654435761ll) % V;
+    DPO_LB_CK(cudaMalloc(&labels, N * sizeof(L)));
+    DPO_LB_CK(cudaMemcpy(labels, h.data(), N * sizeof(L), cudaMemcpyHostToDevice));
+    for (double** p : {&logps, &entropy, &lse, &gl, &ge}) DPO_LB_CK(cudaMalloc(p, N * sizeof(double)));
+    std::vector<double> g(static_cast<std::size_t>(N), 1.0 / static_cast<double>(N));
+    DPO_LB_CK(cudaMemcpy(gl, g.data(), N * sizeof(double), cudaMemcpyHostToDevice));
+    DPO_LB_CK(cudaMemcpy(ge, g.data(), N * sizeof(double), cudaMemcpyHostToDevice));
+    if (cublasLtCreate(&handle) != CUBLAS_STATUS_SUCCESS) {
+      std::fprintf(stderr, "cublasLtCreate failed\n");
+      std::exit(1);
+    }
+    check(dpo::cuda::linear_workspace_size(view(), opt, &ch));
+    ws_bytes = static_cast<std::size_t>(ch.workspace_bytes);
+    DPO_LB_CK(cudaMalloc(&ws, ws_bytes));
+    DPO_LB_CK(cudaMemset(ws, 0, ws_bytes));  // gemms() reads the chunk buffers as they are
+    DPO_LB_CK(cudaEventCreate(&start));
+    DPO_LB_CK(cudaEventCreate(&stop));
+    std::printf("linear head: N=%lld H=%lld V=%lld bf16, chunk %lld x %lld, workspace %.1f MiB\n",
+                (long long)N, (long long)H, (long long)V, (long long)ch.rows, (long long)ch.vocab,
+                ws_bytes / 1048576.0);
+  }
+
+  dpo::cuda::linear_view<T, L> view() const {
+    dpo::cuda::linear_view<T, L> v;
+    v.hidden = hidden;
+    v.rows = N;
+    v.hidden_cols = H;
+    v.hidden_stride = H;
+    v.weight = weight;
+    v.vocab = V;
+    v.weight_cols = H;
+    v.weight_stride = H;
+    v.labels = labels;
+    return v;
+  }
+
+  void forward() {
+    std::size_t b = ws_bytes;
+    check(dpo::cuda::linear_logps(ws, b, handle, view(), logps, entropy, lse, opt));
+  }
+  void backward() {
+    dpo::cuda::linear_grads<T, float> g;
+    g.hidden = dhidden;
+    g.hidden_stride = H;
+    g.weight = dweight;
+    g.weight_stride = H;
+    std::size_t b = ws_bytes;
+    check(dpo::cuda::linear_logps_backward(ws, b, handle, view(), lse, gl, entropy, ge, g, opt));
+  }
+
+  /// The call's GEMMs alone, on the same chunk buffers: passes = 1 (forward) or 4.
+  void gemms(int passes) {
+    namespace d = dpo::cuda::detail;
+    const d::linear_ws<T> w(reinterpret_cast<std::uintptr_t>(ws), ch.rows, ch.vocab, H, opt.gemm_workspace_bytes);
+    const d::linear_gemm g{handle, 0, w.gemm, static_cast<std::size_t>(w.gemm_bytes), false};
+    const dpo::cuda::linear_view<T, L> v = view();
+    for (std::int64_t r0 = 0; r0 < N; r0 += ch.rows) {
+      const std::int64_t nb = std::min(ch.rows, N - r0);
+      for (std::int64_t v0 = 0; v0 < V; v0 += ch.vocab) {
+        const std::int64_t nv = std::min(ch.vocab, V - v0);
+        check(d::logits_gemm(g, v, w, nb, v0, nv));
+        if (passes == 1) continue;
+        check(d::logits_gemm(g, v, w, nb, v0, nv));
+        check(d::gemm<float>(g, "dH", false, false, H, nb, nv, weight + v0 * H, CUDA_R_16BF, H, w.dz, CUDA_R_16BF,
+                             w.ldz, v0 == 0 ? 0.0f : 1.0f, w.dh, CUDA_R_32F, w.ldh));
+        check(d::gemm<float>(g, "dW", false, true, H, nv, nb, w.hb, CUDA_R_16BF, w.ldh, w.dz, CUDA_R_16BF, w.ldz, 1.0f,
+                             dweight + v0 * H, CUDA_R_32F, H));
+      }
+    }
+  }
+
+  template <class Fn>
+  float time(Fn&& fn) {
+    DPO_LB_CK(cudaEventRecord(start));
+    fn();
+    DPO_LB_CK(cudaEventRecord(stop));
+    DPO_LB_CK(cudaEventSynchronize(stop));
+    float ms = 0;
+    DPO_LB_CK(cudaEventElapsedTime(&ms, start, stop));
+    return ms;
+  }
+};
+
+head* the_head = nullptr;
+
+/// The materializing path's extra buffers: the full bf16 logits and the logits path's
+/// workspace, allocated for its benchmark only.
+struct materializing {
+  head& h;
+  T* logits = nullptr;
+  double *sums = nullptr, *seq_grad = nullptr, *row_lse = nullptr;
+  std::int64_t* counts = nullptr;
+  void* ws = nullptr;
+  std::size_t ws_bytes = 0;
+  std::int64_t S;
+
+  explicit materializing(head& hd) : h(hd), S(hd.N / hd.seq_len) {
+    DPO_LB_CK(cudaMalloc(&logits, h.N * h.V * sizeof(T)));
+    DPO_LB_CK(cudaMalloc(&sums, S * sizeof(double)));
+    DPO_LB_CK(cudaMalloc(&seq_grad, S * sizeof(double)));
+    DPO_LB_CK(cudaMalloc(&row_lse, h.N * sizeof(double)));
+    DPO_LB_CK(cudaMalloc(&counts, S * sizeof(std::int64_t)));
+    std::vector<double> g(static_cast<std::size_t>(S), 1.0 / static_cast<double>(h.N));
+    DPO_LB_CK(cudaMemcpy(seq_grad, g.data(), S * sizeof(double), cudaMemcpyHostToDevice));
+    std::size_t a = 0, b = 0;
+    check(dpo::cuda::sequence_logps(nullptr, a, view(), sums, counts, nullptr, row_lse));
+    check(dpo::cuda::sequence_logps_backward(nullptr, b, view(), row_lse, seq_grad, logits, h.V));
+    ws_bytes = std::max(a, b);
+    DPO_LB_CK(cudaMalloc(&ws, ws_bytes));
+  }
+  ~materializing() {
+    cudaFree(logits);
+    cudaFree(sums);
+    cudaFree(seq_grad);
+    cudaFree(row_lse);
+    cudaFree(counts);
+    cudaFree(ws);
+  }
+  dpo::token_view<T, L> view() const {
+    dpo::token_view<T, L> v = dpo::padded_pairs<T, L>(logits, h.labels, S, h.seq_len, h.V, h.V).chosen;
+    v.num_seqs = S;
+    return v;
+  }
+  double extra_gib() const { return (h.N * h.V * sizeof(T) + ws_bytes) / 1073741824.0; }
+  void run() {
+    namespace d = dpo::cuda::detail;
+    // cuBLASLt's workspace: the head's (not in use meanwhile).
+    const d::linear_ws<T> w(reinterpret_cast<std::uintptr_t>(h.ws), h.ch.rows, h.ch.vocab, h.H,
+                            h.opt.gemm_workspace_bytes);
+    const d::linear_gemm g{h.handle, 0, w.gemm, static_cast<std::size_t>(w.gemm_bytes), false};
+    // logits^T [V, N] = W [V, H] . hidden^T (column-major: op_T(W^T) . hidden^T).
+    check(d::gemm<float>(g, "logits", true, false, h.V, h.N, h.H, h.weight, CUDA_R_16BF, h.H, h.hidden, CUDA_R_16BF,
+                         h.H, 0.0f, logits, CUDA_R_16BF, h.V));
+    std::size_t b = ws_bytes;
+    check(dpo::cuda::sequence_logps(ws, b, view(), sums, counts, nullptr, row_lse));
+    check(dpo::cuda::sequence_logps_backward(ws, b, view(), row_lse, seq_grad, logits, h.V));
+    check(d::gemm<float>(g, "dH", false, false, h.H, h.N, h.V, h.weight, CUDA_R_16BF, h.H, logits, CUDA_R_16BF, h.V,
+                         0.0f, h.dhidden, CUDA_R_16BF, h.H));
+    check(d::gemm<float>(g, "dW", false, true, h.H, h.V, h.N, h.hidden, CUDA_R_16BF, h.H, logits, CUDA_R_16BF, h.V,
+                         1.0f, h.dweight, CUDA_R_32F, h.H));
+  }
+};
+
+enum what { w_floor_fwd, w_fwd, w_floor_4, w_fwd_bwd, w_materializing, w_count };
+const char* const what_name[w_count] = {"gemm_floor_fwd", "linear_fwd", "gemm_floor_4pass", "linear_fwd_bwd",
+                                        "materializing"};
+std::map<int, double> floor_ms;
+
+void run(benchmark::State& state, int what) {
+  head& h = *the_head;
+  materializing* m = what == w_materializing ? new materializing(h) : nullptr;
+  const auto once = [&] {
+    switch (what) {
+      case w_floor_fwd: h.gemms(1); break;
+      case w_fwd: h.forward(); break;
+      case w_floor_4: h.gemms(4); break;
+      case w_fwd_bwd:
+        h.forward();
+        h.backward();
+        break;
+      case w_materializing: m->run(); break;
+    }
+  };
+  h.time(once);  // warm-up (cuBLASLt's heuristics, caches)
+  std::vector<double> ms;
+  for (auto _ : state) {
+    const float t = h.time(once);
+    ms.push_back(t);
+    state.SetIterationTime(t / 1000.0);
+  }
+  std::sort(ms.begin(), ms.end());
+  const double median = ms.empty() ? 0.0 : ms[ms.size() / 2];
+  state.counters["median_ms"] = median;
+  if (what == w_floor_fwd || what == w_floor_4) floor_ms[what] = median;
+  const int floor = what == w_fwd ? w_floor_fwd : w_floor_4;
+  if (what != w_floor_fwd && what != w_floor_4 && floor_ms.count(floor) && floor_ms[floor] > 0)
+    state.counters["floor_ratio"] = median / floor_ms[floor];
+  state.counters["extra_GiB"] = m != nullptr ? m->extra_gib() : h.ws_bytes / 1073741824.0;
+  delete m;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess || n < 1) {
+    std::printf("SKIPPED: no CUDA device\n");
+    return 0;
+  }
+  cudaDeviceProp p{};
+  DPO_LB_CK(cudaGetDeviceProperties(&p, 0));
+  std::printf("device: %s\n", p.name);
+  the_head = new head();
+  const std::string shape = "N" + std::to_string(the_head->N) + "_H" + std::to_string(the_head->H) + "_V" +
+                            std::to_string(the_head->V) + "_bf16";
+  for (int what = 0; what < w_count; ++what) {
+    const std::string name = std::string(what_name[what]) + "/" + shape;
+    benchmark::RegisterBenchmark(name.c_str(), [what](benchmark::State& st) { run(st, what); })
+        ->UseManualTime()
+        ->Unit(benchmark::kMillisecond)
+        ->Iterations(5);
+  }
+  benchmark::Initialize(&argc, argv);
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  delete the_head;
+  return 0;
+}
