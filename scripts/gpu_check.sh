@@ -6,9 +6,13 @@
 #   configure, build   test_cuda_dpo, dpo_bench_cuda, dpo_example_custom_kernel (Release)
 #   cuda_tests    dpo::cuda against dpo::cpu on random inputs (every loss, dtype, layout, odd
 #                 vocab, masks, in place, graph capture, errors, determinism)
+#   linear_tests  the fused LM head (dpo/cuda/linear.cuh, cuBLASLt) against dpo::cpu's
 #   bench_cuda    copy / forward / fused forward+backward, TB/s and share of the copy
+#   bench_linear  the fused LM head at N 8192, H 4096, V 128256 bf16 against the same cuBLASLt
+#                 GEMMs alone (floor_ratio) and the materializing path (full logits)
 #   cuda_large    rows x vocab beyond 2^31 elements
 #   memcheck, racecheck   compute-sanitizer on the [sanitize] subset
+#   linear_memcheck, linear_racecheck   the same over the linear head's [sanitize] cases
 #   example       examples/cuda/custom_kernel.cu
 #   example_step  examples/cuda/training_step.cu (its three ways agree, bitwise)
 #   python_tests  python/tests/test_cuda.py (the ops on CUDA tensors against the CPU ops)
@@ -109,21 +113,30 @@ if ! grep -q "dpo: CUDA enabled" "$logs/configure.log"; then
   echo "configure did not enable CUDA: nothing below can run"; failed=1
 fi
 stage build 240 cmake --build "$build" -j "$(( jobs > 6 ? jobs - 6 : jobs ))" --target test_cuda_dpo \
-  dpo_bench_cuda dpo_example_custom_kernel dpo_example_training_step
+  dpo_bench_cuda dpo_example_custom_kernel dpo_example_training_step test_cuda_linear dpo_bench_cuda_linear
 
 tbin=$build/tests/cuda/test_cuda_dpo
 stage cuda_tests 120 "$tbin" "~[large]" --durations yes
+lbin=$build/tests/cuda/test_cuda_linear
+stage linear_tests 60 "$lbin" --durations yes
 stage bench_cuda 120 "$build/bench/cuda/dpo_bench_cuda" --benchmark_out="$logs/bench_cuda.json" \
   --benchmark_out_format=json
+stage bench_linear 60 "$build/bench/cuda/dpo_bench_cuda_linear" --benchmark_out="$logs/bench_cuda_linear.json" \
+  --benchmark_out_format=json
+# TODO(issue 12): TRL 1.16's chunked head and Liger's fused DPO at the same shape run from
+# Python (bench/torch_paths.py or its successor, another helper's stage), not here.
 stage cuda_large 90 "$tbin" "[large]" --durations yes
 san=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
 # compute-sanitizer refuses the device on some sandboxes (gVisor): probe once, cheaply.
 if timeout 60 "$san" --tool memcheck "$tbin" "cuda: bad arguments*" > "$logs/sanitizer_probe.log" 2>&1; then
   stage memcheck 90 "$san" --tool memcheck --error-exitcode 99 --leak-check full "$tbin" "[sanitize]"
   stage racecheck 120 "$san" --tool racecheck --error-exitcode 99 --racecheck-report all "$tbin" "[sanitize]"
+  stage linear_memcheck 90 "$san" --tool memcheck --error-exitcode 99 --leak-check full "$lbin" "[sanitize]"
+  stage linear_racecheck 90 "$san" --tool racecheck --error-exitcode 99 --racecheck-report all "$lbin" "[sanitize]"
 else
   why="SKIPPED(sanitizer: $(grep -v '^\s*$' "$logs/sanitizer_probe.log" | head -n 1 | cut -c 1-40))"
   not_run memcheck "$why"; not_run racecheck "$why"
+  not_run linear_memcheck "$why"; not_run linear_racecheck "$why"
 fi
 stage example 30 "$build/examples/cuda/dpo_example_custom_kernel"
 stage example_step 30 "$build/examples/cuda/dpo_example_training_step"
@@ -170,10 +183,10 @@ fi
   echo
   echo "==================== gpu_check summary ===================="
   echo "device: $(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2> /dev/null | head -n 1)"
-  printf "%-13s %-30s %6s\n" stage result seconds
-  for n in "${names[@]}"; do printf "%-13s %-30s %6s\n" "$n" "${outcome[$n]}" "${seconds[$n]}"; done
+  printf "%-17s %-30s %6s\n" stage result seconds
+  for n in "${names[@]}"; do printf "%-17s %-30s %6s\n" "$n" "${outcome[$n]}" "${seconds[$n]}"; done
   grep -h "^test cases:\|^All tests passed\|passed\|failed" "$logs/cuda_tests.log" "$logs/cuda_large.log" \
-    "$logs/python_tests.log" 2> /dev/null | grep -v "^$" | tail -n 4
+    "$logs/linear_tests.log" "$logs/python_tests.log" 2> /dev/null | grep -v "^$" | tail -n 5
   python3 - "$logs" <<'PY' 2> /dev/null || echo "(no benchmark numbers)"
 import json, os, sys
 logs = sys.argv[1]
@@ -201,6 +214,17 @@ if os.path.exists(p):
 print(f"{'shape':<22} {'path':<26} {'ms':>9} {'TB/s':>6} {'of copy':>7} {'extra GiB':>9}")
 for s, path, ms, tb, share, mem in rows:
     print(f"{s:<22} {path:<26} {ms:>9.3f} {tb:>6.2f} {share:>7} {mem:>9}")
+# The fused LM head: ms against its cuBLASLt GEMM floor measured in the same run.
+p = os.path.join(logs, "bench_cuda_linear.json")
+if os.path.exists(p):
+    print(f"{'linear head':<28} {'shape':<26} {'ms':>9} {'x floor':>7} {'extra GiB':>9}")
+    for b in json.load(open(p)).get("benchmarks", []):
+        if b.get("run_type") == "aggregate":
+            continue
+        what, shape = b["name"].split("/")[:2]
+        ratio = b.get("floor_ratio")
+        print(f"{what:<28} {shape:<26} {b.get('median_ms', 0.0):>9.3f} "
+              f"{(f'{ratio:.2f}x' if ratio else ''):>7} {b.get('extra_GiB', 0.0):>9.2f}")
 PY
   python3 "$root/scripts/ncu_table.py" "$logs"/ncu_*.log 2> /dev/null
   echo "wall: $(( $(date +%s) - t_start )) s"
@@ -208,9 +232,9 @@ PY
 } | tee "$logs/table.txt"
 
 if [[ -n "${OUT:-}" ]]; then
-  # The device tool returns at most 8 files: the table, the two JSON files, one archive.
+  # The device tool returns at most 8 files: the table, the three JSON files, one archive.
   cp "$logs/table.txt" "$OUT/" 2> /dev/null
-  cp "$logs"/bench_cuda.json "$logs"/torch_paths.json "$OUT/" 2> /dev/null
+  cp "$logs"/bench_cuda.json "$logs"/bench_cuda_linear.json "$logs"/torch_paths.json "$OUT/" 2> /dev/null
   tar czf "$OUT/logs.tgz" -C "$build" logs 2> /dev/null
 fi
 exit $failed
