@@ -35,18 +35,19 @@
 // Math and memory model: docs/linear.md (the CPU path), docs/cuda.md (this one).
 #pragma once
 
+#include "dpo/cuda/compiler.cuh"
+
 #include <cublasLt.h>
 #include <cuda_runtime.h>
 
 #include <climits>
-#include <cstdarg>
 #include <cstdint>
-#include <cstdio>
 #include <type_traits>
 
 #include "dpo/core/math.hpp"
 #include "dpo/core/transforms.hpp"
 #include "dpo/cuda/block.cuh"
+#include "dpo/cuda/dpo.cuh"
 #include "dpo/cuda/status.cuh"
 
 namespace dpo {
@@ -129,15 +130,6 @@ namespace detail {
 inline constexpr std::int64_t linear_default_chunk_vocab = 4096;
 inline constexpr int linear_block = 256;
 
-inline status linear_invalid(const char* fmt, ...) {
-  status s;
-  s.code = cudaErrorInvalidValue;
-  std::va_list args;
-  va_start(args, fmt);
-  std::vsnprintf(s.message, sizeof(s.message), fmt, args);
-  va_end(args);
-  return s;
-}
 
 template <class T>
 inline constexpr cudaDataType_t cuda_type() {
@@ -213,17 +205,17 @@ template <class T>
 status linear_chunks(std::int64_t N, std::int64_t H, std::int64_t V, const linear_options& opt,
                      linear_chunking* out) {
   if (opt.workspace_bytes < 0)
-    return linear_invalid("dpo: options.workspace_bytes = %lld is invalid: must be >= 0",
-                          (long long)opt.workspace_bytes);
+    return invalid("dpo: options.workspace_bytes = %lld is invalid: must be >= 0",
+                   (long long)opt.workspace_bytes);
   if (opt.chunk_rows < 0)
-    return linear_invalid("dpo: options.chunk_rows = %lld is invalid: must be >= 0 (0 = from the budget)",
-                          (long long)opt.chunk_rows);
+    return invalid("dpo: options.chunk_rows = %lld is invalid: must be >= 0 (0 = from the budget)",
+                   (long long)opt.chunk_rows);
   if (opt.chunk_vocab < 0)
-    return linear_invalid("dpo: options.chunk_vocab = %lld is invalid: must be >= 0 (0 = from the budget)",
-                          (long long)opt.chunk_vocab);
+    return invalid("dpo: options.chunk_vocab = %lld is invalid: must be >= 0 (0 = from the budget)",
+                   (long long)opt.chunk_vocab);
   if (opt.gemm_workspace_bytes < 0)
-    return linear_invalid("dpo: options.gemm_workspace_bytes = %lld is invalid: must be >= 0",
-                          (long long)opt.gemm_workspace_bytes);
+    return invalid("dpo: options.gemm_workspace_bytes = %lld is invalid: must be >= 0",
+                   (long long)opt.gemm_workspace_bytes);
   const std::int64_t B = opt.workspace_bytes, G = opt.gemm_workspace_bytes;
   const auto need = [&](std::int64_t r, std::int64_t v) { return linear_ws<T>(0, r, v, H, G).bytes; };
   const std::int64_t max_rows = N > 1 ? N : 1;
@@ -251,7 +243,7 @@ status linear_chunks(std::int64_t N, std::int64_t H, std::int64_t V, const linea
   }
   c.workspace_bytes = need(c.rows, c.vocab);
   if (c.workspace_bytes > B)
-    return linear_invalid(
+    return invalid(
         "dpo: options.workspace_bytes = %lld is too small for one row: a chunk of %lld x %lld needs "
         "%lld bytes (options.gemm_workspace_bytes = %lld included)",
         (long long)B, (long long)c.rows, (long long)c.vocab, (long long)c.workspace_bytes, (long long)G);
@@ -280,10 +272,10 @@ inline status check_no_overlap(const linear_range* outs, int n_out, const linear
   for (int i = 0; i < n_out; ++i) {
     for (int j = 0; j < n_in; ++j)
       if (hit(outs[i], ins[j]))
-        return linear_invalid("dpo: %s overlaps %s: outputs may not alias inputs", outs[i].name, ins[j].name);
+        return invalid("dpo: %s overlaps %s: outputs may not alias inputs", outs[i].name, ins[j].name);
     for (int j = i + 1; j < n_out; ++j)
       if (hit(outs[i], outs[j]))
-        return linear_invalid("dpo: %s overlaps %s: unsupported aliasing", outs[i].name, outs[j].name);
+        return invalid("dpo: %s overlaps %s: unsupported aliasing", outs[i].name, outs[j].name);
   }
   return {};
 }
@@ -292,35 +284,35 @@ inline status check_no_overlap(const linear_range* outs, int n_out, const linear
 /// checked by linear_check_kernel). `pointers`: false in a size query.
 template <class T, class L>
 status check_linear_view(const linear_view<T, L>& v, bool pointers) {
-  if (v.rows < 0) return linear_invalid("dpo: rows = %lld is invalid: must be >= 0", (long long)v.rows);
+  if (v.rows < 0) return invalid("dpo: rows = %lld is invalid: must be >= 0", (long long)v.rows);
   if (v.hidden_cols < 1)
-    return linear_invalid("dpo: hidden_cols = %lld is invalid: must be >= 1", (long long)v.hidden_cols);
+    return invalid("dpo: hidden_cols = %lld is invalid: must be >= 1", (long long)v.hidden_cols);
   if (v.weight_cols != v.hidden_cols)
-    return linear_invalid("dpo: weight_cols = %lld != hidden_cols = %lld: hidden and weight must have the "
-                          "same hidden size", (long long)v.weight_cols, (long long)v.hidden_cols);
+    return invalid("dpo: weight_cols = %lld != hidden_cols = %lld: hidden and weight must have the "
+                   "same hidden size", (long long)v.weight_cols, (long long)v.hidden_cols);
   if (v.vocab < 1 || v.vocab > INT_MAX)
-    return linear_invalid("dpo: vocab = %lld is invalid: must be in [1, 2^31)", (long long)v.vocab);
+    return invalid("dpo: vocab = %lld is invalid: must be in [1, 2^31)", (long long)v.vocab);
   if (v.hidden_stride < v.hidden_cols)
-    return linear_invalid("dpo: hidden_stride = %lld is invalid: must be >= hidden_cols = %lld",
-                          (long long)v.hidden_stride, (long long)v.hidden_cols);
+    return invalid("dpo: hidden_stride = %lld is invalid: must be >= hidden_cols = %lld",
+                   (long long)v.hidden_stride, (long long)v.hidden_cols);
   if (v.weight_stride < v.weight_cols)
-    return linear_invalid("dpo: weight_stride = %lld is invalid: must be >= weight_cols = %lld",
-                          (long long)v.weight_stride, (long long)v.weight_cols);
-  if (pointers && v.weight == nullptr) return linear_invalid("dpo: weight is null");
+    return invalid("dpo: weight_stride = %lld is invalid: must be >= weight_cols = %lld",
+                   (long long)v.weight_stride, (long long)v.weight_cols);
+  if (pointers && v.weight == nullptr) return invalid("dpo: weight is null");
   if (v.bias_size != 0 && v.bias_size != v.vocab)
-    return linear_invalid("dpo: bias_size = %lld != vocab = %lld: the bias must have one entry per vocab row",
-                          (long long)v.bias_size, (long long)v.vocab);
+    return invalid("dpo: bias_size = %lld != vocab = %lld: the bias must have one entry per vocab row",
+                   (long long)v.bias_size, (long long)v.vocab);
   if (pointers && v.bias == nullptr && v.bias_size != 0)
-    return linear_invalid("dpo: bias is null but bias_size = %lld (0 means no bias)", (long long)v.bias_size);
+    return invalid("dpo: bias is null but bias_size = %lld (0 means no bias)", (long long)v.bias_size);
   if (pointers && v.bias != nullptr && v.bias_size == 0)
-    return linear_invalid("dpo: bias_size = 0 != vocab = %lld: the bias must have one entry per vocab row",
-                          (long long)v.vocab);
+    return invalid("dpo: bias_size = 0 != vocab = %lld: the bias must have one entry per vocab row",
+                   (long long)v.vocab);
   double value = 0;
   if (const char* field = dpo::detail::invalid_transform(v.transforms, &value))
-    return linear_invalid("dpo: transforms.%s = %g is invalid: must be finite and > 0%s", field, value,
-                          field[1] == 'o' ? " (or 0 for no cap)" : "");
-  if (pointers && v.rows > 0 && v.hidden == nullptr) return linear_invalid("dpo: hidden is null");
-  if (pointers && v.rows > 0 && v.labels == nullptr) return linear_invalid("dpo: labels is null");
+    return invalid("dpo: transforms.%s = %g is invalid: must be finite and > 0%s", field, value,
+                   field[1] == 'o' ? " (or 0 for no cap)" : "");
+  if (pointers && v.rows > 0 && v.hidden == nullptr) return invalid("dpo: hidden is null");
+  if (pointers && v.rows > 0 && v.labels == nullptr) return invalid("dpo: labels is null");
   return {};
 }
 
@@ -333,28 +325,6 @@ void input_ranges(const linear_view<T, L>& v, linear_range* out) {
   out[4] = range_of(v.mask, 1, v.rows, v.rows, "mask");
 }
 
-inline status check_linear_workspace(void* workspace, std::size_t workspace_bytes, std::int64_t needed) {
-  if (workspace_bytes < static_cast<std::size_t>(needed))
-    return linear_invalid("dpo: workspace_bytes = %llu is too small: %llu needed",
-                          (unsigned long long)workspace_bytes, (unsigned long long)needed);
-  if (reinterpret_cast<std::uintptr_t>(workspace) % 256 != 0)
-    return linear_invalid("dpo: workspace is not 256-byte aligned (cudaMalloc's are)");
-  return {};
-}
-
-template <class... Params, class... Args>
-status linear_launch(const char* what, void (*kernel)(Params...), unsigned grid, unsigned block,
-                     cudaStream_t stream, Args&&... args) {
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(grid);
-  config.blockDim = dim3(block);
-  config.dynamicSmemBytes = 0;
-  config.stream = stream;
-  cudaError_t e = cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
-  if (e == cudaSuccess) e = cudaGetLastError();
-  if (e != cudaSuccess) return make_status(e, "dpo: launch of %s failed: %s", what, cudaGetErrorString(e));
-  return {};
-}
 
 /// Blocks of a row kernel: one per row, at most 65535 x 16 (they loop).
 inline unsigned row_blocks(std::int64_t rows) {
@@ -699,8 +669,8 @@ status linear_prologue(void* workspace, std::size_t& workspace_bytes, cublasLtHa
     workspace_bytes = static_cast<std::size_t>(ch->workspace_bytes);
     return {};
   }
-  if (handle == nullptr) return linear_invalid("dpo: handle is null (create one with cublasLtCreate)");
-  s = check_linear_workspace(workspace, workspace_bytes, ch->workspace_bytes);
+  if (handle == nullptr) return invalid("dpo: handle is null (create one with cublasLtCreate)");
+  s = check_workspace(workspace, workspace_bytes, static_cast<std::size_t>(ch->workspace_bytes));
   if (!s) return s;
   *w = linear_ws<T>(reinterpret_cast<std::uintptr_t>(workspace), ch->rows, ch->vocab, in.hidden_cols,
                     opt.gemm_workspace_bytes);
@@ -724,7 +694,7 @@ status logits_gemm(const linear_gemm& g, const linear_view<T, L>& in, const line
 /// too small for one row or the view's sizes are invalid.
 template <class T, class L>
 status linear_workspace_size(const linear_view<T, L>& in, const linear_options& opt, linear_chunking* out) {
-  if (out == nullptr) return detail::linear_invalid("dpo: linear_workspace_size: out is null");
+  if (out == nullptr) return detail::invalid("dpo: linear_workspace_size: out is null");
   const status s = detail::check_linear_view(in, false);
   if (!s) return s;
   return detail::linear_chunks<T>(in.rows, in.hidden_cols, in.vocab, opt, out);
@@ -750,8 +720,8 @@ status linear_logps(void* workspace, std::size_t& workspace_bytes, cublasLtHandl
   status s = detail::linear_prologue(workspace, workspace_bytes, handle, in, opt, &ch, &w, &size_only);
   if (!s || size_only) return s;
   const std::int64_t N = in.rows;
-  if (N > 0 && logps == nullptr) return detail::linear_invalid("dpo: logps is null");
-  if (N > 0 && row_lse == nullptr) return detail::linear_invalid("dpo: row_lse is null");
+  if (N > 0 && logps == nullptr) return detail::invalid("dpo: logps is null");
+  if (N > 0 && row_lse == nullptr) return detail::invalid("dpo: row_lse is null");
   detail::linear_range ins[6];
   detail::input_ranges(in, ins);
   ins[5] = {reinterpret_cast<std::uintptr_t>(workspace),
@@ -768,26 +738,26 @@ status linear_logps(void* workspace, std::size_t& workspace_bytes, cublasLtHandl
     const detail::linear_gemm g{handle, stream, w.gemm, static_cast<std::size_t>(w.gemm_bytes), dry};
     status s;
     if (!dry)
-      s = detail::linear_launch("linear_check_kernel", detail::linear_check_kernel<L>, 1, 256, stream, in.labels,
-                                in.mask, N, in.vocab, in.ignore_index, w.h);
+      s = detail::launch("linear_check_kernel", detail::linear_check_kernel<L>, 1, 256, stream, in.labels,
+                         in.mask, N, in.vocab, in.ignore_index, w.h);
     for (std::int64_t r0 = 0; s && r0 < N; r0 += ch.rows) {
       const std::int64_t nb = ch.rows < N - r0 ? ch.rows : N - r0;
       if (!dry)
-        s = detail::linear_launch("linear_gather_kernel", detail::linear_gather_kernel<B, false, T, L>,
-                                  detail::row_blocks(nb), B, stream, in, r0, nb, detail::linear_bwd_in{}, w);
+        s = detail::launch("linear_gather_kernel", detail::linear_gather_kernel<B, false, T, L>,
+                           detail::row_blocks(nb), B, stream, in, r0, nb, detail::linear_bwd_in{}, w);
       for (std::int64_t v0 = 0; s && v0 < in.vocab; v0 += ch.vocab) {
         const std::int64_t nv = ch.vocab < in.vocab - v0 ? ch.vocab : in.vocab - v0;
         s = detail::logits_gemm(g, in, w, nb, v0, nv);
         if (!s || dry) continue;
         const bool last = v0 + nv == in.vocab;
         if (entropy != nullptr) {
-          s = detail::linear_launch("linear_stats_kernel", detail::linear_stats_kernel<B, true, T, L>,
-                                    detail::row_blocks(nb), B, stream, in, r0, nb, v0, nv, last, w, logps,
-                                    entropy, row_lse);
+          s = detail::launch("linear_stats_kernel", detail::linear_stats_kernel<B, true, T, L>,
+                             detail::row_blocks(nb), B, stream, in, r0, nb, v0, nv, last, w, logps,
+                             entropy, row_lse);
         } else {
-          s = detail::linear_launch("linear_stats_kernel", detail::linear_stats_kernel<B, false, T, L>,
-                                    detail::row_blocks(nb), B, stream, in, r0, nb, v0, nv, last, w, logps,
-                                    entropy, row_lse);
+          s = detail::launch("linear_stats_kernel", detail::linear_stats_kernel<B, false, T, L>,
+                             detail::row_blocks(nb), B, stream, in, r0, nb, v0, nv, last, w, logps,
+                             entropy, row_lse);
         }
       }
     }
@@ -825,19 +795,19 @@ status linear_logps_backward(void* workspace, std::size_t& workspace_bytes, cubl
   status s = detail::linear_prologue(workspace, workspace_bytes, handle, in, opt, &ch, &w, &size_only);
   if (!s || size_only) return s;
   const std::int64_t N = in.rows, H = in.hidden_cols, V = in.vocab;
-  if (N > 0 && row_lse == nullptr) return detail::linear_invalid("dpo: row_lse is null");
-  if (N > 0 && grad_logps == nullptr) return detail::linear_invalid("dpo: grad_logps is null");
+  if (N > 0 && row_lse == nullptr) return detail::invalid("dpo: row_lse is null");
+  if (N > 0 && grad_logps == nullptr) return detail::invalid("dpo: grad_logps is null");
   if ((entropy == nullptr) != (grad_entropy == nullptr))
-    return detail::linear_invalid(entropy == nullptr ? "dpo: entropy is null but grad_entropy is given"
-                                                     : "dpo: grad_entropy is null but entropy is given");
+    return detail::invalid(entropy == nullptr ? "dpo: entropy is null but grad_entropy is given"
+                                              : "dpo: grad_entropy is null but entropy is given");
   if (g.hidden != nullptr && g.hidden_stride < H)
-    return detail::linear_invalid("dpo: grads.hidden_stride = %lld is invalid: must be >= hidden_cols = %lld",
-                                  (long long)g.hidden_stride, (long long)H);
+    return detail::invalid("dpo: grads.hidden_stride = %lld is invalid: must be >= hidden_cols = %lld",
+                           (long long)g.hidden_stride, (long long)H);
   if (g.weight != nullptr && g.weight_stride < H)
-    return detail::linear_invalid("dpo: grads.weight_stride = %lld is invalid: must be >= hidden_cols = %lld",
-                                  (long long)g.weight_stride, (long long)H);
+    return detail::invalid("dpo: grads.weight_stride = %lld is invalid: must be >= hidden_cols = %lld",
+                           (long long)g.weight_stride, (long long)H);
   if (g.bias != nullptr && in.bias == nullptr)
-    return detail::linear_invalid("dpo: grads.bias is given but the view has no bias");
+    return detail::invalid("dpo: grads.bias is given but the view has no bias");
   detail::linear_range ins[10];
   detail::input_ranges(in, ins);
   ins[5] = detail::range_of(row_lse, 1, N, N, "row_lse");
@@ -859,28 +829,28 @@ status linear_logps_backward(void* workspace, std::size_t& workspace_bytes, cubl
     const detail::linear_gemm gm{handle, stream, w.gemm, static_cast<std::size_t>(w.gemm_bytes), dry};
     status s;
     if (!dry)
-      s = detail::linear_launch("linear_check_kernel", detail::linear_check_kernel<L>, 1, 256, stream, in.labels,
-                                in.mask, N, V, in.ignore_index, w.h);
+      s = detail::launch("linear_check_kernel", detail::linear_check_kernel<L>, 1, 256, stream, in.labels,
+                         in.mask, N, V, in.ignore_index, w.h);
     for (std::int64_t r0 = 0; s && r0 < N; r0 += ch.rows) {
       const std::int64_t nb = ch.rows < N - r0 ? ch.rows : N - r0;
       if (!dry)
-        s = detail::linear_launch("linear_gather_kernel", detail::linear_gather_kernel<B, true, T, L>,
-                                  detail::row_blocks(nb), B, stream, in, r0, nb, bin, w);
+        s = detail::launch("linear_gather_kernel", detail::linear_gather_kernel<B, true, T, L>,
+                           detail::row_blocks(nb), B, stream, in, r0, nb, bin, w);
       for (std::int64_t v0 = 0; s && v0 < V; v0 += ch.vocab) {
         const std::int64_t nv = ch.vocab < V - v0 ? ch.vocab : V - v0;
         s = detail::logits_gemm(gm, in, w, nb, v0, nv);
         if (s && !dry) {
           if (grad_entropy != nullptr) {
-            s = detail::linear_launch("linear_grad_kernel", detail::linear_grad_kernel<B, true, T, L>,
-                                      detail::row_blocks(nb), B, stream, in, nb, v0, nv, w, g.bias != nullptr);
+            s = detail::launch("linear_grad_kernel", detail::linear_grad_kernel<B, true, T, L>,
+                               detail::row_blocks(nb), B, stream, in, nb, v0, nv, w, g.bias != nullptr);
           } else {
-            s = detail::linear_launch("linear_grad_kernel", detail::linear_grad_kernel<B, false, T, L>,
-                                      detail::row_blocks(nb), B, stream, in, nb, v0, nv, w, g.bias != nullptr);
+            s = detail::launch("linear_grad_kernel", detail::linear_grad_kernel<B, false, T, L>,
+                               detail::row_blocks(nb), B, stream, in, nb, v0, nv, w, g.bias != nullptr);
           }
         }
         if (s && !dry && g.bias != nullptr)
-          s = detail::linear_launch("linear_dbias_kernel", detail::linear_dbias_kernel<T, G>,
-                                    static_cast<unsigned>((nv + 31) / 32), 256, stream, nb, v0, nv, w, g.bias);
+          s = detail::launch("linear_dbias_kernel", detail::linear_dbias_kernel<T, G>,
+                             static_cast<unsigned>((nv + 31) / 32), 256, stream, nb, v0, nv, w, g.bias);
         // dh^T [H, nb] (+)= weight chunk^T [H, nv] . dZ^T [nv, nb] (column-major).
         if (s && g.hidden != nullptr)
           s = detail::gemm<A>(gm, "dHidden GEMM", false, false, H, nb, nv, in.weight + v0 * in.weight_stride,
@@ -893,9 +863,9 @@ status linear_logps_backward(void* workspace, std::size_t& workspace_bytes, cubl
                               detail::cuda_type<G>(), g.weight_stride);
       }
       if (s && !dry && g.hidden != nullptr)
-        s = detail::linear_launch("linear_dhidden_kernel", detail::linear_dhidden_kernel<B, T, L>,
-                                  detail::row_blocks(nb), B, stream, H, r0, nb, w, g.hidden, g.hidden_stride,
-                                  g.accumulate_hidden);
+        s = detail::launch("linear_dhidden_kernel", detail::linear_dhidden_kernel<B, T, L>,
+                           detail::row_blocks(nb), B, stream, H, r0, nb, w, g.hidden, g.hidden_stride,
+                           g.accumulate_hidden);
     }
     return s;
   };
