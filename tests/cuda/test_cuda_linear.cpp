@@ -267,6 +267,7 @@ TEST_CASE("cuda linear: log-probs, entropy and gradients match the CPU head", "[
       linear_case c = make_case(t, 13, 24, 67, seed++, bias);
       if (transforms) c.transforms = gemma_like();
       c.entropy = variant != 0;
+      c.labels64 = variant != 1;
       c.chunk_rows = 5;
       c.chunk_vocab = 16;
       c.backward = true;
@@ -352,6 +353,32 @@ TEST_CASE("cuda linear: accumulation modes (dHidden added, fp32 dWeight / dBias,
       c.want_weight = c.want_bias = true;
       c.want_hidden = false;
       compare(c);
+    }
+  }
+}
+
+TEST_CASE("cuda linear: -inf bias entries (masked tokens) add no probability mass", "[cuda][linear]") {
+  unsigned seed = 150;
+  for (dtype t : {dtype::f32, dtype::bf16, dtype::f64}) {
+    for (bool cap : {false, true}) {
+      linear_case c = make_case(t, 10, 8, 40, seed++, true);
+      const std::size_t es = dpo_cuda_test::dtype_size(t);
+      // Columns 30..39 are masked out (no label points there); a whole vocab chunk of them
+      // with chunk_vocab 10.
+      for (auto& y : c.labels)
+        if (y >= 30) y -= 30;
+      for (std::int64_t j = 30; j < 40; ++j)
+        dpo_cuda_test::put(t, c.bias.data() + j * es, -std::numeric_limits<double>::infinity());
+      dpo_cuda_test::put(t, c.bias.data() + 5 * es, -std::numeric_limits<double>::infinity());
+      for (auto& y : c.labels)
+        if (y == 5) y = 6;
+      if (cap) c.transforms.softcap = 4.0;
+      c.entropy = true;
+      c.chunk_vocab = 10;
+      c.backward = true;
+      const linear_out o = compare(c);
+      for (double x : o.logps) CHECK(std::isfinite(x));
+      for (double x : o.entropy) CHECK(std::isfinite(x));
     }
   }
 }
