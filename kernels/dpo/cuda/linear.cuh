@@ -130,7 +130,6 @@ namespace detail {
 inline constexpr std::int64_t linear_default_chunk_vocab = 4096;
 inline constexpr int linear_block = 256;
 
-
 template <class T>
 inline constexpr cudaDataType_t cuda_type() {
   if constexpr (std::is_same<T, __nv_bfloat16>::value) return CUDA_R_16BF;
