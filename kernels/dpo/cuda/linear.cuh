@@ -44,6 +44,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "dpo/core/linear_check.hpp"
 #include "dpo/core/math.hpp"
 #include "dpo/core/transforms.hpp"
 #include "dpo/cuda/block.cuh"
@@ -250,80 +251,24 @@ status linear_chunks(std::int64_t N, std::int64_t H, std::int64_t V, const linea
   return {};
 }
 
-/// The byte range [lo, hi) of n rows of `cols` elements, `stride` apart (device addresses,
-/// compared, never read).
-struct linear_range {
-  std::uintptr_t lo = 0, hi = 0;
-  const char* name = "";
-};
-
-template <class U>
-linear_range range_of(const U* p, std::int64_t n, std::int64_t cols, std::int64_t stride, const char* name) {
-  if (p == nullptr || n <= 0 || cols <= 0) return {0, 0, name};
-  const auto lo = reinterpret_cast<std::uintptr_t>(p);
-  return {lo, lo + static_cast<std::uintptr_t>(((n - 1) * stride + cols) * static_cast<std::int64_t>(sizeof(U))), name};
-}
-
-inline status check_no_overlap(const linear_range* outs, int n_out, const linear_range* ins, int n_in) {
-  const auto hit = [](const linear_range& a, const linear_range& b) {
-    return a.lo != 0 && b.lo != 0 && a.lo < b.hi && b.lo < a.hi;
-  };
-  for (int i = 0; i < n_out; ++i) {
-    for (int j = 0; j < n_in; ++j)
-      if (hit(outs[i], ins[j]))
-        return invalid("dpo: %s overlaps %s: outputs may not alias inputs", outs[i].name, ins[j].name);
-    for (int j = i + 1; j < n_out; ++j)
-      if (hit(outs[i], outs[j]))
-        return invalid("dpo: %s overlaps %s: unsupported aliasing", outs[i].name, outs[j].name);
-  }
-  return {};
-}
-
-/// The view's sizes and values (as dpo::cpu's check_linear_view; the labels are device data,
-/// checked by linear_check_kernel). `pointers`: false in a size query.
+/// The view's sizes, values and pointers (dpo/core/linear_check.hpp, the CPU head's rules;
+/// the labels are device data, checked by linear_check_kernel). `pointers`: false in a size
+/// query.
 template <class T, class L>
 status check_linear_view(const linear_view<T, L>& v, bool pointers) {
-  if (v.rows < 0) return invalid("dpo: rows = %lld is invalid: must be >= 0", (long long)v.rows);
-  if (v.hidden_cols < 1)
-    return invalid("dpo: hidden_cols = %lld is invalid: must be >= 1", (long long)v.hidden_cols);
-  if (v.weight_cols != v.hidden_cols)
-    return invalid("dpo: weight_cols = %lld != hidden_cols = %lld: hidden and weight must have the "
-                   "same hidden size", (long long)v.weight_cols, (long long)v.hidden_cols);
-  if (v.vocab < 1 || v.vocab > INT_MAX)
-    return invalid("dpo: vocab = %lld is invalid: must be in [1, 2^31)", (long long)v.vocab);
-  if (v.hidden_stride < v.hidden_cols)
-    return invalid("dpo: hidden_stride = %lld is invalid: must be >= hidden_cols = %lld",
-                   (long long)v.hidden_stride, (long long)v.hidden_cols);
-  if (v.weight_stride < v.weight_cols)
-    return invalid("dpo: weight_stride = %lld is invalid: must be >= weight_cols = %lld",
-                   (long long)v.weight_stride, (long long)v.weight_cols);
-  if (pointers && v.weight == nullptr) return invalid("dpo: weight is null");
-  if (v.bias_size != 0 && v.bias_size != v.vocab)
-    return invalid("dpo: bias_size = %lld != vocab = %lld: the bias must have one entry per vocab row",
-                   (long long)v.bias_size, (long long)v.vocab);
-  if (pointers && v.bias == nullptr && v.bias_size != 0)
-    return invalid("dpo: bias is null but bias_size = %lld (0 means no bias)", (long long)v.bias_size);
-  if (pointers && v.bias != nullptr && v.bias_size == 0)
-    return invalid("dpo: bias_size = 0 != vocab = %lld: the bias must have one entry per vocab row",
-                   (long long)v.vocab);
-  double value = 0;
-  if (const char* field = dpo::detail::invalid_transform(v.transforms, &value))
-    return invalid("dpo: transforms.%s = %g is invalid: must be finite and > 0%s", field, value,
-                   field[1] == 'o' ? " (or 0 for no cap)" : "");
-  if (pointers && v.rows > 0 && v.hidden == nullptr) return invalid("dpo: hidden is null");
-  if (pointers && v.rows > 0 && v.labels == nullptr) return invalid("dpo: labels is null");
-  return {};
+  return to_status(dpo::detail::check_linear_view(v, dpo::detail::cuda_policy(-1, pointers)));
 }
 
-template <class T, class L>
-void input_ranges(const linear_view<T, L>& v, linear_range* out) {
-  out[0] = range_of(v.hidden, v.rows, v.hidden_cols, v.hidden_stride, "hidden");
-  out[1] = range_of(v.weight, v.vocab, v.weight_cols, v.weight_stride, "weight");
-  out[2] = range_of(v.bias, 1, v.bias_size, v.bias_size, "bias");
-  out[3] = range_of(v.labels, 1, v.rows, v.rows, "labels");
-  out[4] = range_of(v.mask, 1, v.rows, v.rows, "mask");
+/// Outputs against inputs and each other (device addresses, compared, never read).
+inline status check_linear_overlap(const dpo::detail::named_range* outs, int n_out,
+                                   const dpo::detail::named_range* ins, int n_in) {
+  return to_status(dpo::detail::check_no_overlap(outs, n_out, ins, n_in));
 }
 
+/// The workspace as an input range (outputs may not overlap it either).
+inline dpo::detail::named_range workspace_range(const void* workspace, std::int64_t bytes) {
+  return dpo::detail::range_of(static_cast<const unsigned char*>(workspace), 1, bytes, bytes, "workspace");
+}
 
 /// Blocks of a row kernel: one per row, at most 65535 x 16 (they loop).
 inline unsigned row_blocks(std::int64_t rows) {
@@ -721,15 +666,13 @@ status linear_logps(void* workspace, std::size_t& workspace_bytes, cublasLtHandl
   const std::int64_t N = in.rows;
   if (N > 0 && logps == nullptr) return detail::invalid("dpo: logps is null");
   if (N > 0 && row_lse == nullptr) return detail::invalid("dpo: row_lse is null");
-  detail::linear_range ins[6];
-  detail::input_ranges(in, ins);
-  ins[5] = {reinterpret_cast<std::uintptr_t>(workspace),
-            reinterpret_cast<std::uintptr_t>(workspace) + static_cast<std::uintptr_t>(ch.workspace_bytes),
-            "workspace"};
-  const detail::linear_range outs[3] = {detail::range_of(logps, 1, N, N, "logps"),
-                                        detail::range_of(entropy, 1, N, N, "entropy"),
-                                        detail::range_of(row_lse, 1, N, N, "row_lse")};
-  s = detail::check_no_overlap(outs, 3, ins, 6);
+  dpo::detail::named_range ins[6];
+  dpo::detail::linear_input_ranges(in, ins);
+  ins[5] = detail::workspace_range(workspace, ch.workspace_bytes);
+  const dpo::detail::named_range outs[3] = {dpo::detail::range_of(logps, 1, N, N, "logps"),
+                                            dpo::detail::range_of(entropy, 1, N, N, "entropy"),
+                                            dpo::detail::range_of(row_lse, 1, N, N, "row_lse")};
+  s = detail::check_linear_overlap(outs, 3, ins, 6);
   if (!s || N == 0) return s;
   constexpr int B = detail::linear_block;
   // Twice over the same loop: first only choosing every GEMM's algorithm (dry), then enqueuing.
@@ -807,19 +750,18 @@ status linear_logps_backward(void* workspace, std::size_t& workspace_bytes, cubl
                            (long long)g.weight_stride, (long long)H);
   if (g.bias != nullptr && in.bias == nullptr)
     return detail::invalid("dpo: grads.bias is given but the view has no bias");
-  detail::linear_range ins[10];
-  detail::input_ranges(in, ins);
-  ins[5] = detail::range_of(row_lse, 1, N, N, "row_lse");
-  ins[6] = detail::range_of(grad_logps, 1, N, N, "grad_logps");
-  ins[7] = detail::range_of(entropy, 1, N, N, "entropy");
-  ins[8] = detail::range_of(grad_entropy, 1, N, N, "grad_entropy");
-  ins[9] = {reinterpret_cast<std::uintptr_t>(workspace),
-            reinterpret_cast<std::uintptr_t>(workspace) + static_cast<std::uintptr_t>(ch.workspace_bytes),
-            "workspace"};
-  const detail::linear_range outs[3] = {detail::range_of(g.hidden, N, H, g.hidden_stride, "grads.hidden"),
-                                        detail::range_of(g.weight, V, H, g.weight_stride, "grads.weight"),
-                                        detail::range_of(g.bias, 1, V, V, "grads.bias")};
-  s = detail::check_no_overlap(outs, 3, ins, 10);
+  dpo::detail::named_range ins[10];
+  dpo::detail::linear_input_ranges(in, ins);
+  ins[5] = dpo::detail::range_of(row_lse, 1, N, N, "row_lse");
+  ins[6] = dpo::detail::range_of(grad_logps, 1, N, N, "grad_logps");
+  ins[7] = dpo::detail::range_of(entropy, 1, N, N, "entropy");
+  ins[8] = dpo::detail::range_of(grad_entropy, 1, N, N, "grad_entropy");
+  ins[9] = detail::workspace_range(workspace, ch.workspace_bytes);
+  const dpo::detail::named_range outs[3] = {
+      dpo::detail::range_of(g.hidden, N, H, g.hidden_stride, "grads.hidden"),
+      dpo::detail::range_of(g.weight, V, H, g.weight_stride, "grads.weight"),
+      dpo::detail::range_of(g.bias, 1, V, V, "grads.bias")};
+  s = detail::check_linear_overlap(outs, 3, ins, 10);
   if (!s || N == 0) return s;
   constexpr int B = detail::linear_block;
   const detail::linear_bwd_in bin{row_lse, grad_logps, entropy, grad_entropy};
