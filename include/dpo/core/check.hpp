@@ -126,26 +126,30 @@ std::string check_cu_seqlens(const token_view<T, L>& v, const char* name) {
   return {};
 }
 
-/// The labels of the view's sequences in host memory: in [0, vocab) on completion rows.
+/// The labels of the view's sequences in host memory: in [0, vocab) on completion rows
+/// (label_vocab > 0: in [0, label_vocab), the global vocabulary of a vocabulary shard).
 /// Sequence by sequence: the labels in the gaps of a padded view are not read.
 template <class T, class L>
-std::string check_labels(const token_view<T, L>& v, const char* name) {
+std::string check_labels(const token_view<T, L>& v, const char* name, std::int64_t label_vocab = 0) {
+  const std::int64_t V = label_vocab > 0 ? label_vocab : v.vocab;
   for (std::int64_t s = 0; s < v.num_seqs; ++s) {
     for (std::int64_t r = v.row_begin(s); r < v.row_end(s); ++r) {
       const std::int64_t y = v.target(r);
-      if (y != token_view<T, L>::masked && (y < 0 || y >= v.vocab))
+      if (y != token_view<T, L>::masked && (y < 0 || y >= V))
         return message(name, ".labels[", r, "] = ", static_cast<std::int64_t>(v.labels[r]),
-                       " is outside [0, vocab = ", v.vocab, ") and is not ignore_index = ",
+                       " is outside [0, vocab = ", V, ") and is not ignore_index = ",
                        v.ignore_index);
     }
   }
   return {};
 }
 
-/// Shapes, offsets and pointers of one view, and with host data its cu_seqlens and labels.
+/// Shapes, offsets and pointers of one view, and with host data its cu_seqlens and labels
+/// (against label_vocab when > 0: a vocabulary shard's labels are global ids).
 /// `name` prefixes the argument names in messages.
 template <class T, class L>
-std::string check_view(const token_view<T, L>& v, const char* name, const check_policy& p) {
+std::string check_view(const token_view<T, L>& v, const char* name, const check_policy& p,
+                       std::int64_t label_vocab = 0) {
   const char* extent = p.int32_extents ? ", 2^31)" : "";
   if (v.num_seqs < 0 || (p.int32_extents && v.num_seqs >= INT_MAX))
     return message(name, ".num_seqs = ", v.num_seqs, " is invalid: must be ",
@@ -184,13 +188,14 @@ std::string check_view(const token_view<T, L>& v, const char* name, const check_
     if (v.logits == nullptr) return message(name, ".logits is null");
     if (v.labels == nullptr) return message(name, ".labels is null");
   }
-  return p.host_data ? check_labels(v, name) : std::string();
+  return p.host_data ? check_labels(v, name, label_vocab) : std::string();
 }
 
 /// A pair view: an even concatenated count, sides of equal count and vocab, at least one
-/// (and at most max_pairs) pair, then each side as check_view.
+/// (and at most max_pairs) pair, then each side as check_view (labels against label_vocab).
 template <class T, class L>
-std::string check_pairs(const pair_view<T, L>& v, const char* name, const check_policy& p) {
+std::string check_pairs(const pair_view<T, L>& v, const char* name, const check_policy& p,
+                        std::int64_t label_vocab = 0) {
   if (v.concatenated_seqs % 2 != 0)
     return message(name, ".num_seqs = ", v.concatenated_seqs,
                    " is odd: the paired layout needs rows [0, P) chosen and [P, 2P) rejected");
@@ -205,9 +210,9 @@ std::string check_pairs(const pair_view<T, L>& v, const char* name, const check_
   if (v.chosen.vocab != v.rejected.vocab)
     return message(name, ": chosen.vocab = ", v.chosen.vocab, " != rejected.vocab = ",
                    v.rejected.vocab);
-  std::string m = check_view(v.chosen, (std::string(name) + ".chosen").c_str(), p);
+  std::string m = check_view(v.chosen, (std::string(name) + ".chosen").c_str(), p, label_vocab);
   if (!m.empty()) return m;
-  return check_view(v.rejected, (std::string(name) + ".rejected").c_str(), p);
+  return check_view(v.rejected, (std::string(name) + ".rejected").c_str(), p, label_vocab);
 }
 
 /// The reference pair view of the reference-logits overloads, after check_pairs of both.

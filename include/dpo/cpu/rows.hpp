@@ -455,6 +455,19 @@ dpo::detail::lse_parts<A> backward_lse(const T* z, std::int64_t V, double lse,
   return dpo::detail::split_lse<A>(lse);
 }
 
+/// row_backward from the row's lse already split (hi + lo), for coef != 0: the vocabulary
+/// shard's backward (dpo/cpu/shard.hpp) has it exactly from the combined record. y outside
+/// [0, V) (a label on another shard) writes only the softmax term.
+template <class T, class A>
+void row_backward_parts(const T* z, T* g, std::int64_t V, dpo::detail::lse_parts<A> lse, A coef,
+                        std::int64_t y) {
+  const bool has_label = y >= 0 && y < V;
+  const A zy = has_label ? to_acc<A>(z[y]) : A(0);  // read before an in-place write
+  const A neg = -coef;
+  backward_row(z, g, V, lse, neg);
+  if (has_label) g[y] = from_acc<T>(exp_lane((zy - lse.hi) - lse.lo) * neg + coef);
+}
+
 /// Writes the gradient of one row: g[v] = coef * (1[v == y] - exp(z[v] - lse)), with lse the
 /// row's stored double log-sum-exp (see backward_lse). coef == 0 (a masked row) writes exact
 /// zeros without reading z. g may equal z (in place); any other overlap of the two rows is not
@@ -466,12 +479,7 @@ void row_backward(const T* z, T* g, std::int64_t V, double row_lse, A coef, std:
     for (std::int64_t i = 0; i < V; ++i) g[i] = from_acc<T>(A(0));
     return;
   }
-  const dpo::detail::lse_parts<A> lse = backward_lse(z, V, row_lse, scratch);
-  const bool has_label = y >= 0 && y < V;
-  const A zy = has_label ? to_acc<A>(z[y]) : A(0);  // read before an in-place write
-  const A neg = -coef;
-  backward_row(z, g, V, lse, neg);
-  if (has_label) g[y] = from_acc<T>(exp_lane((zy - lse.hi) - lse.lo) * neg + coef);
+  row_backward_parts(z, g, V, backward_lse(z, V, row_lse, scratch), coef, y);
 }
 
 }  // namespace detail

@@ -1,0 +1,494 @@
+// Copyright 2026 The dpo Authors. SPDX-License-Identifier: Apache-2.0
+//
+// The CPU backend of vocabulary- and context-parallel log-probs and DPO (formats and
+// arithmetic: dpo/core/shard.hpp; guide: docs/distributed.md). No communication here: the
+// building blocks below run between the caller's collectives, and the drivers at the end
+// chain them around a `collectives` of the caller's all-reduces.
+//
+//   phase 1      shard_partials         one read of the shard's rows -> row records + maxima
+//   collective   max all-reduce of the [rows] maxima (vocabulary group)
+//   between      shard_rebase           records relative to the global max
+//   collective   sum all-reduce of the [rows, shard_fields] records (vocabulary group)
+//   phase 2      shard_sequence_partials / shard_pair_partials -> [seq_fields, S] sums
+//   collective   sum all-reduce of the sequence sums (context group; none without CP)
+//   pairs        shard_pair_stage       the core pair stage: loss, metrics, dL/dpi per sequence
+//   backward     shard_backward / shard_sequence_backward: in place or out of place, shard-local
+//
+// The row values come from the same row kernel as the unsharded path (row_forward on the
+// shard's columns), the sequence sums and the pair stage are the unsharded pipeline's own
+// functions, and the backward is its row kernel with the exact lse of the combined record.
+// Sharded results equal the unsharded ones up to the rounding of the combination: the
+// shards' sums are added in double instead of folded in the accumulation type.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <functional>
+#include <vector>
+
+#include "dpo/core/shard.hpp"
+#include "dpo/cpu/dpo.hpp"
+
+namespace dpo {
+namespace cpu {
+
+using dpo::vocab_shard;
+
+namespace detail {
+
+/// Shapes, labels (global ids, checked against the global vocabulary) and the shard
+/// description of a shard's view.
+template <class T, class L>
+void check_shard_view(const token_view<T, L>& v, const vocab_shard& sh, const char* name) {
+  throw_if(dpo::detail::check_vocab_shard(sh, v.vocab));
+  throw_if(dpo::detail::check_view(v, name, dpo::detail::cpu_policy(), sh.vocab));
+}
+
+template <class T, class L>
+void check_shard_pairs(const pair_view<T, L>& p, const vocab_shard& sh, const char* name) {
+  throw_if(dpo::detail::check_vocab_shard(sh, p.chosen.vocab));
+  throw_if(dpo::detail::check_pairs(p, name, dpo::detail::cpu_policy(), sh.vocab));
+}
+
+/// The rows [row_begin(0), row_end(last)) of a view with at least one sequence, else empty.
+template <class T, class L>
+std::int64_t rows_end(const token_view<T, L>& v) {
+  return v.num_seqs > 0 ? v.row_end(v.num_seqs - 1) : 0;
+}
+
+template <bool Metrics, class T, class L>
+void shard_partials_impl(const token_view<T, L>& v, const vocab_shard& sh, double* records,
+                         double* row_max, int threads) {
+  using A = acc_t<T>;
+  const std::int64_t r0 = v.row_begin(0);
+  parallel_for(rows_end(v) - r0, threads, [&](std::int64_t b, std::int64_t e) {
+    row_scratch<A> scratch;
+    for (std::int64_t i = b; i < e; ++i) {
+      const std::int64_t r = r0 + i;
+      double* rec = records + r * shard_fields;
+      const std::int64_t y = v.in_sequence(r) ? v.target(r) : -1;
+      if (y < 0) {
+        dpo::detail::empty_shard_record(rec);
+      } else {
+        const T* z = v.logits + r * v.row_stride;
+        const row_stats<A> st = row_forward<Metrics>(z, v.vocab, scratch);
+        const A zy = sh.holds(y) ? to_acc<A>(z[y - sh.start]) : A(0);
+        dpo::detail::shard_record(st, sh, y, zy, Metrics, rec);
+      }
+      if (row_max != nullptr) row_max[r] = rec[dpo::detail::at(shard_field::shard_max)];
+    }
+  });
+}
+
+/// Per-row values of a view's rows from their combined records, in forward_rows' form
+/// (what sum_sequences reads).
+template <class T, class L>
+void rows_from_records(const token_view<T, L>& v, const vocab_shard& sh, const double* row_max,
+                       const double* records, bool metrics, row_values& out) {
+  const std::int64_t r0 = v.row_begin(0), n = rows_end(v) - r0;
+  out.lse.assign(n, 0.0);
+  out.logp.assign(n, 0.0);
+  out.target.assign(n, -1);
+  if (metrics) {
+    out.entropy.assign(n, 0.0);
+    out.zmean.assign(n, 0.0);
+    out.wpo.assign(n, 0.0);
+    out.hit.assign(n, 0);
+  }
+  for (std::int64_t i = 0; i < n; ++i) {
+    const std::int64_t r = r0 + i;
+    if (!v.in_sequence(r)) continue;
+    const std::int64_t y = v.target(r);
+    out.target[i] = y;
+    if (y < 0) continue;
+    const dpo::detail::shard_row_values rv = dpo::detail::finish_row(row_max[r], records + r * shard_fields, sh.vocab);
+    out.lse[i] = rv.lse;
+    out.logp[i] = rv.logp;
+    if (metrics) {
+      out.entropy[i] = rv.entropy;
+      out.zmean[i] = rv.zmean;
+      out.wpo[i] = rv.wpo;
+      out.hit[i] = rv.hit ? 1 : 0;
+    }
+  }
+}
+
+/// Writes one side's sequence sums into field-major `seq` ([seq_fields, S], sequences from
+/// column `first`).
+inline void put_sums(const std::vector<double>& tokens, const seq_sums& s, bool metrics, double* seq,
+                     std::int64_t S, std::int64_t first) {
+  using dpo::detail::at;
+  for (std::size_t k = 0; k < tokens.size(); ++k) {
+    const std::int64_t c = first + static_cast<std::int64_t>(k);
+    seq[at(seq_field::tokens) * S + c] = tokens[k];
+    seq[at(seq_field::logps) * S + c] = s.logp[k];
+    seq[at(seq_field::logps_plain) * S + c] = s.logp_plain[k];
+    seq[at(seq_field::entropy) * S + c] = metrics ? s.entropy[k] : 0.0;
+    seq[at(seq_field::mean_logits) * S + c] = metrics ? s.zmean[k] : 0.0;
+    seq[at(seq_field::wpo) * S + c] = metrics ? s.wpo[k] : 0.0;
+    seq[at(seq_field::hits) * S + c] = metrics ? s.hit[k] : 0.0;
+  }
+}
+
+/// One side's counts and sums back from field-major totals.
+inline void get_sums(const double* seq, std::int64_t S, std::int64_t first, std::int64_t n,
+                     std::vector<double>& tokens, seq_sums& s) {
+  using dpo::detail::at;
+  const auto field = [&](seq_field f, std::vector<double>& dst) {
+    dst.assign(seq + at(f) * S + first, seq + at(f) * S + first + n);
+  };
+  field(seq_field::tokens, tokens);
+  field(seq_field::logps, s.logp);
+  field(seq_field::logps_plain, s.logp_plain);
+  field(seq_field::entropy, s.entropy);
+  field(seq_field::mean_logits, s.zmean);
+  field(seq_field::wpo, s.wpo);
+  field(seq_field::hits, s.hit);
+}
+
+/// The backward of a shard's view: row coefficient coef[i] (i = r - row_begin(0)) times
+/// grad_output, with the row's exact lse from its record; masked rows get zeros, gap rows
+/// are not written.
+template <class T, class L>
+void shard_rows_backward(const token_view<T, L>& v, const vocab_shard& sh, const double* row_max,
+                         const double* records, const std::vector<double>& coef, double grad_output,
+                         T* g, std::int64_t g_stride, int threads) {
+  using A = acc_t<T>;
+  if (v.num_seqs == 0) return;
+  const std::int64_t r0 = v.row_begin(0);
+  parallel_for(rows_end(v) - r0, threads, [&](std::int64_t b, std::int64_t e) {
+    for (std::int64_t i = b; i < e; ++i) {
+      const std::int64_t r = r0 + i;
+      if (!v.in_sequence(r)) continue;
+      const A c = static_cast<A>(dpo::detail::times(coef[i], grad_output));
+      T* gr = g + r * g_stride;
+      if (c == A(0)) {
+        for (std::int64_t k = 0; k < v.vocab; ++k) gr[k] = from_acc<T>(A(0));
+        continue;
+      }
+      const std::int64_t y = v.target(r);
+      row_backward_parts<T, A>(v.logits + r * v.row_stride, gr, v.vocab,
+                               dpo::detail::shard_lse<A>(row_max[r], records + r * shard_fields), c,
+                               sh.holds(y) ? y - sh.start : -1);
+    }
+  });
+}
+
+/// Row coefficients of one view from per-sequence gradients: dpo_forward's side_coefs
+/// (LD-DPO thresholds `shared`, +inf when off), indexed by r - row_begin(0).
+template <class T, class L>
+std::vector<double> shard_coefs(const token_view<T, L>& v, const double* seq_grad,
+                                const std::vector<double>& shared, double ld_alpha, double nll) {
+  const std::size_t n = static_cast<std::size_t>(v.num_seqs > 0 ? rows_end(v) - v.row_begin(0) : 0);
+  std::vector<double> coef(n, 0.0);
+  if (v.num_seqs == 0) return coef;
+  std::vector<std::int64_t> target(n, -1);
+  const std::int64_t r0 = v.row_begin(0);
+  for (std::size_t i = 0; i < n; ++i) {
+    const std::int64_t r = r0 + static_cast<std::int64_t>(i);
+    if (v.in_sequence(r)) target[i] = v.target(r);
+  }
+  side_coefs(v, target, shared, ld_alpha, seq_grad, nll, [&](std::int64_t, std::size_t i, double c) { coef[i] = c; });
+  return coef;
+}
+
+template <class T>
+void check_grad_buffer(const T* grad, std::int64_t grad_stride, std::int64_t width, bool rows) {
+  if (rows && grad == nullptr) dpo::detail::fail("grad is null");
+  if (grad_stride < width)
+    dpo::detail::fail("grad_stride = ", grad_stride, " is invalid: must be >= the shard's vocab = ", width);
+}
+
+}  // namespace detail
+
+/// Phase 1 of the vocabulary-parallel path: per-row partial records of a vocabulary shard.
+///
+/// `shard`: the rank's columns [sh.start, sh.end) of every logits row as a token_view
+/// (vocab = sh.width(), any layout: padded with or without gaps, or packed; labels are
+/// GLOBAL ids in [0, sh.vocab) or masked). Writes, for every row r of
+/// [row_begin(0), row_end(num_seqs - 1)), records[r * shard_fields + f] (field f of
+/// DPO_SHARD_FIELDS; rows that are masked or lie in a gap get the empty record: zeros and a
+/// max of -inf) and, when row_max is not null, row_max[r] = the record's shard_max (the
+/// buffer of the max all-reduce). Both are indexed by the logits buffer's row, so they need
+/// at least row_end(num_seqs - 1) rows. opt.metrics false leaves the metric fields 0 (a WPO
+/// loss needs them). One read of the shard. Deterministic and independent of the thread
+/// count; throws dpo::error (writing nothing) on bad input.
+template <class T, class L>
+void shard_partials(const token_view<T, L>& shard, const vocab_shard& sh, double* records,
+                    double* row_max, const options& opt = {}) {
+  detail::check_shard_view(shard, sh, "logits");
+  if (shard.num_seqs == 0) return;
+  if (records == nullptr) dpo::detail::fail("records is null");
+  if (opt.metrics) {
+    detail::shard_partials_impl<true>(shard, sh, records, row_max, opt.num_threads);
+  } else {
+    detail::shard_partials_impl<false>(shard, sh, records, row_max, opt.num_threads);
+  }
+}
+
+/// Between the max and the sum all-reduce: shifts records [begin, end) (rows of the buffer)
+/// to the global maxima row_max[r] (the max all-reduce's result), in place. Deterministic.
+inline void shard_rebase(std::int64_t begin, std::int64_t end, const double* row_max, double* records) {
+  for (std::int64_t r = begin; r < end; ++r) dpo::detail::shard_rebase(row_max[r], records + r * shard_fields);
+}
+
+/// For callers that gather the ranks' phase-1 records themselves (an all-gather instead of
+/// the two all-reduces): combines rank_records[k] (k < world, each as shard_partials wrote
+/// it) for rows [begin, end) into row_max (the global maxima) and records (the summed,
+/// rebased records: what the two all-reduces give). Ranks are added in index order, so
+/// every rank that combines the same gathered records gets bitwise the same result.
+/// rank_records must not alias records.
+inline void combine_shard_records(std::int64_t begin, std::int64_t end, int world,
+                                  const double* const* rank_records, double* row_max, double* records) {
+  using dpo::detail::at;
+  if (world < 1) dpo::detail::fail("world = ", world, " is invalid: must be >= 1");
+  double tmp[shard_fields];
+  for (std::int64_t r = begin; r < end; ++r) {
+    double M = -INFINITY;
+    for (int k = 0; k < world; ++k) {
+      const double m = rank_records[k][r * shard_fields + at(shard_field::shard_max)];
+      M = m > M ? m : M;
+    }
+    double* out = records + r * shard_fields;
+    for (int f = 0; f < shard_fields; ++f) out[f] = 0.0;
+    for (int k = 0; k < world; ++k) {
+      std::copy(rank_records[k] + r * shard_fields, rank_records[k] + (r + 1) * shard_fields, tmp);
+      dpo::detail::shard_rebase(M, tmp);
+      for (int f = 0; f < shard_fields; ++f) out[f] += tmp[f];
+    }
+    row_max[r] = M;
+  }
+}
+
+/// Phase 2, sequences: the per-sequence sums of a view's rows from their combined records
+/// (after the sum all-reduce), into field-major seq[f * S + s] (S = num_seqs, fields of
+/// DPO_SEQ_FIELDS; logps = logps_plain, no LD-DPO). With context parallelism the view holds
+/// this rank's rows of each sequence and the caller sums seq over the context group. The
+/// whole vocabulary on one rank (sh = whole_vocab(V), records of shard_partials rebased to
+/// their own maxima) gives the context-parallel path alone. Deterministic.
+template <class T, class L>
+void shard_sequence_partials(const token_view<T, L>& shard, const vocab_shard& sh, const double* row_max,
+                             const double* records, double* seq, const options& opt = {}) {
+  detail::check_shard_view(shard, sh, "logits");
+  if (shard.num_seqs == 0) return;
+  if (row_max == nullptr || records == nullptr || seq == nullptr)
+    dpo::detail::fail(row_max == nullptr ? "row_max" : records == nullptr ? "records" : "seq", " is null");
+  detail::row_values rows;
+  detail::rows_from_records(shard, sh, row_max, records, opt.metrics, rows);
+  const std::vector<double> none(static_cast<std::size_t>(shard.num_seqs), INFINITY);
+  const detail::seq_sums s = detail::sum_sequences(shard, rows, none, 1.0, opt.metrics);
+  detail::put_sums(detail::token_counts(shard), s, opt.metrics, seq, shard.num_seqs, 0);
+}
+
+/// Phase 2, pairs: shard_sequence_partials of both sides of a pair view into seq
+/// ([seq_fields, 2P], chosen in columns [0, P), rejected in [P, 2P)), LD-DPO weighted by
+/// ld_alpha (which needs whole sequences on this rank: pass 1 under context parallelism).
+/// Each side's records are indexed by its own buffer's rows (one array for both sides of a
+/// concatenated layout). opt.metrics || WPO computes the metric sums.
+template <class T, class L>
+void shard_pair_partials(const pair_view<T, L>& shard, const vocab_shard& sh, const double* chosen_max,
+                         const double* chosen_records, const double* rejected_max,
+                         const double* rejected_records, double ld_alpha, double* seq,
+                         const options& opt = {}) {
+  detail::check_shard_pairs(shard, sh, "logits");
+  detail::check_unit(ld_alpha, "ld_alpha");
+  if (!chosen_max || !chosen_records || !rejected_max || !rejected_records || !seq)
+    dpo::detail::fail("shard_pair_partials: a row_max, records or seq pointer is null");
+  detail::row_values rc, rr;
+  detail::rows_from_records(shard.chosen, sh, chosen_max, chosen_records, opt.metrics, rc);
+  detail::rows_from_records(shard.rejected, sh, rejected_max, rejected_records, opt.metrics, rr);
+  const detail::batch_sequences s = detail::sequence_stage(shard, rc, rr, ld_alpha, opt.metrics);
+  const std::int64_t P = shard.num_pairs();
+  detail::put_sums(s.nc, s.sc, opt.metrics, seq, 2 * P, 0);
+  detail::put_sums(s.nr, s.sr, opt.metrics, seq, 2 * P, P);
+}
+
+/// The pair stage from the batch's per-sequence totals ([seq_fields, 2P], after the context
+/// all-reduce): dpo_forward's own pair stage, writing the same outputs (out.row_lse and
+/// out.row_coef are not written: the shard keeps its records) and seq_grad[2P] = dL/dpi of
+/// each sequence (chosen then rejected). out.nll_token_grad, when set, receives the NLL
+/// terms' dL/dlogp of each chosen token, which shard_backward needs too. `metrics` says
+/// whether the totals hold the metric sums. Every rank with the same totals computes
+/// bitwise the same values. Throws dpo::error (writing nothing) on bad input.
+inline void shard_pair_stage(std::int64_t P, const double* seq_totals, const double* ref_chosen,
+                             const double* ref_rejected, const loss_config& cfg, bool metrics,
+                             const forward_outputs& out, double* seq_grad) {
+  detail::check_config(cfg);
+  detail::check_reference(cfg, ref_chosen, ref_rejected);
+  if (P < 1) dpo::detail::fail("num_pairs = ", P, " is invalid: must be >= 1");
+  if (seq_totals == nullptr || seq_grad == nullptr)
+    dpo::detail::fail(seq_totals == nullptr ? "seq_totals" : "seq_grad", " is null");
+  std::vector<double> gc, gr;
+  detail::batch_sequences s;
+  detail::get_sums(seq_totals, 2 * P, 0, P, s.nc, s.sc);
+  detail::get_sums(seq_totals, 2 * P, P, P, s.nr, s.sr);
+  forward_outputs o = out;
+  o.row_lse = o.row_coef = nullptr;
+  detail::pair_stage(s, ref_chosen, ref_rejected, cfg, o, metrics || cfg.use_weighting, gc, gr);
+  std::copy(gc.begin(), gc.end(), seq_grad);
+  std::copy(gr.begin(), gr.end(), seq_grad + P);
+}
+
+/// The backward of the pair loss on a shard: grad_output * dL/dz for the shard's columns of
+/// every row, from the combined records (row_max and records after the all-reduces),
+/// seq_grad and nll_token_grad of shard_pair_stage, and the ld_alpha of the forward. No
+/// collective: every input is already global. grad: one buffer per side, rows indexed as
+/// the side's logits; in place when it is the logits with the same stride. Masked rows get
+/// zeros, gap rows are not written, columns past the shard's width are not touched.
+/// Deterministic; throws dpo::error (writing nothing) on bad input.
+template <class T, class L>
+void shard_backward(const pair_view<T, L>& shard, const vocab_shard& sh, const double* chosen_max,
+                    const double* chosen_records, const double* rejected_max,
+                    const double* rejected_records, const double* seq_grad, double nll_token_grad,
+                    double ld_alpha, const pair_grad_view<T>& grad, double grad_output = 1.0,
+                    const options& opt = {}) {
+  detail::check_shard_pairs(shard, sh, "logits");
+  detail::check_grad(shard, grad);
+  detail::check_finite(grad_output, "grad_output");
+  detail::check_unit(ld_alpha, "ld_alpha");
+  if (!chosen_max || !chosen_records || !rejected_max || !rejected_records || !seq_grad)
+    dpo::detail::fail("shard_backward: a row_max, records or seq_grad pointer is null");
+  const std::int64_t P = shard.num_pairs();
+  const std::vector<double> shared = detail::shared_lengths(
+      detail::token_counts(shard.chosen), detail::token_counts(shard.rejected), ld_alpha);
+  const std::vector<double> cc = detail::shard_coefs(shard.chosen, seq_grad, shared, ld_alpha, nll_token_grad);
+  const std::vector<double> cr = detail::shard_coefs(shard.rejected, seq_grad + P, shared, ld_alpha, 0.0);
+  detail::shard_rows_backward(shard.chosen, sh, chosen_max, chosen_records, cc, grad_output, grad.chosen,
+                              grad.chosen_stride, opt.num_threads);
+  detail::shard_rows_backward(shard.rejected, sh, rejected_max, rejected_records, cr, grad_output,
+                              grad.rejected, grad.rejected_stride, opt.num_threads);
+}
+
+/// The backward of sum_s seq_grad[s] * logps[s] (the log-probs of shard_sequence_partials)
+/// on a shard, as sequence_logps_backward: seq_grad[s] * (onehot(y) - softmax(z)) on the
+/// shard's columns of completion rows, zeros on the sequences' other rows, gap rows not
+/// written. In place when grad == shard.logits with the same stride. Deterministic; throws
+/// dpo::error (writing nothing) on bad input.
+template <class T, class L>
+void shard_sequence_backward(const token_view<T, L>& shard, const vocab_shard& sh, const double* row_max,
+                             const double* records, const double* seq_grad, T* grad,
+                             std::int64_t grad_stride, const options& opt = {}) {
+  detail::check_shard_view(shard, sh, "logits");
+  const bool rows = detail::has_rows(shard);
+  if (rows && (row_max == nullptr || records == nullptr || seq_grad == nullptr))
+    dpo::detail::fail(row_max == nullptr ? "row_max" : records == nullptr ? "records" : "seq_grad", " is null");
+  detail::check_seq_grad(shard, row_max, seq_grad, grad, grad_stride);
+  if (!rows) return;
+  const std::vector<double> none(static_cast<std::size_t>(shard.num_seqs), INFINITY);
+  detail::shard_rows_backward(shard, sh, row_max, records, detail::shard_coefs(shard, seq_grad, none, 1.0, 0.0),
+                              1.0, grad, grad_stride, opt.num_threads);
+}
+
+// ---- drivers: the building blocks around the caller's collectives ------------------------
+
+/// The caller's collectives: in-place elementwise reductions of n doubles across a group,
+/// called in the same order on every rank of the group. Empty functions mean a group of one
+/// (no call). vocab_max / vocab_sum run over the vocabulary (tensor-parallel) group,
+/// context_sum over the context-parallel group.
+struct collectives {
+  std::function<void(double* data, std::int64_t n)> vocab_max;
+  std::function<void(double* data, std::int64_t n)> vocab_sum;
+  std::function<void(double* data, std::int64_t n)> context_sum;
+};
+
+/// What the sharded forward keeps for its backward: each side's combined records and maxima
+/// (indexed by its buffer's rows), dL/dpi per sequence and the NLL token gradient.
+struct shard_state {
+  std::vector<double> chosen_max, chosen_records, rejected_max, rejected_records;
+  std::vector<double> seq_grad;
+  double nll_token_grad = 0;
+  double ld_alpha = 1;
+};
+
+namespace detail {
+
+/// Phase 1 and the two vocabulary collectives of one view into (row_max, records).
+template <class T, class L>
+void shard_rows(const token_view<T, L>& v, const vocab_shard& sh, const collectives& comm,
+                std::vector<double>& row_max, std::vector<double>& records, const options& opt) {
+  const std::int64_t n = rows_end(v);
+  row_max.assign(static_cast<std::size_t>(n), -INFINITY);
+  records.assign(static_cast<std::size_t>(n * shard_fields), 0.0);
+  shard_partials(v, sh, records.data(), row_max.data(), opt);
+  if (comm.vocab_max) comm.vocab_max(row_max.data(), n);
+  shard_rebase(0, n, row_max.data(), records.data());
+  if (comm.vocab_sum) comm.vocab_sum(records.data(), n * shard_fields);
+}
+
+}  // namespace detail
+
+/// dpo_forward on a vocabulary shard and/or a context slice: `shard` holds this rank's
+/// columns (sh) of this rank's rows of every sequence (with context parallelism: a padded
+/// view of the rank's rows of each sequence, or packed with per-rank cu_seqlens; ld_alpha
+/// must then be 1). Three collectives at most: vocab_max ([rows]), vocab_sum ([rows,
+/// shard_fields]), context_sum ([seq_fields, 2P]). Every rank gets the same outputs (the
+/// fields of forward_outputs except row_lse / row_coef) and `state` for shard_backward_state.
+/// Throws dpo::error on bad input, before any collective.
+template <class T, class L>
+void dpo_forward_sharded(const pair_view<T, L>& shard, const vocab_shard& sh, const double* ref_chosen,
+                         const double* ref_rejected, const loss_config& cfg, const collectives& comm,
+                         const forward_outputs& out, shard_state& state, const options& opt = {}) {
+  detail::check_config(cfg);
+  detail::check_shard_pairs(shard, sh, "logits");
+  detail::check_reference(cfg, ref_chosen, ref_rejected);
+  if (comm.context_sum && cfg.ld_alpha != 1.0)
+    dpo::detail::fail("ld_alpha = ", cfg.ld_alpha,
+                      " is unsupported with context parallelism (LD-DPO weights a token by its position in the "
+                      "whole sequence): use ld_alpha = 1");
+  options o = opt;
+  o.metrics = opt.metrics || cfg.use_weighting;
+  detail::shard_rows(shard.chosen, sh, comm, state.chosen_max, state.chosen_records, o);
+  detail::shard_rows(shard.rejected, sh, comm, state.rejected_max, state.rejected_records, o);
+  const std::int64_t P = shard.num_pairs();
+  std::vector<double> seq(static_cast<std::size_t>(seq_fields * 2 * P));
+  shard_pair_partials(shard, sh, state.chosen_max.data(), state.chosen_records.data(), state.rejected_max.data(),
+                      state.rejected_records.data(), cfg.ld_alpha, seq.data(), o);
+  if (comm.context_sum) comm.context_sum(seq.data(), static_cast<std::int64_t>(seq.size()));
+  state.seq_grad.assign(static_cast<std::size_t>(2 * P), 0.0);
+  forward_outputs fo = out;
+  fo.nll_token_grad = &state.nll_token_grad;
+  shard_pair_stage(P, seq.data(), ref_chosen, ref_rejected, cfg, o.metrics, fo, state.seq_grad.data());
+  if (out.nll_token_grad) *out.nll_token_grad = state.nll_token_grad;
+  state.ld_alpha = cfg.ld_alpha;
+}
+
+/// shard_backward from the state of dpo_forward_sharded (no collective).
+template <class T, class L>
+void dpo_backward_sharded(const pair_view<T, L>& shard, const vocab_shard& sh, const shard_state& state,
+                          const pair_grad_view<T>& grad, double grad_output = 1.0, const options& opt = {}) {
+  if (static_cast<std::int64_t>(state.seq_grad.size()) != 2 * shard.num_pairs() ||
+      static_cast<std::int64_t>(state.chosen_max.size()) != detail::rows_end(shard.chosen) ||
+      static_cast<std::int64_t>(state.rejected_max.size()) != detail::rows_end(shard.rejected))
+    dpo::detail::fail("shard_state does not match logits: it was computed for another batch");
+  shard_backward(shard, sh, state.chosen_max.data(), state.chosen_records.data(), state.rejected_max.data(),
+                 state.rejected_records.data(), state.seq_grad.data(), state.nll_token_grad, state.ld_alpha, grad,
+                 grad_output, opt);
+}
+
+/// sequence_logps on a vocabulary shard and/or context slice: sums[s] and counts[s] of every
+/// sequence (the same on every rank), and `state` (records and maxima) for
+/// shard_sequence_backward. Collectives: vocab_max, vocab_sum, context_sum ([2, S]).
+template <class T, class L>
+void sequence_logps_sharded(const token_view<T, L>& shard, const vocab_shard& sh, const collectives& comm,
+                            double* sums, double* counts, shard_state& state, const options& opt = {}) {
+  detail::check_shard_view(shard, sh, "logits");
+  if (shard.num_seqs > 0 && (sums == nullptr || counts == nullptr))
+    dpo::detail::fail(sums == nullptr ? "sums" : "counts", " is null");
+  options o = opt;
+  o.metrics = false;
+  detail::shard_rows(shard, sh, comm, state.chosen_max, state.chosen_records, o);
+  const std::int64_t S = shard.num_seqs;
+  if (S == 0) return;
+  std::vector<double> seq(static_cast<std::size_t>(seq_fields * S));
+  shard_sequence_partials(shard, sh, state.chosen_max.data(), state.chosen_records.data(), seq.data(), o);
+  // Only the log-probs and counts cross the context group.
+  std::vector<double> two(static_cast<std::size_t>(2 * S));
+  std::copy_n(seq.data() + dpo::detail::at(seq_field::logps) * S, S, two.data());
+  std::copy_n(seq.data() + dpo::detail::at(seq_field::tokens) * S, S, two.data() + S);
+  if (comm.context_sum) comm.context_sum(two.data(), 2 * S);
+  std::copy_n(two.data(), S, sums);
+  std::copy_n(two.data() + S, S, counts);
+}
+
+}  // namespace cpu
+}  // namespace dpo

@@ -1,0 +1,417 @@
+// Copyright 2026 The dpo Authors. SPDX-License-Identifier: Apache-2.0
+//
+// Vocabulary- and context-parallel CPU path (dpo/cpu/shard.hpp): ranks run as threads with
+// an in-process all-reduce, and every result and gradient is checked against the unsharded
+// call on the same batch (and the forward against the float64 oracle, with the unsharded
+// tests' tolerances). Shards are uneven, labels fall in every shard, context slices leave
+// some sequences empty on some ranks.
+#include <algorithm>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <deque>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "catch.hpp"
+#include "dpo/cpu/shard.hpp"
+#include "fixtures.hpp"
+#include "oracle.hpp"
+
+namespace {
+
+using fixture::buffers;
+using fixture::layout;
+using fixture::named_config;
+
+/// An in-process process group: reduce() is an all-reduce over the group's threads, each
+/// rank adding the buffers in rank order, so every rank gets bitwise the same result.
+class group {
+ public:
+  explicit group(int size) : size_(size), bufs_(static_cast<std::size_t>(size), nullptr) {}
+
+  void reduce(int rank, double* data, std::int64_t n, bool max) {
+    bufs_[static_cast<std::size_t>(rank)] = data;
+    barrier();
+    std::vector<double> out(static_cast<std::size_t>(n), max ? -INFINITY : 0.0);
+    for (int k = 0; k < size_; ++k)
+      for (std::int64_t i = 0; i < n; ++i) {
+        const double x = bufs_[static_cast<std::size_t>(k)][i];
+        out[i] = max ? (x > out[i] ? x : out[i]) : out[i] + x;
+      }
+    barrier();  // every rank has read every buffer
+    std::copy(out.begin(), out.end(), data);
+  }
+
+ private:
+  void barrier() {
+    std::unique_lock<std::mutex> lock(mu_);
+    const long gen = generation_;
+    if (++arrived_ == size_) {
+      arrived_ = 0;
+      ++generation_;
+      cv_.notify_all();
+    } else {
+      cv_.wait(lock, [&] { return generation_ != gen; });
+    }
+  }
+
+  int size_;
+  std::vector<double*> bufs_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  int arrived_ = 0;
+  long generation_ = 0;
+};
+
+/// Runs fn(rank) on `n` threads and joins them.
+template <class Fn>
+void run_ranks(int n, Fn fn) {
+  std::vector<std::thread> ts;
+  for (int k = 0; k < n; ++k) ts.emplace_back([&, k] { fn(k); });
+  for (auto& t : ts) t.join();
+}
+
+template <class T, class L>
+dpo::pair_view<T, L> shard_of(dpo::pair_view<T, L> p, const dpo::vocab_shard& sh) {
+  p.chosen.logits += sh.start;
+  p.rejected.logits += sh.start;
+  p.chosen.vocab = p.rejected.vocab = sh.width();
+  return p;
+}
+
+template <class T>
+dpo::pair_grad_view<T> shard_of(dpo::pair_grad_view<T> g, const dpo::vocab_shard& sh) {
+  g.chosen += sh.start;
+  g.rejected += sh.start;
+  return g;
+}
+
+/// Row slice [k0, k1) of each sequence on context rank c of C: floor(n c / C).
+std::int64_t cut(std::int64_t n, int c, int C) { return n * c / C; }
+
+oracle::batch slice(const oracle::batch& b, int c, int C) {
+  oracle::batch out;
+  for (int side = 0; side < 2; ++side)
+    for (const oracle::sequence& q : side == 0 ? b.chosen : b.rejected) {
+      oracle::sequence s;
+      for (std::int64_t t = cut(q.rows(), c, C); t < cut(q.rows(), c + 1, C); ++t) {
+        s.z.push_back(q.z[t]);
+        s.y.push_back(q.y[t]);
+      }
+      (side == 0 ? out.chosen : out.rejected).push_back(s);
+    }
+  return out;
+}
+
+struct shard_case {
+  layout kind = layout::padded;
+  std::vector<std::int64_t> cuts;  // vocabulary boundaries: shard t = [cuts[t], cuts[t + 1])
+  int context = 1;                 // context-parallel ranks
+  bool in_place = false;
+  bool explicit_mask = false;
+  bool metrics = true;
+};
+
+template <class T>
+double grad_rel() {
+  return std::max(fixture::output_rel<T>(), 0x1p-52);
+}
+
+/// The sharded forward and backward on every rank against dpo_forward / dpo_backward.
+template <class T, class L>
+void check_sharded(const named_config& nc, const oracle::batch& b, const shard_case& sc) {
+  using A = dpo::cpu::acc_t<T>;
+  const int W = static_cast<int>(sc.cuts.size()) - 1, C = sc.context;
+  INFO(nc.name << " layout " << fixture::name_of(sc.kind) << " vocab ranks " << W << " context ranks " << C
+               << (sc.in_place ? " in place" : "") << (sc.explicit_mask ? " mask" : ""));
+  const std::int64_t P = b.pairs(), V = static_cast<std::int64_t>(b.chosen[0].z[0].size());
+  REQUIRE(sc.cuts.front() == 0);
+  REQUIRE(sc.cuts.back() == V);
+  const fixture::reference ref = fixture::make_reference(nc.cfg, b, 7);
+  dpo::cpu::options o;
+  o.num_threads = 1;
+  o.metrics = sc.metrics;
+
+  buffers<T, L> full(b, sc.kind, 0, sc.explicit_mask);
+  const dpo::cpu::forward_result want = dpo::cpu::dpo_forward(full.view(), ref.pc(), ref.pr(), nc.cfg, o);
+  dpo::cpu::dpo_backward(full.view(), want, full.grad_view(), 1.0, o);
+
+  std::vector<oracle::batch> parts;
+  std::vector<buffers<T, L>> local;
+  for (int c = 0; c < C; ++c) parts.push_back(slice(b, c, C));
+  for (int c = 0; c < C; ++c) local.emplace_back(parts[c], sc.kind, 0, sc.explicit_mask);
+  std::deque<group> vocab_groups, context_groups;  // not movable: a deque never moves them
+  for (int c = 0; c < C; ++c) vocab_groups.emplace_back(W);
+  for (int t = 0; t < W; ++t) context_groups.emplace_back(C);
+  std::vector<dpo::cpu::forward_result> got(static_cast<std::size_t>(W * C));
+  std::vector<std::string> errors(got.size());
+  run_ranks(W * C, [&](int rank) {
+    const int t = rank % W, c = rank / W;
+    const dpo::vocab_shard sh{V, sc.cuts[t], sc.cuts[t + 1]};
+    dpo::cpu::collectives comm;
+    comm.vocab_max = [&, t, c](double* d, std::int64_t n) { vocab_groups[c].reduce(t, d, n, true); };
+    comm.vocab_sum = [&, t, c](double* d, std::int64_t n) { vocab_groups[c].reduce(t, d, n, false); };
+    if (C > 1) comm.context_sum = [&, t, c](double* d, std::int64_t n) { context_groups[t].reduce(c, d, n, false); };
+    buffers<T, L>& lb = local[static_cast<std::size_t>(c)];
+    const auto view = shard_of(lb.view(), sh);
+    dpo::cpu::forward_result& r = got[static_cast<std::size_t>(rank)];
+    dpo::cpu::shard_state state;
+    try {
+      dpo::cpu::dpo_forward_sharded(view, sh, ref.pc(), ref.pr(), nc.cfg, comm,
+                                    dpo::cpu::detail::owned_outputs(r, P), state, o);
+      dpo::cpu::dpo_backward_sharded(view, sh, state, shard_of(sc.in_place ? lb.inplace_view() : lb.grad_view(), sh),
+                                     1.0, o);
+    } catch (const dpo::error& e) {
+      errors[static_cast<std::size_t>(rank)] = e.what();
+    }
+  });
+  for (const std::string& e : errors) REQUIRE(e.empty());
+
+  const oracle::result exact = oracle::forward(nc.cfg, b, fixture::to_ld(ref.c), fixture::to_ld(ref.r));
+  const fixture::forward_tol tol = fixture::tolerances<A>(b);
+  const bool metrics = sc.metrics || nc.cfg.use_weighting;
+  for (std::size_t k = 0; k < got.size(); ++k) {
+    INFO("rank " << k);
+    const dpo::cpu::forward_result& r = got[k];
+    // Every rank holds the same values, bitwise.
+    CHECK(r.loss == got[0].loss);
+    CHECK(std::memcmp(&r.metrics, &got[0].metrics, sizeof r.metrics) == 0);
+    CHECK(r.losses == got[0].losses);
+    CHECK(r.grad_chosen == got[0].grad_chosen);
+    fixture::compare_forward(r, exact, tol, nc.cfg, metrics);
+    // Against the unsharded call: both within the oracle's bounds, so within twice them.
+    CHECK(fixture::near(r.loss, want.loss, 2e-9 * (1 + std::fabs(want.loss)) + (std::is_same_v<A, float> ? 1e-4 : 0.0)));
+    CHECK(r.metrics.mean_token_accuracy == want.metrics.mean_token_accuracy);
+    CHECK(r.chosen_tokens == want.chosen_tokens);
+    CHECK(r.rejected_tokens == want.rejected_tokens);
+    CHECK(r.nll_token_grad == Approx(want.nll_token_grad).epsilon(1e-6).margin(1e-300));
+  }
+
+  // Gradients: each context rank's rows against the unsharded gradient's.
+  for (int c = 0; c < C; ++c) {
+    const buffers<T, L>& lb = local[static_cast<std::size_t>(c)];
+    for (int side = 0; side < 2; ++side) {
+      const std::vector<oracle::sequence>& seqs = side == 0 ? b.chosen : b.rejected;
+      const dpo::cpu::side_rows& rows = side == 0 ? want.chosen_rows : want.rejected_rows;
+      for (std::int64_t i = 0; i < P; ++i) {
+        const std::int64_t k0 = cut(seqs[i].rows(), c, C), k1 = cut(seqs[i].rows(), c + 1, C);
+        for (std::int64_t k = k0; k < k1; ++k) {
+          const std::int64_t row = full.start[side][i] + k;
+          const double coef = std::fabs(rows.coef[static_cast<std::size_t>(row - rows.row0)]);
+          INFO("context rank " << c << " side " << side << " pair " << i << " row " << k);
+          for (std::int64_t v = 0; v < V; ++v) {
+            const double g = lb.at(sc.in_place, side, i, k - k0, v);
+            const double e = full.at(false, side, i, k, v);
+            if (seqs[i].y[k] < 0) {
+              CHECK(g == 0.0);
+              continue;
+            }
+            const double tl = 2 * grad_rel<T>() * std::fabs(e) + 2 * coef * (tol.tok + tol.seq) +
+                              fixture::output_floor<T>() + 1e-300;
+            if (!fixture::near(g, e, tl)) FAIL_CHECK("v " << v << ": got " << g << " want " << e << " tol " << tl);
+          }
+        }
+      }
+    }
+  }
+}
+
+/// Boundaries of `world` uneven shards of V: each shard at least one column.
+std::vector<std::int64_t> uneven(std::int64_t V, int world) {
+  std::vector<std::int64_t> c{0};
+  for (int t = 1; t < world; ++t) c.push_back(V * t * t / (world * world) + t);
+  c.push_back(V);
+  return c;
+}
+
+const std::int64_t kVocab = 37;
+
+}  // namespace
+
+TEST_CASE("vocabulary shards: every configuration, float, 3 uneven ranks", "[shard]") {
+  const oracle::batch b = fixture::rounded_random_batch<float>(fixture::spec(3, 6, kVocab, 11));
+  shard_case sc;
+  sc.cuts = uneven(kVocab, 3);
+  for (const named_config& nc : fixture::all_configs()) check_sharded<float, std::int64_t>(nc, b, sc);
+}
+
+TEST_CASE("vocabulary shards: layouts, dtypes, masks, in place", "[shard]") {
+  const char* names[] = {"sigmoid", "mpo+wpo", "sigmoid+ld_alpha", "aot+aot_unpaired", "cpo/ipo", "orpo"};
+  for (const layout kind : {layout::padded, layout::packed, layout::separate}) {
+    for (const bool in_place : {false, true}) {
+      shard_case sc;
+      sc.kind = kind;
+      sc.in_place = in_place;
+      sc.explicit_mask = in_place;
+      for (const int world : {1, 2, 4}) {
+        sc.cuts = uneven(kVocab, world);
+        fixture::batch_spec sp = fixture::spec(2, 5, kVocab, 21 + world);
+        sp.varying_rows = kind == layout::packed;
+        for (const char* n : names) {
+          const named_config& nc = fixture::config_named(n);
+          check_sharded<double, std::int64_t>(nc, fixture::rounded_random_batch<double>(sp), sc);
+          check_sharded<Eigen::bfloat16, std::int32_t>(nc, fixture::rounded_random_batch<Eigen::bfloat16>(sp), sc);
+        }
+        sc.metrics = false;
+        check_sharded<Eigen::half, std::int64_t>(fixture::config_named("sigmoid"),
+                                                 fixture::rounded_random_batch<Eigen::half>(sp), sc);
+        sc.metrics = true;
+      }
+    }
+  }
+}
+
+TEST_CASE("context parallelism, alone and with vocabulary shards", "[shard]") {
+  const char* names[] = {"sigmoid", "mpo+wpo", "ipo", "aot+aot_unpaired", "simpo", "sft"};
+  for (const layout kind : {layout::padded, layout::packed}) {
+    fixture::batch_spec sp = fixture::spec(3, 7, kVocab, 31);
+    sp.varying_rows = kind == layout::packed;
+    oracle::batch b = fixture::rounded_random_batch<float>(sp);
+    while (b.chosen[0].rows() < 3) {  // the fixture's buffers read the vocabulary off chosen[0]
+      ++sp.seed;
+      b = fixture::rounded_random_batch<float>(sp);
+    }
+    for (const int C : {2, 3}) {
+      for (const int W : {1, 2}) {
+        shard_case sc;
+        sc.kind = kind;
+        sc.context = C;
+        sc.cuts = uneven(kVocab, W);
+        sc.in_place = W == 2;
+        for (const char* n : names) check_sharded<float, std::int64_t>(fixture::config_named(n), b, sc);
+      }
+    }
+  }
+}
+
+TEST_CASE("argmax ties across shards decide token accuracy as torch.argmax does", "[shard]") {
+  // One row per sequence, every logit 0 except 1.0 at columns 3 and 20 (two shards of
+  // [0, 10), [10, 37)); the label at 3 is a hit, at 20 a miss (the first maximum wins), at
+  // 9 a miss.
+  oracle::batch b;
+  for (const std::int64_t y : {3, 20, 9, 3}) {
+    oracle::sequence s;
+    std::vector<double> z(kVocab, 0.0);
+    z[3] = z[20] = 1.0;
+    s.z.push_back(z);
+    s.y.push_back(y);
+    (b.chosen.size() < 2 ? b.chosen : b.rejected).push_back(s);
+  }
+  shard_case sc;
+  sc.cuts = {0, 10, kVocab};
+  check_sharded<float, std::int64_t>(fixture::config_named("sigmoid"), b, sc);
+  sc.cuts = {0, 3, 4, 21, kVocab};
+  check_sharded<double, std::int64_t>(fixture::config_named("sigmoid"), b, sc);
+}
+
+TEST_CASE("combine_shard_records equals the two all-reduces bitwise", "[shard]") {
+  const oracle::batch b = fixture::rounded_random_batch<float>(fixture::spec(2, 5, kVocab, 41));
+  buffers<float, std::int64_t> full(b, layout::padded);
+  const auto v = full.view().chosen;
+  const std::vector<std::int64_t> cuts = uneven(kVocab, 3);
+  const std::int64_t rows = v.row_end(v.num_seqs - 1);
+  std::vector<std::vector<double>> rec(3, std::vector<double>(rows * dpo::shard_fields));
+  std::vector<std::vector<double>> mx(3, std::vector<double>(rows));
+  for (int t = 0; t < 3; ++t) {
+    const dpo::vocab_shard sh{kVocab, cuts[t], cuts[t + 1]};
+    auto sv = v;
+    sv.logits += sh.start;
+    sv.vocab = sh.width();
+    dpo::cpu::shard_partials(sv, sh, rec[t].data(), mx[t].data());
+  }
+  const double* ptrs[3] = {rec[0].data(), rec[1].data(), rec[2].data()};
+  std::vector<double> cm(rows), cr(rows * dpo::shard_fields);
+  dpo::cpu::combine_shard_records(0, rows, 3, ptrs, cm.data(), cr.data());
+  // The collectives' way, as the in-process group computes it.
+  std::vector<double> M(rows, -INFINITY), S(rows * dpo::shard_fields, 0.0);
+  for (int t = 0; t < 3; ++t)
+    for (std::int64_t r = 0; r < rows; ++r) M[r] = mx[t][r] > M[r] ? mx[t][r] : M[r];
+  for (int t = 0; t < 3; ++t) {
+    std::vector<double> x = rec[t];
+    dpo::cpu::shard_rebase(0, rows, M.data(), x.data());
+    for (std::size_t i = 0; i < x.size(); ++i) S[i] += x[i];
+  }
+  CHECK(cm == M);
+  CHECK(std::memcmp(cr.data(), S.data(), S.size() * sizeof(double)) == 0);
+}
+
+TEST_CASE("sharded sequence log-probs and their backward", "[shard]") {
+  fixture::batch_spec sp = fixture::spec(3, 6, kVocab, 51);
+  sp.varying_rows = true;
+  const oracle::batch b = fixture::rounded_random_batch<double>(sp);
+  buffers<double, std::int64_t> full(b, layout::packed);
+  const auto p = full.view();
+  dpo::token_view<double, std::int64_t> v = p.chosen;
+  v.num_seqs = 2 * p.num_pairs();
+  const std::int64_t S = v.num_seqs;
+  std::vector<double> sums(S), lse(full.cu.back()), seq_grad(S);
+  std::vector<std::int64_t> counts(S);
+  dpo::cpu::sequence_logps(v, sums.data(), counts.data(), nullptr, lse.data());
+  for (std::int64_t s = 0; s < S; ++s) seq_grad[s] = 0.5 - 0.25 * static_cast<double>(s);
+  std::vector<double> g(full.logits.size(), 0.0);
+  dpo::cpu::sequence_logps_backward(v, lse.data(), seq_grad.data(), g.data(), full.stride);
+
+  const std::vector<std::int64_t> cuts = uneven(kVocab, 3);
+  group grp(3);
+  std::vector<std::vector<double>> got_sums(3, std::vector<double>(S)), got_counts(3, std::vector<double>(S));
+  std::vector<double> sg(full.logits.size(), -7.0);
+  run_ranks(3, [&](int t) {
+    const dpo::vocab_shard sh{kVocab, cuts[t], cuts[t + 1]};
+    auto sv = v;
+    sv.logits += sh.start;
+    sv.vocab = sh.width();
+    dpo::cpu::collectives comm;
+    comm.vocab_max = [&, t](double* d, std::int64_t n) { grp.reduce(t, d, n, true); };
+    comm.vocab_sum = [&, t](double* d, std::int64_t n) { grp.reduce(t, d, n, false); };
+    dpo::cpu::shard_state st;
+    dpo::cpu::sequence_logps_sharded(sv, sh, comm, got_sums[t].data(), got_counts[t].data(), st);
+    dpo::cpu::shard_sequence_backward(sv, sh, st.chosen_max.data(), st.chosen_records.data(), seq_grad.data(),
+                                      sg.data() + sh.start, full.stride);
+  });
+  for (int t = 0; t < 3; ++t)
+    for (std::int64_t s = 0; s < S; ++s) {
+      CHECK(got_sums[t][s] == Approx(sums[s]).epsilon(1e-13));
+      CHECK(got_counts[t][s] == static_cast<double>(counts[s]));
+    }
+  for (std::int64_t r = 0; r < full.cu.back(); ++r)
+    for (std::int64_t k = 0; k < kVocab; ++k)
+      CHECK(sg[r * full.stride + k] == Approx(g[r * full.stride + k]).epsilon(1e-12).margin(1e-15));
+}
+
+TEST_CASE("sharded calls reject bad shards, labels and LD-DPO with context parallelism", "[shard]") {
+  const oracle::batch b = fixture::rounded_random_batch<float>(fixture::spec(2, 4, kVocab, 61));
+  buffers<float, std::int64_t> full(b, layout::padded);
+  const fixture::reference ref = fixture::make_reference(fixture::config_named("sigmoid").cfg, b, 7);
+  const auto run = [&](const dpo::vocab_shard& sh, const dpo::loss_config& cfg, const dpo::cpu::collectives& comm) {
+    dpo::cpu::shard_state st;
+    dpo::cpu::forward_result r;
+    dpo::cpu::dpo_forward_sharded(shard_of(full.view(), sh), sh, ref.pc(), ref.pr(), cfg, comm,
+                                  dpo::cpu::detail::owned_outputs(r, 2), st);
+  };
+  const dpo::loss_config& cfg = fixture::config_named("sigmoid").cfg;
+  dpo::cpu::collectives none;
+  fixture::expect_error([&] { run({kVocab, 5, 5}, cfg, none); }, "vocab_shard [start, end)");
+  fixture::expect_error([&] { run({kVocab, 30, 40}, cfg, none); }, "vocab_shard [start, end)");
+  // The view's width must be the shard's.
+  fixture::expect_error(
+      [&] {
+        dpo::cpu::shard_state st;
+        dpo::cpu::forward_result r;
+        dpo::cpu::dpo_forward_sharded(full.view(), dpo::vocab_shard{kVocab, 0, 10}, ref.pc(), ref.pr(), cfg, none,
+                                      dpo::cpu::detail::owned_outputs(r, 2), st);
+      },
+      "holds 10 columns");
+  // A label past the global vocabulary, whichever shard this is.
+  full.labels[1] = kVocab;
+  fixture::expect_error([&] { run({kVocab, 0, 10}, cfg, none); }, "outside [0, vocab = 37)");
+  full.labels[1] = kVocab - 1;  // on another shard: fine
+  run({kVocab, 0, 10}, cfg, none);
+  dpo::cpu::collectives cp;
+  cp.context_sum = [](double*, std::int64_t) {};
+  fixture::expect_error([&] { run({kVocab, 0, kVocab}, fixture::config_named("sigmoid+ld_alpha").cfg, cp); },
+                        "ld_alpha");
+}
