@@ -402,6 +402,10 @@ c10::SymInt view_seq_len(const std::vector<c10::SymInt>& sizes, const std::vecto
 
 }  // namespace
 
+namespace dpo_kernels {
+void add_shard_names(pybind11::module& m);  // shard.cpp
+}  // namespace dpo_kernels
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "dpo_kernels native module: registers the torch.ops.dpo_kernels operators";
   m.def("check_config", &check_config, "Raises ValueError if the loss configuration is invalid");
@@ -434,6 +438,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // The metrics' order and TRL names come from the library's table (DPO_METRICS): the
   // `metrics` output of dpo_forward is the dpo::metrics struct.
   m.attr("num_metrics") = dpo::num_metrics;
+  dpo_kernels::add_shard_names(m);
   m.attr("metric_names") = pybind11::tuple(pybind11::cast(
       std::vector<std::string>(std::begin(dpo::metric_names), std::end(dpo::metric_names))));
 }

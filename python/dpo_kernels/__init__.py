@@ -52,6 +52,9 @@ def sequence_logps(
     average: bool = False,
     *,
     cu_seqlens: torch.Tensor | None = None,
+    process_group=None,
+    vocab_range: tuple[int, int] | None = None,
+    cp_group=None,
 ) -> torch.Tensor:
     """Per-sequence log-probabilities of the labels under softmax(logits).
 
@@ -66,6 +69,15 @@ def sequence_logps(
         average: divide each sum by its number of completion tokens (clamped to >= 1).
         cu_seqlens: for ``[N, V]`` logits, ``[S + 1]`` row offsets of S packed sequences
             (S = 0 gives an empty result, as padded logits with B = 0).
+        process_group: the tensor-parallel ``torch.distributed`` group across which the
+            vocabulary is sharded: ``logits`` holds this rank's columns, ``labels`` are global
+            token ids. Two all-reduces per call (docs/distributed.md). CPU tensors only for now.
+        vocab_range: ``(start, end)``, this rank's columns, for uneven shards; default
+            Megatron's ``[rank * V_local, (rank + 1) * V_local)``. Costs one all-gather.
+        cp_group: the context-parallel group: ``logits`` / ``labels`` / ``cu_seqlens`` hold
+            this rank's rows of every sequence; one more all-reduce of ``[2, S]`` doubles.
+            Every rank of both groups returns the same log-probs; the gradient is that of
+            the rank's own logits.
 
     Returns:
         ``[S]`` log-probs, accumulated in fp32 per row and fp64 across rows, returned as
@@ -76,7 +88,13 @@ def sequence_logps(
     """
     check_devices(("logits", logits), ("labels", labels), ("cu_seqlens", cu_seqlens))
     ignore_index = _ignore_index(ignore_index, labels)
-    logps, _ = ops.sequence_logps(logits, labels, cu_seqlens, ignore_index, _flag("average", average))
+    average = _flag("average", average)
+    if process_group is not None or vocab_range is not None or cp_group is not None:
+        from . import distributed
+
+        return distributed.sequence_logps(logits, labels, cu_seqlens, ignore_index, average, process_group,
+                                          vocab_range, cp_group)
+    logps, _ = ops.sequence_logps(logits, labels, cu_seqlens, ignore_index, average)
     return logps
 
 
@@ -262,6 +280,9 @@ def dpo_loss_from_logits(
     compute_metrics: bool = True,
     inplace_backward: bool = False,
     return_pair_values: bool = False,
+    process_group=None,
+    vocab_range: tuple[int, int] | None = None,
+    cp_group=None,
 ):
     """The DPO loss and TRL's logged metrics, fused, from the policy logits.
 
@@ -289,6 +310,14 @@ def dpo_loss_from_logits(
             that requires grad is refused (ValueError). Needs logits without gaps between
             sequences (e.g. contiguous, not ``logits[:, :-1]``).
         return_pair_values: also return a dict of per-pair tensors (PAIR_VALUE_NAMES).
+        process_group, vocab_range, cp_group: vocabulary and context parallelism, as in
+            :func:`sequence_logps` (docs/distributed.md): ``logits`` holds this rank's
+            vocabulary shard (of this rank's rows with ``cp_group``); every rank gets the same
+            loss and metrics and the gradient of its own shard. Collectives: two all-reduces
+            over ``process_group``, one of ``[7, 2P]`` doubles over ``cp_group``; none in the
+            backward. Not with ``ref_logits`` (pass reference log-probs, e.g. from the sharded
+            :func:`sequence_logps`) nor ``inplace_backward``; ``ld_alpha`` not with
+            ``cp_group``. CPU tensors only for now.
 
     Returns:
         ``(loss, metrics)``: the scalar loss (float32; float64 for float64 logits),
@@ -311,10 +340,22 @@ def dpo_loss_from_logits(
     if _flag("inplace_backward", inplace_backward):
         check_inplace_target(logits)
     return_pair_values = _flag("return_pair_values", return_pair_values)
-    loss, metrics, pair_values, _, _ = ops.dpo_forward(
-        logits, labels, cu_seqlens, reference_chosen_logps, reference_rejected_logps, ref_logits, ignore_index,
-        *config, compute_metrics, inplace_backward,
-    )
+    if process_group is not None or vocab_range is not None or cp_group is not None:
+        if ref_logits is not None:
+            raise ValueError("ref_logits is not supported with process_group / cp_group: pass reference_chosen_logps "
+                             "and reference_rejected_logps (e.g. from sequence_logps with the same groups)")
+        if inplace_backward:
+            raise ValueError("inplace_backward=True is not supported with process_group / cp_group")
+        from . import distributed
+
+        loss, metrics, pair_values = distributed.dpo_loss_from_logits(
+            logits, labels, reference_chosen_logps, reference_rejected_logps, cu_seqlens, ignore_index, config,
+            compute_metrics, process_group, vocab_range, cp_group)
+    else:
+        loss, metrics, pair_values, _, _ = ops.dpo_forward(
+            logits, labels, cu_seqlens, reference_chosen_logps, reference_rejected_logps, ref_logits, ignore_index,
+            *config, compute_metrics, inplace_backward,
+        )
     named = {name: metrics[i] for i, name in enumerate(METRIC_NAMES)}
     if return_pair_values:
         return loss, named, {name: pair_values[i] for i, name in enumerate(PAIR_VALUE_NAMES)}

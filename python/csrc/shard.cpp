@@ -1,0 +1,254 @@
+// Copyright 2026 The dpo Authors. SPDX-License-Identifier: Apache-2.0
+//
+// The sharded (vocabulary- / context-parallel) building blocks as dpo_kernels operators: thin
+// adapters from tensors to dpo/cpu/shard.hpp. The collectives between them are
+// torch.distributed all-reduces issued from Python (dpo_kernels/distributed.py), so no
+// communication happens here. Records and maxima are indexed by the view's rows
+// (row_layout::view_rows()), as the library's row_lse; they are opaque to Python except as
+// the buffers of the all-reduces. CPU kernels only: CUDA tensors get a clear error.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include <Eigen/Core>
+#include <cmath>
+#include <limits>
+#include <tuple>
+
+#include "common.h"
+#include "forward_outputs.h"
+#include "dpo/cpu/shard.hpp"
+
+namespace dpo_kernels {
+namespace {
+
+template <class Fn>
+void dispatch_float(at::ScalarType t, Fn&& fn) {
+  switch (t) {
+    case at::kFloat: return fn(static_cast<float*>(nullptr));
+    case at::kDouble: return fn(static_cast<double*>(nullptr));
+    case at::kBFloat16: return fn(static_cast<Eigen::bfloat16*>(nullptr));
+    case at::kHalf: return fn(static_cast<Eigen::half*>(nullptr));
+    default: TORCH_CHECK_TYPE(false, "unsupported logits dtype ", t);
+  }
+}
+
+dpo::cpu::options cpu_options(bool metrics) {
+  dpo::cpu::options o;
+  o.num_threads = at::get_num_threads();
+  o.metrics = metrics;
+  return o;
+}
+
+void check_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be a CPU tensor: the sharded ops have CPU kernels only, got ",
+                    t.device());
+}
+
+/// The shard of a layout: columns [start, start + V_local) of a global vocabulary.
+dpo::vocab_shard shard_of(const row_layout& l, std::int64_t vocab_start, std::int64_t vocab_size) {
+  return {vocab_size, vocab_start, vocab_start + l.vocab};
+}
+
+/// A per-view-row double tensor argument ([view_rows] or [view_rows, shard_fields]).
+at::Tensor rows_arg(const at::Tensor& t, const row_layout& l, std::int64_t width, const char* name) {
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kDouble, name, " must be float64, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.numel() == l.view_rows() * width, name, " has ", t.numel(), " entries, expected ",
+                    l.view_rows() * width, ": pass the tensor shard_partials returned for these logits");
+  check_cpu(t, name);
+  return t.contiguous();
+}
+
+/// Calls fn(T*, L*) for the logits' and labels' dtypes, turning dpo::error into ValueError.
+template <class Fn>
+void with_types(const row_layout& l, Fn&& fn) {
+  dispatch_float(l.logits.scalar_type(), [&](auto* tp) {
+    dispatch_label(l.labels.scalar_type(), [&](auto* lp) { rethrow_as_value_error([&] { fn(tp, lp); }); });
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> shard_partials_cpu(const at::Tensor& logits, const at::Tensor& labels,
+                                                      const std::optional<at::Tensor>& cu_seqlens,
+                                                      std::int64_t ignore_index, std::int64_t vocab_start,
+                                                      std::int64_t vocab_size, bool metrics) {
+  check_cpu(logits, "logits");
+  const row_layout l = make_layout(logits, labels, cu_seqlens, ignore_index, "logits");
+  const auto dopts = at::TensorOptions().dtype(at::kDouble);
+  // Rows the library does not write (outside every packed sequence) keep the empty record.
+  at::Tensor row_max = at::full({l.view_rows()}, -INFINITY, dopts);
+  at::Tensor records = at::zeros({l.view_rows(), dpo::shard_fields}, dopts);
+  records.select(1, static_cast<int>(dpo::shard_field::shard_max)).fill_(-INFINITY);
+  with_types(l, [&](auto* tp, auto* lp) {
+    using T = std::remove_pointer_t<decltype(tp)>;
+    using L = std::remove_pointer_t<decltype(lp)>;
+    dpo::cpu::shard_partials(token_view_of<T, L>(l, ignore_index), shard_of(l, vocab_start, vocab_size),
+                             records.data_ptr<double>(), row_max.data_ptr<double>(), cpu_options(metrics));
+  });
+  return {row_max, records};
+}
+
+at::Tensor shard_rebase_cpu(const at::Tensor& row_max, const at::Tensor& records) {
+  check_cpu(records, "records");
+  TORCH_CHECK_VALUE(records.dim() == 2 && records.size(1) == dpo::shard_fields && row_max.dim() == 1 &&
+                        row_max.size(0) == records.size(0) && row_max.scalar_type() == at::kDouble &&
+                        records.scalar_type() == at::kDouble,
+                    "shard_rebase takes float64 row_max [R] and records [R, ", dpo::shard_fields, "], got ",
+                    row_max.sizes(), " and ", records.sizes());
+  at::Tensor out = records.contiguous().clone();
+  const at::Tensor m = row_max.contiguous();
+  dpo::cpu::shard_rebase(0, out.size(0), m.data_ptr<double>(), out.data_ptr<double>());
+  return out;
+}
+
+at::Tensor shard_sequence_partials_cpu(const at::Tensor& logits, const at::Tensor& labels,
+                                       const std::optional<at::Tensor>& cu_seqlens, const at::Tensor& row_max,
+                                       const at::Tensor& records, std::int64_t ignore_index,
+                                       std::int64_t vocab_start, std::int64_t vocab_size, double ld_alpha,
+                                       bool paired, bool metrics) {
+  check_cpu(logits, "logits");
+  const row_layout l = make_layout(logits, labels, cu_seqlens, ignore_index, "logits");
+  const at::Tensor m = rows_arg(row_max, l, 1, "row_max");
+  const at::Tensor r = rows_arg(records, l, dpo::shard_fields, "records");
+  if (paired) concatenated_pairs(l);
+  at::Tensor seq = at::zeros({dpo::seq_fields, l.num_seqs}, at::kDouble);
+  if (l.num_seqs == 0) return seq;
+  with_types(l, [&](auto* tp, auto* lp) {
+    using T = std::remove_pointer_t<decltype(tp)>;
+    using L = std::remove_pointer_t<decltype(lp)>;
+    const dpo::vocab_shard sh = shard_of(l, vocab_start, vocab_size);
+    const double* pm = m.data_ptr<double>();
+    const double* pr = r.data_ptr<double>();
+    if (paired) {
+      dpo::cpu::shard_pair_partials(pair_view_of<T, L>(l, ignore_index), sh, pm, pr, pm, pr, ld_alpha,
+                                    seq.data_ptr<double>(), cpu_options(metrics));
+    } else {
+      dpo::cpu::shard_sequence_partials(token_view_of<T, L>(l, ignore_index), sh, pm, pr, seq.data_ptr<double>(),
+                                        cpu_options(metrics));
+    }
+  });
+  return seq;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> shard_pair_stage_cpu(
+    const at::Tensor& seq_totals, const std::optional<at::Tensor>& reference_chosen_logps,
+    const std::optional<at::Tensor>& reference_rejected_logps, DPO_CONFIG_PARAMS, bool metrics) {
+  check_cpu(seq_totals, "seq_totals");
+  TORCH_CHECK_VALUE(seq_totals.dim() == 2 && seq_totals.size(0) == dpo::seq_fields && seq_totals.size(1) % 2 == 0 &&
+                        seq_totals.size(1) >= 2,
+                    "seq_totals must have shape [", dpo::seq_fields, ", 2P], got ", seq_totals.sizes());
+  const dpo::loss_config cfg = make_config(DPO_CONFIG_ARGS);
+  check_references(cfg, reference_chosen_logps.has_value(), reference_rejected_logps.has_value());
+  const std::int64_t P = seq_totals.size(1) / 2;
+  const auto dev = seq_totals.device();
+  if (reference_chosen_logps.has_value()) check_pair_vector(*reference_chosen_logps, P, dev, "reference_chosen_logps");
+  if (reference_rejected_logps.has_value())
+    check_pair_vector(*reference_rejected_logps, P, dev, "reference_rejected_logps");
+  const auto dbl = [](const std::optional<at::Tensor>& t) {
+    return t.has_value() ? t->to(at::kDouble).contiguous() : at::Tensor();
+  };
+  const at::Tensor rc = dbl(reference_chosen_logps), rr = dbl(reference_rejected_logps);
+  const at::Tensor totals = seq_totals.to(at::kDouble).contiguous();
+  // The pair outputs of dpo_forward (no row state: view_rows() = 0).
+  row_layout none;
+  forward_tensors t(none, P, at::TensorOptions().dtype(at::kDouble));
+  t.out.row_lse = t.out.row_coef = nullptr;
+  at::Tensor seq_grad = at::empty({2 * P}, at::kDouble);
+  at::Tensor nll = at::zeros({}, at::kDouble);
+  t.out.nll_token_grad = nll.data_ptr<double>();
+  rethrow_as_value_error([&] {
+    dpo::cpu::shard_pair_stage(P, totals.data_ptr<double>(), rc.defined() ? rc.data_ptr<double>() : nullptr,
+                               rr.defined() ? rr.data_ptr<double>() : nullptr, cfg, metrics, t.out,
+                               seq_grad.data_ptr<double>());
+  });
+  return {t.loss, t.metrics, t.pairs, seq_grad, nll};
+}
+
+at::Tensor shard_backward_cpu(const at::Tensor& seq_grad, const at::Tensor& nll_token_grad, const at::Tensor& logits,
+                              const at::Tensor& labels, const std::optional<at::Tensor>& cu_seqlens,
+                              const at::Tensor& row_max, const at::Tensor& records, std::int64_t ignore_index,
+                              std::int64_t vocab_start, std::int64_t vocab_size, double ld_alpha, bool paired) {
+  check_cpu(logits, "logits");
+  const row_layout l = make_layout(logits, labels, cu_seqlens, ignore_index, "logits");
+  const at::Tensor m = rows_arg(row_max, l, 1, "row_max");
+  const at::Tensor r = rows_arg(records, l, dpo::shard_fields, "records");
+  TORCH_CHECK_VALUE(seq_grad.dim() == 1 && seq_grad.size(0) == l.num_seqs, "seq_grad must have shape [",
+                    l.num_seqs, "], got ", seq_grad.sizes());
+  TORCH_CHECK_VALUE(nll_token_grad.numel() == 1, "nll_token_grad must hold one value, got shape ",
+                    nll_token_grad.sizes());
+  const at::Tensor g = seq_grad.to(at::kDouble).contiguous();
+  const double nll = nll_token_grad.to(at::kDouble).item<double>();
+  // Zeros: rows outside every sequence (packed) are not written by the library.
+  at::Tensor grad = at::zeros({l.view_rows(), l.vocab}, logits.options().memory_format(at::MemoryFormat::Contiguous));
+  if (l.num_seqs == 0) return grad_as_logits(grad, l, logits);
+  with_types(l, [&](auto* tp, auto* lp) {
+    using T = std::remove_pointer_t<decltype(tp)>;
+    using L = std::remove_pointer_t<decltype(lp)>;
+    const dpo::vocab_shard sh = shard_of(l, vocab_start, vocab_size);
+    const double* pm = m.data_ptr<double>();
+    const double* pr = r.data_ptr<double>();
+    T* out = reinterpret_cast<T*>(grad.data_ptr());
+    if (paired) {
+      concatenated_pairs(l);
+      dpo::cpu::shard_backward(pair_view_of<T, L>(l, ignore_index), sh, pm, pr, pm, pr, g.data_ptr<double>(), nll,
+                               ld_alpha, dpo::pair_grad_view<T>{out, l.vocab, out, l.vocab}, 1.0,
+                               cpu_options(true));
+    } else {
+      dpo::cpu::shard_sequence_backward(token_view_of<T, L>(l, ignore_index), sh, pm, pr, g.data_ptr<double>(), out,
+                                        l.vocab, cpu_options(true));
+    }
+  });
+  return grad_as_logits(grad, l, logits);
+}
+
+void no_cuda_kernel(const c10::OperatorHandle& op, torch::jit::Stack*) {
+  TORCH_CHECK_VALUE(false, op.schema().name(), ": the sharded (process_group / cp_group) ops have CPU kernels only ",
+                    "so far; pass CPU tensors (docs/distributed.md)");
+}
+
+const char* const shard_ops[] = {"shard_partials", "shard_rebase", "shard_sequence_partials", "shard_pair_stage",
+                                 "shard_backward"};
+
+}  // namespace
+
+/// The record and sequence field names (DPO_SHARD_FIELDS, DPO_SEQ_FIELDS) on dpo_kernels._C.
+void add_shard_names(pybind11::module& m) {
+  std::vector<std::string> rec, seq;
+#define DPO_NAME_(field, doc) rec.push_back(#field);
+  DPO_SHARD_FIELDS(DPO_NAME_)
+#undef DPO_NAME_
+#define DPO_NAME_(field, doc) seq.push_back(#field);
+  DPO_SEQ_FIELDS(DPO_NAME_)
+#undef DPO_NAME_
+  m.attr("shard_fields") = pybind11::tuple(pybind11::cast(rec));
+  m.attr("seq_fields") = pybind11::tuple(pybind11::cast(seq));
+}
+
+}  // namespace dpo_kernels
+
+TORCH_LIBRARY_FRAGMENT(dpo_kernels, m) {
+  m.def(
+      "shard_partials(Tensor logits, Tensor labels, Tensor? cu_seqlens, int ignore_index, int vocab_start, "
+      "int vocab_size, bool metrics) -> (Tensor row_max, Tensor records)");
+  m.def("shard_rebase(Tensor row_max, Tensor records) -> Tensor");
+  m.def(
+      "shard_sequence_partials(Tensor logits, Tensor labels, Tensor? cu_seqlens, Tensor row_max, Tensor records, "
+      "int ignore_index, int vocab_start, int vocab_size, float ld_alpha, bool paired, bool metrics) -> Tensor");
+  m.def("shard_pair_stage(Tensor seq_totals, Tensor? reference_chosen_logps, Tensor? reference_rejected_logps" DPO_CONFIG_SCHEMA
+        ", bool metrics) -> (Tensor loss, Tensor metrics, Tensor pair_values, Tensor seq_grad, Tensor nll_token_grad)");
+  m.def(
+      "shard_backward(Tensor seq_grad, Tensor nll_token_grad, Tensor logits, Tensor labels, Tensor? cu_seqlens, "
+      "Tensor row_max, Tensor records, int ignore_index, int vocab_start, int vocab_size, float ld_alpha, "
+      "bool paired) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(dpo_kernels, CPU, m) {
+  m.impl("shard_partials", &dpo_kernels::shard_partials_cpu);
+  m.impl("shard_rebase", &dpo_kernels::shard_rebase_cpu);
+  m.impl("shard_sequence_partials", &dpo_kernels::shard_sequence_partials_cpu);
+  m.impl("shard_pair_stage", &dpo_kernels::shard_pair_stage_cpu);
+  m.impl("shard_backward", &dpo_kernels::shard_backward_cpu);
+}
+
+TORCH_LIBRARY_IMPL(dpo_kernels, CUDA, m) {
+  for (const char* name : dpo_kernels::shard_ops)
+    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&dpo_kernels::no_cuda_kernel>());
+}
