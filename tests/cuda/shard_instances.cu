@@ -1,0 +1,31 @@
+// Copyright 2026 The dpo Authors. SPDX-License-Identifier: Apache-2.0
+//
+// nvcc compiles every entry point of kernels/dpo/cuda/shard.cuh for every logits and label
+// type (the emulated test, tests/test_cuda_shard.cpp, runs them with the host compiler).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "dpo/cuda/shard.cuh"
+
+namespace dpo_cuda_test {
+
+template <class T, class L>
+dpo::cuda::status shard_all(const dpo::token_view<T, L>& v, const dpo::vocab_shard& sh, double* rec, double* mx,
+                            const double* coef, T* grad, cudaStream_t stream) {
+  dpo::cuda::status s = dpo::cuda::shard_partials(v, sh, rec, mx, {}, stream);
+  if (s) s = dpo::cuda::shard_rebase(0, 1, mx, rec, stream);
+  if (s) s = dpo::cuda::shard_row_values(v, sh, mx, rec, dpo::cuda::detail::shard_row_outputs{}, {}, stream);
+  if (s) s = dpo::cuda::shard_backward_rows(v, sh, mx, rec, coef, 1.0, grad, v.vocab, {}, stream);
+  return s;
+}
+
+#define DPO_SHARD_INSTANCE(T, L)                                                                            \
+  template dpo::cuda::status shard_all<T, L>(const dpo::token_view<T, L>&, const dpo::vocab_shard&, double*, \
+                                             double*, const double*, T*, cudaStream_t);
+DPO_SHARD_INSTANCE(float, std::int64_t)
+DPO_SHARD_INSTANCE(double, std::int64_t)
+DPO_SHARD_INSTANCE(__nv_bfloat16, std::int64_t)
+DPO_SHARD_INSTANCE(__half, std::int32_t)
+#undef DPO_SHARD_INSTANCE
+
+}  // namespace dpo_cuda_test
