@@ -21,16 +21,11 @@
 namespace dpo_kernels {
 namespace {
 
-template <class Fn>
-void dispatch_float(at::ScalarType t, Fn&& fn) {
-  switch (t) {
-    case at::kFloat: return fn(static_cast<float*>(nullptr));
-    case at::kDouble: return fn(static_cast<double*>(nullptr));
-    case at::kBFloat16: return fn(static_cast<Eigen::bfloat16*>(nullptr));
-    case at::kHalf: return fn(static_cast<Eigen::half*>(nullptr));
-    default: TORCH_CHECK_TYPE(false, "unsupported logits dtype ", t);
-  }
-}
+/// The dpo::cpu element types of bfloat16 and float16 tensors (dispatch_views).
+struct shard_types {
+  using bf16 = Eigen::bfloat16;
+  using f16 = Eigen::half;
+};
 
 dpo::cpu::options cpu_options(bool metrics) {
   dpo::cpu::options o;
@@ -42,6 +37,21 @@ dpo::cpu::options cpu_options(bool metrics) {
 void check_cpu(const at::Tensor& t, const char* name) {
   TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be a CPU tensor: the sharded ops have CPU kernels only, got ",
                     t.device());
+}
+
+/// make_layout plus the bounds of packed rows: cu_seqlens[0] >= 0 and cu_seqlens[S] <= N (the
+/// library checks the rest, but cannot know the buffer's row count).
+row_layout lower(const at::Tensor& logits, const at::Tensor& labels, const std::optional<at::Tensor>& cu_seqlens,
+                 std::int64_t ignore_index) {
+  check_cpu(logits, "logits");
+  const row_layout l = make_layout(logits, labels, cu_seqlens, ignore_index, "logits");
+  if (l.packed) {
+    const std::int64_t* cu = l.cu_seqlens.data_ptr<std::int64_t>();
+    TORCH_CHECK_VALUE(cu[0] >= 0, "cu_seqlens[0] = ", cu[0], " is invalid: must be >= 0");
+    TORCH_CHECK_VALUE(cu[l.num_seqs] <= l.rows, "cu_seqlens[", l.num_seqs, "] = ", cu[l.num_seqs], " is past the ",
+                      l.rows, " rows of logits");
+  }
+  return l;
 }
 
 /// The shard of a layout: columns [start, start + V_local) of a global vocabulary.
@@ -58,29 +68,25 @@ at::Tensor rows_arg(const at::Tensor& t, const row_layout& l, std::int64_t width
   return t.contiguous();
 }
 
-/// Calls fn(T*, L*) for the logits' and labels' dtypes, turning dpo::error into ValueError.
+/// Calls fn(layout_views<T, L>) for the logits' and labels' dtypes, turning dpo::error into
+/// ValueError.
 template <class Fn>
-void with_types(const row_layout& l, Fn&& fn) {
-  dispatch_float(l.logits.scalar_type(), [&](auto* tp) {
-    dispatch_label(l.labels.scalar_type(), [&](auto* lp) { rethrow_as_value_error([&] { fn(tp, lp); }); });
-  });
+void with_views(const row_layout& l, std::int64_t ignore_index, Fn&& fn) {
+  dispatch_views<shard_types>(l, ignore_index, [&](auto v) { rethrow_as_value_error([&] { fn(v); }); });
 }
 
 std::tuple<at::Tensor, at::Tensor> shard_partials_cpu(const at::Tensor& logits, const at::Tensor& labels,
                                                       const std::optional<at::Tensor>& cu_seqlens,
                                                       std::int64_t ignore_index, std::int64_t vocab_start,
                                                       std::int64_t vocab_size, bool metrics) {
-  check_cpu(logits, "logits");
-  const row_layout l = make_layout(logits, labels, cu_seqlens, ignore_index, "logits");
+  const row_layout l = lower(logits, labels, cu_seqlens, ignore_index);
   const auto dopts = at::TensorOptions().dtype(at::kDouble);
   // Rows the library does not write (outside every packed sequence) keep the empty record.
   at::Tensor row_max = at::full({l.view_rows()}, -INFINITY, dopts);
   at::Tensor records = at::zeros({l.view_rows(), dpo::shard_fields}, dopts);
   records.select(1, static_cast<int>(dpo::shard_field::shard_max)).fill_(-INFINITY);
-  with_types(l, [&](auto* tp, auto* lp) {
-    using T = std::remove_pointer_t<decltype(tp)>;
-    using L = std::remove_pointer_t<decltype(lp)>;
-    dpo::cpu::shard_partials(token_view_of<T, L>(l, ignore_index), shard_of(l, vocab_start, vocab_size),
+  with_views(l, ignore_index, [&](auto v) {
+    dpo::cpu::shard_partials(v.tokens(), shard_of(l, vocab_start, vocab_size),
                              records.data_ptr<double>(), row_max.data_ptr<double>(), cpu_options(metrics));
   });
   return {row_max, records};
@@ -104,24 +110,21 @@ at::Tensor shard_sequence_partials_cpu(const at::Tensor& logits, const at::Tenso
                                        const at::Tensor& records, std::int64_t ignore_index,
                                        std::int64_t vocab_start, std::int64_t vocab_size, double ld_alpha,
                                        bool paired, bool metrics) {
-  check_cpu(logits, "logits");
-  const row_layout l = make_layout(logits, labels, cu_seqlens, ignore_index, "logits");
+  const row_layout l = lower(logits, labels, cu_seqlens, ignore_index);
   const at::Tensor m = rows_arg(row_max, l, 1, "row_max");
   const at::Tensor r = rows_arg(records, l, dpo::shard_fields, "records");
   if (paired) concatenated_pairs(l);
   at::Tensor seq = at::zeros({dpo::seq_fields, l.num_seqs}, at::kDouble);
   if (l.num_seqs == 0) return seq;
-  with_types(l, [&](auto* tp, auto* lp) {
-    using T = std::remove_pointer_t<decltype(tp)>;
-    using L = std::remove_pointer_t<decltype(lp)>;
+  with_views(l, ignore_index, [&](auto v) {
     const dpo::vocab_shard sh = shard_of(l, vocab_start, vocab_size);
     const double* pm = m.data_ptr<double>();
     const double* pr = r.data_ptr<double>();
     if (paired) {
-      dpo::cpu::shard_pair_partials(pair_view_of<T, L>(l, ignore_index), sh, pm, pr, pm, pr, ld_alpha,
+      dpo::cpu::shard_pair_partials(v.pairs(), sh, pm, pr, pm, pr, ld_alpha,
                                     seq.data_ptr<double>(), cpu_options(metrics));
     } else {
-      dpo::cpu::shard_sequence_partials(token_view_of<T, L>(l, ignore_index), sh, pm, pr, seq.data_ptr<double>(),
+      dpo::cpu::shard_sequence_partials(v.tokens(), sh, pm, pr, seq.data_ptr<double>(),
                                         cpu_options(metrics));
     }
   });
@@ -166,8 +169,7 @@ at::Tensor shard_backward_cpu(const at::Tensor& seq_grad, const at::Tensor& nll_
                               const at::Tensor& labels, const std::optional<at::Tensor>& cu_seqlens,
                               const at::Tensor& row_max, const at::Tensor& records, std::int64_t ignore_index,
                               std::int64_t vocab_start, std::int64_t vocab_size, double ld_alpha, bool paired) {
-  check_cpu(logits, "logits");
-  const row_layout l = make_layout(logits, labels, cu_seqlens, ignore_index, "logits");
+  const row_layout l = lower(logits, labels, cu_seqlens, ignore_index);
   const at::Tensor m = rows_arg(row_max, l, 1, "row_max");
   const at::Tensor r = rows_arg(records, l, dpo::shard_fields, "records");
   TORCH_CHECK_VALUE(seq_grad.dim() == 1 && seq_grad.size(0) == l.num_seqs, "seq_grad must have shape [",
@@ -179,20 +181,19 @@ at::Tensor shard_backward_cpu(const at::Tensor& seq_grad, const at::Tensor& nll_
   // Zeros: rows outside every sequence (packed) are not written by the library.
   at::Tensor grad = at::zeros({l.view_rows(), l.vocab}, logits.options().memory_format(at::MemoryFormat::Contiguous));
   if (l.num_seqs == 0) return grad_as_logits(grad, l, logits);
-  with_types(l, [&](auto* tp, auto* lp) {
-    using T = std::remove_pointer_t<decltype(tp)>;
-    using L = std::remove_pointer_t<decltype(lp)>;
+  if (paired) concatenated_pairs(l);
+  with_views(l, ignore_index, [&](auto v) {
+    using T = typename decltype(v)::value_type;
     const dpo::vocab_shard sh = shard_of(l, vocab_start, vocab_size);
     const double* pm = m.data_ptr<double>();
     const double* pr = r.data_ptr<double>();
-    T* out = reinterpret_cast<T*>(grad.data_ptr());
+    T* out = v.elements(grad.data_ptr());
     if (paired) {
-      concatenated_pairs(l);
-      dpo::cpu::shard_backward(pair_view_of<T, L>(l, ignore_index), sh, pm, pr, pm, pr, g.data_ptr<double>(), nll,
+      dpo::cpu::shard_backward(v.pairs(), sh, pm, pr, pm, pr, g.data_ptr<double>(), nll,
                                ld_alpha, dpo::pair_grad_view<T>{out, l.vocab, out, l.vocab}, 1.0,
                                cpu_options(true));
     } else {
-      dpo::cpu::shard_sequence_backward(token_view_of<T, L>(l, ignore_index), sh, pm, pr, g.data_ptr<double>(), out,
+      dpo::cpu::shard_sequence_backward(v.tokens(), sh, pm, pr, g.data_ptr<double>(), out,
                                         l.vocab, cpu_options(true));
     }
   });
@@ -232,8 +233,10 @@ TORCH_LIBRARY_FRAGMENT(dpo_kernels, m) {
   m.def(
       "shard_sequence_partials(Tensor logits, Tensor labels, Tensor? cu_seqlens, Tensor row_max, Tensor records, "
       "int ignore_index, int vocab_start, int vocab_size, float ld_alpha, bool paired, bool metrics) -> Tensor");
-  m.def("shard_pair_stage(Tensor seq_totals, Tensor? reference_chosen_logps, Tensor? reference_rejected_logps" DPO_CONFIG_SCHEMA
-        ", bool metrics) -> (Tensor loss, Tensor metrics, Tensor pair_values, Tensor seq_grad, Tensor nll_token_grad)");
+  m.def("shard_pair_stage(Tensor seq_totals, Tensor? reference_chosen_logps, "
+        "Tensor? reference_rejected_logps" DPO_CONFIG_SCHEMA
+        ", bool metrics) -> (Tensor loss, Tensor metrics, Tensor pair_values, Tensor seq_grad, "
+        "Tensor nll_token_grad)");
   m.def(
       "shard_backward(Tensor seq_grad, Tensor nll_token_grad, Tensor logits, Tensor labels, Tensor? cu_seqlens, "
       "Tensor row_max, Tensor records, int ignore_index, int vocab_start, int vocab_size, float ld_alpha, "

@@ -62,18 +62,23 @@ def vocab_shard(logits: torch.Tensor, process_group, vocab_range) -> tuple[int, 
             or not all(isinstance(x, int) and not isinstance(x, bool) for x in vocab_range)):
         raise TypeError(f"vocab_range must be a pair of ints (start, end), got {vocab_range!r}")
     start, end = vocab_range
-    mine = torch.tensor([start, end, V_local], dtype=torch.int64, device=logits.device)
+    rows = logits.numel() // max(V_local, 1)
+    # One all-gather of (start, end, width, rows): every rank checks every rank's values.
+    mine = torch.tensor([start, end, V_local, rows], dtype=torch.int64, device=logits.device)
     gathered = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(gathered, mine, group=process_group)
     ranges = [tuple(int(x) for x in r.tolist()) for r in gathered]
     # Every rank checks every rank's range, so a bad one raises everywhere (no rank is left
     # waiting in the next collective).
-    for k, (s, e, width) in enumerate(ranges):
+    for k, (s, e, width, n) in enumerate(ranges):
         if e - s != width:
             raise ValueError(f"vocab_range = ({s}, {e}) of rank {k} holds {e - s} columns but its logits have "
                              f"{width}")
+        if n != ranges[0][3]:
+            raise ValueError(f"the ranks of process_group disagree on the logits' rows: rank 0 has {ranges[0][3]}, "
+                             f"rank {k} has {n}; every rank must hold the same rows (its own columns of them)")
     pos = 0
-    for s, e, _ in sorted(ranges):
+    for s, e, _, _ in sorted(ranges):
         if s != pos:
             raise ValueError(f"the ranks' vocab_range values {[r[:2] for r in ranges]} (in rank order) do not tile "
                              "[0, V) without gap or overlap: each range must start where another one ends")
@@ -92,6 +97,28 @@ def _combined_records(logits, labels, cu_seqlens, ignore_index, start, vocab, gr
     return row_max, records
 
 
+def _num_seqs(logits, cu_seqlens):
+    if logits.dim() == 3:
+        return logits.shape[0]
+    return cu_seqlens.shape[0] - 1 if cu_seqlens is not None else 1
+
+
+def _context_sum(buf, group, error):
+    """The context group's all-reduce of `buf`, with one more element that counts the ranks
+    whose own rows were rejected (`error`: this rank's ValueError or None). A context rank's
+    labels are its own, so a bad one is found on that rank only: it still takes part in the
+    all-reduce, and then every rank raises instead of its peers waiting for it."""
+    flat = torch.cat([buf.reshape(-1), buf.new_tensor([0.0 if error is None else 1.0])])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+    bad = int(flat[-1].item())
+    if error is not None:
+        raise error
+    if bad:
+        raise ValueError(f"{bad} rank(s) of cp_group rejected their input (their own error says which argument); "
+                         "this rank's input was valid")
+    return flat[:-1].view_as(buf)
+
+
 def _result_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -99,12 +126,18 @@ def _result_dtype(dtype):
 class _ShardedLogps(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, cu_seqlens, ignore_index, average, start, vocab, tp, cp):
-        row_max, records = _combined_records(logits, labels, cu_seqlens, ignore_index, start, vocab, tp, False)
-        seq = ops.shard_sequence_partials(logits, labels, cu_seqlens, row_max, records, ignore_index, start, vocab,
-                                          1.0, False, False)
+        error = None
+        try:
+            row_max, records = _combined_records(logits, labels, cu_seqlens, ignore_index, start, vocab, tp, False)
+            seq = ops.shard_sequence_partials(logits, labels, cu_seqlens, row_max, records, ignore_index, start,
+                                              vocab, 1.0, False, False)
+        except ValueError as e:
+            if cp is None:
+                raise
+            error, seq = e, torch.zeros(len(SEQ_FIELDS), _num_seqs(logits, cu_seqlens), dtype=torch.float64)
         two = seq[[_LOGPS, _TOKENS]].contiguous()
         if cp is not None:
-            dist.all_reduce(two, op=dist.ReduceOp.SUM, group=cp)
+            two = _context_sum(two, cp, error)
         sums, counts = two[0], two[1]
         logps = sums / counts.clamp_min(1) if average else sums
         ctx.save_for_backward(logits, labels, cu_seqlens, row_max, records, counts)
@@ -129,11 +162,17 @@ class _ShardedDPO(torch.autograd.Function):
                 compute_metrics):
         ld_alpha = config[_LD_ALPHA]
         metrics = compute_metrics or config[_USE_WEIGHTING]
-        row_max, records = _combined_records(logits, labels, cu_seqlens, ignore_index, start, vocab, tp, metrics)
-        seq = ops.shard_sequence_partials(logits, labels, cu_seqlens, row_max, records, ignore_index, start, vocab,
-                                          ld_alpha, True, metrics)
+        error = None
+        try:
+            row_max, records = _combined_records(logits, labels, cu_seqlens, ignore_index, start, vocab, tp, metrics)
+            seq = ops.shard_sequence_partials(logits, labels, cu_seqlens, row_max, records, ignore_index, start,
+                                              vocab, ld_alpha, True, metrics)
+        except ValueError as e:
+            if cp is None:
+                raise
+            error, seq = e, torch.zeros(len(SEQ_FIELDS), _num_seqs(logits, cu_seqlens), dtype=torch.float64)
         if cp is not None:
-            dist.all_reduce(seq, op=dist.ReduceOp.SUM, group=cp)
+            seq = _context_sum(seq, cp, error)
         loss, m, pairs, seq_grad, nll = ops.shard_pair_stage(seq, ref_c, ref_r, *config, compute_metrics)
         ctx.save_for_backward(logits, labels, cu_seqlens, row_max, records, seq_grad, nll)
         ctx.args = (ignore_index, start, vocab, ld_alpha)

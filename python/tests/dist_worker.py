@@ -181,6 +181,10 @@ def run(rank: int, world: int, init_file: str) -> None:
         short = (bounds[rank], bounds[rank + 1] - (rank == 1))
         expect_error("width", lambda: dpo_kernels.dpo_loss_from_logits(
             logits[..., cols], labels, ref_c, ref_r, process_group=three, vocab_range=short), "holds")
+        # ... and ranks that disagree on the batch's rows.
+        n = 2 * P - (2 if rank == 2 else 0)
+        expect_error("rows", lambda: dpo_kernels.sequence_logps(
+            logits[:n, :, cols], labels[:n], process_group=three, vocab_range=vr), "disagree on the logits' rows")
 
     # Context parallelism over 2 ranks: rank k holds rows [k T/2, (k+1) T/2) of every sequence.
     V = 300
@@ -195,6 +199,14 @@ def run(rank: int, world: int, init_file: str) -> None:
                 full_cols, rows, cp=gx, average=True)
     expect_error("cp ld_alpha", lambda: dpo_kernels.dpo_loss_from_logits(
         logits[:, t0:t1], labels[:, t0:t1], ref_c, ref_r, cp_group=gx, ld_alpha=0.5), "ld_alpha")
+    # A bad label in one context rank's slice only: that rank names it, its peer raises too
+    # (no rank waits in the context all-reduce).
+    bad = labels[:, t0:t1].clone()
+    if rx == 1:
+        bad[1, 0] = V + 5
+    for fn in (lambda: dpo_kernels.dpo_loss_from_logits(logits[:, t0:t1], bad, ref_c, ref_r, cp_group=gx),
+               lambda: dpo_kernels.sequence_logps(logits[:, t0:t1], bad, cp_group=gx)):
+        expect_error("cp label", fn, "outside [0, vocab = 300)" if rx == 1 else "rank(s) of cp_group rejected")
 
     # Vocabulary x context: 2 x 2 (vocabulary group {0,1}/{2,3}, context group {0,2}/{1,3}).
     cols = slice(r2 * V // 2, (r2 + 1) * V // 2)

@@ -71,8 +71,8 @@ void check_kernels(const std::vector<std::int64_t>& cuts, std::uint64_t seed) {
   const dpo::loss_config cfg = dpo::loss_config::of(dpo::loss_type::sigmoid);
   dpo::cpu::dpo_forward(pv, ref_c.data(), ref_r.data(), cfg, out);
   std::vector<T> want(buf.logits.size(), T(0.0f));
-  dpo::cpu::dpo_backward_rows(pv, lse.data(), coef.data(), dpo::pair_grad_view<T>{want.data(), buf.stride, want.data(), buf.stride},
-                              0.75);
+  const dpo::pair_grad_view<T> want_view{want.data(), buf.stride, want.data(), buf.stride};
+  dpo::cpu::dpo_backward_rows(pv, lse.data(), coef.data(), want_view, 0.75);
 
   const std::vector<D> host_dev(reinterpret_cast<const D*>(buf.logits.data()),
                                 reinterpret_cast<const D*>(buf.logits.data()) + buf.logits.size());

@@ -83,8 +83,9 @@ __global__ void shard_row_values_kernel(token_view<T, L> v, vocab_shard sh, cons
     const std::int64_t r = r0 + i;
     if (!v.in_sequence(r)) continue;
     const bool read = v.target(r) >= 0;
+    const double* rec = records + r * shard_fields;
     const dpo::detail::shard_row_values x =
-        read ? dpo::detail::finish_row(row_max[r], records + r * shard_fields, sh.vocab) : dpo::detail::shard_row_values{};
+        read ? dpo::detail::finish_row(row_max[r], rec, sh.vocab) : dpo::detail::shard_row_values{};
     if (o.logp) o.logp[r] = read ? x.logp : 0.0;
     if (o.lse) o.lse[r] = read ? x.lse : 0.0;
     if (o.entropy) o.entropy[r] = read ? x.entropy : 0.0;
