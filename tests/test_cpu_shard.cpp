@@ -415,3 +415,45 @@ TEST_CASE("sharded calls reject bad shards, labels and LD-DPO with context paral
   fixture::expect_error([&] { run({kVocab, 0, kVocab}, fixture::config_named("sigmoid+ld_alpha").cfg, cp); },
                         "ld_alpha");
 }
+
+TEST_CASE("a context rank's bad slice makes every context rank throw, none waits", "[shard]") {
+  const oracle::batch b = fixture::rounded_random_batch<float>(fixture::spec(2, 6, kVocab, 71));
+  const fixture::reference ref = fixture::make_reference(fixture::config_named("sigmoid").cfg, b, 7);
+  std::vector<buffers<float, std::int64_t>> local;
+  for (int c = 0; c < 2; ++c) local.emplace_back(slice(b, c, 2), layout::padded);
+  local[1].labels[2] = kVocab + 3;  // rank 1's own label, outside the vocabulary
+  group grp(2);
+  std::vector<std::string> errors(2);
+  run_ranks(2, [&](int c) {
+    dpo::cpu::collectives comm;
+    comm.context_sum = [&, c](double* d, std::int64_t n) { grp.reduce(c, d, n, false); };
+    dpo::cpu::shard_state st;
+    dpo::cpu::forward_result r;
+    try {
+      dpo::cpu::dpo_forward_sharded(local[c].view(), dpo::whole_vocab(kVocab), ref.pc(), ref.pr(),
+                                    fixture::config_named("sigmoid").cfg, comm, dpo::cpu::detail::owned_outputs(r, 2),
+                                    st);
+    } catch (const dpo::error& e) {
+      errors[c] = e.what();
+    }
+  });
+  CHECK(errors[0].find("rank(s) of the context group rejected their input") != std::string::npos);
+  CHECK(errors[1].find("is outside [0, vocab = 37)") != std::string::npos);
+  // The same for sequence log-probs.
+  errors.assign(2, "");
+  run_ranks(2, [&](int c) {
+    dpo::cpu::collectives comm;
+    comm.context_sum = [&, c](double* d, std::int64_t n) { grp.reduce(c, d, n, false); };
+    dpo::cpu::shard_state st;
+    auto sv = local[c].view().chosen;
+    sv.num_seqs = 4;
+    std::vector<double> sums(4), counts(4);
+    try {
+      dpo::cpu::sequence_logps_sharded(sv, dpo::whole_vocab(kVocab), comm, sums.data(), counts.data(), st);
+    } catch (const dpo::error& e) {
+      errors[c] = e.what();
+    }
+  });
+  CHECK(errors[0].find("rank(s) of the context group rejected their input") != std::string::npos);
+  CHECK(errors[1].find("is outside [0, vocab = 37)") != std::string::npos);
+}

@@ -24,6 +24,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <functional>
+#include <string>
 #include <vector>
 
 #include "dpo/core/shard.hpp"
@@ -415,6 +416,21 @@ void shard_rows(const token_view<T, L>& v, const vocab_shard& sh, const collecti
   if (comm.vocab_sum) comm.vocab_sum(records.data(), n * shard_fields);
 }
 
+/// The context group's sum of `seq` (n doubles), with one more element counting the ranks
+/// whose own input was rejected (`failure`: this rank's message, or empty). A context rank's
+/// labels are its own, so a bad one is found on that rank only: it still joins the sum, and
+/// every rank throws after it instead of its peers waiting for it.
+inline void context_sum(const collectives& comm, std::vector<double>& seq, const std::string& failure) {
+  seq.push_back(failure.empty() ? 0.0 : 1.0);
+  comm.context_sum(seq.data(), static_cast<std::int64_t>(seq.size()));
+  const double bad = seq.back();
+  seq.pop_back();
+  if (!failure.empty()) throw dpo::error(failure);
+  if (bad > 0)
+    dpo::detail::fail(bad, " rank(s) of the context group rejected their input (their own error names the ",
+                      "argument); this rank's input was valid");
+}
+
 }  // namespace detail
 
 /// dpo_forward on a vocabulary shard and/or a context slice: `shard` holds this rank's
@@ -422,28 +438,40 @@ void shard_rows(const token_view<T, L>& v, const vocab_shard& sh, const collecti
 /// view of the rank's rows of each sequence, or packed with per-rank cu_seqlens; ld_alpha
 /// must then be 1). Three collectives at most: vocab_max ([rows]), vocab_sum ([rows,
 /// shard_fields]), context_sum ([seq_fields, 2P]). Every rank gets the same outputs (the
-/// fields of forward_outputs except row_lse / row_coef) and `state` for shard_backward_state.
-/// Throws dpo::error on bad input, before any collective.
+/// fields of forward_outputs except row_lse / row_coef) and `state` for dpo_backward_sharded.
+/// Throws dpo::error on bad input: before any collective, except that a context rank whose
+/// own slice is rejected still takes part in the context sum (one more element, a count of
+/// such ranks), after which every rank of the context group throws.
 template <class T, class L>
 void dpo_forward_sharded(const pair_view<T, L>& shard, const vocab_shard& sh, const double* ref_chosen,
                          const double* ref_rejected, const loss_config& cfg, const collectives& comm,
                          const forward_outputs& out, shard_state& state, const options& opt = {}) {
+  // What every rank shares (configuration, reference, pair count) first; then this rank's own
+  // slice, whose rejection the context group learns through its sum.
   detail::check_config(cfg);
-  detail::check_shard_pairs(shard, sh, "logits");
   detail::check_reference(cfg, ref_chosen, ref_rejected);
   if (comm.context_sum && cfg.ld_alpha != 1.0)
     dpo::detail::fail("ld_alpha = ", cfg.ld_alpha,
                       " is unsupported with context parallelism (LD-DPO weights a token by its position in the "
                       "whole sequence): use ld_alpha = 1");
+  const std::int64_t P = shard.num_pairs();
+  if (P < 1) dpo::detail::fail("logits.num_pairs = ", P, " is invalid: must be >= 1");
   options o = opt;
   o.metrics = opt.metrics || cfg.use_weighting;
-  detail::shard_rows(shard.chosen, sh, comm, state.chosen_max, state.chosen_records, o);
-  detail::shard_rows(shard.rejected, sh, comm, state.rejected_max, state.rejected_records, o);
-  const std::int64_t P = shard.num_pairs();
   std::vector<double> seq(static_cast<std::size_t>(seq_fields * 2 * P));
-  shard_pair_partials(shard, sh, state.chosen_max.data(), state.chosen_records.data(), state.rejected_max.data(),
-                      state.rejected_records.data(), cfg.ld_alpha, seq.data(), o);
-  if (comm.context_sum) comm.context_sum(seq.data(), static_cast<std::int64_t>(seq.size()));
+  std::string failure;
+  try {
+    detail::check_shard_pairs(shard, sh, "logits");
+    detail::shard_rows(shard.chosen, sh, comm, state.chosen_max, state.chosen_records, o);
+    detail::shard_rows(shard.rejected, sh, comm, state.rejected_max, state.rejected_records, o);
+    shard_pair_partials(shard, sh, state.chosen_max.data(), state.chosen_records.data(), state.rejected_max.data(),
+                        state.rejected_records.data(), cfg.ld_alpha, seq.data(), o);
+  } catch (const dpo::error& e) {
+    if (!comm.context_sum) throw;
+    failure = e.what();
+    std::fill(seq.begin(), seq.end(), 0.0);
+  }
+  if (comm.context_sum) detail::context_sum(comm, seq, failure);
   state.seq_grad.assign(static_cast<std::size_t>(2 * P), 0.0);
   forward_outputs fo = out;
   fo.nll_token_grad = &state.nll_token_grad;
@@ -467,25 +495,35 @@ void dpo_backward_sharded(const pair_view<T, L>& shard, const vocab_shard& sh, c
 
 /// sequence_logps on a vocabulary shard and/or context slice: sums[s] and counts[s] of every
 /// sequence (the same on every rank), and `state` (records and maxima) for
-/// shard_sequence_backward. Collectives: vocab_max, vocab_sum, context_sum ([2, S]).
+/// shard_sequence_backward. Collectives: vocab_max, vocab_sum, context_sum ([2, S] + 1, the
+/// count of context ranks whose input was rejected, as in dpo_forward_sharded).
 template <class T, class L>
 void sequence_logps_sharded(const token_view<T, L>& shard, const vocab_shard& sh, const collectives& comm,
                             double* sums, double* counts, shard_state& state, const options& opt = {}) {
-  detail::check_shard_view(shard, sh, "logits");
   if (shard.num_seqs > 0 && (sums == nullptr || counts == nullptr))
     dpo::detail::fail(sums == nullptr ? "sums" : "counts", " is null");
+  const std::int64_t S = shard.num_seqs > 0 ? shard.num_seqs : 0;
   options o = opt;
   o.metrics = false;
-  detail::shard_rows(shard, sh, comm, state.chosen_max, state.chosen_records, o);
-  const std::int64_t S = shard.num_seqs;
-  if (S == 0) return;
-  std::vector<double> seq(static_cast<std::size_t>(seq_fields * S));
-  shard_sequence_partials(shard, sh, state.chosen_max.data(), state.chosen_records.data(), seq.data(), o);
   // Only the log-probs and counts cross the context group.
-  std::vector<double> two(static_cast<std::size_t>(2 * S));
-  std::copy_n(seq.data() + dpo::detail::at(seq_field::logps) * S, S, two.data());
-  std::copy_n(seq.data() + dpo::detail::at(seq_field::tokens) * S, S, two.data() + S);
-  if (comm.context_sum) comm.context_sum(two.data(), 2 * S);
+  std::vector<double> two(static_cast<std::size_t>(2 * S), 0.0);
+  std::string failure;
+  try {
+    detail::check_shard_view(shard, sh, "logits");
+    detail::shard_rows(shard, sh, comm, state.chosen_max, state.chosen_records, o);
+    if (S > 0) {
+      std::vector<double> seq(static_cast<std::size_t>(seq_fields * S));
+      shard_sequence_partials(shard, sh, state.chosen_max.data(), state.chosen_records.data(), seq.data(), o);
+      std::copy_n(seq.data() + dpo::detail::at(seq_field::logps) * S, S, two.data());
+      std::copy_n(seq.data() + dpo::detail::at(seq_field::tokens) * S, S, two.data() + S);
+    }
+  } catch (const dpo::error& e) {
+    if (!comm.context_sum) throw;
+    failure = e.what();
+    std::fill(two.begin(), two.end(), 0.0);
+  }
+  if (comm.context_sum) detail::context_sum(comm, two, failure);
+  if (S == 0) return;
   std::copy_n(two.data(), S, sums);
   std::copy_n(two.data() + S, S, counts);
 }
