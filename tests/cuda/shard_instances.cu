@@ -16,6 +16,8 @@ dpo::cuda::status shard_all(const dpo::token_view<T, L>& v, const dpo::vocab_sha
   if (s) s = dpo::cuda::shard_rebase(0, 1, mx, rec, stream);
   if (s) s = dpo::cuda::shard_row_values(v, sh, mx, rec, dpo::cuda::detail::shard_row_outputs{}, {}, stream);
   if (s) s = dpo::cuda::shard_backward_rows(v, sh, mx, rec, coef, 1.0, grad, v.vocab, {}, stream);
+  if (s) s = dpo::cuda::shard_sequence_partials(v, sh, mx, rec, rec, {}, stream);
+  if (s) s = dpo::cuda::shard_backward_sequences(v, sh, mx, rec, coef, 0.0, 1, 1.0, grad, v.vocab, {}, stream);
   return s;
 }
 

@@ -140,35 +140,61 @@ void check_kernels(const std::vector<std::int64_t>& cuts, std::uint64_t seed) {
     const dpo::detail::shard_row_values x = dpo::detail::finish_row(M[r], S.data() + r * F, V);
     CHECK(got_logp[r] == x.logp);
   }
-  // The backward of every shard, out of place, into one device gradient buffer.
-  std::vector<D> sentinel(buf.logits.size(), D(-5.0f));
-  D* d_grad = upload(sentinel);
-  for (int t = 0; t < W; ++t) {
-    const dpo::vocab_shard sh{V, cuts[t], cuts[t + 1]};
-    auto sd = dv;
-    sd.logits += sh.start;
-    sd.vocab = sh.width();
-    const dpo::cuda::status s =
-        dpo::cuda::shard_backward_rows(sd, sh, d_M, d_S, d_coef, 0.75, d_grad + sh.start, buf.stride);
-    INFO(s.message);
-    REQUIRE(s);
+  // Phase 2 per sequence on the device against the CPU's, then the pair stage on the host.
+  const std::int64_t S2 = v.num_seqs, SF = dpo::seq_fields;
+  std::vector<double> seq_cpu(SF * S2);
+  dpo::cpu::shard_sequence_partials(v, dpo::whole_vocab(V), M.data(), S.data(), seq_cpu.data());
+  double* d_seq = upload(std::vector<double>(SF * S2, -1.0));
+  REQUIRE(dpo::cuda::shard_sequence_partials(dv, dpo::whole_vocab(V), d_M, d_S, d_seq));
+  const std::vector<double> seq_gpu = download(d_seq, SF * S2);
+  for (std::int64_t i = 0; i < SF * S2; ++i) {
+    INFO("field " << i / S2 << " sequence " << i % S2);
+    CHECK(near(seq_gpu[i], seq_cpu[i], 1e-13 * (std::fabs(seq_cpu[i]) + 1)));
   }
-  const std::vector<D> g = download(d_grad, buf.logits.size());
+  std::vector<double> seq_grad(S2);
+  double nll = 0;
+  dpo::forward_outputs po;
+  po.nll_token_grad = &nll;
+  dpo::cpu::shard_pair_stage(S2 / 2, seq_gpu.data(), ref_c.data(), ref_r.data(), cfg, true, po, seq_grad.data());
+  double* d_seq_grad = upload(seq_grad);
+
+  // The backward of every shard, out of place, into one device gradient buffer: from the
+  // unsharded row coefficients, then from the sharded per-sequence gradients.
   const double grel = std::is_same_v<T, Eigen::bfloat16> ? 0x1p-7 : rel;
-  for (std::int64_t r = 0; r < rows; ++r) {
-    if (!v.in_sequence(r)) continue;
-    for (std::int64_t k = 0; k < V; ++k) {
-      T gt;
-      std::memcpy(static_cast<void*>(&gt), &g[r * buf.stride + k], sizeof gt);
-      const double got = static_cast<double>(static_cast<A>(gt));
-      const double exp = static_cast<double>(static_cast<A>(want[r * buf.stride + k]));
-      INFO("row " << r << " column " << k);
-      CHECK(near(got, exp, grel * std::fabs(exp) + 1e-7 * std::fabs(coef[r])));
+  for (const bool from_sequences : {false, true}) {
+    INFO((from_sequences ? "from sequence gradients" : "from row coefficients"));
+    std::vector<D> sentinel(buf.logits.size(), D(-5.0f));
+    D* d_grad = upload(sentinel);
+    for (int t = 0; t < W; ++t) {
+      const dpo::vocab_shard sh{V, cuts[t], cuts[t + 1]};
+      auto sd = dv;
+      sd.logits += sh.start;
+      sd.vocab = sh.width();
+      const dpo::cuda::status s =
+          from_sequences ? dpo::cuda::shard_backward_sequences(sd, sh, d_M, d_S, d_seq_grad, nll, S2 / 2, 0.75,
+                                                               d_grad + sh.start, buf.stride)
+                         : dpo::cuda::shard_backward_rows(sd, sh, d_M, d_S, d_coef, 0.75, d_grad + sh.start,
+                                                          buf.stride);
+      INFO(s.message);
+      REQUIRE(s);
+    }
+    const std::vector<D> g = download(d_grad, buf.logits.size());
+    cudaFree(d_grad);
+    for (std::int64_t r = 0; r < rows; ++r) {
+      if (!v.in_sequence(r)) continue;
+      for (std::int64_t k = 0; k < V; ++k) {
+        T gt;
+        std::memcpy(static_cast<void*>(&gt), &g[r * buf.stride + k], sizeof gt);
+        const double got = static_cast<double>(static_cast<A>(gt));
+        const double exp = static_cast<double>(static_cast<A>(want[r * buf.stride + k]));
+        INFO("row " << r << " column " << k);
+        CHECK(near(got, exp, grel * std::fabs(exp) + 1e-7 * std::fabs(coef[r])));
+      }
     }
   }
   for (void* p : {static_cast<void*>(d_logits), static_cast<void*>(d_labels), static_cast<void*>(d_coef),
                   static_cast<void*>(d_M), static_cast<void*>(d_S), static_cast<void*>(d_logp),
-                  static_cast<void*>(d_lse), static_cast<void*>(d_grad)})
+                  static_cast<void*>(d_lse), static_cast<void*>(d_seq), static_cast<void*>(d_seq_grad)})
     cudaFree(p);
   for (int t = 0; t < W; ++t) {
     cudaFree(d_rec[t]);

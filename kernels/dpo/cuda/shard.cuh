@@ -22,6 +22,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <utility>
 
 #include "dpo/core/shard.hpp"
 #include "dpo/cuda/dpo.cuh"
@@ -92,6 +93,83 @@ __global__ void shard_row_values_kernel(token_view<T, L> v, vocab_shard sh, cons
     if (o.zmean) o.zmean[r] = read ? x.zmean : 0.0;
     if (o.wpo) o.wpo[r] = read ? x.wpo : 0.0;
     if (o.hit) o.hit[r] = read && x.hit ? 1.0 : 0.0;
+  }
+}
+
+/// One sequence's sums of DPO_SEQ_FIELDS, in field order.
+struct shard_seq_acc {
+  double f[seq_fields];
+};
+
+struct shard_seq_sum {
+  __device__ shard_seq_acc operator()(const shard_seq_acc& a, const shard_seq_acc& b) const {
+    shard_seq_acc c;
+    for (int k = 0; k < seq_fields; ++k) c.f[k] = a.f[k] + b.f[k];
+    return c;
+  }
+};
+
+/// Block per sequence: the sums of its completion rows' values (no LD-DPO weights: logps =
+/// logps_plain) into seq[f * S + s]. A fixed reduction tree: deterministic.
+template <int BLOCK, class T, class L>
+__global__ void __launch_bounds__(BLOCK) shard_sequence_kernel(token_view<T, L> v, vocab_shard sh,
+                                                               const double* row_max, const double* records,
+                                                               double* seq, bool metrics) {
+  using dpo::detail::at;
+  __shared__ typename cub::BlockReduce<shard_seq_acc, BLOCK>::TempStorage tmp;
+  const std::int64_t S = v.num_seqs;
+  for (std::int64_t s = blockIdx.x; s < S; s += gridDim.x) {
+    shard_seq_acc acc;
+    for (int k = 0; k < seq_fields; ++k) acc.f[k] = 0.0;
+    for (std::int64_t r = v.row_begin(s) + threadIdx.x; r < v.row_end(s); r += BLOCK) {
+      if (v.target(r) < 0) continue;
+      const dpo::detail::shard_row_values x = dpo::detail::finish_row(row_max[r], records + r * shard_fields, sh.vocab);
+      acc.f[at(seq_field::tokens)] += 1.0;
+      acc.f[at(seq_field::logps)] += x.logp;
+      acc.f[at(seq_field::logps_plain)] += x.logp;
+      if (metrics) {
+        acc.f[at(seq_field::entropy)] += x.entropy;
+        acc.f[at(seq_field::mean_logits)] += x.zmean;
+        acc.f[at(seq_field::wpo)] += x.wpo;
+        acc.f[at(seq_field::hits)] += x.hit ? 1.0 : 0.0;
+      }
+    }
+    acc = cub::BlockReduce<shard_seq_acc, BLOCK>(tmp).Reduce(acc, shard_seq_sum());
+    if (threadIdx.x == 0)
+      for (int k = 0; k < seq_fields; ++k) seq[k * S + s] = acc.f[k];
+    __syncthreads();  // tmp is reused by the next sequence
+  }
+}
+
+/// The row coefficient of the backward from per-sequence gradients: seq_grad[s], plus nll
+/// on the first nll_seqs sequences (the chosen side of TRL's concatenated batch).
+struct seq_coefs {
+  const double* seq_grad = nullptr;
+  double nll = 0;
+  std::int64_t nll_seqs = 0;
+};
+
+template <int BLOCK, class T, class L>
+__global__ void __launch_bounds__(BLOCK) shard_backward_sequences_kernel(token_view<T, L> v, vocab_shard sh,
+                                                                         const double* row_max,
+                                                                         const double* records, seq_coefs c,
+                                                                         double grad_output, T* grad,
+                                                                         std::int64_t grad_stride) {
+  using A = acc_t<T>;
+  const std::int64_t r0 = v.row_begin(0), n = v.row_end(v.num_seqs - 1) - r0;
+  for (std::int64_t i = blockIdx.x; i < n; i += gridDim.x) {
+    const std::int64_t r = r0 + i;
+    if (!v.in_sequence(r)) continue;  // block-uniform
+    const std::int64_t y = v.target(r);
+    double coef = 0.0;
+    if (y >= 0) {
+      const std::int64_t s = v.seq_of_row(r);
+      coef = dpo::detail::times(c.seq_grad[s] + (s < c.nll_seqs ? c.nll : 0.0), grad_output);
+    }
+    block_row_grad<BLOCK>(v.logits + r * v.row_stride, grad + r * grad_stride, v.vocab,
+                          coef != 0.0 ? dpo::detail::shard_lse<A>(row_max[r], records + r * shard_fields)
+                                      : dpo::detail::lse_parts<A>(A(0)),
+                          static_cast<A>(coef), sh.holds(y) ? y - sh.start : -1);
   }
 }
 
@@ -208,6 +286,58 @@ status shard_backward_rows(const token_view<T, L>& shard, const vocab_shard& sh,
   if (!s) return s;
   return detail::launch("shard_backward_kernel", kernel, grid, B, stream, shard, sh, row_max, records, row_coef,
                         grad_output, grad, grad_stride);
+}
+
+/// Phase 2 per sequence on the device: dpo::cpu::shard_sequence_partials (no LD-DPO: logps =
+/// logps_plain) into seq [seq_fields, S] (device). With context parallelism the caller sums
+/// seq over the context group; then dpo::cpu::shard_pair_stage (on a host copy: [seq_fields,
+/// 2P] doubles) gives the loss, metrics and seq_grad. Padded views. Deterministic.
+template <class T, class L>
+status shard_sequence_partials(const token_view<T, L>& shard, const vocab_shard& sh, const double* row_max,
+                               const double* records, double* seq, const options& opt = {},
+                               cudaStream_t stream = 0) {
+  status s = detail::check_shard(shard, sh, opt);
+  if (!s) return s;
+  if (shard.cu_seqlens != nullptr) return detail::invalid("dpo: shard_sequence_partials takes padded views on CUDA");
+  if (shard.num_seqs == 0) return {};
+  if (row_max == nullptr || records == nullptr || seq == nullptr)
+    return detail::invalid("dpo: row_max, records or seq is null");
+  const unsigned grid = static_cast<unsigned>(shard.num_seqs < 65535 ? shard.num_seqs : 65535);
+  return detail::launch("shard_sequence_kernel", detail::shard_sequence_kernel<detail::seq_block, T, L>, grid,
+                        detail::seq_block, stream, shard, sh, row_max, records, seq, opt.metrics);
+}
+
+/// The shard-local backward from per-sequence gradients (device arrays): row r of sequence s
+/// gets (seq_grad[s] + (s < nll_seqs ? nll_token_grad : 0)) * grad_output * (onehot(y) -
+/// softmax(z)) on the shard's columns. For TRL's concatenated batch pass shard_pair_stage's
+/// seq_grad [2P] and nll_token_grad with nll_seqs = P (no LD-DPO). Same writes and aliasing
+/// as shard_backward_rows.
+template <class T, class L>
+status shard_backward_sequences(const token_view<T, L>& shard, const vocab_shard& sh, const double* row_max,
+                                const double* records, const double* seq_grad, double nll_token_grad,
+                                std::int64_t nll_seqs, double grad_output, T* grad, std::int64_t grad_stride,
+                                const options& opt = {}, cudaStream_t stream = 0) {
+  status s = detail::check_shard(shard, sh, opt);
+  if (!s) return s;
+  if (shard.cu_seqlens != nullptr)
+    return detail::invalid("dpo: shard_backward_sequences takes padded views on CUDA");
+  for (const auto& [x, name] : {std::pair<double, const char*>{grad_output, "grad_output"},
+                                std::pair<double, const char*>{nll_token_grad, "nll_token_grad"}}) {
+    s = detail::to_status(dpo::detail::check_finite(x, name));
+    if (!s) return s;
+  }
+  s = detail::to_status(dpo::detail::check_seq_grad(shard, row_max, seq_grad, grad, grad_stride,
+                                                    detail::policy(opt, true)));
+  if (!s) return s;
+  if (detail::shard_rows(shard) == 0) return {};
+  if (records == nullptr) return detail::invalid("dpo: records is null");
+  constexpr int B = detail::rows_block;
+  const auto kernel = detail::shard_backward_sequences_kernel<B, T, L>;
+  int grid = 1;
+  s = detail::row_grid(kernel, B, detail::shard_rows(shard), &grid);
+  if (!s) return s;
+  return detail::launch("shard_backward_sequences_kernel", kernel, grid, B, stream, shard, sh, row_max, records,
+                        detail::seq_coefs{seq_grad, nll_token_grad, nll_seqs}, grad_output, grad, grad_stride);
 }
 
 }  // namespace cuda
