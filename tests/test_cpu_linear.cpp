@@ -18,18 +18,13 @@
 #include <dpo/cpu/linear.hpp>
 
 #include "catch.hpp"
+#include "checks.hpp"
 
 namespace {
 
 // More threads than this machine may have cores, through the documented override, so that 7
 // threads really run as 7 (the library reads it once, at the first parallel call).
-const bool thread_limit_set = [] {
-#ifdef _WIN32
-  return std::getenv("DPO_THREAD_LIMIT") != nullptr || _putenv_s("DPO_THREAD_LIMIT", "16") == 0;
-#else
-  return setenv("DPO_THREAD_LIMIT", "16", 0) == 0;
-#endif
-}();
+const bool thread_limit_set = test_support::preset_thread_limit("16");
 
 using dpo::cpu::linear_grads;
 using dpo::cpu::linear_logps;
@@ -37,6 +32,10 @@ using dpo::cpu::linear_logps_backward;
 using dpo::cpu::linear_options;
 using dpo::cpu::linear_view;
 using label_t = std::int64_t;
+using test_support::bitwise_equal;
+using test_support::check_close;
+using test_support::expect_error;
+using test_support::max_abs;
 
 /// A head and its inputs, in T, with padded strides (hidden: H + 3, weight: H + 2).
 template <class T>
@@ -191,35 +190,6 @@ result run(const problem<T>& p, const linear_options& opt, bool entropy = true, 
   return out;
 }
 
-double max_abs(const std::vector<double>& a) {
-  double m = 0;
-  for (double x : a) m = std::max(m, std::fabs(x));
-  return m;
-}
-
-/// max |got - want| <= atol + rtol * max |want|, reporting the worst index.
-void check_close(const std::vector<double>& got, const std::vector<double>& want, double rtol,
-                 const char* what, double atol = 0) {
-  REQUIRE(got.size() == want.size());
-  const double tol = atol + rtol * std::max(max_abs(want), 1e-30);
-  double worst = 0;
-  std::size_t at = 0;
-  for (std::size_t i = 0; i < got.size(); ++i) {
-    const double e = std::fabs(got[i] - want[i]);
-    if (!(e <= worst)) {
-      worst = e;
-      at = i;
-    }
-  }
-  INFO(what << ": worst error " << worst << " at " << at << " (got " << got[at] << ", want "
-            << want[at] << "), tolerance " << tol);
-  CHECK(worst <= tol);
-}
-
-bool bitwise_equal(const std::vector<double>& a, const std::vector<double>& b) {
-  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(double)) == 0;
-}
-
 void check_bitwise(const result& a, const result& b) {
   CHECK(bitwise_equal(a.logp, b.logp));
   CHECK(bitwise_equal(a.ent, b.ent));
@@ -268,17 +238,6 @@ void check_against_reference() {
       check_close(got.dw, R.dw, tw, "dweight");
       if (with_bias) check_close(got.db, R.db, tw, "dbias");
     }
-  }
-}
-
-template <class E>
-void expect_error(const std::string& name, E&& call) {
-  try {
-    call();
-    FAIL("no dpo::error for " << name);
-  } catch (const dpo::error& e) {
-    INFO("message: " << e.what());
-    CHECK(std::string(e.what()).find(name) != std::string::npos);
   }
 }
 

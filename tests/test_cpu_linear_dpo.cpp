@@ -18,22 +18,20 @@
 #include <dpo/cpu/linear_dpo.hpp>
 
 #include "catch.hpp"
+#include "checks.hpp"
 #include "fixtures.hpp"
 #include "oracle.hpp"
 
 namespace {
 
-const bool thread_limit_set = [] {
-#ifdef _WIN32
-  return std::getenv("DPO_THREAD_LIMIT") != nullptr || _putenv_s("DPO_THREAD_LIMIT", "16") == 0;
-#else
-  return setenv("DPO_THREAD_LIMIT", "16", 0) == 0;
-#endif
-}();
+const bool thread_limit_set = test_support::preset_thread_limit("16");
 
 using fixture::layout;
 using ld = oracle::ld;
 using label_t = std::int64_t;
+using test_support::bitwise_equal;
+using test_support::check_close;
+using test_support::expect_error;
 
 /// A batch of pairs over hidden rows, in double (already rounded to the dtype under test):
 /// hid[side][pair][row] is a hidden state, lab[side][pair][row] its label (-100 = prompt or
@@ -377,31 +375,6 @@ std::vector<double> flat(const std::vector<std::vector<std::vector<std::vector<d
   return f;
 }
 
-double max_abs(const std::vector<double>& a) {
-  double m = 0;
-  for (double x : a) m = std::max(m, std::fabs(x));
-  return m;
-}
-
-/// max |got - want| <= atol + rtol * max |want|.
-void check_close(const std::vector<double>& got, const std::vector<double>& want, double rtol,
-                 const char* what, double atol = 0) {
-  REQUIRE(got.size() == want.size());
-  const double tol = atol + rtol * std::max(max_abs(want), 1e-30);
-  double worst = 0;
-  std::size_t at = 0;
-  for (std::size_t i = 0; i < got.size(); ++i) {
-    const double e = std::fabs(got[i] - want[i]);
-    if (!(e <= worst)) {
-      worst = e;
-      at = i;
-    }
-  }
-  INFO(what << ": worst error " << worst << " at " << at << " (got " << got[at] << ", want "
-            << want[at] << "), tolerance " << tol);
-  CHECK(worst <= tol);
-}
-
 std::vector<double> metric_vec(const dpo::metrics& m) {
   std::vector<double> v(dpo::num_metrics);
   std::memcpy(v.data(), &m, sizeof m);
@@ -426,19 +399,15 @@ void check_result(const result& got, const result& want, double rtol_f, double r
   check_close(got.db, want.db, rtol_g, "dbias", atol);
 }
 
-bool same_bits(const std::vector<double>& a, const std::vector<double>& b) {
-  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(double)) == 0;
-}
-
 void check_bitwise(const result& a, const result& b) {
-  CHECK(same_bits({a.loss}, {b.loss}));
-  CHECK(same_bits(metric_vec(a.m), metric_vec(b.m)));
-  CHECK(same_bits(a.losses, b.losses));
-  CHECK(same_bits(a.lc, b.lc));
-  CHECK(same_bits(a.gc, b.gc));
-  CHECK(same_bits(flat(a.dh), flat(b.dh)));
-  CHECK(same_bits(a.dw, b.dw));
-  CHECK(same_bits(a.db, b.db));
+  CHECK(bitwise_equal({a.loss}, {b.loss}));
+  CHECK(bitwise_equal(metric_vec(a.m), metric_vec(b.m)));
+  CHECK(bitwise_equal(a.losses, b.losses));
+  CHECK(bitwise_equal(a.lc, b.lc));
+  CHECK(bitwise_equal(a.gc, b.gc));
+  CHECK(bitwise_equal(flat(a.dh), flat(b.dh)));
+  CHECK(bitwise_equal(a.dw, b.dw));
+  CHECK(bitwise_equal(a.db, b.db));
 }
 
 /// Reference log-probs near the policy's (LD weighted alike); empty for reference-free losses.
@@ -465,17 +434,6 @@ dpo::cpu::linear_dpo_options mode(dpo::linear_mode m, std::int64_t chunk_rows = 
   o.chunk_rows = chunk_rows;
   o.num_threads = threads;
   return o;
-}
-
-template <class E>
-void expect_error(const std::string& name, E&& call) {
-  try {
-    call();
-    FAIL("no dpo::error for " << name);
-  } catch (const dpo::error& e) {
-    INFO("message: " << e.what());
-    CHECK(std::string(e.what()).find(name) != std::string::npos);
-  }
 }
 
 }  // namespace
@@ -665,15 +623,15 @@ TEST_CASE("linear DPO: equals the logits path fed with the same fp32 logits", "[
       for (dpo::linear_mode m : {dpo::linear_mode::automatic, dpo::linear_mode::four_pass}) {
         INFO(name << ", mode " << static_cast<int>(m) << ", cap " << tr.softcap);
         const result got = run<float>(p, layout::padded, cfg, ref, mode(m));
-        CHECK(same_bits({got.loss}, {want.loss}));
-        CHECK(same_bits(metric_vec(got.m), metric_vec(want.metrics)));
+        CHECK(bitwise_equal({got.loss}, {want.loss}));
+        CHECK(bitwise_equal(metric_vec(got.m), metric_vec(want.metrics)));
         const auto vec = [](const Eigen::VectorXd& x) { return std::vector<double>(x.data(), x.data() + x.size()); };
-        CHECK(same_bits(got.losses, vec(want.losses)));
-        CHECK(same_bits(got.cr, vec(want.chosen_rewards)));
-        CHECK(same_bits(got.lc, vec(want.chosen_logps)));
-        CHECK(same_bits(got.lr, vec(want.rejected_logps)));
-        CHECK(same_bits(got.gc, vec(want.grad_chosen)));
-        CHECK(same_bits(got.gr, vec(want.grad_rejected)));
+        CHECK(bitwise_equal(got.losses, vec(want.losses)));
+        CHECK(bitwise_equal(got.cr, vec(want.chosen_rewards)));
+        CHECK(bitwise_equal(got.lc, vec(want.chosen_logps)));
+        CHECK(bitwise_equal(got.lr, vec(want.rejected_logps)));
+        CHECK(bitwise_equal(got.gc, vec(want.grad_chosen)));
+        CHECK(bitwise_equal(got.gr, vec(want.grad_rejected)));
         // The gradients: the logits path's dZ through do/du and the products, in double.
         std::vector<double> dh, dw(V * p.H, 0.0), db(V, 0.0);
         for (int s = 0; s < 2; ++s)
@@ -800,9 +758,9 @@ TEST_CASE("linear DPO: NaN in one hidden row stays in its pair", "[linear_dpo]")
       CHECK(std::isnan(dirty.loss));
       CHECK(std::isnan(dirty.losses[1]));
       for (std::int64_t i : {0, 2}) {
-        CHECK(same_bits({dirty.losses[i]}, {clean.losses[i]}));
-        CHECK(same_bits({dirty.gc[i]}, {clean.gc[i]}));
-        for (int s = 0; s < 2; ++s) CHECK(same_bits(flat({{dirty.dh[s][i]}}), flat({{clean.dh[s][i]}})));
+        CHECK(bitwise_equal({dirty.losses[i]}, {clean.losses[i]}));
+        CHECK(bitwise_equal({dirty.gc[i]}, {clean.gc[i]}));
+        for (int s = 0; s < 2; ++s) CHECK(bitwise_equal(flat({{dirty.dh[s][i]}}), flat({{clean.dh[s][i]}})));
       }
       // A NaN in a prompt row is never read.
       problem r = p;
@@ -830,8 +788,8 @@ TEST_CASE("linear DPO: forward alone then backward equals the fused four-pass ca
       dpo::cpu::linear_dpo_backward(lay.pairs(p), lay.head(p), s.row_lse.data(), s.row_coef.data(),
                                     s.grads(lay, true));
       check_bitwise(f.gather(p, lay), s.gather(p, lay));
-      CHECK(same_bits(f.row_lse, s.row_lse));
-      CHECK(same_bits(f.row_coef, s.row_coef));
+      CHECK(bitwise_equal(f.row_lse, s.row_lse));
+      CHECK(bitwise_equal(f.row_coef, s.row_coef));
       // The three-pass call writes the same row state up to rounding.
       outputs<float, float> t(p, lay);
       dpo::cpu::linear_dpo(lay.pairs(p), lay.head(p), ref.pc(), ref.pr(), cfg, t.fwd(true), t.grads(lay, true));
