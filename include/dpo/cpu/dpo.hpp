@@ -85,6 +85,22 @@ struct row_values {
   std::vector<double> lse, logp, entropy, zmean, wpo;
   std::vector<std::uint8_t> hit;
   std::vector<std::int64_t> target;
+
+  /// f(mine, part's) on each pair of row vectors, the metric ones only with `metrics`.
+  template <class F>
+  void zip(const row_values& part, bool metrics, F&& f) {
+    f(lse, part.lse), f(logp, part.logp), f(target, part.target);
+    if (metrics) f(entropy, part.entropy), f(zmean, part.zmean), f(wpo, part.wpo), f(hit, part.hit);
+  }
+  /// n rows of zeros (targets: `target_fill`); the metric rows only with `metrics`.
+  void reset(std::int64_t n, bool metrics, std::int64_t target_fill) {
+    zip(*this, metrics, [n](auto& v, const auto&) { v.assign(static_cast<std::size_t>(n), {}); });
+    target.assign(static_cast<std::size_t>(n), target_fill);
+  }
+  /// Copies every row of `part` to rows [at, at + its size) (the metric rows only with `metrics`).
+  void place(const row_values& part, std::int64_t at, bool metrics) {
+    zip(part, metrics, [at](auto& v, const auto& p) { std::copy(p.begin(), p.end(), v.begin() + at); });
+  }
 };
 
 template <bool Metrics, class T, class L>
@@ -92,15 +108,7 @@ void forward_rows_impl(const token_view<T, L>& v, row_values& out, int threads) 
   using A = acc_t<T>;
   const std::int64_t r0 = v.row_begin(0), r1 = v.row_end(v.num_seqs - 1);
   const std::int64_t n = r1 - r0;
-  out.lse.assign(n, 0.0);
-  out.logp.assign(n, 0.0);
-  out.target.assign(n, -1);
-  if (Metrics) {
-    out.entropy.assign(n, 0.0);
-    out.zmean.assign(n, 0.0);
-    out.wpo.assign(n, 0.0);
-    out.hit.assign(n, 0);
-  }
+  out.reset(n, Metrics, -1);
   parallel_for(n, threads, [&](std::int64_t b, std::int64_t e) {
     row_scratch<A> scratch;
     for (std::int64_t i = b; i < e; ++i) {
@@ -159,6 +167,21 @@ struct seq_sums {
   std::vector<double> logp;     // LD-weighted when ld_alpha < 1
   std::vector<double> logp_plain;
   std::vector<double> entropy, zmean, wpo, hit;
+
+  /// f(mine, part's) on each pair of sum vectors, the metric ones only with `metrics`.
+  template <class F>
+  void zip(const seq_sums& part, bool metrics, F&& f) {
+    f(logp, part.logp), f(logp_plain, part.logp_plain);
+    if (metrics) f(entropy, part.entropy), f(zmean, part.zmean), f(wpo, part.wpo), f(hit, part.hit);
+  }
+  /// n sequences of zeros; the metric sums only with `metrics`.
+  void reset(std::size_t n, bool metrics) {
+    zip(*this, metrics, [n](auto& v, const auto&) { v.assign(n, {}); });
+  }
+  /// Copies every sequence of `part` to [at, at + its size) (the metric sums only with `metrics`).
+  void place(const seq_sums& part, std::int64_t at, bool metrics) {
+    zip(part, metrics, [at](auto& v, const auto& p) { std::copy(p.begin(), p.end(), v.begin() + at); });
+  }
 };
 
 template <class T, class L>
@@ -166,14 +189,7 @@ seq_sums sum_sequences(const token_view<T, L>& v, const row_values& rows,
                        const std::vector<double>& shared, double ld_alpha, bool metrics) {
   seq_sums out;
   const std::size_t P = static_cast<std::size_t>(v.num_seqs);
-  out.logp.assign(P, 0.0);
-  out.logp_plain.assign(P, 0.0);
-  if (metrics) {
-    out.entropy.assign(P, 0.0);
-    out.zmean.assign(P, 0.0);
-    out.wpo.assign(P, 0.0);
-    out.hit.assign(P, 0.0);
-  }
+  out.reset(P, metrics);
   if (v.num_seqs == 0) return out;
   const std::int64_t r0 = v.row_begin(0);
   for (std::int64_t s = 0; s < v.num_seqs; ++s) {

@@ -404,15 +404,7 @@ void forward_all_rows(const hidden_pairs<T, L>& in, const linear_head<T>& head,
     const side_map& m = maps[s];
     row_values& rv = out[s];
     const std::int64_t n = m.rows();
-    rv.lse.assign(n, 0.0);
-    rv.logp.assign(n, 0.0);
-    rv.target.assign(n, 0);
-    if (metrics) {
-      rv.entropy.assign(n, 0.0);
-      rv.zmean.assign(n, 0.0);
-      rv.wpo.assign(n, 0.0);
-      rv.hit.assign(n, 0);
-    }
+    rv.reset(n, metrics, 0);
     for (std::int64_t a0 = 0; a0 < n; a0 += rows) {
       const std::int64_t k = std::min(rows, n - a0);
       ch.nb = 0;
@@ -421,15 +413,7 @@ void forward_all_rows(const hidden_pairs<T, L>& in, const linear_head<T>& head,
       const std::int64_t cu[2] = {0, k};
       row_values part;
       forward_rows(chunk_view<A>(ch.z.get(), head.vocab, m.label.data() + a0, cu, 1), part, metrics, threads);
-      std::copy(part.lse.begin(), part.lse.end(), rv.lse.begin() + a0);
-      std::copy(part.logp.begin(), part.logp.end(), rv.logp.begin() + a0);
-      std::copy(part.target.begin(), part.target.end(), rv.target.begin() + a0);
-      if (metrics) {
-        std::copy(part.entropy.begin(), part.entropy.end(), rv.entropy.begin() + a0);
-        std::copy(part.zmean.begin(), part.zmean.end(), rv.zmean.begin() + a0);
-        std::copy(part.wpo.begin(), part.wpo.end(), rv.wpo.begin() + a0);
-        std::copy(part.hit.begin(), part.hit.end(), rv.hit.begin() + a0);
-      }
+      rv.place(part, a0, metrics);
     }
   }
 }
@@ -756,16 +740,7 @@ void fused_three(const hidden_pairs<T, L>& policy, const linear_head<T>& head,
     S.nr[p] = static_cast<double>(maps[1].cu[p + 1] - maps[1].cu[p]);
   }
   S.shared = shared_lengths(S.nc, S.nr, cfg.ld_alpha);
-  for (seq_sums* q : {&S.sc, &S.sr}) {
-    q->logp.assign(S.nc.size(), 0.0);
-    q->logp_plain.assign(S.nc.size(), 0.0);
-    if (metrics) {
-      q->entropy.assign(S.nc.size(), 0.0);
-      q->zmean.assign(S.nc.size(), 0.0);
-      q->wpo.assign(S.nc.size(), 0.0);
-      q->hit.assign(S.nc.size(), 0.0);
-    }
-  }
+  for (seq_sums* q : {&S.sc, &S.sr}) q->reset(S.nc.size(), metrics);
   std::vector<double> W(S.nc.size(), 1.0), gc(S.nc.size()), gr(S.nc.size());
   // dL/dpi of a pair reads only its own values, the weights and P (dpo/core/pair_batch.hpp);
   // the batch NLL and mean weight, not known yet, feed the loss values only.
@@ -806,15 +781,7 @@ void fused_three(const hidden_pairs<T, L>& policy, const linear_head<T>& head,
       v[s] = chunk_view<A>(ch.z.get() + at[s] * V, V, maps[s].label.data() + maps[s].cu[p0], cu[s].data(), k);
       forward_rows(v[s], rv[s], metrics, threads);
       const seq_sums q = sum_sequences(v[s], rv[s], shared, cfg.ld_alpha, metrics);
-      seq_sums& dst = s == 0 ? S.sc : S.sr;
-      std::copy(q.logp.begin(), q.logp.end(), dst.logp.begin() + p0);
-      std::copy(q.logp_plain.begin(), q.logp_plain.end(), dst.logp_plain.begin() + p0);
-      if (metrics) {
-        std::copy(q.entropy.begin(), q.entropy.end(), dst.entropy.begin() + p0);
-        std::copy(q.zmean.begin(), q.zmean.end(), dst.zmean.begin() + p0);
-        std::copy(q.wpo.begin(), q.wpo.end(), dst.wpo.begin() + p0);
-        std::copy(q.hit.begin(), q.hit.end(), dst.hit.begin() + p0);
-      }
+      (s == 0 ? S.sc : S.sr).place(q, p0, metrics);
     }
     for (std::int64_t p = p0; p < p1; ++p) {
       if (cfg.use_weighting) W[p] = dpo::detail::wpo_weight(S.sc.wpo[p], S.nc[p], S.sr.wpo[p], S.nr[p]);
