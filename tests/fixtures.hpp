@@ -631,4 +631,37 @@ inline void expect_error(const std::function<void()>& f, const std::string& need
   CHECK(thrown);
 }
 
+/// Everything one run of forward, backward and sequence_logps writes.
+template <class T>
+struct run_outputs {
+  dpo::cpu::forward_result r;
+  std::vector<T> grad, grad_r;
+  std::vector<double> sums, tok;
+};
+
+/// dpo_forward and dpo_backward of batch b laid out as k (row stride + stride_extra) on
+/// `threads` threads, then sequence_logps over the chosen view (the whole buffer as one view
+/// unless the layout is separate).
+template <class T>
+run_outputs<T> run_all(const named_config& nc, const oracle::batch& b, const reference& ref, layout k,
+                       std::int64_t stride_extra, int threads, bool metrics = true) {
+  buffers<T, std::int64_t> buf(b, k, stride_extra);
+  dpo::cpu::options o;
+  o.num_threads = threads;
+  o.metrics = metrics;
+  const auto view = buf.view();
+  run_outputs<T> out;
+  out.r = dpo::cpu::dpo_forward(view, ref.pc(), ref.pr(), nc.cfg, o);
+  dpo::cpu::dpo_backward(view, out.r, buf.grad_view(), 1.0, o);
+  out.grad = buf.grad;
+  out.grad_r = buf.grad_r;
+  auto v = view.chosen;
+  if (k != layout::separate) v.num_seqs = 2 * buf.P;  // the whole buffer as one view
+  out.sums.resize(static_cast<std::size_t>(v.num_seqs));
+  out.tok.resize(static_cast<std::size_t>(v.row_end(v.num_seqs - 1) - v.row_begin(0)));
+  std::vector<std::int64_t> counts(out.sums.size());
+  dpo::cpu::sequence_logps(v, out.sums.data(), counts.data(), out.tok.data(), o);
+  return out;
+}
+
 }  // namespace fixture

@@ -17,18 +17,12 @@ using fixture::run_options;
 
 namespace {
 
-fixture::batch_spec small() {
-  fixture::batch_spec sp;
-  sp.pairs = 3;
-  sp.rows = 5;
-  sp.vocab = 7;
-  return sp;
-}
+/// 3 pairs of 5 rows over `vocab`, drawn from `seed`.
+fixture::batch_spec small(std::uint64_t seed = 1, std::int64_t vocab = 7) { return fixture::spec(3, 5, vocab, seed); }
 
 template <class T, class L>
 void dtype_layout_matrix() {
-  fixture::batch_spec sp = small();
-  sp.seed = 31;
+  const fixture::batch_spec sp = small(31);
   const fixture::batch_pair batches = fixture::rounded_batch_pair<T>(sp);
   for (const auto& nc : fixture::all_configs()) {
     if (nc.name != "sigmoid" && nc.name != "mpo+wpo" && nc.name != "ipo+ld_alpha0+wpo" && nc.name != "aot_unpaired" &&
@@ -48,8 +42,7 @@ void dtype_layout_matrix() {
 }  // namespace
 
 TEST_CASE("dpo_backward matches finite differences of the oracle for every configuration", "[backward]") {
-  fixture::batch_spec sp = small();
-  sp.seed = 30;
+  const fixture::batch_spec sp = small(30);
   const oracle::batch b = fixture::rounded_random_batch<double>(sp);
   run_options o;
   o.stride_extra = 2;
@@ -64,17 +57,14 @@ TEST_CASE("dpo_backward: dtypes x label types x layouts, in and out of place", "
 }
 
 TEST_CASE("dpo_backward: grad_output scales the gradient", "[backward]") {
-  fixture::batch_spec sp = small();
-  sp.seed = 32;
+  const fixture::batch_spec sp = small(32);
   const oracle::batch b = fixture::rounded_random_batch<float>(sp);
   fixture::check_backward<float, std::int64_t>(fixture::all_configs()[0], b, {}, false, false, -2.5);
 }
 
 template <class T>
 void in_place_equals_out_of_place() {
-  fixture::batch_spec sp = small();
-  sp.seed = 33;
-  sp.vocab = 37;
+  const fixture::batch_spec sp = small(33, 37);
   const oracle::batch b = fixture::rounded_random_batch<T>(sp);
   for (const auto& nc : fixture::every_loss_type()) {
     INFO(nc.name);
@@ -105,8 +95,7 @@ TEST_CASE("dpo_backward in place gives bitwise the out-of-place gradient", "[bac
 }
 
 TEST_CASE("dpo_forward_backward equals dpo_forward then dpo_backward", "[backward]") {
-  fixture::batch_spec sp = small();
-  sp.seed = 34;
+  fixture::batch_spec sp = small(34);
   const oracle::batch b = fixture::rounded_random_batch<float>(sp);
   const auto nc = fixture::combinations_and_options()[0];  // MPO
   fixture::buffers<float, std::int32_t> one(b, layout::padded, 1), two(b, layout::padded, 1);
@@ -136,9 +125,7 @@ void same_as_float_rounded() {
   // bf16 / fp16 -> float is exact and the accumulation is fp32 either way, so on the same
   // values the forward pass equals the float one bitwise and the gradient is the float
   // gradient rounded to nearest-even (Eigen's conversion).
-  fixture::batch_spec sp = small();
-  sp.seed = 35;
-  sp.vocab = 50;
+  const fixture::batch_spec sp = small(35, 50);
   const oracle::batch b = fixture::rounded_random_batch<T>(sp);
   for (const auto& nc : fixture::all_configs()) {
     INFO(nc.name);
@@ -201,8 +188,7 @@ void check_backward_rows(const fixture::named_config& nc, const oracle::batch& b
 }  // namespace
 
 TEST_CASE("dpo_backward_rows from caller-owned row state equals dpo_backward bitwise", "[backward][outputs]") {
-  fixture::batch_spec sp = small();
-  sp.seed = 41;
+  fixture::batch_spec sp = small(41);
   const fixture::batch_pair batches = fixture::rounded_batch_pair<float>(sp);
   for (const auto& nc : fixture::all_configs())
     for (layout k : {layout::padded, layout::packed})

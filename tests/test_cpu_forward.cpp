@@ -30,11 +30,7 @@ std::vector<fixture::named_config> representative() {
 
 template <class T, class L>
 void dtype_layout_matrix() {
-  fixture::batch_spec sp;
-  sp.pairs = 3;
-  sp.rows = 5;
-  sp.vocab = 13;
-  sp.seed = 21;
+  const fixture::batch_spec sp = fixture::spec(3, 5, 13, 21);
   const fixture::batch_pair batches = fixture::rounded_batch_pair<T>(sp, 7);
   for (const auto& nc : representative()) {
     for (layout k : {layout::padded, layout::separate, layout::packed}) {
@@ -263,11 +259,7 @@ void check_caller_owned(const fixture::named_config& nc, const oracle::batch& b,
 
 TEST_CASE("caller-owned dpo_forward equals the owned result bitwise (every layout and configuration)",
           "[forward][outputs]") {
-  fixture::batch_spec sp;
-  sp.pairs = 3;
-  sp.rows = 5;
-  sp.vocab = 13;
-  sp.seed = 33;
+  const fixture::batch_spec sp = fixture::spec(3, 5, 13, 33);
   const fixture::batch_pair batches = fixture::rounded_batch_pair<float>(sp, 7);
   for (const auto& nc : fixture::all_configs())
     for (layout k : {layout::padded, layout::separate, layout::packed})

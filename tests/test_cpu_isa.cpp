@@ -40,32 +40,13 @@ struct with_level {
 };
 
 template <class T>
-struct outputs {
-  dpo::cpu::forward_result r;
-  std::vector<T> grad, grad_r;
-  std::vector<double> sums, tok;
-};
+using outputs = fixture::run_outputs<T>;
 
+/// One run on 2 threads, row stride + 3, with or without metrics.
 template <class T>
 outputs<T> run_all(const fixture::named_config& nc, const oracle::batch& b, const fixture::reference& ref,
                    layout k, bool metrics) {
-  fixture::buffers<T, std::int64_t> buf(b, k, 3);
-  dpo::cpu::options o;
-  o.num_threads = 2;
-  o.metrics = metrics;
-  const auto view = buf.view();
-  outputs<T> out;
-  out.r = dpo::cpu::dpo_forward(view, ref.pc(), ref.pr(), nc.cfg, o);
-  dpo::cpu::dpo_backward(view, out.r, buf.grad_view(), 1.0, o);
-  out.grad = buf.grad;
-  out.grad_r = buf.grad_r;
-  auto v = view.chosen;
-  if (k != layout::separate) v.num_seqs = 2 * buf.P;
-  out.sums.resize(static_cast<std::size_t>(v.num_seqs));
-  out.tok.resize(static_cast<std::size_t>(v.row_end(v.num_seqs - 1) - v.row_begin(0)));
-  std::vector<std::int64_t> counts(out.sums.size());
-  dpo::cpu::sequence_logps(v, out.sums.data(), counts.data(), out.tok.data(), o);
-  return out;
+  return fixture::run_all<T>(nc, b, ref, k, 3, 2, metrics);
 }
 
 /// The doubles a run produced, in a fixed order (metrics included).

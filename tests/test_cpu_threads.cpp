@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "catch.hpp"
+#include "checks.hpp"
 #include "fixtures.hpp"
 
 // After the library's headers, which say whether fork handling is compiled in.
@@ -42,43 +43,19 @@ namespace {
 // 256 threads really run as 64 and 256. Set before main (the library reads it once), unless
 // the environment sets it: DPO_THREAD_LIMIT=16 runs these tests where 256 threads cannot start.
 const bool limit_preset = std::getenv("DPO_THREAD_LIMIT") != nullptr;
-const bool limit_set = [] {
-#ifdef _WIN32
-  return limit_preset || _putenv_s("DPO_THREAD_LIMIT", "300") == 0;
-#else
-  return setenv("DPO_THREAD_LIMIT", "300", 0) == 0;
-#endif
-}();
+const bool limit_set = test_support::preset_thread_limit("300");
 
 int limit() { return dpo::cpu::detail::thread_limit(); }
 
 /// Everything one run of forward, backward and sequence_logps writes.
 template <class T>
-struct outputs {
-  dpo::cpu::forward_result r;
-  std::vector<T> grad, grad_r;
-  std::vector<double> sums, tok;
-};
+using outputs = fixture::run_outputs<T>;
 
+/// One run on `threads` threads, row stride + 1.
 template <class T>
 outputs<T> run_all(const fixture::named_config& nc, const oracle::batch& b, const fixture::reference& ref,
                    layout k, int threads) {
-  fixture::buffers<T, std::int64_t> buf(b, k, 1);
-  dpo::cpu::options o;
-  o.num_threads = threads;
-  const auto view = buf.view();
-  outputs<T> out;
-  out.r = dpo::cpu::dpo_forward(view, ref.pc(), ref.pr(), nc.cfg, o);
-  dpo::cpu::dpo_backward(view, out.r, buf.grad_view(), 1.0, o);
-  out.grad = buf.grad;
-  out.grad_r = buf.grad_r;
-  auto v = view.chosen;
-  if (k != layout::separate) v.num_seqs = 2 * buf.P;  // the whole buffer as one view
-  out.sums.resize(static_cast<std::size_t>(v.num_seqs));
-  out.tok.resize(static_cast<std::size_t>(v.row_end(v.num_seqs - 1) - v.row_begin(0)));
-  std::vector<std::int64_t> counts(out.sums.size());
-  dpo::cpu::sequence_logps(v, out.sums.data(), counts.data(), out.tok.data(), o);
-  return out;
+  return fixture::run_all<T>(nc, b, ref, k, 1, threads);
 }
 
 bool same_bytes(const void* a, const void* b, std::size_t n) { return n == 0 || std::memcmp(a, b, n) == 0; }
