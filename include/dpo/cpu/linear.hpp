@@ -28,6 +28,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "dpo/core/linear_view.hpp"
 #include "dpo/core/math.hpp"
 #include "dpo/core/transforms.hpp"
 #include "dpo/cpu/parallel.hpp"
@@ -40,40 +41,11 @@ namespace cpu {
 /// The default workspace budget of the linear head: 256 MiB.
 inline constexpr std::int64_t default_linear_workspace_bytes = std::int64_t{256} << 20;
 
-/// An LM head applied to hidden states: plain pointers, int64 sizes and strides (elements),
-/// nothing owned. Row r of `hidden` scores label r (already shifted, as token_view's logits).
-///
-/// | field | shape / meaning |
-/// |---|---|
-/// | hidden, hidden_stride | [rows, hidden_stride], columns [0, hidden_cols) read |
-/// | weight, weight_stride | [vocab, weight_stride], row-major nn.Linear layout, columns [0, weight_cols) read |
-/// | bias, bias_size | [vocab] or null; bias_size must be vocab with a bias, 0 without |
-/// | labels, mask | [rows]; a row counts when label != ignore_index and (no mask or mask[r] != 0) |
-/// | transforms | scale, soft cap, temperature (dpo/core/transforms.hpp) |
-template <class T, class L>
-struct linear_view {
-  const T* hidden = nullptr;
-  std::int64_t rows = 0;         // N >= 0
-  std::int64_t hidden_cols = 0;  // H >= 1
-  std::int64_t hidden_stride = 0;
-  const T* weight = nullptr;
-  std::int64_t vocab = 0;        // V >= 1
-  std::int64_t weight_cols = 0;  // must equal hidden_cols
-  std::int64_t weight_stride = 0;
-  const T* bias = nullptr;
-  std::int64_t bias_size = 0;
-  const L* labels = nullptr;
-  const std::uint8_t* mask = nullptr;
-  std::int64_t ignore_index = -100;
-  logit_transforms transforms;
-
-  /// The label of row r if it counts, else -1 (after the labels were checked).
-  std::int64_t target(std::int64_t r) const {
-    const std::int64_t y = static_cast<std::int64_t>(labels[r]);
-    if (y == ignore_index || (mask != nullptr && mask[r] == 0)) return -1;
-    return y;
-  }
-};
+/// The view, chunk shape and gradient targets are the core's (dpo/core/linear_view.hpp),
+/// here with host pointers.
+using dpo::linear_chunking;
+using dpo::linear_grads;
+using dpo::linear_view;
 
 /// Run-time options of the linear head.
 struct linear_options {
@@ -87,30 +59,6 @@ struct linear_options {
   /// depend on the chunk shape only through the rounding of the products.
   std::int64_t chunk_rows = 0;
   std::int64_t chunk_vocab = 0;
-};
-
-/// The chunk shape of a call and the workspace it allocates (bytes, every buffer included).
-struct linear_chunking {
-  std::int64_t rows = 0;
-  std::int64_t vocab = 0;
-  std::int64_t workspace_bytes = 0;
-};
-
-/// Where the backward writes. Null pointers skip that gradient (a frozen head, say).
-/// - hidden: [rows, hidden_stride] of T; written (accumulate_hidden = false: rows that do not
-///   count get zeros) or added to (true: such rows are untouched).
-/// - weight: [vocab, weight_stride] and bias: [vocab], of G, always added to. G is T or the
-///   accumulation type (float for bf16/half): with G = float the sums stay in fp32 across
-///   calls (the recommended accumulation buffer for bf16/half heads); with G = bf16/half each
-///   call rounds once per row chunk.
-template <class T, class G = T>
-struct linear_grads {
-  T* hidden = nullptr;
-  std::int64_t hidden_stride = 0;
-  bool accumulate_hidden = false;
-  G* weight = nullptr;
-  std::int64_t weight_stride = 0;
-  G* bias = nullptr;
 };
 
 namespace detail {

@@ -45,6 +45,7 @@
 #include <type_traits>
 
 #include "dpo/core/linear_check.hpp"
+#include "dpo/core/linear_view.hpp"
 #include "dpo/core/math.hpp"
 #include "dpo/core/transforms.hpp"
 #include "dpo/cuda/block.cuh"
@@ -59,34 +60,11 @@ namespace cuda {
 /// vocab columns.
 inline constexpr std::int64_t default_linear_workspace_bytes = std::int64_t{512} << 20;
 
-/// An LM head applied to hidden states (device pointers; int64 sizes and strides in
-/// elements), as dpo::cpu::linear_view. Row r of `hidden` scores label r.
-///
-/// | field | shape / meaning |
-/// |---|---|
-/// | hidden, hidden_stride | [rows, hidden_stride], columns [0, hidden_cols) read |
-/// | weight, weight_stride | [vocab, weight_stride], row-major nn.Linear layout |
-/// | bias, bias_size | [vocab] or null; bias_size must be vocab with a bias, 0 without |
-/// | labels, mask | [rows]; a row counts when label != ignore_index and (no mask or mask[r] != 0) |
-/// | transforms | scale, soft cap, temperature (dpo/core/transforms.hpp) |
-/// T: __nv_bfloat16, __half, float, double; L: int32_t or int64_t.
-template <class T, class L>
-struct linear_view {
-  const T* hidden = nullptr;
-  std::int64_t rows = 0;         // N >= 0
-  std::int64_t hidden_cols = 0;  // H >= 1
-  std::int64_t hidden_stride = 0;
-  const T* weight = nullptr;
-  std::int64_t vocab = 0;        // V >= 1, < 2^31
-  std::int64_t weight_cols = 0;  // must equal hidden_cols
-  std::int64_t weight_stride = 0;
-  const T* bias = nullptr;
-  std::int64_t bias_size = 0;
-  const L* labels = nullptr;
-  const std::uint8_t* mask = nullptr;
-  std::int64_t ignore_index = -100;
-  logit_transforms transforms;
-};
+/// The view, chunk shape and gradient targets are the core's (dpo/core/linear_view.hpp),
+/// here with device pointers; T: __nv_bfloat16, __half, float, double.
+using dpo::linear_chunking;
+using dpo::linear_grads;
+using dpo::linear_view;
 
 /// Run-time options of the CUDA linear head.
 struct linear_options {
@@ -99,30 +77,6 @@ struct linear_options {
   /// cuBLASLt's own workspace, carved from the budget (32 MiB: NVIDIA's recommendation for
   /// Hopper; 0 restricts cuBLASLt to algorithms that need none).
   std::int64_t gemm_workspace_bytes = std::int64_t{32} << 20;
-};
-
-/// The chunk shape of a call and the workspace bytes it needs (everything included).
-struct linear_chunking {
-  std::int64_t rows = 0;
-  std::int64_t vocab = 0;
-  std::int64_t workspace_bytes = 0;
-};
-
-/// Where linear_logps_backward writes (device pointers; null skips that gradient), as
-/// dpo::cpu::linear_grads:
-/// - hidden: [rows, hidden_stride] of T; written (rows that do not count, or whose upstream
-///   gradients are 0, get zeros) or, with accumulate_hidden, added to (such rows untouched).
-/// - weight: [vocab, weight_stride] and bias: [vocab], of G, always added to. G is T or
-///   float (bf16 / half heads): with G = float the sums stay in fp32 across calls (the
-///   recommended accumulation buffer); with G = T each row chunk's sum is rounded once.
-template <class T, class G = T>
-struct linear_grads {
-  T* hidden = nullptr;
-  std::int64_t hidden_stride = 0;
-  bool accumulate_hidden = false;
-  G* weight = nullptr;
-  std::int64_t weight_stride = 0;
-  G* bias = nullptr;
 };
 
 namespace detail {

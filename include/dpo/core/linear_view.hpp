@@ -1,0 +1,80 @@
+// Copyright 2026 The dpo Authors. SPDX-License-Identifier: Apache-2.0
+//
+// What the fused LM head reads and writes, for both backends (dpo::cpu::linear_* takes host
+// pointers, dpo::cuda::linear_* device pointers; each backend names these types in its own
+// namespace too): the view of hidden states and an LM head, the chunk shape a call picked,
+// and where the backward writes. Plain pointers, int64 sizes and strides in elements,
+// nothing owned. Math and memory model: docs/linear.md.
+#pragma once
+
+#include <cstdint>
+
+#include "dpo/core/math.hpp"
+#include "dpo/core/transforms.hpp"
+
+namespace dpo {
+
+/// An LM head applied to hidden states. Row r of `hidden` scores label r (already shifted,
+/// as token_view's logits).
+///
+/// | field | shape / meaning |
+/// |---|---|
+/// | hidden, hidden_stride | [rows, hidden_stride], columns [0, hidden_cols) read |
+/// | weight, weight_stride | [vocab, weight_stride], row-major nn.Linear layout, columns [0, weight_cols) read |
+/// | bias, bias_size | [vocab] or null; bias_size must be vocab with a bias, 0 without |
+/// | labels, mask | [rows]; a row counts when label != ignore_index and (no mask or mask[r] != 0) |
+/// | transforms | scale, soft cap, temperature (dpo/core/transforms.hpp) |
+///
+/// T: float, double and the backend's bf16 / half types; L: int32_t or int64_t.
+template <class T, class L>
+struct linear_view {
+  const T* hidden = nullptr;
+  std::int64_t rows = 0;         // N >= 0
+  std::int64_t hidden_cols = 0;  // H >= 1
+  std::int64_t hidden_stride = 0;
+  const T* weight = nullptr;
+  std::int64_t vocab = 0;        // V >= 1 (and < 2^31 on CUDA)
+  std::int64_t weight_cols = 0;  // must equal hidden_cols
+  std::int64_t weight_stride = 0;
+  const T* bias = nullptr;
+  std::int64_t bias_size = 0;
+  const L* labels = nullptr;
+  const std::uint8_t* mask = nullptr;
+  std::int64_t ignore_index = -100;
+  logit_transforms transforms;
+
+  /// The label of row r if it counts, else -1 (after the labels were checked; where the
+  /// pointers are, host or device, this runs).
+  DPO_HOST_DEVICE std::int64_t target(std::int64_t r) const {
+    const std::int64_t y = static_cast<std::int64_t>(labels[r]);
+    if (y == ignore_index || (mask != nullptr && mask[r] == 0)) return -1;
+    return y;
+  }
+};
+
+/// The chunk shape of a call and the workspace it needs (bytes, every buffer included).
+struct linear_chunking {
+  std::int64_t rows = 0;
+  std::int64_t vocab = 0;
+  std::int64_t workspace_bytes = 0;
+};
+
+/// Where the backward writes. Null pointers skip that gradient (a frozen head, say).
+/// - hidden: [rows, hidden_stride] of T; written (accumulate_hidden = false: rows that do not
+///   count, or whose upstream gradients are 0, get zeros) or added to (true: such rows are
+///   untouched).
+/// - weight: [vocab, weight_stride] and bias: [vocab], of G, always added to. G is T or the
+///   accumulation type (float for bf16/half): with G = float the sums stay in fp32 across
+///   calls (the recommended accumulation buffer for bf16/half heads); with G = bf16/half each
+///   call rounds once per row chunk.
+template <class T, class G = T>
+struct linear_grads {
+  T* hidden = nullptr;
+  std::int64_t hidden_stride = 0;
+  bool accumulate_hidden = false;
+  G* weight = nullptr;
+  std::int64_t weight_stride = 0;
+  G* bias = nullptr;
+};
+
+}  // namespace dpo
