@@ -38,16 +38,10 @@
 
 #include <dpo/cuda/dpo.cuh>
 
+#include "bench_cuda_common.hpp"
+
 namespace {
 
-#define DPO_BENCH_CK(x)                                                                   \
-  do {                                                                                    \
-    const cudaError_t e_ = (x);                                                           \
-    if (e_ != cudaSuccess) {                                                              \
-      std::fprintf(stderr, "%s failed: %s\n", #x, cudaGetErrorString(e_));                \
-      std::exit(1);                                                                       \
-    }                                                                                     \
-  } while (0)
 
 struct shape {
   const char* name;
@@ -268,12 +262,7 @@ void launch_grad_metrics_variant(const setup<T>& d) {
   DPO_BENCH_CK(cudaGetLastError());
 }
 
-void check(const dpo::cuda::status& s) {
-  if (!s) {
-    std::fprintf(stderr, "%s\n", s.message);
-    std::exit(1);
-  }
-}
+using dpo_bench::check;
 
 template <class T>
 void run(benchmark::State& state, const shape& sh, int what) {
@@ -394,14 +383,7 @@ void run(benchmark::State& state, const shape& sh, int what) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  int n = 0;
-  if (cudaGetDeviceCount(&n) != cudaSuccess || n < 1) {
-    std::printf("SKIPPED: no CUDA device\n");
-    return 0;
-  }
-  cudaDeviceProp p{};
-  DPO_BENCH_CK(cudaGetDeviceProperties(&p, 0));
-  std::printf("device: %s\n", p.name);
+  if (!dpo_bench::print_device()) return 0;
   // DPO_BENCH_MIN_TIME (seconds, default 0.3): shorter runs under a profiler.
   const char* mt = std::getenv("DPO_BENCH_MIN_TIME");
   const double min_time = mt != nullptr && std::atof(mt) > 0 ? std::atof(mt) : 0.3;
@@ -418,8 +400,6 @@ int main(int argc, char** argv) {
       })->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(min_time);
     }
   }
-  benchmark::Initialize(&argc, argv);
-  benchmark::RunSpecifiedBenchmarks();
-  benchmark::Shutdown();
+  dpo_bench::run_registered(argc, argv);
   return 0;
 }

@@ -29,16 +29,10 @@
 #include <dpo/cuda/dpo.cuh>
 #include <dpo/cuda/linear.cuh>
 
+#include "bench_cuda_common.hpp"
+
 namespace {
 
-#define DPO_LB_CK(x)                                                                      \
-  do {                                                                                    \
-    const cudaError_t e_ = (x);                                                           \
-    if (e_ != cudaSuccess) {                                                              \
-      std::fprintf(stderr, "%s failed: %s\n", #x, cudaGetErrorString(e_));                \
-      std::exit(1);                                                                       \
-    }                                                                                     \
-  } while (0)
 
 using T = __nv_bfloat16;
 using L = std::int64_t;
@@ -66,15 +60,10 @@ void fill(T* x, std::int64_t n, unsigned seed, float amp) {
   c.gridDim = dim3(static_cast<unsigned>(blocks < 4096 ? blocks : 4096));
   c.blockDim = dim3(256);
   c.stream = 0;
-  DPO_LB_CK(cudaLaunchKernelEx(&c, fill_kernel, x, n, seed, amp));
+  DPO_BENCH_CK(cudaLaunchKernelEx(&c, fill_kernel, x, n, seed, amp));
 }
 
-void check(const dpo::cuda::status& s) {
-  if (!s) {
-    std::fprintf(stderr, "%s\n", s.message);
-    std::exit(1);
-  }
-}
+using dpo_bench::check;
 
 struct head {
   std::int64_t N, H, V, seq_len = 1024;
@@ -94,32 +83,32 @@ struct head {
     H = env_or("DPO_BENCH_LINEAR_H", 4096);
     V = env_or("DPO_BENCH_LINEAR_V", 128256);
     seq_len = std::min<std::int64_t>(seq_len, std::max<std::int64_t>(N / 2, 1));  // 2 sequences at least
-    DPO_LB_CK(cudaMalloc(&hidden, N * H * sizeof(T)));
-    DPO_LB_CK(cudaMalloc(&weight, V * H * sizeof(T)));
-    DPO_LB_CK(cudaMalloc(&dhidden, N * H * sizeof(T)));
-    DPO_LB_CK(cudaMalloc(&dweight, V * H * sizeof(float)));
-    DPO_LB_CK(cudaMemset(dweight, 0, V * H * sizeof(float)));
+    DPO_BENCH_CK(cudaMalloc(&hidden, N * H * sizeof(T)));
+    DPO_BENCH_CK(cudaMalloc(&weight, V * H * sizeof(T)));
+    DPO_BENCH_CK(cudaMalloc(&dhidden, N * H * sizeof(T)));
+    DPO_BENCH_CK(cudaMalloc(&dweight, V * H * sizeof(float)));
+    DPO_BENCH_CK(cudaMemset(dweight, 0, V * H * sizeof(float)));
     fill(hidden, N * H, 1, 2.0f);
     fill(weight, V * H, 2, 2.0f / 64.0f);
-    DPO_LB_CK(cudaGetLastError());
+    DPO_BENCH_CK(cudaGetLastError());
     std::vector<L> h(static_cast<std::size_t>(N));
     for (std::int64_t r = 0; r < N; ++r) h[r] = r % seq_len < 16 ? -100 : (r * 2654435761ll) % V;
-    DPO_LB_CK(cudaMalloc(&labels, N * sizeof(L)));
-    DPO_LB_CK(cudaMemcpy(labels, h.data(), N * sizeof(L), cudaMemcpyHostToDevice));
-    for (double** p : {&logps, &entropy, &lse, &gl, &ge}) DPO_LB_CK(cudaMalloc(p, N * sizeof(double)));
+    DPO_BENCH_CK(cudaMalloc(&labels, N * sizeof(L)));
+    DPO_BENCH_CK(cudaMemcpy(labels, h.data(), N * sizeof(L), cudaMemcpyHostToDevice));
+    for (double** p : {&logps, &entropy, &lse, &gl, &ge}) DPO_BENCH_CK(cudaMalloc(p, N * sizeof(double)));
     std::vector<double> g(static_cast<std::size_t>(N), 1.0 / static_cast<double>(N));
-    DPO_LB_CK(cudaMemcpy(gl, g.data(), N * sizeof(double), cudaMemcpyHostToDevice));
-    DPO_LB_CK(cudaMemcpy(ge, g.data(), N * sizeof(double), cudaMemcpyHostToDevice));
+    DPO_BENCH_CK(cudaMemcpy(gl, g.data(), N * sizeof(double), cudaMemcpyHostToDevice));
+    DPO_BENCH_CK(cudaMemcpy(ge, g.data(), N * sizeof(double), cudaMemcpyHostToDevice));
     if (cublasLtCreate(&handle) != CUBLAS_STATUS_SUCCESS) {
       std::fprintf(stderr, "cublasLtCreate failed\n");
       std::exit(1);
     }
     check(dpo::cuda::linear_workspace_size(view(), opt, &ch));
     ws_bytes = static_cast<std::size_t>(ch.workspace_bytes);
-    DPO_LB_CK(cudaMalloc(&ws, ws_bytes));
-    DPO_LB_CK(cudaMemset(ws, 0, ws_bytes));  // gemms() reads the chunk buffers as they are
-    DPO_LB_CK(cudaEventCreate(&start));
-    DPO_LB_CK(cudaEventCreate(&stop));
+    DPO_BENCH_CK(cudaMalloc(&ws, ws_bytes));
+    DPO_BENCH_CK(cudaMemset(ws, 0, ws_bytes));  // gemms() reads the chunk buffers as they are
+    DPO_BENCH_CK(cudaEventCreate(&start));
+    DPO_BENCH_CK(cudaEventCreate(&stop));
     std::printf("linear head: N=%lld H=%lld V=%lld bf16, chunk %lld x %lld, workspace %.1f MiB\n",
                 (long long)N, (long long)H, (long long)V, (long long)ch.rows, (long long)ch.vocab,
                 ws_bytes / 1048576.0);
@@ -176,12 +165,12 @@ struct head {
 
   template <class Fn>
   float time(Fn&& fn) {
-    DPO_LB_CK(cudaEventRecord(start));
+    DPO_BENCH_CK(cudaEventRecord(start));
     fn();
-    DPO_LB_CK(cudaEventRecord(stop));
-    DPO_LB_CK(cudaEventSynchronize(stop));
+    DPO_BENCH_CK(cudaEventRecord(stop));
+    DPO_BENCH_CK(cudaEventSynchronize(stop));
     float ms = 0;
-    DPO_LB_CK(cudaEventElapsedTime(&ms, start, stop));
+    DPO_BENCH_CK(cudaEventElapsedTime(&ms, start, stop));
     return ms;
   }
 };
@@ -200,18 +189,18 @@ struct materializing {
   std::int64_t S;
 
   explicit materializing(head& hd) : h(hd), S(hd.N / hd.seq_len) {
-    DPO_LB_CK(cudaMalloc(&logits, h.N * h.V * sizeof(T)));
-    DPO_LB_CK(cudaMalloc(&sums, S * sizeof(double)));
-    DPO_LB_CK(cudaMalloc(&seq_grad, S * sizeof(double)));
-    DPO_LB_CK(cudaMalloc(&row_lse, h.N * sizeof(double)));
-    DPO_LB_CK(cudaMalloc(&counts, S * sizeof(std::int64_t)));
+    DPO_BENCH_CK(cudaMalloc(&logits, h.N * h.V * sizeof(T)));
+    DPO_BENCH_CK(cudaMalloc(&sums, S * sizeof(double)));
+    DPO_BENCH_CK(cudaMalloc(&seq_grad, S * sizeof(double)));
+    DPO_BENCH_CK(cudaMalloc(&row_lse, h.N * sizeof(double)));
+    DPO_BENCH_CK(cudaMalloc(&counts, S * sizeof(std::int64_t)));
     std::vector<double> g(static_cast<std::size_t>(S), 1.0 / static_cast<double>(h.N));
-    DPO_LB_CK(cudaMemcpy(seq_grad, g.data(), S * sizeof(double), cudaMemcpyHostToDevice));
+    DPO_BENCH_CK(cudaMemcpy(seq_grad, g.data(), S * sizeof(double), cudaMemcpyHostToDevice));
     std::size_t a = 0, b = 0;
     check(dpo::cuda::sequence_logps(nullptr, a, view(), sums, counts, nullptr, row_lse));
     check(dpo::cuda::sequence_logps_backward(nullptr, b, view(), row_lse, seq_grad, logits, h.V));
     ws_bytes = std::max(a, b);
-    DPO_LB_CK(cudaMalloc(&ws, ws_bytes));
+    DPO_BENCH_CK(cudaMalloc(&ws, ws_bytes));
   }
   ~materializing() {
     cudaFree(logits);
@@ -287,14 +276,7 @@ void run(benchmark::State& state, int what) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  int n = 0;
-  if (cudaGetDeviceCount(&n) != cudaSuccess || n < 1) {
-    std::printf("SKIPPED: no CUDA device\n");
-    return 0;
-  }
-  cudaDeviceProp p{};
-  DPO_LB_CK(cudaGetDeviceProperties(&p, 0));
-  std::printf("device: %s\n", p.name);
+  if (!dpo_bench::print_device()) return 0;
   the_head = new head();
   const std::string shape = "N" + std::to_string(the_head->N) + "_H" + std::to_string(the_head->H) + "_V" +
                             std::to_string(the_head->V) + "_bf16";
@@ -305,9 +287,7 @@ int main(int argc, char** argv) {
         ->Unit(benchmark::kMillisecond)
         ->Iterations(5);
   }
-  benchmark::Initialize(&argc, argv);
-  benchmark::RunSpecifiedBenchmarks();
-  benchmark::Shutdown();
+  dpo_bench::run_registered(argc, argv);
   delete the_head;
   return 0;
 }
