@@ -14,6 +14,20 @@
 
 namespace dpo {
 
+/// An LM head: weight [vocab, weight_stride] (row-major, the nn.Linear layout; columns
+/// [0, hidden) read), optional bias [vocab] (bias_size = vocab, or null and 0), and the
+/// logit transforms (scale, soft cap, temperature; dpo/core/transforms.hpp).
+template <class T>
+struct linear_head {
+  const T* weight = nullptr;
+  std::int64_t vocab = 0;   // V >= 1
+  std::int64_t hidden = 0;  // H >= 1: columns of the weight read
+  std::int64_t weight_stride = 0;
+  const T* bias = nullptr;
+  std::int64_t bias_size = 0;
+  logit_transforms transforms;
+};
+
 /// An LM head applied to hidden states. Row r of `hidden` scores label r (already shifted,
 /// as token_view's logits).
 ///
@@ -51,6 +65,31 @@ struct linear_view {
     return y;
   }
 };
+
+/// The linear_view of `rows` hidden states [rows, hidden_stride] (the head's `hidden`
+/// columns read) through `head`, scoring `labels` (with an optional mask and ignore_index).
+template <class T, class L>
+DPO_HOST_DEVICE linear_view<T, L> linear_view_of(const T* hidden, std::int64_t rows, std::int64_t hidden_stride,
+                                                 const linear_head<T>& head, const L* labels,
+                                                 const std::uint8_t* mask = nullptr,
+                                                 std::int64_t ignore_index = -100) {
+  linear_view<T, L> v;
+  v.hidden = hidden;
+  v.rows = rows;
+  v.hidden_cols = head.hidden;
+  v.hidden_stride = hidden_stride;
+  v.weight = head.weight;
+  v.vocab = head.vocab;
+  v.weight_cols = head.hidden;
+  v.weight_stride = head.weight_stride;
+  v.bias = head.bias;
+  v.bias_size = head.bias_size;
+  v.labels = labels;
+  v.mask = mask;
+  v.ignore_index = ignore_index;
+  v.transforms = head.transforms;
+  return v;
+}
 
 /// The chunk shape of a call and the workspace it needs (bytes, every buffer included).
 struct linear_chunking {

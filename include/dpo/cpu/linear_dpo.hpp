@@ -44,19 +44,8 @@ namespace cpu {
 /// 1 GiB.
 inline constexpr std::int64_t default_linear_dpo_workspace_bytes = std::int64_t{768} << 20;
 
-/// An LM head: weight [vocab, weight_stride] (row-major, the nn.Linear layout; columns
-/// [0, hidden) read), optional bias [vocab] (bias_size = vocab, or null and 0), and the
-/// logit transforms (scale, soft cap, temperature; dpo/core/transforms.hpp).
-template <class T>
-struct linear_head {
-  const T* weight = nullptr;
-  std::int64_t vocab = 0;   // V >= 1
-  std::int64_t hidden = 0;  // H >= 1: columns of the weight read
-  std::int64_t weight_stride = 0;
-  const T* bias = nullptr;
-  std::int64_t bias_size = 0;
-  logit_transforms transforms;
-};
+/// The LM head (weight, bias, transforms) is the core's (dpo/core/linear_view.hpp).
+using dpo::linear_head;
 
 /// Preference pairs over hidden rows: a pair layout of the logits path (padded TRL
 /// concatenated, packed with cu_seqlens, separate chosen/rejected; dpo/core/layout.hpp) with
@@ -620,20 +609,9 @@ void recompute_backward(const hidden_pairs<T, L>& in, const linear_head<T>& head
         grad[r] = coef[s][i];
       }
     const int s0 = *which.begin();
-    linear_view<T, std::int64_t> v;
-    v.hidden = sides[s0]->logits + b * sides[s0]->row_stride;
-    v.rows = n;
-    v.hidden_cols = head.hidden;
-    v.hidden_stride = sides[s0]->row_stride;
-    v.weight = head.weight;
-    v.vocab = head.vocab;
-    v.weight_cols = head.hidden;
-    v.weight_stride = head.weight_stride;
-    v.bias = head.bias;
-    v.bias_size = head.bias_size;
-    v.labels = labels.data();
-    v.ignore_index = -1;
-    v.transforms = head.transforms;
+    const linear_view<T, std::int64_t> v = linear_view_of(sides[s0]->logits + b * sides[s0]->row_stride, n,
+                                                          sides[s0]->row_stride, head, labels.data(),
+                                                          nullptr, std::int64_t{-1});
     linear_grads<T, G> lg;
     lg.hidden = gh[s0] != nullptr ? gh[s0] + b * gs[s0] : nullptr;
     lg.hidden_stride = gs[s0];
