@@ -577,3 +577,187 @@ TEST_CASE("linear head: bad inputs raise dpo::error naming the argument, nothing
   for (float x : dw) CHECK(x == 9.0f);
   for (float x : db) CHECK(x == 9.0f);
 }
+
+namespace {
+
+/// The optional row outputs (linear_outputs) in float64 from the T inputs: log sum_v p_v^2,
+/// the mean transformed logit, the first argmax, and the gap between the top two logits (the
+/// margin an approximate is_top1 can be trusted at).
+struct extras_reference {
+  std::vector<double> lssp, mean, gap;
+  std::vector<std::int64_t> argmax;
+};
+
+template <class T>
+extras_reference extras_of(const problem<T>& p) {
+  extras_reference R;
+  const double s = p.tr.scale, c = p.tr.softcap, t = p.tr.temperature;
+  for (std::int64_t r = 0; r < p.N; ++r) {
+    std::vector<double> o(p.V);
+    for (std::int64_t v = 0; v < p.V; ++v) {
+      double u = p.with_bias ? static_cast<double>(p.bias[v]) : 0.0;
+      for (std::int64_t k = 0; k < p.H; ++k)
+        u += static_cast<double>(p.hidden[r * p.hs + k]) * static_cast<double>(p.weight[v * p.ws + k]);
+      double x = s * u;
+      if (c != 0.0) x = c * std::tanh(x / c);
+      o[v] = x / t;
+    }
+    double m = -INFINITY, second = -INFINITY, sum = 0, sum2 = 0, zs = 0;
+    std::int64_t am = -1;
+    for (std::int64_t v = 0; v < p.V; ++v) {
+      if (o[v] > m) {
+        second = m;
+        m = o[v];
+        am = v;
+      } else if (o[v] > second) {
+        second = o[v];
+      }
+    }
+    for (double x : o) {
+      sum += std::exp(x - m);
+      sum2 += std::exp(2 * (x - m));
+      zs += x;
+    }
+    R.lssp.push_back(std::log(sum2) - 2 * std::log(sum));
+    R.mean.push_back(zs / static_cast<double>(p.V));
+    R.argmax.push_back(am);
+    R.gap.push_back(m - second);
+  }
+  return R;
+}
+
+struct extras_result {
+  std::vector<double> logp, lse, ent, lssp, mean;
+  std::vector<std::uint8_t> top1;
+};
+
+template <class T>
+extras_result run_extras(const problem<T>& p, const linear_options& opt) {
+  extras_result out;
+  out.logp.assign(p.N, -7.0);
+  out.lse.assign(p.N, -7.0);
+  out.ent.assign(p.N, -7.0);
+  out.lssp.assign(p.N, -7.0);
+  out.mean.assign(p.N, -7.0);
+  out.top1.assign(p.N, 7);
+  dpo::cpu::linear_outputs x;
+  x.entropy = out.ent.data();
+  x.log_sum_sq_probs = out.lssp.data();
+  x.mean_logits = out.mean.data();
+  x.is_top1 = out.top1.data();
+  linear_logps(p.view(), out.logp.data(), x, out.lse.data(), opt);
+  return out;
+}
+
+template <class T>
+void check_extras(problem<T>& p, const linear_options& opt, double tol) {
+  const reference R = reference_of(p, true);
+  const extras_reference E = extras_of(p);
+  const extras_result got = run_extras(p, opt);
+  std::vector<double> want_lssp(p.N, 0.0), want_mean(p.N, 0.0);
+  for (std::int64_t r = 0; r < p.N; ++r) {
+    if (p.target(r) < 0) {
+      CHECK(got.top1[r] == 0);
+      continue;
+    }
+    want_lssp[r] = E.lssp[r];
+    want_mean[r] = E.mean[r];
+    // is_top1 is exact wherever the top two logits are apart by more than the products'
+    // rounding; at a near-tie the library's (rounded) logits decide.
+    if (E.gap[r] > 50 * tol * (1 + std::fabs(E.mean[r]))) {
+      INFO("row " << r << ": label " << p.target(r) << ", argmax " << E.argmax[r]);
+      CHECK(got.top1[r] == (E.argmax[r] == p.target(r) ? 1 : 0));
+    } else {
+      CHECK((got.top1[r] == 0 || got.top1[r] == 1));
+    }
+  }
+  check_close(got.logp, R.logp, tol, "logp", tol);
+  check_close(got.ent, R.ent, tol, "entropy", tol);
+  check_close(got.lssp, want_lssp, tol, "log_sum_sq_probs", tol);
+  check_close(got.mean, want_mean, tol, "mean_logits", tol);
+  // The extras change nothing else: logps and row_lse are bitwise those of the plain call.
+  std::vector<double> lp(p.N), lse(p.N);
+  linear_logps(p.view(), lp.data(), nullptr, lse.data(), opt);
+  CHECK(bitwise_equal(lp, got.logp));
+  CHECK(bitwise_equal(lse, got.lse));
+}
+
+}  // namespace
+
+TEST_CASE("linear head: log_sum_sq_probs, mean_logits, is_top1 against float64", "[linear]") {
+  // V = 700 over chunks of 300 columns (tiles of 256 + 44): the argmax crosses tiles and chunks.
+  for (const auto& tr : transform_cases) {
+    INFO("scale " << tr.scale << ", softcap " << tr.softcap << ", temperature " << tr.temperature);
+    linear_options opt;
+    opt.chunk_rows = 7;
+    opt.chunk_vocab = 300;
+    problem<double> pd(23, 19, 700, 31, true, 6.0);
+    pd.tr = tr;
+    pd.with_mask = true;
+    // Make some labels the argmax, so is_top1 is 1 on some rows.
+    const extras_reference E = extras_of(pd);
+    for (std::int64_t r = 0; r < pd.N; r += 2)
+      if (pd.target(r) >= 0) pd.labels[r] = E.argmax[r];
+    check_extras(pd, opt, 1e-11);
+    problem<float> pf(23, 19, 700, 31, false, 6.0);
+    pf.tr = tr;
+    const extras_reference Ef = extras_of(pf);
+    for (std::int64_t r = 0; r < pf.N; r += 2)
+      if (pf.target(r) >= 0) pf.labels[r] = Ef.argmax[r];
+    check_extras(pf, opt, 2e-5);
+    problem<Eigen::bfloat16> pb(23, 19, 700, 31, true, 6.0);
+    pb.tr = tr;
+    check_extras(pb, opt, 2e-5);
+    check_extras(pb, linear_options{}, 2e-5);
+  }
+}
+
+TEST_CASE("linear head: is_top1 is the first maximum, across tiles and chunks", "[linear]") {
+  // H = 1, hidden = 1: each logit is its weight, exactly, so ties are exact.
+  problem<float> p(4, 1, 600, 3, false);
+  for (std::int64_t r = 0; r < p.N; ++r) p.hidden[r * p.hs] = 1.0f;
+  for (std::int64_t v = 0; v < p.V; ++v) p.weight[v * p.ws] = static_cast<float>(v % 50) / 50.0f;
+  p.weight[10 * p.ws] = 2.0f;   // tile 0
+  p.weight[300 * p.ws] = 2.0f;  // tile 1 (and, below, chunk 2)
+  p.weight[590 * p.ws] = 2.0f;  // tile 2
+  p.labels = {10, 300, 590, 11};
+  for (std::int64_t cv : {0, 256, 290, 600}) {
+    INFO("chunk_vocab " << cv);
+    linear_options opt;
+    opt.chunk_vocab = cv;
+    opt.chunk_rows = 3;
+    const extras_result got = run_extras(p, opt);
+    CHECK(got.top1 == std::vector<std::uint8_t>{1, 0, 0, 0});
+  }
+  p.weight[10 * p.ws] = 1.5f;  // now 300 is the first maximum
+  CHECK(run_extras(p, {}).top1 == std::vector<std::uint8_t>{0, 1, 0, 0});
+  // A row of only -inf logits (an -inf bias) has no top-1.
+  problem<float> q(2, 1, 3, 5, true);
+  q.hidden = {1.0f, 0.0f, 0.0f, 0.0f, 1.0f, 0.0f, 0.0f, 0.0f};
+  q.weight.assign(q.V * q.ws, 0.0f);
+  q.bias.assign(3, -INFINITY);
+  q.labels = {0, 1};
+  CHECK(run_extras(q, {}).top1 == std::vector<std::uint8_t>{0, 0});
+}
+
+TEST_CASE("linear head: the extra outputs are checked for overlap and zero on ignored rows",
+          "[linear]") {
+  problem<float> p(9, 4, 30, 11);
+  p.with_mask = true;
+  const extras_result got = run_extras(p, {});
+  for (std::int64_t r = 0; r < p.N; ++r) {
+    if (p.target(r) >= 0) continue;
+    CHECK(got.lssp[r] == 0.0);
+    CHECK(got.mean[r] == 0.0);
+    CHECK(got.top1[r] == 0);
+  }
+  std::vector<double> lp(p.N, -7.0), lse(p.N, -7.0), buf(2 * p.N, -7.0);
+  dpo::cpu::linear_outputs x;
+  x.log_sum_sq_probs = buf.data();
+  x.mean_logits = buf.data() + 3;
+  expect_error("mean_logits", [&] { linear_logps(p.view(), lp.data(), x, lse.data()); });
+  x.mean_logits = lp.data();
+  expect_error("logps overlaps mean_logits", [&] { linear_logps(p.view(), lp.data(), x, lse.data()); });
+  for (double v : lp) CHECK(v == -7.0);
+  for (double v : buf) CHECK(v == -7.0);
+}

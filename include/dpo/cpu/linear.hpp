@@ -61,6 +61,25 @@ struct linear_options {
   std::int64_t chunk_vocab = 0;
 };
 
+/// The optional per-token outputs of linear_logps, each [rows] or null (not computed); rows
+/// that do not count get 0. TRL's ChunkedLogProbFunction outputs, folded chunk by chunk into
+/// the same row statistics as the log-sum-exp (dpo/core/math.hpp row_stats):
+/// - entropy: -sum_v p_v log p_v = log s - t / s
+/// - log_sum_sq_probs: log sum_v p_v^2 = log s2 - 2 log s (WPO's weight term)
+/// - mean_logits: (1 / V) sum_v o_v, the mean of the transformed logits (summed in A)
+/// - is_top1: 1 when the label is the row's first maximum (torch.argmax's tie rule), else 0
+/// All but is_top1 are in double; entropy is the only one the backward differentiates.
+struct linear_outputs {
+  double* entropy = nullptr;
+  double* log_sum_sq_probs = nullptr;
+  double* mean_logits = nullptr;
+  std::uint8_t* is_top1 = nullptr;
+
+  bool any() const {
+    return entropy != nullptr || log_sum_sq_probs != nullptr || mean_logits != nullptr || is_top1 != nullptr;
+  }
+};
+
 namespace detail {
 
 /// Vocab columns per unit of work of the logits and dWeight products.
@@ -314,9 +333,9 @@ void merge_linear_stats(dpo::detail::row_stats<A>& acc, const dpo::detail::row_s
   dpo::detail::merge_row_stats(acc, c);
 }
 
-template <bool Entropy, class T, class L>
+template <bool Metrics, class T, class L>
 void linear_forward_impl(const linear_view<T, L>& in, const linear_chunking& ch, double* logps,
-                         double* entropy, double* row_lse, int threads) {
+                         const linear_outputs& x, double* row_lse, int threads) {
   using A = acc_t<T>;
   using stats = dpo::detail::row_stats<A>;
   const dpo::detail::transform_params<A> tp(in.transforms);
@@ -327,7 +346,10 @@ void linear_forward_impl(const linear_view<T, L>& in, const linear_chunking& ch,
     } else {
       logps[r] = 0;
       row_lse[r] = 0;
-      if (Entropy) entropy[r] = 0;
+      if (x.entropy != nullptr) x.entropy[r] = 0;
+      if (x.log_sum_sq_probs != nullptr) x.log_sum_sq_probs[r] = 0;
+      if (x.mean_logits != nullptr) x.mean_logits[r] = 0;
+      if (x.is_top1 != nullptr) x.is_top1[r] = 0;
     }
   }
   const std::int64_t max_tiles = (ch.vocab + linear_vocab_tile - 1) / linear_vocab_tile;
@@ -351,7 +373,10 @@ void linear_forward_impl(const linear_view<T, L>& in, const linear_chunking& ch,
             if (in.bias != nullptr || !tp.identity)
               for (std::int64_t j = 0; j < w; ++j)
                 zr[j] = dpo::detail::transform_logit(tp, p.raw(zr[j], j0 + j));
-            part[i * tiles + k] = row_forward<Entropy>(zr, w, scratch);
+            stats st = row_forward<Metrics>(zr, w, scratch);
+            // row_forward's argmax is tile-relative; the merge below needs the vocab index.
+            if (Metrics && st.argmax >= 0) st.argmax += p.v0 + j0;
+            part[i * tiles + k] = st;
           }
         }
       });
@@ -366,10 +391,18 @@ void linear_forward_impl(const linear_view<T, L>& in, const linear_chunking& ch,
     parallel_for(p.nb, threads, [&](std::int64_t i0, std::int64_t i1) {
       for (std::int64_t i = i0; i < i1; ++i) {
         const std::int64_t r = p.active[b0 + i];
+        const stats& st = acc[i];
         // (z_y - m) - log s, never z_y - lse: lse rounds at the scale of m (docs/math.md §1).
-        logps[r] = acc[i].log_softmax(zy[i]);
-        row_lse[r] = acc[i].logsumexp_double();
-        if (Entropy) entropy[r] = static_cast<double>(acc[i].entropy());
+        logps[r] = st.log_softmax(zy[i]);
+        row_lse[r] = st.logsumexp_double();
+        if (!Metrics) continue;
+        if (x.entropy != nullptr) x.entropy[r] = static_cast<double>(st.entropy());
+        if (x.log_sum_sq_probs != nullptr) x.log_sum_sq_probs[r] = st.log_sum_p2();
+        if (x.mean_logits != nullptr)
+          x.mean_logits[r] = static_cast<double>(st.zsum) / static_cast<double>(in.vocab);
+        // The first maximum, as torch.argmax; a -inf label logit (no mass) is never top-1.
+        if (x.is_top1 != nullptr)
+          x.is_top1[r] = st.argmax == in.target(r) && zy[i] > -INFINITY ? 1 : 0;
       }
     });
   }
@@ -587,7 +620,8 @@ linear_chunking linear_workspace_size(const linear_view<T, L>& in, const linear_
 /// with o the transforms (scale, soft cap, temperature).
 ///
 /// - logps: [rows], 0 on rows that do not count (ignore_index or masked).
-/// - entropy: [rows] or null: -sum_v p_v log p_v of each counted row, 0 elsewhere.
+/// - extra: the optional outputs (linear_outputs: entropy, log_sum_sq_probs, mean_logits,
+///   is_top1), each [rows] or null; 0 on rows that do not count.
 /// - row_lse: [rows], each counted row's log-sum-exp of the transformed logits in double
 ///   (0 elsewhere): what linear_logps_backward reads.
 /// T: float, double, Eigen::bfloat16, Eigen::half; L: an integer type. Products accumulate
@@ -599,9 +633,11 @@ linear_chunking linear_workspace_size(const linear_view<T, L>& in, const linear_
 ///   dpo::cpu::linear_view<float, std::int64_t> v;
 ///   v.hidden = h; v.rows = N; v.hidden_cols = H; v.hidden_stride = H;
 ///   v.weight = w; v.vocab = V; v.weight_cols = H; v.weight_stride = H; v.labels = y;
-///   dpo::cpu::linear_logps(v, logps, nullptr, lse);
+///   dpo::cpu::linear_outputs x;
+///   x.entropy = ent;
+///   dpo::cpu::linear_logps(v, logps, x, lse);
 template <class T, class L>
-void linear_logps(const linear_view<T, L>& in, double* logps, double* entropy, double* row_lse,
+void linear_logps(const linear_view<T, L>& in, double* logps, const linear_outputs& extra, double* row_lse,
                   const linear_options& opt = {}) {
   detail::check_linear_view(in);
   const linear_chunking ch = detail::linear_chunks<T>(in.rows, in.hidden_cols, in.vocab, opt);
@@ -609,17 +645,31 @@ void linear_logps(const linear_view<T, L>& in, double* logps, double* entropy, d
   if (in.rows > 0 && row_lse == nullptr) detail::fail("row_lse is null");
   detail::linear_range ins[5];
   detail::input_ranges(in, ins);
-  const detail::linear_range outs[3] = {detail::range_of(logps, 1, in.rows, in.rows, "logps"),
-                                        detail::range_of(entropy, 1, in.rows, in.rows, "entropy"),
-                                        detail::range_of(row_lse, 1, in.rows, in.rows, "row_lse")};
-  detail::check_no_overlap(outs, 3, ins, 5);
-  if (in.rows == 0) return;
+  const std::int64_t N = in.rows;
+  const detail::linear_range outs[6] = {
+      detail::range_of(logps, 1, N, N, "logps"),
+      detail::range_of(extra.entropy, 1, N, N, "entropy"),
+      detail::range_of(row_lse, 1, N, N, "row_lse"),
+      detail::range_of(extra.log_sum_sq_probs, 1, N, N, "log_sum_sq_probs"),
+      detail::range_of(extra.mean_logits, 1, N, N, "mean_logits"),
+      detail::range_of(extra.is_top1, 1, N, N, "is_top1")};
+  detail::check_no_overlap(outs, 6, ins, 5);
+  if (N == 0) return;
   const int threads = detail::resolve_threads(opt.num_threads);
-  if (entropy != nullptr) {
-    detail::linear_forward_impl<true>(in, ch, logps, entropy, row_lse, threads);
+  if (extra.any()) {
+    detail::linear_forward_impl<true>(in, ch, logps, extra, row_lse, threads);
   } else {
-    detail::linear_forward_impl<false>(in, ch, logps, nullptr, row_lse, threads);
+    detail::linear_forward_impl<false>(in, ch, logps, extra, row_lse, threads);
   }
+}
+
+/// linear_logps with the entropy as the only optional output (null: none).
+template <class T, class L>
+void linear_logps(const linear_view<T, L>& in, double* logps, double* entropy, double* row_lse,
+                  const linear_options& opt = {}) {
+  linear_outputs extra;
+  extra.entropy = entropy;
+  linear_logps(in, logps, extra, row_lse, opt);
 }
 
 /// The gradient of sum_r grad_logps[r] * logps[r] (+ sum_r grad_entropy[r] * entropy[r]) of
