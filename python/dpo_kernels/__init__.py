@@ -24,12 +24,15 @@ from typing import Sequence
 import torch
 
 from . import _C
+from ._linear import OPTIONAL_OUTPUTS, linear_logprobs
 from ._ops import CONFIG_FIELDS, LOSS_TYPES, METRIC_NAMES, PAIR_VALUE_NAMES, check_devices, check_inplace_target, ops
 
 __all__ = [
     "sequence_logps",
     "dpo_loss",
     "dpo_loss_from_logits",
+    "linear_logprobs",
+    "OPTIONAL_OUTPUTS",
     "METRIC_NAMES",
     "PAIR_VALUE_NAMES",
     "LOSS_TYPES",
