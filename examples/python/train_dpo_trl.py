@@ -1,6 +1,8 @@
 # Copyright 2026 The dpo Authors. SPDX-License-Identifier: Apache-2.0
-"""Train a tiny causal LM with TRL's DPOTrainer twice from the same start: once with TRL's own
-loss path, once with dpo_kernels' fused op, and print both loss curves and the time per step.
+"""Train a tiny causal LM with TRL's DPOTrainer three times from the same start: with TRL's own
+loss path, with TRL's chunked LM head replaced by dpo_kernels.linear_logprobs (the one-line
+`dpo_kernels.trl.patch_chunked_logprobs()`), and with dpo_kernels' fused loss op; print the loss
+curves and the time of each run.
 
 The hook is a DPOTrainer subclass that overrides `_compute_loss`: it runs the backbone, the
 LM head on the shifted positions, and `dpo_kernels.dpo_loss_from_logits` (reference logits
@@ -129,14 +131,21 @@ def main():
     cfg = {"loss_type": a.loss_type.split(",")}
     print(f"tiny Llama, vocab {a.vocab}, {a.pairs} pairs per step, {a.steps} steps, loss_type={cfg['loss_type']}")
     trl_losses, trl_logs, trl_time = train(DPOTrainer, cfg, a.steps, a.vocab, words, a.pairs)
+    import dpo_kernels.trl
+
+    with dpo_kernels.trl.patch_chunked_logprobs():  # TRL's own trainer, our LM head
+        head_losses, _, head_time = train(DPOTrainer, cfg, a.steps, a.vocab, words, a.pairs)
     our_losses, our_logs, our_time = train(fused_trainer_class(), cfg, a.steps, a.vocab, words, a.pairs)
-    print(f"{'step':>4s} {'TRL loss':>10s} {'fused loss':>10s} {'TRL margin':>11s} {'fused margin':>12s}")
-    for i, (x, y) in enumerate(zip(trl_losses, our_losses)):
-        print(f"{i + 1:4d} {x:10.5f} {y:10.5f} {trl_logs[i]['rewards/margins']:11.5f} "
+    print(f"{'step':>4s} {'TRL loss':>10s} {'patched head':>12s} {'fused loss':>10s} {'TRL margin':>11s} "
+          f"{'fused margin':>12s}")
+    for i, (x, h, y) in enumerate(zip(trl_losses, head_losses, our_losses)):
+        print(f"{i + 1:4d} {x:10.5f} {h:12.5f} {y:10.5f} {trl_logs[i]['rewards/margins']:11.5f} "
               f"{our_logs[i]['rewards/margins']:12.5f}")
-    diff = max(abs(x - y) / max(abs(x), 1e-6) for x, y in zip(trl_losses, our_losses))
-    print(f"max relative loss difference over the curve: {diff:.2e}")
-    print(f"training time: TRL {trl_time:.1f} s, fused {our_time:.1f} s ({trl_time / our_time:.2f}x) "
+    for name, curve in (("patched head", head_losses), ("fused loss", our_losses)):
+        diff = max(abs(x - y) / max(abs(x), 1e-6) for x, y in zip(trl_losses, curve))
+        print(f"max relative loss difference over the curve, {name} vs TRL: {diff:.2e}")
+    print(f"training time: TRL {trl_time:.1f} s, patched head {head_time:.1f} s ({trl_time / head_time:.2f}x), "
+          f"fused loss {our_time:.1f} s ({trl_time / our_time:.2f}x) "
           "(the whole step: model forward/backward and optimizer included)")
 
 
