@@ -269,3 +269,19 @@ def test_cuda_tensors_raise_not_implemented():
     h, w, b, y = (t.cuda() for t in make(N=4, H=4, V=8))
     with pytest.raises(NotImplementedError, match="cuda"):
         dk.linear_logprobs(h, w, b, y)
+
+
+def test_strided_inputs_and_int32_targets():
+    h, w, b, y = make(N=13, H=10, V=70, dtype=torch.float64)
+    want = dk.linear_logprobs(h, w, b, y)
+    wide = torch.zeros(13, 16, dtype=torch.float64)
+    wide[:, 3:13] = h
+    wt = w.T.contiguous().T  # column-major: copied to rows by the op
+    got = dk.linear_logprobs(wide[:, 3:13], wt, b, y.int())
+    for a, e in zip(got, want):
+        assert torch.equal(a, e)
+    hh = wide[:, 3:13].clone().requires_grad_()
+    dk.linear_logprobs(hh, w, b, y)[0].sum().backward()
+    rh = h.clone().requires_grad_()
+    reference(rh, w, b, y)[0].sum().backward()
+    close(hh.grad, rh.grad, 1e-12, "d hidden (strided)")
