@@ -333,32 +333,24 @@ void merge_linear_stats(dpo::detail::row_stats<A>& acc, const dpo::detail::row_s
   dpo::detail::merge_row_stats(acc, c);
 }
 
-template <bool Metrics, class T, class L>
-void linear_forward_impl(const linear_view<T, L>& in, const linear_chunking& ch, double* logps,
-                         const linear_outputs& x, double* row_lse, int threads) {
+/// The row statistics of the pass's active rows, p.active, ch.rows rows at a time: each block
+/// [b0, b0 + p.nb) gets every vocab chunk's logits (bias and transforms applied) folded tile by
+/// tile into its rows' row_stats (argmax as a vocab index), in a fixed order. After each vocab
+/// chunk, on_chunk(b0, i) runs for every row i of the block while that chunk's logits are in
+/// p.z; after the block, on_block(b0, acc) gets the block's statistics.
+template <bool Metrics, class T, class L, class OnChunk, class OnBlock>
+void fold_rows(linear_pass<T, L>& p, int threads, OnChunk on_chunk, OnBlock on_block) {
   using A = acc_t<T>;
   using stats = dpo::detail::row_stats<A>;
+  const linear_view<T, L>& in = p.in;
+  const linear_chunking& ch = p.ch;
   const dpo::detail::transform_params<A> tp(in.transforms);
-  linear_pass<T, L> p(in, ch, threads);
-  for (std::int64_t r = 0; r < in.rows; ++r) {
-    if (in.target(r) >= 0) {
-      p.active.push_back(r);
-    } else {
-      logps[r] = 0;
-      row_lse[r] = 0;
-      if (x.entropy != nullptr) x.entropy[r] = 0;
-      if (x.log_sum_sq_probs != nullptr) x.log_sum_sq_probs[r] = 0;
-      if (x.mean_logits != nullptr) x.mean_logits[r] = 0;
-      if (x.is_top1 != nullptr) x.is_top1[r] = 0;
-    }
-  }
   const std::int64_t max_tiles = (ch.vocab + linear_vocab_tile - 1) / linear_vocab_tile;
   std::vector<stats> part(static_cast<std::size_t>(ch.rows * max_tiles));
   std::vector<stats> acc(static_cast<std::size_t>(ch.rows));
-  std::vector<A> zy(static_cast<std::size_t>(ch.rows));
-  const std::int64_t n_act = static_cast<std::int64_t>(p.active.size());
-  for (std::int64_t b0 = 0; b0 < n_act; b0 += ch.rows) {
-    p.gather(b0, std::min(ch.rows, n_act - b0));
+  const std::int64_t n = static_cast<std::int64_t>(p.active.size());
+  for (std::int64_t b0 = 0; b0 < n; b0 += ch.rows) {
+    p.gather(b0, std::min(ch.rows, n - b0));
     std::fill(acc.begin(), acc.end(), stats::empty());
     for (std::int64_t c0 = 0; c0 < in.vocab; c0 += ch.vocab) {
       p.select_vocab(c0, std::min(ch.vocab, in.vocab - c0));
@@ -383,29 +375,58 @@ void linear_forward_impl(const linear_view<T, L>& in, const linear_chunking& ch,
       parallel_for(p.nb, threads, [&](std::int64_t i0, std::int64_t i1) {
         for (std::int64_t i = i0; i < i1; ++i) {
           for (std::int64_t k = 0; k < tiles; ++k) merge_linear_stats(acc[i], part[i * tiles + k]);
-          const std::int64_t y = in.target(p.active[b0 + i]) - p.v0;
-          if (y >= 0 && y < p.nv) zy[i] = p.z[i * p.nv + y];
+          on_chunk(b0, i);
         }
       });
     }
-    parallel_for(p.nb, threads, [&](std::int64_t i0, std::int64_t i1) {
-      for (std::int64_t i = i0; i < i1; ++i) {
-        const std::int64_t r = p.active[b0 + i];
-        const stats& st = acc[i];
-        // (z_y - m) - log s, never z_y - lse: lse rounds at the scale of m (docs/math.md §1).
-        logps[r] = st.log_softmax(zy[i]);
-        row_lse[r] = st.logsumexp_double();
-        if (!Metrics) continue;
-        if (x.entropy != nullptr) x.entropy[r] = static_cast<double>(st.entropy());
-        if (x.log_sum_sq_probs != nullptr) x.log_sum_sq_probs[r] = st.log_sum_p2();
-        if (x.mean_logits != nullptr)
-          x.mean_logits[r] = static_cast<double>(st.zsum) / static_cast<double>(in.vocab);
-        // The first maximum, as torch.argmax; a -inf label logit (no mass) is never top-1.
-        if (x.is_top1 != nullptr)
-          x.is_top1[r] = st.argmax == in.target(r) && zy[i] > -INFINITY ? 1 : 0;
-      }
-    });
+    on_block(b0, acc);
   }
+}
+
+template <bool Metrics, class T, class L>
+void linear_forward_impl(const linear_view<T, L>& in, const linear_chunking& ch, double* logps,
+                         const linear_outputs& x, double* row_lse, int threads) {
+  using A = acc_t<T>;
+  using stats = dpo::detail::row_stats<A>;
+  linear_pass<T, L> p(in, ch, threads);
+  for (std::int64_t r = 0; r < in.rows; ++r) {
+    if (in.target(r) >= 0) {
+      p.active.push_back(r);
+    } else {
+      logps[r] = 0;
+      row_lse[r] = 0;
+      if (x.entropy != nullptr) x.entropy[r] = 0;
+      if (x.log_sum_sq_probs != nullptr) x.log_sum_sq_probs[r] = 0;
+      if (x.mean_logits != nullptr) x.mean_logits[r] = 0;
+      if (x.is_top1 != nullptr) x.is_top1[r] = 0;
+    }
+  }
+  std::vector<A> zy(static_cast<std::size_t>(ch.rows));
+  fold_rows<Metrics>(
+      p, threads,
+      [&](std::int64_t b0, std::int64_t i) {  // a vocab chunk's logits are in p.z: the label's
+        const std::int64_t y = in.target(p.active[b0 + i]) - p.v0;
+        if (y >= 0 && y < p.nv) zy[i] = p.z[i * p.nv + y];
+      },
+      [&](std::int64_t b0, const std::vector<stats>& acc) {
+        parallel_for(p.nb, threads, [&](std::int64_t i0, std::int64_t i1) {
+          for (std::int64_t i = i0; i < i1; ++i) {
+            const std::int64_t r = p.active[b0 + i];
+            const stats& st = acc[i];
+            // (z_y - m) - log s, never z_y - lse: lse rounds at the scale of m (docs/math.md §1).
+            logps[r] = st.log_softmax(zy[i]);
+            row_lse[r] = st.logsumexp_double();
+            if (!Metrics) continue;
+            if (x.entropy != nullptr) x.entropy[r] = static_cast<double>(st.entropy());
+            if (x.log_sum_sq_probs != nullptr) x.log_sum_sq_probs[r] = st.log_sum_p2();
+            if (x.mean_logits != nullptr)
+              x.mean_logits[r] = static_cast<double>(st.zsum) / static_cast<double>(in.vocab);
+            // The first maximum, as torch.argmax; a -inf label logit (no mass) is never top-1.
+            if (x.is_top1 != nullptr)
+              x.is_top1[r] = st.argmax == in.target(r) && zy[i] > -INFINITY ? 1 : 0;
+          }
+        });
+      });
 }
 
 /// dst += v, rounded once to G.
@@ -424,41 +445,15 @@ std::vector<dpo::detail::lse_parts<acc_t<T>>> linear_exact_lse(linear_pass<T, L>
                                                                int threads) {
   using A = acc_t<T>;
   using stats = dpo::detail::row_stats<A>;
-  const linear_view<T, L>& in = p.in;
-  const linear_chunking& ch = p.ch;
-  const dpo::detail::transform_params<A> tp(in.transforms);
   std::vector<dpo::detail::lse_parts<A>> out;
   if (rows.empty()) return out;
   std::vector<std::int64_t> counted = std::move(p.active);
   p.active = rows;
-  const std::int64_t max_tiles = (ch.vocab + linear_vocab_tile - 1) / linear_vocab_tile;
-  std::vector<stats> part(static_cast<std::size_t>(ch.rows * max_tiles));
-  std::vector<stats> acc(static_cast<std::size_t>(ch.rows));
-  const std::int64_t n = static_cast<std::int64_t>(rows.size());
-  for (std::int64_t b0 = 0; b0 < n; b0 += ch.rows) {
-    p.gather(b0, std::min(ch.rows, n - b0));
-    std::fill(acc.begin(), acc.end(), stats::empty());
-    for (std::int64_t c0 = 0; c0 < in.vocab; c0 += ch.vocab) {
-      p.select_vocab(c0, std::min(ch.vocab, in.vocab - c0));
-      const std::int64_t tiles = p.tiles();
-      parallel_tiles(tiles, threads, [&](std::int64_t k0, std::int64_t k1) {
-        row_scratch<A> scratch;
-        for (std::int64_t k = k0; k < k1; ++k) {
-          std::int64_t j0 = 0, w = 0;
-          p.tile_logits(k, &j0, &w);
-          for (std::int64_t i = 0; i < p.nb; ++i) {
-            A* zr = p.z.get() + i * p.nv + j0;
-            for (std::int64_t j = 0; j < w; ++j)
-              zr[j] = dpo::detail::transform_logit(tp, p.raw(zr[j], j0 + j));
-            part[i * tiles + k] = row_forward<false>(zr, w, scratch);
-          }
-        }
+  fold_rows<false>(
+      p, threads, [](std::int64_t, std::int64_t) {},
+      [&](std::int64_t, const std::vector<stats>& acc) {
+        for (std::int64_t i = 0; i < p.nb; ++i) out.push_back(dpo::detail::lse_parts_of(acc[i].m, acc[i].s));
       });
-      for (std::int64_t i = 0; i < p.nb; ++i)
-        for (std::int64_t k = 0; k < tiles; ++k) merge_linear_stats(acc[i], part[i * tiles + k]);
-    }
-    for (std::int64_t i = 0; i < p.nb; ++i) out.push_back(dpo::detail::lse_parts_of(acc[i].m, acc[i].s));
-  }
   p.active = std::move(counted);
   return out;
 }
