@@ -70,17 +70,7 @@ struct data {
     lse.resize(N);
   }
   dpo::cpu::linear_view<float, std::int64_t> view() const {
-    dpo::cpu::linear_view<float, std::int64_t> v;
-    v.hidden = hidden.data();
-    v.rows = N;
-    v.hidden_cols = H;
-    v.hidden_stride = H;
-    v.weight = weight.data();
-    v.vocab = V;
-    v.weight_cols = H;
-    v.weight_stride = H;
-    v.labels = labels.data();
-    return v;
+    return dpo::linear_view_of(hidden.data(), N, H, dpo::make_linear_head(weight.data(), V, H, H), labels.data());
   }
 };
 

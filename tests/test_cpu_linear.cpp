@@ -73,23 +73,9 @@ struct problem {
   }
 
   linear_view<T, label_t> view() const {
-    linear_view<T, label_t> v;
-    v.hidden = hidden.data();
-    v.rows = N;
-    v.hidden_cols = H;
-    v.hidden_stride = hs;
-    v.weight = weight.data();
-    v.vocab = V;
-    v.weight_cols = H;
-    v.weight_stride = ws;
-    if (with_bias) {
-      v.bias = bias.data();
-      v.bias_size = V;
-    }
-    v.labels = labels.data();
-    if (with_mask) v.mask = mask.data();
-    v.transforms = tr;
-    return v;
+    const dpo::linear_head<T> head =
+        dpo::make_linear_head(weight.data(), V, H, ws, with_bias ? bias.data() : nullptr, tr);
+    return dpo::linear_view_of(hidden.data(), N, hs, head, labels.data(), with_mask ? mask.data() : nullptr);
   }
   std::int64_t target(std::int64_t r) const {
     if (labels[r] == -100 || (with_mask && mask[r] == 0)) return -1;

@@ -97,21 +97,10 @@ cpu_out cpu_run(const linear_case& c) {
     return v;
   };
   const std::vector<E> hidden = typed(c.hidden), weight = typed(c.weight), bias = typed(c.bias);
-  dpo::cpu::linear_view<E, std::int64_t> v;
-  v.hidden = hidden.data();
-  v.rows = N;
-  v.hidden_cols = H;
-  v.hidden_stride = hs;
-  v.weight = weight.data();
-  v.vocab = V;
-  v.weight_cols = H;
-  v.weight_stride = ws;
-  v.bias = bias.empty() ? nullptr : bias.data();
-  v.bias_size = bias.empty() ? 0 : V;
-  v.labels = c.labels.data();
-  v.mask = c.mask.empty() ? nullptr : c.mask.data();
-  v.ignore_index = c.ignore_index;
-  v.transforms = c.transforms;
+  const dpo::linear_head<E> head =
+      dpo::make_linear_head(weight.data(), V, H, ws, bias.empty() ? nullptr : bias.data(), c.transforms);
+  const dpo::cpu::linear_view<E, std::int64_t> v = dpo::linear_view_of(
+      hidden.data(), N, hs, head, c.labels.data(), c.mask.empty() ? nullptr : c.mask.data(), c.ignore_index);
   cpu_out o;
   o.logps.assign(static_cast<std::size_t>(N), 0);
   o.row_lse.assign(static_cast<std::size_t>(N), 0);

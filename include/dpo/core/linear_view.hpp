@@ -28,6 +28,23 @@ struct linear_head {
   logit_transforms transforms;
 };
 
+/// The head of a weight [vocab, weight_stride] (`hidden` columns read), an optional bias
+/// [vocab] (null: none) and the transforms.
+template <class T>
+DPO_HOST_DEVICE linear_head<T> make_linear_head(const T* weight, std::int64_t vocab, std::int64_t hidden,
+                                                std::int64_t weight_stride, const T* bias = nullptr,
+                                                logit_transforms transforms = {}) {
+  linear_head<T> h;
+  h.weight = weight;
+  h.vocab = vocab;
+  h.hidden = hidden;
+  h.weight_stride = weight_stride;
+  h.bias = bias;
+  h.bias_size = bias != nullptr ? vocab : 0;
+  h.transforms = transforms;
+  return h;
+}
+
 /// An LM head applied to hidden states. Row r of `hidden` scores label r (already shifted,
 /// as token_view's logits).
 ///
