@@ -1,0 +1,986 @@
+// Copyright 2026 The dpo Authors. SPDX-License-Identifier: Apache-2.0
+//
+// DPO straight from hidden states on CUDA (issue 12, item 2): the same API shape as
+// dpo::cpu::linear_dpo (include/dpo/cpu/linear_dpo.hpp), over device memory, with the
+// contract of dpo/cuda/dpo.cuh and dpo/cuda/linear.cuh:
+//
+//   status f(void* workspace, std::size_t& workspace_bytes, cublasLtHandle_t handle,
+//            <arguments>, const linear_dpo_options& opt, ..., cudaStream_t stream)
+//
+// * Two-phase workspace (workspace == nullptr: checks the arguments, sets workspace_bytes,
+//   enqueues nothing); the caller's cuBLASLt handle and stream; no allocation, no copy, no
+//   synchronization.
+// * Four GEMM passes, composed of what exists: linear_logps over the policy's hidden rows
+//   (dpo/cuda/linear.cuh: per-row log-prob and log-sum-exp, logits chunked in the workspace),
+//   fixed-order per-sequence sums and counts, the pair stage of dpo_loss (dpo/cuda/dpo.cuh:
+//   every loss type, combination and f-divergence, the core's metrics finalize), each row's
+//   dL/dlogp, then linear_logps_backward (the logits recomputed). The reference comes as
+//   precomputed device log-probs or as reference hidden states through a reference head
+//   (linear_logps, forward only). The three-pass path of the CPU (chunks of whole pairs, no
+//   recompute) is not implemented here yet: linear_mode::three_pass is refused with a status,
+//   automatic runs four passes.
+// * Not supported yet (refused with a status naming the option): LD-DPO (cfg.ld_alpha < 1)
+//   and WPO weights (cfg.use_weighting), whose row terms linear_logps does not produce. The
+//   token metrics (logits/chosen, logits/rejected, entropy, mean_token_accuracy) are NaN in
+//   out.metrics: they need whole logit rows that this path never keeps; every other metric
+//   and per-pair output is dpo_loss's.
+// * Device-data errors (a label outside [0, vocab) that is not ignore_index, a bad
+//   cu_seqlens) are recorded in the workspace's error word (offset 0, read_device_error;
+//   sides 0 / 1 the policy's chosen / rejected, 2 / 3 the reference's) and nothing outside
+//   the workspace is written: the loss stage writes into the workspace and a last kernel
+//   copies its results out only when the error word is clear; the backward then runs with
+//   zero upstream gradients into accumulating outputs (dWeight and dBias get exact zeros
+//   added, dHidden rows are left alone).
+// * Deterministic for a fixed chunk shape: fixed-order sums, no atomics in any sum.
+//
+// Docs: docs/cuda.md ("DPO from hidden states").
+#pragma once
+
+#include "dpo/cuda/compiler.cuh"
+
+#include <cublasLt.h>
+#include <cuda_runtime.h>
+
+#include <climits>
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+#include "dpo/core/layout.hpp"
+#include "dpo/core/linear_plan.hpp"
+#include "dpo/core/metrics.hpp"
+#include "dpo/core/outputs.hpp"
+#include "dpo/cuda/dpo.cuh"
+#include "dpo/cuda/linear.cuh"
+#include "dpo/cuda/status.cuh"
+
+namespace dpo {
+namespace cuda {
+
+/// An LM head (device pointers), as dpo::cpu::linear_head: weight [vocab, weight_stride]
+/// (row-major nn.Linear layout; columns [0, hidden) read), optional bias [vocab]
+/// (bias_size = vocab, or null and 0), and the logit transforms.
+template <class T>
+struct linear_head {
+  const T* weight = nullptr;
+  std::int64_t vocab = 0;
+  std::int64_t hidden = 0;
+  std::int64_t weight_stride = 0;
+  const T* bias = nullptr;
+  std::int64_t bias_size = 0;
+  logit_transforms transforms;
+};
+
+/// Preference pairs over hidden rows (device pointers), as dpo::cpu::hidden_pairs: a pair
+/// layout of the logits path whose token_views' `logits` point at hidden rows and whose
+/// `row_stride` is their stride; `vocab` is unused (the head's vocab bounds the labels).
+template <class T, class L>
+struct hidden_pairs {
+  pair_view<T, L> pairs;
+  std::int64_t hidden_size = 0;
+  std::int64_t num_pairs() const { return pairs.num_pairs(); }
+};
+
+/// TRL's padded concatenated layout over hidden rows [num_seqs * seq_len, hidden_stride].
+template <class T, class L>
+hidden_pairs<T, L> linear_padded_pairs(const T* hidden, std::int64_t hidden_size,
+                                       std::int64_t hidden_stride, const L* labels,
+                                       std::int64_t num_seqs, std::int64_t seq_len,
+                                       const std::uint8_t* mask = nullptr,
+                                       std::int64_t ignore_index = -100) {
+  return {padded_pairs(hidden, labels, num_seqs, seq_len, hidden_size, hidden_stride, mask, ignore_index),
+          hidden_size};
+}
+
+/// Packed pairs over hidden rows [linear_dpo_options::num_rows, hidden_stride] (cu_seqlens
+/// is device data: num_rows bounds it, as options::num_rows does for logits).
+template <class T, class L>
+hidden_pairs<T, L> linear_packed_pairs(const T* hidden, std::int64_t hidden_size,
+                                       std::int64_t hidden_stride, const L* labels,
+                                       const std::int64_t* cu_seqlens, std::int64_t num_seqs,
+                                       const std::uint8_t* mask = nullptr,
+                                       std::int64_t ignore_index = -100) {
+  return {packed_pairs(hidden, labels, cu_seqlens, num_seqs, hidden_size, hidden_stride, mask, ignore_index),
+          hidden_size};
+}
+
+/// Separate chosen and rejected hidden buffers [P * seq_len, hidden_stride] each.
+template <class T, class L>
+hidden_pairs<T, L> linear_separate_pairs(const T* chosen_hidden, const L* chosen_labels,
+                                         const T* rejected_hidden, const L* rejected_labels,
+                                         std::int64_t num_pairs, std::int64_t seq_len,
+                                         std::int64_t hidden_size, std::int64_t hidden_stride,
+                                         const std::uint8_t* chosen_mask = nullptr,
+                                         const std::uint8_t* rejected_mask = nullptr,
+                                         std::int64_t ignore_index = -100) {
+  return {separate_pairs(chosen_hidden, chosen_labels, rejected_hidden, rejected_labels, num_pairs,
+                         seq_len, hidden_size, hidden_stride, chosen_mask, rejected_mask, ignore_index),
+          hidden_size};
+}
+
+/// Where the gradients go (device pointers; null members skipped), as
+/// dpo::cpu::linear_dpo_grads. dHidden: written (rows of the sequences that are not
+/// completion tokens get zeros) or added to (accumulate_hidden); gap rows never touched.
+/// The concatenated layouts (one hidden buffer) need chosen_hidden == rejected_hidden and
+/// equal strides. dWeight [vocab, weight_stride] and dBias [vocab] of G (T, or float for
+/// bf16 / half heads): always added to.
+template <class T, class G = T>
+struct linear_dpo_grads {
+  T* chosen_hidden = nullptr;
+  std::int64_t chosen_hidden_stride = 0;
+  T* rejected_hidden = nullptr;
+  std::int64_t rejected_hidden_stride = 0;
+  bool accumulate_hidden = false;
+  G* weight = nullptr;
+  std::int64_t weight_stride = 0;
+  G* bias = nullptr;
+};
+
+/// Run-time options, as dpo::cpu::linear_dpo_options (no threads; num_rows and the GEMM
+/// workspace as in dpo::cuda::options and linear_options).
+struct linear_dpo_options {
+  /// Accepted for the CPU's shape; the token metrics are NaN on this path (see the top).
+  bool metrics = true;
+  /// The budget of the linear head's chunks (linear_options::workspace_bytes, the GEMM
+  /// workspace included); the call's workspace is this plus O(rows + pairs) arrays.
+  std::int64_t workspace_bytes = default_linear_workspace_bytes;
+  /// Rows per logits chunk instead of as many as the budget allows (0).
+  std::int64_t chunk_rows = 0;
+  /// automatic and four_pass run four passes; three_pass is refused (not implemented on CUDA).
+  linear_mode mode = linear_mode::automatic;
+  /// Packed layouts: the rows of each hidden buffer (cu_seqlens must stay within).
+  std::int64_t num_rows = -1;
+  /// cuBLASLt's own workspace, carved from workspace_bytes (linear_options).
+  std::int64_t gemm_workspace_bytes = std::int64_t{32} << 20;
+};
+
+/// What a call will do: its mode (always four_pass here), the rows of its logits chunk and
+/// the workspace bytes it needs.
+struct linear_dpo_plan {
+  linear_mode mode = linear_mode::four_pass;
+  std::int64_t chunk_rows = 0;
+  std::int64_t workspace_bytes = 0;
+};
+
+namespace detail {
+
+inline constexpr int ldpo_block = 256;
+
+/// The workspace header: the error word at offset 0.
+struct ldpo_header {
+  device_error err;
+  unsigned long long label_key;
+};
+
+/// Per-buffer row arrays (indexed by the hidden buffer's row).
+struct ldpo_rows {
+  std::int64_t* label;  // the completion label, or -1
+  double* logp;
+  double* lse;
+  double* coef;  // dL/dlogp times grad_output (0 after an error)
+};
+
+/// One pass's layout: up to two hidden buffers, the side -> buffer map and their rows.
+template <class T, class L>
+struct ldpo_layout {
+  token_view<T, L> v[2];        // chosen, rejected (vocab replaced by the head's)
+  int num_buffers = 1;
+  int buffer_of[2] = {0, 0};
+  std::int64_t rows[2] = {0, 0};  // rows of each buffer the views span (from row 0)
+  const T* base[2] = {nullptr, nullptr};
+  std::int64_t stride[2] = {0, 0};
+  std::int64_t num_rows = -1;   // packed: cu_seqlens bound
+};
+
+template <class T, class L>
+struct ldpo_dev {
+  token_view<T, L> v[2];
+  int buffer_of[2];
+  std::int64_t rows[2];
+  std::int64_t num_rows;
+};
+
+template <class T, class L>
+ldpo_dev<T, L> dev_of(const ldpo_layout<T, L>& l) {
+  ldpo_dev<T, L> d;
+  for (int s = 0; s < 2; ++s) {
+    d.v[s] = l.v[s];
+    d.buffer_of[s] = l.buffer_of[s];
+    d.rows[s] = l.rows[s];
+  }
+  d.num_rows = l.num_rows;
+  return d;
+}
+
+/// Resets (reset) or honours the error word, checks cu_seqlens and the labels of both sides
+/// (sides side0, side0 + 1 in the error word) and writes each buffer row's completion label
+/// (-1 for every other row). One block; the lowest bad row of the lowest side is reported.
+template <class T, class L>
+__global__ void ldpo_labels_kernel(ldpo_dev<T, L> d, std::int64_t V, int side0, bool reset,
+                                   ldpo_header* h, ldpo_rows b0, ldpo_rows b1) {
+  __shared__ unsigned long long key;
+  __shared__ int stop;
+  const int tid = static_cast<int>(threadIdx.x);
+  if (tid == 0) {
+    if (reset) {
+      h->err = device_error{0, 0, 0, 0, 0};
+      h->label_key = ~0ull;
+    }
+    stop = h->err.code != 0;
+    key = ~0ull;
+  }
+  // Every buffer row starts as "not a completion row", also when the call stops here, so
+  // that the linear head's passes that follow read defined labels.
+  ldpo_rows b[2] = {b0, b1};
+  for (int k = 0; k < 2; ++k)
+    for (std::int64_t r = tid; r < d.rows[k]; r += blockDim.x) b[k].label[r] = -1;
+  __syncthreads();
+  if (stop) return;
+  for (int s = 0; s < 2; ++s) {
+    const token_view<T, L>& v = d.v[s];
+    if (v.cu_seqlens == nullptr || v.num_seqs == 0) continue;
+    const std::int64_t* cu = v.cu_seqlens + v.first_seq;
+    for (std::int64_t q = tid; q <= v.num_seqs; q += blockDim.x) {
+      const bool bad = cu[q] < 0 || (q > 0 && cu[q] < cu[q - 1]) || cu[q] > d.num_rows;
+      if (bad) atomicMin(&key, static_cast<unsigned long long>(s) << 62 | static_cast<unsigned long long>(q));
+    }
+    __syncthreads();
+    if (key != ~0ull) {
+      if (tid == 0) {
+        const std::int64_t q = static_cast<std::int64_t>(key & ((1ull << 62) - 1));
+        device_error e{0, side0 + s, v.first_seq + q, cu[q], 0};
+        if (cu[q] < 0) {
+          e.code = static_cast<std::int32_t>(device_error_code::cu_seqlens_negative);
+        } else if (q > 0 && cu[q] < cu[q - 1]) {
+          e.code = static_cast<std::int32_t>(device_error_code::cu_seqlens_decreasing);
+          e.bound = cu[q - 1];
+        } else {
+          e.code = static_cast<std::int32_t>(device_error_code::cu_seqlens_past_rows);
+          e.bound = d.num_rows;
+        }
+        h->err = e;
+      }
+      return;
+    }
+  }
+  for (int s = 0; s < 2; ++s) {
+    const token_view<T, L>& v = d.v[s];
+    if (v.num_seqs == 0) continue;
+    const std::int64_t r0 = v.row_begin(0), r1 = v.row_end(v.num_seqs - 1);
+    std::int64_t* lab = b[d.buffer_of[s]].label;
+    for (std::int64_t r = r0 + tid; r < r1; r += blockDim.x) {
+      if (!v.in_sequence(r)) continue;
+      const std::int64_t y = v.target(r);
+      if (y == token_view<T, L>::masked) continue;
+      if (y < 0 || y >= V) {
+        atomicMin(&key, static_cast<unsigned long long>(s) << 62 | static_cast<unsigned long long>(r));
+      } else {
+        lab[r] = y;
+      }
+    }
+  }
+  __syncthreads();
+  if (tid == 0 && key != ~0ull) {
+    const int s = static_cast<int>(key >> 62);
+    const std::int64_t r = static_cast<std::int64_t>(key & ((1ull << 62) - 1));
+    h->err = device_error{static_cast<std::int32_t>(device_error_code::label_out_of_range), side0 + s, r,
+                          static_cast<std::int64_t>(d.v[s].labels[r]), V};
+  }
+}
+
+/// Per-sequence sums of the completion rows' log-probs (fp64, row order) and their counts:
+/// sums[side * P + i], counts likewise. One thread per sequence.
+template <class T, class L>
+__global__ void ldpo_sums_kernel(ldpo_dev<T, L> d, const ldpo_header* h, ldpo_rows b0, ldpo_rows b1,
+                                 std::int64_t P, double* sums, double* counts) {
+  if (h->err.code != 0) return;  // cu_seqlens may be invalid
+  const ldpo_rows b[2] = {b0, b1};
+  for (std::int64_t k = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; k < 2 * P;
+       k += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
+    const int s = k < P ? 0 : 1;
+    const std::int64_t q = k - s * P;
+    const token_view<T, L>& v = d.v[s];
+    const ldpo_rows& rb = b[d.buffer_of[s]];
+    double sum = 0.0, n = 0.0;
+    for (std::int64_t r = v.row_begin(q); r < v.row_end(q); ++r) {
+      if (rb.label[r] < 0) continue;
+      sum += rb.logp[r];
+      n += 1.0;
+    }
+    sums[k] = sum;
+    counts[k] = n;
+  }
+}
+
+/// Each completion row's dL/dlogp: grad_<side>[seq] (+ the NLL term's per-token gradient on
+/// the chosen side), into the workspace times grad_output (null: 1; zeros after an error)
+/// and, unscaled, into the caller's row_lse / row_coef (when given and no error; 0 on the
+/// sequences' other rows). One thread per sequence.
+template <class T, class L>
+__global__ void ldpo_coef_kernel(ldpo_dev<T, L> d, ldpo_rows b0, ldpo_rows b1, std::int64_t P,
+                                 const ldpo_header* h, const double* grad_c, const double* grad_r,
+                                 const double* nll, const double* grad_output, double* row_lse,
+                                 double* row_coef) {
+  const ldpo_rows b[2] = {b0, b1};
+  const bool bad = h->err.code != 0;
+  const std::int64_t t0 = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
+  const std::int64_t nt = static_cast<std::int64_t>(gridDim.x) * blockDim.x;
+  if (bad) {  // zeros on every buffer row (cu_seqlens may be invalid: no sequence walk)
+    for (int k = 0; k < 2; ++k)
+      for (std::int64_t r = t0; r < d.rows[k]; r += nt) b[k].coef[r] = 0.0;
+    return;
+  }
+  const double go = grad_output != nullptr ? *grad_output : 1.0;
+  for (std::int64_t k = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; k < 2 * P;
+       k += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
+    const int s = k < P ? 0 : 1;
+    const std::int64_t q = k - s * P;
+    const token_view<T, L>& v = d.v[s];
+    const ldpo_rows& rb = b[d.buffer_of[s]];
+    const double g = s == 0 ? grad_c[q] + *nll : grad_r[q];
+    for (std::int64_t r = v.row_begin(q); r < v.row_end(q); ++r) {
+      const bool on = rb.label[r] >= 0;
+      const double c = on ? g : 0.0;
+      rb.coef[r] = on ? dpo::detail::times(c, go) : 0.0;
+      if (row_lse != nullptr) row_lse[r] = on ? rb.lse[r] : 0.0;
+      if (row_coef != nullptr) row_coef[r] = c;
+    }
+  }
+}
+
+/// linear_dpo_backward: the caller's row_coef times grad_output on completion rows, into the
+/// workspace (zeros after an error).
+template <class T, class L>
+__global__ void ldpo_scale_kernel(ldpo_dev<T, L> d, ldpo_rows b0, const ldpo_header* h,
+                                  const double* row_coef, const double* grad_output) {
+  const bool bad = h->err.code != 0;
+  const double go = grad_output != nullptr ? *grad_output : 1.0;
+  for (std::int64_t r = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; r < d.rows[0];
+       r += static_cast<std::int64_t>(gridDim.x) * blockDim.x)
+    b0.coef[r] = bad || b0.label[r] < 0 ? 0.0 : dpo::detail::times(row_coef[r], go);
+}
+
+/// Zeros of dHidden on every row of each side's sequences (the written mode; the backward
+/// then accumulates). Nothing after an error.
+template <class T, class L>
+__global__ void ldpo_zero_kernel(ldpo_dev<T, L> d, const ldpo_header* h, std::int64_t H, T* g0,
+                                 std::int64_t s0, T* g1, std::int64_t s1) {
+  if (h->err.code != 0) return;
+  T* g[2] = {g0, g1};
+  const std::int64_t gs[2] = {s0, s1};
+  for (int s = 0; s < 2; ++s) {
+    const token_view<T, L>& v = d.v[s];
+    if (g[s] == nullptr || v.num_seqs == 0) continue;
+    const std::int64_t r0 = v.row_begin(0), r1 = v.row_end(v.num_seqs - 1);
+    for (std::int64_t r = r0 + blockIdx.x; r < r1; r += gridDim.x) {
+      if (!v.in_sequence(r)) continue;
+      for (std::int64_t c = threadIdx.x; c < H; c += blockDim.x) g[s][r * gs[s] + c] = T(0.0f);
+    }
+  }
+}
+
+/// Copies the loss stage's results (in the workspace) to the caller's outputs when the
+/// error word is clear; the token metrics are NaN (not computed on this path).
+__global__ inline void ldpo_publish_kernel(const ldpo_header* h, forward_outputs src, forward_outputs dst,
+                                           std::int64_t P) {
+  if (h->err.code != 0) return;
+  const std::int64_t t = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
+  const std::int64_t n = static_cast<std::int64_t>(gridDim.x) * blockDim.x;
+#define DPO_LDPO_COPY(name) \
+  if (dst.name != nullptr)  \
+    for (std::int64_t i = t; i < P; i += n) dst.name[i] = src.name[i];
+  DPO_PAIR_OUTPUTS(DPO_LDPO_COPY)
+#undef DPO_LDPO_COPY
+  if (t == 0) {
+    if (dst.loss != nullptr) *dst.loss = *src.loss;
+    if (dst.nll_token_grad != nullptr) *dst.nll_token_grad = *src.nll_token_grad;
+    if (dst.metrics != nullptr) {
+      dpo::metrics m = *src.metrics;
+      m.logits_chosen = m.logits_rejected = m.entropy = m.mean_token_accuracy = NAN;
+      *dst.metrics = m;
+    }
+  }
+}
+
+/// A 256-byte-aligned carve of the workspace (from 0 to measure).
+struct ldpo_carver {
+  std::uintptr_t base;
+  std::size_t off = 0;
+  template <class U>
+  U* take(std::int64_t n) {
+    const std::uintptr_t p = base + off;
+    off += (static_cast<std::size_t>(n > 0 ? n : 0) * sizeof(U) + 255) / 256 * 256;
+    return reinterpret_cast<U*>(p);
+  }
+};
+
+/// The layout of a pass, checked (core rules; labels bounded by the head's vocab).
+template <class T, class L>
+status ldpo_layout_of(const hidden_pairs<T, L>& in, const linear_head<T>& head, const char* name,
+                      const linear_dpo_options& opt, bool pointers, ldpo_layout<T, L>* out) {
+  options o;
+  o.num_rows = opt.num_rows;
+  std::int64_t cap[2];
+  status s = check_pairs(in.pairs, name, o, cap, pointers);
+  if (!s) return s;
+  if (in.hidden_size != head.hidden)
+    return invalid("dpo: %s.hidden_size = %lld is invalid: must equal the head's hidden = %lld", name,
+                   (long long)in.hidden_size, (long long)head.hidden);
+  if (in.pairs.chosen.seq_stride != 0 || in.pairs.rejected.seq_stride != 0)
+    return invalid("dpo: %s: padded views with gaps (seq_stride) are not supported by the CUDA linear path",
+                   name);
+  ldpo_layout<T, L> l;
+  l.v[0] = in.pairs.chosen;
+  l.v[1] = in.pairs.rejected;
+  l.v[0].vocab = l.v[1].vocab = head.vocab;
+  l.num_rows = opt.num_rows;
+  const bool one = in.pairs.chosen.logits == in.pairs.rejected.logits &&
+                   in.pairs.chosen.row_stride == in.pairs.rejected.row_stride;
+  l.num_buffers = one ? 1 : 2;
+  for (int side = 0; side < 2; ++side) {
+    const token_view<T, L>& v = side == 0 ? in.pairs.chosen : in.pairs.rejected;
+    const int k = one ? 0 : side;
+    l.buffer_of[side] = k;
+    l.base[k] = v.logits;
+    l.stride[k] = v.row_stride;
+    const std::int64_t end = v.cu_seqlens != nullptr ? opt.num_rows : v.row_end(v.num_seqs - 1);
+    if (end > l.rows[k]) l.rows[k] = end;
+  }
+  *out = l;
+  return {};
+}
+
+/// The linear head's view of buffer k of a layout (labels: the workspace's row labels).
+template <class T, class L>
+linear_view<T, std::int64_t> ldpo_view(const ldpo_layout<T, L>& l, int k, const linear_head<T>& head,
+                                       const std::int64_t* labels) {
+  linear_view<T, std::int64_t> v;
+  v.hidden = l.base[k];
+  v.rows = l.rows[k];
+  v.hidden_cols = head.hidden;
+  v.hidden_stride = l.stride[k];
+  v.weight = head.weight;
+  v.vocab = head.vocab;
+  v.weight_cols = head.hidden;
+  v.weight_stride = head.weight_stride;
+  v.bias = head.bias;
+  v.bias_size = head.bias_size;
+  v.labels = labels;
+  v.ignore_index = -1;
+  v.transforms = head.transforms;
+  return v;
+}
+
+inline linear_options ldpo_linear_options(const linear_dpo_options& opt) {
+  linear_options o;
+  o.workspace_bytes = opt.workspace_bytes;
+  o.chunk_rows = opt.chunk_rows;
+  o.gemm_workspace_bytes = opt.gemm_workspace_bytes;
+  return o;
+}
+
+/// The whole call's workspace: header, row arrays of the policy (and reference) buffers,
+/// sequence arrays, the loss stage's outputs and workspace, the linear head's workspace.
+struct ldpo_ws {
+  ldpo_header* h = nullptr;
+  ldpo_rows rows[2] = {};
+  ldpo_rows ref_rows[2] = {};
+  double* sums = nullptr;    // [2P]
+  double* counts = nullptr;  // [2P]
+  double* ref = nullptr;     // [2P] reference log-probs from hidden states
+  double* pair_out = nullptr;  // num_pair_outputs * P
+  double* loss = nullptr;
+  dpo::metrics* metrics = nullptr;
+  double* nll = nullptr;
+  void* loss_ws = nullptr;
+  std::size_t loss_bytes = 0;
+  void* lin_ws = nullptr;
+  std::size_t lin_bytes = 0;
+  std::size_t bytes = 0;
+};
+
+inline ldpo_rows carve_rows(ldpo_carver& c, std::int64_t n) {
+  ldpo_rows r;
+  r.label = c.take<std::int64_t>(n);
+  r.logp = c.take<double>(n);
+  r.lse = c.take<double>(n);
+  r.coef = c.take<double>(n);
+  return r;
+}
+
+inline ldpo_ws carve_ldpo(std::uintptr_t base, const std::int64_t* rows, const std::int64_t* ref_rows,
+                          std::int64_t P, std::size_t loss_bytes, std::size_t lin_bytes) {
+  ldpo_carver c{base};
+  ldpo_ws w;
+  w.h = c.take<ldpo_header>(1);
+  for (int k = 0; k < 2; ++k) w.rows[k] = carve_rows(c, rows[k]);
+  for (int k = 0; k < 2; ++k) w.ref_rows[k] = carve_rows(c, ref_rows[k]);
+  w.sums = c.take<double>(2 * P);
+  w.counts = c.take<double>(2 * P);
+  w.ref = c.take<double>(2 * P);
+  w.pair_out = c.take<double>(num_pair_outputs * P);
+  w.loss = c.take<double>(1);
+  w.metrics = c.take<dpo::metrics>(1);
+  w.nll = c.take<double>(1);
+  w.loss_ws = c.take<unsigned char>(static_cast<std::int64_t>(loss_bytes));
+  w.loss_bytes = loss_bytes;
+  w.lin_ws = c.take<unsigned char>(static_cast<std::int64_t>(lin_bytes));
+  w.lin_bytes = lin_bytes;
+  w.bytes = c.off;
+  return w;
+}
+
+inline unsigned seq_blocks(std::int64_t n) {
+  const std::int64_t b = (n + ldpo_block - 1) / ldpo_block;
+  return static_cast<unsigned>(b < 1 ? 1 : (b > 4096 ? 4096 : b));
+}
+
+/// Everything a call needs to know before it enqueues anything.
+template <class T, class L>
+struct ldpo_call {
+  ldpo_layout<T, L> pol, ref;
+  bool has_ref = false;
+  linear_chunking ch;
+  ldpo_ws w;
+  bool size_only = false;
+};
+
+/// The checks and the workspace of a call: policy layout and head, the reference's (when
+/// given), the loss configuration (loss: the pair stage runs), the mode, the linear head's
+/// chunking for every view, the two-phase workspace.
+template <class T, class L>
+status ldpo_prologue(void* workspace, std::size_t& workspace_bytes, cublasLtHandle_t handle,
+                     const hidden_pairs<T, L>& policy, const linear_head<T>& head,
+                     const hidden_pairs<T, L>* ref, const linear_head<T>* ref_head, const loss_config* cfg,
+                     const linear_dpo_options& opt, ldpo_call<T, L>* c) {
+  const bool pointers = workspace != nullptr;
+  if (cfg != nullptr) {
+    status s = to_status(validate_config(*cfg));
+    if (!s) return s;
+    if (cfg->ld_alpha != 1.0)
+      return invalid("dpo: cfg.ld_alpha = %g: LD-DPO is not supported by the CUDA linear path yet "
+                     "(use the logits path or dpo::cpu::linear_dpo)", cfg->ld_alpha);
+    if (cfg->use_weighting)
+      return invalid("dpo: cfg.use_weighting: WPO weights are not supported by the CUDA linear path yet "
+                     "(use the logits path or dpo::cpu::linear_dpo)");
+  }
+  if (opt.mode == linear_mode::three_pass)
+    return invalid("dpo: options.mode = three_pass is not implemented by the CUDA linear path "
+                   "(use automatic or four_pass: four GEMM passes)");
+  status s = ldpo_layout_of(policy, head, "hidden", opt, pointers, &c->pol);
+  if (!s) return s;
+  const linear_options lo = ldpo_linear_options(opt);
+  std::int64_t lin = 0;
+  const auto size_of = [&](const linear_view<T, std::int64_t>& v) {
+    linear_chunking ch;
+    const status r = linear_workspace_size(v, lo, &ch);
+    if (r) {
+      if (ch.workspace_bytes > lin) lin = ch.workspace_bytes;
+      if (ch.rows > c->ch.rows) c->ch = ch;
+    }
+    return r;
+  };
+  for (int k = 0; k < c->pol.num_buffers; ++k) {
+    s = size_of(ldpo_view(c->pol, k, head, nullptr));
+    if (!s) return s;
+  }
+  std::int64_t ref_rows[2] = {0, 0};
+  c->has_ref = ref != nullptr;
+  if (ref != nullptr) {
+    s = ldpo_layout_of(*ref, *ref_head, "ref", opt, pointers, &c->ref);
+    if (!s) return s;
+    if (ref->num_pairs() != policy.num_pairs())
+      return invalid("dpo: ref has %lld pairs, the policy %lld", (long long)ref->num_pairs(),
+                     (long long)policy.num_pairs());
+    if (ref_head->vocab != head.vocab)
+      return invalid("dpo: ref_head.vocab = %lld is invalid: must equal head.vocab = %lld",
+                     (long long)ref_head->vocab, (long long)head.vocab);
+    for (int k = 0; k < c->ref.num_buffers; ++k) {
+      s = size_of(ldpo_view(c->ref, k, *ref_head, nullptr));
+      if (!s) return s;
+      ref_rows[k] = c->ref.rows[k];
+    }
+  }
+  const std::int64_t P = policy.num_pairs();
+  std::size_t loss_bytes = 0;
+  if (cfg != nullptr) {
+    pair_logps_in li;
+    li.num_pairs = P;
+    s = dpo_loss(nullptr, loss_bytes, li, *cfg, forward_outputs{});
+    if (!s) return s;
+  }
+  c->w = carve_ldpo(0, c->pol.rows, ref_rows, P, loss_bytes, static_cast<std::size_t>(lin));
+  c->ch.workspace_bytes = static_cast<std::int64_t>(c->w.bytes);
+  c->size_only = !pointers;
+  if (!pointers) {
+    workspace_bytes = c->w.bytes;
+    return {};
+  }
+  if (handle == nullptr) return invalid("dpo: handle is null (create one with cublasLtCreate)");
+  s = check_workspace(workspace, workspace_bytes, c->w.bytes);
+  if (!s) return s;
+  c->w = carve_ldpo(reinterpret_cast<std::uintptr_t>(workspace), c->pol.rows, ref_rows, P, loss_bytes,
+                    static_cast<std::size_t>(lin));
+  return {};
+}
+
+/// Labels check, then linear_logps over each buffer of a layout into `rows`.
+template <class T, class L>
+status ldpo_logps(cublasLtHandle_t handle, const ldpo_layout<T, L>& l, const linear_head<T>& head,
+                  int side0, bool reset, ldpo_header* h, ldpo_rows* rows, const ldpo_ws& w,
+                  const linear_dpo_options& opt, cudaStream_t stream) {
+  status s = launch("ldpo_labels_kernel", ldpo_labels_kernel<T, L>, 1, ldpo_block, stream, dev_of(l),
+                    head.vocab, side0, reset, h, rows[0], rows[1]);
+  for (int k = 0; s && k < l.num_buffers; ++k) {
+    std::size_t bytes = w.lin_bytes;
+    s = linear_logps(w.lin_ws, bytes, handle, ldpo_view(l, k, head, rows[k].label), rows[k].logp,
+                     static_cast<double*>(nullptr), rows[k].lse, ldpo_linear_options(opt), stream);
+  }
+  return s;
+}
+
+/// The backward over each policy buffer: zeros of dHidden (written mode), then
+/// linear_logps_backward with the workspace's coefficients, accumulating.
+template <class T, class L, class G>
+status ldpo_backward(cublasLtHandle_t handle, const ldpo_layout<T, L>& l, const linear_head<T>& head,
+                     const double* const* lse, const ldpo_ws& w, const linear_dpo_grads<T, G>& g,
+                     const linear_dpo_options& opt, cudaStream_t stream) {
+  status s;
+  if (!g.accumulate_hidden && (g.chosen_hidden != nullptr || g.rejected_hidden != nullptr)) {
+    s = launch("ldpo_zero_kernel", ldpo_zero_kernel<T, L>, row_blocks(l.rows[0] + l.rows[1]), ldpo_block,
+               stream, dev_of(l), static_cast<const ldpo_header*>(w.h), head.hidden,
+               g.chosen_hidden, g.chosen_hidden_stride, g.rejected_hidden, g.rejected_hidden_stride);
+    if (!s) return s;
+  }
+  T* gh[2] = {g.chosen_hidden, g.rejected_hidden};
+  const std::int64_t gs[2] = {g.chosen_hidden_stride, g.rejected_hidden_stride};
+  for (int k = 0; s && k < l.num_buffers; ++k) {
+    linear_grads<T, G> lg;
+    lg.hidden = gh[k];
+    lg.hidden_stride = gs[k];
+    lg.accumulate_hidden = true;
+    lg.weight = g.weight;
+    lg.weight_stride = g.weight_stride;
+    lg.bias = g.bias;
+    std::size_t bytes = w.lin_bytes;
+    s = linear_logps_backward(w.lin_ws, bytes, handle, ldpo_view(l, k, head, w.rows[k].label), lse[k],
+                              w.rows[k].coef, static_cast<const double*>(nullptr),
+                              static_cast<const double*>(nullptr), lg, ldpo_linear_options(opt), stream);
+  }
+  return s;
+}
+
+/// The gradient arguments against the layout: strides, one dHidden buffer for the
+/// concatenated layouts, a bias gradient only with a bias, and no output overlapping an
+/// input, another output or the workspace.
+template <class T, class L, class G>
+status ldpo_check_grads(const ldpo_layout<T, L>& l, const linear_head<T>& head, const linear_dpo_grads<T, G>& g,
+                        const void* workspace, std::int64_t ws_bytes, const double* extra_in, std::int64_t n_extra) {
+  const std::int64_t H = head.hidden;
+  if (g.chosen_hidden != nullptr && g.chosen_hidden_stride < H)
+    return invalid("dpo: grads.chosen_hidden_stride = %lld is invalid: must be >= hidden = %lld",
+                   (long long)g.chosen_hidden_stride, (long long)H);
+  if (g.rejected_hidden != nullptr && g.rejected_hidden_stride < H)
+    return invalid("dpo: grads.rejected_hidden_stride = %lld is invalid: must be >= hidden = %lld",
+                   (long long)g.rejected_hidden_stride, (long long)H);
+  if (l.num_buffers == 1 &&
+      (g.chosen_hidden != g.rejected_hidden || (g.chosen_hidden != nullptr && g.chosen_hidden_stride != g.rejected_hidden_stride)))
+    return invalid("dpo: grads.chosen_hidden and grads.rejected_hidden must be the same buffer and stride "
+                   "for a concatenated layout");
+  if (g.weight != nullptr && g.weight_stride < H)
+    return invalid("dpo: grads.weight_stride = %lld is invalid: must be >= hidden = %lld",
+                   (long long)g.weight_stride, (long long)H);
+  if (g.bias != nullptr && head.bias == nullptr) return invalid("dpo: grads.bias is given but the head has no bias");
+  dpo::detail::named_range ins[16];
+  int n = 0;
+  for (int k = 0; k < l.num_buffers; ++k) {
+    dpo::detail::linear_input_ranges(ldpo_view(l, k, head, nullptr), ins + n);
+    n += 5;
+  }
+  for (int s = 0; s < 2; ++s) {
+    ins[n++] = dpo::detail::range_of(l.v[s].labels, 1, l.rows[l.buffer_of[s]], l.rows[l.buffer_of[s]], "labels");
+  }
+  ins[n++] = workspace_range(workspace, ws_bytes);
+  ins[n++] = dpo::detail::range_of(extra_in, 1, n_extra, n_extra, "row_lse / row_coef");
+  dpo::detail::named_range outs[4];
+  int m = 0;
+  outs[m++] = dpo::detail::range_of(g.chosen_hidden, l.rows[l.buffer_of[0]], H, g.chosen_hidden_stride,
+                                    "grads.chosen_hidden");
+  if (l.num_buffers == 2)
+    outs[m++] = dpo::detail::range_of(g.rejected_hidden, l.rows[1], H, g.rejected_hidden_stride,
+                                      "grads.rejected_hidden");
+  outs[m++] = dpo::detail::range_of(g.weight, head.vocab, H, g.weight_stride, "grads.weight");
+  outs[m++] = dpo::detail::range_of(g.bias, 1, head.vocab, head.vocab, "grads.bias");
+  return check_linear_overlap(outs, m, ins, n);
+}
+
+/// The forward's outputs that are indexed by hidden row need one buffer.
+template <class T, class L>
+status ldpo_check_row_outputs(const ldpo_layout<T, L>& l, const forward_outputs& out) {
+  if ((out.row_lse != nullptr || out.row_coef != nullptr) && l.num_buffers != 1)
+    return invalid("dpo: out.row_lse / out.row_coef need one hidden buffer for both sides "
+                   "(padded or packed pairs)");
+  return {};
+}
+
+/// The forward of a call after its checks: reference (from hidden states, when given),
+/// policy log-probs, sums, the loss stage into the workspace, the coefficients, the copy
+/// out. ref_c / ref_r: precomputed reference log-probs (null with a reference layout).
+template <class T, class L>
+status ldpo_forward(cublasLtHandle_t handle, const ldpo_call<T, L>& c, const linear_head<T>& head,
+                    const linear_head<T>* ref_head, const double* ref_c, const double* ref_r,
+                    const loss_config& cfg, const forward_outputs& out, const double* grad_output,
+                    std::int64_t P, const linear_dpo_options& opt, cudaStream_t stream) {
+  const ldpo_ws& w = c.w;
+  ldpo_rows rows[2] = {w.rows[0], w.rows[1]};
+  status s = launch("ldpo_labels_kernel", ldpo_labels_kernel<T, L>, 1, ldpo_block, stream, dev_of(c.pol),
+                    head.vocab, 0, true, w.h, rows[0], rows[1]);
+  if (!s) return s;
+  if (c.has_ref) {
+    ldpo_rows rr[2] = {w.ref_rows[0], w.ref_rows[1]};
+    s = ldpo_logps(handle, c.ref, *ref_head, 2, false, w.h, rr, w, opt, stream);
+    if (s)
+      s = launch("ldpo_sums_kernel", ldpo_sums_kernel<T, L>, seq_blocks(2 * P), ldpo_block, stream,
+                 dev_of(c.ref), static_cast<const ldpo_header*>(w.h), rr[0], rr[1], P, w.ref, w.sums);
+    if (!s) return s;
+    ref_c = w.ref;
+    ref_r = w.ref + P;
+  }
+  for (int k = 0; s && k < c.pol.num_buffers; ++k) {
+    std::size_t bytes = w.lin_bytes;
+    s = linear_logps(w.lin_ws, bytes, handle, ldpo_view(c.pol, k, head, rows[k].label), rows[k].logp,
+                     static_cast<double*>(nullptr), rows[k].lse, ldpo_linear_options(opt), stream);
+  }
+  if (s)
+    s = launch("ldpo_sums_kernel", ldpo_sums_kernel<T, L>, seq_blocks(2 * P), ldpo_block, stream,
+               dev_of(c.pol), static_cast<const ldpo_header*>(w.h), rows[0], rows[1], P, w.sums, w.counts);
+  if (!s) return s;
+  forward_outputs scratch;
+  scratch.set_pair_outputs(w.pair_out, P);
+  scratch.loss = w.loss;
+  scratch.metrics = w.metrics;
+  scratch.nll_token_grad = w.nll;
+  pair_logps_in li;
+  li.num_pairs = P;
+  li.chosen_logps = w.sums;
+  li.rejected_logps = w.sums + P;
+  li.ref_chosen_logps = ref_c;
+  li.ref_rejected_logps = ref_r;
+  li.chosen_tokens = w.counts;
+  li.rejected_tokens = w.counts + P;
+  std::size_t lb = w.loss_bytes;
+  s = dpo_loss(w.loss_ws, lb, li, cfg, scratch, stream);
+  if (!s) return s;
+  s = launch("ldpo_coef_kernel", ldpo_coef_kernel<T, L>, seq_blocks(2 * P), ldpo_block, stream, dev_of(c.pol),
+             rows[0], rows[1], P, static_cast<const ldpo_header*>(w.h),
+             static_cast<const double*>(scratch.grad_chosen), static_cast<const double*>(scratch.grad_rejected),
+             static_cast<const double*>(w.nll), grad_output, out.row_lse, out.row_coef);
+  if (!s) return s;
+  return launch("ldpo_publish_kernel", ldpo_publish_kernel, seq_blocks(P), ldpo_block, stream,
+                static_cast<const ldpo_header*>(w.h), scratch, out, P);
+}
+
+/// Checks shared by the fused and the forward calls once the workspace is carved.
+template <class T, class L>
+status ldpo_check_forward(const ldpo_call<T, L>& c, const double* ref_c, const double* ref_r,
+                          const loss_config& cfg, const forward_outputs& out, std::int64_t P) {
+  status s = ldpo_check_row_outputs(c.pol, out);
+  if (!s) return s;
+  if (!c.has_ref) {
+    pair_logps_in li;
+    li.num_pairs = P;
+    li.chosen_logps = li.rejected_logps = c.w.sums;  // placeholders: the call's own arrays
+    li.ref_chosen_logps = ref_c;
+    li.ref_rejected_logps = ref_r;
+    s = to_status(dpo::detail::check_logps_in(li, cfg, dpo::detail::cuda_policy(-1, true)));
+  }
+  return s;
+}
+
+}  // namespace detail
+
+/// The plan of a call (four passes here) and the workspace bytes linear_dpo needs with a
+/// reference from log-probs (the reference-hidden overload needs more: ask it with
+/// workspace == nullptr).
+template <class T, class L>
+status linear_dpo_workspace_size(const hidden_pairs<T, L>& policy, const linear_head<T>& head,
+                                 const loss_config& cfg, const linear_dpo_options& opt, linear_dpo_plan* out) {
+  if (out == nullptr) return detail::invalid("dpo: linear_dpo_workspace_size: out is null");
+  std::size_t bytes = 0;
+  detail::ldpo_call<T, L> c;
+  const status s = detail::ldpo_prologue<T, L>(nullptr, bytes, nullptr, policy, head, nullptr, nullptr, &cfg,
+                                               opt, &c);
+  if (!s) return s;
+  out->mode = linear_mode::four_pass;
+  out->chunk_rows = c.ch.rows;
+  out->workspace_bytes = static_cast<std::int64_t>(bytes);
+  return {};
+}
+
+/// DPO from hidden states in one call, as dpo::cpu::linear_dpo: the loss, the metrics and
+/// per-pair outputs of dpo_forward in `out` (device pointers, each optional; out.row_lse /
+/// row_coef, indexed by hidden row, need one hidden buffer) and the gradients of
+/// grad_output * loss with respect to the hidden states, the weight and the bias (g).
+/// ref_chosen / ref_rejected: the reference's sequence log-probs (device [P]; null for
+/// reference-free losses). grad_output: a device scalar, null for 1. Four GEMM passes.
+template <class T, class L, class G>
+status linear_dpo(void* workspace, std::size_t& workspace_bytes, cublasLtHandle_t handle,
+                  const hidden_pairs<T, L>& policy, const linear_head<T>& head, const double* ref_chosen,
+                  const double* ref_rejected, const loss_config& cfg, const forward_outputs& out,
+                  const linear_dpo_grads<T, G>& g, const linear_dpo_options& opt = {},
+                  const double* grad_output = nullptr, cudaStream_t stream = 0) {
+  static_assert(std::is_same<G, T>::value || std::is_same<G, acc_t<T>>::value,
+                "dWeight and dBias must have the head's dtype or its accumulation type");
+  detail::ldpo_call<T, L> c;
+  status s = detail::ldpo_prologue<T, L>(workspace, workspace_bytes, handle, policy, head, nullptr, nullptr,
+                                         &cfg, opt, &c);
+  if (!s || c.size_only) return s;
+  const std::int64_t P = policy.num_pairs();
+  s = detail::ldpo_check_forward(c, ref_chosen, ref_rejected, cfg, out, P);
+  if (!s) return s;
+  s = detail::ldpo_check_grads(c.pol, head, g, workspace, static_cast<std::int64_t>(c.w.bytes), nullptr, 0);
+  if (!s) return s;
+  s = detail::ldpo_forward<T, L>(handle, c, head, nullptr, ref_chosen, ref_rejected, cfg, out, grad_output, P, opt,
+                           stream);
+  if (!s) return s;
+  const double* lse[2] = {c.w.rows[0].lse, c.w.rows[1].lse};
+  return detail::ldpo_backward(handle, c.pol, head, lse, c.w, g, opt, stream);
+}
+
+/// linear_dpo with the reference from hidden states: ref (same pairs and labels as policy)
+/// through ref_head (same vocab), forward only; then linear_dpo with its sequence log-probs.
+/// Everything is checked before anything is enqueued.
+template <class T, class L, class G>
+status linear_dpo(void* workspace, std::size_t& workspace_bytes, cublasLtHandle_t handle,
+                  const hidden_pairs<T, L>& policy, const linear_head<T>& head, const hidden_pairs<T, L>& ref,
+                  const linear_head<T>& ref_head, const loss_config& cfg, const forward_outputs& out,
+                  const linear_dpo_grads<T, G>& g, const linear_dpo_options& opt = {},
+                  const double* grad_output = nullptr, cudaStream_t stream = 0) {
+  static_assert(std::is_same<G, T>::value || std::is_same<G, acc_t<T>>::value,
+                "dWeight and dBias must have the head's dtype or its accumulation type");
+  detail::ldpo_call<T, L> c;
+  status s = detail::ldpo_prologue<T, L>(workspace, workspace_bytes, handle, policy, head, &ref, &ref_head, &cfg,
+                                         opt, &c);
+  if (!s || c.size_only) return s;
+  const std::int64_t P = policy.num_pairs();
+  s = detail::ldpo_check_forward(c, nullptr, nullptr, cfg, out, P);
+  if (!s) return s;
+  s = detail::ldpo_check_grads(c.pol, head, g, workspace, static_cast<std::int64_t>(c.w.bytes), nullptr, 0);
+  if (!s) return s;
+  s = detail::ldpo_forward<T, L>(handle, c, head, &ref_head, nullptr, nullptr, cfg, out, grad_output, P, opt, stream);
+  if (!s) return s;
+  const double* lse[2] = {c.w.rows[0].lse, c.w.rows[1].lse};
+  return detail::ldpo_backward(handle, c.pol, head, lse, c.w, g, opt, stream);
+}
+
+/// The forward alone (four passes' first half), as dpo::cpu::linear_dpo_forward: writes `out`
+/// as linear_dpo does; out.row_lse and out.row_coef (device, indexed by hidden row; rows of
+/// the sequences that are not completion rows get 0) hold what linear_dpo_backward needs and
+/// need one hidden buffer for both sides.
+template <class T, class L>
+status linear_dpo_forward(void* workspace, std::size_t& workspace_bytes, cublasLtHandle_t handle,
+                          const hidden_pairs<T, L>& policy, const linear_head<T>& head, const double* ref_chosen,
+                          const double* ref_rejected, const loss_config& cfg, const forward_outputs& out,
+                          const linear_dpo_options& opt = {}, cudaStream_t stream = 0) {
+  detail::ldpo_call<T, L> c;
+  status s = detail::ldpo_prologue<T, L>(workspace, workspace_bytes, handle, policy, head, nullptr, nullptr,
+                                         &cfg, opt, &c);
+  if (!s || c.size_only) return s;
+  const std::int64_t P = policy.num_pairs();
+  s = detail::ldpo_check_forward(c, ref_chosen, ref_rejected, cfg, out, P);
+  if (!s) return s;
+  return detail::ldpo_forward<T, L>(handle, c, head, nullptr, ref_chosen, ref_rejected, cfg, out, nullptr, P, opt,
+                              stream);
+}
+
+/// linear_dpo_forward with the reference from hidden states.
+template <class T, class L>
+status linear_dpo_forward(void* workspace, std::size_t& workspace_bytes, cublasLtHandle_t handle,
+                          const hidden_pairs<T, L>& policy, const linear_head<T>& head,
+                          const hidden_pairs<T, L>& ref, const linear_head<T>& ref_head, const loss_config& cfg,
+                          const forward_outputs& out, const linear_dpo_options& opt = {},
+                          cudaStream_t stream = 0) {
+  detail::ldpo_call<T, L> c;
+  status s = detail::ldpo_prologue<T, L>(workspace, workspace_bytes, handle, policy, head, &ref, &ref_head, &cfg,
+                                         opt, &c);
+  if (!s || c.size_only) return s;
+  const std::int64_t P = policy.num_pairs();
+  s = detail::ldpo_check_forward(c, nullptr, nullptr, cfg, out, P);
+  if (!s) return s;
+  return detail::ldpo_forward<T, L>(handle, c, head, &ref_head, nullptr, nullptr, cfg, out, nullptr, P, opt, stream);
+}
+
+/// The backward of linear_dpo_forward, as dpo::cpu::linear_dpo_backward: the gradients of
+/// grad_output * loss (device scalar, null for 1) from the row state it wrote (row_lse,
+/// row_coef: device, indexed by hidden row), recomputing the logits. One hidden buffer.
+template <class T, class L, class G>
+status linear_dpo_backward(void* workspace, std::size_t& workspace_bytes, cublasLtHandle_t handle,
+                           const hidden_pairs<T, L>& policy, const linear_head<T>& head, const double* row_lse,
+                           const double* row_coef, const linear_dpo_grads<T, G>& g,
+                           const double* grad_output = nullptr, const linear_dpo_options& opt = {},
+                           cudaStream_t stream = 0) {
+  static_assert(std::is_same<G, T>::value || std::is_same<G, acc_t<T>>::value,
+                "dWeight and dBias must have the head's dtype or its accumulation type");
+  detail::ldpo_call<T, L> c;
+  status s = detail::ldpo_prologue<T, L>(workspace, workspace_bytes, handle, policy, head, nullptr, nullptr,
+                                         nullptr, opt, &c);
+  if (!s || c.size_only) return s;
+  if (c.pol.num_buffers != 1)
+    return detail::invalid("dpo: linear_dpo_backward needs one hidden buffer for both sides (padded or packed pairs)");
+  if (row_lse == nullptr || row_coef == nullptr)
+    return detail::invalid("dpo: %s is null", row_lse == nullptr ? "row_lse" : "row_coef");
+  s = detail::ldpo_check_grads(c.pol, head, g, workspace, static_cast<std::int64_t>(c.w.bytes), row_lse,
+                               c.pol.rows[0]);
+  if (!s) return s;
+  s = detail::ldpo_check_grads(c.pol, head, g, workspace, static_cast<std::int64_t>(c.w.bytes), row_coef,
+                               c.pol.rows[0]);
+  if (!s) return s;
+  const detail::ldpo_ws& w = c.w;
+  s = detail::launch("ldpo_labels_kernel", detail::ldpo_labels_kernel<T, L>, 1, detail::ldpo_block, stream,
+                     detail::dev_of(c.pol), head.vocab, 0, true, w.h, w.rows[0], w.rows[1]);
+  if (s)
+    s = detail::launch("ldpo_scale_kernel", detail::ldpo_scale_kernel<T, L>, detail::seq_blocks(c.pol.rows[0]),
+                       detail::ldpo_block, stream, detail::dev_of(c.pol), w.rows[0],
+                       static_cast<const detail::ldpo_header*>(w.h), row_coef, grad_output);
+  if (!s) return s;
+  const double* lse[2] = {row_lse, nullptr};
+  return detail::ldpo_backward(handle, c.pol, head, lse, w, g, opt, stream);
+}
+
+/// Sequence log-probs of both sides from hidden states, forward only, as
+/// dpo::cpu::linear_pair_logps: chosen[i], rejected[i] (device, [P]). ld_alpha must be 1
+/// here (LD-DPO is not supported by the CUDA linear path yet).
+template <class T, class L>
+status linear_pair_logps(void* workspace, std::size_t& workspace_bytes, cublasLtHandle_t handle,
+                         const hidden_pairs<T, L>& in, const linear_head<T>& head, double ld_alpha,
+                         double* chosen, double* rejected, const linear_dpo_options& opt = {},
+                         cudaStream_t stream = 0) {
+  if (ld_alpha != 1.0)
+    return detail::invalid("dpo: ld_alpha = %g: LD-DPO is not supported by the CUDA linear path yet", ld_alpha);
+  detail::ldpo_call<T, L> c;
+  status s = detail::ldpo_prologue<T, L>(workspace, workspace_bytes, handle, in, head, nullptr, nullptr, nullptr,
+                                         opt, &c);
+  if (!s || c.size_only) return s;
+  if (chosen == nullptr || rejected == nullptr)
+    return detail::invalid("dpo: %s is null", chosen == nullptr ? "chosen" : "rejected");
+  const std::int64_t P = in.num_pairs();
+  const detail::ldpo_ws& w = c.w;
+  detail::ldpo_rows rows[2] = {w.rows[0], w.rows[1]};
+  s = detail::ldpo_logps(handle, c.pol, head, 0, true, w.h, rows, w, opt, stream);
+  if (s)
+    s = detail::launch("ldpo_sums_kernel", detail::ldpo_sums_kernel<T, L>, detail::seq_blocks(2 * P),
+                       detail::ldpo_block, stream, detail::dev_of(c.pol),
+                       static_cast<const detail::ldpo_header*>(w.h), rows[0], rows[1], P, w.sums, w.counts);
+  if (!s) return s;
+  // Copy out only without an error (the publish kernel's pair outputs: chosen_logps).
+  forward_outputs src, dst;
+  src.chosen_logps = w.sums;
+  src.rejected_logps = w.sums + P;
+  dst.chosen_logps = chosen;
+  dst.rejected_logps = rejected;
+  return detail::launch("ldpo_publish_kernel", detail::ldpo_publish_kernel, detail::seq_blocks(P),
+                        detail::ldpo_block, stream, static_cast<const detail::ldpo_header*>(w.h), src, dst, P);
+}
+
+}  // namespace cuda
+}  // namespace dpo

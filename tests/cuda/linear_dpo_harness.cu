@@ -1,0 +1,247 @@
+// Copyright 2026 The dpo Authors. SPDX-License-Identifier: Apache-2.0
+//
+// The CUDA side of the tests of DPO from hidden states: uploads a case, runs
+// dpo::cuda::linear_dpo (or linear_dpo_forward + linear_dpo_backward) with a cuBLASLt handle
+// and copies every result back. The Catch2 tests (g++) compare them with dpo::cpu::linear_dpo.
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include <dpo/cuda/linear_dpo.cuh>
+
+#include "linear_dpo_harness.hpp"
+
+namespace dpo_cuda_test {
+namespace {
+
+void dck(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(e));
+}
+#define DPO_DCK(x) dck((x), #x)
+
+struct dbuf {
+  void* p = nullptr;
+  std::size_t n = 0;
+  explicit dbuf(std::size_t bytes) : n(bytes) {
+    if (bytes > 0) DPO_DCK(cudaMalloc(&p, bytes));
+  }
+  ~dbuf() {
+    if (p) cudaFree(p);
+  }
+  dbuf(const dbuf&) = delete;
+  dbuf& operator=(const dbuf&) = delete;
+  template <class U>
+  U* as() const {
+    return static_cast<U*>(p);
+  }
+  void put(const void* src, std::size_t bytes) {
+    if (bytes > 0) DPO_DCK(cudaMemcpy(p, src, bytes, cudaMemcpyHostToDevice));
+  }
+  void fill(int byte) {
+    if (n > 0) DPO_DCK(cudaMemset(p, byte, n));
+  }
+  template <class U>
+  std::vector<U> get(std::size_t count) const {
+    std::vector<U> out(count);
+    if (count > 0) DPO_DCK(cudaMemcpy(out.data(), p, count * sizeof(U), cudaMemcpyDeviceToHost));
+    return out;
+  }
+};
+
+template <class T>
+dpo::cuda::hidden_pairs<T, std::int64_t> pairs_of(const ldpo_case& c, const T* h0, const T* h1,
+                                                   const std::int64_t* lab0, const std::int64_t* lab1,
+                                                   const std::uint8_t* m0, const std::uint8_t* m1,
+                                                   const std::int64_t* cu) {
+  switch (c.layout) {
+    case ldpo_layout::padded: return dpo::cuda::linear_padded_pairs(h0, c.H, c.H, lab0, 2 * c.P, c.T, m0);
+    case ldpo_layout::packed: return dpo::cuda::linear_packed_pairs(h0, c.H, c.H, lab0, cu, 2 * c.P, m0);
+    case ldpo_layout::separate:
+      return dpo::cuda::linear_separate_pairs(h0, lab0, h1, lab1, c.P, c.T, c.H, c.H, m0, m1);
+  }
+  throw std::runtime_error("bad layout");
+}
+
+template <class T, class G>
+ldpo_out run_typed(const ldpo_case& c) {
+  ldpo_out out;
+  const std::int64_t P = c.P, H = c.H, V = c.V, R = c.rows;
+  const std::size_t es = sizeof(T);
+  const bool sep = c.layout == ldpo_layout::separate;
+  const std::int64_t R0 = sep ? P * c.T : R;  // rows of the first buffer
+  const std::int64_t R1 = sep ? P * c.T : 0;
+  const auto upload_rows = [&](const std::vector<unsigned char>& src, dbuf& a, dbuf& b, std::size_t row_bytes) {
+    a.put(src.data(), static_cast<std::size_t>(R0) * row_bytes);
+    if (sep) b.put(src.data() + static_cast<std::size_t>(R0) * row_bytes, static_cast<std::size_t>(R1) * row_bytes);
+  };
+  dbuf h0(R0 * H * es), h1(R1 * H * es), weight(c.weight.size()), bias(c.bias.size());
+  upload_rows(c.hidden, h0, h1, H * es);
+  weight.put(c.weight.data(), c.weight.size());
+  bias.put(c.bias.data(), c.bias.size());
+  std::vector<unsigned char> lab_bytes(c.labels.size() * 8);
+  std::memcpy(lab_bytes.data(), c.labels.data(), lab_bytes.size());
+  dbuf l0(R0 * 8), l1(R1 * 8);
+  upload_rows(lab_bytes, l0, l1, 8);
+  dbuf m0(c.mask.empty() ? 0 : R0), m1(c.mask.empty() ? 0 : R1);
+  if (!c.mask.empty()) upload_rows(std::vector<unsigned char>(c.mask.begin(), c.mask.end()), m0, m1, 1);
+  dbuf cu(c.cu_seqlens.size() * 8);
+  cu.put(c.cu_seqlens.data(), cu.n);
+  const auto policy =
+      pairs_of<T>(c, h0.as<const T>(), sep ? h1.as<const T>() : nullptr, l0.as<const std::int64_t>(),
+                  sep ? l1.as<const std::int64_t>() : nullptr, m0.n ? m0.as<const std::uint8_t>() : nullptr,
+                  m1.n ? m1.as<const std::uint8_t>() : nullptr, cu.n ? cu.as<const std::int64_t>() : nullptr);
+  dpo::cuda::linear_head<T> head;
+  head.weight = weight.as<const T>();
+  head.vocab = V;
+  head.hidden = H;
+  head.weight_stride = H;
+  head.bias = c.bias.empty() ? nullptr : bias.as<const T>();
+  head.bias_size = c.bias.empty() ? 0 : V;
+  head.transforms = c.transforms;
+  // The reference.
+  dbuf ref_logps(c.ref_logps.size() * 8);
+  ref_logps.put(c.ref_logps.data(), ref_logps.n);
+  dbuf rh0(c.ref_from_hidden ? R0 * H * es : 0), rh1(c.ref_from_hidden ? R1 * H * es : 0);
+  dbuf rw(c.ref_weight.size()), rb(c.ref_bias.size());
+  if (c.ref_from_hidden) upload_rows(c.ref_hidden, rh0, rh1, H * es);
+  rw.put(c.ref_weight.data(), rw.n);
+  rb.put(c.ref_bias.data(), rb.n);
+  const auto ref = pairs_of<T>(c, rh0.as<const T>(), sep ? rh1.as<const T>() : nullptr,
+                               l0.as<const std::int64_t>(), sep ? l1.as<const std::int64_t>() : nullptr,
+                               m0.n ? m0.as<const std::uint8_t>() : nullptr,
+                               m1.n ? m1.as<const std::uint8_t>() : nullptr,
+                               cu.n ? cu.as<const std::int64_t>() : nullptr);
+  dpo::cuda::linear_head<T> ref_head = head;
+  ref_head.weight = rw.as<const T>();
+  ref_head.bias = c.ref_bias.empty() ? nullptr : rb.as<const T>();
+  ref_head.bias_size = c.ref_bias.empty() ? 0 : V;
+  const double* rc = c.ref_logps.empty() ? nullptr : ref_logps.as<const double>();
+  const double* rr = c.ref_logps.empty() ? nullptr : ref_logps.as<const double>() + P;
+
+  dpo::cuda::linear_dpo_options opt;
+  opt.chunk_rows = c.chunk_rows;
+  opt.num_rows = c.layout == ldpo_layout::packed ? R : -1;
+  opt.gemm_workspace_bytes = 1 << 20;
+  opt.workspace_bytes = 8 << 20;
+  if (c.three_pass) opt.mode = dpo::linear_mode::three_pass;
+
+  // Outputs: doubles poisoned, gradients filled with c.fill.
+  const int nm = dpo::num_metrics;
+  const std::vector<double> poison(static_cast<std::size_t>(dpo::num_pair_outputs * P + nm + 2 * R + 8), 12345.0);
+  dbuf dd(poison.size() * 8);
+  dd.put(poison.data(), dd.n);
+  double* base = dd.as<double>();
+  dpo::forward_outputs fo;
+  fo.loss = base;
+  fo.metrics = reinterpret_cast<dpo::metrics*>(base + 8);
+  fo.set_pair_outputs(base + 8 + nm, P);
+  double* row_lse = base + 8 + nm + dpo::num_pair_outputs * P;
+  double* row_coef = row_lse + R;
+  if (c.split) {
+    fo.row_lse = row_lse;
+    fo.row_coef = row_coef;
+  }
+  dbuf go(8);
+  go.put(&c.grad_output, 8);
+  const std::size_t gsz = sizeof(G);
+  dbuf dh0(c.want_hidden ? R0 * H * es : 0), dh1(c.want_hidden ? R1 * H * es : 0);
+  dbuf dw(V * H * gsz), db(c.bias.empty() || !c.want_bias ? 0 : V * gsz);
+  dh0.fill(c.fill);
+  dh1.fill(c.fill);
+  dw.fill(c.fill);
+  db.fill(c.fill);
+  dpo::cuda::linear_dpo_grads<T, G> g;
+  if (c.want_hidden) {
+    g.chosen_hidden = dh0.as<T>();
+    g.rejected_hidden = sep ? dh1.as<T>() : dh0.as<T>();
+    g.chosen_hidden_stride = g.rejected_hidden_stride = H;
+  }
+  g.accumulate_hidden = c.accumulate_hidden;
+  g.weight = c.dweight_on_weight ? reinterpret_cast<G*>(weight.p) : dw.as<G>();
+  g.weight_stride = H;
+  g.bias = db.n ? db.as<G>() : nullptr;
+
+  cublasLtHandle_t handle = nullptr;
+  if (cublasLtCreate(&handle) != CUBLAS_STATUS_SUCCESS) throw std::runtime_error("cublasLtCreate failed");
+  cudaStream_t stream = nullptr;
+  DPO_DCK(cudaStreamCreate(&stream));
+  const auto finish = [&](const dpo::cuda::status& s) {
+    out.code = static_cast<int>(s.code);
+    out.message = s.message;
+    return s.ok();
+  };
+  const auto call = [&](void* ws, std::size_t& bytes, cublasLtHandle_t hd, int phase) {
+    // phase 0: the fused call or the forward; 1: the backward of the split.
+    if (phase == 1)
+      return dpo::cuda::linear_dpo_backward(ws, bytes, hd, policy, head, row_lse, row_coef, g,
+                                            go.as<const double>(), opt, stream);
+    if (c.split)
+      return c.ref_from_hidden
+                 ? dpo::cuda::linear_dpo_forward(ws, bytes, hd, policy, head, ref, ref_head, c.cfg, fo, opt, stream)
+                 : dpo::cuda::linear_dpo_forward(ws, bytes, hd, policy, head, rc, rr, c.cfg, fo, opt, stream);
+    return c.ref_from_hidden ? dpo::cuda::linear_dpo(ws, bytes, hd, policy, head, ref, ref_head, c.cfg, fo, g, opt,
+                                                     go.as<const double>(), stream)
+                             : dpo::cuda::linear_dpo(ws, bytes, hd, policy, head, rc, rr, c.cfg, fo, g, opt,
+                                                     go.as<const double>(), stream);
+  };
+  std::size_t bytes = 0;
+  bool ok = finish(call(nullptr, bytes, handle, 0));
+  if (ok && c.split) {
+    std::size_t b2 = 0;
+    ok = finish(call(nullptr, b2, handle, 1));
+    if (b2 > bytes) bytes = b2;
+  }
+  if (ok && !c.split && !c.ref_from_hidden) {
+    dpo::cuda::linear_dpo_plan plan;
+    ok = finish(dpo::cuda::linear_dpo_workspace_size(policy, head, c.cfg, opt, &plan));
+    if (ok && plan.workspace_bytes != static_cast<std::int64_t>(bytes))
+      throw std::runtime_error("linear_dpo_workspace_size and the size query disagree");
+  }
+  out.workspace_bytes = static_cast<std::int64_t>(bytes);
+  dbuf work(ok ? bytes : 0);
+  if (ok) work.fill(0xa5);
+  std::size_t given = c.short_workspace ? bytes - 1 : bytes;
+  if (ok) ok = finish(call(work.p, given, c.null_handle ? nullptr : handle, 0));
+  if (ok && c.split) ok = finish(call(work.p, given, handle, 1));
+  DPO_DCK(cudaStreamSynchronize(stream));
+  DPO_DCK(cudaGetLastError());
+  if (work.n > 0 && out.code == 0) {
+    const dpo::cuda::status de = dpo::cuda::read_device_error(work.p, stream);
+    dpo::cuda::device_error e{};
+    DPO_DCK(cudaMemcpy(&e, work.p, sizeof(e), cudaMemcpyDeviceToHost));
+    out.device_error = e.code;
+    out.device_message = de.message;
+  }
+  const std::vector<double> all = dd.get<double>(poison.size());
+  out.loss = all[0];
+  out.metrics.assign(all.begin() + 8, all.begin() + 8 + nm);
+  out.pairs.assign(all.begin() + 8 + nm, all.begin() + 8 + nm + dpo::num_pair_outputs * P);
+  if (c.split) {
+    out.row_lse.assign(all.begin() + 8 + nm + dpo::num_pair_outputs * P, all.begin() + 8 + nm + dpo::num_pair_outputs * P + R);
+    out.row_coef.assign(all.begin() + 8 + nm + dpo::num_pair_outputs * P + R, all.begin() + 8 + nm + dpo::num_pair_outputs * P + 2 * R);
+  }
+  if (dh0.n) {
+    out.dhidden = dh0.get<unsigned char>(dh0.n);
+    const std::vector<unsigned char> b = dh1.get<unsigned char>(dh1.n);
+    out.dhidden.insert(out.dhidden.end(), b.begin(), b.end());
+  }
+  out.dweight = dw.get<unsigned char>(dw.n);
+  if (db.n) out.dbias = db.get<unsigned char>(db.n);
+  cudaStreamDestroy(stream);
+  cublasLtDestroy(handle);
+  return out;
+}
+
+}  // namespace
+
+ldpo_out run_linear_dpo(const ldpo_case& c) {
+  switch (c.type) {
+    case dtype::bf16:
+      return c.fp32_grads ? run_typed<__nv_bfloat16, float>(c) : run_typed<__nv_bfloat16, __nv_bfloat16>(c);
+    case dtype::f32: return run_typed<float, float>(c);
+    default: throw std::runtime_error("run_linear_dpo: dtype not covered by the harness");
+  }
+}
+
+}  // namespace dpo_cuda_test

@@ -1,0 +1,65 @@
+// Copyright 2026 The dpo Authors. SPDX-License-Identifier: Apache-2.0
+//
+// Host-side interface of the test harness of DPO from hidden states on CUDA
+// (linear_dpo_harness.cu, compiled by nvcc, or by g++ against the emulator), so
+// test_cuda_linear_dpo.cpp compiles with g++ and never includes CUDA headers.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "dpo/core/loss.hpp"
+#include "dpo/core/transforms.hpp"
+#include "dtype.hpp"
+
+namespace dpo_cuda_test {
+
+enum class ldpo_layout { padded, packed, separate };
+
+/// One dpo::cuda::linear_dpo call (or linear_dpo_forward + linear_dpo_backward) on host data.
+/// Hidden rows [rows, H] (stride H): padded and separate hold 2P * T rows (separate: chosen
+/// rows [0, P T), rejected [P T, 2 P T), uploaded as two buffers); packed holds `rows` rows
+/// and cu_seqlens [2P + 1].
+struct ldpo_case {
+  dtype type = dtype::f32;
+  bool fp32_grads = false;  // G = float for bf16 heads
+  ldpo_layout layout = ldpo_layout::padded;
+  std::int64_t P = 0, T = 0, H = 0, V = 0, rows = 0;
+  std::vector<unsigned char> hidden, weight, bias;  // bytes of `type`; bias empty: none
+  std::vector<std::int64_t> labels;                 // rows
+  std::vector<std::uint8_t> mask;                   // empty: none
+  std::vector<std::int64_t> cu_seqlens;             // packed
+  dpo::logit_transforms transforms;
+  dpo::loss_config cfg;
+  // The reference: log-probs [2P] (chosen then rejected), or hidden states through a head.
+  bool ref_from_hidden = false;
+  std::vector<double> ref_logps;
+  std::vector<unsigned char> ref_hidden, ref_weight, ref_bias;
+  // Options.
+  std::int64_t chunk_rows = 0;
+  bool split = false;            // linear_dpo_forward, then linear_dpo_backward
+  bool accumulate_hidden = false;
+  bool want_hidden = true, want_bias = true;
+  double grad_output = 1.0;
+  int fill = 0;                  // initial byte of every gradient buffer
+  // Argument-error injection.
+  bool null_handle = false, three_pass = false, short_workspace = false, dweight_on_weight = false;
+};
+
+struct ldpo_out {
+  int code = 0;  // cudaError_t of the first failing call (0: all succeeded)
+  std::string message;
+  int device_error = 0;
+  std::string device_message;
+  std::int64_t workspace_bytes = 0;
+  double loss = 12345.0;
+  std::vector<double> metrics;  // dpo::metrics' fields
+  std::vector<double> pairs;    // DPO_PAIR_OUTPUTS order, P each
+  std::vector<double> row_lse, row_coef;  // split: rows each
+  std::vector<unsigned char> dhidden, dweight, dbias;  // dhidden: rows * H of `type` (both sides)
+};
+
+ldpo_out run_linear_dpo(const ldpo_case& c);
+
+}  // namespace dpo_cuda_test

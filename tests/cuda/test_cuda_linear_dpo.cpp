@@ -1,0 +1,416 @@
+// Copyright 2026 The dpo Authors. SPDX-License-Identifier: Apache-2.0
+//
+// DPO from hidden states on CUDA (dpo/cuda/linear_dpo.cuh) against the CPU's
+// (dpo::cpu::linear_dpo, itself checked against a float64 reference and finite differences in
+// tests/test_cpu_linear_dpo.cpp) on the same random inputs: every loss type (aot and
+// aot_unpaired couple the batch), combinations, both reference modes, padded / packed /
+// separate pairs, fp32 and bf16, metrics, per-pair outputs, dHidden / dWeight / dBias, the
+// forward + backward split, accumulation; the refused options, argument and device-data errors
+// (nothing written). Runs on a GPU, or on the emulator with its reference GEMM standing in for
+// cuBLASLt (tests/cuda/emu).
+#define EIGEN_DONT_PARALLELIZE
+#include <Eigen/Core>
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <dpo/cpu/linear_dpo.hpp>
+
+#include "catch.hpp"
+#include "dtype_bytes.hpp"
+#include "linear_dpo_harness.hpp"
+
+namespace {
+
+using dpo_cuda_test::dtype;
+using dpo_cuda_test::ldpo_case;
+using dpo_cuda_test::ldpo_layout;
+using dpo_cuda_test::ldpo_out;
+
+const char* name_of(ldpo_layout l) {
+  return l == ldpo_layout::padded ? "padded" : l == ldpo_layout::packed ? "packed" : "separate";
+}
+
+std::vector<unsigned char> random_matrix(dtype t, std::int64_t n, double amp, std::mt19937& rng) {
+  std::uniform_real_distribution<double> u(-1.0, 1.0);
+  const std::size_t es = dpo_cuda_test::dtype_size(t);
+  std::vector<unsigned char> b(static_cast<std::size_t>(n) * es);
+  for (std::int64_t i = 0; i < n; ++i) dpo_cuda_test::put(t, b.data() + i * es, amp * u(rng));
+  return b;
+}
+
+/// P pairs of T rows (packed: lengths 1..T, one empty-completion-free layout), H, V; every 4th
+/// row of a sequence ignored (its prompt), bias, reference log-probs and hidden states.
+ldpo_case make_case(dtype t, ldpo_layout l, unsigned seed, std::int64_t P = 3, std::int64_t T = 5,
+                    std::int64_t H = 8, std::int64_t V = 37) {
+  ldpo_case c;
+  c.type = t;
+  c.fp32_grads = t == dtype::bf16;
+  c.layout = l;
+  c.P = P;
+  c.T = T;
+  c.H = H;
+  c.V = V;
+  std::mt19937 rng(seed);
+  if (l == ldpo_layout::packed) {
+    c.cu_seqlens.push_back(0);
+    for (std::int64_t s = 0; s < 2 * P; ++s) c.cu_seqlens.push_back(c.cu_seqlens.back() + 2 + (s * 7 + seed) % (T - 1));
+    c.rows = c.cu_seqlens.back() + 2;  // two rows past the last sequence: never touched
+  } else {
+    c.rows = 2 * P * T;
+  }
+  const std::int64_t R = c.rows;
+  c.hidden = random_matrix(t, R * H, 2.0, rng);
+  c.weight = random_matrix(t, V * H, 2.0 / std::sqrt(static_cast<double>(H)), rng);
+  c.bias = random_matrix(t, V, 0.5, rng);
+  std::uniform_int_distribution<std::int64_t> lab(0, V - 1);
+  c.labels.resize(static_cast<std::size_t>(R));
+  for (std::int64_t r = 0; r < R; ++r) c.labels[r] = r % 4 == 0 ? -100 : lab(rng);
+  std::uniform_real_distribution<double> u(-1.0, 1.0);
+  for (std::int64_t i = 0; i < 2 * P; ++i) c.ref_logps.push_back(-6.0 + 3.0 * u(rng));
+  c.ref_hidden = random_matrix(t, R * H, 2.0, rng);
+  c.ref_weight = random_matrix(t, V * H, 2.0 / std::sqrt(static_cast<double>(H)), rng);
+  c.ref_bias = random_matrix(t, V, 0.5, rng);
+  return c;
+}
+
+/// The CPU's results on the same inputs (ok = false when it refused them).
+struct cpu_res {
+  bool ok = true;
+  std::string error;
+  double loss = 0;
+  dpo::metrics m;
+  std::vector<double> pairs, row_lse, row_coef, dhidden, dweight, dbias;
+};
+
+template <class E>
+std::vector<E> typed(const std::vector<unsigned char>& b) {
+  std::vector<E> v(b.size() / sizeof(E));
+  if (!b.empty()) std::memcpy(static_cast<void*>(v.data()), b.data(), b.size());
+  return v;
+}
+
+template <class E, class G>
+cpu_res cpu_run(const ldpo_case& c) {
+  const std::int64_t P = c.P, H = c.H, V = c.V, R = c.rows;
+  const std::vector<E> hidden = typed<E>(c.hidden), weight = typed<E>(c.weight), bias = typed<E>(c.bias);
+  const std::vector<E> rh = typed<E>(c.ref_hidden), rw = typed<E>(c.ref_weight), rb = typed<E>(c.ref_bias);
+  const bool sep = c.layout == ldpo_layout::separate;
+  const std::int64_t half = P * c.T;
+  const auto pairs = [&](const E* h) {
+    const std::uint8_t* m = c.mask.empty() ? nullptr : c.mask.data();
+    switch (c.layout) {
+      case ldpo_layout::padded: return dpo::cpu::linear_padded_pairs(h, H, H, c.labels.data(), 2 * P, c.T, m);
+      case ldpo_layout::packed:
+        return dpo::cpu::linear_packed_pairs(h, H, H, c.labels.data(), c.cu_seqlens.data(), 2 * P, m);
+      default:
+        return dpo::cpu::linear_separate_pairs(h, c.labels.data(), h + half * H, c.labels.data() + half, P, c.T, H,
+                                               H, m, m ? m + half : nullptr);
+    }
+  };
+  const auto policy = pairs(hidden.data());
+  const auto ref = pairs(rh.data());
+  dpo::cpu::linear_head<E> head;
+  head.weight = weight.data();
+  head.vocab = V;
+  head.hidden = H;
+  head.weight_stride = H;
+  head.bias = bias.empty() ? nullptr : bias.data();
+  head.bias_size = bias.empty() ? 0 : V;
+  head.transforms = c.transforms;
+  dpo::cpu::linear_head<E> ref_head = head;
+  ref_head.weight = rw.data();
+  ref_head.bias = rb.empty() ? nullptr : rb.data();
+  ref_head.bias_size = rb.empty() ? 0 : V;
+  cpu_res o;
+  o.pairs.assign(static_cast<std::size_t>(dpo::num_pair_outputs * P), 0.0);
+  o.row_lse.assign(static_cast<std::size_t>(R), 0.0);
+  o.row_coef.assign(static_cast<std::size_t>(R), 0.0);
+  dpo::forward_outputs fo;
+  fo.loss = &o.loss;
+  fo.metrics = &o.m;
+  fo.set_pair_outputs(o.pairs.data(), P);
+  if (c.split) {
+    fo.row_lse = o.row_lse.data();
+    fo.row_coef = o.row_coef.data();
+  }
+  std::vector<E> dh(static_cast<std::size_t>(R * H), E(0.0f));
+  std::vector<G> dw(static_cast<std::size_t>(V * H), G(0.0f)), db(static_cast<std::size_t>(V), G(0.0f));
+  dpo::cpu::linear_dpo_grads<E, G> g;
+  if (c.want_hidden) {
+    g.chosen_hidden = dh.data();
+    g.rejected_hidden = sep ? dh.data() + half * H : dh.data();
+    g.chosen_hidden_stride = g.rejected_hidden_stride = H;
+  }
+  g.weight = dw.data();
+  g.weight_stride = H;
+  g.bias = bias.empty() || !c.want_bias ? nullptr : db.data();
+  dpo::cpu::linear_dpo_options opt;
+  opt.num_threads = 1;
+  opt.mode = dpo::linear_mode::four_pass;
+  const double* rc = c.ref_logps.data();
+  const double* rr = c.ref_logps.data() + P;
+  try {
+    if (c.split) {
+      if (c.ref_from_hidden)
+        dpo::cpu::linear_dpo_forward(policy, head, ref, ref_head, c.cfg, fo, opt);
+      else
+        dpo::cpu::linear_dpo_forward(policy, head, rc, rr, c.cfg, fo, opt);
+      dpo::cpu::linear_dpo_backward(policy, head, o.row_lse.data(), o.row_coef.data(), g, c.grad_output, opt);
+    } else if (c.ref_from_hidden) {
+      dpo::cpu::linear_dpo(policy, head, ref, ref_head, c.cfg, fo, g, opt, c.grad_output);
+    } else {
+      dpo::cpu::linear_dpo(policy, head, rc, rr, c.cfg, fo, g, opt, c.grad_output);
+    }
+  } catch (const dpo::error& e) {
+    o.ok = false;
+    o.error = e.what();
+    return o;
+  }
+  for (const E& x : dh) o.dhidden.push_back(static_cast<double>(x));
+  for (const G& x : dw) o.dweight.push_back(static_cast<double>(x));
+  if (g.bias != nullptr)
+    for (const G& x : db) o.dbias.push_back(static_cast<double>(x));
+  return o;
+}
+
+std::vector<double> doubles(dtype t, const std::vector<unsigned char>& b) {
+  const std::size_t es = dpo_cuda_test::dtype_size(t);
+  std::vector<double> v(b.size() / es);
+  for (std::size_t i = 0; i < v.size(); ++i) v[i] = dpo_cuda_test::get(t, b.data() + i * es);
+  return v;
+}
+
+/// max |a - b| <= tol * max(1, max |b|), NaN only where NaN.
+void near(const std::vector<double>& a, const std::vector<double>& b, double tol, const std::string& what) {
+  INFO(what);
+  REQUIRE(a.size() == b.size());
+  double scale = 1.0, worst = 0.0;
+  std::size_t at = 0;
+  for (double x : b)
+    if (std::isfinite(x)) scale = std::max(scale, std::fabs(x));
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    if (std::isnan(b[i]) || std::isnan(a[i])) {
+      INFO("index " << i << ": " << a[i] << " vs " << b[i]);
+      CHECK(std::isnan(a[i]) == std::isnan(b[i]));
+      continue;
+    }
+    const double d = a[i] == b[i] ? 0.0 : std::fabs(a[i] - b[i]);
+    if (d > worst) {
+      worst = d;
+      at = i;
+    }
+  }
+  INFO("worst at " << at << ": " << (a.empty() ? 0 : a[at]) << " vs " << (b.empty() ? 0 : b[at]));
+  CHECK(worst <= tol * scale);
+}
+
+bool token_metric(int k) {
+  const std::string n = dpo::metric_names[k];
+  return n == "logits/chosen" || n == "logits/rejected" || n == "entropy" || n == "mean_token_accuracy";
+}
+
+/// Runs a case on CUDA and the CPU and compares everything the CPU produced.
+void compare(const ldpo_case& c, const std::string& what) {
+  INFO(what);
+  const cpu_res want = c.type == dtype::bf16 ? cpu_run<Eigen::bfloat16, float>(c) : cpu_run<float, float>(c);
+  const ldpo_out got = dpo_cuda_test::run_linear_dpo(c);
+  if (!want.ok) {
+    INFO("the CPU refused: " << want.error);
+    if (std::getenv("DPO_TEST_VERBOSE") != nullptr) std::printf("CPU refused %s: %s\n", what.c_str(), want.error.c_str());
+    CHECK(got.code != 0);
+    return;
+  }
+  INFO(got.message);
+  REQUIRE(got.code == 0);
+  INFO(got.device_message);
+  REQUIRE(got.device_error == 0);
+  const bool bf = c.type == dtype::bf16;
+  const double tol = bf ? 2e-3 : 2e-5;
+  near({got.loss}, {want.loss}, tol, "loss");
+  near(got.pairs, want.pairs, tol, "per-pair outputs");
+  const double* wm = reinterpret_cast<const double*>(&want.m);
+  for (int k = 0; k < dpo::num_metrics; ++k) {
+    INFO("metric " << dpo::metric_names[k]);
+    if (token_metric(k)) {
+      CHECK(std::isnan(got.metrics[k]));
+    } else {
+      near({got.metrics[k]}, {wm[k]}, tol, dpo::metric_names[k]);
+    }
+  }
+  if (c.split) {
+    // Rows past the last packed sequence belong to no sequence: never written (poison stays).
+    const std::size_t n = c.layout == ldpo_layout::packed ? static_cast<std::size_t>(c.cu_seqlens.back())
+                                                          : got.row_lse.size();
+    const auto head = [n](const std::vector<double>& v) { return std::vector<double>(v.begin(), v.begin() + n); };
+    near(head(got.row_lse), head(want.row_lse), tol, "row_lse");
+    near(head(got.row_coef), head(want.row_coef), tol, "row_coef");
+    for (std::size_t r = n; r < got.row_lse.size(); ++r) {
+      CHECK(got.row_lse[r] == 12345.0);
+      CHECK(got.row_coef[r] == 12345.0);
+    }
+  }
+  // dHidden is rounded to the head's dtype: bf16 has 8 bits.
+  if (c.want_hidden) near(doubles(c.type, got.dhidden), want.dhidden, bf ? 2e-2 : 1e-4, "dHidden");
+  near(doubles(c.fp32_grads ? dtype::f32 : c.type, got.dweight), want.dweight, bf ? 2e-2 : 1e-4, "dWeight");
+  if (!want.dbias.empty())
+    near(doubles(c.fp32_grads ? dtype::f32 : c.type, got.dbias), want.dbias, bf ? 2e-2 : 1e-4, "dBias");
+}
+
+}  // namespace
+
+TEST_CASE("CUDA linear DPO: every loss type, padded, packed and separate, against the CPU", "[linear_dpo]") {
+  const ldpo_layout layouts[3] = {ldpo_layout::padded, ldpo_layout::packed, ldpo_layout::separate};
+  for (int t = 0; t < dpo::num_loss_types; ++t) {
+    const ldpo_layout l = layouts[t % 3];
+    ldpo_case c = make_case(dtype::f32, l, 100u + t);
+    c.cfg = dpo::loss_config::of(static_cast<dpo::loss_type>(t));
+    if (c.cfg.terms[0].type == dpo::loss_type::exo_pair) c.cfg.label_smoothing = 0.1;  // exo needs one
+    c.ref_from_hidden = t % 2 == 1;
+    compare(c, std::string("loss type ") + std::to_string(t) + ", " + name_of(l) +
+                   (c.ref_from_hidden ? ", reference hidden" : ", reference log-probs"));
+  }
+}
+
+TEST_CASE("CUDA linear DPO: combinations, transforms, bf16, grad_output, chunks", "[linear_dpo]") {
+  using dpo::loss_type;
+  SECTION("sigmoid + sft, packed, reference hidden, transforms, two-row chunks") {
+    ldpo_case c = make_case(dtype::f32, ldpo_layout::packed, 7);
+    c.cfg = dpo::loss_config::combination({{loss_type::sigmoid, 1.0}, {loss_type::sft, 0.5}});
+    c.transforms.scale = 0.8;
+    c.transforms.softcap = 3.0;
+    c.transforms.temperature = 0.7;
+    c.ref_from_hidden = true;
+    c.chunk_rows = 2;
+    c.grad_output = 0.75;
+    compare(c, "combination");
+  }
+  SECTION("aot (batch-coupled), bf16 with fp32 dWeight, padded and separate, both references") {
+    for (int k = 0; k < 4; ++k) {
+      ldpo_case c = make_case(dtype::bf16, k % 2 ? ldpo_layout::separate : ldpo_layout::padded, 20u + k, 4, 6, 16, 53);
+      c.cfg = dpo::loss_config::of(k < 2 ? loss_type::aot : loss_type::ipo);
+      c.ref_from_hidden = k >= 2;
+      compare(c, "bf16 case " + std::to_string(k));
+    }
+  }
+  SECTION("robust with label smoothing, f-divergence, masks, no bias gradient") {
+    ldpo_case c = make_case(dtype::f32, ldpo_layout::padded, 9);
+    c.cfg = dpo::loss_config::of(loss_type::sigmoid);
+    c.cfg.divergence = dpo::f_divergence::js_divergence;
+    c.mask.assign(static_cast<std::size_t>(c.rows), 1);
+    for (std::int64_t r = 0; r < c.rows; ++r) c.mask[r] = r % 7 == 3 ? 0 : 1;
+    c.want_bias = false;
+    compare(c, "f-divergence + mask");
+  }
+}
+
+TEST_CASE("CUDA linear DPO: forward then backward equals the CPU split; accumulation", "[linear_dpo]") {
+  for (int k = 0; k < 3; ++k) {
+    ldpo_case c = make_case(k == 2 ? dtype::bf16 : dtype::f32, k == 1 ? ldpo_layout::packed : ldpo_layout::padded,
+                            40u + k);
+    c.cfg = dpo::loss_config::of(k == 1 ? dpo::loss_type::aot_unpaired : dpo::loss_type::sigmoid);
+    c.split = true;
+    c.ref_from_hidden = k == 1;
+    c.grad_output = 1.5;
+    compare(c, "split " + std::to_string(k));
+  }
+  // Accumulated dHidden starting from zeros equals written dHidden.
+  ldpo_case c = make_case(dtype::f32, ldpo_layout::separate, 50);
+  c.cfg = dpo::loss_config::of(dpo::loss_type::hinge);
+  const ldpo_out written = dpo_cuda_test::run_linear_dpo(c);
+  c.accumulate_hidden = true;
+  const ldpo_out added = dpo_cuda_test::run_linear_dpo(c);
+  REQUIRE(written.code == 0);
+  REQUIRE(added.code == 0);
+  CHECK(written.dhidden == added.dhidden);
+  CHECK(written.dweight == added.dweight);
+  // Bitwise repeatable.
+  CHECK(dpo_cuda_test::run_linear_dpo(c).dweight == added.dweight);
+}
+
+TEST_CASE("CUDA linear DPO: refused options and bad input name the argument and write nothing", "[linear_dpo]") {
+  const auto untouched = [](const ldpo_out& o) {
+    CHECK(o.loss == 12345.0);
+    for (double x : o.pairs) CHECK(x == 12345.0);
+    for (unsigned char b : o.dhidden) CHECK(b == 0x7f);
+    for (unsigned char b : o.dweight) CHECK(b == 0x7f);
+    for (unsigned char b : o.dbias) CHECK(b == 0x7f);
+  };
+  const auto base = [] {
+    ldpo_case c = make_case(dtype::f32, ldpo_layout::padded, 60);
+    c.fill = 0x7f;
+    return c;
+  };
+  const auto fails = [&](const ldpo_case& c, const char* needle) {
+    const ldpo_out o = dpo_cuda_test::run_linear_dpo(c);
+    INFO(o.message);
+    CHECK(o.code != 0);
+    CHECK(o.message.find(needle) != std::string::npos);
+    untouched(o);
+  };
+  {
+    ldpo_case c = base();
+    c.three_pass = true;
+    fails(c, "three_pass");
+  }
+  {
+    ldpo_case c = base();
+    c.cfg.ld_alpha = 0.5;
+    fails(c, "ld_alpha");
+  }
+  {
+    ldpo_case c = base();
+    c.cfg.use_weighting = true;
+    fails(c, "use_weighting");
+  }
+  {
+    ldpo_case c = base();
+    c.null_handle = true;
+    fails(c, "handle");
+  }
+  {
+    ldpo_case c = base();
+    c.short_workspace = true;
+    fails(c, "workspace_bytes");
+  }
+  {
+    ldpo_case c = base();
+    c.dweight_on_weight = true;
+    fails(c, "grads.weight");
+  }
+  {
+    ldpo_case c = base();
+    c.cfg.beta = std::nan("");
+    fails(c, "beta");
+  }
+  {
+    ldpo_case c = base();
+    c.ref_logps.clear();  // sigmoid needs the reference
+    fails(c, "ref");
+  }
+  {  // A label outside [0, vocab): device data, reported in the error word.
+    ldpo_case c = base();
+    c.labels[13] = c.V;
+    const ldpo_out o = dpo_cuda_test::run_linear_dpo(c);
+    CHECK(o.code == 0);
+    CHECK(o.device_error != 0);
+    INFO(o.device_message);
+    CHECK(o.device_message.find("labels[13]") != std::string::npos);
+    untouched(o);
+  }
+  {  // A decreasing cu_seqlens.
+    ldpo_case c = make_case(dtype::f32, ldpo_layout::packed, 61);
+    c.fill = 0x7f;
+    c.cu_seqlens[2] = c.cu_seqlens[1] - 1;
+    const ldpo_out o = dpo_cuda_test::run_linear_dpo(c);
+    CHECK(o.code == 0);
+    CHECK(o.device_error != 0);
+    untouched(o);
+  }
+}
