@@ -6,7 +6,8 @@
 #   configure, build   test_cuda_dpo, dpo_bench_cuda, dpo_example_custom_kernel (Release)
 #   cuda_tests    dpo::cuda against dpo::cpu on random inputs (every loss, dtype, layout, odd
 #                 vocab, masks, in place, graph capture, errors, determinism)
-#   linear_tests  the fused LM head (dpo/cuda/linear.cuh, cuBLASLt) against dpo::cpu's
+#   linear_tests  the fused LM head (dpo/cuda/linear.cuh, cuBLASLt) against dpo::cpu's, then
+#                 DPO from hidden states (dpo/cuda/linear_dpo.cuh) against dpo::cpu::linear_dpo
 #   bench_cuda    copy / forward / fused forward+backward, TB/s and share of the copy
 #   bench_linear  the fused LM head at N 8192, H 4096, V 128256 bf16 against the same cuBLASLt
 #                 GEMMs alone (floor_ratio) and the materializing path (full logits)
@@ -113,12 +114,12 @@ if ! grep -q "dpo: CUDA enabled" "$logs/configure.log"; then
   echo "configure did not enable CUDA: nothing below can run"; failed=1
 fi
 stage build 240 cmake --build "$build" -j "$(( jobs > 6 ? jobs - 6 : jobs ))" --target test_cuda_dpo \
-  dpo_bench_cuda dpo_example_custom_kernel dpo_example_training_step test_cuda_linear dpo_bench_cuda_linear
+  dpo_bench_cuda dpo_example_custom_kernel dpo_example_training_step test_cuda_linear test_cuda_linear_dpo dpo_bench_cuda_linear
 
 tbin=$build/tests/cuda/test_cuda_dpo
 stage cuda_tests 120 "$tbin" "~[large]" --durations yes
 lbin=$build/tests/cuda/test_cuda_linear
-stage linear_tests 60 "$lbin" --durations yes
+stage linear_tests 60 bash -c "\"$lbin\" --durations yes && \"$build/tests/cuda/test_cuda_linear_dpo\" --durations yes"
 stage bench_cuda 120 "$build/bench/cuda/dpo_bench_cuda" --benchmark_out="$logs/bench_cuda.json" \
   --benchmark_out_format=json
 stage bench_linear 60 "$build/bench/cuda/dpo_bench_cuda_linear" --benchmark_out="$logs/bench_cuda_linear.json" \

@@ -20,10 +20,10 @@
 //   recompute) is not implemented here yet: linear_mode::three_pass is refused with a status,
 //   automatic runs four passes.
 // * Not supported yet (refused with a status naming the option): LD-DPO (cfg.ld_alpha < 1)
-//   and WPO weights (cfg.use_weighting), whose row terms linear_logps does not produce. The
-//   token metrics (logits/chosen, logits/rejected, entropy, mean_token_accuracy) are NaN in
-//   out.metrics: they need whole logit rows that this path never keeps; every other metric
-//   and per-pair output is dpo_loss's.
+//   and WPO weights (cfg.use_weighting), whose row terms linear_logps does not produce. Of
+//   the token metrics, the entropy comes from linear_logps (options::metrics); logits/chosen,
+//   logits/rejected and mean_token_accuracy are NaN in out.metrics: they need whole logit
+//   rows that this path never keeps. Every other metric and per-pair output is dpo_loss's.
 // * Device-data errors (a label outside [0, vocab) that is not ignore_index, a bad
 //   cu_seqlens) are recorded in the workspace's error word (offset 0, read_device_error;
 //   sides 0 / 1 the policy's chosen / rejected, 2 / 3 the reference's) and nothing outside
@@ -139,7 +139,9 @@ struct linear_dpo_grads {
 /// Run-time options, as dpo::cpu::linear_dpo_options (no threads; num_rows and the GEMM
 /// workspace as in dpo::cuda::options and linear_options).
 struct linear_dpo_options {
-  /// Accepted for the CPU's shape; the token metrics are NaN on this path (see the top).
+  /// The entropy metric (linear_logps' entropy: a little more arithmetic per logit). The
+  /// logits means and token accuracy are NaN with it (see the top); without it all four
+  /// token metrics are 0, as the CPU's.
   bool metrics = true;
   /// The budget of the linear head's chunks (linear_options::workspace_bytes, the GEMM
   /// workspace included); the call's workspace is this plus O(rows + pairs) arrays.
@@ -178,6 +180,7 @@ struct ldpo_rows {
   double* logp;
   double* lse;
   double* coef;  // dL/dlogp times grad_output (0 after an error)
+  double* ent;   // the row's entropy (the policy's forward with metrics)
 };
 
 /// One pass's layout: up to two hidden buffers, the side -> buffer map and their rows.
@@ -292,7 +295,7 @@ __global__ void ldpo_labels_kernel(ldpo_dev<T, L> d, std::int64_t V, int side0, 
 /// sums[side * P + i], counts likewise. One thread per sequence.
 template <class T, class L>
 __global__ void ldpo_sums_kernel(ldpo_dev<T, L> d, const ldpo_header* h, ldpo_rows b0, ldpo_rows b1,
-                                 std::int64_t P, double* sums, double* counts) {
+                                 std::int64_t P, double* sums, double* counts, double* ent_sums) {
   if (h->err.code != 0) return;  // cu_seqlens may be invalid
   const ldpo_rows b[2] = {b0, b1};
   for (std::int64_t k = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; k < 2 * P;
@@ -301,14 +304,16 @@ __global__ void ldpo_sums_kernel(ldpo_dev<T, L> d, const ldpo_header* h, ldpo_ro
     const std::int64_t q = k - s * P;
     const token_view<T, L>& v = d.v[s];
     const ldpo_rows& rb = b[d.buffer_of[s]];
-    double sum = 0.0, n = 0.0;
+    double sum = 0.0, n = 0.0, ent = 0.0;
     for (std::int64_t r = v.row_begin(q); r < v.row_end(q); ++r) {
       if (rb.label[r] < 0) continue;
       sum += rb.logp[r];
       n += 1.0;
+      if (ent_sums != nullptr) ent += rb.ent[r];
     }
     sums[k] = sum;
     counts[k] = n;
+    if (ent_sums != nullptr) ent_sums[k] = ent;
   }
 }
 
@@ -380,9 +385,12 @@ __global__ void ldpo_zero_kernel(ldpo_dev<T, L> d, const ldpo_header* h, std::in
 }
 
 /// Copies the loss stage's results (in the workspace) to the caller's outputs when the
-/// error word is clear; the token metrics are NaN (not computed on this path).
+/// error word is clear. Token metrics: with ent_sums (options::metrics) the entropy is the
+/// mean over the completion tokens of both sides (summed in sequence order) and the three
+/// metrics that need whole logit rows are NaN; without, all four are 0 (as the CPU's with
+/// metrics off).
 __global__ inline void ldpo_publish_kernel(const ldpo_header* h, forward_outputs src, forward_outputs dst,
-                                           std::int64_t P) {
+                                           std::int64_t P, const double* ent_sums, const double* counts) {
   if (h->err.code != 0) return;
   const std::int64_t t = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
   const std::int64_t n = static_cast<std::int64_t>(gridDim.x) * blockDim.x;
@@ -396,7 +404,16 @@ __global__ inline void ldpo_publish_kernel(const ldpo_header* h, forward_outputs
     if (dst.nll_token_grad != nullptr) *dst.nll_token_grad = *src.nll_token_grad;
     if (dst.metrics != nullptr) {
       dpo::metrics m = *src.metrics;
-      m.logits_chosen = m.logits_rejected = m.entropy = m.mean_token_accuracy = NAN;
+      m.logits_chosen = m.logits_rejected = m.entropy = m.mean_token_accuracy = 0.0;
+      if (ent_sums != nullptr) {
+        double e = 0.0, n = 0.0;
+        for (std::int64_t k = 0; k < 2 * P; ++k) {
+          e += ent_sums[k];
+          n += counts[k];
+        }
+        m.entropy = n > 0 ? e / n : 0.0;
+        m.logits_chosen = m.logits_rejected = m.mean_token_accuracy = NAN;
+      }
       *dst.metrics = m;
     }
   }
@@ -487,6 +504,7 @@ struct ldpo_ws {
   ldpo_rows ref_rows[2] = {};
   double* sums = nullptr;    // [2P]
   double* counts = nullptr;  // [2P]
+  double* ent_sums = nullptr;  // [2P]
   double* ref = nullptr;     // [2P] reference log-probs from hidden states
   double* pair_out = nullptr;  // num_pair_outputs * P
   double* loss = nullptr;
@@ -505,6 +523,7 @@ inline ldpo_rows carve_rows(ldpo_carver& c, std::int64_t n) {
   r.logp = c.take<double>(n);
   r.lse = c.take<double>(n);
   r.coef = c.take<double>(n);
+  r.ent = c.take<double>(n);
   return r;
 }
 
@@ -517,6 +536,7 @@ inline ldpo_ws carve_ldpo(std::uintptr_t base, const std::int64_t* rows, const s
   for (int k = 0; k < 2; ++k) w.ref_rows[k] = carve_rows(c, ref_rows[k]);
   w.sums = c.take<double>(2 * P);
   w.counts = c.take<double>(2 * P);
+  w.ent_sums = c.take<double>(2 * P);
   w.ref = c.take<double>(2 * P);
   w.pair_out = c.take<double>(num_pair_outputs * P);
   w.loss = c.take<double>(1);
@@ -741,7 +761,8 @@ status ldpo_forward(cublasLtHandle_t handle, const ldpo_call<T, L>& c, const lin
     s = ldpo_logps(handle, c.ref, *ref_head, 2, false, w.h, rr, w, opt, stream);
     if (s)
       s = launch("ldpo_sums_kernel", ldpo_sums_kernel<T, L>, seq_blocks(2 * P), ldpo_block, stream,
-                 dev_of(c.ref), static_cast<const ldpo_header*>(w.h), rr[0], rr[1], P, w.ref, w.sums);
+                 dev_of(c.ref), static_cast<const ldpo_header*>(w.h), rr[0], rr[1], P, w.ref, w.sums,
+                 static_cast<double*>(nullptr));
     if (!s) return s;
     ref_c = w.ref;
     ref_r = w.ref + P;
@@ -749,11 +770,13 @@ status ldpo_forward(cublasLtHandle_t handle, const ldpo_call<T, L>& c, const lin
   for (int k = 0; s && k < c.pol.num_buffers; ++k) {
     std::size_t bytes = w.lin_bytes;
     s = linear_logps(w.lin_ws, bytes, handle, ldpo_view(c.pol, k, head, rows[k].label), rows[k].logp,
-                     static_cast<double*>(nullptr), rows[k].lse, ldpo_linear_options(opt), stream);
+                     opt.metrics ? rows[k].ent : nullptr, rows[k].lse, ldpo_linear_options(opt), stream);
   }
+  double* ent_sums = opt.metrics ? w.ent_sums : nullptr;
   if (s)
     s = launch("ldpo_sums_kernel", ldpo_sums_kernel<T, L>, seq_blocks(2 * P), ldpo_block, stream,
-               dev_of(c.pol), static_cast<const ldpo_header*>(w.h), rows[0], rows[1], P, w.sums, w.counts);
+               dev_of(c.pol), static_cast<const ldpo_header*>(w.h), rows[0], rows[1], P, w.sums, w.counts,
+               ent_sums);
   if (!s) return s;
   forward_outputs scratch;
   scratch.set_pair_outputs(w.pair_out, P);
@@ -777,7 +800,8 @@ status ldpo_forward(cublasLtHandle_t handle, const ldpo_call<T, L>& c, const lin
              static_cast<const double*>(w.nll), grad_output, out.row_lse, out.row_coef);
   if (!s) return s;
   return launch("ldpo_publish_kernel", ldpo_publish_kernel, seq_blocks(P), ldpo_block, stream,
-                static_cast<const ldpo_header*>(w.h), scratch, out, P);
+                static_cast<const ldpo_header*>(w.h), scratch, out, P, static_cast<const double*>(ent_sums),
+                static_cast<const double*>(w.counts));
 }
 
 /// Checks shared by the fused and the forward calls once the workspace is carved.
@@ -970,7 +994,8 @@ status linear_pair_logps(void* workspace, std::size_t& workspace_bytes, cublasLt
   if (s)
     s = detail::launch("ldpo_sums_kernel", detail::ldpo_sums_kernel<T, L>, detail::seq_blocks(2 * P),
                        detail::ldpo_block, stream, detail::dev_of(c.pol),
-                       static_cast<const detail::ldpo_header*>(w.h), rows[0], rows[1], P, w.sums, w.counts);
+                       static_cast<const detail::ldpo_header*>(w.h), rows[0], rows[1], P, w.sums, w.counts,
+                       static_cast<double*>(nullptr));
   if (!s) return s;
   // Copy out only without an error (the publish kernel's pair outputs: chosen_logps).
   forward_outputs src, dst;
@@ -979,7 +1004,8 @@ status linear_pair_logps(void* workspace, std::size_t& workspace_bytes, cublasLt
   dst.chosen_logps = chosen;
   dst.rejected_logps = rejected;
   return detail::launch("ldpo_publish_kernel", detail::ldpo_publish_kernel, detail::seq_blocks(P),
-                        detail::ldpo_block, stream, static_cast<const detail::ldpo_header*>(w.h), src, dst, P);
+                        detail::ldpo_block, stream, static_cast<const detail::ldpo_header*>(w.h), src, dst, P,
+                        static_cast<const double*>(nullptr), static_cast<const double*>(w.counts));
 }
 
 }  // namespace cuda
