@@ -173,6 +173,8 @@ ldpo_out run_typed(const ldpo_case& c) {
   };
   const auto call = [&](void* ws, std::size_t& bytes, cublasLtHandle_t hd, int phase) {
     // phase 0: the fused call or the forward; 1: the backward of the split.
+    if (c.pair_logps)
+      return dpo::cuda::linear_pair_logps(ws, bytes, hd, policy, head, 1.0, fo.losses, fo.losses + P, opt, stream);
     if (phase == 1)
       return dpo::cuda::linear_dpo_backward(ws, bytes, hd, policy, head, row_lse, row_coef, g,
                                             go.as<const double>(), opt, stream);
@@ -192,7 +194,7 @@ ldpo_out run_typed(const ldpo_case& c) {
     ok = finish(call(nullptr, b2, handle, 1));
     if (b2 > bytes) bytes = b2;
   }
-  if (ok && !c.split && !c.ref_from_hidden) {
+  if (ok && !c.split && !c.ref_from_hidden && !c.pair_logps) {
     dpo::cuda::linear_dpo_plan plan;
     ok = finish(dpo::cuda::linear_dpo_workspace_size(policy, head, c.cfg, opt, &plan));
     if (ok && plan.workspace_bytes != static_cast<std::int64_t>(bytes))

@@ -39,6 +39,7 @@ struct ldpo_case {
   // Options.
   std::int64_t chunk_rows = 0;
   bool split = false;            // linear_dpo_forward, then linear_dpo_backward
+  bool pair_logps = false;       // linear_pair_logps alone: out.pairs = chosen [P], rejected [P]
   bool accumulate_hidden = false;
   bool want_hidden = true, want_bias = true;
   double grad_output = 1.0;

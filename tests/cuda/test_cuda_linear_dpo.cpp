@@ -335,6 +335,49 @@ TEST_CASE("CUDA linear DPO: forward then backward equals the CPU split; accumula
   CHECK(dpo_cuda_test::run_linear_dpo(c).dweight == added.dweight);
 }
 
+TEST_CASE("CUDA linear_pair_logps: sequence log-probs from hidden states equal the CPU's", "[linear_dpo]") {
+  const ldpo_layout layouts[3] = {ldpo_layout::padded, ldpo_layout::packed, ldpo_layout::separate};
+  for (int k = 0; k < 3; ++k) {
+    ldpo_case c = make_case(k == 1 ? dtype::bf16 : dtype::f32, layouts[k], 70u + k);
+    c.pair_logps = true;
+    c.transforms.temperature = 1.3;
+    INFO(name_of(layouts[k]));
+    const std::vector<unsigned char>& hb = c.hidden;
+    const ldpo_out got = dpo_cuda_test::run_linear_dpo(c);
+    REQUIRE(got.code == 0);
+    REQUIRE(got.device_error == 0);
+    std::vector<double> want(static_cast<std::size_t>(2 * c.P));
+    const auto run = [&](auto tag) {
+      using E = decltype(tag);
+      const std::vector<E> hidden = typed<E>(hb), weight = typed<E>(c.weight), bias = typed<E>(c.bias);
+      const std::int64_t half = c.P * c.T;
+      const auto in = c.layout == ldpo_layout::padded
+                          ? dpo::cpu::linear_padded_pairs(hidden.data(), c.H, c.H, c.labels.data(), 2 * c.P, c.T)
+                      : c.layout == ldpo_layout::packed
+                          ? dpo::cpu::linear_packed_pairs(hidden.data(), c.H, c.H, c.labels.data(),
+                                                          c.cu_seqlens.data(), 2 * c.P)
+                          : dpo::cpu::linear_separate_pairs(hidden.data(), c.labels.data(), hidden.data() + half * c.H,
+                                                            c.labels.data() + half, c.P, c.T, c.H, c.H);
+      dpo::cpu::linear_head<E> head;
+      head.weight = weight.data();
+      head.vocab = c.V;
+      head.hidden = c.H;
+      head.weight_stride = c.H;
+      head.bias = bias.data();
+      head.bias_size = c.V;
+      head.transforms = c.transforms;
+      dpo::cpu::linear_pair_logps(in, head, 1.0, want.data(), want.data() + c.P);
+    };
+    if (c.type == dtype::bf16) {
+      run(Eigen::bfloat16());
+    } else {
+      run(float());
+    }
+    near(std::vector<double>(got.pairs.begin(), got.pairs.begin() + 2 * c.P), want, c.type == dtype::bf16 ? 2e-3 : 2e-5,
+         "sequence log-probs");
+  }
+}
+
 TEST_CASE("CUDA linear DPO: refused options and bad input name the argument and write nothing", "[linear_dpo]") {
   const auto untouched = [](const ldpo_out& o) {
     CHECK(o.loss == 12345.0);
