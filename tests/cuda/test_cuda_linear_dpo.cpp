@@ -300,6 +300,18 @@ TEST_CASE("CUDA linear DPO: combinations, transforms, bf16, grad_output, chunks"
       compare(c, "bf16 case " + std::to_string(k));
     }
   }
+  SECTION("LD-DPO: sigmoid, aot and ipo, padded / packed / separate, both references, split") {
+    const loss_type types[3] = {loss_type::sigmoid, loss_type::aot, loss_type::ipo};
+    const ldpo_layout ls[3] = {ldpo_layout::packed, ldpo_layout::padded, ldpo_layout::separate};
+    for (int k = 0; k < 3; ++k) {
+      ldpo_case c = make_case(k == 2 ? dtype::bf16 : dtype::f32, ls[k], 30u + k);
+      c.cfg = dpo::loss_config::of(types[k]);
+      c.cfg.ld_alpha = k == 1 ? 0.0 : 0.4;
+      c.ref_from_hidden = k != 0;
+      c.split = k == 1;
+      compare(c, "LD-DPO case " + std::to_string(k));
+    }
+  }
   SECTION("robust with label smoothing, f-divergence, masks, no bias gradient") {
     ldpo_case c = make_case(dtype::f32, ldpo_layout::padded, 9);
     c.cfg = dpo::loss_config::of(loss_type::sigmoid);
@@ -403,8 +415,9 @@ TEST_CASE("CUDA linear DPO: refused options and bad input name the argument and 
     c.three_pass = true;
     fails(c, "three_pass");
   }
-  {
+  {  // LD-DPO with an NLL term.
     ldpo_case c = base();
+    c.cfg = dpo::loss_config::combination({{dpo::loss_type::sigmoid, 1.0}, {dpo::loss_type::sft, 1.0}});
     c.cfg.ld_alpha = 0.5;
     fails(c, "ld_alpha");
   }

@@ -19,8 +19,10 @@
 //   (linear_logps, forward only). The three-pass path of the CPU (chunks of whole pairs, no
 //   recompute) is not implemented here yet: linear_mode::three_pass is refused with a status,
 //   automatic runs four passes.
-// * Not supported yet (refused with a status naming the option): LD-DPO (cfg.ld_alpha < 1)
-//   and WPO weights (cfg.use_weighting), whose row terms linear_logps does not produce. Of
+// * Not supported yet (refused with a status naming the option): WPO weights
+//   (cfg.use_weighting), whose row terms linear_logps does not produce, and LD-DPO
+//   (cfg.ld_alpha < 1) together with an NLL term (the pair stage would take its NLL from the
+//   LD-weighted sums). LD-DPO alone is supported (weights in the sums and the coefficients). Of
 //   the token metrics, the entropy comes from linear_logps (options::metrics); logits/chosen,
 //   logits/rejected and mean_token_accuracy are NaN in out.metrics: they need whole logit
 //   rows that this path never keeps. Every other metric and per-pair output is dpo_loss's.
@@ -50,6 +52,7 @@
 #include "dpo/core/linear_plan.hpp"
 #include "dpo/core/metrics.hpp"
 #include "dpo/core/outputs.hpp"
+#include "dpo/core/pair_batch.hpp"
 #include "dpo/cuda/dpo.cuh"
 #include "dpo/cuda/linear.cuh"
 #include "dpo/cuda/status.cuh"
@@ -291,41 +294,66 @@ __global__ void ldpo_labels_kernel(ldpo_dev<T, L> d, std::int64_t V, int side0, 
   }
 }
 
-/// Per-sequence sums of the completion rows' log-probs (fp64, row order) and their counts:
-/// sums[side * P + i], counts likewise. One thread per sequence.
+/// The completion rows of sequence q of a side.
+template <class T, class L>
+__device__ double ldpo_count(const token_view<T, L>& v, const ldpo_rows& rb, std::int64_t q) {
+  double n = 0.0;
+  for (std::int64_t r = v.row_begin(q); r < v.row_end(q); ++r) n += rb.label[r] >= 0 ? 1.0 : 0.0;
+  return n;
+}
+
+/// LD-DPO's shared length of pair q (min of the two counts), +inf without LD-DPO, as the
+/// CPU's sequence stage.
+template <class T, class L>
+__device__ double ldpo_shared(const ldpo_dev<T, L>& d, const ldpo_rows* b, std::int64_t q, double ld_alpha) {
+  if (ld_alpha == 1.0) return INFINITY;
+  const double nc = ldpo_count(d.v[0], b[d.buffer_of[0]], q);
+  const double nr = ldpo_count(d.v[1], b[d.buffer_of[1]], q);
+  return nc < nr ? nc : nr;
+}
+
+/// Per-sequence sums of the completion rows' log-probs (fp64, row order; LD-DPO weighted:
+/// the j-th completion row of a pair sharing `shared` rows counts 1 below it, ld_alpha past
+/// it), plain sums (the NLL's), counts and (ent_sums) entropies: [side * P + pair]. One
+/// thread per pair.
 template <class T, class L>
 __global__ void ldpo_sums_kernel(ldpo_dev<T, L> d, const ldpo_header* h, ldpo_rows b0, ldpo_rows b1,
-                                 std::int64_t P, double* sums, double* counts, double* ent_sums) {
+                                 std::int64_t P, double ld_alpha, double* sums, double* counts, double* plain,
+                                 double* ent_sums) {
   if (h->err.code != 0) return;  // cu_seqlens may be invalid
   const ldpo_rows b[2] = {b0, b1};
-  for (std::int64_t k = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; k < 2 * P;
-       k += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
-    const int s = k < P ? 0 : 1;
-    const std::int64_t q = k - s * P;
-    const token_view<T, L>& v = d.v[s];
-    const ldpo_rows& rb = b[d.buffer_of[s]];
-    double sum = 0.0, n = 0.0, ent = 0.0;
-    for (std::int64_t r = v.row_begin(q); r < v.row_end(q); ++r) {
-      if (rb.label[r] < 0) continue;
-      sum += rb.logp[r];
-      n += 1.0;
-      if (ent_sums != nullptr) ent += rb.ent[r];
+  for (std::int64_t q = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; q < P;
+       q += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
+    const double shared = ldpo_shared(d, b, q, ld_alpha);
+    for (int s = 0; s < 2; ++s) {
+      const token_view<T, L>& v = d.v[s];
+      const ldpo_rows& rb = b[d.buffer_of[s]];
+      double sum = 0.0, sum_plain = 0.0, n = 0.0, ent = 0.0;
+      for (std::int64_t r = v.row_begin(q); r < v.row_end(q); ++r) {
+        if (rb.label[r] < 0) continue;
+        sum += dpo::detail::times(n < shared ? 1.0 : ld_alpha, rb.logp[r]);
+        sum_plain += rb.logp[r];
+        n += 1.0;
+        if (ent_sums != nullptr) ent += rb.ent[r];
+      }
+      const std::int64_t k = s * P + q;
+      sums[k] = sum;
+      counts[k] = n;
+      if (plain != nullptr) plain[k] = sum_plain;
+      if (ent_sums != nullptr) ent_sums[k] = ent;
     }
-    sums[k] = sum;
-    counts[k] = n;
-    if (ent_sums != nullptr) ent_sums[k] = ent;
   }
 }
 
 /// Each completion row's dL/dlogp: grad_<side>[seq] (+ the NLL term's per-token gradient on
 /// the chosen side), into the workspace times grad_output (null: 1; zeros after an error)
 /// and, unscaled, into the caller's row_lse / row_coef (when given and no error; 0 on the
-/// sequences' other rows). One thread per sequence.
+/// sequences' other rows). LD-DPO weighted as the sums. One thread per pair.
 template <class T, class L>
 __global__ void ldpo_coef_kernel(ldpo_dev<T, L> d, ldpo_rows b0, ldpo_rows b1, std::int64_t P,
-                                 const ldpo_header* h, const double* grad_c, const double* grad_r,
-                                 const double* nll, const double* grad_output, double* row_lse,
-                                 double* row_coef) {
+                                 double ld_alpha, const ldpo_header* h, const double* grad_c,
+                                 const double* grad_r, const double* nll, const double* grad_output,
+                                 double* row_lse, double* row_coef) {
   const ldpo_rows b[2] = {b0, b1};
   const bool bad = h->err.code != 0;
   const std::int64_t t0 = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
@@ -336,19 +364,26 @@ __global__ void ldpo_coef_kernel(ldpo_dev<T, L> d, ldpo_rows b0, ldpo_rows b1, s
     return;
   }
   const double go = grad_output != nullptr ? *grad_output : 1.0;
-  for (std::int64_t k = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; k < 2 * P;
-       k += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
-    const int s = k < P ? 0 : 1;
-    const std::int64_t q = k - s * P;
-    const token_view<T, L>& v = d.v[s];
-    const ldpo_rows& rb = b[d.buffer_of[s]];
-    const double g = s == 0 ? grad_c[q] + *nll : grad_r[q];
-    for (std::int64_t r = v.row_begin(q); r < v.row_end(q); ++r) {
-      const bool on = rb.label[r] >= 0;
-      const double c = on ? g : 0.0;
-      rb.coef[r] = on ? dpo::detail::times(c, go) : 0.0;
-      if (row_lse != nullptr) row_lse[r] = on ? rb.lse[r] : 0.0;
-      if (row_coef != nullptr) row_coef[r] = c;
+  for (std::int64_t q = t0; q < P; q += nt) {
+    const double shared = ldpo_shared(d, b, q, ld_alpha);
+    for (int s = 0; s < 2; ++s) {
+      const token_view<T, L>& v = d.v[s];
+      const ldpo_rows& rb = b[d.buffer_of[s]];
+      const double g = s == 0 ? grad_c[q] : grad_r[q];
+      const double add = s == 0 ? *nll : 0.0;
+      double j = 0.0;
+      for (std::int64_t r = v.row_begin(q); r < v.row_end(q); ++r) {
+        const bool on = rb.label[r] >= 0;
+        double c = 0.0;
+        if (on) {
+          // An LD-DPO weight of 0 drops the token even where g is infinite (as the CPU).
+          c = dpo::detail::times(j < shared ? 1.0 : ld_alpha, g) + add;
+          j += 1.0;
+        }
+        rb.coef[r] = on ? dpo::detail::times(c, go) : 0.0;
+        if (row_lse != nullptr) row_lse[r] = on ? rb.lse[r] : 0.0;
+        if (row_coef != nullptr) row_coef[r] = c;
+      }
     }
   }
 }
@@ -385,12 +420,13 @@ __global__ void ldpo_zero_kernel(ldpo_dev<T, L> d, const ldpo_header* h, std::in
 }
 
 /// Copies the loss stage's results (in the workspace) to the caller's outputs when the
-/// error word is clear. Token metrics: with ent_sums (options::metrics) the entropy is the
+/// error word is clear. nll_loss: from `plain` (the plain chosen sums). Token metrics: with ent_sums (options::metrics) the entropy is the
 /// mean over the completion tokens of both sides (summed in sequence order) and the three
 /// metrics that need whole logit rows are NaN; without, all four are 0 (as the CPU's with
 /// metrics off).
 __global__ inline void ldpo_publish_kernel(const ldpo_header* h, forward_outputs src, forward_outputs dst,
-                                           std::int64_t P, const double* ent_sums, const double* counts) {
+                                           std::int64_t P, const double* ent_sums, const double* counts,
+                                           const double* plain) {
   if (h->err.code != 0) return;
   const std::int64_t t = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
   const std::int64_t n = static_cast<std::int64_t>(gridDim.x) * blockDim.x;
@@ -405,6 +441,14 @@ __global__ inline void ldpo_publish_kernel(const ldpo_header* h, forward_outputs
     if (dst.metrics != nullptr) {
       dpo::metrics m = *src.metrics;
       m.logits_chosen = m.logits_rejected = m.entropy = m.mean_token_accuracy = 0.0;
+      if (plain != nullptr) {  // NLL(chosen) of the plain (not LD-weighted) log-probs, as the CPU's
+        token_totals t{};
+        for (std::int64_t i = 0; i < P; ++i) {
+          t.chosen_logps += plain[i];
+          t.chosen_tokens += counts[i];
+        }
+        m.nll_loss = batch_nll(t);
+      }
       if (ent_sums != nullptr) {
         double e = 0.0, n = 0.0;
         for (std::int64_t k = 0; k < 2 * P; ++k) {
@@ -505,6 +549,7 @@ struct ldpo_ws {
   double* sums = nullptr;    // [2P]
   double* counts = nullptr;  // [2P]
   double* ent_sums = nullptr;  // [2P]
+  double* plain = nullptr;     // [2P] plain (not LD-weighted) sums
   double* ref = nullptr;     // [2P] reference log-probs from hidden states
   double* pair_out = nullptr;  // num_pair_outputs * P
   double* loss = nullptr;
@@ -537,6 +582,7 @@ inline ldpo_ws carve_ldpo(std::uintptr_t base, const std::int64_t* rows, const s
   w.sums = c.take<double>(2 * P);
   w.counts = c.take<double>(2 * P);
   w.ent_sums = c.take<double>(2 * P);
+  w.plain = c.take<double>(2 * P);
   w.ref = c.take<double>(2 * P);
   w.pair_out = c.take<double>(num_pair_outputs * P);
   w.loss = c.take<double>(1);
@@ -577,9 +623,9 @@ status ldpo_prologue(void* workspace, std::size_t& workspace_bytes, cublasLtHand
   if (cfg != nullptr) {
     status s = to_status(validate_config(*cfg));
     if (!s) return s;
-    if (cfg->ld_alpha != 1.0)
-      return invalid("dpo: cfg.ld_alpha = %g: LD-DPO is not supported by the CUDA linear path yet "
-                     "(use the logits path or dpo::cpu::linear_dpo)", cfg->ld_alpha);
+    if (cfg->ld_alpha != 1.0 && dpo::detail::nll_weight(*cfg) != 0.0)
+      return invalid("dpo: cfg.ld_alpha = %g with an NLL term (sft, cpo, orpo): not supported by the CUDA "
+                     "linear path yet (use the logits path or dpo::cpu::linear_dpo)", cfg->ld_alpha);
     if (cfg->use_weighting)
       return invalid("dpo: cfg.use_weighting: WPO weights are not supported by the CUDA linear path yet "
                      "(use the logits path or dpo::cpu::linear_dpo)");
@@ -760,9 +806,9 @@ status ldpo_forward(cublasLtHandle_t handle, const ldpo_call<T, L>& c, const lin
     ldpo_rows rr[2] = {w.ref_rows[0], w.ref_rows[1]};
     s = ldpo_logps(handle, c.ref, *ref_head, 2, false, w.h, rr, w, opt, stream);
     if (s)
-      s = launch("ldpo_sums_kernel", ldpo_sums_kernel<T, L>, seq_blocks(2 * P), ldpo_block, stream,
-                 dev_of(c.ref), static_cast<const ldpo_header*>(w.h), rr[0], rr[1], P, w.ref, w.sums,
-                 static_cast<double*>(nullptr));
+      s = launch("ldpo_sums_kernel", ldpo_sums_kernel<T, L>, seq_blocks(P), ldpo_block, stream,
+                 dev_of(c.ref), static_cast<const ldpo_header*>(w.h), rr[0], rr[1], P, cfg.ld_alpha, w.ref,
+                 w.sums, static_cast<double*>(nullptr), static_cast<double*>(nullptr));
     if (!s) return s;
     ref_c = w.ref;
     ref_r = w.ref + P;
@@ -774,9 +820,9 @@ status ldpo_forward(cublasLtHandle_t handle, const ldpo_call<T, L>& c, const lin
   }
   double* ent_sums = opt.metrics ? w.ent_sums : nullptr;
   if (s)
-    s = launch("ldpo_sums_kernel", ldpo_sums_kernel<T, L>, seq_blocks(2 * P), ldpo_block, stream,
-               dev_of(c.pol), static_cast<const ldpo_header*>(w.h), rows[0], rows[1], P, w.sums, w.counts,
-               ent_sums);
+    s = launch("ldpo_sums_kernel", ldpo_sums_kernel<T, L>, seq_blocks(P), ldpo_block, stream,
+               dev_of(c.pol), static_cast<const ldpo_header*>(w.h), rows[0], rows[1], P, cfg.ld_alpha, w.sums,
+               w.counts, w.plain, ent_sums);
   if (!s) return s;
   forward_outputs scratch;
   scratch.set_pair_outputs(w.pair_out, P);
@@ -794,14 +840,14 @@ status ldpo_forward(cublasLtHandle_t handle, const ldpo_call<T, L>& c, const lin
   std::size_t lb = w.loss_bytes;
   s = dpo_loss(w.loss_ws, lb, li, cfg, scratch, stream);
   if (!s) return s;
-  s = launch("ldpo_coef_kernel", ldpo_coef_kernel<T, L>, seq_blocks(2 * P), ldpo_block, stream, dev_of(c.pol),
-             rows[0], rows[1], P, static_cast<const ldpo_header*>(w.h),
+  s = launch("ldpo_coef_kernel", ldpo_coef_kernel<T, L>, seq_blocks(P), ldpo_block, stream, dev_of(c.pol),
+             rows[0], rows[1], P, cfg.ld_alpha, static_cast<const ldpo_header*>(w.h),
              static_cast<const double*>(scratch.grad_chosen), static_cast<const double*>(scratch.grad_rejected),
              static_cast<const double*>(w.nll), grad_output, out.row_lse, out.row_coef);
   if (!s) return s;
   return launch("ldpo_publish_kernel", ldpo_publish_kernel, seq_blocks(P), ldpo_block, stream,
                 static_cast<const ldpo_header*>(w.h), scratch, out, P, static_cast<const double*>(ent_sums),
-                static_cast<const double*>(w.counts));
+                static_cast<const double*>(w.counts), static_cast<const double*>(w.plain));
 }
 
 /// Checks shared by the fused and the forward calls once the workspace is carved.
@@ -972,15 +1018,15 @@ status linear_dpo_backward(void* workspace, std::size_t& workspace_bytes, cublas
 }
 
 /// Sequence log-probs of both sides from hidden states, forward only, as
-/// dpo::cpu::linear_pair_logps: chosen[i], rejected[i] (device, [P]). ld_alpha must be 1
-/// here (LD-DPO is not supported by the CUDA linear path yet).
+/// dpo::cpu::linear_pair_logps: chosen[i], rejected[i] (device, [P]), LD-DPO weighted when
+/// ld_alpha < 1.
 template <class T, class L>
 status linear_pair_logps(void* workspace, std::size_t& workspace_bytes, cublasLtHandle_t handle,
                          const hidden_pairs<T, L>& in, const linear_head<T>& head, double ld_alpha,
                          double* chosen, double* rejected, const linear_dpo_options& opt = {},
                          cudaStream_t stream = 0) {
-  if (ld_alpha != 1.0)
-    return detail::invalid("dpo: ld_alpha = %g: LD-DPO is not supported by the CUDA linear path yet", ld_alpha);
+  status s0 = detail::to_status(dpo::detail::check_unit(ld_alpha, "ld_alpha"));
+  if (!s0) return s0;
   detail::ldpo_call<T, L> c;
   status s = detail::ldpo_prologue<T, L>(workspace, workspace_bytes, handle, in, head, nullptr, nullptr, nullptr,
                                          opt, &c);
@@ -992,10 +1038,10 @@ status linear_pair_logps(void* workspace, std::size_t& workspace_bytes, cublasLt
   detail::ldpo_rows rows[2] = {w.rows[0], w.rows[1]};
   s = detail::ldpo_logps(handle, c.pol, head, 0, true, w.h, rows, w, opt, stream);
   if (s)
-    s = detail::launch("ldpo_sums_kernel", detail::ldpo_sums_kernel<T, L>, detail::seq_blocks(2 * P),
+    s = detail::launch("ldpo_sums_kernel", detail::ldpo_sums_kernel<T, L>, detail::seq_blocks(P),
                        detail::ldpo_block, stream, detail::dev_of(c.pol),
-                       static_cast<const detail::ldpo_header*>(w.h), rows[0], rows[1], P, w.sums, w.counts,
-                       static_cast<double*>(nullptr));
+                       static_cast<const detail::ldpo_header*>(w.h), rows[0], rows[1], P, ld_alpha, w.sums,
+                       w.counts, static_cast<double*>(nullptr), static_cast<double*>(nullptr));
   if (!s) return s;
   // Copy out only without an error (the publish kernel's pair outputs: chosen_logps).
   forward_outputs src, dst;
@@ -1005,7 +1051,8 @@ status linear_pair_logps(void* workspace, std::size_t& workspace_bytes, cublasLt
   dst.rejected_logps = rejected;
   return detail::launch("ldpo_publish_kernel", detail::ldpo_publish_kernel, detail::seq_blocks(P),
                         detail::ldpo_block, stream, static_cast<const detail::ldpo_header*>(w.h), src, dst, P,
-                        static_cast<const double*>(nullptr), static_cast<const double*>(w.counts));
+                        static_cast<const double*>(nullptr), static_cast<const double*>(w.counts),
+                        static_cast<const double*>(nullptr));
 }
 
 }  // namespace cuda
