@@ -49,9 +49,8 @@ struct dbuf {
   }
 };
 
-template <class T>
-dpo::cuda::hidden_pairs<T, std::int64_t> pairs_of(const ldpo_case& c, const T* h0, const T* h1,
-                                                   const std::int64_t* lab0, const std::int64_t* lab1,
+template <class T, class L>
+dpo::cuda::hidden_pairs<T, L> pairs_of(const ldpo_case& c, const T* h0, const T* h1, const L* lab0, const L* lab1,
                                                    const std::uint8_t* m0, const std::uint8_t* m1,
                                                    const std::int64_t* cu) {
   switch (c.layout) {
@@ -63,7 +62,7 @@ dpo::cuda::hidden_pairs<T, std::int64_t> pairs_of(const ldpo_case& c, const T* h
   throw std::runtime_error("bad layout");
 }
 
-template <class T, class G>
+template <class T, class L, class G>
 ldpo_out run_typed(const ldpo_case& c) {
   ldpo_out out;
   const std::int64_t P = c.P, H = c.H, V = c.V, R = c.rows;
@@ -79,17 +78,18 @@ ldpo_out run_typed(const ldpo_case& c) {
   upload_rows(c.hidden, h0, h1, H * es);
   weight.put(c.weight.data(), c.weight.size());
   bias.put(c.bias.data(), c.bias.size());
-  std::vector<unsigned char> lab_bytes(c.labels.size() * 8);
-  std::memcpy(lab_bytes.data(), c.labels.data(), lab_bytes.size());
-  dbuf l0(R0 * 8), l1(R1 * 8);
-  upload_rows(lab_bytes, l0, l1, 8);
+  const std::vector<L> lab(c.labels.begin(), c.labels.end());
+  std::vector<unsigned char> lab_bytes(lab.size() * sizeof(L));
+  std::memcpy(lab_bytes.data(), lab.data(), lab_bytes.size());
+  dbuf l0(R0 * sizeof(L)), l1(R1 * sizeof(L));
+  upload_rows(lab_bytes, l0, l1, sizeof(L));
   dbuf m0(c.mask.empty() ? 0 : R0), m1(c.mask.empty() ? 0 : R1);
   if (!c.mask.empty()) upload_rows(std::vector<unsigned char>(c.mask.begin(), c.mask.end()), m0, m1, 1);
   dbuf cu(c.cu_seqlens.size() * 8);
   cu.put(c.cu_seqlens.data(), cu.n);
   const auto policy =
-      pairs_of<T>(c, h0.as<const T>(), sep ? h1.as<const T>() : nullptr, l0.as<const std::int64_t>(),
-                  sep ? l1.as<const std::int64_t>() : nullptr, m0.n ? m0.as<const std::uint8_t>() : nullptr,
+      pairs_of<T, L>(c, h0.as<const T>(), sep ? h1.as<const T>() : nullptr, l0.as<const L>(),
+                     sep ? l1.as<const L>() : nullptr, m0.n ? m0.as<const std::uint8_t>() : nullptr,
                   m1.n ? m1.as<const std::uint8_t>() : nullptr, cu.n ? cu.as<const std::int64_t>() : nullptr);
   dpo::cuda::linear_head<T> head;
   head.weight = weight.as<const T>();
@@ -107,8 +107,8 @@ ldpo_out run_typed(const ldpo_case& c) {
   if (c.ref_from_hidden) upload_rows(c.ref_hidden, rh0, rh1, H * es);
   rw.put(c.ref_weight.data(), rw.n);
   rb.put(c.ref_bias.data(), rb.n);
-  const auto ref = pairs_of<T>(c, rh0.as<const T>(), sep ? rh1.as<const T>() : nullptr,
-                               l0.as<const std::int64_t>(), sep ? l1.as<const std::int64_t>() : nullptr,
+  const auto ref = pairs_of<T, L>(c, rh0.as<const T>(), sep ? rh1.as<const T>() : nullptr, l0.as<const L>(),
+                                  sep ? l1.as<const L>() : nullptr,
                                m0.n ? m0.as<const std::uint8_t>() : nullptr,
                                m1.n ? m1.as<const std::uint8_t>() : nullptr,
                                cu.n ? cu.as<const std::int64_t>() : nullptr);
@@ -235,13 +235,18 @@ ldpo_out run_typed(const ldpo_case& c) {
   return out;
 }
 
+template <class T, class G>
+ldpo_out run_labels(const ldpo_case& c) {
+  return c.labels32 ? run_typed<T, std::int32_t, G>(c) : run_typed<T, std::int64_t, G>(c);
+}
+
 }  // namespace
 
 ldpo_out run_linear_dpo(const ldpo_case& c) {
   switch (c.type) {
     case dtype::bf16:
-      return c.fp32_grads ? run_typed<__nv_bfloat16, float>(c) : run_typed<__nv_bfloat16, __nv_bfloat16>(c);
-    case dtype::f32: return run_typed<float, float>(c);
+      return c.fp32_grads ? run_labels<__nv_bfloat16, float>(c) : run_labels<__nv_bfloat16, __nv_bfloat16>(c);
+    case dtype::f32: return run_labels<float, float>(c);
     default: throw std::runtime_error("run_linear_dpo: dtype not covered by the harness");
   }
 }

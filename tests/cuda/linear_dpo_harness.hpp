@@ -24,6 +24,7 @@ enum class ldpo_layout { padded, packed, separate };
 struct ldpo_case {
   dtype type = dtype::f32;
   bool fp32_grads = false;  // G = float for bf16 heads
+  bool labels32 = false;    // int32 labels (int64 otherwise)
   ldpo_layout layout = ldpo_layout::padded;
   std::int64_t P = 0, T = 0, H = 0, V = 0, rows = 0;
   std::vector<unsigned char> hidden, weight, bias;  // bytes of `type`; bias empty: none

@@ -274,6 +274,7 @@ TEST_CASE("CUDA linear DPO: every loss type, padded, packed and separate, agains
     c.cfg = dpo::loss_config::of(static_cast<dpo::loss_type>(t));
     if (c.cfg.terms[0].type == dpo::loss_type::exo_pair) c.cfg.label_smoothing = 0.1;  // exo needs one
     c.ref_from_hidden = t % 2 == 1;
+    c.labels32 = t % 4 == 2;
     compare(c, std::string("loss type ") + std::to_string(t) + ", " + name_of(l) +
                    (c.ref_from_hidden ? ", reference hidden" : ", reference log-probs"));
   }
