@@ -313,6 +313,12 @@ TEST_CASE("CUDA linear DPO: combinations, transforms, bf16, grad_output, chunks"
       compare(c, "LD-DPO case " + std::to_string(k));
     }
   }
+  SECTION("NaN in one hidden row: the same NaNs as the CPU (its pair, dWeight), the rest equal") {
+    ldpo_case c = make_case(dtype::f32, ldpo_layout::padded, 11);
+    c.cfg = dpo::loss_config::of(loss_type::sigmoid);
+    dpo_cuda_test::put(c.type, c.hidden.data() + (1 * c.H + 2) * 4, std::nan(""));  // row 1: pair 0, chosen
+    compare(c, "NaN row");
+  }
   SECTION("robust with label smoothing, f-divergence, masks, no bias gradient") {
     ldpo_case c = make_case(dtype::f32, ldpo_layout::padded, 9);
     c.cfg = dpo::loss_config::of(loss_type::sigmoid);
