@@ -220,8 +220,9 @@ ldpo_out run_typed(const ldpo_case& c) {
   out.metrics.assign(all.begin() + 8, all.begin() + 8 + nm);
   out.pairs.assign(all.begin() + 8 + nm, all.begin() + 8 + nm + dpo::num_pair_outputs * P);
   if (c.split) {
-    out.row_lse.assign(all.begin() + 8 + nm + dpo::num_pair_outputs * P, all.begin() + 8 + nm + dpo::num_pair_outputs * P + R);
-    out.row_coef.assign(all.begin() + 8 + nm + dpo::num_pair_outputs * P + R, all.begin() + 8 + nm + dpo::num_pair_outputs * P + 2 * R);
+    const auto rows_at = all.begin() + 8 + nm + dpo::num_pair_outputs * P;
+    out.row_lse.assign(rows_at, rows_at + R);
+    out.row_coef.assign(rows_at + R, rows_at + 2 * R);
   }
   if (dh0.n) {
     out.dhidden = dh0.get<unsigned char>(dh0.n);

@@ -224,7 +224,8 @@ void compare(const ldpo_case& c, const std::string& what) {
   const ldpo_out got = dpo_cuda_test::run_linear_dpo(c);
   if (!want.ok) {
     INFO("the CPU refused: " << want.error);
-    if (std::getenv("DPO_TEST_VERBOSE") != nullptr) std::printf("CPU refused %s: %s\n", what.c_str(), want.error.c_str());
+    if (std::getenv("DPO_TEST_VERBOSE") != nullptr)
+      std::printf("CPU refused %s: %s\n", what.c_str(), want.error.c_str());
     CHECK(got.code != 0);
     return;
   }

@@ -420,10 +420,10 @@ __global__ void ldpo_zero_kernel(ldpo_dev<T, L> d, const ldpo_header* h, std::in
 }
 
 /// Copies the loss stage's results (in the workspace) to the caller's outputs when the
-/// error word is clear. nll_loss: from `plain` (the plain chosen sums). Token metrics: with ent_sums (options::metrics) the entropy is the
-/// mean over the completion tokens of both sides (summed in sequence order) and the three
-/// metrics that need whole logit rows are NaN; without, all four are 0 (as the CPU's with
-/// metrics off).
+/// error word is clear. nll_loss: from `plain` (the plain chosen sums). Token metrics: with
+/// ent_sums (options::metrics) the entropy is the mean over the completion tokens of both
+/// sides (summed in sequence order) and the three metrics that need whole logit rows are
+/// NaN; without, all four are 0 (as the CPU's with metrics off).
 __global__ inline void ldpo_publish_kernel(const ldpo_header* h, forward_outputs src, forward_outputs dst,
                                            std::int64_t P, const double* ent_sums, const double* counts,
                                            const double* plain) {
@@ -750,7 +750,8 @@ status ldpo_check_grads(const ldpo_layout<T, L>& l, const linear_head<T>& head, 
     return invalid("dpo: grads.rejected_hidden_stride = %lld is invalid: must be >= hidden = %lld",
                    (long long)g.rejected_hidden_stride, (long long)H);
   if (l.num_buffers == 1 &&
-      (g.chosen_hidden != g.rejected_hidden || (g.chosen_hidden != nullptr && g.chosen_hidden_stride != g.rejected_hidden_stride)))
+      (g.chosen_hidden != g.rejected_hidden ||
+       (g.chosen_hidden != nullptr && g.chosen_hidden_stride != g.rejected_hidden_stride)))
     return invalid("dpo: grads.chosen_hidden and grads.rejected_hidden must be the same buffer and stride "
                    "for a concatenated layout");
   if (g.weight != nullptr && g.weight_stride < H)
