@@ -50,6 +50,7 @@
 
 #include "dpo/core/layout.hpp"
 #include "dpo/core/linear_plan.hpp"
+#include "dpo/core/linear_view.hpp"
 #include "dpo/core/metrics.hpp"
 #include "dpo/core/outputs.hpp"
 #include "dpo/core/pair_batch.hpp"
@@ -60,19 +61,8 @@
 namespace dpo {
 namespace cuda {
 
-/// An LM head (device pointers), as dpo::cpu::linear_head: weight [vocab, weight_stride]
-/// (row-major nn.Linear layout; columns [0, hidden) read), optional bias [vocab]
-/// (bias_size = vocab, or null and 0), and the logit transforms.
-template <class T>
-struct linear_head {
-  const T* weight = nullptr;
-  std::int64_t vocab = 0;
-  std::int64_t hidden = 0;
-  std::int64_t weight_stride = 0;
-  const T* bias = nullptr;
-  std::int64_t bias_size = 0;
-  logit_transforms transforms;
-};
+/// An LM head (device pointers): the core's struct, as on the CPU (dpo/core/linear_view.hpp).
+using dpo::linear_head;
 
 /// Preference pairs over hidden rows (device pointers), as dpo::cpu::hidden_pairs: a pair
 /// layout of the logits path whose token_views' `logits` point at hidden rows and whose
@@ -515,21 +505,7 @@ status ldpo_layout_of(const hidden_pairs<T, L>& in, const linear_head<T>& head, 
 template <class T, class L>
 linear_view<T, std::int64_t> ldpo_view(const ldpo_layout<T, L>& l, int k, const linear_head<T>& head,
                                        const std::int64_t* labels) {
-  linear_view<T, std::int64_t> v;
-  v.hidden = l.base[k];
-  v.rows = l.rows[k];
-  v.hidden_cols = head.hidden;
-  v.hidden_stride = l.stride[k];
-  v.weight = head.weight;
-  v.vocab = head.vocab;
-  v.weight_cols = head.hidden;
-  v.weight_stride = head.weight_stride;
-  v.bias = head.bias;
-  v.bias_size = head.bias_size;
-  v.labels = labels;
-  v.ignore_index = -1;
-  v.transforms = head.transforms;
-  return v;
+  return dpo::linear_view_of(l.base[k], l.rows[k], l.stride[k], head, labels, nullptr, -1);
 }
 
 inline linear_options ldpo_linear_options(const linear_dpo_options& opt) {
