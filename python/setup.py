@@ -110,7 +110,7 @@ def _extensions():
     if not (REPO / "include" / "dpo" / "dpo.hpp").exists():
         raise RuntimeError(f"{REPO / 'include'} not found: build from a checkout of the dpo repository")
     include_dirs = [str(REPO / "include"), str(REPO / "kernels"), str(HERE / "csrc"), _eigen_dir()]
-    sources = ["csrc/ops.cpp", "csrc/cpu.cpp", "csrc/shard.cpp", "csrc/linear.cpp"]
+    sources = ["csrc/ops.cpp", "csrc/cpu.cpp", "csrc/shard.cpp", "csrc/linear.cpp", "csrc/linear_dpo.cpp"]
     link = _shared_libstdcxx_args(torch)
     cxx = ["-O3", "-DNDEBUG", "-Wno-unused-parameter"]
     if os.environ.get("DPO_KERNELS_NATIVE", "0") == "1":

@@ -9,6 +9,8 @@ fake kernels so they run under ``torch.compile(fullgraph=True)`` and CUDA graphs
 - :func:`dpo_loss_from_logits` -- the whole DPO loss and TRL's logged metrics from the
   policy logits of the concatenated ``[chosen; rejected]`` batch, in one read of the logits
   (plus one read and one write for the gradient, optionally in place).
+- :func:`dpo_loss_from_hidden` -- the same from the last hidden states and the LM head,
+  never forming the ``[rows, V]`` logits (CPU).
 
 Losses follow TRL 1.x's DPOTrainer (semantics: `docs/losses.md <../../docs/losses.md>`_, a
 path relative to this file), with TRL's argument names. Invalid arguments raise
@@ -25,12 +27,14 @@ import torch
 
 from . import _C
 from ._linear import OPTIONAL_OUTPUTS, linear_logprobs
+from ._linear_dpo import DEFAULT_LINEAR_DPO_WORKSPACE_BYTES
 from ._ops import CONFIG_FIELDS, LOSS_TYPES, METRIC_NAMES, PAIR_VALUE_NAMES, check_devices, check_inplace_target, ops
 
 __all__ = [
     "sequence_logps",
     "dpo_loss",
     "dpo_loss_from_logits",
+    "dpo_loss_from_hidden",
     "linear_logprobs",
     "OPTIONAL_OUTPUTS",
     "METRIC_NAMES",
@@ -359,6 +363,124 @@ def dpo_loss_from_logits(
             logits, labels, cu_seqlens, reference_chosen_logps, reference_rejected_logps, ref_logits, ignore_index,
             *config, compute_metrics, inplace_backward,
         )
+    named = {name: metrics[i] for i, name in enumerate(METRIC_NAMES)}
+    if return_pair_values:
+        return loss, named, {name: pair_values[i] for i, name in enumerate(PAIR_VALUE_NAMES)}
+    return loss, named
+
+
+def dpo_loss_from_hidden(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    reference_chosen_logps: torch.Tensor | None = None,
+    reference_rejected_logps: torch.Tensor | None = None,
+    *,
+    bias: torch.Tensor | None = None,
+    ref_hidden: torch.Tensor | None = None,
+    ref_weight: torch.Tensor | None = None,
+    ref_bias: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    ignore_index: int = -100,
+    loss_type: str | Sequence[str] = "sigmoid",
+    loss_weights: Sequence[float] | None = None,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+    f_divergence_type: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 0.5,
+    discopop_tau: float = 0.05,
+    use_weighting: bool = False,
+    ld_alpha: float | None = None,
+    reference_free: bool = False,
+    cdpo_smoothing: bool = False,
+    simpo_gamma: float = 0.5,
+    cpo_alpha: float = 1.0,
+    cpo_base: str = "sigmoid",
+    compute_metrics: bool = True,
+    inplace_backward: bool = False,
+    return_pair_values: bool = False,
+    process_group=None,
+    vocab_range: tuple[int, int] | None = None,
+    cp_group=None,
+    workspace_bytes: int | None = None,
+):
+    """The DPO loss and TRL's logged metrics straight from the policy's last hidden states and
+    LM head, without the ``[rows, V]`` logits: :func:`dpo_loss_from_logits` on
+    ``logits = o(hidden @ weight.T + bias)``, ``o(u) = softcap * tanh(logit_scale * u /
+    softcap) / temperature`` (no tanh when ``softcap`` is None; TRL's order).
+
+    Args:
+        hidden: the policy's last hidden states of TRL's concatenated batch, already aligned
+            with ``labels`` as logits are (pass ``hidden[:, :-1]`` with ``labels[:, 1:]``: row
+            t scores label t): ``[2P, T, H]`` (sequences ``[0, P)`` chosen, ``[P, 2P)``
+            rejected) or packed ``[N, H]`` with ``cu_seqlens [2P + 1]``.
+            float32/float64/bfloat16/float16; a non-contiguous view is copied once.
+        weight: ``[V, H]`` (``nn.Linear`` layout), hidden's dtype. bias: ``[V]`` or None.
+        labels: ``[2P, T]`` / ``[N]`` int64 or int32, in ``[0, V)`` or ``ignore_index``.
+        reference_chosen_logps, reference_rejected_logps: ``[P]`` reference sequence log-probs,
+            as for :func:`dpo_loss_from_logits`.
+        ref_hidden, ref_weight, ref_bias: instead, the reference model's hidden states (hidden's
+            shape, labels and dtype) and head (default: the policy's ``weight`` and ``bias``);
+            forward only, no gradient. Same transforms as the policy.
+        temperature, softcap, logit_scale: the logit transforms (finite, > 0; softcap None).
+        loss_type ... cpo_base, compute_metrics, return_pair_values: as for
+            :func:`dpo_loss_from_logits`. ``inplace_backward``, ``process_group``,
+            ``vocab_range`` and ``cp_group`` are accepted for a uniform signature but must
+            keep their defaults (there are no logits to overwrite; no sharded head yet).
+        workspace_bytes: the workspace budget of the fused head (default 768 MiB); the chunk
+            size and the three- or four-pass plan follow from it (docs/linear.md).
+
+    Returns:
+        ``(loss, metrics)`` (and the pair-values dict with ``return_pair_values``) as
+        :func:`dpo_loss_from_logits`. ``loss`` is differentiable w.r.t. hidden, weight and bias:
+        their gradients are computed in the forward call (only for those that require grad
+        while grad mode is on) and scaled by the upstream gradient in the backward. CPU only:
+        CUDA tensors raise NotImplementedError. Deterministic and independent of the thread
+        count.
+    """
+    check_devices(
+        ("hidden", hidden), ("weight", weight), ("bias", bias), ("labels", labels),
+        ("reference_chosen_logps", reference_chosen_logps), ("reference_rejected_logps", reference_rejected_logps),
+        ("ref_hidden", ref_hidden), ("ref_weight", ref_weight), ("ref_bias", ref_bias), ("cu_seqlens", cu_seqlens),
+    )
+    if hidden.device.type not in ("cpu", "meta"):
+        raise NotImplementedError(
+            f"dpo_loss_from_hidden has no {hidden.device.type} kernel yet (hidden is on {hidden.device}); it runs on "
+            "the CPU only for now: move the tensors to the CPU, or compute the logits and use dpo_loss_from_logits"
+        )
+    ignore_index = _ignore_index(ignore_index, labels)
+    config = _config(
+        loss_type=loss_type, loss_weights=loss_weights, beta=beta, label_smoothing=label_smoothing,
+        f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha_divergence_coef,
+        discopop_tau=discopop_tau, use_weighting=use_weighting, ld_alpha=ld_alpha, reference_free=reference_free,
+        cdpo_smoothing=cdpo_smoothing, simpo_gamma=simpo_gamma, cpo_alpha=cpo_alpha, cpo_base=cpo_base,
+    )
+    compute_metrics = _flag("compute_metrics", compute_metrics)
+    return_pair_values = _flag("return_pair_values", return_pair_values)
+    if _flag("inplace_backward", inplace_backward):
+        raise ValueError("inplace_backward=True is meaningless for dpo_loss_from_hidden: there are no logits to "
+                         "overwrite (the gradients are hidden-sized)")
+    for name, value in (("process_group", process_group), ("vocab_range", vocab_range), ("cp_group", cp_group)):
+        if value is not None:
+            raise ValueError(f"{name} is not supported by dpo_loss_from_hidden yet (no sharded head): leave it None")
+    temperature = _real("temperature", temperature)
+    logit_scale = _real("logit_scale", logit_scale)
+    if softcap is not None:
+        softcap = _real("softcap", softcap)
+    if workspace_bytes is None:
+        workspace_bytes = DEFAULT_LINEAR_DPO_WORKSPACE_BYTES
+    elif isinstance(workspace_bytes, bool) or not isinstance(workspace_bytes, numbers.Integral) or workspace_bytes < 1:
+        raise ValueError(f"workspace_bytes = {workspace_bytes!r} is invalid: must be a positive int (bytes)")
+    grad = torch.is_grad_enabled()
+    need = [grad and t is not None and t.requires_grad for t in (hidden, weight, bias)]
+    loss, metrics, pair_values, _, _, _ = ops.linear_dpo(
+        hidden, weight, bias, labels, cu_seqlens, reference_chosen_logps, reference_rejected_logps, ref_hidden,
+        ref_weight, ref_bias, temperature, softcap, logit_scale, ignore_index, *config, compute_metrics, *need,
+        int(workspace_bytes),
+    )
     named = {name: metrics[i] for i, name in enumerate(METRIC_NAMES)}
     if return_pair_values:
         return loss, named, {name: pair_values[i] for i, name in enumerate(PAIR_VALUE_NAMES)}

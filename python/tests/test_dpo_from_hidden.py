@@ -1,0 +1,238 @@
+# Copyright 2026 The dpo Authors. SPDX-License-Identifier: Apache-2.0
+"""dk.dpo_loss_from_hidden (DPO straight from hidden states, csrc/linear_dpo.cpp) against
+dk.dpo_loss_from_logits fed the float64 logits o(hidden @ weight.T + bias), for several loss
+types and both reference modes: the loss, every metric, the pair values and the gradients of
+hidden, weight and bias; finite differences (gradcheck) at a tiny shape; bad inputs."""
+import pytest
+import torch
+
+import dpo_kernels as dk
+
+P, T, H, V = 3, 6, 8, 13
+
+
+def transform(z, temperature=1.0, softcap=None, logit_scale=1.0):
+    z = z * logit_scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    return z / temperature
+
+
+def logits_of(h, w, b, **tr):
+    z = h @ w.T
+    if b is not None:
+        z = z + b
+    return transform(z, **tr)
+
+
+def make(seed=0, P=P, T=T, H=H, V=V, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(2 * P, T, H, generator=g, dtype=torch.float64)
+    w = torch.randn(V, H, generator=g, dtype=torch.float64) * 2 / H**0.5
+    b = torch.randn(V, generator=g, dtype=torch.float64) * 0.5
+    y = torch.randint(0, V, (2 * P, T), generator=g)
+    # A prompt of 1 or 2 tokens, and trailing padding on some sequences (each keeps >= 1 token).
+    for s in range(2 * P):
+        y[s, : 1 + s % 2] = -100
+        y[s, T - (s % 3):] = -100
+    rh = torch.randn(2 * P, T, H, generator=g, dtype=torch.float64)
+    rw = torch.randn(V, H, generator=g, dtype=torch.float64) * 2 / H**0.5
+    rb = torch.randn(V, generator=g, dtype=torch.float64) * 0.5
+    rc = -torch.rand(P, generator=g, dtype=torch.float64) * 10
+    rr = -torch.rand(P, generator=g, dtype=torch.float64) * 10
+    cast = lambda t: t.to(dtype)  # noqa: E731
+    return tuple(map(cast, (h, w, b))), y, tuple(map(cast, (rh, rw, rb))), (rc, rr)
+
+
+CASES = {
+    "sigmoid": dict(loss_type="sigmoid"),
+    "ipo": dict(loss_type="ipo", beta=0.3),
+    "combination": dict(loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[1.0, 0.5, 0.3]),
+    "aot_four_pass": dict(loss_type="aot"),
+    "wpo": dict(loss_type="sigmoid", use_weighting=True),
+    "wpo_sft": dict(loss_type=["sigmoid", "sft"], use_weighting=True),
+    "ld_alpha": dict(loss_type="sigmoid", ld_alpha=0.5),
+    "robust_smoothing": dict(loss_type="robust", label_smoothing=0.1),
+    "transforms": dict(loss_type="sigmoid", temperature=0.7, softcap=3.0, logit_scale=1.3),
+}
+TRANSFORM_KEYS = ("temperature", "softcap", "logit_scale")
+
+
+def run_both(case, ref_mode, seed=0, workspace_bytes=None, packed=False):
+    (h, w, b), y, (rh, rw, rb), (rc, rr) = make(seed)
+    kw = dict(CASES[case])
+    tr = {k: kw[k] for k in TRANSFORM_KEYS if k in kw}
+    cfg = {k: v for k, v in kw.items() if k not in TRANSFORM_KEYS}
+    cu = None
+    if packed:
+        # The completion-carrying rows of each sequence, packed back to back (with 2 gap rows
+        # at the end that belong to no sequence).
+        lens = [T - (s % 2) for s in range(2 * P)]
+        h = torch.cat([h[s, :n] for s, n in enumerate(lens)] + [h[0, :2]])
+        rh = torch.cat([rh[s, :n] for s, n in enumerate(lens)] + [rh[0, :2]])
+        y = torch.cat([y[s, :n] for s, n in enumerate(lens)] + [y[0, :2]])
+        cu = torch.tensor([0] + lens).cumsum(0)
+
+    def leaves():
+        return [t.detach().clone().requires_grad_() for t in (h, w, b)]
+
+    # Ours.
+    hh, ww, bb = leaves()
+    if ref_mode == "precomputed":
+        ref = dict(reference_chosen_logps=rc, reference_rejected_logps=rr)
+        ref_l = ref
+    else:
+        ref = dict(ref_hidden=rh, ref_weight=rw, ref_bias=rb)
+        ref_l = dict(ref_logits=logits_of(rh, rw, rb, **tr))
+    ours = dk.dpo_loss_from_hidden(hh, ww, y, bias=bb, cu_seqlens=cu, return_pair_values=True,
+                                   workspace_bytes=workspace_bytes, **ref, **tr, **cfg)
+    ours[0].backward()
+    # The logits path, autograd through the float64 head.
+    hl, wl, bl = leaves()
+    theirs = dk.dpo_loss_from_logits(logits_of(hl, wl, bl, **tr), y, cu_seqlens=cu, return_pair_values=True,
+                                     **ref_l, **cfg)
+    theirs[0].backward()
+    return ours, theirs, (hh.grad, ww.grad, bb.grad), (hl.grad, wl.grad, bl.grad)
+
+
+def assert_same(ours, theirs, g_ours, g_theirs):
+    tol = dict(rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(ours[0], theirs[0], **tol)
+    assert ours[0].dtype == torch.float64
+    for name in dk.METRIC_NAMES:
+        torch.testing.assert_close(ours[1][name], theirs[1][name], **tol, msg=lambda m: f"metric {name}: {m}")
+    for name in dk.PAIR_VALUE_NAMES:
+        torch.testing.assert_close(ours[2][name], theirs[2][name], **tol, msg=lambda m: f"pair value {name}: {m}")
+    for name, a, e in zip(("hidden", "weight", "bias"), g_ours, g_theirs):
+        assert a is not None, name
+        torch.testing.assert_close(a, e, **tol, msg=lambda m: f"grad of {name}: {m}")
+
+
+@pytest.mark.parametrize("ref_mode", ["precomputed", "ref_hidden"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_matches_logits_path(case, ref_mode):
+    assert_same(*run_both(case, ref_mode))
+
+
+@pytest.mark.parametrize("case", ["sigmoid", "aot_four_pass", "combination"])
+def test_small_workspace_chunks(case):
+    # A budget of a few rows: many chunks (and four passes where a pair does not fit).
+    assert_same(*run_both(case, "precomputed", workspace_bytes=4096))
+
+
+@pytest.mark.parametrize("case", ["sigmoid", "ipo", "aot_four_pass"])
+@pytest.mark.parametrize("ref_mode", ["precomputed", "ref_hidden"])
+def test_packed(case, ref_mode):
+    assert_same(*run_both(case, ref_mode, packed=True))
+
+
+def test_upstream_gradient_scales():
+    (h, w, b), y, _, (rc, rr) = make(1)
+    grads = []
+    for scale in (1.0, -2.5):
+        hh, ww, bb = (t.detach().clone().requires_grad_() for t in (h, w, b))
+        loss, _ = dk.dpo_loss_from_hidden(hh, ww, y, rc, rr, bias=bb)
+        (loss * scale).backward()
+        grads.append((hh.grad, ww.grad, bb.grad))
+    for a, e in zip(grads[1], grads[0]):
+        torch.testing.assert_close(a, -2.5 * e, rtol=1e-12, atol=1e-14)
+
+
+def test_only_required_gradients():
+    (h, w, b), y, _, (rc, rr) = make(2)
+    ww = w.clone().requires_grad_()
+    loss, _ = dk.dpo_loss_from_hidden(h, ww, y, rc, rr, bias=b)
+    loss.backward()
+    assert ww.grad is not None and ww.grad.shape == w.shape
+    with torch.no_grad():
+        loss2, m = dk.dpo_loss_from_hidden(h, ww, y, rc, rr, bias=b)
+    assert not loss2.requires_grad
+    torch.testing.assert_close(loss2, loss.detach(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+@pytest.mark.parametrize("ref_mode", ["precomputed", "ref_hidden"])
+def test_gradcheck(loss_type, ref_mode):
+    (h, w, b), y, (rh, rw, rb), (rc, rr) = make(3, P=1, T=3, H=3, V=4)
+    ref = dict(reference_chosen_logps=rc, reference_rejected_logps=rr) if ref_mode == "precomputed" else \
+        dict(ref_hidden=rh, ref_weight=rw, ref_bias=rb)
+    y = y.clone()
+    y[:, 1:] = y[:, 1:].clamp(min=0)  # two completion tokens per sequence
+
+    def f(hh, ww, bb):
+        return dk.dpo_loss_from_hidden(hh, ww, y, bias=bb, loss_type=loss_type, softcap=2.0, **ref)[0]
+
+    args = tuple(t.clone().requires_grad_() for t in (h, w, b))
+    assert torch.autograd.gradcheck(f, args, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_float32_close_to_float64():
+    (h, w, b), y, _, (rc, rr) = make(4)
+    l64, m64 = dk.dpo_loss_from_hidden(h, w, y, rc, rr, bias=b)
+    l32, m32 = dk.dpo_loss_from_hidden(h.float(), w.float(), y, rc.float(), rr.float(), bias=b.float())
+    assert l32.dtype == torch.float32
+    torch.testing.assert_close(l32.double(), l64, rtol=1e-5, atol=1e-6)
+
+
+def test_opcheck():
+    (h, w, b), y, _, (rc, rr) = make(5)
+    from dpo_kernels._ops import CONFIG_FIELDS
+    config = [d for _, _, d in CONFIG_FIELDS]
+    args = (h.requires_grad_(), w, b, y, None, rc, rr, None, None, None, 1.0, None, 1.0, -100, *config, True,
+            True, False, False, 1 << 20)
+    torch.library.opcheck(torch.ops.dpo_kernels.linear_dpo.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_bad_inputs_name_the_argument():
+    (h, w, b), y, (rh, rw, rb), (rc, rr) = make(6)
+    call = lambda **kw: dk.dpo_loss_from_hidden(  # noqa: E731
+        kw.pop("hidden", h), kw.pop("weight", w), kw.pop("labels", y),
+        kw.pop("rc", rc), kw.pop("rr", rr), **{"bias": b, **kw})
+    with pytest.raises(ValueError, match="hidden must be 3-D"):
+        call(hidden=h[0])
+    with pytest.raises(ValueError, match="labels must have shape"):
+        call(labels=y[:, 1:])
+    with pytest.raises(ValueError, match="weight has hidden size"):
+        call(weight=w[:, 1:])
+    with pytest.raises(ValueError, match="bias must have shape"):
+        call(bias=b[1:])
+    with pytest.raises(TypeError, match="weight has dtype"):
+        call(weight=w.float())
+    with pytest.raises(ValueError, match="reference_chosen_logps"):
+        call(rc=None)
+    with pytest.raises(ValueError, match="reference_rejected_logps must have shape"):
+        call(rr=rr[1:])
+    with pytest.raises(ValueError, match="ref_hidden must have hidden's shape"):
+        call(rc=None, rr=None, ref_hidden=rh[:, 1:])
+    with pytest.raises(ValueError, match="ref_weight has vocabulary"):
+        call(rc=None, rr=None, ref_hidden=rh, ref_weight=rw[1:], ref_bias=rb[1:])
+    with pytest.raises(ValueError, match="not both"):
+        call(ref_hidden=rh)
+    with pytest.raises(ValueError, match="temperature"):
+        call(temperature=0.0)
+    with pytest.raises(ValueError, match="softcap"):
+        call(softcap=-1.0)
+    with pytest.raises(ValueError, match="even number"):
+        call(hidden=h[:3], labels=y[:3])
+    with pytest.raises(ValueError, match="label"):
+        bad = y.clone()
+        bad[0, -1] = V
+        call(labels=bad)
+    with pytest.raises(ValueError, match="inplace_backward"):
+        call(inplace_backward=True)
+    with pytest.raises(ValueError, match="process_group"):
+        call(process_group=object())
+    with pytest.raises(ValueError, match="workspace_bytes"):
+        call(workspace_bytes=0)
+    with pytest.raises(ValueError, match="loss_type"):
+        call(loss_type="nope")
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        call(hidden=h.reshape(-1, H), labels=y.reshape(-1), cu_seqlens=torch.tensor([0, 3, 2, 8, 9, 10, 12]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the NotImplementedError is not reachable")
+def test_cuda_not_implemented():
+    (h, w, b), y, _, (rc, rr) = make(7)
+    with pytest.raises(NotImplementedError, match="cuda"):
+        dk.dpo_loss_from_hidden(h.cuda(), w.cuda(), y.cuda(), rc.cuda(), rr.cuda(), bias=b.cuda())
