@@ -236,3 +236,22 @@ def test_cuda_not_implemented():
     (h, w, b), y, _, (rc, rr) = make(7)
     with pytest.raises(NotImplementedError, match="cuda"):
         dk.dpo_loss_from_hidden(h.cuda(), w.cuda(), y.cuda(), rc.cuda(), rr.cuda(), bias=b.cuda())
+
+
+def test_compile_fullgraph():
+    (h, w, b), y, _, (rc, rr) = make(8)
+
+    def f(hh, ww, bb):
+        loss, m = dk.dpo_loss_from_hidden(hh, ww, y, rc, rr, bias=bb, loss_type="ipo")
+        return loss, m["rewards/accuracies"]
+
+    args = [t.clone().requires_grad_() for t in (h, w, b)]
+    loss, acc = torch.compile(f, fullgraph=True, backend="aot_eager")(*args)
+    loss.backward()
+    eager = [t.clone().requires_grad_() for t in (h, w, b)]
+    loss_e, acc_e = f(*eager)
+    loss_e.backward()
+    torch.testing.assert_close(loss, loss_e, rtol=0, atol=0)
+    torch.testing.assert_close(acc, acc_e, rtol=0, atol=0)
+    for a, e in zip(args, eager):
+        torch.testing.assert_close(a.grad, e.grad, rtol=0, atol=0)
