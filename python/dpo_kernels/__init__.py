@@ -1,7 +1,7 @@
 # Copyright 2026 The dpo Authors. SPDX-License-Identifier: Apache-2.0
 """Fused Direct Preference Optimization kernels as PyTorch operators.
 
-Three differentiable ops, registered with torch.library (namespace ``dpo_kernels``), with
+Differentiable ops, registered with torch.library (namespace ``dpo_kernels``), with
 fake kernels so they run under ``torch.compile(fullgraph=True)`` and CUDA graphs:
 
 - :func:`sequence_logps` -- per-sequence sums (or means) of label log-probs, fused backward.
