@@ -114,6 +114,19 @@ struct head {
                 ws_bytes / 1048576.0);
   }
 
+  ~head() {
+    cudaEventDestroy(start);
+    cudaEventDestroy(stop);
+    cublasLtDestroy(handle);
+    for (void* p : {static_cast<void*>(hidden), static_cast<void*>(weight), static_cast<void*>(dhidden),
+                    static_cast<void*>(dweight), static_cast<void*>(labels), static_cast<void*>(logps),
+                    static_cast<void*>(entropy), static_cast<void*>(lse), static_cast<void*>(gl),
+                    static_cast<void*>(ge), ws})
+      cudaFree(p);
+  }
+  head(const head&) = delete;
+  head& operator=(const head&) = delete;
+
   dpo::cuda::linear_view<T, L> view() const {
     dpo::cuda::linear_view<T, L> v;
     v.hidden = hidden;
