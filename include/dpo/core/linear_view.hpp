@@ -3,12 +3,14 @@
 // What the fused LM head reads and writes, for both backends (dpo::cpu::linear_* takes host
 // pointers, dpo::cuda::linear_* device pointers; each backend names these types in its own
 // namespace too): the view of hidden states and an LM head, the chunk shape a call picked,
-// and where the backward writes. Plain pointers, int64 sizes and strides in elements,
+// and where the backward writes; for DPO from hidden states, the pair layouts over hidden
+// rows and where its gradients go. Plain pointers, int64 sizes and strides in elements,
 // nothing owned. Math and memory model: docs/linear.md.
 #pragma once
 
 #include <cstdint>
 
+#include "dpo/core/layout.hpp"
 #include "dpo/core/math.hpp"
 #include "dpo/core/transforms.hpp"
 
@@ -127,6 +129,76 @@ template <class T, class G = T>
 struct linear_grads {
   T* hidden = nullptr;
   std::int64_t hidden_stride = 0;
+  bool accumulate_hidden = false;
+  G* weight = nullptr;
+  std::int64_t weight_stride = 0;
+  G* bias = nullptr;
+};
+
+/// Preference pairs over hidden rows: a pair layout of the logits path (padded TRL
+/// concatenated, packed with cu_seqlens, separate chosen/rejected; dpo/core/layout.hpp) with
+/// hidden states in place of the logits. In `pairs`, each token_view's `logits` points at its
+/// hidden rows and `row_stride` is their stride (elements, >= hidden_size); its `vocab` is
+/// not used (the head's vocab bounds the labels). Labels, mask, cu_seqlens, gaps and
+/// ignore_index mean what they mean for logits. Build with linear_padded_pairs,
+/// linear_packed_pairs or linear_separate_pairs.
+template <class T, class L>
+struct hidden_pairs {
+  pair_view<T, L> pairs;
+  std::int64_t hidden_size = 0;  // H of the hidden rows: must equal the head's
+  DPO_HOST_DEVICE std::int64_t num_pairs() const { return pairs.num_pairs(); }
+};
+
+/// TRL's padded concatenated layout over hidden rows [num_seqs * seq_len, hidden_stride]:
+/// sequences [0, P) chosen, [P, 2P) rejected (num_seqs = 2P).
+template <class T, class L>
+hidden_pairs<T, L> linear_padded_pairs(const T* hidden, std::int64_t hidden_size,
+                                       std::int64_t hidden_stride, const L* labels,
+                                       std::int64_t num_seqs, std::int64_t seq_len,
+                                       const std::uint8_t* mask = nullptr,
+                                       std::int64_t ignore_index = -100) {
+  return {padded_pairs(hidden, labels, num_seqs, seq_len, hidden_size, hidden_stride, mask, ignore_index),
+          hidden_size};
+}
+
+/// Packed pairs over hidden rows [cu_seqlens[2P], hidden_stride].
+template <class T, class L>
+hidden_pairs<T, L> linear_packed_pairs(const T* hidden, std::int64_t hidden_size,
+                                       std::int64_t hidden_stride, const L* labels,
+                                       const std::int64_t* cu_seqlens, std::int64_t num_seqs,
+                                       const std::uint8_t* mask = nullptr,
+                                       std::int64_t ignore_index = -100) {
+  return {packed_pairs(hidden, labels, cu_seqlens, num_seqs, hidden_size, hidden_stride, mask, ignore_index),
+          hidden_size};
+}
+
+/// Separate chosen and rejected hidden buffers [P * seq_len, hidden_stride] each.
+template <class T, class L>
+hidden_pairs<T, L> linear_separate_pairs(const T* chosen_hidden, const L* chosen_labels,
+                                         const T* rejected_hidden, const L* rejected_labels,
+                                         std::int64_t num_pairs, std::int64_t seq_len,
+                                         std::int64_t hidden_size, std::int64_t hidden_stride,
+                                         const std::uint8_t* chosen_mask = nullptr,
+                                         const std::uint8_t* rejected_mask = nullptr,
+                                         std::int64_t ignore_index = -100) {
+  return {separate_pairs(chosen_hidden, chosen_labels, rejected_hidden, rejected_labels, num_pairs,
+                         seq_len, hidden_size, hidden_stride, chosen_mask, rejected_mask, ignore_index),
+          hidden_size};
+}
+
+/// Where the gradients of DPO from hidden states go; null members are skipped.
+/// - chosen_hidden / rejected_hidden: dHidden in each side's hidden buffer layout (the same
+///   pointer and stride for the concatenated layouts), T. Written (accumulate_hidden = false:
+///   rows of the sequences that are not completion tokens get zeros) or added to (true: such
+///   rows are untouched). Rows outside every sequence (gaps) are never touched.
+/// - weight [vocab, weight_stride], bias [vocab]: of G (T, or float for bf16 / half heads:
+///   fp32 accumulation across calls), always added to.
+template <class T, class G = T>
+struct linear_dpo_grads {
+  T* chosen_hidden = nullptr;
+  std::int64_t chosen_hidden_stride = 0;
+  T* rejected_hidden = nullptr;
+  std::int64_t rejected_hidden_stride = 0;
   bool accumulate_hidden = false;
   G* weight = nullptr;
   std::int64_t weight_stride = 0;

@@ -64,70 +64,16 @@ namespace cuda {
 /// An LM head (device pointers): the core's struct, as on the CPU (dpo/core/linear_view.hpp).
 using dpo::linear_head;
 
-/// Preference pairs over hidden rows (device pointers), as dpo::cpu::hidden_pairs: a pair
-/// layout of the logits path whose token_views' `logits` point at hidden rows and whose
-/// `row_stride` is their stride; `vocab` is unused (the head's vocab bounds the labels).
-template <class T, class L>
-struct hidden_pairs {
-  pair_view<T, L> pairs;
-  std::int64_t hidden_size = 0;
-  std::int64_t num_pairs() const { return pairs.num_pairs(); }
-};
-
-/// TRL's padded concatenated layout over hidden rows [num_seqs * seq_len, hidden_stride].
-template <class T, class L>
-hidden_pairs<T, L> linear_padded_pairs(const T* hidden, std::int64_t hidden_size,
-                                       std::int64_t hidden_stride, const L* labels,
-                                       std::int64_t num_seqs, std::int64_t seq_len,
-                                       const std::uint8_t* mask = nullptr,
-                                       std::int64_t ignore_index = -100) {
-  return {padded_pairs(hidden, labels, num_seqs, seq_len, hidden_size, hidden_stride, mask, ignore_index),
-          hidden_size};
-}
-
-/// Packed pairs over hidden rows [linear_dpo_options::num_rows, hidden_stride] (cu_seqlens
-/// is device data: num_rows bounds it, as options::num_rows does for logits).
-template <class T, class L>
-hidden_pairs<T, L> linear_packed_pairs(const T* hidden, std::int64_t hidden_size,
-                                       std::int64_t hidden_stride, const L* labels,
-                                       const std::int64_t* cu_seqlens, std::int64_t num_seqs,
-                                       const std::uint8_t* mask = nullptr,
-                                       std::int64_t ignore_index = -100) {
-  return {packed_pairs(hidden, labels, cu_seqlens, num_seqs, hidden_size, hidden_stride, mask, ignore_index),
-          hidden_size};
-}
-
-/// Separate chosen and rejected hidden buffers [P * seq_len, hidden_stride] each.
-template <class T, class L>
-hidden_pairs<T, L> linear_separate_pairs(const T* chosen_hidden, const L* chosen_labels,
-                                         const T* rejected_hidden, const L* rejected_labels,
-                                         std::int64_t num_pairs, std::int64_t seq_len,
-                                         std::int64_t hidden_size, std::int64_t hidden_stride,
-                                         const std::uint8_t* chosen_mask = nullptr,
-                                         const std::uint8_t* rejected_mask = nullptr,
-                                         std::int64_t ignore_index = -100) {
-  return {separate_pairs(chosen_hidden, chosen_labels, rejected_hidden, rejected_labels, num_pairs,
-                         seq_len, hidden_size, hidden_stride, chosen_mask, rejected_mask, ignore_index),
-          hidden_size};
-}
-
-/// Where the gradients go (device pointers; null members skipped), as
-/// dpo::cpu::linear_dpo_grads. dHidden: written (rows of the sequences that are not
-/// completion tokens get zeros) or added to (accumulate_hidden); gap rows never touched.
-/// The concatenated layouts (one hidden buffer) need chosen_hidden == rejected_hidden and
-/// equal strides. dWeight [vocab, weight_stride] and dBias [vocab] of G (T, or float for
-/// bf16 / half heads): always added to.
-template <class T, class G = T>
-struct linear_dpo_grads {
-  T* chosen_hidden = nullptr;
-  std::int64_t chosen_hidden_stride = 0;
-  T* rejected_hidden = nullptr;
-  std::int64_t rejected_hidden_stride = 0;
-  bool accumulate_hidden = false;
-  G* weight = nullptr;
-  std::int64_t weight_stride = 0;
-  G* bias = nullptr;
-};
+/// The pair layouts over hidden rows and the gradient targets are the core's
+/// (dpo/core/linear_view.hpp), here with device pointers. Packed layouts: cu_seqlens is
+/// device data, so linear_dpo_options::num_rows bounds the rows (as options::num_rows does
+/// for logits). The concatenated layouts (one hidden buffer) need chosen_hidden ==
+/// rejected_hidden and equal strides in linear_dpo_grads.
+using dpo::hidden_pairs;
+using dpo::linear_dpo_grads;
+using dpo::linear_packed_pairs;
+using dpo::linear_padded_pairs;
+using dpo::linear_separate_pairs;
 
 /// Run-time options, as dpo::cpu::linear_dpo_options (no threads; num_rows and the GEMM
 /// workspace as in dpo::cuda::options and linear_options).
