@@ -19,25 +19,21 @@
 
 namespace dpo_kernels {
 
-/// dpo_forward's output tensors (double, on the logits' device) and where the library writes
-/// them. The metrics struct is in output order (DPO_METRICS), so it is written straight into
-/// the `metrics` output.
-struct forward_tensors {
+/// The pair-level outputs every DPO op returns (double, NaN until written: the CUDA backend
+/// writes nothing when the device finds invalid data) and where the library writes them.
+/// The metrics struct is in output order (DPO_METRICS), so it is written straight into the
+/// `metrics` output.
+struct pair_result_tensors {
   at::Tensor loss;     // []
   at::Tensor metrics;  // [num_metrics]: the metrics struct (outputs must not alias: not one buffer with loss)
   at::Tensor pairs;    // [6, P]: chosen_logps, rejected_logps, chosen_rewards, rejected_rewards, losses, weights
-  at::Tensor row_lse;  // [view_rows()]: indexed by the view's row, 0 between sequences
-  at::Tensor row_coef;
   dpo::forward_outputs out;
 
-  forward_tensors(const row_layout& l, std::int64_t P, const at::TensorOptions& dopts) {
-    // NaN until written: the CUDA backend writes nothing when the device finds invalid data.
+  pair_result_tensors(std::int64_t P, const at::TensorOptions& dopts) {
     const double nan = std::numeric_limits<double>::quiet_NaN();
     loss = at::full({}, nan, dopts);
     metrics = at::full({dpo::num_metrics}, nan, dopts);
     pairs = at::full({6, P}, nan, dopts);
-    row_lse = at::zeros({l.view_rows()}, dopts);
-    row_coef = at::zeros({l.view_rows()}, dopts);
     out.loss = loss.data_ptr<double>();
     out.metrics = reinterpret_cast<dpo::metrics*>(metrics.data_ptr<double>());
     double* p = pairs.data_ptr<double>();
@@ -47,6 +43,19 @@ struct forward_tensors {
     out.rejected_rewards = p + 3 * P;
     out.losses = p + 4 * P;
     out.weights = p + 5 * P;
+  }
+};
+
+/// dpo_forward's output tensors (on the logits' device): the pair-level results and the
+/// per-row backward state.
+struct forward_tensors : pair_result_tensors {
+  at::Tensor row_lse;  // [view_rows()]: indexed by the view's row, 0 between sequences
+  at::Tensor row_coef;
+
+  forward_tensors(const row_layout& l, std::int64_t P, const at::TensorOptions& dopts)
+      : pair_result_tensors(P, dopts) {
+    row_lse = at::zeros({l.view_rows()}, dopts);
+    row_coef = at::zeros({l.view_rows()}, dopts);
     out.row_lse = row_lse.data_ptr<double>();
     out.row_coef = row_coef.data_ptr<double>();
   }

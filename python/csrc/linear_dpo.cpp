@@ -18,6 +18,7 @@
 #include <string>
 
 #include "common.h"
+#include "forward_outputs.h"
 #include "dpo/core/metrics.hpp"
 #include "dpo/cpu/linear_dpo.hpp"
 
@@ -211,21 +212,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   tr.softcap = softcap.value_or(0.0);
   tr.temperature = temperature;
 
-  const auto dbl = at::TensorOptions().dtype(at::kDouble);
-  const double nan = std::numeric_limits<double>::quiet_NaN();
-  at::Tensor loss = at::full({}, nan, dbl);
-  at::Tensor metrics = at::full({dpo::num_metrics}, nan, dbl);
-  at::Tensor pairs = at::full({6, P}, nan, dbl);
-  dpo::forward_outputs out;
-  out.loss = loss.data_ptr<double>();
-  out.metrics = reinterpret_cast<dpo::metrics*>(metrics.data_ptr<double>());
-  double* p = pairs.data_ptr<double>();
-  out.chosen_logps = p;
-  out.rejected_logps = p + P;
-  out.chosen_rewards = p + 2 * P;
-  out.rejected_rewards = p + 3 * P;
-  out.losses = p + 4 * P;
-  out.weights = p + 5 * P;
+  pair_result_tensors t(P, at::TensorOptions().dtype(at::kDouble));
+  at::Tensor &loss = t.loss, &metrics = t.metrics, &pairs = t.pairs;
+  dpo::forward_outputs& out = t.out;
 
   need_bias = need_bias && b.defined();
   const auto acc = hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
