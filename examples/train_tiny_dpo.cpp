@@ -399,14 +399,7 @@ struct batch {
 
 // The model's LM head as the library sees it: W [vocab, dim] and b, no logit transforms.
 dpo::cpu::linear_head<float> head_of(const model& m) {
-  dpo::cpu::linear_head<float> h;
-  h.weight = m.out.data();
-  h.vocab = m.out.rows();
-  h.hidden = m.out.cols();
-  h.weight_stride = m.out.cols();
-  h.bias = m.bias.data();
-  h.bias_size = m.bias.size();
-  return h;
+  return dpo::make_linear_head(m.out.data(), m.out.rows(), m.out.cols(), m.out.cols(), m.bias.data());
 }
 
 // Fills the token rows of the pairs [first, first + count) of `order` (or of `pairs` in

@@ -302,15 +302,8 @@ TEST_CASE("caller-owned dpo_loss equals the owned result bitwise", "[forward][ou
       nr[i] = 4 + (i % 2);
       w[i] = 0.5 + 0.1 * i;
     }
-    dpo::pair_logps_in in;
-    in.num_pairs = P;
-    in.chosen_logps = lc.data();
-    in.rejected_logps = lr.data();
-    in.ref_chosen_logps = rc.data();
-    in.ref_rejected_logps = rr.data();
-    in.chosen_tokens = nc_.data();
-    in.rejected_tokens = nr.data();
-    in.weights = nc.cfg.use_weighting ? w.data() : nullptr;
+    const dpo::pair_logps_in in = dpo::make_pair_logps(P, lc.data(), lr.data(), rc.data(), rr.data(), nc_.data(),
+                                                       nr.data(), nc.cfg.use_weighting ? w.data() : nullptr);
     const dpo::cpu::forward_result want = dpo::cpu::dpo_loss(in, nc.cfg);
     std::vector<double> pv(dpo::num_pair_outputs * P, -1.0);
     double loss = 0, nllg = 0;

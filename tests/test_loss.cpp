@@ -40,16 +40,8 @@ pair_data random_pairs(std::int64_t P, std::uint64_t seed, double spread = 3.0) 
 }
 
 dpo::cpu::pair_logps_in api_input(const pair_data& x, bool weights) {
-  dpo::cpu::pair_logps_in in;
-  in.num_pairs = static_cast<std::int64_t>(x.pc.size());
-  in.chosen_logps = x.pc.data();
-  in.rejected_logps = x.pr.data();
-  in.ref_chosen_logps = x.rc.data();
-  in.ref_rejected_logps = x.rr.data();
-  in.chosen_tokens = x.lc.data();
-  in.rejected_tokens = x.lr.data();
-  in.weights = weights ? x.w.data() : nullptr;
-  return in;
+  return dpo::make_pair_logps(static_cast<std::int64_t>(x.pc.size()), x.pc.data(), x.pr.data(), x.rc.data(),
+                              x.rr.data(), x.lc.data(), x.lr.data(), weights ? x.w.data() : nullptr);
 }
 
 /// The oracle's pair stage for dpo_loss's contract: NLL(chosen) = -sum(pi_c) / sum(L_c).

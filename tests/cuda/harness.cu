@@ -474,15 +474,7 @@ case_out run_dpo_loss(const loss_case& in) {
       DPO_CK(cudaMemcpy(d, arrays[k]->data(), sizeof(double) * P, cudaMemcpyHostToDevice));
     ptr[k] = arrays[k]->empty() ? nullptr : d;
   }
-  dpo::cuda::pair_logps_in li;
-  li.num_pairs = P;
-  li.chosen_logps = ptr[0];
-  li.rejected_logps = ptr[1];
-  li.ref_chosen_logps = ptr[2];
-  li.ref_rejected_logps = ptr[3];
-  li.chosen_tokens = ptr[4];
-  li.rejected_tokens = ptr[5];
-  li.weights = ptr[6];
+  const dpo::pair_logps_in li = dpo::make_pair_logps(P, ptr[0], ptr[1], ptr[2], ptr[3], ptr[4], ptr[5], ptr[6]);
   pair_outputs po(P);
   case_out out;
   std::size_t bytes = 0;

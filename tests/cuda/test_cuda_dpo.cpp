@@ -199,15 +199,7 @@ cpu_run run_cpu(const case_in& c) {
 /// Relative tolerance of sequence and pair values (fp32 accumulation of the same bits).
 double value_tol(dtype t) { return t == dtype::f64 ? 1e-9 : 2e-5; }
 /// Relative tolerance of the gradient buffer in norm (a rounding step of the dtype).
-double grad_tol(dtype t) {
-  switch (t) {
-    case dtype::bf16: return 1e-2;
-    case dtype::f16: return 2e-3;
-    case dtype::f32: return 1e-4;
-    case dtype::f64: return 1e-9;
-  }
-  return 0;
-}
+double grad_tol(dtype t) { return dpo_cuda_test::per_dtype(t, 1e-2, 2e-3, 1e-4, 1e-9); }
 
 void check_close(const std::vector<double>& gpu, const Eigen::VectorXd& cpu, double tol, const char* what) {
   INFO(what);
@@ -284,6 +276,33 @@ both_runs run_both(const case_in& c) {
   return r;
 }
 
+/// The pair-level results both DPO modes produce (loss, per-pair values and gradients, the
+/// NLL token gradient, the metrics), against the CPU's; skip_logit_metrics: the mean-logit
+/// metrics are not compared; token_metrics: false where only pair-level inputs were given
+/// (dpo_loss: those four metrics are 0).
+void check_pair_results(const case_out& g, const dpo::cpu::forward_result& f, double tol,
+                        bool skip_logit_metrics, bool token_metrics) {
+  CHECK(g.loss == Approx(f.loss).epsilon(tol).margin(tol));
+  check_close(g.losses, f.losses, tol, "losses");
+  check_close(g.chosen_rewards, f.chosen_rewards, tol, "chosen_rewards");
+  check_close(g.rejected_rewards, f.rejected_rewards, tol, "rejected_rewards");
+  check_close(g.weights, f.weights, tol, "weights");
+  check_close(g.grad_chosen, f.grad_chosen, tol, "grad_chosen");
+  check_close(g.grad_rejected, f.grad_rejected, tol, "grad_rejected");
+  CHECK(g.nll_token_grad == Approx(f.nll_token_grad).epsilon(tol).margin(tol));
+  const dpo::cpu::metrics& m = f.metrics;
+  const auto token = [&](double v) { return token_metrics ? v : 0.0; };
+  const double expect[11] = {m.rewards_chosen,          m.rewards_rejected,         m.rewards_margins,
+                             m.rewards_accuracies,      m.logps_chosen,             m.logps_rejected,
+                             token(m.logits_chosen),    token(m.logits_rejected),   token(m.entropy),
+                             token(m.mean_token_accuracy), m.nll_loss};
+  for (int k = 0; k < 11; ++k) {
+    if (skip_logit_metrics && (k == 6 || k == 7)) continue;
+    INFO("metric " << k);
+    CHECK(g.metrics[k] == Approx(expect[k]).epsilon(tol).margin(tol));
+  }
+}
+
 /// Runs a case on both backends and compares everything the mode produces. With -inf logits
 /// the mean-logit metrics are -inf on both sides and are not compared.
 case_out compare(const case_in& c, bool neg_inf = false) {
@@ -307,28 +326,11 @@ case_out compare(const case_in& c, bool neg_inf = false) {
     return g;
   }
   const dpo::cpu::forward_result& f = cpu.fwd;
-  CHECK(g.loss == Approx(f.loss).epsilon(tol).margin(tol));
-  check_close(g.losses, f.losses, tol, "losses");
-  check_close(g.chosen_rewards, f.chosen_rewards, tol, "chosen_rewards");
-  check_close(g.rejected_rewards, f.rejected_rewards, tol, "rejected_rewards");
+  check_pair_results(g, f, tol, neg_inf, true);
   check_close(g.chosen_logps, f.chosen_logps, tol, "chosen_logps");
   check_close(g.rejected_logps, f.rejected_logps, tol, "rejected_logps");
   check_close(g.chosen_tokens, f.chosen_tokens, 0.0, "chosen_tokens");
   check_close(g.rejected_tokens, f.rejected_tokens, 0.0, "rejected_tokens");
-  check_close(g.weights, f.weights, tol, "weights");
-  check_close(g.grad_chosen, f.grad_chosen, tol, "grad_chosen");
-  check_close(g.grad_rejected, f.grad_rejected, tol, "grad_rejected");
-  CHECK(g.nll_token_grad == Approx(f.nll_token_grad).epsilon(tol).margin(tol));
-  const dpo::cpu::metrics& m = f.metrics;
-  const double expect[11] = {m.rewards_chosen, m.rewards_rejected, m.rewards_margins,
-                             m.rewards_accuracies, m.logps_chosen, m.logps_rejected,
-                             m.logits_chosen, m.logits_rejected, m.entropy,
-                             m.mean_token_accuracy, m.nll_loss};
-  for (int k = 0; k < 11; ++k) {
-    if (neg_inf && (k == 6 || k == 7)) continue;
-    INFO("metric " << k);
-    CHECK(g.metrics[k] == Approx(expect[k]).epsilon(tol).margin(tol));
-  }
   if (c.run != mode::forward_only) check_grad(c, g, cpu);
   return g;
 }
@@ -570,34 +572,16 @@ TEST_CASE("cuda: dpo_loss from sequence log-probs matches the CPU path", "[cuda]
     if (k % 3 == 2) lc.chosen_tokens.clear();
     if (nc.name == "sigmoid+wpo" || nc.name == "aot" || nc.name == "aot_unpaired") lc.weights.clear();
     ++k;
-    dpo::cpu::pair_logps_in in;
-    in.num_pairs = P;
-    in.chosen_logps = lc.chosen.data();
-    in.rejected_logps = lc.rejected.data();
-    in.ref_chosen_logps = lc.ref_chosen.data();
-    in.ref_rejected_logps = lc.ref_rejected.data();
-    in.chosen_tokens = lc.chosen_tokens.empty() ? nullptr : lc.chosen_tokens.data();
-    in.rejected_tokens = lc.rejected_tokens.data();
-    in.weights = lc.weights.empty() ? nullptr : lc.weights.data();
+    const dpo::pair_logps_in in = dpo::make_pair_logps(
+        P, lc.chosen.data(), lc.rejected.data(), lc.ref_chosen.data(), lc.ref_rejected.data(),
+        lc.chosen_tokens.empty() ? nullptr : lc.chosen_tokens.data(), lc.rejected_tokens.data(),
+        lc.weights.empty() ? nullptr : lc.weights.data());
     const dpo::cpu::forward_result f = dpo::cpu::dpo_loss(in, nc.cfg);
     const case_out g = dpo_cuda_test::run_dpo_loss(lc);
     INFO(g.message);
     REQUIRE(g.status_code == 0);
     CHECK(g.device_error == 0);
-    const double tol = 1e-12;
-    CHECK(g.loss == Approx(f.loss).epsilon(tol).margin(tol));
-    check_close(g.losses, f.losses, tol, "losses");
-    check_close(g.chosen_rewards, f.chosen_rewards, tol, "chosen_rewards");
-    check_close(g.rejected_rewards, f.rejected_rewards, tol, "rejected_rewards");
-    check_close(g.grad_chosen, f.grad_chosen, tol, "grad_chosen");
-    check_close(g.grad_rejected, f.grad_rejected, tol, "grad_rejected");
-    check_close(g.weights, f.weights, tol, "weights");
-    CHECK(g.nll_token_grad == Approx(f.nll_token_grad).epsilon(tol).margin(tol));
-    const dpo::cpu::metrics& m = f.metrics;
-    const double expect[11] = {m.rewards_chosen, m.rewards_rejected, m.rewards_margins,
-                               m.rewards_accuracies, m.logps_chosen, m.logps_rejected, 0, 0, 0, 0,
-                               m.nll_loss};
-    for (int j = 0; j < 11; ++j) CHECK(g.metrics[j] == Approx(expect[j]).epsilon(tol).margin(tol));
+    check_pair_results(g, f, 1e-12, false, false);
   }
 }
 
@@ -1392,13 +1376,9 @@ TEST_CASE("cuda: aot and aot_unpaired together match the CPU path and the sum of
     INFO((swapped ? "dpo_loss, aot_unpaired first" : "dpo_loss, aot first"));
     lc.cfg = swapped ? cfg({{dpo::loss_type::aot_unpaired, 0.4}, {dpo::loss_type::aot, 0.7}})
                      : cfg({{dpo::loss_type::aot, 0.7}, {dpo::loss_type::aot_unpaired, 0.4}});
-    dpo::cpu::pair_logps_in in;
-    in.num_pairs = static_cast<std::int64_t>(lc.chosen.size());
-    in.chosen_logps = lc.chosen.data();
-    in.rejected_logps = lc.rejected.data();
-    in.ref_chosen_logps = lc.ref_chosen.data();
-    in.ref_rejected_logps = lc.ref_rejected.data();
-    in.weights = lc.weights.data();
+    const dpo::pair_logps_in in =
+        dpo::make_pair_logps(static_cast<std::int64_t>(lc.chosen.size()), lc.chosen.data(), lc.rejected.data(),
+                             lc.ref_chosen.data(), lc.ref_rejected.data(), nullptr, nullptr, lc.weights.data());
     const dpo::cpu::forward_result f = dpo::cpu::dpo_loss(in, lc.cfg);
     const case_out g = dpo_cuda_test::run_dpo_loss(lc);
     REQUIRE(g.status_code == 0);

@@ -522,15 +522,9 @@ void check_combination(const fuzz_case<T, L>& fc, const dpo::pair_view<T, L>& pv
     rr = ref_r.data();
   }
   static_cast<void>(pv);
-  dpo::cpu::pair_logps_in in;
-  in.num_pairs = fc.P;
-  in.chosen_logps = f.chosen_logps.data();
-  in.rejected_logps = f.rejected_logps.data();
-  in.ref_chosen_logps = rc;
-  in.ref_rejected_logps = rr;
-  in.chosen_tokens = f.chosen_tokens.data();
-  in.rejected_tokens = f.rejected_tokens.data();
-  in.weights = c.use_weighting ? f.weights.data() : nullptr;
+  const dpo::pair_logps_in in =
+      dpo::make_pair_logps(fc.P, f.chosen_logps.data(), f.rejected_logps.data(), rc, rr, f.chosen_tokens.data(),
+                           f.rejected_tokens.data(), c.use_weighting ? f.weights.data() : nullptr);
   double loss = 0, scale = 0;  // scale: the sum of |w_k loss_k,i| / P, for cancellation
   Eigen::VectorXd gc = Eigen::VectorXd::Zero(fc.P), gr = gc, mag = gc;
   double nll_grad = 0;

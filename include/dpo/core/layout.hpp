@@ -189,4 +189,16 @@ struct pair_logps_in {
   const double* weights = nullptr;
 };
 
+/// The pair inputs of `num_pairs` pairs from their arrays (null: absent, as above).
+DPO_HOST_DEVICE inline pair_logps_in make_pair_logps(std::int64_t num_pairs, const double* chosen_logps,
+                                                     const double* rejected_logps,
+                                                     const double* ref_chosen_logps = nullptr,
+                                                     const double* ref_rejected_logps = nullptr,
+                                                     const double* chosen_tokens = nullptr,
+                                                     const double* rejected_tokens = nullptr,
+                                                     const double* weights = nullptr) {
+  return {num_pairs,        chosen_logps,  rejected_logps,  ref_chosen_logps,
+          ref_rejected_logps, chosen_tokens, rejected_tokens, weights};
+}
+
 }  // namespace dpo

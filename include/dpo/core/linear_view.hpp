@@ -36,15 +36,7 @@ template <class T>
 DPO_HOST_DEVICE linear_head<T> make_linear_head(const T* weight, std::int64_t vocab, std::int64_t hidden,
                                                 std::int64_t weight_stride, const T* bias = nullptr,
                                                 logit_transforms transforms = {}) {
-  linear_head<T> h;
-  h.weight = weight;
-  h.vocab = vocab;
-  h.hidden = hidden;
-  h.weight_stride = weight_stride;
-  h.bias = bias;
-  h.bias_size = bias != nullptr ? vocab : 0;
-  h.transforms = transforms;
-  return h;
+  return {weight, vocab, hidden, weight_stride, bias, bias != nullptr ? vocab : 0, transforms};
 }
 
 /// An LM head applied to hidden states. Row r of `hidden` scores label r (already shifted,
@@ -92,22 +84,9 @@ DPO_HOST_DEVICE linear_view<T, L> linear_view_of(const T* hidden, std::int64_t r
                                                  const linear_head<T>& head, const L* labels,
                                                  const std::uint8_t* mask = nullptr,
                                                  std::int64_t ignore_index = -100) {
-  linear_view<T, L> v;
-  v.hidden = hidden;
-  v.rows = rows;
-  v.hidden_cols = head.hidden;
-  v.hidden_stride = hidden_stride;
-  v.weight = head.weight;
-  v.vocab = head.vocab;
-  v.weight_cols = head.hidden;
-  v.weight_stride = head.weight_stride;
-  v.bias = head.bias;
-  v.bias_size = head.bias_size;
-  v.labels = labels;
-  v.mask = mask;
-  v.ignore_index = ignore_index;
-  v.transforms = head.transforms;
-  return v;
+  // In field order (linear_view is an aggregate).
+  return {hidden,         rows,      head.hidden, hidden_stride, head.weight,  head.vocab,   head.hidden,
+          head.weight_stride, head.bias, head.bias_size, labels,  mask,         ignore_index, head.transforms};
 }
 
 /// The chunk shape of a call and the workspace it needs (bytes, every buffer included).

@@ -59,18 +59,8 @@ DPO_HOST_DEVICE inline pair_batch_in make_pair_batch(std::int64_t P, const doubl
                                                      const double* len_r, const double* weights,
                                                      const token_totals& tokens,
                                                      double weight_sum) {
-  pair_batch_in in;
-  in.num_pairs = P;
-  in.pi_c = pi_c;
-  in.pi_r = pi_r;
-  in.rho_c = rho_c;
-  in.rho_r = rho_r;
-  in.len_c = len_c;
-  in.len_r = len_r;
-  in.weights = weights;
-  in.nll = batch_nll(tokens);
-  in.mean_weight = weight_sum / static_cast<double>(P);
-  return in;
+  return {P, pi_c, pi_r, rho_c, rho_r, len_c, len_r, weights, batch_nll(tokens),
+          weight_sum / static_cast<double>(P), {}};
 }
 
 DPO_HOST_DEVICE inline pair_values pair_at(const pair_batch_in& in, std::int64_t i) {
