@@ -85,42 +85,34 @@ TEST_CASE("the valid scenario runs (so each error below is caused by its one cha
 }
 
 TEST_CASE("shape errors name the argument", "[errors]") {
-  setup s;
-  SECTION("odd sequence count in the paired layout") {
+  struct shape_case {
+    const char* what;
+    std::function<void(setup&, scenario&)> change;
+    const char* needle;
+    bool check_sequence_logps;  // the error is one sequence_logps / pair_logps see too
+  };
+  const shape_case cases[] = {
+      {"odd sequence count in the paired layout", [](setup& s, scenario& sc) { sc.view = s.padded_view(3); },
+       "num_seqs = 3 is odd", false},
+      {"chosen and rejected sequence counts differ", [](setup&, scenario& sc) { sc.view.rejected.num_seqs = 1; },
+       "chosen.num_seqs = 2 != rejected.num_seqs = 1", false},
+      {"no pairs", [](setup& s, scenario& sc) { sc.view = s.padded_view(0); }, "num_pairs = 0", false},
+      {"row_stride < vocab",
+       [](setup& s, scenario& sc) { sc.view.chosen.row_stride = sc.view.rejected.row_stride = s.buf.V - 1; },
+       "row_stride = 4", true},
+      {"vocab < 1", [](setup&, scenario& sc) { sc.view.chosen.vocab = sc.view.rejected.vocab = 0; }, "vocab = 0",
+       true},
+      {"chosen and rejected vocab differ", [](setup&, scenario& sc) { sc.view.rejected.vocab = 4; },
+       "chosen.vocab = 5 != rejected.vocab = 4", false},
+      {"negative seq_len", [](setup&, scenario& sc) { sc.view.chosen.seq_len = sc.view.rejected.seq_len = -1; },
+       "seq_len = -1", true},
+  };
+  for (const shape_case& c : cases) {
+    INFO(c.what);
+    setup s;
     scenario sc = s.ok();
-    sc.view = s.padded_view(3);
-    expect_rejected(s.buf, sc, "num_seqs = 3 is odd", false);
-  }
-  SECTION("chosen and rejected sequence counts differ") {
-    scenario sc = s.ok();
-    sc.view.rejected.num_seqs = 1;
-    expect_rejected(s.buf, sc, "chosen.num_seqs = 2 != rejected.num_seqs = 1", false);
-  }
-  SECTION("no pairs") {
-    scenario sc = s.ok();
-    sc.view = s.padded_view(0);
-    expect_rejected(s.buf, sc, "num_pairs = 0", false);
-  }
-  SECTION("row_stride < vocab") {
-    scenario sc = s.ok();
-    sc.view.chosen.row_stride = s.buf.V - 1;
-    sc.view.rejected.row_stride = s.buf.V - 1;
-    expect_rejected(s.buf, sc, "row_stride = 4");
-  }
-  SECTION("vocab < 1") {
-    scenario sc = s.ok();
-    sc.view.chosen.vocab = sc.view.rejected.vocab = 0;
-    expect_rejected(s.buf, sc, "vocab = 0");
-  }
-  SECTION("chosen and rejected vocab differ") {
-    scenario sc = s.ok();
-    sc.view.rejected.vocab = 4;
-    expect_rejected(s.buf, sc, "chosen.vocab = 5 != rejected.vocab = 4", false);
-  }
-  SECTION("negative seq_len") {
-    scenario sc = s.ok();
-    sc.view.chosen.seq_len = sc.view.rejected.seq_len = -1;
-    expect_rejected(s.buf, sc, "seq_len = -1");
+    c.change(s, sc);
+    expect_rejected(s.buf, sc, c.needle, c.check_sequence_logps);
   }
 }
 

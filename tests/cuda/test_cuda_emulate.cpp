@@ -77,15 +77,7 @@ void cpu_grad_any(dtype t, const unsigned char* z, unsigned char* g, std::int64_
   }
 }
 
-double rel_tol(dtype t) {
-  switch (t) {
-    case dtype::bf16: return 8e-3;
-    case dtype::f16: return 1e-3;
-    case dtype::f32: return 2e-6;
-    case dtype::f64: return 1e-12;
-  }
-  return 0;
-}
+double rel_tol(dtype t) { return dpo_cuda_test::per_dtype(t, 8e-3, 1e-3, 2e-6, 1e-12); }
 
 const dtype all_types[] = {dtype::bf16, dtype::f16, dtype::f32, dtype::f64};
 const std::int64_t vocabs[] = {1, 2, 7, 8, 9, 15, 16, 17, 255, 1031, 4099, 32003};
