@@ -230,6 +230,19 @@ std::unique_ptr<A[]> linear_buffer(std::int64_t n) {
   return std::unique_ptr<A[]>(new A[static_cast<std::size_t>(std::max<std::int64_t>(n, 1))]);
 }
 
+/// Row i of dst [n, H] (A) = row row_of(i) of src [.., stride] (T), converted; over the pool.
+template <class A, class T, class RowOf>
+void gather_rows(const T* src, std::int64_t stride, RowOf row_of, std::int64_t n, std::int64_t H, A* dst,
+                 int threads) {
+  parallel_for(n, threads, [&](std::int64_t i0, std::int64_t i1) {
+    for (std::int64_t i = i0; i < i1; ++i) {
+      const T* s = src + row_of(i) * stride;
+      A* d = dst + i * H;
+      for (std::int64_t c = 0; c < H; ++c) d[c] = to_acc<A>(s[c]);
+    }
+  });
+}
+
 /// The state shared by the forward and backward loops: the counted rows, the hidden rows of
 /// the current chunk gathered in A, and the weight chunk (converted to A for bf16/half).
 template <class T, class L>
@@ -258,28 +271,16 @@ struct linear_pass {
   /// Loads rows active[b0, b0 + n) of hidden into hb (converted to A).
   void gather(std::int64_t b0, std::int64_t n) {
     nb = n;
-    parallel_for(n, threads, [&](std::int64_t i0, std::int64_t i1) {
-      for (std::int64_t i = i0; i < i1; ++i) {
-        const T* src = in.hidden + active[b0 + i] * in.hidden_stride;
-        A* dst = hb.get() + i * H;
-        for (std::int64_t c = 0; c < H; ++c) dst[c] = to_acc<A>(src[c]);
-      }
-    });
+    gather_rows(in.hidden, in.hidden_stride, [&](std::int64_t i) { return active[b0 + i]; }, n, H, hb.get(),
+                threads);
   }
 
   /// Selects vocab rows [c0, c0 + n) as the current chunk (converting them for bf16/half).
   void select_vocab(std::int64_t c0, std::int64_t n) {
     v0 = c0;
     nv = n;
-    if constexpr (convert) {
-      parallel_for(n, threads, [&](std::int64_t j0, std::int64_t j1) {
-        for (std::int64_t j = j0; j < j1; ++j) {
-          const T* src = in.weight + (v0 + j) * in.weight_stride;
-          A* dst = wc.get() + j * H;
-          for (std::int64_t c = 0; c < H; ++c) dst[c] = to_acc<A>(src[c]);
-        }
-      });
-    }
+    if constexpr (convert)
+      gather_rows(in.weight, in.weight_stride, [&](std::int64_t j) { return v0 + j; }, n, H, wc.get(), threads);
   }
 
   std::int64_t tiles() const { return (nv + linear_vocab_tile - 1) / linear_vocab_tile; }

@@ -163,13 +163,7 @@ struct linear_chunk {
   void gather(const T* base, std::int64_t stride, const std::int64_t* rows, std::int64_t n) {
     const std::int64_t at = nb;
     nb += n;
-    parallel_for(n, threads, [&](std::int64_t i0, std::int64_t i1) {
-      for (std::int64_t i = i0; i < i1; ++i) {
-        const T* src = base + rows[i] * stride;
-        A* dst = hb.get() + (at + i) * H;
-        for (std::int64_t c = 0; c < H; ++c) dst[c] = to_acc<A>(src[c]);
-      }
-    });
+    gather_rows(base, stride, [&](std::int64_t i) { return rows[i]; }, n, H, hb.get() + at * H, threads);
   }
 
   linear_map<A> logits() { return linear_map<A>(z.get(), nb, V, Eigen::OuterStride<>(V)); }
@@ -178,13 +172,7 @@ struct linear_chunk {
   /// The weight rows [c0, c0 + n) as a matrix in A (converted into wc for bf16 / half).
   linear_cmap<A> weight_block(std::int64_t c0, std::int64_t n) {
     if constexpr (convert) {
-      parallel_for(n, threads, [&](std::int64_t j0, std::int64_t j1) {
-        for (std::int64_t j = j0; j < j1; ++j) {
-          const T* src = head.weight + (c0 + j) * head.weight_stride;
-          A* dst = wc.get() + j * H;
-          for (std::int64_t c = 0; c < H; ++c) dst[c] = to_acc<A>(src[c]);
-        }
-      });
+      gather_rows(head.weight, head.weight_stride, [&](std::int64_t j) { return c0 + j; }, n, H, wc.get(), threads);
       return linear_cmap<A>(wc.get(), n, H, Eigen::OuterStride<>(H));
     } else {
       return linear_cmap<A>(head.weight + c0 * head.weight_stride, n, H,

@@ -21,6 +21,7 @@
 
 #include <climits>
 #include <cstdint>
+#include <initializer_list>
 #include <type_traits>
 
 #include "dpo/core/layout.hpp"
@@ -111,46 +112,32 @@ struct ws_ptrs {
 inline std::size_t carve(std::uintptr_t base, const std::int64_t cap[2], std::int64_t seqs,
                          std::int64_t pairs, ws_ptrs* out) {
   std::size_t off = 0;
-  const auto take = [&](std::size_t bytes) {
-    const std::uintptr_t p = base + off;
-    off += (bytes + 255) / 256 * 256;
-    return p;
+  // Points p at the next n elements of its type, 256-byte aligned.
+  const auto take = [&](auto*& p, std::size_t n) {
+    using E = std::remove_reference_t<decltype(*p)>;
+    p = reinterpret_cast<E*>(base + off);
+    off += (n * sizeof(E) + 255) / 256 * 256;
   };
-  out->h = reinterpret_cast<ws_header*>(take(sizeof(ws_header)));
+  take(out->h, 1);
   for (int s = 0; s < 2; ++s) {
     const std::size_t n = static_cast<std::size_t>(cap[s]);
     row_arrays& r = out->rows[s];
-    r.lse = reinterpret_cast<double*>(take(n * sizeof(double)));
-    r.logp = reinterpret_cast<double*>(take(n * sizeof(double)));
-    r.ent = reinterpret_cast<double*>(take(n * sizeof(double)));
-    r.zmean = reinterpret_cast<double*>(take(n * sizeof(double)));
-    r.wpo = reinterpret_cast<double*>(take(n * sizeof(double)));
-    r.hit = reinterpret_cast<double*>(take(n * sizeof(double)));
-    r.ldw = reinterpret_cast<double*>(take(n * sizeof(double)));
-    r.seq = reinterpret_cast<std::int32_t*>(take(n * sizeof(std::int32_t)));
+    for (double** f : {&r.lse, &r.logp, &r.ent, &r.zmean, &r.wpo, &r.hit, &r.ldw}) take(*f, n);
+    take(r.seq, n);
     const std::size_t m = static_cast<std::size_t>(seqs);
     seq_arrays& q = out->seqs[s];
-    q.logp = reinterpret_cast<double*>(take(m * sizeof(double)));
-    q.plain = reinterpret_cast<double*>(take(m * sizeof(double)));
-    q.ent = reinterpret_cast<double*>(take(m * sizeof(double)));
-    q.zmean = reinterpret_cast<double*>(take(m * sizeof(double)));
-    q.wpo = reinterpret_cast<double*>(take(m * sizeof(double)));
-    q.hit = reinterpret_cast<double*>(take(m * sizeof(double)));
-    q.count = reinterpret_cast<double*>(take(m * sizeof(double)));
+    for (double** f : {&q.logp, &q.plain, &q.ent, &q.zmean, &q.wpo, &q.hit, &q.count}) take(*f, m);
   }
   const std::size_t p = static_cast<std::size_t>(pairs);
   pair_arrays& a = out->pairs;
-  a.weights = reinterpret_cast<double*>(take(p * sizeof(double)));
+  take(a.weights, p);
   for (sort_arrays& q : a.sorts) {
-    q.a = reinterpret_cast<double*>(take(p * sizeof(double)));
-    q.b = reinterpret_cast<double*>(take(p * sizeof(double)));
-    q.sa = reinterpret_cast<double*>(take(p * sizeof(double)));
-    q.sb = reinterpret_cast<double*>(take(p * sizeof(double)));
-    q.ra = reinterpret_cast<std::int64_t*>(take(p * sizeof(std::int64_t)));
-    q.rb = reinterpret_cast<std::int64_t*>(take(p * sizeof(std::int64_t)));
+    for (double** f : {&q.a, &q.b, &q.sa, &q.sb}) take(*f, p);
+    take(q.ra, p);
+    take(q.rb, p);
   }
-  a.gc = reinterpret_cast<double*>(take(p * sizeof(double)));
-  a.gr = reinterpret_cast<double*>(take(p * sizeof(double)));
+  take(a.gc, p);
+  take(a.gr, p);
   return off;
 }
 
@@ -191,6 +178,23 @@ __device__ void report_label_error(const views<T, L>& vs, ws_header* h) {
                         static_cast<std::int64_t>(vs.v[side].labels[row]), vs.v[side].vocab};
 }
 
+/// The error of cu_seqlens[q] (cu: a side's cu_seqlens from its first sequence, q its first
+/// bad entry: negative, decreasing, or past the num_rows rows of the buffer).
+__device__ inline device_error cu_seqlens_error(const std::int64_t* cu, std::int64_t q, std::int64_t num_rows,
+                                                std::int32_t side, std::int64_t first_seq) {
+  device_error e{0, side, first_seq + q, cu[q], 0};
+  if (cu[q] < 0) {
+    e.code = static_cast<std::int32_t>(device_error_code::cu_seqlens_negative);
+  } else if (q > 0 && cu[q] < cu[q - 1]) {
+    e.code = static_cast<std::int32_t>(device_error_code::cu_seqlens_decreasing);
+    e.bound = cu[q - 1];
+  } else {
+    e.code = static_cast<std::int32_t>(device_error_code::cu_seqlens_past_rows);
+    e.bound = num_rows;
+  }
+  return e;
+}
+
 /// Resets the error word and the forward state (the rows arrays are about to be rewritten)
 /// and checks cu_seqlens. `after_reference`: the reference pass of the same call (the
 /// reference-logits overloads) ran on this workspace just before and left a valid error
@@ -229,17 +233,7 @@ __global__ void check_kernel(views<T, L> vs, ws_header* h, bool after_reference)
     const long long s = first_bad;
     if (s != LLONG_MAX) {
       if (tid == 0) {
-        device_error e{0, side, v.first_seq + s, cu[s], 0};
-        if (cu[s] < 0) {
-          e.code = static_cast<std::int32_t>(device_error_code::cu_seqlens_negative);
-        } else if (s > 0 && cu[s] < cu[s - 1]) {
-          e.code = static_cast<std::int32_t>(device_error_code::cu_seqlens_decreasing);
-          e.bound = cu[s - 1];
-        } else {
-          e.code = static_cast<std::int32_t>(device_error_code::cu_seqlens_past_rows);
-          e.bound = vs.num_rows;
-        }
-        h->err = e;
+        h->err = cu_seqlens_error(cu, s, vs.num_rows, side, v.first_seq);
       }
       return;
     }

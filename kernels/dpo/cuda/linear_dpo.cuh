@@ -190,17 +190,7 @@ __global__ void ldpo_labels_kernel(ldpo_dev<T, L> d, std::int64_t V, int side0, 
     if (key != ~0ull) {
       if (tid == 0) {
         const std::int64_t q = static_cast<std::int64_t>(key & ((1ull << 62) - 1));
-        device_error e{0, side0 + s, v.first_seq + q, cu[q], 0};
-        if (cu[q] < 0) {
-          e.code = static_cast<std::int32_t>(device_error_code::cu_seqlens_negative);
-        } else if (q > 0 && cu[q] < cu[q - 1]) {
-          e.code = static_cast<std::int32_t>(device_error_code::cu_seqlens_decreasing);
-          e.bound = cu[q - 1];
-        } else {
-          e.code = static_cast<std::int32_t>(device_error_code::cu_seqlens_past_rows);
-          e.bound = d.num_rows;
-        }
-        h->err = e;
+        h->err = cu_seqlens_error(cu, q, d.num_rows, side0 + s, v.first_seq);
       }
       return;
     }
