@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "catch.hpp"
+#include "checks.hpp"
 #include "fixtures.hpp"
 #include "oracle.hpp"
 
@@ -125,11 +126,7 @@ TEST_CASE("extreme margins stay finite for every loss type (token level)", "[edg
       const auto view = buf.view();
       const dpo::cpu::forward_result r = dpo::cpu::dpo_forward(view, rc.data(), rr.data(), nc.cfg);
       CHECK(std::isfinite(r.loss));
-      for (Eigen::Index i = 0; i < r.losses.size(); ++i) {
-        CHECK(std::isfinite(r.losses[i]));
-        CHECK(std::isfinite(r.grad_chosen[i]));
-        CHECK(std::isfinite(r.grad_rejected[i]));
-      }
+      test_support::check_pairs_finite(r.losses, r.grad_chosen, r.grad_rejected);
       const std::vector<oracle::ld> orc = fixture::to_ld(rc), orr = fixture::to_ld(rr);
       fixture::compare_forward(r, oracle::forward(nc.cfg, b, fixture::needs_reference(nc.cfg) ? orc : std::vector<oracle::ld>{},
                                                   fixture::needs_reference(nc.cfg) ? orr : std::vector<oracle::ld>{}),

@@ -240,6 +240,8 @@ const char* what_name[w_count] = {"copy", "forward", "dpo_forward", "backward", 
                                   "grad_U8_normal", "grad_U8_streaming", "grad_metrics_U4",
                                   "grad_metrics_U2", "stats_lse", "stats_metrics",
                                   "stats_metrics_nolse2", "stats_metrics_loop"};
+/// Passes over the logits each workload makes (reads + writes): its bytes moved / bytes.
+const int what_passes[w_count] = {2, 1, 1, 2, 3, 3, 3, 2, 2, 2, 2, 2, 2, 2, 1, 1, 1, 1};
 
 template <bool Metrics, bool Reduce, class T, bool Lse2 = Metrics>
 void launch_stats_variant(const setup<T>& d) {
@@ -268,7 +270,6 @@ template <class T>
 void run(benchmark::State& state, const shape& sh, int what) {
   setup<T> d(sh, what == w_copy || what == w_fused_out);
   std::vector<double> times;
-  double moved = 0;
   using dpo::cuda::detail::cache_hint;
   const double b = static_cast<double>(d.bytes);
   dpo::cuda::forward_outputs out;
@@ -279,28 +280,24 @@ void run(benchmark::State& state, const shape& sh, int what) {
     check(dpo::cuda::dpo_forward(d.ws, d.ws_bytes, d.pairs(), d.scratch, d.scratch + d.S / 2,
                                  dpo::loss_config{}, out));
   };
+  const double moved = what_passes[what] * b;
   const auto one = [&]() -> float {
     switch (what) {
       case w_copy:
-        moved = 2 * b;
         return d.time([&] {
           DPO_BENCH_CK(cudaMemcpyAsync(d.copy_dst, d.logits, d.bytes, cudaMemcpyDeviceToDevice));
         });
       case w_forward:
-        moved = b;
         return d.time([&] {
           check(dpo::cuda::sequence_logps(d.ws, d.ws_bytes, d.all(), d.scratch, d.counts));
         });
       case w_dpo_forward:
-        moved = b;
         return d.time(forward);
       case w_backward:
-        moved = 2 * b;
         d.refill(static_cast<unsigned>(times.size()) + 2);
         forward();
         return d.time([&] { check(dpo::cuda::dpo_backward(d.ws, d.ws_bytes, d.pairs(), d.grad())); });
       case w_fused:
-        moved = 3 * b;
         d.refill(static_cast<unsigned>(times.size()) + 2);
         return d.time([&] {
           check(dpo::cuda::dpo_forward_backward(d.ws, d.ws_bytes, d.pairs(), d.scratch,
@@ -308,21 +305,18 @@ void run(benchmark::State& state, const shape& sh, int what) {
                                                 d.grad()));
         });
       case w_fused_out:
-        moved = 3 * b;
         return d.time([&] {
           check(dpo::cuda::dpo_forward_backward(d.ws, d.ws_bytes, d.pairs(), d.scratch,
                                                 d.scratch + d.S / 2, dpo::loss_config{}, out,
                                                 d.grad_out()));
         });
       case w_fwd_bwd:
-        moved = 3 * b;
         d.refill(static_cast<unsigned>(times.size()) + 2);
         return d.time([&] {
           forward();
           check(dpo::cuda::dpo_backward(d.ws, d.ws_bytes, d.pairs(), d.grad()));
         });
       case w_rw_floor: {
-        moved = 2 * b;
         const int row_vecs = static_cast<int>(d.V * sizeof(T) / 16);
         const auto k = rw_floor_kernel<256, 4>;
         return d.time([&] {
@@ -331,34 +325,24 @@ void run(benchmark::State& state, const shape& sh, int what) {
         });
       }
       case w_grad_u4:
-        moved = 2 * b;
         return d.time([&] { launch_grad_variant<4, cache_hint::normal>(d); });
       case w_grad_u4_stream:
-        moved = 2 * b;
         return d.time([&] { launch_grad_variant<4, cache_hint::streaming>(d); });
       case w_grad_u8:
-        moved = 2 * b;
         return d.time([&] { launch_grad_variant<8, cache_hint::normal>(d); });
       case w_grad_u8_stream:
-        moved = 2 * b;
         return d.time([&] { launch_grad_variant<8, cache_hint::streaming>(d); });
       case w_grad_metrics_u4:
-        moved = 2 * b;
         return d.time([&] { launch_grad_metrics_variant<4>(d); });
       case w_grad_metrics_u2:
-        moved = 2 * b;
         return d.time([&] { launch_grad_metrics_variant<2>(d); });
       case w_stats:
-        moved = b;
         return d.time([&] { launch_stats_variant<false, true>(d); });
       case w_stats_metrics:
-        moved = b;
         return d.time([&] { launch_stats_variant<true, true>(d); });
       case w_stats_metrics_nolse2:
-        moved = b;
         return d.time([&] { launch_stats_variant<true, true, T, false>(d); });
       default:
-        moved = b;
         return d.time([&] { launch_stats_variant<true, false>(d); });
     }
   };

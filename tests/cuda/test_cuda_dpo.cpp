@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "catch.hpp"
+#include "checks.hpp"
 #include "dpo/core/check.hpp"
 #include "dpo/core/validate.hpp"
 #include "dpo/cpu/dpo.hpp"
@@ -1321,11 +1322,7 @@ TEST_CASE("cuda: a -inf rejected label logit gives the limit loss and a finite g
       const case_out g = compare(c, true);
       CHECK(g.rejected_logps[1] == -INFINITY);
       CHECK(std::isfinite(g.loss));
-      for (std::size_t i = 0; i < g.losses.size(); ++i) {
-        CHECK(std::isfinite(g.losses[i]));
-        CHECK(std::isfinite(g.grad_chosen[i]));
-        CHECK(std::isfinite(g.grad_rejected[i]));
-      }
+      test_support::check_pairs_finite(g.losses, g.grad_chosen, g.grad_rejected);
       if (nc.name == "sigmoid") {
         CHECK(g.losses[1] == 0.0);
         CHECK(g.grad_rejected[1] == 0.0);

@@ -71,4 +71,15 @@ inline bool preset_thread_limit(const char* limit) {
 #endif
 }
 
+/// Every pair's loss and both gradients are finite (V: std::vector<double> or an Eigen vector).
+template <class V>
+void check_pairs_finite(const V& losses, const V& grad_chosen, const V& grad_rejected) {
+  for (std::size_t i = 0; i < static_cast<std::size_t>(losses.size()); ++i) {
+    INFO("pair " << i);
+    CHECK(std::isfinite(losses[i]));
+    CHECK(std::isfinite(grad_chosen[i]));
+    CHECK(std::isfinite(grad_rejected[i]));
+  }
+}
+
 }  // namespace test_support
