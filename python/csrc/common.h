@@ -72,6 +72,13 @@ dpo::loss_config make_config(DPO_CONFIG_PARAMS, double exponent_clamp = 80.0);
 /// reference_free, not a reference-free loss type) and one is absent.
 void check_references(const dpo::loss_config& c, bool has_chosen, bool has_rejected);
 
+/// t as contiguous float64 on `device`, kept alive in `keep`; null when t is absent.
+inline const double* doubles_or_null(const std::optional<at::Tensor>& t, at::Tensor& keep, const at::Device& device) {
+  if (!t.has_value()) return nullptr;
+  keep = t->to(at::TensorOptions().dtype(at::kDouble).device(device)).contiguous();
+  return keep.data_ptr<double>();
+}
+
 /// Rethrows dpo::error (std::invalid_argument) as c10::ValueError so Python sees a
 /// ValueError with the library's message.
 template <class Fn>
@@ -170,16 +177,6 @@ void check_backward(const at::Tensor& grad_loss, const row_layout& l, const at::
 void check_pair_vector(const at::Tensor& t, std::int64_t n, const at::Device& device,
                        const char* name);
 
-/// Checks the pair-level inputs of pair_loss / pair_loss_backward: 1-D floating [P >= 1]
-/// vectors on one device (optional ones may be absent). Returns P.
-std::int64_t check_pair_inputs(const at::Tensor& policy_chosen_logps,
-                               const at::Tensor& policy_rejected_logps,
-                               const std::optional<at::Tensor>& reference_chosen_logps,
-                               const std::optional<at::Tensor>& reference_rejected_logps,
-                               const std::optional<at::Tensor>& chosen_lengths,
-                               const std::optional<at::Tensor>& rejected_lengths,
-                               const std::optional<at::Tensor>& weights);
-
 /// Pair-level inputs lowered to the library's dpo::pair_logps_in: fp64 contiguous copies on
 /// the inputs' device (kept alive here) and pointers into them. Call after check_pair_inputs
 /// and the backend's device check.
@@ -203,6 +200,11 @@ at::Tensor weigh_by_upstream(const at::Tensor& grad_losses, pair_inputs& p);
 
 /// The dtype of per-sequence results: fp64 for fp64 logits, fp32 otherwise (never the
 /// logits' bf16/fp16, whose spacing near typical sequence sums exceeds DPO margins).
+/// The dtypes the kernels read.
+inline bool is_floating(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
+}
+
 inline at::ScalarType result_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 /// TRL's clamp of the alpha-divergence exponent for the log-probs' dtype.

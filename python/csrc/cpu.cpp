@@ -34,16 +34,6 @@ void check_cpu(const at::Tensor& t, const char* name) {
   TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be a CPU tensor here, got ", t.device());
 }
 
-at::Tensor to_double(const at::Tensor& t) {
-  return t.to(at::TensorOptions().dtype(at::kDouble).device(at::kCPU)).contiguous();
-}
-
-const double* ptr_or_null(const std::optional<at::Tensor>& t, at::Tensor& keep) {
-  if (!t.has_value()) return nullptr;
-  keep = to_double(*t);
-  return keep.data_ptr<double>();
-}
-
 /// Zeroes gradient rows of packed logits that lie outside every sequence (the library leaves
 /// them untouched).
 void zero_rows_outside(at::Tensor grad2d, const row_layout& l) {
@@ -130,34 +120,20 @@ struct cpu_pairs {
 
 // ---- fused forward / backward --------------------------------------------------------------
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dpo_forward_cpu(
-    const at::Tensor& logits, const at::Tensor& labels, const std::optional<at::Tensor>& cu_seqlens,
-    const std::optional<at::Tensor>& reference_chosen_logps,
-    const std::optional<at::Tensor>& reference_rejected_logps,
-    const std::optional<at::Tensor>& ref_logits, std::int64_t ignore_index, DPO_CONFIG_PARAMS,
-    bool compute_metrics, bool /*inplace_backward: read by the autograd formula only*/) {
+DPO_FORWARD_KERNEL(dpo_forward_cpu) {
   check_cpu(logits, "logits");
   const dpo::loss_config cfg = make_config(DPO_CONFIG_ARGS);
-  check_references(cfg, reference_chosen_logps.has_value() || ref_logits.has_value(),
-                   reference_rejected_logps.has_value() || ref_logits.has_value());
-  const row_layout l = make_layout(logits, labels, cu_seqlens, ignore_index, "logits");
-  check_packed_rows(l);
-  const std::int64_t P = concatenated_pairs(l);
-  const std::optional<row_layout> rl = reference_layout(logits, labels, cu_seqlens, reference_chosen_logps,
-                                                        reference_rejected_logps, ref_logits, ignore_index, P);
-  at::Tensor keep_c, keep_r;
-  const double* ref_c = ptr_or_null(reference_chosen_logps, keep_c);
-  const double* ref_r = ptr_or_null(reference_rejected_logps, keep_r);
-
-  forward_tensors t(l, P, at::TensorOptions().dtype(at::kDouble));
-  dispatch_views<cpu_types>(l, ignore_index, [&](auto v) {
+  const forward_inputs f = lower_forward(cfg, logits, labels, cu_seqlens, reference_chosen_logps,
+                                         reference_rejected_logps, ref_logits, ignore_index, check_packed_rows);
+  forward_tensors t(f.l, f.P, at::TensorOptions().dtype(at::kDouble));
+  dispatch_views<cpu_types>(f.l, ignore_index, [&](auto v) {
     rethrow_as_value_error([&] {
       const dpo::cpu::options opt = cpu_options(compute_metrics);
-      if (rl.has_value()) return dpo::cpu::dpo_forward(v.pairs(), v.pairs(*rl), cfg, t.out, opt);
-      return dpo::cpu::dpo_forward(v.pairs(), ref_c, ref_r, cfg, t.out, opt);
+      if (f.rl.has_value()) return dpo::cpu::dpo_forward(v.pairs(), v.pairs(*f.rl), cfg, t.out, opt);
+      return dpo::cpu::dpo_forward(v.pairs(), f.ref_c, f.ref_r, cfg, t.out, opt);
     });
   });
-  return t.results(l, logits);
+  return t.results(f.l, logits);
 }
 
 void run_backward(const at::Tensor& grad_loss, const row_layout& l, const at::Tensor& row_lse,

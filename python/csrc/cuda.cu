@@ -76,12 +76,6 @@ dpo::cuda::options cuda_options(const row_layout& l, bool metrics = true) {
 
 at::Tensor to_double(const at::Tensor& t) { return t.to(at::kDouble).contiguous(); }
 
-const double* ptr_or_null(const std::optional<at::Tensor>& t, at::Tensor& keep) {
-  if (!t.has_value()) return nullptr;
-  keep = to_double(*t);
-  return keep.data_ptr<double>();
-}
-
 /// Packed layouts: whether each of the N rows lies in a sequence ([cu[0], cu[S])), on the
 /// device (no host read of cu_seqlens).
 at::Tensor rows_inside(const row_layout& l) {
@@ -164,34 +158,22 @@ struct cuda_pairs {
 
 // ---- fused forward / backward --------------------------------------------------------------
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dpo_forward_cuda(
-    const at::Tensor& logits, const at::Tensor& labels, const std::optional<at::Tensor>& cu_seqlens,
-    const std::optional<at::Tensor>& reference_chosen_logps,
-    const std::optional<at::Tensor>& reference_rejected_logps,
-    const std::optional<at::Tensor>& ref_logits, std::int64_t ignore_index, DPO_CONFIG_PARAMS,
-    bool compute_metrics, bool /*inplace_backward: read by the autograd formula only*/) {
+DPO_FORWARD_KERNEL(dpo_forward_cuda) {
   check_cuda(logits, "logits");
   const c10::cuda::CUDAGuard guard(logits.device());
   const dpo::loss_config cfg = make_config(DPO_CONFIG_ARGS);
-  check_references(cfg, reference_chosen_logps.has_value() || ref_logits.has_value(),
-                   reference_rejected_logps.has_value() || ref_logits.has_value());
-  const row_layout l = make_layout(logits, labels, cu_seqlens, ignore_index, "logits");
-  const std::int64_t P = concatenated_pairs(l);
-  const auto dopts = logits.options().dtype(at::kDouble);
-  const std::optional<row_layout> rl = reference_layout(logits, labels, cu_seqlens, reference_chosen_logps,
-                                                        reference_rejected_logps, ref_logits, ignore_index, P);
-  at::Tensor keep_c, keep_r;
-  const double* ref_c = ptr_or_null(reference_chosen_logps, keep_c);
-  const double* ref_r = ptr_or_null(reference_rejected_logps, keep_r);
-
-  forward_tensors t(l, P, dopts);
+  const forward_inputs f = lower_forward(cfg, logits, labels, cu_seqlens, reference_chosen_logps,
+                                         reference_rejected_logps, ref_logits, ignore_index, [](const row_layout&) {});
+  const row_layout& l = f.l;
+  forward_tensors t(l, f.P, logits.options().dtype(at::kDouble));
   const auto stream = at::cuda::getCurrentCUDAStream();
   dispatch_views<cuda_types>(l, ignore_index, [&](auto v) {
     // With reference logits, one call: the reference pass, then the policy's.
     run_with_workspace(logits.device(), [&](void* ws, std::size_t& bytes) {
       const dpo::cuda::options opt = cuda_options(l, compute_metrics);
-      if (rl.has_value()) return dpo::cuda::dpo_forward(ws, bytes, v.pairs(), v.pairs(*rl), cfg, t.out, opt, stream);
-      return dpo::cuda::dpo_forward(ws, bytes, v.pairs(), ref_c, ref_r, cfg, t.out, opt, stream);
+      if (f.rl.has_value())
+        return dpo::cuda::dpo_forward(ws, bytes, v.pairs(), v.pairs(*f.rl), cfg, t.out, opt, stream);
+      return dpo::cuda::dpo_forward(ws, bytes, v.pairs(), f.ref_c, f.ref_r, cfg, t.out, opt, stream);
     });
   });
   return t.results(l, logits);

@@ -19,6 +19,39 @@
 
 namespace dpo_kernels {
 
+/// The checked inputs of a fused forward on logits, for both backends: the layout of the
+/// policy's logits (and of the reference's, with ref_logits), P, and the reference log-probs
+/// as float64 on the logits' device.
+struct forward_inputs {
+  row_layout l;
+  std::int64_t P = 0;
+  std::optional<row_layout> rl;
+  at::Tensor keep_c, keep_r;
+  const double* ref_c = nullptr;
+  const double* ref_r = nullptr;
+};
+
+/// check_rows(l): the backend's own checks of the policy's layout, run before P is read.
+template <class CheckRows>
+forward_inputs lower_forward(const dpo::loss_config& cfg, const at::Tensor& logits, const at::Tensor& labels,
+                             const std::optional<at::Tensor>& cu_seqlens,
+                             const std::optional<at::Tensor>& reference_chosen_logps,
+                             const std::optional<at::Tensor>& reference_rejected_logps,
+                             const std::optional<at::Tensor>& ref_logits, std::int64_t ignore_index,
+                             CheckRows&& check_rows) {
+  check_references(cfg, reference_chosen_logps.has_value() || ref_logits.has_value(),
+                   reference_rejected_logps.has_value() || ref_logits.has_value());
+  forward_inputs f;
+  f.l = make_layout(logits, labels, cu_seqlens, ignore_index, "logits");
+  check_rows(f.l);
+  f.P = concatenated_pairs(f.l);
+  f.rl = reference_layout(logits, labels, cu_seqlens, reference_chosen_logps, reference_rejected_logps, ref_logits,
+                          ignore_index, f.P);
+  f.ref_c = doubles_or_null(reference_chosen_logps, f.keep_c, logits.device());
+  f.ref_r = doubles_or_null(reference_rejected_logps, f.keep_r, logits.device());
+  return f;
+}
+
 /// The pair-level outputs every DPO op returns (double, NaN until written: the CUDA backend
 /// writes nothing when the device finds invalid data) and where the library writes them.
 /// The metrics struct is in output order (DPO_METRICS), so it is written straight into the
@@ -149,6 +182,17 @@ std::tuple<at::Tensor, at::Tensor> pair_loss_backward_op(const at::Tensor& grad_
   const at::Tensor gr = g.narrow(0, P, P) * scale;
   return {gc.to(policy_chosen_logps.scalar_type()), gr.to(policy_rejected_logps.scalar_type())};
 }
+
+/// A backend's kernel of the dpo_forward operator (its schema is in ops.cpp); returns loss,
+/// metrics, pair values, row_lse and row_coef. inplace_backward is read by the autograd
+/// formula only.
+#define DPO_FORWARD_KERNEL(NAME)                                                                      \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> NAME(                         \
+      const at::Tensor& logits, const at::Tensor& labels, const std::optional<at::Tensor>& cu_seqlens, \
+      const std::optional<at::Tensor>& reference_chosen_logps,                                        \
+      const std::optional<at::Tensor>& reference_rejected_logps,                                      \
+      const std::optional<at::Tensor>& ref_logits, std::int64_t ignore_index, DPO_CONFIG_PARAMS,      \
+      bool compute_metrics, bool /*inplace_backward*/)
 
 /// Registers one backend's kernel of every operator (the list of operators with a kernel per
 /// backend lives here once). KEY: the dispatch key (CPU, CUDA); SFX: the suffix of that

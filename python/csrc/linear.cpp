@@ -16,14 +16,11 @@
 #include <string>
 
 #include "common.h"
+#include "head.h"
 #include "dpo/cpu/linear.hpp"
 
 namespace dpo_kernels {
 namespace {
-
-bool is_floating(at::ScalarType t) {
-  return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
-}
 
 /// The validated inputs of a linear-head call, lowered to contiguous-row tensors.
 struct linear_args {
@@ -41,37 +38,17 @@ linear_args check_linear(const at::Tensor& hidden, const at::Tensor& weight, con
                          const at::Tensor& targets, double temperature, std::optional<double> softcap,
                          double logit_scale) {
   TORCH_CHECK_VALUE(hidden.dim() == 2, "hidden must be 2-D [N, H], got shape ", hidden.sizes());
-  TORCH_CHECK_VALUE(weight.dim() == 2, "weight must be 2-D [V, H], got shape ", weight.sizes());
   TORCH_CHECK_TYPE(is_floating(hidden.scalar_type()), "hidden must be float32, float64, bfloat16 or float16, got ",
                    hidden.scalar_type());
-  TORCH_CHECK_TYPE(weight.scalar_type() == hidden.scalar_type(), "weight has dtype ", weight.scalar_type(),
-                   " but hidden has ", hidden.scalar_type(), ": they must match");
-  TORCH_CHECK_VALUE(weight.size(1) == hidden.size(1), "weight has hidden size ", weight.size(1),
-                    " (shape ", weight.sizes(), ") but hidden has ", hidden.size(1), " (shape ", hidden.sizes(), ")");
-  TORCH_CHECK_VALUE(weight.size(0) >= 1, "weight has an empty vocabulary: shape ", weight.sizes());
+  check_head_tensors(weight, bias, hidden, "weight", "bias", "hidden");
   TORCH_CHECK_VALUE(hidden.size(1) >= 1, "hidden has hidden size 0: shape ", hidden.sizes());
   TORCH_CHECK_TYPE(targets.scalar_type() == at::kLong || targets.scalar_type() == at::kInt,
                    "targets must be int64 or int32, got ", targets.scalar_type());
   TORCH_CHECK_VALUE(targets.dim() == 1 && targets.size(0) == hidden.size(0), "targets must have shape [",
                     hidden.size(0), "] to match hidden ", hidden.sizes(), ", got ", targets.sizes());
-  TORCH_CHECK_VALUE(weight.device() == hidden.device(), "weight is on ", weight.device(), " but hidden is on ",
-                    hidden.device());
   TORCH_CHECK_VALUE(targets.device() == hidden.device(), "targets is on ", targets.device(), " but hidden is on ",
                     hidden.device());
-  if (bias.has_value()) {
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == weight.size(0), "bias must have shape [",
-                      weight.size(0), "] to match weight ", weight.sizes(), ", got ", bias->sizes());
-    TORCH_CHECK_TYPE(bias->scalar_type() == hidden.scalar_type(), "bias has dtype ", bias->scalar_type(),
-                     " but hidden has ", hidden.scalar_type(), ": they must match");
-    TORCH_CHECK_VALUE(bias->device() == hidden.device(), "bias is on ", bias->device(), " but hidden is on ",
-                      hidden.device());
-  }
-  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0, "temperature = ", temperature,
-                    " is invalid: must be finite and > 0");
-  TORCH_CHECK_VALUE(std::isfinite(logit_scale) && logit_scale > 0, "logit_scale = ", logit_scale,
-                    " is invalid: must be finite and > 0");
-  TORCH_CHECK_VALUE(!softcap.has_value() || (std::isfinite(*softcap) && *softcap > 0), "softcap = ",
-                    softcap.value_or(0.0), " is invalid: must be finite and > 0, or None for no cap");
+  const dpo::logit_transforms tr = checked_transforms(temperature, softcap, logit_scale);
   TORCH_CHECK_VALUE(hidden.device().is_cpu(), "hidden is on ", hidden.device(), ": this kernel is the CPU one");
   linear_args a;
   a.hidden = unit_stride_rows(hidden);
@@ -81,46 +58,15 @@ linear_args check_linear(const at::Tensor& hidden, const at::Tensor& weight, con
   a.N = hidden.size(0);
   a.H = hidden.size(1);
   a.V = weight.size(0);
-  a.tr.scale = logit_scale;
-  a.tr.softcap = softcap.value_or(0.0);
-  a.tr.temperature = temperature;
+  a.tr = tr;
   return a;
 }
 
 template <class T, class L>
-dpo::cpu::linear_view<T, L> view_of(const linear_args& a, std::int64_t ignore_index) {
-  dpo::cpu::linear_view<T, L> v;
-  v.hidden = reinterpret_cast<const T*>(a.hidden.data_ptr());
-  v.rows = a.N;
-  v.hidden_cols = a.H;
-  v.hidden_stride = a.N > 1 ? a.hidden.stride(0) : a.H;
-  v.weight = reinterpret_cast<const T*>(a.weight.data_ptr());
-  v.vocab = a.V;
-  v.weight_cols = a.H;
-  v.weight_stride = a.V > 1 ? a.weight.stride(0) : a.H;
-  if (a.bias.defined()) {
-    v.bias = reinterpret_cast<const T*>(a.bias.data_ptr());
-    v.bias_size = a.V;
-  }
-  v.labels = a.targets.data_ptr<L>();
-  v.ignore_index = ignore_index;
-  v.transforms = a.tr;
-  return v;
-}
-
-/// Calls fn(T*, L*) with null pointers of the head's element type and the label type.
-template <class Fn>
-void dispatch_head(at::ScalarType t, at::ScalarType label, Fn&& fn) {
-  const auto with_label = [&](auto* tp) {
-    dispatch_label(label, [&](auto* lp) { fn(tp, lp); });
-  };
-  switch (t) {
-    case at::kFloat: return with_label(static_cast<float*>(nullptr));
-    case at::kDouble: return with_label(static_cast<double*>(nullptr));
-    case at::kBFloat16: return with_label(static_cast<Eigen::bfloat16*>(nullptr));
-    case at::kHalf: return with_label(static_cast<Eigen::half*>(nullptr));
-    default: TORCH_CHECK_TYPE(false, "unsupported hidden dtype ", t);
-  }
+dpo::linear_view<T, L> view_of(const linear_args& a, std::int64_t ignore_index) {
+  return dpo::linear_view_of(reinterpret_cast<const T*>(a.hidden.data_ptr()), a.N,
+                             a.N > 1 ? a.hidden.stride(0) : a.H, head_of<T>(a.weight, a.bias, a.tr),
+                             a.targets.data_ptr<L>(), nullptr, ignore_index);
 }
 
 /// rethrow_as_value_error with the library's names for the op's: its `labels` are `targets`.
@@ -208,11 +154,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_backward_cpu(
   if (!gl.defined()) gl = at::zeros({N}, dbl);
   const at::Tensor sv = saved.contiguous();
   need_bias = need_bias && a.bias.defined();
-  const auto acc = hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor dh = need_hidden ? at::empty({N, H}, hidden.options().memory_format(at::MemoryFormat::Contiguous))
                               : at::empty({0}, hidden.options());
-  at::Tensor dw = need_weight ? at::zeros({V, H}, weight.options().dtype(acc)) : at::empty({0}, weight.options());
-  at::Tensor db = need_bias ? at::zeros({V}, weight.options().dtype(acc)) : at::empty({0}, weight.options());
+  const head_grad_tensors hg(weight, V, need_weight, need_bias);
   const auto opt = head_options(workspace_bytes);
   dispatch_head(a.hidden.scalar_type(), a.targets.scalar_type(), [&](auto* tp, auto* lp) {
     using T = std::remove_pointer_t<decltype(tp)>;
@@ -223,18 +167,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_backward_cpu(
       g.hidden = reinterpret_cast<T*>(dh.data_ptr());
       g.hidden_stride = H;
     }
-    if (need_weight) {
-      g.weight = reinterpret_cast<G*>(dw.data_ptr());
-      g.weight_stride = H;
-    }
-    if (need_bias) g.bias = reinterpret_cast<G*>(db.data_ptr());
+    g.weight = hg.weight_ptr<G>();
+    g.weight_stride = H;
+    g.bias = hg.bias_ptr<G>();
     const double* ent = ge.defined() ? sv.data_ptr<double>() + N : nullptr;
     run_head([&] {
       dpo::cpu::linear_logps_backward(view_of<T, L>(a, ignore_index), sv.data_ptr<double>(), gl.data_ptr<double>(),
                                       ent, ge.defined() ? ge.data_ptr<double>() : nullptr, g, opt);
     });
   });
-  return {dh, need_weight ? dw.to(weight.scalar_type()) : dw, need_bias ? db.to(weight.scalar_type()) : db};
+  return {dh, hg.weight_result(weight.options()), hg.bias_result(weight.options())};
 }
 
 // No CUDA fused head in this binding yet: CUDA tensors get NotImplementedError naming the

@@ -18,38 +18,13 @@
 #include <string>
 
 #include "common.h"
+#include "head.h"
 #include "forward_outputs.h"
 #include "dpo/core/metrics.hpp"
 #include "dpo/cpu/linear_dpo.hpp"
 
 namespace dpo_kernels {
 namespace {
-
-bool floating(at::ScalarType t) {
-  return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
-}
-
-void check_same(const at::Tensor& t, const at::Tensor& hidden, const char* name, const char* of) {
-  TORCH_CHECK_TYPE(t.scalar_type() == hidden.scalar_type(), name, " has dtype ", t.scalar_type(), " but ", of,
-                   " has ", hidden.scalar_type(), ": they must match");
-  TORCH_CHECK_VALUE(t.device() == hidden.device(), name, " is on ", t.device(), " but ", of, " is on ",
-                    hidden.device());
-}
-
-/// A head (weight [V, H], optional bias [V]) checked against hidden's dtype and size.
-void check_head_tensors(const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& hidden,
-                        const char* wname, const char* bname, const char* hname) {
-  TORCH_CHECK_VALUE(weight.dim() == 2, wname, " must be 2-D [V, H], got shape ", weight.sizes());
-  check_same(weight, hidden, wname, hname);
-  TORCH_CHECK_VALUE(weight.size(0) >= 1, wname, " has an empty vocabulary: shape ", weight.sizes());
-  TORCH_CHECK_VALUE(weight.size(1) == hidden.size(-1), wname, " has hidden size ", weight.size(1), " (shape ",
-                    weight.sizes(), ") but ", hname, " has ", hidden.size(-1), " (shape ", hidden.sizes(), ")");
-  if (bias.has_value()) {
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == weight.size(0), bname, " must have shape [",
-                      weight.size(0), "] to match ", wname, " ", weight.sizes(), ", got ", bias->sizes());
-    check_same(*bias, hidden, bname, hname);
-  }
-}
 
 /// hidden ([2P, T, H] with labels [2P, T], or [N, H] with labels [N] and cu_seqlens [2P + 1])
 /// lowered to contiguous rows; returns the pair count P.
@@ -61,7 +36,7 @@ struct hidden_layout {
 
 hidden_layout lower_hidden(const at::Tensor& hidden, const at::Tensor& labels,
                            const std::optional<at::Tensor>& cu_seqlens, const char* name) {
-  TORCH_CHECK_TYPE(floating(hidden.scalar_type()), name, " must be float32, float64, bfloat16 or float16, got ",
+  TORCH_CHECK_TYPE(is_floating(hidden.scalar_type()), name, " must be float32, float64, bfloat16 or float16, got ",
                    hidden.scalar_type());
   TORCH_CHECK_TYPE(labels.scalar_type() == at::kLong || labels.scalar_type() == at::kInt,
                    "labels must be int64 or int32, got ", labels.scalar_type());
@@ -118,37 +93,10 @@ dpo::cpu::hidden_pairs<T, L> pairs_of(const hidden_layout& l, std::int64_t ignor
   return dpo::cpu::linear_padded_pairs<T, L>(h, l.H, l.H, lab, l.num_seqs, l.seq_len, nullptr, ignore_index);
 }
 
-template <class T>
-dpo::cpu::linear_head<T> head_of(const at::Tensor& weight, const at::Tensor& bias, const dpo::logit_transforms& tr) {
-  dpo::cpu::linear_head<T> h;
-  h.weight = reinterpret_cast<const T*>(weight.data_ptr());
-  h.vocab = weight.size(0);
-  h.hidden = weight.size(1);
-  h.weight_stride = weight.size(1);
-  if (bias.defined()) {
-    h.bias = reinterpret_cast<const T*>(bias.data_ptr());
-    h.bias_size = bias.size(0);
-  }
-  h.transforms = tr;
-  return h;
-}
-
-template <class Fn>
-void dispatch_hidden(at::ScalarType t, at::ScalarType label, Fn&& fn) {
-  const auto with_label = [&](auto* tp) { dispatch_label(label, [&](auto* lp) { fn(tp, lp); }); };
-  switch (t) {
-    case at::kFloat: return with_label(static_cast<float*>(nullptr));
-    case at::kDouble: return with_label(static_cast<double*>(nullptr));
-    case at::kBFloat16: return with_label(static_cast<Eigen::bfloat16*>(nullptr));
-    case at::kHalf: return with_label(static_cast<Eigen::half*>(nullptr));
-    default: TORCH_CHECK_TYPE(false, "unsupported hidden dtype ", t);
-  }
-}
-
 at::Tensor pair_vector(const std::optional<at::Tensor>& t, std::int64_t P, const at::Tensor& hidden,
                        const char* name) {
   if (!t.has_value()) return at::Tensor();
-  TORCH_CHECK_TYPE(floating(t->scalar_type()), name, " must be a floating tensor, got ", t->scalar_type());
+  TORCH_CHECK_TYPE(is_floating(t->scalar_type()), name, " must be a floating tensor, got ", t->scalar_type());
   TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == P, name, " must have shape [", P, "] (one per pair), got ",
                     t->sizes());
   TORCH_CHECK_VALUE(t->device() == hidden.device(), name, " is on ", t->device(), " but hidden is on ",
@@ -179,12 +127,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                     "ref_weight / ref_bias are given without ref_hidden");
   const hidden_layout l = lower_hidden(hidden, labels, cu_seqlens, "hidden");
   check_head_tensors(weight, bias, hidden, "weight", "bias", "hidden");
-  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0, "temperature = ", temperature,
-                    " is invalid: must be finite and > 0");
-  TORCH_CHECK_VALUE(std::isfinite(logit_scale) && logit_scale > 0, "logit_scale = ", logit_scale,
-                    " is invalid: must be finite and > 0");
-  TORCH_CHECK_VALUE(!softcap.has_value() || (std::isfinite(*softcap) && *softcap > 0), "softcap = ",
-                    softcap.value_or(0.0), " is invalid: must be finite and > 0, or None for no cap");
+  const dpo::logit_transforms tr = checked_transforms(temperature, softcap, logit_scale);
   TORCH_CHECK_VALUE(workspace_bytes >= 1, "workspace_bytes = ", workspace_bytes, " is invalid: must be >= 1");
   const std::int64_t P = l.num_seqs / 2;
   const at::Tensor rc = pair_vector(reference_chosen_logps, P, hidden, "reference_chosen_logps");
@@ -207,26 +150,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   }
   const at::Tensor w = weight.contiguous();
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
-  dpo::logit_transforms tr;
-  tr.scale = logit_scale;
-  tr.softcap = softcap.value_or(0.0);
-  tr.temperature = temperature;
 
   pair_result_tensors t(P, at::TensorOptions().dtype(at::kDouble));
   at::Tensor &loss = t.loss, &metrics = t.metrics, &pairs = t.pairs;
   dpo::forward_outputs& out = t.out;
 
   need_bias = need_bias && b.defined();
-  const auto acc = hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor dh = need_hidden ? at::zeros({l.rows, l.H}, hidden.options()) : at::empty({0}, hidden.options());
-  at::Tensor dw = need_weight ? at::zeros(w.sizes(), w.options().dtype(acc)) : at::empty({0}, w.options());
-  at::Tensor db = need_bias ? at::zeros(b.sizes(), w.options().dtype(acc)) : at::empty({0}, w.options());
+  const head_grad_tensors hg(w, w.size(0), need_weight, need_bias);
 
   dpo::cpu::linear_dpo_options opt;
   opt.num_threads = at::get_num_threads();
   opt.metrics = compute_metrics;
   opt.workspace_bytes = workspace_bytes;
-  dispatch_hidden(l.hidden.scalar_type(), l.labels.scalar_type(), [&](auto* tp, auto* lp) {
+  dispatch_head(l.hidden.scalar_type(), l.labels.scalar_type(), [&](auto* tp, auto* lp) {
     using T = std::remove_pointer_t<decltype(tp)>;
     using L = std::remove_pointer_t<decltype(lp)>;
     using G = dpo::cpu::acc_t<T>;
@@ -235,11 +172,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       g.chosen_hidden = g.rejected_hidden = reinterpret_cast<T*>(dh.data_ptr());
       g.chosen_hidden_stride = g.rejected_hidden_stride = l.H;
     }
-    if (need_weight) {
-      g.weight = reinterpret_cast<G*>(dw.data_ptr());
-      g.weight_stride = l.H;
-    }
-    if (need_bias) g.bias = reinterpret_cast<G*>(db.data_ptr());
+    g.weight = hg.weight_ptr<G>();
+    g.weight_stride = l.H;
+    g.bias = hg.bias_ptr<G>();
     const auto policy = pairs_of<T, L>(l, ignore_index);
     const auto head = head_of<T>(w, b, tr);
     rethrow_as_value_error([&] {
@@ -253,7 +188,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   });
   const auto res = result_dtype(hidden.scalar_type());
   return {loss.to(res), metrics.to(res), pairs.to(res), need_hidden ? dh.reshape(hidden.sizes()) : dh,
-          need_weight ? dw.to(weight.scalar_type()) : dw, need_bias ? db.to(weight.scalar_type()) : db};
+          hg.weight_result(w.options()), hg.bias_result(w.options())};
 }
 
 void no_cuda_linear_dpo(const c10::OperatorHandle& op, torch::jit::Stack*) {

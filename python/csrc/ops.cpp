@@ -99,14 +99,6 @@ void check_references(const dpo::loss_config& c, bool has_chosen, bool has_rejec
                     "reference_free=True");
 }
 
-namespace {
-
-bool is_floating(at::ScalarType t) {
-  return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
-}
-
-}  // namespace
-
 void check_pair_vector(const at::Tensor& t, std::int64_t n, const at::Device& device,
                        const char* name) {
   TORCH_CHECK_TYPE(is_floating(t.scalar_type()), name, " must be float32, float64, bfloat16 or ",
@@ -117,6 +109,8 @@ void check_pair_vector(const at::Tensor& t, std::int64_t n, const at::Device& de
                     device);
 }
 
+/// Checks the pair-level inputs of pair_loss / pair_loss_backward: 1-D floating [P >= 1]
+/// vectors on one device (optional ones may be absent). Returns P.
 std::int64_t check_pair_inputs(const at::Tensor& policy_chosen_logps,
                                const at::Tensor& policy_rejected_logps,
                                const std::optional<at::Tensor>& reference_chosen_logps,
@@ -156,22 +150,18 @@ pair_inputs lower_pairs(const at::Tensor& policy_chosen_logps, const at::Tensor&
       check_pair_inputs(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
                         reference_rejected_logps, chosen_lengths, rejected_lengths, weights);
   const auto to_double = [](const at::Tensor& t) { return t.to(at::kDouble).contiguous(); };
-  const auto ptr_or_null = [&](const std::optional<at::Tensor>& t, at::Tensor& keep) -> const double* {
-    if (!t.has_value()) return nullptr;
-    keep = to_double(*t);
-    return keep.data_ptr<double>();
-  };
+  const auto dev = policy_chosen_logps.device();  // every input's (checked above)
   pair_inputs p;
   p.pc = to_double(policy_chosen_logps);
   p.pr = to_double(policy_rejected_logps);
   p.in.num_pairs = P;
   p.in.chosen_logps = p.pc.data_ptr<double>();
   p.in.rejected_logps = p.pr.data_ptr<double>();
-  p.in.ref_chosen_logps = ptr_or_null(reference_chosen_logps, p.rc);
-  p.in.ref_rejected_logps = ptr_or_null(reference_rejected_logps, p.rr);
-  p.in.chosen_tokens = ptr_or_null(chosen_lengths, p.lc);
-  p.in.rejected_tokens = ptr_or_null(rejected_lengths, p.lr);
-  p.in.weights = ptr_or_null(weights, p.w);
+  p.in.ref_chosen_logps = doubles_or_null(reference_chosen_logps, p.rc, dev);
+  p.in.ref_rejected_logps = doubles_or_null(reference_rejected_logps, p.rr, dev);
+  p.in.chosen_tokens = doubles_or_null(chosen_lengths, p.lc, dev);
+  p.in.rejected_tokens = doubles_or_null(rejected_lengths, p.lr, dev);
+  p.in.weights = doubles_or_null(weights, p.w, dev);
   return p;
 }
 
