@@ -11,18 +11,46 @@ GRPOTrainer, RLOOTrainer and KTOTrainer train) with :func:`dpo_kernels.linear_lo
 
 Tested with TRL 1.16. The head runs on the CPU only for now: CUDA tensors raise
 NotImplementedError (the patch never falls back silently).
+
+:class:`FusedDPOTrainer` goes further: a ``trl.DPOTrainer`` whose whole loss is
+:func:`dpo_kernels.dpo_loss_from_hidden` (the backbone's hidden states and the LM head's
+weight, never the logits; the loss, TRL's metrics and the head's gradients in one call)::
+
+    from dpo_kernels.trl import FusedDPOTrainer
+    trainer = FusedDPOTrainer(model=..., ref_model=..., args=DPOConfig(...), ...)   # as DPOTrainer
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import threading
+import types
+import warnings
+
+import torch
 
 from ._linear import OPTIONAL_OUTPUTS, linear_logprobs
 
-__all__ = ["ChunkedLogProbFunction", "patch_chunked_logprobs", "unpatch_chunked_logprobs", "is_patched"]
+__all__ = ["ChunkedLogProbFunction", "FusedDPOTrainer", "patch_chunked_logprobs", "unpatch_chunked_logprobs",
+           "is_patched"]
 
-#: TRL versions the patch is tested with (major.minor).
+#: TRL versions the patch and FusedDPOTrainer are tested with (major.minor).
 TESTED_TRL = ("1.16",)
+
+
+def _import_trl(what: str, check_version: bool, bypass: str):
+    """TRL, after checking that its version is one of TESTED_TRL (unless `check_version` is false)."""
+    try:
+        trl = importlib.import_module("trl")
+    except ImportError as e:
+        raise ImportError(f"{what} needs TRL (pip install trl)") from e
+    version = getattr(trl, "__version__", "?")
+    if check_version and ".".join(version.split(".")[:2]) not in TESTED_TRL:
+        raise RuntimeError(
+            f"{what} is tested with TRL {', '.join(TESTED_TRL)}, found {version}: TRL's internals it relies on may "
+            f"have changed. {bypass}"
+        )
+    return trl
 
 # Where TRL keeps a reference to its function: (module, attribute). trainer.utils looks its
 # `_ChunkedLogProbFunction` up at call time, so replacing it there reroutes every fused head.
@@ -81,16 +109,9 @@ def patch_chunked_logprobs(check_version: bool = True) -> _Patch:
     Raises ImportError when TRL is missing or lacks the function (e.g. TRL < 1.16), and, with
     ``check_version``, RuntimeError on a TRL version the patch was not tested with."""
     global _originals
-    try:
-        trl = importlib.import_module("trl")
-    except ImportError as e:
-        raise ImportError("dpo_kernels.trl.patch_chunked_logprobs needs TRL (pip install trl)") from e
+    trl = _import_trl("dpo_kernels.trl.patch_chunked_logprobs", check_version,
+                      "Pass check_version=False to patch anyway.")
     version = getattr(trl, "__version__", "?")
-    if check_version and ".".join(version.split(".")[:2]) not in TESTED_TRL:
-        raise RuntimeError(
-            f"dpo_kernels.trl.patch_chunked_logprobs is tested with TRL {', '.join(TESTED_TRL)}, found {version}: "
-            "TRL's chunked head may have changed contract. Pass check_version=False to patch anyway."
-        )
     with _lock:
         if _originals is not None:
             return _Patch()
@@ -122,3 +143,227 @@ def unpatch_chunked_logprobs() -> None:
         for (mod_name, attr), original in _originals.items():
             setattr(importlib.import_module(mod_name), attr, original)
         _originals = None
+
+
+# ---------------------------------------------------------------------------------------------
+# FusedDPOTrainer
+
+#: Batch keys that are not model inputs (TRL 1.16's DPOTrainer drops the same ones).
+_NON_MODEL_KEYS = frozenset({"completion_mask", "ref_chosen_logps", "ref_rejected_logps"})
+
+#: The metrics DPOTrainer logs, in its order ("num_tokens" is its running token count).
+_TOKEN_METRICS = ("entropy", "logits/chosen", "logits/rejected", "mean_token_accuracy")
+
+
+def logit_transforms(config) -> dict:
+    """``softcap`` and ``logit_scale`` of :func:`dpo_kernels.dpo_loss_from_hidden` for a
+    transformers model config, read as TRL 1.16's fused LM head reads them:
+    ``final_logit_softcapping``; ``logit_scale``, else ``output_multiplier``, else
+    ``lm_head_multiplier``, else ``logits_scaling`` (its inverse, except for HyperCLOVA X);
+    absent means 1."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    scale = getattr(text, "logit_scale", None)
+    for name in ("output_multiplier", "lm_head_multiplier"):
+        if scale is None:
+            scale = getattr(text, name, None)
+    if scale is None and getattr(text, "logits_scaling", None) is not None:
+        scale = text.logits_scaling if getattr(text, "model_type", None) == "hyperclovax" else 1 / text.logits_scaling
+    return {"softcap": getattr(text, "final_logit_softcapping", None), "logit_scale": 1.0 if scale is None else scale}
+
+
+def _full(t):
+    """A DTensor parameter (FSDP2) gathered whole, differentiably; any other tensor as is."""
+    return t.full_tensor() if t is not None and hasattr(t, "full_tensor") else t
+
+
+def _add_head_forward(model) -> None:
+    """Lets ``model(..., dpo_kernels_head=fn)`` run the backbone and return
+    ``fn(last_hidden_state, lm_head.weight, lm_head.bias, **logit_transforms)``: the loss is
+    computed INSIDE the model's forward, so a DDP/FSDP wrapper sees the LM head used by its
+    output (``find_unused_parameters`` finds it; FSDP has it gathered). Without the keyword,
+    the previous forward runs unchanged (generation and TRL's own fused head keep working)."""
+    if getattr(model, "_dpo_kernels_head", False):
+        return
+    previous = model.forward
+    transforms = logit_transforms(model.config)
+
+    @functools.wraps(type(model).forward)
+    def forward(self, *args, dpo_kernels_head=None, **kwargs):
+        if dpo_kernels_head is None:
+            return previous(*args, **kwargs)
+        kwargs["use_cache"] = False
+        hidden = self.base_model(*args, **kwargs).last_hidden_state
+        head = self.get_output_embeddings()
+        return dpo_kernels_head(hidden, _full(head.weight), _full(head.bias), **transforms)
+
+    model.forward = types.MethodType(forward, model)
+    model._dpo_kernels_head = True
+
+
+def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """The dtype the head runs in: autocast's when it is on (TRL's head runs under it), else hidden's."""
+    device = hidden.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+
+
+def _reference_head(hidden, weight, bias, softcap, logit_scale):
+    dtype = _compute_dtype(hidden)
+    return (hidden[:, :-1].to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+
+
+class _FusedLoss:
+    """What the policy's forward runs on its hidden states: dpo_loss_from_hidden with the
+    trainer's config and reference, returning ``(loss, metrics, pair_values)``."""
+
+    def __init__(self, labels, reference: dict, config: dict):
+        self.labels, self.reference, self.config = labels, reference, config
+
+    def __call__(self, hidden, weight, bias, softcap, logit_scale):
+        from . import dpo_loss_from_hidden
+
+        dtype = _compute_dtype(hidden)
+        return dpo_loss_from_hidden(
+            hidden[:, :-1].to(dtype), weight.to(dtype), self.labels, bias=None if bias is None else bias.to(dtype),
+            softcap=softcap, logit_scale=logit_scale, return_pair_values=True, **self.reference, **self.config,
+        )
+
+
+def _trainer_class():
+    """Builds FusedDPOTrainer (a subclass of trl.DPOTrainer, so TRL is imported only when used)."""
+    from trl import DPOTrainer
+    from trl.models.utils import disable_gradient_checkpointing
+
+    class FusedDPOTrainer(DPOTrainer):
+        """``trl.DPOTrainer`` whose loss is :func:`dpo_kernels.dpo_loss_from_hidden`.
+
+        Takes DPOTrainer's arguments and DPOConfig's fields; trains and logs as DPOTrainer does
+        (the same loss for every ``loss_type`` / ``loss_weights`` / f-divergence / WPO /
+        LD-DPO, the same metrics, within fp32 rounding), but the loss, the metrics and the
+        gradients of the last hidden states and of the LM head's weight and bias come from one
+        call on the backbone's hidden states and the head's weight: the ``[rows, V]`` logits
+        are never built, and TRL's per-token log-prob tensors and their autograd graph are
+        not either. The reference is the reference model's hidden states and head (run
+        without grad), or TRL's precomputed reference log-probs
+        (``precompute_ref_log_probs=True``; precomputed by TRL's own head, or by ours under
+        :func:`patch_chunked_logprobs`). Logit transforms (``final_logit_softcapping``,
+        ``logit_scale`` and its aliases) are read from the model config as TRL reads them.
+
+        The hook is the public ``Trainer.compute_loss``; it reads DPOTrainer's attributes
+        (``loss_types``, ``_metrics``, ...), so the class checks TRL's version at
+        construction: RuntimeError on a version outside ``TESTED_TRL`` unless
+        ``check_trl_version=False``.
+
+        Extra keyword arguments: ``check_trl_version`` (default True), ``workspace_bytes``
+        (the fused head's workspace budget, default 768 MiB).
+
+        Not supported (NotImplementedError at construction): PEFT models / ``peft_config``,
+        vision-language models, a MoE router auxiliary loss (set ``router_aux_loss_coef=0``), and
+        context or sequence parallelism. Like :func:`dpo_kernels.dpo_loss_from_hidden`, the
+        head runs on the CPU only for now (CUDA tensors raise NotImplementedError).
+        """
+
+        def __init__(self, *args, check_trl_version: bool = True, workspace_bytes: int | None = None, **kwargs):
+            _import_trl("dpo_kernels.trl.FusedDPOTrainer", check_trl_version,
+                        "Pass check_trl_version=False to try it anyway, or use TRL's DPOTrainer.")
+            if kwargs.get("peft_config") is not None:
+                raise NotImplementedError("FusedDPOTrainer does not support PEFT (peft_config) yet: use trl.DPOTrainer, "
+                                          "optionally with dpo_kernels.trl.patch_chunked_logprobs()")
+            super().__init__(*args, **kwargs)
+            from accelerate.utils import is_peft_model
+
+            unsupported = [
+                (is_peft_model(self.model), "PEFT models"),
+                (self._is_vlm or self._is_vision_dataset, "vision-language models"),
+                (self.aux_loss_enabled, "a MoE router auxiliary loss (set router_aux_loss_coef=0 in DPOConfig)"),
+            ]
+            pc = self.accelerator.parallelism_config
+            for name in ("cp_size", "sp_size"):
+                unsupported.append((pc is not None and (getattr(pc, name, 1) or 1) > 1, f"{name} > 1"))
+            for bad, what in unsupported:
+                if bad:
+                    raise NotImplementedError(f"FusedDPOTrainer does not support {what} yet: use trl.DPOTrainer")
+            self._dk_workspace_bytes = workspace_bytes
+            _add_head_forward(self.model)
+            if self.ref_model is not None:
+                _add_head_forward(self.accelerator.unwrap_model(self.ref_model))
+
+        def _dk_config(self) -> dict:
+            return dict(
+                loss_type=self.loss_types, loss_weights=self.loss_weights, beta=self.beta,
+                label_smoothing=self.label_smoothing, f_divergence_type=self.f_divergence_type,
+                f_alpha_divergence_coef=self.f_alpha_divergence_coef, discopop_tau=self.args.discopop_tau,
+                use_weighting=self.use_weighting, ld_alpha=self.ld_alpha, workspace_bytes=self._dk_workspace_bytes,
+            )
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            mode = "train" if self.model.training else "eval"
+            model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
+            model_kwargs["use_cache"] = False
+            completion_mask = inputs["completion_mask"]
+            labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)[:, 1:].contiguous()
+            if self.precompute_ref_logps:
+                reference = {"reference_chosen_logps": inputs["ref_chosen_logps"],
+                             "reference_rejected_logps": inputs["ref_rejected_logps"]}
+            else:
+                with torch.no_grad(), disable_gradient_checkpointing(self.model,
+                                                                     self.args.gradient_checkpointing_kwargs):
+                    ref = self.ref_model(**model_kwargs, dpo_kernels_head=_reference_head)
+                reference = dict(zip(("ref_hidden", "ref_weight", "ref_bias"), ref))
+            # Through the (possibly DDP-wrapped) model: the loss is its forward's output.
+            loss, metrics, pairs = model(**model_kwargs, dpo_kernels_head=_FusedLoss(labels, reference,
+                                                                                     self._dk_config()))
+            self._dk_log(mode, inputs, metrics, pairs)
+            if return_outputs:
+                warnings.warn(
+                    "`return_outputs=True` (the logits for `compute_metrics`) needs an extra forward pass: "
+                    "FusedDPOTrainer never builds the logits.", FutureWarning, stacklevel=2)
+                with torch.no_grad():
+                    return loss, model(**model_kwargs)
+            return loss
+
+        def _dk_log(self, mode, inputs, metrics, pairs):
+            """Appends DPOTrainer's metrics, reduced over the processes as DPOTrainer reduces them:
+            token-weighted means for the token metrics, means over all pairs for the rewards and
+            log-probs."""
+            acc = self.accelerator
+            shift = inputs["completion_mask"][:, 1:]
+            chosen, rejected = shift.chunk(2, dim=0)
+            counts = (shift.sum(), chosen.sum(), rejected.sum(), chosen.sum())
+            local = torch.stack([x for k, n in zip(_TOKEN_METRICS, counts)
+                                 for x in (metrics[k].double() * n, n.double())])
+            token_sums = acc.gather(local).view(-1, 2 * len(_TOKEN_METRICS)).sum(0).tolist()
+            pair = torch.stack([pairs[k] for k in ("chosen_rewards", "rejected_rewards", "chosen_logps",
+                                                   "rejected_logps")])
+            cr, rr, cl, rl = acc.gather(pair.T.contiguous()).T.double()
+            token = {k: (token_sums[2 * i] / token_sums[2 * i + 1] if token_sums[2 * i + 1] > 0 else 0.0)
+                     for i, k in enumerate(_TOKEN_METRICS)}
+            if mode == "train":
+                num_tokens = acc.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
+                self._total_train_tokens += num_tokens // self._tp_size
+            log = self._metrics[mode]
+            log["entropy"].append(token["entropy"])
+            log["num_tokens"] = [self._total_train_tokens]
+            for k in _TOKEN_METRICS[1:]:
+                log[k].append(token[k])
+            values = torch.stack([cr.mean(), rr.mean(), (cr > rr).double().mean(), (cr - rr).mean(), cl.mean(),
+                                  rl.mean()]).tolist()
+            for k, v in zip(("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                             "logps/chosen", "logps/rejected"), values):
+                log[k].append(v)
+
+    FusedDPOTrainer.__module__ = __name__
+    return FusedDPOTrainer
+
+
+_trainer = None
+
+
+def __getattr__(name):
+    # FusedDPOTrainer subclasses trl.DPOTrainer: built on first access, so importing this module
+    # needs no TRL.
+    global _trainer
+    if name == "FusedDPOTrainer":
+        if _trainer is None:
+            _trainer = _trainer_class()
+        return _trainer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

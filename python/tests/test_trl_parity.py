@@ -14,44 +14,9 @@ from conftest import TRL_REPORT  # noqa: E402
 
 RTOL = 1e-5
 
-# (DPOConfig fields). Each case is run once through TRL and compared with the fused op
+# Each case (trl_harness.CASES) is run once through TRL and compared with the fused op
 # (reference logits and reference log-probs) and with sequence_logps + dpo_loss.
-CASES = {
-    "sigmoid": dict(loss_type=["sigmoid"]),
-    "hinge": dict(loss_type=["hinge"]),
-    "ipo": dict(loss_type=["ipo"]),
-    "exo_pair": dict(loss_type=["exo_pair"], label_smoothing=1e-3),
-    "nca_pair": dict(loss_type=["nca_pair"]),
-    "robust": dict(loss_type=["robust"], label_smoothing=0.1),
-    "bco_pair": dict(loss_type=["bco_pair"]),
-    "sppo_hard": dict(loss_type=["sppo_hard"]),
-    "aot": dict(loss_type=["aot"], label_smoothing=0.1),
-    "aot_unpaired": dict(loss_type=["aot_unpaired"], label_smoothing=0.1),
-    "apo_zero": dict(loss_type=["apo_zero"]),
-    "apo_down": dict(loss_type=["apo_down"]),
-    "discopop": dict(loss_type=["discopop"], beta=0.5),
-    "sft": dict(loss_type=["sft"]),
-    "sigmoid_norm": dict(loss_type=["sigmoid_norm"], beta=2.0),
-    "sigmoid/forward_kl": dict(loss_type=["sigmoid"], f_divergence_type="forward_kl"),
-    "sigmoid/js_divergence": dict(loss_type=["sigmoid"], f_divergence_type="js_divergence"),
-    "sigmoid/alpha_divergence": dict(loss_type=["sigmoid"], f_divergence_type="alpha_divergence"),
-    "ipo/alpha_divergence(0.3)": dict(
-        loss_type=["ipo"], f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.3
-    ),
-    "sigmoid_norm/forward_kl": dict(loss_type=["sigmoid_norm"], f_divergence_type="forward_kl", beta=2.0),
-    "hinge/js_divergence": dict(loss_type=["hinge"], f_divergence_type="js_divergence"),
-    "exo_pair/forward_kl": dict(loss_type=["exo_pair"], f_divergence_type="forward_kl", label_smoothing=0.01),
-    "robust/js_divergence": dict(loss_type=["robust"], f_divergence_type="js_divergence", label_smoothing=0.2),
-    "discopop/alpha_divergence(0.8)": dict(
-        loss_type=["discopop"], f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.8, beta=0.5
-    ),
-    "mpo(sigmoid,bco_pair,sft)": dict(loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0]),
-    "sigmoid+use_weighting(WPO)": dict(loss_type=["sigmoid"], use_weighting=True),
-    "ipo+use_weighting(WPO)": dict(loss_type=["ipo"], use_weighting=True),
-    "sigmoid+ld_alpha=0.5": dict(loss_type=["sigmoid"], ld_alpha=0.5),
-    "ipo+ld_alpha=0.3": dict(loss_type=["ipo"], ld_alpha=0.3),
-    "apo_zero+sft+ld_alpha=0.5": dict(loss_type=["apo_zero", "sft"], loss_weights=[1.0, 0.5], ld_alpha=0.5),
-}
+CASES = trl_harness.CASES
 
 _OURS_KEYS = {
     "loss_type", "loss_weights", "beta", "label_smoothing", "f_divergence_type", "f_alpha_divergence_coef",

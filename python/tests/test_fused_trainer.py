@@ -1,0 +1,141 @@
+# Copyright 2026 The dpo Authors. SPDX-License-Identifier: Apache-2.0
+"""dpo_kernels.trl.FusedDPOTrainer against TRL's own DPOTrainer: several SGD steps on a tiny
+random Llama built in code (CPU; trl_harness.train), with the reference model's hidden states
+and with TRL's precomputed reference log-probs: the same losses, logged metrics and final
+parameters to 1e-5 relative (1e-7 in float64).
+
+fp32, against TRL's own chunked head: every loss type TRL 1.16 has (and a loss_weights
+combination, WPO, LD-DPO, logit softcap and scale). The f-divergences, and IPO's and LD-DPO's
+length-weighted cases, go through exponentials and differences of summed log-probs (~80,
+fp32 resolution ~1e-5) that TRL rounds in fp32 beyond 1e-5 on this model: they run in
+float64, TRL's trainer with a float64 head (trl_harness.NaiveHead; TRL's own head is fp32
+inside), so the comparison is of the logic, not of TRL's rounding. alpha_divergence is
+compared at the loss level only (test_trl_parity): see test_trl_alpha_divergence_is_fp32_only.
+"""
+import re
+
+import pytest
+import torch
+
+trl = pytest.importorskip("trl")
+
+import dpo_kernels.trl as dkt  # noqa: E402
+import trl_harness  # noqa: E402
+from trl_harness import CASES  # noqa: E402
+
+STEPS = 3
+FLOAT64 = dict(dtype=torch.float64)
+RTOL_FLOAT64 = 1e-7
+
+#: Well conditioned in fp32: each loss type alone, loss_weights combinations, WPO, LD-DPO.
+#: ipo+ld_alpha=0.3 is not: its reward margins are differences of nearly equal fp32 rewards.
+FP32_CASES = sorted(k for k, v in CASES.items() if "f_divergence_type" not in v and k != "ipo+ld_alpha=0.3")
+#: The rest but alpha_divergence, in float64.
+FLOAT64_CASES = sorted(k for k, v in CASES.items()
+                       if k not in FP32_CASES and v.get("f_divergence_type") != "alpha_divergence")
+
+
+def _check(model_config=None, **dpo_args):
+    runs = [trl_harness.train(cls, model_config=model_config, steps=STEPS, **dpo_args)
+            for cls in (dkt.FusedDPOTrainer, None)]
+    # float64 holds far tighter than fp32's 1e-5; TRL rounds mean_token_accuracy (a ratio of
+    # counts) to fp32 even then.
+    rtol = RTOL_FLOAT64 if model_config and model_config.get("dtype") == torch.float64 else trl_harness.RTOL
+    # WPO's weights (products of per-token probabilities) are ~e-70 on a random model: no step.
+    trl_harness.assert_same_training(*runs, rtol=rtol, steps=STEPS, moved=not dpo_args.get("use_weighting"),
+                                     model_config=model_config)
+
+
+def test_cases_cover_every_trl_loss_type():
+    from trl import DPOConfig
+
+    help_text = DPOConfig.__dataclass_fields__["loss_type"].metadata["help"]
+    trl_types = set(re.findall(r"`'(\w+)'`", help_text))
+    assert len(trl_types) >= 15, help_text
+    fp32 = {t for case in FP32_CASES for t in CASES[case]["loss_type"]}
+    assert trl_types <= fp32, f"loss types TRL has that the fp32 cases miss: {trl_types - fp32}"
+
+
+@pytest.mark.parametrize("case", FP32_CASES)
+def test_parity_fp32(case):
+    _check(**CASES[case])
+
+
+@pytest.mark.parametrize("case", FLOAT64_CASES)
+def test_parity_float64(case):
+    _check(FLOAT64, **CASES[case])
+
+
+@pytest.mark.parametrize("case,model_config", [("sigmoid", None), ("mpo(sigmoid,bco_pair,sft)", None),
+                                               ("ipo+ld_alpha=0.3", FLOAT64), ("sigmoid/forward_kl", FLOAT64)])
+def test_parity_with_precomputed_reference(case, model_config):
+    _check(model_config, precompute_ref_log_probs=True, **CASES[case])
+
+
+def test_parity_with_logit_softcap_and_scale():
+    """Transforms read from the model config as TRL's fused head reads them (Gemma's softcap,
+    Cohere's logit_scale)."""
+    _check(dict(final_logit_softcapping=4.0, logit_scale=1.5), loss_type=["sigmoid", "sft"])
+
+
+def test_trl_alpha_divergence_is_fp32_only():
+    """TRL 1.16's alpha_divergence branch has no float64 path (its exp clamp table lacks
+    float64), so the float64 comparison cannot run it; in fp32 its rounding of the summed
+    log-probs is amplified by the exponential past 1e-5 here. Documented so a TRL fix is
+    noticed (then add alpha_divergence to FLOAT64_CASES)."""
+    with pytest.raises(KeyError, match="float64"):
+        trl_harness.train(model_config=FLOAT64, steps=1, **CASES["sigmoid/alpha_divergence"])
+
+
+def test_runs_fused_head_not_trls(monkeypatch):
+    """The fused trainer computes its loss with dpo_loss_from_hidden and never calls TRL's
+    chunked head (nor a full logits projection)."""
+    import dpo_kernels
+    import trl.trainer.utils as tu
+
+    calls = []
+    inner = dpo_kernels.dpo_loss_from_hidden
+
+    def counting(hidden, weight, *a, **k):
+        calls.append((tuple(hidden.shape), tuple(weight.shape), k.get("ref_hidden") is not None))
+        return inner(hidden, weight, *a, **k)
+
+    class Forbidden:
+        @staticmethod
+        def apply(*a, **k):
+            raise AssertionError("TRL's chunked head ran")
+
+    monkeypatch.setattr(dpo_kernels, "dpo_loss_from_hidden", counting)
+    monkeypatch.setattr(tu, "_ChunkedLogProbFunction", Forbidden)
+    logs, _ = trl_harness.train(dkt.FusedDPOTrainer, steps=2)
+    assert len(calls) == 2 and all(ref for _, _, ref in calls)
+    assert calls[0][1] == (trl_harness.VOCAB, trl_harness.VOCAB)
+    assert sum("loss" in e for e in logs) == 2
+
+
+def test_rejects_untested_trl_version(monkeypatch):
+    monkeypatch.setattr(trl, "__version__", "9.1.0")
+    with pytest.raises(RuntimeError, match=r"FusedDPOTrainer is tested with TRL 1\.16, found 9\.1\.0"):
+        trl_harness.train(dkt.FusedDPOTrainer, steps=1)
+    with pytest.raises(RuntimeError, match="check_version=False"):
+        dkt.patch_chunked_logprobs()
+    # The escape hatch: construction goes on (and trains) on the caller's responsibility.
+    logs, _ = trl_harness.train(lambda **kw: dkt.FusedDPOTrainer(check_trl_version=False, **kw), steps=1)
+    assert any("loss" in e for e in logs)
+
+
+def test_rejects_unsupported_setups():
+    with pytest.raises(NotImplementedError, match="PEFT"):
+        trl_harness.train(lambda **kw: dkt.FusedDPOTrainer(peft_config=object(), **kw), steps=1)
+
+
+def test_logit_transforms_follow_trl():
+    from types import SimpleNamespace as C
+
+    assert dkt.logit_transforms(C()) == {"softcap": None, "logit_scale": 1.0}
+    assert dkt.logit_transforms(C(final_logit_softcapping=30.0, logit_scale=0.5)) == {"softcap": 30.0,
+                                                                                      "logit_scale": 0.5}
+    assert dkt.logit_transforms(C(output_multiplier=2.0))["logit_scale"] == 2.0
+    assert dkt.logit_transforms(C(lm_head_multiplier=3.0))["logit_scale"] == 3.0
+    assert dkt.logit_transforms(C(logits_scaling=4.0, model_type="granite"))["logit_scale"] == 0.25
+    assert dkt.logit_transforms(C(logits_scaling=4.0, model_type="hyperclovax"))["logit_scale"] == 4.0
