@@ -1,7 +1,10 @@
 # Copyright 2026 The dpo Authors. SPDX-License-Identifier: Apache-2.0
-"""dk.linear_logprobs under DistributedDataParallel (two processes, gloo, CPU): its gradients
-reach DDP's hooks like any op's (the backward is an autograd node, not work done inside the
-forward), so the averaged gradients equal those of the unfused model on the whole batch."""
+"""The fused-head ops under DistributedDataParallel (two processes, gloo, CPU): their gradients
+reach DDP's hooks like any op's, so the averaged gradients equal those of the unfused model on
+the whole batch. dk.linear_logprobs computes its gradient in the backward; dk.dpo_loss_from_hidden
+(three-pass path) computes it inside the forward and hands it to autograd in the backward,
+which DDP must see too (TRL issue 7245 is the failure: gradients written in the forward,
+never all-reduced), with and without find_unused_parameters."""
 import os
 import socket
 import tempfile
@@ -14,9 +17,13 @@ import torch.multiprocessing as mp
 import dpo_kernels as dk
 
 H, V, N = 12, 40, 10
+P, T = 4, 6  # DPO: pairs of the whole batch (P / 2 per rank), tokens per sequence
+BETA = 0.1
 
 
 class Head(torch.nn.Module):
+    """A body and an LM head; forward gives the mean log-prob and entropy loss of tokens."""
+
     def __init__(self):
         super().__init__()
         torch.manual_seed(0)
@@ -34,9 +41,54 @@ class Head(torch.nn.Module):
         return -(lp.mean() + 0.1 * ent.mean())
 
 
+class DPOHead(Head):
+    """forward gives the sigmoid DPO loss of pairs [chosen; rejected] ([2p, T, H] inputs),
+    the reference from fixed reference hidden states through the same (frozen) head."""
+
+    def forward(self, x, labels, ref_hidden, fused):
+        h = torch.tanh(self.body(x))
+        w, b = self.lm_head.weight, self.lm_head.bias
+        if fused:
+            # Room for one pair's rows (2T rows of V logits, 2H hidden values and 16 scalars,
+            # float64; docs/linear.md): a chunk per pair, three passes (sigmoid is separable).
+            loss, _ = dk.dpo_loss_from_hidden(h, w, labels, bias=b, ref_hidden=ref_hidden, beta=BETA,
+                                              workspace_bytes=2 * T * (V + 2 * H + 16) * 8)
+            return loss
+
+        def seq_logps(hidden, weight, bias):
+            logp = torch.log_softmax(hidden @ weight.T + bias, -1)
+            mask = labels != -100
+            return (logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0] * mask).sum(-1)
+
+        pc, pr = seq_logps(h, w, b).chunk(2)
+        rc, rr = seq_logps(ref_hidden, w.detach(), b.detach()).chunk(2)
+        return -torch.nn.functional.logsigmoid(BETA * ((pc - rc) - (pr - rr))).mean()
+
+
 def batch():
     g = torch.Generator().manual_seed(1)
     return torch.randn(2 * N, H, generator=g, dtype=torch.float64), torch.randint(0, V, (2 * N,), generator=g)
+
+
+def dpo_batch():
+    """[2P, T, H] inputs, labels (prompt and padding -100), reference hidden states."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2 * P, T, H, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, V, (2 * P, T), generator=g)
+    for i in range(2 * P):
+        labels[i, : 1 + i % 2] = -100  # prompt
+        labels[i, T - i % 3:] = -100  # padding
+    return x, labels, torch.randn(2 * P, T, H, generator=g, dtype=torch.float64)
+
+
+def dpo_shard(rank, *tensors):
+    """Rank `rank`'s pairs: its half of the chosen and of the rejected sequences."""
+    half = P // 2
+    return [torch.cat([t[rank * half:(rank + 1) * half], t[P + rank * half:P + (rank + 1) * half]]) for t in tensors]
+
+
+#: (file name, module, find_unused_parameters)
+CONFIGS = (("logprobs", Head, False), ("dpo", DPOHead, False), ("dpo_find_unused", DPOHead, True))
 
 
 def worker(rank, port, out_dir):
@@ -44,10 +96,15 @@ def worker(rank, port, out_dir):
     os.environ["MASTER_PORT"] = str(port)
     dist.init_process_group("gloo", rank=rank, world_size=2)
     torch.set_num_threads(1)
-    model = torch.nn.parallel.DistributedDataParallel(Head())
-    x, y = batch()
-    model(x[rank * N:(rank + 1) * N], y[rank * N:(rank + 1) * N], fused=True).backward()
-    torch.save({n: p.grad for n, p in model.module.named_parameters()}, os.path.join(out_dir, f"{rank}.pt"))
+    for name, module, find_unused in CONFIGS:
+        model = torch.nn.parallel.DistributedDataParallel(module(), find_unused_parameters=find_unused)
+        if module is Head:
+            x, y = batch()
+            loss = model(x[rank * N:(rank + 1) * N], y[rank * N:(rank + 1) * N], fused=True)
+        else:
+            loss = model(*dpo_shard(rank, *dpo_batch()), fused=True)
+        loss.backward()
+        torch.save({n: p.grad for n, p in model.module.named_parameters()}, os.path.join(out_dir, f"{name}{rank}.pt"))
     dist.destroy_process_group()
 
 
@@ -57,15 +114,42 @@ def free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed gloo missing")
-def test_ddp_gradients_equal_unfused_full_batch():
+@pytest.fixture(scope="module")
+def ddp_grads():
+    """Every CONFIGS entry trained one step under DDP in one two-process run: name -> per-rank grads."""
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed gloo missing")
     with tempfile.TemporaryDirectory() as d:
         mp.spawn(worker, args=(free_port(), d), nprocs=2, join=True)
-        grads = [torch.load(os.path.join(d, f"{r}.pt")) for r in range(2)]
+        return {name: [torch.load(os.path.join(d, f"{name}{r}.pt")) for r in range(2)] for name, _, _ in CONFIGS}
+
+
+def assert_grads(grads, ref):
+    for n, p in ref.named_parameters():
+        for r in range(2):
+            torch.testing.assert_close(grads[r][n], p.grad, rtol=1e-10, atol=1e-12, msg=f"rank {r} {n}")
+
+
+def test_ddp_gradients_equal_unfused_full_batch(ddp_grads):
     ref = Head()
     x, y = batch()
     # DDP averages the ranks' gradients of their half-batch means: the full-batch mean's gradient.
     ref(x, y, fused=False).backward()
-    for n, p in ref.named_parameters():
-        for r in range(2):
-            torch.testing.assert_close(grads[r][n], p.grad, rtol=1e-10, atol=1e-12, msg=f"rank {r} {n}")
+    assert_grads(ddp_grads["logprobs"], ref)
+
+
+@pytest.mark.parametrize("name", ["dpo", "dpo_find_unused"])
+def test_ddp_dpo_from_hidden_gradients_equal_unfused_full_batch(ddp_grads, name):
+    ref = DPOHead()
+    x, labels, ref_hidden = dpo_batch()
+    loss = ref(x, labels, ref_hidden, fused=False)
+    loss.backward()
+    # The fused loss of the whole batch agrees with the naive one (the check is of DDP, not the op).
+    fused = DPOHead()(x, labels, ref_hidden, fused=True)
+    torch.testing.assert_close(fused, loss.detach(), rtol=1e-12, atol=0)
+    # Each rank's loss is the mean over its P/2 pairs: the ranks' average is the full batch's.
+    assert_grads(ddp_grads[name], ref)
+    # Each rank's own gradient differs from the average (the all-reduce really happened).
+    local = DPOHead()
+    local(*dpo_shard(0, x, labels, ref_hidden), fused=True).backward()
+    assert not torch.allclose(local.lm_head.weight.grad, ref.lm_head.weight.grad, rtol=1e-3)
