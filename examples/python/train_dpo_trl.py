@@ -1,15 +1,16 @@
 # Copyright 2026 The dpo Authors. SPDX-License-Identifier: Apache-2.0
-"""Train a tiny causal LM with TRL's DPOTrainer three times from the same start: with TRL's own
-loss path, with TRL's chunked LM head replaced by dpo_kernels.linear_logprobs (the one-line
-`dpo_kernels.trl.patch_chunked_logprobs()`), and with dpo_kernels' fused loss op; print the loss
-curves and the time of each run.
+"""Train a tiny causal LM with DPO three times from the same start and print the loss curves:
 
-The hook is a DPOTrainer subclass that overrides `_compute_loss`: it runs the backbone, the
-LM head on the shifted positions, and `dpo_kernels.dpo_loss_from_logits` (reference logits
-from the frozen reference model), then logs the metrics TRL logs. Everything is built in
-code (tokenizer, model, preference data); nothing is downloaded. About a minute on 2 CPU cores.
-Both runs are fp32 (bf16=False): TRL's DPOConfig turns on bf16 autocast by default, even on
-CPU, and the two paths then round the logits at different points.
+1. TRL's own DPOTrainer;
+2. the same trainer with TRL's chunked LM head replaced by dpo_kernels.linear_logprobs, the
+   one-line `dpo_kernels.trl.patch_chunked_logprobs()`;
+3. `dpo_kernels.trl.FusedDPOTrainer`, a DPOTrainer whose whole loss is
+   `dpo_kernels.dpo_loss_from_hidden`: the backbone's hidden states and the LM head in, the
+   loss, TRL's metrics and the head's gradients out of one call, the logits never built.
+
+Everything is built in code (tokenizer, model, preference data); nothing is downloaded. About
+a minute on 2 CPU cores. The runs are fp32 (bf16=False): TRL's DPOConfig turns on bf16
+autocast by default, even on CPU, and the paths then round the logits at different points.
 
   python examples/python/train_dpo_trl.py [--steps 20] [--vocab 4096] [--loss-type sigmoid]
 """
@@ -21,7 +22,7 @@ import warnings
 
 import torch
 
-import dpo_kernels
+import dpo_kernels.trl
 
 
 def make_tokenizer(words):
@@ -62,38 +63,8 @@ def make_model(vocab, seed=0):
     return LlamaForCausalLM(cfg)
 
 
-def fused_trainer_class():
-    from trl import DPOTrainer
-
-    class FusedDPOTrainer(DPOTrainer):
-        """DPOTrainer whose loss is dpo_kernels.dpo_loss_from_logits (same config fields)."""
-
-        def _compute_loss(self, model, inputs, return_outputs=False):
-            mode = "train" if self.model.training else "eval"
-            model_kwargs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
-            labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)[:, 1:]
-            # TRL patched model.forward with its fused LM head; call the backbone and head directly.
-            hidden = model.model(**model_kwargs, use_cache=False).last_hidden_state
-            logits = model.lm_head(hidden[:, :-1])
-            with torch.no_grad():
-                ref_hidden = self.ref_model.model(**model_kwargs, use_cache=False).last_hidden_state
-                ref_logits = self.ref_model.lm_head(ref_hidden[:, :-1])
-            loss, metrics = dpo_kernels.dpo_loss_from_logits(
-                logits, labels, ref_logits=ref_logits, loss_type=self.loss_types, loss_weights=self.loss_weights,
-                beta=self.beta, label_smoothing=self.label_smoothing, f_divergence_type=self.f_divergence_type,
-                f_alpha_divergence_coef=self.f_alpha_divergence_coef, discopop_tau=self.args.discopop_tau,
-                use_weighting=self.use_weighting, ld_alpha=self.ld_alpha,
-                inplace_backward=True,  # the gradient overwrites the logits buffer: no second copy
-            )
-            for name, value in metrics.items():
-                if name != "nll_loss":
-                    self._metrics[mode][name].append(value.item())
-            return loss
-
-    return FusedDPOTrainer
-
-
 def train(trainer_cls, args_kwargs, steps, vocab, words, pairs):
+    from transformers import PrinterCallback
     from trl import DPOConfig
 
     model = make_model(vocab)
@@ -108,6 +79,7 @@ def train(trainer_cls, args_kwargs, steps, vocab, words, pairs):
                          **args_kwargs)
         trainer = trainer_cls(model=model, ref_model=ref, args=args, train_dataset=make_dataset(steps * pairs, words),
                               processing_class=make_tokenizer(words))
+        trainer.remove_callback(PrinterCallback)  # the curves are printed below
         t0 = time.perf_counter()
         trainer.train()
         elapsed = time.perf_counter() - t0
@@ -125,28 +97,34 @@ def main():
     ap.add_argument("--pairs", type=int, default=8)
     ap.add_argument("--loss-type", default="sigmoid")
     a = ap.parse_args()
+    import datasets
     from trl import DPOTrainer
+
+    datasets.disable_progress_bars()
 
     words = a.vocab - 3
     cfg = {"loss_type": a.loss_type.split(",")}
     print(f"tiny Llama, vocab {a.vocab}, {a.pairs} pairs per step, {a.steps} steps, loss_type={cfg['loss_type']}")
-    trl_losses, trl_logs, trl_time = train(DPOTrainer, cfg, a.steps, a.vocab, words, a.pairs)
-    import dpo_kernels.trl
-
+    runs = {}
+    runs["TRL"] = train(DPOTrainer, cfg, a.steps, a.vocab, words, a.pairs)
     with dpo_kernels.trl.patch_chunked_logprobs():  # TRL's own trainer, our LM head
-        head_losses, _, head_time = train(DPOTrainer, cfg, a.steps, a.vocab, words, a.pairs)
-    our_losses, our_logs, our_time = train(fused_trainer_class(), cfg, a.steps, a.vocab, words, a.pairs)
-    print(f"{'step':>4s} {'TRL loss':>10s} {'patched head':>12s} {'fused loss':>10s} {'TRL margin':>11s} "
-          f"{'fused margin':>12s}")
-    for i, (x, h, y) in enumerate(zip(trl_losses, head_losses, our_losses)):
-        print(f"{i + 1:4d} {x:10.5f} {h:12.5f} {y:10.5f} {trl_logs[i]['rewards/margins']:11.5f} "
-              f"{our_logs[i]['rewards/margins']:12.5f}")
-    for name, curve in (("patched head", head_losses), ("fused loss", our_losses)):
+        runs["patched head"] = train(DPOTrainer, cfg, a.steps, a.vocab, words, a.pairs)
+    runs["FusedDPOTrainer"] = train(dpo_kernels.trl.FusedDPOTrainer, cfg, a.steps, a.vocab, words, a.pairs)
+
+    names = list(runs)
+    header = " ".join(f"{n + ' loss':>20s}" for n in names)
+    print(f"{'step':>4s} {header} {'TRL margin':>11s} {'fused margin':>12s}")
+    (trl_losses, trl_logs, trl_time) = runs["TRL"]
+    fused_logs = runs["FusedDPOTrainer"][1]
+    for i in range(len(trl_losses)):
+        print(f"{i + 1:4d} " + " ".join(f"{runs[n][0][i]:20.5f}" for n in names) +
+              f" {trl_logs[i]['rewards/margins']:11.5f} {fused_logs[i]['rewards/margins']:12.5f}")
+    for name in names[1:]:
+        curve = runs[name][0]
         diff = max(abs(x - y) / max(abs(x), 1e-6) for x, y in zip(trl_losses, curve))
         print(f"max relative loss difference over the curve, {name} vs TRL: {diff:.2e}")
-    print(f"training time: TRL {trl_time:.1f} s, patched head {head_time:.1f} s ({trl_time / head_time:.2f}x), "
-          f"fused loss {our_time:.1f} s ({trl_time / our_time:.2f}x) "
-          "(the whole step: model forward/backward and optimizer included)")
+    print("training time (the whole step: model forward/backward and optimizer included): " + ", ".join(
+        f"{n} {runs[n][2]:.1f} s ({trl_time / runs[n][2]:.2f}x)" for n in names))
 
 
 if __name__ == "__main__":
