@@ -4,7 +4,8 @@ reach DDP's hooks like any op's, so the averaged gradients equal those of the un
 the whole batch. dk.linear_logprobs computes its gradient in the backward; dk.dpo_loss_from_hidden
 (three-pass path) computes it inside the forward and hands it to autograd in the backward,
 which DDP must see too (TRL issue 7245 is the failure: gradients written in the forward,
-never all-reduced), with and without find_unused_parameters."""
+never all-reduced), with and without find_unused_parameters. And dpo_kernels.trl.FusedDPOTrainer
+under transformers' own DDP (accelerate, two CPU processes) trains as TRL's DPOTrainer does there."""
 import os
 import socket
 import tempfile
@@ -153,3 +154,44 @@ def test_ddp_dpo_from_hidden_gradients_equal_unfused_full_batch(ddp_grads, name)
     local = DPOHead()
     local(*dpo_shard(0, x, labels, ref_hidden), fused=True).backward()
     assert not torch.allclose(local.lm_head.weight.grad, ref.lm_head.weight.grad, rtol=1e-3)
+
+
+def trainer_worker(rank, port, out_dir):
+    """FusedDPOTrainer (with and without find_unused_parameters) and TRL's DPOTrainer, trained by
+    accelerate's DDP over two processes, 2 pairs per process."""
+    import trl_harness
+    from dpo_kernels.trl import FusedDPOTrainer
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
+    runs = {}
+    for name, cls, find_unused in (("fused", FusedDPOTrainer, False), ("fused_find_unused", FusedDPOTrainer, True),
+                                   ("trl", None, False)):
+        wrapped = []
+
+        def run(trainer):
+            trainer.train()
+            wrapped.append((trainer.accelerator.num_processes, type(trainer.model_wrapped).__name__,
+                            trainer.model_wrapped.find_unused_parameters))
+
+        runs[name] = trl_harness.train(cls, run=run, per_device_train_batch_size=2,
+                                       ddp_find_unused_parameters=find_unused)
+        assert wrapped == [(2, "DistributedDataParallel", find_unused)], wrapped
+    torch.save(runs, os.path.join(out_dir, f"{rank}.pt"))
+
+
+def test_fused_trainer_under_ddp_matches_trl():
+    """Metrics reduced over the processes as TRL reduces them; the head's gradient all-reduced
+    (find_unused_parameters=True included: the loss runs inside the model's forward, so DDP sees
+    the head used); both ranks end with TRL's parameters."""
+    pytest.importorskip("trl")
+    import trl_harness
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed gloo missing")
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(trainer_worker, args=(free_port(), d), nprocs=2, join=True)
+        runs = [torch.load(os.path.join(d, f"{r}.pt")) for r in range(2)]
+    for r in range(2):
+        for name in ("fused", "fused_find_unused"):
+            trl_harness.assert_same_training(runs[r][name], runs[0]["trl"])

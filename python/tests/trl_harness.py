@@ -241,7 +241,8 @@ def naive_head():
 
 def train(trainer_cls=None, bf16: bool = False, run=None, model_config=None, steps: int = STEPS, **dpo_args):
     """Trains `trainer_cls` (default trl.DPOTrainer) for `steps` SGD steps of 4 pairs on
-    make_trainable_models(**model_config) with `dpo_args` (DPOConfig fields); `run(trainer)`,
+    make_trainable_models(**model_config) with `dpo_args` (DPOConfig fields, overriding the
+    defaults below); `run(trainer)`,
     if given, replaces `trainer.train()`. float64 models (model_config dtype) train with
     NaiveHead. Returns (numeric log entries, final parameters)."""
     from trl import DPOConfig, DPOTrainer
@@ -252,15 +253,16 @@ def train(trainer_cls=None, bf16: bool = False, run=None, model_config=None, ste
     with tempfile.TemporaryDirectory() as out, warnings.catch_warnings(), \
             (naive_head() if float64 else contextlib.nullcontext()):
         warnings.simplefilter("ignore")
-        args = DPOConfig(
-            output_dir=out, per_device_train_batch_size=4, max_steps=steps, learning_rate=0.05, report_to=[],
+        args = DPOConfig(**{
+            "output_dir": out, "per_device_train_batch_size": 4, "max_steps": steps, "learning_rate": 0.05,
+            "report_to": [],
             # Plain SGD: a parameter moves by lr x its gradient, so the comparison of the
             # parameters is one of the gradients. Adam's g / (sqrt(v) + eps) turns the fp32
             # rounding of gradient elements that are ~0 (noise either way) into steps of ~lr.
-            optim="sgd",
-            use_cpu=True, bf16=bf16, fp16=False, logging_steps=1, save_strategy="no", seed=7,
-            lr_scheduler_type="constant", disable_tqdm=True, **dpo_args,
-        )
+            "optim": "sgd",
+            "use_cpu": True, "bf16": bf16, "fp16": False, "logging_steps": 1, "save_strategy": "no", "seed": 7,
+            "lr_scheduler_type": "constant", "disable_tqdm": True, **dpo_args,
+        })
         trainer = (trainer_cls or DPOTrainer)(model=model, ref_model=ref, args=args,
                                               train_dataset=make_dataset(4 * steps), processing_class=make_tokenizer())
         threads = torch.get_num_threads()
