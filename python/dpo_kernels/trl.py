@@ -266,8 +266,8 @@ def _trainer_class():
             _import_trl("dpo_kernels.trl.FusedDPOTrainer", check_trl_version,
                         "Pass check_trl_version=False to try it anyway, or use TRL's DPOTrainer.")
             if kwargs.get("peft_config") is not None:
-                raise NotImplementedError("FusedDPOTrainer does not support PEFT (peft_config) yet: use trl.DPOTrainer, "
-                                          "optionally with dpo_kernels.trl.patch_chunked_logprobs()")
+                raise NotImplementedError("FusedDPOTrainer does not support PEFT (peft_config) yet: use "
+                                          "trl.DPOTrainer, optionally with dpo_kernels.trl.patch_chunked_logprobs()")
             super().__init__(*args, **kwargs)
             from accelerate.utils import is_peft_model
 
@@ -352,6 +352,7 @@ def _trainer_class():
                 log[k].append(v)
 
     FusedDPOTrainer.__module__ = __name__
+    FusedDPOTrainer.__qualname__ = "FusedDPOTrainer"
     return FusedDPOTrainer
 
 
