@@ -139,3 +139,18 @@ def test_logit_transforms_follow_trl():
     assert dkt.logit_transforms(C(lm_head_multiplier=3.0))["logit_scale"] == 3.0
     assert dkt.logit_transforms(C(logits_scaling=4.0, model_type="granite"))["logit_scale"] == 0.25
     assert dkt.logit_transforms(C(logits_scaling=4.0, model_type="hyperclovax"))["logit_scale"] == 4.0
+
+
+def test_evaluate_matches_trl():
+    """Evaluation (no grad; the head computes no gradients) logs TRL's eval_ metrics."""
+    results = {}
+    for name, cls in (("fused", dkt.FusedDPOTrainer), ("trl", None)):
+        def run(trainer, name=name):
+            results[name] = trainer.evaluate(trl_harness.make_dataset(8, seed=3))
+
+        trl_harness.train(cls, run=run, per_device_eval_batch_size=4, loss_type=["sigmoid", "sft"])
+    fused, base = results["fused"], results["trl"]
+    assert fused.keys() == base.keys() and "eval_rewards/margins" in base
+    for k, v in base.items():
+        if "runtime" not in k and "per_second" not in k:
+            assert trl_harness.rel(fused[k], v) <= trl_harness.RTOL, (k, fused[k], v)
