@@ -151,7 +151,8 @@ def unpatch_chunked_logprobs() -> None:
 #: Batch keys that are not model inputs (TRL 1.16's DPOTrainer drops the same ones).
 _NON_MODEL_KEYS = frozenset({"completion_mask", "ref_chosen_logps", "ref_rejected_logps"})
 
-#: The metrics DPOTrainer logs, in its order ("num_tokens" is its running token count).
+#: The metrics DPOTrainer logs as token-weighted means over the completion tokens (of both sides
+#: for entropy, of one side for the others), in its order.
 _TOKEN_METRICS = ("entropy", "logits/chosen", "logits/rejected", "mean_token_accuracy")
 
 
@@ -305,13 +306,16 @@ def _trainer_class():
                 reference = {"reference_chosen_logps": inputs["ref_chosen_logps"],
                              "reference_rejected_logps": inputs["ref_rejected_logps"]}
             else:
-                with torch.no_grad(), disable_gradient_checkpointing(self.model,
-                                                                     self.args.gradient_checkpointing_kwargs):
+                # Under the mixed-precision autocast that accelerate puts around the models'
+                # forwards: it wrapped the reference's before _add_head_forward wrapped it again.
+                with torch.no_grad(), self.accelerator.autocast(), \
+                        disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
                     ref = self.ref_model(**model_kwargs, dpo_kernels_head=_reference_head)
                 reference = dict(zip(("ref_hidden", "ref_weight", "ref_bias"), ref))
             # Through the (possibly DDP-wrapped) model: the loss is its forward's output.
-            loss, metrics, pairs = model(**model_kwargs, dpo_kernels_head=_FusedLoss(labels, reference,
-                                                                                     self._dk_config()))
+            with self.accelerator.autocast():
+                loss, metrics, pairs = model(**model_kwargs,
+                                             dpo_kernels_head=_FusedLoss(labels, reference, self._dk_config()))
             self._dk_log(mode, inputs, metrics, pairs)
             if return_outputs:
                 warnings.warn(

@@ -35,9 +35,12 @@ FLOAT64_CASES = sorted(k for k, v in CASES.items()
                        if k not in FP32_CASES and v.get("f_divergence_type") != "alpha_divergence")
 
 
+def _train(fused: bool, **kwargs):
+    return trl_harness.train(dkt.FusedDPOTrainer if fused else None, steps=STEPS, **kwargs)
+
+
 def _check(model_config=None, **dpo_args):
-    runs = [trl_harness.train(cls, model_config=model_config, steps=STEPS, **dpo_args)
-            for cls in (dkt.FusedDPOTrainer, None)]
+    runs = [_train(fused, model_config=model_config, **dpo_args) for fused in (True, False)]
     # float64 holds far tighter than fp32's 1e-5; TRL rounds mean_token_accuracy (a ratio of
     # counts) to fp32 even then.
     rtol = RTOL_FLOAT64 if model_config and model_config.get("dtype") == torch.float64 else trl_harness.RTOL
@@ -154,3 +157,10 @@ def test_evaluate_matches_trl():
     for k, v in base.items():
         if "runtime" not in k and "per_second" not in k:
             assert trl_harness.rel(fused[k], v) <= trl_harness.RTOL, (k, fused[k], v)
+
+
+def test_bf16_autocast_tracks_trl():
+    """DPOConfig's default on CPU: bf16 autocast. The fused head then runs on bf16 hidden states
+    and weights (as TRL's does) and keeps its products in fp32: a smoke test that the trainer
+    trains in autocast and tracks TRL's to bf16's rounding, not to 1e-5."""
+    trl_harness.assert_tracks_in_bf16(_train(True, bf16=True), _train(False, bf16=True), steps=STEPS)
