@@ -75,6 +75,11 @@ def test_parity_with_precomputed_reference(case, model_config):
     _check(model_config, precompute_ref_log_probs=True, **CASES[case])
 
 
+def test_parity_with_lm_head_bias():
+    """A head with a bias (the policy's trained, the reference's its own)."""
+    _check(dict(head_bias=True), loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.3])
+
+
 def test_parity_with_logit_softcap_and_scale():
     """Transforms read from the model config as TRL's fused head reads them (Gemma's softcap,
     Cohere's logit_scale)."""

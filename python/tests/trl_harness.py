@@ -182,16 +182,20 @@ RTOL = 1e-5
 _TIMING = ("train_runtime", "train_samples_per_second", "train_steps_per_second", "total_flos")
 
 
-def make_trainable_models(seed: int = 0, dtype=torch.float32, **config):
-    """make_models with a random (not identity) LM head, trained too so its gradient is
-    compared, the reference's head a little off the policy's, in `dtype`; `config` sets model
-    config attributes (e.g. final_logit_softcapping) on both."""
+def make_trainable_models(seed: int = 0, dtype=torch.float32, head_bias: bool = False, **config):
+    """make_models with a random (not identity) LM head (with a random bias if `head_bias`),
+    trained too so its gradient is compared, the reference's head a little off the policy's,
+    in `dtype`; `config` sets model config attributes (e.g. final_logit_softcapping) on both."""
     model, ref = make_models(seed)
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         w = torch.randn(model.lm_head.weight.shape, generator=g) * 0.3
         model.lm_head.weight.copy_(w)
         ref.lm_head.weight.copy_(w + 0.01 * torch.randn(w.shape, generator=g))
+        if head_bias:
+            b = torch.randn(w.shape[0], generator=g)
+            for m, bias in ((model, b), (ref, b + 0.1 * torch.randn(b.shape, generator=g))):
+                m.lm_head.bias = torch.nn.Parameter(bias)
     model.to(dtype)
     ref.to(dtype)
     for m in (model, ref):
