@@ -52,6 +52,7 @@ def _import_trl(what: str, check_version: bool, bypass: str):
         )
     return trl
 
+
 # Where TRL keeps a reference to its function: (module, attribute). trainer.utils looks its
 # `_ChunkedLogProbFunction` up at call time, so replacing it there reroutes every fused head.
 _TARGETS = (
