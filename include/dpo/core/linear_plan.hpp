@@ -10,7 +10,9 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 
+#include "dpo/core/check.hpp"
 #include "dpo/core/loss.hpp"
 #include "dpo/core/pair_batch.hpp"
 
@@ -125,6 +127,21 @@ DPO_HOST_DEVICE inline linear_mode linear_choose_mode(linear_mode requested, con
   return linear_pairs_separable(c) && linear_pairs_fit(pair_rows, num_pairs, max_rows)
              ? linear_mode::three_pass
              : linear_mode::four_pass;
+}
+
+/// Why linear_mode::three_pass is impossible, or "" when it is possible: both backends'
+/// wording. `rows_what` names what pair_rows counts (the CPU: completion rows; CUDA: every
+/// row of the pair's sequences, since its labels are device data). Host code.
+inline std::string linear_three_pass_refusal(const loss_config& c, const std::int64_t* pair_rows,
+                                             std::int64_t num_pairs, std::int64_t max_rows,
+                                             const char* rows_what) {
+  if (!linear_pairs_separable(c))
+    return "options.mode = three_pass is impossible for this loss: aot, aot_unpaired and an NLL "
+           "term under WPO couple the pairs of the batch (use automatic or four_pass)";
+  if (!linear_pairs_fit(pair_rows, num_pairs, max_rows))
+    return message("options.mode = three_pass is impossible: a pair's ", rows_what,
+                   " do not fit a chunk of ", max_rows, " rows under options.workspace_bytes / chunk_rows");
+  return {};
 }
 
 }  // namespace detail

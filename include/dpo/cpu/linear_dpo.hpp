@@ -773,12 +773,8 @@ linear_mode choose_mode(const loss_config& cfg, const std::vector<std::int64_t>&
                         const plan_rows<T>& plan, const linear_dpo_options& opt) {
   const std::int64_t P = static_cast<std::int64_t>(rows.size());
   if (opt.mode == linear_mode::three_pass) {
-    if (!dpo::detail::linear_pairs_separable(cfg))
-      fail("options.mode = three_pass is impossible for this loss: aot, aot_unpaired and an NLL "
-           "term under WPO couple the pairs of the batch (use automatic or four_pass)");
-    if (!dpo::detail::linear_pairs_fit(rows.data(), P, plan.three))
-      fail("options.mode = three_pass is impossible: a pair's completion rows do not fit a chunk of ",
-           plan.three, " rows under options.workspace_bytes / chunk_rows");
+    const std::string why = dpo::detail::linear_three_pass_refusal(cfg, rows.data(), P, plan.three, "completion rows");
+    if (!why.empty()) fail(why);
   }
   return dpo::detail::linear_choose_mode(opt.mode, cfg, rows.data(), P, plan.three);
 }
