@@ -76,6 +76,7 @@ ldpo_out run_typed(const ldpo_case& c) {
   };
   dbuf h0(R0 * H * es), h1(R1 * H * es), weight(c.weight.size()), bias(c.bias.size());
   upload_rows(c.hidden, h0, h1, H * es);
+  const T* hidden1 = c.share_rows ? h0.as<const T>() : h1.as<const T>();
   weight.put(c.weight.data(), c.weight.size());
   bias.put(c.bias.data(), c.bias.size());
   const std::vector<L> lab(c.labels.begin(), c.labels.end());
@@ -88,7 +89,7 @@ ldpo_out run_typed(const ldpo_case& c) {
   dbuf cu(c.cu_seqlens.size() * 8);
   cu.put(c.cu_seqlens.data(), cu.n);
   const auto policy =
-      pairs_of<T, L>(c, h0.as<const T>(), sep ? h1.as<const T>() : nullptr, l0.as<const L>(),
+      pairs_of<T, L>(c, h0.as<const T>(), sep ? hidden1 : nullptr, l0.as<const L>(),
                      sep ? l1.as<const L>() : nullptr, m0.n ? m0.as<const std::uint8_t>() : nullptr,
                   m1.n ? m1.as<const std::uint8_t>() : nullptr, cu.n ? cu.as<const std::int64_t>() : nullptr);
   dpo::cuda::linear_head<T> head;
@@ -123,8 +124,12 @@ ldpo_out run_typed(const ldpo_case& c) {
   opt.chunk_rows = c.chunk_rows;
   opt.num_rows = c.layout == ldpo_layout::packed ? R : -1;
   opt.gemm_workspace_bytes = 1 << 20;
-  opt.workspace_bytes = 8 << 20;
-  if (c.three_pass) opt.mode = dpo::linear_mode::three_pass;
+  opt.workspace_bytes = c.workspace_bytes;
+  opt.mode = c.mode;
+  opt.metrics = c.metrics;
+  std::vector<std::int64_t> host_cu = c.cu_seqlens;
+  for (std::size_t i = 1; i < host_cu.size(); ++i) host_cu[i] += c.host_cu_shift;
+  if (c.layout == ldpo_layout::packed && c.host_cu) opt.host_cu_seqlens = host_cu.data();
 
   // Outputs: doubles poisoned, gradients filled with c.fill.
   const int nm = dpo::num_metrics;
@@ -194,11 +199,13 @@ ldpo_out run_typed(const ldpo_case& c) {
     ok = finish(call(nullptr, b2, handle, 1));
     if (b2 > bytes) bytes = b2;
   }
-  if (ok && !c.split && !c.ref_from_hidden && !c.pair_logps) {
+  if (ok && !c.split && !c.pair_logps) {
     dpo::cuda::linear_dpo_plan plan;
-    ok = finish(dpo::cuda::linear_dpo_workspace_size(policy, head, c.cfg, opt, &plan));
+    ok = finish(c.ref_from_hidden ? dpo::cuda::linear_dpo_workspace_size(policy, head, ref, ref_head, c.cfg, opt, &plan)
+                                  : dpo::cuda::linear_dpo_workspace_size(policy, head, c.cfg, opt, &plan));
     if (ok && plan.workspace_bytes != static_cast<std::int64_t>(bytes))
       throw std::runtime_error("linear_dpo_workspace_size and the size query disagree");
+    out.mode = plan.mode;
   }
   out.workspace_bytes = static_cast<std::int64_t>(bytes);
   dbuf work(ok ? bytes : 0);
@@ -247,9 +254,11 @@ ldpo_out run_linear_dpo(const ldpo_case& c) {
   switch (c.type) {
     case dtype::bf16:
       return c.fp32_grads ? run_labels<__nv_bfloat16, float>(c) : run_labels<__nv_bfloat16, __nv_bfloat16>(c);
+    case dtype::f16: return c.fp32_grads ? run_labels<__half, float>(c) : run_labels<__half, __half>(c);
     case dtype::f32: return run_labels<float, float>(c);
-    default: throw std::runtime_error("run_linear_dpo: dtype not covered by the harness");
+    case dtype::f64: return run_labels<double, double>(c);
   }
+  throw std::runtime_error("run_linear_dpo: unknown dtype");
 }
 
 }  // namespace dpo_cuda_test

@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "dpo/core/linear_plan.hpp"
 #include "dpo/core/loss.hpp"
 #include "dpo/core/transforms.hpp"
 #include "dtype.hpp"
@@ -39,6 +40,12 @@ struct ldpo_case {
   std::vector<unsigned char> ref_hidden, ref_weight, ref_bias;
   // Options.
   std::int64_t chunk_rows = 0;
+  dpo::linear_mode mode = dpo::linear_mode::automatic;
+  bool host_cu = true;           // packed: options.host_cu_seqlens (a host copy of cu_seqlens)
+  std::int64_t host_cu_shift = 0;  // added to the host copy's entries past the first (a mismatch)
+  bool share_rows = false;       // separate: the rejected side reads the chosen side's hidden rows
+  std::int64_t workspace_bytes = 8 << 20;
+  bool metrics = true;
   bool split = false;            // linear_dpo_forward, then linear_dpo_backward
   bool pair_logps = false;       // linear_pair_logps alone: out.pairs = chosen [P], rejected [P]
   bool accumulate_hidden = false;
@@ -46,7 +53,7 @@ struct ldpo_case {
   double grad_output = 1.0;
   int fill = 0;                  // initial byte of every gradient buffer
   // Argument-error injection.
-  bool null_handle = false, three_pass = false, short_workspace = false, dweight_on_weight = false;
+  bool null_handle = false, short_workspace = false, dweight_on_weight = false;
 };
 
 struct ldpo_out {
@@ -55,6 +62,7 @@ struct ldpo_out {
   int device_error = 0;
   std::string device_message;
   std::int64_t workspace_bytes = 0;
+  dpo::linear_mode mode = dpo::linear_mode::automatic;  // the fused call's plan
   double loss = 12345.0;
   std::vector<double> metrics;  // dpo::metrics' fields
   std::vector<double> pairs;    // DPO_PAIR_OUTPUTS order, P each

@@ -51,7 +51,7 @@ ldpo_case make_case(dtype t, ldpo_layout l, unsigned seed, std::int64_t P = 3, s
                     std::int64_t H = 8, std::int64_t V = 37) {
   ldpo_case c;
   c.type = t;
-  c.fp32_grads = t == dtype::bf16;
+  c.fp32_grads = t == dtype::bf16 || t == dtype::f16;
   c.layout = l;
   c.P = P;
   c.T = T;
@@ -110,8 +110,8 @@ cpu_res cpu_run(const ldpo_case& c) {
       case ldpo_layout::packed:
         return dpo::cpu::linear_packed_pairs(h, H, H, c.labels.data(), c.cu_seqlens.data(), 2 * P, m);
       default:
-        return dpo::cpu::linear_separate_pairs(h, c.labels.data(), h + half * H, c.labels.data() + half, P, c.T, H,
-                                               H, m, m ? m + half : nullptr);
+        return dpo::cpu::linear_separate_pairs(h, c.labels.data(), h == hidden.data() && c.share_rows ? h : h + half * H,
+                                               c.labels.data() + half, P, c.T, H, H, m, m ? m + half : nullptr);
     }
   };
   const auto policy = pairs(hidden.data());
@@ -153,7 +153,8 @@ cpu_res cpu_run(const ldpo_case& c) {
   g.bias = bias.empty() || !c.want_bias ? nullptr : db.data();
   dpo::cpu::linear_dpo_options opt;
   opt.num_threads = 1;
-  opt.mode = dpo::linear_mode::four_pass;
+  opt.metrics = c.metrics;
+  opt.mode = c.mode;
   const double* rc = c.ref_logps.data();
   const double* rr = c.ref_logps.data() + P;
   try {
@@ -211,16 +212,21 @@ void near(const std::vector<double>& a, const std::vector<double>& b, double tol
   CHECK(worst <= tol * scale);
 }
 
-/// The token metrics that need whole logit rows: NaN on the CUDA linear path.
-bool row_metric(int k) {
-  const std::string n = dpo::metric_names[k];
-  return n == "logits/chosen" || n == "logits/rejected" || n == "mean_token_accuracy";
+/// The CPU's results for the case's dtype (G: float for 16-bit heads with fp32 gradients).
+cpu_res cpu_of(const ldpo_case& c) {
+  switch (c.type) {
+    case dtype::bf16: return c.fp32_grads ? cpu_run<Eigen::bfloat16, float>(c) : cpu_run<Eigen::bfloat16, Eigen::bfloat16>(c);
+    case dtype::f16: return c.fp32_grads ? cpu_run<Eigen::half, float>(c) : cpu_run<Eigen::half, Eigen::half>(c);
+    case dtype::f64: return cpu_run<double, double>(c);
+    default: return cpu_run<float, float>(c);
+  }
 }
 
-/// Runs a case on CUDA and the CPU and compares everything the CPU produced.
-void compare(const ldpo_case& c, const std::string& what) {
+/// Runs a case on CUDA and the CPU and compares everything the CPU produced; `expect`: the
+/// mode the CUDA plan must pick (automatic: not checked).
+void compare(const ldpo_case& c, const std::string& what, dpo::linear_mode expect = dpo::linear_mode::automatic) {
   INFO(what);
-  const cpu_res want = c.type == dtype::bf16 ? cpu_run<Eigen::bfloat16, float>(c) : cpu_run<float, float>(c);
+  const cpu_res want = cpu_of(c);
   const ldpo_out got = dpo_cuda_test::run_linear_dpo(c);
   if (!want.ok) {
     INFO("the CPU refused: " << want.error);
@@ -233,18 +239,15 @@ void compare(const ldpo_case& c, const std::string& what) {
   REQUIRE(got.code == 0);
   INFO(got.device_message);
   REQUIRE(got.device_error == 0);
-  const bool bf = c.type == dtype::bf16;
+  if (expect != dpo::linear_mode::automatic && !c.split) CHECK(got.mode == expect);
+  const bool bf = c.type == dtype::bf16 || c.type == dtype::f16;
   const double tol = bf ? 2e-3 : 2e-5;
   near({got.loss}, {want.loss}, tol, "loss");
   near(got.pairs, want.pairs, tol, "per-pair outputs");
   const double* wm = reinterpret_cast<const double*>(&want.m);
   for (int k = 0; k < dpo::num_metrics; ++k) {
     INFO("metric " << dpo::metric_names[k]);
-    if (row_metric(k)) {
-      CHECK(std::isnan(got.metrics[k]));
-    } else {
-      near({got.metrics[k]}, {wm[k]}, tol, dpo::metric_names[k]);
-    }
+    near({got.metrics[k]}, {wm[k]}, tol, dpo::metric_names[k]);
   }
   if (c.split) {
     // Rows past the last packed sequence belong to no sequence: never written (poison stays).
@@ -267,17 +270,114 @@ void compare(const ldpo_case& c, const std::string& what) {
 
 }  // namespace
 
-TEST_CASE("CUDA linear DPO: every loss type, padded, packed and separate, against the CPU", "[linear_dpo]") {
+TEST_CASE("CUDA linear DPO: every loss type, padded, packed and separate, three and four passes, against the CPU",
+          "[linear_dpo]") {
   const ldpo_layout layouts[3] = {ldpo_layout::padded, ldpo_layout::packed, ldpo_layout::separate};
   for (int t = 0; t < dpo::num_loss_types; ++t) {
-    const ldpo_layout l = layouts[t % 3];
-    ldpo_case c = make_case(dtype::f32, l, 100u + t);
-    c.cfg = dpo::loss_config::of(static_cast<dpo::loss_type>(t));
-    if (c.cfg.terms[0].type == dpo::loss_type::exo_pair) c.cfg.label_smoothing = 0.1;  // exo needs one
-    c.ref_from_hidden = t % 2 == 1;
-    c.labels32 = t % 4 == 2;
-    compare(c, std::string("loss type ") + std::to_string(t) + ", " + name_of(l) +
-                   (c.ref_from_hidden ? ", reference hidden" : ", reference log-probs"));
+    for (const dpo::linear_mode mode : {dpo::linear_mode::automatic, dpo::linear_mode::four_pass}) {
+      const ldpo_layout l = layouts[t % 3];
+      ldpo_case c = make_case(dtype::f32, l, 100u + t);
+      c.cfg = dpo::loss_config::of(static_cast<dpo::loss_type>(t));
+      if (c.cfg.terms[0].type == dpo::loss_type::exo_pair) c.cfg.label_smoothing = 0.1;  // exo needs one
+      c.ref_from_hidden = t % 2 == 1;
+      c.labels32 = t % 4 == 2;
+      c.mode = mode;
+      // automatic: three passes exactly where the loss is separable (the budget holds every pair).
+      const dpo::linear_mode expect = mode == dpo::linear_mode::four_pass || !dpo::detail::linear_pairs_separable(c.cfg)
+                                          ? dpo::linear_mode::four_pass
+                                          : dpo::linear_mode::three_pass;
+      compare(c,
+              std::string("loss type ") + std::to_string(t) + ", " + name_of(l) +
+                  (c.ref_from_hidden ? ", reference hidden" : ", reference log-probs") +
+                  (mode == dpo::linear_mode::four_pass ? ", four passes" : ", automatic"),
+              expect);
+    }
+  }
+}
+
+TEST_CASE("CUDA linear DPO, three passes: layouts, dtypes, transforms, references, chunks, options",
+          "[linear_dpo]") {
+  using dpo::loss_type;
+  const ldpo_layout layouts[3] = {ldpo_layout::padded, ldpo_layout::packed, ldpo_layout::separate};
+  const dtype types[4] = {dtype::f32, dtype::bf16, dtype::f16, dtype::f64};
+  const std::int64_t chunks[3] = {0, 10, 25};  // from the budget, one pair (2T rows), two pairs
+  int k = 0;
+  for (const ldpo_layout l : layouts) {
+    for (const dtype t : types) {
+      for (int ref = 0; ref < 2; ++ref, ++k) {
+        ldpo_case c = make_case(t, l, 200u + k, 4, 5, 8, 41);
+        c.cfg = dpo::loss_config::of(k % 3 == 0 ? loss_type::sigmoid : k % 3 == 1 ? loss_type::ipo : loss_type::robust);
+        c.cfg.label_smoothing = k % 3 == 2 ? 0.1 : 0.0;
+        c.ref_from_hidden = ref == 1;
+        c.mode = dpo::linear_mode::three_pass;
+        c.chunk_rows = chunks[k % 3];
+        c.transforms.scale = k % 2 ? 0.8 : 1.0;
+        c.transforms.softcap = k % 4 < 2 ? 3.0 : 0.0;
+        c.transforms.temperature = k % 5 == 0 ? 0.7 : 1.0;
+        c.fp32_grads = c.fp32_grads && k % 4 != 1;  // 16-bit dWeight too
+        c.labels32 = k % 2 == 0;
+        compare(c,
+                std::string(name_of(l)) + ", dtype " + std::to_string(static_cast<int>(t)) +
+                    (ref ? ", reference hidden" : ", reference log-probs") + ", chunk rows " +
+                    std::to_string(c.chunk_rows),
+                dpo::linear_mode::three_pass);
+      }
+    }
+  }
+  SECTION("an NLL term, LD-DPO, masks, metrics off, grad_output, accumulation, no bias gradient") {
+    for (int j = 0; j < 3; ++j) {
+      ldpo_case c = make_case(j == 1 ? dtype::bf16 : dtype::f32, layouts[j], 300u + j);
+      c.cfg = j == 0 ? dpo::loss_config::combination({{loss_type::sigmoid, 1.0}, {loss_type::sft, 0.5}})
+                     : dpo::loss_config::of(j == 1 ? loss_type::hinge : loss_type::sigmoid);
+      if (j != 0) c.cfg.ld_alpha = 0.4;
+      c.cfg.divergence = j == 2 ? dpo::f_divergence::js_divergence : c.cfg.divergence;
+      c.mask.assign(static_cast<std::size_t>(c.rows), 1);
+      for (std::int64_t r = 0; r < c.rows; ++r) c.mask[r] = r % 7 == 3 ? 0 : 1;
+      c.grad_output = 0.75;
+      c.want_bias = j != 1;
+      c.accumulate_hidden = j == 2;
+      c.ref_from_hidden = j == 1;
+      compare(c, "options case " + std::to_string(j), dpo::linear_mode::three_pass);
+    }
+  }
+  SECTION("NaN in one hidden row: the same NaNs as the CPU") {
+    ldpo_case c = make_case(dtype::f32, ldpo_layout::packed, 311);
+    c.cfg = dpo::loss_config::of(loss_type::sigmoid);
+    dpo_cuda_test::put(c.type, c.hidden.data() + (1 * c.H + 2) * 4, std::nan(""));
+    compare(c, "NaN row", dpo::linear_mode::three_pass);
+  }
+  SECTION("a budget that holds no pair, packed pairs without a host cu_seqlens: four passes") {
+    ldpo_case c = make_case(dtype::f32, ldpo_layout::padded, 312);
+    c.cfg = dpo::loss_config::of(loss_type::sigmoid);
+    c.chunk_rows = 3;  // a pair has 10 rows
+    compare(c, "chunk_rows 3", dpo::linear_mode::four_pass);
+    c = make_case(dtype::f32, ldpo_layout::packed, 313);
+    c.cfg = dpo::loss_config::of(loss_type::sigmoid);
+    c.host_cu = false;
+    compare(c, "packed, no host cu_seqlens", dpo::linear_mode::four_pass);
+  }
+  SECTION("separate pairs over one hidden buffer (both sides read the same rows)") {
+    for (const dpo::linear_mode mode : {dpo::linear_mode::three_pass, dpo::linear_mode::four_pass}) {
+      ldpo_case c = make_case(dtype::f32, ldpo_layout::separate, 314);
+      c.cfg = dpo::loss_config::of(loss_type::sigmoid);
+      c.share_rows = true;
+      c.mode = mode;
+      compare(c, "shared rows", mode);
+    }
+  }
+  SECTION("bitwise repeatable, written equals accumulated from zeros") {
+    ldpo_case c = make_case(dtype::f32, ldpo_layout::separate, 315);
+    c.cfg = dpo::loss_config::of(loss_type::sigmoid);
+    c.chunk_rows = 10;
+    const ldpo_out a = dpo_cuda_test::run_linear_dpo(c);
+    const ldpo_out b = dpo_cuda_test::run_linear_dpo(c);
+    REQUIRE(a.code == 0);
+    CHECK(a.mode == dpo::linear_mode::three_pass);
+    CHECK(a.dweight == b.dweight);
+    CHECK(a.dhidden == b.dhidden);
+    CHECK(a.loss == b.loss);
+    c.accumulate_hidden = true;
+    CHECK(dpo_cuda_test::run_linear_dpo(c).dhidden == a.dhidden);
   }
 }
 
@@ -313,6 +413,26 @@ TEST_CASE("CUDA linear DPO: combinations, transforms, bf16, grad_output, chunks"
       c.split = k == 1;
       compare(c, "LD-DPO case " + std::to_string(k));
     }
+  }
+  SECTION("WPO and LD-DPO with an NLL term, both modes, every layout; metrics off") {
+    const ldpo_layout ls[3] = {ldpo_layout::padded, ldpo_layout::packed, ldpo_layout::separate};
+    for (int k = 0; k < 6; ++k) {
+      ldpo_case c = make_case(k % 3 == 1 ? dtype::bf16 : dtype::f32, ls[k % 3], 80u + k);
+      // WPO alone is separable (three passes); WPO with an NLL term couples the batch.
+      c.cfg = k < 3 ? dpo::loss_config::of(loss_type::sigmoid)
+                    : dpo::loss_config::combination({{loss_type::sigmoid, 1.0}, {loss_type::sft, 0.5}});
+      c.cfg.use_weighting = k != 4;
+      if (k >= 4) c.cfg.ld_alpha = 0.5;
+      c.ref_from_hidden = k % 2 == 1;
+      c.mode = k == 2 ? dpo::linear_mode::four_pass : dpo::linear_mode::automatic;
+      const bool three = k != 2 && dpo::detail::linear_pairs_separable(c.cfg);
+      compare(c, "WPO / LD-DPO + NLL case " + std::to_string(k),
+              three ? dpo::linear_mode::three_pass : dpo::linear_mode::four_pass);
+    }
+    ldpo_case c = make_case(dtype::f32, ldpo_layout::padded, 90);
+    c.cfg = dpo::loss_config::of(loss_type::sigmoid);
+    c.metrics = false;
+    compare(c, "metrics off");
   }
   SECTION("NaN in one hidden row: the same NaNs as the CPU (its pair, dWeight), the rest equal") {
     ldpo_case c = make_case(dtype::f32, ldpo_layout::padded, 11);
@@ -418,21 +538,20 @@ TEST_CASE("CUDA linear DPO: refused options and bad input name the argument and 
     CHECK(o.message.find(needle) != std::string::npos);
     untouched(o);
   };
-  {
+  {  // three passes where the plan does not allow them
     ldpo_case c = base();
-    c.three_pass = true;
-    fails(c, "three_pass");
-  }
-  {  // LD-DPO with an NLL term.
-    ldpo_case c = base();
-    c.cfg = dpo::loss_config::combination({{dpo::loss_type::sigmoid, 1.0}, {dpo::loss_type::sft, 1.0}});
-    c.cfg.ld_alpha = 0.5;
-    fails(c, "ld_alpha");
-  }
-  {
-    ldpo_case c = base();
-    c.cfg.use_weighting = true;
-    fails(c, "use_weighting");
+    c.mode = dpo::linear_mode::three_pass;
+    c.cfg = dpo::loss_config::of(dpo::loss_type::aot);
+    fails(c, "three_pass is impossible for this loss");
+    c = base();
+    c.mode = dpo::linear_mode::three_pass;
+    c.chunk_rows = 3;
+    fails(c, "do not fit a chunk of 3 rows");
+    c = make_case(dtype::f32, ldpo_layout::packed, 62);
+    c.fill = 0x7f;
+    c.mode = dpo::linear_mode::three_pass;
+    c.host_cu = false;
+    fails(c, "host_cu_seqlens");
   }
   {
     ldpo_case c = base();
@@ -459,14 +578,28 @@ TEST_CASE("CUDA linear DPO: refused options and bad input name the argument and 
     c.ref_logps.clear();  // sigmoid needs the reference
     fails(c, "ref");
   }
-  {  // A label outside [0, vocab): device data, reported in the error word.
+  for (const dpo::linear_mode mode : {dpo::linear_mode::three_pass, dpo::linear_mode::four_pass}) {
+    // A label outside [0, vocab): device data, reported in the error word.
     ldpo_case c = base();
+    c.mode = mode;
     c.labels[13] = c.V;
     const ldpo_out o = dpo_cuda_test::run_linear_dpo(c);
     CHECK(o.code == 0);
     CHECK(o.device_error != 0);
     INFO(o.device_message);
     CHECK(o.device_message.find("labels[13]") != std::string::npos);
+    untouched(o);
+  }
+  {  // Three passes over packed pairs: the device's cu_seqlens differ from the host copy.
+    ldpo_case c = make_case(dtype::f32, ldpo_layout::packed, 63);
+    c.fill = 0x7f;
+    c.mode = dpo::linear_mode::three_pass;
+    c.host_cu_shift = 1;
+    const ldpo_out o = dpo_cuda_test::run_linear_dpo(c);
+    CHECK(o.code == 0);
+    CHECK(o.device_error != 0);
+    INFO(o.device_message);
+    CHECK(o.device_message.find("differs from options.host_cu_seqlens") != std::string::npos);
     untouched(o);
   }
   {  // A decreasing cu_seqlens.

@@ -153,6 +153,18 @@ struct linear_ws {
   }
 };
 
+/// The workspace of a chunk seen from its row i on (rows i.. of each per-row buffer): a
+/// chunk gathered from several row ranges runs the row kernels on each range's part.
+template <class T>
+linear_ws<T> ws_from_row(linear_ws<T> w, std::int64_t i) {
+  w.rows += i;
+  w.hb += i * w.ldh;
+  w.z += i * w.ldz;
+  w.dz += i * w.ldz;
+  w.dh += i * w.ldh;
+  return w;
+}
+
 /// The chunk shape (as dpo::cpu's: opt.chunk_vocab or up to linear_default_chunk_vocab
 /// columns, narrower only when one row does not fit, then as many rows as the budget allows).
 template <class T>
@@ -222,6 +234,12 @@ inline status check_linear_overlap(const dpo::detail::named_range* outs, int n_o
 /// The workspace as an input range (outputs may not overlap it either).
 inline dpo::detail::named_range workspace_range(const void* workspace, std::int64_t bytes) {
   return dpo::detail::range_of(static_cast<const unsigned char*>(workspace), 1, bytes, bytes, "workspace");
+}
+
+/// Blocks of a kernel with one thread per row (256 threads a block; they loop).
+inline unsigned seq_grid(std::int64_t n) {
+  const std::int64_t b = (n + 255) / 256;
+  return static_cast<unsigned>(b < 1 ? 1 : (b > 4096 ? 4096 : b));
 }
 
 /// Blocks of a row kernel: one per row, at most 65535 x 16 (they loop).
@@ -350,12 +368,16 @@ __global__ void linear_check_kernel(const L* labels, const std::uint8_t* mask, s
   }
 }
 
-/// Per-row arguments of the backward (null in the forward).
+/// Per-row arguments of the backward (null in the forward). stats_kept: the row state still
+/// holds the forward's statistics of this chunk's rows over the whole vocab (three passes of
+/// dpo/cuda/linear_dpo.cuh), so each row's lse is taken exactly from them, (m, log s), not
+/// from row_lse.
 struct linear_bwd_in {
   const double* row_lse;
   const double* grad_logps;
   const double* entropy;
   const double* grad_entropy;
+  bool stats_kept;
 };
 
 /// Rows [r0, r0 + nb): the row state, and the hidden rows gathered into hb (zeros for rows
@@ -379,7 +401,8 @@ __global__ void __launch_bounds__(BLOCK) linear_gather_kernel(linear_view<T, L> 
       if (gl == 0.0 && ge == 0.0) {
         y = -1;
       } else {
-        const dpo::detail::lse_parts<A> p = dpo::detail::split_lse<A>(b.row_lse[r]);
+        const dpo::detail::lse_parts<A> p = b.stats_kept ? dpo::detail::lse_parts_of(w.rows[i].acc.m, w.rows[i].acc.s)
+                                                         : dpo::detail::split_lse<A>(b.row_lse[r]);
         st.lse_hi = p.hi;
         st.lse_lo = p.lo;
         st.gl = static_cast<A>(gl);
@@ -396,14 +419,24 @@ __global__ void __launch_bounds__(BLOCK) linear_gather_kernel(linear_view<T, L> 
   }
 }
 
+/// The token metrics' row terms of the fused DPO head (dpo/cuda/linear_dpo.cuh), as the
+/// CPU's row_values: the row's mean logit, WPO's term logp - log sum_v p_v^2, and whether
+/// the argmax is the label (1 or 0). Null: not written (linear_logps).
+struct linear_row_terms {
+  double* zmean = nullptr;
+  double* wpo = nullptr;
+  double* hit = nullptr;
+};
+
 /// Forward, one vocab chunk [v0, v0 + nv) of rows [r0, r0 + nb): each counted row's
 /// statistics of its transformed logits, merged into the row state; at the last chunk the
-/// outputs (zeros for rows that do not count).
+/// outputs (zeros for rows that do not count). Entropy: the metric statistics (entropy,
+/// lse(2z), logit sum, argmax), so that `terms` can be written too.
 template <int BLOCK, bool Entropy, class T, class L>
 __global__ void __launch_bounds__(BLOCK) linear_stats_kernel(linear_view<T, L> in, std::int64_t r0, std::int64_t nb,
                                                              std::int64_t v0, std::int64_t nv, bool last,
                                                              linear_ws<T> w, double* logps, double* entropy,
-                                                             double* row_lse) {
+                                                             double* row_lse, linear_row_terms terms = {}) {
   using A = acc_t<T>;
   if (w.h->err.code != 0) return;
   const dpo::detail::transform_params<A> tp(in.transforms);
@@ -432,29 +465,38 @@ __global__ void __launch_bounds__(BLOCK) linear_stats_kernel(linear_view<T, L> i
           x[j] = logit(x[j], col);
           if (col == yl) rs->zy = x[j];
         }
-        push_values<Entropy, W, A, false>(st, x, static_cast<std::int64_t>(k) * W);
+        push_values<Entropy, W, A, Entropy>(st, x, static_cast<std::int64_t>(k) * W);
       }
       const int tail = nvec * W + tid;
       if (tail < n) {
         const A x = logit(z[tail], tail);
         if (tail == yl) rs->zy = x;
-        push_values<Entropy, 1, A, false>(st, &x, tail);
+        push_values<Entropy, 1, A, Entropy>(st, &x, tail);
       }
-      const dpo::detail::row_stats<A> c = block_reduce_stats<BLOCK, Entropy>(to_row_stats(st));
+      dpo::detail::row_stats<A> c = block_reduce_stats<BLOCK, Entropy>(to_row_stats(st));
       if (tid == 0) {
+        if (Entropy && c.argmax >= 0) c.argmax += v0;  // the chunk's column -> the vocab's
         const dpo::detail::row_stats<A> acc = v0 == 0 ? c : merge_unordered<Entropy>(rs->acc, c);
         rs->acc = acc;
         if (last) {
           // (z_y - m) - log s, never z_y - lse: lse rounds at the scale of m (docs/math.md §1).
-          logps[r] = acc.log_softmax(rs->zy);
+          const double lp = acc.log_softmax(rs->zy);
+          logps[r] = lp;
           row_lse[r] = acc.logsumexp_double();
-          if (Entropy) entropy[r] = static_cast<double>(acc.entropy());
+          if (Entropy && entropy != nullptr) entropy[r] = static_cast<double>(acc.entropy());
+          // The CPU's row_values (dpo/cpu/dpo.hpp): mean logit in A, WPO's term, the hit.
+          if (Entropy && terms.zmean != nullptr) terms.zmean[r] = static_cast<double>(acc.zsum / static_cast<A>(in.vocab));
+          if (Entropy && terms.wpo != nullptr) terms.wpo[r] = lp - acc.log_sum_p2();
+          if (Entropy && terms.hit != nullptr) terms.hit[r] = acc.argmax == y ? 1.0 : 0.0;
         }
       }
     } else if (last && tid == 0) {
       logps[r] = 0.0;
       row_lse[r] = 0.0;
-      if (Entropy) entropy[r] = 0.0;
+      if (Entropy && entropy != nullptr) entropy[r] = 0.0;
+      if (terms.zmean != nullptr) terms.zmean[r] = 0.0;
+      if (terms.wpo != nullptr) terms.wpo[r] = 0.0;
+      if (terms.hit != nullptr) terms.hit[r] = 0.0;
     }
   }
 }
@@ -551,6 +593,24 @@ __global__ void __launch_bounds__(BLOCK) linear_dhidden_kernel(std::int64_t H, s
   }
 }
 
+/// Double heads: the rows of [r0, r0 + nb) whose stored lse is past the recompute limit
+/// (dpo::detail::lse_needs_recompute: |lse| >= 2^10, where the double lse is rounded by more
+/// than 2^-43 relative to the probabilities) take their lse from the statistics just
+/// recomputed over the whole vocab (linear_stats_kernel, last = false), as the CPU head does.
+template <class T>
+__global__ void linear_exact_lse_kernel(std::int64_t r0, std::int64_t nb, const double* row_lse, linear_ws<T> w) {
+  using A = acc_t<T>;
+  if (w.h->err.code != 0) return;
+  for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < nb;
+       i += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
+    linear_row<A>& q = w.rows[i];
+    if (q.y < 0 || !dpo::detail::lse_needs_recompute<A>(row_lse[r0 + i])) continue;
+    const dpo::detail::lse_parts<A> p = dpo::detail::lse_parts_of(q.acc.m, q.acc.s);
+    q.lse_hi = p.hi;
+    q.lse_lo = p.lo;
+  }
+}
+
 /// The checks and workspace of a call. Returns the chunking in *ch and the carved workspace
 /// in *w; *size_only when only the size was asked for.
 template <class T, class L>
@@ -598,6 +658,66 @@ status linear_workspace_size(const linear_view<T, L>& in, const linear_options& 
   return detail::linear_chunks<T>(in.rows, in.hidden_cols, in.vocab, opt, out);
 }
 
+namespace detail {
+
+/// linear_logps, with the DPO head's row terms (linear_row_terms; none from the public call).
+template <class T, class L>
+status linear_logps_impl(void* workspace, std::size_t& workspace_bytes, cublasLtHandle_t handle,
+                         const linear_view<T, L>& in, double* logps, double* entropy, double* row_lse,
+                         linear_row_terms terms, const linear_options& opt, cudaStream_t stream) {
+  linear_chunking ch;
+  linear_ws<T> w(0, 0, 1, 1, 0);
+  bool size_only = false;
+  status s = linear_prologue(workspace, workspace_bytes, handle, in, opt, &ch, &w, &size_only);
+  if (!s || size_only) return s;
+  const std::int64_t N = in.rows;
+  if (N > 0 && logps == nullptr) return invalid("dpo: logps is null");
+  if (N > 0 && row_lse == nullptr) return invalid("dpo: row_lse is null");
+  dpo::detail::named_range ins[6];
+  dpo::detail::linear_input_ranges(in, ins);
+  ins[5] = workspace_range(workspace, ch.workspace_bytes);
+  const dpo::detail::named_range outs[3] = {dpo::detail::range_of(logps, 1, N, N, "logps"),
+                                            dpo::detail::range_of(entropy, 1, N, N, "entropy"),
+                                            dpo::detail::range_of(row_lse, 1, N, N, "row_lse")};
+  s = check_linear_overlap(outs, 3, ins, 6);
+  if (!s || N == 0) return s;
+  constexpr int B = linear_block;
+  // Twice over the same loop: first only choosing every GEMM's algorithm (dry), then enqueuing.
+  const auto pass = [&](bool dry) {
+    const linear_gemm g{handle, stream, w.gemm, static_cast<std::size_t>(w.gemm_bytes), dry};
+    status s;
+    if (!dry)
+      s = launch("linear_check_kernel", linear_check_kernel<L>, 1, 256, stream, in.labels,
+                         in.mask, N, in.vocab, in.ignore_index, w.h);
+    for (std::int64_t r0 = 0; s && r0 < N; r0 += ch.rows) {
+      const std::int64_t nb = ch.rows < N - r0 ? ch.rows : N - r0;
+      if (!dry)
+        s = launch("linear_gather_kernel", linear_gather_kernel<B, false, T, L>,
+                           row_blocks(nb), B, stream, in, r0, nb, linear_bwd_in{}, w);
+      for (std::int64_t v0 = 0; s && v0 < in.vocab; v0 += ch.vocab) {
+        const std::int64_t nv = ch.vocab < in.vocab - v0 ? ch.vocab : in.vocab - v0;
+        s = logits_gemm(g, in, w, nb, v0, nv);
+        if (!s || dry) continue;
+        const bool last = v0 + nv == in.vocab;
+        if (entropy != nullptr || terms.zmean != nullptr || terms.wpo != nullptr || terms.hit != nullptr) {
+          s = launch("linear_stats_kernel", linear_stats_kernel<B, true, T, L>,
+                             row_blocks(nb), B, stream, in, r0, nb, v0, nv, last, w, logps,
+                             entropy, row_lse, terms);
+        } else {
+          s = launch("linear_stats_kernel", linear_stats_kernel<B, false, T, L>,
+                             row_blocks(nb), B, stream, in, r0, nb, v0, nv, last, w, logps,
+                             entropy, row_lse, terms);
+        }
+      }
+    }
+    return s;
+  };
+  s = pass(true);
+  return s ? pass(false) : s;
+}
+
+}  // namespace detail
+
 /// Per-token log-probs of an LM head on the device, as dpo::cpu::linear_logps:
 /// logp_r = log softmax(o(hidden_r . weight^T + bias))[y_r], o the transforms.
 ///
@@ -612,55 +732,8 @@ template <class T, class L>
 status linear_logps(void* workspace, std::size_t& workspace_bytes, cublasLtHandle_t handle,
                     const linear_view<T, L>& in, double* logps, double* entropy, double* row_lse,
                     const linear_options& opt = {}, cudaStream_t stream = 0) {
-  linear_chunking ch;
-  detail::linear_ws<T> w(0, 0, 1, 1, 0);
-  bool size_only = false;
-  status s = detail::linear_prologue(workspace, workspace_bytes, handle, in, opt, &ch, &w, &size_only);
-  if (!s || size_only) return s;
-  const std::int64_t N = in.rows;
-  if (N > 0 && logps == nullptr) return detail::invalid("dpo: logps is null");
-  if (N > 0 && row_lse == nullptr) return detail::invalid("dpo: row_lse is null");
-  dpo::detail::named_range ins[6];
-  dpo::detail::linear_input_ranges(in, ins);
-  ins[5] = detail::workspace_range(workspace, ch.workspace_bytes);
-  const dpo::detail::named_range outs[3] = {dpo::detail::range_of(logps, 1, N, N, "logps"),
-                                            dpo::detail::range_of(entropy, 1, N, N, "entropy"),
-                                            dpo::detail::range_of(row_lse, 1, N, N, "row_lse")};
-  s = detail::check_linear_overlap(outs, 3, ins, 6);
-  if (!s || N == 0) return s;
-  constexpr int B = detail::linear_block;
-  // Twice over the same loop: first only choosing every GEMM's algorithm (dry), then enqueuing.
-  const auto pass = [&](bool dry) {
-    const detail::linear_gemm g{handle, stream, w.gemm, static_cast<std::size_t>(w.gemm_bytes), dry};
-    status s;
-    if (!dry)
-      s = detail::launch("linear_check_kernel", detail::linear_check_kernel<L>, 1, 256, stream, in.labels,
-                         in.mask, N, in.vocab, in.ignore_index, w.h);
-    for (std::int64_t r0 = 0; s && r0 < N; r0 += ch.rows) {
-      const std::int64_t nb = ch.rows < N - r0 ? ch.rows : N - r0;
-      if (!dry)
-        s = detail::launch("linear_gather_kernel", detail::linear_gather_kernel<B, false, T, L>,
-                           detail::row_blocks(nb), B, stream, in, r0, nb, detail::linear_bwd_in{}, w);
-      for (std::int64_t v0 = 0; s && v0 < in.vocab; v0 += ch.vocab) {
-        const std::int64_t nv = ch.vocab < in.vocab - v0 ? ch.vocab : in.vocab - v0;
-        s = detail::logits_gemm(g, in, w, nb, v0, nv);
-        if (!s || dry) continue;
-        const bool last = v0 + nv == in.vocab;
-        if (entropy != nullptr) {
-          s = detail::launch("linear_stats_kernel", detail::linear_stats_kernel<B, true, T, L>,
-                             detail::row_blocks(nb), B, stream, in, r0, nb, v0, nv, last, w, logps,
-                             entropy, row_lse);
-        } else {
-          s = detail::launch("linear_stats_kernel", detail::linear_stats_kernel<B, false, T, L>,
-                             detail::row_blocks(nb), B, stream, in, r0, nb, v0, nv, last, w, logps,
-                             entropy, row_lse);
-        }
-      }
-    }
-    return s;
-  };
-  s = pass(true);
-  return s ? pass(false) : s;
+  return detail::linear_logps_impl(workspace, workspace_bytes, handle, in, logps, entropy, row_lse,
+                                   detail::linear_row_terms{}, opt, stream);
 }
 
 /// The gradient of sum_r grad_logps[r] * logps[r] (+ sum_r grad_entropy[r] * entropy[r]) of
@@ -718,7 +791,7 @@ status linear_logps_backward(void* workspace, std::size_t& workspace_bytes, cubl
   s = detail::check_linear_overlap(outs, 3, ins, 10);
   if (!s || N == 0) return s;
   constexpr int B = detail::linear_block;
-  const detail::linear_bwd_in bin{row_lse, grad_logps, entropy, grad_entropy};
+  const detail::linear_bwd_in bin{row_lse, grad_logps, entropy, grad_entropy, false};
   // Twice over the same loop: first only choosing every GEMM's algorithm (dry), then enqueuing.
   const auto pass = [&](bool dry) {
     const detail::linear_gemm gm{handle, stream, w.gemm, static_cast<std::size_t>(w.gemm_bytes), dry};
@@ -731,6 +804,24 @@ status linear_logps_backward(void* workspace, std::size_t& workspace_bytes, cubl
       if (!dry)
         s = detail::launch("linear_gather_kernel", detail::linear_gather_kernel<B, true, T, L>,
                            detail::row_blocks(nb), B, stream, in, r0, nb, bin, w);
+      // Double heads only: one more pass over the vocab for the rows past the lse recompute
+      // limit (the host cannot see which rows those are). Float accumulation's limit is
+      // |lse| >= 2^26, where the fp32 logits themselves are rounded by more than the stored
+      // lse is: not recomputed (docs/cuda.md).
+      if (std::is_same<A, double>::value) {
+        for (std::int64_t v0 = 0; s && v0 < V; v0 += ch.vocab) {
+          const std::int64_t nv = ch.vocab < V - v0 ? ch.vocab : V - v0;
+          s = detail::logits_gemm(gm, in, w, nb, v0, nv);
+          if (s && !dry)
+            s = detail::launch("linear_stats_kernel", detail::linear_stats_kernel<B, false, T, L>,
+                               detail::row_blocks(nb), B, stream, in, r0, nb, v0, nv, false, w,
+                               static_cast<double*>(nullptr), static_cast<double*>(nullptr),
+                               static_cast<double*>(nullptr), detail::linear_row_terms{});
+        }
+        if (s && !dry)
+          s = detail::launch("linear_exact_lse_kernel", detail::linear_exact_lse_kernel<T>, detail::seq_grid(nb), 256,
+                             stream, r0, nb, row_lse, w);
+      }
       for (std::int64_t v0 = 0; s && v0 < V; v0 += ch.vocab) {
         const std::int64_t nv = ch.vocab < V - v0 ? ch.vocab : V - v0;
         s = detail::logits_gemm(gm, in, w, nb, v0, nv);

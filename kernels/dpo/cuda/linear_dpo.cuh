@@ -47,6 +47,7 @@
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
+#include <vector>
 
 #include "dpo/core/layout.hpp"
 #include "dpo/core/linear_plan.hpp"
@@ -85,18 +86,27 @@ struct linear_dpo_options {
   /// The budget of the linear head's chunks (linear_options::workspace_bytes, the GEMM
   /// workspace included); the call's workspace is this plus O(rows + pairs) arrays.
   std::int64_t workspace_bytes = default_linear_workspace_bytes;
-  /// Rows per logits chunk instead of as many as the budget allows (0).
+  /// Rows per logits chunk instead of as many as the budget allows (0); three-pass chunks
+  /// hold whole pairs of at most this many rows.
   std::int64_t chunk_rows = 0;
-  /// automatic and four_pass run four passes; three_pass is refused (not implemented on CUDA).
+  /// The fused call (linear_dpo): automatic runs three passes when the plan allows (every
+  /// pair's rows fit one full-vocab chunk under the budget and the loss is separable; packed
+  /// pairs also need host_cu_seqlens), else four; three_pass fails with a status where the
+  /// plan does not allow it; four_pass always recomputes. The split calls always run four.
   linear_mode mode = linear_mode::automatic;
   /// Packed layouts: the rows of each hidden buffer (cu_seqlens must stay within).
   std::int64_t num_rows = -1;
+  /// Packed layouts: a host copy of cu_seqlens (the same entries as the device array), so
+  /// that the plan can cut three-pass chunks of whole pairs; null: packed calls run four
+  /// passes. The device array is checked against it (the error word) before anything is
+  /// written outside the workspace.
+  const std::int64_t* host_cu_seqlens = nullptr;
   /// cuBLASLt's own workspace, carved from workspace_bytes (linear_options).
   std::int64_t gemm_workspace_bytes = std::int64_t{32} << 20;
 };
 
-/// What a call will do: its mode (always four_pass here), the rows of its logits chunk and
-/// the workspace bytes it needs.
+/// What a call will do: its mode, the rows of its largest logits chunk (three passes: whole
+/// pairs over the full vocab; four: the linear head's chunk) and the workspace bytes it needs.
 struct linear_dpo_plan {
   linear_mode mode = linear_mode::four_pass;
   std::int64_t chunk_rows = 0;
@@ -107,11 +117,9 @@ namespace detail {
 
 inline constexpr int ldpo_block = 256;
 
-/// The workspace header: the error word at offset 0.
-struct ldpo_header {
-  device_error err;
-  unsigned long long label_key;
-};
+/// The workspace header: the logits path's (dpo/cuda/kernels.cuh), so that its pair stage
+/// (pair_kernel) runs on this workspace unchanged; the error word at offset 0.
+using ldpo_header = ws_header;
 
 /// Per-buffer row arrays (indexed by the hidden buffer's row).
 struct ldpo_rows {
@@ -119,7 +127,10 @@ struct ldpo_rows {
   double* logp;
   double* lse;
   double* coef;  // dL/dlogp times grad_output (0 after an error)
-  double* ent;   // the row's entropy (the policy's forward with metrics)
+  double* ent;   // the policy's forward with metrics: the row terms of the token metrics
+  double* zmean;
+  double* wpo;
+  double* hit;
 };
 
 /// One pass's layout: up to two hidden buffers, the side -> buffer map and their rows.
@@ -238,35 +249,48 @@ __device__ double ldpo_shared(const ldpo_dev<T, L>& d, const ldpo_rows* b, std::
   return nc < nr ? nc : nr;
 }
 
-/// Per-sequence sums of the completion rows' log-probs (fp64, row order; LD-DPO weighted:
-/// the j-th completion row of a pair sharing `shared` rows counts 1 below it, ld_alpha past
-/// it), plain sums (the NLL's), counts and (ent_sums) entropies: [side * P + pair]. One
+/// Per-sequence sums of the completion rows' values in row order (fp64): the log-probs
+/// (LD-DPO weighted: the j-th completion row of a pair sharing `shared` rows counts 1 below
+/// it, ld_alpha past it), the plain log-probs (the NLL's), counts and, with `metrics`, the
+/// token metrics' row terms: the sequence stage of the logits path, into its seq_arrays
+/// (out[0] chosen, out[1] rejected; null members are skipped), for the pairs [p0, p1). One
 /// thread per pair.
 template <class T, class L>
 __global__ void ldpo_sums_kernel(ldpo_dev<T, L> d, const ldpo_header* h, ldpo_rows b0, ldpo_rows b1,
-                                 std::int64_t P, double ld_alpha, double* sums, double* counts, double* plain,
-                                 double* ent_sums) {
+                                 std::int64_t p0, std::int64_t p1, double ld_alpha, seq_arrays c0, seq_arrays c1,
+                                 bool metrics) {
   if (h->err.code != 0) return;  // cu_seqlens may be invalid
   const ldpo_rows b[2] = {b0, b1};
-  for (std::int64_t q = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; q < P;
+  const seq_arrays out[2] = {c0, c1};
+  for (std::int64_t q = p0 + blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; q < p1;
        q += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
     const double shared = ldpo_shared(d, b, q, ld_alpha);
     for (int s = 0; s < 2; ++s) {
       const token_view<T, L>& v = d.v[s];
       const ldpo_rows& rb = b[d.buffer_of[s]];
-      double sum = 0.0, sum_plain = 0.0, n = 0.0, ent = 0.0;
+      double sum = 0.0, sum_plain = 0.0, n = 0.0, ent = 0.0, zmean = 0.0, wpo = 0.0, hit = 0.0;
       for (std::int64_t r = v.row_begin(q); r < v.row_end(q); ++r) {
         if (rb.label[r] < 0) continue;
         sum += dpo::detail::times(n < shared ? 1.0 : ld_alpha, rb.logp[r]);
         sum_plain += rb.logp[r];
         n += 1.0;
-        if (ent_sums != nullptr) ent += rb.ent[r];
+        if (metrics) {
+          ent += rb.ent[r];
+          zmean += rb.zmean[r];
+          wpo += rb.wpo[r];
+          hit += rb.hit[r];
+        }
       }
-      const std::int64_t k = s * P + q;
-      sums[k] = sum;
-      counts[k] = n;
-      if (plain != nullptr) plain[k] = sum_plain;
-      if (ent_sums != nullptr) ent_sums[k] = ent;
+      const seq_arrays& o = out[s];
+      o.logp[q] = sum;
+      if (o.count != nullptr) o.count[q] = n;
+      if (o.plain != nullptr) o.plain[q] = sum_plain;
+      if (o.ent != nullptr) {
+        o.ent[q] = ent;
+        o.zmean[q] = zmean;
+        o.wpo[q] = wpo;
+        o.hit[q] = hit;
+      }
     }
   }
 }
@@ -274,9 +298,9 @@ __global__ void ldpo_sums_kernel(ldpo_dev<T, L> d, const ldpo_header* h, ldpo_ro
 /// Each completion row's dL/dlogp: grad_<side>[seq] (+ the NLL term's per-token gradient on
 /// the chosen side), into the workspace times grad_output (null: 1; zeros after an error)
 /// and, unscaled, into the caller's row_lse / row_coef (when given and no error; 0 on the
-/// sequences' other rows). LD-DPO weighted as the sums. One thread per pair.
+/// sequences' other rows). LD-DPO weighted as the sums. The pairs [p0, p1); one thread per pair.
 template <class T, class L>
-__global__ void ldpo_coef_kernel(ldpo_dev<T, L> d, ldpo_rows b0, ldpo_rows b1, std::int64_t P,
+__global__ void ldpo_coef_kernel(ldpo_dev<T, L> d, ldpo_rows b0, ldpo_rows b1, std::int64_t p0, std::int64_t p1,
                                  double ld_alpha, const ldpo_header* h, const double* grad_c,
                                  const double* grad_r, const double* nll, const double* grad_output,
                                  double* row_lse, double* row_coef) {
@@ -290,7 +314,7 @@ __global__ void ldpo_coef_kernel(ldpo_dev<T, L> d, ldpo_rows b0, ldpo_rows b1, s
     return;
   }
   const double go = grad_output != nullptr ? *grad_output : 1.0;
-  for (std::int64_t q = t0; q < P; q += nt) {
+  for (std::int64_t q = p0 + t0; q < p1; q += nt) {
     const double shared = ldpo_shared(d, b, q, ld_alpha);
     for (int s = 0; s < 2; ++s) {
       const token_view<T, L>& v = d.v[s];
@@ -311,6 +335,66 @@ __global__ void ldpo_coef_kernel(ldpo_dev<T, L> d, ldpo_rows b0, ldpo_rows b1, s
         if (row_coef != nullptr) row_coef[r] = c;
       }
     }
+  }
+}
+
+/// Three passes: dL/dpi of the pairs [p0, p1) from their sums (the core's contribution(); a
+/// separable loss reads only the pair's own values, its WPO weight and P), into the pair
+/// stage's gc / gr (which the pair stage rewrites with the same values at the end). Nothing
+/// after an error. One thread per pair.
+__global__ inline void ldpo_pair_grad_kernel(loss_config cfg, const ldpo_header* h, std::int64_t P,
+                                             std::int64_t p0, std::int64_t p1, ws_ptrs w, const double* ref_c,
+                                             const double* ref_r) {
+  if (h->err.code != 0) return;
+  const seq_arrays& sc = w.seqs[0];
+  const seq_arrays& sr = w.seqs[1];
+  const dpo::detail::pair_batch_in b =
+      dpo::detail::make_pair_batch(P, sc.logp, sr.logp, ref_c, ref_r, sc.count, sr.count,
+                                   cfg.use_weighting ? w.pairs.weights : nullptr, token_totals{}, static_cast<double>(P));
+  for (std::int64_t q = p0 + blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; q < p1;
+       q += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
+    if (cfg.use_weighting) w.pairs.weights[q] = dpo::detail::wpo_weight(sc.wpo[q], sc.count[q], sr.wpo[q], sr.count[q]);
+    const dpo::detail::pair_contribution pc = dpo::detail::contribution(cfg, b, q);
+    w.pairs.gc[q] = pc.g_c;
+    w.pairs.gr[q] = pc.g_r;
+  }
+}
+
+/// Three passes: the NLL terms' per-token gradient (nll_token_grad: the batch's chosen
+/// completion tokens counted up front; separable losses have no NLL term under WPO, so the
+/// mean weight is 1). One block; integer counts, so the sum is exact in any order.
+template <class T, class L>
+__global__ void ldpo_nll_kernel(ldpo_dev<T, L> d, ldpo_rows b0, ldpo_rows b1, std::int64_t P, loss_config cfg,
+                                const ldpo_header* h, double* nll) {
+  __shared__ unsigned long long n;
+  if (threadIdx.x == 0) n = 0;
+  __syncthreads();
+  const ldpo_rows b[2] = {b0, b1};
+  if (h->err.code == 0)
+    for (std::int64_t q = threadIdx.x; q < P; q += blockDim.x)
+      atomicAdd(&n, static_cast<unsigned long long>(ldpo_count(d.v[0], b[d.buffer_of[0]], q)));
+  __syncthreads();
+  if (threadIdx.x == 0) *nll = dpo::detail::nll_token_grad(cfg, 1.0, static_cast<double>(n));
+}
+
+/// Up to 32 entries of a packed layout's host cu_seqlens (linear_dpo_options::host_cu_seqlens)
+/// that the three-pass plan relies on: the chunks' first and last rows.
+struct ldpo_cu_entries {
+  int n;
+  std::int64_t index[32];
+  std::int64_t value[32];
+};
+
+/// Records the lowest entry whose device cu_seqlens differs from the host copy (unless an
+/// error is recorded already). One thread.
+__global__ inline void ldpo_host_cu_kernel(const std::int64_t* cu, ldpo_cu_entries e, ldpo_header* h) {
+  if (h->err.code != 0) return;
+  for (int k = 0; k < e.n; ++k) {
+    const std::int64_t i = e.index[k];
+    if (cu[i] == e.value[k]) continue;
+    h->err = device_error{static_cast<std::int32_t>(device_error_code::cu_seqlens_host_mismatch), 0, i, cu[i],
+                          e.value[k]};
+    return;
   }
 }
 
@@ -345,14 +429,10 @@ __global__ void ldpo_zero_kernel(ldpo_dev<T, L> d, const ldpo_header* h, std::in
   }
 }
 
-/// Copies the loss stage's results (in the workspace) to the caller's outputs when the
-/// error word is clear. nll_loss: from `plain` (the plain chosen sums). Token metrics: with
-/// ent_sums (options::metrics) the entropy is the mean over the completion tokens of both
-/// sides (summed in sequence order) and the three metrics that need whole logit rows are
-/// NaN; without, all four are 0 (as the CPU's with metrics off).
+/// Copies the pair stage's results (in the workspace) to the caller's outputs when the
+/// error word is clear.
 __global__ inline void ldpo_publish_kernel(const ldpo_header* h, forward_outputs src, forward_outputs dst,
-                                           std::int64_t P, const double* ent_sums, const double* counts,
-                                           const double* plain) {
+                                           std::int64_t P) {
   if (h->err.code != 0) return;
   const std::int64_t t = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
   const std::int64_t n = static_cast<std::int64_t>(gridDim.x) * blockDim.x;
@@ -364,28 +444,7 @@ __global__ inline void ldpo_publish_kernel(const ldpo_header* h, forward_outputs
   if (t == 0) {
     if (dst.loss != nullptr) *dst.loss = *src.loss;
     if (dst.nll_token_grad != nullptr) *dst.nll_token_grad = *src.nll_token_grad;
-    if (dst.metrics != nullptr) {
-      dpo::metrics m = *src.metrics;
-      m.logits_chosen = m.logits_rejected = m.entropy = m.mean_token_accuracy = 0.0;
-      if (plain != nullptr) {  // NLL(chosen) of the plain (not LD-weighted) log-probs, as the CPU's
-        token_totals t{};
-        for (std::int64_t i = 0; i < P; ++i) {
-          t.chosen_logps += plain[i];
-          t.chosen_tokens += counts[i];
-        }
-        m.nll_loss = batch_nll(t);
-      }
-      if (ent_sums != nullptr) {
-        double e = 0.0, n = 0.0;
-        for (std::int64_t k = 0; k < 2 * P; ++k) {
-          e += ent_sums[k];
-          n += counts[k];
-        }
-        m.entropy = n > 0 ? e / n : 0.0;
-        m.logits_chosen = m.logits_rejected = m.mean_token_accuracy = NAN;
-      }
-      *dst.metrics = m;
-    }
+    if (dst.metrics != nullptr) *dst.metrics = *src.metrics;
   }
 }
 
@@ -421,8 +480,15 @@ status ldpo_layout_of(const hidden_pairs<T, L>& in, const linear_head<T>& head, 
   l.v[1] = in.pairs.rejected;
   l.v[0].vocab = l.v[1].vocab = head.vocab;
   l.num_rows = opt.num_rows;
-  const bool one = in.pairs.chosen.logits == in.pairs.rejected.logits &&
-                   in.pairs.chosen.row_stride == in.pairs.rejected.row_stride;
+  // One buffer when both sides read the same rows array and their rows are disjoint (the
+  // concatenated layouts); sides sharing rows (separate pairs over one buffer) keep a row
+  // array each, so that neither side's labels overwrite the other's.
+  const token_view<T, L>& vc = in.pairs.chosen;
+  const token_view<T, L>& vr = in.pairs.rejected;
+  const bool disjoint = vc.cu_seqlens != nullptr || vc.num_seqs == 0 || vr.num_seqs == 0 ||
+                        vc.row_end(vc.num_seqs - 1) <= vr.row_begin(0) ||
+                        vr.row_end(vr.num_seqs - 1) <= vc.row_begin(0);
+  const bool one = vc.logits == vr.logits && vc.row_stride == vr.row_stride && disjoint;
   l.num_buffers = one ? 1 : 2;
   for (int side = 0; side < 2; ++side) {
     const token_view<T, L>& v = side == 0 ? in.pairs.chosen : in.pairs.rejected;
@@ -453,22 +519,18 @@ inline linear_options ldpo_linear_options(const linear_dpo_options& opt) {
 }
 
 /// The whole call's workspace: header, row arrays of the policy (and reference) buffers,
-/// sequence arrays, the loss stage's outputs and workspace, the linear head's workspace.
+/// the reference's sequence log-probs, the logits path's sequence and pair arrays (its pair
+/// stage runs here), the pair stage's outputs, the linear head's workspace.
 struct ldpo_ws {
   ldpo_header* h = nullptr;
   ldpo_rows rows[2] = {};
   ldpo_rows ref_rows[2] = {};
-  double* sums = nullptr;    // [2P]
-  double* counts = nullptr;  // [2P]
-  double* ent_sums = nullptr;  // [2P]
-  double* plain = nullptr;     // [2P] plain (not LD-weighted) sums
   double* ref = nullptr;     // [2P] reference log-probs from hidden states
+  ws_ptrs pw = {};           // seqs[side] (P each) and pairs (P): the pair stage's arrays; h
   double* pair_out = nullptr;  // num_pair_outputs * P
   double* loss = nullptr;
   dpo::metrics* metrics = nullptr;
   double* nll = nullptr;
-  void* loss_ws = nullptr;
-  std::size_t loss_bytes = 0;
   void* lin_ws = nullptr;
   std::size_t lin_bytes = 0;
   std::size_t bytes = 0;
@@ -477,41 +539,36 @@ struct ldpo_ws {
 inline ldpo_rows carve_rows(ldpo_carver& c, std::int64_t n) {
   ldpo_rows r;
   r.label = c.take<std::int64_t>(n);
-  r.logp = c.take<double>(n);
-  r.lse = c.take<double>(n);
-  r.coef = c.take<double>(n);
-  r.ent = c.take<double>(n);
+  double** d[7] = {&r.logp, &r.lse, &r.coef, &r.ent, &r.zmean, &r.wpo, &r.hit};
+  for (double** x : d) *x = c.take<double>(n);
   return r;
 }
 
 inline ldpo_ws carve_ldpo(std::uintptr_t base, const std::int64_t* rows, const std::int64_t* ref_rows,
-                          std::int64_t P, std::size_t loss_bytes, std::size_t lin_bytes) {
+                          std::int64_t P, std::size_t lin_bytes) {
   ldpo_carver c{base};
   ldpo_ws w;
   w.h = c.take<ldpo_header>(1);
   for (int k = 0; k < 2; ++k) w.rows[k] = carve_rows(c, rows[k]);
   for (int k = 0; k < 2; ++k) w.ref_rows[k] = carve_rows(c, ref_rows[k]);
-  w.sums = c.take<double>(2 * P);
-  w.counts = c.take<double>(2 * P);
-  w.ent_sums = c.take<double>(2 * P);
-  w.plain = c.take<double>(2 * P);
   w.ref = c.take<double>(2 * P);
+  const std::int64_t no_rows[2] = {0, 0};
+  const std::size_t pw_bytes = carve(0, no_rows, P, P, &w.pw);
+  carve(reinterpret_cast<std::uintptr_t>(c.take<unsigned char>(static_cast<std::int64_t>(pw_bytes))), no_rows, P,
+        P, &w.pw);
+  w.pw.h = w.h;  // one error word for the call
   w.pair_out = c.take<double>(num_pair_outputs * P);
   w.loss = c.take<double>(1);
   w.metrics = c.take<dpo::metrics>(1);
   w.nll = c.take<double>(1);
-  w.loss_ws = c.take<unsigned char>(static_cast<std::int64_t>(loss_bytes));
-  w.loss_bytes = loss_bytes;
   w.lin_ws = c.take<unsigned char>(static_cast<std::int64_t>(lin_bytes));
   w.lin_bytes = lin_bytes;
   w.bytes = c.off;
   return w;
 }
 
-inline unsigned seq_blocks(std::int64_t n) {
-  const std::int64_t b = (n + ldpo_block - 1) / ldpo_block;
-  return static_cast<unsigned>(b < 1 ? 1 : (b > 4096 ? 4096 : b));
-}
+/// Blocks of a kernel with one thread per pair or row (ldpo_block threads a block).
+inline unsigned seq_blocks(std::int64_t n) { return seq_grid(n); }
 
 /// Everything a call needs to know before it enqueues anything.
 template <class T, class L>
@@ -521,7 +578,53 @@ struct ldpo_call {
   linear_chunking ch;
   ldpo_ws w;
   bool size_only = false;
+  // The fused call's plan (dpo/core/linear_plan.hpp): its mode and, for three passes, each
+  // pair's rows (every row of its two sequences) and the most rows a chunk may hold.
+  linear_mode mode = linear_mode::four_pass;
+  std::vector<std::int64_t> pair_rows;
+  std::int64_t max_rows = 0;
 };
+
+/// The fused call's mode from the core's plan. Three passes need each pair's rows on the
+/// host: padded and separate pairs have them; packed pairs only with
+/// options.host_cu_seqlens. A three-pass chunk is the linear head's chunk over the full
+/// vocab (linear_chunks with chunk_vocab = vocab), its rows as many as the budget allows;
+/// *bytes: the workspace of the largest chunk the plan cuts (0 for four passes).
+template <class T, class L>
+status ldpo_plan(const ldpo_layout<T, L>& l, const linear_head<T>& head, const loss_config& cfg,
+                 const linear_dpo_options& opt, ldpo_call<T, L>* c, std::int64_t* bytes) {
+  *bytes = 0;
+  c->mode = linear_mode::four_pass;
+  token_view<T, L> v[2] = {l.v[0], l.v[1]};
+  if (v[0].cu_seqlens != nullptr || v[1].cu_seqlens != nullptr) {
+    if (opt.host_cu_seqlens == nullptr) {
+      if (opt.mode == linear_mode::three_pass)
+        return invalid("dpo: options.mode = three_pass needs options.host_cu_seqlens for packed pairs "
+                       "(cu_seqlens is device data; the plan needs each pair's rows on the host)");
+      return {};
+    }
+    v[0].cu_seqlens = v[1].cu_seqlens = opt.host_cu_seqlens;
+  }
+  const std::int64_t P = v[0].num_seqs;
+  c->pair_rows.assign(static_cast<std::size_t>(P), 0);
+  for (std::int64_t p = 0; p < P; ++p)
+    for (const token_view<T, L>& u : v) c->pair_rows[p] += u.row_end(p) - u.row_begin(p);
+  linear_options lo = ldpo_linear_options(opt);
+  lo.chunk_vocab = head.vocab;
+  linear_chunking ch;
+  c->max_rows = linear_chunks<T>(l.rows[0] + l.rows[1], head.hidden, head.vocab, lo, &ch) ? ch.rows : 0;
+  if (opt.mode == linear_mode::three_pass) {
+    const status s = to_status(
+        dpo::detail::linear_three_pass_refusal(cfg, c->pair_rows.data(), P, c->max_rows, "rows (every row of its sequences)"));
+    if (!s) return s;
+  }
+  c->mode = dpo::detail::linear_choose_mode(opt.mode, cfg, c->pair_rows.data(), P, c->max_rows);
+  if (c->mode == linear_mode::three_pass) {
+    const std::int64_t largest = dpo::detail::linear_largest_chunk(c->pair_rows.data(), P, c->max_rows);
+    *bytes = linear_ws<T>(0, largest > 1 ? largest : 1, head.vocab, head.hidden, opt.gemm_workspace_bytes).bytes;
+  }
+  return {};
+}
 
 /// The checks and the workspace of a call: policy layout and head, the reference's (when
 /// given), the loss configuration (loss: the pair stage runs), the mode, the linear head's
@@ -530,64 +633,65 @@ template <class T, class L>
 status ldpo_prologue(void* workspace, std::size_t& workspace_bytes, cublasLtHandle_t handle,
                      const hidden_pairs<T, L>& policy, const linear_head<T>& head,
                      const hidden_pairs<T, L>* ref, const linear_head<T>* ref_head, const loss_config* cfg,
-                     const linear_dpo_options& opt, ldpo_call<T, L>* c) {
+                     const linear_dpo_options& opt, ldpo_call<T, L>* c, bool fused = false) {
   const bool pointers = workspace != nullptr;
   if (cfg != nullptr) {
     status s = to_status(validate_config(*cfg));
     if (!s) return s;
-    if (cfg->ld_alpha != 1.0 && dpo::detail::nll_weight(*cfg) != 0.0)
-      return invalid("dpo: cfg.ld_alpha = %g with an NLL term (sft, cpo, orpo): not supported by the CUDA "
-                     "linear path yet (use the logits path or dpo::cpu::linear_dpo)", cfg->ld_alpha);
-    if (cfg->use_weighting)
-      return invalid("dpo: cfg.use_weighting: WPO weights are not supported by the CUDA linear path yet "
-                     "(use the logits path or dpo::cpu::linear_dpo)");
   }
-  if (opt.mode == linear_mode::three_pass)
-    return invalid("dpo: options.mode = three_pass is not implemented by the CUDA linear path "
-                   "(use automatic or four_pass: four GEMM passes)");
   status s = ldpo_layout_of(policy, head, "hidden", opt, pointers, &c->pol);
   if (!s) return s;
   const linear_options lo = ldpo_linear_options(opt);
-  std::int64_t lin = 0;
-  const auto size_of = [&](const linear_view<T, std::int64_t>& v) {
+  std::int64_t lin = 0, lin_pol = 0;
+  linear_chunking ch_pol;
+  const auto size_of = [&](const linear_view<T, std::int64_t>& v, std::int64_t* bytes, linear_chunking* most) {
     linear_chunking ch;
     const status r = linear_workspace_size(v, lo, &ch);
     if (r) {
-      if (ch.workspace_bytes > lin) lin = ch.workspace_bytes;
-      if (ch.rows > c->ch.rows) c->ch = ch;
+      if (ch.workspace_bytes > *bytes) *bytes = ch.workspace_bytes;
+      if (ch.rows > most->rows) *most = ch;
     }
     return r;
   };
   for (int k = 0; k < c->pol.num_buffers; ++k) {
-    s = size_of(ldpo_view(c->pol, k, head, nullptr));
+    s = size_of(ldpo_view(c->pol, k, head, nullptr), &lin_pol, &ch_pol);
     if (!s) return s;
   }
   std::int64_t ref_rows[2] = {0, 0};
   c->has_ref = ref != nullptr;
   if (ref != nullptr) {
-    s = ldpo_layout_of(*ref, *ref_head, "ref", opt, pointers, &c->ref);
+    s = ldpo_layout_of(*ref, *ref_head, "ref_hidden", opt, pointers, &c->ref);
     if (!s) return s;
     if (ref->num_pairs() != policy.num_pairs())
-      return invalid("dpo: ref has %lld pairs, the policy %lld", (long long)ref->num_pairs(),
+      return invalid("dpo: ref_hidden.num_pairs = %lld != hidden.num_pairs = %lld", (long long)ref->num_pairs(),
                      (long long)policy.num_pairs());
     if (ref_head->vocab != head.vocab)
-      return invalid("dpo: ref_head.vocab = %lld is invalid: must equal head.vocab = %lld",
-                     (long long)ref_head->vocab, (long long)head.vocab);
+      return invalid("dpo: ref_head.vocab = %lld != head.vocab = %lld", (long long)ref_head->vocab,
+                     (long long)head.vocab);
     for (int k = 0; k < c->ref.num_buffers; ++k) {
-      s = size_of(ldpo_view(c->ref, k, *ref_head, nullptr));
+      s = size_of(ldpo_view(c->ref, k, *ref_head, nullptr), &lin, &c->ch);
       if (!s) return s;
       ref_rows[k] = c->ref.rows[k];
     }
   }
-  const std::int64_t P = policy.num_pairs();
-  std::size_t loss_bytes = 0;
-  if (cfg != nullptr) {
-    pair_logps_in li;
-    li.num_pairs = P;
-    s = dpo_loss(nullptr, loss_bytes, li, *cfg, forward_outputs{});
+  // The fused call's plan: three passes need the full-vocab chunk, four the policy's
+  // linear_logps / linear_logps_backward chunks.
+  std::int64_t lin3 = 0;
+  c->mode = linear_mode::four_pass;
+  if (fused) {
+    s = ldpo_plan(c->pol, head, *cfg, opt, c, &lin3);
     if (!s) return s;
   }
-  c->w = carve_ldpo(0, c->pol.rows, ref_rows, P, loss_bytes, static_cast<std::size_t>(lin));
+  if (c->mode == linear_mode::three_pass) {
+    c->ch.rows = dpo::detail::linear_largest_chunk(c->pair_rows.data(), policy.num_pairs(), c->max_rows);
+    c->ch.vocab = head.vocab;
+    if (lin3 > lin) lin = lin3;
+  } else {
+    if (lin_pol > lin) lin = lin_pol;
+    if (ch_pol.rows >= c->ch.rows) c->ch = ch_pol;
+  }
+  const std::int64_t P = policy.num_pairs();
+  c->w = carve_ldpo(0, c->pol.rows, ref_rows, P, static_cast<std::size_t>(lin));
   c->ch.workspace_bytes = static_cast<std::int64_t>(c->w.bytes);
   c->size_only = !pointers;
   if (!pointers) {
@@ -597,7 +701,7 @@ status ldpo_prologue(void* workspace, std::size_t& workspace_bytes, cublasLtHand
   if (handle == nullptr) return invalid("dpo: handle is null (create one with cublasLtCreate)");
   s = check_workspace(workspace, workspace_bytes, c->w.bytes);
   if (!s) return s;
-  c->w = carve_ldpo(reinterpret_cast<std::uintptr_t>(workspace), c->pol.rows, ref_rows, P, loss_bytes,
+  c->w = carve_ldpo(reinterpret_cast<std::uintptr_t>(workspace), c->pol.rows, ref_rows, P,
                     static_cast<std::size_t>(lin));
   return {};
 }
@@ -702,65 +806,251 @@ status ldpo_check_row_outputs(const ldpo_layout<T, L>& l, const forward_outputs&
   return {};
 }
 
-/// The forward of a call after its checks: reference (from hidden states, when given),
-/// policy log-probs, sums, the loss stage into the workspace, the coefficients, the copy
-/// out. ref_c / ref_r: precomputed reference log-probs (null with a reference layout).
+/// Sequence arrays holding only the sums of log-probs (the reference's, linear_pair_logps').
+inline seq_arrays logp_only(double* logp) {
+  seq_arrays q{};
+  q.logp = logp;
+  return q;
+}
+
+/// ldpo_sums_kernel over the pairs [p0, p1) of a layout whose rows are in `rows`.
+template <class T, class L>
+status ldpo_sums(const ldpo_layout<T, L>& l, const ldpo_ws& w, const ldpo_rows* rows, std::int64_t p0,
+                 std::int64_t p1, double ld_alpha, const seq_arrays& c0, const seq_arrays& c1, bool metrics,
+                 cudaStream_t stream) {
+  return launch("ldpo_sums_kernel", ldpo_sums_kernel<T, L>, seq_blocks(p1 - p0), ldpo_block, stream, dev_of(l),
+                static_cast<const ldpo_header*>(w.h), rows[0], rows[1], p0, p1, ld_alpha, c0, c1, metrics);
+}
+
+/// Whether a forward computes the token metrics' row terms: options::metrics, or WPO
+/// (whose weights are made of them), as the CPU's.
+inline bool ldpo_metrics(const loss_config& cfg, const linear_dpo_options& opt) {
+  return opt.metrics || cfg.use_weighting;
+}
+
+/// The row terms' arrays of a buffer's rows (none without metrics).
+inline linear_row_terms ldpo_terms(const ldpo_rows& r, bool metrics) {
+  linear_row_terms t;
+  if (metrics) {
+    t.zmean = r.zmean;
+    t.wpo = r.wpo;
+    t.hit = r.hit;
+  }
+  return t;
+}
+
+/// The start of every forward after its checks: the policy's labels into the workspace
+/// and, with a reference layout, the reference's sequence log-probs (*ref_c, *ref_r then
+/// point at them; else they stay the caller's).
+template <class T, class L>
+status ldpo_start(cublasLtHandle_t handle, const ldpo_call<T, L>& c, const linear_head<T>& head,
+                  const linear_head<T>* ref_head, double ld_alpha, std::int64_t P, const linear_dpo_options& opt,
+                  cudaStream_t stream, const double** ref_c, const double** ref_r) {
+  const ldpo_ws& w = c.w;
+  status s = launch("ldpo_labels_kernel", ldpo_labels_kernel<T, L>, 1, ldpo_block, stream, dev_of(c.pol),
+                    head.vocab, 0, true, w.h, w.rows[0], w.rows[1]);
+  if (!s || !c.has_ref) return s;
+  ldpo_rows rr[2] = {w.ref_rows[0], w.ref_rows[1]};
+  s = ldpo_logps(handle, c.ref, *ref_head, 5, false, w.h, rr, w, opt, stream);
+  if (s) s = ldpo_sums(c.ref, w, rr, 0, P, ld_alpha, logp_only(w.ref), logp_only(w.ref + P), false, stream);
+  *ref_c = w.ref;
+  *ref_r = w.ref + P;
+  return s;
+}
+
+/// The end of every forward: the logits path's pair stage (pair_kernel: WPO weights, every
+/// loss type, the NLL from the plain sums, the metrics) over the whole batch into the
+/// workspace, (four passes: `coefs`) each completion row's dL/dlogp, and the copy out when
+/// the error word is clear.
+template <class T, class L>
+status ldpo_finish(const ldpo_call<T, L>& c, const linear_head<T>& head, const double* ref_c, const double* ref_r,
+                   const loss_config& cfg, const forward_outputs& out, const double* grad_output, std::int64_t P,
+                   bool coefs, const linear_dpo_options& opt, cudaStream_t stream) {
+  const ldpo_ws& w = c.w;
+  forward_outputs scratch;
+  scratch.set_pair_outputs(w.pair_out, P);
+  scratch.loss = w.loss;
+  scratch.metrics = w.metrics;
+  scratch.nll_token_grad = w.nll;
+  const bool needs_ref = dpo::detail::needs_reference(cfg);
+  pair_params pp;
+  pp.cfg = cfg;
+  pp.pairs = P;
+  pp.vocab = head.vocab;
+  pp.metrics = ldpo_metrics(cfg, opt);
+  pp.weights = weights_from::wpo_sums;
+  pp.ref_chosen = needs_ref ? ref_c : nullptr;
+  pp.ref_rejected = needs_ref ? ref_r : nullptr;
+  pp.out = scratch;
+  status s = launch("pair_kernel", pair_kernel<pair_block>, 1, pair_block, stream, w.pw, pp);
+  if (s && coefs)
+    s = launch("ldpo_coef_kernel", ldpo_coef_kernel<T, L>, seq_blocks(P), ldpo_block, stream, dev_of(c.pol),
+               w.rows[0], w.rows[1], std::int64_t{0}, P, cfg.ld_alpha, static_cast<const ldpo_header*>(w.h),
+               static_cast<const double*>(w.pw.pairs.gc), static_cast<const double*>(w.pw.pairs.gr),
+               static_cast<const double*>(w.nll), grad_output, out.row_lse, out.row_coef);
+  if (!s) return s;
+  return launch("ldpo_publish_kernel", ldpo_publish_kernel, seq_blocks(P), ldpo_block, stream,
+                static_cast<const ldpo_header*>(w.h), scratch, out, P);
+}
+
+/// The four-pass forward after its checks: reference (from hidden states, when given),
+/// policy log-probs (linear_logps), sums, the pair stage into the workspace, the
+/// coefficients, the copy out. ref_c / ref_r: precomputed reference log-probs (null with a
+/// reference layout).
 template <class T, class L>
 status ldpo_forward(cublasLtHandle_t handle, const ldpo_call<T, L>& c, const linear_head<T>& head,
                     const linear_head<T>* ref_head, const double* ref_c, const double* ref_r,
                     const loss_config& cfg, const forward_outputs& out, const double* grad_output,
                     std::int64_t P, const linear_dpo_options& opt, cudaStream_t stream) {
   const ldpo_ws& w = c.w;
-  ldpo_rows rows[2] = {w.rows[0], w.rows[1]};
-  status s = launch("ldpo_labels_kernel", ldpo_labels_kernel<T, L>, 1, ldpo_block, stream, dev_of(c.pol),
-                    head.vocab, 0, true, w.h, rows[0], rows[1]);
-  if (!s) return s;
-  if (c.has_ref) {
-    ldpo_rows rr[2] = {w.ref_rows[0], w.ref_rows[1]};
-    s = ldpo_logps(handle, c.ref, *ref_head, 2, false, w.h, rr, w, opt, stream);
-    if (s)
-      s = launch("ldpo_sums_kernel", ldpo_sums_kernel<T, L>, seq_blocks(P), ldpo_block, stream,
-                 dev_of(c.ref), static_cast<const ldpo_header*>(w.h), rr[0], rr[1], P, cfg.ld_alpha, w.ref,
-                 w.sums, static_cast<double*>(nullptr), static_cast<double*>(nullptr));
-    if (!s) return s;
-    ref_c = w.ref;
-    ref_r = w.ref + P;
-  }
+  const bool metrics = ldpo_metrics(cfg, opt);
+  status s = ldpo_start(handle, c, head, ref_head, cfg.ld_alpha, P, opt, stream, &ref_c, &ref_r);
   for (int k = 0; s && k < c.pol.num_buffers; ++k) {
     std::size_t bytes = w.lin_bytes;
-    s = linear_logps(w.lin_ws, bytes, handle, ldpo_view(c.pol, k, head, rows[k].label), rows[k].logp,
-                     opt.metrics ? rows[k].ent : nullptr, rows[k].lse, ldpo_linear_options(opt), stream);
+    s = linear_logps_impl(w.lin_ws, bytes, handle, ldpo_view(c.pol, k, head, w.rows[k].label), w.rows[k].logp,
+                          metrics ? w.rows[k].ent : nullptr, w.rows[k].lse, ldpo_terms(w.rows[k], metrics),
+                          ldpo_linear_options(opt), stream);
   }
-  double* ent_sums = opt.metrics ? w.ent_sums : nullptr;
+  if (s) s = ldpo_sums(c.pol, w, w.rows, 0, P, cfg.ld_alpha, w.pw.seqs[0], w.pw.seqs[1], metrics, stream);
+  return s ? ldpo_finish(c, head, ref_c, ref_r, cfg, out, grad_output, P, true, opt, stream) : s;
+}
+
+/// The three-pass call after its checks (dpo/core/linear_plan.hpp cut the chunks of whole
+/// pairs): per chunk, its two row ranges (chosen, rejected) gathered into the linear head's
+/// workspace, one logits GEMM over the full vocab, the rows' statistics, the pairs' sums,
+/// dL/dpi and each row's dL/dlogp, the row kernel turning the kept logits into dZ, then the
+/// dHidden and dWeight GEMMs and dBias; the pair stage over the whole batch writes the
+/// outputs at the end. Every GEMM's algorithm is chosen (a dry pass) before anything is
+/// enqueued, so a cuBLASLt refusal leaves nothing behind.
+template <class T, class L, class G>
+status ldpo_three(cublasLtHandle_t handle, const ldpo_call<T, L>& c, const linear_head<T>& head,
+                  const linear_head<T>* ref_head, const double* ref_c, const double* ref_r, const loss_config& cfg,
+                  const forward_outputs& out, const linear_dpo_grads<T, G>& g, const double* grad_output,
+                  std::int64_t P, const linear_dpo_options& opt, cudaStream_t stream) {
+  using A = acc_t<T>;
+  constexpr int B = linear_block;
+  const ldpo_ws& w = c.w;
+  const ldpo_layout<T, L>& l = c.pol;
+  const std::int64_t H = head.hidden, V = head.vocab;
+  linear_ws<T> lw(reinterpret_cast<std::uintptr_t>(w.lin_ws), c.ch.rows > 1 ? c.ch.rows : 1, V, H,
+                  opt.gemm_workspace_bytes);
+  lw.h = reinterpret_cast<linear_header*>(w.h);  // the call's error word (the same layout)
+  T* gh[2] = {g.chosen_hidden, g.rejected_hidden};
+  const std::int64_t gs[2] = {g.chosen_hidden_stride, g.rejected_hidden_stride};
+  const bool dh = gh[0] != nullptr || gh[1] != nullptr;
+  const bool metrics = ldpo_metrics(cfg, opt);
+  // The sides' sequences on the host (packed: through the host copy of cu_seqlens).
+  token_view<T, L> hv[2] = {l.v[0], l.v[1]};
+  const std::int64_t* dev_cu = hv[0].cu_seqlens;
+  if (dev_cu != nullptr) hv[0].cu_seqlens = hv[1].cu_seqlens = opt.host_cu_seqlens;
+  linear_view<T, std::int64_t> view[2];
+  for (int s = 0; s < 2; ++s) view[s] = ldpo_view(l, l.buffer_of[s], head, w.rows[l.buffer_of[s]].label);
+  const double *rho_c = nullptr, *rho_r = nullptr;  // the reference as dL/dpi reads it (set below)
+  const auto enqueue = [&](bool dry) {
+    const linear_gemm gm{handle, stream, lw.gemm, static_cast<std::size_t>(lw.gemm_bytes), dry};
+    status s;
+    for (std::int64_t p0 = 0, p1 = 0; s && p0 < P; p0 = p1) {
+      p1 = dpo::detail::linear_next_chunk(c.pair_rows.data(), P, p0, c.max_rows);
+      std::int64_t r0[2], n[2];
+      for (int k = 0; k < 2; ++k) {
+        r0[k] = hv[k].row_begin(p0);
+        n[k] = hv[k].row_end(p1 - 1) - r0[k];
+      }
+      const linear_ws<T> part[2] = {lw, ws_from_row(lw, n[0])};
+      const std::int64_t nb = n[0] + n[1];
+      const auto each_side = [&](auto&& f) {
+        for (int k = 0; s && k < 2; ++k)
+          if (n[k] > 0) s = f(k, w.rows[l.buffer_of[k]]);
+      };
+      if (!dry)
+        each_side([&](int k, const ldpo_rows&) {
+          return launch("linear_gather_kernel", linear_gather_kernel<B, false, T, std::int64_t>, row_blocks(n[k]), B,
+                        stream, view[k], r0[k], n[k], linear_bwd_in{}, part[k]);
+        });
+      if (s && nb > 0) s = logits_gemm(gm, view[0], lw, nb, 0, V);
+      if (!dry) {
+        each_side([&](int k, const ldpo_rows& rb) {
+          return metrics ? launch("linear_stats_kernel", linear_stats_kernel<B, true, T, std::int64_t>,
+                                  row_blocks(n[k]), B, stream, view[k], r0[k], n[k], std::int64_t{0}, V, true,
+                                  part[k], rb.logp, rb.ent, rb.lse, ldpo_terms(rb, true))
+                         : launch("linear_stats_kernel", linear_stats_kernel<B, false, T, std::int64_t>,
+                                  row_blocks(n[k]), B, stream, view[k], r0[k], n[k], std::int64_t{0}, V, true,
+                                  part[k], rb.logp, static_cast<double*>(nullptr), rb.lse, linear_row_terms{});
+        });
+        const unsigned pb = seq_blocks(p1 - p0);
+        if (s) s = ldpo_sums(l, w, w.rows, p0, p1, cfg.ld_alpha, w.pw.seqs[0], w.pw.seqs[1], metrics, stream);
+        if (s)
+          s = launch("ldpo_pair_grad_kernel", ldpo_pair_grad_kernel, pb, ldpo_block, stream, cfg,
+                     static_cast<const ldpo_header*>(w.h), P, p0, p1, w.pw, rho_c, rho_r);
+        if (s)
+          s = launch("ldpo_coef_kernel", ldpo_coef_kernel<T, L>, pb, ldpo_block, stream, dev_of(l), w.rows[0],
+                     w.rows[1], p0, p1, cfg.ld_alpha, static_cast<const ldpo_header*>(w.h),
+                     static_cast<const double*>(w.pw.pairs.gc), static_cast<const double*>(w.pw.pairs.gr),
+                     static_cast<const double*>(w.nll), grad_output, out.row_lse, out.row_coef);
+        // The backward's row state (rows with a zero dL/dlogp are skipped as in
+        // linear_logps_backward: their hidden rows become zeros), then dZ over the kept logits.
+        each_side([&](int k, const ldpo_rows& rb) {
+          return launch("linear_gather_kernel", linear_gather_kernel<B, true, T, std::int64_t>, row_blocks(n[k]), B,
+                        stream, view[k], r0[k], n[k],
+                        linear_bwd_in{rb.lse, rb.coef, static_cast<const double*>(nullptr),
+                                      static_cast<const double*>(nullptr), true},
+                        part[k]);
+        });
+        if (s && nb > 0)
+          s = launch("linear_grad_kernel", linear_grad_kernel<B, false, T, std::int64_t>, row_blocks(nb), B, stream,
+                     view[0], nb, std::int64_t{0}, V, lw, g.bias != nullptr);
+        if (s && nb > 0 && g.bias != nullptr)
+          s = launch("linear_dbias_kernel", linear_dbias_kernel<T, G>, static_cast<unsigned>((V + 31) / 32), 256,
+                     stream, nb, std::int64_t{0}, V, lw, g.bias);
+      }
+      // dh^T [H, nb] = weight^T [H, V] . dZ^T [V, nb]; dWeight^T [H, V] += hb^T [H, nb] . dZ [nb, V].
+      if (s && nb > 0 && dh)
+        s = gemm<A>(gm, "dHidden GEMM", false, false, H, nb, V, head.weight, cuda_type<T>(), head.weight_stride,
+                    lw.dz, cuda_type<T>(), lw.ldz, A(0), lw.dh, cuda_type<A>(), lw.ldh);
+      if (s && nb > 0 && g.weight != nullptr)
+        s = gemm<A>(gm, "dWeight GEMM", false, true, H, V, nb, lw.hb, cuda_type<T>(), lw.ldh, lw.dz, cuda_type<T>(),
+                    lw.ldz, A(1), g.weight, cuda_type<G>(), g.weight_stride);
+      if (!dry)
+        each_side([&](int k, const ldpo_rows&) {
+          if (gh[k] == nullptr) return status{};
+          return launch("linear_dhidden_kernel", linear_dhidden_kernel<B, T, std::int64_t>, row_blocks(n[k]), B,
+                        stream, H, r0[k], n[k], part[k], gh[k], gs[k], g.accumulate_hidden);
+        });
+    }
+    return s;
+  };
+  status s = enqueue(true);  // every GEMM's algorithm, before anything is enqueued
+  if (s) s = ldpo_start(handle, c, head, ref_head, cfg.ld_alpha, P, opt, stream, &ref_c, &ref_r);
+  // dL/dpi reads the reference only where the loss does (as the CPU's three passes).
+  if (dpo::detail::needs_reference(cfg)) {
+    rho_c = ref_c;
+    rho_r = ref_r;
+  }
+  if (s && dev_cu != nullptr) {  // the plan's chunk boundaries against the device's cu_seqlens
+    ldpo_cu_entries e{};
+    const auto flush = [&] {
+      if (e.n > 0 && s) s = launch("ldpo_host_cu_kernel", ldpo_host_cu_kernel, 1, 1, stream, dev_cu, e, w.h);
+      e.n = 0;
+    };
+    const auto check = [&](std::int64_t i) {
+      e.index[e.n] = i;
+      e.value[e.n] = opt.host_cu_seqlens[i];
+      if (++e.n == 32) flush();
+    };
+    for (std::int64_t p0 = 0, p1 = 0; p0 < P; p0 = p1) {
+      p1 = dpo::detail::linear_next_chunk(c.pair_rows.data(), P, p0, c.max_rows);
+      for (int k = 0; k < 2; ++k) {
+        check(l.v[k].first_seq + p0);
+        check(l.v[k].first_seq + p1);
+      }
+    }
+    flush();
+  }
   if (s)
-    s = launch("ldpo_sums_kernel", ldpo_sums_kernel<T, L>, seq_blocks(P), ldpo_block, stream,
-               dev_of(c.pol), static_cast<const ldpo_header*>(w.h), rows[0], rows[1], P, cfg.ld_alpha, w.sums,
-               w.counts, w.plain, ent_sums);
-  if (!s) return s;
-  forward_outputs scratch;
-  scratch.set_pair_outputs(w.pair_out, P);
-  scratch.loss = w.loss;
-  scratch.metrics = w.metrics;
-  scratch.nll_token_grad = w.nll;
-  pair_logps_in li;
-  li.num_pairs = P;
-  li.chosen_logps = w.sums;
-  li.rejected_logps = w.sums + P;
-  li.ref_chosen_logps = ref_c;
-  li.ref_rejected_logps = ref_r;
-  li.chosen_tokens = w.counts;
-  li.rejected_tokens = w.counts + P;
-  std::size_t lb = w.loss_bytes;
-  s = dpo_loss(w.loss_ws, lb, li, cfg, scratch, stream);
-  if (!s) return s;
-  s = launch("ldpo_coef_kernel", ldpo_coef_kernel<T, L>, seq_blocks(P), ldpo_block, stream, dev_of(c.pol),
-             rows[0], rows[1], P, cfg.ld_alpha, static_cast<const ldpo_header*>(w.h),
-             static_cast<const double*>(scratch.grad_chosen), static_cast<const double*>(scratch.grad_rejected),
-             static_cast<const double*>(w.nll), grad_output, out.row_lse, out.row_coef);
-  if (!s) return s;
-  return launch("ldpo_publish_kernel", ldpo_publish_kernel, seq_blocks(P), ldpo_block, stream,
-                static_cast<const ldpo_header*>(w.h), scratch, out, P, static_cast<const double*>(ent_sums),
-                static_cast<const double*>(w.counts), static_cast<const double*>(w.plain));
+    s = launch("ldpo_nll_kernel", ldpo_nll_kernel<T, L>, 1, ldpo_block, stream, dev_of(l), w.rows[0], w.rows[1], P,
+               cfg, static_cast<const ldpo_header*>(w.h), w.nll);
+  if (s) s = enqueue(false);
+  return s ? ldpo_finish(c, head, ref_c, ref_r, cfg, out, grad_output, P, false, opt, stream) : s;
 }
 
 /// Checks shared by the fused and the forward calls once the workspace is carved.
@@ -772,7 +1062,7 @@ status ldpo_check_forward(const ldpo_call<T, L>& c, const double* ref_c, const d
   if (!c.has_ref) {
     pair_logps_in li;
     li.num_pairs = P;
-    li.chosen_logps = li.rejected_logps = c.w.sums;  // placeholders: the call's own arrays
+    li.chosen_logps = li.rejected_logps = c.w.ref;  // placeholders: the call's own arrays
     li.ref_chosen_logps = ref_c;
     li.ref_rejected_logps = ref_r;
     s = to_status(dpo::detail::check_logps_in(li, cfg, dpo::detail::cuda_policy(-1, true)));
@@ -780,24 +1070,63 @@ status ldpo_check_forward(const ldpo_call<T, L>& c, const double* ref_c, const d
   return s;
 }
 
-}  // namespace detail
-
-/// The plan of a call (four passes here) and the workspace bytes linear_dpo needs with a
-/// reference from log-probs (the reference-hidden overload needs more: ask it with
-/// workspace == nullptr).
-template <class T, class L>
-status linear_dpo_workspace_size(const hidden_pairs<T, L>& policy, const linear_head<T>& head,
-                                 const loss_config& cfg, const linear_dpo_options& opt, linear_dpo_plan* out) {
-  if (out == nullptr) return detail::invalid("dpo: linear_dpo_workspace_size: out is null");
-  std::size_t bytes = 0;
-  detail::ldpo_call<T, L> c;
-  const status s = detail::ldpo_prologue<T, L>(nullptr, bytes, nullptr, policy, head, nullptr, nullptr, &cfg,
-                                               opt, &c);
+/// The fused call (both reference forms: ref / ref_head null for precomputed log-probs).
+template <class T, class L, class G>
+status ldpo_fused(void* workspace, std::size_t& workspace_bytes, cublasLtHandle_t handle,
+                  const hidden_pairs<T, L>& policy, const linear_head<T>& head, const hidden_pairs<T, L>* ref,
+                  const linear_head<T>* ref_head, const double* ref_c, const double* ref_r, const loss_config& cfg,
+                  const forward_outputs& out, const linear_dpo_grads<T, G>& g, const linear_dpo_options& opt,
+                  const double* grad_output, cudaStream_t stream) {
+  ldpo_call<T, L> c;
+  status s = ldpo_prologue<T, L>(workspace, workspace_bytes, handle, policy, head, ref, ref_head, &cfg, opt, &c, true);
+  if (!s || c.size_only) return s;
+  const std::int64_t P = policy.num_pairs();
+  s = ldpo_check_forward(c, ref_c, ref_r, cfg, out, P);
   if (!s) return s;
-  out->mode = linear_mode::four_pass;
+  s = ldpo_check_grads(c.pol, head, g, workspace, static_cast<std::int64_t>(c.w.bytes), nullptr, 0);
+  if (!s) return s;
+  if (c.mode == linear_mode::three_pass)
+    return ldpo_three<T, L, G>(handle, c, head, ref_head, ref_c, ref_r, cfg, out, g, grad_output, P, opt, stream);
+  s = ldpo_forward<T, L>(handle, c, head, ref_head, ref_c, ref_r, cfg, out, grad_output, P, opt, stream);
+  if (!s) return s;
+  const double* lse[2] = {c.w.rows[0].lse, c.w.rows[1].lse};
+  return ldpo_backward(handle, c.pol, head, lse, c.w, g, opt, stream);
+}
+
+/// The plan of a fused call (both reference forms, as ldpo_fused).
+template <class T, class L>
+status ldpo_plan_of(const hidden_pairs<T, L>& policy, const linear_head<T>& head, const hidden_pairs<T, L>* ref,
+                    const linear_head<T>* ref_head, const loss_config& cfg, const linear_dpo_options& opt,
+                    linear_dpo_plan* out) {
+  if (out == nullptr) return invalid("dpo: linear_dpo_workspace_size: out is null");
+  std::size_t bytes = 0;
+  ldpo_call<T, L> c;
+  const status s = ldpo_prologue<T, L>(nullptr, bytes, nullptr, policy, head, ref, ref_head, &cfg, opt, &c, true);
+  if (!s) return s;
+  out->mode = c.mode;
   out->chunk_rows = c.ch.rows;
   out->workspace_bytes = static_cast<std::int64_t>(bytes);
   return {};
+}
+
+}  // namespace detail
+
+/// The plan of linear_dpo with the reference as log-probs: its mode (three or four passes,
+/// dpo/core/linear_plan.hpp), the rows of its largest logits chunk and the workspace bytes
+/// (what the size query of linear_dpo returns).
+template <class T, class L>
+status linear_dpo_workspace_size(const hidden_pairs<T, L>& policy, const linear_head<T>& head,
+                                 const loss_config& cfg, const linear_dpo_options& opt, linear_dpo_plan* out) {
+  return detail::ldpo_plan_of<T, L>(policy, head, nullptr, nullptr, cfg, opt, out);
+}
+
+/// The plan of linear_dpo with the reference from hidden states (its workspace also holds the
+/// reference's forward).
+template <class T, class L>
+status linear_dpo_workspace_size(const hidden_pairs<T, L>& policy, const linear_head<T>& head,
+                                 const hidden_pairs<T, L>& ref, const linear_head<T>& ref_head,
+                                 const loss_config& cfg, const linear_dpo_options& opt, linear_dpo_plan* out) {
+  return detail::ldpo_plan_of<T, L>(policy, head, &ref, &ref_head, cfg, opt, out);
 }
 
 /// DPO from hidden states in one call, as dpo::cpu::linear_dpo: the loss, the metrics and
@@ -805,7 +1134,8 @@ status linear_dpo_workspace_size(const hidden_pairs<T, L>& policy, const linear_
 /// row_coef, indexed by hidden row, need one hidden buffer) and the gradients of
 /// grad_output * loss with respect to the hidden states, the weight and the bias (g).
 /// ref_chosen / ref_rejected: the reference's sequence log-probs (device [P]; null for
-/// reference-free losses). grad_output: a device scalar, null for 1. Four GEMM passes.
+/// reference-free losses). grad_output: a device scalar, null for 1. Three GEMM passes when
+/// the plan allows (opt.mode), else four.
 template <class T, class L, class G>
 status linear_dpo(void* workspace, std::size_t& workspace_bytes, cublasLtHandle_t handle,
                   const hidden_pairs<T, L>& policy, const linear_head<T>& head, const double* ref_chosen,
@@ -814,20 +1144,8 @@ status linear_dpo(void* workspace, std::size_t& workspace_bytes, cublasLtHandle_
                   const double* grad_output = nullptr, cudaStream_t stream = 0) {
   static_assert(std::is_same<G, T>::value || std::is_same<G, acc_t<T>>::value,
                 "dWeight and dBias must have the head's dtype or its accumulation type");
-  detail::ldpo_call<T, L> c;
-  status s = detail::ldpo_prologue<T, L>(workspace, workspace_bytes, handle, policy, head, nullptr, nullptr,
-                                         &cfg, opt, &c);
-  if (!s || c.size_only) return s;
-  const std::int64_t P = policy.num_pairs();
-  s = detail::ldpo_check_forward(c, ref_chosen, ref_rejected, cfg, out, P);
-  if (!s) return s;
-  s = detail::ldpo_check_grads(c.pol, head, g, workspace, static_cast<std::int64_t>(c.w.bytes), nullptr, 0);
-  if (!s) return s;
-  s = detail::ldpo_forward<T, L>(handle, c, head, nullptr, ref_chosen, ref_rejected, cfg, out, grad_output, P, opt,
-                           stream);
-  if (!s) return s;
-  const double* lse[2] = {c.w.rows[0].lse, c.w.rows[1].lse};
-  return detail::ldpo_backward(handle, c.pol, head, lse, c.w, g, opt, stream);
+  return detail::ldpo_fused<T, L, G>(workspace, workspace_bytes, handle, policy, head, nullptr, nullptr, ref_chosen,
+                                     ref_rejected, cfg, out, g, opt, grad_output, stream);
 }
 
 /// linear_dpo with the reference from hidden states: ref (same pairs and labels as policy)
@@ -841,19 +1159,8 @@ status linear_dpo(void* workspace, std::size_t& workspace_bytes, cublasLtHandle_
                   const double* grad_output = nullptr, cudaStream_t stream = 0) {
   static_assert(std::is_same<G, T>::value || std::is_same<G, acc_t<T>>::value,
                 "dWeight and dBias must have the head's dtype or its accumulation type");
-  detail::ldpo_call<T, L> c;
-  status s = detail::ldpo_prologue<T, L>(workspace, workspace_bytes, handle, policy, head, &ref, &ref_head, &cfg,
-                                         opt, &c);
-  if (!s || c.size_only) return s;
-  const std::int64_t P = policy.num_pairs();
-  s = detail::ldpo_check_forward(c, nullptr, nullptr, cfg, out, P);
-  if (!s) return s;
-  s = detail::ldpo_check_grads(c.pol, head, g, workspace, static_cast<std::int64_t>(c.w.bytes), nullptr, 0);
-  if (!s) return s;
-  s = detail::ldpo_forward<T, L>(handle, c, head, &ref_head, nullptr, nullptr, cfg, out, grad_output, P, opt, stream);
-  if (!s) return s;
-  const double* lse[2] = {c.w.rows[0].lse, c.w.rows[1].lse};
-  return detail::ldpo_backward(handle, c.pol, head, lse, c.w, g, opt, stream);
+  return detail::ldpo_fused<T, L, G>(workspace, workspace_bytes, handle, policy, head, &ref, &ref_head, nullptr,
+                                     nullptr, cfg, out, g, opt, grad_output, stream);
 }
 
 /// The forward alone (four passes' first half), as dpo::cpu::linear_dpo_forward: writes `out`
@@ -951,21 +1258,17 @@ status linear_pair_logps(void* workspace, std::size_t& workspace_bytes, cublasLt
   detail::ldpo_rows rows[2] = {w.rows[0], w.rows[1]};
   s = detail::ldpo_logps(handle, c.pol, head, 0, true, w.h, rows, w, opt, stream);
   if (s)
-    s = detail::launch("ldpo_sums_kernel", detail::ldpo_sums_kernel<T, L>, detail::seq_blocks(P),
-                       detail::ldpo_block, stream, detail::dev_of(c.pol),
-                       static_cast<const detail::ldpo_header*>(w.h), rows[0], rows[1], P, ld_alpha, w.sums,
-                       w.counts, static_cast<double*>(nullptr), static_cast<double*>(nullptr));
+    s = detail::ldpo_sums(c.pol, w, rows, 0, P, ld_alpha, detail::logp_only(w.ref), detail::logp_only(w.ref + P),
+                          false, stream);
   if (!s) return s;
   // Copy out only without an error (the publish kernel's pair outputs: chosen_logps).
   forward_outputs src, dst;
-  src.chosen_logps = w.sums;
-  src.rejected_logps = w.sums + P;
+  src.chosen_logps = w.ref;
+  src.rejected_logps = w.ref + P;
   dst.chosen_logps = chosen;
   dst.rejected_logps = rejected;
   return detail::launch("ldpo_publish_kernel", detail::ldpo_publish_kernel, detail::seq_blocks(P),
-                        detail::ldpo_block, stream, static_cast<const detail::ldpo_header*>(w.h), src, dst, P,
-                        static_cast<const double*>(nullptr), static_cast<const double*>(w.counts),
-                        static_cast<const double*>(nullptr));
+                        detail::ldpo_block, stream, static_cast<const detail::ldpo_header*>(w.h), src, dst, P);
 }
 
 }  // namespace cuda

@@ -44,6 +44,9 @@ enum class device_error_code : std::int32_t {
   /// dpo_backward found no matching dpo_forward state in the workspace (value: pairs,
   /// bound: vocab it was called with).
   no_forward_state = 5,
+  /// cu_seqlens[index] = value != bound = the host copy given for planning
+  /// (dpo::cuda::linear_dpo_options::host_cu_seqlens).
+  cu_seqlens_host_mismatch = 6,
 };
 
 /// The error word, at byte offset 0 of every workspace. Copy it back (cudaMemcpyAsync of
@@ -53,7 +56,8 @@ struct device_error {
   std::int32_t code;  // a device_error_code
   std::int32_t side;  // 0 chosen (or the only view), 1 rejected; 2 / 3 the reference's
                       // chosen / rejected (the reference-logits overloads); 4 the labels of
-                      // a linear head call (dpo/cuda/linear.cuh)
+                      // a linear head call (dpo/cuda/linear.cuh); 5 / 6 the reference
+                      // hidden states' chosen / rejected (dpo/cuda/linear_dpo.cuh)
   std::int64_t index;
   std::int64_t value;
   std::int64_t bound;
@@ -78,9 +82,9 @@ inline status make_status(cudaError_t code, const char* fmt, ...) {
 
 /// Describes a device_error as a status (cudaSuccess when e.code == none).
 inline status describe(const device_error& e) {
-  static const char* const sides[4] = {"chosen", "rejected", "ref_logits.chosen",
-                                       "ref_logits.rejected"};
-  const char* side = e.side >= 0 && e.side < 4 ? sides[e.side] : "?";
+  static const char* const sides[7] = {"chosen",   "rejected",          "ref_logits.chosen", "ref_logits.rejected",
+                                       "labels",   "ref_hidden.chosen", "ref_hidden.rejected"};
+  const char* side = e.side >= 0 && e.side < 7 ? sides[e.side] : "?";
   const long long i = static_cast<long long>(e.index), v = static_cast<long long>(e.value),
                   b = static_cast<long long>(e.bound);
   switch (static_cast<device_error_code>(e.code)) {
@@ -109,6 +113,10 @@ inline status describe(const device_error& e) {
       return detail::make_status(cudaErrorInvalidValue,
                                  "dpo: %s.cu_seqlens[%lld] = %lld is past options.num_rows = %lld",
                                  side, i, v, b);
+    case device_error_code::cu_seqlens_host_mismatch:
+      return detail::make_status(cudaErrorInvalidValue,
+                                 "dpo: %s.cu_seqlens[%lld] = %lld differs from options.host_cu_seqlens[%lld] = %lld",
+                                 side, i, v, i, b);
     case device_error_code::no_forward_state:
       return detail::make_status(cudaErrorInvalidValue,
                                  "dpo: dpo_backward: the workspace holds no dpo_forward state for "
