@@ -7,13 +7,17 @@
 #   cuda_tests    dpo::cuda against dpo::cpu on random inputs (every loss, dtype, layout, odd
 #                 vocab, masks, in place, graph capture, errors, determinism)
 #   linear_tests  the fused LM head (dpo/cuda/linear.cuh, cuBLASLt) against dpo::cpu's, then
-#                 DPO from hidden states (dpo/cuda/linear_dpo.cuh) against dpo::cpu::linear_dpo
+#                 DPO from hidden states (dpo/cuda/linear_dpo.cuh, three and four passes, both
+#                 reference forms) against dpo::cpu::linear_dpo
 #   bench_cuda    copy / forward / fused forward+backward, TB/s and share of the copy
 #   bench_linear  the fused LM head at N 8192, H 4096, V 128256 bf16 against the same cuBLASLt
-#                 GEMMs alone (floor_ratio) and the materializing path (full logits)
+#                 GEMMs alone (floor_ratio) and the materializing path (full logits), and
+#                 linear_dpo in three and four passes, reference from log-probs and from hidden
+#                 states, against their GEMM floors (3 or 4 passes, + 1 for the reference)
 #   cuda_large    rows x vocab beyond 2^31 elements
 #   memcheck, racecheck   compute-sanitizer on the [sanitize] subset
 #   linear_memcheck, linear_racecheck   the same over the linear head's [sanitize] cases
+#   linear_dpo_memcheck   memcheck over linear_dpo's [sanitize] cases (three and four passes)
 #   example       examples/cuda/custom_kernel.cu
 #   example_step  examples/cuda/training_step.cu (its three ways agree, bitwise)
 #   python_tests  python/tests/test_cuda.py (the ops on CUDA tensors against the CPU ops)
@@ -122,7 +126,7 @@ lbin=$build/tests/cuda/test_cuda_linear
 stage linear_tests 60 bash -c "\"$lbin\" --durations yes && \"$build/tests/cuda/test_cuda_linear_dpo\" --durations yes"
 stage bench_cuda 120 "$build/bench/cuda/dpo_bench_cuda" --benchmark_out="$logs/bench_cuda.json" \
   --benchmark_out_format=json
-stage bench_linear 60 "$build/bench/cuda/dpo_bench_cuda_linear" --benchmark_out="$logs/bench_cuda_linear.json" \
+stage bench_linear 90 "$build/bench/cuda/dpo_bench_cuda_linear" --benchmark_out="$logs/bench_cuda_linear.json" \
   --benchmark_out_format=json
 # TODO(issue 12): TRL 1.16's chunked head and Liger's fused DPO at the same shape run from
 # Python (bench/torch_paths.py or its successor, another helper's stage), not here.
@@ -134,10 +138,12 @@ if timeout 60 "$san" --tool memcheck "$tbin" "cuda: bad arguments*" > "$logs/san
   stage racecheck 120 "$san" --tool racecheck --error-exitcode 99 --racecheck-report all "$tbin" "[sanitize]"
   stage linear_memcheck 90 "$san" --tool memcheck --error-exitcode 99 --leak-check full "$lbin" "[sanitize]"
   stage linear_racecheck 90 "$san" --tool racecheck --error-exitcode 99 --racecheck-report all "$lbin" "[sanitize]"
+  stage linear_dpo_memcheck 60 "$san" --tool memcheck --error-exitcode 99 --leak-check full \
+    "$build/tests/cuda/test_cuda_linear_dpo" "[sanitize]"
 else
   why="SKIPPED(sanitizer: $(grep -v '^\s*$' "$logs/sanitizer_probe.log" | head -n 1 | cut -c 1-40))"
   not_run memcheck "$why"; not_run racecheck "$why"
-  not_run linear_memcheck "$why"; not_run linear_racecheck "$why"
+  not_run linear_memcheck "$why"; not_run linear_racecheck "$why"; not_run linear_dpo_memcheck "$why"
 fi
 stage example 30 "$build/examples/cuda/dpo_example_custom_kernel"
 stage example_step 30 "$build/examples/cuda/dpo_example_training_step"

@@ -11,6 +11,14 @@
 //   materializing       one GEMM to the full bf16 logits [N, V], the logits path's
 //                       sequence_logps + sequence_logps_backward in place, two GEMMs
 //                       (dHidden, dWeight): 2.1 GB of logits
+//   gemm_floor_3pass    logits, dHidden, dWeight GEMMs alone (the three-pass floor)
+//   gemm_floor_3pass_ref / gemm_floor_4pass_ref   the same plus one more logits pass (a
+//                       reference model's forward)
+//   dpo_3pass_ref{logps,hidden}   dpo::cuda::linear_dpo (dpo/cuda/linear_dpo.cuh), sigmoid loss,
+//                       padded pairs, three passes (one pair per chunk: its workspace is set
+//                       to fit 2 x seq_len full-vocab rows), the reference as precomputed
+//                       log-probs or from hidden states through a reference head
+//   dpo_4pass_ref{logps,hidden}   the same in four passes at the default budget
 // Counters: median_ms, floor_ratio (ms over its floor's ms, measured first in the same run),
 // extra_GiB (device memory beyond inputs and gradient buffers: the workspace, or the full
 // logits plus the logits path's workspace). Without a device it prints "SKIPPED: no CUDA
@@ -28,6 +36,7 @@
 
 #include <dpo/cuda/dpo.cuh>
 #include <dpo/cuda/linear.cuh>
+#include <dpo/cuda/linear_dpo.cuh>
 
 #include "bench_cuda_common.hpp"
 
@@ -155,8 +164,9 @@ struct head {
     check(dpo::cuda::linear_logps_backward(ws, b, handle, view(), lse, gl, entropy, ge, g, opt));
   }
 
-  /// The call's GEMMs alone, on the same chunk buffers: passes = 1 (forward) or 4.
-  void gemms(int passes) {
+  /// The call's GEMMs alone, on the same chunk buffers: passes = 1 (forward), 3 (logits,
+  /// dHidden, dWeight) or 4 (with the recompute); ref: one more logits pass (a reference).
+  void gemms(int passes, bool ref = false) {
     namespace d = dpo::cuda::detail;
     const d::linear_ws<T> w(reinterpret_cast<std::uintptr_t>(ws), ch.rows, ch.vocab, H, opt.gemm_workspace_bytes);
     const d::linear_gemm g{handle, 0, w.gemm, static_cast<std::size_t>(w.gemm_bytes), false};
@@ -166,8 +176,9 @@ struct head {
       for (std::int64_t v0 = 0; v0 < V; v0 += ch.vocab) {
         const std::int64_t nv = std::min(ch.vocab, V - v0);
         check(d::logits_gemm(g, v, w, nb, v0, nv));
+        if (ref) check(d::logits_gemm(g, v, w, nb, v0, nv));
         if (passes == 1) continue;
-        check(d::logits_gemm(g, v, w, nb, v0, nv));
+        if (passes == 4) check(d::logits_gemm(g, v, w, nb, v0, nv));
         check(d::gemm<float>(g, "dH", false, false, H, nb, nv, weight + v0 * H, CUDA_R_16BF, H, w.dz, CUDA_R_16BF,
                              w.ldz, v0 == 0 ? 0.0f : 1.0f, w.dh, CUDA_R_32F, w.ldh));
         check(d::gemm<float>(g, "dW", false, true, H, nv, nb, w.hb, CUDA_R_16BF, w.ldh, w.dz, CUDA_R_16BF, w.ldz, 1.0f,
@@ -248,14 +259,81 @@ struct materializing {
   }
 };
 
-enum what { w_floor_fwd, w_fwd, w_floor_4, w_fwd_bwd, w_materializing, w_count };
-const char* const what_name[w_count] = {"gemm_floor_fwd", "linear_fwd", "gemm_floor_4pass", "linear_fwd_bwd",
-                                        "materializing"};
+/// DPO from hidden states (dpo::cuda::linear_dpo) on the head's buffers: padded pairs of
+/// seq_len rows (2P = N / seq_len sequences), sigmoid loss, the reference as log-probs or as
+/// hidden states through a reference head (the head's own buffers: timing only).
+struct dpo_call {
+  head& h;
+  bool three, ref_hidden;
+  std::int64_t P;
+  double *ref = nullptr, *loss = nullptr;
+  dpo::metrics* metrics = nullptr;
+  void* ws = nullptr;
+  std::size_t ws_bytes = 0;
+  dpo::cuda::linear_dpo_options opt;
+  dpo::loss_config cfg = dpo::loss_config::of(dpo::loss_type::sigmoid);
+
+  dpo_call(head& hd, bool three_pass, bool from_hidden)
+      : h(hd), three(three_pass), ref_hidden(from_hidden), P(hd.N / hd.seq_len / 2) {
+    DPO_BENCH_CK(cudaMalloc(&ref, 2 * P * sizeof(double)));
+    DPO_BENCH_CK(cudaMalloc(&loss, sizeof(double)));
+    DPO_BENCH_CK(cudaMalloc(&metrics, sizeof(dpo::metrics)));
+    const std::vector<double> r(static_cast<std::size_t>(2 * P), -5.0 * static_cast<double>(h.seq_len));
+    DPO_BENCH_CK(cudaMemcpy(ref, r.data(), r.size() * sizeof(double), cudaMemcpyHostToDevice));
+    opt.mode = three ? dpo::linear_mode::three_pass : dpo::linear_mode::four_pass;
+    if (three) {  // one pair (2 x seq_len rows over the full vocab) per chunk
+      opt.workspace_bytes = std::int64_t{64} << 30;
+      opt.chunk_rows = 2 * h.seq_len;
+    }
+    check(call(nullptr, ws_bytes));
+    DPO_BENCH_CK(cudaMalloc(&ws, ws_bytes));
+  }
+  ~dpo_call() {
+    for (void* p : {static_cast<void*>(ref), static_cast<void*>(loss), static_cast<void*>(metrics), ws}) cudaFree(p);
+  }
+  dpo_call(const dpo_call&) = delete;
+  dpo_call& operator=(const dpo_call&) = delete;
+
+  dpo::cuda::status call(void* w, std::size_t& bytes) {
+    const auto pairs = dpo::cuda::linear_padded_pairs<T, L>(h.hidden, h.H, h.H, h.labels, 2 * P, h.seq_len);
+    dpo::cuda::linear_head<T> hd = dpo::make_linear_head<T>(h.weight, h.V, h.H, h.H);
+    dpo::cuda::linear_dpo_grads<T, float> g;
+    g.chosen_hidden = g.rejected_hidden = h.dhidden;
+    g.chosen_hidden_stride = g.rejected_hidden_stride = h.H;
+    g.weight = h.dweight;
+    g.weight_stride = h.H;
+    dpo::forward_outputs out;
+    out.loss = loss;
+    out.metrics = metrics;
+    return ref_hidden ? dpo::cuda::linear_dpo(w, bytes, h.handle, pairs, hd, pairs, hd, cfg, out, g, opt)
+                      : dpo::cuda::linear_dpo(w, bytes, h.handle, pairs, hd, ref, ref + P, cfg, out, g, opt);
+  }
+  void run() {
+    std::size_t b = ws_bytes;
+    check(call(ws, b));
+  }
+  double extra_gib() const { return ws_bytes / 1073741824.0; }
+};
+
+enum what {
+  w_floor_fwd, w_fwd, w_floor_4, w_fwd_bwd, w_materializing,
+  w_floor_3, w_floor_3r, w_floor_4r, w_dpo3_logps, w_dpo3_hidden, w_dpo4_logps, w_dpo4_hidden, w_count
+};
+const char* const what_name[w_count] = {"gemm_floor_fwd",       "linear_fwd",           "gemm_floor_4pass",
+                                        "linear_fwd_bwd",       "materializing",        "gemm_floor_3pass",
+                                        "gemm_floor_3pass_ref", "gemm_floor_4pass_ref", "dpo_3pass_reflogps",
+                                        "dpo_3pass_refhidden",  "dpo_4pass_reflogps",   "dpo_4pass_refhidden"};
+/// Each timed row's floor (itself for the floors).
+const int floor_of[w_count] = {w_floor_fwd, w_floor_fwd, w_floor_4, w_floor_4, w_floor_4, w_floor_3,
+                               w_floor_3r,  w_floor_4r,  w_floor_3, w_floor_3r, w_floor_4, w_floor_4r};
 std::map<int, double> floor_ms;
 
 void run(benchmark::State& state, int what) {
   head& h = *the_head;
   materializing* m = what == w_materializing ? new materializing(h) : nullptr;
+  dpo_call* dc = what >= w_dpo3_logps ? new dpo_call(h, what <= w_dpo3_hidden, what == w_dpo3_hidden ||
+                                                                                    what == w_dpo4_hidden)
+                                      : nullptr;
   const auto once = [&] {
     switch (what) {
       case w_floor_fwd: h.gemms(1); break;
@@ -266,6 +344,10 @@ void run(benchmark::State& state, int what) {
         h.backward();
         break;
       case w_materializing: m->run(); break;
+      case w_floor_3: h.gemms(3); break;
+      case w_floor_3r: h.gemms(3, true); break;
+      case w_floor_4r: h.gemms(4, true); break;
+      default: dc->run(); break;
     }
   };
   h.time(once);  // warm-up (cuBLASLt's heuristics, caches)
@@ -278,12 +360,12 @@ void run(benchmark::State& state, int what) {
   std::sort(ms.begin(), ms.end());
   const double median = ms.empty() ? 0.0 : ms[ms.size() / 2];
   state.counters["median_ms"] = median;
-  if (what == w_floor_fwd || what == w_floor_4) floor_ms[what] = median;
-  const int floor = what == w_fwd ? w_floor_fwd : w_floor_4;
-  if (what != w_floor_fwd && what != w_floor_4 && floor_ms.count(floor) && floor_ms[floor] > 0)
-    state.counters["floor_ratio"] = median / floor_ms[floor];
-  state.counters["extra_GiB"] = m != nullptr ? m->extra_gib() : h.ws_bytes / 1073741824.0;
+  const int floor = floor_of[what];
+  if (floor == what) floor_ms[what] = median;
+  if (floor != what && floor_ms.count(floor) && floor_ms[floor] > 0) state.counters["floor_ratio"] = median / floor_ms[floor];
+  state.counters["extra_GiB"] = m != nullptr ? m->extra_gib() : dc != nullptr ? dc->extra_gib() : h.ws_bytes / 1073741824.0;
   delete m;
+  delete dc;
 }
 
 }  // namespace

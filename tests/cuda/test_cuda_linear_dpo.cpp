@@ -295,6 +295,20 @@ TEST_CASE("CUDA linear DPO: every loss type, padded, packed and separate, three 
   }
 }
 
+TEST_CASE("CUDA linear DPO: the sanitizer's subset (three and four passes, both references)",
+          "[linear_dpo][sanitize]") {
+  ldpo_case c = make_case(dtype::f32, ldpo_layout::padded, 400);
+  c.cfg = dpo::loss_config::of(dpo::loss_type::sigmoid);
+  c.ref_from_hidden = true;
+  c.transforms.softcap = 3.0;
+  compare(c, "three passes, padded, reference hidden", dpo::linear_mode::three_pass);
+  c = make_case(dtype::bf16, ldpo_layout::packed, 401);
+  c.cfg = dpo::loss_config::of(dpo::loss_type::sigmoid);
+  c.cfg.use_weighting = true;
+  c.mode = dpo::linear_mode::four_pass;
+  compare(c, "four passes, packed, WPO", dpo::linear_mode::four_pass);
+}
+
 TEST_CASE("CUDA linear DPO, three passes: layouts, dtypes, transforms, references, chunks, options",
           "[linear_dpo]") {
   using dpo::loss_type;
