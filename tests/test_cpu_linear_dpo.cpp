@@ -20,6 +20,7 @@
 #include "catch.hpp"
 #include "checks.hpp"
 #include "fixtures.hpp"
+#include "lse_limit.hpp"
 #include "oracle.hpp"
 
 namespace {
@@ -808,44 +809,28 @@ TEST_CASE("linear DPO: forward alone then backward equals the fused four-pass ca
 }
 
 TEST_CASE("linear head: the backward is exact for rows past the lse recompute limit", "[linear_dpo]") {
-  // |lse| >= 2^10 in double: the stored double lse is rounded by up to 2^-43 relative to
-  // the probabilities; the backward recomputes those rows' max and sum (as the logits path).
-  // H = 1 and dyadic values: the logits are exact, so the long double reference is too.
-  const std::int64_t V = 9;
-  std::vector<double> hidden = {1.0, 1.0}, weight(V), bias(V);
-  for (std::int64_t v = 0; v < V; ++v) {
-    weight[v] = 1536.0 + 0.375 * static_cast<double>((v * 5) % V);
-    bias[v] = 0.0;
-  }
-  const std::vector<label_t> labels = {2, 7};
+  // The backward recomputes those rows' max and sum (as the logits path): tests/support/lse_limit.hpp.
+  test_support::lse_limit_case k;
+  const std::int64_t V = k.V;
+  const std::vector<label_t> labels(k.labels.begin(), k.labels.end());
   dpo::cpu::linear_view<double, label_t> in;
-  in.hidden = hidden.data();
+  in.hidden = k.hidden.data();
   in.rows = 2;
   in.hidden_cols = in.hidden_stride = 1;
-  in.weight = weight.data();
+  in.weight = k.weight.data();
   in.vocab = V;
   in.weight_cols = in.weight_stride = 1;
-  in.bias = bias.data();
+  in.bias = k.bias.data();
   in.bias_size = V;
   in.labels = labels.data();
-  std::vector<double> logp(2), lse(2), gl = {1.0, -0.7};
+  std::vector<double> logp(2), lse(2);
   dpo::cpu::linear_logps(in, logp.data(), nullptr, lse.data());
   REQUIRE(std::fabs(lse[0]) >= 1024.0);
   std::vector<double> db(V, 0.0);
   dpo::cpu::linear_grads<double> g;
   g.bias = db.data();
-  dpo::cpu::linear_logps_backward(in, lse.data(), gl.data(), nullptr, nullptr, g);
-  ld m = -INFINITY;
-  for (double w : weight) m = std::max<ld>(m, w);
-  ld s = 0;
-  for (double w : weight) s += std::exp(ld(w) - m);
-  for (std::int64_t v = 0; v < V; ++v) {
-    const ld pv = std::exp((ld(weight[v]) - m) - std::log(s));
-    ld want = 0;
-    for (int r = 0; r < 2; ++r) want += gl[r] * ((labels[r] == v ? 1 : 0) - pv);
-    INFO("v = " << v << ": got " << db[v] << ", want " << double(want));
-    CHECK(std::fabs(db[v] - double(want)) <= 1e-15 * std::max<double>(std::fabs(double(want)), 1e-3));
-  }
+  dpo::cpu::linear_logps_backward(in, lse.data(), k.grad_logps.data(), nullptr, nullptr, g);
+  k.check_dbias(db);
 }
 
 TEST_CASE("linear DPO: bad input names the argument and writes nothing", "[linear_dpo]") {

@@ -21,6 +21,7 @@
 
 #include "catch.hpp"
 #include "dtype_bytes.hpp"
+#include "lse_limit.hpp"
 #include "linear_harness.hpp"
 
 namespace {
@@ -551,47 +552,32 @@ TEST_CASE("cuda linear: the backward matches central finite differences of the f
 }
 
 TEST_CASE("cuda linear: the double backward is exact for rows past the lse recompute limit", "[cuda][linear]") {
-  // As tests/test_cpu_linear_dpo.cpp: |lse| >= 2^10 in double, where the stored double lse is
-  // rounded by up to 2^-43 relative to the probabilities; the backward recomputes those rows'
-  // max and sum. H = 1 and dyadic values: the logits are exact, so the long double reference
-  // is too. Vocab chunks of 4, so the recomputed statistics cross chunks.
-  using ld = long double;
-  const std::int64_t V = 9;
-  linear_case c;
-  c.type = dtype::f64;
-  c.rows = 2;
-  c.hidden_cols = c.hidden_stride = c.weight_stride = 1;
-  c.vocab = V;
-  c.chunk_vocab = 4;
-  std::vector<double> hidden = {1.0, 1.0}, weight(V), zeros(V, 0.0);
-  for (std::int64_t v = 0; v < V; ++v) weight[v] = 1536.0 + 0.375 * static_cast<double>((v * 5) % V);
+  // As the CPU head's test (tests/support/lse_limit.hpp): the backward recomputes the max and
+  // sum of rows past |lse| >= 2^10. Vocab chunks of 4, so the recomputed statistics cross chunks.
+  const test_support::lse_limit_case k;
   const auto bytes = [](const std::vector<double>& x) {
     std::vector<unsigned char> b(x.size() * sizeof(double));
     std::memcpy(b.data(), x.data(), b.size());
     return b;
   };
-  c.hidden = bytes(hidden);
-  c.weight = bytes(weight);
-  c.bias = bytes(zeros);
-  c.labels = {2, 7};
+  linear_case c;
+  c.type = dtype::f64;
+  c.rows = 2;
+  c.hidden_cols = c.hidden_stride = c.weight_stride = 1;
+  c.vocab = k.V;
+  c.chunk_vocab = 4;
+  c.hidden = bytes(k.hidden);
+  c.weight = bytes(k.weight);
+  c.bias = bytes(k.bias);
+  c.labels = k.labels;
   c.backward = true;
-  c.grad_logps = {1.0, -0.7};
+  c.grad_logps = k.grad_logps;
   c.want_hidden = c.want_weight = false;
-  c.dbias0 = bytes(zeros);
+  c.dbias0 = bytes(std::vector<double>(k.V, 0.0));
   const linear_out o = dpo_cuda_test::run_linear(c);
   REQUIRE(o.code == 0);
   REQUIRE(std::fabs(o.row_lse[0]) >= 1024.0);
-  std::vector<double> db(V);
+  std::vector<double> db(k.V);
   std::memcpy(db.data(), o.dbias.data(), db.size() * sizeof(double));
-  ld m = -INFINITY;
-  for (double w : weight) m = std::max<ld>(m, w);
-  ld s = 0;
-  for (double w : weight) s += std::exp(ld(w) - m);
-  for (std::int64_t v = 0; v < V; ++v) {
-    const ld pv = std::exp((ld(weight[v]) - m) - std::log(s));
-    ld want = 0;
-    for (int r = 0; r < 2; ++r) want += c.grad_logps[r] * ((c.labels[r] == v ? 1 : 0) - pv);
-    INFO("v = " << v << ": got " << db[v] << ", want " << double(want));
-    CHECK(std::fabs(db[v] - double(want)) <= 1e-15 * std::max<double>(std::fabs(double(want)), 1e-3));
-  }
+  k.check_dbias(db);
 }
