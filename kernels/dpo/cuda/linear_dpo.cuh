@@ -10,29 +10,28 @@
 // * Two-phase workspace (workspace == nullptr: checks the arguments, sets workspace_bytes,
 //   enqueues nothing); the caller's cuBLASLt handle and stream; no allocation, no copy, no
 //   synchronization.
-// * Four GEMM passes, composed of what exists: linear_logps over the policy's hidden rows
-//   (dpo/cuda/linear.cuh: per-row log-prob and log-sum-exp, logits chunked in the workspace),
-//   fixed-order per-sequence sums and counts, the pair stage of dpo_loss (dpo/cuda/dpo.cuh:
-//   every loss type, combination and f-divergence, the core's metrics finalize), each row's
-//   dL/dlogp, then linear_logps_backward (the logits recomputed). The reference comes as
+// * Three or four GEMM passes, chosen by the CPU's plan (dpo/core/linear_plan.hpp). Three
+//   (logits, dHidden, dWeight; no recompute) when the loss is separable and every pair's rows
+//   fit one full-vocab chunk: per chunk of whole pairs, one logits GEMM into the linear head's
+//   workspace, the row statistics, the pairs' sums, dL/dpi (the core's contribution) and each
+//   row's dL/dlogp, dZ in place, then the dHidden and dWeight GEMMs. Four otherwise (and in the
+//   split calls): linear_logps over the policy's rows, the sums, the pair stage, each row's
+//   dL/dlogp, then linear_logps_backward (the logits recomputed). Both end with the logits
+//   path's pair stage (pair_kernel of dpo/cuda/kernels.cuh, run on this workspace: WPO weights,
+//   every loss type, the NLL from the plain sums, every metric). The reference comes as
 //   precomputed device log-probs or as reference hidden states through a reference head
-//   (linear_logps, forward only). The three-pass path of the CPU (chunks of whole pairs, no
-//   recompute) is not implemented here yet: linear_mode::three_pass is refused with a status,
-//   automatic runs four passes.
-// * Not supported yet (refused with a status naming the option): WPO weights
-//   (cfg.use_weighting), whose row terms linear_logps does not produce, and LD-DPO
-//   (cfg.ld_alpha < 1) together with an NLL term (the pair stage would take its NLL from the
-//   LD-weighted sums). LD-DPO alone is supported (weights in the sums and the coefficients). Of
-//   the token metrics, the entropy comes from linear_logps (options::metrics); logits/chosen,
-//   logits/rejected and mean_token_accuracy are NaN in out.metrics: they need whole logit
-//   rows that this path never keeps. Every other metric and per-pair output is dpo_loss's.
+//   (linear_logps, forward only). Every loss type and option of the CPU call is supported.
 // * Device-data errors (a label outside [0, vocab) that is not ignore_index, a bad
-//   cu_seqlens) are recorded in the workspace's error word (offset 0, read_device_error;
-//   sides 0 / 1 the policy's chosen / rejected, 2 / 3 the reference's) and nothing outside
-//   the workspace is written: the loss stage writes into the workspace and a last kernel
-//   copies its results out only when the error word is clear; the backward then runs with
-//   zero upstream gradients into accumulating outputs (dWeight and dBias get exact zeros
-//   added, dHidden rows are left alone).
+//   cu_seqlens, a cu_seqlens that differs from options.host_cu_seqlens) are recorded in the
+//   workspace's error word (offset 0, read_device_error; sides 0 / 1 the policy's chosen /
+//   rejected, 5 / 6 the reference hidden states') and nothing outside the workspace is
+//   written: the pair stage writes into the workspace and a last kernel copies its results out
+//   only when the error word is clear; the backward then runs with zero upstream gradients
+//   into accumulating outputs (dWeight and dBias get exact zeros added, dHidden rows are left
+//   alone).
+// * cuBLASLt: every GEMM of a three-pass call is asked for before anything is enqueued; in
+//   four passes the backward's GEMMs are asked for after the forward was enqueued (a refusal
+//   there leaves the forward's outputs written and the gradients not: docs/cuda.md).
 // * Deterministic for a fixed chunk shape: fixed-order sums, no atomics in any sum.
 //
 // Docs: docs/cuda.md ("DPO from hidden states").
@@ -79,9 +78,8 @@ using dpo::linear_separate_pairs;
 /// Run-time options, as dpo::cpu::linear_dpo_options (no threads; num_rows and the GEMM
 /// workspace as in dpo::cuda::options and linear_options).
 struct linear_dpo_options {
-  /// The entropy metric (linear_logps' entropy: a little more arithmetic per logit). The
-  /// logits means and token accuracy are NaN with it (see the top); without it all four
-  /// token metrics are 0, as the CPU's.
+  /// The token metrics (entropy, logits means, token accuracy: a little more arithmetic per
+  /// logit); without them all four are 0, as the CPU's (WPO computes their row terms anyway).
   bool metrics = true;
   /// The budget of the linear head's chunks (linear_options::workspace_bytes, the GEMM
   /// workspace included); the call's workspace is this plus O(rows + pairs) arrays.
