@@ -567,6 +567,12 @@ TEST_CASE("CUDA linear DPO: refused options and bad input name the argument and 
     c.host_cu = false;
     fails(c, "host_cu_seqlens");
   }
+  {  // a host copy of cu_seqlens past options.num_rows: refused on the host
+    ldpo_case c = make_case(dtype::f32, ldpo_layout::packed, 64);
+    c.fill = 0x7f;
+    c.host_cu_shift = 100;
+    fails(c, "options.host_cu_seqlens[1]");
+  }
   {
     ldpo_case c = base();
     c.null_handle = true;
@@ -619,6 +625,7 @@ TEST_CASE("CUDA linear DPO: refused options and bad input name the argument and 
     ldpo_case c = make_case(dtype::f32, ldpo_layout::packed, 61);
     c.fill = 0x7f;
     c.cu_seqlens[2] = c.cu_seqlens[1] - 1;
+    c.host_cu = false;  // (a host copy this bad is refused on the host: above)
     device_fails(c, "cu_seqlens");
   }
 }

@@ -32,7 +32,8 @@
 // * cuBLASLt: every GEMM of a three-pass call is asked for before anything is enqueued; in
 //   four passes the backward's GEMMs are asked for after the forward was enqueued (a refusal
 //   there leaves the forward's outputs written and the gradients not: docs/cuda.md).
-// * Deterministic for a fixed chunk shape: fixed-order sums, no atomics in any sum.
+// * Deterministic for a fixed chunk shape: fixed-order sums, no atomics in any floating-point
+//   sum (the three-pass NLL kernel counts integer tokens with atomics: exact in any order).
 //
 // Docs: docs/cuda.md ("DPO from hidden states").
 #pragma once
@@ -601,6 +602,15 @@ status ldpo_plan(const ldpo_layout<T, L>& l, const linear_head<T>& head, const l
                        "(cu_seqlens is device data; the plan needs each pair's rows on the host)");
       return {};
     }
+    // The chunks' rows are read where the host copy says: it must be a valid cu_seqlens
+    // within options.num_rows (the device's is checked against it before anything is written).
+    const std::int64_t* hc = opt.host_cu_seqlens;
+    for (const token_view<T, L>& u : v)
+      for (std::int64_t i = u.first_seq; i <= u.first_seq + u.num_seqs; ++i)
+        if (hc[i] < 0 || hc[i] > l.num_rows || (i > 0 && hc[i] < hc[i - 1]))
+          return invalid("dpo: options.host_cu_seqlens[%lld] = %lld is invalid: must be non-decreasing, in "
+                         "[0, options.num_rows = %lld]",
+                         (long long)i, (long long)hc[i], (long long)l.num_rows);
     v[0].cu_seqlens = v[1].cu_seqlens = opt.host_cu_seqlens;
   }
   const std::int64_t P = v[0].num_seqs;
