@@ -362,8 +362,11 @@ void run(benchmark::State& state, int what) {
   state.counters["median_ms"] = median;
   const int floor = floor_of[what];
   if (floor == what) floor_ms[what] = median;
-  if (floor != what && floor_ms.count(floor) && floor_ms[floor] > 0) state.counters["floor_ratio"] = median / floor_ms[floor];
-  state.counters["extra_GiB"] = m != nullptr ? m->extra_gib() : dc != nullptr ? dc->extra_gib() : h.ws_bytes / 1073741824.0;
+  if (floor != what && floor_ms.count(floor) && floor_ms[floor] > 0)
+    state.counters["floor_ratio"] = median / floor_ms[floor];
+  state.counters["extra_GiB"] = m != nullptr    ? m->extra_gib()
+                                : dc != nullptr ? dc->extra_gib()
+                                                : h.ws_bytes / 1073741824.0;
   delete m;
   delete dc;
 }

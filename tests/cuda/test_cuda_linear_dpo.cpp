@@ -110,7 +110,8 @@ cpu_res cpu_run(const ldpo_case& c) {
       case ldpo_layout::packed:
         return dpo::cpu::linear_packed_pairs(h, H, H, c.labels.data(), c.cu_seqlens.data(), 2 * P, m);
       default:
-        return dpo::cpu::linear_separate_pairs(h, c.labels.data(), h == hidden.data() && c.share_rows ? h : h + half * H,
+        return dpo::cpu::linear_separate_pairs(h, c.labels.data(),
+                                               h == hidden.data() && c.share_rows ? h : h + half * H,
                                                c.labels.data() + half, P, c.T, H, H, m, m ? m + half : nullptr);
     }
   };
@@ -215,7 +216,8 @@ void near(const std::vector<double>& a, const std::vector<double>& b, double tol
 /// The CPU's results for the case's dtype (G: float for 16-bit heads with fp32 gradients).
 cpu_res cpu_of(const ldpo_case& c) {
   switch (c.type) {
-    case dtype::bf16: return c.fp32_grads ? cpu_run<Eigen::bfloat16, float>(c) : cpu_run<Eigen::bfloat16, Eigen::bfloat16>(c);
+    case dtype::bf16:
+      return c.fp32_grads ? cpu_run<Eigen::bfloat16, float>(c) : cpu_run<Eigen::bfloat16, Eigen::bfloat16>(c);
     case dtype::f16: return c.fp32_grads ? cpu_run<Eigen::half, float>(c) : cpu_run<Eigen::half, Eigen::half>(c);
     case dtype::f64: return cpu_run<double, double>(c);
     default: return cpu_run<float, float>(c);

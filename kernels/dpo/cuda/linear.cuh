@@ -485,7 +485,8 @@ __global__ void __launch_bounds__(BLOCK) linear_stats_kernel(linear_view<T, L> i
           row_lse[r] = acc.logsumexp_double();
           if (Entropy && entropy != nullptr) entropy[r] = static_cast<double>(acc.entropy());
           // The CPU's row_values (dpo/cpu/dpo.hpp): mean logit in A, WPO's term, the hit.
-          if (Entropy && terms.zmean != nullptr) terms.zmean[r] = static_cast<double>(acc.zsum / static_cast<A>(in.vocab));
+          if (Entropy && terms.zmean != nullptr)
+            terms.zmean[r] = static_cast<double>(acc.zsum / static_cast<A>(in.vocab));
           if (Entropy && terms.wpo != nullptr) terms.wpo[r] = lp - acc.log_sum_p2();
           if (Entropy && terms.hit != nullptr) terms.hit[r] = acc.argmax == y ? 1.0 : 0.0;
         }

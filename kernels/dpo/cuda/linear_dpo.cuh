@@ -347,9 +347,9 @@ __global__ inline void ldpo_pair_grad_kernel(loss_config cfg, const ldpo_header*
   if (h->err.code != 0) return;
   const seq_arrays& sc = w.seqs[0];
   const seq_arrays& sr = w.seqs[1];
-  const dpo::detail::pair_batch_in b =
-      dpo::detail::make_pair_batch(P, sc.logp, sr.logp, ref_c, ref_r, sc.count, sr.count,
-                                   cfg.use_weighting ? w.pairs.weights : nullptr, token_totals{}, static_cast<double>(P));
+  const dpo::detail::pair_batch_in b = dpo::detail::make_pair_batch(
+      P, sc.logp, sr.logp, ref_c, ref_r, sc.count, sr.count, cfg.use_weighting ? w.pairs.weights : nullptr,
+      token_totals{}, static_cast<double>(P));
   for (std::int64_t q = p0 + blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; q < p1;
        q += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
     if (cfg.use_weighting) w.pairs.weights[q] = dpo::detail::wpo_weight(sc.wpo[q], sc.count[q], sr.wpo[q], sr.count[q]);
@@ -622,8 +622,8 @@ status ldpo_plan(const ldpo_layout<T, L>& l, const linear_head<T>& head, const l
   linear_chunking ch;
   c->max_rows = linear_chunks<T>(l.rows[0] + l.rows[1], head.hidden, head.vocab, lo, &ch) ? ch.rows : 0;
   if (opt.mode == linear_mode::three_pass) {
-    const status s = to_status(
-        dpo::detail::linear_three_pass_refusal(cfg, c->pair_rows.data(), P, c->max_rows, "rows (every row of its sequences)"));
+    const status s = to_status(dpo::detail::linear_three_pass_refusal(cfg, c->pair_rows.data(), P, c->max_rows,
+                                                                      "rows (every row of its sequences)"));
     if (!s) return s;
   }
   c->mode = dpo::detail::linear_choose_mode(opt.mode, cfg, c->pair_rows.data(), P, c->max_rows);
