@@ -51,4 +51,17 @@ inline double get(dtype t, const unsigned char* p) {
   return 0;
 }
 
+/// f(E(), G()) with E the host (Eigen) type of `t` and G its gradient type: float for the
+/// 16-bit types when fp32_grads, else E: a CPU reference run for a CUDA case's dtype.
+template <class F>
+auto with_host_types(dtype t, bool fp32_grads, F&& f) {
+  switch (t) {
+    case dtype::bf16: return fp32_grads ? f(Eigen::bfloat16(), float()) : f(Eigen::bfloat16(), Eigen::bfloat16());
+    case dtype::f16: return fp32_grads ? f(Eigen::half(), float()) : f(Eigen::half(), Eigen::half());
+    case dtype::f32: return f(float(), float());
+    case dtype::f64: break;
+  }
+  return f(double(), double());
+}
+
 }  // namespace dpo_cuda_test

@@ -150,14 +150,9 @@ cpu_out cpu_run(const linear_case& c) {
 }
 
 cpu_out cpu_reference(const linear_case& c) {
-  switch (c.type) {
-    case dtype::bf16:
-      return c.fp32_grads ? cpu_run<Eigen::bfloat16, float>(c) : cpu_run<Eigen::bfloat16, Eigen::bfloat16>(c);
-    case dtype::f16: return c.fp32_grads ? cpu_run<Eigen::half, float>(c) : cpu_run<Eigen::half, Eigen::half>(c);
-    case dtype::f32: return cpu_run<float, float>(c);
-    case dtype::f64: return cpu_run<double, double>(c);
-  }
-  return {};
+  return dpo_cuda_test::with_host_types(c.type, c.fp32_grads, [&](auto e, auto g) {
+    return cpu_run<decltype(e), decltype(g)>(c);
+  });
 }
 
 /// Bytes of `t` (or float) as doubles.

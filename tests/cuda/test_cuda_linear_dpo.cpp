@@ -215,13 +215,9 @@ void near(const std::vector<double>& a, const std::vector<double>& b, double tol
 
 /// The CPU's results for the case's dtype (G: float for 16-bit heads with fp32 gradients).
 cpu_res cpu_of(const ldpo_case& c) {
-  switch (c.type) {
-    case dtype::bf16:
-      return c.fp32_grads ? cpu_run<Eigen::bfloat16, float>(c) : cpu_run<Eigen::bfloat16, Eigen::bfloat16>(c);
-    case dtype::f16: return c.fp32_grads ? cpu_run<Eigen::half, float>(c) : cpu_run<Eigen::half, Eigen::half>(c);
-    case dtype::f64: return cpu_run<double, double>(c);
-    default: return cpu_run<float, float>(c);
-  }
+  return dpo_cuda_test::with_host_types(c.type, c.fp32_grads, [&](auto e, auto g) {
+    return cpu_run<decltype(e), decltype(g)>(c);
+  });
 }
 
 /// Runs a case on CUDA and the CPU and compares everything the CPU produced; `expect`: the
