@@ -173,6 +173,43 @@ DPO_SIMD_INLINE void store(Eigen::half* p, vf v) {
 #endif
 }
 
+/// 2w float values rounded into p: store(p, a) then store(p + w, b), in fewer instructions
+/// where the level packs two registers into one.
+template <class T>
+DPO_SIMD_INLINE void store2(T* p, vf a, vf b) {
+  store(p, a);
+  store(p + w, b);
+}
+
+#if DPO_ISA_X86 && DPO_ISA_BYTES >= 32
+/// store()'s bf16 rounding of v, left in the high half of each 32-bit lane.
+DPO_SIMD_INLINE vu round_bf16_high(vf v) {
+  const vu u = (vu)v;
+#if DPO_ISA_BYTES == 64
+  const vu r = u + 0x7fffu;
+  const __mmask16 odd = _mm512_test_epi32_mask((__m512i)u, _mm512_set1_epi32(0x10000));
+  const vu up = (vu)_mm512_mask_add_epi32((__m512i)r, odd, (__m512i)r, _mm512_set1_epi32(1));
+#else
+  const vu up = u + 0x7fffu + ((u >> 16) & 1u);
+#endif
+  return select((vi)(v != v), (u & 0x80000000u) | 0x7fc00000u, up);
+}
+
+/// Two registers of bf16 at once: one word permute (AVX-512) or one pack and one qword
+/// permute (AVX2) take the high halves of both, where store() narrows each register alone.
+DPO_SIMD_INLINE void store2(Eigen::bfloat16* p, vf a, vf b) {
+#if DPO_ISA_BYTES == 64
+  const __m512i odd_words = _mm512_set_epi16(63, 61, 59, 57, 55, 53, 51, 49, 47, 45, 43, 41, 39, 37, 35, 33, 31, 29,
+                                             27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+  const __m512i h = _mm512_permutex2var_epi16((__m512i)round_bf16_high(a), odd_words, (__m512i)round_bf16_high(b));
+#else
+  const __m256i packed = _mm256_packus_epi32((__m256i)(round_bf16_high(a) >> 16), (__m256i)(round_bf16_high(b) >> 16));
+  const __m256i h = _mm256_permute4x64_epi64(packed, 0xd8);  // the pack works per 128-bit half
+#endif
+  std::memcpy(static_cast<void*>(p), &h, sizeof h);
+}
+#endif
+
 /// The 16 lanes of p[0, n), n < 16, padded with `pad` (given as T's bits), as a buffer.
 template <class T>
 DPO_SIMD_INLINE void pad_tail(const T* p, std::int64_t n, std::uint32_t pad_bits, T* buf) {
@@ -332,7 +369,8 @@ void backward_block(const T* z, T* g, std::int64_t V, float hi, float lo, float 
   std::int64_t i = 0;
   for (; i + 2 * lanes <= V; i += 2 * lanes) {  // two blocks per iteration, as chunk_forward
     DPO_PARTS
-    for (int j = 0; j < 2 * parts; ++j) store(g + i + j * w, grad(load(z + i + j * w)));
+    for (int j = 0; j < 2 * parts; j += 2)
+      store2(g + i + j * w, grad(load(z + i + j * w)), grad(load(z + i + (j + 1) * w)));
   }
   for (; i + lanes <= V; i += lanes) {
     DPO_PARTS
