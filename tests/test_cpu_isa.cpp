@@ -25,7 +25,7 @@ namespace {
 
 std::vector<isa> supported_levels() {
   std::vector<isa> v;
-  for (isa l : {isa::baseline, isa::avx2, isa::avx512})
+  for (isa l : {isa::baseline, isa::avx2, isa::avx512, isa::avx512_bf16})
     if (static_cast<int>(l) <= static_cast<int>(dpo::cpu::cpu_isa_supported())) v.push_back(l);
   return v;
 }
@@ -219,56 +219,60 @@ TEST_CASE("isa: every level's exp (through the backward kernel) is within 2 ulp 
 TEST_CASE("isa: half and bf16 rounding of the gradient match the scalar conversions at every level", "[isa]") {
   // Values across the half range, its subnormals, overflow and bf16 ties: g = -exp(z) * -c
   // with coef = 1 gives round(exp(z)); compare with Eigen's conversion of the same float.
+  // coef = 3e-36 puts the floats in bf16's subnormal range and below (the AVX512_BF16
+  // conversion flushes those: the kernels must not), and a NaN logit checks the NaN's bits.
   const int n = 4099;
   std::vector<float> zf(static_cast<std::size_t>(n));
   for (int i = 0; i < n; ++i) zf[i] = static_cast<float>(-20.0 + 32.0 * i / (n - 1));
+  zf[1001] = std::numeric_limits<float>::quiet_NaN();
   for (isa l : supported_levels()) {
-    INFO("level " << dpo::cpu::isa_name(l));
-    with_level w(l);
-    std::vector<float> ef(zf.size());
-    dpo::cpu::detail::backward_row<float, float>(zf.data(), ef.data(), n, dpo::detail::lse_parts<float>(0.0f, 0.0f),
-                                                 1.0f);
-    // The same exponentials rounded to half and bf16 by the kernels: from logits that are
-    // exactly representable in each type, so compare each with its own float run.
-    std::vector<Eigen::half> zh(zf.size()), gh(zf.size());
-    std::vector<Eigen::bfloat16> zb(zf.size()), gb(zf.size());
-    for (int i = 0; i < n; ++i) {
-      zh[i] = Eigen::half(zf[i]);
-      zb[i] = Eigen::bfloat16(zf[i]);
+    for (float coef : {1.0f, 3e-36f}) {
+      INFO("level " << dpo::cpu::isa_name(l) << ", coef " << coef);
+      with_level w(l);
+      const dpo::detail::lse_parts<float> lse(0.0f, 0.0f);
+      // The same exponentials rounded to half and bf16 by the kernels: from logits that are
+      // exactly representable in each type, so compare each with its own float run.
+      std::vector<Eigen::half> zh(zf.size()), gh(zf.size());
+      std::vector<Eigen::bfloat16> zb(zf.size()), gb(zf.size());
+      for (int i = 0; i < n; ++i) {
+        zh[i] = Eigen::half(zf[i]);
+        zb[i] = Eigen::bfloat16(zf[i]);
+      }
+      std::vector<float> zhf(zf.size()), zbf(zf.size()), eh(zf.size()), eb(zf.size());
+      for (int i = 0; i < n; ++i) {
+        zhf[i] = static_cast<float>(zh[i]);
+        zbf[i] = static_cast<float>(zb[i]);
+      }
+      dpo::cpu::detail::backward_row<float, float>(zhf.data(), eh.data(), n, lse, coef);
+      dpo::cpu::detail::backward_row<float, float>(zbf.data(), eb.data(), n, lse, coef);
+      dpo::cpu::detail::backward_row<Eigen::half, float>(zh.data(), gh.data(), n, lse, coef);
+      dpo::cpu::detail::backward_row<Eigen::bfloat16, float>(zb.data(), gb.data(), n, lse, coef);
+      std::size_t bad_h = 0, bad_b = 0, subnormal_b = 0;
+      for (int i = 0; i < n; ++i) {
+        const std::uint16_t h = Eigen::numext::bit_cast<std::uint16_t>(gh[i]);
+        // NaN: a half NaN of any payload (F16C keeps part of it); bf16: Eigen's bits.
+        bad_h += std::isnan(eh[i]) ? !Eigen::numext::isnan(gh[i])
+                                   : h != Eigen::numext::bit_cast<std::uint16_t>(Eigen::half(eh[i]));
+        const std::uint16_t b = Eigen::numext::bit_cast<std::uint16_t>(gb[i]);
+        bad_b += b != Eigen::numext::bit_cast<std::uint16_t>(Eigen::bfloat16(eb[i]));
+        subnormal_b += (b & 0x7f80u) == 0 && (b & 0x7fu) != 0;
+      }
+      CHECK(bad_h == 0);
+      CHECK(bad_b == 0);
+      if (coef < 1.0f) CHECK(subnormal_b > 100);
     }
-    std::vector<float> zhf(zf.size()), zbf(zf.size()), eh(zf.size()), eb(zf.size());
-    for (int i = 0; i < n; ++i) {
-      zhf[i] = static_cast<float>(zh[i]);
-      zbf[i] = static_cast<float>(zb[i]);
-    }
-    dpo::cpu::detail::backward_row<float, float>(zhf.data(), eh.data(), n, dpo::detail::lse_parts<float>(0.0f, 0.0f),
-                                                 1.0f);
-    dpo::cpu::detail::backward_row<float, float>(zbf.data(), eb.data(), n, dpo::detail::lse_parts<float>(0.0f, 0.0f),
-                                                 1.0f);
-    dpo::cpu::detail::backward_row<Eigen::half, float>(zh.data(), gh.data(), n,
-                                                       dpo::detail::lse_parts<float>(0.0f, 0.0f), 1.0f);
-    dpo::cpu::detail::backward_row<Eigen::bfloat16, float>(zb.data(), gb.data(), n,
-                                                           dpo::detail::lse_parts<float>(0.0f, 0.0f), 1.0f);
-    std::size_t bad_h = 0, bad_b = 0;
-    for (int i = 0; i < n; ++i) {
-      bad_h += Eigen::numext::bit_cast<std::uint16_t>(gh[i]) != Eigen::numext::bit_cast<std::uint16_t>(Eigen::half(eh[i]));
-      bad_b += Eigen::numext::bit_cast<std::uint16_t>(gb[i]) !=
-               Eigen::numext::bit_cast<std::uint16_t>(Eigen::bfloat16(eb[i]));
-    }
-    CHECK(bad_h == 0);
-    CHECK(bad_b == 0);
   }
 }
 
 TEST_CASE("isa: set_cpu_isa rejects levels this CPU lacks, naming them; cpu_isa reports the choice", "[isa]") {
   const isa best = dpo::cpu::cpu_isa_supported();
   CHECK(dpo::cpu::cpu_isa() == best);  // DPO_CPU_ISA is not set for this test
-  if (best != isa::avx512) {
+  if (best != isa::avx512_bf16) {
     try {
-      dpo::cpu::set_cpu_isa(isa::avx512);
+      dpo::cpu::set_cpu_isa(isa::avx512_bf16);
       FAIL("no error");
     } catch (const dpo::error& e) {
-      CHECK(std::string(e.what()).find("avx512 is not supported by this CPU") != std::string::npos);
+      CHECK(std::string(e.what()).find("avx512_bf16 is not supported by this CPU") != std::string::npos);
     }
     CHECK(dpo::cpu::cpu_isa() == best);
   }
@@ -303,16 +307,16 @@ TEST_CASE("isa: DPO_CPU_ISA names a level; unknown names and missing levels are 
     dpo::cpu::detail::isa_from_env();
     FAIL("no error");
   } catch (const dpo::error& e) {
-    CHECK(std::string(e.what()).find("DPO_CPU_ISA=avx9 is invalid: must be auto, baseline, avx2 or avx512") !=
+    CHECK(std::string(e.what()).find("DPO_CPU_ISA=avx9 is invalid: must be auto, baseline, avx2, avx512 or avx512_bf16") !=
           std::string::npos);
   }
-  if (dpo::cpu::cpu_isa_supported() != isa::avx512) {
-    env("avx512");
+  if (dpo::cpu::cpu_isa_supported() != isa::avx512_bf16) {
+    env("avx512_bf16");
     try {
       dpo::cpu::detail::isa_from_env();
       FAIL("no error");
     } catch (const dpo::error& e) {
-      CHECK(std::string(e.what()).find("DPO_CPU_ISA=avx512 is not supported by this CPU") != std::string::npos);
+      CHECK(std::string(e.what()).find("DPO_CPU_ISA=avx512_bf16 is not supported by this CPU") != std::string::npos);
     }
   }
   if (old != nullptr) {

@@ -38,15 +38,20 @@ enum class isa {
   avx2 = 1,
   /// AVX-512 F/BW/DQ/VL + AVX2 + FMA + F16C (Skylake-X, Ice Lake, Zen 4 and later).
   avx512 = 2,
+  /// avx512 + AVX512_BF16 (Cooper Lake, Sapphire Rapids, Zen 4 and later): bf16 gradients
+  /// are rounded by the hardware's conversion, to the same bits.
+  avx512_bf16 = 3,
 };
 
-/// The level's name as DPO_CPU_ISA spells it: "baseline", "avx2" or "avx512".
+/// The level's name as DPO_CPU_ISA spells it: "baseline", "avx2", "avx512" or "avx512_bf16".
 inline const char* isa_name(isa level) {
   switch (level) {
     case isa::avx2:
       return "avx2";
     case isa::avx512:
       return "avx512";
+    case isa::avx512_bf16:
+      return "avx512_bf16";
     default:
       return "baseline";
   }
@@ -67,10 +72,15 @@ inline isa detect_isa() {
     __asm__ volatile("xgetbv" : "=a"(xcr0), "=d"(xcr0_hi) : "c"(0));
     if ((xcr0 & 0x6u) != 0x6u) return isa::baseline;  // the OS saves no YMM state
     __cpuid_count(7, 0, a, b, c, d);
+    const unsigned subleaves = a;
     const bool avx2 = (b >> 5) & 1u;
     const bool avx512 = ((b >> 16) & 1u) && ((b >> 17) & 1u) && ((b >> 30) & 1u) && ((b >> 31) & 1u) &&
                         (xcr0 & 0xe0u) == 0xe0u;  // F, DQ, BW, VL; opmask and ZMM state saved
-    return !avx2 ? isa::baseline : avx512 ? isa::avx512 : isa::avx2;
+    if (!avx2) return isa::baseline;
+    if (!avx512) return isa::avx2;
+    if (subleaves < 1) return isa::avx512;
+    __cpuid_count(7, 1, a, b, c, d);
+    return (a >> 5) & 1u ? isa::avx512_bf16 : isa::avx512;
   }();
   return best;
 #else
@@ -83,13 +93,13 @@ inline isa detect_isa() {
 inline isa isa_from_env() {
   const char* s = std::getenv("DPO_CPU_ISA");
   if (s == nullptr || *s == '\0' || std::strcmp(s, "auto") == 0) return detect_isa();
-  for (isa level : {isa::baseline, isa::avx2, isa::avx512}) {
+  for (isa level : {isa::baseline, isa::avx2, isa::avx512, isa::avx512_bf16}) {
     if (std::strcmp(s, isa_name(level)) != 0) continue;
     if (static_cast<int>(level) > static_cast<int>(detect_isa()))
       dpo::detail::fail("DPO_CPU_ISA=", s, " is not supported by this CPU (best: ", isa_name(detect_isa()), ")");
     return level;
   }
-  dpo::detail::fail("DPO_CPU_ISA=", s, " is invalid: must be auto, baseline, avx2 or avx512");
+  dpo::detail::fail("DPO_CPU_ISA=", s, " is invalid: must be auto, baseline, avx2, avx512 or avx512_bf16");
 }
 
 /// The level in use, -1 until the first kernel call reads DPO_CPU_ISA.
@@ -110,7 +120,7 @@ inline isa active_isa() {
 /// The best instruction-set level this CPU supports.
 inline isa cpu_isa_supported() { return detail::detect_isa(); }
 
-/// The level the CPU row kernels use: DPO_CPU_ISA (baseline, avx2, avx512 or auto) when set,
+/// The level the CPU row kernels use: DPO_CPU_ISA (baseline, avx2, avx512, avx512_bf16 or auto) when set,
 /// else the best one this CPU supports, or what set_cpu_isa chose last. Throws dpo::error when
 /// DPO_CPU_ISA names an unknown level or one this CPU lacks.
 inline isa cpu_isa() { return detail::active_isa(); }
@@ -120,7 +130,7 @@ inline isa cpu_isa() { return detail::active_isa(); }
 /// does not support. Not to be called while another thread runs a kernel.
 inline void set_cpu_isa(isa level) {
   const int l = static_cast<int>(level);
-  if (l < 0 || l > static_cast<int>(isa::avx512))
+  if (l < 0 || l > static_cast<int>(isa::avx512_bf16))
     dpo::detail::fail("set_cpu_isa: level = ", l, " is invalid: must be a dpo::cpu::isa");
   if (l > static_cast<int>(detail::detect_isa()))
     dpo::detail::fail("set_cpu_isa: level = ", isa_name(level), " is not supported by this CPU (best: ",

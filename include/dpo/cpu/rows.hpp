@@ -13,7 +13,7 @@
 //
 // Float accumulation (float, bf16 and fp16 logits) runs the explicit-vector kernels of
 // rows_simd.inl, compiled here once per instruction-set level (SSE2 or the including file's
-// flags, AVX2 + FMA, AVX-512) and chosen per chunk at run time (dpo/cpu/isa.hpp), so a build
+// flags, AVX2 + FMA, AVX-512, AVX-512 + BF16) and chosen per chunk at run time (dpo/cpu/isa.hpp), so a build
 // without -march flags runs at native speed on any x86-64. The plain loops below serve double
 // logits, compilers without GCC vector extensions, and the scalar reference of the exp.
 #pragma once
@@ -329,6 +329,23 @@ inline constexpr bool baseline_fma = DPO_ISA_FMA != 0;
 #define DPO_ISA_NS isa_avx512
 #define DPO_ISA_BYTES 64
 #include "dpo/cpu/rows_simd.inl"
+#undef DPO_ISA_NS
+#if defined(__clang__)
+#pragma clang attribute pop
+#pragma clang attribute push(                                                                       \
+    __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,avx2,fma,f16c"))), \
+    apply_to = function)
+#else
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,avx2,fma,f16c")
+#endif
+// The AVX512_BF16 level differs from avx512 only in the bf16 backward (isa_avx512_bf16's
+// other kernels are never instantiated).
+#define DPO_ISA_NS isa_avx512_bf16
+#define DPO_ISA_BF16 1
+#include "dpo/cpu/rows_simd.inl"
+#undef DPO_ISA_BF16
 #undef DPO_ISA_BYTES
 #undef DPO_ISA_NS
 #if defined(__clang__)
@@ -356,6 +373,7 @@ dpo::detail::row_stats<A> chunk_stats(const T* z, std::int64_t n, std::int64_t c
   if constexpr (std::is_same_v<A, float>) {
 #if DPO_CPU_X86_DISPATCH
     switch (active_isa()) {
+      case isa::avx512_bf16:  // the forward converts bf16 to float only: exact at avx512
       case isa::avx512:
         return isa_avx512::chunk_forward<Metrics>(z, n, c0, scratch);
       case isa::avx2:
@@ -424,6 +442,9 @@ void backward_row(const T* z, T* g, std::int64_t V, dpo::detail::lse_parts<A> ls
   if constexpr (std::is_same_v<A, float>) {
 #if DPO_CPU_X86_DISPATCH
     switch (active_isa()) {
+      case isa::avx512_bf16:
+        if constexpr (std::is_same_v<T, Eigen::bfloat16>) return isa_avx512_bf16::backward_block(z, g, V, lse.hi, lse.lo, neg);
+        return isa_avx512::backward_block(z, g, V, lse.hi, lse.lo, neg);
       case isa::avx512:
         return isa_avx512::backward_block(z, g, V, lse.hi, lse.lo, neg);
       case isa::avx2:

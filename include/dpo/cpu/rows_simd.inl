@@ -3,8 +3,9 @@
 // The float row kernels of dpo/cpu/rows.hpp in explicit vectors (GCC/Clang vector
 // extensions). Not a header of its own: rows.hpp includes it once per instruction-set level,
 // each time inside a target region and namespace DPO_ISA_NS, with DPO_ISA_BYTES the level's
-// register width (16, 32 or 64) and DPO_ISA_F16C set when it has the F16C conversions, so
-// the same source becomes SSE2, AVX2 and AVX-512 code. The 16 lanes of the row kernels are
+// register width (16, 32 or 64), DPO_ISA_F16C set when it has the F16C conversions and
+// DPO_ISA_BF16 (optional) when it has AVX512_BF16's, so the same source becomes SSE2, AVX2 and
+// AVX-512 code. The 16 lanes of the row kernels are
 // 64 / DPO_ISA_BYTES registers of the level's width (never wider vectors, which GCC would
 // lower lane by lane).
 //
@@ -52,6 +53,21 @@ DPO_SIMD_INLINE vf clamp_lo(vf x, float lo) {
   return (vf)_mm_max_ps((__m128)splat(lo), (__m128)x);
 #else
   return select((vi)(x < lo), splat(lo), x);
+#endif
+}
+
+/// v > mx ? v : mx lane by lane (NaN v keeps mx; of equal values, mx): x86's max returns its
+/// second operand unless the first is greater, one instruction where the blend after a
+/// comparison would put the comparison's latency on the running max's dependency chain.
+DPO_SIMD_INLINE vf max_keep(vf v, vf mx) {
+#if DPO_ISA_X86 && DPO_ISA_BYTES == 64
+  return (vf)_mm512_maskz_max_ps(0xffff, (__m512)v, (__m512)mx);
+#elif DPO_ISA_X86 && DPO_ISA_BYTES == 32
+  return (vf)_mm256_max_ps((__m256)v, (__m256)mx);
+#elif DPO_ISA_X86 && DPO_ISA_BYTES == 16
+  return (vf)_mm_max_ps((__m128)v, (__m128)mx);
+#else
+  return select((vi)(v > mx), v, mx);
 #endif
 }
 
@@ -197,7 +213,19 @@ DPO_SIMD_INLINE vu round_bf16_high(vf v) {
 
 /// Two registers of bf16 at once: one word permute (AVX-512) or one pack and one qword
 /// permute (AVX2) take the high halves of both, where store() narrows each register alone.
+/// With AVX512_BF16, one conversion instruction rounds both (to nearest even, as store()),
+/// unless a lane is NaN (its payload would survive) or subnormal (flushed to zero).
 DPO_SIMD_INLINE void store2(Eigen::bfloat16* p, vf a, vf b) {
+#if defined(DPO_ISA_BF16) && DPO_ISA_BF16
+  constexpr int nan_or_subnormal = 0x01 | 0x20 | 0x80;  // vfpclassps: QNaN, denormal, SNaN
+  const __mmask16 odd =
+      _mm512_fpclass_ps_mask((__m512)a, nan_or_subnormal) | _mm512_fpclass_ps_mask((__m512)b, nan_or_subnormal);
+  if (__builtin_expect(odd == 0, 1)) {
+    const __m512bh hw = _mm512_cvtne2ps_pbh((__m512)b, (__m512)a);  // a to the low half
+    std::memcpy(static_cast<void*>(p), &hw, sizeof hw);
+    return;
+  }
+#endif
 #if DPO_ISA_BYTES == 64
   const __m512i odd_words = _mm512_set_epi16(63, 61, 59, 57, 55, 53, 51, 49, 47, 45, 43, 41, 39, 37, 35, 33, 31, 29,
                                              27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
@@ -267,12 +295,11 @@ dpo::detail::row_stats<float> chunk_forward(const T* z, std::int64_t n, std::int
     DPO_PARTS
     for (int j = 0; j < parts; ++j) {
       const vf v = load(src + j * w);
-      const vi up = (vi)(v > mx[j]);
       if constexpr (Metrics) {
-        ix[j] = select(up, idx[j], ix[j]);
+        ix[j] = select((vi)(v > mx[j]), idx[j], ix[j]);
         zs[j] = zs[j] + (tail ? select((vi)(idx[j] < static_cast<std::int32_t>(n)), v, splat(-0.0f)) : v);
       }
-      mx[j] = select(up, v, mx[j]);
+      mx[j] = max_keep(v, mx[j]);
       idx[j] += lanes;
     }
   };
