@@ -140,6 +140,54 @@ TEST_CASE("slices are [n*k/t, n*(k+1)/t), each index exactly once", "[threads]")
   }
 }
 
+TEST_CASE("parallel_blocks: consecutive blocks of the grain, each index once; every block runs, the lowest block's exception wins",
+          "[threads]") {
+  using dpo::cpu::detail::parallel_blocks;
+  for (std::int64_t n : {0, 1, 5, 255, 1000}) {
+    for (int threads : {1, 2, 7, 64}) {
+      for (std::int64_t grain : {0, 1, 3, 64}) {
+        INFO("n = " << n << ", threads = " << threads << ", grain = " << grain);
+        std::mutex m;
+        std::vector<std::pair<std::int64_t, std::int64_t>> got;
+        std::vector<std::atomic<int>> hits(static_cast<std::size_t>(n));
+        parallel_blocks(
+            n, threads,
+            [&](std::int64_t b, std::int64_t e) {
+              for (std::int64_t i = b; i < e; ++i) hits[static_cast<std::size_t>(i)]++;
+              std::lock_guard<std::mutex> lock(m);
+              got.emplace_back(b, e);
+            },
+            grain);
+        std::sort(got.begin(), got.end());
+        const std::int64_t g =
+            grain > 0 ? grain : std::max<std::int64_t>(1, n / (16 * std::min(threads, limit())));
+        std::vector<std::pair<std::int64_t, std::int64_t>> want;
+        for (std::int64_t b = 0; b < n; b += g) want.emplace_back(b, std::min(n, b + g));
+        CHECK(got == want);
+        CHECK(std::all_of(hits.begin(), hits.end(), [](const std::atomic<int>& h) { return h == 1; }));
+      }
+    }
+  }
+  for (int threads : {1, 2, 7}) {
+    INFO("threads " << threads);
+    std::atomic<std::int64_t> visited{0};
+    try {
+      parallel_blocks(
+          100, threads,
+          [&](std::int64_t b, std::int64_t e) {
+            visited += e - b;
+            if (b == 30) throw dpo::error("block 3");
+            if (b > 30) throw std::runtime_error("later");
+          },
+          10);
+      FAIL("no error");
+    } catch (const dpo::error& e) {
+      CHECK(std::string(e.what()) == "block 3");
+    }
+    CHECK(visited == 100);
+  }
+}
+
 TEST_CASE("results are bitwise identical for 1, 2, 3, 7, 64 and 256 threads", "[threads]") {
   const auto check = [](const char* name, auto tag, layout k) {
     using T = decltype(tag);

@@ -109,7 +109,7 @@ void forward_rows_impl(const token_view<T, L>& v, row_values& out, int threads) 
   const std::int64_t r0 = v.row_begin(0), r1 = v.row_end(v.num_seqs - 1);
   const std::int64_t n = r1 - r0;
   out.reset(n, Metrics, -1);
-  parallel_for(n, threads, [&](std::int64_t b, std::int64_t e) {
+  parallel_blocks(n, threads, [&](std::int64_t b, std::int64_t e) {
     row_scratch<A> scratch;
     for (std::int64_t i = b; i < e; ++i) {
       const std::int64_t r = r0 + i;
@@ -436,7 +436,7 @@ void backward_side(const token_view<T, L>& v, Lse lse_at, Coef coef_at, double g
   if (v.num_seqs == 0) return;
   const std::int64_t row0 = v.row_begin(0);
   const std::int64_t n = v.row_end(v.num_seqs - 1) - row0;
-  parallel_for(n, threads, [&](std::int64_t b, std::int64_t e) {
+  parallel_blocks(n, threads, [&](std::int64_t b, std::int64_t e) {
     row_scratch<A> scratch;
     for (std::int64_t i = b; i < e; ++i) {
       const std::int64_t r = row0 + i;
@@ -536,7 +536,7 @@ void sequence_logps_backward(const token_view<T, L>& in, const double* row_lse,
   if (!detail::has_rows(in)) return;
   const std::int64_t r0 = in.row_begin(0);
   const std::int64_t n = in.row_end(in.num_seqs - 1) - r0;
-  detail::parallel_for(n, opt.num_threads, [&](std::int64_t b, std::int64_t e) {
+  detail::parallel_blocks(n, opt.num_threads, [&](std::int64_t b, std::int64_t e) {
     detail::row_scratch<A> scratch;
     for (std::int64_t i = b; i < e; ++i) {
       const std::int64_t r = r0 + i;

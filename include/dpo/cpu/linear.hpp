@@ -26,6 +26,7 @@
 #include <cstdint>
 #include <memory>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "dpo/core/linear_view.hpp"
@@ -309,17 +310,12 @@ struct linear_pass {
   }
 };
 
-/// Runs fn(k0, k1) over [0, n) in fixed tiles [k, k + 1), claimed one at a time by
-/// min(threads, n) threads: a thread that the machine's other load slows down takes fewer
-/// tiles instead of holding up the rest at the end of the call. fn(k, k + 1)'s work depends on
-/// k only and writes memory that tile k alone owns, so which thread runs it changes nothing.
+/// Runs fn(k0, k1) over [0, n) in fixed tiles [k, k + 1), claimed one at a time
+/// (parallel_blocks). fn(k, k + 1)'s work depends on k only and writes memory that tile k
+/// alone owns, so which thread runs it changes nothing.
 template <class Fn>
 void parallel_tiles(std::int64_t n, int threads, Fn&& fn) {
-  std::atomic<std::int64_t> next{0};
-  parallel_for(std::min<std::int64_t>(n, resolve_threads(threads)), threads,
-               [&](std::int64_t, std::int64_t) {
-                 for (std::int64_t k = next.fetch_add(1); k < n; k = next.fetch_add(1)) fn(k, k + 1);
-               });
+  parallel_blocks(n, threads, std::forward<Fn>(fn), 1);
 }
 
 /// Folds the statistics of a later column range into `acc`, as row_forward does between its

@@ -292,6 +292,39 @@ void parallel_for(std::int64_t n, int threads, Fn&& fn) {
   job.rethrow_if_failed();
 }
 
+/// parallel_for for work that the machine's other load makes uneven: [0, n) in consecutive
+/// blocks of `grain` indices (0: about 16 blocks per thread), claimed one at a time by up to
+/// resolve_threads(threads) threads, so a thread that is slowed down takes fewer blocks
+/// instead of holding up the call at its end. As for parallel_for, fn(b, e)'s work must
+/// depend on its indices only: which thread runs a block, and how [0, n) is blocked, then
+/// change no result. Every block runs even when some throw; the lowest block's exception is
+/// rethrown. A nested call runs every block on its thread.
+template <class Fn>
+void parallel_blocks(std::int64_t n, int threads, Fn&& fn, std::int64_t grain = 0) {
+  if (n <= 0) return;
+  const std::int64_t t = resolve_threads(threads);
+  if (grain <= 0) grain = std::max<std::int64_t>(1, n / (16 * t));
+  const std::int64_t blocks = (n + grain - 1) / grain;
+  std::atomic<std::int64_t> next{0};
+  std::mutex error_mutex;
+  std::int64_t error_block = INT64_MAX;
+  std::exception_ptr error;
+  parallel_for(std::min(blocks, t), threads, [&](std::int64_t, std::int64_t) {
+    for (std::int64_t k = next.fetch_add(1); k < blocks; k = next.fetch_add(1)) {
+      try {
+        fn(k * grain, std::min(n, (k + 1) * grain));
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(error_mutex);
+        if (k < error_block) {
+          error_block = k;
+          error = std::current_exception();
+        }
+      }
+    }
+  });
+  if (error) std::rethrow_exception(error);
+}
+
 }  // namespace detail
 }  // namespace cpu
 }  // namespace dpo
