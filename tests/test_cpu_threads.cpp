@@ -140,7 +140,7 @@ TEST_CASE("slices are [n*k/t, n*(k+1)/t), each index exactly once", "[threads]")
   }
 }
 
-TEST_CASE("parallel_blocks: consecutive blocks of the grain, each index once; every block runs, the lowest block's exception wins",
+TEST_CASE("parallel_blocks: blocks of the grain, each index once; all run, the lowest block's exception wins",
           "[threads]") {
   using dpo::cpu::detail::parallel_blocks;
   for (std::int64_t n : {0, 1, 5, 255, 1000}) {

@@ -443,7 +443,8 @@ void backward_row(const T* z, T* g, std::int64_t V, dpo::detail::lse_parts<A> ls
 #if DPO_CPU_X86_DISPATCH
     switch (active_isa()) {
       case isa::avx512_bf16:
-        if constexpr (std::is_same_v<T, Eigen::bfloat16>) return isa_avx512_bf16::backward_block(z, g, V, lse.hi, lse.lo, neg);
+        if constexpr (std::is_same_v<T, Eigen::bfloat16>)
+          return isa_avx512_bf16::backward_block(z, g, V, lse.hi, lse.lo, neg);
         return isa_avx512::backward_block(z, g, V, lse.hi, lse.lo, neg);
       case isa::avx512:
         return isa_avx512::backward_block(z, g, V, lse.hi, lse.lo, neg);
