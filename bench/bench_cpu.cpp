@@ -23,6 +23,9 @@
 // lower level ("/isa:baseline" = the portable SSE2 code, "/isa:avx2", "/isa:avx512"), all in the same run:
 // their "base/ours" column is time(best level) / time(this level).
 //
+// rows/: each row kernel alone on one core, in L2, in that core's CPU time (see
+// register_rows): where the fused path's time goes, per pass and level.
+//
 // Defaults: 5 repetitions, aggregates only, repetitions randomly interleaved across all
 // benchmarks (so a burst of load from other processes spreads over every path instead of
 // hitting one); every --benchmark_* flag overrides them.
@@ -441,6 +444,48 @@ void register_group(int si) {
   }
 }
 
+// Per-core cost of the row kernels: the forward of one row (max pass, then the exp pass) and
+// its backward (exp, scale, round to T, in place), on 8 rows of the first shape that stay in
+// L2, on the calling thread alone, timed in that thread's CPU time. The machine's other load
+// barely moves these (it takes time slices, not cycles of ours), so they say where the time of
+// the fused path goes; on this VM a core streams these kernels from memory at about the same
+// speed, so the fused path is compute-bound where this cost exceeds the floor's.
+constexpr std::int64_t row_set = 8;
+
+template <class T>
+void register_rows() {
+  const std::int64_t V = shapes[0].vocab;
+  for (dpo::cpu::isa level : levels()) {
+    for (const char* pass : {"fwd/metrics:1", "fwd/metrics:0", "bwd"}) {
+      const std::string name =
+          std::string("rows/") + dtype_name<T>() + "/" + pass + "/isa:" + dpo::cpu::isa_name(level);
+      benchmark::RegisterBenchmark(name.c_str(), [V, level, pass = std::string(pass)](benchmark::State& state) {
+        buffer<T> z(static_cast<std::size_t>(row_set * V));
+        for (std::size_t i = 0; i < z.size(); ++i) z[i] = T(6.0f * uniform(i));
+        dpo::cpu::set_cpu_isa(level);
+        dpo::cpu::detail::row_scratch<float> scratch;
+        const dpo::detail::lse_parts<float> lse(3.5f, 0.0f);
+        for (auto _ : state) {
+          for (std::int64_t r = 0; r < row_set; ++r) {
+            T* row = z.data() + r * V;
+            if (pass == "bwd") {
+              dpo::cpu::detail::backward_row(row, row, V, lse, -0.01f);  // values change, never to NaN
+            } else if (pass == "fwd/metrics:1") {
+              benchmark::DoNotOptimize(dpo::cpu::detail::row_forward<true>(row, V, scratch).s);
+            } else {
+              benchmark::DoNotOptimize(dpo::cpu::detail::row_forward<false>(row, V, scratch).s);
+            }
+          }
+          benchmark::ClobberMemory();
+        }
+        state.counters["ns/logit"] = benchmark::Counter(static_cast<double>(row_set * V) * 1e-9,
+                                                        benchmark::Counter::kIsIterationInvariantRate |
+                                                            benchmark::Counter::kInvert);
+      })->Unit(benchmark::kMicrosecond);
+    }
+  }
+}
+
 /// The console output, plus a summary of the medians (ratios within this run) at the end.
 class summary_reporter : public benchmark::ConsoleReporter {
  public:
@@ -449,11 +494,13 @@ class summary_reporter : public benchmark::ConsoleReporter {
     for (const Run& r : runs) {
       if (r.error_occurred) continue;
       const double sec = r.GetAdjustedRealTime() / benchmark::GetTimeUnitMultiplier(r.time_unit);
+      const double cpu = r.GetAdjustedCPUTime() / benchmark::GetTimeUnitMultiplier(r.time_unit);
       stat& st = stats_[r.run_name.function_name];
       if (r.run_type == Run::RT_Iteration) {
-        if (st.median == 0) st.median = sec;  // no repetitions: the single run
+        if (st.median == 0) st = {sec, 0, 0, cpu};  // no repetitions: the single run
       } else if (r.aggregate_name == "median") {
         st.median = sec;
+        st.cpu_median = cpu;
       } else if (r.aggregate_name == "min") {
         st.min = sec;
       } else if (r.aggregate_name == "max") {
@@ -503,13 +550,39 @@ class summary_reporter : public benchmark::ConsoleReporter {
                   e.name.substr(e.group.size() + 1).c_str(), st.median * 1e3, spread, gbs, ratio,
                   share, floor, pattern);
     }
+    print_rows();
     std::fflush(stdout);
   }
 
  private:
   struct stat {
-    double median = 0, min = 0, max = 0;
+    double median = 0, min = 0, max = 0, cpu_median = 0;
   };
+
+  /// The rows/ benchmarks: ns of one core's CPU time per logit, each pass and their sum.
+  void print_rows() const {
+    const double logits = static_cast<double>(row_set * shapes[0].vocab);
+    bool header = false;
+    for (const char* dtype : {"f32", "bf16", "f16"}) {
+      for (dpo::cpu::isa level : levels()) {
+        double ns[3] = {0, 0, 0};
+        int k = 0;
+        for (const char* pass : {"fwd/metrics:1", "fwd/metrics:0", "bwd"}) {
+          const auto it = stats_.find(std::string("rows/") + dtype + "/" + pass + "/isa:" + dpo::cpu::isa_name(level));
+          ns[k++] = it == stats_.end() ? 0 : it->second.cpu_median / logits * 1e9;
+        }
+        if (ns[0] == 0 || ns[1] == 0 || ns[2] == 0) continue;
+        if (!header) {
+          std::printf("\nPer core (rows/: %d rows of %s in L2, one thread, its CPU time), ns per logit\n"
+                      "%-24s %9s %9s %9s %13s\n",
+                      static_cast<int>(row_set), shapes[0].name, "", "fwd m:1", "fwd m:0", "bwd", "fwd m:1 + bwd");
+          header = true;
+        }
+        const std::string label = std::string(dtype) + " " + dpo::cpu::isa_name(level);
+        std::printf("  %-22s %9.3f %9.3f %9.3f %13.3f\n", label.c_str(), ns[0], ns[1], ns[2], ns[0] + ns[2]);
+      }
+    }
+  }
   std::map<std::string, stat> stats_;
 };
 
@@ -522,6 +595,9 @@ int main(int argc, char** argv) {
     register_group<Eigen::bfloat16>(si);
     if (si == 0) register_group<Eigen::half>(si);  // fp16 at the first shape only (memory)
   }
+  register_rows<float>();
+  register_rows<Eigen::bfloat16>();
+  register_rows<Eigen::half>();
   summary_reporter reporter;
   benchmark::RunSpecifiedBenchmarks(&reporter);
   benchmark::Shutdown();
