@@ -31,6 +31,7 @@
 
 #include "dpo/core/linear_view.hpp"
 #include "dpo/core/math.hpp"
+#include "dpo/core/shard.hpp"
 #include "dpo/core/transforms.hpp"
 #include "dpo/cpu/parallel.hpp"
 #include "dpo/cpu/rows.hpp"
@@ -175,8 +176,10 @@ inline void check_no_overlap(const linear_range* outs, int n_out, const linear_r
   }
 }
 
+/// `label_bound`: the vocabulary the labels index (0: the view's; a vocabulary shard's view
+/// passes the global vocabulary, dpo/cpu/linear_shard.hpp).
 template <class T, class L>
-void check_linear_view(const linear_view<T, L>& v) {
+void check_linear_view(const linear_view<T, L>& v, std::int64_t label_bound = 0) {
   if (v.rows < 0) fail("rows = ", v.rows, " is invalid: must be >= 0");
   if (v.hidden_cols < 1) fail("hidden_cols = ", v.hidden_cols, " is invalid: must be >= 1");
   if (v.weight_cols != v.hidden_cols)
@@ -199,11 +202,12 @@ void check_linear_view(const linear_view<T, L>& v) {
   if (v.rows == 0) return;
   if (v.hidden == nullptr) fail("hidden is null");
   if (v.labels == nullptr) fail("labels is null");
+  const std::int64_t bound = label_bound > 0 ? label_bound : v.vocab;
   for (std::int64_t r = 0; r < v.rows; ++r) {
     const std::int64_t y = static_cast<std::int64_t>(v.labels[r]);
     if (y == v.ignore_index || (v.mask != nullptr && v.mask[r] == 0)) continue;
-    if (y < 0 || y >= v.vocab)
-      fail("labels[", r, "] = ", y, " is outside [0, vocab = ", v.vocab,
+    if (y < 0 || y >= bound)
+      fail("labels[", r, "] = ", y, " is outside [0, vocab = ", bound,
            ") and is not ignore_index = ", v.ignore_index);
   }
 }
@@ -455,10 +459,22 @@ std::vector<dpo::detail::lse_parts<acc_t<T>>> linear_exact_lse(linear_pass<T, L>
   return out;
 }
 
+/// A vocabulary shard's backward (dpo/cpu/linear_shard.hpp): the view's weight rows are the
+/// vocabulary columns [label_offset, label_offset + vocab), its labels global ids, and each
+/// row's exact log-sum-exp comes from its combined record (row_max[r], records[r *
+/// shard_fields]) instead of row_lse: never recomputed, since a shard's own logits do not
+/// hold the row's mass.
+struct linear_shard_rows {
+  std::int64_t label_offset = 0;
+  const double* row_max = nullptr;
+  const double* records = nullptr;
+};
+
 template <bool Entropy, class T, class L, class G>
 void linear_backward_impl(const linear_view<T, L>& in, const linear_chunking& ch,
                           const double* row_lse, const double* grad_logps, const double* entropy,
-                          const double* grad_entropy, const linear_grads<T, G>& g, int threads) {
+                          const double* grad_entropy, const linear_grads<T, G>& g, int threads,
+                          const linear_shard_rows* shard = nullptr) {
   using A = acc_t<T>;
   const dpo::detail::transform_params<A> tp(in.transforms);
   const std::int64_t H = in.hidden_cols;
@@ -484,8 +500,9 @@ void linear_backward_impl(const linear_view<T, L>& in, const linear_chunking& ch
   std::unique_ptr<A[]> dh = linear_buffer<A>(g.hidden != nullptr ? ch.rows * H : 0);
   const std::int64_t n_act = static_cast<std::int64_t>(p.active.size());
   std::vector<std::int64_t> coarse;  // rows whose stored lse is too coarse for A
-  for (const std::int64_t r : p.active)
-    if (dpo::detail::lse_needs_recompute<A>(row_lse[r])) coarse.push_back(r);
+  if (shard == nullptr)
+    for (const std::int64_t r : p.active)
+      if (dpo::detail::lse_needs_recompute<A>(row_lse[r])) coarse.push_back(r);
   const std::vector<dpo::detail::lse_parts<A>> exact = linear_exact_lse(p, coarse, threads);
   std::size_t next_coarse = 0;
   for (std::int64_t b0 = 0; b0 < n_act; b0 += ch.rows) {
@@ -493,11 +510,15 @@ void linear_backward_impl(const linear_view<T, L>& in, const linear_chunking& ch
     for (std::int64_t i = 0; i < p.nb; ++i) {
       const std::int64_t r = p.active[b0 + i];
       const bool is_coarse = next_coarse < coarse.size() && coarse[next_coarse] == r;
-      rc[i].lse = is_coarse ? exact[next_coarse++] : dpo::detail::split_lse<A>(row_lse[r]);
+      if (shard != nullptr) {
+        rc[i].lse = dpo::detail::shard_lse<A>(shard->row_max[r], shard->records + r * shard_fields);
+      } else {
+        rc[i].lse = is_coarse ? exact[next_coarse++] : dpo::detail::split_lse<A>(row_lse[r]);
+      }
       rc[i].gl = static_cast<A>(grad_logps[r]);
       rc[i].ge = Entropy ? static_cast<A>(grad_entropy[r]) : A(0);
       rc[i].ent = Entropy ? static_cast<A>(entropy[r]) : A(0);
-      rc[i].y = in.target(r);
+      rc[i].y = in.target(r) - (shard != nullptr ? shard->label_offset : 0);
     }
     linear_map<A> dhm(dh.get(), p.nb, H, Eigen::OuterStride<>(H));
     if (g.hidden != nullptr) dhm.setZero();
@@ -664,6 +685,53 @@ void linear_logps(const linear_view<T, L>& in, double* logps, double* entropy, d
   linear_logps(in, logps, extra, row_lse, opt);
 }
 
+namespace detail {
+
+/// linear_logps_backward's checks and run, shared with the vocabulary shard's backward
+/// (shard: null, or the shard's records in place of row_lse; label_bound as for
+/// check_linear_view).
+template <class T, class L, class G>
+void linear_backward_checked(const linear_view<T, L>& in, std::int64_t label_bound, const double* row_lse,
+                             const linear_shard_rows* shard, const double* grad_logps, const double* entropy,
+                             const double* grad_entropy, const linear_grads<T, G>& g, const linear_options& opt) {
+  static_assert(std::is_same_v<G, T> || std::is_same_v<G, acc_t<T>>,
+                "dWeight and dBias must have the head's dtype or its accumulation type");
+  check_linear_view(in, label_bound);
+  const linear_chunking ch = linear_chunks<T>(in.rows, in.hidden_cols, in.vocab, opt);
+  const std::int64_t N = in.rows, H = in.hidden_cols, V = in.vocab;
+  if (N > 0 && shard == nullptr && row_lse == nullptr) fail("row_lse is null");
+  if (N > 0 && shard != nullptr && (shard->row_max == nullptr || shard->records == nullptr))
+    fail(shard->row_max == nullptr ? "row_max is null" : "records is null");
+  if (N > 0 && grad_logps == nullptr) fail("grad_logps is null");
+  if ((entropy == nullptr) != (grad_entropy == nullptr))
+    fail(entropy == nullptr ? "entropy is null but grad_entropy is given" : "grad_entropy is null but entropy is given");
+  if (g.hidden != nullptr && g.hidden_stride < H)
+    fail("grads.hidden_stride = ", g.hidden_stride, " is invalid: must be >= hidden_cols = ", H);
+  if (g.weight != nullptr && g.weight_stride < H)
+    fail("grads.weight_stride = ", g.weight_stride, " is invalid: must be >= hidden_cols = ", H);
+  if (g.bias != nullptr && in.bias == nullptr) fail("grads.bias is given but the view has no bias");
+  linear_range ins[9];
+  input_ranges(in, ins);
+  ins[5] = shard != nullptr ? range_of(shard->records, N, shard_fields, shard_fields, "records")
+                           : range_of(row_lse, 1, N, N, "row_lse");
+  ins[6] = range_of(grad_logps, 1, N, N, "grad_logps");
+  ins[7] = range_of(entropy, 1, N, N, "entropy");
+  ins[8] = range_of(grad_entropy, 1, N, N, "grad_entropy");
+  const linear_range outs[3] = {range_of(g.hidden, N, H, g.hidden_stride, "grads.hidden"),
+                                range_of(g.weight, V, H, g.weight_stride, "grads.weight"),
+                                range_of(g.bias, 1, V, V, "grads.bias")};
+  check_no_overlap(outs, 3, ins, 9);
+  if (N == 0) return;
+  const int threads = resolve_threads(opt.num_threads);
+  if (grad_entropy != nullptr) {
+    linear_backward_impl<true>(in, ch, row_lse, grad_logps, entropy, grad_entropy, g, threads, shard);
+  } else {
+    linear_backward_impl<false>(in, ch, row_lse, grad_logps, nullptr, nullptr, g, threads, shard);
+  }
+}
+
+}  // namespace detail
+
 /// The gradient of sum_r grad_logps[r] * logps[r] (+ sum_r grad_entropy[r] * entropy[r]) of
 /// linear_logps with respect to hidden, weight and bias.
 ///
@@ -686,40 +754,7 @@ void linear_logps_backward(const linear_view<T, L>& in, const double* row_lse,
                            const double* grad_logps, const double* entropy,
                            const double* grad_entropy, const linear_grads<T, G>& g,
                            const linear_options& opt = {}) {
-  static_assert(std::is_same_v<G, T> || std::is_same_v<G, acc_t<T>>,
-                "dWeight and dBias must have the head's dtype or its accumulation type");
-  detail::check_linear_view(in);
-  const linear_chunking ch = detail::linear_chunks<T>(in.rows, in.hidden_cols, in.vocab, opt);
-  const std::int64_t N = in.rows, H = in.hidden_cols, V = in.vocab;
-  if (N > 0 && row_lse == nullptr) detail::fail("row_lse is null");
-  if (N > 0 && grad_logps == nullptr) detail::fail("grad_logps is null");
-  if ((entropy == nullptr) != (grad_entropy == nullptr))
-    detail::fail(entropy == nullptr ? "entropy is null but grad_entropy is given"
-                                    : "grad_entropy is null but entropy is given");
-  if (g.hidden != nullptr && g.hidden_stride < H)
-    detail::fail("grads.hidden_stride = ", g.hidden_stride, " is invalid: must be >= hidden_cols = ", H);
-  if (g.weight != nullptr && g.weight_stride < H)
-    detail::fail("grads.weight_stride = ", g.weight_stride, " is invalid: must be >= hidden_cols = ", H);
-  if (g.bias != nullptr && in.bias == nullptr)
-    detail::fail("grads.bias is given but the view has no bias");
-  detail::linear_range ins[9];
-  detail::input_ranges(in, ins);
-  ins[5] = detail::range_of(row_lse, 1, N, N, "row_lse");
-  ins[6] = detail::range_of(grad_logps, 1, N, N, "grad_logps");
-  ins[7] = detail::range_of(entropy, 1, N, N, "entropy");
-  ins[8] = detail::range_of(grad_entropy, 1, N, N, "grad_entropy");
-  const detail::linear_range outs[3] = {
-      detail::range_of(g.hidden, N, H, g.hidden_stride, "grads.hidden"),
-      detail::range_of(g.weight, V, H, g.weight_stride, "grads.weight"),
-      detail::range_of(g.bias, 1, V, V, "grads.bias")};
-  detail::check_no_overlap(outs, 3, ins, 9);
-  if (N == 0) return;
-  const int threads = detail::resolve_threads(opt.num_threads);
-  if (grad_entropy != nullptr) {
-    detail::linear_backward_impl<true>(in, ch, row_lse, grad_logps, entropy, grad_entropy, g, threads);
-  } else {
-    detail::linear_backward_impl<false>(in, ch, row_lse, grad_logps, nullptr, nullptr, g, threads);
-  }
+  detail::linear_backward_checked(in, 0, row_lse, nullptr, grad_logps, entropy, grad_entropy, g, opt);
 }
 
 }  // namespace cpu

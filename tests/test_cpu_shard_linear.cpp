@@ -1,0 +1,458 @@
+// Copyright 2026 The dpo Authors. SPDX-License-Identifier: Apache-2.0
+//
+// The fused LM head on a vocabulary shard (dpo/cpu/linear_shard.hpp): ranks run as threads
+// with an in-process all-reduce, each holding rows [start, end) of the weight (uneven
+// shards), and every result and gradient is checked against the unsharded head on the same
+// batch: per-token log-probs and TRL's extra outputs with their backward (linear_logps), and
+// DPO from hidden states (linear_dpo) over every loss configuration, padded / packed /
+// separate layouts, a bias and logit transforms, with context parallelism alone and together
+// with the vocabulary shards. dHidden is the sum of the ranks' partials (the caller's
+// all-reduce); dWeight / dBias rows of each shard are compared with the unsharded rows.
+#define EIGEN_DONT_PARALLELIZE  // the head's results are defined for Eigen's GEMM unthreaded
+#include <Eigen/Core>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <deque>
+#include <random>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "catch.hpp"
+#include "checks.hpp"
+#include "dpo/cpu/linear_shard.hpp"
+#include "fixtures.hpp"
+#include "shard_ranks.hpp"
+
+namespace {
+
+using fixture::named_config;
+using label_t = std::int64_t;
+using shard_ranks::group;
+using shard_ranks::run_ranks;
+using test_support::check_close;
+
+enum class kind { padded, packed, separate };
+
+/// A batch of 2P sequences of hidden rows (sequences [0, P) chosen), each of `rows[s]` rows,
+/// and an LM head [V, H] with a bias.
+struct problem {
+  std::int64_t P = 0, H = 0, V = 0;
+  std::vector<std::vector<std::vector<double>>> hid;  // [2P][rows][H]
+  std::vector<std::vector<label_t>> lab;              // [2P][rows]
+  std::vector<double> weight, bias;
+  dpo::logit_transforms tr;
+  std::vector<double> ref_c, ref_r;
+};
+
+template <class T>
+double rnd(double x) {
+  return static_cast<double>(static_cast<T>(x));
+}
+
+/// Labels in every shard, prompts and padding masked with -100; `varying`: sequences of
+/// different lengths.
+template <class T>
+problem make_problem(std::int64_t P, std::int64_t rows, std::int64_t H, std::int64_t V, bool varying,
+                     std::uint32_t seed) {
+  std::mt19937 gen(seed);
+  std::normal_distribution<double> nd(0.0, 1.0);
+  std::uniform_int_distribution<label_t> lab(0, V - 1);
+  problem p;
+  p.P = P;
+  p.H = H;
+  p.V = V;
+  for (std::int64_t s = 0; s < 2 * P; ++s) {
+    const std::int64_t n = varying ? rows - (s * 3) % rows / 2 : rows;
+    std::vector<std::vector<double>> h(static_cast<std::size_t>(n), std::vector<double>(static_cast<std::size_t>(H)));
+    std::vector<label_t> y(static_cast<std::size_t>(n));
+    for (std::int64_t t = 0; t < n; ++t) {
+      for (auto& x : h[t]) x = rnd<T>(nd(gen));
+      y[t] = t < 1 + s % 2 || (!varying && t >= n - s % 3) ? -100 : lab(gen);
+    }
+    p.hid.push_back(h);
+    p.lab.push_back(y);
+  }
+  for (std::int64_t i = 0; i < V * H; ++i) p.weight.push_back(rnd<T>(nd(gen) * 0.7));
+  for (std::int64_t i = 0; i < V; ++i) p.bias.push_back(rnd<T>(nd(gen) * 0.3));
+  for (std::int64_t i = 0; i < P; ++i) {
+    p.ref_c.push_back(-3.0 * rows + nd(gen));
+    p.ref_r.push_back(-3.0 * rows + nd(gen));
+  }
+  return p;
+}
+
+/// Rows [cut(n, c, C), cut(n, c + 1, C)) of a sequence of n rows on context rank c of C.
+std::int64_t cut(std::int64_t n, int c, int C) { return n * c / C; }
+
+/// One context rank's slice of a problem, laid out in the library's buffers.
+template <class T>
+struct laid_out {
+  kind k;
+  std::int64_t P, H, T_ = 0;
+  std::vector<T> hidden, hidden_r;          // one buffer, or chosen / rejected
+  std::vector<label_t> labels, labels_r;
+  std::vector<std::int64_t> cu;
+  std::vector<std::vector<std::int64_t>> row_of;  // [2P][t]: buffer row of the slice's row t
+  std::vector<T> dh, dh_r;                        // dHidden, same layout
+
+  laid_out(const problem& p, kind kk, int c, int C) : k(kk), P(p.P), H(p.H) {
+    std::int64_t longest = 0;
+    for (const auto& s : p.hid) {
+      const std::int64_t n = static_cast<std::int64_t>(s.size());
+      longest = std::max(longest, cut(n, c + 1, C) - cut(n, c, C));
+    }
+    T_ = std::max<std::int64_t>(longest, 1);
+    cu.push_back(0);
+    for (std::int64_t s = 0; s < 2 * P; ++s) {
+      const std::int64_t n = static_cast<std::int64_t>(p.hid[s].size());
+      const std::int64_t t0 = cut(n, c, C), t1 = cut(n, c + 1, C);
+      const bool second = k == kind::separate && s >= P;
+      std::vector<T>& h = second ? hidden_r : hidden;
+      std::vector<label_t>& y = second ? labels_r : labels;
+      const std::int64_t base = k == kind::packed ? cu.back() : (second ? s - P : s) * T_;
+      const std::int64_t len = k == kind::packed ? t1 - t0 : T_;
+      h.resize(static_cast<std::size_t>((base + len) * H), T(0));
+      y.resize(static_cast<std::size_t>(base + len), -100);
+      row_of.emplace_back();
+      for (std::int64_t t = t0; t < t1; ++t) {
+        const std::int64_t r = base + t - t0;
+        row_of.back().push_back(r);
+        for (std::int64_t j = 0; j < H; ++j) h[r * H + j] = T(static_cast<float>(p.hid[s][t][j]));
+        y[r] = p.lab[s][t];
+      }
+      cu.push_back(base + len);
+    }
+    dh.assign(hidden.size(), T(0));
+    dh_r.assign(hidden_r.size(), T(0));
+  }
+
+  dpo::hidden_pairs<T, label_t> pairs() const {
+    if (k == kind::packed) return dpo::linear_packed_pairs(hidden.data(), H, H, labels.data(), cu.data(), 2 * P);
+    if (k == kind::padded) return dpo::linear_padded_pairs(hidden.data(), H, H, labels.data(), 2 * P, T_);
+    return dpo::linear_separate_pairs(hidden.data(), labels.data(), hidden_r.data(), labels_r.data(), P, T_, H, H);
+  }
+
+  template <class G>
+  dpo::linear_dpo_grads<T, G> grads(std::vector<G>& dw, std::vector<G>& db) {
+    dpo::linear_dpo_grads<T, G> g;
+    g.chosen_hidden = dh.data();
+    g.rejected_hidden = k == kind::separate ? dh_r.data() : dh.data();
+    g.chosen_hidden_stride = g.rejected_hidden_stride = H;
+    g.weight = dw.data();
+    g.weight_stride = H;
+    g.bias = db.data();
+    return g;
+  }
+
+  /// dHidden of sequence s, slice row t.
+  double grad_at(std::int64_t s, std::int64_t t, std::int64_t j) const {
+    const bool second = k == kind::separate && s >= P;
+    return static_cast<double>((second ? dh_r : dh)[row_of[s][t] * H + j]);
+  }
+};
+
+template <class T>
+dpo::linear_head<T> head_of(const std::vector<T>& w, const std::vector<T>& b, std::int64_t start, std::int64_t width,
+                            std::int64_t H, const dpo::logit_transforms& tr) {
+  return dpo::make_linear_head(w.data() + start * H, width, H, H, b.data() + start, tr);
+}
+
+struct dpo_case {
+  kind k = kind::padded;
+  std::vector<std::int64_t> cuts;  // vocabulary boundaries
+  int context = 1;
+  bool metrics = true;
+};
+
+/// Relative tolerances of the sharded results against the unsharded ones: the shards' sums
+/// are combined in double instead of folded in the accumulation type, and dHidden is a sum
+/// of the ranks' partials.
+template <class T>
+double rel_tol() {
+  return std::is_same_v<T, double> ? 1e-10 : 2e-5;
+}
+
+std::vector<double> metric_vec(const dpo::cpu::metrics& m) {
+  std::vector<double> v(static_cast<std::size_t>(dpo::num_metrics));
+  std::memcpy(v.data(), &m, sizeof m);
+  return v;
+}
+
+template <class T>
+void check_linear_dpo(const named_config& nc, const problem& p, const dpo_case& dc) {
+  using G = dpo::cpu::acc_t<T>;
+  const int W = static_cast<int>(dc.cuts.size()) - 1, C = dc.context;
+  INFO(nc.name << " layout " << static_cast<int>(dc.k) << " vocab ranks " << W << " context ranks " << C);
+  const std::int64_t P = p.P, H = p.H, V = p.V;
+  const bool refs = fixture::needs_reference(nc.cfg) || nc.cfg.reference_free;
+  const double* rc = refs ? p.ref_c.data() : nullptr;
+  const double* rr = refs ? p.ref_r.data() : nullptr;
+  std::vector<T> w, b;
+  for (double x : p.weight) w.push_back(T(static_cast<float>(x)));
+  for (double x : p.bias) b.push_back(T(static_cast<float>(x)));
+  dpo::cpu::linear_dpo_options o;
+  o.num_threads = 1;
+  o.metrics = dc.metrics;
+
+  laid_out<T> full(p, dc.k, 0, 1);
+  std::vector<G> dw(static_cast<std::size_t>(V * H), G(0)), db(static_cast<std::size_t>(V), G(0));
+  dpo::cpu::forward_result want;
+  dpo::cpu::linear_dpo(full.pairs(), head_of(w, b, 0, V, H, p.tr), rc, rr, nc.cfg,
+                       dpo::cpu::detail::owned_outputs(want, P), full.grads(dw, db), o);
+
+  std::deque<laid_out<T>> local;
+  for (int c = 0; c < C; ++c) local.emplace_back(p, dc.k, c, C);
+  // Each vocabulary rank's partial dHidden is kept apart and summed below (the caller's
+  // all-reduce); dWeight / dBias rows per vocabulary rank, summed over the context ranks.
+  std::deque<laid_out<T>> partial;
+  for (int r = 0; r < W * C; ++r) partial.emplace_back(p, dc.k, r / W, C);
+  std::vector<std::vector<G>> gw(static_cast<std::size_t>(W * C)), gb(gw.size());
+  std::deque<group> vocab_groups, context_groups;
+  for (int c = 0; c < C; ++c) vocab_groups.emplace_back(W);
+  for (int t = 0; t < W; ++t) context_groups.emplace_back(C);
+  std::vector<dpo::cpu::forward_result> got(static_cast<std::size_t>(W * C));
+  std::vector<std::string> errors(got.size());
+  run_ranks(W * C, [&](int rank) {
+    const int t = rank % W, c = rank / W;
+    const dpo::vocab_shard sh{V, dc.cuts[t], dc.cuts[t + 1]};
+    dpo::cpu::collectives comm;
+    comm.vocab_max = [&, t, c](double* d, std::int64_t n) { vocab_groups[c].reduce(t, d, n, true); };
+    comm.vocab_sum = [&, t, c](double* d, std::int64_t n) { vocab_groups[c].reduce(t, d, n, false); };
+    if (C > 1) comm.context_sum = [&, t, c](double* d, std::int64_t n) { context_groups[t].reduce(c, d, n, false); };
+    std::vector<G>& rw = gw[static_cast<std::size_t>(rank)];
+    std::vector<G>& rb = gb[static_cast<std::size_t>(rank)];
+    rw.assign(static_cast<std::size_t>(sh.width() * H), G(0));
+    rb.assign(static_cast<std::size_t>(sh.width()), G(0));
+    laid_out<T>& mine = partial[static_cast<std::size_t>(rank)];
+    try {
+      dpo::cpu::linear_dpo_sharded(local[static_cast<std::size_t>(c)].pairs(),
+                                   head_of(w, b, sh.start, sh.width(), H, p.tr), sh, rc, rr, nc.cfg, comm,
+                                   dpo::cpu::detail::owned_outputs(got[static_cast<std::size_t>(rank)], P),
+                                   mine.grads(rw, rb), 1.0, o);
+    } catch (const dpo::error& e) {
+      errors[static_cast<std::size_t>(rank)] = e.what();
+    }
+  });
+  for (const std::string& e : errors) REQUIRE(e == "");
+
+  const double tol = rel_tol<T>();
+  for (std::size_t k = 0; k < got.size(); ++k) {
+    INFO("rank " << k);
+    const dpo::cpu::forward_result& r = got[k];
+    CHECK(r.loss == got[0].loss);  // every rank the same, bitwise
+    CHECK(std::memcmp(&r.metrics, &got[0].metrics, sizeof r.metrics) == 0);
+    CHECK(fixture::near(r.loss, want.loss, tol * (1 + std::fabs(want.loss))));
+    check_close(metric_vec(r.metrics), metric_vec(want.metrics), tol, "metrics");
+#define DPO_TEST_PAIR(name)                                                                          \
+  check_close(std::vector<double>(r.name.data(), r.name.data() + P),                                 \
+              std::vector<double>(want.name.data(), want.name.data() + P), tol, #name);
+    DPO_PAIR_OUTPUTS(DPO_TEST_PAIR)
+#undef DPO_TEST_PAIR
+  }
+  // dHidden: the vocabulary ranks' partials summed, each context rank's rows.
+  std::vector<double> got_h, want_h;
+  for (int c = 0; c < C; ++c)
+    for (std::int64_t s = 0; s < 2 * P; ++s) {
+      const std::int64_t n = static_cast<std::int64_t>(p.hid[s].size());
+      const std::int64_t t0 = cut(n, c, C);
+      for (std::int64_t t = t0; t < cut(n, c + 1, C); ++t)
+        for (std::int64_t j = 0; j < H; ++j) {
+          double sum = 0;
+          for (int v = 0; v < W; ++v) sum += partial[static_cast<std::size_t>(c * W + v)].grad_at(s, t - t0, j);
+          got_h.push_back(sum);
+          want_h.push_back(full.grad_at(s, t, j));
+        }
+    }
+  // Each partial is rounded to T before the sum (the caller all-reduces dHidden in T).
+  const double h_tol = std::max(tol, W * fixture::output_rel<T>());
+  check_close(got_h, want_h, h_tol, "dHidden");
+  // dWeight / dBias: shard rows, summed over the context ranks (the data-parallel sum).
+  for (int t = 0; t < W; ++t) {
+    const std::int64_t s0 = dc.cuts[t], n = dc.cuts[t + 1] - s0;
+    std::vector<double> gwv(static_cast<std::size_t>(n * H), 0.0), gbv(static_cast<std::size_t>(n), 0.0);
+    for (int c = 0; c < C; ++c) {
+      const auto& rw = gw[static_cast<std::size_t>(c * W + t)];
+      const auto& rb = gb[static_cast<std::size_t>(c * W + t)];
+      for (std::size_t i = 0; i < gwv.size(); ++i) gwv[i] += static_cast<double>(rw[i]);
+      for (std::size_t i = 0; i < gbv.size(); ++i) gbv[i] += static_cast<double>(rb[i]);
+    }
+    std::vector<double> ww(dw.begin() + s0 * H, dw.begin() + (s0 + n) * H), wb(db.begin() + s0, db.begin() + s0 + n);
+    INFO("vocabulary rank " << t);
+    check_close(gwv, ww, tol, "dWeight rows");
+    check_close(gbv, wb, tol, "dBias rows");
+  }
+}
+
+std::vector<std::int64_t> uneven(std::int64_t V, int world) {
+  std::vector<std::int64_t> c{0};
+  for (int t = 1; t < world; ++t) c.push_back(V * t * t / (world * world) + t);
+  c.push_back(V);
+  return c;
+}
+
+const std::int64_t kVocab = 37;
+
+}  // namespace
+
+TEST_CASE("head shards: DPO from hidden states, every configuration, 3 uneven ranks", "[shard_linear]") {
+  const problem p = make_problem<float>(3, 6, 8, kVocab, false, 5);
+  dpo_case dc;
+  dc.cuts = uneven(kVocab, 3);
+  for (const named_config& nc : fixture::all_configs()) check_linear_dpo<float>(nc, p, dc);
+}
+
+TEST_CASE("head shards: layouts, dtypes, transforms, context parallelism", "[shard_linear]") {
+  const char* names[] = {"sigmoid", "mpo+wpo", "aot+aot_unpaired", "cpo/ipo", "simpo", "sft"};
+  for (const kind k : {kind::padded, kind::packed, kind::separate}) {
+    for (const int W : {1, 2, 4}) {
+      for (const int C : {1, 2, 3}) {
+        if (C > 1 && k == kind::separate) continue;
+        problem p = make_problem<double>(2, 7, 5, kVocab, k == kind::packed, 10 + W + C);
+        p.tr.softcap = W == 2 ? 4.0 : 0.0;
+        p.tr.temperature = W == 4 ? 0.7 : 1.0;
+        dpo_case dc;
+        dc.k = k;
+        dc.cuts = uneven(kVocab, W);
+        dc.context = C;
+        dc.metrics = C != 3;
+        for (const char* n : names) {
+          check_linear_dpo<double>(fixture::config_named(n), p, dc);
+          check_linear_dpo<float>(fixture::config_named(n), make_problem<float>(2, 7, 5, kVocab, k == kind::packed,
+                                                                                 20 + W + C), dc);
+        }
+        if (C == 1) check_linear_dpo<double>(fixture::config_named("sigmoid+ld_alpha"), p, dc);
+      }
+    }
+  }
+}
+
+TEST_CASE("head shards: bfloat16 head with fp32 gradients", "[shard_linear]") {
+  const problem p = make_problem<Eigen::bfloat16>(2, 6, 8, kVocab, false, 3);
+  dpo_case dc;
+  dc.cuts = uneven(kVocab, 3);
+  // bf16 logits are formed in fp32 on both paths; the tolerance is fp32's.
+  for (const char* n : {"sigmoid", "mpo+wpo"}) check_linear_dpo<Eigen::bfloat16>(fixture::config_named(n), p, dc);
+}
+
+TEST_CASE("head shards: per-token log-probs, extra outputs and their backward", "[shard_linear]") {
+  const std::int64_t N = 11, H = 6, V = kVocab;
+  const problem p = make_problem<double>(1, N, H, V, false, 42);
+  std::vector<double> hidden, w = p.weight, b = p.bias;
+  std::vector<label_t> labels;
+  for (int s = 0; s < 2; ++s)
+    for (std::int64_t t = 0; t < N; ++t) {
+      for (double x : p.hid[s][t]) hidden.push_back(x);
+      labels.push_back(p.lab[s][t]);
+    }
+  labels[3] = 7;
+  labels[4] = V - 1;
+  const std::int64_t R = 2 * N;
+  dpo::logit_transforms tr;
+  tr.softcap = 3.0;
+  tr.scale = 1.3;
+  const auto view_of = [&](std::int64_t start, std::int64_t width) {
+    return dpo::linear_view_of(hidden.data(), R, H, head_of(w, b, start, width, H, tr), labels.data());
+  };
+  // Unsharded: every output, then the backward of grad_logps . logps + grad_entropy . entropy.
+  std::vector<double> logps(R), ent(R), lssp(R), mean(R), lse(R);
+  std::vector<std::uint8_t> top1(R);
+  dpo::cpu::linear_outputs x{ent.data(), lssp.data(), mean.data(), top1.data()};
+  dpo::cpu::linear_logps(view_of(0, V), logps.data(), x, lse.data());
+  std::vector<double> gl(R), ge(R);
+  for (std::int64_t r = 0; r < R; ++r) {
+    gl[r] = 0.3 + 0.1 * static_cast<double>(r % 5);
+    ge[r] = -0.2 + 0.05 * static_cast<double>(r % 3);
+  }
+  std::vector<double> dh(R * H), dw(V * H, 0.0), db(V, 0.0);
+  dpo::cpu::linear_grads<double> g{dh.data(), H, false, dw.data(), H, db.data()};
+  dpo::cpu::linear_logps_backward(view_of(0, V), lse.data(), gl.data(), ent.data(), ge.data(), g);
+
+  for (const int W : {2, 3}) {
+    const std::vector<std::int64_t> cuts = uneven(V, W);
+    group vg(W);
+    std::vector<std::vector<double>> out(static_cast<std::size_t>(W)), gh(out.size()), gw(out.size()), gb(out.size());
+    std::vector<std::vector<std::uint8_t>> hit(out.size());
+    run_ranks(W, [&](int t) {
+      const dpo::vocab_shard sh{V, cuts[t], cuts[t + 1]};
+      dpo::cpu::collectives comm;
+      comm.vocab_max = [&, t](double* d, std::int64_t n) { vg.reduce(t, d, n, true); };
+      comm.vocab_sum = [&, t](double* d, std::int64_t n) { vg.reduce(t, d, n, false); };
+      std::vector<double>& o = out[static_cast<std::size_t>(t)];
+      o.assign(static_cast<std::size_t>(5 * R), 0.0);
+      hit[t].assign(static_cast<std::size_t>(R), 0);
+      dpo::cpu::linear_outputs sx{o.data() + R, o.data() + 2 * R, o.data() + 3 * R, hit[t].data()};
+      dpo::cpu::linear_shard_state st;
+      const auto v = view_of(sh.start, sh.width());
+      dpo::cpu::linear_logps_sharded(v, sh, comm, o.data(), sx, o.data() + 4 * R, st);
+      gh[t].assign(static_cast<std::size_t>(R * H), 0.0);
+      gw[t].assign(static_cast<std::size_t>(sh.width() * H), 0.0);
+      gb[t].assign(static_cast<std::size_t>(sh.width()), 0.0);
+      dpo::cpu::linear_grads<double> sg{gh[t].data(), H, false, gw[t].data(), H, gb[t].data()};
+      dpo::cpu::linear_shard_backward(v, sh, st.row_max.data(), st.records.data(), gl.data(), o.data() + R,
+                                      ge.data(), sg);
+    });
+    INFO("vocabulary ranks " << W);
+    for (int t = 0; t < W; ++t) {
+      const std::vector<double>& o = out[static_cast<std::size_t>(t)];
+      const auto part = [&](int k) { return std::vector<double>(o.begin() + k * R, o.begin() + (k + 1) * R); };
+      check_close(part(0), logps, 1e-12, "logps");
+      check_close(part(1), ent, 1e-12, "entropy");
+      check_close(part(2), lssp, 1e-12, "log_sum_sq_probs");
+      check_close(part(3), mean, 1e-12, "mean_logits");
+      check_close(part(4), lse, 1e-12, "row_lse");
+      CHECK(hit[t] == top1);
+      const std::int64_t s0 = cuts[t], n = cuts[t + 1] - s0;
+      check_close(gw[t], std::vector<double>(dw.begin() + s0 * H, dw.begin() + (s0 + n) * H), 1e-12, "dWeight rows");
+      check_close(gb[t], std::vector<double>(db.begin() + s0, db.begin() + s0 + n), 1e-12, "dBias rows");
+    }
+    std::vector<double> sum(static_cast<std::size_t>(R * H), 0.0);
+    for (int t = 0; t < W; ++t)
+      for (std::size_t i = 0; i < sum.size(); ++i) sum[i] += gh[t][i];
+    check_close(sum, dh, 1e-12, "dHidden (summed partials)");
+  }
+}
+
+TEST_CASE("head shards: bad input throws on every rank before any collective", "[shard_linear]") {
+  const problem p = make_problem<float>(2, 5, 4, kVocab, false, 9);
+  laid_out<float> l(p, kind::padded, 0, 1);
+  l.labels[3] = kVocab;  // past the global vocabulary: every vocabulary rank holds the same labels
+  std::vector<float> w(p.weight.begin(), p.weight.end()), b(p.bias.begin(), p.bias.end());
+  const std::vector<std::int64_t> cuts = uneven(kVocab, 3);
+  std::vector<std::string> errors(3);
+  std::atomic<int> collectives_run{0};
+  run_ranks(3, [&](int t) {
+    const dpo::vocab_shard sh{kVocab, cuts[t], cuts[t + 1]};
+    dpo::cpu::collectives comm;  // a rank in a collective its peers skip would hang: none may run
+    comm.vocab_max = comm.vocab_sum = [&](double*, std::int64_t) { ++collectives_run; };
+    std::vector<float> dw(static_cast<std::size_t>(sh.width() * 4)), db(static_cast<std::size_t>(sh.width()));
+    dpo::cpu::forward_result r;
+    try {
+      dpo::cpu::linear_dpo_sharded(l.pairs(), head_of(w, b, sh.start, sh.width(), 4, p.tr), sh, p.ref_c.data(),
+                                   p.ref_r.data(), fixture::config_named("sigmoid").cfg, comm,
+                                   dpo::cpu::detail::owned_outputs(r, 2), l.grads(dw, db));
+    } catch (const dpo::error& e) {
+      errors[static_cast<std::size_t>(t)] = e.what();
+    }
+  });
+  CHECK(collectives_run == 0);
+  for (const std::string& e : errors) CHECK(e.find("outside [0, vocab = 37)") != std::string::npos);
+
+  // A shard description that does not match the weight shard's rows.
+  l.labels[3] = 1;
+  dpo::cpu::forward_result r;
+  std::vector<float> dw(10 * 4), db(10);
+  std::vector<double> rec(3 * dpo::shard_fields), rmax(3);
+  test_support::expect_error("holds 12 columns", [&] {
+    dpo::cpu::linear_dpo_sharded(l.pairs(), head_of(w, b, 0, 10, 4, p.tr), dpo::vocab_shard{kVocab, 0, 12},
+                                 p.ref_c.data(), p.ref_r.data(), fixture::config_named("sigmoid").cfg,
+                                 dpo::cpu::collectives{}, dpo::cpu::detail::owned_outputs(r, 2), l.grads(dw, db));
+  });
+  test_support::expect_error("vocab_shard [start, end)", [&] {
+    dpo::cpu::linear_shard_partials(dpo::linear_view_of(l.hidden.data(), 3, 4, head_of(w, b, 30, 7, 4, p.tr),
+                                                        l.labels.data()),
+                                    dpo::vocab_shard{kVocab, 30, 40}, rec.data(), rmax.data(), true);
+  });
+}
