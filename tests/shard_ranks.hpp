@@ -7,9 +7,12 @@
 #include <condition_variable>
 #include <cmath>
 #include <cstdint>
+#include <deque>
 #include <mutex>
 #include <thread>
 #include <vector>
+
+#include "dpo/cpu/shard.hpp"
 
 namespace shard_ranks {
 
@@ -60,5 +63,43 @@ void run_ranks(int n, Fn fn) {
   for (int k = 0; k < n; ++k) ts.emplace_back([&, k] { fn(k); });
   for (auto& t : ts) t.join();
 }
+
+/// W x C ranks as threads: rank = c * W + t holds vocabulary shard t of context slice c. The
+/// vocabulary groups (one per context slice) and context groups (one per shard), and each
+/// rank's collectives over them (no context collective when C = 1).
+class grid {
+ public:
+  grid(int W, int C) : W_(W), C_(C) {
+    for (int c = 0; c < C; ++c) vocab_.emplace_back(W);
+    for (int t = 0; t < W; ++t) context_.emplace_back(C);
+  }
+
+  dpo::cpu::collectives comm(int rank) {
+    const int t = rank % W_, c = rank / W_;
+    dpo::cpu::collectives m;
+    m.vocab_max = [this, t, c](double* d, std::int64_t n) { vocab_[c].reduce(t, d, n, true); };
+    m.vocab_sum = [this, t, c](double* d, std::int64_t n) { vocab_[c].reduce(t, d, n, false); };
+    if (C_ > 1) m.context_sum = [this, t, c](double* d, std::int64_t n) { context_[t].reduce(c, d, n, false); };
+    return m;
+  }
+
+ private:
+  int W_, C_;
+  std::deque<group> vocab_, context_;  // not movable: a deque never moves them
+};
+
+/// Boundaries of `world` uneven shards of V: each shard at least one column.
+inline std::vector<std::int64_t> uneven(std::int64_t V, int world) {
+  std::vector<std::int64_t> c{0};
+  for (int t = 1; t < world; ++t) c.push_back(V * t * t / (world * world) + t);
+  c.push_back(V);
+  return c;
+}
+
+/// Row slice [k0, k1) of each sequence on context rank c of C: floor(n c / C).
+inline std::int64_t cut(std::int64_t n, int c, int C) { return n * c / C; }
+
+/// The vocabulary of the sharded tests: prime, so no split is even.
+inline constexpr std::int64_t kVocab = 37;
 
 }  // namespace shard_ranks

@@ -25,8 +25,11 @@ using fixture::buffers;
 using fixture::layout;
 using fixture::named_config;
 
+using shard_ranks::cut;
 using shard_ranks::group;
+using shard_ranks::kVocab;
 using shard_ranks::run_ranks;
+using shard_ranks::uneven;
 
 template <class T, class L>
 dpo::pair_view<T, L> shard_of(dpo::pair_view<T, L> p, const dpo::vocab_shard& sh) {
@@ -42,9 +45,6 @@ dpo::pair_grad_view<T> shard_of(dpo::pair_grad_view<T> g, const dpo::vocab_shard
   g.rejected += sh.start;
   return g;
 }
-
-/// Row slice [k0, k1) of each sequence on context rank c of C: floor(n c / C).
-std::int64_t cut(std::int64_t n, int c, int C) { return n * c / C; }
 
 oracle::batch slice(const oracle::batch& b, int c, int C) {
   oracle::batch out;
@@ -97,18 +97,13 @@ void check_sharded(const named_config& nc, const oracle::batch& b, const shard_c
   std::vector<buffers<T, L>> local;
   for (int c = 0; c < C; ++c) parts.push_back(slice(b, c, C));
   for (int c = 0; c < C; ++c) local.emplace_back(parts[c], sc.kind, 0, sc.explicit_mask);
-  std::deque<group> vocab_groups, context_groups;  // not movable: a deque never moves them
-  for (int c = 0; c < C; ++c) vocab_groups.emplace_back(W);
-  for (int t = 0; t < W; ++t) context_groups.emplace_back(C);
+  shard_ranks::grid ranks(W, C);
   std::vector<dpo::cpu::forward_result> got(static_cast<std::size_t>(W * C));
   std::vector<std::string> errors(got.size());
   run_ranks(W * C, [&](int rank) {
     const int t = rank % W, c = rank / W;
     const dpo::vocab_shard sh{V, sc.cuts[t], sc.cuts[t + 1]};
-    dpo::cpu::collectives comm;
-    comm.vocab_max = [&, t, c](double* d, std::int64_t n) { vocab_groups[c].reduce(t, d, n, true); };
-    comm.vocab_sum = [&, t, c](double* d, std::int64_t n) { vocab_groups[c].reduce(t, d, n, false); };
-    if (C > 1) comm.context_sum = [&, t, c](double* d, std::int64_t n) { context_groups[t].reduce(c, d, n, false); };
+    const dpo::cpu::collectives comm = ranks.comm(rank);
     buffers<T, L>& lb = local[static_cast<std::size_t>(c)];
     const auto view = shard_of(lb.view(), sh);
     dpo::cpu::forward_result& r = got[static_cast<std::size_t>(rank)];
@@ -172,16 +167,6 @@ void check_sharded(const named_config& nc, const oracle::batch& b, const shard_c
     }
   }
 }
-
-/// Boundaries of `world` uneven shards of V: each shard at least one column.
-std::vector<std::int64_t> uneven(std::int64_t V, int world) {
-  std::vector<std::int64_t> c{0};
-  for (int t = 1; t < world; ++t) c.push_back(V * t * t / (world * world) + t);
-  c.push_back(V);
-  return c;
-}
-
-const std::int64_t kVocab = 37;
 
 }  // namespace
 

@@ -30,8 +30,10 @@ namespace {
 
 using fixture::named_config;
 using label_t = std::int64_t;
-using shard_ranks::group;
+using shard_ranks::cut;
+using shard_ranks::kVocab;
 using shard_ranks::run_ranks;
+using shard_ranks::uneven;
 using test_support::check_close;
 
 enum class kind { padded, packed, separate };
@@ -83,9 +85,6 @@ problem make_problem(std::int64_t P, std::int64_t rows, std::int64_t H, std::int
   }
   return p;
 }
-
-/// Rows [cut(n, c, C), cut(n, c + 1, C)) of a sequence of n rows on context rank c of C.
-std::int64_t cut(std::int64_t n, int c, int C) { return n * c / C; }
 
 /// One context rank's slice of a problem, laid out in the library's buffers.
 template <class T>
@@ -210,18 +209,13 @@ void check_linear_dpo(const named_config& nc, const problem& p, const dpo_case& 
   std::deque<laid_out<T>> partial;
   for (int r = 0; r < W * C; ++r) partial.emplace_back(p, dc.k, r / W, C);
   std::vector<std::vector<G>> gw(static_cast<std::size_t>(W * C)), gb(gw.size());
-  std::deque<group> vocab_groups, context_groups;
-  for (int c = 0; c < C; ++c) vocab_groups.emplace_back(W);
-  for (int t = 0; t < W; ++t) context_groups.emplace_back(C);
+  shard_ranks::grid ranks(W, C);
   std::vector<dpo::cpu::forward_result> got(static_cast<std::size_t>(W * C));
   std::vector<std::string> errors(got.size());
   run_ranks(W * C, [&](int rank) {
     const int t = rank % W, c = rank / W;
     const dpo::vocab_shard sh{V, dc.cuts[t], dc.cuts[t + 1]};
-    dpo::cpu::collectives comm;
-    comm.vocab_max = [&, t, c](double* d, std::int64_t n) { vocab_groups[c].reduce(t, d, n, true); };
-    comm.vocab_sum = [&, t, c](double* d, std::int64_t n) { vocab_groups[c].reduce(t, d, n, false); };
-    if (C > 1) comm.context_sum = [&, t, c](double* d, std::int64_t n) { context_groups[t].reduce(c, d, n, false); };
+    const dpo::cpu::collectives comm = ranks.comm(rank);
     std::vector<G>& rw = gw[static_cast<std::size_t>(rank)];
     std::vector<G>& rb = gb[static_cast<std::size_t>(rank)];
     rw.assign(static_cast<std::size_t>(sh.width() * H), G(0));
@@ -285,15 +279,6 @@ void check_linear_dpo(const named_config& nc, const problem& p, const dpo_case& 
     check_close(gbv, wb, tol, "dBias rows");
   }
 }
-
-std::vector<std::int64_t> uneven(std::int64_t V, int world) {
-  std::vector<std::int64_t> c{0};
-  for (int t = 1; t < world; ++t) c.push_back(V * t * t / (world * world) + t);
-  c.push_back(V);
-  return c;
-}
-
-const std::int64_t kVocab = 37;
 
 }  // namespace
 
@@ -372,14 +357,12 @@ TEST_CASE("head shards: per-token log-probs, extra outputs and their backward", 
 
   for (const int W : {2, 3}) {
     const std::vector<std::int64_t> cuts = uneven(V, W);
-    group vg(W);
+    shard_ranks::grid ranks(W, 1);
     std::vector<std::vector<double>> out(static_cast<std::size_t>(W)), gh(out.size()), gw(out.size()), gb(out.size());
     std::vector<std::vector<std::uint8_t>> hit(out.size());
     run_ranks(W, [&](int t) {
       const dpo::vocab_shard sh{V, cuts[t], cuts[t + 1]};
-      dpo::cpu::collectives comm;
-      comm.vocab_max = [&, t](double* d, std::int64_t n) { vg.reduce(t, d, n, true); };
-      comm.vocab_sum = [&, t](double* d, std::int64_t n) { vg.reduce(t, d, n, false); };
+      const dpo::cpu::collectives comm = ranks.comm(t);
       std::vector<double>& o = out[static_cast<std::size_t>(t)];
       o.assign(static_cast<std::size_t>(5 * R), 0.0);
       hit[t].assign(static_cast<std::size_t>(R), 0);

@@ -273,6 +273,18 @@ struct linear_pass {
     if (convert) wc = linear_buffer<A>(ch.vocab * H);
   }
 
+  /// The counted rows (label not ignored, not masked) into `active`; skipped(r) for the others.
+  template <class Fn>
+  void select_counted(Fn&& skipped) {
+    for (std::int64_t r = 0; r < in.rows; ++r) {
+      if (in.target(r) >= 0) {
+        active.push_back(r);
+      } else {
+        skipped(r);
+      }
+    }
+  }
+
   /// Loads rows active[b0, b0 + n) of hidden into hb (converted to A).
   void gather(std::int64_t b0, std::int64_t n) {
     nb = n;
@@ -390,18 +402,14 @@ void linear_forward_impl(const linear_view<T, L>& in, const linear_chunking& ch,
   using A = acc_t<T>;
   using stats = dpo::detail::row_stats<A>;
   linear_pass<T, L> p(in, ch, threads);
-  for (std::int64_t r = 0; r < in.rows; ++r) {
-    if (in.target(r) >= 0) {
-      p.active.push_back(r);
-    } else {
-      logps[r] = 0;
-      row_lse[r] = 0;
-      if (x.entropy != nullptr) x.entropy[r] = 0;
-      if (x.log_sum_sq_probs != nullptr) x.log_sum_sq_probs[r] = 0;
-      if (x.mean_logits != nullptr) x.mean_logits[r] = 0;
-      if (x.is_top1 != nullptr) x.is_top1[r] = 0;
-    }
-  }
+  p.select_counted([&](std::int64_t r) {
+    logps[r] = 0;
+    row_lse[r] = 0;
+    if (x.entropy != nullptr) x.entropy[r] = 0;
+    if (x.log_sum_sq_probs != nullptr) x.log_sum_sq_probs[r] = 0;
+    if (x.mean_logits != nullptr) x.mean_logits[r] = 0;
+    if (x.is_top1 != nullptr) x.is_top1[r] = 0;
+  });
   std::vector<A> zy(static_cast<std::size_t>(ch.rows));
   fold_rows<Metrics>(
       p, threads,

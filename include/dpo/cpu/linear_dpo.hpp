@@ -501,6 +501,29 @@ void zero_hidden_rows(const hidden_pairs<T, L>& in, const linear_dpo_grads<T, G>
   side(in.pairs.rejected, g.rejected_hidden, g.rejected_hidden_stride);
 }
 
+/// The linear head's options of a DPO-from-hidden call.
+inline linear_options linear_options_of(const linear_dpo_options& o) {
+  linear_options lo;
+  lo.num_threads = o.num_threads;
+  lo.workspace_bytes = o.workspace_bytes;
+  lo.chunk_rows = o.chunk_rows;
+  return lo;
+}
+
+/// The linear head's gradient targets for rows [b, ...) of a hidden buffer whose dHidden is
+/// `hidden` (null: none; added to) with `stride`, and g's dWeight / dBias.
+template <class T, class G>
+linear_grads<T, G> rows_grads(const linear_dpo_grads<T, G>& g, T* hidden, std::int64_t stride, std::int64_t b) {
+  linear_grads<T, G> lg;
+  lg.hidden = hidden != nullptr ? hidden + b * stride : nullptr;
+  lg.hidden_stride = stride;
+  lg.accumulate_hidden = true;
+  lg.weight = g.weight;
+  lg.weight_stride = g.weight_stride;
+  lg.bias = g.bias;
+  return lg;
+}
+
 /// The four-pass backward: linear_logps_backward over each hidden buffer with each
 /// completion row's dL/dlogp (coef[s][i], side s, mapped row i) and lse, adding to dHidden
 /// (zeroed first in the written mode), dWeight and dBias.
@@ -538,18 +561,8 @@ void recompute_backward(const hidden_pairs<T, L>& in, const linear_head<T>& head
     const linear_view<T, std::int64_t> v = linear_view_of(sides[s0]->logits + b * sides[s0]->row_stride, n,
                                                           sides[s0]->row_stride, head, labels.data(),
                                                           nullptr, std::int64_t{-1});
-    linear_grads<T, G> lg;
-    lg.hidden = gh[s0] != nullptr ? gh[s0] + b * gs[s0] : nullptr;
-    lg.hidden_stride = gs[s0];
-    lg.accumulate_hidden = true;
-    lg.weight = g.weight;
-    lg.weight_stride = g.weight_stride;
-    lg.bias = g.bias;
-    linear_options lo;
-    lo.num_threads = opt.num_threads;
-    lo.workspace_bytes = opt.workspace_bytes;
-    lo.chunk_rows = opt.chunk_rows;
-    linear_logps_backward(v, row_lse.data(), grad.data(), nullptr, nullptr, lg, lo);
+    linear_logps_backward(v, row_lse.data(), grad.data(), nullptr, nullptr, rows_grads(g, gh[s0], gs[s0], b),
+                          linear_options_of(opt));
   };
   if (one) {
     run({0, 1});

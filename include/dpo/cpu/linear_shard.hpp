@@ -55,14 +55,10 @@ void linear_shard_partials_impl(const linear_view<T, L>& in, const vocab_shard& 
   using A = acc_t<T>;
   using stats = dpo::detail::row_stats<A>;
   linear_pass<T, L> p(in, ch, threads);
-  for (std::int64_t r = 0; r < in.rows; ++r) {
-    if (in.target(r) >= 0) {
-      p.active.push_back(r);
-    } else {
-      dpo::detail::empty_shard_record(records + r * shard_fields);
-      if (row_max != nullptr) row_max[r] = -INFINITY;
-    }
-  }
+  p.select_counted([&](std::int64_t r) {
+    dpo::detail::empty_shard_record(records + r * shard_fields);
+    if (row_max != nullptr) row_max[r] = -INFINITY;
+  });
   std::vector<A> zy(static_cast<std::size_t>(ch.rows));
   fold_rows<Metrics>(
       p, threads,
@@ -82,14 +78,6 @@ void linear_shard_partials_impl(const linear_view<T, L>& in, const vocab_shard& 
           }
         });
       });
-}
-
-inline linear_options linear_options_of(const linear_dpo_options& o) {
-  linear_options lo;
-  lo.num_threads = o.num_threads;
-  lo.workspace_bytes = o.workspace_bytes;
-  lo.chunk_rows = o.chunk_rows;
-  return lo;
 }
 
 /// The rows [b, e) of a side's buffer that its sequences span, as a linear_view of the head
@@ -278,14 +266,8 @@ void linear_pair_shard_backward(const hidden_pairs<T, L>& policy, const linear_h
     const linear_view<T, std::int64_t> v = detail::side_rows(*sides[s], head, labels, &b);
     std::vector<double> grad(coef[s].size());
     for (std::size_t i = 0; i < grad.size(); ++i) grad[i] = dpo::detail::times(coef[s][i], grad_output);
-    linear_grads<T, G> lg;
-    lg.hidden = gh[s] != nullptr ? gh[s] + b * gs[s] : nullptr;
-    lg.hidden_stride = gs[s];
-    lg.accumulate_hidden = true;
-    lg.weight = g.weight;
-    lg.weight_stride = g.weight_stride;
-    lg.bias = g.bias;
-    linear_shard_backward(v, sh, maxes[s] + b, recs[s] + b * shard_fields, grad.data(), nullptr, nullptr, lg, lo);
+    linear_shard_backward(v, sh, maxes[s] + b, recs[s] + b * shard_fields, grad.data(), nullptr, nullptr,
+                          detail::rows_grads(g, gh[s], gs[s], b), lo);
   }
 }
 
