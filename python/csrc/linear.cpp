@@ -18,6 +18,7 @@
 #include "common.h"
 #include "head.h"
 #include "dpo/cpu/linear.hpp"
+#include "dpo/cpu/linear_shard.hpp"
 
 namespace dpo_kernels {
 namespace {
@@ -127,35 +128,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {logps.to(out), entropy ? saved[1].to(out, /*non_blocking=*/false, /*copy=*/true) : empty, lssp.to(out), mean.to(out), top1, saved};
 }
 
-// The gradients of sum(grad_logps * log_probs) + sum(grad_entropy * entropy) with respect to
-// hidden, weight and bias; each [0] when its flag is off (or no bias). dWeight and dBias are
-// summed in float (double for float64) and rounded to the weight's dtype once, as TRL does.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_backward_cpu(
-    const std::optional<at::Tensor>& grad_logps, const std::optional<at::Tensor>& grad_entropy,
-    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const at::Tensor& targets, const at::Tensor& saved, double temperature, std::optional<double> softcap,
-    double logit_scale, std::int64_t ignore_index, bool need_hidden, bool need_weight, bool need_bias,
-    std::int64_t workspace_bytes) {
-  const linear_args a = check_linear(hidden, weight, bias, targets, temperature, softcap, logit_scale);
+/// The shape of a per-row float64 argument: [N] (`width` 0) or [N, width].
+at::Tensor row_doubles(const at::Tensor& t, std::int64_t N, std::int64_t width, const char* name) {
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kDouble, name, " must be float64, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(width == 0 ? (t.dim() == 1 && t.size(0) == N) : (t.dim() == 2 && t.size(0) == N &&
+                                                                      t.size(1) == width),
+                    name, " must have shape [", N, width == 0 ? "" : ", ", width == 0 ? "" : std::to_string(width),
+                    "], got ", t.sizes());
+  TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
+  return t.contiguous();
+}
+
+/// The backward's shared part: the upstream gradients as float64 [N] (grad_logps zeros when
+/// absent), the gradient buffers, and `run(view, grads, options, grad_logps, grad_entropy)`
+/// for the head's element and label types. Returns (dHidden, dWeight, dBias), each [0] when
+/// not needed; dWeight / dBias summed in float (double for float64) and rounded once.
+template <class Run>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> head_backward(const linear_args& a, const at::Tensor& weight,
+                                                             const std::optional<at::Tensor>& grad_logps,
+                                                             const std::optional<at::Tensor>& grad_entropy,
+                                                             std::int64_t ignore_index, bool need_hidden,
+                                                             bool need_weight, bool need_bias,
+                                                             std::int64_t workspace_bytes, Run&& run) {
   const std::int64_t N = a.N, H = a.H, V = a.V;
   const auto dbl = at::TensorOptions().dtype(at::kDouble);
-  TORCH_CHECK_VALUE(saved.scalar_type() == at::kDouble && saved.dim() == 2 && saved.size(1) == N &&
-                        saved.size(0) >= 1,
-                    "saved must be the float64 [1 or 2, ", N, "] output of linear_logprobs, got ", saved.sizes());
   const auto vec = [&](const std::optional<at::Tensor>& g, const char* name) {
     if (!g.has_value()) return at::Tensor();
     TORCH_CHECK_VALUE(g->dim() == 1 && g->size(0) == N, name, " must have shape [", N, "], got ", g->sizes());
     return g->to(dbl).contiguous();
   };
   at::Tensor gl = vec(grad_logps, "grad_logps");
-  at::Tensor ge = vec(grad_entropy, "grad_entropy");
-  if (ge.defined())
-    TORCH_CHECK_VALUE(saved.size(0) == 2, "grad_entropy is given but the forward did not compute the entropy");
+  const at::Tensor ge = vec(grad_entropy, "grad_entropy");
   if (!gl.defined()) gl = at::zeros({N}, dbl);
-  const at::Tensor sv = saved.contiguous();
   need_bias = need_bias && a.bias.defined();
-  at::Tensor dh = need_hidden ? at::empty({N, H}, hidden.options().memory_format(at::MemoryFormat::Contiguous))
-                              : at::empty({0}, hidden.options());
+  const auto hopts = a.hidden.options().memory_format(at::MemoryFormat::Contiguous);
+  at::Tensor dh = need_hidden ? at::empty({N, H}, hopts) : at::empty({0}, a.hidden.options());
   const head_grad_tensors hg(weight, V, need_weight, need_bias);
   const auto opt = head_options(workspace_bytes);
   dispatch_head(a.hidden.scalar_type(), a.targets.scalar_type(), [&](auto* tp, auto* lp) {
@@ -170,13 +177,128 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_backward_cpu(
     g.weight = hg.weight_ptr<G>();
     g.weight_stride = H;
     g.bias = hg.bias_ptr<G>();
-    const double* ent = ge.defined() ? sv.data_ptr<double>() + N : nullptr;
-    run_head([&] {
-      dpo::cpu::linear_logps_backward(view_of<T, L>(a, ignore_index), sv.data_ptr<double>(), gl.data_ptr<double>(),
-                                      ent, ge.defined() ? ge.data_ptr<double>() : nullptr, g, opt);
-    });
+    const double* pge = ge.defined() ? ge.data_ptr<double>() : nullptr;
+    run_head([&] { run(view_of<T, L>(a, ignore_index), g, opt, gl.data_ptr<double>(), pge); });
   });
   return {dh, hg.weight_result(weight.options()), hg.bias_result(weight.options())};
+}
+
+// The gradients of sum(grad_logps * log_probs) + sum(grad_entropy * entropy) with respect to
+// hidden, weight and bias; each [0] when its flag is off (or no bias). dWeight and dBias are
+// summed in float (double for float64) and rounded to the weight's dtype once, as TRL does.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_backward_cpu(
+    const std::optional<at::Tensor>& grad_logps, const std::optional<at::Tensor>& grad_entropy,
+    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& targets, const at::Tensor& saved, double temperature, std::optional<double> softcap,
+    double logit_scale, std::int64_t ignore_index, bool need_hidden, bool need_weight, bool need_bias,
+    std::int64_t workspace_bytes) {
+  const linear_args a = check_linear(hidden, weight, bias, targets, temperature, softcap, logit_scale);
+  const std::int64_t N = a.N;
+  TORCH_CHECK_VALUE(saved.scalar_type() == at::kDouble && saved.dim() == 2 && saved.size(1) == N &&
+                        saved.size(0) >= 1,
+                    "saved must be the float64 [1 or 2, ", N, "] output of linear_logprobs, got ", saved.sizes());
+  if (grad_entropy.has_value())
+    TORCH_CHECK_VALUE(saved.size(0) == 2, "grad_entropy is given but the forward did not compute the entropy");
+  const at::Tensor sv = saved.contiguous();
+  return head_backward(a, weight, grad_logps, grad_entropy, ignore_index, need_hidden, need_weight, need_bias,
+                       workspace_bytes, [&](const auto& v, const auto& g, const auto& opt, const double* gl,
+                                            const double* ge) {
+                         const double* ent = ge != nullptr ? sv.data_ptr<double>() + N : nullptr;
+                         dpo::cpu::linear_logps_backward(v, sv.data_ptr<double>(), gl, ent, ge, g, opt);
+                       });
+}
+
+// ---- the head on a vocabulary shard (dpo/cpu/linear_shard.hpp; docs/distributed.md) ------------
+// weight / bias hold rows [vocab_start, vocab_start + V_local) of a head of vocab_size rows;
+// targets are global ids. The collectives between these ops are torch.distributed all-reduces
+// issued from Python (dpo_kernels/distributed.py).
+
+dpo::vocab_shard head_shard(const linear_args& a, std::int64_t vocab_start, std::int64_t vocab_size) {
+  return {vocab_size, vocab_start, vocab_start + a.V};
+}
+
+// Phase 1: (row_max [N], records [N, shard_fields]) of the shard, float64.
+std::tuple<at::Tensor, at::Tensor> linear_shard_partials_cpu(
+    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& targets, double temperature, std::optional<double> softcap, double logit_scale,
+    std::int64_t ignore_index, std::int64_t vocab_start, std::int64_t vocab_size, bool metrics,
+    std::int64_t workspace_bytes) {
+  const linear_args a = check_linear(hidden, weight, bias, targets, temperature, softcap, logit_scale);
+  const auto dbl = at::TensorOptions().dtype(at::kDouble);
+  at::Tensor row_max = at::empty({a.N}, dbl);
+  at::Tensor records = at::empty({a.N, dpo::shard_fields}, dbl);
+  const auto opt = head_options(workspace_bytes);
+  dispatch_head(a.hidden.scalar_type(), a.targets.scalar_type(), [&](auto* tp, auto* lp) {
+    using T = std::remove_pointer_t<decltype(tp)>;
+    using L = std::remove_pointer_t<decltype(lp)>;
+    run_head([&] {
+      dpo::cpu::linear_shard_partials(view_of<T, L>(a, ignore_index), head_shard(a, vocab_start, vocab_size),
+                                      records.data_ptr<double>(), row_max.data_ptr<double>(), metrics, opt);
+    });
+  });
+  return {row_max, records};
+}
+
+// Phase 2: log_probs and the requested extra outputs ([N] float64 each, [0] when not
+// requested; is_top1 bool) from the combined records.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_shard_values_cpu(
+    const at::Tensor& row_max, const at::Tensor& records, const at::Tensor& targets, std::int64_t ignore_index,
+    std::int64_t vocab_size, bool entropy, bool log_sum_sq_probs, bool mean_logits, bool is_top1) {
+  TORCH_CHECK_TYPE(targets.scalar_type() == at::kLong || targets.scalar_type() == at::kInt,
+                   "targets must be int64 or int32, got ", targets.scalar_type());
+  TORCH_CHECK_VALUE(targets.dim() == 1, "targets must be 1-D [N], got shape ", targets.sizes());
+  const std::int64_t N = targets.size(0);
+  const at::Tensor m = row_doubles(row_max, N, 0, "row_max");
+  const at::Tensor r = row_doubles(records, N, dpo::shard_fields, "records");
+  const at::Tensor y = targets.contiguous();
+  const auto dbl = at::TensorOptions().dtype(at::kDouble);
+  at::Tensor logps = at::empty({N}, dbl);
+  at::Tensor ent = at::empty({entropy ? N : 0}, dbl);
+  at::Tensor lssp = at::empty({log_sum_sq_probs ? N : 0}, dbl);
+  at::Tensor mean = at::empty({mean_logits ? N : 0}, dbl);
+  at::Tensor top1 = at::empty({is_top1 ? N : 0}, at::TensorOptions().dtype(at::kBool));
+  dpo::cpu::linear_outputs x;
+  if (entropy) x.entropy = ent.data_ptr<double>();
+  if (log_sum_sq_probs) x.log_sum_sq_probs = lssp.data_ptr<double>();
+  if (mean_logits) x.mean_logits = mean.data_ptr<double>();
+  if (is_top1) x.is_top1 = reinterpret_cast<std::uint8_t*>(top1.data_ptr<bool>());
+  dispatch_label(y.scalar_type(), [&](auto* lp) {
+    using L = std::remove_pointer_t<decltype(lp)>;
+    dpo::cpu::linear_view<float, L> v;  // only the labels and ignore_index are read
+    v.rows = N;
+    v.labels = y.data_ptr<L>();
+    v.ignore_index = ignore_index;
+    run_head([&] {
+      dpo::cpu::linear_shard_logps(v, vocab_size, m.data_ptr<double>(), r.data_ptr<double>(),
+                                   logps.data_ptr<double>(), x, nullptr);
+    });
+  });
+  return {logps, ent, lssp, mean, top1};
+}
+
+// The shard-local backward: (dHidden PARTIAL, dWeight rows, dBias rows) as
+// linear_logprobs_backward; `entropy` is the global per-row entropy (float64 [N]) when
+// grad_entropy is given. The caller sums dHidden over the tensor-parallel group.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_shard_backward_cpu(
+    const std::optional<at::Tensor>& grad_logps, const std::optional<at::Tensor>& grad_entropy,
+    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& targets, const at::Tensor& row_max, const at::Tensor& records,
+    const std::optional<at::Tensor>& entropy, double temperature, std::optional<double> softcap, double logit_scale,
+    std::int64_t ignore_index, std::int64_t vocab_start, std::int64_t vocab_size, bool need_hidden, bool need_weight,
+    bool need_bias, std::int64_t workspace_bytes) {
+  const linear_args a = check_linear(hidden, weight, bias, targets, temperature, softcap, logit_scale);
+  const at::Tensor m = row_doubles(row_max, a.N, 0, "row_max");
+  const at::Tensor r = row_doubles(records, a.N, dpo::shard_fields, "records");
+  TORCH_CHECK_VALUE(!grad_entropy.has_value() || entropy.has_value(), "grad_entropy is given without entropy");
+  const at::Tensor ent = grad_entropy.has_value() ? row_doubles(*entropy, a.N, 0, "entropy") : at::Tensor();
+  const dpo::vocab_shard sh = head_shard(a, vocab_start, vocab_size);
+  return head_backward(a, weight, grad_logps, grad_entropy, ignore_index, need_hidden, need_weight, need_bias,
+                       workspace_bytes, [&](const auto& v, const auto& g, const auto& opt, const double* gl,
+                                            const double* ge) {
+                         dpo::cpu::linear_shard_backward(v, sh, m.data_ptr<double>(), r.data_ptr<double>(), gl,
+                                                         ge != nullptr ? ent.data_ptr<double>() : nullptr, ge, g,
+                                                         opt);
+                       });
 }
 
 // No CUDA fused head in this binding yet: CUDA tensors get NotImplementedError naming the
@@ -204,14 +326,31 @@ TORCH_LIBRARY_FRAGMENT(dpo_kernels, m) {
       "int ignore_index, bool need_hidden, bool need_weight, bool need_bias, int workspace_bytes) -> "
       "(Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)",
       tags);
+  m.def(
+      "linear_shard_partials(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, float temperature, "
+      "float? softcap, float logit_scale, int ignore_index, int vocab_start, int vocab_size, bool metrics, "
+      "int workspace_bytes) -> (Tensor row_max, Tensor records)");
+  m.def(
+      "linear_shard_values(Tensor row_max, Tensor records, Tensor targets, int ignore_index, int vocab_size, "
+      "bool entropy, bool log_sum_sq_probs, bool mean_logits, bool is_top1) -> (Tensor log_probs, Tensor entropy, "
+      "Tensor log_sum_sq_probs, Tensor mean_logits, Tensor is_top1)");
+  m.def(
+      "linear_shard_backward(Tensor? grad_logps, Tensor? grad_entropy, Tensor hidden, Tensor weight, Tensor? bias, "
+      "Tensor targets, Tensor row_max, Tensor records, Tensor? entropy, float temperature, float? softcap, "
+      "float logit_scale, int ignore_index, int vocab_start, int vocab_size, bool need_hidden, bool need_weight, "
+      "bool need_bias, int workspace_bytes) -> (Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
 }
 
 TORCH_LIBRARY_IMPL(dpo_kernels, CPU, m) {
   m.impl("linear_logprobs", &dpo_kernels::linear_logprobs_cpu);
   m.impl("linear_logprobs_backward", &dpo_kernels::linear_logprobs_backward_cpu);
+  m.impl("linear_shard_partials", &dpo_kernels::linear_shard_partials_cpu);
+  m.impl("linear_shard_values", &dpo_kernels::linear_shard_values_cpu);
+  m.impl("linear_shard_backward", &dpo_kernels::linear_shard_backward_cpu);
 }
 
 TORCH_LIBRARY_IMPL(dpo_kernels, CUDA, m) {
-  for (const char* name : {"linear_logprobs", "linear_logprobs_backward"})
+  for (const char* name : {"linear_logprobs", "linear_logprobs_backward", "linear_shard_partials",
+                           "linear_shard_values", "linear_shard_backward"})
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&dpo_kernels::no_cuda_head>());
 }

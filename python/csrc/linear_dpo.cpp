@@ -22,6 +22,7 @@
 #include "forward_outputs.h"
 #include "dpo/core/metrics.hpp"
 #include "dpo/cpu/linear_dpo.hpp"
+#include "dpo/cpu/linear_shard.hpp"
 
 namespace dpo_kernels {
 namespace {
@@ -104,6 +105,48 @@ at::Tensor pair_vector(const std::optional<at::Tensor>& t, std::int64_t P, const
   return t->to(at::kDouble).contiguous();
 }
 
+/// The gradient outputs of the DPO-from-hidden ops: dHidden [rows, H] in hidden's dtype (one
+/// buffer for both sides; [0] when not needed) and the head's (head_grad_tensors).
+struct grad_tensors {
+  at::Tensor dh;
+  head_grad_tensors head;
+  std::int64_t H = 0;
+  bool need_hidden = false;
+
+  grad_tensors(const hidden_layout& l, const at::Tensor& hidden, const at::Tensor& w, const at::Tensor& b,
+               bool need_hidden, bool need_weight, bool need_bias)
+      : dh(need_hidden ? at::zeros({l.rows, l.H}, hidden.options()) : at::empty({0}, hidden.options())),
+        head(w, w.size(0), need_weight, need_bias && b.defined()),
+        H(l.H),
+        need_hidden(need_hidden) {}
+
+  template <class T, class G>
+  dpo::cpu::linear_dpo_grads<T, G> grads() const {
+    dpo::cpu::linear_dpo_grads<T, G> g;
+    if (need_hidden) {
+      g.chosen_hidden = g.rejected_hidden = reinterpret_cast<T*>(dh.data_ptr());
+      g.chosen_hidden_stride = g.rejected_hidden_stride = H;
+    }
+    g.weight = head.weight_ptr<G>();
+    g.weight_stride = H;
+    g.bias = head.bias_ptr<G>();
+    return g;
+  }
+
+  /// dHidden in hidden's shape (when needed), dWeight / dBias rounded once to weight's dtype.
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> result(const at::Tensor& hidden, const at::Tensor& w) const {
+    return {need_hidden ? dh.reshape(hidden.sizes()) : dh, head.weight_result(w.options()),
+            head.bias_result(w.options())};
+  }
+};
+
+/// The transforms (checked_transforms) and the workspace budget's check.
+dpo::logit_transforms transforms_of(double temperature, std::optional<double> softcap, double logit_scale,
+                                    std::int64_t workspace_bytes) {
+  TORCH_CHECK_VALUE(workspace_bytes >= 1, "workspace_bytes = ", workspace_bytes, " is invalid: must be >= 1");
+  return checked_transforms(temperature, softcap, logit_scale);
+}
+
 // Outputs: loss [], metrics [num_metrics], pair values [6, P] (float32; float64 for float64
 // hidden), then the gradients of the loss w.r.t. hidden (hidden's shape and dtype), weight and
 // bias (their dtypes; dWeight / dBias summed in float, double for float64, and rounded once),
@@ -127,8 +170,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                     "ref_weight / ref_bias are given without ref_hidden");
   const hidden_layout l = lower_hidden(hidden, labels, cu_seqlens, "hidden");
   check_head_tensors(weight, bias, hidden, "weight", "bias", "hidden");
-  const dpo::logit_transforms tr = checked_transforms(temperature, softcap, logit_scale);
-  TORCH_CHECK_VALUE(workspace_bytes >= 1, "workspace_bytes = ", workspace_bytes, " is invalid: must be >= 1");
+  const dpo::logit_transforms tr = transforms_of(temperature, softcap, logit_scale, workspace_bytes);
   const std::int64_t P = l.num_seqs / 2;
   const at::Tensor rc = pair_vector(reference_chosen_logps, P, hidden, "reference_chosen_logps");
   const at::Tensor rr = pair_vector(reference_rejected_logps, P, hidden, "reference_rejected_logps");
@@ -155,10 +197,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor &loss = t.loss, &metrics = t.metrics, &pairs = t.pairs;
   dpo::forward_outputs& out = t.out;
 
-  need_bias = need_bias && b.defined();
-  at::Tensor dh = need_hidden ? at::zeros({l.rows, l.H}, hidden.options()) : at::empty({0}, hidden.options());
-  const head_grad_tensors hg(w, w.size(0), need_weight, need_bias);
-
+  const grad_tensors gt(l, hidden, w, b, need_hidden, need_weight, need_bias);
   dpo::cpu::linear_dpo_options opt;
   opt.num_threads = at::get_num_threads();
   opt.metrics = compute_metrics;
@@ -166,15 +205,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   dispatch_head(l.hidden.scalar_type(), l.labels.scalar_type(), [&](auto* tp, auto* lp) {
     using T = std::remove_pointer_t<decltype(tp)>;
     using L = std::remove_pointer_t<decltype(lp)>;
-    using G = dpo::cpu::acc_t<T>;
-    dpo::cpu::linear_dpo_grads<T, G> g;
-    if (need_hidden) {
-      g.chosen_hidden = g.rejected_hidden = reinterpret_cast<T*>(dh.data_ptr());
-      g.chosen_hidden_stride = g.rejected_hidden_stride = l.H;
-    }
-    g.weight = hg.weight_ptr<G>();
-    g.weight_stride = l.H;
-    g.bias = hg.bias_ptr<G>();
+    const auto g = gt.grads<T, dpo::cpu::acc_t<T>>();
     const auto policy = pairs_of<T, L>(l, ignore_index);
     const auto head = head_of<T>(w, b, tr);
     rethrow_as_value_error([&] {
@@ -187,8 +218,137 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     });
   });
   const auto res = result_dtype(hidden.scalar_type());
-  return {loss.to(res), metrics.to(res), pairs.to(res), need_hidden ? dh.reshape(hidden.sizes()) : dh,
-          hg.weight_result(w.options()), hg.bias_result(w.options())};
+  const auto [dh, dw, db] = gt.result(hidden, weight);
+  return {loss.to(res), metrics.to(res), pairs.to(res), dh, dw, db};
+}
+
+// ---- DPO from hidden states on a head shard (dpo/cpu/linear_shard.hpp; docs/distributed.md) -----
+// weight / bias hold rows [vocab_start, vocab_start + V_local) of a head of vocab_size rows;
+// labels are global ids. Records and maxima are indexed by hidden's rows ([R] and
+// [R, shard_fields], R = 2P * T or N), one array for both sides. The collectives between these
+// ops are torch.distributed all-reduces issued from Python (dpo_kernels/distributed.py).
+
+/// The checked inputs of a sharded call: layout, head tensors, transforms.
+struct shard_call {
+  hidden_layout l;
+  at::Tensor w, b;
+  dpo::logit_transforms tr;
+  dpo::vocab_shard sh;
+};
+
+shard_call shard_inputs(const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                        const at::Tensor& labels, const std::optional<at::Tensor>& cu_seqlens, double temperature,
+                        std::optional<double> softcap, double logit_scale, std::int64_t vocab_start,
+                        std::int64_t vocab_size, std::int64_t workspace_bytes) {
+  TORCH_CHECK_VALUE(hidden.device().is_cpu(), "hidden is on ", hidden.device(), ": this kernel is the CPU one");
+  shard_call c;
+  c.l = lower_hidden(hidden, labels, cu_seqlens, "hidden");
+  check_head_tensors(weight, bias, hidden, "weight", "bias", "hidden");
+  c.tr = transforms_of(temperature, softcap, logit_scale, workspace_bytes);
+  c.w = weight.contiguous();
+  if (bias.has_value()) c.b = bias->contiguous();
+  c.sh = {vocab_size, vocab_start, vocab_start + weight.size(0)};
+  return c;
+}
+
+at::Tensor row_state(const at::Tensor& t, std::int64_t rows, std::int64_t width, const char* name) {
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kDouble, name, " must be float64, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.numel() == rows * width && t.device().is_cpu(), name, " must be the CPU float64 [", rows,
+                    width > 1 ? ", " + std::to_string(width) : std::string(), "] tensor of linear_dpo_shard_partials",
+                    " for this hidden, got ", t.sizes(), " on ", t.device());
+  return t.contiguous();
+}
+
+dpo::cpu::linear_dpo_options shard_options(bool metrics, std::int64_t workspace_bytes) {
+  dpo::cpu::linear_dpo_options o;
+  o.num_threads = at::get_num_threads();
+  o.metrics = metrics;
+  o.workspace_bytes = workspace_bytes;
+  return o;
+}
+
+std::tuple<at::Tensor, at::Tensor> linear_dpo_shard_partials_cpu(
+    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& labels, const std::optional<at::Tensor>& cu_seqlens, double temperature,
+    std::optional<double> softcap, double logit_scale, std::int64_t ignore_index, std::int64_t vocab_start,
+    std::int64_t vocab_size, bool metrics, std::int64_t workspace_bytes) {
+  const shard_call c = shard_inputs(hidden, weight, bias, labels, cu_seqlens, temperature, softcap, logit_scale,
+                                    vocab_start, vocab_size, workspace_bytes);
+  const auto dbl = at::TensorOptions().dtype(at::kDouble);
+  // Rows no side's sequences span keep the empty record (nothing in the sums, -inf in the max).
+  at::Tensor row_max = at::full({c.l.rows}, -INFINITY, dbl);
+  at::Tensor records = at::zeros({c.l.rows, dpo::shard_fields}, dbl);
+  records.select(1, static_cast<int>(dpo::shard_field::shard_max)).fill_(-INFINITY);
+  dispatch_head(c.l.hidden.scalar_type(), c.l.labels.scalar_type(), [&](auto* tp, auto* lp) {
+    using T = std::remove_pointer_t<decltype(tp)>;
+    using L = std::remove_pointer_t<decltype(lp)>;
+    double* m = row_max.data_ptr<double>();
+    double* r = records.data_ptr<double>();
+    rethrow_as_value_error([&] {
+      dpo::cpu::linear_pair_shard_partials(pairs_of<T, L>(c.l, ignore_index), head_of<T>(c.w, c.b, c.tr), c.sh, m, r,
+                                           m, r, shard_options(metrics, workspace_bytes));
+    });
+  });
+  return {row_max, records};
+}
+
+// The [seq_fields, 2P] sequence sums from the combined records (what the context group sums).
+at::Tensor linear_dpo_shard_sequences_cpu(const at::Tensor& hidden, const at::Tensor& labels,
+                                          const std::optional<at::Tensor>& cu_seqlens, const at::Tensor& row_max,
+                                          const at::Tensor& records, std::int64_t ignore_index,
+                                          std::int64_t vocab_start, std::int64_t vocab_end, std::int64_t vocab_size,
+                                          double ld_alpha, bool metrics) {
+  TORCH_CHECK_VALUE(hidden.device().is_cpu(), "hidden is on ", hidden.device(), ": this kernel is the CPU one");
+  const hidden_layout l = lower_hidden(hidden, labels, cu_seqlens, "hidden");
+  const at::Tensor m = row_state(row_max, l.rows, 1, "row_max");
+  const at::Tensor r = row_state(records, l.rows, dpo::shard_fields, "records");
+  at::Tensor seq = at::zeros({dpo::seq_fields, l.num_seqs}, at::kDouble);
+  dispatch_head(l.hidden.scalar_type(), l.labels.scalar_type(), [&](auto* tp, auto* lp) {
+    using T = std::remove_pointer_t<decltype(tp)>;
+    using L = std::remove_pointer_t<decltype(lp)>;
+    const double* pm = m.data_ptr<double>();
+    const double* pr = r.data_ptr<double>();
+    rethrow_as_value_error([&] {
+      dpo::cpu::linear_pair_shard_sequences(pairs_of<T, L>(l, ignore_index), {vocab_size, vocab_start, vocab_end}, pm,
+                                            pr, pm, pr, ld_alpha, seq.data_ptr<double>(), metrics);
+    });
+  });
+  return seq;
+}
+
+// The shard-local backward: (dHidden PARTIAL in hidden's shape, dWeight rows, dBias rows); the
+// caller sums dHidden over the tensor-parallel group.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_dpo_shard_backward_cpu(
+    const at::Tensor& seq_grad, const at::Tensor& nll_token_grad, const at::Tensor& hidden, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& labels, const std::optional<at::Tensor>& cu_seqlens,
+    const at::Tensor& row_max, const at::Tensor& records, double temperature, std::optional<double> softcap,
+    double logit_scale, std::int64_t ignore_index, std::int64_t vocab_start, std::int64_t vocab_size,
+    double ld_alpha, bool need_hidden, bool need_weight, bool need_bias, std::int64_t workspace_bytes) {
+  const shard_call c = shard_inputs(hidden, weight, bias, labels, cu_seqlens, temperature, softcap, logit_scale,
+                                    vocab_start, vocab_size, workspace_bytes);
+  const hidden_layout& l = c.l;
+  const at::Tensor m = row_state(row_max, l.rows, 1, "row_max");
+  const at::Tensor r = row_state(records, l.rows, dpo::shard_fields, "records");
+  TORCH_CHECK_VALUE(seq_grad.dim() == 1 && seq_grad.size(0) == l.num_seqs, "seq_grad must have shape [", l.num_seqs,
+                    "], got ", seq_grad.sizes());
+  TORCH_CHECK_VALUE(nll_token_grad.numel() == 1, "nll_token_grad must hold one value, got shape ",
+                    nll_token_grad.sizes());
+  const at::Tensor g = seq_grad.to(at::kDouble).contiguous();
+  const double nll = nll_token_grad.to(at::kDouble).item<double>();
+  const grad_tensors gt(l, hidden, c.w, c.b, need_hidden, need_weight, need_bias);
+  dispatch_head(l.hidden.scalar_type(), l.labels.scalar_type(), [&](auto* tp, auto* lp) {
+    using T = std::remove_pointer_t<decltype(tp)>;
+    using L = std::remove_pointer_t<decltype(lp)>;
+    const auto gr = gt.grads<T, dpo::cpu::acc_t<T>>();
+    const double* pm = m.data_ptr<double>();
+    const double* pr = r.data_ptr<double>();
+    rethrow_as_value_error([&] {
+      dpo::cpu::linear_pair_shard_backward(pairs_of<T, L>(l, ignore_index), head_of<T>(c.w, c.b, c.tr), c.sh, pm, pr,
+                                           pm, pr, g.data_ptr<double>(), nll, ld_alpha, gr, 1.0,
+                                           shard_options(false, workspace_bytes));
+    });
+  });
+  return gt.result(hidden, weight);
 }
 
 void no_cuda_linear_dpo(const c10::OperatorHandle& op, torch::jit::Stack*) {
@@ -208,10 +368,30 @@ TORCH_LIBRARY_FRAGMENT(dpo_kernels, m) {
       ", bool compute_metrics, bool need_hidden, bool need_weight, bool need_bias, int workspace_bytes) -> "
       "(Tensor loss, Tensor metrics, Tensor pair_values, Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)",
       tags);
+  m.def(
+      "linear_dpo_shard_partials(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor? cu_seqlens, "
+      "float temperature, float? softcap, float logit_scale, int ignore_index, int vocab_start, int vocab_size, "
+      "bool metrics, int workspace_bytes) -> (Tensor row_max, Tensor records)");
+  m.def(
+      "linear_dpo_shard_sequences(Tensor hidden, Tensor labels, Tensor? cu_seqlens, Tensor row_max, Tensor records, "
+      "int ignore_index, int vocab_start, int vocab_end, int vocab_size, float ld_alpha, bool metrics) -> Tensor");
+  m.def(
+      "linear_dpo_shard_backward(Tensor seq_grad, Tensor nll_token_grad, Tensor hidden, Tensor weight, Tensor? bias, "
+      "Tensor labels, Tensor? cu_seqlens, Tensor row_max, Tensor records, float temperature, float? softcap, "
+      "float logit_scale, int ignore_index, int vocab_start, int vocab_size, float ld_alpha, bool need_hidden, "
+      "bool need_weight, bool need_bias, int workspace_bytes) -> (Tensor grad_hidden, Tensor grad_weight, "
+      "Tensor grad_bias)");
 }
 
-TORCH_LIBRARY_IMPL(dpo_kernels, CPU, m) { m.impl("linear_dpo", &dpo_kernels::linear_dpo_cpu); }
+TORCH_LIBRARY_IMPL(dpo_kernels, CPU, m) {
+  m.impl("linear_dpo", &dpo_kernels::linear_dpo_cpu);
+  m.impl("linear_dpo_shard_partials", &dpo_kernels::linear_dpo_shard_partials_cpu);
+  m.impl("linear_dpo_shard_sequences", &dpo_kernels::linear_dpo_shard_sequences_cpu);
+  m.impl("linear_dpo_shard_backward", &dpo_kernels::linear_dpo_shard_backward_cpu);
+}
 
 TORCH_LIBRARY_IMPL(dpo_kernels, CUDA, m) {
-  m.impl("linear_dpo", torch::CppFunction::makeFromBoxedFunction<&dpo_kernels::no_cuda_linear_dpo>());
+  for (const char* name : {"linear_dpo", "linear_dpo_shard_partials", "linear_dpo_shard_sequences",
+                           "linear_dpo_shard_backward"})
+    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&dpo_kernels::no_cuda_linear_dpo>());
 }

@@ -427,9 +427,21 @@ def dpo_loss_from_hidden(
             forward only, no gradient. Same transforms as the policy.
         temperature, softcap, logit_scale: the logit transforms (finite, > 0; softcap None).
         loss_type ... cpo_base, compute_metrics, return_pair_values: as for
-            :func:`dpo_loss_from_logits`. ``inplace_backward``, ``process_group``,
-            ``vocab_range`` and ``cp_group`` are accepted for a uniform signature but must
-            keep their defaults (there are no logits to overwrite; no sharded head yet).
+            :func:`dpo_loss_from_logits`. ``inplace_backward`` is accepted for a uniform
+            signature but must stay False (there are no logits to overwrite).
+        process_group, vocab_range, cp_group: the head sharded over the vocabulary
+            (Megatron's column-parallel head: ``weight [V_local, H]`` and ``bias`` hold this
+            rank's rows, ``hidden`` and ``labels`` (global ids) are the same on the group's
+            ranks) and/or context parallelism (``hidden`` / ``labels`` / ``cu_seqlens`` hold
+            this rank's rows of every sequence), as for :func:`dpo_loss_from_logits`. Every
+            rank gets the same loss and metrics; hidden's gradient is summed over
+            ``process_group`` in the backward (one all-reduce of hidden's size); weight's and
+            bias' are this rank's rows, from this rank's tokens (sum them over ``cp_group``
+            as data-parallel gradients are). Collectives: two all-reduces over
+            ``process_group`` and one of ``[7, 2P]`` doubles over ``cp_group`` in the forward.
+            Not with ``ref_hidden`` (pass reference log-probs); ``ld_alpha`` not with
+            ``cp_group``. The gradients are computed in the backward (three passes over the
+            weight shard there, one in the forward). CPU tensors only; eager mode only.
         workspace_bytes: the workspace budget of the fused head (default 768 MiB); the chunk
             size and the three- or four-pass plan follow from it (docs/linear.md).
 
@@ -463,9 +475,6 @@ def dpo_loss_from_hidden(
     if _flag("inplace_backward", inplace_backward):
         raise ValueError("inplace_backward=True is meaningless for dpo_loss_from_hidden: there are no logits to "
                          "overwrite (the gradients are hidden-sized)")
-    for name, value in (("process_group", process_group), ("vocab_range", vocab_range), ("cp_group", cp_group)):
-        if value is not None:
-            raise ValueError(f"{name} is not supported by dpo_loss_from_hidden yet (no sharded head): leave it None")
     temperature = _real("temperature", temperature)
     logit_scale = _real("logit_scale", logit_scale)
     if softcap is not None:
@@ -474,13 +483,25 @@ def dpo_loss_from_hidden(
         workspace_bytes = DEFAULT_LINEAR_DPO_WORKSPACE_BYTES
     elif isinstance(workspace_bytes, bool) or not isinstance(workspace_bytes, numbers.Integral) or workspace_bytes < 1:
         raise ValueError(f"workspace_bytes = {workspace_bytes!r} is invalid: must be a positive int (bytes)")
-    grad = torch.is_grad_enabled()
-    need = [grad and t is not None and t.requires_grad for t in (hidden, weight, bias)]
-    loss, metrics, pair_values, _, _, _ = ops.linear_dpo(
-        hidden, weight, bias, labels, cu_seqlens, reference_chosen_logps, reference_rejected_logps, ref_hidden,
-        ref_weight, ref_bias, temperature, softcap, logit_scale, ignore_index, *config, compute_metrics, *need,
-        int(workspace_bytes),
-    )
+    if process_group is not None or vocab_range is not None or cp_group is not None:
+        if ref_hidden is not None or ref_weight is not None or ref_bias is not None:
+            raise ValueError("ref_hidden / ref_weight / ref_bias are not supported with process_group / cp_group: pass "
+                             "reference_chosen_logps and reference_rejected_logps (e.g. summed from linear_logprobs "
+                             "with the same process_group)")
+        from . import distributed
+
+        loss, metrics, pair_values = distributed.dpo_loss_from_hidden(
+            hidden, weight, bias, labels, reference_chosen_logps, reference_rejected_logps, cu_seqlens,
+            (temperature, softcap, logit_scale), ignore_index, config, compute_metrics, int(workspace_bytes),
+            process_group, vocab_range, cp_group)
+    else:
+        grad = torch.is_grad_enabled()
+        need = [grad and t is not None and t.requires_grad for t in (hidden, weight, bias)]
+        loss, metrics, pair_values, _, _, _ = ops.linear_dpo(
+            hidden, weight, bias, labels, cu_seqlens, reference_chosen_logps, reference_rejected_logps, ref_hidden,
+            ref_weight, ref_bias, temperature, softcap, logit_scale, ignore_index, *config, compute_metrics, *need,
+            int(workspace_bytes),
+        )
     named = {name: metrics[i] for i, name in enumerate(METRIC_NAMES)}
     if return_pair_values:
         return loss, named, {name: pair_values[i] for i, name in enumerate(PAIR_VALUE_NAMES)}

@@ -108,6 +108,8 @@ def linear_logprobs(
     *,
     ignore_index: int = -100,
     workspace_bytes: int | None = None,
+    process_group=None,
+    vocab_range: tuple[int, int] | None = None,
 ):
     """Per-token log-probs of ``targets`` under ``softmax(o(hidden @ weight.T + bias))``, and
     TRL's optional per-token outputs, without materialising the ``[N, V]`` logits.
@@ -128,6 +130,15 @@ def linear_logprobs(
         ignore_index: rows whose target equals it get 0 in every output (False for is_top1)
             and no gradient. TRL's function has no such value (its callers clamp or drop them).
         workspace_bytes: the head's workspace budget (default 256 MiB).
+        process_group: the tensor-parallel ``torch.distributed`` group over which the head's
+            vocabulary is sharded (Megatron's column-parallel head): ``weight`` ``[V_local, H]``
+            (and ``bias``) hold this rank's rows, ``hidden`` and ``targets`` (global token
+            ids) are the same on every rank, and every rank gets the same outputs. Two
+            all-reduces in the forward, one (the ``[N, H]`` dHidden sum) in the backward;
+            docs/distributed.md. CPU tensors only; eager mode only.
+        vocab_range: ``(start, end)``, this rank's rows of the global head, for uneven shards;
+            default ``[rank * V_local, (rank + 1) * V_local)``. Per-token outputs need no
+            context-parallel group: each rank scores its own rows.
 
     Returns:
         ``(log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1)``, each ``[N]``, None
@@ -159,10 +170,17 @@ def linear_logprobs(
     weight = weight.to(compute)
     if bias is not None:
         bias = bias.to(compute)
-    res = ops.linear_logprobs(
-        hidden, weight, bias, targets, temperature, softcap, logit_scale, *flags, int(ignore_index), int(workspace_bytes)
-    )
-    log_probs, entropy, lssp, mean, top1, _ = res
+    if process_group is not None or vocab_range is not None:
+        from . import distributed
+
+        res = distributed.linear_logprobs(hidden, weight, bias, targets, (temperature, softcap, logit_scale), flags,
+                                          int(ignore_index), int(workspace_bytes), process_group, vocab_range)
+    else:
+        res = ops.linear_logprobs(
+            hidden, weight, bias, targets, temperature, softcap, logit_scale, *flags, int(ignore_index),
+            int(workspace_bytes)
+        )
+    log_probs, entropy, lssp, mean, top1 = res[:5]
     # Not differentiable (TRL marks them so): detached, so they never require grad.
     return (
         log_probs,

@@ -45,12 +45,20 @@ def vocab_shard(logits: torch.Tensor, process_group, vocab_range) -> tuple[int, 
     """``(start, vocab)``: this rank's first column and the global vocabulary size.
 
     Without ``vocab_range`` the shard is Megatron's ``[rank * V_local, (rank + 1) * V_local)``
-    of ``world * V_local`` columns (every rank must hold the same ``V_local``: the caller's
-    contract, not checked). With ``vocab_range=(start, end)`` (``end - start`` must be the
-    logits' last dimension) the ranks all-gather their ranges and every rank checks that they
-    tile ``[0, V)`` without gap or overlap, so a bad range raises on every rank.
+    of ``world * V_local`` columns (every rank must hold the same ``V_local`` and rows: the
+    caller's contract, not checked, since checking costs a collective and a host
+    synchronisation). With ``vocab_range=(start, end)`` (``end - start`` must be the logits'
+    last dimension) the ranks all-gather their ranges and every rank checks that they tile
+    ``[0, V)`` without gap or overlap and that the ranks agree on the rows, so a bad range or
+    shape raises on every rank.
     """
     V_local = logits.shape[-1]
+    return _shard(V_local, logits.numel() // max(V_local, 1), logits.device, process_group, vocab_range, "logits'")
+
+
+def _shard(V_local, rows, device, process_group, vocab_range, what):
+    """vocab_shard for a shard of V_local columns (logits) or weight rows (the head) over `rows`
+    rows of `what` (a possessive for the messages)."""
     if process_group is None:
         if vocab_range is not None:
             raise ValueError("vocab_range needs process_group (the tensor-parallel group that holds the other shards)")
@@ -62,20 +70,19 @@ def vocab_shard(logits: torch.Tensor, process_group, vocab_range) -> tuple[int, 
             or not all(isinstance(x, int) and not isinstance(x, bool) for x in vocab_range)):
         raise TypeError(f"vocab_range must be a pair of ints (start, end), got {vocab_range!r}")
     start, end = vocab_range
-    rows = logits.numel() // max(V_local, 1)
     # One all-gather of (start, end, width, rows): every rank checks every rank's values.
-    mine = torch.tensor([start, end, V_local, rows], dtype=torch.int64, device=logits.device)
+    mine = torch.tensor([start, end, V_local, rows], dtype=torch.int64, device=device)
     gathered = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(gathered, mine, group=process_group)
     ranges = [tuple(int(x) for x in r.tolist()) for r in gathered]
     # Every rank checks every rank's range, so a bad one raises everywhere (no rank is left
     # waiting in the next collective).
+    cols = "logits have" if what == "logits'" else "weight has"
     for k, (s, e, width, n) in enumerate(ranges):
         if e - s != width:
-            raise ValueError(f"vocab_range = ({s}, {e}) of rank {k} holds {e - s} columns but its logits have "
-                             f"{width}")
+            raise ValueError(f"vocab_range = ({s}, {e}) of rank {k} holds {e - s} columns but its {cols} {width}")
         if n != ranges[0][3]:
-            raise ValueError(f"the ranks of process_group disagree on the logits' rows: rank 0 has {ranges[0][3]}, "
+            raise ValueError(f"the ranks of process_group disagree on the {what} rows: rank 0 has {ranges[0][3]}, "
                              f"rank {k} has {n}; every rank must hold the same rows (its own columns of them)")
     pos = 0
     for s, e, _, _ in sorted(ranges):
@@ -89,6 +96,12 @@ def vocab_shard(logits: torch.Tensor, process_group, vocab_range) -> tuple[int, 
 def _combined_records(logits, labels, cu_seqlens, ignore_index, start, vocab, group, metrics):
     """Phase 1 on the shard and the two vocabulary all-reduces: (row_max, records), global."""
     row_max, records = ops.shard_partials(logits, labels, cu_seqlens, ignore_index, start, vocab, metrics)
+    return _combine(row_max, records, group)
+
+
+def _combine(row_max, records, group):
+    """The two vocabulary all-reduces around shard_rebase: phase 1's (row_max, records) of
+    every rank of `group` combined into the rows' global ones."""
     if group is not None:
         dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
     records = ops.shard_rebase(row_max, records)
@@ -156,30 +169,48 @@ class _ShardedLogps(torch.autograd.Function):
         return (out,) + (None,) * 8
 
 
+def _pair_forward(rows_and_seq, num_seqs, cp, ref_c, ref_r, config, compute_metrics):
+    """The DPO forward around a shard's phase 1 and 2 (`rows_and_seq()`: the vocabulary
+    collectives inside; returns row_max, records and the [len(SEQ_FIELDS), 2P] sums): the
+    context all-reduce (with the count of ranks whose slice was rejected) and the pair stage.
+    Returns (row_max, records, loss, metrics, pair_values, seq_grad, nll_token_grad)."""
+    error = row_max = records = None
+    try:
+        row_max, records, seq = rows_and_seq()
+    except ValueError as e:
+        if cp is None:
+            raise
+        error, seq = e, torch.zeros(len(SEQ_FIELDS), num_seqs, dtype=torch.float64)
+    if cp is not None:
+        seq = _context_sum(seq, cp, error)
+    return (row_max, records) + tuple(ops.shard_pair_stage(seq, ref_c, ref_r, *config, compute_metrics))
+
+
+def _pair_outputs(ctx, dtype, loss, m, pairs):
+    out = _result_dtype(dtype)
+    m, pairs = m.to(out), pairs.to(out)
+    ctx.mark_non_differentiable(m, pairs)
+    return loss.to(out), m, pairs
+
+
 class _ShardedDPO(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, cu_seqlens, ref_c, ref_r, ignore_index, start, vocab, tp, cp, config,
                 compute_metrics):
         ld_alpha = config[_LD_ALPHA]
         metrics = compute_metrics or config[_USE_WEIGHTING]
-        error = None
-        try:
+
+        def rows_and_seq():
             row_max, records = _combined_records(logits, labels, cu_seqlens, ignore_index, start, vocab, tp, metrics)
             seq = ops.shard_sequence_partials(logits, labels, cu_seqlens, row_max, records, ignore_index, start,
                                               vocab, ld_alpha, True, metrics)
-        except ValueError as e:
-            if cp is None:
-                raise
-            error, seq = e, torch.zeros(len(SEQ_FIELDS), _num_seqs(logits, cu_seqlens), dtype=torch.float64)
-        if cp is not None:
-            seq = _context_sum(seq, cp, error)
-        loss, m, pairs, seq_grad, nll = ops.shard_pair_stage(seq, ref_c, ref_r, *config, compute_metrics)
+            return row_max, records, seq
+
+        row_max, records, loss, m, pairs, seq_grad, nll = _pair_forward(
+            rows_and_seq, _num_seqs(logits, cu_seqlens), cp, ref_c, ref_r, config, compute_metrics)
         ctx.save_for_backward(logits, labels, cu_seqlens, row_max, records, seq_grad, nll)
         ctx.args = (ignore_index, start, vocab, ld_alpha)
-        out = _result_dtype(logits.dtype)
-        m, pairs = m.to(out), pairs.to(out)
-        ctx.mark_non_differentiable(m, pairs)
-        return loss.to(out), m, pairs
+        return _pair_outputs(ctx, logits.dtype, loss, m, pairs)
 
     @staticmethod
     def backward(ctx, grad_loss, _m, _p):
@@ -189,6 +220,94 @@ class _ShardedDPO(torch.autograd.Function):
         out = ops.shard_backward(seq_grad * g, nll * g, logits, labels, cu_seqlens, row_max, records, ignore_index,
                                  start, vocab, ld_alpha, True)
         return (out,) + (None,) * 11
+
+
+# ---- the fused LM head on a weight shard [V_local, H] (dpo/cpu/linear_shard.hpp) ---------------
+#
+# Forward: phase 1 (one GEMM pass over the weight shard), the MAX and SUM all-reduces over the
+# tensor-parallel group, phase 2 (and for DPO the context group's SUM and the pair stage).
+# Backward: the shard-local backward gives dWeight / dBias of the shard's rows and this
+# rank's PARTIAL dHidden, summed by ONE all-reduce over the tensor-parallel group (Megatron's
+# column-parallel head: the all-reduce of the input gradient); none without a group.
+
+
+def _sum_hidden_grad(gh, tp):
+    if tp is not None and gh.numel():
+        dist.all_reduce(gh, op=dist.ReduceOp.SUM, group=tp)
+    return gh
+
+
+class _ShardedHeadLogps(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, transforms, flags, ignore_index, workspace_bytes, start, vocab,
+                tp):
+        row_max, records = ops.linear_shard_partials(hidden, weight, bias, targets, *transforms, ignore_index, start,
+                                                     vocab, any(flags), workspace_bytes)
+        row_max, records = _combine(row_max, records, tp)
+        logps, ent, lssp, mean, top1 = ops.linear_shard_values(row_max, records, targets, ignore_index, vocab, *flags)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(hidden, weight, bias, targets, row_max, records, ent)
+        ctx.args = (transforms, ignore_index, workspace_bytes, start, vocab, tp, flags[0])
+        out = _result_dtype(hidden.dtype)
+        res = (logps.to(out), ent.to(out), lssp.to(out), mean.to(out), top1)
+        ctx.mark_non_differentiable(*res[2:])
+        if not flags[0]:
+            ctx.mark_non_differentiable(res[1])
+        return res
+
+    @staticmethod
+    def backward(ctx, grad_logps, grad_entropy, *_):
+        hidden, weight, bias, targets, row_max, records, ent = ctx.saved_tensors
+        transforms, ignore_index, workspace_bytes, start, vocab, tp, entropy = ctx.args
+        if not entropy:
+            grad_entropy = None
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        none = (None,) * 8
+        if (grad_logps is None and grad_entropy is None) or not (need_h or need_w or need_b):
+            return (None,) * 3 + none
+        gh, gw, gb = ops.linear_shard_backward(
+            grad_logps, grad_entropy, hidden, weight, bias, targets, row_max, records,
+            ent if grad_entropy is not None else None, *transforms, ignore_index, start, vocab, need_h, need_w,
+            need_b and bias is not None, workspace_bytes)
+        # Every rank of the group runs this backward (its outputs feed the same loss), so the
+        # all-reduce is entered by all of them.
+        gh = _sum_hidden_grad(gh, tp) if need_h else None
+        return (gh, gw if need_w else None, gb if need_b and bias is not None else None) + none
+
+
+class _ShardedHeadDPO(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, cu_seqlens, ref_c, ref_r, transforms, ignore_index,
+                workspace_bytes, start, vocab, tp, cp, config, compute_metrics):
+        ld_alpha = config[_LD_ALPHA]
+        metrics = compute_metrics or config[_USE_WEIGHTING]
+
+        def rows_and_seq():
+            row_max, records = ops.linear_dpo_shard_partials(hidden, weight, bias, labels, cu_seqlens, *transforms,
+                                                             ignore_index, start, vocab, metrics, workspace_bytes)
+            row_max, records = _combine(row_max, records, tp)
+            seq = ops.linear_dpo_shard_sequences(hidden, labels, cu_seqlens, row_max, records, ignore_index, start,
+                                                 start + weight.shape[0], vocab, ld_alpha, metrics)
+            return row_max, records, seq
+
+        num_seqs = hidden.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+        row_max, records, loss, m, pairs, seq_grad, nll = _pair_forward(
+            rows_and_seq, num_seqs, cp, ref_c, ref_r, config, compute_metrics)
+        ctx.save_for_backward(hidden, weight, bias, labels, cu_seqlens, row_max, records, seq_grad, nll)
+        ctx.args = (transforms, ignore_index, workspace_bytes, start, vocab, tp, ld_alpha)
+        return _pair_outputs(ctx, hidden.dtype, loss, m, pairs)
+
+    @staticmethod
+    def backward(ctx, grad_loss, _m, _p):
+        hidden, weight, bias, labels, cu_seqlens, row_max, records, seq_grad, nll = ctx.saved_tensors
+        transforms, ignore_index, workspace_bytes, start, vocab, tp, ld_alpha = ctx.args
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        g = grad_loss.to(torch.float64)
+        gh, gw, gb = ops.linear_dpo_shard_backward(
+            seq_grad * g, nll * g, hidden, weight, bias, labels, cu_seqlens, row_max, records, *transforms,
+            ignore_index, start, vocab, ld_alpha, need_h, need_w, need_b and bias is not None, workspace_bytes)
+        gh = _sum_hidden_grad(gh, tp) if need_h else None
+        return (gh, gw if need_w else None, gb if need_b and bias is not None else None) + (None,) * 13
 
 
 def sequence_logps(logits, labels, cu_seqlens, ignore_index, average, process_group, vocab_range, cp_group):
@@ -207,3 +326,30 @@ def dpo_loss_from_logits(logits, labels, ref_c, ref_r, cu_seqlens, ignore_index,
     start, vocab = vocab_shard(logits, process_group, vocab_range)
     return _ShardedDPO.apply(logits, labels, cu_seqlens, ref_c, ref_r, ignore_index, start, vocab, process_group,
                              cp_group, config, compute_metrics)
+
+
+def _head_shard(hidden, weight, process_group, vocab_range):
+    rows = hidden.numel() // max(hidden.shape[-1], 1)
+    return _shard(weight.shape[0], rows, weight.device, process_group, vocab_range, "hidden states'")
+
+
+def linear_logprobs(hidden, weight, bias, targets, transforms, flags, ignore_index, workspace_bytes, process_group,
+                    vocab_range):
+    """dpo_kernels.linear_logprobs on a weight shard (arguments checked and cast by the caller):
+    (log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1), each [N] ([0] when not
+    requested), the same on every rank."""
+    start, vocab = _head_shard(hidden, weight, process_group, vocab_range)
+    return _ShardedHeadLogps.apply(hidden, weight, bias, targets, transforms, flags, ignore_index, workspace_bytes,
+                                   start, vocab, process_group)
+
+
+def dpo_loss_from_hidden(hidden, weight, bias, labels, ref_c, ref_r, cu_seqlens, transforms, ignore_index, config,
+                         compute_metrics, workspace_bytes, process_group, vocab_range, cp_group):
+    """The loss, metrics and pair values of dpo_loss_from_hidden on a weight shard and/or a
+    context slice (arguments checked by the caller)."""
+    if cp_group is not None and config[_LD_ALPHA] != 1.0:
+        raise ValueError(f"ld_alpha = {config[_LD_ALPHA]} is unsupported with cp_group: LD-DPO weights a token by "
+                         "its position in the whole sequence, which a context slice does not know")
+    start, vocab = _head_shard(hidden, weight, process_group, vocab_range)
+    return _ShardedHeadDPO.apply(hidden, weight, bias, labels, cu_seqlens, ref_c, ref_r, transforms, ignore_index,
+                                 workspace_bytes, start, vocab, process_group, cp_group, config, compute_metrics)
