@@ -2,16 +2,25 @@
 """A tiny language model with a vocabulary-parallel LM head, trained with DPO over
 torch.distributed (docs/distributed.md).
 
-    torchrun --nproc_per_node 2 examples/python/tensor_parallel_dpo.py
+    torchrun --nproc_per_node 2 examples/python/tensor_parallel_dpo.py [--path hidden|logits]
 
 Each rank holds the rows [rank * V / tp, (rank + 1) * V / tp) of the LM head's weight, as a
-column-parallel head in Megatron-LM: its logits are a vocabulary shard, never gathered.
-dpo_kernels.dpo_loss_from_logits(process_group=...) gives every rank the batch's loss and
-metrics and the gradient of its own logits; the hidden states' gradient is the sum of the
-ranks' partial ones (the all-reduce of `_copy_to_tensor_parallel`'s backward). Every step,
-rank 0 also runs the same model unsharded in one process (the full head gathered) with the
-single-process op, and checks that loss and updated weights agree. Runs on the CPU (gloo).
+column-parallel head in Megatron-LM.
+
+- ``--path hidden`` (default): dpo_kernels.dpo_loss_from_hidden(process_group=...) takes the
+  hidden states and the rank's weight shard; no logits exist, not even the shard's. Its
+  backward all-reduces the hidden states' gradient over the group itself.
+- ``--path logits``: the rank computes its logits shard ``hidden @ weight_shard.T`` (never
+  gathered) and dpo_kernels.dpo_loss_from_logits(process_group=...) gives the gradient of
+  that shard; the hidden states' gradient is the sum of the ranks' partial ones (the
+  all-reduce of ``_CopyToTensorParallel``'s backward, Megatron's
+  ``copy_to_tensor_model_parallel_region``).
+
+Every rank gets the batch's loss and metrics. Every step, each rank also runs the same
+model unsharded in one process (the whole head) with the single-process op and checks that
+the loss and the updated weights agree. Runs on the CPU (gloo).
 """
+import argparse
 import os
 
 import torch
@@ -50,6 +59,10 @@ def batch(seed):
 
 
 def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--path", choices=("hidden", "logits"), default="hidden",
+                        help="the sharded fused head (hidden) or sharded logits (logits)")
+    path = parser.parse_args().path
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     assert V % world == 0
@@ -64,16 +77,23 @@ def main():
     for step in range(STEPS):
         tokens, labels, rc, rr = batch(step % 2)
         hidden = torch.tanh(embed_tp[tokens])
-        logits = _CopyToTensorParallel.apply(hidden, group) @ head_tp.T   # [2P, T, V / world]
-        loss, metrics = dpo_kernels.dpo_loss_from_logits(logits, labels, rc, rr, beta=0.1, process_group=group)
+        if path == "hidden":
+            loss, metrics = dpo_kernels.dpo_loss_from_hidden(hidden, head_tp, labels, rc, rr, beta=0.1,
+                                                             process_group=group)
+        else:
+            logits = _CopyToTensorParallel.apply(hidden, group) @ head_tp.T   # [2P, T, V / world]
+            loss, metrics = dpo_kernels.dpo_loss_from_logits(logits, labels, rc, rr, beta=0.1, process_group=group)
         loss.backward()
         with torch.no_grad():
             for w in (embed_tp, head_tp):
                 w -= LR * w.grad
                 w.grad = None
         # The same step in one process, with the whole head.
-        ref_logits = torch.tanh(ref_embed[tokens]) @ ref_head.T
-        ref_loss, ref_metrics = dpo_kernels.dpo_loss_from_logits(ref_logits, labels, rc, rr, beta=0.1)
+        ref_hidden = torch.tanh(ref_embed[tokens])
+        if path == "hidden":
+            ref_loss, _ = dpo_kernels.dpo_loss_from_hidden(ref_hidden, ref_head, labels, rc, rr, beta=0.1)
+        else:
+            ref_loss, _ = dpo_kernels.dpo_loss_from_logits(ref_hidden @ ref_head.T, labels, rc, rr, beta=0.1)
         ref_loss.backward()
         with torch.no_grad():
             for w in (ref_embed, ref_head):
@@ -84,7 +104,7 @@ def main():
         ok &= torch.allclose(head_tp, ref_head[shard], rtol=1e-5, atol=1e-6)
         ok &= torch.allclose(embed_tp, ref_embed, rtol=1e-5, atol=1e-6)
         if rank == 0:
-            print(f"step {step}: loss {float(loss):.6f} (single process {float(ref_loss):.6f}) "
+            print(f"{path} step {step}: loss {float(loss):.6f} (single process {float(ref_loss):.6f}) "
                   f"accuracy {float(metrics['rewards/accuracies']):.2f} {'MATCH' if ok else 'MISMATCH'}", flush=True)
         assert ok, f"rank {rank}: the tensor-parallel step {step} differs from the single-process one"
     dist.destroy_process_group()

@@ -124,7 +124,10 @@ def expect_error(tag, fn, needle):
     raise AssertionError(f"{tag}: no ValueError")
 
 
-def run(rank: int, world: int, init_file: str) -> None:
+def groups(rank: int, world: int, init_file: str):
+    """Joins the gloo group of `world` (4) ranks and creates the scenarios' groups:
+    (g2, r2): {0, 1} or {2, 3} and the rank in it; (gx, rx): {0, 2} or {1, 3} and the rank
+    in it; three: {0, 1, 2}."""
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120))
     torch.set_num_threads(1)
@@ -132,11 +135,15 @@ def run(rank: int, world: int, init_file: str) -> None:
     pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
     across = [dist.new_group([0, 2]), dist.new_group([1, 3])]
     three = dist.new_group([0, 1, 2])
-    g2 = pairs[rank // 2]          # a 2-rank group: {0, 1} or {2, 3}
-    r2 = rank % 2                  # rank inside it
-    gx = across[rank % 2]          # the other 2-rank grouping: {0, 2} or {1, 3}
-    rx = rank // 2
-    same = lambda g: g  # noqa: E731
+    return pairs[rank // 2], rank % 2, across[rank % 2], rank // 2, three
+
+
+def same(g):
+    return g
+
+
+def run(rank: int, world: int, init_file: str) -> None:
+    g2, r2, gx, rx, three = groups(rank, world, init_file)
 
     # Vocabulary shards, Megatron's even split over 2 ranks (V = 1000), padded and packed.
     V = 1000
