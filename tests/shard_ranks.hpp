@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <deque>
 #include <mutex>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -72,6 +73,21 @@ class grid {
   grid(int W, int C) : W_(W), C_(C) {
     for (int c = 0; c < C; ++c) vocab_.emplace_back(W);
     for (int t = 0; t < W; ++t) context_.emplace_back(C);
+  }
+
+  /// Runs fn(rank, t, c, comm(rank)) on every rank's thread; returns each rank's dpo::error
+  /// message (empty: none).
+  template <class Fn>
+  std::vector<std::string> run(Fn fn) {
+    std::vector<std::string> errors(static_cast<std::size_t>(W_ * C_));
+    run_ranks(W_ * C_, [&](int rank) {
+      try {
+        fn(rank, rank % W_, rank / W_, comm(rank));
+      } catch (const dpo::error& e) {
+        errors[static_cast<std::size_t>(rank)] = e.what();
+      }
+    });
+    return errors;
   }
 
   dpo::cpu::collectives comm(int rank) {

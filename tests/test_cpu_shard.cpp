@@ -99,23 +99,15 @@ void check_sharded(const named_config& nc, const oracle::batch& b, const shard_c
   for (int c = 0; c < C; ++c) local.emplace_back(parts[c], sc.kind, 0, sc.explicit_mask);
   shard_ranks::grid ranks(W, C);
   std::vector<dpo::cpu::forward_result> got(static_cast<std::size_t>(W * C));
-  std::vector<std::string> errors(got.size());
-  run_ranks(W * C, [&](int rank) {
-    const int t = rank % W, c = rank / W;
+  const std::vector<std::string> errors = ranks.run([&](int rank, int t, int c, const dpo::cpu::collectives& comm) {
     const dpo::vocab_shard sh{V, sc.cuts[t], sc.cuts[t + 1]};
-    const dpo::cpu::collectives comm = ranks.comm(rank);
     buffers<T, L>& lb = local[static_cast<std::size_t>(c)];
     const auto view = shard_of(lb.view(), sh);
-    dpo::cpu::forward_result& r = got[static_cast<std::size_t>(rank)];
     dpo::cpu::shard_state state;
-    try {
-      dpo::cpu::dpo_forward_sharded(view, sh, ref.pc(), ref.pr(), nc.cfg, comm,
-                                    dpo::cpu::detail::owned_outputs(r, P), state, o);
-      dpo::cpu::dpo_backward_sharded(view, sh, state, shard_of(sc.in_place ? lb.inplace_view() : lb.grad_view(), sh),
-                                     1.0, o);
-    } catch (const dpo::error& e) {
-      errors[static_cast<std::size_t>(rank)] = e.what();
-    }
+    dpo::cpu::dpo_forward_sharded(view, sh, ref.pc(), ref.pr(), nc.cfg, comm,
+                                  dpo::cpu::detail::owned_outputs(got[static_cast<std::size_t>(rank)], P), state, o);
+    dpo::cpu::dpo_backward_sharded(view, sh, state, shard_of(sc.in_place ? lb.inplace_view() : lb.grad_view(), sh),
+                                   1.0, o);
   });
   for (const std::string& e : errors) REQUIRE(e.empty());
 

@@ -211,24 +211,17 @@ void check_linear_dpo(const named_config& nc, const problem& p, const dpo_case& 
   std::vector<std::vector<G>> gw(static_cast<std::size_t>(W * C)), gb(gw.size());
   shard_ranks::grid ranks(W, C);
   std::vector<dpo::cpu::forward_result> got(static_cast<std::size_t>(W * C));
-  std::vector<std::string> errors(got.size());
-  run_ranks(W * C, [&](int rank) {
-    const int t = rank % W, c = rank / W;
+  const std::vector<std::string> errors = ranks.run([&](int rank, int t, int c, const dpo::cpu::collectives& comm) {
     const dpo::vocab_shard sh{V, dc.cuts[t], dc.cuts[t + 1]};
-    const dpo::cpu::collectives comm = ranks.comm(rank);
     std::vector<G>& rw = gw[static_cast<std::size_t>(rank)];
     std::vector<G>& rb = gb[static_cast<std::size_t>(rank)];
     rw.assign(static_cast<std::size_t>(sh.width() * H), G(0));
     rb.assign(static_cast<std::size_t>(sh.width()), G(0));
     laid_out<T>& mine = partial[static_cast<std::size_t>(rank)];
-    try {
-      dpo::cpu::linear_dpo_sharded(local[static_cast<std::size_t>(c)].pairs(),
-                                   head_of(w, b, sh.start, sh.width(), H, p.tr), sh, rc, rr, nc.cfg, comm,
-                                   dpo::cpu::detail::owned_outputs(got[static_cast<std::size_t>(rank)], P),
-                                   mine.grads(rw, rb), 1.0, o);
-    } catch (const dpo::error& e) {
-      errors[static_cast<std::size_t>(rank)] = e.what();
-    }
+    dpo::cpu::linear_dpo_sharded(local[static_cast<std::size_t>(c)].pairs(), head_of(w, b, sh.start, sh.width(), H, p.tr),
+                                 sh, rc, rr, nc.cfg, comm,
+                                 dpo::cpu::detail::owned_outputs(got[static_cast<std::size_t>(rank)], P),
+                                 mine.grads(rw, rb), 1.0, o);
   });
   for (const std::string& e : errors) REQUIRE(e == "");
 
