@@ -18,11 +18,14 @@ py="$venv/bin/python"
 
 # Install (or confirm) the Python dependencies from PyPI. A marker skips pip's resolver on
 # reruns; delete it (or the venv) to refresh.
-marker="$venv/.dpo_deps_v1"
+marker="$venv/.dpo_deps_v2"
 if [[ ! -f "$marker" ]]; then
-  echo "== installing torch, trl, transformers, pytest, setuptools, ninja from PyPI"
+  echo "== installing torch, trl, transformers, pytest, setuptools, ninja, liger-kernel from PyPI"
   "$py" -m pip install --upgrade pip
   "$py" -m pip install torch trl transformers datasets accelerate pytest setuptools wheel ninja numpy
+  # Liger-Kernel, the reference of test_liger.py (its chunked losses run as plain torch on the CPU).
+  # --no-deps: no re-resolution of torch; its one other requirement, triton, comes with torch on Linux.
+  "$py" -m pip install --no-deps liger-kernel==0.8.5
   touch "$marker"
 fi
 "$py" -c "import torch, trl, transformers; print('torch', torch.__version__, '| trl', trl.__version__, '| transformers', transformers.__version__, '| cuda', torch.cuda.is_available())"

@@ -29,6 +29,7 @@ from . import _C
 from ._linear import OPTIONAL_OUTPUTS, linear_logprobs
 from ._linear_dpo import DEFAULT_LINEAR_DPO_WORKSPACE_BYTES
 from ._ops import CONFIG_FIELDS, LOSS_TYPES, METRIC_NAMES, PAIR_VALUE_NAMES, check_devices, check_inplace_target, ops
+from .liger import FusedLinearDPOLoss  # Liger-Kernel's LigerFusedLinearDPOLoss drop-in (liger.py)
 
 __all__ = [
     "sequence_logps",
