@@ -80,7 +80,11 @@ class FusedLinearDPOLoss(torch.nn.Module):
 
     Keyword-only (the library's, as in :func:`dpo_kernels.dpo_loss_from_hidden`):
         loss_weights, f_divergence_type, f_alpha_divergence_coef, use_weighting (WPO),
-        ld_alpha (LD-DPO), cdpo_smoothing, simpo_gamma, cpo_alpha, cpo_base, workspace_bytes.
+        ld_alpha (LD-DPO), cdpo_smoothing, simpo_gamma, cpo_alpha, cpo_base, workspace_bytes;
+        kept in the dict attribute ``options``.
+
+    As Liger's, the attributes (``beta``, ``alpha``, ``loss_type``, ...) are read at every call
+    (and checked then: ValueError / TypeError naming the attribute), so a schedule may set them.
 
     Call: ``forward(lin_weight [V, H], _input [2P, T, H], target [2P, T], bias=None,
     ref_input=None, ref_weight=None, ref_bias=None, *, ref_chosen_logps=None,
@@ -126,68 +130,75 @@ class FusedLinearDPOLoss(torch.nn.Module):
         workspace_bytes: int | None = None,
     ):
         super().__init__()
-        self.ignore_index = _dk._ignore_index(ignore_index, None)
-        self.alpha = _dk._real("alpha", alpha)
-        self.compute_nll_loss = _dk._flag("compute_nll_loss", compute_nll_loss)
-        self.compiled = _dk._flag("compiled", compiled)
-        self.use_ref_model = _dk._flag("use_ref_model", use_ref_model)
-        self.average_log_prob = _dk._flag("average_log_prob", average_log_prob)
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
-            raise ValueError(f"chunk_size = {chunk_size!r} is invalid: must be an int >= 1 (it is not used)")
-        self.chunk_size = int(chunk_size)
-        if workspace_bytes is not None and (isinstance(workspace_bytes, bool) or
-                                            not isinstance(workspace_bytes, numbers.Integral) or workspace_bytes < 1):
-            raise ValueError(f"workspace_bytes = {workspace_bytes!r} is invalid: must be None or a positive int (bytes)")
-        self.workspace_bytes = workspace_bytes
-        # The loss configuration, checked once by the package's own checks (their messages name
-        # the argument); the op checks the combinations (e.g. label_smoothing for the type).
-        names = _dk._loss_types(loss_type).split(",")
-        weights = None if loss_weights is None else _dk._real_list("loss_weights", loss_weights)
+        # Liger's attributes, read at every call (a schedule may change beta or alpha in between).
+        self.ignore_index = ignore_index
+        self.beta = beta
+        self.alpha = alpha
+        self.compute_nll_loss = compute_nll_loss
+        self.compiled = compiled
+        self.use_ref_model = use_ref_model
+        self.average_log_prob = average_log_prob
+        self.chunk_size = chunk_size
+        self.loss_type = loss_type
+        self.label_smoothing = label_smoothing
+        self.discopop_tau = discopop_tau
+        #: The library's options (keyword-only arguments), also read at every call.
+        self.options = dict(loss_weights=loss_weights, f_divergence_type=f_divergence_type,
+                            f_alpha_divergence_coef=f_alpha_divergence_coef, use_weighting=use_weighting,
+                            ld_alpha=ld_alpha, cdpo_smoothing=cdpo_smoothing, simpo_gamma=simpo_gamma,
+                            cpo_alpha=cpo_alpha, cpo_base=cpo_base, workspace_bytes=workspace_bytes)
+        # Check the whole configuration now, as Liger checks its own in the constructor: the
+        # arguments, and their combination (unknown loss type, a label_smoothing the type does
+        # not read, ...) by the pair-level op on one tiny pair.
+        pair = self._config()[1]
+        z = torch.zeros(1)
+        ref = z if self.use_ref_model else None
+        _dk.dpo_loss(z, z, ref, ref, **pair)
+
+    def _config(self) -> tuple:
+        """``(fused, pair, workspace_bytes)``: the keywords of :func:`dpo_kernels.dpo_loss_from_hidden`
+        (with compute_nll_loss's ``sft`` term of weight alpha) and of :func:`dpo_kernels.dpo_loss`
+        (without it: the averaged path adds the NLL itself), from the current attributes, checked
+        by the package's own checks (their messages name the argument)."""
+        o = self.options
+        _dk._ignore_index(self.ignore_index, None)
+        for name in ("compute_nll_loss", "compiled", "use_ref_model", "average_log_prob"):
+            _dk._flag(name, getattr(self, name))
+        c = self.chunk_size
+        if isinstance(c, bool) or not isinstance(c, numbers.Integral) or c < 1:
+            raise ValueError(f"chunk_size = {c!r} is invalid: must be an int >= 1 (it is not used)")
+        wb = o["workspace_bytes"]
+        if wb is not None and (isinstance(wb, bool) or not isinstance(wb, numbers.Integral) or wb < 1):
+            raise ValueError(f"workspace_bytes = {wb!r} is invalid: must be None or a positive int (bytes)")
+        names = _dk._loss_types(self.loss_type).split(",")
+        weights = None if o["loss_weights"] is None else _dk._real_list("loss_weights", o["loss_weights"])
         if weights is not None and len(weights) != len(names):
             raise ValueError(f"loss_weights has {len(weights)} entries but loss_type names {len(names)} types")
-        if self.compute_nll_loss:  # Liger's loss + alpha * NLL(chosen) is the library's sft term
-            weights = (weights or [1.0] * len(names)) + [self.alpha]
-            names = names + ["sft"]
-        self.config = dict(
-            loss_type=names, loss_weights=weights, beta=_dk._real("beta", beta),
-            label_smoothing=_dk._real("label_smoothing", label_smoothing), discopop_tau=_dk._real("discopop_tau", discopop_tau),
-            f_divergence_type=_dk._name("f_divergence_type", f_divergence_type),
-            f_alpha_divergence_coef=_dk._real("f_alpha_divergence_coef", f_alpha_divergence_coef),
-            cdpo_smoothing=_dk._flag("cdpo_smoothing", cdpo_smoothing), simpo_gamma=_dk._real("simpo_gamma", simpo_gamma),
-            cpo_alpha=_dk._real("cpo_alpha", cpo_alpha), cpo_base=_dk._name("cpo_base", cpo_base),
-            reference_free=not self.use_ref_model,
+        pair = dict(
+            loss_type=names, loss_weights=weights, beta=_dk._real("beta", self.beta),
+            label_smoothing=_dk._real("label_smoothing", self.label_smoothing),
+            discopop_tau=_dk._real("discopop_tau", self.discopop_tau),
+            f_divergence_type=_dk._name("f_divergence_type", o["f_divergence_type"]),
+            f_alpha_divergence_coef=_dk._real("f_alpha_divergence_coef", o["f_alpha_divergence_coef"]),
+            cdpo_smoothing=_dk._flag("cdpo_smoothing", o["cdpo_smoothing"]),
+            simpo_gamma=_dk._real("simpo_gamma", o["simpo_gamma"]), cpo_alpha=_dk._real("cpo_alpha", o["cpo_alpha"]),
+            cpo_base=_dk._name("cpo_base", o["cpo_base"]), reference_free=not self.use_ref_model,
         )
-        self.token_config = dict(use_weighting=_dk._flag("use_weighting", use_weighting),
-                                 ld_alpha=None if ld_alpha is None else _dk._real("ld_alpha", ld_alpha))
+        alpha = _dk._real("alpha", self.alpha)
+        fused = dict(pair, use_weighting=_dk._flag("use_weighting", o["use_weighting"]),
+                     ld_alpha=None if o["ld_alpha"] is None else _dk._real("ld_alpha", o["ld_alpha"]))
+        if self.compute_nll_loss:  # Liger's loss + alpha * NLL(chosen) is the library's sft term
+            fused["loss_type"] = names + ["sft"]
+            fused["loss_weights"] = (weights or [1.0] * len(names)) + [alpha]
         if self.average_log_prob:
-            if self.token_config["use_weighting"] or ld_alpha is not None:
+            if fused["use_weighting"] or fused["ld_alpha"] is not None:
                 raise ValueError("average_log_prob=True does not combine with use_weighting or ld_alpha (token-level "
                                  "weightings of summed log-probs)")
-            bad = [n for n in names if n in _NLL_TYPES and not (n == "sft" and self.compute_nll_loss)]
+            bad = [n for n in names if n in _NLL_TYPES]
             if bad:
                 raise ValueError(f"loss_type {bad[0]!r} does not combine with average_log_prob=True (its NLL needs "
                                  "token counts); use compute_nll_loss=True for Liger's NLL term")
-        # Check the whole configuration now (unknown loss type, label_smoothing the type does not
-        # read, ...), as Liger checks its own in the constructor: one tiny pair.
-        z = torch.zeros(1)
-        _dk.dpo_loss(z, z, None if not self.use_ref_model else z, None if not self.use_ref_model else z,
-                     **self._pair_config())
-
-    @property
-    def beta(self) -> float:
-        return self.config["beta"]
-
-    @property
-    def loss_type(self):
-        return ",".join(self.config["loss_type"])
-
-    def _pair_config(self) -> dict:
-        """The configuration for :func:`dpo_kernels.dpo_loss` (no compute_nll_loss term: the
-        averaged path adds the NLL itself)."""
-        c = dict(self.config)
-        if self.compute_nll_loss:
-            c["loss_type"], c["loss_weights"] = c["loss_type"][:-1], c["loss_weights"][:-1]
-        return c
+        return fused, pair, wb
 
     def extra_repr(self) -> str:
         return (f"loss_type={self.loss_type!r}, beta={self.beta}, use_ref_model={self.use_ref_model}, "
@@ -206,11 +217,12 @@ class FusedLinearDPOLoss(torch.nn.Module):
             _tensor(name, t, optional=True)
         _check_call(lin_weight, _input, target, bias, ref_input, ref_weight, ref_bias, ref_chosen_logps,
                     ref_rejected_logps)
+        fused, pair, workspace_bytes = self._config()
         ref = self._reference(ref_input, ref_weight, ref_bias, ref_chosen_logps, ref_rejected_logps)
         if self.average_log_prob:
-            loss, logps, rewards, nll = self._averaged(lin_weight, _input, target, bias, ref)
+            loss, logps, rewards, nll = self._averaged(lin_weight, _input, target, bias, ref, pair, workspace_bytes)
         else:
-            loss, logps, rewards, nll = self._fused(lin_weight, _input, target, bias, ref)
+            loss, logps, rewards, nll = self._fused(lin_weight, _input, target, bias, ref, fused, workspace_bytes)
         means = _logits_means(lin_weight, _input, bias)
         return loss, (logps[0], logps[1], means[0], means[1], nll, rewards[0], rewards[1])
 
@@ -247,47 +259,48 @@ class FusedLinearDPOLoss(torch.nn.Module):
         return dict(ref_hidden=ref_input.detach(), ref_weight=None if ref_weight is None else ref_weight.detach(),
                     ref_bias=None if ref_bias is None else ref_bias.detach())
 
-    def _fused(self, lin_weight, _input, target, bias, ref):
+    def _fused(self, lin_weight, _input, target, bias, ref, config, workspace_bytes):
         """Sums of log-probs: one call of the fused op (loss, gradients, pair values, NLL)."""
         loss, metrics, pairs = _dk.dpo_loss_from_hidden(
             _input, lin_weight, target, ref.get("reference_chosen_logps"), ref.get("reference_rejected_logps"),
             bias=bias, ref_hidden=ref.get("ref_hidden"), ref_weight=ref.get("ref_weight"), ref_bias=ref.get("ref_bias"),
             ignore_index=self.ignore_index, compute_metrics=False, return_pair_values=True,
-            workspace_bytes=self.workspace_bytes, **self.config, **self.token_config)
+            workspace_bytes=workspace_bytes, **config)
         nll = metrics["nll_loss"] if self.compute_nll_loss else torch.zeros_like(loss).detach()
         return (loss, (pairs["chosen_logps"], pairs["rejected_logps"]),
                 (pairs["chosen_rewards"], pairs["rejected_rewards"]), nll)
 
-    def _averaged(self, lin_weight, _input, target, bias, ref):
+    def _averaged(self, lin_weight, _input, target, bias, ref, config, workspace_bytes):
         """Per-token means: the fused head's token log-probs, averaged per sequence, into the
         pair-level op; the NLL from the same token log-probs."""
         P = _input.shape[0] // 2
-        tokens, counts = self._token_logps(_input, lin_weight, bias, target)
+        tokens, counts = self._token_logps(_input, lin_weight, bias, target, workspace_bytes)
         logps = tokens.sum(-1) / counts
         if "ref_hidden" in ref:
             with torch.no_grad():
                 rw = lin_weight if ref["ref_weight"] is None else ref["ref_weight"]
                 rb = bias if ref["ref_weight"] is None else ref["ref_bias"]
-                rt, _ = self._token_logps(ref["ref_hidden"], rw.detach(), None if rb is None else rb.detach(), target)
+                rt, _ = self._token_logps(ref["ref_hidden"], rw.detach(), None if rb is None else rb.detach(), target,
+                                          workspace_bytes)
                 rlogps = rt.sum(-1) / counts
             rc, rr = rlogps[:P], rlogps[P:]
         else:
             rc, rr = ref.get("reference_chosen_logps"), ref.get("reference_rejected_logps")
-        losses, chosen_rewards, rejected_rewards = _dk.dpo_loss(logps[:P], logps[P:], rc, rr, **self._pair_config())
+        losses, chosen_rewards, rejected_rewards = _dk.dpo_loss(logps[:P], logps[P:], rc, rr, **config)
         loss = losses.mean()
         nll = -tokens[:P].sum() / (target[:P] != self.ignore_index).sum().clamp(min=1).to(tokens.dtype)
         if self.compute_nll_loss:
-            loss = loss + self.alpha * nll
+            loss = loss + float(self.alpha) * nll
         else:
             nll = torch.zeros_like(loss)
         detached = logps.detach()
         return loss, (detached[:P], detached[P:]), (chosen_rewards, rejected_rewards), nll.detach()
 
-    def _token_logps(self, hidden, weight, bias, target):
+    def _token_logps(self, hidden, weight, bias, target, workspace_bytes):
         """``[2P, T]`` token log-probs (0 on masked tokens) and ``[2P]`` token counts (>= 1)."""
         B, T, H = hidden.shape
         lp = _dk.linear_logprobs(hidden.reshape(B * T, H), weight, bias, target.reshape(B * T), outputs=(),
-                                 ignore_index=self.ignore_index, workspace_bytes=self.workspace_bytes)[0]
+                                 ignore_index=self.ignore_index, workspace_bytes=workspace_bytes)[0]
         counts = (target != self.ignore_index).sum(-1).clamp(min=1).to(lp.dtype)
         return lp.view(B, T), counts
 

@@ -154,6 +154,19 @@ def test_extra_loss_types_are_the_fused_op(kw):
         assert torch.equal(a, e)
 
 
+def test_attributes_are_read_at_each_call():
+    # Liger's module reads its attributes at every call (a beta schedule sets loss_fn.beta).
+    (h, w, b), y, (rh, rw, rb) = make(seed=9)
+    module, fresh = dk.FusedLinearDPOLoss(beta=0.1, compute_nll_loss=True), dk.FusedLinearDPOLoss(beta=0.3, alpha=0.5,
+                                                                                                   compute_nll_loss=True)
+    module.beta, module.alpha = 0.3, 0.5
+    a, e = run(module, w, h, y, b, (rh, rw, rb)), run(fresh, w, h, y, b, (rh, rw, rb))
+    assert torch.equal(a[0], e[0]) and all(torch.equal(x, z) for x, z in zip(a[2], e[2]))
+    module.beta = float("inf")
+    with pytest.raises(ValueError, match="beta"):
+        module(w, h, y, b, rh, rw, rb)
+
+
 def test_upstream_gradient_scales():
     (h, w, b), y, (rh, rw, rb) = make(seed=4)
     for average in (False, True):
