@@ -7,8 +7,8 @@ masked (ignore_index) prompt and padding tokens. Compared: the loss, every eleme
 returned tuple, and the gradients of _input, lin_weight and bias, fp32, to a relative error of
 RTOL = 1e-5 (max |ours - liger| / max |liger| per tensor; the logits means relative to the logits'
 scale; the loss alternatively within LOSS_ATOL = 1e-6 absolute, see assert_matches). Plus: the
-precomputed reference log-probs path against the reference-model path, our extra loss types against dk.dpo_loss_from_hidden,
-bad inputs, torch.compile(fullgraph=True)."""
+precomputed reference log-probs path against the reference-model path, our extra loss types
+against dk.dpo_loss_from_hidden, bad inputs, torch.compile(fullgraph=True)."""
 import pytest
 import torch
 
