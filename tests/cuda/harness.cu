@@ -11,32 +11,11 @@
 
 #include <dpo/cuda/dpo.cuh>
 
+#include "device_buffer.hpp"
 #include "harness.hpp"
 
 namespace dpo_cuda_test {
 namespace {
-
-void ck(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(e));
-}
-#define DPO_CK(x) ck((x), #x)
-
-/// A device buffer freed on scope exit.
-struct dev_buf {
-  void* p = nullptr;
-  explicit dev_buf(std::size_t bytes) {
-    if (bytes > 0) DPO_CK(cudaMalloc(&p, bytes));
-  }
-  ~dev_buf() {
-    if (p) cudaFree(p);
-  }
-  dev_buf(const dev_buf&) = delete;
-  dev_buf& operator=(const dev_buf&) = delete;
-  template <class U>
-  U* as() const {
-    return static_cast<U*>(p);
-  }
-};
 
 template <class U>
 void upload(dev_buf& d, const std::vector<U>& h) {

@@ -10,44 +10,11 @@
 
 #include <dpo/cuda/linear_dpo.cuh>
 
+#include "device_buffer.hpp"
 #include "linear_dpo_harness.hpp"
 
 namespace dpo_cuda_test {
 namespace {
-
-void dck(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(e));
-}
-#define DPO_DCK(x) dck((x), #x)
-
-struct dbuf {
-  void* p = nullptr;
-  std::size_t n = 0;
-  explicit dbuf(std::size_t bytes) : n(bytes) {
-    if (bytes > 0) DPO_DCK(cudaMalloc(&p, bytes));
-  }
-  ~dbuf() {
-    if (p) cudaFree(p);
-  }
-  dbuf(const dbuf&) = delete;
-  dbuf& operator=(const dbuf&) = delete;
-  template <class U>
-  U* as() const {
-    return static_cast<U*>(p);
-  }
-  void put(const void* src, std::size_t bytes) {
-    if (bytes > 0) DPO_DCK(cudaMemcpy(p, src, bytes, cudaMemcpyHostToDevice));
-  }
-  void fill(int byte) {
-    if (n > 0) DPO_DCK(cudaMemset(p, byte, n));
-  }
-  template <class U>
-  std::vector<U> get(std::size_t count) const {
-    std::vector<U> out(count);
-    if (count > 0) DPO_DCK(cudaMemcpy(out.data(), p, count * sizeof(U), cudaMemcpyDeviceToHost));
-    return out;
-  }
-};
 
 template <class T, class L>
 dpo::cuda::hidden_pairs<T, L> pairs_of(const ldpo_case& c, const T* h0, const T* h1, const L* lab0, const L* lab1,
@@ -70,11 +37,11 @@ ldpo_out run_typed(const ldpo_case& c) {
   const bool sep = c.layout == ldpo_layout::separate;
   const std::int64_t R0 = sep ? P * c.T : R;  // rows of the first buffer
   const std::int64_t R1 = sep ? P * c.T : 0;
-  const auto upload_rows = [&](const std::vector<unsigned char>& src, dbuf& a, dbuf& b, std::size_t row_bytes) {
+  const auto upload_rows = [&](const std::vector<unsigned char>& src, dev_buf& a, dev_buf& b, std::size_t row_bytes) {
     a.put(src.data(), static_cast<std::size_t>(R0) * row_bytes);
     if (sep) b.put(src.data() + static_cast<std::size_t>(R0) * row_bytes, static_cast<std::size_t>(R1) * row_bytes);
   };
-  dbuf h0(R0 * H * es), h1(R1 * H * es), weight(c.weight.size()), bias(c.bias.size());
+  dev_buf h0(R0 * H * es), h1(R1 * H * es), weight(c.weight.size()), bias(c.bias.size());
   upload_rows(c.hidden, h0, h1, H * es);
   const T* hidden1 = c.share_rows ? h0.as<const T>() : h1.as<const T>();
   weight.put(c.weight.data(), c.weight.size());
@@ -82,11 +49,11 @@ ldpo_out run_typed(const ldpo_case& c) {
   const std::vector<L> lab(c.labels.begin(), c.labels.end());
   std::vector<unsigned char> lab_bytes(lab.size() * sizeof(L));
   std::memcpy(lab_bytes.data(), lab.data(), lab_bytes.size());
-  dbuf l0(R0 * sizeof(L)), l1(R1 * sizeof(L));
+  dev_buf l0(R0 * sizeof(L)), l1(R1 * sizeof(L));
   upload_rows(lab_bytes, l0, l1, sizeof(L));
-  dbuf m0(c.mask.empty() ? 0 : R0), m1(c.mask.empty() ? 0 : R1);
+  dev_buf m0(c.mask.empty() ? 0 : R0), m1(c.mask.empty() ? 0 : R1);
   if (!c.mask.empty()) upload_rows(std::vector<unsigned char>(c.mask.begin(), c.mask.end()), m0, m1, 1);
-  dbuf cu(c.cu_seqlens.size() * 8);
+  dev_buf cu(c.cu_seqlens.size() * 8);
   cu.put(c.cu_seqlens.data(), cu.n);
   const auto policy =
       pairs_of<T, L>(c, h0.as<const T>(), sep ? hidden1 : nullptr, l0.as<const L>(),
@@ -101,10 +68,10 @@ ldpo_out run_typed(const ldpo_case& c) {
   head.bias_size = c.bias.empty() ? 0 : V;
   head.transforms = c.transforms;
   // The reference.
-  dbuf ref_logps(c.ref_logps.size() * 8);
+  dev_buf ref_logps(c.ref_logps.size() * 8);
   ref_logps.put(c.ref_logps.data(), ref_logps.n);
-  dbuf rh0(c.ref_from_hidden ? R0 * H * es : 0), rh1(c.ref_from_hidden ? R1 * H * es : 0);
-  dbuf rw(c.ref_weight.size()), rb(c.ref_bias.size());
+  dev_buf rh0(c.ref_from_hidden ? R0 * H * es : 0), rh1(c.ref_from_hidden ? R1 * H * es : 0);
+  dev_buf rw(c.ref_weight.size()), rb(c.ref_bias.size());
   if (c.ref_from_hidden) upload_rows(c.ref_hidden, rh0, rh1, H * es);
   rw.put(c.ref_weight.data(), rw.n);
   rb.put(c.ref_bias.data(), rb.n);
@@ -134,7 +101,7 @@ ldpo_out run_typed(const ldpo_case& c) {
   // Outputs: doubles poisoned, gradients filled with c.fill.
   const int nm = dpo::num_metrics;
   const std::vector<double> poison(static_cast<std::size_t>(dpo::num_pair_outputs * P + nm + 2 * R + 8), 12345.0);
-  dbuf dd(poison.size() * 8);
+  dev_buf dd(poison.size() * 8);
   dd.put(poison.data(), dd.n);
   double* base = dd.as<double>();
   dpo::forward_outputs fo;
@@ -147,11 +114,11 @@ ldpo_out run_typed(const ldpo_case& c) {
     fo.row_lse = row_lse;
     fo.row_coef = row_coef;
   }
-  dbuf go(8);
+  dev_buf go(8);
   go.put(&c.grad_output, 8);
   const std::size_t gsz = sizeof(G);
-  dbuf dh0(c.want_hidden ? R0 * H * es : 0), dh1(c.want_hidden ? R1 * H * es : 0);
-  dbuf dw(V * H * gsz), db(c.bias.empty() || !c.want_bias ? 0 : V * gsz);
+  dev_buf dh0(c.want_hidden ? R0 * H * es : 0), dh1(c.want_hidden ? R1 * H * es : 0);
+  dev_buf dw(V * H * gsz), db(c.bias.empty() || !c.want_bias ? 0 : V * gsz);
   dh0.fill(c.fill);
   dh1.fill(c.fill);
   dw.fill(c.fill);
@@ -170,7 +137,7 @@ ldpo_out run_typed(const ldpo_case& c) {
   cublasLtHandle_t handle = nullptr;
   if (cublasLtCreate(&handle) != CUBLAS_STATUS_SUCCESS) throw std::runtime_error("cublasLtCreate failed");
   cudaStream_t stream = nullptr;
-  DPO_DCK(cudaStreamCreate(&stream));
+  DPO_CK(cudaStreamCreate(&stream));
   const auto finish = [&](const dpo::cuda::status& s) {
     out.code = static_cast<int>(s.code);
     out.message = s.message;
@@ -208,17 +175,17 @@ ldpo_out run_typed(const ldpo_case& c) {
     out.mode = plan.mode;
   }
   out.workspace_bytes = static_cast<std::int64_t>(bytes);
-  dbuf work(ok ? bytes : 0);
+  dev_buf work(ok ? bytes : 0);
   if (ok) work.fill(0xa5);
   std::size_t given = c.short_workspace ? bytes - 1 : bytes;
   if (ok) ok = finish(call(work.p, given, c.null_handle ? nullptr : handle, 0));
   if (ok && c.split) ok = finish(call(work.p, given, handle, 1));
-  DPO_DCK(cudaStreamSynchronize(stream));
-  DPO_DCK(cudaGetLastError());
+  DPO_CK(cudaStreamSynchronize(stream));
+  DPO_CK(cudaGetLastError());
   if (work.n > 0 && out.code == 0) {
     const dpo::cuda::status de = dpo::cuda::read_device_error(work.p, stream);
     dpo::cuda::device_error e{};
-    DPO_DCK(cudaMemcpy(&e, work.p, sizeof(e), cudaMemcpyDeviceToHost));
+    DPO_CK(cudaMemcpy(&e, work.p, sizeof(e), cudaMemcpyDeviceToHost));
     out.device_error = e.code;
     out.device_message = de.message;
   }
@@ -243,22 +210,15 @@ ldpo_out run_typed(const ldpo_case& c) {
   return out;
 }
 
-template <class T, class G>
-ldpo_out run_labels(const ldpo_case& c) {
-  return c.labels32 ? run_typed<T, std::int32_t, G>(c) : run_typed<T, std::int64_t, G>(c);
-}
 
 }  // namespace
 
 ldpo_out run_linear_dpo(const ldpo_case& c) {
-  switch (c.type) {
-    case dtype::bf16:
-      return c.fp32_grads ? run_labels<__nv_bfloat16, float>(c) : run_labels<__nv_bfloat16, __nv_bfloat16>(c);
-    case dtype::f16: return c.fp32_grads ? run_labels<__half, float>(c) : run_labels<__half, __half>(c);
-    case dtype::f32: return run_labels<float, float>(c);
-    case dtype::f64: return run_labels<double, double>(c);
-  }
-  throw std::runtime_error("run_linear_dpo: unknown dtype");
+  return with_device_types(c.type, c.fp32_grads, [&](auto t, auto g) {
+    using T = decltype(t);
+    using G = decltype(g);
+    return c.labels32 ? run_typed<T, std::int32_t, G>(c) : run_typed<T, std::int64_t, G>(c);
+  });
 }
 
 }  // namespace dpo_cuda_test

@@ -10,44 +10,11 @@
 
 #include <dpo/cuda/linear.cuh>
 
+#include "device_buffer.hpp"
 #include "linear_harness.hpp"
 
 namespace dpo_cuda_test {
 namespace {
-
-void lck(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(e));
-}
-#define DPO_LCK(x) lck((x), #x)
-
-struct lbuf {
-  void* p = nullptr;
-  std::size_t n = 0;
-  explicit lbuf(std::size_t bytes) : n(bytes) {
-    if (bytes > 0) DPO_LCK(cudaMalloc(&p, bytes));
-  }
-  ~lbuf() {
-    if (p) cudaFree(p);
-  }
-  lbuf(const lbuf&) = delete;
-  lbuf& operator=(const lbuf&) = delete;
-  template <class U>
-  U* as() const {
-    return static_cast<U*>(p);
-  }
-  void put(const void* src, std::size_t bytes) {
-    if (bytes > 0) DPO_LCK(cudaMemcpy(p, src, bytes, cudaMemcpyHostToDevice));
-  }
-  void fill(int byte) {
-    if (n > 0) DPO_LCK(cudaMemset(p, byte, n));
-  }
-  template <class U>
-  std::vector<U> get(std::size_t count) const {
-    std::vector<U> out(count);
-    if (count > 0) DPO_LCK(cudaMemcpy(out.data(), p, count * sizeof(U), cudaMemcpyDeviceToHost));
-    return out;
-  }
-};
 
 template <class T, class L, class G>
 linear_out run_typed(const linear_case& c) {
@@ -56,17 +23,17 @@ linear_out run_typed(const linear_case& c) {
   const std::int64_t hs = c.hidden_stride > 0 ? c.hidden_stride : H;
   const std::int64_t ws = c.weight_stride > 0 ? c.weight_stride : H;
   const std::int64_t ghs = c.grad_hidden_stride > 0 ? c.grad_hidden_stride : H;
-  lbuf hidden(c.hidden.size()), weight(c.weight.size()), bias(c.bias.size());
+  dev_buf hidden(c.hidden.size()), weight(c.weight.size()), bias(c.bias.size());
   hidden.put(c.hidden.data(), c.hidden.size());
   weight.put(c.weight.data(), c.weight.size());
   bias.put(c.bias.data(), c.bias.size());
   std::vector<L> labels(c.labels.begin(), c.labels.end());
-  lbuf dlabels(labels.size() * sizeof(L)), dmask(c.mask.size());
+  dev_buf dlabels(labels.size() * sizeof(L)), dmask(c.mask.size());
   dlabels.put(labels.data(), labels.size() * sizeof(L));
   dmask.put(c.mask.data(), c.mask.size());
   const std::size_t n = static_cast<std::size_t>(N);
   const std::vector<double> poison(n, 12345.0);
-  lbuf logps(n * 8), entropy(c.entropy ? n * 8 : 0), lse(n * 8);
+  dev_buf logps(n * 8), entropy(c.entropy ? n * 8 : 0), lse(n * 8);
   logps.put(poison.data(), n * 8);
   lse.put(poison.data(), n * 8);
   if (c.entropy) entropy.put(poison.data(), n * 8);
@@ -101,10 +68,10 @@ linear_out run_typed(const linear_case& c) {
 
   // Gradient buffers, set up before any call so a failing call can be checked for writes.
   const std::size_t gsz = sizeof(G);
-  lbuf dh(c.backward && c.want_hidden ? n * ghs * sizeof(T) : 0);
-  lbuf dw(c.backward && c.want_weight ? static_cast<std::size_t>(V * ws) * gsz : 0);
-  lbuf db(c.backward && c.want_bias && !c.bias.empty() ? static_cast<std::size_t>(V) * gsz : 0);
-  const auto init = [](lbuf& b, const std::vector<unsigned char>& v0) {
+  dev_buf dh(c.backward && c.want_hidden ? n * ghs * sizeof(T) : 0);
+  dev_buf dw(c.backward && c.want_weight ? static_cast<std::size_t>(V * ws) * gsz : 0);
+  dev_buf db(c.backward && c.want_bias && !c.bias.empty() ? static_cast<std::size_t>(V) * gsz : 0);
+  const auto init = [](dev_buf& b, const std::vector<unsigned char>& v0) {
     if (b.n == 0) return;
     if (v0.empty()) {
       b.fill(0x7f);
@@ -120,7 +87,7 @@ linear_out run_typed(const linear_case& c) {
   cublasLtHandle_t handle = nullptr;
   if (cublasLtCreate(&handle) != CUBLAS_STATUS_SUCCESS) throw std::runtime_error("cublasLtCreate failed");
   cudaStream_t stream = nullptr;
-  DPO_LCK(cudaStreamCreate(&stream));
+  DPO_CK(cudaStreamCreate(&stream));
   std::size_t bytes = 0;
   dpo::cuda::linear_chunking ch;
   bool ok = finish(dpo::cuda::linear_workspace_size(v, opt, &ch));
@@ -132,7 +99,7 @@ linear_out run_typed(const linear_case& c) {
   out.workspace_bytes = static_cast<std::int64_t>(bytes);
   if (ok && static_cast<std::int64_t>(bytes) != ch.workspace_bytes)
     throw std::runtime_error("the size query and linear_workspace_size disagree");
-  lbuf work(ok ? bytes + 256 : 0);
+  dev_buf work(ok ? bytes + 256 : 0);
   if (ok) work.fill(0xa5);
   std::size_t given = c.short_workspace ? bytes - 1 : bytes;
   cublasLtHandle_t h = c.null_handle ? nullptr : handle;
@@ -141,7 +108,7 @@ linear_out run_typed(const linear_case& c) {
                                         c.entropy ? entropy.as<double>() : nullptr, lse.as<double>(), opt,
                                         stream));
   if (ok && c.backward) {
-    lbuf gl(n * 8), ge(c.entropy ? n * 8 : 0);
+    dev_buf gl(n * 8), ge(c.entropy ? n * 8 : 0);
     gl.put(c.grad_logps.data(), n * 8);
     if (c.entropy) ge.put(c.grad_entropy.data(), n * 8);
     dpo::cuda::linear_grads<T, G> g;
@@ -160,14 +127,14 @@ linear_out run_typed(const linear_case& c) {
       ok = finish(dpo::cuda::linear_logps_backward(work.p, b2, handle, v, lse.as<double>(), gl.as<double>(),
                                                    c.entropy ? entropy.as<double>() : nullptr,
                                                    c.entropy ? ge.as<double>() : nullptr, g, opt, stream));
-    DPO_LCK(cudaStreamSynchronize(stream));
+    DPO_CK(cudaStreamSynchronize(stream));
   }
-  DPO_LCK(cudaStreamSynchronize(stream));
-  DPO_LCK(cudaGetLastError());
+  DPO_CK(cudaStreamSynchronize(stream));
+  DPO_CK(cudaGetLastError());
   if (work.n > 0 && out.code == 0) {
     const dpo::cuda::status de = dpo::cuda::read_device_error(work.p, stream);
     dpo::cuda::device_error e{};
-    DPO_LCK(cudaMemcpy(&e, work.p, sizeof(e), cudaMemcpyDeviceToHost));
+    DPO_CK(cudaMemcpy(&e, work.p, sizeof(e), cudaMemcpyDeviceToHost));
     out.device_error = e.code;
     out.device_message = de.message;
   }
@@ -182,23 +149,15 @@ linear_out run_typed(const linear_case& c) {
   return out;
 }
 
-template <class T, class G>
-linear_out run_labels(const linear_case& c) {
-  return c.labels64 ? run_typed<T, std::int64_t, G>(c) : run_typed<T, std::int32_t, G>(c);
-}
 
 }  // namespace
 
 linear_out run_linear(const linear_case& c) {
-  switch (c.type) {
-    case dtype::bf16:
-      return c.fp32_grads ? run_labels<__nv_bfloat16, float>(c) : run_labels<__nv_bfloat16, __nv_bfloat16>(c);
-    case dtype::f16:
-      return c.fp32_grads ? run_labels<__half, float>(c) : run_labels<__half, __half>(c);
-    case dtype::f32: return run_labels<float, float>(c);
-    case dtype::f64: return run_labels<double, double>(c);
-  }
-  return {};
+  return with_device_types(c.type, c.fp32_grads, [&](auto t, auto g) {
+    using T = decltype(t);
+    using G = decltype(g);
+    return c.labels64 ? run_typed<T, std::int64_t, G>(c) : run_typed<T, std::int32_t, G>(c);
+  });
 }
 
 std::string linear_graph_check() {
@@ -210,13 +169,13 @@ std::string linear_graph_check() {
   for (std::int64_t i = 0; i < V * H; ++i) w[i] = static_cast<float>((i * 53 % 23) - 11) / 30.0f;
   for (std::int64_t i = 0; i < V; ++i) b[i] = static_cast<float>(i % 7) / 10.0f;
   for (std::int64_t r = 0; r < N; ++r) y[r] = r == 4 ? -100 : (r * 13) % V;
-  lbuf dh_(N * H * 4), dw_(V * H * 4), db_(V * 4), dy(N * 8);
+  dev_buf dh_(N * H * 4), dw_(V * H * 4), db_(V * 4), dy(N * 8);
   dh_.put(h.data(), h.size() * 4);
   dw_.put(w.data(), w.size() * 4);
   db_.put(b.data(), b.size() * 4);
   dy.put(y.data(), y.size() * 8);
   std::vector<double> ones(N, 0.5);
-  lbuf gl(N * 8), ge(N * 8);
+  dev_buf gl(N * 8), ge(N * 8);
   gl.put(ones.data(), N * 8);
   ge.put(ones.data(), N * 8);
   dpo::cuda::linear_view<T, std::int64_t> v;
@@ -236,14 +195,14 @@ std::string linear_graph_check() {
   cublasLtHandle_t handle = nullptr;
   if (cublasLtCreate(&handle) != CUBLAS_STATUS_SUCCESS) return "cublasLtCreate failed";
   cudaStream_t stream = nullptr;
-  DPO_LCK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  DPO_CK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
   std::size_t bytes = 0;
   std::string err;
   const auto fail = [&](const dpo::cuda::status& st, const char* what) {
     if (!st && err.empty()) err = std::string(what) + ": " + st.message;
   };
   fail(dpo::cuda::linear_logps(nullptr, bytes, handle, v, nullptr, nullptr, nullptr, opt), "size query");
-  lbuf ws(bytes), logps(N * 8), ent(N * 8), lse(N * 8), gh(N * H * 4), gw(V * H * 4), gb(V * 4);
+  dev_buf ws(bytes), logps(N * 8), ent(N * 8), lse(N * 8), gh(N * H * 4), gw(V * H * 4), gb(V * 4);
   dpo::cuda::linear_grads<T, T> g;
   g.hidden = gh.as<T>();
   g.hidden_stride = H;
@@ -259,33 +218,33 @@ std::string linear_graph_check() {
          "linear_logps_backward");
   };
   const auto results = [&] {
-    DPO_LCK(cudaStreamSynchronize(stream));
+    DPO_CK(cudaStreamSynchronize(stream));
     std::vector<unsigned char> all;
-    for (const lbuf* b : {&logps, &ent, &lse, &gh, &gw, &gb}) {
+    for (const dev_buf* b : {&logps, &ent, &lse, &gh, &gw, &gb}) {
       const std::vector<unsigned char> x = b->get<unsigned char>(b->n);
       all.insert(all.end(), x.begin(), x.end());
     }
     return all;
   };
   const auto reset = [&] {
-    DPO_LCK(cudaMemsetAsync(gw.p, 0, gw.n, stream));
-    DPO_LCK(cudaMemsetAsync(gb.p, 0, gb.n, stream));
+    DPO_CK(cudaMemsetAsync(gw.p, 0, gw.n, stream));
+    DPO_CK(cudaMemsetAsync(gb.p, 0, gb.n, stream));
   };
   reset();
   step();
   const std::vector<unsigned char> direct = results();
   cudaGraph_t graph = nullptr;
   cudaGraphExec_t exec = nullptr;
-  DPO_LCK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
+  DPO_CK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
   step();
   const cudaError_t ce = cudaStreamEndCapture(stream, &graph);
   if (ce != cudaSuccess && err.empty()) err = std::string("capture: ") + cudaGetErrorString(ce);
   if (err.empty()) {
-    DPO_LCK(cudaGraphInstantiate(&exec, graph, 0));
+    DPO_CK(cudaGraphInstantiate(&exec, graph, 0));
     for (int k = 0; k < 2 && err.empty(); ++k) {
       reset();
-      DPO_LCK(cudaMemsetAsync(logps.p, 0, logps.n, stream));
-      DPO_LCK(cudaGraphLaunch(exec, stream));
+      DPO_CK(cudaMemsetAsync(logps.p, 0, logps.n, stream));
+      DPO_CK(cudaGraphLaunch(exec, stream));
       if (results() != direct) err = "graph replay " + std::to_string(k) + " differs from the direct calls";
     }
     cudaGraphExecDestroy(exec);
