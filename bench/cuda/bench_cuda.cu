@@ -90,7 +90,7 @@ struct setup {
   std::int64_t* counts = nullptr;
   void* ws = nullptr;
   std::size_t ws_bytes = 0;
-  cudaEvent_t start, stop;
+  dpo_bench::event_timer timer;
 
   explicit setup(const shape& s, bool with_copy) {
     S = 2 * s.pairs;
@@ -114,8 +114,6 @@ struct setup {
                                     grad());
     ws_bytes = std::max(a, b);
     DPO_BENCH_CK(cudaMalloc(&ws, ws_bytes));
-    DPO_BENCH_CK(cudaEventCreate(&start));
-    DPO_BENCH_CK(cudaEventCreate(&stop));
   }
   ~setup() {
     cudaFree(logits);
@@ -124,8 +122,6 @@ struct setup {
     cudaFree(scratch);
     cudaFree(counts);
     cudaFree(ws);
-    cudaEventDestroy(start);
-    cudaEventDestroy(stop);
   }
   void refill(unsigned seed) {
     fill_kernel<<<4096, 256>>>(logits, static_cast<std::int64_t>(N * V), seed);
@@ -150,13 +146,7 @@ struct setup {
   float time(Fn&& fn) {
     spin_kernel<<<1, 1>>>(200000);
     DPO_BENCH_CK(cudaGetLastError());
-    DPO_BENCH_CK(cudaEventRecord(start));
-    fn();
-    DPO_BENCH_CK(cudaEventRecord(stop));
-    DPO_BENCH_CK(cudaEventSynchronize(stop));
-    float ms = 0;
-    DPO_BENCH_CK(cudaEventElapsedTime(&ms, start, stop));
-    return ms;
+    return timer.time(fn);
   }
 };
 

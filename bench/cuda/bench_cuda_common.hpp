@@ -46,6 +46,33 @@ inline bool print_device() {
   return true;
 }
 
+/// Two events that time the device work a function enqueues on the default stream.
+struct event_timer {
+  cudaEvent_t start{}, stop{};
+  event_timer() {
+    DPO_BENCH_CK(cudaEventCreate(&start));
+    DPO_BENCH_CK(cudaEventCreate(&stop));
+  }
+  ~event_timer() {
+    cudaEventDestroy(start);
+    cudaEventDestroy(stop);
+  }
+  event_timer(const event_timer&) = delete;
+  event_timer& operator=(const event_timer&) = delete;
+
+  /// Milliseconds between an event before fn's work and one after it (waits for the second).
+  template <class Fn>
+  float time(Fn&& fn) {
+    DPO_BENCH_CK(cudaEventRecord(start));
+    fn();
+    DPO_BENCH_CK(cudaEventRecord(stop));
+    DPO_BENCH_CK(cudaEventSynchronize(stop));
+    float ms = 0;
+    DPO_BENCH_CK(cudaEventElapsedTime(&ms, start, stop));
+    return ms;
+  }
+};
+
 /// Runs the registered benchmarks with the command line's options.
 inline void run_registered(int argc, char** argv) {
   benchmark::Initialize(&argc, argv);

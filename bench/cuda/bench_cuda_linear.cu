@@ -85,7 +85,7 @@ struct head {
   cublasLtHandle_t handle = nullptr;
   dpo::cuda::linear_options opt;
   dpo::cuda::linear_chunking ch;
-  cudaEvent_t start, stop;
+  dpo_bench::event_timer timer;
 
   head() {
     N = env_or("DPO_BENCH_LINEAR_N", 8192);
@@ -116,16 +116,12 @@ struct head {
     ws_bytes = static_cast<std::size_t>(ch.workspace_bytes);
     DPO_BENCH_CK(cudaMalloc(&ws, ws_bytes));
     DPO_BENCH_CK(cudaMemset(ws, 0, ws_bytes));  // gemms() reads the chunk buffers as they are
-    DPO_BENCH_CK(cudaEventCreate(&start));
-    DPO_BENCH_CK(cudaEventCreate(&stop));
     std::printf("linear head: N=%lld H=%lld V=%lld bf16, chunk %lld x %lld, workspace %.1f MiB\n",
                 (long long)N, (long long)H, (long long)V, (long long)ch.rows, (long long)ch.vocab,
                 ws_bytes / 1048576.0);
   }
 
   ~head() {
-    cudaEventDestroy(start);
-    cudaEventDestroy(stop);
     cublasLtDestroy(handle);
     for (void* p : {static_cast<void*>(hidden), static_cast<void*>(weight), static_cast<void*>(dhidden),
                     static_cast<void*>(dweight), static_cast<void*>(labels), static_cast<void*>(logps),
@@ -137,17 +133,8 @@ struct head {
   head& operator=(const head&) = delete;
 
   dpo::cuda::linear_view<T, L> view() const {
-    dpo::cuda::linear_view<T, L> v;
-    v.hidden = hidden;
-    v.rows = N;
-    v.hidden_cols = H;
-    v.hidden_stride = H;
-    v.weight = weight;
-    v.vocab = V;
-    v.weight_cols = H;
-    v.weight_stride = H;
-    v.labels = labels;
-    return v;
+    return dpo::linear_view_of(static_cast<const T*>(hidden), N, H, dpo::make_linear_head<T>(weight, V, H, H),
+                               static_cast<const L*>(labels));
   }
 
   void forward() {
@@ -189,13 +176,7 @@ struct head {
 
   template <class Fn>
   float time(Fn&& fn) {
-    DPO_BENCH_CK(cudaEventRecord(start));
-    fn();
-    DPO_BENCH_CK(cudaEventRecord(stop));
-    DPO_BENCH_CK(cudaEventSynchronize(stop));
-    float ms = 0;
-    DPO_BENCH_CK(cudaEventElapsedTime(&ms, start, stop));
-    return ms;
+    return timer.time(fn);
   }
 };
 

@@ -91,16 +91,8 @@ template <class T, class L>
 token_view<T, L> make_token_view(const T* logits, const L* labels, const std::uint8_t* mask,
                                  std::int64_t num_seqs, std::int64_t seq_len, std::int64_t vocab,
                                  std::int64_t row_stride, std::int64_t ignore_index) {
-  token_view<T, L> v;
-  v.logits = logits;
-  v.labels = labels;
-  v.mask = mask;
-  v.vocab = vocab;
-  v.row_stride = row_stride;
-  v.seq_len = seq_len;
-  v.num_seqs = num_seqs;
-  v.ignore_index = ignore_index;
-  return v;
+  // In field order (token_view is an aggregate); no cu_seqlens, from sequence 0.
+  return {logits, labels, mask, nullptr, vocab, row_stride, num_seqs, seq_len, 0, ignore_index};
 }
 
 }  // namespace detail
