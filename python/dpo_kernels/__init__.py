@@ -37,6 +37,7 @@ __all__ = [
     "dpo_loss_from_logits",
     "dpo_loss_from_hidden",
     "linear_logprobs",
+    "FusedLinearDPOLoss",
     "OPTIONAL_OUTPUTS",
     "METRIC_NAMES",
     "PAIR_VALUE_NAMES",
