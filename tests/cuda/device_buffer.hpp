@@ -10,6 +10,7 @@
 #include <cuda_runtime.h>
 
 #include <cstddef>
+#include <cstdint>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -56,17 +57,21 @@ struct dev_buf {
   }
 };
 
-/// f(T(), G()) with the device element type T of `t` and the gradient accumulation type G
-/// (float for bf16 / half with fp32_grads, else T): the harnesses' dtype dispatch.
+/// f(T(), G(), L()) with the device element type T of `t`, the gradient accumulation type G
+/// (float for bf16 / half with fp32_grads, else T) and the label type L (int64_t or int32_t):
+/// the harnesses' type dispatch.
 template <class F>
-auto with_device_types(dtype t, bool fp32_grads, F&& f) {
+auto with_device_types(dtype t, bool fp32_grads, bool labels64, F&& f) {
+  const auto labels = [&](auto tv, auto gv) {
+    return labels64 ? f(tv, gv, std::int64_t()) : f(tv, gv, std::int32_t());
+  };
   switch (t) {
-    case dtype::bf16: return fp32_grads ? f(__nv_bfloat16(), float()) : f(__nv_bfloat16(), __nv_bfloat16());
-    case dtype::f16: return fp32_grads ? f(__half(), float()) : f(__half(), __half());
-    case dtype::f32: return f(float(), float());
+    case dtype::bf16: return fp32_grads ? labels(__nv_bfloat16(), float()) : labels(__nv_bfloat16(), __nv_bfloat16());
+    case dtype::f16: return fp32_grads ? labels(__half(), float()) : labels(__half(), __half());
+    case dtype::f32: return labels(float(), float());
     case dtype::f64: break;
   }
-  return f(double(), double());
+  return labels(double(), double());
 }
 
 }  // namespace dpo_cuda_test

@@ -214,11 +214,8 @@ ldpo_out run_typed(const ldpo_case& c) {
 }  // namespace
 
 ldpo_out run_linear_dpo(const ldpo_case& c) {
-  return with_device_types(c.type, c.fp32_grads, [&](auto t, auto g) {
-    using T = decltype(t);
-    using G = decltype(g);
-    return c.labels32 ? run_typed<T, std::int32_t, G>(c) : run_typed<T, std::int64_t, G>(c);
-  });
+  return with_device_types(c.type, c.fp32_grads, !c.labels32,
+                           [&](auto t, auto g, auto l) { return run_typed<decltype(t), decltype(l), decltype(g)>(c); });
 }
 
 }  // namespace dpo_cuda_test

@@ -153,11 +153,8 @@ linear_out run_typed(const linear_case& c) {
 }  // namespace
 
 linear_out run_linear(const linear_case& c) {
-  return with_device_types(c.type, c.fp32_grads, [&](auto t, auto g) {
-    using T = decltype(t);
-    using G = decltype(g);
-    return c.labels64 ? run_typed<T, std::int64_t, G>(c) : run_typed<T, std::int32_t, G>(c);
-  });
+  return with_device_types(c.type, c.fp32_grads, c.labels64,
+                           [&](auto t, auto g, auto l) { return run_typed<decltype(t), decltype(l), decltype(g)>(c); });
 }
 
 std::string linear_graph_check() {
