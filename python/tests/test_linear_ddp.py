@@ -106,6 +106,10 @@ def worker(rank, port, out_dir):
             loss = model(*dpo_shard(rank, *dpo_batch()), fused=True)
         loss.backward()
         torch.save({n: p.grad for n, p in model.module.named_parameters()}, os.path.join(out_dir, f"{name}{rank}.pt"))
+    # Both ranks leave their collectives before either tears gloo down: without it a rank that
+    # destroys the group first can abort its peer at exit ("terminate called without an active
+    # exception", seen once in CI), as dist_worker.py and dist_head_worker.py also guard against.
+    dist.barrier()
     dist.destroy_process_group()
 
 
