@@ -107,6 +107,7 @@ def main():
             print(f"{path} step {step}: loss {float(loss):.6f} (single process {float(ref_loss):.6f}) "
                   f"accuracy {float(metrics['rewards/accuracies']):.2f} {'MATCH' if ok else 'MISMATCH'}", flush=True)
         assert ok, f"rank {rank}: the tensor-parallel step {step} differs from the single-process one"
+    dist.barrier()  # no rank tears gloo down while its peer is still in a collective
     dist.destroy_process_group()
 
 
