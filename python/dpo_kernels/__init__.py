@@ -440,9 +440,10 @@ def dpo_loss_from_hidden(
             ``process_group`` in the backward (one all-reduce of hidden's size); weight's and
             bias' are this rank's rows, from this rank's tokens (sum them over ``cp_group``
             as data-parallel gradients are). Collectives: two all-reduces over
-            ``process_group`` and one of ``[7, 2P]`` doubles over ``cp_group`` in the forward.
-            Not with ``ref_hidden`` (pass reference log-probs); ``ld_alpha`` not with
-            ``cp_group``. The gradients are computed in the backward (three passes over the
+            ``process_group`` and one of ``[7, 2P]`` doubles over ``cp_group`` in the forward;
+            with ``ref_hidden`` (this rank's rows, its head sharded as the policy's: the
+            same rows of ``ref_weight`` / ``ref_bias``) the same three again for the
+            reference. ``ld_alpha`` not with ``cp_group``. The gradients are computed in the backward (three passes over the
             weight shard there, one in the forward). CPU tensors only; eager mode only.
         workspace_bytes: the workspace budget of the fused head (default 768 MiB); the chunk
             size and the three- or four-pass plan follow from it (docs/linear.md).
@@ -486,16 +487,14 @@ def dpo_loss_from_hidden(
     elif isinstance(workspace_bytes, bool) or not isinstance(workspace_bytes, numbers.Integral) or workspace_bytes < 1:
         raise ValueError(f"workspace_bytes = {workspace_bytes!r} is invalid: must be a positive int (bytes)")
     if process_group is not None or vocab_range is not None or cp_group is not None:
-        if ref_hidden is not None or ref_weight is not None or ref_bias is not None:
-            raise ValueError("ref_hidden / ref_weight / ref_bias are not supported with process_group / cp_group: pass "
-                             "reference_chosen_logps and reference_rejected_logps (e.g. summed from linear_logprobs "
-                             "with the same process_group)")
+        if ref_hidden is None and (ref_weight is not None or ref_bias is not None):
+            raise ValueError("ref_weight / ref_bias are given without ref_hidden")
         from . import distributed
 
         loss, metrics, pair_values = distributed.dpo_loss_from_hidden(
             hidden, weight, bias, labels, reference_chosen_logps, reference_rejected_logps, cu_seqlens,
             (temperature, softcap, logit_scale), ignore_index, config, compute_metrics, int(workspace_bytes),
-            process_group, vocab_range, cp_group)
+            process_group, vocab_range, cp_group, None if ref_hidden is None else (ref_hidden, ref_weight, ref_bias))
     else:
         grad = torch.is_grad_enabled()
         need = [grad and t is not None and t.requires_grad for t in (hidden, weight, bias)]

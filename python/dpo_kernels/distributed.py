@@ -343,13 +343,67 @@ def linear_logprobs(hidden, weight, bias, targets, transforms, flags, ignore_ind
                                    start, vocab, process_group)
 
 
+def _reference_from_hidden(ref, labels, cu_seqlens, transforms, ignore_index, ld_alpha, workspace_bytes, start,
+                           vocab, tp, cp):
+    """The reference's sequence log-probs ([P] chosen, [P] rejected; LD-DPO weighted as the
+    policy's) from its hidden states on this rank's rows of its head, forward only: phase 1
+    and 2 as for the policy, with the same collectives (MAX and SUM over `tp`, SUM of the
+    per-sequence sums over `cp`, which counts rejected ranks as _pair_forward's)."""
+    ref_hidden, ref_weight, ref_bias = ref
+    error = None
+    with torch.no_grad():
+        try:
+            row_max, records = ops.linear_dpo_shard_partials(ref_hidden, ref_weight, ref_bias, labels, cu_seqlens,
+                                                             *transforms, ignore_index, start, vocab, False,
+                                                             workspace_bytes)
+            row_max, records = _combine(row_max, records, tp)
+            seq = ops.linear_dpo_shard_sequences(ref_hidden, labels, cu_seqlens, row_max, records, ignore_index, start,
+                                                 start + ref_weight.shape[0], vocab, ld_alpha, False)
+        except ValueError as e:
+            if cp is None:
+                raise
+            num_seqs = ref_hidden.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+            error, seq = e, torch.zeros(len(SEQ_FIELDS), num_seqs, dtype=torch.float64)
+        if cp is not None:
+            seq = _context_sum(seq, cp, error)
+    logps = seq[_LOGPS]
+    P = logps.shape[0] // 2
+    return logps[:P].contiguous(), logps[P:].contiguous()
+
+
+def _check_reference_head(hidden, weight, bias, ref_hidden, ref_weight, ref_bias):
+    """ref_hidden / ref_weight / ref_bias against the policy's (the shapes a rank holds: the
+    reference head is sharded as the policy's, over the same vocab_range)."""
+    if ref_hidden.shape != hidden.shape:
+        raise ValueError(f"ref_hidden has shape {tuple(ref_hidden.shape)} but hidden has {tuple(hidden.shape)}: the "
+                         "reference's hidden states must be this rank's rows of the same batch")
+    if ref_hidden.dtype != hidden.dtype:
+        raise TypeError(f"ref_hidden has dtype {ref_hidden.dtype} but hidden has {hidden.dtype}")
+    if ref_weight is None:  # the policy's head, as the single-process op
+        ref_weight, ref_bias = weight, bias
+    if ref_weight.shape != weight.shape:
+        raise ValueError(f"ref_weight has shape {tuple(ref_weight.shape)} but weight has {tuple(weight.shape)}: with "
+                         "process_group the reference head must be sharded as the policy's (the same vocab_range)")
+    if ref_weight.dtype != hidden.dtype:
+        raise TypeError(f"ref_weight has dtype {ref_weight.dtype} but ref_hidden has {hidden.dtype}")
+    if ref_bias is not None and (ref_bias.dim() != 1 or ref_bias.shape[0] != weight.shape[0]):
+        raise ValueError(f"ref_bias has shape {tuple(ref_bias.shape)}: must be [{weight.shape[0]}] (this rank's rows "
+                         "of the reference head's bias)")
+    return ref_hidden.detach(), ref_weight.detach(), None if ref_bias is None else ref_bias.detach()
+
+
 def dpo_loss_from_hidden(hidden, weight, bias, labels, ref_c, ref_r, cu_seqlens, transforms, ignore_index, config,
-                         compute_metrics, workspace_bytes, process_group, vocab_range, cp_group):
+                         compute_metrics, workspace_bytes, process_group, vocab_range, cp_group, ref=None):
     """The loss, metrics and pair values of dpo_loss_from_hidden on a weight shard and/or a
-    context slice (arguments checked by the caller)."""
+    context slice (arguments checked by the caller). ref: (ref_hidden, ref_weight, ref_bias)
+    instead of ref_c / ref_r, sharded as the policy's (ref_weight None: the policy's head)."""
     if cp_group is not None and config[_LD_ALPHA] != 1.0:
         raise ValueError(f"ld_alpha = {config[_LD_ALPHA]} is unsupported with cp_group: LD-DPO weights a token by "
                          "its position in the whole sequence, which a context slice does not know")
     start, vocab = _head_shard(hidden, weight, process_group, vocab_range)
+    if ref is not None:
+        ref = _check_reference_head(hidden, weight, bias, *ref)
+        ref_c, ref_r = _reference_from_hidden(ref, labels, cu_seqlens, transforms, ignore_index, config[_LD_ALPHA],
+                                              workspace_bytes, start, vocab, process_group, cp_group)
     return _ShardedHeadDPO.apply(hidden, weight, bias, labels, cu_seqlens, ref_c, ref_r, transforms, ignore_index,
                                  workspace_bytes, start, vocab, process_group, cp_group, config, compute_metrics)

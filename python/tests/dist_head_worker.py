@@ -29,6 +29,12 @@ def head(V: int, seed: int, dtype=torch.float32):
     return hidden, weight, bias, labels, ref_c, ref_r
 
 
+def ref_head(hidden, weight, bias, seed: int):
+    """A reference model near the policy: its hidden states, weight and bias perturbed."""
+    g = torch.Generator().manual_seed(seed)
+    return tuple((t + 0.1 * torch.randn(t.shape, generator=g).to(t.dtype)) for t in (hidden, weight, bias))
+
+
 def logit_size(hidden, weight, bias):
     """The mean |logit|: a mean logit is a sum of terms that cancel, so its rounding error
     scales with them, not with the mean (dist_worker.close's `floor`)."""
@@ -63,31 +69,46 @@ def grads_close(name, got, want, cp=None):
     close(name, got, want, floor=float(want.abs().max()))
 
 
-def check_dpo(tag, cfg, full, local, cols, rows, tp=None, cp=None, vocab_range=None, transforms=None):
+def check_dpo(tag, cfg, full, local, cols, rows, tp=None, cp=None, vocab_range=None, transforms=None, ref=None):
     """The sharded dpo_loss_from_hidden on `local` (this rank's (hidden, labels, cu_seqlens))
-    and weight rows `cols` against the unsharded op on `full`."""
+    and weight rows `cols` against the unsharded op on `full`. ref: (ref_hidden, ref_weight,
+    ref_bias, this rank's rows of ref_hidden): the reference from hidden states instead of
+    full's log-probs, its head sharded as the policy's."""
     hidden, weight, bias, labels, ref_c, ref_r, cu = full
     transforms = transforms or {}
+    kw = kw64 = kw_local = {}
+    if ref is not None:
+        rh, rw, rb, rh_local = ref
+        ref_c = ref_r = None
+        kw = dict(ref_hidden=rh, ref_weight=rw, ref_bias=rb)
+        kw64 = dict(ref_hidden=rh.double(), ref_weight=rw.double(), ref_bias=rb.double())
+        kw_local = dict(ref_hidden=rh_local, ref_weight=rw[cols], ref_bias=rb[cols])
     h, w, b = leaf(hidden), leaf(weight), leaf(bias)
     want_loss, want_m, want_pv = dpo_kernels.dpo_loss_from_hidden(
-        h, w, labels, ref_c, ref_r, bias=b, cu_seqlens=cu, return_pair_values=True, **transforms, **cfg)
+        h, w, labels, ref_c, ref_r, bias=b, cu_seqlens=cu, return_pair_values=True, **kw, **transforms, **cfg)
     want_loss.backward()
     h64 = leaf(hidden.double())
     dpo_kernels.dpo_loss_from_hidden(h64, weight.double(), labels, ref_c, ref_r, bias=bias.double(), cu_seqlens=cu,
-                                     **transforms, **cfg)[0].backward()
+                                     **kw64, **transforms, **cfg)[0].backward()
     z, y, lcu = local
     lh, lw, lb = leaf(z), leaf(weight[cols]), leaf(bias[cols])
     loss, metrics, pv = dpo_kernels.dpo_loss_from_hidden(
         lh, lw, y, ref_c, ref_r, bias=lb, cu_seqlens=lcu, return_pair_values=True, process_group=tp, cp_group=cp,
-        vocab_range=vocab_range, **transforms, **cfg)
+        vocab_range=vocab_range, **kw_local, **transforms, **cfg)
     loss.backward()
     name = f"{tag} {cfg}"
     close(f"{name} loss", loss.detach(), want_loss.detach())
+    # A reward is beta * (logp - reference logp), a difference of sequence sums that nearly
+    # cancel (more so with a reference model near the policy): its float32 error scales with
+    # beta * |logp|, not with the reward (as a mean logit's with the logits).
+    lp = max(float(want_pv[k].abs().max()) for k in ("chosen_logps", "rejected_logps"))
+    reward_floor = cfg.get("beta", 0.1) * lp
     for k in want_m:
-        floor = logit_size(hidden, weight, bias) if k.startswith("logits/") else 1e-12
+        floor = (logit_size(hidden, weight, bias) if k.startswith("logits/")
+                 else reward_floor if k in ("rewards/chosen", "rewards/rejected", "rewards/margins") else 1e-12)
         close(f"{name} {k}", metrics[k], want_m[k], floor=floor)
     for k in want_pv:
-        close(f"{name} {k}", pv[k], want_pv[k])
+        close(f"{name} {k}", pv[k], want_pv[k], floor=reward_floor if k.endswith("_rewards") else 1e-12)
     hidden_close(f"{name} dhidden", lh.grad, rows(h.grad), rows(h64.grad))
     grads_close(f"{name} dweight", lw.grad, w.grad[cols], cp)
     grads_close(f"{name} dbias", lb.grad, b.grad[cols], cp)
@@ -135,6 +156,16 @@ def run(rank: int, world: int, init_file: str) -> None:
     ph, py, pcu = packed(hidden, labels)
     for cfg in CONFIGS[:4]:
         check_dpo("tp2 packed", cfg, (ph, weight, bias, py, ref_c, ref_r, pcu), (ph, py, pcu), cols, same, tp=g2)
+    # The reference from its hidden states and its own head, sharded as the policy's.
+    rh, rw, rb = ref_head(hidden, weight, bias, 11)
+    for cfg in CONFIGS:
+        check_dpo("tp2 ref_hidden", cfg, (hidden, weight, bias, labels, ref_c, ref_r, None), (hidden, labels, None),
+                  cols, same, tp=g2, transforms=soft, ref=(rh, rw, rb, rh))
+    prh, _, _ = packed(rh, labels)
+    check_dpo("tp2 packed ref_hidden", CONFIGS[1], (ph, weight, bias, py, ref_c, ref_r, pcu), (ph, py, pcu), cols,
+              same, tp=g2, ref=(prh, rw, rb, prh))
+    expect_error("ref_weight width", lambda: dpo_kernels.dpo_loss_from_hidden(
+        hidden, weight[cols], labels, ref_hidden=rh, ref_weight=rw, process_group=g2), "sharded as the policy's")
 
     # Uneven shards over 3 ranks via vocab_range (V = 1001); rank 3 sits this one out.
     if rank < 3:
@@ -147,6 +178,9 @@ def run(rank: int, world: int, init_file: str) -> None:
         for cfg in CONFIGS:
             check_dpo("tp3 uneven", cfg, (hidden, weight, bias, labels, ref_c, ref_r, None), (hidden, labels, None),
                       cols, same, tp=three, vocab_range=vr)
+        rh, rw, rb = ref_head(hidden, weight, bias, 12)
+        check_dpo("tp3 uneven ref_hidden", CONFIGS[0], (hidden, weight, bias, labels, ref_c, ref_r, None),
+                  (hidden, labels, None), cols, same, tp=three, vocab_range=vr, ref=(rh, rw, rb, rh))
         hd, wd, bd, yd, cd, rd = head(V, 3, torch.float64)
         check_dpo("tp3 fp64", CONFIGS[0], (hd, wd, bd, yd, cd, rd, None), (hd, yd, None), cols, same, tp=three,
                   vocab_range=vr)
@@ -195,6 +229,11 @@ def run(rank: int, world: int, init_file: str) -> None:
     cols = slice(r2 * V // 2, (r2 + 1) * V // 2)
     for cfg in (CONFIGS[0], CONFIGS[2], CONFIGS[6]):
         check_dpo("tp2 x cp2", cfg, full, local, cols, rows, tp=g2, cp=gx, transforms=soft)
+    rh, rw, rb = ref_head(hidden, weight, bias, 13)
+    for cfg in (CONFIGS[0], CONFIGS[3]):
+        check_dpo("cp2 ref_hidden", cfg, full, local, slice(0, V), rows, cp=gx, ref=(rh, rw, rb, rows(rh).contiguous()))
+        check_dpo("tp2 x cp2 ref_hidden", cfg, full, local, cols, rows, tp=g2, cp=gx, transforms=soft,
+                  ref=(rh, rw, rb, rows(rh).contiguous()))
 
     # Context parallelism of packed sequences over 3 ranks (some slices empty).
     if rank < 3:
