@@ -28,7 +28,7 @@ import torch
 from . import _C
 from ._linear import OPTIONAL_OUTPUTS, linear_logprobs
 from ._linear_dpo import DEFAULT_LINEAR_DPO_WORKSPACE_BYTES
-from ._ops import CONFIG_FIELDS, LOSS_TYPES, METRIC_NAMES, PAIR_VALUE_NAMES, check_devices, check_inplace_target, ops
+from ._ops import CONFIG_FIELDS, LOSS_TYPES, METRIC_NAMES, PAIR_VALUE_NAMES, check_devices, check_inplace_target, ops, whole
 from .liger import FusedLinearDPOLoss  # Liger-Kernel's LigerFusedLinearDPOLoss drop-in (liger.py)
 
 __all__ = [
@@ -454,8 +454,14 @@ def dpo_loss_from_hidden(
         their gradients are computed in the forward call (only for those that require grad
         while grad mode is on) and scaled by the upstream gradient in the backward. CPU only:
         CUDA tensors raise NotImplementedError. Deterministic and independent of the thread
-        count.
+        count. A DTensor ``hidden`` / ``weight`` / ``bias`` / ``ref_*`` (FSDP2) is gathered
+        whole with ``full_tensor()`` (differentiably); with ``process_group`` it is refused
+        (pass ``to_local()`` and ``vocab_range``).
     """
+    hidden, weight, bias, ref_hidden, ref_weight, ref_bias = (
+        whole(n, t, process_group) for n, t in (("hidden", hidden), ("weight", weight), ("bias", bias),
+                                                ("ref_hidden", ref_hidden), ("ref_weight", ref_weight),
+                                                ("ref_bias", ref_bias)))
     check_devices(
         ("hidden", hidden), ("weight", weight), ("bias", bias), ("labels", labels),
         ("reference_chosen_logps", reference_chosen_logps), ("reference_rejected_logps", reference_rejected_logps),

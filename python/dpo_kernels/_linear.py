@@ -13,7 +13,7 @@ import numbers
 
 import torch
 
-from ._ops import _first_order_only, ops
+from ._ops import _first_order_only, ops, whole
 
 #: TRL's optional per-token outputs, in the order :func:`linear_logprobs` returns them after
 #: the log-probs (``trl.kernels.chunked_logprob.OPTIONAL_OUTPUTS``).
@@ -149,8 +149,12 @@ def linear_logprobs(
     Under ``torch.autocast`` the head runs in the autocast dtype (hidden, weight and bias are
     cast, as TRL does); the outputs stay float32 and the gradients come back in the inputs'
     dtypes. Raises TypeError / ValueError naming the argument, NotImplementedError for tensors
-    on a device without a kernel (CUDA: not yet).
+    on a device without a kernel (CUDA: not yet). A DTensor ``hidden``, ``weight`` or ``bias``
+    (FSDP2) is gathered whole with ``full_tensor()`` (differentiably); with ``process_group``
+    it is refused (pass ``to_local()`` and ``vocab_range``).
     """
+    hidden, weight, bias = (whole(n, t, process_group) for n, t in (("hidden", hidden), ("weight", weight),
+                                                                     ("bias", bias)))
     _check_head(hidden, weight, bias, targets)
     _check_device(hidden)
     temperature = _positive("temperature", temperature)

@@ -48,6 +48,24 @@ def _config_slice(op) -> slice:
     return slice(start, start + len(CONFIG_NAMES))
 
 
+def whole(name: str, t, process_group=None):
+    """``t`` as a plain tensor: a DTensor (FSDP2's sharded parameter, or any DTensor) gathered
+    whole with ``full_tensor()``, which is differentiable (the gradient returns to the
+    DTensor, with its placements); None and plain tensors as they are. With ``process_group``
+    (the ops' own vocabulary sharding, Megatron's row split) a DTensor is refused: its
+    placements need not be that split."""
+    if t is None or not torch.distributed.is_available():
+        return t
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(t, DTensor):
+        return t
+    if process_group is not None:
+        raise TypeError(f"{name} is a DTensor and process_group is given: pass this rank's rows as a plain tensor "
+                        f"({name}.to_local()) with their vocab_range")
+    return t.full_tensor()
+
+
 def check_devices(*named) -> None:
     """Raises unless every tensor of the ``(name, tensor or None)`` pairs is a tensor on the
     device of the first one. The dispatcher picks one kernel for a call with mixed devices:

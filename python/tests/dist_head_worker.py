@@ -278,3 +278,44 @@ def mismatch_main(op: str) -> None:
 
     with tempfile.TemporaryDirectory() as d:
         mp.spawn(mismatch, args=(os.path.join(d, "init"), op), nprocs=2, join=True)
+
+
+def dtensor(rank: int, world: int, init_file: str) -> None:
+    """FSDP2 holds the head's weight as a DTensor sharded by rows: the ops gather it whole
+    (full_tensor, differentiable) and match the plain call, its gradient returning to the
+    DTensor's shard; with process_group a DTensor is refused with a clear error."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
+    torch.set_num_threads(1)
+    mesh = init_device_mesh("cpu", (world,))
+    V = 301
+    hidden, weight, bias, labels, ref_c, ref_r = head(V, 5)
+    for op in ("logprobs", "dpo"):
+        w, b = leaf(weight), leaf(bias)
+        dw = distribute_tensor(weight, mesh, [Shard(0)]).requires_grad_()
+        db = distribute_tensor(bias, mesh, [Shard(0)]).requires_grad_()
+
+        def call(w, b):
+            if op == "logprobs":
+                lp, ent, *_ = dpo_kernels.linear_logprobs(hidden.reshape(-1, H), w, b, labels.reshape(-1).clamp_min(0))
+                return lp.sum() + 0.5 * ent.sum()
+            return dpo_kernels.dpo_loss_from_hidden(hidden, w, labels, ref_c, ref_r, bias=b)[0]
+
+        want, got = call(w, b), call(dw, db)
+        want.backward()
+        got.backward()
+        assert torch.equal(got.detach(), want.detach()), f"dtensor {op}: {got} != {want}"
+        for name, d, p in (("weight", dw, w), ("bias", db, b)):
+            assert type(d.grad).__name__ == "DTensor", f"dtensor {op}: {name}.grad is {type(d.grad).__name__}"
+            assert torch.equal(d.grad.full_tensor(), p.grad), f"dtensor {op}: {name}.grad differs"
+    dw = distribute_tensor(weight, mesh, [Shard(0)])
+    try:
+        dpo_kernels.dpo_loss_from_hidden(hidden, dw, labels, ref_c, ref_r, process_group=dist.group.WORLD)
+        raise AssertionError("dtensor with process_group: no TypeError")
+    except TypeError as e:
+        assert "weight is a DTensor and process_group is given" in str(e), str(e)
+    dist.barrier()
+    dist.destroy_process_group()

@@ -34,6 +34,14 @@ def test_sharded_head_matches_single_process(tmp_path):
 
 
 @needs_gloo
+def test_dtensor_weight_is_gathered(tmp_path):
+    """A DTensor weight / bias (FSDP2) over 2 ranks: gathered whole, the same result and
+    gradient as the plain tensors (dist_head_worker.dtensor)."""
+    init = os.path.join(tmp_path, "init")
+    mp.spawn(dist_head_worker.dtensor, args=(2, init), nprocs=2, join=True)
+
+
+@needs_gloo
 @pytest.mark.parametrize("op", ["head", "logits"])
 def test_ranks_disagreeing_on_shapes_end_the_job_instead_of_hanging(op):
     """Without vocab_range nothing checks that the ranks hold the same rows (the caller's
