@@ -21,6 +21,12 @@
 #   example       examples/cuda/custom_kernel.cu
 #   example_step  examples/cuda/training_step.cu (its three ways agree, bitwise)
 #   python_tests  python/tests/test_cuda.py (the ops on CUDA tensors against the CPU ops)
+#   linear_head_py  bench/python/bench_linear_head.py --device cuda --shape large: TRL 1.16's
+#                 chunked log-prob head (its Triton path) + DPO and Liger 0.8.5's
+#                 LigerFusedLinearDPOLoss (compiled) against our fused-head ops, the
+#                 materializing path and three (+1 reference) torch.matmul GEMMs, time and extra
+#                 memory, reference as log-probs and as a model; TRL and Liger come from
+#                 .gpu_wheels/ (SKIPPED(no wheels) without it; ours "unavailable" without CUDA ops)
 #   torch_paths   eager / TRL's loop / torch.compile / ours, time and extra memory
 #   ncu           (optional, never fails the run) DRAM vs issue utilization of the row
 #                 kernels of dpo_forward and dpo_forward_backward at the large shape
@@ -28,9 +34,13 @@
 # (DEADLINE_S, default 470 s: the issue's 8 minutes, less margin); a stage that fails does
 # not stop the others, but the exit code is non-zero if any failed, skipped itself (exit 77:
 # no device) or was cut for time. Logs: build-gpu/logs; when $OUT is set (the device tool),
-# table.txt, the two benchmark JSON files and logs.tgz are copied there.
+# table.txt, the benchmark JSON files and logs.tgz are copied there.
 #
 #   bash scripts/gpu_check.sh        # BUILD_DIR, CUDA_ARCH (90), JOBS (16), DEADLINE_S
+#
+# With the device tool: first, here (PyPI reachable), `bash scripts/fetch_gpu_wheels.sh` (TRL and
+# Liger wheels, no deps, unpacked into the ignored .gpu_wheels/, ~11 MiB), then `run` with command
+# `bash scripts/gpu_check.sh` and carry [".gpu_wheels"] (the machine has no pip and no internet).
 set -u
 
 t_start=$(date +%s)
@@ -128,8 +138,7 @@ stage bench_cuda 120 "$build/bench/cuda/dpo_bench_cuda" --benchmark_out="$logs/b
   --benchmark_out_format=json
 stage bench_linear 90 "$build/bench/cuda/dpo_bench_cuda_linear" --benchmark_out="$logs/bench_cuda_linear.json" \
   --benchmark_out_format=json
-# TODO(issue 12): TRL 1.16's chunked head and Liger's fused DPO at the same shape run from
-# Python (bench/torch_paths.py or its successor, another helper's stage), not here.
+# TRL 1.16's chunked head and Liger's fused DPO at the same shape run from Python: linear_head_py below.
 stage cuda_large 90 "$tbin" "[large]" --durations yes
 san=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
 # compute-sanitizer refuses the device on some sandboxes (gVisor): probe once, cheaply.
@@ -151,13 +160,26 @@ stage example_step 30 "$build/examples/cuda/dpo_example_training_step"
 left=$(( deadline - $(date +%s) ))
 if ! timeout $(( left > 0 ? left : 1 )) tail --pid="$py_pid" -f /dev/null; then kill "$py_pid" 2> /dev/null; fi
 tail -n 5 "$logs/python_build.log"
+py_ok=0
 if [[ "$(cat "$logs/python_build.rc" 2> /dev/null)" == 0 ]]; then
+  py_ok=1
   export PYTHONPATH=$root/python${PYTHONPATH:+:$PYTHONPATH}
   stage python_tests 100 python3 -m pytest -q -p no:cacheprovider -rf --tb=line "$root/python/tests/test_cuda.py"
+else
+  not_run python_build "FAIL(rc=$(cat "$logs/python_build.rc" 2> /dev/null || echo timeout))"
+fi
+# The fused head from Python against TRL's and Liger's (issues 12, 13). Without the extension it
+# still measures TRL, Liger, the floor and the materializing path (ours: "unavailable").
+if [[ -d "$root/.gpu_wheels/site" ]]; then
+  stage linear_head_py 90 python3 "$root/bench/python/bench_linear_head.py" --device cuda --shape large \
+    --reps 3 --wheels "$root/.gpu_wheels" --json "$logs/linear_head.json"
+else
+  not_run linear_head_py "SKIPPED(no wheels)"
+fi
+if (( py_ok )); then
   stage torch_paths 150 python3 "$root/bench/torch_paths.py" --shapes large --repeat 5 --require-ours \
     --json "$logs/torch_paths.json"
 else
-  not_run python_build "FAIL(rc=$(cat "$logs/python_build.rc" 2> /dev/null || echo timeout))"
   stage torch_paths 150 python3 "$root/bench/torch_paths.py" --shapes large --repeat 5 \
     --paths eager,trl_loop,compiled --json "$logs/torch_paths.json"
 fi
@@ -232,6 +254,20 @@ if os.path.exists(p):
         ratio = b.get("floor_ratio")
         print(f"{what:<28} {shape:<26} {b.get('median_ms', 0.0):>9.3f} "
               f"{(f'{ratio:.2f}x' if ratio else ''):>7} {b.get('extra_GiB', 0.0):>9.2f}")
+# The fused head from Python: ms, x the torch.matmul GEMM floor, speed-up over TRL's and Liger's heads.
+p = os.path.join(logs, "linear_head.json")
+if os.path.exists(p):
+    d = json.load(open(p))
+    s = d["shape"]
+    print(f"fused head from python, N {s['N']} H {s['H']} V {s['V']} {s['dtype']} ({d['device']})")
+    print(f"{'section':<25} {'path':<42} {'ms':>8} {'x floor':>7} {'vs TRL':>6} {'vs Liger':>8} {'extra GiB':>9}")
+    f = lambda v, spec: "" if v is None else format(v, spec)
+    for r in d["results"]:
+        if r["status"] != "ok":
+            print(f"{r['section']:<25} {r['path']:<42} {r['status'][:70]}")
+            continue
+        print(f"{r['section']:<25} {r['path']:<42} {f(r.get('ms'), '8.2f'):>8} {f(r.get('x_floor'), '.2f') + 'x':>7} "
+              f"{f(r.get('vs_trl'), '.2f'):>6} {f(r.get('vs_liger'), '.2f'):>8} {f(r.get('extra_GiB'), '.2f'):>9}")
 PY
   python3 "$root/scripts/ncu_table.py" "$logs"/ncu_*.log 2> /dev/null
   echo "wall: $(( $(date +%s) - t_start )) s"
@@ -239,9 +275,10 @@ PY
 } | tee "$logs/table.txt"
 
 if [[ -n "${OUT:-}" ]]; then
-  # The device tool returns at most 8 files: the table, the three JSON files, one archive.
+  # The device tool returns at most 8 files: the table, the four JSON files, one archive.
   cp "$logs/table.txt" "$OUT/" 2> /dev/null
-  cp "$logs"/bench_cuda.json "$logs"/bench_cuda_linear.json "$logs"/torch_paths.json "$OUT/" 2> /dev/null
+  cp "$logs"/bench_cuda.json "$logs"/bench_cuda_linear.json "$logs"/torch_paths.json "$logs"/linear_head.json \
+    "$OUT/" 2> /dev/null
   tar czf "$OUT/logs.tgz" -C "$build" logs 2> /dev/null
 fi
 exit $failed
