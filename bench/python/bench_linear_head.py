@@ -597,7 +597,7 @@ def gpu_main(a) -> int:
     dev = torch.cuda.get_device_name()
     report = {"device": dev, "torch": torch.__version__, "triton": _version("triton"),
               "shape": {"N": a.tokens, "H": a.hidden, "V": a.vocab, "T": T, "prompt": PROMPT, "dtype": a.dtype},
-              "reps": a.reps, "wheels": WHEELS,
+              "reps": a.reps, "wheels": WHEELS, "anchor_versions": _anchor_versions(),
               "dpo_kernels": None if DK_IMPORT_ERROR else os.path.dirname(dk.__file__),
               "dpo_kernels_error": None if DK_IMPORT_ERROR is None else str(DK_IMPORT_ERROR), "results": []}
     sections = [("dpo", "dpo, reference log-probs", False), ("dpo", "dpo, reference model", True),
@@ -638,6 +638,18 @@ def _version(name):
         return importlib.import_module(name).__version__
     except Exception:  # noqa: BLE001
         return None
+
+
+def _anchor_versions() -> dict:
+    """The versions of TRL and Liger measured: from the wheels' dist-info with --wheels, else installed."""
+    from importlib import metadata
+
+    path = [os.path.join(os.path.abspath(WHEELS), "site")] if WHEELS else None
+    versions = {}
+    for name in ("trl", "liger_kernel"):
+        found = [d.version for d in metadata.distributions(name=name, **({"path": path} if path else {}))]
+        versions[name] = found[0] if found else None
+    return versions
 
 
 def main():
