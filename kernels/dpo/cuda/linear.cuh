@@ -47,6 +47,7 @@
 #include "dpo/core/linear_check.hpp"
 #include "dpo/core/linear_view.hpp"
 #include "dpo/core/math.hpp"
+#include "dpo/core/shard.hpp"
 #include "dpo/core/transforms.hpp"
 #include "dpo/cuda/block.cuh"
 #include "dpo/cuda/dpo.cuh"
@@ -368,6 +369,17 @@ __global__ void linear_check_kernel(const L* labels, const std::uint8_t* mask, s
   }
 }
 
+/// A vocabulary shard's head (dpo/cuda/linear_shard.cuh): the weight holds the columns
+/// [sh.start, sh.end) of a vocabulary of sh.vocab (0: no shard) and the labels are global
+/// ids, which the gather maps to the shard's column, or to sh.width() (no column of any chunk)
+/// when another shard holds the label. The backward takes each row's lse from its combined
+/// record (row_max, records: dpo/core/shard.hpp), never from row_lse.
+struct linear_shard_rows {
+  vocab_shard sh{};
+  const double* row_max = nullptr;
+  const double* records = nullptr;
+};
+
 /// Per-row arguments of the backward (null in the forward). stats_kept: the row state still
 /// holds the forward's statistics of this chunk's rows over the whole vocab (three passes of
 /// dpo/cuda/linear_dpo.cuh), so each row's lse is taken exactly from them, (m, log s), not
@@ -378,6 +390,7 @@ struct linear_bwd_in {
   const double* entropy;
   const double* grad_entropy;
   bool stats_kept;
+  linear_shard_rows shard = {};
 };
 
 /// Rows [r0, r0 + nb): the row state, and the hidden rows gathered into hb (zeros for rows
@@ -391,6 +404,7 @@ __global__ void __launch_bounds__(BLOCK) linear_gather_kernel(linear_view<T, L> 
   for (std::int64_t i = blockIdx.x; i < nb; i += gridDim.x) {
     const std::int64_t r = r0 + i;
     std::int64_t y = error ? -1 : linear_target(in.labels, in.mask, in.ignore_index, r);
+    if (y >= 0 && b.shard.sh.vocab > 0) y = b.shard.sh.holds(y) ? y - b.shard.sh.start : b.shard.sh.width();
     linear_row<A> st;
     st.acc = dpo::detail::row_stats<A>::empty();
     st.zy = A(0);
@@ -401,8 +415,10 @@ __global__ void __launch_bounds__(BLOCK) linear_gather_kernel(linear_view<T, L> 
       if (gl == 0.0 && ge == 0.0) {
         y = -1;
       } else {
-        const dpo::detail::lse_parts<A> p = b.stats_kept ? dpo::detail::lse_parts_of(w.rows[i].acc.m, w.rows[i].acc.s)
-                                                         : dpo::detail::split_lse<A>(b.row_lse[r]);
+        const dpo::detail::lse_parts<A> p =
+            b.shard.records != nullptr ? dpo::detail::shard_lse<A>(b.shard.row_max[r], b.shard.records + r * shard_fields)
+            : b.stats_kept             ? dpo::detail::lse_parts_of(w.rows[i].acc.m, w.rows[i].acc.s)
+                                       : dpo::detail::split_lse<A>(b.row_lse[r]);
         st.lse_hi = p.hi;
         st.lse_lo = p.lo;
         st.gl = static_cast<A>(gl);
@@ -737,25 +753,15 @@ status linear_logps(void* workspace, std::size_t& workspace_bytes, cublasLtHandl
                                    detail::linear_row_terms{}, opt, stream);
 }
 
-/// The gradient of sum_r grad_logps[r] * logps[r] (+ sum_r grad_entropy[r] * entropy[r]) of
-/// linear_logps with respect to hidden, weight and bias, as dpo::cpu::linear_logps_backward.
-///
-/// - row_lse: linear_logps' row_lse on the same view; grad_logps: [rows] (entries of rows
-///   that do not count are ignored); entropy, grad_entropy: [rows] each, or both null.
-/// - g: device pointers (see linear_grads). g.bias needs a view with a bias.
-/// Per chunk: the logits GEMM again (recompute), the row kernel turning them into dZ, then
-/// dHidden += dZ . weight chunk (fp32 accumulator in the workspace) and dWeight += dZ^T .
-/// hidden rows straight into g.weight (cuBLASLt, beta = 1). For bf16 / half heads dZ enters
-/// those two GEMMs rounded to T (tensor-core inputs; fp32 accumulation); dBias sums the fp32
-/// dZ. Rows whose upstream gradients are both 0 are skipped (exact zeros; their hidden
-/// states are not read). Outputs may not overlap each other or any input. A label outside
-/// [0, vocab) is reported in the error word and nothing is written (the dWeight GEMMs then
-/// add exact zeros).
+namespace detail {
+
+/// linear_logps_backward, or a vocabulary shard's (shard.sh.vocab > 0, dpo/cuda/linear_shard.cuh:
+/// labels global ids below shard.sh.vocab, each row's lse from its record, row_lse not read).
 template <class T, class L, class G>
-status linear_logps_backward(void* workspace, std::size_t& workspace_bytes, cublasLtHandle_t handle,
-                             const linear_view<T, L>& in, const double* row_lse, const double* grad_logps,
-                             const double* entropy, const double* grad_entropy, const linear_grads<T, G>& g,
-                             const linear_options& opt = {}, cudaStream_t stream = 0) {
+status linear_backward_run(void* workspace, std::size_t& workspace_bytes, cublasLtHandle_t handle,
+                           const linear_view<T, L>& in, const double* row_lse, const linear_shard_rows& shard,
+                           const double* grad_logps, const double* entropy, const double* grad_entropy,
+                           const linear_grads<T, G>& g, const linear_options& opt, cudaStream_t stream) {
   static_assert(std::is_same<G, T>::value || std::is_same<G, acc_t<T>>::value,
                 "dWeight and dBias must have the head's dtype or its accumulation type");
   using A = acc_t<T>;
@@ -765,7 +771,9 @@ status linear_logps_backward(void* workspace, std::size_t& workspace_bytes, cubl
   status s = detail::linear_prologue(workspace, workspace_bytes, handle, in, opt, &ch, &w, &size_only);
   if (!s || size_only) return s;
   const std::int64_t N = in.rows, H = in.hidden_cols, V = in.vocab;
-  if (N > 0 && row_lse == nullptr) return detail::invalid("dpo: row_lse is null");
+  if (N > 0 && shard.sh.vocab == 0 && row_lse == nullptr) return detail::invalid("dpo: row_lse is null");
+  if (N > 0 && shard.sh.vocab > 0 && (shard.row_max == nullptr || shard.records == nullptr))
+    return detail::invalid(shard.row_max == nullptr ? "dpo: row_max is null" : "dpo: records is null");
   if (N > 0 && grad_logps == nullptr) return detail::invalid("dpo: grad_logps is null");
   if ((entropy == nullptr) != (grad_entropy == nullptr))
     return detail::invalid(entropy == nullptr ? "dpo: entropy is null but grad_entropy is given"
@@ -780,7 +788,8 @@ status linear_logps_backward(void* workspace, std::size_t& workspace_bytes, cubl
     return detail::invalid("dpo: grads.bias is given but the view has no bias");
   dpo::detail::named_range ins[10];
   dpo::detail::linear_input_ranges(in, ins);
-  ins[5] = dpo::detail::range_of(row_lse, 1, N, N, "row_lse");
+  ins[5] = shard.sh.vocab > 0 ? dpo::detail::range_of(shard.records, N, shard_fields, shard_fields, "records")
+                              : dpo::detail::range_of(row_lse, 1, N, N, "row_lse");
   ins[6] = dpo::detail::range_of(grad_logps, 1, N, N, "grad_logps");
   ins[7] = dpo::detail::range_of(entropy, 1, N, N, "entropy");
   ins[8] = dpo::detail::range_of(grad_entropy, 1, N, N, "grad_entropy");
@@ -792,14 +801,14 @@ status linear_logps_backward(void* workspace, std::size_t& workspace_bytes, cubl
   s = detail::check_linear_overlap(outs, 3, ins, 10);
   if (!s || N == 0) return s;
   constexpr int B = detail::linear_block;
-  const detail::linear_bwd_in bin{row_lse, grad_logps, entropy, grad_entropy, false};
+  const detail::linear_bwd_in bin{row_lse, grad_logps, entropy, grad_entropy, false, shard};
   // Twice over the same loop: first only choosing every GEMM's algorithm (dry), then enqueuing.
   const auto pass = [&](bool dry) {
     const detail::linear_gemm gm{handle, stream, w.gemm, static_cast<std::size_t>(w.gemm_bytes), dry};
     status s;
     if (!dry)
       s = detail::launch("linear_check_kernel", detail::linear_check_kernel<L>, 1, 256, stream, in.labels,
-                         in.mask, N, V, in.ignore_index, w.h);
+                         in.mask, N, shard.sh.vocab > 0 ? shard.sh.vocab : V, in.ignore_index, w.h);
     for (std::int64_t r0 = 0; s && r0 < N; r0 += ch.rows) {
       const std::int64_t nb = ch.rows < N - r0 ? ch.rows : N - r0;
       if (!dry)
@@ -809,7 +818,7 @@ status linear_logps_backward(void* workspace, std::size_t& workspace_bytes, cubl
       // limit (the host cannot see which rows those are). Float accumulation's limit is
       // |lse| >= 2^26, where the fp32 logits themselves are rounded by more than the stored
       // lse is: not recomputed (docs/cuda.md).
-      if (std::is_same<A, double>::value) {
+      if (std::is_same<A, double>::value && shard.sh.vocab == 0) {
         for (std::int64_t v0 = 0; s && v0 < V; v0 += ch.vocab) {
           const std::int64_t nv = ch.vocab < V - v0 ? ch.vocab : V - v0;
           s = detail::logits_gemm(gm, in, w, nb, v0, nv);
@@ -858,6 +867,31 @@ status linear_logps_backward(void* workspace, std::size_t& workspace_bytes, cubl
   };
   s = pass(true);
   return s ? pass(false) : s;
+}
+
+}  // namespace detail
+
+/// The gradient of sum_r grad_logps[r] * logps[r] (+ sum_r grad_entropy[r] * entropy[r]) of
+/// linear_logps with respect to hidden, weight and bias, as dpo::cpu::linear_logps_backward.
+///
+/// - row_lse: linear_logps' row_lse on the same view; grad_logps: [rows] (entries of rows
+///   that do not count are ignored); entropy, grad_entropy: [rows] each, or both null.
+/// - g: device pointers (see linear_grads). g.bias needs a view with a bias.
+/// Per chunk: the logits GEMM again (recompute), the row kernel turning them into dZ, then
+/// dHidden += dZ . weight chunk (fp32 accumulator in the workspace) and dWeight += dZ^T .
+/// hidden rows straight into g.weight (cuBLASLt, beta = 1). For bf16 / half heads dZ enters
+/// those two GEMMs rounded to T (tensor-core inputs; fp32 accumulation); dBias sums the fp32
+/// dZ. Rows whose upstream gradients are both 0 are skipped (exact zeros; their hidden
+/// states are not read). Outputs may not overlap each other or any input. A label outside
+/// [0, vocab) is reported in the error word and nothing is written (the dWeight GEMMs then
+/// add exact zeros).
+template <class T, class L, class G>
+status linear_logps_backward(void* workspace, std::size_t& workspace_bytes, cublasLtHandle_t handle,
+                             const linear_view<T, L>& in, const double* row_lse, const double* grad_logps,
+                             const double* entropy, const double* grad_entropy, const linear_grads<T, G>& g,
+                             const linear_options& opt = {}, cudaStream_t stream = 0) {
+  return detail::linear_backward_run(workspace, workspace_bytes, handle, in, row_lse, detail::linear_shard_rows{},
+                                     grad_logps, entropy, grad_entropy, g, opt, stream);
 }
 
 }  // namespace cuda

@@ -75,6 +75,20 @@ struct shard_row_outputs {
   double* hit = nullptr;
 };
 
+/// Row r's phase-2 values from its combined record (the core's finish_row), zeros when the
+/// row is not read; shared with the fused head's shard (dpo/cuda/linear_shard.cuh).
+__device__ inline void write_row_values(const shard_row_outputs& o, std::int64_t r, bool read, const double* row_max,
+                                        const double* records, std::int64_t vocab) {
+  const dpo::detail::shard_row_values x =
+      read ? dpo::detail::finish_row(row_max[r], records + r * shard_fields, vocab) : dpo::detail::shard_row_values{};
+  if (o.logp) o.logp[r] = read ? x.logp : 0.0;
+  if (o.lse) o.lse[r] = read ? x.lse : 0.0;
+  if (o.entropy) o.entropy[r] = read ? x.entropy : 0.0;
+  if (o.zmean) o.zmean[r] = read ? x.zmean : 0.0;
+  if (o.wpo) o.wpo[r] = read ? x.wpo : 0.0;
+  if (o.hit) o.hit[r] = read && x.hit ? 1.0 : 0.0;
+}
+
 template <class T, class L>
 __global__ void shard_row_values_kernel(token_view<T, L> v, vocab_shard sh, const double* row_max,
                                         const double* records, shard_row_outputs o) {
@@ -82,17 +96,7 @@ __global__ void shard_row_values_kernel(token_view<T, L> v, vocab_shard sh, cons
   for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
     const std::int64_t r = r0 + i;
-    if (!v.in_sequence(r)) continue;
-    const bool read = v.target(r) >= 0;
-    const double* rec = records + r * shard_fields;
-    const dpo::detail::shard_row_values x =
-        read ? dpo::detail::finish_row(row_max[r], rec, sh.vocab) : dpo::detail::shard_row_values{};
-    if (o.logp) o.logp[r] = read ? x.logp : 0.0;
-    if (o.lse) o.lse[r] = read ? x.lse : 0.0;
-    if (o.entropy) o.entropy[r] = read ? x.entropy : 0.0;
-    if (o.zmean) o.zmean[r] = read ? x.zmean : 0.0;
-    if (o.wpo) o.wpo[r] = read ? x.wpo : 0.0;
-    if (o.hit) o.hit[r] = read && x.hit ? 1.0 : 0.0;
+    if (v.in_sequence(r)) write_row_values(o, r, v.target(r) >= 0, row_max, records, sh.vocab);
   }
 }
 
