@@ -1,0 +1,149 @@
+// Copyright 2026 The dpo Authors. SPDX-License-Identifier: Apache-2.0
+//
+// The CUDA side of the fused head shard's tests: uploads one rank's case, runs phase 1, or
+// phase 2 and the backward, of dpo/cuda/linear_shard.cuh with a cuBLASLt handle and copies
+// every result back. The Catch2 tests (g++) combine the ranks' records and compare with
+// dpo::cpu's sharded and unsharded heads.
+#include <stdexcept>
+#include <vector>
+
+#include <dpo/cuda/linear_shard.cuh>
+
+#include "device_buffer.hpp"
+#include "shard_linear_harness.hpp"
+
+namespace dpo_cuda_test {
+namespace {
+
+/// A device copy of a host vector (none when empty).
+struct dev_vec : dev_buf {
+  template <class U>
+  explicit dev_vec(const std::vector<U>& v) : dev_buf(v.size() * sizeof(U)) {
+    put(v.data(), n);
+  }
+};
+
+/// A cuBLASLt handle and a stream, released on scope exit.
+struct handle_and_stream {
+  cublasLtHandle_t handle = nullptr;
+  cudaStream_t stream = nullptr;
+  handle_and_stream() {
+    if (cublasLtCreate(&handle) != CUBLAS_STATUS_SUCCESS) throw std::runtime_error("cublasLtCreate failed");
+    DPO_CK(cudaStreamCreate(&stream));
+  }
+  ~handle_and_stream() {
+    cudaStreamDestroy(stream);
+    cublasLtDestroy(handle);
+  }
+};
+
+template <class T, class L>
+shard_linear_out run_typed(const shard_linear_case& c) {
+  shard_linear_out out;
+  const std::int64_t N = c.rows, H = c.hidden_cols, W = c.width >= 0 ? c.width : c.sh.width();
+  const std::size_t n = static_cast<std::size_t>(N), F = static_cast<std::size_t>(dpo::shard_fields);
+  const dev_vec hidden(c.hidden), weight(c.weight), bias(c.bias), mask(c.mask);
+  const dev_vec labels(std::vector<L>(c.labels.begin(), c.labels.end()));
+  const dpo::linear_head<T> head = dpo::make_linear_head(weight.as<const T>(), W, H, H,
+                                                         c.bias.empty() ? nullptr : bias.as<const T>(), c.transforms);
+  const dpo::linear_view<T, L> v = dpo::linear_view_of(hidden.as<const T>(), N, H, head, labels.as<const L>(),
+                                                       c.mask.empty() ? nullptr : mask.as<const std::uint8_t>());
+  dpo::cuda::linear_options opt;
+  opt.chunk_rows = c.chunk_rows;
+  opt.chunk_vocab = c.chunk_vocab;
+  opt.gemm_workspace_bytes = 1 << 20;
+  const auto record = [&](const dpo::cuda::status& s) {
+    if (!s && out.code == 0) {
+      out.code = static_cast<int>(s.code);
+      out.message = s.message;
+    }
+    return s.ok();
+  };
+  // `given`, or `count` poison values.
+  const auto poisoned = [](std::size_t count, const std::vector<double>& given = {}) {
+    return dev_vec(given.empty() ? std::vector<double>(count, 12345.0) : given);
+  };
+
+  const handle_and_stream hs;
+  const cublasLtHandle_t handle = hs.handle;
+  const cudaStream_t stream = hs.stream;
+  // The size query of linear_workspace_size serves every call on the shard's view.
+  dpo::cuda::linear_chunking ch;
+  const bool sized = record(dpo::cuda::linear_workspace_size(v, opt, &ch));
+  dev_buf work(sized ? static_cast<std::size_t>(ch.workspace_bytes) : 0);
+  work.fill(0xa5);
+  std::size_t bytes = work.n;
+  dev_vec rec = poisoned(n * F, c.records), mx = poisoned(n, c.row_max);
+  double* recp = c.null_records ? nullptr : rec.as<double>();
+  dev_vec logp = poisoned(n), lse = poisoned(n), ent = poisoned(n), zmean = poisoned(n), wpo = poisoned(n),
+          hit = poisoned(n);
+  dev_buf dh(n * H * sizeof(T)), dw(static_cast<std::size_t>(W * H) * sizeof(T)),
+      db(c.bias.empty() ? 0 : static_cast<std::size_t>(W) * sizeof(T));
+  dh.fill(0x7f);
+  dw.fill(0);
+  db.fill(0);
+  if (sized && c.records.empty()) {
+    std::size_t asked = 0;
+    if (record(dpo::cuda::linear_shard_partials(nullptr, asked, handle, v, c.sh, recp, mx.as<double>(), c.metrics,
+                                                opt, stream)) &&
+        asked != bytes)
+      throw std::runtime_error("linear_shard_partials' size query and linear_workspace_size disagree");
+    record(dpo::cuda::linear_shard_partials(work.p, bytes, handle, v, c.sh, recp, mx.as<double>(), c.metrics, opt,
+                                            stream));
+  } else if (sized) {
+    dpo::cuda::detail::shard_row_outputs o;
+    o.logp = logp.as<double>();
+    o.lse = lse.as<double>();
+    o.entropy = ent.as<double>();
+    o.zmean = zmean.as<double>();
+    o.wpo = wpo.as<double>();
+    o.hit = hit.as<double>();
+    record(dpo::cuda::linear_shard_logps(v, c.sh.vocab, mx.as<double>(), recp, o, stream));
+    const dev_vec gl(c.grad_logps), ge(c.grad_entropy);
+    const bool with_entropy = !c.grad_entropy.empty();
+    dpo::linear_grads<T, T> g;
+    g.hidden = dh.as<T>();
+    g.hidden_stride = H;
+    g.weight = dw.as<T>();
+    g.weight_stride = H;
+    g.bias = db.n ? db.as<T>() : nullptr;
+    std::size_t asked = 0;
+    if (record(dpo::cuda::linear_shard_backward(nullptr, asked, handle, v, c.sh, mx.as<double>(), recp,
+                                                gl.as<double>(), with_entropy ? ent.as<double>() : nullptr,
+                                                with_entropy ? ge.as<double>() : nullptr, g, opt, stream)) &&
+        asked != bytes)
+      throw std::runtime_error("linear_shard_backward's size query and linear_workspace_size disagree");
+    record(dpo::cuda::linear_shard_backward(work.p, bytes, handle, v, c.sh, mx.as<double>(), recp, gl.as<double>(),
+                                            with_entropy ? ent.as<double>() : nullptr,
+                                            with_entropy ? ge.as<double>() : nullptr, g, opt, stream));
+  }
+  DPO_CK(cudaStreamSynchronize(stream));
+  DPO_CK(cudaGetLastError());
+  dpo::cuda::device_error e{};  // the workspace's first bytes
+  if (work.n > 0 && out.code == 0) DPO_CK(cudaMemcpy(&e, work.p, sizeof e, cudaMemcpyDeviceToHost));
+  out.device_error = e.code;
+  out.device_message = dpo::cuda::describe(e).message;
+  out.records = rec.get<double>(n * F);
+  out.row_max = mx.get<double>(n);
+  if (!c.records.empty()) {
+    out.logp = logp.get<double>(n);
+    out.lse = lse.get<double>(n);
+    out.entropy = ent.get<double>(n);
+    out.zmean = zmean.get<double>(n);
+    out.wpo = wpo.get<double>(n);
+    out.hit = hit.get<double>(n);
+    out.dhidden = dh.get<unsigned char>(dh.n);
+    out.dweight = dw.get<unsigned char>(dw.n);
+    out.dbias = db.get<unsigned char>(db.n);
+  }
+  return out;
+}
+
+}  // namespace
+
+shard_linear_out run_shard_linear(const shard_linear_case& c) {
+  return with_device_types(c.type, false, c.labels64,
+                           [&](auto t, auto, auto l) { return run_typed<decltype(t), decltype(l)>(c); });
+}
+
+}  // namespace dpo_cuda_test

@@ -1,0 +1,55 @@
+// Copyright 2026 The dpo Authors. SPDX-License-Identifier: Apache-2.0
+//
+// Host-side interface of the test harness of the fused head's vocabulary shard on CUDA
+// (shard_linear_harness.cu: dpo/cuda/linear_shard.cuh, compiled by nvcc, or by g++ against
+// the emulator), so test_cuda_shard_linear.cpp compiles with g++ and never includes CUDA
+// headers. Matrices travel as raw bytes of the element type.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "dpo/core/shard.hpp"
+#include "dpo/core/transforms.hpp"
+#include "dtype.hpp"
+
+namespace dpo_cuda_test {
+
+/// One rank's calls on host data: phase 1 (linear_shard_partials) when `records` is empty,
+/// else phase 2 (linear_shard_logps) and the backward (linear_shard_backward, fed phase 2's
+/// entropy when grad_entropy is given) from the combined row_max / records.
+struct shard_linear_case {
+  dtype type = dtype::f32;
+  bool labels64 = true;
+  std::int64_t rows = 0, hidden_cols = 0;  // strides: hidden_cols
+  dpo::vocab_shard sh;
+  std::int64_t width = -1;                 // the view's vocab (weight rows); -1: sh.width()
+  std::vector<unsigned char> hidden;       // rows x hidden_cols elements of `type`
+  std::vector<unsigned char> weight;       // width x hidden_cols: the shard's rows
+  std::vector<unsigned char> bias;         // width, or empty
+  std::vector<std::int64_t> labels;        // global ids
+  std::vector<std::uint8_t> mask;          // empty: none
+  dpo::logit_transforms transforms;
+  bool metrics = true;
+  std::int64_t chunk_rows = 0, chunk_vocab = 0;
+  std::vector<double> row_max, records;    // combined (phase 2 and backward); empty: phase 1
+  std::vector<double> grad_logps, grad_entropy;  // rows each; grad_entropy empty: none
+  bool null_records = false;               // pass a null records pointer
+};
+
+/// Results; every output starts poisoned (12345.0, the gradients 0x7f bytes except dweight /
+/// dbias, which start at zero), so a rejected call can be checked for writes.
+struct shard_linear_out {
+  int code = 0;  // cudaError_t of the first failing call
+  std::string message;
+  int device_error = 0;  // device_error_code read back from the workspace
+  std::string device_message;
+  std::vector<double> row_max, records;                    // phase 1
+  std::vector<double> logp, lse, entropy, zmean, wpo, hit;  // phase 2
+  std::vector<unsigned char> dhidden, dweight, dbias;      // the backward
+};
+
+shard_linear_out run_shard_linear(const shard_linear_case& c);
+
+}  // namespace dpo_cuda_test

@@ -1,0 +1,420 @@
+// Copyright 2026 The dpo Authors. SPDX-License-Identifier: Apache-2.0
+//
+// The fused LM head on a vocabulary shard on CUDA (dpo/cuda/linear_shard.cuh) against
+// dpo::cpu's sharded head (dpo/cpu/linear_shard.hpp, itself checked against the unsharded
+// head in tests/test_cpu_shard_linear.cpp) and against the unsharded CPU head (dpo/cpu/
+// linear.hpp) on the same batch: each rank holds rows [start, end) of the weight (2 and 3
+// shards, uneven ones among them), the ranks' phase-1 records are combined on the host as the
+// two all-reduces would (max, rebase, sum), then every rank's phase 2 and backward run; the
+// summed dHidden partials and each shard's dWeight / dBias rows are compared with the
+// unsharded gradients. Every dtype (fp32 and bf16 at V = 1001 too), a bias and logit
+// transforms, masked and ignored rows, and the argument and device-data errors (nothing
+// written). Runs on a GPU, or on the emulator with its reference GEMM standing in for
+// cuBLASLt (tests/cuda/emu).
+#define EIGEN_DONT_PARALLELIZE
+#include <Eigen/Core>
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <dpo/cpu/linear_shard.hpp>
+
+#include "catch.hpp"
+#include "checks.hpp"
+#include "dtype_bytes.hpp"
+#include "shard_linear_harness.hpp"
+
+namespace {
+
+using dpo_cuda_test::dtype;
+using dpo_cuda_test::shard_linear_case;
+using dpo_cuda_test::shard_linear_out;
+using test_support::check_close;
+constexpr int F = dpo::shard_fields;
+
+/// A batch of hidden rows and a whole head [V, H] in `t` (rows stride H): labels global,
+/// every 5th row ignored, every 7th masked; upstream gradients for the backward.
+struct problem {
+  dtype t = dtype::f32;
+  std::int64_t N = 0, H = 0, V = 0;
+  std::vector<unsigned char> hidden, weight, bias;
+  std::vector<std::int64_t> labels;
+  std::vector<std::uint8_t> mask;
+  dpo::logit_transforms transforms;
+  std::vector<double> grad_logps, grad_entropy;
+};
+
+problem make_problem(dtype t, std::int64_t N, std::int64_t H, std::int64_t V, unsigned seed, bool bias) {
+  problem p;
+  p.t = t;
+  p.N = N;
+  p.H = H;
+  p.V = V;
+  const std::size_t es = dpo_cuda_test::dtype_size(t);
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<double> u(-1.0, 1.0);
+  const auto fill = [&](std::vector<unsigned char>& b, std::int64_t count, double amp) {
+    b.assign(static_cast<std::size_t>(count) * es, 0);
+    for (std::int64_t i = 0; i < count; ++i) dpo_cuda_test::put(t, b.data() + i * es, amp * u(rng));
+  };
+  fill(p.hidden, N * H, 2.0);
+  fill(p.weight, V * H, 2.0 / std::sqrt(static_cast<double>(H)));
+  if (bias) fill(p.bias, V, 0.5);
+  std::uniform_int_distribution<std::int64_t> lab(0, V - 1);
+  for (std::int64_t r = 0; r < N; ++r) {
+    p.labels.push_back(r % 5 == 3 ? -100 : lab(rng));
+    p.mask.push_back(r % 7 == 5 ? 0 : 1);
+    p.grad_logps.push_back(u(rng));
+    p.grad_entropy.push_back(u(rng));
+  }
+  return p;
+}
+
+/// Rank `sh`'s phase-1 case: the shard's weight and bias rows.
+shard_linear_case shard_case(const problem& p, const dpo::vocab_shard& sh, bool metrics) {
+  const std::size_t es = dpo_cuda_test::dtype_size(p.t), row = static_cast<std::size_t>(p.H) * es;
+  shard_linear_case c;
+  c.type = p.t;
+  c.rows = p.N;
+  c.hidden_cols = p.H;
+  c.sh = sh;
+  c.hidden = p.hidden;
+  c.weight.assign(p.weight.begin() + sh.start * row, p.weight.begin() + sh.end * row);
+  if (!p.bias.empty()) c.bias.assign(p.bias.begin() + sh.start * es, p.bias.begin() + sh.end * es);
+  c.labels = p.labels;
+  c.mask = p.mask;
+  c.transforms = p.transforms;
+  c.metrics = metrics;
+  c.chunk_rows = 5;
+  c.chunk_vocab = 16;
+  return c;
+}
+
+/// The per-row values and gradients of one head (double), as the tests compare them.
+struct head_out {
+  std::vector<double> logp, lse, entropy, zmean, wpo, hit;
+  std::vector<double> dhidden, dweight, dbias;
+};
+
+/// The two all-reduces on the host: max of the maxima, rebase, sum of the records.
+void combine(std::vector<std::vector<double>>& recs, const std::vector<std::vector<double>>& maxes,
+             std::vector<double>* M, std::vector<double>* S) {
+  const std::size_t N = maxes[0].size();
+  M->assign(N, -INFINITY);
+  S->assign(N * F, 0.0);
+  for (const auto& m : maxes)
+    for (std::size_t r = 0; r < N; ++r) (*M)[r] = std::max((*M)[r], m[r]);
+  for (auto& rec : recs) {
+    dpo::cpu::shard_rebase(0, static_cast<std::int64_t>(N), M->data(), rec.data());
+    for (std::size_t i = 0; i < N * F; ++i) (*S)[i] += rec[i];
+  }
+}
+
+template <class E>
+std::vector<E> typed(const std::vector<unsigned char>& b) {
+  std::vector<E> v(b.size() / sizeof(E));
+  if (!b.empty()) std::memcpy(static_cast<void*>(v.data()), b.data(), b.size());
+  return v;
+}
+
+template <class E>
+std::vector<double> doubles(const std::vector<E>& v) {
+  return std::vector<double>(v.begin(), v.end());
+}
+
+/// dpo::cpu on the host types of the problem: the unsharded head (`cuts` = {0, V}) or the
+/// sharded one over `cuts`, the ranks' records combined as the two all-reduces would;
+/// dHidden summed over the ranks in double, dWeight / dBias rows concatenated.
+template <class E>
+head_out cpu_head(const problem& p, const std::vector<std::int64_t>& cuts, bool metrics) {
+  const std::int64_t N = p.N, H = p.H, V = p.V;
+  const std::size_t n = static_cast<std::size_t>(N);
+  const std::vector<E> hidden = typed<E>(p.hidden), weight = typed<E>(p.weight), bias = typed<E>(p.bias);
+  const auto view = [&](std::int64_t start, std::int64_t end) {
+    const dpo::linear_head<E> head = dpo::make_linear_head(weight.data() + start * H, end - start, H, H,
+                                                           bias.empty() ? nullptr : bias.data() + start, p.transforms);
+    return dpo::linear_view_of(hidden.data(), N, H, head, p.labels.data(), p.mask.data());
+  };
+  head_out o;
+  o.logp.assign(n, 0);
+  o.lse.assign(n, 0);
+  o.entropy.assign(n, 0);
+  o.zmean.assign(n, 0);
+  std::vector<double> lsp(n, 0);
+  std::vector<std::uint8_t> top1(n, 0);
+  dpo::cpu::linear_outputs extra;
+  extra.entropy = o.entropy.data();
+  extra.log_sum_sq_probs = lsp.data();
+  extra.mean_logits = o.zmean.data();
+  extra.is_top1 = top1.data();
+  const double* ge = metrics ? p.grad_entropy.data() : nullptr;
+  const double* ent = metrics ? o.entropy.data() : nullptr;
+  o.dhidden.assign(n * H, 0.0);
+  std::vector<E> dh(n * H), dw(static_cast<std::size_t>(V * H), E(0.0f)), db(static_cast<std::size_t>(V), E(0.0f));
+  const auto grads = [&](std::int64_t start) {
+    dpo::cpu::linear_grads<E, E> g;
+    g.hidden = dh.data();
+    g.hidden_stride = H;
+    g.weight = dw.data() + start * H;
+    g.weight_stride = H;
+    g.bias = bias.empty() ? nullptr : db.data() + start;
+    return g;
+  };
+  const auto add_dhidden = [&] {
+    for (std::size_t i = 0; i < n * H; ++i) o.dhidden[i] += static_cast<double>(dh[i]);
+  };
+  const int W = static_cast<int>(cuts.size()) - 1;
+  if (W == 1) {
+    dpo::cpu::linear_logps(view(0, V), o.logp.data(), extra, o.lse.data());
+    dpo::cpu::linear_logps_backward(view(0, V), o.lse.data(), p.grad_logps.data(), ent, ge, grads(0));
+    add_dhidden();
+  } else {
+    std::vector<std::vector<double>> recs(W, std::vector<double>(n * F)), maxes(W, std::vector<double>(n));
+    for (int t = 0; t < W; ++t)
+      dpo::cpu::linear_shard_partials(view(cuts[t], cuts[t + 1]), {V, cuts[t], cuts[t + 1]}, recs[t].data(),
+                                      maxes[t].data(), metrics);
+    std::vector<double> M, S;
+    combine(recs, maxes, &M, &S);
+    dpo::cpu::linear_shard_logps(view(0, V), V, M.data(), S.data(), o.logp.data(), extra, o.lse.data());
+    for (int t = 0; t < W; ++t) {
+      const dpo::vocab_shard sh{V, cuts[t], cuts[t + 1]};
+      dpo::cpu::linear_shard_backward(view(sh.start, sh.end), sh, M.data(), S.data(), p.grad_logps.data(), ent, ge,
+                                      grads(sh.start));
+      add_dhidden();
+    }
+  }
+  for (std::size_t r = 0; r < n; ++r) {
+    o.wpo.push_back(o.logp[r] - lsp[r]);
+    o.hit.push_back(top1[r]);
+  }
+  o.dweight = doubles(dw);
+  if (!bias.empty()) o.dbias = doubles(db);
+  return o;
+}
+
+head_out cpu_reference(const problem& p, const std::vector<std::int64_t>& cuts, bool metrics) {
+  return dpo_cuda_test::with_host_types(p.t, false, [&](auto e, auto) { return cpu_head<decltype(e)>(p, cuts, metrics); });
+}
+
+std::vector<double> decode(const std::vector<unsigned char>& b, dtype t) {
+  const std::size_t es = dpo_cuda_test::dtype_size(t);
+  std::vector<double> out(b.size() / es);
+  for (std::size_t i = 0; i < out.size(); ++i) out[i] = dpo_cuda_test::get(t, b.data() + i * es);
+  return out;
+}
+
+shard_linear_out run_ok(const shard_linear_case& c) {
+  const shard_linear_out o = dpo_cuda_test::run_shard_linear(c);
+  INFO("shard [" << c.sh.start << ", " << c.sh.end << "): " << o.message << " " << o.device_message);
+  REQUIRE(o.code == 0);
+  REQUIRE(o.device_error == 0);
+  return o;
+}
+
+/// The records of one rank, CUDA against dpo::cpu::linear_shard_partials (the logits differ
+/// by the GEMMs' summation order only; the argmax flags agree exactly on random data).
+template <class E>
+void check_records(const problem& p, const shard_linear_case& c, const shard_linear_out& o, double tol) {
+  const std::vector<E> hidden = typed<E>(p.hidden), weight = typed<E>(c.weight), bias = typed<E>(c.bias);
+  const dpo::linear_head<E> head = dpo::make_linear_head(weight.data(), c.sh.width(), p.H, p.H,
+                                                         bias.empty() ? nullptr : bias.data(), p.transforms);
+  const std::size_t n = static_cast<std::size_t>(p.N);
+  std::vector<double> rec(n * F), mx(n);
+  dpo::cpu::linear_shard_partials(dpo::linear_view_of(hidden.data(), p.N, p.H, head, p.labels.data(), p.mask.data()),
+                                  c.sh, rec.data(), mx.data(), c.metrics);
+  for (int f = 0; f < F; ++f) {
+    std::vector<double> got, want;
+    for (std::size_t r = 0; r < n; ++r) {
+      const bool counted = std::isfinite(mx[r]);
+      got.push_back(counted || f != F - 1 ? o.records[r * F + f] : 0.0);
+      want.push_back(counted || f != F - 1 ? rec[r * F + f] : 0.0);
+      if (!counted) CHECK(o.records[r * F + f] == rec[r * F + f]);  // the empty record, exactly
+    }
+    INFO("shard [" << c.sh.start << ", " << c.sh.end << ") field " << f);
+    const bool flag = f == dpo::detail::at(dpo::shard_field::max_at_label) ||
+                      f == dpo::detail::at(dpo::shard_field::max_before_label);
+    if (flag) {
+      CHECK(got == want);
+    } else {
+      check_close(got, want, tol, "records");
+    }
+  }
+  CHECK(o.row_max.size() == n);
+}
+
+/// Runs the problem on CUDA over `cuts` and checks every result against dpo::cpu's sharded
+/// head on the same cuts and against the unsharded head.
+void check_split(const problem& p, const std::vector<std::int64_t>& cuts, bool metrics) {
+  const int W = static_cast<int>(cuts.size()) - 1;
+  INFO("V = " << p.V << " over " << W << " shards, dtype " << static_cast<int>(p.t) << ", metrics " << metrics
+              << ", bias " << !p.bias.empty());
+  // Relative to the largest magnitude: the logits differ by the GEMMs' summation order; for
+  // bf16 the CUDA GEMMs take dZ rounded to bf16 where the CPU keeps fp32, and dHidden is a sum
+  // of per-rank partials each rounded to bf16.
+  const double vt = dpo_cuda_test::per_dtype(p.t, 2e-6, 2e-6, 2e-6, 1e-12),
+               gt = dpo_cuda_test::per_dtype(p.t, 2e-2, 4e-3, 3e-6, 1e-11);
+  std::vector<shard_linear_case> cs;
+  std::vector<std::vector<double>> recs, maxes;
+  for (int t = 0; t < W; ++t) {
+    cs.push_back(shard_case(p, {p.V, cuts[t], cuts[t + 1]}, metrics));
+    const shard_linear_out o = run_ok(cs.back());
+    dpo_cuda_test::with_host_types(p.t, false, [&](auto e, auto) { check_records<decltype(e)>(p, cs.back(), o, vt); });
+    recs.push_back(o.records);
+    maxes.push_back(o.row_max);
+  }
+  std::vector<double> M, S;
+  combine(recs, maxes, &M, &S);
+  head_out got;
+  got.dhidden.assign(static_cast<std::size_t>(p.N * p.H), 0.0);
+  for (int t = 0; t < W; ++t) {
+    shard_linear_case c = cs[t];
+    c.row_max = M;
+    c.records = S;
+    c.grad_logps = p.grad_logps;
+    if (metrics) c.grad_entropy = p.grad_entropy;
+    const shard_linear_out o = run_ok(c);
+    if (t == 0) {
+      got.logp = o.logp;
+      got.lse = o.lse;
+      got.entropy = o.entropy;
+      got.zmean = o.zmean;
+      got.wpo = o.wpo;
+      got.hit = o.hit;
+    } else {
+      CHECK(o.logp == got.logp);  // every rank computes the same values, bitwise
+      CHECK(o.entropy == got.entropy);
+    }
+    const std::vector<double> dh = decode(o.dhidden, p.t), dw = decode(o.dweight, p.t), db = decode(o.dbias, p.t);
+    for (std::size_t i = 0; i < dh.size(); ++i) got.dhidden[i] += dh[i];
+    got.dweight.insert(got.dweight.end(), dw.begin(), dw.end());
+    got.dbias.insert(got.dbias.end(), db.begin(), db.end());
+  }
+  // Rows that do not count: zeros everywhere, dHidden included.
+  for (std::int64_t r = 0; r < p.N; ++r) {
+    if (p.labels[r] >= 0 && p.mask[r] != 0) continue;
+    INFO("row " << r);
+    CHECK(got.logp[r] == 0.0);
+    CHECK(got.lse[r] == 0.0);
+    for (std::int64_t k = 0; k < p.H; ++k) CHECK(got.dhidden[r * p.H + k] == 0.0);
+  }
+  for (const bool sharded : {true, false}) {
+    INFO((sharded ? "against dpo::cpu's sharded head" : "against the unsharded head"));
+    const head_out want = cpu_reference(p, sharded ? cuts : std::vector<std::int64_t>{0, p.V}, metrics);
+    check_close(got.logp, want.logp, vt, "logp");
+    check_close(got.lse, want.lse, vt, "lse");
+    if (metrics) {
+      check_close(got.entropy, want.entropy, vt, "entropy");
+      check_close(got.zmean, want.zmean, vt, "mean logit");
+      check_close(got.wpo, want.wpo, vt, "wpo");
+      CHECK(got.hit == want.hit);
+    }
+    check_close(got.dhidden, want.dhidden, gt, "dhidden (summed over the shards)");
+    check_close(got.dweight, want.dweight, gt, "dweight rows");
+    if (!p.bias.empty()) check_close(got.dbias, want.dbias, gt, "dbias rows");
+  }
+}
+
+}  // namespace
+
+TEST_CASE("cuda linear shard: two shards of a small head match dpo::cpu and the unsharded head",
+          "[cuda][linear][shard][sanitize]") {
+  problem p = make_problem(dtype::f32, 9, 8, 37, 3, true);
+  check_split(p, {0, 20, 37}, true);
+}
+
+TEST_CASE("cuda linear shard: 2 and 3 shards, even and uneven, every dtype, bias, transforms, metrics",
+          "[cuda][linear][shard]") {
+  unsigned seed = 21;
+  for (const dtype t : {dtype::f32, dtype::bf16, dtype::f16, dtype::f64}) {
+    for (int variant = 0; variant < 4; ++variant) {
+      problem p = make_problem(t, 13, 24, 67, seed++, variant & 1);
+      if (variant & 2) p.transforms = {1.3, 2.5, 0.7};  // scale, softcap, temperature (Gemma-like)
+      check_split(p, {0, 33, 67}, variant != 1);
+      check_split(p, {0, 5, 40, 67}, variant != 2);
+    }
+  }
+}
+
+TEST_CASE("cuda linear shard: V = 1001 over 3 uneven shards", "[cuda][linear][shard]") {
+  for (const dtype t : {dtype::f32, dtype::bf16}) {
+    const problem p = make_problem(t, 11, 16, 1001, 7, true);
+    check_split(p, {0, 200, 650, 1001}, true);
+  }
+}
+
+TEST_CASE("cuda linear shard: bad input is a status naming the argument, and nothing is written",
+          "[cuda][linear][shard][sanitize]") {
+  const problem p = make_problem(dtype::f32, 6, 8, 37, 5, true);
+  // Phase 1's outputs, or phase 2's and the backward's, still hold their poison.
+  const auto untouched = [](const shard_linear_out& o) {
+    for (const auto* v : {&o.records, &o.row_max, &o.logp, &o.lse, &o.entropy, &o.zmean, &o.wpo, &o.hit})
+      if (o.logp.empty() || (v != &o.records && v != &o.row_max))
+        for (double x : *v) CHECK(x == 12345.0);
+    for (unsigned char x : o.dhidden) CHECK(x == 0x7f);
+    for (unsigned char x : o.dweight) CHECK(x == 0);
+    for (unsigned char x : o.dbias) CHECK(x == 0);
+  };
+  const auto rejected = [&](const shard_linear_case& c, const char* name) {
+    const shard_linear_out o = dpo_cuda_test::run_shard_linear(c);
+    INFO(o.message);
+    CHECK((o.code != 0 && o.message.find(name) != std::string::npos));
+    untouched(o);
+  };
+  SECTION("the shard's range against the weight rows and the vocabulary") {
+    shard_linear_case c = shard_case(p, {37, 0, 20}, true);
+    c.width = 19;  // the weight holds 20 rows, not 19
+    c.weight.resize(static_cast<std::size_t>(19 * 8 * 4));
+    c.bias.resize(19 * 4);
+    rejected(c, "holds 20 columns but the shard's logits have vocab = 19");
+    c = shard_case(p, {37, 20, 37}, true);
+    c.sh.end = 40;  // past the vocabulary
+    c.width = 17;
+    rejected(c, "vocab_shard [start, end) = [20, 40) is invalid");
+    c.sh = {0, 20, 37};
+    rejected(c, "vocab_shard.vocab = 0");
+    c.sh = {37, -1, 16};
+    rejected(c, "vocab_shard [start, end) = [-1, 16) is invalid");
+  }
+  SECTION("null records") {
+    shard_linear_case c = shard_case(p, {37, 0, 20}, true);
+    c.null_records = true;
+    rejected(c, "records is null");
+    c.records.assign(6 * F, 0.0);
+    c.row_max.assign(6, 0.0);
+    c.grad_logps = p.grad_logps;
+    rejected(c, "records is null");
+  }
+  SECTION("a label outside the global vocabulary: the error word, nothing written") {
+    shard_linear_case c = shard_case(p, {37, 20, 37}, true);
+    c.labels[2] = 37;
+    c.mask[2] = 1;
+    const shard_linear_out o = dpo_cuda_test::run_shard_linear(c);
+    REQUIRE(o.code == 0);
+    INFO(o.device_message);
+    CHECK(o.device_error != 0);
+    CHECK(o.device_message.find("labels") != std::string::npos);
+    CHECK(o.device_message.find("37") != std::string::npos);
+    untouched(o);
+    // The backward too: dHidden keeps its poison, dWeight / dBias their zeros.
+    c.records.assign(6 * F, 0.0);
+    c.row_max.assign(6, 0.0);
+    c.grad_logps = p.grad_logps;
+    const shard_linear_out b = dpo_cuda_test::run_shard_linear(c);
+    REQUIRE(b.code == 0);
+    CHECK(b.device_error != 0);
+    REQUIRE(!b.dhidden.empty());
+    for (unsigned char x : b.dhidden) CHECK(x == 0x7f);
+    for (unsigned char x : b.dweight) CHECK(x == 0);
+    for (unsigned char x : b.dbias) CHECK(x == 0);
+  }
+  SECTION("labels of another shard and ignored labels are fine") {
+    shard_linear_case c = shard_case(p, {37, 20, 37}, true);
+    c.labels = {0, 19, 20, 36, -100, 5};
+    const shard_linear_out o = run_ok(c);
+    CHECK(o.records[4 * F + dpo::detail::at(dpo::shard_field::shard_max)] == -INFINITY);
+  }
+}
