@@ -8,7 +8,8 @@
 #                 vocab, masks, in place, graph capture, errors, determinism)
 #   linear_tests  the fused LM head (dpo/cuda/linear.cuh, cuBLASLt) against dpo::cpu's, then
 #                 DPO from hidden states (dpo/cuda/linear_dpo.cuh, three and four passes, both
-#                 reference forms) against dpo::cpu::linear_dpo
+#                 reference forms) against dpo::cpu::linear_dpo, then the head on a vocabulary
+#                 shard (dpo/cuda/linear_shard.cuh) against dpo::cpu's sharded and whole heads
 #   bench_cuda    copy / forward / fused forward+backward, TB/s and share of the copy
 #   bench_linear  the fused LM head at N 8192, H 4096, V 128256 bf16 against the same cuBLASLt
 #                 GEMMs alone (floor_ratio) and the materializing path (full logits), and
@@ -18,6 +19,7 @@
 #   memcheck, racecheck   compute-sanitizer on the [sanitize] subset
 #   linear_memcheck, linear_racecheck   the same over the linear head's [sanitize] cases
 #   linear_dpo_memcheck   memcheck over linear_dpo's [sanitize] cases (three and four passes)
+#   shard_memcheck        memcheck over the vocabulary-sharded head's [sanitize] cases
 #   example       examples/cuda/custom_kernel.cu
 #   example_step  examples/cuda/training_step.cu (its three ways agree, bitwise)
 #   python_tests  python/tests/test_cuda.py (the ops on CUDA tensors against the CPU ops)
@@ -128,12 +130,15 @@ if ! grep -q "dpo: CUDA enabled" "$logs/configure.log"; then
   echo "configure did not enable CUDA: nothing below can run"; failed=1
 fi
 stage build 240 cmake --build "$build" -j "$(( jobs > 6 ? jobs - 6 : jobs ))" --target test_cuda_dpo \
-  dpo_bench_cuda dpo_example_custom_kernel dpo_example_training_step test_cuda_linear test_cuda_linear_dpo dpo_bench_cuda_linear
+  dpo_bench_cuda dpo_example_custom_kernel dpo_example_training_step test_cuda_linear test_cuda_linear_dpo dpo_bench_cuda_linear \
+  test_cuda_shard_linear
 
 tbin=$build/tests/cuda/test_cuda_dpo
 stage cuda_tests 120 "$tbin" "~[large]" --durations yes
 lbin=$build/tests/cuda/test_cuda_linear
-stage linear_tests 60 bash -c "\"$lbin\" --durations yes && \"$build/tests/cuda/test_cuda_linear_dpo\" --durations yes"
+sbin=$build/tests/cuda/test_cuda_shard_linear
+stage linear_tests 60 bash -c "\"$lbin\" --durations yes && \"$build/tests/cuda/test_cuda_linear_dpo\" --durations yes \
+  && \"$sbin\" --durations yes"
 stage bench_cuda 120 "$build/bench/cuda/dpo_bench_cuda" --benchmark_out="$logs/bench_cuda.json" \
   --benchmark_out_format=json
 stage bench_linear 90 "$build/bench/cuda/dpo_bench_cuda_linear" --benchmark_out="$logs/bench_cuda_linear.json" \
@@ -149,10 +154,12 @@ if timeout 60 "$san" --tool memcheck "$tbin" "cuda: bad arguments*" > "$logs/san
   stage linear_racecheck 90 "$san" --tool racecheck --error-exitcode 99 --racecheck-report all "$lbin" "[sanitize]"
   stage linear_dpo_memcheck 60 "$san" --tool memcheck --error-exitcode 99 --leak-check full \
     "$build/tests/cuda/test_cuda_linear_dpo" "[sanitize]"
+  stage shard_memcheck 60 "$san" --tool memcheck --error-exitcode 99 --leak-check full "$sbin" "[sanitize]"
 else
   why="SKIPPED(sanitizer: $(grep -v '^\s*$' "$logs/sanitizer_probe.log" | head -n 1 | cut -c 1-40))"
   not_run memcheck "$why"; not_run racecheck "$why"
   not_run linear_memcheck "$why"; not_run linear_racecheck "$why"; not_run linear_dpo_memcheck "$why"
+  not_run shard_memcheck "$why"
 fi
 stage example 30 "$build/examples/cuda/dpo_example_custom_kernel"
 stage example_step 30 "$build/examples/cuda/dpo_example_training_step"
