@@ -418,3 +418,21 @@ TEST_CASE("cuda linear shard: bad input is a status naming the argument, and not
     CHECK(o.records[4 * F + dpo::detail::at(dpo::shard_field::shard_max)] == -INFINITY);
   }
 }
+
+TEST_CASE("cuda linear shard: results are bitwise the same run to run", "[cuda][linear][shard]") {
+  const problem p = make_problem(dtype::bf16, 12, 16, 101, 9, true);
+  shard_linear_case c = shard_case(p, {101, 30, 101}, true);
+  const shard_linear_out a = run_ok(c), b = run_ok(c);
+  CHECK(test_support::bitwise_equal(a.records, b.records));
+  CHECK(test_support::bitwise_equal(a.row_max, b.row_max));
+  c.records = a.records;
+  c.row_max = a.row_max;
+  dpo::cpu::shard_rebase(0, p.N, c.row_max.data(), c.records.data());  // world size 1 of this shard
+  c.grad_logps = p.grad_logps;
+  c.grad_entropy = p.grad_entropy;
+  const shard_linear_out x = run_ok(c), y = run_ok(c);
+  CHECK(test_support::bitwise_equal(x.logp, y.logp));
+  CHECK(x.dhidden == y.dhidden);
+  CHECK(x.dweight == y.dweight);
+  CHECK(x.dbias == y.dbias);
+}
