@@ -155,7 +155,8 @@ struct head {
   /// dHidden, dWeight) or 4 (with the recompute); ref: one more logits pass (a reference).
   void gemms(int passes, bool ref = false) {
     namespace d = dpo::cuda::detail;
-    const d::linear_ws<T> w(reinterpret_cast<std::uintptr_t>(ws), ch.rows, ch.vocab, H, opt.gemm_workspace_bytes);
+    const d::linear_ws<T> w(reinterpret_cast<std::uintptr_t>(ws), ch.rows, ch.vocab, H, opt.gemm_workspace_bytes,
+                            ch.vocab >= V);
     const d::linear_gemm g{handle, 0, w.gemm, static_cast<std::size_t>(w.gemm_bytes), false};
     const dpo::cuda::linear_view<T, L> v = view();
     for (std::int64_t r0 = 0; r0 < N; r0 += ch.rows) {
@@ -166,10 +167,8 @@ struct head {
         if (ref) check(d::logits_gemm(g, v, w, nb, v0, nv));
         if (passes == 1) continue;
         if (passes == 4) check(d::logits_gemm(g, v, w, nb, v0, nv));
-        check(d::gemm<float>(g, "dH", false, false, H, nb, nv, weight + v0 * H, CUDA_R_16BF, H, w.dz, CUDA_R_16BF,
-                             w.ldz, v0 == 0 ? 0.0f : 1.0f, w.dh, CUDA_R_32F, w.ldh));
-        check(d::gemm<float>(g, "dW", false, true, H, nv, nb, w.hb, CUDA_R_16BF, w.ldh, w.dz, CUDA_R_16BF, w.ldz, 1.0f,
-                             dweight + v0 * H, CUDA_R_32F, H));
+        check(d::linear_grad_gemms(g, weight + v0 * H, H, H, nb, nv, w, true, v0 == 0 ? 0.0f : 1.0f, dweight + v0 * H,
+                                   H));
       }
     }
   }
@@ -225,7 +224,7 @@ struct materializing {
     namespace d = dpo::cuda::detail;
     // cuBLASLt's workspace: the head's (not in use meanwhile).
     const d::linear_ws<T> w(reinterpret_cast<std::uintptr_t>(h.ws), h.ch.rows, h.ch.vocab, h.H,
-                            h.opt.gemm_workspace_bytes);
+                            h.opt.gemm_workspace_bytes, h.ch.vocab >= h.V);
     const d::linear_gemm g{h.handle, 0, w.gemm, static_cast<std::size_t>(w.gemm_bytes), false};
     // logits^T [V, N] = W [V, H] . hidden^T (column-major: op_T(W^T) . hidden^T).
     check(d::gemm<float>(g, "logits", true, false, h.V, h.N, h.H, h.weight, CUDA_R_16BF, h.H, h.hidden, CUDA_R_16BF,

@@ -211,7 +211,34 @@ ldpo_out run_typed(const ldpo_case& c) {
 }
 
 
+template <class T>
+ldpo_plan_out plan_typed(std::int64_t P, std::int64_t T_, std::int64_t H, std::int64_t V, bool ref_from_hidden) {
+  const auto pairs = dpo::cuda::linear_padded_pairs(static_cast<const T*>(nullptr), H, H,
+                                                    static_cast<const std::int64_t*>(nullptr), 2 * P, T_);
+  const auto head = dpo::make_linear_head<T>(nullptr, V, H, H);
+  const dpo::loss_config cfg = dpo::loss_config::of(dpo::loss_type::sigmoid);
+  dpo::cuda::linear_dpo_plan plan;
+  const dpo::cuda::status s = ref_from_hidden
+                                  ? dpo::cuda::linear_dpo_workspace_size(pairs, head, pairs, head, cfg, {}, &plan)
+                                  : dpo::cuda::linear_dpo_workspace_size(pairs, head, cfg, {}, &plan);
+  ldpo_plan_out o;
+  o.code = static_cast<int>(s.code);
+  o.message = s.message;
+  o.mode = plan.mode;
+  o.chunk_rows = plan.chunk_rows;
+  o.workspace_bytes = plan.workspace_bytes;
+  o.gemm_workspace_bytes = plan.gemm_workspace_bytes;
+  return o;
+}
+
 }  // namespace
+
+ldpo_plan_out plan_linear_dpo(dtype type, std::int64_t P, std::int64_t T, std::int64_t H, std::int64_t V,
+                              bool ref_from_hidden) {
+  return with_device_types(type, false, true, [&](auto t, auto, auto) {
+    return plan_typed<decltype(t)>(P, T, H, V, ref_from_hidden);
+  });
+}
 
 ldpo_out run_linear_dpo(const ldpo_case& c) {
   return with_device_types(c.type, c.fp32_grads, !c.labels32,

@@ -72,4 +72,18 @@ struct ldpo_out {
 
 ldpo_out run_linear_dpo(const ldpo_case& c);
 
+/// The plan of dpo::cuda::linear_dpo under its default options (workspace budget, GEMM
+/// workspace) for padded pairs of `type`: P pairs of two T-row sequences, H, V, no bias, the
+/// sigmoid loss, the reference as log-probs or hidden states. A size query only (null
+/// pointers): nothing is allocated, so it runs at any shape.
+struct ldpo_plan_out {
+  int code = 0;
+  std::string message;
+  dpo::linear_mode mode = dpo::linear_mode::automatic;
+  std::int64_t chunk_rows = 0, workspace_bytes = 0, gemm_workspace_bytes = 0;
+};
+
+ldpo_plan_out plan_linear_dpo(dtype type, std::int64_t P, std::int64_t T, std::int64_t H, std::int64_t V,
+                              bool ref_from_hidden);
+
 }  // namespace dpo_cuda_test

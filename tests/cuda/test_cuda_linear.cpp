@@ -306,6 +306,26 @@ TEST_CASE("cuda linear: V = 1, prime V, H = 1", "[cuda][linear]") {
   }
 }
 
+TEST_CASE("cuda linear: whole-vocab chunks: dZ over the logits in place, dHidden in their free half",
+          "[cuda][linear]") {
+  // One vocab chunk (V <= 4096): 16-bit heads write dZ over the fp32 logits row by row, tile
+  // by tile (V = 2100: two tiles of 2048 columns), and keep dHidden in each row's free half
+  // when H fits there (H = 24), else in a buffer of its own (H = 64 > V = 37). With a bias,
+  // dBias sums the fp32 dZ first.
+  unsigned seed = 700;
+  for (dtype t : all_types) {
+    for (const auto& s : {std::vector<std::int64_t>{13, 24, 2100}, {9, 64, 37}, {6, 8, 1}}) {
+      for (const bool bias : {false, true}) {
+        linear_case c = make_case(t, s[0], s[1], s[2], seed++, bias);
+        c.entropy = bias;
+        c.fp32_grads = bias && (t == dtype::bf16 || t == dtype::f16);
+        c.backward = true;
+        CHECK(compare(c).chunk_vocab == s[2]);
+      }
+    }
+  }
+}
+
 TEST_CASE("cuda linear: accumulation modes (dHidden added, fp32 dWeight / dBias, frozen parts)",
           "[cuda][linear]") {
   unsigned seed = 120;

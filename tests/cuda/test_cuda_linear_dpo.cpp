@@ -305,6 +305,71 @@ TEST_CASE("CUDA linear DPO: the sanitizer's subset (three and four passes, both 
   c.cfg.use_weighting = true;
   c.mode = dpo::linear_mode::four_pass;
   compare(c, "four passes, packed, WPO", dpo::linear_mode::four_pass);
+  // bf16 dZ written over the fp32 logits in place, across tiles (V > 2 x 2048 columns), by
+  // the gradient kernel (no dBias) or by the narrowing kernel after dBias; dHidden in the
+  // logits' free half.
+  for (const bool bias : {false, true}) {
+    c = make_case(dtype::bf16, ldpo_layout::padded, 402, 2, 3, 8, 4133);
+    c.cfg = dpo::loss_config::of(dpo::loss_type::sigmoid);
+    c.want_bias = bias;
+    compare(c, bias ? "three passes in place, bf16, dBias" : "three passes in place, bf16", dpo::linear_mode::three_pass);
+  }
+}
+
+TEST_CASE("CUDA linear DPO, three passes: dZ over the fp32 logits in place, dHidden in their free half",
+          "[linear_dpo]") {
+  // {H, V}: V over two in-place tiles (256 threads x 8 columns each) with an odd tail, small
+  // and odd V, V = 1, and H > V (no room in the logits row: dHidden in a buffer of its own).
+  const std::int64_t shapes[][2] = {{8, 4133}, {8, 41}, {5, 67}, {8, 1}, {40, 23}};
+  const dtype types[4] = {dtype::bf16, dtype::f16, dtype::f32, dtype::f64};
+  const std::int64_t chunks[3] = {0, 10, 20};  // from the budget, one pair, two pairs
+  int k = 0;
+  for (const dtype t : types) {
+    for (const auto& hv : shapes) {
+      ldpo_case c = make_case(t, k % 2 ? ldpo_layout::separate : ldpo_layout::padded, 500u + k, 3, 5, hv[0], hv[1]);
+      c.cfg = dpo::loss_config::of(dpo::loss_type::sigmoid);
+      c.mode = dpo::linear_mode::three_pass;
+      c.chunk_rows = chunks[k % 3];
+      c.want_bias = k % 2 == 0;  // the fp32 dZ kept for dBias, then narrowed in place
+      c.fp32_grads = c.fp32_grads && k % 4 != 1;
+      c.transforms.softcap = k % 3 == 1 ? 3.0 : 0.0;
+      compare(c,
+              "dtype " + std::to_string(static_cast<int>(t)) + ", H " + std::to_string(hv[0]) + ", V " +
+                  std::to_string(hv[1]) + ", chunk rows " + std::to_string(c.chunk_rows) +
+                  (c.want_bias ? ", dBias" : ""),
+              dpo::linear_mode::three_pass);
+      ++k;
+    }
+  }
+}
+
+TEST_CASE("CUDA linear DPO: a pair that fits the budget only beside a smaller GEMM workspace runs three passes",
+          "[linear_dpo]") {
+  // The harness gives cuBLASLt 1 MiB; a 10-row bf16 pair needs 3.5 KiB beside it.
+  ldpo_case c = make_case(dtype::bf16, ldpo_layout::padded, 520, 3, 5, 8, 41);
+  c.cfg = dpo::loss_config::of(dpo::loss_type::sigmoid);
+  c.workspace_bytes = (1 << 20) + 2048;
+  compare(c, "tight budget", dpo::linear_mode::three_pass);
+}
+
+TEST_CASE("CUDA linear DPO: N = 8192 (4 pairs x 2 x 1024), H = 4096, V = 128256 run three passes in under 1 GiB",
+          "[linear_dpo]") {
+  // The issue's flagship shape (TRL's padded layout): a size query under the default options,
+  // nothing allocated. One pair is 2048 rows over the whole vocab.
+  for (const dtype t : {dtype::bf16, dtype::f16}) {
+    for (const bool ref_hidden : {false, true}) {
+      INFO("dtype " << static_cast<int>(t) << (ref_hidden ? ", reference hidden" : ", reference log-probs"));
+      const dpo_cuda_test::ldpo_plan_out p = dpo_cuda_test::plan_linear_dpo(t, 4, 1024, 4096, 128256, ref_hidden);
+      INFO(p.message);
+      REQUIRE(p.code == 0);
+      INFO("workspace " << p.workspace_bytes << " bytes, chunk rows " << p.chunk_rows << ", GEMM workspace "
+                        << p.gemm_workspace_bytes);
+      CHECK(p.mode == dpo::linear_mode::three_pass);
+      CHECK(p.chunk_rows == 2048);
+      CHECK(p.workspace_bytes < (std::int64_t{1} << 30));
+      CHECK(p.gemm_workspace_bytes > 0);
+    }
+  }
 }
 
 TEST_CASE("CUDA linear DPO, three passes: layouts, dtypes, transforms, references, chunks, options",

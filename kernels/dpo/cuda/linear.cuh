@@ -56,10 +56,17 @@
 namespace dpo {
 namespace cuda {
 
-/// The default workspace budget of the CUDA linear head: 512 MiB (the GEMM workspace
-/// included). At N = 8192, H = 4096, V = 128256 (bf16) every row fits one chunk of 4096
-/// vocab columns.
-inline constexpr std::int64_t default_linear_workspace_bytes = std::int64_t{512} << 20;
+/// The default workspace budget of the CUDA linear head: 1022 MiB (the GEMM workspace
+/// included), set by the issue's shape, N = 8192 rows (4 pairs x 2 x 1024, TRL's padded
+/// layout), H = 4096, V = 128256 in bf16. Three GEMM passes (dpo/cuda/linear_dpo.cuh) need a
+/// whole pair, 2048 rows, in one chunk over the whole vocab: 2048 x (513,024 bytes of fp32
+/// logits, dZ and dHidden written inside them (linear_ws), + 8,192 bytes of gathered hidden
+/// + 64 bytes of row state) = 1018.1 MiB. cuBLASLt's workspace gets the 3.9 MiB left (the
+/// three-pass plan shrinks it from linear_options::gemm_workspace_bytes), and the fused
+/// call's own arrays (64 bytes a hidden row: 0.5 MiB, twice with a reference from hidden
+/// states) keep its whole workspace under 1 GiB, the issue's limit. A chunk takes only what
+/// it needs: smaller shapes get smaller workspaces.
+inline constexpr std::int64_t default_linear_workspace_bytes = std::int64_t{1022} << 20;
 
 /// The view, chunk shape and gradient targets are the core's (dpo/core/linear_view.hpp),
 /// here with device pointers; T: __nv_bfloat16, __half, float, double.
@@ -117,7 +124,20 @@ struct linear_row {
   std::int64_t y;                 // the label, or -1 when the row is skipped
 };
 
-/// The workspace of a chunk shape, laid out from `base` (0 to measure).
+/// The workspace of a chunk shape, laid out from `base` (0 to measure). Per chunk row:
+///   hb  [ldh] T: the row's hidden state (zeros where skipped);
+///   z   [ldz] A: its logits (fp32 for bf16 / half / float heads, fp64 for double). The row
+///       kernel then writes dZ over them in place: for float / double dZ takes each logit's
+///       own slot (dz == z); for bf16 / half, dZ in T fills the first half of the row's own
+///       bytes (dz row stride lddz = 2 ldz elements of T; linear_grad_kernel and
+///       linear_narrow_kernel write it tile by tile, each tile only over logits already read);
+///   dh  [H] A: the dHidden GEMM's fp32 output. In the free second half of the row's z bytes
+///       (from element dh_off on, lddh = ldz) when the row is bf16 / half, the chunk spans the
+///       whole vocab (`whole_vocab`: one logits GEMM per row chunk, so nothing overwrites the
+///       row between the dHidden GEMM and linear_dhidden_kernel) and H fits there; else a
+///       buffer of its own [rows, ldh].
+/// So a whole-vocab row of a bf16 / half head with H below about V / 2 costs 4 ldz + 2 ldh
+/// bytes, plus 64 of row state (docs/cuda.md, the fused head's workspace).
 template <class T>
 struct linear_ws {
   using A = acc_t<T>;
@@ -125,13 +145,14 @@ struct linear_ws {
   linear_row<A>* rows = nullptr;  // [chunk rows]
   T* hb = nullptr;                // [chunk rows, ldh]: the chunk's hidden rows, zeros where skipped
   A* z = nullptr;                 // [chunk rows, ldz]: logits, then dZ in place
-  T* dz = nullptr;                // [chunk rows, ldz] in T (bf16 / half: the GEMMs' input); == z otherwise
-  A* dh = nullptr;                // [chunk rows, ldh]: dHidden accumulator
+  T* dz = nullptr;                // [chunk rows, lddz] in T (the GEMMs' input): over z, see above
+  A* dh = nullptr;                // [chunk rows, lddh]: dHidden accumulator
   void* gemm = nullptr;
-  std::int64_t ldh = 0, ldz = 0, gemm_bytes = 0, bytes = 0;
+  std::int64_t ldh = 0, ldz = 0, lddz = 0, lddh = 0, gemm_bytes = 0, bytes = 0;
+  bool dh_in_z = false;
 
   linear_ws(std::uintptr_t base, std::int64_t rows_, std::int64_t vocab, std::int64_t H,
-            std::int64_t gemm_bytes_) {
+            std::int64_t gemm_bytes_, bool whole_vocab) {
     std::int64_t off = 0;
     const auto take = [&](std::int64_t n) {
       const std::uintptr_t p = base + static_cast<std::uintptr_t>(off);
@@ -140,15 +161,20 @@ struct linear_ws {
     };
     ldh = ld_of(H);
     ldz = ld_of(vocab);
+    lddz = ldz * static_cast<std::int64_t>(sizeof(A) / sizeof(T));
+    // dZ in T takes the row's first ceil(vocab sizeof(T) / sizeof(A)) elements of A; dh
+    // starts 16 elements aligned (64 bytes, as the rows) after them.
+    constexpr std::int64_t ta = static_cast<std::int64_t>(sizeof(T)), aa = static_cast<std::int64_t>(sizeof(A));
+    const std::int64_t dh_off = round_up((vocab * ta + aa - 1) / aa, 16);
+    dh_in_z = sizeof(T) < sizeof(A) && whole_vocab && dh_off + H <= ldz;
+    lddh = dh_in_z ? ldz : ldh;
     gemm_bytes = gemm_bytes_;
     h = reinterpret_cast<linear_header*>(take(sizeof(linear_header)));
     rows = reinterpret_cast<linear_row<A>*>(take(rows_ * static_cast<std::int64_t>(sizeof(linear_row<A>))));
     hb = reinterpret_cast<T*>(take(rows_ * ldh * static_cast<std::int64_t>(sizeof(T))));
     z = reinterpret_cast<A*>(take(rows_ * ldz * static_cast<std::int64_t>(sizeof(A))));
-    dz = std::is_same<T, A>::value
-             ? reinterpret_cast<T*>(z)
-             : reinterpret_cast<T*>(take(rows_ * ldz * static_cast<std::int64_t>(sizeof(T))));
-    dh = reinterpret_cast<A*>(take(rows_ * ldh * static_cast<std::int64_t>(sizeof(A))));
+    dz = reinterpret_cast<T*>(z);
+    dh = dh_in_z ? z + dh_off : reinterpret_cast<A*>(take(rows_ * ldh * static_cast<std::int64_t>(sizeof(A))));
     gemm = reinterpret_cast<void*>(take(gemm_bytes));
     bytes = off;
   }
@@ -161,8 +187,8 @@ linear_ws<T> ws_from_row(linear_ws<T> w, std::int64_t i) {
   w.rows += i;
   w.hb += i * w.ldh;
   w.z += i * w.ldz;
-  w.dz += i * w.ldz;
-  w.dh += i * w.ldh;
+  w.dz += i * w.lddz;
+  w.dh += i * w.lddh;
   return w;
 }
 
@@ -184,7 +210,7 @@ status linear_chunks(std::int64_t N, std::int64_t H, std::int64_t V, const linea
     return invalid("dpo: options.gemm_workspace_bytes = %lld is invalid: must be >= 0",
                    (long long)opt.gemm_workspace_bytes);
   const std::int64_t B = opt.workspace_bytes, G = opt.gemm_workspace_bytes;
-  const auto need = [&](std::int64_t r, std::int64_t v) { return linear_ws<T>(0, r, v, H, G).bytes; };
+  const auto need = [&](std::int64_t r, std::int64_t v) { return linear_ws<T>(0, r, v, H, G, v >= V).bytes; };
   const std::int64_t max_rows = N > 1 ? N : 1;
   linear_chunking c;
   c.vocab = V < (opt.chunk_vocab > 0 ? opt.chunk_vocab : linear_default_chunk_vocab)
@@ -518,9 +544,54 @@ __global__ void __launch_bounds__(BLOCK) linear_stats_kernel(linear_view<T, L> i
   }
 }
 
-/// Backward, one vocab chunk: the recomputed logits of each row become dZ (in T for the GEMMs;
-/// in place in the fp32 chunk too when `keep_fp32`, for dBias): dlogp/do_v = 1[v = y] - p_v,
-/// dH/do_v = -p_v (log p_v + H), times do/du (docs/linear.md). Skipped rows get zeros.
+/// dZ in T written over one row's fp32 logits in place (bf16 / half heads, linear_ws): the
+/// columns [0, n) go in tiles of BLOCK * W (W = vec_width<T> = 8 contiguous columns a
+/// thread). In each tile every thread reads its columns' fp32 values into registers and
+/// turns them into dZ (value(j, x); nothing is read when `read` is false: zeros), the block
+/// meets at a barrier, then every thread writes its columns' dZ in T.
+///
+/// No thread overwrites a value that another has yet to read: the tile [t0, t0 + BLOCK W)
+/// writes the row's bytes [t0 sizeof(T), (t0 + BLOCK W) sizeof(T)), which lie in its fp32
+/// elements [t0 / 2, (t0 + BLOCK W) / 2) (sizeof(A) = 2 sizeof(T)), all below t0 + BLOCK W:
+/// read in this tile or an earlier one, by threads that have all passed this tile's barrier.
+/// The next tile reads the elements from t0 + BLOCK W on, which no write of this or an
+/// earlier tile reaches, so one barrier a tile suffices (the writes of tile k and the reads
+/// of tile k + 1 may run concurrently). Each block writes only the bytes of its own rows
+/// (z rows never overlap), so blocks do not interact. The trip count depends on n only, so
+/// every thread of the block reaches every barrier.
+template <int BLOCK, class T, class F>
+__device__ __forceinline__ void narrow_row_in_place(const acc_t<T>* z, T* dz, int n, bool read, F value) {
+  using A = acc_t<T>;
+  constexpr int W = vec_width<T>, WA = vec_width<A>;
+  static_assert(sizeof(A) == 2 * sizeof(T), "dZ in place over the logits halves each element");
+  for (int t0 = 0; t0 < n; t0 += BLOCK * W) {
+    const int c0 = t0 + static_cast<int>(threadIdx.x) * W;
+    A g[W];
+    if (read && c0 + W <= n) {
+#pragma unroll
+      for (int k = 0; k < W / WA; ++k) unpack<A>(reinterpret_cast<const uint4*>(z + c0)[k], g + k * WA);
+#pragma unroll
+      for (int k = 0; k < W; ++k) g[k] = value(c0 + k, g[k]);
+    } else {
+#pragma unroll
+      for (int k = 0; k < W; ++k) g[k] = read && c0 + k < n ? value(c0 + k, z[c0 + k]) : A(0);
+    }
+    __syncthreads();
+    if (c0 + W <= n) {
+      *reinterpret_cast<uint4*>(dz + c0) = pack<T>(g);
+    } else {
+      for (int k = 0; k < W && c0 + k < n; ++k) dz[c0 + k] = from_acc<T>(g[k]);
+    }
+  }
+}
+
+/// Backward, one vocab chunk: the recomputed logits of each row become dZ, in place
+/// (linear_ws): dlogp/do_v = 1[v = y] - p_v, dH/do_v = -p_v (log p_v + H), times do/du
+/// (docs/linear.md). Skipped rows get zeros (their logits are not read). Float / double
+/// heads: each dZ in its logit's slot. bf16 / half: dZ in T over the row's first half
+/// (narrow_row_in_place), or, with `keep_fp32` (a bias gradient), the fp32 dZ in each
+/// logit's slot for linear_dbias_kernel, then linear_narrow_kernel rounds it to T in place.
+/// In the fp32 slot-by-slot writes each value is read and written by one thread.
 template <int BLOCK, bool Entropy, class T, class L>
 __global__ void __launch_bounds__(BLOCK) linear_grad_kernel(linear_view<T, L> in, std::int64_t nb, std::int64_t v0,
                                                             std::int64_t nv, linear_ws<T> w, bool keep_fp32) {
@@ -529,31 +600,42 @@ __global__ void __launch_bounds__(BLOCK) linear_grad_kernel(linear_view<T, L> in
   const bool plain = tp.identity && in.bias == nullptr;
   const int n = static_cast<int>(nv);
   for (std::int64_t i = blockIdx.x; i < nb; i += gridDim.x) {
-    const linear_row<A> q = w.rows[i];
+    const linear_row<A> q = w.rows[i];  // q.y: block-uniform
     A* z = w.z + i * w.ldz;
-    T* dz = w.dz + i * w.ldz;
     const std::int64_t yl = q.y >= 0 ? q.y - v0 : -1;
-    for (int j = static_cast<int>(threadIdx.x); j < n; j += BLOCK) {
-      A g = A(0);
-      if (q.y >= 0) {
-        const A u = plain ? z[j] : z[j] + bias_value(in.bias, v0 + j);
-        const A o = plain ? u : dpo::detail::transform_logit(tp, u);
-        // (o - hi) - lo: exact for the logits near the max; clamped below so a -inf logit
-        // adds 0 * finite to the entropy term (as the CPU's exp_lo clamp).
-        const A d = fmax((o - q.lse_hi) - q.lse_lo, std::is_same<A, double>::value ? A(-746) : A(-88));
-        const A p = exp2_fast(d * log2e<A>::value);
-        g = Entropy ? -p * (q.gl + q.ge * (d + q.ent)) : -p * q.gl;
-        if (j == yl) g = q.gl + g;
-        if (!plain && !tp.identity) g = g * dpo::detail::transform_logit_grad(tp, u);
-      }
-      if (std::is_same<T, A>::value) {
-        z[j] = g;  // dz == z
-      } else {
-        if (keep_fp32) z[j] = g;
-        dz[j] = from_acc<T>(g);
-      }
+    const auto grad = [&](int j, A x) {
+      const A u = plain ? x : x + bias_value(in.bias, v0 + j);
+      const A o = plain ? u : dpo::detail::transform_logit(tp, u);
+      // (o - hi) - lo: exact for the logits near the max; clamped below so a -inf logit
+      // adds 0 * finite to the entropy term (as the CPU's exp_lo clamp).
+      const A d = fmax((o - q.lse_hi) - q.lse_lo, std::is_same<A, double>::value ? A(-746) : A(-88));
+      const A p = exp2_fast(d * log2e<A>::value);
+      A g = Entropy ? -p * (q.gl + q.ge * (d + q.ent)) : -p * q.gl;
+      if (j == yl) g = q.gl + g;
+      if (!plain && !tp.identity) g = g * dpo::detail::transform_logit_grad(tp, u);
+      return g;
+    };
+    const auto in_slots = [&] {
+      for (int j = static_cast<int>(threadIdx.x); j < n; j += BLOCK) z[j] = q.y >= 0 ? grad(j, z[j]) : A(0);
+    };
+    if constexpr (std::is_same<T, A>::value) {
+      in_slots();  // dz == z
+    } else if (keep_fp32) {
+      in_slots();
+    } else {
+      narrow_row_in_place<BLOCK, T>(z, w.dz + i * w.lddz, n, q.y >= 0, grad);
     }
   }
+}
+
+/// bf16 / half heads with a bias gradient, after linear_dbias_kernel: each row's fp32 dZ
+/// rounded to T in place (narrow_row_in_place) for the dHidden and dWeight GEMMs.
+template <int BLOCK, class T>
+__global__ void __launch_bounds__(BLOCK) linear_narrow_kernel(std::int64_t nb, std::int64_t nv, linear_ws<T> w) {
+  using A = acc_t<T>;
+  for (std::int64_t i = blockIdx.x; i < nb; i += gridDim.x)
+    narrow_row_in_place<BLOCK, T>(w.z + i * w.ldz, w.dz + i * w.lddz, static_cast<int>(nv), true,
+                                  [](int, A x) { return x; });
 }
 
 /// dst += v, rounded once to G.
@@ -597,7 +679,7 @@ __global__ void __launch_bounds__(BLOCK) linear_dhidden_kernel(std::int64_t H, s
     const bool active = w.rows[i].y >= 0;
     if (!active && accumulate) continue;
     T* dst = dh + (r0 + i) * stride;
-    const A* src = w.dh + i * w.ldh;
+    const A* src = w.dh + i * w.lddh;
     for (std::int64_t c = threadIdx.x; c < H; c += BLOCK) {
       if (!active) {
         dst[c] = from_acc<T>(A(0));
@@ -648,7 +730,7 @@ status linear_prologue(void* workspace, std::size_t& workspace_bytes, cublasLtHa
   s = check_workspace(workspace, workspace_bytes, static_cast<std::size_t>(ch->workspace_bytes));
   if (!s) return s;
   *w = linear_ws<T>(reinterpret_cast<std::uintptr_t>(workspace), ch->rows, ch->vocab, in.hidden_cols,
-                    opt.gemm_workspace_bytes);
+                    opt.gemm_workspace_bytes, ch->vocab >= in.vocab);
   return {};
 }
 
@@ -660,6 +742,42 @@ status logits_gemm(const linear_gemm& g, const linear_view<T, L>& in, const line
   using A = acc_t<T>;
   return gemm<A>(g, "logits GEMM", true, false, nv, nb, in.hidden_cols, in.weight + v0 * in.weight_stride,
                  cuda_type<T>(), in.weight_stride, w.hb, cuda_type<T>(), w.ldh, A(0), w.z, cuda_type<A>(), w.ldz);
+}
+
+/// A chunk's dZ from its logits (linear_grad_kernel) and, with dbias, dBias from the fp32 dZ
+/// (linear_dbias_kernel), then, for bf16 / half heads, dZ rounded to T in place
+/// (linear_narrow_kernel).
+template <bool Entropy, class T, class L, class G>
+status linear_dz(const linear_view<T, L>& in, std::int64_t nb, std::int64_t v0, std::int64_t nv,
+                 const linear_ws<T>& w, G* dbias, cudaStream_t stream) {
+  constexpr int B = linear_block;
+  status s = launch("linear_grad_kernel", linear_grad_kernel<B, Entropy, T, L>, row_blocks(nb), B, stream, in, nb,
+                    v0, nv, w, dbias != nullptr);
+  if (s && dbias != nullptr)
+    s = launch("linear_dbias_kernel", linear_dbias_kernel<T, G>, static_cast<unsigned>((nv + 31) / 32), 256, stream,
+               nb, v0, nv, w, dbias);
+  if constexpr (!std::is_same<T, acc_t<T>>::value)
+    if (s && dbias != nullptr)
+      s = launch("linear_narrow_kernel", linear_narrow_kernel<B, T>, row_blocks(nb), B, stream, nb, nv, w);
+  return s;
+}
+
+/// The backward GEMMs of a chunk (column-major): with dh, dh^T [H, nb] = beta_h dh^T +
+/// weight chunk^T [H, nv] . dZ^T [nv, nb] into the workspace; with dweight (the chunk's
+/// first row of the gradient), dWeight^T [H, nv] += hb^T [H, nb] . dZ [nb, nv].
+template <class T, class G>
+status linear_grad_gemms(const linear_gemm& gm, const T* weight, std::int64_t weight_stride, std::int64_t H,
+                         std::int64_t nb, std::int64_t nv, const linear_ws<T>& w, bool dh, acc_t<T> beta_h,
+                         G* dweight, std::int64_t dweight_stride) {
+  using A = acc_t<T>;
+  status s;
+  if (dh)
+    s = gemm<A>(gm, "dHidden GEMM", false, false, H, nb, nv, weight, cuda_type<T>(), weight_stride, w.dz,
+                cuda_type<T>(), w.lddz, beta_h, w.dh, cuda_type<A>(), w.lddh);
+  if (s && dweight != nullptr)
+    s = gemm<A>(gm, "dWeight GEMM", false, true, H, nv, nb, w.hb, cuda_type<T>(), w.ldh, w.dz, cuda_type<T>(),
+                w.lddz, A(1), dweight, cuda_type<G>(), dweight_stride);
+  return s;
 }
 
 }  // namespace detail
@@ -683,7 +801,7 @@ status linear_logps_impl(void* workspace, std::size_t& workspace_bytes, cublasLt
                          const linear_view<T, L>& in, double* logps, double* entropy, double* row_lse,
                          linear_row_terms terms, const linear_options& opt, cudaStream_t stream) {
   linear_chunking ch;
-  linear_ws<T> w(0, 0, 1, 1, 0);
+  linear_ws<T> w(0, 0, 1, 1, 0, false);
   bool size_only = false;
   status s = linear_prologue(workspace, workspace_bytes, handle, in, opt, &ch, &w, &size_only);
   if (!s || size_only) return s;
@@ -766,7 +884,7 @@ status linear_backward_run(void* workspace, std::size_t& workspace_bytes, cublas
                 "dWeight and dBias must have the head's dtype or its accumulation type");
   using A = acc_t<T>;
   linear_chunking ch;
-  detail::linear_ws<T> w(0, 0, 1, 1, 0);
+  detail::linear_ws<T> w(0, 0, 1, 1, 0, false);
   bool size_only = false;
   status s = detail::linear_prologue(workspace, workspace_bytes, handle, in, opt, &ch, &w, &size_only);
   if (!s || size_only) return s;
@@ -835,28 +953,14 @@ status linear_backward_run(void* workspace, std::size_t& workspace_bytes, cublas
       for (std::int64_t v0 = 0; s && v0 < V; v0 += ch.vocab) {
         const std::int64_t nv = ch.vocab < V - v0 ? ch.vocab : V - v0;
         s = detail::logits_gemm(gm, in, w, nb, v0, nv);
-        if (s && !dry) {
-          if (grad_entropy != nullptr) {
-            s = detail::launch("linear_grad_kernel", detail::linear_grad_kernel<B, true, T, L>,
-                               detail::row_blocks(nb), B, stream, in, nb, v0, nv, w, g.bias != nullptr);
-          } else {
-            s = detail::launch("linear_grad_kernel", detail::linear_grad_kernel<B, false, T, L>,
-                               detail::row_blocks(nb), B, stream, in, nb, v0, nv, w, g.bias != nullptr);
-          }
-        }
-        if (s && !dry && g.bias != nullptr)
-          s = detail::launch("linear_dbias_kernel", detail::linear_dbias_kernel<T, G>,
-                             static_cast<unsigned>((nv + 31) / 32), 256, stream, nb, v0, nv, w, g.bias);
-        // dh^T [H, nb] (+)= weight chunk^T [H, nv] . dZ^T [nv, nb] (column-major).
-        if (s && g.hidden != nullptr)
-          s = detail::gemm<A>(gm, "dHidden GEMM", false, false, H, nb, nv, in.weight + v0 * in.weight_stride,
-                              detail::cuda_type<T>(), in.weight_stride, w.dz, detail::cuda_type<T>(), w.ldz,
-                              v0 == 0 ? A(0) : A(1), w.dh, detail::cuda_type<A>(), w.ldh);
-        // dWeight^T [H, nv] += hb^T [H, nb] . dZ [nb, nv] (column-major), into g.weight.
-        if (s && g.weight != nullptr)
-          s = detail::gemm<A>(gm, "dWeight GEMM", false, true, H, nv, nb, w.hb, detail::cuda_type<T>(), w.ldh,
-                              w.dz, detail::cuda_type<T>(), w.ldz, A(1), g.weight + v0 * g.weight_stride,
-                              detail::cuda_type<G>(), g.weight_stride);
+        if (s && !dry)
+          s = grad_entropy != nullptr ? detail::linear_dz<true>(in, nb, v0, nv, w, g.bias, stream)
+                                      : detail::linear_dz<false>(in, nb, v0, nv, w, g.bias, stream);
+        if (s)
+          s = detail::linear_grad_gemms(gm, in.weight + v0 * in.weight_stride, in.weight_stride, H, nb, nv, w,
+                                        g.hidden != nullptr, v0 == 0 ? A(0) : A(1),
+                                        g.weight != nullptr ? g.weight + v0 * g.weight_stride : nullptr,
+                                        g.weight_stride);
       }
       if (s && !dry && g.hidden != nullptr)
         s = detail::launch("linear_dhidden_kernel", detail::linear_dhidden_kernel<B, T, L>,

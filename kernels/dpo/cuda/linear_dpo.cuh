@@ -110,6 +110,9 @@ struct linear_dpo_plan {
   linear_mode mode = linear_mode::four_pass;
   std::int64_t chunk_rows = 0;
   std::int64_t workspace_bytes = 0;
+  /// cuBLASLt's workspace in the three-pass chunks: options.gemm_workspace_bytes, or less
+  /// where that let the largest pair fit the budget (ldpo_plan); four passes: the option.
+  std::int64_t gemm_workspace_bytes = 0;
 };
 
 namespace detail {
@@ -582,6 +585,7 @@ struct ldpo_call {
   linear_mode mode = linear_mode::four_pass;
   std::vector<std::int64_t> pair_rows;
   std::int64_t max_rows = 0;
+  std::int64_t gemm_bytes = 0;  // three passes: cuBLASLt's workspace (ldpo_plan)
 };
 
 /// The fused call's mode from the core's plan. Three passes need each pair's rows on the
@@ -620,7 +624,22 @@ status ldpo_plan(const ldpo_layout<T, L>& l, const linear_head<T>& head, const l
   linear_options lo = ldpo_linear_options(opt);
   lo.chunk_vocab = head.vocab;
   linear_chunking ch;
-  c->max_rows = linear_chunks<T>(l.rows[0] + l.rows[1], head.hidden, head.vocab, lo, &ch) ? ch.rows : 0;
+  const std::int64_t N = l.rows[0] + l.rows[1];
+  c->max_rows = linear_chunks<T>(N, head.hidden, head.vocab, lo, &ch) ? ch.rows : 0;
+  c->gemm_bytes = opt.gemm_workspace_bytes;
+  // cuBLASLt's workspace gives way when the largest pair does not fit a chunk beside it: it
+  // gets what the chunk leaves of the budget (cuBLASLt then picks among the algorithms that
+  // need no more; 0 leaves it those that need none).
+  std::int64_t pair_max = 1;
+  for (std::int64_t p = 0; p < P; ++p) pair_max = c->pair_rows[p] > pair_max ? c->pair_rows[p] : pair_max;
+  if (c->max_rows < pair_max && (opt.chunk_rows == 0 || opt.chunk_rows >= pair_max)) {
+    const std::int64_t bare = linear_ws<T>(0, pair_max, head.vocab, head.hidden, 0, true).bytes;
+    if (bare <= opt.workspace_bytes && opt.gemm_workspace_bytes >= 0) {
+      const std::int64_t left = (opt.workspace_bytes - bare) / 256 * 256;
+      lo.gemm_workspace_bytes = c->gemm_bytes = left < opt.gemm_workspace_bytes ? left : opt.gemm_workspace_bytes;
+      c->max_rows = linear_chunks<T>(N, head.hidden, head.vocab, lo, &ch) ? ch.rows : 0;
+    }
+  }
   if (opt.mode == linear_mode::three_pass) {
     const status s = to_status(dpo::detail::linear_three_pass_refusal(cfg, c->pair_rows.data(), P, c->max_rows,
                                                                       "rows (every row of its sequences)"));
@@ -629,7 +648,7 @@ status ldpo_plan(const ldpo_layout<T, L>& l, const linear_head<T>& head, const l
   c->mode = dpo::detail::linear_choose_mode(opt.mode, cfg, c->pair_rows.data(), P, c->max_rows);
   if (c->mode == linear_mode::three_pass) {
     const std::int64_t largest = dpo::detail::linear_largest_chunk(c->pair_rows.data(), P, c->max_rows);
-    *bytes = linear_ws<T>(0, largest > 1 ? largest : 1, head.vocab, head.hidden, opt.gemm_workspace_bytes).bytes;
+    *bytes = linear_ws<T>(0, largest > 1 ? largest : 1, head.vocab, head.hidden, c->gemm_bytes, true).bytes;
   }
   return {};
 }
@@ -940,8 +959,8 @@ status ldpo_three(cublasLtHandle_t handle, const ldpo_call<T, L>& c, const linea
   const ldpo_ws& w = c.w;
   const ldpo_layout<T, L>& l = c.pol;
   const std::int64_t H = head.hidden, V = head.vocab;
-  linear_ws<T> lw(reinterpret_cast<std::uintptr_t>(w.lin_ws), c.ch.rows > 1 ? c.ch.rows : 1, V, H,
-                  opt.gemm_workspace_bytes);
+  linear_ws<T> lw(reinterpret_cast<std::uintptr_t>(w.lin_ws), c.ch.rows > 1 ? c.ch.rows : 1, V, H, c.gemm_bytes,
+                  true);
   lw.h = reinterpret_cast<linear_header*>(w.h);  // the call's error word (the same layout)
   T* gh[2] = {g.chosen_hidden, g.rejected_hidden};
   const std::int64_t gs[2] = {g.chosen_hidden_stride, g.rejected_hidden_stride};
@@ -1004,20 +1023,10 @@ status ldpo_three(cublasLtHandle_t handle, const ldpo_call<T, L>& c, const linea
                                       static_cast<const double*>(nullptr), true},
                         part[k]);
         });
-        if (s && nb > 0)
-          s = launch("linear_grad_kernel", linear_grad_kernel<B, false, T, std::int64_t>, row_blocks(nb), B, stream,
-                     view[0], nb, std::int64_t{0}, V, lw, g.bias != nullptr);
-        if (s && nb > 0 && g.bias != nullptr)
-          s = launch("linear_dbias_kernel", linear_dbias_kernel<T, G>, static_cast<unsigned>((V + 31) / 32), 256,
-                     stream, nb, std::int64_t{0}, V, lw, g.bias);
+        if (s && nb > 0) s = linear_dz<false>(view[0], nb, std::int64_t{0}, V, lw, g.bias, stream);
       }
-      // dh^T [H, nb] = weight^T [H, V] . dZ^T [V, nb]; dWeight^T [H, V] += hb^T [H, nb] . dZ [nb, V].
-      if (s && nb > 0 && dh)
-        s = gemm<A>(gm, "dHidden GEMM", false, false, H, nb, V, head.weight, cuda_type<T>(), head.weight_stride,
-                    lw.dz, cuda_type<T>(), lw.ldz, A(0), lw.dh, cuda_type<A>(), lw.ldh);
-      if (s && nb > 0 && g.weight != nullptr)
-        s = gemm<A>(gm, "dWeight GEMM", false, true, H, V, nb, lw.hb, cuda_type<T>(), lw.ldh, lw.dz, cuda_type<T>(),
-                    lw.ldz, A(1), g.weight, cuda_type<G>(), g.weight_stride);
+      if (s && nb > 0)
+        s = linear_grad_gemms(gm, head.weight, head.weight_stride, H, nb, V, lw, dh, A(0), g.weight, g.weight_stride);
       if (!dry)
         each_side([&](int k, const ldpo_rows&) {
           if (gh[k] == nullptr) return status{};
@@ -1113,6 +1122,7 @@ status ldpo_plan_of(const hidden_pairs<T, L>& policy, const linear_head<T>& head
   if (!s) return s;
   out->mode = c.mode;
   out->chunk_rows = c.ch.rows;
+  out->gemm_workspace_bytes = c.mode == linear_mode::three_pass ? c.gemm_bytes : opt.gemm_workspace_bytes;
   out->workspace_bytes = static_cast<std::int64_t>(bytes);
   return {};
 }

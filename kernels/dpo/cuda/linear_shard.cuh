@@ -94,7 +94,7 @@ status linear_shard_partials(void* workspace, std::size_t& workspace_bytes, cubl
   status s = detail::to_status(dpo::detail::check_vocab_shard(sh, shard.vocab));
   if (!s) return s;
   linear_chunking ch;
-  detail::linear_ws<T> w(0, 0, 1, 1, 0);
+  detail::linear_ws<T> w(0, 0, 1, 1, 0, false);
   bool size_only = false;
   s = detail::linear_prologue(workspace, workspace_bytes, handle, shard, opt, &ch, &w, &size_only);
   if (!s || size_only) return s;
