@@ -221,12 +221,14 @@ TEST_CASE("isa: half and bf16 rounding of the gradient match the scalar conversi
   // with coef = 1 gives round(exp(z)); compare with Eigen's conversion of the same float.
   // coef = 3e-36 puts the floats in bf16's subnormal range and below (the AVX512_BF16
   // conversion flushes those: the kernels must not), and a NaN logit checks the NaN's bits.
+  // coef = 6e-39 (itself subnormal) and 3e36 (the largest gradients overflow to infinity) take the
+  // AVX512_BF16 level's integer rounding throughout and its conversion throughout.
   const int n = 4099;
   std::vector<float> zf(static_cast<std::size_t>(n));
   for (int i = 0; i < n; ++i) zf[i] = static_cast<float>(-20.0 + 32.0 * i / (n - 1));
   zf[1001] = std::numeric_limits<float>::quiet_NaN();
   for (isa l : supported_levels()) {
-    for (float coef : {1.0f, 3e-36f}) {
+    for (float coef : {1.0f, 3e-36f, 6e-39f, 3e36f}) {
       INFO("level " << dpo::cpu::isa_name(l) << ", coef " << coef);
       with_level w(l);
       const dpo::detail::lse_parts<float> lse(0.0f, 0.0f);

@@ -213,19 +213,7 @@ DPO_SIMD_INLINE vu round_bf16_high(vf v) {
 
 /// Two registers of bf16 at once: one word permute (AVX-512) or one pack and one qword
 /// permute (AVX2) take the high halves of both, where store() narrows each register alone.
-/// With AVX512_BF16, one conversion instruction rounds both (to nearest even, as store()),
-/// unless a lane is NaN (its payload would survive) or subnormal (flushed to zero).
 DPO_SIMD_INLINE void store2(Eigen::bfloat16* p, vf a, vf b) {
-#if defined(DPO_ISA_BF16) && DPO_ISA_BF16
-  constexpr int nan_or_subnormal = 0x01 | 0x20 | 0x80;  // vfpclassps: QNaN, denormal, SNaN
-  const __mmask16 odd =
-      _mm512_fpclass_ps_mask((__m512)a, nan_or_subnormal) | _mm512_fpclass_ps_mask((__m512)b, nan_or_subnormal);
-  if (__builtin_expect(odd == 0, 1)) {
-    const __m512bh hw = _mm512_cvtne2ps_pbh((__m512)b, (__m512)a);  // a to the low half
-    std::memcpy(static_cast<void*>(p), &hw, sizeof hw);
-    return;
-  }
-#endif
 #if DPO_ISA_BYTES == 64
   const __m512i odd_words = _mm512_set_epi16(63, 61, 59, 57, 55, 53, 51, 49, 47, 45, 43, 41, 39, 37, 35, 33, 31, 29,
                                              27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
@@ -238,11 +226,56 @@ DPO_SIMD_INLINE void store2(Eigen::bfloat16* p, vf a, vf b) {
 }
 #endif
 
+#if DPO_ISA_X86 && DPO_ISA_BYTES == 64
+/// 32 bf16 at p as two registers of floats, exactly: the even-indexed elements (each bf16
+/// word moved to its lane's high half) and the odd-indexed ones (already there, low half
+/// cleared): one shift and one mask, where load() widens each register with a word
+/// permute and a shift. For the backward, whose elements are independent: any lane order
+/// computes the same values.
+DPO_SIMD_INLINE void load_bf16_pairs(const Eigen::bfloat16* p, vf& even, vf& odd) {
+  __m512i raw;
+  std::memcpy(&raw, p, sizeof raw);
+  even = (vf)((vu)raw << 16);
+  odd = (vf)((vu)raw & 0xffff0000u);
+}
+
+/// store()'s bf16 rounding of the even-indexed elements `even` and the odd-indexed `odd`,
+/// interleaved back into 32 words at p, by the integer rounding of store().
+DPO_SIMD_INLINE void store_bf16_pairs(Eigen::bfloat16* p, vf even, vf odd) {
+  const __m512i h = _mm512_ternarylogic_epi32((__m512i)(round_bf16_high(even) >> 16), (__m512i)round_bf16_high(odd),
+                                              _mm512_set1_epi32(static_cast<int>(0xffff0000u)), 0xf8);  // a | (b & c)
+  std::memcpy(static_cast<void*>(p), &h, sizeof h);
+}
+
+#if defined(DPO_ISA_BF16) && DPO_ISA_BF16
+/// store_bf16_pairs by one AVX512_BF16 conversion (to nearest even, as the integer rounding)
+/// and one word permute, for values none of which is subnormal (the instruction flushes
+/// those to zero; the caller rules them out from the exponents). A NaN stays NaN, with part
+/// of its payload where the integer rounding gives the default NaN of its sign.
+DPO_SIMD_INLINE void store_bf16_pairs_hw(Eigen::bfloat16* p, vf even, vf odd) {
+  const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22,
+                                              6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i h = _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh((__m512)odd, (__m512)even));
+  std::memcpy(static_cast<void*>(p), &h, sizeof h);
+}
+#endif
+#endif
+
 /// The 16 lanes of p[0, n), n < 16, padded with `pad` (given as T's bits), as a buffer.
 template <class T>
 DPO_SIMD_INLINE void pad_tail(const T* p, std::int64_t n, std::uint32_t pad_bits, T* buf) {
   for (int l = 0; l < lanes; ++l) std::memcpy(static_cast<void*>(buf + l), &pad_bits, sizeof(T));
   std::memcpy(static_cast<void*>(buf), p, static_cast<std::size_t>(n) * sizeof(T));
+}
+
+/// Asks for the cache lines of the 2 * lanes logits at src + i (read, into L1), which may lie
+/// past the end of the row or of the buffer: a prefetch never faults, and the address is
+/// computed as an integer, not as a pointer past the end.
+template <class T>
+DPO_SIMD_INLINE void prefetch_block(const T* src, std::int64_t i) {
+  const std::uintptr_t at = reinterpret_cast<std::uintptr_t>(src) + static_cast<std::uintptr_t>(i) * sizeof(T);
+  for (std::size_t b = 0; b < 2 * lanes * sizeof(T); b += 64)
+    __builtin_prefetch(reinterpret_cast<const void*>(at + b), 0, 3);
 }
 
 /// -inf as T's bits (little-endian: the low bytes of the word).
@@ -253,12 +286,14 @@ constexpr std::uint32_t neg_inf_bits() {
 
 /// exp(x) for x in [exp_lo, 88] or NaN: the scalar exp_clamped of rows.hpp, lane by lane,
 /// with its multiply-adds fused where the level has FMA (the same operations otherwise).
-DPO_SIMD_INLINE vf exp_v(vf x) {
+/// `biased` receives k + 127 of the result's scale 2^k (0 when 2^k is built as +0; garbage
+/// for NaN x).
+DPO_SIMD_INLINE vf exp_v(vf x, vi& biased) {
   DPO_NO_CONTRACT
   const float magic = 12582912.0f;
   const vf t = fmadd(x, splat(1.44269504088896341f), splat(magic));
   const vf k = t - magic;
-  const vi biased = (vi)t - (bits_as<std::int32_t>(magic) - 127);
+  biased = (vi)t - (bits_as<std::int32_t>(magic) - 127);
   vf r = fmadd(k, splat(-0.693359375f), x);
   r = fmadd(k, splat(2.12194440e-4f), r);
   vf q = splat(1.381459878757596e-3f);
@@ -270,6 +305,11 @@ DPO_SIMD_INLINE vf exp_v(vf x) {
   vf y = fmadd(q, r2, r);
   y = y + 1.0f;
   return y * (vf)((vu)biased << 23);
+}
+
+DPO_SIMD_INLINE vf exp_v(vf x) {
+  vi biased;
+  return exp_v(x, biased);
 }
 
 /// chunk_forward of rows.hpp for float accumulation: the same lanes, in registers. Lane l of
@@ -372,7 +412,11 @@ dpo::detail::row_stats<float> chunk_forward(const T* z, std::int64_t n, std::int
   // Two blocks per iteration: their exponentials are independent, so the two dependency
   // chains overlap; the sums still take the blocks in order.
   std::int64_t i2 = 0;
+  // Each iteration also asks for the next n logits' lines (the row's next chunk, or the next
+  // row's start): the max pass that reads them next then finds them in cache, where the
+  // hardware prefetchers, idle during this exp pass, would leave it waiting on memory.
   for (; i2 + 2 * lanes <= full; i2 += 2 * lanes) {
+    prefetch_block<T>(z + n, i2);
     pass2(x + i2);
     pass2(x + i2 + lanes);
   }
@@ -410,6 +454,45 @@ void backward_block(const T* z, T* g, std::int64_t V, float hi, float lo, float 
     return exp_v(d) * neg;
   };
   std::int64_t i = 0;
+#if DPO_ISA_X86 && DPO_ISA_BYTES == 64
+  if constexpr (std::is_same_v<T, Eigen::bfloat16>) {
+    // 32 logits per iteration as their even- and odd-indexed halves (load_bf16_pairs).
+#if defined(DPO_ISA_BF16) && DPO_ISA_BF16
+    // The hardware conversion where no gradient of the 32 can be subnormal, judged from the
+    // exponents the exp already has: with |neg| >= 2^e and the polynomial's y > 1/2,
+    // |y * 2^k * neg| > 2^(k + e - 1) >= 2^-126 when k + 127 >= 2 - e (2^k = +0 gives 0,
+    // which converts exactly). A NaN takes either path: NaN out either way (docs/api.md:
+    // NaN payloads are not specified). neg = 0, subnormal or not finite: always the integer
+    // rounding.
+    const bool normal_neg = std::isfinite(neg) && std::fabs(neg) >= 1.17549435e-38f;
+    const __m512i min_biased = _mm512_set1_epi32(normal_neg ? 2 - std::ilogb(neg) : INT32_MAX);
+    const auto grad_k = [hi, lo, neg](vf x, vi& biased) {
+      DPO_NO_CONTRACT
+      const vf d = clamp_lo((x - hi) - lo, exp_lo<float>);
+      return exp_v(d, biased) * neg;
+    };
+    for (; i + 2 * lanes <= V; i += 2 * lanes) {
+      vf even, odd;
+      vi be, bo;
+      load_bf16_pairs(z + i, even, odd);
+      const vf ge = grad_k(even, be), go = grad_k(odd, bo);
+      const __m512i lowest = _mm512_maskz_min_epi32(0xffff, (__m512i)be, (__m512i)bo);  // (maskz: GCC 12 warns)
+      const __mmask16 small = _mm512_cmplt_epi32_mask(lowest, min_biased);
+      if (__builtin_expect(small == 0, 1)) {
+        store_bf16_pairs_hw(g + i, ge, go);
+      } else {
+        store_bf16_pairs(g + i, ge, go);
+      }
+    }
+#else
+    for (; i + 2 * lanes <= V; i += 2 * lanes) {
+      vf even, odd;
+      load_bf16_pairs(z + i, even, odd);
+      store_bf16_pairs(g + i, grad(even), grad(odd));
+    }
+#endif
+  }
+#endif
   for (; i + 2 * lanes <= V; i += 2 * lanes) {  // two blocks per iteration, as chunk_forward
     DPO_PARTS
     for (int j = 0; j < 2 * parts; j += 2)
