@@ -46,6 +46,8 @@
 #include <string>
 #include <vector>
 
+#include <time.h>
+
 #include "bench_common.hpp"
 #include "dpo/cpu/dpo.hpp"
 
@@ -305,6 +307,22 @@ void register_copy(const std::string& group) {
   }));
 }
 
+/// CPU time of the whole process (every thread of the pool), in seconds.
+double process_cpu_seconds() {
+  timespec ts{};
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+  return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
+}
+
+/// Adds the counter "cpu ns/logit": the process's CPU time (all threads) per logit, summed
+/// over the timed calls only. Load from other processes inflates it far less than wall time
+/// (it takes time slices, not CPU time of ours), so it is the measure for A/B comparisons of
+/// the kernels on a shared machine.
+void report_cpu_per_logit(benchmark::State& state, double cpu_seconds, double logits) {
+  state.counters["cpu ns/logit"] =
+      benchmark::Counter(cpu_seconds * 1e9 / (logits * static_cast<double>(state.iterations())));
+}
+
 /// Restores d.work from the logits outside the timing, as the in-place runs do, so that
 /// every in-place run starts from the same cache state.
 template <class T>
@@ -381,10 +399,14 @@ void register_group(int si) {
       opt.num_threads = g_threads;
       opt.metrics = metrics;
       const auto view = view_of(d, d.logits.data());
+      double cpu = 0;
       for (auto _ : state) {
+        const double c0 = process_cpu_seconds();
         const auto r = dpo::cpu::dpo_forward(view, d.ref_c.data(), d.ref_r.data(), bench_config(), opt);
         benchmark::DoNotOptimize(r.loss);
+        cpu += process_cpu_seconds() - c0;
       }
+      report_cpu_per_logit(state, cpu, static_cast<double>(d.s.rows() * d.s.vocab));
       state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations() * nv));
     }));
   }
@@ -431,13 +453,17 @@ void register_group(int si) {
         T* g = p == path::ours_in ? d.work.data() : d.grad.data();
         const auto view = view_of(d, x);
         const dpo::pair_grad_view<T> gv{g, V, g, V};
+        double cpu = 0;
         for (auto _ : state) {
           if (p == path::ours_in) restore_work(state, d);
+          const double c0 = process_cpu_seconds();
           const auto r = dpo::cpu::dpo_forward_backward(view, d.ref_c.data(), d.ref_r.data(),
                                                         bench_config(), gv, opt);
           benchmark::DoNotOptimize(r.loss);
           benchmark::ClobberMemory();
+          cpu += process_cpu_seconds() - c0;
         }
+        report_cpu_per_logit(state, cpu, static_cast<double>(d.s.rows() * V));
         state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations() * 3 * nv));
       }));
     }
