@@ -324,27 +324,29 @@ dpo::detail::row_stats<float> chunk_forward(const T* z, std::int64_t n, std::int
   constexpr bool keep = !std::is_same_v<T, float>;
   const std::int64_t full = n - n % lanes;
   vf mx[parts], zs[parts];
-  vi ix[parts], idx[parts];
+  vi ix[parts], iota[parts];
   DPO_PARTS
   for (int j = 0; j < parts; ++j) {
     mx[j] = splat(-INFINITY);
     zs[j] = splat(0.0f);
-    for (int l = 0; l < w; ++l) idx[j][l] = j * w + l;
-    ix[j] = idx[j];
+    for (int l = 0; l < w; ++l) iota[j][l] = j * w + l;
+    ix[j] = vi{};
   }
-  // Each lane keeps its first maximum (strict >); NaN never compares greater. The tail is
-  // padded with -inf: never a max, and kept out of the sum.
+  // Each lane keeps its first maximum (strict >); NaN never compares greater. ix holds the
+  // start of the block where the lane's maximum is (the index is that + the lane): one
+  // broadcast per block instead of a running index per register. The tail is padded with
+  // -inf: never a max, and kept out of the sum.
   const auto pass1 = [&](const T* src, std::int64_t at, bool tail) {
+    const vi block = vi{} + static_cast<std::int32_t>(at);
     DPO_PARTS
     for (int j = 0; j < parts; ++j) {
       const vf v = load(src + j * w);
       if constexpr (keep) store(scratch.x + at + j * w, v);
       if constexpr (Metrics) {
-        ix[j] = select((vi)(v > mx[j]), idx[j], ix[j]);
-        zs[j] = zs[j] + (tail ? select((vi)(idx[j] < static_cast<std::int32_t>(n)), v, splat(-0.0f)) : v);
+        ix[j] = select((vi)(v > mx[j]), block, ix[j]);
+        zs[j] = zs[j] + (tail ? select((vi)(block + iota[j] < static_cast<std::int32_t>(n)), v, splat(-0.0f)) : v);
       }
       mx[j] = max_keep(v, mx[j]);
-      idx[j] += lanes;
     }
   };
   for (std::int64_t i = 0; i < full; i += lanes) pass1(z + i, i, false);
@@ -359,7 +361,8 @@ dpo::detail::row_stats<float> chunk_forward(const T* z, std::int64_t n, std::int
   for (int j = 0; j < parts; ++j) {
     std::memcpy(mxl + j * w, &mx[j], sizeof mx[j]);
     std::memcpy(zsl + j * w, &zs[j], sizeof zs[j]);
-    std::memcpy(ixl + j * w, &ix[j], sizeof ix[j]);
+    const vi at = ix[j] + iota[j];
+    std::memcpy(ixl + j * w, &at, sizeof at);
   }
 
   dpo::detail::row_stats<float> c = dpo::detail::row_stats<float>::empty();
