@@ -9,12 +9,14 @@
 //
 // Threads: inside a chunk the units of work are fixed tiles (linear_vocab_tile columns for
 // the logits and dWeight products, linear_row_tile rows for the dHidden product), each
-// computed by one Eigen product of a fixed shape on one thread, and written to memory that
+// computed by one product of a fixed shape on one thread (a call of the GEMM hook,
+// dpo/cpu/gemm.hpp; Eigen by default), and written to memory that
 // tile alone owns. Chunks run in a fixed order. So every output element is formed in an
 // order that depends on the chunk shape only: results are bitwise identical run to run and
 // for every thread count. Eigen's own GEMM threading must be off (it is unless Eigen is built
 // with OpenMP; then define EIGEN_DONT_PARALLELIZE or call Eigen::setNbThreads(1)): its
-// products split work by its thread count, which would make the rounding depend on it.
+// products split work by its thread count, which would make the rounding depend on it. A
+// plugged GEMM owes the same (docs/linear.md, "GEMM hook").
 //
 // Math and memory model: docs/linear.md.
 #pragma once
@@ -33,6 +35,7 @@
 #include "dpo/core/math.hpp"
 #include "dpo/core/shard.hpp"
 #include "dpo/core/transforms.hpp"
+#include "dpo/cpu/gemm.hpp"
 #include "dpo/cpu/parallel.hpp"
 #include "dpo/cpu/rows.hpp"
 #include "dpo/error.hpp"
@@ -61,6 +64,10 @@ struct linear_options {
   /// depend on the chunk shape only through the rounding of the products.
   std::int64_t chunk_rows = 0;
   std::int64_t chunk_vocab = 0;
+  /// The matrix products (dpo/cpu/gemm.hpp): Eigen unless replaced, e.g. by a BLAS. The
+  /// determinism above holds for a plugged GEMM that keeps the rules of docs/linear.md,
+  /// "GEMM hook".
+  linear_gemm gemm;
 };
 
 /// The optional per-token outputs of linear_logps, each [rows] or null (not computed); rows
@@ -95,6 +102,21 @@ inline constexpr std::int64_t linear_default_chunk_vocab = 8192;
 
 using dpo::detail::fail;
 
+/// Fails unless both GEMMs of the hook are set.
+inline void check_gemm(const linear_gemm& g) {
+  if (g.sgemm == nullptr) fail("options.gemm.sgemm is null");
+  if (g.dgemm == nullptr) fail("options.gemm.dgemm is null");
+}
+
+/// C [m, n] (row stride ldc) = op(A) . op(B) + beta * C through the hook, in A (alpha 1):
+/// every product of the head is one call.
+template <class A>
+void gemm(const linear_gemm& g, bool transpose_a, bool transpose_b, std::int64_t m, std::int64_t n,
+          std::int64_t k, const A* a, std::int64_t lda, const A* b, std::int64_t ldb, A beta, A* c,
+          std::int64_t ldc) {
+  g.of<A>()(g.context, transpose_a, transpose_b, m, n, k, A(1), a, lda, b, ldb, beta, c, ldc);
+}
+
 /// Workspace bytes of a [rows, vocab] chunk: the gathered hidden rows, the logits chunk, the
 /// weight chunk converted to A (bf16/half only), and the larger of the forward's row
 /// statistics and the backward's dHidden accumulator; plus the list of counted rows.
@@ -124,6 +146,7 @@ linear_chunking linear_chunks(std::int64_t N, std::int64_t H, std::int64_t V,
     fail("options.chunk_rows = ", opt.chunk_rows, " is invalid: must be >= 0 (0 = from the budget)");
   if (opt.chunk_vocab < 0)
     fail("options.chunk_vocab = ", opt.chunk_vocab, " is invalid: must be >= 0 (0 = from the budget)");
+  check_gemm(opt.gemm);
   const std::int64_t B = opt.workspace_bytes;
   const std::int64_t max_rows = std::max<std::int64_t>(N, 1);
   linear_chunking c;
@@ -222,13 +245,6 @@ void input_ranges(const linear_view<T, L>& v, linear_range* out) {
   out[4] = range_of(v.mask, 1, v.rows, v.rows, "mask");
 }
 
-template <class A>
-using linear_matrix = Eigen::Matrix<A, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-template <class A>
-using linear_map = Eigen::Map<linear_matrix<A>, 0, Eigen::OuterStride<>>;
-template <class A>
-using linear_cmap = Eigen::Map<const linear_matrix<A>, 0, Eigen::OuterStride<>>;
-
 /// An uninitialised buffer of n values (the workspace is written before it is read).
 template <class A>
 std::unique_ptr<A[]> linear_buffer(std::int64_t n) {
@@ -258,6 +274,7 @@ struct linear_pass {
   const linear_view<T, L>& in;
   linear_chunking ch;
   int threads;
+  linear_gemm mm;
   std::int64_t H;
   std::vector<std::int64_t> active;  // counted rows, ascending
   std::unique_ptr<A[]> hb;           // [ch.rows, H]
@@ -266,8 +283,8 @@ struct linear_pass {
   std::int64_t nb = 0;               // rows of the current chunk
   std::int64_t v0 = 0, nv = 0;       // columns of the current chunk
 
-  linear_pass(const linear_view<T, L>& v, const linear_chunking& c, int t)
-      : in(v), ch(c), threads(t), H(v.hidden_cols) {
+  linear_pass(const linear_view<T, L>& v, const linear_chunking& c, int t, const linear_gemm& g)
+      : in(v), ch(c), threads(t), mm(g), H(v.hidden_cols) {
     hb = linear_buffer<A>(ch.rows * H);
     z = linear_buffer<A>(ch.rows * ch.vocab);
     if (convert) wc = linear_buffer<A>(ch.vocab * H);
@@ -302,22 +319,36 @@ struct linear_pass {
 
   std::int64_t tiles() const { return (nv + linear_vocab_tile - 1) / linear_vocab_tile; }
 
-  linear_cmap<A> hidden_block() const { return linear_cmap<A>(hb.get(), nb, H, Eigen::OuterStride<>(H)); }
-  linear_cmap<A> weight_chunk() const {
+  /// The weight chunk [nv, H] in A and its row stride.
+  const A* weight_chunk() const {
     if constexpr (convert) {
-      return linear_cmap<A>(wc.get(), nv, H, Eigen::OuterStride<>(H));
+      return wc.get();
     } else {
-      return linear_cmap<A>(in.weight + v0 * in.weight_stride, nv, H, Eigen::OuterStride<>(in.weight_stride));
+      return in.weight + v0 * in.weight_stride;
     }
   }
-  linear_map<A> logits() { return linear_map<A>(z.get(), nb, nv, Eigen::OuterStride<>(nv)); }
+  std::int64_t weight_chunk_stride() const { return convert ? H : in.weight_stride; }
 
   /// Raw logits of tile k: z[:, j0 : j0 + w) = hb . weight[v0 + j0, v0 + j0 + w)^T, one
   /// product of shape [nb, H] x [H, w] (fixed by the chunk, never by the threads).
   void tile_logits(std::int64_t k, std::int64_t* j0, std::int64_t* w) {
     *j0 = k * linear_vocab_tile;
     *w = std::min(linear_vocab_tile, nv - *j0);
-    logits().middleCols(*j0, *w).noalias() = hidden_block() * weight_chunk().middleRows(*j0, *w).transpose();
+    const std::int64_t ws = weight_chunk_stride();
+    gemm<A>(mm, false, true, nb, *w, H, hb.get(), H, weight_chunk() + *j0 * ws, ws, A(0), z.get() + *j0, nv);
+  }
+
+  /// dWeight of tile [j0, j0 + w) of the chunk: c [w, H] (row stride ldc) = beta * c +
+  /// z[:, j0 : j0 + w)^T . hb, one product of shape [w, nb] x [nb, H].
+  void tile_weight_grad(std::int64_t j0, std::int64_t w, A beta, A* c, std::int64_t ldc) const {
+    gemm<A>(mm, true, false, w, H, nb, z.get() + j0, nv, hb.get(), H, beta, c, ldc);
+  }
+
+  /// dHidden of rows [i0, i0 + h) of the chunk: dh[i0 : i0 + h) += z[i0 : i0 + h) . weight
+  /// chunk, one product of shape [h, nv] x [nv, H].
+  void rows_hidden_grad(std::int64_t i0, std::int64_t h, A* dh) const {
+    gemm<A>(mm, false, false, h, H, nv, z.get() + i0 * nv, nv, weight_chunk(), weight_chunk_stride(), A(1),
+            dh + i0 * H, H);
   }
 
   /// The raw logit u of column j of the chunk from the product's value: + bias.
@@ -398,10 +429,10 @@ void fold_rows(linear_pass<T, L>& p, int threads, OnChunk on_chunk, OnBlock on_b
 
 template <bool Metrics, class T, class L>
 void linear_forward_impl(const linear_view<T, L>& in, const linear_chunking& ch, double* logps,
-                         const linear_outputs& x, double* row_lse, int threads) {
+                         const linear_outputs& x, double* row_lse, int threads, const linear_gemm& mm) {
   using A = acc_t<T>;
   using stats = dpo::detail::row_stats<A>;
-  linear_pass<T, L> p(in, ch, threads);
+  linear_pass<T, L> p(in, ch, threads, mm);
   p.select_counted([&](std::int64_t r) {
     logps[r] = 0;
     row_lse[r] = 0;
@@ -482,11 +513,11 @@ template <bool Entropy, class T, class L, class G>
 void linear_backward_impl(const linear_view<T, L>& in, const linear_chunking& ch,
                           const double* row_lse, const double* grad_logps, const double* entropy,
                           const double* grad_entropy, const linear_grads<T, G>& g, int threads,
-                          const linear_shard_rows* shard = nullptr) {
+                          const linear_gemm& mm, const linear_shard_rows* shard = nullptr) {
   using A = acc_t<T>;
   const dpo::detail::transform_params<A> tp(in.transforms);
   const std::int64_t H = in.hidden_cols;
-  linear_pass<T, L> p(in, ch, threads);
+  linear_pass<T, L> p(in, ch, threads, mm);
   for (std::int64_t r = 0; r < in.rows; ++r) {
     // A row with zero upstream gradients contributes exact zeros: it is skipped, so a NaN in
     // its hidden state cannot reach dWeight through 0 * NaN.
@@ -528,8 +559,7 @@ void linear_backward_impl(const linear_view<T, L>& in, const linear_chunking& ch
       rc[i].ent = Entropy ? static_cast<A>(entropy[r]) : A(0);
       rc[i].y = in.target(r) - (shard != nullptr ? shard->label_offset : 0);
     }
-    linear_map<A> dhm(dh.get(), p.nb, H, Eigen::OuterStride<>(H));
-    if (g.hidden != nullptr) dhm.setZero();
+    if (g.hidden != nullptr) std::fill(dh.get(), dh.get() + p.nb * H, A(0));
     for (std::int64_t c0 = 0; c0 < in.vocab; c0 += ch.vocab) {
       p.select_vocab(c0, std::min(ch.vocab, in.vocab - c0));
       // Tiles: recompute the logits, turn them into dZ in place, then dWeight and dBias of
@@ -575,11 +605,8 @@ void linear_backward_impl(const linear_view<T, L>& in, const linear_chunking& ch
             }
           }
           if constexpr (std::is_same_v<G, A>) {
-            if (g.weight != nullptr) {
-              linear_map<A> dw(g.weight + (p.v0 + j0) * g.weight_stride, w, H,
-                               Eigen::OuterStride<>(g.weight_stride));
-              dw.noalias() += p.logits().middleCols(j0, w).transpose() * p.hidden_block();
-            }
+            if (g.weight != nullptr)
+              p.tile_weight_grad(j0, w, A(1), g.weight + (p.v0 + j0) * g.weight_stride, g.weight_stride);
           }
         }
       });
@@ -588,7 +615,7 @@ void linear_backward_impl(const linear_view<T, L>& in, const linear_chunking& ch
         parallel_tiles(rt, threads, [&](std::int64_t t0, std::int64_t t1) {
           for (std::int64_t t = t0; t < t1; ++t) {
             const std::int64_t i0 = t * linear_row_tile, h = std::min(linear_row_tile, p.nb - i0);
-            dhm.middleRows(i0, h).noalias() += p.logits().middleRows(i0, h) * p.weight_chunk();
+            p.rows_hidden_grad(i0, h, dh.get());
           }
         });
       }
@@ -599,11 +626,11 @@ void linear_backward_impl(const linear_view<T, L>& in, const linear_chunking& ch
           parallel_tiles(p.tiles(), threads, [&](std::int64_t k0, std::int64_t k1) {
             for (std::int64_t k = k0; k < k1; ++k) {
               const std::int64_t j0 = k * linear_vocab_tile, w = std::min(linear_vocab_tile, p.nv - j0);
-              linear_map<A> tmp(p.wc.get() + j0 * H, w, H, Eigen::OuterStride<>(H));
-              tmp.noalias() = p.logits().middleCols(j0, w).transpose() * p.hidden_block();
+              A* tmp = p.wc.get() + j0 * H;
+              p.tile_weight_grad(j0, w, A(0), tmp, H);
               for (std::int64_t j = 0; j < w; ++j) {
                 G* dst = g.weight + (p.v0 + j0 + j) * g.weight_stride;
-                for (std::int64_t c = 0; c < H; ++c) add_to(dst[c], tmp(j, c));
+                for (std::int64_t c = 0; c < H; ++c) add_to(dst[c], tmp[j * H + c]);
               }
             }
           });
@@ -678,9 +705,9 @@ void linear_logps(const linear_view<T, L>& in, double* logps, const linear_outpu
   if (N == 0) return;
   const int threads = detail::resolve_threads(opt.num_threads);
   if (extra.any()) {
-    detail::linear_forward_impl<true>(in, ch, logps, extra, row_lse, threads);
+    detail::linear_forward_impl<true>(in, ch, logps, extra, row_lse, threads, opt.gemm);
   } else {
-    detail::linear_forward_impl<false>(in, ch, logps, extra, row_lse, threads);
+    detail::linear_forward_impl<false>(in, ch, logps, extra, row_lse, threads, opt.gemm);
   }
 }
 
@@ -732,9 +759,9 @@ void linear_backward_checked(const linear_view<T, L>& in, std::int64_t label_bou
   if (N == 0) return;
   const int threads = resolve_threads(opt.num_threads);
   if (grad_entropy != nullptr) {
-    linear_backward_impl<true>(in, ch, row_lse, grad_logps, entropy, grad_entropy, g, threads, shard);
+    linear_backward_impl<true>(in, ch, row_lse, grad_logps, entropy, grad_entropy, g, threads, opt.gemm, shard);
   } else {
-    linear_backward_impl<false>(in, ch, row_lse, grad_logps, nullptr, nullptr, g, threads, shard);
+    linear_backward_impl<false>(in, ch, row_lse, grad_logps, nullptr, nullptr, g, threads, opt.gemm, shard);
   }
 }
 

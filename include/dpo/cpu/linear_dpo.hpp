@@ -16,10 +16,10 @@
 // recomputes the logits. The plan is dpo/core/linear_plan.hpp, shared with CUDA.
 //
 // Determinism: every product has a shape fixed by the chunk plan and is summed by one thread
-// (dpo/cpu/linear.hpp), chunks run in order, and the per-pair results are combined over the
-// whole batch in pair order at the end, exactly as the logits path combines them. Results are
-// bitwise identical run to run and for every thread count; across chunk sizes they agree to
-// the rounding of the products. Math and memory model: docs/linear.md.
+// (dpo/cpu/linear.hpp; one call of the GEMM hook, dpo/cpu/gemm.hpp), chunks run in order,
+// and the per-pair results are combined over the whole batch in pair order at the end,
+// exactly as the logits path combines them. Results are bitwise identical run to run and for
+// every thread count; across chunk sizes they agree to the rounding of the products. Math and memory model: docs/linear.md.
 #pragma once
 
 #include <Eigen/Core>
@@ -71,6 +71,8 @@ struct linear_dpo_options {
   /// three_pass fails (dpo::error) where the plan cannot hold whole pairs or the loss is
   /// batch-coupled; four_pass always recomputes; automatic picks.
   linear_mode mode = linear_mode::automatic;
+  /// The matrix products, as linear_options::gemm (dpo/cpu/gemm.hpp; Eigen unless replaced).
+  linear_gemm gemm;
 };
 
 /// What a call will do: its mode, the rows of its largest logits chunk and the bytes it
@@ -142,14 +144,16 @@ struct linear_chunk {
 
   const linear_head<T>& head;
   int threads;
+  linear_gemm mm;
   std::int64_t H, V, cap, block;
   dpo::detail::transform_params<A> tp;
   bool keep_tg;
   std::unique_ptr<A[]> hb, z, tg, dh, wc;
   std::int64_t nb = 0;
 
-  linear_chunk(const linear_head<T>& h, std::int64_t rows, bool backward, bool hidden_grad, int t)
-      : head(h), threads(t), H(h.hidden), V(h.vocab), cap(rows), tp(h.transforms),
+  linear_chunk(const linear_head<T>& h, std::int64_t rows, bool backward, bool hidden_grad, int t,
+               const linear_gemm& g)
+      : head(h), threads(t), mm(g), H(h.hidden), V(h.vocab), cap(rows), tp(h.transforms),
         keep_tg(backward && h.transforms.softcap != 0.0) {
     block = convert ? std::min<std::int64_t>(V, dpo::detail::linear_convert_block) : V;
     hb = linear_buffer<A>(cap * H);
@@ -166,19 +170,17 @@ struct linear_chunk {
     gather_rows(base, stride, [&](std::int64_t i) { return rows[i]; }, n, H, hb.get() + at * H, threads);
   }
 
-  linear_map<A> logits() { return linear_map<A>(z.get(), nb, V, Eigen::OuterStride<>(V)); }
-  linear_cmap<A> hidden_block() const { return linear_cmap<A>(hb.get(), nb, H, Eigen::OuterStride<>(H)); }
-
-  /// The weight rows [c0, c0 + n) as a matrix in A (converted into wc for bf16 / half).
-  linear_cmap<A> weight_block(std::int64_t c0, std::int64_t n) {
+  /// The weight rows [c0, c0 + n) in A (converted into wc for bf16 / half); their row
+  /// stride is weight_stride().
+  const A* weight_block(std::int64_t c0, std::int64_t n) {
     if constexpr (convert) {
       gather_rows(head.weight, head.weight_stride, [&](std::int64_t j) { return c0 + j; }, n, H, wc.get(), threads);
-      return linear_cmap<A>(wc.get(), n, H, Eigen::OuterStride<>(H));
+      return wc.get();
     } else {
-      return linear_cmap<A>(head.weight + c0 * head.weight_stride, n, H,
-                            Eigen::OuterStride<>(head.weight_stride));
+      return head.weight + c0 * head.weight_stride;
     }
   }
+  std::int64_t weight_stride() const { return convert ? H : head.weight_stride; }
 
   /// The logits of the chunk's rows: one product per vocab tile (shape fixed by the chunk),
   /// then bias and transforms per logit; with a cap do/du is kept in tg.
@@ -186,12 +188,13 @@ struct linear_chunk {
     const bool touch = head.bias != nullptr || !tp.identity;
     for (std::int64_t c0 = 0; c0 < V; c0 += block) {
       const std::int64_t n = std::min(block, V - c0);
-      const linear_cmap<A> w = weight_block(c0, n);
+      const A* w = weight_block(c0, n);
+      const std::int64_t ws = weight_stride();
       const std::int64_t tiles = (n + linear_vocab_tile - 1) / linear_vocab_tile;
       parallel_tiles(tiles, threads, [&](std::int64_t k0, std::int64_t k1) {
         for (std::int64_t k = k0; k < k1; ++k) {
           const std::int64_t j0 = k * linear_vocab_tile, wd = std::min(linear_vocab_tile, n - j0);
-          logits().middleCols(c0 + j0, wd).noalias() = hidden_block() * w.middleRows(j0, wd).transpose();
+          gemm<A>(mm, false, true, nb, wd, H, hb.get(), H, w + j0 * ws, ws, A(0), z.get() + c0 + j0, V);
           if (!touch) continue;
           for (std::int64_t i = 0; i < nb; ++i) {
             A* zr = z.get() + i * V + c0 + j0;
@@ -225,17 +228,17 @@ struct linear_chunk {
         }
       });
     }
-    linear_map<A> dhm(dh.get(), dh ? nb : 0, H, Eigen::OuterStride<>(H));
-    if (dh) dhm.setZero();
+    if (dh) std::fill(dh.get(), dh.get() + nb * H, A(0));
     for (std::int64_t c0 = 0; c0 < V; c0 += block) {
       const std::int64_t n = std::min(block, V - c0);
-      const linear_cmap<A> w = weight_block(c0, n);
+      const A* w = weight_block(c0, n);
+      const std::int64_t ws = weight_stride();
       if (dh) {
         const std::int64_t rt = (nb + linear_row_tile - 1) / linear_row_tile;
         parallel_tiles(rt, threads, [&](std::int64_t t0, std::int64_t t1) {
           for (std::int64_t t = t0; t < t1; ++t) {
             const std::int64_t i0 = t * linear_row_tile, h = std::min(linear_row_tile, nb - i0);
-            dhm.middleRows(i0, h).noalias() += logits().block(i0, c0, h, n) * w;
+            gemm<A>(mm, false, false, h, H, n, z.get() + i0 * V + c0, V, w, ws, A(1), dh.get() + i0 * H, H);
           }
         });
       }
@@ -253,16 +256,15 @@ struct linear_chunk {
           }
           if (gw == nullptr) continue;
           if constexpr (std::is_same_v<G, A>) {
-            linear_map<A> dw(gw + j0 * gw_stride, wd, H, Eigen::OuterStride<>(gw_stride));
-            dw.noalias() += logits().middleCols(j0, wd).transpose() * hidden_block();
+            gemm<A>(mm, true, false, wd, H, nb, z.get() + j0, V, hb.get(), H, A(1), gw + j0 * gw_stride, gw_stride);
           } else {
             // G is bf16 / half: the product in A into this tile's rows of the converted weight
             // block (no longer needed by this block), then one rounding per element.
-            linear_map<A> tmp(wc.get() + (j0 - c0) * H, wd, H, Eigen::OuterStride<>(H));
-            tmp.noalias() = logits().middleCols(j0, wd).transpose() * hidden_block();
+            A* tmp = wc.get() + (j0 - c0) * H;
+            gemm<A>(mm, true, false, wd, H, nb, z.get() + j0, V, hb.get(), H, A(0), tmp, H);
             for (std::int64_t j = 0; j < wd; ++j) {
               G* dst = gw + (j0 + j) * gw_stride;
-              for (std::int64_t c = 0; c < H; ++c) add_to(dst[c], tmp(j, c));
+              for (std::int64_t c = 0; c < H; ++c) add_to(dst[c], tmp[j * H + c]);
             }
           }
         }
@@ -310,10 +312,10 @@ linear_plan_in plan_in(const linear_head<T>& head, const linear_dpo_options& opt
 template <class T, class L>
 void forward_all_rows(const hidden_pairs<T, L>& in, const linear_head<T>& head,
                       const side_map* maps, std::int64_t rows, bool metrics, int threads,
-                      row_values* out) {
+                      const linear_gemm& mm, row_values* out) {
   using A = acc_t<T>;
   rows = std::max<std::int64_t>(1, std::min(rows, std::max(maps[0].rows(), maps[1].rows())));
-  linear_chunk<T> ch(head, rows, false, false, threads);
+  linear_chunk<T> ch(head, rows, false, false, threads, mm);
   const token_view<T, L>* sides[2] = {&in.pairs.chosen, &in.pairs.rejected};
   for (int s = 0; s < 2; ++s) {
     const side_map& m = maps[s];
@@ -459,6 +461,7 @@ plan_rows<T> plan_chunks(const linear_head<T>& head, std::int64_t N, bool hidden
     fail("options.workspace_bytes = ", opt.workspace_bytes, " is invalid: must be >= 0");
   if (opt.chunk_rows < 0)
     fail("options.chunk_rows = ", opt.chunk_rows, " is invalid: must be >= 0 (0 = from the budget)");
+  check_gemm(opt.gemm);
   plan_rows<T> p;
   const linear_plan_in f = plan_in(head, opt, false, false);
   p.four = std::min(dpo::detail::linear_max_chunk_rows(f), std::max<std::int64_t>(N, 1));
@@ -507,6 +510,7 @@ inline linear_options linear_options_of(const linear_dpo_options& o) {
   lo.num_threads = o.num_threads;
   lo.workspace_bytes = o.workspace_bytes;
   lo.chunk_rows = o.chunk_rows;
+  lo.gemm = o.gemm;
   return lo;
 }
 
@@ -575,12 +579,12 @@ void recompute_backward(const hidden_pairs<T, L>& in, const linear_head<T>& head
 /// The reference's sequence log-probs (LD-DPO weighted as the policy's), forward only.
 template <class T, class L>
 void reference_from_hidden(const hidden_pairs<T, L>& ref, const linear_head<T>& head,
-                           double ld_alpha, std::int64_t rows, int threads,
+                           double ld_alpha, std::int64_t rows, int threads, const linear_gemm& mm,
                            std::vector<double>& chosen, std::vector<double>& rejected) {
   using A = acc_t<T>;
   const side_map maps[2] = {map_side(ref.pairs.chosen), map_side(ref.pairs.rejected)};
   row_values rv[2];
-  forward_all_rows(ref, head, maps, rows, false, threads, rv);
+  forward_all_rows(ref, head, maps, rows, false, threads, mm, rv);
   const batch_sequences s = sequence_stage(mapped_pairs<A>(maps[0], maps[1], head.vocab), rv[0], rv[1], ld_alpha, false);
   chosen = s.sc.logp;
   rejected = s.sr.logp;
@@ -615,11 +619,11 @@ template <class T, class L>
 void forward_four(const hidden_pairs<T, L>& policy, const linear_head<T>& head,
                   const side_map* maps, const double* ref_chosen, const double* ref_rejected,
                   const loss_config& cfg, const forward_outputs& out, bool metrics,
-                  std::int64_t rows, int threads, std::vector<double>* lse,
+                  std::int64_t rows, int threads, const linear_gemm& mm, std::vector<double>* lse,
                   std::vector<double>* coef) {
   using A = acc_t<T>;
   row_values rv[2];
-  forward_all_rows(policy, head, maps, rows, metrics, threads, rv);
+  forward_all_rows(policy, head, maps, rows, metrics, threads, mm, rv);
   const pair_view<A, std::int64_t> pv = mapped_pairs<A>(maps[0], maps[1], head.vocab);
   const batch_sequences s = sequence_stage(pv, rv[0], rv[1], cfg.ld_alpha, metrics);
   std::vector<double> gc, gr;
@@ -644,7 +648,7 @@ void fused_three(const hidden_pairs<T, L>& policy, const linear_head<T>& head,
                  const side_map* maps, const double* ref_chosen, const double* ref_rejected,
                  const loss_config& cfg, const forward_outputs& out,
                  const linear_dpo_grads<T, G>& g, double grad_output, bool metrics,
-                 std::int64_t max_rows, int threads) {
+                 std::int64_t max_rows, int threads, const linear_gemm& mm) {
   using A = acc_t<T>;
   const std::int64_t P = policy.num_pairs(), V = head.vocab;
   const bool needs_ref = dpo::detail::needs_reference(cfg);
@@ -673,7 +677,7 @@ void fused_three(const hidden_pairs<T, L>& policy, const linear_head<T>& head,
   // The workspace holds the largest chunk actually cut, not the most the budget allows.
   const std::int64_t largest = std::max<std::int64_t>(
       1, dpo::detail::linear_largest_chunk(rows_of_pair.data(), P, max_rows));
-  linear_chunk<T> ch(head, largest, true, gh[0] != nullptr || gh[1] != nullptr, threads);
+  linear_chunk<T> ch(head, largest, true, gh[0] != nullptr || gh[1] != nullptr, threads, mm);
   zero_row_state(policy, out);
   if (!g.accumulate_hidden) zero_hidden_rows(policy, g, false);
   for (std::int64_t p0 = 0, p1 = 0; p0 < P; p0 = p1) {
@@ -769,12 +773,12 @@ void fused(const hidden_pairs<T, L>& policy, const linear_head<T>& head, const d
   const int threads = resolve_threads(opt.num_threads);
   if (mode == linear_mode::three_pass) {
     fused_three(policy, head, maps, ref_chosen, ref_rejected, cfg, out, g, grad_output, metrics,
-                plan.three, threads);
+                plan.three, threads, opt.gemm);
     return;
   }
   std::vector<double> lse[2], coef[2];
   forward_four(policy, head, maps, ref_chosen, ref_rejected, cfg, out, metrics, plan.four, threads,
-               lse, coef);
+               opt.gemm, lse, coef);
   for (int s = 0; s < 2; ++s)
     for (double& c : coef[s]) c = dpo::detail::times(c, grad_output);
   recompute_backward(policy, head, maps, lse, coef, g, opt);
@@ -898,7 +902,7 @@ void linear_dpo(const hidden_pairs<T, L>& policy, const linear_head<T>& head,
   std::vector<double> rc, rr;
   if (dpo::detail::needs_reference(cfg))
     detail::reference_from_hidden(ref, ref_head, cfg.ld_alpha, ref_plan.four,
-                                  detail::resolve_threads(opt.num_threads), rc, rr);
+                                  detail::resolve_threads(opt.num_threads), opt.gemm, rc, rr);
   detail::fused(policy, head, rc.empty() ? nullptr : rc.data(), rr.empty() ? nullptr : rr.data(), cfg,
                 out, g, grad_output, opt, plan, maps, mode);
 }
@@ -921,7 +925,7 @@ void linear_dpo_forward(const hidden_pairs<T, L>& policy, const linear_head<T>& 
   std::vector<double> lse[2], coef[2];
   detail::forward_four(policy, head, maps, ref_chosen, ref_rejected, cfg, out,
                        opt.metrics || cfg.use_weighting, plan.four,
-                       detail::resolve_threads(opt.num_threads), lse, coef);
+                       detail::resolve_threads(opt.num_threads), opt.gemm, lse, coef);
 }
 
 /// linear_dpo_forward with the reference from hidden states (as the fused overload).
@@ -939,7 +943,7 @@ void linear_dpo_forward(const hidden_pairs<T, L>& policy, const linear_head<T>& 
   std::vector<double> rc, rr;
   if (dpo::detail::needs_reference(cfg))
     detail::reference_from_hidden(ref, ref_head, cfg.ld_alpha, ref_plan.four,
-                                  detail::resolve_threads(opt.num_threads), rc, rr);
+                                  detail::resolve_threads(opt.num_threads), opt.gemm, rc, rr);
   linear_dpo_forward(policy, head, rc.empty() ? nullptr : rc.data(), rr.empty() ? nullptr : rr.data(),
                      cfg, out, opt);
 }
@@ -993,7 +997,8 @@ void linear_pair_logps(const hidden_pairs<T, L>& in, const linear_head<T>& head,
     detail::fail(chosen == nullptr ? "chosen" : "rejected", " is null");
   const detail::plan_rows<T> plan = detail::plan_chunks(head, detail::layout_rows(in), false, false, opt);
   std::vector<double> rc, rr;
-  detail::reference_from_hidden(in, head, ld_alpha, plan.four, detail::resolve_threads(opt.num_threads), rc, rr);
+  detail::reference_from_hidden(in, head, ld_alpha, plan.four, detail::resolve_threads(opt.num_threads), opt.gemm,
+                                rc, rr);
   std::copy(rc.begin(), rc.end(), chosen);
   std::copy(rr.begin(), rr.end(), rejected);
 }

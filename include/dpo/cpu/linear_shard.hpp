@@ -51,10 +51,10 @@ void check_linear_shard(const linear_view<T, L>& v, const vocab_shard& sh) {
 
 template <bool Metrics, class T, class L>
 void linear_shard_partials_impl(const linear_view<T, L>& in, const vocab_shard& sh, const linear_chunking& ch,
-                                double* records, double* row_max, int threads) {
+                                double* records, double* row_max, int threads, const linear_gemm& mm) {
   using A = acc_t<T>;
   using stats = dpo::detail::row_stats<A>;
-  linear_pass<T, L> p(in, ch, threads);
+  linear_pass<T, L> p(in, ch, threads, mm);
   p.select_counted([&](std::int64_t r) {
     dpo::detail::empty_shard_record(records + r * shard_fields);
     if (row_max != nullptr) row_max[r] = -INFINITY;
@@ -137,9 +137,9 @@ void linear_shard_partials(const linear_view<T, L>& shard, const vocab_shard& sh
   if (records == nullptr) detail::fail("records is null");
   const int threads = detail::resolve_threads(opt.num_threads);
   if (metrics) {
-    detail::linear_shard_partials_impl<true>(shard, sh, ch, records, row_max, threads);
+    detail::linear_shard_partials_impl<true>(shard, sh, ch, records, row_max, threads, opt.gemm);
   } else {
-    detail::linear_shard_partials_impl<false>(shard, sh, ch, records, row_max, threads);
+    detail::linear_shard_partials_impl<false>(shard, sh, ch, records, row_max, threads, opt.gemm);
   }
 }
 
