@@ -9,9 +9,10 @@ present; otherwise the build is CPU-only. Environment:
   EIGEN3_INCLUDE_DIR     Eigen headers (default /usr/include/eigen3, Debian's libeigen3-dev)
   DPO_KERNELS_NATIVE=0|1 add -march=native (default 0). Not needed for speed: the CPU row
                          kernels are compiled for SSE2, AVX2 and AVX-512 and pick the best one
-                         the running CPU has (docs/performance.md, "Instruction sets"), so the
-                         default build is a portable x86-64 wheel at native speed. 1 ties the
-                         extension to CPUs like the build machine's.
+                         the running CPU has (docs/performance.md, "Instruction sets"), and so
+                         are the fused head's GEMMs (csrc/gemm_isa.h), so the default build is
+                         a portable x86-64 wheel at native speed. 1 ties the extension to CPUs
+                         like the build machine's.
   DPO_KERNELS_CUDA_ARCHS compute capabilities of the CUDA kernels, as numbers joined by ';'
                          (default "80;90": A100 and H100/H200)
   MAX_JOBS               parallel compile jobs (torch's variable)
@@ -103,6 +104,33 @@ def _shared_libstdcxx_args(torch_module) -> list:
     return [f"-L{lib_dir}", "-l:libstdc++.so.6"]
 
 
+# The fused head's Eigen GEMM compiled once more per instruction set, each file with its own
+# flags (csrc/gemm_isa.h; csrc/gemm_select.cpp picks one at run time). x86-64 with GCC or
+# Clang only, as the row kernels' variants (include/dpo/cpu/isa.hpp).
+_GEMM_VARIANTS = {
+    "avx2": ["-mavx2", "-mfma", "-mf16c"],
+    "avx512": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl"],
+}
+
+
+def _gemm_variants() -> dict:
+    import platform
+    import sysconfig
+
+    if platform.machine().lower() not in ("x86_64", "amd64") or sysconfig.get_platform().startswith("win"):
+        return {}
+    return _GEMM_VARIANTS
+
+
+def _cxx_flags() -> list:
+    cxx = ["-O3", "-DNDEBUG", "-Wno-unused-parameter"]
+    if os.environ.get("DPO_KERNELS_NATIVE", "0") == "1":
+        cxx.append("-march=native")
+    if _gemm_variants():
+        cxx.append("-DDPO_KERNELS_GEMM_VARIANTS")
+    return cxx
+
+
 def _extensions():
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, CppExtension, CUDAExtension
@@ -110,11 +138,10 @@ def _extensions():
     if not (REPO / "include" / "dpo" / "dpo.hpp").exists():
         raise RuntimeError(f"{REPO / 'include'} not found: build from a checkout of the dpo repository")
     include_dirs = [str(REPO / "include"), str(REPO / "kernels"), str(HERE / "csrc"), _eigen_dir()]
-    sources = ["csrc/ops.cpp", "csrc/cpu.cpp", "csrc/shard.cpp", "csrc/linear.cpp", "csrc/linear_dpo.cpp"]
+    sources = ["csrc/ops.cpp", "csrc/cpu.cpp", "csrc/shard.cpp", "csrc/linear.cpp", "csrc/linear_dpo.cpp",
+               "csrc/gemm_select.cpp"]
     link = _shared_libstdcxx_args(torch)
-    cxx = ["-O3", "-DNDEBUG", "-Wno-unused-parameter"]
-    if os.environ.get("DPO_KERNELS_NATIVE", "0") == "1":
-        cxx.append("-march=native")
+    cxx = _cxx_flags()
     if _want_cuda(torch.version.cuda is not None, CUDA_HOME):
         # No -std: torch passes its own standard to g++ and nvcc alike (C++17 in torch 2.11,
         # C++20 in 2.15), and every translation unit of the extension must use the same one.
@@ -134,7 +161,23 @@ def _extensions():
 def _cmdclass():
     from torch.utils.cpp_extension import BuildExtension
 
-    return {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    class Build(BuildExtension):
+        """torch's build, plus the GEMM variant files compiled first, each with its own flags
+        (an extension has one set of flags for all its sources), linked in as objects."""
+
+        def build_extension(self, ext):
+            objects = []
+            for level, flags in _gemm_variants().items():
+                source = str(HERE / "csrc" / f"gemm_{level}.cpp")
+                objects += self.compiler.compile([source], output_dir=self.build_temp, include_dirs=ext.include_dirs,
+                                                 extra_postargs={"cxx": _cxx_flags() + flags})
+            # After the extension's own objects on the link line: where a weak symbol the
+            # variant files share with them (from the C++ library's headers) was not inlined,
+            # the linker keeps the baseline copy (gemm_isa.h: Eigen itself is renamed).
+            ext.extra_objects = list(ext.extra_objects or []) + objects
+            super().build_extension(ext)
+
+    return {"build_ext": Build.with_options(use_ninja=True)}
 
 
 setup(version=_version(), ext_modules=_extensions(), cmdclass=_cmdclass())

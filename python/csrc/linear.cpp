@@ -16,6 +16,7 @@
 #include <string>
 
 #include "common.h"
+#include "gemm_isa.h"
 #include "head.h"
 #include "dpo/cpu/linear.hpp"
 #include "dpo/cpu/linear_shard.hpp"
@@ -88,6 +89,7 @@ void run_head(Fn&& fn) {
 dpo::cpu::linear_options head_options(std::int64_t workspace_bytes) {
   dpo::cpu::linear_options o;
   o.num_threads = at::get_num_threads();
+  o.gemm = cpu_gemm();
   TORCH_CHECK_VALUE(workspace_bytes >= 0, "workspace_bytes = ", workspace_bytes, " is invalid: must be >= 0");
   o.workspace_bytes = workspace_bytes;
   return o;

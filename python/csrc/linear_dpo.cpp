@@ -18,6 +18,7 @@
 #include <string>
 
 #include "common.h"
+#include "gemm_isa.h"
 #include "head.h"
 #include "forward_outputs.h"
 #include "dpo/core/metrics.hpp"
@@ -200,6 +201,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const grad_tensors gt(l, hidden, w, b, need_hidden, need_weight, need_bias);
   dpo::cpu::linear_dpo_options opt;
   opt.num_threads = at::get_num_threads();
+  opt.gemm = cpu_gemm();
   opt.metrics = compute_metrics;
   opt.workspace_bytes = workspace_bytes;
   dispatch_head(l.hidden.scalar_type(), l.labels.scalar_type(), [&](auto* tp, auto* lp) {
@@ -262,6 +264,7 @@ at::Tensor row_state(const at::Tensor& t, std::int64_t rows, std::int64_t width,
 dpo::cpu::linear_dpo_options shard_options(bool metrics, std::int64_t workspace_bytes) {
   dpo::cpu::linear_dpo_options o;
   o.num_threads = at::get_num_threads();
+  o.gemm = cpu_gemm();
   o.metrics = metrics;
   o.workspace_bytes = workspace_bytes;
   return o;
