@@ -1,17 +1,27 @@
 // Copyright 2026 The dpo Authors. SPDX-License-Identifier: Apache-2.0
 //
-// The checks shared by the fused LM-head operators (linear.cpp, linear_dpo.cpp): a head
-// (weight [V, H], optional bias [V]) against its hidden states, and the logit transforms.
+// What the CPU and CUDA kernels of the fused LM-head operators share (linear.cpp,
+// linear_dpo.cpp, cuda_linear.cu): the checks of a head (weight [V, H], optional bias [V])
+// against its hidden states, the logit transforms, the inputs lowered to the core's views
+// (dpo/core/linear_view.hpp, the same structs on both backends) and the output tensors.
+// Nothing here reads tensor data on the host: a backend that can (the CPU) adds its own checks
+// of device data (cu_seqlens), the CUDA backend leaves them to the kernels' error word.
+// No Eigen and no CUDA here: each backend names its 16-bit element types (dispatch_head).
 #pragma once
 
 #include <ATen/ATen.h>
-#include <Eigen/Core>
 #include <c10/util/Exception.h>
 
 #include <cmath>
+#include <limits>
 #include <optional>
+#include <stdexcept>
+#include <string>
+#include <tuple>
+#include <type_traits>
 
 #include "common.h"
+#include "forward_outputs.h"
 #include "dpo/core/linear_view.hpp"
 
 namespace dpo_kernels {
@@ -22,6 +32,21 @@ inline void check_same(const at::Tensor& t, const at::Tensor& hidden, const char
                    " has ", hidden.scalar_type(), ": they must match");
   TORCH_CHECK_VALUE(t.device() == hidden.device(), name, " is on ", t.device(), " but ", of, " is on ",
                     hidden.device());
+}
+
+/// The kernel of backend `type` (CPU, CUDA) runs only on tensors of that device type.
+inline void check_backend(const at::Tensor& hidden, const char* name, c10::DeviceType type) {
+  TORCH_CHECK_VALUE(hidden.device().type() == type, name, " is on ", hidden.device(), ": this kernel is the ",
+                    c10::DeviceTypeName(type), " one");
+}
+
+/// What the NotImplementedError of an op without a CUDA kernel says about this build.
+inline const char* cuda_note() {
+#ifdef DPO_KERNELS_WITH_CUDA
+  return "the vocabulary-sharded ops of the fused head run on the CPU only";
+#else
+  return "built without CUDA: rebuild with DPO_KERNELS_CUDA=1 where nvcc and a CUDA build of torch are present";
+#endif
 }
 
 /// A head (weight [V, H], optional bias [V]) checked against hidden's dtype, device and size.
@@ -55,7 +80,8 @@ inline dpo::logit_transforms checked_transforms(double temperature, std::optiona
   return tr;
 }
 
-/// The head of a weight [V, H] (unit element stride) and optional bias [V] (undefined: none).
+/// The head of a weight [V, H] (unit element stride) and optional bias [V] (undefined: none);
+/// T is the backend's element type of their dtype.
 template <class T>
 dpo::linear_head<T> head_of(const at::Tensor& weight, const at::Tensor& bias, const dpo::logit_transforms& tr) {
   return dpo::make_linear_head(reinterpret_cast<const T*>(weight.data_ptr()), weight.size(0), weight.size(1),
@@ -64,8 +90,8 @@ dpo::linear_head<T> head_of(const at::Tensor& weight, const at::Tensor& bias, co
 }
 
 /// The head's parameter gradients: dWeight [V, H] and dBias [V], zero-filled in the
-/// accumulation type (float64 for float64 heads, else float32; undefined when not needed),
-/// returned in the weight's dtype.
+/// accumulation type (float64 for float64 heads, else float32; undefined when not needed) on
+/// the weight's device, returned in the weight's dtype.
 struct head_grad_tensors {
   at::Tensor weight, bias;
   at::ScalarType dtype;
@@ -93,18 +119,377 @@ struct head_grad_tensors {
   }
 };
 
-/// Calls fn(T*, L*) with null pointers of the head's element type (hidden's dtype) and the
-/// label type.
-template <class Fn>
+/// Calls fn(T*, L*) with null pointers of the head's element type (hidden's dtype: float,
+/// double, Types::bf16 or Types::f16, the backend's 16-bit types) and the label type.
+template <class Types, class Fn>
 void dispatch_head(at::ScalarType t, at::ScalarType label, Fn&& fn) {
   const auto with_label = [&](auto* tp) { dispatch_label(label, [&](auto* lp) { fn(tp, lp); }); };
   switch (t) {
     case at::kFloat: return with_label(static_cast<float*>(nullptr));
     case at::kDouble: return with_label(static_cast<double*>(nullptr));
-    case at::kBFloat16: return with_label(static_cast<Eigen::bfloat16*>(nullptr));
-    case at::kHalf: return with_label(static_cast<Eigen::half*>(nullptr));
+    case at::kBFloat16: return with_label(static_cast<typename Types::bf16*>(nullptr));
+    case at::kHalf: return with_label(static_cast<typename Types::f16*>(nullptr));
     default: TORCH_CHECK_TYPE(false, "unsupported hidden dtype ", t);
   }
 }
+
+// ---- linear_logprobs / linear_logprobs_backward -------------------------------------------------
+
+/// The validated inputs of a linear-head call, lowered to unit-stride rows.
+struct linear_args {
+  at::Tensor hidden, weight, bias, targets;
+  std::int64_t N = 0, H = 0, V = 0;
+  dpo::logit_transforms tr;
+};
+
+/// t itself when its rows are usable in place (the head reads rows with a stride, elements
+/// with unit stride), else a contiguous copy.
+inline at::Tensor unit_stride_rows(const at::Tensor& t) {
+  return t.stride(-1) == 1 && (t.size(0) <= 1 || t.stride(0) >= t.size(1)) ? t : t.contiguous();
+}
+
+/// The checks of linear_logprobs' arguments (TypeError / ValueError naming the argument), for
+/// the kernel of backend `type`.
+inline linear_args check_linear(const at::Tensor& hidden, const at::Tensor& weight,
+                                const std::optional<at::Tensor>& bias, const at::Tensor& targets, double temperature,
+                                std::optional<double> softcap, double logit_scale, c10::DeviceType type) {
+  TORCH_CHECK_VALUE(hidden.dim() == 2, "hidden must be 2-D [N, H], got shape ", hidden.sizes());
+  TORCH_CHECK_TYPE(is_floating(hidden.scalar_type()), "hidden must be float32, float64, bfloat16 or float16, got ",
+                   hidden.scalar_type());
+  check_head_tensors(weight, bias, hidden, "weight", "bias", "hidden");
+  TORCH_CHECK_VALUE(hidden.size(1) >= 1, "hidden has hidden size 0: shape ", hidden.sizes());
+  TORCH_CHECK_TYPE(targets.scalar_type() == at::kLong || targets.scalar_type() == at::kInt,
+                   "targets must be int64 or int32, got ", targets.scalar_type());
+  TORCH_CHECK_VALUE(targets.dim() == 1 && targets.size(0) == hidden.size(0), "targets must have shape [",
+                    hidden.size(0), "] to match hidden ", hidden.sizes(), ", got ", targets.sizes());
+  TORCH_CHECK_VALUE(targets.device() == hidden.device(), "targets is on ", targets.device(), " but hidden is on ",
+                    hidden.device());
+  const dpo::logit_transforms tr = checked_transforms(temperature, softcap, logit_scale);
+  check_backend(hidden, "hidden", type);
+  linear_args a;
+  a.hidden = unit_stride_rows(hidden);
+  a.weight = unit_stride_rows(weight);
+  if (bias.has_value()) a.bias = bias->contiguous();
+  a.targets = targets.contiguous();
+  a.N = hidden.size(0);
+  a.H = hidden.size(1);
+  a.V = weight.size(0);
+  a.tr = tr;
+  return a;
+}
+
+/// The core's linear_view of checked arguments (T, L: the backend's element and label types).
+template <class T, class L>
+dpo::linear_view<T, L> view_of(const linear_args& a, std::int64_t ignore_index) {
+  return dpo::linear_view_of(reinterpret_cast<const T*>(a.hidden.data_ptr()), a.N,
+                             a.N > 1 ? a.hidden.stride(0) : a.H, head_of<T>(a.weight, a.bias, a.tr),
+                             a.targets.data_ptr<L>(), nullptr, ignore_index);
+}
+
+/// A ValueError with the library's message in the op's names: its `labels` are `targets`.
+[[noreturn]] inline void throw_head_error(std::string msg) {
+  for (std::size_t at = msg.find("labels"); at != std::string::npos; at = msg.find("labels", at))
+    msg.replace(at, 6, "targets");
+  TORCH_CHECK_VALUE(false, msg);
+  throw std::logic_error("unreachable");
+}
+
+/// The workspace budget's check (linear_logprobs' ops accept 0: the library's minimum).
+inline void check_budget(std::int64_t workspace_bytes, std::int64_t least) {
+  TORCH_CHECK_VALUE(workspace_bytes >= least, "workspace_bytes = ", workspace_bytes, " is invalid: must be >= ",
+                    least);
+}
+
+/// linear_logprobs' outputs on hidden's device, float64 until returned: saved ([1 or 2, N]:
+/// the rows' log-sum-exp, then the entropy when requested; what the backward reads), the
+/// log-probs, and the requested extras ([0] when not requested; is_top1 bool). `nan`: start
+/// the float64 ones at NaN (the CUDA kernels write nothing when the device finds a bad label).
+struct logprobs_tensors {
+  at::Tensor saved, logps, lssp, mean, top1;
+  std::int64_t N;
+  bool entropy;
+
+  logprobs_tensors(const at::Tensor& hidden, bool entropy, bool log_sum_sq_probs, bool mean_logits, bool is_top1,
+                   bool nan)
+      : N(hidden.size(0)), entropy(entropy) {
+    const auto dbl = hidden.options().dtype(at::kDouble);
+    const auto make = [&](std::int64_t rows, std::int64_t n) {
+      return nan ? at::full({rows, n}, std::numeric_limits<double>::quiet_NaN(), dbl) : at::empty({rows, n}, dbl);
+    };
+    saved = make(entropy ? 2 : 1, N);
+    logps = make(1, N).view({N});
+    lssp = make(1, log_sum_sq_probs ? N : 0).view({-1});
+    mean = make(1, mean_logits ? N : 0).view({-1});
+    top1 = at::zeros({is_top1 ? N : 0}, hidden.options().dtype(at::kBool));
+  }
+  double* entropy_ptr() const { return entropy ? saved.data_ptr<double>() + N : nullptr; }
+  static double* ptr(const at::Tensor& t) { return t.numel() > 0 ? t.data_ptr<double>() : nullptr; }
+
+  /// (log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1, saved) as the op returns
+  /// them: float32 (float64 for float64 hidden), [0] when not requested.
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> results(
+      const at::Tensor& hidden) const {
+    const auto out = result_dtype(hidden.scalar_type());
+    const auto empty = at::empty({0}, hidden.options().dtype(out));
+    return {logps.to(out), entropy ? saved[1].to(out, /*non_blocking=*/false, /*copy=*/true) : empty, lssp.to(out),
+            mean.to(out), top1, saved};
+  }
+};
+
+/// linear_logprobs_backward's `saved`, checked against the forward's shape and device.
+inline at::Tensor checked_saved(const at::Tensor& saved, const linear_args& a, bool grad_entropy) {
+  TORCH_CHECK_VALUE(saved.scalar_type() == at::kDouble && saved.dim() == 2 && saved.size(1) == a.N &&
+                        saved.size(0) >= 1,
+                    "saved must be the float64 [1 or 2, ", a.N, "] output of linear_logprobs, got ", saved.sizes());
+  TORCH_CHECK_VALUE(saved.device() == a.hidden.device(), "saved is on ", saved.device(), " but hidden is on ",
+                    a.hidden.device());
+  if (grad_entropy)
+    TORCH_CHECK_VALUE(saved.size(0) == 2, "grad_entropy is given but the forward did not compute the entropy");
+  return saved.contiguous();
+}
+
+/// The backward's shared part: the upstream gradients as float64 [N] on hidden's device
+/// (grad_logps zeros when absent, grad_entropy undefined when absent) and the gradient
+/// buffers: dHidden [N, H] in hidden's dtype (`zero_hidden`: zero-filled, for a backend that
+/// may leave rows unwritten) and the head's (head_grad_tensors).
+struct head_backward_tensors {
+  at::Tensor gl, ge, dh;
+  head_grad_tensors head;
+  std::int64_t H;
+  bool need_hidden;
+
+  head_backward_tensors(const linear_args& a, const at::Tensor& weight, const std::optional<at::Tensor>& grad_logps,
+                        const std::optional<at::Tensor>& grad_entropy, bool need_hidden, bool need_weight,
+                        bool need_bias, bool zero_hidden)
+      : head(weight, a.V, need_weight, need_bias && a.bias.defined()), H(a.H), need_hidden(need_hidden) {
+    const auto dbl = a.hidden.options().dtype(at::kDouble);
+    const auto vec = [&](const std::optional<at::Tensor>& g, const char* name) {
+      if (!g.has_value()) return at::Tensor();
+      TORCH_CHECK_VALUE(g->dim() == 1 && g->size(0) == a.N, name, " must have shape [", a.N, "], got ", g->sizes());
+      TORCH_CHECK_VALUE(g->device() == a.hidden.device(), name, " is on ", g->device(), " but hidden is on ",
+                        a.hidden.device());
+      return g->to(at::kDouble).contiguous();
+    };
+    gl = vec(grad_logps, "grad_logps");
+    ge = vec(grad_entropy, "grad_entropy");
+    if (!gl.defined()) gl = at::zeros({a.N}, dbl);
+    const auto hopts = a.hidden.options().memory_format(at::MemoryFormat::Contiguous);
+    if (!need_hidden)
+      dh = at::empty({0}, a.hidden.options());
+    else
+      dh = zero_hidden ? at::zeros({a.N, a.H}, hopts) : at::empty({a.N, a.H}, hopts);
+  }
+  const double* grad_entropy() const { return ge.defined() ? ge.data_ptr<double>() : nullptr; }
+
+  /// The core's gradient targets (T, G: the backend's element and accumulation types).
+  template <class T, class G>
+  dpo::linear_grads<T, G> grads() const {
+    dpo::linear_grads<T, G> g;
+    if (need_hidden) {
+      g.hidden = reinterpret_cast<T*>(dh.data_ptr());
+      g.hidden_stride = H;
+    }
+    g.weight = head.weight_ptr<G>();
+    g.weight_stride = H;
+    g.bias = head.bias_ptr<G>();
+    return g;
+  }
+  /// (dHidden, dWeight, dBias), each [0] when not needed; dWeight / dBias rounded once.
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> results(const at::Tensor& weight) const {
+    return {dh, head.weight_result(weight.options()), head.bias_result(weight.options())};
+  }
+};
+
+// ---- linear_dpo ---------------------------------------------------------------------------------
+
+/// hidden ([2P, T, H] with labels [2P, T], or [N, H] with labels [N] and cu_seqlens [2P + 1])
+/// lowered to contiguous rows; num_seqs = 2P.
+struct hidden_layout {
+  at::Tensor hidden, labels, cu;
+  std::int64_t rows = 0, H = 0, num_seqs = 0, seq_len = 0;
+  bool packed = false;
+};
+
+/// Checks and lowers hidden / labels / cu_seqlens (shapes, dtypes, devices). cu_seqlens'
+/// values are checked here only when it is on the CPU (a CUDA kernel never reads device data
+/// on the host: the library's kernels check it, options.num_rows = rows bounding it).
+inline hidden_layout lower_hidden(const at::Tensor& hidden, const at::Tensor& labels,
+                                  const std::optional<at::Tensor>& cu_seqlens, const char* name) {
+  TORCH_CHECK_TYPE(is_floating(hidden.scalar_type()), name, " must be float32, float64, bfloat16 or float16, got ",
+                   hidden.scalar_type());
+  TORCH_CHECK_TYPE(labels.scalar_type() == at::kLong || labels.scalar_type() == at::kInt,
+                   "labels must be int64 or int32, got ", labels.scalar_type());
+  TORCH_CHECK_VALUE(labels.device() == hidden.device(), "labels is on ", labels.device(), " but ", name, " is on ",
+                    hidden.device());
+  hidden_layout l;
+  l.packed = cu_seqlens.has_value();
+  if (l.packed) {
+    TORCH_CHECK_VALUE(hidden.dim() == 2, name, " must be 2-D [N, H] with cu_seqlens, got shape ", hidden.sizes());
+    TORCH_CHECK_VALUE(labels.dim() == 1 && labels.size(0) == hidden.size(0), "labels must have shape [",
+                      hidden.size(0), "] to match ", name, " ", hidden.sizes(), ", got ", labels.sizes());
+    const at::Tensor& c = *cu_seqlens;
+    TORCH_CHECK_TYPE(c.scalar_type() == at::kLong || c.scalar_type() == at::kInt,
+                     "cu_seqlens must be int64 or int32, got ", c.scalar_type());
+    TORCH_CHECK_VALUE(c.dim() == 1 && c.size(0) >= 1, "cu_seqlens must be 1-D [S + 1], got shape ", c.sizes());
+    TORCH_CHECK_VALUE(c.device() == hidden.device(), "cu_seqlens is on ", c.device(), " but ", name, " is on ",
+                      hidden.device());
+    l.cu = c.to(at::kLong).contiguous();
+    l.num_seqs = c.size(0) - 1;
+    l.rows = hidden.size(0);
+    if (l.cu.device().is_cpu()) {
+      const std::int64_t* cu = l.cu.data_ptr<std::int64_t>();
+      TORCH_CHECK_VALUE(cu[0] >= 0, "cu_seqlens[0] = ", cu[0], " is invalid: must be >= 0");
+      for (std::int64_t s = 0; s < l.num_seqs; ++s)
+        TORCH_CHECK_VALUE(cu[s + 1] >= cu[s], "cu_seqlens must be non-decreasing: cu_seqlens[", s + 1, "] = ",
+                          cu[s + 1], " < cu_seqlens[", s, "] = ", cu[s]);
+      TORCH_CHECK_VALUE(cu[l.num_seqs] <= l.rows, "cu_seqlens[", l.num_seqs, "] = ", cu[l.num_seqs],
+                        " is past the ", l.rows, " rows of ", name);
+    }
+  } else {
+    TORCH_CHECK_VALUE(hidden.dim() == 3, name, " must be 3-D [2P, T, H] (or 2-D [N, H] with cu_seqlens), got shape ",
+                      hidden.sizes());
+    TORCH_CHECK_VALUE(labels.dim() == 2 && labels.size(0) == hidden.size(0) && labels.size(1) == hidden.size(1),
+                      "labels must have shape [", hidden.size(0), ", ", hidden.size(1), "] to match ", name, " ",
+                      hidden.sizes(), ", got ", labels.sizes());
+    l.num_seqs = hidden.size(0);
+    l.seq_len = hidden.size(1);
+    l.rows = l.num_seqs * l.seq_len;
+  }
+  l.H = hidden.size(-1);
+  TORCH_CHECK_VALUE(l.H >= 1, name, " has hidden size 0: shape ", hidden.sizes());
+  TORCH_CHECK_VALUE(l.num_seqs >= 2 && l.num_seqs % 2 == 0, name, " must hold an even number 2P >= 2 of sequences ",
+                    "(chosen then rejected), got ", l.num_seqs);
+  l.hidden = hidden.reshape({l.rows, l.H}).contiguous();
+  l.labels = labels.reshape({l.rows}).contiguous();
+  return l;
+}
+
+/// The core's pairs of a layout (TRL's concatenated order; T, L: the backend's types).
+template <class T, class L>
+dpo::hidden_pairs<T, L> pairs_of(const hidden_layout& l, std::int64_t ignore_index) {
+  const T* h = reinterpret_cast<const T*>(l.hidden.data_ptr());
+  const L* lab = l.labels.data_ptr<L>();
+  if (l.packed)
+    return dpo::linear_packed_pairs<T, L>(h, l.H, l.H, lab, l.cu.data_ptr<std::int64_t>(), l.num_seqs, nullptr,
+                                          ignore_index);
+  return dpo::linear_padded_pairs<T, L>(h, l.H, l.H, lab, l.num_seqs, l.seq_len, nullptr, ignore_index);
+}
+
+/// A per-pair float64 vector argument ([P], hidden's device), undefined when absent.
+inline at::Tensor pair_vector(const std::optional<at::Tensor>& t, std::int64_t P, const at::Tensor& hidden,
+                              const char* name) {
+  if (!t.has_value()) return at::Tensor();
+  TORCH_CHECK_TYPE(is_floating(t->scalar_type()), name, " must be a floating tensor, got ", t->scalar_type());
+  TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == P, name, " must have shape [", P, "] (one per pair), got ",
+                    t->sizes());
+  TORCH_CHECK_VALUE(t->device() == hidden.device(), name, " is on ", t->device(), " but hidden is on ",
+                    hidden.device());
+  return t->to(at::kDouble).contiguous();
+}
+
+inline const double* doubles(const at::Tensor& t) { return t.defined() ? t.data_ptr<double>() : nullptr; }
+
+/// The gradient outputs of the DPO-from-hidden ops: dHidden [rows, H] in hidden's dtype (one
+/// zero-filled buffer for both sides; [0] when not needed) and the head's (head_grad_tensors).
+struct grad_tensors {
+  at::Tensor dh;
+  head_grad_tensors head;
+  std::int64_t H = 0;
+  bool need_hidden = false;
+
+  grad_tensors(const hidden_layout& l, const at::Tensor& hidden, const at::Tensor& w, const at::Tensor& b,
+               bool need_hidden, bool need_weight, bool need_bias)
+      : dh(need_hidden ? at::zeros({l.rows, l.H}, hidden.options()) : at::empty({0}, hidden.options())),
+        head(w, w.size(0), need_weight, need_bias && b.defined()),
+        H(l.H),
+        need_hidden(need_hidden) {}
+
+  template <class T, class G>
+  dpo::linear_dpo_grads<T, G> grads() const {
+    dpo::linear_dpo_grads<T, G> g;
+    if (need_hidden) {
+      g.chosen_hidden = g.rejected_hidden = reinterpret_cast<T*>(dh.data_ptr());
+      g.chosen_hidden_stride = g.rejected_hidden_stride = H;
+    }
+    g.weight = head.weight_ptr<G>();
+    g.weight_stride = H;
+    g.bias = head.bias_ptr<G>();
+    return g;
+  }
+
+  /// dHidden in hidden's shape (when needed), dWeight / dBias rounded once to weight's dtype.
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> result(const at::Tensor& hidden, const at::Tensor& w) const {
+    return {need_hidden ? dh.reshape(hidden.sizes()) : dh, head.weight_result(w.options()),
+            head.bias_result(w.options())};
+  }
+
+  /// linear_dpo's outputs: (loss, metrics, pair values) of `t` in the result dtype (float32;
+  /// float64 for float64 hidden), then result().
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_dpo_results(
+      const pair_result_tensors& t, const at::Tensor& hidden, const at::Tensor& w) const {
+    const auto res = result_dtype(hidden.scalar_type());
+    const auto [dh, dw, db] = result(hidden, w);
+    return {t.loss.to(res), t.metrics.to(res), t.pairs.to(res), dh, dw, db};
+  }
+};
+
+/// The transforms (checked_transforms) and the workspace budget's check.
+inline dpo::logit_transforms transforms_of(double temperature, std::optional<double> softcap, double logit_scale,
+                                           std::int64_t workspace_bytes) {
+  check_budget(workspace_bytes, 1);
+  return checked_transforms(temperature, softcap, logit_scale);
+}
+
+/// linear_dpo's inputs, checked and lowered for the kernel of backend `type`: the policy's
+/// layout and head, the reference (log-probs as float64 [P], or hidden states through a head:
+/// ref_weight / ref_bias, else the policy's), the transforms.
+struct linear_dpo_inputs {
+  hidden_layout l, rl;
+  at::Tensor w, b, rw, rb, rc, rr;
+  dpo::logit_transforms tr;
+  std::int64_t P = 0;
+  bool has_ref_hidden = false;
+
+  linear_dpo_inputs(const dpo::loss_config& cfg, const at::Tensor& hidden, const at::Tensor& weight,
+                    const std::optional<at::Tensor>& bias, const at::Tensor& labels,
+                    const std::optional<at::Tensor>& cu_seqlens,
+                    const std::optional<at::Tensor>& reference_chosen_logps,
+                    const std::optional<at::Tensor>& reference_rejected_logps,
+                    const std::optional<at::Tensor>& ref_hidden, const std::optional<at::Tensor>& ref_weight,
+                    const std::optional<at::Tensor>& ref_bias, double temperature, std::optional<double> softcap,
+                    double logit_scale, std::int64_t workspace_bytes, c10::DeviceType type) {
+    check_backend(hidden, "hidden", type);
+    has_ref_hidden = ref_hidden.has_value();
+    check_references(cfg, reference_chosen_logps.has_value() || has_ref_hidden,
+                     reference_rejected_logps.has_value() || has_ref_hidden);
+    TORCH_CHECK_VALUE(
+        !(has_ref_hidden && (reference_chosen_logps.has_value() || reference_rejected_logps.has_value())),
+        "give either ref_hidden or reference_chosen_logps / reference_rejected_logps, not both");
+    TORCH_CHECK_VALUE(has_ref_hidden || (!ref_weight.has_value() && !ref_bias.has_value()),
+                      "ref_weight / ref_bias are given without ref_hidden");
+    l = lower_hidden(hidden, labels, cu_seqlens, "hidden");
+    check_head_tensors(weight, bias, hidden, "weight", "bias", "hidden");
+    tr = transforms_of(temperature, softcap, logit_scale, workspace_bytes);
+    P = l.num_seqs / 2;
+    rc = pair_vector(reference_chosen_logps, P, hidden, "reference_chosen_logps");
+    rr = pair_vector(reference_rejected_logps, P, hidden, "reference_rejected_logps");
+    if (has_ref_hidden) {
+      check_same(*ref_hidden, hidden, "ref_hidden", "hidden");
+      TORCH_CHECK_VALUE(ref_hidden->sizes() == hidden.sizes(), "ref_hidden must have hidden's shape ",
+                        hidden.sizes(), ", got ", ref_hidden->sizes());
+      rl = lower_hidden(*ref_hidden, labels, cu_seqlens, "ref_hidden");
+      rw = ref_weight.has_value() ? *ref_weight : weight;
+      const std::optional<at::Tensor> rbias = ref_weight.has_value() ? ref_bias : bias;
+      check_head_tensors(rw, rbias, hidden, ref_weight.has_value() ? "ref_weight" : "weight",
+                         ref_weight.has_value() ? "ref_bias" : "bias", "hidden");
+      TORCH_CHECK_VALUE(rw.size(0) == weight.size(0), "ref_weight has vocabulary ", rw.size(0), " but weight has ",
+                        weight.size(0), ": they must match");
+      rw = rw.contiguous();
+      if (rbias.has_value()) rb = rbias->contiguous();
+    }
+    w = weight.contiguous();
+    if (bias.has_value()) b = bias->contiguous();
+  }
+};
 
 }  // namespace dpo_kernels
