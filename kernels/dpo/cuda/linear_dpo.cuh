@@ -426,7 +426,7 @@ __global__ void ldpo_zero_kernel(ldpo_dev<T, L> d, const ldpo_header* h, std::in
     const std::int64_t r0 = v.row_begin(0), r1 = v.row_end(v.num_seqs - 1);
     for (std::int64_t r = r0 + blockIdx.x; r < r1; r += gridDim.x) {
       if (!v.in_sequence(r)) continue;
-      for (std::int64_t c = threadIdx.x; c < H; c += blockDim.x) g[s][r * gs[s] + c] = T(0.0f);
+      for (std::int64_t c = threadIdx.x; c < H; c += blockDim.x) g[s][r * gs[s] + c] = from_acc<T>(acc_t<T>(0));
     }
   }
 }
