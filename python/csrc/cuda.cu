@@ -1,71 +1,31 @@
 // Copyright 2026 The dpo Authors. SPDX-License-Identifier: Apache-2.0
 //
-// CUDA kernels of the dpo_kernels operators: thin adapters from tensors to the dpo::cuda API
-// (kernels/dpo/cuda/dpo.cuh). Each op enqueues work on the current stream with a workspace
-// from the caching allocator and never synchronizes, so the ops can be captured in CUDA
-// graphs. Argument errors (shapes, dtypes, config) raise ValueError before anything runs.
-// Errors in device data (a label outside [0, vocab) that is not ignore_index, a bad
-// cu_seqlens) are found by the kernels and recorded in the workspace's error word; the
-// kernels then write nothing, so the forward ops return NaN loss / metrics / pair values /
-// log-probs and zero row state (gradients are then meaningless). They are NOT raised
-// synchronously: set DPO_KERNELS_CHECK_DEVICE_ERRORS=1 to copy the error word back after
-// every call (a host sync) and raise ValueError.
+// CUDA kernels of the dpo_kernels operators on logits: thin adapters from tensors to the
+// dpo::cuda API (kernels/dpo/cuda/dpo.cuh); the fused LM head's are in cuda_linear.cu. Each
+// op enqueues work on the current stream with a workspace from the caching allocator and
+// never synchronizes, so the ops can be captured in CUDA graphs. Argument errors (shapes,
+// dtypes, config) raise ValueError before anything runs. Errors in device data (a label
+// outside [0, vocab) that is not ignore_index, a bad cu_seqlens) are found by the kernels and
+// recorded in the workspace's error word; the kernels then write nothing, so the forward ops
+// return NaN loss / metrics / pair values / log-probs and zero row state (gradients are then
+// meaningless). They are NOT raised synchronously: set DPO_KERNELS_CHECK_DEVICE_ERRORS=1 to
+// copy the error word back after every call (a host sync) and raise ValueError.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include <cstddef>
-#include <cstdlib>
-#include <cstring>
 #include <limits>
 #include <vector>
 
 #include "common.h"
+#include "cuda_common.cuh"
 #include "forward_outputs.h"
 #include "dpo/cuda/dpo.cuh"
 
 namespace dpo_kernels {
 namespace {
-
-/// The dpo::cuda element types of bfloat16 and float16 tensors (dispatch_views).
-struct cuda_types {
-  using bf16 = __nv_bfloat16;
-  using f16 = __half;
-};
-
-void check_cuda(const at::Tensor& t, const char* name) {
-  TORCH_CHECK_VALUE(t.device().is_cuda(), name, " must be a CUDA tensor here, got ", t.device());
-}
-
-/// Opt-in synchronous check of the device error word (DPO_KERNELS_CHECK_DEVICE_ERRORS=1).
-bool check_device_errors() {
-  static const bool on = [] {
-    const char* e = std::getenv("DPO_KERNELS_CHECK_DEVICE_ERRORS");
-    return e != nullptr && std::strcmp(e, "0") != 0 && e[0] != '\0';
-  }();
-  return on;
-}
-
-void check_status(const dpo::cuda::status& s) { TORCH_CHECK_VALUE(s.ok(), s.message); }
-
-/// Runs a two-phase API call: the size query, a workspace from the caching allocator on
-/// `device`, then the call on the current stream. Returns the workspace (its byte 0 holds
-/// the error word); with DPO_KERNELS_CHECK_DEVICE_ERRORS set, reads the word back (syncs).
-template <class Call>
-at::Tensor run_with_workspace(const at::Device& device, Call&& call) {
-  std::size_t bytes = 0;
-  check_status(call(nullptr, bytes));
-  at::Tensor ws = at::empty({static_cast<std::int64_t>(std::max<std::size_t>(bytes, 16))},
-                            at::TensorOptions().dtype(at::kByte).device(device));
-  check_status(call(ws.data_ptr(), bytes));
-  if (check_device_errors())
-    check_status(dpo::cuda::read_device_error(ws.data_ptr(), at::cuda::getCurrentCUDAStream()));
-  return ws;
-}
 
 dpo::cuda::options cuda_options(const row_layout& l, bool metrics = true) {
   dpo::cuda::options o;
