@@ -86,11 +86,7 @@ void check_head_status(const dpo::cuda::status& s) {
 // rows' log-sum-exp (saved[0]); TRL's other outputs come from the row terms of its metrics
 // pass (those of the fused DPO head): the mean logit, WPO's term logp - log sum_v p_v^2
 // (log_sum_sq_probs = logp minus it) and whether the argmax is the target (is_top1).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_logprobs_cuda(
-    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const at::Tensor& targets, double temperature, std::optional<double> softcap, double logit_scale,
-    bool entropy, bool log_sum_sq_probs, bool mean_logits, bool is_top1, std::int64_t ignore_index,
-    std::int64_t workspace_bytes) {
+DPO_LINEAR_LOGPROBS_KERNEL(linear_logprobs_cuda) {
   const linear_args a =
       check_linear(hidden, weight, bias, targets, temperature, softcap, logit_scale, c10::DeviceType::CUDA);
   check_budget(workspace_bytes, 0);
@@ -126,12 +122,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
 // As linear_logprobs_backward_cpu: the logits recomputed chunk by chunk (dpo::cuda::
 // linear_logps_backward); dHidden starts at zeros (rows the device skips after an error).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_backward_cuda(
-    const std::optional<at::Tensor>& grad_logps, const std::optional<at::Tensor>& grad_entropy,
-    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const at::Tensor& targets, const at::Tensor& saved, double temperature, std::optional<double> softcap,
-    double logit_scale, std::int64_t ignore_index, bool need_hidden, bool need_weight, bool need_bias,
-    std::int64_t workspace_bytes) {
+DPO_LINEAR_LOGPROBS_BACKWARD_KERNEL(linear_logprobs_backward_cuda) {
   const linear_args a =
       check_linear(hidden, weight, bias, targets, temperature, softcap, logit_scale, c10::DeviceType::CUDA);
   const at::Tensor sv = checked_saved(saved, a, grad_entropy.has_value());
@@ -164,19 +155,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_backward_cuda(
 // As linear_dpo_cpu: one call of dpo::cuda::linear_dpo (three passes when its plan allows, four
 // otherwise; packed batches four, see the top of this file), the gradients for grad_output = 1
 // (the autograd formula scales them). Everything starts NaN (pair results) or zero (gradients).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_dpo_cuda(
-    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const at::Tensor& labels, const std::optional<at::Tensor>& cu_seqlens,
-    const std::optional<at::Tensor>& reference_chosen_logps,
-    const std::optional<at::Tensor>& reference_rejected_logps, const std::optional<at::Tensor>& ref_hidden,
-    const std::optional<at::Tensor>& ref_weight, const std::optional<at::Tensor>& ref_bias, double temperature,
-    std::optional<double> softcap, double logit_scale, std::int64_t ignore_index, DPO_CONFIG_PARAMS,
-    bool compute_metrics, bool need_hidden, bool need_weight, bool need_bias, std::int64_t workspace_bytes) {
-  check_backend(hidden, "hidden", c10::DeviceType::CUDA);
-  const dpo::loss_config cfg = make_config(DPO_CONFIG_ARGS);
-  const linear_dpo_inputs in(cfg, hidden, weight, bias, labels, cu_seqlens, reference_chosen_logps,
-                             reference_rejected_logps, ref_hidden, ref_weight, ref_bias, temperature, softcap,
-                             logit_scale, workspace_bytes, c10::DeviceType::CUDA);
+DPO_LINEAR_DPO_KERNEL(linear_dpo_cuda) {
+  const linear_dpo_inputs in(c10::DeviceType::CUDA, DPO_LINEAR_DPO_ARGS);
+  const dpo::loss_config& cfg = in.cfg;
   const cuda_call c(hidden);
   const pair_result_tensors t(in.P, hidden.options().dtype(at::kDouble));
   const grad_tensors gt(in.l, hidden, in.w, in.b, need_hidden, need_weight, need_bias);

@@ -135,6 +135,25 @@ void dispatch_head(at::ScalarType t, at::ScalarType label, Fn&& fn) {
 
 // ---- linear_logprobs / linear_logprobs_backward -------------------------------------------------
 
+/// A backend's kernel of linear_logprobs (schema in linear.cpp): (log_probs, entropy,
+/// log_sum_sq_probs, mean_logits, is_top1, saved), see logprobs_tensors.
+#define DPO_LINEAR_LOGPROBS_KERNEL(NAME)                                                                      \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> NAME(                     \
+      const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,              \
+      const at::Tensor& targets, double temperature, std::optional<double> softcap, double logit_scale,       \
+      bool entropy, bool log_sum_sq_probs, bool mean_logits, bool is_top1, std::int64_t ignore_index,         \
+      std::int64_t workspace_bytes)
+
+/// A backend's kernel of linear_logprobs_backward (schema in linear.cpp): (dHidden, dWeight,
+/// dBias), see head_backward_tensors.
+#define DPO_LINEAR_LOGPROBS_BACKWARD_KERNEL(NAME)                                                             \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> NAME(                                                         \
+      const std::optional<at::Tensor>& grad_logps, const std::optional<at::Tensor>& grad_entropy,             \
+      const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,              \
+      const at::Tensor& targets, const at::Tensor& saved, double temperature, std::optional<double> softcap,  \
+      double logit_scale, std::int64_t ignore_index, bool need_hidden, bool need_weight, bool need_bias,       \
+      std::int64_t workspace_bytes)
+
 /// The validated inputs of a linear-head call, lowered to unit-stride rows.
 struct linear_args {
   at::Tensor hidden, weight, bias, targets;
@@ -367,12 +386,12 @@ inline hidden_layout lower_hidden(const at::Tensor& hidden, const at::Tensor& la
 /// The core's pairs of a layout (TRL's concatenated order; T, L: the backend's types).
 template <class T, class L>
 dpo::hidden_pairs<T, L> pairs_of(const hidden_layout& l, std::int64_t ignore_index) {
-  const T* h = reinterpret_cast<const T*>(l.hidden.data_ptr());
-  const L* lab = l.labels.data_ptr<L>();
-  if (l.packed)
-    return dpo::linear_packed_pairs<T, L>(h, l.H, l.H, lab, l.cu.data_ptr<std::int64_t>(), l.num_seqs, nullptr,
+  const auto* h = reinterpret_cast<const T*>(l.hidden.data_ptr());
+  if (!l.packed)
+    return dpo::linear_padded_pairs<T, L>(h, l.H, l.H, l.labels.data_ptr<L>(), l.num_seqs, l.seq_len, nullptr,
                                           ignore_index);
-  return dpo::linear_padded_pairs<T, L>(h, l.H, l.H, lab, l.num_seqs, l.seq_len, nullptr, ignore_index);
+  return dpo::linear_packed_pairs<T, L>(h, l.H, l.H, l.labels.data_ptr<L>(), l.cu.data_ptr<std::int64_t>(),
+                                        l.num_seqs, nullptr, ignore_index);
 }
 
 /// A per-pair float64 vector argument ([P], hidden's device), undefined when absent.
@@ -440,25 +459,38 @@ inline dpo::logit_transforms transforms_of(double temperature, std::optional<dou
   return checked_transforms(temperature, softcap, logit_scale);
 }
 
-/// linear_dpo's inputs, checked and lowered for the kernel of backend `type`: the policy's
-/// layout and head, the reference (log-probs as float64 [P], or hidden states through a head:
-/// ref_weight / ref_bias, else the policy's), the transforms.
+/// linear_dpo's parameters (schema in linear_dpo.cpp), the same names as arguments, and a
+/// backend's kernel: (loss, metrics, pair values, dHidden, dWeight, dBias).
+#define DPO_LINEAR_DPO_PARAMS                                                                                 \
+  const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,                  \
+      const at::Tensor& labels, const std::optional<at::Tensor>& cu_seqlens,                                  \
+      const std::optional<at::Tensor>& reference_chosen_logps,                                                \
+      const std::optional<at::Tensor>& reference_rejected_logps, const std::optional<at::Tensor>& ref_hidden, \
+      const std::optional<at::Tensor>& ref_weight, const std::optional<at::Tensor>& ref_bias,                 \
+      double temperature, std::optional<double> softcap, double logit_scale, std::int64_t ignore_index,       \
+      DPO_CONFIG_PARAMS, bool compute_metrics, bool need_hidden, bool need_weight, bool need_bias,            \
+      std::int64_t workspace_bytes
+#define DPO_LINEAR_DPO_ARGS                                                                                   \
+  hidden, weight, bias, labels, cu_seqlens, reference_chosen_logps, reference_rejected_logps, ref_hidden,    \
+      ref_weight, ref_bias, temperature, softcap, logit_scale, ignore_index, DPO_CONFIG_ARGS, compute_metrics, \
+      need_hidden, need_weight, need_bias, workspace_bytes
+#define DPO_LINEAR_DPO_KERNEL(NAME) \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> NAME(DPO_LINEAR_DPO_PARAMS)
+
+/// linear_dpo's inputs, checked and lowered for the kernel of backend `type`: the loss
+/// configuration, the policy's layout and head, the reference (log-probs as float64 [P], or
+/// hidden states through a head: ref_weight / ref_bias, else the policy's), the transforms.
 struct linear_dpo_inputs {
+  dpo::loss_config cfg;
   hidden_layout l, rl;
   at::Tensor w, b, rw, rb, rc, rr;
   dpo::logit_transforms tr;
   std::int64_t P = 0;
   bool has_ref_hidden = false;
 
-  linear_dpo_inputs(const dpo::loss_config& cfg, const at::Tensor& hidden, const at::Tensor& weight,
-                    const std::optional<at::Tensor>& bias, const at::Tensor& labels,
-                    const std::optional<at::Tensor>& cu_seqlens,
-                    const std::optional<at::Tensor>& reference_chosen_logps,
-                    const std::optional<at::Tensor>& reference_rejected_logps,
-                    const std::optional<at::Tensor>& ref_hidden, const std::optional<at::Tensor>& ref_weight,
-                    const std::optional<at::Tensor>& ref_bias, double temperature, std::optional<double> softcap,
-                    double logit_scale, std::int64_t workspace_bytes, c10::DeviceType type) {
+  linear_dpo_inputs(c10::DeviceType type, DPO_LINEAR_DPO_PARAMS) {
     check_backend(hidden, "hidden", type);
+    cfg = make_config(DPO_CONFIG_ARGS);
     has_ref_hidden = ref_hidden.has_value();
     check_references(cfg, reference_chosen_logps.has_value() || has_ref_hidden,
                      reference_rejected_logps.has_value() || has_ref_hidden);

@@ -55,11 +55,7 @@ dpo::cpu::linear_options head_options(std::int64_t workspace_bytes) {
 // Outputs: log_probs, entropy, log_sum_sq_probs, mean_logits ([N], float32, float64 for float64
 // inputs; [0] when not requested), is_top1 ([N] bool or [0]), and saved ([1 or 2, N] float64:
 // the rows' log-sum-exp, then the entropy in double when requested), what the backward reads.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_logprobs_cpu(
-    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const at::Tensor& targets, double temperature, std::optional<double> softcap, double logit_scale,
-    bool entropy, bool log_sum_sq_probs, bool mean_logits, bool is_top1, std::int64_t ignore_index,
-    std::int64_t workspace_bytes) {
+DPO_LINEAR_LOGPROBS_KERNEL(linear_logprobs_cpu) {
   const linear_args a = check_linear(hidden, weight, bias, targets, temperature, softcap, logit_scale);
   const logprobs_tensors t(hidden, entropy, log_sum_sq_probs, mean_logits, is_top1, /*nan=*/false);
   dpo::cpu::linear_outputs x;
@@ -117,12 +113,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> head_backward(const linear_args& 
 // The gradients of sum(grad_logps * log_probs) + sum(grad_entropy * entropy) with respect to
 // hidden, weight and bias; each [0] when its flag is off (or no bias). dWeight and dBias are
 // summed in float (double for float64) and rounded to the weight's dtype once, as TRL does.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_backward_cpu(
-    const std::optional<at::Tensor>& grad_logps, const std::optional<at::Tensor>& grad_entropy,
-    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const at::Tensor& targets, const at::Tensor& saved, double temperature, std::optional<double> softcap,
-    double logit_scale, std::int64_t ignore_index, bool need_hidden, bool need_weight, bool need_bias,
-    std::int64_t workspace_bytes) {
+DPO_LINEAR_LOGPROBS_BACKWARD_KERNEL(linear_logprobs_backward_cpu) {
   const linear_args a = check_linear(hidden, weight, bias, targets, temperature, softcap, logit_scale);
   const std::int64_t N = a.N;
   const at::Tensor sv = checked_saved(saved, a, grad_entropy.has_value());

@@ -31,19 +31,9 @@ namespace {
 // hidden), then the gradients of the loss w.r.t. hidden (hidden's shape and dtype), weight and
 // bias (their dtypes; dWeight / dBias summed in float, double for float64, and rounded once),
 // each [0] when its flag is off.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_dpo_cpu(
-    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const at::Tensor& labels, const std::optional<at::Tensor>& cu_seqlens,
-    const std::optional<at::Tensor>& reference_chosen_logps,
-    const std::optional<at::Tensor>& reference_rejected_logps, const std::optional<at::Tensor>& ref_hidden,
-    const std::optional<at::Tensor>& ref_weight, const std::optional<at::Tensor>& ref_bias, double temperature,
-    std::optional<double> softcap, double logit_scale, std::int64_t ignore_index, DPO_CONFIG_PARAMS,
-    bool compute_metrics, bool need_hidden, bool need_weight, bool need_bias, std::int64_t workspace_bytes) {
-  check_backend(hidden, "hidden", c10::kCPU);
-  const dpo::loss_config cfg = make_config(DPO_CONFIG_ARGS);
-  const linear_dpo_inputs in(cfg, hidden, weight, bias, labels, cu_seqlens, reference_chosen_logps,
-                             reference_rejected_logps, ref_hidden, ref_weight, ref_bias, temperature, softcap,
-                             logit_scale, workspace_bytes, c10::kCPU);
+DPO_LINEAR_DPO_KERNEL(linear_dpo_cpu) {
+  const linear_dpo_inputs in(c10::kCPU, DPO_LINEAR_DPO_ARGS);
+  const dpo::loss_config& cfg = in.cfg;
   const hidden_layout& l = in.l;
   const pair_result_tensors t(in.P, at::TensorOptions().dtype(at::kDouble));
   const dpo::forward_outputs& out = t.out;
