@@ -22,7 +22,7 @@
 #   shard_memcheck        memcheck over the vocabulary-sharded head's [sanitize] cases
 #   example       examples/cuda/custom_kernel.cu
 #   example_step  examples/cuda/training_step.cu (its three ways agree, bitwise)
-#   python_tests  python/tests/test_cuda.py (the ops on CUDA tensors against the CPU ops)
+#   python_tests  python/tests/test_cuda.py, test_cuda_linear.py (the ops on CUDA tensors against the CPU ops)
 #   linear_head_py  bench/python/bench_linear_head.py --device cuda --shape large: TRL 1.16's
 #                 chunked log-prob head (its Triton path) + DPO and Liger 0.8.5's
 #                 LigerFusedLinearDPOLoss (compiled) against our fused-head ops, the
@@ -171,7 +171,8 @@ py_ok=0
 if [[ "$(cat "$logs/python_build.rc" 2> /dev/null)" == 0 ]]; then
   py_ok=1
   export PYTHONPATH=$root/python${PYTHONPATH:+:$PYTHONPATH}
-  stage python_tests 100 python3 -m pytest -q -p no:cacheprovider -rf --tb=line "$root/python/tests/test_cuda.py"
+  stage python_tests 240 python3 -m pytest -q -p no:cacheprovider -rf --tb=line "$root/python/tests/test_cuda.py" \
+    "$root/python/tests/test_cuda_linear.py"
 else
   not_run python_build "FAIL(rc=$(cat "$logs/python_build.rc" 2> /dev/null || echo timeout))"
 fi

@@ -10,7 +10,7 @@ fake kernels so they run under ``torch.compile(fullgraph=True)`` and CUDA graphs
   policy logits of the concatenated ``[chosen; rejected]`` batch, in one read of the logits
   (plus one read and one write for the gradient, optionally in place).
 - :func:`dpo_loss_from_hidden` -- the same from the last hidden states and the LM head,
-  never forming the ``[rows, V]`` logits (CPU).
+  never forming the ``[rows, V]`` logits (CPU and CUDA).
 
 Losses follow TRL 1.x's DPOTrainer (semantics: `docs/losses.md <../../docs/losses.md>`_, a
 path relative to this file), with TRL's argument names. Invalid arguments raise
@@ -27,6 +27,8 @@ import torch
 
 from . import _C
 from ._linear import OPTIONAL_OUTPUTS, linear_logprobs
+from ._linear import _check_device as _check_head_device
+from ._linear import _check_sharded_device
 from ._linear_dpo import DEFAULT_LINEAR_DPO_WORKSPACE_BYTES
 from ._ops import CONFIG_FIELDS, LOSS_TYPES, METRIC_NAMES, PAIR_VALUE_NAMES, check_devices, check_inplace_target, ops, whole
 from .liger import FusedLinearDPOLoss  # Liger-Kernel's LigerFusedLinearDPOLoss drop-in (liger.py)
@@ -452,11 +454,15 @@ def dpo_loss_from_hidden(
         ``(loss, metrics)`` (and the pair-values dict with ``return_pair_values``) as
         :func:`dpo_loss_from_logits`. ``loss`` is differentiable w.r.t. hidden, weight and bias:
         their gradients are computed in the forward call (only for those that require grad
-        while grad mode is on) and scaled by the upstream gradient in the backward. CPU only:
-        CUDA tensors raise NotImplementedError. Deterministic and independent of the thread
-        count. A DTensor ``hidden`` / ``weight`` / ``bias`` / ``ref_*`` (FSDP2) is gathered
-        whole with ``full_tensor()`` (differentiably); with ``process_group`` it is refused
-        (pass ``to_local()`` and ``vocab_range``).
+        while grad mode is on) and scaled by the upstream gradient in the backward. CPU and
+        CUDA tensors (CUDA: no host synchronisation, capturable in CUDA graphs; packed batches
+        run four passes there, as ``cu_seqlens`` is not read back to the host; a label outside
+        ``[0, V)`` found on the device gives a NaN loss instead of an exception unless
+        ``DPO_KERNELS_CHECK_DEVICE_ERRORS=1``: docs/python_linear.md). Deterministic for a
+        given device and budget, and independent of the thread count. A DTensor ``hidden`` /
+        ``weight`` / ``bias`` / ``ref_*`` (FSDP2) is gathered whole with ``full_tensor()``
+        (differentiably); with ``process_group`` it is refused (pass ``to_local()`` and
+        ``vocab_range``).
     """
     hidden, weight, bias, ref_hidden, ref_weight, ref_bias = (
         whole(n, t, process_group) for n, t in (("hidden", hidden), ("weight", weight), ("bias", bias),
@@ -467,11 +473,7 @@ def dpo_loss_from_hidden(
         ("reference_chosen_logps", reference_chosen_logps), ("reference_rejected_logps", reference_rejected_logps),
         ("ref_hidden", ref_hidden), ("ref_weight", ref_weight), ("ref_bias", ref_bias), ("cu_seqlens", cu_seqlens),
     )
-    if hidden.device.type not in ("cpu", "meta"):
-        raise NotImplementedError(
-            f"dpo_loss_from_hidden has no {hidden.device.type} kernel yet (hidden is on {hidden.device}); it runs on "
-            "the CPU only for now: move the tensors to the CPU, or compute the logits and use dpo_loss_from_logits"
-        )
+    _check_head_device(hidden, "dpo_loss_from_hidden")
     ignore_index = _ignore_index(ignore_index, labels)
     config = _config(
         loss_type=loss_type, loss_weights=loss_weights, beta=beta, label_smoothing=label_smoothing,
@@ -497,6 +499,7 @@ def dpo_loss_from_hidden(
             raise ValueError("ref_weight / ref_bias are given without ref_hidden")
         from . import distributed
 
+        _check_sharded_device(hidden, "dpo_loss_from_hidden")
         loss, metrics, pair_values = distributed.dpo_loss_from_hidden(
             hidden, weight, bias, labels, reference_chosen_logps, reference_rejected_logps, cu_seqlens,
             (temperature, softcap, logit_scale), ignore_index, config, compute_metrics, int(workspace_bytes),

@@ -1,8 +1,9 @@
 # Copyright 2026 The dpo Authors. SPDX-License-Identifier: Apache-2.0
 """The fused LM-head op (issue 13): :func:`linear_logprobs`, its fake kernel and autograd.
 
-The operator ``torch.ops.dpo_kernels.linear_logprobs`` (csrc/linear.cpp) runs the library's
-CPU linear head (include/dpo/cpu/linear.hpp): per-token log-probs of ``hidden @ weight.T +
+The operator ``torch.ops.dpo_kernels.linear_logprobs`` runs the library's linear head (CPU:
+csrc/linear.cpp on include/dpo/cpu/linear.hpp; CUDA: csrc/cuda_linear.cu on
+kernels/dpo/cuda/linear.cuh, cuBLASLt GEMMs on PyTorch's handle and current stream): per-token log-probs of ``hidden @ weight.T +
 bias`` through TRL's logit transforms, one chunk of logits at a time, never the whole
 ``[N, V]`` logits. The backward recomputes the chunks (``linear_logprobs_backward``) and is a
 plain autograd node, so DDP / FSDP hooks fire as for any op.
@@ -64,12 +65,27 @@ def _check_head(hidden, weight, bias, targets) -> None:
             raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}: all must be on one device")
 
 
-def _check_device(hidden: torch.Tensor) -> None:
+#: The device types with a kernel of the fused-head ops ("meta": shape inference).
+HEAD_DEVICES = ("cpu", "cuda", "meta")
+
+
+def _check_device(hidden: torch.Tensor, what: str = "dpo_kernels.linear_logprobs") -> None:
+    """NotImplementedError for tensors on a device without a kernel of the fused head. CUDA
+    tensors in a build without CUDA get the op's own NotImplementedError (dpo_kernels.cuda_built())."""
+    if hidden.device.type not in HEAD_DEVICES:
+        raise NotImplementedError(
+            f"{what}: the fused LM head has no {hidden.device.type} kernel (tensors on {hidden.device}); it runs on "
+            "the CPU and on CUDA"
+        )
+
+
+def _check_sharded_device(hidden: torch.Tensor, what: str) -> None:
+    """The vocabulary-sharded head (process_group / vocab_range / cp_group) has CPU kernels
+    only: refused before any collective."""
     if hidden.device.type not in ("cpu", "meta"):
         raise NotImplementedError(
-            f"dpo_kernels.linear_logprobs: the fused LM head has no {hidden.device.type} kernel yet (tensors on "
-            f"{hidden.device}); it runs on the CPU only for now. Move the tensors to the CPU or keep TRL's own head "
-            "on this device (do not call dpo_kernels.trl.patch_chunked_logprobs there)."
+            f"{what}: the sharded head (process_group, vocab_range, cp_group) runs on the CPU only (tensors on "
+            f"{hidden.device}); on CUDA, gather the head's weight or call it without a group"
         )
 
 
@@ -148,10 +164,13 @@ def linear_logprobs(
 
     Under ``torch.autocast`` the head runs in the autocast dtype (hidden, weight and bias are
     cast, as TRL does); the outputs stay float32 and the gradients come back in the inputs'
-    dtypes. Raises TypeError / ValueError naming the argument, NotImplementedError for tensors
-    on a device without a kernel (CUDA: not yet). A DTensor ``hidden``, ``weight`` or ``bias``
-    (FSDP2) is gathered whole with ``full_tensor()`` (differentiably); with ``process_group``
-    it is refused (pass ``to_local()`` and ``vocab_range``).
+    dtypes. CPU and CUDA tensors (CUDA: no host synchronisation, capturable in CUDA graphs; a
+    target outside ``[0, V)`` found on the device gives NaN outputs instead of an exception
+    unless ``DPO_KERNELS_CHECK_DEVICE_ERRORS=1``: docs/python_linear.md). Raises TypeError /
+    ValueError naming the argument, NotImplementedError for tensors on another device. A
+    DTensor ``hidden``, ``weight`` or ``bias`` (FSDP2) is gathered whole with ``full_tensor()``
+    (differentiably); with ``process_group`` it is refused (pass ``to_local()`` and
+    ``vocab_range``).
     """
     hidden, weight, bias = (whole(n, t, process_group) for n, t in (("hidden", hidden), ("weight", weight),
                                                                      ("bias", bias)))
@@ -177,6 +196,7 @@ def linear_logprobs(
     if process_group is not None or vocab_range is not None:
         from . import distributed
 
+        _check_sharded_device(hidden, "dpo_kernels.linear_logprobs")
         res = distributed.linear_logprobs(hidden, weight, bias, targets, (temperature, softcap, logit_scale), flags,
                                           int(ignore_index), int(workspace_bytes), process_group, vocab_range)
     else:

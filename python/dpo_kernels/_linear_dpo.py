@@ -3,9 +3,10 @@
 ``torch.ops.dpo_kernels.linear_dpo`` (csrc/linear_dpo.cpp); the public function is
 :func:`dpo_kernels.dpo_loss_from_hidden`.
 
-The operator runs the library's one-call CPU path ``dpo::cpu::linear_dpo``: the loss, the
-metrics and the gradients of hidden, weight and bias come out of one forward call (three or
-four passes over the weight; docs/linear.md). There is no autograd inside the forward; the
+The operator runs the library's one-call path, ``dpo::cpu::linear_dpo`` on the CPU
+(csrc/linear_dpo.cpp) and ``dpo::cuda::linear_dpo`` on CUDA (csrc/cuda_linear.cu): the loss,
+the metrics and the gradients of hidden, weight and bias come out of one forward call (three or
+four passes over the weight; docs/linear.md, docs/cuda.md). There is no autograd inside the forward; the
 backward returns the saved gradients times the upstream gradient of the loss.
 """
 from __future__ import annotations

@@ -100,7 +100,7 @@ class FusedLinearDPOLoss(torch.nn.Module):
     differentiable w.r.t. ``_input``, ``lin_weight`` and ``bias``; the rest detached. The
     logits means are Liger's: the sum of the side's logits over ALL ``P * T`` rows (masked ones
     included) and the vocabulary, over ``P * T * V``. ``nll_loss`` is 0 without
-    ``compute_nll_loss``. Rewards are ``beta * (logps - ref_logps)``. CPU only, as
+    ``compute_nll_loss``. Rewards are ``beta * (logps - ref_logps)``. CPU and CUDA, as
     :func:`dpo_kernels.dpo_loss_from_hidden`.
     """
 

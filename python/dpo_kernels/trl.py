@@ -9,8 +9,8 @@ GRPOTrainer, RLOOTrainer and KTOTrainer train) with :func:`dpo_kernels.linear_lo
     dpo_kernels.trl.patch_chunked_logprobs()      # or: with dpo_kernels.trl.patch_chunked_logprobs(): ...
     trainer = trl.DPOTrainer(...); trainer.train()
 
-Tested with TRL 1.16. The head runs on the CPU only for now: CUDA tensors raise
-NotImplementedError (the patch never falls back silently).
+Tested with TRL 1.16. The head runs on CPU and CUDA tensors (on CUDA: cuBLASLt GEMMs, no host
+synchronisation; docs/python_linear.md, "CUDA"); the patch never falls back to TRL's head.
 
 :class:`FusedDPOTrainer` goes further: a ``trl.DPOTrainer`` whose whole loss is
 :func:`dpo_kernels.dpo_loss_from_hidden` (the backbone's hidden states and the LM head's
@@ -261,7 +261,7 @@ def _trainer_class():
         Not supported (NotImplementedError at construction): PEFT models / ``peft_config``,
         vision-language models, a MoE router auxiliary loss (set ``router_aux_loss_coef=0``), and
         context or sequence parallelism. Like :func:`dpo_kernels.dpo_loss_from_hidden`, the
-        head runs on the CPU only for now (CUDA tensors raise NotImplementedError).
+        head runs on CPU and CUDA models.
         """
 
         def __init__(self, *args, check_trl_version: bool = True, workspace_bytes: int | None = None, **kwargs):

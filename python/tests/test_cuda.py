@@ -224,21 +224,28 @@ def test_bad_label_is_reported_on_the_device_not_raised():
     assert not out[4].any().item()
 
 
+def value_errors_with_device_checks(setup, calls):
+    """Runs `setup`, then each of `calls` (one statement each), in a fresh interpreter with
+    DPO_KERNELS_CHECK_DEVICE_ERRORS=1 (read once per process): each call's ValueError message,
+    or None where it raised none."""
+    guarded = "try:\n    {}\n    print('no error')\nexcept ValueError as e:\n    print('ValueError', e)\n"
+    script = setup + "".join(guarded.format(c) for c in calls)
+    env = dict(os.environ, DPO_KERNELS_CHECK_DEVICE_ERRORS="1")
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith(("ValueError", "no error"))]
+    assert len(lines) == len(calls), out.stdout + out.stderr
+    return [ln if ln.startswith("ValueError") else None for ln in lines]
+
+
 def test_bad_label_raises_with_opt_in_check():
-    code = (
+    (msg,) = value_errors_with_device_checks(
         "import torch, dpo_kernels\n"
         "from dpo_kernels._ops import ops\n"
         "z = torch.randn(2, 4, 5, device='cuda'); y = torch.full((2, 4), 9, device='cuda')\n"
-        "r = torch.zeros(1, device='cuda', dtype=torch.float64)\n"
-        "try:\n"
-        "    ops.dpo_forward(z, y, None, r, r, None, -100, 'sigmoid', [], 0.1, 0.0, 'reverse_kl', 0.5, 0.05,"
-        " False, 1.0, False, False, 0.5, 1.0, 'sigmoid', True, False)\n"
-        "except ValueError as e:\n"
-        "    print('ValueError', e)\n"
-    )
-    env = dict(os.environ, DPO_KERNELS_CHECK_DEVICE_ERRORS="1")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert "ValueError" in out.stdout and "labels" in out.stdout and "outside" in out.stdout, out.stdout + out.stderr
+        "r = torch.zeros(1, device='cuda', dtype=torch.float64)\n",
+        ["ops.dpo_forward(z, y, None, r, r, None, -100, 'sigmoid', [], 0.1, 0.0, 'reverse_kl', 0.5, 0.05, False, 1.0,"
+         " False, False, 0.5, 1.0, 'sigmoid', True, False)"])
+    assert msg is not None and "labels" in msg and "outside" in msg, msg
 
 
 def test_argument_errors_raise_value_error():
