@@ -30,8 +30,8 @@ tokens, 16 prompt tokens masked per sequence, H = 4096, V = 128256, bf16), the d
 (reference log-probs given; a reference model's hidden states and head, forward only), with TRL's
 Triton path (as its DPOTrainer runs it on a GPU: only the scored rows, hidden[mask], go through the
 head; the reference head asked for log_probs only), Liger compiled (its default), our ops
-(dpo_loss_from_hidden with a 1.25 GiB budget, one pair per chunk: three passes, and with the default
-budget, 768 MiB: four passes at this shape), and the GEMM floor: torch.matmul of hidden @ weight.T,
+(dpo_loss_from_hidden with its default CUDA budget, 1022 MiB: one pair per chunk, three passes, and
+with 512 MiB, less than one pair: four passes), and the GEMM floor: torch.matmul of hidden @ weight.T,
 dZ @ weight and dZ.T @ hidden (+ the reference's hidden @ weight.T) into preallocated buffers.
 Reported per path: median ms (CUDA events), x the floor, speed-up over TRL's and Liger's paths, peak
 extra GiB (torch.cuda.max_memory_allocated over one step beyond the inputs and the gradient buffers
@@ -344,7 +344,7 @@ def run_section(section, a, dtype, peaks):
 # (none of the paths here allocates any) would not be seen.
 
 SHAPES = {"large": dict(tokens=8192, hidden=4096, vocab=128256, seq_len=1024, dtype="bfloat16")}
-THREE_PASS_BUDGET = 1280 << 20  # one TRL pair of 2 x 1024 rows per chunk (docs/linear.md: >= 1.17 GiB)
+FOUR_PASS_BUDGET = 512 << 20  # less than one TRL pair of 2 x 1024 rows at V = 128256 (docs/cuda.md)
 
 
 def _ours_head(h, w, y, outputs):
@@ -440,8 +440,8 @@ class GemmFloor:
 def gpu_dpo_paths():
     return [
         ("TRL ChunkedLogProbFunction (Triton) + DPO", _with_head(_trl_head)),
-        ("dk.dpo_loss_from_hidden (3 passes)", g_ours(THREE_PASS_BUDGET)),
-        ("dk.dpo_loss_from_hidden (default budget)", g_ours(None)),
+        ("dk.dpo_loss_from_hidden (3 passes)", g_ours(None)),
+        ("dk.dpo_loss_from_hidden (4 passes)", g_ours(FOUR_PASS_BUDGET)),
         ("dk.FusedLinearDPOLoss", g_ours_module),
         ("dk.linear_logprobs + DPO (TRL's use)", _with_head(_ours_head)),
         ("Liger LigerFusedLinearDPOLoss (compiled)", g_liger),

@@ -29,7 +29,7 @@ from . import _C
 from ._linear import OPTIONAL_OUTPUTS, linear_logprobs
 from ._linear import _check_device as _check_head_device
 from ._linear import _check_sharded_device
-from ._linear_dpo import DEFAULT_LINEAR_DPO_WORKSPACE_BYTES
+from ._linear_dpo import DEFAULT_CUDA_LINEAR_DPO_WORKSPACE_BYTES, DEFAULT_LINEAR_DPO_WORKSPACE_BYTES
 from ._ops import CONFIG_FIELDS, LOSS_TYPES, METRIC_NAMES, PAIR_VALUE_NAMES, check_devices, check_inplace_target, ops, whole
 from .liger import FusedLinearDPOLoss  # Liger-Kernel's LigerFusedLinearDPOLoss drop-in (liger.py)
 
@@ -447,7 +447,8 @@ def dpo_loss_from_hidden(
             same rows of ``ref_weight`` / ``ref_bias``) the same three again for the
             reference. ``ld_alpha`` not with ``cp_group``. The gradients are computed in the backward (three passes over the
             weight shard there, one in the forward). CPU tensors only; eager mode only.
-        workspace_bytes: the workspace budget of the fused head (default 768 MiB); the chunk
+        workspace_bytes: the workspace budget of the fused head (default 768 MiB on the CPU,
+            1022 MiB on CUDA: three passes at 2 x 1024-token pairs, V = 128256); the chunk
             size and the three- or four-pass plan follow from it (docs/linear.md).
 
     Returns:
@@ -491,7 +492,8 @@ def dpo_loss_from_hidden(
     if softcap is not None:
         softcap = _real("softcap", softcap)
     if workspace_bytes is None:
-        workspace_bytes = DEFAULT_LINEAR_DPO_WORKSPACE_BYTES
+        workspace_bytes = (DEFAULT_CUDA_LINEAR_DPO_WORKSPACE_BYTES if hidden.device.type == "cuda"
+                           else DEFAULT_LINEAR_DPO_WORKSPACE_BYTES)
     elif isinstance(workspace_bytes, bool) or not isinstance(workspace_bytes, numbers.Integral) or workspace_bytes < 1:
         raise ValueError(f"workspace_bytes = {workspace_bytes!r} is invalid: must be a positive int (bytes)")
     if process_group is not None or vocab_range is not None or cp_group is not None:

@@ -18,6 +18,10 @@ from ._ops import CONFIG_FIELDS, METRIC_NAMES, PAIR_VALUE_NAMES, _first_order_on
 #: The default workspace budget (bytes) of DPO from hidden states: 768 MiB, the C++ default
 #: (dpo::cpu::default_linear_dpo_workspace_bytes).
 DEFAULT_LINEAR_DPO_WORKSPACE_BYTES = 768 << 20
+#: The default on CUDA tensors: 1022 MiB, dpo::cuda's default_linear_workspace_bytes
+#: (kernels/dpo/cuda/linear.cuh), the least that holds one TRL pair of 2 x 1024 rows at
+#: V = 128256 in one three-pass chunk while the whole workspace stays under 1 GiB.
+DEFAULT_CUDA_LINEAR_DPO_WORKSPACE_BYTES = 1022 << 20
 
 _N_CONFIG = len(CONFIG_FIELDS)
 # linear_dpo's arguments: 14 before the config, the config, then compute_metrics, need_hidden,

@@ -256,7 +256,7 @@ def _trainer_class():
         ``check_trl_version=False``.
 
         Extra keyword arguments: ``check_trl_version`` (default True), ``workspace_bytes``
-        (the fused head's workspace budget, default 768 MiB).
+        (the fused head's workspace budget, default 768 MiB on the CPU, 1022 MiB on CUDA).
 
         Not supported (NotImplementedError at construction): PEFT models / ``peft_config``,
         vision-language models, a MoE router auxiliary loss (set ``router_aux_loss_coef=0``), and
