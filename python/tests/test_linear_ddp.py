@@ -6,6 +6,7 @@ the whole batch. dk.linear_logprobs computes its gradient in the backward; dk.dp
 which DDP must see too (TRL issue 7245 is the failure: gradients written in the forward,
 never all-reduced), with and without find_unused_parameters. And dpo_kernels.trl.FusedDPOTrainer
 under transformers' own DDP (accelerate, two CPU processes) trains as TRL's DPOTrainer does there."""
+import gc
 import os
 import socket
 import tempfile
@@ -106,11 +107,16 @@ def worker(rank, port, out_dir):
             loss = model(*dpo_shard(rank, *dpo_batch()), fused=True)
         loss.backward()
         torch.save({n: p.grad for n, p in model.module.named_parameters()}, os.path.join(out_dir, f"{name}{rank}.pt"))
-    # Both ranks leave their collectives before either tears gloo down: without it a rank that
-    # destroys the group first can abort its peer at exit ("terminate called without an active
-    # exception", seen once in CI), as dist_worker.py and dist_head_worker.py also guard against.
+    # The last DDP model (its reducer holds the group) is freed before the group, and both
+    # ranks leave their collectives before either tears gloo down. With only the barrier, CI
+    # still saw rank 0 abort at exit once ("terminate called without an active exception",
+    # after its results were saved): so the worker also leaves with os._exit(0), skipping the
+    # interpreter's teardown, as its results are on disk by then.
+    del model, loss
+    gc.collect()
     dist.barrier()
     dist.destroy_process_group()
+    os._exit(0)
 
 
 def free_port():
