@@ -18,6 +18,13 @@ dpo::cuda::status shard_all(const dpo::token_view<T, L>& v, const dpo::vocab_sha
   if (s) s = dpo::cuda::shard_backward_rows(v, sh, mx, rec, coef, 1.0, grad, v.vocab, {}, stream);
   if (s) s = dpo::cuda::shard_sequence_partials(v, sh, mx, rec, rec, {}, stream);
   if (s) s = dpo::cuda::shard_backward_sequences(v, sh, mx, rec, coef, 0.0, 1, 1.0, grad, v.vocab, {}, stream);
+  dpo::pair_view<T, L> p{v, v, 0};
+  p.rejected.first_seq = v.num_seqs;
+  if (s) s = dpo::cuda::shard_pair_partials(p, sh, mx, rec, mx, rec, 0.5, rec, {}, stream);
+  std::size_t bytes = 0;
+  if (s) s = dpo::cuda::shard_pair_stage(rec, bytes, 1, coef, coef, coef, dpo::loss_config{}, true, {}, rec, stream);
+  const dpo::pair_grad_view<T> g{grad, v.vocab, grad, v.vocab};
+  if (s) s = dpo::cuda::shard_backward(rec, bytes, p, sh, mx, rec, mx, rec, coef, coef, 0.5, g, coef, {}, stream);
   return s;
 }
 

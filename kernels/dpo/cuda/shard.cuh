@@ -1,20 +1,25 @@
 // Copyright 2026 The dpo Authors. SPDX-License-Identifier: Apache-2.0
 //
-// The CUDA row kernels of the vocabulary-parallel path (formats: dpo/core/shard.hpp; guide:
-// docs/distributed.md), the counterparts of dpo::cpu::shard_partials, shard_rebase and the
-// shard's row backward:
+// The CUDA building blocks of the vocabulary- and context-parallel path (formats:
+// dpo/core/shard.hpp; guide: docs/distributed.md), the counterparts of dpo/cpu/shard.hpp:
 //
-//   shard_partials       phase 1, one read of the shard: row records + maxima (device arrays)
-//   (caller)             MAX all-reduce of the maxima, e.g. ncclAllReduce(ncclMax)
-//   shard_rebase         records shifted to the global maxima, in place
-//   (caller)             SUM all-reduce of the records
-//   shard_row_values     phase 2 per row: label log-prob, log-sum-exp and metric terms
-//   shard_backward_rows  coef * grad_output * (onehot - softmax) on the shard's columns, with
-//                        the exact lse of the combined record
+//   shard_partials           phase 1, one read of the shard: row records + maxima
+//   (caller)                 MAX all-reduce of the maxima, e.g. ncclAllReduce(ncclMax)
+//   shard_rebase             records shifted to the global maxima, in place
+//   (caller)                 SUM all-reduce of the records
+//   shard_row_values         phase 2 per row: label log-prob, log-sum-exp and metric terms
+//   shard_sequence_partials  phase 2 per sequence: [seq_fields, S] sums (no LD-DPO)
+//   shard_pair_partials      phase 2 per pair: [seq_fields, 2P] sums, LD-DPO weighted
+//   (caller)                 SUM all-reduce of the sequence sums over the context group
+//   shard_pair_stage         the pair stage on the device: loss, metrics, dL/dpi per sequence
+//   shard_backward           the pairs' shard-local backward (LD-DPO, device scalars)
+//   shard_backward_rows / shard_backward_sequences: the same from row / sequence coefficients
 //
-// The sequence sums and the pair stage run where the caller likes (they are [seq_fields, S]
-// and [P] sized): dpo::cpu::shard_pair_stage on the host, for one. Same conventions as
-// dpo/cuda/dpo.cuh: device pointers, int64 sizes, a stream, a status; no allocation or sync.
+// Nothing here reads device data on the host, so a whole step (forward and backward) between
+// the caller's collectives is enqueued without a host synchronization. Same conventions as
+// dpo/cuda/dpo.cuh: device pointers, int64 sizes, a stream, a status naming the argument
+// (nothing enqueued on bad arguments); no allocation or sync; the entry points that need
+// scratch (shard_pair_stage, shard_backward) take dpo.cuh's two-phase workspace.
 // Labels are read on the device only: a completion label outside [0, vocab) makes its row's
 // record NaN (sum_exp), so the loss is NaN; it is not reported as an error word (issue 14).
 #pragma once
@@ -113,23 +118,73 @@ struct shard_seq_sum {
   }
 };
 
-/// Block per sequence: the sums of its completion rows' values (no LD-DPO weights: logps =
-/// logps_plain) into seq[f * S + s]. A fixed reduction tree: deterministic.
+/// Each side's combined records and maxima (indexed by its buffer's rows); side 1 unused
+/// for one view.
+struct shard_sides {
+  const double* row_max[2];
+  const double* records[2];
+};
+
+/// A sequence's LD-DPO shared length (min of its and its partner's completion counts), +inf
+/// without LD-DPO or with one side. Block-uniform.
+template <int BLOCK, class T, class L, class Storage>
+__device__ double shard_shared_length(const views<T, L>& vs, int side, std::int64_t s, bool ld, Storage& tmp) {
+  if (!ld || vs.num_sides < 2) return INFINITY;
+  const double own = static_cast<double>(count_tokens<BLOCK>(vs.v[side], s, tmp));
+  const double other = static_cast<double>(count_tokens<BLOCK>(vs.v[1 - side], s, tmp));
+  return own < other ? own : other;
+}
+
+/// Visits the completion rows of sequence s of a view in tiles of BLOCK rows: fn(r, j) with
+/// j the row's position among the sequence's completion rows (a block scan, only when
+/// `positions`; else j = 0). Thread t gets rows t, t + BLOCK, ... in order, so the sums a
+/// caller folds are in a fixed order. Block-uniform.
+template <int BLOCK, class T, class L, class Storage, class Fn>
+__device__ void for_completion_rows(const token_view<T, L>& v, std::int64_t s, bool positions, Storage& tmp,
+                                    Fn&& fn) {
+  const std::int64_t rb = v.row_begin(s), re = v.row_end(s);
+  std::int64_t running = 0;
+  for (std::int64_t t0 = rb; t0 < re; t0 += BLOCK) {
+    const std::int64_t r = t0 + threadIdx.x;
+    const int flag = r < re && v.target(r) >= 0 ? 1 : 0;
+    int j = 0, tile = 0;
+    if (positions) {
+      cub::BlockScan<int, BLOCK>(tmp).ExclusiveSum(flag, j, tile);
+      __syncthreads();  // tmp is reused by the next tile
+    }
+    if (flag) fn(r, running + j);
+    running += tile;
+  }
+}
+
+/// Block per sequence of every side: the sums of its completion rows' values into
+/// seq[f * C + side * S + s] (C = num_sides * S), the logps LD-DPO weighted when ld (two
+/// sides: a pair's shared length is the min of its two counts). The core's finish_row per row
+/// and the CPU's weights; a fixed reduction tree: deterministic.
 template <int BLOCK, class T, class L>
-__global__ void __launch_bounds__(BLOCK) shard_sequence_kernel(token_view<T, L> v, vocab_shard sh,
-                                                               const double* row_max, const double* records,
-                                                               double* seq, bool metrics) {
+__global__ void __launch_bounds__(BLOCK) shard_sequence_kernel(views<T, L> vs, vocab_shard sh, shard_sides st,
+                                                               double* seq, bool metrics, bool ld, double ld_alpha) {
   using dpo::detail::at;
-  __shared__ typename cub::BlockReduce<shard_seq_acc, BLOCK>::TempStorage tmp;
-  const std::int64_t S = v.num_seqs;
-  for (std::int64_t s = blockIdx.x; s < S; s += gridDim.x) {
+  __shared__ union {
+    typename cub::BlockReduce<shard_seq_acc, BLOCK>::TempStorage reduce;
+    typename cub::BlockReduce<std::int64_t, BLOCK>::TempStorage count;
+    typename cub::BlockScan<int, BLOCK>::TempStorage scan;
+  } tmp;
+  const std::int64_t S = vs.v[0].num_seqs, C = vs.num_sides * S;
+  for (std::int64_t b = blockIdx.x; b < C; b += gridDim.x) {
+    const int side = static_cast<int>(b / S);
+    const std::int64_t s = b % S;
+    const token_view<T, L>& v = vs.v[side];
+    const double* row_max = st.row_max[side];
+    const double* records = st.records[side];
+    const double shared_len = shard_shared_length<BLOCK>(vs, side, s, ld, tmp.count);
     shard_seq_acc acc;
     for (int k = 0; k < seq_fields; ++k) acc.f[k] = 0.0;
-    for (std::int64_t r = v.row_begin(s) + threadIdx.x; r < v.row_end(s); r += BLOCK) {
-      if (v.target(r) < 0) continue;
+    for_completion_rows<BLOCK>(v, s, ld, tmp.scan, [&](std::int64_t r, std::int64_t j) {
       const dpo::detail::shard_row_values x = dpo::detail::finish_row(row_max[r], records + r * shard_fields, sh.vocab);
+      const double wt = static_cast<double>(j) < shared_len ? 1.0 : ld_alpha;
       acc.f[at(seq_field::tokens)] += 1.0;
-      acc.f[at(seq_field::logps)] += x.logp;
+      acc.f[at(seq_field::logps)] += ld ? dpo::detail::times(wt, x.logp) : x.logp;
       acc.f[at(seq_field::logps_plain)] += x.logp;
       if (metrics) {
         acc.f[at(seq_field::entropy)] += x.entropy;
@@ -137,12 +192,70 @@ __global__ void __launch_bounds__(BLOCK) shard_sequence_kernel(token_view<T, L> 
         acc.f[at(seq_field::wpo)] += x.wpo;
         acc.f[at(seq_field::hits)] += x.hit ? 1.0 : 0.0;
       }
-    }
-    acc = cub::BlockReduce<shard_seq_acc, BLOCK>(tmp).Reduce(acc, shard_seq_sum());
+    });
+    acc = cub::BlockReduce<shard_seq_acc, BLOCK>(tmp.reduce).Reduce(acc, shard_seq_sum());
     if (threadIdx.x == 0)
-      for (int k = 0; k < seq_fields; ++k) seq[k * S + s] = acc.f[k];
+      for (int k = 0; k < seq_fields; ++k) seq[k * C + b] = acc.f[k];
     __syncthreads();  // tmp is reused by the next sequence
   }
+}
+
+/// The paired backward's row coefficients, block per sequence of each side: row r of
+/// sequence s gets times(times(ldw(j), seq_grad[side * P + s]) + nll, grad_output) (nll on
+/// the chosen side only; ldw the LD-DPO weight of its position j), dpo::cpu::shard_backward's
+/// coefficient times grad_output, into coef[side][r]; the sequences' masked rows get 0.
+/// nll and grad_output are device scalars (null: 0 and 1).
+template <int BLOCK, class T, class L>
+__global__ void __launch_bounds__(BLOCK) shard_pair_coef_kernel(views<T, L> vs, const double* seq_grad,
+                                                                const double* nll, const double* grad_output,
+                                                                bool ld, double ld_alpha, double* coef0,
+                                                                double* coef1) {
+  __shared__ union {
+    typename cub::BlockReduce<std::int64_t, BLOCK>::TempStorage count;
+    typename cub::BlockScan<int, BLOCK>::TempStorage scan;
+  } tmp;
+  const std::int64_t P = vs.v[0].num_seqs;
+  const double go = grad_output != nullptr ? *grad_output : 1.0;
+  const double n = nll != nullptr ? *nll : 0.0;
+  for (std::int64_t b = blockIdx.x; b < 2 * P; b += gridDim.x) {
+    const int side = static_cast<int>(b / P);
+    const std::int64_t s = b % P;
+    const token_view<T, L>& v = vs.v[side];
+    double* coef = side ? coef1 : coef0;
+    for (std::int64_t r = v.row_begin(s) + threadIdx.x; r < v.row_end(s); r += BLOCK) coef[r] = 0.0;
+    const double shared_len = shard_shared_length<BLOCK>(vs, side, s, ld, tmp.count);
+    const double g = seq_grad[b];
+    for_completion_rows<BLOCK>(v, s, ld, tmp.scan, [&](std::int64_t r, std::int64_t j) {
+      // An LD-DPO weight of 0 drops the token even where g is infinite (as the CPU).
+      const double wt = static_cast<double>(j) < shared_len ? 1.0 : ld_alpha;
+      coef[r] = dpo::detail::times(dpo::detail::times(wt, g) + (side == 0 ? n : 0.0), go);
+    });
+  }
+}
+
+/// The device pair stage's first kernel: a clean header for pair_kernel (no error, no label
+/// error), as dpo_loss's loss_inputs_kernel.
+__global__ void pair_stage_reset_kernel(ws_header* h) {
+  h->err = device_error{0, 0, 0, 0, 0};
+  h->label_key = no_label_error;
+  h->magic = 0;
+}
+
+/// The sequence arrays pair_kernel reads, pointed into field-major totals [seq_fields, 2P]:
+/// side 0 the columns [0, P), side 1 [P, 2P). pair_kernel only reads them.
+inline seq_arrays seq_columns(const double* totals, std::int64_t P, int side) {
+  using dpo::detail::at;
+  double* base = const_cast<double*>(totals) + side * P;
+  const auto col = [&](seq_field f) { return base + at(f) * 2 * P; };
+  seq_arrays q;
+  q.logp = col(seq_field::logps);
+  q.plain = col(seq_field::logps_plain);
+  q.ent = col(seq_field::entropy);
+  q.zmean = col(seq_field::mean_logits);
+  q.wpo = col(seq_field::wpo);
+  q.hit = col(seq_field::hits);
+  q.count = col(seq_field::tokens);
+  return q;
 }
 
 /// The row coefficient of the backward from per-sequence gradients: seq_grad[s], plus nll
@@ -206,23 +319,54 @@ status check_shard(const token_view<T, L>& v, const vocab_shard& sh, const optio
 }
 
 template <class T, class L>
-std::int64_t shard_rows(const token_view<T, L>& v) {
-  return v.num_seqs > 0 ? v.row_end(v.num_seqs - 1) - v.row_begin(0) : 0;
+status check_shard_pairs(const pair_view<T, L>& p, const vocab_shard& sh, const options& opt, bool pointers) {
+  const status s = to_status(dpo::detail::check_vocab_shard(sh, p.chosen.vocab));
+  if (!s) return s;
+  return to_status(dpo::detail::check_pairs(p, "logits", policy(opt, pointers), sh.vocab));
+}
+
+/// The rows a kernel over the view may visit, an upper bound known on the host: exact for a
+/// padded view, the buffer's options::num_rows for a packed one (its bounds live on the
+/// device; the kernels read them there).
+template <class T, class L>
+std::int64_t shard_rows(const token_view<T, L>& v, const options& opt) {
+  return dpo::detail::rows_of(v, policy(opt, false)).size();
+}
+
+/// The rows of the buffer a per-row array of the view is indexed by: row_end of its last
+/// sequence (padded), num_rows (packed).
+template <class T, class L>
+std::int64_t buffer_rows(const token_view<T, L>& v, const options& opt) {
+  return dpo::detail::rows_of(v, policy(opt, false)).end;
+}
+
+/// Blocks of a kernel with a block per sequence of `n`.
+inline unsigned seq_grid(std::int64_t n) { return static_cast<unsigned>(n < 65535 ? n : 65535); }
+
+template <class T, class L>
+status launch_sequences(const views<T, L>& vs, const vocab_shard& sh, const shard_sides& st, double* seq,
+                        bool metrics, double ld_alpha, cudaStream_t stream) {
+  return launch("shard_sequence_kernel", shard_sequence_kernel<seq_block, T, L>,
+                seq_grid(vs.num_sides * vs.v[0].num_seqs), seq_block, stream, vs, sh, st, seq, metrics,
+                ld_alpha != 1.0, ld_alpha);
 }
 
 }  // namespace detail
 
+// Packed views (cu_seqlens != null) take options::num_rows, the rows of the logits buffer
+// (the host cannot read cu_seqlens); cu_seqlens must then be valid (non-decreasing, within
+// [0, num_rows]): these building blocks have no error word, so the caller checks it (the
+// PyTorch ops do, on the device). Labels are read on the device only (see the top).
+
 /// Phase 1 on the device: dpo::cpu::shard_partials (same records, same indexing by the
-/// buffer's row: records [rows, shard_fields], row_max [rows] or null). Padded views only
-/// (the host cannot read cu_seqlens to size the launch). opt.metrics false leaves the
-/// metric fields 0. Deterministic.
+/// buffer's row: records [rows, shard_fields], row_max [rows] or null; rows outside every
+/// sequence are not written). opt.metrics false leaves the metric fields 0. Deterministic.
 template <class T, class L>
 status shard_partials(const token_view<T, L>& shard, const vocab_shard& sh, double* records, double* row_max,
                       const options& opt = {}, cudaStream_t stream = 0) {
   status s = detail::check_shard(shard, sh, opt);
   if (!s) return s;
-  if (shard.cu_seqlens != nullptr) return detail::invalid("dpo: shard_partials takes padded views on CUDA");
-  const std::int64_t n = detail::shard_rows(shard);
+  const std::int64_t n = detail::shard_rows(shard, opt);
   if (n == 0) return {};
   if (records == nullptr) return detail::invalid("dpo: records is null");
   constexpr int B = detail::rows_block;
@@ -247,15 +391,14 @@ inline status shard_rebase(std::int64_t begin, std::int64_t end, const double* r
 
 /// Phase 2 per row on the device: from the combined records, each completion row's label
 /// log-prob, log-sum-exp, entropy, mean logit, WPO term and argmax hit (0 on other rows of the
-/// view's sequences; gap rows not written), as dpo::cpu's rows_from_records. Padded views.
+/// view's sequences; gap rows not written), as dpo::cpu's rows_from_records.
 template <class T, class L>
 status shard_row_values(const token_view<T, L>& shard, const vocab_shard& sh, const double* row_max,
                         const double* records, const detail::shard_row_outputs& out, const options& opt = {},
                         cudaStream_t stream = 0) {
   status s = detail::check_shard(shard, sh, opt);
   if (!s) return s;
-  if (shard.cu_seqlens != nullptr) return detail::invalid("dpo: shard_row_values takes padded views on CUDA");
-  const std::int64_t n = detail::shard_rows(shard);
+  const std::int64_t n = detail::shard_rows(shard, opt);
   if (n == 0) return {};
   if (row_max == nullptr || records == nullptr) return detail::invalid("dpo: row_max or records is null");
   const unsigned grid = static_cast<unsigned>(n / 256 + 1 < 4096 ? n / 256 + 1 : 4096);
@@ -266,21 +409,20 @@ status shard_row_values(const token_view<T, L>& shard, const vocab_shard& sh, co
 /// The shard-local backward on the device: row r of the view's sequences gets
 /// row_coef[r] * grad_output * (onehot(y) - softmax(z)) on the shard's columns (zeros on
 /// masked rows; gap rows not written), with the lse of the combined record. row_coef is
-/// indexed by the buffer's row (e.g. built from dpo::cpu::shard_pair_stage's seq_grad).
-/// In place when grad == shard.logits with the same stride. Padded views. Deterministic.
+/// indexed by the buffer's row. In place when grad == shard.logits with the same stride.
+/// Deterministic.
 template <class T, class L>
 status shard_backward_rows(const token_view<T, L>& shard, const vocab_shard& sh, const double* row_max,
                            const double* records, const double* row_coef, double grad_output, T* grad,
                            std::int64_t grad_stride, const options& opt = {}, cudaStream_t stream = 0) {
   status s = detail::check_shard(shard, sh, opt);
   if (!s) return s;
-  if (shard.cu_seqlens != nullptr) return detail::invalid("dpo: shard_backward_rows takes padded views on CUDA");
   s = detail::to_status(dpo::detail::check_finite(grad_output, "grad_output"));
   if (!s) return s;
   s = detail::to_status(dpo::detail::check_seq_grad(shard, row_max, row_coef, grad, grad_stride,
                                                     detail::policy(opt, true)));
   if (!s) return s;
-  const std::int64_t n = detail::shard_rows(shard);
+  const std::int64_t n = detail::shard_rows(shard, opt);
   if (n == 0) return {};
   if (records == nullptr) return detail::invalid("dpo: records is null");
   constexpr int B = detail::rows_block;
@@ -294,28 +436,105 @@ status shard_backward_rows(const token_view<T, L>& shard, const vocab_shard& sh,
 
 /// Phase 2 per sequence on the device: dpo::cpu::shard_sequence_partials (no LD-DPO: logps =
 /// logps_plain) into seq [seq_fields, S] (device). With context parallelism the caller sums
-/// seq over the context group; then dpo::cpu::shard_pair_stage (on a host copy: [seq_fields,
-/// 2P] doubles) gives the loss, metrics and seq_grad. Padded views. Deterministic.
+/// seq over the context group. Deterministic; equal to the CPU's to rounding (a tree sum).
 template <class T, class L>
 status shard_sequence_partials(const token_view<T, L>& shard, const vocab_shard& sh, const double* row_max,
                                const double* records, double* seq, const options& opt = {},
                                cudaStream_t stream = 0) {
   status s = detail::check_shard(shard, sh, opt);
   if (!s) return s;
-  if (shard.cu_seqlens != nullptr) return detail::invalid("dpo: shard_sequence_partials takes padded views on CUDA");
   if (shard.num_seqs == 0) return {};
   if (row_max == nullptr || records == nullptr || seq == nullptr)
-    return detail::invalid("dpo: row_max, records or seq is null");
-  const unsigned grid = static_cast<unsigned>(shard.num_seqs < 65535 ? shard.num_seqs : 65535);
-  return detail::launch("shard_sequence_kernel", detail::shard_sequence_kernel<detail::seq_block, T, L>, grid,
-                        detail::seq_block, stream, shard, sh, row_max, records, seq, opt.metrics);
+    return detail::invalid("dpo: %s is null", row_max == nullptr ? "row_max" : records == nullptr ? "records" : "seq");
+  const detail::views<T, L> vs = detail::make_views<T, L>(shard, nullptr, opt);
+  return detail::launch_sequences(vs, sh, detail::shard_sides{{row_max, nullptr}, {records, nullptr}}, seq,
+                                  opt.metrics, 1.0, stream);
+}
+
+/// Phase 2, pairs, on the device: dpo::cpu::shard_pair_partials. Both sides' sums into seq
+/// ([seq_fields, 2P], device; chosen in columns [0, P), rejected in [P, 2P)), LD-DPO weighted
+/// by ld_alpha (whole sequences on this rank: 1 under context parallelism). Each side's
+/// records and maxima are indexed by its own buffer's rows (one array for both sides of a
+/// concatenated layout). opt.metrics (pass it on for WPO) computes the metric sums.
+/// Deterministic; equal to the CPU's to rounding (a tree sum per sequence).
+template <class T, class L>
+status shard_pair_partials(const pair_view<T, L>& shard, const vocab_shard& sh, const double* chosen_max,
+                           const double* chosen_records, const double* rejected_max,
+                           const double* rejected_records, double ld_alpha, double* seq, const options& opt = {},
+                           cudaStream_t stream = 0) {
+  status s = detail::check_shard_pairs(shard, sh, opt, true);
+  if (!s) return s;
+  s = detail::to_status(dpo::detail::check_unit(ld_alpha, "ld_alpha"));
+  if (!s) return s;
+  if (!chosen_max || !chosen_records || !rejected_max || !rejected_records || !seq)
+    return detail::invalid("dpo: shard_pair_partials: %s is null",
+                           !chosen_max         ? "chosen_max"
+                           : !chosen_records   ? "chosen_records"
+                           : !rejected_max     ? "rejected_max"
+                           : !rejected_records ? "rejected_records"
+                                               : "seq");
+  const detail::views<T, L> vs = detail::make_views(shard.chosen, &shard.rejected, opt);
+  return detail::launch_sequences(vs, sh,
+                                  detail::shard_sides{{chosen_max, rejected_max}, {chosen_records, rejected_records}},
+                                  seq, opt.metrics, ld_alpha, stream);
+}
+
+/// The device pair stage: dpo::cpu::shard_pair_stage on device arrays, the two-phase
+/// workspace of dpo.cuh (workspace == nullptr: checks the host arguments and sets
+/// workspace_bytes only). From the batch's per-sequence totals seq_totals ([seq_fields, 2P],
+/// device, whatever produced them: shard_pair_partials, the fused head's, after the context
+/// all-reduce) and the reference log-probs (device [P] each; null for reference-free
+/// losses): the outputs of `out` (device pointers; row_lse / row_coef are ignored),
+/// nll_token_grad included, and seq_grad[2P] = dL/dpi of each sequence (chosen then
+/// rejected). `metrics`: the totals hold the metric sums. It is dpo_forward's pair kernel,
+/// one block, on the totals in place: the core's pair math (dpo/core/loss.hpp, metrics.hpp),
+/// equal to the CPU's to rounding (batch sums in a tree instead of in order), bitwise
+/// reproducible. No host synchronization; the workspace holds the WPO weights and aot sorts.
+inline status shard_pair_stage(void* workspace, std::size_t& workspace_bytes, std::int64_t P,
+                               const double* seq_totals, const double* ref_chosen, const double* ref_rejected,
+                               const loss_config& cfg, bool metrics, const forward_outputs& out, double* seq_grad,
+                               cudaStream_t stream = 0) {
+  status s = detail::to_status(validate_config(cfg));
+  if (!s) return s;
+  const bool pointers = workspace != nullptr;
+  const dpo::detail::check_policy pol = dpo::detail::cuda_policy(-1, pointers);
+  if (P < 1 || P >= pol.max_pairs)
+    return detail::invalid("dpo: num_pairs = %lld is invalid: must be in [1, %lld]", (long long)P,
+                           (long long)pol.max_pairs - 1);
+  s = detail::to_status(dpo::detail::check_reference(cfg, ref_chosen, ref_rejected, pol));
+  if (!s) return s;
+  const std::int64_t none[2] = {0, 0};
+  detail::ws_ptrs w;
+  bool size_only = false;
+  s = detail::reserve(workspace, workspace_bytes, none, 0, P, &w, &size_only);
+  if (!s || size_only) return s;
+  if (seq_totals == nullptr || seq_grad == nullptr)
+    return detail::invalid("dpo: %s is null", seq_totals == nullptr ? "seq_totals" : "seq_grad");
+  w.seqs[0] = detail::seq_columns(seq_totals, P, 0);
+  w.seqs[1] = detail::seq_columns(seq_totals, P, 1);
+  w.pairs.gc = seq_grad;
+  w.pairs.gr = seq_grad + P;
+  s = detail::launch("pair_stage_reset_kernel", detail::pair_stage_reset_kernel, 1, 1, stream, w.h);
+  if (!s) return s;
+  detail::pair_params pp;
+  pp.cfg = cfg;
+  pp.pairs = P;
+  pp.vocab = 0;
+  pp.metrics = metrics || cfg.use_weighting;
+  pp.weights = detail::weights_from::wpo_sums;
+  const bool ref = dpo::detail::needs_reference(cfg);
+  pp.ref_chosen = ref ? ref_chosen : nullptr;
+  pp.ref_rejected = ref ? ref_rejected : nullptr;
+  pp.out = out;
+  pp.out.row_lse = pp.out.row_coef = nullptr;
+  return detail::launch("pair_kernel", detail::pair_kernel<detail::pair_block>, 1, detail::pair_block, stream, w,
+                        pp);
 }
 
 /// The shard-local backward from per-sequence gradients (device arrays): row r of sequence s
 /// gets (seq_grad[s] + (s < nll_seqs ? nll_token_grad : 0)) * grad_output * (onehot(y) -
-/// softmax(z)) on the shard's columns. For TRL's concatenated batch pass shard_pair_stage's
-/// seq_grad [2P] and nll_token_grad with nll_seqs = P (no LD-DPO). Same writes and aliasing
-/// as shard_backward_rows.
+/// softmax(z)) on the shard's columns (no LD-DPO; for pairs with LD-DPO or device scalars see
+/// shard_backward). Same writes and aliasing as shard_backward_rows.
 template <class T, class L>
 status shard_backward_sequences(const token_view<T, L>& shard, const vocab_shard& sh, const double* row_max,
                                 const double* records, const double* seq_grad, double nll_token_grad,
@@ -323,8 +542,6 @@ status shard_backward_sequences(const token_view<T, L>& shard, const vocab_shard
                                 const options& opt = {}, cudaStream_t stream = 0) {
   status s = detail::check_shard(shard, sh, opt);
   if (!s) return s;
-  if (shard.cu_seqlens != nullptr)
-    return detail::invalid("dpo: shard_backward_sequences takes padded views on CUDA");
   for (const auto& [x, name] : {std::pair<double, const char*>{grad_output, "grad_output"},
                                 std::pair<double, const char*>{nll_token_grad, "nll_token_grad"}}) {
     s = detail::to_status(dpo::detail::check_finite(x, name));
@@ -333,15 +550,74 @@ status shard_backward_sequences(const token_view<T, L>& shard, const vocab_shard
   s = detail::to_status(dpo::detail::check_seq_grad(shard, row_max, seq_grad, grad, grad_stride,
                                                     detail::policy(opt, true)));
   if (!s) return s;
-  if (detail::shard_rows(shard) == 0) return {};
+  const std::int64_t n = detail::shard_rows(shard, opt);
+  if (n == 0) return {};
   if (records == nullptr) return detail::invalid("dpo: records is null");
   constexpr int B = detail::rows_block;
   const auto kernel = detail::shard_backward_sequences_kernel<B, T, L>;
   int grid = 1;
-  s = detail::row_grid(kernel, B, detail::shard_rows(shard), &grid);
+  s = detail::row_grid(kernel, B, n, &grid);
   if (!s) return s;
   return detail::launch("shard_backward_sequences_kernel", kernel, grid, B, stream, shard, sh, row_max, records,
                         detail::seq_coefs{seq_grad, nll_token_grad, nll_seqs}, grad_output, grad, grad_stride);
+}
+
+/// The backward of the pair loss on a shard, on the device: dpo::cpu::shard_backward.
+/// grad_output * dL/dz on the shard's columns of every row of both sides, from the combined
+/// records (each side's, indexed by its buffer's rows), seq_grad ([2P]: shard_pair_stage's),
+/// the NLL token gradient and the forward's ld_alpha. nll_token_grad and grad_output are
+/// DEVICE scalars (null: 0 and 1), so autograd needs no host sync. grad: one buffer per side,
+/// rows as the side's logits; in place when it is the logits with the same stride. Masked
+/// rows get zeros, gap rows are not written. The workspace (two-phase, as dpo.cuh) holds each
+/// row's coefficient: a kernel per sequence (LD-DPO positions by a block scan), then the row
+/// kernel of shard_backward_rows per side. Deterministic.
+template <class T, class L>
+status shard_backward(void* workspace, std::size_t& workspace_bytes, const pair_view<T, L>& shard,
+                      const vocab_shard& sh, const double* chosen_max, const double* chosen_records,
+                      const double* rejected_max, const double* rejected_records, const double* seq_grad,
+                      const double* nll_token_grad, double ld_alpha, const pair_grad_view<T>& grad,
+                      const double* grad_output = nullptr, const options& opt = {}, cudaStream_t stream = 0) {
+  const bool pointers = workspace != nullptr;
+  status s = detail::check_shard_pairs(shard, sh, opt, pointers);
+  if (!s) return s;
+  s = detail::to_status(dpo::detail::check_unit(ld_alpha, "ld_alpha"));
+  if (!s) return s;
+  const std::int64_t cap[2] = {detail::buffer_rows(shard.chosen, opt), detail::buffer_rows(shard.rejected, opt)};
+  const std::size_t needed = ((cap[0] * sizeof(double) + 255) / 256 + (cap[1] * sizeof(double) + 255) / 256) * 256;
+  if (!pointers) {
+    workspace_bytes = needed;
+    return {};
+  }
+  s = detail::check_workspace(workspace, workspace_bytes, needed);
+  if (!s) return s;
+  s = detail::check_grad(shard, grad, opt);
+  if (!s) return s;
+  if (!chosen_max || !chosen_records || !rejected_max || !rejected_records || !seq_grad)
+    return detail::invalid("dpo: shard_backward: %s is null",
+                           !chosen_max         ? "chosen_max"
+                           : !chosen_records   ? "chosen_records"
+                           : !rejected_max     ? "rejected_max"
+                           : !rejected_records ? "rejected_records"
+                                               : "seq_grad");
+  if (cap[0] + cap[1] == 0) return {};
+  double* coef0 = static_cast<double*>(workspace);
+  double* coef1 = coef0 + (cap[0] * sizeof(double) + 255) / 256 * 256 / sizeof(double);
+  constexpr int B = detail::rows_block;
+  const auto kernel = detail::shard_backward_kernel<B, T, L>;
+  int grid = 1;
+  s = detail::row_grid(kernel, B, cap[0] + cap[1], &grid);  // the device query before any launch
+  if (!s) return s;
+  const detail::views<T, L> vs = detail::make_views(shard.chosen, &shard.rejected, opt);
+  s = detail::launch("shard_pair_coef_kernel", detail::shard_pair_coef_kernel<detail::seq_block, T, L>,
+                     detail::seq_grid(2 * shard.num_pairs()), detail::seq_block, stream, vs, seq_grad,
+                     nll_token_grad, grad_output, ld_alpha != 1.0, ld_alpha, coef0, coef1);
+  if (!s) return s;
+  s = detail::launch("shard_backward_kernel", kernel, grid, B, stream, shard.chosen, sh, chosen_max, chosen_records,
+                     static_cast<const double*>(coef0), 1.0, grad.chosen, grad.chosen_stride);
+  if (!s) return s;
+  return detail::launch("shard_backward_kernel", kernel, grid, B, stream, shard.rejected, sh, rejected_max,
+                        rejected_records, static_cast<const double*>(coef1), 1.0, grad.rejected,
+                        grad.rejected_stride);
 }
 
 }  // namespace cuda
