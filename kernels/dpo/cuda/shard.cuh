@@ -27,6 +27,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <initializer_list>
 #include <utility>
 
 #include "dpo/core/shard.hpp"
@@ -340,6 +341,48 @@ std::int64_t buffer_rows(const token_view<T, L>& v, const options& opt) {
   return dpo::detail::rows_of(v, policy(opt, false)).end;
 }
 
+/// Launches a block-per-row kernel over the view's rows, after the records check; nothing
+/// when the view has no rows.
+template <class Kernel, class T, class L, class... Args>
+status launch_rows(const char* what, Kernel kernel, const token_view<T, L>& v, const options& opt,
+                   const double* records, cudaStream_t stream, Args&&... args) {
+  const std::int64_t n = shard_rows(v, opt);
+  if (n == 0) return {};
+  if (records == nullptr) return invalid("dpo: records is null");
+  int grid = 1;
+  const status s = row_grid(kernel, rows_block, n, &grid);
+  if (!s) return s;
+  return launch(what, kernel, grid, rows_block, stream, std::forward<Args>(args)...);
+}
+
+/// The checks of a single view's backward: the shard, the finite scalars, and the core's
+/// check of row_max, the coefficients and the gradient buffer.
+template <class T, class L>
+status check_view_backward(const token_view<T, L>& v, const vocab_shard& sh, const options& opt,
+                           std::initializer_list<std::pair<double, const char*>> scalars, const double* row_max,
+                           const double* coef, const T* grad, std::int64_t grad_stride) {
+  status s = check_shard(v, sh, opt);
+  for (const auto& [x, name] : scalars)
+    if (s) s = to_status(dpo::detail::check_finite(x, name));
+  if (!s) return s;
+  return to_status(dpo::detail::check_seq_grad(v, row_max, coef, grad, grad_stride, policy(opt, true)));
+}
+
+/// A status naming the first null one of the pair entry points' per-side state and `last`
+/// (`what`: the entry point), or success.
+inline status first_null(const char* what, const double* chosen_max, const double* chosen_records,
+                         const double* rejected_max, const double* rejected_records, const double* last,
+                         const char* last_name) {
+  const std::pair<const double*, const char*> args[] = {{chosen_max, "chosen_max"},
+                                                        {chosen_records, "chosen_records"},
+                                                        {rejected_max, "rejected_max"},
+                                                        {rejected_records, "rejected_records"},
+                                                        {last, last_name}};
+  for (const auto& [p, name] : args)
+    if (p == nullptr) return invalid("dpo: %s: %s is null", what, name);
+  return {};
+}
+
 /// Blocks of a kernel with a block per sequence of `n`.
 inline unsigned seq_grid(std::int64_t n) { return static_cast<unsigned>(n < 65535 ? n : 65535); }
 
@@ -364,18 +407,13 @@ status launch_sequences(const views<T, L>& vs, const vocab_shard& sh, const shar
 template <class T, class L>
 status shard_partials(const token_view<T, L>& shard, const vocab_shard& sh, double* records, double* row_max,
                       const options& opt = {}, cudaStream_t stream = 0) {
-  status s = detail::check_shard(shard, sh, opt);
+  const status s = detail::check_shard(shard, sh, opt);
   if (!s) return s;
-  const std::int64_t n = detail::shard_rows(shard, opt);
-  if (n == 0) return {};
-  if (records == nullptr) return detail::invalid("dpo: records is null");
   constexpr int B = detail::rows_block;
   const auto kernel = opt.metrics ? detail::shard_partials_kernel<B, true, T, L>
                                   : detail::shard_partials_kernel<B, false, T, L>;
-  int grid = 1;
-  s = detail::row_grid(kernel, B, n, &grid);
-  if (!s) return s;
-  return detail::launch("shard_partials_kernel", kernel, grid, B, stream, shard, sh, records, row_max);
+  return detail::launch_rows("shard_partials_kernel", kernel, shard, opt, records, stream, shard, sh, records,
+                             row_max);
 }
 
 /// Between the two all-reduces: dpo::cpu::shard_rebase on device arrays.
@@ -415,23 +453,12 @@ template <class T, class L>
 status shard_backward_rows(const token_view<T, L>& shard, const vocab_shard& sh, const double* row_max,
                            const double* records, const double* row_coef, double grad_output, T* grad,
                            std::int64_t grad_stride, const options& opt = {}, cudaStream_t stream = 0) {
-  status s = detail::check_shard(shard, sh, opt);
+  const status s = detail::check_view_backward(shard, sh, opt, {{grad_output, "grad_output"}}, row_max, row_coef,
+                                               grad, grad_stride);
   if (!s) return s;
-  s = detail::to_status(dpo::detail::check_finite(grad_output, "grad_output"));
-  if (!s) return s;
-  s = detail::to_status(dpo::detail::check_seq_grad(shard, row_max, row_coef, grad, grad_stride,
-                                                    detail::policy(opt, true)));
-  if (!s) return s;
-  const std::int64_t n = detail::shard_rows(shard, opt);
-  if (n == 0) return {};
-  if (records == nullptr) return detail::invalid("dpo: records is null");
-  constexpr int B = detail::rows_block;
-  const auto kernel = detail::shard_backward_kernel<B, T, L>;
-  int grid = 1;
-  s = detail::row_grid(kernel, B, n, &grid);
-  if (!s) return s;
-  return detail::launch("shard_backward_kernel", kernel, grid, B, stream, shard, sh, row_max, records, row_coef,
-                        grad_output, grad, grad_stride);
+  return detail::launch_rows("shard_backward_kernel", detail::shard_backward_kernel<detail::rows_block, T, L>, shard,
+                             opt, records, stream, shard, sh, row_max, records, row_coef, grad_output, grad,
+                             grad_stride);
 }
 
 /// Phase 2 per sequence on the device: dpo::cpu::shard_sequence_partials (no LD-DPO: logps =
@@ -466,13 +493,9 @@ status shard_pair_partials(const pair_view<T, L>& shard, const vocab_shard& sh, 
   if (!s) return s;
   s = detail::to_status(dpo::detail::check_unit(ld_alpha, "ld_alpha"));
   if (!s) return s;
-  if (!chosen_max || !chosen_records || !rejected_max || !rejected_records || !seq)
-    return detail::invalid("dpo: shard_pair_partials: %s is null",
-                           !chosen_max         ? "chosen_max"
-                           : !chosen_records   ? "chosen_records"
-                           : !rejected_max     ? "rejected_max"
-                           : !rejected_records ? "rejected_records"
-                                               : "seq");
+  s = detail::first_null("shard_pair_partials", chosen_max, chosen_records, rejected_max, rejected_records, seq,
+                         "seq");
+  if (!s) return s;
   const detail::views<T, L> vs = detail::make_views(shard.chosen, &shard.rejected, opt);
   return detail::launch_sequences(vs, sh,
                                   detail::shard_sides{{chosen_max, rejected_max}, {chosen_records, rejected_records}},
@@ -540,26 +563,14 @@ status shard_backward_sequences(const token_view<T, L>& shard, const vocab_shard
                                 const double* records, const double* seq_grad, double nll_token_grad,
                                 std::int64_t nll_seqs, double grad_output, T* grad, std::int64_t grad_stride,
                                 const options& opt = {}, cudaStream_t stream = 0) {
-  status s = detail::check_shard(shard, sh, opt);
+  const status s = detail::check_view_backward(
+      shard, sh, opt, {{grad_output, "grad_output"}, {nll_token_grad, "nll_token_grad"}}, row_max, seq_grad, grad,
+      grad_stride);
   if (!s) return s;
-  for (const auto& [x, name] : {std::pair<double, const char*>{grad_output, "grad_output"},
-                                std::pair<double, const char*>{nll_token_grad, "nll_token_grad"}}) {
-    s = detail::to_status(dpo::detail::check_finite(x, name));
-    if (!s) return s;
-  }
-  s = detail::to_status(dpo::detail::check_seq_grad(shard, row_max, seq_grad, grad, grad_stride,
-                                                    detail::policy(opt, true)));
-  if (!s) return s;
-  const std::int64_t n = detail::shard_rows(shard, opt);
-  if (n == 0) return {};
-  if (records == nullptr) return detail::invalid("dpo: records is null");
-  constexpr int B = detail::rows_block;
-  const auto kernel = detail::shard_backward_sequences_kernel<B, T, L>;
-  int grid = 1;
-  s = detail::row_grid(kernel, B, n, &grid);
-  if (!s) return s;
-  return detail::launch("shard_backward_sequences_kernel", kernel, grid, B, stream, shard, sh, row_max, records,
-                        detail::seq_coefs{seq_grad, nll_token_grad, nll_seqs}, grad_output, grad, grad_stride);
+  return detail::launch_rows("shard_backward_sequences_kernel",
+                             detail::shard_backward_sequences_kernel<detail::rows_block, T, L>, shard, opt, records,
+                             stream, shard, sh, row_max, records,
+                             detail::seq_coefs{seq_grad, nll_token_grad, nll_seqs}, grad_output, grad, grad_stride);
 }
 
 /// The backward of the pair loss on a shard, on the device: dpo::cpu::shard_backward.
@@ -592,13 +603,9 @@ status shard_backward(void* workspace, std::size_t& workspace_bytes, const pair_
   if (!s) return s;
   s = detail::check_grad(shard, grad, opt);
   if (!s) return s;
-  if (!chosen_max || !chosen_records || !rejected_max || !rejected_records || !seq_grad)
-    return detail::invalid("dpo: shard_backward: %s is null",
-                           !chosen_max         ? "chosen_max"
-                           : !chosen_records   ? "chosen_records"
-                           : !rejected_max     ? "rejected_max"
-                           : !rejected_records ? "rejected_records"
-                                               : "seq_grad");
+  s = detail::first_null("shard_backward", chosen_max, chosen_records, rejected_max, rejected_records, seq_grad,
+                         "seq_grad");
+  if (!s) return s;
   if (cap[0] + cap[1] == 0) return {};
   double* coef0 = static_cast<double*>(workspace);
   double* coef1 = coef0 + (cap[0] * sizeof(double) + 255) / 256 * 256 / sizeof(double);
