@@ -5,7 +5,8 @@
 // torch.distributed all-reduces issued from Python (dpo_kernels/distributed.py), so no
 // communication happens here. Records and maxima are indexed by the view's rows
 // (row_layout::view_rows()), as the library's row_lse; they are opaque to Python except as
-// the buffers of the all-reduces. CPU kernels only: CUDA tensors get a clear error.
+// the buffers of the all-reduces. These are the CPU kernels; the CUDA ones are in
+// cuda_shard.cu.
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -16,6 +17,7 @@
 
 #include "common.h"
 #include "forward_outputs.h"
+#include "shard_args.h"
 #include "dpo/cpu/shard.hpp"
 
 namespace dpo_kernels {
@@ -35,8 +37,8 @@ dpo::cpu::options cpu_options(bool metrics) {
 }
 
 void check_cpu(const at::Tensor& t, const char* name) {
-  TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be a CPU tensor: the sharded ops have CPU kernels only, got ",
-                    t.device());
+  TORCH_CHECK_VALUE(t.device().is_cpu(), name, " is on ", t.device(),
+                    ": the CPU kernel of a sharded op takes CPU tensors");
 }
 
 /// make_layout plus the bounds of packed rows: cu_seqlens[0] >= 0 and cu_seqlens[S] <= N (the
@@ -52,20 +54,6 @@ row_layout lower(const at::Tensor& logits, const at::Tensor& labels, const std::
                       l.rows, " rows of logits");
   }
   return l;
-}
-
-/// The shard of a layout: columns [start, start + V_local) of a global vocabulary.
-dpo::vocab_shard shard_of(const row_layout& l, std::int64_t vocab_start, std::int64_t vocab_size) {
-  return {vocab_size, vocab_start, vocab_start + l.vocab};
-}
-
-/// A per-view-row double tensor argument ([view_rows] or [view_rows, shard_fields]).
-at::Tensor rows_arg(const at::Tensor& t, const row_layout& l, std::int64_t width, const char* name) {
-  TORCH_CHECK_TYPE(t.scalar_type() == at::kDouble, name, " must be float64, got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.numel() == l.view_rows() * width, name, " has ", t.numel(), " entries, expected ",
-                    l.view_rows() * width, ": pass the tensor shard_partials returned for these logits");
-  check_cpu(t, name);
-  return t.contiguous();
 }
 
 /// Calls fn(layout_views<T, L>) for the logits' and labels' dtypes, turning dpo::error into
@@ -94,11 +82,7 @@ std::tuple<at::Tensor, at::Tensor> shard_partials_cpu(const at::Tensor& logits, 
 
 at::Tensor shard_rebase_cpu(const at::Tensor& row_max, const at::Tensor& records) {
   check_cpu(records, "records");
-  TORCH_CHECK_VALUE(records.dim() == 2 && records.size(1) == dpo::shard_fields && row_max.dim() == 1 &&
-                        row_max.size(0) == records.size(0) && row_max.scalar_type() == at::kDouble &&
-                        records.scalar_type() == at::kDouble,
-                    "shard_rebase takes float64 row_max [R] and records [R, ", dpo::shard_fields, "], got ",
-                    row_max.sizes(), " and ", records.sizes());
+  check_rebase_args(row_max, records);
   at::Tensor out = records.contiguous().clone();
   const at::Tensor m = row_max.contiguous();
   dpo::cpu::shard_rebase(0, out.size(0), m.data_ptr<double>(), out.data_ptr<double>());
@@ -111,15 +95,13 @@ at::Tensor shard_sequence_partials_cpu(const at::Tensor& logits, const at::Tenso
                                        std::int64_t vocab_start, std::int64_t vocab_size, double ld_alpha,
                                        bool paired, bool metrics) {
   const row_layout l = lower(logits, labels, cu_seqlens, ignore_index);
-  const at::Tensor m = rows_arg(row_max, l, 1, "row_max");
-  const at::Tensor r = rows_arg(records, l, dpo::shard_fields, "records");
+  const record_args ra(row_max, records, l);
   if (paired) concatenated_pairs(l);
   at::Tensor seq = at::zeros({dpo::seq_fields, l.num_seqs}, at::kDouble);
   if (l.num_seqs == 0) return seq;
   with_views(l, ignore_index, [&](auto v) {
     const dpo::vocab_shard sh = shard_of(l, vocab_start, vocab_size);
-    const double* pm = m.data_ptr<double>();
-    const double* pr = r.data_ptr<double>();
+    const double *pm = ra.max(), *pr = ra.rec();
     if (paired) {
       dpo::cpu::shard_pair_partials(v.pairs(), sh, pm, pr, pm, pr, ld_alpha,
                                     seq.data_ptr<double>(), cpu_options(metrics));
@@ -135,16 +117,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> shard_pai
     const at::Tensor& seq_totals, const std::optional<at::Tensor>& reference_chosen_logps,
     const std::optional<at::Tensor>& reference_rejected_logps, DPO_CONFIG_PARAMS, bool metrics) {
   check_cpu(seq_totals, "seq_totals");
-  TORCH_CHECK_VALUE(seq_totals.dim() == 2 && seq_totals.size(0) == dpo::seq_fields && seq_totals.size(1) % 2 == 0 &&
-                        seq_totals.size(1) >= 2,
-                    "seq_totals must have shape [", dpo::seq_fields, ", 2P], got ", seq_totals.sizes());
   const dpo::loss_config cfg = make_config(DPO_CONFIG_ARGS);
-  check_references(cfg, reference_chosen_logps.has_value(), reference_rejected_logps.has_value());
-  const std::int64_t P = seq_totals.size(1) / 2;
-  const auto dev = seq_totals.device();
-  if (reference_chosen_logps.has_value()) check_pair_vector(*reference_chosen_logps, P, dev, "reference_chosen_logps");
-  if (reference_rejected_logps.has_value())
-    check_pair_vector(*reference_rejected_logps, P, dev, "reference_rejected_logps");
+  const std::int64_t P = check_stage_args(seq_totals, reference_chosen_logps, reference_rejected_logps, cfg);
   const auto dbl = [](const std::optional<at::Tensor>& t) {
     return t.has_value() ? t->to(at::kDouble).contiguous() : at::Tensor();
   };
@@ -170,12 +144,8 @@ at::Tensor shard_backward_cpu(const at::Tensor& seq_grad, const at::Tensor& nll_
                               const at::Tensor& row_max, const at::Tensor& records, std::int64_t ignore_index,
                               std::int64_t vocab_start, std::int64_t vocab_size, double ld_alpha, bool paired) {
   const row_layout l = lower(logits, labels, cu_seqlens, ignore_index);
-  const at::Tensor m = rows_arg(row_max, l, 1, "row_max");
-  const at::Tensor r = rows_arg(records, l, dpo::shard_fields, "records");
-  TORCH_CHECK_VALUE(seq_grad.dim() == 1 && seq_grad.size(0) == l.num_seqs, "seq_grad must have shape [",
-                    l.num_seqs, "], got ", seq_grad.sizes());
-  TORCH_CHECK_VALUE(nll_token_grad.numel() == 1, "nll_token_grad must hold one value, got shape ",
-                    nll_token_grad.sizes());
+  const record_args ra(row_max, records, l);
+  check_backward_args(seq_grad, nll_token_grad, l);
   const at::Tensor g = seq_grad.to(at::kDouble).contiguous();
   const double nll = nll_token_grad.to(at::kDouble).item<double>();
   // Zeros: rows outside every sequence (packed) are not written by the library.
@@ -185,8 +155,7 @@ at::Tensor shard_backward_cpu(const at::Tensor& seq_grad, const at::Tensor& nll_
   with_views(l, ignore_index, [&](auto v) {
     using T = typename decltype(v)::value_type;
     const dpo::vocab_shard sh = shard_of(l, vocab_start, vocab_size);
-    const double* pm = m.data_ptr<double>();
-    const double* pr = r.data_ptr<double>();
+    const double *pm = ra.max(), *pr = ra.rec();
     T* out = v.elements(grad.data_ptr());
     if (paired) {
       dpo::cpu::shard_backward(v.pairs(), sh, pm, pr, pm, pr, g.data_ptr<double>(), nll,
@@ -199,14 +168,6 @@ at::Tensor shard_backward_cpu(const at::Tensor& seq_grad, const at::Tensor& nll_
   });
   return grad_as_logits(grad, l, logits);
 }
-
-void no_cuda_kernel(const c10::OperatorHandle& op, torch::jit::Stack*) {
-  TORCH_CHECK_VALUE(false, op.schema().name(), ": the sharded (process_group / cp_group) ops have CPU kernels only ",
-                    "so far; pass CPU tensors (docs/distributed.md)");
-}
-
-const char* const shard_ops[] = {"shard_partials", "shard_rebase", "shard_sequence_partials", "shard_pair_stage",
-                                 "shard_backward"};
 
 }  // namespace
 
@@ -251,7 +212,4 @@ TORCH_LIBRARY_IMPL(dpo_kernels, CPU, m) {
   m.impl("shard_backward", &dpo_kernels::shard_backward_cpu);
 }
 
-TORCH_LIBRARY_IMPL(dpo_kernels, CUDA, m) {
-  for (const char* name : dpo_kernels::shard_ops)
-    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&dpo_kernels::no_cuda_kernel>());
-}
+// The CUDA kernels are in cuda_shard.cu (built with the extension's CUDA sources).

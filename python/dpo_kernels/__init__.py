@@ -82,7 +82,8 @@ def sequence_logps(
             (S = 0 gives an empty result, as padded logits with B = 0).
         process_group: the tensor-parallel ``torch.distributed`` group across which the
             vocabulary is sharded: ``logits`` holds this rank's columns, ``labels`` are global
-            token ids. Two all-reduces per call (docs/distributed.md). CPU tensors only for now.
+            token ids. Two all-reduces per call (docs/distributed.md). CPU or CUDA tensors
+            (CUDA: no host synchronization).
         vocab_range: ``(start, end)``, this rank's columns, for uneven shards; default
             Megatron's ``[rank * V_local, (rank + 1) * V_local)``. Costs one all-gather.
         cp_group: the context-parallel group: ``logits`` / ``labels`` / ``cu_seqlens`` hold
@@ -328,7 +329,8 @@ def dpo_loss_from_logits(
             over ``process_group``, one of ``[7, 2P]`` doubles over ``cp_group``; none in the
             backward. Not with ``ref_logits`` (pass reference log-probs, e.g. from the sharded
             :func:`sequence_logps`) nor ``inplace_backward``; ``ld_alpha`` not with
-            ``cp_group``. CPU tensors only for now.
+            ``cp_group``. CPU or CUDA tensors (CUDA: the pair stage on the device, no host
+            synchronization).
 
     Returns:
         ``(loss, metrics)``: the scalar loss (float32; float64 for float64 logits),

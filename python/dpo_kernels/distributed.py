@@ -123,9 +123,13 @@ def _context_sum(buf, group, error):
     all-reduce, and then every rank raises instead of its peers waiting for it."""
     flat = torch.cat([buf.reshape(-1), buf.new_tensor([0.0 if error is None else 1.0])])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-    bad = int(flat[-1].item())
     if error is not None:
         raise error
+    if flat.is_cuda:
+        # No host synchronisation on the device: a rejected peer makes the sums (so the loss
+        # and metrics) NaN here instead of raising; the rejected rank itself raised above.
+        return torch.where(flat[-1] > 0, torch.nan, flat[:-1]).view_as(buf)
+    bad = int(flat[-1].item())
     if bad:
         raise ValueError(f"{bad} rank(s) of cp_group rejected their input (their own error says which argument); "
                          "this rank's input was valid")
@@ -147,7 +151,8 @@ class _ShardedLogps(torch.autograd.Function):
         except ValueError as e:
             if cp is None:
                 raise
-            error, seq = e, torch.zeros(len(SEQ_FIELDS), _num_seqs(logits, cu_seqlens), dtype=torch.float64)
+            error, seq = e, torch.zeros(len(SEQ_FIELDS), _num_seqs(logits, cu_seqlens), dtype=torch.float64,
+                                        device=logits.device)
         two = seq[[_LOGPS, _TOKENS]].contiguous()
         if cp is not None:
             two = _context_sum(two, cp, error)
@@ -169,7 +174,7 @@ class _ShardedLogps(torch.autograd.Function):
         return (out,) + (None,) * 8
 
 
-def _pair_forward(rows_and_seq, num_seqs, cp, ref_c, ref_r, config, compute_metrics):
+def _pair_forward(rows_and_seq, num_seqs, cp, ref_c, ref_r, config, compute_metrics, device=None):
     """The DPO forward around a shard's phase 1 and 2 (`rows_and_seq()`: the vocabulary
     collectives inside; returns row_max, records and the [len(SEQ_FIELDS), 2P] sums): the
     context all-reduce (with the count of ranks whose slice was rejected) and the pair stage.
@@ -180,7 +185,7 @@ def _pair_forward(rows_and_seq, num_seqs, cp, ref_c, ref_r, config, compute_metr
     except ValueError as e:
         if cp is None:
             raise
-        error, seq = e, torch.zeros(len(SEQ_FIELDS), num_seqs, dtype=torch.float64)
+        error, seq = e, torch.zeros(len(SEQ_FIELDS), num_seqs, dtype=torch.float64, device=device)
     if cp is not None:
         seq = _context_sum(seq, cp, error)
     return (row_max, records) + tuple(ops.shard_pair_stage(seq, ref_c, ref_r, *config, compute_metrics))
@@ -207,7 +212,7 @@ class _ShardedDPO(torch.autograd.Function):
             return row_max, records, seq
 
         row_max, records, loss, m, pairs, seq_grad, nll = _pair_forward(
-            rows_and_seq, _num_seqs(logits, cu_seqlens), cp, ref_c, ref_r, config, compute_metrics)
+            rows_and_seq, _num_seqs(logits, cu_seqlens), cp, ref_c, ref_r, config, compute_metrics, logits.device)
         ctx.save_for_backward(logits, labels, cu_seqlens, row_max, records, seq_grad, nll)
         ctx.args = (ignore_index, start, vocab, ld_alpha)
         return _pair_outputs(ctx, logits.dtype, loss, m, pairs)
