@@ -121,7 +121,8 @@ def _context_sum(buf, group, error):
     whose own rows were rejected (`error`: this rank's ValueError or None). A context rank's
     labels are its own, so a bad one is found on that rank only: it still takes part in the
     all-reduce, and then every rank raises instead of its peers waiting for it."""
-    flat = torch.cat([buf.reshape(-1), buf.new_tensor([0.0 if error is None else 1.0])])
+    # new_full, not new_tensor: a fill on the device, no copy from host memory (a sync on CUDA).
+    flat = torch.cat([buf.reshape(-1), buf.new_full((1,), 0.0 if error is None else 1.0)])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
     if error is not None:
         raise error
@@ -153,7 +154,7 @@ class _ShardedLogps(torch.autograd.Function):
                 raise
             error, seq = e, torch.zeros(len(SEQ_FIELDS), _num_seqs(logits, cu_seqlens), dtype=torch.float64,
                                         device=logits.device)
-        two = seq[[_LOGPS, _TOKENS]].contiguous()
+        two = torch.stack((seq[_LOGPS], seq[_TOKENS]))  # no index tensor to copy to the device
         if cp is not None:
             two = _context_sum(two, cp, error)
         sums, counts = two[0], two[1]
