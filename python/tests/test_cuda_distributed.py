@@ -39,8 +39,8 @@ def close(got, want, rtol, what):
     assert got.shape == want.shape and got.dtype == want.dtype, f"{what}: {got.dtype}{tuple(got.shape)} vs " \
                                                                 f"{want.dtype}{tuple(want.shape)}"
     got, want = got.detach().cpu().double(), want.detach().double()
-    same_nonfinite = (got.isnan() == want.isnan()).all() and (got[got.isinf()] == want[want.isinf()]).all()
-    assert same_nonfinite, f"{what}: non-finite values differ"
+    same_nonfinite = (got.isnan() == want.isnan()).all() and (got.isinf() == want.isinf()).all()
+    assert same_nonfinite and (got[got.isinf()] == want[want.isinf()]).all(), f"{what}: non-finite values differ"
     fin = want.isfinite()
     err = (got[fin] - want[fin]).abs().max().item() if fin.any() else 0.0
     tol = rtol * max(want[fin].abs().max().item() if fin.any() else 0.0, 1.0)
@@ -190,15 +190,16 @@ def test_world_size_one_matches_unsharded(group, cfg, layout):
     if layout == "packed":
         logits, labels, cu = (t.cuda() for t in dist_worker.packed(logits.cpu(), labels.cpu()))
     cp = None if cfg.get("ld_alpha", 1.0) != 1.0 else group
-    want = dist_worker.unsharded(cfg, logits, labels, ref_c, ref_r, cu)
-    z = logits.clone().requires_grad_()
-    loss, metrics, pv = dk.dpo_loss_from_logits(z, labels, ref_c, ref_r, cu_seqlens=cu, return_pair_values=True,
-                                                process_group=group, cp_group=cp, **cfg)
-    loss.backward()
-    for name, got, w in zip(("loss", "metrics", "pair values", "gradient"), (loss, metrics, pv, z.grad), want):
-        assert got.device.type == "cuda", name
-        dist_worker.close(name, got.cpu(), w.cpu())
-    # sequence_logps over the same group.
-    want_lp = dk.sequence_logps(logits, labels, cu_seqlens=cu, average=True)
-    got_lp = dk.sequence_logps(logits, labels, cu_seqlens=cu, average=True, process_group=group, cp_group=group)
-    dist_worker.close("sequence_logps", got_lp.cpu(), want_lp.cpu())
+    # One rank holds every column and row: its "shard" is the whole batch.
+    dist_worker.check_dpo(f"world size 1, {layout}", cfg, (logits, labels, ref_c, ref_r, cu), (logits, labels, cu),
+                          slice(None), lambda g: g, tp=group, cp=cp)
+    # sequence_logps over the same groups, and its gradient.
+    z, lz = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    w = torch.linspace(-1, 2, 2 * dist_worker.P, device="cuda")
+    want = dk.sequence_logps(z, labels, cu_seqlens=cu, average=True)
+    got = dk.sequence_logps(lz, labels, cu_seqlens=cu, average=True, process_group=group, cp_group=group)
+    (want * w).sum().backward()
+    (got * w).sum().backward()
+    assert got.device.type == "cuda"
+    dist_worker.close("sequence_logps", got.detach(), want.detach())
+    dist_worker.close("sequence_logps grad", lz.grad, z.grad)
