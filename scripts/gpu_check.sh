@@ -171,8 +171,12 @@ py_ok=0
 if [[ "$(cat "$logs/python_build.rc" 2> /dev/null)" == 0 ]]; then
   py_ok=1
   export PYTHONPATH=$root/python${PYTHONPATH:+:$PYTHONPATH}
-  stage python_tests 240 python3 -m pytest -q -p no:cacheprovider -rf --tb=line "$root/python/tests/test_cuda.py" \
-    "$root/python/tests/test_cuda_linear.py"
+  # Every CUDA op against its CPU kernel: logits, fused head, and the sharded ops (world size 1).
+  py_cuda_tests=()
+  for f in test_cuda.py test_cuda_linear.py test_cuda_distributed.py test_cuda_distributed_head.py; do
+    [[ -f "$root/python/tests/$f" ]] && py_cuda_tests+=("$root/python/tests/$f")
+  done
+  stage python_tests 240 python3 -m pytest -q -p no:cacheprovider -rf --tb=line "${py_cuda_tests[@]}"
 else
   not_run python_build "FAIL(rc=$(cat "$logs/python_build.rc" 2> /dev/null || echo timeout))"
 fi
