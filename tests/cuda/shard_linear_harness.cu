@@ -139,7 +139,101 @@ shard_linear_out run_typed(const shard_linear_case& c) {
   return out;
 }
 
+template <class T, class L>
+pair_shard_out run_pair_typed(const pair_shard_case& c) {
+  pair_shard_out out;
+  const std::int64_t R = c.rows, H = c.hidden_cols, W = c.width >= 0 ? c.width : c.sh.width(), S = c.num_seqs;
+  const std::size_t n = static_cast<std::size_t>(R), F = static_cast<std::size_t>(dpo::shard_fields);
+  const dev_vec hidden(c.hidden), weight(c.weight), bias(c.bias), cu(c.cu_seqlens);
+  const dev_vec labels(std::vector<L>(c.labels.begin(), c.labels.end()));
+  const dpo::linear_head<T> head = dpo::make_linear_head(weight.as<const T>(), W, H, H,
+                                                         c.bias.empty() ? nullptr : bias.as<const T>(), c.transforms);
+  const dpo::hidden_pairs<T, L> pairs =
+      c.seq_len > 0 ? dpo::linear_padded_pairs<T, L>(hidden.as<const T>(), H, H, labels.as<const L>(), S, c.seq_len)
+                    : dpo::linear_packed_pairs<T, L>(hidden.as<const T>(), H, H, labels.as<const L>(),
+                                                     cu.as<const std::int64_t>(), S);
+  dpo::cuda::linear_dpo_options opt;
+  opt.metrics = c.metrics;
+  opt.chunk_rows = c.chunk_rows;
+  opt.gemm_workspace_bytes = 1 << 20;
+  if (c.seq_len == 0) opt.num_rows = R;
+  const auto record = [&](const dpo::cuda::status& s) {
+    if (!s && out.code == 0) {
+      out.code = static_cast<int>(s.code);
+      out.message = s.message;
+    }
+    return s.ok();
+  };
+  const auto poisoned = [](std::size_t count, const std::vector<double>& given = {}) {
+    return dev_vec(given.empty() ? std::vector<double>(count, 12345.0) : given);
+  };
+  const handle_and_stream hs;
+  std::size_t bytes = 0;
+  const bool sized = record(dpo::cuda::linear_pair_shard_partials(nullptr, bytes, hs.handle, pairs, head, c.sh,
+                                                                  nullptr, nullptr, nullptr, nullptr, opt));
+  dev_buf work(sized ? bytes : 0);
+  work.fill(0xa5);
+  dev_vec rec = poisoned(n * F, c.records), mx = poisoned(n, c.row_max);
+  dev_vec rec2 = poisoned(c.two_arrays ? n * F : 0), mx2 = poisoned(c.two_arrays ? n : 0);
+  double* rrec = c.two_arrays ? rec2.as<double>() : rec.as<double>();
+  double* rmx = c.two_arrays ? mx2.as<double>() : mx.as<double>();
+  dev_vec seq = poisoned(static_cast<std::size_t>(dpo::seq_fields * S));
+  dev_buf dh(n * H * sizeof(T)), dw(static_cast<std::size_t>(W * H) * sizeof(T)),
+      db(c.bias.empty() ? 0 : static_cast<std::size_t>(W) * sizeof(T));
+  dh.fill(0x7f);
+  dw.fill(0);
+  db.fill(0);
+  if (sized && c.records.empty()) {
+    record(dpo::cuda::linear_pair_shard_partials(work.p, bytes, hs.handle, pairs, head, c.sh, mx.as<double>(),
+                                                 rec.as<double>(), rmx, rrec, opt, hs.stream));
+  } else if (sized) {
+    std::size_t asked = 0;
+    if (record(dpo::cuda::linear_pair_shard_sequences(nullptr, asked, pairs, c.sh, nullptr, nullptr, nullptr, nullptr,
+                                                      c.ld_alpha, nullptr, c.metrics, opt)) &&
+        asked > bytes)
+      throw std::runtime_error("linear_pair_shard_sequences needs more workspace than phase 1");
+    record(dpo::cuda::linear_pair_shard_sequences(work.p, bytes, pairs, c.sh, mx.as<double>(), rec.as<double>(), rmx,
+                                                  rrec, c.ld_alpha, seq.as<double>(), c.metrics, opt, hs.stream));
+    const dev_vec sg(c.seq_grad), nll(std::vector<double>{c.nll_token_grad}), go(std::vector<double>{c.grad_output});
+    dpo::linear_dpo_grads<T, T> g;
+    g.chosen_hidden = g.rejected_hidden = dh.as<T>();
+    g.chosen_hidden_stride = g.rejected_hidden_stride = H;
+    g.accumulate_hidden = c.accumulate_hidden;
+    g.weight = dw.as<T>();
+    g.weight_stride = H;
+    g.bias = db.n ? db.as<T>() : nullptr;
+    asked = 0;
+    if (record(dpo::cuda::linear_pair_shard_backward(nullptr, asked, hs.handle, pairs, head, c.sh, nullptr, nullptr,
+                                                     nullptr, nullptr, nullptr, nullptr, c.ld_alpha, g, nullptr, opt)) &&
+        asked != bytes)
+      throw std::runtime_error("linear_pair_shard_backward's size query and phase 1's disagree");
+    record(dpo::cuda::linear_pair_shard_backward(work.p, bytes, hs.handle, pairs, head, c.sh, mx.as<double>(),
+                                                 rec.as<double>(), rmx, rrec, sg.as<double>(), nll.as<double>(),
+                                                 c.ld_alpha, g, go.as<double>(), opt, hs.stream));
+  }
+  DPO_CK(cudaStreamSynchronize(hs.stream));
+  DPO_CK(cudaGetLastError());
+  dpo::cuda::device_error e{};
+  if (work.n > 0 && out.code == 0) DPO_CK(cudaMemcpy(&e, work.p, sizeof e, cudaMemcpyDeviceToHost));
+  out.device_error = e.code;
+  out.device_message = dpo::cuda::describe(e).message;
+  out.records = rec.get<double>(n * F);
+  out.row_max = mx.get<double>(n);
+  if (!c.records.empty()) {
+    out.seq = seq.get<double>(static_cast<std::size_t>(dpo::seq_fields * S));
+    out.dhidden = dh.get<unsigned char>(dh.n);
+    out.dweight = dw.get<unsigned char>(dw.n);
+    out.dbias = db.get<unsigned char>(db.n);
+  }
+  return out;
+}
+
 }  // namespace
+
+pair_shard_out run_pair_shard(const pair_shard_case& c) {
+  return with_device_types(c.type, false, c.labels64,
+                           [&](auto t, auto, auto l) { return run_pair_typed<decltype(t), decltype(l)>(c); });
+}
 
 shard_linear_out run_shard_linear(const shard_linear_case& c) {
   return with_device_types(c.type, false, c.labels64,

@@ -52,4 +52,41 @@ struct shard_linear_out {
 
 shard_linear_out run_shard_linear(const shard_linear_case& c);
 
+/// One rank's pair calls (linear_pair_shard_partials when `records` is empty, else
+/// linear_pair_shard_sequences and linear_pair_shard_backward from the combined records) on
+/// TRL's concatenated batch: num_seqs = 2P sequences, padded [2P, seq_len] rows, or packed
+/// (seq_len 0) by cu_seqlens over `rows` rows.
+struct pair_shard_case {
+  dtype type = dtype::f32;
+  bool labels64 = true;
+  std::int64_t num_seqs = 0, seq_len = 0, rows = 0, hidden_cols = 0;
+  std::vector<std::int64_t> cu_seqlens;  // packed
+  dpo::vocab_shard sh;
+  std::int64_t width = -1;                          // the head's vocab (weight rows); -1: sh.width()
+  std::vector<unsigned char> hidden, weight, bias;  // weight: the shard's rows
+  std::vector<std::int64_t> labels;                 // global ids
+  dpo::logit_transforms transforms;
+  bool metrics = true;
+  double ld_alpha = 1.0;
+  std::int64_t chunk_rows = 0;
+  std::vector<double> row_max, records;  // combined (phase 2 and backward); empty: phase 1
+  std::vector<double> seq_grad;          // [2P]
+  double nll_token_grad = 0, grad_output = 1;
+  bool accumulate_hidden = false;
+  bool two_arrays = false;  // pass another records / row_max array for the rejected side
+};
+
+/// Results, every output poisoned first (records / seq 12345.0, dHidden 0x7f bytes,
+/// dWeight / dBias zeros), so that a rejected call can be checked for writes.
+struct pair_shard_out {
+  int code = 0;
+  std::string message;
+  int device_error = 0;
+  std::string device_message;
+  std::vector<double> row_max, records, seq;
+  std::vector<unsigned char> dhidden, dweight, dbias;
+};
+
+pair_shard_out run_pair_shard(const pair_shard_case& c);
+
 }  // namespace dpo_cuda_test

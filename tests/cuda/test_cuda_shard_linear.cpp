@@ -21,10 +21,12 @@
 #include <string>
 #include <vector>
 
+#include <dpo/cpu/linear_dpo.hpp>
 #include <dpo/cpu/linear_shard.hpp>
 
 #include "catch.hpp"
 #include "checks.hpp"
+#include "../fixtures.hpp"
 #include "dtype_bytes.hpp"
 #include "shard_linear_harness.hpp"
 
@@ -215,6 +217,32 @@ shard_linear_out run_ok(const shard_linear_case& c) {
   return o;
 }
 
+/// CUDA records against dpo::cpu's (`mx`: the CPU's maxima, -inf on rows that do not count,
+/// whose empty record must match exactly); the logits differ by the GEMMs' summation order
+/// only, so the argmax flags agree exactly on random data.
+void compare_records(const std::vector<double>& got_records, const std::vector<double>& rec,
+                     const std::vector<double>& mx, const dpo::vocab_shard& sh, double tol) {
+  const std::size_t n = mx.size();
+  REQUIRE(got_records.size() == rec.size());
+  for (int f = 0; f < F; ++f) {
+    std::vector<double> got, want;
+    for (std::size_t r = 0; r < n; ++r) {
+      const bool counted = std::isfinite(mx[r]);
+      got.push_back(counted || f != F - 1 ? got_records[r * F + f] : 0.0);
+      want.push_back(counted || f != F - 1 ? rec[r * F + f] : 0.0);
+      if (!counted) CHECK(got_records[r * F + f] == rec[r * F + f]);  // the empty record, exactly
+    }
+    INFO("shard [" << sh.start << ", " << sh.end << ") field " << f);
+    const bool flag = f == dpo::detail::at(dpo::shard_field::max_at_label) ||
+                      f == dpo::detail::at(dpo::shard_field::max_before_label);
+    if (flag) {
+      CHECK(got == want);
+    } else {
+      check_close(got, want, tol, "records");
+    }
+  }
+}
+
 /// The records of one rank, CUDA against dpo::cpu::linear_shard_partials (the logits differ
 /// by the GEMMs' summation order only; the argmax flags agree exactly on random data).
 template <class E>
@@ -226,23 +254,7 @@ void check_records(const problem& p, const shard_linear_case& c, const shard_lin
   std::vector<double> rec(n * F), mx(n);
   dpo::cpu::linear_shard_partials(dpo::linear_view_of(hidden.data(), p.N, p.H, head, p.labels.data(), p.mask.data()),
                                   c.sh, rec.data(), mx.data(), c.metrics);
-  for (int f = 0; f < F; ++f) {
-    std::vector<double> got, want;
-    for (std::size_t r = 0; r < n; ++r) {
-      const bool counted = std::isfinite(mx[r]);
-      got.push_back(counted || f != F - 1 ? o.records[r * F + f] : 0.0);
-      want.push_back(counted || f != F - 1 ? rec[r * F + f] : 0.0);
-      if (!counted) CHECK(o.records[r * F + f] == rec[r * F + f]);  // the empty record, exactly
-    }
-    INFO("shard [" << c.sh.start << ", " << c.sh.end << ") field " << f);
-    const bool flag = f == dpo::detail::at(dpo::shard_field::max_at_label) ||
-                      f == dpo::detail::at(dpo::shard_field::max_before_label);
-    if (flag) {
-      CHECK(got == want);
-    } else {
-      check_close(got, want, tol, "records");
-    }
-  }
+  compare_records(o.records, rec, mx, c.sh, tol);
   CHECK(o.row_max.size() == n);
 }
 
@@ -432,6 +444,401 @@ TEST_CASE("cuda linear shard: results are bitwise the same run to run", "[cuda][
   c.grad_entropy = p.grad_entropy;
   const shard_linear_out x = run_ok(c), y = run_ok(c);
   CHECK(test_support::bitwise_equal(x.logp, y.logp));
+  CHECK(x.dhidden == y.dhidden);
+  CHECK(x.dweight == y.dweight);
+  CHECK(x.dbias == y.dbias);
+}
+
+// ---- DPO from hidden states on head shards: the pair calls ---------------------------------
+
+namespace {
+
+using dpo_cuda_test::pair_shard_case;
+using dpo_cuda_test::pair_shard_out;
+
+/// TRL's concatenated batch of 2P sequences over hidden rows: padded [2P, T] or packed by
+/// cu_seqlens (lengths varying, one trailing row past the last sequence), prompts and padding
+/// labelled -100, and a whole head [V, H]; a reference and upstream values for the pair stage.
+struct pair_problem {
+  dtype t = dtype::f32;
+  std::int64_t P = 0, T = 0, R = 0, H = 0, V = 0;
+  bool packed = false;
+  std::vector<std::int64_t> cu;
+  std::vector<unsigned char> hidden, weight, bias;
+  std::vector<std::int64_t> labels;
+  dpo::logit_transforms transforms;
+  std::vector<double> ref_c, ref_r;
+};
+
+pair_problem make_pairs(dtype t, std::int64_t P, std::int64_t T, std::int64_t H, std::int64_t V, bool packed,
+                        bool bias, unsigned seed) {
+  pair_problem p;
+  p.t = t;
+  p.P = P;
+  p.T = T;
+  p.H = H;
+  p.V = V;
+  p.packed = packed;
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<double> u(-1.0, 1.0);
+  std::uniform_int_distribution<std::int64_t> lab(0, V - 1);
+  p.cu.push_back(0);
+  for (std::int64_t s = 0; s < 2 * P; ++s) {
+    const std::int64_t n = packed ? T - (s * 3) % T / 2 : T;
+    for (std::int64_t k = 0; k < n; ++k) p.labels.push_back(k < 1 + s % 2 || (!packed && k >= n - s % 3) ? -100 : lab(rng));
+    p.cu.push_back(p.cu.back() + n);
+  }
+  if (packed) p.labels.push_back(lab(rng));  // a row past the last sequence: not read
+  p.R = static_cast<std::int64_t>(p.labels.size());
+  const std::size_t es = dpo_cuda_test::dtype_size(t);
+  const auto fill = [&](std::vector<unsigned char>& b, std::int64_t count, double amp) {
+    b.assign(static_cast<std::size_t>(count) * es, 0);
+    for (std::int64_t i = 0; i < count; ++i) dpo_cuda_test::put(t, b.data() + i * es, amp * u(rng));
+  };
+  fill(p.hidden, p.R * H, 2.0);
+  fill(p.weight, V * H, 2.0 / std::sqrt(static_cast<double>(H)));
+  if (bias) fill(p.bias, V, 0.5);
+  for (std::int64_t q = 0; q < P; ++q) {
+    p.ref_c.push_back(-20.0 + 5.0 * u(rng));
+    p.ref_r.push_back(-20.0 + 5.0 * u(rng));
+  }
+  return p;
+}
+
+/// Rank `sh`'s case: the shard's weight and bias rows.
+pair_shard_case pair_case(const pair_problem& p, const dpo::vocab_shard& sh, bool metrics, double ld_alpha) {
+  const std::size_t es = dpo_cuda_test::dtype_size(p.t), row = static_cast<std::size_t>(p.H) * es;
+  pair_shard_case c;
+  c.type = p.t;
+  c.num_seqs = 2 * p.P;
+  c.seq_len = p.packed ? 0 : p.T;
+  c.rows = p.R;
+  c.hidden_cols = p.H;
+  if (p.packed) c.cu_seqlens = p.cu;
+  c.sh = sh;
+  c.hidden = p.hidden;
+  c.weight.assign(p.weight.begin() + sh.start * row, p.weight.begin() + sh.end * row);
+  if (!p.bias.empty()) c.bias.assign(p.bias.begin() + sh.start * es, p.bias.begin() + sh.end * es);
+  c.labels = p.labels;
+  c.transforms = p.transforms;
+  c.metrics = metrics;
+  c.ld_alpha = ld_alpha;
+  c.chunk_rows = 7;
+  return c;
+}
+
+/// What the pair pipeline yields: the combined sequence sums, the pair stage's loss, metrics,
+/// dL/dpi and NLL token gradient, and the gradients (dHidden summed over the shards).
+struct pair_result {
+  std::vector<double> seq, loss_metrics, seq_grad;
+  double nll = 0;
+  std::vector<double> dhidden, dweight, dbias;
+};
+
+/// The pair stage on the host (dpo::cpu::shard_pair_stage) from the sequence sums.
+void pair_stage(const pair_problem& p, const dpo::loss_config& cfg, bool metrics, pair_result& r) {
+  double loss = 0;
+  dpo::metrics m;
+  dpo::forward_outputs out;
+  out.loss = &loss;
+  out.metrics = &m;
+  out.nll_token_grad = &r.nll;
+  r.seq_grad.assign(static_cast<std::size_t>(2 * p.P), 0.0);
+  dpo::cpu::shard_pair_stage(p.P, r.seq.data(), p.ref_c.data(), p.ref_r.data(), cfg, metrics, out, r.seq_grad.data());
+  r.loss_metrics = {loss};
+  const double* mp = reinterpret_cast<const double*>(&m);
+  r.loss_metrics.insert(r.loss_metrics.end(), mp, mp + dpo::num_metrics);
+}
+
+/// dpo::cpu on the host types: the pair calls of dpo/cpu/linear_shard.hpp over `cuts` (the
+/// ranks' records combined as the all-reduces would), or, `cuts` = {}, the unsharded
+/// linear_dpo (loss, metrics and gradients only). rank_records: each rank's phase-1 records.
+template <class E>
+pair_result cpu_pairs(const pair_problem& p, const std::vector<std::int64_t>& cuts, const dpo::loss_config& cfg,
+                      bool metrics, std::vector<std::vector<double>>* rank_records) {
+  const std::int64_t H = p.H, R = p.R, S = 2 * p.P;
+  const std::vector<E> hidden = typed<E>(p.hidden), weight = typed<E>(p.weight), bias = typed<E>(p.bias);
+  const dpo::hidden_pairs<E, std::int64_t> pairs =
+      p.packed ? dpo::linear_packed_pairs<E, std::int64_t>(hidden.data(), H, H, p.labels.data(), p.cu.data(), S)
+               : dpo::linear_padded_pairs<E, std::int64_t>(hidden.data(), H, H, p.labels.data(), S, p.T);
+  const auto head = [&](std::int64_t a, std::int64_t b) {
+    return dpo::make_linear_head(weight.data() + a * H, b - a, H, H, bias.empty() ? nullptr : bias.data() + a,
+                                 p.transforms);
+  };
+  std::vector<E> dh(static_cast<std::size_t>(R * H), E(0.0f)), dw(static_cast<std::size_t>(p.V * H), E(0.0f)),
+      db(static_cast<std::size_t>(p.V), E(0.0f));
+  const auto grads = [&](std::int64_t start) {
+    dpo::linear_dpo_grads<E, E> g;
+    g.chosen_hidden = g.rejected_hidden = dh.data();
+    g.chosen_hidden_stride = g.rejected_hidden_stride = H;
+    g.weight = dw.data() + start * H;
+    g.weight_stride = H;
+    g.bias = bias.empty() ? nullptr : db.data() + start;
+    return g;
+  };
+  pair_result r;
+  r.dhidden.assign(dh.size(), 0.0);
+  const auto add_dhidden = [&] {
+    for (std::size_t i = 0; i < dh.size(); ++i) r.dhidden[i] += static_cast<double>(dh[i]);
+  };
+  dpo::cpu::linear_dpo_options opt;
+  opt.metrics = metrics;  // the pair calls compute the metric fields for WPO too (the caller's choice)
+  if (cuts.empty()) {
+    double loss = 0;
+    dpo::metrics m;
+    dpo::forward_outputs out;
+    out.loss = &loss;
+    out.metrics = &m;
+    dpo::cpu::linear_dpo(pairs, head(0, p.V), p.ref_c.data(), p.ref_r.data(), cfg, out, grads(0), opt);
+    r.loss_metrics = {loss};
+    const double* mp = reinterpret_cast<const double*>(&m);
+    r.loss_metrics.insert(r.loss_metrics.end(), mp, mp + dpo::num_metrics);
+    add_dhidden();
+  } else {
+    const int W = static_cast<int>(cuts.size()) - 1;
+    std::vector<std::vector<double>> recs, maxes;
+    for (int k = 0; k < W; ++k) {
+      std::vector<double> rec(static_cast<std::size_t>(R * F), 0.0), mx(static_cast<std::size_t>(R), -INFINITY);
+      for (std::int64_t i = 0; i < R; ++i) dpo::detail::empty_shard_record(rec.data() + i * F);
+      dpo::cpu::linear_pair_shard_partials(pairs, head(cuts[k], cuts[k + 1]), {p.V, cuts[k], cuts[k + 1]},
+                                           mx.data(), rec.data(), mx.data(), rec.data(), opt);
+      recs.push_back(rec);
+      maxes.push_back(mx);
+    }
+    if (rank_records != nullptr) *rank_records = recs;
+    std::vector<double> M, Sm;
+    combine(recs, maxes, &M, &Sm);
+    r.seq.assign(static_cast<std::size_t>(dpo::seq_fields * S), 0.0);
+    dpo::cpu::linear_pair_shard_sequences(pairs, {p.V, cuts[0], cuts[1]}, M.data(), Sm.data(), M.data(), Sm.data(),
+                                          cfg.ld_alpha, r.seq.data(), metrics || cfg.use_weighting);
+    pair_stage(p, cfg, metrics || cfg.use_weighting, r);
+    for (int k = 0; k < W; ++k) {
+      const dpo::vocab_shard sh{p.V, cuts[k], cuts[k + 1]};
+      dpo::cpu::linear_pair_shard_backward(pairs, head(sh.start, sh.end), sh, M.data(), Sm.data(), M.data(),
+                                           Sm.data(), r.seq_grad.data(), r.nll, cfg.ld_alpha, grads(sh.start));
+      add_dhidden();
+    }
+  }
+  r.dweight = doubles(dw);
+  if (!bias.empty()) r.dbias = doubles(db);
+  return r;
+}
+
+pair_result cpu_pair_reference(const pair_problem& p, const std::vector<std::int64_t>& cuts,
+                               const dpo::loss_config& cfg, bool metrics,
+                               std::vector<std::vector<double>>* rank_records = nullptr) {
+  return dpo_cuda_test::with_host_types(
+      p.t, false, [&](auto e, auto) { return cpu_pairs<decltype(e)>(p, cuts, cfg, metrics, rank_records); });
+}
+
+pair_shard_out run_pair_ok(const pair_shard_case& c) {
+  const pair_shard_out o = dpo_cuda_test::run_pair_shard(c);
+  INFO("shard [" << c.sh.start << ", " << c.sh.end << "): " << o.message << " " << o.device_message);
+  REQUIRE(o.code == 0);
+  REQUIRE(o.device_error == 0);
+  return o;
+}
+
+/// The pair pipeline on CUDA over `cuts` (phase 1 per rank, the all-reduces on the host,
+/// the sequences per rank, the pair stage on the host, the backward per rank), each call
+/// against dpo::cpu's pair calls on the same cuts and the result against the unsharded
+/// dpo::cpu::linear_dpo.
+void check_pairs(const pair_problem& p, const std::vector<std::int64_t>& cuts, const dpo::loss_config& cfg,
+                 bool metrics) {
+  const int W = static_cast<int>(cuts.size()) - 1;
+  const bool m = metrics || cfg.use_weighting;
+  INFO("pairs: V = " << p.V << " over " << W << " shards, dtype " << static_cast<int>(p.t) << ", packed "
+                     << p.packed << ", bias " << !p.bias.empty() << ", metrics " << metrics << ", ld_alpha "
+                     << cfg.ld_alpha);
+  const double vt = dpo_cuda_test::per_dtype(p.t, 2e-6, 2e-6, 2e-6, 1e-12),
+               gt = dpo_cuda_test::per_dtype(p.t, 2e-2, 4e-3, 3e-6, 1e-11);
+  std::vector<std::vector<double>> cpu_recs;
+  const pair_result want = cpu_pair_reference(p, cuts, cfg, m, &cpu_recs);
+  std::vector<pair_shard_case> cs;
+  std::vector<std::vector<double>> recs, maxes;
+  for (int k = 0; k < W; ++k) {
+    cs.push_back(pair_case(p, {p.V, cuts[k], cuts[k + 1]}, m, cfg.ld_alpha));
+    const pair_shard_out o = run_pair_ok(cs.back());
+    std::vector<double> cpu_max(static_cast<std::size_t>(p.R));
+    for (std::int64_t r = 0; r < p.R; ++r) cpu_max[r] = cpu_recs[k][r * F + dpo::detail::at(dpo::shard_field::shard_max)];
+    compare_records(o.records, cpu_recs[k], cpu_max, cs.back().sh, vt);
+    recs.push_back(o.records);
+    maxes.push_back(o.row_max);
+  }
+  std::vector<double> M, Sm;
+  combine(recs, maxes, &M, &Sm);
+  pair_result got;
+  got.dhidden.assign(static_cast<std::size_t>(p.R * p.H), 0.0);
+  for (int k = 0; k < W; ++k) {
+    pair_shard_case c = cs[k];
+    c.row_max = M;
+    c.records = Sm;
+    if (k == 0) {  // the pair stage reads the first rank's sums (every rank has the same)
+      c.seq_grad.assign(static_cast<std::size_t>(2 * p.P), 0.0);
+      const pair_shard_out o = run_pair_ok(c);
+      got.seq = o.seq;
+      pair_stage(p, cfg, m, got);
+    }
+    c.seq_grad = got.seq_grad;
+    c.nll_token_grad = got.nll;
+    const pair_shard_out o = run_pair_ok(c);
+    CHECK(test_support::bitwise_equal(o.seq, got.seq));
+    const std::vector<double> dh = decode(o.dhidden, p.t), dw = decode(o.dweight, p.t), db = decode(o.dbias, p.t);
+    // Rows past the last sequence (packed) are not written: they keep their poison.
+    const std::size_t written = static_cast<std::size_t>(p.cu.back() * p.H);
+    for (std::size_t i = written * dpo_cuda_test::dtype_size(p.t); i < o.dhidden.size(); ++i)
+      CHECK(o.dhidden[i] == 0x7f);
+    for (std::size_t i = 0; i < written; ++i) got.dhidden[i] += dh[i];
+    got.dweight.insert(got.dweight.end(), dw.begin(), dw.end());
+    got.dbias.insert(got.dbias.end(), db.begin(), db.end());
+  }
+  // The sequence sums against the CPU's (field by field: counts are exact).
+  for (int f = 0; f < dpo::seq_fields; ++f) {
+    INFO("seq field " << f);
+    const auto col = [&](const std::vector<double>& v) {
+      return std::vector<double>(v.begin() + f * 2 * p.P, v.begin() + (f + 1) * 2 * p.P);
+    };
+    if (f == dpo::detail::at(dpo::seq_field::tokens) || f == dpo::detail::at(dpo::seq_field::hits)) {
+      CHECK(col(got.seq) == col(want.seq));
+    } else {
+      check_close(col(got.seq), col(want.seq), vt, "sequence sums");
+    }
+  }
+  const pair_result whole = cpu_pair_reference(p, {}, cfg, metrics);
+  for (const pair_result* w : {&want, &whole}) {
+    INFO((w == &want ? "against dpo::cpu's pair shard calls" : "against the unsharded dpo::cpu::linear_dpo"));
+    // WPO without metrics: the pair calls computed the token metrics, linear_dpo reports 0.
+    if (w == &want || m == metrics) {
+      check_close(got.loss_metrics, w->loss_metrics, vt, "loss and metrics", 1e-12);
+    } else {
+      CHECK(std::fabs(got.loss_metrics[0] - w->loss_metrics[0]) <= vt * std::max(1.0, std::fabs(w->loss_metrics[0])));
+    }
+    check_close(got.dhidden, w->dhidden, gt, "dhidden (summed over the shards)");
+    check_close(got.dweight, w->dweight, gt, "dweight rows");
+    if (!p.bias.empty()) check_close(got.dbias, w->dbias, gt, "dbias rows");
+  }
+}
+
+}  // namespace
+
+TEST_CASE("cuda linear shard pairs: two shards of a small padded batch match dpo::cpu and linear_dpo",
+          "[cuda][linear][shard][pairs][sanitize]") {
+  const pair_problem p = make_pairs(dtype::f32, 2, 6, 8, 37, false, true, 41);
+  check_pairs(p, {0, 20, 37}, fixture::config_named("sigmoid").cfg, true);
+}
+
+TEST_CASE("cuda linear shard pairs: 2 and 3 shards, every dtype, padded and packed, bias, LD-DPO, metrics",
+          "[cuda][linear][shard][pairs]") {
+  unsigned seed = 51;
+  for (const dtype t : {dtype::f32, dtype::bf16, dtype::f16, dtype::f64}) {
+    for (int variant = 0; variant < 4; ++variant) {
+      pair_problem p = make_pairs(t, 3, 7, 16, 67, variant & 1, variant != 2, seed++);
+      if (variant & 2) p.transforms = {1.3, 2.5, 0.7};
+      const char* cfg = variant == 0 ? "sigmoid" : variant == 1 ? "sigmoid+ld_alpha" : variant == 2 ? "mpo+wpo"
+                                                                                                  : "ipo+ld_alpha0+wpo";
+      check_pairs(p, {0, 33, 67}, fixture::config_named(cfg).cfg, variant != 1);
+      check_pairs(p, {0, 5, 40, 67}, fixture::config_named(cfg).cfg, variant != 3);
+    }
+  }
+}
+
+TEST_CASE("cuda linear shard pairs: V = 1001 over 3 uneven shards", "[cuda][linear][shard][pairs]") {
+  for (const dtype t : {dtype::f32, dtype::bf16})
+    for (const bool packed : {false, true})
+      check_pairs(make_pairs(t, 2, 6, 16, 1001, packed, true, 61), {0, 200, 650, 1001},
+                  fixture::config_named("sigmoid+ld_alpha").cfg, true);
+}
+
+TEST_CASE("cuda linear shard pairs: bad input is a status naming the argument, and nothing is written",
+          "[cuda][linear][shard][pairs][sanitize]") {
+  const pair_problem p = make_pairs(dtype::f32, 2, 5, 8, 37, false, true, 71);
+  const auto untouched = [](const pair_shard_out& o) {
+    for (const auto* v : {&o.seq})
+      for (double x : *v) CHECK(x == 12345.0);
+    if (o.seq.empty())
+      for (const auto* v : {&o.records, &o.row_max})
+        for (double x : *v) CHECK(x == 12345.0);
+    for (unsigned char x : o.dhidden) CHECK(x == 0x7f);
+    for (unsigned char x : o.dweight) CHECK(x == 0);
+    for (unsigned char x : o.dbias) CHECK(x == 0);
+  };
+  const auto rejected = [&](const pair_shard_case& c, const char* name) {
+    const pair_shard_out o = dpo_cuda_test::run_pair_shard(c);
+    INFO(o.message);
+    CHECK((o.code != 0 && o.message.find(name) != std::string::npos));
+    untouched(o);
+  };
+  const auto combined = [&](pair_shard_case c) {
+    c.records.assign(static_cast<std::size_t>(p.R * F), 0.0);
+    c.row_max.assign(static_cast<std::size_t>(p.R), 0.0);
+    c.seq_grad.assign(static_cast<std::size_t>(2 * p.P), 0.5);
+    return c;
+  };
+  SECTION("the shard against the head and the vocabulary") {
+    pair_shard_case c = pair_case(p, {37, 20, 37}, true, 1.0);
+    c.sh.end = 40;
+    rejected(c, "vocab_shard [start, end) = [20, 40) is invalid");
+    c.sh = {37, 20, 37};
+    c.width = 16;  // the weight holds 17 rows, the head says 16
+    rejected(c, "holds 17 columns but the shard's logits have vocab = 16");
+  }
+  SECTION("two arrays for a concatenated layout") {
+    pair_shard_case c = pair_case(p, {37, 0, 20}, true, 1.0);
+    c.two_arrays = true;
+    rejected(c, "chosen_records == rejected_records");
+    rejected(combined(c), "chosen_records == rejected_records");
+  }
+  SECTION("ld_alpha outside [0, 1]") {
+    pair_shard_case c = combined(pair_case(p, {37, 0, 20}, true, 1.0));
+    c.ld_alpha = 1.5;
+    rejected(c, "ld_alpha");
+  }
+  SECTION("a label outside the global vocabulary: the error word, nothing written") {
+    for (const bool phase2 : {false, true}) {
+      pair_shard_case c = pair_case(p, {37, 20, 37}, true, 1.0);
+      c.labels[7] = 37;
+      if (phase2) c = combined(c);
+      const pair_shard_out o = dpo_cuda_test::run_pair_shard(c);
+      REQUIRE(o.code == 0);
+      INFO(o.device_message);
+      CHECK(o.device_error != 0);
+      CHECK(o.device_message.find("37") != std::string::npos);
+      untouched(o);
+    }
+  }
+  SECTION("a bad cu_seqlens: the error word, nothing written") {
+    const pair_problem q = make_pairs(dtype::f32, 2, 5, 8, 37, true, true, 72);
+    for (const bool phase2 : {false, true}) {
+      pair_shard_case c = pair_case(q, {37, 0, 20}, true, 1.0);
+      c.cu_seqlens[2] = c.cu_seqlens[1] - 1;
+      if (phase2) {
+        c.records.assign(static_cast<std::size_t>(q.R * F), 0.0);
+        c.row_max.assign(static_cast<std::size_t>(q.R), 0.0);
+        c.seq_grad.assign(static_cast<std::size_t>(2 * q.P), 0.5);
+      }
+      const pair_shard_out o = dpo_cuda_test::run_pair_shard(c);
+      REQUIRE(o.code == 0);
+      INFO(o.device_message);
+      CHECK(o.device_error != 0);
+      CHECK(o.device_message.find("cu_seqlens") != std::string::npos);
+      untouched(o);
+    }
+  }
+}
+
+TEST_CASE("cuda linear shard pairs: results are bitwise the same run to run", "[cuda][linear][shard][pairs]") {
+  const pair_problem p = make_pairs(dtype::bf16, 2, 6, 16, 101, true, true, 81);
+  pair_shard_case c = pair_case(p, {101, 30, 101}, true, 0.5);
+  const pair_shard_out a = run_pair_ok(c), b = run_pair_ok(c);
+  CHECK(test_support::bitwise_equal(a.records, b.records));
+  c.records = a.records;
+  c.row_max = a.row_max;
+  dpo::cpu::shard_rebase(0, p.R, c.row_max.data(), c.records.data());
+  c.seq_grad.assign(static_cast<std::size_t>(2 * p.P), 0.25);
+  c.nll_token_grad = 0.125;
+  c.grad_output = 0.5;
+  const pair_shard_out x = run_pair_ok(c), y = run_pair_ok(c);
+  CHECK(test_support::bitwise_equal(x.seq, y.seq));
   CHECK(x.dhidden == y.dhidden);
   CHECK(x.dweight == y.dweight);
   CHECK(x.dbias == y.dbias);

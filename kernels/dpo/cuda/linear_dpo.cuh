@@ -749,11 +749,13 @@ status ldpo_logps(cublasLtHandle_t handle, const ldpo_layout<T, L>& l, const lin
 }
 
 /// The backward over each policy buffer: zeros of dHidden (written mode), then
-/// linear_logps_backward with the workspace's coefficients, accumulating.
+/// linear_logps_backward with the workspace's coefficients, accumulating. `shard`: a head
+/// shard's rows of each buffer (dpo/cuda/linear_shard.cuh; lse is not read), or null.
 template <class T, class L, class G>
 status ldpo_backward(cublasLtHandle_t handle, const ldpo_layout<T, L>& l, const linear_head<T>& head,
                      const double* const* lse, const ldpo_ws& w, const linear_dpo_grads<T, G>& g,
-                     const linear_dpo_options& opt, cudaStream_t stream) {
+                     const linear_dpo_options& opt, cudaStream_t stream,
+                     const linear_shard_rows* shard = nullptr) {
   status s;
   if (!g.accumulate_hidden && (g.chosen_hidden != nullptr || g.rejected_hidden != nullptr)) {
     s = launch("ldpo_zero_kernel", ldpo_zero_kernel<T, L>, row_blocks(l.rows[0] + l.rows[1]), ldpo_block,
@@ -772,9 +774,10 @@ status ldpo_backward(cublasLtHandle_t handle, const ldpo_layout<T, L>& l, const 
     lg.weight_stride = g.weight_stride;
     lg.bias = g.bias;
     std::size_t bytes = w.lin_bytes;
-    s = linear_logps_backward(w.lin_ws, bytes, handle, ldpo_view(l, k, head, w.rows[k].label), lse[k],
-                              w.rows[k].coef, static_cast<const double*>(nullptr),
-                              static_cast<const double*>(nullptr), lg, ldpo_linear_options(opt), stream);
+    s = linear_backward_run(w.lin_ws, bytes, handle, ldpo_view(l, k, head, w.rows[k].label),
+                            shard != nullptr ? nullptr : lse[k], shard != nullptr ? shard[k] : linear_shard_rows{},
+                            w.rows[k].coef, static_cast<const double*>(nullptr),
+                            static_cast<const double*>(nullptr), lg, ldpo_linear_options(opt), stream);
   }
   return s;
 }

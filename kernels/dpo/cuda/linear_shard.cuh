@@ -36,6 +36,7 @@
 
 #include "dpo/core/shard.hpp"
 #include "dpo/cuda/linear.cuh"
+#include "dpo/cuda/linear_dpo.cuh"
 #include "dpo/cuda/shard.cuh"
 
 namespace dpo {
@@ -44,11 +45,13 @@ namespace detail {
 
 /// After the last vocab chunk of rows [r0, r0 + nb): each counted row's record from its
 /// statistics over the shard (the core's shard_record, as dpo::cpu::linear_shard_partials),
-/// the empty record for the others. Writes nothing once the labels were rejected.
+/// the empty record for the others. Writes nothing once the labels were rejected, here or in
+/// `gate` (a pair call's own error word; null: none).
 template <bool Metrics, class T, class L>
 __global__ void linear_shard_records_kernel(linear_view<T, L> in, vocab_shard sh, std::int64_t r0, std::int64_t nb,
-                                            linear_ws<T> w, double* records, double* row_max) {
-  if (w.h->err.code != 0) return;
+                                            linear_ws<T> w, double* records, double* row_max,
+                                            const device_error* gate) {
+  if (w.h->err.code != 0 || (gate != nullptr && gate->code != 0)) return;
   for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < nb;
        i += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
     const std::int64_t r = r0 + i;
@@ -76,22 +79,14 @@ __global__ void linear_shard_values_kernel(const L* labels, const std::uint8_t* 
     write_row_values(o, r, linear_target(labels, mask, ignore_index, r) >= 0, row_max, records, vocab);
 }
 
-}  // namespace detail
-
-/// Phase 1 on a weight shard: `shard` is the head over this rank's weight rows [sh.start,
-/// sh.end) (shard.vocab = sh.width(), the bias likewise) and every hidden row, its labels
-/// GLOBAL ids in [0, sh.vocab) (or ignore_index / masked). Writes, for every row r,
-/// records[r * shard_fields + f] (rows that do not count: the empty record) and, when not
-/// null, row_max[r] (the buffer of the max all-reduce): what dpo::cpu::linear_shard_partials
-/// writes. metrics false leaves the metric fields 0. One GEMM per chunk of the shard, the
-/// head's chunk shape (workspace: linear_workspace_size(shard, opt)). records and row_max may
-/// not overlap any input or each other. A label outside [0, sh.vocab) is reported in the
-/// error word and nothing is written. Deterministic.
+/// linear_shard_partials; `gate`: an error word that also stops the records' writes (null:
+/// none; linear_pair_shard_partials passes its own).
 template <class T, class L>
-status linear_shard_partials(void* workspace, std::size_t& workspace_bytes, cublasLtHandle_t handle,
-                             const linear_view<T, L>& shard, const vocab_shard& sh, double* records, double* row_max,
-                             bool metrics, const linear_options& opt = {}, cudaStream_t stream = 0) {
-  status s = detail::to_status(dpo::detail::check_vocab_shard(sh, shard.vocab));
+status linear_shard_partials_run(void* workspace, std::size_t& workspace_bytes, cublasLtHandle_t handle,
+                                 const linear_view<T, L>& shard, const vocab_shard& sh, double* records,
+                                 double* row_max, bool metrics, const linear_options& opt, cudaStream_t stream,
+                                 const device_error* gate) {
+  status s = to_status(dpo::detail::check_vocab_shard(sh, shard.vocab));
   if (!s) return s;
   linear_chunking ch;
   detail::linear_ws<T> w(0, 0, 1, 1, 0, false);
@@ -135,12 +130,31 @@ status linear_shard_partials(void* workspace, std::size_t& workspace_bytes, cubl
       }
       if (s && !dry)
         s = detail::launch("linear_shard_records_kernel", finish, detail::seq_grid(nb), 256, stream, shard, sh, r0,
-                           nb, w, records, row_max);
+                           nb, w, records, row_max, gate);
     }
     return s;
   };
   s = pass(true);
   return s ? pass(false) : s;
+}
+
+}  // namespace detail
+
+/// Phase 1 on a weight shard: `shard` is the head over this rank's weight rows [sh.start,
+/// sh.end) (shard.vocab = sh.width(), the bias likewise) and every hidden row, its labels
+/// GLOBAL ids in [0, sh.vocab) (or ignore_index / masked). Writes, for every row r,
+/// records[r * shard_fields + f] (rows that do not count: the empty record) and, when not
+/// null, row_max[r] (the buffer of the max all-reduce): what dpo::cpu::linear_shard_partials
+/// writes. metrics false leaves the metric fields 0. One GEMM per chunk of the shard, the
+/// head's chunk shape (workspace: linear_workspace_size(shard, opt)). records and row_max may
+/// not overlap any input or each other. A label outside [0, sh.vocab) is reported in the
+/// error word and nothing is written. Deterministic.
+template <class T, class L>
+status linear_shard_partials(void* workspace, std::size_t& workspace_bytes, cublasLtHandle_t handle,
+                             const linear_view<T, L>& shard, const vocab_shard& sh, double* records, double* row_max,
+                             bool metrics, const linear_options& opt = {}, cudaStream_t stream = 0) {
+  return detail::linear_shard_partials_run(workspace, workspace_bytes, handle, shard, sh, records, row_max, metrics,
+                                           opt, stream, nullptr);
 }
 
 /// Phase 2 per token on the device, as dpo::cpu::linear_shard_logps: from the combined
@@ -186,6 +200,240 @@ status linear_shard_backward(void* workspace, std::size_t& workspace_bytes, cubl
   return detail::linear_backward_run(workspace, workspace_bytes, handle, shard, nullptr,
                                      detail::linear_shard_rows{sh, row_max, records}, grad_logps, entropy,
                                      grad_entropy, g, opt, stream);
+}
+
+// ---- DPO from hidden states on a head shard: TRL's pairs -----------------------------------
+
+namespace detail {
+
+/// A pair call's arrays per hidden buffer (one for the concatenated layouts, two for
+/// separate pairs): its maxima and records.
+struct pair_shard_rows {
+  const double* row_max[2];
+  const double* records[2];
+};
+
+/// The checks and the workspace of a pair call: the shard against the head (or, `head`
+/// null, the sequences call, against itself: no linear head pass, no linear workspace), the
+/// pairs' layout (dpo/cuda/linear_dpo.cuh's, labels bounded by the GLOBAL vocabulary in its
+/// labels kernel), the row arrays and the linear head's workspace: ldpo_prologue's. Then,
+/// unless only the size was asked for, each buffer's maxima and records: non-null, and one
+/// array for both sides of a one-buffer layout.
+template <class T, class L>
+status pair_shard_prologue(void* workspace, std::size_t& workspace_bytes, cublasLtHandle_t handle,
+                           const hidden_pairs<T, L>& policy, const linear_head<T>* head, const vocab_shard& sh,
+                           const double* chosen_max, const double* chosen_records, const double* rejected_max,
+                           const double* rejected_records, const linear_dpo_options& opt, ldpo_call<T, L>* c,
+                           pair_shard_rows* rows) {
+  status s = to_status(dpo::detail::check_vocab_shard(sh, head != nullptr ? head->vocab : sh.width()));
+  if (!s) return s;
+  if (head != nullptr) {
+    s = ldpo_prologue(workspace, workspace_bytes, handle, policy, *head, static_cast<const hidden_pairs<T, L>*>(nullptr),
+                      static_cast<const linear_head<T>*>(nullptr), static_cast<const loss_config*>(nullptr), opt, c);
+  } else {
+    // The sequences read labels and records only: the layout's rows, no linear workspace.
+    const linear_head<T> labels_only = make_linear_head<T>(nullptr, sh.width(), policy.hidden_size, 0);
+    const bool pointers = workspace != nullptr;
+    s = ldpo_layout_of(policy, labels_only, "hidden", opt, pointers, &c->pol);
+    const std::int64_t no_rows[2] = {0, 0};
+    if (s) c->w = carve_ldpo(0, c->pol.rows, no_rows, policy.num_pairs(), 0);
+    c->size_only = !pointers;
+    if (s && !pointers) workspace_bytes = c->w.bytes;
+    if (s && pointers) s = check_workspace(workspace, workspace_bytes, c->w.bytes);
+    if (s && pointers) c->w = carve_ldpo(reinterpret_cast<std::uintptr_t>(workspace), c->pol.rows, no_rows,
+                                         policy.num_pairs(), 0);
+  }
+  if (!s || c->size_only) return s;
+  if (!chosen_max || !chosen_records || !rejected_max || !rejected_records)
+    return invalid("dpo: a row_max or records pointer is null");
+  if (c->pol.num_buffers == 1 && (chosen_max != rejected_max || chosen_records != rejected_records))
+    return invalid("dpo: a concatenated layout (one hidden buffer) takes one row_max and one records array for "
+                   "both sides: chosen_max == rejected_max and chosen_records == rejected_records");
+  *rows = pair_shard_rows{{chosen_max, rejected_max}, {chosen_records, rejected_records}};
+  return {};
+}
+
+/// The maxima and records of each buffer against the call's other arrays: inputs of every
+/// pair call (`out`: phase 1 writes them, so they may not overlap the hidden rows, labels,
+/// the head or the workspace).
+template <class T, class L>
+dpo::detail::named_range* pair_record_ranges(const ldpo_layout<T, L>& l, const pair_shard_rows& r,
+                                             dpo::detail::named_range* out) {
+  for (int k = 0; k < l.num_buffers; ++k) {
+    *out++ = dpo::detail::range_of(r.records[k], l.rows[k], shard_fields, shard_fields, "records");
+    *out++ = dpo::detail::range_of(r.row_max[k], 1, l.rows[k], l.rows[k], "row_max");
+  }
+  return out;
+}
+
+}  // namespace detail
+
+/// Phase 1 of DPO from hidden states on a head shard, as dpo::cpu::linear_pair_shard_partials:
+/// `head` holds this rank's weight rows [sh.start, sh.end) (head.vocab = sh.width(), the
+/// bias likewise), `policy` every hidden row of TRL's pairs (padded, packed or separate; the
+/// labels GLOBAL ids in [0, sh.vocab), or ignore_index / masked). Writes each hidden
+/// buffer's records [rows, shard_fields] and maxima [rows], indexed by the buffer's row
+/// (rows: row_end(last sequence), or options.num_rows for packed pairs), every row of the
+/// buffer written: completion rows their record, the others the empty record. A
+/// concatenated layout (one buffer) takes one array for both sides (chosen_* ==
+/// rejected_*). opt.metrics computes the metric fields (a WPO loss needs them). One GEMM
+/// pass over the shard, the head's chunks. Two-phase workspace (workspace == nullptr: the
+/// checks and workspace_bytes only); one size serves the three pair calls on the same pairs
+/// and head. A label outside [0, sh.vocab) or a bad cu_seqlens is reported in the
+/// workspace's error word (offset 0, read_device_error: side 0 chosen, 1 rejected) and
+/// nothing is written. Deterministic.
+template <class T, class L>
+status linear_pair_shard_partials(void* workspace, std::size_t& workspace_bytes, cublasLtHandle_t handle,
+                                  const hidden_pairs<T, L>& policy, const linear_head<T>& head, const vocab_shard& sh,
+                                  double* chosen_max, double* chosen_records, double* rejected_max,
+                                  double* rejected_records, const linear_dpo_options& opt = {},
+                                  cudaStream_t stream = 0) {
+  detail::ldpo_call<T, L> c;
+  detail::pair_shard_rows r;
+  status s = detail::pair_shard_prologue(workspace, workspace_bytes, handle, policy, &head, sh, chosen_max,
+                                         chosen_records, rejected_max, rejected_records, opt, &c, &r);
+  if (!s || c.size_only) return s;
+  const detail::ldpo_ws& w = c.w;
+  dpo::detail::named_range outs[4], ins[5];
+  const int n_out = static_cast<int>(detail::pair_record_ranges(c.pol, r, outs) - outs);
+  ins[0] = detail::workspace_range(workspace, static_cast<std::int64_t>(w.bytes));
+  ins[1] = dpo::detail::range_of(policy.pairs.chosen.labels, 1, c.pol.rows[c.pol.buffer_of[0]],
+                                 c.pol.rows[c.pol.buffer_of[0]], "labels");
+  ins[2] = dpo::detail::range_of(policy.pairs.rejected.labels, 1, c.pol.rows[c.pol.buffer_of[1]],
+                                 c.pol.rows[c.pol.buffer_of[1]], "labels");
+  ins[3] = dpo::detail::range_of(head.weight, head.vocab, head.hidden, head.weight_stride, "weight");
+  ins[4] = dpo::detail::range_of(head.bias, 1, head.bias_size, head.bias_size, "bias");
+  s = detail::check_linear_overlap(outs, n_out, ins, 5);
+  if (!s) return s;
+  s = detail::launch("ldpo_labels_kernel", detail::ldpo_labels_kernel<T, L>, 1, detail::ldpo_block, stream,
+                     detail::dev_of(c.pol), sh.vocab, 0, true, w.h, w.rows[0], w.rows[1]);
+  for (int k = 0; s && k < c.pol.num_buffers; ++k) {
+    std::size_t bytes = w.lin_bytes;
+    s = detail::linear_shard_partials_run(w.lin_ws, bytes, handle, detail::ldpo_view(c.pol, k, head, w.rows[k].label),
+                                          sh, const_cast<double*>(r.records[k]), const_cast<double*>(r.row_max[k]),
+                                          opt.metrics, detail::ldpo_linear_options(opt), stream, &w.h->err);
+  }
+  return s;
+}
+
+/// Phase 2 of DPO from hidden states, as dpo::cpu::linear_pair_shard_sequences: from the
+/// combined maxima and records (after the two vocabulary all-reduces and shard_rebase), the
+/// [seq_fields, 2P] sums of the pairs' sequences into seq (device; chosen in columns
+/// [0, P), rejected in [P, 2P); LD-DPO weighted by ld_alpha, which needs whole sequences on
+/// this rank; metric sums with `metrics`, else 0), what the context group sums and the
+/// pair stage (shard_pair_stage) reads. No head and no GEMM: the labels and layout of
+/// `policy` only (its hidden rows are not read). Two-phase workspace (phase 1's serves);
+/// labels and cu_seqlens are checked again into its error word, and seq is not written
+/// after an error. Deterministic.
+template <class T, class L>
+status linear_pair_shard_sequences(void* workspace, std::size_t& workspace_bytes, const hidden_pairs<T, L>& policy,
+                                   const vocab_shard& sh, const double* chosen_max, const double* chosen_records,
+                                   const double* rejected_max, const double* rejected_records, double ld_alpha,
+                                   double* seq, bool metrics, const linear_dpo_options& opt = {},
+                                   cudaStream_t stream = 0) {
+  status s = detail::to_status(dpo::detail::check_unit(ld_alpha, "ld_alpha"));
+  if (!s) return s;
+  detail::ldpo_call<T, L> c;
+  detail::pair_shard_rows r;
+  s = detail::pair_shard_prologue(workspace, workspace_bytes, nullptr, policy, static_cast<const linear_head<T>*>(nullptr),
+                                  sh, chosen_max, chosen_records, rejected_max, rejected_records, opt, &c, &r);
+  if (!s || c.size_only) return s;
+  if (seq == nullptr) return detail::invalid("dpo: seq is null");
+  const std::int64_t P = policy.num_pairs(), S = 2 * P;
+  const detail::ldpo_ws& w = c.w;
+  dpo::detail::named_range ins[5];
+  ins[0] = detail::workspace_range(workspace, static_cast<std::int64_t>(w.bytes));
+  const int n_in = static_cast<int>(detail::pair_record_ranges(c.pol, r, ins + 1) - ins);
+  const dpo::detail::named_range out = dpo::detail::range_of(seq, seq_fields, S, S, "seq");
+  s = detail::check_linear_overlap(&out, 1, ins, n_in);
+  if (!s) return s;
+  s = detail::launch("ldpo_labels_kernel", detail::ldpo_labels_kernel<T, L>, 1, detail::ldpo_block, stream,
+                     detail::dev_of(c.pol), sh.vocab, 0, true, w.h, w.rows[0], w.rows[1]);
+  // Each completion row's values from its combined record (linear_shard_logps on the
+  // workspace's row labels), then the unsharded head's sequence stage (ldpo_sums_kernel).
+  for (int k = 0; s && k < c.pol.num_buffers; ++k) {
+    const detail::ldpo_rows& rb = w.rows[k];
+    linear_view<T, std::int64_t> labels;
+    labels.rows = c.pol.rows[k];
+    labels.labels = rb.label;
+    labels.ignore_index = -1;
+    detail::shard_row_outputs o;
+    o.logp = rb.logp;
+    if (metrics) {
+      o.entropy = rb.ent;
+      o.zmean = rb.zmean;
+      o.wpo = rb.wpo;
+      o.hit = rb.hit;
+    }
+    s = linear_shard_logps(labels, sh.vocab, r.row_max[k], r.records[k], o, stream);
+  }
+  using dpo::detail::at;
+  detail::seq_arrays side[2];
+  for (int k = 0; k < 2; ++k) {
+    double* base = seq + k * P;
+    side[k] = detail::seq_arrays{base + at(seq_field::logps) * S,       base + at(seq_field::logps_plain) * S,
+                                 base + at(seq_field::entropy) * S,     base + at(seq_field::mean_logits) * S,
+                                 base + at(seq_field::wpo) * S,         base + at(seq_field::hits) * S,
+                                 base + at(seq_field::tokens) * S};
+  }
+  return s ? detail::ldpo_sums(c.pol, w, w.rows, 0, P, ld_alpha, side[0], side[1], metrics, stream) : s;
+}
+
+/// The shard-local backward of the pair loss from hidden states, as
+/// dpo::cpu::linear_pair_shard_backward: each completion row's dL/dlogp from seq_grad [2P]
+/// (the pair stage's dL/dpi, chosen then rejected) and nll_token_grad (one double added on
+/// the chosen side), LD-DPO weighted by the forward's ld_alpha, times grad_output, through
+/// linear_shard_backward with each row's lse from its combined record. seq_grad,
+/// nll_token_grad and grad_output (null: 1) are DEVICE data, so the pair stage's outputs
+/// feed the backward without a host copy. Adds dWeight / dBias of the shard's rows
+/// (complete); dHidden is the shard's PARTIAL, written (every row of the sequences; rows that
+/// are not completion rows get zeros) or added (g.accumulate_hidden): the caller sums it over
+/// the vocabulary group. Same workspace as phase 1; three GEMMs per chunk. Gradients may not
+/// overlap each other or any input. A bad label or cu_seqlens is reported in the error word
+/// and nothing is written (the dWeight / dBias GEMMs add exact zeros). Deterministic.
+template <class T, class L, class G>
+status linear_pair_shard_backward(void* workspace, std::size_t& workspace_bytes, cublasLtHandle_t handle,
+                                  const hidden_pairs<T, L>& policy, const linear_head<T>& head, const vocab_shard& sh,
+                                  const double* chosen_max, const double* chosen_records, const double* rejected_max,
+                                  const double* rejected_records, const double* seq_grad,
+                                  const double* nll_token_grad, double ld_alpha, const linear_dpo_grads<T, G>& g,
+                                  const double* grad_output = nullptr, const linear_dpo_options& opt = {},
+                                  cudaStream_t stream = 0) {
+  status s = detail::to_status(dpo::detail::check_unit(ld_alpha, "ld_alpha"));
+  if (!s) return s;
+  detail::ldpo_call<T, L> c;
+  detail::pair_shard_rows r;
+  s = detail::pair_shard_prologue(workspace, workspace_bytes, handle, policy, &head, sh, chosen_max, chosen_records,
+                                  rejected_max, rejected_records, opt, &c, &r);
+  if (!s || c.size_only) return s;
+  if (seq_grad == nullptr || nll_token_grad == nullptr)
+    return detail::invalid(seq_grad == nullptr ? "dpo: seq_grad is null" : "dpo: nll_token_grad is null");
+  const std::int64_t P = policy.num_pairs();
+  s = detail::ldpo_check_grads(c.pol, head, g, workspace, static_cast<std::int64_t>(c.w.bytes), seq_grad, 2 * P);
+  if (!s) return s;
+  // The records against the gradients (ldpo_check_grads saw the rest).
+  const dpo::detail::named_range outs[4] = {
+      dpo::detail::range_of(g.weight, head.vocab, head.hidden, g.weight_stride, "grads.weight"),
+      dpo::detail::range_of(g.bias, 1, head.vocab, head.vocab, "grads.bias"),
+      dpo::detail::range_of(g.chosen_hidden, c.pol.rows[c.pol.buffer_of[0]], head.hidden, g.chosen_hidden_stride,
+                            "grads.chosen_hidden"),
+      dpo::detail::range_of(g.rejected_hidden, c.pol.rows[c.pol.buffer_of[1]], head.hidden,
+                            g.rejected_hidden_stride, "grads.rejected_hidden")};
+  dpo::detail::named_range ins[4];
+  const int n_in = static_cast<int>(detail::pair_record_ranges(c.pol, r, ins) - ins);
+  s = detail::check_linear_overlap(outs, c.pol.num_buffers == 1 ? 3 : 4, ins, n_in);
+  if (!s) return s;
+  const detail::ldpo_ws& w = c.w;
+  s = detail::launch("ldpo_labels_kernel", detail::ldpo_labels_kernel<T, L>, 1, detail::ldpo_block, stream,
+                     detail::dev_of(c.pol), sh.vocab, 0, true, w.h, w.rows[0], w.rows[1]);
+  if (s)
+    s = detail::launch("ldpo_coef_kernel", detail::ldpo_coef_kernel<T, L>, detail::seq_blocks(P), detail::ldpo_block,
+                       stream, detail::dev_of(c.pol), w.rows[0], w.rows[1], std::int64_t{0}, P, ld_alpha,
+                       static_cast<const detail::ldpo_header*>(w.h), seq_grad, seq_grad + P, nll_token_grad,
+                       grad_output, static_cast<double*>(nullptr), static_cast<double*>(nullptr));
+  const detail::linear_shard_rows rows[2] = {{sh, r.row_max[0], r.records[0]}, {sh, r.row_max[1], r.records[1]}};
+  const double* const no_lse[2] = {nullptr, nullptr};
+  return s ? detail::ldpo_backward(handle, c.pol, head, no_lse, w, g, opt, stream, rows) : s;
 }
 
 }  // namespace cuda
