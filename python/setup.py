@@ -150,7 +150,8 @@ def _extensions():
             raise RuntimeError(f"DPO_KERNELS_CUDA_ARCHS must be numbers joined by ';', got {archs!r}")
         nvcc = ["-O3", "-DNDEBUG", "--expt-relaxed-constexpr"]
         nvcc += [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
-        return [CUDAExtension("dpo_kernels._C", sources + ["csrc/cuda.cu", "csrc/cuda_linear.cu", "csrc/cuda_shard.cu"], include_dirs=include_dirs,
+        return [CUDAExtension("dpo_kernels._C", sources + ["csrc/cuda.cu", "csrc/cuda_linear.cu", "csrc/cuda_shard.cu",
+                                                          "csrc/cuda_linear_shard.cu"], include_dirs=include_dirs,
                               define_macros=[("DPO_KERNELS_WITH_CUDA", None)],
                               extra_compile_args={"cxx": cxx + ["-DDPO_KERNELS_WITH_CUDA"], "nvcc": nvcc},
                               extra_link_args=link)]

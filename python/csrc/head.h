@@ -23,6 +23,7 @@
 #include "common.h"
 #include "forward_outputs.h"
 #include "dpo/core/linear_view.hpp"
+#include "dpo/core/shard.hpp"
 
 namespace dpo_kernels {
 
@@ -40,13 +41,10 @@ inline void check_backend(const at::Tensor& hidden, const char* name, c10::Devic
                     c10::DeviceTypeName(type), " one");
 }
 
-/// What the NotImplementedError of an op without a CUDA kernel says about this build.
+/// What the NotImplementedError of an op without a CUDA kernel says about this build (every
+/// fused-head op has one in a CUDA build).
 inline const char* cuda_note() {
-#ifdef DPO_KERNELS_WITH_CUDA
-  return "the vocabulary-sharded ops of the fused head run on the CPU only";
-#else
   return "built without CUDA: rebuild with DPO_KERNELS_CUDA=1 where nvcc and a CUDA build of torch are present";
-#endif
 }
 
 /// A head (weight [V, H], optional bias [V]) checked against hidden's dtype, device and size.
@@ -523,5 +521,95 @@ struct linear_dpo_inputs {
     if (bias.has_value()) b = bias->contiguous();
   }
 };
+
+// ---- the head on a vocabulary shard (schemas and CPU kernels: linear.cpp, linear_dpo.cpp; CUDA
+// kernels: cuda_linear_shard.cu; docs/distributed.md) --------------------------------------------
+// weight / bias hold rows [vocab_start, vocab_start + V_local) of a head of vocab_size rows;
+// targets / labels are global ids.
+
+/// A backend's kernel of linear_shard_partials: (row_max [N], records [N, shard_fields]).
+#define DPO_LINEAR_SHARD_PARTIALS_KERNEL(NAME)                                                                 \
+  std::tuple<at::Tensor, at::Tensor> NAME(                                                                     \
+      const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,              \
+      const at::Tensor& targets, double temperature, std::optional<double> softcap, double logit_scale,       \
+      std::int64_t ignore_index, std::int64_t vocab_start, std::int64_t vocab_size, bool metrics,              \
+      std::int64_t workspace_bytes)
+
+/// A backend's kernel of linear_shard_values: (log_probs, entropy, log_sum_sq_probs,
+/// mean_logits, is_top1), float64 ([0] when not requested; is_top1 bool).
+#define DPO_LINEAR_SHARD_VALUES_KERNEL(NAME)                                                                   \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> NAME(                                 \
+      const at::Tensor& row_max, const at::Tensor& records, const at::Tensor& targets, std::int64_t ignore_index, \
+      std::int64_t vocab_size, bool entropy, bool log_sum_sq_probs, bool mean_logits, bool is_top1)
+
+/// A backend's kernel of linear_shard_backward: (dHidden PARTIAL, dWeight rows, dBias rows).
+#define DPO_LINEAR_SHARD_BACKWARD_KERNEL(NAME)                                                                 \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> NAME(                                                         \
+      const std::optional<at::Tensor>& grad_logps, const std::optional<at::Tensor>& grad_entropy,             \
+      const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,              \
+      const at::Tensor& targets, const at::Tensor& row_max, const at::Tensor& records,                        \
+      const std::optional<at::Tensor>& entropy, double temperature, std::optional<double> softcap,            \
+      double logit_scale, std::int64_t ignore_index, std::int64_t vocab_start, std::int64_t vocab_size,        \
+      bool need_hidden, bool need_weight, bool need_bias, std::int64_t workspace_bytes)
+
+/// A backend's kernel of linear_dpo_shard_partials: (row_max [R], records [R, shard_fields]),
+/// indexed by hidden's rows, one array for both sides.
+#define DPO_LINEAR_DPO_SHARD_PARTIALS_KERNEL(NAME)                                                             \
+  std::tuple<at::Tensor, at::Tensor> NAME(                                                                     \
+      const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,              \
+      const at::Tensor& labels, const std::optional<at::Tensor>& cu_seqlens, double temperature,              \
+      std::optional<double> softcap, double logit_scale, std::int64_t ignore_index, std::int64_t vocab_start, \
+      std::int64_t vocab_size, bool metrics, std::int64_t workspace_bytes)
+
+/// A backend's kernel of linear_dpo_shard_sequences: the [seq_fields, 2P] sequence sums.
+#define DPO_LINEAR_DPO_SHARD_SEQUENCES_KERNEL(NAME)                                                            \
+  at::Tensor NAME(const at::Tensor& hidden, const at::Tensor& labels, const std::optional<at::Tensor>& cu_seqlens, \
+                  const at::Tensor& row_max, const at::Tensor& records, std::int64_t ignore_index,            \
+                  std::int64_t vocab_start, std::int64_t vocab_end, std::int64_t vocab_size, double ld_alpha, \
+                  bool metrics)
+
+/// A backend's kernel of linear_dpo_shard_backward: (dHidden PARTIAL, dWeight rows, dBias rows).
+#define DPO_LINEAR_DPO_SHARD_BACKWARD_KERNEL(NAME)                                                             \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> NAME(                                                         \
+      const at::Tensor& seq_grad, const at::Tensor& nll_token_grad, const at::Tensor& hidden,                 \
+      const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& labels,              \
+      const std::optional<at::Tensor>& cu_seqlens, const at::Tensor& row_max, const at::Tensor& records,      \
+      double temperature, std::optional<double> softcap, double logit_scale, std::int64_t ignore_index,       \
+      std::int64_t vocab_start, std::int64_t vocab_size, double ld_alpha, bool need_hidden, bool need_weight,  \
+      bool need_bias, std::int64_t workspace_bytes)
+
+/// The checked inputs of a sharded pair call: layout, head tensors, transforms, the shard.
+struct shard_call {
+  hidden_layout l;
+  at::Tensor w, b;
+  dpo::logit_transforms tr;
+  dpo::vocab_shard sh;
+};
+
+/// linear_dpo_shard_partials' / _backward's inputs, checked and lowered for the kernel of
+/// backend `type`.
+inline shard_call shard_inputs(c10::DeviceType type, const at::Tensor& hidden, const at::Tensor& weight,
+                               const std::optional<at::Tensor>& bias, const at::Tensor& labels,
+                               const std::optional<at::Tensor>& cu_seqlens, double temperature,
+                               std::optional<double> softcap, double logit_scale, std::int64_t vocab_start,
+                               std::int64_t vocab_size, std::int64_t workspace_bytes) {
+  check_backend(hidden, "hidden", type);
+  shard_call c;
+  c.l = lower_hidden(hidden, labels, cu_seqlens, "hidden");
+  check_head_tensors(weight, bias, hidden, "weight", "bias", "hidden");
+  c.tr = transforms_of(temperature, softcap, logit_scale, workspace_bytes);
+  c.w = weight.contiguous();
+  if (bias.has_value()) c.b = bias->contiguous();
+  c.sh = {vocab_size, vocab_start, vocab_start + weight.size(0)};
+  return c;
+}
+
+/// linear_dpo_shard_backward's seq_grad [2P] and nll_token_grad (one value), checked.
+inline void check_seq_grads(const at::Tensor& seq_grad, const at::Tensor& nll_token_grad, const hidden_layout& l) {
+  TORCH_CHECK_VALUE(seq_grad.dim() == 1 && seq_grad.size(0) == l.num_seqs, "seq_grad must have shape [", l.num_seqs,
+                    "], got ", seq_grad.sizes());
+  TORCH_CHECK_VALUE(nll_token_grad.numel() == 1, "nll_token_grad must hold one value, got shape ",
+                    nll_token_grad.sizes());
+}
 
 }  // namespace dpo_kernels

@@ -4,8 +4,8 @@
 // outputs straight from hidden states and the head's weight, and their gradient, through the
 // CPU linear head (include/dpo/cpu/linear.hpp). Schemas and CPU kernels live here (the checks
 // and output tensors they share with the CUDA kernels in head.h), the CUDA kernels of
-// linear_logprobs / linear_logprobs_backward in cuda_linear.cu; autograd and fake kernels in
-// dpo_kernels/_linear.py.
+// linear_logprobs / linear_logprobs_backward in cuda_linear.cu and of the shard ops in
+// cuda_linear_shard.cu; autograd and fake kernels in dpo_kernels/_linear.py.
 #define EIGEN_DONT_PARALLELIZE  // the head's results are defined for Eigen's GEMM unthreaded
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
@@ -135,11 +135,7 @@ dpo::vocab_shard head_shard(const linear_args& a, std::int64_t vocab_start, std:
 }
 
 // Phase 1: (row_max [N], records [N, shard_fields]) of the shard, float64.
-std::tuple<at::Tensor, at::Tensor> linear_shard_partials_cpu(
-    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const at::Tensor& targets, double temperature, std::optional<double> softcap, double logit_scale,
-    std::int64_t ignore_index, std::int64_t vocab_start, std::int64_t vocab_size, bool metrics,
-    std::int64_t workspace_bytes) {
+DPO_LINEAR_SHARD_PARTIALS_KERNEL(linear_shard_partials_cpu) {
   const linear_args a = check_linear(hidden, weight, bias, targets, temperature, softcap, logit_scale);
   const auto dbl = at::TensorOptions().dtype(at::kDouble);
   at::Tensor row_max = at::empty({a.N}, dbl);
@@ -158,9 +154,7 @@ std::tuple<at::Tensor, at::Tensor> linear_shard_partials_cpu(
 
 // Phase 2: log_probs and the requested extra outputs ([N] float64 each, [0] when not
 // requested; is_top1 bool) from the combined records.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_shard_values_cpu(
-    const at::Tensor& row_max, const at::Tensor& records, const at::Tensor& targets, std::int64_t ignore_index,
-    std::int64_t vocab_size, bool entropy, bool log_sum_sq_probs, bool mean_logits, bool is_top1) {
+DPO_LINEAR_SHARD_VALUES_KERNEL(linear_shard_values_cpu) {
   TORCH_CHECK_TYPE(targets.scalar_type() == at::kLong || targets.scalar_type() == at::kInt,
                    "targets must be int64 or int32, got ", targets.scalar_type());
   TORCH_CHECK_VALUE(targets.dim() == 1, "targets must be 1-D [N], got shape ", targets.sizes());
@@ -196,13 +190,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_sh
 // The shard-local backward: (dHidden PARTIAL, dWeight rows, dBias rows) as
 // linear_logprobs_backward; `entropy` is the global per-row entropy (float64 [N]) when
 // grad_entropy is given. The caller sums dHidden over the tensor-parallel group.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_shard_backward_cpu(
-    const std::optional<at::Tensor>& grad_logps, const std::optional<at::Tensor>& grad_entropy,
-    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const at::Tensor& targets, const at::Tensor& row_max, const at::Tensor& records,
-    const std::optional<at::Tensor>& entropy, double temperature, std::optional<double> softcap, double logit_scale,
-    std::int64_t ignore_index, std::int64_t vocab_start, std::int64_t vocab_size, bool need_hidden, bool need_weight,
-    bool need_bias, std::int64_t workspace_bytes) {
+DPO_LINEAR_SHARD_BACKWARD_KERNEL(linear_shard_backward_cpu) {
   const linear_args a = check_linear(hidden, weight, bias, targets, temperature, softcap, logit_scale);
   const at::Tensor m = row_doubles(row_max, a.N, 0, "row_max");
   const at::Tensor r = row_doubles(records, a.N, dpo::shard_fields, "records");
@@ -218,13 +206,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_shard_backward_cpu(
                        });
 }
 
-// The vocabulary-sharded head has no CUDA kernel (nor, without a CUDA build, the whole head):
-// CUDA tensors get NotImplementedError naming the device instead of a silent fallback (or the
-// dispatcher's "could not run" message).
+#ifndef DPO_KERNELS_WITH_CUDA
+// Without a CUDA build the head has no CUDA kernel (with one: cuda_linear.cu, and
+// cuda_linear_shard.cu for the shard ops): CUDA tensors get NotImplementedError naming the
+// device instead of a silent fallback (or the dispatcher's "could not run" message).
 void no_cuda_head(const c10::OperatorHandle& op, torch::jit::Stack*) {
   TORCH_CHECK_NOT_IMPLEMENTED(false, op.schema().name(), ": this dpo_kernels build has no CUDA kernel of this ",
                               "op (", cuda_note(), "): move hidden, weight, bias and targets to the CPU");
 }
+#endif
 
 }  // namespace
 }  // namespace dpo_kernels
@@ -268,9 +258,8 @@ TORCH_LIBRARY_IMPL(dpo_kernels, CPU, m) {
 
 TORCH_LIBRARY_IMPL(dpo_kernels, CUDA, m) {
 #ifndef DPO_KERNELS_WITH_CUDA
-  for (const char* name : {"linear_logprobs", "linear_logprobs_backward"})
+  for (const char* name : {"linear_logprobs", "linear_logprobs_backward", "linear_shard_partials",
+                           "linear_shard_values", "linear_shard_backward"})
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&dpo_kernels::no_cuda_head>());
 #endif
-  for (const char* name : {"linear_shard_partials", "linear_shard_values", "linear_shard_backward"})
-    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&dpo_kernels::no_cuda_head>());
 }

@@ -67,29 +67,6 @@ DPO_LINEAR_DPO_KERNEL(linear_dpo_cpu) {
 // [R, shard_fields], R = 2P * T or N), one array for both sides. The collectives between these
 // ops are torch.distributed all-reduces issued from Python (dpo_kernels/distributed.py).
 
-/// The checked inputs of a sharded call: layout, head tensors, transforms.
-struct shard_call {
-  hidden_layout l;
-  at::Tensor w, b;
-  dpo::logit_transforms tr;
-  dpo::vocab_shard sh;
-};
-
-shard_call shard_inputs(const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                        const at::Tensor& labels, const std::optional<at::Tensor>& cu_seqlens, double temperature,
-                        std::optional<double> softcap, double logit_scale, std::int64_t vocab_start,
-                        std::int64_t vocab_size, std::int64_t workspace_bytes) {
-  check_backend(hidden, "hidden", c10::kCPU);
-  shard_call c;
-  c.l = lower_hidden(hidden, labels, cu_seqlens, "hidden");
-  check_head_tensors(weight, bias, hidden, "weight", "bias", "hidden");
-  c.tr = transforms_of(temperature, softcap, logit_scale, workspace_bytes);
-  c.w = weight.contiguous();
-  if (bias.has_value()) c.b = bias->contiguous();
-  c.sh = {vocab_size, vocab_start, vocab_start + weight.size(0)};
-  return c;
-}
-
 at::Tensor row_state(const at::Tensor& t, std::int64_t rows, std::int64_t width, const char* name) {
   TORCH_CHECK_TYPE(t.scalar_type() == at::kDouble, name, " must be float64, got ", t.scalar_type());
   TORCH_CHECK_VALUE(t.numel() == rows * width && t.device().is_cpu(), name, " must be the CPU float64 [", rows,
@@ -107,13 +84,9 @@ dpo::cpu::linear_dpo_options shard_options(bool metrics, std::int64_t workspace_
   return o;
 }
 
-std::tuple<at::Tensor, at::Tensor> linear_dpo_shard_partials_cpu(
-    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const at::Tensor& labels, const std::optional<at::Tensor>& cu_seqlens, double temperature,
-    std::optional<double> softcap, double logit_scale, std::int64_t ignore_index, std::int64_t vocab_start,
-    std::int64_t vocab_size, bool metrics, std::int64_t workspace_bytes) {
-  const shard_call c = shard_inputs(hidden, weight, bias, labels, cu_seqlens, temperature, softcap, logit_scale,
-                                    vocab_start, vocab_size, workspace_bytes);
+DPO_LINEAR_DPO_SHARD_PARTIALS_KERNEL(linear_dpo_shard_partials_cpu) {
+  const shard_call c = shard_inputs(c10::kCPU, hidden, weight, bias, labels, cu_seqlens, temperature, softcap,
+                                    logit_scale, vocab_start, vocab_size, workspace_bytes);
   const auto dbl = at::TensorOptions().dtype(at::kDouble);
   // Rows no side's sequences span keep the empty record (nothing in the sums, -inf in the max).
   at::Tensor row_max = at::full({c.l.rows}, -INFINITY, dbl);
@@ -133,11 +106,7 @@ std::tuple<at::Tensor, at::Tensor> linear_dpo_shard_partials_cpu(
 }
 
 // The [seq_fields, 2P] sequence sums from the combined records (what the context group sums).
-at::Tensor linear_dpo_shard_sequences_cpu(const at::Tensor& hidden, const at::Tensor& labels,
-                                          const std::optional<at::Tensor>& cu_seqlens, const at::Tensor& row_max,
-                                          const at::Tensor& records, std::int64_t ignore_index,
-                                          std::int64_t vocab_start, std::int64_t vocab_end, std::int64_t vocab_size,
-                                          double ld_alpha, bool metrics) {
+DPO_LINEAR_DPO_SHARD_SEQUENCES_KERNEL(linear_dpo_shard_sequences_cpu) {
   check_backend(hidden, "hidden", c10::kCPU);
   const hidden_layout l = lower_hidden(hidden, labels, cu_seqlens, "hidden");
   const at::Tensor m = row_state(row_max, l.rows, 1, "row_max");
@@ -158,21 +127,13 @@ at::Tensor linear_dpo_shard_sequences_cpu(const at::Tensor& hidden, const at::Te
 
 // The shard-local backward: (dHidden PARTIAL in hidden's shape, dWeight rows, dBias rows); the
 // caller sums dHidden over the tensor-parallel group.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_dpo_shard_backward_cpu(
-    const at::Tensor& seq_grad, const at::Tensor& nll_token_grad, const at::Tensor& hidden, const at::Tensor& weight,
-    const std::optional<at::Tensor>& bias, const at::Tensor& labels, const std::optional<at::Tensor>& cu_seqlens,
-    const at::Tensor& row_max, const at::Tensor& records, double temperature, std::optional<double> softcap,
-    double logit_scale, std::int64_t ignore_index, std::int64_t vocab_start, std::int64_t vocab_size,
-    double ld_alpha, bool need_hidden, bool need_weight, bool need_bias, std::int64_t workspace_bytes) {
-  const shard_call c = shard_inputs(hidden, weight, bias, labels, cu_seqlens, temperature, softcap, logit_scale,
-                                    vocab_start, vocab_size, workspace_bytes);
+DPO_LINEAR_DPO_SHARD_BACKWARD_KERNEL(linear_dpo_shard_backward_cpu) {
+  const shard_call c = shard_inputs(c10::kCPU, hidden, weight, bias, labels, cu_seqlens, temperature, softcap,
+                                    logit_scale, vocab_start, vocab_size, workspace_bytes);
   const hidden_layout& l = c.l;
   const at::Tensor m = row_state(row_max, l.rows, 1, "row_max");
   const at::Tensor r = row_state(records, l.rows, dpo::shard_fields, "records");
-  TORCH_CHECK_VALUE(seq_grad.dim() == 1 && seq_grad.size(0) == l.num_seqs, "seq_grad must have shape [", l.num_seqs,
-                    "], got ", seq_grad.sizes());
-  TORCH_CHECK_VALUE(nll_token_grad.numel() == 1, "nll_token_grad must hold one value, got shape ",
-                    nll_token_grad.sizes());
+  check_seq_grads(seq_grad, nll_token_grad, l);
   const at::Tensor g = seq_grad.to(at::kDouble).contiguous();
   const double nll = nll_token_grad.to(at::kDouble).item<double>();
   const grad_tensors gt(l, hidden, c.w, c.b, need_hidden, need_weight, need_bias);
@@ -191,10 +152,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_dpo_shard_backward_cpu(
   return gt.result(hidden, weight);
 }
 
+#ifndef DPO_KERNELS_WITH_CUDA
+// With a CUDA build: linear_dpo in cuda_linear.cu, the shard ops in cuda_linear_shard.cu.
 void no_cuda_linear_dpo(const c10::OperatorHandle& op, torch::jit::Stack*) {
   TORCH_CHECK_NOT_IMPLEMENTED(false, op.schema().name(), ": this dpo_kernels build has no CUDA kernel of this op (",
                               cuda_note(), "): move hidden, weight, bias and labels to the CPU");
 }
+#endif
 
 }  // namespace
 }  // namespace dpo_kernels
@@ -232,8 +196,8 @@ TORCH_LIBRARY_IMPL(dpo_kernels, CPU, m) {
 
 TORCH_LIBRARY_IMPL(dpo_kernels, CUDA, m) {
 #ifndef DPO_KERNELS_WITH_CUDA
-  m.impl("linear_dpo", torch::CppFunction::makeFromBoxedFunction<&dpo_kernels::no_cuda_linear_dpo>());
-#endif
-  for (const char* name : {"linear_dpo_shard_partials", "linear_dpo_shard_sequences", "linear_dpo_shard_backward"})
+  for (const char* name : {"linear_dpo", "linear_dpo_shard_partials", "linear_dpo_shard_sequences",
+                           "linear_dpo_shard_backward"})
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&dpo_kernels::no_cuda_linear_dpo>());
+#endif
 }

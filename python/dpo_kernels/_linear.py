@@ -80,13 +80,10 @@ def _check_device(hidden: torch.Tensor, what: str = "dpo_kernels.linear_logprobs
 
 
 def _check_sharded_device(hidden: torch.Tensor, what: str) -> None:
-    """The vocabulary-sharded head (process_group / vocab_range / cp_group) has CPU kernels
-    only: refused before any collective."""
-    if hidden.device.type not in ("cpu", "meta"):
-        raise NotImplementedError(
-            f"{what}: the sharded head (process_group, vocab_range, cp_group) runs on the CPU only (tensors on "
-            f"{hidden.device}); on CUDA, gather the head's weight or call it without a group"
-        )
+    """The vocabulary-sharded head (process_group / vocab_range / cp_group) has the fused
+    head's devices (CPU, and CUDA in a CUDA build: csrc/cuda_linear_shard.cu): others are
+    refused before any collective."""
+    _check_device(hidden, what)
 
 
 def _positive(name: str, value) -> float:

@@ -148,13 +148,7 @@ def test_device_and_dtype_mismatches_name_the_argument():
                                 cu_seqlens=torch.tensor([0, 2, 4, 6, 8, 10, 12]))
 
 
-def test_sharded_head_is_refused_on_cuda_before_any_collective():
-    h, w, b, y = (t.cuda() for t in make_head(N=6, H=4, V=9))
-    with pytest.raises(NotImplementedError, match="CPU only"):
-        dk.linear_logprobs(h, w, b, y, vocab_range=(0, 9))
-    (hp, wp, bp), yp, _, (rc, rr) = make_pairs(9, dtype=torch.float32)
-    with pytest.raises(NotImplementedError, match="CPU only"):
-        dk.dpo_loss_from_hidden(hp.cuda(), wp.cuda(), yp.cuda(), rc.cuda(), rr.cuda(), vocab_range=(0, 13))
+# The sharded head on CUDA (process_group, vocab_range): test_cuda_distributed_head.py.
 
 
 # ---- dpo_loss_from_hidden ----------------------------------------------------------------------

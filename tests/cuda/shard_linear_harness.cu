@@ -37,59 +37,100 @@ struct handle_and_stream {
   }
 };
 
+/// What both runs share: the first failing status (kept in out.code / out.message), the
+/// device error word read back at the end, poisoned outputs, the head of the case's shard.
+template <class Out>
+struct run_state {
+  Out out;
+  handle_and_stream hs;
+
+  /// Records s when it is the first failure; returns whether it succeeded.
+  bool record(const dpo::cuda::status& s) {
+    if (!s && out.code == 0) {
+      out.code = static_cast<int>(s.code);
+      out.message = s.message;
+    }
+    return s.ok();
+  }
+  /// `given`, or `count` poison values.
+  static dev_vec poisoned(std::size_t count, const std::vector<double>& given = {}) {
+    return dev_vec(given.empty() ? std::vector<double>(count, 12345.0) : given);
+  }
+  /// Waits for the stream, then reads the workspace's error word (its first bytes) into out.
+  void finish(const dev_buf& work) {
+    DPO_CK(cudaStreamSynchronize(hs.stream));
+    DPO_CK(cudaGetLastError());
+    dpo::cuda::device_error e{};
+    if (work.n > 0 && out.code == 0) DPO_CK(cudaMemcpy(&e, work.p, sizeof e, cudaMemcpyDeviceToHost));
+    out.device_error = e.code;
+    out.device_message = dpo::cuda::describe(e).message;
+  }
+};
+
+/// The case's head: its weight rows (width, or the shard's), its bias when given.
+template <class T, class Case>
+dpo::linear_head<T> case_head(const Case& c, const dev_vec& weight, const dev_vec& bias) {
+  const std::int64_t W = c.width >= 0 ? c.width : c.sh.width();
+  return dpo::make_linear_head(weight.as<const T>(), W, c.hidden_cols, c.hidden_cols,
+                               c.bias.empty() ? nullptr : bias.as<const T>(), c.transforms);
+}
+
+/// The gradient buffers of `rows` hidden rows and a head of `head.vocab` rows: dHidden poisoned
+/// (0x7f bytes), dWeight and dBias zeros (they are added to).
+template <class T>
+struct grad_buffers {
+  dev_buf dh, dw, db;
+  grad_buffers(std::int64_t rows, const dpo::linear_head<T>& head)
+      : dh(static_cast<std::size_t>(rows * head.hidden) * sizeof(T)),
+        dw(static_cast<std::size_t>(head.vocab * head.hidden) * sizeof(T)),
+        db(head.bias != nullptr ? static_cast<std::size_t>(head.vocab) * sizeof(T) : 0) {
+    dh.fill(0x7f);
+    dw.fill(0);
+    db.fill(0);
+  }
+  template <class Out>
+  void copy_to(Out& out) const {
+    out.dhidden = dh.get<unsigned char>(dh.n);
+    out.dweight = dw.get<unsigned char>(dw.n);
+    out.dbias = db.get<unsigned char>(db.n);
+  }
+};
+
 template <class T, class L>
 shard_linear_out run_typed(const shard_linear_case& c) {
-  shard_linear_out out;
-  const std::int64_t N = c.rows, H = c.hidden_cols, W = c.width >= 0 ? c.width : c.sh.width();
+  run_state<shard_linear_out> st;
+  const std::int64_t N = c.rows, H = c.hidden_cols;
   const std::size_t n = static_cast<std::size_t>(N), F = static_cast<std::size_t>(dpo::shard_fields);
   const dev_vec hidden(c.hidden), weight(c.weight), bias(c.bias), mask(c.mask);
   const dev_vec labels(std::vector<L>(c.labels.begin(), c.labels.end()));
-  const dpo::linear_head<T> head = dpo::make_linear_head(weight.as<const T>(), W, H, H,
-                                                         c.bias.empty() ? nullptr : bias.as<const T>(), c.transforms);
+  const dpo::linear_head<T> head = case_head<T>(c, weight, bias);
   const dpo::linear_view<T, L> v = dpo::linear_view_of(hidden.as<const T>(), N, H, head, labels.as<const L>(),
                                                        c.mask.empty() ? nullptr : mask.as<const std::uint8_t>());
   dpo::cuda::linear_options opt;
   opt.chunk_rows = c.chunk_rows;
   opt.chunk_vocab = c.chunk_vocab;
   opt.gemm_workspace_bytes = 1 << 20;
-  const auto record = [&](const dpo::cuda::status& s) {
-    if (!s && out.code == 0) {
-      out.code = static_cast<int>(s.code);
-      out.message = s.message;
-    }
-    return s.ok();
-  };
-  // `given`, or `count` poison values.
-  const auto poisoned = [](std::size_t count, const std::vector<double>& given = {}) {
-    return dev_vec(given.empty() ? std::vector<double>(count, 12345.0) : given);
-  };
-
-  const handle_and_stream hs;
-  const cublasLtHandle_t handle = hs.handle;
-  const cudaStream_t stream = hs.stream;
+  const cublasLtHandle_t handle = st.hs.handle;
+  const cudaStream_t stream = st.hs.stream;
   // The size query of linear_workspace_size serves every call on the shard's view.
   dpo::cuda::linear_chunking ch;
-  const bool sized = record(dpo::cuda::linear_workspace_size(v, opt, &ch));
+  const bool sized = st.record(dpo::cuda::linear_workspace_size(v, opt, &ch));
   dev_buf work(sized ? static_cast<std::size_t>(ch.workspace_bytes) : 0);
   work.fill(0xa5);
   std::size_t bytes = work.n;
-  dev_vec rec = poisoned(n * F, c.records), mx = poisoned(n, c.row_max);
+  dev_vec rec = st.poisoned(n * F, c.records), mx = st.poisoned(n, c.row_max);
   double* recp = c.null_records ? nullptr : rec.as<double>();
-  dev_vec logp = poisoned(n), lse = poisoned(n), ent = poisoned(n), zmean = poisoned(n), wpo = poisoned(n),
-          hit = poisoned(n);
-  dev_buf dh(n * H * sizeof(T)), dw(static_cast<std::size_t>(W * H) * sizeof(T)),
-      db(c.bias.empty() ? 0 : static_cast<std::size_t>(W) * sizeof(T));
-  dh.fill(0x7f);
-  dw.fill(0);
-  db.fill(0);
+  dev_vec logp = st.poisoned(n), lse = st.poisoned(n), ent = st.poisoned(n), zmean = st.poisoned(n),
+          wpo = st.poisoned(n), hit = st.poisoned(n);
+  const grad_buffers<T> gb(N, head);
   if (sized && c.records.empty()) {
     std::size_t asked = 0;
-    if (record(dpo::cuda::linear_shard_partials(nullptr, asked, handle, v, c.sh, recp, mx.as<double>(), c.metrics,
-                                                opt, stream)) &&
+    if (st.record(dpo::cuda::linear_shard_partials(nullptr, asked, handle, v, c.sh, recp, mx.as<double>(),
+                                                   c.metrics, opt, stream)) &&
         asked != bytes)
       throw std::runtime_error("linear_shard_partials' size query and linear_workspace_size disagree");
-    record(dpo::cuda::linear_shard_partials(work.p, bytes, handle, v, c.sh, recp, mx.as<double>(), c.metrics, opt,
-                                            stream));
+    st.record(dpo::cuda::linear_shard_partials(work.p, bytes, handle, v, c.sh, recp, mx.as<double>(), c.metrics,
+                                               opt, stream));
   } else if (sized) {
     dpo::cuda::detail::shard_row_outputs o;
     o.logp = logp.as<double>();
@@ -98,31 +139,27 @@ shard_linear_out run_typed(const shard_linear_case& c) {
     o.zmean = zmean.as<double>();
     o.wpo = wpo.as<double>();
     o.hit = hit.as<double>();
-    record(dpo::cuda::linear_shard_logps(v, c.sh.vocab, mx.as<double>(), recp, o, stream));
+    st.record(dpo::cuda::linear_shard_logps(v, c.sh.vocab, mx.as<double>(), recp, o, stream));
     const dev_vec gl(c.grad_logps), ge(c.grad_entropy);
     const bool with_entropy = !c.grad_entropy.empty();
     dpo::linear_grads<T, T> g;
-    g.hidden = dh.as<T>();
+    g.hidden = gb.dh.template as<T>();
     g.hidden_stride = H;
-    g.weight = dw.as<T>();
+    g.weight = gb.dw.template as<T>();
     g.weight_stride = H;
-    g.bias = db.n ? db.as<T>() : nullptr;
+    g.bias = gb.db.n ? gb.db.template as<T>() : nullptr;
     std::size_t asked = 0;
-    if (record(dpo::cuda::linear_shard_backward(nullptr, asked, handle, v, c.sh, mx.as<double>(), recp,
-                                                gl.as<double>(), with_entropy ? ent.as<double>() : nullptr,
-                                                with_entropy ? ge.as<double>() : nullptr, g, opt, stream)) &&
+    if (st.record(dpo::cuda::linear_shard_backward(nullptr, asked, handle, v, c.sh, mx.as<double>(), recp,
+                                                   gl.as<double>(), with_entropy ? ent.as<double>() : nullptr,
+                                                   with_entropy ? ge.as<double>() : nullptr, g, opt, stream)) &&
         asked != bytes)
       throw std::runtime_error("linear_shard_backward's size query and linear_workspace_size disagree");
-    record(dpo::cuda::linear_shard_backward(work.p, bytes, handle, v, c.sh, mx.as<double>(), recp, gl.as<double>(),
-                                            with_entropy ? ent.as<double>() : nullptr,
-                                            with_entropy ? ge.as<double>() : nullptr, g, opt, stream));
+    st.record(dpo::cuda::linear_shard_backward(work.p, bytes, handle, v, c.sh, mx.as<double>(), recp,
+                                               gl.as<double>(), with_entropy ? ent.as<double>() : nullptr,
+                                               with_entropy ? ge.as<double>() : nullptr, g, opt, stream));
   }
-  DPO_CK(cudaStreamSynchronize(stream));
-  DPO_CK(cudaGetLastError());
-  dpo::cuda::device_error e{};  // the workspace's first bytes
-  if (work.n > 0 && out.code == 0) DPO_CK(cudaMemcpy(&e, work.p, sizeof e, cudaMemcpyDeviceToHost));
-  out.device_error = e.code;
-  out.device_message = dpo::cuda::describe(e).message;
+  st.finish(work);
+  shard_linear_out& out = st.out;
   out.records = rec.get<double>(n * F);
   out.row_max = mx.get<double>(n);
   if (!c.records.empty()) {
@@ -132,22 +169,19 @@ shard_linear_out run_typed(const shard_linear_case& c) {
     out.zmean = zmean.get<double>(n);
     out.wpo = wpo.get<double>(n);
     out.hit = hit.get<double>(n);
-    out.dhidden = dh.get<unsigned char>(dh.n);
-    out.dweight = dw.get<unsigned char>(dw.n);
-    out.dbias = db.get<unsigned char>(db.n);
+    gb.copy_to(out);
   }
   return out;
 }
 
 template <class T, class L>
 pair_shard_out run_pair_typed(const pair_shard_case& c) {
-  pair_shard_out out;
-  const std::int64_t R = c.rows, H = c.hidden_cols, W = c.width >= 0 ? c.width : c.sh.width(), S = c.num_seqs;
+  run_state<pair_shard_out> st;
+  const std::int64_t R = c.rows, H = c.hidden_cols, S = c.num_seqs;
   const std::size_t n = static_cast<std::size_t>(R), F = static_cast<std::size_t>(dpo::shard_fields);
   const dev_vec hidden(c.hidden), weight(c.weight), bias(c.bias), cu(c.cu_seqlens);
   const dev_vec labels(std::vector<L>(c.labels.begin(), c.labels.end()));
-  const dpo::linear_head<T> head = dpo::make_linear_head(weight.as<const T>(), W, H, H,
-                                                         c.bias.empty() ? nullptr : bias.as<const T>(), c.transforms);
+  const dpo::linear_head<T> head = case_head<T>(c, weight, bias);
   const dpo::hidden_pairs<T, L> pairs =
       c.seq_len > 0 ? dpo::linear_padded_pairs<T, L>(hidden.as<const T>(), H, H, labels.as<const L>(), S, c.seq_len)
                     : dpo::linear_packed_pairs<T, L>(hidden.as<const T>(), H, H, labels.as<const L>(),
@@ -157,73 +191,56 @@ pair_shard_out run_pair_typed(const pair_shard_case& c) {
   opt.chunk_rows = c.chunk_rows;
   opt.gemm_workspace_bytes = 1 << 20;
   if (c.seq_len == 0) opt.num_rows = R;
-  const auto record = [&](const dpo::cuda::status& s) {
-    if (!s && out.code == 0) {
-      out.code = static_cast<int>(s.code);
-      out.message = s.message;
-    }
-    return s.ok();
-  };
-  const auto poisoned = [](std::size_t count, const std::vector<double>& given = {}) {
-    return dev_vec(given.empty() ? std::vector<double>(count, 12345.0) : given);
-  };
-  const handle_and_stream hs;
+  const cublasLtHandle_t lt = st.hs.handle;
+  // One size for the three calls: phase 1's query (the sequences need no more, the backward the same).
   std::size_t bytes = 0;
-  const bool sized = record(dpo::cuda::linear_pair_shard_partials(nullptr, bytes, hs.handle, pairs, head, c.sh,
-                                                                  nullptr, nullptr, nullptr, nullptr, opt));
+  const bool sized = st.record(dpo::cuda::linear_pair_shard_partials(nullptr, bytes, lt, pairs, head, c.sh, nullptr,
+                                                                     nullptr, nullptr, nullptr, opt));
   dev_buf work(sized ? bytes : 0);
   work.fill(0xa5);
-  dev_vec rec = poisoned(n * F, c.records), mx = poisoned(n, c.row_max);
-  dev_vec rec2 = poisoned(c.two_arrays ? n * F : 0), mx2 = poisoned(c.two_arrays ? n : 0);
+  dev_vec rec = st.poisoned(n * F, c.records), mx = st.poisoned(n, c.row_max);
+  dev_vec rec2 = st.poisoned(c.two_arrays ? n * F : 0), mx2 = st.poisoned(c.two_arrays ? n : 0);
   double* rrec = c.two_arrays ? rec2.as<double>() : rec.as<double>();
   double* rmx = c.two_arrays ? mx2.as<double>() : mx.as<double>();
-  dev_vec seq = poisoned(static_cast<std::size_t>(dpo::seq_fields * S));
-  dev_buf dh(n * H * sizeof(T)), dw(static_cast<std::size_t>(W * H) * sizeof(T)),
-      db(c.bias.empty() ? 0 : static_cast<std::size_t>(W) * sizeof(T));
-  dh.fill(0x7f);
-  dw.fill(0);
-  db.fill(0);
+  dev_vec seq = st.poisoned(static_cast<std::size_t>(dpo::seq_fields * S));
+  const grad_buffers<T> gb(R, head);
   if (sized && c.records.empty()) {
-    record(dpo::cuda::linear_pair_shard_partials(work.p, bytes, hs.handle, pairs, head, c.sh, mx.as<double>(),
-                                                 rec.as<double>(), rmx, rrec, opt, hs.stream));
+    st.record(dpo::cuda::linear_pair_shard_partials(work.p, bytes, lt, pairs, head, c.sh, mx.as<double>(),
+                                                    rec.as<double>(), rmx, rrec, opt, st.hs.stream));
   } else if (sized) {
     std::size_t asked = 0;
-    if (record(dpo::cuda::linear_pair_shard_sequences(nullptr, asked, pairs, c.sh, nullptr, nullptr, nullptr, nullptr,
-                                                      c.ld_alpha, nullptr, c.metrics, opt)) &&
+    if (st.record(dpo::cuda::linear_pair_shard_sequences(nullptr, asked, pairs, c.sh, nullptr, nullptr, nullptr,
+                                                         nullptr, c.ld_alpha, nullptr, c.metrics, opt)) &&
         asked > bytes)
       throw std::runtime_error("linear_pair_shard_sequences needs more workspace than phase 1");
-    record(dpo::cuda::linear_pair_shard_sequences(work.p, bytes, pairs, c.sh, mx.as<double>(), rec.as<double>(), rmx,
-                                                  rrec, c.ld_alpha, seq.as<double>(), c.metrics, opt, hs.stream));
+    st.record(dpo::cuda::linear_pair_shard_sequences(work.p, bytes, pairs, c.sh, mx.as<double>(), rec.as<double>(),
+                                                     rmx, rrec, c.ld_alpha, seq.as<double>(), c.metrics, opt,
+                                                     st.hs.stream));
     const dev_vec sg(c.seq_grad), nll(std::vector<double>{c.nll_token_grad}), go(std::vector<double>{c.grad_output});
     dpo::linear_dpo_grads<T, T> g;
-    g.chosen_hidden = g.rejected_hidden = dh.as<T>();
+    g.chosen_hidden = g.rejected_hidden = gb.dh.template as<T>();
     g.chosen_hidden_stride = g.rejected_hidden_stride = H;
     g.accumulate_hidden = c.accumulate_hidden;
-    g.weight = dw.as<T>();
+    g.weight = gb.dw.template as<T>();
     g.weight_stride = H;
-    g.bias = db.n ? db.as<T>() : nullptr;
+    g.bias = gb.db.n ? gb.db.template as<T>() : nullptr;
     asked = 0;
-    if (record(dpo::cuda::linear_pair_shard_backward(nullptr, asked, hs.handle, pairs, head, c.sh, nullptr, nullptr,
-                                                     nullptr, nullptr, nullptr, nullptr, c.ld_alpha, g, nullptr, opt)) &&
+    if (st.record(dpo::cuda::linear_pair_shard_backward(nullptr, asked, lt, pairs, head, c.sh, nullptr, nullptr,
+                                                        nullptr, nullptr, nullptr, nullptr, c.ld_alpha, g, nullptr,
+                                                        opt)) &&
         asked != bytes)
       throw std::runtime_error("linear_pair_shard_backward's size query and phase 1's disagree");
-    record(dpo::cuda::linear_pair_shard_backward(work.p, bytes, hs.handle, pairs, head, c.sh, mx.as<double>(),
-                                                 rec.as<double>(), rmx, rrec, sg.as<double>(), nll.as<double>(),
-                                                 c.ld_alpha, g, go.as<double>(), opt, hs.stream));
+    st.record(dpo::cuda::linear_pair_shard_backward(work.p, bytes, lt, pairs, head, c.sh, mx.as<double>(),
+                                                    rec.as<double>(), rmx, rrec, sg.as<double>(), nll.as<double>(),
+                                                    c.ld_alpha, g, go.as<double>(), opt, st.hs.stream));
   }
-  DPO_CK(cudaStreamSynchronize(hs.stream));
-  DPO_CK(cudaGetLastError());
-  dpo::cuda::device_error e{};
-  if (work.n > 0 && out.code == 0) DPO_CK(cudaMemcpy(&e, work.p, sizeof e, cudaMemcpyDeviceToHost));
-  out.device_error = e.code;
-  out.device_message = dpo::cuda::describe(e).message;
+  st.finish(work);
+  pair_shard_out& out = st.out;
   out.records = rec.get<double>(n * F);
   out.row_max = mx.get<double>(n);
   if (!c.records.empty()) {
     out.seq = seq.get<double>(static_cast<std::size_t>(dpo::seq_fields * S));
-    out.dhidden = dh.get<unsigned char>(dh.n);
-    out.dweight = dw.get<unsigned char>(dw.n);
-    out.dbias = db.get<unsigned char>(db.n);
+    gb.copy_to(out);
   }
   return out;
 }

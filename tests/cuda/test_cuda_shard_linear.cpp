@@ -19,6 +19,7 @@
 #include <cstring>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <dpo/cpu/linear_dpo.hpp>
@@ -38,34 +39,94 @@ using dpo_cuda_test::shard_linear_out;
 using test_support::check_close;
 constexpr int F = dpo::shard_fields;
 
+/// `count` values uniform in [-amp, amp) as raw bytes of `t`.
+std::vector<unsigned char> random_values(dtype t, std::int64_t count, double amp, std::mt19937& rng) {
+  const std::size_t es = dpo_cuda_test::dtype_size(t);
+  std::uniform_real_distribution<double> u(-amp, amp);
+  std::vector<unsigned char> b(static_cast<std::size_t>(count) * es, 0);
+  for (std::int64_t i = 0; i < count; ++i) dpo_cuda_test::put(t, b.data() + i * es, u(rng));
+  return b;
+}
+
+/// A whole head's weight [V, H] and bias [V] (or none) in `t`, and the rows of shard `sh`.
+struct head_bytes {
+  dtype t = dtype::f32;
+  std::int64_t H = 0;
+  std::vector<unsigned char> weight, bias;
+  dpo::logit_transforms transforms;
+  void shard(const dpo::vocab_shard& sh, std::vector<unsigned char>* w, std::vector<unsigned char>* b) const {
+    const std::size_t es = dpo_cuda_test::dtype_size(t), row = static_cast<std::size_t>(H) * es;
+    w->assign(weight.begin() + sh.start * row, weight.begin() + sh.end * row);
+    if (!bias.empty()) b->assign(bias.begin() + sh.start * es, bias.begin() + sh.end * es);
+  }
+};
+
+head_bytes make_head_bytes(dtype t, std::int64_t H, std::int64_t V, bool bias, std::mt19937& rng) {
+  head_bytes h{t, H, random_values(t, V * H, 2.0 / std::sqrt(static_cast<double>(H)), rng), {}, {}};
+  if (bias) h.bias = random_values(t, V, 0.5, rng);
+  return h;
+}
+
+/// Tolerances relative to the largest magnitude: values (the logits differ by the GEMMs'
+/// summation order) and gradients (for bf16 the CUDA GEMMs take dZ rounded to bf16 where the
+/// CPU keeps fp32, and dHidden is a sum of per-rank partials each rounded to bf16).
+double value_tol(dtype t) { return dpo_cuda_test::per_dtype(t, 2e-6, 2e-6, 2e-6, 1e-12); }
+double grad_tol(dtype t) { return dpo_cuda_test::per_dtype(t, 2e-2, 4e-3, 3e-6, 1e-11); }
+
+std::vector<double> decode(const std::vector<unsigned char>& b, dtype t) {
+  const std::size_t es = dpo_cuda_test::dtype_size(t);
+  std::vector<double> out(b.size() / es);
+  for (std::size_t i = 0; i < out.size(); ++i) out[i] = dpo_cuda_test::get(t, b.data() + i * es);
+  return out;
+}
+
+/// Gradients as the tests compare them (double): dHidden summed over the shards, the
+/// shards' dWeight / dBias rows concatenated.
+struct grad_sums {
+  std::vector<double> dhidden, dweight, dbias;
+
+  /// Adds a host dHidden (E) to the sum.
+  template <class E>
+  void add_hidden(const std::vector<E>& dh) {
+    dhidden.resize(dh.size(), 0.0);
+    for (std::size_t i = 0; i < dh.size(); ++i) dhidden[i] += static_cast<double>(dh[i]);
+  }
+  /// One CUDA rank's gradients (raw bytes of t): dHidden's first `n` values added, its
+  /// dWeight / dBias rows appended.
+  void add_rank(dtype t, const std::vector<unsigned char>& dh, const std::vector<unsigned char>& dw,
+                const std::vector<unsigned char>& db, std::size_t n) {
+    const std::vector<double> h = decode(dh, t), w = decode(dw, t), b = decode(db, t);
+    dhidden.resize(h.size(), 0.0);
+    for (std::size_t i = 0; i < n && i < h.size(); ++i) dhidden[i] += h[i];
+    dweight.insert(dweight.end(), w.begin(), w.end());
+    dbias.insert(dbias.end(), b.begin(), b.end());
+  }
+  /// Against `want` within tol of the largest magnitude.
+  void check(const grad_sums& want, double tol) const {
+    check_close(dhidden, want.dhidden, tol, "dhidden (summed over the shards)");
+    check_close(dweight, want.dweight, tol, "dweight rows");
+    if (!want.dbias.empty()) check_close(dbias, want.dbias, tol, "dbias rows");
+  }
+};
+
 /// A batch of hidden rows and a whole head [V, H] in `t` (rows stride H): labels global,
 /// every 5th row ignored, every 7th masked; upstream gradients for the backward.
-struct problem {
-  dtype t = dtype::f32;
-  std::int64_t N = 0, H = 0, V = 0;
-  std::vector<unsigned char> hidden, weight, bias;
+struct problem : head_bytes {
+  std::int64_t N = 0, V = 0;
+  std::vector<unsigned char> hidden;
   std::vector<std::int64_t> labels;
   std::vector<std::uint8_t> mask;
-  dpo::logit_transforms transforms;
   std::vector<double> grad_logps, grad_entropy;
 };
 
 problem make_problem(dtype t, std::int64_t N, std::int64_t H, std::int64_t V, unsigned seed, bool bias) {
   problem p;
-  p.t = t;
-  p.N = N;
-  p.H = H;
-  p.V = V;
-  const std::size_t es = dpo_cuda_test::dtype_size(t);
   std::mt19937 rng(seed);
+  p.hidden = random_values(t, N * H, 2.0, rng);
+  static_cast<head_bytes&>(p) = make_head_bytes(t, H, V, bias, rng);
+  p.N = N;
+  p.V = V;
   std::uniform_real_distribution<double> u(-1.0, 1.0);
-  const auto fill = [&](std::vector<unsigned char>& b, std::int64_t count, double amp) {
-    b.assign(static_cast<std::size_t>(count) * es, 0);
-    for (std::int64_t i = 0; i < count; ++i) dpo_cuda_test::put(t, b.data() + i * es, amp * u(rng));
-  };
-  fill(p.hidden, N * H, 2.0);
-  fill(p.weight, V * H, 2.0 / std::sqrt(static_cast<double>(H)));
-  if (bias) fill(p.bias, V, 0.5);
   std::uniform_int_distribution<std::int64_t> lab(0, V - 1);
   for (std::int64_t r = 0; r < N; ++r) {
     p.labels.push_back(r % 5 == 3 ? -100 : lab(rng));
@@ -78,15 +139,13 @@ problem make_problem(dtype t, std::int64_t N, std::int64_t H, std::int64_t V, un
 
 /// Rank `sh`'s phase-1 case: the shard's weight and bias rows.
 shard_linear_case shard_case(const problem& p, const dpo::vocab_shard& sh, bool metrics) {
-  const std::size_t es = dpo_cuda_test::dtype_size(p.t), row = static_cast<std::size_t>(p.H) * es;
   shard_linear_case c;
   c.type = p.t;
   c.rows = p.N;
   c.hidden_cols = p.H;
   c.sh = sh;
   c.hidden = p.hidden;
-  c.weight.assign(p.weight.begin() + sh.start * row, p.weight.begin() + sh.end * row);
-  if (!p.bias.empty()) c.bias.assign(p.bias.begin() + sh.start * es, p.bias.begin() + sh.end * es);
+  p.shard(sh, &c.weight, &c.bias);
   c.labels = p.labels;
   c.mask = p.mask;
   c.transforms = p.transforms;
@@ -97,9 +156,8 @@ shard_linear_case shard_case(const problem& p, const dpo::vocab_shard& sh, bool 
 }
 
 /// The per-row values and gradients of one head (double), as the tests compare them.
-struct head_out {
+struct head_out : grad_sums {
   std::vector<double> logp, lse, entropy, zmean, wpo, hit;
-  std::vector<double> dhidden, dweight, dbias;
 };
 
 /// The two all-reduces on the host: max of the maxima, rebase, sum of the records.
@@ -155,7 +213,6 @@ head_out cpu_head(const problem& p, const std::vector<std::int64_t>& cuts, bool 
   extra.is_top1 = top1.data();
   const double* ge = metrics ? p.grad_entropy.data() : nullptr;
   const double* ent = metrics ? o.entropy.data() : nullptr;
-  o.dhidden.assign(n * H, 0.0);
   std::vector<E> dh(n * H), dw(static_cast<std::size_t>(V * H), E(0.0f)), db(static_cast<std::size_t>(V), E(0.0f));
   const auto grads = [&](std::int64_t start) {
     dpo::cpu::linear_grads<E, E> g;
@@ -166,14 +223,11 @@ head_out cpu_head(const problem& p, const std::vector<std::int64_t>& cuts, bool 
     g.bias = bias.empty() ? nullptr : db.data() + start;
     return g;
   };
-  const auto add_dhidden = [&] {
-    for (std::size_t i = 0; i < n * H; ++i) o.dhidden[i] += static_cast<double>(dh[i]);
-  };
   const int W = static_cast<int>(cuts.size()) - 1;
   if (W == 1) {
     dpo::cpu::linear_logps(view(0, V), o.logp.data(), extra, o.lse.data());
     dpo::cpu::linear_logps_backward(view(0, V), o.lse.data(), p.grad_logps.data(), ent, ge, grads(0));
-    add_dhidden();
+    o.add_hidden(dh);
   } else {
     std::vector<std::vector<double>> recs(W, std::vector<double>(n * F)), maxes(W, std::vector<double>(n));
     for (int t = 0; t < W; ++t)
@@ -186,7 +240,7 @@ head_out cpu_head(const problem& p, const std::vector<std::int64_t>& cuts, bool 
       const dpo::vocab_shard sh{V, cuts[t], cuts[t + 1]};
       dpo::cpu::linear_shard_backward(view(sh.start, sh.end), sh, M.data(), S.data(), p.grad_logps.data(), ent, ge,
                                       grads(sh.start));
-      add_dhidden();
+      o.add_hidden(dh);
     }
   }
   for (std::size_t r = 0; r < n; ++r) {
@@ -202,20 +256,17 @@ head_out cpu_reference(const problem& p, const std::vector<std::int64_t>& cuts, 
   return dpo_cuda_test::with_host_types(p.t, false, [&](auto e, auto) { return cpu_head<decltype(e)>(p, cuts, metrics); });
 }
 
-std::vector<double> decode(const std::vector<unsigned char>& b, dtype t) {
-  const std::size_t es = dpo_cuda_test::dtype_size(t);
-  std::vector<double> out(b.size() / es);
-  for (std::size_t i = 0; i < out.size(); ++i) out[i] = dpo_cuda_test::get(t, b.data() + i * es);
-  return out;
-}
-
-shard_linear_out run_ok(const shard_linear_case& c) {
-  const shard_linear_out o = dpo_cuda_test::run_shard_linear(c);
+/// Rank c.sh's call through the harness's `run`, which must succeed (status and error word).
+template <class Case, class Run>
+auto run_checked(const Case& c, Run&& run) {
+  const auto o = run(c);
   INFO("shard [" << c.sh.start << ", " << c.sh.end << "): " << o.message << " " << o.device_message);
   REQUIRE(o.code == 0);
   REQUIRE(o.device_error == 0);
   return o;
 }
+
+shard_linear_out run_ok(const shard_linear_case& c) { return run_checked(c, dpo_cuda_test::run_shard_linear); }
 
 /// CUDA records against dpo::cpu's (`mx`: the CPU's maxima, -inf on rows that do not count,
 /// whose empty record must match exactly); the logits differ by the GEMMs' summation order
@@ -258,34 +309,61 @@ void check_records(const problem& p, const shard_linear_case& c, const shard_lin
   CHECK(o.row_max.size() == n);
 }
 
+/// The gradients hold their start values: dHidden's poison, dWeight / dBias zeros.
+template <class Out>
+void grads_untouched(const Out& o) {
+  for (unsigned char x : o.dhidden) CHECK(x == 0x7f);
+  for (unsigned char x : o.dweight) CHECK(x == 0);
+  for (unsigned char x : o.dbias) CHECK(x == 0);
+}
+
+/// A rejected call: its status failed naming `name`, and its outputs are untouched(o).
+template <class Out, class Untouched>
+void rejected_naming(const Out& o, const char* name, Untouched&& untouched) {
+  INFO(o.message);
+  CHECK((o.code != 0 && o.message.find(name) != std::string::npos));
+  untouched(o);
+}
+
+/// Every rank's case over `cuts` (make(sh): rank sh's), phase 1 run on each (`run(k, case)`:
+/// its CUDA output, checked there) and the records combined on the host as the two
+/// all-reduces would: the cases for phase 2, each with the combined maxima and records.
+template <class Make, class Run>
+auto ranks_phase1(const std::vector<std::int64_t>& cuts, std::int64_t V, Make&& make, Run&& run) {
+  std::vector<decltype(make(dpo::vocab_shard{}))> cs;
+  std::vector<std::vector<double>> recs, maxes;
+  for (std::size_t k = 0; k + 1 < cuts.size(); ++k) {
+    cs.push_back(make(dpo::vocab_shard{V, cuts[k], cuts[k + 1]}));
+    const auto o = run(k, cs.back());
+    recs.push_back(o.records);
+    maxes.push_back(o.row_max);
+  }
+  std::vector<double> M, S;
+  combine(recs, maxes, &M, &S);
+  for (auto& c : cs) {
+    c.row_max = M;
+    c.records = S;
+  }
+  return cs;
+}
+
 /// Runs the problem on CUDA over `cuts` and checks every result against dpo::cpu's sharded
 /// head on the same cuts and against the unsharded head.
 void check_split(const problem& p, const std::vector<std::int64_t>& cuts, bool metrics) {
   const int W = static_cast<int>(cuts.size()) - 1;
   INFO("V = " << p.V << " over " << W << " shards, dtype " << static_cast<int>(p.t) << ", metrics " << metrics
               << ", bias " << !p.bias.empty());
-  // Relative to the largest magnitude: the logits differ by the GEMMs' summation order; for
-  // bf16 the CUDA GEMMs take dZ rounded to bf16 where the CPU keeps fp32, and dHidden is a sum
-  // of per-rank partials each rounded to bf16.
-  const double vt = dpo_cuda_test::per_dtype(p.t, 2e-6, 2e-6, 2e-6, 1e-12),
-               gt = dpo_cuda_test::per_dtype(p.t, 2e-2, 4e-3, 3e-6, 1e-11);
-  std::vector<shard_linear_case> cs;
-  std::vector<std::vector<double>> recs, maxes;
-  for (int t = 0; t < W; ++t) {
-    cs.push_back(shard_case(p, {p.V, cuts[t], cuts[t + 1]}, metrics));
-    const shard_linear_out o = run_ok(cs.back());
-    dpo_cuda_test::with_host_types(p.t, false, [&](auto e, auto) { check_records<decltype(e)>(p, cs.back(), o, vt); });
-    recs.push_back(o.records);
-    maxes.push_back(o.row_max);
-  }
-  std::vector<double> M, S;
-  combine(recs, maxes, &M, &S);
+  const double vt = value_tol(p.t), gt = grad_tol(p.t);
+  const std::vector<shard_linear_case> cs = ranks_phase1(
+      cuts, p.V, [&](const dpo::vocab_shard& sh) { return shard_case(p, sh, metrics); },
+      [&](std::size_t, const shard_linear_case& c) {
+        const shard_linear_out o = run_ok(c);
+        dpo_cuda_test::with_host_types(p.t, false, [&](auto e, auto) { check_records<decltype(e)>(p, c, o, vt); });
+        return o;
+      });
   head_out got;
-  got.dhidden.assign(static_cast<std::size_t>(p.N * p.H), 0.0);
   for (int t = 0; t < W; ++t) {
     shard_linear_case c = cs[t];
-    c.row_max = M;
-    c.records = S;
     c.grad_logps = p.grad_logps;
     if (metrics) c.grad_entropy = p.grad_entropy;
     const shard_linear_out o = run_ok(c);
@@ -300,10 +378,7 @@ void check_split(const problem& p, const std::vector<std::int64_t>& cuts, bool m
       CHECK(o.logp == got.logp);  // every rank computes the same values, bitwise
       CHECK(o.entropy == got.entropy);
     }
-    const std::vector<double> dh = decode(o.dhidden, p.t), dw = decode(o.dweight, p.t), db = decode(o.dbias, p.t);
-    for (std::size_t i = 0; i < dh.size(); ++i) got.dhidden[i] += dh[i];
-    got.dweight.insert(got.dweight.end(), dw.begin(), dw.end());
-    got.dbias.insert(got.dbias.end(), db.begin(), db.end());
+    got.add_rank(p.t, o.dhidden, o.dweight, o.dbias, static_cast<std::size_t>(p.N * p.H));
   }
   // Rows that do not count: zeros everywhere, dHidden included.
   for (std::int64_t r = 0; r < p.N; ++r) {
@@ -324,9 +399,7 @@ void check_split(const problem& p, const std::vector<std::int64_t>& cuts, bool m
       check_close(got.wpo, want.wpo, vt, "wpo");
       CHECK(got.hit == want.hit);
     }
-    check_close(got.dhidden, want.dhidden, gt, "dhidden (summed over the shards)");
-    check_close(got.dweight, want.dweight, gt, "dweight rows");
-    if (!p.bias.empty()) check_close(got.dbias, want.dbias, gt, "dbias rows");
+    got.check(want, gt);
   }
 }
 
@@ -366,15 +439,10 @@ TEST_CASE("cuda linear shard: bad input is a status naming the argument, and not
     for (const auto* v : {&o.records, &o.row_max, &o.logp, &o.lse, &o.entropy, &o.zmean, &o.wpo, &o.hit})
       if (o.logp.empty() || (v != &o.records && v != &o.row_max))
         for (double x : *v) CHECK(x == 12345.0);
-    for (unsigned char x : o.dhidden) CHECK(x == 0x7f);
-    for (unsigned char x : o.dweight) CHECK(x == 0);
-    for (unsigned char x : o.dbias) CHECK(x == 0);
+    grads_untouched(o);
   };
   const auto rejected = [&](const shard_linear_case& c, const char* name) {
-    const shard_linear_out o = dpo_cuda_test::run_shard_linear(c);
-    INFO(o.message);
-    CHECK((o.code != 0 && o.message.find(name) != std::string::npos));
-    untouched(o);
+    rejected_naming(dpo_cuda_test::run_shard_linear(c), name, untouched);
   };
   SECTION("the shard's range against the weight rows and the vocabulary") {
     shard_linear_case c = shard_case(p, {37, 0, 20}, true);
@@ -459,27 +527,24 @@ using dpo_cuda_test::pair_shard_out;
 /// TRL's concatenated batch of 2P sequences over hidden rows: padded [2P, T] or packed by
 /// cu_seqlens (lengths varying, one trailing row past the last sequence), prompts and padding
 /// labelled -100, and a whole head [V, H]; a reference and upstream values for the pair stage.
-struct pair_problem {
-  dtype t = dtype::f32;
-  std::int64_t P = 0, T = 0, R = 0, H = 0, V = 0;
+struct pair_problem : head_bytes {
+  std::int64_t P = 0, T = 0, R = 0, V = 0;
   bool packed = false;
   std::vector<std::int64_t> cu;
-  std::vector<unsigned char> hidden, weight, bias;
+  std::vector<unsigned char> hidden;
   std::vector<std::int64_t> labels;
-  dpo::logit_transforms transforms;
   std::vector<double> ref_c, ref_r;
 };
 
 pair_problem make_pairs(dtype t, std::int64_t P, std::int64_t T, std::int64_t H, std::int64_t V, bool packed,
                         bool bias, unsigned seed) {
   pair_problem p;
-  p.t = t;
+  std::mt19937 rng(seed);
+  static_cast<head_bytes&>(p) = make_head_bytes(t, H, V, bias, rng);
   p.P = P;
   p.T = T;
-  p.H = H;
   p.V = V;
   p.packed = packed;
-  std::mt19937 rng(seed);
   std::uniform_real_distribution<double> u(-1.0, 1.0);
   std::uniform_int_distribution<std::int64_t> lab(0, V - 1);
   p.cu.push_back(0);
@@ -490,14 +555,7 @@ pair_problem make_pairs(dtype t, std::int64_t P, std::int64_t T, std::int64_t H,
   }
   if (packed) p.labels.push_back(lab(rng));  // a row past the last sequence: not read
   p.R = static_cast<std::int64_t>(p.labels.size());
-  const std::size_t es = dpo_cuda_test::dtype_size(t);
-  const auto fill = [&](std::vector<unsigned char>& b, std::int64_t count, double amp) {
-    b.assign(static_cast<std::size_t>(count) * es, 0);
-    for (std::int64_t i = 0; i < count; ++i) dpo_cuda_test::put(t, b.data() + i * es, amp * u(rng));
-  };
-  fill(p.hidden, p.R * H, 2.0);
-  fill(p.weight, V * H, 2.0 / std::sqrt(static_cast<double>(H)));
-  if (bias) fill(p.bias, V, 0.5);
+  p.hidden = random_values(t, p.R * H, 2.0, rng);
   for (std::int64_t q = 0; q < P; ++q) {
     p.ref_c.push_back(-20.0 + 5.0 * u(rng));
     p.ref_r.push_back(-20.0 + 5.0 * u(rng));
@@ -507,7 +565,6 @@ pair_problem make_pairs(dtype t, std::int64_t P, std::int64_t T, std::int64_t H,
 
 /// Rank `sh`'s case: the shard's weight and bias rows.
 pair_shard_case pair_case(const pair_problem& p, const dpo::vocab_shard& sh, bool metrics, double ld_alpha) {
-  const std::size_t es = dpo_cuda_test::dtype_size(p.t), row = static_cast<std::size_t>(p.H) * es;
   pair_shard_case c;
   c.type = p.t;
   c.num_seqs = 2 * p.P;
@@ -517,8 +574,7 @@ pair_shard_case pair_case(const pair_problem& p, const dpo::vocab_shard& sh, boo
   if (p.packed) c.cu_seqlens = p.cu;
   c.sh = sh;
   c.hidden = p.hidden;
-  c.weight.assign(p.weight.begin() + sh.start * row, p.weight.begin() + sh.end * row);
-  if (!p.bias.empty()) c.bias.assign(p.bias.begin() + sh.start * es, p.bias.begin() + sh.end * es);
+  p.shard(sh, &c.weight, &c.bias);
   c.labels = p.labels;
   c.transforms = p.transforms;
   c.metrics = metrics;
@@ -529,10 +585,9 @@ pair_shard_case pair_case(const pair_problem& p, const dpo::vocab_shard& sh, boo
 
 /// What the pair pipeline yields: the combined sequence sums, the pair stage's loss, metrics,
 /// dL/dpi and NLL token gradient, and the gradients (dHidden summed over the shards).
-struct pair_result {
+struct pair_result : grad_sums {
   std::vector<double> seq, loss_metrics, seq_grad;
   double nll = 0;
-  std::vector<double> dhidden, dweight, dbias;
 };
 
 /// The pair stage on the host (dpo::cpu::shard_pair_stage) from the sequence sums.
@@ -577,10 +632,6 @@ pair_result cpu_pairs(const pair_problem& p, const std::vector<std::int64_t>& cu
     return g;
   };
   pair_result r;
-  r.dhidden.assign(dh.size(), 0.0);
-  const auto add_dhidden = [&] {
-    for (std::size_t i = 0; i < dh.size(); ++i) r.dhidden[i] += static_cast<double>(dh[i]);
-  };
   dpo::cpu::linear_dpo_options opt;
   opt.metrics = metrics;  // the pair calls compute the metric fields for WPO too (the caller's choice)
   if (cuts.empty()) {
@@ -593,7 +644,7 @@ pair_result cpu_pairs(const pair_problem& p, const std::vector<std::int64_t>& cu
     r.loss_metrics = {loss};
     const double* mp = reinterpret_cast<const double*>(&m);
     r.loss_metrics.insert(r.loss_metrics.end(), mp, mp + dpo::num_metrics);
-    add_dhidden();
+    r.add_hidden(dh);
   } else {
     const int W = static_cast<int>(cuts.size()) - 1;
     std::vector<std::vector<double>> recs, maxes;
@@ -616,7 +667,7 @@ pair_result cpu_pairs(const pair_problem& p, const std::vector<std::int64_t>& cu
       const dpo::vocab_shard sh{p.V, cuts[k], cuts[k + 1]};
       dpo::cpu::linear_pair_shard_backward(pairs, head(sh.start, sh.end), sh, M.data(), Sm.data(), M.data(),
                                            Sm.data(), r.seq_grad.data(), r.nll, cfg.ld_alpha, grads(sh.start));
-      add_dhidden();
+      r.add_hidden(dh);
     }
   }
   r.dweight = doubles(dw);
@@ -631,13 +682,7 @@ pair_result cpu_pair_reference(const pair_problem& p, const std::vector<std::int
       p.t, false, [&](auto e, auto) { return cpu_pairs<decltype(e)>(p, cuts, cfg, metrics, rank_records); });
 }
 
-pair_shard_out run_pair_ok(const pair_shard_case& c) {
-  const pair_shard_out o = dpo_cuda_test::run_pair_shard(c);
-  INFO("shard [" << c.sh.start << ", " << c.sh.end << "): " << o.message << " " << o.device_message);
-  REQUIRE(o.code == 0);
-  REQUIRE(o.device_error == 0);
-  return o;
-}
+pair_shard_out run_pair_ok(const pair_shard_case& c) { return run_checked(c, dpo_cuda_test::run_pair_shard); }
 
 /// The pair pipeline on CUDA over `cuts` (phase 1 per rank, the all-reduces on the host,
 /// the sequences per rank, the pair stage on the host, the backward per rank), each call
@@ -650,29 +695,21 @@ void check_pairs(const pair_problem& p, const std::vector<std::int64_t>& cuts, c
   INFO("pairs: V = " << p.V << " over " << W << " shards, dtype " << static_cast<int>(p.t) << ", packed "
                      << p.packed << ", bias " << !p.bias.empty() << ", metrics " << metrics << ", ld_alpha "
                      << cfg.ld_alpha);
-  const double vt = dpo_cuda_test::per_dtype(p.t, 2e-6, 2e-6, 2e-6, 1e-12),
-               gt = dpo_cuda_test::per_dtype(p.t, 2e-2, 4e-3, 3e-6, 1e-11);
+  const double vt = value_tol(p.t), gt = grad_tol(p.t);
   std::vector<std::vector<double>> cpu_recs;
   const pair_result want = cpu_pair_reference(p, cuts, cfg, m, &cpu_recs);
-  std::vector<pair_shard_case> cs;
-  std::vector<std::vector<double>> recs, maxes;
-  for (int k = 0; k < W; ++k) {
-    cs.push_back(pair_case(p, {p.V, cuts[k], cuts[k + 1]}, m, cfg.ld_alpha));
-    const pair_shard_out o = run_pair_ok(cs.back());
+  const auto phase1 = [&](std::size_t k, const pair_shard_case& c) {
+    const pair_shard_out o = run_pair_ok(c);
     std::vector<double> cpu_max(static_cast<std::size_t>(p.R));
     for (std::int64_t r = 0; r < p.R; ++r) cpu_max[r] = cpu_recs[k][r * F + dpo::detail::at(dpo::shard_field::shard_max)];
-    compare_records(o.records, cpu_recs[k], cpu_max, cs.back().sh, vt);
-    recs.push_back(o.records);
-    maxes.push_back(o.row_max);
-  }
-  std::vector<double> M, Sm;
-  combine(recs, maxes, &M, &Sm);
+    compare_records(o.records, cpu_recs[k], cpu_max, c.sh, vt);
+    return o;
+  };
+  const std::vector<pair_shard_case> cs = ranks_phase1(
+      cuts, p.V, [&](const dpo::vocab_shard& sh) { return pair_case(p, sh, m, cfg.ld_alpha); }, phase1);
   pair_result got;
-  got.dhidden.assign(static_cast<std::size_t>(p.R * p.H), 0.0);
   for (int k = 0; k < W; ++k) {
     pair_shard_case c = cs[k];
-    c.row_max = M;
-    c.records = Sm;
     if (k == 0) {  // the pair stage reads the first rank's sums (every rank has the same)
       c.seq_grad.assign(static_cast<std::size_t>(2 * p.P), 0.0);
       const pair_shard_out o = run_pair_ok(c);
@@ -683,14 +720,11 @@ void check_pairs(const pair_problem& p, const std::vector<std::int64_t>& cuts, c
     c.nll_token_grad = got.nll;
     const pair_shard_out o = run_pair_ok(c);
     CHECK(test_support::bitwise_equal(o.seq, got.seq));
-    const std::vector<double> dh = decode(o.dhidden, p.t), dw = decode(o.dweight, p.t), db = decode(o.dbias, p.t);
     // Rows past the last sequence (packed) are not written: they keep their poison.
     const std::size_t written = static_cast<std::size_t>(p.cu.back() * p.H);
     for (std::size_t i = written * dpo_cuda_test::dtype_size(p.t); i < o.dhidden.size(); ++i)
       CHECK(o.dhidden[i] == 0x7f);
-    for (std::size_t i = 0; i < written; ++i) got.dhidden[i] += dh[i];
-    got.dweight.insert(got.dweight.end(), dw.begin(), dw.end());
-    got.dbias.insert(got.dbias.end(), db.begin(), db.end());
+    got.add_rank(p.t, o.dhidden, o.dweight, o.dbias, written);
   }
   // The sequence sums against the CPU's (field by field: counts are exact).
   for (int f = 0; f < dpo::seq_fields; ++f) {
@@ -713,9 +747,7 @@ void check_pairs(const pair_problem& p, const std::vector<std::int64_t>& cuts, c
     } else {
       CHECK(std::fabs(got.loss_metrics[0] - w->loss_metrics[0]) <= vt * std::max(1.0, std::fabs(w->loss_metrics[0])));
     }
-    check_close(got.dhidden, w->dhidden, gt, "dhidden (summed over the shards)");
-    check_close(got.dweight, w->dweight, gt, "dweight rows");
-    if (!p.bias.empty()) check_close(got.dbias, w->dbias, gt, "dbias rows");
+    got.check(*w, gt);
   }
 }
 
@@ -752,27 +784,32 @@ TEST_CASE("cuda linear shard pairs: V = 1001 over 3 uneven shards", "[cuda][line
 TEST_CASE("cuda linear shard pairs: bad input is a status naming the argument, and nothing is written",
           "[cuda][linear][shard][pairs][sanitize]") {
   const pair_problem p = make_pairs(dtype::f32, 2, 5, 8, 37, false, true, 71);
+  // The outputs of the calls that were made still hold their poison (phase 1's when it ran).
   const auto untouched = [](const pair_shard_out& o) {
-    for (const auto* v : {&o.seq})
-      for (double x : *v) CHECK(x == 12345.0);
+    for (double x : o.seq) CHECK(x == 12345.0);
     if (o.seq.empty())
       for (const auto* v : {&o.records, &o.row_max})
         for (double x : *v) CHECK(x == 12345.0);
-    for (unsigned char x : o.dhidden) CHECK(x == 0x7f);
-    for (unsigned char x : o.dweight) CHECK(x == 0);
-    for (unsigned char x : o.dbias) CHECK(x == 0);
+    grads_untouched(o);
   };
   const auto rejected = [&](const pair_shard_case& c, const char* name) {
-    const pair_shard_out o = dpo_cuda_test::run_pair_shard(c);
-    INFO(o.message);
-    CHECK((o.code != 0 && o.message.find(name) != std::string::npos));
-    untouched(o);
+    rejected_naming(dpo_cuda_test::run_pair_shard(c), name, untouched);
   };
-  const auto combined = [&](pair_shard_case c) {
-    c.records.assign(static_cast<std::size_t>(p.R * F), 0.0);
-    c.row_max.assign(static_cast<std::size_t>(p.R), 0.0);
-    c.seq_grad.assign(static_cast<std::size_t>(2 * p.P), 0.5);
+  // Phase 2 and the backward of a case, from some combined records.
+  const auto combined = [](pair_shard_case c) {
+    c.records.assign(static_cast<std::size_t>(c.rows * F), 0.0);
+    c.row_max.assign(static_cast<std::size_t>(c.rows), 0.0);
+    c.seq_grad.assign(static_cast<std::size_t>(c.num_seqs), 0.5);
     return c;
+  };
+  // Device data rejected: the calls succeed, the error word names `what`, nothing is written.
+  const auto device_rejected = [&](const pair_shard_case& c, const char* what) {
+    const pair_shard_out o = dpo_cuda_test::run_pair_shard(c);
+    REQUIRE(o.code == 0);
+    INFO(o.device_message);
+    CHECK(o.device_error != 0);
+    CHECK(o.device_message.find(what) != std::string::npos);
+    untouched(o);
   };
   SECTION("the shard against the head and the vocabulary") {
     pair_shard_case c = pair_case(p, {37, 20, 37}, true, 1.0);
@@ -797,13 +834,7 @@ TEST_CASE("cuda linear shard pairs: bad input is a status naming the argument, a
     for (const bool phase2 : {false, true}) {
       pair_shard_case c = pair_case(p, {37, 20, 37}, true, 1.0);
       c.labels[7] = 37;
-      if (phase2) c = combined(c);
-      const pair_shard_out o = dpo_cuda_test::run_pair_shard(c);
-      REQUIRE(o.code == 0);
-      INFO(o.device_message);
-      CHECK(o.device_error != 0);
-      CHECK(o.device_message.find("37") != std::string::npos);
-      untouched(o);
+      device_rejected(phase2 ? combined(c) : c, "37");
     }
   }
   SECTION("a bad cu_seqlens: the error word, nothing written") {
@@ -811,17 +842,7 @@ TEST_CASE("cuda linear shard pairs: bad input is a status naming the argument, a
     for (const bool phase2 : {false, true}) {
       pair_shard_case c = pair_case(q, {37, 0, 20}, true, 1.0);
       c.cu_seqlens[2] = c.cu_seqlens[1] - 1;
-      if (phase2) {
-        c.records.assign(static_cast<std::size_t>(q.R * F), 0.0);
-        c.row_max.assign(static_cast<std::size_t>(q.R), 0.0);
-        c.seq_grad.assign(static_cast<std::size_t>(2 * q.P), 0.5);
-      }
-      const pair_shard_out o = dpo_cuda_test::run_pair_shard(c);
-      REQUIRE(o.code == 0);
-      INFO(o.device_message);
-      CHECK(o.device_error != 0);
-      CHECK(o.device_message.find("cu_seqlens") != std::string::npos);
-      untouched(o);
+      device_rejected(phase2 ? combined(c) : c, "cu_seqlens");
     }
   }
 }

@@ -69,16 +69,6 @@ __global__ void linear_shard_records_kernel(linear_view<T, L> in, vocab_shard sh
   }
 }
 
-/// Phase 2, one thread per row: the core's finish_row for the counted rows, zeros elsewhere.
-template <class L>
-__global__ void linear_shard_values_kernel(const L* labels, const std::uint8_t* mask, std::int64_t ignore_index,
-                                           std::int64_t rows, std::int64_t vocab, const double* row_max,
-                                           const double* records, shard_row_outputs o) {
-  for (std::int64_t r = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; r < rows;
-       r += static_cast<std::int64_t>(gridDim.x) * blockDim.x)
-    write_row_values(o, r, linear_target(labels, mask, ignore_index, r) >= 0, row_max, records, vocab);
-}
-
 /// linear_shard_partials; `gate`: an error word that also stops the records' writes (null:
 /// none; linear_pair_shard_partials passes its own).
 template <class T, class L>
@@ -136,6 +126,16 @@ status linear_shard_partials_run(void* workspace, std::size_t& workspace_bytes, 
   };
   s = pass(true);
   return s ? pass(false) : s;
+}
+
+/// Phase 2, one thread per row: the core's finish_row for the counted rows, zeros elsewhere.
+template <class L>
+__global__ void linear_shard_values_kernel(const L* labels, const std::uint8_t* mask, std::int64_t ignore_index,
+                                           std::int64_t rows, std::int64_t vocab, const double* row_max,
+                                           const double* records, shard_row_outputs o) {
+  for (std::int64_t r = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; r < rows;
+       r += static_cast<std::int64_t>(gridDim.x) * blockDim.x)
+    write_row_values(o, r, linear_target(labels, mask, ignore_index, r) >= 0, row_max, records, vocab);
 }
 
 }  // namespace detail
