@@ -18,6 +18,12 @@
 //                (complete), dHidden a PARTIAL that the caller sums over the vocabulary
 //                group (one SUM all-reduce of [rows, H], as Megatron's column-parallel head)
 //
+// DPO from hidden states (TRL's pairs, hidden_pairs): linear_pair_shard_partials,
+// linear_pair_shard_sequences ([seq_fields, 2P] sums, LD-DPO weighted: what the context group
+// sums and the pair stage reads) and linear_pair_shard_backward (from the pair stage's seq_grad
+// and nll_token_grad, device data), on dpo/cuda/linear_dpo.cuh's pair layout, labels kernel,
+// sequence stage and coefficients around the per-token calls, as dpo::cpu's linear_pair_shard_*.
+//
 // The contract of dpo/cuda/linear.cuh: the caller's two-phase workspace (workspace ==
 // nullptr: check the shapes and set workspace_bytes; linear_workspace_size on the shard's
 // view gives the same size, and one buffer serves phase 1 and the backward), the caller's
