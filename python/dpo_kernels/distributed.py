@@ -298,7 +298,7 @@ class _ShardedHeadDPO(torch.autograd.Function):
 
         num_seqs = hidden.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
         row_max, records, loss, m, pairs, seq_grad, nll = _pair_forward(
-            rows_and_seq, num_seqs, cp, ref_c, ref_r, config, compute_metrics)
+            rows_and_seq, num_seqs, cp, ref_c, ref_r, config, compute_metrics, hidden.device)
         ctx.save_for_backward(hidden, weight, bias, labels, cu_seqlens, row_max, records, seq_grad, nll)
         ctx.args = (transforms, ignore_index, workspace_bytes, start, vocab, tp, ld_alpha)
         return _pair_outputs(ctx, hidden.dtype, loss, m, pairs)
@@ -369,7 +369,7 @@ def _reference_from_hidden(ref, labels, cu_seqlens, transforms, ignore_index, ld
             if cp is None:
                 raise
             num_seqs = ref_hidden.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
-            error, seq = e, torch.zeros(len(SEQ_FIELDS), num_seqs, dtype=torch.float64)
+            error, seq = e, torch.zeros(len(SEQ_FIELDS), num_seqs, dtype=torch.float64, device=ref_hidden.device)
         if cp is not None:
             seq = _context_sum(seq, cp, error)
     logps = seq[_LOGPS]
