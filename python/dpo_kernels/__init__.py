@@ -448,7 +448,8 @@ def dpo_loss_from_hidden(
             with ``ref_hidden`` (this rank's rows, its head sharded as the policy's: the
             same rows of ``ref_weight`` / ``ref_bias``) the same three again for the
             reference. ``ld_alpha`` not with ``cp_group``. The gradients are computed in the backward (three passes over the
-            weight shard there, one in the forward). CPU tensors only; eager mode only.
+            weight shard there, one in the forward). CPU or CUDA tensors (NCCL there; the CUDA
+            kernels have not yet run on a GPU); eager mode only.
         workspace_bytes: the workspace budget of the fused head (default 768 MiB on the CPU,
             1022 MiB on CUDA: three passes at 2 x 1024-token pairs, V = 128256); the chunk
             size and the three- or four-pass plan follow from it (docs/linear.md).

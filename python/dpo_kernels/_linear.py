@@ -148,7 +148,8 @@ def linear_logprobs(
             (and ``bias``) hold this rank's rows, ``hidden`` and ``targets`` (global token
             ids) are the same on every rank, and every rank gets the same outputs. Two
             all-reduces in the forward, one (the ``[N, H]`` dHidden sum) in the backward;
-            docs/distributed.md. CPU tensors only; eager mode only.
+            docs/distributed.md. CPU or CUDA tensors (the CUDA kernels have not yet run on a GPU);
+            eager mode only.
         vocab_range: ``(start, end)``, this rank's rows of the global head, for uneven shards;
             default ``[rank * V_local, (rank + 1) * V_local)``. Per-token outputs need no
             context-parallel group: each rank scores its own rows.
