@@ -384,13 +384,13 @@ inline status first_null(const char* what, const double* chosen_max, const doubl
 }
 
 /// Blocks of a kernel with a block per sequence of `n`.
-inline unsigned seq_grid(std::int64_t n) { return static_cast<unsigned>(n < 65535 ? n : 65535); }
+inline unsigned sequence_blocks(std::int64_t n) { return static_cast<unsigned>(n < 65535 ? n : 65535); }
 
 template <class T, class L>
 status launch_sequences(const views<T, L>& vs, const vocab_shard& sh, const shard_sides& st, double* seq,
                         bool metrics, double ld_alpha, cudaStream_t stream) {
   return launch("shard_sequence_kernel", shard_sequence_kernel<seq_block, T, L>,
-                seq_grid(vs.num_sides * vs.v[0].num_seqs), seq_block, stream, vs, sh, st, seq, metrics,
+                sequence_blocks(vs.num_sides * vs.v[0].num_seqs), seq_block, stream, vs, sh, st, seq, metrics,
                 ld_alpha != 1.0, ld_alpha);
 }
 
@@ -616,7 +616,7 @@ status shard_backward(void* workspace, std::size_t& workspace_bytes, const pair_
   if (!s) return s;
   const detail::views<T, L> vs = detail::make_views(shard.chosen, &shard.rejected, opt);
   s = detail::launch("shard_pair_coef_kernel", detail::shard_pair_coef_kernel<detail::seq_block, T, L>,
-                     detail::seq_grid(2 * shard.num_pairs()), detail::seq_block, stream, vs, seq_grad,
+                     detail::sequence_blocks(2 * shard.num_pairs()), detail::seq_block, stream, vs, seq_grad,
                      nll_token_grad, grad_output, ld_alpha != 1.0, ld_alpha, coef0, coef1);
   if (!s) return s;
   s = detail::launch("shard_backward_kernel", kernel, grid, B, stream, shard.chosen, sh, chosen_max, chosen_records,
