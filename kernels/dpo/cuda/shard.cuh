@@ -65,7 +65,11 @@ __global__ void __launch_bounds__(BLOCK) shard_partials_kernel(token_view<T, L> 
   }
 }
 
-__global__ void shard_rebase_kernel(std::int64_t begin, std::int64_t end, const double* row_max, double* records) {
+/// (Every kernel of these headers is a template, so that its host stub is a weak symbol and
+/// several translation units may include the header; BLOCK is the launch's block size.)
+template <int BLOCK>
+__global__ void __launch_bounds__(BLOCK) shard_rebase_kernel(std::int64_t begin, std::int64_t end,
+                                                             const double* row_max, double* records) {
   for (std::int64_t r = begin + blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; r < end;
        r += static_cast<std::int64_t>(gridDim.x) * blockDim.x)
     dpo::detail::shard_rebase(row_max[r], records + r * shard_fields);
@@ -235,8 +239,9 @@ __global__ void __launch_bounds__(BLOCK) shard_pair_coef_kernel(views<T, L> vs, 
 }
 
 /// The device pair stage's first kernel: a clean header for pair_kernel (no error, no label
-/// error), as dpo_loss's loss_inputs_kernel.
-__global__ void pair_stage_reset_kernel(ws_header* h) {
+/// error), as dpo_loss's loss_inputs_kernel. One thread (BLOCK = 1).
+template <int BLOCK>
+__global__ void __launch_bounds__(BLOCK) pair_stage_reset_kernel(ws_header* h) {
   h->err = device_error{0, 0, 0, 0, 0};
   h->label_key = no_label_error;
   h->magic = 0;
@@ -423,7 +428,7 @@ inline status shard_rebase(std::int64_t begin, std::int64_t end, const double* r
   if (row_max == nullptr || records == nullptr) return detail::invalid("dpo: row_max or records is null");
   const std::int64_t n = end - begin;
   const unsigned grid = static_cast<unsigned>(n / 256 + 1 < 4096 ? n / 256 + 1 : 4096);
-  return detail::launch("shard_rebase_kernel", detail::shard_rebase_kernel, grid, 256, stream, begin, end, row_max,
+  return detail::launch("shard_rebase_kernel", detail::shard_rebase_kernel<256>, grid, 256, stream, begin, end, row_max,
                         records);
 }
 
@@ -537,7 +542,7 @@ inline status shard_pair_stage(void* workspace, std::size_t& workspace_bytes, st
   w.seqs[1] = detail::seq_columns(seq_totals, P, 1);
   w.pairs.gc = seq_grad;
   w.pairs.gr = seq_grad + P;
-  s = detail::launch("pair_stage_reset_kernel", detail::pair_stage_reset_kernel, 1, 1, stream, w.h);
+  s = detail::launch("pair_stage_reset_kernel", detail::pair_stage_reset_kernel<1>, 1, 1, stream, w.h);
   if (!s) return s;
   detail::pair_params pp;
   pp.cfg = cfg;
