@@ -184,4 +184,16 @@ struct linear_dpo_grads {
   G* bias = nullptr;
 };
 
+/// The types of DPO from hidden states that each backend also names in its own namespace
+/// (dpo::cpu::hidden_pairs and dpo::cuda::hidden_pairs are dpo::hidden_pairs): the list is
+/// written once here and brought in by `using namespace dpo::linear_dpo_types;`.
+namespace linear_dpo_types {
+using dpo::hidden_pairs;
+using dpo::linear_dpo_grads;
+using dpo::linear_head;
+using dpo::linear_packed_pairs;
+using dpo::linear_padded_pairs;
+using dpo::linear_separate_pairs;
+}  // namespace linear_dpo_types
+
 }  // namespace dpo

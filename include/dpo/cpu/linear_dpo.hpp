@@ -31,6 +31,7 @@
 
 #include "dpo/core/layout.hpp"
 #include "dpo/core/linear_plan.hpp"
+#include "dpo/core/linear_view.hpp"
 #include "dpo/core/outputs.hpp"
 #include "dpo/core/transforms.hpp"
 #include "dpo/cpu/dpo.hpp"
@@ -44,16 +45,9 @@ namespace cpu {
 /// 1 GiB.
 inline constexpr std::int64_t default_linear_dpo_workspace_bytes = std::int64_t{768} << 20;
 
-/// The LM head (weight, bias, transforms) is the core's (dpo/core/linear_view.hpp).
-using dpo::linear_head;
-
-/// The pair layouts over hidden rows and the gradient targets are the core's
-/// (dpo/core/linear_view.hpp), here with host pointers.
-using dpo::hidden_pairs;
-using dpo::linear_dpo_grads;
-using dpo::linear_packed_pairs;
-using dpo::linear_padded_pairs;
-using dpo::linear_separate_pairs;
+/// The LM head (weight, bias, transforms), the pair layouts over hidden rows and the
+/// gradient targets are the core's (dpo/core/linear_view.hpp), here with host pointers.
+using namespace dpo::linear_dpo_types;
 
 /// Run-time options of DPO from hidden states.
 struct linear_dpo_options {

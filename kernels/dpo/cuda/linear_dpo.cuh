@@ -62,19 +62,12 @@
 namespace dpo {
 namespace cuda {
 
-/// An LM head (device pointers): the core's struct, as on the CPU (dpo/core/linear_view.hpp).
-using dpo::linear_head;
-
-/// The pair layouts over hidden rows and the gradient targets are the core's
-/// (dpo/core/linear_view.hpp), here with device pointers. Packed layouts: cu_seqlens is
-/// device data, so linear_dpo_options::num_rows bounds the rows (as options::num_rows does
-/// for logits). The concatenated layouts (one hidden buffer) need chosen_hidden ==
-/// rejected_hidden and equal strides in linear_dpo_grads.
-using dpo::hidden_pairs;
-using dpo::linear_dpo_grads;
-using dpo::linear_packed_pairs;
-using dpo::linear_padded_pairs;
-using dpo::linear_separate_pairs;
+/// The LM head, the pair layouts over hidden rows and the gradient targets are the core's
+/// (dpo/core/linear_view.hpp), as on the CPU, here with device pointers. Packed layouts:
+/// cu_seqlens is device data, so linear_dpo_options::num_rows bounds the rows (as
+/// options::num_rows does for logits). The concatenated layouts (one hidden buffer) need
+/// chosen_hidden == rejected_hidden and equal strides in linear_dpo_grads.
+using namespace dpo::linear_dpo_types;
 
 /// Run-time options, as dpo::cpu::linear_dpo_options (no threads; num_rows and the GEMM
 /// workspace as in dpo::cuda::options and linear_options).
