@@ -28,7 +28,6 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
-#include <limits>
 #include <optional>
 #include <tuple>
 #include <utility>
@@ -82,25 +81,16 @@ void check_head_status(const dpo::cuda::status& s) {
 
 // ---- linear_logprobs --------------------------------------------------------------------------
 
-// As linear_logprobs_cpu. The library's linear_logps writes the log-probs, the entropy and the
-// rows' log-sum-exp (saved[0]); TRL's other outputs come from the row terms of its metrics
-// pass (those of the fused DPO head): the mean logit, WPO's term logp - log sum_v p_v^2
-// (log_sum_sq_probs = logp minus it) and whether the argmax is the target (is_top1).
+// As linear_logprobs_cpu: the library's linear_logps writes the log-probs, TRL's optional
+// outputs and the rows' log-sum-exp (saved[0]).
 DPO_LINEAR_LOGPROBS_KERNEL(linear_logprobs_cuda) {
   const linear_args a =
       check_linear(hidden, weight, bias, targets, temperature, softcap, logit_scale, c10::DeviceType::CUDA);
   check_budget(workspace_bytes, 0);
   const cuda_call c(hidden);
-  logprobs_tensors t(hidden, entropy, log_sum_sq_probs, mean_logits, is_top1, /*nan=*/true);
+  const logprobs_tensors t(hidden, entropy, log_sum_sq_probs, mean_logits, is_top1, /*nan=*/true);
   if (a.N == 0) return t.results(hidden);
-  const auto dbl = hidden.options().dtype(at::kDouble);
-  const at::Tensor wpo =
-      log_sum_sq_probs ? at::full({a.N}, std::numeric_limits<double>::quiet_NaN(), dbl) : at::Tensor();
-  const at::Tensor hit = is_top1 ? at::zeros({a.N}, dbl) : at::Tensor();
-  dpo::cuda::detail::linear_row_terms terms;
-  terms.zmean = t.ptr(t.mean);
-  terms.wpo = wpo.defined() ? wpo.data_ptr<double>() : nullptr;
-  terms.hit = hit.defined() ? hit.data_ptr<double>() : nullptr;
+  const dpo::cuda::linear_outputs x = t.outputs();
   const auto opt = budget_options<dpo::cuda::linear_options>(workspace_bytes);
   dispatch_cuda(a.hidden.scalar_type(), a.targets.scalar_type(), [&](auto* tp, auto* lp) {
     using T = std::remove_pointer_t<decltype(tp)>;
@@ -109,14 +99,11 @@ DPO_LINEAR_LOGPROBS_KERNEL(linear_logprobs_cuda) {
     run_with_workspace(
         hidden.device(),
         [&](void* ws, std::size_t& bytes) {
-          return dpo::cuda::detail::linear_logps_impl(ws, bytes, c.handle, v, t.logps.data_ptr<double>(),
-                                                      t.entropy_ptr(), t.saved.data_ptr<double>(), terms, opt,
-                                                      c.stream);
+          return dpo::cuda::linear_logps(ws, bytes, c.handle, v, t.logps.data_ptr<double>(), x,
+                                         t.saved.data_ptr<double>(), opt, c.stream);
         },
         &check_head_status);
   });
-  if (log_sum_sq_probs) t.lssp = t.logps - wpo;
-  if (is_top1) t.top1 = hit.ne(0.0);
   return t.results(hidden);
 }
 

@@ -242,6 +242,17 @@ struct logprobs_tensors {
   double* entropy_ptr() const { return entropy ? saved.data_ptr<double>() + N : nullptr; }
   static double* ptr(const at::Tensor& t) { return t.numel() > 0 ? t.data_ptr<double>() : nullptr; }
 
+  /// The library's optional outputs (both backends' linear_logps) in these tensors.
+  dpo::linear_outputs outputs() const {
+    static_assert(sizeof(bool) == sizeof(std::uint8_t), "bool tensors are bytes");
+    dpo::linear_outputs x;
+    x.entropy = entropy_ptr();
+    x.log_sum_sq_probs = ptr(lssp);
+    x.mean_logits = ptr(mean);
+    if (top1.numel() > 0) x.is_top1 = reinterpret_cast<std::uint8_t*>(top1.data_ptr<bool>());
+    return x;
+  }
+
   /// (log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1, saved) as the op returns
   /// them: float32 (float64 for float64 hidden), [0] when not requested.
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> results(

@@ -58,12 +58,7 @@ dpo::cpu::linear_options head_options(std::int64_t workspace_bytes) {
 DPO_LINEAR_LOGPROBS_KERNEL(linear_logprobs_cpu) {
   const linear_args a = check_linear(hidden, weight, bias, targets, temperature, softcap, logit_scale);
   const logprobs_tensors t(hidden, entropy, log_sum_sq_probs, mean_logits, is_top1, /*nan=*/false);
-  dpo::cpu::linear_outputs x;
-  x.entropy = t.entropy_ptr();
-  x.log_sum_sq_probs = t.ptr(t.lssp);
-  x.mean_logits = t.ptr(t.mean);
-  static_assert(sizeof(bool) == sizeof(std::uint8_t), "bool tensors are bytes");
-  if (is_top1) x.is_top1 = reinterpret_cast<std::uint8_t*>(t.top1.data_ptr<bool>());
+  const dpo::cpu::linear_outputs x = t.outputs();
   const auto opt = head_options(workspace_bytes);
   dispatch_cpu(a.hidden.scalar_type(), a.targets.scalar_type(), [&](auto* tp, auto* lp) {
     using T = std::remove_pointer_t<decltype(tp)>;

@@ -37,6 +37,21 @@ linear_out run_typed(const linear_case& c) {
   logps.put(poison.data(), n * 8);
   lse.put(poison.data(), n * 8);
   if (c.entropy) entropy.put(poison.data(), n * 8);
+  dev_buf lssp(c.outputs ? n * 8 : 0), mean(c.outputs ? n * 8 : 0), top1(c.outputs ? n : 0);
+  if (c.outputs) {
+    lssp.put(poison.data(), n * 8);
+    mean.put(poison.data(), n * 8);
+    top1.fill(0x5a);
+  }
+  // The optional outputs through the linear_outputs overload, or the entropy alone through the
+  // pointer one.
+  dpo::cuda::linear_outputs extra;
+  extra.entropy = c.entropy ? entropy.as<double>() : nullptr;
+  if (c.outputs) {
+    extra.log_sum_sq_probs = lssp.as<double>();
+    extra.mean_logits = mean.as<double>();
+    extra.is_top1 = top1.as<std::uint8_t>();
+  }
 
   dpo::cuda::linear_view<T, L> v;
   v.hidden = hidden.as<const T>();
@@ -91,9 +106,11 @@ linear_out run_typed(const linear_case& c) {
   std::size_t bytes = 0;
   dpo::cuda::linear_chunking ch;
   bool ok = finish(dpo::cuda::linear_workspace_size(v, opt, &ch));
-  if (ok) ok = finish(dpo::cuda::linear_logps(nullptr, bytes, handle, v, out_logps,
-                                              c.entropy ? entropy.as<double>() : nullptr, lse.as<double>(),
-                                              opt, stream));
+  const auto forward = [&](void* ws, std::size_t& b, cublasLtHandle_t hd) {
+    return c.outputs ? dpo::cuda::linear_logps(ws, b, hd, v, out_logps, extra, lse.as<double>(), opt, stream)
+                     : dpo::cuda::linear_logps(ws, b, hd, v, out_logps, extra.entropy, lse.as<double>(), opt, stream);
+  };
+  if (ok) ok = finish(forward(nullptr, bytes, handle));
   out.chunk_rows = ch.rows;
   out.chunk_vocab = ch.vocab;
   out.workspace_bytes = static_cast<std::int64_t>(bytes);
@@ -103,10 +120,7 @@ linear_out run_typed(const linear_case& c) {
   if (ok) work.fill(0xa5);
   std::size_t given = c.short_workspace ? bytes - 1 : bytes;
   cublasLtHandle_t h = c.null_handle ? nullptr : handle;
-  if (ok)
-    ok = finish(dpo::cuda::linear_logps(work.p, given, h, v, out_logps,
-                                        c.entropy ? entropy.as<double>() : nullptr, lse.as<double>(), opt,
-                                        stream));
+  if (ok) ok = finish(forward(work.p, given, h));
   if (ok && c.backward) {
     dev_buf gl(n * 8), ge(c.entropy ? n * 8 : 0);
     gl.put(c.grad_logps.data(), n * 8);
@@ -141,6 +155,11 @@ linear_out run_typed(const linear_case& c) {
   out.logps = logps.get<double>(n);
   out.row_lse = lse.get<double>(n);
   if (c.entropy) out.entropy = entropy.get<double>(n);
+  if (c.outputs) {
+    out.log_sum_sq_probs = lssp.get<double>(n);
+    out.mean_logits = mean.get<double>(n);
+    out.is_top1 = top1.get<std::uint8_t>(n);
+  }
   if (dh.n) out.dhidden = dh.get<unsigned char>(dh.n);
   if (dw.n) out.dweight = dw.get<unsigned char>(dw.n);
   if (db.n) out.dbias = db.get<unsigned char>(db.n);

@@ -29,6 +29,7 @@ struct linear_case {
   std::int64_t ignore_index = -100;
   dpo::logit_transforms transforms;
   bool entropy = false;
+  bool outputs = false;  // linear_outputs' log_sum_sq_probs, mean_logits and is_top1 too
   // linear_options
   std::int64_t workspace_budget = 0;   // 0: the default
   std::int64_t chunk_rows = 0, chunk_vocab = 0;
@@ -58,6 +59,8 @@ struct linear_out {
   std::string device_message;
   std::int64_t chunk_rows = 0, chunk_vocab = 0, workspace_bytes = 0;
   std::vector<double> logps, entropy, row_lse;  // start as 12345.0 (poison)
+  std::vector<double> log_sum_sq_probs, mean_logits;  // with outputs; poisoned likewise
+  std::vector<std::uint8_t> is_top1;                 // with outputs; starts as 0x5a bytes
   std::vector<unsigned char> dhidden, dweight, dbias;
 };
 

@@ -20,6 +20,7 @@
 #include <dpo/cpu/linear.hpp>
 
 #include "catch.hpp"
+#include "checks.hpp"
 #include "dtype_bytes.hpp"
 #include "lse_limit.hpp"
 #include "linear_harness.hpp"
@@ -29,6 +30,7 @@ namespace {
 using dpo_cuda_test::dtype;
 using dpo_cuda_test::linear_case;
 using dpo_cuda_test::linear_out;
+using test_support::check_values;
 
 const char* name_of(dtype t) {
   switch (t) {
@@ -84,6 +86,8 @@ linear_case make_case(dtype t, std::int64_t N, std::int64_t H, std::int64_t V, u
 /// The CPU head's results on the same inputs, as doubles.
 struct cpu_out {
   std::vector<double> logps, entropy, row_lse, dhidden, dweight, dbias;
+  std::vector<double> log_sum_sq_probs, mean_logits;
+  std::vector<std::uint8_t> is_top1;
 };
 
 template <class E, class G>
@@ -108,7 +112,19 @@ cpu_out cpu_run(const linear_case& c) {
   if (c.entropy) o.entropy.assign(static_cast<std::size_t>(N), 0);
   dpo::cpu::linear_options opt;
   opt.num_threads = 2;
-  dpo::cpu::linear_logps(v, o.logps.data(), c.entropy ? o.entropy.data() : nullptr, o.row_lse.data(), opt);
+  if (c.outputs) {
+    o.log_sum_sq_probs.assign(static_cast<std::size_t>(N), 0);
+    o.mean_logits.assign(static_cast<std::size_t>(N), 0);
+    o.is_top1.assign(static_cast<std::size_t>(N), 0);
+    dpo::cpu::linear_outputs x;
+    x.entropy = c.entropy ? o.entropy.data() : nullptr;
+    x.log_sum_sq_probs = o.log_sum_sq_probs.data();
+    x.mean_logits = o.mean_logits.data();
+    x.is_top1 = o.is_top1.data();
+    dpo::cpu::linear_logps(v, o.logps.data(), x, o.row_lse.data(), opt);
+  } else {
+    dpo::cpu::linear_logps(v, o.logps.data(), c.entropy ? o.entropy.data() : nullptr, o.row_lse.data(), opt);
+  }
   if (!c.backward) return o;
   // The gradient buffers start as the CUDA case's (0x7f bytes when not given).
   const auto start = [](const std::vector<unsigned char>& b, std::size_t n, std::size_t es) {
@@ -180,18 +196,6 @@ double grad_tol(dtype t, bool fp32_grads) {
   return 0;
 }
 
-void check_values(const std::vector<double>& got, const std::vector<double>& want, double tol, const char* what) {
-  REQUIRE(got.size() == want.size());
-  for (std::size_t i = 0; i < got.size(); ++i) {
-    INFO(what << "[" << i << "]: cuda " << got[i] << " cpu " << want[i]);
-    if (std::isnan(want[i])) {
-      CHECK(std::isnan(got[i]));
-    } else {
-      CHECK(std::abs(got[i] - want[i]) <= tol * (1.0 + std::abs(want[i])));
-    }
-  }
-}
-
 void check_grads(const std::vector<double>& got, const std::vector<double>& want, double tol, const char* what) {
   REQUIRE(got.size() == want.size());
   double scale = 0;
@@ -211,7 +215,7 @@ void check_grads(const std::vector<double>& got, const std::vector<double>& want
 linear_out compare(const linear_case& c) {
   INFO(name_of(c.type) << " N=" << c.rows << " H=" << c.hidden_cols << " V=" << c.vocab << " chunk "
                        << c.chunk_rows << "x" << c.chunk_vocab << " bias=" << !c.bias.empty()
-                       << " entropy=" << c.entropy << " scale=" << c.transforms.scale
+                       << " entropy=" << c.entropy << " outputs=" << c.outputs << " scale=" << c.transforms.scale
                        << " cap=" << c.transforms.softcap << " t=" << c.transforms.temperature);
   const linear_out o = dpo_cuda_test::run_linear(c);
   INFO(o.message << " " << o.device_message);
@@ -222,6 +226,11 @@ linear_out compare(const linear_case& c) {
   check_values(o.logps, want.logps, vt, "logps");
   check_values(o.row_lse, want.row_lse, vt, "row_lse");
   if (c.entropy) check_values(o.entropy, want.entropy, vt, "entropy");
+  if (c.outputs) {
+    check_values(o.log_sum_sq_probs, want.log_sum_sq_probs, vt, "log_sum_sq_probs");
+    check_values(o.mean_logits, want.mean_logits, vt, "mean_logits");
+    CHECK(o.is_top1 == want.is_top1);  // the argmax agrees exactly on random data
+  }
   if (c.backward) {
     const double gt = grad_tol(c.type, c.fp32_grads);
     const dtype gtype = c.fp32_grads ? dtype::f32 : c.type;
@@ -244,7 +253,7 @@ dpo::logit_transforms gemma_like() {
 
 }  // namespace
 
-TEST_CASE("cuda linear: log-probs, entropy and gradients match the CPU head", "[cuda][linear][sanitize]") {
+TEST_CASE("cuda linear: log-probs, the optional outputs and gradients match the CPU head", "[cuda][linear][sanitize]") {
   unsigned seed = 11;
   for (dtype t : all_types) {
     for (int variant = 0; variant < 4; ++variant) {
@@ -252,6 +261,7 @@ TEST_CASE("cuda linear: log-probs, entropy and gradients match the CPU head", "[
       linear_case c = make_case(t, 13, 24, 67, seed++, bias);
       if (transforms) c.transforms = gemma_like();
       c.entropy = variant != 0;
+      c.outputs = variant >= 2;
       c.labels64 = variant != 1;
       c.chunk_rows = 5;
       c.chunk_vocab = 16;
@@ -379,11 +389,41 @@ TEST_CASE("cuda linear: -inf bias entries (masked tokens) add no probability mas
         if (y == 5) y = 6;
       if (cap) c.transforms.softcap = 4.0;
       c.entropy = true;
+      c.outputs = true;
       c.chunk_vocab = 10;
       c.backward = true;
       const linear_out o = compare(c);
       for (double x : o.logps) CHECK(std::isfinite(x));
       for (double x : o.entropy) CHECK(std::isfinite(x));
+    }
+  }
+}
+
+TEST_CASE("cuda linear: a -inf label logit is never top-1, not even in a row of only -inf logits",
+          "[cuda][linear]") {
+  // fp32 logits without a soft cap or temperature keep the bias's -inf. Columns [0, 12) get a
+  // -inf bias: labels there have a -inf logit below a finite maximum. Then every column: each
+  // row's first maximum is column 0, yet no label is top-1 (dpo::detail::label_is_top1).
+  for (const bool whole_row : {false, true}) {
+    INFO("whole row -inf: " << whole_row);
+    linear_case c = make_case(dtype::f32, 10, 8, 40, 170, true);
+    for (std::int64_t j = 0; j < (whole_row ? 40 : 12); ++j)
+      dpo_cuda_test::put(dtype::f32, c.bias.data() + j * 4, -std::numeric_limits<double>::infinity());
+    for (std::int64_t r = 0; r < 10; ++r)
+      if (c.labels[r] >= 0) c.labels[r] = r % 2 == 0 ? 0 : r;
+    c.entropy = true;
+    c.outputs = true;
+    c.chunk_vocab = 16;
+    const linear_out o = compare(c);
+    for (std::int64_t r = 0; r < 10; ++r) {
+      INFO("row " << r);
+      CHECK(o.is_top1[r] == 0);
+      if (c.labels[r] < 0 || c.mask[r] == 0) continue;
+      if (whole_row) {
+        CHECK(std::isnan(o.logps[r]));  // -inf - (-inf): docs/math.md
+      } else {
+        CHECK(o.logps[r] == -INFINITY);
+      }
     }
   }
 }

@@ -1,8 +1,9 @@
 // Copyright 2026 The dpo Authors. SPDX-License-Identifier: Apache-2.0
 //
 // Checks the tests share: the largest magnitude of a vector, a closeness check that reports
-// the worst element, bitwise equality of double vectors, a dpo::error that names an argument,
-// and the DPO_THREAD_LIMIT override that lets a test run more threads than there are cores.
+// the worst element, an element-wise one that also matches NaN and infinities, bitwise
+// equality of double vectors, a dpo::error that names an argument, and the DPO_THREAD_LIMIT
+// override that lets a test run more threads than there are cores.
 #pragma once
 
 #include <algorithm>
@@ -41,6 +42,23 @@ inline void check_close(const std::vector<double>& got, const std::vector<double
   INFO(what << ": worst error " << worst << " at " << at << " (got " << got[at] << ", want "
             << want[at] << "), tolerance " << tol);
   CHECK(worst <= tol);
+}
+
+/// Element by element: NaN where want is NaN, the same infinity where want is infinite, else
+/// |got - want| <= rtol * (1 + |want|). For outputs whose rows may be degenerate (-inf logits).
+inline void check_values(const std::vector<double>& got, const std::vector<double>& want, double rtol,
+                         const char* what) {
+  REQUIRE(got.size() == want.size());
+  for (std::size_t i = 0; i < got.size(); ++i) {
+    INFO(what << "[" << i << "]: got " << got[i] << ", want " << want[i]);
+    if (std::isnan(want[i])) {
+      CHECK(std::isnan(got[i]));
+    } else if (std::isinf(want[i])) {
+      CHECK(got[i] == want[i]);
+    } else {
+      CHECK(std::fabs(got[i] - want[i]) <= rtol * (1.0 + std::fabs(want[i])));
+    }
+  }
 }
 
 /// The same size and the same bits.

@@ -3,9 +3,9 @@
 // What the fused LM head reads and writes, for both backends (dpo::cpu::linear_* takes host
 // pointers, dpo::cuda::linear_* device pointers; each backend names these types in its own
 // namespace too): the view of hidden states and an LM head, the chunk shape a call picked,
-// and where the backward writes; for DPO from hidden states, the pair layouts over hidden
-// rows and where its gradients go. Plain pointers, int64 sizes and strides in elements,
-// nothing owned. Math and memory model: docs/linear.md.
+// where the backward writes and the optional per-token outputs; for DPO from hidden states,
+// the pair layouts over hidden rows and where its gradients go. Plain pointers, int64 sizes
+// and strides in elements, nothing owned. Math and memory model: docs/linear.md.
 #pragma once
 
 #include <cstdint>
@@ -112,6 +112,26 @@ struct linear_grads {
   G* weight = nullptr;
   std::int64_t weight_stride = 0;
   G* bias = nullptr;
+};
+
+/// The optional per-token outputs of linear_logps (both backends), each [rows] or null (not
+/// computed); rows that do not count get 0. TRL's ChunkedLogProbFunction outputs, folded chunk
+/// by chunk into the same row statistics as the log-sum-exp (dpo/core/math.hpp row_stats):
+/// - entropy: -sum_v p_v log p_v = log s - t / s
+/// - log_sum_sq_probs: log sum_v p_v^2 = log s2 - 2 log s (WPO's weight term)
+/// - mean_logits: (1 / V) sum_v o_v, the mean of the transformed logits (summed in A)
+/// - is_top1: 1 when the label is the row's top-1 token (dpo::detail::label_is_top1: its first
+///   maximum, torch.argmax's tie rule, with a logit above -inf), else 0
+/// All but is_top1 are in double; entropy is the only one the backward differentiates.
+struct linear_outputs {
+  double* entropy = nullptr;
+  double* log_sum_sq_probs = nullptr;
+  double* mean_logits = nullptr;
+  std::uint8_t* is_top1 = nullptr;
+
+  DPO_HOST_DEVICE bool any() const {
+    return entropy != nullptr || log_sum_sq_probs != nullptr || mean_logits != nullptr || is_top1 != nullptr;
+  }
 };
 
 /// Preference pairs over hidden rows: a pair layout of the logits path (padded TRL

@@ -138,6 +138,16 @@ struct row_stats {
   }
 };
 
+/// Whether a row's label is its top-1 token, linear_logps' is_top1 on both backends, sharded
+/// or not: the label is the row's first maximum (torch.argmax's tie rule) and its logit is
+/// above -inf. A row whose logits are all -inf has its first maximum at column 0 but no
+/// top-1 token. (The DPO metrics' token accuracy counts the first maximum alone, as the
+/// logits path always has: docs/losses.md.)
+template <class A>
+DPO_HOST_DEVICE DPO_FORCEINLINE bool label_is_top1(bool first_max_is_label, A label_logit) {
+  return first_max_is_label && label_logit > -INFINITY;
+}
+
 /// A row's log-sum-exp as an unevaluated sum hi + lo in the accumulation type A, for the
 /// backward's exp((z - hi) - lo): z - hi is exact for the logits near the max, so the
 /// probabilities that matter are not rounded at the scale of the lse (one subtraction more

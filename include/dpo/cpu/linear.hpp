@@ -50,6 +50,7 @@ inline constexpr std::int64_t default_linear_workspace_bytes = std::int64_t{256}
 /// here with host pointers.
 using dpo::linear_chunking;
 using dpo::linear_grads;
+using dpo::linear_outputs;
 using dpo::linear_view;
 
 /// Run-time options of the linear head.
@@ -68,25 +69,6 @@ struct linear_options {
   /// determinism above holds for a plugged GEMM that keeps the rules of docs/linear.md,
   /// "GEMM hook".
   linear_gemm gemm;
-};
-
-/// The optional per-token outputs of linear_logps, each [rows] or null (not computed); rows
-/// that do not count get 0. TRL's ChunkedLogProbFunction outputs, folded chunk by chunk into
-/// the same row statistics as the log-sum-exp (dpo/core/math.hpp row_stats):
-/// - entropy: -sum_v p_v log p_v = log s - t / s
-/// - log_sum_sq_probs: log sum_v p_v^2 = log s2 - 2 log s (WPO's weight term)
-/// - mean_logits: (1 / V) sum_v o_v, the mean of the transformed logits (summed in A)
-/// - is_top1: 1 when the label is the row's first maximum (torch.argmax's tie rule), else 0
-/// All but is_top1 are in double; entropy is the only one the backward differentiates.
-struct linear_outputs {
-  double* entropy = nullptr;
-  double* log_sum_sq_probs = nullptr;
-  double* mean_logits = nullptr;
-  std::uint8_t* is_top1 = nullptr;
-
-  bool any() const {
-    return entropy != nullptr || log_sum_sq_probs != nullptr || mean_logits != nullptr || is_top1 != nullptr;
-  }
 };
 
 namespace detail {
@@ -461,9 +443,8 @@ void linear_forward_impl(const linear_view<T, L>& in, const linear_chunking& ch,
             if (x.log_sum_sq_probs != nullptr) x.log_sum_sq_probs[r] = st.log_sum_p2();
             if (x.mean_logits != nullptr)
               x.mean_logits[r] = static_cast<double>(st.zsum) / static_cast<double>(in.vocab);
-            // The first maximum, as torch.argmax; a -inf label logit (no mass) is never top-1.
             if (x.is_top1 != nullptr)
-              x.is_top1[r] = st.argmax == in.target(r) && zy[i] > -INFINITY ? 1 : 0;
+              x.is_top1[r] = dpo::detail::label_is_top1(st.argmax == in.target(r), zy[i]) ? 1 : 0;
           }
         });
       });

@@ -1,9 +1,10 @@
 // Copyright 2026 The dpo Authors. SPDX-License-Identifier: Apache-2.0
 //
-// The fused LM head on CUDA (issue 12, item 1): per-token log-probs (and entropy) straight
-// from hidden states and an LM head, and their backward to dHidden, dWeight and dBias, with
-// the logits computed one chunk [chunk rows, chunk vocab] at a time by cuBLASLt into the
-// caller's workspace: no [rows, vocab] buffer ever exists. The same API shape as
+// The fused LM head on CUDA (issue 12, item 1): per-token log-probs (and TRL's optional
+// outputs: entropy, log sum p^2, mean logit, top-1) straight from hidden states and an LM
+// head, and their backward to dHidden, dWeight and dBias, with the logits computed one chunk
+// [chunk rows, chunk vocab] at a time by cuBLASLt into the caller's workspace: no
+// [rows, vocab] buffer ever exists. The same API shape as
 // dpo::cpu::linear_logps / linear_logps_backward (include/dpo/cpu/linear.hpp), over device
 // memory, with the contract of dpo/cuda/dpo.cuh:
 //
@@ -68,10 +69,12 @@ namespace cuda {
 /// it needs: smaller shapes get smaller workspaces.
 inline constexpr std::int64_t default_linear_workspace_bytes = std::int64_t{1022} << 20;
 
-/// The view, chunk shape and gradient targets are the core's (dpo/core/linear_view.hpp),
-/// here with device pointers; T: __nv_bfloat16, __half, float, double.
+/// The view, chunk shape, gradient targets and optional outputs are the core's
+/// (dpo/core/linear_view.hpp), here with device pointers; T: __nv_bfloat16, __half, float,
+/// double.
 using dpo::linear_chunking;
 using dpo::linear_grads;
+using dpo::linear_outputs;
 using dpo::linear_view;
 
 /// Run-time options of the CUDA linear head.
@@ -461,13 +464,22 @@ __global__ void __launch_bounds__(BLOCK) linear_gather_kernel(linear_view<T, L> 
   }
 }
 
-/// The token metrics' row terms of the fused DPO head (dpo/cuda/linear_dpo.cuh), as the
-/// CPU's row_values: the row's mean logit, WPO's term logp - log sum_v p_v^2, and whether
-/// the argmax is the label (1 or 0). Null: not written (linear_logps).
+/// The per-row outputs of the forward besides the log-prob, lse and entropy; null: not
+/// written. The token metrics' row terms of the fused DPO head (dpo/cuda/linear_dpo.cuh), as
+/// the CPU's row_values: the row's mean logit in A, WPO's term logp - log sum_v p_v^2, and
+/// whether the first argmax is the label (1 or 0). And linear_logps' public outputs, as
+/// dpo::cpu::linear_logps computes them: log_sum_sq_probs, mean_logits (in double) and
+/// is_top1 (dpo::detail::label_is_top1); outputs.entropy is not read (the kernel's entropy
+/// argument is).
 struct linear_row_terms {
   double* zmean = nullptr;
   double* wpo = nullptr;
   double* hit = nullptr;
+  linear_outputs outputs;
+
+  DPO_HOST_DEVICE bool any() const {
+    return zmean != nullptr || wpo != nullptr || hit != nullptr || outputs.any();
+  }
 };
 
 /// Forward, one vocab chunk [v0, v0 + nv) of rows [r0, r0 + nb): each counted row's
@@ -531,6 +543,12 @@ __global__ void __launch_bounds__(BLOCK) linear_stats_kernel(linear_view<T, L> i
             terms.zmean[r] = static_cast<double>(acc.zsum / static_cast<A>(in.vocab));
           if (Entropy && terms.wpo != nullptr) terms.wpo[r] = lp - acc.log_sum_p2();
           if (Entropy && terms.hit != nullptr) terms.hit[r] = acc.argmax == y ? 1.0 : 0.0;
+          const linear_outputs& x = terms.outputs;
+          if (Entropy && x.log_sum_sq_probs != nullptr) x.log_sum_sq_probs[r] = acc.log_sum_p2();
+          if (Entropy && x.mean_logits != nullptr)
+            x.mean_logits[r] = static_cast<double>(acc.zsum) / static_cast<double>(in.vocab);
+          if (Entropy && x.is_top1 != nullptr)
+            x.is_top1[r] = dpo::detail::label_is_top1(acc.argmax == y, rs->zy) ? 1 : 0;
         }
       }
     } else if (last && tid == 0) {
@@ -540,6 +558,10 @@ __global__ void __launch_bounds__(BLOCK) linear_stats_kernel(linear_view<T, L> i
       if (terms.zmean != nullptr) terms.zmean[r] = 0.0;
       if (terms.wpo != nullptr) terms.wpo[r] = 0.0;
       if (terms.hit != nullptr) terms.hit[r] = 0.0;
+      const linear_outputs& x = terms.outputs;
+      if (x.log_sum_sq_probs != nullptr) x.log_sum_sq_probs[r] = 0.0;
+      if (x.mean_logits != nullptr) x.mean_logits[r] = 0.0;
+      if (x.is_top1 != nullptr) x.is_top1[r] = 0;
     }
   }
 }
@@ -795,7 +817,8 @@ status linear_workspace_size(const linear_view<T, L>& in, const linear_options& 
 
 namespace detail {
 
-/// linear_logps, with the DPO head's row terms (linear_row_terms; none from the public call).
+/// linear_logps, with the row terms (linear_row_terms: the public call's optional outputs,
+/// the DPO head's metric terms).
 template <class T, class L>
 status linear_logps_impl(void* workspace, std::size_t& workspace_bytes, cublasLtHandle_t handle,
                          const linear_view<T, L>& in, double* logps, double* entropy, double* row_lse,
@@ -811,10 +834,14 @@ status linear_logps_impl(void* workspace, std::size_t& workspace_bytes, cublasLt
   dpo::detail::named_range ins[6];
   dpo::detail::linear_input_ranges(in, ins);
   ins[5] = workspace_range(workspace, ch.workspace_bytes);
-  const dpo::detail::named_range outs[3] = {dpo::detail::range_of(logps, 1, N, N, "logps"),
-                                            dpo::detail::range_of(entropy, 1, N, N, "entropy"),
-                                            dpo::detail::range_of(row_lse, 1, N, N, "row_lse")};
-  s = check_linear_overlap(outs, 3, ins, 6);
+  const dpo::detail::named_range outs[6] = {
+      dpo::detail::range_of(logps, 1, N, N, "logps"),
+      dpo::detail::range_of(entropy, 1, N, N, "entropy"),
+      dpo::detail::range_of(row_lse, 1, N, N, "row_lse"),
+      dpo::detail::range_of(terms.outputs.log_sum_sq_probs, 1, N, N, "log_sum_sq_probs"),
+      dpo::detail::range_of(terms.outputs.mean_logits, 1, N, N, "mean_logits"),
+      dpo::detail::range_of(terms.outputs.is_top1, 1, N, N, "is_top1")};
+  s = check_linear_overlap(outs, 6, ins, 6);
   if (!s || N == 0) return s;
   constexpr int B = linear_block;
   // Twice over the same loop: first only choosing every GEMM's algorithm (dry), then enqueuing.
@@ -834,7 +861,7 @@ status linear_logps_impl(void* workspace, std::size_t& workspace_bytes, cublasLt
         s = logits_gemm(g, in, w, nb, v0, nv);
         if (!s || dry) continue;
         const bool last = v0 + nv == in.vocab;
-        if (entropy != nullptr || terms.zmean != nullptr || terms.wpo != nullptr || terms.hit != nullptr) {
+        if (entropy != nullptr || terms.any()) {
           s = launch("linear_stats_kernel", linear_stats_kernel<B, true, T, L>,
                              row_blocks(nb), B, stream, in, r0, nb, v0, nv, last, w, logps,
                              entropy, row_lse, terms);
@@ -857,7 +884,9 @@ status linear_logps_impl(void* workspace, std::size_t& workspace_bytes, cublasLt
 /// logp_r = log softmax(o(hidden_r . weight^T + bias))[y_r], o the transforms.
 ///
 /// - logps: [rows] doubles, 0 on rows that do not count.
-/// - entropy: [rows] or null: -sum_v p_v log p_v of each counted row, 0 elsewhere.
+/// - extra: the optional outputs (linear_outputs: entropy, log_sum_sq_probs, mean_logits,
+///   is_top1), each [rows] device memory or null; 0 on rows that do not count. The same
+///   formulas as the CPU's (dpo/core/math.hpp row_stats; is_top1: dpo::detail::label_is_top1).
 /// - row_lse: [rows]: each counted row's log-sum-exp (0 elsewhere), for the backward.
 /// Two-phase workspace (see the top of this file); one GEMM per chunk (the hidden rows of a
 /// row chunk times a vocab chunk of the weight) and one read of the fp32 logits chunk.
@@ -865,10 +894,22 @@ status linear_logps_impl(void* workspace, std::size_t& workspace_bytes, cublasLt
 /// in the error word (read_device_error) and nothing is written.
 template <class T, class L>
 status linear_logps(void* workspace, std::size_t& workspace_bytes, cublasLtHandle_t handle,
+                    const linear_view<T, L>& in, double* logps, const linear_outputs& extra, double* row_lse,
+                    const linear_options& opt = {}, cudaStream_t stream = 0) {
+  detail::linear_row_terms terms;
+  terms.outputs = extra;
+  return detail::linear_logps_impl(workspace, workspace_bytes, handle, in, logps, extra.entropy, row_lse, terms,
+                                   opt, stream);
+}
+
+/// linear_logps with the entropy as the only optional output (null: none).
+template <class T, class L>
+status linear_logps(void* workspace, std::size_t& workspace_bytes, cublasLtHandle_t handle,
                     const linear_view<T, L>& in, double* logps, double* entropy, double* row_lse,
                     const linear_options& opt = {}, cudaStream_t stream = 0) {
-  return detail::linear_logps_impl(workspace, workspace_bytes, handle, in, logps, entropy, row_lse,
-                                   detail::linear_row_terms{}, opt, stream);
+  linear_outputs extra;
+  extra.entropy = entropy;
+  return linear_logps(workspace, workspace_bytes, handle, in, logps, extra, row_lse, opt, stream);
 }
 
 namespace detail {
