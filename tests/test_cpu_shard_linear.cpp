@@ -391,6 +391,54 @@ TEST_CASE("head shards: per-token log-probs, extra outputs and their backward", 
   }
 }
 
+TEST_CASE("head shards: a -inf label logit is never top-1, as in the unsharded head", "[shard_linear]") {
+  // fp32 logits without a soft cap or temperature keep the bias's -inf. First the columns of
+  // the first shard get a -inf bias (labels there: a -inf logit below a finite maximum), then
+  // every column: each row's first maximum is column 0, yet no label is top-1
+  // (dpo::detail::label_is_top1), and the sharded values equal the unsharded ones, NaN and
+  // infinities included.
+  const std::int64_t R = 8, H = 4, V = kVocab;
+  std::mt19937 rng(7);
+  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+  std::vector<float> hidden(R * H), w(V * H), b(V);
+  for (float& x : hidden) x = u(rng);
+  for (float& x : w) x = 0.5f * u(rng);
+  for (float& x : b) x = 0.2f * u(rng);
+  std::vector<label_t> labels(R);
+  for (std::int64_t r = 0; r < R; ++r) labels[r] = r % 2 == 0 ? 0 : 1 + r % 4;  // 0, 2 or 4
+  for (const int W : {2, 3}) {
+    const std::vector<std::int64_t> cuts = uneven(V, W);
+    REQUIRE(cuts[1] > 4);  // every label lies in the first shard
+    for (const bool whole_row : {false, true}) {
+      INFO(W << " ranks, whole row -inf: " << whole_row);
+      for (std::int64_t j = 0; j < (whole_row ? V : cuts[1]); ++j) b[j] = -INFINITY;
+      const auto view_of = [&](std::int64_t start, std::int64_t width) {
+        return dpo::linear_view_of(hidden.data(), R, H, head_of(w, b, start, width, H, {}), labels.data());
+      };
+      std::vector<double> want(5 * R);
+      std::vector<std::uint8_t> want_top1(R, 1);
+      dpo::cpu::linear_outputs x{want.data() + R, want.data() + 2 * R, want.data() + 3 * R, want_top1.data()};
+      dpo::cpu::linear_logps(view_of(0, V), want.data(), x, want.data() + 4 * R);
+      CHECK(want_top1 == std::vector<std::uint8_t>(R, 0));
+      shard_ranks::grid ranks(W, 1);
+      std::vector<std::vector<double>> out(static_cast<std::size_t>(W), std::vector<double>(5 * R));
+      std::vector<std::vector<std::uint8_t>> top1(out.size(), std::vector<std::uint8_t>(R, 1));
+      run_ranks(W, [&](int t) {
+        const dpo::vocab_shard sh{V, cuts[t], cuts[t + 1]};
+        double* o = out[static_cast<std::size_t>(t)].data();
+        dpo::cpu::linear_outputs sx{o + R, o + 2 * R, o + 3 * R, top1[t].data()};
+        dpo::cpu::linear_shard_state st;
+        dpo::cpu::linear_logps_sharded(view_of(sh.start, sh.width()), sh, ranks.comm(t), o, sx, o + 4 * R, st);
+      });
+      for (int t = 0; t < W; ++t) {
+        CHECK(top1[t] == want_top1);
+        // logps, entropy, log_sum_sq_probs, mean_logits, row_lse, R values each
+        test_support::check_values(out[static_cast<std::size_t>(t)], want, 1e-5, "sharded outputs");
+      }
+    }
+  }
+}
+
 TEST_CASE("head shards: bad input throws on every rank before any collective", "[shard_linear]") {
   const problem p = make_problem<float>(2, 5, 4, kVocab, false, 9);
   laid_out<float> l(p, kind::padded, 0, 1);

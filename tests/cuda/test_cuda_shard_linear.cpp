@@ -864,3 +864,40 @@ TEST_CASE("cuda linear shard pairs: results are bitwise the same run to run", "[
   CHECK(x.dweight == y.dweight);
   CHECK(x.dbias == y.dbias);
 }
+
+TEST_CASE("cuda linear shard: a -inf label logit is never top-1, as in the unsharded head", "[cuda][linear][shard]") {
+  // fp32 logits without a soft cap or temperature keep the bias's -inf. First the first
+  // shard's columns get a -inf bias (its labels: a -inf logit below a finite maximum), then
+  // every column: each row's first maximum is column 0, yet no label is top-1
+  // (dpo::detail::shard_label_is_top1), and phase 2 equals the unsharded CPU head, NaN and
+  // infinities included.
+  const std::vector<std::int64_t> cuts = {0, 20, 37};
+  for (const bool whole_row : {false, true}) {
+    INFO("whole row -inf: " << whole_row);
+    problem p = make_problem(dtype::f32, 9, 8, 37, 5, true);
+    for (std::int64_t j = 0; j < (whole_row ? p.V : cuts[1]); ++j)
+      dpo_cuda_test::put(dtype::f32, p.bias.data() + j * 4, -INFINITY);
+    for (std::int64_t r = 0; r < p.N; ++r)
+      if (p.labels[r] >= 0) p.labels[r] = r % 2 == 0 ? 0 : 3 + r;  // in the first shard
+    std::vector<shard_linear_case> cs;
+    std::vector<std::vector<double>> recs, maxes;
+    for (int t = 0; t < 2; ++t) {
+      cs.push_back(shard_case(p, {p.V, cuts[t], cuts[t + 1]}, true));
+      const shard_linear_out o = run_ok(cs.back());
+      recs.push_back(o.records);
+      maxes.push_back(o.row_max);
+    }
+    shard_linear_case c = cs[0];
+    combine(recs, maxes, &c.row_max, &c.records);
+    c.grad_logps = p.grad_logps;
+    const shard_linear_out got = run_ok(c);
+    const head_out want = cpu_reference(p, {0, p.V}, true);
+    CHECK(got.hit == want.hit);
+    CHECK(got.hit == std::vector<double>(static_cast<std::size_t>(p.N), 0.0));
+    test_support::check_values(got.logp, want.logp, 2e-6, "logp");
+    test_support::check_values(got.lse, want.lse, 2e-6, "lse");
+    test_support::check_values(got.entropy, want.entropy, 2e-6, "entropy");
+    test_support::check_values(got.zmean, want.zmean, 2e-6, "mean logit");
+    test_support::check_values(got.wpo, want.wpo, 2e-6, "wpo");
+  }
+}

@@ -162,7 +162,7 @@ struct shard_row_values {
   double entropy;  // with metrics
   double zmean;    // mean logit over the global vocabulary
   double wpo;      // logp - log sum_v p_v^2
-  bool hit;        // the label is the row's first argmax
+  bool hit;        // the label is the row's first argmax (the token-accuracy metric)
 };
 
 DPO_HOST_DEVICE inline shard_row_values finish_row(double M, const double* rec, std::int64_t vocab) {
@@ -175,6 +175,13 @@ DPO_HOST_DEVICE inline shard_row_values finish_row(double M, const double* rec, 
   v.wpo = v.logp - st.log_sum_p2();
   v.hit = st.argmax == 0;
   return v;
+}
+
+/// linear_logps' is_top1 of a combined row (label_is_top1 from the record's argmax flags and
+/// label logit): what both backends' linear_shard_logps write, equal to the unsharded head's.
+/// finish_row's `hit` is the DPO metrics' (the first maximum alone, as the logits path).
+DPO_HOST_DEVICE inline bool shard_label_is_top1(double M, const double* rec) {
+  return label_is_top1(combined_row(M, rec).argmax == 0, rec[at(shard_field::label_logit)]);
 }
 
 /// The row's log-sum-exp for the shard's backward, exactly as hi + lo = M + log(sum): M is a

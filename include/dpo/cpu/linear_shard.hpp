@@ -146,8 +146,8 @@ void linear_shard_partials(const linear_view<T, L>& shard, const vocab_shard& sh
 /// Phase 2 per token: linear_logps' outputs from the combined records (row_max and records
 /// after the two vocabulary all-reduces), for the rows of `view` (only its labels, mask and
 /// ignore_index are read; labels global ids < vocab). logps, row_lse: [rows] (row_lse may be
-/// null: the shard's backward reads the records); extra as linear_logps (is_top1 compares the
-/// label with the row's first global maximum). Rows that do not count get 0. No collective;
+/// null: the shard's backward reads the records); extra as linear_logps (is_top1: the core's
+/// shard_label_is_top1, the unsharded head's rule). Rows that do not count get 0. No collective;
 /// every rank of the group computes the same values.
 template <class T, class L>
 void linear_shard_logps(const linear_view<T, L>& view, std::int64_t vocab, const double* row_max,
@@ -170,7 +170,8 @@ void linear_shard_logps(const linear_view<T, L>& view, std::int64_t vocab, const
     if (extra.entropy != nullptr) extra.entropy[r] = counts ? st.entropy() : 0.0;
     if (extra.log_sum_sq_probs != nullptr) extra.log_sum_sq_probs[r] = counts ? st.log_sum_p2() : 0.0;
     if (extra.mean_logits != nullptr) extra.mean_logits[r] = counts ? st.zsum / static_cast<double>(vocab) : 0.0;
-    if (extra.is_top1 != nullptr) extra.is_top1[r] = counts && st.argmax == 0 && zy > -INFINITY ? 1 : 0;
+    if (extra.is_top1 != nullptr)
+      extra.is_top1[r] = counts && dpo::detail::shard_label_is_top1(row_max[r], rec) ? 1 : 0;
   }
 }
 

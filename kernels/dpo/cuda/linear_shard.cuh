@@ -135,13 +135,33 @@ status linear_shard_partials_run(void* workspace, std::size_t& workspace_bytes, 
 }
 
 /// Phase 2, one thread per row: the core's finish_row for the counted rows, zeros elsewhere.
+/// The hit: with top1, linear_logps' is_top1 (the core's shard_label_is_top1, as the CPU's
+/// linear_shard_logps); without, finish_row's (the token-accuracy metric's first maximum).
 template <class L>
 __global__ void linear_shard_values_kernel(const L* labels, const std::uint8_t* mask, std::int64_t ignore_index,
                                            std::int64_t rows, std::int64_t vocab, const double* row_max,
-                                           const double* records, shard_row_outputs o) {
+                                           const double* records, shard_row_outputs o, bool top1) {
   for (std::int64_t r = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; r < rows;
-       r += static_cast<std::int64_t>(gridDim.x) * blockDim.x)
-    write_row_values(o, r, linear_target(labels, mask, ignore_index, r) >= 0, row_max, records, vocab);
+       r += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
+    const bool counts = linear_target(labels, mask, ignore_index, r) >= 0;
+    write_row_values(o, r, counts, row_max, records, vocab);
+    if (top1 && o.hit)
+      o.hit[r] = counts && dpo::detail::shard_label_is_top1(row_max[r], records + r * shard_fields) ? 1.0 : 0.0;
+  }
+}
+
+/// linear_shard_logps (top1) or the pair path's per-row values (the metric's hit).
+template <class T, class L>
+status linear_shard_values(const linear_view<T, L>& view, std::int64_t vocab, const double* row_max,
+                           const double* records, const shard_row_outputs& out, bool top1, cudaStream_t stream) {
+  if (vocab < 1) return invalid("dpo: vocab = %lld is invalid: must be >= 1", (long long)vocab);
+  if (view.rows < 0) return invalid("dpo: rows = %lld is invalid: must be >= 0", (long long)view.rows);
+  if (view.rows == 0) return {};
+  if (view.labels == nullptr) return invalid("dpo: labels is null");
+  if (row_max == nullptr || records == nullptr)
+    return invalid(row_max == nullptr ? "dpo: row_max is null" : "dpo: records is null");
+  return launch("linear_shard_values_kernel", linear_shard_values_kernel<L>, seq_grid(view.rows), 256, stream,
+                view.labels, view.mask, view.ignore_index, view.rows, vocab, row_max, records, out, top1);
 }
 
 }  // namespace detail
@@ -167,22 +187,15 @@ status linear_shard_partials(void* workspace, std::size_t& workspace_bytes, cubl
 /// records (row_max and records after the two vocabulary all-reduces and shard_rebase
 /// between them), each counted row r of `view` gets its label log-prob out.logp[r], lse
 /// out.lse[r], entropy, mean logit over the global vocabulary (`vocab`), WPO term logp -
-/// log sum_v p_v^2 and argmax hit (1 when the label is the row's first global maximum);
+/// log sum_v p_v^2 and top-1 hit (is_top1: 1 when the label is the row's first global
+/// maximum and its logit is above -inf, dpo::detail::shard_label_is_top1);
 /// other rows get 0. Any member of `out` may be null. Only the view's labels, mask and
 /// ignore_index are read (the labels were checked by phase 1). No collective and no
 /// workspace; every rank of the group computes the same values. Deterministic.
 template <class T, class L>
 status linear_shard_logps(const linear_view<T, L>& view, std::int64_t vocab, const double* row_max,
                           const double* records, const detail::shard_row_outputs& out, cudaStream_t stream = 0) {
-  if (vocab < 1) return detail::invalid("dpo: vocab = %lld is invalid: must be >= 1", (long long)vocab);
-  if (view.rows < 0) return detail::invalid("dpo: rows = %lld is invalid: must be >= 0", (long long)view.rows);
-  if (view.rows == 0) return {};
-  if (view.labels == nullptr) return detail::invalid("dpo: labels is null");
-  if (row_max == nullptr || records == nullptr)
-    return detail::invalid(row_max == nullptr ? "dpo: row_max is null" : "dpo: records is null");
-  return detail::launch("linear_shard_values_kernel", detail::linear_shard_values_kernel<L>,
-                        detail::seq_grid(view.rows), 256, stream, view.labels, view.mask, view.ignore_index,
-                        view.rows, vocab, row_max, records, out);
+  return detail::linear_shard_values(view, vocab, row_max, records, out, true, stream);
 }
 
 /// The shard-local backward of sum_r grad_logps[r] * logps[r] (+ grad_entropy * entropy), as
@@ -356,7 +369,8 @@ status linear_pair_shard_sequences(void* workspace, std::size_t& workspace_bytes
   s = detail::launch("ldpo_labels_kernel", detail::ldpo_labels_kernel<T, L>, 1, detail::ldpo_block, stream,
                      detail::dev_of(c.pol), sh.vocab, 0, true, w.h, w.rows[0], w.rows[1]);
   // Each completion row's values from its combined record (linear_shard_logps on the
-  // workspace's row labels), then the unsharded head's sequence stage (ldpo_sums_kernel).
+  // workspace's row labels, with the token-accuracy metric's hit), then the unsharded head's
+  // sequence stage (ldpo_sums_kernel).
   for (int k = 0; s && k < c.pol.num_buffers; ++k) {
     const detail::ldpo_rows& rb = w.rows[k];
     linear_view<T, std::int64_t> labels;
@@ -371,7 +385,7 @@ status linear_pair_shard_sequences(void* workspace, std::size_t& workspace_bytes
       o.wpo = rb.wpo;
       o.hit = rb.hit;
     }
-    s = linear_shard_logps(labels, sh.vocab, r.row_max[k], r.records[k], o, stream);
+    s = detail::linear_shard_values(labels, sh.vocab, r.row_max[k], r.records[k], o, false, stream);
   }
   using dpo::detail::at;
   detail::seq_arrays side[2];
