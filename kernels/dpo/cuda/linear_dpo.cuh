@@ -336,10 +336,13 @@ __global__ void ldpo_coef_kernel(ldpo_dev<T, L> d, ldpo_rows b0, ldpo_rows b1, s
 /// Three passes: dL/dpi of the pairs [p0, p1) from their sums (the core's contribution(); a
 /// separable loss reads only the pair's own values, its WPO weight and P), into the pair
 /// stage's gc / gr (which the pair stage rewrites with the same values at the end). Nothing
-/// after an error. One thread per pair.
-__global__ inline void ldpo_pair_grad_kernel(loss_config cfg, const ldpo_header* h, std::int64_t P,
-                                             std::int64_t p0, std::int64_t p1, ws_ptrs w, const double* ref_c,
-                                             const double* ref_r) {
+/// after an error. One thread per pair. (A template, as every kernel of these headers: its
+/// host stub is then weak, so several translation units may include it; nvcc warns on
+/// `inline` __global__ functions.)
+template <int BLOCK>
+__global__ void __launch_bounds__(BLOCK) ldpo_pair_grad_kernel(loss_config cfg, const ldpo_header* h, std::int64_t P,
+                                                               std::int64_t p0, std::int64_t p1, ws_ptrs w,
+                                                               const double* ref_c, const double* ref_r) {
   if (h->err.code != 0) return;
   const seq_arrays& sc = w.seqs[0];
   const seq_arrays& sr = w.seqs[1];
@@ -381,8 +384,10 @@ struct ldpo_cu_entries {
 };
 
 /// Records the lowest entry whose device cu_seqlens differs from the host copy (unless an
-/// error is recorded already). One thread.
-__global__ inline void ldpo_host_cu_kernel(const std::int64_t* cu, ldpo_cu_entries e, ldpo_header* h) {
+/// error is recorded already). One thread (BLOCK = 1).
+template <int BLOCK>
+__global__ void __launch_bounds__(BLOCK) ldpo_host_cu_kernel(const std::int64_t* cu, ldpo_cu_entries e,
+                                                             ldpo_header* h) {
   if (h->err.code != 0) return;
   for (int k = 0; k < e.n; ++k) {
     const std::int64_t i = e.index[k];
@@ -426,8 +431,9 @@ __global__ void ldpo_zero_kernel(ldpo_dev<T, L> d, const ldpo_header* h, std::in
 
 /// Copies the pair stage's results (in the workspace) to the caller's outputs when the
 /// error word is clear.
-__global__ inline void ldpo_publish_kernel(const ldpo_header* h, forward_outputs src, forward_outputs dst,
-                                           std::int64_t P) {
+template <int BLOCK>
+__global__ void __launch_bounds__(BLOCK) ldpo_publish_kernel(const ldpo_header* h, forward_outputs src,
+                                                             forward_outputs dst, std::int64_t P) {
   if (h->err.code != 0) return;
   const std::int64_t t = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
   const std::int64_t n = static_cast<std::int64_t>(gridDim.x) * blockDim.x;
@@ -912,7 +918,7 @@ status ldpo_finish(const ldpo_call<T, L>& c, const linear_head<T>& head, const d
                static_cast<const double*>(w.pw.pairs.gc), static_cast<const double*>(w.pw.pairs.gr),
                static_cast<const double*>(w.nll), grad_output, out.row_lse, out.row_coef);
   if (!s) return s;
-  return launch("ldpo_publish_kernel", ldpo_publish_kernel, seq_blocks(P), ldpo_block, stream,
+  return launch("ldpo_publish_kernel", ldpo_publish_kernel<ldpo_block>, seq_blocks(P), ldpo_block, stream,
                 static_cast<const ldpo_header*>(w.h), scratch, out, P);
 }
 
@@ -1003,7 +1009,7 @@ status ldpo_three(cublasLtHandle_t handle, const ldpo_call<T, L>& c, const linea
         const unsigned pb = seq_blocks(p1 - p0);
         if (s) s = ldpo_sums(l, w, w.rows, p0, p1, cfg.ld_alpha, w.pw.seqs[0], w.pw.seqs[1], metrics, stream);
         if (s)
-          s = launch("ldpo_pair_grad_kernel", ldpo_pair_grad_kernel, pb, ldpo_block, stream, cfg,
+          s = launch("ldpo_pair_grad_kernel", ldpo_pair_grad_kernel<ldpo_block>, pb, ldpo_block, stream, cfg,
                      static_cast<const ldpo_header*>(w.h), P, p0, p1, w.pw, rho_c, rho_r);
         if (s)
           s = launch("ldpo_coef_kernel", ldpo_coef_kernel<T, L>, pb, ldpo_block, stream, dev_of(l), w.rows[0],
@@ -1042,7 +1048,7 @@ status ldpo_three(cublasLtHandle_t handle, const ldpo_call<T, L>& c, const linea
   if (s && dev_cu != nullptr) {  // the plan's chunk boundaries against the device's cu_seqlens
     ldpo_cu_entries e{};
     const auto flush = [&] {
-      if (e.n > 0 && s) s = launch("ldpo_host_cu_kernel", ldpo_host_cu_kernel, 1, 1, stream, dev_cu, e, w.h);
+      if (e.n > 0 && s) s = launch("ldpo_host_cu_kernel", ldpo_host_cu_kernel<1>, 1, 1, stream, dev_cu, e, w.h);
       e.n = 0;
     };
     const auto check = [&](std::int64_t i) {
@@ -1281,7 +1287,7 @@ status linear_pair_logps(void* workspace, std::size_t& workspace_bytes, cublasLt
   src.rejected_logps = w.ref + P;
   dst.chosen_logps = chosen;
   dst.rejected_logps = rejected;
-  return detail::launch("ldpo_publish_kernel", detail::ldpo_publish_kernel, detail::seq_blocks(P),
+  return detail::launch("ldpo_publish_kernel", detail::ldpo_publish_kernel<detail::ldpo_block>, detail::seq_blocks(P),
                         detail::ldpo_block, stream, static_cast<const detail::ldpo_header*>(w.h), src, dst, P);
 }
 
