@@ -31,7 +31,8 @@ struct gemm_pair {
 
 /// The CPU head's GEMM hook for the level the row kernels run at (dpo::cpu::cpu_isa()): the
 /// AVX2 or AVX-512 variant when built (x86-64 with GCC or Clang) and supported, else the
-/// library's default. Throws dpo::error when DPO_CPU_ISA is invalid, as the row kernels do.
+/// library's default. Throws c10::ValueError (the library's message, naming DPO_CPU_ISA) when
+/// DPO_CPU_ISA is invalid, as the row kernels' ops do.
 dpo::cpu::linear_gemm cpu_gemm();
 
 }  // namespace dpo_kernels

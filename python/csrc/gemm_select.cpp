@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "common.h"
 #include "dpo/cpu/isa.hpp"
 #include "gemm_isa.h"
 
@@ -100,7 +101,11 @@ at::Tensor run_gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& 
 
 }  // namespace
 
-dpo::cpu::linear_gemm cpu_gemm() { return gemm_of(dpo::cpu::cpu_isa()); }
+// The level is read here, before any row kernel, so a bad DPO_CPU_ISA gets the row kernels'
+// ValueError from here too.
+dpo::cpu::linear_gemm cpu_gemm() {
+  return rethrow_as_value_error([] { return gemm_of(dpo::cpu::cpu_isa()); });
+}
 
 TORCH_LIBRARY_FRAGMENT(dpo_kernels, m) {
   m.def("_cpu_gemm_levels() -> str[]", &cpu_gemm_levels);

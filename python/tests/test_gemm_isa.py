@@ -69,3 +69,36 @@ def test_fused_head_at_each_level(level):
            os.path.join(here, "test_linear.py") + "::test_against_float64_reference"]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, f"DPO_CPU_ISA={level}:\n{run.stdout[-4000:]}\n{run.stderr[-2000:]}"
+
+
+def test_invalid_cpu_isa_is_a_value_error_naming_it():
+    """A bad DPO_CPU_ISA is the row kernels' ValueError (naming DPO_CPU_ISA) from every CPU op,
+    the fused head's included, whose GEMM choice reads the level before any row kernel does.
+    In a fresh process: the level is read once."""
+    script = """
+import torch
+import dpo_kernels
+
+g = torch.Generator().manual_seed(0)
+hidden, weight = torch.randn(4, 3, generator=g), torch.randn(5, 3, generator=g)
+labels = torch.tensor([[0, 1], [2, 3]])
+calls = {
+    "sequence_logps": lambda: dpo_kernels.sequence_logps(torch.randn(2, 2, 5, generator=g), labels),
+    "linear_logprobs": lambda: dpo_kernels.linear_logprobs(hidden, weight, None, labels.reshape(-1)),
+    "dpo_loss_from_hidden": lambda: dpo_kernels.dpo_loss_from_hidden(
+        hidden.reshape(2, 2, 3), weight, labels, torch.zeros(1), torch.zeros(1)),
+}
+for name, call in calls.items():
+    try:
+        call()
+    except ValueError as e:
+        assert "DPO_CPU_ISA=sse9 is invalid" in str(e), (name, str(e))
+        print(name, "ValueError")
+    else:
+        raise AssertionError(name + ": no error")
+"""
+    env = dict(os.environ, DPO_CPU_ISA="sse9")
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, f"{run.stdout[-4000:]}\n{run.stderr[-4000:]}"
+    assert run.stdout.split() == ["sequence_logps", "ValueError", "linear_logprobs", "ValueError",
+                                  "dpo_loss_from_hidden", "ValueError"]
