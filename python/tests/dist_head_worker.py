@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 import dpo_kernels
-from dist_worker import CONFIGS, P, T, batch, close, expect_error, groups, packed, same
+from dist_worker import CONFIGS, P, T, batch, close, expect_error, groups, leave, packed, same
 
 H = 16
 
@@ -248,8 +248,7 @@ def run(rank: int, world: int, init_file: str) -> None:
         for cfg in CONFIGS[:4]:
             check_dpo("cp3 packed", cfg, (ph, weight, bias, py, ref_c, ref_r, pcu), (ph[idx_t], py[idx_t],
                       torch.tensor(lcu)), slice(0, V), lambda g: g[idx_t], cp=three)
-    dist.barrier()
-    dist.destroy_process_group()
+    leave()
 
 
 def mismatch(rank: int, init_file: str, op: str) -> None:
@@ -317,5 +316,4 @@ def dtensor(rank: int, world: int, init_file: str) -> None:
         raise AssertionError("dtensor with process_group: no TypeError")
     except TypeError as e:
         assert "weight is a DTensor and process_group is given" in str(e), str(e)
-    dist.barrier()
-    dist.destroy_process_group()
+    leave()
