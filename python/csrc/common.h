@@ -340,4 +340,14 @@ inline at::Tensor sequence_grad(const at::Tensor& grad, const row_layout& l, std
   return g.contiguous();
 }
 
+/// The sharded backwards' per-sequence inputs: seq_grad [num_seqs] and nll_token_grad (one
+/// value), their shapes checked (the logits and the head path alike).
+inline void check_seq_grad_shapes(const at::Tensor& seq_grad, const at::Tensor& nll_token_grad,
+                                  std::int64_t num_seqs) {
+  TORCH_CHECK_VALUE(seq_grad.dim() == 1 && seq_grad.size(0) == num_seqs, "seq_grad must have shape [", num_seqs,
+                    "], got ", seq_grad.sizes());
+  TORCH_CHECK_VALUE(nll_token_grad.numel() == 1, "nll_token_grad must hold one value, got shape ",
+                    nll_token_grad.sizes());
+}
+
 }  // namespace dpo_kernels

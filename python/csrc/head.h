@@ -617,10 +617,7 @@ inline shard_call shard_inputs(c10::DeviceType type, const at::Tensor& hidden, c
 
 /// linear_dpo_shard_backward's seq_grad [2P] and nll_token_grad (one value), checked.
 inline void check_seq_grads(const at::Tensor& seq_grad, const at::Tensor& nll_token_grad, const hidden_layout& l) {
-  TORCH_CHECK_VALUE(seq_grad.dim() == 1 && seq_grad.size(0) == l.num_seqs, "seq_grad must have shape [", l.num_seqs,
-                    "], got ", seq_grad.sizes());
-  TORCH_CHECK_VALUE(nll_token_grad.numel() == 1, "nll_token_grad must hold one value, got shape ",
-                    nll_token_grad.sizes());
+  check_seq_grad_shapes(seq_grad, nll_token_grad, l.num_seqs);
 }
 
 }  // namespace dpo_kernels

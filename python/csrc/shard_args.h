@@ -69,10 +69,7 @@ inline std::int64_t check_stage_args(const at::Tensor& seq_totals, const std::op
 /// shard_backward's per-sequence inputs: seq_grad [num_seqs] and nll_token_grad (one value),
 /// on the logits' device.
 inline void check_backward_args(const at::Tensor& seq_grad, const at::Tensor& nll_token_grad, const row_layout& l) {
-  TORCH_CHECK_VALUE(seq_grad.dim() == 1 && seq_grad.size(0) == l.num_seqs, "seq_grad must have shape [", l.num_seqs,
-                    "], got ", seq_grad.sizes());
-  TORCH_CHECK_VALUE(nll_token_grad.numel() == 1, "nll_token_grad must hold one value, got shape ",
-                    nll_token_grad.sizes());
+  check_seq_grad_shapes(seq_grad, nll_token_grad, l.num_seqs);
   for (const at::Tensor* t : {&seq_grad, &nll_token_grad})
     TORCH_CHECK_VALUE(t->device() == l.logits.device(), t == &seq_grad ? "seq_grad" : "nll_token_grad", " is on ",
                       t->device(), " but logits is on ", l.logits.device());
