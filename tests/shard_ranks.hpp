@@ -1,7 +1,8 @@
 // Copyright 2026 The dpo Authors. SPDX-License-Identifier: Apache-2.0
 //
-// Ranks as threads for the sharded tests (test_cpu_shard*.cpp): an in-process all-reduce
-// over a group of threads, and a runner.
+// Ranks as threads for the sharded tests (test_cpu_shard*.cpp, tests/cuda/test_cuda_shard.cpp):
+// an in-process all-reduce over a group of threads, a runner, and a rank's share of a batch
+// (its vocabulary columns, its context slice of every sequence).
 #pragma once
 
 #include <condition_variable>
@@ -14,6 +15,7 @@
 #include <vector>
 
 #include "dpo/cpu/shard.hpp"
+#include "oracle.hpp"
 
 namespace shard_ranks {
 
@@ -114,6 +116,38 @@ inline std::vector<std::int64_t> uneven(std::int64_t V, int world) {
 
 /// Row slice [k0, k1) of each sequence on context rank c of C: floor(n c / C).
 inline std::int64_t cut(std::int64_t n, int c, int C) { return n * c / C; }
+
+/// Shard sh's columns of a pair view: its logits start at column sh.start.
+template <class T, class L>
+dpo::pair_view<T, L> shard_of(dpo::pair_view<T, L> p, const dpo::vocab_shard& sh) {
+  p.chosen.logits += sh.start;
+  p.rejected.logits += sh.start;
+  p.chosen.vocab = p.rejected.vocab = sh.width();
+  return p;
+}
+
+/// Shard sh's columns of a gradient view.
+template <class T>
+dpo::pair_grad_view<T> shard_of(dpo::pair_grad_view<T> g, const dpo::vocab_shard& sh) {
+  g.chosen += sh.start;
+  g.rejected += sh.start;
+  return g;
+}
+
+/// Context rank c's rows of every sequence of b (of C ranks: rows [cut(n, c, C), cut(n, c + 1, C))).
+inline oracle::batch slice(const oracle::batch& b, int c, int C) {
+  oracle::batch out;
+  for (int side = 0; side < 2; ++side)
+    for (const oracle::sequence& q : side == 0 ? b.chosen : b.rejected) {
+      oracle::sequence s;
+      for (std::int64_t t = cut(q.rows(), c, C); t < cut(q.rows(), c + 1, C); ++t) {
+        s.z.push_back(q.z[t]);
+        s.y.push_back(q.y[t]);
+      }
+      (side == 0 ? out.chosen : out.rejected).push_back(s);
+    }
+  return out;
+}
 
 /// The vocabulary of the sharded tests: prime, so no split is even.
 inline constexpr std::int64_t kVocab = 37;

@@ -29,36 +29,9 @@ using shard_ranks::cut;
 using shard_ranks::group;
 using shard_ranks::kVocab;
 using shard_ranks::run_ranks;
+using shard_ranks::shard_of;
+using shard_ranks::slice;
 using shard_ranks::uneven;
-
-template <class T, class L>
-dpo::pair_view<T, L> shard_of(dpo::pair_view<T, L> p, const dpo::vocab_shard& sh) {
-  p.chosen.logits += sh.start;
-  p.rejected.logits += sh.start;
-  p.chosen.vocab = p.rejected.vocab = sh.width();
-  return p;
-}
-
-template <class T>
-dpo::pair_grad_view<T> shard_of(dpo::pair_grad_view<T> g, const dpo::vocab_shard& sh) {
-  g.chosen += sh.start;
-  g.rejected += sh.start;
-  return g;
-}
-
-oracle::batch slice(const oracle::batch& b, int c, int C) {
-  oracle::batch out;
-  for (int side = 0; side < 2; ++side)
-    for (const oracle::sequence& q : side == 0 ? b.chosen : b.rejected) {
-      oracle::sequence s;
-      for (std::int64_t t = cut(q.rows(), c, C); t < cut(q.rows(), c + 1, C); ++t) {
-        s.z.push_back(q.z[t]);
-        s.y.push_back(q.y[t]);
-      }
-      (side == 0 ? out.chosen : out.rejected).push_back(s);
-    }
-  return out;
-}
 
 struct shard_case {
   layout kind = layout::padded;

@@ -1,7 +1,7 @@
 // Copyright 2026 The dpo Authors. SPDX-License-Identifier: Apache-2.0
 //
 // nvcc compiles every entry point of kernels/dpo/cuda/shard.cuh for every logits and label
-// type (the emulated test, tests/test_cuda_shard.cpp, runs them with the host compiler).
+// type (test_cuda_shard.cpp runs them, through shard_harness.cu, with int64 labels).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
