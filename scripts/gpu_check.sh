@@ -3,13 +3,16 @@
 # cmake, g++, Eigen, Catch2 3, Google Benchmark, PyTorch with CUDA in python3; no internet).
 # In one call, most important first:
 #   python_build  the dpo_kernels extension (sm_$CUDA_ARCH), in the background from the start
-#   configure, build   test_cuda_dpo, dpo_bench_cuda, dpo_example_custom_kernel (Release)
+#   configure, build   test_cuda_dpo, the other CUDA suites, the benchmarks and examples (Release)
 #   cuda_tests    dpo::cuda against dpo::cpu on random inputs (every loss, dtype, layout, odd
 #                 vocab, masks, in place, graph capture, errors, determinism)
 #   linear_tests  the fused LM head (dpo/cuda/linear.cuh, cuBLASLt) against dpo::cpu's, then
 #                 DPO from hidden states (dpo/cuda/linear_dpo.cuh, three and four passes, both
 #                 reference forms) against dpo::cpu::linear_dpo, then the head on a vocabulary
 #                 shard (dpo/cuda/linear_shard.cuh) against dpo::cpu's sharded and whole heads
+#   shard_tests   the logits path's vocabulary-shard kernels (dpo/cuda/shard.cuh, test_cuda_shard)
+#                 against dpo::cpu's sharded and unsharded calls: every step, fp32/fp64/bf16/fp16,
+#                 uneven shards (V 1001 over 3), masks, packed, in place, W x C context ranks
 #   bench_cuda    copy / forward / fused forward+backward, TB/s and share of the copy
 #   bench_linear  the fused LM head at N 8192, H 4096, V 128256 bf16 against the same cuBLASLt
 #                 GEMMs alone (floor_ratio) and the materializing path (full logits), and
@@ -20,6 +23,8 @@
 #   linear_memcheck, linear_racecheck   the same over the linear head's [sanitize] cases
 #   linear_dpo_memcheck   memcheck over linear_dpo's [sanitize] cases (three and four passes)
 #   shard_memcheck        memcheck over the vocabulary-sharded head's [sanitize] cases
+#   shard_logits_memcheck, shard_logits_racecheck   memcheck over test_cuda_shard's [sanitize]
+#                 cases, racecheck over its [sanitize][pairs] ones (the pair path; racecheck is slow)
 #   example       examples/cuda/custom_kernel.cu
 #   example_step  examples/cuda/training_step.cu (its three ways agree, bitwise)
 #   python_tests  python/tests/test_cuda.py, test_cuda_linear.py (the ops on CUDA tensors against the CPU ops)
@@ -131,7 +136,7 @@ if ! grep -q "dpo: CUDA enabled" "$logs/configure.log"; then
 fi
 stage build 240 cmake --build "$build" -j "$(( jobs > 6 ? jobs - 6 : jobs ))" --target test_cuda_dpo \
   dpo_bench_cuda dpo_example_custom_kernel dpo_example_training_step test_cuda_linear test_cuda_linear_dpo dpo_bench_cuda_linear \
-  test_cuda_shard_linear
+  test_cuda_shard_linear test_cuda_shard
 
 tbin=$build/tests/cuda/test_cuda_dpo
 stage cuda_tests 120 "$tbin" "~[large]" --durations yes
@@ -139,6 +144,9 @@ lbin=$build/tests/cuda/test_cuda_linear
 sbin=$build/tests/cuda/test_cuda_shard_linear
 stage linear_tests 60 bash -c "\"$lbin\" --durations yes && \"$build/tests/cuda/test_cuda_linear_dpo\" --durations yes \
   && \"$sbin\" --durations yes"
+# The logits path's shard kernels (the emulator runs the same suite in CI: test_cuda_shard_emulated).
+shbin=$build/tests/cuda/test_cuda_shard
+stage shard_tests 60 "$shbin" --durations yes
 stage bench_cuda 120 "$build/bench/cuda/dpo_bench_cuda" --benchmark_out="$logs/bench_cuda.json" \
   --benchmark_out_format=json
 stage bench_linear 90 "$build/bench/cuda/dpo_bench_cuda_linear" --benchmark_out="$logs/bench_cuda_linear.json" \
@@ -155,11 +163,14 @@ if timeout 60 "$san" --tool memcheck "$tbin" "cuda: bad arguments*" > "$logs/san
   stage linear_dpo_memcheck 60 "$san" --tool memcheck --error-exitcode 99 --leak-check full \
     "$build/tests/cuda/test_cuda_linear_dpo" "[sanitize]"
   stage shard_memcheck 60 "$san" --tool memcheck --error-exitcode 99 --leak-check full "$sbin" "[sanitize]"
+  stage shard_logits_memcheck 40 "$san" --tool memcheck --error-exitcode 99 --leak-check full "$shbin" "[sanitize]"
+  stage shard_logits_racecheck 40 "$san" --tool racecheck --error-exitcode 99 --racecheck-report all "$shbin" \
+    "[sanitize][pairs]"
 else
   why="SKIPPED(sanitizer: $(grep -v '^\s*$' "$logs/sanitizer_probe.log" | head -n 1 | cut -c 1-40))"
   not_run memcheck "$why"; not_run racecheck "$why"
   not_run linear_memcheck "$why"; not_run linear_racecheck "$why"; not_run linear_dpo_memcheck "$why"
-  not_run shard_memcheck "$why"
+  not_run shard_memcheck "$why"; not_run shard_logits_memcheck "$why"; not_run shard_logits_racecheck "$why"
 fi
 stage example 30 "$build/examples/cuda/dpo_example_custom_kernel"
 stage example_step 30 "$build/examples/cuda/dpo_example_training_step"
@@ -224,10 +235,10 @@ fi
   echo
   echo "==================== gpu_check summary ===================="
   echo "device: $(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2> /dev/null | head -n 1)"
-  printf "%-17s %-30s %6s\n" stage result seconds
-  for n in "${names[@]}"; do printf "%-17s %-30s %6s\n" "$n" "${outcome[$n]}" "${seconds[$n]}"; done
+  printf "%-22s %-30s %6s\n" stage result seconds
+  for n in "${names[@]}"; do printf "%-22s %-30s %6s\n" "$n" "${outcome[$n]}" "${seconds[$n]}"; done
   grep -h "^test cases:\|^All tests passed\|passed\|failed" "$logs/cuda_tests.log" "$logs/cuda_large.log" \
-    "$logs/linear_tests.log" "$logs/python_tests.log" 2> /dev/null | grep -v "^$" | tail -n 5
+    "$logs/linear_tests.log" "$logs/shard_tests.log" "$logs/python_tests.log" 2> /dev/null | grep -v "^$" | tail -n 5
   python3 - "$logs" <<'PY' 2> /dev/null || echo "(no benchmark numbers)"
 import json, os, sys
 logs = sys.argv[1]
