@@ -68,13 +68,7 @@ shard_status shard_rebase(std::int64_t begin, std::int64_t end, const double* ro
 template <class T>
 shard_status shard_row_values(const tokens<T>& v, const dpo::vocab_shard& sh, const double* row_max,
                               const double* records, const row_outputs& out, const shard_options& opt) {
-  dpo::cuda::detail::shard_row_outputs o;
-  o.logp = out.logp;
-  o.lse = out.lse;
-  o.entropy = out.entropy;
-  o.zmean = out.zmean;
-  o.wpo = out.wpo;
-  o.hit = out.hit;
+  const dpo::cuda::detail::shard_row_outputs o{out[0], out[1], out[2], out[3], out[4], out[5]};
   return to_host(dpo::cuda::shard_row_values(retype<device_t<T>>(v), sh, row_max, records, o, to_device(opt)));
 }
 

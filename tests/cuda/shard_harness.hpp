@@ -8,6 +8,7 @@
 // below. The logits types are float, double and the bits of a bfloat16 / half.
 #pragma once
 
+#include <array>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -70,15 +71,9 @@ struct shard_options {
   std::int64_t num_rows = -1;
 };
 
-/// dpo::cuda::detail::shard_row_outputs: where shard_row_values writes (each may be null).
-struct row_outputs {
-  double* logp = nullptr;
-  double* lse = nullptr;
-  double* entropy = nullptr;
-  double* zmean = nullptr;
-  double* wpo = nullptr;
-  double* hit = nullptr;
-};
+/// Where shard_row_values writes, by buffer row, in dpo::cuda::detail::shard_row_outputs'
+/// order: logp, lse, entropy, zmean, wpo, hit (each may be null).
+using row_outputs = std::array<double*, 6>;
 
 // The entry points of dpo/cuda/shard.cuh, for T in {float, double, bf16_bits, f16_bits} and
 // int64 labels; every pointer is a device pointer.
