@@ -31,6 +31,7 @@ from ._linear import _check_device as _check_head_device
 from ._linear import _check_sharded_device
 from ._linear_dpo import DEFAULT_CUDA_LINEAR_DPO_WORKSPACE_BYTES, DEFAULT_LINEAR_DPO_WORKSPACE_BYTES
 from ._ops import CONFIG_FIELDS, LOSS_TYPES, METRIC_NAMES, PAIR_VALUE_NAMES, check_devices, check_inplace_target, ops, whole
+from . import _shard_ops  # noqa: F401  (the fake kernels of the sharded ops: torch.compile)
 from .liger import FusedLinearDPOLoss  # Liger-Kernel's LigerFusedLinearDPOLoss drop-in (liger.py)
 
 __all__ = [

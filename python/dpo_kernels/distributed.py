@@ -3,8 +3,9 @@
 dpo_loss_from_logits over torch.distributed (docs/distributed.md).
 
 The kernels are the library's sharded building blocks (include/dpo/cpu/shard.hpp, the
-``shard_*`` ops); the collectives between them are ``torch.distributed.all_reduce`` calls on
-the given groups, issued here, on the current stream:
+``shard_*`` ops, whose fake kernels are in _shard_ops.py); the collectives between them are
+functional all-reduces (``torch.distributed._functional_collectives.all_reduce``, out of
+place) on the given groups, issued here and waited at once in eager mode:
 
 * vocabulary group (``process_group``): one MAX all-reduce of ``[rows]`` doubles (each row's
   max over the shards) and one SUM all-reduce of ``[rows, len(SHARD_FIELDS)]`` doubles (the
@@ -15,13 +16,22 @@ the given groups, issued here, on the current stream:
 The backward needs no collective: every rank holds the global row statistics and sequence
 gradients after the forward, and writes the gradient of its own logits shard. With an explicit
 ``vocab_range`` one more (tiny) all-gather learns the global vocabulary and checks that the
-ranks' ranges tile it. Eager mode only: torch.compile would need functional collectives
-(not done).
+ranks' ranges tile it.
+
+torch.compile(fullgraph=True) traces all of it (the same code: the functional collectives go
+into the graph), with two differences, since a graph can neither read a tensor on the host
+nor catch a kernel's error (docs/distributed.md, "torch.compile"): ``vocab_range`` is not
+all-gathered in the graph, the global vocabulary comes from an earlier eager call on this rank
+with the same group, range and shapes (a ValueError without one); and with ``cp_group`` a
+rank whose slice a kernel rejects raises out of the graph before the context all-reduce (its
+peers wait there until that process exits or the group times out); the all-reduce still
+carries the rejected count, read in the graph as on CUDA (NaN sums), never on the host.
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 
 from . import _C
 from ._ops import CONFIG_NAMES, ops
@@ -41,6 +51,16 @@ def _group_info(group):
     return dist.get_rank(group), dist.get_world_size(group)
 
 
+def _all_reduce(t, op, group):
+    """The all-reduce (`op`: "sum" or "max") of `t` over `group`, out of place: one functional
+    collective (torch.distributed._functional_collectives), which torch.compile traces into
+    the graph and eager mode runs at once (waited here, so the result is a plain tensor)."""
+    out = funcol.all_reduce(t, op, group)
+    if isinstance(out, funcol.AsyncCollectiveTensor):
+        out = out.wait()
+    return out
+
+
 def vocab_shard(logits: torch.Tensor, process_group, vocab_range) -> tuple[int, int]:
     """``(start, vocab)``: this rank's first column and the global vocabulary size.
 
@@ -50,10 +70,17 @@ def vocab_shard(logits: torch.Tensor, process_group, vocab_range) -> tuple[int, 
     synchronisation). With ``vocab_range=(start, end)`` (``end - start`` must be the logits'
     last dimension) the ranks all-gather their ranges and every rank checks that they tile
     ``[0, V)`` without gap or overlap and that the ranks agree on the rows, so a bad range or
-    shape raises on every rank.
+    shape raises on every rank. Under torch.compile the global vocabulary is the one an eager
+    call on this rank found for the same group, range and shapes (ValueError if none did).
     """
     V_local = logits.shape[-1]
     return _shard(V_local, logits.numel() // max(V_local, 1), logits.device, process_group, vocab_range, "logits'")
+
+
+#: The global vocabulary of every vocab_range an eager call has checked on this rank, by
+#: (the group's ranks, start, end, shard width, rows): what a compiled call reads, since it can
+#: neither all-gather the ranges nor read them on the host inside the graph.
+_CHECKED_RANGES: dict = {}
 
 
 def _shard(V_local, rows, device, process_group, vocab_range, what):
@@ -70,6 +97,16 @@ def _shard(V_local, rows, device, process_group, vocab_range, what):
             or not all(isinstance(x, int) and not isinstance(x, bool) for x in vocab_range)):
         raise TypeError(f"vocab_range must be a pair of ints (start, end), got {vocab_range!r}")
     start, end = vocab_range
+    key = (tuple(dist.get_process_group_ranks(process_group)), start, end, V_local, rows)
+    if torch.compiler.is_compiling():
+        vocab = _CHECKED_RANGES.get(key)
+        if vocab is None:
+            raise ValueError(
+                f"vocab_range = {tuple(vocab_range)} has not been checked on this rank: under torch.compile the "
+                "ranks' ranges cannot be all-gathered and checked inside the graph: run one eager call with the same "
+                "process_group, vocab_range and shapes on every rank first (it checks the ranges; the compiled call "
+                "then uses the global vocabulary it found)")
+        return start, vocab
     # One all-gather of (start, end, width, rows): every rank checks every rank's values.
     mine = torch.tensor([start, end, V_local, rows], dtype=torch.int64, device=device)
     gathered = [torch.empty_like(mine) for _ in range(world)]
@@ -90,6 +127,7 @@ def _shard(V_local, rows, device, process_group, vocab_range, what):
             raise ValueError(f"the ranks' vocab_range values {[r[:2] for r in ranges]} (in rank order) do not tile "
                              "[0, V) without gap or overlap: each range must start where another one ends")
         pos = e
+    _CHECKED_RANGES[key] = pos
     return start, pos
 
 
@@ -103,10 +141,10 @@ def _combine(row_max, records, group):
     """The two vocabulary all-reduces around shard_rebase: phase 1's (row_max, records) of
     every rank of `group` combined into the rows' global ones."""
     if group is not None:
-        dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
+        row_max = _all_reduce(row_max, "max", group)
     records = ops.shard_rebase(row_max, records)
     if group is not None:
-        dist.all_reduce(records, op=dist.ReduceOp.SUM, group=group)
+        records = _all_reduce(records, "sum", group)
     return row_max, records
 
 
@@ -123,12 +161,13 @@ def _context_sum(buf, group, error):
     all-reduce, and then every rank raises instead of its peers waiting for it."""
     # new_full, not new_tensor: a fill on the device, no copy from host memory (a sync on CUDA).
     flat = torch.cat([buf.reshape(-1), buf.new_full((1,), 0.0 if error is None else 1.0)])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+    flat = _all_reduce(flat, "sum", group)
     if error is not None:
         raise error
-    if flat.is_cuda:
-        # No host synchronisation on the device: a rejected peer makes the sums (so the loss
-        # and metrics) NaN here instead of raising; the rejected rank itself raised above.
+    if flat.is_cuda or torch.compiler.is_compiling():
+        # No host synchronisation on the device (nor a host read in a compiled graph): a
+        # rejected peer makes the sums (so the loss and metrics) NaN here instead of raising;
+        # the rejected rank itself raised above.
         return torch.where(flat[-1] > 0, torch.nan, flat[:-1]).view_as(buf)
     bad = int(flat[-1].item())
     if bad:
@@ -239,7 +278,7 @@ class _ShardedDPO(torch.autograd.Function):
 
 def _sum_hidden_grad(gh, tp):
     if tp is not None and gh.numel():
-        dist.all_reduce(gh, op=dist.ReduceOp.SUM, group=tp)
+        gh = _all_reduce(gh, "sum", tp)
     return gh
 
 
