@@ -216,6 +216,33 @@ TEST_CASE("isa: every level's exp (through the backward kernel) is within 2 ulp 
   }
 }
 
+TEST_CASE("isa: every level's exp below the normal range (docs/performance.md)", "[isa]") {
+  // AVX-512 scales by 2^k with vscalefps: exp's subnormals, within one unit of the smallest
+  // (2^-149), and +0 from -104 down. The other levels build 2^k from its exponent bits: the
+  // same down to 2^-126 * 2^-0.5, then +0 (below -87.7; -inf and the tails' padding are
+  // clamped to -88 there, to -104 on AVX-512: +0 either way).
+  const int n = 40001;
+  std::vector<float> z(static_cast<std::size_t>(n)), g(z.size());
+  for (int i = 0; i < n; ++i) z[i] = static_cast<float>(-110.0 + 23.0 * i / (n - 1));
+  const double unit = std::ldexp(1.0, -149);
+  for (isa l : supported_levels()) {
+    INFO("level " << dpo::cpu::isa_name(l));
+    with_level w(l);
+    dpo::cpu::detail::backward_row<float, float>(z.data(), g.data(), n, dpo::detail::lse_parts<float>(0.0f, 0.0f),
+                                                 -1.0f);
+    const bool avx512 = l == isa::avx512 || l == isa::avx512_bf16;
+    std::size_t bad = 0;
+    for (int i = 0; i < n; ++i) {
+      const double want = std::exp(static_cast<double>(z[i])), got = -static_cast<double>(g[i]);
+      const bool ok = z[i] <= -104.0f          ? got == 0.0
+                      : avx512 || z[i] > -87.6f ? std::fabs(got - want) <= unit
+                                                : got == 0.0 || std::fabs(got - want) <= unit;
+      if (!ok && bad++ == 0) UNSCOPED_INFO("z = " << z[i] << ": " << got << " against exp " << want);
+    }
+    CHECK(bad == 0);
+  }
+}
+
 TEST_CASE("isa: half and bf16 rounding of the gradient match the scalar conversions at every level", "[isa]") {
   // Values across the half range, its subnormals, overflow and bf16 ties: g = -exp(z) * -c
   // with coef = 1 gives round(exp(z)); compare with Eigen's conversion of the same float.

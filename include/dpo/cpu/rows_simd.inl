@@ -284,16 +284,28 @@ constexpr std::uint32_t neg_inf_bits() {
   return std::is_same_v<T, float> ? 0xff800000u : std::is_same_v<T, Eigen::bfloat16> ? 0xff80u : 0xfc00u;
 }
 
-/// exp(x) for x in [exp_lo, 88] or NaN: the scalar exp_clamped of rows.hpp, lane by lane,
-/// with its multiply-adds fused where the level has FMA (the same operations otherwise).
-/// `biased` receives k + 127 of the result's scale 2^k (0 when 2^k is built as +0; garbage
-/// for NaN x).
-DPO_SIMD_INLINE vf exp_v(vf x, vi& biased) {
+#if DPO_ISA_X86 && DPO_ISA_BYTES == 64
+/// The lower clamp of exp_v's argument on this level. AVX-512 scales by 2^k with vscalefps,
+/// which rounds once into the subnormal range, so exp_v is exp's subnormal there and exactly
+/// +0 from -104 down (the clamp of -inf and of the tails' padding).
+inline constexpr float simd_exp_lo = -104.0f;
+#else
+/// The lower clamp of exp_v's argument on this level: exp_lo (2^k built from its exponent
+/// bits, +0 for k = -127, so exp_v is +0 below about -87.7).
+inline constexpr float simd_exp_lo = exp_lo<float>;
+#endif
+
+/// exp(x) for x in [simd_exp_lo, 88] or NaN: the scalar exp_clamped of rows.hpp, lane by
+/// lane, with its multiply-adds fused where the level has FMA (the same operations
+/// otherwise). The levels agree bitwise (where they fuse alike) except below 2^-126: AVX-512
+/// returns exp's subnormals down to 2^-149 where the other levels return 0 below 2^-127
+/// (docs/performance.md). `k` receives the exponent of the result's scale 2^k, an integer
+/// as a float (NaN for NaN x).
+DPO_SIMD_INLINE vf exp_v(vf x, vf& k) {
   DPO_NO_CONTRACT
   const float magic = 12582912.0f;
   const vf t = fmadd(x, splat(1.44269504088896341f), splat(magic));
-  const vf k = t - magic;
-  biased = (vi)t - (bits_as<std::int32_t>(magic) - 127);
+  k = t - magic;
   vf r = fmadd(k, splat(-0.693359375f), x);
   r = fmadd(k, splat(2.12194440e-4f), r);
   vf q = splat(1.381459878757596e-3f);
@@ -301,15 +313,55 @@ DPO_SIMD_INLINE vf exp_v(vf x, vi& biased) {
   q = fmadd(q, r, splat(4.166838899254799e-2f));
   q = fmadd(q, r, splat(1.666652113199234e-1f));
   q = fmadd(q, r, splat(4.999999403953552e-1f));
-  const vf r2 = r * r;
-  vf y = fmadd(q, r2, r);
-  y = y + 1.0f;
+  q = fmadd(q, r, splat(1.0f));
+  const vf y = fmadd(q, r, splat(1.0f));
+#if DPO_ISA_X86 && DPO_ISA_BYTES == 64
+  return (vf)_mm512_maskz_scalef_ps(0xffff, (__m512)y, (__m512)k);  // (maskz: GCC 12 warns on the plain form)
+#else
+  const vi biased = (vi)t - (bits_as<std::int32_t>(magic) - 127);
   return y * (vf)((vu)biased << 23);
+#endif
 }
 
 DPO_SIMD_INLINE vf exp_v(vf x) {
-  vi biased;
-  return exp_v(x, biased);
+  vf k;
+  return exp_v(x, k);
+}
+
+/// The lanes of v equal to m, as the bits of a mask (bit l: lane l of the 16, v = `parts`
+/// registers). NaN equals nothing.
+DPO_SIMD_INLINE std::uint32_t equal_mask(const vf* v, float m) {
+  std::uint32_t mask = 0;
+  DPO_PARTS
+  for (int j = 0; j < parts; ++j) {
+#if DPO_ISA_X86 && DPO_ISA_BYTES == 64
+    const std::uint32_t b = _mm512_cmp_ps_mask((__m512)v[j], _mm512_set1_ps(m), _CMP_EQ_OQ);
+#elif DPO_ISA_X86 && DPO_ISA_BYTES == 32
+    const std::uint32_t b = static_cast<std::uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps((__m256)v[j], _mm256_set1_ps(m), _CMP_EQ_OQ)));
+#elif DPO_ISA_X86 && DPO_ISA_BYTES == 16
+    const std::uint32_t b = static_cast<std::uint32_t>(_mm_movemask_ps(_mm_cmpeq_ps((__m128)v[j], _mm_set1_ps(m))));
+#else
+    std::uint32_t b = 0;
+    for (int l = 0; l < w; ++l) b |= static_cast<std::uint32_t>(v[j][l] == m) << l;
+#endif
+    mask |= b << (j * w);
+  }
+  return mask;
+}
+
+/// The first i in [0, n) with x[i] == m, n a multiple of the 16 lanes, or n if none: the
+/// argmax once the max m is known, one comparison per register up to it (the max pass then
+/// tracks no index).
+template <class T>
+DPO_SIMD_INLINE std::int64_t first_equal(const T* x, std::int64_t n, float m) {
+  for (std::int64_t i = 0; i < n; i += lanes) {
+    vf v[parts];
+    DPO_PARTS
+    for (int j = 0; j < parts; ++j) v[j] = load(x + i + j * w);
+    const std::uint32_t mask = equal_mask(v, m);
+    if (mask != 0) return i + __builtin_ctz(mask);
+  }
+  return n;
 }
 
 /// chunk_forward of rows.hpp for float accumulation: the same lanes, in registers. Lane l of
@@ -324,28 +376,23 @@ dpo::detail::row_stats<float> chunk_forward(const T* z, std::int64_t n, std::int
   constexpr bool keep = !std::is_same_v<T, float>;
   const std::int64_t full = n - n % lanes;
   vf mx[parts], zs[parts];
-  vi ix[parts], iota[parts];
+  vi iota[parts];
   DPO_PARTS
   for (int j = 0; j < parts; ++j) {
     mx[j] = splat(-INFINITY);
     zs[j] = splat(0.0f);
     for (int l = 0; l < w; ++l) iota[j][l] = j * w + l;
-    ix[j] = vi{};
   }
-  // Each lane keeps its first maximum (strict >); NaN never compares greater. ix holds the
-  // start of the block where the lane's maximum is (the index is that + the lane): one
-  // broadcast per block instead of a running index per register. The tail is padded with
-  // -inf: never a max, and kept out of the sum.
+  // The running max skips NaN (never greater). The argmax is found afterwards (first_equal),
+  // not tracked here. The tail is padded with -inf: never a max, and kept out of the sum.
   const auto pass1 = [&](const T* src, std::int64_t at, bool tail) {
     const vi block = vi{} + static_cast<std::int32_t>(at);
     DPO_PARTS
     for (int j = 0; j < parts; ++j) {
       const vf v = load(src + j * w);
       if constexpr (keep) store(scratch.x + at + j * w, v);
-      if constexpr (Metrics) {
-        ix[j] = select((vi)(v > mx[j]), block, ix[j]);
+      if constexpr (Metrics)
         zs[j] = zs[j] + (tail ? select((vi)(block + iota[j] < static_cast<std::int32_t>(n)), v, splat(-0.0f)) : v);
-      }
       mx[j] = max_keep(v, mx[j]);
     }
   };
@@ -356,13 +403,10 @@ dpo::detail::row_stats<float> chunk_forward(const T* z, std::int64_t n, std::int
     pass1(tail, full, true);
   }
   alignas(64) float mxl[lanes], zsl[lanes];
-  alignas(64) std::int32_t ixl[lanes];
   DPO_PARTS
   for (int j = 0; j < parts; ++j) {
     std::memcpy(mxl + j * w, &mx[j], sizeof mx[j]);
     std::memcpy(zsl + j * w, &zs[j], sizeof zs[j]);
-    const vi at = ix[j] + iota[j];
-    std::memcpy(ixl + j * w, &at, sizeof at);
   }
 
   dpo::detail::row_stats<float> c = dpo::detail::row_stats<float>::empty();
@@ -370,10 +414,15 @@ dpo::detail::row_stats<float> chunk_forward(const T* z, std::int64_t n, std::int
   for (int l = 1; l < lanes; ++l) c.m = mxl[l] > c.m ? mxl[l] : c.m;
   c.argmax = c0;
   if constexpr (Metrics) {
-    std::int32_t first = static_cast<std::int32_t>(n);
-    for (int l = 0; l < lanes; ++l)
-      if (mxl[l] == c.m && ixl[l] < first) first = ixl[l];
-    c.argmax = c0 + (first < n ? first : 0);
+    // The first maximum (the chunk's first element when no element is greater than -inf).
+    if (c.m != -INFINITY) {
+      if constexpr (keep) {
+        c.argmax = c0 + first_equal(scratch.x, full + (full < n ? lanes : 0), c.m);
+      } else {
+        c.argmax = c0 + first_equal(z, full, c.m);
+        if (c.argmax == c0 + full) c.argmax = c0 + first_equal(tail, full < n ? lanes : 0, c.m) + full;
+      }
+    }
     c.zsum = lane_sum(zsl);
   }
   if (c.m == -INFINITY) {
@@ -386,7 +435,7 @@ dpo::detail::row_stats<float> chunk_forward(const T* z, std::int64_t n, std::int
   }
 
   // The chunk again, from L1 (bf16 and fp16: as converted by pass 1). d <= 0 (or NaN): only
-  // the lower clamp. The tail's padding gives d = exp_lo and e = +0 exactly, which adds
+  // the lower clamp. The tail's padding gives d = simd_exp_lo and e = +0 exactly, which adds
   // nothing to any sum.
   const auto* x = [&] {
     if constexpr (keep) {
@@ -403,7 +452,7 @@ dpo::detail::row_stats<float> chunk_forward(const T* z, std::int64_t n, std::int
     DPO_NO_CONTRACT
     DPO_PARTS
     for (int j = 0; j < parts; ++j) {
-      const vf d = clamp_lo(load(src + j * w) - m, exp_lo<float>);
+      const vf d = clamp_lo(load(src + j * w) - m, simd_exp_lo);
       const vf e = exp_v(d);
       s[j] = s[j] + e;
       if constexpr (Metrics) {
@@ -453,7 +502,7 @@ void backward_block(const T* z, T* g, std::int64_t V, float hi, float lo, float 
   DPO_NO_CONTRACT
   const auto grad = [hi, lo, neg](vf x) {
     DPO_NO_CONTRACT
-    const vf d = clamp_lo((x - hi) - lo, exp_lo<float>);
+    const vf d = clamp_lo((x - hi) - lo, simd_exp_lo);
     return exp_v(d) * neg;
   };
   std::int64_t i = 0;
@@ -463,24 +512,23 @@ void backward_block(const T* z, T* g, std::int64_t V, float hi, float lo, float 
 #if defined(DPO_ISA_BF16) && DPO_ISA_BF16
     // The hardware conversion where no gradient of the 32 can be subnormal, judged from the
     // exponents the exp already has: with |neg| >= 2^e and the polynomial's y > 1/2,
-    // |y * 2^k * neg| > 2^(k + e - 1) >= 2^-126 when k + 127 >= 2 - e (2^k = +0 gives 0,
-    // which converts exactly). A NaN takes either path: NaN out either way (docs/api.md:
-    // NaN payloads are not specified). neg = 0, subnormal or not finite: always the integer
-    // rounding.
+    // |y * 2^k * neg| > 2^(k + e - 1) >= 2^-126 when k >= -125 - e (exp_v scales by 2^k
+    // exactly, vscalefps). The k of a NaN compares as small (unordered): the integer
+    // rounding, right for any value. neg = 0, subnormal or not finite: always the integer
+    // rounding (min_k = +inf).
     const bool normal_neg = std::isfinite(neg) && std::fabs(neg) >= 1.17549435e-38f;
-    const __m512i min_biased = _mm512_set1_epi32(normal_neg ? 2 - std::ilogb(neg) : INT32_MAX);
-    const auto grad_k = [hi, lo, neg](vf x, vi& biased) {
+    const __m512 min_k = _mm512_set1_ps(normal_neg ? static_cast<float>(-125 - std::ilogb(neg)) : INFINITY);
+    const auto grad_k = [hi, lo, neg](vf x, vf& k) {
       DPO_NO_CONTRACT
-      const vf d = clamp_lo((x - hi) - lo, exp_lo<float>);
-      return exp_v(d, biased) * neg;
+      const vf d = clamp_lo((x - hi) - lo, simd_exp_lo);
+      return exp_v(d, k) * neg;
     };
     for (; i + 2 * lanes <= V; i += 2 * lanes) {
-      vf even, odd;
-      vi be, bo;
+      vf even, odd, ke, ko;
       load_bf16_pairs(z + i, even, odd);
-      const vf ge = grad_k(even, be), go = grad_k(odd, bo);
-      const __m512i lowest = _mm512_maskz_min_epi32(0xffff, (__m512i)be, (__m512i)bo);  // (maskz: GCC 12 warns)
-      const __mmask16 small = _mm512_cmplt_epi32_mask(lowest, min_biased);
+      const vf ge = grad_k(even, ke), go = grad_k(odd, ko);
+      const __m512 lowest = _mm512_maskz_min_ps(0xffff, (__m512)ke, (__m512)ko);  // (maskz: GCC 12 warns)
+      const __mmask16 small = _mm512_cmp_ps_mask(lowest, min_k, _CMP_NGE_UQ);
       if (__builtin_expect(small == 0, 1)) {
         store_bf16_pairs_hw(g + i, ge, go);
       } else {
