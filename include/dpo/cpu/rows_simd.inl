@@ -286,35 +286,46 @@ constexpr std::uint32_t neg_inf_bits() {
 
 #if DPO_ISA_X86 && DPO_ISA_BYTES == 64
 /// The lower clamp of exp_v's argument on this level. AVX-512 scales by 2^k with vscalefps,
-/// which rounds once into the subnormal range, so exp_v is exp's subnormal there and exactly
-/// +0 from -104 down (the clamp of -inf and of the tails' padding).
-inline constexpr float simd_exp_lo = -104.0f;
+/// which rounds once into the subnormal range, so c * exp(x) is exact to rounding there
+/// (exp alone: +0 from -104 down), and +0 at the clamp for any folded coefficient c below
+/// 2^126 (2^-288 c < 2^-150): -inf and the tails' padding give exactly 0.
+inline constexpr float simd_exp_lo = -200.0f;
 #else
 /// The lower clamp of exp_v's argument on this level: exp_lo (2^k built from its exponent
 /// bits, +0 for k = -127, so exp_v is +0 below about -87.7).
 inline constexpr float simd_exp_lo = exp_lo<float>;
 #endif
 
-/// exp(x) for x in [simd_exp_lo, 88] or NaN: the scalar exp_clamped of rows.hpp, lane by
-/// lane, with its multiply-adds fused where the level has FMA (the same operations
-/// otherwise). The levels agree bitwise (where they fuse alike) except below 2^-126: AVX-512
-/// returns exp's subnormals down to 2^-149 where the other levels return 0 below 2^-127
-/// (docs/performance.md). `k` receives the exponent of the result's scale 2^k, an integer
-/// as a float (NaN for NaN x).
-DPO_SIMD_INLINE vf exp_v(vf x, vf& k) {
+/// The polynomial of exp_v, its coefficients times c (c = 1: exp_v's own).
+struct exp_poly {
+  vf c6, c5, c4, c3, c2, c1;
+};
+DPO_SIMD_INLINE exp_poly exp_poly_times(float c) {
+  return {splat(1.381459878757596e-3f * c), splat(8.368716575205326e-3f * c), splat(4.166838899254799e-2f * c),
+          splat(1.666652113199234e-1f * c), splat(4.999999403953552e-1f * c), splat(c)};
+}
+
+/// c * exp(x) for x in [simd_exp_lo, 88] or NaN, with p = exp_poly_times(c) (c = 1: the
+/// scalar exp_clamped of rows.hpp, lane by lane). Range reduction x = k ln2 + r, then
+/// c (1 + r (1 + r (c2 + ...))) in Horner form with its multiply-adds fused where the level
+/// has FMA (the same operations otherwise), then the scale 2^k. The levels agree bitwise
+/// (where they fuse alike) except below 2^-126: AVX-512 returns exp's subnormals down to
+/// 2^-149 where the other levels return 0 below 2^-127 (docs/api.md). `k` receives the
+/// exponent of the scale, an integer as a float (NaN for NaN x).
+DPO_SIMD_INLINE vf exp_v(vf x, const exp_poly& p, vf& k) {
   DPO_NO_CONTRACT
   const float magic = 12582912.0f;
   const vf t = fmadd(x, splat(1.44269504088896341f), splat(magic));
   k = t - magic;
   vf r = fmadd(k, splat(-0.693359375f), x);
   r = fmadd(k, splat(2.12194440e-4f), r);
-  vf q = splat(1.381459878757596e-3f);
-  q = fmadd(q, r, splat(8.368716575205326e-3f));
-  q = fmadd(q, r, splat(4.166838899254799e-2f));
-  q = fmadd(q, r, splat(1.666652113199234e-1f));
-  q = fmadd(q, r, splat(4.999999403953552e-1f));
-  q = fmadd(q, r, splat(1.0f));
-  const vf y = fmadd(q, r, splat(1.0f));
+  vf q = p.c6;
+  q = fmadd(q, r, p.c5);
+  q = fmadd(q, r, p.c4);
+  q = fmadd(q, r, p.c3);
+  q = fmadd(q, r, p.c2);
+  q = fmadd(q, r, p.c1);
+  const vf y = fmadd(q, r, p.c1);
 #if DPO_ISA_X86 && DPO_ISA_BYTES == 64
   return (vf)_mm512_maskz_scalef_ps(0xffff, (__m512)y, (__m512)k);  // (maskz: GCC 12 warns on the plain form)
 #else
@@ -325,7 +336,7 @@ DPO_SIMD_INLINE vf exp_v(vf x, vf& k) {
 
 DPO_SIMD_INLINE vf exp_v(vf x) {
   vf k;
-  return exp_v(x, k);
+  return exp_v(x, exp_poly_times(1.0f), k);
 }
 
 /// The lanes of v equal to m, as the bits of a mask (bit l: lane l of the 16, v = `parts`
@@ -496,14 +507,26 @@ dpo::detail::row_stats<float> chunk_forward(const T* z, std::int64_t n, std::int
 }
 
 /// backward_block of rows.hpp for float accumulation: g[i] = round(exp((z[i] - hi) - lo) *
-/// neg) over [0, V); g may equal z (each register is read before it is written).
-template <class T>
+/// neg) over [0, V); g may equal z (each register is read before it is written). Fold:
+/// neg, a normal float below 2^126, multiplies the exp polynomial's coefficients
+/// (exp_poly_times), one multiply fewer per register and one rounding fewer than exp's
+/// result times neg, which the other coefficients (0, subnormal, huge, infinite, NaN) keep.
+template <bool Fold, class T>
 void backward_block(const T* z, T* g, std::int64_t V, float hi, float lo, float neg) {
   DPO_NO_CONTRACT
-  const auto grad = [hi, lo, neg](vf x) {
+  const exp_poly p = exp_poly_times(Fold ? neg : 1.0f);
+  const auto grad_k = [hi, lo, neg, &p](vf x, vf& k) {
     DPO_NO_CONTRACT
     const vf d = clamp_lo((x - hi) - lo, simd_exp_lo);
-    return exp_v(d) * neg;
+    if constexpr (Fold) {
+      return exp_v(d, p, k);
+    } else {
+      return exp_v(d, p, k) * neg;
+    }
+  };
+  const auto grad = [&grad_k](vf x) {
+    vf k;
+    return grad_k(x, k);
   };
   std::int64_t i = 0;
 #if DPO_ISA_X86 && DPO_ISA_BYTES == 64
@@ -511,18 +534,12 @@ void backward_block(const T* z, T* g, std::int64_t V, float hi, float lo, float 
     // 32 logits per iteration as their even- and odd-indexed halves (load_bf16_pairs).
 #if defined(DPO_ISA_BF16) && DPO_ISA_BF16
     // The hardware conversion where no gradient of the 32 can be subnormal, judged from the
-    // exponents the exp already has: with |neg| >= 2^e and the polynomial's y > 1/2,
-    // |y * 2^k * neg| > 2^(k + e - 1) >= 2^-126 when k >= -125 - e (exp_v scales by 2^k
-    // exactly, vscalefps). The k of a NaN compares as small (unordered): the integer
-    // rounding, right for any value. neg = 0, subnormal or not finite: always the integer
-    // rounding (min_k = +inf).
-    const bool normal_neg = std::isfinite(neg) && std::fabs(neg) >= 1.17549435e-38f;
-    const __m512 min_k = _mm512_set1_ps(normal_neg ? static_cast<float>(-125 - std::ilogb(neg)) : INFINITY);
-    const auto grad_k = [hi, lo, neg](vf x, vf& k) {
-      DPO_NO_CONTRACT
-      const vf d = clamp_lo((x - hi) - lo, simd_exp_lo);
-      return exp_v(d, k) * neg;
-    };
+    // exponents the exp already has: with |neg| >= 2^e and the polynomial's |y| > |neg| / 2
+    // (neg folded in: exp(r) > 1/2 times neg), |y * 2^k| > 2^(k + e - 1) >= 2^-126 when
+    // k >= -125 - e (exp_v scales by 2^k exactly, vscalefps). The k of a NaN compares as small (unordered): the integer
+    // rounding, right for any value. neg = 0, subnormal or not finite (no Fold): always the
+    // integer rounding (min_k = +inf).
+    const __m512 min_k = _mm512_set1_ps(Fold ? static_cast<float>(-125 - std::ilogb(neg)) : INFINITY);
     for (; i + 2 * lanes <= V; i += 2 * lanes) {
       vf even, odd, ke, ko;
       load_bf16_pairs(z + i, even, odd);
@@ -559,6 +576,17 @@ void backward_block(const T* z, T* g, std::int64_t V, float hi, float lo, float 
     DPO_PARTS
     for (int j = 0; j < parts; ++j) store(out + j * w, grad(load(in + j * w)));
     std::memcpy(static_cast<void*>(g + i), out, static_cast<std::size_t>(V - i) * sizeof(T));
+  }
+}
+
+/// backward_block, folding neg into the polynomial where it is a normal float below 2^126
+/// (where neg * exp(r), r <= ln2 / 2, cannot overflow).
+template <class T>
+void backward_block(const T* z, T* g, std::int64_t V, float hi, float lo, float neg) {
+  if (std::fabs(neg) >= 1.17549435e-38f && std::fabs(neg) < 8.50705917e37f) {  // [2^-126, 2^126): no NaN
+    backward_block<true>(z, g, V, hi, lo, neg);
+  } else {
+    backward_block<false>(z, g, V, hi, lo, neg);
   }
 }
 
