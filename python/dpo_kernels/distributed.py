@@ -22,10 +22,11 @@ torch.compile(fullgraph=True) traces all of it (the same code: the functional co
 into the graph), with two differences, since a graph can neither read a tensor on the host
 nor catch a kernel's error (docs/distributed.md, "torch.compile"): ``vocab_range`` is not
 all-gathered in the graph, the global vocabulary comes from an earlier eager call on this rank
-with the same group, range and shapes (a ValueError without one); and with ``cp_group`` a
-rank whose slice a kernel rejects raises out of the graph before the context all-reduce (its
-peers wait there until that process exits or the group times out); the all-reduce still
-carries the rejected count, read in the graph as on CUDA (NaN sums), never on the host.
+with the same group, range and shard width, whatever the rows (a ValueError without one); and
+with ``cp_group`` a rank whose slice a kernel rejects raises out of the graph before the
+context all-reduce (its peers wait there until that process exits or the group times out);
+the all-reduce still carries the rejected count, read in the graph as on CUDA (NaN sums),
+never on the host.
 """
 from __future__ import annotations
 
@@ -71,14 +72,14 @@ def vocab_shard(logits: torch.Tensor, process_group, vocab_range) -> tuple[int, 
     last dimension) the ranks all-gather their ranges and every rank checks that they tile
     ``[0, V)`` without gap or overlap and that the ranks agree on the rows, so a bad range or
     shape raises on every rank. Under torch.compile the global vocabulary is the one an eager
-    call on this rank found for the same group, range and shapes (ValueError if none did).
+    call on this rank found for the same group, range and shard width (ValueError if none did).
     """
     V_local = logits.shape[-1]
     return _shard(V_local, logits.numel() // max(V_local, 1), logits.device, process_group, vocab_range, "logits'")
 
 
 #: The global vocabulary of every vocab_range an eager call has checked on this rank, by
-#: (the group's ranks, start, end, shard width, rows): what a compiled call reads, since it can
+#: (the group's ranks, start, end, shard width): what a compiled call reads, since it can
 #: neither all-gather the ranges nor read them on the host inside the graph.
 _CHECKED_RANGES: dict = {}
 
@@ -97,15 +98,19 @@ def _shard(V_local, rows, device, process_group, vocab_range, what):
             or not all(isinstance(x, int) and not isinstance(x, bool) for x in vocab_range)):
         raise TypeError(f"vocab_range must be a pair of ints (start, end), got {vocab_range!r}")
     start, end = vocab_range
-    key = (tuple(dist.get_process_group_ranks(process_group)), start, end, V_local, rows)
+    # Not keyed by the rows, which vary from batch to batch (packed sequences): one entry per
+    # range, so the cache does not grow over a run, and a compiled call with new shapes needs
+    # no new eager call (the ranks agreeing on the rows is then the caller's contract, as
+    # without vocab_range).
+    key = (tuple(dist.get_process_group_ranks(process_group)), start, end, V_local)
     if torch.compiler.is_compiling():
         vocab = _CHECKED_RANGES.get(key)
         if vocab is None:
             raise ValueError(
                 f"vocab_range = {tuple(vocab_range)} has not been checked on this rank: under torch.compile the "
                 "ranks' ranges cannot be all-gathered and checked inside the graph: run one eager call with the same "
-                "process_group, vocab_range and shapes on every rank first (it checks the ranges; the compiled call "
-                "then uses the global vocabulary it found)")
+                "process_group, vocab_range and shard width on every rank first (it checks the ranges; the compiled "
+                "call then uses the global vocabulary it found)")
         return start, vocab
     # One all-gather of (start, end, width, rows): every rank checks every rank's values.
     mine = torch.tensor([start, end, V_local, rows], dtype=torch.int64, device=device)

@@ -122,6 +122,12 @@ def run(rank: int, world: int, init_file: str) -> None:
     vr = (bounds[rank], bounds[rank + 1])
     _compare_logits("tp2 vocab_range", "aot_eager", (logits[..., vr[0]:vr[1]], labels), ref_c, ref_r, cfg,
                     process_group=g, vocab_range=vr)
+    # The checked range on rows no eager call has seen (2 sequences): the check is per range,
+    # not per shape, so a compiled call on a new batch shape needs no new eager call.
+    new_rows = torch.compile(lambda z: dpo_kernels.sequence_logps(z, labels[:2], average=True, process_group=g,
+                                                                  vocab_range=vr), fullgraph=True, backend="aot_eager")
+    close("tp2 vocab_range new rows [aot_eager]", new_rows(logits[:2, :, vr[0]:vr[1]]),
+          dpo_kernels.sequence_logps(logits[:2], labels[:2], average=True))
     # A range no eager call has checked: a clear error on every rank, before any collective.
     other = [(0, 131), (131, V)][rank]
     fn = torch.compile(lambda z: dpo_kernels.dpo_loss_from_logits(z, labels, ref_c, ref_r, process_group=g,
