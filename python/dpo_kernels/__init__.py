@@ -28,7 +28,6 @@ import torch
 from . import _C
 from ._linear import OPTIONAL_OUTPUTS, linear_logprobs
 from ._linear import _check_device as _check_head_device
-from ._linear import _check_sharded_device
 from ._linear_dpo import DEFAULT_CUDA_LINEAR_DPO_WORKSPACE_BYTES, DEFAULT_LINEAR_DPO_WORKSPACE_BYTES
 from ._ops import CONFIG_FIELDS, LOSS_TYPES, METRIC_NAMES, PAIR_VALUE_NAMES, check_devices, check_inplace_target, ops, whole
 from . import _shard_ops  # noqa: F401  (the fake kernels of the sharded ops: torch.compile)
@@ -505,7 +504,6 @@ def dpo_loss_from_hidden(
             raise ValueError("ref_weight / ref_bias are given without ref_hidden")
         from . import distributed
 
-        _check_sharded_device(hidden, "dpo_loss_from_hidden")
         loss, metrics, pair_values = distributed.dpo_loss_from_hidden(
             hidden, weight, bias, labels, reference_chosen_logps, reference_rejected_logps, cu_seqlens,
             (temperature, softcap, logit_scale), ignore_index, config, compute_metrics, int(workspace_bytes),

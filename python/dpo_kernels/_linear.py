@@ -79,13 +79,6 @@ def _check_device(hidden: torch.Tensor, what: str = "dpo_kernels.linear_logprobs
         )
 
 
-def _check_sharded_device(hidden: torch.Tensor, what: str) -> None:
-    """The vocabulary-sharded head (process_group / vocab_range / cp_group) has the fused
-    head's devices (CPU, and CUDA in a CUDA build: csrc/cuda_linear_shard.cu): others are
-    refused before any collective."""
-    _check_device(hidden, what)
-
-
 def _positive(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
@@ -194,7 +187,6 @@ def linear_logprobs(
     if process_group is not None or vocab_range is not None:
         from . import distributed
 
-        _check_sharded_device(hidden, "dpo_kernels.linear_logprobs")
         res = distributed.linear_logprobs(hidden, weight, bias, targets, (temperature, softcap, logit_scale), flags,
                                           int(ignore_index), int(workspace_bytes), process_group, vocab_range)
     else:

@@ -219,7 +219,7 @@ class _ShardedLogps(torch.autograd.Function):
         return (out,) + (None,) * 8
 
 
-def _pair_forward(rows_and_seq, num_seqs, cp, ref_c, ref_r, config, compute_metrics, device=None):
+def _pair_forward(rows_and_seq, num_seqs, cp, ref_c, ref_r, config, compute_metrics, device):
     """The DPO forward around a shard's phase 1 and 2 (`rows_and_seq()`: the vocabulary
     collectives inside; returns row_max, records and the [len(SEQ_FIELDS), 2P] sums): the
     context all-reduce (with the count of ranks whose slice was rejected) and the pair stage.

@@ -296,7 +296,8 @@ inline constexpr float simd_exp_lo = -200.0f;
 inline constexpr float simd_exp_lo = exp_lo<float>;
 #endif
 
-/// The polynomial of exp_v, its coefficients times c (c = 1: exp_v's own).
+/// The polynomial of exp_v, its coefficients times c (c = 1: exp_v's own); c1 is both the
+/// linear and the constant coefficient (c * 1).
 struct exp_poly {
   vf c6, c5, c4, c3, c2, c1;
 };
@@ -536,9 +537,9 @@ void backward_block(const T* z, T* g, std::int64_t V, float hi, float lo, float 
     // The hardware conversion where no gradient of the 32 can be subnormal, judged from the
     // exponents the exp already has: with |neg| >= 2^e and the polynomial's |y| > |neg| / 2
     // (neg folded in: exp(r) > 1/2 times neg), |y * 2^k| > 2^(k + e - 1) >= 2^-126 when
-    // k >= -125 - e (exp_v scales by 2^k exactly, vscalefps). The k of a NaN compares as small (unordered): the integer
-    // rounding, right for any value. neg = 0, subnormal or not finite (no Fold): always the
-    // integer rounding (min_k = +inf).
+    // k >= -125 - e (exp_v scales by 2^k exactly, vscalefps). The k of a NaN compares as
+    // small (unordered): the integer rounding, right for any value. Without Fold (neg 0,
+    // subnormal, huge or not finite): always the integer rounding (min_k = +inf).
     const __m512 min_k = _mm512_set1_ps(Fold ? static_cast<float>(-125 - std::ilogb(neg)) : INFINITY);
     for (; i + 2 * lanes <= V; i += 2 * lanes) {
       vf even, odd, ke, ko;
