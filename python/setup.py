@@ -21,6 +21,7 @@ import os
 import re
 from pathlib import Path
 
+import setuptools
 from setuptools import setup
 
 HERE = Path(__file__).resolve().parent
@@ -181,4 +182,13 @@ def _cmdclass():
     return {"build_ext": Build.with_options(use_ninja=True)}
 
 
-setup(version=_version(), ext_modules=_extensions(), cmdclass=_cmdclass())
+def _license() -> dict:
+    """The license, set here rather than in pyproject.toml: setuptools 77+ reads the SPDX form
+    (license_expression), and the older ones a build machine may have (Ubuntu 24.04's 68,
+    Debian 12's 66; `--no-build-isolation` uses them) reject it in pyproject.toml and take the
+    text form (license)."""
+    major = int(re.match(r"\d+", setuptools.__version__).group())
+    return {"license_expression": "Apache-2.0"} if major >= 77 else {"license": "Apache-2.0"}
+
+
+setup(version=_version(), ext_modules=_extensions(), cmdclass=_cmdclass(), **_license())
