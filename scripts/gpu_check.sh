@@ -43,12 +43,42 @@
 # no device) or was cut for time. Logs: build-gpu/logs; when $OUT is set (the device tool),
 # table.txt, the benchmark JSON files and logs.tgz are copied there.
 #
-#   bash scripts/gpu_check.sh        # BUILD_DIR, CUDA_ARCH (90), JOBS (16), DEADLINE_S
+#   bash scripts/gpu_check.sh        # BUILD_DIR, CUDA_ARCH (90), JOBS (16), DEADLINE_S, ONLY
+#
+# ONLY=name,name,...  runs only those stages (names as in the table; configure and build always
+# run, incrementally; the extension only for python_tests, linear_head_py, torch_paths). Stages the
+# deadline cut are listed at the end as a ready ONLY= line: on a still-warm machine (the build
+# directory kept) that rerun costs the selected stages plus an incremental build.
 #
 # With the device tool: first, here (PyPI reachable), `bash scripts/fetch_gpu_wheels.sh` (TRL and
 # Liger wheels, no deps, unpacked into the ignored .gpu_wheels/, ~11 MiB), then `run` with command
 # `bash scripts/gpu_check.sh` and carry [".gpu_wheels"] (the machine has no pip and no internet).
 set -u
+
+# Every stage name, in run order (ONLY= must name some of these).
+all_stages=(configure build cuda_tests linear_tests shard_tests bench_cuda bench_linear cuda_large
+  memcheck racecheck linear_memcheck linear_racecheck linear_dpo_memcheck shard_memcheck
+  shard_logits_memcheck shard_logits_racecheck example example_step python_tests linear_head_py
+  torch_paths ncu)
+only=",${ONLY:-},"
+only=${only// /}
+if [[ -n "${ONLY:-}" ]]; then
+  for n in ${ONLY//,/ }; do
+    if [[ " ${all_stages[*]} " != *" $n "* ]]; then
+      echo "gpu_check: ONLY names an unknown stage '$n'; the stages are: ${all_stages[*]}" >&2
+      exit 2
+    fi
+  done
+fi
+# selected NAME...: true when ONLY is unset or names one of them (configure and build always).
+selected() {
+  [[ -z "${ONLY:-}" ]] && return 0
+  local n
+  for n in "$@"; do
+    [[ $n == configure || $n == build || "$only" == *",$n,"* ]] && return 0
+  done
+  return 1
+}
 
 t_start=$(date +%s)
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -70,6 +100,7 @@ failed=0
 stage() {
   local name=$1 limit=$2
   shift 2
+  selected "$name" || return 0
   names+=("$name")
   local left=$(( deadline - $(date +%s) ))
   if (( left < 10 )); then
@@ -100,6 +131,7 @@ stage() {
 
 # A stage that could not run for a reason outside the code (tool refuses the device).
 not_run() {
+  selected "$1" || return 0
   names+=("$1"); outcome[$1]=$2; seconds[$1]=0; failed=1
   echo "== $1: $2"
 }
@@ -115,19 +147,29 @@ cat "$logs/env.log"
 
 # The extension compiles for minutes (torch's headers): start it first, on 6 of the cores.
 # In place: python/dpo_kernels/_C*.so next to the package's Python files.
-rm -f "$root"/python/dpo_kernels/_C*.so
-(
-  cd "$root/python" &&
-  DPO_KERNELS_CUDA=1 DPO_KERNELS_CUDA_ARCHS=$arch MAX_JOBS=6 timeout 330 \
-    python3 setup.py build_ext --inplace --build-temp "$build/python-tmp" \
-    > "$logs/python_build.log" 2>&1
-  echo $? > "$logs/python_build.rc"
-) &
-py_pid=$!
+# Only when a stage that uses it is selected; a rerun reuses the object files in python-tmp.
+py_pid=
+if selected python_tests linear_head_py torch_paths; then
+  rm -f "$root"/python/dpo_kernels/_C*.so
+  (
+    cd "$root/python" &&
+    DPO_KERNELS_CUDA=1 DPO_KERNELS_CUDA_ARCHS=$arch MAX_JOBS=6 timeout 330 \
+      python3 setup.py build_ext --inplace --build-temp "$build/python-tmp" \
+      > "$logs/python_build.log" 2>&1
+    echo $? > "$logs/python_build.rc"
+  ) &
+  py_pid=$!
+fi
 
 # CMAKE_POLICY_VERSION_MINIMUM: CMake 4 refuses package configs written for CMake < 3.5.
-gen=()
-command -v make > /dev/null || gen=(-G Ninja)
+# Ninja when there is one: it builds the listed targets as one graph on every core, where the
+# Makefile generator builds them one after another (its top-level Makefile is .NOTPARALLEL),
+# each waiting on its own longest nvcc translation unit.
+gen=(-G "Unix Makefiles")
+command -v ninja > /dev/null && gen=(-G Ninja)
+if [[ -f "$build/CMakeCache.txt" ]] && ! grep -qx "CMAKE_GENERATOR:INTERNAL=${gen[1]}" "$build/CMakeCache.txt"; then
+  rm -rf "$build/CMakeCache.txt" "$build/CMakeFiles"  # a build folder of the other generator
+fi
 stage configure 90 cmake -S "$root" -B "$build" "${gen[@]}" -DCMAKE_BUILD_TYPE=Release \
   -DCMAKE_CUDA_ARCHITECTURES="$arch" -DDPO_BUILD_FUZZERS=OFF \
   -DCMAKE_POLICY_VERSION_MINIMUM=3.5
@@ -154,8 +196,15 @@ stage bench_linear 90 "$build/bench/cuda/dpo_bench_cuda_linear" --benchmark_out=
 # TRL 1.16's chunked head and Liger's fused DPO at the same shape run from Python: linear_head_py below.
 stage cuda_large 90 "$tbin" "[large]" --durations yes
 san=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
-# compute-sanitizer refuses the device on some sandboxes (gVisor): probe once, cheaply.
-if timeout 60 "$san" --tool memcheck "$tbin" "cuda: bad arguments*" > "$logs/sanitizer_probe.log" 2>&1; then
+san_stages=(memcheck racecheck linear_memcheck linear_racecheck linear_dpo_memcheck shard_memcheck
+  shard_logits_memcheck shard_logits_racecheck)
+# compute-sanitizer refuses the device on some sandboxes (gVisor): probe once, cheaply (not
+# when no sanitizer stage is selected, nor with under 40 s left: the stages are then cut).
+if ! selected "${san_stages[@]}"; then
+  :
+elif (( deadline - $(date +%s) < 40 )); then
+  for n in "${san_stages[@]}"; do not_run "$n" "SKIPPED(time)"; done
+elif timeout 60 "$san" --tool memcheck "$tbin" "cuda: bad arguments*" > "$logs/sanitizer_probe.log" 2>&1; then
   stage memcheck 90 "$san" --tool memcheck --error-exitcode 99 --leak-check full "$tbin" "[sanitize]"
   stage racecheck 120 "$san" --tool racecheck --error-exitcode 99 --racecheck-report all "$tbin" "[sanitize]"
   stage linear_memcheck 90 "$san" --tool memcheck --error-exitcode 99 --leak-check full "$lbin" "[sanitize]"
@@ -168,18 +217,20 @@ if timeout 60 "$san" --tool memcheck "$tbin" "cuda: bad arguments*" > "$logs/san
     "[sanitize][pairs]"
 else
   why="SKIPPED(sanitizer: $(grep -v '^\s*$' "$logs/sanitizer_probe.log" | head -n 1 | cut -c 1-40))"
-  not_run memcheck "$why"; not_run racecheck "$why"
-  not_run linear_memcheck "$why"; not_run linear_racecheck "$why"; not_run linear_dpo_memcheck "$why"
-  not_run shard_memcheck "$why"; not_run shard_logits_memcheck "$why"; not_run shard_logits_racecheck "$why"
+  for n in "${san_stages[@]}"; do not_run "$n" "$why"; done
 fi
 stage example 30 "$build/examples/cuda/dpo_example_custom_kernel"
 stage example_step 30 "$build/examples/cuda/dpo_example_training_step"
 
 left=$(( deadline - $(date +%s) ))
-if ! timeout $(( left > 0 ? left : 1 )) tail --pid="$py_pid" -f /dev/null; then kill "$py_pid" 2> /dev/null; fi
-tail -n 5 "$logs/python_build.log"
+if [[ -n $py_pid ]]; then
+  if ! timeout $(( left > 0 ? left : 1 )) tail --pid="$py_pid" -f /dev/null; then kill "$py_pid" 2> /dev/null; fi
+  tail -n 5 "$logs/python_build.log"
+fi
 py_ok=0
-if [[ "$(cat "$logs/python_build.rc" 2> /dev/null)" == 0 ]]; then
+if [[ -z $py_pid ]]; then
+  :  # no Python stage selected
+elif [[ "$(cat "$logs/python_build.rc" 2> /dev/null)" == 0 ]]; then
   py_ok=1
   export PYTHONPATH=$root/python${PYTHONPATH:+:$PYTHONPATH}
   # Every CUDA op against its CPU kernel: logits, fused head, and the sharded ops (world size 1).
@@ -189,7 +240,8 @@ if [[ "$(cat "$logs/python_build.rc" 2> /dev/null)" == 0 ]]; then
   done
   stage python_tests 240 python3 -m pytest -q -p no:cacheprovider -rf --tb=line "${py_cuda_tests[@]}"
 else
-  not_run python_build "FAIL(rc=$(cat "$logs/python_build.rc" 2> /dev/null || echo timeout))"
+  # Named python_tests so that ONLY=python_tests reruns it (the build is that stage's first step).
+  not_run python_tests "FAIL(python_build rc=$(cat "$logs/python_build.rc" 2> /dev/null || echo timeout))"
 fi
 # The fused head from Python against TRL's and Liger's (issues 12, 13). Without the extension it
 # still measures TRL, Liger, the floor and the materializing path (ours: "unavailable").
@@ -216,7 +268,9 @@ ncu_metrics=gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_el
 ncu_metrics+=,sm__throughput.avg.pct_of_peak_sustained_elapsed,sm__inst_issued.avg.pct_of_peak_sustained_active
 ncu_metrics+=,sm__warps_active.avg.pct_of_peak_sustained_active,smsp__inst_executed.sum
 ncu_metrics+=,launch__registers_per_thread
-if [[ -x "$ncu_bin" && -x "$build/bench/cuda/dpo_bench_cuda" ]] && (( deadline - $(date +%s) > 80 )); then
+if ! selected ncu; then
+  :
+elif [[ -x "$ncu_bin" && -x "$build/bench/cuda/dpo_bench_cuda" ]] && (( deadline - $(date +%s) > 80 )); then
   for what in dpo_forward fused_inplace; do
     echo "== ncu $what (optional)"
     DPO_BENCH_MIN_TIME=0.01 timeout --kill-after=5 35 "$ncu_bin" --clock-control none --csv --print-kernel-base function \
@@ -293,7 +347,13 @@ if os.path.exists(p):
               f"{f(r.get('vs_trl'), '.2f'):>6} {f(r.get('vs_liger'), '.2f'):>8} {f(r.get('extra_GiB'), '.2f'):>9}")
 PY
   python3 "$root/scripts/ncu_table.py" "$logs"/ncu_*.log 2> /dev/null
-  echo "wall: $(( $(date +%s) - t_start )) s"
+  echo "wall: $(( $(date +%s) - t_start )) s${ONLY:+ (ONLY=$ONLY)}"
+  cut=()
+  for n in "${names[@]}"; do [[ ${outcome[$n]} == "SKIPPED(time)" ]] && cut+=("$n"); done
+  if (( ${#cut[@]} )); then
+    list=$(IFS=,; echo "${cut[*]}")
+    echo "cut by the deadline; rerun them: ONLY=$list bash scripts/gpu_check.sh"
+  fi
   if (( failed )); then echo "RESULT: FAILED (logs in $logs)"; else echo "RESULT: all stages passed"; fi
 } | tee "$logs/table.txt"
 
