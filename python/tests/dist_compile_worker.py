@@ -70,7 +70,7 @@ def _compare_head(tag, backend, local, weight, bias, labels, ref_c, ref_r, cfg, 
 
 def _compare_head_logps(tag, backend, hidden, weight, bias, targets, **groups):
     """linear_logprobs with every optional output; the loss reads the log-probs and the entropy."""
-    u = torch.linspace(-1, 1, targets.shape[0])
+    u = torch.linspace(-1, 1, targets.shape[0], device=targets.device)
 
     def step(h, w, b):
         lp, ent, lssp, mean, top1 = dpo_kernels.linear_logprobs(h, w, b, targets, **groups)
@@ -90,7 +90,7 @@ def _compare_head_logps(tag, backend, hidden, weight, bias, targets, **groups):
 
 
 def _compare_logps(tag, backend, z, labels, **groups):
-    w = torch.linspace(-1, 2, z.shape[0])
+    w = torch.linspace(-1, 2, z.shape[0], device=z.device)
 
     def step(lz):
         return (dpo_kernels.sequence_logps(lz, labels, average=True, **groups) * w).sum()
@@ -158,6 +158,23 @@ def run(rank: int, world: int, init_file: str) -> None:
     _compare_head("head cp2", "aot_eager", hidden[:, t0:t1].contiguous(), weight, bias, hl[:, t0:t1].contiguous(), hc,
                   hr, CONFIGS[0], cp_group=g)
     leave()
+
+
+def world_one(group, device: str, backend: str) -> None:
+    """One rank on `device` (test_cuda_distributed.py: CUDA with NCCL): its shard is the whole
+    vocabulary and its context slice every row. The vocabulary-parallel logits (sigmoid + sft,
+    WPO), the context-parallel logits, sequence_logps and both head ops, compiled against eager."""
+    torch._dynamo.reset()
+    V = 40
+    logits, labels, ref_c, ref_r = (t.to(device) for t in batch(V, 7))
+    _compare_logits("tp1", backend, (logits, labels), ref_c, ref_r, CONFIGS[2], process_group=group)
+    _compare_logits("tp1 wpo", backend, (logits, labels), ref_c, ref_r, CONFIGS[6], process_group=group)
+    _compare_logits("cp1", backend, (logits, labels), ref_c, ref_r, CONFIGS[2], cp_group=group)
+    _compare_logps("tp1", backend, logits, labels, process_group=group)
+    hidden, weight, bias, hl, hc, hr = (t.to(device) for t in head(V, 12))
+    _compare_head("head tp1", backend, hidden, weight, bias, hl, hc, hr, CONFIGS[2], process_group=group)
+    _compare_head_logps("head logps tp1", backend, hidden.reshape(-1, hidden.shape[-1]), weight, bias,
+                        hl.reshape(-1).clamp_min(0), process_group=group)
 
 
 def inductor(rank: int, world: int, init_file: str) -> None:

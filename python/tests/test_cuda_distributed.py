@@ -203,3 +203,15 @@ def test_world_size_one_matches_unsharded(group, cfg, layout):
     assert got.device.type == "cuda"
     dist_worker.close("sequence_logps", got.detach(), want.detach())
     dist_worker.close("sequence_logps grad", lz.grad, z.grad)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_world_size_one_matches_eager(group, backend):
+    """torch.compile(fullgraph=True) of the sharded ops on CUDA, the all-reduces functional
+    collectives of the world-size-1 group (NCCL) in the graph: dpo_loss_from_logits with
+    process_group (sigmoid + sft, WPO) and with cp_group, sequence_logps, dpo_loss_from_hidden
+    and linear_logprobs: loss, metrics, pair values and gradients as eager's within 1e-6
+    (the CPU's two-rank version: test_distributed_compile.py)."""
+    import dist_compile_worker
+
+    dist_compile_worker.world_one(group, "cuda", backend)
