@@ -231,16 +231,19 @@ TORCH_LIBRARY_FRAGMENT(dpo_kernels, m) {
   m.def(
       "linear_shard_partials(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, float temperature, "
       "float? softcap, float logit_scale, int ignore_index, int vocab_start, int vocab_size, bool metrics, "
-      "int workspace_bytes) -> (Tensor row_max, Tensor records)");
+      "int workspace_bytes) -> (Tensor row_max, Tensor records)",
+      tags);
   m.def(
       "linear_shard_values(Tensor row_max, Tensor records, Tensor targets, int ignore_index, int vocab_size, "
       "bool entropy, bool log_sum_sq_probs, bool mean_logits, bool is_top1) -> (Tensor log_probs, Tensor entropy, "
-      "Tensor log_sum_sq_probs, Tensor mean_logits, Tensor is_top1)");
+      "Tensor log_sum_sq_probs, Tensor mean_logits, Tensor is_top1)",
+      tags);
   m.def(
       "linear_shard_backward(Tensor? grad_logps, Tensor? grad_entropy, Tensor hidden, Tensor weight, Tensor? bias, "
       "Tensor targets, Tensor row_max, Tensor records, Tensor? entropy, float temperature, float? softcap, "
       "float logit_scale, int ignore_index, int vocab_start, int vocab_size, bool need_hidden, bool need_weight, "
-      "bool need_bias, int workspace_bytes) -> (Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
+      "bool need_bias, int workspace_bytes) -> (Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)",
+      tags);
 }
 
 TORCH_LIBRARY_IMPL(dpo_kernels, CPU, m) {

@@ -175,16 +175,19 @@ TORCH_LIBRARY_FRAGMENT(dpo_kernels, m) {
   m.def(
       "linear_dpo_shard_partials(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor? cu_seqlens, "
       "float temperature, float? softcap, float logit_scale, int ignore_index, int vocab_start, int vocab_size, "
-      "bool metrics, int workspace_bytes) -> (Tensor row_max, Tensor records)");
+      "bool metrics, int workspace_bytes) -> (Tensor row_max, Tensor records)",
+      tags);
   m.def(
       "linear_dpo_shard_sequences(Tensor hidden, Tensor labels, Tensor? cu_seqlens, Tensor row_max, Tensor records, "
-      "int ignore_index, int vocab_start, int vocab_end, int vocab_size, float ld_alpha, bool metrics) -> Tensor");
+      "int ignore_index, int vocab_start, int vocab_end, int vocab_size, float ld_alpha, bool metrics) -> Tensor",
+      tags);
   m.def(
       "linear_dpo_shard_backward(Tensor seq_grad, Tensor nll_token_grad, Tensor hidden, Tensor weight, Tensor? bias, "
       "Tensor labels, Tensor? cu_seqlens, Tensor row_max, Tensor records, float temperature, float? softcap, "
       "float logit_scale, int ignore_index, int vocab_start, int vocab_size, float ld_alpha, bool need_hidden, "
       "bool need_weight, bool need_bias, int workspace_bytes) -> (Tensor grad_hidden, Tensor grad_weight, "
-      "Tensor grad_bias)");
+      "Tensor grad_bias)",
+      tags);
 }
 
 TORCH_LIBRARY_IMPL(dpo_kernels, CPU, m) {

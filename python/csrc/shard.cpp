@@ -14,6 +14,7 @@
 #include <cmath>
 #include <limits>
 #include <tuple>
+#include <vector>
 
 #include "common.h"
 #include "forward_outputs.h"
@@ -187,21 +188,27 @@ void add_shard_names(pybind11::module& m) {
 }  // namespace dpo_kernels
 
 TORCH_LIBRARY_FRAGMENT(dpo_kernels, m) {
+  // PT2-compliant: fake kernels in _shard_ops.py, checked by torch.library.opcheck.
+  const std::vector<at::Tag> tags{at::Tag::pt2_compliant_tag};
   m.def(
       "shard_partials(Tensor logits, Tensor labels, Tensor? cu_seqlens, int ignore_index, int vocab_start, "
-      "int vocab_size, bool metrics) -> (Tensor row_max, Tensor records)");
-  m.def("shard_rebase(Tensor row_max, Tensor records) -> Tensor");
+      "int vocab_size, bool metrics) -> (Tensor row_max, Tensor records)",
+      tags);
+  m.def("shard_rebase(Tensor row_max, Tensor records) -> Tensor", tags);
   m.def(
       "shard_sequence_partials(Tensor logits, Tensor labels, Tensor? cu_seqlens, Tensor row_max, Tensor records, "
-      "int ignore_index, int vocab_start, int vocab_size, float ld_alpha, bool paired, bool metrics) -> Tensor");
+      "int ignore_index, int vocab_start, int vocab_size, float ld_alpha, bool paired, bool metrics) -> Tensor",
+      tags);
   m.def("shard_pair_stage(Tensor seq_totals, Tensor? reference_chosen_logps, "
         "Tensor? reference_rejected_logps" DPO_CONFIG_SCHEMA
         ", bool metrics) -> (Tensor loss, Tensor metrics, Tensor pair_values, Tensor seq_grad, "
-        "Tensor nll_token_grad)");
+        "Tensor nll_token_grad)",
+        tags);
   m.def(
       "shard_backward(Tensor seq_grad, Tensor nll_token_grad, Tensor logits, Tensor labels, Tensor? cu_seqlens, "
       "Tensor row_max, Tensor records, int ignore_index, int vocab_start, int vocab_size, float ld_alpha, "
-      "bool paired) -> Tensor");
+      "bool paired) -> Tensor",
+      tags);
 }
 
 TORCH_LIBRARY_IMPL(dpo_kernels, CPU, m) {

@@ -130,6 +130,18 @@ def test_gradcheck_dpo_loss_from_logits(cfg):
 
 # ---- torch.compile(fullgraph=True) -----------------------------------------------------------
 
+def test_every_public_op_is_pt2_compliant():
+    """Every dpo_kernels op but the private (underscore) GEMM probes carries
+    torch.Tag.pt2_compliant_tag, the promise torch.compile and torch.export rely on: each has
+    a fake kernel and passes torch.library.opcheck (the opcheck tests here, in
+    test_linear*.py and in test_distributed_compile.py)."""
+    names = sorted(n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names()
+                   if n.startswith("dpo_kernels::") and not n.split("::", 1)[1].startswith("_"))
+    assert len(names) >= 21 and "shard_partials" in names and "linear_dpo" in names, names
+    untagged = [n for n in names if torch.Tag.pt2_compliant_tag not in getattr(ops, n).default.tags]
+    assert not untagged, f"ops without pt2_compliant_tag: {untagged}"
+
+
 def test_compile_fullgraph_forward_backward():
     torch._dynamo.reset()
     logits, labels, rc, rr = make(dtype=torch.float32)
