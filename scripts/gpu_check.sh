@@ -27,7 +27,10 @@
 #                 cases, racecheck over its [sanitize][pairs] ones (the pair path; racecheck is slow)
 #   example       examples/cuda/custom_kernel.cu
 #   example_step  examples/cuda/training_step.cu (its three ways agree, bitwise)
-#   python_tests  python/tests/test_cuda.py, test_cuda_linear.py (the ops on CUDA tensors against the CPU ops)
+#   python_tests  python/tests/test_cuda.py, test_cuda_linear.py (the ops on CUDA tensors against the CPU ops,
+#                 CUDA graphs, torch.compile)
+#   python_dist_tests  test_cuda_distributed.py, test_cuda_distributed_head.py (the sharded ops' CUDA
+#                 kernels against their CPU kernels; world size 1 against the unsharded ops, eager and compiled)
 #   linear_head_py  bench/python/bench_linear_head.py --device cuda --shape large: TRL 1.16's
 #                 chunked log-prob head (its Triton path) + DPO and Liger 0.8.5's
 #                 LigerFusedLinearDPOLoss (compiled) against our fused-head ops, the
@@ -46,7 +49,7 @@
 #   bash scripts/gpu_check.sh        # BUILD_DIR, CUDA_ARCH (90), JOBS (16), DEADLINE_S, ONLY
 #
 # ONLY=name,name,...  runs only those stages (names as in the table; configure and build always
-# run, incrementally; the extension only for python_tests, linear_head_py, torch_paths). Stages the
+# run, incrementally; the extension only for the python_* stages, linear_head_py, torch_paths). Stages the
 # deadline cut are listed at the end as a ready ONLY= line: on a still-warm machine (the build
 # directory kept) that rerun costs the selected stages plus an incremental build.
 #
@@ -58,7 +61,7 @@ set -u
 # Every stage name, in run order (ONLY= must name some of these).
 all_stages=(configure build cuda_tests linear_tests shard_tests bench_cuda bench_linear cuda_large
   memcheck racecheck linear_memcheck linear_racecheck linear_dpo_memcheck shard_memcheck
-  shard_logits_memcheck shard_logits_racecheck example example_step python_tests linear_head_py
+  shard_logits_memcheck shard_logits_racecheck example example_step python_tests python_dist_tests linear_head_py
   torch_paths ncu)
 only=",${ONLY:-},"
 only=${only// /}
@@ -149,7 +152,7 @@ cat "$logs/env.log"
 # In place: python/dpo_kernels/_C*.so next to the package's Python files.
 # Only when a stage that uses it is selected; a rerun reuses the object files in python-tmp.
 py_pid=
-if selected python_tests linear_head_py torch_paths; then
+if selected python_tests python_dist_tests linear_head_py torch_paths; then
   rm -f "$root"/python/dpo_kernels/_C*.so
   (
     cd "$root/python" &&
@@ -233,15 +236,18 @@ if [[ -z $py_pid ]]; then
 elif [[ "$(cat "$logs/python_build.rc" 2> /dev/null)" == 0 ]]; then
   py_ok=1
   export PYTHONPATH=$root/python${PYTHONPATH:+:$PYTHONPATH}
-  # Every CUDA op against its CPU kernel: logits, fused head, and the sharded ops (world size 1).
-  py_cuda_tests=()
-  for f in test_cuda.py test_cuda_linear.py test_cuda_distributed.py test_cuda_distributed_head.py; do
-    [[ -f "$root/python/tests/$f" ]] && py_cuda_tests+=("$root/python/tests/$f")
-  done
-  stage python_tests 240 python3 -m pytest -q -p no:cacheprovider -rf --tb=line "${py_cuda_tests[@]}"
+  # Every CUDA op against its CPU kernel, in two stages so that one cut for time keeps the
+  # other's results: the logits and fused-head ops, then the sharded ops. --durations: the
+  # slowest tests, to say where the time went.
+  tdir=$root/python/tests
+  stage python_tests 180 python3 -m pytest -q -p no:cacheprovider -rf --tb=line --durations=8 \
+    "$tdir/test_cuda.py" "$tdir/test_cuda_linear.py"
+  stage python_dist_tests 150 python3 -m pytest -q -p no:cacheprovider -rf --tb=line --durations=8 \
+    "$tdir/test_cuda_distributed.py" "$tdir/test_cuda_distributed_head.py"
 else
-  # Named python_tests so that ONLY=python_tests reruns it (the build is that stage's first step).
-  not_run python_tests "FAIL(python_build rc=$(cat "$logs/python_build.rc" 2> /dev/null || echo timeout))"
+  # Under the stages' names, so that ONLY= reruns them (the build is their first step).
+  why="FAIL(python_build rc=$(cat "$logs/python_build.rc" 2> /dev/null || echo timeout))"
+  not_run python_tests "$why"; not_run python_dist_tests "$why"
 fi
 # The fused head from Python against TRL's and Liger's (issues 12, 13). Without the extension it
 # still measures TRL, Liger, the floor and the materializing path (ours: "unavailable").
@@ -292,7 +298,7 @@ fi
   printf "%-22s %-30s %6s\n" stage result seconds
   for n in "${names[@]}"; do printf "%-22s %-30s %6s\n" "$n" "${outcome[$n]}" "${seconds[$n]}"; done
   grep -h "^test cases:\|^All tests passed\|passed\|failed" "$logs/cuda_tests.log" "$logs/cuda_large.log" \
-    "$logs/linear_tests.log" "$logs/shard_tests.log" "$logs/python_tests.log" 2> /dev/null | grep -v "^$" | tail -n 5
+    "$logs/linear_tests.log" "$logs/shard_tests.log" "$logs/python_tests.log" "$logs/python_dist_tests.log" 2> /dev/null | grep -v "^$" | tail -n 8
   python3 - "$logs" <<'PY' 2> /dev/null || echo "(no benchmark numbers)"
 import json, os, sys
 logs = sys.argv[1]
