@@ -35,6 +35,7 @@ dpo::cuda::options to_device(const shard_options& o) {
   dpo::cuda::options d;
   d.metrics = o.metrics;
   d.num_rows = o.num_rows;
+  d.error_word = static_cast<const dpo::cuda::device_error*>(o.error_word);
   return d;
 }
 
@@ -54,6 +55,22 @@ void copy_to_device(void* dst, const void* src, std::size_t bytes) {
 void copy_to_host(void* dst, const void* src, std::size_t bytes) {
   if (bytes > 0) DPO_CK(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost));
 }
+
+template <class T>
+shard_status shard_check(void* workspace, std::size_t& workspace_bytes, const tokens<T>& v,
+                         const dpo::vocab_shard& sh, const shard_options& opt) {
+  return to_host(dpo::cuda::shard_check(workspace, workspace_bytes, retype<device_t<T>>(v), sh, to_device(opt)));
+}
+
+template <class T>
+shard_status shard_check(void* workspace, std::size_t& workspace_bytes, const pairs<T>& p,
+                         const dpo::vocab_shard& sh, const shard_options& opt) {
+  return to_host(dpo::cuda::shard_check(workspace, workspace_bytes, retype<device_t<T>>(p), sh, to_device(opt)));
+}
+
+const void* shard_error_word(const void* workspace) { return dpo::cuda::shard_error_word(workspace); }
+
+shard_status read_error(const void* workspace) { return to_host(dpo::cuda::read_device_error(workspace)); }
 
 template <class T>
 shard_status shard_partials(const tokens<T>& v, const dpo::vocab_shard& sh, double* records, double* row_max,
@@ -125,6 +142,10 @@ shard_status shard_backward(void* workspace, std::size_t& workspace_bytes, const
 }
 
 #define DPO_SHARD_HARNESS(T)                                                                                          \
+  template shard_status shard_check<T>(void*, std::size_t&, const tokens<T>&, const dpo::vocab_shard&,              \
+                                       const shard_options&);                                                        \
+  template shard_status shard_check<T>(void*, std::size_t&, const pairs<T>&, const dpo::vocab_shard&,               \
+                                       const shard_options&);                                                        \
   template shard_status shard_partials<T>(const tokens<T>&, const dpo::vocab_shard&, double*, double*,              \
                                           const shard_options&);                                                     \
   template shard_status shard_row_values<T>(const tokens<T>&, const dpo::vocab_shard&, const double*, const double*, \

@@ -65,10 +65,11 @@ struct shard_status {
   explicit operator bool() const { return ok(); }
 };
 
-/// dpo::cuda::options.
+/// dpo::cuda::options (error_word: a shard_check workspace's word, device memory).
 struct shard_options {
   bool metrics = true;
   std::int64_t num_rows = -1;
+  const void* error_word = nullptr;
 };
 
 /// Where shard_row_values writes, by buffer row, in dpo::cuda::detail::shard_row_outputs'
@@ -82,6 +83,16 @@ using tokens = dpo::token_view<T, std::int64_t>;
 template <class T>
 using pairs = dpo::pair_view<T, std::int64_t>;
 
+template <class T>
+shard_status shard_check(void* workspace, std::size_t& workspace_bytes, const tokens<T>& v,
+                         const dpo::vocab_shard& sh, const shard_options& opt = {});
+template <class T>
+shard_status shard_check(void* workspace, std::size_t& workspace_bytes, const pairs<T>& p,
+                         const dpo::vocab_shard& sh, const shard_options& opt = {});
+/// dpo::cuda::shard_error_word(workspace), as shard_options::error_word takes it.
+const void* shard_error_word(const void* workspace);
+/// dpo::cuda::read_device_error of a workspace (synchronizes): ok, or the error it describes.
+shard_status read_error(const void* workspace);
 template <class T>
 shard_status shard_partials(const tokens<T>& v, const dpo::vocab_shard& sh, double* records, double* row_max,
                             const shard_options& opt = {});

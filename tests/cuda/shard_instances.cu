@@ -12,7 +12,11 @@ namespace dpo_cuda_test {
 template <class T, class L>
 dpo::cuda::status shard_all(const dpo::token_view<T, L>& v, const dpo::vocab_shard& sh, double* rec, double* mx,
                             const double* coef, T* grad, cudaStream_t stream) {
-  dpo::cuda::status s = dpo::cuda::shard_partials(v, sh, rec, mx, {}, stream);
+  std::size_t check_bytes = 0;
+  dpo::cuda::status s = dpo::cuda::shard_check(rec, check_bytes, v, sh, {}, stream);
+  dpo::cuda::options gated;
+  gated.error_word = dpo::cuda::shard_error_word(rec);
+  if (s) s = dpo::cuda::shard_partials(v, sh, rec, mx, gated, stream);
   if (s) s = dpo::cuda::shard_rebase(0, 1, mx, rec, stream);
   if (s) s = dpo::cuda::shard_row_values(v, sh, mx, rec, dpo::cuda::detail::shard_row_outputs{}, {}, stream);
   if (s) s = dpo::cuda::shard_backward_rows(v, sh, mx, rec, coef, 1.0, grad, v.vocab, {}, stream);
@@ -20,6 +24,7 @@ dpo::cuda::status shard_all(const dpo::token_view<T, L>& v, const dpo::vocab_sha
   if (s) s = dpo::cuda::shard_backward_sequences(v, sh, mx, rec, coef, 0.0, 1, 1.0, grad, v.vocab, {}, stream);
   dpo::pair_view<T, L> p{v, v, 0};
   p.rejected.first_seq = v.num_seqs;
+  if (s) s = dpo::cuda::shard_check(rec, check_bytes, p, sh, {}, stream);
   if (s) s = dpo::cuda::shard_pair_partials(p, sh, mx, rec, mx, rec, 0.5, rec, {}, stream);
   std::size_t bytes = 0;
   if (s) s = dpo::cuda::shard_pair_stage(rec, bytes, 1, coef, coef, coef, dpo::loss_config{}, true, {}, rec, stream);

@@ -736,3 +736,174 @@ TEST_CASE("CUDA pair shard entry points reject bad arguments and write nothing",
                  "grad.chosen_stride");
   CHECK(d_g.get() == std::vector<double>(buf.logits.size(), -3.0));
 }
+
+namespace {
+
+/// The device-data check of a packed pair batch of V = 1001 on its middle shard [334, 667):
+/// shard_check of the pairs (and of the chosen side alone), then every call of the step
+/// gated by the word. Returns the check's status. When the data is bad, checks that the gated
+/// calls wrote nothing but NaN sums; when it is good, that they wrote what the ungated ones do.
+gpu::shard_status check_and_gate(const fixture::buffers<float, std::int64_t>& buf, bool bad) {
+  const std::int64_t V = 1001, F = dpo::shard_fields, SF = dpo::seq_fields, P = buf.P;
+  const std::int64_t rows = static_cast<std::int64_t>(buf.labels.size());
+  const dpo::vocab_shard sh{V, 334, 667};
+  const device_pairs<float> devp(buf);
+  const auto dv = shard_of(devp.view, sh);
+  gpu::shard_options opt;
+  opt.num_rows = rows;
+  std::size_t bytes = 0;
+  require_ok(gpu::shard_check(nullptr, bytes, dev(dv), sh, opt));
+  CHECK(bytes >= 64);
+  const dmem ws(bytes);
+  const gpu::shard_status s = gpu::shard_check(ws.p, bytes, dev(dv), sh, opt);
+  REQUIRE(s);  // the launch; the data's verdict is in the word
+  const gpu::shard_status verdict = gpu::read_error(ws.p);
+  CHECK(verdict.ok() != bad);
+  // The chosen side alone: the same verdict when the bad value is there (the callers below
+  // put it on the rejected side, which the single view does not read).
+  {
+    std::size_t one = 0;
+    require_ok(gpu::shard_check(nullptr, one, dev(dv.chosen), sh, opt));
+    const dmem ws1(one);
+    require_ok(gpu::shard_check(ws1.p, one, dev(dv.chosen), sh, opt));
+    require_ok(gpu::read_error(ws1.p));
+  }
+  gpu::shard_options gated = opt;
+  gated.error_word = gpu::shard_error_word(ws.p);
+
+  // Phase 1, then phase 2 per row and per pair, each gated and (good data) ungated.
+  const std::vector<double> rec0(rows * F, -3.0), max0(rows, -4.0);
+  const dvec<double> g_rec(rec0), g_max(max0), u_rec(rec0), u_max(max0);
+  for (const auto& side : {dv.chosen, dv.rejected}) {
+    require_ok(gpu::shard_partials(dev(side), sh, g_rec, g_max, gated));
+    if (!bad) require_ok(gpu::shard_partials(dev(side), sh, u_rec, u_max, opt));
+  }
+  if (bad) {
+    CHECK(g_rec.get() == rec0);
+    CHECK(g_max.get() == max0);
+  } else {
+    CHECK(g_rec.get() == u_rec.get());
+    CHECK(g_max.get() == u_max.get());
+  }
+  std::vector<dvec<double>> outs;
+  gpu::row_outputs ro{};
+  for (std::size_t i = 0; i < ro.size(); ++i) outs.emplace_back(std::vector<double>(rows, -9.0));
+  for (std::size_t i = 0; i < ro.size(); ++i) ro[i] = outs[i];
+  require_ok(gpu::shard_row_values(dev(dv.chosen), sh, g_max, g_rec, ro, gated));
+  if (bad)
+    for (const dvec<double>& o : outs) CHECK(o.get() == std::vector<double>(rows, -9.0));
+  const dvec<double> g_seq(SF * 2 * P, -1.0), u_seq(SF * 2 * P, -1.0), g_one(SF * P, -1.0);
+  require_ok(gpu::shard_pair_partials(dev(dv), sh, g_max, g_rec, g_max, g_rec, 0.5, g_seq, gated));
+  require_ok(gpu::shard_sequence_partials(dev(dv.chosen), sh, g_max, g_rec, g_one, gated));
+  if (bad) {
+    for (const double x : g_seq.get()) CHECK(std::isnan(x));
+    for (const double x : g_one.get()) CHECK(std::isnan(x));
+  } else {
+    require_ok(gpu::shard_pair_partials(dev(dv), sh, u_max, u_rec, u_max, u_rec, 0.5, u_seq, opt));
+    const std::vector<double> got = g_seq.get();
+    CHECK(got == u_seq.get());
+    for (const double x : got) CHECK(std::isfinite(x));
+  }
+
+  // The backwards: nothing written when bad (the sentinel stays), as ungated when good.
+  const std::vector<double> coef(rows, 0.5), seq_grad(2 * P, 0.25);
+  const dvec<double> d_coef(coef), d_seq_grad(seq_grad), d_nll(1, 0.1);
+  const std::vector<float> g0(buf.logits.size(), -7.0f);
+  for (int which = 0; which < 3; ++which) {
+    INFO("backward " << which << " (rows, sequences, pairs)");
+    const dvec<float> g_grad(g0), u_grad(g0);
+    for (const bool use_gate : {true, false}) {
+      if (bad && !use_gate) continue;
+      const gpu::shard_options& o = use_gate ? gated : opt;
+      float* out = (use_gate ? g_grad.p : u_grad.p) + sh.start;
+      if (which == 0) {
+        require_ok(gpu::shard_backward_rows(dev(dv.chosen), sh, g_max, g_rec, d_coef, 1.0, out, buf.stride, o));
+      } else if (which == 1) {
+        require_ok(gpu::shard_backward_sequences(dev(dv.chosen), sh, g_max, g_rec, d_seq_grad, 0.1, P, 1.0, out,
+                                                 buf.stride, o));
+      } else {
+        std::size_t need = 0;
+        const dpo::pair_grad_view<float> gv{out, buf.stride, out, buf.stride};
+        require_ok(gpu::shard_backward(nullptr, need, dev(dv), sh, nullptr, nullptr, nullptr, nullptr, nullptr,
+                                       nullptr, 0.5, dev(gv), nullptr, o));
+        const dmem bws(need);
+        require_ok(gpu::shard_backward(bws.p, need, dev(dv), sh, g_max, g_rec, g_max, g_rec, d_seq_grad, d_nll, 0.5,
+                                       dev(gv), nullptr, o));
+      }
+    }
+    if (bad)
+      CHECK(g_grad.get() == g0);
+    else
+      CHECK(g_grad.get() == u_grad.get());
+  }
+  return verdict;
+}
+
+/// The rows of sequence i of a side of a packed buffer whose labels count (completion rows).
+std::vector<std::int64_t> completion_rows(const fixture::buffers<float, std::int64_t>& buf, int side, std::int64_t i) {
+  const std::int64_t begin = buf.cu[side * buf.P + i], end = buf.cu[side * buf.P + i + 1];
+  std::vector<std::int64_t> r;
+  for (std::int64_t k = begin; k < end; ++k)
+    if (buf.labels[k] != buf.ignore_index) r.push_back(k);
+  return r;
+}
+
+}  // namespace
+
+TEST_CASE("CUDA shard_check: labels against the global vocabulary and cu_seqlens, gating the step",
+          "[shard][check][sanitize]") {
+  const std::int64_t V = 1001;
+  const oracle::batch b = fixture::rounded_batch_pair<float>(fixture::spec(3, 6, V, 29)).of(layout::packed);
+  const fixture::buffers<float, std::int64_t> good(b, layout::packed);
+  REQUIRE(good.cu.size() == static_cast<std::size_t>(2 * good.P + 1));
+  const std::int64_t rows = static_cast<std::int64_t>(good.labels.size());
+
+  SECTION("valid data, labels on every shard: the gated calls write what the ungated ones do") {
+    fixture::buffers<float, std::int64_t> buf = good;
+    // Labels outside this rank's shard [334, 667) are valid: global ids.
+    std::vector<std::int64_t> c0;
+    for (std::int64_t i = 0; i < buf.P; ++i)
+      for (const std::int64_t r : completion_rows(buf, 0, i)) c0.push_back(r);
+    REQUIRE(c0.size() >= 3);
+    buf.labels[c0[0]] = 0;
+    buf.labels[c0[1]] = 700;
+    buf.labels[c0[2]] = V - 1;
+    require_ok(check_and_gate(buf, false));
+  }
+  SECTION("a label outside [0, V): the lowest bad row is named, with the global vocabulary") {
+    fixture::buffers<float, std::int64_t> buf = good;
+    const std::vector<std::int64_t> r1 = completion_rows(buf, 1, 1), r2 = completion_rows(buf, 1, 2);
+    REQUIRE(r1.size() >= 2);
+    REQUIRE(!r2.empty());
+    buf.labels[r2[0]] = -5;  // a later row: not the one reported
+    buf.labels[r1[1]] = V;
+    const gpu::shard_status s = check_and_gate(buf, true);
+    INFO(s.message);
+    CHECK(s.message == "dpo: rejected.labels[" + std::to_string(r1[1]) + "] = 1001 is outside [0, vocab = 1001) "
+                       "and is not ignore_index");
+  }
+  SECTION("a negative label that is not ignore_index") {
+    fixture::buffers<float, std::int64_t> buf = good;
+    const std::vector<std::int64_t> r = completion_rows(buf, 1, 0);
+    buf.labels[r.back()] = -1;
+    const gpu::shard_status s = check_and_gate(buf, true);
+    CHECK(s.message.find("rejected.labels[" + std::to_string(r.back()) + "] = -1 is outside") != std::string::npos);
+  }
+  SECTION("cu_seqlens decreasing") {
+    fixture::buffers<float, std::int64_t> buf = good;
+    const std::int64_t q = buf.P + 2;  // a rejected sequence's end before its start
+    buf.cu[q] = buf.cu[q - 1] - 1;
+    const gpu::shard_status s = check_and_gate(buf, true);
+    CHECK(s.message == "dpo: rejected.cu_seqlens is not non-decreasing: cu_seqlens[" + std::to_string(q) + "] = " +
+                           std::to_string(buf.cu[q]) + " < cu_seqlens[" + std::to_string(q - 1) + "] = " +
+                           std::to_string(buf.cu[q - 1]));
+  }
+  SECTION("cu_seqlens past the buffer's rows: nothing reads past them") {
+    fixture::buffers<float, std::int64_t> buf = good;
+    const std::int64_t q = 2 * buf.P;
+    buf.cu[q] = rows + 1000;
+    const gpu::shard_status s = check_and_gate(buf, true);
+    CHECK(s.message == "dpo: rejected.cu_seqlens[" + std::to_string(q) + "] = " + std::to_string(rows + 1000) +
+                           " is past options.num_rows = " + std::to_string(rows));
+  }
+}

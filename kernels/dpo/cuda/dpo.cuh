@@ -52,6 +52,13 @@ struct options {
   /// host cannot read cu_seqlens, so this bounds the rows of a view (and sizes the
   /// workspace); the kernels check cu_seqlens against it. Ignored for padded views.
   std::int64_t num_rows = -1;
+  /// The vocabulary-shard building blocks of dpo/cuda/shard.cuh only (the other entry points
+  /// have a workspace and an error word of their own, and ignore it): the error word written
+  /// by an earlier dpo::cuda::shard_check of the same view on the same stream
+  /// (shard_error_word(workspace)). When it holds an error, the kernels do not read the view:
+  /// the per-sequence sums are written as NaN and nothing else is written. Null: no check
+  /// (a bad label poisons its row's record with NaN; cu_seqlens is the caller's contract).
+  const device_error* error_word = nullptr;
 };
 
 namespace detail {

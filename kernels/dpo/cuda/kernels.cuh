@@ -167,15 +167,16 @@ __device__ __forceinline__ void record_label_error(ws_header* h, int side, std::
 }
 
 /// Turns a recorded label error into the error word, unless an earlier error is there.
-/// One thread calls it.
+/// One thread calls it. `bound`: the vocabulary the labels were checked against (-1: the
+/// view's; a vocabulary shard's check passes the global one).
 template <class T, class L>
-__device__ void report_label_error(const views<T, L>& vs, ws_header* h) {
+__device__ void report_label_error(const views<T, L>& vs, ws_header* h, std::int64_t bound = -1) {
   if (h->err.code != 0) return;
   const unsigned long long key = h->label_key;
   const int side = static_cast<int>(key >> 62);
   const std::int64_t row = static_cast<std::int64_t>(key & ((1ull << 62) - 1));
   h->err = device_error{static_cast<std::int32_t>(device_error_code::label_out_of_range), side, row,
-                        static_cast<std::int64_t>(vs.v[side].labels[row]), vs.v[side].vocab};
+                        static_cast<std::int64_t>(vs.v[side].labels[row]), bound >= 0 ? bound : vs.v[side].vocab};
 }
 
 /// The error of cu_seqlens[q] (cu: a side's cu_seqlens from its first sequence, q its first

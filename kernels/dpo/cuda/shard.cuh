@@ -3,6 +3,8 @@
 // The CUDA building blocks of the vocabulary- and context-parallel path (formats:
 // dpo/core/shard.hpp; guide: docs/distributed.md), the counterparts of dpo/cpu/shard.hpp:
 //
+//   shard_check              optional: labels (global ids) and cu_seqlens checked into an
+//                            error word that the calls below then honour (options::error_word)
 //   shard_partials           phase 1, one read of the shard: row records + maxima
 //   (caller)                 MAX all-reduce of the maxima, e.g. ncclAllReduce(ncclMax)
 //   shard_rebase             records shifted to the global maxima, in place
@@ -20,8 +22,12 @@
 // dpo/cuda/dpo.cuh: device pointers, int64 sizes, a stream, a status naming the argument
 // (nothing enqueued on bad arguments); no allocation or sync; the entry points that need
 // scratch (shard_pair_stage, shard_backward) take dpo.cuh's two-phase workspace.
-// Labels are read on the device only: a completion label outside [0, vocab) makes its row's
-// record NaN (sum_exp), so the loss is NaN; it is not reported as an error word (issue 14).
+// Labels and cu_seqlens are read on the device only. shard_check reports the first bad one
+// in a workspace's error word (read_device_error names it); given that word as
+// options::error_word, every later call writes nothing but NaN sums, so the loss is NaN on
+// every rank that sums them and no kernel reads past a bad cu_seqlens. Without a check, a
+// completion label outside [0, vocab) makes its row's record NaN (so the loss is NaN) and a
+// valid cu_seqlens is the caller's contract.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -37,10 +43,15 @@ namespace dpo {
 namespace cuda {
 namespace detail {
 
+/// True when a shard_check's error word (options::error_word; null: none) holds an error: the
+/// kernels then read nothing of the view (its cu_seqlens may be out of bounds).
+__device__ __forceinline__ bool gated(const device_error* gate) { return gate != nullptr && gate->code != 0; }
+
 template <int BLOCK, bool Metrics, class T, class L>
 __global__ void __launch_bounds__(BLOCK) shard_partials_kernel(token_view<T, L> v, vocab_shard sh, double* records,
-                                                               double* row_max) {
+                                                               double* row_max, const device_error* gate) {
   using A = acc_t<T>;
+  if (gated(gate)) return;
   const std::int64_t r0 = v.row_begin(0), n = v.row_end(v.num_seqs - 1) - r0;
   for (std::int64_t i = blockIdx.x; i < n; i += gridDim.x) {
     const std::int64_t r = r0 + i;
@@ -101,7 +112,8 @@ __device__ inline void write_row_values(const shard_row_outputs& o, std::int64_t
 
 template <class T, class L>
 __global__ void shard_row_values_kernel(token_view<T, L> v, vocab_shard sh, const double* row_max,
-                                        const double* records, shard_row_outputs o) {
+                                        const double* records, shard_row_outputs o, const device_error* gate) {
+  if (gated(gate)) return;
   const std::int64_t r0 = v.row_begin(0), n = v.row_end(v.num_seqs - 1) - r0;
   for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
@@ -168,7 +180,8 @@ __device__ void for_completion_rows(const token_view<T, L>& v, std::int64_t s, b
 /// and the CPU's weights; a fixed reduction tree: deterministic.
 template <int BLOCK, class T, class L>
 __global__ void __launch_bounds__(BLOCK) shard_sequence_kernel(views<T, L> vs, vocab_shard sh, shard_sides st,
-                                                               double* seq, bool metrics, bool ld, double ld_alpha) {
+                                                               double* seq, bool metrics, bool ld, double ld_alpha,
+                                                               const device_error* gate) {
   using dpo::detail::at;
   __shared__ union {
     typename cub::BlockReduce<shard_seq_acc, BLOCK>::TempStorage reduce;
@@ -176,6 +189,13 @@ __global__ void __launch_bounds__(BLOCK) shard_sequence_kernel(views<T, L> vs, v
     typename cub::BlockScan<int, BLOCK>::TempStorage scan;
   } tmp;
   const std::int64_t S = vs.v[0].num_seqs, C = vs.num_sides * S;
+  if (gated(gate)) {
+    // NaN sums: the error reaches every rank that sums them (the loss is NaN there).
+    if (threadIdx.x == 0)
+      for (std::int64_t b = blockIdx.x; b < C; b += gridDim.x)
+        for (int k = 0; k < seq_fields; ++k) seq[k * C + b] = NAN;
+    return;
+  }
   for (std::int64_t b = blockIdx.x; b < C; b += gridDim.x) {
     const int side = static_cast<int>(b / S);
     const std::int64_t s = b % S;
@@ -214,11 +234,12 @@ template <int BLOCK, class T, class L>
 __global__ void __launch_bounds__(BLOCK) shard_pair_coef_kernel(views<T, L> vs, const double* seq_grad,
                                                                 const double* nll, const double* grad_output,
                                                                 bool ld, double ld_alpha, double* coef0,
-                                                                double* coef1) {
+                                                                double* coef1, const device_error* gate) {
   __shared__ union {
     typename cub::BlockReduce<std::int64_t, BLOCK>::TempStorage count;
     typename cub::BlockScan<int, BLOCK>::TempStorage scan;
   } tmp;
+  if (gated(gate)) return;
   const std::int64_t P = vs.v[0].num_seqs;
   const double go = grad_output != nullptr ? *grad_output : 1.0;
   const double n = nll != nullptr ? *nll : 0.0;
@@ -245,6 +266,33 @@ __global__ void __launch_bounds__(BLOCK) pair_stage_reset_kernel(ws_header* h) {
   h->err = device_error{0, 0, 0, 0, 0};
   h->label_key = no_label_error;
   h->magic = 0;
+}
+
+/// shard_check's label pass over the rows of every side (check_kernel ran first: it reset
+/// the header and checked cu_seqlens; nothing is read past a bad one): each completion
+/// label against the GLOBAL vocabulary, the lowest (side, row) out of range recorded.
+template <int BLOCK, class T, class L>
+__global__ void __launch_bounds__(BLOCK) shard_label_check_kernel(views<T, L> vs, std::int64_t vocab, ws_header* h) {
+  if (h->err.code != 0) return;
+  for (int side = 0; side < vs.num_sides; ++side) {
+    const token_view<T, L>& v = vs.v[side];
+    const std::int64_t n = side_rows(v);
+    const std::int64_t r0 = n > 0 ? v.row_begin(0) : 0;
+    for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(BLOCK) + threadIdx.x; i < n;
+         i += static_cast<std::int64_t>(gridDim.x) * BLOCK) {
+      const std::int64_t r = r0 + i;
+      if (!v.in_sequence(r)) continue;
+      const std::int64_t y = v.target(r);
+      if (y != token_view<T, L>::masked && (y < 0 || y >= vocab)) record_label_error(h, side, r);
+    }
+  }
+}
+
+/// shard_check's last kernel (one thread): the recorded label error, if any, into the error
+/// word, with the global vocabulary as its bound.
+template <int BLOCK, class T, class L>
+__global__ void __launch_bounds__(BLOCK) shard_label_report_kernel(views<T, L> vs, std::int64_t vocab, ws_header* h) {
+  if (h->label_key != no_label_error) report_label_error(vs, h, vocab);
 }
 
 /// The sequence arrays pair_kernel reads, pointed into field-major totals [seq_fields, 2P]:
@@ -277,8 +325,10 @@ __global__ void __launch_bounds__(BLOCK) shard_backward_sequences_kernel(token_v
                                                                          const double* row_max,
                                                                          const double* records, seq_coefs c,
                                                                          double grad_output, T* grad,
-                                                                         std::int64_t grad_stride) {
+                                                                         std::int64_t grad_stride,
+                                                                         const device_error* gate) {
   using A = acc_t<T>;
+  if (gated(gate)) return;
   const std::int64_t r0 = v.row_begin(0), n = v.row_end(v.num_seqs - 1) - r0;
   for (std::int64_t i = blockIdx.x; i < n; i += gridDim.x) {
     const std::int64_t r = r0 + i;
@@ -300,8 +350,9 @@ template <int BLOCK, class T, class L>
 __global__ void __launch_bounds__(BLOCK) shard_backward_kernel(token_view<T, L> v, vocab_shard sh,
                                                                const double* row_max, const double* records,
                                                                const double* row_coef, double grad_output, T* grad,
-                                                               std::int64_t grad_stride) {
+                                                               std::int64_t grad_stride, const device_error* gate) {
   using A = acc_t<T>;
+  if (gated(gate)) return;
   const std::int64_t r0 = v.row_begin(0), n = v.row_end(v.num_seqs - 1) - r0;
   for (std::int64_t i = blockIdx.x; i < n; i += gridDim.x) {
     const std::int64_t r = r0 + i;
@@ -318,10 +369,10 @@ __global__ void __launch_bounds__(BLOCK) shard_backward_kernel(token_view<T, L> 
 /// The shard's view and description: the core checks with global labels (not read here:
 /// they live on the device).
 template <class T, class L>
-status check_shard(const token_view<T, L>& v, const vocab_shard& sh, const options& opt) {
+status check_shard(const token_view<T, L>& v, const vocab_shard& sh, const options& opt, bool pointers = true) {
   const status s = to_status(dpo::detail::check_vocab_shard(sh, v.vocab));
   if (!s) return s;
-  return to_status(dpo::detail::check_view(v, "logits", policy(opt, true), sh.vocab));
+  return to_status(dpo::detail::check_view(v, "logits", policy(opt, pointers), sh.vocab));
 }
 
 template <class T, class L>
@@ -388,23 +439,80 @@ inline status first_null(const char* what, const double* chosen_max, const doubl
   return {};
 }
 
+/// The workspace of shard_check: the header (error word first), 256-byte granular.
+inline constexpr std::size_t shard_check_bytes = (sizeof(ws_header) + 255) / 256 * 256;
+
+template <class T, class L>
+status enqueue_shard_check(void* workspace, std::size_t& workspace_bytes, const views<T, L>& vs,
+                           const vocab_shard& sh, const options& opt, cudaStream_t stream) {
+  if (workspace == nullptr) {
+    workspace_bytes = shard_check_bytes;
+    return {};
+  }
+  status s = check_workspace(workspace, workspace_bytes, shard_check_bytes);
+  if (!s) return s;
+  ws_header* h = static_cast<ws_header*>(workspace);
+  const std::int64_t n = shard_rows(vs.v[0], opt) + (vs.num_sides > 1 ? shard_rows(vs.v[1], opt) : 0);
+  const unsigned grid = static_cast<unsigned>(n / 256 + 1 < 1024 ? n / 256 + 1 : 1024);
+  s = launch("check_kernel", check_kernel<T, L>, 1, 256, stream, vs, h, false);
+  if (!s) return s;
+  s = launch("shard_label_check_kernel", shard_label_check_kernel<256, T, L>, grid, 256, stream, vs, sh.vocab, h);
+  if (!s) return s;
+  return launch("shard_label_report_kernel", shard_label_report_kernel<1, T, L>, 1, 1, stream, vs, sh.vocab, h);
+}
+
 /// Blocks of a kernel with a block per sequence of `n`.
 inline unsigned sequence_blocks(std::int64_t n) { return static_cast<unsigned>(n < 65535 ? n : 65535); }
 
 template <class T, class L>
 status launch_sequences(const views<T, L>& vs, const vocab_shard& sh, const shard_sides& st, double* seq,
-                        bool metrics, double ld_alpha, cudaStream_t stream) {
+                        bool metrics, double ld_alpha, const device_error* gate, cudaStream_t stream) {
   return launch("shard_sequence_kernel", shard_sequence_kernel<seq_block, T, L>,
                 sequence_blocks(vs.num_sides * vs.v[0].num_seqs), seq_block, stream, vs, sh, st, seq, metrics,
-                ld_alpha != 1.0, ld_alpha);
+                ld_alpha != 1.0, ld_alpha, gate);
 }
 
 }  // namespace detail
 
 // Packed views (cu_seqlens != null) take options::num_rows, the rows of the logits buffer
 // (the host cannot read cu_seqlens); cu_seqlens must then be valid (non-decreasing, within
-// [0, num_rows]): these building blocks have no error word, so the caller checks it (the
-// PyTorch ops do, on the device). Labels are read on the device only (see the top).
+// [0, num_rows]), which shard_check checks on the device (see the top; the PyTorch ops run
+// it before each call).
+
+/// The device-data check of a shard's view, on the device, into the error word at byte 0 of
+/// `workspace` (two-phase: workspace == nullptr sets workspace_bytes, a few hundred bytes):
+/// cu_seqlens (packed: non-negative, non-decreasing, within options::num_rows) and every
+/// completion label against the GLOBAL vocabulary sh.vocab (a label of another rank's shard
+/// is valid), the lowest bad index reported (deterministic), as dpo_forward's (the side is 0
+/// here; 0 chosen / 1 rejected for the pair overload). Pass shard_error_word(workspace) as
+/// options::error_word to the calls of the step that follow on the same stream: with an
+/// error they write NaN sums and nothing else. The workspace is the check's own: the
+/// workspaces of shard_pair_stage and shard_backward overwrite byte 0. Read the word with
+/// read_device_error (a synchronization) when convenient, e.g. after the step. The logits
+/// are not read.
+template <class T, class L>
+status shard_check(void* workspace, std::size_t& workspace_bytes, const token_view<T, L>& shard,
+                   const vocab_shard& sh, const options& opt = {}, cudaStream_t stream = 0) {
+  const status s = detail::check_shard(shard, sh, opt, workspace != nullptr);
+  if (!s) return s;
+  return detail::enqueue_shard_check(workspace, workspace_bytes, detail::make_views<T, L>(shard, nullptr, opt), sh,
+                                     opt, stream);
+}
+
+/// shard_check of both sides of a pair view (error side 0 chosen, 1 rejected).
+template <class T, class L>
+status shard_check(void* workspace, std::size_t& workspace_bytes, const pair_view<T, L>& shard,
+                   const vocab_shard& sh, const options& opt = {}, cudaStream_t stream = 0) {
+  const status s = detail::check_shard_pairs(shard, sh, opt, workspace != nullptr);
+  if (!s) return s;
+  return detail::enqueue_shard_check(workspace, workspace_bytes, detail::make_views(shard.chosen, &shard.rejected, opt),
+                                     sh, opt, stream);
+}
+
+/// The error word of a shard_check workspace (device memory), for options::error_word.
+inline const device_error* shard_error_word(const void* workspace) {
+  return reinterpret_cast<const device_error*>(static_cast<const char*>(workspace) + device_error_offset);
+}
 
 /// Phase 1 on the device: dpo::cpu::shard_partials (same records, same indexing by the
 /// buffer's row: records [rows, shard_fields], row_max [rows] or null; rows outside every
@@ -418,7 +526,7 @@ status shard_partials(const token_view<T, L>& shard, const vocab_shard& sh, doub
   const auto kernel = opt.metrics ? detail::shard_partials_kernel<B, true, T, L>
                                   : detail::shard_partials_kernel<B, false, T, L>;
   return detail::launch_rows("shard_partials_kernel", kernel, shard, opt, records, stream, shard, sh, records,
-                             row_max);
+                             row_max, opt.error_word);
 }
 
 /// Between the two all-reduces: dpo::cpu::shard_rebase on device arrays.
@@ -446,7 +554,7 @@ status shard_row_values(const token_view<T, L>& shard, const vocab_shard& sh, co
   if (row_max == nullptr || records == nullptr) return detail::invalid("dpo: row_max or records is null");
   const unsigned grid = static_cast<unsigned>(n / 256 + 1 < 4096 ? n / 256 + 1 : 4096);
   return detail::launch("shard_row_values_kernel", detail::shard_row_values_kernel<T, L>, grid, 256, stream, shard,
-                        sh, row_max, records, out);
+                        sh, row_max, records, out, opt.error_word);
 }
 
 /// The shard-local backward on the device: row r of the view's sequences gets
@@ -463,7 +571,7 @@ status shard_backward_rows(const token_view<T, L>& shard, const vocab_shard& sh,
   if (!s) return s;
   return detail::launch_rows("shard_backward_kernel", detail::shard_backward_kernel<detail::rows_block, T, L>, shard,
                              opt, records, stream, shard, sh, row_max, records, row_coef, grad_output, grad,
-                             grad_stride);
+                             grad_stride, opt.error_word);
 }
 
 /// Phase 2 per sequence on the device: dpo::cpu::shard_sequence_partials (no LD-DPO: logps =
@@ -480,7 +588,7 @@ status shard_sequence_partials(const token_view<T, L>& shard, const vocab_shard&
     return detail::invalid("dpo: %s is null", row_max == nullptr ? "row_max" : records == nullptr ? "records" : "seq");
   const detail::views<T, L> vs = detail::make_views<T, L>(shard, nullptr, opt);
   return detail::launch_sequences(vs, sh, detail::shard_sides{{row_max, nullptr}, {records, nullptr}}, seq,
-                                  opt.metrics, 1.0, stream);
+                                  opt.metrics, 1.0, opt.error_word, stream);
 }
 
 /// Phase 2, pairs, on the device: dpo::cpu::shard_pair_partials. Both sides' sums into seq
@@ -504,7 +612,7 @@ status shard_pair_partials(const pair_view<T, L>& shard, const vocab_shard& sh, 
   const detail::views<T, L> vs = detail::make_views(shard.chosen, &shard.rejected, opt);
   return detail::launch_sequences(vs, sh,
                                   detail::shard_sides{{chosen_max, rejected_max}, {chosen_records, rejected_records}},
-                                  seq, opt.metrics, ld_alpha, stream);
+                                  seq, opt.metrics, ld_alpha, opt.error_word, stream);
 }
 
 /// The device pair stage: dpo::cpu::shard_pair_stage on device arrays, the two-phase
@@ -575,7 +683,8 @@ status shard_backward_sequences(const token_view<T, L>& shard, const vocab_shard
   return detail::launch_rows("shard_backward_sequences_kernel",
                              detail::shard_backward_sequences_kernel<detail::rows_block, T, L>, shard, opt, records,
                              stream, shard, sh, row_max, records,
-                             detail::seq_coefs{seq_grad, nll_token_grad, nll_seqs}, grad_output, grad, grad_stride);
+                             detail::seq_coefs{seq_grad, nll_token_grad, nll_seqs}, grad_output, grad, grad_stride,
+                             opt.error_word);
 }
 
 /// The backward of the pair loss on a shard, on the device: dpo::cpu::shard_backward.
@@ -622,14 +731,14 @@ status shard_backward(void* workspace, std::size_t& workspace_bytes, const pair_
   const detail::views<T, L> vs = detail::make_views(shard.chosen, &shard.rejected, opt);
   s = detail::launch("shard_pair_coef_kernel", detail::shard_pair_coef_kernel<detail::seq_block, T, L>,
                      detail::sequence_blocks(2 * shard.num_pairs()), detail::seq_block, stream, vs, seq_grad,
-                     nll_token_grad, grad_output, ld_alpha != 1.0, ld_alpha, coef0, coef1);
+                     nll_token_grad, grad_output, ld_alpha != 1.0, ld_alpha, coef0, coef1, opt.error_word);
   if (!s) return s;
   s = detail::launch("shard_backward_kernel", kernel, grid, B, stream, shard.chosen, sh, chosen_max, chosen_records,
-                     static_cast<const double*>(coef0), 1.0, grad.chosen, grad.chosen_stride);
+                     static_cast<const double*>(coef0), 1.0, grad.chosen, grad.chosen_stride, opt.error_word);
   if (!s) return s;
   return detail::launch("shard_backward_kernel", kernel, grid, B, stream, shard.rejected, sh, rejected_max,
                         rejected_records, static_cast<const double*>(coef1), 1.0, grad.rejected,
-                        grad.rejected_stride);
+                        grad.rejected_stride, opt.error_word);
 }
 
 }  // namespace cuda
