@@ -9,10 +9,13 @@
 // stage runs on the device (dpo::cuda::shard_pair_stage: dpo_forward's pair kernel on the
 // totals), whatever produced the totals (these ops or the fused head's).
 //
-// Device-data errors have no error word here: a completion label outside [0, V) makes its
-// row's record NaN, and a bad packed cu_seqlens (negative, decreasing, past the rows) makes
-// every record and sequence sum NaN (the kernels read a clamped copy, so nothing is read out
-// of bounds); the loss and metrics are then NaN, as for the unsharded CUDA ops.
+// Device data (labels against the GLOBAL vocabulary, a packed cu_seqlens) is checked on the
+// device before each call's kernels by dpo::cuda::shard_check, whose error word then gates
+// them (options::error_word): a completion label outside [0, V) or a bad cu_seqlens makes the
+// records and sequence sums NaN and the gradient zeros, and nothing reads past a bad
+// cu_seqlens; the loss and metrics are then NaN, as for the unsharded CUDA ops.
+// DPO_KERNELS_CHECK_DEVICE_ERRORS=1 reads the word after the check (a synchronization) and
+// raises the ValueError that names the value instead.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -31,34 +34,37 @@
 namespace dpo_kernels {
 namespace {
 
-/// A CUDA layout: make_layout, and for packed sequences a copy of cu_seqlens clamped to
-/// [0, rows] and made non-decreasing (what the kernels read) with `bad`, a 0-dim device bool
-/// that says the given one was invalid (computed on the device: no host read).
+/// A CUDA layout (make_layout) and the device-data check of a call's view.
 struct cuda_layout {
   row_layout l;
-  at::Tensor bad;
+  at::Tensor ws;  // the check's workspace, byte 0 the error word (undefined before checked())
 
   cuda_layout(const at::Tensor& logits, const at::Tensor& labels, const std::optional<at::Tensor>& cu_seqlens,
               std::int64_t ignore_index) {
     check_cuda(logits, "logits");
     l = make_layout(logits, labels, cu_seqlens, ignore_index, "logits");
-    if (!l.packed) return;
-    const at::Tensor cu = l.cu_seqlens;
-    bad = cu.narrow(0, 0, 1).lt(0).logical_or_(cu.narrow(0, l.num_seqs, 1).gt(l.rows)).squeeze(0);
-    if (l.num_seqs > 0) bad.logical_or_(cu.narrow(0, 1, l.num_seqs).lt(cu.narrow(0, 0, l.num_seqs)).any());
-    l.cu_seqlens = std::get<0>(cu.clamp(0, l.rows).cummax(0)).contiguous();
   }
 
-  /// NaN in `t` when cu_seqlens was invalid (a device-side masked fill).
-  void poison(at::Tensor& t) const {
-    if (bad.defined()) t.masked_fill_(bad, std::numeric_limits<double>::quiet_NaN());
-  }
-
-  dpo::cuda::options options(bool metrics) const {
+  /// The options of a call on `view` (the view its kernels read): dpo::cuda::shard_check of
+  /// the view on the current stream, its error word as the gate. With
+  /// DPO_KERNELS_CHECK_DEVICE_ERRORS set the word is read back here and an error raised.
+  template <class View>
+  dpo::cuda::options checked(const View& view, const dpo::vocab_shard& sh, bool metrics, cudaStream_t stream) {
     dpo::cuda::options o;
     o.metrics = metrics;
     o.num_rows = l.packed ? l.rows : -1;
+    ws = run_with_workspace(l.logits.device(), [&](void* p, std::size_t& bytes) {
+      return dpo::cuda::shard_check(p, bytes, view, sh, o, stream);
+    });
+    o.error_word = dpo::cuda::shard_error_word(ws.data_ptr());
     return o;
+  }
+
+  /// NaN in `t` when the check found an error (a device-side masked fill: no host read).
+  void poison(at::Tensor& t) const {
+    if (!ws.defined()) return;
+    const at::Tensor code = ws.narrow(0, 0, sizeof(std::int32_t)).view(at::kInt).squeeze(0);
+    t.masked_fill_(code.ne(0), std::numeric_limits<double>::quiet_NaN());
   }
 };
 
@@ -67,7 +73,7 @@ std::tuple<at::Tensor, at::Tensor> shard_partials_cuda(const at::Tensor& logits,
                                                        std::int64_t ignore_index, std::int64_t vocab_start,
                                                        std::int64_t vocab_size, bool metrics) {
   const c10::cuda::CUDAGuard guard(logits.device());
-  const cuda_layout c(logits, labels, cu_seqlens, ignore_index);
+  cuda_layout c(logits, labels, cu_seqlens, ignore_index);
   const auto dopts = logits.options().dtype(at::kDouble);
   // Rows the kernels do not write (outside every packed sequence) keep the empty record.
   at::Tensor row_max = at::full({c.l.view_rows()}, -INFINITY, dopts);
@@ -75,9 +81,9 @@ std::tuple<at::Tensor, at::Tensor> shard_partials_cuda(const at::Tensor& logits,
   records.select(1, static_cast<int>(dpo::shard_field::shard_max)).fill_(-INFINITY);
   const auto stream = at::cuda::getCurrentCUDAStream();
   dispatch_views<cuda_types>(c.l, ignore_index, [&](auto v) {
-    check_status(dpo::cuda::shard_partials(v.tokens(), shard_of(c.l, vocab_start, vocab_size),
-                                           records.data_ptr<double>(), row_max.data_ptr<double>(),
-                                           c.options(metrics), stream));
+    const dpo::vocab_shard sh = shard_of(c.l, vocab_start, vocab_size);
+    check_status(dpo::cuda::shard_partials(v.tokens(), sh, records.data_ptr<double>(), row_max.data_ptr<double>(),
+                                           c.checked(v.tokens(), sh, metrics, stream), stream));
   });
   c.poison(records);
   return {row_max, records};
@@ -89,7 +95,7 @@ at::Tensor shard_sequence_partials_cuda(const at::Tensor& logits, const at::Tens
                                         std::int64_t vocab_start, std::int64_t vocab_size, double ld_alpha,
                                         bool paired, bool metrics) {
   const c10::cuda::CUDAGuard guard(logits.device());
-  const cuda_layout c(logits, labels, cu_seqlens, ignore_index);
+  cuda_layout c(logits, labels, cu_seqlens, ignore_index);
   const record_args ra(row_max, records, c.l);
   if (paired) concatenated_pairs(c.l);
   at::Tensor seq = at::zeros({dpo::seq_fields, c.l.num_seqs}, logits.options().dtype(at::kDouble));
@@ -98,12 +104,13 @@ at::Tensor shard_sequence_partials_cuda(const at::Tensor& logits, const at::Tens
   dispatch_views<cuda_types>(c.l, ignore_index, [&](auto v) {
     const dpo::vocab_shard sh = shard_of(c.l, vocab_start, vocab_size);
     double* out = seq.data_ptr<double>();
-    const dpo::cuda::options opt = c.options(metrics);
+    // The gated kernel writes NaN sums when the check found an error.
     check_status(paired ? dpo::cuda::shard_pair_partials(v.pairs(), sh, ra.max(), ra.rec(), ra.max(), ra.rec(),
-                                                         ld_alpha, out, opt, stream)
-                        : dpo::cuda::shard_sequence_partials(v.tokens(), sh, ra.max(), ra.rec(), out, opt, stream));
+                                                         ld_alpha, out, c.checked(v.pairs(), sh, metrics, stream),
+                                                         stream)
+                        : dpo::cuda::shard_sequence_partials(v.tokens(), sh, ra.max(), ra.rec(), out,
+                                                             c.checked(v.tokens(), sh, metrics, stream), stream));
   });
-  c.poison(seq);
   return seq;
 }
 
@@ -138,14 +145,15 @@ at::Tensor shard_backward_cuda(const at::Tensor& seq_grad, const at::Tensor& nll
                                const at::Tensor& row_max, const at::Tensor& records, std::int64_t ignore_index,
                                std::int64_t vocab_start, std::int64_t vocab_size, double ld_alpha, bool paired) {
   const c10::cuda::CUDAGuard guard(logits.device());
-  const cuda_layout c(logits, labels, cu_seqlens, ignore_index);
+  cuda_layout c(logits, labels, cu_seqlens, ignore_index);
   const row_layout& l = c.l;
   const record_args ra(row_max, records, l);
   check_backward_args(seq_grad, nll_token_grad, l);
   const at::Tensor g = seq_grad.to(at::kDouble).contiguous();
   // Read on the device (no .item(): no host sync).
   const at::Tensor nll = nll_token_grad.to(at::kDouble).reshape({1}).contiguous();
-  // Zeros: rows outside every sequence (packed) are not written by the kernels.
+  // Zeros: rows outside every sequence (packed) are not written by the kernels, nor any row
+  // when the check finds an error.
   at::Tensor grad = at::zeros({l.view_rows(), l.vocab}, logits.options().memory_format(at::MemoryFormat::Contiguous));
   if (l.num_seqs == 0) return grad_as_logits(grad, l, logits);
   if (paired) concatenated_pairs(l);
@@ -155,14 +163,15 @@ at::Tensor shard_backward_cuda(const at::Tensor& seq_grad, const at::Tensor& nll
     const dpo::vocab_shard sh = shard_of(l, vocab_start, vocab_size);
     const double *pm = ra.max(), *pr = ra.rec();
     T* out = v.elements(grad.data_ptr());
-    const dpo::cuda::options opt = c.options(true);
     if (paired) {
+      const dpo::cuda::options opt = c.checked(v.pairs(), sh, true, stream);
       run_with_workspace(logits.device(), [&](void* ws, std::size_t& bytes) {
         return dpo::cuda::shard_backward(ws, bytes, v.pairs(), sh, pm, pr, pm, pr, g.data_ptr<double>(),
                                          nll.data_ptr<double>(), ld_alpha,
                                          dpo::pair_grad_view<T>{out, l.vocab, out, l.vocab}, nullptr, opt, stream);
       });
     } else {
+      const dpo::cuda::options opt = c.checked(v.tokens(), sh, true, stream);
       check_status(dpo::cuda::shard_backward_sequences(v.tokens(), sh, pm, pr, g.data_ptr<double>(), 0.0, 0, 1.0,
                                                        out, l.vocab, opt, stream));
     }

@@ -3,7 +3,7 @@
 on the same inputs (shard_partials, shard_rebase, shard_sequence_partials paired and not,
 shard_pair_stage, shard_backward; padded and packed; an interior uneven shard; several loss
 families), that they never synchronize with the host, that device-data errors give NaN
-instead of a read out of bounds, and dpo_loss_from_logits / sequence_logps with a
+instead of a read out of bounds (or raise with DPO_KERNELS_CHECK_DEVICE_ERRORS=1), and dpo_loss_from_logits / sequence_logps with a
 world-size-1 process group on CUDA against the unsharded CUDA ops. The CPU kernels are checked
 against the single-process ops by test_distributed.py. Skipped without a GPU and a CUDA build
 of dpo_kernels."""
@@ -125,21 +125,53 @@ def test_ops_do_not_synchronize():
 
 
 def test_device_data_errors_give_nan():
-    """A completion label outside the global vocabulary, and a decreasing cu_seqlens: NaN
-    records / sums (no exception, no read out of bounds), as the unsharded CUDA ops."""
+    """A completion label outside the global vocabulary, and a decreasing cu_seqlens: each op's
+    device check (dpo::cuda::shard_check) gates its kernels, so the records and sums are NaN and
+    the gradient zeros (no exception, no host sync, no read out of bounds), as the unsharded
+    CUDA ops; a label of another rank's shard is valid."""
     z, y, cu, start, vocab = shard_case("packed", torch.float32)
     z, y, cu = z.cuda(), y.cuda(), cu.cuda()
+    rows = (y != -100).nonzero().flatten()
+    other = y.clone()
+    other[int(rows[0])] = vocab - 1  # outside this shard [5, 28), inside the vocabulary
+    m, rec = ops.shard_partials(z, other, cu, -100, start, vocab, True)
+    assert not rec.isnan().any()
     bad_y = y.clone()
-    bad_y[int((y != -100).nonzero()[0])] = vocab + 3
-    _, rec = ops.shard_partials(z, bad_y, cu, -100, start, vocab, True)
-    assert rec.isnan().any()
-    bad_cu = cu.clone()
-    bad_cu[2] = bad_cu[1] - 1
-    m, rec = ops.shard_partials(z, y, bad_cu, -100, start, vocab, True)
-    assert rec.isnan().all()
-    seq = ops.shard_sequence_partials(z, y, bad_cu, m, rec, -100, start, vocab, 1.0, True, True)
-    assert seq.isnan().all()
+    bad_y[int(rows[1])] = vocab + 3
+    for labels, offsets in ((bad_y, cu), (y, torch.cat([cu[:2], cu[1:2] - 1, cu[3:]]))):
+        m, rec = ops.shard_partials(z, labels, offsets, -100, start, vocab, True)
+        assert rec.isnan().all()
+        good_m, good_rec = ops.shard_partials(z, y, cu, -100, start, vocab, True)
+        for paired in (True, False):
+            seq = ops.shard_sequence_partials(z, labels, offsets, good_m, good_rec, -100, start, vocab, 1.0, paired,
+                                              True)
+            assert seq.isnan().all()
+            g = ops.shard_backward(torch.ones(seq.shape[1], dtype=torch.float64, device="cuda"),
+                                   torch.zeros((), dtype=torch.float64, device="cuda"), z, labels, offsets, good_m,
+                                   good_rec, -100, start, vocab, 1.0, paired)
+            assert not g.any()
     torch.cuda.synchronize()
+
+
+def test_device_data_errors_raise_with_opt_in_check():
+    """DPO_KERNELS_CHECK_DEVICE_ERRORS=1: the sharded ops raise the ValueError that names the
+    bad label (with the global vocabulary) or cu_seqlens entry."""
+    from test_cuda import value_errors_with_device_checks
+    setup = ("import torch, dpo_kernels\n"
+             "from dpo_kernels._ops import ops\n"
+             "z = torch.randn(6, 7, device='cuda'); y = torch.tensor([-100, 3, 39, -100, 40, 2], device='cuda')\n"
+             "cu = torch.tensor([0, 3, 6], device='cuda')\n"
+             "m, r = ops.shard_partials(z, y.clamp(max=39), cu, -100, 5, 40, True)\n")
+    msgs = value_errors_with_device_checks(setup, [
+        "ops.shard_partials(z, y, cu, -100, 5, 40, True)",
+        "ops.shard_sequence_partials(z, y, cu, m, r, -100, 5, 40, 1.0, True, True)",
+        "ops.shard_partials(z, y.clamp(max=39), torch.tensor([0, 4, 3], device='cuda'), -100, 5, 40, True)",
+        "ops.shard_partials(z, y.clamp(max=39), cu, -100, 5, 40, True)",
+    ])
+    assert msgs[0] is not None and "labels[4] = 40 is outside [0, vocab = 40)" in msgs[0], msgs[0]
+    assert msgs[1] is not None and "rejected.labels[4] = 40" in msgs[1], msgs[1]
+    assert msgs[2] is not None and "cu_seqlens[2] = 3 < cu_seqlens[1] = 4" in msgs[2], msgs[2]
+    assert msgs[3] is None
 
 
 def test_argument_errors_name_the_argument():
