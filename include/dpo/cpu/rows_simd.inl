@@ -226,28 +226,34 @@ DPO_SIMD_INLINE void store2(Eigen::bfloat16* p, vf a, vf b) {
 }
 #endif
 
-#if DPO_ISA_X86 && DPO_ISA_BYTES == 64
-/// 32 bf16 at p as two registers of floats, exactly: the even-indexed elements (each bf16
+#if DPO_ISA_X86 && DPO_ISA_BYTES >= 32
+/// 2w bf16 at p as two registers of floats, exactly: the even-indexed elements (each bf16
 /// word moved to its lane's high half) and the odd-indexed ones (already there, low half
 /// cleared): one shift and one mask, where load() widens each register with a word
-/// permute and a shift. For the backward, whose elements are independent: any lane order
-/// computes the same values.
+/// permute (AVX-512) or a zero extension (AVX2) and a shift. For the backward, whose
+/// elements are independent: any lane order computes the same values.
 DPO_SIMD_INLINE void load_bf16_pairs(const Eigen::bfloat16* p, vf& even, vf& odd) {
-  __m512i raw;
+  vu raw;
   std::memcpy(&raw, p, sizeof raw);
-  even = (vf)((vu)raw << 16);
-  odd = (vf)((vu)raw & 0xffff0000u);
+  even = (vf)(raw << 16);
+  odd = (vf)(raw & 0xffff0000u);
 }
 
 /// store()'s bf16 rounding of the even-indexed elements `even` and the odd-indexed `odd`,
-/// interleaved back into 32 words at p, by the integer rounding of store().
+/// interleaved back into 2w words at p, by the integer rounding of store(): no pack or
+/// permute across lanes.
 DPO_SIMD_INLINE void store_bf16_pairs(Eigen::bfloat16* p, vf even, vf odd) {
+#if DPO_ISA_BYTES == 64
   const __m512i h = _mm512_ternarylogic_epi32((__m512i)(round_bf16_high(even) >> 16), (__m512i)round_bf16_high(odd),
                                               _mm512_set1_epi32(static_cast<int>(0xffff0000u)), 0xf8);  // a | (b & c)
+#else
+  const vu h = (round_bf16_high(even) >> 16) | (round_bf16_high(odd) & 0xffff0000u);
+#endif
   std::memcpy(static_cast<void*>(p), &h, sizeof h);
 }
+#endif
 
-#if defined(DPO_ISA_BF16) && DPO_ISA_BF16
+#if DPO_ISA_X86 && DPO_ISA_BYTES == 64 && defined(DPO_ISA_BF16) && DPO_ISA_BF16
 /// store_bf16_pairs by one AVX512_BF16 conversion (to nearest even, as the integer rounding)
 /// and one word permute, for values none of which is subnormal (the instruction flushes
 /// those to zero; the caller rules them out from the exponents). A NaN stays NaN, with part
@@ -258,7 +264,6 @@ DPO_SIMD_INLINE void store_bf16_pairs_hw(Eigen::bfloat16* p, vf even, vf odd) {
   const __m512i h = _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh((__m512)odd, (__m512)even));
   std::memcpy(static_cast<void*>(p), &h, sizeof h);
 }
-#endif
 #endif
 
 /// The 16 lanes of p[0, n), n < 16, padded with `pad` (given as T's bits), as a buffer.
@@ -530,10 +535,10 @@ void backward_block(const T* z, T* g, std::int64_t V, float hi, float lo, float 
     return grad_k(x, k);
   };
   std::int64_t i = 0;
-#if DPO_ISA_X86 && DPO_ISA_BYTES == 64
+#if DPO_ISA_X86 && DPO_ISA_BYTES >= 32
   if constexpr (std::is_same_v<T, Eigen::bfloat16>) {
     // 32 logits per iteration as their even- and odd-indexed halves (load_bf16_pairs).
-#if defined(DPO_ISA_BF16) && DPO_ISA_BF16
+#if DPO_ISA_BYTES == 64 && defined(DPO_ISA_BF16) && DPO_ISA_BF16
     // The hardware conversion where no gradient of the 32 can be subnormal, judged from the
     // exponents the exp already has: with |neg| >= 2^e and the polynomial's |y| > |neg| / 2
     // (neg folded in: exp(r) > 1/2 times neg), |y * 2^k| > 2^(k + e - 1) >= 2^-126 when
@@ -555,9 +560,12 @@ void backward_block(const T* z, T* g, std::int64_t V, float hi, float lo, float 
     }
 #else
     for (; i + 2 * lanes <= V; i += 2 * lanes) {
-      vf even, odd;
-      load_bf16_pairs(z + i, even, odd);
-      store_bf16_pairs(g + i, grad(even), grad(odd));
+      DPO_PARTS
+      for (int j = 0; j < parts; ++j) {
+        vf even, odd;
+        load_bf16_pairs(z + i + 2 * j * w, even, odd);
+        store_bf16_pairs(g + i + 2 * j * w, grad(even), grad(odd));
+      }
     }
 #endif
   }
