@@ -759,8 +759,8 @@ gpu::shard_status check_and_gate(const fixture::buffers<float, std::int64_t>& bu
   REQUIRE(s);  // the launch; the data's verdict is in the word
   const gpu::shard_status verdict = gpu::read_error(ws.p);
   CHECK(verdict.ok() != bad);
-  // The chosen side alone: the same verdict when the bad value is there (the callers below
-  // put it on the rejected side, which the single view does not read).
+  // The chosen side alone passes: the sections below plant every bad value on the rejected
+  // side, whose labels and cu_seqlens entries a view of the chosen sequences does not read.
   {
     std::size_t one = 0;
     require_ok(gpu::shard_check(nullptr, one, dev(dv.chosen), sh, opt));
