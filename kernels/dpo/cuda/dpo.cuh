@@ -507,7 +507,7 @@ status sequence_logps_backward(void* workspace, std::size_t& workspace_bytes,
   if (!s) return s;
   const int label_blocks = static_cast<int>(cap / 256 + 1 < 4096 ? cap / 256 + 1 : 4096);
   s = detail::launch("label_check_kernel", detail::label_check_kernel<256, T, L>, label_blocks,
-                     256, stream, vs, w.h);
+                     256, stream, vs, w.h, std::int64_t{-1});
   if (!s) return s;
   return detail::launch("backward_sequences_kernel", kernel, grid, detail::rows_block, stream, vs,
                         w.h, row_lse, seq_grad, grad, grad_stride);

@@ -797,20 +797,25 @@ __global__ void __launch_bounds__(BLOCK) backward_rows_kernel(views<T, L> vs, ws
   }
 }
 
-/// sequence_logps_backward's check of the labels of every sequence row (the error word's
-/// label_key, as rows_kernel), before backward_sequences_kernel writes anything.
+/// The check of the labels of every sequence row of every side (the error word's label_key,
+/// as rows_kernel): sequence_logps_backward's, before backward_sequences_kernel writes
+/// anything, and shard_check's. `bound`: the vocabulary the labels must lie in (-1: each
+/// view's own; a vocabulary shard's check passes the global one).
 template <int BLOCK, class T, class L>
-__global__ void __launch_bounds__(BLOCK) label_check_kernel(views<T, L> vs, ws_header* h) {
+__global__ void __launch_bounds__(BLOCK) label_check_kernel(views<T, L> vs, ws_header* h, std::int64_t bound) {
   if (h->err.code != 0) return;
-  const token_view<T, L>& v = vs.v[0];
-  const std::int64_t n = side_rows(v);
-  const std::int64_t r0 = n > 0 ? v.row_begin(0) : 0;
-  for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(BLOCK) + threadIdx.x; i < n;
-       i += static_cast<std::int64_t>(gridDim.x) * BLOCK) {
-    const std::int64_t r = r0 + i;
-    if (!v.in_sequence(r)) continue;
-    const std::int64_t y = v.target(r);
-    if (y != token_view<T, L>::masked && (y < 0 || y >= v.vocab)) record_label_error(h, 0, r);
+  for (int side = 0; side < vs.num_sides; ++side) {
+    const token_view<T, L>& v = vs.v[side];
+    const std::int64_t vocab = bound >= 0 ? bound : v.vocab;
+    const std::int64_t n = side_rows(v);
+    const std::int64_t r0 = n > 0 ? v.row_begin(0) : 0;
+    for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(BLOCK) + threadIdx.x; i < n;
+         i += static_cast<std::int64_t>(gridDim.x) * BLOCK) {
+      const std::int64_t r = r0 + i;
+      if (!v.in_sequence(r)) continue;
+      const std::int64_t y = v.target(r);
+      if (y != token_view<T, L>::masked && (y < 0 || y >= vocab)) record_label_error(h, side, r);
+    }
   }
 }
 

@@ -268,26 +268,6 @@ __global__ void __launch_bounds__(BLOCK) pair_stage_reset_kernel(ws_header* h) {
   h->magic = 0;
 }
 
-/// shard_check's label pass over the rows of every side (check_kernel ran first: it reset
-/// the header and checked cu_seqlens; nothing is read past a bad one): each completion
-/// label against the GLOBAL vocabulary, the lowest (side, row) out of range recorded.
-template <int BLOCK, class T, class L>
-__global__ void __launch_bounds__(BLOCK) shard_label_check_kernel(views<T, L> vs, std::int64_t vocab, ws_header* h) {
-  if (h->err.code != 0) return;
-  for (int side = 0; side < vs.num_sides; ++side) {
-    const token_view<T, L>& v = vs.v[side];
-    const std::int64_t n = side_rows(v);
-    const std::int64_t r0 = n > 0 ? v.row_begin(0) : 0;
-    for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(BLOCK) + threadIdx.x; i < n;
-         i += static_cast<std::int64_t>(gridDim.x) * BLOCK) {
-      const std::int64_t r = r0 + i;
-      if (!v.in_sequence(r)) continue;
-      const std::int64_t y = v.target(r);
-      if (y != token_view<T, L>::masked && (y < 0 || y >= vocab)) record_label_error(h, side, r);
-    }
-  }
-}
-
 /// shard_check's last kernel (one thread): the recorded label error, if any, into the error
 /// word, with the global vocabulary as its bound.
 template <int BLOCK, class T, class L>
@@ -456,7 +436,9 @@ status enqueue_shard_check(void* workspace, std::size_t& workspace_bytes, const 
   const unsigned grid = static_cast<unsigned>(n / 256 + 1 < 1024 ? n / 256 + 1 : 1024);
   s = launch("check_kernel", check_kernel<T, L>, 1, 256, stream, vs, h, false);
   if (!s) return s;
-  s = launch("shard_label_check_kernel", shard_label_check_kernel<256, T, L>, grid, 256, stream, vs, sh.vocab, h);
+  // Labels against the GLOBAL vocabulary (check_kernel above checked cu_seqlens; a bad one
+  // stops this kernel before it reads past it).
+  s = launch("label_check_kernel", label_check_kernel<256, T, L>, grid, 256, stream, vs, h, sh.vocab);
   if (!s) return s;
   return launch("shard_label_report_kernel", shard_label_report_kernel<1, T, L>, 1, 1, stream, vs, sh.vocab, h);
 }
