@@ -125,6 +125,43 @@ TEST_CASE("dpo_forward with reference logits equals the oracle on the reference'
   }
 }
 
+TEST_CASE("reference logits of another dtype are read as they are, not in the policy's dtype", "[forward]") {
+  // A bf16 policy with fp64 reference logits of values bf16 cannot hold: the reference pass
+  // reads its own dtype, so the result is the oracle's on the fp64 values (rounding them to
+  // bf16 moves each reference log-prob by ~0.1, far outside the tolerances).
+  fixture::batch_spec sp;
+  sp.seed = 61;
+  const oracle::batch policy = fixture::rounded_random_batch<Eigen::bfloat16>(sp);
+  sp.seed = 62;
+  oracle::batch reference = fixture::rounded_random_batch<double>(sp);
+  for (int s = 0; s < 2; ++s)
+    for (std::size_t i = 0; i < policy.chosen.size(); ++i)
+      (s == 0 ? reference.chosen : reference.rejected)[i].y = (s == 0 ? policy.chosen : policy.rejected)[i].y;
+  for (const auto& nc : fixture::all_configs()) {
+    if (!fixture::needs_reference(nc.cfg)) continue;
+    INFO(nc.name);
+    for (layout k : {layout::padded, layout::separate, layout::packed}) {
+      fixture::buffers<Eigen::bfloat16, std::int64_t> pb(policy, k, 2), pb2(policy, k, 2);
+      fixture::buffers<double, std::int64_t> rb(reference, k, 2);
+      const dpo::cpu::forward_result r = dpo::cpu::dpo_forward(pb.view(), rb.view(), nc.cfg);
+      std::vector<oracle::ld> rc, rr;
+      oracle::pair_logps(reference, nc.cfg.ld_alpha, rc, rr);
+      fixture::forward_tol t = fixture::tolerances<float>(policy);
+      t.seq += fixture::tolerances<double>(reference).seq;
+      fixture::compare_forward(r, oracle::forward(nc.cfg, policy, rc, rr), t, nc.cfg, true);
+      // The same as the reference's own pair_logps passed as log-probs, forward and backward.
+      const std::int64_t P = static_cast<std::int64_t>(policy.chosen.size());
+      std::vector<double> c(P), j(P);
+      dpo::cpu::pair_logps(rb.view(), nc.cfg.ld_alpha, c.data(), j.data());
+      const dpo::cpu::forward_result a = dpo::cpu::dpo_forward_backward(pb.view(), rb.view(), nc.cfg, pb.grad_view());
+      const dpo::cpu::forward_result b = dpo::cpu::dpo_forward_backward(pb2.view(), c.data(), j.data(), nc.cfg,
+                                                                        pb2.grad_view());
+      CHECK(a.loss == b.loss);
+      CHECK(std::memcmp(pb.grad.data(), pb2.grad.data(), pb.grad.size() * sizeof(Eigen::bfloat16)) == 0);
+    }
+  }
+}
+
 TEST_CASE("sequence_logps: sums, counts and per-token log-probs", "[forward]") {
   fixture::batch_spec sp;
   sp.seed = 8;

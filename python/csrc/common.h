@@ -253,34 +253,49 @@ dpo::pair_view<T, L> pair_view_of(const row_layout& l, std::int64_t ignore_index
 template <class T, class L>
 struct layout_views {
   using value_type = T;
+  using label_type = L;
   const row_layout& layout;
   std::int64_t ignore_index;
   dpo::token_view<T, L> tokens() const { return token_view_of<T, L>(layout, ignore_index); }
   dpo::pair_view<T, L> pairs() const { return pair_view_of<T, L>(layout, ignore_index); }
-  /// Another layout of the same dtypes (the reference logits), as pairs.
-  dpo::pair_view<T, L> pairs(const row_layout& other) const { return pair_view_of<T, L>(other, ignore_index); }
   /// A buffer of the logits' dtype (a gradient) as the backend's element type.
   static T* elements(void* p) { return reinterpret_cast<T*>(p); }
 };
 
-/// Calls fn(layout_views<T, L>) for the dtype of the layout's logits and of its labels. T is
-/// float, double, Types::bf16 or Types::f16: each backend names its own 16-bit types
-/// (Eigen's on the CPU, CUDA's on the device).
+/// Calls fn(static_cast<T*>(nullptr)) for the backend's element type T of a floating dtype:
+/// float, double, Types::bf16 or Types::f16 (each backend names its own 16-bit types: Eigen's
+/// on the CPU, CUDA's on the device). `name`: the argument, for the error.
+template <class Types, class Fn>
+void dispatch_value(at::ScalarType dtype, const char* name, Fn&& fn) {
+  switch (dtype) {
+    case at::kFloat: return fn(static_cast<float*>(nullptr));
+    case at::kDouble: return fn(static_cast<double*>(nullptr));
+    case at::kBFloat16: return fn(static_cast<typename Types::bf16*>(nullptr));
+    case at::kHalf: return fn(static_cast<typename Types::f16*>(nullptr));
+    default: TORCH_CHECK_TYPE(false, "unsupported ", name, " dtype ", dtype);
+  }
+}
+
+/// Calls fn(layout_views<T, L>) for the dtype of the layout's logits and of its labels.
 template <class Types, class Fn>
 void dispatch_views(const row_layout& l, std::int64_t ignore_index, Fn&& fn) {
-  const auto with = [&](auto* tp) {
+  dispatch_value<Types>(l.logits.scalar_type(), "logits", [&](auto* tp) {
     using T = std::remove_pointer_t<decltype(tp)>;
     dispatch_label(l.labels.scalar_type(), [&](auto* lp) {
       fn(layout_views<T, std::remove_pointer_t<decltype(lp)>>{l, ignore_index});
     });
-  };
-  switch (l.logits.scalar_type()) {
-    case at::kFloat: return with(static_cast<float*>(nullptr));
-    case at::kDouble: return with(static_cast<double*>(nullptr));
-    case at::kBFloat16: return with(static_cast<typename Types::bf16*>(nullptr));
-    case at::kHalf: return with(static_cast<typename Types::f16*>(nullptr));
-    default: TORCH_CHECK_TYPE(false, "unsupported logits dtype ", l.logits.scalar_type());
-  }
+  });
+}
+
+/// Calls fn(pair_view<R, L>) for another layout with the labels of `v` (the reference logits),
+/// R the element type of that layout's own dtype: the reference pass reads its logits as they
+/// are, never rounded to the policy's dtype.
+template <class Types, class T, class L, class Fn>
+void dispatch_reference(const layout_views<T, L>& v, const row_layout& ref, Fn&& fn) {
+  dispatch_value<Types>(ref.logits.scalar_type(), "ref_logits", [&](auto* rp) {
+    using R = std::remove_pointer_t<decltype(rp)>;
+    fn(pair_view_of<R, L>(ref, v.ignore_index));
+  });
 }
 
 /// Per-row values indexed by the view's rows (view_rows() entries, as the library's row_lse /

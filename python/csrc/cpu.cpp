@@ -129,8 +129,8 @@ DPO_FORWARD_KERNEL(dpo_forward_cpu) {
   dispatch_views<cpu_types>(f.l, ignore_index, [&](auto v) {
     rethrow_as_value_error([&] {
       const dpo::cpu::options opt = cpu_options(compute_metrics);
-      if (f.rl.has_value()) return dpo::cpu::dpo_forward(v.pairs(), v.pairs(*f.rl), cfg, t.out, opt);
-      return dpo::cpu::dpo_forward(v.pairs(), f.ref_c, f.ref_r, cfg, t.out, opt);
+      if (!f.rl.has_value()) return dpo::cpu::dpo_forward(v.pairs(), f.ref_c, f.ref_r, cfg, t.out, opt);
+      dispatch_reference<cpu_types>(v, *f.rl, [&](auto ref) { dpo::cpu::dpo_forward(v.pairs(), ref, cfg, t.out, opt); });
     });
   });
   return t.results(f.l, logits);

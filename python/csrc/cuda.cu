@@ -131,9 +131,13 @@ DPO_FORWARD_KERNEL(dpo_forward_cuda) {
     // With reference logits, one call: the reference pass, then the policy's.
     run_with_workspace(logits.device(), [&](void* ws, std::size_t& bytes) {
       const dpo::cuda::options opt = cuda_options(l, compute_metrics);
-      if (f.rl.has_value())
-        return dpo::cuda::dpo_forward(ws, bytes, v.pairs(), v.pairs(*f.rl), cfg, t.out, opt, stream);
-      return dpo::cuda::dpo_forward(ws, bytes, v.pairs(), f.ref_c, f.ref_r, cfg, t.out, opt, stream);
+      if (!f.rl.has_value())
+        return dpo::cuda::dpo_forward(ws, bytes, v.pairs(), f.ref_c, f.ref_r, cfg, t.out, opt, stream);
+      dpo::cuda::status s;
+      dispatch_reference<cuda_types>(v, *f.rl, [&](auto ref) {
+        s = dpo::cuda::dpo_forward(ws, bytes, v.pairs(), ref, cfg, t.out, opt, stream);
+      });
+      return s;
     });
   });
   return t.results(l, logits);

@@ -292,7 +292,9 @@ std::optional<row_layout> reference_layout(const at::Tensor& logits, const at::T
                     logits.sizes(), ", got ", ref_logits->sizes());
   TORCH_CHECK_VALUE(ref_logits->device() == logits.device(), "ref_logits is on ", ref_logits->device(),
                     " but logits is on ", logits.device());
-  return make_layout(ref_logits->to(logits.scalar_type()), labels, cu_seqlens, ignore_index, "ref_logits");
+  // In its own dtype (fp32 reference logits for a bf16 policy are read as they are, as
+  // sequence_logps would read them), never rounded to the policy's.
+  return make_layout(*ref_logits, labels, cu_seqlens, ignore_index, "ref_logits");
 }
 
 void check_inplace(const row_layout& l, const at::Tensor& logits) {

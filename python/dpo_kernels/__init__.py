@@ -307,7 +307,8 @@ def dpo_loss_from_logits(
         reference_chosen_logps, reference_rejected_logps: ``[P]`` reference sequence
             log-probs (summed; LD-DPO weighted like the policy when ``ld_alpha`` is set).
         ref_logits: instead of reference log-probs, the reference model's logits (same
-            shape and labels); read once, forward only.
+            shape and labels, any floating dtype: read once in their own dtype, forward
+            only, exactly as :func:`sequence_logps` would read them).
         loss_type, loss_weights, beta, label_smoothing, f_divergence_type,
             f_alpha_divergence_coef, discopop_tau, use_weighting (WPO), ld_alpha (LD-DPO;
             None disables it): TRL DPOConfig's fields and defaults. The sft term is the mean

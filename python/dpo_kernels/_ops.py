@@ -254,6 +254,11 @@ def _dpo_forward_fake(*args):
     check_devices(("logits", logits), ("labels", labels), ("cu_seqlens", cu_seqlens),
                   ("reference_chosen_logps", rc), ("reference_rejected_logps", rr), ("ref_logits", ref_logits))
     _check_logits(logits)
+    if ref_logits is not None:
+        _check_logits(ref_logits, "ref_logits")  # any floating dtype: the reference pass reads its own
+        if ref_logits.shape != logits.shape:
+            raise ValueError(f"ref_logits must have the shape of logits {tuple(logits.shape)}, "
+                             f"got {tuple(ref_logits.shape)}")
     _C.check_config(*config)
     _C.check_references(*config, rc is not None or ref_logits is not None,
                         rr is not None or ref_logits is not None)

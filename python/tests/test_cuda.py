@@ -129,6 +129,18 @@ def test_dpo_forward_options_and_ref_logits_match_cpu(dtype, cfg):
                 close(dev[k], cpu[k], tol, f"{name} ref_logits={refs[2] is not None} output {k}")
 
 
+@pytest.mark.parametrize("policy_dtype,ref_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.float64),
+                                                    (torch.float16, torch.bfloat16)])
+def test_ref_logits_of_another_dtype_match_cpu(policy_dtype, ref_dtype):
+    # The CUDA reference pass reads ref_logits in their own dtype, as the CPU's does.
+    full, labels, rc, rr = make(policy_dtype, seed=3)
+    for (name, z, y, cu), dev_layout in both_layouts(full, labels):
+        ref_logits = (z.double() + 0.3 * torch.randn(z.shape, dtype=torch.float64)).to(ref_dtype)
+        cpu, dev = forward_both((z, y, cu), dev_layout[1:], None, None, ref_logits, config("sigmoid", ld_alpha=0.5))
+        for k in range(5):
+            close(dev[k], cpu[k], torch.float32, f"{name} output {k}")
+
+
 def test_metrics_off_matches_cpu():
     full, labels, rc, rr = make(torch.float32, seed=2)
     z, y = full[:, :-1], labels

@@ -336,3 +336,60 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="grad_loss must hold one value"):
         ops.dpo_backward(torch.ones(2), logits.detach(), labels, None, torch.zeros(labels.shape),
                          torch.zeros(labels.shape), -100)
+
+
+@pytest.mark.parametrize("policy_dtype,ref_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.float64),
+                                                    (torch.float16, torch.float32), (torch.float64, torch.bfloat16)])
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("ld_alpha", [None, 0.5])
+def test_ref_logits_of_another_dtype_are_read_as_they_are(policy_dtype, ref_dtype, packed, ld_alpha):
+    # The reference pass reads ref_logits in their own dtype: the same loss, metrics, pair values
+    # and gradient as passing the reference's own log-probs (LD-DPO weighted alike: the pair
+    # values of a call with the reference as the policy), never the reference rounded to the
+    # policy's dtype (which moves each log-prob by ~0.01-0.2 here).
+    g = torch.Generator().manual_seed(11)
+    P, T, V = 3, 40, 97
+    full = 8 * torch.randn(2 * P, T, V, generator=g, dtype=torch.float64)
+    ref_full = full + 2 * torch.randn(full.shape, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, V, (2 * P, T), generator=g)
+    labels[:, :4] = -100
+    labels[1, 30:] = -100  # a shorter sequence, so that LD-DPO weighs something
+    cu = None
+    z, ref = full.to(policy_dtype), ref_full.to(ref_dtype)
+    if packed:
+        z, ref, labels = z.reshape(-1, V), ref.reshape(-1, V), labels.reshape(-1)
+        cu = torch.arange(0, 2 * P + 1) * T
+    kw = dict(cu_seqlens=cu, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5], ld_alpha=ld_alpha)
+    zeros = torch.zeros(P, dtype=torch.float64)
+    own = dk.dpo_loss_from_logits(ref, labels, zeros, zeros, return_pair_values=True, **kw)[2]
+    rc, rr = own["chosen_logps"].double(), own["rejected_logps"].double()
+    z1 = z.clone().requires_grad_(True)
+    z2 = z.clone().requires_grad_(True)
+    loss1, m1, p1 = dk.dpo_loss_from_logits(z1, labels, ref_logits=ref, return_pair_values=True, **kw)
+    loss2, m2, p2 = dk.dpo_loss_from_logits(z2, labels, rc, rr, return_pair_values=True, **kw)
+    # The log-probs' route rounds the reference log-probs to the result dtype (float32 but for
+    # float64 reference logits): one rounding of values ~-200 apart.
+    tol = dict(rtol=1e-9, atol=1e-9) if ref_dtype == torch.float64 else dict(rtol=2e-6, atol=2e-5)
+    assert loss1.dtype == loss2.dtype
+    torch.testing.assert_close(loss1, loss2, **tol)
+    for k in m1:
+        torch.testing.assert_close(m1[k], m2[k], **tol, msg=k)
+    for k in p1:
+        torch.testing.assert_close(p1[k], p2[k], **tol, msg=k)
+    (loss1 * 1.7).backward()
+    (loss2 * 1.7).backward()
+    torch.testing.assert_close(z1.grad.double(), z2.grad.double(), rtol=1e-2 if z.element_size() == 2 else 1e-5,
+                               atol=1e-6)
+    # Not the reference rounded to the policy's dtype (where that dtype is the narrower one):
+    # that moves the rewards by far more than the tolerance.
+    if torch.finfo(policy_dtype).eps > torch.finfo(ref_dtype).eps:
+        p3 = dk.dpo_loss_from_logits(z.detach(), labels, ref_logits=ref.to(policy_dtype), return_pair_values=True,
+                                     **kw)[2]
+        assert (p3["chosen_rewards"] - p1["chosen_rewards"]).abs().max() > 20 * tol["atol"]
+
+
+def test_ref_logits_must_be_floating():
+    z = torch.randn(2, 5, 11)
+    y = torch.randint(0, 11, (2, 5))
+    with pytest.raises(TypeError, match="ref_logits must be float32, float64, bfloat16 or float16"):
+        dk.dpo_loss_from_logits(z, y, ref_logits=torch.zeros(2, 5, 11, dtype=torch.int64))

@@ -181,8 +181,8 @@ case_out run_typed(const case_in& in) {
   const T* lp = d.logits.as<T>();
   const L* lab = in.null_labels ? nullptr : d.labels.as<L>();
   const std::uint8_t* mk = in.mask.empty() ? nullptr : d.mask.as<std::uint8_t>();
-  const auto view_of = [&](const T* x, const L* y, std::int64_t seqs) {
-    dpo::pair_view<T, L> v;
+  const auto view_of = [&](const auto* x, const L* y, std::int64_t seqs) {
+    dpo::pair_view<std::remove_cv_t<std::remove_pointer_t<decltype(x)>>, L> v;
     if (in.cu_seqlens.empty()) {
       v = dpo::padded_pairs(x, y, seqs, in.seq_len, in.vocab, in.row_stride, mk,
                             in.ignore_index);
@@ -196,17 +196,24 @@ case_out run_typed(const case_in& in) {
   const dpo::pair_view<T, L> pv = view_of(lp, lab, in.num_seqs);
   // The reference logits and, when given, their own labels.
   const bool with_ref_logits = !in.ref_logits.empty();
-  if (with_ref_logits && in.ref_logits.size() != in.logits.size())
+  if (in.ref_f32 && !std::is_same_v<T, __nv_bfloat16>) throw std::runtime_error("case: ref_f32 needs bf16 logits");
+  if (with_ref_logits && in.ref_logits.size() != logits_elems * (in.ref_f32 ? sizeof(float) : esize))
     throw std::runtime_error("case: ref_logits size");
   dev_buf ref_logits(in.ref_logits.size());
   upload(ref_logits, in.ref_logits);
   std::vector<L> ref_labels_h(in.ref_labels.begin(), in.ref_labels.end());
   dev_buf ref_labels(ref_labels_h.size() * sizeof(L));
   upload(ref_labels, ref_labels_h);
-  const dpo::pair_view<T, L> rv =
-      view_of(in.null_ref ? nullptr : ref_logits.as<T>(),
-              in.ref_labels.empty() ? lab : ref_labels.as<L>(),
-              in.ref_num_seqs > 0 ? in.ref_num_seqs : in.num_seqs);
+  const L* ref_lab = in.ref_labels.empty() ? lab : ref_labels.as<L>();
+  const std::int64_t ref_seqs = in.ref_num_seqs > 0 ? in.ref_num_seqs : in.num_seqs;
+  const dpo::pair_view<T, L> rv = view_of(in.null_ref ? nullptr : ref_logits.as<T>(), ref_lab, ref_seqs);
+  // fn(the reference view): of T, or of float for ref_f32 (the mixed-dtype overloads).
+  const auto with_ref = [&](auto&& fn) -> dpo::cuda::status {
+    if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+      if (in.ref_f32) return fn(view_of(in.null_ref ? nullptr : ref_logits.as<float>(), ref_lab, ref_seqs));
+    }
+    return fn(rv);
+  };
   dpo::token_view<T, L> all = pv.chosen;
   all.num_seqs = in.num_seqs;
   const dpo::pair_grad_view<T> grad{gptr, gb.stride, gptr, gb.stride};
@@ -235,17 +242,21 @@ case_out run_typed(const case_in& in) {
     switch (in.run) {
       case mode::forward_backward:
         if (with_ref_logits)
-          return dpo::cuda::dpo_forward_backward(ws, bytes, pv, rv, in.cfg, fo, grad, opt);
+          return with_ref([&](const auto& r) {
+            return dpo::cuda::dpo_forward_backward(ws, bytes, pv, r, in.cfg, fo, grad, opt);
+          });
         return dpo::cuda::dpo_forward_backward(ws, bytes, pv, ref_c, ref_r, in.cfg, fo, grad, opt);
       case mode::forward_then_backward: {
         dpo::cuda::status s =
-            with_ref_logits ? dpo::cuda::dpo_forward(ws, bytes, pv, rv, in.cfg, fo, opt)
-                            : dpo::cuda::dpo_forward(ws, bytes, pv, ref_c, ref_r, in.cfg, fo, opt);
+            with_ref_logits
+                ? with_ref([&](const auto& r) { return dpo::cuda::dpo_forward(ws, bytes, pv, r, in.cfg, fo, opt); })
+                : dpo::cuda::dpo_forward(ws, bytes, pv, ref_c, ref_r, in.cfg, fo, opt);
         if (!s || ws == nullptr) return s;
         return dpo::cuda::dpo_backward(ws, bytes, pv, grad, go, opt);
       }
       case mode::forward_only:
-        if (with_ref_logits) return dpo::cuda::dpo_forward(ws, bytes, pv, rv, in.cfg, fo, opt);
+        if (with_ref_logits)
+          return with_ref([&](const auto& r) { return dpo::cuda::dpo_forward(ws, bytes, pv, r, in.cfg, fo, opt); });
         return dpo::cuda::dpo_forward(ws, bytes, pv, ref_c, ref_r, in.cfg, fo, opt);
       case mode::sequence_logps:
         return dpo::cuda::sequence_logps(ws, bytes, all, sums, counts, token_logps, opt);

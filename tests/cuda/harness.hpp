@@ -56,6 +56,7 @@ struct case_in {
   std::vector<unsigned char> ref_logits;
   std::vector<std::int64_t> ref_labels;
   std::int64_t ref_num_seqs = 0;          // the reference view's 2P (0: num_seqs)
+  bool ref_f32 = false;                   // ref_logits are fp32 (a bf16 policy only): mixed dtypes
   dpo::loss_config cfg;
   bool metrics = true;
   bool in_place = false;

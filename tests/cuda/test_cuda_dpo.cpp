@@ -166,15 +166,26 @@ cpu_run run_cpu_typed(const case_in& c) {
   if (c.ref_logits.empty()) {
     out.fwd = dpo::cpu::dpo_forward(pv, rc, rr, c.cfg, opt);
   } else {
-    // The CPU's reference-logits overload, on the same bytes and labels.
-    dpo::pair_view<E, std::int64_t> rv = pv;
-    const E* rp = reinterpret_cast<const E*>(c.ref_logits.data());
-    const std::int64_t* rl = c.ref_labels.empty() ? c.labels.data() : c.ref_labels.data();
-    for (dpo::token_view<E, std::int64_t>* v : {&rv.chosen, &rv.rejected}) {
-      v->logits = rp;
-      v->labels = rl;
-    }
-    out.fwd = dpo::cpu::dpo_forward(pv, rv, c.cfg, opt);
+    // The CPU's reference-logits overload, on the same bytes and labels (fp32 reference
+    // logits with ref_f32: the mixed-dtype overload).
+    const auto reference = [&](const auto* rp) {
+      using R = std::remove_cv_t<std::remove_pointer_t<decltype(rp)>>;
+      dpo::pair_view<R, std::int64_t> rv;
+      const std::int64_t* rl = c.ref_labels.empty() ? c.labels.data() : c.ref_labels.data();
+      rv.chosen = dpo::token_view<R, std::int64_t>{rp, rl, pv.chosen.mask, pv.chosen.cu_seqlens, pv.chosen.vocab,
+                                                   pv.chosen.row_stride, pv.chosen.num_seqs, pv.chosen.seq_len,
+                                                   pv.chosen.first_seq, pv.chosen.ignore_index, pv.chosen.seq_stride};
+      rv.rejected = dpo::token_view<R, std::int64_t>{
+          rp, rl, pv.rejected.mask, pv.rejected.cu_seqlens, pv.rejected.vocab, pv.rejected.row_stride,
+          pv.rejected.num_seqs, pv.rejected.seq_len, pv.rejected.first_seq, pv.rejected.ignore_index,
+          pv.rejected.seq_stride};
+      rv.concatenated_seqs = pv.concatenated_seqs;
+      return rv;
+    };
+    if (c.ref_f32)
+      out.fwd = dpo::cpu::dpo_forward(pv, reference(reinterpret_cast<const float*>(c.ref_logits.data())), c.cfg, opt);
+    else
+      out.fwd = dpo::cpu::dpo_forward(pv, reference(reinterpret_cast<const E*>(c.ref_logits.data())), c.cfg, opt);
   }
   std::vector<E> g(static_cast<std::size_t>(c.rows * c.row_stride), E(0.0f));
   dpo::cpu::dpo_backward(pv, out.fwd, dpo::pair_grad_view<E>{g.data(), c.row_stride, g.data(), c.row_stride},
@@ -777,6 +788,48 @@ TEST_CASE("cuda: the reference-logits overloads match the CPU path", "[cuda][sma
     for (double r : g.chosen_rewards) CHECK(r == 0.0);
     c.ref_labels = make_case(dtype::bf16, sh, seed++).labels;
     compare(c);
+  }
+}
+
+TEST_CASE("cuda: fp32 reference logits for a bf16 policy are read as fp32", "[cuda][small]") {
+  // The mixed-dtype overloads: values bf16 cannot hold, so a reference pass that rounded them
+  // to the policy's dtype would be off by far more than the tolerance.
+  unsigned seed = 870;
+  for (bool packed : {false, true}) {
+    for (mode m : {mode::forward_backward, mode::forward_then_backward, mode::forward_only}) {
+      INFO("packed " << packed << " mode " << static_cast<int>(m));
+      shape sh;
+      sh.vocab = 1031;
+      sh.pad = packed ? 0 : 3;
+      sh.packed = packed;
+      case_in c = make_case(dtype::bf16, sh, seed++);
+      c.run = m;
+      c.in_place = m == mode::forward_backward;
+      c.ref_f32 = true;
+      case_in f32 = c;
+      f32.type = dtype::f32;
+      f32.logits.resize(c.logits.size() / 2 * 4);  // random_logits sizes its output by this
+      c.ref_logits = random_logits(f32, seed++);
+      c.ref_chosen.clear();
+      c.ref_rejected.clear();
+      const case_out g = compare(c);
+      // Against the reference log-probs of the fp32 logits themselves, through the CPU's
+      // pair_logps of a float view: the rewards' reference parts agree to fp32 rounding.
+      case_in rc = f32;
+      rc.logits = c.ref_logits;
+      rc.ref_f32 = false;
+      rc.run = mode::pair_logps;
+      rc.ld_alpha = 1.0;
+      const case_out ref = dpo_cuda_test::run_case(rc);
+      const std::int64_t P = c.num_seqs / 2;
+      REQUIRE(ref.sums.size() == static_cast<std::size_t>(2 * P));
+      for (std::int64_t i = 0; i < P; ++i) {
+        const double beta = c.cfg.beta;
+        CHECK(g.chosen_rewards[i] == Approx(beta * (g.chosen_logps[i] - ref.sums[i])).epsilon(1e-5).margin(1e-6));
+        CHECK(g.rejected_rewards[i] ==
+              Approx(beta * (g.rejected_logps[i] - ref.sums[P + i])).epsilon(1e-5).margin(1e-6));
+      }
+    }
   }
 }
 

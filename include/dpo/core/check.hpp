@@ -215,10 +215,11 @@ std::string check_pairs(const pair_view<T, L>& v, const char* name, const check_
   return check_view(v.rejected, (std::string(name) + ".rejected").c_str(), p, label_vocab);
 }
 
-/// The reference pair view of the reference-logits overloads, after check_pairs of both.
-template <class T, class L>
+/// The reference pair view of the reference-logits overloads, after check_pairs of both (the
+/// reference's element type R may differ from the policy's T: each pass reads its own).
+template <class T, class R, class L>
 std::string check_reference_pairs(const pair_view<T, L>& policy,
-                                  const pair_view<T, L>& reference) {
+                                  const pair_view<R, L>& reference) {
   if (reference.num_pairs() != policy.num_pairs())
     return message("ref_logits.num_pairs = ", reference.num_pairs(),
                    " != logits.num_pairs = ", policy.num_pairs());

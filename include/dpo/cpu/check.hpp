@@ -65,8 +65,8 @@ inline void check_reference(const loss_config& cfg, const double* ref_chosen,
 }
 
 /// The reference pair view of the reference-logits overloads: as many pairs as the policy.
-template <class T, class L>
-void check_reference_pairs(const pair_view<T, L>& policy, const pair_view<T, L>& reference) {
+template <class T, class R, class L>
+void check_reference_pairs(const pair_view<T, L>& policy, const pair_view<R, L>& reference) {
   throw_if(dpo::detail::check_reference_pairs(policy, reference));
 }
 

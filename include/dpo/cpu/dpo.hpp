@@ -647,10 +647,10 @@ void check_forward_args(const pair_view<T, L>& policy, const double* ref_chosen,
   check_reference(cfg, ref_chosen, ref_rejected);
 }
 
-/// The reference-logits overloads' forward-only pass over `reference`: its pair log-probs,
-/// LD-DPO weighted as the policy's.
-template <class T, class L>
-void reference_logps(const pair_view<T, L>& policy, const pair_view<T, L>& reference,
+/// The reference-logits overloads' forward-only pass over `reference` (in its own dtype R):
+/// its pair log-probs, LD-DPO weighted as the policy's.
+template <class T, class R, class L>
+void reference_logps(const pair_view<T, L>& policy, const pair_view<R, L>& reference,
                      const loss_config& cfg, const options& opt, std::vector<double>& rc,
                      std::vector<double>& rr) {
   check_config(cfg);
@@ -684,9 +684,10 @@ void dpo_forward(const pair_view<T, L>& policy, const double* ref_chosen,
 
 /// The caller-owned dpo_forward with reference logits instead of reference log-probs: a
 /// forward-only pass over `reference` (same layout and labels as `policy`, LD-DPO weighted
-/// alike), then dpo_forward.
-template <class T, class L>
-void dpo_forward(const pair_view<T, L>& policy, const pair_view<T, L>& reference,
+/// alike; its own element type R, e.g. fp32 reference logits for a bf16 policy, read as they
+/// are), then dpo_forward.
+template <class T, class R, class L>
+void dpo_forward(const pair_view<T, L>& policy, const pair_view<R, L>& reference,
                  const loss_config& cfg, const forward_outputs& out, const options& opt = {}) {
   std::vector<double> rc, rr;
   detail::check_pairs(policy, "logits");
@@ -719,9 +720,9 @@ forward_result dpo_forward(const pair_view<T, L>& policy, const double* ref_chos
 
 /// The fused forward pass with reference logits instead of reference log-probs: a
 /// forward-only pass over `reference` (same layout and labels as `policy`, LD-DPO weighted
-/// alike), then dpo_forward.
-template <class T, class L>
-forward_result dpo_forward(const pair_view<T, L>& policy, const pair_view<T, L>& reference,
+/// alike; its own element type R, read as it is), then dpo_forward.
+template <class T, class R, class L>
+forward_result dpo_forward(const pair_view<T, L>& policy, const pair_view<R, L>& reference,
                            const loss_config& cfg, const options& opt = {}) {
   std::vector<double> rc, rr;
   detail::reference_logps(policy, reference, cfg, opt, rc, rr);
@@ -802,9 +803,9 @@ forward_result dpo_forward_backward(const pair_view<T, L>& policy, const double*
 
 /// dpo_forward_backward with reference logits instead of reference log-probs (as the
 /// reference-logits dpo_forward): the gradient arguments are checked before either pass.
-template <class T, class L>
+template <class T, class R, class L>
 forward_result dpo_forward_backward(const pair_view<T, L>& policy,
-                                    const pair_view<T, L>& reference, const loss_config& cfg,
+                                    const pair_view<R, L>& reference, const loss_config& cfg,
                                     const pair_grad_view<T>& grad, const options& opt = {}) {
   detail::check_pairs(policy, "logits");
   detail::check_grad(policy, grad);

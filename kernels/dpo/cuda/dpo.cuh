@@ -320,9 +320,9 @@ status enqueue_forward_backward(const pair_view<T, L>& policy, const double* ref
 /// reuses the memory, and dpo_backward finds the forward state where dpo_forward leaves it),
 /// then the 2P reference log-probs. The checks of check_forward (but for the reference
 /// pointers) and those of the reference happen here, before anything is launched.
-template <class T, class L>
+template <class T, class R, class L>
 status reserve_reference(void* workspace, std::size_t& workspace_bytes,
-                         const pair_view<T, L>& policy, const pair_view<T, L>& reference,
+                         const pair_view<T, L>& policy, const pair_view<R, L>& reference,
                          const loss_config& cfg, const options& opt, std::int64_t cap[2],
                          std::int64_t ref_cap[2], ws_ptrs* w, ws_ptrs* ref_w, double** ref_logps,
                          bool* size_only) {
@@ -357,11 +357,11 @@ status reserve_reference(void* workspace, std::size_t& workspace_bytes,
 /// The reference pass of the reference-logits overloads: pair_logps over `reference` (LD-DPO
 /// weighted as the policy) into ref_logps[0, P) chosen and [P, 2P) rejected. Its errors stay
 /// in the error word for the policy pass's check_kernel (after_reference).
-template <class T, class L>
-status enqueue_reference(const pair_view<T, L>& reference, const loss_config& cfg,
+template <class R, class L>
+status enqueue_reference(const pair_view<R, L>& reference, const loss_config& cfg,
                          const options& opt, const ws_ptrs& w, const std::int64_t cap[2],
                          double* ref_logps, cudaStream_t stream) {
-  const views<T, L> vs = make_views(reference.chosen, &reference.rejected, opt);
+  const views<R, L> vs = make_views(reference.chosen, &reference.rejected, opt);
   status s = run_rows<false>(vs, w, cap, stream);
   if (!s) return s;
   sequence_params sp{};
@@ -389,10 +389,10 @@ struct forward_plan {
 /// out's row state), then the two-phase workspace (size query, size and alignment check,
 /// carve). `reference` null: reference log-probs (ref_chosen / ref_rejected); else reference
 /// logits. Sets plan->size_only for a size query, which the caller then returns.
-template <class T, class L>
+template <class T, class L, class R>
 status plan_forward(void* workspace, std::size_t& workspace_bytes, const pair_view<T, L>& policy,
                     const double* ref_chosen, const double* ref_rejected,
-                    const pair_view<T, L>* reference, const loss_config& cfg,
+                    const pair_view<R, L>* reference, const loss_config& cfg,
                     const forward_outputs& out, const options& opt, forward_plan* plan) {
   if (reference != nullptr) {
     const status s = check_row_state(policy, out);
@@ -554,8 +554,8 @@ status dpo_forward(void* workspace, std::size_t& workspace_bytes, const pair_vie
                    const double* ref_chosen, const double* ref_rejected, const loss_config& cfg,
                    const forward_outputs& out, const options& opt = {}, cudaStream_t stream = 0) {
   detail::forward_plan plan;
-  const status s = detail::plan_forward<T, L>(workspace, workspace_bytes, policy, ref_chosen,
-                                              ref_rejected, nullptr, cfg, out, opt, &plan);
+  const status s = detail::plan_forward<T, L, T>(workspace, workspace_bytes, policy, ref_chosen,
+                                                 ref_rejected, nullptr, cfg, out, opt, &plan);
   if (!s || plan.size_only) return s;
   return detail::enqueue_forward(policy, ref_chosen, ref_rejected, cfg, out, opt, plan.w, plan.cap,
                                  stream);
@@ -684,8 +684,8 @@ status dpo_forward_backward(void* workspace, std::size_t& workspace_bytes,
                             const options& opt = {}, cudaStream_t stream = 0) {
   // Every check before anything is launched.
   detail::forward_plan plan;
-  status s = detail::plan_forward<T, L>(workspace, workspace_bytes, policy, ref_chosen,
-                                        ref_rejected, nullptr, cfg, out, opt, &plan);
+  status s = detail::plan_forward<T, L, T>(workspace, workspace_bytes, policy, ref_chosen,
+                                           ref_rejected, nullptr, cfg, out, opt, &plan);
   if (!s || plan.size_only) return s;
   s = detail::check_grad(policy, grad, opt);
   if (!s) return s;
@@ -699,13 +699,14 @@ status dpo_forward_backward(void* workspace, std::size_t& workspace_bytes,
 /// logits buffer; nothing else to allocate or synchronize. The workspace is larger than
 /// dpo_forward's (it also holds the reference log-probs) and keeps the same forward state:
 /// pass it to dpo_backward as for dpo_forward. The reference logits may be any buffer, the
-/// policy's included; `opt` applies to both views (packed views: options::num_rows bounds
-/// both buffers). Device-data errors of the reference (a label outside [0, vocab), a bad
+/// policy's included, in its own element type R (e.g. fp32 reference logits for a bf16
+/// policy, read as they are); `opt` applies to both views (packed views: options::num_rows
+/// bounds both buffers). Device-data errors of the reference (a label outside [0, vocab), a bad
 /// cu_seqlens) are reported in the error word with sides 2 (ref_logits.chosen) and
 /// 3 (ref_logits.rejected), and then nothing is written.
-template <class T, class L>
+template <class T, class R, class L>
 status dpo_forward(void* workspace, std::size_t& workspace_bytes, const pair_view<T, L>& policy,
-                   const pair_view<T, L>& reference, const loss_config& cfg,
+                   const pair_view<R, L>& reference, const loss_config& cfg,
                    const forward_outputs& out, const options& opt = {}, cudaStream_t stream = 0) {
   detail::forward_plan plan;
   status s = detail::plan_forward(workspace, workspace_bytes, policy, nullptr, nullptr, &reference,
@@ -720,9 +721,9 @@ status dpo_forward(void* workspace, std::size_t& workspace_bytes, const pair_vie
 /// dpo_forward_backward with reference logits instead of reference log-probs: the reference
 /// pass of the reference-logits dpo_forward, then dpo_forward_backward. Same workspace,
 /// results and error reporting as that dpo_forward followed by dpo_backward.
-template <class T, class L>
+template <class T, class R, class L>
 status dpo_forward_backward(void* workspace, std::size_t& workspace_bytes,
-                            const pair_view<T, L>& policy, const pair_view<T, L>& reference,
+                            const pair_view<T, L>& policy, const pair_view<R, L>& reference,
                             const loss_config& cfg, const forward_outputs& out,
                             const pair_grad_view<T>& grad, const options& opt = {},
                             cudaStream_t stream = 0) {
