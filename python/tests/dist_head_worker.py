@@ -381,15 +381,15 @@ def rejections(rank: int, world: int, init_file: str) -> None:
                ValueError, "ref_hidden has shape")
         expect("ref_hidden dtype", lambda: hidden_loss(rc=None, rr=None, ref_hidden=odd(h, h.double())), TypeError,
                "ref_hidden has dtype")
-        expect("int16 labels (hidden)", lambda: hidden_loss(yy=odd(y, y.to(torch.int16))), TypeError, "int16")
+        expect("int16 labels (hidden)", lambda: hidden_loss(yy=odd(y, y.to(torch.int16))), TypeError, "labels must be int64 or int32")
         expect("float64 hidden, float32 weight", lambda: hidden_loss(hh=odd(h, h.double())), TypeError, "dtype")
         expect("reference log-probs shape (hidden)", lambda: hidden_loss(rc=odd(ref_c, torch.zeros(P + 1))),
                ValueError, "reference_chosen_logps must have shape")
         z = (h @ weight.T).contiguous()
         expect("int16 labels (logits)", lambda: dpo_kernels.dpo_loss_from_logits(
-            z, odd(y, y.to(torch.int16)), ref_c, ref_r, cp_group=cp), TypeError, "int16")
+            z, odd(y, y.to(torch.int16)), ref_c, ref_r, cp_group=cp), TypeError, "labels must be int64 or int32")
         expect("int16 labels (sequence_logps)", lambda: dpo_kernels.sequence_logps(
-            z, odd(y, y.to(torch.int16)), cp_group=cp), TypeError, "int16")
+            z, odd(y, y.to(torch.int16)), cp_group=cp), TypeError, "labels must be int64 or int32")
         expect("reference log-probs shape (logits)", lambda: dpo_kernels.dpo_loss_from_logits(
             z, y, ref_c, odd(ref_r, torch.zeros(P, 1)), cp_group=cp), ValueError,
             "reference_rejected_logps must have shape")
