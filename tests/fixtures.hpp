@@ -163,9 +163,11 @@ struct buffers {
     }
   }
 
+  /// `vocab`: the vocabulary of a batch without any row (a context rank holding none of the
+  /// sequences' rows); 0 reads it off the first row of chosen[0].
   buffers(const oracle::batch& b, layout k, std::int64_t stride_extra = 0, bool explicit_mask = false,
-          std::int64_t ignore = -100, std::int64_t packed_offset = 0)
-      : kind(k), P(b.pairs()), V(static_cast<std::int64_t>(b.chosen[0].z[0].size())),
+          std::int64_t ignore = -100, std::int64_t packed_offset = 0, std::int64_t vocab = 0)
+      : kind(k), P(b.pairs()), V(vocab > 0 ? vocab : static_cast<std::int64_t>(b.chosen[0].z[0].size())),
         stride(V + stride_extra), ignore_index(ignore), use_mask(explicit_mask) {
     start.assign(2, std::vector<std::int64_t>(static_cast<std::size_t>(P)));
     buf.assign(2, std::vector<int>(static_cast<std::size_t>(P), 0));

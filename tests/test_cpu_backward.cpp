@@ -213,3 +213,30 @@ TEST_CASE("dpo_backward_rows: bad arguments write nothing", "[backward][outputs]
       "one logits buffer");
   for (float g : pad.grad) CHECK(g == fixture::buffers<float, std::int64_t>::sentinel());
 }
+
+TEST_CASE("dpo_backward_rows on zero rows takes null row state; with rows it names it", "[backward][outputs]") {
+  // Padded T = 0 and packed with every sequence empty (cu_seqlens [0, 0, 0, 0, 0]): the
+  // forward accepts them, and an empty tensor's data pointer is null, so the backward must
+  // accept null logits, row_lse, row_coef and gradient buffers there.
+  const std::int64_t V = 8, zero_cu[5] = {0, 0, 0, 0, 0};
+  const std::vector<double> rc = {-1.0, -3.0}, rr = {-2.0, -1.5};
+  for (const bool packed : {false, true}) {
+    INFO((packed ? "packed" : "padded"));
+    const dpo::pair_view<float, std::int64_t> p =
+        packed ? dpo::packed_pairs<float, std::int64_t>(nullptr, nullptr, zero_cu, 4, V, V)
+               : dpo::padded_pairs<float, std::int64_t>(nullptr, nullptr, 4, 0, V, V);
+    double loss = 0;
+    dpo::forward_outputs out;
+    out.loss = &loss;
+    dpo::cpu::dpo_forward(p, rc.data(), rr.data(), fixture::config_named("sigmoid").cfg, out);
+    CHECK(std::isfinite(loss));
+    dpo::cpu::dpo_backward_rows(p, nullptr, nullptr, dpo::pair_grad_view<float>{nullptr, V, nullptr, V}, 0.5);
+  }
+  // With rows, a null row_coef is named, and nothing is written.
+  const oracle::batch b = fixture::rounded_random_batch<float>(small());
+  fixture::buffers<float, std::int64_t> pad(b, layout::padded);
+  std::vector<double> rows(pad.logits.size(), 0.0);
+  fixture::expect_error([&] { dpo::cpu::dpo_backward_rows(pad.view(), rows.data(), nullptr, pad.grad_view()); },
+                        "row_coef is null");
+  for (float g : pad.grad) CHECK(g == fixture::buffers<float, std::int64_t>::sentinel());
+}

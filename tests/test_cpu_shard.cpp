@@ -40,7 +40,29 @@ struct shard_case {
   bool in_place = false;
   bool explicit_mask = false;
   bool metrics = true;
+  bool empty_last = false;  // the last context rank holds no row (the others split the rows)
 };
+
+/// Context rank c's rows of a sequence of n rows: [first, last) (of sc.context ranks, the
+/// last holding none when sc.empty_last).
+struct row_range {
+  std::int64_t first, last;
+};
+inline row_range rows_of_rank(std::int64_t n, int c, const shard_case& sc) {
+  const int C = sc.empty_last ? sc.context - 1 : sc.context;
+  if (c >= C) return {n, n};
+  return {cut(n, c, C), cut(n, c + 1, C)};
+}
+
+/// Context rank c's part of the batch: its rows of every sequence (none for an empty rank).
+inline oracle::batch part_of(const oracle::batch& b, int c, const shard_case& sc) {
+  if (!sc.empty_last) return slice(b, c, sc.context);
+  if (c < sc.context - 1) return slice(b, c, sc.context - 1);
+  oracle::batch out;
+  out.chosen.resize(b.chosen.size());
+  out.rejected.resize(b.rejected.size());
+  return out;
+}
 
 template <class T>
 double grad_rel() {
@@ -53,7 +75,8 @@ void check_sharded(const named_config& nc, const oracle::batch& b, const shard_c
   using A = dpo::cpu::acc_t<T>;
   const int W = static_cast<int>(sc.cuts.size()) - 1, C = sc.context;
   INFO(nc.name << " layout " << fixture::name_of(sc.kind) << " vocab ranks " << W << " context ranks " << C
-               << (sc.in_place ? " in place" : "") << (sc.explicit_mask ? " mask" : ""));
+               << (sc.in_place ? " in place" : "") << (sc.explicit_mask ? " mask" : "")
+               << (sc.empty_last ? " last context rank empty" : ""));
   const std::int64_t P = b.pairs(), V = static_cast<std::int64_t>(b.chosen[0].z[0].size());
   REQUIRE(sc.cuts.front() == 0);
   REQUIRE(sc.cuts.back() == V);
@@ -68,8 +91,9 @@ void check_sharded(const named_config& nc, const oracle::batch& b, const shard_c
 
   std::vector<oracle::batch> parts;
   std::vector<buffers<T, L>> local;
-  for (int c = 0; c < C; ++c) parts.push_back(slice(b, c, C));
-  for (int c = 0; c < C; ++c) local.emplace_back(parts[c], sc.kind, 0, sc.explicit_mask);
+  for (int c = 0; c < C; ++c) parts.push_back(part_of(b, c, sc));
+  // An empty rank's buffers are empty vectors: null logits, labels and gradient pointers.
+  for (int c = 0; c < C; ++c) local.emplace_back(parts[c], sc.kind, 0, sc.explicit_mask, -100, 0, V);
   shard_ranks::grid ranks(W, C);
   std::vector<dpo::cpu::forward_result> got(static_cast<std::size_t>(W * C));
   const std::vector<std::string> errors = ranks.run([&](int rank, int t, int c, const dpo::cpu::collectives& comm) {
@@ -111,7 +135,8 @@ void check_sharded(const named_config& nc, const oracle::batch& b, const shard_c
       const std::vector<oracle::sequence>& seqs = side == 0 ? b.chosen : b.rejected;
       const dpo::cpu::side_rows& rows = side == 0 ? want.chosen_rows : want.rejected_rows;
       for (std::int64_t i = 0; i < P; ++i) {
-        const std::int64_t k0 = cut(seqs[i].rows(), c, C), k1 = cut(seqs[i].rows(), c + 1, C);
+        const row_range rr = rows_of_rank(seqs[i].rows(), c, sc);
+        const std::int64_t k0 = rr.first, k1 = rr.last;
         for (std::int64_t k = k0; k < k1; ++k) {
           const std::int64_t row = full.start[side][i] + k;
           const double coef = std::fabs(rows.coef[static_cast<std::size_t>(row - rows.row0)]);
@@ -359,4 +384,134 @@ TEST_CASE("a context rank's bad slice makes every context rank throw, none waits
   });
   CHECK(errors[0].find("rank(s) of the context group rejected their input") != std::string::npos);
   CHECK(errors[1].find("is outside [0, vocab = 37)") != std::string::npos);
+}
+
+TEST_CASE("a context rank holding no row: results and gradients equal the unsharded call", "[shard]") {
+  // Its logits, labels and gradient are empty buffers (null pointers, as an empty tensor's),
+  // and so are the records and maxima the drivers keep for it.
+  const char* names[] = {"sigmoid", "mpo+wpo", "aot+aot_unpaired", "sft"};
+  for (const layout kind : {layout::padded, layout::packed}) {
+    fixture::batch_spec sp = fixture::spec(3, 6, kVocab, 81);
+    sp.varying_rows = kind == layout::packed;
+    oracle::batch b = fixture::rounded_random_batch<float>(sp);
+    while (b.chosen[0].rows() < 2) {
+      ++sp.seed;
+      b = fixture::rounded_random_batch<float>(sp);
+    }
+    for (const int C : {2, 3}) {
+      for (const int W : {1, 2}) {
+        shard_case sc;
+        sc.kind = kind;
+        sc.context = C;
+        sc.empty_last = true;
+        sc.cuts = uneven(kVocab, W);
+        sc.in_place = W == 2;
+        for (const char* n : names) check_sharded<float, std::int64_t>(fixture::config_named(n), b, sc);
+      }
+    }
+  }
+}
+
+TEST_CASE("sharded sequence log-probs with a context rank holding no row", "[shard]") {
+  fixture::batch_spec sp = fixture::spec(2, 5, kVocab, 91);
+  const oracle::batch b = fixture::rounded_random_batch<double>(sp);
+  for (const layout kind : {layout::padded, layout::packed}) {
+    INFO("layout " << fixture::name_of(kind));
+    buffers<double, std::int64_t> full(b, kind);
+    auto v = full.view().chosen;
+    v.num_seqs = 2 * b.pairs();
+    const std::int64_t S = v.num_seqs;
+    const std::int64_t rows = kind == layout::packed ? full.cu.back() : S * full.seq_len;
+    std::vector<double> sums(S), lse(static_cast<std::size_t>(rows)), seq_grad(S);
+    std::vector<std::int64_t> counts(S);
+    dpo::cpu::sequence_logps(v, sums.data(), counts.data(), nullptr, lse.data());
+    for (std::int64_t s = 0; s < S; ++s) seq_grad[s] = 0.75 - 0.5 * static_cast<double>(s);
+    std::vector<double> g(full.logits.size(), 0.0);
+    dpo::cpu::sequence_logps_backward(v, lse.data(), seq_grad.data(), g.data(), full.stride);
+
+    oracle::batch none;
+    none.chosen.resize(b.chosen.size());
+    none.rejected.resize(b.rejected.size());
+    buffers<double, std::int64_t> empty(none, kind, 0, false, -100, 0, kVocab);
+    group grp(2);
+    std::vector<std::vector<double>> got_sums(2, std::vector<double>(S)), got_counts(2, std::vector<double>(S));
+    run_ranks(2, [&](int c) {
+      buffers<double, std::int64_t>& lb = c == 0 ? full : empty;
+      auto sv = lb.view().chosen;
+      sv.num_seqs = S;
+      dpo::cpu::collectives comm;
+      comm.context_sum = [&, c](double* d, std::int64_t n) { grp.reduce(c, d, n, false); };
+      dpo::cpu::shard_state st;
+      dpo::cpu::sequence_logps_sharded(sv, dpo::whole_vocab(kVocab), comm, got_sums[c].data(), got_counts[c].data(),
+                                       st);
+      dpo::cpu::shard_sequence_backward(sv, dpo::whole_vocab(kVocab), st.chosen_max.data(), st.chosen_records.data(),
+                                        seq_grad.data(), lb.grad.data(), lb.stride);
+    });
+    CHECK(empty.logits.data() == nullptr);
+    for (int c = 0; c < 2; ++c)
+      for (std::int64_t s = 0; s < S; ++s) {
+        CHECK(got_sums[c][s] == Approx(sums[s]).epsilon(1e-13));
+        CHECK(got_counts[c][s] == static_cast<double>(counts[s]));
+      }
+    for (std::size_t i = 0; i < g.size(); ++i) {
+      if (std::isnan(full.logits[i])) continue;  // a column past the vocabulary or a gap
+      CHECK(full.grad[i] == Approx(g[i]).epsilon(1e-12).margin(1e-15));
+    }
+  }
+}
+
+TEST_CASE("the building blocks take null row state for a side without rows, and name it otherwise", "[shard]") {
+  // Padded T = 0 and packed with every sequence empty: no row, every row buffer null.
+  const dpo::vocab_shard sh{kVocab, 0, kVocab};
+  const std::int64_t zero_cu[5] = {0, 0, 0, 0, 0};
+  for (const bool packed : {false, true}) {
+    INFO((packed ? "packed" : "padded"));
+    dpo::pair_view<float, std::int64_t> p =
+        packed ? dpo::packed_pairs<float, std::int64_t>(nullptr, nullptr, zero_cu, 4, kVocab, kVocab)
+               : dpo::padded_pairs<float, std::int64_t>(nullptr, nullptr, 4, 0, kVocab, kVocab);
+    std::vector<double> seq(static_cast<std::size_t>(dpo::seq_fields * 4), -1.0), seq_grad(4, 0.5);
+    dpo::cpu::shard_partials(p.chosen, sh, nullptr, nullptr);
+    dpo::cpu::shard_pair_partials(p, sh, nullptr, nullptr, nullptr, nullptr, 1.0, seq.data());
+    for (std::int64_t s = 0; s < 4; ++s) CHECK(seq[dpo::detail::at(dpo::seq_field::tokens) * 4 + s] == 0.0);
+    dpo::cpu::shard_backward(p, sh, nullptr, nullptr, nullptr, nullptr, seq_grad.data(), 0.0, 1.0,
+                             dpo::pair_grad_view<float>{nullptr, kVocab, nullptr, kVocab});
+    auto tv = p.chosen;
+    tv.num_seqs = 4;
+    dpo::cpu::shard_sequence_partials(tv, sh, nullptr, nullptr, seq.data());
+    // seq / seq_grad are per sequence: still required.
+    fixture::expect_error([&] { dpo::cpu::shard_pair_partials(p, sh, nullptr, nullptr, nullptr, nullptr, 1.0, nullptr); },
+                          "shard_pair_partials: seq is null");
+    fixture::expect_error(
+        [&] {
+          dpo::cpu::shard_backward(p, sh, nullptr, nullptr, nullptr, nullptr, nullptr, 0.0, 1.0,
+                                   dpo::pair_grad_view<float>{nullptr, kVocab, nullptr, kVocab});
+        },
+        "shard_backward: seq_grad is null");
+    fixture::expect_error([&] { dpo::cpu::shard_sequence_partials(tv, sh, nullptr, nullptr, nullptr); },
+                          "seq is null");
+  }
+  // With rows, each null argument is named.
+  const oracle::batch b = fixture::rounded_random_batch<float>(fixture::spec(2, 4, kVocab, 95));
+  buffers<float, std::int64_t> full(b, layout::padded);
+  const auto p = full.view();
+  const std::int64_t rows = 4 * full.seq_len;
+  std::vector<double> mx(rows), rec(rows * dpo::shard_fields), seq(dpo::seq_fields * 4), seq_grad(4, 0.5);
+  fixture::expect_error([&] { dpo::cpu::shard_partials(p.chosen, sh, nullptr, mx.data()); }, "records is null");
+  dpo::cpu::shard_partials(p.chosen, sh, rec.data(), mx.data());
+  fixture::expect_error(
+      [&] { dpo::cpu::shard_pair_partials(p, sh, mx.data(), rec.data(), mx.data(), nullptr, 1.0, seq.data()); },
+      "shard_pair_partials: rejected_records is null");
+  fixture::expect_error(
+      [&] { dpo::cpu::shard_pair_partials(p, sh, nullptr, rec.data(), mx.data(), rec.data(), 1.0, seq.data()); },
+      "shard_pair_partials: chosen_max is null");
+  fixture::expect_error(
+      [&] {
+        dpo::cpu::shard_backward(p, sh, mx.data(), nullptr, mx.data(), rec.data(), seq_grad.data(), 0.0, 1.0,
+                                 full.grad_view());
+      },
+      "shard_backward: chosen_records is null");
+  auto tv = p.chosen;
+  tv.num_seqs = 4;
+  fixture::expect_error([&] { dpo::cpu::shard_sequence_partials(tv, sh, mx.data(), nullptr, seq.data()); },
+                        "records is null");
 }

@@ -97,17 +97,19 @@ struct laid_out {
   std::vector<std::vector<std::int64_t>> row_of;  // [2P][t]: buffer row of the slice's row t
   std::vector<T> dh, dh_r;                        // dHidden, same layout
 
-  laid_out(const problem& p, kind kk, int c, int C) : k(kk), P(p.P), H(p.H) {
+  /// `none`: a context rank holding no row at all (padded T = 0, packed sequences all
+  /// empty): every buffer empty, so its pointers are null.
+  laid_out(const problem& p, kind kk, int c, int C, bool none = false) : k(kk), P(p.P), H(p.H) {
     std::int64_t longest = 0;
     for (const auto& s : p.hid) {
       const std::int64_t n = static_cast<std::int64_t>(s.size());
       longest = std::max(longest, cut(n, c + 1, C) - cut(n, c, C));
     }
-    T_ = std::max<std::int64_t>(longest, 1);
+    T_ = none ? 0 : std::max<std::int64_t>(longest, 1);
     cu.push_back(0);
     for (std::int64_t s = 0; s < 2 * P; ++s) {
       const std::int64_t n = static_cast<std::int64_t>(p.hid[s].size());
-      const std::int64_t t0 = cut(n, c, C), t1 = cut(n, c + 1, C);
+      const std::int64_t t0 = none ? n : cut(n, c, C), t1 = none ? n : cut(n, c + 1, C);
       const bool second = k == kind::separate && s >= P;
       std::vector<T>& h = second ? hidden_r : hidden;
       std::vector<label_t>& y = second ? labels_r : labels;
@@ -164,6 +166,7 @@ struct dpo_case {
   std::vector<std::int64_t> cuts;  // vocabulary boundaries
   int context = 1;
   bool metrics = true;
+  bool empty_last = false;  // the last context rank holds no row (the others split the rows)
 };
 
 /// Relative tolerances of the sharded results against the unsharded ones: the shards' sums
@@ -184,7 +187,9 @@ template <class T>
 void check_linear_dpo(const named_config& nc, const problem& p, const dpo_case& dc) {
   using G = dpo::cpu::acc_t<T>;
   const int W = static_cast<int>(dc.cuts.size()) - 1, C = dc.context;
-  INFO(nc.name << " layout " << static_cast<int>(dc.k) << " vocab ranks " << W << " context ranks " << C);
+  INFO(nc.name << " layout " << static_cast<int>(dc.k) << " vocab ranks " << W << " context ranks " << C
+               << (dc.empty_last ? " last context rank empty" : ""));
+  const int Cr = dc.empty_last ? C - 1 : C;  // the context ranks holding rows
   const std::int64_t P = p.P, H = p.H, V = p.V;
   const bool refs = fixture::needs_reference(nc.cfg) || nc.cfg.reference_free;
   const double* rc = refs ? p.ref_c.data() : nullptr;
@@ -203,11 +208,14 @@ void check_linear_dpo(const named_config& nc, const problem& p, const dpo_case& 
                        dpo::cpu::detail::owned_outputs(want, P), full.grads(dw, db), o);
 
   std::deque<laid_out<T>> local;
-  for (int c = 0; c < C; ++c) local.emplace_back(p, dc.k, c, C);
+  for (int c = 0; c < C; ++c) local.emplace_back(p, dc.k, c < Cr ? c : 0, c < Cr ? Cr : 1, c >= Cr);
   // Each vocabulary rank's partial dHidden is kept apart and summed below (the caller's
   // all-reduce); dWeight / dBias rows per vocabulary rank, summed over the context ranks.
   std::deque<laid_out<T>> partial;
-  for (int r = 0; r < W * C; ++r) partial.emplace_back(p, dc.k, r / W, C);
+  for (int r = 0; r < W * C; ++r) {
+    const int c = r / W;
+    partial.emplace_back(p, dc.k, c < Cr ? c : 0, c < Cr ? Cr : 1, c >= Cr);
+  }
   std::vector<std::vector<G>> gw(static_cast<std::size_t>(W * C)), gb(gw.size());
   shard_ranks::grid ranks(W, C);
   std::vector<dpo::cpu::forward_result> got(static_cast<std::size_t>(W * C));
@@ -241,11 +249,11 @@ void check_linear_dpo(const named_config& nc, const problem& p, const dpo_case& 
   }
   // dHidden: the vocabulary ranks' partials summed, each context rank's rows.
   std::vector<double> got_h, want_h;
-  for (int c = 0; c < C; ++c)
+  for (int c = 0; c < Cr; ++c)  // an empty rank has no row
     for (std::int64_t s = 0; s < 2 * P; ++s) {
       const std::int64_t n = static_cast<std::int64_t>(p.hid[s].size());
-      const std::int64_t t0 = cut(n, c, C);
-      for (std::int64_t t = t0; t < cut(n, c + 1, C); ++t)
+      const std::int64_t t0 = cut(n, c, Cr);
+      for (std::int64_t t = t0; t < cut(n, c + 1, Cr); ++t)
         for (std::int64_t j = 0; j < H; ++j) {
           double sum = 0;
           for (int v = 0; v < W; ++v) sum += partial[static_cast<std::size_t>(c * W + v)].grad_at(s, t - t0, j);
@@ -302,6 +310,30 @@ TEST_CASE("head shards: layouts, dtypes, transforms, context parallelism", "[sha
                                                                                  20 + W + C), dc);
         }
         if (C == 1) check_linear_dpo<double>(fixture::config_named("sigmoid+ld_alpha"), p, dc);
+      }
+    }
+  }
+}
+
+TEST_CASE("head shards: a context rank holding no row", "[shard_linear]") {
+  // Its hidden states, labels and dHidden are empty buffers (null pointers, as an empty
+  // tensor's), and so are its records and maxima; the loss and gradients equal the
+  // unsharded call's.
+  const char* names[] = {"sigmoid", "mpo+wpo", "aot+aot_unpaired", "sft"};
+  for (const kind k : {kind::padded, kind::packed}) {
+    for (const int W : {1, 2}) {
+      for (const int C : {2, 3}) {
+        dpo_case dc;
+        dc.k = k;
+        dc.cuts = uneven(kVocab, W);
+        dc.context = C;
+        dc.empty_last = true;
+        for (const char* n : names) {
+          check_linear_dpo<double>(fixture::config_named(n),
+                                   make_problem<double>(2, 6, 5, kVocab, k == kind::packed, 40 + W + C), dc);
+          check_linear_dpo<float>(fixture::config_named(n),
+                                  make_problem<float>(2, 6, 5, kVocab, k == kind::packed, 50 + W + C), dc);
+        }
       }
     }
   }

@@ -26,9 +26,12 @@ DEFAULT_WORKSPACE_BYTES = 256 << 20
 _FLOATING = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
-def _check_head(hidden, weight, bias, targets) -> None:
+def _check_head(hidden, weight, bias, targets, sharded: bool = False) -> None:
     """The shape / dtype / device checks of the op, shared by the eager wrapper and the fake
-    kernel (so torch.compile rejects what eager rejects). Messages name the argument."""
+    kernel (so torch.compile rejects what eager rejects). Messages name the argument.
+    `sharded` (a vocab_range): an empty weight shard is left to the ranges' all-gather, which
+    refuses it on every rank of the group (raising here, on this rank only, would leave the
+    others waiting in that all-gather)."""
     for name, t in (("hidden", hidden), ("weight", weight), ("targets", targets)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -49,7 +52,7 @@ def _check_head(hidden, weight, bias, targets) -> None:
             f"weight has hidden size {weight.shape[1]} (shape {tuple(weight.shape)}) but hidden has "
             f"{hidden.shape[1]} (shape {tuple(hidden.shape)})"
         )
-    if weight.shape[0] < 1:
+    if weight.shape[0] < 1 and not sharded:
         raise ValueError(f"weight has an empty vocabulary: shape {tuple(weight.shape)}")
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
         raise ValueError(f"bias must have shape [{weight.shape[0]}] to match weight, got {tuple(bias.shape)}")
@@ -165,7 +168,7 @@ def linear_logprobs(
     """
     hidden, weight, bias = (whole(n, t, process_group) for n, t in (("hidden", hidden), ("weight", weight),
                                                                      ("bias", bias)))
-    _check_head(hidden, weight, bias, targets)
+    _check_head(hidden, weight, bias, targets, sharded=vocab_range is not None)
     _check_device(hidden)
     temperature = _positive("temperature", temperature)
     logit_scale = _positive("logit_scale", logit_scale)

@@ -75,7 +75,7 @@ def vocab_shard(logits: torch.Tensor, process_group, vocab_range) -> tuple[int, 
     call on this rank found for the same group, range and shard width (ValueError if none did).
     """
     V_local = logits.shape[-1]
-    return _shard(V_local, logits.numel() // max(V_local, 1), logits.device, process_group, vocab_range, "logits'")
+    return _shard(V_local, logits.shape[:-1].numel(), logits.device, process_group, vocab_range, "logits'")
 
 
 #: The global vocabulary of every vocab_range an eager call has checked on this rank, by
@@ -123,6 +123,11 @@ def _shard(V_local, rows, device, process_group, vocab_range, what):
     for k, (s, e, width, n) in enumerate(ranges):
         if e - s != width:
             raise ValueError(f"vocab_range = ({s}, {e}) of rank {k} holds {e - s} columns but its {cols} {width}")
+        # An empty shard is refused here, on every rank, rather than by that rank's kernel
+        # alone (which would leave its peers waiting in the next collective).
+        if width < 1:
+            raise ValueError(f"vocab_range = ({s}, {e}) of rank {k} is empty: every rank of process_group must hold "
+                             f"at least one column of the vocabulary (its {cols} {width})")
         if n != ranges[0][3]:
             raise ValueError(f"the ranks of process_group disagree on the {what} rows: rank 0 has {ranges[0][3]}, "
                              f"rank {k} has {n}; every rank must hold the same rows (its own columns of them)")
@@ -159,11 +164,17 @@ def _num_seqs(logits, cu_seqlens):
     return cu_seqlens.shape[0] - 1 if cu_seqlens is not None else 1
 
 
+#: What a context rank's own input can raise (its checks and kernels): caught, counted in the
+#: context all-reduce and re-raised, so that its peers raise too instead of waiting for it.
+_REJECTED = (ValueError, TypeError)
+
+
 def _context_sum(buf, group, error):
     """The context group's all-reduce of `buf`, with one more element that counts the ranks
-    whose own rows were rejected (`error`: this rank's ValueError or None). A context rank's
-    labels are its own, so a bad one is found on that rank only: it still takes part in the
-    all-reduce, and then every rank raises instead of its peers waiting for it."""
+    whose own rows were rejected (`error`: this rank's ValueError / TypeError or None). A
+    context rank's labels (shapes, dtypes) are its own, so a bad one is found on that rank
+    only: it still takes part in the all-reduce, and then every rank raises (this one its own
+    error, unchanged) instead of its peers waiting for it."""
     # new_full, not new_tensor: a fill on the device, no copy from host memory (a sync on CUDA).
     flat = torch.cat([buf.reshape(-1), buf.new_full((1,), 0.0 if error is None else 1.0)])
     flat = _all_reduce(flat, "sum", group)
@@ -193,7 +204,7 @@ class _ShardedLogps(torch.autograd.Function):
             row_max, records = _combined_records(logits, labels, cu_seqlens, ignore_index, start, vocab, tp, False)
             seq = ops.shard_sequence_partials(logits, labels, cu_seqlens, row_max, records, ignore_index, start,
                                               vocab, 1.0, False, False)
-        except ValueError as e:
+        except _REJECTED as e:
             if cp is None:
                 raise
             error, seq = e, torch.zeros(len(SEQ_FIELDS), _num_seqs(logits, cu_seqlens), dtype=torch.float64,
@@ -219,6 +230,18 @@ class _ShardedLogps(torch.autograd.Function):
         return (out,) + (None,) * 8
 
 
+def _check_reference_logps(ref, name, num_seqs):
+    """A reference log-prob vector against the pairs of this rank's layout: floating, [P]
+    (shard_pair_stage checks it too, but after the context all-reduce: this check runs
+    before it, so that a bad one raises on every context rank)."""
+    if ref is None or num_seqs < 2 or num_seqs % 2:
+        return  # absent, or a layout the kernels reject themselves
+    if not ref.is_floating_point():
+        raise TypeError(f"{name} must be float32, float64, bfloat16 or float16, got {ref.dtype}")
+    if ref.dim() != 1 or ref.shape[0] != num_seqs // 2:
+        raise ValueError(f"{name} must have shape [{num_seqs // 2}], got {list(ref.shape)}")
+
+
 def _pair_forward(rows_and_seq, num_seqs, cp, ref_c, ref_r, config, compute_metrics, device):
     """The DPO forward around a shard's phase 1 and 2 (`rows_and_seq()`: the vocabulary
     collectives inside; returns row_max, records and the [len(SEQ_FIELDS), 2P] sums): the
@@ -226,8 +249,11 @@ def _pair_forward(rows_and_seq, num_seqs, cp, ref_c, ref_r, config, compute_metr
     Returns (row_max, records, loss, metrics, pair_values, seq_grad, nll_token_grad)."""
     error = row_max = records = None
     try:
+        if cp is not None:
+            _check_reference_logps(ref_c, "reference_chosen_logps", num_seqs)
+            _check_reference_logps(ref_r, "reference_rejected_logps", num_seqs)
         row_max, records, seq = rows_and_seq()
-    except ValueError as e:
+    except _REJECTED as e:
         if cp is None:
             raise
         error, seq = e, torch.zeros(len(SEQ_FIELDS), num_seqs, dtype=torch.float64, device=device)
@@ -393,27 +419,30 @@ def linear_logprobs(hidden, weight, bias, targets, transforms, flags, ignore_ind
                                    start, vocab, process_group)
 
 
-def _reference_from_hidden(ref, labels, cu_seqlens, transforms, ignore_index, ld_alpha, workspace_bytes, start,
-                           vocab, tp, cp):
+def _reference_from_hidden(policy, ref, labels, cu_seqlens, transforms, ignore_index, ld_alpha, workspace_bytes,
+                           start, vocab, tp, cp):
     """The reference's sequence log-probs ([P] chosen, [P] rejected; LD-DPO weighted as the
     policy's) from its hidden states on this rank's rows of its head, forward only: phase 1
     and 2 as for the policy, with the same collectives (MAX and SUM over `tp`, SUM of the
-    per-sequence sums over `cp`, which counts rejected ranks as _pair_forward's)."""
-    ref_hidden, ref_weight, ref_bias = ref
+    per-sequence sums over `cp`, which counts rejected ranks as _pair_forward's). `policy`:
+    (hidden, weight, bias), which `ref` (ref_hidden, ref_weight, ref_bias) is checked against
+    first, inside what the context all-reduce counts."""
+    hidden = policy[0]
     error = None
     with torch.no_grad():
         try:
+            ref_hidden, ref_weight, ref_bias = _check_reference_head(*policy, *ref)
             row_max, records = ops.linear_dpo_shard_partials(ref_hidden, ref_weight, ref_bias, labels, cu_seqlens,
                                                              *transforms, ignore_index, start, vocab, False,
                                                              workspace_bytes)
             row_max, records = _combine(row_max, records, tp)
             seq = ops.linear_dpo_shard_sequences(ref_hidden, labels, cu_seqlens, row_max, records, ignore_index, start,
                                                  start + ref_weight.shape[0], vocab, ld_alpha, False)
-        except ValueError as e:
+        except _REJECTED as e:
             if cp is None:
                 raise
-            num_seqs = ref_hidden.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
-            error, seq = e, torch.zeros(len(SEQ_FIELDS), num_seqs, dtype=torch.float64, device=ref_hidden.device)
+            num_seqs = hidden.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+            error, seq = e, torch.zeros(len(SEQ_FIELDS), num_seqs, dtype=torch.float64, device=hidden.device)
         if cp is not None:
             seq = _context_sum(seq, cp, error)
     logps = seq[_LOGPS]
@@ -452,8 +481,8 @@ def dpo_loss_from_hidden(hidden, weight, bias, labels, ref_c, ref_r, cu_seqlens,
                          "its position in the whole sequence, which a context slice does not know")
     start, vocab = _head_shard(hidden, weight, process_group, vocab_range)
     if ref is not None:
-        ref = _check_reference_head(hidden, weight, bias, *ref)
-        ref_c, ref_r = _reference_from_hidden(ref, labels, cu_seqlens, transforms, ignore_index, config[_LD_ALPHA],
-                                              workspace_bytes, start, vocab, process_group, cp_group)
+        ref_c, ref_r = _reference_from_hidden((hidden, weight, bias), ref, labels, cu_seqlens, transforms, ignore_index,
+                                              config[_LD_ALPHA], workspace_bytes, start, vocab, process_group,
+                                              cp_group)
     return _ShardedHeadDPO.apply(hidden, weight, bias, labels, cu_seqlens, ref_c, ref_r, transforms, ignore_index,
                                  workspace_bytes, start, vocab, process_group, cp_group, config, compute_metrics)

@@ -53,6 +53,9 @@ def hidden_close(name, got, want, exact, rel=1e-6):
     the shards: the two float32 results can differ by more than 1e-6 while both are as
     accurate as float32 allows."""
     got, want, exact = got.double(), want.double(), exact.double()
+    if want.numel() == 0:  # a rank holding no row: an empty gradient of hidden's shape
+        assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+        return
     scale = float(exact.abs().max().clamp_min(1e-300))
     diff = float((got - want).abs().max()) / scale
     err, own = float((got - exact).abs().max()) / scale, float((want - exact).abs().max()) / scale
@@ -225,10 +228,24 @@ def run(rank: int, world: int, init_file: str) -> None:
     expect_error("cp label", lambda: dpo_kernels.dpo_loss_from_hidden(local[0], weight, bad, ref_c, ref_r, cp_group=gx),
                  "outside [0, vocab = 300)" if rx == 1 else "rank(s) of cp_group rejected")
 
+    # A context rank holding no row (context rank 1: padded [2P, 0, H], packed with every
+    # slice empty): empty tensors (null data pointers); the same loss and gradients.
+    e0, e1 = (0, T) if rx == 0 else (T, T)
+    erows = lambda g: g[:, e0:e1]  # noqa: E731
+    elocal = (hidden[:, e0:e1].contiguous(), labels[:, e0:e1].contiguous(), None)
+    for cfg in (CONFIGS[0], CONFIGS[2], CONFIGS[6]):
+        check_dpo("cp2 empty rank", cfg, full, elocal, slice(0, V), erows, cp=gx)
+    ph, py, pcu = packed(hidden, labels)
+    eidx = torch.arange(int(pcu[-1])) if rx == 0 else torch.zeros(0, dtype=torch.long)
+    ecu = pcu if rx == 0 else torch.zeros_like(pcu)
+    check_dpo("cp2 packed empty rank", CONFIGS[0], (ph, weight, bias, py, ref_c, ref_r, pcu),
+              (ph[eidx], py[eidx], ecu), slice(0, V), lambda g: g[eidx], cp=gx)
+
     # Vocabulary x context: 2 x 2 (vocabulary group {0,1}/{2,3}, context group {0,2}/{1,3}).
     cols = slice(r2 * V // 2, (r2 + 1) * V // 2)
     for cfg in (CONFIGS[0], CONFIGS[2], CONFIGS[6]):
         check_dpo("tp2 x cp2", cfg, full, local, cols, rows, tp=g2, cp=gx, transforms=soft)
+    check_dpo("tp2 x cp2 empty rank", CONFIGS[0], full, elocal, cols, erows, tp=g2, cp=gx, transforms=soft)
     rh, rw, rb = ref_head(hidden, weight, bias, 13)
     for cfg in (CONFIGS[0], CONFIGS[3]):
         check_dpo("cp2 ref_hidden", cfg, full, local, slice(0, V), rows, cp=gx, ref=(rh, rw, rb, rows(rh).contiguous()))
@@ -316,4 +333,89 @@ def dtensor(rank: int, world: int, init_file: str) -> None:
         raise AssertionError("dtensor with process_group: no TypeError")
     except TypeError as e:
         assert "weight is a DTensor and process_group is given" in str(e), str(e)
+    leave()
+
+
+#: The collective timeout of rejections(): a rank left waiting fails the test in seconds
+#: (gloo raises at the timeout) instead of hanging it.
+REJECTION_TIMEOUT = 20
+
+
+def rejections(rank: int, world: int, init_file: str) -> None:
+    """Bad input on one rank only (3 ranks: context group {0, 1}, vocabulary group of all
+    three): every rank of the group raises at once, the bad one its own error (type kept),
+    its peers a ValueError saying a peer failed; none waits for the collective timeout."""
+    import time
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=REJECTION_TIMEOUT))
+    torch.set_num_threads(1)
+    cp = dist.new_group([0, 1])
+    V = 7
+    hidden, weight, bias, labels, ref_c, ref_r = head(V, 5)
+    t0, t1 = (0, 3) if rank == 0 else (3, T)
+    h, y = hidden[:, t0:t1].contiguous(), labels[:, t0:t1].contiguous()
+
+    def expect(tag, fn, bad_type, needle, bad_rank=1):
+        start = time.monotonic()
+        try:
+            fn()
+        except (ValueError, TypeError) as e:
+            took = time.monotonic() - start
+            assert took < REJECTION_TIMEOUT / 2, f"{tag}: rank {rank} raised after {took:.1f} s (a wait)"
+            if rank == bad_rank:
+                assert type(e) is bad_type, f"{tag}: rank {rank} raised {type(e).__name__}: {e}"
+                assert needle in str(e), f"{tag}: rank {rank}: message {e!s} lacks {needle!r}"
+            else:
+                assert type(e) is ValueError and "rank(s) of cp_group rejected" in str(e), (
+                    f"{tag}: rank {rank} raised {type(e).__name__}: {e}")
+            return
+        raise AssertionError(f"{tag}: rank {rank} raised nothing")
+
+    if rank < 2:
+        def hidden_loss(hh=h, yy=y, rc=ref_c, rr=ref_r, **kw):
+            return dpo_kernels.dpo_loss_from_hidden(hh, weight, yy, rc, rr, cp_group=cp, **kw)
+
+        odd = lambda good, bad: bad if rank == 1 else good  # noqa: E731
+        expect("ref_hidden shape", lambda: hidden_loss(rc=None, rr=None, ref_hidden=odd(h, h[:, :1].contiguous())),
+               ValueError, "ref_hidden has shape")
+        expect("ref_hidden dtype", lambda: hidden_loss(rc=None, rr=None, ref_hidden=odd(h, h.double())), TypeError,
+               "ref_hidden has dtype")
+        expect("int16 labels (hidden)", lambda: hidden_loss(yy=odd(y, y.to(torch.int16))), TypeError, "labels must be int64 or int32")
+        expect("float64 hidden, float32 weight", lambda: hidden_loss(hh=odd(h, h.double())), TypeError, "dtype")
+        expect("reference log-probs shape (hidden)", lambda: hidden_loss(rc=odd(ref_c, torch.zeros(P + 1))),
+               ValueError, "reference_chosen_logps must have shape")
+        z = (h @ weight.T).contiguous()
+        expect("int16 labels (logits)", lambda: dpo_kernels.dpo_loss_from_logits(
+            z, odd(y, y.to(torch.int16)), ref_c, ref_r, cp_group=cp), TypeError, "labels must be int64 or int32")
+        expect("int16 labels (sequence_logps)", lambda: dpo_kernels.sequence_logps(
+            z, odd(y, y.to(torch.int16)), cp_group=cp), TypeError, "labels must be int64 or int32")
+        expect("reference log-probs shape (logits)", lambda: dpo_kernels.dpo_loss_from_logits(
+            z, y, ref_c, odd(ref_r, torch.zeros(P, 1)), cp_group=cp), ValueError,
+            "reference_rejected_logps must have shape")
+
+    # An empty vocabulary shard (ranges (0, 3), (3, 3), (3, 7)): refused on every rank after
+    # the ranges' all-gather, before any other collective.
+    s, e = [(0, 3), (3, 3), (3, 7)][rank]
+    z = hidden @ weight.T
+    calls = {
+        "linear_logprobs": lambda: dpo_kernels.linear_logprobs(
+            hidden.reshape(-1, H), weight[s:e], None, labels.reshape(-1).clamp_min(0), process_group=dist.group.WORLD,
+            vocab_range=(s, e)),
+        "dpo_loss_from_hidden": lambda: dpo_kernels.dpo_loss_from_hidden(
+            hidden, weight[s:e], labels, ref_c, ref_r, process_group=dist.group.WORLD, vocab_range=(s, e)),
+        "dpo_loss_from_logits": lambda: dpo_kernels.dpo_loss_from_logits(
+            z[..., s:e].contiguous(), labels, ref_c, ref_r, process_group=dist.group.WORLD, vocab_range=(s, e)),
+        "sequence_logps": lambda: dpo_kernels.sequence_logps(
+            z[..., s:e].contiguous(), labels, process_group=dist.group.WORLD, vocab_range=(s, e)),
+    }
+    for name, fn in calls.items():
+        start = time.monotonic()
+        try:
+            fn()
+        except ValueError as err:
+            assert time.monotonic() - start < REJECTION_TIMEOUT / 2, f"empty shard {name}: rank {rank} waited"
+            assert "vocab_range = (3, 3) of rank 1 is empty" in str(err), f"empty shard {name}: {err}"
+        else:
+            raise AssertionError(f"empty shard {name}: rank {rank} raised nothing")
     leave()

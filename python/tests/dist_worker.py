@@ -79,6 +79,9 @@ def close(name, got, want, rel=1e-6, floor=1e-12):
     relative one. `floor`: the magnitude below which a value is compared absolutely (a mean
     logit near 0 is a sum of terms that cancel: its error scales with the terms)."""
     got, want = got.double(), want.double()
+    if want.numel() == 0:  # a rank holding no row: an empty gradient of the logits' shape
+        assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+        return
     if want.dim() >= 2:
         scale = want.abs().max().clamp_min(1e-300)
         worst = float((got - want).abs().max() / scale)
@@ -231,12 +234,32 @@ def run(rank: int, world: int, init_file: str) -> None:
                lambda: dpo_kernels.sequence_logps(logits[:, t0:t1], bad, cp_group=gx)):
         expect_error("cp label", fn, "outside [0, vocab = 300)" if rx == 1 else "rank(s) of cp_group rejected")
 
+    # A context rank holding no row (context rank 1: padded [2P, 0, V], packed with every
+    # slice empty): its buffers are empty tensors (null data pointers); the result and rank
+    # 0's gradient are the single-process op's, rank 1's gradient is empty.
+    e0, e1 = (0, T) if rx == 0 else (T, T)
+    erows = lambda g: g[:, e0:e1]  # noqa: E731
+    elocal = (logits[:, e0:e1].contiguous(), labels[:, e0:e1].contiguous(), None)
+    for cfg in CONFIGS[:3] + [CONFIGS[6]]:
+        check_dpo("cp2 empty rank", cfg, (logits, labels, ref_c, ref_r, None), elocal, full_cols, erows, cp=gx)
+    check_logps("cp2 empty rank", (logits, labels, None), elocal, full_cols, erows, cp=gx, average=True)
+    pz, py, pcu = packed(logits, labels)
+    eidx = torch.arange(int(pcu[-1])) if rx == 0 else torch.zeros(0, dtype=torch.long)
+    ecu = pcu if rx == 0 else torch.zeros_like(pcu)
+    for cfg in CONFIGS[:2]:
+        check_dpo("cp2 packed empty rank", cfg, (pz, py, ref_c, ref_r, pcu), (pz[eidx], py[eidx], ecu), full_cols,
+                  lambda g: g[eidx], cp=gx)
+    check_logps("cp2 packed empty rank", (pz, py, pcu), (pz[eidx], py[eidx], ecu), full_cols, lambda g: g[eidx],
+                cp=gx)
+
     # Vocabulary x context: 2 x 2 (vocabulary group {0,1}/{2,3}, context group {0,2}/{1,3}).
     cols = slice(r2 * V // 2, (r2 + 1) * V // 2)
     for cfg in (CONFIGS[0], CONFIGS[2], CONFIGS[6]):
         check_dpo("tp2 x cp2", cfg, (logits, labels, ref_c, ref_r, None),
                   (logits[:, t0:t1, cols].contiguous(), labels[:, t0:t1].contiguous(), None), cols, rows, tp=g2,
                   cp=gx)
+    check_dpo("tp2 x cp2 empty rank", CONFIGS[0], (logits, labels, ref_c, ref_r, None),
+              (logits[:, e0:e1, cols].contiguous(), labels[:, e0:e1].contiguous(), None), cols, erows, tp=g2, cp=gx)
 
     # Context parallelism of packed sequences over 3 ranks: each sequence's rows split in
     # three (some slices empty), each rank's slices packed back to back.

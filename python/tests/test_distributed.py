@@ -85,3 +85,13 @@ def test_shard_fields_come_from_the_library():
 
     assert distributed.SHARD_FIELDS[0] == "sum_exp" and distributed.SHARD_FIELDS[-1] == "shard_max"
     assert "tokens" in distributed.SEQ_FIELDS and "logps" in distributed.SEQ_FIELDS
+
+
+@needs_gloo
+def test_one_ranks_bad_input_raises_on_every_rank_without_waiting(tmp_path):
+    """A context rank's own bad input (a ref_hidden of the wrong shape or dtype, int16
+    labels, float64 hidden with a float32 weight, reference log-probs of the wrong shape) and
+    an empty vocab_range shard: every rank raises at once (a collective timeout of 20 s, so
+    a rank left waiting fails the test quickly instead of hanging it)."""
+    init = os.path.join(tmp_path, "init")
+    mp.spawn(dist_head_worker.rejections, args=(3, init), nprocs=3, join=True)

@@ -410,3 +410,23 @@ def test_fuzz_bad_inputs_raise_clear_errors_and_write_nothing(seed):
     for v in kwargs.values():
         if isinstance(v, torch.Tensor) and v.requires_grad:
             assert v.grad is None
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_loss_on_pairs_without_rows_has_an_empty_gradient(layout):
+    """Logits with zero rows (padded T = 0, packed N = 0 with cu_seqlens [0, 0, 0]): the
+    forward gives the loss of zero log-probs, and the backward an empty gradient (an empty
+    tensor's data pointer is null: the row state must not be required there)."""
+    V = 8
+    rc, rr = torch.tensor([-1.0], dtype=torch.float64), torch.tensor([-2.0], dtype=torch.float64)
+    if layout == "padded":
+        z, y, kw = torch.zeros(2, 0, V), torch.zeros(2, 0, dtype=torch.long), {}
+    else:
+        z, y, kw = torch.zeros(0, V), torch.zeros(0, dtype=torch.long), {"cu_seqlens": torch.tensor([0, 0, 0])}
+    x = z.clone().requires_grad_()
+    loss, _ = dk.dpo_loss_from_logits(x, y, rc, rr, beta=0.1, **kw)
+    # -logsigmoid(beta * ((0 - rc) - (0 - rr)))
+    want = -torch.nn.functional.logsigmoid(torch.tensor(0.1 * ((0 + 1.0) - (0 + 2.0)), dtype=torch.float64))
+    assert abs(float(loss.detach()) - float(want)) <= 1e-6 * abs(float(want))
+    loss.backward()
+    assert x.grad is not None and x.grad.shape == x.shape

@@ -737,6 +737,42 @@ TEST_CASE("CUDA pair shard entry points reject bad arguments and write nothing",
   CHECK(d_g.get() == std::vector<double>(buf.logits.size(), -3.0));
 }
 
+TEST_CASE("CUDA pair shard entry points: a side without rows takes null row state", "[shard][pairs][sanitize]") {
+  // Padded T = 0 (a context rank holding no row): the logits, labels, records, maxima and
+  // gradient are empty buffers, null pointers; seq / seq_grad are still required.
+  const std::int64_t P = 2, V = 9, SF = dpo::seq_fields;
+  const dpo::vocab_shard sh = dpo::whole_vocab(V);
+  const auto empty = dev(dpo::padded_pairs<double, std::int64_t>(nullptr, nullptr, 2 * P, 0, V, V));
+  const dvec<double> d_seq(std::vector<double>(SF * 2 * P, -3.0));
+  require_ok(gpu::shard_pair_partials(empty, sh, nullptr, nullptr, nullptr, nullptr, 1.0, d_seq));
+  const std::vector<double> seq = d_seq.get();
+  for (std::int64_t s = 0; s < 2 * P; ++s) CHECK(seq[dpo::detail::at(dpo::seq_field::tokens) * 2 * P + s] == 0.0);
+  expect_invalid(gpu::shard_pair_partials(empty, sh, nullptr, nullptr, nullptr, nullptr, 1.0, nullptr), "seq is null");
+  auto tv = empty.chosen;
+  tv.num_seqs = 2 * P;
+  require_ok(gpu::shard_sequence_partials(tv, sh, nullptr, nullptr, d_seq));
+  expect_invalid(gpu::shard_sequence_partials(tv, sh, nullptr, nullptr, nullptr), "seq is null");
+  const dvec<double> d_grad(std::vector<double>(2 * P, 0.5));
+  const dpo::pair_grad_view<double> g{nullptr, V, nullptr, V};
+  std::size_t need = 0;
+  require_ok(gpu::shard_backward(nullptr, need, empty, sh, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, 1.0,
+                                 g));
+  const dmem bws(need > 0 ? need : 256);
+  require_ok(gpu::shard_backward(bws.p, need, empty, sh, nullptr, nullptr, nullptr, nullptr, d_grad, nullptr, 1.0, g));
+  expect_invalid(gpu::shard_backward(bws.p, need, empty, sh, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, 1.0,
+                                     g),
+                 "seq_grad is null");
+  // With rows, the missing state is named.
+  const oracle::batch b = fixture::rounded_random_batch<double>(fixture::spec(2, 4, V, 9));
+  fixture::buffers<double, std::int64_t> buf(b, layout::padded);
+  const device_pairs<double> devp(buf);
+  const auto dview = dev(devp.view);
+  const std::int64_t rows = static_cast<std::int64_t>(buf.labels.size());
+  const dvec<double> d_rec(rows * dpo::shard_fields, 0.0), d_max(rows, 0.0);
+  expect_invalid(gpu::shard_pair_partials(dview, sh, nullptr, d_rec, d_max, d_rec, 1.0, d_seq), "chosen_max is null");
+  expect_invalid(gpu::shard_sequence_partials(dview.chosen, sh, d_max, nullptr, d_seq), "records is null");
+}
+
 namespace {
 
 /// The device-data check of a packed pair batch of V = 1001 on its middle shard [334, 667):

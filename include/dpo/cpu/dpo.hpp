@@ -776,7 +776,10 @@ void dpo_backward_rows(const pair_view<T, L>& policy, const double* row_lse,
   detail::check_pairs(policy, "logits");
   detail::check_grad(policy, grad);
   detail::check_finite(grad_output, "grad_output");
-  if (row_lse == nullptr || row_coef == nullptr)
+  // Read only on rows of the sequences: without any (T = 0, packed sequences all empty) they
+  // may be null, as an empty tensor's data pointer is.
+  if ((detail::has_rows(policy.chosen) || detail::has_rows(policy.rejected)) &&
+      (row_lse == nullptr || row_coef == nullptr))
     dpo::detail::fail(row_lse == nullptr ? "row_lse" : "row_coef", " is null");
   detail::check_one_buffer(policy, "row_lse / row_coef");
   const auto side = [&](const token_view<T, L>& v, T* g, std::int64_t g_stride) {

@@ -958,7 +958,9 @@ void linear_dpo_backward(const hidden_pairs<T, L>& policy, const linear_head<T>&
   detail::check_hidden_pairs(policy, head, "hidden", "head");
   detail::check_finite(grad_output, "grad_output");
   detail::check_one_hidden_buffer(policy, "row_lse / row_coef");
-  if (row_lse == nullptr || row_coef == nullptr)
+  // Read only on completion rows: pairs without rows (T = 0) may pass null.
+  if ((detail::has_rows(policy.pairs.chosen) || detail::has_rows(policy.pairs.rejected)) &&
+      (row_lse == nullptr || row_coef == nullptr))
     detail::fail(row_lse == nullptr ? "row_lse" : "row_coef", " is null");
   detail::linear_range ins[10];
   int n = detail::pair_input_ranges(policy, head, ins, "hidden");

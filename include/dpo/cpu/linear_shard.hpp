@@ -201,8 +201,11 @@ void linear_pair_shard_partials(const hidden_pairs<T, L>& policy, const linear_h
                                 double* chosen_max, double* chosen_records, double* rejected_max,
                                 double* rejected_records, const linear_dpo_options& opt = {}) {
   detail::check_pair_shard(policy, head, sh);
-  if (!chosen_max || !chosen_records || !rejected_max || !rejected_records)
-    detail::fail("linear_pair_shard_partials: a row_max or records pointer is null");
+  // Every row a side's sequences span gets a record: a side that spans none may pass null.
+  detail::check_side_state("linear_pair_shard_partials", "chosen", detail::span_rows(policy.pairs.chosen) > 0,
+                           chosen_max, chosen_records);
+  detail::check_side_state("linear_pair_shard_partials", "rejected", detail::span_rows(policy.pairs.rejected) > 0,
+                           rejected_max, rejected_records);
   const linear_options lo = detail::linear_options_of(opt);
   const token_view<T, L>* sides[2] = {&policy.pairs.chosen, &policy.pairs.rejected};
   double* maxes[2] = {chosen_max, rejected_max};
@@ -211,7 +214,9 @@ void linear_pair_shard_partials(const hidden_pairs<T, L>& policy, const linear_h
     std::vector<std::int64_t> labels;
     std::int64_t b = 0;
     const linear_view<T, std::int64_t> v = detail::side_rows(*sides[s], head, labels, &b);
-    linear_shard_partials(v, sh, recs[s] + b * shard_fields, maxes[s] + b, opt.metrics, lo);
+    // (No offset on a null buffer: a side without rows may pass null.)
+    linear_shard_partials(v, sh, recs[s] ? recs[s] + b * shard_fields : nullptr, maxes[s] ? maxes[s] + b : nullptr,
+                          opt.metrics, lo);
   }
 }
 
@@ -243,8 +248,11 @@ void linear_pair_shard_backward(const hidden_pairs<T, L>& policy, const linear_h
   detail::check_pair_shard(policy, head, sh);
   detail::check_finite(grad_output, "grad_output");
   detail::check_unit(ld_alpha, "ld_alpha");
-  if (!chosen_max || !chosen_records || !rejected_max || !rejected_records || !seq_grad)
-    detail::fail("linear_pair_shard_backward: a row_max, records or seq_grad pointer is null");
+  if (seq_grad == nullptr) detail::fail("linear_pair_shard_backward: seq_grad is null");
+  detail::check_side_state("linear_pair_shard_backward", "chosen", detail::span_rows(policy.pairs.chosen) > 0,
+                           chosen_max, chosen_records);
+  detail::check_side_state("linear_pair_shard_backward", "rejected", detail::span_rows(policy.pairs.rejected) > 0,
+                           rejected_max, rejected_records);
   detail::linear_range ins[8];
   const int n_in = detail::pair_input_ranges(policy, head, ins, "policy");
   detail::check_linear_grads(policy, head, g, ins, n_in);
@@ -267,8 +275,8 @@ void linear_pair_shard_backward(const hidden_pairs<T, L>& policy, const linear_h
     const linear_view<T, std::int64_t> v = detail::side_rows(*sides[s], head, labels, &b);
     std::vector<double> grad(coef[s].size());
     for (std::size_t i = 0; i < grad.size(); ++i) grad[i] = dpo::detail::times(coef[s][i], grad_output);
-    linear_shard_backward(v, sh, maxes[s] + b, recs[s] + b * shard_fields, grad.data(), nullptr, nullptr,
-                          detail::rows_grads(g, gh[s], gs[s], b), lo);
+    linear_shard_backward(v, sh, maxes[s] ? maxes[s] + b : nullptr, recs[s] ? recs[s] + b * shard_fields : nullptr,
+                          grad.data(), nullptr, nullptr, detail::rows_grads(g, gh[s], gs[s], b), lo);
   }
 }
 

@@ -57,6 +57,24 @@ std::int64_t rows_end(const token_view<T, L>& v) {
   return v.num_seqs > 0 ? v.row_end(v.num_seqs - 1) : 0;
 }
 
+/// How many rows [row_begin(0), row_end(last)) span (gap rows of a padded view included):
+/// the rows phase 1 writes a record for. 0 for a view without rows (padded seq_len = 0 and
+/// no gaps, packed sequences all empty), whose per-row buffers may then be null (an empty
+/// tensor's data pointer).
+template <class T, class L>
+std::int64_t span_rows(const token_view<T, L>& v) {
+  return v.num_seqs > 0 ? rows_end(v) - v.row_begin(0) : 0;
+}
+
+/// A side's row state (maxima and records) must be given when `needed` (the side has rows to
+/// read or write); `what` names the entry point, `side` the side ("chosen" / "rejected").
+inline void check_side_state(const char* what, const char* side, bool needed, const double* row_max,
+                             const double* records) {
+  if (!needed) return;
+  if (row_max == nullptr) dpo::detail::fail(what, ": ", side, "_max is null");
+  if (records == nullptr) dpo::detail::fail(what, ": ", side, "_records is null");
+}
+
 template <bool Metrics, class T, class L>
 void shard_partials_impl(const token_view<T, L>& v, const vocab_shard& sh, double* records,
                          double* row_max, int threads) {
@@ -218,7 +236,8 @@ template <class T, class L>
 void shard_partials(const token_view<T, L>& shard, const vocab_shard& sh, double* records,
                     double* row_max, const options& opt = {}) {
   detail::check_shard_view(shard, sh, "logits");
-  if (shard.num_seqs == 0) return;
+  // A view without rows writes nothing: its buffers may be null (an empty tensor's pointer).
+  if (detail::span_rows(shard) == 0) return;
   if (records == nullptr) dpo::detail::fail("records is null");
   if (opt.metrics) {
     detail::shard_partials_impl<true>(shard, sh, records, row_max, opt.num_threads);
@@ -272,8 +291,10 @@ void shard_sequence_partials(const token_view<T, L>& shard, const vocab_shard& s
                              const double* records, double* seq, const options& opt = {}) {
   detail::check_shard_view(shard, sh, "logits");
   if (shard.num_seqs == 0) return;
-  if (row_max == nullptr || records == nullptr || seq == nullptr)
-    dpo::detail::fail(row_max == nullptr ? "row_max" : records == nullptr ? "records" : "seq", " is null");
+  if (seq == nullptr) dpo::detail::fail("seq is null");
+  // Row state is read only for rows of the sequences: none there, it may be null.
+  if (detail::has_rows(shard) && (row_max == nullptr || records == nullptr))
+    dpo::detail::fail(row_max == nullptr ? "row_max" : "records", " is null");
   detail::row_values rows;
   detail::rows_from_records(shard, sh, row_max, records, opt.metrics, rows);
   const std::vector<double> none(static_cast<std::size_t>(shard.num_seqs), INFINITY);
@@ -293,8 +314,12 @@ void shard_pair_partials(const pair_view<T, L>& shard, const vocab_shard& sh, co
                          const options& opt = {}) {
   detail::check_shard_pairs(shard, sh, "logits");
   detail::check_unit(ld_alpha, "ld_alpha");
-  if (!chosen_max || !chosen_records || !rejected_max || !rejected_records || !seq)
-    dpo::detail::fail("shard_pair_partials: a row_max, records or seq pointer is null");
+  if (seq == nullptr) dpo::detail::fail("shard_pair_partials: seq is null");
+  // A side's row state is read only for its rows: a side without rows may pass null.
+  detail::check_side_state("shard_pair_partials", "chosen", detail::has_rows(shard.chosen), chosen_max,
+                           chosen_records);
+  detail::check_side_state("shard_pair_partials", "rejected", detail::has_rows(shard.rejected), rejected_max,
+                           rejected_records);
   detail::row_values rc, rr;
   detail::rows_from_records(shard.chosen, sh, chosen_max, chosen_records, opt.metrics, rc);
   detail::rows_from_records(shard.rejected, sh, rejected_max, rejected_records, opt.metrics, rr);
@@ -347,8 +372,10 @@ void shard_backward(const pair_view<T, L>& shard, const vocab_shard& sh, const d
   detail::check_grad(shard, grad);
   detail::check_finite(grad_output, "grad_output");
   detail::check_unit(ld_alpha, "ld_alpha");
-  if (!chosen_max || !chosen_records || !rejected_max || !rejected_records || !seq_grad)
-    dpo::detail::fail("shard_backward: a row_max, records or seq_grad pointer is null");
+  if (seq_grad == nullptr) dpo::detail::fail("shard_backward: seq_grad is null");
+  detail::check_side_state("shard_backward", "chosen", detail::has_rows(shard.chosen), chosen_max, chosen_records);
+  detail::check_side_state("shard_backward", "rejected", detail::has_rows(shard.rejected), rejected_max,
+                           rejected_records);
   const std::int64_t P = shard.num_pairs();
   const std::vector<double> shared = detail::shared_lengths(
       detail::token_counts(shard.chosen), detail::token_counts(shard.rejected), ld_alpha);

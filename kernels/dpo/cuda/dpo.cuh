@@ -649,15 +649,17 @@ status dpo_backward_rows(void* workspace, std::size_t& workspace_bytes,
   if (!s || size_only) return s;
   s = detail::check_grad(policy, grad, opt);
   if (!s) return s;
-  if (row_lse == nullptr || row_coef == nullptr)
+  // Read only on the views' rows: without any (T = 0) they may be null, an empty tensor's pointer.
+  const bool rows = cap[0] + cap[1] > 0;
+  if (rows && (row_lse == nullptr || row_coef == nullptr))
     return detail::invalid("dpo: %s is null", row_lse == nullptr ? "row_lse" : "row_coef");
   const detail::views<T, L> vs = detail::make_views(policy.chosen, &policy.rejected, opt);
   const auto kernel = detail::backward_rows_kernel<detail::rows_block, T, L>;
   int grid = 1;
-  s = detail::row_grid(kernel, detail::rows_block, cap[0] + cap[1], &grid);
+  if (rows) s = detail::row_grid(kernel, detail::rows_block, cap[0] + cap[1], &grid);
   if (!s) return s;
   s = detail::launch("check_kernel", detail::check_kernel<T, L>, 1, 256, stream, vs, w.h, false);
-  if (!s) return s;
+  if (!s || !rows) return s;
   detail::backward_params<T> bp;
   bp.grad[0] = grad.chosen;
   bp.grad[1] = grad.rejected;

@@ -1237,7 +1237,8 @@ status linear_dpo_backward(void* workspace, std::size_t& workspace_bytes, cublas
   if (!s || c.size_only) return s;
   if (c.pol.num_buffers != 1)
     return detail::invalid("dpo: linear_dpo_backward needs one hidden buffer for both sides (padded or packed pairs)");
-  if (row_lse == nullptr || row_coef == nullptr)
+  // Read only on the buffer's rows: without any (T = 0) they may be null.
+  if (c.pol.rows[0] > 0 && (row_lse == nullptr || row_coef == nullptr))
     return detail::invalid("dpo: %s is null", row_lse == nullptr ? "row_lse" : "row_coef");
   s = detail::ldpo_check_grads(c.pol, head, g, workspace, static_cast<std::int64_t>(c.w.bytes), row_lse,
                                c.pol.rows[0]);

@@ -263,8 +263,14 @@ status pair_shard_prologue(void* workspace, std::size_t& workspace_bytes, cublas
                                          policy.num_pairs(), 0);
   }
   if (!s || c->size_only) return s;
-  if (!chosen_max || !chosen_records || !rejected_max || !rejected_records)
-    return invalid("dpo: a row_max or records pointer is null");
+  // Each buffer's rows get a record; a buffer without rows (T = 0, or packed with
+  // num_rows = 0) may pass null arrays, an empty tensor's pointers.
+  const double* const arrays[2][2] = {{chosen_max, chosen_records}, {rejected_max, rejected_records}};
+  const char* const names[2][2] = {{"chosen_max", "chosen_records"}, {"rejected_max", "rejected_records"}};
+  for (int side = 0; side < 2; ++side)
+    for (int k = 0; k < 2; ++k)
+      if (c->pol.rows[c->pol.buffer_of[side]] > 0 && arrays[side][k] == nullptr)
+        return invalid("dpo: %s is null", names[side][k]);
   if (c->pol.num_buffers == 1 && (chosen_max != rejected_max || chosen_records != rejected_records))
     return invalid("dpo: a concatenated layout (one hidden buffer) takes one row_max and one records array for "
                    "both sides: chosen_max == rejected_max and chosen_records == rejected_records");

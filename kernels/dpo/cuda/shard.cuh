@@ -404,18 +404,21 @@ status check_view_backward(const token_view<T, L>& v, const vocab_shard& sh, con
   return to_status(dpo::detail::check_seq_grad(v, row_max, coef, grad, grad_stride, policy(opt, true)));
 }
 
-/// A status naming the first null one of the pair entry points' per-side state and `last`
-/// (`what`: the entry point), or success.
-inline status first_null(const char* what, const double* chosen_max, const double* chosen_records,
-                         const double* rejected_max, const double* rejected_records, const double* last,
-                         const char* last_name) {
+/// A status naming the first null one of the pair entry points' `last` argument (always
+/// needed) and per-side state (needed only by a side with rows: one without may pass null,
+/// an empty tensor's pointer), or success. `what`: the entry point.
+template <class T, class L>
+status first_null(const char* what, const pair_view<T, L>& shard, const options& opt, const double* chosen_max,
+                  const double* chosen_records, const double* rejected_max, const double* rejected_records,
+                  const double* last, const char* last_name) {
+  if (last == nullptr) return invalid("dpo: %s: %s is null", what, last_name);
+  const bool rows[2] = {shard_rows(shard.chosen, opt) > 0, shard_rows(shard.rejected, opt) > 0};
   const std::pair<const double*, const char*> args[] = {{chosen_max, "chosen_max"},
                                                         {chosen_records, "chosen_records"},
                                                         {rejected_max, "rejected_max"},
-                                                        {rejected_records, "rejected_records"},
-                                                        {last, last_name}};
-  for (const auto& [p, name] : args)
-    if (p == nullptr) return invalid("dpo: %s: %s is null", what, name);
+                                                        {rejected_records, "rejected_records"}};
+  for (int k = 0; k < 4; ++k)
+    if (rows[k / 2] && args[k].first == nullptr) return invalid("dpo: %s: %s is null", what, args[k].second);
   return {};
 }
 
@@ -566,8 +569,10 @@ status shard_sequence_partials(const token_view<T, L>& shard, const vocab_shard&
   status s = detail::check_shard(shard, sh, opt);
   if (!s) return s;
   if (shard.num_seqs == 0) return {};
-  if (row_max == nullptr || records == nullptr || seq == nullptr)
-    return detail::invalid("dpo: %s is null", row_max == nullptr ? "row_max" : records == nullptr ? "records" : "seq");
+  if (seq == nullptr) return detail::invalid("dpo: seq is null");
+  // Row state is read only for the view's rows: without any it may be null.
+  if (detail::shard_rows(shard, opt) > 0 && (row_max == nullptr || records == nullptr))
+    return detail::invalid("dpo: %s is null", row_max == nullptr ? "row_max" : "records");
   const detail::views<T, L> vs = detail::make_views<T, L>(shard, nullptr, opt);
   return detail::launch_sequences(vs, sh, detail::shard_sides{{row_max, nullptr}, {records, nullptr}}, seq,
                                   opt.metrics, 1.0, opt.error_word, stream);
@@ -588,8 +593,8 @@ status shard_pair_partials(const pair_view<T, L>& shard, const vocab_shard& sh, 
   if (!s) return s;
   s = detail::to_status(dpo::detail::check_unit(ld_alpha, "ld_alpha"));
   if (!s) return s;
-  s = detail::first_null("shard_pair_partials", chosen_max, chosen_records, rejected_max, rejected_records, seq,
-                         "seq");
+  s = detail::first_null("shard_pair_partials", shard, opt, chosen_max, chosen_records, rejected_max,
+                         rejected_records, seq, "seq");
   if (!s) return s;
   const detail::views<T, L> vs = detail::make_views(shard.chosen, &shard.rejected, opt);
   return detail::launch_sequences(vs, sh,
@@ -699,8 +704,8 @@ status shard_backward(void* workspace, std::size_t& workspace_bytes, const pair_
   if (!s) return s;
   s = detail::check_grad(shard, grad, opt);
   if (!s) return s;
-  s = detail::first_null("shard_backward", chosen_max, chosen_records, rejected_max, rejected_records, seq_grad,
-                         "seq_grad");
+  s = detail::first_null("shard_backward", shard, opt, chosen_max, chosen_records, rejected_max, rejected_records,
+                         seq_grad, "seq_grad");
   if (!s) return s;
   if (cap[0] + cap[1] == 0) return {};
   double* coef0 = static_cast<double*>(workspace);
