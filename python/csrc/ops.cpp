@@ -134,6 +134,14 @@ std::int64_t check_pair_inputs(const at::Tensor& policy_chosen_logps,
   for (const auto& [t, name] : optional_inputs) {
     if (!t->has_value()) continue;
     const at::Tensor& x = **t;
+    // Log-probs and weights are real values: floating, as dpo_loss_from_logits requires of its
+    // reference log-probs; the lengths are token counts (integer or floating), never bool.
+    const bool lengths = t == &chosen_lengths || t == &rejected_lengths;
+    TORCH_CHECK_TYPE(lengths ? x.scalar_type() != at::kBool && !at::isComplexType(x.scalar_type())
+                             : is_floating(x.scalar_type()),
+                     name, lengths ? " must be an integer or floating tensor of token counts, got "
+                                   : " must be float32, float64, bfloat16 or float16, got ",
+                     x.scalar_type());
     TORCH_CHECK_VALUE(x.dim() == 1 && x.size(0) == P, name, " must have shape [", P, "], got ", x.sizes());
     TORCH_CHECK_VALUE(x.device() == dev, name, " is on ", x.device(), " but policy_chosen_logps is on ", dev);
   }

@@ -233,6 +233,27 @@ def test_missing_reference_names_python_argument():
     dk.dpo_loss(rc, rr, None, None, reference_free=True)
 
 
+def test_pair_loss_dtypes_as_dpo_loss_from_logits():
+    # dk.dpo_loss takes what dpo_loss_from_logits takes: floating reference log-probs and
+    # weights (an int or bool one is a TypeError naming it, not a silent conversion); lengths
+    # are token counts, integer or floating, never bool.
+    _, _, rc, rr = make()
+    P = rc.shape[0]
+    for name, kw in (("reference_chosen_logps", dict(reference_chosen_logps=rc.long())),
+                     ("reference_rejected_logps", dict(reference_rejected_logps=torch.zeros(P, dtype=torch.bool))),
+                     ("weights", dict(weights=torch.ones(P, dtype=torch.int64))),
+                     ("chosen_lengths", dict(chosen_lengths=torch.ones(P, dtype=torch.bool)))):
+        args = dict(reference_chosen_logps=rc, reference_rejected_logps=rr, loss_type="ipo")
+        args.update(kw)
+        with pytest.raises(TypeError, match=name):
+            dk.dpo_loss(rc, rr, **args)
+    ints = dk.dpo_loss(rc, rr, rc - 1, rr - 1, "ipo", chosen_lengths=torch.full((P,), 7),
+                       rejected_lengths=torch.full((P,), 5, dtype=torch.int32))[0]
+    floats = dk.dpo_loss(rc, rr, rc - 1, rr - 1, "ipo", chosen_lengths=torch.full((P,), 7.0),
+                         rejected_lengths=torch.full((P,), 5.0))[0]
+    torch.testing.assert_close(ints, floats, rtol=0, atol=0)
+
+
 # ---- 9. hyperparameter types ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("loss_type,exc", [
