@@ -88,24 +88,46 @@ def is_patched() -> bool:
     return _originals is not None
 
 
+#: Handles of the current patch not yet undone, and the patch's generation (bumped by every
+#: full restore, so a handle of an earlier patch cannot undo a later one).
+_holders = 0
+_generation = 0
+
+
 class _Patch:
-    """What :func:`patch_chunked_logprobs` returns: undoes the patch as a context manager."""
+    """What :func:`patch_chunked_logprobs` returns: undoes the patch as a context manager.
+
+    Handles nest: TRL's head comes back when the last handle of the patch is undone (an inner
+    ``with patch_chunked_logprobs():`` does not undo an outer one); each handle undoes once."""
+
+    def __init__(self):
+        self._generation = _generation
+        self._active = True
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        unpatch_chunked_logprobs()
+        self.undo()
         return False
 
     def undo(self) -> None:
-        unpatch_chunked_logprobs()
+        global _holders
+        with _lock:
+            if not self._active or self._generation != _generation:
+                return
+            self._active = False
+            _holders -= 1
+            if _holders == 0:
+                _restore()
 
 
 def patch_chunked_logprobs(check_version: bool = True) -> _Patch:
     """Replaces TRL's ``ChunkedLogProbFunction`` with :class:`ChunkedLogProbFunction` (ours)
-    wherever TRL refers to it. Idempotent. Returns a handle: ``with patch_chunked_logprobs():``
-    undoes the patch on exit; :func:`unpatch_chunked_logprobs` undoes it explicitly.
+    wherever TRL refers to it. Idempotent: a second call while patched only adds a handle.
+    Returns a handle: ``with patch_chunked_logprobs():`` (or ``handle.undo()``) releases it, and
+    TRL's head comes back when every handle is released (nested uses keep the outer patch);
+    :func:`unpatch_chunked_logprobs` restores it at once.
 
     Raises ImportError when TRL is missing or lacks the function (e.g. TRL < 1.16), and, with
     ``check_version``, RuntimeError on a TRL version the patch was not tested with."""
@@ -113,8 +135,10 @@ def patch_chunked_logprobs(check_version: bool = True) -> _Patch:
     trl = _import_trl("dpo_kernels.trl.patch_chunked_logprobs", check_version,
                       "Pass check_version=False to patch anyway.")
     version = getattr(trl, "__version__", "?")
+    global _holders
     with _lock:
         if _originals is not None:
+            _holders += 1
             return _Patch()
         found = {}
         for mod_name, attr in _TARGETS:
@@ -132,18 +156,27 @@ def patch_chunked_logprobs(check_version: bool = True) -> _Patch:
         for (mod_name, attr) in found:
             setattr(importlib.import_module(mod_name), attr, ChunkedLogProbFunction)
         _originals = found
-    return _Patch()
+        _holders = 1
+        return _Patch()
+
+
+def _restore() -> None:
+    """Puts TRL's functions back (with _lock held); the handles of this patch become no-ops."""
+    global _originals, _holders, _generation
+    if _originals is None:
+        return
+    for (mod_name, attr), original in _originals.items():
+        setattr(importlib.import_module(mod_name), attr, original)
+    _originals = None
+    _holders = 0
+    _generation += 1
 
 
 def unpatch_chunked_logprobs() -> None:
-    """Restores TRL's own ``ChunkedLogProbFunction``. A no-op when not patched."""
-    global _originals
+    """Restores TRL's own ``ChunkedLogProbFunction`` now, whatever handles are open (they become
+    no-ops). A no-op when not patched."""
     with _lock:
-        if _originals is None:
-            return
-        for (mod_name, attr), original in _originals.items():
-            setattr(importlib.import_module(mod_name), attr, original)
-        _originals = None
+        _restore()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,13 +242,22 @@ def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
 
 
 def _reference_head(hidden, weight, bias, softcap, logit_scale):
+    """The reference model's head inputs in its compute dtype, with its OWN logit transforms
+    (its config's, as TRL's head reads them for the reference model)."""
     dtype = _compute_dtype(hidden)
-    return (hidden[:, :-1].to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+    return (hidden[:, :-1].to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype),
+            {"softcap": softcap, "logit_scale": logit_scale})
 
 
 class _FusedLoss:
     """What the policy's forward runs on its hidden states: dpo_loss_from_hidden with the
-    trainer's config and reference, returning ``(loss, metrics, pair_values)``."""
+    trainer's config and reference, returning ``(loss, metrics, pair_values)``.
+
+    `reference`: the precomputed log-probs, or ``ref_head`` = the reference model's (hidden,
+    weight, bias, transforms). That head goes into the fused call when it matches the policy's
+    (dtype, shapes, logit transforms); otherwise (a reference in another dtype, with its own
+    softcap or scale, or another hidden size) its log-probs are computed first, by the library
+    in its own dtype and transforms (LD-DPO weighted alike), and passed as log-probs."""
 
     def __init__(self, labels, reference: dict, config: dict):
         self.labels, self.reference, self.config = labels, reference, config
@@ -224,10 +266,31 @@ class _FusedLoss:
         from . import dpo_loss_from_hidden
 
         dtype = _compute_dtype(hidden)
+        hidden, weight = hidden[:, :-1].to(dtype), weight.to(dtype)
+        reference = self.reference
+        if "ref_head" in reference:
+            ref_hidden, ref_weight, ref_bias, ref_transforms = reference["ref_head"]
+            if (ref_hidden.dtype == dtype and ref_hidden.shape == hidden.shape and ref_weight.shape == weight.shape
+                    and ref_transforms == {"softcap": softcap, "logit_scale": logit_scale}):
+                reference = {"ref_hidden": ref_hidden, "ref_weight": ref_weight, "ref_bias": ref_bias}
+            else:
+                reference = self._reference_logps(ref_hidden, ref_weight, ref_bias, ref_transforms)
         return dpo_loss_from_hidden(
-            hidden[:, :-1].to(dtype), weight.to(dtype), self.labels, bias=None if bias is None else bias.to(dtype),
-            softcap=softcap, logit_scale=logit_scale, return_pair_values=True, **self.reference, **self.config,
+            hidden, weight, self.labels, bias=None if bias is None else bias.to(dtype),
+            softcap=softcap, logit_scale=logit_scale, return_pair_values=True, **reference, **self.config,
         )
+
+    def _reference_logps(self, ref_hidden, ref_weight, ref_bias, transforms) -> dict:
+        from . import dpo_loss_from_hidden
+
+        P = self.labels.shape[0] // 2
+        zeros = torch.zeros(P, dtype=torch.float64, device=ref_hidden.device)
+        with torch.no_grad():
+            pairs = dpo_loss_from_hidden(
+                ref_hidden, ref_weight, self.labels, zeros, zeros, bias=ref_bias, **transforms,
+                ld_alpha=self.config["ld_alpha"], compute_metrics=False, return_pair_values=True,
+                workspace_bytes=self.config["workspace_bytes"])[2]
+        return {"reference_chosen_logps": pairs["chosen_logps"], "reference_rejected_logps": pairs["rejected_logps"]}
 
 
 def _trainer_class():
@@ -248,7 +311,10 @@ def _trainer_class():
         without grad), or TRL's precomputed reference log-probs
         (``precompute_ref_log_probs=True``; precomputed by TRL's own head, or by ours under
         :func:`patch_chunked_logprobs`). Logit transforms (``final_logit_softcapping``,
-        ``logit_scale`` and its aliases) are read from the model config as TRL reads them.
+        ``logit_scale`` and its aliases) are read from each model's config as TRL reads them; a
+        reference model with other transforms, another dtype or another hidden size than the
+        policy's is scored by the library on its own head first (one more GEMM pass, no
+        logits), its log-probs then passed to the policy's call.
 
         The hook is the public ``Trainer.compute_loss``; it reads DPOTrainer's attributes
         (``loss_types``, ``_metrics``, ...), so the class checks TRL's version at
@@ -260,7 +326,9 @@ def _trainer_class():
 
         Not supported (NotImplementedError at construction): PEFT models / ``peft_config``,
         vision-language models, a MoE router auxiliary loss (set ``router_aux_loss_coef=0``), and
-        context or sequence parallelism. Like :func:`dpo_kernels.dpo_loss_from_hidden`, the
+        context or sequence parallelism. With ``ipo`` or ``sigmoid_norm``, a batch with a
+        completion token at position 0 (empty prompt, or ``keep_end`` truncation of the whole
+        prompt) raises ValueError: TRL's length counts that unscored token. Like :func:`dpo_kernels.dpo_loss_from_hidden`, the
         head runs on CPU and CUDA models.
         """
 
@@ -302,6 +370,7 @@ def _trainer_class():
             model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
             model_kwargs["use_cache"] = False
             completion_mask = inputs["completion_mask"]
+            self._dk_check_lengths(completion_mask)
             labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)[:, 1:].contiguous()
             if self.precompute_ref_logps:
                 reference = {"reference_chosen_logps": inputs["ref_chosen_logps"],
@@ -311,8 +380,7 @@ def _trainer_class():
                 # forwards: it wrapped the reference's before _add_head_forward wrapped it again.
                 with torch.no_grad(), self.accelerator.autocast(), \
                         disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
-                    ref = self.ref_model(**model_kwargs, dpo_kernels_head=_reference_head)
-                reference = dict(zip(("ref_hidden", "ref_weight", "ref_bias"), ref))
+                    reference = {"ref_head": self.ref_model(**model_kwargs, dpo_kernels_head=_reference_head)}
             # Through the (possibly DDP-wrapped) model: the loss is its forward's output.
             with self.accelerator.autocast():
                 loss, metrics, pairs = model(**model_kwargs,
@@ -325,6 +393,22 @@ def _trainer_class():
                 with torch.no_grad():
                     return loss, model(**model_kwargs)
             return loss
+
+        def _dk_check_lengths(self, completion_mask):
+            """ipo and sigmoid_norm divide by TRL's completion length, the unshifted completion
+            mask's count, which includes a completion token at position 0 (an empty prompt, or
+            ``truncation_mode="keep_end"`` cutting the whole prompt) that no logit scores; the
+            library counts the scored tokens. Such a batch would train on another loss: refused
+            (one host read per step, for these loss types only)."""
+            length_losses = [t for t in self.loss_types if t in ("ipo", "sigmoid_norm")]
+            if length_losses and bool(completion_mask[:, 0].any()):
+                raise ValueError(
+                    f"FusedDPOTrainer: loss_type {length_losses[0]!r} divides by TRL's completion length, which "
+                    "counts a completion token at position 0 (an empty prompt, or truncation_mode='keep_end' that "
+                    "cut the whole prompt) although no logit scores it; dpo_kernels counts only the scored tokens, "
+                    "so this batch's loss would differ from DPOTrainer's. Keep a prompt token in every example "
+                    "(e.g. truncation_mode='keep_start'), or use trl.DPOTrainer with "
+                    "dpo_kernels.trl.patch_chunked_logprobs()")
 
         def _dk_log(self, mode, inputs, metrics, pairs):
             """Appends DPOTrainer's metrics, reduced over the processes as DPOTrainer reduces them:

@@ -98,6 +98,48 @@ def test_parity_with_logit_softcap_and_scale():
     _check(dict(final_logit_softcapping=4.0, logit_scale=1.5), loss_type=["sigmoid", "sft"])
 
 
+def _with_config(**attrs):
+    def fn(ref):
+        for k, v in attrs.items():
+            setattr(ref.config, k, v)
+        return ref
+    return fn
+
+
+@pytest.mark.parametrize("ref_config", [dict(final_logit_softcapping=2.0), dict(logit_scale=0.5)])
+def test_parity_with_reference_transforms_of_its_own(ref_config):
+    """TRL scores the reference with the reference model's own config: a reference with a
+    softcap or scale the policy lacks is scored on its own head first (its log-probs then go
+    into the policy's call), not with the policy's transforms."""
+    runs = [trl_harness.train(cls, steps=STEPS, ref_fn=_with_config(**ref_config), loss_type=["sigmoid", "sft"],
+                              ld_alpha=0.5) for cls in (dkt.FusedDPOTrainer, None)]
+    trl_harness.assert_same_training(*runs, steps=STEPS)
+
+
+def test_reference_in_another_dtype():
+    """An fp32 policy with a bf16 reference (TRL accepts it): the reference is scored by the
+    library in bf16 (its products in fp32), so the run equals TRL's DPOTrainer with the
+    library's head patched in, to 1e-5, and tracks TRL's own bf16 head."""
+    bf16 = lambda ref: ref.to(torch.bfloat16)  # noqa: E731
+    fused = trl_harness.train(dkt.FusedDPOTrainer, steps=STEPS, ref_fn=bf16)
+    with dkt.patch_chunked_logprobs():
+        patched = trl_harness.train(None, steps=STEPS, ref_fn=bf16)
+    trl_harness.assert_same_training(fused, patched, steps=STEPS)
+    trl_harness.assert_tracks_in_bf16(fused, trl_harness.train(None, steps=STEPS, ref_fn=bf16), steps=STEPS)
+
+
+@pytest.mark.parametrize("loss_type", ["ipo", "sigmoid_norm"])
+def test_length_losses_refuse_a_completion_at_position_zero(loss_type):
+    """ipo and sigmoid_norm divide by TRL's completion length, which counts a completion token
+    at position 0 that no logit scores (keep_end truncation cut the whole prompt here): refused
+    with a message, instead of training on another loss. keep_start trains as TRL's (in float64:
+    these short sequences give gradient norms in the thousands, which amplify fp32 rounding)."""
+    with pytest.raises(ValueError, match="position 0"):
+        trl_harness.train(dkt.FusedDPOTrainer, steps=1, loss_type=[loss_type], max_length=5,
+                          truncation_mode="keep_end")
+    _check(FLOAT64, loss_type=[loss_type], max_length=5, truncation_mode="keep_start")
+
+
 def test_trl_alpha_divergence_is_fp32_only():
     """TRL 1.16's alpha_divergence branch has no float64 path (its exp clamp table lacks
     float64), so the float64 comparison cannot run it; in fp32 its rounding of the summed

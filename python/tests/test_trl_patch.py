@@ -54,8 +54,10 @@ def test_patch_and_undo():
     assert tu._ChunkedLogProbFunction is original
     handle = dkt.patch_chunked_logprobs()
     assert tu._ChunkedLogProbFunction is dkt.ChunkedLogProbFunction
-    dkt.patch_chunked_logprobs()  # idempotent
+    second = dkt.patch_chunked_logprobs()  # idempotent: patches nothing more, adds a handle
     handle.undo()
+    assert tu._ChunkedLogProbFunction is dkt.ChunkedLogProbFunction  # the second handle holds it
+    second.undo()
     assert tu._ChunkedLogProbFunction is original and not dkt.is_patched()
     dkt.unpatch_chunked_logprobs()  # no-op
     with dkt.patch_chunked_logprobs():
@@ -85,3 +87,28 @@ def test_dpo_trainer_bf16_autocast():
     TRL's, to bf16's rounding (each bf16 run is 1-2% off the fp32 one in loss over these
     4 steps, 5e-4 in the summed log-probs), not to 1e-5."""
     trl_harness.assert_tracks_in_bf16(train(True, bf16=True), train(False, bf16=True))
+
+
+def test_nested_patches_keep_the_outer_one():
+    import trl.trainer.utils as tu
+
+    original = tu._ChunkedLogProbFunction
+    with dkt.patch_chunked_logprobs():
+        with dkt.patch_chunked_logprobs():
+            assert dkt.is_patched()
+        assert dkt.is_patched() and tu._ChunkedLogProbFunction is dkt.ChunkedLogProbFunction
+    assert not dkt.is_patched() and tu._ChunkedLogProbFunction is original
+    h1, h2 = dkt.patch_chunked_logprobs(), dkt.patch_chunked_logprobs()
+    h2.undo()
+    h2.undo()  # a handle undoes once
+    assert dkt.is_patched()
+    h1.undo()
+    assert not dkt.is_patched()
+    # unpatch_chunked_logprobs restores at once; older handles are then no-ops.
+    h3 = dkt.patch_chunked_logprobs()
+    dkt.unpatch_chunked_logprobs()
+    h4 = dkt.patch_chunked_logprobs()
+    h3.undo()
+    assert dkt.is_patched()
+    h4.undo()
+    assert not dkt.is_patched() and tu._ChunkedLogProbFunction is original

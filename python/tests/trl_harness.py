@@ -243,16 +243,20 @@ def naive_head():
         tu._ChunkedLogProbFunction = original
 
 
-def train(trainer_cls=None, bf16: bool = False, run=None, model_config=None, steps: int = STEPS, **dpo_args):
+def train(trainer_cls=None, bf16: bool = False, run=None, model_config=None, steps: int = STEPS, ref_fn=None,
+          **dpo_args):
     """Trains `trainer_cls` (default trl.DPOTrainer) for `steps` SGD steps of 4 pairs on
     make_trainable_models(**model_config) with `dpo_args` (DPOConfig fields, overriding the
-    defaults below); `run(trainer)`,
+    defaults below); `ref_fn(ref)`, if given, returns the reference model to use (e.g. in
+    another dtype or with its own config); `run(trainer)`,
     if given, replaces `trainer.train()`. float64 models (model_config dtype) train with
     NaiveHead. Returns (numeric log entries, final parameters)."""
     from trl import DPOConfig, DPOTrainer
 
     model_config = model_config or {}
     model, ref = make_trainable_models(**model_config)
+    if ref_fn is not None:
+        ref = ref_fn(ref)
     float64 = model_config.get("dtype") == torch.float64
     with tempfile.TemporaryDirectory() as out, warnings.catch_warnings(), \
             (naive_head() if float64 else contextlib.nullcontext()):
