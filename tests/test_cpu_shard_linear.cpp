@@ -512,3 +512,57 @@ TEST_CASE("head shards: bad input throws on every rank before any collective", "
                                     dpo::vocab_shard{kVocab, 30, 40}, rec.data(), rmax.data(), true);
   });
 }
+
+TEST_CASE("head shards: bad gradient buffers or budgets throw before any collective or write", "[shard_linear]") {
+  const problem p = make_problem<float>(2, 5, 4, kVocab, false, 10);
+  laid_out<float> l(p, kind::padded, 0, 1);
+  std::vector<float> w(p.weight.begin(), p.weight.end()), b(p.bias.begin(), p.bias.end());
+  const dpo::vocab_shard sh{kVocab, 0, kVocab};
+  const dpo::linear_head<float> head = head_of(w, b, 0, kVocab, 4, p.tr);
+  std::vector<float> dw(static_cast<std::size_t>(kVocab * 4), 555.0f), db(static_cast<std::size_t>(kVocab), 555.0f);
+  std::fill(l.dh.begin(), l.dh.end(), 777.0f);
+  const auto untouched = [&] {
+    for (float x : l.dh) CHECK(x == 777.0f);
+    for (float x : dw) CHECK(x == 555.0f);
+    for (float x : db) CHECK(x == 555.0f);
+  };
+  int collectives_run = 0;
+  dpo::cpu::collectives comm;
+  comm.vocab_max = comm.vocab_sum = [&](double*, std::int64_t) { ++collectives_run; };
+  double loss = 777.0;
+  dpo::cpu::forward_outputs out;
+  out.loss = &loss;
+  const dpo::loss_config cfg = fixture::config_named("sigmoid").cfg;
+  {
+    // A dHidden stride below H, and a dHidden overlapping the hidden states: the driver
+    // checks the gradient buffers before its collectives, as the unsharded linear_dpo does.
+    dpo::linear_dpo_grads<float, float> g = l.grads(dw, db);
+    g.chosen_hidden_stride = g.rejected_hidden_stride = 3;
+    test_support::expect_error("grads.chosen_hidden_stride = 3 is invalid", [&] {
+      dpo::cpu::linear_dpo_sharded(l.pairs(), head, sh, p.ref_c.data(), p.ref_r.data(), cfg, comm, out, g);
+    });
+    g = l.grads(dw, db);
+    g.chosen_hidden = g.rejected_hidden = l.hidden.data() + 1;
+    test_support::expect_error("overlap", [&] {
+      dpo::cpu::linear_dpo_sharded(l.pairs(), head, sh, p.ref_c.data(), p.ref_r.data(), cfg, comm, out, g);
+    });
+    CHECK(collectives_run == 0);
+    CHECK(loss == 777.0);
+    untouched();
+  }
+  {
+    // The shard-local backward with a budget below one row: nothing written, dHidden included.
+    const std::int64_t n = static_cast<std::int64_t>(l.labels.size());
+    std::vector<double> rmax(static_cast<std::size_t>(n)), rec(static_cast<std::size_t>(n * dpo::shard_fields));
+    dpo::cpu::linear_pair_shard_partials(l.pairs(), head, sh, rmax.data(), rec.data(), rmax.data(), rec.data());
+    dpo::cpu::shard_rebase(0, n, rmax.data(), rec.data());
+    const std::vector<double> seq_grad(4, 0.25);
+    dpo::cpu::linear_dpo_options o;
+    o.workspace_bytes = 1;
+    test_support::expect_error("too small for one row", [&] {
+      dpo::cpu::linear_pair_shard_backward(l.pairs(), head, sh, rmax.data(), rec.data(), rmax.data(), rec.data(),
+                                           seq_grad.data(), 0.0, 1.0, l.grads(dw, db), 1.0, o);
+    });
+    untouched();
+  }
+}

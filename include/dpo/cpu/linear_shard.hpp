@@ -262,13 +262,19 @@ void linear_pair_shard_backward(const hidden_pairs<T, L>& policy, const linear_h
       detail::shared_lengths(detail::token_counts(lp.chosen), detail::token_counts(lp.rejected), ld_alpha);
   const std::vector<double> coef[2] = {detail::shard_coefs(lp.chosen, seq_grad, shared, ld_alpha, nll_token_grad),
                                        detail::shard_coefs(lp.rejected, seq_grad + P, shared, ld_alpha, 0.0)};
-  if (!g.accumulate_hidden) detail::zero_hidden_rows(policy, g, true);
   const token_view<T, L>* sides[2] = {&policy.pairs.chosen, &policy.pairs.rejected};
+  const linear_options lo = detail::linear_options_of(opt);
+  for (int s = 0; s < 2; ++s) {  // each side's chunk budget, before anything is written
+    std::vector<std::int64_t> labels;
+    std::int64_t b = 0;
+    const linear_view<T, std::int64_t> v = detail::side_rows(*sides[s], head, labels, &b);
+    (void)detail::linear_chunks<T>(v.rows, v.hidden_cols, v.vocab, lo);
+  }
+  if (!g.accumulate_hidden) detail::zero_hidden_rows(policy, g, true);
   const double* maxes[2] = {chosen_max, rejected_max};
   const double* recs[2] = {chosen_records, rejected_records};
   T* gh[2] = {g.chosen_hidden, g.rejected_hidden};
   const std::int64_t gs[2] = {g.chosen_hidden_stride, g.rejected_hidden_stride};
-  const linear_options lo = detail::linear_options_of(opt);
   for (int s = 0; s < 2; ++s) {
     std::vector<std::int64_t> labels;
     std::int64_t b = 0;
@@ -349,6 +355,11 @@ void linear_dpo_sharded(const hidden_pairs<T, L>& policy, const linear_head<T>& 
   };
   try {
     detail::check_pair_shard(policy, head, sh);
+    // The gradient buffers too, before any collective or output (the backward at the end
+    // checks them again; here a bad one must not leave the outputs written).
+    detail::linear_range ins[8];
+    const int n_in = detail::pair_input_ranges(policy, head, ins, "policy");
+    detail::check_linear_grads(policy, head, g, ins, n_in);
     rows(cmax, crec, one ? std::max(nc, nr) : nc);
     if (!one) rows(rmax, rrec, nr);
     double* rm = one ? cmax.data() : rmax.data();
