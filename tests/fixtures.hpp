@@ -95,6 +95,15 @@ oracle::batch rounded_random_batch(const batch_spec& sp) {
   return b;
 }
 
+/// `to` scores the same completions as `from`: its labels (and masked tokens) become
+/// `from`'s, sequence by sequence (a reference batch of the policy's shapes).
+inline void copy_labels(const oracle::batch& from, oracle::batch& to) {
+  for (std::size_t i = 0; i < from.chosen.size(); ++i) {
+    to.chosen[i].y = from.chosen[i].y;
+    to.rejected[i].y = from.rejected[i].y;
+  }
+}
+
 /// Reference log-probs near the policy's (log-ratios of a few units), as a trained policy
 /// has: random numbers in [-spread, spread] added to the oracle's policy log-probs.
 inline void random_reference(const oracle::batch& b, double ld_alpha, std::uint64_t seed,

@@ -104,10 +104,7 @@ TEST_CASE("dpo_forward with reference logits equals the oracle on the reference'
   const oracle::batch policy = fixture::rounded_random_batch<float>(sp);
   sp.seed = 60;
   oracle::batch reference = fixture::rounded_random_batch<float>(sp);
-  // Same labels as the policy: the reference scores the same completions.
-  for (int s = 0; s < 2; ++s)
-    for (std::size_t i = 0; i < policy.chosen.size(); ++i)
-      (s == 0 ? reference.chosen : reference.rejected)[i].y = (s == 0 ? policy.chosen : policy.rejected)[i].y;
+  fixture::copy_labels(policy, reference);  // the reference scores the same completions
   for (const auto& nc : fixture::all_configs()) {
     if (!fixture::needs_reference(nc.cfg)) continue;
     INFO(nc.name);
@@ -134,9 +131,7 @@ TEST_CASE("reference logits of another dtype are read as they are, not in the po
   const oracle::batch policy = fixture::rounded_random_batch<Eigen::bfloat16>(sp);
   sp.seed = 62;
   oracle::batch reference = fixture::rounded_random_batch<double>(sp);
-  for (int s = 0; s < 2; ++s)
-    for (std::size_t i = 0; i < policy.chosen.size(); ++i)
-      (s == 0 ? reference.chosen : reference.rejected)[i].y = (s == 0 ? policy.chosen : policy.rejected)[i].y;
+  fixture::copy_labels(policy, reference);  // the reference scores the same completions
   for (const auto& nc : fixture::all_configs()) {
     if (!fixture::needs_reference(nc.cfg)) continue;
     INFO(nc.name);

@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <cstring>
 #include <deque>
+#include <initializer_list>
 #include <string>
 #include <vector>
 
@@ -193,13 +194,18 @@ TEST_CASE("vocabulary shards: layouts, dtypes, masks, in place", "[shard]") {
   }
 }
 
-TEST_CASE("context parallelism, alone and with vocabulary shards", "[shard]") {
-  const char* names[] = {"sigmoid", "mpo+wpo", "ipo", "aot+aot_unpaired", "simpo", "sft"};
+namespace {
+
+/// Context groups of 2 and 3 ranks, each alone and with 2 vocabulary shards (in place), for
+/// padded and packed batches of `sp` whose first chosen sequence has at least `min_rows` rows
+/// (the fixture's buffers read the vocabulary off chosen[0]); `empty_last`: the last context
+/// rank holds no row.
+void context_sweep(std::initializer_list<const char*> names, fixture::batch_spec sp, std::int64_t min_rows,
+                   bool empty_last) {
   for (const layout kind : {layout::padded, layout::packed}) {
-    fixture::batch_spec sp = fixture::spec(3, 7, kVocab, 31);
     sp.varying_rows = kind == layout::packed;
     oracle::batch b = fixture::rounded_random_batch<float>(sp);
-    while (b.chosen[0].rows() < 3) {  // the fixture's buffers read the vocabulary off chosen[0]
+    while (b.chosen[0].rows() < min_rows) {
       ++sp.seed;
       b = fixture::rounded_random_batch<float>(sp);
     }
@@ -208,12 +214,20 @@ TEST_CASE("context parallelism, alone and with vocabulary shards", "[shard]") {
         shard_case sc;
         sc.kind = kind;
         sc.context = C;
+        sc.empty_last = empty_last;
         sc.cuts = uneven(kVocab, W);
         sc.in_place = W == 2;
         for (const char* n : names) check_sharded<float, std::int64_t>(fixture::config_named(n), b, sc);
       }
     }
   }
+}
+
+}  // namespace
+
+TEST_CASE("context parallelism, alone and with vocabulary shards", "[shard]") {
+  context_sweep({"sigmoid", "mpo+wpo", "ipo", "aot+aot_unpaired", "simpo", "sft"}, fixture::spec(3, 7, kVocab, 31), 3,
+                false);
 }
 
 TEST_CASE("argmax ties across shards decide token accuracy as torch.argmax does", "[shard]") {
@@ -389,27 +403,7 @@ TEST_CASE("a context rank's bad slice makes every context rank throw, none waits
 TEST_CASE("a context rank holding no row: results and gradients equal the unsharded call", "[shard]") {
   // Its logits, labels and gradient are empty buffers (null pointers, as an empty tensor's),
   // and so are the records and maxima the drivers keep for it.
-  const char* names[] = {"sigmoid", "mpo+wpo", "aot+aot_unpaired", "sft"};
-  for (const layout kind : {layout::padded, layout::packed}) {
-    fixture::batch_spec sp = fixture::spec(3, 6, kVocab, 81);
-    sp.varying_rows = kind == layout::packed;
-    oracle::batch b = fixture::rounded_random_batch<float>(sp);
-    while (b.chosen[0].rows() < 2) {
-      ++sp.seed;
-      b = fixture::rounded_random_batch<float>(sp);
-    }
-    for (const int C : {2, 3}) {
-      for (const int W : {1, 2}) {
-        shard_case sc;
-        sc.kind = kind;
-        sc.context = C;
-        sc.empty_last = true;
-        sc.cuts = uneven(kVocab, W);
-        sc.in_place = W == 2;
-        for (const char* n : names) check_sharded<float, std::int64_t>(fixture::config_named(n), b, sc);
-      }
-    }
-  }
+  context_sweep({"sigmoid", "mpo+wpo", "aot+aot_unpaired", "sft"}, fixture::spec(3, 6, kVocab, 81), 2, true);
 }
 
 TEST_CASE("sharded sequence log-probs with a context rank holding no row", "[shard]") {

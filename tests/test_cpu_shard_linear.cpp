@@ -564,5 +564,13 @@ TEST_CASE("head shards: bad gradient buffers or budgets throw before any collect
                                            seq_grad.data(), 0.0, 1.0, l.grads(dw, db), 1.0, o);
     });
     untouched();
+    // Phase 1 with that budget: no record or maximum is written either.
+    std::vector<double> rmax2(rmax.size(), 333.0), rec2(rec.size(), 333.0);
+    test_support::expect_error("too small for one row", [&] {
+      dpo::cpu::linear_pair_shard_partials(l.pairs(), head, sh, rmax2.data(), rec2.data(), rmax2.data(), rec2.data(),
+                                           o);
+    });
+    for (double x : rmax2) CHECK(x == 333.0);
+    for (double x : rec2) CHECK(x == 333.0);
   }
 }

@@ -207,16 +207,19 @@ void linear_pair_shard_partials(const hidden_pairs<T, L>& policy, const linear_h
   detail::check_side_state("linear_pair_shard_partials", "rejected", detail::span_rows(policy.pairs.rejected) > 0,
                            rejected_max, rejected_records);
   const linear_options lo = detail::linear_options_of(opt);
-  const token_view<T, L>* sides[2] = {&policy.pairs.chosen, &policy.pairs.rejected};
+  // Each side's rows as a view of the head; both chunk budgets are checked before either side
+  // writes its records.
+  std::vector<std::int64_t> labels[2];
+  std::int64_t b[2] = {0, 0};
+  const linear_view<T, std::int64_t> views[2] = {detail::side_rows(policy.pairs.chosen, head, labels[0], &b[0]),
+                                                 detail::side_rows(policy.pairs.rejected, head, labels[1], &b[1])};
+  for (const linear_view<T, std::int64_t>& v : views) (void)detail::linear_chunks<T>(v.rows, v.hidden_cols, v.vocab, lo);
   double* maxes[2] = {chosen_max, rejected_max};
   double* recs[2] = {chosen_records, rejected_records};
   for (int s = 0; s < 2; ++s) {
-    std::vector<std::int64_t> labels;
-    std::int64_t b = 0;
-    const linear_view<T, std::int64_t> v = detail::side_rows(*sides[s], head, labels, &b);
     // (No offset on a null buffer: a side without rows may pass null.)
-    linear_shard_partials(v, sh, recs[s] ? recs[s] + b * shard_fields : nullptr, maxes[s] ? maxes[s] + b : nullptr,
-                          opt.metrics, lo);
+    linear_shard_partials(views[s], sh, recs[s] ? recs[s] + b[s] * shard_fields : nullptr,
+                          maxes[s] ? maxes[s] + b[s] : nullptr, opt.metrics, lo);
   }
 }
 
@@ -262,27 +265,26 @@ void linear_pair_shard_backward(const hidden_pairs<T, L>& policy, const linear_h
       detail::shared_lengths(detail::token_counts(lp.chosen), detail::token_counts(lp.rejected), ld_alpha);
   const std::vector<double> coef[2] = {detail::shard_coefs(lp.chosen, seq_grad, shared, ld_alpha, nll_token_grad),
                                        detail::shard_coefs(lp.rejected, seq_grad + P, shared, ld_alpha, 0.0)};
-  const token_view<T, L>* sides[2] = {&policy.pairs.chosen, &policy.pairs.rejected};
+  // Each side's rows as a view of the head, built once; every chunk budget is checked before
+  // anything is written.
+  std::vector<std::int64_t> labels[2];
+  std::int64_t b[2] = {0, 0};
+  const linear_view<T, std::int64_t> views[2] = {detail::side_rows(policy.pairs.chosen, head, labels[0], &b[0]),
+                                                 detail::side_rows(policy.pairs.rejected, head, labels[1], &b[1])};
   const linear_options lo = detail::linear_options_of(opt);
-  for (int s = 0; s < 2; ++s) {  // each side's chunk budget, before anything is written
-    std::vector<std::int64_t> labels;
-    std::int64_t b = 0;
-    const linear_view<T, std::int64_t> v = detail::side_rows(*sides[s], head, labels, &b);
-    (void)detail::linear_chunks<T>(v.rows, v.hidden_cols, v.vocab, lo);
-  }
+  for (const linear_view<T, std::int64_t>& v : views) (void)detail::linear_chunks<T>(v.rows, v.hidden_cols, v.vocab, lo);
   if (!g.accumulate_hidden) detail::zero_hidden_rows(policy, g, true);
   const double* maxes[2] = {chosen_max, rejected_max};
   const double* recs[2] = {chosen_records, rejected_records};
   T* gh[2] = {g.chosen_hidden, g.rejected_hidden};
   const std::int64_t gs[2] = {g.chosen_hidden_stride, g.rejected_hidden_stride};
   for (int s = 0; s < 2; ++s) {
-    std::vector<std::int64_t> labels;
-    std::int64_t b = 0;
-    const linear_view<T, std::int64_t> v = detail::side_rows(*sides[s], head, labels, &b);
+    const linear_view<T, std::int64_t>& v = views[s];
     std::vector<double> grad(coef[s].size());
     for (std::size_t i = 0; i < grad.size(); ++i) grad[i] = dpo::detail::times(coef[s][i], grad_output);
-    linear_shard_backward(v, sh, maxes[s] ? maxes[s] + b : nullptr, recs[s] ? recs[s] + b * shard_fields : nullptr,
-                          grad.data(), nullptr, nullptr, detail::rows_grads(g, gh[s], gs[s], b), lo);
+    linear_shard_backward(v, sh, maxes[s] ? maxes[s] + b[s] : nullptr,
+                          recs[s] ? recs[s] + b[s] * shard_fields : nullptr, grad.data(), nullptr, nullptr,
+                          detail::rows_grads(g, gh[s], gs[s], b[s]), lo);
   }
 }
 
