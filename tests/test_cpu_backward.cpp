@@ -211,7 +211,14 @@ TEST_CASE("dpo_backward_rows: bad arguments write nothing", "[backward][outputs]
   fixture::expect_error(
       [&] { dpo::cpu::dpo_backward_rows(sep.view(), rows.data(), rows.data(), sep.grad_view()); },
       "one logits buffer");
+  // Both sides on the same rows of one buffer: row r's entry cannot hold both sides' state
+  // (before this check the chosen side silently got the rejected side's coefficient).
+  auto shared = sep.view();
+  shared.rejected.logits = shared.chosen.logits;
+  fixture::expect_error(
+      [&] { dpo::cpu::dpo_backward_rows(shared, rows.data(), rows.data(), sep.grad_view()); }, "share rows");
   for (float g : pad.grad) CHECK(g == fixture::buffers<float, std::int64_t>::sentinel());
+  for (float g : sep.grad) CHECK(g == fixture::buffers<float, std::int64_t>::sentinel());
 }
 
 TEST_CASE("dpo_backward_rows on zero rows takes null row state; with rows it names it", "[backward][outputs]") {

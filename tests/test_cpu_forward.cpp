@@ -318,6 +318,18 @@ TEST_CASE("caller-owned dpo_forward: null outputs are skipped, separate buffers 
   out.row_lse = rows.data();
   fixture::expect_error([&] { dpo::cpu::dpo_forward(sep.view(), ref.pc(), ref.pr(), cfg, out); },
                         "one logits buffer");
+  // One buffer whose rows both sides read (each with its own labels): the row state of the
+  // two sides would share entries, so it is refused too, with nothing written.
+  auto shared = sep.view();
+  shared.rejected.logits = shared.chosen.logits;
+  loss = -7.0;
+  fixture::expect_error([&] { dpo::cpu::dpo_forward(shared, ref.pc(), ref.pr(), cfg, out); }, "share rows");
+  fixture::expect_error([&] { dpo::cpu::dpo_forward(shared, shared, cfg, out); }, "share rows");
+  CHECK(loss == -7.0);
+  for (double x : rows) CHECK(x == 0.0);
+  out.row_lse = nullptr;
+  dpo::cpu::dpo_forward(shared, ref.pc(), ref.pr(), cfg, out);  // without row state it is a valid call
+  CHECK(loss != -7.0);
 }
 
 TEST_CASE("caller-owned dpo_loss equals the owned result bitwise", "[forward][outputs]") {

@@ -912,6 +912,15 @@ TEST_CASE("linear DPO: bad input names the argument and writes nothing", "[linea
   expect_error("one hidden buffer", [&] {
     dpo::cpu::linear_dpo_forward(sep.pairs(p), sep.head(p), ref.pc(), ref.pr(), cfg, so.fwd(true));
   });
+  // ... with each side on rows of its own: not both sides on the same rows of one buffer.
+  auto shared = sep.pairs(p);
+  shared.pairs.rejected.logits = shared.pairs.chosen.logits;
+  expect_error("share rows", [&] {
+    dpo::cpu::linear_dpo_forward(shared, sep.head(p), ref.pc(), ref.pr(), cfg, so.fwd(true));
+  });
+  expect_error("share rows", [&] {
+    dpo::cpu::linear_dpo_backward(shared, sep.head(p), o.row_lse.data(), o.row_coef.data(), g);
+  });
   expect_error("row_lse", [&] {
     dpo::cpu::linear_dpo_backward(in, head, nullptr, o.row_coef.data(), g);
   });

@@ -639,6 +639,54 @@ sequence_out run_sequence_case(const case_in& in, std::int64_t seq_stride,
   throw std::runtime_error("sequence case: unknown dtype");
 }
 
+row_state_out row_state_errors() {
+  const std::int64_t P = 2, T = 3, V = 5, half = P * T, rows = 2 * half;
+  std::vector<float> logits(static_cast<std::size_t>(rows * V));
+  for (std::size_t i = 0; i < logits.size(); ++i) logits[i] = 0.1f * static_cast<float>(i % 7);
+  std::vector<std::int64_t> labels(static_cast<std::size_t>(rows));
+  for (std::int64_t r = 0; r < rows; ++r) labels[static_cast<std::size_t>(r)] = r % V;
+  const std::vector<double> ref(static_cast<std::size_t>(P), -1.0);
+  dev_buf dz(logits.size() * sizeof(float)), dz2(logits.size() * sizeof(float)), dy(labels.size() * 8),
+      dref(ref.size() * 8), dloss(8), dlse(static_cast<std::size_t>(rows) * 8), dcoef(static_cast<std::size_t>(rows) * 8),
+      dgrad(logits.size() * sizeof(float)), dws(1 << 20);
+  dz.put(logits.data(), logits.size() * sizeof(float));
+  dz2.put(logits.data(), logits.size() * sizeof(float));
+  dy.put(labels.data(), labels.size() * 8);
+  dref.put(ref.data(), ref.size() * 8);
+  for (dev_buf* b : {&dloss, &dlse, &dcoef, &dgrad}) b->fill(0x5a);
+  const float* z = dz.as<float>();
+  const std::int64_t* y = dy.as<std::int64_t>();
+  // Both sides read rows [0, P*T) of one buffer, each with its own labels.
+  const auto shared = dpo::separate_pairs(z, y, z, y + half, P, T, V, V);
+  const auto separate = dpo::separate_pairs(z, y, dz2.as<float>(), y + half, P, T, V, V);
+  dpo::forward_outputs out;
+  out.loss = dloss.as<double>();
+  out.row_lse = dlse.as<double>();
+  out.row_coef = dcoef.as<double>();
+  const dpo::loss_config cfg;
+  float* g = dgrad.as<float>();
+  const dpo::pair_grad_view<float> gv{g, V, g + half * V, V};
+  row_state_out r;
+  std::size_t bytes = dws.n;
+  r.forward_shared = dpo::cuda::dpo_forward(dws.p, bytes, shared, dref.as<double>(), dref.as<double>(), cfg, out)
+                         .message;
+  bytes = dws.n;
+  r.forward_backward_shared =
+      dpo::cuda::dpo_forward_backward(dws.p, bytes, shared, dref.as<double>(), dref.as<double>(), cfg, out, gv)
+          .message;
+  bytes = dws.n;
+  r.rows_shared = dpo::cuda::dpo_backward_rows(dws.p, bytes, shared, dlse.as<double>(), dcoef.as<double>(), gv)
+                      .message;
+  bytes = dws.n;
+  r.rows_separate =
+      dpo::cuda::dpo_backward_rows(dws.p, bytes, separate, dlse.as<double>(), dcoef.as<double>(), gv).message;
+  DPO_CK(cudaDeviceSynchronize());
+  r.untouched = true;
+  for (const dev_buf* b : {&dloss, &dlse, &dcoef, &dgrad})
+    for (unsigned char c : b->get<unsigned char>(b->n)) r.untouched = r.untouched && c == 0x5a;
+  return r;
+}
+
 std::string check_message(const dpo::pair_view<float, std::int64_t>& view,
                           const dpo::pair_grad_view<float>* grad, std::int64_t num_rows) {
   dpo::cuda::options opt;

@@ -139,6 +139,18 @@ sequence_out run_sequence_case(const case_in& in, std::int64_t seq_stride,
 /// The status message of dpo::cuda's host argument checks, which read no memory: so the
 /// views may hold host pointers. check_pairs(view, "logits") then, when grad != null,
 /// check_grad, with options::num_rows = num_rows; "" when both pass.
+/// Row state (row_lse / row_coef, indexed by the logits buffer's row) on layouts where the
+/// sides would share entries: each call's status message, and whether the row state, the
+/// loss and the gradient kept their fill (nothing written).
+struct row_state_out {
+  std::string forward_shared;          // dpo_forward, separate_pairs over the same rows
+  std::string forward_backward_shared; // dpo_forward_backward, the same
+  std::string rows_shared;             // dpo_backward_rows, the same
+  std::string rows_separate;           // dpo_backward_rows, two logits buffers
+  bool untouched = false;
+};
+row_state_out row_state_errors();
+
 std::string check_message(const dpo::pair_view<float, std::int64_t>& view,
                           const dpo::pair_grad_view<float>* grad, std::int64_t num_rows);
 

@@ -635,6 +635,21 @@ TEST_CASE("cuda: bad arguments are rejected before any launch", "[cuda][small]")
   }
 }
 
+TEST_CASE("cuda: row state is refused where the sides would share its entries", "[cuda][small]") {
+  // row_lse / row_coef are indexed by the logits buffer's row: separate_pairs over one
+  // buffer's rows (each side with its own labels) would write and read both sides' state in
+  // the same entries, and dpo_backward_rows with two buffers would read one side's state for
+  // the other (a silent wrong gradient before these checks).
+  const dpo_cuda_test::row_state_out r = dpo_cuda_test::row_state_errors();
+  for (const std::string& m : {r.forward_shared, r.forward_backward_shared, r.rows_shared}) {
+    INFO(m);
+    CHECK(m.find("share rows") != std::string::npos);
+  }
+  INFO(r.rows_separate);
+  CHECK(r.rows_separate.find("row_lse / row_coef need one logits buffer") != std::string::npos);
+  CHECK(r.untouched);
+}
+
 TEST_CASE("cuda: the argument checks return the core's messages", "[cuda][small]") {
   // dpo/core/check.hpp words every check once: the status is "dpo: " + the core's message
   // under the CUDA policy, the same words the CPU throws (tests/test_core_check.cpp).

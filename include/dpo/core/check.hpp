@@ -111,6 +111,36 @@ bool may_overlap(const T* pa, std::int64_t sa, const token_view<T, L>& a, const 
   return x.lo != 0 && y.lo != 0 && x.lo < y.hi && y.lo < x.hi;
 }
 
+/// Whether rows of `a` and rows of `b` (row indices of one logits buffer) may coincide: exact
+/// when the host can read cu_seqlens; without, two packed views with the same cu_seqlens and
+/// disjoint sequence ranges never do (as for may_overlap), other packed views may.
+template <class T, class L>
+bool rows_may_coincide(const token_view<T, L>& a, const token_view<T, L>& b, const check_policy& p) {
+  if (!p.host_data && a.cu_seqlens != nullptr && a.cu_seqlens == b.cu_seqlens &&
+      (a.first_seq + a.num_seqs <= b.first_seq || b.first_seq + b.num_seqs <= a.first_seq))
+    return false;
+  const row_span x = rows_of(a, p), y = rows_of(b, p);
+  return x.size() > 0 && y.size() > 0 && x.begin < y.end && y.begin < x.end;
+}
+
+/// Per-row state indexed by the logits buffer's row (forward_outputs::row_lse / row_coef,
+/// read back by dpo_backward_rows; by hidden row on the fused head): both sides in one
+/// buffer, each on rows of its own, or one entry would have to hold both sides' values.
+/// `what` names the state, `buffer` the rows ("logits" or "hidden"), `otherwise` says what to
+/// do instead.
+template <class T, class L>
+std::string check_row_state(const pair_view<T, L>& v, const char* what, const char* buffer,
+                            const char* otherwise, const check_policy& p) {
+  if (v.chosen.logits != v.rejected.logits)
+    return message(what, " need one ", buffer, " buffer for both sides (padded or packed pairs); ",
+                   otherwise);
+  if (rows_may_coincide(v.chosen, v.rejected, p))
+    return message(what, " need the chosen and rejected sequences on different rows of the ",
+                   buffer, " buffer, but they share rows (one entry would hold both sides' ",
+                   "state); ", otherwise);
+  return {};
+}
+
 /// cu_seqlens[first_seq, first_seq + num_seqs] of a packed view in host memory: >= 0 and
 /// non-decreasing.
 template <class T, class L>

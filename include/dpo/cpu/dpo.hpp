@@ -449,12 +449,12 @@ void backward_side(const token_view<T, L>& v, Lse lse_at, Coef coef_at, double g
 }
 
 /// Row state indexed by the buffer's row (forward_outputs::row_lse / row_coef) needs one
-/// logits buffer for both sides: with separate buffers the row indices would collide.
+/// logits buffer for both sides, each side on rows of its own: otherwise the row indices
+/// would collide (dpo::detail::check_row_state).
 template <class T, class L>
 void check_one_buffer(const pair_view<T, L>& policy, const char* what) {
-  if (policy.chosen.logits != policy.rejected.logits)
-    dpo::detail::fail(what, " need one logits buffer for both sides (padded or packed pairs); "
-                            "with separate buffers use the owned forward_result and dpo_backward");
+  throw_if(dpo::detail::check_row_state(policy, what, "logits", "use the owned forward_result and dpo_backward",
+                                        dpo::detail::cpu_policy()));
 }
 
 }  // namespace detail

@@ -431,13 +431,14 @@ void check_linear_grads(const hidden_pairs<T, L>& policy, const linear_head<T>& 
   check_no_overlap(outs, n, ins, n_in);
 }
 
-/// Row-indexed outputs (forward_outputs::row_lse / row_coef) need one hidden buffer.
+/// Row-indexed outputs (forward_outputs::row_lse / row_coef) need one hidden buffer (one
+/// stride) with each side on rows of its own (dpo::detail::check_row_state).
 template <class T, class L>
 void check_one_hidden_buffer(const hidden_pairs<T, L>& in, const char* what) {
-  if (in.pairs.chosen.logits != in.pairs.rejected.logits ||
-      in.pairs.chosen.row_stride != in.pairs.rejected.row_stride)
-    fail(what, " need one hidden buffer for both sides (padded or packed pairs); with separate "
-               "buffers use linear_dpo, which runs the backward in the same call");
+  const char* otherwise = "with separate buffers use linear_dpo, which runs the backward in the same call";
+  if (in.pairs.chosen.row_stride != in.pairs.rejected.row_stride)
+    fail(what, " need one hidden buffer for both sides (padded or packed pairs); ", otherwise);
+  throw_if(dpo::detail::check_row_state(in.pairs, what, "hidden", otherwise, dpo::detail::cpu_policy()));
 }
 
 /// The chunk rows of the three-pass plan (0: none fits) and of the four-pass forward, and the

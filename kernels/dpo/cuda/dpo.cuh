@@ -222,17 +222,22 @@ status run_backward(const views<T, L>& vs, const ws_ptrs& w, const std::int64_t 
                 rows_block, stream, vs, w, bp);
 }
 
-/// Checks of dpo_forward's arguments shared with dpo_forward_backward.
-/// forward_outputs::row_lse / row_coef are indexed by the logits buffer's row, so both sides
-/// must live in one buffer: with separate buffers their row indices would collide.
+/// Per-row state indexed by the logits buffer's row (forward_outputs::row_lse / row_coef,
+/// dpo_backward_rows' inputs): both sides in one buffer, each on rows of its own, or their
+/// row indices would collide (dpo::detail::check_row_state).
 template <class T, class L>
-status check_row_state(const pair_view<T, L>& policy, const forward_outputs& out) {
-  if ((out.row_lse != nullptr || out.row_coef != nullptr) &&
-      policy.chosen.logits != policy.rejected.logits)
-    return invalid(
-        "out.row_lse / out.row_coef need one logits buffer for both sides (padded or packed "
-        "pairs); with separate buffers keep the state in the workspace and use dpo_backward");
-  return {};
+status check_row_state(const pair_view<T, L>& policy, const char* what, const options& opt) {
+  return to_status(dpo::detail::check_row_state(
+      policy, what, "logits", "keep the state in the workspace and use dpo_backward",
+      dpo::cuda::detail::policy(opt, true)));
+}
+
+/// Checks of dpo_forward's arguments shared with dpo_forward_backward: the row state, when
+/// it is asked for.
+template <class T, class L>
+status check_row_state(const pair_view<T, L>& policy, const forward_outputs& out, const options& opt) {
+  if (out.row_lse == nullptr && out.row_coef == nullptr) return {};
+  return check_row_state(policy, "out.row_lse / out.row_coef", opt);
 }
 
 template <class T, class L>
@@ -395,7 +400,7 @@ status plan_forward(void* workspace, std::size_t& workspace_bytes, const pair_vi
                     const pair_view<R, L>* reference, const loss_config& cfg,
                     const forward_outputs& out, const options& opt, forward_plan* plan) {
   if (reference != nullptr) {
-    const status s = check_row_state(policy, out);
+    const status s = check_row_state(policy, out, opt);
     if (!s) return s;
     return reserve_reference(workspace, workspace_bytes, policy, *reference, cfg, opt, plan->cap,
                              plan->ref_cap, &plan->w, &plan->ref_w, &plan->ref, &plan->size_only);
@@ -403,7 +408,7 @@ status plan_forward(void* workspace, std::size_t& workspace_bytes, const pair_vi
   status s = check_forward(policy, ref_chosen, ref_rejected, cfg, opt, plan->cap,
                            workspace != nullptr);
   if (!s) return s;
-  s = check_row_state(policy, out);
+  s = check_row_state(policy, out, opt);
   if (!s) return s;
   const std::int64_t P = policy.num_pairs();
   return reserve(workspace, workspace_bytes, plan->cap, P, P, &plan->w, &plan->size_only);
@@ -648,6 +653,8 @@ status dpo_backward_rows(void* workspace, std::size_t& workspace_bytes,
   s = detail::reserve(workspace, workspace_bytes, none, 0, 0, &w, &size_only);
   if (!s || size_only) return s;
   s = detail::check_grad(policy, grad, opt);
+  if (!s) return s;
+  s = detail::check_row_state(policy, "row_lse / row_coef", opt);
   if (!s) return s;
   // Read only on the views' rows: without any (T = 0) they may be null, an empty tensor's pointer.
   const bool rows = cap[0] + cap[1] > 0;
