@@ -687,6 +687,36 @@ row_state_out row_state_errors() {
   return r;
 }
 
+std::string empty_call_error(bool backward, bool previous_error) {
+  const std::int64_t T = 3, V = 5;
+  std::vector<float> logits(static_cast<std::size_t>(2 * T * V), 0.25f);
+  std::vector<std::int64_t> labels(static_cast<std::size_t>(2 * T), 1);
+  dev_buf dz(logits.size() * sizeof(float)), dy(labels.size() * 8), dsum(16), dcount(16), dws(1 << 16),
+      dgrad(logits.size() * sizeof(float)), dlse(2 * T * 8), dseq(16);
+  dz.put(logits.data(), logits.size() * sizeof(float));
+  dws.fill(0xa5);
+  const float* z = dz.as<float>();
+  std::size_t bytes = dws.n;
+  if (previous_error) {  // a label outside [0, V) leaves its error in the word
+    labels[1] = V + 3;
+    dy.put(labels.data(), labels.size() * 8);
+    const auto bad = dpo::padded_pairs(z, dy.as<std::int64_t>(), 2, T, V, V).chosen;
+    DPO_CK(dpo::cuda::sequence_logps(dws.p, bytes, bad, dsum.as<double>(), dcount.as<std::int64_t>()).code);
+    if (dpo::cuda::read_device_error(dws.p).code == cudaSuccess) return "the previous call found no error";
+  }
+  // Valid views with nothing to do: no sequence, or sequences of no row (T = 0).
+  auto none = dpo::padded_pairs(z, dy.as<std::int64_t>(), 2, T, V, V).chosen;
+  none.num_seqs = 0;
+  auto no_rows = dpo::padded_pairs(z, dy.as<std::int64_t>(), 2, 0, V, V).chosen;
+  bytes = dws.n;
+  const dpo::cuda::status s =
+      backward ? dpo::cuda::sequence_logps_backward(dws.p, bytes, no_rows, dlse.as<double>(), dseq.as<double>(),
+                                                    dgrad.as<float>(), V)
+               : dpo::cuda::sequence_logps(dws.p, bytes, none, dsum.as<double>(), dcount.as<std::int64_t>());
+  if (!s.ok()) return std::string("the call failed: ") + s.message;
+  return dpo::cuda::read_device_error(dws.p).message;
+}
+
 std::string check_message(const dpo::pair_view<float, std::int64_t>& view,
                           const dpo::pair_grad_view<float>* grad, std::int64_t num_rows) {
   dpo::cuda::options opt;

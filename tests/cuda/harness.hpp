@@ -151,6 +151,11 @@ struct row_state_out {
 };
 row_state_out row_state_errors();
 
+/// read_device_error's message after calls that have nothing to compute (sequence_logps of
+/// no sequence, sequence_logps_backward of a view without rows), on a workspace that held
+/// `garbage` bytes (0xa5 fill) or a previous call's label error: empty when they clear it.
+std::string empty_call_error(bool backward, bool previous_error);
+
 std::string check_message(const dpo::pair_view<float, std::int64_t>& view,
                           const dpo::pair_grad_view<float>* grad, std::int64_t num_rows);
 

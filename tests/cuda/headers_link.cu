@@ -13,5 +13,12 @@
 #include "dpo/cuda/shard.cuh"
 
 #ifdef DPO_HEADERS_LINK_MAIN
+#include <type_traits>
+
+// The conversions docs/cuda.md lists among the public building blocks are in dpo::cuda.
+static_assert(std::is_same<decltype(dpo::cuda::to_acc(__nv_bfloat16())), float>::value, "to_acc(bf16) is float");
+static_assert(std::is_same<decltype(dpo::cuda::from_acc<__half>(0.0f)), __half>::value, "from_acc<half> is half");
+static_assert(std::is_same<dpo::cuda::acc_t<double>, double>::value, "acc_t<double> is double");
+
 int main() { return 0; }
 #endif

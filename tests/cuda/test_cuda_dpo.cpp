@@ -1219,6 +1219,17 @@ TEST_CASE("cuda: sequence_logps_backward argument and data errors", "[cuda][smal
   }
 }
 
+TEST_CASE("cuda: calls with nothing to compute leave this call's error word, not the workspace's",
+          "[cuda][small]") {
+  // sequence_logps of no sequence and sequence_logps_backward without rows launched nothing,
+  // so read_device_error reported the workspace's old bytes (or the previous call's error).
+  for (const bool backward : {false, true})
+    for (const bool previous : {false, true}) {
+      INFO("backward " << backward << ", previous error " << previous);
+      CHECK(dpo_cuda_test::empty_call_error(backward, previous) == "");
+    }
+}
+
 TEST_CASE("cuda: the pair entry points on padded views with gaps match the CPU path", "[cuda][small]") {
   // Row kernels (rows, row state, both backward kernels) must skip the gap rows, which hold
   // NaN logits and out-of-range labels, and leave the gradient there untouched.

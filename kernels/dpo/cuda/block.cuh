@@ -399,6 +399,11 @@ DPO_CUDA_HD void store_vec(uint4* p, const uint4& v) {
 
 }  // namespace detail
 
+/// The conversions of the public building blocks (documented in docs/cuda.md): a logit to
+/// acc_t<T>, and back with round to nearest even (as the CPU path).
+using detail::from_acc;
+using detail::to_acc;
+
 namespace detail {
 
 /// Thread `tid`'s share of block_row_stats: its columns, in increasing order.

@@ -446,8 +446,11 @@ status sequence_logps(void* workspace, std::size_t& workspace_bytes, const token
   if (!s || size_only) return s;
   if (in.num_seqs > 0 && (sums == nullptr || counts == nullptr))
     return detail::invalid("dpo: %s is null", sums == nullptr ? "sums" : "counts");
-  if (in.num_seqs == 0) return {};
   const detail::views<T, L> vs = detail::make_views<T, L>(in, nullptr, opt);
+  // No sequence: nothing to compute, but the error word still becomes this call's (clear),
+  // or read_device_error would report whatever the workspace held.
+  if (in.num_seqs == 0)
+    return detail::launch("check_kernel", detail::check_kernel<T, L>, 1, 256, stream, vs, w.h, false);
   s = detail::run_rows<false>(vs, w, cap, stream);
   if (!s) return s;
   detail::sequence_params sp{};
@@ -501,15 +504,16 @@ status sequence_logps_backward(void* workspace, std::size_t& workspace_bytes,
   detail::ws_ptrs w;
   bool size_only = false;
   s = detail::reserve(workspace, workspace_bytes, none, 0, 0, &w, &size_only);
-  if (!s || size_only || cap == 0) return s;
+  if (!s || size_only) return s;
   const detail::views<T, L> vs = detail::make_views<T, L>(in, nullptr, opt);
   // The device query first: a failure must leave nothing enqueued.
   const auto kernel = detail::backward_sequences_kernel<detail::rows_block, T, L>;
   int grid = 1;
-  s = detail::row_grid(kernel, detail::rows_block, cap, &grid);
+  if (cap > 0) s = detail::row_grid(kernel, detail::rows_block, cap, &grid);
   if (!s) return s;
+  // Also without rows: the error word becomes this call's (cu_seqlens checked, else clear).
   s = detail::launch("check_kernel", detail::check_kernel<T, L>, 1, 256, stream, vs, w.h, false);
-  if (!s) return s;
+  if (!s || cap == 0) return s;
   const int label_blocks = static_cast<int>(cap / 256 + 1 < 4096 ? cap / 256 + 1 : 4096);
   s = detail::launch("label_check_kernel", detail::label_check_kernel<256, T, L>, label_blocks,
                      256, stream, vs, w.h, std::int64_t{-1});
