@@ -230,6 +230,49 @@ TEST_CASE("context parallelism, alone and with vocabulary shards", "[shard]") {
                 false);
 }
 
+TEST_CASE("dpo_forward_sharded makes one max and one sum over the buffer's rows per call", "[shard]") {
+  // The concatenated layouts (padded, packed) share one array over the logits buffer's rows,
+  // as the PyTorch ops do (docs/distributed.md); separate buffers take one of each per side.
+  // World size 1 (the whole vocabulary), so the callbacks only count and sizes can be read.
+  const oracle::batch b = fixture::rounded_random_batch<float>(fixture::spec(2, 4, kVocab, 17));
+  const dpo::loss_config cfg = fixture::config_named("sigmoid").cfg;
+  const fixture::reference ref = fixture::make_reference(cfg, b, 7);
+  for (const layout kind : {layout::padded, layout::packed, layout::separate}) {
+    INFO(fixture::name_of(kind));
+    buffers<float, std::int64_t> buf(b, kind);
+    const dpo::pair_view<float, std::int64_t> v = buf.view();
+    std::vector<std::int64_t> max_sizes, sum_sizes;
+    dpo::cpu::collectives comm;
+    comm.vocab_max = [&](double*, std::int64_t n) { max_sizes.push_back(n); };
+    comm.vocab_sum = [&](double*, std::int64_t n) { sum_sizes.push_back(n); };
+    dpo::cpu::shard_state st;
+    double loss = 0;
+    dpo::forward_outputs out;
+    out.loss = &loss;
+    dpo::cpu::dpo_forward_sharded(v, dpo::vocab_shard{kVocab, 0, kVocab}, ref.pc(), ref.pr(), cfg, comm, out, st);
+    const std::int64_t rows_c = dpo::cpu::detail::rows_end(v.chosen);
+    const std::int64_t rows_r = dpo::cpu::detail::rows_end(v.rejected);
+    if (kind == layout::separate) {
+      CHECK(max_sizes == std::vector<std::int64_t>{rows_c, rows_r});
+      CHECK(sum_sizes == std::vector<std::int64_t>{rows_c * dpo::shard_fields, rows_r * dpo::shard_fields});
+    } else {
+      CHECK(max_sizes == std::vector<std::int64_t>{rows_r});
+      CHECK(sum_sizes == std::vector<std::int64_t>{rows_r * dpo::shard_fields});
+    }
+    CHECK(st.chosen_max.size() == static_cast<std::size_t>(rows_c));
+    CHECK(st.rejected_max.size() == static_cast<std::size_t>(rows_r));
+    CHECK(loss == Approx(dpo::cpu::dpo_forward(v, ref.pc(), ref.pr(), cfg).loss).epsilon(1e-12));
+    // The backward from that state equals the unsharded one.
+    const dpo::cpu::forward_result want = dpo::cpu::dpo_forward(v, ref.pc(), ref.pr(), cfg);
+    buffers<float, std::int64_t> g(b, kind);
+    dpo::cpu::dpo_backward(g.view(), want, g.grad_view());
+    dpo::cpu::dpo_backward_sharded(v, dpo::vocab_shard{kVocab, 0, kVocab}, st, buf.grad_view());
+    for (std::size_t i = 0; i < g.grad.size(); ++i) CHECK(buf.grad[i] == Approx(g.grad[i]).epsilon(1e-5).margin(1e-7));
+    for (std::size_t i = 0; i < g.grad_r.size(); ++i)
+      CHECK(buf.grad_r[i] == Approx(g.grad_r[i]).epsilon(1e-5).margin(1e-7));
+  }
+}
+
 TEST_CASE("argmax ties across shards decide token accuracy as torch.argmax does", "[shard]") {
   // One row per sequence, every logit 0 except 1.0 at columns 3 and 20 (two shards of
   // [0, 10), [10, 37)); the label at 3 is a hit, at 20 a miss (the first maximum wins), at

@@ -443,6 +443,37 @@ void shard_rows(const token_view<T, L>& v, const vocab_shard& sh, const collecti
   if (comm.vocab_sum) comm.vocab_sum(records.data(), n * shard_fields);
 }
 
+/// Phase 1 and the two vocabulary collectives of both sides of a pair view into `st`. Sides
+/// in one buffer on rows of their own (the concatenated layouts) share one array over the
+/// buffer's rows, so the vocabulary group sees one max and one sum per call, as from the
+/// PyTorch ops; separate buffers take one of each per side.
+template <class T, class L>
+void shard_pair_rows(const pair_view<T, L>& v, const vocab_shard& sh, const collectives& comm, shard_state& st,
+                     const options& opt) {
+  const token_view<T, L>& c = v.chosen;
+  const token_view<T, L>& r = v.rejected;
+  if (c.logits != r.logits || dpo::detail::rows_may_coincide(c, r, dpo::detail::cpu_policy())) {
+    shard_rows(c, sh, comm, st.chosen_max, st.chosen_records, opt);
+    shard_rows(r, sh, comm, st.rejected_max, st.rejected_records, opt);
+    return;
+  }
+  const std::int64_t nc = rows_end(c), nr = rows_end(r), n = std::max(nc, nr);
+  std::vector<double>& row_max = st.rejected_max;
+  std::vector<double>& records = st.rejected_records;
+  row_max.assign(static_cast<std::size_t>(n), -INFINITY);
+  records.assign(static_cast<std::size_t>(n * shard_fields), 0.0);
+  shard_partials(c, sh, records.data(), row_max.data(), opt);  // each writes its own span of rows
+  shard_partials(r, sh, records.data(), row_max.data(), opt);
+  if (comm.vocab_max) comm.vocab_max(row_max.data(), n);
+  shard_rebase(0, n, row_max.data(), records.data());
+  if (comm.vocab_sum) comm.vocab_sum(records.data(), n * shard_fields);
+  // Each side's state holds [0, rows_end) of the one array, as shard_rows would have left it.
+  st.chosen_max.assign(row_max.begin(), row_max.begin() + nc);
+  st.chosen_records.assign(records.begin(), records.begin() + nc * shard_fields);
+  row_max.resize(static_cast<std::size_t>(nr));
+  records.resize(static_cast<std::size_t>(nr * shard_fields));
+}
+
 /// The context group's sum of `seq` (n doubles), with one more element counting the ranks
 /// whose own input was rejected (`failure`: this rank's message, or empty). A context rank's
 /// labels are its own, so a bad one is found on that rank only: it still joins the sum, and
@@ -464,7 +495,9 @@ inline void context_sum(const collectives& comm, std::vector<double>& seq, const
 /// columns (sh) of this rank's rows of every sequence (with context parallelism: a padded
 /// view of the rank's rows of each sequence, or packed with per-rank cu_seqlens; ld_alpha
 /// must then be 1). Three collectives at most: vocab_max ([rows]), vocab_sum ([rows,
-/// shard_fields]), context_sum ([seq_fields, 2P]). Every rank gets the same outputs (the
+/// shard_fields]), context_sum ([seq_fields, 2P] + 1), with `rows` the rows of the one
+/// logits buffer of a concatenated layout (separate buffers: a vocab_max and a vocab_sum
+/// per side). Every rank gets the same outputs (the
 /// fields of forward_outputs except row_lse / row_coef) and `state` for dpo_backward_sharded.
 /// Throws dpo::error on bad input: before any collective, except that a context rank whose
 /// own slice is rejected still takes part in the context sum (one more element, a count of
@@ -489,8 +522,7 @@ void dpo_forward_sharded(const pair_view<T, L>& shard, const vocab_shard& sh, co
   std::string failure;
   try {
     detail::check_shard_pairs(shard, sh, "logits");
-    detail::shard_rows(shard.chosen, sh, comm, state.chosen_max, state.chosen_records, o);
-    detail::shard_rows(shard.rejected, sh, comm, state.rejected_max, state.rejected_records, o);
+    detail::shard_pair_rows(shard, sh, comm, state, o);
     shard_pair_partials(shard, sh, state.chosen_max.data(), state.chosen_records.data(), state.rejected_max.data(),
                         state.rejected_records.data(), cfg.ld_alpha, seq.data(), o);
   } catch (const dpo::error& e) {
