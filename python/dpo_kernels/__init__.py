@@ -28,6 +28,7 @@ import torch
 from . import _C
 from ._linear import OPTIONAL_OUTPUTS, linear_logprobs
 from ._linear import _check_device as _check_head_device
+from ._linear import autocast_dtype as _autocast_dtype
 from ._linear_dpo import DEFAULT_CUDA_LINEAR_DPO_WORKSPACE_BYTES, DEFAULT_LINEAR_DPO_WORKSPACE_BYTES
 from ._ops import CONFIG_FIELDS, LOSS_TYPES, METRIC_NAMES, PAIR_VALUE_NAMES, check_devices, check_inplace_target, ops, whole
 from . import _shard_ops  # noqa: F401  (the fake kernels of the sharded ops: torch.compile)
@@ -426,12 +427,20 @@ def dpo_loss_from_hidden(
             rejected) or packed ``[N, H]`` with ``cu_seqlens [2P + 1]``.
             float32/float64/bfloat16/float16; a non-contiguous view is copied once.
         weight: ``[V, H]`` (``nn.Linear`` layout), hidden's dtype. bias: ``[V]`` or None.
+            Under ``torch.autocast`` (CPU or CUDA) hidden, weight and bias (and the reference
+            head) are cast to autocast's dtype first, differentiably, as ``nn.Linear`` would
+            be: e.g. bf16 hidden states with an fp32 ``lm_head.weight``; the gradients come
+            back in each input's own dtype.
         labels: ``[2P, T]`` / ``[N]`` int64 or int32, in ``[0, V)`` or ``ignore_index``.
         reference_chosen_logps, reference_rejected_logps: ``[P]`` reference sequence log-probs,
             as for :func:`dpo_loss_from_logits`.
         ref_hidden, ref_weight, ref_bias: instead, the reference model's hidden states (hidden's
-            shape, labels and dtype) and head (default: the policy's ``weight`` and ``bias``);
-            forward only, no gradient. Same transforms as the policy.
+            shape and labels) and head (default: the policy's ``weight`` and ``bias``); forward
+            only, no gradient. Same transforms as the policy. A reference head of its own in
+            another dtype than the policy's (``ref_hidden``, ``ref_weight`` and ``ref_bias``
+            of one dtype, e.g. a bf16 reference model for an fp32 policy) is scored in that
+            dtype by a call of its own (no logits either), whose log-probs then go into the
+            policy's call as reference log-probs.
         temperature, softcap, logit_scale: the logit transforms (finite, > 0; softcap None).
         loss_type ... cpo_base, compute_metrics, return_pair_values: as for
             :func:`dpo_loss_from_logits`. ``inplace_backward`` is accepted for a uniform
@@ -479,6 +488,10 @@ def dpo_loss_from_hidden(
         ("ref_hidden", ref_hidden), ("ref_weight", ref_weight), ("ref_bias", ref_bias), ("cu_seqlens", cu_seqlens),
     )
     _check_head_device(hidden, "dpo_loss_from_hidden")
+    autocast = _autocast_dtype(hidden)
+    if autocast is not None:  # nn.Linear's dtype under autocast, for the policy and the reference head
+        hidden, weight, bias, ref_hidden, ref_weight, ref_bias = (
+            None if t is None else t.to(autocast) for t in (hidden, weight, bias, ref_hidden, ref_weight, ref_bias))
     ignore_index = _ignore_index(ignore_index, labels)
     config = _config(
         loss_type=loss_type, loss_weights=loss_weights, beta=beta, label_smoothing=label_smoothing,
@@ -500,6 +513,24 @@ def dpo_loss_from_hidden(
                            else DEFAULT_LINEAR_DPO_WORKSPACE_BYTES)
     elif isinstance(workspace_bytes, bool) or not isinstance(workspace_bytes, numbers.Integral) or workspace_bytes < 1:
         raise ValueError(f"workspace_bytes = {workspace_bytes!r} is invalid: must be a positive int (bytes)")
+    if (ref_hidden is not None and ref_weight is not None and reference_chosen_logps is None
+            and reference_rejected_logps is None and ref_hidden.dtype != hidden.dtype
+            and ref_weight.dtype == ref_hidden.dtype and (ref_bias is None or ref_bias.dtype == ref_hidden.dtype)
+            and ref_hidden.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16)):
+        # A reference head in its own dtype: its log-probs from a call of its own, in that dtype
+        # (LD-DPO weighted alike), then into the policy's call as reference log-probs.
+        if ref_hidden.shape != hidden.shape:
+            raise ValueError(f"ref_hidden must have hidden's shape {list(hidden.shape)}, got {list(ref_hidden.shape)}")
+        P = (cu_seqlens.shape[0] - 1 if cu_seqlens is not None else labels.shape[0]) // 2
+        zeros = torch.zeros(max(P, 0), dtype=torch.float64, device=hidden.device)
+        with torch.no_grad():
+            pairs = dpo_loss_from_hidden(
+                ref_hidden, ref_weight, labels, zeros, zeros, bias=ref_bias, cu_seqlens=cu_seqlens,
+                temperature=temperature, softcap=softcap, logit_scale=logit_scale, ignore_index=ignore_index,
+                ld_alpha=ld_alpha, compute_metrics=False, return_pair_values=True, process_group=process_group,
+                vocab_range=vocab_range, cp_group=cp_group, workspace_bytes=workspace_bytes)[2]
+        reference_chosen_logps, reference_rejected_logps = pairs["chosen_logps"], pairs["rejected_logps"]
+        ref_hidden = ref_weight = ref_bias = None
     if process_group is not None or vocab_range is not None or cp_group is not None:
         if ref_hidden is None and (ref_weight is not None or ref_bias is not None):
             raise ValueError("ref_weight / ref_bias are given without ref_hidden")

@@ -72,6 +72,15 @@ def _check_head(hidden, weight, bias, targets, sharded: bool = False) -> None:
 HEAD_DEVICES = ("cpu", "cuda", "meta")
 
 
+def autocast_dtype(t: torch.Tensor):
+    """The dtype ``torch.autocast`` runs a linear layer in on ``t``'s device when it is on there,
+    else None (also on devices without autocast, e.g. meta)."""
+    device = t.device.type
+    if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
+        return None
+    return torch.get_autocast_dtype(device)
+
+
 def _check_device(hidden: torch.Tensor, what: str = "dpo_kernels.linear_logprobs") -> None:
     """NotImplementedError for tensors on a device without a kernel of the fused head. CUDA
     tensors in a build without CUDA get the op's own NotImplementedError (dpo_kernels.cuda_built())."""
@@ -181,8 +190,7 @@ def linear_logprobs(
         workspace_bytes = DEFAULT_WORKSPACE_BYTES
     elif isinstance(workspace_bytes, bool) or not isinstance(workspace_bytes, numbers.Integral) or workspace_bytes < 1:
         raise ValueError(f"workspace_bytes = {workspace_bytes!r} is invalid: must be a positive int (bytes)")
-    device = hidden.device.type
-    compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    compute = autocast_dtype(hidden) or hidden.dtype
     hidden = hidden.to(compute)
     weight = weight.to(compute)
     if bias is not None:

@@ -45,6 +45,22 @@ LIGER_LOSS_TYPES = ("sigmoid", "hinge", "exo_pair", "nca_pair", "robust", "bco_p
 _NLL_TYPES = ("sft", "cpo", "orpo")
 
 
+def _scalar(value):
+    """A hyperparameter as Liger reads it: a one-element tensor (e.g. a scheduled beta) as its
+    Python number; anything else unchanged, for the package's checks to judge."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.requires_grad:
+        return value.item()
+    return value
+
+
+def _liger_flag(name: str, value) -> bool:
+    """A flag as Liger reads it (truthiness): a bool, or an int / one-element tensor 0 or 1."""
+    value = _scalar(value)
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value in (0, 1):
+        return bool(value)
+    return _dk._flag(name, value)
+
+
 def _tensor(name: str, t, optional: bool = False):
     if t is None and optional:
         return None
@@ -67,7 +83,8 @@ class FusedLinearDPOLoss(torch.nn.Module):
             used: the op is compiled C++ and picks its chunks from ``workspace_bytes``.
         use_ref_model: the loss compares with a reference (``ref_input`` and its head, or the
             precomputed ``ref_chosen_logps`` / ``ref_rejected_logps`` of the call); False
-            sets the reference log-probs to 0 (``reference_free``), as Liger does.
+            sets the reference log-probs to 0 (``reference_free``) and ignores ``ref_input``,
+            ``ref_weight`` and ``ref_bias``, as Liger does.
         average_log_prob: sequence log-probs (policy and reference) are per-token means
             instead of sums. Runs on :func:`dpo_kernels.linear_logprobs` +
             :func:`dpo_kernels.dpo_loss` (see the module docstring); not with use_weighting,
@@ -93,7 +110,11 @@ class FusedLinearDPOLoss(torch.nn.Module):
     reference head defaults to the policy's (``lin_weight``, ``bias``) when ``ref_weight`` is
     None; with ``ref_weight`` given, ``ref_bias=None`` means no bias (Liger's meaning).
     ``ref_chosen_logps`` / ``ref_rejected_logps`` (``[P]``, summed, or averaged with
-    ``average_log_prob``, as the policy's) replace ``ref_input``.
+    ``average_log_prob``, as the policy's) replace ``ref_input``. A reference model with a head
+    of its own in another dtype (``ref_input``, ``ref_weight``, ``ref_bias`` of one dtype) is
+    scored in that dtype, as Liger scores it. Under ``torch.autocast`` every floating input is
+    cast to autocast's dtype first (bf16 hidden states with an fp32 ``lin_weight``, as Liger's
+    matmuls run), the gradients coming back in each input's dtype.
 
     Returns ``(loss, (chosen_logps [P], rejected_logps [P], chosen_logits_mean,
     rejected_logits_mean, nll_loss, chosen_rewards [P], rejected_rewards [P]))``: ``loss``
@@ -150,20 +171,22 @@ class FusedLinearDPOLoss(torch.nn.Module):
         # Check the whole configuration now, as Liger checks its own in the constructor: the
         # arguments, and their combination (unknown loss type, a label_smoothing the type does
         # not read, ...) by the pair-level op on one tiny pair.
-        pair = self._config()[1]
+        _, pair, _, flags, _ = self._config()
         z = torch.zeros(1)
-        ref = z if self.use_ref_model else None
+        ref = z if flags["use_ref_model"] else None
         _dk.dpo_loss(z, z, ref, ref, **pair)
 
     def _config(self) -> tuple:
-        """``(fused, pair, workspace_bytes)``: the keywords of :func:`dpo_kernels.dpo_loss_from_hidden`
+        """``(fused, pair, workspace_bytes, flags, alpha)``: the keywords of :func:`dpo_kernels.dpo_loss_from_hidden`
         (with compute_nll_loss's ``sft`` term of weight alpha) and of :func:`dpo_kernels.dpo_loss`
-        (without it: the averaged path adds the NLL itself), from the current attributes, checked
-        by the package's own checks (their messages name the argument)."""
+        (without it: the averaged path adds the NLL itself), the four flags as bools and alpha,
+        from the current attributes, checked by the package's own checks (their messages name
+        the argument). Hyperparameters may be one-element tensors and flags ints 0 / 1, as
+        Liger reads them."""
         o = self.options
         _dk._ignore_index(self.ignore_index, None)
-        for name in ("compute_nll_loss", "compiled", "use_ref_model", "average_log_prob"):
-            _dk._flag(name, getattr(self, name))
+        flags = {name: _liger_flag(name, getattr(self, name))
+                 for name in ("compute_nll_loss", "compiled", "use_ref_model", "average_log_prob")}
         c = self.chunk_size
         if isinstance(c, bool) or not isinstance(c, numbers.Integral) or c < 1:
             raise ValueError(f"chunk_size = {c!r} is invalid: must be an int >= 1 (it is not used)")
@@ -175,22 +198,22 @@ class FusedLinearDPOLoss(torch.nn.Module):
         if weights is not None and len(weights) != len(names):
             raise ValueError(f"loss_weights has {len(weights)} entries but loss_type names {len(names)} types")
         pair = dict(
-            loss_type=names, loss_weights=weights, beta=_dk._real("beta", self.beta),
-            label_smoothing=_dk._real("label_smoothing", self.label_smoothing),
-            discopop_tau=_dk._real("discopop_tau", self.discopop_tau),
+            loss_type=names, loss_weights=weights, beta=_dk._real("beta", _scalar(self.beta)),
+            label_smoothing=_dk._real("label_smoothing", _scalar(self.label_smoothing)),
+            discopop_tau=_dk._real("discopop_tau", _scalar(self.discopop_tau)),
             f_divergence_type=_dk._name("f_divergence_type", o["f_divergence_type"]),
             f_alpha_divergence_coef=_dk._real("f_alpha_divergence_coef", o["f_alpha_divergence_coef"]),
             cdpo_smoothing=_dk._flag("cdpo_smoothing", o["cdpo_smoothing"]),
             simpo_gamma=_dk._real("simpo_gamma", o["simpo_gamma"]), cpo_alpha=_dk._real("cpo_alpha", o["cpo_alpha"]),
-            cpo_base=_dk._name("cpo_base", o["cpo_base"]), reference_free=not self.use_ref_model,
+            cpo_base=_dk._name("cpo_base", o["cpo_base"]), reference_free=not flags["use_ref_model"],
         )
-        alpha = _dk._real("alpha", self.alpha)
+        alpha = _dk._real("alpha", _scalar(self.alpha))
         fused = dict(pair, use_weighting=_dk._flag("use_weighting", o["use_weighting"]),
                      ld_alpha=None if o["ld_alpha"] is None else _dk._real("ld_alpha", o["ld_alpha"]))
-        if self.compute_nll_loss:  # Liger's loss + alpha * NLL(chosen) is the library's sft term
+        if flags["compute_nll_loss"]:  # Liger's loss + alpha * NLL(chosen) is the library's sft term
             fused["loss_type"] = names + ["sft"]
             fused["loss_weights"] = (weights or [1.0] * len(names)) + [alpha]
-        if self.average_log_prob:
+        if flags["average_log_prob"]:
             if fused["use_weighting"] or fused["ld_alpha"] is not None:
                 raise ValueError("average_log_prob=True does not combine with use_weighting or ld_alpha (token-level "
                                  "weightings of summed log-probs)")
@@ -198,7 +221,7 @@ class FusedLinearDPOLoss(torch.nn.Module):
             if bad:
                 raise ValueError(f"loss_type {bad[0]!r} does not combine with average_log_prob=True (its NLL needs "
                                  "token counts); use compute_nll_loss=True for Liger's NLL term")
-        return fused, pair, wb
+        return fused, pair, wb, flags, alpha
 
     def extra_repr(self) -> str:
         return (f"loss_type={self.loss_type!r}, beta={self.beta}, use_ref_model={self.use_ref_model}, "
@@ -215,27 +238,38 @@ class FusedLinearDPOLoss(torch.nn.Module):
         for name, t in (("bias", bias), ("ref_input", ref_input), ("ref_weight", ref_weight), ("ref_bias", ref_bias),
                         ("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps)):
             _tensor(name, t, optional=True)
+        fused, pair, workspace_bytes, flags, alpha = self._config()
+        if not flags["use_ref_model"]:  # Liger ignores the reference model's arguments then
+            ref_input = ref_weight = ref_bias = None
+        compute = _dk._autocast_dtype(_input)
+        if compute is not None:  # under autocast the matmuls run in its dtype, as Liger's do
+            lin_weight, _input, bias, ref_input, ref_weight, ref_bias = (
+                t if t is None or not t.is_floating_point() else t.to(compute)
+                for t in (lin_weight, _input, bias, ref_input, ref_weight, ref_bias))
         _check_call(lin_weight, _input, target, bias, ref_input, ref_weight, ref_bias, ref_chosen_logps,
                     ref_rejected_logps)
-        fused, pair, workspace_bytes = self._config()
-        ref = self._reference(ref_input, ref_weight, ref_bias, ref_chosen_logps, ref_rejected_logps)
-        if self.average_log_prob:
-            loss, logps, rewards, nll = self._averaged(lin_weight, _input, target, bias, ref, pair, workspace_bytes)
+        ref = self._reference(flags["use_ref_model"], ref_input, ref_weight, ref_bias, ref_chosen_logps,
+                              ref_rejected_logps)
+        if flags["average_log_prob"]:
+            loss, logps, rewards, nll = self._averaged(lin_weight, _input, target, bias, ref, pair, workspace_bytes,
+                                                       flags["compute_nll_loss"], alpha)
         else:
-            loss, logps, rewards, nll = self._fused(lin_weight, _input, target, bias, ref, fused, workspace_bytes)
+            loss, logps, rewards, nll = self._fused(lin_weight, _input, target, bias, ref, fused, workspace_bytes,
+                                                    flags["compute_nll_loss"])
         means = _logits_means(lin_weight, _input, bias)
         return loss, (logps[0], logps[1], means[0], means[1], nll, rewards[0], rewards[1])
 
-    def _reference(self, ref_input, ref_weight, ref_bias, ref_chosen_logps, ref_rejected_logps) -> dict:
+    def _reference(self, use_ref_model, ref_input, ref_weight, ref_bias, ref_chosen_logps,
+                   ref_rejected_logps) -> dict:
         """The reference source as keywords: {} (none), {ref_hidden, ref_weight, ref_bias} or
-        {reference_chosen_logps, reference_rejected_logps}."""
-        given = [n for n, t in (("ref_input", ref_input), ("ref_weight", ref_weight), ("ref_bias", ref_bias),
-                                ("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps))
-                 if t is not None]
-        if not self.use_ref_model:
-            if given:
-                raise ValueError(f"{given[0]} is given but use_ref_model=False (the reference log-probs are 0): "
-                                 "construct with use_ref_model=True or leave it None")
+        {reference_chosen_logps, reference_rejected_logps}. Without use_ref_model the
+        reference model's arguments were dropped (Liger ignores them); precomputed log-probs
+        (not Liger's) are refused then."""
+        if not use_ref_model:
+            for name, t in (("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps)):
+                if t is not None:
+                    raise ValueError(f"{name} is given but use_ref_model=False (the reference log-probs are 0): "
+                                     "construct with use_ref_model=True or leave it None")
             return {}
         logps = (ref_chosen_logps, ref_rejected_logps)
         if any(t is not None for t in logps):
@@ -259,18 +293,18 @@ class FusedLinearDPOLoss(torch.nn.Module):
         return dict(ref_hidden=ref_input.detach(), ref_weight=None if ref_weight is None else ref_weight.detach(),
                     ref_bias=None if ref_bias is None else ref_bias.detach())
 
-    def _fused(self, lin_weight, _input, target, bias, ref, config, workspace_bytes):
+    def _fused(self, lin_weight, _input, target, bias, ref, config, workspace_bytes, compute_nll_loss):
         """Sums of log-probs: one call of the fused op (loss, gradients, pair values, NLL)."""
         loss, metrics, pairs = _dk.dpo_loss_from_hidden(
             _input, lin_weight, target, ref.get("reference_chosen_logps"), ref.get("reference_rejected_logps"),
             bias=bias, ref_hidden=ref.get("ref_hidden"), ref_weight=ref.get("ref_weight"), ref_bias=ref.get("ref_bias"),
             ignore_index=self.ignore_index, compute_metrics=False, return_pair_values=True,
             workspace_bytes=workspace_bytes, **config)
-        nll = metrics["nll_loss"] if self.compute_nll_loss else torch.zeros_like(loss).detach()
+        nll = metrics["nll_loss"] if compute_nll_loss else torch.zeros_like(loss).detach()
         return (loss, (pairs["chosen_logps"], pairs["rejected_logps"]),
                 (pairs["chosen_rewards"], pairs["rejected_rewards"]), nll)
 
-    def _averaged(self, lin_weight, _input, target, bias, ref, config, workspace_bytes):
+    def _averaged(self, lin_weight, _input, target, bias, ref, config, workspace_bytes, compute_nll_loss, alpha):
         """Per-token means: the fused head's token log-probs, averaged per sequence, into the
         pair-level op; the NLL from the same token log-probs."""
         P = _input.shape[0] // 2
@@ -289,8 +323,8 @@ class FusedLinearDPOLoss(torch.nn.Module):
         losses, chosen_rewards, rejected_rewards = _dk.dpo_loss(logps[:P], logps[P:], rc, rr, **config)
         loss = losses.mean()
         nll = -tokens[:P].sum() / (target[:P] != self.ignore_index).sum().clamp(min=1).to(tokens.dtype)
-        if self.compute_nll_loss:
-            loss = loss + float(self.alpha) * nll
+        if compute_nll_loss:
+            loss = loss + alpha * nll
         else:
             nll = torch.zeros_like(loss)
         detached = logps.detach()
@@ -333,10 +367,23 @@ def _check_call(lin_weight, _input, target, bias, ref_input, ref_weight, ref_bia
             raise ValueError(f"ref_weight has vocabulary {w.shape[0]} but lin_weight has {lin_weight.shape[0]}")
         if b is not None and tuple(b.shape) != (w.shape[0],):
             raise ValueError(f"{bname} must have shape [{w.shape[0]}] to match {wname}, got {tuple(b.shape)}")
-    for name, t in (("lin_weight", lin_weight), ("bias", bias), ("ref_input", ref_input), ("ref_weight", ref_weight),
-                    ("ref_bias", ref_bias)):
+    # The policy's head in _input's dtype; the reference's in ref_input's, which may differ when
+    # it has a head of its own (scored in its own dtype, as Liger does); under autocast all
+    # were cast to autocast's dtype before.
+    for name, t in (("lin_weight", lin_weight), ("bias", bias)):
         if t is not None and t.dtype != _input.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but _input has {_input.dtype}: they must match")
+            raise TypeError(f"{name} has dtype {t.dtype} but _input has {_input.dtype}: they must match (or run "
+                            "under torch.autocast)")
+    if ref_input is not None:
+        own = ref_weight is not None
+        head = "ref_weight" if own else "lin_weight (the reference's head when ref_weight is None)"
+        for name, t in ((head, ref_weight if own else lin_weight), ("ref_bias", ref_bias)):
+            if t is not None and t.dtype != ref_input.dtype:
+                raise TypeError(f"{name} has dtype {t.dtype} but ref_input has {ref_input.dtype}: they must match")
+        if ref_input.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+            raise TypeError(f"ref_input must be float32, float64, bfloat16 or float16, got {ref_input.dtype}")
+    elif ref_weight is not None and ref_bias is not None and ref_bias.dtype != ref_weight.dtype:
+        raise TypeError(f"ref_bias has dtype {ref_bias.dtype} but ref_weight has {ref_weight.dtype}: they must match")
     if ref_input is not None and ref_input.shape != _input.shape:
         raise ValueError(f"ref_input must have _input's shape {tuple(_input.shape)}, got {tuple(ref_input.shape)}")
     for name, t in (("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps)):

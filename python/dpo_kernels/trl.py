@@ -29,7 +29,7 @@ import warnings
 
 import torch
 
-from ._linear import OPTIONAL_OUTPUTS, linear_logprobs
+from ._linear import OPTIONAL_OUTPUTS, autocast_dtype, linear_logprobs
 
 __all__ = ["ChunkedLogProbFunction", "FusedDPOTrainer", "patch_chunked_logprobs", "unpatch_chunked_logprobs",
            "is_patched"]
@@ -237,8 +237,7 @@ def _add_head_forward(model) -> None:
 
 def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
     """The dtype the head runs in: autocast's when it is on (TRL's head runs under it), else hidden's."""
-    device = hidden.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    return autocast_dtype(hidden) or hidden.dtype
 
 
 def _reference_head(hidden, weight, bias, softcap, logit_scale):

@@ -256,3 +256,72 @@ def test_compile_fullgraph():
     torch.testing.assert_close(acc, acc_e, rtol=0, atol=0)
     for a, e in zip(args, eager):
         torch.testing.assert_close(a.grad, e.grad, rtol=0, atol=0)
+
+
+def test_autocast_runs_the_head_in_autocasts_dtype():
+    # Mixed precision: bf16 hidden states from the backbone, the fp32 master lm_head.weight. Under
+    # torch.autocast the call is the one on both cast to bf16 (as nn.Linear's matmul would be),
+    # bitwise; each gradient comes back in its input's dtype. Without autocast the dtypes must match.
+    (h, w, b), y, (rh, rw, rb), (rc, rr) = make(11, dtype=torch.float32)
+    hb = h.bfloat16()
+    for ref in (dict(reference_chosen_logps=rc, reference_rejected_logps=rr),
+                dict(ref_hidden=rh.bfloat16(), ref_weight=rw, ref_bias=rb)):
+        hh, ww, bb = hb.clone().requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, metrics = dk.dpo_loss_from_hidden(hh, ww, y, bias=bb, **ref)
+        loss.backward()
+        assert (hh.grad.dtype, ww.grad.dtype, bb.grad.dtype) == (torch.bfloat16, torch.float32, torch.float32)
+        h2, w2, b2 = hb.clone().requires_grad_(), w.bfloat16().requires_grad_(), b.bfloat16().requires_grad_()
+        cast = {k: (v.bfloat16() if k.startswith("ref_") else v) for k, v in ref.items()}
+        want, want_metrics = dk.dpo_loss_from_hidden(h2, w2, y, bias=b2, **cast)
+        want.backward()
+        assert torch.equal(loss, want)
+        for name in dk.METRIC_NAMES:
+            assert torch.equal(metrics[name], want_metrics[name]), name
+        assert torch.equal(hh.grad, h2.grad)
+        assert torch.equal(ww.grad, w2.grad.float()) and torch.equal(bb.grad, b2.grad.float())
+    with pytest.raises(TypeError, match="weight has dtype"):
+        dk.dpo_loss_from_hidden(hb, w, y, rc, rr)
+
+
+@pytest.mark.parametrize("ref_dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("ld_alpha", [None, 0.5])
+def test_reference_head_in_its_own_dtype(ref_dtype, packed, ld_alpha):
+    # An fp32 policy with a reference model of its own head in another dtype (Liger scores its
+    # reference in its own dtype too): the reference is read in that dtype, so the result is the
+    # call with the reference's own log-probs (from the same op in that dtype, LD-DPO weighted
+    # alike) passed as reference log-probs, bitwise.
+    (h, w, b), y, (rh, rw, rb), _ = make(12, dtype=torch.float32)
+    cu = None
+    if packed:
+        h, rh, y = h.reshape(-1, H), rh.reshape(-1, H), y.reshape(-1)
+        cu = torch.arange(0, 2 * P * T + 1, T)
+    rh, rw, rb = (t.to(ref_dtype) for t in (rh, rw, rb))
+    kw = dict(cu_seqlens=cu, ld_alpha=ld_alpha, loss_type=["sigmoid", "sft"], return_pair_values=True,
+              softcap=4.0)
+    zeros = torch.zeros(P, dtype=torch.float64)
+    ref = dk.dpo_loss_from_hidden(rh, rw, y, zeros, zeros, bias=rb, **kw)[2]
+    hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+    got = dk.dpo_loss_from_hidden(hh, ww, y, bias=b, ref_hidden=rh, ref_weight=rw, ref_bias=rb, **kw)
+    got[0].backward()
+    h2, w2 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    want = dk.dpo_loss_from_hidden(h2, w2, y, ref["chosen_logps"], ref["rejected_logps"], bias=b, **kw)
+    want[0].backward()
+    assert torch.equal(got[0], want[0])
+    for name in dk.METRIC_NAMES:
+        assert torch.equal(got[1][name], want[1][name]), name
+    for name in dk.PAIR_VALUE_NAMES:
+        assert torch.equal(got[2][name], want[2][name]), name
+    assert torch.equal(hh.grad, h2.grad) and torch.equal(ww.grad, w2.grad)
+    # Rounding the reference to the policy's dtype would move its log-probs (fp64: values fp32
+    # cannot hold; bf16: it is exact), so the fp64 case also shows the reference's own dtype is read.
+    if ref_dtype == torch.float64:
+        rounded = dk.dpo_loss_from_hidden(h, w, y, bias=b, ref_hidden=rh.float(), ref_weight=rw.float(),
+                                          ref_bias=rb.float(), **kw)
+        assert not torch.equal(rounded[2]["chosen_rewards"], got[2]["chosen_rewards"])
+    with pytest.raises(ValueError, match="ref_hidden must have hidden's shape"):
+        dk.dpo_loss_from_hidden(h, w, y, bias=b, ref_hidden=rh[..., 1:] if not packed else rh[1:], ref_weight=rw,
+                                ref_bias=rb, **kw)
+    with pytest.raises(TypeError):  # the reference head's own tensors must share its dtype
+        dk.dpo_loss_from_hidden(h, w, y, bias=b, ref_hidden=rh, ref_weight=rw.float(), ref_bias=rb, **kw)

@@ -220,10 +220,73 @@ def test_bad_calls(error, name, call, average):
         call(dk.FusedLinearDPOLoss(average_log_prob=average), h, w, y, (rh, rw, rb))
 
 
-def test_bad_calls_without_reference_model():
+def test_reference_arguments_without_reference_model():
+    # Liger ignores ref_input / ref_weight / ref_bias when use_ref_model=False, and so do we (a
+    # training loop may pass them whatever the flag); our precomputed log-probs are refused then.
     (h, w, b), y, (rh, rw, rb) = make(seed=6)
-    with pytest.raises(ValueError, match="ref_input.*use_ref_model=False"):
-        dk.FusedLinearDPOLoss(use_ref_model=False)(w, h, y, b, rh)
+    kw = dict(use_ref_model=False, beta=0.5)
+    theirs = run(LigerFusedLinearDPOLoss(compiled=False, **kw), w, h, y, b, (rh, rw, rb))
+    ours = run(dk.FusedLinearDPOLoss(**kw), w, h, y, b, (rh, rw, rb))
+    assert_matches(ours, theirs, logits_scale=(h @ w.T).abs().mean().item())
+    plain = run(dk.FusedLinearDPOLoss(**kw), w, h, y, b)
+    assert torch.equal(ours[0], plain[0])
+    with pytest.raises(ValueError, match="ref_chosen_logps.*use_ref_model=False"):
+        dk.FusedLinearDPOLoss(**kw)(w, h, y, b, ref_chosen_logps=y[:P, 0].float(), ref_rejected_logps=y[P:, 0].float())
+
+
+@pytest.mark.parametrize("average", [False, True], ids=["sum", "avg"])
+def test_autocast_with_an_fp32_head(average):
+    # Mixed precision: bf16 hidden states and an fp32 lm_head.weight under torch.autocast, where
+    # Liger runs (autocast casts its matmuls). Ours is then the call on bf16 copies, bitwise, with
+    # each gradient in its input's dtype as Liger's; its loss is Liger's to bf16 rounding (Liger
+    # also rounds the logits to bf16; ours accumulates them in fp32).
+    (h, w, b), y, (rh, rw, rb) = make(seed=9)
+    hb, rhb = h.bfloat16(), rh.bfloat16()
+    kw = dict(average_log_prob=average, beta=0.5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = run(dk.FusedLinearDPOLoss(**kw), w, hb, y, b, (rhb, rw, rb))
+        theirs = run(LigerFusedLinearDPOLoss(compiled=False, **kw), w, hb, y, b, (rhb, rw, rb))
+    cast = run(dk.FusedLinearDPOLoss(**kw), w.bfloat16(), hb, y, b.bfloat16(), (rhb, rw.bfloat16(), rb.bfloat16()))
+    assert torch.equal(ours[0], cast[0])
+    for a, e in zip(ours[1], cast[1]):
+        assert torch.equal(a, e)
+    assert [g.dtype for g in ours[2]] == [g.dtype for g in theirs[2]] == [torch.bfloat16, torch.float32, torch.float32]
+    for a, e in zip(ours[2], cast[2]):
+        assert torch.equal(a, e.to(a.dtype))
+    assert abs(ours[0].item() - theirs[0].item()) <= 2e-2 * abs(theirs[0].item())
+
+
+@pytest.mark.parametrize("average", [False, True], ids=["sum", "avg"])
+def test_reference_model_in_another_dtype(average):
+    # A float64 reference model (input, weight and bias) for a float32 policy: Liger scores the
+    # reference in its own dtype, and so do we (the fused op's separate reference call).
+    (h, w, b), y, (rh, rw, rb) = make(seed=10)
+    ref = tuple(t.double() for t in (rh, rw, rb))
+    kw = dict(average_log_prob=average, beta=0.5)
+    theirs = run(LigerFusedLinearDPOLoss(compiled=False, **kw), w, h, y, b, ref)
+    ours = run(dk.FusedLinearDPOLoss(**kw), w, h, y, b, ref)
+    assert_matches(ours, theirs, logits_scale=(h @ w.T).abs().mean().item())
+    # bf16: the same as passing the reference's own bf16 log-probs (precomputed), bitwise.
+    refb = tuple(t.bfloat16() for t in (rh, rw, rb))
+    got = run(dk.FusedLinearDPOLoss(**kw), w, h, y, b, refb)
+    module = dk.FusedLinearDPOLoss(**kw)
+    with torch.no_grad():
+        _, outs = module(refb[1], refb[0], y, refb[2], refb[0], refb[1], refb[2])
+    want = run(module, w, h, y, b, ref_kw=dict(ref_chosen_logps=outs[0], ref_rejected_logps=outs[1]))
+    assert torch.equal(got[0], want[0])
+    for a, e in zip(got[2], want[2]):
+        assert torch.equal(a, e)
+    with pytest.raises(TypeError, match="ref_weight has dtype"):
+        dk.FusedLinearDPOLoss(**kw)(w, h, y, b, ref[0], rw, rb)
+
+
+def test_hyperparameters_as_liger_reads_them():
+    # A one-element tensor (a scheduled beta) and int flags, which Liger accepts.
+    (h, w, b), y, (rh, rw, rb) = make(seed=11)
+    want = run(dk.FusedLinearDPOLoss(beta=0.25, alpha=0.5, compute_nll_loss=True), w, h, y, b, (rh, rw, rb))
+    got = run(dk.FusedLinearDPOLoss(beta=torch.tensor(0.25), alpha=torch.tensor(0.5), compute_nll_loss=1,
+                                    use_ref_model=1), w, h, y, b, (rh, rw, rb))
+    assert torch.equal(got[0], want[0])
 
 
 @pytest.mark.parametrize("error,name,kw", [
@@ -232,7 +295,8 @@ def test_bad_calls_without_reference_model():
     (ValueError, "beta", dict(beta=float("nan"))),
     (TypeError, "beta", dict(beta="0.1")),
     (TypeError, "alpha", dict(alpha=None)),
-    (TypeError, "compute_nll_loss", dict(compute_nll_loss=1)),
+    (TypeError, "compute_nll_loss", dict(compute_nll_loss=2)),
+    (TypeError, "beta", dict(beta=torch.tensor([0.1, 0.2]))),
     (TypeError, "use_ref_model", dict(use_ref_model="yes")),
     (TypeError, "ignore_index", dict(ignore_index=1.5)),
     (ValueError, "chunk_size", dict(chunk_size=0)),

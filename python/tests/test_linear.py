@@ -286,3 +286,17 @@ def test_strided_inputs_and_int32_targets():
     rh = h.clone().requires_grad_()
     reference(rh, w, b, y)[0].sum().backward()
     close(hh.grad, rh.grad, 1e-12, "d hidden (strided)")
+
+
+def test_meta_tensors_infer_shapes():
+    # "meta" is a device with a kernel of the head (shape inference, as the fake kernels): the
+    # autocast query must not be asked of it (torch has no autocast for meta and raised).
+    h = torch.randn(6, 8, device="meta", requires_grad=True)
+    w = torch.randn(11, 8, device="meta")
+    t = torch.zeros(6, dtype=torch.long, device="meta")
+    lp, ent, lss, mean, top1 = dk.linear_logprobs(h, w, None, t)
+    assert lp.device.type == "meta" and tuple(lp.shape) == (6,) and lp.dtype == torch.float32
+    assert tuple(ent.shape) == (6,) and tuple(top1.shape) == (6,)
+    loss, _ = dk.dpo_loss_from_hidden(h.view(2, 3, 8), w, t.view(2, 3), torch.zeros(1, device="meta"),
+                                      torch.zeros(1, device="meta"))
+    assert loss.device.type == "meta" and loss.shape == ()
