@@ -140,9 +140,17 @@ void run_backward(const at::Tensor& grad_loss, const row_layout& l, const at::Te
                   const at::Tensor& row_coef, std::int64_t ignore_index, void* grad_ptr,
                   std::int64_t grad_stride) {
   check_backward(grad_loss, l, l.logits.device());
-  const double go = grad_loss.to(at::kDouble).item<double>();
+  double go = grad_loss.to(at::kDouble).item<double>();
   const at::Tensor lse = input_rows_to_view(row_lse, l, "row_lse");
-  const at::Tensor coef = input_rows_to_view(row_coef, l, "row_coef");
+  at::Tensor coef = input_rows_to_view(row_coef, l, "row_coef");
+  if (!std::isfinite(go)) {
+    // An upstream gradient of NaN or +-inf propagates, as through any torch op and as on CUDA
+    // (whose kernels read it on the device): folded into the row coefficients with dpo's
+    // times() (0 * inf = 0, NaN stays NaN), since dpo::cpu refuses a non-finite grad_output.
+    const at::Tensor scaled = coef * go;
+    coef = std::isnan(go) ? scaled : at::where(coef == 0, at::zeros_like(coef), scaled);
+    go = 1.0;
+  }
   dispatch_views<cpu_types>(l, ignore_index, [&](auto v) {
     const auto g = v.elements(grad_ptr);
     const dpo::pair_grad_view<typename decltype(v)::value_type> gv{g, grad_stride, g, grad_stride};

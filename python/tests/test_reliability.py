@@ -451,3 +451,31 @@ def test_loss_on_pairs_without_rows_has_an_empty_gradient(layout):
     assert abs(float(loss.detach()) - float(want)) <= 1e-6 * abs(float(want))
     loss.backward()
     assert x.grad is not None and x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("upstream", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("inplace", [False, True], ids=["out", "inplace"])
+def test_non_finite_upstream_gradient_propagates(upstream, inplace):
+    # A NaN / inf upstream gradient flows into the logits' gradient, as through any torch op and
+    # as on CUDA (which reads it on the device), instead of raising in backward: NaN (or +-inf)
+    # on completion rows, zeros on masked rows (0 * inf = 0, the library's times()).
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(4, 5, 11, generator=g)
+    labels = torch.randint(0, 11, (4, 5), generator=g)
+    labels[:, :2] = -100
+    z = logits.clone() if inplace else logits.clone().requires_grad_()
+    if inplace:
+        z = (z * 1.0).requires_grad_()
+        base = z * 1.0
+    else:
+        base = z
+    loss, _ = dk.dpo_loss_from_logits(base, labels, torch.zeros(2), torch.zeros(2), inplace_backward=inplace)
+    loss.backward(torch.tensor(upstream))
+    masked = labels == -100
+    grad = z.grad
+    assert torch.all(grad[masked] == 0)
+    rows = grad[~masked]
+    if upstream != upstream:
+        assert torch.isnan(rows).all()
+    else:
+        assert not torch.isnan(rows).all() and torch.isinf(rows).any()
