@@ -257,4 +257,50 @@ shard_linear_out run_shard_linear(const shard_linear_case& c) {
                            [&](auto t, auto, auto l) { return run_typed<decltype(t), decltype(l)>(c); });
 }
 
+std::string linear_empty_call_error(int which, bool previous_error) {
+  using I = std::int64_t;
+  const I H = 4, V = 5, N = 3;
+  const std::vector<float> hidden(N * H, 0.5f), weight(V * H, 0.25f);
+  const std::vector<I> bad(N, V + 2);
+  dev_buf dh(hidden.size() * sizeof(float)), dw(weight.size() * sizeof(float)), dy(N * sizeof(I)),
+      dlp(N * sizeof(double)), dlse(N * sizeof(double));
+  dh.put(hidden.data(), hidden.size() * sizeof(float));
+  dw.put(weight.data(), weight.size() * sizeof(float));
+  dy.put(bad.data(), bad.size() * sizeof(I));
+  cublasLtHandle_t lt = nullptr;
+  if (cublasLtCreate(&lt) != CUBLAS_STATUS_SUCCESS) throw std::runtime_error("cublasLtCreate failed");
+  dpo::cuda::linear_view<float, I> v{dh.as<float>(), N, H, H, dw.as<float>(), V, H, H, nullptr, 0, dy.as<I>(),
+                                      nullptr, -100, {}};
+  std::size_t bytes = 0;
+  dpo::cuda::status s = dpo::cuda::linear_logps(nullptr, bytes, lt, v, dlp.as<double>(), nullptr, dlse.as<double>());
+  dev_buf ws(bytes);
+  ws.fill(0xa5);
+  std::string out;
+  if (s.ok() && previous_error) {  // the labels are out of range: this call leaves its error in the word
+    s = dpo::cuda::linear_logps(ws.p, bytes, lt, v, dlp.as<double>(), nullptr, dlse.as<double>());
+    if (s.ok() && dpo::cuda::read_device_error(ws.p).ok()) out = "the previous call found no error";
+  }
+  dpo::cuda::linear_view<float, I> none = v;  // valid, with nothing to compute
+  none.rows = 0;
+  const dpo::vocab_shard sh{V, 0, V};
+  const dpo::cuda::linear_grads<float> g;
+  if (s.ok() && out.empty()) {
+    switch (which) {
+      case 0: s = dpo::cuda::linear_logps(ws.p, bytes, lt, none, (double*)nullptr, nullptr, (double*)nullptr); break;
+      case 1:
+        s = dpo::cuda::linear_logps_backward(ws.p, bytes, lt, none, (const double*)nullptr, (const double*)nullptr,
+                                             nullptr, nullptr, g);
+        break;
+      case 2: s = dpo::cuda::linear_shard_partials(ws.p, bytes, lt, none, sh, nullptr, nullptr, false); break;
+      default:
+        s = dpo::cuda::linear_shard_backward(ws.p, bytes, lt, none, sh, nullptr, nullptr, nullptr, nullptr, nullptr, g);
+    }
+    out = s.ok() ? dpo::cuda::read_device_error(ws.p).message : std::string("the call failed: ") + s.message;
+  } else if (!s.ok()) {
+    out = std::string("setup failed: ") + s.message;
+  }
+  cublasLtDestroy(lt);
+  return out;
+}
+
 }  // namespace dpo_cuda_test

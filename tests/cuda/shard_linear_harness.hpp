@@ -89,4 +89,10 @@ struct pair_shard_out {
 
 pair_shard_out run_pair_shard(const pair_shard_case& c);
 
+/// read_device_error's message after a valid call of the head without rows (which = 0:
+/// linear_logps, 1: linear_logps_backward, 2: linear_shard_partials, 3: linear_shard_backward)
+/// on a workspace that held 0xa5 bytes (previous_error false) or a previous call's label
+/// error: empty when the call made the error word its own.
+std::string linear_empty_call_error(int which, bool previous_error);
+
 }  // namespace dpo_cuda_test

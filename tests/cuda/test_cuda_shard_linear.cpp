@@ -499,6 +499,17 @@ TEST_CASE("cuda linear shard: bad input is a status naming the argument, and not
   }
 }
 
+TEST_CASE("cuda linear shard: head calls without rows leave this call's error word", "[cuda][linear][shard]") {
+  // linear_logps, linear_logps_backward, linear_shard_partials and linear_shard_backward with
+  // rows = 0 returned before any kernel, so read_device_error reported the workspace's old
+  // bytes or the previous call's label error after a valid call.
+  for (int which = 0; which < 4; ++which)
+    for (const bool previous : {false, true}) {
+      INFO("call " << which << ", previous error " << previous);
+      CHECK(dpo_cuda_test::linear_empty_call_error(which, previous) == "");
+    }
+}
+
 TEST_CASE("cuda linear shard: results are bitwise the same run to run", "[cuda][linear][shard]") {
   const problem p = make_problem(dtype::bf16, 12, 16, 101, 9, true);
   shard_linear_case c = shard_case(p, {101, 30, 101}, true);

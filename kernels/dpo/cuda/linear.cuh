@@ -842,7 +842,12 @@ status linear_logps_impl(void* workspace, std::size_t& workspace_bytes, cublasLt
       dpo::detail::range_of(terms.outputs.mean_logits, 1, N, N, "mean_logits"),
       dpo::detail::range_of(terms.outputs.is_top1, 1, N, N, "is_top1")};
   s = check_linear_overlap(outs, 6, ins, 6);
-  if (!s || N == 0) return s;
+  if (!s) return s;
+  // No row: nothing to compute, but the error word becomes this call's (clear), or
+  // read_device_error would report whatever the workspace held.
+  if (N == 0)
+    return launch("linear_check_kernel", linear_check_kernel<L>, 1, 256, stream, in.labels, in.mask, N, in.vocab,
+                  in.ignore_index, w.h);
   constexpr int B = linear_block;
   // Twice over the same loop: first only choosing every GEMM's algorithm (dry), then enqueuing.
   const auto pass = [&](bool dry) {
@@ -958,7 +963,10 @@ status linear_backward_run(void* workspace, std::size_t& workspace_bytes, cublas
       dpo::detail::range_of(g.weight, V, H, g.weight_stride, "grads.weight"),
       dpo::detail::range_of(g.bias, 1, V, V, "grads.bias")};
   s = detail::check_linear_overlap(outs, 3, ins, 10);
-  if (!s || N == 0) return s;
+  if (!s) return s;
+  if (N == 0)  // nothing to compute; the error word still becomes this call's (clear)
+    return detail::launch("linear_check_kernel", detail::linear_check_kernel<L>, 1, 256, stream, in.labels, in.mask,
+                          N, shard.sh.vocab > 0 ? shard.sh.vocab : V, in.ignore_index, w.h);
   constexpr int B = detail::linear_block;
   const detail::linear_bwd_in bin{row_lse, grad_logps, entropy, grad_entropy, false, shard};
   // Twice over the same loop: first only choosing every GEMM's algorithm (dry), then enqueuing.

@@ -97,7 +97,10 @@ status linear_shard_partials_run(void* workspace, std::size_t& workspace_bytes, 
   const dpo::detail::named_range outs[2] = {dpo::detail::range_of(records, N, shard_fields, shard_fields, "records"),
                                             dpo::detail::range_of(row_max, 1, N, N, "row_max")};
   s = detail::check_linear_overlap(outs, 2, ins, 6);
-  if (!s || N == 0) return s;
+  if (!s) return s;
+  if (N == 0)  // nothing to compute; the error word still becomes this call's (clear)
+    return detail::launch("linear_check_kernel", detail::linear_check_kernel<L>, 1, 256, stream, shard.labels,
+                          shard.mask, N, sh.vocab, shard.ignore_index, w.h);
   constexpr int B = detail::linear_block;
   const detail::linear_bwd_in labels_of{nullptr, nullptr, nullptr, nullptr, false, {sh, nullptr, nullptr}};
   const auto stats = metrics ? detail::linear_stats_kernel<B, true, T, L> : detail::linear_stats_kernel<B, false, T, L>;
