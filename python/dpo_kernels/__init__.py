@@ -29,6 +29,7 @@ from . import _C
 from ._linear import OPTIONAL_OUTPUTS, linear_logprobs
 from ._linear import _check_device as _check_head_device
 from ._linear import autocast_dtype as _autocast_dtype
+from ._linear import autocast_like_linear as _autocast_like_linear
 from ._linear_dpo import DEFAULT_CUDA_LINEAR_DPO_WORKSPACE_BYTES, DEFAULT_LINEAR_DPO_WORKSPACE_BYTES
 from ._ops import CONFIG_FIELDS, LOSS_TYPES, METRIC_NAMES, PAIR_VALUE_NAMES, check_devices, check_inplace_target, ops, whole
 from . import _shard_ops  # noqa: F401  (the fake kernels of the sharded ops: torch.compile)
@@ -489,9 +490,9 @@ def dpo_loss_from_hidden(
     )
     _check_head_device(hidden, "dpo_loss_from_hidden")
     autocast = _autocast_dtype(hidden)
-    if autocast is not None:  # nn.Linear's dtype under autocast, for the policy and the reference head
+    if autocast is not None:  # nn.Linear's dtypes under autocast, for the policy and the reference head
         hidden, weight, bias, ref_hidden, ref_weight, ref_bias = (
-            None if t is None else t.to(autocast) for t in (hidden, weight, bias, ref_hidden, ref_weight, ref_bias))
+            _autocast_like_linear(t, autocast) for t in (hidden, weight, bias, ref_hidden, ref_weight, ref_bias))
     ignore_index = _ignore_index(ignore_index, labels)
     config = _config(
         loss_type=loss_type, loss_weights=loss_weights, beta=beta, label_smoothing=label_smoothing,

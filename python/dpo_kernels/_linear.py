@@ -81,6 +81,14 @@ def autocast_dtype(t: torch.Tensor):
     return torch.get_autocast_dtype(device)
 
 
+def autocast_like_linear(t, dtype):
+    """``t`` as ``nn.Linear``'s matmul sees it under autocast to ``dtype``: float32 / float16 /
+    bfloat16 tensors cast (differentiably), float64 and non-floating ones (and None) as they are."""
+    if t is None or dtype is None or not t.is_floating_point() or t.dtype == torch.float64:
+        return t
+    return t.to(dtype)
+
+
 def _check_device(hidden: torch.Tensor, what: str = "dpo_kernels.linear_logprobs") -> None:
     """NotImplementedError for tensors on a device without a kernel of the fused head. CUDA
     tensors in a build without CUDA get the op's own NotImplementedError (dpo_kernels.cuda_built())."""

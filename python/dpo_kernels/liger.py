@@ -242,10 +242,9 @@ class FusedLinearDPOLoss(torch.nn.Module):
         if not flags["use_ref_model"]:  # Liger ignores the reference model's arguments then
             ref_input = ref_weight = ref_bias = None
         compute = _dk._autocast_dtype(_input)
-        if compute is not None:  # under autocast the matmuls run in its dtype, as Liger's do
+        if compute is not None:  # under autocast the matmuls run in its dtype (float64 stays), as Liger's do
             lin_weight, _input, bias, ref_input, ref_weight, ref_bias = (
-                t if t is None or not t.is_floating_point() else t.to(compute)
-                for t in (lin_weight, _input, bias, ref_input, ref_weight, ref_bias))
+                _dk._autocast_like_linear(t, compute) for t in (lin_weight, _input, bias, ref_input, ref_weight, ref_bias))
         _check_call(lin_weight, _input, target, bias, ref_input, ref_weight, ref_bias, ref_chosen_logps,
                     ref_rejected_logps)
         ref = self._reference(flags["use_ref_model"], ref_input, ref_weight, ref_bias, ref_chosen_logps,

@@ -325,3 +325,14 @@ def test_reference_head_in_its_own_dtype(ref_dtype, packed, ld_alpha):
                                 ref_bias=rb, **kw)
     with pytest.raises(TypeError):  # the reference head's own tensors must share its dtype
         dk.dpo_loss_from_hidden(h, w, y, bias=b, ref_hidden=rh, ref_weight=rw.float(), ref_bias=rb, **kw)
+
+
+def test_autocast_leaves_float64_alone():
+    # Autocast never casts float64 (nn.Linear on float64 stays float64): neither do we.
+    (h, w, b), y, _, (rc, rr) = make(13)
+    want, _ = dk.dpo_loss_from_hidden(h, w, y, rc, rr, bias=b)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, _ = dk.dpo_loss_from_hidden(h, w, y, rc, rr, bias=b)
+        module, _ = dk.FusedLinearDPOLoss()(w, h, y, b, ref_chosen_logps=rc, ref_rejected_logps=rr)
+    assert got.dtype == torch.float64 and torch.equal(got, want)
+    assert module.dtype == torch.float64

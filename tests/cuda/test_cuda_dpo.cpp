@@ -6,6 +6,7 @@
 // sanitizers run the [sanitize] case; [large] needs about 4.5 GB of device memory.
 #include <Eigen/Core>
 #include <cmath>
+#include <limits>
 #include <cstring>
 #include <random>
 #include <string>
@@ -648,6 +649,38 @@ TEST_CASE("cuda: row state is refused where the sides would share its entries", 
   INFO(r.rows_separate);
   CHECK(r.rows_separate.find("row_lse / row_coef need one logits buffer") != std::string::npos);
   CHECK(r.untouched);
+}
+
+TEST_CASE("cuda: a NaN grad_output gives NaN on completion rows and zeros on masked rows", "[cuda][small]") {
+  // grad_output is a device scalar the host cannot check: it propagates, as through a torch op,
+  // the same way in dpo_backward and dpo_backward_rows (dpo_backward gave masked rows NaN).
+  shape sh;
+  sh.pairs = 2;
+  sh.seq_len = 5;
+  sh.vocab = 7;
+  for (const mode m : {mode::forward_then_backward, mode::backward_rows}) {
+    case_in c = make_case(dtype::f32, sh, 77);
+    c.run = m;
+    c.in_place = true;  // the gradient in the logits' rows
+    c.grad_output = std::numeric_limits<double>::quiet_NaN();
+    const case_out g = dpo_cuda_test::run_case(c);
+    INFO("mode " << static_cast<int>(m) << ": " << g.message);
+    REQUIRE(g.status_code == 0);
+    int masked_rows = 0, counted_rows = 0;
+    for (std::int64_t r = 0; r < c.rows; ++r) {
+      const bool masked = c.labels[static_cast<std::size_t>(r)] == -100;
+      (masked ? masked_rows : counted_rows) += 1;
+      for (std::int64_t k = 0; k < c.vocab; ++k) {
+        const double x = get(dtype::f32, g.grad.data() + (r * c.row_stride + k) * 4);
+        if (masked)
+          CHECK(x == 0.0);
+        else
+          CHECK(std::isnan(x));
+      }
+    }
+    CHECK(masked_rows > 0);
+    CHECK(counted_rows > 0);
+  }
 }
 
 TEST_CASE("cuda: the argument checks return the core's messages", "[cuda][small]") {

@@ -746,7 +746,9 @@ __device__ __forceinline__ void backward_body(const views<T, L>& vs, const ws_pt
       continue;
     }
     const T* row = v.logits + r * v.row_stride;
-    const double go_coef = dpo::detail::times(coef, go);
+    // Masked rows get exact zeros whatever grad_output holds (times(0, NaN) is NaN), as in
+    // backward_rows_kernel.
+    const double go_coef = s >= 0 ? dpo::detail::times(coef, go) : 0.0;
     block_row_grad<BLOCK>(row, p.row(side, r), v.vocab,
                           go_coef != 0.0 ? block_backward_lse<BLOCK>(row, v.vocab, ra.lse[local])
                                          : dpo::detail::lse_parts<A>(A(0)),
