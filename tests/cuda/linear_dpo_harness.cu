@@ -245,4 +245,72 @@ ldpo_out run_linear_dpo(const ldpo_case& c) {
                            [&](auto t, auto g, auto l) { return run_typed<decltype(t), decltype(l), decltype(g)>(c); });
 }
 
+packed_shared_out run_packed_shared_rows(const std::vector<float>& hidden, const std::vector<float>& weight,
+                                         const std::vector<std::int64_t>& labels,
+                                         const std::vector<std::int64_t>& cu_seqlens) {
+  using I = std::int64_t;
+  const I H = 4, V = 6, R = static_cast<I>(labels.size()), S = static_cast<I>(cu_seqlens.size()) - 1, P = S / 2;
+  dev_buf dh(hidden.size() * 4), dw(weight.size() * 4), dy(labels.size() * 8), dcu(cu_seqlens.size() * 8),
+      dref(static_cast<std::size_t>(2 * P) * 8), dd(static_cast<std::size_t>(8 + 2 * R) * 8), dgw(weight.size() * 4);
+  dh.put(hidden.data(), dh.n);
+  dw.put(weight.data(), dw.n);
+  dy.put(labels.data(), dy.n);
+  dcu.put(cu_seqlens.data(), dcu.n);
+  dref.fill(0);
+  dd.fill(0);
+  dgw.fill(0);
+  auto policy = dpo::cuda::linear_packed_pairs(dh.as<const float>(), H, H, dy.as<const I>(), dcu.as<const I>(), S);
+  policy.pairs.rejected = policy.pairs.chosen;  // both sides on sequences [0, P): the same rows
+  dpo::cuda::linear_head<float> head;
+  head.weight = dw.as<const float>();
+  head.vocab = V;
+  head.hidden = H;
+  head.weight_stride = H;
+  dpo::cuda::linear_dpo_options opt;
+  opt.num_rows = R;
+  opt.workspace_bytes = 1 << 20;
+  opt.gemm_workspace_bytes = 1 << 16;
+  const dpo::loss_config cfg;
+  cublasLtHandle_t lt = nullptr;
+  if (cublasLtCreate(&lt) != CUBLAS_STATUS_SUCCESS) throw std::runtime_error("cublasLtCreate failed");
+  packed_shared_out r;
+  double* d = dd.as<double>();
+  dpo::forward_outputs split;
+  split.loss = d;
+  split.row_lse = d + 8;
+  split.row_coef = d + 8 + R;
+  std::size_t bytes = 0;
+  dpo::cuda::status s = dpo::cuda::linear_dpo_forward(nullptr, bytes, lt, policy, head, dref.as<const double>(),
+                                                       dref.as<const double>() + P, cfg, split, opt);
+  if (s.ok()) {
+    dev_buf ws(bytes);
+    s = dpo::cuda::linear_dpo_forward(ws.p, bytes, lt, policy, head, dref.as<const double>(),
+                                      dref.as<const double>() + P, cfg, split, opt);
+  }
+  r.row_state_message = s.message;
+  dpo::forward_outputs out;
+  out.loss = d;
+  dpo::cuda::linear_dpo_grads<float, float> g;
+  g.weight = dgw.as<float>();
+  g.weight_stride = H;
+  bytes = 0;
+  s = dpo::cuda::linear_dpo(nullptr, bytes, lt, policy, head, dref.as<const double>(), dref.as<const double>() + P,
+                            cfg, out, g, opt);
+  if (s.ok()) {
+    dev_buf ws(bytes);
+    s = dpo::cuda::linear_dpo(ws.p, bytes, lt, policy, head, dref.as<const double>(), dref.as<const double>() + P,
+                              cfg, out, g, opt);
+    if (s.ok()) s = dpo::cuda::read_device_error(ws.p);
+  }
+  r.code = static_cast<int>(s.code);
+  if (s.ok()) {
+    r.loss = dd.get<double>(1)[0];
+    r.dweight = dgw.get<float>(weight.size());
+  } else {
+    r.row_state_message += std::string(" | linear_dpo: ") + s.message;
+  }
+  cublasLtDestroy(lt);
+  return r;
+}
+
 }  // namespace dpo_cuda_test

@@ -72,6 +72,20 @@ struct ldpo_out {
 
 ldpo_out run_linear_dpo(const ldpo_case& c);
 
+/// Packed views of one hidden buffer whose sides read the same rows (the rejected view is the
+/// chosen one: same cu_seqlens, same sequences), fp32, P = 2, H = 4, V = 6, rows 10: the status
+/// message of linear_dpo_forward with row state (refused: the sides share rows), and the loss
+/// and dWeight of linear_dpo (weight gradient only, sigmoid, zero reference log-probs).
+struct packed_shared_out {
+  std::string row_state_message;
+  int code = 0;
+  double loss = 0;
+  std::vector<float> dweight;
+};
+packed_shared_out run_packed_shared_rows(const std::vector<float>& hidden, const std::vector<float>& weight,
+                                         const std::vector<std::int64_t>& labels,
+                                         const std::vector<std::int64_t>& cu_seqlens);
+
 /// The plan of dpo::cuda::linear_dpo under its default options (workspace budget, GEMM
 /// workspace) for padded pairs of `type`: P pairs of two T-row sequences, H, V, no bias, the
 /// sigmoid loss, the reference as log-probs or hidden states. A size query only (null

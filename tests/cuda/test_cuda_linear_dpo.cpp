@@ -692,3 +692,42 @@ TEST_CASE("CUDA linear DPO: refused options and bad input name the argument and 
     device_fails(c, "cu_seqlens");
   }
 }
+
+TEST_CASE("CUDA linear DPO: packed sides on the same rows keep their own labels and refuse row state", "[linear_dpo]") {
+  // Packed views whose rejected side reads the chosen side's rows (the same cu_seqlens and
+  // sequences) looked disjoint to the CUDA layout, which shared one row-label array between
+  // them and accepted row state both sides would write. Now they take one array each (the
+  // loss and dWeight equal the CPU's) and row state is refused, as on the CPU.
+  const std::int64_t H = 4, V = 6;
+  const std::vector<std::int64_t> cu = {0, 3, 5, 8, 10};
+  const std::int64_t R = cu.back();
+  std::vector<float> hidden(static_cast<std::size_t>(R * H)), weight(static_cast<std::size_t>(V * H));
+  std::mt19937 rng(5);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  for (float& x : hidden) x = nd(rng);
+  for (float& x : weight) x = 0.5f * nd(rng);
+  std::vector<std::int64_t> labels = {-100, 1, 2, 3, 4, 5, -100, 0, 1, 2};
+  const dpo_cuda_test::packed_shared_out got = dpo_cuda_test::run_packed_shared_rows(hidden, weight, labels, cu);
+  INFO(got.row_state_message);
+  CHECK(got.row_state_message.find("one hidden buffer") != std::string::npos);
+  REQUIRE(got.code == 0);
+  auto policy = dpo::cpu::linear_packed_pairs(hidden.data(), H, H, labels.data(), cu.data(), 4);
+  policy.pairs.rejected = policy.pairs.chosen;
+  dpo::cpu::linear_head<float> head;
+  head.weight = weight.data();
+  head.vocab = V;
+  head.hidden = H;
+  head.weight_stride = H;
+  const std::vector<double> ref(2, 0.0);
+  double loss = 0;
+  dpo::forward_outputs out;
+  out.loss = &loss;
+  std::vector<float> dw(weight.size(), 0.0f);
+  dpo::cpu::linear_dpo_grads<float, float> g;
+  g.weight = dw.data();
+  g.weight_stride = H;
+  dpo::cpu::linear_dpo(policy, head, ref.data(), ref.data(), dpo::loss_config{}, out, g);
+  CHECK(got.loss == Approx(loss).epsilon(1e-6));
+  REQUIRE(got.dweight.size() == dw.size());
+  for (std::size_t i = 0; i < dw.size(); ++i) CHECK(got.dweight[i] == Approx(dw[i]).epsilon(1e-4).margin(1e-6));
+}

@@ -482,13 +482,12 @@ status ldpo_layout_of(const hidden_pairs<T, L>& in, const linear_head<T>& head, 
   l.v[0].vocab = l.v[1].vocab = head.vocab;
   l.num_rows = opt.num_rows;
   // One buffer when both sides read the same rows array and their rows are disjoint (the
-  // concatenated layouts); sides sharing rows (separate pairs over one buffer) keep a row
-  // array each, so that neither side's labels overwrite the other's.
+  // concatenated layouts); sides that may share rows (separate pairs over one buffer, or
+  // packed views whose sequence ranges or cu_seqlens differ) keep a row array each, so that
+  // neither side's labels overwrite the other's (and row state is refused for them).
   const token_view<T, L>& vc = in.pairs.chosen;
   const token_view<T, L>& vr = in.pairs.rejected;
-  const bool disjoint = vc.cu_seqlens != nullptr || vc.num_seqs == 0 || vr.num_seqs == 0 ||
-                        vc.row_end(vc.num_seqs - 1) <= vr.row_begin(0) ||
-                        vr.row_end(vr.num_seqs - 1) <= vc.row_begin(0);
+  const bool disjoint = !dpo::detail::rows_may_coincide(vc, vr, policy(o, pointers));
   const bool one = vc.logits == vr.logits && vc.row_stride == vr.row_stride && disjoint;
   l.num_buffers = one ? 1 : 2;
   for (int side = 0; side < 2; ++side) {
