@@ -26,6 +26,7 @@ What it adds to Liger (python/README.md, "Migrating from Liger"):
 """
 from __future__ import annotations
 
+import contextlib
 import numbers
 from typing import Sequence
 
@@ -332,8 +333,12 @@ class FusedLinearDPOLoss(torch.nn.Module):
     def _token_logps(self, hidden, weight, bias, target, workspace_bytes):
         """``[2P, T]`` token log-probs (0 on masked tokens) and ``[2P]`` token counts (>= 1)."""
         B, T, H = hidden.shape
-        lp = _dk.linear_logprobs(hidden.reshape(B * T, H), weight, bias, target.reshape(B * T), outputs=(),
-                                 ignore_index=self.ignore_index, workspace_bytes=workspace_bytes)[0]
+        # The inputs already have the dtypes autocast gives a matmul (forward() cast them; float64
+        # stays): no second cast here (linear_logprobs would cast float64 too, as TRL's head does).
+        device = hidden.device.type
+        with torch.autocast(device, enabled=False) if device in ("cpu", "cuda") else contextlib.nullcontext():
+            lp = _dk.linear_logprobs(hidden.reshape(B * T, H), weight, bias, target.reshape(B * T), outputs=(),
+                                     ignore_index=self.ignore_index, workspace_bytes=workspace_bytes)[0]
         counts = (target != self.ignore_index).sum(-1).clamp(min=1).to(lp.dtype)
         return lp.view(B, T), counts
 

@@ -331,8 +331,12 @@ def test_autocast_leaves_float64_alone():
     # Autocast never casts float64 (nn.Linear on float64 stays float64): neither do we.
     (h, w, b), y, _, (rc, rr) = make(13)
     want, _ = dk.dpo_loss_from_hidden(h, w, y, rc, rr, bias=b)
+    averaged = dict(ref_chosen_logps=rc / 4, ref_rejected_logps=rr / 4)
+    want_avg, _ = dk.FusedLinearDPOLoss(average_log_prob=True)(w, h, y, b, **averaged)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got, _ = dk.dpo_loss_from_hidden(h, w, y, rc, rr, bias=b)
         module, _ = dk.FusedLinearDPOLoss()(w, h, y, b, ref_chosen_logps=rc, ref_rejected_logps=rr)
+        module_avg, _ = dk.FusedLinearDPOLoss(average_log_prob=True)(w, h, y, b, **averaged)
     assert got.dtype == torch.float64 and torch.equal(got, want)
     assert module.dtype == torch.float64
+    assert module_avg.dtype == torch.float64 and torch.equal(module_avg, want_avg)
