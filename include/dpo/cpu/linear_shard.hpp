@@ -95,6 +95,23 @@ linear_view<T, std::int64_t> side_rows(const token_view<T, L>& v, const linear_h
                         std::int64_t{-1});
 }
 
+/// Both sides' rows as views of the head (side_rows: labels, first buffer row), built once,
+/// with each view's chunk budget checked (throws before anything is written).
+template <class T>
+struct side_views {
+  std::vector<std::int64_t> labels[2];
+  std::int64_t first[2] = {0, 0};
+  linear_view<T, std::int64_t> views[2];
+  template <class L>
+  side_views(const hidden_pairs<T, L>& p, const linear_head<T>& head, const linear_options& lo) {
+    views[0] = side_rows(p.pairs.chosen, head, labels[0], &first[0]);
+    views[1] = side_rows(p.pairs.rejected, head, labels[1], &first[1]);
+    for (const linear_view<T, std::int64_t>& v : views) (void)linear_chunks<T>(v.rows, v.hidden_cols, v.vocab, lo);
+  }
+  side_views(const side_views&) = delete;  // the views point into labels
+  side_views& operator=(const side_views&) = delete;
+};
+
 /// The pairs' labels and layout as the logits path's phase 2 reads them: a pair view whose
 /// vocab is the shard's width (its row pointers, the hidden rows, are never read).
 template <class T, class L>
@@ -207,13 +224,9 @@ void linear_pair_shard_partials(const hidden_pairs<T, L>& policy, const linear_h
   detail::check_side_state("linear_pair_shard_partials", "rejected", detail::span_rows(policy.pairs.rejected) > 0,
                            rejected_max, rejected_records);
   const linear_options lo = detail::linear_options_of(opt);
-  // Each side's rows as a view of the head; both chunk budgets are checked before either side
-  // writes its records.
-  std::vector<std::int64_t> labels[2];
-  std::int64_t b[2] = {0, 0};
-  const linear_view<T, std::int64_t> views[2] = {detail::side_rows(policy.pairs.chosen, head, labels[0], &b[0]),
-                                                 detail::side_rows(policy.pairs.rejected, head, labels[1], &b[1])};
-  for (const linear_view<T, std::int64_t>& v : views) (void)detail::linear_chunks<T>(v.rows, v.hidden_cols, v.vocab, lo);
+  const detail::side_views<T> sv(policy, head, lo);  // both budgets checked before any record is written
+  const std::int64_t* b = sv.first;
+  const linear_view<T, std::int64_t>* views = sv.views;
   double* maxes[2] = {chosen_max, rejected_max};
   double* recs[2] = {chosen_records, rejected_records};
   for (int s = 0; s < 2; ++s) {
@@ -265,14 +278,10 @@ void linear_pair_shard_backward(const hidden_pairs<T, L>& policy, const linear_h
       detail::shared_lengths(detail::token_counts(lp.chosen), detail::token_counts(lp.rejected), ld_alpha);
   const std::vector<double> coef[2] = {detail::shard_coefs(lp.chosen, seq_grad, shared, ld_alpha, nll_token_grad),
                                        detail::shard_coefs(lp.rejected, seq_grad + P, shared, ld_alpha, 0.0)};
-  // Each side's rows as a view of the head, built once; every chunk budget is checked before
-  // anything is written.
-  std::vector<std::int64_t> labels[2];
-  std::int64_t b[2] = {0, 0};
-  const linear_view<T, std::int64_t> views[2] = {detail::side_rows(policy.pairs.chosen, head, labels[0], &b[0]),
-                                                 detail::side_rows(policy.pairs.rejected, head, labels[1], &b[1])};
   const linear_options lo = detail::linear_options_of(opt);
-  for (const linear_view<T, std::int64_t>& v : views) (void)detail::linear_chunks<T>(v.rows, v.hidden_cols, v.vocab, lo);
+  const detail::side_views<T> sv(policy, head, lo);  // every budget checked before anything is written
+  const std::int64_t* b = sv.first;
+  const linear_view<T, std::int64_t>* views = sv.views;
   if (!g.accumulate_hidden) detail::zero_hidden_rows(policy, g, true);
   const double* maxes[2] = {chosen_max, rejected_max};
   const double* recs[2] = {chosen_records, rejected_records};
@@ -339,7 +348,7 @@ void linear_dpo_sharded(const hidden_pairs<T, L>& policy, const linear_head<T>& 
   if (P < 1) detail::fail("policy.num_pairs = ", P, " is invalid: must be >= 1");
   linear_dpo_options o = opt;
   o.metrics = opt.metrics || cfg.use_weighting;
-  const bool one = policy.pairs.chosen.logits == policy.pairs.rejected.logits;
+  const bool one = detail::one_row_array(policy.pairs);
   const std::int64_t nc = detail::rows_end(policy.pairs.chosen), nr = detail::rows_end(policy.pairs.rejected);
   std::vector<double> cmax, crec, rmax, rrec;
   std::vector<double> seq(static_cast<std::size_t>(seq_fields * 2 * P), 0.0);

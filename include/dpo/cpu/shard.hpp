@@ -22,6 +22,7 @@
 #pragma once
 
 #include <algorithm>
+#include <initializer_list>
 #include <cstdint>
 #include <functional>
 #include <string>
@@ -430,48 +431,48 @@ struct shard_state {
 
 namespace detail {
 
-/// Phase 1 and the two vocabulary collectives of one view into (row_max, records).
+/// Phase 1 and the two vocabulary collectives of the views `vs` into one array of `n` rows
+/// indexed by the buffer's row (each view writes its own span of rows).
 template <class T, class L>
-void shard_rows(const token_view<T, L>& v, const vocab_shard& sh, const collectives& comm,
-                std::vector<double>& row_max, std::vector<double>& records, const options& opt) {
-  const std::int64_t n = rows_end(v);
+void shard_rows(std::initializer_list<const token_view<T, L>*> vs, std::int64_t n, const vocab_shard& sh,
+                const collectives& comm, std::vector<double>& row_max, std::vector<double>& records,
+                const options& opt) {
   row_max.assign(static_cast<std::size_t>(n), -INFINITY);
   records.assign(static_cast<std::size_t>(n * shard_fields), 0.0);
-  shard_partials(v, sh, records.data(), row_max.data(), opt);
+  for (const token_view<T, L>* v : vs) shard_partials(*v, sh, records.data(), row_max.data(), opt);
   if (comm.vocab_max) comm.vocab_max(row_max.data(), n);
   shard_rebase(0, n, row_max.data(), records.data());
   if (comm.vocab_sum) comm.vocab_sum(records.data(), n * shard_fields);
 }
 
-/// Phase 1 and the two vocabulary collectives of both sides of a pair view into `st`. Sides
-/// in one buffer on rows of their own (the concatenated layouts) share one array over the
-/// buffer's rows, so the vocabulary group sees one max and one sum per call, as from the
-/// PyTorch ops; separate buffers take one of each per side.
+/// Whether both sides' row state fits one array indexed by the buffer's row: one buffer, each
+/// side on rows of its own (the concatenated layouts).
+template <class T, class L>
+bool one_row_array(const pair_view<T, L>& v) {
+  return v.chosen.logits == v.rejected.logits &&
+         !dpo::detail::rows_may_coincide(v.chosen, v.rejected, dpo::detail::cpu_policy());
+}
+
+/// Phase 1 and the two vocabulary collectives of both sides of a pair view into `st`: one
+/// array over the buffer's rows when one_row_array (one max and one sum per call, as from the
+/// PyTorch ops), else one of each per side.
 template <class T, class L>
 void shard_pair_rows(const pair_view<T, L>& v, const vocab_shard& sh, const collectives& comm, shard_state& st,
                      const options& opt) {
   const token_view<T, L>& c = v.chosen;
   const token_view<T, L>& r = v.rejected;
-  if (c.logits != r.logits || dpo::detail::rows_may_coincide(c, r, dpo::detail::cpu_policy())) {
-    shard_rows(c, sh, comm, st.chosen_max, st.chosen_records, opt);
-    shard_rows(r, sh, comm, st.rejected_max, st.rejected_records, opt);
+  const std::int64_t nc = rows_end(c), nr = rows_end(r);
+  if (!one_row_array(v)) {
+    shard_rows({&c}, nc, sh, comm, st.chosen_max, st.chosen_records, opt);
+    shard_rows({&r}, nr, sh, comm, st.rejected_max, st.rejected_records, opt);
     return;
   }
-  const std::int64_t nc = rows_end(c), nr = rows_end(r), n = std::max(nc, nr);
-  std::vector<double>& row_max = st.rejected_max;
-  std::vector<double>& records = st.rejected_records;
-  row_max.assign(static_cast<std::size_t>(n), -INFINITY);
-  records.assign(static_cast<std::size_t>(n * shard_fields), 0.0);
-  shard_partials(c, sh, records.data(), row_max.data(), opt);  // each writes its own span of rows
-  shard_partials(r, sh, records.data(), row_max.data(), opt);
-  if (comm.vocab_max) comm.vocab_max(row_max.data(), n);
-  shard_rebase(0, n, row_max.data(), records.data());
-  if (comm.vocab_sum) comm.vocab_sum(records.data(), n * shard_fields);
-  // Each side's state holds [0, rows_end) of the one array, as shard_rows would have left it.
-  st.chosen_max.assign(row_max.begin(), row_max.begin() + nc);
-  st.chosen_records.assign(records.begin(), records.begin() + nc * shard_fields);
-  row_max.resize(static_cast<std::size_t>(nr));
-  records.resize(static_cast<std::size_t>(nr * shard_fields));
+  shard_rows({&c, &r}, std::max(nc, nr), sh, comm, st.rejected_max, st.rejected_records, opt);
+  // Each side's state holds [0, rows_end) of the one array, as per-side arrays would.
+  st.chosen_max.assign(st.rejected_max.begin(), st.rejected_max.begin() + nc);
+  st.chosen_records.assign(st.rejected_records.begin(), st.rejected_records.begin() + nc * shard_fields);
+  st.rejected_max.resize(static_cast<std::size_t>(nr));
+  st.rejected_records.resize(static_cast<std::size_t>(nr * shard_fields));
 }
 
 /// The context group's sum of `seq` (n doubles), with one more element counting the ranks
@@ -569,7 +570,7 @@ void sequence_logps_sharded(const token_view<T, L>& shard, const vocab_shard& sh
   std::string failure;
   try {
     detail::check_shard_view(shard, sh, "logits");
-    detail::shard_rows(shard, sh, comm, state.chosen_max, state.chosen_records, o);
+    detail::shard_rows({&shard}, detail::rows_end(shard), sh, comm, state.chosen_max, state.chosen_records, o);
     if (S > 0) {
       std::vector<double> seq(static_cast<std::size_t>(seq_fields * S));
       shard_sequence_partials(shard, sh, state.chosen_max.data(), state.chosen_records.data(), seq.data(), o);
