@@ -325,10 +325,15 @@ def _trainer_class():
 
         Not supported (NotImplementedError at construction): PEFT models / ``peft_config``,
         vision-language models, a MoE router auxiliary loss (set ``router_aux_loss_coef=0``), and
-        context or sequence parallelism. With ``ipo`` or ``sigmoid_norm``, a batch with a
-        completion token at position 0 (empty prompt, or ``keep_end`` truncation of the whole
-        prompt) raises ValueError: TRL's length counts that unscored token. Like :func:`dpo_kernels.dpo_loss_from_hidden`, the
-        head runs on CPU and CUDA models.
+        context or sequence parallelism.
+
+        One case runs TRL's own loss: with ``ipo`` or ``sigmoid_norm``, a batch with a
+        completion token at position 0 (an empty prompt, or ``keep_end`` truncation of the
+        whole prompt). Those losses divide by TRL's completion length, which counts that token
+        although no logit scores it, and the library counts the scored tokens; so such a batch
+        goes to ``DPOTrainer.compute_loss`` (TRL's chunked head, or ours under
+        :func:`patch_chunked_logprobs`), with a warning the first time. Like
+        :func:`dpo_kernels.dpo_loss_from_hidden`, the head runs on CPU and CUDA models.
         """
 
         def __init__(self, *args, check_trl_version: bool = True, workspace_bytes: int | None = None, **kwargs):
@@ -352,6 +357,7 @@ def _trainer_class():
                 if bad:
                     raise NotImplementedError(f"FusedDPOTrainer does not support {what} yet: use trl.DPOTrainer")
             self._dk_workspace_bytes = workspace_bytes
+            self._dk_warned_lengths = False
             _add_head_forward(self.model)
             if self.ref_model is not None:
                 _add_head_forward(self.accelerator.unwrap_model(self.ref_model))
@@ -369,7 +375,8 @@ def _trainer_class():
             model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
             model_kwargs["use_cache"] = False
             completion_mask = inputs["completion_mask"]
-            self._dk_check_lengths(completion_mask)
+            if self._dk_needs_trl_lengths(completion_mask):
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)[:, 1:].contiguous()
             if self.precompute_ref_logps:
                 reference = {"reference_chosen_logps": inputs["ref_chosen_logps"],
@@ -393,21 +400,33 @@ def _trainer_class():
                     return loss, model(**model_kwargs)
             return loss
 
-        def _dk_check_lengths(self, completion_mask):
+        def _dk_needs_trl_lengths(self, completion_mask) -> bool:
             """ipo and sigmoid_norm divide by TRL's completion length, the unshifted completion
             mask's count, which includes a completion token at position 0 (an empty prompt, or
             ``truncation_mode="keep_end"`` cutting the whole prompt) that no logit scores; the
-            library counts the scored tokens. Such a batch would train on another loss: refused
-            (one host read per step, for these loss types only)."""
+            library counts the scored tokens. Such a batch is TRL's to compute, on every process
+            if any has one: the two paths gather different metrics, so the processes must agree
+            (one host read per step, and one all-gather with several processes, for these loss
+            types only)."""
             length_losses = [t for t in self.loss_types if t in ("ipo", "sigmoid_norm")]
-            if length_losses and bool(completion_mask[:, 0].any()):
-                raise ValueError(
+            if not length_losses:
+                return False
+            at_zero = completion_mask[:, 0].any().reshape(1)
+            if self.accelerator.num_processes > 1:
+                at_zero = self.accelerator.gather(at_zero.int()).bool()
+            if not bool(at_zero.any()):
+                return False
+            if not self._dk_warned_lengths:
+                self._dk_warned_lengths = True
+                warnings.warn(
                     f"FusedDPOTrainer: loss_type {length_losses[0]!r} divides by TRL's completion length, which "
                     "counts a completion token at position 0 (an empty prompt, or truncation_mode='keep_end' that "
-                    "cut the whole prompt) although no logit scores it; dpo_kernels counts only the scored tokens, "
-                    "so this batch's loss would differ from DPOTrainer's. Keep a prompt token in every example "
-                    "(e.g. truncation_mode='keep_start'), or use trl.DPOTrainer with "
-                    "dpo_kernels.trl.patch_chunked_logprobs()")
+                    "cut the whole prompt) although no logit scores it; dpo_kernels counts only the scored tokens. "
+                    "Batches with such a completion run DPOTrainer's own loss (its head, its memory) so that they "
+                    "train as DPOTrainer does. Keep a prompt token in every example (e.g. "
+                    "truncation_mode='keep_start') to run every batch on the fused head.",
+                    RuntimeWarning, stacklevel=3)
+            return True
 
         def _dk_log(self, mode, inputs, metrics, pairs):
             """Appends DPOTrainer's metrics, reduced over the processes as DPOTrainer reduces them:

@@ -20,6 +20,7 @@ two float64 runs agree to 1e-16. At beta 0.1 the norms are 60-70 and both fp32 r
 within 6e-6 of float64, as for the other fp32 cases.
 """
 import re
+import warnings
 
 import pytest
 import torch
@@ -129,15 +130,40 @@ def test_reference_in_another_dtype():
 
 
 @pytest.mark.parametrize("loss_type", ["ipo", "sigmoid_norm"])
-def test_length_losses_refuse_a_completion_at_position_zero(loss_type):
+def test_length_losses_with_a_completion_at_position_zero_run_trls_loss(loss_type, monkeypatch):
     """ipo and sigmoid_norm divide by TRL's completion length, which counts a completion token
-    at position 0 that no logit scores (keep_end truncation cut the whole prompt here): refused
-    with a message, instead of training on another loss. keep_start trains as TRL's (in float64:
-    these short sequences give gradient norms in the thousands, which amplify fp32 rounding)."""
-    with pytest.raises(ValueError, match="position 0"):
-        trl_harness.train(dkt.FusedDPOTrainer, steps=1, loss_type=[loss_type], max_length=5,
-                          truncation_mode="keep_end")
+    at position 0 that no logit scores. With max_length=8 and keep_end truncation the first
+    step's batch keeps a prompt token in every example and the other two cut a whole prompt:
+    the first runs the fused head, the others DPOTrainer's own loss (one warning), and the
+    training equals TRL's. keep_start trains as TRL's on the fused head alone. Float64: these
+    short sequences give gradient norms in the thousands, which amplify fp32 rounding."""
+    import dpo_kernels
+
+    calls = []
+    inner = dpo_kernels.dpo_loss_from_hidden
+
+    def counting(*a, **k):
+        calls.append(1)
+        return inner(*a, **k)
+
+    caught = []
+
+    def run(trainer):
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            trainer.train()
+        caught.extend(str(x.message) for x in w if "position 0" in str(x.message))
+
+    monkeypatch.setattr(dpo_kernels, "dpo_loss_from_hidden", counting)
+    args = dict(model_config=FLOAT64, loss_type=[loss_type], max_length=8, truncation_mode="keep_end")
+    fused = trl_harness.train(dkt.FusedDPOTrainer, steps=STEPS, run=run, **args)
+    assert len(calls) == 1, "only the first step's batch has a prompt token in every example"
+    assert len(caught) == 1 and loss_type in caught[0] and "DPOTrainer's own loss" in caught[0]
+    trl_harness.assert_same_training(fused, trl_harness.train(None, steps=STEPS, **args), rtol=RTOL_FLOAT64,
+                                     steps=STEPS, model_config=FLOAT64)
+    calls.clear()
     _check(FLOAT64, loss_type=[loss_type], max_length=5, truncation_mode="keep_start")
+    assert len(calls) == STEPS
 
 
 def test_trl_alpha_divergence_is_fp32_only():

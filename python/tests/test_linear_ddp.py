@@ -205,3 +205,59 @@ def test_fused_trainer_under_ddp_matches_trl():
     for r in range(2):
         for name in ("fused", "fused_find_unused"):
             trl_harness.assert_same_training(runs[r][name], runs[0]["trl"])
+
+
+def length_worker(rank, port, out_dir):
+    """ipo with keep_end truncation (float64): per step, each process records whether its own
+    batch has a completion token at position 0 and whether the fused head ran."""
+    import trl_harness
+    import dpo_kernels
+    from dpo_kernels.trl import FusedDPOTrainer
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
+    steps, fused_calls = [], []
+    inner = dpo_kernels.dpo_loss_from_hidden
+
+    def counting(*a, **k):
+        fused_calls.append(1)
+        return inner(*a, **k)
+
+    dpo_kernels.dpo_loss_from_hidden = counting
+    original = FusedDPOTrainer.compute_loss
+
+    def recording(self, model, inputs, *a, **k):
+        before = len(fused_calls)
+        out = original(self, model, inputs, *a, **k)
+        steps.append((bool(inputs["completion_mask"][:, 0].any()), len(fused_calls) > before))
+        return out
+
+    FusedDPOTrainer.compute_loss = recording
+    args = dict(model_config=dict(dtype=torch.float64), per_device_train_batch_size=2, loss_type=["ipo"],
+                max_length=8, truncation_mode="keep_end")
+    runs = {"fused": trl_harness.train(FusedDPOTrainer, **args), "trl": trl_harness.train(None, **args)}
+    torch.save((runs, steps), os.path.join(out_dir, f"{rank}.pt"))
+
+
+def test_fused_trainer_length_fallback_agrees_across_processes():
+    """FusedDPOTrainer hands an ipo batch with a completion at position 0 to DPOTrainer's loss;
+    under DDP every process must take the same path (the paths gather different metrics: a
+    process alone on the other path would hang the collectives or mix up the logs). Here some
+    steps have such a completion on one process only: both take TRL's path there, and the
+    training equals DPOTrainer's on both."""
+    pytest.importorskip("trl")
+    import trl_harness
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed gloo missing")
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(length_worker, args=(free_port(), d), nprocs=2, join=True)
+        (runs0, steps0), (runs1, steps1) = [torch.load(os.path.join(d, f"{r}.pt")) for r in range(2)]
+    assert len(steps0) == len(steps1) == trl_harness.STEPS
+    for (zero0, fused0), (zero1, fused1) in zip(steps0, steps1):
+        assert fused0 == fused1 == (not (zero0 or zero1))
+    assert any(z0 != z1 for (z0, _), (z1, _) in zip(steps0, steps1)), "no step where the processes disagree"
+    assert any(f for _, f in steps0), "no step on the fused head"
+    for runs in (runs0, runs1):
+        trl_harness.assert_same_training(runs["fused"], runs0["trl"], rtol=1e-7, steps=trl_harness.STEPS,
+                                         model_config=dict(dtype=torch.float64))
