@@ -513,6 +513,49 @@ TEST_CASE("head shards: bad input throws on every rank before any collective", "
   });
 }
 
+TEST_CASE("head shards: linear_shard_logps refuses outputs on its inputs or on each other", "[shard_linear]") {
+  const std::int64_t N = 4, H = 3, V = kVocab;
+  const problem p = make_problem<double>(1, N, H, V, false, 11);
+  std::vector<double> hidden;
+  std::vector<label_t> labels;
+  for (std::int64_t t = 0; t < N; ++t) {
+    for (double x : p.hid[0][t]) hidden.push_back(x);
+    labels.push_back(p.lab[0][t]);
+  }
+  std::vector<double> w = p.weight, b = p.bias;
+  const auto v = dpo::linear_view_of(hidden.data(), N, H, head_of(w, b, 0, V, H, p.tr), labels.data());
+  // One buffer: row_max [N], records [N, F], then logps, row_lse, entropy [N] each.
+  const std::int64_t F = dpo::shard_fields;
+  std::vector<double> buf(static_cast<std::size_t>(N + N * F + 3 * N));
+  double* const row_max = buf.data();
+  double* const records = buf.data() + N;
+  double* const out = records + N * F;
+  dpo::cpu::linear_shard_partials(v, dpo::vocab_shard{V, 0, V}, records, row_max, true);
+  const std::vector<double> before = buf;
+  const auto refused = [&](const char* what, double* logps, double* lse, double* entropy) {
+    INFO(what);
+    dpo::cpu::linear_outputs x;
+    x.entropy = entropy;
+    test_support::expect_error(what, [&] { dpo::cpu::linear_shard_logps(v, V, row_max, records, logps, x, lse); });
+    CHECK(buf == before);
+  };
+  refused("logps overlaps row_max", row_max + 1, out + N, out + 2 * N);
+  refused("row_lse overlaps records", out, records + 5, out + 2 * N);
+  refused("logps overlaps entropy", out, out + N, out + 1);
+  refused("logps overlaps labels", reinterpret_cast<double*>(labels.data()), out + N, out + 2 * N);
+  // The same buffers, disjoint: the unsharded head's values.
+  dpo::cpu::linear_outputs x;
+  x.entropy = out + 2 * N;
+  dpo::cpu::linear_shard_logps(v, V, row_max, records, out, x, out + N);
+  std::vector<double> logps(N), lse(N), ent(N);
+  dpo::cpu::linear_outputs ux;
+  ux.entropy = ent.data();
+  dpo::cpu::linear_logps(v, logps.data(), ux, lse.data());
+  check_close(std::vector<double>(out, out + N), logps, 1e-12, "logps");
+  check_close(std::vector<double>(out + N, out + 2 * N), lse, 1e-12, "row_lse");
+  check_close(std::vector<double>(out + 2 * N, out + 3 * N), ent, 1e-12, "entropy");
+}
+
 TEST_CASE("head shards: bad gradient buffers or budgets throw before any collective or write", "[shard_linear]") {
   const problem p = make_problem<float>(2, 5, 4, kVocab, false, 10);
   laid_out<float> l(p, kind::padded, 0, 1);

@@ -303,4 +303,39 @@ std::string linear_empty_call_error(int which, bool previous_error) {
   return out;
 }
 
+std::string linear_shard_logps_alias_error(int which, bool* written) {
+  using I = std::int64_t;
+  const I N = 4, V = 7;
+  const I F = dpo::shard_fields;
+  // One device buffer: row_max [N], records [N, F], then the six outputs [N] each.
+  const I total = N + N * F + 6 * N;
+  dev_buf buf(total * sizeof(double)), dy(N * sizeof(I));
+  const std::vector<double> start(total, 0.5);
+  buf.put(start.data(), total * sizeof(double));
+  const std::vector<I> labels{0, 3, -100, 6};
+  dy.put(labels.data(), N * sizeof(I));
+  double* const b = buf.as<double>();
+  const double* row_max = b;
+  const double* records = b + N;
+  dpo::cuda::detail::shard_row_outputs o;
+  double* out = b + N + N * F;
+  o.logp = out;
+  o.lse = out + N;
+  o.entropy = out + 2 * N;
+  o.zmean = out + 3 * N;
+  o.wpo = out + 4 * N;
+  o.hit = out + 5 * N;
+  switch (which) {
+    case 0: o.logp = b; break;                       // an output on row_max
+    case 1: o.lse = b + N + 3; break;                // an output inside the records
+    case 2: o.entropy = o.logp + 1; break;           // two outputs on each other
+    default: o.hit = reinterpret_cast<double*>(dy.p);  // an output on the labels
+  }
+  dpo::cuda::linear_view<float, I> v{nullptr, N, 3, 3, nullptr, V, 3, 3, nullptr, 0, dy.as<I>(), nullptr, -100, {}};
+  const dpo::cuda::status s = dpo::cuda::linear_shard_logps(v, V, row_max, records, o);
+  DPO_CK(cudaDeviceSynchronize());
+  *written = buf.get<double>(total) != start || dy.get<I>(N) != labels;
+  return s.ok() ? std::string() : std::string(s.message);
+}
+
 }  // namespace dpo_cuda_test

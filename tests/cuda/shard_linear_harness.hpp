@@ -95,4 +95,9 @@ pair_shard_out run_pair_shard(const pair_shard_case& c);
 /// error: empty when the call made the error word its own.
 std::string linear_empty_call_error(int which, bool previous_error);
 
+/// linear_shard_logps with an output aliasing an input or another output (which: 0 out.logp
+/// on row_max, 1 out.lse inside the records, 2 out.entropy on out.logp, 3 out.hit on the
+/// labels): the status message (empty when accepted); *written: whether any byte changed.
+std::string linear_shard_logps_alias_error(int which, bool* written);
+
 }  // namespace dpo_cuda_test

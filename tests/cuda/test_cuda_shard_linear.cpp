@@ -499,6 +499,19 @@ TEST_CASE("cuda linear shard: bad input is a status naming the argument, and not
   }
 }
 
+TEST_CASE("cuda linear shard: linear_shard_logps refuses outputs on its inputs or on each other",
+          "[cuda][linear][shard]") {
+  const char* names[] = {"out.logp overlaps row_max", "out.lse overlaps records", "out.logp overlaps out.entropy",
+                         "out.hit overlaps labels"};
+  for (int which = 0; which < 4; ++which) {
+    INFO("case " << which);
+    bool written = true;
+    const std::string msg = dpo_cuda_test::linear_shard_logps_alias_error(which, &written);
+    CHECK(msg.find(names[which]) != std::string::npos);
+    CHECK_FALSE(written);
+  }
+}
+
 TEST_CASE("cuda linear shard: head calls without rows leave this call's error word", "[cuda][linear][shard]") {
   // linear_logps, linear_logps_backward, linear_shard_partials and linear_shard_backward with
   // rows = 0 returned before any kernel, so read_device_error reported the workspace's old

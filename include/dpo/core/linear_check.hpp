@@ -47,9 +47,11 @@ inline std::string check_no_overlap(const named_range* outs, int n_out, const na
 }
 
 /// A linear head view's sizes, strides, bias, transforms, pointers (p.pointers) and labels
-/// (p.host_data: labels in host memory; CUDA checks them on the device).
+/// (p.host_data: labels in host memory; CUDA checks them on the device). `label_bound`: the
+/// vocabulary the labels index (0: the view's; a vocabulary shard's view passes the global
+/// vocabulary).
 template <class View>
-std::string check_linear_view(const View& v, const check_policy& p) {
+std::string check_linear_view(const View& v, const check_policy& p, std::int64_t label_bound = 0) {
   if (v.rows < 0) return message("rows = ", v.rows, " is invalid: must be >= 0");
   if (v.hidden_cols < 1) return message("hidden_cols = ", v.hidden_cols, " is invalid: must be >= 1");
   if (v.weight_cols != v.hidden_cols)
@@ -78,11 +80,12 @@ std::string check_linear_view(const View& v, const check_policy& p) {
   if (v.hidden == nullptr) return "hidden is null";
   if (v.labels == nullptr) return "labels is null";
   if (!p.host_data) return {};
+  const std::int64_t bound = label_bound > 0 ? label_bound : v.vocab;
   for (std::int64_t r = 0; r < v.rows; ++r) {
     const std::int64_t y = static_cast<std::int64_t>(v.labels[r]);
     if (y == v.ignore_index || (v.mask != nullptr && v.mask[r] == 0)) continue;
-    if (y < 0 || y >= v.vocab)
-      return message("labels[", r, "] = ", y, " is outside [0, vocab = ", v.vocab, ") and is not ignore_index = ",
+    if (y < 0 || y >= bound)
+      return message("labels[", r, "] = ", y, " is outside [0, vocab = ", bound, ") and is not ignore_index = ",
                      v.ignore_index);
   }
   return {};

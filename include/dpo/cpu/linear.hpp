@@ -31,10 +31,12 @@
 #include <utility>
 #include <vector>
 
+#include "dpo/core/linear_check.hpp"
 #include "dpo/core/linear_view.hpp"
 #include "dpo/core/math.hpp"
 #include "dpo/core/shard.hpp"
 #include "dpo/core/transforms.hpp"
+#include "dpo/cpu/check.hpp"
 #include "dpo/cpu/gemm.hpp"
 #include "dpo/cpu/parallel.hpp"
 #include "dpo/cpu/rows.hpp"
@@ -152,79 +154,26 @@ linear_chunking linear_chunks(std::int64_t N, std::int64_t H, std::int64_t V,
   return c;
 }
 
-/// The byte range [lo, hi) of `n` rows of `cols` elements, `stride` apart.
-struct linear_range {
-  const char* lo = nullptr;
-  const char* hi = nullptr;
-  const char* name = "";
-};
+/// The fused head's argument checks are the core's (dpo/core/linear_check.hpp, shared with
+/// CUDA), thrown as dpo::error.
+using linear_range = dpo::detail::named_range;
+using dpo::detail::range_of;
 
-template <class U>
-linear_range range_of(const U* p, std::int64_t n, std::int64_t cols, std::int64_t stride,
-                      const char* name) {
-  if (p == nullptr || n <= 0 || cols <= 0) return {nullptr, nullptr, name};
-  const char* lo = reinterpret_cast<const char*>(p);
-  return {lo, reinterpret_cast<const char*>(p + (n - 1) * stride + cols), name};
-}
-
-inline void check_no_overlap(const linear_range* outs, int n_out, const linear_range* ins,
-                             int n_in) {
-  const auto hit = [](const linear_range& a, const linear_range& b) {
-    return a.lo != nullptr && b.lo != nullptr && a.lo < b.hi && b.lo < a.hi;
-  };
-  for (int i = 0; i < n_out; ++i) {
-    for (int j = 0; j < n_in; ++j)
-      if (hit(outs[i], ins[j]))
-        fail(outs[i].name, " overlaps ", ins[j].name, ": outputs may not alias inputs");
-    for (int j = i + 1; j < n_out; ++j)
-      if (hit(outs[i], outs[j])) fail(outs[i].name, " overlaps ", outs[j].name, ": unsupported aliasing");
-  }
+inline void require_no_overlap(const linear_range* outs, int n_out, const linear_range* ins, int n_in) {
+  throw_if(dpo::detail::check_no_overlap(outs, n_out, ins, n_in));
 }
 
 /// `label_bound`: the vocabulary the labels index (0: the view's; a vocabulary shard's view
 /// passes the global vocabulary, dpo/cpu/linear_shard.hpp).
 template <class T, class L>
 void check_linear_view(const linear_view<T, L>& v, std::int64_t label_bound = 0) {
-  if (v.rows < 0) fail("rows = ", v.rows, " is invalid: must be >= 0");
-  if (v.hidden_cols < 1) fail("hidden_cols = ", v.hidden_cols, " is invalid: must be >= 1");
-  if (v.weight_cols != v.hidden_cols)
-    fail("weight_cols = ", v.weight_cols, " != hidden_cols = ", v.hidden_cols,
-         ": hidden and weight must have the same hidden size");
-  if (v.vocab < 1) fail("vocab = ", v.vocab, " is invalid: must be >= 1");
-  if (v.hidden_stride < v.hidden_cols)
-    fail("hidden_stride = ", v.hidden_stride, " is invalid: must be >= hidden_cols = ", v.hidden_cols);
-  if (v.weight_stride < v.weight_cols)
-    fail("weight_stride = ", v.weight_stride, " is invalid: must be >= weight_cols = ", v.weight_cols);
-  if (v.weight == nullptr) fail("weight is null");
-  if (v.bias != nullptr && v.bias_size != v.vocab)
-    fail("bias_size = ", v.bias_size, " != vocab = ", v.vocab, ": the bias must have one entry per vocab row");
-  if (v.bias == nullptr && v.bias_size != 0)
-    fail("bias is null but bias_size = ", v.bias_size, " (0 means no bias)");
-  double value = 0;
-  if (const char* field = dpo::detail::invalid_transform(v.transforms, &value))
-    fail("transforms.", field, " = ", value, " is invalid: must be finite and > 0",
-         field[1] == 'o' ? " (or 0 for no cap)" : "");
-  if (v.rows == 0) return;
-  if (v.hidden == nullptr) fail("hidden is null");
-  if (v.labels == nullptr) fail("labels is null");
-  const std::int64_t bound = label_bound > 0 ? label_bound : v.vocab;
-  for (std::int64_t r = 0; r < v.rows; ++r) {
-    const std::int64_t y = static_cast<std::int64_t>(v.labels[r]);
-    if (y == v.ignore_index || (v.mask != nullptr && v.mask[r] == 0)) continue;
-    if (y < 0 || y >= bound)
-      fail("labels[", r, "] = ", y, " is outside [0, vocab = ", bound,
-           ") and is not ignore_index = ", v.ignore_index);
-  }
+  throw_if(dpo::detail::check_linear_view(v, dpo::detail::cpu_policy(), label_bound));
 }
 
-/// The byte ranges of every input of a view, for the aliasing checks.
+/// The byte ranges of every input of a view (5 entries), for the aliasing checks.
 template <class T, class L>
 void input_ranges(const linear_view<T, L>& v, linear_range* out) {
-  out[0] = range_of(v.hidden, v.rows, v.hidden_cols, v.hidden_stride, "hidden");
-  out[1] = range_of(v.weight, v.vocab, v.weight_cols, v.weight_stride, "weight");
-  out[2] = range_of(v.bias, 1, v.bias_size, v.bias_size, "bias");
-  out[3] = range_of(v.labels, 1, v.rows, v.rows, "labels");
-  out[4] = range_of(v.mask, 1, v.rows, v.rows, "mask");
+  dpo::detail::linear_input_ranges(v, out);
 }
 
 /// An uninitialised buffer of n values (the workspace is written before it is read).
@@ -682,7 +631,7 @@ void linear_logps(const linear_view<T, L>& in, double* logps, const linear_outpu
       detail::range_of(extra.log_sum_sq_probs, 1, N, N, "log_sum_sq_probs"),
       detail::range_of(extra.mean_logits, 1, N, N, "mean_logits"),
       detail::range_of(extra.is_top1, 1, N, N, "is_top1")};
-  detail::check_no_overlap(outs, 6, ins, 5);
+  detail::require_no_overlap(outs, 6, ins, 5);
   if (N == 0) return;
   const int threads = detail::resolve_threads(opt.num_threads);
   if (extra.any()) {
@@ -736,7 +685,7 @@ void linear_backward_checked(const linear_view<T, L>& in, std::int64_t label_bou
   const linear_range outs[3] = {range_of(g.hidden, N, H, g.hidden_stride, "grads.hidden"),
                                 range_of(g.weight, V, H, g.weight_stride, "grads.weight"),
                                 range_of(g.bias, 1, V, V, "grads.bias")};
-  check_no_overlap(outs, 3, ins, 9);
+  require_no_overlap(outs, 3, ins, 9);
   if (N == 0) return;
   const int threads = resolve_threads(opt.num_threads);
   if (grad_entropy != nullptr) {

@@ -371,7 +371,7 @@ template <class U, class T, class L>
 linear_range side_range(const U* base, std::int64_t stride, std::int64_t cols,
                         const token_view<T, L>& v, const char* name) {
   const dpo::detail::row_span r = dpo::detail::rows_of(v, dpo::detail::cpu_policy());
-  if (base == nullptr || r.size() == 0) return {nullptr, nullptr, name};
+  if (base == nullptr || r.size() == 0) return {{}, name};
   return range_of(base + r.begin * stride, r.size(), cols, stride, name);
 }
 
@@ -415,10 +415,10 @@ void check_linear_grads(const hidden_pairs<T, L>& policy, const linear_head<T>& 
     // One buffer for both sides: the span of both sides' rows.
     const linear_range a = side_range(g.chosen_hidden, g.chosen_hidden_stride, H, c, "grads.chosen_hidden");
     const linear_range b = side_range(g.rejected_hidden, g.rejected_hidden_stride, H, r, "grads.rejected_hidden");
-    linear_range u = a.lo != nullptr ? a : b;
-    if (a.lo != nullptr && b.lo != nullptr) {
-      u.lo = std::min(a.lo, b.lo);
-      u.hi = std::max(a.hi, b.hi);
+    linear_range u = a.bytes.lo != 0 ? a : b;
+    if (a.bytes.lo != 0 && b.bytes.lo != 0) {
+      u.bytes.lo = std::min(a.bytes.lo, b.bytes.lo);
+      u.bytes.hi = std::max(a.bytes.hi, b.bytes.hi);
     }
     u.name = "grads.chosen_hidden / grads.rejected_hidden";
     outs[n++] = u;
@@ -428,7 +428,7 @@ void check_linear_grads(const hidden_pairs<T, L>& policy, const linear_head<T>& 
   }
   outs[n++] = range_of(g.weight, V, H, g.weight_stride, "grads.weight");
   outs[n++] = range_of(g.bias, 1, V, V, "grads.bias");
-  check_no_overlap(outs, n, ins, n_in);
+  require_no_overlap(outs, n, ins, n_in);
 }
 
 /// Row-indexed outputs (forward_outputs::row_lse / row_coef) need one hidden buffer (one

@@ -164,15 +164,33 @@ void linear_shard_partials(const linear_view<T, L>& shard, const vocab_shard& sh
 /// after the two vocabulary all-reduces), for the rows of `view` (only its labels, mask and
 /// ignore_index are read; labels global ids < vocab). logps, row_lse: [rows] (row_lse may be
 /// null: the shard's backward reads the records); extra as linear_logps (is_top1: the core's
-/// shard_label_is_top1, the unsharded head's rule). Rows that do not count get 0. No collective;
-/// every rank of the group computes the same values.
+/// shard_label_is_top1, the unsharded head's rule). Rows that do not count get 0. The outputs
+/// may overlap neither each other nor row_max, records, labels or mask. No collective; every
+/// rank of the group computes the same values.
 template <class T, class L>
 void linear_shard_logps(const linear_view<T, L>& view, std::int64_t vocab, const double* row_max,
                         const double* records, double* logps, const linear_outputs& extra, double* row_lse) {
   using dpo::detail::at;
   if (vocab < 1) detail::fail("vocab = ", vocab, " is invalid: must be >= 1");
-  if (view.rows > 0 && (row_max == nullptr || records == nullptr || logps == nullptr))
-    detail::fail(row_max == nullptr ? "row_max" : records == nullptr ? "records" : "logps", " is null");
+  if (view.rows < 0) detail::fail("rows = ", view.rows, " is invalid: must be >= 0");
+  if (view.rows > 0 && (row_max == nullptr || records == nullptr || logps == nullptr || view.labels == nullptr))
+    detail::fail(row_max == nullptr   ? "row_max"
+                 : records == nullptr ? "records"
+                 : logps == nullptr   ? "logps"
+                                      : "labels",
+                 " is null");
+  const std::int64_t N = view.rows;
+  const detail::linear_range ins[4] = {detail::range_of(row_max, 1, N, N, "row_max"),
+                                       detail::range_of(records, N, shard_fields, shard_fields, "records"),
+                                       detail::range_of(view.labels, 1, N, N, "labels"),
+                                       detail::range_of(view.mask, 1, N, N, "mask")};
+  const detail::linear_range outs[6] = {detail::range_of(logps, 1, N, N, "logps"),
+                                        detail::range_of(row_lse, 1, N, N, "row_lse"),
+                                        detail::range_of(extra.entropy, 1, N, N, "entropy"),
+                                        detail::range_of(extra.log_sum_sq_probs, 1, N, N, "log_sum_sq_probs"),
+                                        detail::range_of(extra.mean_logits, 1, N, N, "mean_logits"),
+                                        detail::range_of(extra.is_top1, 1, N, N, "is_top1")};
+  detail::require_no_overlap(outs, 6, ins, 4);
   for (std::int64_t r = 0; r < view.rows; ++r)
     if (view.target(r) >= vocab)
       detail::fail("labels[", r, "] = ", view.target(r), " is outside [0, vocab = ", vocab, ")");

@@ -192,12 +192,27 @@ status linear_shard_partials(void* workspace, std::size_t& workspace_bytes, cubl
 /// out.lse[r], entropy, mean logit over the global vocabulary (`vocab`), WPO term logp -
 /// log sum_v p_v^2 and top-1 hit (is_top1: 1 when the label is the row's first global
 /// maximum and its logit is above -inf, dpo::detail::shard_label_is_top1);
-/// other rows get 0. Any member of `out` may be null. Only the view's labels, mask and
-/// ignore_index are read (the labels were checked by phase 1). No collective and no
-/// workspace; every rank of the group computes the same values. Deterministic.
+/// other rows get 0. Any member of `out` may be null; they may overlap neither each other nor
+/// row_max, records, labels or mask. Only the view's labels, mask and ignore_index are read
+/// (the labels were checked by phase 1). No collective and no workspace; every rank of the
+/// group computes the same values. Deterministic.
 template <class T, class L>
 status linear_shard_logps(const linear_view<T, L>& view, std::int64_t vocab, const double* row_max,
                           const double* records, const detail::shard_row_outputs& out, cudaStream_t stream = 0) {
+  using dpo::detail::range_of;
+  const std::int64_t N = view.rows < 0 ? 0 : view.rows;
+  const dpo::detail::named_range ins[4] = {range_of(row_max, 1, N, N, "row_max"),
+                                           range_of(records, N, shard_fields, shard_fields, "records"),
+                                           range_of(view.labels, 1, N, N, "labels"),
+                                           range_of(view.mask, 1, N, N, "mask")};
+  const dpo::detail::named_range outs[6] = {range_of(out.logp, 1, N, N, "out.logp"),
+                                            range_of(out.lse, 1, N, N, "out.lse"),
+                                            range_of(out.entropy, 1, N, N, "out.entropy"),
+                                            range_of(out.zmean, 1, N, N, "out.zmean"),
+                                            range_of(out.wpo, 1, N, N, "out.wpo"),
+                                            range_of(out.hit, 1, N, N, "out.hit")};
+  const status s = detail::check_linear_overlap(outs, 6, ins, 4);
+  if (!s) return s;
   return detail::linear_shard_values(view, vocab, row_max, records, out, true, stream);
 }
 
