@@ -315,6 +315,62 @@ TEST_CASE("head shards: layouts, dtypes, transforms, context parallelism", "[sha
   }
 }
 
+TEST_CASE("head shards: both sides on the same rows of one buffer, each with its own labels", "[shard_linear]") {
+  // One hidden buffer whose rows both sides read (labels of their own): the sides' records
+  // need arrays of their own (one array indexed by buffer row would hold one side's label
+  // logit for both).
+  const problem p = make_problem<double>(2, 5, 4, kVocab, false, 12);
+  const std::int64_t P = p.P, H = p.H, V = p.V;
+  laid_out<double> l(p, kind::separate, 0, 1);
+  const auto pairs = dpo::linear_separate_pairs(l.hidden.data(), l.labels.data(), l.hidden.data(),
+                                                l.labels_r.data(), P, l.T_, H, H);
+  const std::vector<double>& w = p.weight;
+  const std::vector<double>& b = p.bias;
+  const named_config nc = fixture::config_named("sigmoid");
+  std::vector<double> dw(static_cast<std::size_t>(V * H), 0.0), db(static_cast<std::size_t>(V), 0.0);
+  dpo::cpu::forward_result want;
+  dpo::cpu::linear_dpo(pairs, head_of(w, b, 0, V, H, p.tr), p.ref_c.data(), p.ref_r.data(), nc.cfg,
+                       dpo::cpu::detail::owned_outputs(want, P), l.grads(dw, db));
+  for (const int W : {2, 3}) {
+    INFO("vocabulary ranks " << W);
+    const std::vector<std::int64_t> cuts = uneven(V, W);
+    std::deque<laid_out<double>> partial;
+    for (int t = 0; t < W; ++t) partial.emplace_back(p, kind::separate, 0, 1);
+    std::vector<std::vector<double>> gw(static_cast<std::size_t>(W)), gb(gw.size());
+    std::vector<dpo::cpu::forward_result> got(gw.size());
+    shard_ranks::grid ranks(W, 1);
+    const std::vector<std::string> errors = ranks.run([&](int rank, int t, int, const dpo::cpu::collectives& comm) {
+      const dpo::vocab_shard sh{V, cuts[t], cuts[t + 1]};
+      gw[rank].assign(static_cast<std::size_t>(sh.width() * H), 0.0);
+      gb[rank].assign(static_cast<std::size_t>(sh.width()), 0.0);
+      dpo::cpu::linear_dpo_sharded(pairs, head_of(w, b, sh.start, sh.width(), H, p.tr), sh, p.ref_c.data(),
+                                   p.ref_r.data(), nc.cfg, comm, dpo::cpu::detail::owned_outputs(got[rank], P),
+                                   partial[static_cast<std::size_t>(rank)].grads(gw[rank], gb[rank]));
+    });
+    for (const std::string& e : errors) REQUIRE(e == "");
+    for (const dpo::cpu::forward_result& r : got) {
+      CHECK(fixture::near(r.loss, want.loss, 1e-10 * (1 + std::fabs(want.loss))));
+      check_close(metric_vec(r.metrics), metric_vec(want.metrics), 1e-10, "metrics");
+#define DPO_TEST_PAIR(name)                                                  \
+  check_close(std::vector<double>(r.name.data(), r.name.data() + P),         \
+              std::vector<double>(want.name.data(), want.name.data() + P), 1e-10, #name);
+      DPO_PAIR_OUTPUTS(DPO_TEST_PAIR)
+#undef DPO_TEST_PAIR
+    }
+    for (const bool rejected : {false, true}) {
+      std::vector<double> sum((rejected ? l.dh_r : l.dh).size(), 0.0);
+      for (const laid_out<double>& q : partial)
+        for (std::size_t i = 0; i < sum.size(); ++i) sum[i] += (rejected ? q.dh_r : q.dh)[i];
+      check_close(sum, rejected ? l.dh_r : l.dh, 1e-10, rejected ? "dHidden (rejected)" : "dHidden (chosen)");
+    }
+    for (int t = 0; t < W; ++t) {
+      const std::int64_t s0 = cuts[t], n = cuts[t + 1] - s0;
+      check_close(gw[t], std::vector<double>(dw.begin() + s0 * H, dw.begin() + (s0 + n) * H), 1e-10, "dWeight rows");
+      check_close(gb[t], std::vector<double>(db.begin() + s0, db.begin() + s0 + n), 1e-10, "dBias rows");
+    }
+  }
+}
+
 TEST_CASE("head shards: a context rank holding no row", "[shard_linear]") {
   // Its hidden states, labels and dHidden are empty buffers (null pointers, as an empty
   // tensor's), and so are its records and maxima; the loss and gradients equal the
