@@ -552,3 +552,198 @@ TEST_CASE("the building blocks take null row state for a side without rows, and 
   fixture::expect_error([&] { dpo::cpu::shard_sequence_partials(tv, sh, mx.data(), nullptr, seq.data()); },
                         "records is null");
 }
+
+namespace {
+
+/// A padded batch of 2 pairs x 3 rows, global vocabulary 8, float64 logits; views of the
+/// columns [s0, s1).
+struct alias_batch {
+  static constexpr std::int64_t P = 2, L = 3, V = 8;
+  std::vector<double> logits;
+  std::vector<std::int64_t> labels;
+  alias_batch() {
+    logits.resize(static_cast<std::size_t>(2 * P * L * V));
+    for (std::size_t i = 0; i < logits.size(); ++i) logits[i] = std::sin(0.7 * static_cast<double>(i) + 0.3) * 3.0;
+    labels.resize(static_cast<std::size_t>(2 * P * L));
+    for (std::size_t i = 0; i < labels.size(); ++i) labels[i] = static_cast<std::int64_t>((i * 5 + 1) % V);
+    labels[0] = -100;
+  }
+  static constexpr std::int64_t rows() { return 2 * P * L; }
+  dpo::token_view<double, std::int64_t> view(const double* base, std::int64_t s0, std::int64_t s1) const {
+    dpo::token_view<double, std::int64_t> v;
+    v.logits = base + s0;
+    v.labels = labels.data();
+    v.vocab = s1 - s0;
+    v.row_stride = V;
+    v.num_seqs = 2 * P;
+    v.seq_len = L;
+    return v;
+  }
+  dpo::pair_view<double, std::int64_t> pairs(const double* base, std::int64_t s0, std::int64_t s1) const {
+    return dpo::padded_pairs<double, std::int64_t>(base + s0, labels.data(), 2 * P, L, s1 - s0, V);
+  }
+};
+
+}  // namespace
+
+TEST_CASE("shards: outputs on inputs or on each other, null or negative row ranges, throw and write nothing",
+          "[shard]") {
+  using dpo::shard_fields;
+  constexpr std::int64_t n = alias_batch::rows(), P = alias_batch::P, S = 2 * P, V = alias_batch::V;
+  const alias_batch b;
+  const dpo::vocab_shard whole{V, 0, V};
+  const auto v = b.view(b.logits.data(), 0, V);
+  const auto pv = b.pairs(b.logits.data(), 0, V);
+  // Valid combined state (world 1): maxima, rebased records, sequence sums.
+  std::vector<double> rec(static_cast<std::size_t>(n * shard_fields)), mx(static_cast<std::size_t>(n));
+  dpo::cpu::shard_partials(v, whole, rec.data(), mx.data());
+  dpo::cpu::shard_rebase(0, n, mx.data(), rec.data());
+  std::vector<double> seq(static_cast<std::size_t>(dpo::seq_fields * S));
+  dpo::cpu::shard_pair_partials(pv, whole, mx.data(), rec.data(), mx.data(), rec.data(), 1.0, seq.data());
+  // One scratch buffer that every aliased output points into: nothing may change in it.
+  std::vector<double> buf(static_cast<std::size_t>(n * shard_fields + n * V + 64));
+  const auto refused = [&](const char* what, const std::function<void()>& f) {
+    INFO(what);
+    const std::vector<double> before = buf;
+    fixture::expect_error(f, what);
+    CHECK(buf == before);
+  };
+  std::copy(rec.begin(), rec.end(), buf.begin());
+  double* const brec = buf.data();  // a copy of the records at the buffer's start
+
+  // Phase 1.
+  refused("row_max overlaps records", [&] { dpo::cpu::shard_partials(v, whole, brec, brec + 5); });
+  {
+    std::vector<double> lg = b.logits;  // records over the logits, one row ahead
+    const std::vector<double> before = lg;
+    fixture::expect_error([&] { dpo::cpu::shard_partials(b.view(lg.data(), 0, V), whole, lg.data() + V, mx.data()); },
+                          "records overlaps logits");
+    CHECK(lg == before);
+  }
+  // Between the collectives.
+  refused("records overlaps row_max", [&] { dpo::cpu::shard_rebase(0, n, brec + 8, brec); });
+  refused("row_max is null", [&] { dpo::cpu::shard_rebase(0, n, nullptr, brec); });
+  refused("records is null", [&] { dpo::cpu::shard_rebase(0, n, mx.data(), nullptr); });
+  refused("begin = -1000000000 is invalid", [&] { dpo::cpu::shard_rebase(-1000000000, 1, mx.data(), brec); });
+  refused("end = 2 is invalid: must be >= begin = 3", [&] { dpo::cpu::shard_rebase(3, 2, mx.data(), brec); });
+  {
+    const double* ranks[2] = {rec.data(), brec};
+    refused("records overlaps rank_records", [&] {
+      dpo::cpu::combine_shard_records(0, n, 2, ranks, buf.data() + n * shard_fields,
+                                      brec);
+    });
+    const double* one_null[2] = {rec.data(), nullptr};
+    refused("rank_records[1] is null",
+            [&] { dpo::cpu::combine_shard_records(0, n, 2, one_null, buf.data() + n * shard_fields, brec); });
+    refused("rank_records is null",
+            [&] { dpo::cpu::combine_shard_records(0, n, 2, nullptr, buf.data() + n * shard_fields, brec); });
+    refused("row_max overlaps rank_records", [&] {
+      const double* r1[1] = {brec};
+      dpo::cpu::combine_shard_records(0, n, 1, r1, brec + 3, buf.data() + n * shard_fields);
+    });
+    refused("begin = -7 is invalid", [&] {
+      const double* r1[1] = {rec.data()};
+      dpo::cpu::combine_shard_records(-7, 1, 1, r1, mx.data(), brec);
+    });
+  }
+  // Phase 2.
+  refused("seq overlaps records", [&] { dpo::cpu::shard_sequence_partials(v, whole, mx.data(), brec, brec + 4); });
+  refused("seq overlaps chosen_records",
+          [&] { dpo::cpu::shard_pair_partials(pv, whole, mx.data(), brec, mx.data(), rec.data(), 1.0, brec); });
+  // The pair stage: seq_grad on a per-pair output, or an output on the totals.
+  dpo::loss_config cfg;
+  cfg.reference_free = true;
+  {
+    dpo::forward_outputs o;
+    o.losses = buf.data();
+    refused("seq_grad overlaps out.losses",
+            [&] { dpo::cpu::shard_pair_stage(P, seq.data(), nullptr, nullptr, cfg, true, o, buf.data()); });
+    std::copy(seq.begin(), seq.end(), buf.begin());
+    o.losses = buf.data() + 1;
+    refused("out.losses overlaps seq_totals",
+            [&] { dpo::cpu::shard_pair_stage(P, buf.data(), nullptr, nullptr, cfg, true, o, buf.data() + 200); });
+    std::copy(rec.begin(), rec.end(), buf.begin());
+  }
+  // The backward: a gradient on the row state or on seq_grad (not the logits: in place).
+  const std::vector<double> sg{0.3, -0.2, -0.4, 0.25};
+  {
+    std::copy(mx.begin(), mx.end(), buf.begin() + n * shard_fields);
+    double* const bmax = buf.data() + n * shard_fields;
+    std::vector<double> gr(static_cast<std::size_t>(n * V));
+    refused("grad.chosen overlaps chosen_max", [&] {
+      dpo::cpu::shard_backward(pv, whole, bmax, rec.data(), mx.data(), rec.data(), sg.data(), 0.0, 1.0,
+                               dpo::pair_grad_view<double>{bmax, V, gr.data(), V});
+    });
+    refused("grad overlaps records", [&] {
+      dpo::cpu::shard_sequence_backward(v, whole, mx.data(), brec, sg.data(), brec + 8, V);
+    });
+    std::copy(sg.begin(), sg.end(), buf.begin());
+    refused("grad overlaps seq_grad", [&] {
+      dpo::cpu::shard_sequence_backward(v, whole, mx.data(), rec.data(), buf.data(), buf.data(), V);
+    });
+    std::copy(rec.begin(), rec.end(), buf.begin());
+    // In place (the gradient over the logits themselves) stays allowed.
+    std::vector<double> lg = b.logits;
+    std::vector<double> out(static_cast<std::size_t>(n * V));
+    dpo::cpu::shard_sequence_backward(b.view(lg.data(), 0, V), whole, mx.data(), rec.data(), sg.data(), lg.data(), V);
+    dpo::cpu::shard_sequence_backward(v, whole, mx.data(), rec.data(), sg.data(), out.data(), V);
+    CHECK(lg == out);
+  }
+  // The drivers: a state whose records do not match its maxima; sums on counts.
+  {
+    dpo::cpu::shard_state st;
+    dpo::cpu::dpo_forward_sharded(pv, whole, nullptr, nullptr, cfg, dpo::cpu::collectives{}, dpo::forward_outputs{},
+                                  st);
+    st.chosen_records.resize(shard_fields);  // one row's record for six rows of maxima
+    std::vector<double> g(static_cast<std::size_t>(n * V));
+    fixture::expect_error(
+        [&] { dpo::cpu::dpo_backward_sharded(pv, whole, st, dpo::pair_grad_view<double>{g.data(), V, g.data(), V}); },
+        "shard_state does not match logits");
+    std::vector<double> sums(static_cast<std::size_t>(S), 7.0);
+    fixture::expect_error(
+        [&] { dpo::cpu::sequence_logps_sharded(v, whole, dpo::cpu::collectives{}, sums.data(), sums.data(), st); },
+        "sums overlaps counts");
+    for (double x : sums) CHECK(x == 7.0);
+  }
+}
+
+TEST_CASE("shards: a forward that throws after a peer's failure leaves the state as it was", "[shard]") {
+  const alias_batch b;
+  const std::int64_t V = alias_batch::V;
+  const dpo::vocab_shard whole{V, 0, V};
+  dpo::loss_config cfg;
+  cfg.reference_free = true;
+  dpo::cpu::collectives ok, peer_failed;
+  ok.context_sum = [](double*, std::int64_t) {};
+  peer_failed.context_sum = [](double* d, std::int64_t n) { d[n - 1] += 1.0; };  // a peer rejected its slice
+  std::vector<double> other = b.logits;
+  for (double& x : other) x *= 2;
+  // dpo_forward_sharded
+  dpo::cpu::shard_state st;
+  dpo::cpu::dpo_forward_sharded(b.pairs(b.logits.data(), 0, V), whole, nullptr, nullptr, cfg, ok,
+                                dpo::forward_outputs{}, st);
+  const dpo::cpu::shard_state before = st;
+  fixture::expect_error(
+      [&] {
+        dpo::cpu::dpo_forward_sharded(b.pairs(other.data(), 0, V), whole, nullptr, nullptr, cfg, peer_failed,
+                                      dpo::forward_outputs{}, st);
+      },
+      "rank(s) of the context group rejected their input");
+  CHECK(st.chosen_max == before.chosen_max);
+  CHECK(st.chosen_records == before.chosen_records);
+  CHECK(st.rejected_records == before.rejected_records);
+  CHECK(st.seq_grad == before.seq_grad);
+  // sequence_logps_sharded
+  const std::int64_t S = 2 * alias_batch::P;
+  std::vector<double> sums(static_cast<std::size_t>(S)), counts(sums.size());
+  dpo::cpu::sequence_logps_sharded(b.view(b.logits.data(), 0, V), whole, ok, sums.data(), counts.data(), st);
+  const dpo::cpu::shard_state seq_before = st;
+  fixture::expect_error(
+      [&] {
+        dpo::cpu::sequence_logps_sharded(b.view(other.data(), 0, V), whole, peer_failed, sums.data(), counts.data(),
+                                         st);
+      },
+      "rank(s) of the context group rejected their input");
+  CHECK(st.chosen_max == seq_before.chosen_max);
+  CHECK(st.chosen_records == seq_before.chosen_records);
+}

@@ -28,6 +28,7 @@
 #include <string>
 #include <vector>
 
+#include "dpo/core/linear_check.hpp"
 #include "dpo/core/shard.hpp"
 #include "dpo/cpu/dpo.hpp"
 
@@ -65,6 +66,37 @@ std::int64_t rows_end(const token_view<T, L>& v) {
 template <class T, class L>
 std::int64_t span_rows(const token_view<T, L>& v) {
   return v.num_seqs > 0 ? rows_end(v) - v.row_begin(0) : 0;
+}
+
+using dpo::detail::named_range;
+using dpo::detail::range_of;
+
+/// The bytes of a view's logits rows, labels and mask (3 entries), for the aliasing checks.
+template <class T, class L>
+void view_ranges(const token_view<T, L>& v, const char* logits_name, detail::named_range* out) {
+  const std::int64_t n = rows_end(v);
+  out[0] = {dpo::detail::row_bytes(v.logits, v.row_stride, v, dpo::detail::cpu_policy()), logits_name};
+  out[1] = detail::range_of(v.labels, 1, n, n, "labels");
+  out[2] = detail::range_of(v.mask, 1, n, n, "mask");
+}
+
+/// The bytes of a row state of n rows: maxima [n] and records [n, shard_fields] (2 entries).
+inline void state_ranges(const double* row_max, const double* records, std::int64_t n, const char* max_name,
+                         const char* records_name, detail::named_range* out) {
+  out[0] = detail::range_of(row_max, 1, n, n, max_name);
+  out[1] = detail::range_of(records, n, shard_fields, shard_fields, records_name);
+}
+
+/// Outputs may overlap neither an input nor each other (dpo/core/linear_check.hpp's rule).
+inline void require_no_overlap(std::initializer_list<detail::named_range> outs, std::initializer_list<detail::named_range> ins) {
+  throw_if(dpo::detail::check_no_overlap(outs.begin(), static_cast<int>(outs.size()), ins.begin(),
+                                         static_cast<int>(ins.size())));
+}
+
+/// Rows [begin, end) of a buffer: begin >= 0 and end >= begin.
+inline void check_row_range(std::int64_t begin, std::int64_t end) {
+  if (begin < 0) dpo::detail::fail("begin = ", begin, " is invalid: must be >= 0");
+  if (end < begin) dpo::detail::fail("end = ", end, " is invalid: must be >= begin = ", begin);
 }
 
 /// A side's row state (maxima and records) must be given when `needed` (the side has rows to
@@ -231,8 +263,9 @@ void check_grad_buffer(const T* grad, std::int64_t grad_stride, std::int64_t wid
 /// max of -inf) and, when row_max is not null, row_max[r] = the record's shard_max (the
 /// buffer of the max all-reduce). Both are indexed by the logits buffer's row, so they need
 /// at least row_end(num_seqs - 1) rows. opt.metrics false leaves the metric fields 0 (a WPO
-/// loss needs them). One read of the shard. Deterministic and independent of the thread
-/// count; throws dpo::error (writing nothing) on bad input.
+/// loss needs them). One read of the shard. records and row_max may overlap neither the
+/// view's logits rows, labels and mask nor each other. Deterministic and independent of the
+/// thread count; throws dpo::error (writing nothing) on bad input.
 template <class T, class L>
 void shard_partials(const token_view<T, L>& shard, const vocab_shard& sh, double* records,
                     double* row_max, const options& opt = {}) {
@@ -240,6 +273,10 @@ void shard_partials(const token_view<T, L>& shard, const vocab_shard& sh, double
   // A view without rows writes nothing: its buffers may be null (an empty tensor's pointer).
   if (detail::span_rows(shard) == 0) return;
   if (records == nullptr) dpo::detail::fail("records is null");
+  detail::named_range in[3], out[2];
+  detail::view_ranges(shard, "logits", in);
+  detail::state_ranges(row_max, records, detail::rows_end(shard), "row_max", "records", out);
+  detail::require_no_overlap({out[0], out[1]}, {in[0], in[1], in[2]});
   if (opt.metrics) {
     detail::shard_partials_impl<true>(shard, sh, records, row_max, opt.num_threads);
   } else {
@@ -248,8 +285,16 @@ void shard_partials(const token_view<T, L>& shard, const vocab_shard& sh, double
 }
 
 /// Between the max and the sum all-reduce: shifts records [begin, end) (rows of the buffer)
-/// to the global maxima row_max[r] (the max all-reduce's result), in place. Deterministic.
+/// to the global maxima row_max[r] (the max all-reduce's result), in place. row_max may not
+/// overlap those records. Deterministic; throws dpo::error (writing nothing) on bad input.
 inline void shard_rebase(std::int64_t begin, std::int64_t end, const double* row_max, double* records) {
+  detail::check_row_range(begin, end);
+  if (end == begin) return;
+  if (row_max == nullptr || records == nullptr)
+    dpo::detail::fail(row_max == nullptr ? "row_max" : "records", " is null");
+  const std::int64_t n = end - begin;
+  detail::require_no_overlap({detail::range_of(records + begin * shard_fields, n, shard_fields, shard_fields, "records")},
+                             {detail::range_of(row_max + begin, 1, n, n, "row_max")});
   for (std::int64_t r = begin; r < end; ++r) dpo::detail::shard_rebase(row_max[r], records + r * shard_fields);
 }
 
@@ -258,11 +303,27 @@ inline void shard_rebase(std::int64_t begin, std::int64_t end, const double* row
 /// it) for rows [begin, end) into row_max (the global maxima) and records (the summed,
 /// rebased records: what the two all-reduces give). Ranks are added in index order, so
 /// every rank that combines the same gathered records gets bitwise the same result.
-/// rank_records must not alias records.
+/// row_max and records may overlap neither each other nor any rank_records[k] (rows [begin,
+/// end) compared). Throws dpo::error (writing nothing) on bad input.
 inline void combine_shard_records(std::int64_t begin, std::int64_t end, int world,
                                   const double* const* rank_records, double* row_max, double* records) {
   using dpo::detail::at;
   if (world < 1) dpo::detail::fail("world = ", world, " is invalid: must be >= 1");
+  detail::check_row_range(begin, end);
+  if (end == begin) return;
+  if (rank_records == nullptr) dpo::detail::fail("rank_records is null");
+  for (int k = 0; k < world; ++k)
+    if (rank_records[k] == nullptr) dpo::detail::fail("rank_records[", k, "] is null");
+  if (row_max == nullptr || records == nullptr)
+    dpo::detail::fail(row_max == nullptr ? "row_max" : "records", " is null");
+  const std::int64_t n = end - begin;
+  const auto rows_of = [&](const double* p, const char* name) {
+    return detail::range_of(p + begin * shard_fields, n, shard_fields, shard_fields, name);
+  };
+  const detail::named_range outs[2] = {rows_of(records, "records"), detail::range_of(row_max + begin, 1, n, n, "row_max")};
+  std::vector<detail::named_range> ins;
+  for (int k = 0; k < world; ++k) ins.push_back(rows_of(rank_records[k], "rank_records"));
+  detail::throw_if(dpo::detail::check_no_overlap(outs, 2, ins.data(), world));
   double tmp[shard_fields];
   for (std::int64_t r = begin; r < end; ++r) {
     double M = -INFINITY;
@@ -286,7 +347,8 @@ inline void combine_shard_records(std::int64_t begin, std::int64_t end, int worl
 /// DPO_SEQ_FIELDS; logps = logps_plain, no LD-DPO). With context parallelism the view holds
 /// this rank's rows of each sequence and the caller sums seq over the context group. The
 /// whole vocabulary on one rank (sh = whole_vocab(V), records of shard_partials rebased to
-/// their own maxima) gives the context-parallel path alone. Deterministic.
+/// their own maxima) gives the context-parallel path alone. seq may not overlap the labels,
+/// the mask or the row state (the logits are not read). Deterministic.
 template <class T, class L>
 void shard_sequence_partials(const token_view<T, L>& shard, const vocab_shard& sh, const double* row_max,
                              const double* records, double* seq, const options& opt = {}) {
@@ -296,6 +358,15 @@ void shard_sequence_partials(const token_view<T, L>& shard, const vocab_shard& s
   // Row state is read only for rows of the sequences: none there, it may be null.
   if (detail::has_rows(shard) && (row_max == nullptr || records == nullptr))
     dpo::detail::fail(row_max == nullptr ? "row_max" : "records", " is null");
+  {
+    // Phase 2 reads the labels, the mask and the row state, never the logits (the fused
+    // head's phase 2 passes its hidden rows there).
+    detail::named_range in[5];
+    detail::view_ranges(shard, "logits", in);
+    detail::state_ranges(row_max, records, detail::rows_end(shard), "row_max", "records", in + 3);
+    const std::int64_t n = seq_fields * shard.num_seqs;
+    detail::require_no_overlap({detail::range_of(seq, 1, n, n, "seq")}, {in[1], in[2], in[3], in[4]});
+  }
   detail::row_values rows;
   detail::rows_from_records(shard, sh, row_max, records, opt.metrics, rows);
   const std::vector<double> none(static_cast<std::size_t>(shard.num_seqs), INFINITY);
@@ -307,7 +378,8 @@ void shard_sequence_partials(const token_view<T, L>& shard, const vocab_shard& s
 /// ([seq_fields, 2P], chosen in columns [0, P), rejected in [P, 2P)), LD-DPO weighted by
 /// ld_alpha (which needs whole sequences on this rank: pass 1 under context parallelism).
 /// Each side's records are indexed by its own buffer's rows (one array for both sides of a
-/// concatenated layout). opt.metrics || WPO computes the metric sums.
+/// concatenated layout). opt.metrics || WPO computes the metric sums. seq may not overlap the
+/// labels, masks or row state (the logits are not read).
 template <class T, class L>
 void shard_pair_partials(const pair_view<T, L>& shard, const vocab_shard& sh, const double* chosen_max,
                          const double* chosen_records, const double* rejected_max,
@@ -321,6 +393,21 @@ void shard_pair_partials(const pair_view<T, L>& shard, const vocab_shard& sh, co
                            chosen_records);
   detail::check_side_state("shard_pair_partials", "rejected", detail::has_rows(shard.rejected), rejected_max,
                            rejected_records);
+  {
+    // Phase 2 reads the labels, masks and row state, never the logits (the fused head's
+    // phase 2 passes its hidden rows there): those are blanked.
+    detail::named_range in[10];
+    detail::view_ranges(shard.chosen, "chosen logits", in);
+    detail::view_ranges(shard.rejected, "rejected logits", in + 3);
+    in[0] = in[3] = {};
+    detail::state_ranges(chosen_max, chosen_records, detail::rows_end(shard.chosen), "chosen_max",
+                         "chosen_records", in + 6);
+    detail::state_ranges(rejected_max, rejected_records, detail::rows_end(shard.rejected), "rejected_max",
+                         "rejected_records", in + 8);
+    const std::int64_t n = seq_fields * 2 * shard.num_pairs();
+    const detail::named_range o = detail::range_of(seq, 1, n, n, "seq");
+    detail::throw_if(dpo::detail::check_no_overlap(&o, 1, in, 10));
+  }
   detail::row_values rc, rr;
   detail::rows_from_records(shard.chosen, sh, chosen_max, chosen_records, opt.metrics, rc);
   detail::rows_from_records(shard.rejected, sh, rejected_max, rejected_records, opt.metrics, rr);
@@ -336,7 +423,8 @@ void shard_pair_partials(const pair_view<T, L>& shard, const vocab_shard& sh, co
 /// each sequence (chosen then rejected). out.nll_token_grad, when set, receives the NLL
 /// terms' dL/dlogp of each chosen token, which shard_backward needs too. `metrics` says
 /// whether the totals hold the metric sums. Every rank with the same totals computes
-/// bitwise the same values. Throws dpo::error (writing nothing) on bad input.
+/// bitwise the same values. The outputs (seq_grad and out's) may overlap neither each other
+/// nor seq_totals or the reference. Throws dpo::error (writing nothing) on bad input.
 inline void shard_pair_stage(std::int64_t P, const double* seq_totals, const double* ref_chosen,
                              const double* ref_rejected, const loss_config& cfg, bool metrics,
                              const forward_outputs& out, double* seq_grad) {
@@ -345,6 +433,20 @@ inline void shard_pair_stage(std::int64_t P, const double* seq_totals, const dou
   if (P < 1) dpo::detail::fail("num_pairs = ", P, " is invalid: must be >= 1");
   if (seq_totals == nullptr || seq_grad == nullptr)
     dpo::detail::fail(seq_totals == nullptr ? "seq_totals" : "seq_grad", " is null");
+  {
+    std::vector<detail::named_range> outs{detail::range_of(seq_grad, 1, 2 * P, 2 * P, "seq_grad"),
+                                          detail::range_of(out.loss, 1, 1, 1, "out.loss"),
+                                          detail::range_of(reinterpret_cast<const unsigned char*>(out.metrics), 1,
+                                                   sizeof(dpo::metrics), sizeof(dpo::metrics), "out.metrics"),
+                                          detail::range_of(out.nll_token_grad, 1, 1, 1, "out.nll_token_grad")};
+#define DPO_DETAIL_RANGE(name) outs.push_back(detail::range_of(out.name, 1, P, P, "out." #name));
+    DPO_PAIR_OUTPUTS(DPO_DETAIL_RANGE)
+#undef DPO_DETAIL_RANGE
+    const detail::named_range ins[3] = {detail::range_of(seq_totals, 1, seq_fields * 2 * P, seq_fields * 2 * P, "seq_totals"),
+                                        detail::range_of(ref_chosen, 1, P, P, "ref_chosen"),
+                                        detail::range_of(ref_rejected, 1, P, P, "ref_rejected")};
+    detail::throw_if(dpo::detail::check_no_overlap(outs.data(), static_cast<int>(outs.size()), ins, 3));
+  }
   std::vector<double> gc, gr;
   detail::batch_sequences s;
   detail::get_sums(seq_totals, 2 * P, 0, P, s.nc, s.sc);
@@ -361,8 +463,9 @@ inline void shard_pair_stage(std::int64_t P, const double* seq_totals, const dou
 /// seq_grad and nll_token_grad of shard_pair_stage, and the ld_alpha of the forward. No
 /// collective: every input is already global. grad: one buffer per side, rows indexed as
 /// the side's logits; in place when it is the logits with the same stride. Masked rows get
-/// zeros, gap rows are not written, columns past the shard's width are not touched.
-/// Deterministic; throws dpo::error (writing nothing) on bad input.
+/// zeros, gap rows are not written, columns past the shard's width are not touched. grad may
+/// not overlap the labels, masks, row state or seq_grad. Deterministic; throws dpo::error
+/// (writing nothing) on bad input.
 template <class T, class L>
 void shard_backward(const pair_view<T, L>& shard, const vocab_shard& sh, const double* chosen_max,
                     const double* chosen_records, const double* rejected_max,
@@ -378,6 +481,26 @@ void shard_backward(const pair_view<T, L>& shard, const vocab_shard& sh, const d
   detail::check_side_state("shard_backward", "rejected", detail::has_rows(shard.rejected), rejected_max,
                            rejected_records);
   const std::int64_t P = shard.num_pairs();
+  {
+    // grad against the logits and against each other: check_grad's rules (in place
+    // allowed); here against every other input.
+    detail::named_range v[6], st[4];
+    detail::view_ranges(shard.chosen, "chosen logits", v);
+    detail::view_ranges(shard.rejected, "rejected logits", v + 3);
+    detail::state_ranges(chosen_max, chosen_records, detail::rows_end(shard.chosen), "chosen_max", "chosen_records",
+                         st);
+    detail::state_ranges(rejected_max, rejected_records, detail::rows_end(shard.rejected), "rejected_max",
+                         "rejected_records", st + 2);
+    const detail::named_range in[9] = {v[1], v[2], v[4], v[5], st[0], st[1], st[2], st[3],
+                                       detail::range_of(seq_grad, 1, 2 * P, 2 * P, "seq_grad")};
+    const int n_in = 9;
+    const auto pol = dpo::detail::cpu_policy();
+    const detail::named_range outs[2] = {
+        {dpo::detail::row_bytes(grad.chosen, grad.chosen_stride, shard.chosen, pol), "grad.chosen"},
+        {dpo::detail::row_bytes(grad.rejected, grad.rejected_stride, shard.rejected, pol), "grad.rejected"}};
+    // The two sides' gradients were compared by check_grad: only the inputs here.
+    for (const detail::named_range& o : outs) detail::throw_if(dpo::detail::check_no_overlap(&o, 1, in, n_in));
+  }
   const std::vector<double> shared = detail::shared_lengths(
       detail::token_counts(shard.chosen), detail::token_counts(shard.rejected), ld_alpha);
   const std::vector<double> cc = detail::shard_coefs(shard.chosen, seq_grad, shared, ld_alpha, nll_token_grad);
@@ -391,8 +514,9 @@ void shard_backward(const pair_view<T, L>& shard, const vocab_shard& sh, const d
 /// The backward of sum_s seq_grad[s] * logps[s] (the log-probs of shard_sequence_partials)
 /// on a shard, as sequence_logps_backward: seq_grad[s] * (onehot(y) - softmax(z)) on the
 /// shard's columns of completion rows, zeros on the sequences' other rows, gap rows not
-/// written. In place when grad == shard.logits with the same stride. Deterministic; throws
-/// dpo::error (writing nothing) on bad input.
+/// written. In place when grad == shard.logits with the same stride; grad may not overlap the
+/// labels, mask, row state or seq_grad. Deterministic; throws dpo::error (writing nothing) on
+/// bad input.
 template <class T, class L>
 void shard_sequence_backward(const token_view<T, L>& shard, const vocab_shard& sh, const double* row_max,
                              const double* records, const double* seq_grad, T* grad,
@@ -403,6 +527,14 @@ void shard_sequence_backward(const token_view<T, L>& shard, const vocab_shard& s
     dpo::detail::fail(row_max == nullptr ? "row_max" : records == nullptr ? "records" : "seq_grad", " is null");
   detail::check_seq_grad(shard, row_max, seq_grad, grad, grad_stride);
   if (!rows) return;
+  {
+    detail::named_range in[5];
+    detail::view_ranges(shard, "logits", in);  // the logits: check_seq_grad's rule (in place allowed)
+    detail::state_ranges(row_max, records, detail::rows_end(shard), "row_max", "records", in + 3);
+    in[0] = detail::range_of(seq_grad, 1, shard.num_seqs, shard.num_seqs, "seq_grad");
+    const detail::named_range g{dpo::detail::row_bytes(grad, grad_stride, shard, dpo::detail::cpu_policy()), "grad"};
+    detail::throw_if(dpo::detail::check_no_overlap(&g, 1, in, 5));
+  }
   const std::vector<double> none(static_cast<std::size_t>(shard.num_seqs), INFINITY);
   detail::shard_rows_backward(shard, sh, row_max, records, detail::shard_coefs(shard, seq_grad, none, 1.0, 0.0),
                               1.0, grad, grad_stride, opt.num_threads);
@@ -502,7 +634,8 @@ inline void context_sum(const collectives& comm, std::vector<double>& seq, const
 /// fields of forward_outputs except row_lse / row_coef) and `state` for dpo_backward_sharded.
 /// Throws dpo::error on bad input: before any collective, except that a context rank whose
 /// own slice is rejected still takes part in the context sum (one more element, a count of
-/// such ranks), after which every rank of the context group throws.
+/// such ranks), after which every rank of the context group throws. A call that throws
+/// leaves `state` as it was.
 template <class T, class L>
 void dpo_forward_sharded(const pair_view<T, L>& shard, const vocab_shard& sh, const double* ref_chosen,
                          const double* ref_rejected, const loss_config& cfg, const collectives& comm,
@@ -521,32 +654,36 @@ void dpo_forward_sharded(const pair_view<T, L>& shard, const vocab_shard& sh, co
   o.metrics = opt.metrics || cfg.use_weighting;
   std::vector<double> seq(static_cast<std::size_t>(seq_fields * 2 * P));
   std::string failure;
+  shard_state next;  // `state` is replaced only when the call succeeds
   try {
     detail::check_shard_pairs(shard, sh, "logits");
-    detail::shard_pair_rows(shard, sh, comm, state, o);
-    shard_pair_partials(shard, sh, state.chosen_max.data(), state.chosen_records.data(), state.rejected_max.data(),
-                        state.rejected_records.data(), cfg.ld_alpha, seq.data(), o);
+    detail::shard_pair_rows(shard, sh, comm, next, o);
+    shard_pair_partials(shard, sh, next.chosen_max.data(), next.chosen_records.data(), next.rejected_max.data(),
+                        next.rejected_records.data(), cfg.ld_alpha, seq.data(), o);
   } catch (const dpo::error& e) {
     if (!comm.context_sum) throw;
     failure = e.what();
     std::fill(seq.begin(), seq.end(), 0.0);
   }
   if (comm.context_sum) detail::context_sum(comm, seq, failure);
-  state.seq_grad.assign(static_cast<std::size_t>(2 * P), 0.0);
+  next.seq_grad.assign(static_cast<std::size_t>(2 * P), 0.0);
   forward_outputs fo = out;
-  fo.nll_token_grad = &state.nll_token_grad;
-  shard_pair_stage(P, seq.data(), ref_chosen, ref_rejected, cfg, o.metrics, fo, state.seq_grad.data());
-  if (out.nll_token_grad) *out.nll_token_grad = state.nll_token_grad;
-  state.ld_alpha = cfg.ld_alpha;
+  fo.nll_token_grad = &next.nll_token_grad;
+  shard_pair_stage(P, seq.data(), ref_chosen, ref_rejected, cfg, o.metrics, fo, next.seq_grad.data());
+  if (out.nll_token_grad) *out.nll_token_grad = next.nll_token_grad;
+  next.ld_alpha = cfg.ld_alpha;
+  state = std::move(next);
 }
 
 /// shard_backward from the state of dpo_forward_sharded (no collective).
 template <class T, class L>
 void dpo_backward_sharded(const pair_view<T, L>& shard, const vocab_shard& sh, const shard_state& state,
                           const pair_grad_view<T>& grad, double grad_output = 1.0, const options& opt = {}) {
-  if (static_cast<std::int64_t>(state.seq_grad.size()) != 2 * shard.num_pairs() ||
-      static_cast<std::int64_t>(state.chosen_max.size()) != detail::rows_end(shard.chosen) ||
-      static_cast<std::int64_t>(state.rejected_max.size()) != detail::rows_end(shard.rejected))
+  const auto size = [](const std::vector<double>& v) { return static_cast<std::int64_t>(v.size()); };
+  const std::int64_t nc = detail::rows_end(shard.chosen), nr = detail::rows_end(shard.rejected);
+  if (size(state.seq_grad) != 2 * shard.num_pairs() || size(state.chosen_max) != nc ||
+      size(state.rejected_max) != nr || size(state.chosen_records) != nc * shard_fields ||
+      size(state.rejected_records) != nr * shard_fields)
     dpo::detail::fail("shard_state does not match logits: it was computed for another batch");
   shard_backward(shard, sh, state.chosen_max.data(), state.chosen_records.data(), state.rejected_max.data(),
                  state.rejected_records.data(), state.seq_grad.data(), state.nll_token_grad, state.ld_alpha, grad,
@@ -556,24 +693,33 @@ void dpo_backward_sharded(const pair_view<T, L>& shard, const vocab_shard& sh, c
 /// sequence_logps on a vocabulary shard and/or context slice: sums[s] and counts[s] of every
 /// sequence (the same on every rank), and `state` (records and maxima) for
 /// shard_sequence_backward. Collectives: vocab_max, vocab_sum, context_sum ([2, S] + 1, the
-/// count of context ranks whose input was rejected, as in dpo_forward_sharded).
+/// count of context ranks whose input was rejected, as in dpo_forward_sharded). sums and
+/// counts may overlap neither each other nor the view's buffers; a call that throws leaves
+/// `state` as it was.
 template <class T, class L>
 void sequence_logps_sharded(const token_view<T, L>& shard, const vocab_shard& sh, const collectives& comm,
                             double* sums, double* counts, shard_state& state, const options& opt = {}) {
   if (shard.num_seqs > 0 && (sums == nullptr || counts == nullptr))
     dpo::detail::fail(sums == nullptr ? "sums" : "counts", " is null");
   const std::int64_t S = shard.num_seqs > 0 ? shard.num_seqs : 0;
+  {
+    detail::named_range in[3];
+    detail::view_ranges(shard, "logits", in);
+    detail::require_no_overlap({detail::range_of(sums, 1, S, S, "sums"), detail::range_of(counts, 1, S, S, "counts")},
+                               {in[0], in[1], in[2]});
+  }
   options o = opt;
   o.metrics = false;
   // Only the log-probs and counts cross the context group.
   std::vector<double> two(static_cast<std::size_t>(2 * S), 0.0);
   std::string failure;
+  shard_state next;  // `state` is replaced only when the call succeeds
   try {
     detail::check_shard_view(shard, sh, "logits");
-    detail::shard_rows({&shard}, detail::rows_end(shard), sh, comm, state.chosen_max, state.chosen_records, o);
+    detail::shard_rows({&shard}, detail::rows_end(shard), sh, comm, next.chosen_max, next.chosen_records, o);
     if (S > 0) {
       std::vector<double> seq(static_cast<std::size_t>(seq_fields * S));
-      shard_sequence_partials(shard, sh, state.chosen_max.data(), state.chosen_records.data(), seq.data(), o);
+      shard_sequence_partials(shard, sh, next.chosen_max.data(), next.chosen_records.data(), seq.data(), o);
       std::copy_n(seq.data() + dpo::detail::at(seq_field::logps) * S, S, two.data());
       std::copy_n(seq.data() + dpo::detail::at(seq_field::tokens) * S, S, two.data() + S);
     }
@@ -583,6 +729,7 @@ void sequence_logps_sharded(const token_view<T, L>& shard, const vocab_shard& sh
     std::fill(two.begin(), two.end(), 0.0);
   }
   if (comm.context_sum) detail::context_sum(comm, two, failure);
+  state = std::move(next);
   if (S == 0) return;
   std::copy_n(two.data(), S, sums);
   std::copy_n(two.data() + S, S, counts);
