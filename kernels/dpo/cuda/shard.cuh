@@ -22,7 +22,12 @@
 // dpo/cuda/dpo.cuh: device pointers, int64 sizes, a stream, a status naming the argument
 // (nothing enqueued on bad arguments); no allocation or sync; the entry points that need
 // scratch (shard_pair_stage, shard_backward) take dpo.cuh's two-phase workspace.
-// Labels and cu_seqlens are read on the device only. shard_check reports the first bad one
+// Aliasing: no output of a call (the arrays it writes, its workspace included) may overlap an
+// input it reads or another of its outputs (each function says which); the status names both
+// and nothing is enqueued. Per-row arrays are taken over the rows the view may occupy (gaps of
+// a padded view included; a packed view's whole options::num_rows buffer). The one exception
+// is documented: a backward's gradient written in place over its logits (same pointer and
+// stride). Labels and cu_seqlens are read on the device only. shard_check reports the first bad one
 // in a workspace's error word (read_device_error names it); given that word as
 // options::error_word, every later call writes nothing but NaN sums, so the loss is NaN on
 // every rank that sums them and no kernel reads past a bad cu_seqlens. Without a check, a
@@ -36,6 +41,7 @@
 #include <initializer_list>
 #include <utility>
 
+#include "dpo/core/linear_check.hpp"
 #include "dpo/core/shard.hpp"
 #include "dpo/cuda/dpo.cuh"
 
@@ -422,6 +428,98 @@ status first_null(const char* what, const pair_view<T, L>& shard, const options&
   return {};
 }
 
+// ---- the aliasing checks: byte ranges for the core's check_no_overlap ------------------
+
+/// The core's check_no_overlap as a status: no output may overlap an input or another output.
+inline status check_shard_overlap(const dpo::detail::named_range* outs, int n_out,
+                                  const dpo::detail::named_range* ins, int n_in) {
+  return to_status(dpo::detail::check_no_overlap(outs, n_out, ins, n_in));
+}
+
+/// The bytes of an array of `width` elements per buffer row (records, row_max, row_coef,
+/// labels, mask, out.*) over the rows the view may occupy (rows_of: gaps of a padded view
+/// included, the whole options::num_rows buffer for a packed one), for check_shard_overlap.
+template <class U, class T, class L>
+dpo::detail::named_range row_array_range(const U* p, std::int64_t width, const token_view<T, L>& v,
+                                         const options& opt, const char* name) {
+  const dpo::detail::row_span r = dpo::detail::rows_of(v, policy(opt, false));
+  if (p == nullptr || r.size() == 0) return {{}, name};
+  return dpo::detail::range_of(p + r.begin * width, r.size(), width, width, name);
+}
+
+/// The bytes of the logits-shaped rows of the view in the buffer (base, stride): the logits
+/// read, or a gradient written.
+template <class T, class L>
+dpo::detail::named_range logits_rows_range(const T* base, std::int64_t stride, const token_view<T, L>& v,
+                                           const options& opt, const char* name) {
+  return {dpo::detail::row_bytes(base, stride, v, policy(opt, false)), name};
+}
+
+/// The argument names of one view's arrays: a single view's, or a pair view's sides.
+struct view_names {
+  const char* logits;
+  const char* labels;
+  const char* mask;
+  const char* cu_seqlens;
+};
+inline constexpr view_names shard_names{"shard.logits", "shard.labels", "shard.mask", "shard.cu_seqlens"};
+inline constexpr view_names side_names[2] = {
+    {"shard.chosen.logits", "shard.chosen.labels", "shard.chosen.mask", "shard.chosen.cu_seqlens"},
+    {"shard.rejected.logits", "shard.rejected.labels", "shard.rejected.mask", "shard.rejected.cu_seqlens"}};
+
+/// The view's device data every kernel reads (labels, mask, cu_seqlens: 3 entries) into
+/// `out`; returns the end.
+template <class T, class L>
+dpo::detail::named_range* view_data_ranges(const token_view<T, L>& v, const options& opt, const view_names& n,
+                                           dpo::detail::named_range* out) {
+  *out++ = row_array_range(v.labels, 1, v, opt, n.labels);
+  *out++ = row_array_range(v.mask, 1, v, opt, n.mask);
+  const std::int64_t k = v.num_seqs > 0 ? v.num_seqs + 1 : 0;
+  *out++ = v.cu_seqlens != nullptr ? dpo::detail::range_of(v.cu_seqlens + v.first_seq, 1, k, k, n.cu_seqlens)
+                                   : dpo::detail::named_range{{}, n.cu_seqlens};
+  return out;
+}
+
+/// options::error_word (read by every gated kernel) as an input range.
+inline dpo::detail::named_range error_word_range(const options& opt) {
+  return dpo::detail::range_of(opt.error_word, 1, 1, 1, "options::error_word");
+}
+
+/// A workspace's first `bytes` (what the call writes there) as a range.
+inline dpo::detail::named_range scratch_range(const void* workspace, std::size_t bytes) {
+  const std::int64_t n = static_cast<std::int64_t>(bytes);
+  return dpo::detail::range_of(static_cast<const unsigned char*>(workspace), 1, n, n, "workspace");
+}
+
+/// The per-side state a pair call reads (row maxima and records, each side's indexed by its
+/// own buffer's rows) and both sides' labels, mask and cu_seqlens: 10 entries into `out`.
+template <class T, class L>
+void pair_state_ranges(const pair_view<T, L>& p, const options& opt, const double* chosen_max,
+                       const double* chosen_records, const double* rejected_max, const double* rejected_records,
+                       dpo::detail::named_range* out) {
+  out[0] = row_array_range(chosen_max, 1, p.chosen, opt, "chosen_max");
+  out[1] = row_array_range(chosen_records, shard_fields, p.chosen, opt, "chosen_records");
+  out[2] = row_array_range(rejected_max, 1, p.rejected, opt, "rejected_max");
+  out[3] = row_array_range(rejected_records, shard_fields, p.rejected, opt, "rejected_records");
+  view_data_ranges(p.rejected, opt, side_names[1], view_data_ranges(p.chosen, opt, side_names[0], out + 4));
+}
+
+/// A single view's backward: the gradient rows written against the state read (row_max,
+/// records, the coefficients `coef`), the view's labels, mask, cu_seqlens and the error word.
+/// The logits are check_seq_grad's (in place allowed).
+template <class T, class L>
+status check_grad_overlap(const token_view<T, L>& v, const options& opt, const T* grad, std::int64_t grad_stride,
+                          const double* row_max, const double* records, const dpo::detail::named_range& coef) {
+  dpo::detail::named_range ins[7];
+  ins[0] = row_array_range(row_max, 1, v, opt, "row_max");
+  ins[1] = row_array_range(records, shard_fields, v, opt, "records");
+  ins[2] = coef;
+  view_data_ranges(v, opt, shard_names, ins + 3);
+  ins[6] = error_word_range(opt);
+  const dpo::detail::named_range out = logits_rows_range(grad, grad_stride, v, opt, "grad");
+  return check_shard_overlap(&out, 1, ins, 7);
+}
+
 /// The workspace of shard_check: the header (error word first), 256-byte granular.
 inline constexpr std::size_t shard_check_bytes = (sizeof(ws_header) + 255) / 256 * 256;
 
@@ -433,6 +531,13 @@ status enqueue_shard_check(void* workspace, std::size_t& workspace_bytes, const 
     return {};
   }
   status s = check_workspace(workspace, workspace_bytes, shard_check_bytes);
+  if (!s) return s;
+  // The header it writes may not overlap the labels, mask or cu_seqlens it reads.
+  dpo::detail::named_range ins[6];
+  dpo::detail::named_range* e = view_data_ranges(vs.v[0], opt, vs.num_sides > 1 ? side_names[0] : shard_names, ins);
+  if (vs.num_sides > 1) e = view_data_ranges(vs.v[1], opt, side_names[1], e);
+  const dpo::detail::named_range out = scratch_range(workspace, shard_check_bytes);
+  s = check_shard_overlap(&out, 1, ins, static_cast<int>(e - ins));
   if (!s) return s;
   ws_header* h = static_cast<ws_header*>(workspace);
   const std::int64_t n = shard_rows(vs.v[0], opt) + (vs.num_sides > 1 ? shard_rows(vs.v[1], opt) : 0);
@@ -474,7 +579,7 @@ status launch_sequences(const views<T, L>& vs, const vocab_shard& sh, const shar
 /// error they write NaN sums and nothing else. The workspace is the check's own: the
 /// workspaces of shard_pair_stage and shard_backward overwrite byte 0. Read the word with
 /// read_device_error (a synchronization) when convenient, e.g. after the step. The logits
-/// are not read.
+/// are not read. The workspace's header may not overlap the labels, mask or cu_seqlens.
 template <class T, class L>
 status shard_check(void* workspace, std::size_t& workspace_bytes, const token_view<T, L>& shard,
                    const vocab_shard& sh, const options& opt = {}, cudaStream_t stream = 0) {
@@ -501,11 +606,21 @@ inline const device_error* shard_error_word(const void* workspace) {
 
 /// Phase 1 on the device: dpo::cpu::shard_partials (same records, same indexing by the
 /// buffer's row: records [rows, shard_fields], row_max [rows] or null; rows outside every
-/// sequence are not written). opt.metrics false leaves the metric fields 0. Deterministic.
+/// sequence are not written). opt.metrics false leaves the metric fields 0. records and
+/// row_max may overlap neither each other nor the logits rows, labels, mask, cu_seqlens or
+/// options::error_word. Deterministic.
 template <class T, class L>
 status shard_partials(const token_view<T, L>& shard, const vocab_shard& sh, double* records, double* row_max,
                       const options& opt = {}, cudaStream_t stream = 0) {
-  const status s = detail::check_shard(shard, sh, opt);
+  status s = detail::check_shard(shard, sh, opt);
+  if (!s) return s;
+  dpo::detail::named_range ins[5];
+  ins[0] = detail::logits_rows_range(shard.logits, shard.row_stride, shard, opt, detail::shard_names.logits);
+  detail::view_data_ranges(shard, opt, detail::shard_names, ins + 1);
+  ins[4] = detail::error_word_range(opt);
+  const dpo::detail::named_range outs[2] = {detail::row_array_range(records, shard_fields, shard, opt, "records"),
+                                            detail::row_array_range(row_max, 1, shard, opt, "row_max")};
+  s = detail::check_shard_overlap(outs, 2, ins, 5);
   if (!s) return s;
   constexpr int B = detail::rows_block;
   const auto kernel = opt.metrics ? detail::shard_partials_kernel<B, true, T, L>
@@ -514,12 +629,24 @@ status shard_partials(const token_view<T, L>& shard, const vocab_shard& sh, doub
                              row_max, opt.error_word);
 }
 
-/// Between the two all-reduces: dpo::cpu::shard_rebase on device arrays.
+/// Between the two all-reduces: dpo::cpu::shard_rebase on device arrays, rows [begin, end)
+/// (begin >= 0; nothing for end <= begin). records (written in place) may not overlap
+/// row_max.
 inline status shard_rebase(std::int64_t begin, std::int64_t end, const double* row_max, double* records,
                            cudaStream_t stream = 0) {
+  if (begin < 0) return detail::invalid("dpo: begin = %lld is invalid: must be >= 0", (long long)begin);
   if (end <= begin) return {};
   if (row_max == nullptr || records == nullptr) return detail::invalid("dpo: row_max or records is null");
+  // Row r's record starts at byte r * shard_fields * 8: it must be addressable.
+  constexpr std::int64_t max_end = INT64_MAX / static_cast<std::int64_t>(shard_fields * sizeof(double));
+  if (end > max_end)
+    return detail::invalid("dpo: end = %lld is invalid: must be <= %lld", (long long)end, (long long)max_end);
   const std::int64_t n = end - begin;
+  const dpo::detail::named_range out =
+      dpo::detail::range_of(records + begin * shard_fields, n, shard_fields, shard_fields, "records");
+  const dpo::detail::named_range in = dpo::detail::range_of(row_max + begin, 1, n, n, "row_max");
+  const status s = detail::check_shard_overlap(&out, 1, &in, 1);
+  if (!s) return s;
   const unsigned grid = static_cast<unsigned>(n / 256 + 1 < 4096 ? n / 256 + 1 : 4096);
   return detail::launch("shard_rebase_kernel", detail::shard_rebase_kernel<256>, grid, 256, stream, begin, end, row_max,
                         records);
@@ -527,7 +654,9 @@ inline status shard_rebase(std::int64_t begin, std::int64_t end, const double* r
 
 /// Phase 2 per row on the device: from the combined records, each completion row's label
 /// log-prob, log-sum-exp, entropy, mean logit, WPO term and argmax hit (0 on other rows of the
-/// view's sequences; gap rows not written), as dpo::cpu's rows_from_records.
+/// view's sequences; gap rows not written), as dpo::cpu's rows_from_records. The members of
+/// `out` (each may be null) may overlap neither each other nor row_max, records, labels,
+/// mask, cu_seqlens or options::error_word. The logits are not read.
 template <class T, class L>
 status shard_row_values(const token_view<T, L>& shard, const vocab_shard& sh, const double* row_max,
                         const double* records, const detail::shard_row_outputs& out, const options& opt = {},
@@ -537,6 +666,19 @@ status shard_row_values(const token_view<T, L>& shard, const vocab_shard& sh, co
   const std::int64_t n = detail::shard_rows(shard, opt);
   if (n == 0) return {};
   if (row_max == nullptr || records == nullptr) return detail::invalid("dpo: row_max or records is null");
+  dpo::detail::named_range ins[6];
+  ins[0] = detail::row_array_range(row_max, 1, shard, opt, "row_max");
+  ins[1] = detail::row_array_range(records, shard_fields, shard, opt, "records");
+  detail::view_data_ranges(shard, opt, detail::shard_names, ins + 2);
+  ins[5] = detail::error_word_range(opt);
+  const dpo::detail::named_range outs[6] = {detail::row_array_range(out.logp, 1, shard, opt, "out.logp"),
+                                            detail::row_array_range(out.lse, 1, shard, opt, "out.lse"),
+                                            detail::row_array_range(out.entropy, 1, shard, opt, "out.entropy"),
+                                            detail::row_array_range(out.zmean, 1, shard, opt, "out.zmean"),
+                                            detail::row_array_range(out.wpo, 1, shard, opt, "out.wpo"),
+                                            detail::row_array_range(out.hit, 1, shard, opt, "out.hit")};
+  s = detail::check_shard_overlap(outs, 6, ins, 6);
+  if (!s) return s;
   const unsigned grid = static_cast<unsigned>(n / 256 + 1 < 4096 ? n / 256 + 1 : 4096);
   return detail::launch("shard_row_values_kernel", detail::shard_row_values_kernel<T, L>, grid, 256, stream, shard,
                         sh, row_max, records, out, opt.error_word);
@@ -545,14 +687,18 @@ status shard_row_values(const token_view<T, L>& shard, const vocab_shard& sh, co
 /// The shard-local backward on the device: row r of the view's sequences gets
 /// row_coef[r] * grad_output * (onehot(y) - softmax(z)) on the shard's columns (zeros on
 /// masked rows; gap rows not written), with the lse of the combined record. row_coef is
-/// indexed by the buffer's row. In place when grad == shard.logits with the same stride.
-/// Deterministic.
+/// indexed by the buffer's row. In place when grad == shard.logits with the same stride; any
+/// other overlap of grad with the logits rows is rejected, and grad may not overlap row_max,
+/// records, row_coef, labels, mask, cu_seqlens or options::error_word. Deterministic.
 template <class T, class L>
 status shard_backward_rows(const token_view<T, L>& shard, const vocab_shard& sh, const double* row_max,
                            const double* records, const double* row_coef, double grad_output, T* grad,
                            std::int64_t grad_stride, const options& opt = {}, cudaStream_t stream = 0) {
-  const status s = detail::check_view_backward(shard, sh, opt, {{grad_output, "grad_output"}}, row_max, row_coef,
-                                               grad, grad_stride);
+  status s = detail::check_view_backward(shard, sh, opt, {{grad_output, "grad_output"}}, row_max, row_coef, grad,
+                                         grad_stride);
+  if (!s) return s;
+  s = detail::check_grad_overlap(shard, opt, grad, grad_stride, row_max, records,
+                                 detail::row_array_range(row_coef, 1, shard, opt, "row_coef"));
   if (!s) return s;
   return detail::launch_rows("shard_backward_kernel", detail::shard_backward_kernel<detail::rows_block, T, L>, shard,
                              opt, records, stream, shard, sh, row_max, records, row_coef, grad_output, grad,
@@ -561,7 +707,9 @@ status shard_backward_rows(const token_view<T, L>& shard, const vocab_shard& sh,
 
 /// Phase 2 per sequence on the device: dpo::cpu::shard_sequence_partials (no LD-DPO: logps =
 /// logps_plain) into seq [seq_fields, S] (device). With context parallelism the caller sums
-/// seq over the context group. Deterministic; equal to the CPU's to rounding (a tree sum).
+/// seq over the context group. seq may overlap none of row_max, records, labels, mask,
+/// cu_seqlens or options::error_word (the logits are not read). Deterministic; equal to the
+/// CPU's to rounding (a tree sum).
 template <class T, class L>
 status shard_sequence_partials(const token_view<T, L>& shard, const vocab_shard& sh, const double* row_max,
                                const double* records, double* seq, const options& opt = {},
@@ -573,6 +721,15 @@ status shard_sequence_partials(const token_view<T, L>& shard, const vocab_shard&
   // Row state is read only for the view's rows: without any it may be null.
   if (detail::shard_rows(shard, opt) > 0 && (row_max == nullptr || records == nullptr))
     return detail::invalid("dpo: %s is null", row_max == nullptr ? "row_max" : "records");
+  dpo::detail::named_range ins[6];
+  ins[0] = detail::row_array_range(row_max, 1, shard, opt, "row_max");
+  ins[1] = detail::row_array_range(records, shard_fields, shard, opt, "records");
+  detail::view_data_ranges(shard, opt, detail::shard_names, ins + 2);
+  ins[5] = detail::error_word_range(opt);
+  const std::int64_t n_seq = seq_fields * shard.num_seqs;
+  const dpo::detail::named_range out = dpo::detail::range_of(seq, 1, n_seq, n_seq, "seq");
+  s = detail::check_shard_overlap(&out, 1, ins, 6);
+  if (!s) return s;
   const detail::views<T, L> vs = detail::make_views<T, L>(shard, nullptr, opt);
   return detail::launch_sequences(vs, sh, detail::shard_sides{{row_max, nullptr}, {records, nullptr}}, seq,
                                   opt.metrics, 1.0, opt.error_word, stream);
@@ -582,8 +739,10 @@ status shard_sequence_partials(const token_view<T, L>& shard, const vocab_shard&
 /// ([seq_fields, 2P], device; chosen in columns [0, P), rejected in [P, 2P)), LD-DPO weighted
 /// by ld_alpha (whole sequences on this rank: 1 under context parallelism). Each side's
 /// records and maxima are indexed by its own buffer's rows (one array for both sides of a
-/// concatenated layout). opt.metrics (pass it on for WPO) computes the metric sums.
-/// Deterministic; equal to the CPU's to rounding (a tree sum per sequence).
+/// concatenated layout). opt.metrics (pass it on for WPO) computes the metric sums. seq may
+/// overlap none of the maxima, records, either side's labels, mask or cu_seqlens, or
+/// options::error_word (the logits are not read; the maxima and records may be shared by the
+/// sides). Deterministic; equal to the CPU's to rounding (a tree sum per sequence).
 template <class T, class L>
 status shard_pair_partials(const pair_view<T, L>& shard, const vocab_shard& sh, const double* chosen_max,
                            const double* chosen_records, const double* rejected_max,
@@ -595,6 +754,13 @@ status shard_pair_partials(const pair_view<T, L>& shard, const vocab_shard& sh, 
   if (!s) return s;
   s = detail::first_null("shard_pair_partials", shard, opt, chosen_max, chosen_records, rejected_max,
                          rejected_records, seq, "seq");
+  if (!s) return s;
+  dpo::detail::named_range ins[11];
+  detail::pair_state_ranges(shard, opt, chosen_max, chosen_records, rejected_max, rejected_records, ins);
+  ins[10] = detail::error_word_range(opt);
+  const std::int64_t n_seq = seq_fields * 2 * shard.num_pairs();
+  const dpo::detail::named_range out = dpo::detail::range_of(seq, 1, n_seq, n_seq, "seq");
+  s = detail::check_shard_overlap(&out, 1, ins, 11);
   if (!s) return s;
   const detail::views<T, L> vs = detail::make_views(shard.chosen, &shard.rejected, opt);
   return detail::launch_sequences(vs, sh,
@@ -613,6 +779,8 @@ status shard_pair_partials(const pair_view<T, L>& shard, const vocab_shard& sh, 
 /// one block, on the totals in place: the core's pair math (dpo/core/loss.hpp, metrics.hpp),
 /// equal to the CPU's to rounding (batch sums in a tree instead of in order), bitwise
 /// reproducible. No host synchronization; the workspace holds the WPO weights and aot sorts.
+/// The outputs (seq_grad, the workspace's bytes used, every non-null member of `out`) may
+/// overlap neither each other nor seq_totals or the reference log-probs (when read).
 inline status shard_pair_stage(void* workspace, std::size_t& workspace_bytes, std::int64_t P,
                                const double* seq_totals, const double* ref_chosen, const double* ref_rejected,
                                const loss_config& cfg, bool metrics, const forward_outputs& out, double* seq_grad,
@@ -633,6 +801,26 @@ inline status shard_pair_stage(void* workspace, std::size_t& workspace_bytes, st
   if (!s || size_only) return s;
   if (seq_totals == nullptr || seq_grad == nullptr)
     return detail::invalid("dpo: %s is null", seq_totals == nullptr ? "seq_totals" : "seq_grad");
+  {
+    using dpo::detail::range_of;
+    const bool ref = dpo::detail::needs_reference(cfg);
+    const std::int64_t T2 = seq_fields * 2 * P;
+    const dpo::detail::named_range ins[3] = {range_of(seq_totals, 1, T2, T2, "seq_totals"),
+                                             range_of(ref ? ref_chosen : nullptr, 1, P, P, "ref_chosen"),
+                                             range_of(ref ? ref_rejected : nullptr, 1, P, P, "ref_rejected")};
+    detail::ws_ptrs scratch;
+    const std::size_t used = detail::carve(0, none, 0, P, &scratch);
+    // row_lse / row_coef are ignored (not written).
+    const dpo::detail::named_range outs[] = {
+        range_of(seq_grad, 1, 2 * P, 2 * P, "seq_grad"), detail::scratch_range(workspace, used),
+        range_of(out.loss, 1, 1, 1, "out.loss"), range_of(out.metrics, 1, 1, 1, "out.metrics"),
+#define DPO_DETAIL_RANGE(name) range_of(out.name, 1, P, P, "out." #name),
+        DPO_PAIR_OUTPUTS(DPO_DETAIL_RANGE)
+#undef DPO_DETAIL_RANGE
+        range_of(out.nll_token_grad, 1, 1, 1, "out.nll_token_grad")};
+    s = detail::check_shard_overlap(outs, static_cast<int>(sizeof outs / sizeof outs[0]), ins, 3);
+    if (!s) return s;
+  }
   w.seqs[0] = detail::seq_columns(seq_totals, P, 0);
   w.seqs[1] = detail::seq_columns(seq_totals, P, 1);
   w.pairs.gc = seq_grad;
@@ -657,15 +845,20 @@ inline status shard_pair_stage(void* workspace, std::size_t& workspace_bytes, st
 /// The shard-local backward from per-sequence gradients (device arrays): row r of sequence s
 /// gets (seq_grad[s] + (s < nll_seqs ? nll_token_grad : 0)) * grad_output * (onehot(y) -
 /// softmax(z)) on the shard's columns (no LD-DPO; for pairs with LD-DPO or device scalars see
-/// shard_backward). Same writes and aliasing as shard_backward_rows.
+/// shard_backward). Same writes and aliasing as shard_backward_rows, seq_grad ([num_seqs])
+/// in place of row_coef.
 template <class T, class L>
 status shard_backward_sequences(const token_view<T, L>& shard, const vocab_shard& sh, const double* row_max,
                                 const double* records, const double* seq_grad, double nll_token_grad,
                                 std::int64_t nll_seqs, double grad_output, T* grad, std::int64_t grad_stride,
                                 const options& opt = {}, cudaStream_t stream = 0) {
-  const status s = detail::check_view_backward(
+  status s = detail::check_view_backward(
       shard, sh, opt, {{grad_output, "grad_output"}, {nll_token_grad, "nll_token_grad"}}, row_max, seq_grad, grad,
       grad_stride);
+  if (!s) return s;
+  const std::int64_t S = shard.num_seqs;
+  s = detail::check_grad_overlap(shard, opt, grad, grad_stride, row_max, records,
+                                 dpo::detail::range_of(seq_grad, 1, S, S, "seq_grad"));
   if (!s) return s;
   return detail::launch_rows("shard_backward_sequences_kernel",
                              detail::shard_backward_sequences_kernel<detail::rows_block, T, L>, shard, opt, records,
@@ -682,7 +875,11 @@ status shard_backward_sequences(const token_view<T, L>& shard, const vocab_shard
 /// rows as the side's logits; in place when it is the logits with the same stride. Masked
 /// rows get zeros, gap rows are not written. The workspace (two-phase, as dpo.cuh) holds each
 /// row's coefficient: a kernel per sequence (LD-DPO positions by a block scan), then the row
-/// kernel of shard_backward_rows per side. Deterministic.
+/// kernel of shard_backward_rows per side. The workspace's bytes used may not overlap any
+/// input (both sides' logits rows, the maxima, records, labels, mask, cu_seqlens, seq_grad,
+/// nll_token_grad, grad_output, options::error_word) nor a gradient buffer; a gradient buffer
+/// may not overlap those inputs but its side's logits (in place) and may overlap neither the
+/// other side's logits rows nor the other side's gradient rows. Deterministic.
 template <class T, class L>
 status shard_backward(void* workspace, std::size_t& workspace_bytes, const pair_view<T, L>& shard,
                       const vocab_shard& sh, const double* chosen_max, const double* chosen_records,
@@ -707,6 +904,33 @@ status shard_backward(void* workspace, std::size_t& workspace_bytes, const pair_
   s = detail::first_null("shard_backward", shard, opt, chosen_max, chosen_records, rejected_max, rejected_records,
                          seq_grad, "seq_grad");
   if (!s) return s;
+  {
+    using dpo::detail::range_of;
+    const std::int64_t P2 = 2 * shard.num_pairs();
+    // The state read (10), the scalars and seq_grad, the error word, then both sides' logits.
+    dpo::detail::named_range ins[16];
+    detail::pair_state_ranges(shard, opt, chosen_max, chosen_records, rejected_max, rejected_records, ins);
+    ins[10] = range_of(seq_grad, 1, P2, P2, "seq_grad");
+    ins[11] = range_of(nll_token_grad, 1, 1, 1, "nll_token_grad");
+    ins[12] = range_of(grad_output, 1, 1, 1, "grad_output");
+    ins[13] = detail::error_word_range(opt);
+    ins[14] = detail::logits_rows_range(shard.chosen.logits, shard.chosen.row_stride, shard.chosen, opt,
+                                        detail::side_names[0].logits);
+    ins[15] = detail::logits_rows_range(shard.rejected.logits, shard.rejected.row_stride, shard.rejected, opt,
+                                        detail::side_names[1].logits);
+    const dpo::detail::named_range ws = detail::scratch_range(workspace, needed);
+    // The coefficients' scratch against everything read; each gradient buffer against the
+    // state read and the scratch (check_grad above: against the logits, in place allowed,
+    // and the other side's rows).
+    const dpo::detail::named_range gc[2] = {
+        ws, detail::logits_rows_range(grad.chosen, grad.chosen_stride, shard.chosen, opt, "grad.chosen")};
+    const dpo::detail::named_range gr[2] = {
+        ws, detail::logits_rows_range(grad.rejected, grad.rejected_stride, shard.rejected, opt, "grad.rejected")};
+    s = detail::check_shard_overlap(&ws, 1, ins, 16);
+    if (s) s = detail::check_shard_overlap(gc, 2, ins, 14);
+    if (s) s = detail::check_shard_overlap(gr, 2, ins, 14);
+    if (!s) return s;
+  }
   if (cap[0] + cap[1] == 0) return {};
   double* coef0 = static_cast<double*>(workspace);
   double* coef1 = coef0 + (cap[0] * sizeof(double) + 255) / 256 * 256 / sizeof(double);
