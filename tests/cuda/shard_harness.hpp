@@ -127,4 +127,14 @@ shard_status shard_backward(void* workspace, std::size_t& workspace_bytes, const
                             const double* nll_token_grad, double ld_alpha, const dpo::pair_grad_view<T>& grad,
                             const double* grad_output = nullptr, const shard_options& opt = {});
 
+/// The aliasing cases of the entry points above (the audit's probes and a few more): each
+/// call with an output on an input or on another output, on valid float64 data (2 pairs of
+/// 3 rows, vocab 8, one device arena holding every buffer but the labels). Returns the
+/// status message ("" when accepted) and sets *written when any byte of the arena or of the
+/// labels changed. which: see shard_alias_cases.
+std::string shard_alias_error(int which, bool* written);
+/// How many cases shard_alias_error has, and the words each one's message must hold.
+inline constexpr int shard_alias_cases = 14;
+extern const char* const shard_alias_names[shard_alias_cases];
+
 }  // namespace dpo_cuda_test

@@ -943,3 +943,16 @@ TEST_CASE("CUDA shard_check: labels against the global vocabulary and cu_seqlens
                            " is past options.num_rows = " + std::to_string(rows));
   }
 }
+
+TEST_CASE("CUDA shard entry points refuse outputs on their inputs or on each other, and write nothing",
+          "[shard][sanitize]") {
+  // The audit's probes: each call was accepted with an ok status and wrong values (or a
+  // crash, shard_rebase with a negative begin).
+  for (int which = 0; which < gpu::shard_alias_cases; ++which) {
+    INFO("case " << which << ": " << gpu::shard_alias_names[which]);
+    bool written = true;
+    const std::string msg = gpu::shard_alias_error(which, &written);
+    CHECK(msg.find(gpu::shard_alias_names[which]) != std::string::npos);
+    CHECK_FALSE(written);
+  }
+}
