@@ -27,7 +27,8 @@
 // and nothing is enqueued. Per-row arrays are taken over the rows the view may occupy (gaps of
 // a padded view included; a packed view's whole options::num_rows buffer). The one exception
 // is documented: a backward's gradient written in place over its logits (same pointer and
-// stride). Labels and cu_seqlens are read on the device only. shard_check reports the first bad one
+// stride); inputs may share buffers (one row state for both sides of a concatenated layout).
+// Labels and cu_seqlens are read on the device only. shard_check reports the first bad one
 // in a workspace's error word (read_device_error names it); given that word as
 // options::error_word, every later call writes nothing but NaN sums, so the loss is NaN on
 // every rank that sums them and no kernel reads past a bad cu_seqlens. Without a check, a
