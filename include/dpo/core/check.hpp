@@ -16,6 +16,7 @@
 
 #include "dpo/core/layout.hpp"
 #include "dpo/core/loss.hpp"
+#include "dpo/core/outputs.hpp"
 #include "dpo/core/validate.hpp"
 
 namespace dpo {
@@ -85,6 +86,60 @@ struct byte_range {
   std::uintptr_t lo = 0;
   std::uintptr_t hi = 0;
 };
+
+/// The bytes [lo, hi) of an argument (lo == 0: none) and its name, for the aliasing checks.
+struct named_range {
+  byte_range bytes;
+  const char* name = "";
+};
+
+/// The bytes of n rows of `cols` elements, `stride` apart, from p (compared, never read).
+template <class U>
+named_range range_of(const U* p, std::int64_t n, std::int64_t cols, std::int64_t stride, const char* name) {
+  if (p == nullptr || n <= 0 || cols <= 0) return {{}, name};
+  const auto lo = reinterpret_cast<std::uintptr_t>(p);
+  return {{lo, lo + static_cast<std::uintptr_t>((n - 1) * stride + cols) * sizeof(U)}, name};
+}
+
+/// Outputs may overlap neither an input nor each other.
+inline std::string check_no_overlap(const named_range* outs, int n_out, const named_range* ins, int n_in) {
+  const auto hit = [](const named_range& a, const named_range& b) {
+    return a.bytes.lo != 0 && b.bytes.lo != 0 && a.bytes.lo < b.bytes.hi && b.bytes.lo < a.bytes.hi;
+  };
+  for (int i = 0; i < n_out; ++i) {
+    for (int j = 0; j < n_in; ++j)
+      if (hit(outs[i], ins[j])) return message(outs[i].name, " overlaps ", ins[j].name, ": outputs may not alias inputs");
+    for (int j = i + 1; j < n_out; ++j)
+      if (hit(outs[i], outs[j])) return message(outs[i].name, " overlaps ", outs[j].name, ": unsupported aliasing");
+  }
+  return {};
+}
+
+/// The outputs of a forward call (forward_outputs) as byte ranges, num_forward_ranges of
+/// them: loss, metrics, nll_token_grad, the per-pair outputs ([P] each) and row_lse /
+/// row_coef ([rows] each, indexed by buffer row; rows = 0 when the call writes none).
+inline constexpr int num_forward_ranges = 5 + num_pair_outputs;
+inline void forward_ranges(const forward_outputs& o, std::int64_t P, std::int64_t rows, named_range* out) {
+  int k = 0;
+  out[k++] = range_of(o.loss, 1, 1, 1, "out.loss");
+  out[k++] = range_of(reinterpret_cast<const unsigned char*>(o.metrics), 1, sizeof(dpo::metrics),
+                      sizeof(dpo::metrics), "out.metrics");
+  out[k++] = range_of(o.nll_token_grad, 1, 1, 1, "out.nll_token_grad");
+#define DPO_DETAIL_RANGE(name) out[k++] = range_of(o.name, 1, P, P, "out." #name);
+  DPO_PAIR_OUTPUTS(DPO_DETAIL_RANGE)
+#undef DPO_DETAIL_RANGE
+  out[k++] = range_of(o.row_lse, 1, rows, rows, "out.row_lse");
+  out[k++] = range_of(o.row_coef, 1, rows, rows, "out.row_coef");
+}
+
+/// A forward call's outputs may overlap neither each other nor `ins` (the call's inputs:
+/// reference log-probs, logits rows, ...): the message of the first overlap, or "".
+inline std::string check_forward_outputs(const forward_outputs& o, std::int64_t P, std::int64_t rows,
+                                         const named_range* ins, int n_in) {
+  named_range outs[num_forward_ranges];
+  forward_ranges(o, P, rows, outs);
+  return check_no_overlap(outs, num_forward_ranges, ins, n_in);
+}
 
 template <class T, class L>
 byte_range row_bytes(const T* base, std::int64_t stride, const token_view<T, L>& v,

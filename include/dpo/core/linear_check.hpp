@@ -18,34 +18,6 @@
 namespace dpo {
 namespace detail {
 
-/// The bytes [lo, hi) of an argument (lo == 0: none) and its name, for the aliasing checks.
-struct named_range {
-  byte_range bytes;
-  const char* name = "";
-};
-
-/// The bytes of n rows of `cols` elements, `stride` apart, from p (compared, never read).
-template <class U>
-named_range range_of(const U* p, std::int64_t n, std::int64_t cols, std::int64_t stride, const char* name) {
-  if (p == nullptr || n <= 0 || cols <= 0) return {{}, name};
-  const auto lo = reinterpret_cast<std::uintptr_t>(p);
-  return {{lo, lo + static_cast<std::uintptr_t>((n - 1) * stride + cols) * sizeof(U)}, name};
-}
-
-/// Outputs may overlap neither an input nor each other.
-inline std::string check_no_overlap(const named_range* outs, int n_out, const named_range* ins, int n_in) {
-  const auto hit = [](const named_range& a, const named_range& b) {
-    return a.bytes.lo != 0 && b.bytes.lo != 0 && a.bytes.lo < b.bytes.hi && b.bytes.lo < a.bytes.hi;
-  };
-  for (int i = 0; i < n_out; ++i) {
-    for (int j = 0; j < n_in; ++j)
-      if (hit(outs[i], ins[j])) return message(outs[i].name, " overlaps ", ins[j].name, ": outputs may not alias inputs");
-    for (int j = i + 1; j < n_out; ++j)
-      if (hit(outs[i], outs[j])) return message(outs[i].name, " overlaps ", outs[j].name, ": unsupported aliasing");
-  }
-  return {};
-}
-
 /// A linear head view's sizes, strides, bias, transforms, pointers (p.pointers) and labels
 /// (p.host_data: labels in host memory; CUDA checks them on the device). `label_bound`: the
 /// vocabulary the labels index (0: the view's; a vocabulary shard's view passes the global

@@ -578,12 +578,16 @@ using dpo::pair_logps_in;
 /// each may be null; the token metrics and row state are not written: the metrics' token
 /// fields are 0). Per-pair outputs have P entries: losses, rewards and dL/dpi; chosen_logps
 /// etc. are copies of the inputs (tokens and weights: 1 where null). NLL terms (sft, cpo,
-/// orpo) take NLL(chosen) = -sum(chosen_logps) / sum(chosen_tokens). Throws dpo::error (writing
-/// nothing) on a bad configuration or null input. Deterministic. Mirrors dpo::cuda::dpo_loss.
+/// orpo) take NLL(chosen) = -sum(chosen_logps) / sum(chosen_tokens). The outputs may not
+/// overlap each other. Throws dpo::error (writing nothing) on a bad configuration, null input
+/// or overlapping outputs. Deterministic. Mirrors dpo::cuda::dpo_loss.
 inline void dpo_loss(const pair_logps_in& in, const loss_config& cfg, const forward_outputs& out) {
   detail::check_config(cfg);
   detail::check_logps_in(in, cfg);
   const std::int64_t P = in.num_pairs;
+  // Outputs on each other only: the inputs are copied first (out.chosen_logps may be
+  // in.chosen_logps itself).
+  detail::throw_if(dpo::detail::check_forward_outputs(out, P, 0, nullptr, 0));
   // Aligned copies: the sums then take Eigen's order whatever the caller's alignment.
   const auto vec = [P](const double* x) {
     return x != nullptr ? Eigen::VectorXd(Eigen::Map<const Eigen::VectorXd>(x, P))
@@ -647,6 +651,26 @@ void check_forward_args(const pair_view<T, L>& policy, const double* ref_chosen,
   check_reference(cfg, ref_chosen, ref_rejected);
 }
 
+/// A forward call's outputs may overlap neither each other nor its inputs: both sides'
+/// logits rows and labels, and the reference log-probs (null for none). row_lse / row_coef
+/// span the buffer's rows up to the last sequence's end.
+template <class T, class L>
+void check_forward_outputs(const pair_view<T, L>& p, const double* ref_chosen, const double* ref_rejected,
+                           const forward_outputs& out) {
+  using dpo::detail::range_of;
+  const dpo::detail::check_policy pol = dpo::detail::cpu_policy();
+  const std::int64_t P = p.num_pairs();
+  const dpo::detail::row_span c = dpo::detail::rows_of(p.chosen, pol), r = dpo::detail::rows_of(p.rejected, pol);
+  const dpo::detail::named_range ins[6] = {
+      {dpo::detail::row_bytes(p.chosen.logits, p.chosen.row_stride, p.chosen, pol), "chosen logits"},
+      {dpo::detail::row_bytes(p.rejected.logits, p.rejected.row_stride, p.rejected, pol), "rejected logits"},
+      range_of(p.chosen.labels, 1, c.end, c.end, "chosen labels"),
+      range_of(p.rejected.labels, 1, r.end, r.end, "rejected labels"),
+      range_of(ref_chosen, 1, P, P, "ref_chosen_logps"),
+      range_of(ref_rejected, 1, P, P, "ref_rejected_logps")};
+  throw_if(dpo::detail::check_forward_outputs(out, P, std::max(c.end, r.end), ins, 6));
+}
+
 /// The reference-logits overloads' forward-only pass over `reference` (in its own dtype R):
 /// its pair log-probs, LD-DPO weighted as the policy's.
 template <class T, class R, class L>
@@ -670,8 +694,10 @@ void reference_logps(const pair_view<T, L>& policy, const pair_view<R, L>& refer
 /// read of the logits. out.row_lse / out.row_coef (at least row_end(last) doubles, indexed
 /// by the logits buffer's row; entries of rows outside every sequence are not written) hold
 /// what dpo_backward_rows needs; they need one logits buffer for both sides (padded or
-/// packed pairs). Bitwise the same values as the owned-result dpo_forward. Throws dpo::error
-/// (nothing written) on bad input. Deterministic and independent of options::num_threads.
+/// packed pairs). Bitwise the same values as the owned-result dpo_forward. The outputs may
+/// overlap neither each other nor the logits, labels or reference log-probs. Throws
+/// dpo::error (nothing written) on bad input. Deterministic and independent of
+/// options::num_threads.
 template <class T, class L>
 void dpo_forward(const pair_view<T, L>& policy, const double* ref_chosen,
                  const double* ref_rejected, const loss_config& cfg, const forward_outputs& out,
@@ -679,6 +705,7 @@ void dpo_forward(const pair_view<T, L>& policy, const double* ref_chosen,
   detail::check_forward_args(policy, ref_chosen, ref_rejected, cfg);
   if (out.row_lse != nullptr || out.row_coef != nullptr)
     detail::check_one_buffer(policy, "out.row_lse / out.row_coef");
+  detail::check_forward_outputs(policy, ref_chosen, ref_rejected, out);
   detail::forward_pipeline(policy, ref_chosen, ref_rejected, cfg, out, opt, nullptr);
 }
 
@@ -693,6 +720,7 @@ void dpo_forward(const pair_view<T, L>& policy, const pair_view<R, L>& reference
   detail::check_pairs(policy, "logits");
   if (out.row_lse != nullptr || out.row_coef != nullptr)
     detail::check_one_buffer(policy, "out.row_lse / out.row_coef");
+  detail::check_forward_outputs(policy, nullptr, nullptr, out);  // before the reference pass
   detail::reference_logps(policy, reference, cfg, opt, rc, rr);
   dpo_forward(policy, rc.data(), rr.data(), cfg, out, opt);
 }

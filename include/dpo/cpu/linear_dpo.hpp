@@ -758,6 +758,16 @@ std::int64_t layout_rows(const hidden_pairs<T, L>& in) {
   return n(in.pairs.chosen) + n(in.pairs.rejected);
 }
 
+/// The forward outputs may overlap neither each other nor the call's inputs `ins` (row_lse /
+/// row_coef: the hidden buffer's rows up to the last sequence's end).
+template <class T, class L>
+void check_outputs(const hidden_pairs<T, L>& policy, const forward_outputs& out, const linear_range* ins, int n_in) {
+  const dpo::detail::check_policy pol = dpo::detail::cpu_policy();
+  const std::int64_t rows = std::max(dpo::detail::rows_of(policy.pairs.chosen, pol).end,
+                                     dpo::detail::rows_of(policy.pairs.rejected, pol).end);
+  throw_if(dpo::detail::check_forward_outputs(out, policy.num_pairs(), rows, ins, n_in));
+}
+
 /// The fused call after its checks; ref_* are the reference log-probs.
 template <class T, class L, class G>
 void fused(const hidden_pairs<T, L>& policy, const linear_head<T>& head, const double* ref_chosen,
@@ -862,6 +872,7 @@ void linear_dpo(const hidden_pairs<T, L>& policy, const linear_head<T>& head,
   detail::check_linear_grads(policy, head, g, ins, n);
   if (out.row_lse != nullptr || out.row_coef != nullptr)
     detail::check_one_hidden_buffer(policy, "out.row_lse / out.row_coef");
+  detail::check_outputs(policy, out, ins, n);
   const bool dh = g.chosen_hidden != nullptr || g.rejected_hidden != nullptr;
   const detail::plan_rows<T> plan = detail::plan_chunks(head, detail::layout_rows(policy), dh, true, opt);
   const detail::side_map maps[2] = {detail::map_side(policy.pairs.chosen), detail::map_side(policy.pairs.rejected)};
@@ -889,6 +900,7 @@ void linear_dpo(const hidden_pairs<T, L>& policy, const linear_head<T>& head,
   detail::check_linear_grads(policy, head, g, ins, n);
   if (out.row_lse != nullptr || out.row_coef != nullptr)
     detail::check_one_hidden_buffer(policy, "out.row_lse / out.row_coef");
+  detail::check_outputs(policy, out, ins, n);
   const bool dh = g.chosen_hidden != nullptr || g.rejected_hidden != nullptr;
   const detail::plan_rows<T> plan = detail::plan_chunks(head, detail::layout_rows(policy), dh, true, opt);
   const detail::plan_rows<T> ref_plan = detail::plan_chunks(ref_head, detail::layout_rows(ref), false, false, opt);
@@ -915,6 +927,14 @@ void linear_dpo_forward(const hidden_pairs<T, L>& policy, const linear_head<T>& 
   detail::check_policy_call(policy, head, ref_chosen, ref_rejected, cfg, false);
   if (out.row_lse != nullptr || out.row_coef != nullptr)
     detail::check_one_hidden_buffer(policy, "out.row_lse / out.row_coef");
+  {
+    detail::linear_range ins[10];
+    int n = detail::pair_input_ranges(policy, head, ins, "hidden");
+    const std::int64_t P = policy.num_pairs();
+    ins[n++] = detail::range_of(ref_chosen, 1, P, P, "ref_chosen_logps");
+    ins[n++] = detail::range_of(ref_rejected, 1, P, P, "ref_rejected_logps");
+    detail::check_outputs(policy, out, ins, n);
+  }
   const detail::plan_rows<T> plan = detail::plan_chunks(head, detail::layout_rows(policy), false, false, opt);
   const detail::side_map maps[2] = {detail::map_side(policy.pairs.chosen), detail::map_side(policy.pairs.rejected)};
   std::vector<double> lse[2], coef[2];
@@ -933,6 +953,12 @@ void linear_dpo_forward(const hidden_pairs<T, L>& policy, const linear_head<T>& 
   detail::check_reference_call(policy, ref, ref_head, head);
   if (out.row_lse != nullptr || out.row_coef != nullptr)
     detail::check_one_hidden_buffer(policy, "out.row_lse / out.row_coef");
+  {
+    detail::linear_range ins[16];
+    int n = detail::pair_input_ranges(policy, head, ins, "hidden");
+    n += detail::pair_input_ranges(ref, ref_head, ins + n, "ref_hidden");
+    detail::check_outputs(policy, out, ins, n);  // before the reference pass
+  }
   detail::plan_chunks(head, detail::layout_rows(policy), false, false, opt);
   const detail::plan_rows<T> ref_plan = detail::plan_chunks(ref_head, detail::layout_rows(ref), false, false, opt);
   std::vector<double> rc, rr;

@@ -434,18 +434,17 @@ inline void shard_pair_stage(std::int64_t P, const double* seq_totals, const dou
   if (seq_totals == nullptr || seq_grad == nullptr)
     dpo::detail::fail(seq_totals == nullptr ? "seq_totals" : "seq_grad", " is null");
   {
-    std::vector<detail::named_range> outs{detail::range_of(seq_grad, 1, 2 * P, 2 * P, "seq_grad"),
-                                          detail::range_of(out.loss, 1, 1, 1, "out.loss"),
-                                          detail::range_of(reinterpret_cast<const unsigned char*>(out.metrics), 1,
-                                                   sizeof(dpo::metrics), sizeof(dpo::metrics), "out.metrics"),
-                                          detail::range_of(out.nll_token_grad, 1, 1, 1, "out.nll_token_grad")};
-#define DPO_DETAIL_RANGE(name) outs.push_back(detail::range_of(out.name, 1, P, P, "out." #name));
-    DPO_PAIR_OUTPUTS(DPO_DETAIL_RANGE)
-#undef DPO_DETAIL_RANGE
-    const detail::named_range ins[3] = {detail::range_of(seq_totals, 1, seq_fields * 2 * P, seq_fields * 2 * P, "seq_totals"),
+    // out.row_lse / out.row_coef are not written (rows 0); seq_grad is an output too.
+    forward_outputs o = out;
+    o.row_lse = o.row_coef = nullptr;
+    detail::named_range outs[dpo::detail::num_forward_ranges + 1];
+    outs[0] = detail::range_of(seq_grad, 1, 2 * P, 2 * P, "seq_grad");
+    dpo::detail::forward_ranges(o, P, 0, outs + 1);
+    const std::int64_t n = seq_fields * 2 * P;
+    const detail::named_range ins[3] = {detail::range_of(seq_totals, 1, n, n, "seq_totals"),
                                         detail::range_of(ref_chosen, 1, P, P, "ref_chosen"),
                                         detail::range_of(ref_rejected, 1, P, P, "ref_rejected")};
-    detail::throw_if(dpo::detail::check_no_overlap(outs.data(), static_cast<int>(outs.size()), ins, 3));
+    detail::throw_if(dpo::detail::check_no_overlap(outs, dpo::detail::num_forward_ranges + 1, ins, 3));
   }
   std::vector<double> gc, gr;
   detail::batch_sequences s;
