@@ -364,3 +364,72 @@ TEST_CASE("caller-owned dpo_loss equals the owned result bitwise", "[forward][ou
     check_same_pair_outputs(out, want);
   }
 }
+
+TEST_CASE("caller-owned dpo_forward / dpo_loss: outputs on each other or on the inputs throw and write nothing",
+          "[forward][outputs]") {
+  // out.losses on out.chosen_rewards used to return the rewards as the losses.
+  fixture::batch_spec sp;
+  const oracle::batch b = fixture::rounded_random_batch<double>(sp);
+  fixture::buffers<double, std::int64_t> pad(b, layout::padded);
+  const dpo::loss_config cfg = fixture::of(dpo::loss_type::sigmoid);
+  const fixture::reference ref = fixture::make_reference(cfg, b, 7);
+  const std::int64_t P = pad.view().num_pairs();
+  std::vector<double> pv(static_cast<std::size_t>(dpo::num_pair_outputs * P), -1.0);
+  std::vector<double> rows(pad.logits.size(), -2.0);
+  double loss = -3.0;
+  const auto untouched = [&] {
+    CHECK(loss == -3.0);
+    for (double x : pv) CHECK(x == -1.0);
+    for (double x : rows) CHECK(x == -2.0);
+  };
+  const auto fresh = [&] {
+    dpo::forward_outputs o;
+    o.loss = &loss;
+    o.set_pair_outputs(pv.data(), P);
+    return o;
+  };
+  dpo::forward_outputs out = fresh();
+  out.chosen_rewards = out.losses;
+  fixture::expect_error([&] { dpo::cpu::dpo_forward(pad.view(), ref.pc(), ref.pr(), cfg, out); },
+                        "out.losses overlaps out.chosen_rewards");
+  fixture::expect_error([&] { dpo::cpu::dpo_forward(pad.view(), pad.view(), cfg, out); },
+                        "out.losses overlaps out.chosen_rewards");
+  untouched();
+  out = fresh();
+  out.row_lse = rows.data();
+  out.row_coef = rows.data() + 1;
+  fixture::expect_error([&] { dpo::cpu::dpo_forward(pad.view(), ref.pc(), ref.pr(), cfg, out); },
+                        "out.row_lse overlaps out.row_coef");
+  untouched();
+  // An output on the reference log-probs or on the logits.
+  std::vector<double> refs(ref.c.begin(), ref.c.end());
+  refs.insert(refs.end(), ref.r.begin(), ref.r.end());
+  const std::vector<double> refs_before = refs;
+  out = fresh();
+  out.weights = refs.data() + P;
+  fixture::expect_error([&] { dpo::cpu::dpo_forward(pad.view(), refs.data(), refs.data() + P, cfg, out); },
+                        "out.weights overlaps ref_rejected_logps");
+  CHECK(refs == refs_before);
+  std::vector<double> lg = pad.logits;
+  auto on_logits = pad.view();
+  on_logits.chosen.logits = on_logits.rejected.logits = lg.data();
+  out = fresh();
+  out.grad_chosen = lg.data() + 3;
+  fixture::expect_error([&] { dpo::cpu::dpo_forward(on_logits, ref.pc(), ref.pr(), cfg, out); },
+                        "out.grad_chosen overlaps chosen logits");
+  CHECK(lg == pad.logits);
+  untouched();
+  // dpo_loss: outputs among themselves (it copies its inputs, so out.chosen_logps may be
+  // in.chosen_logps).
+  std::vector<double> lc(static_cast<std::size_t>(P), -10.0), lr(static_cast<std::size_t>(P), -11.0);
+  const dpo::pair_logps_in in = dpo::make_pair_logps(P, lc.data(), lr.data(), ref.pc(), ref.pr());
+  out = fresh();
+  out.metrics = reinterpret_cast<dpo::metrics*>(pv.data());
+  fixture::expect_error([&] { dpo::cpu::dpo_loss(in, cfg, out); }, "out.metrics overlaps out.losses");
+  untouched();
+  out = fresh();
+  out.chosen_logps = lc.data();
+  dpo::cpu::dpo_loss(in, cfg, out);
+  CHECK(lc[0] == -10.0);
+  CHECK(loss != -3.0);
+}

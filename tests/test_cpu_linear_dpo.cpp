@@ -924,6 +924,38 @@ TEST_CASE("linear DPO: bad input names the argument and writes nothing", "[linea
   expect_error("row_lse", [&] {
     dpo::cpu::linear_dpo_backward(in, head, nullptr, o.row_coef.data(), g);
   });
+  // Forward outputs on each other, on the reference log-probs or on the hidden rows.
+  {
+    dpo::forward_outputs fo = o.fwd(true);
+    fo.chosen_rewards = fo.losses;
+    expect_error("out.losses overlaps out.chosen_rewards",
+                 [&] { dpo::cpu::linear_dpo(in, head, ref.pc(), ref.pr(), cfg, fo, g); });
+    expect_error("out.losses overlaps out.chosen_rewards",
+                 [&] { dpo::cpu::linear_dpo_forward(in, head, ref.pc(), ref.pr(), cfg, fo); });
+    expect_error("out.losses overlaps out.chosen_rewards",
+                 [&] { dpo::cpu::linear_dpo(in, head, in, head, cfg, fo, g); });
+    expect_error("out.losses overlaps out.chosen_rewards",
+                 [&] { dpo::cpu::linear_dpo_forward(in, head, in, head, cfg, fo); });
+    fo = o.fwd(true);
+    fo.row_coef = fo.row_lse + 1;
+    expect_error("out.row_lse overlaps out.row_coef",
+                 [&] { dpo::cpu::linear_dpo_forward(in, head, ref.pc(), ref.pr(), cfg, fo); });
+    std::vector<double> refs = ref.c;
+    fo = o.fwd();
+    fo.rejected_logps = refs.data();
+    expect_error("out.rejected_logps overlaps ref_chosen_logps",
+                 [&] { dpo::cpu::linear_dpo(in, head, refs.data(), ref.pr(), cfg, fo, g); });
+    CHECK(refs == ref.c);
+    std::vector<float> hid = lay.hidden[0];
+    auto on_hidden = in;
+    on_hidden.pairs.chosen.logits = on_hidden.pairs.rejected.logits = hid.data();
+    fo = o.fwd();
+    fo.grad_rejected = reinterpret_cast<double*>(hid.data() + 2);
+    expect_error("out.grad_rejected overlaps hidden", [&] {
+      dpo::cpu::linear_dpo(on_hidden, head, ref.pc(), ref.pr(), cfg, fo, g);
+    });
+    CHECK(std::memcmp(hid.data(), lay.hidden[0].data(), hid.size() * sizeof(float)) == 0);  // NaN padding
+  }
   // Nothing was written by any of the rejected calls.
   CHECK(o.loss == -1.0);
   for (float x : o.dh[0]) CHECK(x == float(sentinel));
