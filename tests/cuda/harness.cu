@@ -687,6 +687,165 @@ row_state_out row_state_errors() {
   return r;
 }
 
+output_alias_out output_alias_errors() {
+  const std::int64_t P = 2, T = 3, V = 5, half = P * T, rows = 2 * half;
+  std::vector<float> logits(static_cast<std::size_t>(rows * V));
+  for (std::size_t i = 0; i < logits.size(); ++i) logits[i] = 0.1f * static_cast<float>(i % 7);
+  std::vector<std::int64_t> labels(static_cast<std::size_t>(rows));
+  for (std::int64_t r = 0; r < rows; ++r) labels[static_cast<std::size_t>(r)] = r % V;
+  std::vector<double> logps(static_cast<std::size_t>(4 * P));  // ref_chosen, ref_rejected, chosen, rejected
+  for (std::size_t i = 0; i < logps.size(); ++i) logps[i] = -1.0 - 0.25 * static_cast<double>(i);
+  dev_buf dz(logits.size() * sizeof(float)), dzr(logits.size() * sizeof(float)), dy(labels.size() * 8),
+      dlp(logps.size() * 8), dout(static_cast<std::size_t>(dpo::num_pair_outputs * P) * 8), dloss(8),
+      drow(static_cast<std::size_t>(2 * rows) * 8), dgrad(logits.size() * sizeof(float)), dws(1 << 20);
+  dz.put(logits.data(), logits.size() * sizeof(float));
+  dzr.put(logits.data(), logits.size() * sizeof(float));
+  dy.put(labels.data(), labels.size() * 8);
+  dlp.put(logps.data(), logps.size() * 8);
+  for (dev_buf* b : {&dout, &dloss, &drow, &dgrad, &dws}) b->fill(0x5a);
+  const dev_buf* all[] = {&dz, &dzr, &dy, &dlp, &dout, &dloss, &drow, &dgrad, &dws};
+  std::vector<std::vector<unsigned char>> before;
+  for (const dev_buf* b : all) before.push_back(b->get<unsigned char>(b->n));
+
+  const float* z = dz.as<float>();
+  const std::int64_t* y = dy.as<std::int64_t>();
+  const auto policy = dpo::padded_pairs(z, y, 2 * P, T, V, V);
+  const auto reference = dpo::padded_pairs(dzr.as<float>(), y, 2 * P, T, V, V);
+  const double* ref_c = dlp.as<double>();
+  const double* ref_r = ref_c + P;
+  float* g = dgrad.as<float>();
+  const dpo::pair_grad_view<float> gv{g, V, g, V};
+  double* o = dout.as<double>();
+  // Valid outputs: per-pair slices of dout, the loss, the row state in drow's two halves.
+  const auto valid = [&] {
+    dpo::forward_outputs out;
+    out.loss = dloss.as<double>();
+    out.set_pair_outputs(o, P);
+    out.row_lse = drow.as<double>();
+    out.row_coef = drow.as<double>() + rows;
+    return out;
+  };
+  const dpo::loss_config cfg;
+  output_alias_out r;
+  const auto add = [&](const char* what, const dpo::cuda::status& st) {
+    r.cases.push_back({what, st.ok() ? std::string() : std::string(st.message)});
+  };
+  std::size_t bytes = dws.n;
+  {
+    dpo::forward_outputs out = valid();
+    out.losses = out.chosen_rewards;
+    bytes = dws.n;
+    add("forward: out.losses on out.chosen_rewards",
+        dpo::cuda::dpo_forward(dws.p, bytes, policy, ref_c, ref_r, cfg, out));
+  }
+  {
+    dpo::forward_outputs out = valid();
+    out.rejected_rewards = const_cast<double*>(ref_r);
+    bytes = dws.n;
+    add("forward: out.rejected_rewards on ref_rejected_logps",
+        dpo::cuda::dpo_forward(dws.p, bytes, policy, ref_c, ref_r, cfg, out));
+  }
+  {
+    dpo::forward_outputs out = valid();
+    out.row_coef = out.row_lse + rows / 2;
+    bytes = dws.n;
+    add("forward: out.row_lse on out.row_coef",
+        dpo::cuda::dpo_forward(dws.p, bytes, policy, ref_c, ref_r, cfg, out));
+  }
+  {
+    dpo::forward_outputs out = valid();
+    out.loss = reinterpret_cast<double*>(dz.as<float>() + half * V);  // in the rejected rows
+    bytes = dws.n;
+    add("forward: out.loss on logits.rejected",
+        dpo::cuda::dpo_forward(dws.p, bytes, policy, ref_c, ref_r, cfg, out));
+  }
+  {
+    dpo::forward_outputs out = valid();
+    out.weights = reinterpret_cast<double*>(dws.p) + 1;
+    bytes = dws.n;
+    add("forward: out.weights on workspace",
+        dpo::cuda::dpo_forward(dws.p, bytes, policy, ref_c, ref_r, cfg, out));
+  }
+  {
+    dpo::forward_outputs out = valid();
+    out.chosen_logps = reinterpret_cast<double*>(dzr.p);
+    bytes = dws.n;
+    add("forward (reference logits): out.chosen_logps on ref_logits.chosen",
+        dpo::cuda::dpo_forward(dws.p, bytes, policy, reference, cfg, out));
+  }
+  {
+    dpo::forward_outputs out = valid();
+    out.grad_rejected = out.grad_chosen;
+    bytes = dws.n;
+    add("forward (reference logits): out.grad_chosen on out.grad_rejected",
+        dpo::cuda::dpo_forward(dws.p, bytes, policy, reference, cfg, out));
+  }
+  {
+    dpo::forward_outputs out = valid();
+    out.row_lse = reinterpret_cast<double*>(g + 3 * V);
+    bytes = dws.n;
+    add("forward_backward: out.row_lse on grad.chosen",
+        dpo::cuda::dpo_forward_backward(dws.p, bytes, policy, ref_c, ref_r, cfg, out, gv));
+  }
+  {
+    dpo::forward_outputs out = valid();
+    out.chosen_tokens = reinterpret_cast<double*>(dy.as<std::int64_t>() + half);
+    bytes = dws.n;
+    add("forward_backward: out.chosen_tokens on labels.rejected",
+        dpo::cuda::dpo_forward_backward(dws.p, bytes, policy, ref_c, ref_r, cfg, out, gv));
+  }
+  {
+    dpo::forward_outputs out = valid();
+    out.losses = const_cast<double*>(ref_c);
+    bytes = dws.n;
+    add("forward_backward: out.losses on ref_chosen_logps",
+        dpo::cuda::dpo_forward_backward(dws.p, bytes, policy, ref_c, ref_r, cfg, out, gv));
+  }
+  {
+    dpo::forward_outputs out = valid();
+    out.nll_token_grad = out.loss;
+    bytes = dws.n;
+    add("forward_backward (reference logits): out.loss on out.nll_token_grad",
+        dpo::cuda::dpo_forward_backward(dws.p, bytes, policy, reference, cfg, out, gv));
+  }
+  {
+    dpo::forward_outputs out = valid();
+    out.rejected_logps = reinterpret_cast<double*>(dzr.as<float>() + half * V);
+    bytes = dws.n;
+    add("forward_backward (reference logits): out.rejected_logps on ref_logits.rejected",
+        dpo::cuda::dpo_forward_backward(dws.p, bytes, policy, reference, cfg, out, gv));
+  }
+  const dpo::pair_logps_in li = dpo::make_pair_logps(P, ref_c + 2 * P, ref_c + 3 * P, ref_c, ref_r);
+  {
+    dpo::forward_outputs out = valid();
+    out.row_lse = out.row_coef = nullptr;
+    out.losses = out.chosen_rewards;
+    bytes = dws.n;
+    add("loss: out.losses on out.chosen_rewards", dpo::cuda::dpo_loss(dws.p, bytes, li, cfg, out));
+  }
+  {
+    dpo::forward_outputs out = valid();
+    out.row_lse = out.row_coef = nullptr;
+    out.metrics = reinterpret_cast<dpo::metrics*>(dws.p);
+    bytes = dws.n;
+    add("loss: out.metrics on workspace", dpo::cuda::dpo_loss(dws.p, bytes, li, cfg, out));
+  }
+  DPO_CK(cudaDeviceSynchronize());
+  r.untouched = true;
+  for (std::size_t k = 0; k < before.size(); ++k) r.untouched = r.untouched && all[k]->get<unsigned char>(all[k]->n) == before[k];
+  // dpo_loss copies its inputs first: an output on an input is fine (as dpo::cpu::dpo_loss).
+  {
+    dpo::forward_outputs out = valid();
+    out.row_lse = out.row_coef = nullptr;
+    out.chosen_logps = const_cast<double*>(li.chosen_logps);
+    bytes = dws.n;
+    const dpo::cuda::status st = dpo::cuda::dpo_loss(dws.p, bytes, li, cfg, out);
+    r.loss_in_place = st.ok() ? std::string() : std::string(st.message);
+    DPO_CK(cudaDeviceSynchronize());
+  }
+  return r;
+}
+
 std::string empty_call_error(bool backward, bool previous_error) {
   const std::int64_t T = 3, V = 5;
   std::vector<float> logits(static_cast<std::size_t>(2 * T * V), 0.25f);

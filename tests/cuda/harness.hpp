@@ -151,6 +151,20 @@ struct row_state_out {
 };
 row_state_out row_state_errors();
 
+/// Forward outputs that overlap each other or the call's inputs (logits rows, labels,
+/// reference log-probs or logits, the gradient, the workspace) on dpo_forward (both
+/// overloads), dpo_forward_backward (both) and dpo_loss (outputs among themselves and the
+/// workspace): each case's description ("call: A on B") and status message ("" if it
+/// passed), whether every byte of every buffer kept its value, and the message of dpo_loss
+/// with out.chosen_logps on in.chosen_logps (allowed: its inputs are copied first).
+struct output_alias_out {
+  struct named { std::string what, message; };
+  std::vector<named> cases;
+  bool untouched = false;
+  std::string loss_in_place;
+};
+output_alias_out output_alias_errors();
+
 /// read_device_error's message after calls that have nothing to compute (sequence_logps of
 /// no sequence, sequence_logps_backward of a view without rows), on a workspace that held
 /// `garbage` bytes (0xa5 fill) or a previous call's label error: empty when they clear it.

@@ -651,6 +651,26 @@ TEST_CASE("cuda: row state is refused where the sides would share its entries", 
   CHECK(r.untouched);
 }
 
+TEST_CASE("cuda: forward outputs may overlap neither each other nor the inputs", "[cuda][small]") {
+  // out.losses on out.chosen_rewards returned the rewards as the losses, silently; an output on
+  // the reference log-probs or the logits corrupted what the kernels read later. The rule of
+  // dpo::cpu (dpo::detail::check_forward_outputs), before anything is launched.
+  const dpo_cuda_test::output_alias_out r = dpo_cuda_test::output_alias_errors();
+  REQUIRE(r.cases.size() == 14);
+  for (const auto& c : r.cases) {
+    INFO(c.what << " -> " << c.message);
+    // "call: A on B": the message names both A and B.
+    const std::size_t colon = c.what.find(": "), on = c.what.find(" on ");
+    const std::string a = c.what.substr(colon + 2, on - colon - 2), b = c.what.substr(on + 4);
+    CHECK(c.message.find(a) != std::string::npos);
+    CHECK(c.message.find(b) != std::string::npos);
+    CHECK(c.message.find("overlaps") != std::string::npos);
+  }
+  CHECK(r.untouched);
+  INFO(r.loss_in_place);
+  CHECK(r.loss_in_place.empty());
+}
+
 TEST_CASE("cuda: a NaN grad_output gives NaN on completion rows and zeros on masked rows", "[cuda][small]") {
   // grad_output is a device scalar the host cannot check: it propagates, as through a torch op,
   // the same way in dpo_backward and dpo_backward_rows (dpo_backward gave masked rows NaN).

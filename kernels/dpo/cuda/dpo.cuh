@@ -390,28 +390,113 @@ struct forward_plan {
   bool size_only = false;
 };
 
+/// The device arrays a forward pass reads from one view (logits rows, labels, mask,
+/// cu_seqlens: 4 entries into `out`, named `side`.logits etc.), as byte ranges compared,
+/// never read: the logits and per-row arrays over the rows the view may occupy (rows_of:
+/// the whole options::num_rows buffer for a packed view).
+template <class T, class L>
+void forward_view_ranges(const token_view<T, L>& v, const options& opt, const char* const names[4],
+                         dpo::detail::named_range* out) {
+  const dpo::detail::check_policy p = policy(opt, true);
+  const dpo::detail::row_span r = dpo::detail::rows_of(v, p);
+  const auto rows = [&](const auto* a, const char* name) {
+    return r.size() > 0 ? dpo::detail::range_of(a + r.begin, 1, r.size(), r.size(), name)
+                        : dpo::detail::named_range{{}, name};
+  };
+  out[0] = {dpo::detail::row_bytes(v.logits, v.row_stride, v, p), names[0]};
+  out[1] = rows(v.labels, names[1]);
+  out[2] = rows(v.mask, names[2]);
+  const std::int64_t k = v.num_seqs > 0 ? v.num_seqs + 1 : 0;
+  out[3] = v.cu_seqlens != nullptr ? dpo::detail::range_of(v.cu_seqlens + v.first_seq, 1, k, k, names[3])
+                                   : dpo::detail::named_range{{}, names[3]};
+}
+
+inline constexpr const char* forward_view_names[4][4] = {
+    {"logits.chosen", "labels.chosen", "mask.chosen", "cu_seqlens.chosen"},
+    {"logits.rejected", "labels.rejected", "mask.rejected", "cu_seqlens.rejected"},
+    {"ref_logits.chosen", "ref_labels.chosen", "ref_mask.chosen", "ref_cu_seqlens.chosen"},
+    {"ref_logits.rejected", "ref_labels.rejected", "ref_mask.rejected", "ref_cu_seqlens.rejected"}};
+
+/// The forward outputs (dpo::detail::forward_ranges) may overlap neither each other nor the
+/// call's inputs: both sides' logits rows, labels, mask and cu_seqlens, the reference
+/// log-probs or the reference view's arrays, options::error_word, the gradient buffers
+/// (`grad`, may be null: dpo_forward) and the workspace's first `ws_bytes` (what the call
+/// writes there). out.row_lse / out.row_coef span the logits buffer's rows up to the last
+/// view row (rows_of: options::num_rows for packed views). Addresses only: host code.
+template <class T, class L, class R>
+status check_forward_outputs(const pair_view<T, L>& policy, const double* ref_chosen,
+                             const double* ref_rejected, const pair_view<R, L>* reference,
+                             const forward_outputs& out, const pair_grad_view<T>* grad,
+                             const void* workspace, std::size_t ws_bytes, const options& opt) {
+  using dpo::detail::named_range;
+  using dpo::detail::range_of;
+  const dpo::detail::check_policy p = dpo::cuda::detail::policy(opt, true);
+  const std::int64_t P = policy.num_pairs();
+  named_range ins[22];
+  int n = 0;
+  forward_view_ranges(policy.chosen, opt, forward_view_names[0], ins + n);
+  n += 4;
+  forward_view_ranges(policy.rejected, opt, forward_view_names[1], ins + n);
+  n += 4;
+  if (reference != nullptr) {
+    forward_view_ranges(reference->chosen, opt, forward_view_names[2], ins + n);
+    n += 4;
+    forward_view_ranges(reference->rejected, opt, forward_view_names[3], ins + n);
+    n += 4;
+  } else {
+    ins[n++] = range_of(ref_chosen, 1, P, P, "ref_chosen_logps");
+    ins[n++] = range_of(ref_rejected, 1, P, P, "ref_rejected_logps");
+  }
+  ins[n++] = range_of(opt.error_word, 1, 1, 1, "options::error_word");
+  if (grad != nullptr) {
+    ins[n++] = {dpo::detail::row_bytes(grad->chosen, grad->chosen_stride, policy.chosen, p), "grad.chosen"};
+    ins[n++] = {dpo::detail::row_bytes(grad->rejected, grad->rejected_stride, policy.rejected, p),
+                "grad.rejected"};
+  }
+  const std::int64_t wb = static_cast<std::int64_t>(ws_bytes);
+  ins[n++] = range_of(static_cast<const unsigned char*>(workspace), 1, wb, wb, "workspace");
+  const std::int64_t rc = dpo::detail::rows_of(policy.chosen, p).end;
+  const std::int64_t rr = dpo::detail::rows_of(policy.rejected, p).end;
+  return to_status(dpo::detail::check_forward_outputs(out, P, rc > rr ? rc : rr, ins, n));
+}
+
 /// The entry points' prologue, as CUB's dispatch layer has one: every argument check (with
 /// out's row state), then the two-phase workspace (size query, size and alignment check,
-/// carve). `reference` null: reference log-probs (ref_chosen / ref_rejected); else reference
-/// logits. Sets plan->size_only for a size query, which the caller then returns.
+/// carve), then (with a workspace) the aliasing check of the forward outputs against each
+/// other and the call's inputs (check_forward_outputs; `grad`: dpo_forward_backward's
+/// gradient buffers, else null). `reference` null: reference log-probs (ref_chosen /
+/// ref_rejected); else reference logits. Sets plan->size_only for a size query, which the
+/// caller then returns.
 template <class T, class L, class R>
 status plan_forward(void* workspace, std::size_t& workspace_bytes, const pair_view<T, L>& policy,
                     const double* ref_chosen, const double* ref_rejected,
                     const pair_view<R, L>* reference, const loss_config& cfg,
-                    const forward_outputs& out, const options& opt, forward_plan* plan) {
-  if (reference != nullptr) {
-    const status s = check_row_state(policy, out, opt);
-    if (!s) return s;
-    return reserve_reference(workspace, workspace_bytes, policy, *reference, cfg, opt, plan->cap,
-                             plan->ref_cap, &plan->w, &plan->ref_w, &plan->ref, &plan->size_only);
-  }
-  status s = check_forward(policy, ref_chosen, ref_rejected, cfg, opt, plan->cap,
-                           workspace != nullptr);
-  if (!s) return s;
-  s = check_row_state(policy, out, opt);
-  if (!s) return s;
+                    const forward_outputs& out, const options& opt, forward_plan* plan,
+                    const pair_grad_view<T>* grad = nullptr) {
   const std::int64_t P = policy.num_pairs();
-  return reserve(workspace, workspace_bytes, plan->cap, P, P, &plan->w, &plan->size_only);
+  status s;
+  std::size_t used = 0;  // the workspace bytes the call writes
+  if (reference != nullptr) {
+    s = check_row_state(policy, out, opt);
+    if (!s) return s;
+    s = reserve_reference(workspace, workspace_bytes, policy, *reference, cfg, opt, plan->cap,
+                          plan->ref_cap, &plan->w, &plan->ref_w, &plan->ref, &plan->size_only);
+    if (!s || plan->size_only) return s;
+    ws_ptrs scratch;
+    const std::size_t a = carve(0, plan->cap, P, P, &scratch);
+    const std::size_t b = carve(0, plan->ref_cap, P, P, &scratch);
+    used = (a > b ? a : b) + static_cast<std::size_t>(2 * P) * sizeof(double);
+  } else {
+    s = check_forward(policy, ref_chosen, ref_rejected, cfg, opt, plan->cap, workspace != nullptr);
+    if (!s) return s;
+    s = check_row_state(policy, out, opt);
+    if (!s) return s;
+    s = reserve(workspace, workspace_bytes, plan->cap, P, P, &plan->w, &plan->size_only);
+    if (!s || plan->size_only) return s;
+    ws_ptrs scratch;
+    used = carve(0, plan->cap, P, P, &scratch);
+  }
+  return check_forward_outputs(policy, ref_chosen, ref_rejected, reference, out, grad, workspace, used, opt);
 }
 
 }  // namespace detail
@@ -592,6 +677,16 @@ inline status dpo_loss(void* workspace, std::size_t& workspace_bytes, const pair
   bool size_only = false;
   s = detail::reserve(workspace, workspace_bytes, cap, P, P, &w, &size_only);
   if (!s || size_only) return s;
+  {
+    // Outputs on each other and the workspace only, as dpo::cpu::dpo_loss: the inputs are
+    // copied into the workspace first (out.chosen_logps may be in.chosen_logps itself).
+    detail::ws_ptrs scratch;
+    const std::int64_t used = static_cast<std::int64_t>(detail::carve(0, cap, P, P, &scratch));
+    const dpo::detail::named_range ws = dpo::detail::range_of(static_cast<const unsigned char*>(workspace), 1,
+                                                              used, used, "workspace");
+    s = detail::to_status(dpo::detail::check_forward_outputs(out, P, 0, &ws, 1));
+    if (!s) return s;
+  }
   const detail::loss_inputs li{in.chosen_logps, in.rejected_logps, in.chosen_tokens,
                                in.rejected_tokens, in.weights};
   const int blocks = static_cast<int>(P / 256 + 1 < 1024 ? P / 256 + 1 : 1024);
@@ -698,7 +793,7 @@ status dpo_forward_backward(void* workspace, std::size_t& workspace_bytes,
   // Every check before anything is launched.
   detail::forward_plan plan;
   status s = detail::plan_forward<T, L, T>(workspace, workspace_bytes, policy, ref_chosen,
-                                           ref_rejected, nullptr, cfg, out, opt, &plan);
+                                           ref_rejected, nullptr, cfg, out, opt, &plan, &grad);
   if (!s || plan.size_only) return s;
   s = detail::check_grad(policy, grad, opt);
   if (!s) return s;
@@ -742,7 +837,7 @@ status dpo_forward_backward(void* workspace, std::size_t& workspace_bytes,
                             cudaStream_t stream = 0) {
   detail::forward_plan plan;
   status s = detail::plan_forward(workspace, workspace_bytes, policy, nullptr, nullptr, &reference,
-                                  cfg, out, opt, &plan);
+                                  cfg, out, opt, &plan, &grad);
   if (!s || plan.size_only) return s;
   s = detail::check_grad(policy, grad, opt);
   if (!s) return s;
