@@ -313,4 +313,159 @@ packed_shared_out run_packed_shared_rows(const std::vector<float>& hidden, const
   return r;
 }
 
+linear_alias_out linear_output_alias_errors() {
+  using I = std::int64_t;
+  const I P = 2, T = 3, H = 4, V = 6, R = 2 * P * T;
+  std::vector<float> hidden(static_cast<std::size_t>(R * H)), weight(static_cast<std::size_t>(V * H));
+  for (std::size_t i = 0; i < hidden.size(); ++i) hidden[i] = 0.05f * static_cast<float>(i % 11) - 0.2f;
+  for (std::size_t i = 0; i < weight.size(); ++i) weight[i] = 0.03f * static_cast<float>(i % 13) - 0.1f;
+  std::vector<I> labels(static_cast<std::size_t>(R));
+  for (I r = 0; r < R; ++r) labels[static_cast<std::size_t>(r)] = r % T == 0 ? -100 : r % V;
+  std::vector<double> ref(static_cast<std::size_t>(2 * P), -1.5);
+  dev_buf dh(hidden.size() * 4), drh(hidden.size() * 4), dw(weight.size() * 4), drw(weight.size() * 4),
+      db(static_cast<std::size_t>(V) * 4), dy(labels.size() * 8), dref(ref.size() * 8),
+      dout(static_cast<std::size_t>(dpo::num_pair_outputs * P) * 8), dloss(8), drow(static_cast<std::size_t>(2 * R) * 8),
+      dgh(hidden.size() * 4), dgw(weight.size() * 4), dgb(static_cast<std::size_t>(V) * 4), dws(4 << 20);
+  dh.put(hidden.data(), dh.n);
+  drh.put(hidden.data(), drh.n);
+  dw.put(weight.data(), dw.n);
+  drw.put(weight.data(), drw.n);
+  db.fill(0);
+  dy.put(labels.data(), dy.n);
+  dref.put(ref.data(), dref.n);
+  for (dev_buf* b : {&dout, &dloss, &drow, &dgh, &dgw, &dgb, &dws}) b->fill(0x5a);
+  const dev_buf* all[] = {&dh, &drh, &dw, &drw, &db, &dy, &dref, &dout, &dloss, &drow, &dgh, &dgw, &dgb, &dws};
+  std::vector<std::vector<unsigned char>> before;
+  for (const dev_buf* b : all) before.push_back(b->get<unsigned char>(b->n));
+
+  const auto policy = dpo::cuda::linear_padded_pairs(dh.as<const float>(), H, H, dy.as<const I>(), 2 * P, T);
+  const auto ref_pol = dpo::cuda::linear_padded_pairs(drh.as<const float>(), H, H, dy.as<const I>(), 2 * P, T);
+  dpo::cuda::linear_head<float> head, ref_head;
+  head.weight = dw.as<const float>();
+  head.bias = db.as<const float>();
+  head.bias_size = V;
+  ref_head.weight = drw.as<const float>();
+  for (dpo::cuda::linear_head<float>* h : {&head, &ref_head}) {
+    h->vocab = V;
+    h->hidden = H;
+    h->weight_stride = H;
+  }
+  dpo::cuda::linear_dpo_grads<float, float> g;
+  g.chosen_hidden = g.rejected_hidden = dgh.as<float>();
+  g.chosen_hidden_stride = g.rejected_hidden_stride = H;
+  g.weight = dgw.as<float>();
+  g.weight_stride = H;
+  g.bias = dgb.as<float>();
+  dpo::cuda::linear_dpo_options opt;
+  opt.workspace_bytes = 1 << 20;
+  opt.gemm_workspace_bytes = 1 << 16;
+  const dpo::loss_config cfg;
+  const double* rc = dref.as<const double>();
+  const double* rr = rc + P;
+  double* o = dout.as<double>();
+  const auto valid = [&] {
+    dpo::forward_outputs out;
+    out.loss = dloss.as<double>();
+    out.set_pair_outputs(o, P);
+    return out;
+  };
+  cublasLtHandle_t lt = nullptr;
+  if (cublasLtCreate(&lt) != CUBLAS_STATUS_SUCCESS) throw std::runtime_error("cublasLtCreate failed");
+  linear_alias_out r;
+  const auto add = [&](const char* what, const dpo::cuda::status& st) {
+    r.cases.push_back({what, st.ok() ? std::string() : std::string(st.message)});
+  };
+  std::size_t bytes = dws.n;
+  {
+    dpo::forward_outputs out = valid();
+    out.losses = out.chosen_rewards;
+    bytes = dws.n;
+    add("linear_dpo: out.losses on out.chosen_rewards",
+        dpo::cuda::linear_dpo(dws.p, bytes, lt, policy, head, rc, rr, cfg, out, g, opt));
+  }
+  {
+    dpo::forward_outputs out = valid();
+    out.rejected_rewards = const_cast<double*>(rr);
+    bytes = dws.n;
+    add("linear_dpo: out.rejected_rewards on ref_rejected_logps",
+        dpo::cuda::linear_dpo(dws.p, bytes, lt, policy, head, rc, rr, cfg, out, g, opt));
+  }
+  {
+    dpo::forward_outputs out = valid();
+    out.loss = reinterpret_cast<double*>(dh.as<float>() + 5 * H);
+    bytes = dws.n;
+    add("linear_dpo: out.loss on hidden", dpo::cuda::linear_dpo(dws.p, bytes, lt, policy, head, rc, rr, cfg, out, g, opt));
+  }
+  {
+    dpo::forward_outputs out = valid();
+    out.weights = reinterpret_cast<double*>(dgw.p);
+    bytes = dws.n;
+    add("linear_dpo: out.weights on grads.weight",
+        dpo::cuda::linear_dpo(dws.p, bytes, lt, policy, head, rc, rr, cfg, out, g, opt));
+  }
+  {
+    dpo::forward_outputs out = valid();
+    out.chosen_logps = reinterpret_cast<double*>(drh.p);
+    bytes = dws.n;
+    add("linear_dpo (reference hidden): out.chosen_logps on ref_hidden",
+        dpo::cuda::linear_dpo(dws.p, bytes, lt, policy, head, ref_pol, ref_head, cfg, out, g, opt));
+  }
+  {
+    dpo::forward_outputs out = valid();
+    out.grad_rejected = reinterpret_cast<double*>(db.p);
+    bytes = dws.n;
+    add("linear_dpo (reference hidden): out.grad_rejected on bias",
+        dpo::cuda::linear_dpo(dws.p, bytes, lt, policy, head, ref_pol, ref_head, cfg, out, g, opt));
+  }
+  {
+    dpo::forward_outputs out = valid();
+    out.row_lse = drow.as<double>();
+    out.row_coef = out.row_lse + R / 2;
+    bytes = dws.n;
+    add("linear_dpo_forward: out.row_lse on out.row_coef",
+        dpo::cuda::linear_dpo_forward(dws.p, bytes, lt, policy, head, rc, rr, cfg, out, opt));
+  }
+  {
+    dpo::forward_outputs out = valid();
+    out.chosen_tokens = reinterpret_cast<double*>(dy.as<I>() + 7);
+    bytes = dws.n;
+    add("linear_dpo_forward: out.chosen_tokens on labels.chosen",
+        dpo::cuda::linear_dpo_forward(dws.p, bytes, lt, policy, head, rc, rr, cfg, out, opt));
+  }
+  {
+    dpo::forward_outputs out = valid();
+    out.losses = const_cast<double*>(rc);
+    bytes = dws.n;
+    add("linear_dpo_forward: out.losses on ref_chosen_logps",
+        dpo::cuda::linear_dpo_forward(dws.p, bytes, lt, policy, head, rc, rr, cfg, out, opt));
+  }
+  {
+    dpo::forward_outputs out = valid();
+    out.metrics = reinterpret_cast<dpo::metrics*>(dws.p);
+    bytes = dws.n;
+    add("linear_dpo_forward: out.metrics on workspace",
+        dpo::cuda::linear_dpo_forward(dws.p, bytes, lt, policy, head, rc, rr, cfg, out, opt));
+  }
+  {
+    dpo::forward_outputs out = valid();
+    out.nll_token_grad = reinterpret_cast<double*>(drw.as<float>() + 2);
+    bytes = dws.n;
+    add("linear_dpo_forward (reference hidden): out.nll_token_grad on ref_head.weight",
+        dpo::cuda::linear_dpo_forward(dws.p, bytes, lt, policy, head, ref_pol, ref_head, cfg, out, opt));
+  }
+  {
+    dpo::forward_outputs out = valid();
+    out.row_lse = reinterpret_cast<double*>(dh.p);
+    bytes = dws.n;
+    add("linear_dpo_forward (reference hidden): out.row_lse on hidden",
+        dpo::cuda::linear_dpo_forward(dws.p, bytes, lt, policy, head, ref_pol, ref_head, cfg, out, opt));
+  }
+  DPO_CK(cudaDeviceSynchronize());
+  r.untouched = true;
+  for (std::size_t k = 0; k < before.size(); ++k)
+    r.untouched = r.untouched && all[k]->get<unsigned char>(all[k]->n) == before[k];
+  cublasLtDestroy(lt);
+  return r;
+}
+
 }  // namespace dpo_cuda_test

@@ -100,4 +100,16 @@ struct ldpo_plan_out {
 ldpo_plan_out plan_linear_dpo(dtype type, std::int64_t P, std::int64_t T, std::int64_t H, std::int64_t V,
                               bool ref_from_hidden);
 
+/// Forward outputs that overlap each other or the call's inputs (hidden rows, head, labels,
+/// reference log-probs or hidden rows and head, the gradients, the workspace) on linear_dpo and
+/// linear_dpo_forward (both reference forms), padded fp32 pairs: each case's description
+/// ("call: A on B") and status message ("" if it passed), and whether every byte of every
+/// buffer kept its value.
+struct linear_alias_out {
+  struct named { std::string what, message; };
+  std::vector<named> cases;
+  bool untouched = false;
+};
+linear_alias_out linear_output_alias_errors();
+
 }  // namespace dpo_cuda_test

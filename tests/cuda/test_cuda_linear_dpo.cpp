@@ -731,3 +731,19 @@ TEST_CASE("CUDA linear DPO: packed sides on the same rows keep their own labels 
   REQUIRE(got.dweight.size() == dw.size());
   for (std::size_t i = 0; i < dw.size(); ++i) CHECK(got.dweight[i] == Approx(dw[i]).epsilon(1e-4).margin(1e-6));
 }
+
+TEST_CASE("CUDA linear DPO: forward outputs may overlap neither each other nor the inputs", "[linear_dpo]") {
+  // The rule of dpo::cpu::linear_dpo (dpo::detail::check_forward_outputs), before anything is
+  // launched: out.losses on out.chosen_rewards returned the rewards as the losses, silently.
+  const dpo_cuda_test::linear_alias_out r = dpo_cuda_test::linear_output_alias_errors();
+  REQUIRE(r.cases.size() == 12);
+  for (const auto& c : r.cases) {
+    INFO(c.what << " -> " << c.message);
+    const std::size_t colon = c.what.find(": "), on = c.what.find(" on ");
+    const std::string a = c.what.substr(colon + 2, on - colon - 2), b = c.what.substr(on + 4);
+    CHECK(c.message.find(a) != std::string::npos);
+    CHECK(c.message.find(b) != std::string::npos);
+    CHECK(c.message.find("overlaps") != std::string::npos);
+  }
+  CHECK(r.untouched);
+}

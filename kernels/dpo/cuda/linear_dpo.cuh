@@ -1071,10 +1071,59 @@ status ldpo_three(cublasLtHandle_t handle, const ldpo_call<T, L>& c, const linea
   return s ? ldpo_finish(c, head, ref_c, ref_r, cfg, out, grad_output, P, false, opt, stream) : s;
 }
 
-/// Checks shared by the fused and the forward calls once the workspace is carved.
+/// The device arrays a pass reads from a layout, as byte ranges (compared, never read): each
+/// buffer's hidden rows, the head's weight and bias (linear_input_ranges), and each side's
+/// labels and mask over its buffer's rows. Names: `hidden` / `weight` / `bias` / `labels` /
+/// `mask` after `prefix` ("" or "ref_"). Returns the count (at most 14).
 template <class T, class L>
-status ldpo_check_forward(const ldpo_call<T, L>& c, const double* ref_c, const double* ref_r,
-                          const loss_config& cfg, const forward_outputs& out, std::int64_t P) {
+int ldpo_input_ranges(const ldpo_layout<T, L>& l, const linear_head<T>& head, bool ref,
+                      dpo::detail::named_range* out) {
+  static constexpr const char* names[2][9] = {
+      {"hidden", "weight", "bias", "hidden.chosen", "hidden.rejected", "labels.chosen", "labels.rejected",
+       "mask.chosen", "mask.rejected"},
+      {"ref_hidden", "ref_head.weight", "ref_head.bias", "ref_hidden.chosen", "ref_hidden.rejected",
+       "ref_labels.chosen", "ref_labels.rejected", "ref_mask.chosen", "ref_mask.rejected"}};
+  const char* const* n = names[ref ? 1 : 0];
+  int m = 0;
+  for (int k = 0; k < l.num_buffers; ++k) {
+    dpo::detail::linear_input_ranges(ldpo_view(l, k, head, nullptr), out + m);  // labels, mask: null here
+    out[m].name = l.num_buffers == 1 ? n[0] : n[3 + k];
+    out[m + 1].name = n[1];
+    out[m + 2].name = n[2];
+    m += 3;
+  }
+  for (int side = 0; side < 2; ++side) {
+    const std::int64_t rows = l.rows[l.buffer_of[side]];
+    out[m++] = dpo::detail::range_of(l.v[side].labels, 1, rows, rows, n[5 + side]);
+    out[m++] = dpo::detail::range_of(l.v[side].mask, 1, rows, rows, n[7 + side]);
+  }
+  return m;
+}
+
+/// The gradient buffers of a fused call as byte ranges (as ldpo_check_grads' outputs): 4.
+template <class T, class L, class G>
+void ldpo_grad_ranges(const ldpo_layout<T, L>& l, const linear_head<T>& head, const linear_dpo_grads<T, G>& g,
+                      dpo::detail::named_range* out) {
+  const std::int64_t H = head.hidden;
+  out[0] = dpo::detail::range_of(g.chosen_hidden, l.rows[l.buffer_of[0]], H, g.chosen_hidden_stride,
+                                 "grads.chosen_hidden");
+  out[1] = dpo::detail::range_of(g.rejected_hidden, l.rows[l.buffer_of[1]], H, g.rejected_hidden_stride,
+                                 "grads.rejected_hidden");
+  out[2] = dpo::detail::range_of(g.weight, head.vocab, H, g.weight_stride, "grads.weight");
+  out[3] = dpo::detail::range_of(g.bias, 1, head.vocab, head.vocab, "grads.bias");
+}
+
+/// Checks shared by the fused and the forward calls once the workspace is carved: the row
+/// state's buffer, the reference log-probs and the aliasing rule of dpo::cpu: the forward
+/// outputs (dpo::detail::forward_ranges; row_lse / row_coef over the hidden buffer's rows,
+/// options.num_rows for packed views) may overlap neither each other nor the call's inputs:
+/// the policy's (and the reference's) hidden rows, head, labels and mask, the reference
+/// log-probs, the workspace's bytes used and `extra` (the fused call's gradient buffers).
+template <class T, class L>
+status ldpo_check_forward(const ldpo_call<T, L>& c, const linear_head<T>& head, const linear_head<T>* ref_head,
+                          const double* ref_c, const double* ref_r, const loss_config& cfg,
+                          const forward_outputs& out, std::int64_t P, const void* workspace,
+                          const dpo::detail::named_range* extra = nullptr, int n_extra = 0) {
   status s = ldpo_check_row_outputs(c.pol, out);
   if (!s) return s;
   if (!c.has_ref) {
@@ -1084,8 +1133,19 @@ status ldpo_check_forward(const ldpo_call<T, L>& c, const double* ref_c, const d
     li.ref_chosen_logps = ref_c;
     li.ref_rejected_logps = ref_r;
     s = to_status(dpo::detail::check_logps_in(li, cfg, dpo::detail::cuda_policy(-1, true)));
+    if (!s) return s;
   }
-  return s;
+  dpo::detail::named_range ins[40];
+  int n = ldpo_input_ranges(c.pol, head, false, ins);
+  if (c.has_ref && ref_head != nullptr) n += ldpo_input_ranges(c.ref, *ref_head, true, ins + n);
+  if (!c.has_ref) {
+    ins[n++] = dpo::detail::range_of(ref_c, 1, P, P, "ref_chosen_logps");
+    ins[n++] = dpo::detail::range_of(ref_r, 1, P, P, "ref_rejected_logps");
+  }
+  ins[n++] = workspace_range(workspace, static_cast<std::int64_t>(c.w.bytes));
+  for (int k = 0; k < n_extra; ++k) ins[n++] = extra[k];
+  const std::int64_t rows = c.pol.rows[0] > c.pol.rows[1] ? c.pol.rows[0] : c.pol.rows[1];
+  return to_status(dpo::detail::check_forward_outputs(out, P, rows, ins, n));
 }
 
 /// The fused call (both reference forms: ref / ref_head null for precomputed log-probs).
@@ -1099,7 +1159,9 @@ status ldpo_fused(void* workspace, std::size_t& workspace_bytes, cublasLtHandle_
   status s = ldpo_prologue<T, L>(workspace, workspace_bytes, handle, policy, head, ref, ref_head, &cfg, opt, &c, true);
   if (!s || c.size_only) return s;
   const std::int64_t P = policy.num_pairs();
-  s = ldpo_check_forward(c, ref_c, ref_r, cfg, out, P);
+  dpo::detail::named_range grads[4];
+  ldpo_grad_ranges(c.pol, head, g, grads);
+  s = ldpo_check_forward(c, head, ref_head, ref_c, ref_r, cfg, out, P, workspace, grads, 4);
   if (!s) return s;
   s = ldpo_check_grads(c.pol, head, g, workspace, static_cast<std::int64_t>(c.w.bytes), nullptr, 0);
   if (!s) return s;
@@ -1196,7 +1258,7 @@ status linear_dpo_forward(void* workspace, std::size_t& workspace_bytes, cublasL
                                          &cfg, opt, &c);
   if (!s || c.size_only) return s;
   const std::int64_t P = policy.num_pairs();
-  s = detail::ldpo_check_forward(c, ref_chosen, ref_rejected, cfg, out, P);
+  s = detail::ldpo_check_forward<T, L>(c, head, nullptr, ref_chosen, ref_rejected, cfg, out, P, workspace);
   if (!s) return s;
   return detail::ldpo_forward<T, L>(handle, c, head, nullptr, ref_chosen, ref_rejected, cfg, out, nullptr, P, opt,
                               stream);
@@ -1214,7 +1276,7 @@ status linear_dpo_forward(void* workspace, std::size_t& workspace_bytes, cublasL
                                          opt, &c);
   if (!s || c.size_only) return s;
   const std::int64_t P = policy.num_pairs();
-  s = detail::ldpo_check_forward(c, nullptr, nullptr, cfg, out, P);
+  s = detail::ldpo_check_forward(c, head, &ref_head, nullptr, nullptr, cfg, out, P, workspace);
   if (!s) return s;
   return detail::ldpo_forward<T, L>(handle, c, head, &ref_head, nullptr, nullptr, cfg, out, nullptr, P, opt, stream);
 }
