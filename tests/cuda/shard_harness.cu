@@ -160,7 +160,8 @@ const char* const shard_alias_names[shard_alias_cases] = {
     "seq_grad overlaps seq_totals",                // 10 shard_pair_stage: seq_grad in the totals
     "grad overlaps seq_grad",                      // 11 shard_backward_sequences: seq_grad in grad
     "grad.chosen overlaps chosen_records",         // 12 shard_backward: grad.chosen on the records
-    "workspace overlaps shard.labels"};            // 13 shard_check: workspace on the labels
+    "workspace overlaps shard.labels",             // 13 shard_check: workspace on the labels
+    "out.losses overlaps out.chosen_rewards"};     // 14 shard_pair_stage: two forward outputs
 
 std::string shard_alias_error(int which, bool* written) {
   using I = std::int64_t;
@@ -244,10 +245,12 @@ std::string shard_alias_error(int which, bool* written) {
     }
     case 9:
     case 10:
+    case 14:
       must(dc::shard_pair_stage(nullptr, bytes, P, seq, nullptr, nullptr, cfg, true, {}, nullptr));
       if (bytes > ws_doubles * sizeof(double)) throw std::runtime_error("shard_alias_error: workspace too small");
       if (which == 9) fo.losses = sg;
-      s = dc::shard_pair_stage(ws, bytes, P, seq, nullptr, nullptr, cfg, true, fo, which == 9 ? sg : seq + 2 * P);
+      if (which == 14) fo.chosen_rewards = fo.losses;
+      s = dc::shard_pair_stage(ws, bytes, P, seq, nullptr, nullptr, cfg, true, fo, which == 10 ? seq + 2 * P : sg);
       break;
     case 11: s = dc::shard_backward_sequences(v, sh, mx, rec, grad + 5, 0.0, 0, 1.0, grad, V); break;
     default: {

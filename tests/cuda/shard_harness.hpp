@@ -134,7 +134,7 @@ shard_status shard_backward(void* workspace, std::size_t& workspace_bytes, const
 /// labels changed. which: see shard_alias_cases.
 std::string shard_alias_error(int which, bool* written);
 /// How many cases shard_alias_error has, and the words each one's message must hold.
-inline constexpr int shard_alias_cases = 14;
+inline constexpr int shard_alias_cases = 15;
 extern const char* const shard_alias_names[shard_alias_cases];
 
 }  // namespace dpo_cuda_test

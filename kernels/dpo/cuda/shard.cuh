@@ -811,15 +811,16 @@ inline status shard_pair_stage(void* workspace, std::size_t& workspace_bytes, st
                                              range_of(ref ? ref_rejected : nullptr, 1, P, P, "ref_rejected")};
     detail::ws_ptrs scratch;
     const std::size_t used = detail::carve(0, none, 0, P, &scratch);
-    // row_lse / row_coef are ignored (not written).
-    const dpo::detail::named_range outs[] = {
-        range_of(seq_grad, 1, 2 * P, 2 * P, "seq_grad"), detail::scratch_range(workspace, used),
-        range_of(out.loss, 1, 1, 1, "out.loss"), range_of(out.metrics, 1, 1, 1, "out.metrics"),
-#define DPO_DETAIL_RANGE(name) range_of(out.name, 1, P, P, "out." #name),
-        DPO_PAIR_OUTPUTS(DPO_DETAIL_RANGE)
-#undef DPO_DETAIL_RANGE
-        range_of(out.nll_token_grad, 1, 1, 1, "out.nll_token_grad")};
-    s = detail::check_shard_overlap(outs, static_cast<int>(sizeof outs / sizeof outs[0]), ins, 3);
+    // The forward outputs are the core's list (dpo::detail::forward_ranges, shared with the
+    // CPU's shard_pair_stage and every forward call); row_lse / row_coef are ignored (not
+    // written: rows 0). seq_grad and the workspace are outputs too.
+    forward_outputs o = out;
+    o.row_lse = o.row_coef = nullptr;
+    dpo::detail::named_range outs[2 + dpo::detail::num_forward_ranges];
+    outs[0] = range_of(seq_grad, 1, 2 * P, 2 * P, "seq_grad");
+    outs[1] = detail::scratch_range(workspace, used);
+    dpo::detail::forward_ranges(o, P, 0, outs + 2);
+    s = detail::check_shard_overlap(outs, 2 + dpo::detail::num_forward_ranges, ins, 3);
     if (!s) return s;
   }
   w.seqs[0] = detail::seq_columns(seq_totals, P, 0);
