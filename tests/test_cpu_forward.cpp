@@ -419,13 +419,20 @@ TEST_CASE("caller-owned dpo_forward / dpo_loss: outputs on each other or on the 
                         "out.grad_chosen overlaps chosen logits");
   CHECK(lg == pad.logits);
   untouched();
-  // dpo_loss: outputs among themselves (it copies its inputs, so out.chosen_logps may be
-  // in.chosen_logps).
+  // dpo_loss: outputs among themselves and on the reference (it copies the policy's inputs,
+  // so out.chosen_logps may be in.chosen_logps).
   std::vector<double> lc(static_cast<std::size_t>(P), -10.0), lr(static_cast<std::size_t>(P), -11.0);
   const dpo::pair_logps_in in = dpo::make_pair_logps(P, lc.data(), lr.data(), ref.pc(), ref.pr());
   out = fresh();
   out.metrics = reinterpret_cast<dpo::metrics*>(pv.data());
   fixture::expect_error([&] { dpo::cpu::dpo_loss(in, cfg, out); }, "out.metrics overlaps out.losses");
+  untouched();
+  out = fresh();
+  out.chosen_rewards = refs.data();
+  const dpo::pair_logps_in on_ref = dpo::make_pair_logps(P, lc.data(), lr.data(), refs.data(), refs.data() + P);
+  fixture::expect_error([&] { dpo::cpu::dpo_loss(on_ref, cfg, out); },
+                        "out.chosen_rewards overlaps ref_chosen_logps");
+  CHECK(refs == refs_before);
   untouched();
   out = fresh();
   out.chosen_logps = lc.data();

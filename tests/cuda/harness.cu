@@ -830,10 +830,18 @@ output_alias_out output_alias_errors() {
     bytes = dws.n;
     add("loss: out.metrics on workspace", dpo::cuda::dpo_loss(dws.p, bytes, li, cfg, out));
   }
+  {
+    // The reference log-probs are read where they are (not copied): an output on them is not.
+    dpo::forward_outputs out = valid();
+    out.row_lse = out.row_coef = nullptr;
+    out.chosen_rewards = const_cast<double*>(ref_c);
+    bytes = dws.n;
+    add("loss: out.chosen_rewards on ref_chosen_logps", dpo::cuda::dpo_loss(dws.p, bytes, li, cfg, out));
+  }
   DPO_CK(cudaDeviceSynchronize());
   r.untouched = true;
   for (std::size_t k = 0; k < before.size(); ++k) r.untouched = r.untouched && all[k]->get<unsigned char>(all[k]->n) == before[k];
-  // dpo_loss copies its inputs first: an output on an input is fine (as dpo::cpu::dpo_loss).
+  // dpo_loss copies the policy inputs first: an output on one is fine (as dpo::cpu::dpo_loss).
   {
     dpo::forward_outputs out = valid();
     out.row_lse = out.row_coef = nullptr;

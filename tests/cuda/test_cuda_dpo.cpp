@@ -656,7 +656,7 @@ TEST_CASE("cuda: forward outputs may overlap neither each other nor the inputs",
   // the reference log-probs or the logits corrupted what the kernels read later. The rule of
   // dpo::cpu (dpo::detail::check_forward_outputs), before anything is launched.
   const dpo_cuda_test::output_alias_out r = dpo_cuda_test::output_alias_errors();
-  REQUIRE(r.cases.size() == 14);
+  REQUIRE(r.cases.size() == 15);
   for (const auto& c : r.cases) {
     INFO(c.what << " -> " << c.message);
     // "call: A on B": the message names both A and B.

@@ -578,16 +578,20 @@ using dpo::pair_logps_in;
 /// each may be null; the token metrics and row state are not written: the metrics' token
 /// fields are 0). Per-pair outputs have P entries: losses, rewards and dL/dpi; chosen_logps
 /// etc. are copies of the inputs (tokens and weights: 1 where null). NLL terms (sft, cpo,
-/// orpo) take NLL(chosen) = -sum(chosen_logps) / sum(chosen_tokens). The outputs may not
-/// overlap each other. Throws dpo::error (writing nothing) on a bad configuration, null input
+/// orpo) take NLL(chosen) = -sum(chosen_logps) / sum(chosen_tokens). The outputs may overlap
+/// neither each other nor the reference log-probs. Throws dpo::error (writing nothing) on a bad configuration, null input
 /// or overlapping outputs. Deterministic. Mirrors dpo::cuda::dpo_loss.
 inline void dpo_loss(const pair_logps_in& in, const loss_config& cfg, const forward_outputs& out) {
   detail::check_config(cfg);
   detail::check_logps_in(in, cfg);
   const std::int64_t P = in.num_pairs;
-  // Outputs on each other only: the inputs are copied first (out.chosen_logps may be
-  // in.chosen_logps itself).
-  detail::throw_if(dpo::detail::check_forward_outputs(out, P, 0, nullptr, 0));
+  // Outputs on each other and on the reference log-probs (read where they are): the policy's
+  // inputs are copied first (out.chosen_logps may be in.chosen_logps itself).
+  {
+    const dpo::detail::named_range ins[2] = {dpo::detail::range_of(in.ref_chosen_logps, 1, P, P, "ref_chosen_logps"),
+                                             dpo::detail::range_of(in.ref_rejected_logps, 1, P, P, "ref_rejected_logps")};
+    detail::throw_if(dpo::detail::check_forward_outputs(out, P, 0, ins, 2));
+  }
   // Aligned copies: the sums then take Eigen's order whatever the caller's alignment.
   const auto vec = [P](const double* x) {
     return x != nullptr ? Eigen::VectorXd(Eigen::Map<const Eigen::VectorXd>(x, P))

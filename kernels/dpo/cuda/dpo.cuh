@@ -678,13 +678,16 @@ inline status dpo_loss(void* workspace, std::size_t& workspace_bytes, const pair
   s = detail::reserve(workspace, workspace_bytes, cap, P, P, &w, &size_only);
   if (!s || size_only) return s;
   {
-    // Outputs on each other and the workspace only, as dpo::cpu::dpo_loss: the inputs are
-    // copied into the workspace first (out.chosen_logps may be in.chosen_logps itself).
+    // Outputs on each other, the workspace and the reference log-probs (read where they
+    // are), as dpo::cpu::dpo_loss: the policy's inputs are copied into the workspace first
+    // (out.chosen_logps may be in.chosen_logps itself).
     detail::ws_ptrs scratch;
     const std::int64_t used = static_cast<std::int64_t>(detail::carve(0, cap, P, P, &scratch));
-    const dpo::detail::named_range ws = dpo::detail::range_of(static_cast<const unsigned char*>(workspace), 1,
-                                                              used, used, "workspace");
-    s = detail::to_status(dpo::detail::check_forward_outputs(out, P, 0, &ws, 1));
+    const dpo::detail::named_range ins[3] = {
+        dpo::detail::range_of(static_cast<const unsigned char*>(workspace), 1, used, used, "workspace"),
+        dpo::detail::range_of(in.ref_chosen_logps, 1, P, P, "ref_chosen_logps"),
+        dpo::detail::range_of(in.ref_rejected_logps, 1, P, P, "ref_rejected_logps")};
+    s = detail::to_status(dpo::detail::check_forward_outputs(out, P, 0, ins, 3));
     if (!s) return s;
   }
   const detail::loss_inputs li{in.chosen_logps, in.rejected_logps, in.chosen_tokens,
