@@ -100,4 +100,18 @@ void check_pairs_finite(const V& losses, const V& grad_chosen, const V& grad_rej
   }
 }
 
+/// Aliasing cases named "call: A on B" with the status message each got: the message says
+/// "overlaps" and names both A and B.
+template <class Case>
+void check_alias_cases(const std::vector<Case>& cases) {
+  for (const auto& c : cases) {
+    INFO(c.what << " -> " << c.message);
+    const std::size_t colon = c.what.find(": "), on = c.what.find(" on ");
+    const std::string a = c.what.substr(colon + 2, on - colon - 2), b = c.what.substr(on + 4);
+    CHECK(c.message.find(a) != std::string::npos);
+    CHECK(c.message.find(b) != std::string::npos);
+    CHECK(c.message.find("overlaps") != std::string::npos);
+  }
+}
+
 }  // namespace test_support

@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstdint>
+#include <initializer_list>
 #include <string>
 
 #include "dpo/core/check.hpp"
@@ -25,6 +26,16 @@ inline void throw_if(const std::string& msg) {
 }
 
 inline void check_config(const loss_config& c) { throw_if(validate_config(c)); }
+
+/// Outputs may overlap neither an input nor each other (dpo::detail::check_no_overlap), thrown.
+inline void require_no_overlap(const dpo::detail::named_range* outs, int n_out, const dpo::detail::named_range* ins,
+                               int n_in) {
+  throw_if(dpo::detail::check_no_overlap(outs, n_out, ins, n_in));
+}
+inline void require_no_overlap(std::initializer_list<dpo::detail::named_range> outs,
+                               std::initializer_list<dpo::detail::named_range> ins) {
+  require_no_overlap(outs.begin(), static_cast<int>(outs.size()), ins.begin(), static_cast<int>(ins.size()));
+}
 
 /// Whether any sequence of a (shape-checked) view owns a row.
 template <class T, class L>

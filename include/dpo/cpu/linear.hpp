@@ -159,10 +159,6 @@ linear_chunking linear_chunks(std::int64_t N, std::int64_t H, std::int64_t V,
 using linear_range = dpo::detail::named_range;
 using dpo::detail::range_of;
 
-inline void require_no_overlap(const linear_range* outs, int n_out, const linear_range* ins, int n_in) {
-  throw_if(dpo::detail::check_no_overlap(outs, n_out, ins, n_in));
-}
-
 /// `label_bound`: the vocabulary the labels index (0: the view's; a vocabulary shard's view
 /// passes the global vocabulary, dpo/cpu/linear_shard.hpp).
 template <class T, class L>

@@ -28,7 +28,6 @@
 #include <string>
 #include <vector>
 
-#include "dpo/core/linear_check.hpp"
 #include "dpo/core/shard.hpp"
 #include "dpo/cpu/dpo.hpp"
 
@@ -85,12 +84,6 @@ inline void state_ranges(const double* row_max, const double* records, std::int6
                          const char* records_name, detail::named_range* out) {
   out[0] = detail::range_of(row_max, 1, n, n, max_name);
   out[1] = detail::range_of(records, n, shard_fields, shard_fields, records_name);
-}
-
-/// Outputs may overlap neither an input nor each other (dpo/core/linear_check.hpp's rule).
-inline void require_no_overlap(std::initializer_list<detail::named_range> outs, std::initializer_list<detail::named_range> ins) {
-  throw_if(dpo::detail::check_no_overlap(outs.begin(), static_cast<int>(outs.size()), ins.begin(),
-                                         static_cast<int>(ins.size())));
 }
 
 /// Rows [begin, end) of a buffer: begin >= 0 and end >= begin.

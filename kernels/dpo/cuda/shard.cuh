@@ -42,7 +42,7 @@
 #include <initializer_list>
 #include <utility>
 
-#include "dpo/core/linear_check.hpp"
+#include "dpo/core/check.hpp"
 #include "dpo/core/shard.hpp"
 #include "dpo/cuda/dpo.cuh"
 
