@@ -955,6 +955,20 @@ TEST_CASE("linear DPO: bad input names the argument and writes nothing", "[linea
       dpo::cpu::linear_dpo(on_hidden, head, ref.pc(), ref.pr(), cfg, fo, g);
     });
     CHECK(std::memcmp(hid.data(), lay.hidden[0].data(), hid.size() * sizeof(float)) == 0);  // NaN padding
+    // ... or on the call's own gradient buffers (written after the forward outputs).
+    fo = o.fwd();
+    fo.losses = reinterpret_cast<double*>(o.dw.data() + 3);
+    expect_error("out.losses overlaps grads.weight",
+                 [&] { dpo::cpu::linear_dpo(in, head, ref.pc(), ref.pr(), cfg, fo, g); });
+    expect_error("out.losses overlaps grads.weight", [&] { dpo::cpu::linear_dpo(in, head, in, head, cfg, fo, g); });
+    fo = o.fwd();
+    fo.chosen_logps = reinterpret_cast<double*>(o.db.data());
+    expect_error("out.chosen_logps overlaps grads.bias",
+                 [&] { dpo::cpu::linear_dpo(in, head, ref.pc(), ref.pr(), cfg, fo, g); });
+    fo = o.fwd();
+    fo.metrics = reinterpret_cast<dpo::metrics*>(o.dh[0].data() + 2 * p.H);
+    expect_error("out.metrics overlaps grads.chosen_hidden / grads.rejected_hidden",
+                 [&] { dpo::cpu::linear_dpo(in, head, in, head, cfg, fo, g); });
   }
   // Nothing was written by any of the rejected calls.
   CHECK(o.loss == -1.0);

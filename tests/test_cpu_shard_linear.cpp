@@ -650,6 +650,40 @@ TEST_CASE("head shards: bad gradient buffers or budgets throw before any collect
     untouched();
   }
   {
+    // Forward outputs on the gradient buffers (the backward writes them after the outputs) or
+    // on the hidden rows (which the backward reads): refused before any collective too.
+    const dpo::linear_dpo_grads<float, float> g = l.grads(dw, db);
+    dpo::cpu::forward_outputs o = out;
+    o.losses = reinterpret_cast<double*>(dw.data() + 4);
+    test_support::expect_error("out.losses overlaps grads.weight", [&] {
+      dpo::cpu::linear_dpo_sharded(l.pairs(), head, sh, p.ref_c.data(), p.ref_r.data(), cfg, comm, o, g);
+    });
+    o = out;
+    o.loss = reinterpret_cast<double*>(l.dh.data() + 8);
+    test_support::expect_error("out.loss overlaps grads.chosen_hidden", [&] {
+      dpo::cpu::linear_dpo_sharded(l.pairs(), head, sh, p.ref_c.data(), p.ref_r.data(), cfg, comm, o, g);
+    });
+    std::vector<float> hid = l.hidden;
+    auto on_hidden = l.pairs();
+    on_hidden.pairs.chosen.logits = on_hidden.pairs.rejected.logits = hid.data();
+    o = out;
+    o.chosen_rewards = reinterpret_cast<double*>(hid.data() + 4);
+    test_support::expect_error("out.chosen_rewards overlaps policy", [&] {
+      dpo::cpu::linear_dpo_sharded(on_hidden, head, sh, p.ref_c.data(), p.ref_r.data(), cfg, comm, o, g);
+    });
+    CHECK(std::memcmp(hid.data(), l.hidden.data(), hid.size() * sizeof(float)) == 0);
+    std::vector<double> refs = p.ref_c;
+    o = out;
+    o.chosen_logps = refs.data();
+    test_support::expect_error("out.chosen_logps overlaps ref_chosen_logps", [&] {
+      dpo::cpu::linear_dpo_sharded(l.pairs(), head, sh, refs.data(), p.ref_r.data(), cfg, comm, o, g);
+    });
+    CHECK(refs == p.ref_c);
+    CHECK(collectives_run == 0);
+    CHECK(loss == 777.0);
+    untouched();
+  }
+  {
     // The shard-local backward with a budget below one row: nothing written, dHidden included.
     const std::int64_t n = static_cast<std::int64_t>(l.labels.size());
     std::vector<double> rmax(static_cast<std::size_t>(n)), rec(static_cast<std::size_t>(n * dpo::shard_fields));

@@ -394,10 +394,13 @@ int pair_input_ranges(const hidden_pairs<T, L>& in, const linear_head<T>& head, 
 }
 
 /// The gradient arguments: strides, a bias gradient only with a bias, and no output
-/// overlapping another or any input (`ins`, n_in entries).
+/// overlapping another or any input (`ins`, n_in entries). Returns the number of gradient
+/// ranges (at most 4), copied to `grad_ranges` when it is not null: a fused call's forward
+/// outputs may not overlap them either.
 template <class T, class L, class G>
-void check_linear_grads(const hidden_pairs<T, L>& policy, const linear_head<T>& head,
-                        const linear_dpo_grads<T, G>& g, const linear_range* ins, int n_in) {
+int check_linear_grads(const hidden_pairs<T, L>& policy, const linear_head<T>& head,
+                       const linear_dpo_grads<T, G>& g, const linear_range* ins, int n_in,
+                       linear_range* grad_ranges = nullptr) {
   const std::int64_t H = head.hidden, V = head.vocab;
   if (g.chosen_hidden != nullptr && g.chosen_hidden_stride < H)
     fail("grads.chosen_hidden_stride = ", g.chosen_hidden_stride, " is invalid: must be >= hidden = ", H);
@@ -429,6 +432,8 @@ void check_linear_grads(const hidden_pairs<T, L>& policy, const linear_head<T>& 
   outs[n++] = range_of(g.weight, V, H, g.weight_stride, "grads.weight");
   outs[n++] = range_of(g.bias, 1, V, V, "grads.bias");
   require_no_overlap(outs, n, ins, n_in);
+  if (grad_ranges != nullptr) std::copy(outs, outs + n, grad_ranges);
+  return n;
 }
 
 /// Row-indexed outputs (forward_outputs::row_lse / row_coef) need one hidden buffer (one
@@ -864,15 +869,15 @@ void linear_dpo(const hidden_pairs<T, L>& policy, const linear_head<T>& head,
                 "dWeight and dBias must have the head's dtype or its accumulation type");
   detail::check_policy_call(policy, head, ref_chosen, ref_rejected, cfg, false);
   detail::check_finite(grad_output, "grad_output");
-  detail::linear_range ins[10];
+  detail::linear_range ins[14];
   int n = detail::pair_input_ranges(policy, head, ins, "hidden");
   const std::int64_t P = policy.num_pairs();
   ins[n++] = detail::range_of(ref_chosen, 1, P, P, "ref_chosen_logps");
   ins[n++] = detail::range_of(ref_rejected, 1, P, P, "ref_rejected_logps");
-  detail::check_linear_grads(policy, head, g, ins, n);
+  n += detail::check_linear_grads(policy, head, g, ins, n, ins + n);
   if (out.row_lse != nullptr || out.row_coef != nullptr)
     detail::check_one_hidden_buffer(policy, "out.row_lse / out.row_coef");
-  detail::check_outputs(policy, out, ins, n);
+  detail::check_outputs(policy, out, ins, n);  // the gradients among the inputs
   const bool dh = g.chosen_hidden != nullptr || g.rejected_hidden != nullptr;
   const detail::plan_rows<T> plan = detail::plan_chunks(head, detail::layout_rows(policy), dh, true, opt);
   const detail::side_map maps[2] = {detail::map_side(policy.pairs.chosen), detail::map_side(policy.pairs.rejected)};
@@ -894,13 +899,13 @@ void linear_dpo(const hidden_pairs<T, L>& policy, const linear_head<T>& head,
   detail::check_policy_call(policy, head, nullptr, nullptr, cfg, true);
   detail::check_reference_call(policy, ref, ref_head, head);
   detail::check_finite(grad_output, "grad_output");
-  detail::linear_range ins[16];
+  detail::linear_range ins[20];
   int n = detail::pair_input_ranges(policy, head, ins, "hidden");
   n += detail::pair_input_ranges(ref, ref_head, ins + n, "ref_hidden");
-  detail::check_linear_grads(policy, head, g, ins, n);
+  n += detail::check_linear_grads(policy, head, g, ins, n, ins + n);
   if (out.row_lse != nullptr || out.row_coef != nullptr)
     detail::check_one_hidden_buffer(policy, "out.row_lse / out.row_coef");
-  detail::check_outputs(policy, out, ins, n);
+  detail::check_outputs(policy, out, ins, n);  // the gradients among the inputs
   const bool dh = g.chosen_hidden != nullptr || g.rejected_hidden != nullptr;
   const detail::plan_rows<T> plan = detail::plan_chunks(head, detail::layout_rows(policy), dh, true, opt);
   const detail::plan_rows<T> ref_plan = detail::plan_chunks(ref_head, detail::layout_rows(ref), false, false, opt);

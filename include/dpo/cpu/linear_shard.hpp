@@ -385,10 +385,15 @@ void linear_dpo_sharded(const hidden_pairs<T, L>& policy, const linear_head<T>& 
   try {
     detail::check_pair_shard(policy, head, sh);
     // The gradient buffers too, before any collective or output (the backward at the end
-    // checks them again; here a bad one must not leave the outputs written).
-    detail::linear_range ins[8];
-    const int n_in = detail::pair_input_ranges(policy, head, ins, "policy");
-    detail::check_linear_grads(policy, head, g, ins, n_in);
+    // checks them again; here a bad one must not leave the outputs written), and the forward
+    // outputs against the inputs and the gradient buffers (the backward writes those after
+    // the outputs, and reads the hidden rows).
+    detail::linear_range ins[14];
+    int n_in = detail::pair_input_ranges(policy, head, ins, "policy");
+    n_in += detail::check_linear_grads(policy, head, g, ins, n_in, ins + n_in);
+    ins[n_in++] = detail::range_of(ref_chosen, 1, P, P, "ref_chosen_logps");
+    ins[n_in++] = detail::range_of(ref_rejected, 1, P, P, "ref_rejected_logps");
+    detail::throw_if(dpo::detail::check_forward_outputs(out, P, 0, ins, n_in));
     rows(cmax, crec, one ? std::max(nc, nr) : nc);
     if (!one) rows(rmax, rrec, nr);
     double* rm = one ? cmax.data() : rmax.data();
