@@ -6,6 +6,8 @@
 #include <Eigen/Core>
 #include <cstdint>
 #include <cstring>
+#include <string>
+#include <type_traits>
 #include <vector>
 
 #include "catch.hpp"
@@ -246,4 +248,83 @@ TEST_CASE("dpo_backward_rows on zero rows takes null row state; with rows it nam
   fixture::expect_error([&] { dpo::cpu::dpo_backward_rows(pad.view(), rows.data(), nullptr, pad.grad_view()); },
                         "row_coef is null");
   for (float g : pad.grad) CHECK(g == fixture::buffers<float, std::int64_t>::sentinel());
+}
+
+TEST_CASE("logits gradients may not overlap the labels / mask / cu_seqlens / row state they read", "[backward][errors]") {
+  // Each input is moved into the gradient buffer's bytes: the backward would overwrite it
+  // while it still reads it (labels that turn into garbage index out of the row).
+  using buffers = fixture::buffers<float, std::int64_t>;
+  const oracle::batch b = fixture::rounded_random_batch<float>(small(7));
+  const dpo::loss_config cfg = fixture::config_named("sigmoid").cfg;
+  for (layout k : {layout::padded, layout::packed}) {
+    INFO((k == layout::packed ? "packed" : "padded"));
+    buffers x(b, k, 0, /*explicit_mask=*/true);
+    const dpo::pair_view<float, std::int64_t> v = x.view();
+    const std::int64_t P = x.P, rows = static_cast<std::int64_t>(x.labels.size());
+    const std::vector<double> rc(static_cast<std::size_t>(P), -1.0), rr(static_cast<std::size_t>(P), -2.0);
+    std::vector<double> lse(static_cast<std::size_t>(rows)), coef(static_cast<std::size_t>(rows));
+    dpo::forward_outputs out;
+    out.row_lse = lse.data();
+    out.row_coef = coef.data();
+    dpo::cpu::dpo_forward(v, rc.data(), rr.data(), cfg, out);
+    const dpo::cpu::forward_result r = dpo::cpu::dpo_forward(v, rc.data(), rr.data(), cfg);
+    // The gradient buffer, with room for every input in its first bytes.
+    std::vector<float> g(x.grad.size(), 7.0f);
+    REQUIRE(g.size() * sizeof(float) >= static_cast<std::size_t>(rows) * sizeof(double) * 2);
+    const dpo::pair_grad_view<float> gv{g.data(), x.stride, g.data(), x.stride};
+    const auto place = [&](const auto& src, std::size_t at_bytes) {
+      using E = typename std::decay_t<decltype(src)>::value_type;
+      std::memcpy(reinterpret_cast<unsigned char*>(g.data()) + at_bytes, src.data(), src.size() * sizeof(E));
+      return reinterpret_cast<const E*>(reinterpret_cast<unsigned char*>(g.data()) + at_bytes);
+    };
+    // sequence_logps_backward's names: "grad" and the token view's "labels" / "mask" / ...
+    const auto seq_message = [](std::string w) {
+      w.replace(0, 11, "grad");
+      return w.substr(0, w.size() - 7);
+    };
+    const auto refused = [&](const char* what, const dpo::pair_view<float, std::int64_t>& vv, const double* l,
+                             const double* c) {
+      INFO(what);
+      const std::vector<float> before = g;
+      fixture::expect_error([&] { dpo::cpu::dpo_backward(vv, r, gv); }, what);
+      fixture::expect_error([&] { dpo::cpu::dpo_forward_backward(vv, rc.data(), rr.data(), cfg, gv); }, what);
+      fixture::expect_error([&] { dpo::cpu::dpo_backward_rows(vv, l, c, gv); }, what);
+      fixture::expect_error(
+          [&] { dpo::cpu::sequence_logps_backward(vv.chosen, l, rc.data(), g.data(), x.stride); },
+          seq_message(what));
+      CHECK(std::memcmp(g.data(), before.data(), g.size() * sizeof(float)) == 0);
+    };
+    {
+      auto vv = v;
+      vv.chosen.labels = vv.rejected.labels = place(x.labels, 0);
+      refused("grad.chosen overlaps labels.chosen", vv, lse.data(), coef.data());
+    }
+    {
+      auto vv = v;
+      vv.chosen.mask = vv.rejected.mask = place(x.mask, 8);
+      refused("grad.chosen overlaps mask.chosen", vv, lse.data(), coef.data());
+    }
+    if (k == layout::packed) {
+      auto vv = v;
+      vv.chosen.cu_seqlens = vv.rejected.cu_seqlens = place(x.cu, 16);
+      refused("grad.chosen overlaps cu_seqlens.chosen", vv, lse.data(), coef.data());
+    }
+    // Row state: dpo_backward_rows and sequence_logps_backward read it.
+    const double* l = place(lse, 0);
+    fixture::expect_error([&] { dpo::cpu::dpo_backward_rows(v, l, coef.data(), gv); }, "grad.chosen overlaps row_lse");
+    fixture::expect_error([&] { dpo::cpu::sequence_logps_backward(v.chosen, l, rc.data(), g.data(), x.stride); },
+                          "grad overlaps row_lse");
+    fixture::expect_error([&] { dpo::cpu::sequence_logps_backward(v.chosen, lse.data(), l, g.data(), x.stride); },
+                          "grad overlaps seq_grad");
+    // row_coef on the rejected rows' gradient only.
+    const std::size_t rejected_at = static_cast<std::size_t>(v.rejected.row_begin(0) * x.stride) * sizeof(float);
+    REQUIRE(rejected_at + coef.size() * sizeof(double) <= g.size() * sizeof(float));
+    const double* c = place(coef, rejected_at);
+    fixture::expect_error([&] { dpo::cpu::dpo_backward_rows(v, lse.data(), c, gv); }, "grad.rejected overlaps row_coef");
+    // The same state out of the way: accepted, and the gradient of dpo_backward.
+    std::vector<float> want(x.grad.size(), 7.0f), got(x.grad.size(), 7.0f);
+    dpo::cpu::dpo_backward(v, r, {want.data(), x.stride, want.data(), x.stride});
+    dpo::cpu::dpo_backward_rows(v, lse.data(), coef.data(), {got.data(), x.stride, got.data(), x.stride});
+    CHECK(std::memcmp(want.data(), got.data(), got.size() * sizeof(float)) == 0);
+  }
 }

@@ -854,6 +854,95 @@ output_alias_out output_alias_errors() {
   return r;
 }
 
+output_alias_out grad_alias_errors() {
+  const std::int64_t P = 2, T = 3, V = 5, half = P * T, rows = 2 * half;
+  std::vector<float> logits(static_cast<std::size_t>(rows * V));
+  for (std::size_t i = 0; i < logits.size(); ++i) logits[i] = 0.1f * static_cast<float>(i % 7);
+  std::vector<std::int64_t> labels(static_cast<std::size_t>(rows)), cu = {0, 3, 6, 9, 12};
+  for (std::int64_t r = 0; r < rows; ++r) labels[static_cast<std::size_t>(r)] = r % V;
+  std::vector<double> logps(static_cast<std::size_t>(2 * P), -1.5), state(static_cast<std::size_t>(2 * rows), 0.5);
+  dev_buf dz(logits.size() * sizeof(float)), dy(labels.size() * 8), dcu(cu.size() * 8), dlp(logps.size() * 8),
+      drow(state.size() * 8), dgrad(logits.size() * sizeof(float) + 256), dws(1 << 20), dgo(8);
+  dz.put(logits.data(), logits.size() * sizeof(float));
+  dy.put(labels.data(), labels.size() * 8);
+  dcu.put(cu.data(), cu.size() * 8);
+  dlp.put(logps.data(), logps.size() * 8);
+  drow.put(state.data(), state.size() * 8);
+  for (dev_buf* b : {&dgrad, &dws, &dgo}) b->fill(0x5a);
+  const dev_buf* all[] = {&dz, &dy, &dcu, &dlp, &drow, &dgrad, &dws, &dgo};
+  std::vector<std::vector<unsigned char>> before;
+  for (const dev_buf* b : all) before.push_back(b->get<unsigned char>(b->n));
+
+  const float* z = dz.as<float>();
+  const auto policy = dpo::padded_pairs(z, dy.as<std::int64_t>(), 2 * P, T, V, V);
+  const auto reference = dpo::padded_pairs(z, dy.as<std::int64_t>(), 2 * P, T, V, V);
+  const double* ref_c = dlp.as<double>();
+  const double* ref_r = ref_c + P;
+  const double* lse = drow.as<double>();
+  const double* coef = lse + rows;
+  float* g = dgrad.as<float>();
+  const dpo::pair_grad_view<float> gv{g, V, g, V};
+  const auto on = [&](const void* p) {  // a gradient whose chosen rows start at p
+    float* q = static_cast<float*>(const_cast<void*>(p));
+    return dpo::pair_grad_view<float>{q, V, g, V};
+  };
+  const dpo::loss_config cfg;
+  output_alias_out r;
+  std::size_t bytes = dws.n;
+  const auto add = [&](const char* what, const dpo::cuda::status& st) {
+    r.cases.push_back({what, st.ok() ? std::string() : std::string(st.message)});
+    bytes = dws.n;
+  };
+  dpo::forward_outputs out;  // no output: the gradients' rules alone
+  add("backward: grad.chosen on labels.chosen", dpo::cuda::dpo_backward(dws.p, bytes, policy, on(dy.p)));
+  add("backward: grad.chosen on workspace", dpo::cuda::dpo_backward(dws.p, bytes, policy, on(dws.p)));
+  add("backward: grad.chosen on grad_output",
+      dpo::cuda::dpo_backward(dws.p, bytes, policy, gv, reinterpret_cast<const double*>(g + 4)));
+  add("backward_rows: grad.chosen on row_lse", dpo::cuda::dpo_backward_rows(dws.p, bytes, policy, lse, coef, on(lse)));
+  add("backward_rows: grad.rejected on row_coef",
+      dpo::cuda::dpo_backward_rows(dws.p, bytes, policy, lse, reinterpret_cast<const double*>(g + half * V), gv));
+  add("backward_rows: grad.chosen on grad_output",
+      dpo::cuda::dpo_backward_rows(dws.p, bytes, policy, lse, coef, on(dgo.p), dgo.as<double>()));
+  {
+    dpo::cuda::options opt;
+    opt.num_rows = rows;
+    const auto packed = dpo::packed_pairs(z, dy.as<std::int64_t>(), reinterpret_cast<const std::int64_t*>(g + 2),
+                                          2 * P, V, V);
+    add("backward_rows (packed): grad.chosen on cu_seqlens.chosen",
+        dpo::cuda::dpo_backward_rows(dws.p, bytes, packed, lse, coef, gv, nullptr, opt));
+  }
+  add("forward_backward: grad.chosen on ref_chosen_logps",
+      dpo::cuda::dpo_forward_backward(dws.p, bytes, policy, ref_c, ref_r, cfg, out, on(ref_c)));
+  add("forward_backward: grad.chosen on workspace",
+      dpo::cuda::dpo_forward_backward(dws.p, bytes, policy, ref_c, ref_r, cfg, out, on(dws.p)));
+  add("forward_backward (reference logits): grad.chosen on workspace",
+      dpo::cuda::dpo_forward_backward(dws.p, bytes, policy, reference, cfg, out, on(dws.p)));
+  const std::vector<double> seq(4, 0.5);
+  dev_buf dseq(seq.size() * 8);
+  dseq.put(seq.data(), seq.size() * 8);
+  add("sequence_backward: grad on labels",
+      dpo::cuda::sequence_logps_backward(dws.p, bytes, policy.chosen, lse, dseq.as<double>(),
+                                         static_cast<float*>(dy.p), V));
+  add("sequence_backward: grad on row_lse",
+      dpo::cuda::sequence_logps_backward(dws.p, bytes, policy.chosen, lse, dseq.as<double>(),
+                                         reinterpret_cast<float*>(drow.p), V));
+  add("sequence_backward: grad on seq_grad",
+      dpo::cuda::sequence_logps_backward(dws.p, bytes, policy.chosen, lse, dseq.as<double>(),
+                                         reinterpret_cast<float*>(dseq.p), V));
+  DPO_CK(cudaDeviceSynchronize());
+  r.untouched = true;
+  for (std::size_t k = 0; k < before.size(); ++k)
+    r.untouched = r.untouched && all[k]->get<unsigned char>(all[k]->n) == before[k];
+  // The in-place gradient over the logits (also the reference's here) stays valid.
+  {
+    const dpo::pair_grad_view<float> in_place{dz.as<float>(), V, dz.as<float>(), V};
+    const dpo::cuda::status st = dpo::cuda::dpo_forward_backward(dws.p, bytes, policy, reference, cfg, out, in_place);
+    r.loss_in_place = st.ok() ? std::string() : std::string(st.message);
+    DPO_CK(cudaDeviceSynchronize());
+  }
+  return r;
+}
+
 std::string empty_call_error(bool backward, bool previous_error) {
   const std::int64_t T = 3, V = 5;
   std::vector<float> logits(static_cast<std::size_t>(2 * T * V), 0.25f);

@@ -165,6 +165,12 @@ struct output_alias_out {
 };
 output_alias_out output_alias_errors();
 
+/// The logits gradients on the other inputs of dpo_backward, dpo_backward_rows,
+/// dpo_forward_backward and sequence_logps_backward (labels, cu_seqlens, row state, seq_grad,
+/// grad_output, reference log-probs, the workspace): each case "call: A on B" and the status
+/// message; untouched: no buffer changed.
+output_alias_out grad_alias_errors();
+
 /// read_device_error's message after calls that have nothing to compute (sequence_logps of
 /// no sequence, sequence_logps_backward of a view without rows), on a workspace that held
 /// `garbage` bytes (0xa5 fill) or a previous call's label error: empty when they clear it.

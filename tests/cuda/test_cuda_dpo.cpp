@@ -663,6 +663,17 @@ TEST_CASE("cuda: forward outputs may overlap neither each other nor the inputs",
   CHECK(r.loss_in_place.empty());
 }
 
+TEST_CASE("cuda: logits gradients may not overlap the other inputs they read", "[cuda][small]") {
+  // A gradient over the labels, cu_seqlens, row state, seq_grad, grad_output, the reference
+  // log-probs or the workspace's forward state overwrote what the kernels still read.
+  const dpo_cuda_test::output_alias_out r = dpo_cuda_test::grad_alias_errors();
+  REQUIRE(r.cases.size() == 13);
+  test_support::check_alias_cases(r.cases);
+  CHECK(r.untouched);
+  INFO(r.loss_in_place);
+  CHECK(r.loss_in_place.empty());
+}
+
 TEST_CASE("cuda: a NaN grad_output gives NaN on completion rows and zeros on masked rows", "[cuda][small]") {
   // grad_output is a device scalar the host cannot check: it propagates, as through a torch op,
   // the same way in dpo_backward and dpo_backward_rows (dpo_backward gave masked rows NaN).

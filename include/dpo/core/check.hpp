@@ -352,6 +352,52 @@ std::string check_grad(const pair_view<T, L>& v, const pair_grad_view<T>& g,
   return {};
 }
 
+/// The index arrays of a view as byte ranges (compared, never read): labels and mask over the
+/// rows the view may occupy (rows_of), and cu_seqlens[first_seq, first_seq + num_seqs].
+/// names: labels, mask, cu_seqlens.
+template <class T, class L>
+void view_index_ranges(const token_view<T, L>& v, const check_policy& p, const char* const names[3],
+                       named_range* out) {
+  const row_span r = rows_of(v, p);
+  const auto rows = [&](const auto* a, const char* name) {
+    return r.size() > 0 && a != nullptr ? range_of(a + r.begin, 1, r.size(), r.size(), name) : named_range{{}, name};
+  };
+  out[0] = rows(v.labels, names[0]);
+  out[1] = rows(v.mask, names[1]);
+  const std::int64_t k = v.num_seqs > 0 ? v.num_seqs + 1 : 0;
+  out[2] = v.cu_seqlens != nullptr ? range_of(v.cu_seqlens + v.first_seq, 1, k, k, names[2]) : named_range{{}, names[2]};
+}
+
+inline constexpr const char* seq_index_names[3] = {"labels", "mask", "cu_seqlens"};
+inline constexpr const char* pair_index_names[2][3] = {{"labels.chosen", "mask.chosen", "cu_seqlens.chosen"},
+                                                       {"labels.rejected", "mask.rejected", "cu_seqlens.rejected"}};
+
+/// A gradient over the logits (rows of `v` in the buffer (g, stride), named `name`) may overlap
+/// none of `ins`: the call's inputs other than the logits (whose rule is check_grad's / check_seq_grad's:
+/// in place or disjoint), e.g. labels, mask, cu_seqlens and the row state it reads. The
+/// message of the first overlap, or "".
+template <class T, class L>
+std::string check_grad_against(const T* g, std::int64_t stride, const token_view<T, L>& v, const char* name,
+                               const named_range* ins, int n_in, const check_policy& p) {
+  const named_range out{row_bytes(g, stride, v, p), name};
+  return check_no_overlap(&out, 1, ins, n_in);
+}
+
+/// check_grad_against for both sides of a pair gradient, against both sides' index arrays
+/// (view_index_ranges) and `extra` (n_extra entries: row state, workspace, ...).
+template <class T, class L>
+std::string check_pair_grad_inputs(const pair_view<T, L>& v, const pair_grad_view<T>& g, const named_range* extra,
+                                   int n_extra, const check_policy& p) {
+  named_range ins[16];
+  view_index_ranges(v.chosen, p, pair_index_names[0], ins);
+  view_index_ranges(v.rejected, p, pair_index_names[1], ins + 3);
+  int n = 6;
+  for (int k = 0; k < n_extra && n < 16; ++k) ins[n++] = extra[k];
+  std::string e = check_grad_against(g.chosen, g.chosen_stride, v.chosen, "grad.chosen", ins, n, p);
+  if (e.empty()) e = check_grad_against(g.rejected, g.rejected_stride, v.rejected, "grad.rejected", ins, n, p);
+  return e;
+}
+
 /// The inputs and output of sequence_logps_backward: row_lse, seq_grad and grad non-null
 /// when the view has rows (pointers are checked only with p.pointers), grad_stride >= vocab,
 /// and grad either exactly the logits (in place) or disjoint from the rows read.

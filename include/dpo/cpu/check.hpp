@@ -61,12 +61,28 @@ void check_grad(const pair_view<T, L>& p, const pair_grad_view<T>& g) {
   throw_if(dpo::detail::check_grad(p, g, dpo::detail::cpu_policy()));
 }
 
+/// A pair gradient may overlap neither side's labels, mask or cu_seqlens nor `extra` (the
+/// row state a call reads); its rule against the logits is check_grad's.
+template <class T, class L>
+void check_grad_inputs(const pair_view<T, L>& p, const pair_grad_view<T>& g,
+                       std::initializer_list<dpo::detail::named_range> extra = {}) {
+  throw_if(dpo::detail::check_pair_grad_inputs(p, g, extra.begin(), static_cast<int>(extra.size()),
+                                               dpo::detail::cpu_policy()));
+}
+
 /// The row_lse, seq_grad and gradient arguments of sequence_logps_backward.
 template <class T, class L>
 void check_seq_grad(const token_view<T, L>& v, const double* row_lse, const double* seq_grad,
                     const T* grad, std::int64_t grad_stride) {
-  throw_if(dpo::detail::check_seq_grad(v, row_lse, seq_grad, grad, grad_stride,
-                                       dpo::detail::cpu_policy()));
+  const dpo::detail::check_policy p = dpo::detail::cpu_policy();
+  throw_if(dpo::detail::check_seq_grad(v, row_lse, seq_grad, grad, grad_stride, p));
+  // Nor may the gradient overlap the other inputs: labels, mask, cu_seqlens, row_lse, seq_grad.
+  dpo::detail::named_range ins[5];
+  dpo::detail::view_index_ranges(v, p, dpo::detail::seq_index_names, ins);
+  const std::int64_t rows = dpo::detail::rows_of(v, p).end, n = v.num_seqs;
+  ins[3] = dpo::detail::range_of(row_lse, 1, rows, rows, "row_lse");
+  ins[4] = dpo::detail::range_of(seq_grad, 1, n, n, "seq_grad");
+  throw_if(dpo::detail::check_grad_against(grad, grad_stride, v, "grad", ins, 5, p));
 }
 
 /// The reference log-probs, needed unless the loss is reference-free.

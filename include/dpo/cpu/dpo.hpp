@@ -772,6 +772,7 @@ void dpo_backward(const pair_view<T, L>& policy, const forward_result& fwd,
                   const options& opt = {}) {
   detail::check_pairs(policy, "logits");
   detail::check_grad(policy, grad);
+  detail::check_grad_inputs(policy, grad);
   detail::check_finite(grad_output, "grad_output");
   if (fwd.vocab != policy.chosen.vocab || fwd.grad_chosen.size() != policy.num_pairs())
     dpo::detail::fail("forward_result does not match logits: it was computed for ",
@@ -814,6 +815,12 @@ void dpo_backward_rows(const pair_view<T, L>& policy, const double* row_lse,
       (row_lse == nullptr || row_coef == nullptr))
     dpo::detail::fail(row_lse == nullptr ? "row_lse" : "row_coef", " is null");
   detail::check_one_buffer(policy, "row_lse / row_coef");
+  {
+    const dpo::detail::check_policy p = dpo::detail::cpu_policy();
+    const std::int64_t rows = std::max(dpo::detail::rows_of(policy.chosen, p).end, dpo::detail::rows_of(policy.rejected, p).end);
+    detail::check_grad_inputs(policy, grad, {dpo::detail::range_of(row_lse, 1, rows, rows, "row_lse"),
+                                             dpo::detail::range_of(row_coef, 1, rows, rows, "row_coef")});
+  }
   const auto side = [&](const token_view<T, L>& v, T* g, std::int64_t g_stride) {
     detail::backward_side(
         v, [&](std::int64_t r, std::int64_t) { return v.target(r) >= 0 ? row_lse[r] : 0.0; },
@@ -831,6 +838,7 @@ forward_result dpo_forward_backward(const pair_view<T, L>& policy, const double*
                                     const pair_grad_view<T>& grad, const options& opt = {}) {
   detail::check_pairs(policy, "logits");
   detail::check_grad(policy, grad);
+  detail::check_grad_inputs(policy, grad);
   forward_result r = dpo_forward(policy, ref_chosen, ref_rejected, cfg, opt);
   dpo_backward(policy, r, grad, 1.0, opt);
   return r;
@@ -844,6 +852,7 @@ forward_result dpo_forward_backward(const pair_view<T, L>& policy,
                                     const pair_grad_view<T>& grad, const options& opt = {}) {
   detail::check_pairs(policy, "logits");
   detail::check_grad(policy, grad);
+  detail::check_grad_inputs(policy, grad);
   forward_result r = dpo_forward(policy, reference, cfg, opt);
   dpo_backward(policy, r, grad, 1.0, opt);
   return r;

@@ -30,6 +30,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <initializer_list>
 #include <string>
 #include <utility>
 
@@ -109,6 +110,22 @@ status check_pairs(const pair_view<T, L>& v, const char* name, const options& op
 template <class T, class L>
 status check_grad(const pair_view<T, L>& p, const pair_grad_view<T>& g, const options& opt) {
   return to_status(dpo::detail::check_grad(p, g, policy(opt, true)));
+}
+
+/// ... nor any other input of the call (host code, addresses only): both sides' labels, mask
+/// and cu_seqlens, and `extra` (the workspace bytes the call uses, grad_output, row state,
+/// reference log-probs).
+template <class T, class L>
+status check_grad_inputs(const pair_view<T, L>& p, const pair_grad_view<T>& g, const options& opt,
+                         std::initializer_list<dpo::detail::named_range> extra) {
+  return to_status(
+      dpo::detail::check_pair_grad_inputs(p, g, extra.begin(), static_cast<int>(extra.size()), policy(opt, true)));
+}
+
+/// The first `bytes` of the workspace as a named range (what a call writes or reads there).
+inline dpo::detail::named_range workspace_bytes_range(const void* workspace, std::size_t bytes) {
+  const std::int64_t b = static_cast<std::int64_t>(bytes);
+  return dpo::detail::range_of(static_cast<const unsigned char*>(workspace), 1, b, b, "workspace");
 }
 
 inline status check_workspace(void* workspace, std::size_t workspace_bytes, std::size_t needed) {
@@ -387,6 +404,7 @@ struct forward_plan {
   ws_ptrs w;
   ws_ptrs ref_w;
   double* ref = nullptr;
+  std::size_t used = 0;  // the workspace bytes the call writes
   bool size_only = false;
 };
 
@@ -496,6 +514,7 @@ status plan_forward(void* workspace, std::size_t& workspace_bytes, const pair_vi
     ws_ptrs scratch;
     used = carve(0, plan->cap, P, P, &scratch);
   }
+  plan->used = used;
   return check_forward_outputs(policy, ref_chosen, ref_rejected, reference, out, grad, workspace, used, opt);
 }
 
@@ -590,6 +609,19 @@ status sequence_logps_backward(void* workspace, std::size_t& workspace_bytes,
   bool size_only = false;
   s = detail::reserve(workspace, workspace_bytes, none, 0, 0, &w, &size_only);
   if (!s || size_only) return s;
+  {
+    // Nor may grad overlap the other inputs (addresses only).
+    const dpo::detail::check_policy p = detail::policy(opt, true);
+    detail::ws_ptrs scratch;
+    const std::int64_t rows = dpo::detail::rows_of(in, p).end, n = in.num_seqs;
+    dpo::detail::named_range ins[6];
+    dpo::detail::view_index_ranges(in, p, dpo::detail::seq_index_names, ins);
+    ins[3] = dpo::detail::range_of(row_lse, 1, rows, rows, "row_lse");
+    ins[4] = dpo::detail::range_of(seq_grad, 1, n, n, "seq_grad");
+    ins[5] = detail::workspace_bytes_range(workspace, detail::carve(0, none, 0, 0, &scratch));
+    s = detail::to_status(dpo::detail::check_grad_against(grad, grad_stride, in, "grad", ins, 6, p));
+    if (!s) return s;
+  }
   const detail::views<T, L> vs = detail::make_views<T, L>(in, nullptr, opt);
   // The device query first: a failure must leave nothing enqueued.
   const auto kernel = detail::backward_sequences_kernel<detail::rows_block, T, L>;
@@ -731,6 +763,13 @@ status dpo_backward(void* workspace, std::size_t& workspace_bytes, const pair_vi
   if (!s || size_only) return s;
   s = detail::check_grad(policy, grad, opt);
   if (!s) return s;
+  {
+    detail::ws_ptrs scratch;  // the forward state it reads
+    s = detail::check_grad_inputs(policy, grad, opt,
+                                  {detail::workspace_bytes_range(workspace, detail::carve(0, cap, P, P, &scratch)),
+                                   dpo::detail::range_of(grad_output, 1, 1, 1, "grad_output")});
+    if (!s) return s;
+  }
   const detail::views<T, L> vs = detail::make_views(policy.chosen, &policy.rejected, opt);
   return detail::run_backward(vs, w, cap, grad, grad_output, P, stream);
 }
@@ -762,6 +801,18 @@ status dpo_backward_rows(void* workspace, std::size_t& workspace_bytes,
   const bool rows = cap[0] + cap[1] > 0;
   if (rows && (row_lse == nullptr || row_coef == nullptr))
     return detail::invalid("dpo: %s is null", row_lse == nullptr ? "row_lse" : "row_coef");
+  {
+    const dpo::detail::check_policy p = detail::policy(opt, true);
+    const std::int64_t rc = dpo::detail::rows_of(policy.chosen, p).end, rr = dpo::detail::rows_of(policy.rejected, p).end;
+    const std::int64_t n = rc > rr ? rc : rr;
+    detail::ws_ptrs scratch;
+    s = detail::check_grad_inputs(policy, grad, opt,
+                                  {dpo::detail::range_of(row_lse, 1, n, n, "row_lse"),
+                                   dpo::detail::range_of(row_coef, 1, n, n, "row_coef"),
+                                   detail::workspace_bytes_range(workspace, detail::carve(0, none, 0, 0, &scratch)),
+                                   dpo::detail::range_of(grad_output, 1, 1, 1, "grad_output")});
+    if (!s) return s;
+  }
   const detail::views<T, L> vs = detail::make_views(policy.chosen, &policy.rejected, opt);
   const auto kernel = detail::backward_rows_kernel<detail::rows_block, T, L>;
   int grid = 1;
@@ -799,6 +850,12 @@ status dpo_forward_backward(void* workspace, std::size_t& workspace_bytes,
                                            ref_rejected, nullptr, cfg, out, opt, &plan, &grad);
   if (!s || plan.size_only) return s;
   s = detail::check_grad(policy, grad, opt);
+  if (!s) return s;
+  const std::int64_t P = policy.num_pairs();
+  s = detail::check_grad_inputs(policy, grad, opt,
+                                {detail::workspace_bytes_range(workspace, plan.used),
+                                 dpo::detail::range_of(ref_chosen, 1, P, P, "ref_chosen_logps"),
+                                 dpo::detail::range_of(ref_rejected, 1, P, P, "ref_rejected_logps")});
   if (!s) return s;
   return detail::enqueue_forward_backward(policy, ref_chosen, ref_rejected, cfg, out, grad, opt,
                                           plan.w, plan.cap, stream);
@@ -843,6 +900,9 @@ status dpo_forward_backward(void* workspace, std::size_t& workspace_bytes,
                                   cfg, out, opt, &plan, &grad);
   if (!s || plan.size_only) return s;
   s = detail::check_grad(policy, grad, opt);
+  if (!s) return s;
+  // (The gradient may be the policy's logits in place, which may be the reference's too.)
+  s = detail::check_grad_inputs(policy, grad, opt, {detail::workspace_bytes_range(workspace, plan.used)});
   if (!s) return s;
   s = detail::enqueue_reference(reference, cfg, opt, plan.ref_w, plan.ref_cap, plan.ref, stream);
   if (!s) return s;
