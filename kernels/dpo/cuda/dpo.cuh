@@ -416,17 +416,8 @@ template <class T, class L>
 void forward_view_ranges(const token_view<T, L>& v, const options& opt, const char* const names[4],
                          dpo::detail::named_range* out) {
   const dpo::detail::check_policy p = policy(opt, true);
-  const dpo::detail::row_span r = dpo::detail::rows_of(v, p);
-  const auto rows = [&](const auto* a, const char* name) {
-    return r.size() > 0 ? dpo::detail::range_of(a + r.begin, 1, r.size(), r.size(), name)
-                        : dpo::detail::named_range{{}, name};
-  };
   out[0] = {dpo::detail::row_bytes(v.logits, v.row_stride, v, p), names[0]};
-  out[1] = rows(v.labels, names[1]);
-  out[2] = rows(v.mask, names[2]);
-  const std::int64_t k = v.num_seqs > 0 ? v.num_seqs + 1 : 0;
-  out[3] = v.cu_seqlens != nullptr ? dpo::detail::range_of(v.cu_seqlens + v.first_seq, 1, k, k, names[3])
-                                   : dpo::detail::named_range{{}, names[3]};
+  dpo::detail::view_index_ranges(v, p, names + 1, out + 1);
 }
 
 inline constexpr const char* forward_view_names[4][4] = {
