@@ -31,7 +31,8 @@ from ._linear import _check_device as _check_head_device
 from ._linear import autocast_dtype as _autocast_dtype
 from ._linear import autocast_like_linear as _autocast_like_linear
 from ._linear_dpo import DEFAULT_CUDA_LINEAR_DPO_WORKSPACE_BYTES, DEFAULT_LINEAR_DPO_WORKSPACE_BYTES
-from ._ops import CONFIG_FIELDS, LOSS_TYPES, METRIC_NAMES, PAIR_VALUE_NAMES, check_devices, check_inplace_target, ops, whole
+from ._ops import (CONFIG_FIELDS, LOSS_TYPES, METRIC_NAMES, PAIR_VALUE_NAMES, check_devices, check_inplace_target,
+                   cu_seqlens_seqs, ops, whole)
 from . import _shard_ops  # noqa: F401  (the fake kernels of the sharded ops: torch.compile)
 from .liger import FusedLinearDPOLoss  # Liger-Kernel's LigerFusedLinearDPOLoss drop-in (liger.py)
 
@@ -522,7 +523,8 @@ def dpo_loss_from_hidden(
         # (LD-DPO weighted alike), then into the policy's call as reference log-probs.
         if ref_hidden.shape != hidden.shape:
             raise ValueError(f"ref_hidden must have hidden's shape {list(hidden.shape)}, got {list(ref_hidden.shape)}")
-        P = (cu_seqlens.shape[0] - 1 if cu_seqlens is not None else labels.shape[0]) // 2
+        # Sized without indexing a bad shape: the call below raises the kernels' error for it.
+        P = (cu_seqlens_seqs(cu_seqlens) if cu_seqlens is not None else labels.shape[0] if labels.dim() else 0) // 2
         zeros = torch.zeros(max(P, 0), dtype=torch.float64, device=hidden.device)
         with torch.no_grad():
             pairs = dpo_loss_from_hidden(

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ._ops import CONFIG_FIELDS, METRIC_NAMES, PAIR_VALUE_NAMES, _first_order_only
+from ._ops import CONFIG_FIELDS, METRIC_NAMES, PAIR_VALUE_NAMES, _first_order_only, cu_seqlens_seqs
 
 #: The default workspace budget (bytes) of DPO from hidden states: 768 MiB, the C++ default
 #: (dpo::cpu::default_linear_dpo_workspace_bytes).
@@ -37,7 +37,7 @@ def _result_dtype(dtype: torch.dtype) -> torch.dtype:
 def _linear_dpo_fake(hidden, weight, bias, labels, cu_seqlens, *rest):
     need_hidden, need_weight, need_bias = rest[-4:-1]
     if cu_seqlens is not None:
-        seqs = cu_seqlens.shape[0] - 1
+        seqs = cu_seqlens_seqs(cu_seqlens)
     else:
         if hidden.dim() != 3:
             raise ValueError(f"hidden must be 3-D [2P, T, H] (or 2-D [N, H] with cu_seqlens), got shape "

@@ -97,10 +97,19 @@ def _check_logits(logits: torch.Tensor, name: str = "logits") -> None:
         raise ValueError(f"{name} must be [B, T, V] or [N, V], got shape {tuple(logits.shape)}")
 
 
+def cu_seqlens_seqs(cu_seqlens: torch.Tensor) -> int:
+    """S of ``cu_seqlens [S + 1]``, its shape checked as the kernels check it (make_layout), so
+    that a fake kernel (and Python code sizing outputs by it) raises their ValueError naming
+    the argument instead of an IndexError on a 0-d tensor."""
+    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 1:
+        raise ValueError(f"cu_seqlens must be 1-D with S + 1 >= 1 entries, got shape {list(cu_seqlens.shape)}")
+    return cu_seqlens.shape[0] - 1
+
+
 def _num_seqs(logits: torch.Tensor, cu_seqlens: torch.Tensor | None) -> int:
     if logits.dim() == 3:
         return logits.shape[0]
-    return cu_seqlens.shape[0] - 1 if cu_seqlens is not None else 1
+    return cu_seqlens_seqs(cu_seqlens) if cu_seqlens is not None else 1
 
 
 def _view_seq_len(logits: torch.Tensor):

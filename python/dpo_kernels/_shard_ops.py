@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from . import _C
-from ._ops import METRIC_NAMES, PAIR_VALUE_NAMES, _logits_grad_fake, _view_seq_len
+from ._ops import METRIC_NAMES, PAIR_VALUE_NAMES, _logits_grad_fake, _view_seq_len, cu_seqlens_seqs
 
 _FIELDS = len(_C.shard_fields)
 _SEQ_FIELDS = len(_C.seq_fields)
@@ -32,7 +32,7 @@ def _view_rows(logits):
 def _num_seqs(t, cu_seqlens):
     """make_layout's / lower_hidden's num_seqs: cu_seqlens' S, else a 3-D tensor's B, else one."""
     if cu_seqlens is not None:
-        return cu_seqlens.shape[0] - 1
+        return cu_seqlens_seqs(cu_seqlens)
     return t.shape[0] if t.dim() == 3 else 1
 
 

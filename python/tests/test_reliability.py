@@ -479,3 +479,44 @@ def test_non_finite_upstream_gradient_propagates(upstream, inplace):
         assert torch.isnan(rows).all()
     else:
         assert not torch.isnan(rows).all() and torch.isinf(rows).any()
+
+
+# ---- audit: bad cu_seqlens shapes, eager and compiled --------------------------------------------------
+
+_BAD_CU = {"0-d": lambda: torch.tensor(0), "empty": lambda: torch.zeros(0, dtype=torch.long)}
+
+
+def _packed_calls(cu):
+    g = torch.Generator().manual_seed(0)
+    z, y = torch.randn(8, V, generator=g), torch.randint(0, V, (8,), generator=g)
+    h, w = torch.randn(8, 4, generator=g), torch.randn(V, 4, generator=g)
+    rc = torch.zeros(1)
+    return {
+        "sequence_logps": lambda: dk.sequence_logps(z, y, cu_seqlens=cu),
+        "dpo_loss_from_logits": lambda: dk.dpo_loss_from_logits(z, y, rc, rc, cu_seqlens=cu)[0],
+        "dpo_loss_from_hidden": lambda: dk.dpo_loss_from_hidden(h, w, y, rc, rc, cu_seqlens=cu)[0],
+        "dpo_loss_from_hidden(ref head in its dtype)": lambda: dk.dpo_loss_from_hidden(
+            h, w, y, ref_hidden=h.double(), ref_weight=w.double(), cu_seqlens=cu)[0],
+    }
+
+
+@pytest.mark.parametrize("call", list(_packed_calls(None)))
+@pytest.mark.parametrize("bad", list(_BAD_CU))
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_bad_cu_seqlens_shape_names_the_argument(call, bad, compiled):
+    # A 0-d or empty cu_seqlens: the kernels' ValueError, also from the fake kernels under
+    # torch.compile (which wraps it) and from the reference-head path that sizes its zeros by
+    # it; never an IndexError on its shape.
+    cu = _BAD_CU[bad]()
+    fn = _packed_calls(cu)[call]
+    if compiled:
+        if "ref head" in call:
+            pytest.skip("eager-only path (a call of its own, under no_grad)")
+        torch._dynamo.reset()
+        compiled_fn = torch.compile(lambda: fn(), fullgraph=True, backend="aot_eager")
+        with pytest.raises(Exception, match=r"cu_seqlens must be 1-D") as info:
+            compiled_fn()
+        assert not isinstance(info.value, IndexError)
+    else:
+        with pytest.raises(ValueError, match=r"cu_seqlens must be 1-D"):
+            fn()
