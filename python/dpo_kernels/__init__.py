@@ -30,6 +30,7 @@ from ._linear import OPTIONAL_OUTPUTS, linear_logprobs
 from ._linear import _check_device as _check_head_device
 from ._linear import autocast_dtype as _autocast_dtype
 from ._linear import autocast_like_linear as _autocast_like_linear
+from ._linear import check_workspace_bytes as _check_workspace_bytes
 from ._linear_dpo import DEFAULT_CUDA_LINEAR_DPO_WORKSPACE_BYTES, DEFAULT_LINEAR_DPO_WORKSPACE_BYTES
 from ._ops import (CONFIG_FIELDS, LOSS_TYPES, METRIC_NAMES, PAIR_VALUE_NAMES, check_devices, check_inplace_target,
                    cu_seqlens_seqs, ops, whole)
@@ -513,8 +514,8 @@ def dpo_loss_from_hidden(
     if workspace_bytes is None:
         workspace_bytes = (DEFAULT_CUDA_LINEAR_DPO_WORKSPACE_BYTES if hidden.device.type == "cuda"
                            else DEFAULT_LINEAR_DPO_WORKSPACE_BYTES)
-    elif isinstance(workspace_bytes, bool) or not isinstance(workspace_bytes, numbers.Integral) or workspace_bytes < 1:
-        raise ValueError(f"workspace_bytes = {workspace_bytes!r} is invalid: must be a positive int (bytes)")
+    else:
+        workspace_bytes = _check_workspace_bytes(workspace_bytes)
     if (ref_hidden is not None and ref_weight is not None and reference_chosen_logps is None
             and reference_rejected_logps is None and ref_hidden.dtype != hidden.dtype
             and ref_weight.dtype == ref_hidden.dtype and (ref_bias is None or ref_bias.dtype == ref_hidden.dtype)

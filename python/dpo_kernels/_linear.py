@@ -108,6 +108,21 @@ def _positive(name: str, value) -> float:
     return value
 
 
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+def check_workspace_bytes(value, optional: bool = False):
+    """A workspace budget as the ops take it: a positive int their int64 argument holds (None
+    too when `optional`). Larger ints would reach the op's schema conversion, whose error
+    ("Expected a value of type 'int' ... found type 'int'") says nothing useful."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 1 <= value <= _INT64_MAX:
+        raise ValueError(f"workspace_bytes = {value!r} is invalid: must be {'None or ' if optional else ''}a positive "
+                         f"int (bytes), at most 2**63 - 1")
+    return int(value)
+
+
 def _outputs(outputs) -> tuple:
     if isinstance(outputs, str):
         outputs = (outputs,)
@@ -194,10 +209,11 @@ def linear_logprobs(
     flags = _outputs(outputs)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    if workspace_bytes is None:
-        workspace_bytes = DEFAULT_WORKSPACE_BYTES
-    elif isinstance(workspace_bytes, bool) or not isinstance(workspace_bytes, numbers.Integral) or workspace_bytes < 1:
-        raise ValueError(f"workspace_bytes = {workspace_bytes!r} is invalid: must be a positive int (bytes)")
+    # int64's range whatever the targets' dtype: a value no int32 target holds matches none
+    # (TRL's drop-in passes such a value to turn the ignore index off).
+    if not _INT64_MIN <= ignore_index <= _INT64_MAX:
+        raise ValueError(f"ignore_index = {ignore_index} is outside the range of int64 [{_INT64_MIN}, {_INT64_MAX}]")
+    workspace_bytes = DEFAULT_WORKSPACE_BYTES if workspace_bytes is None else check_workspace_bytes(workspace_bytes)
     compute = autocast_dtype(hidden) or hidden.dtype
     hidden = hidden.to(compute)
     weight = weight.to(compute)

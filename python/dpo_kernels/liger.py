@@ -191,9 +191,7 @@ class FusedLinearDPOLoss(torch.nn.Module):
         c = self.chunk_size
         if isinstance(c, bool) or not isinstance(c, numbers.Integral) or c < 1:
             raise ValueError(f"chunk_size = {c!r} is invalid: must be an int >= 1 (it is not used)")
-        wb = o["workspace_bytes"]
-        if wb is not None and (isinstance(wb, bool) or not isinstance(wb, numbers.Integral) or wb < 1):
-            raise ValueError(f"workspace_bytes = {wb!r} is invalid: must be None or a positive int (bytes)")
+        wb = _dk._check_workspace_bytes(o["workspace_bytes"], optional=True)
         names = _dk._loss_types(self.loss_type).split(",")
         weights = None if o["loss_weights"] is None else _dk._real_list("loss_weights", o["loss_weights"])
         if weights is not None and len(weights) != len(names):

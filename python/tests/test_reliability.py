@@ -520,3 +520,32 @@ def test_bad_cu_seqlens_shape_names_the_argument(call, bad, compiled):
     else:
         with pytest.raises(ValueError, match=r"cu_seqlens must be 1-D"):
             fn()
+
+
+# ---- audit: ints past int64 for workspace_bytes / ignore_index of the fused head ------------------------
+
+def _head_calls(**kw):
+    g = torch.Generator().manual_seed(0)
+    h, w = torch.randn(4, 3, 5, generator=g), torch.randn(V, 5, generator=g)
+    y = torch.randint(0, V, (4, 3), generator=g)
+    rc = torch.zeros(2)
+    return {
+        "linear_logprobs": lambda: dk.linear_logprobs(h.reshape(12, 5), w, None, y.reshape(12), **kw),
+        "dpo_loss_from_hidden": lambda: dk.dpo_loss_from_hidden(h, w, y, rc, rc, **kw),
+        "FusedLinearDPOLoss": lambda: dk.FusedLinearDPOLoss(
+            **{k: v for k, v in kw.items() if k == "ignore_index"},
+            **{k: v for k, v in kw.items() if k == "workspace_bytes"})(w, h, y, ref_chosen_logps=rc,
+                                                                       ref_rejected_logps=rc),
+    }
+
+
+@pytest.mark.parametrize("call", list(_head_calls()))
+@pytest.mark.parametrize("name,value", [
+    ("workspace_bytes", 2**63), ("workspace_bytes", 2**70), ("workspace_bytes", -1),
+    ("ignore_index", 2**63), ("ignore_index", -(2**63) - 1),
+])
+def test_head_int_arguments_past_int64_name_the_argument(call, name, value):
+    # Not torch's schema error ("Expected a value of type 'int' ... found type 'int'"), and for
+    # FusedLinearDPOLoss already in the constructor.
+    with pytest.raises(ValueError, match=rf"{name} = {value} is (invalid|outside the range of int64)"):
+        _head_calls(**{name: value})[call]()
