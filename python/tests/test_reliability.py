@@ -549,3 +549,31 @@ def test_head_int_arguments_past_int64_name_the_argument(call, name, value):
     # FusedLinearDPOLoss already in the constructor.
     with pytest.raises(ValueError, match=rf"{name} = {value} is (invalid|outside the range of int64)"):
         _head_calls(**{name: value})[call]()
+
+
+# ---- audit: a reference head in its own dtype is checked against the policy's head -----------------------
+
+@pytest.mark.parametrize("bad", ["vocab+1", "vocab-1", "hidden-1", "1-D", "ref_bias"])
+def test_reference_head_of_its_own_dtype_checked_against_the_policy_head(bad):
+    # ref_hidden / ref_weight / ref_bias in another dtype than the policy's are scored by a call
+    # of their own: a head over another vocabulary must not be taken (a silently different
+    # loss for a larger one), and errors must name ref_weight / ref_bias, not weight / bias.
+    g = torch.Generator().manual_seed(0)
+    h, w = torch.randn(4, 3, 5, generator=g), torch.randn(V, 5, generator=g)
+    y = torch.randint(0, V - 1, (4, 3), generator=g)
+    rw, rb = w.double(), None
+    if bad == "vocab+1":
+        rw = torch.cat([rw, rw[:1]])
+    elif bad == "vocab-1":
+        rw = rw[:-1]
+    elif bad == "hidden-1":
+        rw = rw[:, :-1]
+    elif bad == "1-D":
+        rw = rw[0]
+    else:
+        rb = torch.zeros(V + 1, dtype=torch.float64)
+    x, wx = h.clone().requires_grad_(), w.clone().requires_grad_()
+    name = "ref_bias" if bad == "ref_bias" else "ref_weight"
+    with pytest.raises(ValueError, match=rf"^{name} must have"):
+        dk.dpo_loss_from_hidden(x, wx, y, ref_hidden=h.double(), ref_weight=rw, ref_bias=rb)
+    assert x.grad is None and wx.grad is None
