@@ -172,10 +172,12 @@ class FusedLinearDPOLoss(torch.nn.Module):
         # Check the whole configuration now, as Liger checks its own in the constructor: the
         # arguments, and their combination (unknown loss type, a label_smoothing the type does
         # not read, ...) by the pair-level op on one tiny pair.
-        _, pair, _, flags, _ = self._config()
+        fused, pair, _, flags, _ = self._config()
         z = torch.zeros(1)
         ref = z if flags["use_ref_model"] else None
         _dk.dpo_loss(z, z, ref, ref, **pair)
+        # And the fused op's configuration, with what only it reads (ld_alpha's range, ...).
+        _dk._C.check_config(*_dk._config(**fused))
 
     def _config(self) -> tuple:
         """``(fused, pair, workspace_bytes, flags, alpha)``: the keywords of :func:`dpo_kernels.dpo_loss_from_hidden`
@@ -391,6 +393,8 @@ def _check_call(lin_weight, _input, target, bias, ref_input, ref_weight, ref_bia
     for name, t in (("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps)):
         if t is not None and tuple(t.shape) != (_input.shape[0] // 2,):
             raise ValueError(f"{name} must have shape [P] = [{_input.shape[0] // 2}], got {tuple(t.shape)}")
+        if t is not None and t.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+            raise TypeError(f"{name} must be float32, float64, bfloat16 or float16, got {t.dtype}")
 
 
 def _logits_means(weight, hidden, bias):

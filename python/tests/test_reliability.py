@@ -577,3 +577,26 @@ def test_reference_head_of_its_own_dtype_checked_against_the_policy_head(bad):
     with pytest.raises(ValueError, match=rf"^{name} must have"):
         dk.dpo_loss_from_hidden(x, wx, y, ref_hidden=h.double(), ref_weight=rw, ref_bias=rb)
     assert x.grad is None and wx.grad is None
+
+
+# ---- audit: FusedLinearDPOLoss checks the fused op's configuration when constructed -----------------------
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(ld_alpha=2.0), "ld_alpha = 2 is invalid"), (dict(ld_alpha=-0.5), "ld_alpha = -0.5 is invalid"),
+    (dict(ld_alpha=1.5, compute_nll_loss=True), "ld_alpha = 1.5 is invalid"),
+])
+def test_fused_linear_dpo_loss_constructor_checks_the_fused_config(kwargs, match):
+    # Not only at the first call: the constructor checks the whole configuration, as Liger's.
+    with pytest.raises(ValueError, match=match):
+        dk.FusedLinearDPOLoss(**kwargs)
+
+
+@pytest.mark.parametrize("average", [False, True], ids=["summed", "averaged"])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool])
+def test_fused_linear_dpo_loss_reference_logps_dtype_named_as_in_the_call(average, dtype):
+    g = torch.Generator().manual_seed(0)
+    h, w = torch.randn(4, 3, 5, generator=g), torch.randn(V, 5, generator=g)
+    y = torch.randint(0, V, (4, 3), generator=g)
+    with pytest.raises(TypeError, match="^ref_chosen_logps must be float32"):
+        dk.FusedLinearDPOLoss(average_log_prob=average)(w, h, y, ref_chosen_logps=torch.zeros(2, dtype=dtype),
+                                                        ref_rejected_logps=torch.zeros(2))
