@@ -29,7 +29,8 @@ import warnings
 
 import torch
 
-from ._linear import OPTIONAL_OUTPUTS, autocast_dtype, linear_logprobs
+from . import _C, _config
+from ._linear import OPTIONAL_OUTPUTS, autocast_dtype, check_workspace_bytes, linear_logprobs
 
 __all__ = ["ChunkedLogProbFunction", "FusedDPOTrainer", "patch_chunked_logprobs", "unpatch_chunked_logprobs",
            "is_patched"]
@@ -358,6 +359,12 @@ def _trainer_class():
                     raise NotImplementedError(f"FusedDPOTrainer does not support {what} yet: use trl.DPOTrainer")
             self._dk_workspace_bytes = workspace_bytes
             self._dk_warned_lengths = False
+            # The configuration as the fused loss will read it, checked now (TRL's DPOConfig
+            # accepts what the library refuses, e.g. a label_smoothing sigmoid ignores), before
+            # the models' forwards are wrapped rather than at the first training step.
+            config = self._dk_config()
+            check_workspace_bytes(config.pop("workspace_bytes"), optional=True)
+            _C.check_config(*_config(**config))
             _add_head_forward(self.model)
             if self.ref_model is not None:
                 _add_head_forward(self.accelerator.unwrap_model(self.ref_model))

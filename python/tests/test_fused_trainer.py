@@ -249,3 +249,26 @@ def test_bf16_autocast_tracks_trl():
     and weights (as TRL's does) and keeps its products in fp32: a smoke test that the trainer
     trains in autocast and tracks TRL's to bf16's rounding, not to 1e-5."""
     trl_harness.assert_tracks_in_bf16(_train(True, bf16=True), _train(False, bf16=True), steps=STEPS)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(workspace_bytes=0), "workspace_bytes = 0 is invalid"),
+    (dict(workspace_bytes=2**63), "workspace_bytes = 9223372036854775808 is invalid"),
+    (dict(workspace_bytes="1"), "workspace_bytes = '1' is invalid"),
+    (dict(loss_type=["sigmoid"], label_smoothing=0.3), "label_smoothing = 0.3 has no effect"),
+    (dict(loss_type=["robust"], label_smoothing=0.6), "label_smoothing = 0.6 is invalid"),
+    (dict(f_divergence_type="alpha_divergence", f_alpha_divergence_coef=float("nan")),
+     "f_alpha_divergence_coef = nan is invalid"),
+])
+def test_constructor_checks_the_fused_config(kwargs, match):
+    # At construction, before the models' forwards are wrapped, not at the first training step.
+    wb = kwargs.pop("workspace_bytes", None)
+    models = []
+
+    def build(**kw):
+        models.append(kw["model"])
+        return dkt.FusedDPOTrainer(workspace_bytes=wb, **kw)
+
+    with pytest.raises(ValueError, match=match):
+        trl_harness.train(build, steps=1, run=lambda trainer: None, **kwargs)
+    assert not getattr(models[0], "_dpo_kernels_head", False)
