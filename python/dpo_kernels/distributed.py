@@ -52,6 +52,15 @@ def _group_info(group):
     return dist.get_rank(group), dist.get_world_size(group)
 
 
+def _check_groups(process_group, cp_group) -> None:
+    """ValueError naming the argument for a group that is not a ProcessGroup (torch's own errors,
+    e.g. "Group x is not registered", name neither)."""
+    for name, group in (("process_group", process_group), ("cp_group", cp_group)):
+        if group is not None and not isinstance(group, dist.ProcessGroup):
+            raise ValueError(f"{name} must be a torch.distributed ProcessGroup or None, got {type(group).__name__} "
+                             f"{group!r}")
+
+
 def _all_reduce(t, op, group):
     """The all-reduce (`op`: "sum" or "max") of `t` over `group`, out of place: one functional
     collective (torch.distributed._functional_collectives), which torch.compile traces into
@@ -98,6 +107,8 @@ def _shard(V_local, rows, device, process_group, vocab_range, what):
             or not all(isinstance(x, int) and not isinstance(x, bool) for x in vocab_range)):
         raise TypeError(f"vocab_range must be a pair of ints (start, end), got {vocab_range!r}")
     start, end = vocab_range
+    if not all(-(2**63) <= x < 2**63 for x in vocab_range):
+        raise ValueError(f"vocab_range = {tuple(vocab_range)} is outside the range of int64")
     # Not keyed by the rows, which vary from batch to batch (packed sequences): one entry per
     # range, so the cache does not grow over a run, and a compiled call with new shapes needs
     # no new eager call (the ranks agreeing on the rows is then the caller's contract, as
@@ -388,6 +399,7 @@ class _ShardedHeadDPO(torch.autograd.Function):
 
 def sequence_logps(logits, labels, cu_seqlens, ignore_index, average, process_group, vocab_range, cp_group):
     """dpo_kernels.sequence_logps with ``process_group`` / ``vocab_range`` / ``cp_group``."""
+    _check_groups(process_group, cp_group)
     start, vocab = vocab_shard(logits, process_group, vocab_range)
     return _ShardedLogps.apply(logits, labels, cu_seqlens, ignore_index, average, start, vocab, process_group,
                                cp_group)
@@ -396,6 +408,7 @@ def sequence_logps(logits, labels, cu_seqlens, ignore_index, average, process_gr
 def dpo_loss_from_logits(logits, labels, ref_c, ref_r, cu_seqlens, ignore_index, config, compute_metrics,
                          process_group, vocab_range, cp_group):
     """The loss, metrics and pair values of dpo_loss_from_logits on a shard (arguments checked by the caller)."""
+    _check_groups(process_group, cp_group)
     if cp_group is not None and config[_LD_ALPHA] != 1.0:
         raise ValueError(f"ld_alpha = {config[_LD_ALPHA]} is unsupported with cp_group: LD-DPO weights a token by "
                          "its position in the whole sequence, which a context slice does not know")
@@ -414,6 +427,7 @@ def linear_logprobs(hidden, weight, bias, targets, transforms, flags, ignore_ind
     """dpo_kernels.linear_logprobs on a weight shard (arguments checked and cast by the caller):
     (log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1), each [N] ([0] when not
     requested), the same on every rank."""
+    _check_groups(process_group, None)
     start, vocab = _head_shard(hidden, weight, process_group, vocab_range)
     return _ShardedHeadLogps.apply(hidden, weight, bias, targets, transforms, flags, ignore_index, workspace_bytes,
                                    start, vocab, process_group)
@@ -476,6 +490,7 @@ def dpo_loss_from_hidden(hidden, weight, bias, labels, ref_c, ref_r, cu_seqlens,
     """The loss, metrics and pair values of dpo_loss_from_hidden on a weight shard and/or a
     context slice (arguments checked by the caller). ref: (ref_hidden, ref_weight, ref_bias)
     instead of ref_c / ref_r, sharded as the policy's (ref_weight None: the policy's head)."""
+    _check_groups(process_group, cp_group)
     if cp_group is not None and config[_LD_ALPHA] != 1.0:
         raise ValueError(f"ld_alpha = {config[_LD_ALPHA]} is unsupported with cp_group: LD-DPO weights a token by "
                          "its position in the whole sequence, which a context slice does not know")

@@ -95,3 +95,49 @@ def test_one_ranks_bad_input_raises_on_every_rank_without_waiting(tmp_path):
     a rank left waiting fails the test quickly instead of hanging it)."""
     init = os.path.join(tmp_path, "init")
     mp.spawn(dist_head_worker.rejections, args=(3, init), nprocs=3, join=True)
+
+
+def _group_calls(**kw):
+    g = torch.Generator().manual_seed(0)
+    z, y = torch.randn(4, 3, 7, generator=g), torch.randint(0, 7, (4, 3), generator=g)
+    h, w = torch.randn(4, 3, 5, generator=g), torch.randn(7, 5, generator=g)
+    rc = torch.zeros(2)
+    return {
+        "sequence_logps": lambda: dpo_kernels.sequence_logps(z, y, **kw),
+        "dpo_loss_from_logits": lambda: dpo_kernels.dpo_loss_from_logits(z, y, rc, rc, **kw),
+        "linear_logprobs": lambda: dpo_kernels.linear_logprobs(
+            h.reshape(12, 5), w, None, y.reshape(12), **{k: v for k, v in kw.items() if k != "cp_group"}),
+        "dpo_loss_from_hidden": lambda: dpo_kernels.dpo_loss_from_hidden(h, w, y, rc, rc, **kw),
+    }
+
+
+@pytest.mark.parametrize("call", list(_group_calls()))
+@pytest.mark.parametrize("name,value", [("process_group", "tp"), ("process_group", 0), ("cp_group", "cp"),
+                                        ("cp_group", object())])
+def test_group_that_is_not_a_process_group_is_named(call, name, value):
+    # Not torch's "Group tp is not registered" / "Could not resolve the process group", which
+    # name no argument.
+    if call == "linear_logprobs" and name == "cp_group":
+        pytest.skip("linear_logprobs has no cp_group")
+    with pytest.raises(ValueError, match=rf"^{name} must be a torch.distributed ProcessGroup or None, got"):
+        _group_calls(**{name: value})[call]()
+
+
+@pytest.fixture
+def world_of_one(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
+
+
+@needs_gloo
+@pytest.mark.parametrize("call", list(_group_calls()))
+@pytest.mark.parametrize("vocab_range", [(2**63, 2**63 + 7), (-(2**63) - 7, -(2**63))])
+def test_vocab_range_past_int64_is_named(world_of_one, call, vocab_range):
+    # Not "Overflow when unpacking long long" from the ranges' all-gather tensor.
+    with pytest.raises(ValueError, match=r"^vocab_range = .* is outside the range of int64"):
+        _group_calls(process_group=world_of_one, vocab_range=vocab_range)[call]()
+    # In range, the world of one works.
+    _group_calls(process_group=world_of_one, vocab_range=(0, 7))[call]()
