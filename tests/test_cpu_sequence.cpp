@@ -370,6 +370,61 @@ TEST_CASE("sequence_logps / sequence_logps_backward: bad arguments", "[sequence]
   dpo::cpu::sequence_logps_backward<float, std::int64_t>(none, nullptr, g.data(), nullptr, buf.V);
 }
 
+TEST_CASE("sequence_logps / pair_logps: outputs may overlap neither each other nor the inputs", "[sequence][errors]") {
+  // sums on counts gave a count's bits as a sum, token_logps on row_lse one of them, silently;
+  // an output on the logits or labels corrupted the caller's inputs.
+  const oracle::batch b = rounded<float>(make_batch(13, false, 5));
+  seq_buffers<float, std::int64_t> buf(b, false, 2, 1);
+  const dpo::token_view<float, std::int64_t> ok = buf.view;
+  const std::int64_t S = ok.num_seqs, rows = buf.rows;
+  // One scratch array for every output: sums, counts, token_logps, row_lse, in that order.
+  std::vector<double> scratch(static_cast<std::size_t>(2 * S + 2 * rows), -7.0);
+  double* const sums = scratch.data();
+  std::int64_t* const counts = reinterpret_cast<std::int64_t*>(scratch.data() + S);
+  double* const tok = scratch.data() + 2 * S;
+  double* const lse = tok + rows;
+  const std::vector<double> before = scratch;
+  const std::vector<float> logits0 = buf.logits;
+  const auto refused = [&](const std::string& what, double* s, std::int64_t* c, double* t, double* l) {
+    INFO(what);
+    fixture::expect_error([&] { dpo::cpu::sequence_logps(ok, s, c, t, l); }, what);
+    CHECK(std::memcmp(scratch.data(), before.data(), scratch.size() * sizeof(double)) == 0);
+    CHECK(std::memcmp(buf.logits.data(), logits0.data(), logits0.size() * sizeof(float)) == 0);  // NaN gaps
+  };
+  refused("sums overlaps counts", sums, reinterpret_cast<std::int64_t*>(sums + 1), tok, lse);
+  refused("token_logps overlaps row_lse", sums, counts, tok, tok + 3);
+  refused("counts overlaps token_logps", sums, counts, tok - 1, lse);
+  const std::int64_t r0 = ok.row_begin(0);
+  refused("sums overlaps logits", reinterpret_cast<double*>(buf.logits.data() + (r0 + 1) * buf.stride), counts, tok,
+          lse);
+  refused("row_lse overlaps labels", sums, counts, tok, reinterpret_cast<double*>(buf.labels.data() + r0));
+  // Disjoint, in one array: accepted.
+  dpo::cpu::sequence_logps(ok, sums, counts, tok, lse);
+  std::vector<double> s2(static_cast<std::size_t>(S)), t2(static_cast<std::size_t>(rows)), l2(static_cast<std::size_t>(rows));
+  std::vector<std::int64_t> c2(static_cast<std::size_t>(S));
+  dpo::cpu::sequence_logps(ok, s2.data(), c2.data(), t2.data(), l2.data());
+  CHECK(std::vector<double>(sums, sums + S) == s2);
+  CHECK(std::vector<std::int64_t>(counts, counts + S) == c2);
+
+  // pair_logps: chosen and rejected against each other and both sides' arrays.
+  fixture::batch_spec sp = fixture::spec(3, 4, 6, 17);
+  const oracle::batch pb = fixture::rounded_random_batch<float>(sp);
+  fixture::buffers<float, std::int64_t> pbuf(pb, fixture::layout::padded);
+  const auto pv = pbuf.view();
+  std::vector<double> pc(6, -7.0);
+  const std::vector<double> pc0 = pc;
+  fixture::expect_error([&] { dpo::cpu::pair_logps(pv, 1.0, pc.data(), pc.data() + 2); }, "chosen overlaps rejected");
+  fixture::expect_error(
+      [&] { dpo::cpu::pair_logps(pv, 1.0, pc.data(), reinterpret_cast<double*>(pbuf.labels.data() + 2)); },
+      "rejected overlaps labels.chosen");
+  CHECK(pc == pc0);
+  dpo::cpu::pair_logps(pv, 1.0, pc.data(), pc.data() + 3);
+  std::vector<double> wc(3), wr(3);
+  dpo::cpu::pair_logps(pv, 1.0, wc.data(), wr.data());
+  CHECK(std::vector<double>(pc.begin(), pc.begin() + 3) == wc);
+  CHECK(std::vector<double>(pc.begin() + 3, pc.end()) == wr);
+}
+
 TEST_CASE("pair entry points on a padded view with gaps match the gap-free layout", "[sequence]") {
   // TRL's concatenated batch read through logits[:, :-1]: the same sequences with and without
   // poison rows between them give bitwise the same forward, and the backward leaves the gap

@@ -854,7 +854,7 @@ output_alias_out output_alias_errors() {
   return r;
 }
 
-output_alias_out grad_alias_errors() {
+output_alias_out logits_alias_errors() {
   const std::int64_t P = 2, T = 3, V = 5, half = P * T, rows = 2 * half;
   std::vector<float> logits(static_cast<std::size_t>(rows * V));
   for (std::size_t i = 0; i < logits.size(); ++i) logits[i] = 0.1f * static_cast<float>(i % 7);
@@ -862,14 +862,15 @@ output_alias_out grad_alias_errors() {
   for (std::int64_t r = 0; r < rows; ++r) labels[static_cast<std::size_t>(r)] = r % V;
   std::vector<double> logps(static_cast<std::size_t>(2 * P), -1.5), state(static_cast<std::size_t>(2 * rows), 0.5);
   dev_buf dz(logits.size() * sizeof(float)), dy(labels.size() * 8), dcu(cu.size() * 8), dlp(logps.size() * 8),
-      drow(state.size() * 8), dgrad(logits.size() * sizeof(float) + 256), dws(1 << 20), dgo(8);
+      drow(state.size() * 8), dgrad(logits.size() * sizeof(float) + 256), dws(1 << 20), dgo(8),
+      dso(static_cast<std::size_t>(4 * P + 2 * rows) * 8);
   dz.put(logits.data(), logits.size() * sizeof(float));
   dy.put(labels.data(), labels.size() * 8);
   dcu.put(cu.data(), cu.size() * 8);
   dlp.put(logps.data(), logps.size() * 8);
   drow.put(state.data(), state.size() * 8);
-  for (dev_buf* b : {&dgrad, &dws, &dgo}) b->fill(0x5a);
-  const dev_buf* all[] = {&dz, &dy, &dcu, &dlp, &drow, &dgrad, &dws, &dgo};
+  for (dev_buf* b : {&dgrad, &dws, &dgo, &dso}) b->fill(0x5a);
+  const dev_buf* all[] = {&dz, &dy, &dcu, &dlp, &drow, &dgrad, &dws, &dgo, &dso};
   std::vector<std::vector<unsigned char>> before;
   for (const dev_buf* b : all) before.push_back(b->get<unsigned char>(b->n));
 
@@ -926,6 +927,25 @@ output_alias_out grad_alias_errors() {
   add("sequence_backward: grad on row_lse",
       dpo::cuda::sequence_logps_backward(dws.p, bytes, policy.chosen, lse, dseq.as<double>(),
                                          reinterpret_cast<float*>(drow.p), V));
+  {
+    // sequence_logps / pair_logps outputs: sums [2P], counts [2P], token_logps and row_lse [rows].
+    const auto one = policy.chosen;  // P sequences of T rows
+    double* so = dso.as<double>();
+    std::int64_t* counts = reinterpret_cast<std::int64_t*>(so + P);
+    double* tok = so + 2 * P;
+    double* rl = tok + rows;
+    add("sequence: sums on counts",
+        dpo::cuda::sequence_logps(dws.p, bytes, one, so, reinterpret_cast<std::int64_t*>(so + 1), tok, rl));
+    add("sequence: token_logps on row_lse", dpo::cuda::sequence_logps(dws.p, bytes, one, so, counts, tok, tok + 2));
+    add("sequence: row_lse on labels",
+        dpo::cuda::sequence_logps(dws.p, bytes, one, so, counts, tok, static_cast<double*>(dy.p)));
+    add("sequence: sums on workspace",
+        dpo::cuda::sequence_logps(dws.p, bytes, one, static_cast<double*>(dws.p) + 3, counts, tok, rl));
+    add("pair: chosen on rejected", dpo::cuda::pair_logps(dws.p, bytes, policy, 1.0, so, so + 1));
+    add("pair: rejected on logits.rejected",
+        dpo::cuda::pair_logps(dws.p, bytes, policy, 1.0, so, reinterpret_cast<double*>(dz.as<float>() + half * V)));
+    add("pair: chosen on workspace", dpo::cuda::pair_logps(dws.p, bytes, policy, 1.0, static_cast<double*>(dws.p), so));
+  }
   add("sequence_backward: grad on seq_grad",
       dpo::cuda::sequence_logps_backward(dws.p, bytes, policy.chosen, lse, dseq.as<double>(),
                                          reinterpret_cast<float*>(dseq.p), V));

@@ -167,9 +167,10 @@ output_alias_out output_alias_errors();
 
 /// The logits gradients on the other inputs of dpo_backward, dpo_backward_rows,
 /// dpo_forward_backward and sequence_logps_backward (labels, cu_seqlens, row state, seq_grad,
-/// grad_output, reference log-probs, the workspace): each case "call: A on B" and the status
-/// message; untouched: no buffer changed.
-output_alias_out grad_alias_errors();
+/// grad_output, reference log-probs, the workspace), and sequence_logps / pair_logps outputs
+/// on each other or their inputs: each case "call: A on B" and the status message;
+/// untouched: no buffer changed; loss_in_place: the status of a valid in-place call.
+output_alias_out logits_alias_errors();
 
 /// read_device_error's message after calls that have nothing to compute (sequence_logps of
 /// no sequence, sequence_logps_backward of a view without rows), on a workspace that held

@@ -368,9 +368,54 @@ void view_index_ranges(const token_view<T, L>& v, const check_policy& p, const c
   out[2] = v.cu_seqlens != nullptr ? range_of(v.cu_seqlens + v.first_seq, 1, k, k, names[2]) : named_range{{}, names[2]};
 }
 
-inline constexpr const char* seq_index_names[3] = {"labels", "mask", "cu_seqlens"};
-inline constexpr const char* pair_index_names[2][3] = {{"labels.chosen", "mask.chosen", "cu_seqlens.chosen"},
-                                                       {"labels.rejected", "mask.rejected", "cu_seqlens.rejected"}};
+/// A view's arrays (its logits rows, then view_index_ranges): 4 entries, names[0..3].
+template <class T, class L>
+void view_ranges(const token_view<T, L>& v, const check_policy& p, const char* const names[4], named_range* out) {
+  out[0] = {row_bytes(v.logits, v.row_stride, v, p), names[0]};
+  view_index_ranges(v, p, names + 1, out + 1);
+}
+
+/// The names of view_ranges: a token view's, and a pair view's sides (then a reference's).
+inline constexpr const char* seq_view_names[4] = {"logits", "labels", "mask", "cu_seqlens"};
+inline constexpr const char* pair_view_names[4][4] = {
+    {"logits.chosen", "labels.chosen", "mask.chosen", "cu_seqlens.chosen"},
+    {"logits.rejected", "labels.rejected", "mask.rejected", "cu_seqlens.rejected"},
+    {"ref_logits.chosen", "ref_labels.chosen", "ref_mask.chosen", "ref_cu_seqlens.chosen"},
+    {"ref_logits.rejected", "ref_labels.rejected", "ref_mask.rejected", "ref_cu_seqlens.rejected"}};
+
+/// sequence_logps' outputs (sums, counts: [num_seqs]; token_logps: the view's row span;
+/// row_lse: rows up to the view's end) may overlap neither each other nor the view's arrays
+/// (view_ranges) nor `extra` (at most 4: the workspace, ...). The message, or "".
+template <class T, class L>
+std::string check_sequence_outputs(const token_view<T, L>& v, const double* sums, const std::int64_t* counts,
+                                   const double* token_logps, const double* row_lse, const named_range* extra,
+                                   int n_extra, const check_policy& p) {
+  named_range ins[8];
+  view_ranges(v, p, seq_view_names, ins);
+  int n = 4;
+  for (int k = 0; k < n_extra && n < 8; ++k) ins[n++] = extra[k];
+  const row_span r = rows_of(v, p);
+  const std::int64_t S = v.num_seqs > 0 ? v.num_seqs : 0;
+  const named_range outs[4] = {range_of(sums, 1, S, S, "sums"), range_of(counts, 1, S, S, "counts"),
+                               range_of(token_logps, 1, r.size(), r.size(), "token_logps"),
+                               range_of(row_lse, 1, r.end, r.end, "row_lse")};
+  return check_no_overlap(outs, 4, ins, n);
+}
+
+/// pair_logps' outputs (chosen, rejected: [P] each) may overlap neither each other nor both
+/// sides' arrays (view_ranges) nor `extra` (at most 4).
+template <class T, class L>
+std::string check_pair_logps_outputs(const pair_view<T, L>& v, const double* chosen, const double* rejected,
+                                     const named_range* extra, int n_extra, const check_policy& p) {
+  named_range ins[12];
+  view_ranges(v.chosen, p, pair_view_names[0], ins);
+  view_ranges(v.rejected, p, pair_view_names[1], ins + 4);
+  int n = 8;
+  for (int k = 0; k < n_extra && n < 12; ++k) ins[n++] = extra[k];
+  const std::int64_t P = v.num_pairs() > 0 ? v.num_pairs() : 0;
+  const named_range outs[2] = {range_of(chosen, 1, P, P, "chosen"), range_of(rejected, 1, P, P, "rejected")};
+  return check_no_overlap(outs, 2, ins, n);
+}
 
 /// A gradient over the logits (rows of `v` in the buffer (g, stride), named `name`) may overlap
 /// none of `ins`: the call's inputs other than the logits (whose rule is check_grad's / check_seq_grad's:
@@ -389,8 +434,8 @@ template <class T, class L>
 std::string check_pair_grad_inputs(const pair_view<T, L>& v, const pair_grad_view<T>& g, const named_range* extra,
                                    int n_extra, const check_policy& p) {
   named_range ins[16];
-  view_index_ranges(v.chosen, p, pair_index_names[0], ins);
-  view_index_ranges(v.rejected, p, pair_index_names[1], ins + 3);
+  view_index_ranges(v.chosen, p, pair_view_names[0] + 1, ins);
+  view_index_ranges(v.rejected, p, pair_view_names[1] + 1, ins + 3);
   int n = 6;
   for (int k = 0; k < n_extra && n < 16; ++k) ins[n++] = extra[k];
   std::string e = check_grad_against(g.chosen, g.chosen_stride, v.chosen, "grad.chosen", ins, n, p);

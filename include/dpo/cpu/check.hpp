@@ -78,7 +78,7 @@ void check_seq_grad(const token_view<T, L>& v, const double* row_lse, const doub
   throw_if(dpo::detail::check_seq_grad(v, row_lse, seq_grad, grad, grad_stride, p));
   // Nor may the gradient overlap the other inputs: labels, mask, cu_seqlens, row_lse, seq_grad.
   dpo::detail::named_range ins[5];
-  dpo::detail::view_index_ranges(v, p, dpo::detail::seq_index_names, ins);
+  dpo::detail::view_index_ranges(v, p, dpo::detail::seq_view_names + 1, ins);
   const std::int64_t rows = dpo::detail::rows_of(v, p).end, n = v.num_seqs;
   ins[3] = dpo::detail::range_of(row_lse, 1, rows, rows, "row_lse");
   ins[4] = dpo::detail::range_of(seq_grad, 1, n, n, "seq_grad");

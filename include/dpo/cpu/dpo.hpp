@@ -482,6 +482,8 @@ void sequence_logps(const token_view<T, L>& in, double* sums, std::int64_t* coun
   detail::check_view(in, "logits");
   if (in.num_seqs > 0 && (sums == nullptr || counts == nullptr))
     dpo::detail::fail(sums == nullptr ? "sums" : "counts", " is null");
+  detail::throw_if(dpo::detail::check_sequence_outputs(in, sums, counts, token_logps, row_lse, nullptr, 0,
+                                                       dpo::detail::cpu_policy()));
   if (in.num_seqs == 0) return;
   detail::row_values rows;
   detail::forward_rows(in, rows, false, opt.num_threads);
@@ -559,6 +561,7 @@ void pair_logps(const pair_view<T, L>& in, double ld_alpha, double* chosen, doub
   detail::check_unit(ld_alpha, "ld_alpha");
   if (chosen == nullptr || rejected == nullptr)
     dpo::detail::fail(chosen == nullptr ? "chosen" : "rejected", " is null");
+  detail::throw_if(dpo::detail::check_pair_logps_outputs(in, chosen, rejected, nullptr, 0, dpo::detail::cpu_policy()));
   detail::row_values rc, rr;
   detail::forward_rows(in.chosen, rc, false, opt.num_threads);
   detail::forward_rows(in.rejected, rr, false, opt.num_threads);

@@ -408,24 +408,6 @@ struct forward_plan {
   bool size_only = false;
 };
 
-/// The device arrays a forward pass reads from one view (logits rows, labels, mask,
-/// cu_seqlens: 4 entries into `out`, named `side`.logits etc.), as byte ranges compared,
-/// never read: the logits and per-row arrays over the rows the view may occupy (rows_of:
-/// the whole options::num_rows buffer for a packed view).
-template <class T, class L>
-void forward_view_ranges(const token_view<T, L>& v, const options& opt, const char* const names[4],
-                         dpo::detail::named_range* out) {
-  const dpo::detail::check_policy p = policy(opt, true);
-  out[0] = {dpo::detail::row_bytes(v.logits, v.row_stride, v, p), names[0]};
-  dpo::detail::view_index_ranges(v, p, names + 1, out + 1);
-}
-
-inline constexpr const char* forward_view_names[4][4] = {
-    {"logits.chosen", "labels.chosen", "mask.chosen", "cu_seqlens.chosen"},
-    {"logits.rejected", "labels.rejected", "mask.rejected", "cu_seqlens.rejected"},
-    {"ref_logits.chosen", "ref_labels.chosen", "ref_mask.chosen", "ref_cu_seqlens.chosen"},
-    {"ref_logits.rejected", "ref_labels.rejected", "ref_mask.rejected", "ref_cu_seqlens.rejected"}};
-
 /// The forward outputs (dpo::detail::forward_ranges) may overlap neither each other nor the
 /// call's inputs: both sides' logits rows, labels, mask and cu_seqlens, the reference
 /// log-probs or the reference view's arrays, options::error_word, the gradient buffers
@@ -443,14 +425,14 @@ status check_forward_outputs(const pair_view<T, L>& policy, const double* ref_ch
   const std::int64_t P = policy.num_pairs();
   named_range ins[22];
   int n = 0;
-  forward_view_ranges(policy.chosen, opt, forward_view_names[0], ins + n);
+  dpo::detail::view_ranges(policy.chosen, p, dpo::detail::pair_view_names[0], ins + n);
   n += 4;
-  forward_view_ranges(policy.rejected, opt, forward_view_names[1], ins + n);
+  dpo::detail::view_ranges(policy.rejected, p, dpo::detail::pair_view_names[1], ins + n);
   n += 4;
   if (reference != nullptr) {
-    forward_view_ranges(reference->chosen, opt, forward_view_names[2], ins + n);
+    dpo::detail::view_ranges(reference->chosen, p, dpo::detail::pair_view_names[2], ins + n);
     n += 4;
-    forward_view_ranges(reference->rejected, opt, forward_view_names[3], ins + n);
+    dpo::detail::view_ranges(reference->rejected, p, dpo::detail::pair_view_names[3], ins + n);
     n += 4;
   } else {
     ins[n++] = range_of(ref_chosen, 1, P, P, "ref_chosen_logps");
@@ -541,6 +523,13 @@ status sequence_logps(void* workspace, std::size_t& workspace_bytes, const token
   if (!s || size_only) return s;
   if (in.num_seqs > 0 && (sums == nullptr || counts == nullptr))
     return detail::invalid("dpo: %s is null", sums == nullptr ? "sums" : "counts");
+  {
+    detail::ws_ptrs scratch;
+    const dpo::detail::named_range ws = detail::workspace_bytes_range(workspace, detail::carve(0, cap, in.num_seqs, 0, &scratch));
+    s = detail::to_status(dpo::detail::check_sequence_outputs(in, sums, counts, token_logps, row_lse, &ws, 1,
+                                                              detail::policy(opt, true)));
+    if (!s) return s;
+  }
   const detail::views<T, L> vs = detail::make_views<T, L>(in, nullptr, opt);
   // No sequence: nothing to compute, but the error word still becomes this call's (clear),
   // or read_device_error would report whatever the workspace held.
@@ -606,7 +595,7 @@ status sequence_logps_backward(void* workspace, std::size_t& workspace_bytes,
     detail::ws_ptrs scratch;
     const std::int64_t rows = dpo::detail::rows_of(in, p).end, n = in.num_seqs;
     dpo::detail::named_range ins[6];
-    dpo::detail::view_index_ranges(in, p, dpo::detail::seq_index_names, ins);
+    dpo::detail::view_index_ranges(in, p, dpo::detail::seq_view_names + 1, ins);
     ins[3] = dpo::detail::range_of(row_lse, 1, rows, rows, "row_lse");
     ins[4] = dpo::detail::range_of(seq_grad, 1, n, n, "seq_grad");
     ins[5] = detail::workspace_bytes_range(workspace, detail::carve(0, none, 0, 0, &scratch));
@@ -649,6 +638,13 @@ status pair_logps(void* workspace, std::size_t& workspace_bytes, const pair_view
   if (!s || size_only) return s;
   if (chosen == nullptr || rejected == nullptr)
     return detail::invalid("dpo: %s is null", chosen == nullptr ? "chosen" : "rejected");
+  {
+    detail::ws_ptrs scratch;
+    const dpo::detail::named_range ws =
+        detail::workspace_bytes_range(workspace, detail::carve(0, cap, in.num_pairs(), in.num_pairs(), &scratch));
+    s = detail::to_status(dpo::detail::check_pair_logps_outputs(in, chosen, rejected, &ws, 1, detail::policy(opt, true)));
+    if (!s) return s;
+  }
   const detail::views<T, L> vs = detail::make_views(in.chosen, &in.rejected, opt);
   s = detail::run_rows<false>(vs, w, cap, stream);
   if (!s) return s;
