@@ -681,6 +681,19 @@ TEST_CASE("shards: outputs on inputs or on each other, null or negative row rang
     refused("grad overlaps seq_grad", [&] {
       dpo::cpu::shard_sequence_backward(v, whole, mx.data(), rec.data(), buf.data(), buf.data(), V);
     });
+    // Packed views read cu_seqlens too: an output over it is refused.
+    {
+      std::int64_t* const cu = reinterpret_cast<std::int64_t*>(buf.data() + 3);
+      for (std::int64_t k = 0; k <= S; ++k) cu[k] = k * alias_batch::L;
+      const auto pk = dpo::packed_pairs<double, std::int64_t>(b.logits.data(), b.labels.data(), cu, S, V, V);
+      std::vector<double> m2(static_cast<std::size_t>(n));
+      refused("records overlaps cu_seqlens", [&] { dpo::cpu::shard_partials(pk.chosen, whole, buf.data(), m2.data()); });
+      std::vector<double> g2(static_cast<std::size_t>(n * V));
+      refused("grad.chosen overlaps cu_seqlens.chosen", [&] {
+        dpo::cpu::shard_backward(pk, whole, mx.data(), rec.data(), mx.data(), rec.data(), sg.data(), 0.0, 1.0,
+                                 dpo::pair_grad_view<double>{reinterpret_cast<double*>(cu), V, g2.data(), V});
+      });
+    }
     std::copy(rec.begin(), rec.end(), buf.begin());
     // In place (the gradient over the logits themselves) stays allowed.
     std::vector<double> lg = b.logits;

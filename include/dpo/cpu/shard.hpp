@@ -70,13 +70,11 @@ std::int64_t span_rows(const token_view<T, L>& v) {
 using dpo::detail::named_range;
 using dpo::detail::range_of;
 
-/// The bytes of a view's logits rows, labels and mask (3 entries), for the aliasing checks.
+/// The bytes of a view's logits rows, labels, mask and cu_seqlens (4 entries, named `names`:
+/// dpo::detail::seq_view_names or pair_view_names[side]), for the aliasing checks.
 template <class T, class L>
-void view_ranges(const token_view<T, L>& v, const char* logits_name, detail::named_range* out) {
-  const std::int64_t n = rows_end(v);
-  out[0] = {dpo::detail::row_bytes(v.logits, v.row_stride, v, dpo::detail::cpu_policy()), logits_name};
-  out[1] = detail::range_of(v.labels, 1, n, n, "labels");
-  out[2] = detail::range_of(v.mask, 1, n, n, "mask");
+void view_ranges(const token_view<T, L>& v, const char* const names[4], detail::named_range* out) {
+  dpo::detail::view_ranges(v, dpo::detail::cpu_policy(), names, out);
 }
 
 /// The bytes of a row state of n rows: maxima [n] and records [n, shard_fields] (2 entries).
@@ -266,10 +264,10 @@ void shard_partials(const token_view<T, L>& shard, const vocab_shard& sh, double
   // A view without rows writes nothing: its buffers may be null (an empty tensor's pointer).
   if (detail::span_rows(shard) == 0) return;
   if (records == nullptr) dpo::detail::fail("records is null");
-  detail::named_range in[3], out[2];
-  detail::view_ranges(shard, "logits", in);
+  detail::named_range in[4], out[2];
+  detail::view_ranges(shard, dpo::detail::seq_view_names, in);
   detail::state_ranges(row_max, records, detail::rows_end(shard), "row_max", "records", out);
-  detail::require_no_overlap({out[0], out[1]}, {in[0], in[1], in[2]});
+  detail::require_no_overlap(out, 2, in, 4);
   if (opt.metrics) {
     detail::shard_partials_impl<true>(shard, sh, records, row_max, opt.num_threads);
   } else {
@@ -354,11 +352,11 @@ void shard_sequence_partials(const token_view<T, L>& shard, const vocab_shard& s
   {
     // Phase 2 reads the labels, the mask and the row state, never the logits (the fused
     // head's phase 2 passes its hidden rows there).
-    detail::named_range in[5];
-    detail::view_ranges(shard, "logits", in);
-    detail::state_ranges(row_max, records, detail::rows_end(shard), "row_max", "records", in + 3);
+    detail::named_range in[6];
+    detail::view_ranges(shard, dpo::detail::seq_view_names, in);
+    detail::state_ranges(row_max, records, detail::rows_end(shard), "row_max", "records", in + 4);
     const std::int64_t n = seq_fields * shard.num_seqs;
-    detail::require_no_overlap({detail::range_of(seq, 1, n, n, "seq")}, {in[1], in[2], in[3], in[4]});
+    detail::require_no_overlap({detail::range_of(seq, 1, n, n, "seq")}, {in[1], in[2], in[3], in[4], in[5]});
   }
   detail::row_values rows;
   detail::rows_from_records(shard, sh, row_max, records, opt.metrics, rows);
@@ -389,17 +387,17 @@ void shard_pair_partials(const pair_view<T, L>& shard, const vocab_shard& sh, co
   {
     // Phase 2 reads the labels, masks and row state, never the logits (the fused head's
     // phase 2 passes its hidden rows there): those are blanked.
-    detail::named_range in[10];
-    detail::view_ranges(shard.chosen, "chosen logits", in);
-    detail::view_ranges(shard.rejected, "rejected logits", in + 3);
-    in[0] = in[3] = {};
+    detail::named_range in[12];
+    detail::view_ranges(shard.chosen, dpo::detail::pair_view_names[0], in);
+    detail::view_ranges(shard.rejected, dpo::detail::pair_view_names[1], in + 4);
+    in[0] = in[4] = {};
     detail::state_ranges(chosen_max, chosen_records, detail::rows_end(shard.chosen), "chosen_max",
-                         "chosen_records", in + 6);
+                         "chosen_records", in + 8);
     detail::state_ranges(rejected_max, rejected_records, detail::rows_end(shard.rejected), "rejected_max",
-                         "rejected_records", in + 8);
+                         "rejected_records", in + 10);
     const std::int64_t n = seq_fields * 2 * shard.num_pairs();
     const detail::named_range o = detail::range_of(seq, 1, n, n, "seq");
-    detail::throw_if(dpo::detail::check_no_overlap(&o, 1, in, 10));
+    detail::throw_if(dpo::detail::check_no_overlap(&o, 1, in, 12));
   }
   detail::row_values rc, rr;
   detail::rows_from_records(shard.chosen, sh, chosen_max, chosen_records, opt.metrics, rc);
@@ -475,23 +473,14 @@ void shard_backward(const pair_view<T, L>& shard, const vocab_shard& sh, const d
   const std::int64_t P = shard.num_pairs();
   {
     // grad against the logits and against each other: check_grad's rules (in place
-    // allowed); here against every other input.
-    detail::named_range v[6], st[4];
-    detail::view_ranges(shard.chosen, "chosen logits", v);
-    detail::view_ranges(shard.rejected, "rejected logits", v + 3);
+    // allowed); here against every other input (labels, mask, cu_seqlens, state, seq_grad).
+    detail::named_range st[4];
     detail::state_ranges(chosen_max, chosen_records, detail::rows_end(shard.chosen), "chosen_max", "chosen_records",
                          st);
     detail::state_ranges(rejected_max, rejected_records, detail::rows_end(shard.rejected), "rejected_max",
                          "rejected_records", st + 2);
-    const detail::named_range in[9] = {v[1], v[2], v[4], v[5], st[0], st[1], st[2], st[3],
-                                       detail::range_of(seq_grad, 1, 2 * P, 2 * P, "seq_grad")};
-    const int n_in = 9;
-    const auto pol = dpo::detail::cpu_policy();
-    const detail::named_range outs[2] = {
-        {dpo::detail::row_bytes(grad.chosen, grad.chosen_stride, shard.chosen, pol), "grad.chosen"},
-        {dpo::detail::row_bytes(grad.rejected, grad.rejected_stride, shard.rejected, pol), "grad.rejected"}};
-    // The two sides' gradients were compared by check_grad: only the inputs here.
-    for (const detail::named_range& o : outs) detail::throw_if(dpo::detail::check_no_overlap(&o, 1, in, n_in));
+    detail::check_grad_inputs(shard, grad, {st[0], st[1], st[2], st[3],
+                                            detail::range_of(seq_grad, 1, 2 * P, 2 * P, "seq_grad")});
   }
   const std::vector<double> shared = detail::shared_lengths(
       detail::token_counts(shard.chosen), detail::token_counts(shard.rejected), ld_alpha);
@@ -520,12 +509,12 @@ void shard_sequence_backward(const token_view<T, L>& shard, const vocab_shard& s
   detail::check_seq_grad(shard, row_max, seq_grad, grad, grad_stride);
   if (!rows) return;
   {
-    detail::named_range in[5];
-    detail::view_ranges(shard, "logits", in);  // the logits: check_seq_grad's rule (in place allowed)
-    detail::state_ranges(row_max, records, detail::rows_end(shard), "row_max", "records", in + 3);
+    detail::named_range in[6];
+    detail::view_ranges(shard, dpo::detail::seq_view_names, in);  // the logits: check_seq_grad's rule (in place allowed)
+    detail::state_ranges(row_max, records, detail::rows_end(shard), "row_max", "records", in + 4);
     in[0] = detail::range_of(seq_grad, 1, shard.num_seqs, shard.num_seqs, "seq_grad");
     const detail::named_range g{dpo::detail::row_bytes(grad, grad_stride, shard, dpo::detail::cpu_policy()), "grad"};
-    detail::throw_if(dpo::detail::check_no_overlap(&g, 1, in, 5));
+    detail::throw_if(dpo::detail::check_no_overlap(&g, 1, in, 6));
   }
   const std::vector<double> none(static_cast<std::size_t>(shard.num_seqs), INFINITY);
   detail::shard_rows_backward(shard, sh, row_max, records, detail::shard_coefs(shard, seq_grad, none, 1.0, 0.0),
@@ -695,10 +684,10 @@ void sequence_logps_sharded(const token_view<T, L>& shard, const vocab_shard& sh
     dpo::detail::fail(sums == nullptr ? "sums" : "counts", " is null");
   const std::int64_t S = shard.num_seqs > 0 ? shard.num_seqs : 0;
   {
-    detail::named_range in[3];
-    detail::view_ranges(shard, "logits", in);
-    detail::require_no_overlap({detail::range_of(sums, 1, S, S, "sums"), detail::range_of(counts, 1, S, S, "counts")},
-                               {in[0], in[1], in[2]});
+    detail::named_range in[4];
+    detail::view_ranges(shard, dpo::detail::seq_view_names, in);
+    const detail::named_range out[2] = {detail::range_of(sums, 1, S, S, "sums"), detail::range_of(counts, 1, S, S, "counts")};
+    detail::require_no_overlap(out, 2, in, 4);
   }
   options o = opt;
   o.metrics = false;
