@@ -955,6 +955,15 @@ TEST_CASE("linear DPO: bad input names the argument and writes nothing", "[linea
       dpo::cpu::linear_dpo(on_hidden, head, ref.pc(), ref.pr(), cfg, fo, g);
     });
     CHECK(std::memcmp(hid.data(), lay.hidden[0].data(), hid.size() * sizeof(float)) == 0);  // NaN padding
+    // linear_pair_logps: its outputs on each other or on the hidden rows.
+    std::vector<double> pl(2 * p.P, -5.0);
+    expect_error("chosen overlaps rejected",
+                 [&] { dpo::cpu::linear_pair_logps(in, head, 1.0, pl.data(), pl.data() + 1); });
+    expect_error("rejected overlaps hidden", [&] {
+      dpo::cpu::linear_pair_logps(on_hidden, head, 1.0, pl.data(), reinterpret_cast<double*>(hid.data() + 3));
+    });
+    CHECK(pl == std::vector<double>(2 * p.P, -5.0));
+    CHECK(std::memcmp(hid.data(), lay.hidden[0].data(), hid.size() * sizeof(float)) == 0);
     // ... or on the call's own gradient buffers (written after the forward outputs).
     fo = o.fwd();
     fo.losses = reinterpret_cast<double*>(o.dw.data() + 3);

@@ -460,6 +460,14 @@ linear_alias_out linear_output_alias_errors() {
     add("linear_dpo_forward (reference hidden): out.row_lse on hidden",
         dpo::cuda::linear_dpo_forward(dws.p, bytes, lt, policy, head, ref_pol, ref_head, cfg, out, opt));
   }
+  bytes = dws.n;
+  add("linear_pair_logps: chosen on rejected", dpo::cuda::linear_pair_logps(dws.p, bytes, lt, policy, head, 1.0, o, o + 1, opt));
+  bytes = dws.n;
+  add("linear_pair_logps: rejected on hidden",
+      dpo::cuda::linear_pair_logps(dws.p, bytes, lt, policy, head, 1.0, o, reinterpret_cast<double*>(dh.p), opt));
+  bytes = dws.n;
+  add("linear_pair_logps: chosen on workspace",
+      dpo::cuda::linear_pair_logps(dws.p, bytes, lt, policy, head, 1.0, static_cast<double*>(dws.p) + 8, o, opt));
   DPO_CK(cudaDeviceSynchronize());
   r.untouched = true;
   for (std::size_t k = 0; k < before.size(); ++k)

@@ -736,8 +736,9 @@ TEST_CASE("CUDA linear DPO: packed sides on the same rows keep their own labels 
 TEST_CASE("CUDA linear DPO: forward outputs may overlap neither each other nor the inputs", "[linear_dpo]") {
   // The rule of dpo::cpu::linear_dpo (dpo::detail::check_forward_outputs), before anything is
   // launched: out.losses on out.chosen_rewards returned the rewards as the losses, silently.
+  // linear_pair_logps' chosen / rejected were not checked at all.
   const dpo_cuda_test::linear_alias_out r = dpo_cuda_test::linear_output_alias_errors();
-  REQUIRE(r.cases.size() == 12);
+  REQUIRE(r.cases.size() == 15);
   test_support::check_alias_cases(r.cases);
   CHECK(r.untouched);
 }

@@ -1023,6 +1023,15 @@ void linear_pair_logps(const hidden_pairs<T, L>& in, const linear_head<T>& head,
   detail::check_unit(ld_alpha, "ld_alpha");
   if (chosen == nullptr || rejected == nullptr)
     detail::fail(chosen == nullptr ? "chosen" : "rejected", " is null");
+  {
+    // The outputs may overlap neither each other nor the hidden rows, head, labels or mask.
+    detail::linear_range ins[8];
+    const int n = detail::pair_input_ranges(in, head, ins, "hidden");
+    const std::int64_t P = in.num_pairs();
+    const detail::linear_range outs[2] = {detail::range_of(chosen, 1, P, P, "chosen"),
+                                          detail::range_of(rejected, 1, P, P, "rejected")};
+    detail::require_no_overlap(outs, 2, ins, n);
+  }
   const detail::plan_rows<T> plan = detail::plan_chunks(head, detail::layout_rows(in), false, false, opt);
   std::vector<double> rc, rr;
   detail::reference_from_hidden(in, head, ld_alpha, plan.four, detail::resolve_threads(opt.num_threads), opt.gemm,

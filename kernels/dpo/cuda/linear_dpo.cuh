@@ -1336,6 +1336,17 @@ status linear_pair_logps(void* workspace, std::size_t& workspace_bytes, cublasLt
   if (chosen == nullptr || rejected == nullptr)
     return detail::invalid("dpo: %s is null", chosen == nullptr ? "chosen" : "rejected");
   const std::int64_t P = in.num_pairs();
+  {
+    // The outputs may overlap neither each other nor the hidden rows, head, labels, mask or
+    // the workspace's bytes used.
+    dpo::detail::named_range ins[20];
+    int n = detail::ldpo_input_ranges(c.pol, head, false, ins);
+    ins[n++] = detail::workspace_range(workspace, static_cast<std::int64_t>(c.w.bytes));
+    const dpo::detail::named_range outs[2] = {dpo::detail::range_of(chosen, 1, P, P, "chosen"),
+                                              dpo::detail::range_of(rejected, 1, P, P, "rejected")};
+    s = detail::to_status(dpo::detail::check_no_overlap(outs, 2, ins, n));
+    if (!s) return s;
+  }
   const detail::ldpo_ws& w = c.w;
   detail::ldpo_rows rows[2] = {w.rows[0], w.rows[1]};
   s = detail::ldpo_logps(handle, c.pol, head, 0, true, w.h, rows, w, opt, stream);
