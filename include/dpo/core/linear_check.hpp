@@ -18,6 +18,20 @@
 namespace dpo {
 namespace detail {
 
+/// The labels of a view's rows in host memory (v.labels non-null when v.rows > 0): each row
+/// that counts (label != ignore_index, not masked) in [0, bound).
+template <class View>
+std::string check_linear_labels(const View& v, std::int64_t bound) {
+  for (std::int64_t r = 0; r < v.rows; ++r) {
+    const std::int64_t y = static_cast<std::int64_t>(v.labels[r]);
+    if (y == v.ignore_index || (v.mask != nullptr && v.mask[r] == 0)) continue;
+    if (y < 0 || y >= bound)
+      return message("labels[", r, "] = ", y, " is outside [0, vocab = ", bound, ") and is not ignore_index = ",
+                     v.ignore_index);
+  }
+  return {};
+}
+
 /// A linear head view's sizes, strides, bias, transforms, pointers (p.pointers) and labels
 /// (p.host_data: labels in host memory; CUDA checks them on the device). `label_bound`: the
 /// vocabulary the labels index (0: the view's; a vocabulary shard's view passes the global
@@ -52,15 +66,7 @@ std::string check_linear_view(const View& v, const check_policy& p, std::int64_t
   if (v.hidden == nullptr) return "hidden is null";
   if (v.labels == nullptr) return "labels is null";
   if (!p.host_data) return {};
-  const std::int64_t bound = label_bound > 0 ? label_bound : v.vocab;
-  for (std::int64_t r = 0; r < v.rows; ++r) {
-    const std::int64_t y = static_cast<std::int64_t>(v.labels[r]);
-    if (y == v.ignore_index || (v.mask != nullptr && v.mask[r] == 0)) continue;
-    if (y < 0 || y >= bound)
-      return message("labels[", r, "] = ", y, " is outside [0, vocab = ", bound, ") and is not ignore_index = ",
-                     v.ignore_index);
-  }
-  return {};
+  return check_linear_labels(v, label_bound > 0 ? label_bound : v.vocab);
 }
 
 /// The byte ranges of a view's inputs (5 entries), for check_no_overlap.

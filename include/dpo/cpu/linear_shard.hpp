@@ -191,9 +191,7 @@ void linear_shard_logps(const linear_view<T, L>& view, std::int64_t vocab, const
                                         detail::range_of(extra.mean_logits, 1, N, N, "mean_logits"),
                                         detail::range_of(extra.is_top1, 1, N, N, "is_top1")};
   detail::require_no_overlap(outs, 6, ins, 4);
-  for (std::int64_t r = 0; r < view.rows; ++r)
-    if (view.target(r) >= vocab)
-      detail::fail("labels[", r, "] = ", view.target(r), " is outside [0, vocab = ", vocab, ")");
+  detail::throw_if(dpo::detail::check_linear_labels(view, vocab));
   for (std::int64_t r = 0; r < view.rows; ++r) {
     const std::int64_t y = view.target(r);
     const double* rec = records + r * shard_fields;
