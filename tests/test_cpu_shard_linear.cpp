@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <cstring>
 #include <deque>
+#include <functional>
 #include <random>
 #include <string>
 #include <type_traits>
@@ -610,6 +611,132 @@ TEST_CASE("head shards: linear_shard_logps refuses outputs on its inputs or on e
   check_close(std::vector<double>(out, out + N), logps, 1e-12, "logps");
   check_close(std::vector<double>(out + N, out + 2 * N), lse, 1e-12, "row_lse");
   check_close(std::vector<double>(out + 2 * N, out + 3 * N), ent, 1e-12, "entropy");
+}
+
+TEST_CASE("head shards: records, maxima and gradients may overlap no input the call reads, nor each other",
+          "[shard_linear]") {
+  // The audit's probes: each call was accepted and wrote into the aliased input (phase 1's
+  // records over the hidden rows or the maxima, one array for both sides of separate
+  // buffers, the backward's dHidden or dBias over the maxima, records or seq_grad), or
+  // wrote dHidden before refusing it; a negative label that is not ignore_index was a row
+  // that does not count.
+  using dpo::shard_fields;
+  constexpr std::int64_t P = 2, L = 3, R = 2 * P * L, H = 3, V = kVocab, F = shard_fields, N = R;
+  const dpo::vocab_shard whole{V, 0, V};
+  const problem p = make_problem<double>(P, L, H, V, false, 12);
+  std::vector<double> w = p.weight, b = p.bias;
+  const dpo::linear_head<double> head = head_of(w, b, 0, V, H, p.tr);
+  std::vector<label_t> labels(static_cast<std::size_t>(R));
+  for (std::int64_t r = 0; r < R; ++r) labels[r] = r % L == 0 ? -100 : (r * 5 + 1) % V;
+  // One arena for every array a call reads or writes, so that an aliased argument is an
+  // offset into it and nothing may change in it: hidden [R, H], then the state, seq_grad,
+  // the gradients and grad_logps [R], each after a gap of `pad`.
+  constexpr std::int64_t pad = 256;
+  constexpr std::int64_t hid = 0, mx = hid + R * H + pad, rec = mx + R + pad, mx2 = rec + R * F + pad,
+                         rec2 = mx2 + R + pad, sgr = rec2 + R * F + pad, dh = sgr + 2 * P + pad, dw = dh + R * H + pad,
+                         db = dw + V * H + pad, gl = db + V + pad, total = gl + R + pad;
+  std::vector<double> arena(static_cast<std::size_t>(total), 0.0);
+  double* const a = arena.data();
+  for (std::int64_t i = 0; i < R * H; ++i) a[hid + i] = std::sin(0.37 * static_cast<double>(i) + 0.2);
+  const auto view = dpo::linear_view_of(static_cast<const double*>(a + hid), N, H, head, labels.data());
+  const auto padded = dpo::linear_padded_pairs(static_cast<const double*>(a + hid), H, H, labels.data(), 2 * P, L);
+  const std::int64_t half = R / 2;
+  const auto separate =
+      dpo::linear_separate_pairs(static_cast<const double*>(a + hid), labels.data(),
+                                 static_cast<const double*>(a + hid + half * H), labels.data() + half, P, L, H, H);
+  // A valid combined state (one vocabulary rank) in both state arrays, and seq_grad.
+  dpo::cpu::linear_pair_shard_partials(padded, head, whole, a + mx, a + rec, a + mx, a + rec);
+  dpo::cpu::shard_rebase(0, R, a + mx, a + rec);
+  std::copy(a + mx, a + mx + R, a + mx2);
+  std::copy(a + rec, a + rec + R * F, a + rec2);
+  const double sg[2 * P] = {0.3, -0.2, -0.4, 0.25};
+  std::copy(sg, sg + 2 * P, a + sgr);
+  std::fill(a + gl, a + gl + R, 0.5);
+  // The message of the dpo::error a call throws ("" when it returns): every case is checked
+  // even when an earlier one fails.
+  const auto error_of = [](const std::function<void()>& f) {
+    try {
+      f();
+    } catch (const dpo::error& e) {
+      return std::string(e.what());
+    }
+    return std::string();
+  };
+  const auto refused = [&](const char* what, const std::function<void()>& f) {
+    const std::vector<double> before = arena;
+    const std::string msg = error_of(f);
+    INFO(what << " -> " << msg);
+    CHECK(msg.find(what) != std::string::npos);
+    CHECK(std::memcmp(before.data(), arena.data(), arena.size() * sizeof(double)) == 0);
+  };
+  // Phase 1 of the per-token head.
+  refused("records overlaps row_max", [&] { dpo::cpu::linear_shard_partials(view, whole, a + rec, a + rec + 2, true); });
+  refused("records overlaps hidden", [&] { dpo::cpu::linear_shard_partials(view, whole, a + hid + 1, a + mx, true); });
+  {
+    std::vector<double> w2 = w;
+    const dpo::linear_head<double> h2 = head_of(w2, b, 0, V, H, p.tr);
+    const auto v2 = dpo::linear_view_of(static_cast<const double*>(a + hid), N, H, h2, labels.data());
+    const std::vector<double> before = w2;
+    refused("row_max overlaps weight", [&] { dpo::cpu::linear_shard_partials(v2, whole, a + rec, w2.data(), true); });
+    CHECK(w2 == before);
+  }
+  // Its backward: a gradient on the maxima it reads.
+  {
+    dpo::cpu::linear_grads<double> g;
+    g.hidden = a + mx;
+    g.hidden_stride = H;
+    refused("grads.hidden overlaps row_max", [&] {
+      dpo::cpu::linear_shard_backward(view, whole, a + mx, a + rec, a + gl, nullptr, nullptr, g);
+    });
+    dpo::cpu::linear_grads<double> gb;
+    gb.bias = a + mx;
+    refused("grads.bias overlaps row_max", [&] {
+      dpo::cpu::linear_shard_backward(view, whole, a + mx, a + rec, a + gl, nullptr, nullptr, gb);
+    });
+  }
+  // Phase 2: a negative label that is not ignore_index.
+  {
+    std::vector<label_t> bad = labels;
+    bad[1] = -5;
+    const auto vb = dpo::linear_view_of(static_cast<const double*>(a + hid), N, H, head, bad.data());
+    std::vector<double> lp(static_cast<std::size_t>(N), 9.0);
+    refused("labels[1] = -5 is outside [0, vocab = 37)", [&] {
+      dpo::cpu::linear_shard_logps(vb, V, a + mx, a + rec, lp.data(), dpo::cpu::linear_outputs{}, nullptr);
+    });
+    CHECK(lp == std::vector<double>(static_cast<std::size_t>(N), 9.0));
+  }
+  // Phase 1 of the pairs: separate buffers sharing one state array, or state on hidden rows.
+  refused("chosen_max overlaps rejected_max",
+          [&] { dpo::cpu::linear_pair_shard_partials(separate, head, whole, a + mx, a + rec, a + mx, a + rec); });
+  refused("rejected_records overlaps policy", [&] {
+    dpo::cpu::linear_pair_shard_partials(separate, head, whole, a + mx, a + rec, a + mx2, a + hid + 1);
+  });
+  // The pair backward: a gradient on the row state or on seq_grad (dHidden was zeroed first).
+  dpo::linear_dpo_grads<double, double> pg;
+  pg.chosen_hidden = pg.rejected_hidden = a + dh;
+  pg.chosen_hidden_stride = pg.rejected_hidden_stride = H;
+  pg.weight = a + dw;
+  pg.weight_stride = H;
+  pg.bias = a + db;
+  const auto backward = [&](const dpo::linear_dpo_grads<double, double>& g) {
+    dpo::cpu::linear_pair_shard_backward(padded, head, whole, a + mx, a + rec, a + mx, a + rec, a + sgr, 0.1, 1.0, g);
+  };
+  {
+    dpo::linear_dpo_grads<double, double> g = pg;
+    g.chosen_hidden = g.rejected_hidden = a + rec;
+    refused("grads.chosen_hidden / grads.rejected_hidden overlaps chosen_records", [&] { backward(g); });
+    g = pg;
+    g.weight = a + sgr;
+    refused("grads.weight overlaps seq_grad", [&] { backward(g); });
+    g = pg;
+    g.bias = a + mx;
+    refused("grads.bias overlaps chosen_max", [&] { backward(g); });
+  }
+  // The same calls on disjoint arrays, one state array for both sides of one buffer and
+  // the separate buffers' own arrays, are accepted.
+  backward(pg);
+  dpo::cpu::linear_pair_shard_partials(separate, head, whole, a + mx, a + rec, a + mx2, a + rec2);
+  dpo::cpu::linear_pair_shard_partials(padded, head, whole, a + mx, a + rec, a + mx, a + rec);
 }
 
 TEST_CASE("head shards: bad gradient buffers or budgets throw before any collective or write", "[shard_linear]") {

@@ -671,17 +671,19 @@ void linear_backward_checked(const linear_view<T, L>& in, std::int64_t label_bou
   if (g.weight != nullptr && g.weight_stride < H)
     fail("grads.weight_stride = ", g.weight_stride, " is invalid: must be >= hidden_cols = ", H);
   if (g.bias != nullptr && in.bias == nullptr) fail("grads.bias is given but the view has no bias");
-  linear_range ins[9];
+  // A shard's rows read both its records and its maxima (row_lse's place).
+  linear_range ins[10];
   input_ranges(in, ins);
   ins[5] = shard != nullptr ? range_of(shard->records, N, shard_fields, shard_fields, "records")
                            : range_of(row_lse, 1, N, N, "row_lse");
   ins[6] = range_of(grad_logps, 1, N, N, "grad_logps");
   ins[7] = range_of(entropy, 1, N, N, "entropy");
   ins[8] = range_of(grad_entropy, 1, N, N, "grad_entropy");
+  ins[9] = range_of(shard != nullptr ? shard->row_max : nullptr, 1, N, N, "row_max");
   const linear_range outs[3] = {range_of(g.hidden, N, H, g.hidden_stride, "grads.hidden"),
                                 range_of(g.weight, V, H, g.weight_stride, "grads.weight"),
                                 range_of(g.bias, 1, V, V, "grads.bias")};
-  require_no_overlap(outs, 3, ins, 9);
+  require_no_overlap(outs, 3, ins, 10);
   if (N == 0) return;
   const int threads = resolve_threads(opt.num_threads);
   if (grad_entropy != nullptr) {

@@ -112,6 +112,20 @@ struct side_views {
   side_views& operator=(const side_views&) = delete;
 };
 
+/// Each side's rows of its row state (the rows its sequences span, as phase 1 writes them and
+/// the backward reads them): chosen_max, chosen_records, rejected_max, rejected_records (4
+/// entries). One array for both sides of a concatenated layout gives disjoint ranges.
+template <class T, class L>
+void side_state_ranges(const hidden_pairs<T, L>& p, const double* chosen_max, const double* chosen_records,
+                       const double* rejected_max, const double* rejected_records, linear_range* out) {
+  const token_view<T, L>& c = p.pairs.chosen;
+  const token_view<T, L>& r = p.pairs.rejected;
+  out[0] = side_range(chosen_max, 1, 1, c, "chosen_max");
+  out[1] = side_range(chosen_records, shard_fields, shard_fields, c, "chosen_records");
+  out[2] = side_range(rejected_max, 1, 1, r, "rejected_max");
+  out[3] = side_range(rejected_records, shard_fields, shard_fields, r, "rejected_records");
+}
+
 /// The pairs' labels and layout as the logits path's phase 2 reads them: a pair view whose
 /// vocab is the shard's width (its row pointers, the hidden rows, are never read).
 template <class T, class L>
@@ -152,6 +166,13 @@ void linear_shard_partials(const linear_view<T, L>& shard, const vocab_shard& sh
   const linear_chunking ch = detail::linear_chunks<T>(shard.rows, shard.hidden_cols, shard.vocab, opt);
   if (shard.rows == 0) return;
   if (records == nullptr) detail::fail("records is null");
+  // records and row_max are written while the hidden rows, head, labels and mask are read.
+  const std::int64_t N = shard.rows;
+  detail::linear_range ins[5];
+  detail::input_ranges(shard, ins);
+  const detail::linear_range outs[2] = {detail::range_of(records, N, shard_fields, shard_fields, "records"),
+                                        detail::range_of(row_max, 1, N, N, "row_max")};
+  detail::require_no_overlap(outs, 2, ins, 5);
   const int threads = detail::resolve_threads(opt.num_threads);
   if (metrics) {
     detail::linear_shard_partials_impl<true>(shard, sh, ch, records, row_max, threads, opt.gemm);
@@ -239,6 +260,15 @@ void linear_pair_shard_partials(const hidden_pairs<T, L>& policy, const linear_h
                            chosen_max, chosen_records);
   detail::check_side_state("linear_pair_shard_partials", "rejected", detail::span_rows(policy.pairs.rejected) > 0,
                            rejected_max, rejected_records);
+  {
+    // Each side's rows of its arrays are written while both sides' hidden rows, labels and
+    // masks and the head are read: none may overlap those, nor the other side's rows (one
+    // array for both sides of a concatenated layout writes disjoint rows of it).
+    detail::linear_range ins[8], outs[4];
+    const int n_in = detail::pair_input_ranges(policy, head, ins, "policy");
+    detail::side_state_ranges(policy, chosen_max, chosen_records, rejected_max, rejected_records, outs);
+    detail::require_no_overlap(outs, 4, ins, n_in);
+  }
   const linear_options lo = detail::linear_options_of(opt);
   const detail::side_views<T> sv(policy, head, lo);  // both budgets checked before any record is written
   const std::int64_t* b = sv.first;
@@ -285,8 +315,13 @@ void linear_pair_shard_backward(const hidden_pairs<T, L>& policy, const linear_h
                            chosen_max, chosen_records);
   detail::check_side_state("linear_pair_shard_backward", "rejected", detail::span_rows(policy.pairs.rejected) > 0,
                            rejected_max, rejected_records);
-  detail::linear_range ins[8];
-  const int n_in = detail::pair_input_ranges(policy, head, ins, "policy");
+  // The gradients against every input: the pairs' hidden rows, labels and masks, the head,
+  // each side's rows of the row state, and seq_grad (dHidden is zeroed before they are read).
+  detail::linear_range ins[13];
+  int n_in = detail::pair_input_ranges(policy, head, ins, "policy");
+  detail::side_state_ranges(policy, chosen_max, chosen_records, rejected_max, rejected_records, ins + n_in);
+  n_in += 4;
+  ins[n_in++] = detail::range_of(seq_grad, 1, 2 * policy.num_pairs(), 2 * policy.num_pairs(), "seq_grad");
   detail::check_linear_grads(policy, head, g, ins, n_in);
   const pair_view<T, L> lp = detail::label_pairs(policy, sh);
   const std::int64_t P = policy.num_pairs();
