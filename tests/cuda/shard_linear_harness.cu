@@ -4,6 +4,9 @@
 // phase 2 and the backward, of dpo/cuda/linear_shard.cuh with a cuBLASLt handle and copies
 // every result back. The Catch2 tests (g++) combine the ranks' records and compare with
 // dpo::cpu's sharded and unsharded heads.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
 #include <stdexcept>
 #include <vector>
 
@@ -336,6 +339,165 @@ std::string linear_shard_logps_alias_error(int which, bool* written) {
   DPO_CK(cudaDeviceSynchronize());
   *written = buf.get<double>(total) != start || dy.get<I>(N) != labels;
   return s.ok() ? std::string() : std::string(s.message);
+}
+
+
+namespace {
+
+/// The arena of shard_linear_alias_errors: every array of a case in one device buffer of
+/// doubles (labels int64, masks bytes, all 8-byte slots), so that an aliased argument is an
+/// offset into it and a write anywhere shows as a changed byte.
+struct alias_arena {
+  static constexpr std::int64_t P = 2, L = 3, R = 2 * P * L, H = 3, V = 7, F = dpo::shard_fields;
+  static constexpr std::int64_t S = 2 * P, SF = dpo::seq_fields;
+  // Offsets (doubles), each array followed by `pad` unused doubles so that an argument put
+  // at an array's start overlaps that array alone: hidden [R, H] (separate layouts: chosen
+  // rows [0, R/2), rejected [R/2, R)), weight [V, H], bias [V], labels [R], mask [R] bytes,
+  // max [R], records [R, F], a second max and records, seq_grad [S], nll, grad_output,
+  // dHidden [R, H], dWeight [V, H], dBias [V], seq [SF, S].
+  static constexpr std::int64_t pad = 256;
+  static constexpr std::int64_t hidden = 0, weight = hidden + R * H + pad, bias = weight + V * H + pad,
+                                labels = bias + V + pad, mask = labels + R + pad, max = mask + R + pad,
+                                records = max + R + pad, max2 = records + R * F + pad, records2 = max2 + R + pad,
+                                seq_grad = records2 + R * F + pad, nll = seq_grad + S + pad,
+                                grad_output = nll + 1 + pad, dh = grad_output + 1 + pad, dw = dh + R * H + pad,
+                                db = dw + V * H + pad, seq = db + V + pad, total = seq + SF * S + pad;
+  dev_buf buf{total * sizeof(double)};
+  std::vector<double> start;
+  double* at(std::int64_t off) const { return buf.as<double>() + off; }
+};
+
+}  // namespace
+
+shard_linear_alias_out shard_linear_alias_errors() {
+  using I = std::int64_t;
+  using A = alias_arena;
+  namespace dc = dpo::cuda;
+  alias_arena a;
+  // Host values: hidden rows and head, labels (prompt rows -100), mask all ones, seq_grad.
+  std::vector<double> host(static_cast<std::size_t>(A::total), 0.0);
+  for (I i = 0; i < A::R * A::H; ++i) host[A::hidden + i] = std::sin(0.37 * static_cast<double>(i) + 0.2);
+  for (I i = 0; i < A::V * A::H; ++i) host[A::weight + i] = std::cos(0.3 * static_cast<double>(i) + 0.1);
+  for (I i = 0; i < A::V; ++i) host[A::bias + i] = 0.1 * static_cast<double>(i);
+  I* labels = reinterpret_cast<I*>(host.data() + A::labels);
+  for (I r = 0; r < A::R; ++r) labels[r] = r % A::L == 0 ? -100 : (r * 5 + 1) % A::V;
+  std::memset(host.data() + A::mask, 1, static_cast<std::size_t>(A::R));
+  const double sg[A::S] = {0.3, -0.2, -0.4, 0.25};
+  std::copy(sg, sg + A::S, host.data() + A::seq_grad);
+  host[A::nll] = 0.1;
+  host[A::grad_output] = 1.0;
+  for (I i = 0; i < A::SF * A::S; ++i) host[A::seq + i] = 0.5;  // grad_logps [R] of linear_shard_backward
+  a.buf.put(host.data(), host.size() * sizeof(double));
+
+  const dpo::vocab_shard whole{A::V, 0, A::V};
+  const dpo::linear_head<double> head =
+      dpo::make_linear_head<double>(a.at(A::weight), A::V, A::H, A::H, a.at(A::bias));
+  const I* dlabels = reinterpret_cast<const I*>(a.at(A::labels));
+  const std::uint8_t* dmask = reinterpret_cast<const std::uint8_t*>(a.at(A::mask));
+  const I half = A::R / 2;
+  const dpo::hidden_pairs<double, I> padded =
+      dpo::linear_padded_pairs<double, I>(a.at(A::hidden), A::H, A::H, dlabels, 2 * A::P, A::L, dmask);
+  const dpo::hidden_pairs<double, I> separate = dpo::linear_separate_pairs<double, I>(
+      a.at(A::hidden), dlabels, a.at(A::hidden + half * A::H), dlabels + half, A::P, A::L, A::H, A::H, dmask,
+      dmask + half);
+  const dpo::linear_view<double, I> view =
+      dpo::linear_view_of<double, I>(a.at(A::hidden), A::R, A::H, head, dlabels, dmask);
+  handle_and_stream hs;
+  dc::linear_dpo_options po;
+  po.gemm_workspace_bytes = 1 << 20;
+  dc::linear_options lo;
+  lo.gemm_workspace_bytes = 1 << 20;
+  std::size_t pair_bytes = 0, view_bytes = 0;
+  dc::status s = dc::linear_pair_shard_partials(nullptr, pair_bytes, hs.handle, padded, head, whole, nullptr, nullptr,
+                                                nullptr, nullptr, po);
+  if (s) s = dc::linear_shard_partials(nullptr, view_bytes, hs.handle, view, whole, nullptr, nullptr, true, lo);
+  if (!s) throw std::runtime_error(std::string("alias arena: size query failed: ") + s.message);
+  dev_buf work(std::max(pair_bytes, view_bytes) + 4096);
+  std::size_t bytes = work.n;
+  // A valid combined state (one vocabulary rank: phase 1 and the rebase) in both state arrays.
+  s = dc::linear_pair_shard_partials(work.p, bytes, hs.handle, padded, head, whole, a.at(A::max), a.at(A::records),
+                                     a.at(A::max), a.at(A::records), po, hs.stream);
+  if (s) s = dc::shard_rebase(0, A::R, a.at(A::max), a.at(A::records), hs.stream);
+  if (s) s = dc::linear_pair_shard_partials(work.p, bytes, hs.handle, padded, head, whole, a.at(A::max2),
+                                            a.at(A::records2), a.at(A::max2), a.at(A::records2), po, hs.stream);
+  if (s) s = dc::shard_rebase(0, A::R, a.at(A::max2), a.at(A::records2), hs.stream);
+  DPO_CK(cudaStreamSynchronize(hs.stream));
+  if (!s) throw std::runtime_error(std::string("alias arena: setup failed: ") + s.message);
+  a.start = a.buf.get<double>(static_cast<std::size_t>(A::total));
+
+  shard_linear_alias_out out;
+  const auto run = [&](const char* what, auto&& call) {
+    a.buf.put(a.start.data(), a.start.size() * sizeof(double));
+    bytes = work.n;
+    const dc::status st = call();
+    DPO_CK(cudaStreamSynchronize(hs.stream));
+    DPO_CK(cudaGetLastError());
+    const std::vector<double> now = a.buf.get<double>(static_cast<std::size_t>(A::total));
+    const bool written = std::memcmp(now.data(), a.start.data(), now.size() * sizeof(double)) != 0;
+    out.cases.push_back({what, st.ok() ? std::string() : std::string(st.message), written});
+  };
+  dpo::linear_grads<double, double> lg;
+  lg.hidden_stride = lg.weight_stride = A::H;
+  const double* mx = a.at(A::max);
+  const double* rec = a.at(A::records);
+  {
+    dpo::linear_grads<double, double> g = lg;
+    g.hidden = a.at(A::max);
+    run("linear_shard_backward: grads.hidden on row_max", [&] {
+      return dc::linear_shard_backward(work.p, bytes, hs.handle, view, whole, mx, rec, a.at(A::seq), nullptr, nullptr,
+                                       g, lo, hs.stream);
+    });
+    g = lg;
+    g.bias = a.at(A::max);
+    run("linear_shard_backward: grads.bias on row_max", [&] {
+      return dc::linear_shard_backward(work.p, bytes, hs.handle, view, whole, mx, rec, a.at(A::seq), nullptr, nullptr,
+                                       g, lo, hs.stream);
+    });
+  }
+  run("linear_pair_shard_partials: chosen_records on hidden.rejected", [&] {
+    return dc::linear_pair_shard_partials(work.p, bytes, hs.handle, separate, head, whole, a.at(A::max2),
+                                          a.at(A::hidden + half * A::H), a.at(A::max), a.at(A::records), po,
+                                          hs.stream);
+  });
+  run("linear_pair_shard_partials: rejected_max on hidden.rejected", [&] {
+    return dc::linear_pair_shard_partials(work.p, bytes, hs.handle, separate, head, whole, a.at(A::max),
+                                          a.at(A::records), a.at(A::hidden + half * A::H + 1), a.at(A::records2), po,
+                                          hs.stream);
+  });
+  run("linear_pair_shard_partials: chosen_max on mask.chosen", [&] {
+    return dc::linear_pair_shard_partials(work.p, bytes, hs.handle, padded, head, whole, a.at(A::mask),
+                                          a.at(A::records), a.at(A::mask), a.at(A::records), po, hs.stream);
+  });
+  run("linear_pair_shard_sequences: seq on labels.chosen", [&] {
+    return dc::linear_pair_shard_sequences(work.p, bytes, padded, whole, mx, rec, mx, rec, 1.0, a.at(A::labels),
+                                           true, po, hs.stream);
+  });
+  dpo::linear_dpo_grads<double, double> pg;
+  pg.chosen_hidden = pg.rejected_hidden = a.at(A::dh);
+  pg.chosen_hidden_stride = pg.rejected_hidden_stride = A::H;
+  pg.weight = a.at(A::dw);
+  pg.weight_stride = A::H;
+  pg.bias = a.at(A::db);
+  const auto backward = [&](const dpo::linear_dpo_grads<double, double>& g) {
+    return dc::linear_pair_shard_backward(work.p, bytes, hs.handle, padded, head, whole, mx, rec, mx, rec,
+                                          a.at(A::seq_grad), a.at(A::nll), 1.0, g, a.at(A::grad_output), po,
+                                          hs.stream);
+  };
+  {
+    dpo::linear_dpo_grads<double, double> g = pg;
+    g.weight = a.at(A::nll);
+    run("linear_pair_shard_backward: grads.weight on nll_token_grad", [&] { return backward(g); });
+    g = pg;
+    g.bias = a.at(A::grad_output);
+    run("linear_pair_shard_backward: grads.bias on grad_output", [&] { return backward(g); });
+    g = pg;
+    g.chosen_hidden = g.rejected_hidden = a.at(A::seq_grad);
+    run("linear_pair_shard_backward: grads.chosen_hidden on seq_grad", [&] { return backward(g); });
+    g = pg;
+    g.chosen_hidden = g.rejected_hidden = a.at(A::mask);
+    run("linear_pair_shard_backward: grads.chosen_hidden on mask.chosen", [&] { return backward(g); });
+  }
+  return out;
 }
 
 }  // namespace dpo_cuda_test

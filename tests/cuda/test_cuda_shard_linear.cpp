@@ -512,6 +512,23 @@ TEST_CASE("cuda linear shard: linear_shard_logps refuses outputs on its inputs o
   }
 }
 
+TEST_CASE("cuda linear shard: gradients and records may overlap no input the call reads, nor each other",
+          "[cuda][linear][shard][sanitize]") {
+  // The audit's probes: each call was accepted (or refused only after the first hidden
+  // buffer's records were written) and wrote into the aliased input: the backward's dHidden
+  // or dBias over row_max, phase 1's records or maxima over the other buffer's hidden rows or
+  // the mask, the sequences' seq over the labels, the pair backward's gradients over
+  // nll_token_grad, grad_output or the mask (and over seq_grad, refused but named
+  // "row_lse / row_coef").
+  const dpo_cuda_test::shard_linear_alias_out r = dpo_cuda_test::shard_linear_alias_errors();
+  REQUIRE(r.cases.size() == 10);
+  test_support::check_alias_cases(r.cases);  // "call: A on B": the message names both A and B
+  for (const auto& c : r.cases) {
+    INFO(c.what << " -> " << c.message);
+    CHECK_FALSE(c.written);
+  }
+}
+
 TEST_CASE("cuda linear shard: head calls without rows leave this call's error word", "[cuda][linear][shard]") {
   // linear_logps, linear_logps_backward, linear_shard_partials and linear_shard_backward with
   // rows = 0 returned before any kernel, so read_device_error reported the workspace's old

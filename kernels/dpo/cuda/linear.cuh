@@ -950,7 +950,8 @@ status linear_backward_run(void* workspace, std::size_t& workspace_bytes, cublas
                            (long long)g.weight_stride, (long long)H);
   if (g.bias != nullptr && in.bias == nullptr)
     return detail::invalid("dpo: grads.bias is given but the view has no bias");
-  dpo::detail::named_range ins[10];
+  // A shard's rows read both its records and its maxima (row_lse's place).
+  dpo::detail::named_range ins[11];
   dpo::detail::linear_input_ranges(in, ins);
   ins[5] = shard.sh.vocab > 0 ? dpo::detail::range_of(shard.records, N, shard_fields, shard_fields, "records")
                               : dpo::detail::range_of(row_lse, 1, N, N, "row_lse");
@@ -958,11 +959,12 @@ status linear_backward_run(void* workspace, std::size_t& workspace_bytes, cublas
   ins[7] = dpo::detail::range_of(entropy, 1, N, N, "entropy");
   ins[8] = dpo::detail::range_of(grad_entropy, 1, N, N, "grad_entropy");
   ins[9] = detail::workspace_range(workspace, ch.workspace_bytes);
+  ins[10] = dpo::detail::range_of(shard.sh.vocab > 0 ? shard.row_max : nullptr, 1, N, N, "row_max");
   const dpo::detail::named_range outs[3] = {
       dpo::detail::range_of(g.hidden, N, H, g.hidden_stride, "grads.hidden"),
       dpo::detail::range_of(g.weight, V, H, g.weight_stride, "grads.weight"),
       dpo::detail::range_of(g.bias, 1, V, V, "grads.bias")};
-  s = detail::check_linear_overlap(outs, 3, ins, 10);
+  s = detail::check_linear_overlap(outs, 3, ins, 11);
   if (!s) return s;
   if (N == 0)  // nothing to compute; the error word still becomes this call's (clear)
     return detail::launch("linear_check_kernel", detail::linear_check_kernel<L>, 1, 256, stream, in.labels, in.mask,

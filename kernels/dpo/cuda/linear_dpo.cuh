@@ -780,12 +780,44 @@ status ldpo_backward(cublasLtHandle_t handle, const ldpo_layout<T, L>& l, const 
   return s;
 }
 
+/// The device arrays a pass reads from a layout, as byte ranges (compared, never read): each
+/// buffer's hidden rows, the head's weight and bias (linear_input_ranges), and each side's
+/// labels and mask over its buffer's rows. Names: `hidden` / `weight` / `bias` / `labels` /
+/// `mask` after `prefix` ("" or "ref_"). Returns the count (at most 14).
+template <class T, class L>
+int ldpo_input_ranges(const ldpo_layout<T, L>& l, const linear_head<T>& head, bool ref,
+                      dpo::detail::named_range* out) {
+  static constexpr const char* names[2][9] = {
+      {"hidden", "weight", "bias", "hidden.chosen", "hidden.rejected", "labels.chosen", "labels.rejected",
+       "mask.chosen", "mask.rejected"},
+      {"ref_hidden", "ref_head.weight", "ref_head.bias", "ref_hidden.chosen", "ref_hidden.rejected",
+       "ref_labels.chosen", "ref_labels.rejected", "ref_mask.chosen", "ref_mask.rejected"}};
+  const char* const* n = names[ref ? 1 : 0];
+  int m = 0;
+  for (int k = 0; k < l.num_buffers; ++k) {
+    dpo::detail::linear_input_ranges(ldpo_view(l, k, head, nullptr), out + m);  // labels, mask: null here
+    out[m].name = l.num_buffers == 1 ? n[0] : n[3 + k];
+    out[m + 1].name = n[1];
+    out[m + 2].name = n[2];
+    m += 3;
+  }
+  for (int side = 0; side < 2; ++side) {
+    const std::int64_t rows = l.rows[l.buffer_of[side]];
+    out[m++] = dpo::detail::range_of(l.v[side].labels, 1, rows, rows, n[5 + side]);
+    out[m++] = dpo::detail::range_of(l.v[side].mask, 1, rows, rows, n[7 + side]);
+  }
+  return m;
+}
+
 /// The gradient arguments against the layout: strides, one dHidden buffer for the
 /// concatenated layouts, a bias gradient only with a bias, and no output overlapping an
-/// input, another output or the workspace.
+/// input (the layout's hidden rows, head, labels and masks: ldpo_input_ranges; the
+/// workspace; `extra`, n_extra more inputs of the call, e.g. the row state it reads) or
+/// another output.
 template <class T, class L, class G>
 status ldpo_check_grads(const ldpo_layout<T, L>& l, const linear_head<T>& head, const linear_dpo_grads<T, G>& g,
-                        const void* workspace, std::int64_t ws_bytes, const double* extra_in, std::int64_t n_extra) {
+                        const void* workspace, std::int64_t ws_bytes,
+                        const dpo::detail::named_range* extra = nullptr, int n_extra = 0) {
   const std::int64_t H = head.hidden;
   if (g.chosen_hidden != nullptr && g.chosen_hidden_stride < H)
     return invalid("dpo: grads.chosen_hidden_stride = %lld is invalid: must be >= hidden = %lld",
@@ -802,17 +834,12 @@ status ldpo_check_grads(const ldpo_layout<T, L>& l, const linear_head<T>& head, 
     return invalid("dpo: grads.weight_stride = %lld is invalid: must be >= hidden = %lld",
                    (long long)g.weight_stride, (long long)H);
   if (g.bias != nullptr && head.bias == nullptr) return invalid("dpo: grads.bias is given but the head has no bias");
-  dpo::detail::named_range ins[16];
-  int n = 0;
-  for (int k = 0; k < l.num_buffers; ++k) {
-    dpo::detail::linear_input_ranges(ldpo_view(l, k, head, nullptr), ins + n);
-    n += 5;
-  }
-  for (int s = 0; s < 2; ++s) {
-    ins[n++] = dpo::detail::range_of(l.v[s].labels, 1, l.rows[l.buffer_of[s]], l.rows[l.buffer_of[s]], "labels");
-  }
+  constexpr int max_extra = 8;
+  if (n_extra > max_extra) return invalid("dpo: internal: ldpo_check_grads takes at most 8 more inputs");
+  dpo::detail::named_range ins[11 + max_extra];
+  int n = ldpo_input_ranges(l, head, false, ins);
   ins[n++] = workspace_range(workspace, ws_bytes);
-  ins[n++] = dpo::detail::range_of(extra_in, 1, n_extra, n_extra, "row_lse / row_coef");
+  for (int i = 0; i < n_extra; ++i) ins[n++] = extra[i];
   dpo::detail::named_range outs[4];
   int m = 0;
   outs[m++] = dpo::detail::range_of(g.chosen_hidden, l.rows[l.buffer_of[0]], H, g.chosen_hidden_stride,
@@ -1071,35 +1098,6 @@ status ldpo_three(cublasLtHandle_t handle, const ldpo_call<T, L>& c, const linea
   return s ? ldpo_finish(c, head, ref_c, ref_r, cfg, out, grad_output, P, false, opt, stream) : s;
 }
 
-/// The device arrays a pass reads from a layout, as byte ranges (compared, never read): each
-/// buffer's hidden rows, the head's weight and bias (linear_input_ranges), and each side's
-/// labels and mask over its buffer's rows. Names: `hidden` / `weight` / `bias` / `labels` /
-/// `mask` after `prefix` ("" or "ref_"). Returns the count (at most 14).
-template <class T, class L>
-int ldpo_input_ranges(const ldpo_layout<T, L>& l, const linear_head<T>& head, bool ref,
-                      dpo::detail::named_range* out) {
-  static constexpr const char* names[2][9] = {
-      {"hidden", "weight", "bias", "hidden.chosen", "hidden.rejected", "labels.chosen", "labels.rejected",
-       "mask.chosen", "mask.rejected"},
-      {"ref_hidden", "ref_head.weight", "ref_head.bias", "ref_hidden.chosen", "ref_hidden.rejected",
-       "ref_labels.chosen", "ref_labels.rejected", "ref_mask.chosen", "ref_mask.rejected"}};
-  const char* const* n = names[ref ? 1 : 0];
-  int m = 0;
-  for (int k = 0; k < l.num_buffers; ++k) {
-    dpo::detail::linear_input_ranges(ldpo_view(l, k, head, nullptr), out + m);  // labels, mask: null here
-    out[m].name = l.num_buffers == 1 ? n[0] : n[3 + k];
-    out[m + 1].name = n[1];
-    out[m + 2].name = n[2];
-    m += 3;
-  }
-  for (int side = 0; side < 2; ++side) {
-    const std::int64_t rows = l.rows[l.buffer_of[side]];
-    out[m++] = dpo::detail::range_of(l.v[side].labels, 1, rows, rows, n[5 + side]);
-    out[m++] = dpo::detail::range_of(l.v[side].mask, 1, rows, rows, n[7 + side]);
-  }
-  return m;
-}
-
 /// The gradient buffers of a fused call as byte ranges (as ldpo_check_grads' outputs): 4.
 template <class T, class L, class G>
 void ldpo_grad_ranges(const ldpo_layout<T, L>& l, const linear_head<T>& head, const linear_dpo_grads<T, G>& g,
@@ -1163,7 +1161,7 @@ status ldpo_fused(void* workspace, std::size_t& workspace_bytes, cublasLtHandle_
   ldpo_grad_ranges(c.pol, head, g, grads);
   s = ldpo_check_forward(c, head, ref_head, ref_c, ref_r, cfg, out, P, workspace, grads, 4);
   if (!s) return s;
-  s = ldpo_check_grads(c.pol, head, g, workspace, static_cast<std::int64_t>(c.w.bytes), nullptr, 0);
+  s = ldpo_check_grads(c.pol, head, g, workspace, static_cast<std::int64_t>(c.w.bytes));
   if (!s) return s;
   if (c.mode == linear_mode::three_pass)
     return ldpo_three<T, L, G>(handle, c, head, ref_head, ref_c, ref_r, cfg, out, g, grad_output, P, opt, stream);
@@ -1301,11 +1299,10 @@ status linear_dpo_backward(void* workspace, std::size_t& workspace_bytes, cublas
   // Read only on the buffer's rows: without any (T = 0) they may be null.
   if (c.pol.rows[0] > 0 && (row_lse == nullptr || row_coef == nullptr))
     return detail::invalid("dpo: %s is null", row_lse == nullptr ? "row_lse" : "row_coef");
-  s = detail::ldpo_check_grads(c.pol, head, g, workspace, static_cast<std::int64_t>(c.w.bytes), row_lse,
-                               c.pol.rows[0]);
-  if (!s) return s;
-  s = detail::ldpo_check_grads(c.pol, head, g, workspace, static_cast<std::int64_t>(c.w.bytes), row_coef,
-                               c.pol.rows[0]);
+  const std::int64_t n = c.pol.rows[0];
+  const dpo::detail::named_range state[2] = {dpo::detail::range_of(row_lse, 1, n, n, "row_lse"),
+                                             dpo::detail::range_of(row_coef, 1, n, n, "row_coef")};
+  s = detail::ldpo_check_grads(c.pol, head, g, workspace, static_cast<std::int64_t>(c.w.bytes), state, 2);
   if (!s) return s;
   const detail::ldpo_ws& w = c.w;
   s = detail::launch("ldpo_labels_kernel", detail::ldpo_labels_kernel<T, L>, 1, detail::ldpo_block, stream,

@@ -298,15 +298,28 @@ status pair_shard_prologue(void* workspace, std::size_t& workspace_bytes, cublas
 
 /// The maxima and records of each buffer against the call's other arrays: inputs of every
 /// pair call (`out`: phase 1 writes them, so they may not overlap the hidden rows, labels,
-/// the head or the workspace).
+/// masks, the head, the workspace or each other). Named by argument: buffer 0 holds the
+/// chosen side's (both sides' for one buffer), buffer 1 the rejected side's.
 template <class T, class L>
 dpo::detail::named_range* pair_record_ranges(const ldpo_layout<T, L>& l, const pair_shard_rows& r,
                                              dpo::detail::named_range* out) {
+  static constexpr const char* names[2][2] = {{"chosen_records", "chosen_max"}, {"rejected_records", "rejected_max"}};
   for (int k = 0; k < l.num_buffers; ++k) {
-    *out++ = dpo::detail::range_of(r.records[k], l.rows[k], shard_fields, shard_fields, "records");
-    *out++ = dpo::detail::range_of(r.row_max[k], 1, l.rows[k], l.rows[k], "row_max");
+    *out++ = dpo::detail::range_of(r.records[k], l.rows[k], shard_fields, shard_fields, names[k][0]);
+    *out++ = dpo::detail::range_of(r.row_max[k], 1, l.rows[k], l.rows[k], names[k][1]);
   }
   return out;
+}
+
+/// The arrays phase 2 of a pair call reads from its layout: the labels and masks
+/// (ldpo_input_ranges without the hidden rows, which the sequences never read, and without a
+/// head). Returns the count.
+template <class T, class L>
+int pair_label_ranges(const ldpo_layout<T, L>& l, std::int64_t hidden, dpo::detail::named_range* out) {
+  const linear_head<T> labels_only = make_linear_head<T>(nullptr, 1, hidden, hidden);
+  const int n = ldpo_input_ranges(l, labels_only, false, out);
+  for (int k = 0; k < l.num_buffers; ++k) out[3 * k] = {};  // the hidden rows: not read here
+  return n;
 }
 
 }  // namespace detail
@@ -337,16 +350,14 @@ status linear_pair_shard_partials(void* workspace, std::size_t& workspace_bytes,
                                          chosen_records, rejected_max, rejected_records, opt, &c, &r);
   if (!s || c.size_only) return s;
   const detail::ldpo_ws& w = c.w;
-  dpo::detail::named_range outs[4], ins[5];
+  // Every buffer's maxima and records against every buffer's hidden rows (not only their
+  // own: buffer 0's records are written before buffer 1's rows are read), the head, labels,
+  // masks and the workspace, and against each other, before the first launch.
+  dpo::detail::named_range outs[4], ins[11];
   const int n_out = static_cast<int>(detail::pair_record_ranges(c.pol, r, outs) - outs);
-  ins[0] = detail::workspace_range(workspace, static_cast<std::int64_t>(w.bytes));
-  ins[1] = dpo::detail::range_of(policy.pairs.chosen.labels, 1, c.pol.rows[c.pol.buffer_of[0]],
-                                 c.pol.rows[c.pol.buffer_of[0]], "labels");
-  ins[2] = dpo::detail::range_of(policy.pairs.rejected.labels, 1, c.pol.rows[c.pol.buffer_of[1]],
-                                 c.pol.rows[c.pol.buffer_of[1]], "labels");
-  ins[3] = dpo::detail::range_of(head.weight, head.vocab, head.hidden, head.weight_stride, "weight");
-  ins[4] = dpo::detail::range_of(head.bias, 1, head.bias_size, head.bias_size, "bias");
-  s = detail::check_linear_overlap(outs, n_out, ins, 5);
+  int n_in = detail::ldpo_input_ranges(c.pol, head, false, ins);
+  ins[n_in++] = detail::workspace_range(workspace, static_cast<std::int64_t>(w.bytes));
+  s = detail::check_linear_overlap(outs, n_out, ins, n_in);
   if (!s) return s;
   s = detail::launch("ldpo_labels_kernel", detail::ldpo_labels_kernel<T, L>, 1, detail::ldpo_block, stream,
                      detail::dev_of(c.pol), sh.vocab, 0, true, w.h, w.rows[0], w.rows[1]);
@@ -384,9 +395,10 @@ status linear_pair_shard_sequences(void* workspace, std::size_t& workspace_bytes
   if (seq == nullptr) return detail::invalid("dpo: seq is null");
   const std::int64_t P = policy.num_pairs(), S = 2 * P;
   const detail::ldpo_ws& w = c.w;
-  dpo::detail::named_range ins[5];
+  dpo::detail::named_range ins[15];
   ins[0] = detail::workspace_range(workspace, static_cast<std::int64_t>(w.bytes));
-  const int n_in = static_cast<int>(detail::pair_record_ranges(c.pol, r, ins + 1) - ins);
+  int n_in = static_cast<int>(detail::pair_record_ranges(c.pol, r, ins + 1) - ins);
+  n_in += detail::pair_label_ranges(c.pol, policy.hidden_size, ins + n_in);
   const dpo::detail::named_range out = dpo::detail::range_of(seq, seq_fields, S, S, "seq");
   s = detail::check_linear_overlap(&out, 1, ins, n_in);
   if (!s) return s;
@@ -453,19 +465,15 @@ status linear_pair_shard_backward(void* workspace, std::size_t& workspace_bytes,
   if (seq_grad == nullptr || nll_token_grad == nullptr)
     return detail::invalid(seq_grad == nullptr ? "dpo: seq_grad is null" : "dpo: nll_token_grad is null");
   const std::int64_t P = policy.num_pairs();
-  s = detail::ldpo_check_grads(c.pol, head, g, workspace, static_cast<std::int64_t>(c.w.bytes), seq_grad, 2 * P);
-  if (!s) return s;
-  // The records against the gradients (ldpo_check_grads saw the rest).
-  const dpo::detail::named_range outs[4] = {
-      dpo::detail::range_of(g.weight, head.vocab, head.hidden, g.weight_stride, "grads.weight"),
-      dpo::detail::range_of(g.bias, 1, head.vocab, head.vocab, "grads.bias"),
-      dpo::detail::range_of(g.chosen_hidden, c.pol.rows[c.pol.buffer_of[0]], head.hidden, g.chosen_hidden_stride,
-                            "grads.chosen_hidden"),
-      dpo::detail::range_of(g.rejected_hidden, c.pol.rows[c.pol.buffer_of[1]], head.hidden,
-                            g.rejected_hidden_stride, "grads.rejected_hidden")};
-  dpo::detail::named_range ins[4];
-  const int n_in = static_cast<int>(detail::pair_record_ranges(c.pol, r, ins) - ins);
-  s = detail::check_linear_overlap(outs, c.pol.num_buffers == 1 ? 3 : 4, ins, n_in);
+  // The gradients against the layout, the head and the workspace (ldpo_check_grads), and
+  // against every other input this call reads: the row state, seq_grad, nll_token_grad and
+  // grad_output.
+  dpo::detail::named_range ins[7];
+  int n_in = static_cast<int>(detail::pair_record_ranges(c.pol, r, ins) - ins);
+  ins[n_in++] = dpo::detail::range_of(seq_grad, 1, 2 * P, 2 * P, "seq_grad");
+  ins[n_in++] = dpo::detail::range_of(nll_token_grad, 1, 1, 1, "nll_token_grad");
+  ins[n_in++] = dpo::detail::range_of(grad_output, 1, 1, 1, "grad_output");
+  s = detail::ldpo_check_grads(c.pol, head, g, workspace, static_cast<std::int64_t>(c.w.bytes), ins, n_in);
   if (!s) return s;
   const detail::ldpo_ws& w = c.w;
   s = detail::launch("ldpo_labels_kernel", detail::ldpo_labels_kernel<T, L>, 1, detail::ldpo_block, stream,
