@@ -739,6 +739,62 @@ TEST_CASE("head shards: records, maxima and gradients may overlap no input the c
   dpo::cpu::linear_pair_shard_partials(padded, head, whole, a + mx, a + rec, a + mx, a + rec);
 }
 
+TEST_CASE("head shards: linear_logps_sharded throws before any collective and keeps its state", "[shard_linear]") {
+  // The audit's probes: outputs on each other were refused only after both collectives ran,
+  // logps over the hidden rows was accepted, and a label past the vocabulary threw after the
+  // state had been reset.
+  const std::int64_t N = 4, H = 3, V = kVocab;
+  const problem p = make_problem<double>(1, N, H, V, false, 13);
+  std::vector<double> hidden, w = p.weight, b = p.bias;
+  std::vector<label_t> labels;
+  for (std::int64_t t = 0; t < N; ++t) {
+    for (double x : p.hid[0][t]) hidden.push_back(x);
+    labels.push_back(p.lab[0][t] < 0 ? 5 : p.lab[0][t]);
+  }
+  const dpo::vocab_shard whole{V, 0, V};
+  const dpo::linear_head<double> head = head_of(w, b, 0, V, H, p.tr);
+  const auto v = dpo::linear_view_of(static_cast<const double*>(hidden.data()), N, H, head, labels.data());
+  std::vector<double> lp(static_cast<std::size_t>(N)), ent(lp.size()), lse(lp.size());
+  dpo::cpu::linear_outputs x;
+  x.entropy = ent.data();
+  dpo::cpu::linear_shard_state st;
+  dpo::cpu::linear_logps_sharded(v, whole, dpo::cpu::collectives{}, lp.data(), x, lse.data(), st);
+  const dpo::cpu::linear_shard_state before = st;
+  const std::vector<double> hidden_before = hidden;
+  int collectives_run = 0;
+  dpo::cpu::collectives comm;
+  comm.vocab_max = comm.vocab_sum = [&](double*, std::int64_t) { ++collectives_run; };
+  const auto refused = [&](const char* what, const std::function<void()>& f) {
+    std::string msg;
+    try {
+      f();
+    } catch (const dpo::error& e) {
+      msg = e.what();
+    }
+    INFO(what << " -> " << msg);
+    CHECK(msg.find(what) != std::string::npos);
+    CHECK(collectives_run == 0);
+    CHECK(test_support::bitwise_equal(st.row_max, before.row_max));
+    CHECK(test_support::bitwise_equal(st.records, before.records));
+    CHECK(hidden == hidden_before);
+    collectives_run = 0;
+    st = before;
+    hidden = hidden_before;
+  };
+  refused("logps overlaps entropy", [&] {
+    dpo::cpu::linear_outputs y;
+    y.entropy = lp.data() + 1;
+    dpo::cpu::linear_logps_sharded(v, whole, comm, lp.data(), y, lse.data(), st);
+  });
+  refused("logps overlaps hidden",
+          [&] { dpo::cpu::linear_logps_sharded(v, whole, comm, hidden.data() + 2, x, lse.data(), st); });
+  std::vector<label_t> bad = labels;
+  bad[0] = V + 3;
+  const auto vb = dpo::linear_view_of(static_cast<const double*>(hidden.data()), N, H, head, bad.data());
+  refused("labels[0] = 40 is outside [0, vocab = 37)",
+          [&] { dpo::cpu::linear_logps_sharded(vb, whole, comm, lp.data(), x, lse.data(), st); });
+}
+
 TEST_CASE("head shards: bad gradient buffers or budgets throw before any collective or write", "[shard_linear]") {
   const problem p = make_problem<float>(2, 5, 4, kVocab, false, 10);
   laid_out<float> l(p, kind::padded, 0, 1);

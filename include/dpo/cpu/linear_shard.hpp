@@ -29,6 +29,7 @@
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "dpo/core/shard.hpp"
@@ -358,19 +359,41 @@ struct linear_shard_state {
 /// linear_logps on a head shard: phase 1, the two vocabulary collectives (comm.vocab_max,
 /// comm.vocab_sum; comm.context_sum is not used: per-token outputs need no context
 /// collective), phase 2. Every rank gets the same logps / extra / row_lse (row_lse may be
-/// null) and `state` for linear_shard_backward.
+/// null) and `state` for linear_shard_backward. The outputs may overlap neither each other
+/// nor the view's hidden rows, head, labels or mask. Bad input throws dpo::error before any
+/// collective, leaving `state` as it was.
 template <class T, class L>
 void linear_logps_sharded(const linear_view<T, L>& shard, const vocab_shard& sh, const collectives& comm,
                           double* logps, const linear_outputs& extra, double* row_lse, linear_shard_state& state,
                           const linear_options& opt = {}) {
+  // Everything phase 2 would refuse, before any collective: the view and shard, the budget,
+  // and the outputs against the view's inputs and each other (phase 2 compares them with
+  // the state, which is this call's own).
+  detail::check_linear_shard(shard, sh);
+  (void)detail::linear_chunks<T>(shard.rows, shard.hidden_cols, shard.vocab, opt);
   const std::int64_t N = shard.rows;
-  state.row_max.assign(static_cast<std::size_t>(N), -INFINITY);
-  state.records.assign(static_cast<std::size_t>(N * shard_fields), 0.0);
-  linear_shard_partials(shard, sh, state.records.data(), state.row_max.data(), extra.any(), opt);
-  if (comm.vocab_max) comm.vocab_max(state.row_max.data(), N);
-  shard_rebase(0, N, state.row_max.data(), state.records.data());
-  if (comm.vocab_sum) comm.vocab_sum(state.records.data(), N * shard_fields);
-  linear_shard_logps(shard, sh.vocab, state.row_max.data(), state.records.data(), logps, extra, row_lse);
+  if (N > 0 && logps == nullptr) detail::fail("logps is null");
+  {
+    detail::linear_range ins[5];
+    detail::input_ranges(shard, ins);
+    const detail::linear_range outs[6] = {detail::range_of(logps, 1, N, N, "logps"),
+                                          detail::range_of(row_lse, 1, N, N, "row_lse"),
+                                          detail::range_of(extra.entropy, 1, N, N, "entropy"),
+                                          detail::range_of(extra.log_sum_sq_probs, 1, N, N, "log_sum_sq_probs"),
+                                          detail::range_of(extra.mean_logits, 1, N, N, "mean_logits"),
+                                          detail::range_of(extra.is_top1, 1, N, N, "is_top1")};
+    detail::require_no_overlap(outs, 6, ins, 5);
+  }
+  // The state is replaced only once the call succeeded: a call that throws leaves it as it was.
+  linear_shard_state st;
+  st.row_max.assign(static_cast<std::size_t>(N), -INFINITY);
+  st.records.assign(static_cast<std::size_t>(N * shard_fields), 0.0);
+  linear_shard_partials(shard, sh, st.records.data(), st.row_max.data(), extra.any(), opt);
+  if (comm.vocab_max) comm.vocab_max(st.row_max.data(), N);
+  shard_rebase(0, N, st.row_max.data(), st.records.data());
+  if (comm.vocab_sum) comm.vocab_sum(st.records.data(), N * shard_fields);
+  linear_shard_logps(shard, sh.vocab, st.row_max.data(), st.records.data(), logps, extra, row_lse);
+  state = std::move(st);
 }
 
 /// linear_dpo on a head shard and/or a context slice, forward and backward in one call: the
