@@ -106,6 +106,26 @@ TEST_CASE("core linear checks: CUDA's policy leaves labels to the device and poi
         "bias_size = 3 != vocab = 5: the bias must have one entry per vocab row");
 }
 
+TEST_CASE("core linear checks: CUDA's policy refuses rows or vocab whose offsets overflow int64", "[core][linear]") {
+  // The audit's probe: rows = 2^62 with hidden_stride = 3 was accepted, and the aliasing
+  // checks' byte ranges and the kernels' row offsets overflowed (undefined; wrapped ranges).
+  head h;
+  view_t v = h.view();
+  v.rows = std::int64_t{1} << 62;
+  CHECK(check_linear_view(v, cuda_policy(-1, true)) == "rows = 4611686018427387904 x hidden_stride = 3 overflows int64");
+  CHECK(check_linear_view(v, cuda_policy(-1, false)) == "rows = 4611686018427387904 x hidden_stride = 3 overflows int64");
+  v = h.view();
+  v.weight_stride = std::int64_t{1} << 62;
+  CHECK(check_linear_view(v, cuda_policy(-1, true)) ==
+        "vocab = 5 x weight_stride = 4611686018427387904 overflows int64");
+  // The largest products that fit are accepted.
+  v = h.view();
+  v.rows = INT64_MAX / 3;
+  v.labels = nullptr;  // device data: not read
+  v.hidden = nullptr;
+  CHECK(check_linear_view(v, cuda_policy(-1, false)).empty());
+}
+
 TEST_CASE("core linear checks: outputs may overlap neither inputs nor each other", "[core][linear]") {
   std::vector<double> buf(20);
   using dpo::detail::named_range;

@@ -49,6 +49,12 @@ std::string check_linear_view(const View& v, const check_policy& p, std::int64_t
     return message("hidden_stride = ", v.hidden_stride, " is invalid: must be >= hidden_cols = ", v.hidden_cols);
   if (v.weight_stride < v.weight_cols)
     return message("weight_stride = ", v.weight_stride, " is invalid: must be >= weight_cols = ", v.weight_cols);
+  // As check_view's rows x row_stride: the byte ranges of the aliasing checks and the
+  // kernels' row offsets are int64 products.
+  if (p.int64_rows && v.rows > INT64_MAX / v.hidden_stride)
+    return message("rows = ", v.rows, " x hidden_stride = ", v.hidden_stride, " overflows int64");
+  if (p.int64_rows && v.vocab > INT64_MAX / v.weight_stride)
+    return message("vocab = ", v.vocab, " x weight_stride = ", v.weight_stride, " overflows int64");
   if (p.pointers && v.weight == nullptr) return "weight is null";
   // Without pointers (a size query) a null bias with bias_size = vocab is a bias to come.
   if ((v.bias != nullptr || !p.pointers) && v.bias_size != 0 && v.bias_size != v.vocab)
