@@ -988,6 +988,33 @@ TEST_CASE("linear DPO: bad input names the argument and writes nothing", "[linea
   for (double x : o.row_coef) CHECK(x == -9.0);
 }
 
+TEST_CASE("linear_pair_logps: chosen and rejected may overlap neither each other nor the inputs", "[linear_dpo]") {
+  // The audit's probes: chosen == rejected returned the rejected sums as both, and chosen on
+  // the hidden rows overwrote them; both were accepted.
+  const std::int64_t P = 2, L = 3, R = 2 * P * L, H = 3, V = 7;
+  std::vector<double> w(static_cast<std::size_t>(V * H)), hid(static_cast<std::size_t>(R * H));
+  for (std::size_t i = 0; i < w.size(); ++i) w[i] = std::sin(0.3 * static_cast<double>(i) + 0.1);
+  for (std::size_t i = 0; i < hid.size(); ++i) hid[i] = std::cos(0.37 * static_cast<double>(i) + 0.2);
+  std::vector<label_t> labels(static_cast<std::size_t>(R));
+  for (std::int64_t r = 0; r < R; ++r) labels[r] = r % L == 0 ? -100 : (r * 5 + 1) % V;
+  const auto head = dpo::make_linear_head(static_cast<const double*>(w.data()), V, H, H);
+  const auto pairs = dpo::linear_padded_pairs(static_cast<const double*>(hid.data()), H, H, labels.data(), 2 * P, L);
+  const std::vector<double> hid0 = hid;
+  const std::vector<label_t> labels0 = labels;
+  std::vector<double> both(static_cast<std::size_t>(P), 7.0), r(both.size(), 7.0);
+  fixture::expect_error([&] { dpo::cpu::linear_pair_logps(pairs, head, 1.0, both.data(), both.data()); },
+                        "chosen overlaps rejected");
+  CHECK(both == std::vector<double>(both.size(), 7.0));
+  fixture::expect_error([&] { dpo::cpu::linear_pair_logps(pairs, head, 1.0, hid.data() + 3, r.data()); },
+                        "chosen overlaps hidden");
+  CHECK(hid == hid0);
+  fixture::expect_error(
+      [&] { dpo::cpu::linear_pair_logps(pairs, head, 1.0, both.data(), reinterpret_cast<double*>(labels.data() + 1)); },
+      "rejected overlaps labels");
+  CHECK(labels == labels0);
+  CHECK(r == std::vector<double>(r.size(), 7.0));
+}
+
 TEST_CASE("linear DPO: pairs without completion rows and a fully masked batch", "[linear_dpo]") {
   for (const char* name : {"sigmoid", "sft", "aot"}) {
     problem p = make_problem<double>(3, 5, 4, 11, 101);

@@ -411,8 +411,10 @@ shard_linear_alias_out shard_linear_alias_errors() {
   dc::status s = dc::linear_pair_shard_partials(nullptr, pair_bytes, hs.handle, padded, head, whole, nullptr, nullptr,
                                                 nullptr, nullptr, po);
   if (s) s = dc::linear_shard_partials(nullptr, view_bytes, hs.handle, view, whole, nullptr, nullptr, true, lo);
+  std::size_t logps_bytes = 0;
+  if (s) s = dc::linear_pair_logps(nullptr, logps_bytes, hs.handle, padded, head, 1.0, nullptr, nullptr, po);
   if (!s) throw std::runtime_error(std::string("alias arena: size query failed: ") + s.message);
-  dev_buf work(std::max(pair_bytes, view_bytes) + 4096);
+  dev_buf work(std::max({pair_bytes, view_bytes, logps_bytes}) + 4096);
   std::size_t bytes = work.n;
   // A valid combined state (one vocabulary rank: phase 1 and the rebase) in both state arrays.
   s = dc::linear_pair_shard_partials(work.p, bytes, hs.handle, padded, head, whole, a.at(A::max), a.at(A::records),
@@ -497,6 +499,15 @@ shard_linear_alias_out shard_linear_alias_errors() {
     g.chosen_hidden = g.rejected_hidden = a.at(A::mask);
     run("linear_pair_shard_backward: grads.chosen_hidden on mask.chosen", [&] { return backward(g); });
   }
+  // The unsharded pairs' forward-only log-probs (dpo/cuda/linear_dpo.cuh), on the same arena.
+  run("linear_pair_logps: chosen on rejected", [&] {
+    return dc::linear_pair_logps(work.p, bytes, hs.handle, padded, head, 1.0, a.at(A::seq), a.at(A::seq), po,
+                                 hs.stream);
+  });
+  run("linear_pair_logps: rejected on hidden", [&] {
+    return dc::linear_pair_logps(work.p, bytes, hs.handle, padded, head, 1.0, a.at(A::seq), a.at(A::hidden + 4), po,
+                                 hs.stream);
+  });
   return out;
 }
 

@@ -100,9 +100,9 @@ std::string linear_empty_call_error(int which, bool previous_error);
 /// labels): the status message (empty when accepted); *written: whether any byte changed.
 std::string linear_shard_logps_alias_error(int which, bool* written);
 
-/// The fused head shard's aliasing cases (an output on an input the call reads, or on another
-/// output), each "call: A on B" with its status message ("" if accepted) and whether any byte of
-/// the arena holding every array changed. Inputs: a padded or separate batch of 2 pairs x 3 rows
+/// The fused head shard's aliasing cases and linear_pair_logps' (an output on an input the
+/// call reads, or on another output), each "call: A on B" with its status message ("" if
+/// accepted) and whether any byte of the arena holding every array changed. Inputs: a padded or separate batch of 2 pairs x 3 rows
 /// over a 7-token head, masked, with a valid combined state.
 struct shard_linear_alias_out {
   struct named {

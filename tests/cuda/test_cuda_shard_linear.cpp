@@ -519,9 +519,9 @@ TEST_CASE("cuda linear shard: gradients and records may overlap no input the cal
   // or dBias over row_max, phase 1's records or maxima over the other buffer's hidden rows or
   // the mask, the sequences' seq over the labels, the pair backward's gradients over
   // nll_token_grad, grad_output or the mask (and over seq_grad, refused but named
-  // "row_lse / row_coef").
+  // "row_lse / row_coef"); linear_pair_logps' chosen over rejected or the hidden rows.
   const dpo_cuda_test::shard_linear_alias_out r = dpo_cuda_test::shard_linear_alias_errors();
-  REQUIRE(r.cases.size() == 10);
+  REQUIRE(r.cases.size() == 12);
   test_support::check_alias_cases(r.cases);  // "call: A on B": the message names both A and B
   for (const auto& c : r.cases) {
     INFO(c.what << " -> " << c.message);
