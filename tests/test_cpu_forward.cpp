@@ -416,9 +416,30 @@ TEST_CASE("caller-owned dpo_forward / dpo_loss: outputs on each other or on the 
   out = fresh();
   out.grad_chosen = lg.data() + 3;
   fixture::expect_error([&] { dpo::cpu::dpo_forward(on_logits, ref.pc(), ref.pr(), cfg, out); },
-                        "out.grad_chosen overlaps chosen logits");
+                        "out.grad_chosen overlaps logits.chosen");
   CHECK(lg == pad.logits);
   untouched();
+  // ... or on a packed view's cu_seqlens, or on an explicit mask.
+  {
+    fixture::buffers<double, std::int64_t> pk(b, layout::packed, 0, /*explicit_mask=*/true);
+    std::vector<std::int64_t> cu = pk.cu;
+    auto on_cu = pk.view();
+    on_cu.chosen.cu_seqlens = on_cu.rejected.cu_seqlens = cu.data();
+    out = fresh();
+    out.chosen_rewards = reinterpret_cast<double*>(cu.data() + 1);
+    fixture::expect_error([&] { dpo::cpu::dpo_forward(on_cu, ref.pc(), ref.pr(), cfg, out); },
+                          "out.chosen_rewards overlaps cu_seqlens.chosen");
+    CHECK(cu == pk.cu);
+    std::vector<std::uint8_t> mask = pk.mask;
+    auto on_mask = pk.view();
+    on_mask.chosen.mask = on_mask.rejected.mask = mask.data();
+    out = fresh();
+    out.loss = reinterpret_cast<double*>(mask.data() + 8);
+    fixture::expect_error([&] { dpo::cpu::dpo_forward(on_mask, ref.pc(), ref.pr(), cfg, out); },
+                          "out.loss overlaps mask.chosen");
+    CHECK(mask == pk.mask);
+    untouched();
+  }
   // dpo_loss: outputs among themselves and on the reference (it copies the policy's inputs,
   // so out.chosen_logps may be in.chosen_logps).
   std::vector<double> lc(static_cast<std::size_t>(P), -10.0), lr(static_cast<std::size_t>(P), -11.0);

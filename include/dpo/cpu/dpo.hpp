@@ -659,23 +659,21 @@ void check_forward_args(const pair_view<T, L>& policy, const double* ref_chosen,
 }
 
 /// A forward call's outputs may overlap neither each other nor its inputs: both sides'
-/// logits rows and labels, and the reference log-probs (null for none). row_lse / row_coef
-/// span the buffer's rows up to the last sequence's end.
+/// logits rows, labels, mask and cu_seqlens (the core's view_ranges, as CUDA's), and the
+/// reference log-probs (null for none). row_lse / row_coef span the buffer's rows up to the
+/// last sequence's end.
 template <class T, class L>
 void check_forward_outputs(const pair_view<T, L>& p, const double* ref_chosen, const double* ref_rejected,
                            const forward_outputs& out) {
-  using dpo::detail::range_of;
   const dpo::detail::check_policy pol = dpo::detail::cpu_policy();
   const std::int64_t P = p.num_pairs();
-  const dpo::detail::row_span c = dpo::detail::rows_of(p.chosen, pol), r = dpo::detail::rows_of(p.rejected, pol);
-  const dpo::detail::named_range ins[6] = {
-      {dpo::detail::row_bytes(p.chosen.logits, p.chosen.row_stride, p.chosen, pol), "chosen logits"},
-      {dpo::detail::row_bytes(p.rejected.logits, p.rejected.row_stride, p.rejected, pol), "rejected logits"},
-      range_of(p.chosen.labels, 1, c.end, c.end, "chosen labels"),
-      range_of(p.rejected.labels, 1, r.end, r.end, "rejected labels"),
-      range_of(ref_chosen, 1, P, P, "ref_chosen_logps"),
-      range_of(ref_rejected, 1, P, P, "ref_rejected_logps")};
-  throw_if(dpo::detail::check_forward_outputs(out, P, std::max(c.end, r.end), ins, 6));
+  dpo::detail::named_range ins[10];
+  dpo::detail::view_ranges(p.chosen, pol, dpo::detail::pair_view_names[0], ins);
+  dpo::detail::view_ranges(p.rejected, pol, dpo::detail::pair_view_names[1], ins + 4);
+  ins[8] = dpo::detail::range_of(ref_chosen, 1, P, P, "ref_chosen_logps");
+  ins[9] = dpo::detail::range_of(ref_rejected, 1, P, P, "ref_rejected_logps");
+  const std::int64_t rows = std::max(dpo::detail::rows_of(p.chosen, pol).end, dpo::detail::rows_of(p.rejected, pol).end);
+  throw_if(dpo::detail::check_forward_outputs(out, P, rows, ins, 10));
 }
 
 /// The reference-logits overloads' forward-only pass over `reference` (in its own dtype R):
