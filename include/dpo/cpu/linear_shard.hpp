@@ -127,6 +127,18 @@ void side_state_ranges(const hidden_pairs<T, L>& p, const double* chosen_max, co
   out[3] = side_range(rejected_records, shard_fields, shard_fields, r, "rejected_records");
 }
 
+/// The per-token outputs of linear_shard_logps / linear_logps_sharded as ranges ([N] each;
+/// 6 entries): logps, row_lse, then linear_outputs' members.
+inline void logps_output_ranges(const double* logps, const double* row_lse, const linear_outputs& extra,
+                                std::int64_t N, linear_range* out) {
+  out[0] = range_of(logps, 1, N, N, "logps");
+  out[1] = range_of(row_lse, 1, N, N, "row_lse");
+  out[2] = range_of(extra.entropy, 1, N, N, "entropy");
+  out[3] = range_of(extra.log_sum_sq_probs, 1, N, N, "log_sum_sq_probs");
+  out[4] = range_of(extra.mean_logits, 1, N, N, "mean_logits");
+  out[5] = range_of(extra.is_top1, 1, N, N, "is_top1");
+}
+
 /// The pairs' labels and layout as the logits path's phase 2 reads them: a pair view whose
 /// vocab is the shard's width (its row pointers, the hidden rows, are never read).
 template <class T, class L>
@@ -206,12 +218,8 @@ void linear_shard_logps(const linear_view<T, L>& view, std::int64_t vocab, const
                                        detail::range_of(records, N, shard_fields, shard_fields, "records"),
                                        detail::range_of(view.labels, 1, N, N, "labels"),
                                        detail::range_of(view.mask, 1, N, N, "mask")};
-  const detail::linear_range outs[6] = {detail::range_of(logps, 1, N, N, "logps"),
-                                        detail::range_of(row_lse, 1, N, N, "row_lse"),
-                                        detail::range_of(extra.entropy, 1, N, N, "entropy"),
-                                        detail::range_of(extra.log_sum_sq_probs, 1, N, N, "log_sum_sq_probs"),
-                                        detail::range_of(extra.mean_logits, 1, N, N, "mean_logits"),
-                                        detail::range_of(extra.is_top1, 1, N, N, "is_top1")};
+  detail::linear_range outs[6];
+  detail::logps_output_ranges(logps, row_lse, extra, N, outs);
   detail::require_no_overlap(outs, 6, ins, 4);
   detail::throw_if(dpo::detail::check_linear_labels(view, vocab));
   for (std::int64_t r = 0; r < view.rows; ++r) {
@@ -376,12 +384,8 @@ void linear_logps_sharded(const linear_view<T, L>& shard, const vocab_shard& sh,
   {
     detail::linear_range ins[5];
     detail::input_ranges(shard, ins);
-    const detail::linear_range outs[6] = {detail::range_of(logps, 1, N, N, "logps"),
-                                          detail::range_of(row_lse, 1, N, N, "row_lse"),
-                                          detail::range_of(extra.entropy, 1, N, N, "entropy"),
-                                          detail::range_of(extra.log_sum_sq_probs, 1, N, N, "log_sum_sq_probs"),
-                                          detail::range_of(extra.mean_logits, 1, N, N, "mean_logits"),
-                                          detail::range_of(extra.is_top1, 1, N, N, "is_top1")};
+    detail::linear_range outs[6];
+    detail::logps_output_ranges(logps, row_lse, extra, N, outs);
     detail::require_no_overlap(outs, 6, ins, 5);
   }
   // The state is replaced only once the call succeeded: a call that throws leaves it as it was.

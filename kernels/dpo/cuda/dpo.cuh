@@ -122,8 +122,9 @@ status check_grad_inputs(const pair_view<T, L>& p, const pair_grad_view<T>& g, c
       dpo::detail::check_pair_grad_inputs(p, g, extra.begin(), static_cast<int>(extra.size()), policy(opt, true)));
 }
 
-/// The first `bytes` of the workspace as a named range (what a call writes or reads there).
-inline dpo::detail::named_range workspace_bytes_range(const void* workspace, std::size_t bytes) {
+/// The first `bytes` of the workspace as a named range (what a call writes or reads there;
+/// compared, never read). Every backend file's aliasing checks use this one.
+inline dpo::detail::named_range workspace_range(const void* workspace, std::size_t bytes) {
   const std::int64_t b = static_cast<std::int64_t>(bytes);
   return dpo::detail::range_of(static_cast<const unsigned char*>(workspace), 1, b, b, "workspace");
 }
@@ -525,7 +526,7 @@ status sequence_logps(void* workspace, std::size_t& workspace_bytes, const token
     return detail::invalid("dpo: %s is null", sums == nullptr ? "sums" : "counts");
   {
     detail::ws_ptrs scratch;
-    const dpo::detail::named_range ws = detail::workspace_bytes_range(workspace, detail::carve(0, cap, in.num_seqs, 0, &scratch));
+    const dpo::detail::named_range ws = detail::workspace_range(workspace, detail::carve(0, cap, in.num_seqs, 0, &scratch));
     s = detail::to_status(dpo::detail::check_sequence_outputs(in, sums, counts, token_logps, row_lse, &ws, 1,
                                                               detail::policy(opt, true)));
     if (!s) return s;
@@ -598,7 +599,7 @@ status sequence_logps_backward(void* workspace, std::size_t& workspace_bytes,
     dpo::detail::view_index_ranges(in, p, dpo::detail::seq_view_names + 1, ins);
     ins[3] = dpo::detail::range_of(row_lse, 1, rows, rows, "row_lse");
     ins[4] = dpo::detail::range_of(seq_grad, 1, n, n, "seq_grad");
-    ins[5] = detail::workspace_bytes_range(workspace, detail::carve(0, none, 0, 0, &scratch));
+    ins[5] = detail::workspace_range(workspace, detail::carve(0, none, 0, 0, &scratch));
     s = detail::to_status(dpo::detail::check_grad_against(grad, grad_stride, in, "grad", ins, 6, p));
     if (!s) return s;
   }
@@ -641,7 +642,7 @@ status pair_logps(void* workspace, std::size_t& workspace_bytes, const pair_view
   {
     detail::ws_ptrs scratch;
     const dpo::detail::named_range ws =
-        detail::workspace_bytes_range(workspace, detail::carve(0, cap, in.num_pairs(), in.num_pairs(), &scratch));
+        detail::workspace_range(workspace, detail::carve(0, cap, in.num_pairs(), in.num_pairs(), &scratch));
     s = detail::to_status(dpo::detail::check_pair_logps_outputs(in, chosen, rejected, &ws, 1, detail::policy(opt, true)));
     if (!s) return s;
   }
@@ -753,7 +754,7 @@ status dpo_backward(void* workspace, std::size_t& workspace_bytes, const pair_vi
   {
     detail::ws_ptrs scratch;  // the forward state it reads
     s = detail::check_grad_inputs(policy, grad, opt,
-                                  {detail::workspace_bytes_range(workspace, detail::carve(0, cap, P, P, &scratch)),
+                                  {detail::workspace_range(workspace, detail::carve(0, cap, P, P, &scratch)),
                                    dpo::detail::range_of(grad_output, 1, 1, 1, "grad_output")});
     if (!s) return s;
   }
@@ -796,7 +797,7 @@ status dpo_backward_rows(void* workspace, std::size_t& workspace_bytes,
     s = detail::check_grad_inputs(policy, grad, opt,
                                   {dpo::detail::range_of(row_lse, 1, n, n, "row_lse"),
                                    dpo::detail::range_of(row_coef, 1, n, n, "row_coef"),
-                                   detail::workspace_bytes_range(workspace, detail::carve(0, none, 0, 0, &scratch)),
+                                   detail::workspace_range(workspace, detail::carve(0, none, 0, 0, &scratch)),
                                    dpo::detail::range_of(grad_output, 1, 1, 1, "grad_output")});
     if (!s) return s;
   }
@@ -840,7 +841,7 @@ status dpo_forward_backward(void* workspace, std::size_t& workspace_bytes,
   if (!s) return s;
   const std::int64_t P = policy.num_pairs();
   s = detail::check_grad_inputs(policy, grad, opt,
-                                {detail::workspace_bytes_range(workspace, plan.used),
+                                {detail::workspace_range(workspace, plan.used),
                                  dpo::detail::range_of(ref_chosen, 1, P, P, "ref_chosen_logps"),
                                  dpo::detail::range_of(ref_rejected, 1, P, P, "ref_rejected_logps")});
   if (!s) return s;
@@ -889,7 +890,7 @@ status dpo_forward_backward(void* workspace, std::size_t& workspace_bytes,
   s = detail::check_grad(policy, grad, opt);
   if (!s) return s;
   // (The gradient may be the policy's logits in place, which may be the reference's too.)
-  s = detail::check_grad_inputs(policy, grad, opt, {detail::workspace_bytes_range(workspace, plan.used)});
+  s = detail::check_grad_inputs(policy, grad, opt, {detail::workspace_range(workspace, plan.used)});
   if (!s) return s;
   s = detail::enqueue_reference(reference, cfg, opt, plan.ref_w, plan.ref_cap, plan.ref, stream);
   if (!s) return s;

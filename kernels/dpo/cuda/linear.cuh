@@ -261,11 +261,6 @@ inline status check_linear_overlap(const dpo::detail::named_range* outs, int n_o
   return to_status(dpo::detail::check_no_overlap(outs, n_out, ins, n_in));
 }
 
-/// The workspace as an input range (outputs may not overlap it either).
-inline dpo::detail::named_range workspace_range(const void* workspace, std::int64_t bytes) {
-  return dpo::detail::range_of(static_cast<const unsigned char*>(workspace), 1, bytes, bytes, "workspace");
-}
-
 /// Blocks of a kernel with one thread per row (256 threads a block; they loop).
 inline unsigned seq_grid(std::int64_t n) {
   const std::int64_t b = (n + 255) / 256;

@@ -1140,7 +1140,7 @@ status ldpo_check_forward(const ldpo_call<T, L>& c, const linear_head<T>& head, 
     ins[n++] = dpo::detail::range_of(ref_c, 1, P, P, "ref_chosen_logps");
     ins[n++] = dpo::detail::range_of(ref_r, 1, P, P, "ref_rejected_logps");
   }
-  ins[n++] = workspace_range(workspace, static_cast<std::int64_t>(c.w.bytes));
+  ins[n++] = workspace_range(workspace, c.w.bytes);
   for (int k = 0; k < n_extra; ++k) ins[n++] = extra[k];
   const std::int64_t rows = c.pol.rows[0] > c.pol.rows[1] ? c.pol.rows[0] : c.pol.rows[1];
   return to_status(dpo::detail::check_forward_outputs(out, P, rows, ins, n));
@@ -1338,7 +1338,7 @@ status linear_pair_logps(void* workspace, std::size_t& workspace_bytes, cublasLt
     // the workspace's bytes used.
     dpo::detail::named_range ins[20];
     int n = detail::ldpo_input_ranges(c.pol, head, false, ins);
-    ins[n++] = detail::workspace_range(workspace, static_cast<std::int64_t>(c.w.bytes));
+    ins[n++] = detail::workspace_range(workspace, c.w.bytes);
     const dpo::detail::named_range outs[2] = {dpo::detail::range_of(chosen, 1, P, P, "chosen"),
                                               dpo::detail::range_of(rejected, 1, P, P, "rejected")};
     s = detail::to_status(dpo::detail::check_no_overlap(outs, 2, ins, n));

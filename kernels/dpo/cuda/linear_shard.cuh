@@ -356,7 +356,7 @@ status linear_pair_shard_partials(void* workspace, std::size_t& workspace_bytes,
   dpo::detail::named_range outs[4], ins[11];
   const int n_out = static_cast<int>(detail::pair_record_ranges(c.pol, r, outs) - outs);
   int n_in = detail::ldpo_input_ranges(c.pol, head, false, ins);
-  ins[n_in++] = detail::workspace_range(workspace, static_cast<std::int64_t>(w.bytes));
+  ins[n_in++] = detail::workspace_range(workspace, w.bytes);
   s = detail::check_linear_overlap(outs, n_out, ins, n_in);
   if (!s) return s;
   s = detail::launch("ldpo_labels_kernel", detail::ldpo_labels_kernel<T, L>, 1, detail::ldpo_block, stream,
@@ -396,7 +396,7 @@ status linear_pair_shard_sequences(void* workspace, std::size_t& workspace_bytes
   const std::int64_t P = policy.num_pairs(), S = 2 * P;
   const detail::ldpo_ws& w = c.w;
   dpo::detail::named_range ins[15];
-  ins[0] = detail::workspace_range(workspace, static_cast<std::int64_t>(w.bytes));
+  ins[0] = detail::workspace_range(workspace, w.bytes);
   int n_in = static_cast<int>(detail::pair_record_ranges(c.pol, r, ins + 1) - ins);
   n_in += detail::pair_label_ranges(c.pol, policy.hidden_size, ins + n_in);
   const dpo::detail::named_range out = dpo::detail::range_of(seq, seq_fields, S, S, "seq");

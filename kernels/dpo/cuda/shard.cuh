@@ -486,12 +486,6 @@ inline dpo::detail::named_range error_word_range(const options& opt) {
   return dpo::detail::range_of(opt.error_word, 1, 1, 1, "options::error_word");
 }
 
-/// A workspace's first `bytes` (what the call writes there) as a range.
-inline dpo::detail::named_range scratch_range(const void* workspace, std::size_t bytes) {
-  const std::int64_t n = static_cast<std::int64_t>(bytes);
-  return dpo::detail::range_of(static_cast<const unsigned char*>(workspace), 1, n, n, "workspace");
-}
-
 /// The per-side state a pair call reads (row maxima and records, each side's indexed by its
 /// own buffer's rows) and both sides' labels, mask and cu_seqlens: 10 entries into `out`.
 template <class T, class L>
@@ -537,7 +531,7 @@ status enqueue_shard_check(void* workspace, std::size_t& workspace_bytes, const 
   dpo::detail::named_range ins[6];
   dpo::detail::named_range* e = view_data_ranges(vs.v[0], opt, vs.num_sides > 1 ? side_names[0] : shard_names, ins);
   if (vs.num_sides > 1) e = view_data_ranges(vs.v[1], opt, side_names[1], e);
-  const dpo::detail::named_range out = scratch_range(workspace, shard_check_bytes);
+  const dpo::detail::named_range out = workspace_range(workspace, shard_check_bytes);
   s = check_shard_overlap(&out, 1, ins, static_cast<int>(e - ins));
   if (!s) return s;
   ws_header* h = static_cast<ws_header*>(workspace);
@@ -818,7 +812,7 @@ inline status shard_pair_stage(void* workspace, std::size_t& workspace_bytes, st
     o.row_lse = o.row_coef = nullptr;
     dpo::detail::named_range outs[2 + dpo::detail::num_forward_ranges];
     outs[0] = range_of(seq_grad, 1, 2 * P, 2 * P, "seq_grad");
-    outs[1] = detail::scratch_range(workspace, used);
+    outs[1] = detail::workspace_range(workspace, used);
     dpo::detail::forward_ranges(o, P, 0, outs + 2);
     s = detail::check_shard_overlap(outs, 2 + dpo::detail::num_forward_ranges, ins, 3);
     if (!s) return s;
@@ -920,7 +914,7 @@ status shard_backward(void* workspace, std::size_t& workspace_bytes, const pair_
                                         detail::side_names[0].logits);
     ins[15] = detail::logits_rows_range(shard.rejected.logits, shard.rejected.row_stride, shard.rejected, opt,
                                         detail::side_names[1].logits);
-    const dpo::detail::named_range ws = detail::scratch_range(workspace, needed);
+    const dpo::detail::named_range ws = detail::workspace_range(workspace, needed);
     // The coefficients' scratch against everything read; each gradient buffer against the
     // state read and the scratch (check_grad above: against the logits, in place allowed,
     // and the other side's rows).
