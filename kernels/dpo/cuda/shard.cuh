@@ -456,29 +456,20 @@ dpo::detail::named_range logits_rows_range(const T* base, std::int64_t stride, c
   return {dpo::detail::row_bytes(base, stride, v, policy(opt, false)), name};
 }
 
-/// The argument names of one view's arrays: a single view's, or a pair view's sides.
-struct view_names {
-  const char* logits;
-  const char* labels;
-  const char* mask;
-  const char* cu_seqlens;
-};
-inline constexpr view_names shard_names{"shard.logits", "shard.labels", "shard.mask", "shard.cu_seqlens"};
-inline constexpr view_names side_names[2] = {
+/// The argument names of one view's arrays (logits, labels, mask, cu_seqlens, as the core's
+/// view_ranges takes them): a single view's, or a pair view's sides.
+inline constexpr const char* shard_names[4] = {"shard.logits", "shard.labels", "shard.mask", "shard.cu_seqlens"};
+inline constexpr const char* side_names[2][4] = {
     {"shard.chosen.logits", "shard.chosen.labels", "shard.chosen.mask", "shard.chosen.cu_seqlens"},
     {"shard.rejected.logits", "shard.rejected.labels", "shard.rejected.mask", "shard.rejected.cu_seqlens"}};
 
-/// The view's device data every kernel reads (labels, mask, cu_seqlens: 3 entries) into
-/// `out`; returns the end.
+/// The view's device data every kernel reads (labels, mask, cu_seqlens: the core's
+/// view_index_ranges, 3 entries) into `out`; returns the end.
 template <class T, class L>
-dpo::detail::named_range* view_data_ranges(const token_view<T, L>& v, const options& opt, const view_names& n,
-                                           dpo::detail::named_range* out) {
-  *out++ = row_array_range(v.labels, 1, v, opt, n.labels);
-  *out++ = row_array_range(v.mask, 1, v, opt, n.mask);
-  const std::int64_t k = v.num_seqs > 0 ? v.num_seqs + 1 : 0;
-  *out++ = v.cu_seqlens != nullptr ? dpo::detail::range_of(v.cu_seqlens + v.first_seq, 1, k, k, n.cu_seqlens)
-                                   : dpo::detail::named_range{{}, n.cu_seqlens};
-  return out;
+dpo::detail::named_range* view_data_ranges(const token_view<T, L>& v, const options& opt,
+                                           const char* const names[4], dpo::detail::named_range* out) {
+  dpo::detail::view_index_ranges(v, policy(opt, false), names + 1, out);
+  return out + 3;
 }
 
 /// options::error_word (read by every gated kernel) as an input range.
@@ -610,7 +601,7 @@ status shard_partials(const token_view<T, L>& shard, const vocab_shard& sh, doub
   status s = detail::check_shard(shard, sh, opt);
   if (!s) return s;
   dpo::detail::named_range ins[5];
-  ins[0] = detail::logits_rows_range(shard.logits, shard.row_stride, shard, opt, detail::shard_names.logits);
+  ins[0] = detail::logits_rows_range(shard.logits, shard.row_stride, shard, opt, detail::shard_names[0]);
   detail::view_data_ranges(shard, opt, detail::shard_names, ins + 1);
   ins[4] = detail::error_word_range(opt);
   const dpo::detail::named_range outs[2] = {detail::row_array_range(records, shard_fields, shard, opt, "records"),
@@ -911,9 +902,9 @@ status shard_backward(void* workspace, std::size_t& workspace_bytes, const pair_
     ins[12] = range_of(grad_output, 1, 1, 1, "grad_output");
     ins[13] = detail::error_word_range(opt);
     ins[14] = detail::logits_rows_range(shard.chosen.logits, shard.chosen.row_stride, shard.chosen, opt,
-                                        detail::side_names[0].logits);
+                                        detail::side_names[0][0]);
     ins[15] = detail::logits_rows_range(shard.rejected.logits, shard.rejected.row_stride, shard.rejected, opt,
-                                        detail::side_names[1].logits);
+                                        detail::side_names[1][0]);
     const dpo::detail::named_range ws = detail::workspace_range(workspace, needed);
     // The coefficients' scratch against everything read; each gradient buffer against the
     // state read and the scratch (check_grad above: against the logits, in place allowed,
