@@ -551,6 +551,27 @@ TEST_CASE("the building blocks take null row state for a side without rows, and 
   tv.num_seqs = 4;
   fixture::expect_error([&] { dpo::cpu::shard_sequence_partials(tv, sh, mx.data(), nullptr, seq.data()); },
                         "records is null");
+  // The backward's scalars must be finite; nothing is written.
+  dpo::cpu::shard_pair_partials(p, sh, mx.data(), rec.data(), mx.data(), rec.data(), 1.0, seq.data());
+  std::fill(full.grad.begin(), full.grad.end(), 7.0f);
+  std::fill(full.grad_r.begin(), full.grad_r.end(), 7.0f);
+  const std::vector<float> grad_before = full.grad, grad_r_before = full.grad_r;
+  for (const double bad : {std::nan(""), -HUGE_VAL}) {
+    fixture::expect_error(
+        [&] {
+          dpo::cpu::shard_backward(p, sh, mx.data(), rec.data(), mx.data(), rec.data(), seq_grad.data(), bad, 1.0,
+                                   full.grad_view());
+        },
+        "nll_token_grad");
+    fixture::expect_error(
+        [&] {
+          dpo::cpu::shard_backward(p, sh, mx.data(), rec.data(), mx.data(), rec.data(), seq_grad.data(), 0.0, 1.0,
+                                   full.grad_view(), bad);
+        },
+        "grad_output");
+    CHECK(full.grad == grad_before);
+    CHECK(full.grad_r == grad_r_before);
+  }
 }
 
 namespace {

@@ -732,6 +732,17 @@ TEST_CASE("head shards: records, maxima and gradients may overlap no input the c
     g.bias = a + mx;
     refused("grads.bias overlaps chosen_max", [&] { backward(g); });
   }
+  // Non-finite scalars: refused before dHidden is zeroed.
+  for (const double bad : {std::nan(""), HUGE_VAL}) {
+    refused("nll_token_grad", [&] {
+      dpo::cpu::linear_pair_shard_backward(padded, head, whole, a + mx, a + rec, a + mx, a + rec, a + sgr, bad, 1.0,
+                                           pg);
+    });
+    refused("grad_output", [&] {
+      dpo::cpu::linear_pair_shard_backward(padded, head, whole, a + mx, a + rec, a + mx, a + rec, a + sgr, 0.1, 1.0,
+                                           pg, bad);
+    });
+  }
   // The same calls on disjoint arrays, one state array for both sides of one buffer and
   // the separate buffers' own arrays, are accepted.
   backward(pg);
