@@ -20,6 +20,16 @@ py="$venv/bin/python"
 # reruns; delete it (or the venv) to refresh.
 marker="$venv/.dpo_deps_v2"
 if [[ ! -f "$marker" ]]; then
+  # torch from PyPI brings its CUDA libraries: about 6 GiB installed, more while pip unpacks.
+  # Say so up front rather than fail half-way through with pip's "No space left on device".
+  need_kib=$((8 * 1024 * 1024))
+  free_kib=$(df -Pk "$venv" | awk 'NR == 2 { print $4 }')
+  if [[ -n "$free_kib" && "$free_kib" -lt "$need_kib" ]]; then
+    echo "python/test.sh: installing torch and the other Python dependencies into $venv needs about 8 GiB" \
+         "free on its filesystem; $((free_kib / 1024 / 1024)) GiB are free. Free some space, or point DPO_VENV" \
+         "at a filesystem with room (an existing environment with the dependencies is reused)." >&2
+    exit 1
+  fi
   echo "== installing torch, trl, transformers, pytest, setuptools, ninja, liger-kernel from PyPI"
   "$py" -m pip install --upgrade pip
   "$py" -m pip install torch trl transformers datasets accelerate pytest setuptools wheel ninja numpy
