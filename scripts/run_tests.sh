@@ -4,7 +4,8 @@
 #   2. Release build of the tests, benchmarks and examples, CUDA sources included when nvcc
 #      is found (`release` preset; CUDA tests skip themselves without a GPU), then ctest
 #   3. the CPU tests under AddressSanitizer + UndefinedBehaviorSanitizer (`asan-ubsan`)
-#   4. the libFuzzer target with clang (`fuzz`): seed corpus replay, then a bounded run
+#   4. the libFuzzer targets with clang (`fuzz`): the seed corpora replayed, then a bounded
+#      run of each (the logits path; the fused LM head against it)
 #   5. python/test.sh (PyTorch ops), when it exists
 # Every stage runs even if an earlier one failed (a stage whose build failed is reported as
 # failed too); the exit status is non-zero when any stage failed. The last line reads
@@ -72,15 +73,15 @@ build() {
   cmake --build --preset "$1" -j "$jobs"
 }
 
+# fuzz_run TARGET SEEDS: the seed corpora replayed (ctest), then a bounded run of TARGET.
 fuzz_run() {
-  ctest --preset fuzz
-  local work=build/fuzz/run
+  local target=$1 seeds=$2 work=build/fuzz/run/$1
   rm -rf "$work"
   mkdir -p "$work/corpus" "$work/artifacts"
   # New inputs go to the scratch corpus (first directory); the seeds are only read.
-  build/fuzz/tests/fuzz/fuzz_dpo -max_total_time="$fuzz_seconds" -timeout=30 \
+  "build/fuzz/tests/fuzz/$target" -max_total_time="$fuzz_seconds" -timeout=30 \
     -rss_limit_mb=4096 -print_final_stats=1 -artifact_prefix="$work/artifacts/" \
-    "$work/corpus" tests/fuzz/corpus
+    "$work/corpus" "$seeds"
 }
 
 total_start=$SECONDS
@@ -90,7 +91,9 @@ stage "release tests" "release build" ctest --preset release -j "$jobs"
 stage "asan-ubsan build" - build asan-ubsan
 stage "asan-ubsan tests" "asan-ubsan build" ctest --preset asan-ubsan -j "$jobs"
 stage "fuzz build" - build fuzz
-stage "fuzz run (${fuzz_seconds}s)" "fuzz build" fuzz_run
+stage "fuzz seed corpora" "fuzz build" ctest --preset fuzz
+stage "fuzz run, logits (${fuzz_seconds}s)" "fuzz build" fuzz_run fuzz_dpo tests/fuzz/corpus
+stage "fuzz run, fused head (${fuzz_seconds}s)" "fuzz build" fuzz_run fuzz_linear_dpo tests/fuzz/corpus_linear
 if have_python_tests; then
   stage "python tests" - bash python/test.sh
 else

@@ -45,54 +45,12 @@
 
 #include <dpo/dpo.hpp>
 
+#include "fuzz_common.hpp"
+
 namespace {
 
-#define FUZZ_CHECK(cond)                                                               \
-  do {                                                                                 \
-    if (!(cond)) {                                                                     \
-      std::fprintf(stderr, "fuzz_dpo.cpp:%d: property violated: %s\n", __LINE__, #cond); \
-      __builtin_trap();                                                                \
-    }                                                                                  \
-  } while (0)
-
-const double nan_v = std::numeric_limits<double>::quiet_NaN();
-const double inf_v = std::numeric_limits<double>::infinity();
-
-/// Reads the input front to back; past its end every read is 0.
-struct reader {
-  const std::uint8_t* p;
-  std::size_t n;
-  std::uint8_t u8() {
-    if (n == 0) return 0;
-    --n;
-    return *p++;
-  }
-  std::uint16_t u16() { return static_cast<std::uint16_t>(u8() | (u8() << 8)); }
-  std::uint32_t u32() { return static_cast<std::uint32_t>(u16()) | (std::uint32_t{u16()} << 16); }
-};
-
-/// splitmix64: fills the bulk of the logits so that short inputs still give big shapes.
-struct rng {
-  std::uint64_t s;
-  std::uint64_t next() {
-    std::uint64_t z = (s += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-  }
-  double uniform() { return static_cast<double>(next() >> 11) * 0x1.0p-53; }
-};
-
-template <std::size_t N>
-double pick(const double (&table)[N], unsigned i) {
-  return table[i % N];
-}
-
-/// Bitwise equality, treating any two NaNs as equal.
-template <class T>
-bool same(T a, T b) {
-  return std::memcmp(&a, &b, sizeof(T)) == 0 || (a != a && b != b);
-}
+using namespace fuzz;
+using fuzz::same;  // beside the overloads below, which would hide it
 
 bool same(const Eigen::VectorXd& a, const Eigen::VectorXd& b) {
   if (a.size() != b.size()) return false;
@@ -126,50 +84,6 @@ bool same(const dpo::cpu::forward_result& a, const dpo::cpu::forward_result& b) 
          same(m.logits_chosen, n.logits_chosen) && same(m.logits_rejected, n.logits_rejected) &&
          same(m.entropy, n.entropy) && same(m.mean_token_accuracy, n.mean_token_accuracy) &&
          same(m.nll_loss, n.nll_loss);
-}
-
-/// Decodes a loss_config; some table entries are invalid on purpose.
-dpo::loss_config read_config(reader& in) {
-  using dpo::loss_type;
-  static const double num_terms[] = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 3, 0, 9};
-  static const double weights[] = {1, 0.8, 0.2, 1, 2, -0.5, nan_v, 0};
-  static const double betas[] = {0.1, 0.1, 0.5, 1, 0.01, 2, 10, 1e-3,
-                                 0.1, 0.25, 5, 0, -0.1, nan_v, inf_v, 1e-6};
-  static const double eps[] = {0, 0, 0.1, 0.3, 0.49, 0.5, 0.999, 1, -0.1, nan_v, 1.5, 0.2};
-  static const double alpha_coef[] = {0.5, 2, 1, -1, 0.9999999, 0.1, 3, nan_v};
-  static const double clamps[] = {80, 11, 1, 0};
-  static const double taus[] = {0.05, 1, 0.001, 0};
-  static const double gammas[] = {0.5, 0, -1, nan_v};
-  static const double cpo_alphas[] = {1, 0, 0.5, -1};
-  static const double ld_alphas[] = {1, 0.5, 0, 0.9, 1, 1.5, nan_v, 1};
-  static const loss_type cpo_bases[] = {loss_type::sigmoid, loss_type::hinge, loss_type::ipo,
-                                        loss_type::sigmoid_norm};
-
-  dpo::loss_config c;
-  c.num_terms = static_cast<int>(pick(num_terms, in.u8()));
-  for (int k = 0; k < c.num_terms && k < dpo::max_loss_terms; ++k) {
-    const unsigned b = in.u8();
-    const int t = static_cast<int>(b % 20);
-    c.terms[k].type = static_cast<loss_type>(t < 18 ? t : (t == 18 ? 18 : -1));
-    c.terms[k].weight = pick(weights, b / 20);
-  }
-  c.beta = pick(betas, in.u8());
-  c.label_smoothing = pick(eps, in.u8());
-  unsigned b = in.u8();
-  c.divergence = static_cast<dpo::f_divergence>(b % 5 == 4 ? 7 : b % 5);
-  c.alpha_divergence_coef = pick(alpha_coef, b / 5);
-  b = in.u8();
-  c.alpha_exponent_clamp = pick(clamps, b);
-  c.discopop_tau = pick(taus, b / 4);
-  c.simpo_gamma = pick(gammas, b / 16);
-  c.cpo_alpha = pick(cpo_alphas, b / 64);
-  b = in.u8();
-  c.cdpo_smoothing = (b & 1) != 0;
-  c.reference_free = (b & 2) != 0;
-  c.use_weighting = (b & 4) != 0;
-  c.cpo_base = cpo_bases[(b >> 3) & 3];
-  c.ld_alpha = pick(ld_alphas, b >> 5);
-  return c;
 }
 
 /// A deliberately bad argument, decoded from one byte (most values: none).

@@ -1,12 +1,16 @@
 #!/usr/bin/env python3
-"""Writes the seed corpus of fuzz_dpo (tests/fuzz/corpus/): one valid case per loss type
-over the layouts and dtypes, the TRL combinations (MPO, WPO, LD-DPO, f-divergences), special
-values, and one case per deliberately bad argument. The byte layout is documented at the
-top of fuzz_dpo.cpp. Rerun after changing that layout: python3 tests/fuzz/make_seeds.py"""
+"""Writes the seed corpora of the fuzz targets: fuzz_dpo's (tests/fuzz/corpus/: one valid
+case per loss type over the layouts and dtypes, the TRL combinations (MPO, WPO, LD-DPO,
+f-divergences), special values, and one case per deliberately bad argument) and
+fuzz_linear_dpo's (tests/fuzz/corpus_linear/: one case per loss type over layouts, dtypes,
+modes, chunk sizes, masks, bias, transforms and both reference forms, the combinations, and
+bad configurations). The byte layouts are documented at the top of each target. Rerun after
+changing one: python3 tests/fuzz/make_seeds.py"""
 import pathlib
 import struct
 
 OUT = pathlib.Path(__file__).resolve().parent / "corpus"
+OUT_LINEAR = pathlib.Path(__file__).resolve().parent / "corpus_linear"
 SIGMOID, IPO, EXO_PAIR, BCO_PAIR, SPPO_HARD, AOT, AOT_UNPAIRED, DISCOPOP, SFT, ORPO = (
     0, 2, 3, 6, 7, 8, 9, 12, 14, 17)
 # Edit codes (fuzz_dpo.cpp): a special value, the label logit to -inf, a tie with the row
@@ -82,6 +86,47 @@ def main():
     for name, data in seeds.items():
         (OUT / name).write_bytes(data)
     print(f"wrote {len(seeds)} seeds to {OUT}")
+    linear_seeds()
+
+
+def linear_case(flags=0, pairs=2, rows=4, hidden=4, vocab=37, chunk=0, mode=0, seed=1, labels=0,
+                transforms=0, num_terms=0, terms=(0,), beta=0, eps=0, div=0, misc=0, cfg_flags=0,
+                lens=None, refs=None):
+    """fuzz_linear_dpo.cpp's input: flags (bit 0 double, bits 1-2 layout, 3 mask, 4 bias,
+    5 transforms, 6 accumulated dHidden, 7 reference from hidden states), shape, chunk rows,
+    mode, seed, label mode, transforms byte, the loss config, the sequences' rows, the
+    reference log-probs."""
+    b = bytes([flags, pairs - 1, rows - 1, hidden - 1]) + struct.pack("<H", vocab - 1)
+    b += bytes([chunk, mode]) + struct.pack("<I", seed) + bytes([labels, transforms, num_terms])
+    b += bytes(terms) + bytes([beta, eps, div, misc, cfg_flags])
+    b += bytes(lens if lens is not None else [rows - 1 - (i % 2) for i in range(2 * pairs)])
+    b += bytes(refs if refs is not None else [8 * (i + 1) for i in range(2 * pairs)])
+    return b
+
+
+def linear_seeds():
+    OUT_LINEAR.mkdir(exist_ok=True)
+    seeds = {}
+    for t in range(18):
+        flags = (t % 2) | ((t % 4) << 1) | (8 if t % 3 == 0 else 0) | (16 if t % 2 else 0) \
+            | (32 if t % 5 < 2 else 0) | (64 if t % 7 == 0 else 0) | (128 if t % 4 == 1 else 0)
+        seeds[f"loss_{t:02d}"] = linear_case(flags=flags, pairs=1 + t % 3, rows=2 + t % 5, hidden=1 + t % 8,
+                                             vocab=1 + (t * 37) % 300, chunk=(0, 1, 5, 4)[t % 4], mode=t % 3,
+                                             seed=t, transforms=t * 7, terms=(t,),
+                                             labels=1 if t == ORPO else 0,
+                                             eps=2 if t == EXO_PAIR else 0)
+    seeds["mpo"] = linear_case(flags=2, num_terms=13, terms=(SIGMOID + 20, BCO_PAIR + 40, SFT), chunk=3)
+    seeds["wpo_ld"] = linear_case(flags=4 | 16, cfg_flags=4 | 32, chunk=2)
+    seeds["aot_combo"] = linear_case(flags=1, num_terms=10, terms=(AOT, AOT_UNPAIRED + 20), eps=2, mode=1)
+    for d in (1, 2, 3):
+        seeds[f"f_divergence_{d}"] = linear_case(flags=d << 1, div=d, beta=3, mode=2)
+    seeds["big"] = linear_case(flags=1 | 16 | 32, pairs=3, rows=6, hidden=8, vocab=300, chunk=7, transforms=5)
+    seeds["one_row_chunks_three_pass"] = linear_case(flags=6 | 8, chunk=1, mode=1)
+    seeds["bad_config"] = linear_case(beta=11)
+    seeds["special_refs"] = linear_case(refs=[224, 225, 226, 227])
+    for name, data in seeds.items():
+        (OUT_LINEAR / name).write_bytes(data)
+    print(f"wrote {len(seeds)} seeds to {OUT_LINEAR}")
 
 
 if __name__ == "__main__":

@@ -525,6 +525,7 @@ void backward_block(const T* z, T* g, std::int64_t V, float hi, float lo, float 
     DPO_NO_CONTRACT
     const vf d = clamp_lo((x - hi) - lo, simd_exp_lo);
     if constexpr (Fold) {
+      (void)neg;  // folded into p (clang: an unused capture in this instantiation)
       return exp_v(d, p, k);
     } else {
       return exp_v(d, p, k) * neg;
