@@ -17,7 +17,9 @@
 //   - prompt, padding, ignored and masked rows are never read (their hidden states are NaN)
 //     and get dHidden 0 (or keep theirs when dHidden is accumulated); gap rows and padding
 //     columns are never written;
-//   - 1 and 2 threads give bitwise the same everything.
+//   - 1 and 2 threads give bitwise the same everything;
+//   - (one hidden buffer) linear_dpo_forward with its row state, then linear_dpo_backward,
+//     give bitwise what the fused call gives in four passes.
 // A violated property traps, so libFuzzer keeps the input.
 //
 // Input layout (bytes past the end read as 0, so short inputs are valid):
@@ -220,9 +222,8 @@ struct head_batch {
       labels[b].assign(static_cast<std::size_t>(std::max<std::int64_t>(1, rows[b])), 123456);  // gaps: never read
       mask[b].assign(labels[b].size(), 1);
     }
-    const std::int64_t rows_of_seq = p.lay == layout::packed ? 0 : p.T;
     for (std::int64_t s = 0; s < S; ++s) {
-      const std::int64_t n = p.lay == layout::packed ? p.len[s] : rows_of_seq;
+      const std::int64_t n = p.lay == layout::packed ? p.len[s] : p.T;  // the sequence's rows
       for (std::int64_t k = 0; k < n; ++k) {
         const std::int64_t r = start[s] + k, q = p.row(s, k);
         labels[buf[s]][r] = p.lab[q];
@@ -280,7 +281,7 @@ template <class T>
 struct fused_out {
   double loss = sentinel, nll = sentinel;
   dpo::metrics m;
-  std::vector<double> pair[8];  // losses, rewards (2), logps (2), tokens... see fwd()
+  std::vector<double> pair[8];  // [P] each, in fwd()'s order: losses, rewards, logps, dL/dpi, weights
   std::vector<T> dh[2], dw, db;
 
   fused_out(const problem& p, const head_batch<T>& hb) {
@@ -376,6 +377,40 @@ std::string fused_call(const problem& p, const head_batch<T>& hb, int threads, f
     return e.what();
   }
   return {};
+}
+
+/// The split API, linear_dpo_forward (writing the row state) then linear_dpo_backward from
+/// it, is bitwise the fused call in four passes (one hidden buffer: the row state is indexed
+/// by its rows).
+template <class T>
+void check_split(problem q, const head_batch<T>& hb) {
+  q.mode = dpo::linear_mode::four_pass;
+  fused_out<T> fused(q, hb), split(q, hb);
+  FUZZ_CHECK(fused_call(q, hb, 1, fused).empty());  // four passes are always possible
+  const std::size_t rows = hb.hidden[0].size() / static_cast<std::size_t>(hb.hs) + 1;
+  std::vector<double> lse(rows, sentinel), coef(rows, sentinel);
+  dpo::forward_outputs o = split.fwd();
+  o.row_lse = lse.data();
+  o.row_coef = coef.data();
+  dpo::cpu::linear_dpo_options opt;
+  opt.num_threads = 1;
+  opt.chunk_rows = q.chunk_rows;
+  opt.mode = q.mode;
+  try {
+    if (q.ref_hidden) {
+      dpo::cpu::linear_dpo_forward(hb.pairs(q, hb.hidden), hb.head(q, false), hb.pairs(q, hb.ref_hidden),
+                                   hb.head(q, true), q.cfg, o, opt);
+    } else {
+      dpo::cpu::linear_dpo_forward(hb.pairs(q, hb.hidden), hb.head(q, false), q.ref_c.data(), q.ref_r.data(), q.cfg,
+                                   o, opt);
+    }
+    dpo::cpu::linear_dpo_backward(hb.pairs(q, hb.hidden), hb.head(q, false), lse.data(), coef.data(),
+                                  split.grads(q, hb), 1.0, opt);
+  } catch (const dpo::error& e) {
+    std::fprintf(stderr, "the split call threw: %s\n", e.what());
+    FUZZ_CHECK(false);
+  }
+  FUZZ_CHECK(same_out(split, fused));
 }
 
 /// |got - want| <= tol * max(max |want|, 1e-3) for every entry, when want is finite.
@@ -491,6 +526,8 @@ void run(const problem& p) {
   fused_out<T> two(p, hb);
   FUZZ_CHECK(fused_call(p, hb, 2, two).empty());
   FUZZ_CHECK(same_out(two, got));
+
+  if (p.lay != layout::separate) check_split(p, hb);
 }
 
 }  // namespace
