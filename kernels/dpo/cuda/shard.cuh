@@ -601,8 +601,7 @@ status shard_partials(const token_view<T, L>& shard, const vocab_shard& sh, doub
   status s = detail::check_shard(shard, sh, opt);
   if (!s) return s;
   dpo::detail::named_range ins[5];
-  ins[0] = detail::logits_rows_range(shard.logits, shard.row_stride, shard, opt, detail::shard_names[0]);
-  detail::view_data_ranges(shard, opt, detail::shard_names, ins + 1);
+  dpo::detail::view_ranges(shard, detail::policy(opt, false), detail::shard_names, ins);  // logits, labels, mask, cu
   ins[4] = detail::error_word_range(opt);
   const dpo::detail::named_range outs[2] = {detail::row_array_range(records, shard_fields, shard, opt, "records"),
                                             detail::row_array_range(row_max, 1, shard, opt, "row_max")};
