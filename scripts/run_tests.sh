@@ -31,7 +31,7 @@ stage() {
   local name=$1 requires=$2 rc start elapsed
   shift 2
   if [[ $requires != - && ${stage_ok[$requires]:-0} != 1 ]]; then
-    summary+=("$(printf '%-22s %-8s %8s  (not run: %s failed)' "$name" FAILED - "$requires")")
+    summary+=("$(printf '%-30s %-8s %8s  (not run: %s failed)' "$name" FAILED - "$requires")")
     failed=$((failed + 1))
     return 0
   fi
@@ -46,16 +46,16 @@ stage() {
   if [[ $rc == 0 ]]; then
     stage_ok[$name]=1
     passed=$((passed + 1))
-    summary+=("$(printf '%-22s %-8s %8s' "$name" passed "$(fmt_time $elapsed)")")
+    summary+=("$(printf '%-30s %-8s %8s' "$name" passed "$(fmt_time $elapsed)")")
   else
     failed=$((failed + 1))
-    summary+=("$(printf '%-22s %-8s %8s  (exit %d)' "$name" FAILED "$(fmt_time $elapsed)" $rc)")
+    summary+=("$(printf '%-30s %-8s %8s  (exit %d)' "$name" FAILED "$(fmt_time $elapsed)" $rc)")
   fi
   echo "=== [$name] exit $rc after $(fmt_time $elapsed)"
 }
 
 skip() {
-  summary+=("$(printf '%-22s %-8s %8s  (%s)' "$1" skipped - "$2")")
+  summary+=("$(printf '%-30s %-8s %8s  (%s)' "$1" skipped - "$2")")
 }
 
 have_python_tests() { [[ -f python/test.sh ]]; }
