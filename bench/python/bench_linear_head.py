@@ -1,5 +1,5 @@
 # Copyright 2026 The dpo Authors. SPDX-License-Identifier: Apache-2.0
-"""The fused LM head, forward + backward into hidden and weight, same inputs, one run, two
+"""The fused LM head, forward + backward into hidden and weight, same inputs, one run, three
 comparisons (ratios within each, as the machine is shared and noisy):
 
 ``head``: per-token log-probs plus the entropy, mean logit and top-1 flag (what DPOTrainer asks
@@ -15,6 +15,12 @@ LigerFusedLinearDPOLoss (its chunked torch path; ``--liger-compiled`` for torch.
 the materialising path. Every path but Liger's takes precomputed reference log-probs (zeros);
 Liger cannot, so it runs with use_ref_model=False, which means reference log-probs 0: the same
 loss, the same work.
+
+``dpo_ref``: the same loss with the reference a model, its own last hidden states and LM head
+(the policy's, slightly perturbed), scored in the same step without gradients: TRL's and our
+per-token heads score it under no_grad (log-probs only, as DPOTrainer asks its reference head),
+dpo_loss_from_hidden and FusedLinearDPOLoss take ref_hidden / ref_input and ref_weight (one
+reference GEMM pass, inside the fused call), Liger runs with use_ref_model=True.
 
 Reported: median time of several repetitions (round-robin, so a noisy machine slows every path
 alike), its ratio to TRL's path in the same run, and the peak extra memory of one step: the
@@ -273,6 +279,26 @@ def dpo_step(fn, h, w, y, rc, rr):
     return time.perf_counter() - t0, (loss.detach(), hh.grad, ww.grad)
 
 
+# ---- dpo_ref: the same loss, the reference a model (its own last hidden states and head) -------
+
+def dpo_ref_inputs(N, H, V, dtype, seed=0, seq_len=None):
+    """dpo's inputs, the reference log-probs replaced by a reference model's hidden states and head:
+    a copy of the policy's, slightly off (as gpu_inputs)."""
+    h, w, y, _, _ = dpo_inputs(N, H, V, dtype, seed, seq_len)
+    g = torch.Generator().manual_seed(seed + 1)
+    ref = {"rh": (h.float() + 0.1 * torch.randn(h.shape, generator=g)).to(dtype),
+           "rw": (w.float() + 0.01 * torch.randn(w.shape, generator=g) / H**0.5).to(dtype)}
+    return h, w, y, ref
+
+
+def dpo_ref_step(fn, h, w, y, ref):
+    hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+    t0 = time.perf_counter()
+    loss = fn(hh, ww, y, ref)
+    loss.backward()
+    return time.perf_counter() - t0, (loss.detach(), hh.grad, ww.grad)
+
+
 SECTIONS = {
     "head": (head_inputs, head_step, [
         ("TRL ChunkedLogProbFunction (torch fallback)", trl_fn),
@@ -285,6 +311,14 @@ SECTIONS = {
         ("dk.FusedLinearDPOLoss", dpo_ours_module),
         ("Liger LigerFusedLinearDPOLoss", dpo_liger),
         ("materialised logits + autograd", dpo_materialised)]),
+    # Defined below with the GPU paths they share (the reference scored under no_grad, log-probs only).
+    "dpo_ref": (dpo_ref_inputs, dpo_ref_step, [
+        ("TRL ChunkedLogProbFunction + DPO in torch", lambda *a: _with_head(_trl_head)(*a)),
+        ("dk.linear_logprobs + DPO in torch", lambda *a: _with_head(_ours_head)(*a)),
+        ("dk.dpo_loss_from_hidden", lambda *a: g_ours(None)(*a)),
+        ("dk.FusedLinearDPOLoss", lambda *a: g_ours_module(*a)),
+        ("Liger LigerFusedLinearDPOLoss", lambda *a: g_liger(*a)),
+        ("materialised logits + autograd", lambda *a: g_materialised(*a))]),
 }
 
 
@@ -309,7 +343,7 @@ def run_section(section, a, dtype, peaks):
     h, w = inputs[0], inputs[1]
     print(f"\n== {section}: cpu ({torch.get_num_threads()} threads) torch={torch.__version__} N={a.tokens} "
           f"H={a.hidden} V={a.vocab} dtype={dtype}" + (f" ({h.shape[0]} sequences of {h.shape[1]} tokens)"
-                                                       if section == "dpo" else "")
+                                                       if section.startswith("dpo") else "")
           + f"; the [N, V] fp32 logits would be {a.tokens * a.vocab * 4 / 2**20:.0f} MiB")
     # Agreement with the materialising path (the loss; the log-probs for the head) and its gradients.
     _, ref = step(paths[-1][1], *inputs)
@@ -403,7 +437,7 @@ def g_liger(h, w, y, ref):
     # Liger takes no reference log-probs: use_ref_model=False means 0, which the other paths are given.
     key = "liger_ref" if "rh" in ref else "liger"
     if key not in _MODULES:
-        _MODULES[key] = liger_anchor()(beta=BETA, use_ref_model="rh" in ref, compiled=True)
+        _MODULES[key] = liger_anchor()(beta=BETA, use_ref_model="rh" in ref, compiled=h.is_cuda or LIGER_COMPILED)
     return _MODULES[key](w, h, y, **({"ref_input": ref["rh"], "ref_weight": ref["rw"]} if "rh" in ref else {}))[0]
 
 
@@ -667,7 +701,7 @@ def main():
     ap.add_argument("--seq-len", type=int, help="tokens per sequence in the dpo comparison (default min(128, N / 2))")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--only", choices=sorted(SECTIONS), help="run one comparison (default: both)")
+    ap.add_argument("--only", choices=sorted(SECTIONS), help="run one comparison (default: all three)")
     ap.add_argument("--liger-compiled", action="store_true",
                     help="Liger with compiled=True (torch.compile of its chunk step; inductor on the CPU); "
                          "always on with --device cuda")
@@ -704,7 +738,7 @@ def main():
 
 
 def _seq_len(section, a) -> dict:
-    return {"seq_len": a.seq_len} if section == "dpo" and a.seq_len else {}
+    return {"seq_len": a.seq_len} if section.startswith("dpo") and a.seq_len else {}
 
 
 if __name__ == "__main__":
