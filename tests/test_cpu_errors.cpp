@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -279,6 +280,50 @@ TEST_CASE("null pointers are named", "[errors]") {
   fixture::expect_error([&] { dpo::cpu::dpo_loss(in, dpo::loss_config{}); }, "num_pairs = 0");
   in.num_pairs = 2;
   fixture::expect_error([&] { dpo::cpu::dpo_loss(in, fixture::of(dpo::loss_type::exo_pair)); }, "label_smoothing");
+}
+
+TEST_CASE("dpo_loss: token counts must be finite and >= 0; nothing written otherwise", "[errors]") {
+  const std::vector<double> pc = {-4.0, -6.0}, pr = {-9.0, -7.0}, rc = {-5.0, -5.0}, rr = {-8.0, -8.0};
+  const double nan = std::numeric_limits<double>::quiet_NaN(), inf = std::numeric_limits<double>::infinity();
+  for (const char* side : {"chosen_tokens", "rejected_tokens"}) {
+    for (const double bad : {-3.0, -0.5, nan, inf, -inf}) {
+      INFO(side << " = " << bad);
+      std::vector<double> good = {3.0, 5.0}, wrong = {3.0, bad};
+      const bool chosen = std::string(side) == "chosen_tokens";
+      const dpo::pair_logps_in in = dpo::make_pair_logps(2, pc.data(), pr.data(), rc.data(), rr.data(),
+                                                         chosen ? wrong.data() : good.data(),
+                                                         chosen ? good.data() : wrong.data());
+      std::vector<double> losses(2, -7.0);
+      double loss = -7.0;
+      dpo::forward_outputs out;
+      out.loss = &loss;
+      out.losses = losses.data();
+      fixture::expect_error([&] { dpo::cpu::dpo_loss(in, fixture::of(dpo::loss_type::ipo), out); },
+                            std::string(side) + "[1] = ");
+      CHECK(loss == -7.0);
+      CHECK(losses == std::vector<double>(2, -7.0));
+    }
+  }
+  // 0 (an empty completion) is a count: it divides as 1, as the fused paths' empty sequences.
+  const std::vector<double> zero = {0.0, 2.0}, one = {1.0, 2.0};
+  const dpo::loss_config ipo = fixture::of(dpo::loss_type::ipo);
+  const auto a = dpo::cpu::dpo_loss(dpo::make_pair_logps(2, pc.data(), pr.data(), rc.data(), rr.data(), zero.data(), one.data()), ipo);
+  const auto b = dpo::cpu::dpo_loss(dpo::make_pair_logps(2, pc.data(), pr.data(), rc.data(), rr.data(), one.data(), one.data()), ipo);
+  CHECK(a.losses == b.losses);
+}
+
+TEST_CASE("dpo_loss: weights with aot / aot_unpaired weigh the sorted entries (documented), use_weighting is refused", "[errors]") {
+  // The C++ dpo_loss's weights multiply loss entry i, which for the sorting losses is the i-th
+  // sorted position (what the PyTorch op's vector-Jacobian product passes); per-pair weights
+  // are refused where the library derives them itself (use_weighting) and by the PyTorch op.
+  for (const dpo::loss_type t : {dpo::loss_type::aot, dpo::loss_type::aot_unpaired}) {
+    dpo::loss_config c = fixture::of(t);
+    c.use_weighting = true;
+    const std::string msg = dpo::validate_config(c);
+    CHECK(msg.find("use_weighting = true is not supported with loss_type") != std::string::npos);
+    CHECK(dpo::check_pair_weights(fixture::of(t), "weights").rfind("weights is not supported with loss_type ", 0) == 0);
+  }
+  CHECK(dpo::check_pair_weights(fixture::of(dpo::loss_type::sigmoid), "weights").empty());
 }
 
 TEST_CASE("backward: unsupported aliasing, bad grad_output, mismatched forward_result", "[errors]") {

@@ -477,6 +477,17 @@ inline std::string check_logps_in(const pair_logps_in& in, const loss_config& cf
   return check_reference(cfg, in.ref_chosen_logps, in.ref_rejected_logps, p);
 }
 
+/// dpo_loss's token counts (chosen_tokens or rejected_tokens, `name`), host arrays of P (null:
+/// absent): each finite and >= 0. Counts below 1 then count as 1 where they divide.
+inline std::string check_token_counts(const double* n, std::int64_t P, const char* name) {
+  if (n == nullptr) return {};
+  for (std::int64_t i = 0; i < P; ++i) {
+    if (!(std::isfinite(n[i]) && n[i] >= 0.0))
+      return message(name, "[", i, "] = ", n[i], " is invalid: a token count must be finite and >= 0");
+  }
+  return {};
+}
+
 inline std::string check_finite(double x, const char* name) {
   if (!std::isfinite(x)) return message(name, " = ", x, " is invalid: must be finite");
   return {};

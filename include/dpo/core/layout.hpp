@@ -166,8 +166,13 @@ struct pair_grad_view {
 
 /// Sequence-level inputs of the pair loss (TRL's dpo_loss): P doubles each (host arrays for
 /// dpo::cpu::dpo_loss, device arrays for dpo::cuda::dpo_loss). Token counts are needed by
-/// ipo, sigmoid_norm, simpo, orpo and cpo-ipo (null means 1 token each); weights by WPO
-/// (null means 1). Reference arrays may be null for reference-free losses. The NLL terms
+/// ipo, sigmoid_norm, simpo, orpo and cpo-ipo (null means 1 token each): finite and >= 0
+/// (dpo::cpu::dpo_loss refuses others; the device's are not read on the host, so
+/// dpo::cuda::dpo_loss cannot), and below 1 they count as 1 where they divide. weights: WPO's
+/// W_i (null means 1), multiplying loss entry i; with aot / aot_unpaired entry i is the i-th
+/// sorted position, not pair i (what a vector-Jacobian product over the entries needs; per-pair
+/// weights would be misaligned there, which use_weighting refuses for that reason).
+/// Reference arrays may be null for reference-free losses. The NLL terms
 /// (sft, cpo, orpo) read NLL(chosen) = -sum(chosen_logps) / sum(chosen_tokens), so pass plain
 /// (not LD-DPO weighted) sums with them.
 struct pair_logps_in {

@@ -113,6 +113,18 @@ inline std::string shortest(double v) {
 
 }  // namespace detail
 
+/// Per-pair weights W_i (WPO's, or weights a caller gives for its pairs; `what` names them)
+/// with a configuration: refused when a term sorts pairs (aot, aot_unpaired), whose loss
+/// entry i is the i-th sorted position, not pair i. Empty when they are allowed.
+inline std::string check_pair_weights(const loss_config& c, const char* what) {
+  for (int k = 0; k < c.num_terms; ++k) {
+    if (detail::is_batch_type(c.terms[k].type))
+      return std::string(what) + " is not supported with loss_type " + to_string(c.terms[k].type) +
+             ": it sorts pairs, which would misalign the per-pair weights";
+  }
+  return {};
+}
+
 /// Checks every field of a loss_config; returns "" when valid, else a message naming the
 /// argument and its value.
 inline std::string validate_config(const loss_config& c) {
@@ -189,13 +201,8 @@ inline std::string validate_config(const loss_config& c) {
     }
   }
   if (c.use_weighting) {
-    for (int k = 0; k < c.num_terms; ++k) {
-      if (detail::is_batch_type(c.terms[k].type)) {
-        os << "use_weighting = true is not supported with loss_type " << to_string(c.terms[k].type)
-           << ": it sorts pairs, which would misalign the per-pair weights";
-        return os.str();
-      }
-    }
+    const std::string e = check_pair_weights(c, "use_weighting = true");
+    if (!e.empty()) return e;
   }
   if (!std::isfinite(c.discopop_tau) || c.discopop_tau <= 0.0)
     return bad("discopop_tau", c.discopop_tau, "must be finite and > 0");

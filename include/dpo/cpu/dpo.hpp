@@ -582,12 +582,15 @@ using dpo::pair_logps_in;
 /// fields are 0). Per-pair outputs have P entries: losses, rewards and dL/dpi; chosen_logps
 /// etc. are copies of the inputs (tokens and weights: 1 where null). NLL terms (sft, cpo,
 /// orpo) take NLL(chosen) = -sum(chosen_logps) / sum(chosen_tokens). The outputs may overlap
-/// neither each other nor the reference log-probs. Throws dpo::error (writing nothing) on a bad configuration, null input
-/// or overlapping outputs. Deterministic. Mirrors dpo::cuda::dpo_loss.
+/// neither each other nor the reference log-probs. Throws dpo::error (writing nothing) on a
+/// bad configuration, null input, a token count that is negative or not finite, or
+/// overlapping outputs. Deterministic. Mirrors dpo::cuda::dpo_loss.
 inline void dpo_loss(const pair_logps_in& in, const loss_config& cfg, const forward_outputs& out) {
   detail::check_config(cfg);
   detail::check_logps_in(in, cfg);
   const std::int64_t P = in.num_pairs;
+  detail::throw_if(dpo::detail::check_token_counts(in.chosen_tokens, P, "chosen_tokens"));
+  detail::throw_if(dpo::detail::check_token_counts(in.rejected_tokens, P, "rejected_tokens"));
   // Outputs on each other and on the reference log-probs (read where they are): the policy's
   // inputs are copied first (out.chosen_logps may be in.chosen_logps itself).
   {

@@ -681,8 +681,10 @@ using dpo::pair_logps_in;
 
 /// The pair-level loss from sequence log-probs, on the device: loss, per-pair losses,
 /// rewards and dL/dpi in `out` (the logits metrics stay 0), as dpo::cpu::dpo_loss. NLL
-/// terms (sft, cpo, orpo) take NLL(chosen) = -sum(chosen_logps) / sum(chosen_tokens).
-/// Deterministic; O(P) work (O(P^2 / 256) per thread for aot's ranks), one block.
+/// terms (sft, cpo, orpo) take NLL(chosen) = -sum(chosen_logps) / sum(chosen_tokens). The
+/// token counts are device memory and not checked (the CPU refuses negative or non-finite
+/// ones; see pair_logps_in). Deterministic; O(P) work (O(P^2 / 256) per thread for aot's
+/// ranks), one block.
 inline status dpo_loss(void* workspace, std::size_t& workspace_bytes, const pair_logps_in& in,
                        const loss_config& cfg, const forward_outputs& out,
                        cudaStream_t stream = 0) {
