@@ -125,15 +125,24 @@ struct pair_call {
   pair_inputs p;
 
   pair_call(DPO_PAIR_LOGPS_PARAMS, DPO_CONFIG_PARAMS)
-      : cfg(config(policy_chosen_logps, reference_chosen_logps, reference_rejected_logps, DPO_CONFIG_ARGS)),
+      : cfg(config(policy_chosen_logps, reference_chosen_logps, reference_rejected_logps, weights.has_value(),
+                   DPO_CONFIG_ARGS)),
         backend(policy_chosen_logps),
         p(lower_pairs(DPO_PAIR_LOGPS_ARGS)) {}
 
+  /// The configuration, checked with the inputs it constrains: the references it needs, and
+  /// the caller's per-pair weights, which a loss that sorts pairs (aot, aot_unpaired) would
+  /// apply to sorted positions (pair_loss_backward's own upstream weights are set after this).
   static dpo::loss_config config(const at::Tensor& policy_chosen_logps,
                                  const std::optional<at::Tensor>& reference_chosen_logps,
-                                 const std::optional<at::Tensor>& reference_rejected_logps, DPO_CONFIG_PARAMS) {
+                                 const std::optional<at::Tensor>& reference_rejected_logps, bool has_weights,
+                                 DPO_CONFIG_PARAMS) {
     const dpo::loss_config c = make_config(DPO_CONFIG_ARGS, clamp_for(policy_chosen_logps.scalar_type()));
     check_references(c, reference_chosen_logps.has_value(), reference_rejected_logps.has_value());
+    if (has_weights) {
+      const std::string e = dpo::check_pair_weights(c, "weights");
+      TORCH_CHECK_VALUE(e.empty(), e);
+    }
     return c;
   }
 

@@ -144,6 +144,17 @@ std::int64_t check_pair_inputs(const at::Tensor& policy_chosen_logps,
                      x.scalar_type());
     TORCH_CHECK_VALUE(x.dim() == 1 && x.size(0) == P, name, " must have shape [", P, "], got ", x.sizes());
     TORCH_CHECK_VALUE(x.device() == dev, name, " is on ", x.device(), " but policy_chosen_logps is on ", dev);
+    if (lengths && x.device().is_cpu()) {
+      // Token counts: finite and >= 0, as dpo::cpu::dpo_loss requires (named here as the
+      // Python argument). On CUDA reading them would synchronise; the docs say so.
+      const at::Tensor n = x.to(at::kDouble);
+      const at::Tensor bad = at::logical_or(at::logical_not(at::isfinite(n)), n < 0);
+      if (bad.any().item<bool>()) {
+        const std::int64_t i = bad.nonzero()[0][0].item<std::int64_t>();
+        TORCH_CHECK_VALUE(false, name, "[", i, "] = ", n[i].item<double>(),
+                          " is invalid: a token count must be finite and >= 0");
+      }
+    }
   }
   return P;
 }

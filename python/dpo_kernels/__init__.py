@@ -241,8 +241,11 @@ def dpo_loss(
             robust, bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop,
             sft, sigmoid_norm; and the reference-free simpo, cpo, orpo.
         chosen_lengths, rejected_lengths: ``[P]`` completion-token counts, needed by ipo,
-            sigmoid_norm, simpo, orpo and by sft's NLL (None counts 1 token each).
-        weights: ``[P]`` per-pair weights W_i (e.g. WPO), treated as constants.
+            sigmoid_norm, simpo, orpo and by sft's NLL (None counts 1 token each): finite and
+            >= 0 (ValueError naming the argument; on CUDA their values are not read, as that
+            would synchronise), counted as 1 below 1 where they divide.
+        weights: ``[P]`` per-pair weights W_i (e.g. WPO), treated as constants. Refused with
+            aot / aot_unpaired, which sort pairs (their loss entries are sorted positions).
         Other arguments: TRL's DPOConfig fields of the same names; ``cdpo_smoothing`` applies
             ``label_smoothing`` to sigmoid as TRL <= 0.28 did.
 

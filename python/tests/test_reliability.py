@@ -254,6 +254,50 @@ def test_pair_loss_dtypes_as_dpo_loss_from_logits():
     torch.testing.assert_close(ints, floats, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("name", ["chosen_lengths", "rejected_lengths"])
+@pytest.mark.parametrize("bad", [-3.0, -0.5, float("nan"), float("inf"), float("-inf")])
+def test_pair_loss_lengths_must_be_finite_counts(name, bad):
+    # A negative or non-finite token count is refused by name (it used to be clamped to 1, or
+    # to give a NaN loss); 0, an empty completion, counts as 1 where it divides.
+    _, _, rc, rr = make()
+    P = rc.shape[0]
+    for loss_type in ("ipo", "simpo"):
+        lengths = dict(chosen_lengths=torch.full((P,), 3.0), rejected_lengths=torch.full((P,), 4.0))
+        lengths[name] = torch.tensor([3.0] + [bad] * (P - 1), dtype=torch.float64)
+        ref = (None, None) if loss_type == "simpo" else (rc - 1, rr - 1)
+        with pytest.raises(ValueError, match=rf"{name}\[1\] = .* is invalid: a token count must be finite and >= 0"):
+            dk.dpo_loss(rc, rr, *ref, loss_type, **lengths)
+        pc, pr = rc.clone().requires_grad_(), rr.clone().requires_grad_()
+        losses = dk.dpo_loss(pc, pr, *ref, loss_type, chosen_lengths=torch.full((P,), 3.0),
+                             rejected_lengths=torch.full((P,), 4.0))[0]
+        grad = torch.ones_like(losses)
+        with pytest.raises(ValueError, match=name):  # the backward op checks its inputs alike
+            ops.pair_loss_backward(grad, pc, pr, *ref, lengths["chosen_lengths"], lengths["rejected_lengths"], None,
+                                   loss_type, [], 0.1, 0.0, "reverse_kl", 0.5, 0.05, False, 1.0, False, False, 0.5, 1.0,
+                                   "sigmoid")
+    zero = dk.dpo_loss(rc, rr, rc - 1, rr - 1, "ipo", chosen_lengths=torch.tensor([0.0] * P),
+                       rejected_lengths=torch.tensor([2.0] * P))[0]
+    one = dk.dpo_loss(rc, rr, rc - 1, rr - 1, "ipo", chosen_lengths=torch.tensor([1.0] * P),
+                      rejected_lengths=torch.tensor([2.0] * P))[0]
+    torch.testing.assert_close(zero, one, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("loss_type", ["aot", "aot_unpaired", ["sigmoid", "aot"]])
+def test_pair_loss_weights_refused_with_losses_that_sort_pairs(loss_type):
+    # aot / aot_unpaired sort the pairs: weights W_i would weigh sorted positions, not pairs
+    # (use_weighting is refused for the same reason); the backward (whose own upstream weights
+    # are sorted positions, correctly) still works without them.
+    _, _, rc, rr = make(P=4)
+    w = torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=torch.float64)
+    with pytest.raises(ValueError, match="weights is not supported with loss_type aot"):
+        dk.dpo_loss(rc, rr, rc - 1, rr - 1, loss_type, weights=w)
+    pc = rc.clone().requires_grad_()
+    losses = dk.dpo_loss(pc, rr, rc - 1, rr - 1, loss_type)[0]
+    (losses * torch.arange(1.0, 5.0, dtype=torch.float64)).sum().backward()
+    assert torch.isfinite(pc.grad).all()
+    dk.dpo_loss(rc, rr, rc - 1, rr - 1, "sigmoid", weights=w)  # per-pair weights are fine elsewhere
+
+
 # ---- 9. hyperparameter types ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("loss_type,exc", [
