@@ -508,6 +508,11 @@ struct linear_dpo_inputs {
         "give either ref_hidden or reference_chosen_logps / reference_rejected_logps, not both");
     TORCH_CHECK_VALUE(has_ref_hidden || (!ref_weight.has_value() && !ref_bias.has_value()),
                       "ref_weight / ref_bias are given without ref_hidden");
+    // Without ref_weight the reference head is the policy's, weight and bias; a ref_bias alone
+    // would be ignored (with ref_weight, a missing ref_bias means none, as in Liger).
+    TORCH_CHECK_VALUE(ref_weight.has_value() || !ref_bias.has_value(),
+                      "ref_bias is given without ref_weight: the reference head is the policy's (weight and bias) "
+                      "when ref_weight is None; pass the reference head's ref_weight too");
     l = lower_hidden(hidden, labels, cu_seqlens, "hidden");
     check_head_tensors(weight, bias, hidden, "weight", "bias", "hidden");
     tr = transforms_of(temperature, softcap, logit_scale, workspace_bytes);

@@ -441,8 +441,9 @@ def dpo_loss_from_hidden(
         reference_chosen_logps, reference_rejected_logps: ``[P]`` reference sequence log-probs,
             as for :func:`dpo_loss_from_logits`.
         ref_hidden, ref_weight, ref_bias: instead, the reference model's hidden states (hidden's
-            shape and labels) and head (default: the policy's ``weight`` and ``bias``); forward
-            only, no gradient. Same transforms as the policy. A reference head of its own in
+            shape and labels) and head: ``ref_weight`` with ``ref_bias`` (None: no bias, as in
+            Liger), or without ``ref_weight`` the policy's ``weight`` and ``bias`` (then
+            ``ref_bias`` must be None: ValueError); forward only, no gradient. Same transforms as the policy. A reference head of its own in
             another dtype than the policy's (``ref_hidden``, ``ref_weight`` and ``ref_bias``
             of one dtype, e.g. a bf16 reference model for an fp32 policy) is scored in that
             dtype by a call of its own (no logits either), whose log-probs then go into the
@@ -493,6 +494,9 @@ def dpo_loss_from_hidden(
         ("reference_chosen_logps", reference_chosen_logps), ("reference_rejected_logps", reference_rejected_logps),
         ("ref_hidden", ref_hidden), ("ref_weight", ref_weight), ("ref_bias", ref_bias), ("cu_seqlens", cu_seqlens),
     )
+    if ref_bias is not None and ref_weight is None:  # it would be ignored: the policy's head is the reference's
+        raise ValueError("ref_bias is given without ref_weight: the reference head is the policy's (weight and bias) "
+                         "when ref_weight is None; pass the reference head's ref_weight too")
     _check_head_device(hidden, "dpo_loss_from_hidden")
     autocast = _autocast_dtype(hidden)
     if autocast is not None:  # nn.Linear's dtypes under autocast, for the policy and the reference head

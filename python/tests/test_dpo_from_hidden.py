@@ -209,6 +209,15 @@ def test_bad_inputs_name_the_argument():
         call(rc=None, rr=None, ref_hidden=rh, ref_weight=rw[1:], ref_bias=rb[1:])
     with pytest.raises(ValueError, match="not both"):
         call(ref_hidden=rh)
+    # Without ref_weight the reference head is the policy's, bias included: a ref_bias alone
+    # would be ignored (the Python wrapper refuses it, and so does the operator itself).
+    with pytest.raises(ValueError, match="ref_bias is given without ref_weight"):
+        call(rc=None, rr=None, ref_hidden=rh, ref_bias=rb)
+    from dpo_kernels._ops import CONFIG_FIELDS
+    config = [d for _, _, d in CONFIG_FIELDS]
+    with pytest.raises(ValueError, match="ref_bias is given without ref_weight"):
+        torch.ops.dpo_kernels.linear_dpo(h, w, b, y, None, None, None, rh, None, rb, 1.0, None, 1.0, -100, *config,
+                                         True, False, False, False, 1 << 20)
     with pytest.raises(ValueError, match="temperature"):
         call(temperature=0.0)
     with pytest.raises(ValueError, match="softcap"):
