@@ -242,6 +242,11 @@ class FusedLinearDPOLoss(torch.nn.Module):
         fused, pair, workspace_bytes, flags, alpha = self._config()
         if not flags["use_ref_model"]:  # Liger ignores the reference model's arguments then
             ref_input = ref_weight = ref_bias = None
+        # A DTensor (FSDP2's sharded head, or any DTensor) gathered whole once, differentiably, as
+        # the ops would gather it: every use below (the ops, the logits means) sees plain tensors.
+        lin_weight, _input, bias, ref_input, ref_weight, ref_bias = (
+            _dk.whole(n, t) for n, t in (("lin_weight", lin_weight), ("_input", _input), ("bias", bias),
+                                         ("ref_input", ref_input), ("ref_weight", ref_weight), ("ref_bias", ref_bias)))
         compute = _dk._autocast_dtype(_input)
         if compute is not None:  # under autocast the matmuls run in its dtype (float64 stays), as Liger's do
             lin_weight, _input, bias, ref_input, ref_weight, ref_bias = (

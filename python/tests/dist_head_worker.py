@@ -309,7 +309,8 @@ def dtensor(rank: int, world: int, init_file: str) -> None:
     mesh = init_device_mesh("cpu", (world,))
     V = 301
     hidden, weight, bias, labels, ref_c, ref_r = head(V, 5)
-    for op in ("logprobs", "dpo"):
+    # The Liger drop-in too (summed and averaged log-probs): its logits means read the head as well.
+    for op in ("logprobs", "dpo", "liger", "liger_average"):
         w, b = leaf(weight), leaf(bias)
         dw = distribute_tensor(weight, mesh, [Shard(0)]).requires_grad_()
         db = distribute_tensor(bias, mesh, [Shard(0)]).requires_grad_()
@@ -317,13 +318,19 @@ def dtensor(rank: int, world: int, init_file: str) -> None:
         def call(w, b):
             if op == "logprobs":
                 lp, ent, *_ = dpo_kernels.linear_logprobs(hidden.reshape(-1, H), w, b, labels.reshape(-1).clamp_min(0))
-                return lp.sum() + 0.5 * ent.sum()
-            return dpo_kernels.dpo_loss_from_hidden(hidden, w, labels, ref_c, ref_r, bias=b)[0]
+                return lp.sum() + 0.5 * ent.sum(), ()
+            if op.startswith("liger"):
+                m = dpo_kernels.FusedLinearDPOLoss(use_ref_model=False, average_log_prob=op == "liger_average")
+                loss, aux = m(w, hidden, labels, b)
+                return loss, aux
+            return dpo_kernels.dpo_loss_from_hidden(hidden, w, labels, ref_c, ref_r, bias=b)[0], ()
 
-        want, got = call(w, b), call(dw, db)
+        (want, want_aux), (got, got_aux) = call(w, b), call(dw, db)
         want.backward()
         got.backward()
         assert torch.equal(got.detach(), want.detach()), f"dtensor {op}: {got} != {want}"
+        for k, (g, e) in enumerate(zip(got_aux, want_aux)):
+            assert type(g) is torch.Tensor and torch.equal(g, e), f"dtensor {op}: output {k} {g} != {e}"
         for name, d, p in (("weight", dw, w), ("bias", db, b)):
             assert type(d.grad).__name__ == "DTensor", f"dtensor {op}: {name}.grad is {type(d.grad).__name__}"
             assert torch.equal(d.grad.full_tensor(), p.grad), f"dtensor {op}: {name}.grad differs"
