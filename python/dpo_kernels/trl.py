@@ -293,6 +293,12 @@ class _FusedLoss:
         return {"reference_chosen_logps": pairs["chosen_logps"], "reference_rejected_logps": pairs["rejected_logps"]}
 
 
+#: The loss types TRL 1.16's DPOTrainer implements (trl/trainer/dpo_trainer.py), the ones
+#: FusedDPOTrainer accepts.
+TRL_DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                      "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+
+
 def _trainer_class():
     """Builds FusedDPOTrainer (a subclass of trl.DPOTrainer, so TRL is imported only when used)."""
     from trl import DPOTrainer
@@ -323,6 +329,12 @@ def _trainer_class():
 
         Extra keyword arguments: ``check_trl_version`` (default True), ``workspace_bytes``
         (the fused head's workspace budget, default 768 MiB on the CPU, 1022 MiB on CUDA).
+
+        Loss types: TRL's DPOTrainer's (``TRL_DPO_LOSS_TYPES``); any other name is a ValueError
+        at construction (TRL raises at its first step). Dropout: the reference model's forward
+        runs before the policy's (TRL's runs after it), so with dropout on
+        (``disable_dropout=False``) in a reference model left in train mode the two trainers
+        draw other masks; with TRL's default ``disable_dropout=True`` they match.
 
         Not supported (NotImplementedError at construction): PEFT models / ``peft_config``,
         vision-language models, a MoE router auxiliary loss (set ``router_aux_loss_coef=0``), and
@@ -357,6 +369,15 @@ def _trainer_class():
             for bad, what in unsupported:
                 if bad:
                     raise NotImplementedError(f"FusedDPOTrainer does not support {what} yet: use trl.DPOTrainer")
+            # What DPOTrainer trains, nothing more: TRL raises "Unknown loss type" at its first step
+            # for any other name (the library's reference-free simpo / cpo / orpo included, whose
+            # own hyperparameters DPOConfig cannot set), so a config TRL refuses is refused here.
+            for t in self.loss_types:
+                if t not in TRL_DPO_LOSS_TYPES:
+                    raise ValueError(
+                        f"loss_type {t!r} is not one of TRL's DPOTrainer loss types ({', '.join(TRL_DPO_LOSS_TYPES)}), "
+                        "which FusedDPOTrainer trains as DPOTrainer does; the library's other losses (simpo, cpo, "
+                        "orpo) are available through dpo_kernels.dpo_loss_from_hidden")
             self._dk_workspace_bytes = workspace_bytes
             self._dk_warned_lengths = False
             # The configuration as the fused loss will read it, checked now (TRL's DPOConfig

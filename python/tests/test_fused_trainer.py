@@ -70,6 +70,8 @@ def test_cases_cover_every_trl_loss_type():
     fp32 = {t for case in FP32_CASES for t in CASES[case]["loss_type"]}
     fp32 |= {t for case in FP32_EXTRA.values() for t in case["loss_type"]}
     assert trl_types <= fp32, f"loss types TRL has that the fp32 cases miss: {trl_types - fp32}"
+    # The trainer accepts exactly TRL's (its constructor refuses others, as TRL's first step does).
+    assert set(dkt.TRL_DPO_LOSS_TYPES) == trl_types, set(dkt.TRL_DPO_LOSS_TYPES) ^ trl_types
 
 
 @pytest.mark.parametrize("case", FP32_CASES + sorted(FP32_EXTRA))
@@ -259,6 +261,12 @@ def test_bf16_autocast_tracks_trl():
     (dict(loss_type=["robust"], label_smoothing=0.6), "label_smoothing = 0.6 is invalid"),
     (dict(f_divergence_type="alpha_divergence", f_alpha_divergence_coef=float("nan")),
      "f_alpha_divergence_coef = nan is invalid"),
+    # Loss types TRL's DPOTrainer does not know (it raises "Unknown loss type" at its first
+    # step): the library's reference-free ones, and a name TRL would not match.
+    (dict(loss_type=["simpo"]), "loss_type 'simpo' is not one of TRL's DPOTrainer"),
+    (dict(loss_type=["sigmoid", "orpo"]), "loss_type 'orpo' is not one of TRL's DPOTrainer"),
+    (dict(loss_type=["cpo"]), "loss_type 'cpo' is not one of TRL's DPOTrainer"),
+    (dict(loss_type=[" sigmoid"]), "loss_type ' sigmoid' is not one of TRL's DPOTrainer"),
 ])
 def test_constructor_checks_the_fused_config(kwargs, match):
     # At construction, before the models' forwards are wrapped, not at the first training step.
