@@ -271,32 +271,28 @@ def dpo_inputs(N, H, V, dtype, seed=0, seq_len=None):
     return h, w, y, rc, rr
 
 
-def dpo_step(fn, h, w, y, rc, rr):
+def dpo_step(fn, h, w, y, *ref):
+    """One step of a dpo path; ``ref``: the reference log-probs (rc, rr), or dpo_ref's dict."""
     hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
     t0 = time.perf_counter()
-    loss = fn(hh, ww, y, rc, rr)
+    loss = fn(hh, ww, y, *ref)
     loss.backward()
     return time.perf_counter() - t0, (loss.detach(), hh.grad, ww.grad)
 
 
 # ---- dpo_ref: the same loss, the reference a model (its own last hidden states and head) -------
 
+def reference_model(h, w, g):
+    """A reference model's own last hidden states and head: the policy's, slightly off."""
+    return {"rh": h + 0.1 * torch.randn(h.shape, generator=g, device=h.device, dtype=h.dtype),
+            "rw": w + 0.01 * torch.randn(w.shape, generator=g, device=w.device, dtype=w.dtype).mul_(w.shape[1] ** -0.5)}
+
+
 def dpo_ref_inputs(N, H, V, dtype, seed=0, seq_len=None):
-    """dpo's inputs, the reference log-probs replaced by a reference model's hidden states and head:
-    a copy of the policy's, slightly off (as gpu_inputs)."""
+    """dpo's inputs, the reference log-probs replaced by a reference model (its paths are the GPU
+    section's, registered in SECTIONS below them)."""
     h, w, y, _, _ = dpo_inputs(N, H, V, dtype, seed, seq_len)
-    g = torch.Generator().manual_seed(seed + 1)
-    ref = {"rh": (h.float() + 0.1 * torch.randn(h.shape, generator=g)).to(dtype),
-           "rw": (w.float() + 0.01 * torch.randn(w.shape, generator=g) / H**0.5).to(dtype)}
-    return h, w, y, ref
-
-
-def dpo_ref_step(fn, h, w, y, ref):
-    hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
-    t0 = time.perf_counter()
-    loss = fn(hh, ww, y, ref)
-    loss.backward()
-    return time.perf_counter() - t0, (loss.detach(), hh.grad, ww.grad)
+    return h, w, y, reference_model(h, w, torch.Generator().manual_seed(seed + 1))
 
 
 SECTIONS = {
@@ -311,14 +307,7 @@ SECTIONS = {
         ("dk.FusedLinearDPOLoss", dpo_ours_module),
         ("Liger LigerFusedLinearDPOLoss", dpo_liger),
         ("materialised logits + autograd", dpo_materialised)]),
-    # Defined below with the GPU paths they share (the reference scored under no_grad, log-probs only).
-    "dpo_ref": (dpo_ref_inputs, dpo_ref_step, [
-        ("TRL ChunkedLogProbFunction + DPO in torch", lambda *a: _with_head(_trl_head)(*a)),
-        ("dk.linear_logprobs + DPO in torch", lambda *a: _with_head(_ours_head)(*a)),
-        ("dk.dpo_loss_from_hidden", lambda *a: g_ours(None)(*a)),
-        ("dk.FusedLinearDPOLoss", lambda *a: g_ours_module(*a)),
-        ("Liger LigerFusedLinearDPOLoss", lambda *a: g_liger(*a)),
-        ("materialised logits + autograd", lambda *a: g_materialised(*a))]),
+    # "dpo_ref" is registered below the GPU paths it shares.
 }
 
 
@@ -482,6 +471,16 @@ def gpu_dpo_paths():
         ("materialised logits + autograd", g_materialised)]
 
 
+# The CPU's dpo_ref comparison: the GPU section's paths, reference a model (no GEMM floor row).
+SECTIONS["dpo_ref"] = (dpo_ref_inputs, dpo_step, [
+    ("TRL ChunkedLogProbFunction + DPO in torch", _with_head(_trl_head)),
+    ("dk.linear_logprobs + DPO in torch", _with_head(_ours_head)),
+    ("dk.dpo_loss_from_hidden", g_ours(None)),
+    ("dk.FusedLinearDPOLoss", g_ours_module),
+    ("Liger LigerFusedLinearDPOLoss", g_liger),
+    ("materialised logits + autograd", g_materialised)])
+
+
 def gpu_head_paths():
     return [
         ("TRL ChunkedLogProbFunction (Triton)", lambda h, w, y, ref: trl_fn(h, w, y)),
@@ -496,9 +495,8 @@ def gpu_inputs(N, H, V, T, dtype, ref_model, seed=0, device="cuda"):
     w = torch.randn(V, H, generator=g, device=dev, dtype=dtype).mul_(H ** -0.5)
     y = torch.randint(0, V, (N // T, T), generator=g, device=dev)
     y[:, : min(PROMPT, T - 1)] = -100
-    if ref_model:  # the reference model's own last hidden states and head (a copy, slightly off)
-        ref = {"rh": h + 0.1 * torch.randn(h.shape, generator=g, device=dev, dtype=dtype),
-               "rw": w + 0.01 * torch.randn(w.shape, generator=g, device=dev, dtype=dtype).mul_(H ** -0.5)}
+    if ref_model:
+        ref = reference_model(h, w, g)
     else:
         ref = {"rc": torch.zeros(N // T // 2, device=dev), "rr": torch.zeros(N // T // 2, device=dev)}
     return h.requires_grad_(), w.requires_grad_(), y, ref

@@ -10,9 +10,11 @@
 #include <limits>
 #include <sstream>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "common.h"
+#include "dpo/core/check.hpp"
 #include "dpo/core/metrics.hpp"
 #include "dpo/version.hpp"
 
@@ -144,17 +146,6 @@ std::int64_t check_pair_inputs(const at::Tensor& policy_chosen_logps,
                      x.scalar_type());
     TORCH_CHECK_VALUE(x.dim() == 1 && x.size(0) == P, name, " must have shape [", P, "], got ", x.sizes());
     TORCH_CHECK_VALUE(x.device() == dev, name, " is on ", x.device(), " but policy_chosen_logps is on ", dev);
-    if (lengths && x.device().is_cpu()) {
-      // Token counts: finite and >= 0, as dpo::cpu::dpo_loss requires (named here as the
-      // Python argument). On CUDA reading them would synchronise; the docs say so.
-      const at::Tensor n = x.to(at::kDouble);
-      const at::Tensor bad = at::logical_or(at::logical_not(at::isfinite(n)), n < 0);
-      if (bad.any().item<bool>()) {
-        const std::int64_t i = bad.nonzero()[0][0].item<std::int64_t>();
-        TORCH_CHECK_VALUE(false, name, "[", i, "] = ", n[i].item<double>(),
-                          " is invalid: a token count must be finite and >= 0");
-      }
-    }
   }
   return P;
 }
@@ -181,6 +172,15 @@ pair_inputs lower_pairs(const at::Tensor& policy_chosen_logps, const at::Tensor&
   p.in.chosen_tokens = doubles_or_null(chosen_lengths, p.lc, dev);
   p.in.rejected_tokens = doubles_or_null(rejected_lengths, p.lr, dev);
   p.in.weights = doubles_or_null(weights, p.w, dev);
+  if (dev.is_cpu()) {
+    // The token counts by the core's rule (finite, >= 0), named as the Python arguments; on CUDA
+    // reading them would synchronise (the docs say so).
+    for (const auto& [n, name] : {std::pair{p.in.chosen_tokens, "chosen_lengths"},
+                                  std::pair{p.in.rejected_tokens, "rejected_lengths"}}) {
+      const std::string e = dpo::detail::check_token_counts(n, P, name);
+      TORCH_CHECK_VALUE(e.empty(), e);
+    }
+  }
   return p;
 }
 
