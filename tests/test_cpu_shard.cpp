@@ -551,18 +551,12 @@ TEST_CASE("the building blocks take null row state for a side without rows, and 
   tv.num_seqs = 4;
   fixture::expect_error([&] { dpo::cpu::shard_sequence_partials(tv, sh, mx.data(), nullptr, seq.data()); },
                         "records is null");
-  // The backward's scalars must be finite; nothing is written.
+  // grad_output must be finite; nothing is written.
   dpo::cpu::shard_pair_partials(p, sh, mx.data(), rec.data(), mx.data(), rec.data(), 1.0, seq.data());
   std::fill(full.grad.begin(), full.grad.end(), 7.0f);
   std::fill(full.grad_r.begin(), full.grad_r.end(), 7.0f);
   const std::vector<float> grad_before = full.grad, grad_r_before = full.grad_r;
   for (const double bad : {std::nan(""), -HUGE_VAL}) {
-    fixture::expect_error(
-        [&] {
-          dpo::cpu::shard_backward(p, sh, mx.data(), rec.data(), mx.data(), rec.data(), seq_grad.data(), bad, 1.0,
-                                   full.grad_view());
-        },
-        "nll_token_grad");
     fixture::expect_error(
         [&] {
           dpo::cpu::shard_backward(p, sh, mx.data(), rec.data(), mx.data(), rec.data(), seq_grad.data(), 0.0, 1.0,
@@ -572,6 +566,12 @@ TEST_CASE("the building blocks take null row state for a side without rows, and 
     CHECK(full.grad == grad_before);
     CHECK(full.grad_r == grad_r_before);
   }
+  // nll_token_grad is the forward's value, as seq_grad: NaN where the data were (WPO's mean
+  // weight with an NLL term), taken as data and propagated into the chosen rows, as the
+  // unsharded backward's row coefficients.
+  dpo::cpu::shard_backward(p, sh, mx.data(), rec.data(), mx.data(), rec.data(), seq_grad.data(), std::nan(""), 1.0,
+                           full.grad_view());
+  CHECK(std::any_of(full.grad.begin(), full.grad.end(), [](float x) { return std::isnan(x); }));
 }
 
 namespace {
@@ -780,4 +780,64 @@ TEST_CASE("shards: a forward that throws after a peer's failure leaves the state
       "rank(s) of the context group rejected their input");
   CHECK(st.chosen_max == seq_before.chosen_max);
   CHECK(st.chosen_records == seq_before.chosen_records);
+}
+
+TEST_CASE("NaN logits in one pair with WPO: the sharded path propagates them as the unsharded one does", "[shard]") {
+  // A NaN logit in pair 0's chosen rows makes its WPO weight NaN, hence the batch's mean
+  // weight. Without an NLL term that mean is unused: the NLL token gradient is exactly 0 and
+  // pair 1's gradient stays finite (it was NaN through 0 * NaN). With one (MPO's sft) every
+  // chosen row is NaN. Either way the sharded backward runs (it threw on nll_token_grad =
+  // NaN) and equals the unsharded one.
+  const oracle::batch b = fixture::rounded_random_batch<double>(fixture::spec(2, 4, kVocab, 5));
+  for (const char* name : {"sigmoid+wpo", "mpo+wpo"}) {
+    INFO(name);
+    const named_config& nc = fixture::config_named(name);
+    const bool nll = std::string(name) == "mpo+wpo";
+    const fixture::reference ref = fixture::make_reference(nc.cfg, b, 7);
+    buffers<double, std::int64_t> full(b, layout::padded);
+    for (std::int64_t k = 0; k < b.chosen[0].rows(); ++k)
+      full.logits[static_cast<std::size_t>((full.start[0][0] + k) * full.stride + 3)] = NAN;
+    buffers<double, std::int64_t> sharded = full;
+    dpo::cpu::options o;
+    o.num_threads = 1;
+    const dpo::cpu::forward_result want = dpo::cpu::dpo_forward(full.view(), ref.pc(), ref.pr(), nc.cfg, o);
+    dpo::cpu::dpo_backward(full.view(), want, full.grad_view(), 1.0, o);
+    CHECK(std::isnan(want.loss));
+    CHECK(std::isnan(want.nll_token_grad) == nll);
+
+    const std::vector<std::int64_t> cuts{0, 11, kVocab};
+    shard_ranks::grid ranks(2, 1);
+    std::vector<dpo::cpu::forward_result> got(2);
+    const std::vector<std::string> errors = ranks.run([&](int rank, int t, int, const dpo::cpu::collectives& comm) {
+      const dpo::vocab_shard sh{kVocab, cuts[t], cuts[t + 1]};
+      const auto view = shard_of(sharded.view(), sh);
+      dpo::cpu::shard_state state;
+      dpo::cpu::dpo_forward_sharded(view, sh, ref.pc(), ref.pr(), nc.cfg, comm,
+                                    dpo::cpu::detail::owned_outputs(got[static_cast<std::size_t>(rank)], 2), state, o);
+      dpo::cpu::dpo_backward_sharded(view, sh, state, shard_of(sharded.grad_view(), sh), 1.0, o);
+    });
+    for (const std::string& e : errors) CHECK(e.empty());
+    CHECK(std::isnan(got[0].loss));
+    CHECK(std::isnan(got[0].nll_token_grad) == nll);
+    if (!nll) CHECK(got[0].nll_token_grad == 0.0);
+    for (int side = 0; side < 2; ++side)
+      for (std::int64_t i = 0; i < 2; ++i)
+        for (std::int64_t k = 0; k < b.chosen[0].rows(); ++k) {
+          if ((side == 0 ? b.chosen : b.rejected)[i].y[k] < 0) continue;
+          // Pair 0's rows are NaN (its pi_c and weight are); pair 1's chosen rows only through
+          // the NLL.
+          const bool nan_row = i == 0 || (side == 0 && nll);
+          for (std::int64_t v = 0; v < kVocab; ++v) {
+            const double e = full.at(false, side, i, k, v), g = sharded.at(false, side, i, k, v);
+            INFO("side " << side << " pair " << i << " row " << k << " column " << v);
+            if (nan_row) {
+              CHECK(std::isnan(g));
+              CHECK(std::isnan(e));
+            } else {
+              CHECK(std::isfinite(e));
+              CHECK(fixture::near(g, e, 1e-12 * (1 + std::fabs(e))));
+            }
+          }
+        }
+  }
 }

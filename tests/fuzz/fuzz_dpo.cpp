@@ -18,7 +18,12 @@
 //   - (issue 16) -inf label logits on the rejected side and huge finite reference log-probs
 //     (infinite margins) give no NaN for any single loss type: the limit, finite or inf;
 //   - (issue 16) a combination of several terms (aot with aot_unpaired, MPO, ...) equals the
-//     weighted sum of its terms computed one at a time, in the order given.
+//     weighted sum of its terms computed one at a time, in the order given;
+//   - the vocabulary-parallel drivers (dpo_forward_sharded / dpo_backward_sharded over 1-3
+//     uneven shards picked by the seed, ranks as threads) reject exactly what the unsharded
+//     call rejects and otherwise match it: log-probs, rewards, WPO weights and the loss within
+//     bounds derived from each row's, token accuracy exactly (ties across shards), every
+//     gradient row against a long double softmax (see check_sharded).
 // A violated property traps, so libFuzzer keeps the input.
 //
 // Input layout (bytes past the end read as 0, so short inputs are valid and give defaults):
@@ -45,6 +50,7 @@
 
 #include <dpo/dpo.hpp>
 
+#include "../shard_ranks.hpp"
 #include "fuzz_common.hpp"
 
 namespace {
@@ -125,6 +131,7 @@ struct fuzz_case {
   std::vector<std::uint8_t> mask[2];
   std::vector<std::int64_t> cu;
   std::vector<double> ref_c, ref_r;
+  std::uint32_t seed = 0;  // the PRNG seed, which also picks the vocabulary shards
 
   int buf_of(bool rejected) const { return rejected && nbuf == 2 ? 1 : 0; }
 
@@ -188,7 +195,8 @@ void build(fuzz_case<T, L>& fc, reader& in, std::uint8_t flags) {
   fc.V = 1 + in.u16() % 300;
   fc.stride = fc.V + in.u8() % 3;
   const double scale = pick(scales, in.u8());
-  rng r{in.u32()};
+  fc.seed = in.u32();
+  rng r{fc.seed};
   const unsigned label_mode = in.u8();
   static const double ignore_share[] = {0.25, 0.0, 0.5, 0.9, 1.0};
   const double p_ignore = pick(ignore_share, label_mode);
@@ -473,6 +481,205 @@ void check_combination(const fuzz_case<T, L>& fc, const dpo::pair_view<T, L>& pv
   }
 }
 
+/// Vocabulary parallelism: dpo_forward_sharded + dpo_backward_sharded over 1 to 3 uneven
+/// shards picked by the seed (ranks as threads with an in-process all-reduce,
+/// tests/shard_ranks.hpp) against the unsharded call `f` (null when it rejected the input):
+///   - every rank rejects exactly when the unsharded call does;
+///   - every rank holds bitwise the same outputs; token counts are equal;
+///   - a sequence's log-prob is NaN exactly when the unsharded one is; where every row of it
+///     is defined, it is within twice check_rows_exact's bound of each row of the unsharded
+///     one (both paths are within it of the exact row), bitwise equal when infinite;
+///   - the mean token accuracy is equal when every completion row is defined (the first
+///     maximum across shards, ties included), the mean logits and entropy within the rows'
+///     bounds when every completion row is moderate;
+///   - every defined completion row's gradient matches the long double softmax times the
+///     sharded path's own row coefficient (check_rows_exact's bound), masked rows are 0,
+///     columns past the vocabulary and gap rows are never written.
+template <class T, class L>
+void check_sharded(const fuzz_case<T, L>& fc, const dpo::pair_view<T, L>& pv,
+                   const dpo::cpu::forward_result* f, const double* rc, const double* rr) {
+  using A = dpo::cpu::acc_t<T>;
+  const std::int64_t P = fc.P, V = fc.V;
+  rng pick_shards{fc.seed ^ 0x5eedu};
+  const int W = static_cast<int>(std::min<std::int64_t>(V, 1 + static_cast<std::int64_t>(fc.seed % 3)));
+  std::vector<std::int64_t> cuts{0};
+  for (int t = 1; t < W; ++t) {
+    // Shard t starts after shard t - 1's first column and leaves a column for each later one.
+    const std::int64_t lo = cuts.back() + 1, hi = V - (W - t);
+    cuts.push_back(lo + static_cast<std::int64_t>(pick_shards.next() % static_cast<std::uint64_t>(hi - lo + 1)));
+  }
+  cuts.push_back(V);
+
+  const T sentinel = static_cast<T>(-12345.25);
+  std::vector<T> g[2];
+  for (int b = 0; b < fc.nbuf; ++b)
+    g[b].assign(static_cast<std::size_t>(std::max<std::int64_t>(1, fc.rows[b] * fc.gstride)), sentinel);
+  const dpo::pair_grad_view<T> gv{g[0].data(), fc.gstride, g[fc.buf_of(true)].data(), fc.gstride};
+  dpo::cpu::options o;
+  o.num_threads = 1;
+  o.metrics = fc.metrics;
+  std::vector<dpo::cpu::forward_result> got(static_cast<std::size_t>(W));
+  std::vector<dpo::cpu::shard_state> states(static_cast<std::size_t>(W));
+  shard_ranks::grid ranks(W, 1);
+  // Ranks write disjoint columns of the same gradient rows.
+  const std::vector<std::string> errors = ranks.run([&](int rank, int t, int, const dpo::cpu::collectives& comm) {
+    const dpo::vocab_shard sh{V, cuts[t], cuts[t + 1]};
+    const auto view = shard_ranks::shard_of(pv, sh);
+    dpo::cpu::shard_state& st = states[static_cast<std::size_t>(rank)];
+    dpo::cpu::dpo_forward_sharded(view, sh, rc, rr, fc.cfg, comm,
+                                  dpo::cpu::detail::owned_outputs(got[static_cast<std::size_t>(rank)], P), st, o);
+    dpo::cpu::dpo_backward_sharded(view, sh, st, shard_ranks::shard_of(gv, sh), fc.grad_output, o);
+  });
+  for (const std::string& e : errors) {
+    if (e.empty() != (f != nullptr))
+      std::fprintf(stderr, "sharded over %d ranks: \"%s\"; unsharded %s\n", W, e.c_str(),
+                   f != nullptr ? "accepted the input" : "rejected it");
+    FUZZ_CHECK(e.empty() == (f != nullptr));
+  }
+  if (f == nullptr) {
+    for (int b = 0; b < fc.nbuf; ++b)
+      for (T x : g[b]) FUZZ_CHECK(same(x, sentinel));
+    return;
+  }
+
+  const dpo::cpu::forward_result& r = got[0];
+  for (const dpo::cpu::forward_result& x : got) FUZZ_CHECK(same(x, r));
+
+  const double eps = std::numeric_limits<A>::epsilon();
+  const double deps = std::numeric_limits<double>::epsilon();
+  const double tiny = std::numeric_limits<T>::denorm_min();
+  const double rel = 64 * eps * (static_cast<double>(V) + 8);
+  bool all_defined = true, all_moderate = true;
+  double zrange = 0, zabs = 0;
+  std::vector<double> seq_tol[2];
+  for (int side = 0; side < 2; ++side) {
+    const auto& v = side == 0 ? pv.chosen : pv.rejected;
+    const dpo::cpu::side_rows& sr = side == 0 ? f->chosen_rows : f->rejected_rows;
+    const Eigen::VectorXd& tok = side == 0 ? f->chosen_tokens : f->rejected_tokens;
+    const Eigen::VectorXd& tok_sh = side == 0 ? r.chosen_tokens : r.rejected_tokens;
+    const Eigen::VectorXd& pi = side == 0 ? f->chosen_logps : f->rejected_logps;
+    const Eigen::VectorXd& pi_sh = side == 0 ? r.chosen_logps : r.rejected_logps;
+    for (std::int64_t i = 0; i < P; ++i) {
+      FUZZ_CHECK(tok[i] == tok_sh[i]);
+      FUZZ_CHECK(std::isnan(pi[i]) == std::isnan(pi_sh[i]));
+      bool defined = true;
+      double tol = 0;
+      for (std::int64_t row = v.row_begin(i); row < v.row_end(i); ++row) {
+        if (v.target(row) < 0) continue;
+        const T* z = v.logits + row * fc.stride;
+        defined = defined && row_defined(z, V);
+        if (!row_moderate(z, V, 1e3)) {
+          all_moderate = false;
+        } else {
+          double lo = INFINITY, hi = -INFINITY;
+          for (std::int64_t c = 0; c < V; ++c) {
+            lo = std::fmin(lo, static_cast<double>(z[c]));
+            hi = std::fmax(hi, static_cast<double>(z[c]));
+          }
+          zrange = std::fmax(zrange, hi - lo);
+          zabs = std::fmax(zabs, std::fmax(std::fabs(lo), std::fabs(hi)));
+        }
+        tol += 2 * (rel + 4 * deps * std::fabs(sr.logp[static_cast<std::size_t>(row - sr.row0)]));
+      }
+      seq_tol[side].push_back(tol + 4 * deps * std::fabs(pi[i]));
+      all_defined = all_defined && defined;
+      if (!defined) continue;
+      if (std::isfinite(pi[i]))
+        FUZZ_CHECK(std::fabs(pi_sh[i] - pi[i]) <= tol + 4 * deps * std::fabs(pi[i]));
+      else
+        FUZZ_CHECK(same(pi_sh[i], pi[i]));
+    }
+  }
+  // Pair level, every sequence defined: rewards within |beta| times their log-probs' bound;
+  // WPO weights within the bound of their exponent (each row's WPO term within twice its
+  // log-prob's); without WPO (whose weights are not differentiated), the batch loss within
+  // the Lipschitz bound of both paths' dL/dpi (the larger: one-sided at a kink) and the NLL
+  // token gradient, plus a second-order slack.
+  if (all_defined) {
+    const double slack = std::is_same_v<A, float> ? 1e-4 : 1e-9;
+    double loss_tol = slack * (1 + std::fabs(f->loss));
+    bool finite = std::isfinite(f->loss) && std::isfinite(r.loss);
+    for (std::int64_t i = 0; i < P; ++i) {
+      for (int side = 0; side < 2; ++side) {
+        const double want = side == 0 ? f->chosen_rewards[i] : f->rejected_rewards[i];
+        const double got = side == 0 ? r.chosen_rewards[i] : r.rejected_rewards[i];
+        const double t = seq_tol[side][static_cast<std::size_t>(i)];
+        if (std::isfinite(want) && std::isfinite(got))
+          FUZZ_CHECK(std::fabs(got - want) <= std::fabs(fc.cfg.beta) * t + 4 * deps * std::fabs(want));
+        const double g0 = side == 0 ? f->grad_chosen[i] : f->grad_rejected[i];
+        const double g1 = side == 0 ? r.grad_chosen[i] : r.grad_rejected[i];
+        finite = finite && std::isfinite(g0) && std::isfinite(g1) && std::isfinite(t);
+        loss_tol += std::fmax(std::fabs(g0), std::fabs(g1)) * t;
+        if (side == 0)
+          loss_tol += std::fmax(std::fabs(f->nll_token_grad), std::fabs(r.nll_token_grad)) * t;
+      }
+      if (fc.cfg.use_weighting && std::isfinite(f->weights[i]) && std::isfinite(r.weights[i])) {
+        const double e = 2 * seq_tol[0][static_cast<std::size_t>(i)] / dpo::detail::clamp_len(f->chosen_tokens[i]) +
+                         2 * seq_tol[1][static_cast<std::size_t>(i)] / dpo::detail::clamp_len(f->rejected_tokens[i]);
+        const bool near = r.weights[i] == f->weights[i] ||
+                          std::fabs(r.weights[i] - f->weights[i]) <= f->weights[i] * (std::expm1(e) + 4 * deps);
+        if (!near)
+          std::fprintf(stderr, "pair %ld: WPO weight %.17g sharded, %.17g unsharded, bound of the exponent %g\n",
+                       static_cast<long>(i), r.weights[i], f->weights[i], e);
+        FUZZ_CHECK(near);
+      }
+    }
+    if (finite && !fc.cfg.use_weighting) FUZZ_CHECK(std::fabs(r.loss - f->loss) <= loss_tol);
+  }
+  if (all_defined && (fc.metrics || fc.cfg.use_weighting)) {
+    FUZZ_CHECK(r.metrics.mean_token_accuracy == f->metrics.mean_token_accuracy);
+    if (all_moderate) {
+      const double m_tol = rel * (2 + zrange + zabs);
+      FUZZ_CHECK(std::fabs(r.metrics.logits_chosen - f->metrics.logits_chosen) <= m_tol);
+      FUZZ_CHECK(std::fabs(r.metrics.logits_rejected - f->metrics.logits_rejected) <= m_tol);
+      FUZZ_CHECK(std::fabs(r.metrics.entropy - f->metrics.entropy) <= m_tol);
+    }
+  }
+
+  // Gradients: each row against the exact softmax with the sharded path's own coefficient.
+  const dpo::cpu::shard_state& st = states[0];
+  const std::vector<double> shared = dpo::cpu::detail::shared_lengths(
+      dpo::cpu::detail::token_counts(pv.chosen), dpo::cpu::detail::token_counts(pv.rejected), st.ld_alpha);
+  std::vector<char> owned[2];
+  for (int b = 0; b < fc.nbuf; ++b) owned[b].assign(static_cast<std::size_t>(fc.rows[b]), 0);
+  for (int side = 0; side < 2; ++side) {
+    const auto& v = side == 0 ? pv.chosen : pv.rejected;
+    const std::vector<double> coefs = dpo::cpu::detail::shard_coefs(
+        v, st.seq_grad.data() + (side == 0 ? 0 : P), shared, st.ld_alpha, side == 0 ? st.nll_token_grad : 0.0);
+    const int b = fc.buf_of(side == 1);
+    for (std::int64_t i = 0; i < P; ++i) {
+      for (std::int64_t row = v.row_begin(i); row < v.row_end(i); ++row) {
+        owned[b][row] = 1;
+        const T* gr = g[b].data() + row * fc.gstride;
+        for (std::int64_t c = V; c < fc.gstride; ++c) FUZZ_CHECK(same(gr[c], sentinel));
+        const std::int64_t y = v.target(row);
+        if (y < 0) {
+          for (std::int64_t c = 0; c < V; ++c) FUZZ_CHECK(gr[c] == T(0));
+          continue;
+        }
+        const T* z = v.logits + row * fc.stride;
+        if (!row_defined(z, V)) continue;
+        const double coef = static_cast<double>(static_cast<A>(
+            dpo::detail::times(coefs[static_cast<std::size_t>(row - v.row_begin(0))], fc.grad_output)));
+        if (!std::isfinite(coef) || std::fabs(coef) > 1e30) continue;
+        long double m = -INFINITY, s = 0;
+        for (std::int64_t c = 0; c < V; ++c) m = std::max<long double>(m, static_cast<long double>(z[c]));
+        for (std::int64_t c = 0; c < V; ++c) s += std::exp(static_cast<long double>(z[c]) - m);
+        const long double log_s = std::log(s);
+        for (std::int64_t c = 0; c < V; ++c) {
+          const long double p = std::exp((static_cast<long double>(z[c]) - m) - log_s);
+          const double e = static_cast<double>(coef * ((c == y ? 1.0L : 0.0L) - p));
+          FUZZ_CHECK(std::fabs(static_cast<double>(gr[c]) - e) <= rel * std::fabs(coef) + 2 * eps * std::fabs(e) + 2 * tiny);
+        }
+      }
+    }
+  }
+  for (int b = 0; b < fc.nbuf; ++b)
+    for (std::int64_t row = 0; row < fc.rows[b]; ++row)
+      if (!owned[b][row])
+        for (std::int64_t c = 0; c < fc.gstride; ++c) FUZZ_CHECK(same(g[b][row * fc.gstride + c], sentinel));
+}
+
 template <class T, class L>
 void run(reader& in, std::uint8_t flags) {
   using dpo::loss_type;
@@ -515,6 +722,8 @@ void run(reader& in, std::uint8_t flags) {
   o1.metrics = o2.metrics = fc.metrics;
   const double* rc = null_ref ? nullptr : fc.ref_c.data();
   const double* rr = null_ref ? nullptr : fc.ref_r.data();
+  // The sharded path takes reference log-probs and the arguments the knobs leave valid.
+  const bool sharded = fc.bad == knob::none && !fc.ref_logits;
   auto forward = [&](const dpo::cpu::options& o) {
     return fc.ref_logits ? dpo::cpu::dpo_forward(pv, rv, cfg, o)
                          : dpo::cpu::dpo_forward(pv, rc, rr, cfg, o);
@@ -524,6 +733,7 @@ void run(reader& in, std::uint8_t flags) {
     f1 = forward(o1);
   } catch (const dpo::error&) {
     FUZZ_CHECK(fwd_bad);
+    if (sharded) check_sharded<T, L>(fc, pv, nullptr, rc, rr);
     return;
   }
   FUZZ_CHECK(!fwd_bad);
@@ -695,6 +905,7 @@ void run(reader& in, std::uint8_t flags) {
   check_rows_exact(fc, pv, f1, g1);
   check_no_nan_at_limits(fc, pv, rv, f1, g1);
   check_combination(fc, pv, rv, f1, rc, rr);
+  if (sharded) check_sharded<T, L>(fc, pv, &f1, rc, rr);
 }
 
 }  // namespace

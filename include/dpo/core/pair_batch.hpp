@@ -161,10 +161,13 @@ DPO_HOST_DEVICE inline pair_contribution contribution(const loss_config& c,
 }
 
 /// dL/d(sum of plain chosen token log-probs) for every chosen sequence: the NLL terms'
-/// share, -nll_weight * mean(W) / max(total chosen tokens, 1).
+/// share, -nll_weight * mean(W) / max(total chosen tokens, 1); exactly 0 without an NLL term,
+/// so a NaN WPO weight (NaN logits in one pair) does not reach the other pairs' rows through
+/// 0 * NaN.
 DPO_HOST_DEVICE inline double nll_token_grad(const loss_config& c, double mean_weight,
                                              double total_chosen_tokens) {
-  return -nll_weight(c) * mean_weight / clamp_len(total_chosen_tokens);
+  const double w = nll_weight(c);
+  return w == 0.0 ? 0.0 : -w * mean_weight / clamp_len(total_chosen_tokens);
 }
 
 }  // namespace detail

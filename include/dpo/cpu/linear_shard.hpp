@@ -318,7 +318,8 @@ void linear_pair_shard_backward(const hidden_pairs<T, L>& policy, const linear_h
                                 const linear_dpo_options& opt = {}) {
   detail::check_pair_shard(policy, head, sh);
   detail::check_finite(grad_output, "grad_output");
-  detail::check_finite(nll_token_grad, "nll_token_grad");
+  // seq_grad and nll_token_grad are the forward's values, NaN where the data were (as the
+  // unsharded backward's coefficients): not checked for finiteness.
   detail::check_unit(ld_alpha, "ld_alpha");
   if (seq_grad == nullptr) detail::fail("linear_pair_shard_backward: seq_grad is null");
   detail::check_side_state("linear_pair_shard_backward", "chosen", detail::span_rows(policy.pairs.chosen) > 0,

@@ -465,7 +465,8 @@ void shard_backward(const pair_view<T, L>& shard, const vocab_shard& sh, const d
   detail::check_shard_pairs(shard, sh, "logits");
   detail::check_grad(shard, grad);
   detail::check_finite(grad_output, "grad_output");
-  detail::check_finite(nll_token_grad, "nll_token_grad");
+  // seq_grad and nll_token_grad are the forward's values, NaN where the data were (as the
+  // unsharded backward's coefficients): not checked for finiteness.
   detail::check_unit(ld_alpha, "ld_alpha");
   if (seq_grad == nullptr) dpo::detail::fail("shard_backward: seq_grad is null");
   detail::check_side_state("shard_backward", "chosen", detail::has_rows(shard.chosen), chosen_max, chosen_records);

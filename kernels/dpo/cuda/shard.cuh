@@ -839,7 +839,7 @@ status shard_backward_sequences(const token_view<T, L>& shard, const vocab_shard
                                 std::int64_t nll_seqs, double grad_output, T* grad, std::int64_t grad_stride,
                                 const options& opt = {}, cudaStream_t stream = 0) {
   status s = detail::check_view_backward(
-      shard, sh, opt, {{grad_output, "grad_output"}, {nll_token_grad, "nll_token_grad"}}, row_max, seq_grad, grad,
+      shard, sh, opt, {{grad_output, "grad_output"}}, row_max, seq_grad, grad,
       grad_stride);
   if (!s) return s;
   const std::int64_t S = shard.num_seqs;
