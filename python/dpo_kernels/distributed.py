@@ -35,7 +35,7 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 
 from . import _C
-from ._ops import CONFIG_NAMES, ops
+from ._ops import CONFIG_NAMES, _first_order_only, ops
 
 #: Fields of a row's shard record, in buffer order (DPO_SHARD_FIELDS of include/dpo/core/shard.hpp).
 SHARD_FIELDS = tuple(_C.shard_fields)
@@ -238,7 +238,9 @@ class _ShardedLogps(torch.autograd.Function):
             g = g / counts.clamp_min(1)
         out = ops.shard_backward(g, g.new_zeros(()), logits, labels, cu_seqlens, row_max, records, ignore_index,
                                  start, vocab, 1.0, False)
-        return (out,) + (None,) * 8
+        # As the unsharded ops: a gradient taken with create_graph=True raises when
+        # differentiated again (the backward kernel has no derivative) instead of dropping terms.
+        return _first_order_only("sequence_logps", (out,), (logits,)) + (None,) * 8
 
 
 def _check_reference_logps(ref, name, num_seqs):
@@ -306,7 +308,7 @@ class _ShardedDPO(torch.autograd.Function):
         g = grad_loss.to(torch.float64)
         out = ops.shard_backward(seq_grad * g, nll * g, logits, labels, cu_seqlens, row_max, records, ignore_index,
                                  start, vocab, ld_alpha, True)
-        return (out,) + (None,) * 11
+        return _first_order_only("dpo_loss_from_logits", (out,), (logits,)) + (None,) * 11
 
 
 # ---- the fused LM head on a weight shard [V_local, H] (dpo/cpu/linear_shard.hpp) ---------------
@@ -359,7 +361,8 @@ class _ShardedHeadLogps(torch.autograd.Function):
         # Every rank of the group runs this backward (its outputs feed the same loss), so the
         # all-reduce is entered by all of them.
         gh = _sum_hidden_grad(gh, tp) if need_h else None
-        return (gh, gw if need_w else None, gb if need_b and bias is not None else None) + none
+        grads = (gh, gw if need_w else None, gb if need_b and bias is not None else None)
+        return _first_order_only("linear_logprobs", grads, (hidden, weight, bias)) + none
 
 
 class _ShardedHeadDPO(torch.autograd.Function):
@@ -394,7 +397,8 @@ class _ShardedHeadDPO(torch.autograd.Function):
             seq_grad * g, nll * g, hidden, weight, bias, labels, cu_seqlens, row_max, records, *transforms,
             ignore_index, start, vocab, ld_alpha, need_h, need_w, need_b and bias is not None, workspace_bytes)
         gh = _sum_hidden_grad(gh, tp) if need_h else None
-        return (gh, gw if need_w else None, gb if need_b and bias is not None else None) + (None,) * 13
+        grads = (gh, gw if need_w else None, gb if need_b and bias is not None else None)
+        return _first_order_only("dpo_loss_from_hidden", grads, (hidden, weight, bias)) + (None,) * 13
 
 
 def sequence_logps(logits, labels, cu_seqlens, ignore_index, average, process_group, vocab_range, cp_group):

@@ -141,3 +141,35 @@ def test_vocab_range_past_int64_is_named(world_of_one, call, vocab_range):
         _group_calls(process_group=world_of_one, vocab_range=vocab_range)[call]()
     # In range, the world of one works.
     _group_calls(process_group=world_of_one, vocab_range=(0, 7))[call]()
+
+
+@needs_gloo
+@pytest.mark.parametrize("call", ["sequence_logps", "dpo_loss_from_logits", "linear_logprobs", "dpo_loss_from_hidden"])
+@pytest.mark.parametrize("group", ["process_group", "cp_group"])
+def test_double_backward_through_a_sharded_op_raises(world_of_one, call, group):
+    """As the unsharded ops: a gradient taken with create_graph=True raises when differentiated
+    again. It was silently first-order only: a gradient penalty's second-order term was
+    dropped (d/dx of sum(grad^2) + sum(x) came back as ones)."""
+    if call == "linear_logprobs" and group == "cp_group":
+        pytest.skip("linear_logprobs has no cp_group")
+    g = torch.Generator().manual_seed(1)
+    z, y = torch.randn(4, 3, 7, generator=g).requires_grad_(), torch.randint(0, 7, (4, 3), generator=g)
+    h, w = torch.randn(4, 3, 5, generator=g).requires_grad_(), torch.randn(7, 5, generator=g).requires_grad_()
+    rc = torch.zeros(2)
+    kw = {group: world_of_one}
+    x, f = {
+        "sequence_logps": (z, lambda: dpo_kernels.sequence_logps(z, y, **kw).sum()),
+        "dpo_loss_from_logits": (z, lambda: dpo_kernels.dpo_loss_from_logits(z, y, rc, rc, **kw)[0]),
+        "linear_logprobs": (h, lambda: dpo_kernels.linear_logprobs(h.reshape(12, 5), w, None, y.reshape(12),
+                                                                    **kw)[0].sum()),
+        "dpo_loss_from_hidden": (h, lambda: dpo_kernels.dpo_loss_from_hidden(h, w, y, rc, rc, **kw)[0]),
+    }[call]
+    (gx,) = torch.autograd.grad(f(), x, create_graph=True)
+    # The first-order gradient itself is right (the unsharded op's, bitwise on one rank).
+    kw.clear()
+    (want,) = torch.autograd.grad(f(), x)
+    torch.testing.assert_close(gx.detach(), want, rtol=1e-5, atol=1e-6)
+    kw[group] = world_of_one
+    with pytest.raises(RuntimeError, match=f"dpo_kernels.{call}: double backward is not supported"):
+        torch.autograd.grad((gx ** 2).sum() + x.sum(), x)
+
