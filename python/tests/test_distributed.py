@@ -173,3 +173,26 @@ def test_double_backward_through_a_sharded_op_raises(world_of_one, call, group):
     with pytest.raises(RuntimeError, match=f"dpo_kernels.{call}: double backward is not supported"):
         torch.autograd.grad((gx ** 2).sum() + x.sum(), x)
 
+
+@needs_gloo
+@pytest.mark.parametrize("loss_type", ["sigmoid", ["sigmoid", "sft"]])
+def test_nan_logits_with_wpo_propagate_as_unsharded(world_of_one, loss_type):
+    """A NaN logit in pair 0 under use_weighting: the sharded backward returns NaN where the
+    unsharded one does (it raised "nll_token_grad = nan is invalid"), and without an NLL term
+    pair 1's gradient stays finite in both (the NaN mean weight reached it through 0 * NaN)."""
+    g = torch.Generator().manual_seed(3)
+    z0, y = torch.randn(4, 3, 7, generator=g, dtype=torch.float64), torch.randint(0, 7, (4, 3), generator=g)
+    z0[0, :, 2] = float("nan")
+    rc = torch.zeros(2, dtype=torch.float64)
+    grads = []
+    for kw in ({}, {"process_group": world_of_one}):
+        z = z0.clone().requires_grad_()
+        loss = dpo_kernels.dpo_loss_from_logits(z, y, rc, rc, loss_type=loss_type, use_weighting=True, **kw)[0]
+        assert torch.isnan(loss)
+        loss.backward()
+        grads.append(z.grad)
+    want, got = grads
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12, equal_nan=True)
+    # Pair 1 is sequences 1 (chosen) and 3 (rejected).
+    assert torch.isfinite(want[3]).all()
+    assert torch.isfinite(want[1]).all() == (loss_type == "sigmoid")
