@@ -529,17 +529,28 @@ def dpo_loss_from_hidden(
             and ref_hidden.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16)):
         # A reference head in its own dtype: its log-probs from a call of its own, in that dtype
         # (LD-DPO weighted alike), then into the policy's call as reference log-probs.
-        if ref_hidden.shape != hidden.shape:
-            raise ValueError(f"ref_hidden must have hidden's shape {list(hidden.shape)}, got {list(ref_hidden.shape)}")
-        # The call of its own would check ref_weight / ref_bias as its weight / bias (naming
-        # them so) and take a reference head over another vocabulary: refused, as on the
-        # same-dtype path.
-        if ref_weight.dim() != 2 or (weight.dim() == 2 and ref_weight.shape != weight.shape):
-            raise ValueError(f"ref_weight must have weight's shape {list(weight.shape)} (the reference head over the "
-                             f"same vocabulary and hidden size), got {list(ref_weight.shape)}")
-        if ref_bias is not None and list(ref_bias.shape) != [ref_weight.shape[0]]:
-            raise ValueError(f"ref_bias must have shape [{ref_weight.shape[0]}] to match ref_weight "
-                             f"{list(ref_weight.shape)}, got {list(ref_bias.shape)}")
+        try:
+            if ref_hidden.shape != hidden.shape:
+                raise ValueError(f"ref_hidden must have hidden's shape {list(hidden.shape)}, got "
+                                 f"{list(ref_hidden.shape)}")
+            # The call of its own would check ref_weight / ref_bias as its weight / bias (naming
+            # them so) and take a reference head over another vocabulary: refused, as on the
+            # same-dtype path.
+            if ref_weight.dim() != 2 or (weight.dim() == 2 and ref_weight.shape != weight.shape):
+                raise ValueError(f"ref_weight must have weight's shape {list(weight.shape)} (the reference head over "
+                                 f"the same vocabulary and hidden size), got {list(ref_weight.shape)}")
+            if ref_bias is not None and list(ref_bias.shape) != [ref_weight.shape[0]]:
+                raise ValueError(f"ref_bias must have shape [{ref_weight.shape[0]}] to match ref_weight "
+                                 f"{list(ref_weight.shape)}, got {list(ref_bias.shape)}")
+        except ValueError as e:
+            if cp_group is None:
+                raise
+            # This rank's own reference head: its context peers are told through the all-reduce
+            # they are about to enter (the reference call's), as on the same-dtype path.
+            from . import distributed
+
+            seqs = hidden.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+            distributed.reject_before_context(e, cp_group, seqs, len(distributed.SEQ_FIELDS), hidden.device)
         # Sized without indexing a bad shape: the call below raises the kernels' error for it.
         P = (cu_seqlens_seqs(cu_seqlens) if cu_seqlens is not None else labels.shape[0] if labels.dim() else 0) // 2
         zeros = torch.zeros(max(P, 0), dtype=torch.float64, device=hidden.device)

@@ -87,9 +87,11 @@ def vocab_shard(logits: torch.Tensor, process_group, vocab_range) -> tuple[int, 
     return _shard(V_local, logits.shape[:-1].numel(), logits.device, process_group, vocab_range, "logits'")
 
 
-#: The global vocabulary of every vocab_range an eager call has checked on this rank, by
-#: (the group's ranks, start, end, shard width): what a compiled call reads, since it can
-#: neither all-gather the ranges nor read them on the host inside the graph.
+#: The global vocabularies every vocab_range an eager call has checked on this rank was part
+#: of, by (the group's ranks, start, end, shard width): what a compiled call reads, since it
+#: can neither all-gather the ranges nor read them on the host inside the graph. More than one
+#: (this rank's range the same in two tilings, e.g. (0, 4) of V = 10 and of V = 12) leaves a
+#: compiled call unable to tell which holds: it raises rather than guess.
 _CHECKED_RANGES: dict = {}
 
 
@@ -115,13 +117,20 @@ def _shard(V_local, rows, device, process_group, vocab_range, what):
     # without vocab_range).
     key = (tuple(dist.get_process_group_ranks(process_group)), start, end, V_local)
     if torch.compiler.is_compiling():
-        vocab = _CHECKED_RANGES.get(key)
-        if vocab is None:
+        vocabs = _CHECKED_RANGES.get(key, ())
+        if len(vocabs) > 1:
+            raise ValueError(
+                f"vocab_range = {tuple(vocab_range)} (shard width {V_local}) was checked on this rank as part of "
+                f"global vocabularies of {sorted(vocabs)} columns: under torch.compile the ranks' ranges cannot be "
+                "all-gathered, so a compiled call cannot tell which holds; call it eagerly, or give each vocabulary "
+                "its own process_group")
+        if not vocabs:
             raise ValueError(
                 f"vocab_range = {tuple(vocab_range)} has not been checked on this rank: under torch.compile the "
                 "ranks' ranges cannot be all-gathered and checked inside the graph: run one eager call with the same "
                 "process_group, vocab_range and shard width on every rank first (it checks the ranges; the compiled "
                 "call then uses the global vocabulary it found)")
+        (vocab,) = vocabs
         return start, vocab
     # One all-gather of (start, end, width, rows): every rank checks every rank's values.
     mine = torch.tensor([start, end, V_local, rows], dtype=torch.int64, device=device)
@@ -148,7 +157,7 @@ def _shard(V_local, rows, device, process_group, vocab_range, what):
             raise ValueError(f"the ranks' vocab_range values {[r[:2] for r in ranges]} (in rank order) do not tile "
                              "[0, V) without gap or overlap: each range must start where another one ends")
         pos = e
-    _CHECKED_RANGES[key] = pos
+    _CHECKED_RANGES.setdefault(key, set()).add(pos)
     return start, pos
 
 
@@ -201,6 +210,29 @@ def _context_sum(buf, group, error):
         raise ValueError(f"{bad} rank(s) of cp_group rejected their input (their own error says which argument); "
                          "this rank's input was valid")
     return flat[:-1].view_as(buf)
+
+
+def reject_before_context(error, cp_group, num_seqs, fields, device):
+    """Raises `error`, this rank's ValueError / TypeError found before its first context
+    all-reduce (its vocab_range check, which its whole vocabulary group shares, or the checks
+    of a reference head in its own dtype), after taking part in that all-reduce as a rejected
+    rank ([fields, num_seqs] zeros and the count, the peers' buffer), so that its cp_group
+    peers (in other vocabulary groups) raise too instead of waiting for it. Without cp_group,
+    or in a compiled graph (which cannot catch the error), it raises at once."""
+    if cp_group is None or not isinstance(cp_group, dist.ProcessGroup) or torch.compiler.is_compiling():
+        raise error
+    _context_sum(torch.zeros(fields, num_seqs, dtype=torch.float64, device=device), cp_group, error)
+    raise error  # _context_sum raised it
+
+
+def _shard_or_reject(shard, cp, num_seqs, fields, device):
+    """shard() (vocab_shard or _head_shard); a rejection is told to the context group first."""
+    if cp is None or torch.compiler.is_compiling():
+        return shard()
+    try:
+        return shard()
+    except _REJECTED as e:
+        reject_before_context(e, cp, num_seqs, fields, device)
 
 
 def _result_dtype(dtype):
@@ -404,7 +436,8 @@ class _ShardedHeadDPO(torch.autograd.Function):
 def sequence_logps(logits, labels, cu_seqlens, ignore_index, average, process_group, vocab_range, cp_group):
     """dpo_kernels.sequence_logps with ``process_group`` / ``vocab_range`` / ``cp_group``."""
     _check_groups(process_group, cp_group)
-    start, vocab = vocab_shard(logits, process_group, vocab_range)
+    start, vocab = _shard_or_reject(lambda: vocab_shard(logits, process_group, vocab_range), cp_group,
+                                    _num_seqs(logits, cu_seqlens), 2, logits.device)
     return _ShardedLogps.apply(logits, labels, cu_seqlens, ignore_index, average, start, vocab, process_group,
                                cp_group)
 
@@ -416,7 +449,8 @@ def dpo_loss_from_logits(logits, labels, ref_c, ref_r, cu_seqlens, ignore_index,
     if cp_group is not None and config[_LD_ALPHA] != 1.0:
         raise ValueError(f"ld_alpha = {config[_LD_ALPHA]} is unsupported with cp_group: LD-DPO weights a token by "
                          "its position in the whole sequence, which a context slice does not know")
-    start, vocab = vocab_shard(logits, process_group, vocab_range)
+    start, vocab = _shard_or_reject(lambda: vocab_shard(logits, process_group, vocab_range), cp_group,
+                                    _num_seqs(logits, cu_seqlens), len(SEQ_FIELDS), logits.device)
     return _ShardedDPO.apply(logits, labels, cu_seqlens, ref_c, ref_r, ignore_index, start, vocab, process_group,
                              cp_group, config, compute_metrics)
 
@@ -498,7 +532,9 @@ def dpo_loss_from_hidden(hidden, weight, bias, labels, ref_c, ref_r, cu_seqlens,
     if cp_group is not None and config[_LD_ALPHA] != 1.0:
         raise ValueError(f"ld_alpha = {config[_LD_ALPHA]} is unsupported with cp_group: LD-DPO weights a token by "
                          "its position in the whole sequence, which a context slice does not know")
-    start, vocab = _head_shard(hidden, weight, process_group, vocab_range)
+    num_seqs = hidden.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    start, vocab = _shard_or_reject(lambda: _head_shard(hidden, weight, process_group, vocab_range), cp_group,
+                                    num_seqs, len(SEQ_FIELDS), hidden.device)
     if ref is not None:
         ref_c, ref_r = _reference_from_hidden((hidden, weight, bias), ref, labels, cu_seqlens, transforms, ignore_index,
                                               config[_LD_ALPHA], workspace_bytes, start, vocab, process_group,

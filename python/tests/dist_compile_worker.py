@@ -139,6 +139,23 @@ def run(rank: int, world: int, init_file: str) -> None:
         assert "has not been checked on this rank" in str(e), str(e)
     else:
         raise AssertionError("an unchecked vocab_range compiled")
+    # Rank 0's range (0, 130) checked again as part of another tiling (V = 300): a compiled call
+    # cannot tell which vocabulary holds and raises (it took the last one checked: a mean logit
+    # off by 300 / 400 on that rank only). Rank 0 alone compiles it: it raises while tracing,
+    # before any collective.
+    bounds2 = [0, 130, 300]
+    vr2 = (bounds2[rank], bounds2[rank + 1])
+    labels2 = torch.where(labels >= 0, labels % 300, labels)
+    dpo_kernels.sequence_logps(logits[..., vr2[0]:vr2[1]].contiguous(), labels2, process_group=g, vocab_range=vr2)
+    if rank == 0:
+        fn = torch.compile(lambda z: dpo_kernels.sequence_logps(z, labels, process_group=g, vocab_range=vr),
+                           fullgraph=True, backend="aot_eager")
+        try:
+            fn(logits[..., vr[0]:vr[1]])
+        except Exception as e:  # noqa: BLE001 (Dynamo may wrap the ValueError)
+            assert "as part of global vocabularies of [300, 400] columns" in str(e), str(e)
+        else:
+            raise AssertionError("a vocab_range checked in two tilings compiled")
 
     # Context slices: rank k holds rows [k T/2, (k+1) T/2) of every sequence.
     t0, t1 = rank * T // 2, (rank + 1) * T // 2

@@ -388,6 +388,15 @@ def rejections(rank: int, world: int, init_file: str) -> None:
                ValueError, "ref_hidden has shape")
         expect("ref_hidden dtype", lambda: hidden_loss(rc=None, rr=None, ref_hidden=odd(h, h.double())), TypeError,
                "ref_hidden has dtype")
+        # A reference head in its own dtype (bf16 for an fp32 policy) takes a call of its own:
+        # its checks raised on the bad rank only, leaving its context peer waiting.
+        hb, wb = h.bfloat16(), weight.bfloat16()
+        expect("ref_hidden shape, bf16 reference head", lambda: hidden_loss(
+            rc=None, rr=None, ref_hidden=odd(hb, hb[:, :1].contiguous()), ref_weight=wb), ValueError,
+            "ref_hidden must have hidden's shape")
+        expect("ref_weight shape, bf16 reference head", lambda: hidden_loss(
+            rc=None, rr=None, ref_hidden=hb, ref_weight=odd(wb, wb[:-1].contiguous())), ValueError,
+            "ref_weight must have weight's shape")
         expect("int16 labels (hidden)", lambda: hidden_loss(yy=odd(y, y.to(torch.int16))), TypeError, "labels must be int64 or int32")
         expect("float64 hidden, float32 weight", lambda: hidden_loss(hh=odd(h, h.double())), TypeError, "dtype")
         expect("reference log-probs shape (hidden)", lambda: hidden_loss(rc=odd(ref_c, torch.zeros(P + 1))),
@@ -400,6 +409,35 @@ def rejections(rank: int, world: int, init_file: str) -> None:
         expect("reference log-probs shape (logits)", lambda: dpo_kernels.dpo_loss_from_logits(
             z, y, ref_c, odd(ref_r, torch.zeros(P, 1)), cp_group=cp), ValueError,
             "reference_rejected_logps must have shape")
+
+    # Vocabulary x context: rank 0 holds the whole vocabulary (a group of one) of context slice
+    # 0, ranks 1 and 2 split it for slice 1 with an empty range on rank 2. Ranks 1 and 2 refuse
+    # the ranges after their all-gather; rank 1 tells its context peer, rank 0, which waited in
+    # the context all-reduce until the job's timeout.
+    solo, pair = dist.new_group([0]), dist.new_group([1, 2])
+    tp, vr = (solo, (0, V)) if rank == 0 else (pair, [(0, V), (V, V)][rank - 1])
+    cp2 = cp if rank < 2 else None
+    hs, ys = (h, y) if rank < 2 else (hidden[:, 3:].contiguous(), labels[:, 3:].contiguous())
+    zs = hs @ weight[vr[0]:vr[1]].T
+    tpcp = {
+        "dpo_loss_from_hidden": lambda: dpo_kernels.dpo_loss_from_hidden(
+            hs, weight[vr[0]:vr[1]], ys, ref_c, ref_r, process_group=tp, vocab_range=vr, cp_group=cp2),
+        "dpo_loss_from_logits": lambda: dpo_kernels.dpo_loss_from_logits(
+            zs, ys, ref_c, ref_r, process_group=tp, vocab_range=vr, cp_group=cp2),
+        "sequence_logps": lambda: dpo_kernels.sequence_logps(zs, ys, process_group=tp, vocab_range=vr, cp_group=cp2),
+    }
+    for name, fn in tpcp.items():
+        if rank == 0:
+            expect(f"empty shard, tp x cp {name}", fn, ValueError, "", bad_rank=1)
+            continue
+        start = time.monotonic()
+        try:
+            fn()
+        except ValueError as err:
+            assert time.monotonic() - start < REJECTION_TIMEOUT / 2, f"tp x cp {name}: rank {rank} waited"
+            assert f"vocab_range = ({V}, {V}) of rank 1 is empty" in str(err), f"tp x cp {name}: {err}"
+        else:
+            raise AssertionError(f"tp x cp {name}: rank {rank} raised nothing")
 
     # An empty vocabulary shard (ranges (0, 3), (3, 3), (3, 7)): refused on every rank after
     # the ranges' all-gather, before any other collective.
