@@ -39,11 +39,14 @@
 #include <cstring>
 #include <initializer_list>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include <dpo/cpu/dpo.hpp>
 #include <dpo/cpu/linear_dpo.hpp>
+#include <dpo/cpu/linear_shard.hpp>
 
+#include "../shard_ranks.hpp"
 #include "fuzz_common.hpp"
 
 namespace {
@@ -425,6 +428,150 @@ bool close(const std::vector<double>& got, const std::vector<double>& want, doub
   return true;
 }
 
+/// The head on vocabulary shards: linear_dpo_sharded over 1 to 3 uneven shards picked by
+/// the problem's first label and sizes (ranks as threads with an in-process all-reduce,
+/// tests/shard_ranks.hpp), reference log-probs, against the unsharded fused call `u` (or the
+/// logits path's refusal):
+///   - every rank refuses exactly when the logits path does, and then writes nothing;
+///   - every rank holds bitwise the same forward outputs; the token accuracy is equal;
+///   - each sequence's log-prob within the bound of its rows (rounding of the accumulation
+///     type, as fuzz_dpo's check_sharded), rewards within |beta| times it, WPO weights within
+///     the bound of their exponent, the loss (without WPO) within the Lipschitz bound of both
+///     calls' dL/dpi and NLL token gradients;
+///   - where both calls' dL/dpi agree to 1e-6 relative, the ranks' dHidden partials summed,
+///     and the dWeight / dBias rows each rank adds, equal the unsharded gradients within the
+///     fuzzer's gradient tolerance; dWeight's padding column and the rows of dHidden that do
+///     not count stay as they were.
+template <class T>
+void check_sharded(const problem& p, const head_batch<T>& hb, const fused_out<T>* u, const fused_out<T>& before) {
+  using A = std::conditional_t<std::is_same_v<T, double>, double, float>;
+  const std::int64_t V = p.V, P = p.P;
+  rng pick_shards{static_cast<std::uint64_t>(p.lab[0] + 7 * V + 13 * p.T + 31 * p.H)};
+  const int W = static_cast<int>(std::min<std::int64_t>(V, 1 + static_cast<std::int64_t>(pick_shards.next() % 3)));
+  std::vector<std::int64_t> cuts{0};
+  for (int t = 1; t < W; ++t) {
+    const std::int64_t lo = cuts.back() + 1, hi = V - (W - t);
+    cuts.push_back(lo + static_cast<std::int64_t>(pick_shards.next() % static_cast<std::uint64_t>(hi - lo + 1)));
+  }
+  cuts.push_back(V);
+
+  std::vector<fused_out<T>> outs;
+  for (int t = 0; t < W; ++t) outs.emplace_back(p, hb);
+  fused_out<T> shared = before;  // dWeight / dBias: each rank adds its own rows
+  const dpo::linear_head<T> full = hb.head(p, false);
+  shard_ranks::grid ranks(W, 1);
+  const std::vector<std::string> errors = ranks.run([&](int rank, int t, int, const dpo::cpu::collectives& comm) {
+    const dpo::vocab_shard sh{V, cuts[t], cuts[t + 1]};
+    dpo::linear_head<T> head = full;
+    head.weight += sh.start * head.weight_stride;
+    head.vocab = sh.width();
+    if (head.bias != nullptr) {
+      head.bias += sh.start;
+      head.bias_size = sh.width();
+    }
+    fused_out<T>& o = outs[static_cast<std::size_t>(rank)];
+    dpo::linear_dpo_grads<T, T> g = o.grads(p, hb);
+    g.accumulate_hidden = false;  // the partial alone: summed below
+    g.weight = shared.dw.data() + sh.start * (p.H + 1);
+    g.bias = p.has_bias ? shared.db.data() + sh.start : nullptr;
+    dpo::cpu::linear_dpo_options opt;
+    opt.num_threads = 1;
+    opt.chunk_rows = p.chunk_rows;
+    dpo::cpu::linear_dpo_sharded(hb.pairs(p, hb.hidden), head, sh, p.ref_c.data(), p.ref_r.data(), p.cfg, comm,
+                                 o.fwd(), g, 1.0, opt);
+  });
+  for (const std::string& e : errors) {
+    if (e.empty() != (u != nullptr))
+      std::fprintf(stderr, "sharded head over %d ranks: \"%s\"; unsharded %s\n", W, e.c_str(),
+                   u != nullptr ? "accepted the input" : "refused it");
+    FUZZ_CHECK(e.empty() == (u != nullptr));
+  }
+  if (u == nullptr) {
+    FUZZ_CHECK(same_vec(shared.dw, before.dw) && same_vec(shared.db, before.db));
+    for (const fused_out<T>& o : outs) FUZZ_CHECK(same(o.loss, before.loss) && same_vec(o.pair[0], before.pair[0]));
+    return;
+  }
+  const fused_out<T>& r = outs[0];
+  for (const fused_out<T>& o : outs) {
+    FUZZ_CHECK(same(o.loss, r.loss) && same(o.nll, r.nll) && same_metrics(o.m, r.m));
+    for (int k = 0; k < 8; ++k) FUZZ_CHECK(same_vec(o.pair[k], r.pair[k]));
+  }
+  FUZZ_CHECK(same(r.m.mean_token_accuracy, u->m.mean_token_accuracy));
+
+  // Each sequence's log-prob: both calls within 64 eps (V + 8) of each row's exact value
+  // (the logits are small here: no magnitude term).
+  const double eps = std::numeric_limits<A>::epsilon(), deps = std::numeric_limits<double>::epsilon();
+  const double rel = 64 * eps * (static_cast<double>(V) + 8);
+  std::vector<double> tol(static_cast<std::size_t>(2 * P), 0.0);
+  for (std::int64_t s = 0; s < 2 * P; ++s)
+    for (std::int64_t k = 0; k < p.len[s]; ++k)
+      if (p.counts(s, k)) tol[static_cast<std::size_t>(s)] += 2 * rel;
+  double loss_tol = (std::is_same_v<A, float> ? 1e-4 : 1e-9) * (1 + std::fabs(u->loss));
+  bool finite = std::isfinite(u->loss) && std::isfinite(r.loss), grads_agree = true;
+  for (std::int64_t i = 0; i < P; ++i)
+    for (int side = 0; side < 2; ++side) {
+      const std::size_t s = static_cast<std::size_t>(side * P + i);
+      const double pi = u->pair[3 + side][i], pi_sh = r.pair[3 + side][i];
+      FUZZ_CHECK(std::isnan(pi) == std::isnan(pi_sh));
+      if (std::isfinite(pi)) FUZZ_CHECK(std::fabs(pi_sh - pi) <= tol[s] + 4 * deps * std::fabs(pi));
+      const double rw = u->pair[1 + side][i], rw_sh = r.pair[1 + side][i];
+      if (std::isfinite(rw) && std::isfinite(rw_sh))
+        FUZZ_CHECK(std::fabs(rw_sh - rw) <= std::fabs(p.cfg.beta) * (tol[s] + 4 * deps * std::fabs(pi)) +
+                                                 4 * deps * std::fabs(rw));
+      const double g0 = u->pair[5 + side][i], g1 = r.pair[5 + side][i];
+      finite = finite && std::isfinite(g0) && std::isfinite(g1);
+      loss_tol += (std::fmax(std::fabs(g0), std::fabs(g1)) +
+                   (side == 0 ? std::fmax(std::fabs(u->nll), std::fabs(r.nll)) : 0.0)) * tol[s];
+      grads_agree = grads_agree && std::fabs(g1 - g0) <= 1e-6 * std::fabs(g0) + 1e-300;
+    }
+  // WPO weights within the bound of their exponent (each row's WPO term within twice its
+  // log-prob's, over the side's clamped token count).
+  for (std::int64_t i = 0; i < P && p.cfg.use_weighting; ++i) {
+    double e = 0;
+    for (int side = 0; side < 2; ++side) {
+      const std::int64_t s = side * P + i;
+      double n = 0;
+      for (std::int64_t k = 0; k < p.len[s]; ++k) n += p.counts(s, k) ? 1 : 0;
+      e += 2 * tol[static_cast<std::size_t>(s)] / std::max(n, 1.0);
+    }
+    const double w = u->pair[7][i], w_sh = r.pair[7][i];
+    if (std::isfinite(w)) FUZZ_CHECK(w_sh == w || std::fabs(w_sh - w) <= w * (std::expm1(e) + 4 * deps));
+  }
+  grads_agree = grads_agree && std::fabs(r.nll - u->nll) <= 1e-6 * std::fabs(u->nll);
+  if (finite && !p.cfg.use_weighting) FUZZ_CHECK(std::fabs(r.loss - u->loss) <= loss_tol);
+
+  // Gradients.
+  for (std::int64_t v = 0; v < V; ++v) FUZZ_CHECK(same(shared.dw[v * (p.H + 1) + p.H], before.dw[v * (p.H + 1) + p.H]));
+  if (!p.has_bias) FUZZ_CHECK(same_vec(shared.db, before.db));
+  if (!finite || !grads_agree) return;
+  std::vector<double> got_dh, want_dh, got_dw, want_dw, got_db, want_db;
+  for (std::int64_t s = 0; s < 2 * P; ++s) {
+    const int b = hb.buf[s];
+    const std::int64_t n = p.lay == layout::packed ? p.len[s] : p.T;
+    for (std::int64_t k = 0; k < n; ++k) {
+      const std::int64_t at = (hb.start[s] + k) * hb.hs;
+      for (std::int64_t j = 0; j < p.H; ++j) {
+        double sum = p.accumulate ? static_cast<double>(before.dh[b][at + j]) : 0.0;
+        for (const fused_out<T>& o : outs) sum += static_cast<double>(o.dh[b][at + j]);
+        got_dh.push_back(sum);
+        want_dh.push_back(static_cast<double>(u->dh[b][at + j]));
+      }
+    }
+  }
+  for (std::int64_t v = 0; v < V; ++v) {
+    for (std::int64_t j = 0; j < p.H; ++j) {
+      got_dw.push_back(static_cast<double>(shared.dw[v * (p.H + 1) + j]));
+      want_dw.push_back(static_cast<double>(u->dw[v * (p.H + 1) + j]));
+    }
+    got_db.push_back(static_cast<double>(shared.db[v]));
+    want_db.push_back(static_cast<double>(u->db[v]));
+  }
+  const double gtol = sizeof(T) == 4 ? 1e-4 : 1e-10;
+  FUZZ_CHECK(close(got_dh, want_dh, 2 * gtol));
+  FUZZ_CHECK(close(got_dw, want_dw, 2 * gtol));
+  FUZZ_CHECK(close(got_db, want_db, 2 * gtol));
+}
+
 template <class T>
 void run(const problem& p) {
   const logits_batch<T> lb = logits_of<T>(p);
@@ -451,6 +598,7 @@ void run(const problem& p) {
     FUZZ_CHECK(refused || (p.mode == dpo::linear_mode::three_pass &&
                            err.find("options.mode = three_pass is impossible") != std::string::npos));
     FUZZ_CHECK(same_out(got, before));
+    if (!p.ref_hidden && refused) check_sharded<T>(p, hb, nullptr, before);
     return;
   }
   FUZZ_CHECK(!refused);
@@ -528,6 +676,7 @@ void run(const problem& p) {
   FUZZ_CHECK(same_out(two, got));
 
   if (p.lay != layout::separate) check_split(p, hb);
+  if (!p.ref_hidden) check_sharded<T>(p, hb, &got, before);
 }
 
 }  // namespace
