@@ -549,8 +549,8 @@ def dpo_loss_from_hidden(
             # they are about to enter (the reference call's), as on the same-dtype path.
             from . import distributed
 
-            seqs = hidden.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
-            distributed.reject_before_context(e, cp_group, seqs, len(distributed.SEQ_FIELDS), hidden.device)
+            distributed.reject_before_context(e, cp_group, distributed.head_num_seqs(hidden, cu_seqlens),
+                                              len(distributed.SEQ_FIELDS), hidden.device)
         # Sized without indexing a bad shape: the call below raises the kernels' error for it.
         P = (cu_seqlens_seqs(cu_seqlens) if cu_seqlens is not None else labels.shape[0] if labels.dim() else 0) // 2
         zeros = torch.zeros(max(P, 0), dtype=torch.float64, device=hidden.device)

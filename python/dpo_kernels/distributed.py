@@ -184,6 +184,11 @@ def _num_seqs(logits, cu_seqlens):
     return cu_seqlens.shape[0] - 1 if cu_seqlens is not None else 1
 
 
+def head_num_seqs(hidden, cu_seqlens):
+    """The sequences of a hidden-state layout: [2P, T, H] padded, or [N, H] packed by cu_seqlens."""
+    return hidden.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+
+
 #: What a context rank's own input can raise (its checks and kernels): caught, counted in the
 #: context all-reduce and re-raised, so that its peers raise too instead of waiting for it.
 _REJECTED = (ValueError, TypeError)
@@ -412,7 +417,7 @@ class _ShardedHeadDPO(torch.autograd.Function):
                                                  start + weight.shape[0], vocab, ld_alpha, metrics)
             return row_max, records, seq
 
-        num_seqs = hidden.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+        num_seqs = head_num_seqs(hidden, cu_seqlens)
         row_max, records, loss, m, pairs, seq_grad, nll = _pair_forward(
             rows_and_seq, num_seqs, cp, ref_c, ref_r, config, compute_metrics, hidden.device)
         ctx.save_for_backward(hidden, weight, bias, labels, cu_seqlens, row_max, records, seq_grad, nll)
@@ -493,7 +498,7 @@ def _reference_from_hidden(policy, ref, labels, cu_seqlens, transforms, ignore_i
         except _REJECTED as e:
             if cp is None:
                 raise
-            num_seqs = hidden.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+            num_seqs = head_num_seqs(hidden, cu_seqlens)
             error, seq = e, torch.zeros(len(SEQ_FIELDS), num_seqs, dtype=torch.float64, device=hidden.device)
         if cp is not None:
             seq = _context_sum(seq, cp, error)
@@ -532,7 +537,7 @@ def dpo_loss_from_hidden(hidden, weight, bias, labels, ref_c, ref_r, cu_seqlens,
     if cp_group is not None and config[_LD_ALPHA] != 1.0:
         raise ValueError(f"ld_alpha = {config[_LD_ALPHA]} is unsupported with cp_group: LD-DPO weights a token by "
                          "its position in the whole sequence, which a context slice does not know")
-    num_seqs = hidden.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    num_seqs = head_num_seqs(hidden, cu_seqlens)
     start, vocab = _shard_or_reject(lambda: _head_shard(hidden, weight, process_group, vocab_range), cp_group,
                                     num_seqs, len(SEQ_FIELDS), hidden.device)
     if ref is not None:

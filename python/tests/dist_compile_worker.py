@@ -105,6 +105,16 @@ def _compare_logps(tag, backend, z, labels, **groups):
     close(f"{tag} [{backend}] logps grad", got[1][1], got[0][1])
 
 
+def _expect_compile_error(call, needle, otherwise):
+    """call() raises an error whose message holds `needle` (Dynamo may wrap the ValueError)."""
+    try:
+        call()
+    except Exception as e:  # noqa: BLE001
+        assert needle in str(e), str(e)
+    else:
+        raise AssertionError(otherwise)
+
+
 def run(rank: int, world: int, init_file: str) -> None:
     """aot_eager: vocabulary shards (even; uneven via vocab_range after one eager call),
     context slices, both head paths; bad vocab_range use under compile."""
@@ -133,12 +143,8 @@ def run(rank: int, world: int, init_file: str) -> None:
     fn = torch.compile(lambda z: dpo_kernels.dpo_loss_from_logits(z, labels, ref_c, ref_r, process_group=g,
                                                                    vocab_range=other)[0], fullgraph=True,
                        backend="aot_eager")
-    try:
-        fn(logits[..., other[0]:other[1]])
-    except Exception as e:  # noqa: BLE001 (Dynamo may wrap the ValueError)
-        assert "has not been checked on this rank" in str(e), str(e)
-    else:
-        raise AssertionError("an unchecked vocab_range compiled")
+    _expect_compile_error(lambda: fn(logits[..., other[0]:other[1]]), "has not been checked on this rank",
+                          "an unchecked vocab_range compiled")
     # Rank 0's range (0, 130) checked again as part of another tiling (V = 300): a compiled call
     # cannot tell which vocabulary holds and raises (it took the last one checked: a mean logit
     # off by 300 / 400 on that rank only). Rank 0 alone compiles it: it raises while tracing,
@@ -150,12 +156,9 @@ def run(rank: int, world: int, init_file: str) -> None:
     if rank == 0:
         fn = torch.compile(lambda z: dpo_kernels.sequence_logps(z, labels, process_group=g, vocab_range=vr),
                            fullgraph=True, backend="aot_eager")
-        try:
-            fn(logits[..., vr[0]:vr[1]])
-        except Exception as e:  # noqa: BLE001 (Dynamo may wrap the ValueError)
-            assert "as part of global vocabularies of [300, 400] columns" in str(e), str(e)
-        else:
-            raise AssertionError("a vocab_range checked in two tilings compiled")
+        _expect_compile_error(lambda: fn(logits[..., vr[0]:vr[1]]),
+                              "as part of global vocabularies of [300, 400] columns",
+                              "a vocab_range checked in two tilings compiled")
 
     # Context slices: rank k holds rows [k T/2, (k+1) T/2) of every sequence.
     t0, t1 = rank * T // 2, (rank + 1) * T // 2

@@ -11,6 +11,8 @@
 #include <cstdio>
 #include <cstring>
 #include <limits>
+#include <string>
+#include <vector>
 
 #include <dpo/core/loss.hpp>
 
@@ -62,6 +64,30 @@ double pick(const double (&table)[N], unsigned i) {
 template <class T>
 bool same(T a, T b) {
   return std::memcmp(&a, &b, sizeof(T)) == 0 || (a != a && b != b);
+}
+
+/// Boundaries [0, c_1, ..., V] of W uneven vocabulary shards (W <= V), each at least one
+/// column, drawn from r.
+inline std::vector<std::int64_t> random_cuts(std::int64_t V, int W, rng& r) {
+  std::vector<std::int64_t> cuts{0};
+  for (int t = 1; t < W; ++t) {
+    // Shard t starts after shard t - 1's first column and leaves a column for each later one.
+    const std::int64_t lo = cuts.back() + 1, hi = V - (W - t);
+    cuts.push_back(lo + static_cast<std::int64_t>(r.next() % static_cast<std::uint64_t>(hi - lo + 1)));
+  }
+  cuts.push_back(V);
+  return cuts;
+}
+
+/// Every rank's dpo::error message ("" when it returned) against the unsharded call: a rank
+/// refuses exactly when that call refused (`accepted` false).
+inline void check_same_refusal(const std::vector<std::string>& errors, bool accepted, const char* what) {
+  for (const std::string& e : errors) {
+    if (e.empty() != accepted)
+      std::fprintf(stderr, "%s over %zu ranks: \"%s\"; unsharded %s\n", what, errors.size(), e.c_str(),
+                   accepted ? "accepted the input" : "refused it");
+    FUZZ_CHECK(e.empty() == accepted);
+  }
 }
 
 /// Decodes a loss_config; some table entries are invalid on purpose.

@@ -322,6 +322,36 @@ bool row_defined(const T* z, std::int64_t V) {
   return any;
 }
 
+/// A row's log-softmax in long double, formed as (z - m) - log(s).
+struct exact_row {
+  long double m = -INFINITY, log_s = 0;
+};
+
+template <class T>
+exact_row exact_of(const T* z, std::int64_t V) {
+  exact_row x;
+  long double s = 0;
+  for (std::int64_t c = 0; c < V; ++c) x.m = std::max<long double>(x.m, static_cast<long double>(z[c]));
+  for (std::int64_t c = 0; c < V; ++c) s += std::exp(static_cast<long double>(z[c]) - x.m);
+  x.log_s = std::log(s);
+  return x;
+}
+
+/// A gradient row against coef * (onehot(y) - p) of the exact softmax: each element within
+/// rel |coef| + 2 eps |e| + 2 tiny. Returns the row's sum in long double.
+template <class T>
+long double check_grad_row(const T* z, const T* gr, std::int64_t V, std::int64_t y, double coef,
+                           const exact_row& x, double rel, double eps, double tiny) {
+  long double sum = 0;
+  for (std::int64_t c = 0; c < V; ++c) {
+    const long double p = std::exp((static_cast<long double>(z[c]) - x.m) - x.log_s);
+    const double e = static_cast<double>(coef * ((c == y ? 1.0L : 0.0L) - p));
+    FUZZ_CHECK(std::fabs(static_cast<double>(gr[c]) - e) <= rel * std::fabs(coef) + 2 * eps * std::fabs(e) + 2 * tiny);
+    sum += static_cast<long double>(gr[c]);
+  }
+  return sum;
+}
+
 /// Issue 16, large magnitudes: each completion row's log-prob and gradient against a long
 /// double log-softmax formed as (z - m) - log(s), with a tolerance that depends on the
 /// vocabulary and the accumulation type, never on the magnitude of the logits (z - (m +
@@ -343,11 +373,8 @@ void check_rows_exact(const fuzz_case<T, L>& fc, const dpo::pair_view<T, L>& pv,
         if (y < 0) continue;
         const T* z = v.logits + row * fc.stride;
         if (!row_defined(z, fc.V)) continue;
-        long double m = -INFINITY, s = 0;
-        for (std::int64_t c = 0; c < fc.V; ++c) m = std::max<long double>(m, static_cast<long double>(z[c]));
-        for (std::int64_t c = 0; c < fc.V; ++c) s += std::exp(static_cast<long double>(z[c]) - m);
-        const long double log_s = std::log(s);
-        const long double want = (static_cast<long double>(z[y]) - m) - log_s;
+        const exact_row x = exact_of(z, fc.V);
+        const long double want = (static_cast<long double>(z[y]) - x.m) - x.log_s;
         const double got = sr.logp[static_cast<std::size_t>(row - sr.row0)];
         if (std::isinf(static_cast<double>(want))) {
           FUZZ_CHECK(got == static_cast<double>(want));
@@ -359,15 +386,7 @@ void check_rows_exact(const fuzz_case<T, L>& fc, const dpo::pair_view<T, L>& pv,
         const double coef = static_cast<double>(static_cast<A>(
             dpo::detail::times(sr.coef[static_cast<std::size_t>(row - sr.row0)], fc.grad_output)));
         if (!std::isfinite(coef) || std::fabs(coef) > 1e30) continue;
-        const T* gr = g[b].data() + row * fc.gstride;
-        long double sum = 0;
-        for (std::int64_t c = 0; c < fc.V; ++c) {
-          const long double p = std::exp((static_cast<long double>(z[c]) - m) - log_s);
-          const double e = static_cast<double>(coef * ((c == y ? 1.0L : 0.0L) - p));
-          const double x = static_cast<double>(gr[c]);
-          FUZZ_CHECK(std::fabs(x - e) <= rel * std::fabs(coef) + 2 * eps * std::fabs(e) + 2 * tiny);
-          sum += static_cast<long double>(gr[c]);
-        }
+        const long double sum = check_grad_row(z, g[b].data() + row * fc.gstride, fc.V, y, coef, x, rel, eps, tiny);
         FUZZ_CHECK(std::fabs(static_cast<double>(sum)) <=
                    rel * std::fabs(coef) * 4 + 2 * static_cast<double>(fc.V + 1) * tiny);
       }
@@ -502,13 +521,7 @@ void check_sharded(const fuzz_case<T, L>& fc, const dpo::pair_view<T, L>& pv,
   const std::int64_t P = fc.P, V = fc.V;
   rng pick_shards{fc.seed ^ 0x5eedu};
   const int W = static_cast<int>(std::min<std::int64_t>(V, 1 + static_cast<std::int64_t>(fc.seed % 3)));
-  std::vector<std::int64_t> cuts{0};
-  for (int t = 1; t < W; ++t) {
-    // Shard t starts after shard t - 1's first column and leaves a column for each later one.
-    const std::int64_t lo = cuts.back() + 1, hi = V - (W - t);
-    cuts.push_back(lo + static_cast<std::int64_t>(pick_shards.next() % static_cast<std::uint64_t>(hi - lo + 1)));
-  }
-  cuts.push_back(V);
+  const std::vector<std::int64_t> cuts = random_cuts(V, W, pick_shards);
 
   const T sentinel = static_cast<T>(-12345.25);
   std::vector<T> g[2];
@@ -530,12 +543,7 @@ void check_sharded(const fuzz_case<T, L>& fc, const dpo::pair_view<T, L>& pv,
                                   dpo::cpu::detail::owned_outputs(got[static_cast<std::size_t>(rank)], P), st, o);
     dpo::cpu::dpo_backward_sharded(view, sh, st, shard_ranks::shard_of(gv, sh), fc.grad_output, o);
   });
-  for (const std::string& e : errors) {
-    if (e.empty() != (f != nullptr))
-      std::fprintf(stderr, "sharded over %d ranks: \"%s\"; unsharded %s\n", W, e.c_str(),
-                   f != nullptr ? "accepted the input" : "rejected it");
-    FUZZ_CHECK(e.empty() == (f != nullptr));
-  }
+  check_same_refusal(errors, f != nullptr, "dpo_forward_sharded");
   if (f == nullptr) {
     for (int b = 0; b < fc.nbuf; ++b)
       for (T x : g[b]) FUZZ_CHECK(same(x, sentinel));
@@ -662,15 +670,7 @@ void check_sharded(const fuzz_case<T, L>& fc, const dpo::pair_view<T, L>& pv,
         const double coef = static_cast<double>(static_cast<A>(
             dpo::detail::times(coefs[static_cast<std::size_t>(row - v.row_begin(0))], fc.grad_output)));
         if (!std::isfinite(coef) || std::fabs(coef) > 1e30) continue;
-        long double m = -INFINITY, s = 0;
-        for (std::int64_t c = 0; c < V; ++c) m = std::max<long double>(m, static_cast<long double>(z[c]));
-        for (std::int64_t c = 0; c < V; ++c) s += std::exp(static_cast<long double>(z[c]) - m);
-        const long double log_s = std::log(s);
-        for (std::int64_t c = 0; c < V; ++c) {
-          const long double p = std::exp((static_cast<long double>(z[c]) - m) - log_s);
-          const double e = static_cast<double>(coef * ((c == y ? 1.0L : 0.0L) - p));
-          FUZZ_CHECK(std::fabs(static_cast<double>(gr[c]) - e) <= rel * std::fabs(coef) + 2 * eps * std::fabs(e) + 2 * tiny);
-        }
+        check_grad_row(z, gr, V, y, coef, exact_of(z, V), rel, eps, tiny);
       }
     }
   }

@@ -448,12 +448,7 @@ void check_sharded(const problem& p, const head_batch<T>& hb, const fused_out<T>
   const std::int64_t V = p.V, P = p.P;
   rng pick_shards{static_cast<std::uint64_t>(p.lab[0] + 7 * V + 13 * p.T + 31 * p.H)};
   const int W = static_cast<int>(std::min<std::int64_t>(V, 1 + static_cast<std::int64_t>(pick_shards.next() % 3)));
-  std::vector<std::int64_t> cuts{0};
-  for (int t = 1; t < W; ++t) {
-    const std::int64_t lo = cuts.back() + 1, hi = V - (W - t);
-    cuts.push_back(lo + static_cast<std::int64_t>(pick_shards.next() % static_cast<std::uint64_t>(hi - lo + 1)));
-  }
-  cuts.push_back(V);
+  const std::vector<std::int64_t> cuts = random_cuts(V, W, pick_shards);
 
   std::vector<fused_out<T>> outs;
   for (int t = 0; t < W; ++t) outs.emplace_back(p, hb);
@@ -480,12 +475,7 @@ void check_sharded(const problem& p, const head_batch<T>& hb, const fused_out<T>
     dpo::cpu::linear_dpo_sharded(hb.pairs(p, hb.hidden), head, sh, p.ref_c.data(), p.ref_r.data(), p.cfg, comm,
                                  o.fwd(), g, 1.0, opt);
   });
-  for (const std::string& e : errors) {
-    if (e.empty() != (u != nullptr))
-      std::fprintf(stderr, "sharded head over %d ranks: \"%s\"; unsharded %s\n", W, e.c_str(),
-                   u != nullptr ? "accepted the input" : "refused it");
-    FUZZ_CHECK(e.empty() == (u != nullptr));
-  }
+  check_same_refusal(errors, u != nullptr, "linear_dpo_sharded");
   if (u == nullptr) {
     FUZZ_CHECK(same_vec(shared.dw, before.dw) && same_vec(shared.db, before.db));
     for (const fused_out<T>& o : outs) FUZZ_CHECK(same(o.loss, before.loss) && same_vec(o.pair[0], before.pair[0]));
