@@ -59,16 +59,23 @@ def test_bad_level_and_shapes():
 
 @pytest.mark.parametrize("level", ["baseline", "avx2", "avx512"])
 def test_fused_head_at_each_level(level):
-    """test_linear.py's float64-reference test, unchanged, with the row kernels and the GEMM
-    forced to `level`."""
+    """test_linear.py's float64-reference and repeatability tests, unchanged, with the row
+    kernels and the GEMM forced to `level`."""
     if level not in levels():
         pytest.skip(f"{level}: not supported by this CPU")
     here = os.path.dirname(os.path.abspath(__file__))
     env = dict(os.environ, DPO_CPU_ISA=level)
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-           os.path.join(here, "test_linear.py") + "::test_against_float64_reference"]
+           os.path.join(here, "test_linear.py") + "::test_against_float64_reference",
+           os.path.join(here, "test_linear.py") + "::test_repeated_calls_are_bitwise_identical"]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, f"DPO_CPU_ISA={level}:\n{run.stdout[-4000:]}\n{run.stderr[-2000:]}"
+    if run.returncode != 0:
+        # The failure stands; a second run only says whether it repeats (a wrong result) or
+        # not (a result that changed from one process to the next: a race, or the machine).
+        again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        repeat = "failed again" if again.returncode != 0 else "PASSED (the first run's failure did not repeat)"
+        assert run.returncode == 0, (f"DPO_CPU_ISA={level}:\n{run.stdout[-4000:]}\n{run.stderr[-2000:]}\n"
+                                     f"the same command run once more: {repeat}")
 
 
 def test_invalid_cpu_isa_is_a_value_error_naming_it():

@@ -53,9 +53,13 @@ TRANSFORMS = [dict(), dict(temperature=0.7), dict(softcap=2.5), dict(logit_scale
 def close(got, want, rtol, what):
     got = got.double()
     want = want.double()
-    err = (got - want).abs().max().item()
+    diff = (got - want).abs()
+    err = diff.max().item()
     tol = rtol * max(want.abs().max().item(), 1.0)
-    assert err <= tol, f"{what}: max error {err} > {tol}"
+    if not err <= tol:  # the entry and both values, to tell a bad row from a bad reference
+        i = diff.flatten().argmax().item() if diff.numel() else 0
+        assert err <= tol, (f"{what}: max error {err} > {tol} at entry {i}: got "
+                            f"{got.flatten()[i].item()!r}, want {want.flatten()[i].item()!r}")
 
 
 @pytest.mark.parametrize("dtype,rtol,grtol", [(torch.float64, 1e-12, 1e-12), (torch.float32, 2e-6, 2e-5),
@@ -89,6 +93,29 @@ def test_against_float64_reference(dtype, rtol, grtol, tr, bias):
     assert hh.grad[5].abs().max() == 0 and hh.grad[11].abs().max() == 0
     if bias:
         close(bb.grad, rb.grad, grtol, "d bias")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_repeated_calls_are_bitwise_identical(dtype):
+    """The head is deterministic (docs/linear.md): the same inputs give bitwise the same
+    outputs and gradients, call after call, whichever pool thread runs which tile."""
+    h, w, b, y = make(dtype=dtype, bias=True)
+    y[5] = -100
+    ga = torch.linspace(-1, 1, h.shape[0], dtype=torch.float64)
+    gb = torch.linspace(0.5, -0.7, h.shape[0], dtype=torch.float64)
+
+    def run():
+        hh, ww, bb = (t.clone().requires_grad_() for t in (h, w, b))
+        got = dk.linear_logprobs(hh, ww, bb, y, softcap=4.0, workspace_bytes=60_000)
+        ((got[0].double() * ga).sum() + (got[1].double() * gb).sum()).backward()
+        return [t.detach() for t in got] + [hh.grad, ww.grad, bb.grad]
+
+    first = run()
+    names = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "d hidden", "d weight", "d bias")
+    for k in range(20):
+        for name, a, e in zip(names, run(), first):
+            assert torch.equal(a, e), f"call {k + 2}: {name} differs from the first call's by up to " \
+                                      f"{(a.double() - e.double()).abs().max().item()}"
 
 
 @pytest.mark.parametrize("tr", TRANSFORMS, ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()) or "plain")
