@@ -19,11 +19,12 @@
 //     (infinite margins) give no NaN for any single loss type: the limit, finite or inf;
 //   - (issue 16) a combination of several terms (aot with aot_unpaired, MPO, ...) equals the
 //     weighted sum of its terms computed one at a time, in the order given;
-//   - the vocabulary-parallel drivers (dpo_forward_sharded / dpo_backward_sharded over 1-3
-//     uneven shards picked by the seed, ranks as threads) reject exactly what the unsharded
-//     call rejects and otherwise match it: log-probs, rewards, WPO weights and the loss within
-//     bounds derived from each row's, token accuracy exactly (ties across shards), every
-//     gradient row against a long double softmax (see check_sharded).
+//   - the vocabulary- and context-parallel drivers (dpo_forward_sharded / dpo_backward_sharded
+//     over 1-3 uneven vocabulary shards x 1-3 context slices of every sequence, picked by the
+//     seed, ranks as threads) reject exactly what the unsharded call rejects (and LD-DPO under
+//     context parallelism) and otherwise match it: token counts and accuracy exactly (ties
+//     across shards), log-probs, rewards, WPO weights and the loss within bounds derived from
+//     each row's, every gradient row against a long double softmax (see check_sharded).
 // A violated property traps, so libFuzzer keeps the input.
 //
 // Input layout (bytes past the end read as 0, so short inputs are valid and give defaults):
@@ -500,10 +501,60 @@ void check_combination(const fuzz_case<T, L>& fc, const dpo::pair_view<T, L>& pv
   }
 }
 
-/// Vocabulary parallelism: dpo_forward_sharded + dpo_backward_sharded over 1 to 3 uneven
-/// shards picked by the seed (ranks as threads with an in-process all-reduce,
-/// tests/shard_ranks.hpp) against the unsharded call `f` (null when it rejected the input):
-///   - every rank rejects exactly when the unsharded call does;
+/// A context rank's copy of its rows of every sequence of one side (rows [cut(n, c, C),
+/// cut(n, c + 1, C)) of each, tests/shard_ranks.hpp), packed with its own cu_seqlens, and its
+/// gradient buffer (the case's gradient stride, sentinel-filled); orig maps a copy row to the
+/// view's row.
+template <class T, class L>
+struct context_side {
+  std::vector<T> z, g;
+  std::vector<L> y;
+  std::vector<std::uint8_t> m;
+  std::vector<std::int64_t> cu{0}, orig;
+  std::int64_t rows = 0;
+
+  context_side(const dpo::token_view<T, L>& v, std::int64_t P, int c, int C, std::int64_t gstride, T sentinel) {
+    const std::int64_t V = v.vocab;
+    for (std::int64_t s = 0; s < P; ++s) {
+      const std::int64_t n = v.row_end(s) - v.row_begin(s);
+      for (std::int64_t t = shard_ranks::cut(n, c, C); t < shard_ranks::cut(n, c + 1, C); ++t) {
+        const std::int64_t row = v.row_begin(s) + t;
+        z.insert(z.end(), v.logits + row * v.row_stride, v.logits + row * v.row_stride + V);
+        y.push_back(v.labels[row]);
+        if (v.mask != nullptr) m.push_back(v.mask[row]);
+        orig.push_back(row);
+      }
+      cu.push_back(static_cast<std::int64_t>(orig.size()));
+    }
+    rows = static_cast<std::int64_t>(orig.size());
+    z.resize(static_cast<std::size_t>(std::max<std::int64_t>(rows, 1) * V));  // a rank may hold no row
+    y.resize(static_cast<std::size_t>(std::max<std::int64_t>(rows, 1)), static_cast<L>(v.ignore_index));
+    g.assign(static_cast<std::size_t>((rows + 1) * gstride), sentinel);  // one row past: never written
+  }
+
+  dpo::token_view<T, L> view(const dpo::token_view<T, L>& like, std::int64_t P) const {
+    dpo::token_view<T, L> v = like;
+    v.logits = z.data();
+    v.labels = y.data();
+    v.mask = like.mask != nullptr ? m.data() : nullptr;
+    v.cu_seqlens = cu.data();
+    v.row_stride = like.vocab;
+    v.num_seqs = P;
+    v.seq_len = 0;
+    v.seq_stride = 0;
+    v.first_seq = 0;
+    return v;
+  }
+};
+
+/// Vocabulary and context parallelism: dpo_forward_sharded + dpo_backward_sharded over W x C
+/// ranks picked by the seed (ranks as threads with an in-process all-reduce,
+/// tests/shard_ranks.hpp): 1 to 3 uneven vocabulary shards, each over 1 to 3 context ranks
+/// (C > 1: each context rank holds a packed copy of its slice of every sequence, separate
+/// chosen and rejected buffers), against the unsharded call `f` (null when it rejected the
+/// input):
+///   - every rank rejects exactly when the unsharded call does; with C > 1 an LD-DPO
+///     ld_alpha != 1 is refused on every rank, naming it;
 ///   - every rank holds bitwise the same outputs; token counts are equal;
 ///   - a sequence's log-prob is NaN exactly when the unsharded one is; where every row of it
 ///     is defined, it is within twice check_rows_exact's bound of each row of the unsharded
@@ -521,6 +572,7 @@ void check_sharded(const fuzz_case<T, L>& fc, const dpo::pair_view<T, L>& pv,
   const std::int64_t P = fc.P, V = fc.V;
   rng pick_shards{fc.seed ^ 0x5eedu};
   const int W = static_cast<int>(std::min<std::int64_t>(V, 1 + static_cast<std::int64_t>(fc.seed % 3)));
+  const int C = 1 + static_cast<int>((fc.seed / 3) % 3);
   const std::vector<std::int64_t> cuts = random_cuts(V, W, pick_shards);
 
   const T sentinel = static_cast<T>(-12345.25);
@@ -528,23 +580,53 @@ void check_sharded(const fuzz_case<T, L>& fc, const dpo::pair_view<T, L>& pv,
   for (int b = 0; b < fc.nbuf; ++b)
     g[b].assign(static_cast<std::size_t>(std::max<std::int64_t>(1, fc.rows[b] * fc.gstride)), sentinel);
   const dpo::pair_grad_view<T> gv{g[0].data(), fc.gstride, g[fc.buf_of(true)].data(), fc.gstride};
+  // C > 1: context rank c's copies of its rows (sides 0 chosen, 1 rejected), its views.
+  std::vector<context_side<T, L>> slices;
+  std::vector<dpo::pair_view<T, L>> cviews;
+  std::vector<dpo::pair_grad_view<T>> cgrads;
+  if (C > 1) {
+    for (int c = 0; c < C; ++c) {
+      slices.emplace_back(pv.chosen, P, c, C, fc.gstride, sentinel);
+      slices.emplace_back(pv.rejected, P, c, C, fc.gstride, sentinel);
+    }
+    for (int c = 0; c < C; ++c) {
+      context_side<T, L>& sc = slices[static_cast<std::size_t>(2 * c)];
+      context_side<T, L>& sr = slices[static_cast<std::size_t>(2 * c + 1)];
+      cviews.push_back({sc.view(pv.chosen, P), sr.view(pv.rejected, P), 0});
+      cgrads.push_back({sc.g.data(), fc.gstride, sr.g.data(), fc.gstride});
+    }
+  }
   dpo::cpu::options o;
   o.num_threads = 1;
   o.metrics = fc.metrics;
-  std::vector<dpo::cpu::forward_result> got(static_cast<std::size_t>(W));
-  std::vector<dpo::cpu::shard_state> states(static_cast<std::size_t>(W));
-  shard_ranks::grid ranks(W, 1);
-  // Ranks write disjoint columns of the same gradient rows.
-  const std::vector<std::string> errors = ranks.run([&](int rank, int t, int, const dpo::cpu::collectives& comm) {
+  std::vector<dpo::cpu::forward_result> got(static_cast<std::size_t>(W * C));
+  std::vector<dpo::cpu::shard_state> states(static_cast<std::size_t>(W * C));
+  shard_ranks::grid ranks(W, C);
+  // Ranks write disjoint columns (and with C > 1 disjoint rows) of the gradient rows.
+  const std::vector<std::string> errors = ranks.run([&](int rank, int t, int c, const dpo::cpu::collectives& comm) {
     const dpo::vocab_shard sh{V, cuts[t], cuts[t + 1]};
-    const auto view = shard_ranks::shard_of(pv, sh);
+    const auto view = shard_ranks::shard_of(C > 1 ? cviews[static_cast<std::size_t>(c)] : pv, sh);
+    const auto grad = shard_ranks::shard_of(C > 1 ? cgrads[static_cast<std::size_t>(c)] : gv, sh);
     dpo::cpu::shard_state& st = states[static_cast<std::size_t>(rank)];
     dpo::cpu::dpo_forward_sharded(view, sh, rc, rr, fc.cfg, comm,
                                   dpo::cpu::detail::owned_outputs(got[static_cast<std::size_t>(rank)], P), st, o);
-    dpo::cpu::dpo_backward_sharded(view, sh, st, shard_ranks::shard_of(gv, sh), fc.grad_output, o);
+    dpo::cpu::dpo_backward_sharded(view, sh, st, grad, fc.grad_output, o);
   });
-  check_same_refusal(errors, f != nullptr, "dpo_forward_sharded");
-  if (f == nullptr) {
+  // The context ranks' gradient rows back into the case's buffers, at their rows; the row
+  // past each copy's must be untouched.
+  for (const context_side<T, L>& s : slices) {
+    const int b = fc.buf_of(((&s - slices.data()) & 1) != 0);  // odd: a rejected side
+    for (std::int64_t i = 0; i < s.rows; ++i)
+      std::copy_n(s.g.data() + i * fc.gstride, fc.gstride, g[b].data() + s.orig[static_cast<std::size_t>(i)] * fc.gstride);
+    for (std::int64_t c = 0; c < fc.gstride; ++c) FUZZ_CHECK(same(s.g[static_cast<std::size_t>(s.rows * fc.gstride + c)], sentinel));
+  }
+  const bool ld_refused = C > 1 && f != nullptr && fc.cfg.ld_alpha != 1.0;
+  if (ld_refused) {
+    for (const std::string& e : errors) FUZZ_CHECK(e.find("ld_alpha") != std::string::npos);
+  } else {
+    check_same_refusal(errors, f != nullptr, "dpo_forward_sharded");
+  }
+  if (f == nullptr || ld_refused) {
     for (int b = 0; b < fc.nbuf; ++b)
       for (T x : g[b]) FUZZ_CHECK(same(x, sentinel));
     return;

@@ -83,7 +83,8 @@ def main():
                                   edits=[(NEG_INF_LABEL, 8, 0)])
     seeds["mpo_wpo_inf"] = case(flags=2, num_terms=13, terms=(SIGMOID + 20, BCO_PAIR + 40, SFT),
                                 cfg_flags=4, labels=1, edits=[(NEG_INF_LABEL, 10, 0)])
-    # The sharded check (the seed picks 1 + seed % 3 vocabulary shards): a NaN logit in pair 0's
+    # The sharded check (the seed picks 1 + seed % 3 vocabulary shards; one context rank for
+    # seeds below 3): a NaN logit in pair 0's
     # chosen rows under WPO, without and with an NLL term (the sharded backward threw on the
     # NaN NLL token gradient), and a 1e7 maximum tied in three columns of 3 shards.
     seeds["shard_wpo_nan"] = case(flags=2, cfg_flags=4, seed=1, edits=[(0, 0, 3), (0, 1, 30)])
@@ -91,6 +92,13 @@ def main():
                                       cfg_flags=4, seed=2, edits=[(0, 0, 3)])
     seeds["shard_ties"] = case(flags=0, seed=2, edits=[(SPECIAL_1E7, 0, 2), (TIE, 0, 18), (TIE, 0, 35),
                                                        (SPECIAL_1E7, 9, 36), (TIE, 9, 0)])
+    # The context-parallel check (1 + (seed / 3) % 3 context ranks): LD-DPO (refused there),
+    # a packed masked batch over 2 x 3 ranks, and the NaN and tie cases over 3 x 2 / 3 x 3.
+    seeds["context_ld_dpo"] = case(flags=8, cfg_flags=32, seed=4)
+    seeds["context_packed_mask"] = case(flags=PACKED | 16 | 2, pairs=3, seq_len=5, seed=7)
+    seeds["context_wpo_nan"] = case(flags=2, cfg_flags=4, seed=5, edits=[(0, 0, 3), (0, 1, 30)])
+    seeds["context_ties"] = case(flags=0, seed=8, edits=[(SPECIAL_1E7, 0, 2), (TIE, 0, 18), (TIE, 0, 35),
+                                                         (SPECIAL_1E7, 9, 36), (TIE, 9, 0)])
     for name, data in seeds.items():
         (OUT / name).write_bytes(data)
     print(f"wrote {len(seeds)} seeds to {OUT}")
