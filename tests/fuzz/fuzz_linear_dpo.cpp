@@ -19,7 +19,10 @@
 //     columns are never written;
 //   - 1 and 2 threads give bitwise the same everything;
 //   - (one hidden buffer) linear_dpo_forward with its row state, then linear_dpo_backward,
-//     give bitwise what the fused call gives in four passes.
+//     give bitwise what the fused call gives in four passes;
+//   - linear_dpo_sharded over 1-3 uneven vocabulary shards x 1-3 context slices of every
+//     sequence (ranks as threads) refuses what the logits path refuses (and LD-DPO under
+//     context parallelism) and otherwise matches the unsharded call (see check_sharded).
 // A violated property traps, so libFuzzer keeps the input.
 //
 // Input layout (bytes past the end read as 0, so short inputs are valid):
@@ -428,11 +431,54 @@ bool close(const std::vector<double>& got, const std::vector<double>& want, doub
   return true;
 }
 
-/// The head on vocabulary shards: linear_dpo_sharded over 1 to 3 uneven shards picked by
-/// the problem's first label and sizes (ranks as threads with an in-process all-reduce,
-/// tests/shard_ranks.hpp), reference log-probs, against the unsharded fused call `u` (or the
-/// logits path's refusal):
-///   - every rank refuses exactly when the logits path does, and then writes nothing;
+/// A context rank's packed copy of its rows of every sequence (rows [cut(n, c, C),
+/// cut(n, c + 1, C)) of each, tests/shard_ranks.hpp): hidden states, labels, mask, its own
+/// cu_seqlens, and its dHidden buffer (sentinel-filled, one row more than it holds, never
+/// written); buf / orig map a copy row to the batch's buffer and row.
+template <class T>
+struct context_rows {
+  std::vector<T> h, dh;
+  std::vector<label_t> y;
+  std::vector<std::uint8_t> m;
+  std::vector<std::int64_t> cu{0}, orig;
+  std::vector<int> buf;
+  std::int64_t rows = 0;
+
+  context_rows(const problem& p, const head_batch<T>& hb, int c, int C) {
+    for (std::int64_t s = 0; s < 2 * p.P; ++s) {
+      const std::int64_t n = p.lay == layout::packed ? p.len[s] : p.T;
+      const int b = hb.buf[s];
+      for (std::int64_t t = shard_ranks::cut(n, c, C); t < shard_ranks::cut(n, c + 1, C); ++t) {
+        const std::int64_t r = hb.start[s] + t;
+        h.insert(h.end(), hb.hidden[b].begin() + r * hb.hs, hb.hidden[b].begin() + (r + 1) * hb.hs);
+        y.push_back(hb.labels[b][r]);
+        m.push_back(hb.mask[b][r]);
+        buf.push_back(b);
+        orig.push_back(r);
+      }
+      cu.push_back(static_cast<std::int64_t>(orig.size()));
+    }
+    rows = static_cast<std::int64_t>(orig.size());
+    h.resize(static_cast<std::size_t>((rows + 1) * hb.hs), T(nan_v));
+    y.resize(static_cast<std::size_t>(rows + 1), label_t{-100});
+    m.resize(y.size(), 1);
+    dh.assign(h.size(), T(sentinel));
+  }
+
+  dpo::hidden_pairs<T, label_t> pairs(const problem& p, const head_batch<T>& hb) const {
+    return dpo::linear_packed_pairs(h.data(), p.H, hb.hs, y.data(), cu.data(), 2 * p.P,
+                                    p.has_mask ? m.data() : nullptr);
+  }
+};
+
+/// The head on vocabulary shards and context slices: linear_dpo_sharded over W x C ranks
+/// picked by the problem's first label and sizes (ranks as threads with an in-process
+/// all-reduce, tests/shard_ranks.hpp), 1 to 3 uneven vocabulary shards, each over 1 to 3
+/// context ranks (C > 1: each holds a packed copy of its slice of every sequence,
+/// context_rows), reference log-probs, against the unsharded fused call `u` (or the logits
+/// path's refusal):
+///   - every rank refuses exactly when the logits path does, and then writes nothing; with
+///     C > 1 an LD-DPO ld_alpha != 1 is refused on every rank, naming it;
 ///   - every rank holds bitwise the same forward outputs; the token accuracy is equal;
 ///   - each sequence's log-prob within the bound of its rows (rounding of the accumulation
 ///     type, as fuzz_dpo's check_sharded), rewards within |beta| times it, WPO weights within
@@ -449,13 +495,27 @@ void check_sharded(const problem& p, const head_batch<T>& hb, const fused_out<T>
   rng pick_shards{static_cast<std::uint64_t>(p.lab[0] + 7 * V + 13 * p.T + 31 * p.H)};
   const int W = static_cast<int>(std::min<std::int64_t>(V, 1 + static_cast<std::int64_t>(pick_shards.next() % 3)));
   const std::vector<std::int64_t> cuts = random_cuts(V, W, pick_shards);
+  const int C = 1 + static_cast<int>(pick_shards.next() % 3);
+  std::vector<context_rows<T>> slices;
+  for (int c = 0; c < C && C > 1; ++c) slices.emplace_back(p, hb, c, C);
 
   std::vector<fused_out<T>> outs;
-  for (int t = 0; t < W; ++t) outs.emplace_back(p, hb);
+  for (int k = 0; k < W * C; ++k) outs.emplace_back(p, hb);
   fused_out<T> shared = before;  // dWeight / dBias: each rank adds its own rows
   const dpo::linear_head<T> full = hb.head(p, false);
-  shard_ranks::grid ranks(W, 1);
-  const std::vector<std::string> errors = ranks.run([&](int rank, int t, int, const dpo::cpu::collectives& comm) {
+  shard_ranks::grid ranks(W, C);
+  // C > 1: every rank writes its dHidden partial into its own copy of its slice's buffer
+  // (the vocabulary shards of a slice write the same rows), and its dWeight / dBias rows into
+  // its slice's copy of the head's gradients (slice 0's holds what the buffers held, the
+  // others start at 0), which the caller of a context-parallel head sums over the context
+  // group (here below, in double).
+  std::vector<std::vector<T>> cdh(static_cast<std::size_t>(W * C));
+  for (int k = 0; k < W * C && C > 1; ++k) cdh[static_cast<std::size_t>(k)] = slices[static_cast<std::size_t>(k / W)].dh;
+  std::vector<std::vector<T>> cdw(static_cast<std::size_t>(C), std::vector<T>(before.dw.size(), T(0)));
+  std::vector<std::vector<T>> cdb(static_cast<std::size_t>(C), std::vector<T>(before.db.size(), T(0)));
+  cdw[0] = before.dw;
+  cdb[0] = before.db;
+  const std::vector<std::string> errors = ranks.run([&](int rank, int t, int c, const dpo::cpu::collectives& comm) {
     const dpo::vocab_shard sh{V, cuts[t], cuts[t + 1]};
     dpo::linear_head<T> head = full;
     head.weight += sh.start * head.weight_stride;
@@ -467,18 +527,54 @@ void check_sharded(const problem& p, const head_batch<T>& hb, const fused_out<T>
     fused_out<T>& o = outs[static_cast<std::size_t>(rank)];
     dpo::linear_dpo_grads<T, T> g = o.grads(p, hb);
     g.accumulate_hidden = false;  // the partial alone: summed below
-    g.weight = shared.dw.data() + sh.start * (p.H + 1);
-    g.bias = p.has_bias ? shared.db.data() + sh.start : nullptr;
+    if (C > 1) g.chosen_hidden = g.rejected_hidden = cdh[static_cast<std::size_t>(rank)].data();
+    g.weight = cdw[static_cast<std::size_t>(c)].data() + sh.start * (p.H + 1);
+    g.bias = p.has_bias ? cdb[static_cast<std::size_t>(c)].data() + sh.start : nullptr;
     dpo::cpu::linear_dpo_options opt;
     opt.num_threads = 1;
     opt.chunk_rows = p.chunk_rows;
-    dpo::cpu::linear_dpo_sharded(hb.pairs(p, hb.hidden), head, sh, p.ref_c.data(), p.ref_r.data(), p.cfg, comm,
-                                 o.fwd(), g, 1.0, opt);
+    dpo::cpu::linear_dpo_sharded(C > 1 ? slices[static_cast<std::size_t>(c)].pairs(p, hb) : hb.pairs(p, hb.hidden),
+                                 head, sh, p.ref_c.data(), p.ref_r.data(), p.cfg, comm, o.fwd(), g, 1.0, opt);
   });
-  check_same_refusal(errors, u != nullptr, "linear_dpo_sharded");
-  if (u == nullptr) {
+  for (std::size_t i = 0; i < shared.dw.size(); ++i) {
+    double sum = static_cast<double>(cdw[0][i]);
+    for (int c = 1; c < C; ++c) sum += static_cast<double>(cdw[static_cast<std::size_t>(c)][i]);
+    shared.dw[i] = static_cast<T>(sum);  // C = 1: bitwise cdw[0][i]
+  }
+  for (std::size_t i = 0; i < shared.db.size(); ++i) {
+    double sum = static_cast<double>(cdb[0][i]);
+    for (int c = 1; c < C; ++c) sum += static_cast<double>(cdb[static_cast<std::size_t>(c)][i]);
+    shared.db[i] = static_cast<T>(sum);
+  }
+  // C > 1: each rank's dHidden partial into its fused_out, at the batch's rows (0 on the rows
+  // of the other context slices); the row past the copy's must be untouched.
+  for (int k = 0; k < W * C && C > 1; ++k) {
+    const context_rows<T>& cr = slices[static_cast<std::size_t>(k / W)];
+    const std::vector<T>& d = cdh[static_cast<std::size_t>(k)];
+    fused_out<T>& o = outs[static_cast<std::size_t>(k)];
+    for (std::int64_t j = 0; j < hb.hs; ++j) FUZZ_CHECK(same(d[static_cast<std::size_t>(cr.rows * hb.hs + j)], T(sentinel)));
+    if (u == nullptr) {
+      for (const T x : d) FUZZ_CHECK(same(x, T(sentinel)));
+      continue;
+    }
+    for (int b = 0; b < hb.nbuf; ++b) std::fill(o.dh[b].begin(), o.dh[b].end(), T(0));
+    for (std::int64_t i = 0; i < cr.rows; ++i)
+      std::copy_n(d.begin() + i * hb.hs, hb.hs,
+                  o.dh[cr.buf[static_cast<std::size_t>(i)]].begin() + cr.orig[static_cast<std::size_t>(i)] * hb.hs);
+  }
+  const bool ld_refused = C > 1 && u != nullptr && p.cfg.ld_alpha != 1.0;
+  if (ld_refused) {
+    for (const std::string& e : errors) FUZZ_CHECK(e.find("ld_alpha") != std::string::npos);
+  } else {
+    check_same_refusal(errors, u != nullptr, "linear_dpo_sharded");
+  }
+  if (u == nullptr || ld_refused) {
     FUZZ_CHECK(same_vec(shared.dw, before.dw) && same_vec(shared.db, before.db));
     for (const fused_out<T>& o : outs) FUZZ_CHECK(same(o.loss, before.loss) && same_vec(o.pair[0], before.pair[0]));
+    for (const std::vector<T>& d : cdh)
+      for (const T x : d) FUZZ_CHECK(same(x, T(sentinel)));
+    for (int c = 1; c < C; ++c)
+      for (std::size_t i = 0; i < cdw[0].size(); ++i) FUZZ_CHECK(cdw[static_cast<std::size_t>(c)][i] == T(0));
     return;
   }
   const fused_out<T>& r = outs[0];
