@@ -24,7 +24,9 @@
 //     seed, ranks as threads) reject exactly what the unsharded call rejects (and LD-DPO under
 //     context parallelism) and otherwise match it: token counts and accuracy exactly (ties
 //     across shards), log-probs, rewards, WPO weights and the loss within bounds derived from
-//     each row's, every gradient row against a long double softmax (see check_sharded).
+//     each row's, every gradient row against a long double softmax (see check_sharded); and
+//     sequence_logps_sharded / shard_sequence_backward likewise against sequence_logps and the
+//     exact softmax (check_sequence_sharded).
 // A violated property traps, so libFuzzer keeps the input.
 //
 // Input layout (bytes past the end read as 0, so short inputs are valid and give defaults):
@@ -762,6 +764,110 @@ void check_sharded(const fuzz_case<T, L>& fc, const dpo::pair_view<T, L>& pv,
         for (std::int64_t c = 0; c < fc.gstride; ++c) FUZZ_CHECK(same(g[b][row * fc.gstride + c], sentinel));
 }
 
+/// sequence_logps_sharded + shard_sequence_backward on the chosen side `v` over W x C ranks
+/// (vocabulary shards and context slices picked by the seed, as in check_sharded but drawn
+/// apart from it), against the unsharded sequence_logps (`accepted`, sums, counts) and the
+/// exact log-softmax:
+///   - every rank refuses exactly when sequence_logps does, and then writes nothing;
+///   - every rank holds bitwise the same sums and counts; the counts are sequence_logps';
+///   - each sum is NaN exactly when sequence_logps' is and, where every row of the sequence
+///     is defined, within the rows' bounds of it (bitwise equal when infinite);
+///   - every defined completion row's gradient is seq_grad times onehot(y) minus the long
+///     double softmax, masked rows are 0, gap rows and columns past the vocabulary unwritten.
+template <class T, class L>
+void check_sequence_sharded(const fuzz_case<T, L>& fc, const dpo::token_view<T, L>& v, bool accepted,
+                            const std::vector<double>& sums, const std::vector<std::int64_t>& counts) {
+  using A = dpo::cpu::acc_t<T>;
+  const std::int64_t P = fc.P, V = fc.V;
+  rng pick{fc.seed ^ 0x5e9u};
+  const int W = static_cast<int>(std::min<std::int64_t>(V, 1 + static_cast<std::int64_t>((fc.seed / 9) % 3)));
+  const int C = 1 + static_cast<int>((fc.seed / 27) % 3);
+  const std::vector<std::int64_t> cuts = random_cuts(V, W, pick);
+  static const double grads[] = {1.0, -0.5, 2.5, 0.0, -3.0, 0.125};
+  std::vector<double> seq_grad;
+  for (std::int64_t i = 0; i < P; ++i) seq_grad.push_back(grads[pick.next() % 6]);
+
+  const T sentinel = static_cast<T>(-12345.25);
+  const int b0 = fc.buf_of(false);
+  std::vector<T> g(static_cast<std::size_t>(std::max<std::int64_t>(1, fc.rows[b0] * fc.gstride)), sentinel);
+  std::vector<context_side<T, L>> slices;
+  for (int c = 0; c < C && C > 1; ++c) slices.emplace_back(v, P, c, C, fc.gstride, sentinel);
+  dpo::cpu::options o;
+  o.num_threads = 1;
+  std::vector<std::vector<double>> got_sums(static_cast<std::size_t>(W * C), std::vector<double>(P, -7.5));
+  std::vector<std::vector<double>> got_counts(static_cast<std::size_t>(W * C), std::vector<double>(P, -7.5));
+  shard_ranks::grid ranks(W, C);
+  const std::vector<std::string> errors = ranks.run([&](int rank, int t, int c, const dpo::cpu::collectives& comm) {
+    const dpo::vocab_shard sh{V, cuts[t], cuts[t + 1]};
+    dpo::token_view<T, L> view = C > 1 ? slices[static_cast<std::size_t>(c)].view(v, P) : v;
+    view.logits += sh.start;
+    view.vocab = sh.width();
+    T* grad = (C > 1 ? slices[static_cast<std::size_t>(c)].g.data() : g.data()) + sh.start;
+    dpo::cpu::shard_state st;
+    const std::size_t k = static_cast<std::size_t>(rank);
+    dpo::cpu::sequence_logps_sharded(view, sh, comm, got_sums[k].data(), got_counts[k].data(), st, o);
+    dpo::cpu::shard_sequence_backward(view, sh, st.chosen_max.data(), st.chosen_records.data(), seq_grad.data(),
+                                      grad, fc.gstride, o);
+  });
+  for (const context_side<T, L>& sl : slices) {
+    for (std::int64_t i = 0; i < sl.rows; ++i)
+      std::copy_n(sl.g.data() + i * fc.gstride, fc.gstride, g.data() + sl.orig[static_cast<std::size_t>(i)] * fc.gstride);
+    for (std::int64_t c = 0; c < fc.gstride; ++c)
+      FUZZ_CHECK(same(sl.g[static_cast<std::size_t>(sl.rows * fc.gstride + c)], sentinel));
+  }
+  check_same_refusal(errors, accepted, "sequence_logps_sharded");
+  if (!accepted) {
+    for (std::size_t k = 0; k < got_sums.size(); ++k)
+      for (std::int64_t i = 0; i < P; ++i) FUZZ_CHECK(got_sums[k][i] == -7.5 && got_counts[k][i] == -7.5);
+    for (T x : g) FUZZ_CHECK(same(x, sentinel));
+    return;
+  }
+  for (std::size_t k = 1; k < got_sums.size(); ++k)
+    for (std::int64_t i = 0; i < P; ++i)
+      FUZZ_CHECK(same(got_sums[k][i], got_sums[0][i]) && same(got_counts[k][i], got_counts[0][i]));
+
+  const double eps = std::numeric_limits<A>::epsilon();
+  const double deps = std::numeric_limits<double>::epsilon();
+  const double tiny = std::numeric_limits<T>::denorm_min();
+  const double rel = 64 * eps * (static_cast<double>(V) + 8);
+  std::vector<char> owned(static_cast<std::size_t>(fc.rows[b0]), 0);
+  for (std::int64_t i = 0; i < P; ++i) {
+    FUZZ_CHECK(got_counts[0][i] == static_cast<double>(counts[static_cast<std::size_t>(i)]));
+    const double want = sums[static_cast<std::size_t>(i)], got = got_sums[0][i];
+    FUZZ_CHECK(std::isnan(want) == std::isnan(got));
+    bool defined = true;
+    double tol = 4 * deps * std::fabs(want);
+    const double coef = static_cast<double>(static_cast<A>(seq_grad[static_cast<std::size_t>(i)]));
+    for (std::int64_t row = v.row_begin(i); row < v.row_end(i); ++row) {
+      owned[static_cast<std::size_t>(row)] = 1;
+      const T* gr = g.data() + row * fc.gstride;
+      for (std::int64_t c = V; c < fc.gstride; ++c) FUZZ_CHECK(same(gr[c], sentinel));
+      const std::int64_t y = v.target(row);
+      if (y < 0) {
+        for (std::int64_t c = 0; c < V; ++c) FUZZ_CHECK(gr[c] == T(0));
+        continue;
+      }
+      const T* z = v.logits + row * v.row_stride;
+      if (!row_defined(z, V)) {
+        defined = false;
+        continue;
+      }
+      const exact_row x = exact_of(z, V);
+      const double lp = static_cast<double>((static_cast<long double>(z[y]) - x.m) - x.log_s);
+      tol += 2 * (rel + 4 * deps * std::fabs(lp));
+      check_grad_row(z, gr, V, y, coef, x, rel, eps, tiny);
+    }
+    if (!defined) continue;
+    if (std::isfinite(want))
+      FUZZ_CHECK(std::fabs(got - want) <= tol);
+    else
+      FUZZ_CHECK(same(got, want));
+  }
+  for (std::int64_t row = 0; row < fc.rows[b0]; ++row)
+    if (!owned[static_cast<std::size_t>(row)])
+      for (std::int64_t c = 0; c < fc.gstride; ++c) FUZZ_CHECK(same(g[static_cast<std::size_t>(row * fc.gstride + c)], sentinel));
+}
+
 template <class T, class L>
 void run(reader& in, std::uint8_t flags) {
   using dpo::loss_type;
@@ -797,6 +903,7 @@ void run(reader& in, std::uint8_t flags) {
     seq_ok = false;
     for (std::int64_t i = 0; i < P; ++i) FUZZ_CHECK(sums[i] == -7.5 && counts[i] == -7);
   }
+  if (fc.bad == knob::none) check_sequence_sharded<T, L>(fc, pv.chosen, seq_ok, sums, counts);
 
   dpo::cpu::options o1, o2;
   o1.num_threads = 1;
