@@ -90,6 +90,20 @@ inline void check_same_refusal(const std::vector<std::string>& errors, bool acce
   }
 }
 
+/// check_same_refusal for a sharded call, where a context-parallel group (`context`) must
+/// also refuse LD-DPO (`ld_alpha` != 1) on every rank, naming it, for input the unsharded call
+/// accepted. Returns whether the sharded call was to refuse (nothing written then).
+inline bool check_sharded_refusal(const std::vector<std::string>& errors, bool accepted, bool context,
+                                  double ld_alpha, const char* what) {
+  const bool ld_refused = context && accepted && ld_alpha != 1.0;
+  if (ld_refused) {
+    for (const std::string& e : errors) FUZZ_CHECK(e.find("ld_alpha") != std::string::npos);
+  } else {
+    check_same_refusal(errors, accepted, what);
+  }
+  return !accepted || ld_refused;
+}
+
 /// Decodes a loss_config; some table entries are invalid on purpose.
 dpo::loss_config read_config(reader& in) {
   using dpo::loss_type;

@@ -562,13 +562,7 @@ void check_sharded(const problem& p, const head_batch<T>& hb, const fused_out<T>
       std::copy_n(d.begin() + i * hb.hs, hb.hs,
                   o.dh[cr.buf[static_cast<std::size_t>(i)]].begin() + cr.orig[static_cast<std::size_t>(i)] * hb.hs);
   }
-  const bool ld_refused = C > 1 && u != nullptr && p.cfg.ld_alpha != 1.0;
-  if (ld_refused) {
-    for (const std::string& e : errors) FUZZ_CHECK(e.find("ld_alpha") != std::string::npos);
-  } else {
-    check_same_refusal(errors, u != nullptr, "linear_dpo_sharded");
-  }
-  if (u == nullptr || ld_refused) {
+  if (check_sharded_refusal(errors, u != nullptr, C > 1, p.cfg.ld_alpha, "linear_dpo_sharded")) {
     FUZZ_CHECK(same_vec(shared.dw, before.dw) && same_vec(shared.db, before.db));
     for (const fused_out<T>& o : outs) FUZZ_CHECK(same(o.loss, before.loss) && same_vec(o.pair[0], before.pair[0]));
     for (const std::vector<T>& d : cdh)
